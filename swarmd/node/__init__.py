@@ -1,0 +1,1 @@
+"""The node layer: identity, configuration, lifecycle, logging, data dir."""

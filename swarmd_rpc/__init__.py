@@ -1,0 +1,1 @@
+"""swarmd_rpc: the client library for a swarmd swarm."""
