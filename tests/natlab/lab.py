@@ -119,10 +119,10 @@ class LabProcess:
                 out.append(doc)
         return out
 
-    async def wait_for(self, pattern: str, timeout: float = 30.0) -> str:
+    async def wait_for(self, pattern: str, within: float = 30.0) -> str:
         """Wait until an output line matches pattern (a regex); return that line."""
         rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + within
         seen = 0
         while True:
             for line in self.lines[seen:]:
@@ -136,27 +136,27 @@ class LabProcess:
                 )
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AssertionError(f"no line matching {pattern!r} within {timeout}s; output:\n{self.output[-4000:]}")
+                raise AssertionError(f"no line matching {pattern!r} within {within}s; output:\n{self.output[-4000:]}")
             self._new_line.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._new_line.wait(), timeout=min(left, 0.5))
 
-    async def wait_event(self, event: str, timeout: float = 30.0) -> dict[str, Any]:
-        line = await self.wait_for(rf'"event": "{re.escape(event)}"', timeout)
+    async def wait_event(self, event: str, within: float = 30.0) -> dict[str, Any]:
+        line = await self.wait_for(rf'"event": "{re.escape(event)}"', within)
         return json.loads(line)
 
-    async def wait(self, timeout: float = 30.0) -> int:
-        rc = await asyncio.wait_for(self.proc.wait(), timeout)
-        await asyncio.wait_for(asyncio.gather(*self._readers, return_exceptions=True), timeout)
+    async def wait(self, within: float = 30.0) -> int:
+        rc = await asyncio.wait_for(self.proc.wait(), within)
+        await asyncio.wait_for(asyncio.gather(*self._readers, return_exceptions=True), within)
         return rc
 
-    async def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM, then SIGKILL after timeout; reap the output readers."""
+    async def stop(self, within: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL after `within` seconds; reap the output readers."""
         if self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(signal.SIGTERM)
             try:
-                await asyncio.wait_for(self.proc.wait(), timeout)
+                await asyncio.wait_for(self.proc.wait(), within)
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     self.proc.kill()
