@@ -1,0 +1,372 @@
+"""Asyncio glue for the blind relay: the TCP server that splices, and the client calls.
+
+The server performs what `RelayCore` decides and owns every task it starts
+(connection handlers and their two pumps), so `stop()` leaves nothing behind.
+The client side opens a circuit (`open_circuit`) and measures relays
+(`ping_relay`, `pick_relay`); what comes back is a plain byte pipe over which
+the caller runs its Noise handshake end to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from loguru import logger
+
+from swarmd.errors import ERR_CLOSED, ERR_TIMEOUT, ERR_UNAVAILABLE, SwarmdError
+from swarmd.net.relay import (
+    HELLO_SIZE,
+    KIND_CIRCUIT,
+    KIND_PING,
+    ST_BAD_HELLO,
+    ST_CLOSING,
+    ST_PAIRED,
+    ST_PONG,
+    ST_WAITING,
+    STATUS_NAMES,
+    TOKEN_SIZE,
+    CloseCircuit,
+    Refuse,
+    RelayConfig,
+    RelayCore,
+    RelayProtocolError,
+    Send,
+    Splice,
+    Status,
+    StatusDecoder,
+    encode_hello,
+    encode_status,
+)
+
+READ_CHUNK = 256 * 1024
+MAX_STATUSES = 4  # WAITING then PAIRED, with room to spare
+
+
+@dataclass
+class _Conn:
+    id: int
+    source: str
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    paired: asyncio.Future[asyncio.Future[None]] | None = None  # set for a waiting stream
+
+
+@dataclass
+class _CircuitState:
+    last_activity: float = field(default_factory=time.monotonic)
+    ended: str = ""
+
+
+class RelayServer:
+    """A TCP listener that pairs streams by token and splices them blindly."""
+
+    def __init__(self, config: RelayConfig, host: str = "127.0.0.1") -> None:
+        self.config = config
+        self.host = host
+        self.core = RelayCore(config)
+        self.port = 0
+        self._server: asyncio.base_events.Server | None = None
+        self._conns: dict[int, _Conn] = {}
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self._next_conn = 1
+        self.bytes_total = 0
+        self.log = logger.bind(part="relay")
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._accept, self.host, self.config.port, limit=READ_CHUNK)
+        self.port = self._server.sockets[0].getsockname()[1]
+        self.log.bind(event="relay_listening", host=self.host, port=self.port).info("relay listening")
+        return self.port
+
+    async def stop(self) -> None:
+        self.core.closing = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._conns.values()):
+            if conn.paired is not None and not conn.paired.done():
+                with contextlib.suppress(Exception):
+                    conn.writer.write(encode_status(ST_CLOSING, "relay is shutting down"))
+        tasks = list(self._handlers)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "port": self.port,
+            "circuits": self.core.circuits,
+            "pending": self.core.pending,
+            "paired_total": self.core.paired_total,
+            "refused": dict(self.core.refused),
+            "bytes": self.bytes_total,
+        }
+
+    # -- per connection ---------------------------------------------------------
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if self.core.closing:
+            writer.close()
+            return
+        self._handlers.add(task)
+        peer = writer.get_extra_info("peername") or ("?", 0)
+        conn = _Conn(self._next_conn, str(peer[0]), reader, writer)
+        self._next_conn += 1
+        self._conns[conn.id] = conn
+        try:
+            await self._serve(conn)
+        except (ConnectionError, asyncio.IncompleteReadError, OSError):
+            pass
+        finally:
+            self._conns.pop(conn.id, None)
+            self.core.closed(conn.id)  # a circuit's splice ends both of its sides itself
+            writer.close()
+            self._handlers.discard(task)
+
+    async def _serve(self, conn: _Conn) -> None:
+        try:
+            hello = await asyncio.wait_for(conn.reader.readexactly(HELLO_SIZE), self.config.hello_timeout)
+        except TimeoutError:
+            self._refuse(conn, ST_BAD_HELLO, f"no hello within {self.config.hello_timeout:g}s")
+            return
+        except asyncio.IncompleteReadError as e:
+            if e.partial:
+                self._refuse(conn, ST_BAD_HELLO, f"hello truncated at {len(e.partial)} of {HELLO_SIZE} bytes")
+            return
+        for action in self.core.hello(conn.id, conn.source, hello):
+            if isinstance(action, Send):
+                conn.writer.write(action.data)
+                if action.data[0] == ST_WAITING:
+                    await self._wait_for_peer(conn)
+                    return
+                await asyncio.wait_for(conn.writer.drain(), self.config.hello_timeout)
+                return  # a pong: done
+            if isinstance(action, Refuse):
+                self._refuse(conn, action.code, action.reason)
+                return
+            if isinstance(action, Splice):
+                await self._splice(action)
+                return
+
+    def _refuse(self, conn: _Conn, code: int, reason: str) -> None:
+        self.log.bind(event="relay_refused", status=STATUS_NAMES[code], source=conn.source).info(
+            "relay refused a stream: {}", reason
+        )
+        with contextlib.suppress(Exception):
+            conn.writer.write(encode_status(code, reason))
+
+    async def _wait_for_peer(self, conn: _Conn) -> None:
+        loop = asyncio.get_running_loop()
+        conn.paired = loop.create_future()
+        # A waiting client must send nothing before PAIRED; a read that returns
+        # tells us it hung up (EOF) or broke the protocol.
+        early = asyncio.ensure_future(conn.reader.read(1))
+        try:
+            done, _ = await asyncio.wait(
+                {conn.paired, early}, timeout=self.config.pair_timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            if conn.paired in done:
+                circuit_done = conn.paired.result()
+                early.cancel()
+                await asyncio.gather(early, return_exceptions=True)
+                await (
+                    circuit_done
+                )  # the pairing handler runs the splice; we keep our socket open until it ends
+                return
+            if early in done:
+                data = early.result()
+                self.core.closed(conn.id)
+                if data:
+                    self._refuse(conn, ST_BAD_HELLO, "sent data before the circuit was paired")
+                return
+            for action in self.core.pair_timeout(conn.id):
+                if isinstance(action, Refuse):
+                    self._refuse(conn, action.code, action.reason)
+        finally:
+            if not early.done():
+                early.cancel()
+                await asyncio.gather(early, return_exceptions=True)
+
+    async def _splice(self, sp: Splice) -> None:
+        a, b = self._conns.get(sp.a), self._conns.get(sp.b)
+        loop = asyncio.get_running_loop()
+        circuit_done: asyncio.Future[None] = loop.create_future()
+        if a is None or a.paired is None or a.paired.done():  # the waiter vanished in between
+            self.core.closed(sp.a)
+            if b is not None:
+                self._refuse(b, ST_CLOSING, "the other side left before pairing")
+            return
+        a.paired.set_result(circuit_done)
+        assert b is not None
+        started = time.monotonic()
+        state = _CircuitState()
+        a.writer.write(encode_status(ST_PAIRED))
+        b.writer.write(encode_status(ST_PAIRED))
+        log = self.log.bind(circuit=sp.circuit, a=a.source, b=b.source)
+        log.bind(event="relay_paired").info("relay paired two streams")
+        try:
+            results = await asyncio.gather(
+                self._pump(sp.circuit, state, a.reader, b.writer),
+                self._pump(sp.circuit, state, b.reader, a.writer),
+                return_exceptions=True,
+            )
+            for r in results:
+                if isinstance(r, asyncio.CancelledError):
+                    raise r
+        finally:
+            for c in (a, b):
+                with contextlib.suppress(Exception):
+                    c.writer.close()
+            circ = self.core.circuit(sp.circuit)
+            carried = circ.bytes if circ is not None else 0
+            self.core.closed(sp.a)
+            self.core.closed(sp.b)
+            if not circuit_done.done():
+                circuit_done.set_result(None)
+            log.bind(
+                event="relay_circuit_closed",
+                reason=state.ended or "eof",
+                bytes=carried,
+                seconds=round(time.monotonic() - started, 3),
+            ).info("relay circuit closed")
+
+    async def _pump(
+        self, cid: int, state: _CircuitState, src: asyncio.StreamReader, dst: asyncio.StreamWriter
+    ) -> None:
+        idle = self.config.idle_timeout
+        while True:
+            try:
+                data = await asyncio.wait_for(src.read(READ_CHUNK), idle)
+            except TimeoutError:
+                if time.monotonic() - state.last_activity < idle:
+                    continue  # the other direction is busy: the circuit is not idle
+                state.ended = state.ended or "idle"
+                raise SwarmdError(ERR_TIMEOUT, f"circuit idle for {idle:g}s") from None
+            if state.ended:
+                return
+            if not data:
+                if dst.can_write_eof():
+                    with contextlib.suppress(Exception):
+                        dst.write_eof()
+                return
+            state.last_activity = time.monotonic()
+            self.bytes_total += len(data)
+            for action in self.core.carried(cid, len(data)):
+                if isinstance(action, CloseCircuit):
+                    state.ended = "too_large"
+                    self.log.bind(event="relay_limit", circuit=cid).warning(
+                        "relay circuit over its byte limit"
+                    )
+                    raise SwarmdError(ERR_CLOSED, action.reason)
+            dst.write(data)
+            await asyncio.wait_for(dst.drain(), idle)
+
+
+# -- client side ------------------------------------------------------------------------
+
+
+@dataclass
+class RelayCircuit:
+    """A paired stream through a relay: a byte pipe to the peer, Noise goes on top."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    relay: tuple[str, int]
+    connect_s: float  # TCP connect to the relay
+    wait_s: float  # hello -> PAIRED (how long the peer took to arrive)
+
+
+def new_token() -> bytes:
+    return os.urandom(TOKEN_SIZE)
+
+
+async def _read_statuses(reader: asyncio.StreamReader, timeout: float) -> list[Status]:
+    """Read status frames until PAIRED, PONG or a refusal, never past them."""
+    decoder = StatusDecoder()
+    statuses: list[Status] = []
+    while not decoder.done:
+        if len(statuses) >= MAX_STATUSES:
+            raise RelayProtocolError(f"relay sent more than {MAX_STATUSES} statuses")
+        try:
+            head = await asyncio.wait_for(reader.readexactly(2), timeout)
+            reason = await asyncio.wait_for(reader.readexactly(head[1]), timeout)
+        except asyncio.IncompleteReadError:
+            raise SwarmdError(ERR_CLOSED, "relay closed the connection before pairing") from None
+        out, _ = decoder.feed(head + reason)
+        statuses += out
+    return statuses
+
+
+async def open_circuit(host: str, port: int, token: bytes, *, timeout: float = 15.0) -> RelayCircuit:
+    """Connect to a relay and wait (bounded) until the peer presents the same token."""
+    t0 = time.monotonic()
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, limit=READ_CHUNK), timeout
+        )
+    except (OSError, TimeoutError) as e:
+        raise SwarmdError(ERR_UNAVAILABLE, f"relay {host}:{port} unreachable: {e!r}") from None
+    t1 = time.monotonic()
+    try:
+        writer.write(encode_hello(KIND_CIRCUIT, token))
+        for st in await _read_statuses(reader, timeout):
+            if st.refused:
+                raise st.error()
+            if st.code == ST_PAIRED:
+                return RelayCircuit(reader, writer, (host, port), t1 - t0, time.monotonic() - t1)
+        raise RelayProtocolError("relay ended its statuses without PAIRED")
+    except TimeoutError:
+        writer.close()
+        raise SwarmdError(
+            ERR_TIMEOUT, f"relay {host}:{port} did not pair the circuit within {timeout:g}s"
+        ) from None
+    except BaseException:
+        writer.close()
+        raise
+
+
+async def ping_relay(host: str, port: int, *, timeout: float = 3.0) -> float:
+    """Round trip in seconds: TCP connect + hello + PONG."""
+    t0 = time.monotonic()
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, TimeoutError) as e:
+        raise SwarmdError(ERR_UNAVAILABLE, f"relay {host}:{port} unreachable: {e!r}") from None
+    try:
+        writer.write(encode_hello(KIND_PING))
+        statuses = await _read_statuses(reader, timeout)
+        if not statuses or statuses[-1].code != ST_PONG:
+            raise RelayProtocolError(f"relay {host}:{port} answered a ping with {statuses!r:.100}")
+        return time.monotonic() - t0
+    except TimeoutError:
+        raise SwarmdError(
+            ERR_TIMEOUT, f"relay {host}:{port} did not answer a ping within {timeout:g}s"
+        ) from None
+    finally:
+        writer.close()
+
+
+async def pick_relay(
+    candidates: list[tuple[str, int]], *, timeout: float = 3.0
+) -> tuple[tuple[str, int], float]:
+    """The candidate with the lowest round trip (all pinged at once, bounded)."""
+    if not candidates:
+        raise SwarmdError(ERR_UNAVAILABLE, "no relay is announced on the relays topic")
+    results = await asyncio.gather(
+        *(ping_relay(h, p, timeout=timeout) for h, p in candidates), return_exceptions=True
+    )
+    best = [(rtt, addr) for rtt, addr in zip(results, candidates, strict=True) if isinstance(rtt, float)]
+    if not best:
+        raise SwarmdError(ERR_UNAVAILABLE, f"none of {len(candidates)} relays answered: {results[0]!r}")
+    rtt, addr = min(best)
+    return addr, rtt
