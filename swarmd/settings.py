@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Literal
 
 from swarmd.errors import ConfigError
+from swarmd.net.nat import NatConfig
+from swarmd.net.relay import RelayConfig
 from swarmd.roles.base import ROLE_ORDER
 
 
@@ -40,6 +42,8 @@ class NodeConfig:
 @dataclass
 class Settings:
     node: NodeConfig = field(default_factory=NodeConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    nat: NatConfig = field(default_factory=NatConfig)
 
     def validate(self) -> None:
         for role in self.node.roles:

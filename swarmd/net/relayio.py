@@ -53,7 +53,7 @@ class _Conn:
     source: str
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
-    paired: asyncio.Future[asyncio.Future[None]] | None = None  # set for a waiting stream
+    paired: asyncio.Future[tuple[_Conn, int, asyncio.Future[None]]] | None = None  # set while waiting
 
 
 @dataclass
@@ -125,7 +125,11 @@ class RelayServer:
         self._conns[conn.id] = conn
         try:
             await self._serve(conn)
-        except (ConnectionError, asyncio.IncompleteReadError, OSError):
+        except (ConnectionError, asyncio.IncompleteReadError, OSError, TimeoutError):
+            pass
+        except asyncio.CancelledError:
+            # stop() cancelled us; this task is the stream server's callback and nobody
+            # awaits its result, so end quietly instead of leaving a cancelled result
             pass
         finally:
             self._conns.pop(conn.id, None)
@@ -155,7 +159,7 @@ class RelayServer:
                 self._refuse(conn, action.code, action.reason)
                 return
             if isinstance(action, Splice):
-                await self._splice(action)
+                await self._join(action, conn)
                 return
 
     def _refuse(self, conn: _Conn, code: int, reason: str) -> None:
@@ -166,25 +170,32 @@ class RelayServer:
             conn.writer.write(encode_status(code, reason))
 
     async def _wait_for_peer(self, conn: _Conn) -> None:
+        """Hold an unpaired stream until its peer arrives (then splice here) or the timer fires."""
         loop = asyncio.get_running_loop()
         conn.paired = loop.create_future()
-        # A waiting client must send nothing before PAIRED; a read that returns
-        # tells us it hung up (EOF) or broke the protocol.
+        # A waiting client sends nothing before PAIRED, so a read that returns
+        # means it hung up (EOF) or broke the protocol.
         early = asyncio.ensure_future(conn.reader.read(1))
         try:
             done, _ = await asyncio.wait(
                 {conn.paired, early}, timeout=self.config.pair_timeout, return_when=asyncio.FIRST_COMPLETED
             )
-            if conn.paired in done:
-                circuit_done = conn.paired.result()
-                early.cancel()
+            if conn.paired.done():
+                other, cid, circuit_done = conn.paired.result()
+                prefix = b""
+                if not early.done():
+                    early.cancel()
                 await asyncio.gather(early, return_exceptions=True)
-                await (
-                    circuit_done
-                )  # the pairing handler runs the splice; we keep our socket open until it ends
+                if not early.cancelled() and early.exception() is None:
+                    prefix = early.result()  # our client spoke right after PAIRED: keep its byte
+                try:
+                    await self._splice(cid, conn, other, prefix)
+                finally:
+                    if not circuit_done.done():
+                        circuit_done.set_result(None)
                 return
             if early in done:
-                data = early.result()
+                data = early.result() if early.exception() is None else b""
                 self.core.closed(conn.id)
                 if data:
                     self._refuse(conn, ST_BAD_HELLO, "sent data before the circuit was paired")
@@ -197,46 +208,51 @@ class RelayServer:
                 early.cancel()
                 await asyncio.gather(early, return_exceptions=True)
 
-    async def _splice(self, sp: Splice) -> None:
-        a, b = self._conns.get(sp.a), self._conns.get(sp.b)
-        loop = asyncio.get_running_loop()
-        circuit_done: asyncio.Future[None] = loop.create_future()
+    async def _join(self, sp: Splice, b: _Conn) -> None:
+        """The second stream arrived: hand it to the waiter's handler, which runs the splice."""
+        a = self._conns.get(sp.a)
         if a is None or a.paired is None or a.paired.done():  # the waiter vanished in between
             self.core.closed(sp.a)
-            if b is not None:
-                self._refuse(b, ST_CLOSING, "the other side left before pairing")
+            self.core.closed(b.id)
+            self._refuse(b, ST_CLOSING, "the other side left before pairing")
             return
-        a.paired.set_result(circuit_done)
-        assert b is not None
+        circuit_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        a.paired.set_result((b, sp.circuit, circuit_done))
+        await circuit_done  # keep this handler (and b's socket) alive until the circuit ends
+
+    async def _splice(self, cid: int, a: _Conn, b: _Conn, prefix: bytes) -> None:
         started = time.monotonic()
         state = _CircuitState()
         a.writer.write(encode_status(ST_PAIRED))
         b.writer.write(encode_status(ST_PAIRED))
-        log = self.log.bind(circuit=sp.circuit, a=a.source, b=b.source)
+        if prefix:
+            b.writer.write(prefix)
+            self.core.carried(cid, len(prefix))
+        log = self.log.bind(circuit=cid, a=a.source, b=b.source)
         log.bind(event="relay_paired").info("relay paired two streams")
+        circ = self.core.circuit(cid)
         try:
-            results = await asyncio.gather(
-                self._pump(sp.circuit, state, a.reader, b.writer),
-                self._pump(sp.circuit, state, b.reader, a.writer),
-                return_exceptions=True,
-            )
-            for r in results:
-                if isinstance(r, asyncio.CancelledError):
-                    raise r
+            pumps = [
+                asyncio.ensure_future(self._pump(cid, state, a.reader, b.writer)),
+                asyncio.ensure_future(self._pump(cid, state, b.reader, a.writer)),
+            ]
+            try:
+                # a half-close lets the other direction finish; a limit or an error ends both
+                await asyncio.wait(pumps, return_when=asyncio.FIRST_EXCEPTION)
+            finally:
+                for p in pumps:
+                    p.cancel()
+                await asyncio.gather(*pumps, return_exceptions=True)
         finally:
             for c in (a, b):
                 with contextlib.suppress(Exception):
                     c.writer.close()
-            circ = self.core.circuit(sp.circuit)
-            carried = circ.bytes if circ is not None else 0
-            self.core.closed(sp.a)
-            self.core.closed(sp.b)
-            if not circuit_done.done():
-                circuit_done.set_result(None)
+            self.core.closed(a.id)
+            self.core.closed(b.id)
             log.bind(
                 event="relay_circuit_closed",
                 reason=state.ended or "eof",
-                bytes=carried,
+                bytes=circ.bytes if circ is not None else 0,
                 seconds=round(time.monotonic() - started, 3),
             ).info("relay circuit closed")
 
