@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -306,7 +307,9 @@ def new_token() -> bytes:
     return os.urandom(TOKEN_SIZE)
 
 
-async def _read_statuses(reader: asyncio.StreamReader, timeout: float) -> list[Status]:
+async def _read_statuses(
+    reader: asyncio.StreamReader, timeout: float, on_waiting: Callable[[], None] | None = None
+) -> list[Status]:
     """Read status frames until PAIRED, PONG or a refusal, never past them."""
     decoder = StatusDecoder()
     statuses: list[Status] = []
@@ -320,11 +323,23 @@ async def _read_statuses(reader: asyncio.StreamReader, timeout: float) -> list[S
             raise SwarmdError(ERR_CLOSED, "relay closed the connection before pairing") from None
         out, _ = decoder.feed(head + reason)
         statuses += out
+        if on_waiting is not None and any(st.code == ST_WAITING for st in out):
+            on_waiting()
     return statuses
 
 
-async def open_circuit(host: str, port: int, token: bytes, *, timeout: float = 15.0) -> RelayCircuit:
-    """Connect to a relay and wait (bounded) until the peer presents the same token."""
+async def open_circuit(
+    host: str,
+    port: int,
+    token: bytes,
+    *,
+    timeout: float = 15.0,
+    on_waiting: Callable[[], None] | None = None,
+) -> RelayCircuit:
+    """Connect to a relay and wait (bounded) until the peer presents the same token.
+
+    `on_waiting` runs when the relay has registered the token (the peer may now come).
+    """
     t0 = time.monotonic()
     try:
         reader, writer = await asyncio.wait_for(
@@ -335,7 +350,7 @@ async def open_circuit(host: str, port: int, token: bytes, *, timeout: float = 1
     t1 = time.monotonic()
     try:
         writer.write(encode_hello(KIND_CIRCUIT, token))
-        for st in await _read_statuses(reader, timeout):
+        for st in await _read_statuses(reader, timeout, on_waiting):
             if st.refused:
                 raise st.error()
             if st.code == ST_PAIRED:
