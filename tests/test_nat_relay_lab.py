@@ -46,7 +46,7 @@ async def test_relayed_stream_between_two_nated_peers(lab, tmp_path, modes) -> N
     lab.up(*modes)
     relay, port = await start_relay(lab, tmp_path)
     token = os.urandom(32).hex()
-    argv = [sys.executable, PEER, "--relay", f"{INET_IP}:{port}", "--token", token, "--bytes", str(TEN_MB)]
+    argv = [sys.executable, PEER, "relay", "--relay", f"{INET_IP}:{port}", "--token", token, "--bytes", str(TEN_MB)]
     a = await lab.spawn("lan-a", argv)
     b = await lab.spawn("lan-b", argv)
     assert await a.wait(120) == 0, a.output
@@ -65,7 +65,7 @@ async def test_relay_in_the_lab_refuses_unpaired_and_over_limit_circuits(lab, tm
     lab.up("cone", "symmetric")
     relay, port = await start_relay(lab, tmp_path, max_circuits="1", pair_timeout="3")
     # one unpaired stream fills the relay; a second one is refused as overloaded
-    argv = [sys.executable, PEER, "--relay", f"{INET_IP}:{port}", "--bytes", "1", "--timeout", "30"]
+    argv = [sys.executable, PEER, "relay", "--relay", f"{INET_IP}:{port}", "--bytes", "1", "--timeout", "30"]
     a = await lab.spawn("lan-a", [*argv, "--token", os.urandom(32).hex()])
     await a.wait_for('"waiting"', 30)
     b = await lab.spawn("lan-b", [*argv, "--token", os.urandom(32).hex()])
