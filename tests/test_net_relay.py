@@ -40,7 +40,7 @@ from swarmd.net.relay import (
     encode_hello,
     encode_status,
 )
-from swarmd.net.relayio import RelayServer, new_token, open_circuit, pick_relay, ping_relay
+from swarmd.net.relayio import RelayServer, new_token, open_circuit, pick_relay, ping_relay, relay_transport
 
 # -- wire format --------------------------------------------------------------------
 
@@ -281,3 +281,48 @@ async def test_pick_relay_prefers_a_live_one(relay) -> None:
     assert addr == ("127.0.0.1", srv.port) and rtt > 0
     with pytest.raises(SwarmdError):
         await pick_relay([dead])
+
+
+class Echo(asyncio.Protocol):
+    """A protocol handed a relayed transport, as the Noise connection is."""
+
+    def __init__(self, greet: bytes = b"") -> None:
+        self.greet = greet
+        self.got = bytearray()
+        self.closed = asyncio.Event()
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        if self.greet:
+            transport.write(self.greet)
+
+    def data_received(self, data: bytes) -> None:
+        self.got += data
+        if not self.greet:
+            self.transport.write(data)
+
+    def connection_lost(self, exc) -> None:
+        self.closed.set()
+
+
+async def test_relay_transport_hands_the_circuit_to_a_protocol(relay) -> None:
+    srv = await relay()
+    tok = new_token()
+    caller, callee = Echo(greet=b"hello through the relay"), Echo()
+    pa, pb = await asyncio.gather(
+        relay_transport("127.0.0.1", srv.port, tok, caller, timeout=20),
+        relay_transport("127.0.0.1", srv.port, tok, callee, timeout=20),
+    )
+    while len(caller.got) < len(caller.greet):
+        await asyncio.wait_for(asyncio.sleep(0.01), 5)
+    assert bytes(caller.got) == b"hello through the relay" == bytes(callee.got)
+    assert pa.relay == ("127.0.0.1", srv.port) and pb.connect_s >= 0
+    caller.transport.close()
+    await asyncio.wait_for(callee.closed.wait(), 10)
+
+
+async def test_relay_transport_reports_refusals(relay) -> None:
+    srv = await relay(pair_timeout=0.2)
+    with pytest.raises(SwarmdError) as ei:
+        await relay_transport("127.0.0.1", srv.port, new_token(), Echo(), timeout=20)
+    assert ei.value.code == ERR_TIMEOUT

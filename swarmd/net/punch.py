@@ -47,96 +47,222 @@ class PunchInfo:
     connect_s: float = 0.0
 
 
-class PunchedPipe:
-    """A byte pipe over an ordered, reliable data channel.
+class PunchedTransport(asyncio.Transport):
+    """An asyncio transport over an ordered, reliable data channel.
 
+    Any `asyncio.Protocol` runs on it as on TCP: `attach(protocol)` calls
+    `connection_made`, arriving bytes go to `data_received`, backpressure to
+    `pause_writing`/`resume_writing`. That is how the Noise connection
+    (swarmd.net.connection.SecureConnection) runs over a punched path.
     Each message starts with one type byte (data or end-of-stream), so a
     half-close travels in order with the data, like TCP's FIN.
     """
 
     def __init__(self, pc: Any, channel: Any, info: PunchInfo) -> None:
+        super().__init__()
         self._pc = pc
         self._ch = channel
         self.info = info
-        self._buf = bytearray()
-        self._eof = False
-        self._closed = False
-        self._readable = asyncio.Event()
-        self._writable = asyncio.Event()
-        self._writable.set()
-        channel.bufferedAmountLowThreshold = LOW_WATER
+        self._protocol: asyncio.BaseProtocol | None = None
+        self._early: list[bytes | None] = []  # messages before attach (None = EOF)
+        self._paused = False
+        self._high, self._low = HIGH_WATER, LOW_WATER
+        self._closing = False
+        self._lost = False
+        self._closer: asyncio.Task[None] | None = None
+        channel.bufferedAmountLowThreshold = self._low
         channel.on("message", self._on_message)
-        channel.on("bufferedamountlow", self._writable.set)
+        channel.on("bufferedamountlow", self._on_low)
         channel.on("close", self._on_close)
+
+    # -- protocol side -----------------------------------------------------------
+
+    def attach(self, protocol: asyncio.BaseProtocol) -> None:
+        self._protocol = protocol
+        protocol.connection_made(self)
+        early, self._early = self._early, []
+        for msg in early:
+            self._deliver(msg)
+        if self._lost:
+            self._lost = False
+            self._on_close()
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        assert self._protocol is not None
+        return self._protocol
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._protocol = protocol
+
+    def _deliver(self, msg: bytes | None) -> None:
+        proto = self._protocol
+        if proto is None:
+            self._early.append(msg)
+            return
+        if msg is None:
+            keep_open = proto.eof_received() if isinstance(proto, asyncio.Protocol) else False
+            if not keep_open:
+                self.close()
+        elif isinstance(proto, asyncio.Protocol):
+            proto.data_received(msg)
 
     def _on_message(self, message: Any) -> None:
         if not isinstance(message, bytes) or not message:
-            return
-        if message[0] == MSG_DATA:
-            self._buf += message[1:]
-        else:
-            self._eof = True
-        self._readable.set()
+            return  # strings or empty messages are not part of our protocol
+        self._deliver(message[1:] if message[0] == MSG_DATA else None)
+
+    def _on_low(self) -> None:
+        if self._paused and self._protocol is not None:
+            self._paused = False
+            self._protocol.resume_writing()
 
     def _on_close(self) -> None:
-        self._eof = True
-        self._closed = True
-        self._readable.set()
-        self._writable.set()
+        if self._protocol is None:
+            self._lost = True
+            return
+        if not self._lost:
+            self._lost = True
+            self._closing = True
+            self._protocol.connection_lost(None)
 
-    def write(self, data: bytes) -> None:
-        if self._closed:
+    # -- transport API -----------------------------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closing:
             raise SwarmdError(ERR_CLOSED, "punched path closed")
         view = memoryview(data)
         for i in range(0, len(view), CHUNK - 1):
             self._ch.send(bytes([MSG_DATA]) + bytes(view[i : i + CHUNK - 1]))
-        if self._ch.bufferedAmount > HIGH_WATER:
-            self._writable.clear()
+        if not self._paused and self._ch.bufferedAmount > self._high and self._protocol is not None:
+            self._paused = True
+            self._protocol.pause_writing()
 
-    async def drain(self) -> None:
-        while not self._closed and self._ch.bufferedAmount > HIGH_WATER:
-            self._writable.clear()
-            await self._writable.wait()
-        if self._closed:
-            raise SwarmdError(ERR_CLOSED, "punched path closed")
+    def can_write_eof(self) -> bool:
+        return True
 
     def write_eof(self) -> None:
-        if not self._closed:
+        if not self._closing:
             self._ch.send(bytes([MSG_EOF]))
 
-    async def read(self, n: int = -1) -> bytes:
-        while not self._buf and not self._eof:
-            self._readable.clear()
-            await self._readable.wait()
-        if n < 0:
-            while not self._eof:
-                self._readable.clear()
-                await self._readable.wait()
-            n = len(self._buf)
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
-        return out
+    def get_write_buffer_size(self) -> int:
+        return int(self._ch.bufferedAmount)
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._high = HIGH_WATER if high is None else high
+        self._low = (self._high // 4) if low is None else low
+        self._ch.bufferedAmountLowThreshold = self._low
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        remote = self.info.remote.rpartition(":")
+        return {
+            "peername": (remote[0], int(remote[2])) if remote[2].isdigit() else None,
+            "path": "punched",
+            "punch": self.info,
+        }.get(name, default)
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        """Close after what we wrote is acknowledged (bounded), like TCP's linger."""
+        if self._closing:
+            return
+        self._closing = True
+        self._closer = asyncio.ensure_future(self._linger_close())
+
+    def abort(self) -> None:
+        self._closing = True
+        self._closer = asyncio.ensure_future(self._linger_close(linger=0.0))
+
+    async def wait_closed(self) -> None:
+        if self._closer is not None:
+            await asyncio.shield(self._closer)
 
     def _unacked(self) -> int:
         """Bytes not yet acknowledged by the peer (queued, in flight)."""
         sctp = getattr(self._pc, "sctp", None)
         queued = len(getattr(sctp, "_outbound_queue", ())) + len(getattr(sctp, "_sent_queue", ()))
-        return self._ch.bufferedAmount + queued
+        return int(self._ch.bufferedAmount) + queued
 
-    async def close(self, linger: float = 5.0) -> None:
-        """Close after what we wrote is acknowledged (bounded), like TCP's linger:
-        tearing SCTP down earlier would drop the tail of the stream."""
+    async def _linger_close(self, linger: float = 5.0) -> None:
+        # tearing SCTP down before the peer acknowledged would drop the stream's tail
         for _ in range(int(linger / 0.01)):  # SCTP acks raise no event we can await
-            if self._closed or not self._unacked():
+            if self._lost or not self._unacked():
                 break
             await asyncio.sleep(0.01)
-        self._closed = True
-        self._readable.set()
-        self._writable.set()
         with contextlib.suppress(Exception):
             self._ch.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._pc.close(), 5.0)
+        self._on_close()
+
+
+class _StreamProtocol(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.eof = False
+        self.readable = asyncio.Event()
+        self.writable = asyncio.Event()
+        self.writable.set()
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        self.readable.set()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self.readable.set()
+        return True  # keep our side open: the stream may still be writing
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof = True
+        self.readable.set()
+        self.writable.set()
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+
+class PunchedPipe:
+    """Stream-style use of a punched path (write / drain / read / write_eof / close)."""
+
+    def __init__(self, transport: PunchedTransport) -> None:
+        self.transport = transport
+        self.info = transport.info
+        self._p = _StreamProtocol()
+        transport.attach(self._p)
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        await self._p.writable.wait()
+        if self.transport._lost:
+            raise SwarmdError(ERR_CLOSED, "punched path closed")
+
+    def write_eof(self) -> None:
+        self.transport.write_eof()
+
+    async def read(self, n: int = -1) -> bytes:
+        p = self._p
+        while not p.buf and not p.eof:
+            p.readable.clear()
+            await p.readable.wait()
+        if n < 0:
+            while not p.eof:
+                p.readable.clear()
+                await p.readable.wait()
+            n = len(p.buf)
+        out = bytes(p.buf[:n])
+        del p.buf[:n]
+        return out
+
+    async def close(self) -> None:
+        self.transport.close()
+        await self.transport.wait_closed()
 
 
 def _ice_servers(stun_servers: list[Address]) -> list[Any]:
@@ -198,7 +324,7 @@ class Puncher:
         _check_sdp(answer_sdp)
         await self._pc.setRemoteDescription(RTCSessionDescription(sdp=answer_sdp, type="answer"))
 
-    async def connected(self, timeout: float) -> PunchedPipe:
+    async def connected(self, timeout: float) -> PunchedTransport:
         """Wait (bounded) for the checks to succeed and the channel to open."""
         deadline = time.monotonic() + timeout
         while not self._opened.is_set():
@@ -223,7 +349,7 @@ class Puncher:
             event="punched", local=self.info.local, remote=self.info.remote, remote_type=self.info.remote_type,
             seconds=round(self.info.connect_s, 3),
         ).info("punched a direct path")
-        return PunchedPipe(self._pc, self._ch, self.info)
+        return PunchedTransport(self._pc, self._ch, self.info)
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -401,3 +401,104 @@ async def pick_relay(
         raise SwarmdError(ERR_UNAVAILABLE, f"none of {len(candidates)} relays answered: {results[0]!r}")
     rtt, addr = min(best)
     return addr, rtt
+
+
+class _CircuitClient(asyncio.Protocol):
+    """Speaks the relay's hello/status exchange, then hands the transport over."""
+
+    def __init__(self, token: bytes, on_waiting: Callable[[], None] | None) -> None:
+        self.token = token
+        self.on_waiting = on_waiting
+        self.decoder = StatusDecoder()
+        self.paired: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.rest = bytearray()  # stream bytes that arrived with or after PAIRED, before the handover
+        self.transport: asyncio.Transport | None = None
+        self.lost = False
+        self.statuses = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.write(encode_hello(KIND_CIRCUIT, self.token))
+
+    def data_received(self, data: bytes) -> None:
+        if self.decoder.done:
+            self.rest += data
+            return
+        try:
+            statuses, rest = self.decoder.feed(data)
+        except RelayProtocolError as e:
+            self._fail(e)
+            return
+        self.statuses += len(statuses)
+        for st in statuses:
+            if st.refused:
+                self._fail(st.error())
+                return
+            if st.code == ST_WAITING and self.on_waiting is not None:
+                self.on_waiting()
+            if st.code == ST_PAIRED and not self.paired.done():
+                self.rest += rest
+                self.paired.set_result(None)
+                return
+            if st.code == ST_PONG:
+                self._fail(RelayProtocolError("relay answered a circuit hello with PONG"))
+                return
+        if self.statuses > MAX_STATUSES:
+            self._fail(RelayProtocolError(f"relay sent more than {MAX_STATUSES} statuses"))
+
+    def _fail(self, err: SwarmdError) -> None:
+        if not self.paired.done():
+            self.paired.set_exception(err)
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if not self.paired.done():
+            self.paired.set_exception(SwarmdError(ERR_CLOSED, "relay closed the connection before pairing"))
+
+
+@dataclass
+class RelayPath:
+    """How a relayed transport came to be: for connection info and logs."""
+
+    relay: tuple[str, int]
+    connect_s: float
+    wait_s: float
+
+
+async def relay_transport(
+    host: str,
+    port: int,
+    token: bytes,
+    protocol: asyncio.Protocol,
+    *,
+    timeout: float = 15.0,
+    on_waiting: Callable[[], None] | None = None,
+) -> RelayPath:
+    """Open a circuit and run `protocol` on it, exactly as if it were a direct TCP
+    connection to the peer (the Noise connection runs end to end over it)."""
+    loop = asyncio.get_running_loop()
+    t0 = time.monotonic()
+    client = _CircuitClient(token, on_waiting)
+    try:
+        transport, _ = await asyncio.wait_for(loop.create_connection(lambda: client, host, port), timeout)
+    except (OSError, TimeoutError) as e:
+        raise SwarmdError(ERR_UNAVAILABLE, f"relay {host}:{port} unreachable: {e!r}") from None
+    t1 = time.monotonic()
+    try:
+        await asyncio.wait_for(asyncio.shield(client.paired), timeout)
+    except TimeoutError:
+        transport.close()
+        raise SwarmdError(ERR_TIMEOUT, f"relay {host}:{port} did not pair the circuit within {timeout:g}s") from None
+    except BaseException:
+        transport.close()
+        raise
+    transport.set_protocol(protocol)
+    protocol.connection_made(transport)
+    if client.rest:
+        protocol.data_received(bytes(client.rest))
+    if client.lost:
+        protocol.connection_lost(None)
+    return RelayPath((host, port), t1 - t0, time.monotonic() - t1)

@@ -29,7 +29,7 @@ import time
 from typing import Any
 
 from swarmd.errors import SwarmdError
-from swarmd.net.punch import Puncher
+from swarmd.net.punch import PunchedPipe, Puncher
 from swarmd.net.relayio import open_circuit
 
 CHUNK = 256 * 1024
@@ -155,7 +155,7 @@ async def try_punch(ctl: StreamPipe, args: argparse.Namespace) -> Any:
     pipe = None
     error = ""
     try:
-        pipe = await puncher.connected(args.punch_timeout)
+        pipe = PunchedPipe(await puncher.connected(args.punch_timeout))
     except SwarmdError as e:
         error = e.message
     # both sides must agree before the stream moves off the relay
