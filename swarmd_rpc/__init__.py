@@ -18,8 +18,20 @@ from swarmd.errors import SwarmdError
 from swarmd.node.identity import Identity
 from swarmd.rpc import Methods, RpcConfig, RpcPeer, Stream
 from swarmd.rpc import connect as _connect
+from swarmd_rpc.pool import Pool, PoolConfig, Target, fan_out
 
-__all__ = ["Identity", "Methods", "RpcPeer", "Stream", "SwarmdError", "connect"]
+__all__ = [
+    "Identity",
+    "Methods",
+    "Pool",
+    "PoolConfig",
+    "RpcPeer",
+    "Stream",
+    "SwarmdError",
+    "Target",
+    "connect",
+    "fan_out",
+]
 
 
 async def connect(
@@ -34,4 +46,6 @@ async def connect(
 ) -> RpcPeer:
     """Connect to one peer; `public_key` (bytes or hex) pins who must answer (IK), None accepts anyone (XX)."""
     pk = bytes.fromhex(public_key) if isinstance(public_key, str) else public_key
-    return await _connect(identity, host, port, remote_public_key=pk, methods=methods, timeout=timeout, config=config)
+    return await _connect(
+        identity, host, port, remote_public_key=pk, methods=methods, timeout=timeout, config=config
+    )

@@ -94,6 +94,7 @@ class Channel:
             if self.error is not None:
                 raise self.error
             if self.remote_ended:
+                self._maybe_release()
                 return None
             fut = self.conn._loop.create_future()
             self._waiter = fut
@@ -188,6 +189,7 @@ class SecureConnection(asyncio.Protocol):
         self.closed: asyncio.Future[SwarmdError] = self._loop.create_future()
         self.on_message: Callable[[bytes], None] | None = None
         self.on_close: Callable[[SwarmdError], None] | None = None
+        self.on_writable: Callable[[], None] | None = None  # the pipe drained below low water
         self.peername: Any = None
         self._pipe: Pipe | None = None
         self._decoder = mux.MuxDecoder(self.config.max_message_size)
@@ -214,6 +216,11 @@ class SecureConnection(asyncio.Protocol):
     @property
     def is_closed(self) -> bool:
         return self.error is not None
+
+    @property
+    def write_paused(self) -> bool:
+        """True while the pipe's buffer is above high water (the peer reads slower than we write)."""
+        return self._write_paused
 
     def send_message(self, payload: bytes) -> None:
         """Queue one channel-0 message; written by the next flush."""
@@ -353,6 +360,8 @@ class SecureConnection(asyncio.Protocol):
         for w in waiters:
             if not w.done():
                 w.set_result(None)
+        if self.on_writable is not None and self.error is None:
+            self.on_writable()
 
     # -- internals ---------------------------------------------------------
 
@@ -424,8 +433,8 @@ class SecureConnection(asyncio.Protocol):
                 pass
             elif ftype == mux.GOAWAY:
                 err = _error_from_payload(payload, "peer closed the connection")
-                self._log.bind(peer=_short(self.remote_public_key), code=err.code, reason=err.message).info(
-                    "peer closed the connection"
+                self._log.bind(peer=_short(self.remote_public_key), code=err.code, reason=err.message).log(
+                    "DEBUG" if err.code == ERR_CLOSED else "INFO", "peer closed the connection"
                 )
                 self._teardown(
                     err if err.code != ERR_CLOSED else SwarmdError(ERR_CLOSED, f"peer closed: {err.message}")

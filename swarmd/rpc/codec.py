@@ -39,14 +39,11 @@ def _default(obj: Any) -> Any:
 
 
 def encode_ndarray(arr: Any) -> bytes:
-    import numpy as np
-
     if arr.dtype.kind not in _ALLOWED_KINDS or arr.dtype.hasobject:
         raise TypeError(f"arrays of dtype {arr.dtype} cannot be sent as raw bytes")
-    arr = np.ascontiguousarray(arr)
     dt = arr.dtype.str.encode()
     head = bytes([len(dt)]) + dt + bytes([arr.ndim]) + b"".join(_DIM.pack(d) for d in arr.shape)
-    return head + arr.tobytes()
+    return head + arr.tobytes(order="C")  # one copy, C order whatever the strides
 
 
 def decode_ndarray(data: bytes) -> Any:

@@ -12,6 +12,7 @@ import asyncio
 import time
 import traceback
 import uuid
+from collections import deque
 from collections.abc import Coroutine, Generator
 from typing import Any
 
@@ -106,10 +107,13 @@ _BUILTINS = _builtin_methods()
 class Stream:
     """A byte stream tied to one call: `send`, `recv` (None at end), `close`, and the call's `result`."""
 
-    def __init__(self, peer: RpcPeer, channel: Channel, result: asyncio.Future[Any] | None = None) -> None:
+    def __init__(
+        self, peer: RpcPeer, channel: Channel, result: asyncio.Future[Any] | None = None, request_id: int = 0
+    ) -> None:
         self.peer = peer
         self.channel = channel
         self._result = result
+        self._rid = request_id
 
     @property
     def id(self) -> int:
@@ -126,7 +130,15 @@ class Stream:
         self.channel.end()
 
     def abort(self, error: SwarmdError | None = None) -> None:
-        self.channel.reset(error or SwarmdError(ERR_CANCELLED, "stream aborted by the caller"))
+        """Reset the channel; on the caller side also cancel the call (its result raises ERR_CANCELLED)."""
+        err = error or SwarmdError(ERR_CANCELLED, "stream aborted")
+        self.channel.reset(err)
+        res = self._result
+        if res is not None and not res.done():
+            res.set_exception(err)
+            res.exception()  # retrieved: aborting is not an unhandled error
+            if self.peer._pending.pop(self._rid, None) is not None:
+                self.peer._send_cancel(self._rid)
 
     async def result(self) -> Any:
         """Caller side: the handler's return value (raises its SwarmdError)."""
@@ -166,8 +178,10 @@ class RpcPeer:
         self._running: dict[int, asyncio.Task[Any]] = {}
         self._events: set[asyncio.Task[Any]] = set()
         self._inline = 0
+        self._backlog: deque[tuple[int, str, Any, int | None, float]] = deque()
         conn.on_message = self._on_message
         conn.on_close = self._on_close
+        conn.on_writable = self._on_writable
         self._log = logger.bind(component="rpc")
 
     # -- identity / state --------------------------------------------------
@@ -264,12 +278,16 @@ class RpcPeer:
             channel._fail(SwarmdError(ERR_CLOSED, "stream call not sent"))
             raise
         result: asyncio.Future[Any] = self._loop.create_future()
-        stream = Stream(self, channel, result)
+        stream = Stream(self, channel, result, rid)
         timer = self._loop.call_at(self._loop.time() + timeout, self._expire, rid, method, timeout)
 
         def settle(f: asyncio.Future[Any]) -> None:
             timer.cancel()
             self._pending.pop(rid, None)
+            # the callee finished: it ignores anything more we send, so our side is over
+            if not channel.local_ended:
+                channel.local_ended = True
+                channel._maybe_release()
             if result.done():
                 return
             if f.cancelled():
@@ -313,7 +331,7 @@ class RpcPeer:
         elif kind == CANCEL:
             task = self._running.get(msg[1])
             if task is not None:
-                task.cancel(msg="cancelled by the caller")
+                self._cancel_soon(task, "cancelled by the caller")
 
     def _lookup(self, method: str) -> Method:
         m = _BUILTINS.get(method) or self.methods.get(method)
@@ -323,7 +341,26 @@ class RpcPeer:
             self.firewall.check(self.conn.remote_public_key or b"", method, m.op)
         return m
 
-    def _on_request(self, rid: int, method: str, params: Any, timeout_ms: int | None, ch: int) -> None:
+    def _on_request(
+        self,
+        rid: int,
+        method: str,
+        params: Any,
+        timeout_ms: int | None,
+        ch: int,
+        arrived: float | None = None,
+    ) -> None:
+        if self.conn._write_paused and not ch:
+            # The peer is not reading our answers: hold new plain requests in a bounded
+            # backlog instead of growing the pipe buffer; a peer that floods anyway is cut off.
+            if len(self._backlog) >= self.config.max_in_flight:
+                raise SwarmdError(
+                    ERR_OVERLOADED, f"peer sent {len(self._backlog)} requests without reading our answers"
+                )
+            self._backlog.append((rid, method, params, timeout_ms, self._loop.time()))
+            return
+        if arrived is not None and timeout_ms is not None:
+            timeout_ms -= int((self._loop.time() - arrived) * 1000)
         stream: Stream | None = None
         try:
             if rid in self._running:
@@ -358,6 +395,16 @@ class RpcPeer:
             self._reply_error(rid, e)
             return
         self._run(rid, method, coro, deadline, stream)
+
+    def _on_writable(self) -> None:
+        backlog = self._backlog
+        while backlog and not self.conn._write_paused and self.conn.error is None:
+            rid, method, params, timeout_ms, arrived = backlog.popleft()
+            try:
+                self._on_request(rid, method, params, timeout_ms, 0, arrived)
+            except SwarmdError as e:
+                self.conn.close(e)
+                return
 
     def _run(
         self,
@@ -422,9 +469,13 @@ class RpcPeer:
             if exc is not None and not isinstance(exc, asyncio.CancelledError):
                 self._log_handler_error(method, exc)
             return
+        if stream is not None:
+            # the callee's side of a stream ends with its handler; later frames are dropped
+            ch = stream.channel
+            if exc is None and ch.error is None:
+                ch.end()
+            self.conn._channels.pop(ch.id, None)
         if exc is None:
-            if stream is not None and stream.channel.error is None:
-                stream.channel.end()
             if self.conn.error is not None:
                 return
             try:
@@ -505,16 +556,21 @@ class RpcPeer:
             if not fut.done():
                 fut.set_exception(closed)
         for task in list(self._running.values()) + list(self._events):
-            task.cancel()
+            self._cancel_soon(task, "connection closed")
 
     async def close(self) -> None:
         """Close the connection and wait for our handlers to stop."""
         self.conn.close()
         tasks = list(self._running.values()) + list(self._events)
         for t in tasks:
-            t.cancel()
+            self._cancel_soon(t, "connection closed")
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _cancel_soon(self, task: asyncio.Task[Any], msg: str) -> None:
+        """Cancel after the task's first step: a Task cancelled before it ever ran
+        would never resume the handler we already started inline (no cleanup, no reply)."""
+        self._loop.call_soon(task.cancel, msg)
 
     async def wait_closed(self) -> SwarmdError:
         return await asyncio.shield(self.conn.closed)
