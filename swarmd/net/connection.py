@@ -60,16 +60,23 @@ class Channel:
     # -- application side --------------------------------------------------
 
     async def send(self, data: bytes) -> None:
-        """Send bytes, waiting for credit and pipe room; raises ERR_CLOSED after reset/end."""
-        view = memoryview(data)
+        """Send bytes, waiting for credit and pipe room; raises ERR_CLOSED after reset/end.
+
+        `bytes` are queued without copying (they are immutable); other buffers
+        are copied once so the caller may reuse them.
+        """
+        view = memoryview(data if type(data) is bytes else bytes(data))
         conn = self.conn
+        pack = mux.HEADER.pack
+        chunk_max = mux.STREAM_CHUNK
         while view:
             self._check_can_send()
-            if self._credit.available <= 0:
+            credit = self._credit
+            if credit.available <= 0:
                 await self._wait_credit()
                 continue
-            n = self._credit.take(min(len(view), mux.STREAM_CHUNK))
-            conn._queue_bulk(mux.encode(mux.MSG, self.id, bytes(view[:n])))
+            n = credit.take(min(len(view), chunk_max))
+            conn._queue_bulk(pack(mux.MSG, self.id, n), view[:n])
             view = view[n:]
             if conn._write_paused:
                 await conn.drain()
@@ -113,7 +120,7 @@ class Channel:
         if self.local_ended or self.error is not None:
             return
         self.local_ended = True
-        self.conn._queue_bulk(mux.encode(mux.END, self.id))
+        self.conn._queue_bulk(mux.encode(mux.END, self.id), b"")
         self._maybe_release()
 
     def reset(self, error: SwarmdError | None = None) -> None:
@@ -122,7 +129,7 @@ class Channel:
             return
         payload = msgpack.packb(error.to_wire()) if error is not None else b""
         if self.conn.error is None:
-            self.conn._queue_bulk(mux.encode(mux.RESET, self.id, payload))
+            self.conn._queue_bulk(mux.encode(mux.RESET, self.id, payload), b"")
         self._fail(error or SwarmdError(ERR_CLOSED, f"stream {self.id} reset by this side"))
 
     @property
@@ -222,13 +229,22 @@ class SecureConnection(asyncio.Protocol):
         """True while the pipe's buffer is above high water (the peer reads slower than we write)."""
         return self._write_paused
 
-    def send_message(self, payload: bytes) -> None:
-        """Queue one channel-0 message; written by the next flush."""
+    def send_message(self, payload: bytes, *, now: bool = False) -> None:
+        """Queue one channel-0 message; written by the next flush.
+
+        Frames queued in one loop iteration share one flush (one AEAD operation,
+        one write). `now=True` writes at once, which saves a loop iteration for a
+        lone call; inside data_received the flush at its end is used instead.
+        """
         if self.error is not None:
             raise self.error
         self._urgent.append(mux.HEADER.pack(mux.MSG, 0, len(payload)))
         self._urgent.append(payload)
-        if self._flush_handle is None and not self._in_receive:
+        if self._in_receive:
+            return
+        if now:
+            self._flush()
+        elif self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(self._flush)
 
     def open_channel(self) -> Channel:
@@ -312,13 +328,16 @@ class SecureConnection(asyncio.Protocol):
             return
         self._last_recv = self._loop.time()
         self._ping_outstanding = False
+        session = self.session
         try:
-            was_established = self.session.established
-            out, plaintexts = self.session.receive(data)
-            if out:
-                self._pipe.write(out)  # type: ignore[union-attr]
-            if not was_established and self.session.established:
-                self._on_established()
+            if session.established:
+                plaintexts = session.decrypt_stream(data)
+            else:
+                out, plaintexts = session.receive(data)
+                if out:
+                    self._pipe.write(out)  # type: ignore[union-attr]
+                if session.established:
+                    self._on_established()
             if plaintexts:
                 self._in_receive = True
                 try:
@@ -450,10 +469,13 @@ class SecureConnection(asyncio.Protocol):
         if self._flush_handle is None and not self._in_receive:
             self._flush_handle = self._loop.call_soon(self._flush)
 
-    def _queue_bulk(self, frame: bytes) -> None:
+    def _queue_bulk(self, header: bytes, payload: bytes | memoryview) -> None:
         if self.error is not None:
             raise self.error
-        self._bulk.append(frame)
+        bulk = self._bulk
+        bulk.append(header)
+        if payload:
+            bulk.append(payload)
         if self._flush_handle is None and not self._in_receive:
             self._flush_handle = self._loop.call_soon(self._flush)
 
@@ -466,8 +488,15 @@ class SecureConnection(asyncio.Protocol):
             return
         urgent, bulk = self._urgent, self._bulk
         if bulk:
-            urgent.extend(bulk)
             self._bulk = []
+            if urgent:
+                self._urgent = []
+                # calls and credits first, in their own message; bulk frames start a new
+                # message so they stay aligned with Noise messages
+                pipe.write(self.session.seal([b"".join(urgent), b"".join(bulk)]))
+            else:
+                pipe.write(self.session.seal([b"".join(bulk)]))
+            return
         if not urgent:
             return
         self._urgent = []

@@ -46,27 +46,48 @@ class FrameDecoder:
         """Bytes held for a frame not complete yet."""
         return len(self._buf)
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes) -> list[bytes | memoryview]:
+        """Frames completed by data, in order.
+
+        Frames lying wholly inside `data` come back as memoryviews of it (no
+        copy; `data` is immutable bytes, so they stay valid); only a frame that
+        straddles two reads is copied. Callers consume them before the next feed.
+        """
+        out: list[bytes | memoryview] = []
         buf = self._buf
-        if buf:
-            buf += data
-            data = buf
-        out: list[bytes] = []
-        pos = 0
-        end = len(data)
         max_size = self.max_size
-        while end - pos >= HEADER_SIZE:
-            n = int.from_bytes(data[pos : pos + HEADER_SIZE], "big")
+        view = memoryview(data)
+        if buf:
+            # finish the frame begun in an earlier read; copy only that frame
+            if len(buf) < HEADER_SIZE:
+                take = HEADER_SIZE - len(buf)
+                buf += view[:take]
+                view = view[take:]
+                if len(buf) < HEADER_SIZE:
+                    return out
+            n = int.from_bytes(buf[:HEADER_SIZE], "big")
             if n > max_size:
                 self._buf = bytearray()
+                raise FrameTooLarge(n, max_size)
+            need = HEADER_SIZE + n - len(buf)
+            if len(view) < need:
+                buf += view
+                return out
+            buf += view[:need]
+            out.append(bytes(buf[HEADER_SIZE:]))
+            buf.clear()
+            view = view[need:]
+        pos = 0
+        end = len(view)
+        while end - pos >= HEADER_SIZE:
+            n = int.from_bytes(view[pos : pos + HEADER_SIZE], "big")
+            if n > max_size:
                 raise FrameTooLarge(n, max_size)
             stop = pos + HEADER_SIZE + n
             if stop > end:
                 break
-            out.append(bytes(data[pos + HEADER_SIZE : stop]))
+            out.append(view[pos + HEADER_SIZE : stop])
             pos = stop
-        if data is buf:
-            del buf[:pos]
-        elif pos < end:
-            self._buf = bytearray(data[pos:])
+        if pos < end:
+            buf += view[pos:]
         return out

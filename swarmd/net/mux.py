@@ -37,7 +37,7 @@ HEADER = struct.Struct(">BII")
 HEADER_SIZE = HEADER.size  # 9
 INITIAL_WINDOW = 1 << 20  # protocol constant: credit of each direction of a new channel
 MAX_PING_PAYLOAD = 64
-STREAM_CHUNK = 65536  # largest MSG a stream sender emits
+STREAM_CHUNK = 65519 - HEADER_SIZE  # largest stream MSG: header + chunk fill one Noise message exactly
 
 
 def encode(ftype: int, channel: int, payload: bytes = b"") -> bytes:
@@ -64,34 +64,52 @@ class MuxDecoder:
         self._buf = bytearray()
 
     def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
+        """Frames completed by data; only a frame straddling two chunks is buffered."""
+        out: list[tuple[int, int, bytes]] = []
         buf = self._buf
         if buf:
-            buf += data
-            data = buf
-        out: list[tuple[int, int, bytes]] = []
+            if len(buf) < HEADER_SIZE:
+                take = HEADER_SIZE - len(buf)
+                buf += data[:take]
+                data = data[take:]
+                if len(buf) < HEADER_SIZE:
+                    return out
+            ftype, channel, n = self._check(*HEADER.unpack_from(buf, 0))
+            need = HEADER_SIZE + n - len(buf)
+            if len(data) < need:
+                buf += data
+                return out
+            buf += data[:need]
+            out.append((ftype, channel, bytes(buf[HEADER_SIZE:])))
+            buf.clear()
+            data = data[need:]
         pos = 0
         end = len(data)
         unpack = HEADER.unpack_from
+        max_frame = self.max_frame
         while end - pos >= HEADER_SIZE:
             ftype, channel, n = unpack(data, pos)
-            if n > self.max_frame:
-                self._buf = bytearray()
-                raise SwarmdError(
-                    ERR_TOO_LARGE, f"mux frame of {n} bytes announced, the maximum is {self.max_frame}"
-                )
-            if ftype > GOAWAY:
-                self._buf = bytearray()
-                raise SwarmdError(ERR_PROTOCOL, f"unknown mux frame type {ftype}")
+            if n > max_frame or ftype > GOAWAY:
+                self._check(ftype, channel, n)
             stop = pos + HEADER_SIZE + n
             if stop > end:
                 break
-            out.append((ftype, channel, bytes(data[pos + HEADER_SIZE : stop])))
+            out.append((ftype, channel, data[pos + HEADER_SIZE : stop]))
             pos = stop
-        if data is buf:
-            del buf[:pos]
-        elif pos < end:
-            self._buf = bytearray(data[pos:])
+        if pos < end:
+            buf += data[pos:]
         return out
+
+    def _check(self, ftype: int, channel: int, n: int) -> tuple[int, int, int]:
+        if n > self.max_frame:
+            self._buf = bytearray()
+            raise SwarmdError(
+                ERR_TOO_LARGE, f"mux frame of {n} bytes announced, the maximum is {self.max_frame}"
+            )
+        if ftype > GOAWAY:
+            self._buf = bytearray()
+            raise SwarmdError(ERR_PROTOCOL, f"unknown mux frame type {ftype}")
+        return ftype, channel, n
 
     @property
     def buffered(self) -> int:

@@ -264,7 +264,23 @@ class NoiseSession:
         """
         if not self.established:
             return self._receive_handshake(data)
-        return b"", self._decrypt_frames(self._frames.feed(data))
+        return b"", self.decrypt_stream(data)
+
+    def decrypt_stream(self, data: bytes) -> list[bytes]:
+        """Established sessions only: the plaintexts of the transport messages completed by data."""
+        frames = self._frames
+        if not frames._buf and len(data) > 4:
+            # fast path: a read holding exactly one whole message (a call, an answer)
+            n = int.from_bytes(data[:4], "big")
+            if n + 4 == len(data) and n <= MAX_NOISE_MESSAGE:
+                nonce = self._n_dec
+                try:
+                    plain = self._dec.decrypt(_NONCE.pack(nonce), memoryview(data)[4:], None)  # type: ignore[union-attr]
+                except InvalidTag:
+                    raise SwarmdError(ERR_PROTOCOL, "a transport message failed authentication") from None
+                self._n_dec = nonce + 1
+                return [plain]
+        return self._decrypt_frames(frames.feed(data))
 
     def _receive_handshake(self, data: bytes) -> tuple[bytes, list[bytes]]:
         if self.initiator and self._step == 0:
@@ -285,10 +301,10 @@ class NoiseSession:
                 raise HandshakeError(
                     f"handshake frame of {len(frame)} bytes, at most {MAX_HANDSHAKE_FRAME} expected"
                 )
-            out.append(self._handshake_frame(frame))
+            out.append(self._handshake_frame(bytes(frame)))
         return b"".join(out), []
 
-    def _decrypt_frames(self, frames: list[bytes]) -> list[bytes]:
+    def _decrypt_frames(self, frames: list[bytes | memoryview]) -> list[bytes]:
         dec = self._dec
         assert dec is not None
         out = []
@@ -310,21 +326,45 @@ class NoiseSession:
         enc = self._enc
         if enc is None:
             raise RuntimeError("encrypt() before the handshake finished")
-        n = self._n_enc
-        pack = _NONCE.pack
         size = len(plaintext)
         if size <= MAX_PLAINTEXT:
-            ct = enc.encrypt(pack(n), plaintext, None)
+            n = self._n_enc
+            ct = enc.encrypt(_NONCE.pack(n), plaintext, None)
             self._n_enc = n + 1
             return (size + TAG_SIZE).to_bytes(4, "big") + ct
-        parts = []
-        view = memoryview(plaintext)
-        for off in range(0, size, MAX_PLAINTEXT):
-            chunk = view[off : off + MAX_PLAINTEXT]
-            parts.append((len(chunk) + TAG_SIZE).to_bytes(4, "big"))
-            parts.append(enc.encrypt(pack(n), chunk, None))
-            n += 1
+        return bytes(self.seal([plaintext]))
+
+    def seal(self, plaintexts: list[bytes]) -> bytearray:
+        """Seal several plaintexts, each starting a new transport message, into one buffer.
+
+        Starting each plaintext on a message boundary lets the sender keep bulk
+        stream frames aligned with Noise messages, so the receiver parses them
+        without re-buffering. Encrypts in place (encrypt_into): one output copy.
+        """
+        enc = self._enc
+        if enc is None:
+            raise RuntimeError("seal() before the handshake finished")
+        total = 0
+        for p in plaintexts:
+            size = len(p)
+            total += size + (-(-size // MAX_PLAINTEXT)) * (4 + TAG_SIZE)
+        out = bytearray(total)
+        mv = memoryview(out)
+        off = 0
+        n = self._n_enc
+        pack = _NONCE.pack
+        for p in plaintexts:
+            pv = memoryview(p)
+            size = len(pv)
+            for start in range(0, size, MAX_PLAINTEXT):
+                chunk = pv[start : start + MAX_PLAINTEXT]
+                clen = len(chunk) + TAG_SIZE
+                out[off : off + 4] = clen.to_bytes(4, "big")
+                enc.encrypt_into(pack(n), chunk, None, mv[off + 4 : off + 4 + clen])
+                off += 4 + clen
+                n += 1
+        mv.release()
         if n >= _MAX_NONCE:
             raise SwarmdError(ERR_PROTOCOL, "send nonce exhausted")
         self._n_enc = n
-        return b"".join(parts)
+        return out

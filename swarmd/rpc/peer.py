@@ -216,8 +216,10 @@ class RpcPeer:
         except (TypeError, ValueError, OverflowError) as e:
             raise SwarmdError(ERR_BAD_REQUEST, f"params of {method!r} cannot be encoded: {e}") from None
         fut = self._loop.create_future()
-        self._pending[rid] = fut
-        conn.send_message(msg)
+        pending = self._pending
+        pending[rid] = fut
+        # a lone call goes out at once; calls made together coalesce into one flush
+        conn.send_message(msg, now=len(pending) == 1)
         return rid, fut
 
     def _expire(self, rid: int, method: str, timeout: float) -> None:
