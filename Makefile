@@ -1,0 +1,39 @@
+# The two commands a newcomer needs: `make run` and `make test`.
+# Both create (or refresh, when pyproject.toml changes) the virtualenv first.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml 2>/dev/null | cut -c1-12)
+PYTEST_ARGS ?=
+
+.PHONY: venv run test test-fast test-natlab bench lint clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test,bench,dev]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+venv: $(STAMP)
+
+run: venv
+	$(BIN)/python -m swarmd.demo
+
+test: venv
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not natlab and not slow" $(PYTEST_ARGS)
+
+test-natlab: venv
+	$(BIN)/python -m pytest -q -m natlab $(PYTEST_ARGS)
+
+bench: venv
+	@set -e; for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f; done
+
+lint: venv
+	$(BIN)/ruff check swarmd swarmd_rpc tests bench examples
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .run

@@ -1,0 +1,190 @@
+"""The composition root: a Node owns its parts and runs their lifecycle.
+
+Start order: data dir -> identity -> RPC server -> DHT -> swarm -> roles (in
+ROLE_ORDER) -> status file -> one "ready" log line. Stop runs in reverse and
+is bounded by node.stop_timeout. A crashed background task stops the node
+with a non-zero exit status and a logged reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import json
+import os
+import signal
+import uuid
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from swarmd import __version__
+from swarmd.errors import ConfigError, SwarmdError
+from swarmd.node.identity import Identity
+from swarmd.node.supervisor import Supervisor
+from swarmd.roles.base import ROLE_ORDER, NodeContext, Role
+from swarmd.settings import Settings
+
+EXIT_OK = 0
+EXIT_CRASH = 70  # EX_SOFTWARE: a background task failed
+EXIT_START_FAILED = 1
+
+
+def role_class(name: str) -> type[Role]:
+    """The Role subclass for a role name (swarmd.roles.<name>.ROLE)."""
+    module = importlib.import_module(f"swarmd.roles.{name}")
+    return module.ROLE
+
+
+def ensure_data_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"data dir {path} cannot be created or written: {e.strerror}") from None
+    return path
+
+
+def load_instance_id(data_dir: Path) -> str:
+    """A stable id for this installation, kept across restarts."""
+    path = data_dir / "instance_id"
+    try:
+        text = path.read_text().strip()
+        uuid.UUID(text)
+        return text
+    except (OSError, ValueError):
+        pass
+    iid = str(uuid.uuid4())
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(iid + "\n")
+    os.replace(tmp, path)
+    return iid
+
+
+class Node:
+    def __init__(self, settings: Settings, role_classes: dict[str, type[Role]] | None = None) -> None:
+        self.settings = settings
+        self._role_classes = role_classes or {}
+        self.exit_code = EXIT_OK
+        self._stop_requested = asyncio.Event()
+        self._started: list[tuple[str, Any]] = []  # (name, stop coroutine function), in start order
+        self.ctx: NodeContext | None = None
+        self.log = logger
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def request_stop(self, exit_code: int | None = None) -> None:
+        if exit_code is not None and self.exit_code == EXIT_OK:
+            self.exit_code = exit_code
+        self._stop_requested.set()
+
+    def _on_crash(self, task_name: str, exc: BaseException) -> None:
+        self.log.bind(event="crash", task=task_name).error(
+            "stopping the node: background task {} failed: {!r}", task_name, exc
+        )
+        self.request_stop(EXIT_CRASH)
+
+    async def start(self) -> NodeContext:
+        cfg = self.settings.node
+        data_dir = ensure_data_dir(Path(cfg.data_dir))
+        identity = Identity.load_or_create(data_dir / "identity.key")
+        roles = tuple(r for r in ROLE_ORDER if r in cfg.roles)
+        self.log = logger.bind(node=identity.public_hex[:16])
+        ctx = NodeContext(
+            identity=identity,
+            settings=self.settings,
+            data_dir=data_dir,
+            instance_id=load_instance_id(data_dir),
+            roles=roles,
+            tasks=Supervisor(on_crash=self._on_crash),
+        )
+        self.ctx = ctx
+        try:
+            for name, part in self._parts(ctx):
+                await part.start()
+                self._started.append((name, part.stop))
+            for name in roles:
+                role = (self._role_classes.get(name) or role_class(name))(ctx)
+                ctx._roles[name] = role
+                await role.start()
+                self._started.append((f"role:{name}", role.stop))
+        except BaseException:
+            await self.stop()
+            raise
+        self.write_status()
+        self.log.bind(
+            event="ready",
+            public_key=identity.public_hex,
+            roles=list(roles),
+            ports=ctx.ports,
+            pid=os.getpid(),
+            version=__version__,
+        ).info("ready")
+        return ctx
+
+    def _parts(self, ctx: NodeContext) -> list[tuple[str, Any]]:
+        """The network parts every node runs before its roles, in start order.
+
+        Each is an object with async start()/stop() that fills its slot on ctx
+        (rpc_server, dht, swarm) and its port in ctx.ports.
+        """
+        return []
+
+    async def stop(self) -> None:
+        while self._started:
+            name, stop = self._started.pop()
+            try:
+                await stop()
+            except Exception as e:  # keep stopping the rest; a failed stop is logged, not fatal
+                self.log.opt(exception=e).bind(event="stop_failed", part=name).error("stopping {} failed", name)
+        if self.ctx is not None:
+            await self.ctx.tasks.close()
+            status = self.ctx.data_dir / "status.json"
+            with contextlib.suppress(OSError):
+                status.unlink()
+
+    def write_status(self) -> None:
+        ctx = self.ctx
+        assert ctx is not None
+        doc = {
+            "public_key": ctx.identity.public_hex,
+            "instance_id": ctx.instance_id,
+            "roles": list(ctx.roles),
+            "ports": ctx.ports,
+            "pid": os.getpid(),
+            "version": __version__,
+        }
+        path = ctx.data_dir / "status.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+        os.replace(tmp, path)
+
+    async def run(self) -> int:
+        """Start, serve until SIGINT/SIGTERM or a crash, stop within a bounded time."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            try:
+                await self.start()
+            except SwarmdError as e:
+                self.log.bind(event="start_failed", code=e.code).error("start failed: {}", e.message)
+                return EXIT_START_FAILED
+            await self._stop_requested.wait()
+            self.log.bind(event="stopping").info("stopping")
+            try:
+                await asyncio.wait_for(self.stop(), timeout=self.settings.node.stop_timeout)
+            except TimeoutError:
+                self.log.bind(event="stop_timeout").error(
+                    "graceful stop took longer than {}s; exiting anyway", self.settings.node.stop_timeout
+                )
+                self.exit_code = self.exit_code or EXIT_CRASH
+            self.log.bind(event="stopped", exit_code=self.exit_code).info("stopped")
+            return self.exit_code
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)

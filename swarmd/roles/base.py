@@ -1,0 +1,62 @@
+"""The contract between the node and its roles.
+
+A role is a thin piece of glue: on start it registers its RPC methods on
+`ctx.methods`, joins its topics through `ctx.swarm` and spawns its loops on
+`ctx.tasks`; on stop it drains, withdraws its announcements and returns.
+The node starts roles in ROLE_ORDER and stops them in reverse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from swarmd.node.identity import Identity
+from swarmd.node.supervisor import Supervisor
+
+if TYPE_CHECKING:  # the upper layers are composed by the daemon, not imported here
+    from swarmd.settings import Settings
+
+# Start order: providers before consumers (stores before the workers that fetch
+# from them, workers before the orchestrators and gateways that route to them).
+ROLE_ORDER: tuple[str, ...] = ("bootstrap", "relay", "store", "worker", "orchestrator", "gateway")
+
+
+@dataclass
+class NodeContext:
+    identity: Identity
+    settings: Settings
+    data_dir: Path
+    instance_id: str
+    roles: tuple[str, ...]
+    tasks: Supervisor
+    methods: Any = None  # swarmd.rpc.Methods: what this node serves to peers
+    swarm: Any = None  # swarmd.swarm.Swarm: topics, lookups, connections
+    dht: Any = None  # swarmd.dht node
+    rpc_server: Any = None  # swarmd.rpc.RpcServer
+    ports: dict[str, int] = field(default_factory=dict)
+    _roles: dict[str, Role] = field(default_factory=dict)
+
+    def role(self, name: str) -> Role | None:
+        """A co-located role instance (same process), or None."""
+        return self._roles.get(name)
+
+
+class Role:
+    """Base class for roles; subclasses set `name` and override start/stop."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, ctx: NodeContext) -> None:
+        self.ctx = ctx
+
+    async def start(self) -> None:
+        """Register methods, join topics, spawn loops. Return when serving."""
+
+    async def stop(self) -> None:
+        """Drain accepted work, withdraw announcements. Bounded in time."""
+
+    def status(self) -> dict[str, Any]:
+        """A small JSON-able summary for status.json and status RPCs."""
+        return {}

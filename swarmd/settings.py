@@ -1,0 +1,68 @@
+"""The node's full configuration schema: one section per part.
+
+Each part defines its own section dataclass next to its code; this module only
+composes them, so `[store]` in a config file is `StoreConfig`, and so on.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from swarmd.errors import ConfigError
+from swarmd.roles.base import ROLE_ORDER
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "swarmd"
+
+
+@dataclass
+class NodeConfig:
+    """[node]: what every role needs: where to listen, where to keep state, whom to join."""
+
+    roles: list[str] = field(default_factory=list)
+    host: str = "127.0.0.1"  # RPC/TCP listen address; 0.0.0.0 to serve other boxes
+    port: int = 0  # RPC/TCP port; 0 picks a free one (printed in the ready line)
+    dht_port: int = 0  # UDP port of the DHT node (and its STUN responder)
+    data_dir: Path = field(default_factory=default_data_dir)
+    bootstrap: list[str] = field(default_factory=list)  # HOST:PORT of DHT nodes; none = first node
+    http: str | None = None  # gateway HOST:PORT
+    log_level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_format: Literal["auto", "json", "text"] = "auto"  # auto: text on a terminal, JSON otherwise
+    stop_timeout: float = 15.0  # bound on a graceful stop (drain included)
+    swarm_secret: str | None = None  # hex; topics become HMACs of names, making a private swarm
+
+
+@dataclass
+class Settings:
+    node: NodeConfig = field(default_factory=NodeConfig)
+
+    def validate(self) -> None:
+        for role in self.node.roles:
+            if role not in ROLE_ORDER:
+                raise ConfigError(f"unknown role {role!r}; expected some of: {', '.join(ROLE_ORDER)}")
+        for name, port in (("node.port", self.node.port), ("node.dht_port", self.node.dht_port)):
+            if not 0 <= port <= 65535:
+                raise ConfigError(f"{name} must be between 0 and 65535, got {port}")
+        for addr in self.node.bootstrap:
+            parse_hostport(addr, what="node.bootstrap entry")
+        if self.node.http is not None:
+            parse_hostport(self.node.http, what="node.http")
+        if self.node.swarm_secret is not None:
+            try:
+                bytes.fromhex(self.node.swarm_secret)
+            except ValueError:
+                raise ConfigError("node.swarm_secret must be hex") from None
+
+
+def parse_hostport(text: str, *, what: str) -> tuple[str, int]:
+    """'HOST:PORT' or '[v6]:PORT' -> (host, port), with a precise error."""
+    host, sep, port_s = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_s.isdigit() or not 0 < int(port_s) <= 65535:
+        raise ConfigError(f"{what} {text!r} must look like HOST:PORT with a port from 1 to 65535")
+    return host, int(port_s)
