@@ -125,12 +125,14 @@ async def _is_alive(addr: tuple[str, int]) -> bool:
 
     transport, _ = await loop.create_datagram_endpoint(Client, remote_addr=addr)
     try:
-        transport.sendto(b"\x00" + b"\x07" * 20 + msgpack.packb(["ping", [b"\x09" * 20]]))
-        try:
-            await asyncio.wait_for(got, 2.0)
-            return True
-        except TimeoutError:
-            return False
+        for _ in range(3):  # retransmit like any UDP client
+            transport.sendto(b"\x00" + b"\x07" * 20 + msgpack.packb(["ping", [b"\x09" * 20]]))
+            try:
+                await asyncio.wait_for(asyncio.shield(got), 1.0)
+                return True
+            except TimeoutError:
+                continue
+        return False
     finally:
         transport.close()
 

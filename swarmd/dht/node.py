@@ -181,6 +181,11 @@ class DhtNode(Server):
         self.transport, self.protocol = await loop.create_datagram_endpoint(
             self._create_protocol, local_addr=(interface, port)
         )
+        sock = self.transport.get_extra_info("socket")
+        try:  # a larger receive buffer rides out bursts (the kernel caps it at rmem_max)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        except OSError:
+            pass
 
     async def start(self) -> None:
         """Bind, bootstrap, learn reachability, start maintenance. Raises
