@@ -50,7 +50,7 @@ def test_corrupted_fingerprint_is_refused() -> None:
 def test_parse_message_raises_only_value_error(data: bytes) -> None:
     try:
         msg = stun.parse_message(data)
-        msg.mapped_address
+        _ = msg.mapped_address
     except ValueError:
         pass
 
@@ -61,7 +61,7 @@ def test_parse_message_after_a_valid_header(body: bytes) -> None:
     body = body[: len(body) - len(body) % 4]
     head = bytes([0x01, 0x01]) + len(body).to_bytes(2, "big") + stun.COOKIE_BYTES + b"\x00" * 12
     try:
-        stun.parse_message(head + body).mapped_address
+        _ = stun.parse_message(head + body).mapped_address
     except ValueError:
         pass
 
