@@ -133,12 +133,66 @@ async def dht_figures(n: int) -> dict[str, float]:
         await asyncio.gather(*(x.stop() for x in nodes))
 
 
-async def swarm_figures() -> dict[str, float] | None:
+async def swarm_figures(n_nodes: int = 30, joins: int = 40) -> dict[str, float] | None:
+    """join(topic) -> first connection event, with B already announcing."""
     try:
-        from bench_swarm_join import join_to_connection  # type: ignore[import-not-found]
+        from swarmd.rpc.client import connect  # noqa: F401  (present once the net layer is in)
+
+        from swarmd.rpc import CallContext, Methods
+        from swarmd.swarm import ConnectionEvent, Swarm, SwarmConfig
     except ImportError:
         return None
-    return await join_to_connection()
+
+    async def echo(ctx: CallContext, params: object) -> object:
+        return params
+
+    methods = Methods()
+    methods.register("echo", echo)
+    nodes = await build(n_nodes)
+    swarms: list[Swarm] = []
+
+    async def make_swarm() -> Swarm:
+        ident = Identity.generate()
+        dht = DhtNode(ident, cfg(bootstrap=[nodes[0].address]))
+        await dht.start()
+        nodes.append(dht)
+        sw = Swarm(ident, dht, methods, SwarmConfig(announce_self=False))
+        await sw.start()
+        swarms.append(sw)
+        return sw
+
+    try:
+        server = await make_swarm()
+        clients = [await make_swarm() for _ in range(joins)]
+        times = []
+        first_call = []
+        for i, client in enumerate(clients):
+            topic = f"bench-join-{i}"
+            await server.join(topic, announce=True, lookup=False)
+            await server.flush(10)
+            got: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+
+            def on_conn(ev: ConnectionEvent, got: asyncio.Future[float] = got) -> None:
+                if ev.kind == "open" and not got.done():
+                    got.set_result(time.perf_counter())
+
+            client.on_connection = on_conn
+            t0 = time.perf_counter()
+            await client.join(topic, announce=False, lookup=True)
+            t1 = await asyncio.wait_for(got, 10)
+            times.append(t1 - t0)
+            t2 = time.perf_counter()
+            await client.request(server.public_key, "echo", b"x", timeout=5)
+            first_call.append(time.perf_counter() - t2)
+        return {
+            "join_to_connection_p50_ms": statistics.median(times) * 1e3,
+            "join_to_connection_p90_ms": pct(times, 90) * 1e3,
+            "first_request_after_connect_p50_ms": statistics.median(first_call) * 1e3,
+        }
+    finally:
+        for sw in swarms:
+            await sw.stop()
+        await asyncio.gather(*(x.stop() for x in nodes))
 
 
 async def main() -> None:
