@@ -184,3 +184,20 @@ async def test_flood_from_one_address_is_dropped_and_others_are_still_served() -
     finally:
         logger.remove(sink)
         await net.close()
+
+
+async def test_records_are_handed_off_to_a_node_that_joins_closer() -> None:
+    net = await DhtTestnet.create(1)
+    try:
+        topic = topic_from_name("hand-off")
+        ident = Identity.generate()
+        res = await net.nodes[0].announce(record_for(ident, topic))
+        assert res.stored == 1 and len(net.nodes[0].protocol.records) == 1  # alone: kept locally
+        newcomer = await net.add()
+        deadline = time.monotonic() + 10
+        while not newcomer.protocol.records.get(topic, time.time()):
+            assert time.monotonic() < deadline, "record never handed off"
+            await asyncio.sleep(0.02)
+        assert newcomer.protocol.records.get(topic, time.time())[0].public_key == ident.public_key
+    finally:
+        await net.close()

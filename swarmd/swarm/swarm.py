@@ -165,9 +165,8 @@ class Swarm:
     async def stop(self) -> None:
         """Withdraw announcements, close connections, cancel every task."""
         self._closing = True
-        for topic in list(self._topics):
-            with contextlib.suppress(SwarmdError, TimeoutError):
-                await asyncio.wait_for(self.leave(topic), self.config.lookup_timeout)
+        leaves = [asyncio.wait_for(self.leave(t), self.config.lookup_timeout) for t in list(self._topics)]
+        await asyncio.gather(*leaves, return_exceptions=True)  # best effort: records expire anyway
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -639,8 +638,26 @@ class Swarm:
 
     # -- introspection ------------------------------------------------------------------
 
+    def register_methods(self, methods: Methods | None = None) -> None:
+        """Serve ``swarm.status`` (topics, connections, DHT routing table) to
+        peers; ``swarmd peers`` calls it on a running node."""
+
+        async def status(ctx: CallContext, params: Any) -> Any:
+            return self.status()
+
+        (methods or self.methods).register("swarm.status", status, op="r")
+
     def status(self) -> dict[str, Any]:
+        """JSON-able view of topics, connections and the DHT routing table."""
         return {
+            "public_key": self.identity.public_hex,
+            "dht": {
+                "address": list(self.dht.address),
+                "mode": self.dht.mode,
+                "reflexive": list(self.dht.reflexive_address) if self.dht.reflexive_address else None,
+                "records_held": len(self.dht.protocol.records),
+                "contacts": [[nid.hex(), ip, port] for nid, ip, port in self.dht.contacts()],
+            },
             "topics": {
                 t.hex(): {"announce": j.announce, "lookup": j.lookup, "seq": j.seq}
                 for t, j in self._topics.items()
