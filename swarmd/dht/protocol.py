@@ -217,6 +217,16 @@ class SwarmdProtocol(KademliaProtocol):
     # -- datagram path -------------------------------------------------------
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:  # type: ignore[override]
+        # asyncio closes a datagram transport when this raises: nothing a peer
+        # sends may get that far, whatever slipped past the typed checks below
+        try:
+            self._datagram(data, addr)
+        except Exception as e:
+            self.rlog.warn(
+                "internal", "dropped datagram that broke its handler", error=f"{type(e).__name__}: {e}"[:160]
+            )
+
+    def _datagram(self, data: bytes, addr: tuple[str, int]) -> None:
         if len(data) > self.config.max_datagram:
             self.rlog.warn("oversized", "dropped oversized datagram", size=len(data), source=addr[0])
             return
