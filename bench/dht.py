@@ -195,6 +195,30 @@ async def swarm_figures(n_nodes: int = 30, joins: int = 40) -> dict[str, float] 
         await asyncio.gather(*(x.stop() for x in nodes))
 
 
+def records_memory(n: int = 10_000) -> float:
+    """MB of Python heap a RecordStore uses for n small worker records."""
+    import tracemalloc
+
+    from swarmd.dht.records import RecordStore, decode_record
+
+    now = time.time()
+    idents = [Identity.generate() for _ in range(100)]
+    wires = [
+        make_record(
+            idents[i % 100], topic_from_name(f"t{i // 50}"), [("10.0.0.1", 4000 + i % 1000)],
+            {"state": "ONLINE", "load": 0.5, "models": ["mnist"]}, i, 600, now,
+        ).to_wire()
+        for i in range(n)
+    ]  # fmt: skip
+    tracemalloc.start()
+    store = RecordStore(max_per_source=n, max_total=n)
+    for i, w in enumerate(wires):
+        store.put(decode_record(w, now), f"10.0.{i % 200}.1", now)
+    used = tracemalloc.get_traced_memory()[0] / 1e6
+    tracemalloc.stop()
+    return used
+
+
 async def main() -> None:
     logger.remove()
     logger.add(sys.stderr, level="ERROR")
@@ -203,6 +227,7 @@ async def main() -> None:
     figures: dict[str, object] = {}
     for n in (100, 500):
         figures[f"n{n}"] = await dht_figures(n)
+    figures["records_10k_mb"] = records_memory()
     sw = await swarm_figures()
     if sw:
         figures["swarm"] = sw
@@ -216,6 +241,7 @@ async def main() -> None:
         print(f"{f'[{n} nodes] announce p50':<34}{f['announce_p50_ms']:>10.3f}ms")
         print(f"{f'[{n} nodes] dht ping p50':<34}{f['dht_ping_p50_ms']:>10.3f}ms")
         print(f"{f'[{n} nodes] lookups that found':<34}{f['lookup_found'] * 100:>11.1f}%")
+    print(f"{'10k topic records held (target <= 20)':<34}{figures['records_10k_mb']:>10.1f}MB")
     if sw:
         for k, v in sw.items():
             print(f"{k:<34}{v:>10.3f}ms")
