@@ -51,7 +51,7 @@ class NatConfig:
     punch_timeout: float = 10.0  # bound on one punching attempt
     repunch_interval: float = 30.0  # a relayed connection retries punching this often
     relay_timeout: float = 15.0  # bound on pairing through a relay
-    direct_timeout: float = 3.0  # bound on a direct TCP connect before falling back
+    assume: str = ""  # operator override of the detected type ("symmetric" forces the relay), "" = detect
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ class RelayRole(Role):
                 "relay serving on port {} without announcing it (no swarm)", port
             )
             return False
-        await swarm.join(topics.RELAYS, announce=True, payload={"relay_port": port})
+        await swarm.join(topics.RELAYS, announce=True, lookup=False, payload={"relay_port": port})
         self.log.bind(event="relay_announced", port=port).info("relay announced on {}", topics.RELAYS)
         return True
 

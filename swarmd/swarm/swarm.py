@@ -34,9 +34,11 @@ from swarmd.errors import (
     ERR_UNKNOWN_METHOD,
     SwarmdError,
 )
+from swarmd.net.punch import PathAttempt
 from swarmd.node.identity import Identity
 from swarmd.rpc import CallContext, Methods, RpcPeer, RpcServer, connect
 from swarmd.swarm.config import SwarmConfig
+from swarmd.swarm.traversal import PATH_RANK, path_of
 from swarmd.topics import peer_topic
 
 Firewall = Callable[[bytes], Awaitable[bool]]  # True admits the peer (by its public key)
@@ -141,6 +143,7 @@ class Swarm:
         self._started = False
         self._closing = False
         self._log = logger.bind(component="swarm", node=identity.public_hex[:16])
+        self.traversal: Any = None  # swarmd.swarm.traversal.Traversal: punched/relayed paths when direct fails
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -433,9 +436,10 @@ class Swarm:
     async def _dial(self, public_key: bytes, record: PeerRecord | None) -> RpcPeer:
         if record is None:
             record = await asyncio.wait_for(self._resolve(public_key), self.config.lookup_timeout)
-        if not record.addresses:
-            raise SwarmdError(ERR_UNAVAILABLE, f"peer {public_key.hex()[:16]}… advertises no address")
+        t0 = time.monotonic()
         last: SwarmdError | None = None
+        if not record.addresses:
+            last = SwarmdError(ERR_UNAVAILABLE, f"peer {public_key.hex()[:16]}… advertises no address")
         for host, port in record.addresses:
             try:
                 peer = await connect(
@@ -452,6 +456,9 @@ class Swarm:
                 continue
             return self._register(peer, inbound=False)
         assert last is not None
+        if self.traversal is not None:  # behind NAT: punched, else relayed (swarmd/swarm/traversal.py)
+            direct = PathAttempt("direct", False, time.monotonic() - t0, last.message)
+            return await self.traversal.dial(public_key, record, direct)
         raise SwarmdError(last.code, f"cannot reach peer {public_key.hex()[:16]}…: {last.message}")
 
     async def _admit_inbound(self, peer: RpcPeer) -> None:
@@ -488,7 +495,12 @@ class Swarm:
         existing = self._conns.get(pk)
         if existing is not None and not existing.peer.is_closed and existing.peer is not peer:
             winner_initiator = min(self.public_key, pk)
-            if existing.initiator == winner_initiator or initiator != winner_initiator:
+            # a better path wins first (a punched connection replaces a relayed one);
+            # between equal paths, the one dialled by the lower key
+            rank_new, rank_old = PATH_RANK.get(path_of(peer), 1), PATH_RANK.get(path_of(existing.peer), 1)
+            if rank_new < rank_old or (
+                rank_new == rank_old and (existing.initiator == winner_initiator or initiator != winner_initiator)
+            ):
                 self._spawn(peer.close())
                 return existing.peer
             old = existing.peer
@@ -662,10 +674,12 @@ class Swarm:
                 t.hex(): {"announce": j.announce, "lookup": j.lookup, "seq": j.seq}
                 for t, j in self._topics.items()
             },
+            **({"nat": self.traversal.status()} if self.traversal is not None else {}),
             "peers": [
                 {
                     "public_key": pk.hex(),
                     "inbound": c.inbound,
+                    "path": path_of(c.peer),
                     "topics": sorted(t.hex() for t in self._topics_of(pk)),
                 }
                 for pk, c in self._conns.items()
