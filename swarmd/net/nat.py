@@ -51,6 +51,8 @@ class NatConfig:
     punch_timeout: float = 10.0  # bound on one punching attempt
     repunch_interval: float = 30.0  # a relayed connection retries punching this often
     relay_timeout: float = 15.0  # bound on pairing through a relay
+    direct_timeout: float = 2.0  # bound on the direct TCP attempt when traversal can take over
+    probe_max_bytes: int = 64 << 20  # largest nat.probe / nat.sink transfer (a path test, not a transport)
     assume: str = ""  # operator override of the detected type ("symmetric" forces the relay), "" = detect
 
 
@@ -88,7 +90,8 @@ class NatReport:
 
 
 def classify(observations: Iterable[Observation], local: Iterable[Address]) -> NatReport:
-    """Classify from STUN answers; `local` are our socket's own addresses (ip, port)."""
+    """Classify from STUN answers; `local` are our socket's own concrete addresses (ip, port),
+    never a wildcard: a port-preserving NAT maps to the same port, only the IP tells them apart."""
     obs = list(observations)
     answered = [o for o in obs if o.mapped is not None]
     local_set = set(local)
@@ -99,7 +102,7 @@ def classify(observations: Iterable[Observation], local: Iterable[Address]) -> N
         return NatReport(SYMMETRIC, None, obs)
     (mapped,) = mappings
     assert mapped is not None
-    if mapped in local_set or ("0.0.0.0", mapped[1]) in local_set:
+    if mapped in local_set:
         return NatReport(PUBLIC, mapped, obs)
     if len({o.server for o in answered}) < 2:
         return NatReport(UNKNOWN, mapped, obs)

@@ -58,7 +58,9 @@ class PunchedTransport(asyncio.Transport):
     half-close travels in order with the data, like TCP's FIN.
     """
 
-    def __init__(self, pc: Any, channel: Any, info: PunchInfo) -> None:
+    def __init__(self, pc: Any, channel: Any, info: PunchInfo, early: list[Any] | None = None) -> None:
+        """`early`: messages the channel delivered before this transport existed;
+        the caller must route the channel's later "message" events to `_on_message`."""
         super().__init__()
         self._pc = pc
         self._ch = channel
@@ -71,9 +73,10 @@ class PunchedTransport(asyncio.Transport):
         self._lost = False
         self._closer: asyncio.Task[None] | None = None
         channel.bufferedAmountLowThreshold = self._low
-        channel.on("message", self._on_message)
         channel.on("bufferedamountlow", self._on_low)
         channel.on("close", self._on_close)
+        for message in early or ():
+            self._on_message(message)
 
     # -- protocol side -----------------------------------------------------------
 
@@ -296,6 +299,11 @@ class Puncher:
         self._ch = self._pc.createDataChannel("swarmd", ordered=True, negotiated=True, id=0)
         self._opened = asyncio.Event()
         self._ch.on("open", self._opened.set)
+        # The peer may write the moment the channel opens, before our waiting task
+        # resumes: catch messages from the start and replay them into the transport.
+        self._early: list[Any] = []
+        self._deliver: Any = self._early.append
+        self._ch.on("message", lambda m: self._deliver(m))
         self._state_changed = asyncio.Event()
         self._pc.on("iceconnectionstatechange", self._state_changed.set)
         self.info = PunchInfo()
@@ -349,7 +357,9 @@ class Puncher:
             event="punched", local=self.info.local, remote=self.info.remote, remote_type=self.info.remote_type,
             seconds=round(self.info.connect_s, 3),
         ).info("punched a direct path")
-        return PunchedTransport(self._pc, self._ch, self.info)
+        transport = PunchedTransport(self._pc, self._ch, self.info, early=self._early)
+        self._deliver = transport._on_message
+        return transport
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):

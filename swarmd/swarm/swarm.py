@@ -449,7 +449,11 @@ class Swarm:
                     remote_public_key=public_key,
                     methods=self.methods,
                     firewall=self.server.firewall,
-                    timeout=self.config.connect_timeout,
+                    timeout=(
+                        min(self.config.connect_timeout, self.traversal.config.direct_timeout)
+                        if self.traversal is not None
+                        else self.config.connect_timeout
+                    ),
                 )
             except SwarmdError as e:
                 last = e

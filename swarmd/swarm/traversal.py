@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import socket
 import time
 from collections.abc import Coroutine
@@ -38,11 +39,12 @@ from swarmd.errors import (
     ERR_FORBIDDEN,
     ERR_NOT_FOUND,
     ERR_TIMEOUT,
+    ERR_TOO_LARGE,
     ERR_UNAVAILABLE,
     SwarmdError,
 )
 from swarmd.net.connection import SecureConnection
-from swarmd.net.nat import CONE, PUBLIC, SYMMETRIC, NatConfig, NatReport, detect_nat
+from swarmd.net.nat import CONE, PUBLIC, SYMMETRIC, UNKNOWN, NatConfig, NatReport, detect_nat
 from swarmd.net.punch import PathAttempt, PathInfo, Puncher
 from swarmd.net.relayio import new_token, pick_relay, relay_transport
 from swarmd.net.signal import KIND_ICE, KIND_RELAY, SignalLimiter, SignalRequest, parse_request
@@ -55,6 +57,7 @@ if TYPE_CHECKING:
 
 Address = tuple[str, int]
 PATH_RANK = {"relayed": 0, "direct": 1, "punched": 1}
+STREAM_CHUNK = 256 * 1024
 
 
 def path_of(peer: RpcPeer) -> str:
@@ -85,12 +88,14 @@ class Traversal:
         m.register("nat.signal", self._rpc_signal, op="r")
         m.register("nat.connect", self._rpc_connect, op="r")
         m.register("nat.status", self._rpc_status, op="r")
+        m.register("nat.probe", self._rpc_probe, op="w")
+        m.register_stream("nat.sink", self._rpc_sink, op="r")
         self.swarm.traversal = self
         self._spawn(self._detect_loop())
 
     async def stop(self) -> None:
         self.swarm.traversal = None
-        for name in ("nat.signal", "nat.connect", "nat.status"):
+        for name in ("nat.signal", "nat.connect", "nat.status", "nat.probe", "nat.sink"):
             self.swarm.methods.unregister(name)
         for t in list(self._tasks):
             t.cancel()
@@ -122,6 +127,72 @@ class Traversal:
     async def _rpc_status(self, ctx: CallContext, params: Any) -> Any:
         return self.status()
 
+    # -- path test: what `swarmd nat probe` runs ----------------------------------------
+
+    async def _rpc_sink(self, ctx: CallContext, params: Any, stream: Any) -> Any:
+        """Count and hash what a peer streams to us (bounded): the receiving end of a path test."""
+        digest = hashlib.sha256()
+        n = 0
+        while True:
+            chunk = await stream.recv()
+            if chunk is None:
+                break
+            n += len(chunk)
+            if n > self.config.probe_max_bytes:
+                raise SwarmdError(ERR_TOO_LARGE, f"nat.sink takes at most {self.config.probe_max_bytes} bytes")
+            digest.update(chunk)
+        return {"bytes": n, "sha256": digest.hexdigest()}
+
+    async def _rpc_probe(self, ctx: CallContext, params: Any) -> Any:
+        """Operator's path test, for this node's own key only: connect to a peer
+        (path order applies), one RPC round trip, then stream `bytes` to it."""
+        if ctx.peer != self.swarm.public_key:
+            raise SwarmdError(ERR_FORBIDDEN, "nat.probe runs only for this node's own key (swarmd nat probe)")
+        if not isinstance(params, dict) or not isinstance(params.get("target"), str):
+            raise SwarmdError(ERR_BAD_REQUEST, "nat.probe params must be {target: hex key, bytes: int}")
+        try:
+            target = bytes.fromhex(params["target"])
+        except ValueError:
+            raise SwarmdError(ERR_BAD_REQUEST, "nat.probe target must be a hex public key") from None
+        size = params.get("bytes", 0)
+        if not isinstance(size, int) or not 0 <= size <= self.config.probe_max_bytes:
+            raise SwarmdError(ERR_BAD_REQUEST, f"nat.probe bytes must be 0..{self.config.probe_max_bytes}")
+        t0 = time.monotonic()
+        peer = await self.swarm.connect(target)
+        connect_s = time.monotonic() - t0
+        t1 = time.monotonic()
+        remote = await peer.call("nat.status", None, timeout=self.swarm.config.request_timeout)
+        rtt = time.monotonic() - t1
+        out: dict[str, Any] = {
+            "path": path_of(peer),
+            "connect_ms": round(connect_s * 1000, 2),
+            "rtt_ms": round(rtt * 1000, 3),
+            "connection": (self.paths[target].to_dict() if target in self.paths else {"path": path_of(peer)}),
+            "remote_nat": remote.get("nat") if isinstance(remote, dict) else None,
+        }
+        if size:
+            block = hashlib.shake_256(target).digest(STREAM_CHUNK)
+            digest = hashlib.sha256()
+            t2 = time.monotonic()
+            stream = await peer.open_stream("nat.sink", None, timeout=self.swarm.config.request_timeout * 4)
+            sent = 0
+            while sent < size:
+                chunk = block[: min(STREAM_CHUNK, size - sent)]
+                await stream.send(chunk)
+                digest.update(chunk)
+                sent += len(chunk)
+            await stream.close()
+            got = await stream.result()
+            took = time.monotonic() - t2
+            out["stream"] = {
+                "bytes": got.get("bytes"),
+                "ok": got.get("bytes") == size and got.get("sha256") == digest.hexdigest(),
+                "seconds": round(took, 3),
+                "mib_s": round(size / took / (1 << 20), 2) if took > 0 else None,
+            }
+        out["path"] = path_of(peer)  # the stream may have moved to a punched path meanwhile
+        return out
+
     # -- NAT detection and signal peers ------------------------------------------------
 
     @property
@@ -141,7 +212,7 @@ class Traversal:
         servers = [(ip, port) for _nid, ip, port in dht.contacts()]
         servers += [tuple(b) for b in dht.config.bootstrap if tuple(b) not in servers]
         port = dht.address[1]
-        local = [(dht.address[0], port)]
+        local = [(dht.address[0], port)] if dht.address[0] not in ("0.0.0.0", "", "::") else []
         if servers:
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s, contextlib.suppress(OSError):
                 s.connect(servers[0])
@@ -154,13 +225,21 @@ class Traversal:
         return report
 
     async def _detect_loop(self) -> None:
+        quick = 0
         while True:
+            report = None
             try:
-                await self.detect()
-                self._detected.set()
+                report = await self.detect()
                 await self._keep_signal_peers()
             except SwarmdError as e:
                 self.log.bind(event="nat_round_failed", code=e.code).warning("nat round failed: {}", e.message)
+            # one answer cannot tell cone from symmetric: ask again soon, once the
+            # routing table knows more DHT nodes (a fresh node knows only its bootstrap)
+            if report is not None and report.nat_type == UNKNOWN and quick < 10:
+                quick += 1
+                await asyncio.sleep(1.0)
+                continue
+            self._detected.set()
             await asyncio.sleep(self.config.redetect_interval)
 
     async def _keep_signal_peers(self) -> None:
