@@ -128,7 +128,6 @@ class Swarm:
         self._dialing: dict[bytes, asyncio.Future[RpcPeer]] = {}
         self._topics: dict[bytes, _Joined] = {}
         self._seen: dict[bytes, dict[bytes, PeerRecord]] = {}  # topic -> pk -> newest record seen
-        self._wanted: set[bytes] = set()  # peers found by lookups: reconnect when they drop
         self._reconnecting: set[bytes] = set()
         self._subscribers: list[asyncio.Queue[ConnectionEvent]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -307,18 +306,25 @@ class Swarm:
             await asyncio.sleep(wait)
 
     async def _lookup_and_connect(self, topic: bytes) -> None:
+        """One lookup round: connect to new peers, then make the round's
+        results the topic's known peers (peers that left drop out, so they are
+        no longer reconnected)."""
         dials = []
+        found: dict[bytes, PeerRecord] = {}
+        seen = self._seen.setdefault(topic, {})
         async with aclosing(self.lookup(topic)) as it:
             async for rec in it:
                 if rec.public_key == self.public_key:
                     continue
-                self._wanted.add(rec.public_key)
+                found[rec.public_key] = rec
+                seen[rec.public_key] = rec  # before dialling, so the open event names the topic
                 if self._registry.get(rec.public_key) is not None:
-                    self._notify_topics(rec.public_key)
                     continue
                 if len(self._registry) + len(self._dialing) >= self.config.max_peers:
                     continue
                 dials.append(self._spawn(self._quiet_connect(rec)))
+        if topic in self._topics:
+            self._seen[topic] = found
         if dials:
             await asyncio.gather(*dials, return_exceptions=True)
 
@@ -331,14 +337,10 @@ class Swarm:
             )
 
     async def lookup(self, topic: bytes | str) -> AsyncIterator[PeerRecord]:
-        """Records of peers announcing topic, each as soon as it arrives."""
-        t = self.topic(topic)
-        seen = self._seen.setdefault(t, {}) if t in self._topics else {}
-        async with aclosing(self.dht.lookup(t)) as it:
+        """Records of peers announcing topic, each as soon as it arrives
+        (newest seq per peer, each peer once)."""
+        async with aclosing(self.dht.lookup(self.topic(topic))) as it:
             async for rec in it:
-                prev = seen.get(rec.public_key)
-                if prev is None or prev.seq < rec.seq:
-                    seen[rec.public_key] = rec
                 yield rec
 
     async def lookup_all(self, topic: bytes | str, timeout: float | None = None) -> list[PeerRecord]:  # noqa: ASYNC109
@@ -384,9 +386,6 @@ class Swarm:
                 self._log.bind(event="on_connection_failed", error=str(e)).warning(
                     "connection callback raised"
                 )
-
-    def _notify_topics(self, pk: bytes) -> None:
-        """Already connected peer seen under another topic: nothing to dial."""
 
     async def connect(self, public_key: bytes, record: PeerRecord | None = None) -> RpcPeer:
         """A pooled, authenticated connection to the peer with this key: reused
@@ -493,7 +492,7 @@ class Swarm:
         if current is not None and current is not peer:
             return  # replaced by a deduplicated twin: the peer is still connected
         self._emit(ConnectionEvent("close", pk, peer, self._topics_of(pk), not peer.conn.initiator))
-        if not self._closing and pk in self._wanted and pk not in self._reconnecting:
+        if not self._closing and self._still_wanted(pk) and pk not in self._reconnecting:
             self._spawn(self._reconnect(pk))
 
     async def _reconnect(self, pk: bytes) -> None:
@@ -512,7 +511,6 @@ class Swarm:
                     return
                 except SwarmdError:
                     delay = min(cfg.reconnect_max, delay * 2)
-            self._wanted.discard(pk)  # a later lookup round finds it again if it comes back
         finally:
             self._reconnecting.discard(pk)
 
