@@ -13,6 +13,7 @@ from typing import Literal
 
 from swarmd.errors import ConfigError
 from swarmd.roles.base import ROLE_ORDER
+from swarmd.store.config import StoreConfig
 
 
 def default_data_dir() -> Path:
@@ -40,6 +41,7 @@ class NodeConfig:
 @dataclass
 class Settings:
     node: NodeConfig = field(default_factory=NodeConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
 
     def validate(self) -> None:
         for role in self.node.roles:
