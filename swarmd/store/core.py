@@ -165,30 +165,32 @@ class ModelStore:
                 {"digest": row.digest},
             )
 
-    def complete(
-        self, up: Upload, *, uploader: str = "", created: float | None = None, updated: float | None = None
-    ) -> ModelMeta:
+    def _verified_signature(self, up: Upload) -> tuple[list[Any], list[Any]]:
+        """Check the pushed bytes (digest, ONNX); bad bytes are dropped, not kept for a resume."""
+        if up.have_blob:
+            path = self.blobs.verify(up.req.digest)
+        else:
+            assert up.session is not None
+            try:
+                path = up.session.finish()
+            except SwarmdError as e:
+                if e.code == ERR_CORRUPT:
+                    up.session.discard()
+                raise
+        try:
+            return read_signature(path)
+        except SwarmdError:
+            if up.session is not None:
+                up.session.discard()
+            raise
+
+    def complete(self, up: Upload, *, uploader: str = "") -> ModelMeta:
         """Verify, parse and publish the pushed model; on failure nothing new stays visible."""
         req = up.req
         try:
-            if up.have_blob:
-                path = self.blobs.verify(req.digest)
-            else:
-                assert up.session is not None
-                try:
-                    path = up.session.finish()
-                except SwarmdError as e:
-                    if e.code == ERR_CORRUPT:  # the part was truncated; drop it entirely
-                        up.session.discard()
-                    raise
-            try:
-                inputs, outputs = read_signature(path)
-            except SwarmdError:
-                if up.session is not None:
-                    up.session.discard()
-                raise
+            inputs, outputs = self._verified_signature(up)
             with self._lock:
-                meta = self._publish(req, inputs, outputs, uploader, created, updated)
+                meta = self._publish(req, inputs, outputs, uploader)
                 if meta is None:  # conflict found at the last moment
                     if up.session is not None:
                         up.session.discard()
@@ -205,10 +207,70 @@ class ModelStore:
         finally:
             up.close()
 
-    def _publish(
-        self, req: PushRequest, inputs: list[Any], outputs: list[Any], uploader: str,
-        created: float | None, updated: float | None,
-    ) -> ModelMeta | None:
+    def complete_replica(self, up: Upload, rows: list[ModelMeta]) -> list[ModelMeta]:
+        """Publish a blob pulled from a peer with the peer's rows (original created/uploader).
+
+        A row is taken only where it does not clash with ours: not over a live
+        row, not over another digest, not over a newer tombstone (a deletion
+        here beats an older copy there). When no row is taken the blob is dropped.
+        """
+        taken: list[ModelMeta] = []
+        try:
+            inputs, outputs = self._verified_signature(up)
+            sig_in = [s.to_dict() for s in inputs]
+            sig_out = [s.to_dict() for s in outputs]
+            with self._lock:
+                for r in rows:
+                    if r.digest != up.req.digest or r.deleted is not None:
+                        continue
+                    check_name(r.name)
+                    check_version(r.version)
+                    mine = self.catalog.row(r.name, r.version)
+                    if mine is not None and (
+                        mine.digest != r.digest or mine.deleted is None or mine.updated >= r.updated
+                    ):
+                        continue
+                    meta = ModelMeta(
+                        name=r.name, version=r.version, digest=r.digest, size=up.req.size, format="onnx",
+                        inputs=sig_in, outputs=sig_out, tags=check_tags(r.tags),
+                        description=check_description(r.description), created=float(r.created),
+                        uploader=str(r.uploader)[:64], deleted=None, updated=float(r.updated),
+                    )
+                    self.catalog.upsert(meta)
+                    taken.append(meta)
+                if up.session is not None:
+                    if taken:
+                        up.session.commit()
+                    else:
+                        up.session.discard()
+            for m in taken:
+                logger.bind(event="model_replicated", model=m.name, version=m.version, digest=m.digest).info(
+                    "replicated {}:{}", m.name, m.version
+                )
+            return taken
+        finally:
+            up.close()
+
+    def apply_tombstones(self, rows: list[ModelMeta]) -> list[ModelMeta]:
+        """Record deletions made on other stores (see replication.rows_to_adopt); collect freed blobs."""
+        done: list[ModelMeta] = []
+        with self._lock:
+            for r in rows:
+                if r.deleted is None:
+                    continue
+                check_name(r.name)
+                check_version(r.version)
+                mine = self.catalog.row(r.name, r.version)
+                if mine is not None and (mine.digest != r.digest or mine.updated >= r.updated):
+                    continue
+                tomb = mine or r
+                tomb.deleted, tomb.updated = float(r.deleted), float(r.updated)
+                self.catalog.upsert(tomb)
+                self._collect(tomb.digest)
+                done.append(tomb)
+        return done
+
+    def _publish(self, req: PushRequest, inputs: list[Any], outputs: list[Any], uploader: str) -> ModelMeta | None:
         """Insert (or revive) the row; None on an immutability conflict. Caller holds _lock."""
         t = now()
         if req.version is None:
@@ -232,10 +294,10 @@ class ModelStore:
             outputs=[s.to_dict() for s in outputs],
             tags=list(req.tags or []),
             description=req.description or "",
-            created=created if created is not None else (row.created if row is not None else t),
+            created=row.created if row is not None else t,
             uploader=uploader or (row.uploader if row is not None else ""),
             deleted=None,
-            updated=updated if updated is not None else t,
+            updated=max(t, row.updated + 1e-6) if row is not None else t,
         )
         self.catalog.upsert(meta)
         return meta
