@@ -231,10 +231,11 @@ class BlobStore:
         size = p.stat().st_size
         if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset <= size:
             raise SwarmdError(ERR_BAD_REQUEST, f"offset must be between 0 and {size}, got {offset!r:.40}")
-        return self._read(p, offset, chunk)
+        return self.read_raw(p, offset, chunk)
 
     @staticmethod
-    def _read(p: Path, offset: int, chunk: int) -> Iterator[bytes]:
+    def read_raw(p: Path, offset: int, chunk: int) -> Iterator[bytes]:
+        """Chunks of a file from offset, unverified: for callers that hash as they go."""
         with open(p, "rb") as f:
             f.seek(offset)
             while True:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -15,4 +15,5 @@ class StoreConfig:
     incoming_ttl: float = 24 * 3600.0  # partial uploads untouched this long are dropped at gc
     replicate_interval: float = 10.0  # seconds between replication rounds
     max_parallel_pulls: int = 2  # blobs a store pulls from peers at once
+    peers: list[str] = field(default_factory=list)  # HEXKEY@HOST:PORT stores to replicate with besides the swarm's
     transfer_timeout: float = 30.0  # bound on each network step of a transfer (per chunk, per call)

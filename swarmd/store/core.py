@@ -210,9 +210,10 @@ class ModelStore:
     def complete_replica(self, up: Upload, rows: list[ModelMeta]) -> list[ModelMeta]:
         """Publish a blob pulled from a peer with the peer's rows (original created/uploader).
 
-        A row is taken only where it does not clash with ours: not over a live
-        row, not over another digest, not over a newer tombstone (a deletion
-        here beats an older copy there). When no row is taken the blob is dropped.
+        A row is taken only where it does not clash with ours: not over another
+        digest, not over a newer tombstone (a deletion here beats an older copy
+        there); our own live row for the blob makes the pull a repair. When no
+        row is taken or repaired the blob is dropped.
         """
         taken: list[ModelMeta] = []
         try:
@@ -226,9 +227,10 @@ class ModelStore:
                     check_name(r.name)
                     check_version(r.version)
                     mine = self.catalog.row(r.name, r.version)
-                    if mine is not None and (
-                        mine.digest != r.digest or mine.deleted is None or mine.updated >= r.updated
-                    ):
+                    if mine is not None and mine.digest == r.digest and mine.deleted is None:
+                        taken.append(mine)  # a repair: our row is fine, its blob was lost
+                        continue
+                    if mine is not None and (mine.digest != r.digest or mine.updated >= r.updated):
                         continue
                     meta = ModelMeta(
                         name=r.name, version=r.version, digest=r.digest, size=up.req.size, format="onnx",
