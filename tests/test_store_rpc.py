@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import os
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,8 @@ import pytest
 from store_models import onnx_bytes, write_model
 
 pytest.importorskip("swarmd.rpc.server", reason="swarmd.rpc (engineer net) not merged yet")
+
+from store_nodes import Node, start_store  # noqa: E402
 
 from swarmd.errors import (
     ERR_BAD_REQUEST,
@@ -26,52 +27,10 @@ from swarmd.errors import (
     SwarmdError,
 )
 from swarmd.node.identity import Identity
-from swarmd.node.supervisor import Supervisor
-from swarmd.roles.base import NodeContext
-from swarmd.roles.store import StoreRole
-from swarmd.rpc import Methods, RpcServer, connect
-from swarmd.settings import Settings
-from swarmd.store.config import StoreConfig
+from swarmd.rpc import connect
 from swarmd.store.transfer import pull_file, push_file
 
 T = 30.0  # generous: the machine is shared
-
-
-@dataclass
-class Node:
-    role: StoreRole
-    server: RpcServer
-    ident: Identity
-    tasks: Supervisor
-
-    @property
-    def key(self) -> str:
-        return self.ident.public_hex
-
-    @property
-    def addr(self) -> str:
-        return f"{self.key}@127.0.0.1:{self.server.port}"
-
-    async def stop(self) -> None:
-        await self.server.stop()
-        await self.role.stop()
-        await self.tasks.close()
-
-
-async def start_store(data_dir: Path, ident: Identity | None = None, port: int = 0, **cfg: Any) -> Node:
-    ident = ident or Identity.generate()
-    settings = Settings()
-    settings.store = StoreConfig(**cfg)
-    methods = Methods()
-    crashes: list[BaseException] = []
-    tasks = Supervisor(on_crash=lambda name, exc: crashes.append(exc))
-    ctx = NodeContext(identity=ident, settings=settings, data_dir=data_dir, instance_id="test",
-                      roles=("store",), tasks=tasks, methods=methods)
-    server = RpcServer(ident, methods, port=port)
-    await server.start()
-    role = StoreRole(ctx)
-    await role.start()
-    return Node(role, server, ident, tasks)
 
 
 @pytest.fixture

@@ -1,0 +1,52 @@
+"""Real store nodes for tests: a StoreRole on an RpcServer on 127.0.0.1, no daemon around it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from swarmd.node.identity import Identity
+from swarmd.node.supervisor import Supervisor
+from swarmd.roles.base import NodeContext
+from swarmd.roles.store import StoreRole
+from swarmd.rpc import Methods, RpcServer
+from swarmd.settings import Settings
+from swarmd.store.config import StoreConfig
+
+
+@dataclass
+class Node:
+    role: StoreRole
+    server: RpcServer
+    ident: Identity
+    tasks: Supervisor
+
+    @property
+    def key(self) -> str:
+        return self.ident.public_hex
+
+    @property
+    def addr(self) -> str:
+        return f"{self.key}@127.0.0.1:{self.server.port}"
+
+    async def stop(self) -> None:
+        await self.server.stop()
+        await self.role.stop()
+        await self.tasks.close()
+
+
+async def start_store(data_dir: Path, ident: Identity | None = None, port: int = 0, **cfg: Any) -> Node:
+    ident = ident or Identity.generate()
+    settings = Settings()
+    settings.store = StoreConfig(**cfg)
+    methods = Methods()
+    crashes: list[BaseException] = []
+    tasks = Supervisor(on_crash=lambda name, exc: crashes.append(exc))
+    ctx = NodeContext(identity=ident, settings=settings, data_dir=data_dir, instance_id="test",
+                      roles=("store",), tasks=tasks, methods=methods)
+    server = RpcServer(ident, methods, port=port)
+    await server.start()
+    role = StoreRole(ctx)
+    await role.start()
+    return Node(role, server, ident, tasks)
