@@ -233,13 +233,16 @@ class StoreRole(Role):
         path = core.blobs.path(digest)
         # Verify while sending: what we served must hash to the digest, or the client
         # gets ERR_CORRUPT instead of a result, and we quarantine the blob.
-        h = await asyncio.to_thread(hash_file, path, offset) if offset else hashlib.sha256()
+        # (awaiting a thread first also moves this handler into its own task, which
+        # asyncio.timeout below needs: the RPC layer runs a handler's first step inline)
+        h = await asyncio.to_thread(hash_file, path, offset) if offset else await asyncio.to_thread(hashlib.sha256)
         sent = offset
         timeout = self.config.transfer_timeout
         for buf in core.blobs.read_raw(path, offset, self.config.chunk_bytes):
             h.update(buf)
             sent += len(buf)
-            await asyncio.wait_for(stream.send(buf), timeout)
+            async with asyncio.timeout(timeout):
+                await stream.send(buf)
         if h.hexdigest() != digest:
             core.blobs.quarantine(digest, f"content hashes to {h.hexdigest()} while serving")
             self._wake.set()
@@ -281,7 +284,8 @@ class StoreRole(Role):
             timeout = self.config.transfer_timeout
             while True:
                 try:
-                    buf = await asyncio.wait_for(stream.recv(), timeout)
+                    async with asyncio.timeout(timeout):
+                        buf = await stream.recv()
                 except TimeoutError:
                     raise SwarmdError(ERR_TIMEOUT, f"no upload data for {timeout:g} s") from None
                 if buf is None:

@@ -83,7 +83,6 @@ class UploadSession:
         self.size = size
         self.path = blobs.incoming / f"{digest}.part"
         self._closed = False
-        self._hash: hashlib._Hash | None = None
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -99,6 +98,8 @@ class UploadSession:
             have = 0
         self.offset = have
         os.lseek(fd, have, os.SEEK_SET)
+        # hash as bytes arrive, so finishing a big upload does not re-read it from disk
+        self._hash = hash_file(self.path, have) if have else hashlib.sha256()
 
     def write(self, chunk: bytes) -> None:
         if self._closed:
@@ -107,6 +108,7 @@ class UploadSession:
             raise SwarmdError(
                 ERR_TOO_LARGE, f"upload sent more than the declared size of {self.size} bytes for blob {self.digest}"
             )
+        self._hash.update(chunk)
         view = memoryview(chunk)
         while view:
             n = os.write(self._fd, view)
@@ -120,11 +122,12 @@ class UploadSession:
                 ERR_BAD_REQUEST, f"upload of blob {self.digest} incomplete: have {self.offset} of {self.size} bytes"
             )
         os.fsync(self._fd)
-        got = hash_file(self.path).hexdigest()
+        got = self._hash.hexdigest()
         if got != self.digest:
             # The bytes are not what was declared: resuming from them is pointless.
             os.ftruncate(self._fd, 0)
             self.offset = 0
+            self._hash = hashlib.sha256()
             raise SwarmdError(ERR_CORRUPT, f"uploaded bytes hash to {got}, not the declared sha256 {self.digest}")
         return self.path
 

@@ -59,7 +59,7 @@ def read_signature(path: Path) -> tuple[list[TensorSig], list[TensorSig]]:
     if not model.HasField("graph") or not model.graph.output or not model.opset_import:
         raise SwarmdError(ERR_INVALID_MODEL, "not an ONNX model: no graph, no graph outputs or no opset import")
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(str(path))  # from the path: no re-serialization of a big model
     except Exception as e:  # ValidationError and friends
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SwarmdError(ERR_INVALID_MODEL, f"ONNX model fails the checker: {first}") from None

@@ -71,7 +71,8 @@ async def push_file(
             if progress is not None:
                 progress(done, size)
             while buf := f.read(chunk):
-                await asyncio.wait_for(stream.send(buf), timeout)
+                async with asyncio.timeout(timeout):
+                    await stream.send(buf)
                 done += len(buf)
                 if progress is not None:
                     progress(done, size)
@@ -100,7 +101,8 @@ async def pull_stream(
     done = offset
     try:
         while True:
-            buf = await asyncio.wait_for(stream.recv(), timeout)
+            async with asyncio.timeout(timeout):
+                buf = await stream.recv()
             if buf is None:
                 break
             write(buf)
