@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import math
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,7 @@ from swarmd.errors import ERR_BAD_REQUEST, ERR_CONFLICT, ERR_CORRUPT, ERR_NOT_FO
 from swarmd.roles.base import NodeContext, Role
 from swarmd.settings import parse_hostport
 from swarmd.store.blobs import check_digest, hash_file
-from swarmd.store.catalog import ModelMeta
+from swarmd.store.catalog import ModelMeta, check_description, check_name, check_tags, check_version
 from swarmd.store.core import ModelStore, PushRequest
 from swarmd.store.replication import Pull, plan_replication, rows_to_adopt
 from swarmd.store.transfer import pull_stream
@@ -75,11 +76,18 @@ def _meta_from_wire(obj: Any) -> ModelMeta:
         )
     except (KeyError, TypeError, ValueError) as e:
         raise SwarmdError(ERR_BAD_REQUEST, f"malformed catalog row from peer: {e!r:.120}") from None
-    for key, tp in (("name", str), ("version", str), ("digest", str), ("size", int), ("uploader", str),
-                    ("description", str), ("tags", list)):
-        if not isinstance(getattr(m, key), tp):
+    for key, tp in (("size", int), ("uploader", str), ("format", str)):
+        if not isinstance(getattr(m, key), tp) or isinstance(getattr(m, key), bool):
             raise SwarmdError(ERR_BAD_REQUEST, f"catalog row field {key} must be {tp.__name__}")
+    check_name(m.name)
+    check_version(m.version)
     check_digest(m.digest)
+    m.tags = check_tags(m.tags)
+    m.description = check_description(m.description)
+    if not all(math.isfinite(t) for t in (m.created, m.updated, m.deleted or 0.0)):
+        raise SwarmdError(ERR_BAD_REQUEST, "catalog row times must be finite numbers")
+    if m.size < 0 or len(m.uploader) > 64 or m.format != "onnx":
+        raise SwarmdError(ERR_BAD_REQUEST, "catalog row has a negative size, a long uploader or a format other than onnx")
     return m
 
 
