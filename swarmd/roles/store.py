@@ -15,6 +15,7 @@ import hashlib
 import math
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from loguru import logger
@@ -110,7 +111,7 @@ class StoreRole(Role):
         self.config = ctx.settings.store
         self.store: ModelStore | None = None
         self.key = ctx.identity.public_hex
-        self._upload_locks: dict[str, asyncio.Lock] = {}
+        self._upload_locks: dict[str, tuple[asyncio.Lock, int]] = {}  # digest -> (lock, holders + waiters)
         self._announced: set[str] = set()
         self._wake = asyncio.Event()
         self._round_done = asyncio.Event()
@@ -148,8 +149,7 @@ class StoreRole(Role):
         if self.ctx.swarm is not None:
             await self.ctx.swarm.join(STORES, announce=True, lookup=True, payload=self.store.status())
             await self._announce()
-        if self.ctx.swarm is not None or self._static_peers:
-            self.start_replication()
+        self.start_replication()
         self.log.bind(event="store_started", **self.store.status()).info("store serving")
 
     def start_replication(self) -> None:
@@ -179,6 +179,10 @@ class StoreRole(Role):
     def status(self) -> dict[str, Any]:
         s = self.store.status() if self.store is not None else {}
         return {**s, "replication_rounds": self.rounds, "pulled": self.pulled}
+
+    async def blob_path(self, digest: str) -> Path:
+        """A verified local path of blob digest, for a co-located worker (no copy, no network)."""
+        return await asyncio.to_thread(self.core.blobs.verify, check_digest(digest))
 
     @property
     def core(self) -> ModelStore:
@@ -265,14 +269,18 @@ class StoreRole(Role):
             tags=p.get("tags"), description=p.get("description"),
         ).check()
         offset = _opt_int(p, "offset")
-        lock = self._upload_locks.setdefault(req.digest, asyncio.Lock())
+        lock, users = self._upload_locks.get(req.digest, (asyncio.Lock(), 0))
+        self._upload_locks[req.digest] = (lock, users + 1)
         try:
             # Two pushes of the same bytes take turns; the second usually finds the blob done.
             async with lock:
                 meta = await self._receive(ctx, req, offset, stream)
         finally:
-            if not lock.locked() and self._upload_locks.get(req.digest) is lock:
+            lock, users = self._upload_locks[req.digest]
+            if users <= 1:
                 del self._upload_locks[req.digest]
+            else:
+                self._upload_locks[req.digest] = (lock, users - 1)
         await self._announce()
         self._wake.set()
         return meta.to_dict()
@@ -364,8 +372,13 @@ class StoreRole(Role):
             while True:
                 try:
                     await self.replicate_once()
+                    await asyncio.to_thread(self.core.gc)
                 except SwarmdError as e:
                     self.log.bind(event="replication_failed", code=e.code).warning("replication round: {}", e.message)
+                except (OSError, TimeoutError) as e:  # a bad round must not take the store down; the next one retries
+                    self.log.bind(event="replication_failed", error=type(e).__name__).warning(
+                        "replication round failed: {!r}", e
+                    )
                 self.rounds += 1
                 self._round_done.set()
                 self._wake.clear()
