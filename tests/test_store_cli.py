@@ -12,10 +12,7 @@ from pathlib import Path
 
 import pytest
 from store_models import write_model
-
-pytest.importorskip("swarmd.rpc.server", reason="swarmd.rpc (engineer net) not merged yet")
-
-from store_nodes import Node, start_store  # noqa: E402
+from store_nodes import Node, start_store
 
 ROOT = Path(__file__).resolve().parent.parent
 

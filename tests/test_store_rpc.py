@@ -11,10 +11,7 @@ from typing import Any
 
 import pytest
 from store_models import onnx_bytes, write_model
-
-pytest.importorskip("swarmd.rpc.server", reason="swarmd.rpc (engineer net) not merged yet")
-
-from store_nodes import Node, start_store  # noqa: E402
+from store_nodes import Node, start_store
 
 from swarmd.errors import (
     ERR_BAD_REQUEST,
