@@ -187,7 +187,7 @@ async def test_replication_reaches_factor_and_survives_a_dead_store(tmp_path: Pa
             ports.append(n.server.port)
             nodes.append(n)
         for n in nodes:
-            n.role._static_peers = [(o.key, "127.0.0.1", o.server.port) for o in nodes if o is not n]
+            n.role.set_static_peers([o.addr for o in nodes if o is not n])
         a = nodes[0]
         f = write_model(tmp_path / "m.onnx", seed=8, pad_floats=20_000)
         meta = a.role.core.put_file(f, "m", "1", tags=["x"])
@@ -213,8 +213,8 @@ async def test_replica_repairs_a_corrupt_blob(tmp_path: Path) -> None:
     a = await start_store(tmp_path / "a", replicate_interval=3600.0)
     b = await start_store(tmp_path / "b", replicate_interval=3600.0)
     try:
-        a.role._static_peers = [(b.key, "127.0.0.1", b.server.port)]
-        b.role._static_peers = [(a.key, "127.0.0.1", a.server.port)]
+        a.role.set_static_peers([b.addr])
+        b.role.set_static_peers([a.addr])
         f = write_model(tmp_path / "m.onnx", seed=9)
         meta = a.role.core.put_file(f, "m", "1")
         await wait_for(lambda: meta.digest in b.role.core.holdings(), [a, b])

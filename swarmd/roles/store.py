@@ -122,6 +122,11 @@ class StoreRole(Role):
         self._static_peers = [self._parse_peer(p) for p in self.config.peers]
         self.log = logger.bind(role="store", node=self.key[:16])
 
+    def set_static_peers(self, entries: list[str]) -> None:
+        """Replace the HEXKEY@HOST:PORT stores replicated with besides the swarm's; starts a round."""
+        self._static_peers = [self._parse_peer(p) for p in entries]
+        self._wake.set()
+
     @staticmethod
     def _parse_peer(text: str) -> tuple[str, str, int]:
         key, sep, addr = text.partition("@")
