@@ -28,6 +28,8 @@ class Node:
     server: RpcServer
     ident: Identity
     tasks: Supervisor
+    swarm: Any = None
+    dht: Any = None
 
     @property
     def key(self) -> str:
@@ -38,25 +40,50 @@ class Node:
         return f"{self.key}@127.0.0.1:{self.server.port}"
 
     async def stop(self) -> None:
-        await self.server.stop()
+        """Stop like a node does: role, then swarm, RPC server and DHT (idempotent)."""
         await self.role.stop()
         await self.tasks.close()
+        if self.swarm is not None:
+            await self.swarm.stop()
+            self.swarm = None
+        await self.server.stop()
+        if self.dht is not None:
+            await self.dht.stop()
+            self.dht = None
 
 
-async def start_store(data_dir: Path, ident: Identity | None = None, port: int = 0, **cfg: Any) -> Node:
+async def start_swarm_store(net: Any, data_dir: Path, **cfg: Any) -> Node:
+    """A store on the swarm: its own DHT node in testnet `net`, a Swarm, an RpcServer."""
+    from swarmd.swarm import Swarm, SwarmConfig
+
+    ident = Identity.generate()
+    dht = await net.add(ident)
+    net.nodes.remove(dht)  # the Node owns (and stops) it
+    methods = Methods()
+    server = RpcServer(ident, methods, port=0)
+    await server.start()
+    swarm = Swarm(ident, dht, server, SwarmConfig(relookup_interval=0.3, reconnect_initial=0.05,
+                                                  connect_timeout=3.0, lookup_timeout=3.0))
+    await swarm.start()
+    return await start_store(data_dir, ident, server=server, swarm=swarm, dht=dht, **cfg)
+
+
+async def start_store(data_dir: Path, ident: Identity | None = None, port: int = 0, *, server: Any = None,
+                      swarm: Any = None, dht: Any = None, **cfg: Any) -> Node:
     ident = ident or Identity.generate()
     settings = Settings()
     settings.store = StoreConfig(**cfg)
-    methods = Methods()
     crashes: list[BaseException] = []
     tasks = Supervisor(on_crash=lambda name, exc: crashes.append(exc))
+    if server is None:
+        server = RpcServer(ident, Methods(), port=port)
+        await server.start()
     ctx = NodeContext(identity=ident, settings=settings, data_dir=data_dir, instance_id="test",
-                      roles=("store",), tasks=tasks, methods=methods)
-    server = RpcServer(ident, methods, port=port)
-    await server.start()
+                      roles=("store",), tasks=tasks, methods=server.methods, swarm=swarm, dht=dht,
+                      rpc_server=server)
     role = StoreRole(ctx)
     await role.start()
-    return Node(role, server, ident, tasks)
+    return Node(role, server, ident, tasks, swarm, dht)
 
 
 async def serve(data_dir: Path, interval: float) -> None:

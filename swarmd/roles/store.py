@@ -119,6 +119,7 @@ class StoreRole(Role):
         self.pulled = 0
         self._loop_task: asyncio.Task[None] | None = None
         self._peers: dict[str, Any] = {}  # static peers' open connections, by key
+        self._records: dict[str, Any] = {}  # STORES records from the last lookup, by key
         self._static_peers = [self._parse_peer(p) for p in self.config.peers]
         self.log = logger.bind(role="store", node=self.key[:16])
 
@@ -173,10 +174,9 @@ class StoreRole(Role):
             for name in ("listModels", "getModel", "uploadStatus", "deleteModel", "storeState", "downloadBlob",
                          "uploadModel"):
                 m.unregister(name)
-        if self.ctx.swarm is not None:
-            for topic in sorted(self._announced) + [STORES]:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self.ctx.swarm.leave(topic), 5.0)
+        if self.ctx.swarm is not None:  # withdraw every announcement at once, bounded
+            leaves = [asyncio.wait_for(self.ctx.swarm.leave(t), 5.0) for t in sorted(self._announced) + [STORES]]
+            await asyncio.gather(*leaves, return_exceptions=True)
             self._announced.clear()
         if self.store is not None:
             self.store.close()
@@ -342,12 +342,14 @@ class StoreRole(Role):
     # -- replication ---------------------------------------------------------------
 
     async def _peer_keys(self) -> list[str]:
+        """Keys of the other stores we know of: static peers, and those announcing STORES."""
         keys = {k for k, _, _ in self._static_peers}
         swarm = self.ctx.swarm
         if swarm is not None:
+            self._records = {}
             for rec in await swarm.lookup_all(STORES):
-                pk = rec.public_key
-                keys.add(pk.hex() if isinstance(pk, bytes) else str(pk))
+                self._records[rec.public_key.hex()] = rec
+            keys |= set(self._records)
         keys.discard(self.key)
         return sorted(keys)
 
@@ -356,9 +358,7 @@ class StoreRole(Role):
         return await peer.call(method, params, timeout=timeout)
 
     async def _connect(self, key: str) -> Any:
-        swarm = self.ctx.swarm
-        if swarm is not None:
-            return await asyncio.wait_for(swarm.connect(bytes.fromhex(key)), self.config.transfer_timeout)
+        """An RPC connection to store `key`: a static peer's own, or the swarm's pooled one."""
         for k, host, port in self._static_peers:
             if k == key:
                 peer = self._peers.get(key)
@@ -369,6 +369,11 @@ class StoreRole(Role):
                                          timeout=self.config.transfer_timeout)
                     self._peers[key] = peer
                 return peer
+        swarm = self.ctx.swarm
+        if swarm is not None:
+            return await asyncio.wait_for(
+                swarm.connect(bytes.fromhex(key), self._records.get(key)), self.config.transfer_timeout
+            )
         raise SwarmdError(ERR_BAD_REQUEST, f"no way to reach store {key[:16]}")
 
     async def _replicate_loop(self) -> None:
