@@ -16,6 +16,7 @@ from swarmd.errors import ConfigError
 from swarmd.roles.base import ROLE_ORDER
 from swarmd.rpc.config import AccessConfig, RpcConfig
 from swarmd.swarm.config import SwarmConfig
+from swarmd.store.config import StoreConfig
 
 
 def default_data_dir() -> Path:
@@ -47,6 +48,7 @@ class Settings:
     rpc: RpcConfig = field(default_factory=RpcConfig)
     dht: DhtConfig = field(default_factory=DhtConfig)
     swarm: SwarmConfig = field(default_factory=SwarmConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
 
     def validate(self) -> None:
         for section in vars(self).values():
