@@ -13,6 +13,7 @@ from typing import Literal
 
 from swarmd.errors import ConfigError
 from swarmd.roles.base import ROLE_ORDER
+from swarmd.worker.config import WorkerConfig
 
 
 def default_data_dir() -> Path:
@@ -40,6 +41,7 @@ class NodeConfig:
 @dataclass
 class Settings:
     node: NodeConfig = field(default_factory=NodeConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
 
     def validate(self) -> None:
         for role in self.node.roles:

@@ -1,0 +1,431 @@
+"""The inference engine: loaded models, admission, batching dispatch, drain.
+
+Admission is where overload is decided: a request is validated against the
+model signature, then either queued or refused at once (ERR_OVERLOADED), so
+a caller never hangs on a full worker. Each model has one dispatcher task
+that, holding one of `max_concurrent_inferences` run slots, takes the next
+batch off its queue and hands it to an executor thread; the event loop only
+queues, times out and answers. Deadlines are timers: a request whose
+deadline passes while queued is removed before it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import functools
+import hashlib
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from loguru import logger
+
+from swarmd.errors import (
+    ERR_NOT_FOUND,
+    ERR_NOT_READY,
+    ERR_OVERLOADED,
+    ERR_TIMEOUT,
+    SwarmdError,
+)
+from swarmd.node.supervisor import Supervisor
+from swarmd.worker.batcher import Pending, PendingState, Result, execute, internal_error, take_batch
+from swarmd.worker.config import BatchingConfig, WorkerConfig
+from swarmd.worker.runtime import ModelRuntime
+from swarmd.worker.signature import ModelSignature
+from swarmd.worker.stats import LoadSnapshot, LoadStats
+
+
+class WorkerState(enum.Enum):
+    JOINING = "JOINING"  # starting, loading its first models
+    ONLINE = "ONLINE"
+    DRAINING = "DRAINING"  # finishing accepted work, taking no more
+    STOPPED = "STOPPED"
+
+
+@dataclass
+class InferenceResult:
+    model: str
+    version: str
+    outputs: dict[str, np.ndarray]
+
+
+@dataclass(eq=False)
+class ServedModel:
+    """A model loaded in this worker, with its own queue and dispatcher."""
+
+    name: str
+    version: str
+    digest: str
+    runtime: ModelRuntime
+    policy: BatchingConfig
+    size: int = 0
+    queue: deque[Pending] = field(default_factory=deque)
+    queued_rows: int = 0
+    pending: int = 0  # queued + running requests of this model
+    closing: bool = False
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    full: asyncio.Event = field(default_factory=asyncio.Event)
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[Any] | None = None
+
+    @property
+    def signature(self) -> ModelSignature:
+        return self.runtime.signature
+
+    def describe(self, state: str = "READY") -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "digest": self.digest,
+            "state": state,
+            **self.signature.to_wire(),
+            "batching": {
+                "enabled": self.policy.enabled,
+                "max_batch_size": self.policy.max_batch_size,
+                "max_queue_delay_us": self.policy.max_queue_delay_us,
+            },
+        }
+
+
+def file_sha256(path: Path) -> tuple[str, int]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+class InferenceEngine:
+    def __init__(self, config: WorkerConfig) -> None:
+        config.validate()
+        self.config = config
+        self.state = WorkerState.JOINING
+        self.stats = LoadStats()
+        self.queued = 0
+        self.in_flight = 0
+        self._models: dict[tuple[str, str], ServedModel] = {}
+        self._default: dict[str, str] = {}  # name -> version answered when none is asked
+        self._loading: dict[tuple[str, str], asyncio.Future[ServedModel]] = {}
+        self._slots = asyncio.Semaphore(config.max_concurrent_inferences)
+        self.executor = ThreadPoolExecutor(
+            max_workers=config.max_concurrent_inferences, thread_name_prefix="swarmd-infer"
+        )
+        self._runs: set[asyncio.Future[Any]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._tasks = Supervisor()
+        self.log = logger.bind(part="worker")
+
+    # -- models ---------------------------------------------------------------
+
+    async def load(
+        self, name: str, version: str, source: Path | bytes, *, digest: str | None = None
+    ) -> ServedModel:
+        """Load a model from a file or bytes and start serving it; idempotent per (name, version).
+
+        A second call while the first is loading waits for it instead of
+        loading twice.
+        """
+        key = (name, version)
+        if key in self._models:
+            return self._models[key]
+        if key in self._loading:
+            return await asyncio.shield(self._loading[key])
+        if self.state in (WorkerState.DRAINING, WorkerState.STOPPED):
+            raise SwarmdError(ERR_NOT_READY, f"worker is {self.state.value.lower()}; not loading '{name}'")
+        fut: asyncio.Future[ServedModel] = asyncio.get_running_loop().create_future()
+        self._loading[key] = fut
+        try:
+            served = await self._load(name, version, source, digest)
+            fut.set_result(served)
+            return served
+        except BaseException as e:
+            fut.set_exception(e if isinstance(e, Exception) else SwarmdError(ERR_NOT_READY, "load cancelled"))
+            fut.exception()  # mark retrieved: a load nobody else waited for must not warn
+            raise
+        finally:
+            del self._loading[key]
+
+    async def _load(self, name: str, version: str, source: Path | bytes, digest: str | None) -> ServedModel:
+        cfg = self.config
+
+        def build() -> tuple[ModelRuntime, str, int]:
+            if isinstance(source, Path):
+                d, size = file_sha256(source) if digest is None else (digest, source.stat().st_size)
+            else:
+                d, size = digest or hashlib.sha256(source).hexdigest(), len(source)
+            rt = ModelRuntime(source, intra_op_threads=cfg.intra_op_threads, inter_op_threads=cfg.inter_op_threads)
+            return rt, d, size
+
+        runtime, digest, size = await asyncio.to_thread(build)
+        policy = cfg.batching_for(name)
+        if policy.enabled and not runtime.signature.batchable:
+            policy = BatchingConfig(False, policy.max_batch_size, policy.max_queue_delay_us)
+        served = ServedModel(name, version, digest, runtime, policy, size=size)
+        served.idle.set()
+        served.task = self._tasks.spawn(self._dispatch(served), name=f"worker-dispatch-{name}:{version}")
+        self._models[(name, version)] = served
+        self._default[name] = version
+        self.log.bind(event="model_loaded", model=name, version=version, digest=digest[:16],
+                      batching=policy.enabled).info("loaded model {}:{}", name, version)
+        return served
+
+    def loading(self, name: str, version: str | None = None) -> bool:
+        return any(k[0] == name and (version is None or k[1] == version) for k in self._loading)
+
+    def get(self, name: str, version: str | None = None) -> ServedModel | None:
+        if version is None or version in ("", "latest"):
+            version = self._default.get(name)
+            if version is None:
+                return None
+        return self._models.get((name, version))
+
+    def models(self) -> list[ServedModel]:
+        return list(self._models.values())
+
+    def describe_models(self) -> list[dict[str, Any]]:
+        out = [m.describe() for m in self._models.values()]
+        out += [{"name": n, "version": v, "state": "LOADING"} for (n, v) in self._loading]
+        return out
+
+    async def unload(self, name: str, version: str | None = None) -> list[str]:
+        """Stop serving a model after its accepted requests finish; returns the versions unloaded."""
+        targets = [m for (n, v), m in self._models.items() if n == name and (version in (None, "", "latest") or v == version)]
+        if not targets:
+            raise SwarmdError(ERR_NOT_FOUND, f"model '{name}'{f' version {version!r}' if version else ''} is not loaded")
+        for m in targets:
+            m.closing = True
+        for m in targets:
+            await m.idle.wait()
+            self._models.pop((m.name, m.version), None)
+            if m.task is not None:
+                m.task.cancel()
+                await asyncio.gather(m.task, return_exceptions=True)
+            self.log.bind(event="model_unloaded", model=m.name, version=m.version).info(
+                "unloaded model {}:{}", m.name, m.version)
+        remaining = [v for (n, v) in self._models if n == name]
+        if remaining:
+            self._default[name] = remaining[-1]
+        else:
+            self._default.pop(name, None)
+        return [m.version for m in targets]
+
+    # -- requests -------------------------------------------------------------
+
+    async def infer(
+        self,
+        model: str,
+        inputs: Any,
+        *,
+        outputs: Any = None,
+        version: str | None = None,
+        budget: float | None = None,
+        request_id: str | None = None,
+    ) -> InferenceResult:
+        """Validate, queue (or refuse at once), and await the answer within `budget` seconds.
+
+        `budget` is what is left of the caller's deadline (config.default_timeout
+        when None); past it the request fails with ERR_TIMEOUT and, if it had
+        not started, never runs.
+        """
+        if self.state in (WorkerState.DRAINING, WorkerState.STOPPED):
+            raise SwarmdError(ERR_NOT_READY, f"worker is {self.state.value.lower()} and takes no new requests")
+        served = self.get(model, version)
+        if served is None or served.closing:
+            if self.loading(model, version if version not in ("", "latest") else None):
+                raise SwarmdError(ERR_NOT_READY, f"model '{model}' is still loading")
+            raise SwarmdError(ERR_NOT_FOUND, f"model '{model}'{f' version {version!r}' if version else ''} is not loaded on this worker")
+        feeds, names, rows = served.signature.validate(model, inputs, outputs, batch=served.policy.enabled)
+        if self.queued >= self.config.max_queue:
+            raise SwarmdError(
+                ERR_OVERLOADED, f"worker queue is full ({self.queued} requests waiting); retry elsewhere or later"
+            )
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        budget = self.config.default_timeout if budget is None else budget
+        if budget <= 0:
+            raise SwarmdError(ERR_TIMEOUT, "the request's deadline passed before it reached the worker")
+        fut: asyncio.Future[list[np.ndarray]] = loop.create_future()
+        p = Pending(feeds, names, rows, now + budget, now, fut, request_id=request_id)
+        p.timer = loop.call_at(p.deadline, self._expire, served, p)
+        self.queued += 1
+        served.pending += 1
+        served.idle.clear()
+        self._idle.clear()
+        served.queue.append(p)
+        served.queued_rows += max(rows, 1)
+        served.wake.set()
+        if served.queued_rows >= served.policy.max_batch_size:
+            served.full.set()
+        try:
+            arrays = await fut
+        except asyncio.CancelledError:
+            if p.state is PendingState.QUEUED:  # the caller gave up: free its place in line
+                self._retire_queued(served, p)
+            raise
+        return InferenceResult(served.name, served.version, dict(zip(names, arrays, strict=True)))
+
+    def _retire_queued(self, served: ServedModel, p: Pending) -> None:
+        p.state = PendingState.DONE
+        if p.timer is not None:
+            p.timer.cancel()
+        self.queued -= 1
+        served.queued_rows -= max(p.rows, 1)
+        self._settle(served, 1)
+
+    def _settle(self, served: ServedModel, n: int) -> None:
+        served.pending -= n
+        if served.pending == 0:
+            served.idle.set()
+        if self.queued == 0 and self.in_flight == 0:
+            self._idle.set()
+
+    def _expire(self, served: ServedModel, p: Pending) -> None:
+        p.timer = None
+        if p.future.done():
+            return
+        if p.state is PendingState.QUEUED:
+            self._retire_queued(served, p)
+            self.stats.record(self._now() - p.enqueued, ok=False)
+            p.future.set_exception(SwarmdError(ERR_TIMEOUT, "deadline passed while the request was queued; it was not run"))
+        else:  # running: the answer would come too late to be used
+            p.future.set_exception(SwarmdError(ERR_TIMEOUT, "deadline passed while the request was running"))
+
+    @staticmethod
+    def _now() -> float:
+        return asyncio.get_running_loop().time()
+
+    async def _dispatch(self, served: ServedModel) -> None:
+        """One per model: hold a run slot, gather a batch, hand it to a thread."""
+        loop = asyncio.get_running_loop()
+        policy = served.policy
+        delay = policy.max_queue_delay_us / 1e6 if policy.enabled else 0.0
+        while True:
+            if not served.queue:
+                served.wake.clear()
+                await served.wake.wait()
+                continue
+            await self._slots.acquire()
+            handed_off = False
+            try:
+                if delay and served.queued_rows < policy.max_batch_size and served.queue:
+                    remaining = served.queue[0].enqueued + delay - loop.time()
+                    if remaining > 0:
+                        served.full.clear()
+                        try:
+                            await asyncio.wait_for(served.full.wait(), remaining)
+                        except TimeoutError:
+                            pass
+                batch = take_batch(served.queue, policy)
+                if not batch:
+                    continue
+                for p in batch:
+                    p.state = PendingState.RUNNING
+                    served.queued_rows -= max(p.rows, 1)
+                n = len(batch)
+                self.queued -= n
+                self.in_flight += n
+                if served.queued_rows < policy.max_batch_size:
+                    served.full.clear()
+                run = loop.run_in_executor(
+                    self.executor,
+                    execute,
+                    served.runtime.run,
+                    served.name,
+                    batch[0].outputs,
+                    [p.feeds for p in batch],
+                    [p.rows for p in batch],
+                )
+                self._runs.add(run)
+                run.add_done_callback(functools.partial(self._finished, served, batch))
+                handed_off = True
+            finally:
+                if not handed_off:
+                    self._slots.release()
+
+    def _finished(self, served: ServedModel, batch: list[Pending], run: asyncio.Future[list[Result]]) -> None:
+        self._runs.discard(run)
+        self._slots.release()
+        if run.cancelled():
+            results: list[Result] = [SwarmdError(ERR_NOT_READY, "worker stopped before the request ran")] * len(batch)
+        elif (exc := run.exception()) is not None:
+            self.log.opt(exception=exc).bind(event="run_failed", model=served.name).error("run failed")
+            results = [internal_error(served.name, exc)] * len(batch)
+        else:
+            results = run.result()
+        now = self._now()
+        self.stats.record_batch(len(batch))
+        for p, r in zip(batch, results, strict=True):
+            p.state = PendingState.DONE
+            if p.timer is not None:
+                p.timer.cancel()
+            ok = not isinstance(r, SwarmdError)
+            self.stats.record(now - p.enqueued, ok=ok)
+            if not p.future.done():
+                if ok:
+                    p.future.set_result(r)
+                else:
+                    p.future.set_exception(r)
+        self.in_flight -= len(batch)
+        self._settle(served, len(batch))
+
+    # -- load, lifecycle --------------------------------------------------------
+
+    def snapshot(self) -> LoadSnapshot:
+        return self.stats.snapshot(self.queued, self.in_flight, len(self._models))
+
+    def capacity(self) -> dict[str, Any]:
+        snap = self.snapshot()
+        return {
+            "state": self.state.value,
+            "queue_depth": snap.queue,
+            "max_queue": self.config.max_queue,
+            "in_flight": snap.in_flight,
+            "max_concurrent": self.config.max_concurrent_inferences,
+            "accepting": self.state in (WorkerState.JOINING, WorkerState.ONLINE) and snap.queue < self.config.max_queue,
+            "ewma_ms": round(snap.ewma_ms, 3),
+            "rps": round(snap.rps, 1),
+            "models": len(self._models),
+        }
+
+    def set_online(self) -> None:
+        if self.state is WorkerState.JOINING:
+            self.state = WorkerState.ONLINE
+
+    async def drain(self, grace: float | None = None) -> bool:
+        """Take no new work, finish what was accepted. True when everything finished in time."""
+        if self.state is not WorkerState.STOPPED:
+            self.state = WorkerState.DRAINING
+        self.log.bind(event="draining", queued=self.queued, in_flight=self.in_flight).info("draining")
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace if grace is not None else self.config.drain_timeout)
+            return True
+        except TimeoutError:
+            self.log.bind(event="drain_timeout", queued=self.queued, in_flight=self.in_flight).warning(
+                "drain did not finish in time")
+            return False
+
+    async def close(self) -> None:
+        """Drain, then stop dispatchers and the executor threads."""
+        if self.state is not WorkerState.STOPPED:
+            await self.drain()
+        self.state = WorkerState.STOPPED
+        await self._tasks.close()
+        for run in list(self._runs):
+            run.cancel()
+        for served in self._models.values():
+            for p in served.queue:
+                if not p.future.done():
+                    p.future.set_exception(SwarmdError(ERR_NOT_READY, "worker stopped before the request ran"))
+                if p.timer is not None:
+                    p.timer.cancel()
+            served.queue.clear()
+        self._models.clear()
+        self._default.clear()
+        await asyncio.to_thread(self.executor.shutdown, wait=True)
