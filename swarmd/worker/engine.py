@@ -2,11 +2,14 @@
 
 Admission is where overload is decided: a request is validated against the
 model signature, then either queued or refused at once (ERR_OVERLOADED), so
-a caller never hangs on a full worker. Each model has one dispatcher task
-that, holding one of `max_concurrent_inferences` run slots, takes the next
-batch off its queue and hands it to an executor thread; the event loop only
-queues, times out and answers. Deadlines are timers: a request whose
-deadline passes while queued is removed before it runs.
+a caller never hangs on a full worker. Dispatch is event-driven, with no task
+of its own: a new request or a finished run starts the next batch whenever
+one of `max_concurrent_inferences` run slots is free, handing it to an
+executor thread; the event loop only queues, times out and answers. Under
+load requests pile up while the slots are busy, so batches grow by
+themselves; `max_queue_delay_us` can hold a lone request back for company.
+Deadlines are timers: a request whose deadline passes while queued is
+removed before it runs.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ from swarmd.errors import (
     ERR_TIMEOUT,
     SwarmdError,
 )
-from swarmd.node.supervisor import Supervisor
 from swarmd.worker.batcher import Pending, PendingState, Result, execute, internal_error, take_batch
 from swarmd.worker.config import BatchingConfig, WorkerConfig
 from swarmd.worker.runtime import ModelRuntime
@@ -67,10 +69,8 @@ class ServedModel:
     queued_rows: int = 0
     pending: int = 0  # queued + running requests of this model
     closing: bool = False
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    full: asyncio.Event = field(default_factory=asyncio.Event)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
-    task: asyncio.Task[Any] | None = None
+    delay_timer: asyncio.TimerHandle | None = None  # set while a batch waits for company
 
     @property
     def signature(self) -> ModelSignature:
@@ -112,14 +112,14 @@ class InferenceEngine:
         self._models: dict[tuple[str, str], ServedModel] = {}
         self._default: dict[str, str] = {}  # name -> version answered when none is asked
         self._loading: dict[tuple[str, str], asyncio.Future[ServedModel]] = {}
-        self._slots = asyncio.Semaphore(config.max_concurrent_inferences)
+        self._free = config.max_concurrent_inferences  # run slots not in use
+        self._turn = 0
         self.executor = ThreadPoolExecutor(
             max_workers=config.max_concurrent_inferences, thread_name_prefix="swarmd-infer"
         )
         self._runs: set[asyncio.Future[Any]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._tasks = Supervisor()
         self.log = logger.bind(part="worker")
 
     # -- models ---------------------------------------------------------------
@@ -169,7 +169,6 @@ class InferenceEngine:
             policy = BatchingConfig(False, policy.max_batch_size, policy.max_queue_delay_us)
         served = ServedModel(name, version, digest, runtime, policy, size=size)
         served.idle.set()
-        served.task = self._tasks.spawn(self._dispatch(served), name=f"worker-dispatch-{name}:{version}")
         self._models[(name, version)] = served
         self._default[name] = version
         self.log.bind(event="model_loaded", model=name, version=version, digest=digest[:16],
@@ -204,9 +203,8 @@ class InferenceEngine:
         for m in targets:
             await m.idle.wait()
             self._models.pop((m.name, m.version), None)
-            if m.task is not None:
-                m.task.cancel()
-                await asyncio.gather(m.task, return_exceptions=True)
+            if m.delay_timer is not None:
+                m.delay_timer.cancel()
             self.log.bind(event="model_unloaded", model=m.name, version=m.version).info(
                 "unloaded model {}:{}", m.name, m.version)
         remaining = [v for (n, v) in self._models if n == name]
@@ -260,9 +258,8 @@ class InferenceEngine:
         self._idle.clear()
         served.queue.append(p)
         served.queued_rows += max(rows, 1)
-        served.wake.set()
-        if served.queued_rows >= served.policy.max_batch_size:
-            served.full.set()
+        if self._free:
+            self._pump_model(served)
         try:
             arrays = await fut
         except asyncio.CancelledError:
@@ -301,57 +298,75 @@ class InferenceEngine:
     def _now() -> float:
         return asyncio.get_running_loop().time()
 
-    async def _dispatch(self, served: ServedModel) -> None:
-        """One per model: hold a run slot, gather a batch, hand it to a thread."""
-        loop = asyncio.get_running_loop()
+    def _pump_model(self, served: ServedModel) -> None:
+        """Start runs of this model's queued batches while run slots are free."""
+        while self._free and served.queue and self._start_batch(served):
+            pass
+
+    def _pump(self) -> None:
+        """A slot came free: give it to the models with queued work, in turn."""
+        waiting = [m for m in self._models.values() if m.queue]
+        if not waiting:
+            return
+        self._turn = (self._turn + 1) % len(waiting)
+        for m in waiting[self._turn :] + waiting[: self._turn]:
+            if not self._free:
+                return
+            self._pump_model(m)
+
+    def _on_delay(self, served: ServedModel) -> None:
+        served.delay_timer = None
+        self._pump_model(served)
+
+    def _start_batch(self, served: ServedModel) -> bool:
+        """Take one batch off the queue into an executor thread; False if none may start now.
+
+        With a queue delay, a batch that is not full waits until its oldest
+        request has waited the delay (a timer resumes it); a full one starts
+        at once.
+        """
         policy = served.policy
-        delay = policy.max_queue_delay_us / 1e6 if policy.enabled else 0.0
-        while True:
-            if not served.queue:
-                served.wake.clear()
-                await served.wake.wait()
-                continue
-            await self._slots.acquire()
-            handed_off = False
-            try:
-                if delay and served.queued_rows < policy.max_batch_size and served.queue:
-                    remaining = served.queue[0].enqueued + delay - loop.time()
-                    if remaining > 0:
-                        served.full.clear()
-                        try:
-                            await asyncio.wait_for(served.full.wait(), remaining)
-                        except TimeoutError:
-                            pass
-                batch = take_batch(served.queue, policy)
-                if not batch:
-                    continue
-                for p in batch:
-                    p.state = PendingState.RUNNING
-                    served.queued_rows -= max(p.rows, 1)
-                n = len(batch)
-                self.queued -= n
-                self.in_flight += n
-                if served.queued_rows < policy.max_batch_size:
-                    served.full.clear()
-                run = loop.run_in_executor(
-                    self.executor,
-                    execute,
-                    served.runtime.run,
-                    served.name,
-                    batch[0].outputs,
-                    [p.feeds for p in batch],
-                    [p.rows for p in batch],
-                )
-                self._runs.add(run)
-                run.add_done_callback(functools.partial(self._finished, served, batch))
-                handed_off = True
-            finally:
-                if not handed_off:
-                    self._slots.release()
+        queue = served.queue
+        while queue and queue[0].state is not PendingState.QUEUED:
+            queue.popleft()
+        if not queue:
+            return False
+        loop = asyncio.get_running_loop()
+        if policy.enabled and policy.max_queue_delay_us and served.queued_rows < policy.max_batch_size:
+            due = queue[0].enqueued + policy.max_queue_delay_us / 1e6
+            if loop.time() < due:
+                if served.delay_timer is None:
+                    served.delay_timer = loop.call_at(due, self._on_delay, served)
+                return False
+        if served.delay_timer is not None:
+            served.delay_timer.cancel()
+            served.delay_timer = None
+        batch = take_batch(queue, policy)
+        if not batch:
+            return False
+        for p in batch:
+            p.state = PendingState.RUNNING
+            served.queued_rows -= max(p.rows, 1)
+        n = len(batch)
+        self.queued -= n
+        self.in_flight += n
+        self._free -= 1
+        run = loop.run_in_executor(
+            self.executor,
+            execute,
+            served.runtime.run,
+            served.name,
+            batch[0].outputs,
+            [p.feeds for p in batch],
+            [p.rows for p in batch],
+        )
+        self._runs.add(run)
+        run.add_done_callback(functools.partial(self._finished, served, batch))
+        return True
 
     def _finished(self, served: ServedModel, batch: list[Pending], run: asyncio.Future[list[Result]]) -> None:
         self._runs.discard(run)
-        self._slots.release()
+        self._free += 1
         if run.cancelled():
             results: list[Result] = [SwarmdError(ERR_NOT_READY, "worker stopped before the request ran")] * len(batch)
         elif (exc := run.exception()) is not None:
@@ -374,6 +389,7 @@ class InferenceEngine:
                     p.future.set_exception(r)
         self.in_flight -= len(batch)
         self._settle(served, len(batch))
+        self._pump()
 
     # -- load, lifecycle --------------------------------------------------------
 
@@ -416,7 +432,6 @@ class InferenceEngine:
         if self.state is not WorkerState.STOPPED:
             await self.drain()
         self.state = WorkerState.STOPPED
-        await self._tasks.close()
         for run in list(self._runs):
             run.cancel()
         for served in self._models.values():
@@ -426,6 +441,8 @@ class InferenceEngine:
                 if p.timer is not None:
                     p.timer.cancel()
             served.queue.clear()
+            if served.delay_timer is not None:
+                served.delay_timer.cancel()
         self._models.clear()
         self._default.clear()
         await asyncio.to_thread(self.executor.shutdown, wait=True)
