@@ -414,10 +414,14 @@ class InferenceEngine:
         if self.state is WorkerState.JOINING:
             self.state = WorkerState.ONLINE
 
-    async def drain(self, grace: float | None = None) -> bool:
-        """Take no new work, finish what was accepted. True when everything finished in time."""
+    def stop_accepting(self) -> None:
+        """Enter DRAINING: new requests and loads are refused, accepted ones still run."""
         if self.state is not WorkerState.STOPPED:
             self.state = WorkerState.DRAINING
+
+    async def drain(self, grace: float | None = None) -> bool:
+        """Take no new work, finish what was accepted. True when everything finished in time."""
+        self.stop_accepting()
         self.log.bind(event="draining", queued=self.queued, in_flight=self.in_flight).info("draining")
         try:
             await asyncio.wait_for(self._idle.wait(), grace if grace is not None else self.config.drain_timeout)

@@ -134,6 +134,8 @@ class ModelSignature:
                         f"inputs disagree on the batch size: '{first_name}' has {rows} rows, "
                         f"'{spec.name}' has {arr.shape[0]}",
                     )
+            if not arr.dtype.isnative:  # a big-endian sender: onnxruntime wants native order
+                arr = arr.astype(arr.dtype.newbyteorder("="))
             feeds[spec.name] = arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
         if outputs is None:
             names = self.output_names
