@@ -55,7 +55,11 @@ class WorkerRole(Role):
         self.config: WorkerConfig = ctx.settings.worker
         self.engine = InferenceEngine(self.config)
         self.cache = ModelCache(ctx.data_dir / "worker" / "cache", self.config.cache_bytes)
-        self.fetcher = ModelFetcher(ctx.swarm, self.cache, self.config) if ctx.swarm is not None else None
+        self.fetcher = (
+            ModelFetcher(ctx.swarm, self.cache, self.config, local_blob=self._colocated_blob)
+            if ctx.swarm is not None
+            else None
+        )
         self.local: dict[tuple[str, str], Path] = {}
         for spec in self.config.models:
             name, version, path = parse_local_model(spec)
@@ -163,6 +167,17 @@ class WorkerRole(Role):
             await self.sync_announcements()
 
     # -- models ---------------------------------------------------------------
+
+    def _colocated_blob(self, digest: str) -> Path | None:
+        """The blob's path in a store role running in this process, if it holds it."""
+        store_role = self.ctx.role("store")
+        blobs = getattr(getattr(store_role, "store", None), "blobs", None)
+        try:
+            if blobs is not None and blobs.has(digest):
+                return Path(blobs.path(digest))
+        except (OSError, SwarmdError):
+            return None
+        return None
 
     def _local_path(self, name: str, version: str | None) -> tuple[str, Path] | None:
         matches = [(v, p) for (n, v), p in self.local.items() if n == name and (version is None or v == version)]

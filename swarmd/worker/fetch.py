@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +53,18 @@ def check_metadata(meta: Any, name: str) -> dict[str, Any]:
 
 
 class ModelFetcher:
-    def __init__(self, swarm: Any, cache: ModelCache, config: WorkerConfig) -> None:
+    def __init__(
+        self,
+        swarm: Any,
+        cache: ModelCache,
+        config: WorkerConfig,
+        local_blob: Callable[[str], Path | None] | None = None,
+    ) -> None:
         self.swarm = swarm
         self.cache = cache
         self.config = config
+        # A store in this same process: its verified blob is used in place, no copy, no socket.
+        self.local_blob = local_blob
         self._downloads: dict[str, asyncio.Future[Path]] = {}
         self.log = logger.bind(part="worker-fetch")
 
@@ -93,6 +102,8 @@ class ModelFetcher:
         path = self.cache.get(digest)
         if path is not None:
             return path
+        if self.local_blob is not None and (path := self.local_blob(digest)) is not None:
+            return path
         if size > self.config.max_model_bytes:
             raise SwarmdError(ERR_TOO_LARGE, f"model blob of {size} bytes exceeds worker.max_model_bytes ({self.config.max_model_bytes})")
         if digest in self._downloads:
@@ -116,7 +127,8 @@ class ModelFetcher:
             del self._downloads[digest]
 
     async def _download(self, digest: str, size: int) -> Path:
-        stores = await self._stores(blob_topic(digest))
+        own = getattr(self.swarm, "public_key", None)
+        stores = [k for k in await self._stores(blob_topic(digest)) if k != own]
         if not stores:
             raise SwarmdError(ERR_NOT_FOUND, f"no store announces blob {digest}")
         writer = self.cache.writer(digest, size)
