@@ -372,3 +372,24 @@ def test_config_checks():
     assert parse_local_model("mlp:3=/m/a.onnx") == ("mlp", "3", "/m/a.onnx")
     with pytest.raises(ConfigError):
         parse_local_model("/m/a.onnx")
+
+
+async def test_inline_runs_on_an_idle_worker_and_threads_under_load(engine_factory):
+    blob = mlp_model(MLP, seed=4)
+    direct = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
+    e = engine_factory(inline_run_us=10_000_000, max_batch_size=8)
+    await e.load("mlp", "1", blob)
+    rng = np.random.default_rng(2)
+    xs = [rng.standard_normal((1, MLP[0])).astype(np.float32) for _ in range(12)]
+    first = await e.infer("mlp", {"input": xs[0]})  # run time unknown yet: a thread
+    gate = Gate(e)  # the only executor thread is now blocked
+    second = await e.infer("mlp", {"input": xs[1]})  # answered anyway: it ran on the loop
+    for x, r in ((xs[0], first), (xs[1], second)):
+        np.testing.assert_array_equal(r.outputs["output"], direct.run(None, {"input": x})[0])
+    # A burst admitted in one loop turn is batched into a thread, not run one by one inline.
+    tasks = [asyncio.create_task(e.infer("mlp", {"input": x})) for x in xs[2:]]
+    await settle(lambda: e.in_flight > 0)
+    assert e.in_flight == 8 and e.queued == 2
+    gate.open()
+    for x, r in zip(xs[2:], await asyncio.gather(*tasks), strict=True):
+        np.testing.assert_array_equal(r.outputs["output"], direct.run(None, {"input": x})[0])

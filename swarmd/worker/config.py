@@ -33,6 +33,9 @@ class WorkerConfig:
     inter_op_threads: int = 1
     # Runs executing at once across all models (each in its own executor thread).
     max_concurrent_inferences: int = 2
+    # A lone batch-1 request on an idle worker runs on the event loop thread, skipping the
+    # executor handoff, when the model's runs take at most this long (µs); 0 = always a thread.
+    inline_run_us: int = 0
     # Requests accepted but not yet running; one more is refused with ERR_OVERLOADED.
     max_queue: int = 256
     # Worker-wide batching defaults.
@@ -88,9 +91,9 @@ class WorkerConfig:
         for key in ("max_concurrent_inferences", "max_queue"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"worker.{key} must be at least 1, got {getattr(self, key)}")
-        for key in ("intra_op_threads", "inter_op_threads"):
+        for key in ("intra_op_threads", "inter_op_threads", "inline_run_us"):
             if getattr(self, key) < 0:
-                raise ConfigError(f"worker.{key} must be 0 (onnxruntime default) or more, got {getattr(self, key)}")
+                raise ConfigError(f"worker.{key} must be 0 or more, got {getattr(self, key)}")
         for key in ("default_timeout", "announce_interval", "store_timeout", "fetch_timeout", "drain_timeout"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"worker.{key} must be positive, got {getattr(self, key)}")

@@ -18,6 +18,7 @@ import asyncio
 import enum
 import functools
 import hashlib
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -71,6 +72,9 @@ class ServedModel:
     closing: bool = False
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     delay_timer: asyncio.TimerHandle | None = None  # set while a batch waits for company
+    run_ewma_s: float = float("inf")  # how long one run takes; unknown until the first one finished
+    batch_ewma: float = 1.0  # recent requests per run: above ~1 the worker is busy enough to batch
+    deferred: bool = False  # a start is scheduled for the next loop turn (inline runs)
 
     @property
     def signature(self) -> ModelSignature:
@@ -318,18 +322,31 @@ class InferenceEngine:
         served.delay_timer = None
         self._pump_model(served)
 
-    def _start_batch(self, served: ServedModel) -> bool:
+    def _inline_candidate(self, served: ServedModel) -> bool:
+        """Whether a lone request could run on the loop thread: idle worker, quick model, no batching lately."""
+        inline_s = self.config.inline_run_us / 1e6
+        return bool(inline_s) and self.in_flight == 0 and served.batch_ewma < 1.5 and served.run_ewma_s <= inline_s
+
+    def _on_deferred(self, served: ServedModel) -> None:
+        served.deferred = False
+        if self._free:
+            self._start_batch(served, inline_ok=True)
+            self._pump_model(served)
+
+    def _start_batch(self, served: ServedModel, inline_ok: bool = False) -> bool:
         """Take one batch off the queue into an executor thread; False if none may start now.
 
         With a queue delay, a batch that is not full waits until its oldest
         request has waited the delay (a timer resumes it); a full one starts
-        at once.
+        at once. On an idle worker with inline runs enabled, the start is
+        deferred by one loop turn (requests read from the same socket burst
+        join first) and a batch of one then runs on the loop thread.
         """
         policy = served.policy
         queue = served.queue
         while queue and queue[0].state is not PendingState.QUEUED:
             queue.popleft()
-        if not queue:
+        if not queue or served.deferred:
             return False
         loop = asyncio.get_running_loop()
         if policy.enabled and policy.max_queue_delay_us and served.queued_rows < policy.max_batch_size:
@@ -338,6 +355,10 @@ class InferenceEngine:
                 if served.delay_timer is None:
                     served.delay_timer = loop.call_at(due, self._on_delay, served)
                 return False
+        if not inline_ok and self._inline_candidate(served):
+            served.deferred = True
+            loop.call_soon(self._on_deferred, served)
+            return False
         if served.delay_timer is not None:
             served.delay_timer.cancel()
             served.delay_timer = None
@@ -351,6 +372,17 @@ class InferenceEngine:
         self.queued -= n
         self.in_flight += n
         self._free -= 1
+        served.batch_ewma += 0.2 * (n - served.batch_ewma)
+        if inline_ok and n == 1 and not queue and self.in_flight == 1 and self._inline_candidate_after_take(served):
+            # Lightly loaded and a quick model: a thread handoff would cost more than the run
+            # blocks the loop (at most inline_run_us). Under load batches form, runs stay in
+            # threads and the loop stays free.
+            t0 = time.perf_counter()
+            results = execute(served.runtime.run, served.name, batch[0].outputs, [batch[0].feeds], [batch[0].rows])
+            self._note_run_time(served, time.perf_counter() - t0)
+            self._complete(served, batch, results)
+            return True
+        submitted = time.perf_counter()
         run = loop.run_in_executor(
             self.executor,
             execute,
@@ -361,12 +393,23 @@ class InferenceEngine:
             [p.rows for p in batch],
         )
         self._runs.add(run)
-        run.add_done_callback(functools.partial(self._finished, served, batch))
+        run.add_done_callback(functools.partial(self._finished, served, batch, submitted))
         return True
 
-    def _finished(self, served: ServedModel, batch: list[Pending], run: asyncio.Future[list[Result]]) -> None:
+    def _inline_candidate_after_take(self, served: ServedModel) -> bool:
+        inline_s = self.config.inline_run_us / 1e6
+        return served.batch_ewma < 1.5 and served.run_ewma_s <= inline_s
+
+    @staticmethod
+    def _note_run_time(served: ServedModel, seconds: float) -> None:
+        served.run_ewma_s = seconds if served.run_ewma_s == float("inf") else 0.8 * served.run_ewma_s + 0.2 * seconds
+
+    def _finished(
+        self, served: ServedModel, batch: list[Pending], submitted: float, run: asyncio.Future[list[Result]]
+    ) -> None:
         self._runs.discard(run)
-        self._free += 1
+        if len(batch) == 1:  # thread runs time the handoff too: a cautious estimate for inline runs
+            self._note_run_time(served, time.perf_counter() - submitted)
         if run.cancelled():
             results: list[Result] = [SwarmdError(ERR_NOT_READY, "worker stopped before the request ran")] * len(batch)
         elif (exc := run.exception()) is not None:
@@ -374,6 +417,10 @@ class InferenceEngine:
             results = [internal_error(served.name, exc)] * len(batch)
         else:
             results = run.result()
+        self._complete(served, batch, results)
+
+    def _complete(self, served: ServedModel, batch: list[Pending], results: list[Result]) -> None:
+        self._free += 1
         now = self._now()
         self.stats.record_batch(len(batch))
         for p, r in zip(batch, results, strict=True):
