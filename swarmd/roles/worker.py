@@ -168,16 +168,15 @@ class WorkerRole(Role):
 
     # -- models ---------------------------------------------------------------
 
-    def _colocated_blob(self, digest: str) -> Path | None:
-        """The blob's path in a store role running in this process, if it holds it."""
-        store_role = self.ctx.role("store")
-        blobs = getattr(getattr(store_role, "store", None), "blobs", None)
+    async def _colocated_blob(self, digest: str) -> Path | None:
+        """The verified blob in a store role running in this process (StoreRole.blob_path), if it has it."""
+        blob_path = getattr(self.ctx.role("store"), "blob_path", None)
+        if blob_path is None:
+            return None
         try:
-            if blobs is not None and blobs.has(digest):
-                return Path(blobs.path(digest))
+            return Path(await blob_path(digest))
         except (OSError, SwarmdError):
             return None
-        return None
 
     def _local_path(self, name: str, version: str | None) -> tuple[str, Path] | None:
         matches = [(v, p) for (n, v), p in self.local.items() if n == name and (version is None or v == version)]

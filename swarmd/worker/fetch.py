@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,7 @@ class ModelFetcher:
         swarm: Any,
         cache: ModelCache,
         config: WorkerConfig,
-        local_blob: Callable[[str], Path | None] | None = None,
+        local_blob: Callable[[str], Awaitable[Path | None]] | None = None,
     ) -> None:
         self.swarm = swarm
         self.cache = cache
@@ -66,6 +66,9 @@ class ModelFetcher:
         # A store in this same process: its verified blob is used in place, no copy, no socket.
         self.local_blob = local_blob
         self._downloads: dict[str, asyncio.Future[Path]] = {}
+        # Versions are immutable, so a (name, version) once resolved needs no store again: a model
+        # unloaded and loaded later comes straight from the cache even if every store is gone.
+        self._known: dict[tuple[str, str], dict[str, Any]] = {}
         self.log = logger.bind(part="worker-fetch")
 
     async def _stores(self, topic: str) -> list[bytes]:
@@ -76,6 +79,8 @@ class ModelFetcher:
 
     async def resolve(self, name: str, version: str | None = None) -> dict[str, Any]:
         """Model metadata from the first store that answers; ERR_NOT_FOUND if none has it."""
+        if version not in (None, "", "latest") and (name, version) in self._known:
+            return self._known[(name, version)]
         stores = await self._stores(model_topic(name))
         if not stores:
             raise SwarmdError(ERR_NOT_FOUND, f"no store announces model '{name}'")
@@ -85,8 +90,12 @@ class ModelFetcher:
         last: SwarmdError | None = None
         for key in stores:
             try:
-                meta = await self.swarm.request(key, "getModel", params, timeout=self.config.store_timeout)
-                return check_metadata(meta, name)
+                meta = check_metadata(
+                    await self.swarm.request(key, "getModel", params, timeout=self.config.store_timeout), name
+                )
+                if len(self._known) < 4096:
+                    self._known[(name, meta["version"])] = meta
+                return meta
             except SwarmdError as e:
                 last = e
                 self.log.bind(event="resolve_failed", store=key.hex()[:16], code=e.code).info(
@@ -102,7 +111,7 @@ class ModelFetcher:
         path = self.cache.get(digest)
         if path is not None:
             return path
-        if self.local_blob is not None and (path := self.local_blob(digest)) is not None:
+        if self.local_blob is not None and (path := await self.local_blob(digest)) is not None:
             return path
         if size > self.config.max_model_bytes:
             raise SwarmdError(ERR_TOO_LARGE, f"model blob of {size} bytes exceeds worker.max_model_bytes ({self.config.max_model_bytes})")
