@@ -393,3 +393,14 @@ async def test_inline_runs_on_an_idle_worker_and_threads_under_load(engine_facto
     gate.open()
     for x, r in zip(xs[2:], await asyncio.gather(*tasks), strict=True):
         np.testing.assert_array_equal(r.outputs["output"], direct.run(None, {"input": x})[0])
+
+
+async def test_model_count_is_bounded(engine_factory):
+    e = engine_factory(max_models=2)
+    await e.load("a", "1", two_output_model())
+    await e.load("b", "1", two_output_model())
+    with pytest.raises(SwarmdError) as info:
+        await e.load("c", "1", two_output_model())
+    assert info.value.code == ERR_OVERLOADED and "max_models" in info.value.message
+    await e.unload("a")
+    await e.load("c", "1", two_output_model())

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 from loguru import logger
 
-from swarmd.errors import ERR_BAD_REQUEST, ERR_NOT_FOUND, ERR_NOT_READY, SwarmdError
+from swarmd.errors import ERR_BAD_REQUEST, ERR_NOT_FOUND, ERR_NOT_READY, ERR_OVERLOADED, SwarmdError
 from swarmd.roles.base import NodeContext, Role
 from swarmd.topics import WORKERS, worker_model_topic
 from swarmd.worker.cache import ModelCache
@@ -189,6 +189,10 @@ class WorkerRole(Role):
             return served
         key = (name, version)
         job = self._ensuring.get(key)
+        if job is None and len(self._ensuring) >= self.config.max_concurrent_loads:
+            raise SwarmdError(
+                ERR_OVERLOADED, f"{len(self._ensuring)} model loads already in progress; retry '{name}' later"
+            )
         if job is None:
             job = asyncio.get_running_loop().create_future()
             self._ensuring[key] = job

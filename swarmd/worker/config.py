@@ -55,6 +55,10 @@ class WorkerConfig:
     # Bounds on talking to stores: one RPC, and a whole model download.
     store_timeout: float = 10.0
     fetch_timeout: float = 300.0
+    # Models loaded at once (each holds a session in memory); loading one more is refused.
+    max_models: int = 16
+    # Model loads (fetch + session build) in progress at once, e.g. triggered by first requests.
+    max_concurrent_loads: int = 4
     # Models to fetch from the stores and load at start: "name" or "name:version".
     preload: list[str] = field(default_factory=list)
     # How long a draining worker waits for accepted requests before giving up.
@@ -88,7 +92,7 @@ class WorkerConfig:
 
     def validate(self) -> None:
         """Fail start-up on settings that cannot work, naming the key."""
-        for key in ("max_concurrent_inferences", "max_queue"):
+        for key in ("max_concurrent_inferences", "max_queue", "max_models", "max_concurrent_loads"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"worker.{key} must be at least 1, got {getattr(self, key)}")
         for key in ("intra_op_threads", "inter_op_threads", "inline_run_us"):

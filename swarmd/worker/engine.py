@@ -143,6 +143,12 @@ class InferenceEngine:
             return await asyncio.shield(self._loading[key])
         if self.state in (WorkerState.DRAINING, WorkerState.STOPPED):
             raise SwarmdError(ERR_NOT_READY, f"worker is {self.state.value.lower()}; not loading '{name}'")
+        if len(self._models) + len(self._loading) >= self.config.max_models:
+            raise SwarmdError(
+                ERR_OVERLOADED,
+                f"worker already serves {len(self._models)} models (worker.max_models = {self.config.max_models}); "
+                "unload one first",
+            )
         fut: asyncio.Future[ServedModel] = asyncio.get_running_loop().create_future()
         self._loading[key] = fut
         try:
