@@ -17,6 +17,7 @@ from swarmd.roles.base import ROLE_ORDER
 from swarmd.rpc.config import AccessConfig, RpcConfig
 from swarmd.swarm.config import SwarmConfig
 from swarmd.store.config import StoreConfig
+from swarmd.worker.config import WorkerConfig
 
 
 def default_data_dir() -> Path:
@@ -49,6 +50,7 @@ class Settings:
     dht: DhtConfig = field(default_factory=DhtConfig)
     swarm: SwarmConfig = field(default_factory=SwarmConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
 
     def validate(self) -> None:
         for section in vars(self).values():
