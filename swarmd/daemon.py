@@ -66,8 +66,9 @@ def load_instance_id(data_dir: Path) -> str:
 
 
 class Node:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, role_classes: dict[str, type[Role]] | None = None) -> None:
         self.settings = settings
+        self._role_classes = role_classes or {}
         self.exit_code = EXIT_OK
         self._stop_requested = asyncio.Event()
         self._started: list[tuple[str, Any]] = []  # (name, stop coroutine function), in start order
@@ -107,7 +108,7 @@ class Node:
                 await part.start()
                 self._started.append((name, part.stop))
             for name in roles:
-                role = role_class(name)(ctx)
+                role = (self._role_classes.get(name) or role_class(name))(ctx)
                 ctx._roles[name] = role
                 await role.start()
                 self._started.append((f"role:{name}", role.stop))

@@ -26,3 +26,9 @@ def blob_topic(digest: str) -> str:
 def worker_model_topic(name: str) -> str:
     """Workers serving model `name` announce here with state and live load."""
     return f"swarmd/workers/{name}"
+
+
+def peer_topic(public_key_hex: str) -> str:
+    """Every node announces here, so a peer is found by its public key alone
+    (`swarmd call PUBKEY METHOD`, `swarm.connect(public_key)` with no record)."""
+    return f"swarmd/peer/{public_key_hex.lower()}"

@@ -1,0 +1,90 @@
+"""Shared test helpers: run the real CLI in a subprocess and read its log lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def swarmd_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWARMD_")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "swarmd", *args],
+        capture_output=True, text=True, timeout=timeout, env=env or swarmd_env(), cwd=str(ROOT),
+    )
+
+
+class Daemon:
+    """A `swarmd` process started with the real CLI; its JSON log lines are parsed."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.log_path = None
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "swarmd", "--log-format", "json", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=env or swarmd_env(), cwd=str(ROOT),
+        )
+        self.lines: list[str] = []
+
+    def wait_event(self, event: str, timeout: float = 60.0) -> dict[str, Any]:
+        """Read log lines until one carries `"event": event`; fail with the log if the process exits."""
+        deadline = time.monotonic() + timeout
+        assert self.proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise AssertionError(f"swarmd exited ({self.proc.wait()}) before {event!r}:\n" + "".join(self.lines))
+            self.lines.append(line)
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue
+            if doc.get("event") == event:
+                return doc
+        raise AssertionError(f"no {event!r} within {timeout}s:\n" + "".join(self.lines))
+
+    def stop(self, sig: int = 15, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+            raise AssertionError("swarmd did not stop within the bound:\n" + "".join(self.lines) + (out or "")) from None
+        self.lines.extend((out or "").splitlines(keepends=True))
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def daemons():
+    started: list[Daemon] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> Daemon:
+        d = Daemon(*args, env=env)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.kill()
