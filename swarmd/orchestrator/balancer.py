@@ -13,8 +13,9 @@ import time
 from collections.abc import Callable, Collection
 from typing import Any
 
-from swarmd.errors import ERR_NOT_FOUND, ERR_UNAVAILABLE, SwarmdError
+from swarmd.errors import ERR_NOT_FOUND, ERR_OVERLOADED, ERR_UNAVAILABLE, SwarmdError
 from swarmd.orchestrator.config import OrchestratorConfig
+from swarmd.orchestrator.discovery import WorkerAd
 from swarmd.orchestrator.failover import BanList, backoff_delay
 from swarmd.orchestrator.health import HealthTracker
 from swarmd.orchestrator.policies import Candidate, Policy, make_policy
@@ -79,26 +80,40 @@ class Balancer:
         return by_key[pick.public_key]
 
     def candidate(self, lease: WorkerLease) -> Candidate:
+        """The policy's view of a worker: our live counts, or the worker's own report if busier.
+
+        Our in-flight count is exact for our own calls; the worker's reported load
+        (checkCapacity, DHT payload) also covers other routers' calls but lags.
+        Taking the larger keeps several orchestrators and gateways from piling
+        onto a worker that only looks idle to each of them.
+        """
+        load = lease.load
+        reported = (
+            int(load.get("in_flight", 0) + load.get("queue_depth", load.get("queue", 0))) if load else 0
+        )
         st = self.stats.peek(lease.public_key)
         if st is None:
-            return Candidate(lease.public_key, weight=lease.weight)
+            return Candidate(lease.public_key, weight=lease.weight, in_flight=reported)
         return Candidate(
             lease.public_key,
             weight=lease.weight,
-            in_flight=st.in_flight,
+            in_flight=max(st.in_flight, reported),
             ewma_ms=st.ewma_ms,
             success_rate=st.success_rate,
         )
 
     def unavailable(self, model: str | None, capability: str | None) -> SwarmdError:
-        what = " and ".join(
-            part
-            for part in (
-                f"model {model!r}" if model is not None else "",
-                f"capability {capability!r}" if capability is not None else "",
+        what = (
+            " and ".join(
+                part
+                for part in (
+                    f"model {model!r}" if model is not None else "",
+                    f"capability {capability!r}" if capability is not None else "",
+                )
+                if part
             )
-            if part
-        ) or "any request"
+            or "any request"
+        )
         known = self.registry.matching(model, capability)
         if not known:
             return SwarmdError(ERR_NOT_FOUND, f"no registered worker serves {what}")
@@ -135,7 +150,9 @@ class Balancer:
         self.stats.rejection(public_key, code)
         self.health.call_succeeded(public_key)
 
-    def failed(self, public_key: str, code: str, model: str | None, capability: str | None = None) -> dict[str, Any]:
+    def failed(
+        self, public_key: str, code: str, model: str | None, capability: str | None = None
+    ) -> dict[str, Any]:
         """A worker-side failure: count it, maybe eject, ban unless it is the last candidate."""
         self.stats.failure(public_key, code)
         ejected = self.health.call_failed(public_key, code)
@@ -178,6 +195,27 @@ class Balancer:
         return ejected
 
     # -- membership -----------------------------------------------------------
+
+    def admit(self, ad: WorkerAd, *, source: str, ttl: float | None = None) -> WorkerLease:
+        """Create or renew the lease a worker's ad describes, within the registry's size cap."""
+        if ad.public_key not in self.registry and len(self.registry) >= self.config.max_workers:
+            for k in self.expire():
+                self.forget(k)
+            if len(self.registry) >= self.config.max_workers:
+                raise SwarmdError(
+                    ERR_OVERLOADED, f"worker registry is full ({self.config.max_workers} leases); try later"
+                )
+        return self.registry.upsert(
+            ad.public_key,
+            models=ad.models,
+            capabilities=ad.capabilities,
+            addresses=ad.addresses,
+            weight=ad.weight,
+            state=ad.state,
+            load=ad.load,
+            source=source,
+            ttl=ttl,
+        )
 
     def forget(self, public_key: str) -> None:
         self.health.forget(public_key)

@@ -28,3 +28,5 @@ class OrchestratorConfig:
     ban_base: float = 0.5  # a failing worker sits out base * 2**(strikes-1), capped at ban_max
     ban_max: float = 30.0
     ewma_alpha: float = 0.3  # weight of the newest latency sample
+    connect_timeout: float = 2.0  # bound on dialling a worker
+    max_workers: int = 10000  # registry cap: a hostile registerWorker flood cannot grow memory unbounded

@@ -66,7 +66,9 @@ class BanList:
     base * 2**(strikes-1) capped at `cap`, and one success clears it.
     """
 
-    def __init__(self, base: float = 0.5, cap: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, base: float = 0.5, cap: float = 30.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.base = base
         self.cap = cap
         self.clock = clock

@@ -64,7 +64,11 @@ class Router:
             remaining = deadline - time.monotonic()
             if remaining <= 0.0:
                 break
-            lease = b.choose(model, capability, exclude=tried) if not tried else self._rechoose(model, capability, tried)
+            lease = (
+                b.choose(model, capability, exclude=tried)
+                if not tried
+                else self._rechoose(model, capability, tried)
+            )
             if lease is None:
                 break
             key = lease.public_key
@@ -83,9 +87,9 @@ class Router:
                     raise
                 outcome = b.failed(key, code, model, capability)
                 last = (key, code)
-                self.log.bind(event="worker_failed", worker=key[:16], code=code, attempt=attempt + 1, **outcome).info(
-                    "call {} on worker {} failed with {}; trying another", method, key[:16], code
-                )
+                self.log.bind(
+                    event="worker_failed", worker=key[:16], code=code, attempt=attempt + 1, **outcome
+                ).info("call {} on worker {} failed with {}; trying another", method, key[:16], code)
                 continue
             b.succeeded(key, started)
             return result, lease
