@@ -92,7 +92,7 @@ async def test_a_hung_worker_times_out_and_the_request_moves_on() -> None:
 
     async def caller(lease: WorkerLease, method: str, params: dict[str, Any], seconds: float) -> Any:
         if lease.public_key == KEYS[0]:
-            await hang.wait()
+            await asyncio.wait_for(hang.wait(), seconds)  # a caller bounds its own wait, as RPC calls do
         return lease.public_key
 
     r.call = caller

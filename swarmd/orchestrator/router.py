@@ -5,7 +5,10 @@ gateway or the client library can hold their own Router over the same kind of
 Balancer and call workers directly, skipping the orchestrator hop. The Router
 does no networking itself: it is given a `call(lease, method, params, seconds)`
 coroutine function, so the same code runs over swarmd.rpc peers or anything
-else that raises SwarmdError with the stable codes.
+else that raises SwarmdError with the stable codes. `call` must give up after
+`seconds` (swarmd.rpc calls do, by their own timer): the Router sets no timer
+of its own, because RPC handlers start inline, outside any Task, where
+asyncio.timeout cannot run.
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ class Router:
             per_try = min(cfg.attempt_timeout, remaining)
             started = b.begin(key)
             try:
-                result = await asyncio.wait_for(self.call(lease, method, params, per_try), per_try)
+                result = await self.call(lease, method, params, per_try)
             except asyncio.CancelledError:
                 b.abandoned(key)
                 raise
