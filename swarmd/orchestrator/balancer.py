@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from swarmd.errors import ERR_NOT_FOUND, ERR_OVERLOADED, ERR_UNAVAILABLE, SwarmdError
@@ -21,6 +21,26 @@ from swarmd.orchestrator.health import HealthTracker
 from swarmd.orchestrator.policies import Candidate, Policy, make_policy
 from swarmd.orchestrator.registry import DRAINING, JOINING, ONLINE, STATES, Registry, WorkerLease
 from swarmd.orchestrator.stats import StatsBook
+
+
+class _Views(Sequence[Candidate]):
+    """Candidates built on first access: power-of-two-choices looks at two workers, not all of them."""
+
+    __slots__ = ("_leases", "_make", "_built")
+
+    def __init__(self, leases: list[WorkerLease], make: Callable[[WorkerLease], Candidate]) -> None:
+        self._leases = leases
+        self._make = make
+        self._built: dict[int, Candidate] = {}
+
+    def __len__(self) -> int:
+        return len(self._leases)
+
+    def __getitem__(self, i: int) -> Candidate:  # type: ignore[override]
+        c = self._built.get(i)
+        if c is None:
+            c = self._built[i] = self._make(self._leases[i])
+        return c
 
 
 class Balancer:
@@ -58,12 +78,15 @@ class Balancer:
         does they are used rather than failing, so the last candidate always
         gets its chance.
         """
-        routable = [
-            lease
-            for lease in self.registry.routable(model, capability)
-            if not self.health.is_ejected(lease.public_key)
-        ]
-        fresh = [lease for lease in routable if lease.public_key not in exclude] or routable
+        routable = self.registry.routable(model, capability)
+        ejected = self.health.ejected
+        if ejected:
+            routable = [lease for lease in routable if lease.public_key not in ejected]
+        fresh = routable
+        if exclude:
+            fresh = [lease for lease in routable if lease.public_key not in exclude] or routable
+        if not self.bans:
+            return fresh
         unbanned = [lease for lease in fresh if not self.bans.is_banned(lease.public_key)]
         return unbanned or fresh
 
@@ -74,10 +97,10 @@ class Balancer:
         leases = self.candidates(model, capability, exclude)
         if not leases:
             raise self.unavailable(model, capability)
-        by_key = {lease.public_key: lease for lease in leases}
-        pick = self.policy.choose([self.candidate(lease) for lease in leases])
         self.decisions += 1
-        return by_key[pick.public_key]
+        if len(leases) == 1:
+            return leases[0]
+        return leases[self.policy.choose_index(_Views(leases, self.candidate))]
 
     def candidate(self, lease: WorkerLease) -> Candidate:
         """The policy's view of a worker: our live counts, or the worker's own report if busier.
@@ -87,20 +110,11 @@ class Balancer:
         Taking the larger keeps several orchestrators and gateways from piling
         onto a worker that only looks idle to each of them.
         """
-        load = lease.load
-        reported = (
-            int(load.get("in_flight", 0) + load.get("queue_depth", load.get("queue", 0))) if load else 0
-        )
         st = self.stats.peek(lease.public_key)
         if st is None:
-            return Candidate(lease.public_key, weight=lease.weight, in_flight=reported)
-        return Candidate(
-            lease.public_key,
-            weight=lease.weight,
-            in_flight=max(st.in_flight, reported),
-            ewma_ms=st.ewma_ms,
-            success_rate=st.success_rate,
-        )
+            return Candidate(lease.public_key, lease.weight, lease.reported_busy)
+        busy = st.in_flight if st.in_flight >= lease.reported_busy else lease.reported_busy
+        return Candidate(lease.public_key, lease.weight, busy, st.ewma_ms, st.success_rate)
 
     def unavailable(self, model: str | None, capability: str | None) -> SwarmdError:
         what = (

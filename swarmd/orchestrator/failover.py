@@ -89,6 +89,10 @@ class BanList:
         ban = self._bans.get(public_key)
         return ban is not None and ban.until > self.clock()
 
+    def __bool__(self) -> bool:
+        """Any ban on record (active or remembered): the hot path skips filtering when there is none."""
+        return bool(self._bans)
+
     def remaining(self, public_key: str) -> float:
         ban = self._bans.get(public_key)
         return 0.0 if ban is None else max(0.0, ban.until - self.clock())

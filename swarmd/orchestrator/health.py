@@ -44,6 +44,7 @@ class HealthTracker:
         self.eject_after = eject_after
         self.clock = clock
         self._records: dict[str, HealthRecord] = {}
+        self.ejected: set[str] = set()  # hot path: an empty set means nobody to filter out
 
     def record(self, public_key: str) -> HealthRecord:
         rec = self._records.get(public_key)
@@ -52,8 +53,7 @@ class HealthTracker:
         return rec
 
     def is_ejected(self, public_key: str) -> bool:
-        rec = self._records.get(public_key)
-        return rec is not None and rec.ejected
+        return public_key in self.ejected
 
     def call_succeeded(self, public_key: str) -> None:
         """A real call answered: the failure streak ends (it does not re-admit; see module doc)."""
@@ -73,6 +73,7 @@ class HealthTracker:
         if rec.ejected:
             rec.ejected = False
             rec.ejected_at = None
+            self.ejected.discard(public_key)
             return True
         return False
 
@@ -85,6 +86,7 @@ class HealthTracker:
 
     def forget(self, public_key: str) -> None:
         self._records.pop(public_key, None)
+        self.ejected.discard(public_key)
 
     def _fail(self, public_key: str, error: str) -> bool:
         rec = self.record(public_key)
@@ -92,6 +94,7 @@ class HealthTracker:
         rec.last_error = error
         if not rec.ejected and rec.consecutive_failures >= self.eject_after:
             rec.ejected = True
+            self.ejected.add(public_key)
             rec.ejected_at = self.clock()
             rec.ejections += 1
             return True

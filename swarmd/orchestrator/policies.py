@@ -16,7 +16,7 @@ from typing import ClassVar
 from swarmd.orchestrator.config import PolicyName
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Candidate:
     public_key: str
     weight: float = 1.0  # operator-given capacity share (registerWorker weight)
@@ -31,9 +31,13 @@ class Policy(ABC):
     def __init__(self, seed: int | None = None) -> None:
         self.rng = random.Random(seed)
 
-    @abstractmethod
     def choose(self, candidates: Sequence[Candidate]) -> Candidate:
         """Pick one of a non-empty sequence."""
+        return candidates[self.choose_index(candidates)]
+
+    @abstractmethod
+    def choose_index(self, candidates: Sequence[Candidate]) -> int:
+        """The index of the pick; candidates may be built lazily on access, so touch only what you need."""
 
     @staticmethod
     def _require(candidates: Sequence[Candidate]) -> None:
@@ -50,16 +54,17 @@ class RoundRobin(Policy):
         super().__init__(seed)
         self._last: str | None = None
 
-    def choose(self, candidates: Sequence[Candidate]) -> Candidate:
+    def choose_index(self, candidates: Sequence[Candidate]) -> int:
         self._require(candidates)
-        ordered = sorted(candidates, key=lambda c: c.public_key)
-        pick = ordered[0]
+        keys = [candidates[i].public_key for i in range(len(candidates))]
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        pick = order[0]
         if self._last is not None:
-            for c in ordered:
-                if c.public_key > self._last:
-                    pick = c
+            for i in order:
+                if keys[i] > self._last:
+                    pick = i
                     break
-        self._last = pick.public_key
+        self._last = keys[pick]
         return pick
 
 
@@ -68,10 +73,11 @@ class LeastConnections(Policy):
 
     name = "least_connections"
 
-    def choose(self, candidates: Sequence[Candidate]) -> Candidate:
+    def choose_index(self, candidates: Sequence[Candidate]) -> int:
         self._require(candidates)
-        low = min(c.in_flight for c in candidates)
-        return self.rng.choice([c for c in candidates if c.in_flight == low])
+        loads = [candidates[i].in_flight for i in range(len(candidates))]
+        low = min(loads)
+        return self.rng.choice([i for i, n in enumerate(loads) if n == low])
 
 
 class Weighted(Policy):
@@ -84,18 +90,18 @@ class Weighted(Policy):
 
     name = "weighted"
 
-    def choose(self, candidates: Sequence[Candidate]) -> Candidate:
+    def choose_index(self, candidates: Sequence[Candidate]) -> int:
         self._require(candidates)
-        shares = self.shares(candidates)
+        shares = self.shares([candidates[i] for i in range(len(candidates))])
         total = sum(shares)
         if total <= 0.0:
-            return self.rng.choice(list(candidates))
+            return self.rng.randrange(len(shares))
         x = self.rng.random() * total
-        for c, s in zip(candidates, shares, strict=True):
-            x -= s
+        for i, share in enumerate(shares):
+            x -= share
             if x < 0.0:
-                return c
-        return candidates[-1]
+                return i
+        return len(shares) - 1
 
     @staticmethod
     def shares(candidates: Sequence[Candidate]) -> list[float]:
@@ -113,9 +119,9 @@ class Weighted(Policy):
 class RandomChoice(Policy):
     name = "random"
 
-    def choose(self, candidates: Sequence[Candidate]) -> Candidate:
+    def choose_index(self, candidates: Sequence[Candidate]) -> int:
         self._require(candidates)
-        return self.rng.choice(list(candidates))
+        return self.rng.randrange(len(candidates))
 
 
 class PowerOfTwo(Policy):
@@ -124,19 +130,25 @@ class PowerOfTwo(Policy):
     Two random samples avoid the herd that a global minimum causes when many
     routers (gateways, orchestrators) share stale numbers; the cost term steers
     away from slow and busy workers alike. A worker with no sample yet is
-    priced at the best known latency, so it is tried without being flooded.
+    priced at the latency of the worker it is compared with, so it is tried without being flooded.
     """
 
     name = "p2c"
 
-    def choose(self, candidates: Sequence[Candidate]) -> Candidate:
+    def choose_index(self, candidates: Sequence[Candidate]) -> int:
         self._require(candidates)
-        if len(candidates) == 1:
-            return candidates[0]
-        a, b = self.rng.sample(list(candidates), 2)
-        known = [c.ewma_ms for c in candidates if c.ewma_ms is not None]
-        default = min(known) if known else 1.0
-        return a if self.cost(a, default) <= self.cost(b, default) else b
+        n = len(candidates)
+        if n == 1:
+            return 0
+        i = self.rng.randrange(n)
+        j = self.rng.randrange(n - 1)
+        if j >= i:
+            j += 1
+        a, b = candidates[i], candidates[j]
+        # An unsampled worker is priced at the other's latency (or 1 ms when neither has one):
+        # it gets tried, and its in-flight count still keeps it from being flooded.
+        default = a.ewma_ms if a.ewma_ms is not None else (b.ewma_ms if b.ewma_ms is not None else 1.0)
+        return i if self.cost(a, default) <= self.cost(b, default) else j
 
     @staticmethod
     def cost(c: Candidate, default_ms: float) -> float:

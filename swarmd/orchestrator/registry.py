@@ -34,6 +34,15 @@ class WorkerLease:
     sources: set[str] = field(default_factory=set)  # "rpc", "dht": who renewed it
     load: dict[str, Any] = field(default_factory=dict)  # last load the worker reported
     registered_at: float = 0.0
+    reported_busy: int = 0  # in_flight + queue from `load`, precomputed for the hot path
+
+    def __post_init__(self) -> None:
+        self.set_load(self.load)
+
+    def set_load(self, load: dict[str, Any]) -> None:
+        self.load = load
+        busy = load.get("in_flight", 0) + load.get("queue_depth", load.get("queue", 0)) if load else 0
+        self.reported_busy = int(busy) if isinstance(busy, (int, float)) and 0 <= busy < 1e12 else 0
 
     def to_dict(self, now: float) -> dict[str, Any]:
         return {
@@ -58,6 +67,10 @@ class Registry:
         self._leases: dict[str, WorkerLease] = {}
         self._by_model: dict[str, set[str]] = {}
         self._by_capability: dict[str, set[str]] = {}
+        # routable() is on every request's path: cache its answer per (model, capability)
+        # until the next write or the earliest expiry among the cached leases.
+        self._version = 0
+        self._cache: dict[tuple[str | None, str | None], tuple[int, float, list[WorkerLease]]] = {}
 
     # -- writes ---------------------------------------------------------------
 
@@ -100,9 +113,10 @@ class Registry:
             if not lease.addresses:
                 lease.addresses = old.addresses
             if load is None:
-                lease.load = old.load
+                lease.set_load(old.load)
         self._leases[public_key] = lease
         self._index(lease)
+        self._version += 1
         return lease
 
     def remove(self, public_key: str) -> bool:
@@ -110,6 +124,7 @@ class Registry:
         if lease is None:
             return False
         self._unindex(lease)
+        self._version += 1
         return True
 
     def set_state(self, public_key: str, state: str, load: dict[str, Any] | None = None) -> None:
@@ -117,9 +132,11 @@ class Registry:
         lease = self._leases.get(public_key)
         if lease is None:
             return
-        lease.state = state
+        if lease.state != state:
+            lease.state = state
+            self._version += 1
         if load is not None:
-            lease.load = dict(load)
+            lease.set_load(dict(load))
 
     def expire(self) -> list[str]:
         """Drop leases whose time is up; returns their keys so health and stats can forget them."""
@@ -153,8 +170,21 @@ class Registry:
         return out
 
     def routable(self, model: str | None = None, capability: str | None = None) -> list[WorkerLease]:
-        """Matching leases in state ONLINE: JOINING and DRAINING workers get no traffic."""
-        return [lease for lease in self.matching(model, capability) if lease.state == ONLINE]
+        """Matching leases in state ONLINE: JOINING and DRAINING workers get no traffic.
+
+        The returned list is shared with the cache: callers must not modify it.
+        """
+        key = (model, capability)
+        hit = self._cache.get(key)
+        now = self.clock()
+        if hit is not None and hit[0] == self._version and now < hit[1]:
+            return hit[2]
+        out = [lease for lease in self.matching(model, capability) if lease.state == ONLINE]
+        earliest = min((lease.expires_at for lease in out), default=float("inf"))
+        if len(self._cache) > 4096:  # bounded: one entry per (model, capability) actually asked for
+            self._cache.clear()
+        self._cache[key] = (self._version, earliest, out)
+        return out
 
     def models(self) -> list[str]:
         return sorted(m for m, keys in self._by_model.items() if keys)
