@@ -47,7 +47,7 @@ def setup() -> tuple[Balancer, HealthMonitor, Answers, Clock, list[str]]:
         b.registry.upsert(k, models=["mlp"])
     answers = Answers()
     expired: list[str] = []
-    return b, HealthMonitor(b, answers, on_expired=expired.append), answers, clock, expired
+    return b, HealthMonitor(b, answers, on_expired=lambda k, _: expired.append(k)), answers, clock, expired
 
 
 async def test_silent_worker_is_ejected_then_readmitted_when_it_answers() -> None:

@@ -89,7 +89,12 @@ def parse_load(value: Any) -> dict[str, float] | None:
     out: dict[str, float] = {}
     for k in LOAD_KEYS:
         v = value.get(k)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= MAX_LOAD:
+        if (
+            isinstance(v, (int, float))
+            and not isinstance(v, bool)
+            and math.isfinite(v)
+            and 0 <= v <= MAX_LOAD
+        ):
             out[k] = v
     return out
 

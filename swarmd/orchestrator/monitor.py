@@ -29,7 +29,7 @@ class HealthMonitor:
         balancer: Balancer,
         call: Checker,
         *,
-        on_expired: Callable[[str], None] | None = None,
+        on_expired: Callable[[str, bool], None] | None = None,  # (worker, was ejected)
     ) -> None:
         self.balancer = balancer
         self.call = call
@@ -45,10 +45,11 @@ class HealthMonitor:
 
     async def tick(self) -> None:
         """One round: sweep expired leases, check every worker once."""
+        ejected = set(self.balancer.health.ejected)
         for key in self.balancer.expire():
             self.log.bind(event="lease_expired", worker=key[:16]).info("lease of worker {} expired", key[:16])
             if self.on_expired is not None:
-                self.on_expired(key)
+                self.on_expired(key, key in ejected)
         leases = list(self.balancer.registry)
         if leases:
             await asyncio.gather(*(self.check(lease) for lease in leases))
