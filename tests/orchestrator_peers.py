@@ -21,8 +21,14 @@ import numpy as np
 
 from swarmd.errors import ERR_BAD_REQUEST, ERR_NOT_FOUND, SwarmdError
 from swarmd.node.identity import Identity
-from swarmd.rpc import CallContext, Methods, RpcServer
+from swarmd.node.supervisor import Supervisor
+from swarmd.orchestrator.config import OrchestratorConfig
+from swarmd.roles.base import NodeContext
+from swarmd.roles.orchestrator import OrchestratorRole
+from swarmd.rpc import CallContext, Methods, RpcPeer, RpcServer, connect
+from swarmd.settings import Settings
 
+T = 20.0  # generous per-call timeout: the machine is shared
 WEIGHTS = np.arange(12, dtype=np.float32).reshape(4, 3) / 10.0
 
 
@@ -90,6 +96,63 @@ class PeerWorker:
             "max_concurrent": 64,
             "accepting": self.state == "ONLINE",
         }
+
+
+class Orchestrator:
+    """An orchestrator role plugged into a real RPC server (the swarm's, if given), plus a client connected to it."""
+
+    def __init__(self, tmp: Path, swarm: Any = None, **cfg: Any) -> None:
+        settings = Settings()
+        settings.orchestrator = OrchestratorConfig(**cfg)
+        self.identity = swarm.identity if swarm is not None else Identity.generate()
+        self.ctx = NodeContext(
+            identity=self.identity,
+            settings=settings,
+            data_dir=tmp,
+            instance_id="test",
+            roles=("orchestrator",),
+            tasks=Supervisor(),
+            methods=swarm.methods if swarm is not None else Methods(),
+            swarm=swarm,
+        )
+        self.role = OrchestratorRole(self.ctx)
+        self.server = swarm.server if swarm is not None else RpcServer(self.identity, self.ctx.methods)
+        self.client: RpcPeer | None = None
+
+    async def start(self) -> Orchestrator:
+        if self.ctx.swarm is None:
+            await self.server.start()
+        await self.role.start()
+        self.client = await connect(
+            None, "127.0.0.1", self.server.port, remote_public_key=self.identity.public_key
+        )
+        return self
+
+    async def stop(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+        await self.role.stop()
+        if self.ctx.swarm is None:
+            await self.server.stop()
+        await self.ctx.tasks.close()
+
+    async def call(self, method: str, params: Any = None) -> Any:
+        assert self.client is not None
+        return await self.client.call(method, params, timeout=T)
+
+    async def register(self, w: PeerWorker | WorkerProcess, **extra: Any) -> Any:
+        return await self.call(
+            "registerWorker",
+            {"public_key": w.public_hex, "models": ["mlp"], "host": "127.0.0.1", "port": w.port, **extra},
+        )
+
+    async def infer(self, i: int = 0) -> dict[str, Any]:
+        x = np.full((1, 4), float(i), dtype=np.float32)
+        out = await self.call(
+            "routeInferenceRequest", {"model": "mlp", "inputs": {"x": x}, "request_id": str(i)}
+        )
+        np.testing.assert_allclose(out["outputs"]["y"], expected(x))
+        return out
 
 
 class WorkerProcess:

@@ -73,21 +73,24 @@ class WorkerConnections:
         self._peers[key] = peer
 
     async def _dial(self, lease: WorkerLease, seconds: float) -> RpcPeer:
+        """A worker found on the DHT is reached through the swarm (pooled, deduplicated, any
+        path the swarm knows); one registered by hand at its host/port, directly."""
         remote = bytes.fromhex(lease.public_key)
         errors: list[str] = []
+        swarm_first = self.swarm is not None and "dht" in lease.sources
+        if swarm_first:
+            peer = await self._via_swarm(remote, seconds, errors)
+            if peer is not None:
+                return peer
         for host, port in lease.addresses:
             try:
                 return await connect(self.identity, host, port, remote_public_key=remote, timeout=seconds)
             except SwarmdError as e:
                 errors.append(f"{host}:{port}: {e.code}")
-        if self.swarm is not None:
-            try:
-                async with asyncio.timeout(seconds):  # _dial always runs in its own Task
-                    return await self.swarm.connect(remote)
-            except TimeoutError:
-                errors.append(f"swarm: {ERR_TIMEOUT}")
-            except SwarmdError as e:
-                errors.append(f"swarm: {e.code}")
+        if self.swarm is not None and not swarm_first:
+            peer = await self._via_swarm(remote, seconds, errors)
+            if peer is not None:
+                return peer
         if not errors:
             raise SwarmdError(
                 ERR_UNAVAILABLE, f"worker {lease.public_key[:16]} has no address and no swarm to find it"
@@ -95,6 +98,16 @@ class WorkerConnections:
         raise SwarmdError(
             ERR_UNAVAILABLE, f"cannot reach worker {lease.public_key[:16]}: {'; '.join(errors)}"
         )
+
+    async def _via_swarm(self, remote: bytes, seconds: float, errors: list[str]) -> RpcPeer | None:
+        try:
+            async with asyncio.timeout(seconds):  # _dial always runs in its own Task
+                return await self.swarm.connect(remote)
+        except TimeoutError:
+            errors.append(f"swarm: {ERR_TIMEOUT}")
+        except SwarmdError as e:
+            errors.append(f"swarm: {e.code}")
+        return None
 
     def drop(self, public_key: str) -> None:
         """Close the connection to a worker that left (unregistered or lease expired)."""
