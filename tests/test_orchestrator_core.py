@@ -308,7 +308,7 @@ def test_classify_separates_worker_failures_from_caller_errors() -> None:
     assert classify(ConnectionRefusedError()) == (Verdict.RETRY, ERR_CLOSED)
     assert classify(TimeoutError()) == (Verdict.RETRY, ERR_TIMEOUT)
     assert classify(SwarmdError(ERR_BAD_REQUEST, "x")) == (Verdict.FINAL, ERR_BAD_REQUEST)
-    assert classify(SwarmdError(ERR_NOT_FOUND, "x"))[0] is Verdict.FINAL
+    assert classify(SwarmdError(ERR_NOT_FOUND, "x"))[0] is Verdict.ELSEWHERE
 
 
 def test_backoff_grows_and_is_capped() -> None:

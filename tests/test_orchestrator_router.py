@@ -7,7 +7,15 @@ from typing import Any
 
 import pytest
 
-from swarmd.errors import ERR_BAD_REQUEST, ERR_CLOSED, ERR_OVERLOADED, ERR_UNAVAILABLE, SwarmdError
+from swarmd.errors import (
+    ERR_BAD_REQUEST,
+    ERR_CLOSED,
+    ERR_NOT_FOUND,
+    ERR_NOT_READY,
+    ERR_OVERLOADED,
+    ERR_UNAVAILABLE,
+    SwarmdError,
+)
 from swarmd.orchestrator.balancer import Balancer
 from swarmd.orchestrator.config import OrchestratorConfig
 from swarmd.orchestrator.registry import WorkerLease
@@ -117,3 +125,17 @@ async def test_cancelling_a_routed_call_leaves_no_in_flight_count() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert b.stats.get(KEYS[0]).in_flight == 0
+
+
+async def test_a_worker_without_the_model_sends_the_request_elsewhere_unblamed() -> None:
+    b, r, w = make()
+    w.behaviour[KEYS[0]] = SwarmdError(ERR_NOT_FOUND, "model 'mlp' version '2' is not loaded here")
+    w.behaviour[KEYS[1]] = SwarmdError(ERR_NOT_READY, "draining")
+    _, lease = await r.route("runInference", {}, model="mlp")
+    assert lease.public_key == KEYS[2] and w.calls == KEYS[:3]
+    assert b.health.record(KEYS[0]).consecutive_failures == 0 and not b.bans.is_banned(KEYS[0])
+    assert b.registry.get(KEYS[1]).state == "JOINING"  # type: ignore[union-attr]  # out until a check says ONLINE
+    w.behaviour[KEYS[2]] = SwarmdError(ERR_NOT_FOUND, "model 'mlp' version '2' is not loaded here")
+    with pytest.raises(SwarmdError) as ei:  # nobody has it: the worker's precise answer comes back
+        await r.route("runInference", {}, model="mlp")
+    assert ei.value.code == ERR_NOT_FOUND and "version '2'" in ei.value.message

@@ -15,6 +15,7 @@ from enum import Enum
 
 from swarmd.errors import (
     ERR_CLOSED,
+    ERR_NOT_FOUND,
     ERR_NOT_READY,
     ERR_OVERLOADED,
     ERR_TIMEOUT,
@@ -23,19 +24,24 @@ from swarmd.errors import (
 )
 
 # Worker-side failures: the request itself was fine, another worker can serve it.
-# ERR_NOT_READY covers a worker that started draining or is still loading after we chose it.
-RETRYABLE_CODES = frozenset({ERR_CLOSED, ERR_TIMEOUT, ERR_OVERLOADED, ERR_UNAVAILABLE, ERR_NOT_READY})
+RETRYABLE_CODES = frozenset({ERR_CLOSED, ERR_TIMEOUT, ERR_OVERLOADED, ERR_UNAVAILABLE})
+# Answers that are about this worker, not the request, yet no sign of ill health: it does not
+# have that model (or version) after all, or it is loading / draining since we chose it.
+ELSEWHERE_CODES = frozenset({ERR_NOT_FOUND, ERR_NOT_READY})
 
 
 class Verdict(Enum):
     RETRY = "retry"  # the worker failed; count it against the worker and try another
+    ELSEWHERE = "elsewhere"  # the worker is fine but cannot serve this; try another, blame nobody
     FINAL = "final"  # the worker answered with a caller error; hand it back as is
 
 
 def classify(exc: BaseException) -> tuple[Verdict, str]:
     """(verdict, error code) for an exception raised by a call to a worker."""
     if isinstance(exc, SwarmdError):
-        return (Verdict.RETRY if exc.code in RETRYABLE_CODES else Verdict.FINAL), exc.code
+        if exc.code in RETRYABLE_CODES:
+            return Verdict.RETRY, exc.code
+        return (Verdict.ELSEWHERE if exc.code in ELSEWHERE_CODES else Verdict.FINAL), exc.code
     if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
         return Verdict.RETRY, ERR_TIMEOUT
     if isinstance(exc, (ConnectionError, OSError, EOFError)):  # refused, reset, unreachable

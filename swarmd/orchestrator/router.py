@@ -20,10 +20,10 @@ from typing import Any
 
 from loguru import logger
 
-from swarmd.errors import ERR_TIMEOUT, ERR_UNAVAILABLE, SwarmdError
+from swarmd.errors import ERR_NOT_READY, ERR_TIMEOUT, ERR_UNAVAILABLE, SwarmdError
 from swarmd.orchestrator.balancer import Balancer
 from swarmd.orchestrator.failover import Verdict, classify
-from swarmd.orchestrator.registry import WorkerLease
+from swarmd.orchestrator.registry import JOINING, WorkerLease
 
 Caller = Callable[[WorkerLease, str, dict[str, Any], float], Awaitable[Any]]
 Sleeper = Callable[[float], Awaitable[Any]]
@@ -47,9 +47,10 @@ class Router:
     ) -> tuple[Any, WorkerLease]:
         """Call `method` on a chosen worker; on a worker-side failure try another.
 
-        Returns (result, the worker that answered). Caller errors (bad request,
-        unknown model on the worker) come back at once as the worker raised
-        them; worker failures are retried up to max_attempts within `budget` seconds
+        Returns (result, the worker that answered). Caller errors (bad request)
+        come back at once as the worker raised them; a worker that lacks the
+        model or is not ready sends the request to another worker without
+        counting against its health; worker failures are retried up to max_attempts within `budget` seconds
         and end in ERR_UNAVAILABLE (or ERR_TIMEOUT) naming the last cause.
         """
         b = self.balancer
@@ -88,6 +89,13 @@ class Router:
                 if verdict is Verdict.FINAL:
                     b.rejected(key, code)
                     raise
+                if verdict is Verdict.ELSEWHERE:
+                    b.rejected(key, code)
+                    if code == ERR_NOT_READY:  # out of routing until a check or record says ONLINE again
+                        b.registry.set_state(key, JOINING)
+                    if not any(c.public_key not in tried for c in b.candidates(model, capability, tried)):
+                        raise  # nobody else to ask: the worker's own answer is the most precise one
+                    continue
                 outcome = b.failed(key, code, model, capability)
                 last = (key, code)
                 self.log.bind(
