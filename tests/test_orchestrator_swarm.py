@@ -17,7 +17,7 @@ from orchestrator_peers import Orchestrator, PeerWorker, expected
 from swarmd.node.identity import Identity
 from swarmd.rpc import Methods
 from swarmd.swarm import Swarm, SwarmConfig
-from swarmd.topics import ORCHESTRATORS, WORKERS
+from swarmd.topics import ORCHESTRATORS, WORKERS, worker_model_topic
 from tests.dht_testnet import DhtTestnet
 
 T = 20.0
@@ -42,13 +42,15 @@ class SwarmWorker:
         self.swarm = swarm
 
     @classmethod
-    async def start(cls, net: DhtTestnet) -> SwarmWorker:
-        w = await PeerWorker().start()
+    async def start(
+        cls, net: DhtTestnet, models: tuple[str, ...] = ("mlp",), topic: str = WORKERS
+    ) -> SwarmWorker:
+        w = await PeerWorker(models).start()
         dht = await net.add(w.identity)
         sw = Swarm(w.identity, dht, w.server, swarm_cfg())
         await sw.start()
         self = cls(w, sw)
-        await sw.join(WORKERS, announce=True, lookup=False, payload=self.payload())
+        await sw.join(topic, announce=True, lookup=False, payload=self.payload())
         assert await sw.flush(T)
         return self
 
@@ -172,3 +174,21 @@ async def test_a_worker_announcing_draining_gets_no_traffic(net: DhtTestnet, tmp
         await stop_orch(o)
         for w in workers:
             await w.stop()
+
+
+async def test_a_model_announced_only_on_its_own_topic_is_found_on_first_request(
+    net: DhtTestnet, tmp_path: Path
+) -> None:
+    o = await orchestrator(net, tmp_path, dht_refresh=3600.0, dht_lease_ttl=3600.0)
+    w = await SwarmWorker.start(net, models=("cnn",), topic=worker_model_topic("cnn"))
+    try:
+        assert (await o.call("getServiceStatus", {}))["counts"]["total"] == 0
+        x = np.ones((2, 4), dtype=np.float32)
+        out = await o.call("routeInferenceRequest", {"model": "cnn", "inputs": {"x": x}})
+        assert out["worker"] == w.worker.public_hex
+        np.testing.assert_allclose(out["outputs"]["y"], expected(x))
+        found = await o.call("findAvailableWorker", {"model": "cnn"})
+        assert found["public_key"] == w.worker.public_hex
+    finally:
+        await stop_orch(o)
+        await w.stop()

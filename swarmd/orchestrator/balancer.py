@@ -130,7 +130,11 @@ class Balancer:
         )
         known = self.registry.matching(model, capability)
         if not known:
-            return SwarmdError(ERR_NOT_FOUND, f"no registered worker serves {what}")
+            return SwarmdError(
+                ERR_NOT_FOUND,
+                f"no registered worker serves {what}",
+                {"model": model, "capability": capability, "workers": 0},
+            )
         counts = {JOINING: 0, DRAINING: 0, "ejected": 0}
         for lease in known:
             if lease.state != ONLINE:

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine, Iterable
+import time
+from collections.abc import Collection, Coroutine, Iterable
 from typing import Any
 
 from loguru import logger
 
-from swarmd.errors import SwarmdError
+from swarmd.errors import ERR_NOT_FOUND, SwarmdError
 from swarmd.node.identity import Identity
 from swarmd.orchestrator.balancer import Balancer
 from swarmd.orchestrator.config import OrchestratorConfig
@@ -30,7 +31,7 @@ from swarmd.orchestrator.discovery import ad_from_record
 from swarmd.orchestrator.monitor import HealthMonitor
 from swarmd.orchestrator.registry import WorkerLease
 from swarmd.orchestrator.router import Router
-from swarmd.topics import WORKERS
+from swarmd.topics import WORKERS, worker_model_topic
 
 
 class Fleet:
@@ -60,6 +61,7 @@ class Fleet:
         # (higher seq) does.
         self._seq: dict[str, int] = {}
         self._dead: dict[str, int] = {}
+        self._model_lookups: dict[str, float] = {}  # model -> when its topic was last looked up
         self._tasks: list[asyncio.Task[Any]] = []
         self.log = logger.bind(part="fleet")
 
@@ -103,8 +105,51 @@ class Fleet:
         capability: str | None = None,
         budget: float | None = None,
     ) -> tuple[Any, WorkerLease]:
-        """Call `method` on the best worker for (model, capability), failing over as configured."""
+        """Call `method` on the best worker for (model, capability), failing over as configured.
+
+        A model nobody in the registry serves yet is looked up on its own DHT
+        topic once before giving up, so the first request for a model does not
+        wait for the next WORKERS refresh.
+        """
+        try:
+            return await self.router.route(method, params, model=model, capability=capability, budget=budget)
+        except SwarmdError as e:
+            if not await self._found_after_lookup(e, model):
+                raise
         return await self.router.route(method, params, model=model, capability=capability, budget=budget)
+
+    async def choose(
+        self, model: str | None, capability: str | None = None, exclude: Collection[str] = ()
+    ) -> WorkerLease:
+        """The worker a request should go to (the caller does the call), with the same lookup fallback."""
+        try:
+            return self.balancer.choose(model, capability, exclude)
+        except SwarmdError as e:
+            if not await self._found_after_lookup(e, model):
+                raise
+        return self.balancer.choose(model, capability, exclude)
+
+    async def _found_after_lookup(self, err: SwarmdError, model: str | None) -> bool:
+        unknown = err.code == ERR_NOT_FOUND and isinstance(err.data, dict) and err.data.get("workers") == 0
+        if not unknown or model is None or self.swarm is None:
+            return False
+        # In a Task of its own: this may run in an RPC handler's inline first step, where
+        # the swarm's lookup timeout (asyncio.wait_for / timeout) needs a current Task.
+        return await asyncio.ensure_future(self.lookup_model(model)) > 0
+
+    async def lookup_model(self, model: str) -> int:
+        """Look worker_model_topic(model) up now, at most once per dht_refresh per model."""
+        now = time.monotonic()
+        last = self._model_lookups.get(model)
+        if last is not None and now - last < self.config.dht_refresh:
+            return 0
+        if len(self._model_lookups) >= 4096:  # bounded: forget old throttles rather than grow
+            self._model_lookups.clear()
+        self._model_lookups[model] = now
+        records = await self.swarm.lookup_all(
+            worker_model_topic(model), timeout=max(self.config.dht_refresh, 3.0)
+        )
+        return self.ingest_records(records)
 
     # -- membership from the DHT ------------------------------------------------
 

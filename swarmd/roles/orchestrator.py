@@ -115,7 +115,7 @@ class OrchestratorRole(Role):
     async def find_available_worker(self, ctx: Any, params: Any) -> dict[str, Any]:
         model, capability = self._target(params, "findAvailableWorker", need_model=False)
         exclude = [parse_public_key(k, "exclude[]") for k in parse_names(params.get("exclude"), "exclude")]
-        lease = self.balancer.choose(model, capability, exclude=exclude)
+        lease = await self.fleet.choose(model, capability, exclude=exclude)
         alternates = [
             {"public_key": other.public_key, "addresses": [list(a) for a in other.addresses]}
             for other in self.balancer.candidates(model, capability, exclude=[*exclude, lease.public_key])
@@ -134,7 +134,7 @@ class OrchestratorRole(Role):
         left = ctx.time_left() if ctx is not None and hasattr(ctx, "time_left") else None
         budget = None if left is None else max(0.001, left - DEADLINE_MARGIN)
         forward = {k: v for k, v in params.items() if k != "capability"}
-        result, lease = await self.router.route(
+        result, lease = await self.fleet.route(
             "runInference", forward, model=model, capability=capability, budget=budget
         )
         if isinstance(result, dict):
