@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     except SwarmdError as e:
         print(f"swarmd: error: {e.message}", file=sys.stderr)
         return 2
+    if args.command is not None and "node.log_level" not in settings._origin:
+        # operator commands print results; their logs stay quiet unless asked for
+        settings.node.log_level = "WARNING"
     args.settings = settings
 
     from swarmd.node.logging import setup_logging
