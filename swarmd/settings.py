@@ -13,6 +13,7 @@ from typing import Literal
 
 from swarmd.dht.config import DhtConfig
 from swarmd.errors import ConfigError
+from swarmd.orchestrator.config import OrchestratorConfig
 from swarmd.roles.base import ROLE_ORDER
 from swarmd.rpc.config import AccessConfig, RpcConfig
 from swarmd.swarm.config import SwarmConfig
@@ -51,6 +52,7 @@ class Settings:
     swarm: SwarmConfig = field(default_factory=SwarmConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
+    orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
 
     def validate(self) -> None:
         for section in vars(self).values():
