@@ -100,7 +100,7 @@ async def test_update_forget_list_hook_order(tmp_path: Path) -> None:
         svc.calls.clear()
         view = await svc.call("updateThing", {"id": "g1", "info": {"title": "b"}})
         assert view["rev"] == 2
-        assert svc.calls == [("validate_thing", 1), ("on_update", 2, 1)]
+        assert svc.calls == [("thing_tags",), ("thing_tags",), ("validate_thing", 1), ("on_update", 2, 1)]
         svc.calls.clear()
         await svc.call("listThings", {})
         assert svc.names() == ["on_list"]

@@ -29,7 +29,8 @@ else becomes ERR_INTERNAL); state is then unchanged.
                unique keys (ERR_CONFLICT) -> `setup_thing` -> `on_register`
                (refusal: `teardown_thing` undoes setup) -> commit
   updateThing  check params -> find (ERR_NOT_FOUND) -> `rev` check
-               (ERR_CONFLICT) -> merge -> `thing_tags` -> `validate_thing(thing,
+               (ERR_CONFLICT) -> merge -> `thing_tags` (of previous, then of the
+               merged thing: service tags follow info) -> `validate_thing(thing,
                previous)` -> unique keys -> `on_update(thing, previous)` -> commit
   forgetThings select (ids | query | all) -> `on_forget` for each (any refusal
                forgets nothing) -> commit (one transaction) -> `teardown_thing`
@@ -478,8 +479,12 @@ class ThingService:
                 updated=max(now_ms(), previous.updated),
                 last=previous.last,
             )
-            if tags is not None:
-                thing.tags = self._with_service_tags(thing, tags)
+            # Service tags may follow info (a "lost" tag), so they are recomputed on
+            # every update; the caller's own tags are kept unless replaced.
+            if tags is None:
+                service_before = set(self.thing_tags(previous))
+                tags = [t for t in previous.tags if t not in service_before]
+            thing.tags = self._with_service_tags(thing, tags)
             self._check_size(thing, m)
             await self._hook("validate_thing", thing, previous)
             self._check_unique(thing)
