@@ -142,3 +142,34 @@ async def test_book_snapshots(tmp_path: Path) -> None:
             assert ei.value.code == code
         v = await books.call("updateThing", {"id": "dune", "info": {"lost": True}})
         assert "lost" in v["tags"]
+
+
+async def test_discovery_by_lookup_renews_and_expires(tmp_path: Path) -> None:
+    from dataclasses import dataclass
+
+    @dataclass
+    class Rec:  # the shape of a DHT PeerRecord: key bytes, (host, port) pairs, payload
+        public_key: bytes
+        addresses: tuple[tuple[str, int], ...]
+        payload: dict[str, Any]
+
+    clock = Clock()
+    announced = [Rec(bytes.fromhex(KEY_A), (("127.0.0.1", 7001),), {"id": "shelf-a", "type": "book"}),
+                 Rec(bytes.fromhex(KEY_B), (("::1", 7002),), {"id": "shelf-b"}),
+                 Rec(b"short", (), {})]
+
+    async def lookup() -> list[Rec]:
+        return list(announced)
+
+    ork = Ork(tmp_path, InProcessRacks(), OrkConfig(lease_s=60, discover_interval_s=0), clock=clock, lookup=lookup)
+    async with ork:
+        assert await ork.discover_once() == 2
+        racks = {r["id"]: r for r in await ork.call("listRacks", {"keys": True})}
+        assert racks["shelf-a"]["addresses"] == ["127.0.0.1:7001"] and racks["shelf-b"]["addresses"] == ["[::1]:7002"]
+        assert racks["shelf-a"]["public_key"] == KEY_A
+        announced.pop(1)  # shelf-b stops announcing
+        clock.t += 40
+        await ork.discover_once()
+        clock.t += 40
+        await ork.discover_once()
+        assert [r["id"] for r in await ork.call("listRacks", {})] == ["shelf-a"]

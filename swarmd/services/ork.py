@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -120,6 +120,13 @@ def check_addresses(v: Any, what: str) -> list[str]:
     return list(v)
 
 
+def _addr_text(a: Any) -> Any:
+    """("host", port) as DHT records carry it -> "host:port"; text passes through."""
+    if isinstance(a, (tuple, list)) and len(a) == 2 and isinstance(a[0], str) and isinstance(a[1], int):
+        return f"[{a[0]}]:{a[1]}" if ":" in a[0] else f"{a[0]}:{a[1]}"
+    return a
+
+
 class RackBook(ThingService):
     """The ork's manual racks, persisted as things of type "rack"."""
 
@@ -145,9 +152,21 @@ def rack_of(thing: Thing) -> Rack:
     )
 
 
+# Returns the current records of the RACKS topic: objects with public_key,
+# addresses ((host, port) pairs or "host:port") and payload, such as the DHT's
+# PeerRecord (`lambda: dht.lookup_all(topic_from_name(RACKS), timeout=5)`).
+RackLookup = Callable[[], Awaitable[Iterable[Any]]]
+
+
+def rack_payload(rack_id: str, rack_type: str) -> dict[str, Any]:
+    """What a rack announces on RACKS so orks list it under a readable id."""
+    return {"id": _check_id(rack_id, "rack id"), "type": rack_type}
+
+
 class Ork:
     """The rack registry and its fan-out. Owns a RackBook (manual racks) and
-    the leases of discovered racks; `caller` reaches a rack."""
+    the leases of discovered racks; `caller` reaches a rack; `lookup`, when
+    given, is polled every `discover_interval_s` by a task the Ork owns."""
 
     def __init__(
         self,
@@ -156,19 +175,53 @@ class Ork:
         config: OrkConfig | None = None,
         things_config: ThingsConfig | None = None,
         clock: Callable[[], float] = time.time,
+        lookup: RackLookup | None = None,
     ) -> None:
         self.config = config or OrkConfig()
         self.book = RackBook("ork-racks", data_dir, things_config or ThingsConfig(snapshot_interval_s=0))
         self.caller = caller
         self.discovered: dict[str, Rack] = {}  # public key hex -> rack with a lease
         self._clock = clock
+        self._lookup = lookup
+        self._discover_task: asyncio.Task[None] | None = None
         self.log = logger.bind(service="ork")
 
     async def start(self) -> None:
         await self.book.start()
+        if self._lookup is not None and self.config.discover_interval_s > 0:
+            self._discover_task = asyncio.get_running_loop().create_task(self._discover_loop(), name="ork:discover")
 
     async def stop(self) -> None:
+        task, self._discover_task = self._discover_task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                if not task.cancelled():
+                    raise
         await self.book.stop()
+
+    async def discover_once(self) -> int:
+        """One lookup of RACKS: renew or add every announced rack, expire the rest."""
+        if self._lookup is None:
+            return 0
+        records = await asyncio.wait_for(self._lookup(), timeout=max(self.config.call_timeout_s, 1.0))
+        seen = 0
+        for rec in records:
+            if self.observe(getattr(rec, "public_key", None), getattr(rec, "addresses", ()),
+                            getattr(rec, "payload", None)) is not None:
+                seen += 1
+        self.expire()
+        return seen
+
+    async def _discover_loop(self) -> None:
+        while True:
+            try:
+                await self.discover_once()
+            except (SwarmdError, TimeoutError, OSError) as e:  # the DHT is down or slow: try again later
+                self.log.bind(event="rack_lookup_failed").warning("looking up racks failed: {!r}", e)
+            await asyncio.sleep(self.config.discover_interval_s)
 
     async def __aenter__(self) -> Ork:
         await self.start()
@@ -190,7 +243,7 @@ class Ork:
         keys = {r.public_key for r in manual}
         return manual + [r for r in self.discovered.values() if r.public_key not in keys]
 
-    def observe(self, public_key: str, addresses: list[str], payload: Any) -> Rack | None:
+    def observe(self, public_key: str | bytes, addresses: Any, payload: Any) -> Rack | None:
         """A rack announced itself on RACKS: add it or renew its lease.
 
         Payloads come from other peers: anything malformed is ignored with a
@@ -198,7 +251,9 @@ class Ork:
         """
         try:
             pk = check_public_key(public_key, "rack public key")
-            addrs = check_addresses(list(addresses)[:MAX_ADDRESSES], "rack addresses")
+            if not isinstance(addresses, (list, tuple)):
+                raise bad_request("rack addresses must be a list")
+            addrs = check_addresses([_addr_text(a) for a in list(addresses)[:MAX_ADDRESSES]], "rack addresses")
             p = payload if isinstance(payload, Mapping) else {}
             rid = p.get("id", pk[:16])
             _check_id(rid, "rack id")
