@@ -31,8 +31,11 @@ from loguru import logger
 
 from swarmd.errors import (
     ERR_BAD_REQUEST,
+    ERR_CLOSED,
+    ERR_HANDSHAKE,
     ERR_INTERNAL,
     ERR_NOT_FOUND,
+    ERR_TIMEOUT,
     ERR_UNAVAILABLE,
     ERR_UNKNOWN_METHOD,
     SwarmdError,
@@ -47,6 +50,7 @@ from swarmd.services.things import (
     _check_id,
     _check_keys,
     bad_request,
+    mount_handlers,
 )
 
 HEX_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -410,6 +414,11 @@ class Ork:
             out[name] = (lambda params, n=name: self.proxy(n, params), op)
         return out
 
+    def mount(self, methods: Any, prefix: str = "") -> list[str]:
+        """Serve registerRack/forgetRacks/listRacks and the proxied thing
+        methods on an RPC method table, writes as op "w"."""
+        return mount_handlers(methods, self.handlers(), prefix)
+
     async def call(self, method: str, params: Any) -> Any:
         entry = self.handlers().get(method)
         if entry is None:
@@ -432,3 +441,42 @@ class InProcessRacks:
         if svc is None:
             raise SwarmdError(ERR_UNAVAILABLE, f"rack {rack.id} is not served in this process")
         return await asyncio.wait_for(svc.call(method, params), timeout=timeout)
+
+
+# Errors that mean "this address did not work", so the next one is tried.
+_DIAL_ERRORS = frozenset({ERR_UNAVAILABLE, ERR_TIMEOUT, ERR_CLOSED, ERR_HANDSHAKE})
+
+
+def split_address(text: str) -> tuple[str, int]:
+    m = ADDR_RE.match(text)
+    if m is None:
+        raise SwarmdError(ERR_BAD_REQUEST, f"address {text!r:.80} must look like HOST:PORT")
+    return m.group(1).strip("[]"), int(m.group(2))
+
+
+class RpcRackCaller:
+    """Reaches racks over RPC through a connection pool (swarmd_rpc.Pool, or
+    anything with `call(target, method, params, timeout=)`), pinned to each
+    rack's public key so a different peer on the same address is refused by
+    the handshake. Addresses are tried in order; the first that connects wins."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+
+    async def __call__(self, rack: Rack, method: str, params: Any, timeout: float) -> Any:  # noqa: ASYNC109
+        from swarmd_rpc.pool import Target  # the client library sits beside the layers, not below them
+
+        if not rack.addresses:
+            raise SwarmdError(ERR_UNAVAILABLE, f"rack {rack.id} has no address to dial")
+        key = bytes.fromhex(rack.public_key)
+        last: SwarmdError | None = None
+        for addr in rack.addresses:
+            host, port = split_address(addr)
+            try:
+                return await self.pool.call(Target(host, port, key), method, params, timeout=timeout)
+            except SwarmdError as e:
+                if e.code not in _DIAL_ERRORS:
+                    raise
+                last = e
+        assert last is not None
+        raise last

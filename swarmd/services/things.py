@@ -201,6 +201,21 @@ def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def mount_handlers(
+    methods: Any, handlers: Mapping[str, tuple[Callable[[Any], Awaitable[Any]], str]], prefix: str = ""
+) -> list[str]:
+    """Register `handlers` (name -> (handler(params), op)) as RPC methods
+    `async def h(ctx, params)`; returns the names registered."""
+    names = []
+    for name, (fn, op) in handlers.items():
+        async def handler(ctx: Any, params: Any, fn: Callable[[Any], Awaitable[Any]] = fn) -> Any:
+            return await fn(params)
+
+        methods.register(prefix + name, handler, op=op)
+        names.append(prefix + name)
+    return names
+
+
 class ThingService:
     """Subclass and override the hooks; see the module docstring for their order."""
 
@@ -608,6 +623,15 @@ class ThingService:
             "tailLog": self.tail_log,
         }
         return {name: (impl[name], op) for name, op in THING_METHODS.items()}
+
+    def mount(self, methods: Any, prefix: str = "") -> list[str]:
+        """Serve the thing methods on an RPC method table (swarmd.rpc.Methods).
+
+        Writes are registered with op "w", so the node's firewall refuses them
+        to read-only peers (ERR_FORBIDDEN) before the service sees the call.
+        `prefix` lets one node serve several services ("books.listThings").
+        """
+        return mount_handlers(methods, self.handlers(), prefix)
 
     async def call(self, method: str, params: Any) -> Any:
         """Call a method in-process, exactly as a peer would over RPC."""
