@@ -61,6 +61,6 @@ class Books(ThingService):
 
 
 if __name__ == "__main__":
-    from swarmd.services.worker_main import run_thing_worker
+    from swarmd.plugins import run_thing_worker
 
     sys.exit(run_thing_worker(Books, name="books", rack_type="book"))
