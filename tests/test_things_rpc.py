@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+
+pytest.importorskip("swarmd.rpc.server", reason="needs engineer net's swarmd.rpc on main")
+
+from pathlib import Path
 
 from examples.book_worker import Books
 from swarmd.errors import ERR_BAD_REQUEST, ERR_FORBIDDEN, ERR_NOT_FOUND, SwarmdError
