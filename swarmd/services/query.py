@@ -22,8 +22,12 @@ MAX_TERMS = 64  # total field terms in one query
 
 def get_path(doc: Any, path: str) -> Any:
     """The value at a dotted path, or _MISSING when any step is absent."""
+    return _get(doc, path.split("."))
+
+
+def _get(doc: Any, parts: list[str] | tuple[str, ...]) -> Any:
     cur = doc
-    for part in path.split("."):
+    for part in parts:
         if isinstance(cur, Mapping) and part in cur:
             cur = cur[part]
         elif isinstance(cur, list) and part.isdigit() and int(part) < len(cur):
@@ -78,6 +82,11 @@ def _eq(actual: Any, expected: Any) -> bool:
 
 
 def _term(path: str, op: str, arg: Any) -> Predicate:
+    parts = tuple(path.split("."))
+
+    def get_path(d: Any, _path: str) -> Any:  # the path is split once per query, not per document
+        return _get(d, parts)
+
     if op == "$eq":
         return lambda d: _eq(get_path(d, path), arg)
     if op == "$ne":

@@ -371,6 +371,13 @@ class ThingService:
             "last": dict(thing.last),
         }
 
+    def _match_view(self, thing: Thing) -> dict[str, Any]:
+        """The view without copies, for matching only (never handed out)."""
+        return {
+            "id": thing.id, "type": thing.type, "tags": thing.tags, "info": self.select_thing_info(thing),
+            "rev": thing.rev, "created": thing.created, "updated": thing.updated, "last": thing.last,
+        }
+
     def _error_of(self, e: BaseException) -> SwarmdError:
         if isinstance(e, SwarmdError):
             return e
@@ -534,7 +541,7 @@ class ThingService:
                         missing.append(i)
             elif "query" in chosen:
                 pred = self._compile(compile_query, p["query"], m, "query")
-                targets = [t for t in self.things.values() if pred(self.view(t))]
+                targets = [t for t in self.things.values() if pred(self._match_view(t))]
             else:
                 if p["all"] is not True:
                     raise bad_request(f"{m}: all must be true when given")
@@ -568,7 +575,7 @@ class ThingService:
         sort = self._compile(compile_sort, p.get("sort"), m, "sort")
         offset = _int_param(p, "offset", m, 0, 0, 2**31)
         limit = _int_param(p, "limit", m, self.config.list_default_limit, 0, self.config.list_max_limit)
-        views = [v for v in (self.view(t) for t in self.things.values()) if pred(v)]
+        views = [self.view(t) for t in self.things.values() if pred(self._match_view(t))]
         hooked = await self._hook("on_list", views, p)
         if hooked is not None:
             views = list(hooked)
@@ -650,17 +657,20 @@ class ThingService:
         `snapshot_timeout_s` and shows up as offline.
         """
         async with self._round_lock:
-            sem = asyncio.Semaphore(max(1, self.config.snapshot_concurrency))
             things = list(self.things.values())
             entries: list[dict[str, Any] | None] = [None] * len(things)
+            todo = iter(enumerate(things))
 
-            async def one(i: int, thing: Thing) -> None:
-                async with sem:
+            async def worker() -> None:
+                # A fixed pool of workers rather than a task per thing: the cap
+                # holds by construction and a round over 10k things makes
+                # `snapshot_concurrency` tasks, not 10k.
+                for i, thing in todo:
                     entries[i] = await self._collect_one(thing)
 
             async with asyncio.TaskGroup() as tg:
-                for i, thing in enumerate(things):
-                    tg.create_task(one(i, thing))
+                for _ in range(min(max(1, self.config.snapshot_concurrency), len(things))):
+                    tg.create_task(worker())
             done = [e for e in entries if e is not None]
             self.snaplog.append(done)
             return done
@@ -670,7 +680,8 @@ class ThingService:
         err: SwarmdError | None = None
         snap: Any = None
         try:
-            snap = await asyncio.wait_for(_maybe_await(self.collect_thing_snap(thing)), timeout=timeout)
+            async with asyncio.timeout(timeout):
+                snap = await _maybe_await(self.collect_thing_snap(thing))
             if snap is not None and not isinstance(snap, dict):
                 err = SwarmdError(ERR_INTERNAL, f"collect_thing_snap returned {type(snap).__name__}, not an object")
                 snap = None
