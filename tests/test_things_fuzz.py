@@ -5,10 +5,10 @@ exception, and the service keeps serving."""
 from __future__ import annotations
 
 import asyncio
-import tempfile
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,18 +25,33 @@ values = st.recursive(scalars, lambda c: st.one_of(st.lists(c, max_size=3), st.d
 params = st.one_of(values, st.dictionaries(names, values, max_size=4))
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.tuples(st.sampled_from(sorted(THING_METHODS)), params), min_size=1, max_size=6))
-def test_any_params_get_a_result_or_a_coded_error(calls: list[tuple[str, Any]]) -> None:
-    async def run() -> None:
-        with tempfile.TemporaryDirectory() as d:
-            async with Books("books", Path(d), ThingsConfig(snapshot_interval_s=0)) as books:
-                await books.call("registerThing", {"id": "dune", "info": {"title": "Dune"}})
-                for method, p in calls:
-                    try:
-                        await books.call(method, p)
-                    except SwarmdError as e:
-                        assert e.code in ALL_CODES and e.message
-                assert isinstance(await books.call("listThings", {}), list)
+@pytest.fixture(scope="module")
+def books_on_a_loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[asyncio.AbstractEventLoop, Books]]:
+    """One service for all examples (each example starts by forgetting everything):
+    a fresh SQLite file per example would make this test slow on a shared machine."""
+    loop = asyncio.new_event_loop()
+    books = Books("books", tmp_path_factory.mktemp("fuzz"), ThingsConfig(snapshot_interval_s=0))
+    loop.run_until_complete(books.start())
+    yield loop, books
+    loop.run_until_complete(books.stop())
+    loop.close()
 
-    asyncio.run(run())
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(calls=st.lists(st.tuples(st.sampled_from(sorted(THING_METHODS)), params), min_size=1, max_size=6))
+def test_any_params_get_a_result_or_a_coded_error(
+    books_on_a_loop: tuple[asyncio.AbstractEventLoop, Books], calls: list[tuple[str, Any]]
+) -> None:
+    loop, books = books_on_a_loop
+
+    async def run() -> None:
+        await books.call("forgetThings", {"all": True})
+        await books.call("registerThing", {"id": "dune", "info": {"title": "Dune"}})
+        for method, p in calls:
+            try:
+                await books.call(method, p)
+            except SwarmdError as e:
+                assert e.code in ALL_CODES and e.message
+        assert isinstance(await books.call("listThings", {}), list)
+
+    loop.run_until_complete(run())

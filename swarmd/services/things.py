@@ -312,11 +312,12 @@ class ThingService:
             except asyncio.CancelledError:
                 if not task.cancelled():  # our own caller is being cancelled
                     raise
-        for thing in list(self.things.values()):
-            await self._quiet_hook("teardown_thing", thing)
-        if self._store is not None:
-            self._store.close()
-            self._store = None
+        async with self._write_lock:  # let a write in flight commit before the database closes
+            for thing in list(self.things.values()):
+                await self._quiet_hook("teardown_thing", thing)
+            if self._store is not None:
+                self._store.close()
+                self._store = None
 
     async def replay(self) -> None:
         """Make memory equal the database: rows become things (runtime state of
