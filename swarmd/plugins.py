@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import os
 import sys
 from collections.abc import Callable
@@ -177,7 +178,8 @@ def run_thing_worker(
     except SwarmdError as e:
         print(f"{name}: error: {e.message}", file=sys.stderr)
         return 2
-    cfg = ThingsConfig()
+    # [things] once the integrator composes ThingsConfig into Settings; defaults until then.
+    cfg = copy.copy(getattr(args.settings, "things", None) or ThingsConfig())
     if args.snapshot_interval is not None:
         cfg.snapshot_interval_s = args.snapshot_interval
     options = PluginOptions(rack_id=args.rack_id, rack_type=rack_type, announce=not args.no_announce)
@@ -195,7 +197,8 @@ def run_ork(argv: list[str] | None = None) -> int:
     except (UsageError, SwarmdError) as e:
         print(f"ork: error: {getattr(e, 'message', e)}", file=sys.stderr)
         return 2
-    return _run(args, lambda ctx: OrkPart(ctx, OrkConfig()), "ork")
+    cfg = getattr(args.settings, "ork", None) or OrkConfig()
+    return _run(args, lambda ctx: OrkPart(ctx, cfg), "ork")
 
 
 if __name__ == "__main__":
