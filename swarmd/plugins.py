@@ -1,8 +1,8 @@
 """Run a thing service (or an ork) as a plugin worker on a swarmd node.
 
 A plugin worker is a swarmd node (same identity, data dir, config layers,
-ready line, status file and signal handling as `swarmd --role ...`) with
-one extra part: a thing service mounted on the node's RPC methods and, when
+RPC server, DHT node and swarm, ready line, status file and signal handling
+as `swarmd --role ...`) with one extra part: a thing service mounted on the node's RPC methods and, when
 the node runs a swarm, announced on the RACKS topic so orks find it. An
 author's whole program is the subclass and one line::
 
@@ -29,7 +29,7 @@ from swarmd.cli import Parser, UsageError, add_common_flags, settings_from_args
 from swarmd.daemon import Node
 from swarmd.errors import SwarmdError
 from swarmd.roles.base import NodeContext
-from swarmd.services.ork import Ork, OrkConfig, RpcRackCaller, rack_payload
+from swarmd.services.ork import Ork, OrkConfig, RpcRackCaller, SwarmRackCaller, rack_payload
 from swarmd.services.things import ThingsConfig, ThingService
 from swarmd.topics import RACKS
 
@@ -42,19 +42,37 @@ class PluginOptions:
     announce: bool = True
 
 
-async def _ensure_rpc(ctx: NodeContext) -> Any:
-    """The node's RPC server, or one started for this plugin when the node was
-    built without network parts. Returns the server the plugin started (to stop), or None."""
-    if ctx.methods is not None:
-        return None
-    from swarmd.rpc import Methods, RpcServer
+class RpcPart:
+    """The node's RPC server (fills ctx.methods, ctx.rpc_server, ctx.ports["rpc"]).
 
-    methods = Methods()
-    server = RpcServer(ctx.identity, methods, host=ctx.settings.node.host, port=ctx.settings.node.port)
-    await server.start()
-    ctx.methods, ctx.rpc_server = methods, server
-    ctx.ports["rpc"] = server.port
-    return server
+    Used only while the daemon's Node composes no network parts of its own;
+    once it does, PluginNode takes the Node's parts unchanged.
+    """
+
+    def __init__(self, ctx: NodeContext) -> None:
+        self.ctx = ctx
+        self.server: Any = None
+
+    async def start(self) -> None:
+        from swarmd.rpc import Methods, RpcServer
+
+        node = self.ctx.settings.node
+        self.server = RpcServer(self.ctx.identity, Methods(), host=node.host, port=node.port)
+        await self.server.start()
+        self.ctx.methods, self.ctx.rpc_server = self.server.methods, self.server
+        self.ctx.ports["rpc"] = self.server.port
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop()
+
+
+def network_parts(ctx: NodeContext) -> list[tuple[str, Any]]:
+    """RPC server, DHT node, swarm: what a plugin worker needs to be found and called."""
+    from swarmd.dht.part import DhtPart
+    from swarmd.swarm.part import SwarmPart
+
+    return [("rpc", RpcPart(ctx)), ("dht", DhtPart(ctx)), ("swarm", SwarmPart(ctx))]
 
 
 class ThingPart:
@@ -64,12 +82,10 @@ class ThingPart:
         self.ctx = ctx
         self.service = service
         self.options = options
-        self._server: Any = None
         self._mounted: list[str] = []
         self._announced = False
 
     async def start(self) -> None:
-        self._server = await _ensure_rpc(self.ctx)
         await self.service.start()
         self._mounted = self.service.mount(self.ctx.methods)
         swarm = self.ctx.swarm
@@ -87,8 +103,6 @@ class ThingPart:
         for name in self._mounted:
             self.ctx.methods.unregister(name)
         await self.service.stop()
-        if self._server is not None:
-            await self._server.stop()
 
 
 class OrkPart:
@@ -99,20 +113,23 @@ class OrkPart:
         self.config = config
         self.ork: Ork | None = None
         self._pool: Any = None
-        self._server: Any = None
         self._mounted: list[str] = []
 
     async def start(self) -> None:
         from swarmd_rpc.pool import Pool
 
-        self._server = await _ensure_rpc(self.ctx)
         self._pool = Pool(self.ctx.identity)
+        direct = RpcRackCaller(self._pool)
         swarm = self.ctx.swarm
-        lookup = None
         if swarm is not None:
+            caller: Any = SwarmRackCaller(swarm, direct)
+
             async def lookup() -> Any:
-                return await swarm.lookup(RACKS)
-        self.ork = Ork(self.ctx.data_dir, RpcRackCaller(self._pool), self.config, lookup=lookup)
+                return await swarm.lookup_all(RACKS, timeout=self.config.call_timeout_s)
+
+            self.ork = Ork(self.ctx.data_dir, caller, self.config, lookup=lookup)
+        else:
+            self.ork = Ork(self.ctx.data_dir, direct, self.config)
         await self.ork.start()
         self._mounted = self.ork.mount(self.ctx.methods)
 
@@ -123,8 +140,6 @@ class OrkPart:
             await self.ork.stop()
         if self._pool is not None:
             await self._pool.close()
-        if self._server is not None:
-            await self._server.stop()
 
 
 class PluginNode(Node):
@@ -136,7 +151,8 @@ class PluginNode(Node):
         self._part_name = part_name
 
     def _parts(self, ctx: NodeContext) -> list[tuple[str, Any]]:
-        return [*super()._parts(ctx), (self._part_name, self._make_part(ctx))]
+        parts = super()._parts(ctx) or network_parts(ctx)
+        return [*parts, (self._part_name, self._make_part(ctx))]
 
 
 def _parse(argv: list[str] | None, prog: str, extra: Callable[[argparse.ArgumentParser], None]) -> argparse.Namespace:

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
-
-pytest.importorskip("swarmd.rpc.server", reason="needs engineer net's swarmd.rpc on main")
-
 import socket
 from pathlib import Path
 from typing import Any
 
-from swarmd_rpc.pool import Pool
+import pytest
 
 from examples.book_worker import Books
 from swarmd.errors import ERR_FORBIDDEN, ERR_HANDSHAKE, ERR_UNAVAILABLE, SwarmdError
@@ -18,6 +14,7 @@ from swarmd.node.identity import Identity
 from swarmd.rpc import Firewall, Methods, RpcServer, connect
 from swarmd.services.ork import Ork, RpcRackCaller
 from swarmd.services.things import ThingsConfig
+from swarmd_rpc.pool import Pool
 
 T = 20.0
 

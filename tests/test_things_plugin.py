@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
-pytest.importorskip("swarmd.rpc.server", reason="needs engineer net's swarmd.rpc on main")
-
 import json
 import subprocess
 import sys

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
-
-pytest.importorskip("swarmd.rpc.server", reason="needs engineer net's swarmd.rpc on main")
-
 from pathlib import Path
+
+import pytest
 
 from examples.book_worker import Books
 from swarmd.errors import ERR_BAD_REQUEST, ERR_FORBIDDEN, ERR_NOT_FOUND, SwarmdError

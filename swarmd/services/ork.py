@@ -480,3 +480,20 @@ class RpcRackCaller:
                 last = e
         assert last is not None
         raise last
+
+
+class SwarmRackCaller:
+    """Reaches racks through the swarm by public key (`swarm.request`): the
+    swarm finds the rack's record (or its peer topic), connects by whatever
+    path works and keeps the connection pooled. Used for racks announced on
+    RACKS and for manual racks registered without addresses; `direct`, when
+    given, serves racks registered with explicit addresses."""
+
+    def __init__(self, swarm: Any, direct: RackCaller | None = None) -> None:
+        self.swarm = swarm
+        self.direct = direct
+
+    async def __call__(self, rack: Rack, method: str, params: Any, timeout: float) -> Any:  # noqa: ASYNC109
+        if self.direct is not None and rack.source == "manual" and rack.addresses:
+            return await self.direct(rack, method, params, timeout)
+        return await self.swarm.request(bytes.fromhex(rack.public_key), method, params, timeout=timeout)
