@@ -208,12 +208,22 @@ def run_thing_worker(
 
 def run_ork(argv: list[str] | None = None) -> int:
     """Serve an ork (registerRack, listRacks, fan-out of the thing methods)."""
+    def extra(p: argparse.ArgumentParser) -> None:
+        g = p.add_argument_group("ork")
+        g.add_argument("--discover-interval", type=float, default=None,
+                       help="seconds between lookups of the RACKS topic (0: off)")
+        g.add_argument("--lease", type=float, default=None, help="seconds a discovered rack lives unless seen again")
+
     try:
-        args = _parse(argv, "swarmd-ork", lambda p: None)
+        args = _parse(argv, "swarmd-ork", extra)
     except (UsageError, SwarmdError) as e:
         print(f"ork: error: {getattr(e, 'message', e)}", file=sys.stderr)
         return 2
-    cfg = getattr(args.settings, "ork", None) or OrkConfig()
+    cfg = copy.copy(getattr(args.settings, "ork", None) or OrkConfig())
+    if args.discover_interval is not None:
+        cfg.discover_interval_s = args.discover_interval
+    if args.lease is not None:
+        cfg.lease_s = args.lease
     return _run(args, lambda ctx: OrkPart(ctx, cfg), "ork")
 
 

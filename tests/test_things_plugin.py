@@ -66,10 +66,12 @@ def _ready(p: Proc) -> tuple[bytes, int]:
 async def test_book_worker_one_command_serves_and_replays(tmp_path: Path) -> None:
     data = tmp_path / "books"
     worker = Proc("examples/book_worker.py", "--data-dir", str(data), "--snapshot-interval", "0.05",
-                  "--no-announce")
+                  "--rack-id", "shelf-1")
     ork_proc: Proc | None = None
     try:
-        key, port = _ready(worker)
+        ready = worker.wait_event("ready")
+        key, port = bytes.fromhex(ready["public_key"]), int(ready["ports"]["rpc"])
+        dht_port = int(ready["ports"]["dht"])
         peer = await connect(None, "127.0.0.1", port, remote_public_key=key, timeout=T)
         try:
             made = await peer.call("registerThing", {"id": "dune", "info": {"title": "Dune"}}, timeout=T)
@@ -86,15 +88,24 @@ async def test_book_worker_one_command_serves_and_replays(tmp_path: Path) -> Non
         finally:
             await peer.close()
 
-        # an ork, also one command, fans out to the worker
-        ork_proc = Proc("-m", "swarmd.plugins", "ork", "--data-dir", str(tmp_path / "ork"))
+        # an ork, also one command, joins the worker's swarm and finds the rack on RACKS by itself
+        ork_proc = Proc("-m", "swarmd.plugins", "ork", "--data-dir", str(tmp_path / "ork"),
+                        "--bootstrap", f"127.0.0.1:{dht_port}", "--discover-interval", "0.2")
         okey, oport = _ready(ork_proc)
         op = await connect(None, "127.0.0.1", oport, remote_public_key=okey, timeout=T)
         try:
+            deadline = time.monotonic() + T
+            while not (racks := await op.call("listRacks", {"keys": True}, timeout=T)):
+                assert time.monotonic() < deadline, "the ork never found the rack on RACKS"
+                await _sleep_a_little()
+            assert [(r["id"], r["source"], r["public_key"]) for r in racks] == [("shelf-1", "dht", key.hex())]
+            out = await op.call("listThings", {}, timeout=T)
+            assert [(t["id"], t["rack"]) for t in out["things"]] == [("dune", "shelf-1")]
+            # and a rack registered by hand, reached at its address
             await op.call("registerRack", {"id": "shelf", "public_key": key.hex(),
                                            "addresses": [f"127.0.0.1:{port}"]}, timeout=T)
             out = await op.call("listThings", {}, timeout=T)
-            assert [(t["id"], t["rack"]) for t in out["things"]] == [("dune", "shelf")]
+            assert [(t["id"], t["rack"]) for t in out["things"]] == [("dune", "shelf")]  # manual shadows dht
         finally:
             await op.close()
         assert ork_proc.stop() == 0
