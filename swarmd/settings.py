@@ -16,8 +16,8 @@ from swarmd.errors import ConfigError
 from swarmd.orchestrator.config import OrchestratorConfig
 from swarmd.roles.base import ROLE_ORDER
 from swarmd.rpc.config import AccessConfig, RpcConfig
-from swarmd.swarm.config import SwarmConfig
 from swarmd.store.config import StoreConfig
+from swarmd.swarm.config import SwarmConfig
 from swarmd.worker.config import WorkerConfig
 
 
