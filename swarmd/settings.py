@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from swarmd.errors import ConfigError
+from swarmd.gateway.config import GatewayConfig
 from swarmd.roles.base import ROLE_ORDER
 
 
@@ -40,6 +41,7 @@ class NodeConfig:
 @dataclass
 class Settings:
     node: NodeConfig = field(default_factory=NodeConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
 
     def validate(self) -> None:
         for role in self.node.roles:
