@@ -199,6 +199,7 @@ def test_request_id_echoed_or_generated(gw):
     assert r.headers["x-request-id"] == "abc-123"
     r = gw.request("GET", "/health", headers={"X-Request-Id": "bad id with spaces"})
     assert r.headers["x-request-id"] != "bad id with spaces" and len(r.headers["x-request-id"]) == 16
+    assert gw.request("GET", "/health").headers["x-request-id"] != r.headers["x-request-id"]
     r = gw.request("GET", "/v2/models/nope", key=gw.admin_key)
     assert r.json()["request_id"] == r.headers["x-request-id"]
 

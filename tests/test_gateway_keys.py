@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 
 from swarmd.gateway.keys import KeyStore
 from swarmd.gateway.ratelimit import RateLimiter, TokenBucket
@@ -69,7 +70,10 @@ def test_cli_create_ls_revoke_against_running_gateway(tmp_path):
         assert created["id"] in listed and token not in ls.stdout
         r = run_cli("keys", "--data-dir", str(tmp_path), "revoke", created["id"])
         assert r.returncode == 0, r.stderr
-        assert g.request("GET", "/v2/models/mlp", key=token).status == 401
+        deadline = time.monotonic() + 30  # the gateway looks for other processes' changes every 0.25 s
+        while g.request("GET", "/v2/models/mlp", key=token).status != 401:
+            assert time.monotonic() < deadline, "revocation from the CLI never reached the gateway"
+            time.sleep(0.05)
         r = run_cli("keys", "--data-dir", str(tmp_path), "revoke", "ffffffffffff")
         assert r.returncode == 1 and "ERR_NOT_FOUND" in r.stderr
         r = run_cli("keys", "--data-dir", str(tmp_path), "create", "--name", "x", "--permissions", "root")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass
@@ -20,4 +21,7 @@ class GatewayConfig:
     access_log: bool = True  # one log line per request
     print_admin_key: bool = True  # print the first admin key to stdout when it is created
     local_models_dir: str | None = None  # standalone mode: serve ONNX models from this dir in-process
+    route: Literal["direct", "orchestrator"] = "direct"  # direct: orchestrator picks, gateway calls the worker
+    discovery_interval: float = 5.0  # seconds between lookups of orchestrators, stores and workers
+    discovery_timeout: float = 3.0  # bound on one lookup pass
     usage_flush_interval: float = 5.0  # seconds between writes of per-key usage counts
