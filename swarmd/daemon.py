@@ -140,7 +140,9 @@ class Node:
             try:
                 await stop()
             except Exception as e:  # keep stopping the rest; a failed stop is logged, not fatal
-                self.log.opt(exception=e).bind(event="stop_failed", part=name).error("stopping {} failed", name)
+                self.log.opt(exception=e).bind(event="stop_failed", part=name).error(
+                    "stopping {} failed", name
+                )
         if self.ctx is not None:
             await self.ctx.tasks.close()
             status = self.ctx.data_dir / "status.json"

@@ -57,7 +57,9 @@ def coerce(value: Any, tp: Any, *, key: str, source: str, from_text: bool) -> An
         raise errors[0] if errors else ConfigError(f"{key} from {source}: value {value!r} is not allowed")
 
     def bad(expected: str) -> ConfigError:
-        return ConfigError(f"{key} from {source} must be {expected}, got {type(value).__name__} {value!r:.80}")
+        return ConfigError(
+            f"{key} from {source} must be {expected}, got {type(value).__name__} {value!r:.80}"
+        )
 
     if tp is Any:
         return value
@@ -104,7 +106,8 @@ def coerce(value: Any, tp: Any, *, key: str, source: str, from_text: bool) -> An
         if not isinstance(value, (list, tuple)):
             raise bad(f"a list of {_type_name(item_tp)}")
         items = [
-            coerce(v, item_tp, key=f"{key}[{i}]", source=source, from_text=from_text) for i, v in enumerate(value)
+            coerce(v, item_tp, key=f"{key}[{i}]", source=source, from_text=from_text)
+            for i, v in enumerate(value)
         ]
         return tuple(items) if origin is tuple else items
     if origin is dict:
@@ -114,7 +117,9 @@ def coerce(value: Any, tp: Any, *, key: str, source: str, from_text: bool) -> An
     if origin is typing.Literal:
         if value in args:
             return value
-        raise ConfigError(f"{key} from {source} must be one of {', '.join(map(repr, args))}, got {value!r:.80}")
+        raise ConfigError(
+            f"{key} from {source} must be one of {', '.join(map(repr, args))}, got {value!r:.80}"
+        )
     raise ConfigError(f"{key}: unsupported config type {_type_name(tp)}")
 
 
@@ -141,7 +146,9 @@ class Layered:
 
     def set(self, section: str, key: str, value: Any, source: str, *, from_text: bool = False) -> None:
         tp = self._field_type(section, key, source)
-        self.values[section][key] = coerce(value, tp, key=f"{section}.{key}", source=source, from_text=from_text)
+        self.values[section][key] = coerce(
+            value, tp, key=f"{section}.{key}", source=source, from_text=from_text
+        )
         self.origin[f"{section}.{key}"] = source
 
     def apply_table(self, table: Mapping[str, Any], source: str) -> None:
@@ -149,7 +156,9 @@ class Layered:
             if section == "env":
                 continue
             if not isinstance(body, dict):
-                raise ConfigError(f"'{section}' in {source} must be a table like [{section}], got {type(body).__name__}")
+                raise ConfigError(
+                    f"'{section}' in {source} must be a table like [{section}], got {type(body).__name__}"
+                )
             for key, value in body.items():
                 self.set(section, key, value, source)
 
@@ -167,7 +176,9 @@ class Layered:
             raise ConfigError(f"'env' in config file {path} must hold tables like [env.production.node]")
         for name in envs:
             if name not in ENV_NAMES:
-                raise ConfigError(f"unknown environment [env.{name}] in config file {path}; known: {', '.join(ENV_NAMES)}")
+                raise ConfigError(
+                    f"unknown environment [env.{name}] in config file {path}; known: {', '.join(ENV_NAMES)}"
+                )
         if env_name is not None and env_name in envs:
             overlay = envs[env_name]
             if not isinstance(overlay, dict):
@@ -178,11 +189,11 @@ class Layered:
         for var, text in sorted(environ.items()):
             if not var.startswith(ENV_PREFIX) or var in RESERVED_ENV:
                 continue
-            rest = var[len(ENV_PREFIX):].lower()
+            rest = var[len(ENV_PREFIX) :].lower()
             source = f"environment variable {var}"
             for section in sorted(self.sections, key=len, reverse=True):
                 if rest.startswith(section + "_"):
-                    key = rest[len(section) + 1:]
+                    key = rest[len(section) + 1 :]
                     if key in _hints(self.sections[section]):
                         self.set(section, key, text, source, from_text=True)
                         break

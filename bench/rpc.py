@@ -1,0 +1,323 @@
+"""RPC benchmark: swarmd RPC (Noise + mux + msgpack over TCP) beside plain asyncio TCP.
+
+    python bench/rpc.py [--quick]
+
+The server side of each measurement runs in its own process (as a remote peer
+would), the client here. Figures:
+
+- 64-byte echo round trip, sequential: p50 / p99 in microseconds
+- 64-byte echo, 64 calls in flight: requests per second
+- one bulk stream over one connection: MiB/s (upload into a handler that discards)
+
+The baseline is a plain asyncio TCP echo / sink with 4-byte length framing,
+measured in the same run on the same machine. Last line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+PAYLOAD = b"x" * 64
+
+
+# -- servers (run in a child process) ---------------------------------------
+
+
+class _BaselineServer(asyncio.Protocol):
+    """Length-prefixed echo; a frame starting with b"S" is a sink: count, answer at the end."""
+
+    def connection_made(self, transport: Any) -> None:
+        self.t = transport
+        self.buf = bytearray()
+        self.sink_left = 0
+
+    def data_received(self, data: bytes) -> None:
+        if self.sink_left:
+            n = min(self.sink_left, len(data))
+            self.sink_left -= n
+            data = data[n:]
+            if self.sink_left == 0:
+                self.t.write(b"\x00\x00\x00\x02ok")
+            if not data:
+                return
+        buf = self.buf
+        buf += data
+        pos = 0
+        out = []
+        while len(buf) - pos >= 4:
+            n = int.from_bytes(buf[pos : pos + 4], "big")
+            if buf[pos + 4 : pos + 5] == b"S":  # sink header: b"S" + u64 size
+                size = int.from_bytes(buf[pos + 5 : pos + 13], "big")
+                rest = len(buf) - (pos + 4 + n)
+                self.sink_left = size - rest
+                pos = len(buf)
+                if self.sink_left == 0:
+                    self.t.write(b"\x00\x00\x00\x02ok")
+                break
+            if len(buf) - pos - 4 < n:
+                break
+            out.append(bytes(buf[pos : pos + 4 + n]))
+            pos += 4 + n
+        del buf[:pos]
+        if out:
+            self.t.write(b"".join(out))
+
+
+async def serve(kind: str) -> None:
+    loop = asyncio.get_running_loop()
+    if kind == "tcp":
+        server = await loop.create_server(_BaselineServer, "127.0.0.1", 0)
+        print(json.dumps({"port": server.sockets[0].getsockname()[1]}), flush=True)
+    else:
+        from loguru import logger
+
+        logger.remove()
+        from swarmd.node.identity import Identity
+        from swarmd.rpc import Methods, RpcServer
+
+        methods = Methods()
+
+        async def echo(ctx: Any, params: Any) -> Any:
+            return params
+
+        async def sink(ctx: Any, params: Any, stream: Any) -> int:
+            n = 0
+            recv = stream.recv
+            while (chunk := await recv()) is not None:
+                n += len(chunk)
+            return n
+
+        methods.register("echo", echo)
+        methods.register_stream("sink", sink, op="w")
+        ident = Identity.generate()
+        server = RpcServer(ident, methods)
+        await server.start()
+        print(json.dumps({"port": server.port, "key": ident.public_key.hex()}), flush=True)
+    await loop.run_in_executor(None, sys.stdin.read)  # until the parent closes our stdin
+
+
+# -- baseline client --------------------------------------------------------
+
+
+class _BaselineClient(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.waiters: list[asyncio.Future[bytes]] = []
+        self.head = 0
+
+    def connection_made(self, transport: Any) -> None:
+        self.t = transport
+        self.writable = asyncio.Event()
+        self.writable.set()
+        transport.set_write_buffer_limits(high=4 << 20, low=1 << 20)
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        pos = 0
+        while len(buf) - pos >= 4:
+            n = int.from_bytes(buf[pos : pos + 4], "big")
+            if len(buf) - pos - 4 < n:
+                break
+            fut = self.waiters[self.head]
+            self.head += 1
+            fut.set_result(bytes(buf[pos + 4 : pos + 4 + n]))
+            pos += 4 + n
+        del buf[:pos]
+        if self.head > 4096:
+            del self.waiters[: self.head]
+            self.head = 0
+
+    def request(self, payload: bytes) -> asyncio.Future[bytes]:
+        fut = asyncio.get_running_loop().create_future()
+        self.waiters.append(fut)
+        self.t.write(len(payload).to_bytes(4, "big") + payload)
+        return fut
+
+
+# -- measurement ------------------------------------------------------------
+
+
+def start_server(kind: str) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    proc = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), "--serve", kind],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    info = json.loads(proc.stdout.readline())  # type: ignore[union-attr]
+    return proc, info
+
+
+def stop_server(proc: subprocess.Popen[str]) -> None:
+    proc.stdin.close()  # type: ignore[union-attr]
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+async def measure(call: Any, n_seq: int, n_par: int, in_flight: int) -> dict[str, float]:
+    for _ in range(500):
+        await call()
+    lat = []
+    perf = time.perf_counter
+    for _ in range(n_seq):
+        t0 = perf()
+        await call()
+        lat.append(perf() - t0)
+    lat.sort()
+    per_worker = n_par // in_flight
+
+    async def worker() -> None:
+        for _ in range(per_worker):
+            await call()
+
+    t0 = perf()
+    await asyncio.gather(*(worker() for _ in range(in_flight)))
+    elapsed = perf() - t0
+    return {
+        "p50_us": statistics.median(lat) * 1e6,
+        "p99_us": lat[int(len(lat) * 0.99)] * 1e6,
+        "req_per_s": per_worker * in_flight / elapsed,
+    }
+
+
+async def bench_baseline(n_seq: int, n_par: int, in_flight: int, bulk: int) -> dict[str, float]:
+    proc, info = start_server("tcp")
+    try:
+        loop = asyncio.get_running_loop()
+        transport, client = await loop.create_connection(_BaselineClient, "127.0.0.1", info["port"])
+        import socket
+
+        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        async def call() -> None:
+            await client.request(PAYLOAD)
+
+        out = await measure(call, n_seq, n_par, in_flight)
+        done = loop.create_future()
+        client.waiters.append(done)
+        chunk = b"b" * (1 << 20)
+        t0 = time.perf_counter()
+        transport.write((9).to_bytes(4, "big") + b"S" + bulk.to_bytes(8, "big"))
+        sent = 0
+        while sent < bulk:
+            transport.write(chunk)
+            sent += len(chunk)
+            await client.writable.wait()
+        await done
+        out["bulk_mib_s"] = bulk / (1 << 20) / (time.perf_counter() - t0)
+        transport.close()
+        return out
+    finally:
+        stop_server(proc)
+
+
+async def bench_rpc(n_seq: int, n_par: int, in_flight: int, bulk: int) -> dict[str, float]:
+    from loguru import logger
+
+    logger.remove()
+    from swarmd.rpc import connect
+
+    proc, info = start_server("rpc")
+    try:
+        peer = await connect(
+            None, "127.0.0.1", info["port"], remote_public_key=bytes.fromhex(info["key"]), timeout=10
+        )
+        pcall = peer.call
+
+        async def call() -> None:
+            await pcall("echo", PAYLOAD)
+
+        out = await measure(call, n_seq, n_par, in_flight)
+        chunk = b"b" * (1 << 20)
+        t0 = time.perf_counter()
+        s = await peer.open_stream("sink", timeout=600)
+        sent = 0
+        while sent < bulk:
+            await s.send(chunk)
+            sent += len(chunk)
+        await s.close()
+        assert await s.result() == bulk
+        out["bulk_mib_s"] = bulk / (1 << 20) / (time.perf_counter() - t0)
+        await peer.close()
+        return out
+    finally:
+        stop_server(proc)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--serve", choices=["tcp", "rpc"])
+    ap.add_argument("--quick", action="store_true", help="smaller loops (smoke run)")
+    ap.add_argument("--profile", action="store_true", help="cProfile the client side of the RPC run")
+    args = ap.parse_args()
+    if args.serve:
+        asyncio.run(serve(args.serve))
+        return
+    n_seq, n_par, bulk = (2000, 20_000, 128 << 20) if args.quick else (10_000, 128_000, 1 << 30)
+    in_flight = 64
+    base = asyncio.run(bench_baseline(n_seq, n_par, in_flight, bulk))
+    if args.profile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+        rpc = asyncio.run(bench_rpc(n_seq, n_par, in_flight, bulk))
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    else:
+        rpc = asyncio.run(bench_rpc(n_seq, n_par, in_flight, bulk))
+    targets = {"p50_us": 80, "req_per_s": 55_000, "bulk_mib_s": 400}
+    anchor = {"p50_us": 102, "req_per_s": 52_600, "bulk_mib_s": 54}
+    print(f"{'figure':<28}{'swarmd rpc':>14}{'asyncio tcp':>14}{'target':>10}{'hyperswarm':>12}")
+    rows = [
+        ("echo 64 B p50 (us)", "p50_us"),
+        ("echo 64 B p99 (us)", "p99_us"),
+        (f"echo req/s ({in_flight} in flight)", "req_per_s"),
+        ("bulk stream (MiB/s)", "bulk_mib_s"),
+    ]
+    for label, key in rows:
+        t = targets.get(key, "")
+        a = anchor.get(key, "")
+        print(f"{label:<28}{rpc[key]:>14.1f}{base[key]:>14.1f}{t!s:>10}{a!s:>12}")
+    print(
+        json.dumps(
+            {
+                "bench": "rpc",
+                "rpc": {k: round(v, 1) for k, v in rpc.items()},
+                "baseline_asyncio_tcp": {k: round(v, 1) for k, v in base.items()},
+                "targets": targets,
+                "anchor_hyperswarm_rpc": anchor,
+                "params": {
+                    "seq_calls": n_seq,
+                    "parallel_calls": n_par,
+                    "in_flight": in_flight,
+                    "bulk_bytes": bulk,
+                },
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

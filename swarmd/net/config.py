@@ -1,0 +1,18 @@
+"""Settings of the secure, multiplexed connection layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class NetConfig:
+    """Limits and timers of one connection; the defaults suit loopback and WAN alike."""
+
+    handshake_timeout: float = 10.0  # seconds from pipe open to an established session
+    keepalive_interval: float = 15.0  # send a PING after this much silence from the peer
+    idle_timeout: float = 45.0  # close after this much silence (PINGs unanswered)
+    max_message_size: int = 64 << 20  # largest mux frame, i.e. RPC message, accepted
+    max_streams: int = 256  # concurrent stream channels per connection
+    write_high_water: int = 4 << 20  # pipe buffer above which stream senders wait
+    write_low_water: int = 1 << 20

@@ -1,0 +1,545 @@
+"""One secure, multiplexed connection over any byte pipe (asyncio glue).
+
+`SecureConnection` is an `asyncio.Protocol`, so a TCP transport drives it
+directly; any other pipe (a hole-punched data channel, a relayed stream) drives
+it the same way by calling `connection_made(pipe)`, `data_received(bytes)`,
+`connection_lost(exc)` and optionally `pause_writing()/resume_writing()`, where
+`pipe` only needs `write(bytes)` and `close()`.
+
+The protocol logic lives in the sans-IO cores (`noise.NoiseSession`,
+`mux.MuxDecoder`, `mux.SendCredit/RecvWindow`); this class schedules flushes,
+timers and wakes waiters. Outgoing frames are queued and written by one flush
+per loop iteration: all queued frames become one plaintext, sealed by one AEAD
+operation per 64 KiB and one pipe write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import msgpack
+from loguru import logger
+
+from swarmd.errors import ERR_CLOSED, ERR_HANDSHAKE, ERR_OVERLOADED, ERR_PROTOCOL, ERR_TIMEOUT, SwarmdError
+from swarmd.net import mux
+from swarmd.net.config import NetConfig
+from swarmd.net.noise import HandshakeError, NoiseSession
+from swarmd.node.identity import Identity
+
+
+class Pipe(Protocol):
+    """The byte pipe a secure connection runs over."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _short(key: bytes | None) -> str:
+    return key.hex()[:16] if key else "?"
+
+
+class Channel:
+    """A flow-controlled byte stream inside a connection (both directions)."""
+
+    def __init__(self, conn: SecureConnection, channel_id: int) -> None:
+        self.conn = conn
+        self.id = channel_id
+        self._credit = mux.SendCredit()
+        self._window = mux.RecvWindow()
+        self._chunks: deque[bytes] = deque()
+        self._waiter: asyncio.Future[None] | None = None  # recv waiting for data/end
+        self._credit_waiter: asyncio.Future[None] | None = None
+        self.remote_ended = False
+        self.local_ended = False
+        self.error: SwarmdError | None = None  # set on reset / connection loss
+
+    # -- application side --------------------------------------------------
+
+    async def send(self, data: bytes) -> None:
+        """Send bytes, waiting for credit and pipe room; raises ERR_CLOSED after reset/end.
+
+        `bytes` are queued without copying (they are immutable); other buffers
+        are copied once so the caller may reuse them.
+        """
+        view = memoryview(data if type(data) is bytes else bytes(data))
+        conn = self.conn
+        pack = mux.HEADER.pack
+        chunk_max = mux.STREAM_CHUNK
+        while view:
+            self._check_can_send()
+            credit = self._credit
+            if credit.available <= 0:
+                await self._wait_credit()
+                continue
+            n = credit.take(min(len(view), chunk_max))
+            conn._queue_bulk(pack(mux.MSG, self.id, n), view[:n])
+            view = view[n:]
+            if conn._write_paused:
+                await conn.drain()
+
+    def _check_can_send(self) -> None:
+        if self.error is not None:
+            raise self.error
+        if self.local_ended:
+            raise SwarmdError(ERR_CLOSED, f"stream {self.id} already ended by this side")
+
+    async def _wait_credit(self) -> None:
+        fut = self.conn._loop.create_future()
+        self._credit_waiter = fut
+        try:
+            await fut
+        finally:
+            self._credit_waiter = None
+
+    async def recv(self) -> bytes | None:
+        """Next chunk of bytes; None once the peer ended its side."""
+        while not self._chunks:
+            if self.error is not None:
+                raise self.error
+            if self.remote_ended:
+                self._maybe_release()
+                return None
+            fut = self.conn._loop.create_future()
+            self._waiter = fut
+            try:
+                await fut
+            finally:
+                self._waiter = None
+        chunk = self._chunks.popleft()
+        grant = self._window.consume(len(chunk))
+        if grant and not self.remote_ended and self.error is None:
+            self.conn._queue_urgent(mux.encode_credit(self.id, grant))
+        return chunk
+
+    def end(self) -> None:
+        """Half-close: this side sends nothing more."""
+        if self.local_ended or self.error is not None:
+            return
+        self.local_ended = True
+        self.conn._queue_bulk(mux.encode(mux.END, self.id), b"")
+        self._maybe_release()
+
+    def reset(self, error: SwarmdError | None = None) -> None:
+        """Abort both directions and tell the peer."""
+        if self.error is not None:
+            return
+        payload = msgpack.packb(error.to_wire()) if error is not None else b""
+        if self.conn.error is None:
+            self.conn._queue_bulk(mux.encode(mux.RESET, self.id, payload), b"")
+        self._fail(error or SwarmdError(ERR_CLOSED, f"stream {self.id} reset by this side"))
+
+    @property
+    def done(self) -> bool:
+        return self.error is not None or (self.local_ended and self.remote_ended)
+
+    # -- connection side ---------------------------------------------------
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _wake_credit(self) -> None:
+        w = self._credit_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _on_data(self, payload: bytes) -> None:
+        if self.remote_ended:
+            raise SwarmdError(ERR_PROTOCOL, f"data on stream {self.id} after its END")
+        self._window.received(len(payload))
+        if self.error is not None:
+            return  # locally reset: drop, the peer learns from our RESET
+        self._chunks.append(payload)
+        self._wake()
+
+    def _on_end(self) -> None:
+        self.remote_ended = True
+        self._wake()
+        self._maybe_release()
+
+    def _fail(self, error: SwarmdError) -> None:
+        if self.error is None:
+            self.error = error
+        self._chunks.clear()
+        self._wake()
+        self._wake_credit()
+        self.conn._channels.pop(self.id, None)
+
+    def _maybe_release(self) -> None:
+        if self.local_ended and self.remote_ended and not self._chunks:
+            self.conn._channels.pop(self.id, None)
+
+
+class SecureConnection(asyncio.Protocol):
+    """Noise + mux over a pipe; the RPC layer plugs in through the on_* callbacks."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        *,
+        initiator: bool,
+        remote_public_key: bytes | None = None,
+        config: NetConfig | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.config = config or NetConfig()
+        self._loop = loop or asyncio.get_running_loop()
+        self.identity = identity
+        self.initiator = initiator
+        self.session = NoiseSession(identity, initiator=initiator, remote_public_key=remote_public_key)
+        self.established: asyncio.Future[None] = self._loop.create_future()
+        self.closed: asyncio.Future[SwarmdError] = self._loop.create_future()
+        self.on_message: Callable[[bytes], None] | None = None
+        self.on_close: Callable[[SwarmdError], None] | None = None
+        self.on_writable: Callable[[], None] | None = None  # the pipe drained below low water
+        self.peername: Any = None
+        self._pipe: Pipe | None = None
+        self._decoder = mux.MuxDecoder(self.config.max_message_size)
+        self._urgent: list[bytes] = []
+        self._bulk: list[bytes] = []
+        self._flush_handle: asyncio.Handle | None = None
+        self._write_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._channels: dict[int, Channel] = {}
+        self._next_channel = 1 if initiator else 2
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_recv = self._loop.time()
+        self._ping_outstanding = False
+        self._in_receive = False
+        self.error: SwarmdError | None = None
+        self._log = logger.bind(component="net")
+
+    # -- public ------------------------------------------------------------
+
+    @property
+    def remote_public_key(self) -> bytes | None:
+        return self.session.remote_public_key
+
+    @property
+    def is_closed(self) -> bool:
+        return self.error is not None
+
+    @property
+    def write_paused(self) -> bool:
+        """True while the pipe's buffer is above high water (the peer reads slower than we write)."""
+        return self._write_paused
+
+    def send_message(self, payload: bytes, *, now: bool = False) -> None:
+        """Queue one channel-0 message; written by the next flush.
+
+        Frames queued in one loop iteration share one flush (one AEAD operation,
+        one write). `now=True` writes at once, which saves a loop iteration for a
+        lone call; inside data_received the flush at its end is used instead.
+        """
+        if self.error is not None:
+            raise self.error
+        self._urgent.append(mux.HEADER.pack(mux.MSG, 0, len(payload)))
+        self._urgent.append(payload)
+        if self._in_receive:
+            return
+        if now:
+            self._flush()
+        elif self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    def open_channel(self) -> Channel:
+        """A new stream channel with an id of this side's parity."""
+        if self.error is not None:
+            raise self.error
+        if len(self._channels) >= self.config.max_streams:
+            raise SwarmdError(
+                ERR_OVERLOADED, f"{len(self._channels)} streams open, the limit is {self.config.max_streams}"
+            )
+        cid = self._next_channel
+        self._next_channel += 2
+        ch = Channel(self, cid)
+        self._channels[cid] = ch
+        return ch
+
+    def accept_channel(self, channel_id: int) -> Channel:
+        """Register a channel the peer opened (announced by the layer above)."""
+        if channel_id <= 0 or channel_id >= 1 << 32 or (channel_id & 1) != (1 if not self.initiator else 0):
+            raise SwarmdError(ERR_PROTOCOL, f"channel id {channel_id} does not have the peer's parity")
+        if channel_id in self._channels:
+            raise SwarmdError(ERR_PROTOCOL, f"channel {channel_id} is already open")
+        if len(self._channels) >= self.config.max_streams:
+            raise SwarmdError(
+                ERR_OVERLOADED, f"{len(self._channels)} streams open, the limit is {self.config.max_streams}"
+            )
+        ch = Channel(self, channel_id)
+        self._channels[channel_id] = ch
+        return ch
+
+    async def drain(self) -> None:
+        """Wait until the pipe's write buffer fell below the low-water mark."""
+        if not self._write_paused:
+            if self.error is not None:
+                raise self.error
+            return
+        fut = self._loop.create_future()
+        self._drain_waiters.append(fut)
+        await fut
+
+    def close(self, error: SwarmdError | None = None, *, tell_peer: bool = True) -> None:
+        """Close the connection; pending waiters get `error` (ERR_CLOSED by default)."""
+        if self.error is not None:
+            return
+        err = error or SwarmdError(ERR_CLOSED, "connection closed by this side")
+        if tell_peer and self.session.established and self._pipe is not None:
+            try:
+                self._urgent.append(mux.encode(mux.GOAWAY, 0, msgpack.packb(err.to_wire())))
+                self._flush()
+            except Exception:  # best effort: the pipe may already be gone
+                pass
+        self._teardown(err)
+        if self._pipe is not None:
+            self._pipe.close()
+
+    # -- pipe side ---------------------------------------------------------
+
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        self._pipe = transport
+        get_extra = getattr(transport, "get_extra_info", None)
+        if get_extra is not None:
+            self.peername = get_extra("peername")
+            sock = get_extra("socket")
+            if sock is not None:
+                import socket
+
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except OSError:
+                    pass
+        set_limits = getattr(transport, "set_write_buffer_limits", None)
+        if set_limits is not None:
+            set_limits(high=self.config.write_high_water, low=self.config.write_low_water)
+        self._last_recv = self._loop.time()
+        self._timer = self._loop.call_later(self.config.handshake_timeout, self._on_handshake_timeout)
+        if self.session.initiator:
+            transport.write(self.session.start())
+
+    def data_received(self, data: bytes) -> None:
+        if self.error is not None:
+            return
+        self._last_recv = self._loop.time()
+        self._ping_outstanding = False
+        session = self.session
+        try:
+            if session.established:
+                plaintexts = session.decrypt_stream(data)
+            else:
+                out, plaintexts = session.receive(data)
+                if out:
+                    self._pipe.write(out)  # type: ignore[union-attr]
+                if session.established:
+                    self._on_established()
+            if plaintexts:
+                self._in_receive = True
+                try:
+                    for plain in plaintexts:
+                        self._dispatch(self._decoder.feed(plain))
+                finally:
+                    self._in_receive = False
+                if self._urgent or self._bulk:
+                    self._flush()
+        except HandshakeError as e:
+            if e.reply and self._pipe is not None:
+                self._pipe.write(e.reply)
+            self._log.bind(peer=str(self.peername), reason=e.message).info("handshake failed")
+            self._teardown(e)
+            self._pipe.close()  # type: ignore[union-attr]
+        except SwarmdError as e:
+            self._log.bind(peer=_short(self.remote_public_key), code=e.code, reason=e.message).info(
+                "closing connection: peer broke the protocol"
+            )
+            self.close(e)
+
+    def eof_received(self) -> bool | None:
+        return None  # let the transport close; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.error is None:
+            if not self.session.established:
+                self._teardown(SwarmdError(ERR_HANDSHAKE, "connection closed during the handshake"))
+            else:
+                self._teardown(SwarmdError(ERR_CLOSED, "connection closed by the peer"))
+        self._pipe = None
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+        if self.on_writable is not None and self.error is None:
+            self.on_writable()
+
+    # -- internals ---------------------------------------------------------
+
+    def _on_established(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_later(self.config.keepalive_interval, self._on_keepalive_timer)
+        if not self.established.done():
+            self.established.set_result(None)
+
+    def _on_handshake_timeout(self) -> None:
+        if not self.session.established and self.error is None:
+            err = SwarmdError(
+                ERR_HANDSHAKE, f"handshake did not complete within {self.config.handshake_timeout} s"
+            )
+            self._log.bind(peer=str(self.peername)).info("handshake timed out")
+            self._teardown(err)
+            if self._pipe is not None:
+                self._pipe.close()
+
+    def _on_keepalive_timer(self) -> None:
+        if self.error is not None:
+            return
+        cfg = self.config
+        silent = self._loop.time() - self._last_recv
+        if silent >= cfg.idle_timeout:
+            self._log.bind(peer=_short(self.remote_public_key), silent_s=round(silent, 1)).info(
+                "closing idle connection"
+            )
+            self.close(SwarmdError(ERR_TIMEOUT, f"no traffic from the peer for {silent:.1f} s"))
+            return
+        if silent >= cfg.keepalive_interval and not self._ping_outstanding:
+            self._ping_outstanding = True
+            self._queue_urgent(mux.encode(mux.PING, 0, b"ka"))
+        delay = min(cfg.keepalive_interval, cfg.idle_timeout - silent)
+        self._timer = self._loop.call_later(max(delay, 0.05), self._on_keepalive_timer)
+
+    def _dispatch(self, frames: list[tuple[int, int, bytes]]) -> None:
+        on_message = self.on_message
+        channels = self._channels
+        for ftype, cid, payload in frames:
+            if ftype == mux.MSG:
+                if cid == 0:
+                    if on_message is not None:
+                        on_message(payload)
+                    continue
+                ch = channels.get(cid)
+                if ch is not None:
+                    ch._on_data(payload)
+                continue
+            mux.check_control(ftype, cid, payload)
+            if ftype == mux.CREDIT:
+                ch = channels.get(cid)
+                if ch is not None:
+                    ch._credit.grant(int.from_bytes(payload, "big"))
+                    ch._wake_credit()
+            elif ftype == mux.END:
+                ch = channels.get(cid)
+                if ch is not None:
+                    ch._on_end()
+            elif ftype == mux.RESET:
+                ch = channels.get(cid)
+                if ch is not None:
+                    err = _error_from_payload(payload, f"stream {cid} reset by the peer")
+                    ch._fail(err)
+            elif ftype == mux.PING:
+                self._queue_urgent(mux.encode(mux.PONG, 0, payload))
+            elif ftype == mux.PONG:
+                pass
+            elif ftype == mux.GOAWAY:
+                err = _error_from_payload(payload, "peer closed the connection")
+                self._log.bind(peer=_short(self.remote_public_key), code=err.code, reason=err.message).log(
+                    "DEBUG" if err.code == ERR_CLOSED else "INFO", "peer closed the connection"
+                )
+                self._teardown(
+                    err if err.code != ERR_CLOSED else SwarmdError(ERR_CLOSED, f"peer closed: {err.message}")
+                )
+                if self._pipe is not None:
+                    self._pipe.close()
+                return
+
+    def _queue_urgent(self, frame: bytes) -> None:
+        if self.error is not None:
+            return
+        self._urgent.append(frame)
+        if self._flush_handle is None and not self._in_receive:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _queue_bulk(self, header: bytes, payload: bytes | memoryview) -> None:
+        if self.error is not None:
+            raise self.error
+        bulk = self._bulk
+        bulk.append(header)
+        if payload:
+            bulk.append(payload)
+        if self._flush_handle is None and not self._in_receive:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        pipe = self._pipe
+        if pipe is None or not self.session.established:
+            return
+        urgent, bulk = self._urgent, self._bulk
+        if bulk:
+            self._bulk = []
+            if urgent:
+                self._urgent = []
+                # calls and credits first, in their own message; bulk frames start a new
+                # message so they stay aligned with Noise messages
+                pipe.write(self.session.seal([b"".join(urgent), b"".join(bulk)]))
+            else:
+                pipe.write(self.session.seal([b"".join(bulk)]))
+            return
+        if not urgent:
+            return
+        self._urgent = []
+        plaintext = urgent[0] if len(urgent) == 1 else b"".join(urgent)
+        pipe.write(self.session.encrypt(plaintext))
+
+    def _teardown(self, err: SwarmdError) -> None:
+        if self.error is not None:
+            return
+        self.error = err
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self._urgent = []
+        self._bulk = []
+        for ch in list(self._channels.values()):
+            ch._fail(SwarmdError(ERR_CLOSED, f"connection closed: {err.message}"))
+        self._channels.clear()
+        for w in self._drain_waiters:
+            if not w.done():
+                w.set_exception(SwarmdError(ERR_CLOSED, f"connection closed: {err.message}"))
+        self._drain_waiters = []
+        if not self.established.done():
+            self.established.set_exception(err)
+            self.established.exception()  # mark retrieved: a dropped dial is not a loop error
+        if not self.closed.done():
+            self.closed.set_result(err)
+        cb = self.on_close
+        if cb is not None:
+            try:
+                cb(err)
+            except Exception:
+                self._log.exception("on_close callback failed")
+
+
+def _error_from_payload(payload: bytes, default: str) -> SwarmdError:
+    if not payload:
+        return SwarmdError(ERR_CLOSED, default)
+    try:
+        obj = msgpack.unpackb(payload, raw=False)
+    except Exception:
+        return SwarmdError(ERR_PROTOCOL, f"{default} (unreadable reason)")
+    return SwarmdError.from_wire(obj)

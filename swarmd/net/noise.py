@@ -1,0 +1,370 @@
+"""The secure session: a Noise handshake, then an encrypted byte stream (sans-IO).
+
+`NoiseSession` owns no socket: feed it the bytes that arrived with
+`receive()`, write out the bytes it returns, seal outgoing data with
+`encrypt()`. The wire format is specified in docs/protocol.md; in short:
+
+- the initiator's first frame starts with a cleartext header
+  ``u8 len | protocol id ("swarmd/1") | u8 pattern (1 = IK, 2 = XX)`` that is
+  also the Noise prologue, so a peer speaking another version rejects us with a
+  readable reason before any cryptography, and a tampered header breaks the
+  handshake;
+- IK is used when the initiator knows the responder's Ed25519 key (the normal
+  case: keys come from DHT records), XX otherwise;
+- every handshake payload that travels with a static key carries the sender's
+  Ed25519 public key and its signature over the X25519 static key, and the
+  receiver checks that the X25519 key is exactly the conversion of that
+  Ed25519 key. Both sides thus end up knowing the other's Ed25519 identity;
+- after the handshake each frame is one Noise transport message. We encrypt
+  with `cryptography`'s ChaCha20Poly1305 directly with the Noise cipher keys
+  and nonces (identical bytes to noiseprotocol's, one Python layer fewer).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from noise.connection import Keypair, NoiseConnection
+
+from swarmd.errors import ERR_HANDSHAKE, ERR_PROTOCOL, SwarmdError
+from swarmd.net.framing import FrameDecoder, FrameTooLarge, encode_frame
+from swarmd.node.identity import PUBLIC_KEY_SIZE, SIGNATURE_SIZE, Identity, ed25519_pk_to_x25519, verify
+
+PROTOCOL_ID = b"swarmd/1"
+MAX_NOISE_MESSAGE = 65535  # Noise spec limit on one message, tag included
+TAG_SIZE = 16
+MAX_PLAINTEXT = MAX_NOISE_MESSAGE - TAG_SIZE  # 65519
+MAX_HANDSHAKE_FRAME = 1024
+
+PATTERN_IK = 1
+PATTERN_XX = 2
+_PATTERN_NAMES = {
+    PATTERN_IK: b"Noise_IK_25519_ChaChaPoly_BLAKE2s",
+    PATTERN_XX: b"Noise_XX_25519_ChaChaPoly_BLAKE2s",
+}
+
+HS_NOISE = 0  # handshake frame kinds sent after the first frame
+HS_REJECT = 1
+
+KEY_BINDING_CONTEXT = b"swarmd/1 noise static key\x00"
+_PAYLOAD_SIZE = PUBLIC_KEY_SIZE + SIGNATURE_SIZE
+_NONCE = struct.Struct("<4xQ")
+_MAX_NONCE = 2**64 - 1
+
+
+class HandshakeError(SwarmdError):
+    """The handshake failed; `reply` holds bytes worth sending the peer before closing."""
+
+    def __init__(self, message: str, reply: bytes = b"") -> None:
+        super().__init__(ERR_HANDSHAKE, message)
+        self.reply = reply
+
+
+def identity_payload(identity: Identity) -> bytes:
+    """Ed25519 public key + its signature over our X25519 static key."""
+    return identity.public_key + identity.sign(KEY_BINDING_CONTEXT + identity.noise_public)
+
+
+def check_identity_payload(payload: bytes, remote_static: bytes) -> bytes:
+    """Return the Ed25519 key carried by payload after checking it owns remote_static."""
+    if len(payload) != _PAYLOAD_SIZE:
+        raise HandshakeError(f"identity payload is {len(payload)} bytes, expected {_PAYLOAD_SIZE}")
+    ed_pk, sig = payload[:PUBLIC_KEY_SIZE], payload[PUBLIC_KEY_SIZE:]
+    try:
+        derived = ed25519_pk_to_x25519(ed_pk)
+    except Exception:
+        raise HandshakeError("identity payload carries an invalid Ed25519 public key") from None
+    if derived != remote_static:
+        raise HandshakeError("the peer's Noise static key is not derived from the Ed25519 key it claims")
+    if not verify(ed_pk, KEY_BINDING_CONTEXT + remote_static, sig):
+        raise HandshakeError("the peer's signature binding its Ed25519 key to its Noise key is invalid")
+    return bytes(ed_pk)
+
+
+def _header(protocol_id: bytes, pattern: int) -> bytes:
+    return bytes([len(protocol_id)]) + protocol_id + bytes([pattern])
+
+
+def reject_frame(reason: str) -> bytes:
+    """A cleartext refusal the responder sends instead of a handshake message."""
+    return encode_frame(bytes([HS_REJECT]) + reason.encode()[:512])
+
+
+class NoiseSession:
+    """One side of a secure channel, from first byte to transport messages."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        *,
+        initiator: bool,
+        remote_public_key: bytes | None = None,
+        protocol_id: bytes = PROTOCOL_ID,
+    ) -> None:
+        if not 0 < len(protocol_id) < 256:
+            raise ValueError("protocol_id must be 1..255 bytes")
+        if remote_public_key is not None and len(remote_public_key) != PUBLIC_KEY_SIZE:
+            raise ValueError(f"remote_public_key must be {PUBLIC_KEY_SIZE} bytes")
+        if remote_public_key is not None and not initiator:
+            raise ValueError("only the initiator can expect a key up front")
+        self.identity = identity
+        self.initiator = initiator
+        self.protocol_id = protocol_id
+        self.expected_key = remote_public_key
+        self.remote_public_key: bytes | None = None
+        self.established = False
+        self.pattern = (PATTERN_IK if remote_public_key is not None else PATTERN_XX) if initiator else 0
+        self._noise: NoiseConnection | None = None
+        self._hs: Any = None
+        self._step = 0
+        # one decoder for the whole session: transport frames may follow the last
+        # handshake frame in the same read; handshake frames are checked for size apart
+        self._frames = FrameDecoder(MAX_NOISE_MESSAGE)
+        self._enc: ChaCha20Poly1305 | None = None
+        self._dec: ChaCha20Poly1305 | None = None
+        self._n_enc = 0
+        self._n_dec = 0
+        self.handshake_hash = b""
+
+    # -- handshake ---------------------------------------------------------
+
+    def _new_noise(self, pattern: int, initiator: bool) -> NoiseConnection:
+        conn = NoiseConnection.from_name(_PATTERN_NAMES[pattern])
+        conn.set_prologue(_header(self.protocol_id, pattern))
+        if initiator:
+            conn.set_as_initiator()
+        else:
+            conn.set_as_responder()
+        conn.set_keypair_from_private_bytes(Keypair.STATIC, self.identity.noise_private)
+        if pattern == PATTERN_IK and initiator:
+            assert self.expected_key is not None
+            conn.set_keypair_from_public_bytes(Keypair.REMOTE_STATIC, ed25519_pk_to_x25519(self.expected_key))
+        conn.start_handshake()
+        self._hs = conn.noise_protocol.handshake_state
+        return conn
+
+    def start(self) -> bytes:
+        """Initiator only: the first bytes to write on the pipe."""
+        if not self.initiator or self._noise is not None:
+            raise RuntimeError("start() is called once, by the initiator")
+        self._noise = self._new_noise(self.pattern, True)
+        payload = identity_payload(self.identity) if self.pattern == PATTERN_IK else b""
+        msg = self._noise.write_message(payload)
+        self._step = 1
+        return encode_frame(_header(self.protocol_id, self.pattern) + bytes(msg))
+
+    def _remote_static(self) -> bytes:
+        rs = self._hs.rs
+        return rs.public_bytes if rs is not None else b""
+
+    def _finish(self) -> None:
+        assert self._noise is not None
+        proto = self._noise.noise_protocol
+        self.handshake_hash = bytes(self._noise.get_handshake_hash())
+        self._enc = ChaCha20Poly1305(proto.cipher_state_encrypt.k)
+        self._dec = ChaCha20Poly1305(proto.cipher_state_decrypt.k)
+        self._noise = None
+        self._hs = None
+        self.established = True
+
+    def _handshake_frame(self, frame: bytes) -> bytes:
+        """Consume one handshake frame, return bytes to send."""
+        if self.initiator:
+            return self._initiator_frame(frame)
+        return self._responder_frame(frame)
+
+    def _responder_frame(self, frame: bytes) -> bytes:
+        if self._step == 0:
+            if not frame:
+                raise HandshakeError("empty first handshake frame")
+            n = frame[0]
+            if len(frame) < 2 + n:
+                raise HandshakeError("first handshake frame too short for its protocol header")
+            proto, pattern = frame[1 : 1 + n], frame[1 + n]
+            if proto != self.protocol_id:
+                shown = proto.decode("ascii", "replace")[:64]
+                reason = (
+                    f"protocol {shown!r} is not supported; this node speaks {self.protocol_id.decode()!r}"
+                )
+                raise HandshakeError(reason, reject_frame(reason))
+            if pattern not in _PATTERN_NAMES:
+                reason = f"unknown handshake pattern {pattern}; expected 1 (IK) or 2 (XX)"
+                raise HandshakeError(reason, reject_frame(reason))
+            self.pattern = pattern
+            self._noise = self._new_noise(pattern, False)
+            try:
+                payload = self._noise.read_message(frame[2 + n :])
+            except Exception as e:  # hostile bytes can raise anything inside noiseprotocol
+                reason = (
+                    "handshake message does not decrypt with this node's key (dialled the wrong public key?)"
+                    if pattern == PATTERN_IK
+                    else f"malformed handshake message: {e}"
+                )
+                raise HandshakeError(reason, reject_frame(reason)) from None
+            if pattern == PATTERN_IK:
+                try:
+                    self.remote_public_key = check_identity_payload(bytes(payload), self._remote_static())
+                except HandshakeError as e:
+                    raise HandshakeError(e.message, reject_frame(e.message)) from None
+            reply = self._noise.write_message(identity_payload(self.identity))
+            out = encode_frame(bytes([HS_NOISE]) + bytes(reply))
+            self._step = 1
+            if pattern == PATTERN_IK:
+                self._finish()
+            return out
+        # XX message 3
+        if frame[:1] != bytes([HS_NOISE]):
+            raise HandshakeError("expected the third handshake message")
+        hs = self._hs
+        try:
+            payload = self._noise.read_message(frame[1:])  # type: ignore[union-attr]
+        except Exception as e:  # hostile bytes can raise anything inside noiseprotocol
+            raise HandshakeError(f"malformed third handshake message: {e}") from None
+        rs = hs.rs.public_bytes if hs.rs is not None else b""
+        self.remote_public_key = check_identity_payload(bytes(payload), rs)
+        self._finish()
+        return b""
+
+    def _initiator_frame(self, frame: bytes) -> bytes:
+        if self._step != 1:
+            raise HandshakeError("unexpected handshake frame")
+        kind = frame[:1]
+        if kind == bytes([HS_REJECT]):
+            reason = frame[1:].decode("utf-8", "replace")
+            raise HandshakeError(f"peer rejected the handshake: {reason}")
+        if kind != bytes([HS_NOISE]):
+            raise HandshakeError("peer answered with an unknown handshake frame (not a swarmd/1 peer?)")
+        assert self._noise is not None
+        try:
+            payload = self._noise.read_message(frame[1:])
+        except Exception as e:  # hostile bytes can raise anything inside noiseprotocol
+            raise HandshakeError(f"malformed handshake reply: {e}") from None
+        rs = self._remote_static()
+        key = check_identity_payload(bytes(payload), rs)
+        if self.expected_key is not None and key != self.expected_key:
+            raise HandshakeError("peer's key is not the expected public key")
+        self.remote_public_key = key
+        out = b""
+        if self.pattern == PATTERN_XX:
+            msg = self._noise.write_message(identity_payload(self.identity))
+            out = encode_frame(bytes([HS_NOISE]) + bytes(msg))
+        self._finish()
+        return out
+
+    # -- data --------------------------------------------------------------
+
+    def receive(self, data: bytes) -> tuple[bytes, list[bytes]]:
+        """Feed received bytes; returns (bytes to send, decrypted transport plaintexts).
+
+        Raises HandshakeError during the handshake, SwarmdError(ERR_PROTOCOL /
+        ERR_TOO_LARGE) afterwards; the caller closes the pipe either way.
+        """
+        if not self.established:
+            return self._receive_handshake(data)
+        return b"", self.decrypt_stream(data)
+
+    def decrypt_stream(self, data: bytes) -> list[bytes]:
+        """Established sessions only: the plaintexts of the transport messages completed by data."""
+        frames = self._frames
+        if not frames._buf and len(data) > 4:
+            # fast path: a read holding exactly one whole message (a call, an answer)
+            n = int.from_bytes(data[:4], "big")
+            if n + 4 == len(data) and n <= MAX_NOISE_MESSAGE:
+                nonce = self._n_dec
+                try:
+                    plain = self._dec.decrypt(_NONCE.pack(nonce), memoryview(data)[4:], None)  # type: ignore[union-attr]
+                except InvalidTag:
+                    raise SwarmdError(ERR_PROTOCOL, "a transport message failed authentication") from None
+                self._n_dec = nonce + 1
+                return [plain]
+        return self._decrypt_frames(frames.feed(data))
+
+    def _receive_handshake(self, data: bytes) -> tuple[bytes, list[bytes]]:
+        if self.initiator and self._step == 0:
+            raise RuntimeError("call start() before receive()")
+        try:
+            frames = self._frames.feed(data)
+        except FrameTooLarge as e:
+            raise HandshakeError(
+                f"handshake frame of {e.size} bytes announced, at most {MAX_HANDSHAKE_FRAME} expected "
+                "(not a swarmd peer?)"
+            ) from None
+        out = []
+        for i, frame in enumerate(frames):
+            if self.established:
+                # transport messages that followed the last handshake message
+                return b"".join(out), self._decrypt_frames(frames[i:])
+            if len(frame) > MAX_HANDSHAKE_FRAME:
+                raise HandshakeError(
+                    f"handshake frame of {len(frame)} bytes, at most {MAX_HANDSHAKE_FRAME} expected"
+                )
+            out.append(self._handshake_frame(bytes(frame)))
+        return b"".join(out), []
+
+    def _decrypt_frames(self, frames: list[bytes | memoryview]) -> list[bytes]:
+        dec = self._dec
+        assert dec is not None
+        out = []
+        n = self._n_dec
+        pack = _NONCE.pack
+        for frame in frames:
+            try:
+                out.append(dec.decrypt(pack(n), frame, None))
+            except InvalidTag:
+                raise SwarmdError(ERR_PROTOCOL, "a transport message failed authentication") from None
+            n += 1
+        if n >= _MAX_NONCE:
+            raise SwarmdError(ERR_PROTOCOL, "receive nonce exhausted")
+        self._n_dec = n
+        return out
+
+    def encrypt(self, plaintext: bytes) -> bytes:
+        """Seal plaintext into one or more framed transport messages."""
+        enc = self._enc
+        if enc is None:
+            raise RuntimeError("encrypt() before the handshake finished")
+        size = len(plaintext)
+        if size <= MAX_PLAINTEXT:
+            n = self._n_enc
+            ct = enc.encrypt(_NONCE.pack(n), plaintext, None)
+            self._n_enc = n + 1
+            return (size + TAG_SIZE).to_bytes(4, "big") + ct
+        return bytes(self.seal([plaintext]))
+
+    def seal(self, plaintexts: list[bytes]) -> bytearray:
+        """Seal several plaintexts, each starting a new transport message, into one buffer.
+
+        Starting each plaintext on a message boundary lets the sender keep bulk
+        stream frames aligned with Noise messages, so the receiver parses them
+        without re-buffering. Encrypts in place (encrypt_into): one output copy.
+        """
+        enc = self._enc
+        if enc is None:
+            raise RuntimeError("seal() before the handshake finished")
+        total = 0
+        for p in plaintexts:
+            size = len(p)
+            total += size + (-(-size // MAX_PLAINTEXT)) * (4 + TAG_SIZE)
+        out = bytearray(total)
+        mv = memoryview(out)
+        off = 0
+        n = self._n_enc
+        pack = _NONCE.pack
+        for p in plaintexts:
+            pv = memoryview(p)
+            size = len(pv)
+            for start in range(0, size, MAX_PLAINTEXT):
+                chunk = pv[start : start + MAX_PLAINTEXT]
+                clen = len(chunk) + TAG_SIZE
+                out[off : off + 4] = clen.to_bytes(4, "big")
+                enc.encrypt_into(pack(n), chunk, None, mv[off + 4 : off + 4 + clen])
+                off += 4 + clen
+                n += 1
+        mv.release()
+        if n >= _MAX_NONCE:
+            raise SwarmdError(ERR_PROTOCOL, "send nonce exhausted")
+        self._n_enc = n
+        return out

@@ -1,0 +1,121 @@
+"""RPC messages on channel 0 (sans-IO): encode and validate.
+
+Every message is one msgpack array whose first element is its kind:
+
+- request  ``[0, id, method, params, timeout_ms | nil, channel]`` (channel 0 = plain call,
+  otherwise the stream channel the caller opened for this call)
+- response ``[1, id, result]``
+- error    ``[2, id, {"code", "message", "data"?}]``
+- event    ``[3, method, params]`` (fire and forget, no answer)
+- cancel   ``[4, id]`` (the caller gave up; the callee stops the handler)
+
+Deadlines travel as the time left in milliseconds, not as an absolute time:
+the two peers' clocks need not agree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from swarmd.errors import ERR_PROTOCOL, SwarmdError
+from swarmd.rpc.codec import packb, unpackb
+
+REQUEST = 0
+RESPONSE = 1
+ERROR = 2
+EVENT = 3
+CANCEL = 4
+
+MAX_ID = (1 << 63) - 1
+MAX_METHOD_LEN = 256
+
+
+class EnvelopeError(SwarmdError):
+    """A message from the peer that is not a valid envelope. `request_id` is set when known."""
+
+    def __init__(self, message: str, request_id: int | None = None) -> None:
+        super().__init__(ERR_PROTOCOL, message)
+        self.request_id = request_id
+
+
+def request(req_id: int, method: str, params: Any, timeout_ms: int | None, channel: int = 0) -> bytes:
+    return packb([REQUEST, req_id, method, params, timeout_ms, channel])
+
+
+def response(req_id: int, result: Any) -> bytes:
+    return packb([RESPONSE, req_id, result])
+
+
+def error(req_id: int, err: SwarmdError) -> bytes:
+    return packb([ERROR, req_id, err.to_wire()])
+
+
+def event(method: str, params: Any) -> bytes:
+    return packb([EVENT, method, params])
+
+
+def cancel(req_id: int) -> bytes:
+    return packb([CANCEL, req_id])
+
+
+def _check_id(v: Any) -> int:
+    if type(v) is not int or not 0 <= v <= MAX_ID:
+        raise EnvelopeError(f"message id must be an integer 0..2^63-1, got {type(v).__name__}")
+    return v
+
+
+def _check_method(v: Any, req_id: int | None) -> str:
+    if type(v) is not str or not 0 < len(v) <= MAX_METHOD_LEN:
+        raise EnvelopeError(f"method name must be a string of 1..{MAX_METHOD_LEN} characters", req_id)
+    return v
+
+
+def decode(data: bytes) -> list[Any]:
+    """Decode and validate one message; returns the list with checked field types.
+
+    Raises EnvelopeError; its request_id is set when the message was a request
+    with a readable id, so the caller can answer that request with an error.
+    """
+    try:
+        msg = unpackb(data)
+    except Exception as e:
+        raise EnvelopeError(f"undecodable RPC message: {e}") from None
+    if type(msg) is not list or not msg:
+        raise EnvelopeError("RPC message must be a non-empty msgpack array")
+    kind = msg[0]
+    n = len(msg)
+    if kind == REQUEST:
+        if n != 6:
+            raise EnvelopeError(
+                f"request must have 6 elements, got {n}", msg[1] if n > 1 and type(msg[1]) is int else None
+            )
+        req_id = _check_id(msg[1])
+        _check_method(msg[2], req_id)
+        t = msg[4]
+        if t is not None and (type(t) is not int or t < -(1 << 62) or t > 1 << 62):
+            raise EnvelopeError("request timeout_ms must be an integer or nil", req_id)
+        ch = msg[5]
+        if type(ch) is not int or not 0 <= ch < 1 << 32:
+            raise EnvelopeError("request channel must be an integer 0..2^32-1", req_id)
+        return msg
+    if kind == RESPONSE:
+        if n != 3:
+            raise EnvelopeError(f"response must have 3 elements, got {n}")
+        _check_id(msg[1])
+        return msg
+    if kind == ERROR:
+        if n != 3:
+            raise EnvelopeError(f"error must have 3 elements, got {n}")
+        _check_id(msg[1])
+        return msg
+    if kind == EVENT:
+        if n != 3:
+            raise EnvelopeError(f"event must have 3 elements, got {n}")
+        _check_method(msg[1], None)
+        return msg
+    if kind == CANCEL:
+        if n != 2:
+            raise EnvelopeError(f"cancel must have 2 elements, got {n}")
+        _check_id(msg[1])
+        return msg
+    raise EnvelopeError(f"unknown RPC message kind {kind!r:.20}")

@@ -1,0 +1,124 @@
+"""The method registry and the firewall that admits callers by public key."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from swarmd.errors import ERR_FORBIDDEN, SwarmdError
+
+if TYPE_CHECKING:
+    from swarmd.rpc.peer import RpcPeer, Stream
+
+Handler = Callable[["CallContext", Any], Awaitable[Any]]
+StreamHandler = Callable[["CallContext", Any, "Stream"], Awaitable[Any]]
+
+READ = "r"
+WRITE = "w"
+
+
+@dataclass
+class CallContext:
+    """What a handler knows about the call it serves."""
+
+    peer: bytes  # the caller's Ed25519 public key, verified by the handshake
+    method: str
+    request_id: int
+    deadline: float | None  # event-loop time after which the caller no longer waits
+    peer_conn: RpcPeer  # the connection, to call the caller back
+
+    def time_left(self) -> float | None:
+        """Seconds until the deadline (None: no deadline)."""
+        if self.deadline is None:
+            return None
+        import asyncio
+
+        return self.deadline - asyncio.get_running_loop().time()
+
+
+@dataclass
+class Method:
+    name: str
+    handler: Callable[..., Awaitable[Any]]
+    op: str
+    stream: bool
+
+
+class Methods:
+    """Named handlers, each declared read ("r") or write ("w") for the firewall."""
+
+    def __init__(self) -> None:
+        self._methods: dict[str, Method] = {}
+
+    def register(self, name: str, handler: Handler, *, op: str = READ) -> None:
+        self._add(Method(name, handler, _check_op(op), False))
+
+    def register_stream(self, name: str, handler: StreamHandler, *, op: str = READ) -> None:
+        self._add(Method(name, handler, _check_op(op), True))
+
+    def _add(self, m: Method) -> None:
+        if not isinstance(m.name, str) or not m.name:
+            raise ValueError("method name must be a non-empty string")
+        if m.name in self._methods:
+            raise ValueError(f"method {m.name!r} is already registered")
+        self._methods[m.name] = m
+
+    def unregister(self, name: str) -> None:
+        self._methods.pop(name, None)
+
+    def get(self, name: str) -> Method | None:
+        return self._methods.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._methods)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._methods
+
+
+def _check_op(op: str) -> str:
+    if op not in (READ, WRITE):
+        raise ValueError(f"op must be 'r' or 'w', got {op!r}")
+    return op
+
+
+@dataclass
+class Firewall:
+    """Admits callers by Ed25519 public key, never by address.
+
+    open=True admits everyone to everything (the default for a private swarm);
+    otherwise keys in `allow` may call any method, keys in `allow_read_only`
+    only methods registered with op "r", and everyone else nothing.
+    """
+
+    allow: set[bytes] = field(default_factory=set)
+    allow_read_only: set[bytes] = field(default_factory=set)
+    open: bool = False
+
+    @classmethod
+    def open_to_all(cls) -> Firewall:
+        return cls(open=True)
+
+    @classmethod
+    def from_keys(
+        cls, allow: Iterable[bytes | str] = (), allow_read_only: Iterable[bytes | str] = ()
+    ) -> Firewall:
+        return cls({_key(k) for k in allow}, {_key(k) for k in allow_read_only})
+
+    def check(self, peer: bytes, method: str, op: str) -> None:
+        """Raise ERR_FORBIDDEN unless peer may call a method of this op."""
+        if self.open or peer in self.allow:
+            return
+        if op == READ and peer in self.allow_read_only:
+            return
+        if peer in self.allow_read_only:
+            raise SwarmdError(ERR_FORBIDDEN, f"method {method!r} writes and this peer has read-only access")
+        raise SwarmdError(ERR_FORBIDDEN, f"peer {peer.hex()[:16]}… is not allowed to call {method!r}")
+
+
+def _key(k: bytes | str) -> bytes:
+    b = bytes.fromhex(k) if isinstance(k, str) else bytes(k)
+    if len(b) != 32:
+        raise ValueError("firewall keys are 32-byte Ed25519 public keys")
+    return b

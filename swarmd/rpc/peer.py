@@ -1,0 +1,578 @@
+"""RpcPeer: both ends of a connection call, notify and stream to each other.
+
+Wire messages are the envelopes of `swarmd.rpc.envelope` on mux channel 0;
+stream calls additionally own a mux channel opened by the caller. The hot path
+is kept lean: a call is one future, one `loop.call_at` timer and one queued
+frame; a handler that finishes without suspending is run inline (no Task).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import traceback
+import uuid
+from collections import deque
+from collections.abc import Coroutine, Generator
+from typing import Any
+
+from loguru import logger
+
+from swarmd.errors import (
+    ERR_BAD_REQUEST,
+    ERR_CANCELLED,
+    ERR_CLOSED,
+    ERR_INTERNAL,
+    ERR_OVERLOADED,
+    ERR_PROTOCOL,
+    ERR_TIMEOUT,
+    ERR_UNKNOWN_METHOD,
+    SwarmdError,
+)
+from swarmd.net.connection import Channel, SecureConnection
+from swarmd.rpc import envelope
+from swarmd.rpc.config import RpcConfig
+from swarmd.rpc.envelope import CANCEL, ERROR, EVENT, REQUEST, RESPONSE, EnvelopeError
+from swarmd.rpc.methods import READ, CallContext, Firewall, Method, Methods
+
+
+class _LogLimiter:
+    """At most one line per key per period: hostile input never floods the log."""
+
+    def __init__(self, period: float = 60.0) -> None:
+        self.period = period
+        self._last: dict[str, float] = {}
+
+    def allow(self, key: str) -> bool:
+        now = time.monotonic()
+        if now - self._last.get(key, -1e9) < self.period:
+            return False
+        if len(self._last) > 1000:
+            self._last.clear()
+        self._last[key] = now
+        return True
+
+
+_limiter = _LogLimiter()
+
+
+class _Resume:
+    """Continue, inside a Task, a coroutine whose first step already ran inline.
+
+    Running a handler's first step inline saves a Task per call when it
+    completes without suspending (echo, ping, lookups in memory). When it does
+    suspend, the future it yielded is handed to the Task, which resumes it
+    exactly as if the Task had started it.
+    """
+
+    __slots__ = ("_coro", "_first")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], first: Any) -> None:
+        self._coro = coro
+        self._first = first
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        coro = self._coro
+        pending = self._first
+        self._first = None
+        while True:
+            try:
+                yield pending
+            except BaseException as exc:  # noqa: B036 - forward cancellation and errors into the handler
+                try:
+                    pending = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+                continue
+            break
+        return (yield from coro.__await__())
+
+
+def _builtin_methods() -> dict[str, Method]:
+    async def ping(ctx: CallContext, params: Any) -> Any:
+        return "pong" if params is None else params
+
+    async def get_instance_id(ctx: CallContext, params: Any) -> Any:
+        return ctx.peer_conn.instance_id
+
+    return {
+        "ping": Method("ping", ping, READ, False),
+        "getInstanceId": Method("getInstanceId", get_instance_id, READ, False),
+    }
+
+
+_BUILTINS = _builtin_methods()
+
+
+class Stream:
+    """A byte stream tied to one call: `send`, `recv` (None at end), `close`, and the call's `result`."""
+
+    def __init__(
+        self, peer: RpcPeer, channel: Channel, result: asyncio.Future[Any] | None = None, request_id: int = 0
+    ) -> None:
+        self.peer = peer
+        self.channel = channel
+        self._result = result
+        self._rid = request_id
+
+    @property
+    def id(self) -> int:
+        return self.channel.id
+
+    async def send(self, data: bytes) -> None:
+        await self.channel.send(data)
+
+    async def recv(self) -> bytes | None:
+        return await self.channel.recv()
+
+    async def close(self) -> None:
+        """Half-close: we send nothing more; the other side's recv() returns None."""
+        self.channel.end()
+
+    def abort(self, error: SwarmdError | None = None) -> None:
+        """Reset the channel; on the caller side also cancel the call (its result raises ERR_CANCELLED)."""
+        err = error or SwarmdError(ERR_CANCELLED, "stream aborted")
+        self.channel.reset(err)
+        res = self._result
+        if res is not None and not res.done():
+            res.set_exception(err)
+            res.exception()  # retrieved: aborting is not an unhandled error
+            if self.peer._pending.pop(self._rid, None) is not None:
+                self.peer._send_cancel(self._rid)
+
+    async def result(self) -> Any:
+        """Caller side: the handler's return value (raises its SwarmdError)."""
+        if self._result is None:
+            raise RuntimeError("result() is for the side that opened the stream")
+        return await self._result
+
+    async def __aenter__(self) -> Stream:
+        return self
+
+    async def __aexit__(self, et: Any, e: Any, tb: Any) -> None:
+        if et is not None:
+            self.abort()
+
+
+class RpcPeer:
+    """One RPC connection; both sides can call, notify and stream."""
+
+    def __init__(
+        self,
+        conn: SecureConnection,
+        methods: Methods | None = None,
+        *,
+        firewall: Firewall | None = None,
+        config: RpcConfig | None = None,
+        instance_id: str | None = None,
+    ) -> None:
+        self.conn = conn
+        self.methods = methods or Methods()
+        self.firewall = firewall
+        self.config = config or RpcConfig()
+        self.instance_id = instance_id or uuid.uuid4().hex
+        self._loop = conn._loop
+        self._next_id = 1
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._pending_streams: dict[int, Stream] = {}
+        self._running: dict[int, asyncio.Task[Any]] = {}
+        self._events: set[asyncio.Task[Any]] = set()
+        self._inline = 0
+        self._backlog: deque[tuple[int, str, Any, int | None, float]] = deque()
+        conn.on_message = self._on_message
+        conn.on_close = self._on_close
+        conn.on_writable = self._on_writable
+        self._log = logger.bind(component="rpc")
+
+    # -- identity / state --------------------------------------------------
+
+    @property
+    def remote_public_key(self) -> bytes:
+        key = self.conn.remote_public_key
+        if key is None:
+            raise SwarmdError(ERR_CLOSED, "handshake not complete")
+        return key
+
+    @property
+    def is_closed(self) -> bool:
+        return self.conn.is_closed
+
+    @property
+    def closed(self) -> asyncio.Future[SwarmdError]:
+        return self.conn.closed
+
+    # -- caller side -------------------------------------------------------
+
+    def _start_call(
+        self, method: str, params: Any, timeout: float, channel: int
+    ) -> tuple[int, asyncio.Future[Any]]:
+        conn = self.conn
+        if conn.error is not None:
+            raise SwarmdError(ERR_CLOSED, f"connection closed: {conn.error.message}")
+        rid = self._next_id
+        self._next_id = rid + 1
+        try:
+            msg = envelope.request(rid, method, params, int(timeout * 1000), channel)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise SwarmdError(ERR_BAD_REQUEST, f"params of {method!r} cannot be encoded: {e}") from None
+        fut = self._loop.create_future()
+        pending = self._pending
+        pending[rid] = fut
+        # a lone call goes out at once; calls made together coalesce into one flush
+        conn.send_message(msg, now=len(pending) == 1)
+        return rid, fut
+
+    def _expire(self, rid: int, method: str, timeout: float) -> None:
+        fut = self._pending.pop(rid, None)
+        if fut is not None and not fut.done():
+            fut.set_exception(SwarmdError(ERR_TIMEOUT, f"{method!r} got no answer within {timeout:g} s"))
+            self._send_cancel(rid)
+
+    def _send_cancel(self, rid: int) -> None:
+        if self.conn.error is None:
+            self.conn.send_message(envelope.cancel(rid))
+
+    async def call(self, method: str, params: Any = None, *, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - timer-based, no wait_for
+        """Call method on the peer; raises SwarmdError (remote code, ERR_TIMEOUT, ERR_CLOSED)."""
+        if timeout is None:
+            timeout = self.config.default_timeout
+        rid, fut = self._start_call(method, params, timeout, 0)
+        loop = self._loop
+        timer = loop.call_at(loop.time() + timeout, self._expire, rid, method, timeout)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if self._pending.pop(rid, None) is not None:
+                self._send_cancel(rid)
+            raise
+        finally:
+            timer.cancel()
+            if self._conn_write_paused():
+                await self._drain_quietly()
+
+    def _conn_write_paused(self) -> bool:
+        return self.conn._write_paused
+
+    async def _drain_quietly(self) -> None:
+        try:
+            await asyncio.wait_for(self.conn.drain(), self.config.default_timeout)
+        except (SwarmdError, TimeoutError):
+            pass
+
+    def event(self, method: str, params: Any = None) -> None:
+        """Fire and forget: no answer, errors only logged by the peer."""
+        if self.conn.error is not None:
+            raise SwarmdError(ERR_CLOSED, f"connection closed: {self.conn.error.message}")
+        try:
+            msg = envelope.event(method, params)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise SwarmdError(ERR_BAD_REQUEST, f"params of event {method!r} cannot be encoded: {e}") from None
+        self.conn.send_message(msg)
+
+    async def open_stream(self, method: str, params: Any = None, *, timeout: float | None = None) -> Stream:  # noqa: ASYNC109
+        """Start a stream call; use the Stream to send/recv bytes and await its result()."""
+        if timeout is None:
+            timeout = self.config.stream_timeout
+        channel = self.conn.open_channel()
+        try:
+            rid, fut = self._start_call(method, params, timeout, channel.id)
+        except BaseException:
+            channel._fail(SwarmdError(ERR_CLOSED, "stream call not sent"))
+            raise
+        result: asyncio.Future[Any] = self._loop.create_future()
+        stream = Stream(self, channel, result, rid)
+        timer = self._loop.call_at(self._loop.time() + timeout, self._expire, rid, method, timeout)
+
+        def settle(f: asyncio.Future[Any]) -> None:
+            timer.cancel()
+            self._pending.pop(rid, None)
+            # the callee finished: it ignores anything more we send, so our side is over
+            if not channel.local_ended:
+                channel.local_ended = True
+                channel._maybe_release()
+            if result.done():
+                return
+            if f.cancelled():
+                result.cancel()
+                return
+            exc = f.exception()
+            if exc is not None:
+                err = exc if isinstance(exc, SwarmdError) else SwarmdError(ERR_INTERNAL, str(exc))
+                if channel.error is None:
+                    channel.reset(err)
+                result.set_exception(err)
+            else:
+                result.set_result(f.result())
+
+        fut.add_done_callback(settle)
+        return stream
+
+    # -- incoming ----------------------------------------------------------
+
+    def _on_message(self, data: bytes) -> None:
+        try:
+            msg = envelope.decode(data)
+        except EnvelopeError as e:
+            if e.request_id is not None:
+                self._reply_error(e.request_id, SwarmdError(ERR_BAD_REQUEST, e.message))
+                return
+            raise
+        kind = msg[0]
+        if kind == RESPONSE:
+            fut = self._pending.pop(msg[1], None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg[2])
+        elif kind == REQUEST:
+            self._on_request(msg[1], msg[2], msg[3], msg[4], msg[5])
+        elif kind == ERROR:
+            fut = self._pending.pop(msg[1], None)
+            if fut is not None and not fut.done():
+                fut.set_exception(SwarmdError.from_wire(msg[2]))
+        elif kind == EVENT:
+            self._on_event(msg[1], msg[2])
+        elif kind == CANCEL:
+            task = self._running.get(msg[1])
+            if task is not None:
+                self._cancel_soon(task, "cancelled by the caller")
+
+    def _lookup(self, method: str) -> Method:
+        m = _BUILTINS.get(method) or self.methods.get(method)
+        if m is None:
+            raise SwarmdError(ERR_UNKNOWN_METHOD, f"no method {method!r} on this peer")
+        if self.firewall is not None and method not in _BUILTINS:
+            self.firewall.check(self.conn.remote_public_key or b"", method, m.op)
+        return m
+
+    def _on_request(
+        self,
+        rid: int,
+        method: str,
+        params: Any,
+        timeout_ms: int | None,
+        ch: int,
+        arrived: float | None = None,
+    ) -> None:
+        if self.conn._write_paused and not ch:
+            # The peer is not reading our answers: hold new plain requests in a bounded
+            # backlog instead of growing the pipe buffer; a peer that floods anyway is cut off.
+            if len(self._backlog) >= self.config.max_in_flight:
+                raise SwarmdError(
+                    ERR_OVERLOADED, f"peer sent {len(self._backlog)} requests without reading our answers"
+                )
+            self._backlog.append((rid, method, params, timeout_ms, self._loop.time()))
+            return
+        if arrived is not None and timeout_ms is not None:
+            timeout_ms -= int((self._loop.time() - arrived) * 1000)
+        stream: Stream | None = None
+        try:
+            if rid in self._running:
+                raise SwarmdError(ERR_BAD_REQUEST, f"request id {rid} is already running")
+            if len(self._running) + self._inline >= self.config.max_in_flight:
+                raise SwarmdError(
+                    ERR_OVERLOADED,
+                    f"{len(self._running)} requests running, the limit is {self.config.max_in_flight}",
+                )
+            m = self._lookup(method)
+            deadline = None
+            if timeout_ms is not None:
+                if timeout_ms <= 0:
+                    raise SwarmdError(ERR_TIMEOUT, f"request for {method!r} arrived after its deadline")
+                deadline = self._loop.time() + timeout_ms / 1000.0
+            if m.stream != bool(ch):
+                raise SwarmdError(
+                    ERR_BAD_REQUEST,
+                    f"{method!r} is a stream method: open it as a stream"
+                    if m.stream
+                    else f"{method!r} is not a stream method: call it",
+                )
+            ctx = CallContext(self.conn.remote_public_key or b"", method, rid, deadline, self)
+            if ch:
+                stream = Stream(self, self.conn.accept_channel(ch))
+                coro = m.handler(ctx, params, stream)
+            else:
+                coro = m.handler(ctx, params)
+        except SwarmdError as e:
+            if e.code == ERR_PROTOCOL:
+                raise
+            self._reply_error(rid, e)
+            return
+        self._run(rid, method, coro, deadline, stream)
+
+    def _on_writable(self) -> None:
+        backlog = self._backlog
+        while backlog and not self.conn._write_paused and self.conn.error is None:
+            rid, method, params, timeout_ms, arrived = backlog.popleft()
+            try:
+                self._on_request(rid, method, params, timeout_ms, 0, arrived)
+            except SwarmdError as e:
+                self.conn.close(e)
+                return
+
+    def _run(
+        self,
+        rid: int,
+        method: str,
+        coro: Coroutine[Any, Any, Any],
+        deadline: float | None,
+        stream: Stream | None,
+    ) -> None:
+        self._inline += 1
+        try:
+            first = coro.send(None)
+        except StopIteration as stop:
+            self._finish(rid, method, stream, stop.value, None)
+            return
+        except BaseException as e:  # noqa: BLE001 - a handler may raise anything; it becomes an error reply
+            self._finish(rid, method, stream, None, e)
+            return
+        finally:
+            self._inline -= 1
+        task = self._loop.create_task(self._continue(rid, method, _Resume(coro, first), deadline, stream))
+        self._running[rid] = task
+
+    async def _continue(
+        self, rid: int, method: str, resumed: _Resume, deadline: float | None, stream: Stream | None
+    ) -> None:
+        timer = None
+        task = asyncio.current_task()
+        expired = False
+        if deadline is not None and task is not None:
+
+            def expire() -> None:
+                nonlocal expired
+                expired = True
+                task.cancel(msg="deadline passed")
+
+            timer = self._loop.call_at(deadline, expire)
+        try:
+            result = await resumed
+        except asyncio.CancelledError:
+            if expired:
+                self._finish(
+                    rid, method, stream, None, SwarmdError(ERR_TIMEOUT, f"{method!r} ran past its deadline")
+                )
+            elif self.conn.error is None:
+                self._finish(rid, method, stream, None, SwarmdError(ERR_CANCELLED, "cancelled by the caller"))
+            elif stream is not None:
+                stream.channel._fail(SwarmdError(ERR_CLOSED, "connection closed"))
+        except BaseException as e:  # noqa: BLE001
+            self._finish(rid, method, stream, None, e)
+        else:
+            self._finish(rid, method, stream, result, None)
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self._running.pop(rid, None)
+
+    def _finish(
+        self, rid: int, method: str, stream: Stream | None, result: Any, exc: BaseException | None
+    ) -> None:
+        if rid < 0:  # an event: nobody waits for the outcome
+            if exc is not None and not isinstance(exc, asyncio.CancelledError):
+                self._log_handler_error(method, exc)
+            return
+        if stream is not None:
+            # the callee's side of a stream ends with its handler; later frames are dropped
+            ch = stream.channel
+            if exc is None and ch.error is None:
+                ch.end()
+            self.conn._channels.pop(ch.id, None)
+        if exc is None:
+            if self.conn.error is not None:
+                return
+            try:
+                msg = envelope.response(rid, result)
+            except (TypeError, ValueError, OverflowError) as e:
+                self._reply_error(
+                    rid, SwarmdError(ERR_INTERNAL, f"result of {method!r} cannot be encoded: {e}")
+                )
+                self._log_handler_error(method, e)
+                return
+            self.conn.send_message(msg)
+            return
+        if isinstance(exc, SwarmdError):
+            err = exc
+        elif isinstance(exc, asyncio.CancelledError):
+            err = SwarmdError(ERR_CANCELLED, "handler cancelled")
+        else:
+            self._log_handler_error(method, exc)
+            err = SwarmdError(ERR_INTERNAL, f"{method!r} failed: {type(exc).__name__}")
+        if stream is not None and stream.channel.error is None and self.conn.error is None:
+            stream.channel.reset(err)
+        self._reply_error(rid, err)
+
+    def _log_handler_error(self, method: str, exc: BaseException) -> None:
+        key = f"{method}:{type(exc).__name__}"
+        if _limiter.allow(key):
+            tb = "".join(traceback.format_exception(exc)).rstrip()
+            self._log.bind(method=method, error=type(exc).__name__).error(f"handler raised: {tb}")
+
+    def _reply_error(self, rid: int, err: SwarmdError) -> None:
+        if self.conn.error is None:
+            try:
+                msg = envelope.error(rid, err)
+            except (TypeError, ValueError):
+                msg = envelope.error(rid, SwarmdError(err.code, err.message))
+            self.conn.send_message(msg)
+
+    def _on_event(self, method: str, params: Any) -> None:
+        try:
+            m = self._lookup(method)
+            if m.stream:
+                raise SwarmdError(ERR_BAD_REQUEST, f"{method!r} is a stream method, not an event")
+            if len(self._events) + len(self._running) >= self.config.max_in_flight:
+                raise SwarmdError(ERR_OVERLOADED, "too many events running")
+        except SwarmdError as e:
+            if _limiter.allow(f"event:{e.code}"):
+                self._log.bind(method=method, code=e.code).info(f"event dropped: {e.message}")
+            return
+        ctx = CallContext(self.conn.remote_public_key or b"", method, -1, None, self)
+        coro = m.handler(ctx, params)
+        try:
+            first = coro.send(None)
+        except StopIteration:
+            return
+        except BaseException as e:  # noqa: BLE001
+            self._finish(-1, method, None, None, e)
+            return
+        task = self._loop.create_task(self._continue_event(method, _Resume(coro, first)))
+        self._events.add(task)
+        task.add_done_callback(self._events.discard)
+
+    async def _continue_event(self, method: str, resumed: _Resume) -> None:
+        try:
+            await resumed
+        except asyncio.CancelledError:
+            pass
+        except BaseException as e:  # noqa: BLE001
+            self._finish(-1, method, None, None, e)
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def _on_close(self, err: SwarmdError) -> None:
+        closed = (
+            SwarmdError(ERR_CLOSED, f"connection closed: {err.message}") if err.code != ERR_CLOSED else err
+        )
+        pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(closed)
+        for task in list(self._running.values()) + list(self._events):
+            self._cancel_soon(task, "connection closed")
+
+    async def close(self) -> None:
+        """Close the connection and wait for our handlers to stop."""
+        self.conn.close()
+        tasks = list(self._running.values()) + list(self._events)
+        for t in tasks:
+            self._cancel_soon(t, "connection closed")
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _cancel_soon(self, task: asyncio.Task[Any], msg: str) -> None:
+        """Cancel after the task's first step: a Task cancelled before it ever ran
+        would never resume the handler we already started inline (no cleanup, no reply)."""
+        self._loop.call_soon(task.cancel, msg)
+
+    async def wait_closed(self) -> SwarmdError:
+        return await asyncio.shield(self.conn.closed)

@@ -1,0 +1,172 @@
+"""The sans-IO Noise session: IK/XX, key binding, version mismatch, fuzzing."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from swarmd.errors import ERR_HANDSHAKE, ERR_PROTOCOL, ERR_TOO_LARGE, SwarmdError
+from swarmd.net.framing import FrameDecoder, encode_frame
+from swarmd.net.noise import (
+    MAX_PLAINTEXT,
+    HandshakeError,
+    NoiseSession,
+    check_identity_payload,
+    identity_payload,
+)
+from swarmd.node.identity import Identity
+
+A = Identity.from_seed(b"a" * 32)
+B = Identity.from_seed(b"b" * 32)
+C = Identity.from_seed(b"c" * 32)
+
+
+def handshake(i: NoiseSession, r: NoiseSession) -> None:
+    out, _ = r.receive(i.start())
+    out2, _ = i.receive(out)
+    if out2:
+        r.receive(out2)
+
+
+@pytest.mark.parametrize("known", [True, False])
+def test_both_sides_learn_each_others_ed25519_key(known: bool) -> None:
+    i = NoiseSession(A, initiator=True, remote_public_key=B.public_key if known else None)
+    r = NoiseSession(B, initiator=False)
+    handshake(i, r)
+    assert i.established and r.established
+    assert i.remote_public_key == B.public_key
+    assert r.remote_public_key == A.public_key
+    assert i.handshake_hash == r.handshake_hash
+    assert i.pattern == r.pattern == (1 if known else 2)
+    big = bytes(range(256)) * 1000
+    _, plain = r.receive(i.encrypt(big))
+    assert b"".join(plain) == big
+    _, plain = i.receive(r.encrypt(b"back"))
+    assert plain == [b"back"]
+
+
+def test_interoperates_with_plain_noiseprotocol() -> None:
+    """A peer built on the noiseprotocol library alone (as docs/protocol.md describes) talks to us."""
+    from noise.connection import Keypair, NoiseConnection
+
+    i = NoiseSession(A, initiator=True)
+    first = bytes(FrameDecoder(65535).feed(i.start())[0])
+    header = first[: 2 + first[0]]
+    assert header == b"\x08swarmd/1\x02"
+    raw = NoiseConnection.from_name(b"Noise_XX_25519_ChaChaPoly_BLAKE2s")
+    raw.set_prologue(header)
+    raw.set_as_responder()
+    raw.set_keypair_from_private_bytes(Keypair.STATIC, B.noise_private)
+    raw.start_handshake()
+    raw.read_message(first[len(header) :])
+    reply = encode_frame(b"\x00" + bytes(raw.write_message(identity_payload(B))))
+    out, _ = i.receive(reply)
+    assert i.remote_public_key == B.public_key
+    payload = raw.read_message(bytes(FrameDecoder(65535).feed(out)[0][1:]))
+    assert bytes(payload[:32]) == A.public_key
+    frames = [
+        bytes(f)
+        for f in FrameDecoder(65535).feed(i.encrypt(b"first") + i.encrypt(b"x" * (MAX_PLAINTEXT + 1)))
+    ]
+    assert [len(f) for f in frames] == [5 + 16, 65535, 17]
+    assert raw.decrypt(frames[0]) == b"first"
+    assert raw.decrypt(frames[1]) + raw.decrypt(frames[2]) == b"x" * (MAX_PLAINTEXT + 1)
+    _, plain = i.receive(encode_frame(raw.encrypt(b"back")))
+    assert plain == [b"back"]
+
+
+def test_ik_to_the_wrong_key_is_rejected_with_a_reason() -> None:
+    i = NoiseSession(A, initiator=True, remote_public_key=C.public_key)
+    r = NoiseSession(B, initiator=False)
+    with pytest.raises(HandshakeError) as ei:
+        r.receive(i.start())
+    assert ei.value.code == ERR_HANDSHAKE
+    assert "wrong public key" in ei.value.message
+    with pytest.raises(HandshakeError) as ei2:
+        i.receive(ei.value.reply)
+    assert "rejected" in ei2.value.message
+
+
+def test_xx_to_an_unexpected_key_fails_on_the_initiator() -> None:
+    """XX then comparing is how a caller learns it reached someone else."""
+    i = NoiseSession(A, initiator=True)
+    r = NoiseSession(B, initiator=False)
+    handshake(i, r)
+    assert i.remote_public_key == B.public_key != C.public_key
+
+
+def test_version_mismatch_fails_fast_and_clearly() -> None:
+    i = NoiseSession(A, initiator=True, remote_public_key=B.public_key, protocol_id=b"swarmd/2")
+    r = NoiseSession(B, initiator=False)
+    with pytest.raises(HandshakeError) as ei:
+        r.receive(i.start())
+    assert "swarmd/2" in ei.value.message and "swarmd/1" in ei.value.message
+    with pytest.raises(HandshakeError) as ei2:
+        i.receive(ei.value.reply)
+    assert "swarmd/1" in ei2.value.message
+
+
+def test_identity_payload_must_match_the_static_key() -> None:
+    """A peer cannot claim someone else's Ed25519 key with its own Noise key."""
+    with pytest.raises(HandshakeError) as ei:
+        check_identity_payload(identity_payload(C), A.noise_public)
+    assert "not derived" in ei.value.message
+    forged = C.public_key + A.sign(b"anything").ljust(64, b"\0")[:64]
+    with pytest.raises(HandshakeError):
+        check_identity_payload(forged, C.noise_public)
+    assert check_identity_payload(identity_payload(C), C.noise_public) == C.public_key
+
+
+def test_tampered_transport_message_is_a_protocol_error() -> None:
+    i = NoiseSession(A, initiator=True, remote_public_key=B.public_key)
+    r = NoiseSession(B, initiator=False)
+    handshake(i, r)
+    wire = bytearray(i.encrypt(b"payload"))
+    wire[-1] ^= 1
+    with pytest.raises(SwarmdError) as ei:
+        r.receive(bytes(wire))
+    assert ei.value.code == ERR_PROTOCOL
+
+
+def test_transport_frames_after_the_last_handshake_frame_in_one_read() -> None:
+    i = NoiseSession(A, initiator=True)
+    r = NoiseSession(B, initiator=False)
+    out, _ = r.receive(i.start())
+    out3, _ = i.receive(out)
+    _, plain = r.receive(out3 + i.encrypt(b"early"))
+    assert plain == [b"early"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=400))
+def test_responder_survives_garbage(data: bytes) -> None:
+    r = NoiseSession(B, initiator=False)
+    try:
+        r.receive(data)
+    except SwarmdError as e:
+        assert e.code in (ERR_HANDSHAKE, ERR_TOO_LARGE)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300), st.booleans())
+def test_initiator_survives_garbage_replies(body: bytes, framed: bool) -> None:
+    i = NoiseSession(A, initiator=True, remote_public_key=B.public_key)
+    i.start()
+    try:
+        i.receive(encode_frame(body) if framed else body)
+    except SwarmdError as e:
+        assert e.code in (ERR_HANDSHAKE, ERR_TOO_LARGE)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=300))
+def test_established_session_survives_garbage(data: bytes) -> None:
+    i = NoiseSession(A, initiator=True, remote_public_key=B.public_key)
+    r = NoiseSession(B, initiator=False)
+    handshake(i, r)
+    try:
+        _, plain = r.receive(encode_frame(data))
+        assert plain == []  # forging a valid message is not possible
+    except SwarmdError as e:
+        assert e.code in (ERR_PROTOCOL, ERR_TOO_LARGE)

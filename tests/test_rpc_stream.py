@@ -1,0 +1,201 @@
+"""Streams over the mux: upload, download, flow control, aborts, pings beside bulk data."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from typing import Any
+
+import pytest
+
+from swarmd.errors import ERR_CANCELLED, ERR_CLOSED, ERR_OVERLOADED, ERR_UNKNOWN_METHOD, SwarmdError
+from swarmd.net import mux
+from swarmd.node.identity import Identity
+from swarmd.rpc import CallContext, RpcConfig, RpcServer, Stream, connect
+from tests.rpc_helpers import make_methods
+
+T = 30.0
+
+
+@pytest.fixture
+async def server():
+    srv = RpcServer(Identity.generate(), make_methods())
+    await srv.start()
+    yield srv
+    await srv.stop()
+
+
+async def test_upload_and_download(server: RpcServer) -> None:
+    peer = await connect(None, "127.0.0.1", server.port, timeout=T)
+    try:
+        s = await peer.open_stream("upload", timeout=T)
+        for _ in range(40):
+            await s.send(b"u" * 100_000)
+        await s.close()
+        assert await s.result() == 4_000_000
+        s = await peer.open_stream("download", {"size": 3_000_001, "chunk": 70_000}, timeout=T)
+        got = bytearray()
+        while (chunk := await s.recv()) is not None:
+            got += chunk
+        assert len(got) == 3_000_001 and await s.result() == 3_000_001
+        assert peer.conn._channels == {}  # both channels released
+    finally:
+        await peer.close()
+
+
+async def test_receiver_that_stops_reading_bounds_the_sender(server: RpcServer) -> None:
+    """A download nobody reads stops at the window; the connection stays usable."""
+    peer = await connect(None, "127.0.0.1", server.port, timeout=T)
+    try:
+        s = await peer.open_stream("download", {"size": 50_000_000}, timeout=T)
+        ch = s.channel
+        for _ in range(2000):
+            if sum(map(len, ch._chunks)) >= mux.INITIAL_WINDOW:
+                break
+            await peer.call("ping", timeout=T)
+        assert sum(map(len, ch._chunks)) == mux.INITIAL_WINDOW  # exactly the credit, not a byte more
+        assert await peer.call("echo", "not delayed", timeout=T) == "not delayed"
+        got = 0
+        while (chunk := await s.recv()) is not None:
+            got += len(chunk)
+        assert got == 50_000_000
+    finally:
+        await peer.close()
+
+
+async def test_calls_interleave_with_bulk_stream(server: RpcServer) -> None:
+    peer = await connect(None, "127.0.0.1", server.port, timeout=T)
+    try:
+        s = await peer.open_stream("download", {"size": 20_000_000}, timeout=T)
+
+        async def drain() -> int:
+            n = 0
+            while (c := await s.recv()) is not None:
+                n += len(c)
+            return n
+
+        reader = asyncio.create_task(drain())
+        pings = 0
+        while not reader.done() and pings < 50:
+            assert await peer.call("ping", timeout=T) == "pong"
+            pings += 1
+        assert await reader == 20_000_000
+    finally:
+        await peer.close()
+
+
+async def test_stream_handler_error_reaches_both_result_and_recv() -> None:
+    methods = make_methods()
+
+    async def bad(ctx: CallContext, params: Any, stream: Stream) -> Any:
+        await stream.send(b"partial")
+        raise SwarmdError(ERR_OVERLOADED, "disk full")
+
+    methods.register_stream("bad", bad)
+    srv = RpcServer(Identity.generate(), methods)
+    await srv.start()
+    peer = await connect(None, "127.0.0.1", srv.port, timeout=T)
+    try:
+        s = await peer.open_stream("bad", timeout=T)
+        with pytest.raises(SwarmdError) as ei:
+            await s.result()
+        assert ei.value.code == ERR_OVERLOADED
+        with pytest.raises(SwarmdError):
+            while await s.recv() is not None:
+                pass
+        s = await peer.open_stream("nope", timeout=T)
+        with pytest.raises(SwarmdError) as ei:
+            await s.result()
+        assert ei.value.code == ERR_UNKNOWN_METHOD
+        assert await peer.call("ping", timeout=T) == "pong"
+    finally:
+        await peer.close()
+        await srv.stop()
+
+
+async def test_abort_cancels_the_remote_handler() -> None:
+    methods = make_methods()
+    seen: asyncio.Queue[str] = asyncio.Queue()
+
+    async def sink(ctx: CallContext, params: Any, stream: Stream) -> Any:
+        try:
+            while await stream.recv() is not None:
+                pass
+        except SwarmdError as e:
+            await seen.put(e.code)
+            raise
+        except asyncio.CancelledError:
+            await seen.put("cancelled")
+            raise
+        return "finished"
+
+    methods.register_stream("sink", sink, op="w")
+    srv = RpcServer(Identity.generate(), methods)
+    await srv.start()
+    peer = await connect(None, "127.0.0.1", srv.port, timeout=T)
+    try:
+        s = await peer.open_stream("sink", timeout=T)
+        await s.send(b"x" * 1000)
+        s.abort()
+        assert await asyncio.wait_for(seen.get(), T) in (ERR_CANCELLED, "cancelled")
+        with pytest.raises(SwarmdError) as ei:
+            await s.result()
+        assert ei.value.code == ERR_CANCELLED
+        with pytest.raises(SwarmdError):
+            await s.send(b"more")
+        assert await peer.call("ping", timeout=T) == "pong"
+    finally:
+        await peer.close()
+        await srv.stop()
+
+
+async def test_stream_limit_per_connection() -> None:
+    cfg = RpcConfig()
+    cfg.net.max_streams = 2
+    srv = RpcServer(Identity.generate(), make_methods(), config=cfg)
+    await srv.start()
+    peer = await connect(None, "127.0.0.1", srv.port, timeout=T, config=cfg)
+    try:
+        a = await peer.open_stream("upload", timeout=T)
+        b = await peer.open_stream("upload", timeout=T)
+        with pytest.raises(SwarmdError) as ei:
+            await peer.open_stream("upload", timeout=T)
+        assert ei.value.code == ERR_OVERLOADED
+        for s in (a, b):
+            await s.close()
+            assert await s.result() == 0
+    finally:
+        await peer.close()
+        await srv.stop()
+
+
+async def test_connection_loss_fails_open_streams() -> None:
+    srv = RpcServer(Identity.generate(), make_methods())
+    await srv.start()
+    peer = await connect(None, "127.0.0.1", srv.port, timeout=T)
+    s = await peer.open_stream("download", {"size": 100_000_000}, timeout=T)
+    assert await s.recv()
+    await srv.stop()
+    with pytest.raises(SwarmdError) as ei:
+        while await asyncio.wait_for(s.recv(), T) is not None:
+            pass
+    assert ei.value.code == ERR_CLOSED
+    with pytest.raises(SwarmdError) as ei:
+        await asyncio.wait_for(s.result(), T)
+    assert ei.value.code == ERR_CLOSED
+    await peer.close()
+
+
+async def test_blob_integrity_through_many_chunk_sizes(server: RpcServer) -> None:
+    methods_digest = hashlib.sha256()
+    peer = await connect(None, "127.0.0.1", server.port, timeout=T)
+    try:
+        s = await peer.open_stream("upload", timeout=T)
+        for size in (1, 65535, 65536, 65537, 300_000, 7):
+            data = bytes([size % 251]) * size
+            methods_digest.update(data)
+            await s.send(data)
+        await s.close()
+        assert await s.result() == 1 + 65535 + 65536 + 65537 + 300_000 + 7
+    finally:
+        await peer.close()
