@@ -6,8 +6,9 @@ password stretching needed for high-entropy keys) and the comparison is
 constant-time. The database is SQLite in WAL mode, shared by the running
 gateway and the `swarmd keys` command; the gateway notices another process's
 changes through `PRAGMA data_version` (looked at most every check_interval,
-0.25 s, to keep SQLite off the per-request path) and reloads, so a revoke from
-the CLI takes effect within a quarter of a second.
+0.25 s, to keep SQLite off the per-request path, and at once for an unknown
+key id) and reloads: a key created by the CLI works at once, a revoke from the
+CLI takes effect within a quarter of a second.
 """
 
 from __future__ import annotations
@@ -129,9 +130,11 @@ class KeyStore:
 
     # -- cache ----------------------------------------------------------------
 
-    def _refresh(self, force: bool = False) -> None:
+    def _refresh(self, force: bool = False, look: bool = False) -> None:
+        """Reload the cache if another process changed the database (force: reload anyway;
+        look: check now rather than waiting for check_interval)."""
         now = time.monotonic()
-        if not force and now - self._checked < self.check_interval:
+        if not force and not look and now - self._checked < self.check_interval:
             return
         self._checked = now
         version = self._db.execute("PRAGMA data_version").fetchone()[0]
@@ -213,6 +216,9 @@ class KeyStore:
             return None
         self._refresh()
         key = self._cache.get(key_id)
+        if key is None:  # maybe created a moment ago by `swarmd keys create`
+            self._refresh(look=True)
+            key = self._cache.get(key_id)
         if key is None or key.revoked is not None:
             return None
         if not hmac.compare_digest(key.hash, hash_key(token)):
