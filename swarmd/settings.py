@@ -14,6 +14,7 @@ from typing import Literal
 from swarmd.dht.config import DhtConfig
 from swarmd.errors import ConfigError
 from swarmd.orchestrator.config import OrchestratorConfig
+from swarmd.gateway.config import GatewayConfig
 from swarmd.roles.base import ROLE_ORDER
 from swarmd.rpc.config import AccessConfig, RpcConfig
 from swarmd.store.config import StoreConfig
@@ -53,6 +54,7 @@ class Settings:
     store: StoreConfig = field(default_factory=StoreConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
 
     def validate(self) -> None:
         for section in vars(self).values():
