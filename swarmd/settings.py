@@ -13,11 +13,15 @@ from typing import Literal
 
 from swarmd.dht.config import DhtConfig
 from swarmd.errors import ConfigError
+from swarmd.gateway.config import GatewayConfig
 from swarmd.net.nat import NatConfig
 from swarmd.net.relay import RelayConfig
+from swarmd.orchestrator.config import OrchestratorConfig
 from swarmd.roles.base import ROLE_ORDER
 from swarmd.rpc.config import AccessConfig, RpcConfig
+from swarmd.store.config import StoreConfig
 from swarmd.swarm.config import SwarmConfig
+from swarmd.worker.config import WorkerConfig
 
 
 def default_data_dir() -> Path:
@@ -51,6 +55,10 @@ class Settings:
     swarm: SwarmConfig = field(default_factory=SwarmConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
     nat: NatConfig = field(default_factory=NatConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
 
     def validate(self) -> None:
         for section in vars(self).values():

@@ -56,8 +56,9 @@ if TYPE_CHECKING:
     from swarmd.swarm.swarm import Swarm
 
 Address = tuple[str, int]
-PATH_RANK = {"relayed": 0, "direct": 1, "punched": 1}
+PATH_RANK = {"relayed": 0, "direct": 1, "punched": 1}  # the registry keeps the higher (rpc/registry.py)
 STREAM_CHUNK = 256 * 1024
+SIGNAL_CHECK_INTERVAL = 10.0
 
 
 def path_of(peer: RpcPeer) -> str:
@@ -92,6 +93,7 @@ class Traversal:
         m.register_stream("nat.sink", self._rpc_sink, op="r")
         self.swarm.traversal = self
         self._spawn(self._detect_loop())
+        self._spawn(self._signal_keepalive())
 
     async def stop(self) -> None:
         self.swarm.traversal = None
@@ -242,6 +244,23 @@ class Traversal:
             self._detected.set()
             await asyncio.sleep(self.config.redetect_interval)
 
+    async def _signal_keepalive(self) -> None:
+        """Re-dial a signal peer whose connection dropped: callers reach us through it."""
+        while True:
+            await asyncio.sleep(SIGNAL_CHECK_INTERVAL)
+            for pk in list(self.signal_peers):
+                if self._is_pooled(pk):
+                    continue
+                try:
+                    await self.swarm.connect(pk)
+                except SwarmdError as e:
+                    self.log.bind(event="signal_peer_lost", peer=pk.hex()[:16], code=e.code).info(
+                        "signal peer unreachable; choosing again"
+                    )
+                    with contextlib.suppress(SwarmdError):
+                        await self._keep_signal_peers()
+                    break
+
     async def _keep_signal_peers(self) -> None:
         """Behind NAT: stay connected to a few public peers and list them in our record."""
         me = self.swarm.public_key
@@ -252,7 +271,6 @@ class Traversal:
                     continue
                 try:
                     await self.swarm.connect(rec.public_key, rec)
-                    self.swarm._wanted.add(rec.public_key)  # the pool re-dials it when it drops
                     chosen.append(rec.public_key)
                 except SwarmdError as e:
                     self.log.bind(event="signal_peer_failed", peer=rec.public_key.hex()[:16], code=e.code).info(
@@ -274,10 +292,10 @@ class Traversal:
         if not isinstance(params, dict):
             raise SwarmdError(ERR_BAD_REQUEST, "nat.signal params must be a map")
         req = parse_request({**params, "source": ctx.peer})  # the source is whoever holds the Noise key
-        conn = self.swarm._conns.get(req.target)
-        if conn is None or conn.peer.is_closed:
+        target = self.swarm._registry.get(req.target)
+        if target is None:
             raise SwarmdError(ERR_NOT_FOUND, f"peer {req.target.hex()[:16]}… keeps no connection to this node")
-        return await conn.peer.call("nat.connect", req.to_wire(), timeout=self.config.punch_timeout)
+        return await target.call("nat.connect", req.to_wire(), timeout=self.config.punch_timeout)
 
     async def _rpc_connect(self, ctx: CallContext, params: Any) -> Any:
         """On the target: a caller wants a connection (through a signal peer or over a relayed one)."""
@@ -304,8 +322,7 @@ class Traversal:
         return {"ok": True}
 
     def _is_pooled(self, pk: bytes) -> bool:
-        c = self.swarm._conns.get(pk)
-        return c is not None and not c.peer.is_closed
+        return self.swarm._registry.get(pk) is not None
 
     def _new_conn(self, initiator: bool, remote: bytes | None, info: PathInfo) -> tuple[SecureConnection, RpcPeer]:
         server = self.swarm.server
@@ -313,6 +330,7 @@ class Traversal:
             self.swarm.identity, initiator=initiator, remote_public_key=remote, config=server.config.net
         )
         conn.path_info = info  # type: ignore[attr-defined]  # connection info: which path carries it
+        conn.path_rank = PATH_RANK.get(info.path, 1)  # type: ignore[attr-defined]  # dedupe: better path wins
         peer = RpcPeer(conn, self.swarm.methods, firewall=server.firewall, config=server.config)
         return conn, peer
 
