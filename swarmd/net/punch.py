@@ -24,7 +24,14 @@ from typing import Any
 
 from loguru import logger
 
-from swarmd.errors import ERR_CLOSED, ERR_TIMEOUT, ERR_UNAVAILABLE, SwarmdError
+from swarmd.errors import (
+    ERR_BAD_REQUEST,
+    ERR_CLOSED,
+    ERR_TIMEOUT,
+    ERR_TOO_LARGE,
+    ERR_UNAVAILABLE,
+    SwarmdError,
+)
 
 Address = tuple[str, int]
 
@@ -34,6 +41,7 @@ LOW_WATER = 256 * 1024
 MSG_DATA = 0
 MSG_EOF = 1
 MAX_SDP = 16 * 1024  # an offer with a few candidates is ~1 KB
+GATHER_TIMEOUT = 8.0  # host + server-reflexive candidates from our STUN servers
 
 
 @dataclass
@@ -312,7 +320,11 @@ class Puncher:
 
     async def offer(self) -> str:
         """Caller: gather candidates (STUN on our DHT nodes) and return the offer SDP."""
-        await self._pc.setLocalDescription(await self._pc.createOffer())
+        try:
+            await asyncio.wait_for(self._pc.setLocalDescription(await self._pc.createOffer()), GATHER_TIMEOUT)
+        except TimeoutError:
+            await self.close()
+            raise SwarmdError(ERR_TIMEOUT, f"gathering ICE candidates took longer than {GATHER_TIMEOUT:g}s") from None
         self.info.gather_s = time.monotonic() - self._t0
         return self._pc.localDescription.sdp
 
@@ -321,8 +333,18 @@ class Puncher:
         from aiortc import RTCSessionDescription
 
         _check_sdp(offer_sdp)
-        await self._pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
-        await self._pc.setLocalDescription(await self._pc.createAnswer())
+        try:
+            await self._pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+            # gathering asks our STUN servers; bounded, as every await on the network
+            await asyncio.wait_for(self._pc.setLocalDescription(await self._pc.createAnswer()), GATHER_TIMEOUT)
+        except TimeoutError:
+            await self.close()
+            raise SwarmdError(ERR_TIMEOUT, f"gathering ICE candidates took longer than {GATHER_TIMEOUT:g}s") from None
+        except SwarmdError:
+            raise
+        except Exception as e:  # aiortc rejects malformed or unsupported SDP with assorted exceptions
+            await self.close()
+            raise SwarmdError(ERR_BAD_REQUEST, f"ICE offer rejected: {type(e).__name__}: {e}"[:300]) from None
         self.info.gather_s = time.monotonic() - self._t0
         return self._pc.localDescription.sdp
 
@@ -330,7 +352,10 @@ class Puncher:
         from aiortc import RTCSessionDescription
 
         _check_sdp(answer_sdp)
-        await self._pc.setRemoteDescription(RTCSessionDescription(sdp=answer_sdp, type="answer"))
+        try:
+            await self._pc.setRemoteDescription(RTCSessionDescription(sdp=answer_sdp, type="answer"))
+        except Exception as e:  # aiortc rejects malformed or unsupported SDP with assorted exceptions
+            raise SwarmdError(ERR_BAD_REQUEST, f"ICE answer rejected: {type(e).__name__}: {e}"[:300]) from None
 
     async def connected(self, timeout: float) -> PunchedTransport:
         """Wait (bounded) for the checks to succeed and the channel to open."""
@@ -368,9 +393,11 @@ class Puncher:
 
 def _check_sdp(sdp: Any) -> None:
     if not isinstance(sdp, str) or not sdp.startswith("v=0"):
-        raise SwarmdError("ERR_BAD_REQUEST", "ICE description must be an SDP text starting with 'v=0'")
+        raise SwarmdError(ERR_BAD_REQUEST, "ICE description must be an SDP text starting with 'v=0'")
     if len(sdp) > MAX_SDP:
-        raise SwarmdError("ERR_TOO_LARGE", f"ICE description of {len(sdp)} bytes exceeds {MAX_SDP}")
+        raise SwarmdError(ERR_TOO_LARGE, f"ICE description of {len(sdp)} bytes exceeds {MAX_SDP}")
+    if "\nm=application " not in sdp:
+        raise SwarmdError(ERR_BAD_REQUEST, "ICE description must offer one data channel (an m=application line)")
 
 
 @dataclass

@@ -38,6 +38,7 @@ from swarmd.errors import (
     ERR_BAD_REQUEST,
     ERR_FORBIDDEN,
     ERR_NOT_FOUND,
+    ERR_OVERLOADED,
     ERR_TIMEOUT,
     ERR_TOO_LARGE,
     ERR_UNAVAILABLE,
@@ -59,6 +60,7 @@ Address = tuple[str, int]
 PATH_RANK = {"relayed": 0, "direct": 1, "punched": 1}  # the registry keeps the higher (rpc/registry.py)
 STREAM_CHUNK = 256 * 1024
 SIGNAL_CHECK_INTERVAL = 10.0
+MAX_PUNCHING = 8
 
 
 def path_of(peer: RpcPeer) -> str:
@@ -79,6 +81,7 @@ class Traversal:
         self.paths: dict[bytes, PathInfo] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._repunching: set[bytes] = set()
+        self._punching = 0  # ICE agents answering callers right now
         self._detected = asyncio.Event()
         self.log = logger.bind(component="nat", node=swarm.identity.public_hex[:16])
 
@@ -313,8 +316,11 @@ class Traversal:
             servers = self.stun_servers()
             if not servers:
                 raise SwarmdError(ERR_UNAVAILABLE, "no STUN server answered us: cannot punch")
+            if self._punching >= MAX_PUNCHING:  # each attempt holds an ICE agent and sockets
+                raise SwarmdError(ERR_OVERLOADED, f"{MAX_PUNCHING} punching attempts already running")
             puncher = Puncher(servers)
             answer = await puncher.answer(req.sdp)
+            self._punching += 1
             self._spawn(self._accept_punched(req.source, puncher))
             return {"sdp": answer}
         assert req.relay is not None
@@ -346,7 +352,10 @@ class Traversal:
 
     async def _accept_punched(self, source: bytes, puncher: Puncher) -> None:
         t0 = time.monotonic()
-        transport = await puncher.connected(self.config.punch_timeout)
+        try:
+            transport = await puncher.connected(self.config.punch_timeout)
+        finally:
+            self._punching -= 1
         info = PathInfo("punched", time.monotonic() - t0, detail={"punch": _punch_detail(transport.info)})
         conn, peer = self._new_conn(False, None, info)
         transport.attach(conn)
