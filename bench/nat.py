@@ -1,12 +1,13 @@
-"""NAT-traversal benchmark, inside the NAT lab: connection setup time and stream
-throughput per path (direct TCP to a public peer, relayed, punched), beside a
-plain TCP stream over the same lab path measured in the same run.
+"""NAT-traversal benchmark inside the NAT lab: per path (direct TCP to a public
+peer, hole-punched, relayed), the connection setup time and the stream MiB/s of
+real daemons (Noise + RPC end to end, `swarmd nat probe`), beside a plain TCP
+stream (no Noise, no RPC) between the same lab hosts in the same run.
 
     sudo python bench/nat.py        # prints a table, then one JSON line
 
 Needs root, `ip` and `nft` (it builds network namespaces); otherwise it says why
-and prints a JSON line with "skipped". Each figure is the median of RUNS runs,
-each run streaming MB megabytes both ways at once (MiB/s is per direction).
+and prints a JSON line with "skipped". RUNS runs per path, each in a fresh lab
+with fresh daemons (a pooled connection would hide the setup time).
 """
 
 from __future__ import annotations
@@ -16,79 +17,55 @@ import json
 import os
 import statistics
 import sys
+import tempfile
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tests.natlab.lab import INET_IP, PUB_IP, REPO_ROOT, NatLab, unavailable_reason  # noqa: E402
+from tests.natlab.lab import PUB_IP, REPO_ROOT, NatLab, unavailable_reason  # noqa: E402
+from tests.natlab.swarmlab import probe, start_swarm  # noqa: E402
 
-RUNS = 3
+RUNS = 2
 MB = 8
 PEER = str(REPO_ROOT / "tests" / "natlab" / "peer.py")
-STUN = str(REPO_ROOT / "tests" / "natlab" / "stunserver.py")
+# (name, NAT pair, probe target): what each path needs
+SCENARIOS = [
+    ("direct", ("symmetric", "symmetric"), "pub"),
+    ("punched", ("cone", "cone"), "b"),
+    ("relayed", ("symmetric", "symmetric"), "b"),
+]
 
 
-def done_of(proc) -> dict:
-    for line in reversed(proc.lines):
-        if line.startswith("{") and '"event": "done"' in line:
-            return json.loads(line)
-    raise RuntimeError(f"no result from {proc.host}:\n{proc.output[-2000:]}")
-
-
-async def plain_tcp(lab: NatLab, server_host: str, server_ip: str, client_host: str, port: int) -> dict:
-    """The baseline: plain TCP (no relay, no ICE) between two lab hosts."""
-    srv = await lab.spawn(server_host, [sys.executable, PEER, "listen", "--port", str(port), "--timeout", "60"])
+async def plain_tcp(lab: NatLab, port: int) -> dict:
+    """Baseline: plain TCP lan-a -> pub through nat-a, same bytes, both ways at once."""
+    srv = await lab.spawn("pub", [sys.executable, PEER, "listen", "--port", str(port), "--timeout", "60"])
     await srv.wait_for('"listening"')
     cli = await lab.spawn(
-        client_host,
-        [sys.executable, PEER, "direct", "--connect", f"{server_ip}:{port}", "--token", os.urandom(32).hex(),
+        "lan-a",
+        [sys.executable, PEER, "direct", "--connect", f"{PUB_IP}:{port}", "--token", os.urandom(32).hex(),
          "--bytes", str(MB << 20), "--timeout", "60"],
     )
     await cli.wait(120)
     await srv.wait(120)
-    return done_of(cli)
+    for line in reversed(cli.lines):
+        if '"event": "done"' in line:
+            return json.loads(line)
+    raise RuntimeError(f"baseline produced no result:\n{cli.output[-2000:]}")
 
 
-async def via_relay(lab: NatLab, relay_port: int, stun: str, upgrade: bool) -> dict:
-    mode = "upgrade" if upgrade else "relay"
-    common = [sys.executable, PEER, mode, "--relay", f"{INET_IP}:{relay_port}", "--token", os.urandom(32).hex(),
-              "--stun", stun, "--bytes", str(MB << 20), "--punch-timeout", "5", "--timeout", "60"]
-    a = await lab.spawn("lan-a", [*common, "--side", "a"])
-    b = await lab.spawn("lan-b", [*common, "--side", "b"])
-    await a.wait(120)
-    await b.wait(120)
-    return done_of(a)
-
-
-async def scenario(lab: NatLab, modes: tuple[str, str], tmp: str) -> dict[str, list[dict]]:
-    lab.up(*modes)
+async def one_run(lab: NatLab, tmp: Path, name: str, modes: tuple[str, str], target: str, i: int) -> tuple[dict, dict]:
     try:
-        s1 = await lab.spawn("inet", [sys.executable, STUN, "3478"])
-        s2 = await lab.spawn("pub", [sys.executable, STUN, "3478"])
-        relay = await lab.spawn(
-            "inet",
-            [sys.executable, "-m", "swarmd", "--role", "relay", "--host", "0.0.0.0", "--data-dir", tmp,
-             "--log-format", "json"],
-        )
-        await s1.wait_for("stun_ready")
-        await s2.wait_for("stun_ready")
-        relay_port = json.loads(await relay.wait_for('"event": "ready"'))["ports"]["relay"]
-        stun = f"{INET_IP}:3478,{PUB_IP}:3478"
-        out: dict[str, list[dict]] = {"baseline_plain_tcp_lan_a_to_inet": [], "direct_lan_a_to_pub": []}
-        for i in range(RUNS):
-            out["baseline_plain_tcp_lan_a_to_inet"].append(await plain_tcp(lab, "inet", INET_IP, "lan-a", 7100 + i))
-            out["direct_lan_a_to_pub"].append(await plain_tcp(lab, "pub", PUB_IP, "lan-a", 7200 + i))
-            if modes == ("symmetric", "symmetric"):
-                out.setdefault("relayed", []).append(await via_relay(lab, relay_port, stun, upgrade=False))
-            else:
-                out.setdefault("punched", []).append(await via_relay(lab, relay_port, stun, upgrade=True))
-        return out
+        world = await start_swarm(lab, tmp, *modes)
+        out = probe(lab, world, target, MB << 20)
+        base = await plain_tcp(lab, 7100 + i)
+        return out, base
     finally:
         await lab.stop_processes()
         lab.down()
 
 
 def med(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
+    return round(statistics.median(xs), 2) if xs else float("nan")
 
 
 async def main() -> None:
@@ -97,31 +74,42 @@ async def main() -> None:
         print(f"bench/nat.py skipped: {reason}")
         print(json.dumps({"skipped": reason}))
         return
-    import tempfile
-
     lab = NatLab(f"bn{os.getpid() % 10000}-")
-    results: dict[str, list[dict]] = {}
+    figures: dict[str, dict] = {}
+    baseline: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for modes in (("cone", "cone"), ("symmetric", "symmetric")):
-            for k, v in (await scenario(lab, modes, os.path.join(tmp, "-".join(modes)))).items():
-                results.setdefault(k, []).extend(v)
-    figures = {}
-    for name, runs in results.items():
-        ok = [r for r in runs if r.get("ok")]
-        figures[name] = {
-            "runs": len(runs),
-            "ok": len(ok),
-            "paths": sorted({r["path"] for r in runs}),
-            "setup_ms_p50": round(med([r["setup_s"] * 1000 for r in ok]), 2),
-            "mib_s_p50": round(med([r["mib_s"] for r in ok]), 2),
+        for name, modes, target in SCENARIOS:
+            runs = []
+            for i in range(RUNS):
+                out, base = await one_run(lab, Path(tmp) / f"{name}{i}", name, modes, target, i)
+                runs.append(out)
+                baseline.append(base)
+            ok = [r for r in runs if r.get("stream", {}).get("ok")]
+            figures[name] = {
+                "runs": len(runs),
+                "ok": len(ok),
+                "paths": sorted({r["path"] for r in runs}),
+                "setup_ms_p50": med([r["connect_ms"] for r in ok]),
+                "rpc_rtt_ms_p50": med([r["rtt_ms"] for r in ok]),
+                "mib_s_p50": med([r["stream"]["mib_s"] for r in ok]),
+            }
+    base = {
+        "plain_tcp_lan_a_to_pub": {
+            "runs": len(baseline),
+            "setup_ms_p50": med([b["setup_s"] * 1000 for b in baseline]),
+            "mib_s_p50": med([b["mib_s"] for b in baseline]),
         }
-    print(f"{'path':<28}{'runs ok':>8}{'setup p50':>14}{'MiB/s p50':>12}   (each way, {MB} MB both ways at once)")
+    }
+    print(f"{'path':<26}{'ok':>6}{'setup p50':>13}{'RPC RTT p50':>14}{'MiB/s p50':>12}")
     for name, f in figures.items():
-        print(f"{name:<28}{f['ok']:>5}/{f['runs']:<2}{f['setup_ms_p50']:>11.1f}ms{f['mib_s_p50']:>12.2f}")
-    print("punched setup = ICE offer/answer over the relayed circuit + checks + data channel open;")
-    print("relayed setup = TCP connect to the relay + pairing; direct = TCP connect.")
-    base = {k: v for k, v in figures.items() if k.startswith("baseline")}
-    print(json.dumps({"figures": {k: v for k, v in figures.items() if not k.startswith("baseline")}, "baseline": base}))
+        print(f"{name + ' (' + ','.join(f['paths']) + ')':<26}{f['ok']:>4}/{f['runs']}"
+              f"{f['setup_ms_p50']:>11.1f}ms{f['rpc_rtt_ms_p50']:>12.2f}ms{f['mib_s_p50']:>12.2f}")
+    b = base["plain_tcp_lan_a_to_pub"]
+    print(f"{'baseline: plain TCP':<26}{b['runs']:>6}{b['setup_ms_p50']:>11.1f}ms{'-':>14}{b['mib_s_p50']:>12.2f}")
+    print("setup = `swarmd nat probe` connect time: direct includes the Noise handshake; punched and relayed")
+    print("include a failed direct attempt (bounded by nat.direct_timeout), signalling and the handshake.")
+    print(f"stream = {MB} MiB over one RPC stream (daemons, one way); baseline = {MB} MiB each way, plain TCP.")
+    print(json.dumps({"figures": figures, "baseline": base}))
 
 
 if __name__ == "__main__":

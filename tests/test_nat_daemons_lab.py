@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 
 import pytest
 
-from tests.natlab.lab import INET_IP, PUB_IP, lab_fixture
+from tests.natlab.lab import INET_IP, lab_fixture
+from tests.natlab.swarmlab import probe as swarm_probe
+from tests.natlab.swarmlab import start_swarm
 
 pytestmark = pytest.mark.natlab
 
-SWARMD = [sys.executable, "-m", "swarmd"]
 TEN_MB = 10 * 1024 * 1024
 
 
@@ -29,37 +29,8 @@ async def lab():
         yield one
 
 
-async def start_swarm(lab, tmp_path, mode_a: str, mode_b: str) -> dict:
-    lab.up(mode_a, mode_b)
-    nat = {"SWARMD_NAT_PUNCH_TIMEOUT": "6", "SWARMD_NAT_REPUNCH_INTERVAL": "2"}
-    boot = await lab.spawn(
-        "inet",
-        [*SWARMD, "--role", "bootstrap,relay", "--host", INET_IP, "--dht-port", "4000",
-         "--data-dir", str(tmp_path / "inet"), "--log-format", "json"],
-        env=nat,
-    )
-    await boot.wait_event("ready", 60)
-    joined = ["--bootstrap", f"{INET_IP}:4000", "--log-format", "json"]
-    pub = await lab.spawn("pub", [*SWARMD, *joined, "--host", PUB_IP, "--data-dir", str(tmp_path / "pub")], env=nat)
-    a = await lab.spawn("lan-a", [*SWARMD, *joined, "--host", "0.0.0.0", "--data-dir", str(tmp_path / "a")], env=nat)
-    b = await lab.spawn("lan-b", [*SWARMD, *joined, "--host", "0.0.0.0", "--data-dir", str(tmp_path / "b")], env=nat)
-    keys = {}
-    for name, proc in (("pub", pub), ("a", a), ("b", b)):
-        keys[name] = (await proc.wait_event("ready", 60))["public_key"]
-    for proc in (a, b):
-        # NAT known (two DHT nodes answered STUN) and a signal peer listed in the record
-        await proc.wait_for(r'"event": "signal_peers", "nat": "(cone|symmetric)", "peers": \["', 60)
-    return {"boot": boot, "pub": pub, "a": a, "b": b, "keys": keys, "tmp": tmp_path}
-
-
 def probe(lab, world: dict, target: str, size: int = TEN_MB) -> dict:
-    res = lab.run(
-        "lan-a",
-        [*SWARMD, "nat", "--data-dir", str(world["tmp"] / "a"), "probe", world["keys"][target],
-         "--bytes", str(size), "--json"],
-        timeout=150,
-    )
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out = swarm_probe(lab, world, target, size)
     assert out["rtt_ms"] > 0  # the RPC round trip
     if size:
         assert out["stream"]["ok"] and out["stream"]["bytes"] == size, out

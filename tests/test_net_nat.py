@@ -58,3 +58,7 @@ async def test_detect_bounds_each_probe_and_asks_distinct_servers() -> None:
     r = await detect_nat(stun, [S1, S1, S2, S3], LOCAL, config=NatConfig(stun_timeout=0.2, stun_servers=3))
     assert sorted(asked) == sorted([S1, S2, S3])
     assert r.nat_type == CONE and r.to_dict()["answers"] == 2
+
+
+def test_nobody_to_ask_is_unknown_not_blocked() -> None:
+    assert classify([], LOCAL).nat_type == UNKNOWN

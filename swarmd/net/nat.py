@@ -11,7 +11,7 @@ compares the answers:
   destination: punching works only against a cone-ish peer via peer-reflexive
   candidates; otherwise the relay)
 - no answer at all                                -> "udp_blocked" (relay only)
-- a single answer                                 -> "unknown" (cannot compare)
+- a single answer, or no server to ask            -> "unknown" (cannot compare)
 
 `classify()` is pure; `detect_nat()` only runs the probes through a STUN
 function it is given (normally `DhtNode.stun`), so this module needs no socket
@@ -95,6 +95,8 @@ def classify(observations: Iterable[Observation], local: Iterable[Address]) -> N
     obs = list(observations)
     answered = [o for o in obs if o.mapped is not None]
     local_set = set(local)
+    if not obs:
+        return NatReport(UNKNOWN, None, obs)  # nobody to ask yet (the first node of a swarm)
     if not answered:
         return NatReport(UDP_BLOCKED, None, obs)
     mappings = {o.mapped for o in answered}

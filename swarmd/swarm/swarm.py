@@ -431,6 +431,11 @@ class Swarm:
         if record is None:
             record = await asyncio.wait_for(self._resolve(public_key), self.config.lookup_timeout)
         t0 = time.monotonic()
+        if self.traversal is not None:
+            own = await self.traversal.skip_direct(public_key, record)
+            if own is not None:  # its record says it is behind NAT with nothing forwarded
+                skipped = PathAttempt("direct", False, 0.0, "skipped: the peer's record says it is behind NAT")
+                return await self.traversal.dial(public_key, record, skipped, own)
         last: SwarmdError | None = None
         if not record.addresses:
             last = SwarmdError(ERR_UNAVAILABLE, f"peer {public_key.hex()[:16]}… advertises no address")

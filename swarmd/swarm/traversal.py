@@ -280,7 +280,11 @@ class Traversal:
                         "could not keep a connection to a signal peer"
                     )
         self.signal_peers = chosen
-        payload = {"nat": self.nat_type, "signal": [k.hex() for k in chosen]}
+        # "direct": whether dialling our advertised addresses can work at all (public, or
+        # the operator forwarded a port and set swarm.announce_addresses)
+        # (only a seen translation says no: "unknown" or "udp_blocked" prove nothing about TCP)
+        direct = self.nat_type not in (CONE, SYMMETRIC) or bool(self.swarm.config.announce_addresses)
+        payload = {"nat": self.nat_type, "direct": direct, "signal": [k.hex() for k in chosen]}
         if self.swarm.config.announce_self:
             await self.swarm.update(peer_topic(self.swarm.identity.public_hex), payload)
         self.log.bind(event="signal_peers", nat=self.nat_type, peers=[k.hex()[:16] for k in chosen]).info(
@@ -384,13 +388,35 @@ class Traversal:
 
     # -- caller side ------------------------------------------------------------------------
 
-    async def dial(self, public_key: bytes, record: PeerRecord | None, direct: PathAttempt) -> RpcPeer:
-        """Reach a peer whose advertised addresses did not answer: punched or relayed."""
+    async def own_record(self, public_key: bytes, record: PeerRecord | None, bound: float) -> PeerRecord | None:
+        """The peer's own-topic record (NAT type, signal peers), or None when not found in time."""
+        if record is not None and isinstance(record.payload, dict) and "signal" in record.payload:
+            return record
+        try:
+            return await asyncio.wait_for(self.swarm._resolve(public_key), bound)
+        except (SwarmdError, TimeoutError):
+            return None
+
+    async def skip_direct(self, public_key: bytes, record: PeerRecord | None) -> PeerRecord | None:
+        """The peer's own record when it says its addresses cannot be dialled (behind
+        NAT, no forwarded port): then the swarm skips the direct attempt, which
+        would only wait for its timeout."""
+        # a short bound: when the lookup is slow, trying the addresses is the better bet
+        own = await self.own_record(public_key, record, min(1.0, self.swarm.config.lookup_timeout))
+        if own is not None and isinstance(own.payload, dict) and own.payload.get("direct") is False:
+            return own
+        return None
+
+    async def dial(
+        self, public_key: bytes, record: PeerRecord | None, direct: PathAttempt, own: PeerRecord | None = None
+    ) -> RpcPeer:
+        """Reach a peer whose advertised addresses did not answer (or cannot): punched or relayed."""
         t0 = time.monotonic()
         info = PathInfo(attempts=[direct])
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._detected.wait(), self.config.stun_timeout * 2)
-        own = await asyncio.wait_for(self.swarm._resolve(public_key), self.swarm.config.lookup_timeout)
+        if own is None:
+            own = await asyncio.wait_for(self.swarm._resolve(public_key), self.swarm.config.lookup_timeout)
         payload = own.payload if isinstance(own.payload, dict) else {}
         theirs = payload.get("nat") if isinstance(payload.get("nat"), str) else "unknown"
         signal = _keys(payload.get("signal"))
