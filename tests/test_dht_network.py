@@ -9,6 +9,7 @@ import time
 from contextlib import aclosing
 
 import msgpack
+import pytest
 from loguru import logger
 
 from swarmd.dht.records import make_record, topic_from_name
@@ -17,6 +18,7 @@ from tests.dht_testnet import DhtTestnet, record_for
 from tests.test_dht_defects import HostileResponder, _is_alive
 
 
+@pytest.mark.slow
 async def test_200_nodes_100_lookups_find_the_announcer_even_with_30_percent_killed() -> None:
     net = await DhtTestnet.create(200)
     try:
