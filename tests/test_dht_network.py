@@ -211,3 +211,23 @@ async def test_stop_with_requests_outstanding_resolves_them_as_failed() -> None:
     pending = node.protocol.request(("127.0.0.1", 9), "ping", b"")  # nobody answers there
     await net.close()
     assert pending.done() and pending.result() == (False, None)
+
+
+async def test_large_topics_need_a_token_round_trip_so_spoofed_requests_reflect_little() -> None:
+    net = await DhtTestnet.create(3)
+    try:
+        topic = topic_from_name("big")
+        idents = [Identity.generate() for _ in range(30)]
+        for ident in idents:
+            await net.nodes[0].announce(record_for(ident, topic, pad=b"x" * 200))
+        holder = net.nodes[1]
+        ok, reply = await net.nodes[2].protocol.request(holder.address, "topic_get", b"", topic)
+        assert ok and reply["more"] is True
+        assert len(msgpack.packb(reply)) < 3000  # a 60-byte request gets a bounded reply
+        ok, full = await net.nodes[2].protocol.request(holder.address, "topic_get", b"", topic, reply["tk"])
+        assert "more" not in full and len(full["r"]) == 30
+        # a lookup follows up with the token by itself and finds every announcer
+        client = await net.add(mode="client")  # holds nothing locally
+        assert len(await client.lookup_all(topic, 5)) == 30
+    finally:
+        await net.close()

@@ -66,6 +66,7 @@ class TopicCrawl(SpiderCrawl):
         self.responders: dict[bytes, tuple[Node, bytes | None]] = {}
         self._verified: set[bytes] = set()
         self._best: dict[bytes, int] = {}
+        self._asked_again: set[bytes] = set()
 
     async def stream(self) -> AsyncIterator[PeerRecord]:
         proto: SwarmdProtocol = self.protocol
@@ -90,10 +91,12 @@ class TopicCrawl(SpiderCrawl):
                     contacts = parse_contacts(reply.get("n"), self.ksize) or []
                     self.nearest.push([c for c in contacts if c.id != proto.source_node.id])
                     tk = reply.get("tk")
-                    self.responders[peer.id] = (
-                        peer,
-                        tk if isinstance(tk, bytes) and len(tk) == TOKEN_SIZE else None,
-                    )
+                    tk = tk if isinstance(tk, bytes) and len(tk) == TOKEN_SIZE else None
+                    self.responders[peer.id] = (peer, tk)
+                    if reply.get("more") is True and tk is not None and peer.id not in self._asked_again:
+                        # the node holds more records than it sends an unproven address: ask with its token
+                        self._asked_again.add(peer.id)
+                        inflight[asyncio.ensure_future(proto.call_topic_get(peer, self.topic, tk))] = peer
                     raw = reply.get("r")
                     if not isinstance(raw, list):
                         continue
@@ -243,8 +246,12 @@ class DhtNode(Server):
         return out
 
     async def bootstrap_node(self, addr: tuple[str, int]) -> Node | None:
-        ok, nid = await self.protocol.ping(addr, self.node.id)
-        return Node(nid, addr[0], addr[1]) if ok and valid_id(nid) else None
+        # UDP: a lost datagram or a busy bootstrap node must not fail a start
+        for _ in range(3):
+            ok, nid = await self.protocol.ping(addr, self.node.id)
+            if ok and valid_id(nid):
+                return Node(nid, addr[0], addr[1])
+        return None
 
     async def _probe_reachability(self, addrs: list[tuple[str, int]]) -> None:
         """Server mode when a STUN-reflexive address equals the address we are
