@@ -555,7 +555,9 @@ class Swarm:
         if public_key == self.public_key:
             return await self._call_local(method, params, t)
         for attempt in (0, 1):
-            peer = await self.connect(public_key, self._latest_record(public_key))
+            peer = self._registry.get(public_key) or await self.connect(
+                public_key, self._latest_record(public_key)
+            )
             try:
                 return await peer.call(method, params, timeout=t)
             except SwarmdError as e:
