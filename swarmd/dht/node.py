@@ -72,18 +72,36 @@ class TopicCrawl(SpiderCrawl):
         proto: SwarmdProtocol = self.protocol
         cfg = proto.config
         inflight: dict[asyncio.Task[tuple[bool, Any]], Node] = {}
+        started: dict[asyncio.Task[tuple[bool, Any]], float] = {}
+        loop = asyncio.get_running_loop()
+        # a request unanswered after `stall` stops counting against alpha, so a
+        # dead contact costs one stall period, not a whole request timeout
+        stall = min(0.25, proto._wait_timeout / 4)
         try:
             while True:
+                now_l = loop.time()
+                stalled = sum(1 for t in inflight if now_l - started[t] >= stall)
                 for peer in self.nearest.get_uncontacted():
-                    if len(inflight) >= self.alpha:
+                    if len(inflight) - stalled >= self.alpha:
                         break
                     self.nearest.mark_contacted(peer)
-                    inflight[asyncio.ensure_future(proto.call_topic_get(peer, self.topic))] = peer
+                    task = asyncio.ensure_future(proto.call_topic_get(peer, self.topic))
+                    inflight[task] = peer
+                    started[task] = now_l
                 if not inflight:
                     return
-                done, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                if (
+                    stalled == len(inflight)
+                    and len(self.responders) >= self.ksize // 2
+                    and not self.nearest.get_uncontacted()
+                ):
+                    # only silent (likely dead) contacts left and enough of the closest
+                    # nodes answered: records live on k nodes, stop waiting for timeouts
+                    return
+                done, _ = await asyncio.wait(inflight, timeout=stall, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     peer = inflight.pop(task)
+                    started.pop(task, None)
                     ok, reply = task.result()
                     if not ok:
                         self.nearest.remove([peer.id])
@@ -96,7 +114,9 @@ class TopicCrawl(SpiderCrawl):
                     if reply.get("more") is True and tk is not None and peer.id not in self._asked_again:
                         # the node holds more records than it sends an unproven address: ask with its token
                         self._asked_again.add(peer.id)
-                        inflight[asyncio.ensure_future(proto.call_topic_get(peer, self.topic, tk))] = peer
+                        again = asyncio.ensure_future(proto.call_topic_get(peer, self.topic, tk))
+                        inflight[again] = peer
+                        started[again] = loop.time()
                     raw = reply.get("r")
                     if not isinstance(raw, list):
                         continue
