@@ -32,7 +32,7 @@ from swarmd.dht.records import (
     decode_record,
     topic_target,
 )
-from swarmd.errors import ERR_UNAVAILABLE, SwarmdError
+from swarmd.errors import ERR_BAD_REQUEST, ERR_UNAVAILABLE, SwarmdError
 from swarmd.node.identity import Identity
 
 
@@ -336,6 +336,18 @@ class DhtNode(Server):
             return False
         results = await asyncio.gather(*(self.protocol.call_store(n, dkey, value) for n in nodes))
         return any(ok and resp is True for ok, resp in results)
+
+    # kademlia persists state with pickle: loading a file someone else can write
+    # runs their code. Refuse; contacts() gives the table for a safe format.
+    def save_state(self, fname: str) -> None:
+        raise SwarmdError(ERR_BAD_REQUEST, "pickle state is refused; persist contacts() as JSON instead")
+
+    def save_state_regularly(self, fname: str, frequency: int = 600) -> None:
+        raise SwarmdError(ERR_BAD_REQUEST, "pickle state is refused; persist contacts() as JSON instead")
+
+    @classmethod
+    async def load_state(cls, fname: str, port: int, interface: str = "0.0.0.0") -> DhtNode:
+        raise SwarmdError(ERR_BAD_REQUEST, "pickle state is refused; bootstrap from saved contacts instead")
 
     # -- topics -----------------------------------------------------------------
 
