@@ -35,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-FASTAPI_APP = textwrap.dedent("""
+FASTAPI_APP = textwrap.dedent('''
     import sys
     import numpy as np
     import onnxruntime as ort
@@ -59,7 +59,7 @@ FASTAPI_APP = textwrap.dedent("""
     if __name__ == "__main__":
         import uvicorn
         uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning", access_log=False)
-""")
+''')
 
 
 def build_mlp(path: Path, seed: int = 0) -> None:
@@ -79,11 +79,8 @@ def build_mlp(path: Path, seed: int = 0) -> None:
             nodes.append(helper.make_node("Relu", [f"g{i}"], [out]))
         prev = out
     graph = helper.make_graph(
-        nodes,
-        "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 784])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 10])],
-        initializer=inits,
+        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 784])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 10])], initializer=inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -124,9 +121,7 @@ def direct_ort(model: Path, body: dict, n: int = 3000) -> float:
     return n / (time.perf_counter() - t0)
 
 
-async def _conn(
-    port: int, request: bytes, stop_at: float, warm_until: float, lat: list[float], errors: list[int]
-) -> None:
+async def _conn(port: int, request: bytes, stop_at: float, warm_until: float, lat: list[float], errors: list[int]) -> None:
     reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 10)
     try:
         while True:
@@ -147,9 +142,7 @@ async def _conn(
         writer.close()
 
 
-async def load(
-    port: int, body: bytes, conns: int, seconds: float, headers: dict[str, str]
-) -> dict[str, float]:
+async def load(port: int, body: bytes, conns: int, seconds: float, headers: dict[str, str]) -> dict[str, float]:
     extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
     request = (
         f"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -171,9 +164,8 @@ async def load(
 
 
 def start_proc(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        args, env=env, cwd=str(ROOT), stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True
-    )
+    return subprocess.Popen(args, env=env, cwd=str(ROOT), stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
 
 
 def stop_proc(proc: subprocess.Popen) -> None:
@@ -194,30 +186,9 @@ def swarmd_env(**extra: str) -> dict[str, str]:
 
 
 def create_key(data_dir: Path) -> str:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "swarmd",
-            "keys",
-            "--data-dir",
-            str(data_dir),
-            "create",
-            "--name",
-            "bench",
-            "--permissions",
-            "infer",
-            "--rate",
-            "1000000",
-            "--burst",
-            "1000000",
-        ],
-        capture_output=True,
-        text=True,
-        env=swarmd_env(),
-        cwd=str(ROOT),
-        check=True,
-    )
+    out = subprocess.run([sys.executable, "-m", "swarmd", "keys", "--data-dir", str(data_dir), "create",
+                          "--name", "bench", "--permissions", "infer", "--rate", "1000000", "--burst", "1000000"],
+                         capture_output=True, text=True, env=swarmd_env(), cwd=str(ROOT), check=True)
     return out.stdout.split()[0]
 
 
@@ -225,9 +196,8 @@ def swarm_available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("swarmd.roles.worker", "swarmd.swarm.swarm"))
 
 
-def run_swarm(
-    tmp: Path, models: Path, body: bytes, conns: list[int], seconds: float, procs: list[subprocess.Popen]
-) -> dict[str, dict[str, float]]:
+def run_swarm(tmp: Path, models: Path, body: bytes, conns: list[int], seconds: float,
+              procs: list[subprocess.Popen]) -> dict[str, dict[str, float]]:
     """gateway -> worker in separate processes; raises if the swarm roles are not there yet."""
     raise RuntimeError("swarm roles missing")
 
@@ -247,16 +217,8 @@ def main() -> int:
         model = models / "mlp" / "1" / "model.onnx"
         build_mlp(model)
         rng = np.random.default_rng(1)
-        body_doc = {
-            "inputs": [
-                {
-                    "name": "x",
-                    "shape": [1, 784],
-                    "datatype": "FP32",
-                    "data": rng.random(784).astype(np.float32).tolist(),
-                }
-            ]
-        }
+        body_doc = {"inputs": [{"name": "x", "shape": [1, 784], "datatype": "FP32",
+                                "data": rng.random(784).astype(np.float32).tolist()}]}
         body = json.dumps(body_doc).encode()
         ceiling = direct_ort(model, body_doc)
 
@@ -279,23 +241,9 @@ def main() -> int:
         data = tmp / "gw"
         key = create_key(data)
         port = free_port()
-        p = start_proc(
-            [
-                sys.executable,
-                "-m",
-                "swarmd",
-                "--role",
-                "gateway",
-                "--http",
-                f"127.0.0.1:{port}",
-                "--data-dir",
-                str(data),
-                "--log-level",
-                "WARNING",
-            ],
-            swarmd_env(SWARMD_GATEWAY_LOCAL_MODELS_DIR=str(models)),
-            tmp / "gateway.log",
-        )
+        p = start_proc([sys.executable, "-m", "swarmd", "--role", "gateway", "--http", f"127.0.0.1:{port}",
+                        "--data-dir", str(data), "--log-level", "WARNING"],
+                       swarmd_env(SWARMD_GATEWAY_LOCAL_MODELS_DIR=str(models)), tmp / "gateway.log")
         procs.append(p)
         wait_http(port, p)
         run("gateway", port, {"x-api-key": key})
@@ -312,19 +260,9 @@ def main() -> int:
     print(f"{'server':<10} {'conns':>5} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
     for name, by_c in results.items():
         for c, r in by_c.items():
-            print(
-                f"{name:<10} {c:>5} {r['rps']:>9,.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['errors']:>6}"
-            )
-    print(
-        json.dumps(
-            {
-                "bench": "gateway",
-                "direct_ort_per_s": round(ceiling, 1),
-                "results": results,
-                "baseline": {"fastapi_ort": results.get("fastapi")},
-            }
-        )
-    )
+            print(f"{name:<10} {c:>5} {r['rps']:>9,.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['errors']:>6}")
+    print(json.dumps({"bench": "gateway", "direct_ort_per_s": round(ceiling, 1), "results": results,
+                      "baseline": {"fastapi_ort": results.get("fastapi")}}))
     return 0
 
 

@@ -37,16 +37,11 @@ def build_model(path: Path, mib: int) -> int:
     pad = np.random.default_rng(0).standard_normal(n).astype(np.float32)
     w = np.ones((4, 2), np.float32)
     graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["x", "W"], ["y"]),
-            helper.make_node("ReduceSum", ["pad"], ["s"], keepdims=0),
-        ],
+        [helper.make_node("MatMul", ["x", "W"], ["y"]), helper.make_node("ReduceSum", ["pad"], ["s"], keepdims=0)],
         "bench",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-        [
-            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2]),
-            helper.make_tensor_value_info("s", TensorProto.FLOAT, []),
-        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2]),
+         helper.make_tensor_value_info("s", TensorProto.FLOAT, [])],
         initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(pad, "pad")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -70,15 +65,8 @@ async def serve(data_dir: Path) -> None:
 
     ident = Identity.generate()
     methods = Methods()
-    ctx = NodeContext(
-        identity=ident,
-        settings=Settings(),
-        data_dir=data_dir,
-        instance_id="bench",
-        roles=("store",),
-        tasks=Supervisor(),
-        methods=methods,
-    )
+    ctx = NodeContext(identity=ident, settings=Settings(), data_dir=data_dir, instance_id="bench",
+                      roles=("store",), tasks=Supervisor(), methods=methods)
     server = RpcServer(ident, methods)
     await server.start()
     role = StoreRole(ctx)
@@ -115,16 +103,12 @@ async def client(args: argparse.Namespace) -> dict:
         mib = size / 2**20
         proc = subprocess.Popen(  # noqa: ASYNC220 - started once, before anything is measured
             [sys.executable, __file__, "--serve", str(tmp / "store")],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            cwd=ROOT,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT,
         )
         try:
             assert proc.stdout is not None and proc.stdin is not None
             hello = json.loads(proc.stdout.readline())
-            peer = await connect(
-                None, "127.0.0.1", hello["port"], remote_public_key=bytes.fromhex(hello["key"])
-            )
+            peer = await connect(None, "127.0.0.1", hello["port"], remote_public_key=bytes.fromhex(hello["key"]))
             push_t, pull_t, copy_t = [], [], []
             for i in range(args.rounds):
                 copy_t.append(copy_baseline(model, tmp / "copy.onnx"))

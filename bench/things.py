@@ -45,9 +45,7 @@ async def main() -> dict[str, Any]:
         await svc.start()
         t0 = time.perf_counter()
         for i in range(N):
-            await svc.call(
-                "registerThing", {"id": f"t{i}", "info": {"n": i, "shelf": i % 7, "title": f"Book {i}"}}
-            )
+            await svc.call("registerThing", {"id": f"t{i}", "info": {"n": i, "shelf": i % 7, "title": f"Book {i}"}})
         out["register_per_s"] = N / (time.perf_counter() - t0)
 
         db = sqlite3.connect(Path(d) / "baseline.sqlite", isolation_level=None)
@@ -56,9 +54,7 @@ async def main() -> dict[str, Any]:
         db.execute("CREATE TABLE t (id TEXT PRIMARY KEY, body TEXT)")
         t0 = time.perf_counter()
         for i in range(N):
-            body = json.dumps(
-                {"tags": [], "info": {"n": i, "shelf": i % 7, "title": f"Book {i}"}, "opts": {}}
-            )
+            body = json.dumps({"tags": [], "info": {"n": i, "shelf": i % 7, "title": f"Book {i}"}, "opts": {}})
             db.execute("INSERT INTO t VALUES (?, ?)", (f"t{i}", body))
         out["baseline_insert_per_s"] = N / (time.perf_counter() - t0)
         db.close()

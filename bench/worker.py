@@ -37,13 +37,8 @@ from swarmd.worker.config import WorkerConfig  # noqa: E402
 from swarmd.worker.engine import InferenceEngine  # noqa: E402
 
 SIZES = (784, 1024, 1024, 10)
-CFG = {
-    "intra_op_threads": 1,
-    "inter_op_threads": 1,
-    "max_concurrent_inferences": 2,
-    "max_batch_size": 32,
-    "max_queue": 1024,
-}
+CFG = {"intra_op_threads": 1, "inter_op_threads": 1, "max_concurrent_inferences": 2, "max_batch_size": 32,
+       "max_queue": 1024}
 MODES = {
     "off": {"batching": False},
     "on": {"batching": True},
@@ -139,15 +134,8 @@ async def serve(model_path: str, mode: str) -> None:
     methods = Methods()
     with tempfile.TemporaryDirectory() as data_dir:
         settings = Settings(worker=WorkerConfig(models=[f"mlp={model_path}"], **CFG, **MODES[mode]))
-        ctx = NodeContext(
-            identity=ident,
-            settings=settings,
-            data_dir=Path(data_dir),
-            instance_id="bench",
-            roles=("worker",),
-            tasks=Supervisor(),
-            methods=methods,
-        )
+        ctx = NodeContext(identity=ident, settings=settings, data_dir=Path(data_dir), instance_id="bench",
+                          roles=("worker",), tasks=Supervisor(), methods=methods)
         role = WorkerRole(ctx)
         await role.start()
         server = RpcServer(ident, methods)
@@ -159,9 +147,7 @@ async def serve(model_path: str, mode: str) -> None:
         await ctx.tasks.close()
 
 
-async def rpc_case(
-    port: int, pubkey: bytes, in_flight: int, seconds: float, method: str = "runInference"
-) -> tuple[float, float]:
+async def rpc_case(port: int, pubkey: bytes, in_flight: int, seconds: float, method: str = "runInference") -> tuple[float, float]:
     from swarmd.rpc import connect
 
     peer = await connect(None, "127.0.0.1", port, remote_public_key=pubkey)
@@ -188,9 +174,7 @@ def rpc_cases(blob: bytes, secs: float) -> tuple[list[tuple[str, int, float, flo
         for mode in MODES:
             child = subprocess.Popen(
                 [sys.executable, os.path.abspath(__file__), "--serve", path, "--mode", mode],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             )
             try:
                 port_s, key_hex = child.stdout.readline().split()
@@ -225,11 +209,7 @@ def main() -> None:
         return
     secs = args.seconds or (1.0 if args.quick else 3.0)
     blob = mlp_model(SIZES, seed=0)
-    (b1, b1_p50), (b1t2, _), (b32, _) = (
-        direct(blob, 1, secs, 1),
-        direct(blob, 1, secs, 2),
-        direct(blob, 32, secs, 1),
-    )
+    (b1, b1_p50), (b1t2, _), (b32, _) = (direct(blob, 1, secs, 1), direct(blob, 1, secs, 2), direct(blob, 32, secs, 1))
     base: dict[str, float] = {
         "direct_b1_1thread": b1,
         "direct_b1_2threads": b1t2,
@@ -240,16 +220,10 @@ def main() -> None:
     ceiling = max(b1, b1t2)
 
     def row(path: str, mode: str, in_flight: int, rate: float, p50: float, mean_batch: float | None) -> dict:
-        return {
-            "path": path,
-            "mode": mode,
-            "in_flight": in_flight,
-            "req_s": round(rate),
-            "p50_ms": round(p50, 3),
-            "mean_batch": None if mean_batch is None else round(mean_batch, 2),
-            "overhead_us": round((p50 - b1_p50) * 1000, 1) if in_flight == 1 else None,
-            "of_ceiling": round(rate / ceiling, 3),
-        }
+        return {"path": path, "mode": mode, "in_flight": in_flight, "req_s": round(rate), "p50_ms": round(p50, 3),
+                "mean_batch": None if mean_batch is None else round(mean_batch, 2),
+                "overhead_us": round((p50 - b1_p50) * 1000, 1) if in_flight == 1 else None,
+                "of_ceiling": round(rate / ceiling, 3)}
 
     rows = []
     for mode in MODES:
@@ -267,32 +241,17 @@ def main() -> None:
     print(f"{'baseline':<22}{'value':>10}")
     for k, v in base.items():
         print(f"{k:<22}{v:>10.3f}" if k.endswith("_ms") else f"{k:<22}{v:>10.0f}")
-    print(
-        "ovh us = p50 at 1 in flight minus direct batch-1 p50; of ceil = req/s over the best direct batch-1 inf/s"
-    )
+    print("ovh us = p50 at 1 in flight minus direct batch-1 p50; of ceil = req/s over the best direct batch-1 inf/s")
     print()
-    print(
-        f"{'path':<12}{'batching':>11}{'in_flight':>10}{'req/s':>9}{'p50 ms':>9}{'batch':>7}{'ovh us':>8}{'of ceil':>9}"
-    )
+    print(f"{'path':<12}{'batching':>11}{'in_flight':>10}{'req/s':>9}{'p50 ms':>9}{'batch':>7}{'ovh us':>8}{'of ceil':>9}")
     for r in rows:
         ovh = "" if r["overhead_us"] is None else f"{r['overhead_us']:.0f}"
         mb = "" if r["mean_batch"] is None else f"{r['mean_batch']:.2f}"
-        print(
-            f"{r['path']:<12}{r['mode']:>11}{r['in_flight']:>10}{r['req_s']:>9}"
-            f"{r['p50_ms']:>9.3f}{mb:>7}{ovh:>8}{r['of_ceiling']:>9.2f}"
-        )
-    print(
-        json.dumps(
-            {
-                "bench": "worker",
-                "config": CFG,
-                "modes": MODES,
-                "baseline": {k: round(v, 3) if k.endswith("_ms") else round(v) for k, v in base.items()},
-                "ceiling_inf_s": round(ceiling),
-                "results": rows,
-            }
-        )
-    )
+        print(f"{r['path']:<12}{r['mode']:>11}{r['in_flight']:>10}{r['req_s']:>9}"
+              f"{r['p50_ms']:>9.3f}{mb:>7}{ovh:>8}{r['of_ceiling']:>9.2f}")
+    print(json.dumps({"bench": "worker", "config": CFG, "modes": MODES,
+                      "baseline": {k: round(v, 3) if k.endswith("_ms") else round(v) for k, v in base.items()},
+                      "ceiling_inf_s": round(ceiling), "results": rows}))
 
 
 if __name__ == "__main__":

@@ -38,13 +38,10 @@ def tiny_mlp(seed: int = 0, n_in: int = 4, hidden: int = 8, n_out: int = 3) -> b
         helper.make_node("ArgMax", ["y"], ["label"], axis=1, keepdims=0),
     ]
     graph = helper.make_graph(
-        nodes,
-        "tiny",
+        nodes, "tiny",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", n_in])],
-        [
-            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n_out]),
-            helper.make_tensor_value_info("label", TensorProto.INT64, ["batch"]),
-        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n_out]),
+         helper.make_tensor_value_info("label", TensorProto.INT64, ["batch"])],
         initializer=[w1, w2],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -112,11 +109,7 @@ class GatewayThread:
         return f"127.0.0.1:{self.port}"
 
     def request(
-        self,
-        method: str,
-        path: str,
-        body: bytes | dict | None = None,
-        headers: dict[str, str] | None = None,
+        self, method: str, path: str, body: bytes | dict | None = None, headers: dict[str, str] | None = None,
         key: str | None = None,
     ) -> Response:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)

@@ -62,26 +62,14 @@ async def start_swarm_store(net: Any, data_dir: Path, **cfg: Any) -> Node:
     methods = Methods()
     server = RpcServer(ident, methods, port=0)
     await server.start()
-    swarm = Swarm(
-        ident,
-        dht,
-        server,
-        SwarmConfig(relookup_interval=0.3, reconnect_initial=0.05, connect_timeout=3.0, lookup_timeout=3.0),
-    )
+    swarm = Swarm(ident, dht, server, SwarmConfig(relookup_interval=0.3, reconnect_initial=0.05,
+                                                  connect_timeout=3.0, lookup_timeout=3.0))
     await swarm.start()
     return await start_store(data_dir, ident, server=server, swarm=swarm, dht=dht, **cfg)
 
 
-async def start_store(
-    data_dir: Path,
-    ident: Identity | None = None,
-    port: int = 0,
-    *,
-    server: Any = None,
-    swarm: Any = None,
-    dht: Any = None,
-    **cfg: Any,
-) -> Node:
+async def start_store(data_dir: Path, ident: Identity | None = None, port: int = 0, *, server: Any = None,
+                      swarm: Any = None, dht: Any = None, **cfg: Any) -> Node:
     ident = ident or Identity.generate()
     settings = Settings()
     settings.store = StoreConfig(**cfg)
@@ -90,27 +78,17 @@ async def start_store(
     if server is None:
         server = RpcServer(ident, Methods(), port=port)
         await server.start()
-    ctx = NodeContext(
-        identity=ident,
-        settings=settings,
-        data_dir=data_dir,
-        instance_id="test",
-        roles=("store",),
-        tasks=tasks,
-        methods=server.methods,
-        swarm=swarm,
-        dht=dht,
-        rpc_server=server,
-    )
+    ctx = NodeContext(identity=ident, settings=settings, data_dir=data_dir, instance_id="test",
+                      roles=("store",), tasks=tasks, methods=server.methods, swarm=swarm, dht=dht,
+                      rpc_server=server)
     role = StoreRole(ctx)
     await role.start()
     return Node(role, server, ident, tasks, swarm, dht)
 
 
 async def serve(data_dir: Path, interval: float) -> None:
-    node = await start_store(
-        data_dir, Identity.load_or_create(data_dir / "identity.key"), replicate_interval=interval
-    )
+    node = await start_store(data_dir, Identity.load_or_create(data_dir / "identity.key"),
+                             replicate_interval=interval)
     print(json.dumps({"port": node.server.port, "key": node.key}), flush=True)
     loop = asyncio.get_running_loop()
     try:

@@ -36,15 +36,9 @@ json_values = st.recursive(
 
 
 @settings(max_examples=300, deadline=None)
-@given(
-    st.lists(
-        st.dictionaries(
-            st.sampled_from(["name", "shape", "datatype", "data", "parameters"]), json_values, max_size=5
-        ),
-        max_size=3,
-    ),
-    st.binary(max_size=64),
-)
+@given(st.lists(st.dictionaries(
+    st.sampled_from(["name", "shape", "datatype", "data", "parameters"]), json_values, max_size=5), max_size=3),
+    st.binary(max_size=64))
 def test_structured_garbage_never_crashes(inputs, tail):
     head = json.dumps({"inputs": inputs}).encode()
     for body, hl in ((head, None), (head + tail, len(head))):
@@ -55,46 +49,23 @@ def test_structured_garbage_never_crashes(inputs, tail):
 
 
 @settings(max_examples=100, deadline=None)
-@given(
-    st.sampled_from(DTYPES), st.lists(st.integers(0, 3), min_size=1, max_size=3), st.booleans(), st.booleans()
-)
+@given(st.sampled_from(DTYPES), st.lists(st.integers(0, 3), min_size=1, max_size=3), st.booleans(), st.booleans())
 def test_round_trip_through_encode_and_decode(dtype, shape, binary_in, binary_out):
     rng = np.random.default_rng(0)
     arr = (rng.standard_normal(shape) * 10).astype(dtype)
-    datatype = {
-        "float32": "FP32",
-        "float64": "FP64",
-        "int64": "INT64",
-        "int32": "INT32",
-        "uint8": "UINT8",
-        "bool": "BOOL",
-        "float16": "FP16",
-        "int8": "INT8",
-    }[dtype]
+    datatype = {"float32": "FP32", "float64": "FP64", "int64": "INT64", "int32": "INT32", "uint8": "UINT8",
+                "bool": "BOOL", "float16": "FP16", "int8": "INT8"}[dtype]
     if binary_in:
-        head = json.dumps(
-            {
-                "inputs": [
-                    {
-                        "name": "t",
-                        "shape": shape,
-                        "datatype": datatype,
-                        "parameters": {"binary_data_size": arr.nbytes},
-                    }
-                ]
-            }
-        ).encode()
+        head = json.dumps({"inputs": [{"name": "t", "shape": shape, "datatype": datatype,
+                                       "parameters": {"binary_data_size": arr.nbytes}}]}).encode()
         req = decode_infer_request(head + arr.tobytes(), len(head))
     else:
-        head = json.dumps(
-            {"inputs": [{"name": "t", "shape": shape, "datatype": datatype, "data": arr.ravel().tolist()}]}
-        ).encode()
+        head = json.dumps({"inputs": [{"name": "t", "shape": shape, "datatype": datatype,
+                                       "data": arr.ravel().tolist()}]}).encode()
         req = decode_infer_request(head)
     np.testing.assert_array_equal(req.inputs["t"], arr)
     assert req.inputs["t"].dtype == arr.dtype
-    body, hl = encode_infer_response(
-        "m", "1", {"t": arr}, InferRequest({}, [RequestedOutput("t", binary_out)])
-    )
+    body, hl = encode_infer_response("m", "1", {"t": arr}, InferRequest({}, [RequestedOutput("t", binary_out)]))
     doc = json.loads(body[:hl] if hl else body)
     out = doc["outputs"][0]
     assert out["datatype"] == datatype and out["shape"] == shape

@@ -117,58 +117,24 @@ MALFORMED = [
     (b"[1,2]", None, "JSON object"),
     (b"{}", None, "inputs must be a non-empty list"),
     (json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32"}]}).encode(), None, "no data"),
-    (
-        json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP99", "data": X}]}).encode(),
-        None,
-        "'FP99' is not supported",
-    ),
-    (
-        json.dumps({"inputs": [{"name": "x", "shape": [1, 5], "datatype": "FP32", "data": X}]}).encode(),
-        None,
-        "needs 5",
-    ),
-    (
-        json.dumps({"inputs": [{"name": "x", "shape": [1, -4], "datatype": "FP32", "data": X}]}).encode(),
-        None,
-        "non-negative",
-    ),
-    (
-        json.dumps(
-            {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [["a"] * 4]}]}
-        ).encode(),
-        None,
-        "not a list of FP32",
-    ),
-    (
-        json.dumps({"inputs": [{"name": "y", "shape": [1, 4], "datatype": "FP32", "data": X}]}).encode(),
-        None,
-        "has no input 'y'",
-    ),
-    (
-        json.dumps(
-            {
-                "inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": X}],
-                "outputs": [{"name": "zz"}],
-            }
-        ).encode(),
-        None,
-        "has no output 'zz'",
-    ),
+    (json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP99", "data": X}]}).encode(), None,
+     "'FP99' is not supported"),
+    (json.dumps({"inputs": [{"name": "x", "shape": [1, 5], "datatype": "FP32", "data": X}]}).encode(), None,
+     "needs 5"),
+    (json.dumps({"inputs": [{"name": "x", "shape": [1, -4], "datatype": "FP32", "data": X}]}).encode(), None,
+     "non-negative"),
+    (json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [["a"] * 4]}]}).encode(),
+     None, "not a list of FP32"),
+    (json.dumps({"inputs": [{"name": "y", "shape": [1, 4], "datatype": "FP32", "data": X}]}).encode(), None,
+     "has no input 'y'"),
+    (json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": X}],
+                 "outputs": [{"name": "zz"}]}).encode(), None, "has no output 'zz'"),
     (json.dumps(INFER).encode() + b"\0" * 5, "auto", "5 binary bytes that no input"),
     (b"{}", "99", "Inference-Header-Content-Length is 99"),
     (b"{}", "abc", "decimal byte count"),
-    (
-        json.dumps(
-            {
-                "inputs": [
-                    {"name": "x", "shape": [1, 4], "datatype": "FP32", "parameters": {"binary_data_size": 16}}
-                ]
-            }
-        ).encode()
-        + b"\0" * 8,
-        "auto",
-        "only 8 binary bytes remain",
-    ),
+    (json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
+                             "parameters": {"binary_data_size": 16}}]}).encode() + b"\0" * 8, "auto",
+     "only 8 binary bytes remain"),
 ]
 
 
@@ -187,32 +153,17 @@ def test_malformed_infer_bodies_are_precise_400(gw, body, hlen, needle):
 
 def test_binary_infer_by_hand_matches_reference(gw):
     x = np.arange(8, dtype=np.float32).reshape(2, 4) / 10
-    head = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "x",
-                    "shape": [2, 4],
-                    "datatype": "FP32",
-                    "parameters": {"binary_data_size": x.nbytes},
-                }
-            ],
-            "parameters": {"binary_data_output": True},
-        }
-    ).encode()
-    r = gw.request(
-        "POST",
-        "/v2/models/mlp/infer",
-        head + x.tobytes(),
-        headers={"Inference-Header-Content-Length": str(len(head))},
-        key=gw.admin_key,
-    )
+    head = json.dumps({"inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP32",
+                                   "parameters": {"binary_data_size": x.nbytes}}],
+                       "parameters": {"binary_data_output": True}}).encode()
+    r = gw.request("POST", "/v2/models/mlp/infer", head + x.tobytes(),
+                   headers={"Inference-Header-Content-Length": str(len(head))}, key=gw.admin_key)
     assert r.status == 200
     hl = int(r.headers["inference-header-content-length"])
     doc = json.loads(r.body[:hl])
     sizes = [o["parameters"]["binary_data_size"] for o in doc["outputs"]]
     assert sum(sizes) == len(r.body) - hl
-    y = np.frombuffer(r.body[hl : hl + sizes[0]], dtype=np.float32).reshape(doc["outputs"][0]["shape"])
+    y = np.frombuffer(r.body[hl:hl + sizes[0]], dtype=np.float32).reshape(doc["outputs"][0]["shape"])
     np.testing.assert_allclose(y, reference(MODEL, x)[0], rtol=1e-5, atol=1e-6)
 
 
@@ -254,19 +205,13 @@ def test_request_id_echoed_or_generated(gw):
 
 
 def test_cors_allow_list(gw):
-    ok = gw.request(
-        "OPTIONS",
-        "/v2/models/mlp/infer",
-        headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"},
-    )
+    ok = gw.request("OPTIONS", "/v2/models/mlp/infer",
+                    headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"})
     assert ok.status == 204
     assert ok.headers["access-control-allow-origin"] == "https://app.example"
     assert "x-api-key" in ok.headers["access-control-allow-headers"]
-    no = gw.request(
-        "OPTIONS",
-        "/v2/models/mlp/infer",
-        headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
-    )
+    no = gw.request("OPTIONS", "/v2/models/mlp/infer",
+                    headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
     assert no.status == 403 and "access-control-allow-origin" not in no.headers
     r = gw.request("GET", "/health", headers={"Origin": "https://app.example"})
     assert r.headers["access-control-allow-origin"] == "https://app.example"
@@ -302,13 +247,8 @@ def test_v1_inference_and_models(gw):
 def test_streamed_upload_then_infer(gw):
     model = tiny_mlp(seed=9)
     sha = hashlib.sha256(model).hexdigest()
-    r = gw.request(
-        "POST",
-        "/api/v1/models?name=streamed&version=7&tags=a,b",
-        model,
-        headers={"Content-Type": "application/octet-stream", "X-Model-Sha256": sha},
-        key=gw.admin_key,
-    )
+    r = gw.request("POST", "/api/v1/models?name=streamed&version=7&tags=a,b", model,
+                   headers={"Content-Type": "application/octet-stream", "X-Model-Sha256": sha}, key=gw.admin_key)
     assert r.status == 201, r.body
     assert r.json()["digest"] == sha and r.json()["tags"] == ["a", "b"]
     r = gw.request("POST", "/v2/models/streamed/versions/7/infer", INFER, key=gw.admin_key)
@@ -316,21 +256,15 @@ def test_streamed_upload_then_infer(gw):
     # same version, other bytes: conflict
     r = gw.request("POST", "/api/v1/models?name=streamed&version=7", tiny_mlp(seed=10), key=gw.admin_key)
     assert r.status == 409
-    r = gw.request(
-        "POST", "/api/v1/models?name=streamed&version=8&sha256=" + "0" * 64, model, key=gw.admin_key
-    )
+    r = gw.request("POST", "/api/v1/models?name=streamed&version=8&sha256=" + "0" * 64, model, key=gw.admin_key)
     assert r.status == 502 and "sha256" in r.json()["error"]
 
 
 def test_upload_rejects_garbage(gw):
     r = gw.request("POST", "/api/v1/models", {"name": "g", "data": "!!!"}, key=gw.admin_key)
     assert r.status == 400 and "base64" in r.json()["error"]
-    r = gw.request(
-        "POST",
-        "/api/v1/models",
-        {"name": "g", "data": base64.b64encode(b"not onnx").decode()},
-        key=gw.admin_key,
-    )
+    r = gw.request("POST", "/api/v1/models",
+                   {"name": "g", "data": base64.b64encode(b"not onnx").decode()}, key=gw.admin_key)
     assert r.status == 400 and r.json()["code"] == "ERR_INVALID_MODEL"
     r = gw.request("POST", "/api/v1/models?name=../etc", b"x", key=gw.admin_key)
     assert r.status == 400 and "model name" in r.json()["error"]
@@ -341,18 +275,8 @@ def test_upload_rejects_garbage(gw):
 def test_bytes_binary_input_is_parsed():
     from swarmd.gateway.oip import decode_infer_request
 
-    head = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "s",
-                    "shape": [2],
-                    "datatype": "BYTES",
-                    "parameters": {"binary_data_size": 4 + 2 + 4 + 3},
-                }
-            ]
-        }
-    ).encode()
+    head = json.dumps({"inputs": [{"name": "s", "shape": [2], "datatype": "BYTES",
+                                   "parameters": {"binary_data_size": 4 + 2 + 4 + 3}}]}).encode()
     raw = struct.pack("<I", 2) + b"hi" + struct.pack("<I", 3) + b"you"
     req = decode_infer_request(head + raw, len(head))
     assert req.inputs["s"].tolist() == [b"hi", b"you"]

@@ -58,17 +58,8 @@ def test_cli_create_ls_revoke_against_running_gateway(tmp_path):
     install_model(tmp_path / "models", "mlp", "1", tiny_mlp())
     g = GatewayThread(tmp_path)
     try:
-        r = run_cli(
-            "keys",
-            "--data-dir",
-            str(tmp_path),
-            "create",
-            "--name",
-            "cli",
-            "--permissions",
-            "models:read",
-            "--json",
-        )
+        r = run_cli("keys", "--data-dir", str(tmp_path), "create", "--name", "cli", "--permissions",
+                    "models:read", "--json")
         assert r.returncode == 0, r.stderr
         created = json.loads(r.stdout)
         token = created["key"]

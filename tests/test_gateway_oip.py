@@ -73,10 +73,8 @@ def test_infer_json_and_binary(gw, client, binary_in, binary_out):
     x = np.random.default_rng(3).standard_normal((5, 4)).astype(np.float32)
     inp = triton.InferInput("x", list(x.shape), "FP32")
     inp.set_data_from_numpy(x, binary_data=binary_in)
-    outs = [
-        triton.InferRequestedOutput("y", binary_data=binary_out),
-        triton.InferRequestedOutput("label", binary_data=binary_out),
-    ]
+    outs = [triton.InferRequestedOutput("y", binary_data=binary_out),
+            triton.InferRequestedOutput("label", binary_data=binary_out)]
     res = client.infer("mlp", [inp], outputs=outs, headers=hdr(gw), request_id="abc")
     want_y, want_label = reference(MODEL_V2, x)  # latest version is 2
     np.testing.assert_allclose(res.as_numpy("y"), want_y, rtol=1e-5, atol=1e-6)
@@ -119,12 +117,8 @@ def test_infer_with_bearer_and_compressed_request(gw, client):
     x = np.full((2, 4), 0.5, dtype=np.float32)
     inp = triton.InferInput("x", [2, 4], "FP32")
     inp.set_data_from_numpy(x, binary_data=True)
-    res = client.infer(
-        "mlp",
-        [inp],
-        headers={"Authorization": f"Bearer {gw.admin_key}"},
-        request_compression_algorithm="gzip",
-    )
+    res = client.infer("mlp", [inp], headers={"Authorization": f"Bearer {gw.admin_key}"},
+                       request_compression_algorithm="gzip")
     np.testing.assert_allclose(res.as_numpy("y"), reference(MODEL_V2, x)[0], rtol=1e-5, atol=1e-6)
 
 

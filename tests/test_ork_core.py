@@ -29,27 +29,12 @@ class Clock:
 async def test_register_list_forget_racks_persist(tmp_path: Path) -> None:
     local = InProcessRacks()
     async with Ork(tmp_path, local) as ork:
-        rack = await ork.call(
-            "registerRack",
-            {
-                "id": "r1",
-                "public_key": KEY_A,
-                "addresses": ["127.0.0.1:7000"],
-                "type": "book",
-                "info": {"room": "east"},
-            },
-        )
+        rack = await ork.call("registerRack", {"id": "r1", "public_key": KEY_A, "addresses": ["127.0.0.1:7000"],
+                                               "type": "book", "info": {"room": "east"}})
         assert rack["public_key"] == KEY_A and rack["info"] == {"room": "east"}
         hidden = await ork.call("listRacks", {})
-        assert hidden == [
-            {
-                "id": "r1",
-                "type": "book",
-                "addresses": ["127.0.0.1:7000"],
-                "info": {"room": "east"},
-                "source": "manual",
-            }
-        ]
+        assert hidden == [{"id": "r1", "type": "book", "addresses": ["127.0.0.1:7000"], "info": {"room": "east"},
+                           "source": "manual"}]
         shown = await ork.call("listRacks", {"keys": True})
         assert shown[0]["public_key"] == KEY_A
         with pytest.raises(SwarmdError) as ei:
@@ -64,18 +49,15 @@ async def test_register_list_forget_racks_persist(tmp_path: Path) -> None:
         assert [r["id"] for r in await ork.call("listRacks", {})] == ["r2"]
 
 
-@pytest.mark.parametrize(
-    "params",
-    [
-        {"id": "r", "public_key": "zz"},
-        {"id": "r", "public_key": KEY_A, "addresses": ["nohost"]},
-        {"id": "r", "public_key": KEY_A, "addresses": ["h:70000"]},
-        {"id": "bad id", "public_key": KEY_A},
-        {"public_key": KEY_A},
-        {"id": "r", "public_key": KEY_A, "info": "x"},
-        {"id": "r", "public_key": KEY_A, "colour": 1},
-    ],
-)
+@pytest.mark.parametrize("params", [
+    {"id": "r", "public_key": "zz"},
+    {"id": "r", "public_key": KEY_A, "addresses": ["nohost"]},
+    {"id": "r", "public_key": KEY_A, "addresses": ["h:70000"]},
+    {"id": "bad id", "public_key": KEY_A},
+    {"public_key": KEY_A},
+    {"id": "r", "public_key": KEY_A, "info": "x"},
+    {"id": "r", "public_key": KEY_A, "colour": 1},
+])
 async def test_register_rack_validation(tmp_path: Path, params: dict[str, Any]) -> None:
     async with Ork(tmp_path, InProcessRacks()) as ork:
         with pytest.raises(SwarmdError) as ei:
@@ -105,11 +87,8 @@ async def test_discovered_racks_lease_and_shadowing(tmp_path: Path) -> None:
 
 async def test_fan_out_with_one_rack_down(tmp_path: Path) -> None:
     local = InProcessRacks()
-    async with (
-        Books("books", tmp_path / "a", CFG) as a,
-        Books("books", tmp_path / "b", CFG) as b,
-        Ork(tmp_path / "ork", local) as ork,
-    ):
+    async with Books("books", tmp_path / "a", CFG) as a, Books("books", tmp_path / "b", CFG) as b, \
+            Ork(tmp_path / "ork", local) as ork:
         local.add(KEY_A, a)
         local.add(KEY_B, b)
         for rid, key in (("ra", KEY_A), ("rb", KEY_B), ("rdown", KEY_DOWN)):
@@ -123,11 +102,7 @@ async def test_fan_out_with_one_rack_down(tmp_path: Path) -> None:
         assert by_rack["ra"]["ok"] and by_rack["rb"]["ok"]
         assert by_rack["rdown"] == {"rack": "rdown", "ok": False, "error": by_rack["rdown"]["error"]}
         assert by_rack["rdown"]["error"]["code"] == ERR_UNAVAILABLE
-        assert [(t["id"], t["rack"]) for t in out["things"]] == [
-            ("beloved", "rb"),
-            ("dune", "ra"),
-            ("emma", "rb"),
-        ]
+        assert [(t["id"], t["rack"]) for t in out["things"]] == [("beloved", "rb"), ("dune", "ra"), ("emma", "rb")]
 
         # a write to one chosen rack
         out = await ork.call("registerThing", {"racks": ["ra"], "info": {"title": "Ulysses"}})
@@ -160,11 +135,8 @@ async def test_book_snapshots(tmp_path: Path) -> None:
         assert entries["emma"]["snap"]["is_available"] is False
         assert entries["emma"]["snap"]["is_checked_out"] is True
         assert isinstance(entries["emma"]["snap"]["ts"], int)
-        for bad, code in (
-            ({"info": {}}, ERR_BAD_REQUEST),
-            ({"info": {"title": "X", "isbn": "12"}}, ERR_BAD_REQUEST),
-            ({"info": {"title": "Y", "isbn": "9780441013593"}}, ERR_CONFLICT),
-        ):
+        for bad, code in (({"info": {}}, ERR_BAD_REQUEST), ({"info": {"title": "X", "isbn": "12"}}, ERR_BAD_REQUEST),
+                          ({"info": {"title": "Y", "isbn": "9780441013593"}}, ERR_CONFLICT)):
             with pytest.raises(SwarmdError) as ei:
                 await books.call("registerThing", bad)
             assert ei.value.code == code
@@ -182,24 +154,18 @@ async def test_discovery_by_lookup_renews_and_expires(tmp_path: Path) -> None:
         payload: dict[str, Any]
 
     clock = Clock()
-    announced = [
-        Rec(bytes.fromhex(KEY_A), (("127.0.0.1", 7001),), {"id": "shelf-a", "type": "book"}),
-        Rec(bytes.fromhex(KEY_B), (("::1", 7002),), {"id": "shelf-b"}),
-        Rec(b"short", (), {}),
-    ]
+    announced = [Rec(bytes.fromhex(KEY_A), (("127.0.0.1", 7001),), {"id": "shelf-a", "type": "book"}),
+                 Rec(bytes.fromhex(KEY_B), (("::1", 7002),), {"id": "shelf-b"}),
+                 Rec(b"short", (), {})]
 
     async def lookup() -> list[Rec]:
         return list(announced)
 
-    ork = Ork(
-        tmp_path, InProcessRacks(), OrkConfig(lease_s=60, discover_interval_s=0), clock=clock, lookup=lookup
-    )
+    ork = Ork(tmp_path, InProcessRacks(), OrkConfig(lease_s=60, discover_interval_s=0), clock=clock, lookup=lookup)
     async with ork:
         assert await ork.discover_once() == 2
         racks = {r["id"]: r for r in await ork.call("listRacks", {"keys": True})}
-        assert racks["shelf-a"]["addresses"] == ["127.0.0.1:7001"] and racks["shelf-b"]["addresses"] == [
-            "[::1]:7002"
-        ]
+        assert racks["shelf-a"]["addresses"] == ["127.0.0.1:7001"] and racks["shelf-b"]["addresses"] == ["[::1]:7002"]
         assert racks["shelf-a"]["public_key"] == KEY_A
         announced.pop(1)  # shelf-b stops announcing
         clock.t += 40

@@ -52,9 +52,7 @@ async def test_racks_join_through_the_dht_and_leave_on_lease_expiry(tmp_path: Pa
             books = Books("books", tmp_path / name, ThingsConfig(snapshot_interval_s=0))
             await books.start()
             books.mount(server.methods)
-            await swarm.join(
-                RACKS, announce=True, lookup=False, payload=rack_payload(f"shelf-{name}", "book")
-            )
+            await swarm.join(RACKS, announce=True, lookup=False, payload=rack_payload(f"shelf-{name}", "book"))
             assert await swarm.flush(T)
             await books.call("registerThing", {"id": f"book-{name}", "info": {"title": name.title()}})
             racks.append((swarm, server, books))
@@ -67,13 +65,8 @@ async def test_racks_join_through_the_dht_and_leave_on_lease_expiry(tmp_path: Pa
         async def lookup() -> Any:
             return await ork_swarm.lookup_all(RACKS, timeout=T)
 
-        ork = Ork(
-            tmp_path / "ork",
-            SwarmRackCaller(ork_swarm),
-            OrkConfig(lease_s=60, discover_interval_s=0),
-            clock=clock,
-            lookup=lookup,
-        )
+        ork = Ork(tmp_path / "ork", SwarmRackCaller(ork_swarm), OrkConfig(lease_s=60, discover_interval_s=0),
+                  clock=clock, lookup=lookup)
         async with ork:
             assert await ork.discover_once() == 2
             listed = await ork.call("listRacks", {"keys": True})
@@ -83,10 +76,8 @@ async def test_racks_join_through_the_dht_and_leave_on_lease_expiry(tmp_path: Pa
 
             out = await ork.call("listThings", {"sort": {"id": 1}})
             assert all(r["ok"] for r in out["results"]), out["results"]
-            assert [(t["id"], t["rack"]) for t in out["things"]] == [
-                ("book-east", "shelf-east"),
-                ("book-west", "shelf-west"),
-            ]
+            assert [(t["id"], t["rack"]) for t in out["things"]] == [("book-east", "shelf-east"),
+                                                                    ("book-west", "shelf-west")]
 
             # west stops announcing (and its server goes away): its lease runs out
             west_swarm, west_server, west_books = racks[1]

@@ -46,12 +46,8 @@ class RackNode:
         await self.books.stop()
 
     def registration(self, rid: str) -> dict[str, Any]:
-        return {
-            "id": rid,
-            "public_key": self.identity.public_key.hex(),
-            "type": "book",
-            "addresses": [f"127.0.0.1:{self.server.port}"],
-        }
+        return {"id": rid, "public_key": self.identity.public_key.hex(), "type": "book",
+                "addresses": [f"127.0.0.1:{self.server.port}"]}
 
 
 async def test_fan_out_over_rpc_with_one_rack_down(tmp_path: Path) -> None:
@@ -63,11 +59,8 @@ async def test_fan_out_over_rpc_with_one_rack_down(tmp_path: Path) -> None:
     await ork.start()
     ork_methods = Methods()
     ork.mount(ork_methods)
-    ork_server = RpcServer(
-        ork_id,
-        ork_methods,
-        firewall=Firewall.from_keys(allow=[admin.public_key], allow_read_only=[viewer.public_key]),
-    )
+    ork_server = RpcServer(ork_id, ork_methods,
+                           firewall=Firewall.from_keys(allow=[admin.public_key], allow_read_only=[viewer.public_key]))
     await ork_server.start()
     op = await connect(admin, "127.0.0.1", ork_server.port, remote_public_key=ork_id.public_key, timeout=T)
     vp = await connect(viewer, "127.0.0.1", ork_server.port, remote_public_key=ork_id.public_key, timeout=T)
@@ -75,11 +68,8 @@ async def test_fan_out_over_rpc_with_one_rack_down(tmp_path: Path) -> None:
         # racks registered by hand, as an operator would with `swarmd call ORK registerRack`
         await op.call("registerRack", a.registration("ra"), timeout=T)
         await op.call("registerRack", b.registration("rb"), timeout=T)
-        down = {
-            "id": "rdown",
-            "public_key": Identity.generate().public_key.hex(),
-            "addresses": [f"127.0.0.1:{closed_port()}"],
-        }
+        down = {"id": "rdown", "public_key": Identity.generate().public_key.hex(),
+                "addresses": [f"127.0.0.1:{closed_port()}"]}
         await op.call("registerRack", down, timeout=T)
         # a rack registered under the wrong key is refused by the handshake, not trusted
         imposter = dict(b.registration("rimp"), public_key=Identity.generate().public_key.hex())
@@ -90,9 +80,7 @@ async def test_fan_out_over_rpc_with_one_rack_down(tmp_path: Path) -> None:
         assert all("public_key" not in r for r in listed)
         assert all("public_key" in r for r in await vp.call("listRacks", {"keys": True}, timeout=T))
 
-        out = await op.call(
-            "registerThing", {"racks": ["ra"], "id": "dune", "info": {"title": "Dune"}}, timeout=T
-        )
+        out = await op.call("registerThing", {"racks": ["ra"], "id": "dune", "info": {"title": "Dune"}}, timeout=T)
         assert out["results"][0]["ok"] is True
         await op.call("registerThing", {"racks": ["rb"], "id": "emma", "info": {"title": "Emma"}}, timeout=T)
 
@@ -106,22 +94,15 @@ async def test_fan_out_over_rpc_with_one_rack_down(tmp_path: Path) -> None:
         # a rack that goes down mid-life is reported, the others still answer
         await b.stop()
         out = await vp.call("listThings", {}, timeout=T)
-        assert {r["rack"]: r["ok"] for r in out["results"]} == {
-            "ra": True,
-            "rb": False,
-            "rdown": False,
-            "rimp": False,
-        }
+        assert {r["rack"]: r["ok"] for r in out["results"]} == {"ra": True, "rb": False, "rdown": False,
+                                                                  "rimp": False}
         await a.books.collect_snaps()
         out = await vp.call("tailLog", {"limit": 5}, timeout=T)
         assert [e["id"] for e in out["entries"]] == ["dune"] and out["entries"][0]["rack"] == "ra"
 
         # the ork's writes are refused to a read-only peer
-        for method, params in (
-            ("registerRack", a.registration("rx")),
-            ("forgetRacks", {"all": True}),
-            ("forgetThings", {"all": True}),
-        ):
+        for method, params in (("registerRack", a.registration("rx")), ("forgetRacks", {"all": True}),
+                               ("forgetThings", {"all": True})):
             with pytest.raises(SwarmdError) as ei:
                 await vp.call(method, params, timeout=T)
             assert ei.value.code == ERR_FORBIDDEN

@@ -27,24 +27,11 @@ async def node(tmp_path: Path) -> AsyncIterator[Node]:
 async def swarmd(node: Node, tmp_path: Path, *argv: str) -> tuple[int, str, str]:
     action, rest = argv[0], argv[1:]
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "swarmd",
-        "model",
-        action,
-        *rest,
-        "--store",
-        f"127.0.0.1:{node.server.port}",
-        "--store-key",
-        node.key,
-        "--data-dir",
-        str(tmp_path / "cli"),
-        "--log-level",
-        "ERROR",
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        sys.executable, "-m", "swarmd", "model", action, *rest,
+        "--store", f"127.0.0.1:{node.server.port}", "--store-key", node.key,
+        "--data-dir", str(tmp_path / "cli"), "--log-level", "ERROR",
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     return proc.returncode or 0, out.decode(), err.decode()
@@ -52,21 +39,8 @@ async def swarmd(node: Node, tmp_path: Path, *argv: str) -> tuple[int, str, str]
 
 async def test_push_ls_show_pull_rm(node: Node, tmp_path: Path) -> None:
     f = write_model(tmp_path / "m.onnx", seed=1, pad_floats=100_000)
-    rc, out, err = await swarmd(
-        node,
-        tmp_path,
-        "push",
-        str(f),
-        "--name",
-        "mlp",
-        "--tag",
-        "a",
-        "--tag",
-        "b",
-        "--json",
-        "--progress",
-        "always",
-    )
+    rc, out, err = await swarmd(node, tmp_path, "push", str(f), "--name", "mlp", "--tag", "a", "--tag", "b",
+                                "--json", "--progress", "always")
     assert rc == 0, err
     meta = json.loads(out)
     assert meta["name"] == "mlp" and meta["version"] == "1" and meta["tags"] == ["a", "b"]

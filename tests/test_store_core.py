@@ -42,7 +42,7 @@ def store(tmp_path: Path) -> ModelStore:
 def push_bytes(store: ModelStore, data: bytes, name: str, version: str | None = None, **kw):
     up = store.begin(PushRequest(name, sha(data), len(data), version, **kw))
     with up:
-        up.write(data[up.offset :])
+        up.write(data[up.offset:])
         return store.complete(up, uploader="ab" * 32)
 
 
@@ -56,9 +56,7 @@ def test_settings_has_store_section() -> None:
 
 def test_push_reads_signature_and_metadata(store: ModelStore, tmp_path: Path) -> None:
     f = write_model(tmp_path / "m.onnx", seed=1)
-    meta = store.put_file(
-        f, "tiny", "1", tags=["vision", "prod"], description="a tiny model", uploader="cd" * 32
-    )
+    meta = store.put_file(f, "tiny", "1", tags=["vision", "prod"], description="a tiny model", uploader="cd" * 32)
     assert meta.digest == sha(f.read_bytes())
     assert meta.size == f.stat().st_size
     assert meta.inputs == [{"name": "x", "dtype": "float32", "shape": [-1, 4]}]
@@ -66,19 +64,8 @@ def test_push_reads_signature_and_metadata(store: ModelStore, tmp_path: Path) ->
     assert meta.tags == ["prod", "vision"]
     assert meta.uploader == "cd" * 32
     d = meta.to_dict()
-    assert set(d) == {
-        "name",
-        "version",
-        "digest",
-        "size",
-        "format",
-        "inputs",
-        "outputs",
-        "tags",
-        "description",
-        "created",
-        "uploader",
-    }
+    assert set(d) == {"name", "version", "digest", "size", "format", "inputs", "outputs", "tags", "description",
+                      "created", "uploader"}
     assert store.get("tiny", "1") == meta
     assert store.get("tiny") == meta
     assert store.get("tiny", "latest") == meta
@@ -356,7 +343,7 @@ def test_signature_reader_rejects_garbage_precisely(tmp_path: Path, data: bytes)
 def test_signature_reader_on_mangled_models(tmp_path: Path, cut: int, junk: bytes) -> None:
     good = onnx_bytes(1)
     p = tmp_path / "g.onnx"
-    p.write_bytes(good[:cut] + junk + good[cut + len(junk) :])
+    p.write_bytes(good[:cut] + junk + good[cut + len(junk):])
     try:
         ins, outs = read_signature(p)
         assert all(isinstance(s.name, str) for s in ins + outs)

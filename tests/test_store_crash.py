@@ -48,9 +48,7 @@ def run_child(root: Path, stage: str, data: bytes, tmp_path: Path) -> None:
     digest = hashlib.sha256(data).hexdigest()
     proc = subprocess.Popen(
         [sys.executable, "-c", CHILD, str(root), stage, digest, str(src)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT, stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     try:
         if stage == "mid-upload":
@@ -80,7 +78,7 @@ def test_kill_mid_upload_then_resume(tmp_path: Path) -> None:
         assert store.upload_status(digest) == len(data) // 2
         up = store.begin(PushRequest("crash", digest, len(data), "1"))  # the dead writer's lock is gone
         assert up.offset == len(data) // 2
-        up.write(data[up.offset :])
+        up.write(data[up.offset:])
         meta = store.complete(up)
         assert b"".join(store.read(meta.digest)) == data
     finally:

@@ -21,14 +21,8 @@ from swarmd.settings import Settings
 
 @pytest.fixture
 async def role(tmp_path: Path) -> StoreRole:
-    ctx = NodeContext(
-        identity=Identity.generate(),
-        settings=Settings(),
-        data_dir=tmp_path,
-        instance_id="t",
-        roles=("store",),
-        tasks=Supervisor(),
-    )
+    ctx = NodeContext(identity=Identity.generate(), settings=Settings(), data_dir=tmp_path, instance_id="t",
+                      roles=("store",), tasks=Supervisor())
     r = StoreRole(ctx)  # no RPC server: the handlers are called directly
     await r.start()
     r.core.put_file(write_model(tmp_path / "m.onnx", seed=1), "m", "1")
@@ -36,17 +30,11 @@ async def role(tmp_path: Path) -> StoreRole:
     await r.stop()
 
 
-scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=70), st.binary(max_size=20)
-)
-values = st.recursive(
-    scalars,
-    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
-    max_leaves=8,
-)
-keys = st.sampled_from(
-    ["name", "version", "tag", "digest", "include_deleted", "sha256", "offset", "size", "x"]
-)
+scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=70),
+                    st.binary(max_size=20))
+values = st.recursive(scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+                      max_leaves=8)
+keys = st.sampled_from(["name", "version", "tag", "digest", "include_deleted", "sha256", "offset", "size", "x"])
 params = st.one_of(values, st.dictionaries(keys, values, max_size=4))
 
 
@@ -63,17 +51,11 @@ async def test_read_methods_never_crash(role: StoreRole, method: str, p: Any) ->
 row_fields = st.fixed_dictionaries(
     {},
     optional={
-        "name": st.one_of(st.just("m"), values),
-        "version": st.one_of(st.just("1"), values),
-        "digest": st.one_of(st.just("a" * 64), values),
-        "size": st.one_of(st.integers(), values),
-        "created": st.one_of(st.floats(), values),
-        "updated": st.one_of(st.floats(), values),
-        "deleted": st.one_of(st.none(), st.floats(), values),
-        "tags": st.one_of(st.lists(st.text(max_size=5)), values),
-        "uploader": values,
-        "description": values,
-        "format": values,
+        "name": st.one_of(st.just("m"), values), "version": st.one_of(st.just("1"), values),
+        "digest": st.one_of(st.just("a" * 64), values), "size": st.one_of(st.integers(), values),
+        "created": st.one_of(st.floats(), values), "updated": st.one_of(st.floats(), values),
+        "deleted": st.one_of(st.none(), st.floats(), values), "tags": st.one_of(st.lists(st.text(max_size=5)), values),
+        "uploader": values, "description": values, "format": values,
     },
 )
 

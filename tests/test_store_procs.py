@@ -33,14 +33,9 @@ class StoreProc:
 
     async def start(self, interval: float = 0.3) -> StoreProc:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(TESTS / "store_nodes.py"),
-            str(self.data_dir),
-            str(interval),
-            cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{TESTS}"},
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
+            sys.executable, str(TESTS / "store_nodes.py"), str(self.data_dir), str(interval),
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{TESTS}"},
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         )
         assert self.proc.stdout is not None
         hello = json.loads(await asyncio.wait_for(self.proc.stdout.readline(), 60))
@@ -57,9 +52,7 @@ class StoreProc:
         await self.proc.stdin.drain()
 
     async def connect(self) -> Any:
-        return await connect(
-            None, "127.0.0.1", self.port, remote_public_key=bytes.fromhex(self.key), timeout=T
-        )
+        return await connect(None, "127.0.0.1", self.port, remote_public_key=bytes.fromhex(self.key), timeout=T)
 
     async def kill(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
@@ -144,9 +137,7 @@ async def test_kill_9_mid_upload_then_restart_clean(tmp_path: Path, procs: list[
     data = onnx_bytes(32, pad_floats=200_000)
     digest = hashlib.sha256(data).hexdigest()
     peer = await store.connect()
-    stream = await peer.open_stream(
-        "uploadModel", {"name": "k", "version": "1", "size": len(data), "sha256": digest}
-    )
+    stream = await peer.open_stream("uploadModel", {"name": "k", "version": "1", "size": len(data), "sha256": digest})
     await stream.send(data[:300_000])
 
     async def received_some() -> bool:

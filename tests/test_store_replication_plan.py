@@ -46,20 +46,17 @@ def test_lost_blob_and_small_swarm() -> None:
 
 
 def test_repair_pulls_come_first_even_at_factor() -> None:
-    pulls = plan_replication(
-        {"a": {D1}, "b": {D1}, "c": set()}, live={"a", "b", "c"}, factor=2, wanted={"c": {D1}}
-    )
+    pulls = plan_replication({"a": {D1}, "b": {D1}, "c": set()}, live={"a", "b", "c"}, factor=2,
+                             wanted={"c": {D1}})
     assert [(p.store, p.digest) for p in pulls] == [("c", D1)]
-    pulls = plan_replication(
-        {"a": {D1}, "b": set(), "c": set()}, live={"a", "b", "c"}, factor=2, wanted={"c": {D1}}
-    )
+    pulls = plan_replication({"a": {D1}, "b": set(), "c": set()}, live={"a", "b", "c"}, factor=2,
+                             wanted={"c": {D1}})
     assert [(p.store, p.digest) for p in pulls] == [("c", D1)]  # the repair also fills the factor
 
 
 def test_refusing_store_is_skipped() -> None:
-    pulls = plan_replication(
-        {"a": {D1}, "b": set(), "c": set()}, live={"a", "b", "c"}, factor=2, refused={"b": {D1}}
-    )
+    pulls = plan_replication({"a": {D1}, "b": set(), "c": set()}, live={"a", "b", "c"}, factor=2,
+                             refused={"b": {D1}})
     assert pulls == [Pull("c", D1, "a")]
 
 

@@ -55,17 +55,8 @@ async def code(coro: Any) -> str:
 async def test_push_show_list_pull_delete(node: Node, peer: Any, tmp_path: Path) -> None:
     f = write_model(tmp_path / "m.onnx", seed=1, pad_floats=50_000)
     seen: list[tuple[int, int]] = []
-    meta = await push_file(
-        peer,
-        f,
-        "tiny",
-        "1",
-        tags=["t1"],
-        description="d",
-        chunk=16 * 1024,
-        progress=lambda d, t: seen.append((d, t)),
-        timeout=T,
-    )
+    meta = await push_file(peer, f, "tiny", "1", tags=["t1"], description="d", chunk=16 * 1024,
+                           progress=lambda d, t: seen.append((d, t)), timeout=T)
     assert meta["digest"] == hashlib.sha256(f.read_bytes()).hexdigest()
     assert meta["inputs"] == [{"name": "x", "dtype": "float32", "shape": [-1, 4]}]
     assert meta["uploader"] != "" and len(meta["uploader"]) == 64
@@ -101,9 +92,8 @@ async def test_interrupted_upload_resumes(node: Node, peer: Any, tmp_path: Path)
         await stream.result()
     assert await code(peer.call("getModel", {"name": "r"}, timeout=T)) == ERR_NOT_FOUND
     # resuming ahead of what the store has is refused with the right offset
-    stream = await peer.open_stream(
-        "uploadModel", {"name": "r", "size": len(data), "sha256": digest, "offset": 120_000}
-    )
+    stream = await peer.open_stream("uploadModel", {"name": "r", "size": len(data), "sha256": digest,
+                                                    "offset": 120_000})
     assert await code(stream.result()) == ERR_BAD_REQUEST
     f = tmp_path / "r.onnx"
     f.write_bytes(data)
@@ -115,10 +105,8 @@ async def test_interrupted_upload_resumes(node: Node, peer: Any, tmp_path: Path)
 
 async def test_concurrent_pushes_of_same_model(node: Node, tmp_path: Path) -> None:
     f = write_model(tmp_path / "c.onnx", seed=3, pad_floats=30_000)
-    peers = [
-        await connect(None, "127.0.0.1", node.server.port, remote_public_key=node.ident.public_key)
-        for _ in range(3)
-    ]
+    peers = [await connect(None, "127.0.0.1", node.server.port, remote_public_key=node.ident.public_key)
+             for _ in range(3)]
     try:
         metas = await asyncio.gather(*(push_file(p, f, "c", "1", chunk=8192, timeout=T) for p in peers))
     finally:
@@ -149,9 +137,7 @@ async def test_error_paths(node: Node, peer: Any, tmp_path: Path) -> None:
     assert await code(peer.call("listModels", {"tag": "bad tag"}, timeout=T)) == ERR_BAD_REQUEST
     assert await code(peer.call("uploadStatus", {"sha256": "xyz"}, timeout=T)) == ERR_BAD_REQUEST
     assert await code(peer.call("deleteModel", {"name": "m"}, timeout=T)) == ERR_BAD_REQUEST
-    assert (
-        await code(peer.call("downloadBlob", {"digest": "0" * 64}, timeout=T)) == ERR_BAD_REQUEST
-    )  # not a stream
+    assert await code(peer.call("downloadBlob", {"digest": "0" * 64}, timeout=T)) == ERR_BAD_REQUEST  # not a stream
     s = await peer.open_stream("downloadBlob", {"digest": "0" * 64})
     assert await code(s.result()) == ERR_NOT_FOUND
     s = await peer.open_stream("uploadModel", {"name": "m", "size": -1, "sha256": "0" * 64})

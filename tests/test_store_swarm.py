@@ -48,13 +48,10 @@ async def test_stores_replicate_through_the_swarm(net: DhtTestnet, tmp_path: Pat
 
         await rounds_until(all_listed, nodes, "every store on STORES")
         a = nodes[0]
-        peer = await connect(
-            None, "127.0.0.1", a.server.port, remote_public_key=a.ident.public_key, timeout=T
-        )
+        peer = await connect(None, "127.0.0.1", a.server.port, remote_public_key=a.ident.public_key, timeout=T)
         try:
-            meta = await push_file(
-                peer, write_model(tmp_path / "m.onnx", seed=41, pad_floats=10_000), "m", "1", timeout=T
-            )
+            meta = await push_file(peer, write_model(tmp_path / "m.onnx", seed=41, pad_floats=10_000), "m", "1",
+                                   timeout=T)
         finally:
             await peer.close()
         d = meta["digest"]
@@ -66,12 +63,10 @@ async def test_stores_replicate_through_the_swarm(net: DhtTestnet, tmp_path: Pat
             return len(holders(ns)) == 2
 
         await rounds_until(two, nodes, "two copies")
-
         # holders announce the model and the blob, so workers can find a source
         async def announced() -> bool:
-            return await keys_on(a, model_topic("m")) >= holders(nodes) and await keys_on(
-                a, blob_topic(d)
-            ) >= holders(nodes)
+            return (await keys_on(a, model_topic("m")) >= holders(nodes)
+                    and await keys_on(a, blob_topic(d)) >= holders(nodes))
 
         await rounds_until(announced, nodes, "model and blob topics announced by the holders")
         # a holder disappears; the survivors restore the factor

@@ -84,18 +84,10 @@ class Recording(ThingService):
 async def test_register_hook_order_and_view(tmp_path: Path) -> None:
     async with Recording("g", tmp_path, CFG) as svc:
         svc.calls.clear()
-        view = await svc.call(
-            "registerThing",
-            {"id": "g1", "tags": ["blue"], "info": {"title": "x", "_secret": 1}, "opts": {"password": "p"}},
-        )
-        assert svc.names() == [
-            "make_thing_id",
-            "thing_type",
-            "thing_tags",
-            "validate_thing",
-            "setup_thing",
-            "on_register",
-        ]
+        view = await svc.call("registerThing", {"id": "g1", "tags": ["blue"], "info": {"title": "x", "_secret": 1},
+                                                "opts": {"password": "p"}})
+        assert svc.names() == ["make_thing_id", "thing_type", "thing_tags", "validate_thing", "setup_thing",
+                               "on_register"]
         assert view["id"] == "g1" and view["type"] == "gadget" and view["rev"] == 1
         assert view["tags"] == ["blue", "t-gadget", "managed"]
         assert view["info"] == {"title": "x"}  # select_thing_info hid _secret
@@ -161,9 +153,7 @@ async def test_replay_after_restart_real_sqlite(tmp_path: Path) -> None:
         assert sorted(svc2.things) == ["g0", "g1", "g2", "g3"]
         assert svc2.things["g2"].info == {"n": 20} and svc2.things["g2"].rev == 2
         assert svc2.things["g1"].opts == {"k": 1}
-        assert [c for c in svc2.calls if c[0] == "setup_thing"] == [
-            ("setup_thing", f"g{i}") for i in range(4)
-        ]
+        assert [c for c in svc2.calls if c[0] == "setup_thing"] == [("setup_thing", f"g{i}") for i in range(4)]
         # in-memory entries with no stored row are dropped on replay
         svc2.things["ghost"] = Thing(id="ghost", type="gadget")
         svc2.things["g0"].last = {"online": True}
@@ -221,9 +211,7 @@ BAD_CALLS = [
 
 
 @pytest.mark.parametrize("method,params,code", BAD_CALLS)
-async def test_validation_errors_have_stable_codes(
-    tmp_path: Path, method: str, params: Any, code: str
-) -> None:
+async def test_validation_errors_have_stable_codes(tmp_path: Path, method: str, params: Any, code: str) -> None:
     async with Recording("g", tmp_path, CFG) as svc:
         await svc.call("registerThing", {"id": "dup", "info": {"serial": "S1"}})
         with pytest.raises(SwarmdError) as ei:
@@ -261,9 +249,7 @@ async def test_list_query_projection_sort_paging(tmp_path: Path) -> None:
             info: dict[str, Any] = {"title": f"Book {i}", "n": i}
             if shelf is not None:
                 info["shelf"] = shelf
-            await svc.call(
-                "registerThing", {"id": f"b{i}", "tags": ["odd" if i % 2 else "even"], "info": info}
-            )
+            await svc.call("registerThing", {"id": f"b{i}", "tags": ["odd" if i % 2 else "even"], "info": info})
 
         async def ids(params: dict[str, Any]) -> list[str]:
             return [v["id"] for v in await svc.call("listThings", params)]
@@ -273,10 +259,7 @@ async def test_list_query_projection_sort_paging(tmp_path: Path) -> None:
         assert await ids({"query": {"tags": "odd"}}) == ["b1", "b3"]
         assert await ids({"query": {"info.shelf": {"$exists": False}}}) == ["b4"]
         assert await ids({"query": {"info.shelf": {"$in": [2, 3]}}}) == ["b0", "b2"]
-        assert await ids({"query": {"$or": [{"info.n": 0}, {"info.title": {"$contains": "book 4"}}]}}) == [
-            "b0",
-            "b4",
-        ]
+        assert await ids({"query": {"$or": [{"info.n": 0}, {"info.title": {"$contains": "book 4"}}]}}) == ["b0", "b4"]
         assert await ids({"query": {"info.shelf": {"$ne": 1}}}) == ["b0", "b2", "b4"]
         assert await ids({"sort": {"info.shelf": 1, "info.n": -1}}) == ["b4", "b3", "b1", "b2", "b0"]
         assert await ids({"sort": {"info.n": -1}, "offset": 1, "limit": 2}) == ["b3", "b2"]

@@ -16,45 +16,17 @@ from examples.book_worker import Books
 from swarmd.errors import ALL_CODES, SwarmdError
 from swarmd.services.things import THING_METHODS, ThingsConfig
 
-names = st.sampled_from(
-    [
-        "id",
-        "ids",
-        "info",
-        "opts",
-        "tags",
-        "query",
-        "fields",
-        "sort",
-        "limit",
-        "offset",
-        "all",
-        "rev",
-        "title",
-        "info.title",
-        "$or",
-        "$gt",
-        "start",
-        "end",
-        "type",
-        "x",
-    ]
-)
-scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-3, 2**64), st.floats(), st.text(max_size=6), st.binary(max_size=4)
-)
-values = st.recursive(
-    scalars,
-    lambda c: st.one_of(st.lists(c, max_size=3), st.dictionaries(names, c, max_size=3)),
-    max_leaves=10,
-)
+names = st.sampled_from(["id", "ids", "info", "opts", "tags", "query", "fields", "sort", "limit", "offset", "all",
+                         "rev", "title", "info.title", "$or", "$gt", "start", "end", "type", "x"])
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-3, 2**64), st.floats(), st.text(max_size=6),
+                    st.binary(max_size=4))
+values = st.recursive(scalars, lambda c: st.one_of(st.lists(c, max_size=3), st.dictionaries(names, c, max_size=3)),
+                      max_leaves=10)
 params = st.one_of(values, st.dictionaries(names, values, max_size=4))
 
 
 @pytest.fixture(scope="module")
-def books_on_a_loop(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[asyncio.AbstractEventLoop, Books]]:
+def books_on_a_loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[asyncio.AbstractEventLoop, Books]]:
     """One service for all examples (each example starts by forgetting everything):
     a fresh SQLite file per example would make this test slow on a shared machine."""
     loop = asyncio.new_event_loop()

@@ -21,11 +21,7 @@ class Proc:
     def __init__(self, *args: str) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, *args, "--log-format", "json"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=swarmd_env(),
-            cwd=str(ROOT),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=swarmd_env(), cwd=str(ROOT),
         )
         self.lines: list[str] = []
 
@@ -69,15 +65,8 @@ def _ready(p: Proc) -> tuple[bytes, int]:
 
 async def test_book_worker_one_command_serves_and_replays(tmp_path: Path) -> None:
     data = tmp_path / "books"
-    worker = Proc(
-        "examples/book_worker.py",
-        "--data-dir",
-        str(data),
-        "--snapshot-interval",
-        "0.05",
-        "--rack-id",
-        "shelf-1",
-    )
+    worker = Proc("examples/book_worker.py", "--data-dir", str(data), "--snapshot-interval", "0.05",
+                  "--rack-id", "shelf-1")
     ork_proc: Proc | None = None
     try:
         ready = worker.wait_event("ready")
@@ -100,17 +89,8 @@ async def test_book_worker_one_command_serves_and_replays(tmp_path: Path) -> Non
             await peer.close()
 
         # an ork, also one command, joins the worker's swarm and finds the rack on RACKS by itself
-        ork_proc = Proc(
-            "-m",
-            "swarmd.plugins",
-            "ork",
-            "--data-dir",
-            str(tmp_path / "ork"),
-            "--bootstrap",
-            f"127.0.0.1:{dht_port}",
-            "--discover-interval",
-            "0.2",
-        )
+        ork_proc = Proc("-m", "swarmd.plugins", "ork", "--data-dir", str(tmp_path / "ork"),
+                        "--bootstrap", f"127.0.0.1:{dht_port}", "--discover-interval", "0.2")
         okey, oport = _ready(ork_proc)
         op = await connect(None, "127.0.0.1", oport, remote_public_key=okey, timeout=T)
         try:
@@ -122,11 +102,8 @@ async def test_book_worker_one_command_serves_and_replays(tmp_path: Path) -> Non
             out = await op.call("listThings", {}, timeout=T)
             assert [(t["id"], t["rack"]) for t in out["things"]] == [("dune", "shelf-1")]
             # and a rack registered by hand, reached at its address
-            await op.call(
-                "registerRack",
-                {"id": "shelf", "public_key": key.hex(), "addresses": [f"127.0.0.1:{port}"]},
-                timeout=T,
-            )
+            await op.call("registerRack", {"id": "shelf", "public_key": key.hex(),
+                                           "addresses": [f"127.0.0.1:{port}"]}, timeout=T)
             out = await op.call("listThings", {}, timeout=T)
             assert [(t["id"], t["rack"]) for t in out["things"]] == [("dune", "shelf")]  # manual shadows dht
         finally:
@@ -135,9 +112,8 @@ async def test_book_worker_one_command_serves_and_replays(tmp_path: Path) -> Non
         assert worker.stop() == 0
 
         # restart: the book is replayed from SQLite
-        worker = Proc(
-            "examples/book_worker.py", "--data-dir", str(data), "--snapshot-interval", "0", "--no-announce"
-        )
+        worker = Proc("examples/book_worker.py", "--data-dir", str(data), "--snapshot-interval", "0",
+                      "--no-announce")
         key2, port2 = _ready(worker)
         assert key2 == key  # same identity from the same data dir
         peer = await connect(None, "127.0.0.1", port2, remote_public_key=key, timeout=T)

@@ -10,49 +10,18 @@ from hypothesis import strategies as st
 
 from swarmd.services.query import apply_sort, compile_projection, compile_query, compile_sort
 
-keys = st.sampled_from(
-    [
-        "id",
-        "info.n",
-        "tags",
-        "last.online",
-        "$and",
-        "$or",
-        "$nor",
-        "$eq",
-        "$gt",
-        "$in",
-        "$exists",
-        "$contains",
-        "$lt",
-        "$ne",
-        "$nin",
-        "$gte",
-        "$lte",
-        "$x",
-        "",
-        "a.0",
-    ]
-)
-scalars = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(-5, 5),
-    st.floats(allow_nan=True),
-    st.text(max_size=4),
-    st.binary(max_size=3),
-)
-values = st.recursive(
-    scalars, lambda c: st.one_of(st.lists(c, max_size=3), st.dictionaries(keys, c, max_size=3)), max_leaves=12
-)
-docs = st.fixed_dictionaries(
-    {
-        "id": st.text(max_size=3),
-        "tags": st.lists(st.text(max_size=2), max_size=3),
-        "info": st.dictionaries(st.sampled_from(["n", "t"]), scalars, max_size=2),
-        "last": st.dictionaries(st.just("online"), st.booleans()),
-    }
-)
+keys = st.sampled_from(["id", "info.n", "tags", "last.online", "$and", "$or", "$nor", "$eq", "$gt", "$in",
+                        "$exists", "$contains", "$lt", "$ne", "$nin", "$gte", "$lte", "$x", "", "a.0"])
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=True), st.text(max_size=4),
+                    st.binary(max_size=3))
+values = st.recursive(scalars, lambda c: st.one_of(st.lists(c, max_size=3), st.dictionaries(keys, c, max_size=3)),
+                      max_leaves=12)
+docs = st.fixed_dictionaries({
+    "id": st.text(max_size=3),
+    "tags": st.lists(st.text(max_size=2), max_size=3),
+    "info": st.dictionaries(st.sampled_from(["n", "t"]), scalars, max_size=2),
+    "last": st.dictionaries(st.just("online"), st.booleans()),
+})
 
 
 @settings(max_examples=300, deadline=None)

@@ -21,20 +21,14 @@ async def test_read_only_peer_is_refused_writes(tmp_path: Path) -> None:
     books = Books("books", tmp_path, ThingsConfig(snapshot_interval_s=0))
     await books.start()
     assert sorted(books.mount(methods)) == sorted(THING_METHODS)
-    server = RpcServer(
-        server_id,
-        methods,
-        firewall=Firewall.from_keys(allow=[full.public_key], allow_read_only=[ro.public_key]),
-    )
+    server = RpcServer(server_id, methods,
+                       firewall=Firewall.from_keys(allow=[full.public_key], allow_read_only=[ro.public_key]))
     await server.start()
     peers = []
     try:
         for who in (full, ro, stranger):
-            peers.append(
-                await connect(
-                    who, "127.0.0.1", server.port, remote_public_key=server_id.public_key, timeout=T
-                )
-            )
+            peers.append(await connect(who, "127.0.0.1", server.port, remote_public_key=server_id.public_key,
+                                       timeout=T))
         p_full, p_ro, p_stranger = peers
         made = await p_full.call("registerThing", {"id": "dune", "info": {"title": "Dune"}}, timeout=T)
         assert made["id"] == "dune" and made["type"] == "book"
@@ -45,11 +39,9 @@ async def test_read_only_peer_is_refused_writes(tmp_path: Path) -> None:
         assert await p_ro.call("tailLog", {}, timeout=T) == []
 
         # every write is refused before it reaches the service
-        for method, params in (
-            ("registerThing", {"info": {"title": "Emma"}}),
-            ("updateThing", {"id": "dune", "info": {"lost": True}}),
-            ("forgetThings", {"all": True}),
-        ):
+        for method, params in (("registerThing", {"info": {"title": "Emma"}}),
+                               ("updateThing", {"id": "dune", "info": {"lost": True}}),
+                               ("forgetThings", {"all": True})):
             with pytest.raises(SwarmdError) as ei:
                 await p_ro.call(method, params, timeout=T)
             assert ei.value.code == ERR_FORBIDDEN, method

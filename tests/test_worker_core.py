@@ -99,11 +99,7 @@ async def test_runs_and_selects_outputs(engine_factory):
         ({"x": np.zeros((4,), np.float32)}, None, "input 'x' has shape [4], expected [-1, 4]"),
         ({"x": [[1.0, 2.0, 3.0, 4.0]]}, None, "input 'x' must be a tensor"),
         ({}, None, "missing input 'x' (float32 [-1, 4]) of model 'two'"),
-        (
-            {"z": np.zeros((1, 4), np.float32)},
-            None,
-            "model 'two' has no input 'z'; its inputs are 'x' (float32 [-1, 4])",
-        ),
+        ({"z": np.zeros((1, 4), np.float32)}, None, "model 'two' has no input 'z'; its inputs are 'x' (float32 [-1, 4])"),
         ([1, 2], None, "inputs must be a map"),
         ({"x": np.zeros((1, 4), np.float32)}, ["nope"], "model 'two' has no output 'nope'"),
         ({"x": np.zeros((1, 4), np.float32)}, [], "outputs is empty"),
@@ -116,10 +112,7 @@ async def test_validation_errors(engine_factory, inputs, outputs, message):
     await e.load("two", "1", two_output_model())
     if isinstance(inputs, dict) and "x" in inputs and "y" not in inputs:
         x = inputs["x"]
-        inputs = {
-            **inputs,
-            "y": np.zeros((x.shape[0] if isinstance(x, np.ndarray) and x.ndim else 1, 4), np.float32),
-        }
+        inputs = {**inputs, "y": np.zeros((x.shape[0] if isinstance(x, np.ndarray) and x.ndim else 1, 4), np.float32)}
     with pytest.raises(SwarmdError) as info:
         await e.infer("two", inputs, outputs=outputs)
     assert info.value.code == ERR_BAD_REQUEST
@@ -207,9 +200,7 @@ async def test_batching_off_runs_each_request_alone(engine_factory):
     e = engine_factory(batching=False)
     await e.load("mlp", "1", mlp_model(MLP))
     gate = Gate(e)
-    tasks = [
-        asyncio.create_task(e.infer("mlp", {"input": np.ones((1, MLP[0]), np.float32)})) for _ in range(5)
-    ]
+    tasks = [asyncio.create_task(e.infer("mlp", {"input": np.ones((1, MLP[0]), np.float32)})) for _ in range(5)]
     await settle(lambda: e.queued + e.in_flight == 5)
     gate.open()
     await asyncio.gather(*tasks)
@@ -220,9 +211,7 @@ async def test_queue_delay_gathers_a_batch(engine_factory):
     # One free slot and a long delay: the first request waits for the batch to fill.
     e = engine_factory(model_batching={"mlp": {"max_batch_size": 4, "max_queue_delay_us": 30_000_000}})
     await e.load("mlp", "1", mlp_model(MLP))
-    tasks = [
-        asyncio.create_task(e.infer("mlp", {"input": np.ones((1, MLP[0]), np.float32)})) for _ in range(4)
-    ]
+    tasks = [asyncio.create_task(e.infer("mlp", {"input": np.ones((1, MLP[0]), np.float32)})) for _ in range(4)]
     await asyncio.gather(*tasks)
     snap = e.snapshot()
     assert (snap.batches, snap.mean_batch) == (1, 4)
@@ -335,9 +324,7 @@ async def test_unload_finishes_accepted_requests(engine_factory):
     e = engine_factory(batching=False)
     await e.load("mlp", "1", mlp_model(MLP))
     gate = Gate(e)
-    tasks = [
-        asyncio.create_task(e.infer("mlp", {"input": np.ones((1, MLP[0]), np.float32)})) for _ in range(3)
-    ]
+    tasks = [asyncio.create_task(e.infer("mlp", {"input": np.ones((1, MLP[0]), np.float32)})) for _ in range(3)]
     await settle(lambda: e.queued + e.in_flight == 3)
     unloading = asyncio.create_task(e.unload("mlp"))
     await asyncio.sleep(0)
@@ -376,12 +363,7 @@ def test_config_checks():
     c = WorkerConfig(model_batching={"mlp": {"max_batch_size": 64}})
     assert c.batching_for("mlp") == BatchingConfig(True, 64, 0)
     assert c.batching_for("other") == BatchingConfig(True, 32, 0)
-    for bad in (
-        {"mlp": {"max_batch": 3}},
-        {"mlp": {"max_batch_size": 0}},
-        {"mlp": 3},
-        {"mlp": {"batching": "yes"}},
-    ):
+    for bad in ({"mlp": {"max_batch": 3}}, {"mlp": {"max_batch_size": 0}}, {"mlp": 3}, {"mlp": {"batching": "yes"}}):
         with pytest.raises(ConfigError):
             WorkerConfig(model_batching=bad).validate()
     with pytest.raises(ConfigError):

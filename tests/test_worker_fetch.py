@@ -61,9 +61,7 @@ async def test_fetch_resolve_cache_and_serve(net, tmp_path):
         await worker.start()
         wk = wnode.identity.public_key
         for blob in (v1, v2):  # the store has announced what it holds
-            await wait_for_record(
-                client.swarm, blob_topic(hashlib.sha256(blob).hexdigest()), store.identity.public_key
-            )
+            await wait_for_record(client.swarm, blob_topic(hashlib.sha256(blob).hexdigest()), store.identity.public_key)
         x = np.random.default_rng(0).standard_normal((3, MLP[0])).astype(np.float32)
         call = {"model": "mlp", "inputs": {"input": x}}
         out = await client.swarm.request(wk, "runInference", call, timeout=60)  # fetched and loaded on demand

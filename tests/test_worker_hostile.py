@@ -17,17 +17,11 @@ SIG = ModelSignature(
     outputs=(TensorSpec("y", "float32", (-1, 2)),),
 )
 
-dtypes = st.sampled_from(
-    ["float32", "float64", "int64", "int32", "uint8", "bool", ">f4", "<i8", "U3", "float16"]
-)
+dtypes = st.sampled_from(["float32", "float64", "int64", "int32", "uint8", "bool", ">f4", "<i8", "U3", "float16"])
 shapes = st.lists(st.integers(0, 5), min_size=0, max_size=4).map(tuple)
 arrays = st.builds(lambda d, s: np.zeros(s, dtype=d), dtypes, shapes)
-scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8), st.binary(max_size=8)
-)
-values = st.one_of(
-    arrays, scalars, st.lists(scalars, max_size=3), st.dictionaries(st.text(max_size=4), scalars, max_size=3)
-)
+scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8), st.binary(max_size=8))
+values = st.one_of(arrays, scalars, st.lists(scalars, max_size=3), st.dictionaries(st.text(max_size=4), scalars, max_size=3))
 inputs = st.one_of(
     st.dictionaries(st.sampled_from(["x", "ids", "z", ""]), values, max_size=3),
     values,
@@ -50,19 +44,12 @@ def test_validate_answers_or_raises_bad_request(inputs, outputs, batch):
         assert rows == feeds["x"].shape[0] == feeds["ids"].shape[0] >= 1
 
 
-@given(
-    meta=st.one_of(
-        values,
-        st.fixed_dictionaries(
-            {
-                "digest": st.one_of(st.just("a" * 64), st.text(max_size=70), st.integers()),
-                "size": st.one_of(st.integers(-5, 10**12), st.booleans(), st.text(max_size=3)),
-                "version": st.one_of(st.text(max_size=5), st.integers()),
-            },
-            optional={"format": st.sampled_from(["onnx", "tflite", 3])},
-        ),
-    )
-)
+@given(meta=st.one_of(values, st.fixed_dictionaries(
+    {"digest": st.one_of(st.just("a" * 64), st.text(max_size=70), st.integers()),
+     "size": st.one_of(st.integers(-5, 10**12), st.booleans(), st.text(max_size=3)),
+     "version": st.one_of(st.text(max_size=5), st.integers())},
+    optional={"format": st.sampled_from(["onnx", "tflite", 3])},
+)))
 @settings(max_examples=200, deadline=None)
 def test_store_metadata_is_checked(meta):
     try:
@@ -84,12 +71,8 @@ def test_run_inference_params_from_anyone(tmp_path):
         values,
         st.fixed_dictionaries(
             {"model": st.one_of(st.just("two"), scalars)},
-            optional={
-                "inputs": inputs,
-                "outputs": outputs,
-                "version": st.one_of(st.just("1"), scalars),
-                "request_id": scalars,
-            },
+            optional={"inputs": inputs, "outputs": outputs, "version": st.one_of(st.just("1"), scalars),
+                      "request_id": scalars},
         ),
     )
 

@@ -51,15 +51,10 @@ async def test_local_models_serve_and_describe(tmp_path, model_files):
         assert out["model"] == "two" and out["version"] == "1"
         np.testing.assert_array_equal(out["outputs"]["sum"], x + x)
         models = (await role.get_available_models(None, {}))["models"]
-        assert {(m["name"], m["version"], m["state"]) for m in models} == {
-            ("two", "1", "READY"),
-            ("mlp", "2", "READY"),
-        }
+        assert {(m["name"], m["version"], m["state"]) for m in models} == {("two", "1", "READY"), ("mlp", "2", "READY")}
         two = next(m for m in models if m["name"] == "two")
-        assert two["inputs"] == [
-            {"name": "x", "dtype": "float32", "shape": [-1, 4]},
-            {"name": "y", "dtype": "float32", "shape": [-1, 4]},
-        ]
+        assert two["inputs"] == [{"name": "x", "dtype": "float32", "shape": [-1, 4]},
+                                 {"name": "y", "dtype": "float32", "shape": [-1, 4]}]
         cap = await role.check_capacity(None, {})
         assert cap["accepting"] and cap["state"] == "ONLINE" and cap["queue_depth"] == 0
         health = await role.get_health(None, {})
@@ -125,9 +120,7 @@ async def test_stop_drains_accepted_requests(tmp_path, model_files):
     await role.start()
     rng = np.random.default_rng(0)
     xs = [rng.standard_normal((1, MLP[0])).astype(np.float32) for _ in range(150)]
-    tasks = [
-        asyncio.create_task(role.run_inference(None, {"model": "mlp", "inputs": {"input": x}})) for x in xs
-    ]
+    tasks = [asyncio.create_task(role.run_inference(None, {"model": "mlp", "inputs": {"input": x}})) for x in xs]
     await asyncio.sleep(0)
     stopping = asyncio.create_task(role.stop())
     await asyncio.sleep(0)

@@ -51,9 +51,7 @@ class Served:
     async def __aenter__(self) -> Served:
         await self.role.start()
         await self.server.start()
-        self.peer = await connect(
-            None, "127.0.0.1", self.server.port, remote_public_key=self.identity.public_key
-        )
+        self.peer = await connect(None, "127.0.0.1", self.server.port, remote_public_key=self.identity.public_key)
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -79,11 +77,8 @@ async def test_inference_over_rpc(tmp_path, files):
         np.testing.assert_array_equal(out["outputs"]["prod"], x * x)
         np.testing.assert_array_equal(out["outputs"]["sum"], x + x)
         big_endian = x.astype(">f4")
-        out = await s.peer.call(
-            "runInference",
-            {"model": "two", "inputs": {"x": big_endian, "y": x}, "outputs": ["sum"]},
-            timeout=30,
-        )
+        out = await s.peer.call("runInference", {"model": "two", "inputs": {"x": big_endian, "y": x}, "outputs": ["sum"]},
+                                timeout=30)
         assert list(out["outputs"]) == ["sum"]
         np.testing.assert_array_equal(out["outputs"]["sum"], x + x)
         models = await s.peer.call("getAvailableModels", {}, timeout=30)
@@ -97,11 +92,7 @@ async def test_inference_over_rpc(tmp_path, files):
 async def test_errors_over_rpc(tmp_path, files):
     async with Served(tmp_path, models=files) as s:
         with pytest.raises(SwarmdError) as info:
-            await s.peer.call(
-                "runInference",
-                {"model": "mlp", "inputs": {"input": np.zeros((1, 15), np.float32)}},
-                timeout=30,
-            )
+            await s.peer.call("runInference", {"model": "mlp", "inputs": {"input": np.zeros((1, 15), np.float32)}}, timeout=30)
         assert info.value.code == ERR_BAD_REQUEST
         assert info.value.message == "input 'input' has shape [1, 15], expected [-1, 16]"
         with pytest.raises(SwarmdError) as info:
@@ -115,9 +106,7 @@ async def test_errors_over_rpc(tmp_path, files):
 async def test_load_unload_over_rpc(tmp_path, files):
     async with Served(tmp_path, models=files) as s:
         assert (await s.peer.call("unloadModel", {"model": "mlp"}, timeout=30))["unloaded"] == ["1"]
-        assert "mlp" not in {
-            m["name"] for m in (await s.peer.call("getAvailableModels", {}, timeout=30))["models"]
-        }
+        assert "mlp" not in {m["name"] for m in (await s.peer.call("getAvailableModels", {}, timeout=30))["models"]}
         desc = await s.peer.call("loadModel", {"model": "mlp"}, timeout=30)
         assert desc["state"] == "READY" and desc["inputs"][0]["shape"] == [-1, 16]
 
@@ -158,10 +147,7 @@ async def test_drain_over_rpc_loses_nothing(tmp_path, files):
     await s.__aenter__()
     rng = np.random.default_rng(5)
     xs = [rng.standard_normal((1, 16)).astype(np.float32) for _ in range(200)]
-    tasks = [
-        asyncio.create_task(s.peer.call("runInference", {"model": "mlp", "inputs": {"input": x}}, timeout=60))
-        for x in xs
-    ]
+    tasks = [asyncio.create_task(s.peer.call("runInference", {"model": "mlp", "inputs": {"input": x}}, timeout=60)) for x in xs]
     eng = s.role.engine
     while eng.queued + eng.in_flight + eng.snapshot().completed < 200:
         await asyncio.sleep(0.001)

@@ -91,27 +91,19 @@ async def test_announces_serves_and_withdraws(net, tmp_path):
     try:
         await role.start()
         key = node.identity.public_key
-        rec = await wait_for_record(
-            client.swarm, worker_model_topic("mlp"), key, lambda p: p["state"] == "ONLINE"
-        )
+        rec = await wait_for_record(client.swarm, worker_model_topic("mlp"), key, lambda p: p["state"] == "ONLINE")
         assert rec.payload["models"] == ["mlp"]
         assert set(rec.payload["load"]) >= {"queue", "in_flight", "ewma_ms", "rps"}
         await wait_for_record(client.swarm, WORKERS, key)
         x = np.ones((1, MLP[0]), np.float32)
-        out = await client.swarm.request(
-            key, "runInference", {"model": "mlp", "inputs": {"input": x}}, timeout=30
-        )
+        out = await client.swarm.request(key, "runInference", {"model": "mlp", "inputs": {"input": x}}, timeout=30)
         assert out["outputs"]["output"].shape == (1, MLP[-1])
         # Live load is refreshed: the request shows up in the announced EWMA latency.
         await wait_for_record(client.swarm, WORKERS, key, lambda p: p["load"]["ewma_ms"] > 0)
         await role.unload_model(None, {"model": "mlp"})
         await wait_for_record(client.swarm, WORKERS, key, lambda p: p["models"] == [])
         for _ in range(200):  # the per-model topic is left once the model is gone
-            if not [
-                r
-                for r in await client.swarm.lookup_all(worker_model_topic("mlp"), timeout=5)
-                if r.public_key == key
-            ]:
+            if not [r for r in await client.swarm.lookup_all(worker_model_topic("mlp"), timeout=5) if r.public_key == key]:
                 break
             await asyncio.sleep(0.05)
         else:

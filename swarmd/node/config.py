@@ -117,9 +117,7 @@ def coerce(value: Any, tp: Any, *, key: str, source: str, from_text: bool) -> An
         kwargs = {}
         for k, v in value.items():
             if k not in hints:
-                raise ConfigError(
-                    f"unknown key '{key}.{k}' in {source}; known keys: {', '.join(sorted(hints))}"
-                )
+                raise ConfigError(f"unknown key '{key}.{k}' in {source}; known keys: {', '.join(sorted(hints))}")
             kwargs[k] = coerce(v, hints[k], key=f"{key}.{k}", source=source, from_text=from_text)
         return tp(**kwargs)
     if origin is tuple and args and args[-1] is not Ellipsis:
