@@ -289,3 +289,12 @@ async def test_generated_ids_are_unique(tmp_path: Path) -> None:
         a = await svc.call("registerThing", {})
         b = await svc.call("registerThing", {})
         assert a["id"] != b["id"]
+
+
+async def test_max_things_bounds_the_registry(tmp_path: Path) -> None:
+    async with ThingService("s", tmp_path, ThingsConfig(snapshot_interval_s=0, max_things=2)) as svc:
+        await svc.call("registerThing", {})
+        await svc.call("registerThing", {})
+        with pytest.raises(SwarmdError) as ei:
+            await svc.call("registerThing", {})
+        assert ei.value.code == ERR_TOO_LARGE and len(svc.things) == 2

@@ -104,6 +104,7 @@ class ThingsConfig:
     list_max_limit: int = 1000
     max_thing_bytes: int = 64 * 1024  # tags + info + opts as JSON
     max_ids: int = 10_000  # ids in one forgetThings call
+    max_things: int = 100_000  # registrations past this are refused (ERR_TOO_LARGE): memory stays bounded
     log_max_bytes: int = 4 * 1024 * 1024  # snapshot log: rotate past this size
     log_keep_files: int = 8  # snapshot log: rotated files kept
     log_max_age_s: float = 7 * 24 * 3600.0  # snapshot log: rotated files older than this go
@@ -447,6 +448,10 @@ class ThingService:
             tid = _check_id(await self._hook("make_thing_id", p), f"{m}: id")
             if tid in self.things:
                 raise SwarmdError(ERR_CONFLICT, f"{m}: thing {tid} is already registered; use updateThing", {"id": tid})
+            if len(self.things) >= self.config.max_things:
+                raise SwarmdError(
+                    ERR_TOO_LARGE, f"{m}: {self.name} already holds {len(self.things)} things, its max_things"
+                )
             ttype = await self._hook("thing_type", p)
             if not isinstance(ttype, str) or not ID_RE.match(ttype):
                 raise SwarmdError(ERR_INTERNAL, f"thing_type of {self.name} returned {ttype!r:.40}, not a type name")
