@@ -699,6 +699,8 @@ class ThingService:
             )
         ts = now_ms()
         entry: dict[str, Any] = {"ts": ts, "id": thing.id, "type": thing.type, "online": err is None}
+        # An update during the collection replaced the Thing object: record on the current one.
+        thing = self.things.get(thing.id, thing)
         if err is None:
             entry["snap"] = snap
             thing.last = {"ts": ts, "online": True, "snap": snap, "err": None}
