@@ -16,8 +16,10 @@ from swarmd.errors import ConfigError
 from swarmd.orchestrator.config import OrchestratorConfig
 from swarmd.roles.base import ROLE_ORDER
 from swarmd.rpc.config import AccessConfig, RpcConfig
-from swarmd.swarm.config import SwarmConfig
+from swarmd.services.ork import OrkConfig
+from swarmd.services.things import ThingsConfig
 from swarmd.store.config import StoreConfig
+from swarmd.swarm.config import SwarmConfig
 from swarmd.worker.config import WorkerConfig
 
 
@@ -53,6 +55,8 @@ class Settings:
     store: StoreConfig = field(default_factory=StoreConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
+    things: ThingsConfig = field(default_factory=ThingsConfig)
+    ork: OrkConfig = field(default_factory=OrkConfig)
 
     def validate(self) -> None:
         for section in vars(self).values():

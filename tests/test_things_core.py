@@ -298,3 +298,17 @@ async def test_max_things_bounds_the_registry(tmp_path: Path) -> None:
         with pytest.raises(SwarmdError) as ei:
             await svc.call("registerThing", {})
         assert ei.value.code == ERR_TOO_LARGE and len(svc.things) == 2
+
+
+def test_things_and_ork_config_sections_are_layered_and_checked() -> None:
+    from swarmd.errors import ConfigError
+    from swarmd.node.config import load_settings
+    from swarmd.settings import Settings
+
+    s = load_settings(Settings, environ={"SWARMD_THINGS_SNAPSHOT_INTERVAL_S": "2.5", "SWARMD_ORK_LEASE_S": "9"})
+    assert s.things.snapshot_interval_s == 2.5 and s.ork.lease_s == 9.0
+    for env in ({"SWARMD_THINGS_SNAPSHOT_TIMEOUT_S": "0"}, {"SWARMD_THINGS_LIST_DEFAULT_LIMIT": "5000"},
+                {"SWARMD_ORK_FANOUT_CONCURRENCY": "0"}):
+        with pytest.raises(ConfigError) as ei:
+            load_settings(Settings, environ=env)
+        assert ("things." in ei.value.message) or ("ork." in ei.value.message)

@@ -74,6 +74,16 @@ class OrkConfig:
     lease_s: float = 120.0  # a discovered rack not seen for this long leaves
     discover_interval_s: float = 30.0  # how often the RACKS topic is looked up
 
+    def validate(self) -> None:
+        from swarmd.errors import ConfigError
+
+        if self.call_timeout_s <= 0 or self.lease_s <= 0:
+            raise ConfigError("ork.call_timeout_s and ork.lease_s must be > 0")
+        if self.discover_interval_s < 0:
+            raise ConfigError(f"ork.discover_interval_s must be >= 0, got {self.discover_interval_s}")
+        if self.fanout_concurrency < 1:
+            raise ConfigError(f"ork.fanout_concurrency must be >= 1, got {self.fanout_concurrency}")
+
 
 @dataclass
 class Rack:
