@@ -38,6 +38,12 @@ class Recording(ThingService):
         if self.refuse == name:
             raise bad_request(f"{name} refused")
 
+    def setup(self) -> None:
+        self._note("setup")
+
+    async def teardown(self) -> None:
+        self._note("teardown")
+
     def make_thing_id(self, params: Any) -> str:
         self._note("make_thing_id")
         return super().make_thing_id(params)
@@ -312,3 +318,24 @@ def test_things_and_ork_config_sections_are_layered_and_checked() -> None:
         with pytest.raises(ConfigError) as ei:
             load_settings(Settings, environ=env)
         assert ("things." in ei.value.message) or ("ork." in ei.value.message)
+
+
+async def test_start_and_stop_hook_order(tmp_path: Path) -> None:
+    async with Recording("g", tmp_path, CFG) as svc:
+        await svc.call("registerThing", {"id": "g1"})
+        await svc.call("registerThing", {"id": "g2"})
+    svc2 = Recording("g", tmp_path, CFG)
+    await svc2.start()
+    assert svc2.calls == [("setup",), ("setup_thing", "g1"), ("setup_thing", "g2")]
+    svc2.calls.clear()
+    await svc2.stop()
+    await svc2.stop()  # idempotent: nothing is torn down twice
+    assert svc2.calls == [("teardown_thing", "g1"), ("teardown_thing", "g2"), ("teardown",)]
+
+
+async def test_refusing_setup_fails_the_start(tmp_path: Path) -> None:
+    svc = Recording("g", tmp_path, CFG, refuse="setup")
+    with pytest.raises(SwarmdError) as ei:
+        await svc.start()
+    assert ei.value.code == ERR_BAD_REQUEST
+    assert svc._store is None

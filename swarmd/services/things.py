@@ -21,7 +21,8 @@ Hook order (every hook may be sync or async). Hooks that run before the
 commit may refuse the call by raising (a SwarmdError keeps its code, anything
 else becomes ERR_INTERNAL); state is then unchanged.
 
-  start        open the database -> replay: for each stored row, oldest first,
+  start        open the database -> `setup` (raising fails the start) ->
+               replay: for each stored row, oldest first,
                `setup_thing` (a failure is logged and recorded in `last.err`,
                the thing stays registered) -> start the snapshot loop
   registerThing  check params -> `make_thing_id` (duplicate: ERR_CONFLICT) ->
@@ -41,7 +42,8 @@ else becomes ERR_INTERNAL); state is then unchanged.
                most `snapshot_concurrency` at once, each bounded by
                `snapshot_timeout_s` (a timeout records the thing offline) ->
                `last` updated -> one JSON line per thing in the snapshot log
-  stop         stop the snapshot loop -> `teardown_thing` for each -> close
+  stop         stop the snapshot loop -> `teardown_thing` for each ->
+               `teardown` -> close
 """
 
 from __future__ import annotations
@@ -228,6 +230,13 @@ class ThingService:
     def validate_thing(self, thing: Thing, previous: Thing | None) -> Any:
         """Refuse a thing by raising (bad_request(...)); previous is None on register."""
 
+    def setup(self) -> Any:
+        """Once per start, before replay: acquire what the whole service needs
+        (a bus, a client); raising fails the start."""
+
+    def teardown(self) -> Any:
+        """Once per stop, after every teardown_thing: release what setup acquired."""
+
     def setup_thing(self, thing: Thing) -> Any:
         """Acquire what the thing needs at run time (on register and on replay)."""
 
@@ -260,6 +269,12 @@ class ThingService:
         """Open the database, replay it into memory, start the snapshot loop."""
         self.dir.mkdir(parents=True, exist_ok=True)
         self._store = ThingStore(self.dir / "things.sqlite")
+        try:
+            await self._hook("setup")
+        except BaseException:
+            self._store.close()
+            self._store = None
+            raise
         await self.replay()
         if self.collects_snaps and self.config.snapshot_interval_s > 0:
             self._loop_task = asyncio.get_running_loop().create_task(
@@ -280,9 +295,10 @@ class ThingService:
                 if not task.cancelled():  # our own caller is being cancelled
                     raise
         async with self._write_lock:  # let a write in flight commit before the database closes
-            for thing in list(self.things.values()):
-                await self._quiet_hook("teardown_thing", thing)
             if self._store is not None:
+                for thing in list(self.things.values()):
+                    await self._quiet_hook("teardown_thing", thing)
+                await self._quiet_hook("teardown")
                 self._store.close()
                 self._store = None
 
