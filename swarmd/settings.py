@@ -13,6 +13,7 @@ from typing import Literal
 
 from swarmd.dht.config import DhtConfig
 from swarmd.errors import ConfigError
+from swarmd.gateway.config import GatewayConfig
 from swarmd.orchestrator.config import OrchestratorConfig
 from swarmd.roles.base import ROLE_ORDER
 from swarmd.rpc.config import AccessConfig, RpcConfig
@@ -55,6 +56,7 @@ class Settings:
     store: StoreConfig = field(default_factory=StoreConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
     things: ThingsConfig = field(default_factory=ThingsConfig)
     ork: OrkConfig = field(default_factory=OrkConfig)
 
