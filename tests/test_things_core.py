@@ -339,3 +339,12 @@ async def test_refusing_setup_fails_the_start(tmp_path: Path) -> None:
         await svc.start()
     assert ei.value.code == ERR_BAD_REQUEST
     assert svc._store is None
+
+
+async def test_persist_false_keeps_nothing_on_disk(tmp_path: Path) -> None:
+    async with ThingService("leases", tmp_path, CFG, persist=False) as svc:
+        await svc.call("registerThing", {"id": "w1", "info": {"models": ["mlp"]}})
+        assert [v["id"] for v in await svc.call("listThings", {"query": {"info.models": "mlp"}})] == ["w1"]
+    assert not (tmp_path / "things" / "leases" / "things.sqlite").exists()
+    async with ThingService("leases", tmp_path, CFG, persist=False) as svc:
+        assert svc.things == {}

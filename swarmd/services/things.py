@@ -192,7 +192,12 @@ class ThingService:
     # Dotted paths (e.g. "info.isbn") no two things of this service may share.
     UNIQUE_KEYS: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, name: str, data_dir: Path, config: ThingsConfig | None = None) -> None:
+    def __init__(self, name: str, data_dir: Path, config: ThingsConfig | None = None, *,
+                 persist: bool = True) -> None:
+        """persist=False keeps the table in an in-memory SQLite database: for
+        registries whose entries are leases rebuilt from the network after a
+        restart (an orchestrator's workers), where a disk write per renewal
+        buys nothing. Everything else (hooks, queries, snapshots, log) is the same."""
         if not ID_RE.match(name):
             raise ValueError(f"thing service name {name!r} must match {ID_RE.pattern}")
         self.name = name
@@ -201,6 +206,7 @@ class ThingService:
         self.things: dict[str, Thing] = {}
         self.log = logger.bind(service=name)
         self.snaplog = SnapLog(self.dir / "log", "snap", self.config.snaplog())
+        self.persist = persist
         self._store: ThingStore | None = None
         self._write_lock = asyncio.Lock()
         self._loop_task: asyncio.Task[None] | None = None
@@ -268,7 +274,7 @@ class ThingService:
     async def start(self) -> None:
         """Open the database, replay it into memory, start the snapshot loop."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._store = ThingStore(self.dir / "things.sqlite")
+        self._store = ThingStore(self.dir / "things.sqlite" if self.persist else None)
         try:
             await self._hook("setup")
         except BaseException:
