@@ -653,13 +653,13 @@ class ThingService:
         async with self._round_lock:
             things = list(self.things.values())
             entries: list[dict[str, Any] | None] = [None] * len(things)
-            todo = iter(enumerate(things))
+            pending = iter(enumerate(things))
 
             async def worker() -> None:
                 # A fixed pool of workers rather than a task per thing: the cap
                 # holds by construction and a round over 10k things makes
                 # `snapshot_concurrency` tasks, not 10k.
-                for i, thing in todo:
+                for i, thing in pending:
                     entries[i] = await self._collect_one(thing)
 
             async with asyncio.TaskGroup() as tg:
