@@ -309,14 +309,19 @@ class DhtNode(Server):
         last_refresh = time.monotonic()
         while True:
             await asyncio.sleep(tick)
-            self.protocol.records.expire(time.time())
-            if time.monotonic() - last_refresh >= cfg.refresh_interval:
-                last_refresh = time.monotonic()
-                for node_id in self.protocol.get_refresh_ids():
-                    target = Node(node_id)
-                    await NodeSpiderCrawl(
-                        self.protocol, target, self._nearest(target), self.ksize, self.alpha
-                    ).find()
+            try:
+                self.protocol.records.expire(time.time())
+                if time.monotonic() - last_refresh >= cfg.refresh_interval:
+                    last_refresh = time.monotonic()
+                    for node_id in self.protocol.get_refresh_ids():
+                        target = Node(node_id)
+                        await NodeSpiderCrawl(
+                            self.protocol, target, self._nearest(target), self.ksize, self.alpha
+                        ).find()
+            except Exception as e:  # maintenance must outlive one bad round
+                self.protocol.rlog.warn(
+                    "maintenance", "dht maintenance round failed", error=f"{type(e).__name__}: {e}"
+                )
 
     def refresh_table(self, interval: int = 3600) -> None:
         """kademlia schedules orphan refresh tasks here; our _maintain owns refresh."""
