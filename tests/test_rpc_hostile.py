@@ -322,3 +322,29 @@ async def test_idle_peer_is_closed_and_live_peer_is_kept() -> None:
         await peer.close()
     finally:
         await srv.stop()
+
+
+async def test_connection_limit_refuses_with_a_reason() -> None:
+    cfg = small_config()
+    cfg.max_connections = 2
+    srv = RpcServer(Identity.generate(), make_methods(), config=cfg)
+    await srv.start()
+    try:
+        a = await connect(None, "127.0.0.1", srv.port, timeout=T)
+        b = await connect(None, "127.0.0.1", srv.port, timeout=T)
+        with pytest.raises(SwarmdError) as ei:
+            await connect(None, "127.0.0.1", srv.port, timeout=T)
+        assert ei.value.code == ERR_HANDSHAKE and "server full" in ei.value.message
+        await a.close()
+        await asyncio.wait_for(_until(lambda: len(srv.peers) < 2), T)
+        c = await connect(None, "127.0.0.1", srv.port, timeout=T)
+        assert await c.call("ping", timeout=T) == "pong"
+        await b.close()
+        await c.close()
+    finally:
+        await srv.stop()
+
+
+async def _until(pred) -> None:  # type: ignore[no-untyped-def]
+    while not pred():
+        await asyncio.sleep(0.01)

@@ -26,7 +26,8 @@ from loguru import logger
 from swarmd.errors import ERR_CLOSED, ERR_HANDSHAKE, ERR_OVERLOADED, ERR_PROTOCOL, ERR_TIMEOUT, SwarmdError
 from swarmd.net import mux
 from swarmd.net.config import NetConfig
-from swarmd.net.noise import HandshakeError, NoiseSession
+from swarmd.net.loglimit import hostile
+from swarmd.net.noise import HandshakeError, NoiseSession, reject_frame
 from swarmd.node.identity import Identity
 
 
@@ -212,6 +213,7 @@ class SecureConnection(asyncio.Protocol):
         self._ping_outstanding = False
         self._in_receive = False
         self.error: SwarmdError | None = None
+        self._refusal: str | None = None
         self._log = logger.bind(component="net")
 
     # -- public ------------------------------------------------------------
@@ -302,8 +304,17 @@ class SecureConnection(asyncio.Protocol):
 
     # -- pipe side ---------------------------------------------------------
 
+    def refuse(self, reason: str) -> None:
+        """Before the pipe opens: answer the handshake with a reject and close (e.g. server full)."""
+        self._refusal = reason
+
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         self._pipe = transport
+        if self._refusal is not None and not self.initiator:
+            transport.write(reject_frame(self._refusal))
+            self._teardown(SwarmdError(ERR_OVERLOADED, self._refusal))
+            transport.close()
+            return
         get_extra = getattr(transport, "get_extra_info", None)
         if get_extra is not None:
             self.peername = get_extra("peername")
@@ -350,12 +361,25 @@ class SecureConnection(asyncio.Protocol):
         except HandshakeError as e:
             if e.reply and self._pipe is not None:
                 self._pipe.write(e.reply)
-            self._log.bind(peer=str(self.peername), reason=e.message).info("handshake failed")
+            hostile.log(
+                "handshake failed",
+                "INFO",
+                "handshake failed",
+                component="net",
+                peer=str(self.peername),
+                reason=e.message,
+            )
             self._teardown(e)
             self._pipe.close()  # type: ignore[union-attr]
         except SwarmdError as e:
-            self._log.bind(peer=_short(self.remote_public_key), code=e.code, reason=e.message).info(
-                "closing connection: peer broke the protocol"
+            hostile.log(
+                f"protocol:{e.code}",
+                "INFO",
+                "closing connection: peer broke the protocol",
+                component="net",
+                peer=_short(self.remote_public_key),
+                code=e.code,
+                reason=e.message,
             )
             self.close(e)
 
@@ -396,7 +420,9 @@ class SecureConnection(asyncio.Protocol):
             err = SwarmdError(
                 ERR_HANDSHAKE, f"handshake did not complete within {self.config.handshake_timeout} s"
             )
-            self._log.bind(peer=str(self.peername)).info("handshake timed out")
+            hostile.log(
+                "handshake timeout", "INFO", "handshake timed out", component="net", peer=str(self.peername)
+            )
             self._teardown(err)
             if self._pipe is not None:
                 self._pipe.close()

@@ -9,7 +9,6 @@ frame; a handler that finishes without suspending is run inline (no Task).
 from __future__ import annotations
 
 import asyncio
-import time
 import traceback
 import uuid
 from collections import deque
@@ -30,30 +29,11 @@ from swarmd.errors import (
     SwarmdError,
 )
 from swarmd.net.connection import Channel, SecureConnection
+from swarmd.net.loglimit import hostile
 from swarmd.rpc import envelope
 from swarmd.rpc.config import RpcConfig
 from swarmd.rpc.envelope import CANCEL, ERROR, EVENT, REQUEST, RESPONSE, EnvelopeError
 from swarmd.rpc.methods import READ, CallContext, Firewall, Method, Methods
-
-
-class _LogLimiter:
-    """At most one line per key per period: hostile input never floods the log."""
-
-    def __init__(self, period: float = 60.0) -> None:
-        self.period = period
-        self._last: dict[str, float] = {}
-
-    def allow(self, key: str) -> bool:
-        now = time.monotonic()
-        if now - self._last.get(key, -1e9) < self.period:
-            return False
-        if len(self._last) > 1000:
-            self._last.clear()
-        self._last[key] = now
-        return True
-
-
-_limiter = _LogLimiter()
 
 
 class _Resume:
@@ -234,24 +214,34 @@ class RpcPeer:
 
     async def call(self, method: str, params: Any = None, *, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - timer-based, no wait_for
         """Call method on the peer; raises SwarmdError (remote code, ERR_TIMEOUT, ERR_CLOSED)."""
+        conn = self.conn
+        if conn._write_paused:
+            await self._drain_quietly()  # the peer reads slowly: wait instead of piling up
+        if conn.error is not None:
+            raise SwarmdError(ERR_CLOSED, f"connection closed: {conn.error.message}")
         if timeout is None:
             timeout = self.config.default_timeout
-        rid, fut = self._start_call(method, params, timeout, 0)
+        rid = self._next_id
+        self._next_id = rid + 1
+        try:
+            msg = envelope.request(rid, method, params, int(timeout * 1000), 0)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise SwarmdError(ERR_BAD_REQUEST, f"params of {method!r} cannot be encoded: {e}") from None
         loop = self._loop
+        fut = loop.create_future()
+        pending = self._pending
+        pending[rid] = fut
+        # a lone call goes out at once; calls made together coalesce into one flush
+        conn.send_message(msg, now=len(pending) == 1)
         timer = loop.call_at(loop.time() + timeout, self._expire, rid, method, timeout)
         try:
             return await fut
         except asyncio.CancelledError:
-            if self._pending.pop(rid, None) is not None:
+            if pending.pop(rid, None) is not None:
                 self._send_cancel(rid)
             raise
         finally:
             timer.cancel()
-            if self._conn_write_paused():
-                await self._drain_quietly()
-
-    def _conn_write_paused(self) -> bool:
-        return self.conn._write_paused
 
     async def _drain_quietly(self) -> None:
         try:
@@ -503,7 +493,7 @@ class RpcPeer:
 
     def _log_handler_error(self, method: str, exc: BaseException) -> None:
         key = f"{method}:{type(exc).__name__}"
-        if _limiter.allow(key):
+        if hostile.allow(key) is not None:
             tb = "".join(traceback.format_exception(exc)).rstrip()
             self._log.bind(method=method, error=type(exc).__name__).error(f"handler raised: {tb}")
 
@@ -523,7 +513,7 @@ class RpcPeer:
             if len(self._events) + len(self._running) >= self.config.max_in_flight:
                 raise SwarmdError(ERR_OVERLOADED, "too many events running")
         except SwarmdError as e:
-            if _limiter.allow(f"event:{e.code}"):
+            if hostile.allow(f"event:{e.code}") is not None:
                 self._log.bind(method=method, code=e.code).info(f"event dropped: {e.message}")
             return
         ctx = CallContext(self.conn.remote_public_key or b"", method, -1, None, self)

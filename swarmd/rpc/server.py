@@ -59,6 +59,9 @@ class RpcServer:
         self._log.bind(host=self.host, port=self.port).info("rpc server listening")
 
     def _accept(self, conn: SecureConnection) -> None:
+        if len(self.peers) >= self.config.max_connections:
+            conn.refuse(f"server full: {len(self.peers)} connections open")
+            return
         peer = RpcPeer(conn, self.methods, firewall=self.firewall, config=self.config)
         self.peers.add(peer)
         prev_close = conn.on_close
