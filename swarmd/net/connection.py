@@ -214,6 +214,7 @@ class SecureConnection(asyncio.Protocol):
         self._in_receive = False
         self.error: SwarmdError | None = None
         self._refusal: str | None = None
+        self._abort_handle: asyncio.TimerHandle | None = None
         self._log = logger.bind(component="net")
 
     # -- public ------------------------------------------------------------
@@ -299,8 +300,7 @@ class SecureConnection(asyncio.Protocol):
             except Exception:  # best effort: the pipe may already be gone
                 pass
         self._teardown(err)
-        if self._pipe is not None:
-            self._pipe.close()
+        self._close_pipe()
 
     # -- pipe side ---------------------------------------------------------
 
@@ -352,8 +352,21 @@ class SecureConnection(asyncio.Protocol):
             if plaintexts:
                 self._in_receive = True
                 try:
+                    decoder = self._decoder
                     for plain in plaintexts:
-                        self._dispatch(self._decoder.feed(plain))
+                        # fast path: a message that is exactly one channel-0 MSG (a call, an answer)
+                        if (
+                            not decoder._buf
+                            and len(plain) > mux.HEADER_SIZE
+                            and plain[0] == mux.MSG
+                            and plain[1:5] == b"\0\0\0\0"
+                            and int.from_bytes(plain[5:9], "big") == len(plain) - mux.HEADER_SIZE
+                            and self.on_message is not None
+                            and len(plain) <= decoder.max_frame
+                        ):
+                            self.on_message(plain[mux.HEADER_SIZE :])
+                        else:
+                            self._dispatch(decoder.feed(plain))
                 finally:
                     self._in_receive = False
                 if self._urgent or self._bulk:
@@ -370,7 +383,7 @@ class SecureConnection(asyncio.Protocol):
                 reason=e.message,
             )
             self._teardown(e)
-            self._pipe.close()  # type: ignore[union-attr]
+            self._close_pipe()
         except SwarmdError as e:
             hostile.log(
                 f"protocol:{e.code}",
@@ -383,10 +396,36 @@ class SecureConnection(asyncio.Protocol):
             )
             self.close(e)
 
+    def _close_pipe(self) -> None:
+        """Close the pipe; abort it when the peer does not read what is left to flush.
+
+        A plain close waits for the write buffer to drain, which a peer that stopped
+        reading would stretch forever: that peer gets `close_grace` seconds, or none
+        when the buffer is already over high water.
+        """
+        pipe = self._pipe
+        if pipe is None:
+            return
+        abort = getattr(pipe, "abort", None)
+        if abort is not None and self._write_paused:
+            abort()
+            return
+        pipe.close()
+        if abort is not None and self._abort_handle is None:
+            self._abort_handle = self._loop.call_later(self.config.close_grace, self._abort_if_open, pipe)
+
+    def _abort_if_open(self, pipe: Any) -> None:
+        self._abort_handle = None
+        if self._pipe is pipe:
+            pipe.abort()
+
     def eof_received(self) -> bool | None:
         return None  # let the transport close; connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._abort_handle is not None:
+            self._abort_handle.cancel()
+            self._abort_handle = None
         if self.error is None:
             if not self.session.established:
                 self._teardown(SwarmdError(ERR_HANDSHAKE, "connection closed during the handshake"))
@@ -425,7 +464,7 @@ class SecureConnection(asyncio.Protocol):
             )
             self._teardown(err)
             if self._pipe is not None:
-                self._pipe.close()
+                self._close_pipe()
 
     def _on_keepalive_timer(self) -> None:
         if self.error is not None:
@@ -485,7 +524,7 @@ class SecureConnection(asyncio.Protocol):
                     err if err.code != ERR_CLOSED else SwarmdError(ERR_CLOSED, f"peer closed: {err.message}")
                 )
                 if self._pipe is not None:
-                    self._pipe.close()
+                    self._close_pipe()
                 return
 
     def _queue_urgent(self, frame: bytes) -> None:
