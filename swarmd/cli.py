@@ -54,16 +54,32 @@ def _csv(text: str) -> list[str]:
 def add_common_flags(p: argparse.ArgumentParser, *, daemon: bool) -> None:
     g = p.add_argument_group("common options")
     g.add_argument("--config", type=Path, default=None, help="TOML config file (env SWARMD_CONFIG)")
-    g.add_argument("--env", choices=ENV_NAMES, default=None, help="config overlay [env.NAME] (env SWARMD_ENV)")
-    g.add_argument("--bootstrap", type=_csv, default=None, metavar="HOST:PORT[,HOST:PORT]",
-                   help="DHT bootstrap nodes (env SWARMD_BOOTSTRAP); none: start a new swarm")
+    g.add_argument(
+        "--env", choices=ENV_NAMES, default=None, help="config overlay [env.NAME] (env SWARMD_ENV)"
+    )
+    g.add_argument(
+        "--bootstrap",
+        type=_csv,
+        default=None,
+        metavar="HOST:PORT[,HOST:PORT]",
+        help="DHT bootstrap nodes (env SWARMD_BOOTSTRAP); none: start a new swarm",
+    )
     g.add_argument("--data-dir", type=Path, default=None, help="where keys, models and databases live")
-    g.add_argument("--log-level", default=None, type=str.upper,
-                   choices=["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"])
+    g.add_argument(
+        "--log-level",
+        default=None,
+        type=str.upper,
+        choices=["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"],
+    )
     g.add_argument("--log-format", default=None, choices=["auto", "json", "text"])
     if daemon:
-        g.add_argument("--role", type=_csv, default=None, metavar="ROLES",
-                       help="comma-separated: gateway,orchestrator,worker,store,relay,bootstrap")
+        g.add_argument(
+            "--role",
+            type=_csv,
+            default=None,
+            metavar="ROLES",
+            help="comma-separated: gateway,orchestrator,worker,store,relay,bootstrap",
+        )
         g.add_argument("--host", default=None, help="RPC listen address (default 127.0.0.1)")
         g.add_argument("--port", type=int, default=None, help="RPC/TCP port (0: any free port)")
         g.add_argument("--dht-port", type=int, default=None, help="DHT UDP port (0: any free port)")
@@ -123,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     except SwarmdError as e:
         print(f"swarmd: error: {e.message}", file=sys.stderr)
         return 2
+    if args.command is not None and "node.log_level" not in settings._origin:
+        # operator commands print results; their logs stay quiet unless asked for
+        settings.node.log_level = "WARNING"
     args.settings = settings
 
     from swarmd.node.logging import setup_logging
@@ -140,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `swarmd ... | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 async def run_daemon(settings: Settings) -> int:

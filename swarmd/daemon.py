@@ -132,7 +132,11 @@ class Node:
         Each is an object with async start()/stop() that fills its slot on ctx
         (rpc_server, dht, swarm) and its port in ctx.ports.
         """
-        return []
+        from swarmd.dht.part import DhtPart
+        from swarmd.rpc.part import RpcPart
+        from swarmd.swarm.part import SwarmPart
+
+        return [("rpc", RpcPart(ctx)), ("dht", DhtPart(ctx)), ("swarm", SwarmPart(ctx))]
 
     async def stop(self) -> None:
         while self._started:
@@ -140,7 +144,9 @@ class Node:
             try:
                 await stop()
             except Exception as e:  # keep stopping the rest; a failed stop is logged, not fatal
-                self.log.opt(exception=e).bind(event="stop_failed", part=name).error("stopping {} failed", name)
+                self.log.opt(exception=e).bind(event="stop_failed", part=name).error(
+                    "stopping {} failed", name
+                )
         if self.ctx is not None:
             await self.ctx.tasks.close()
             status = self.ctx.data_dir / "status.json"

@@ -22,10 +22,16 @@ def swarmd_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "swarmd", *args],
-        capture_output=True, text=True, timeout=timeout, env=env or swarmd_env(), cwd=str(ROOT),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or swarmd_env(),
+        cwd=str(ROOT),
     )
 
 
@@ -36,8 +42,11 @@ class Daemon:
         self.log_path = None
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "swarmd", "--log-format", "json", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env=env or swarmd_env(), cwd=str(ROOT),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env or swarmd_env(),
+            cwd=str(ROOT),
         )
         self.lines: list[str] = []
 
@@ -48,7 +57,9 @@ class Daemon:
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline()
             if not line:
-                raise AssertionError(f"swarmd exited ({self.proc.wait()}) before {event!r}:\n" + "".join(self.lines))
+                raise AssertionError(
+                    f"swarmd exited ({self.proc.wait()}) before {event!r}:\n" + "".join(self.lines)
+                )
             self.lines.append(line)
             try:
                 doc = json.loads(line)
@@ -66,7 +77,9 @@ class Daemon:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             out, _ = self.proc.communicate()
-            raise AssertionError("swarmd did not stop within the bound:\n" + "".join(self.lines) + (out or "")) from None
+            raise AssertionError(
+                "swarmd did not stop within the bound:\n" + "".join(self.lines) + (out or "")
+            ) from None
         self.lines.extend((out or "").splitlines(keepends=True))
         return self.proc.returncode
 

@@ -36,11 +36,20 @@ def test_four_layers_in_order(tmp_path):
     assert (s.node.port, s.node.dht_port, s.node.host) == (1111, 2222, "0.0.0.0")
     s = load_settings(Settings, config_file=cfg, env_name="production")
     assert s.node.port == 3333 and s.node.log_level == "WARNING" and s.node.dht_port == 2222
-    s = load_settings(Settings, config_file=cfg, env_name="production",
-                      environ={"SWARMD_NODE_PORT": "4444", "SWARMD_DHT_PORT": "5555"})
+    s = load_settings(
+        Settings,
+        config_file=cfg,
+        env_name="production",
+        environ={"SWARMD_NODE_PORT": "4444", "SWARMD_DHT_PORT": "5555"},
+    )
     assert s.node.port == 4444 and s.node.dht_port == 5555
-    s = load_settings(Settings, config_file=cfg, env_name="production",
-                      environ={"SWARMD_NODE_PORT": "4444"}, flags={"node": {"port": 6666}})
+    s = load_settings(
+        Settings,
+        config_file=cfg,
+        env_name="production",
+        environ={"SWARMD_NODE_PORT": "4444"},
+        flags={"node": {"port": 6666}},
+    )
     assert s.node.port == 6666 and s.node.log_level == "WARNING"
     assert s._origin["node.port"].startswith("command-line")
     # an overlay for an environment not chosen changes nothing
@@ -49,7 +58,9 @@ def test_four_layers_in_order(tmp_path):
 
 
 def test_env_lists_and_bools(tmp_path):
-    s = load_settings(Settings, environ={"SWARMD_BOOTSTRAP": "127.0.0.1:1, 127.0.0.1:2", "SWARMD_ROLES": "worker,store"})
+    s = load_settings(
+        Settings, environ={"SWARMD_BOOTSTRAP": "127.0.0.1:1, 127.0.0.1:2", "SWARMD_ROLES": "worker,store"}
+    )
     assert s.node.bootstrap == ["127.0.0.1:1", "127.0.0.1:2"]
     assert s.node.roles == ["worker", "store"]
 
@@ -57,7 +68,10 @@ def test_env_lists_and_bools(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, needle",
     [
-        ({"environ": {"SWARMD_NODE_PORT": "eighty"}}, "node.port from environment variable SWARMD_NODE_PORT must be an integer"),
+        (
+            {"environ": {"SWARMD_NODE_PORT": "eighty"}},
+            "node.port from environment variable SWARMD_NODE_PORT must be an integer",
+        ),
         ({"environ": {"SWARMD_NOPE": "1"}}, "unknown environment variable SWARMD_NOPE"),
         ({"flags": {"node": {"roles": ["chef"]}}}, "unknown role 'chef'"),
         ({"flags": {"node": {"port": 70000}}}, "node.port must be between 0 and 65535"),
@@ -76,7 +90,7 @@ def test_errors_name_key_and_source(kwargs, needle):
     [
         ("[node]\nprot = 1\n", "unknown key 'node.prot' in config file"),
         ("[nodes]\nport = 1\n", "unknown section [nodes]"),
-        ("[node]\nport = \"1\"\n", "node.port from config file"),
+        ('[node]\nport = "1"\n', "node.port from config file"),
         ("[node]\nport = true\n", "must be an integer"),
         ("[node\n", "not valid TOML"),
         ("[env.qa.node]\nport = 1\n", "unknown environment [env.qa]"),

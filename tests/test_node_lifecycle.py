@@ -42,7 +42,14 @@ async def test_roles_start_in_dependency_order_and_stop_in_reverse(tmp_path):
     assert status["public_key"] == ctx.identity.public_hex and status["pid"] == os.getpid()
     assert len(ctx.tasks) == 3
     await node.stop()
-    assert events == ["start:store", "start:worker", "start:gateway", "stop:gateway", "stop:worker", "stop:store"]
+    assert events == [
+        "start:store",
+        "start:worker",
+        "start:gateway",
+        "stop:gateway",
+        "stop:worker",
+        "stop:store",
+    ]
     assert len(ctx.tasks) == 0
     assert not (tmp_path / "status.json").exists()
     # the instance id persists across restarts

@@ -57,7 +57,9 @@ def coerce(value: Any, tp: Any, *, key: str, source: str, from_text: bool) -> An
         raise errors[0] if errors else ConfigError(f"{key} from {source}: value {value!r} is not allowed")
 
     def bad(expected: str) -> ConfigError:
-        return ConfigError(f"{key} from {source} must be {expected}, got {type(value).__name__} {value!r:.80}")
+        return ConfigError(
+            f"{key} from {source} must be {expected}, got {type(value).__name__} {value!r:.80}"
+        )
 
     if tp is Any:
         return value
@@ -97,6 +99,36 @@ def coerce(value: Any, tp: Any, *, key: str, source: str, from_text: bool) -> An
         if isinstance(value, (str, Path)):
             return Path(value).expanduser()
         raise bad("a path string")
+    if tp is bytes:
+        if isinstance(value, bytes):
+            return value
+        if isinstance(value, str):
+            try:
+                return bytes.fromhex(value)
+            except ValueError:
+                pass
+        raise bad("a hex string")
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise bad(f"a table of {tp.__name__} keys")
+        hints = _hints(tp)
+        kwargs = {}
+        for k, v in value.items():
+            if k not in hints:
+                raise ConfigError(f"unknown key '{key}.{k}' in {source}; known keys: {', '.join(sorted(hints))}")
+            kwargs[k] = coerce(v, hints[k], key=f"{key}.{k}", source=source, from_text=from_text)
+        return tp(**kwargs)
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        if from_text and isinstance(value, str):
+            value = [v.strip() for v in value.rsplit(":", len(args) - 1)] if len(args) > 1 else [value]
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise bad(f"a list of {len(args)} items ({', '.join(_type_name(a) for a in args)})")
+        return tuple(
+            coerce(v, a, key=f"{key}[{i}]", source=source, from_text=from_text)
+            for i, (v, a) in enumerate(zip(value, args, strict=True))
+        )
     if origin in (list, tuple):
         item_tp = args[0] if args else Any
         if from_text and isinstance(value, str):
@@ -104,7 +136,8 @@ def coerce(value: Any, tp: Any, *, key: str, source: str, from_text: bool) -> An
         if not isinstance(value, (list, tuple)):
             raise bad(f"a list of {_type_name(item_tp)}")
         items = [
-            coerce(v, item_tp, key=f"{key}[{i}]", source=source, from_text=from_text) for i, v in enumerate(value)
+            coerce(v, item_tp, key=f"{key}[{i}]", source=source, from_text=from_text)
+            for i, v in enumerate(value)
         ]
         return tuple(items) if origin is tuple else items
     if origin is dict:
@@ -114,7 +147,9 @@ def coerce(value: Any, tp: Any, *, key: str, source: str, from_text: bool) -> An
     if origin is typing.Literal:
         if value in args:
             return value
-        raise ConfigError(f"{key} from {source} must be one of {', '.join(map(repr, args))}, got {value!r:.80}")
+        raise ConfigError(
+            f"{key} from {source} must be one of {', '.join(map(repr, args))}, got {value!r:.80}"
+        )
     raise ConfigError(f"{key}: unsupported config type {_type_name(tp)}")
 
 
@@ -141,7 +176,9 @@ class Layered:
 
     def set(self, section: str, key: str, value: Any, source: str, *, from_text: bool = False) -> None:
         tp = self._field_type(section, key, source)
-        self.values[section][key] = coerce(value, tp, key=f"{section}.{key}", source=source, from_text=from_text)
+        self.values[section][key] = coerce(
+            value, tp, key=f"{section}.{key}", source=source, from_text=from_text
+        )
         self.origin[f"{section}.{key}"] = source
 
     def apply_table(self, table: Mapping[str, Any], source: str) -> None:
@@ -149,7 +186,9 @@ class Layered:
             if section == "env":
                 continue
             if not isinstance(body, dict):
-                raise ConfigError(f"'{section}' in {source} must be a table like [{section}], got {type(body).__name__}")
+                raise ConfigError(
+                    f"'{section}' in {source} must be a table like [{section}], got {type(body).__name__}"
+                )
             for key, value in body.items():
                 self.set(section, key, value, source)
 
@@ -167,7 +206,9 @@ class Layered:
             raise ConfigError(f"'env' in config file {path} must hold tables like [env.production.node]")
         for name in envs:
             if name not in ENV_NAMES:
-                raise ConfigError(f"unknown environment [env.{name}] in config file {path}; known: {', '.join(ENV_NAMES)}")
+                raise ConfigError(
+                    f"unknown environment [env.{name}] in config file {path}; known: {', '.join(ENV_NAMES)}"
+                )
         if env_name is not None and env_name in envs:
             overlay = envs[env_name]
             if not isinstance(overlay, dict):
@@ -178,22 +219,23 @@ class Layered:
         for var, text in sorted(environ.items()):
             if not var.startswith(ENV_PREFIX) or var in RESERVED_ENV:
                 continue
-            rest = var[len(ENV_PREFIX):].lower()
+            rest = var[len(ENV_PREFIX) :].lower()
             source = f"environment variable {var}"
+            if "node" in self.sections and rest in _hints(self.sections["node"]):
+                # node keys win: SWARMD_DHT_PORT is node.dht_port, the flag --dht-port
+                self.set("node", rest, text, source, from_text=True)
+                continue
             for section in sorted(self.sections, key=len, reverse=True):
                 if rest.startswith(section + "_"):
-                    key = rest[len(section) + 1:]
+                    key = rest[len(section) + 1 :]
                     if key in _hints(self.sections[section]):
                         self.set(section, key, text, source, from_text=True)
                         break
             else:
-                if "node" in self.sections and rest in _hints(self.sections["node"]):
-                    self.set("node", rest, text, source, from_text=True)
-                else:
-                    raise ConfigError(
-                        f"unknown {source}: expected SWARMD_<SECTION>_<KEY> for a known key "
-                        f"(sections: {', '.join(sorted(self.sections))})"
-                    )
+                raise ConfigError(
+                    f"unknown {source}: expected SWARMD_<SECTION>_<KEY> for a known key "
+                    f"(sections: {', '.join(sorted(self.sections))})"
+                )
 
     def apply_flags(self, flags: Mapping[str, Mapping[str, Any]]) -> None:
         for section, body in flags.items():

@@ -37,15 +37,15 @@ def setup_logging(level: str = "INFO", fmt: str = "auto", stream: TextIO | None 
         fields = _fields(record)
         if use_json:
             doc = {
-                "ts": datetime.fromtimestamp(record["time"].timestamp(), UTC).isoformat(timespec="milliseconds"),
+                "ts": datetime.fromtimestamp(record["time"].timestamp(), UTC).isoformat(
+                    timespec="milliseconds"
+                ),
                 "level": record["level"].name,
                 "msg": record["message"],
             }
             doc.update(fields)
             if record["exception"] is not None:
-                doc["exception"] = "".join(
-                    traceback.format_exception(*record["exception"])
-                ).rstrip()
+                doc["exception"] = "".join(traceback.format_exception(*record["exception"])).rstrip()
             line = json.dumps(doc, default=_json_default)
         else:
             ts = record["time"].strftime("%H:%M:%S.%f")[:-3]

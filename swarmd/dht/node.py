@@ -1,0 +1,406 @@
+"""A DHT node: kademlia's Server (bootstrap, bucket refresh, node crawling) on
+our fixed protocol, plus topic announce / unannounce / streaming lookup.
+
+Records never go through kademlia's value get/set (one value per key, last
+writer wins) nor its pickle ``save_state``; they are the signed multi-value
+records of ``swarmd.dht.records``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+from kademlia.crawling import NodeSpiderCrawl, SpiderCrawl
+from kademlia.network import Server
+from kademlia.node import Node
+from loguru import logger
+
+from swarmd.dht.config import DhtConfig
+from swarmd.dht.protocol import SwarmdProtocol, parse_contacts, valid_id
+from swarmd.dht.records import (
+    TOKEN_SIZE,
+    PeerRecord,
+    RecordError,
+    Unannounce,
+    decode_record,
+    topic_target,
+)
+from swarmd.errors import ERR_UNAVAILABLE, SwarmdError
+from swarmd.node.identity import Identity
+
+
+def node_id_for(public_key: bytes) -> bytes:
+    """A node's 160-bit DHT id, derived from its Ed25519 public key so an id
+    names a key rather than being chosen freely."""
+    return hashlib.blake2b(public_key, digest_size=20, person=b"swarmd-dht-id").digest()
+
+
+@dataclass(frozen=True)
+class AnnounceResult:
+    """How many of the closest nodes accepted the record (local copy counted)."""
+
+    stored: int
+    tried: int
+
+    @property
+    def ok(self) -> bool:
+        return self.stored > 0
+
+
+class TopicCrawl(SpiderCrawl):
+    """Iterative lookup of a topic that streams records as replies arrive and
+    keeps alpha requests in flight (kademlia's crawl waits for whole rounds)."""
+
+    def __init__(
+        self, protocol: SwarmdProtocol, topic: bytes, peers: list[Node], ksize: int, alpha: int
+    ) -> None:
+        super().__init__(protocol, Node(topic_target(topic)), peers, ksize, alpha)
+        self.topic = topic
+        self.responders: dict[bytes, tuple[Node, bytes | None]] = {}
+        self._verified: set[bytes] = set()
+        self._best: dict[bytes, int] = {}
+
+    async def stream(self) -> AsyncIterator[PeerRecord]:
+        proto: SwarmdProtocol = self.protocol
+        cfg = proto.config
+        inflight: dict[asyncio.Task[tuple[bool, Any]], Node] = {}
+        try:
+            while True:
+                for peer in self.nearest.get_uncontacted():
+                    if len(inflight) >= self.alpha:
+                        break
+                    self.nearest.mark_contacted(peer)
+                    inflight[asyncio.ensure_future(proto.call_topic_get(peer, self.topic))] = peer
+                if not inflight:
+                    return
+                done, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    peer = inflight.pop(task)
+                    ok, reply = task.result()
+                    if not ok:
+                        self.nearest.remove([peer.id])
+                        continue
+                    contacts = parse_contacts(reply.get("n"), self.ksize) or []
+                    self.nearest.push([c for c in contacts if c.id != proto.source_node.id])
+                    tk = reply.get("tk")
+                    self.responders[peer.id] = (
+                        peer,
+                        tk if isinstance(tk, bytes) and len(tk) == TOKEN_SIZE else None,
+                    )
+                    raw = reply.get("r")
+                    if not isinstance(raw, list):
+                        continue
+                    now = time.time()
+                    for obj in raw[: cfg.max_records_per_topic]:
+                        rec = self._accept(obj, now)
+                        if rec is not None:
+                            yield rec
+        finally:
+            for task in inflight:
+                task.cancel()
+            if inflight:
+                await asyncio.gather(*inflight, return_exceptions=True)
+
+    def _accept(self, obj: Any, now: float) -> PeerRecord | None:
+        cfg = self.protocol.config
+        sig = obj.get("g") if isinstance(obj, dict) else None
+        if isinstance(sig, bytes) and sig in self._verified:
+            return None  # the same signed record from another node
+        try:
+            rec = decode_record(
+                obj, now, cfg.max_payload, cfg.max_addresses, cfg.max_record_ttl, cfg.clock_skew
+            )
+        except RecordError as e:
+            self.protocol.rlog.warn(
+                "bad_record", "dropped record in lookup reply", code=e.code, reason=e.message
+            )
+            return None
+        if rec.topic != self.topic:
+            self.protocol.rlog.warn("bad_record", "dropped record for another topic in lookup reply")
+            return None
+        if len(self._verified) < 4 * cfg.max_records_per_topic:
+            self._verified.add(rec.signature)
+        if self._best.get(rec.public_key, -1) >= rec.seq:
+            return None
+        self._best[rec.public_key] = rec.seq
+        return rec
+
+    def closest_with_tokens(self) -> list[tuple[Node, bytes]]:
+        items = [(n, tk) for n, tk in self.responders.values() if tk is not None]
+        items.sort(key=lambda it: it[0].distance_to(self.node))
+        return items[: self.ksize]
+
+
+class DhtNode(Server):
+    """One DHT node on one UDP socket. Start with ``await start()``."""
+
+    protocol: SwarmdProtocol
+
+    def __init__(self, identity: Identity, config: DhtConfig | None = None) -> None:
+        self.config = config or DhtConfig()
+        self.config.validate()
+        self.identity = identity
+        super().__init__(
+            ksize=self.config.ksize, alpha=self.config.alpha, node_id=node_id_for(identity.public_key)
+        )
+        self.reflexive_address: tuple[str, int] | None = None
+        self._maint: asyncio.Task[None] | None = None
+        self._log = logger.bind(component="dht", node=identity.public_hex[:16])
+
+    # -- lifecycle -----------------------------------------------------------
+
+    @property
+    def node_id(self) -> bytes:
+        return self.node.id
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port) of the UDP socket."""
+        host, port = self.transport.get_extra_info("sockname")[:2]
+        return host, port
+
+    @property
+    def mode(self) -> str:
+        """ "server" (holds records, in others' tables) or "client" (unreachable)."""
+        return "client" if self.protocol.client_mode else "server"
+
+    def _create_protocol(self) -> SwarmdProtocol:
+        return SwarmdProtocol(
+            self.node, self.config, {"component": "dht", "node": self.identity.public_hex[:16]}
+        )
+
+    async def listen(self, port: int, interface: str = "0.0.0.0") -> None:
+        loop = asyncio.get_running_loop()
+        self.transport, self.protocol = await loop.create_datagram_endpoint(
+            self._create_protocol, local_addr=(interface, port)
+        )
+        sock = self.transport.get_extra_info("socket")
+        try:  # a larger receive buffer rides out bursts (the kernel caps it at rmem_max)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        except OSError:
+            pass
+
+    async def start(self) -> None:
+        """Bind, bootstrap, learn reachability, start maintenance. Raises
+        SwarmdError(ERR_UNAVAILABLE) when bootstrap nodes were given and none answered."""
+        cfg = self.config
+        await self.listen(cfg.port, cfg.host)
+        self.protocol.client_mode = cfg.mode == "client" or (cfg.mode == "auto" and bool(cfg.bootstrap))
+        resolved = await self._resolve(cfg.bootstrap) if cfg.bootstrap else []
+        addrs = [a for a in resolved if not self._is_self(a)]
+        if cfg.bootstrap and resolved and not addrs and len(resolved) == len(cfg.bootstrap):
+            # every bootstrap entry is this very node: it is the first node of the swarm
+            self.protocol.client_mode = cfg.mode == "client"
+        elif cfg.bootstrap:
+            found = await self.bootstrap(addrs)
+            if not self.protocol.router.all_contacts():
+                await self.stop()
+                raise SwarmdError(
+                    ERR_UNAVAILABLE,
+                    f"no bootstrap node answered: {', '.join(f'{h}:{p}' for h, p in cfg.bootstrap)}",
+                )
+            if cfg.mode == "auto":
+                await self._probe_reachability(addrs)
+            if not self.protocol.client_mode:
+                # re-crawl our own id now that we send it, so the closest nodes add us
+                await NodeSpiderCrawl(
+                    self.protocol, self.node, found or self._nearest(self.node), self.ksize, self.alpha
+                ).find()
+        self._maint = asyncio.get_running_loop().create_task(self._maintain())
+        self._log.bind(event="dht_started", port=self.address[1], mode=self.mode).info("dht node started")
+
+    def _is_self(self, addr: tuple[str, int]) -> bool:
+        host, port = self.address
+        return addr[1] == port and (addr[0] == host or host in ("0.0.0.0", "") or addr[0].startswith("127."))
+
+    async def stop(self) -> None:
+        if self._maint is not None:
+            self._maint.cancel()
+            await asyncio.gather(self._maint, return_exceptions=True)
+            self._maint = None
+        if self.protocol is not None:
+            await self.protocol.aclose()
+
+    async def _resolve(self, addrs: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        loop = asyncio.get_running_loop()
+        out = []
+        for host, port in addrs:
+            try:
+                infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM), 5.0)
+            except (OSError, TimeoutError):
+                continue
+            for fam, *_rest, sockaddr in infos:
+                if fam == socket.AF_INET:
+                    out.append((sockaddr[0], sockaddr[1]))
+                    break
+        return out
+
+    async def bootstrap_node(self, addr: tuple[str, int]) -> Node | None:
+        ok, nid = await self.protocol.ping(addr, self.node.id)
+        return Node(nid, addr[0], addr[1]) if ok and valid_id(nid) else None
+
+    async def _probe_reachability(self, addrs: list[tuple[str, int]]) -> None:
+        """Server mode when a STUN-reflexive address equals the address we are
+        bound to on the interface that reaches the peer (no NAT in between)."""
+        _, port = self.address
+        servers = addrs[:3] or [(n.ip, n.port) for n in self.protocol.router.all_contacts()[:3]]
+        results = await asyncio.gather(*(self.protocol.stun_request(a) for a in servers))
+        reachable = False
+        for server, mapped in zip(servers, results, strict=True):
+            if mapped is None:
+                continue
+            self.reflexive_address = mapped
+            if mapped == (self._local_ip_towards(server), port):
+                reachable = True
+        self.protocol.client_mode = not reachable
+        self._log.bind(event="dht_reachability", mode=self.mode, reflexive=str(self.reflexive_address)).info(
+            "dht reachability probed"
+        )
+
+    def _local_ip_towards(self, server: tuple[str, int]) -> str:
+        host = self.address[0]
+        if host not in ("0.0.0.0", ""):
+            return host
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                s.connect(server)  # no packet is sent; the kernel picks the route's source address
+                return s.getsockname()[0]
+            except OSError:
+                return ""
+
+    async def _maintain(self) -> None:
+        cfg = self.config
+        tick = max(0.5, min(30.0, cfg.record_ttl / 4))
+        last_refresh = time.monotonic()
+        while True:
+            await asyncio.sleep(tick)
+            self.protocol.records.expire(time.time())
+            if time.monotonic() - last_refresh >= cfg.refresh_interval:
+                last_refresh = time.monotonic()
+                for node_id in self.protocol.get_refresh_ids():
+                    target = Node(node_id)
+                    await NodeSpiderCrawl(
+                        self.protocol, target, self._nearest(target), self.ksize, self.alpha
+                    ).find()
+
+    def refresh_table(self, interval: int = 3600) -> None:
+        """kademlia schedules orphan refresh tasks here; our _maintain owns refresh."""
+
+    def _nearest(self, node: Node) -> list[Node]:
+        return self.protocol.router.find_neighbors(node, self.alpha * 2)
+
+    # -- kademlia values (fixed, kept for compatibility; records do not use them)
+
+    async def set_digest(self, dkey: bytes, value: Any) -> bool:
+        """kademlia's set, but False unless at least one store was acknowledged."""
+        node = Node(dkey)
+        nearest = self.protocol.router.find_neighbors(node)
+        if not nearest:
+            return False
+        nodes = await NodeSpiderCrawl(self.protocol, node, nearest, self.ksize, self.alpha).find()
+        if not nodes:
+            return False
+        results = await asyncio.gather(*(self.protocol.call_store(n, dkey, value) for n in nodes))
+        return any(ok and resp is True for ok, resp in results)
+
+    # -- topics -----------------------------------------------------------------
+
+    def _crawl(self, topic: bytes) -> TopicCrawl:
+        target = Node(topic_target(topic))
+        peers = self.protocol.router.find_neighbors(target, self.ksize)
+        return TopicCrawl(self.protocol, topic, peers, self.ksize, self.alpha)
+
+    async def lookup(self, topic: bytes) -> AsyncIterator[PeerRecord]:
+        """Valid records for topic from this node and the k closest nodes,
+        newest seq per peer, each yielded once as soon as it arrives."""
+        now = time.time()
+        seen: dict[bytes, int] = {}
+        for rec in self.protocol.records.get(topic, now, 1 << 30):
+            seen[rec.public_key] = rec.seq
+            yield rec
+        crawl = self._crawl(topic)
+        async with aclosing(crawl.stream()) as it:
+            async for rec in it:
+                if seen.get(rec.public_key, -1) >= rec.seq:
+                    continue
+                seen[rec.public_key] = rec.seq
+                yield rec
+
+    async def lookup_all(self, topic: bytes, timeout: float | None = None) -> list[PeerRecord]:  # noqa: ASYNC109 (API contract: partial results on timeout)
+        """Every record a full lookup finds (newest per peer); partial on timeout."""
+        best: dict[bytes, PeerRecord] = {}
+
+        async def run() -> None:
+            async with aclosing(self.lookup(topic)) as it:
+                async for rec in it:
+                    if rec.public_key not in best or best[rec.public_key].seq < rec.seq:
+                        best[rec.public_key] = rec
+
+        try:
+            await asyncio.wait_for(run(), timeout or self.config.lookup_timeout)
+        except TimeoutError:
+            pass
+        return list(best.values())
+
+    async def _closest_holders(self, topic: bytes) -> list[tuple[Node, bytes]]:
+        crawl = self._crawl(topic)
+        async with aclosing(crawl.stream()) as it:
+            async for _ in it:
+                pass
+        return crawl.closest_with_tokens()
+
+    def _hold_locally(self, topic: bytes, holders: list[tuple[Node, bytes]]) -> bool:
+        if self.protocol.client_mode:
+            return False
+        target = Node(topic_target(topic))
+        if len(holders) < self.ksize:
+            return True
+        return self.node.distance_to(target) < holders[-1][0].distance_to(target)
+
+    async def announce(self, record: PeerRecord) -> AnnounceResult:
+        """Store a signed record on the k closest nodes to its topic (get a
+        token from each through the lookup RPC, then store with it)."""
+        holders = await self._closest_holders(record.topic)
+        wire = record.to_wire()
+        results = await asyncio.gather(*(self.protocol.call_topic_put(n, tk, wire) for n, tk in holders))
+        stored = sum(1 for r in results if r)
+        tried = len(holders)
+        if self._hold_locally(record.topic, holders):
+            tried += 1
+            try:
+                self.protocol.records.put(record, "self", time.time())
+                stored += 1
+            except RecordError as e:
+                self._log.bind(code=e.code).warning(f"local store refused own record: {e.message}")
+        return AnnounceResult(stored, tried)
+
+    async def unannounce(self, un: Unannounce) -> int:
+        """Ask the closest nodes to drop the record; returns how many did."""
+        holders = await self._closest_holders(un.topic)
+        wire = un.to_wire()
+        results = await asyncio.gather(*(self.protocol.call_topic_del(n, tk, wire) for n, tk in holders))
+        removed = sum(1 for r in results if r)
+        if self.protocol.records.remove(un):
+            removed += 1
+        return removed
+
+    # -- introspection ------------------------------------------------------------
+
+    async def stun(self, address: tuple[str, int], wait: float | None = None) -> tuple[str, int] | None:
+        """Our reflexive address as the DHT node at address sees it."""
+        return await self.protocol.stun_request(address, wait)
+
+    async def ping(self, address: tuple[str, int]) -> bytes | None:
+        ok, nid = await self.protocol.ping(address, self.node.id)
+        return nid if ok and valid_id(nid) else None
+
+    def contacts(self) -> list[tuple[bytes, str, int]]:
+        """The routing table as (node id, ip, port)."""
+        return [(n.id, n.ip, n.port) for n in self.protocol.router.all_contacts()]

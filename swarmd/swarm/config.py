@@ -1,0 +1,33 @@
+"""Settings of the swarm layer (the ``[swarm]`` TOML section)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SwarmConfig:
+    """Tunables of topic membership and the connection pool.
+
+    announce_addresses overrides what records advertise (e.g. a public IP
+    behind a port forward); empty means the RPC server's bound address, or,
+    when it is bound to a wildcard, the address the DHT sees us from.
+    """
+
+    secret: bytes | None = None  # private swarm: topics are HMACs of names with this secret
+    announce_addresses: list[tuple[str, int]] = field(default_factory=list)
+    announce_self: bool = True  # announce on peer_topic(own key) so we are reachable by key alone
+    max_peers: int = 64  # automatic connections (lookups, inbound); explicit connect() may exceed it
+    connect_timeout: float = 5.0
+    request_timeout: float = 30.0
+    lookup_timeout: float = 5.0
+    flush_timeout: float = 10.0
+    record_ttl: float = 20 * 60.0
+    reannounce_interval: float = 10 * 60.0
+    reannounce_jitter: float = 60.0
+    relookup_interval: float = 60.0  # joined topics with lookup=True are re-queried this often
+    reconnect_initial: float = 0.2
+    reconnect_max: float = 30.0
+    reconnect_attempts: int = 6
+    request_retries: int = 2  # topic-addressed requests try this many other peers after a failure
+    event_queue: int = 256  # buffered connection events per subscriber; oldest dropped beyond

@@ -1,0 +1,106 @@
+"""STUN encode/parse (sans-IO), compatibility with aioice, and a DHT node
+answering STUN on its own UDP port next to the DHT RPCs."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from aioice import stun as aioice_stun
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from swarmd.dht import stun
+from swarmd.dht.node import DhtNode
+from swarmd.node.identity import Identity
+from tests.dht_testnet import DhtTestnet, dht_config
+
+
+@pytest.mark.parametrize("addr", [("203.0.113.7", 40000), ("2001:db8::1", 5)])
+def test_binding_response_round_trip(addr: tuple[str, int]) -> None:
+    tid = stun.new_transaction_id()
+    req = stun.encode_binding_request(tid)
+    assert stun.looks_like_stun(req)
+    assert stun.parse_message(req).msg_type == stun.BINDING_REQUEST
+    resp = stun.encode_binding_response(tid, addr)
+    msg = stun.parse_message(resp)
+    assert msg.msg_type == stun.BINDING_SUCCESS and msg.transaction_id == tid
+    assert msg.mapped_address == addr
+
+
+def test_aioice_reads_our_response_and_we_read_its_request() -> None:
+    tid = stun.new_transaction_id()
+    theirs = aioice_stun.parse_message(stun.encode_binding_response(tid, ("198.51.100.2", 3478)))
+    assert theirs.attributes["XOR-MAPPED-ADDRESS"] == ("198.51.100.2", 3478)
+    req = aioice_stun.Message(aioice_stun.Method.BINDING, aioice_stun.Class.REQUEST)
+    req.add_fingerprint()
+    ours = stun.parse_message(bytes(req))
+    assert ours.msg_type == stun.BINDING_REQUEST and ours.transaction_id == req.transaction_id
+
+
+def test_corrupted_fingerprint_is_refused() -> None:
+    resp = bytearray(stun.encode_binding_response(stun.new_transaction_id(), ("192.0.2.1", 1)))
+    resp[-1] ^= 1
+    with pytest.raises(ValueError, match="FINGERPRINT"):
+        stun.parse_message(bytes(resp))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=200))
+def test_parse_message_raises_only_value_error(data: bytes) -> None:
+    try:
+        msg = stun.parse_message(data)
+        _ = msg.mapped_address
+    except ValueError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=0, max_size=120))
+def test_parse_message_after_a_valid_header(body: bytes) -> None:
+    body = body[: len(body) - len(body) % 4]
+    head = bytes([0x01, 0x01]) + len(body).to_bytes(2, "big") + stun.COOKIE_BYTES + b"\x00" * 12
+    try:
+        _ = stun.parse_message(head + body).mapped_address
+    except ValueError:
+        pass
+
+
+async def test_dht_node_answers_stun_and_rpc_on_one_port() -> None:
+    net = await DhtTestnet.create(2)
+    try:
+        a, b = net.nodes
+        assert await a.stun(b.address) == a.address
+        assert await a.ping(b.address) == b.node_id
+        assert a.mode == "server" and b.mode == "server"
+    finally:
+        await net.close()
+
+
+async def test_aioice_gathers_a_reflexive_candidate_from_a_dht_node() -> None:
+    node = DhtNode(Identity.generate(), dht_config())
+    await node.start()
+    loop = asyncio.get_running_loop()
+    try:
+        transport, proto = await loop.create_datagram_endpoint(
+            lambda: aioice_stun_client(), local_addr=("127.0.0.1", 0)
+        )
+        try:
+            req = aioice_stun.Message(aioice_stun.Method.BINDING, aioice_stun.Class.REQUEST)
+            transport.sendto(bytes(req), node.address)
+            resp = await asyncio.wait_for(proto.got, 5.0)
+            assert resp.transaction_id == req.transaction_id
+            assert resp.attributes["XOR-MAPPED-ADDRESS"] == transport.get_extra_info("sockname")[:2]
+        finally:
+            transport.close()
+    finally:
+        await node.stop()
+
+
+class aioice_stun_client(asyncio.DatagramProtocol):  # noqa: N801
+    def __init__(self) -> None:
+        self.got: asyncio.Future = asyncio.get_event_loop().create_future()
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if not self.got.done():
+            self.got.set_result(aioice_stun.parse_message(data))
