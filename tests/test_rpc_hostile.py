@@ -26,7 +26,7 @@ from swarmd.net.noise import NoiseSession
 from swarmd.node.identity import Identity
 from swarmd.rpc import Firewall, RpcConfig, RpcServer, connect
 from swarmd.rpc import envelope as env
-from tests.rpc_helpers import make_methods
+from tests.rpc_helpers import Log, make_methods
 
 T = 20.0
 
@@ -225,11 +225,7 @@ async def test_peer_that_never_reads_is_cut_off() -> None:
     await srv.start()
     try:
         raw = await RawPeer.open(srv)
-        for _ in range(100):
-            if len(srv.peers) == 1:
-                break
-            await asyncio.sleep(0.01)
-        (server_side,) = srv.peers
+        (server_side,) = srv.peers  # registered when the server accepted the pipe
         blob = b"z" * 60_000
         for i in range(2000):  # ~120 MB of answers nobody reads
             if raw.writer.is_closing():
@@ -255,22 +251,15 @@ async def test_peer_that_never_reads_is_cut_off() -> None:
 
 
 async def test_client_vanishing_mid_call_cancels_handler() -> None:
-    log: list = []
+    log = Log()
     srv = RpcServer(Identity.generate(), make_methods(log), config=small_config())
     await srv.start()
     try:
         raw = await RawPeer.open(srv)
         raw.send_msg(env.request(1, "sleep", 30, 60_000, 0))
-        for _ in range(500):
-            if any(p._running for p in srv.peers):
-                break
-            await asyncio.sleep(0.01)
+        await log.wait_for("sleeping")
         raw.writer.transport.abort()
-        for _ in range(500):
-            if any(x[0] == "cancelled" for x in log):
-                break
-            await asyncio.sleep(0.01)
-        assert any(x[0] == "cancelled" for x in log)
+        await log.wait_for("cancelled")
         await still_serving(srv)
     finally:
         await srv.stop()
@@ -339,8 +328,10 @@ async def test_connection_limit_refuses_with_a_reason() -> None:
         with pytest.raises(SwarmdError) as ei:
             await connect(None, "127.0.0.1", srv.port, timeout=T)
         assert ei.value.code == ERR_HANDSHAKE and "server full" in ei.value.message
+        a_key = a.conn.identity.public_key
+        (a_server_side,) = [p for p in srv.peers if p.conn.remote_public_key == a_key]
         await a.close()
-        await asyncio.wait_for(_until(lambda: len(srv.peers) < 2), T)
+        await asyncio.wait_for(a_server_side.wait_closed(), T)
         c = await connect(None, "127.0.0.1", srv.port, timeout=T)
         assert await c.call("ping", timeout=T) == "pong"
         await b.close()
@@ -348,7 +339,3 @@ async def test_connection_limit_refuses_with_a_reason() -> None:
     finally:
         await srv.stop()
 
-
-async def _until(pred) -> None:  # type: ignore[no-untyped-def]
-    while not pred():
-        await asyncio.sleep(0.01)
