@@ -339,3 +339,19 @@ async def test_connection_limit_refuses_with_a_reason() -> None:
     finally:
         await srv.stop()
 
+
+
+async def test_handler_past_its_deadline_is_stopped_without_a_cancel() -> None:
+    """The callee enforces the deadline itself: a caller that never sends CANCEL still frees it."""
+    log = Log()
+    srv = RpcServer(Identity.generate(), make_methods(log), config=small_config())
+    await srv.start()
+    try:
+        raw = await RawPeer.open(srv)
+        raw.send_msg(env.request(1, "sleep", 30, 200, 0))  # 200 ms left, then silence
+        kind, rid, err = msgpack.unpackb((await raw.frames())[0][2])
+        assert (kind, rid, err["code"]) == (env.ERROR, 1, ERR_TIMEOUT)
+        await log.wait_for("cancelled")
+        raw.close()
+    finally:
+        await srv.stop()
