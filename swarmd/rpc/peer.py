@@ -412,6 +412,8 @@ class RpcPeer:
         except StopIteration as stop:
             self._finish(rid, method, stream, stop.value, None)
             return
+        except (KeyboardInterrupt, SystemExit):
+            raise
         except BaseException as e:  # noqa: BLE001 - a handler may raise anything; it becomes an error reply
             self._finish(rid, method, stream, None, e)
             return
@@ -441,10 +443,15 @@ class RpcPeer:
                 self._finish(
                     rid, method, stream, None, SwarmdError(ERR_TIMEOUT, f"{method!r} ran past its deadline")
                 )
-            elif self.conn.error is None:
-                self._finish(rid, method, stream, None, SwarmdError(ERR_CANCELLED, "cancelled by the caller"))
             elif stream is not None:
-                stream.channel._fail(SwarmdError(ERR_CLOSED, "connection closed"))
+                # the caller cancelled (or the connection went): no answer, just stop the stream
+                ch = stream.channel
+                if ch.error is None:
+                    if self.conn.error is None:
+                        ch.reset(SwarmdError(ERR_CANCELLED, "cancelled by the caller"))
+                    else:
+                        ch._fail(SwarmdError(ERR_CLOSED, "connection closed"))
+                self.conn._channels.pop(ch.id, None)
         except BaseException as e:  # noqa: BLE001
             self._finish(rid, method, stream, None, e)
         else:
