@@ -216,9 +216,13 @@ async def test_bad_envelopes(server: RpcServer) -> None:
     await still_serving(server)
 
 
-async def test_peer_that_never_reads_is_cut_off() -> None:
+@pytest.mark.parametrize("limit", ["count", "bytes"])
+async def test_peer_that_never_reads_is_cut_off(limit: str) -> None:
     cfg = small_config()
-    cfg.max_in_flight = 16
+    if limit == "count":
+        cfg.max_in_flight = 16
+    else:
+        cfg.max_backlog_bytes = 300_000  # five of the 60 kB requests below
     cfg.net.write_high_water = 64 << 10
     cfg.net.write_low_water = 16 << 10
     srv = RpcServer(Identity.generate(), make_methods(), config=cfg)

@@ -158,7 +158,9 @@ class RpcPeer:
         self._running: dict[int, asyncio.Task[Any]] = {}
         self._events: set[asyncio.Task[Any]] = set()
         self._inline = 0
-        self._backlog: deque[tuple[int, str, Any, int | None, float]] = deque()
+        self._backlog: deque[tuple[int, str, Any, int | None, float, int]] = deque()
+        self._backlog_bytes = 0
+        self._msg_size = 0  # size of the message being dispatched
         conn.on_message = self._on_message
         conn.on_close = self._on_close
         conn.on_writable = self._on_writable
@@ -313,6 +315,7 @@ class RpcPeer:
             if fut is not None and not fut.done():
                 fut.set_result(msg[2])
         elif kind == REQUEST:
+            self._msg_size = len(data)
             self._on_request(msg[1], msg[2], msg[3], msg[4], msg[5])
         elif kind == ERROR:
             fut = self._pending.pop(msg[1], None)
@@ -345,11 +348,18 @@ class RpcPeer:
         if self.conn._write_paused and not ch:
             # The peer is not reading our answers: hold new plain requests in a bounded
             # backlog instead of growing the pipe buffer; a peer that floods anyway is cut off.
-            if len(self._backlog) >= self.config.max_in_flight:
+            size = self._msg_size
+            if (
+                len(self._backlog) >= self.config.max_in_flight
+                or self._backlog_bytes + size > self.config.max_backlog_bytes
+            ):
                 raise SwarmdError(
-                    ERR_OVERLOADED, f"peer sent {len(self._backlog)} requests without reading our answers"
+                    ERR_OVERLOADED,
+                    f"peer sent {len(self._backlog)} requests ({self._backlog_bytes} bytes) "
+                    "without reading our answers",
                 )
-            self._backlog.append((rid, method, params, timeout_ms, self._loop.time()))
+            self._backlog.append((rid, method, params, timeout_ms, self._loop.time(), size))
+            self._backlog_bytes += size
             return
         if arrived is not None and timeout_ms is not None:
             timeout_ms -= int((self._loop.time() - arrived) * 1000)
@@ -391,7 +401,8 @@ class RpcPeer:
     def _on_writable(self) -> None:
         backlog = self._backlog
         while backlog and not self.conn._write_paused and self.conn.error is None:
-            rid, method, params, timeout_ms, arrived = backlog.popleft()
+            rid, method, params, timeout_ms, arrived, size = backlog.popleft()
+            self._backlog_bytes -= size
             try:
                 self._on_request(rid, method, params, timeout_ms, 0, arrived)
             except SwarmdError as e:
