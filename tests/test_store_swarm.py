@@ -118,8 +118,13 @@ async def test_cli_finds_stores_through_the_swarm(net: DhtTestnet, tmp_path: Pat
             return all(d in n.role.core.holdings() for n in nodes)
 
         await rounds_until(both, nodes, "both stores hold the model")
-        # (each CLI run is a short-lived DHT node; two runs keep this test quick: ls and pull
-        # take the same lookup paths as push and rm, and are tested against --store elsewhere)
+        rc, out, err = await cli("ls", "--json", *boot)
+        assert rc == 0, err
+        assert [(m["name"], m["version"], m["digest"]) for m in json.loads(out)] == [("m", "1", d)]
+        dest = tmp_path / "pulled.onnx"
+        rc, out, err = await cli("pull", "m:1", "-o", str(dest), *boot)
+        assert rc == 0, err
+        assert dest.read_bytes() == f.read_bytes()
         rc, out, err = await cli("rm", "m:1", *boot)
         assert rc == 0 and "deleted m:1 on 2 stores" in out, (out, err)
         assert all(n.role.core.list() == [] for n in nodes)

@@ -175,7 +175,7 @@ async def _swarm_stores(
 ) -> AsyncIterator[list[Any]]:
     """Stores found through the swarm (announcing `topic`, default STORES), with a short-lived
     DHT node and swarm of our own (an ephemeral key; it announces nothing)."""
-    from swarmd.commands.topic import open_dht
+    from swarmd.dht import DhtConfig, DhtNode
     from swarmd.node.identity import Identity
     from swarmd.rpc import Methods
     from swarmd.swarm import Swarm, SwarmConfig
@@ -189,7 +189,11 @@ async def _swarm_stores(
             "stores on the swarm, or --data-dir of a node running the store role",
         )
     secret = bytes.fromhex(settings.node.swarm_secret) if settings.node.swarm_secret else None
-    dht = await open_dht(settings)
+    # client mode: a node that lives for one command must not enter other nodes' routing
+    # tables, where it would cost later lookups a timeout once it is gone
+    boot = [parse_hostport(b, what="bootstrap entry") for b in settings.node.bootstrap]
+    dht = DhtNode(Identity.generate(), DhtConfig(host="0.0.0.0", port=0, bootstrap=boot, mode="client"))
+    await dht.start()
     swarm = Swarm(Identity.generate(), dht, Methods(), SwarmConfig(secret=secret, announce_self=False))
     try:
         await swarm.start()
