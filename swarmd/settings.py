@@ -13,9 +13,11 @@ from typing import Literal
 
 from swarmd.dht.config import DhtConfig
 from swarmd.errors import ConfigError
+from swarmd.orchestrator.config import OrchestratorConfig
 from swarmd.roles.base import ROLE_ORDER
 from swarmd.rpc.config import AccessConfig, RpcConfig
 from swarmd.swarm.config import SwarmConfig
+from swarmd.store.config import StoreConfig
 from swarmd.worker.config import WorkerConfig
 
 
@@ -48,7 +50,9 @@ class Settings:
     rpc: RpcConfig = field(default_factory=RpcConfig)
     dht: DhtConfig = field(default_factory=DhtConfig)
     swarm: SwarmConfig = field(default_factory=SwarmConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
+    orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
 
     def validate(self) -> None:
         for section in vars(self).values():
