@@ -35,6 +35,7 @@ async def test_daemon_serves_and_drains_on_sigterm(daemons, tmp_path):
         results = await asyncio.gather(*calls, return_exceptions=True)
     finally:
         await peer.close()
+    await asyncio.to_thread(d.proc.wait, 60)  # it exits by itself after draining (a 2nd SIGTERM could race its exit)
     code = await asyncio.to_thread(d.stop)
     assert code == 0
     ok = [r for r in results if isinstance(r, dict)]
