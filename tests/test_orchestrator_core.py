@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -353,3 +354,27 @@ def test_a_request_avoids_workers_it_already_tried_while_others_remain() -> None
     assert b.choose("mlp", exclude=[KEYS[1]]).public_key == KEYS[0]
     # Everyone tried: fall back to them rather than failing the request.
     assert b.choose("mlp", exclude=KEYS[:2]).public_key in KEYS[:2]
+
+
+# -- config -----------------------------------------------------------------------
+
+
+def test_config_section_loads_from_file_and_env_and_refuses_nonsense(tmp_path: Path) -> None:
+    from swarmd.errors import ConfigError
+    from swarmd.node.config import load_settings
+    from swarmd.settings import Settings
+
+    cfg = tmp_path / "swarmd.toml"
+    cfg.write_text('[orchestrator]\npolicy = "least_connections"\neject_after = 5\n')
+    s = load_settings(Settings, config_file=cfg, environ={"SWARMD_ORCHESTRATOR_HEALTH_INTERVAL": "0.5"})
+    assert (s.orchestrator.policy, s.orchestrator.eject_after, s.orchestrator.health_interval) == (
+        "least_connections",
+        5,
+        0.5,
+    )
+    with pytest.raises(ConfigError, match="orchestrator.policy"):
+        load_settings(Settings, environ={"SWARMD_ORCHESTRATOR_POLICY": "fastest"})
+    with pytest.raises(ConfigError, match="orchestrator.eject_after must be at least 1"):
+        load_settings(Settings, environ={"SWARMD_ORCHESTRATOR_EJECT_AFTER": "0"})
+    with pytest.raises(ConfigError, match="orchestrator.health_timeout must be above 0"):
+        load_settings(Settings, environ={"SWARMD_ORCHESTRATOR_HEALTH_TIMEOUT": "0"})

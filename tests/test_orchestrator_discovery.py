@@ -109,7 +109,7 @@ payloads = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     key=st.binary(min_size=0, max_size=40) | msgpack_values,
     addresses=msgpack_values,
@@ -130,7 +130,7 @@ def test_any_record_is_an_ad_or_a_bad_request(key: Any, addresses: Any, payload:
         assert b.choose(ad.models[0]).public_key == ad.public_key
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     params=st.dictionaries(
         st.sampled_from(

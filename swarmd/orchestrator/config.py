@@ -30,3 +30,33 @@ class OrchestratorConfig:
     ewma_alpha: float = 0.3  # weight of the newest latency sample
     connect_timeout: float = 2.0  # bound on dialling a worker
     max_workers: int = 10000  # registry cap: a hostile registerWorker flood cannot grow memory unbounded
+
+    def validate(self) -> None:
+        """Refuse settings that would make routing silently misbehave, naming the key."""
+        from swarmd.errors import ConfigError
+        from swarmd.orchestrator.policies import POLICIES
+
+        if self.policy not in POLICIES:
+            raise ConfigError(
+                f"orchestrator.policy must be one of {', '.join(sorted(POLICIES))}, got {self.policy!r}"
+            )
+        for name in ("eject_after", "max_attempts", "max_workers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"orchestrator.{name} must be at least 1, got {getattr(self, name)}")
+        for name in (
+            "lease_ttl",
+            "dht_lease_ttl",
+            "dht_refresh",
+            "health_interval",
+            "health_timeout",
+            "attempt_timeout",
+            "request_timeout",
+            "connect_timeout",
+        ):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"orchestrator.{name} must be above 0 seconds, got {getattr(self, name)}")
+        for name in ("backoff_base", "backoff_max", "ban_base", "ban_max"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"orchestrator.{name} must not be negative, got {getattr(self, name)}")
+        if not 0 < self.ewma_alpha <= 1:
+            raise ConfigError(f"orchestrator.ewma_alpha must be in (0, 1], got {self.ewma_alpha}")
