@@ -17,6 +17,8 @@ from swarmd.orchestrator.config import OrchestratorConfig
 from swarmd.roles.base import ROLE_ORDER
 from swarmd.rpc.config import AccessConfig, RpcConfig
 from swarmd.swarm.config import SwarmConfig
+from swarmd.store.config import StoreConfig
+from swarmd.worker.config import WorkerConfig
 
 
 def default_data_dir() -> Path:
@@ -48,6 +50,8 @@ class Settings:
     rpc: RpcConfig = field(default_factory=RpcConfig)
     dht: DhtConfig = field(default_factory=DhtConfig)
     swarm: SwarmConfig = field(default_factory=SwarmConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
     orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
 
     def validate(self) -> None:

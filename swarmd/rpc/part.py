@@ -42,6 +42,7 @@ class RpcPart:
             port=settings.node.port,
             firewall=firewall_from(access, ctx.identity.public_key),
             config=rpc_cfg,
+            instance_id=ctx.instance_id,
         )
         await self.server.start()
         ctx.rpc_server = self.server
