@@ -28,6 +28,9 @@ class OrchestratorConfig:
     ban_base: float = 0.5  # a failing worker sits out base * 2**(strikes-1), capped at ban_max
     ban_max: float = 30.0
     ewma_alpha: float = 0.3  # weight of the newest latency sample
+    # A latency sample older than this no longer counts: a worker that lost every p2c
+    # comparison (and so got no calls to update its EWMA) is priced as new and tried again.
+    ewma_ttl: float = 10.0
     connect_timeout: float = 2.0  # bound on dialling a worker
     max_workers: int = 10000  # registry cap: a hostile registerWorker flood cannot grow memory unbounded
 
@@ -52,6 +55,7 @@ class OrchestratorConfig:
             "attempt_timeout",
             "request_timeout",
             "connect_timeout",
+            "ewma_ttl",
         ):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"orchestrator.{name} must be above 0 seconds, got {getattr(self, name)}")
