@@ -32,6 +32,9 @@ class OrchestratorConfig:
     # comparison (and so got no calls to update its EWMA) is priced as new and tried again.
     ewma_ttl: float = 10.0
     connect_timeout: float = 2.0  # bound on dialling a worker
+    # A model no worker has loaded goes to any ONLINE worker, which fetches it from a store
+    # (workers load on demand); off: such a request fails with ERR_NOT_FOUND.
+    route_unloaded: bool = True
     max_workers: int = 10000  # registry cap: a hostile registerWorker flood cannot grow memory unbounded
 
     def validate(self) -> None:
