@@ -124,7 +124,8 @@ async def test_least_connections_follows_in_flight_over_rpc(
 
 async def test_killed_worker_process_loses_no_request_under_load(tmp_path: Path) -> None:
     procs = [WorkerProcess.spawn() for _ in range(3)]
-    orch = await make_orch(tmp_path, policy="p2c", eject_after=2)
+    # round_robin: the victim surely gets calls after it dies (p2c may starve a slow worker of them)
+    orch = await make_orch(tmp_path, policy="round_robin", eject_after=2)
     try:
         for p in procs:
             await orch.register(p)
