@@ -124,11 +124,11 @@ async def test_two_orchestrators_route_to_workers_found_on_the_dht(net: DhtTestn
         await client.start()
         try:
 
-            async def both_announced() -> bool:
-                found = {r.public_key for r in await client.lookup_all(ORCHESTRATORS)}
-                return found >= {o.identity.public_key for o in orchs}
+            async def both_announced_with_their_workers() -> bool:
+                found = {r.public_key: r.payload for r in await client.lookup_all(ORCHESTRATORS)}
+                return all(found.get(o.identity.public_key, {}).get("workers") == 2 for o in orchs)
 
-            await eventually(both_announced)
+            await eventually(both_announced_with_their_workers)
         finally:
             await client.stop()
             await client.server.stop()

@@ -17,6 +17,7 @@ class OrchestratorConfig:
     lease_ttl: float = 30.0  # a registerWorker lease lives this long unless renewed
     dht_lease_ttl: float = 45.0  # a lease filled from a DHT record; renewed by every lookup that sees it
     dht_refresh: float = 5.0  # how often the WORKERS topic is looked up
+    announce_interval: float = 10.0  # our ORCHESTRATORS payload is re-announced at most this often, on change
     eject_after: int = 3  # consecutive failures (calls or checks) that eject a worker
     health_interval: float = 2.0  # active check period per worker
     health_timeout: float = 1.0  # bound on one checkCapacity / ping
@@ -53,6 +54,7 @@ class OrchestratorConfig:
             "lease_ttl",
             "dht_lease_ttl",
             "dht_refresh",
+            "announce_interval",
             "health_interval",
             "health_timeout",
             "attempt_timeout",

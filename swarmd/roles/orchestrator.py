@@ -25,7 +25,6 @@ from swarmd.roles.base import NodeContext, Role
 from swarmd.topics import ORCHESTRATORS
 
 DEADLINE_MARGIN = 0.05  # answer a routed call this long before the caller stops waiting
-ANNOUNCE_EVERY = 10.0  # seconds between checks of whether our ORCHESTRATORS payload changed
 
 
 class OrchestratorRole(Role):
@@ -99,9 +98,9 @@ class OrchestratorRole(Role):
         }
 
     async def _announce_loop(self) -> None:
-        """Re-announce when what we know changed, at most every ANNOUNCE_EVERY seconds (a DHT write each)."""
+        """Re-announce when what we know changed, at most every announce_interval (a DHT write each)."""
         while True:
-            await asyncio.sleep(ANNOUNCE_EVERY)
+            await asyncio.sleep(self.config.announce_interval)
             payload = self._announcement()
             if payload != self._payload:
                 try:
