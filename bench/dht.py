@@ -136,9 +136,8 @@ async def dht_figures(n: int) -> dict[str, float]:
 async def swarm_figures(n_nodes: int = 30, joins: int = 40) -> dict[str, float] | None:
     """join(topic) -> first connection event, with B already announcing."""
     try:
-        from swarmd.rpc.client import connect  # noqa: F401  (present once the net layer is in)
-
         from swarmd.rpc import CallContext, Methods
+        from swarmd.rpc.client import connect  # noqa: F401  (present once the net layer is in)
         from swarmd.swarm import ConnectionEvent, Swarm, SwarmConfig
     except ImportError:
         return None

@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     except SwarmdError as e:
         print(f"swarmd: error: {e.message}", file=sys.stderr)
         return 2
+    if args.command is not None and "node.log_level" not in settings._origin:
+        # operator commands print results; their logs stay quiet unless asked for
+        settings.node.log_level = "WARNING"
     args.settings = settings
 
     from swarmd.node.logging import setup_logging
@@ -156,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `swarmd ... | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 async def run_daemon(settings: Settings) -> int:

@@ -132,7 +132,11 @@ class Node:
         Each is an object with async start()/stop() that fills its slot on ctx
         (rpc_server, dht, swarm) and its port in ctx.ports.
         """
-        return []
+        from swarmd.dht.part import DhtPart
+        from swarmd.rpc.part import RpcPart
+        from swarmd.swarm.part import SwarmPart
+
+        return [("rpc", RpcPart(ctx)), ("dht", DhtPart(ctx)), ("swarm", SwarmPart(ctx))]
 
     async def stop(self) -> None:
         while self._started:

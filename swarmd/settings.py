@@ -11,9 +11,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from swarmd.dht.config import DhtConfig
 from swarmd.errors import ConfigError
 from swarmd.gateway.config import GatewayConfig
+from swarmd.orchestrator.config import OrchestratorConfig
 from swarmd.roles.base import ROLE_ORDER
+from swarmd.rpc.config import AccessConfig, RpcConfig
+from swarmd.services.ork import OrkConfig
+from swarmd.services.things import ThingsConfig
+from swarmd.store.config import StoreConfig
+from swarmd.swarm.config import SwarmConfig
+from swarmd.worker.config import WorkerConfig
 
 
 def default_data_dir() -> Path:
@@ -41,9 +49,22 @@ class NodeConfig:
 @dataclass
 class Settings:
     node: NodeConfig = field(default_factory=NodeConfig)
+    access: AccessConfig = field(default_factory=AccessConfig)
+    rpc: RpcConfig = field(default_factory=RpcConfig)
+    dht: DhtConfig = field(default_factory=DhtConfig)
+    swarm: SwarmConfig = field(default_factory=SwarmConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    things: ThingsConfig = field(default_factory=ThingsConfig)
+    ork: OrkConfig = field(default_factory=OrkConfig)
 
     def validate(self) -> None:
+        for section in vars(self).values():
+            check = getattr(section, "validate", None)
+            if callable(check):
+                check()
         for role in self.node.roles:
             if role not in ROLE_ORDER:
                 raise ConfigError(f"unknown role {role!r}; expected some of: {', '.join(ROLE_ORDER)}")

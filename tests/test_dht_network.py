@@ -201,3 +201,11 @@ async def test_records_are_handed_off_to_a_node_that_joins_closer() -> None:
         assert newcomer.protocol.records.get(topic, time.time())[0].public_key == ident.public_key
     finally:
         await net.close()
+
+
+async def test_stop_with_requests_outstanding_resolves_them_as_failed() -> None:
+    net = await DhtTestnet.create(1)
+    node = net.nodes[0]
+    pending = node.protocol.request(("127.0.0.1", 9), "ping", b"")  # nobody answers there
+    await net.close()
+    assert pending.done() and pending.result() == (False, None)

@@ -48,3 +48,18 @@ async def test_unreachable_bootstrap_fails_start_with_a_reason() -> None:
 def test_bad_bootstrap_entry_is_a_config_error() -> None:
     with pytest.raises(ConfigError):
         dht_config_from(Settings(node=NodeConfig(bootstrap=["nope"])))
+
+
+async def test_a_node_listed_in_its_own_bootstrap_list_starts_as_the_first_node() -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = _ctx(bootstrap=[f"127.0.0.1:{port}"], dht_port=port)
+    part = DhtPart(ctx)
+    await part.start()
+    try:
+        assert ctx.dht.mode == "server" and ctx.dht.contacts() == []
+    finally:
+        await part.stop()

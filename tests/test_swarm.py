@@ -201,3 +201,16 @@ async def test_dropped_connection_is_reconnected(net: DhtTestnet) -> None:
         assert (await a.request(b.public_key, "who", None, timeout=5))["tag"] == "b"
     finally:
         await _stop(a, b)
+
+
+async def test_private_swarm_topics_are_invisible_without_the_secret(net: DhtTestnet) -> None:
+    a = await _swarm(net, "a", secret=b"k1")
+    b = await _swarm(net, "b", secret=b"k1")
+    outsider = await _swarm(net, "o")
+    try:
+        await a.join("models", announce=True, lookup=False)
+        await a.flush(10)
+        assert [r.public_key for r in await b.lookup_all("models", 5)] == [a.public_key]
+        assert await outsider.lookup_all("models", 5) == []
+    finally:
+        await _stop(a, b, outsider)

@@ -193,8 +193,12 @@ class DhtNode(Server):
         cfg = self.config
         await self.listen(cfg.port, cfg.host)
         self.protocol.client_mode = cfg.mode == "client" or (cfg.mode == "auto" and bool(cfg.bootstrap))
-        if cfg.bootstrap:
-            addrs = await self._resolve(cfg.bootstrap)
+        resolved = await self._resolve(cfg.bootstrap) if cfg.bootstrap else []
+        addrs = [a for a in resolved if not self._is_self(a)]
+        if cfg.bootstrap and resolved and not addrs and len(resolved) == len(cfg.bootstrap):
+            # every bootstrap entry is this very node: it is the first node of the swarm
+            self.protocol.client_mode = cfg.mode == "client"
+        elif cfg.bootstrap:
             found = await self.bootstrap(addrs)
             if not self.protocol.router.all_contacts():
                 await self.stop()
@@ -211,6 +215,10 @@ class DhtNode(Server):
                 ).find()
         self._maint = asyncio.get_running_loop().create_task(self._maintain())
         self._log.bind(event="dht_started", port=self.address[1], mode=self.mode).info("dht node started")
+
+    def _is_self(self, addr: tuple[str, int]) -> bool:
+        host, port = self.address
+        return addr[1] == port and (addr[0] == host or host in ("0.0.0.0", "") or addr[0].startswith("127."))
 
     async def stop(self) -> None:
         if self._maint is not None:

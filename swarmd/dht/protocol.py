@@ -40,7 +40,6 @@ from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 from kademlia.routing import RoutingTable
 from kademlia.storage import ForgetfulStorage
-from loguru import logger
 from rpcudp.protocol import RPCProtocol
 
 from swarmd.dht import stun
@@ -194,7 +193,7 @@ class SwarmdProtocol(KademliaProtocol):
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        for fut, timer in list(self._outstanding.values()):
+        for fut, timer, _dest in list(self._outstanding.values()):
             timer.cancel()
             if not fut.done():
                 fut.set_result((False, None))
@@ -519,7 +518,7 @@ class SwarmdProtocol(KademliaProtocol):
     def welcome_if_new(self, node: Node) -> None:
         """Add a node to the table; if it is now among the closest for keys we
         hold, hand it those values (kademlia storage) and topic records."""
-        if not self.router.is_new_node(node):
+        if node.id == self.source_node.id or not self.router.is_new_node(node):
             return
         for key, value in self.storage:
             if self._should_hand_off(node, key):
@@ -586,4 +585,4 @@ class SwarmdProtocol(KademliaProtocol):
             self._stun_pending.pop(tid, None)
 
 
-__all__ = ["SwarmdProtocol", "SwarmdRoutingTable", "parse_contacts", "logger"]
+__all__ = ["SwarmdProtocol", "SwarmdRoutingTable", "parse_contacts"]

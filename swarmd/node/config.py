@@ -99,6 +99,36 @@ def coerce(value: Any, tp: Any, *, key: str, source: str, from_text: bool) -> An
         if isinstance(value, (str, Path)):
             return Path(value).expanduser()
         raise bad("a path string")
+    if tp is bytes:
+        if isinstance(value, bytes):
+            return value
+        if isinstance(value, str):
+            try:
+                return bytes.fromhex(value)
+            except ValueError:
+                pass
+        raise bad("a hex string")
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise bad(f"a table of {tp.__name__} keys")
+        hints = _hints(tp)
+        kwargs = {}
+        for k, v in value.items():
+            if k not in hints:
+                raise ConfigError(f"unknown key '{key}.{k}' in {source}; known keys: {', '.join(sorted(hints))}")
+            kwargs[k] = coerce(v, hints[k], key=f"{key}.{k}", source=source, from_text=from_text)
+        return tp(**kwargs)
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        if from_text and isinstance(value, str):
+            value = [v.strip() for v in value.rsplit(":", len(args) - 1)] if len(args) > 1 else [value]
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise bad(f"a list of {len(args)} items ({', '.join(_type_name(a) for a in args)})")
+        return tuple(
+            coerce(v, a, key=f"{key}[{i}]", source=source, from_text=from_text)
+            for i, (v, a) in enumerate(zip(value, args, strict=True))
+        )
     if origin in (list, tuple):
         item_tp = args[0] if args else Any
         if from_text and isinstance(value, str):
@@ -191,6 +221,10 @@ class Layered:
                 continue
             rest = var[len(ENV_PREFIX) :].lower()
             source = f"environment variable {var}"
+            if "node" in self.sections and rest in _hints(self.sections["node"]):
+                # node keys win: SWARMD_DHT_PORT is node.dht_port, the flag --dht-port
+                self.set("node", rest, text, source, from_text=True)
+                continue
             for section in sorted(self.sections, key=len, reverse=True):
                 if rest.startswith(section + "_"):
                     key = rest[len(section) + 1 :]
@@ -198,13 +232,10 @@ class Layered:
                         self.set(section, key, text, source, from_text=True)
                         break
             else:
-                if "node" in self.sections and rest in _hints(self.sections["node"]):
-                    self.set("node", rest, text, source, from_text=True)
-                else:
-                    raise ConfigError(
-                        f"unknown {source}: expected SWARMD_<SECTION>_<KEY> for a known key "
-                        f"(sections: {', '.join(sorted(self.sections))})"
-                    )
+                raise ConfigError(
+                    f"unknown {source}: expected SWARMD_<SECTION>_<KEY> for a known key "
+                    f"(sections: {', '.join(sorted(self.sections))})"
+                )
 
     def apply_flags(self, flags: Mapping[str, Mapping[str, Any]]) -> None:
         for section, body in flags.items():

@@ -16,3 +16,18 @@ class RpcConfig:
     connect_timeout: float = 10.0  # TCP connect + handshake
     max_in_flight: int = 1024  # concurrent requests a peer may have us run; beyond: ERR_OVERLOADED
     net: NetConfig = field(default_factory=NetConfig)
+
+
+@dataclass
+class AccessConfig:
+    """[access]: who may call this node's methods, by Ed25519 public key (hex).
+
+    With both lists empty the node is open to every peer that completes a
+    Noise handshake (a private swarm is then made with node.swarm_secret).
+    As soon as either list names a key, everyone else is refused; keys in
+    allow_read_only may call only methods registered with op "r". Addresses
+    never grant anything.
+    """
+
+    allow: list[str] = field(default_factory=list)
+    allow_read_only: list[str] = field(default_factory=list)

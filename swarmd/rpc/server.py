@@ -34,8 +34,10 @@ class RpcServer:
         firewall: Firewall | None = None,
         config: RpcConfig | None = None,
         on_peer: Callable[[RpcPeer], None] | None = None,
+        instance_id: str | None = None,
     ) -> None:
         self.identity = identity
+        self.instance_id = instance_id  # what getInstanceId answers: the node's persistent id
         self.methods = methods
         self.host = host
         self.port = port
@@ -59,7 +61,9 @@ class RpcServer:
         self._log.bind(host=self.host, port=self.port).info("rpc server listening")
 
     def _accept(self, conn: SecureConnection) -> None:
-        peer = RpcPeer(conn, self.methods, firewall=self.firewall, config=self.config)
+        peer = RpcPeer(
+            conn, self.methods, firewall=self.firewall, config=self.config, instance_id=self.instance_id
+        )
         self.peers.add(peer)
         prev_close = conn.on_close
 

@@ -36,6 +36,7 @@ from swarmd.errors import (
 )
 from swarmd.node.identity import Identity
 from swarmd.rpc import CallContext, Methods, RpcPeer, RpcServer, connect
+from swarmd.rpc.registry import ConnectionRegistry
 from swarmd.swarm.config import SwarmConfig
 from swarmd.topics import peer_topic
 
@@ -89,13 +90,6 @@ class _Joined:
     last: AnnounceResult | None = None
 
 
-@dataclass
-class _Conn:
-    peer: RpcPeer
-    inbound: bool
-    initiator: bytes  # public key of the side that dialled
-
-
 def _topic_bytes(topic: bytes | str, secret: bytes | None) -> bytes:
     if isinstance(topic, bytes) and len(topic) == 32:
         return topic
@@ -130,11 +124,10 @@ class Swarm:
         self.methods: Methods = self.server.methods
         self.firewall = firewall
         self.on_connection = on_connection
-        self._conns: dict[bytes, _Conn] = {}
+        self._registry = ConnectionRegistry(self.public_key)  # dedupes: dialled-by-smaller-key wins
         self._dialing: dict[bytes, asyncio.Future[RpcPeer]] = {}
         self._topics: dict[bytes, _Joined] = {}
         self._seen: dict[bytes, dict[bytes, PeerRecord]] = {}  # topic -> pk -> newest record seen
-        self._wanted: set[bytes] = set()  # peers found by lookups: reconnect when they drop
         self._reconnecting: set[bytes] = set()
         self._subscribers: list[asyncio.Queue[ConnectionEvent]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -173,9 +166,7 @@ class Swarm:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         for fut in self._dialing.values():
             fut.cancel()
-        conns = list(self._conns.values())
-        self._conns.clear()
-        await asyncio.gather(*(c.peer.close() for c in conns), return_exceptions=True)
+        await self._registry.close()
         if self._own_server:
             await self.server.stop()
 
@@ -315,18 +306,25 @@ class Swarm:
             await asyncio.sleep(wait)
 
     async def _lookup_and_connect(self, topic: bytes) -> None:
+        """One lookup round: connect to new peers, then make the round's
+        results the topic's known peers (peers that left drop out, so they are
+        no longer reconnected)."""
         dials = []
+        found: dict[bytes, PeerRecord] = {}
+        seen = self._seen.setdefault(topic, {})
         async with aclosing(self.lookup(topic)) as it:
             async for rec in it:
                 if rec.public_key == self.public_key:
                     continue
-                self._wanted.add(rec.public_key)
-                if rec.public_key in self._conns:
-                    self._notify_topics(rec.public_key)
+                found[rec.public_key] = rec
+                seen[rec.public_key] = rec  # before dialling, so the open event names the topic
+                if self._registry.get(rec.public_key) is not None:
                     continue
-                if len(self._conns) + len(self._dialing) >= self.config.max_peers:
+                if len(self._registry) + len(self._dialing) >= self.config.max_peers:
                     continue
                 dials.append(self._spawn(self._quiet_connect(rec)))
+        if topic in self._topics:
+            self._seen[topic] = found
         if dials:
             await asyncio.gather(*dials, return_exceptions=True)
 
@@ -339,14 +337,10 @@ class Swarm:
             )
 
     async def lookup(self, topic: bytes | str) -> AsyncIterator[PeerRecord]:
-        """Records of peers announcing topic, each as soon as it arrives."""
-        t = self.topic(topic)
-        seen = self._seen.setdefault(t, {}) if t in self._topics else {}
-        async with aclosing(self.dht.lookup(t)) as it:
+        """Records of peers announcing topic, each as soon as it arrives
+        (newest seq per peer, each peer once)."""
+        async with aclosing(self.dht.lookup(self.topic(topic))) as it:
             async for rec in it:
-                prev = seen.get(rec.public_key)
-                if prev is None or prev.seq < rec.seq:
-                    seen[rec.public_key] = rec
                 yield rec
 
     async def lookup_all(self, topic: bytes | str, timeout: float | None = None) -> list[PeerRecord]:  # noqa: ASYNC109
@@ -367,7 +361,10 @@ class Swarm:
 
     def peers(self) -> list[tuple[bytes, RpcPeer, frozenset[bytes], bool]]:
         """Live connections as (public key, peer, matched topics, inbound)."""
-        return [(pk, c.peer, self._topics_of(pk), c.inbound) for pk, c in self._conns.items()]
+        return [
+            (p.remote_public_key, p, self._topics_of(p.remote_public_key), not p.conn.initiator)
+            for p in self._registry.peers()
+        ]
 
     def _topics_of(self, pk: bytes) -> frozenset[bytes]:
         return frozenset(t for t, recs in self._seen.items() if pk in recs)
@@ -390,9 +387,6 @@ class Swarm:
                     "connection callback raised"
                 )
 
-    def _notify_topics(self, pk: bytes) -> None:
-        """Already connected peer seen under another topic: nothing to dial."""
-
     async def connect(self, public_key: bytes, record: PeerRecord | None = None) -> RpcPeer:
         """A pooled, authenticated connection to the peer with this key: reused
         if open, joined if being dialled, else dialled at the record's addresses
@@ -401,9 +395,9 @@ class Swarm:
             raise SwarmdError(
                 ERR_BAD_REQUEST, "cannot connect to our own public key; request() dispatches locally"
             )
-        conn = self._conns.get(public_key)
-        if conn is not None and not conn.peer.is_closed:
-            return conn.peer
+        current = self._registry.get(public_key)
+        if current is not None:
+            return current
         pending = self._dialing.get(public_key)
         if pending is not None:
             return await asyncio.shield(pending)
@@ -474,38 +468,31 @@ class Swarm:
                 self._log.bind(event="peer_denied", peer=pk.hex()[:16]).info("firewall denied inbound peer")
                 await peer.close()
                 return
-        if pk not in self._conns and len(self._conns) >= self.config.max_peers:
+        if self._registry.get(pk) is None and len(self._registry) >= self.config.max_peers:
             self._log.bind(event="peer_limit", peer=pk.hex()[:16]).info("max peers reached; closing inbound")
             await peer.close()
             return
         self._register(peer, inbound=True)
 
     def _register(self, peer: RpcPeer, inbound: bool) -> RpcPeer:
-        """Add a connection to the pool, applying the dedupe rule: of two
-        connections between us and pk, keep the one dialled by the lower key."""
+        """Add a connection to the pool. Of two connections between us and a
+        peer, both sides keep the one dialled by the smaller public key (the
+        rpc layer's ConnectionRegistry rule); a replacement is announced as a
+        new "open" event carrying the connection to use from then on."""
         pk = peer.remote_public_key
-        initiator = pk if inbound else self.public_key
-        existing = self._conns.get(pk)
-        if existing is not None and not existing.peer.is_closed and existing.peer is not peer:
-            winner_initiator = min(self.public_key, pk)
-            if existing.initiator == winner_initiator or initiator != winner_initiator:
-                self._spawn(peer.close())
-                return existing.peer
-            old = existing.peer
-            self._conns.pop(pk, None)
-            self._spawn(old.close())
-        self._conns[pk] = _Conn(peer, inbound, initiator)
-        peer.closed.add_done_callback(lambda _f, p=peer, k=pk: self._on_closed(k, p))
-        self._emit(ConnectionEvent("open", pk, peer, self._topics_of(pk), inbound))
-        return peer
+        before = self._registry.get(pk)
+        kept = self._registry.add(peer)
+        if kept is peer and kept is not before:
+            peer.closed.add_done_callback(lambda _f, p=peer, k=pk: self._on_closed(k, p))
+            self._emit(ConnectionEvent("open", pk, peer, self._topics_of(pk), inbound))
+        return kept
 
     def _on_closed(self, pk: bytes, peer: RpcPeer) -> None:
-        conn = self._conns.get(pk)
-        if conn is None or conn.peer is not peer:
-            return  # a deduplicated loser, or already replaced
-        del self._conns[pk]
-        self._emit(ConnectionEvent("close", pk, peer, self._topics_of(pk), conn.inbound))
-        if not self._closing and pk in self._wanted and pk not in self._reconnecting:
+        current = self._registry.get(pk)
+        if current is not None and current is not peer:
+            return  # replaced by a deduplicated twin: the peer is still connected
+        self._emit(ConnectionEvent("close", pk, peer, self._topics_of(pk), not peer.conn.initiator))
+        if not self._closing and self._still_wanted(pk) and pk not in self._reconnecting:
             self._spawn(self._reconnect(pk))
 
     async def _reconnect(self, pk: bytes) -> None:
@@ -516,7 +503,7 @@ class Swarm:
             delay = cfg.reconnect_initial
             for _ in range(cfg.reconnect_attempts):
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-                if pk in self._conns or not self._still_wanted(pk):
+                if self._registry.get(pk) is not None or not self._still_wanted(pk):
                     return
                 record = self._latest_record(pk)
                 try:
@@ -524,7 +511,6 @@ class Swarm:
                     return
                 except SwarmdError:
                     delay = min(cfg.reconnect_max, delay * 2)
-            self._wanted.discard(pk)  # a later lookup round finds it again if it comes back
         finally:
             self._reconnecting.discard(pk)
 
@@ -590,7 +576,7 @@ class Swarm:
                 break
             recs.sort(
                 key=lambda r: (
-                    r.public_key != self.public_key and r.public_key not in self._conns,
+                    r.public_key != self.public_key and self._registry.get(r.public_key) is None,
                     random.random(),
                 )
             )
@@ -627,7 +613,7 @@ class Swarm:
 
         async def one(rec: PeerRecord) -> Any:
             try:
-                if rec.public_key != self.public_key and rec.public_key not in self._conns:
+                if rec.public_key != self.public_key and self._registry.get(rec.public_key) is None:
                     await self.connect(rec.public_key, rec)
                 return await self.request(rec.public_key, method, params, timeout)
             except SwarmdError as e:
@@ -663,12 +649,8 @@ class Swarm:
                 for t, j in self._topics.items()
             },
             "peers": [
-                {
-                    "public_key": pk.hex(),
-                    "inbound": c.inbound,
-                    "topics": sorted(t.hex() for t in self._topics_of(pk)),
-                }
-                for pk, c in self._conns.items()
+                {"public_key": pk.hex(), "inbound": inbound, "topics": sorted(t.hex() for t in topics)}
+                for pk, _peer, topics, inbound in self.peers()
             ],
         }
 

@@ -1,0 +1,265 @@
+"""Per-request routing overhead: calling a worker directly vs. through the orchestrator's choice.
+
+Four ways to get one inference answered, all in the same run against the same
+worker processes (a 4x3 linear layer, so the figures are routing, not compute):
+
+  direct        client -> worker runInference (the baseline)
+  embedded      client-side Fleet/Router (the decision core in-process) -> worker
+  lookup+call   findAvailableWorker on the orchestrator, then client -> worker (two round trips)
+  via-orch      routeInferenceRequest: client -> orchestrator -> worker (one extra hop)
+
+Each runs sequentially (latency) and with 32 calls in flight (throughput), the\npaths interleaved in rounds so a busy shared machine skews them alike.
+Workers and the orchestrator are separate processes so no two hops share an event loop.
+Prints a table, then one JSON line with every figure and the direct baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from swarmd.errors import SwarmdError  # noqa: E402
+from swarmd.node.identity import Identity  # noqa: E402
+from swarmd.node.supervisor import Supervisor  # noqa: E402
+from swarmd.orchestrator.config import OrchestratorConfig  # noqa: E402
+from swarmd.orchestrator.discovery import WorkerAd  # noqa: E402
+from swarmd.orchestrator.fleet import Fleet  # noqa: E402
+from swarmd.rpc import Methods, RpcServer, connect  # noqa: E402
+
+WEIGHTS = np.arange(12, dtype=np.float32).reshape(4, 3) / 10.0
+N_WORKERS = 2
+SEQ_CALLS = 2000
+PAR_CALLS = 6000
+ROUNDS = 5
+IN_FLIGHT = 32
+T = 30.0
+
+
+# -- the processes the benchmark talks to ---------------------------------------
+
+
+async def serve_worker() -> None:
+    methods = Methods()
+
+    async def run_inference(ctx: Any, params: Any) -> Any:
+        return {"model": params["model"], "version": "1", "outputs": {"y": params["inputs"]["x"] @ WEIGHTS}}
+
+    async def check_capacity(ctx: Any, params: Any) -> Any:
+        return {"state": "ONLINE", "queue_depth": 0, "in_flight": 0, "max_concurrent": 64, "accepting": True}
+
+    methods.register("runInference", run_inference)
+    methods.register("checkCapacity", check_capacity)
+    ident = Identity.generate()
+    server = RpcServer(ident, methods)
+    await server.start()
+    print(json.dumps({"public_key": ident.public_hex, "port": server.port}), flush=True)
+    await asyncio.Event().wait()
+
+
+async def serve_orchestrator() -> None:
+    from swarmd.roles.base import NodeContext
+    from swarmd.roles.orchestrator import OrchestratorRole
+    from swarmd.settings import Settings
+
+    ident = Identity.generate()
+    ctx = NodeContext(
+        identity=ident,
+        settings=Settings(),
+        data_dir=Path("."),
+        instance_id="bench",
+        roles=("orchestrator",),
+        tasks=Supervisor(),
+        methods=Methods(),
+    )
+    role = OrchestratorRole(ctx)
+    server = RpcServer(ident, ctx.methods)
+    await server.start()
+    await role.start()
+    print(json.dumps({"public_key": ident.public_hex, "port": server.port}), flush=True)
+    await asyncio.Event().wait()
+
+
+def spawn(kind: str) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--serve", kind],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        raise SystemExit(f"the {kind} process exited before it was ready")
+    return proc, json.loads(line)
+
+
+# -- measuring ------------------------------------------------------------------
+
+
+async def measure(paths: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Interleave the paths in short blocks so drift on a shared machine hits them all alike."""
+    x = np.ones((1, 4), dtype=np.float32)
+    for call in paths.values():
+        for _ in range(100):  # warm up connections and caches
+            await call(x)
+    lat: dict[str, list[float]] = {name: [] for name in paths}
+    busy: dict[str, float] = dict.fromkeys(paths, 0.0)
+    for _ in range(ROUNDS):
+        for name, call in paths.items():
+            for _ in range(SEQ_CALLS // ROUNDS):
+                t0 = time.perf_counter()
+                await call(x)
+                lat[name].append((time.perf_counter() - t0) * 1e6)
+        for name, call in paths.items():
+            remaining = PAR_CALLS // ROUNDS
+
+            async def lane(call: Any = call) -> None:
+                nonlocal remaining
+                while remaining > 0:
+                    remaining -= 1
+                    await call(x)
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(lane() for _ in range(IN_FLIGHT)))
+            busy[name] += time.perf_counter() - t0
+    out = {}
+    for name, samples in lat.items():
+        samples.sort()
+        out[name] = {
+            "p50_us": round(statistics.median(samples), 1),
+            "p99_us": round(samples[int(len(samples) * 0.99) - 1], 1),
+            "mean_us": round(statistics.fmean(samples), 1),
+            "rps_32": round((PAR_CALLS // ROUNDS) * ROUNDS / busy[name], 0),
+        }
+    return out
+
+
+async def main() -> None:
+    from loguru import logger
+
+    logger.remove()
+    procs = []
+    try:
+        workers = []
+        for _ in range(N_WORKERS):
+            p, info = spawn("worker")
+            procs.append(p)
+            workers.append(info)
+        p, orch_info = spawn("orchestrator")
+        procs.append(p)
+        me = Identity.generate()
+        orch = await connect(
+            me, "127.0.0.1", orch_info["port"], remote_public_key=bytes.fromhex(orch_info["public_key"])
+        )
+        for w in workers:
+            await orch.call(
+                "registerWorker",
+                {"public_key": w["public_key"], "models": ["mlp"], "host": "127.0.0.1", "port": w["port"]},
+                timeout=T,
+            )
+        peers = {
+            w["public_key"]: await connect(
+                me, "127.0.0.1", w["port"], remote_public_key=bytes.fromhex(w["public_key"])
+            )
+            for w in workers
+        }
+        keys = list(peers)
+        turn = 0
+
+        def params(x: np.ndarray) -> dict[str, Any]:
+            return {"model": "mlp", "inputs": {"x": x}}
+
+        async def direct(x: np.ndarray) -> Any:  # round-robin by hand: no decision logic at all
+            nonlocal turn
+            turn += 1
+            return await peers[keys[turn % len(keys)]].call("runInference", params(x), timeout=T)
+
+        fleet = Fleet(OrchestratorConfig(seed=1), me, health_checks=False)  # what a gateway would embed
+        for w in workers:
+            ad = WorkerAd(w["public_key"], ["mlp"], addresses=[("127.0.0.1", w["port"])])
+            fleet.balancer.admit(ad, source="rpc", ttl=3600)
+
+        async def embedded(x: np.ndarray) -> Any:
+            result, _ = await fleet.route("runInference", params(x), model="mlp", budget=T)
+            return result
+
+        async def lookup_call(x: np.ndarray) -> Any:
+            found = await orch.call("findAvailableWorker", {"model": "mlp"}, timeout=T)
+            return await peers[found["public_key"]].call("runInference", params(x), timeout=T)
+
+        async def via_orch(x: np.ndarray) -> Any:
+            return await orch.call("routeInferenceRequest", params(x), timeout=T)
+
+        decide_n = 200_000
+        t0 = time.perf_counter()
+        for _ in range(decide_n):
+            lease = fleet.balancer.choose("mlp")
+            fleet.balancer.succeeded(lease.public_key, fleet.balancer.begin(lease.public_key))
+        decision_us = (time.perf_counter() - t0) / decide_n * 1e6
+
+        try:
+            results = await measure(
+                {"direct": direct, "embedded": embedded, "lookup+call": lookup_call, "via-orch": via_orch}
+            )
+        except SwarmdError as e:
+            raise SystemExit(f"a path failed: {e}") from None
+        base = results["direct"]
+        print(f"orchestrator routing overhead ({N_WORKERS} worker processes, policy p2c, loopback TCP+Noise)")
+        print(f"decision core alone (choose + begin + success): {decision_us:.2f} us/request")
+        print(f"{'path':<13}{'p50 us':>10}{'p99 us':>10}{'+p50 us':>10}{'req/s@32':>11}{'vs direct':>11}")
+        for name, r in results.items():
+            print(
+                f"{name:<13}{r['p50_us']:>10.1f}{r['p99_us']:>10.1f}{r['p50_us'] - base['p50_us']:>10.1f}"
+                f"{r['rps_32']:>11.0f}{r['rps_32'] / base['rps_32']:>10.2f}x"
+            )
+        default = min(("embedded", "via-orch", "lookup+call"), key=lambda k: results[k]["p50_us"])
+        print(f"fastest routed path: {default}")
+        for p in peers.values():
+            await p.close()
+        await orch.close()
+        await fleet.stop()
+        print(
+            json.dumps(
+                {
+                    "bench": "orchestrator",
+                    "decision_us": round(decision_us, 3),
+                    "paths": results,
+                    "overhead_p50_us": {
+                        k: round(v["p50_us"] - base["p50_us"], 1) for k, v in results.items()
+                    },
+                    "fastest_routed_path": default,
+                    "baseline": {"direct": base},
+                }
+            )
+        )
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--serve", choices=("worker", "orchestrator"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve:
+        from loguru import logger
+
+        logger.remove()
+        asyncio.run(serve_worker() if args.serve == "worker" else serve_orchestrator())
+    else:
+        asyncio.run(main())

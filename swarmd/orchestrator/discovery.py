@@ -1,0 +1,160 @@
+"""Turning what peers tell us (DHT worker records, registerWorker params) into lease fields.
+
+Both inputs come from other machines, so both are checked field by field with
+bounded sizes and precise messages; a bad record is dropped with a reason, a
+bad registerWorker call gets ERR_BAD_REQUEST naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from swarmd.errors import ERR_BAD_REQUEST, SwarmdError
+from swarmd.orchestrator.registry import ONLINE, STATES
+
+MAX_NAMES = 256  # models or capabilities per worker
+MAX_NAME_LEN = 200
+MAX_ADDRESSES = 16
+MAX_LOAD = 1e9  # a load figure above this is nonsense from a peer and is dropped
+LOAD_KEYS = ("queue", "queue_depth", "in_flight", "max_concurrent", "ewma_ms", "rps")
+
+
+@dataclass
+class WorkerAd:
+    """A worker's self-description, validated."""
+
+    public_key: str  # hex
+    models: list[str]
+    capabilities: list[str] = field(default_factory=list)
+    addresses: list[tuple[str, int]] = field(default_factory=list)
+    weight: float = 1.0
+    state: str = ONLINE
+    load: dict[str, float] | None = None
+
+
+def _bad(message: str) -> SwarmdError:
+    return SwarmdError(ERR_BAD_REQUEST, message)
+
+
+def parse_public_key(value: Any, what: str = "public_key") -> str:
+    if isinstance(value, (bytes, bytearray)) and len(value) == 32:
+        return bytes(value).hex()
+    if isinstance(value, str) and len(value) == 64:
+        try:
+            return bytes.fromhex(value).hex()
+        except ValueError:
+            pass
+    raise _bad(f"{what} must be a 32-byte Ed25519 key as 64 hex characters, got {value!r:.80}")
+
+
+def parse_names(value: Any, what: str) -> list[str]:
+    """A list of model or capability names. Model entries may also be {"name": ...} objects."""
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise _bad(f"{what} must be a list of strings, got {type(value).__name__}")
+    if len(value) > MAX_NAMES:
+        raise _bad(f"{what} lists {len(value)} entries; at most {MAX_NAMES} are accepted")
+    out: list[str] = []
+    for i, item in enumerate(value):
+        name = item.get("name") if isinstance(item, dict) else item
+        if not isinstance(name, str) or not name or len(name) > MAX_NAME_LEN:
+            raise _bad(
+                f"{what}[{i}] must be a non-empty string of at most {MAX_NAME_LEN} characters, got {item!r:.80}"
+            )
+        out.append(name)
+    return out
+
+
+def parse_address(value: Any, what: str) -> tuple[str, int]:
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        host, port = value
+        if (
+            isinstance(host, str)
+            and 0 < len(host) <= 255
+            and isinstance(port, int)
+            and not isinstance(port, bool)
+            and 0 < port <= 65535
+        ):
+            return host, port
+    raise _bad(f"{what} must be [host, port] with a port from 1 to 65535, got {value!r:.80}")
+
+
+def parse_load(value: Any) -> dict[str, float] | None:
+    """Keep only the numeric load fields we know; anything else in a peer's payload is ignored."""
+    if not isinstance(value, dict):
+        return None
+    out: dict[str, float] = {}
+    for k in LOAD_KEYS:
+        v = value.get(k)
+        if (
+            isinstance(v, (int, float))
+            and not isinstance(v, bool)
+            and math.isfinite(v)
+            and 0 <= v <= MAX_LOAD
+        ):
+            out[k] = v
+    return out
+
+
+def parse_register(params: Any) -> tuple[WorkerAd, float | None]:
+    """registerWorker params -> (ad, ttl or None)."""
+    if not isinstance(params, dict):
+        raise _bad(f"registerWorker params must be a map, got {type(params).__name__}")
+    ad = WorkerAd(
+        public_key=parse_public_key(params.get("public_key")),
+        models=parse_names(params.get("models"), "models"),
+        capabilities=parse_names(params.get("capabilities"), "capabilities"),
+    )
+    host, port = params.get("host"), params.get("port")
+    if (host is None) != (port is None):
+        raise _bad("host and port go together: give both or neither")
+    if host is not None:
+        ad.addresses = [parse_address([host, port], "host/port")]
+    weight = params.get("weight", 1.0)
+    if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not (0 < weight <= 1e6):
+        raise _bad(f"weight must be a number above 0 and at most 1e6, got {weight!r:.40}")
+    ad.weight = float(weight)
+    state = params.get("state", ONLINE)
+    if state not in STATES:
+        raise _bad(f"state must be one of {', '.join(sorted(STATES))}, got {state!r:.40}")
+    ad.state = state
+    ad.load = parse_load(params.get("load"))
+    ttl = params.get("ttl")
+    if ttl is not None and (
+        not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or not (1 <= ttl <= 86400)
+    ):
+        raise _bad(f"ttl must be a number of seconds from 1 to 86400, got {ttl!r:.40}")
+    return ad, (None if ttl is None else float(ttl))
+
+
+def ad_from_record(public_key: Any, addresses: Any, payload: Any) -> WorkerAd:
+    """A WORKERS / worker_model_topic DHT record -> WorkerAd; raises ERR_BAD_REQUEST with the reason.
+
+    Payload per the worker contract: {"state", "models": [...], "load": {...}},
+    optionally "capabilities" and "weight".
+    """
+    if not isinstance(payload, dict):
+        raise _bad(f"worker record payload must be a map, got {type(payload).__name__}")
+    ad = WorkerAd(
+        public_key=parse_public_key(public_key),
+        models=parse_names(payload.get("models"), "models"),
+        capabilities=parse_names(payload.get("capabilities"), "capabilities"),
+    )
+    state = payload.get("state", ONLINE)
+    if state not in STATES:
+        raise _bad(f"state must be one of {', '.join(sorted(STATES))}, got {state!r:.40}")
+    ad.state = state
+    weight = payload.get("weight", 1.0)
+    if isinstance(weight, (int, float)) and not isinstance(weight, bool) and 0 < weight <= 1e6:
+        ad.weight = float(weight)
+    if addresses is not None:
+        if not isinstance(addresses, (list, tuple)):
+            raise _bad("record addresses must be a list of [host, port]")
+        ad.addresses = [
+            parse_address(a, f"addresses[{i}]") for i, a in enumerate(list(addresses)[:MAX_ADDRESSES])
+        ]
+    ad.load = parse_load(payload.get("load"))
+    return ad

@@ -1,0 +1,219 @@
+"""The orchestrator role: the decision core of swarmd.orchestrator served over RPC.
+
+Registers the seed's seven methods, keeps the registry filled from
+registerWorker calls and (when the node runs a swarm) from the workers' DHT
+records, health-checks every worker on an interval, and announces itself on
+ORCHESTRATORS so gateways find it. Several orchestrators may run at once: each
+builds its own view from the DHT and shares nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+from loguru import logger
+
+from swarmd.errors import ERR_BAD_REQUEST, SwarmdError
+from swarmd.orchestrator.config import OrchestratorConfig
+from swarmd.orchestrator.discovery import parse_names, parse_public_key, parse_register
+from swarmd.orchestrator.fleet import Fleet
+from swarmd.orchestrator.registry import DRAINING, JOINING, ONLINE
+from swarmd.roles.base import NodeContext, Role
+from swarmd.topics import ORCHESTRATORS
+
+DEADLINE_MARGIN = 0.05  # answer a routed call this long before the caller stops waiting
+
+
+class OrchestratorRole(Role):
+    name = "orchestrator"
+
+    def __init__(self, ctx: NodeContext) -> None:
+        super().__init__(ctx)
+        cfg: OrchestratorConfig = getattr(ctx.settings, "orchestrator", None) or OrchestratorConfig()
+        self.config = cfg
+        self.fleet = Fleet(cfg, ctx.identity, swarm=ctx.swarm)
+        self.balancer = self.fleet.balancer
+        self.connections = self.fleet.connections
+        self.router = self.fleet.router
+        self.monitor = self.fleet.monitor
+        self.started_at = time.time()
+        self.log = logger.bind(role="orchestrator")
+        self._announced = False
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def start(self) -> None:
+        methods = self.ctx.methods
+        if methods is not None:
+            methods.register("registerWorker", self.register_worker, op="w")
+            methods.register("unregisterWorker", self.unregister_worker, op="w")
+            methods.register("findAvailableWorker", self.find_available_worker, op="r")
+            methods.register("routeInferenceRequest", self.route_inference_request, op="r")
+            methods.register("getServiceStatus", self.get_service_status, op="r")
+            methods.register("getLoadBalancingStats", self.get_load_balancing_stats, op="r")
+            methods.register("healthCheck", self.health_check, op="r")
+        await self.fleet.start(self.ctx.tasks)
+        swarm = self.ctx.swarm
+        if swarm is not None:
+            await swarm.join(ORCHESTRATORS, announce=True, lookup=False, payload=self._announcement())
+            self._announced = True
+        self.log.bind(event="orchestrator_started", policy=self.balancer.policy.name).info(
+            "orchestrator serving"
+        )
+
+    async def stop(self) -> None:
+        if self._announced and self.ctx.swarm is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2.0):
+                    await self.ctx.swarm.leave(ORCHESTRATORS)
+            self._announced = False
+        await self.fleet.stop()
+
+    def status(self) -> dict[str, Any]:
+        counts = self._counts()
+        return {"policy": self.balancer.policy.name, **counts}
+
+    # -- DHT ------------------------------------------------------------------
+
+    def _announcement(self) -> dict[str, Any]:
+        return {"policy": self.balancer.policy.name, "workers": len(self.balancer.registry)}
+
+    # -- RPC methods ----------------------------------------------------------
+
+    async def register_worker(self, ctx: Any, params: Any) -> dict[str, Any]:
+        ad, ttl = parse_register(params)
+        if not ad.addresses and self.ctx.swarm is None:
+            raise SwarmdError(
+                ERR_BAD_REQUEST,
+                "host and port are required: this orchestrator has no swarm to find workers by key",
+            )
+        lease = self.balancer.admit(ad, source="rpc", ttl=ttl)
+        self.log.bind(event="worker_registered", worker=ad.public_key[:16], models=ad.models).info(
+            "worker {} registered for {}", ad.public_key[:16], ", ".join(ad.models) or "no models"
+        )
+        return {
+            "public_key": ad.public_key,
+            "expires_in": round(lease.expires_at - self.balancer.clock(), 3),
+            "lease_ttl": ttl if ttl is not None else self.config.lease_ttl,
+        }
+
+    async def unregister_worker(self, ctx: Any, params: Any) -> dict[str, Any]:
+        if not isinstance(params, dict):
+            raise SwarmdError(ERR_BAD_REQUEST, "unregisterWorker params must be a map with public_key")
+        key = parse_public_key(params.get("public_key"))
+        removed = self.balancer.unregister(key)
+        self.connections.drop(key)
+        if removed:
+            self.log.bind(event="worker_unregistered", worker=key[:16]).info(
+                "worker {} unregistered", key[:16]
+            )
+        return {"public_key": key, "removed": removed}
+
+    async def find_available_worker(self, ctx: Any, params: Any) -> dict[str, Any]:
+        model, capability = self._target(params, "findAvailableWorker", need_model=False)
+        exclude = [parse_public_key(k, "exclude[]") for k in parse_names(params.get("exclude"), "exclude")]
+        lease = await self.fleet.choose(model, capability, exclude=exclude)
+        alternates = [
+            {"public_key": other.public_key, "addresses": [list(a) for a in other.addresses]}
+            for other in self.balancer.candidates(model, capability, exclude=[*exclude, lease.public_key])
+            if other.public_key != lease.public_key
+        ][:3]
+        return {
+            "public_key": lease.public_key,
+            "addresses": [list(a) for a in lease.addresses],
+            "policy": self.balancer.policy.name,
+            "alternates": alternates,
+        }
+
+    async def route_inference_request(self, ctx: Any, params: Any) -> dict[str, Any]:
+        model, _ = self._target(params, "routeInferenceRequest", need_model=True)
+        capability = params.get("capability") if isinstance(params.get("capability"), str) else None
+        left = ctx.time_left() if ctx is not None and hasattr(ctx, "time_left") else None
+        budget = None if left is None else max(0.001, left - DEADLINE_MARGIN)
+        forward = {k: v for k, v in params.items() if k != "capability"}
+        result, lease = await self.fleet.route(
+            "runInference", forward, model=model, capability=capability, budget=budget
+        )
+        if isinstance(result, dict):
+            return {**result, "worker": lease.public_key}
+        return {"result": result, "worker": lease.public_key}
+
+    async def get_service_status(self, ctx: Any, params: Any) -> dict[str, Any]:
+        b = self.balancer
+        now = b.clock()
+        workers = [b.worker_view(lease) for lease in b.registry if lease.expires_at > now]
+        models: dict[str, dict[str, int]] = {}
+        for name in b.registry.models():
+            models[name] = {
+                "workers": len(b.registry.matching(name)),
+                "routable": len(b.candidates(name)),
+            }
+        return {
+            "role": "orchestrator",
+            "public_key": self.ctx.identity.public_hex,
+            "policy": b.policy.name,
+            "uptime": round(time.time() - self.started_at, 3),
+            "counts": self._counts(),
+            "models": models,
+            "workers": workers,
+            "health_rounds": self.monitor.rounds,
+        }
+
+    async def get_load_balancing_stats(self, ctx: Any, params: Any) -> dict[str, Any]:
+        return self.balancer.load_stats()
+
+    async def health_check(self, ctx: Any, params: Any) -> dict[str, Any]:
+        """This orchestrator's health; {"refresh": true} checks every worker now instead of reporting the last round."""
+        if isinstance(params, dict) and params.get("refresh") is True:
+            await self.monitor.tick()
+        counts = self._counts()
+        status = "ok" if counts["routable"] else ("degraded" if counts["total"] else "idle")
+        b = self.balancer
+        return {
+            "status": status,
+            **counts,
+            "workers": {
+                lease.public_key: b.health.record(lease.public_key).to_dict() for lease in b.registry
+            },
+        }
+
+    # -- helpers --------------------------------------------------------------
+
+    def _target(self, params: Any, method: str, *, need_model: bool) -> tuple[str | None, str | None]:
+        if not isinstance(params, dict):
+            raise SwarmdError(ERR_BAD_REQUEST, f"{method} params must be a map, got {type(params).__name__}")
+        model = params.get("model")
+        capability = params.get("capability")
+        if model is not None and (not isinstance(model, str) or not model):
+            raise SwarmdError(ERR_BAD_REQUEST, f"model must be a non-empty string, got {model!r:.80}")
+        if capability is not None and (not isinstance(capability, str) or not capability):
+            raise SwarmdError(
+                ERR_BAD_REQUEST, f"capability must be a non-empty string, got {capability!r:.80}"
+            )
+        if model is None and (need_model or capability is None):
+            raise SwarmdError(
+                ERR_BAD_REQUEST, f"{method} needs a model name" + ("" if need_model else " or a capability")
+            )
+        return model, capability
+
+    def _counts(self) -> dict[str, int]:
+        b = self.balancer
+        now = b.clock()
+        live = [lease for lease in b.registry if lease.expires_at > now]
+        ejected = sum(1 for lease in live if b.health.is_ejected(lease.public_key))
+        return {
+            "total": len(live),
+            "online": sum(1 for lease in live if lease.state == ONLINE),
+            "joining": sum(1 for lease in live if lease.state == JOINING),
+            "draining": sum(1 for lease in live if lease.state == DRAINING),
+            "ejected": ejected,
+            "routable": sum(
+                1 for lease in live if lease.state == ONLINE and not b.health.is_ejected(lease.public_key)
+            ),
+        }
+
+
+ROLE = OrchestratorRole

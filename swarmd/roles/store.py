@@ -1,0 +1,492 @@
+"""The store role: serves the model store core over RPC, announces what it holds,
+and keeps every blob at `replication_factor` live stores.
+
+Methods (CONTRACTS.md): listModels, getModel, uploadStatus, deleteModel (w),
+downloadBlob (stream), uploadModel (stream, w); plus storeState, which stores
+call on each other to plan replication. Slow work (hashing, fsync, ONNX
+parsing) runs in threads so one big upload never stalls other callers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from swarmd.errors import ERR_BAD_REQUEST, ERR_CONFLICT, ERR_CORRUPT, ERR_NOT_FOUND, ERR_TIMEOUT, SwarmdError
+from swarmd.roles.base import NodeContext, Role
+from swarmd.settings import parse_hostport
+from swarmd.store.blobs import check_digest, hash_file
+from swarmd.store.catalog import ModelMeta, check_description, check_name, check_tags, check_version
+from swarmd.store.core import ModelStore, PushRequest
+from swarmd.store.replication import Pull, plan_replication, rows_to_adopt
+from swarmd.store.transfer import pull_stream
+from swarmd.topics import STORES, blob_topic, model_topic
+
+MAX_STATE_ROWS = 100_000  # bound on a peer's catalog we are willing to read
+
+
+def _params(params: Any, allowed: set[str], required: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise SwarmdError(ERR_BAD_REQUEST, f"params must be a map, got {type(params).__name__}")
+    unknown = set(params) - allowed
+    if unknown:
+        raise SwarmdError(
+            ERR_BAD_REQUEST, f"unknown params {sorted(map(str, unknown))}; expected some of {sorted(allowed)}"
+        )
+    missing = required - set(params)
+    if missing:
+        raise SwarmdError(ERR_BAD_REQUEST, f"missing params {sorted(missing)}")
+    return params
+
+
+def _opt_str(p: dict[str, Any], key: str) -> str | None:
+    v = p.get(key)
+    if v is not None and not isinstance(v, str):
+        raise SwarmdError(ERR_BAD_REQUEST, f"{key} must be a string, got {type(v).__name__}")
+    return v
+
+
+def _opt_int(p: dict[str, Any], key: str, default: int = 0) -> int:
+    v = p.get(key, default)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise SwarmdError(ERR_BAD_REQUEST, f"{key} must be a non-negative integer, got {v!r:.40}")
+    return v
+
+
+def _meta_from_wire(obj: Any) -> ModelMeta:
+    """A catalog row from a peer, type-checked field by field."""
+    if not isinstance(obj, dict):
+        raise SwarmdError(ERR_BAD_REQUEST, "catalog row must be a map")
+    try:
+        deleted = obj.get("deleted")
+        m = ModelMeta(
+            name=obj["name"], version=obj["version"], digest=obj["digest"], size=obj["size"],
+            format=obj.get("format", "onnx"), tags=obj.get("tags", []), description=obj.get("description", ""),
+            created=float(obj["created"]), uploader=obj.get("uploader", ""),
+            deleted=float(deleted) if deleted is not None else None, updated=float(obj["updated"]),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise SwarmdError(ERR_BAD_REQUEST, f"malformed catalog row from peer: {e!r:.120}") from None
+    for key, tp in (("size", int), ("uploader", str), ("format", str)):
+        if not isinstance(getattr(m, key), tp) or isinstance(getattr(m, key), bool):
+            raise SwarmdError(ERR_BAD_REQUEST, f"catalog row field {key} must be {tp.__name__}")
+    check_name(m.name)
+    check_version(m.version)
+    check_digest(m.digest)
+    m.tags = check_tags(m.tags)
+    m.description = check_description(m.description)
+    if not all(math.isfinite(t) for t in (m.created, m.updated, m.deleted or 0.0)):
+        raise SwarmdError(ERR_BAD_REQUEST, "catalog row times must be finite numbers")
+    if m.size < 0 or len(m.uploader) > 64 or m.format != "onnx":
+        raise SwarmdError(ERR_BAD_REQUEST, "catalog row has a negative size, a long uploader or a format other than onnx")
+    return m
+
+
+@dataclass
+class PeerState:
+    """What one store told us about itself in a replication round."""
+
+    key: str
+    have: set[str]
+    missing: set[str]
+    refused: set[str]
+    models: list[ModelMeta]
+
+
+class StoreRole(Role):
+    name = "store"
+
+    def __init__(self, ctx: NodeContext) -> None:
+        super().__init__(ctx)
+        self.config = ctx.settings.store
+        self.store: ModelStore | None = None
+        self.key = ctx.identity.public_hex
+        self._upload_locks: dict[str, tuple[asyncio.Lock, int]] = {}  # digest -> (lock, holders + waiters)
+        self._announced: set[str] = set()
+        self._wake = asyncio.Event()
+        self._round_done = asyncio.Event()
+        self.rounds = 0
+        self.pulled = 0
+        self._loop_task: asyncio.Task[None] | None = None
+        self._peers: dict[str, Any] = {}  # static peers' open connections, by key
+        self._records: dict[str, Any] = {}  # STORES records from the last lookup, by key
+        self._static_peers = [self._parse_peer(p) for p in self.config.peers]
+        self.log = logger.bind(role="store", node=self.key[:16])
+
+    def set_static_peers(self, entries: list[str]) -> None:
+        """Replace the HEXKEY@HOST:PORT stores replicated with besides the swarm's; starts a round."""
+        self._static_peers = [self._parse_peer(p) for p in entries]
+        self._wake.set()
+
+    @staticmethod
+    def _parse_peer(text: str) -> tuple[str, str, int]:
+        key, sep, addr = text.partition("@")
+        try:
+            if not sep or len(bytes.fromhex(key)) != 32:
+                raise ValueError
+        except ValueError:
+            raise SwarmdError(ERR_BAD_REQUEST, f"store.peers entry must be HEXKEY@HOST:PORT, got {text!r}") from None
+        host, port = parse_hostport(addr, what="store.peers address")
+        return key.lower(), host, port
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        self.store = await asyncio.to_thread(ModelStore, self.ctx.data_dir / "store", self.config)
+        m = self.ctx.methods
+        if m is not None:
+            m.register("listModels", self.list_models, op="r")
+            m.register("getModel", self.get_model, op="r")
+            m.register("uploadStatus", self.upload_status, op="r")
+            m.register("deleteModel", self.delete_model, op="w")
+            m.register("storeState", self.store_state, op="r")
+            m.register_stream("downloadBlob", self.download_blob, op="r")
+            m.register_stream("uploadModel", self.upload_model, op="w")
+        if self.ctx.swarm is not None:
+            await self.ctx.swarm.join(STORES, announce=True, lookup=True, payload=self.store.status())
+            await self._announce()
+        self.start_replication()
+        self.log.bind(event="store_started", **self.store.status()).info("store serving")
+
+    def start_replication(self) -> None:
+        """Run the replication loop (on the node's supervisor; stop() cancels it)."""
+        if self._loop_task is None:
+            self._loop_task = self.ctx.tasks.spawn(self._replicate_loop(), name="store-replication")
+
+    async def stop(self) -> None:
+        task, self._loop_task = self._loop_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        m = self.ctx.methods
+        if m is not None:
+            for name in ("listModels", "getModel", "uploadStatus", "deleteModel", "storeState", "downloadBlob",
+                         "uploadModel"):
+                m.unregister(name)
+        if self.ctx.swarm is not None:  # withdraw every announcement at once, bounded
+            leaves = [asyncio.wait_for(self.ctx.swarm.leave(t), 5.0) for t in sorted(self._announced) + [STORES]]
+            await asyncio.gather(*leaves, return_exceptions=True)
+            self._announced.clear()
+        if self.store is not None:
+            self.store.close()
+
+    def status(self) -> dict[str, Any]:
+        s = self.store.status() if self.store is not None else {}
+        return {**s, "replication_rounds": self.rounds, "pulled": self.pulled}
+
+    async def blob_path(self, digest: str) -> Path:
+        """A verified local path of blob digest, for a co-located worker (no copy, no network)."""
+        return await asyncio.to_thread(self.core.blobs.verify, check_digest(digest))
+
+    @property
+    def core(self) -> ModelStore:
+        assert self.store is not None, "store role not started"
+        return self.store
+
+    # -- methods ---------------------------------------------------------------
+
+    async def list_models(self, ctx: Any, params: Any) -> dict[str, Any]:
+        p = _params(params, {"name", "tag", "digest", "include_deleted"})
+        include_deleted = bool(p.get("include_deleted", False))
+        digest = _opt_str(p, "digest")
+        if digest is not None:
+            check_digest(digest)
+        name, tag = _opt_str(p, "name"), _opt_str(p, "tag")
+        if include_deleted or digest is not None:
+            self.core.list(name=name, tag=tag)  # validates name and tag
+            rows = self.core.catalog.list(name=name, tag=tag, digest=digest, include_deleted=include_deleted)
+        else:
+            rows = self.core.list(name=name, tag=tag)
+        return {"models": [m.to_dict(replication=include_deleted) for m in rows]}
+
+    async def get_model(self, ctx: Any, params: Any) -> dict[str, Any]:
+        p = _params(params, {"name", "version"}, {"name"})
+        name = _opt_str(p, "name")
+        return self.core.get(name, _opt_str(p, "version")).to_dict()  # type: ignore[arg-type]
+
+    async def upload_status(self, ctx: Any, params: Any) -> dict[str, Any]:
+        p = _params(params, {"sha256"}, {"sha256"})
+        return {"received": self.core.upload_status(check_digest(p["sha256"]))}
+
+    async def delete_model(self, ctx: Any, params: Any) -> dict[str, Any]:
+        p = _params(params, {"name", "version"}, {"name", "version"})
+        row = await asyncio.to_thread(self.core.delete, _opt_str(p, "name"), _opt_str(p, "version"))
+        await self._announce()
+        return {"deleted": row.to_dict()}
+
+    async def store_state(self, ctx: Any, params: Any) -> dict[str, Any]:
+        _params(params, set())
+        core = self.core
+        rows = core.catalog.list(include_deleted=True)
+        live = {m.digest for m in rows if m.deleted is None}
+        return {
+            "have": sorted(core.holdings()),
+            "missing": sorted(core.missing()),
+            "refused": sorted({m.digest for m in rows if m.deleted is not None} - live),
+            "models": [m.to_dict(replication=True) for m in rows[:MAX_STATE_ROWS]],
+        }
+
+    async def download_blob(self, ctx: Any, params: Any, stream: Any) -> dict[str, Any]:
+        p = _params(params, {"digest", "offset"}, {"digest"})
+        digest = check_digest(p["digest"])
+        offset = _opt_int(p, "offset")
+        core = self.core
+        if not core.catalog.referenced(digest):
+            raise SwarmdError(ERR_NOT_FOUND, f"no model in this store has blob {digest}")
+        size = core.blobs.size(digest)
+        if offset > size:
+            raise SwarmdError(ERR_BAD_REQUEST, f"offset must be between 0 and {size}, got {offset}")
+        path = core.blobs.path(digest)
+        # Verify while sending: what we served must hash to the digest, or the client
+        # gets ERR_CORRUPT instead of a result, and we quarantine the blob.
+        # (awaiting a thread first also moves this handler into its own task, which
+        # asyncio.timeout below needs: the RPC layer runs a handler's first step inline)
+        h = await asyncio.to_thread(hash_file, path, offset) if offset else await asyncio.to_thread(hashlib.sha256)
+        sent = offset
+        timeout = self.config.transfer_timeout
+        for buf in core.blobs.read_raw(path, offset, self.config.chunk_bytes):
+            h.update(buf)
+            sent += len(buf)
+            async with asyncio.timeout(timeout):
+                await stream.send(buf)
+        if h.hexdigest() != digest:
+            core.blobs.quarantine(digest, f"content hashes to {h.hexdigest()} while serving")
+            self._wake.set()
+            raise SwarmdError(ERR_CORRUPT, f"blob {digest} is corrupt on this store; quarantined, try another store")
+        return {"size": sent, "digest": digest}
+
+    async def upload_model(self, ctx: Any, params: Any, stream: Any) -> dict[str, Any]:
+        p = _params(params, {"name", "version", "size", "sha256", "tags", "description", "offset"},
+                    {"name", "size", "sha256"})
+        req = PushRequest(
+            name=p["name"], digest=p["sha256"], size=_opt_int(p, "size"), version=p.get("version"),
+            tags=p.get("tags"), description=p.get("description"),
+        ).check()
+        offset = _opt_int(p, "offset")
+        lock, users = self._upload_locks.get(req.digest, (asyncio.Lock(), 0))
+        self._upload_locks[req.digest] = (lock, users + 1)
+        try:
+            # Two pushes of the same bytes take turns; the second usually finds the blob done.
+            async with lock:
+                meta = await self._receive(ctx, req, offset, stream)
+        finally:
+            lock, users = self._upload_locks[req.digest]
+            if users <= 1:
+                del self._upload_locks[req.digest]
+            else:
+                self._upload_locks[req.digest] = (lock, users - 1)
+        await self._announce()
+        self._wake.set()
+        return meta.to_dict()
+
+    async def _receive(self, ctx: Any, req: PushRequest, offset: int, stream: Any) -> ModelMeta:
+        core = self.core
+        up = await asyncio.to_thread(core.begin, req)
+        try:
+            if offset > up.offset:
+                raise SwarmdError(
+                    ERR_BAD_REQUEST,
+                    f"cannot resume at byte {offset}: this store has {up.offset} bytes of {req.digest}; "
+                    f"resume from {up.offset}",
+                    {"received": up.offset},
+                )
+            skip = up.offset - offset  # bytes the client re-sends that we already have
+            timeout = self.config.transfer_timeout
+            while True:
+                try:
+                    async with asyncio.timeout(timeout):
+                        buf = await stream.recv()
+                except TimeoutError:
+                    raise SwarmdError(ERR_TIMEOUT, f"no upload data for {timeout:g} s") from None
+                if buf is None:
+                    break
+                if skip:
+                    cut = min(skip, len(buf))
+                    skip -= cut
+                    buf = buf[cut:]
+                if buf:
+                    up.write(buf)
+            uploader = ctx.peer.hex() if isinstance(getattr(ctx, "peer", None), bytes) else ""
+            return await asyncio.to_thread(core.complete, up, uploader=uploader)
+        finally:
+            up.close()
+
+    # -- announcements -----------------------------------------------------------
+
+    async def _announce(self) -> None:
+        """Announce model_topic(name) / blob_topic(digest) for what we hold; withdraw the rest."""
+        swarm = self.ctx.swarm
+        if swarm is None or self.store is None:
+            return
+        want = {model_topic(m.name) for m in self.core.list()} | {blob_topic(d) for d in self.core.holdings()}
+        for topic in sorted(want - self._announced):
+            await swarm.join(topic, announce=True, lookup=False)
+            self._announced.add(topic)
+        for topic in sorted(self._announced - want):
+            await swarm.leave(topic)
+            self._announced.discard(topic)
+        with contextlib.suppress(Exception):
+            await swarm.update(STORES, self.core.status())
+
+    # -- replication ---------------------------------------------------------------
+
+    async def _peer_keys(self) -> list[str]:
+        """Keys of the other stores we know of: static peers, and those announcing STORES."""
+        keys = {k for k, _, _ in self._static_peers}
+        swarm = self.ctx.swarm
+        if swarm is not None:
+            self._records = {}
+            for rec in await swarm.lookup_all(STORES):
+                self._records[rec.public_key.hex()] = rec
+            keys |= set(self._records)
+        keys.discard(self.key)
+        return sorted(keys)
+
+    async def _call(self, key: str, method: str, params: Any, timeout: float) -> Any:
+        peer = await self._connect(key)
+        return await peer.call(method, params, timeout=timeout)
+
+    async def _connect(self, key: str) -> Any:
+        """An RPC connection to store `key`: a static peer's own, or the swarm's pooled one."""
+        for k, host, port in self._static_peers:
+            if k == key:
+                peer = self._peers.get(key)
+                if peer is None or peer.is_closed:
+                    from swarmd.rpc import connect
+
+                    peer = await connect(self.ctx.identity, host, port, remote_public_key=bytes.fromhex(key),
+                                         timeout=self.config.transfer_timeout)
+                    self._peers[key] = peer
+                return peer
+        swarm = self.ctx.swarm
+        if swarm is not None:
+            return await asyncio.wait_for(
+                swarm.connect(bytes.fromhex(key), self._records.get(key)), self.config.transfer_timeout
+            )
+        raise SwarmdError(ERR_BAD_REQUEST, f"no way to reach store {key[:16]}")
+
+    async def _replicate_loop(self) -> None:
+        self._peers = {}
+        try:
+            while True:
+                try:
+                    await self.replicate_once()
+                    await asyncio.to_thread(self.core.gc)
+                except SwarmdError as e:
+                    self.log.bind(event="replication_failed", code=e.code).warning("replication round: {}", e.message)
+                except (OSError, TimeoutError) as e:  # a bad round must not take the store down; the next one retries
+                    self.log.bind(event="replication_failed", error=type(e).__name__).warning(
+                        "replication round failed: {!r}", e
+                    )
+                self.rounds += 1
+                self._round_done.set()
+                self._wake.clear()
+                interval = self.config.replicate_interval * (0.8 + 0.4 * random.random())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), interval)
+        finally:
+            peers, self._peers = self._peers, {}
+            for peer in peers.values():
+                with contextlib.suppress(Exception):
+                    await peer.close()
+
+    async def wait_round(self) -> None:
+        """Wait for the next replication round to finish (tests, operators)."""
+        self._round_done.clear()
+        self._wake.set()
+        await self._round_done.wait()
+
+    async def _state_of(self, key: str) -> PeerState | None:
+        try:
+            obj = await self._call(key, "storeState", {}, self.config.transfer_timeout)
+            if not isinstance(obj, dict):
+                raise SwarmdError(ERR_BAD_REQUEST, "storeState answer must be a map")
+            sets = {}
+            for field in ("have", "missing", "refused"):
+                v = obj.get(field, [])
+                if not isinstance(v, list) or len(v) > MAX_STATE_ROWS:
+                    raise SwarmdError(ERR_BAD_REQUEST, f"storeState.{field} must be a list")
+                sets[field] = {check_digest(d) for d in v}
+            rows = obj.get("models", [])
+            if not isinstance(rows, list) or len(rows) > MAX_STATE_ROWS:
+                raise SwarmdError(ERR_BAD_REQUEST, "storeState.models must be a list")
+            return PeerState(key, sets["have"], sets["missing"], sets["refused"], [_meta_from_wire(r) for r in rows])
+        except (SwarmdError, OSError, TimeoutError) as e:
+            self._peers.pop(key, None)
+            self.log.bind(event="store_unreachable", peer=key[:16]).info("store {} unreachable: {}", key[:16], e)
+            return None
+
+    async def replicate_once(self) -> list[Pull]:
+        """One round: learn peers' state, adopt their deletions, pull what the plan gives us."""
+        core = self.core
+        keys = await self._peer_keys()
+        states = [s for s in await asyncio.gather(*(self._state_of(k) for k in keys)) if s is not None]
+        local = {(m.name, m.version): m for m in core.catalog.list(include_deleted=True)}
+        adopted: list[ModelMeta] = []
+        for st in states:
+            rows = rows_to_adopt(local, st.models)
+            if rows:
+                adopted += await asyncio.to_thread(core.apply_tombstones, rows)
+                local = {(m.name, m.version): m for m in core.catalog.list(include_deleted=True)}
+        rows = list(local.values())
+        live_digests = {m.digest for m in rows if m.deleted is None}
+        mine = PeerState(self.key, core.holdings(), core.missing(),
+                         {m.digest for m in rows if m.deleted is not None} - live_digests, [])
+        every = [mine, *states]
+        plan = plan_replication(
+            {s.key: s.have for s in every}, [s.key for s in every], self.config.replication_factor,
+            wanted={s.key: s.missing for s in every}, refused={s.key: s.refused for s in every},
+        )
+        todo = [p for p in plan if p.store == self.key]
+        by_key = {s.key: s for s in states}
+        sem = asyncio.Semaphore(max(1, self.config.max_parallel_pulls))
+
+        async def run(p: Pull) -> bool:
+            async with sem:
+                return await self._pull(p, by_key[p.source])
+
+        results = await asyncio.gather(*(run(p) for p in todo))
+        if adopted or any(results):
+            await self._announce()
+        return [p for p, ok in zip(todo, results, strict=True) if ok]
+
+    async def _pull(self, p: Pull, source: PeerState) -> bool:
+        rows = [m for m in source.models if m.digest == p.digest and m.deleted is None]
+        if not rows:
+            return False
+        core = self.core
+        first = rows[0]
+        log = self.log.bind(event="replica_pull", digest=p.digest, source=p.source[:16])
+        try:
+            up = await asyncio.to_thread(core.begin, PushRequest(first.name, p.digest, first.size, first.version))
+        except SwarmdError as e:
+            if e.code != ERR_CONFLICT:
+                log.warning("cannot pull {}: {}", p.digest[:16], e.message)
+            return False
+        try:
+            if not up.have_blob:
+                peer = await self._connect(p.source)
+                await pull_stream(peer, p.digest, up.offset, up.write, size=first.size,
+                                  timeout=self.config.transfer_timeout)
+            taken = await asyncio.to_thread(core.complete_replica, up, rows)
+        except (SwarmdError, OSError, TimeoutError) as e:
+            log.warning("pull of {} from {} failed: {}", p.digest[:16], p.source[:16], e)
+            return False
+        finally:
+            up.close()
+        self.pulled += bool(taken)
+        return bool(taken)
+
+
+ROLE = StoreRole

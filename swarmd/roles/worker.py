@@ -1,0 +1,297 @@
+"""The worker role: serve ONNX models to peers over RPC, announce state and load.
+
+Glue only: the InferenceEngine (swarmd.worker.engine) validates, batches and
+bounds; the ModelFetcher pulls models from stores; this module maps RPC
+methods onto them, keeps the worker's DHT announcements current (WORKERS and
+one topic per served model, with state and live load), and on stop drains
+before it withdraws, so no accepted request is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+from loguru import logger
+
+from swarmd.errors import ERR_BAD_REQUEST, ERR_NOT_FOUND, ERR_NOT_READY, ERR_OVERLOADED, SwarmdError
+from swarmd.roles.base import NodeContext, Role
+from swarmd.topics import WORKERS, worker_model_topic
+from swarmd.worker.cache import ModelCache
+from swarmd.worker.config import WorkerConfig, parse_local_model
+from swarmd.worker.engine import InferenceEngine, ServedModel, WorkerState
+from swarmd.worker.fetch import ModelFetcher
+
+MAX_NAME = 256
+
+
+def _opt_str(params: dict[str, Any], key: str) -> str | None:
+    v = params.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, str) or len(v) > MAX_NAME:
+        raise SwarmdError(ERR_BAD_REQUEST, f"'{key}' must be a string of at most {MAX_NAME} characters")
+    return v
+
+
+def _model_params(params: Any) -> tuple[str, str | None]:
+    if not isinstance(params, dict):
+        raise SwarmdError(ERR_BAD_REQUEST, f"params must be a map, got {type(params).__name__}")
+    model = _opt_str(params, "model")
+    if not model:
+        raise SwarmdError(ERR_BAD_REQUEST, "'model' (the model name) is required")
+    version = _opt_str(params, "version")
+    return model, (None if version in ("", "latest") else version)
+
+
+class WorkerRole(Role):
+    name: ClassVar[str] = "worker"
+
+    def __init__(self, ctx: NodeContext) -> None:
+        super().__init__(ctx)
+        self.config: WorkerConfig = ctx.settings.worker
+        self.engine = InferenceEngine(self.config)
+        self.cache = ModelCache(ctx.data_dir / "worker" / "cache", self.config.cache_bytes)
+        self.fetcher = (
+            ModelFetcher(ctx.swarm, self.cache, self.config, local_blob=self._colocated_blob)
+            if ctx.swarm is not None
+            else None
+        )
+        self.local: dict[tuple[str, str], Path] = {}
+        for spec in self.config.models:
+            name, version, path = parse_local_model(spec)
+            self.local[(name, version)] = Path(path).expanduser()
+        self._ensuring: dict[tuple[str, str | None], asyncio.Future[ServedModel]] = {}
+        self._topics: dict[str, dict[str, Any]] = {}  # joined topic -> last payload
+        self._announce_now = asyncio.Event()
+        self._announcer: asyncio.Task[Any] | None = None
+        self._started = time.monotonic()
+        self.log = logger.bind(role="worker")
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.ctx.methods is not None:
+            m = self.ctx.methods
+            m.register("runInference", self.run_inference, op="r")
+            m.register("checkCapacity", self.check_capacity, op="r")
+            m.register("getAvailableModels", self.get_available_models, op="r")
+            m.register("getHealth", self.get_health, op="r")
+            m.register("loadModel", self.load_model, op="w")
+            m.register("unloadModel", self.unload_model, op="w")
+        await self.sync_announcements()  # visible as JOINING while models load
+        for (name, version), path in self.local.items():
+            await self.engine.load(name, version, path)
+        for spec in self.config.preload:
+            name, _, version = spec.partition(":")
+            try:
+                await self.ensure(name, version or None)
+            except SwarmdError as e:  # a store may come later; the model then loads on first request
+                self.log.bind(event="preload_failed", model=spec, code=e.code).warning(
+                    "could not preload {}: {}", spec, e.message)
+        self.engine.set_online()
+        await self.sync_announcements()
+        if self.ctx.swarm is not None:
+            self._announcer = self.ctx.tasks.spawn(self._announce_loop(), name="worker-announce")
+        self.log.bind(event="worker_online", models=[m.name for m in self.engine.models()]).info("worker online")
+
+    async def stop(self) -> None:
+        """Stop taking work, tell the swarm (DRAINING), finish accepted requests, withdraw."""
+        self.engine.stop_accepting()
+        try:
+            await self.sync_announcements()
+            await self.engine.drain()
+        finally:
+            if self._announcer is not None:
+                self._announcer.cancel()
+                await asyncio.gather(self._announcer, return_exceptions=True)
+                self._announcer = None
+            for job in list(self._ensuring.values()):
+                job.cancel()
+            await self._withdraw()
+            await self.engine.close()
+
+    def status(self) -> dict[str, Any]:
+        snap = self.engine.snapshot()
+        return {"state": self.engine.state.value, "models": [f"{m.name}:{m.version}" for m in self.engine.models()],
+                "load": snap.to_wire()}
+
+    # -- announcements --------------------------------------------------------
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "state": "DRAINING" if self.engine.state is WorkerState.STOPPED else self.engine.state.value,
+            "models": sorted({m.name for m in self.engine.models()}),
+            "load": self.engine.snapshot().to_wire(),
+        }
+
+    async def sync_announcements(self) -> None:
+        """Join topics of newly served models, leave those no longer served, refresh payloads."""
+        swarm = self.ctx.swarm
+        if swarm is None:
+            return
+        payload = self.payload()
+        wanted = {WORKERS} | {worker_model_topic(n) for n in payload["models"]}
+        timeout = self.config.store_timeout
+        for topic in sorted(wanted):
+            try:
+                if topic not in self._topics:
+                    await asyncio.wait_for(swarm.join(topic, announce=True, lookup=False, payload=payload), timeout)
+                elif self._topics[topic] != payload:
+                    await asyncio.wait_for(swarm.update(topic, payload), timeout)
+                self._topics[topic] = payload
+            except (SwarmdError, TimeoutError) as e:
+                self.log.bind(event="announce_failed", topic=topic).warning("announcing on {} failed: {!r}", topic, e)
+        for topic in [t for t in self._topics if t not in wanted]:
+            with contextlib.suppress(SwarmdError, TimeoutError):
+                await asyncio.wait_for(swarm.leave(topic), timeout)
+            self._topics.pop(topic, None)
+
+    async def _withdraw(self) -> None:
+        swarm = self.ctx.swarm
+        for topic in list(self._topics):
+            try:
+                await asyncio.wait_for(swarm.leave(topic), self.config.store_timeout)
+            except (SwarmdError, TimeoutError) as e:
+                self.log.bind(event="withdraw_failed", topic=topic).warning("leaving {} failed: {!r}", topic, e)
+            self._topics.pop(topic, None)
+
+    async def _announce_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._announce_now.wait(), self.config.announce_interval)
+            self._announce_now.clear()
+            await self.sync_announcements()
+
+    # -- models ---------------------------------------------------------------
+
+    async def _colocated_blob(self, digest: str) -> Path | None:
+        """The verified blob in a store role running in this process (StoreRole.blob_path), if it has it."""
+        blob_path = getattr(self.ctx.role("store"), "blob_path", None)
+        if blob_path is None:
+            return None
+        try:
+            return Path(await blob_path(digest))
+        except (OSError, SwarmdError):
+            return None
+
+    def _local_path(self, name: str, version: str | None) -> tuple[str, Path] | None:
+        matches = [(v, p) for (n, v), p in self.local.items() if n == name and (version is None or v == version)]
+        return matches[-1] if matches else None
+
+    async def ensure(self, name: str, version: str | None = None) -> ServedModel:
+        """The served model, loading it (from a local file or the stores) if needed; one load per key."""
+        served = self.engine.get(name, version)
+        if served is not None and not served.closing:
+            return served
+        key = (name, version)
+        job = self._ensuring.get(key)
+        if job is None and len(self._ensuring) >= self.config.max_concurrent_loads:
+            raise SwarmdError(
+                ERR_OVERLOADED, f"{len(self._ensuring)} model loads already in progress; retry '{name}' later"
+            )
+        if job is None:
+            job = asyncio.get_running_loop().create_future()
+            self._ensuring[key] = job
+            self.ctx.tasks.spawn(self._ensure_job(name, version, job), name=f"worker-load-{name}")
+        return await asyncio.shield(job)
+
+    async def _ensure_job(self, name: str, version: str | None, job: asyncio.Future[ServedModel]) -> None:
+        """Owned by the node's supervisor; failures go to the waiters, never crash the node."""
+        try:
+            served = await self._load(name, version)
+            if not job.done():
+                job.set_result(served)
+        except asyncio.CancelledError:
+            if not job.done():
+                job.set_exception(SwarmdError(ERR_NOT_READY, f"loading '{name}' was cancelled (worker stopping)"))
+                job.exception()
+            raise
+        except Exception as e:
+            if not job.done():
+                job.set_exception(e)
+                job.exception()
+        finally:
+            self._ensuring.pop((name, version), None)
+
+    async def _load(self, name: str, version: str | None) -> ServedModel:
+        local = self._local_path(name, version)
+        if local is not None:
+            served = await self.engine.load(name, local[0], local[1])
+        elif self.fetcher is None:
+            raise SwarmdError(ERR_NOT_FOUND, f"model '{name}' is not configured on this worker and it has no swarm to fetch it from")
+        else:
+            meta = await self.fetcher.resolve(name, version)
+            served = self.engine.get(name, meta["version"])
+            if served is None:
+                path = await self.fetcher.fetch(meta)
+                self.cache.pinned.add(meta["digest"])
+                try:
+                    served = await self.engine.load(name, meta["version"], path, digest=meta["digest"])
+                except BaseException:
+                    self.cache.pinned.discard(meta["digest"])
+                    raise
+        self._announce_now.set()
+        return served
+
+    # -- RPC methods ----------------------------------------------------------
+
+    async def run_inference(self, ctx: Any, params: Any) -> dict[str, Any]:
+        model, version = _model_params(params)
+        request_id = _opt_str(params, "request_id")
+        if "inputs" not in params:
+            raise SwarmdError(ERR_BAD_REQUEST, "'inputs' (a map of input name to tensor) is required")
+        budget = ctx.time_left() if ctx is not None else None
+        served = self.engine.get(model, version)
+        if served is None and self.engine.state in (WorkerState.JOINING, WorkerState.ONLINE):
+            wait = budget if budget is not None else self.config.default_timeout
+            try:
+                served = await asyncio.wait_for(self.ensure(model, version), max(wait, 0.0))
+            except TimeoutError:
+                raise SwarmdError(ERR_NOT_READY, f"model '{model}' is still loading; retry shortly") from None
+            if budget is not None:
+                budget = ctx.time_left()
+        result = await self.engine.infer(
+            model, params["inputs"], outputs=params.get("outputs"), version=version or (served.version if served else None),
+            budget=budget, request_id=request_id,
+        )
+        return {"model": result.model, "version": result.version, "outputs": result.outputs}
+
+    async def check_capacity(self, ctx: Any, params: Any) -> dict[str, Any]:
+        return self.engine.capacity()
+
+    async def get_available_models(self, ctx: Any, params: Any) -> dict[str, Any]:
+        return {"models": self.engine.describe_models()}
+
+    async def get_health(self, ctx: Any, params: Any) -> dict[str, Any]:
+        state = self.engine.state
+        return {
+            "status": {"ONLINE": "healthy", "JOINING": "starting"}.get(state.value, "draining"),
+            "state": state.value,
+            "uptime_s": round(time.monotonic() - self._started, 1),
+            "models": [f"{m.name}:{m.version}" for m in self.engine.models()],
+            "load": self.engine.snapshot().to_wire(),
+            "cache": {"bytes": self.cache.used(), "budget": self.cache.budget},
+        }
+
+    async def load_model(self, ctx: Any, params: Any) -> dict[str, Any]:
+        model, version = _model_params(params)
+        if self.engine.state not in (WorkerState.JOINING, WorkerState.ONLINE):
+            raise SwarmdError(ERR_NOT_READY, f"worker is {self.engine.state.value.lower()}; not loading '{model}'")
+        served = await self.ensure(model, version)
+        return served.describe()
+
+    async def unload_model(self, ctx: Any, params: Any) -> dict[str, Any]:
+        model, version = _model_params(params)
+        digests = {m.digest for m in self.engine.models() if m.name == model and (version is None or m.version == version)}
+        versions = await self.engine.unload(model, version)
+        still = {m.digest for m in self.engine.models()}
+        self.cache.pinned -= digests - still
+        self._announce_now.set()
+        return {"model": model, "unloaded": versions}
+
+
+ROLE = WorkerRole

@@ -1,0 +1,53 @@
+"""The RPC server as a node part: the first network part to start, so the DHT
+and swarm can advertise its port and roles can register methods on it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from swarmd.errors import ConfigError
+from swarmd.rpc.config import AccessConfig, RpcConfig
+from swarmd.rpc.methods import Firewall, Methods
+from swarmd.rpc.server import RpcServer
+
+
+def firewall_from(access: AccessConfig, own_key: bytes) -> Firewall:
+    if not access.allow and not access.allow_read_only:
+        return Firewall.open_to_all()
+    try:
+        fw = Firewall.from_keys(access.allow, access.allow_read_only)
+    except ValueError:
+        raise ConfigError("access.allow and access.allow_read_only must hold 64-hex-digit public keys") from None
+    fw.allow.add(own_key)  # a node may always call itself (local tools, co-located roles)
+    return fw
+
+
+class RpcPart:
+    """Fills ctx.methods, ctx.rpc_server and ctx.ports["rpc"]."""
+
+    def __init__(self, ctx: Any) -> None:
+        self.ctx = ctx
+        self.server: RpcServer | None = None
+
+    async def start(self) -> None:
+        ctx = self.ctx
+        settings = ctx.settings
+        rpc_cfg = getattr(settings, "rpc", None) or RpcConfig()
+        access = getattr(settings, "access", None) or AccessConfig()
+        ctx.methods = Methods()
+        self.server = RpcServer(
+            ctx.identity,
+            ctx.methods,
+            host=settings.node.host,
+            port=settings.node.port,
+            firewall=firewall_from(access, ctx.identity.public_key),
+            config=rpc_cfg,
+            instance_id=ctx.instance_id,
+        )
+        await self.server.start()
+        ctx.rpc_server = self.server
+        ctx.ports["rpc"] = self.server.port
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop()

@@ -1,0 +1,262 @@
+"""Model metadata in SQLite (WAL): one row per name+version, tombstoned on delete.
+
+Rows are never removed, only tombstoned: a name:version always means the same
+bytes, on every store, forever, so a deleted version can come back only with
+its original digest. `updated` orders changes to a row (delete, re-push) so
+replicas can merge catalogs by last-writer-wins.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from swarmd.errors import ERR_BAD_REQUEST, SwarmdError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:=+-]{0,63}$")
+MAX_TAGS = 32
+MAX_DESCRIPTION = 4096
+LATEST = "latest"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS models (
+    name TEXT NOT NULL,
+    version TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    format TEXT NOT NULL,
+    inputs TEXT NOT NULL,
+    outputs TEXT NOT NULL,
+    tags TEXT NOT NULL,
+    description TEXT NOT NULL,
+    created REAL NOT NULL,
+    uploader TEXT NOT NULL,
+    deleted REAL,
+    updated REAL NOT NULL,
+    PRIMARY KEY (name, version)
+);
+CREATE INDEX IF NOT EXISTS models_digest ON models(digest);
+CREATE TABLE IF NOT EXISTS model_tags (
+    name TEXT NOT NULL,
+    version TEXT NOT NULL,
+    tag TEXT NOT NULL,
+    PRIMARY KEY (name, version, tag)
+);
+CREATE INDEX IF NOT EXISTS model_tags_tag ON model_tags(tag);
+"""
+
+
+def check_name(name: object) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise SwarmdError(
+            ERR_BAD_REQUEST,
+            f"model name must be 1-128 characters of letters, digits, '.', '_' or '-' "
+            f"starting with a letter or digit, got {name!r:.80}",
+        )
+    return name
+
+
+def check_version(version: object) -> str:
+    if not isinstance(version, str) or not VERSION_RE.match(version) or version == LATEST:
+        raise SwarmdError(
+            ERR_BAD_REQUEST,
+            f"model version must be 1-64 characters of letters, digits, '.', '_', '+' or '-' "
+            f"starting with a letter or digit, and not 'latest'; got {version!r:.80}",
+        )
+    return version
+
+
+def check_tags(tags: object) -> list[str]:
+    if tags is None:
+        return []
+    if not isinstance(tags, (list, tuple)) or len(tags) > MAX_TAGS:
+        raise SwarmdError(ERR_BAD_REQUEST, f"tags must be a list of at most {MAX_TAGS} strings")
+    for t in tags:
+        if not isinstance(t, str) or not TAG_RE.match(t):
+            raise SwarmdError(
+                ERR_BAD_REQUEST, f"tag must be 1-64 characters of letters, digits and '._:=+-', got {t!r:.80}"
+            )
+    return sorted(set(tags))
+
+
+def check_description(text: object) -> str:
+    if text is None:
+        return ""
+    if not isinstance(text, str) or len(text) > MAX_DESCRIPTION:
+        raise SwarmdError(ERR_BAD_REQUEST, f"description must be a string of at most {MAX_DESCRIPTION} characters")
+    return text
+
+
+@dataclass
+class ModelMeta:
+    """One immutable model version (plus its mutable tombstone)."""
+
+    name: str
+    version: str
+    digest: str
+    size: int
+    format: str = "onnx"
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+    description: str = ""
+    created: float = 0.0
+    uploader: str = ""
+    deleted: float | None = None
+    updated: float = 0.0
+
+    def to_dict(self, *, replication: bool = False) -> dict[str, Any]:
+        """The contract's metadata dict; replicas also get the tombstone and its clock."""
+        d = asdict(self)
+        if not replication:
+            d.pop("deleted")
+            d.pop("updated")
+        return d
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> ModelMeta:
+        return cls(
+            name=row["name"],
+            version=row["version"],
+            digest=row["digest"],
+            size=row["size"],
+            format=row["format"],
+            inputs=json.loads(row["inputs"]),
+            outputs=json.loads(row["outputs"]),
+            tags=json.loads(row["tags"]),
+            description=row["description"],
+            created=row["created"],
+            uploader=row["uploader"],
+            deleted=row["deleted"],
+            updated=row["updated"],
+        )
+
+
+def version_key(version: str) -> tuple[int, int, str]:
+    """Order for auto-numbered versions: integers numerically, then others by text."""
+    return (0, int(version), "") if version.isdigit() else (1, 0, version)
+
+
+class Catalog:
+    """Thread-safe access to meta.sqlite; every method is one short transaction."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30.0)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.RLock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _one(self, sql: str, args: Iterable[Any] = ()) -> ModelMeta | None:
+        with self._lock:
+            row = self._db.execute(sql, tuple(args)).fetchone()
+        return ModelMeta.from_row(row) if row is not None else None
+
+    def _many(self, sql: str, args: Iterable[Any] = ()) -> list[ModelMeta]:
+        with self._lock:
+            rows = self._db.execute(sql, tuple(args)).fetchall()
+        return [ModelMeta.from_row(r) for r in rows]
+
+    def row(self, name: str, version: str) -> ModelMeta | None:
+        """The row, tombstoned or not."""
+        return self._one("SELECT * FROM models WHERE name=? AND version=?", (name, version))
+
+    def live(self, name: str, version: str | None = None) -> ModelMeta | None:
+        if version is None or version == LATEST:
+            return self._one(
+                "SELECT * FROM models WHERE name=? AND deleted IS NULL ORDER BY created DESC, version DESC LIMIT 1",
+                (name,),
+            )
+        return self._one("SELECT * FROM models WHERE name=? AND version=? AND deleted IS NULL", (name, version))
+
+    def list(
+        self, name: str | None = None, tag: str | None = None, digest: str | None = None, *, include_deleted: bool = False
+    ) -> list[ModelMeta]:
+        where, args = [], []
+        if not include_deleted:
+            where.append("m.deleted IS NULL")
+        if name is not None:
+            where.append("m.name=?")
+            args.append(name)
+        if digest is not None:
+            where.append("m.digest=?")
+            args.append(digest)
+        if tag is not None:
+            where.append("EXISTS (SELECT 1 FROM model_tags t WHERE t.name=m.name AND t.version=m.version AND t.tag=?)")
+            args.append(tag)
+        sql = "SELECT * FROM models m"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        rows = self._many(sql, args)
+        rows.sort(key=lambda m: (m.name, version_key(m.version)))
+        return rows
+
+    def next_version(self, name: str) -> str:
+        """One more than the highest integer version ever used for name (tombstones count)."""
+        with self._lock:
+            rows = self._db.execute("SELECT version FROM models WHERE name=?", (name,)).fetchall()
+        nums = [int(r[0]) for r in rows if r[0].isdigit()]
+        return str(max(nums, default=0) + 1)
+
+    def upsert(self, m: ModelMeta) -> None:
+        """Write one row (insert or replace) and its tag index, atomically."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO models (name, version, digest, size, format, inputs, outputs, tags,"
+                    " description, created, uploader, deleted, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        m.name, m.version, m.digest, m.size, m.format, json.dumps(m.inputs), json.dumps(m.outputs),
+                        json.dumps(m.tags), m.description, m.created, m.uploader, m.deleted, m.updated,
+                    ),
+                )
+                self._db.execute("DELETE FROM model_tags WHERE name=? AND version=?", (m.name, m.version))
+                self._db.executemany(
+                    "INSERT INTO model_tags (name, version, tag) VALUES (?,?,?)",
+                    [(m.name, m.version, t) for t in m.tags],
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def referenced(self, digest: str) -> bool:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM models WHERE digest=? AND deleted IS NULL LIMIT 1", (digest,)
+            ).fetchone()
+        return row is not None
+
+    def live_digests(self) -> set[str]:
+        with self._lock:
+            rows = self._db.execute("SELECT DISTINCT digest FROM models WHERE deleted IS NULL").fetchall()
+        return {r[0] for r in rows}
+
+    def counts(self) -> tuple[int, int]:
+        """(live versions, bytes they reference, counting each blob once)."""
+        with self._lock:
+            n = self._db.execute("SELECT COUNT(*) FROM models WHERE deleted IS NULL").fetchone()[0]
+            b = self._db.execute(
+                "SELECT COALESCE(SUM(size), 0) FROM (SELECT DISTINCT digest, size FROM models WHERE deleted IS NULL)"
+            ).fetchone()[0]
+        return n, b
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,118 @@
+"""[worker]: how a worker runs models, batches requests and bounds its load.
+
+Batching settings have worker-wide defaults and per-model overrides, because
+the best batch size and delay depend on the model: a large MLP gains from
+batching, a model whose rows are not independent must never be batched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from swarmd.errors import ConfigError
+
+BATCHING_KEYS = ("batching", "max_batch_size", "max_queue_delay_us")
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """The batching policy of one model, resolved from defaults and overrides."""
+
+    enabled: bool = True
+    max_batch_size: int = 32  # rows per run; a single larger request still runs alone
+    max_queue_delay_us: int = 0  # how long the first queued request may wait for company
+
+
+@dataclass
+class WorkerConfig:
+    # Local ONNX files served with no store: "name=path" or "name:version=path".
+    models: list[str] = field(default_factory=list)
+    # onnxruntime threads per session; 0 lets onnxruntime choose (all cores).
+    intra_op_threads: int = 1
+    inter_op_threads: int = 1
+    # Runs executing at once across all models (each in its own executor thread).
+    max_concurrent_inferences: int = 2
+    # A lone batch-1 request on an idle worker runs on the event loop thread, skipping the
+    # executor handoff, when the model's runs take at most this long (µs); 0 = always a thread.
+    inline_run_us: int = 0
+    # Requests accepted but not yet running; one more is refused with ERR_OVERLOADED.
+    max_queue: int = 256
+    # Worker-wide batching defaults.
+    batching: bool = True
+    max_batch_size: int = 32
+    max_queue_delay_us: int = 0
+    # Per-model overrides: {"mlp": {"max_batch_size": 64, "max_queue_delay_us": 200, "batching": true}}
+    model_batching: dict[str, Any] = field(default_factory=dict)
+    # Default deadline (s) for a request that arrives without one.
+    default_timeout: float = 30.0
+    # On-disk cache of model blobs under <data_dir>/worker/cache, least recently used evicted first.
+    cache_bytes: int = 4 * 1024**3
+    # Largest model blob the worker will download.
+    max_model_bytes: int = 2 * 1024**3
+    # Seconds between refreshes of the worker's DHT announcements (state and live load).
+    announce_interval: float = 5.0
+    # Bounds on talking to stores: one RPC, and a whole model download.
+    store_timeout: float = 10.0
+    fetch_timeout: float = 300.0
+    # Models loaded at once (each holds a session in memory); loading one more is refused.
+    max_models: int = 16
+    # Model loads (fetch + session build) in progress at once, e.g. triggered by first requests.
+    max_concurrent_loads: int = 4
+    # Models to fetch from the stores and load at start: "name" or "name:version".
+    preload: list[str] = field(default_factory=list)
+    # How long a draining worker waits for accepted requests before giving up.
+    drain_timeout: float = 10.0
+
+    def batching_for(self, model: str) -> BatchingConfig:
+        """The batching policy for `model`: worker defaults overlaid with its overrides."""
+        values: dict[str, Any] = {
+            "enabled": self.batching,
+            "max_batch_size": self.max_batch_size,
+            "max_queue_delay_us": self.max_queue_delay_us,
+        }
+        override = self.model_batching.get(model)
+        if override is not None:
+            if not isinstance(override, dict):
+                raise ConfigError(f"worker.model_batching.{model} must be a table, got {type(override).__name__}")
+            for key, value in override.items():
+                if key not in BATCHING_KEYS:
+                    raise ConfigError(
+                        f"unknown key worker.model_batching.{model}.{key}; known: {', '.join(BATCHING_KEYS)}"
+                    )
+                values["enabled" if key == "batching" else key] = value
+        if not isinstance(values["enabled"], bool):
+            raise ConfigError(f"worker batching for {model!r} must be true or false")
+        for key in ("max_batch_size", "max_queue_delay_us"):
+            v = values[key]
+            if not isinstance(v, int) or isinstance(v, bool) or v < (1 if key == "max_batch_size" else 0):
+                raise ConfigError(f"worker {key} for {model!r} must be an integer >= "
+                                  f"{1 if key == 'max_batch_size' else 0}, got {v!r}")
+        return BatchingConfig(values["enabled"], values["max_batch_size"], values["max_queue_delay_us"])
+
+    def validate(self) -> None:
+        """Fail start-up on settings that cannot work, naming the key."""
+        for key in ("max_concurrent_inferences", "max_queue", "max_models", "max_concurrent_loads"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"worker.{key} must be at least 1, got {getattr(self, key)}")
+        for key in ("intra_op_threads", "inter_op_threads", "inline_run_us"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"worker.{key} must be 0 or more, got {getattr(self, key)}")
+        for key in ("default_timeout", "announce_interval", "store_timeout", "fetch_timeout", "drain_timeout"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"worker.{key} must be positive, got {getattr(self, key)}")
+        self.batching_for("")
+        for name in self.model_batching:
+            self.batching_for(name)
+        for spec in self.models:
+            parse_local_model(spec)
+
+
+def parse_local_model(spec: str) -> tuple[str, str, str]:
+    """'name=path' or 'name:version=path' -> (name, version, path); version defaults to "1"."""
+    left, sep, path = spec.partition("=")
+    name, _, version = left.partition(":")
+    name, version, path = name.strip(), (version.strip() or "1"), path.strip()
+    if not sep or not name or not path:
+        raise ConfigError(f"worker.models entry {spec!r} must look like NAME=PATH or NAME:VERSION=PATH")
+    return name, version, path

@@ -1,0 +1,505 @@
+"""The inference engine: loaded models, admission, batching dispatch, drain.
+
+Admission is where overload is decided: a request is validated against the
+model signature, then either queued or refused at once (ERR_OVERLOADED), so
+a caller never hangs on a full worker. Dispatch is event-driven, with no task
+of its own: a new request or a finished run starts the next batch whenever
+one of `max_concurrent_inferences` run slots is free, handing it to an
+executor thread; the event loop only queues, times out and answers. Under
+load requests pile up while the slots are busy, so batches grow by
+themselves; `max_queue_delay_us` can hold a lone request back for company.
+Deadlines are timers: a request whose deadline passes while queued is
+removed before it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import functools
+import hashlib
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from loguru import logger
+
+from swarmd.errors import (
+    ERR_NOT_FOUND,
+    ERR_NOT_READY,
+    ERR_OVERLOADED,
+    ERR_TIMEOUT,
+    SwarmdError,
+)
+from swarmd.worker.batcher import Pending, PendingState, Result, execute, internal_error, take_batch
+from swarmd.worker.config import BatchingConfig, WorkerConfig
+from swarmd.worker.runtime import ModelRuntime
+from swarmd.worker.signature import ModelSignature
+from swarmd.worker.stats import LoadSnapshot, LoadStats
+
+
+class WorkerState(enum.Enum):
+    JOINING = "JOINING"  # starting, loading its first models
+    ONLINE = "ONLINE"
+    DRAINING = "DRAINING"  # finishing accepted work, taking no more
+    STOPPED = "STOPPED"
+
+
+@dataclass
+class InferenceResult:
+    model: str
+    version: str
+    outputs: dict[str, np.ndarray]
+
+
+@dataclass(eq=False)
+class ServedModel:
+    """A model loaded in this worker, with its own queue and dispatcher."""
+
+    name: str
+    version: str
+    digest: str
+    runtime: ModelRuntime
+    policy: BatchingConfig
+    size: int = 0
+    queue: deque[Pending] = field(default_factory=deque)
+    queued_rows: int = 0
+    pending: int = 0  # queued + running requests of this model
+    closing: bool = False
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    delay_timer: asyncio.TimerHandle | None = None  # set while a batch waits for company
+    run_ewma_s: float = float("inf")  # how long one run takes; unknown until the first one finished
+    batch_ewma: float = 1.0  # recent requests per run: above ~1 the worker is busy enough to batch
+    deferred: bool = False  # a start is scheduled for the next loop turn (inline runs)
+
+    @property
+    def signature(self) -> ModelSignature:
+        return self.runtime.signature
+
+    def describe(self, state: str = "READY") -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "digest": self.digest,
+            "state": state,
+            **self.signature.to_wire(),
+            "batching": {
+                "enabled": self.policy.enabled,
+                "max_batch_size": self.policy.max_batch_size,
+                "max_queue_delay_us": self.policy.max_queue_delay_us,
+            },
+        }
+
+
+def file_sha256(path: Path) -> tuple[str, int]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+class InferenceEngine:
+    def __init__(self, config: WorkerConfig) -> None:
+        config.validate()
+        self.config = config
+        self.state = WorkerState.JOINING
+        self.stats = LoadStats()
+        self.queued = 0
+        self.in_flight = 0
+        self._models: dict[tuple[str, str], ServedModel] = {}
+        self._default: dict[str, str] = {}  # name -> version answered when none is asked
+        self._loading: dict[tuple[str, str], asyncio.Future[ServedModel]] = {}
+        self._free = config.max_concurrent_inferences  # run slots not in use
+        self._turn = 0
+        self.executor = ThreadPoolExecutor(
+            max_workers=config.max_concurrent_inferences, thread_name_prefix="swarmd-infer"
+        )
+        self._runs: set[asyncio.Future[Any]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.log = logger.bind(part="worker")
+
+    # -- models ---------------------------------------------------------------
+
+    async def load(
+        self, name: str, version: str, source: Path | bytes, *, digest: str | None = None
+    ) -> ServedModel:
+        """Load a model from a file or bytes and start serving it; idempotent per (name, version).
+
+        A second call while the first is loading waits for it instead of
+        loading twice.
+        """
+        key = (name, version)
+        if key in self._models:
+            return self._models[key]
+        if key in self._loading:
+            return await asyncio.shield(self._loading[key])
+        if self.state in (WorkerState.DRAINING, WorkerState.STOPPED):
+            raise SwarmdError(ERR_NOT_READY, f"worker is {self.state.value.lower()}; not loading '{name}'")
+        if len(self._models) + len(self._loading) >= self.config.max_models:
+            raise SwarmdError(
+                ERR_OVERLOADED,
+                f"worker already serves {len(self._models)} models (worker.max_models = {self.config.max_models}); "
+                "unload one first",
+            )
+        fut: asyncio.Future[ServedModel] = asyncio.get_running_loop().create_future()
+        self._loading[key] = fut
+        try:
+            served = await self._load(name, version, source, digest)
+            fut.set_result(served)
+            return served
+        except BaseException as e:
+            fut.set_exception(e if isinstance(e, Exception) else SwarmdError(ERR_NOT_READY, "load cancelled"))
+            fut.exception()  # mark retrieved: a load nobody else waited for must not warn
+            raise
+        finally:
+            del self._loading[key]
+
+    async def _load(self, name: str, version: str, source: Path | bytes, digest: str | None) -> ServedModel:
+        cfg = self.config
+
+        def build() -> tuple[ModelRuntime, str, int]:
+            if isinstance(source, Path):
+                d, size = file_sha256(source) if digest is None else (digest, source.stat().st_size)
+            else:
+                d, size = digest or hashlib.sha256(source).hexdigest(), len(source)
+            rt = ModelRuntime(source, intra_op_threads=cfg.intra_op_threads, inter_op_threads=cfg.inter_op_threads)
+            return rt, d, size
+
+        runtime, digest, size = await asyncio.to_thread(build)
+        policy = cfg.batching_for(name)
+        if policy.enabled and not runtime.signature.batchable:
+            policy = BatchingConfig(False, policy.max_batch_size, policy.max_queue_delay_us)
+        served = ServedModel(name, version, digest, runtime, policy, size=size)
+        served.idle.set()
+        self._models[(name, version)] = served
+        self._default[name] = version
+        self.log.bind(event="model_loaded", model=name, version=version, digest=digest[:16],
+                      batching=policy.enabled).info("loaded model {}:{}", name, version)
+        return served
+
+    def loading(self, name: str, version: str | None = None) -> bool:
+        return any(k[0] == name and (version is None or k[1] == version) for k in self._loading)
+
+    def get(self, name: str, version: str | None = None) -> ServedModel | None:
+        if version is None or version in ("", "latest"):
+            version = self._default.get(name)
+            if version is None:
+                return None
+        return self._models.get((name, version))
+
+    def models(self) -> list[ServedModel]:
+        return list(self._models.values())
+
+    def describe_models(self) -> list[dict[str, Any]]:
+        out = [m.describe() for m in self._models.values()]
+        out += [{"name": n, "version": v, "state": "LOADING"} for (n, v) in self._loading]
+        return out
+
+    async def unload(self, name: str, version: str | None = None) -> list[str]:
+        """Stop serving a model after its accepted requests finish; returns the versions unloaded."""
+        targets = [m for (n, v), m in self._models.items() if n == name and (version in (None, "", "latest") or v == version)]
+        if not targets:
+            raise SwarmdError(ERR_NOT_FOUND, f"model '{name}'{f' version {version!r}' if version else ''} is not loaded")
+        for m in targets:
+            m.closing = True
+        for m in targets:
+            await m.idle.wait()
+            self._models.pop((m.name, m.version), None)
+            if m.delay_timer is not None:
+                m.delay_timer.cancel()
+            self.log.bind(event="model_unloaded", model=m.name, version=m.version).info(
+                "unloaded model {}:{}", m.name, m.version)
+        remaining = [v for (n, v) in self._models if n == name]
+        if remaining:
+            self._default[name] = remaining[-1]
+        else:
+            self._default.pop(name, None)
+        return [m.version for m in targets]
+
+    # -- requests -------------------------------------------------------------
+
+    async def infer(
+        self,
+        model: str,
+        inputs: Any,
+        *,
+        outputs: Any = None,
+        version: str | None = None,
+        budget: float | None = None,
+        request_id: str | None = None,
+    ) -> InferenceResult:
+        """Validate, queue (or refuse at once), and await the answer within `budget` seconds.
+
+        `budget` is what is left of the caller's deadline (config.default_timeout
+        when None); past it the request fails with ERR_TIMEOUT and, if it had
+        not started, never runs.
+        """
+        if self.state in (WorkerState.DRAINING, WorkerState.STOPPED):
+            raise SwarmdError(ERR_NOT_READY, f"worker is {self.state.value.lower()} and takes no new requests")
+        served = self.get(model, version)
+        if served is None or served.closing:
+            if self.loading(model, version if version not in ("", "latest") else None):
+                raise SwarmdError(ERR_NOT_READY, f"model '{model}' is still loading")
+            raise SwarmdError(ERR_NOT_FOUND, f"model '{model}'{f' version {version!r}' if version else ''} is not loaded on this worker")
+        feeds, names, rows = served.signature.validate(model, inputs, outputs, batch=served.policy.enabled)
+        if self.queued >= self.config.max_queue:
+            raise SwarmdError(
+                ERR_OVERLOADED, f"worker queue is full ({self.queued} requests waiting); retry elsewhere or later"
+            )
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        budget = self.config.default_timeout if budget is None else budget
+        if budget <= 0:
+            raise SwarmdError(ERR_TIMEOUT, "the request's deadline passed before it reached the worker")
+        fut: asyncio.Future[list[np.ndarray]] = loop.create_future()
+        p = Pending(feeds, names, rows, now + budget, now, fut, request_id=request_id)
+        p.timer = loop.call_at(p.deadline, self._expire, served, p)
+        self.queued += 1
+        served.pending += 1
+        served.idle.clear()
+        self._idle.clear()
+        served.queue.append(p)
+        served.queued_rows += max(rows, 1)
+        if self._free:
+            self._pump_model(served)
+        try:
+            arrays = await fut
+        except asyncio.CancelledError:
+            if p.state is PendingState.QUEUED:  # the caller gave up: free its place in line
+                self._retire_queued(served, p)
+            raise
+        return InferenceResult(served.name, served.version, dict(zip(names, arrays, strict=True)))
+
+    def _retire_queued(self, served: ServedModel, p: Pending) -> None:
+        p.state = PendingState.DONE
+        if p.timer is not None:
+            p.timer.cancel()
+        self.queued -= 1
+        served.queued_rows -= max(p.rows, 1)
+        self._settle(served, 1)
+
+    def _settle(self, served: ServedModel, n: int) -> None:
+        served.pending -= n
+        if served.pending == 0:
+            served.idle.set()
+        if self.queued == 0 and self.in_flight == 0:
+            self._idle.set()
+
+    def _expire(self, served: ServedModel, p: Pending) -> None:
+        p.timer = None
+        if p.future.done():
+            return
+        if p.state is PendingState.QUEUED:
+            self._retire_queued(served, p)
+            self.stats.record(self._now() - p.enqueued, ok=False)
+            p.future.set_exception(SwarmdError(ERR_TIMEOUT, "deadline passed while the request was queued; it was not run"))
+        else:  # running: the answer would come too late to be used
+            p.future.set_exception(SwarmdError(ERR_TIMEOUT, "deadline passed while the request was running"))
+
+    @staticmethod
+    def _now() -> float:
+        return asyncio.get_running_loop().time()
+
+    def _pump_model(self, served: ServedModel) -> None:
+        """Start runs of this model's queued batches while run slots are free."""
+        while self._free and served.queue and self._start_batch(served):
+            pass
+
+    def _pump(self) -> None:
+        """A slot came free: give it to the models with queued work, in turn."""
+        waiting = [m for m in self._models.values() if m.queue]
+        if not waiting:
+            return
+        self._turn = (self._turn + 1) % len(waiting)
+        for m in waiting[self._turn :] + waiting[: self._turn]:
+            if not self._free:
+                return
+            self._pump_model(m)
+
+    def _on_delay(self, served: ServedModel) -> None:
+        served.delay_timer = None
+        self._pump_model(served)
+
+    def _inline_candidate(self, served: ServedModel) -> bool:
+        """Whether a lone request could run on the loop thread: idle worker, quick model, no batching lately."""
+        inline_s = self.config.inline_run_us / 1e6
+        return bool(inline_s) and self.in_flight == 0 and served.batch_ewma < 1.5 and served.run_ewma_s <= inline_s
+
+    def _on_deferred(self, served: ServedModel) -> None:
+        served.deferred = False
+        if self._free:
+            self._start_batch(served, inline_ok=True)
+            self._pump_model(served)
+
+    def _start_batch(self, served: ServedModel, inline_ok: bool = False) -> bool:
+        """Take one batch off the queue into an executor thread; False if none may start now.
+
+        With a queue delay, a batch that is not full waits until its oldest
+        request has waited the delay (a timer resumes it); a full one starts
+        at once. On an idle worker with inline runs enabled, the start is
+        deferred by one loop turn (requests read from the same socket burst
+        join first) and a batch of one then runs on the loop thread.
+        """
+        policy = served.policy
+        queue = served.queue
+        while queue and queue[0].state is not PendingState.QUEUED:
+            queue.popleft()
+        if not queue or served.deferred:
+            return False
+        loop = asyncio.get_running_loop()
+        if policy.enabled and policy.max_queue_delay_us and served.queued_rows < policy.max_batch_size:
+            due = queue[0].enqueued + policy.max_queue_delay_us / 1e6
+            if loop.time() < due:
+                if served.delay_timer is None:
+                    served.delay_timer = loop.call_at(due, self._on_delay, served)
+                return False
+        if not inline_ok and self._inline_candidate(served):
+            served.deferred = True
+            loop.call_soon(self._on_deferred, served)
+            return False
+        if served.delay_timer is not None:
+            served.delay_timer.cancel()
+            served.delay_timer = None
+        batch = take_batch(queue, policy)
+        if not batch:
+            return False
+        for p in batch:
+            p.state = PendingState.RUNNING
+            served.queued_rows -= max(p.rows, 1)
+        n = len(batch)
+        self.queued -= n
+        self.in_flight += n
+        self._free -= 1
+        served.batch_ewma += 0.2 * (n - served.batch_ewma)
+        if inline_ok and n == 1 and not queue and self.in_flight == 1 and self._inline_candidate_after_take(served):
+            # Lightly loaded and a quick model: a thread handoff would cost more than the run
+            # blocks the loop (at most inline_run_us). Under load batches form, runs stay in
+            # threads and the loop stays free.
+            t0 = time.perf_counter()
+            results = execute(served.runtime.run, served.name, batch[0].outputs, [batch[0].feeds], [batch[0].rows])
+            self._note_run_time(served, time.perf_counter() - t0)
+            self._complete(served, batch, results)
+            return True
+        submitted = time.perf_counter()
+        run = loop.run_in_executor(
+            self.executor,
+            execute,
+            served.runtime.run,
+            served.name,
+            batch[0].outputs,
+            [p.feeds for p in batch],
+            [p.rows for p in batch],
+        )
+        self._runs.add(run)
+        run.add_done_callback(functools.partial(self._finished, served, batch, submitted))
+        return True
+
+    def _inline_candidate_after_take(self, served: ServedModel) -> bool:
+        inline_s = self.config.inline_run_us / 1e6
+        return served.batch_ewma < 1.5 and served.run_ewma_s <= inline_s
+
+    @staticmethod
+    def _note_run_time(served: ServedModel, seconds: float) -> None:
+        served.run_ewma_s = seconds if served.run_ewma_s == float("inf") else 0.8 * served.run_ewma_s + 0.2 * seconds
+
+    def _finished(
+        self, served: ServedModel, batch: list[Pending], submitted: float, run: asyncio.Future[list[Result]]
+    ) -> None:
+        self._runs.discard(run)
+        if len(batch) == 1:  # thread runs time the handoff too: a cautious estimate for inline runs
+            self._note_run_time(served, time.perf_counter() - submitted)
+        if run.cancelled():
+            results: list[Result] = [SwarmdError(ERR_NOT_READY, "worker stopped before the request ran")] * len(batch)
+        elif (exc := run.exception()) is not None:
+            self.log.opt(exception=exc).bind(event="run_failed", model=served.name).error("run failed")
+            results = [internal_error(served.name, exc)] * len(batch)
+        else:
+            results = run.result()
+        self._complete(served, batch, results)
+
+    def _complete(self, served: ServedModel, batch: list[Pending], results: list[Result]) -> None:
+        self._free += 1
+        now = self._now()
+        self.stats.record_batch(len(batch))
+        for p, r in zip(batch, results, strict=True):
+            p.state = PendingState.DONE
+            if p.timer is not None:
+                p.timer.cancel()
+            ok = not isinstance(r, SwarmdError)
+            self.stats.record(now - p.enqueued, ok=ok)
+            if not p.future.done():
+                if ok:
+                    p.future.set_result(r)
+                else:
+                    p.future.set_exception(r)
+        self.in_flight -= len(batch)
+        self._settle(served, len(batch))
+        self._pump()
+
+    # -- load, lifecycle --------------------------------------------------------
+
+    def snapshot(self) -> LoadSnapshot:
+        return self.stats.snapshot(self.queued, self.in_flight, len(self._models))
+
+    def capacity(self) -> dict[str, Any]:
+        snap = self.snapshot()
+        return {
+            "state": self.state.value,
+            "queue_depth": snap.queue,
+            "max_queue": self.config.max_queue,
+            "in_flight": snap.in_flight,
+            "max_concurrent": self.config.max_concurrent_inferences,
+            "accepting": self.state in (WorkerState.JOINING, WorkerState.ONLINE) and snap.queue < self.config.max_queue,
+            "ewma_ms": round(snap.ewma_ms, 3),
+            "rps": round(snap.rps, 1),
+            "models": len(self._models),
+        }
+
+    def set_online(self) -> None:
+        if self.state is WorkerState.JOINING:
+            self.state = WorkerState.ONLINE
+
+    def stop_accepting(self) -> None:
+        """Enter DRAINING: new requests and loads are refused, accepted ones still run."""
+        if self.state is not WorkerState.STOPPED:
+            self.state = WorkerState.DRAINING
+
+    async def drain(self, grace: float | None = None) -> bool:
+        """Take no new work, finish what was accepted. True when everything finished in time."""
+        self.stop_accepting()
+        self.log.bind(event="draining", queued=self.queued, in_flight=self.in_flight).info("draining")
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace if grace is not None else self.config.drain_timeout)
+            return True
+        except TimeoutError:
+            self.log.bind(event="drain_timeout", queued=self.queued, in_flight=self.in_flight).warning(
+                "drain did not finish in time")
+            return False
+
+    async def close(self) -> None:
+        """Drain, then stop dispatchers and the executor threads."""
+        if self.state is not WorkerState.STOPPED:
+            await self.drain()
+        self.state = WorkerState.STOPPED
+        for run in list(self._runs):
+            run.cancel()
+        for served in self._models.values():
+            for p in served.queue:
+                if not p.future.done():
+                    p.future.set_exception(SwarmdError(ERR_NOT_READY, "worker stopped before the request ran"))
+                if p.timer is not None:
+                    p.timer.cancel()
+            served.queue.clear()
+            if served.delay_timer is not None:
+                served.delay_timer.cancel()
+        self._models.clear()
+        self._default.clear()
+        await asyncio.to_thread(self.executor.shutdown, wait=True)

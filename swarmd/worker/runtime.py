@@ -1,0 +1,52 @@
+"""One loaded ONNX model: an onnxruntime session and the signature read from it.
+
+onnxruntime is imported here, lazily, on the first load: a node that is not a
+worker never pays its import time and memory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from swarmd.errors import ERR_INVALID_MODEL, SwarmdError
+from swarmd.worker.signature import ModelSignature, TensorSpec
+
+
+def _ort() -> Any:
+    import onnxruntime
+
+    return onnxruntime
+
+
+class ModelRuntime:
+    """Wraps an InferenceSession; `run` is blocking and meant for an executor thread.
+
+    onnxruntime releases the GIL while it computes and a session may run from
+    several threads at once, so one runtime serves concurrent batches.
+    """
+
+    def __init__(self, source: Path | bytes, *, intra_op_threads: int = 1, inter_op_threads: int = 1) -> None:
+        ort = _ort()
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = intra_op_threads
+        opts.inter_op_num_threads = inter_op_threads
+        opts.log_severity_level = 3  # errors only: onnxruntime's warnings would bypass our logging
+        what = str(source) if isinstance(source, Path) else f"{len(source)} bytes"
+        try:
+            self.session = ort.InferenceSession(
+                str(source) if isinstance(source, Path) else source, opts, providers=["CPUExecutionProvider"]
+            )
+        except Exception as e:  # onnxruntime raises its own exception types for unparseable models
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise SwarmdError(ERR_INVALID_MODEL, f"onnxruntime cannot load the model ({what}): {first}") from None
+        self.signature = ModelSignature(
+            inputs=tuple(TensorSpec.from_node_arg(a) for a in self.session.get_inputs()),
+            outputs=tuple(TensorSpec.from_node_arg(a) for a in self.session.get_outputs()),
+        )
+
+    def run(self, output_names: tuple[str, ...], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Blocking run; the caller validated `feeds` against the signature."""
+        return self.session.run(list(output_names), feeds)

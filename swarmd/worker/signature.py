@@ -1,0 +1,156 @@
+"""Model signatures and the validation of requests against them.
+
+Every request is checked here before it is queued, so a bad request costs
+the caller a precise message and costs the worker nothing: no batch is ever
+poisoned by a tensor of the wrong shape or dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from swarmd.errors import ERR_BAD_REQUEST, SwarmdError
+
+# onnxruntime's NodeArg.type strings -> numpy dtype names.
+ORT_TO_NUMPY: dict[str, str] = {
+    "tensor(float)": "float32",
+    "tensor(double)": "float64",
+    "tensor(float16)": "float16",
+    "tensor(int8)": "int8",
+    "tensor(int16)": "int16",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+    "tensor(uint8)": "uint8",
+    "tensor(uint16)": "uint16",
+    "tensor(uint32)": "uint32",
+    "tensor(uint64)": "uint64",
+    "tensor(bool)": "bool",
+    "tensor(string)": "str",
+}
+
+
+def _fmt_shape(shape: tuple[int, ...] | list[int]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output: name, numpy dtype name, shape with -1 for a dynamic dim."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @classmethod
+    def from_node_arg(cls, arg: Any) -> TensorSpec:
+        """From an onnxruntime NodeArg; symbolic and unknown dims become -1."""
+        dtype = ORT_TO_NUMPY.get(arg.type, arg.type)
+        shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or ()))
+        return cls(arg.name, dtype, shape)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    def describe(self) -> str:
+        return f"'{self.name}' ({self.dtype} {_fmt_shape(self.shape)})"
+
+
+@dataclass(frozen=True)
+class ModelSignature:
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.inputs)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.outputs)
+
+    @property
+    def batchable(self) -> bool:
+        """True when every input and output has a dynamic first dim: rows can be stacked."""
+        specs = self.inputs + self.outputs
+        return bool(self.inputs) and all(len(s.shape) >= 1 and s.shape[0] == -1 for s in specs)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"inputs": [s.to_wire() for s in self.inputs], "outputs": [s.to_wire() for s in self.outputs]}
+
+    def validate(
+        self, model: str, inputs: Any, outputs: Any = None, *, batch: bool = False
+    ) -> tuple[dict[str, np.ndarray], tuple[str, ...], int]:
+        """Check a request; return (contiguous inputs, output names, rows).
+
+        `rows` is the shared size of the first dim when `batch` is set (the
+        request can be stacked with others), else 0. Raises ERR_BAD_REQUEST
+        with what was wrong and what the model expects.
+        """
+        if not isinstance(inputs, dict):
+            raise SwarmdError(
+                ERR_BAD_REQUEST,
+                f"inputs must be a map of input name to tensor, got {type(inputs).__name__}",
+            )
+        expected = {s.name: s for s in self.inputs}
+        for key in inputs:
+            if key not in expected:
+                raise SwarmdError(
+                    ERR_BAD_REQUEST,
+                    f"model '{model}' has no input {str(key)[:100]!r}; its inputs are "
+                    + ", ".join(s.describe() for s in self.inputs),
+                )
+        feeds: dict[str, np.ndarray] = {}
+        rows = -1
+        first_name = ""
+        for spec in self.inputs:
+            if spec.name not in inputs:
+                raise SwarmdError(ERR_BAD_REQUEST, f"missing input {spec.describe()} of model '{model}'")
+            arr = inputs[spec.name]
+            if not isinstance(arr, np.ndarray):
+                raise SwarmdError(
+                    ERR_BAD_REQUEST,
+                    f"input '{spec.name}' must be a tensor (dtype, shape, bytes), got {type(arr).__name__}",
+                )
+            if arr.dtype.name != spec.dtype and not (spec.dtype == "str" and arr.dtype.kind in "UO"):
+                raise SwarmdError(
+                    ERR_BAD_REQUEST, f"input '{spec.name}' has dtype {arr.dtype.name}, expected {spec.dtype}"
+                )
+            if arr.ndim != len(spec.shape) or any(e != -1 and d != e for d, e in zip(arr.shape, spec.shape, strict=True)):
+                raise SwarmdError(
+                    ERR_BAD_REQUEST,
+                    f"input '{spec.name}' has shape {_fmt_shape(arr.shape)}, expected {_fmt_shape(spec.shape)}",
+                )
+            if batch:
+                if arr.shape[0] == 0:
+                    raise SwarmdError(ERR_BAD_REQUEST, f"input '{spec.name}' has an empty batch (0 rows)")
+                if rows == -1:
+                    rows, first_name = arr.shape[0], spec.name
+                elif arr.shape[0] != rows:
+                    raise SwarmdError(
+                        ERR_BAD_REQUEST,
+                        f"inputs disagree on the batch size: '{first_name}' has {rows} rows, "
+                        f"'{spec.name}' has {arr.shape[0]}",
+                    )
+            if not arr.dtype.isnative:  # a big-endian sender: onnxruntime wants native order
+                arr = arr.astype(arr.dtype.newbyteorder("="))
+            feeds[spec.name] = arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
+        if outputs is None:
+            names = self.output_names
+        else:
+            if not isinstance(outputs, (list, tuple)) or not all(isinstance(o, str) for o in outputs):
+                raise SwarmdError(ERR_BAD_REQUEST, "outputs must be a list of output names")
+            if not outputs:
+                raise SwarmdError(ERR_BAD_REQUEST, "outputs is empty; omit it to get every output")
+            known = set(self.output_names)
+            for o in outputs:
+                if o not in known:
+                    raise SwarmdError(
+                        ERR_BAD_REQUEST,
+                        f"model '{model}' has no output {o[:100]!r}; its outputs are "
+                        + ", ".join(s.describe() for s in self.outputs),
+                    )
+            names = tuple(dict.fromkeys(outputs))
+        return feeds, names, max(rows, 0)

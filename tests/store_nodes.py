@@ -1,0 +1,109 @@
+"""Real store nodes for tests: a StoreRole on an RpcServer on 127.0.0.1, no daemon around it.
+
+Run as a script it is a store process: `python tests/store_nodes.py DATA_DIR [INTERVAL]` prints
+{"port", "key"} on one line, takes "peers K@H:P,..." lines on stdin, and stops at end of input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from swarmd.node.identity import Identity
+from swarmd.node.supervisor import Supervisor
+from swarmd.roles.base import NodeContext
+from swarmd.roles.store import StoreRole
+from swarmd.rpc import Methods, RpcServer
+from swarmd.settings import Settings
+from swarmd.store.config import StoreConfig
+
+
+@dataclass
+class Node:
+    role: StoreRole
+    server: RpcServer
+    ident: Identity
+    tasks: Supervisor
+    swarm: Any = None
+    dht: Any = None
+
+    @property
+    def key(self) -> str:
+        return self.ident.public_hex
+
+    @property
+    def addr(self) -> str:
+        return f"{self.key}@127.0.0.1:{self.server.port}"
+
+    async def stop(self) -> None:
+        """Stop like a node does: role, then swarm, RPC server and DHT (idempotent)."""
+        await self.role.stop()
+        await self.tasks.close()
+        if self.swarm is not None:
+            await self.swarm.stop()
+            self.swarm = None
+        await self.server.stop()
+        if self.dht is not None:
+            await self.dht.stop()
+            self.dht = None
+
+
+async def start_swarm_store(net: Any, data_dir: Path, **cfg: Any) -> Node:
+    """A store on the swarm: its own DHT node in testnet `net`, a Swarm, an RpcServer."""
+    from swarmd.swarm import Swarm, SwarmConfig
+
+    ident = Identity.generate()
+    dht = await net.add(ident)
+    net.nodes.remove(dht)  # the Node owns (and stops) it
+    methods = Methods()
+    server = RpcServer(ident, methods, port=0)
+    await server.start()
+    swarm = Swarm(ident, dht, server, SwarmConfig(relookup_interval=0.3, reconnect_initial=0.05,
+                                                  connect_timeout=3.0, lookup_timeout=3.0))
+    await swarm.start()
+    return await start_store(data_dir, ident, server=server, swarm=swarm, dht=dht, **cfg)
+
+
+async def start_store(data_dir: Path, ident: Identity | None = None, port: int = 0, *, server: Any = None,
+                      swarm: Any = None, dht: Any = None, **cfg: Any) -> Node:
+    ident = ident or Identity.generate()
+    settings = Settings()
+    settings.store = StoreConfig(**cfg)
+    crashes: list[BaseException] = []
+    tasks = Supervisor(on_crash=lambda name, exc: crashes.append(exc))
+    if server is None:
+        server = RpcServer(ident, Methods(), port=port)
+        await server.start()
+    ctx = NodeContext(identity=ident, settings=settings, data_dir=data_dir, instance_id="test",
+                      roles=("store",), tasks=tasks, methods=server.methods, swarm=swarm, dht=dht,
+                      rpc_server=server)
+    role = StoreRole(ctx)
+    await role.start()
+    return Node(role, server, ident, tasks, swarm, dht)
+
+
+async def serve(data_dir: Path, interval: float) -> None:
+    node = await start_store(data_dir, Identity.load_or_create(data_dir / "identity.key"),
+                             replicate_interval=interval)
+    print(json.dumps({"port": node.server.port, "key": node.key}), flush=True)
+    loop = asyncio.get_running_loop()
+    try:
+        while line := await loop.run_in_executor(None, sys.stdin.readline):
+            cmd, _, arg = line.strip().partition(" ")
+            if cmd == "peers":
+                node.role.set_static_peers([p for p in arg.split(",") if p])
+    finally:
+        await node.stop()
+
+
+if __name__ == "__main__":
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
+    Path(sys.argv[1]).mkdir(parents=True, exist_ok=True)
+    asyncio.run(serve(Path(sys.argv[1]), float(sys.argv[2]) if len(sys.argv) > 2 else 0.5))

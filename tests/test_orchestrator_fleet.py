@@ -1,0 +1,99 @@
+"""Fleet membership from DHT worker records: leases renewed by records, dead workers' leftovers ignored."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from swarmd.orchestrator.balancer import Balancer
+from swarmd.orchestrator.config import OrchestratorConfig
+from swarmd.orchestrator.fleet import Fleet
+
+KEYS = [bytes([i]) * 32 for i in range(1, 4)]
+
+
+@dataclass
+class Record:
+    """The fields of swarmd.dht PeerRecord that the fleet reads."""
+
+    public_key: bytes
+    payload: Any
+    seq: int = 1
+    addresses: list[tuple[str, int]] = field(default_factory=lambda: [("127.0.0.1", 7000)])
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 50.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def fleet(**cfg: Any) -> tuple[Fleet, Clock]:
+    clock = Clock()
+    config = OrchestratorConfig(seed=1, dht_lease_ttl=10, eject_after=1, **cfg)
+    return Fleet(config, balancer=Balancer(config, clock=clock), health_checks=False), clock
+
+
+def online(models: list[str], **extra: Any) -> dict[str, Any]:
+    return {"state": "ONLINE", "models": models, "load": {"queue": 0, "in_flight": 0}, **extra}
+
+
+def test_records_fill_the_registry_by_model_and_state() -> None:
+    f, _ = fleet()
+    n = f.ingest_records(
+        [
+            Record(KEYS[0], online(["mlp", "cnn"])),
+            Record(KEYS[1], {**online(["mlp"]), "state": "JOINING"}),
+            Record(KEYS[2], "garbage"),
+        ]
+    )
+    assert n == 2 and f.bad_records == 1
+    b = f.balancer
+    assert {lease.public_key for lease in b.registry.matching("mlp")} == {KEYS[0].hex(), KEYS[1].hex()}
+    assert [lease.public_key for lease in b.candidates("mlp")] == [KEYS[0].hex()]
+    lease = b.registry.get(KEYS[0].hex())
+    assert lease is not None and lease.sources == {"dht"} and lease.addresses == [("127.0.0.1", 7000)]
+
+
+def test_a_vanished_worker_ages_out_and_its_leftover_record_does_not_revive_it() -> None:
+    f, clock = fleet()
+    b = f.balancer
+    f.ingest_records([Record(KEYS[0], online(["mlp"]), seq=5), Record(KEYS[1], online(["mlp"]), seq=1)])
+    # KEYS[0] dies: checks fail and eject it; its record stays on the DHT unchanged.
+    b.check_failed(KEYS[0].hex(), "ERR_UNAVAILABLE")
+    for _ in range(3):
+        clock.t += 4
+        f.ingest_records([Record(KEYS[0], online(["mlp"]), seq=5), Record(KEYS[1], online(["mlp"]), seq=1)])
+    ejected = set(b.health.ejected)
+    for key in b.expire():
+        f._expired(key, key in ejected)
+    assert KEYS[0].hex() not in b.registry  # not renewed by its stale record
+    assert KEYS[1].hex() in b.registry  # a healthy worker's unchanged record keeps renewing it
+    f.ingest_records([Record(KEYS[0], online(["mlp"]), seq=5)])
+    assert KEYS[0].hex() not in b.registry and f.stale_records >= 4
+    # It comes back and announces again (higher seq): registered again.
+    f.ingest_records([Record(KEYS[0], online(["mlp"]), seq=6)])
+    assert KEYS[0].hex() in b.registry and not b.health.is_ejected(KEYS[0].hex())
+
+
+def test_a_healthy_worker_whose_lease_lapsed_comes_back_with_the_same_record() -> None:
+    f, clock = fleet()
+    f.ingest_records([Record(KEYS[0], online(["mlp"]), seq=2)])
+    clock.t += 11  # lookups failed for a while: the lease lapsed, but the worker was never ejected
+    for key in f.balancer.expire():
+        f._expired(key, False)
+    f.ingest_records([Record(KEYS[0], online(["mlp"]), seq=2)])
+    assert KEYS[0].hex() in f.balancer.registry
+
+
+def test_orchestrators_share_nothing_but_the_records() -> None:
+    records = [Record(k, online(["mlp"])) for k in KEYS]
+    a, _ = fleet(policy="round_robin")
+    b, _ = fleet(policy="round_robin")
+    a.ingest_records(records)
+    b.ingest_records(records)
+    a.balancer.check_failed(KEYS[0].hex(), "ERR_TIMEOUT")  # a's view of KEYS[0] only
+    assert KEYS[0].hex() not in {a.balancer.choose("mlp").public_key for _ in range(6)}
+    assert KEYS[0].hex() in {b.balancer.choose("mlp").public_key for _ in range(6)}

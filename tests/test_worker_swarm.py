@@ -1,0 +1,120 @@
+"""The worker in a real swarm (DHT nodes + Noise RPC on loopback): announcements with state and load,
+inference through swarm.request, withdrawal on stop."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("swarmd.swarm.swarm", reason="the swarm layer has not landed on this branch yet")
+
+from swarmd.node.identity import Identity  # noqa: E402
+from swarmd.node.supervisor import Supervisor  # noqa: E402
+from swarmd.roles.base import NodeContext  # noqa: E402
+from swarmd.roles.worker import WorkerRole  # noqa: E402
+from swarmd.rpc import Methods, RpcServer  # noqa: E402
+from swarmd.settings import Settings  # noqa: E402
+from swarmd.swarm import Swarm, SwarmConfig  # noqa: E402
+from swarmd.topics import WORKERS, worker_model_topic  # noqa: E402
+from swarmd.worker.config import WorkerConfig  # noqa: E402
+from tests.dht_testnet import DhtTestnet  # noqa: E402
+from tests.models import mlp_model  # noqa: E402
+
+MLP = (16, 32, 4)
+
+
+def swarm_cfg() -> SwarmConfig:
+    return dataclasses.replace(
+        SwarmConfig(), relookup_interval=0.3, reconnect_initial=0.05, connect_timeout=5.0, lookup_timeout=5.0
+    )
+
+
+class SwarmNode:
+    """Identity + DHT node + RPC server + Swarm, the parts the daemon composes before its roles."""
+
+    def __init__(self, net: DhtTestnet, tmp_path, **worker: Any) -> None:
+        self.net = net
+        self.identity = Identity.generate()
+        self.methods = Methods()
+        self.ctx = NodeContext(
+            identity=self.identity,
+            settings=Settings(worker=WorkerConfig(**worker)),
+            data_dir=tmp_path,
+            instance_id="t",
+            roles=("worker",),
+            tasks=Supervisor(),
+            methods=self.methods,
+        )
+
+    async def start(self) -> SwarmNode:
+        dht = await self.net.add(self.identity)
+        self.server = RpcServer(self.identity, self.methods, "127.0.0.1", 0)
+        await self.server.start()
+        self.swarm = Swarm(self.identity, dht, self.server, swarm_cfg())
+        await self.swarm.start()
+        self.ctx.swarm = self.swarm
+        self.ctx.rpc_server = self.server
+        return self
+
+    async def stop(self) -> None:
+        await self.ctx.tasks.close()
+        await self.swarm.stop()
+        await self.server.stop()
+
+
+@pytest.fixture
+async def net():  # noqa: ANN201
+    n = await DhtTestnet.create(6)
+    yield n
+    await n.close()
+
+
+async def wait_for_record(swarm: Swarm, topic: str, key: bytes, pred=lambda p: True):  # noqa: ANN001, ANN201
+    for _ in range(200):
+        recs = [r for r in await swarm.lookup_all(topic, timeout=5) if r.public_key == key]
+        if recs and pred(recs[0].payload):
+            return recs[0]
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no matching record of {key.hex()[:8]} on {topic}")
+
+
+async def test_announces_serves_and_withdraws(net, tmp_path):
+    path = tmp_path / "mlp.onnx"
+    path.write_bytes(mlp_model(MLP))
+    node = await SwarmNode(net, tmp_path, models=[f"mlp={path}"], announce_interval=0.2).start()
+    client = await SwarmNode(net, tmp_path / "c").start()
+    role = WorkerRole(node.ctx)
+    try:
+        await role.start()
+        key = node.identity.public_key
+        rec = await wait_for_record(client.swarm, worker_model_topic("mlp"), key, lambda p: p["state"] == "ONLINE")
+        assert rec.payload["models"] == ["mlp"]
+        assert set(rec.payload["load"]) >= {"queue", "in_flight", "ewma_ms", "rps"}
+        await wait_for_record(client.swarm, WORKERS, key)
+        x = np.ones((1, MLP[0]), np.float32)
+        out = await client.swarm.request(key, "runInference", {"model": "mlp", "inputs": {"input": x}}, timeout=30)
+        assert out["outputs"]["output"].shape == (1, MLP[-1])
+        # Live load is refreshed: the request shows up in the announced EWMA latency.
+        await wait_for_record(client.swarm, WORKERS, key, lambda p: p["load"]["ewma_ms"] > 0)
+        await role.unload_model(None, {"model": "mlp"})
+        await wait_for_record(client.swarm, WORKERS, key, lambda p: p["models"] == [])
+        for _ in range(200):  # the per-model topic is left once the model is gone
+            if not [r for r in await client.swarm.lookup_all(worker_model_topic("mlp"), timeout=5) if r.public_key == key]:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("worker still announced on the model topic after unloading it")
+    finally:
+        await role.stop()
+    for _ in range(200):
+        if not [r for r in await client.swarm.lookup_all(WORKERS, timeout=5) if r.public_key == key]:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("worker record still on WORKERS after stop")
+    await client.stop()
+    await node.stop()
