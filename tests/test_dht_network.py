@@ -260,3 +260,18 @@ async def test_reannounce_reuses_holders_and_recrawls_when_they_are_gone() -> No
         assert [r.payload for r in await client.lookup_all(topic, 5)] == [{"load": 3}]
     finally:
         await net.close()
+
+
+async def test_one_ip_rotating_source_ports_is_limited_per_ip() -> None:
+    net = await DhtTestnet.create(1, per_ip_rate=10.0, per_ip_burst=10.0)
+    try:
+        proto = net.nodes[0].protocol
+        for port in range(1000, 1100):  # garbage gets no reply: nothing is sent anywhere
+            proto.datagram_received(b"not rpc", ("198.18.0.7", port))
+        assert proto.rlog.counts.get("flood_ip", 0) >= 85
+        assert proto.rlog.counts.get("garbage", 0) <= 15
+        for port in range(1000, 1100):  # loopback is exempt (many local nodes share it)
+            proto.datagram_received(b"not rpc", ("127.0.0.1", port))
+        assert proto.rlog.counts.get("flood_ip", 0) < 100
+    finally:
+        await net.close()
