@@ -136,6 +136,7 @@ class Swarm:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._started = False
         self._closing = False
+        self._prev_on_peer: Callable[[RpcPeer], None] | None = None
         self._log = logger.bind(component="swarm", node=identity.public_hex[:16])
 
     # -- lifecycle ---------------------------------------------------------------
@@ -153,6 +154,7 @@ class Swarm:
             self._spawn(self._admit_inbound(peer))
 
         self.server.on_peer = on_peer
+        self._prev_on_peer = prev
         if self._own_server:
             await self.server.start()
         if self.config.announce_self:
@@ -161,6 +163,8 @@ class Swarm:
     async def stop(self) -> None:
         """Withdraw announcements, close connections, cancel every task."""
         self._closing = True
+        if self._started:
+            self.server.on_peer = self._prev_on_peer  # a shared server stops feeding us peers
         leaves = [asyncio.wait_for(self.leave(t), self.config.lookup_timeout) for t in list(self._topics)]
         await asyncio.gather(*leaves, return_exceptions=True)  # best effort: records expire anyway
         for task in list(self._tasks):
@@ -288,6 +292,7 @@ class Swarm:
     async def _topic_loop(self, joined: _Joined) -> None:
         cfg = self.config
         next_announce = 0.0
+        rounds = 0
         while True:
             now = time.monotonic()
             work = []
@@ -303,7 +308,11 @@ class Swarm:
                 elif isinstance(r, BaseException):
                     raise r
             joined.first_round.set()
-            wait = cfg.relookup_interval if joined.lookup else max(0.05, next_announce - time.monotonic())
+            # peers that join at the same moment miss each other's first announce:
+            # look again soon, then back off to the steady interval
+            relookup = min(cfg.relookup_interval, cfg.relookup_initial * 2**rounds)
+            rounds = min(rounds + 1, 30)
+            wait = relookup if joined.lookup else max(0.05, next_announce - time.monotonic())
             if joined.announce:
                 wait = min(wait, max(0.05, next_announce - time.monotonic()))
             await asyncio.sleep(wait)
@@ -431,11 +440,41 @@ class Swarm:
         if record is None:
             record = await asyncio.wait_for(self._resolve(public_key), self.config.lookup_timeout)
         t0 = time.monotonic()
-        if self.traversal is not None:
-            own = await self.traversal.skip_direct(public_key, record)
-            if own is not None:  # its record says it is behind NAT with nothing forwarded
-                skipped = PathAttempt("direct", False, 0.0, "skipped: the peer's record says it is behind NAT")
-                return await self.traversal.dial(public_key, record, skipped, own)
+        if self.traversal is None:
+            return await self._dial_addresses(public_key, record, self.config.connect_timeout)
+        # With NAT traversal: dial the addresses while asking the peer's own record
+        # whether that can work at all; "behind NAT" cancels the dial instead of
+        # waiting for its timeout, and costs nothing when the dial wins first.
+        direct = asyncio.ensure_future(
+            self._dial_addresses(
+                public_key, record, min(self.config.connect_timeout, self.traversal.config.direct_timeout)
+            )
+        )
+        verdict = asyncio.ensure_future(self.traversal.skip_direct(public_key, record))
+        try:
+            await asyncio.wait({direct, verdict}, return_when=asyncio.FIRST_COMPLETED)
+            if not direct.done() and verdict.done() and verdict.exception() is None and verdict.result() is not None:
+                direct.cancel()
+                await asyncio.gather(direct, return_exceptions=True)
+                skipped = PathAttempt("direct", False, time.monotonic() - t0, "skipped: the peer's record says it is behind NAT")
+                return await self.traversal.dial(public_key, record, skipped, verdict.result())
+            try:
+                return await direct
+            except SwarmdError as e:
+                attempt = PathAttempt("direct", False, time.monotonic() - t0, e.message)
+            try:
+                own = await verdict
+            except (SwarmdError, TimeoutError):
+                own = None
+            return await self.traversal.dial(public_key, record, attempt, own)
+        finally:
+            for t in (direct, verdict):
+                if not t.done():
+                    t.cancel()
+            await asyncio.gather(direct, verdict, return_exceptions=True)
+
+    async def _dial_addresses(self, public_key: bytes, record: PeerRecord, timeout: float) -> RpcPeer:  # noqa: ASYNC109
+        """Direct TCP to each advertised address in turn."""
         last: SwarmdError | None = None
         if not record.addresses:
             last = SwarmdError(ERR_UNAVAILABLE, f"peer {public_key.hex()[:16]}… advertises no address")
@@ -448,20 +487,13 @@ class Swarm:
                     remote_public_key=public_key,
                     methods=self.methods,
                     firewall=self.server.firewall,
-                    timeout=(
-                        min(self.config.connect_timeout, self.traversal.config.direct_timeout)
-                        if self.traversal is not None
-                        else self.config.connect_timeout
-                    ),
+                    timeout=timeout,
                 )
             except SwarmdError as e:
                 last = e
                 continue
             return self._register(peer, inbound=False)
         assert last is not None
-        if self.traversal is not None:  # behind NAT: punched, else relayed (swarmd/swarm/traversal.py)
-            direct = PathAttempt("direct", False, time.monotonic() - t0, last.message)
-            return await self.traversal.dial(public_key, record, direct)
         raise SwarmdError(last.code, f"cannot reach peer {public_key.hex()[:16]}…: {last.message}")
 
     async def _admit_inbound(self, peer: RpcPeer) -> None:
@@ -566,7 +598,9 @@ class Swarm:
         if public_key == self.public_key:
             return await self._call_local(method, params, t)
         for attempt in (0, 1):
-            peer = await self.connect(public_key, self._latest_record(public_key))
+            peer = self._registry.get(public_key) or await self.connect(
+                public_key, self._latest_record(public_key)
+            )
             try:
                 return await peer.call(method, params, timeout=t)
             except SwarmdError as e:
