@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 from typing import Any
 
 import pytest
@@ -116,3 +117,17 @@ async def test_signalling_flood_is_rate_limited_per_source(world) -> None:
     # another caller is still served
     other = await t.connect(r.public_key)
     assert await other.call("nat.status", None, timeout=10)
+
+
+def test_swarmd_status_shows_the_nat_report(daemons, tmp_path) -> None:
+    from tests.conftest import run_cli
+
+    d = daemons("--data-dir", str(tmp_path / "n"), "--host", "127.0.0.1")
+    d.wait_event("nat_detected", 60)
+    res = run_cli("status", "--data-dir", str(tmp_path / "n"), "--json")
+    assert res.returncode == 0, res.stderr
+    st = json.loads(res.stdout)
+    assert st["nat"]["nat"]["type"] in ("unknown", "public", "udp_blocked")  # a lone node has nobody to ask
+    res = run_cli("status", "--data-dir", str(tmp_path / "n"))
+    assert res.returncode == 0 and "nat " in res.stdout
+    assert d.stop() == 0
