@@ -193,12 +193,19 @@ async def test_hung_worker_is_ejected_traffic_moves_and_it_is_readmitted(
 async def test_lease_expires_when_a_worker_vanishes_without_unregistering(
     tmp_path: Path, workers: list[PeerWorker]
 ) -> None:
-    orch = await make_orch(tmp_path, health_interval=0.05)
+    orch = await make_orch(tmp_path, health_interval=0.05, health_timeout=0.5)
     try:
         await orch.register(workers[0], ttl=1)
-        await orch.register(workers[1])
-        assert (await orch.call("getServiceStatus", {}))["counts"]["total"] == 2
+        await orch.register(workers[1], ttl=1)
         role = orch.role
+        # Passing checks renew a live worker's lease: both outlive their 1 s registration.
+        rounds = role.monitor.rounds
+        await wait_for(lambda: role.monitor.rounds >= rounds + 2, "two check rounds")
+        t0 = role.balancer.clock()
+        await wait_for(lambda: role.balancer.clock() > t0 + 1.5, "past the registration ttl")
+        assert (await orch.call("getServiceStatus", {}))["counts"]["total"] == 2
+        # workers[0] vanishes without a word: checks fail, nothing renews its lease, it expires.
+        await workers[0].stop()
 
         def expired() -> bool:
             return workers[0].public_hex not in role.balancer.registry

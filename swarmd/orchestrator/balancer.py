@@ -195,7 +195,8 @@ class Balancer:
         self.stats.abandon(public_key)
 
     def check_passed(self, public_key: str, info: dict[str, Any] | None = None) -> bool:
-        """An active check answered. Updates the worker's own state and load; True when re-admitted.
+        """An active check answered. Renews the lease, updates the worker's own state and load;
+        True when re-admitted.
 
         A worker that answers but reports it is not accepting (draining, loading)
         is not a health failure: its state keeps it out of routing instead.
@@ -207,6 +208,7 @@ class Balancer:
                 self.registry.set_state(public_key, state, load or None)
             elif info.get("accepting") is False:
                 self.registry.set_state(public_key, DRAINING, load or None)
+        self.registry.renew(public_key)  # a live worker keeps its lease without re-registering
         readmitted = self.health.check_passed(public_key)
         if readmitted:
             self.readmissions += 1
