@@ -42,6 +42,10 @@ class _Views(Sequence[Candidate]):
             c = self._built[i] = self._make(self._leases[i])
         return c
 
+    def keys(self) -> list[str]:
+        """The candidates' keys without building their views (round-robin needs nothing else)."""
+        return [lease.public_key for lease in self._leases]
+
 
 class Balancer:
     def __init__(
