@@ -52,6 +52,9 @@ async def test_register_find_route_and_report(tmp_path: Path, workers: list[Peer
         assert Counter(o["worker"] for o in outs) == {w.public_hex: 2 for w in workers}
         assert [w.served for w in workers] == [2, 2, 2]
 
+        page = await orch.call("getServiceStatus", {"limit": 2, "offset": 1})
+        assert page["workers_total"] == 3
+        assert [w["public_key"] for w in page["workers"]] == sorted(w.public_hex for w in workers)[1:3]
         status = await orch.call("getServiceStatus", {})
         assert status["counts"]["routable"] == 3 and status["models"] == {
             "mlp": {"workers": 3, "routable": 3}
