@@ -281,3 +281,42 @@ async def test_route_unloaded_off_keeps_unknown_models_not_found(
         assert workers[0].served == 0
     finally:
         await orch.stop()
+
+
+async def test_a_socket_that_accepts_and_never_speaks_is_ejected(
+    tmp_path: Path, workers: list[PeerWorker]
+) -> None:
+    """Hung below RPC: TCP accepts, the Noise handshake never completes."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # keep it open, say nothing
+
+    silent = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    orch = await make_orch(
+        tmp_path,
+        policy="round_robin",
+        eject_after=2,
+        connect_timeout=0.3,
+        attempt_timeout=0.5,
+        health_timeout=0.5,
+    )
+    try:
+        mute_key = "ab" * 32
+        await orch.call(
+            "registerWorker", {"public_key": mute_key, "models": ["mlp"], "host": "127.0.0.1", "port": port}
+        )
+        await orch.register(workers[0])
+        outs = [await orch.infer(i) for i in range(4)]
+        assert {o["worker"] for o in outs} == {workers[0].public_hex}
+        await orch.call("healthCheck", {"refresh": True})
+        health = await orch.call("healthCheck", {})
+        assert health["workers"][mute_key]["healthy"] is False
+        assert health["workers"][mute_key]["last_error"] == "ERR_TIMEOUT"
+    finally:
+        await orch.stop()
+        for w in held:
+            w.close()
+        silent.close()
+        await silent.wait_closed()
