@@ -115,3 +115,34 @@ async def test_colocated_store_blob_used_in_place(net, tmp_path):
     finally:
         await store_role.stop()
         await store.stop()
+
+
+async def test_corrupt_store_blob_is_refused_then_fetched_from_a_good_store(net, tmp_path):
+    blob = mlp_model(MLP, seed=9)
+    digest = hashlib.sha256(blob).hexdigest()
+    bad, bad_role = await start_store(net, tmp_path / "bad", {"m:1": blob})
+    path = bad_role.core.blobs.path(digest)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # rots on disk after it was stored and announced
+    path.write_bytes(bytes(data))
+    wnode = await SwarmNode(net, tmp_path / "w").start()
+    worker = WorkerRole(wnode.ctx)
+    good = good_role = None
+    try:
+        await worker.start()
+        await wait_for_record(wnode.swarm, blob_topic(digest), bad.identity.public_key)
+        with pytest.raises(SwarmdError) as info:
+            await worker.load_model(None, {"model": "m"})
+        assert "ERR_CORRUPT" in info.value.message
+        assert worker.cache.used() == 0 and list(worker.cache.tmp_dir.iterdir()) == []  # nothing half-written kept
+        good, good_role = await start_store(net, tmp_path / "good", {"m:1": blob})
+        await wait_for_record(wnode.swarm, blob_topic(digest), good.identity.public_key)
+        desc = await worker.load_model(None, {"model": "m"})
+        assert desc["digest"] == digest and worker.cache.get(digest).read_bytes() == blob
+    finally:
+        await worker.stop()
+        await wnode.stop()
+        for role, node in ((bad_role, bad), (good_role, good)):
+            if role is not None:
+                await role.stop()
+                await node.stop()

@@ -138,31 +138,37 @@ class WorkerRole(Role):
         timeout = self.config.store_timeout
         for topic in sorted(wanted):
             try:
-                if topic not in self._topics:
-                    await asyncio.wait_for(swarm.join(topic, announce=True, lookup=False, payload=payload), timeout)
-                elif self._topics[topic] != payload:
-                    await asyncio.wait_for(swarm.update(topic, payload), timeout)
+                async with asyncio.timeout(timeout):
+                    if topic not in self._topics:
+                        await swarm.join(topic, announce=True, lookup=False, payload=payload)
+                    elif self._topics[topic] != payload:
+                        await swarm.update(topic, payload)
                 self._topics[topic] = payload
             except (SwarmdError, TimeoutError) as e:
                 self.log.bind(event="announce_failed", topic=topic).warning("announcing on {} failed: {!r}", topic, e)
         for topic in [t for t in self._topics if t not in wanted]:
             with contextlib.suppress(SwarmdError, TimeoutError):
-                await asyncio.wait_for(swarm.leave(topic), timeout)
+                async with asyncio.timeout(timeout):
+                    await swarm.leave(topic)
             self._topics.pop(topic, None)
 
     async def _withdraw(self) -> None:
         swarm = self.ctx.swarm
         for topic in list(self._topics):
             try:
-                await asyncio.wait_for(swarm.leave(topic), self.config.store_timeout)
+                async with asyncio.timeout(self.config.store_timeout):
+                    await swarm.leave(topic)
             except (SwarmdError, TimeoutError) as e:
                 self.log.bind(event="withdraw_failed", topic=topic).warning("leaving {} failed: {!r}", topic, e)
             self._topics.pop(topic, None)
 
     async def _announce_loop(self) -> None:
+        # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that lands as the
+        # event fires, and this loop would then outlive stop().
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._announce_now.wait(), self.config.announce_interval)
+                async with asyncio.timeout(self.config.announce_interval):
+                    await self._announce_now.wait()
             self._announce_now.clear()
             await self.sync_announcements()
 
@@ -248,7 +254,7 @@ class WorkerRole(Role):
         served = self.engine.get(model, version)
         if served is None and self.engine.state in (WorkerState.JOINING, WorkerState.ONLINE):
             wait = budget if budget is not None else self.config.default_timeout
-            try:
+            try:  # wait_for, not asyncio.timeout: the RPC layer runs a handler's first step outside a task
                 served = await asyncio.wait_for(self.ensure(model, version), max(wait, 0.0))
             except TimeoutError:
                 raise SwarmdError(ERR_NOT_READY, f"model '{model}' is still loading; retry shortly") from None

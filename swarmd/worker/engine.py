@@ -477,7 +477,8 @@ class InferenceEngine:
         self.stop_accepting()
         self.log.bind(event="draining", queued=self.queued, in_flight=self.in_flight).info("draining")
         try:
-            await asyncio.wait_for(self._idle.wait(), grace if grace is not None else self.config.drain_timeout)
+            async with asyncio.timeout(grace if grace is not None else self.config.drain_timeout):
+                await self._idle.wait()
             return True
         except TimeoutError:
             self.log.bind(event="drain_timeout", queued=self.queued, in_flight=self.in_flight).warning(

@@ -72,7 +72,8 @@ class ModelFetcher:
         self.log = logger.bind(part="worker-fetch")
 
     async def _stores(self, topic: str) -> list[bytes]:
-        records = await asyncio.wait_for(self.swarm.lookup_all(topic), self.config.store_timeout)
+        async with asyncio.timeout(self.config.store_timeout):
+            records = await self.swarm.lookup_all(topic)
         keys = [_record_key(r) for r in records]
         random.shuffle(keys)  # spread load across stores holding the same thing
         return keys
@@ -120,7 +121,8 @@ class ModelFetcher:
         fut: asyncio.Future[Path] = asyncio.get_running_loop().create_future()
         self._downloads[digest] = fut
         try:
-            path = await asyncio.wait_for(self._download(digest, size), self.config.fetch_timeout)
+            async with asyncio.timeout(self.config.fetch_timeout):
+                path = await self._download(digest, size)
             fut.set_result(path)
             return path
         except TimeoutError:
@@ -154,7 +156,8 @@ class ModelFetcher:
                     last = e
                     self.log.bind(event="blob_fetch_failed", store=key.hex()[:16], code=e.code,
                                   received=writer.received).warning("download from store failed: {}", e.message)
-                    if e.code == ERR_CORRUPT:  # the whole blob was wrong: start over from the next store
+                    if e.code == ERR_CORRUPT:  # what we have may be wrong: start over from the next store
+                        writer.abort()
                         writer = self.cache.writer(digest, size)
             assert last is not None
             raise SwarmdError(ERR_UNAVAILABLE, f"no store delivered blob {digest[:16]}: {last.code}: {last.message}")
@@ -169,16 +172,19 @@ class ModelFetcher:
             raise SwarmdError(ERR_TIMEOUT, f"store {key.hex()[:16]} stalled sending blob {digest[:16]}") from None
 
     async def _pull_from(self, key: bytes, digest: str, writer: Any) -> None:
-        peer = await asyncio.wait_for(self.swarm.connect(key), self.config.store_timeout)
+        async with asyncio.timeout(self.config.store_timeout):
+            peer = await self.swarm.connect(key)
         stream = await peer.open_stream(
             "downloadBlob", {"digest": digest, "offset": writer.received}, timeout=self.config.fetch_timeout
         )
         async with stream:
             while True:
-                chunk = await asyncio.wait_for(stream.recv(), self.config.store_timeout)
+                async with asyncio.timeout(self.config.store_timeout):
+                    chunk = await stream.recv()
                 if chunk is None:
                     break
                 writer.write(chunk)
-            await asyncio.wait_for(stream.result(), self.config.store_timeout)
+            async with asyncio.timeout(self.config.store_timeout):
+                await stream.result()
         if writer.received != writer.size:
             raise SwarmdError(ERR_PROTOCOL, f"store ended blob {digest[:16]} at {writer.received} of {writer.size} bytes")
