@@ -65,6 +65,7 @@ class WorkerRole(Role):
             name, version, path = parse_local_model(spec)
             self.local[(name, version)] = Path(path).expanduser()
         self._ensuring: dict[tuple[str, str | None], asyncio.Future[ServedModel]] = {}
+        self._load_tasks: set[asyncio.Task[Any]] = set()  # spawned on ctx.tasks; cancelled and awaited on stop
         self._topics: dict[str, dict[str, Any]] = {}  # joined topic -> last payload
         self._announce_now = asyncio.Event()
         self._announcer: asyncio.Task[Any] | None = None
@@ -109,8 +110,10 @@ class WorkerRole(Role):
                 self._announcer.cancel()
                 await asyncio.gather(self._announcer, return_exceptions=True)
                 self._announcer = None
-            for job in list(self._ensuring.values()):
-                job.cancel()
+            loads = list(self._load_tasks)
+            for task in loads:
+                task.cancel()
+            await asyncio.gather(*loads, return_exceptions=True)
             await self._withdraw()
             await self.engine.close()
 
@@ -202,7 +205,9 @@ class WorkerRole(Role):
         if job is None:
             job = asyncio.get_running_loop().create_future()
             self._ensuring[key] = job
-            self.ctx.tasks.spawn(self._ensure_job(name, version, job), name=f"worker-load-{name}")
+            task = self.ctx.tasks.spawn(self._ensure_job(name, version, job), name=f"worker-load-{name}")
+            self._load_tasks.add(task)
+            task.add_done_callback(self._load_tasks.discard)
         return await asyncio.shield(job)
 
     async def _ensure_job(self, name: str, version: str | None, job: asyncio.Future[ServedModel]) -> None:
