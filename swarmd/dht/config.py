@@ -36,11 +36,16 @@ class DhtConfig:
     max_records_per_source: int = 64
     max_records: int = 20_000
     max_datagram: int = 60_000
-    reply_budget: int = 48_000
+    reply_budget: int = 48_000  # record bytes in a topic_get reply to a sender holding our token
+    unproven_budget: int = 1_200  # ... and to one without (bounds reflection amplification)
     token_rotation: float = 300.0
     # requests answered per source address per second (token bucket); floods beyond are dropped
     per_source_rate: float = 200.0
     per_source_burst: float = 400.0
+    # ... and per source IP across its ports (a flood rotating source ports); loopback is exempt,
+    # since a box running many local nodes talks to them all from 127.0.0.1
+    per_ip_rate: float = 2000.0
+    per_ip_burst: float = 4000.0
     max_sources_tracked: int = 4096
     refresh_interval: float = 15 * 60.0
     lookup_timeout: float = 5.0

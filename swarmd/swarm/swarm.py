@@ -133,6 +133,7 @@ class Swarm:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._started = False
         self._closing = False
+        self._prev_on_peer: Callable[[RpcPeer], None] | None = None
         self._log = logger.bind(component="swarm", node=identity.public_hex[:16])
 
     # -- lifecycle ---------------------------------------------------------------
@@ -150,6 +151,7 @@ class Swarm:
             self._spawn(self._admit_inbound(peer))
 
         self.server.on_peer = on_peer
+        self._prev_on_peer = prev
         if self._own_server:
             await self.server.start()
         if self.config.announce_self:
@@ -158,6 +160,8 @@ class Swarm:
     async def stop(self) -> None:
         """Withdraw announcements, close connections, cancel every task."""
         self._closing = True
+        if self._started:
+            self.server.on_peer = self._prev_on_peer  # a shared server stops feeding us peers
         leaves = [asyncio.wait_for(self.leave(t), self.config.lookup_timeout) for t in list(self._topics)]
         await asyncio.gather(*leaves, return_exceptions=True)  # best effort: records expire anyway
         for task in list(self._tasks):
@@ -285,6 +289,7 @@ class Swarm:
     async def _topic_loop(self, joined: _Joined) -> None:
         cfg = self.config
         next_announce = 0.0
+        rounds = 0
         while True:
             now = time.monotonic()
             work = []
@@ -300,7 +305,11 @@ class Swarm:
                 elif isinstance(r, BaseException):
                     raise r
             joined.first_round.set()
-            wait = cfg.relookup_interval if joined.lookup else max(0.05, next_announce - time.monotonic())
+            # peers that join at the same moment miss each other's first announce:
+            # look again soon, then back off to the steady interval
+            relookup = min(cfg.relookup_interval, cfg.relookup_initial * 2**rounds)
+            rounds = min(rounds + 1, 30)
+            wait = relookup if joined.lookup else max(0.05, next_announce - time.monotonic())
             if joined.announce:
                 wait = min(wait, max(0.05, next_announce - time.monotonic()))
             await asyncio.sleep(wait)
@@ -550,7 +559,9 @@ class Swarm:
         if public_key == self.public_key:
             return await self._call_local(method, params, t)
         for attempt in (0, 1):
-            peer = await self.connect(public_key, self._latest_record(public_key))
+            peer = self._registry.get(public_key) or await self.connect(
+                public_key, self._latest_record(public_key)
+            )
             try:
                 return await peer.call(method, params, timeout=t)
             except SwarmdError as e:
