@@ -128,7 +128,7 @@ class WorkerRole(Role):
         return {
             "state": "DRAINING" if self.engine.state is WorkerState.STOPPED else self.engine.state.value,
             "models": sorted({m.name for m in self.engine.models()}),
-            "load": self.engine.snapshot().to_wire(),
+            "load": {**self.engine.snapshot().to_wire(), "max_concurrent": self.config.max_concurrent_inferences},
         }
 
     async def sync_announcements(self) -> None:
