@@ -146,3 +146,20 @@ async def test_corrupt_store_blob_is_refused_then_fetched_from_a_good_store(net,
             if role is not None:
                 await role.stop()
                 await node.stop()
+
+
+async def test_preload_at_start_and_missing_preload_is_not_fatal(net, tmp_path):
+    blob = mlp_model(MLP, seed=6)
+    store, store_role = await start_store(net, tmp_path, {"pre:3": blob})
+    try:
+        store.ctx.settings.worker = WorkerConfig(preload=["pre:3", "absent"])
+        worker = WorkerRole(store.ctx)
+        await worker.start()  # "absent" is logged and skipped; it may appear in a store later
+        try:
+            assert [(m.name, m.version) for m in worker.engine.models()] == [("pre", "3")]
+            assert worker.engine.state.value == "ONLINE"
+        finally:
+            await worker.stop()
+    finally:
+        await store_role.stop()
+        await store.stop()

@@ -56,7 +56,9 @@ class WorkerRole(Role):
         self.engine = InferenceEngine(self.config)
         self.cache = ModelCache(ctx.data_dir / "worker" / "cache", self.config.cache_bytes)
         self.fetcher = (
-            ModelFetcher(ctx.swarm, self.cache, self.config, local_blob=self._colocated_blob)
+            ModelFetcher(
+                ctx.swarm, self.cache, self.config, local_blob=self._colocated_blob, local_meta=self._colocated_meta
+            )
             if ctx.swarm is not None
             else None
         )
@@ -176,6 +178,13 @@ class WorkerRole(Role):
             await self.sync_announcements()
 
     # -- models ---------------------------------------------------------------
+
+    async def _colocated_meta(self, params: dict[str, Any]) -> Any:
+        """getModel on a store role running in this process; ERR_NOT_FOUND when there is none."""
+        get_model = getattr(self.ctx.role("store"), "get_model", None)
+        if get_model is None:
+            raise SwarmdError(ERR_NOT_FOUND, "no store in this process")
+        return await get_model(None, params)
 
     async def _colocated_blob(self, digest: str) -> Path | None:
         """The verified blob in a store role running in this process (StoreRole.blob_path), if it has it."""

@@ -59,12 +59,14 @@ class ModelFetcher:
         cache: ModelCache,
         config: WorkerConfig,
         local_blob: Callable[[str], Awaitable[Path | None]] | None = None,
+        local_meta: Callable[[dict[str, Any]], Awaitable[Any]] | None = None,
     ) -> None:
         self.swarm = swarm
         self.cache = cache
         self.config = config
         # A store in this same process: its verified blob is used in place, no copy, no socket.
         self.local_blob = local_blob
+        self.local_meta = local_meta  # that store's getModel, asked first: no lookup, no race with its announce
         self._downloads: dict[str, asyncio.Future[Path]] = {}
         # Versions are immutable, so a (name, version) once resolved needs no store again: a model
         # unloaded and loaded later comes straight from the cache even if every store is gone.
@@ -82,20 +84,27 @@ class ModelFetcher:
         """Model metadata from the first store that answers; ERR_NOT_FOUND if none has it."""
         if version not in (None, "", "latest") and (name, version) in self._known:
             return self._known[(name, version)]
-        stores = await self._stores(model_topic(name))
-        if not stores:
-            raise SwarmdError(ERR_NOT_FOUND, f"no store announces model '{name}'")
         params: dict[str, Any] = {"name": name}
         if version not in (None, "", "latest"):
             params["version"] = version
+        if self.local_meta is not None:
+            try:
+                meta = check_metadata(await self.local_meta(params), name)
+                self._remember(name, meta)
+                return meta
+            except SwarmdError as e:
+                if e.code != ERR_NOT_FOUND:
+                    raise
+        stores = await self._stores(model_topic(name))
+        if not stores:
+            raise SwarmdError(ERR_NOT_FOUND, f"no store announces model '{name}'")
         last: SwarmdError | None = None
         for key in stores:
             try:
                 meta = check_metadata(
                     await self.swarm.request(key, "getModel", params, timeout=self.config.store_timeout), name
                 )
-                if len(self._known) < 4096:
-                    self._known[(name, meta["version"])] = meta
+                self._remember(name, meta)
                 return meta
             except SwarmdError as e:
                 last = e
@@ -105,6 +114,10 @@ class ModelFetcher:
         if last.code == ERR_NOT_FOUND:
             raise SwarmdError(ERR_NOT_FOUND, f"model '{name}'{f' version {version!r}' if version else ''} not found in any store")
         raise SwarmdError(ERR_UNAVAILABLE, f"no store could resolve model '{name}': {last.code}: {last.message}")
+
+    def _remember(self, name: str, meta: dict[str, Any]) -> None:
+        if len(self._known) < 4096:
+            self._known[(name, meta["version"])] = meta
 
     async def fetch(self, meta: dict[str, Any]) -> Path:
         """The verified blob for `meta` in the cache, downloading it once if missing."""
