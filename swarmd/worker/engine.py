@@ -257,7 +257,7 @@ class InferenceEngine:
         loop = asyncio.get_running_loop()
         now = loop.time()
         budget = self.config.default_timeout if budget is None else budget
-        if budget <= 0:
+        if not budget > 0:  # also NaN
             raise SwarmdError(ERR_TIMEOUT, "the request's deadline passed before it reached the worker")
         fut: asyncio.Future[list[np.ndarray]] = loop.create_future()
         p = Pending(feeds, names, rows, now + budget, now, fut, request_id=request_id)
