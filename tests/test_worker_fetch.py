@@ -163,3 +163,25 @@ async def test_preload_at_start_and_missing_preload_is_not_fatal(net, tmp_path):
     finally:
         await store_role.stop()
         await store.stop()
+
+
+async def test_download_resumes_from_an_offset(net, tmp_path):
+    """A transfer cut short goes on from the bytes already received (here: half, written beforehand)."""
+    blob = mlp_model((64, 256, 4), seed=7)
+    digest = hashlib.sha256(blob).hexdigest()
+    store, store_role = await start_store(net, tmp_path / "s", {"r:1": blob})
+    wnode = await SwarmNode(net, tmp_path / "w").start()
+    worker = WorkerRole(wnode.ctx)
+    try:
+        await worker.start()
+        writer = worker.cache.writer(digest, len(blob))
+        half = len(blob) // 2
+        writer.write(blob[:half])
+        await worker.fetcher._pull(store.identity.public_key, digest, writer)
+        assert writer.received == len(blob)
+        assert writer.commit().read_bytes() == blob
+    finally:
+        await worker.stop()
+        await wnode.stop()
+        await store_role.stop()
+        await store.stop()
