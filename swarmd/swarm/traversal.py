@@ -393,9 +393,19 @@ class Traversal:
         if record is not None and isinstance(record.payload, dict) and "signal" in record.payload:
             return record
         try:
-            return await asyncio.wait_for(self.swarm._resolve(public_key), bound)
+            return await self.newest_own_record(public_key, bound)
         except (SwarmdError, TimeoutError):
             return None
+
+    async def newest_own_record(self, public_key: bytes, bound: float) -> PeerRecord | None:
+        """The highest-seq record the peer published on its own topic. A lookup may
+        meet a holder that missed the latest announce (NAT type and signal peers
+        change after start), so the first answer is not good enough."""
+        best: PeerRecord | None = None
+        for rec in await self.swarm.lookup_all(peer_topic(public_key.hex()), timeout=bound):
+            if rec.public_key == public_key and (best is None or rec.seq > best.seq):
+                best = rec
+        return best
 
     async def skip_direct(self, public_key: bytes, record: PeerRecord | None) -> PeerRecord | None:
         """The peer's own record when it says its addresses cannot be dialled (behind
@@ -416,7 +426,9 @@ class Traversal:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._detected.wait(), self.config.stun_timeout * 2)
         if own is None:
-            own = await asyncio.wait_for(self.swarm._resolve(public_key), self.swarm.config.lookup_timeout)
+            own = await self.newest_own_record(public_key, self.swarm.config.lookup_timeout)
+            if own is None:
+                raise SwarmdError(ERR_NOT_FOUND, f"no record for peer {public_key.hex()[:16]}… on the DHT")
         payload = own.payload if isinstance(own.payload, dict) else {}
         theirs = payload.get("nat") if isinstance(payload.get("nat"), str) else "unknown"
         signal = _keys(payload.get("signal"))
