@@ -62,7 +62,32 @@ def unavailable_reason() -> str | None:
     for tool, pkg in (("ip", "iproute2"), ("nft", "nftables")):
         if shutil.which(tool) is None:
             return f"the NAT lab needs `{tool}`: apt-get install -y {pkg}"
-    return None
+    return _kernel_reason()
+
+
+_KERNEL_REASON: list[str | None] = []
+
+
+def _kernel_reason() -> str | None:
+    """Root is not always enough (a container without CAP_SYS_ADMIN, no nf_tables):
+    build and drop one throwaway namespace with an nftables table, once per session."""
+    if _KERNEL_REASON:
+        return _KERNEL_REASON[0]
+    ns = f"swprobe{os.getpid()}"
+    reason = None
+    try:
+        for argv in (
+            ["ip", "netns", "add", ns],
+            ["ip", "netns", "exec", ns, "nft", "add", "table", "ip", "probe"],
+        ):
+            res = subprocess.run(argv, capture_output=True, text=True, timeout=20, check=False)
+            if res.returncode != 0:
+                reason = f"the NAT lab cannot run here: `{' '.join(argv[:4])}` failed: {res.stderr.strip()[:200]}"
+                break
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20, check=False)
+    _KERNEL_REASON.append(reason)
+    return reason
 
 
 def skip_unless_available() -> None:
