@@ -326,3 +326,27 @@ async def test_relay_transport_reports_refusals(relay) -> None:
     with pytest.raises(SwarmdError) as ei:
         await relay_transport("127.0.0.1", srv.port, new_token(), Echo(), timeout=20)
     assert ei.value.code == ERR_TIMEOUT
+
+
+async def test_garbage_flood_is_refused_and_the_log_stays_bounded(relay) -> None:
+    from loguru import logger
+
+    lines: list[str] = []
+    sink = logger.add(lines.append, level="INFO", filter=lambda r: r["extra"].get("event") == "relay_refused")
+    try:
+        srv = await relay()
+
+        async def one() -> bytes:
+            r, w = await asyncio.open_connection("127.0.0.1", srv.port)
+            w.write(b"\x00" * HELLO_SIZE)
+            data = await asyncio.wait_for(r.read(-1), 10)
+            w.close()
+            return data
+
+        answers = await asyncio.gather(*(one() for _ in range(60)))
+        assert all(a[:1] == bytes([ST_BAD_HELLO]) for a in answers)
+        assert srv.stats()["refused"]["bad_hello"] == 60
+        assert len(lines) <= 2 * 10  # at most LOG_PER_SECOND a second (the flood may span two windows)
+        assert await ping_relay("127.0.0.1", srv.port) > 0
+    finally:
+        logger.remove(sink)

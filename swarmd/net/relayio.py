@@ -45,7 +45,8 @@ from swarmd.net.relay import (
 )
 
 READ_CHUNK = 256 * 1024
-MAX_STATUSES = 4  # WAITING then PAIRED, with room to spare
+MAX_STATUSES = 4
+LOG_PER_SECOND = 10  # WAITING then PAIRED, with room to spare
 
 
 @dataclass
@@ -77,6 +78,9 @@ class RelayServer:
         self._next_conn = 1
         self.bytes_total = 0
         self.log = logger.bind(part="relay")
+        self._log_window = 0.0
+        self._log_count = 0
+        self._log_suppressed = 0
 
     async def start(self) -> int:
         self._server = await asyncio.start_server(self._accept, self.host, self.config.port, limit=READ_CHUNK)
@@ -164,9 +168,21 @@ class RelayServer:
                 return
 
     def _refuse(self, conn: _Conn, code: int, reason: str) -> None:
-        self.log.bind(event="relay_refused", status=STATUS_NAMES[code], source=conn.source).info(
-            "relay refused a stream: {}", reason
-        )
+        # one line per refusal, at most LOG_PER_SECOND a second: a flood must not flood the log
+        now = time.monotonic()
+        if now - self._log_window >= 1.0:
+            if self._log_suppressed:
+                self.log.bind(event="relay_refused_suppressed", count=self._log_suppressed).info(
+                    "{} more refusals not logged", self._log_suppressed
+                )
+            self._log_window, self._log_count, self._log_suppressed = now, 0, 0
+        if self._log_count < LOG_PER_SECOND:
+            self._log_count += 1
+            self.log.bind(event="relay_refused", status=STATUS_NAMES[code], source=conn.source).info(
+                "relay refused a stream: {}", reason
+            )
+        else:
+            self._log_suppressed += 1
         with contextlib.suppress(Exception):
             conn.writer.write(encode_status(code, reason))
 
