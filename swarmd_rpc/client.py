@@ -161,14 +161,18 @@ class Client:
         return cls(identity=identity, config=config, peer=PeerAddress(_public_key(public_key), host, int(port)))
 
     @classmethod
-    def from_settings(cls, settings: Any, *, config: ClientConfig | None = None) -> Client:
-        """A client configured like the node of `settings` (bootstrap, swarm secret, and the data
-        dir's key when one exists, so peers' access lists see the operator's node)."""
+    def from_settings(
+        cls, settings: Any, *, config: ClientConfig | None = None, identity: Identity | str | Path | None = None
+    ) -> Client:
+        """A client joined to the swarm of a node's settings (bootstrap, swarm secret).
+
+        The key is a throwaway one unless `identity` is given: reusing the node's own key from
+        its data dir would make the node's peers see two connections under one key (and
+        deduplicate the node's real one away), and the node itself unreachable from us."""
         cfg = config or ClientConfig()
         cfg.bootstrap = list(settings.node.bootstrap)
         cfg.swarm_secret = settings.node.swarm_secret
-        key = Path(settings.node.data_dir) / "identity.key"
-        return cls(identity=Identity.load(key) if key.exists() else None, config=cfg)
+        return cls(identity=identity, config=cfg)
 
     @_translated
     async def start(self) -> Client:
