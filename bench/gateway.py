@@ -5,8 +5,8 @@ bounded asyncio keep-alive client on loopback at 1, 16 and 64 connections.
 Servers, each a subprocess measured in this same run:
   fastapi   single-process FastAPI + onnxruntime under uvicorn (the baseline)
   gateway   `swarmd --role gateway` serving the model in-process (HTTP cost + local ORT)
-  swarm     `swarmd --role gateway` -> a separate worker process (+ orchestrator, store),
-            when those roles exist in this tree
+  swarm-R   `swarmd --role gateway` -> a separate worker process (+ orchestrator, store),
+            for each gateway.route R (fleet, direct, orchestrator), when those roles exist
 plus direct onnxruntime batch-1 calls (the ceiling). Last line: one JSON object.
 
     python bench/gateway.py [--seconds 4] [--conns 1,16,64]
@@ -132,7 +132,9 @@ async def _conn(port: int, request: bytes, stop_at: float, warm_until: float, la
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
             m = re.search(rb"(?i)content-length:\s*(\d+)", head)
             n = int(m.group(1)) if m else 0
-            await asyncio.wait_for(reader.readexactly(n), 30)
+            resp = await asyncio.wait_for(reader.readexactly(n), 30)
+            if head[9:12] != b"200" and not errors:
+                print(f"first error: {head[9:12].decode()} {resp[:300]!r}", file=sys.stderr)
             t1 = time.perf_counter()
             if head[9:12] != b"200":
                 errors.append(int(head[9:12]))
@@ -160,7 +162,25 @@ async def load(port: int, body: bytes, conns: int, seconds: float, headers: dict
         "p50_ms": round(float(np.percentile(a, 50)) * 1000, 3),
         "p99_ms": round(float(np.percentile(a, 99)) * 1000, 3),
         "errors": len(errors),
+        "error_statuses": sorted(set(errors)),
     }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(port: int, body: bytes, conns: int, seconds: float, headers: dict[str, str],
+            pid: int | None) -> dict[str, float]:
+    """One load run; with pid, also the server process's CPU time per request (its own cost)."""
+    before = cpu_seconds(pid) if pid else 0.0
+    r = asyncio.run(load(port, body, conns, seconds, headers))
+    if pid:
+        total = r["rps"] * (seconds + min(1.0, seconds / 4)) + r["errors"]  # warm-up requests ran too
+        r["server_cpu_us_per_req"] = round((cpu_seconds(pid) - before) / max(total, 1) * 1e6, 1)
+    return r
 
 
 def start_proc(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -193,19 +213,102 @@ def create_key(data_dir: Path) -> str:
 
 
 def swarm_available() -> bool:
-    return all(importlib.util.find_spec(m) is not None for m in ("swarmd.roles.worker", "swarmd.swarm.swarm"))
+    mods = ("swarmd.roles.worker", "swarmd.roles.store", "swarmd.roles.orchestrator", "swarmd.swarm.part")
+    return all(importlib.util.find_spec(m) is not None for m in mods)
+
+
+def wait_log(log: Path, pattern: str, proc: subprocess.Popen, timeout: float = 60.0) -> re.Match[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = re.search(pattern, log.read_text())
+        if m:
+            return m
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited ({proc.returncode}); log:\n{log.read_text()[-2000:]}")
+        time.sleep(0.1)
+    raise RuntimeError(f"{pattern!r} not in {log} within {timeout}s")
 
 
 def run_swarm(tmp: Path, models: Path, body: bytes, conns: list[int], seconds: float,
-              procs: list[subprocess.Popen]) -> dict[str, dict[str, float]]:
-    """gateway -> worker in separate processes; raises if the swarm roles are not there yet."""
-    raise RuntimeError("swarm roles missing")
+              procs: list[subprocess.Popen], route: str) -> dict[str, dict[str, float]]:
+    """gateway -> worker, each role its own process: store (+DHT bootstrap), orchestrator, worker, gateway."""
+    base = tmp / f"swarm-{route}"
+    env = swarmd_env(SWARMD_GATEWAY_ROUTE=route)
+    cmd = [sys.executable, "-m", "swarmd", "--log-format", "json", "--log-level", "INFO"]
+    local: list[subprocess.Popen] = []
+
+    def start(name: str, *args: str) -> tuple[subprocess.Popen, Path]:
+        log = base / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        p = start_proc([*cmd, "--data-dir", str(base / name), *args], env, log)
+        procs.append(p)
+        local.append(p)
+        return p, log
+
+    try:
+        p, log = start("store", "--role", "bootstrap,store")
+        dht = json.loads(wait_log(log, r'\{[^\n]*"event": "ready"[^\n]*\}', p).group(0))["ports"]["dht"]
+        boot = ("--bootstrap", f"127.0.0.1:{dht}")
+        waits = [start("orchestrator", "--role", "orchestrator", *boot), start("worker", "--role", "worker", *boot)]
+        port = free_port()
+        prof = os.environ.get("BENCH_GATEWAY_PROFILE")  # a path: run the gateway under cProfile, dump there
+        if prof:
+            cmd_g = [sys.executable, "-m", "cProfile", "-o", f"{prof}.{route}", "-m", "swarmd", *cmd[3:]]
+            log = base / "gateway.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            gp = start_proc([*cmd_g, "--data-dir", str(base / "gateway"), "--role", "gateway",
+                             "--http", f"127.0.0.1:{port}", *boot], env, log)
+            procs.append(gp)
+            local.append(gp)
+            glog = log
+        else:
+            gp, glog = start("gateway", "--role", "gateway", "--http", f"127.0.0.1:{port}", *boot)
+        for p, log in [*waits, (gp, glog)]:
+            wait_log(log, r'"event": "ready"', p)
+        admin = wait_log(glog, r"store it now\): (\S+)", gp).group(1)
+        import urllib.error
+        import urllib.request
+
+        def post(path: str, data: bytes, ctype: str) -> tuple[int, bytes]:
+            req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data,
+                                         headers={"x-api-key": admin, "Content-Type": ctype})
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    return r.status, r.read()
+            except urllib.error.HTTPError as e:
+                return e.code, e.read()
+
+        status, out = post("/api/v1/keys", json.dumps({"name": "bench", "permissions": ["infer"],
+                                                       "rate_limit_rps": 1e6, "rate_limit_burst": 1e6}).encode(),
+                           "application/json")
+        if status != 201:
+            raise RuntimeError(f"creating the bench key failed: {status} {out[:200]!r}")
+        key = json.loads(out)["key"]
+
+        model = (models / "mlp" / "1" / "model.onnx").read_bytes()
+        deadline = time.monotonic() + 60
+        while post("/api/v1/models?name=mlp&version=1", model, "application/octet-stream")[0] != 201:
+            if time.monotonic() > deadline:
+                raise RuntimeError("upload through the gateway never succeeded")
+            time.sleep(0.5)
+        while post("/v2/models/mlp/infer", body, "application/json")[0] != 200:
+            if time.monotonic() > deadline:
+                raise RuntimeError("inference through the swarm never succeeded")
+            time.sleep(0.5)
+        out = {}
+        for c in conns:
+            out[str(c)] = measure(port, body, c, seconds, {"x-api-key": key}, gp.pid)
+        return out
+    finally:
+        for p in reversed(local):
+            stop_proc(p)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--conns", default="1,16,64")
+    ap.add_argument("--routes", default="fleet,direct,orchestrator", help="gateway.route values to measure")
     args = ap.parse_args()
     conns = [int(c) for c in args.conns.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
@@ -222,10 +325,10 @@ def main() -> int:
         body = json.dumps(body_doc).encode()
         ceiling = direct_ort(model, body_doc)
 
-        def run(name: str, port: int, headers: dict[str, str]) -> None:
+        def run(name: str, port: int, headers: dict[str, str], pid: int) -> None:
             results[name] = {}
             for c in conns:
-                results[name][str(c)] = asyncio.run(load(port, body, c, args.seconds, headers))
+                results[name][str(c)] = measure(port, body, c, args.seconds, headers, pid)
 
         # baseline: FastAPI + onnxruntime
         app = tmp / "fastapi_app.py"
@@ -234,7 +337,7 @@ def main() -> int:
         p = start_proc([sys.executable, str(app), str(model), str(port)], swarmd_env(), tmp / "fastapi.log")
         procs.append(p)
         wait_http(port, p)
-        run("fastapi", port, {})
+        run("fastapi", port, {}, p.pid)
         stop_proc(p)
 
         # gateway, standalone (onnxruntime in the gateway process)
@@ -246,21 +349,27 @@ def main() -> int:
                        swarmd_env(SWARMD_GATEWAY_LOCAL_MODELS_DIR=str(models)), tmp / "gateway.log")
         procs.append(p)
         wait_http(port, p)
-        run("gateway", port, {"x-api-key": key})
+        run("gateway", port, {"x-api-key": key}, p.pid)
         stop_proc(p)
 
         if swarm_available():
-            results["swarm"] = run_swarm(tmp, models, body, conns, args.seconds, procs)
+            for route in args.routes.split(","):
+                try:
+                    results[f"swarm-{route}"] = run_swarm(tmp, models, body, conns, args.seconds, procs, route)
+                except RuntimeError as e:
+                    print(f"swarm route {route}: not measured: {e}", file=sys.stderr)
     finally:
         for p in procs:
             stop_proc(p)
         shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"direct onnxruntime, batch 1: {ceiling:,.0f} inferences/s (the ceiling)")
-    print(f"{'server':<10} {'conns':>5} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
+    print("cpu/req: CPU time of the server process (for swarm-*: the gateway process alone) per request")
+    print(f"{'server':<19} {'conns':>5} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'cpu/req us':>10} {'errors':>6}")
     for name, by_c in results.items():
         for c, r in by_c.items():
-            print(f"{name:<10} {c:>5} {r['rps']:>9,.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['errors']:>6}")
+            print(f"{name:<19} {c:>5} {r['rps']:>9,.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
+                  f"{r.get('server_cpu_us_per_req', 0):>10,.0f} {r['errors']:>6}")
     print(json.dumps({"bench": "gateway", "direct_ort_per_s": round(ceiling, 1), "results": results,
                       "baseline": {"fastapi_ort": results.get("fastapi")}}))
     return 0

@@ -21,7 +21,9 @@ class GatewayConfig:
     access_log: bool = True  # one log line per request
     print_admin_key: bool = True  # print the first admin key to stdout when it is created
     local_models_dir: str | None = None  # standalone mode: serve ONNX models from this dir in-process
-    route: Literal["direct", "orchestrator"] = "direct"  # direct: orchestrator picks, gateway calls the worker
+    # fleet: embedded router, gateway -> worker; direct: an orchestrator picks, the gateway calls the worker;
+    # orchestrator: routeInferenceRequest through an orchestrator (see docs/gateway.md for the figures)
+    route: Literal["fleet", "direct", "orchestrator"] = "fleet"
     discovery_interval: float = 5.0  # seconds between lookups of orchestrators, stores and workers
     discovery_timeout: float = 3.0  # bound on one lookup pass
     usage_flush_interval: float = 5.0  # seconds between writes of per-key usage counts

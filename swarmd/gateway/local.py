@@ -3,7 +3,9 @@
 Models live under <models_dir>/<name>/<version>/model.onnx with a meta.json
 beside it. Sessions load at start and on upload; inference runs on a small
 thread pool because onnxruntime releases the GIL, so the event loop keeps
-serving HTTP while a model computes.
+serving HTTP while a model computes (running lone requests inline on the loop
+was tried: it helps one connection and serialises everything under load, since
+the loop never sees the requests still waiting in socket buffers).
 """
 
 from __future__ import annotations
@@ -171,8 +173,10 @@ class LocalBackend:
         check_inputs(loaded.info, inputs)
         check_outputs(loaded.info, outputs)
         names = outputs or [t.name for t in loaded.info.outputs]
-        loop = asyncio.get_running_loop()
-        values = await loop.run_in_executor(self._pool, loaded.session.run, names, inputs)
+        try:
+            values = await asyncio.get_running_loop().run_in_executor(self._pool, loaded.session.run, names, inputs)
+        except Exception as e:  # onnxruntime's own errors: a shape it rejects at run time is the caller's
+            raise SwarmdError("ERR_BAD_REQUEST", f"onnxruntime refused the inputs: {str(e)[:300]}") from None
         return InferResult(loaded.info.name, loaded.info.version, dict(zip(names, values, strict=True)))
 
     async def put_model(self, upload: UploadedModel) -> ModelInfo:

@@ -59,8 +59,21 @@ class InferRequest:
     parameters: dict[str, Any] = field(default_factory=dict)
 
 
+_DATATYPE_CACHE: dict[object, str] = {}
+
+
 def oip_datatype(dtype: np.dtype | str) -> str:
-    """The OIP datatype name for a numpy dtype (BYTES for strings)."""
+    """The OIP datatype name for a numpy dtype (BYTES for strings); cached, it runs per output per request."""
+    hit = _DATATYPE_CACHE.get(dtype)
+    if hit is not None:
+        return hit
+    name = _oip_datatype(dtype)
+    if len(_DATATYPE_CACHE) < 256:
+        _DATATYPE_CACHE[dtype] = name
+    return name
+
+
+def _oip_datatype(dtype: np.dtype | str) -> str:
     dt = np.dtype(dtype)
     if dt.kind in ("U", "S", "O"):
         return "BYTES"

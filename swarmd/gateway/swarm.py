@@ -1,12 +1,15 @@
 """SwarmBackend: inference and models served by the swarm's roles over RPC.
 
-Data path (gateway.route = "direct", the default): ask an orchestrator
-`findAvailableWorker {model}`, then call the worker's `runInference` directly;
-a worker-side failure (closed, timeout, overloaded, not ready) is retried on
-another worker within the request's budget. With route = "orchestrator" the
-gateway sends `routeInferenceRequest` to the orchestrator and lets it do the
-choosing and retrying (one more hop, measured in docs/gateway.md). With no
-orchestrator reachable the gateway still serves: it picks the least-loaded
+Data path, by gateway.route (each measured in docs/gateway.md):
+- "fleet" (default): the gateway embeds the orchestrator's Fleet (registry fed
+  by the workers' DHT records, health checks, latency-aware choice, failover)
+  and calls the chosen worker's `runInference` directly: one hop.
+- "direct": ask an orchestrator `findAvailableWorker {model}`, then call the
+  worker's `runInference`; a worker-side failure (closed, timeout, overloaded,
+  not ready) is retried on another worker within the request's budget.
+- "orchestrator": send `routeInferenceRequest` to an orchestrator, which
+  chooses, calls and retries (two hops).
+With no orchestrator reachable "direct" still serves: it picks the least-loaded
 ONLINE worker from the workers' own topic records.
 
 Metadata comes from the stores (`listModels {name}`) and is cached for
@@ -25,7 +28,12 @@ from typing import Any
 import numpy as np
 from loguru import logger
 
-from swarmd.errors import ERR_NOT_FOUND, ERR_NOT_READY, ERR_UNAVAILABLE, SwarmdError
+from swarmd.errors import (
+    ERR_NOT_FOUND,
+    ERR_NOT_READY,
+    ERR_UNAVAILABLE,
+    SwarmdError,
+)
 from swarmd.gateway.backend import InferResult, ModelInfo, UploadedModel, not_found, version_key
 from swarmd.gateway.config import GatewayConfig
 from swarmd.orchestrator.remote import RemoteRouter, SwarmView
@@ -44,6 +52,7 @@ class SwarmBackend:
         self._meta: dict[str, tuple[float, list[ModelInfo]]] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self._refreshed = asyncio.Event()
+        self.fleet: Any = None  # swarmd.orchestrator.fleet.Fleet when route == "fleet"
         self.log = logger.bind(role="gateway", part="swarm_backend")
 
     @property
@@ -60,10 +69,26 @@ class SwarmBackend:
             self.log.bind(event="no_swarm").warning("no swarm in this node: the gateway can only report 503")
             return
         self._loop_task = self.ctx.tasks.spawn(self._discover_loop(), name="gateway-discovery")
+        if self.config.route == "fleet":
+            from swarmd.orchestrator.config import OrchestratorConfig
+            from swarmd.orchestrator.fleet import Fleet
+
+            cfg = getattr(self.ctx.settings, "orchestrator", None) or OrchestratorConfig()
+            self.fleet = Fleet(cfg, self.ctx.identity, swarm=self.swarm)
+            # Calls go through the swarm: pooled connections, and in-process dispatch for a co-located worker.
+            self.fleet.router.call = self._fleet_call
+            self.fleet.monitor.call = self._fleet_call
+            await self.fleet.start(self.ctx.tasks)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._refreshed.wait(), 5.0)
 
+    async def _fleet_call(self, lease: Any, method: str, params: Any, seconds: float) -> Any:
+        return await self.swarm.request(bytes.fromhex(lease.public_key), method, params, timeout=seconds)
+
     async def stop(self) -> None:
+        if self.fleet is not None:
+            await self.fleet.stop()
+            self.fleet = None
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -147,10 +172,27 @@ class SwarmBackend:
             params["outputs"] = outputs
         if request_id is not None:
             params["request_id"] = request_id
+        deadline = time.monotonic() + self.config.infer_timeout
+        if self.fleet is not None:
+            try:
+                res, lease = await self.fleet.route("runInference", params, model=model,
+                                                    budget=self.config.infer_timeout)
+            except SwarmdError as e:
+                if e.code != ERR_NOT_FOUND or not self.fleet.balancer.candidates(None):
+                    raise
+                # No worker serves it yet: any worker loads it from a store on its first request.
+                res, lease = await self.fleet.route("runInference", params, model=None,
+                                                    budget=self.config.infer_timeout)
+            return self._result(res, model, bytes.fromhex(lease.public_key))
         if self.config.route == "orchestrator":
-            res = await self._call_any(self.peers.orchestrators, "routeInferenceRequest", params)
-            return self._result(res, model)
-        res, pk = await self.router.infer(params, self.config.infer_timeout)
+            try:
+                res = await self._call_any(self.peers.orchestrators, "routeInferenceRequest", params)
+                return self._result(res, model)
+            except SwarmdError as e:
+                if e.code != ERR_NOT_FOUND or not self.peers.workers:
+                    raise
+                # no worker has loaded the model yet: the direct path below lets one fetch it
+        res, pk = await self.router.infer(params, max(deadline - time.monotonic(), 0.0))
         return self._result(res, model, pk)
 
     @staticmethod
@@ -224,6 +266,8 @@ class SwarmBackend:
         return [latest[n] for n in sorted(latest)]
 
     async def ready(self, model: str, version: str | None = None) -> bool:
+        if self.fleet is not None:  # a model no worker has loaded yet is ready if any worker can fetch it
+            return bool(self.fleet.balancer.candidates(model) or self.fleet.balancer.candidates(None))
         try:
             await self._choose(model, set())
         except SwarmdError as e:
@@ -271,6 +315,8 @@ class SwarmBackend:
         }
 
     def worker_count(self) -> int:
+        if self.fleet is not None:
+            return len(self.fleet.balancer.candidates(None))
         return len(self.peers.workers)
 
 

@@ -54,11 +54,9 @@ class SwarmView:
 
 
 def worker_serves(payload: dict[str, Any], model: str) -> bool:
-    """Whether a worker's record lists model (a record listing no models may load any)."""
+    """Whether a worker's record lists model among the models it has loaded."""
     models = payload.get("models")
-    if not isinstance(models, list) or not models:
-        return True
-    return any((m.get("name") if isinstance(m, dict) else m) == model for m in models)
+    return isinstance(models, list) and any((m.get("name") if isinstance(m, dict) else m) == model for m in models)
 
 
 def worker_load(payload: dict[str, Any]) -> float:
@@ -106,13 +104,17 @@ class RemoteRouter:
         raise last
 
     def worker_for(self, model: str, exclude: set[bytes]) -> bytes | None:
-        """Fallback choice from the workers' own records: least queued, random among equals."""
-        best = [
-            (worker_load(payload), random.random(), pk)
-            for pk, payload in self.view.workers.items()
-            if pk not in exclude and worker_serves(payload, model)
-        ]
-        return min(best)[2] if best else None
+        """Fallback choice from the workers' own records: one already serving the model if any
+        (least queued, random among equals), else any ONLINE worker, which loads the model
+        from a store on its first request."""
+        serving: list[tuple[float, float, bytes]] = []
+        other: list[tuple[float, float, bytes]] = []
+        for pk, payload in self.view.workers.items():
+            if pk not in exclude:
+                entry = (worker_load(payload), random.random(), pk)
+                (serving if worker_serves(payload, model) else other).append(entry)
+        pool = serving or other
+        return min(pool)[2] if pool else None
 
     async def choose(self, model: str, exclude: set[bytes]) -> bytes:
         """A worker for model that is not in exclude: an orchestrator's pick, else the records' least loaded."""
