@@ -80,6 +80,7 @@ class ClientConfig:
     infer_timeout: float = 30.0  # budget of one infer() including failover
     lookup_timeout: float = 5.0  # one DHT lookup
     discovery_ttl: float = 5.0  # how long a lookup of the role topics is reused
+    settle: float = 1.0  # store lookups return this long after the first record (no full crawl wait)
     listen_host: str = "127.0.0.1"  # where our RPC server listens (peers dial it after join(announce=True))
     dht_host: str = "0.0.0.0"
     dht_port: int = 0
@@ -287,14 +288,10 @@ class Client:
         view = self.router.view
         if not fresh and view.at and time.monotonic() - view.at < self.config.discovery_ttl:
             return view
-        swarm = self._swarm
-        t = self.config.lookup_timeout
         orchs, workers = await asyncio.gather(
-            swarm.lookup_all(ORCHESTRATORS, timeout=t), swarm.lookup_all(WORKERS, timeout=t)
+            self.lookup(ORCHESTRATORS, settle=self.config.settle), self.lookup(WORKERS, settle=self.config.settle)
         )
         new = SwarmView(at=time.monotonic())
-        for rec in (*orchs, *workers):
-            self._records[rec.public_key] = rec
         new.orchestrators = [r.public_key for r in orchs]
         for r in workers:
             payload = r.payload if isinstance(r.payload, dict) else {}
@@ -306,15 +303,53 @@ class Client:
     # -- topics and calls ------------------------------------------------------------
 
     @_translated
-    async def lookup(self, topic: str | bytes, timeout: float | None = None) -> list[Any]:  # noqa: ASYNC109
-        """Records (swarmd.dht.records.PeerRecord: public_key, addresses, payload, seq, expiry) of every
-        peer announcing topic, a name or a 32-byte topic hash."""
+    async def lookup(
+        self,
+        topic: str | bytes,
+        timeout: float | None = None,  # noqa: ASYNC109
+        *,
+        first_only: bool = False,
+        settle: float | None = None,
+    ) -> list[Any]:
+        """Records (swarmd.dht.records.PeerRecord: public_key, addresses, payload, seq, expiry) of
+        peers announcing topic, a name or a 32-byte topic hash.
+
+        By default the whole lookup runs (bounded by timeout). first_only returns as soon as one
+        record arrives; settle=S returns S seconds after the first one: an unresponsive DHT node
+        costs a full crawl its timeout, and a person at a prompt waits on it."""
         await self._ready()
         swarm = self._need_swarm("lookup")
-        records = await swarm.lookup_all(topic, timeout=timeout or self.config.lookup_timeout)
-        for rec in records:
+        found: dict[bytes, Any] = {}
+        loop = asyncio.get_running_loop()
+        deadline = settle_until = loop.time() + (timeout or self.config.lookup_timeout)
+        async with contextlib.aclosing(swarm.lookup(topic)) as it:
+            while True:
+                wait = deadline - loop.time()
+                if found and settle is not None:
+                    wait = min(wait, settle_until - loop.time())
+                if wait <= 0:
+                    break
+                try:
+                    rec = await asyncio.wait_for(anext(it), wait)
+                except (StopAsyncIteration, TimeoutError):
+                    break
+                if not found and settle is not None:
+                    settle_until = loop.time() + settle
+                if rec.public_key not in found or found[rec.public_key].seq < rec.seq:
+                    found[rec.public_key] = rec
+                if first_only:
+                    break
+        for rec in found.values():
             self._records[rec.public_key] = rec
-        return records
+        return list(found.values())
+
+    @_translated
+    async def connect(self, public_key: bytes | str) -> Any:
+        """A pooled, Noise-authenticated RpcPeer to the peer with this key (for streams and many
+        calls); the record from an earlier lookup is used when there is one, else the DHT is asked.
+        The client owns the connection: it closes with the client."""
+        await self._ready()
+        return await self._peer(_public_key(public_key))
 
     @_translated
     async def join(
@@ -440,9 +475,7 @@ class Client:
     async def _store_keys(self, topic: str) -> list[bytes]:
         if self._direct is not None:
             return [self._direct.remote_public_key]
-        records = await self._swarm.lookup_all(topic, timeout=self.config.lookup_timeout)
-        for rec in records:
-            self._records[rec.public_key] = rec
+        records = await self.lookup(topic, settle=self.config.settle)
         return [r.public_key for r in records]
 
 

@@ -92,9 +92,17 @@ class SyncClient:
     def _t(self, timeout: float | None) -> float:
         return timeout or self.client.config.timeout
 
-    def lookup(self, topic: str | bytes, timeout: float | None = None) -> list[Any]:  # noqa: ASYNC109
-        """Records of every peer announcing topic (see Client.lookup)."""
-        return self._run(self.client.lookup(topic, timeout), timeout or self.client.config.lookup_timeout)
+    def lookup(
+        self,
+        topic: str | bytes,
+        timeout: float | None = None,  # noqa: ASYNC109
+        *,
+        first_only: bool = False,
+        settle: float | None = None,
+    ) -> list[Any]:
+        """Records of peers announcing topic (see Client.lookup)."""
+        coro = self.client.lookup(topic, timeout, first_only=first_only, settle=settle)
+        return self._run(coro, timeout or self.client.config.lookup_timeout)
 
     def join(
         self,
