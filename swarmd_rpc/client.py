@@ -50,7 +50,10 @@ def _translated(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
         try:
             return await fn(*args, **kwargs)
         except (SwarmdError, TimeoutError, OSError) as e:
-            raise translate(e) from e.__cause__
+            out = translate(e)
+            if out is e:
+                raise
+            raise out from e
 
     return wrapper
 
