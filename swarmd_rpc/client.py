@@ -135,7 +135,7 @@ class Client:
         if swarm_secret is not None:
             self.config.swarm_secret = swarm_secret
         if isinstance(identity, (str, Path)):
-            identity = Identity.load_or_create(Path(identity))
+            identity = Identity.load_or_create(Path(identity).expanduser())
         self.identity: Identity = identity or Identity.generate()
         self.peer_address = peer
         self.models = Models(self)
