@@ -442,10 +442,21 @@ class Client:
                     raise
                 res = await self._direct.call("routeInferenceRequest", params, timeout=budget)
         else:
+            deadline = time.monotonic() + budget
             view = await self._view()
+            fresh = False
             if not view.orchestrators and not view.workers:
-                view = await self._view(fresh=True)
-            res, worker = await self.router.infer(params, budget)
+                view, fresh = await self._view(fresh=True), True
+            try:
+                res, worker = await self.router.infer(params, budget)
+            except SwarmdError as e:
+                # a view up to discovery_ttl old may list only workers that have since gone:
+                # look again once and retry within what is left of the budget
+                left = deadline - time.monotonic()
+                if fresh or e.code != ERR_UNAVAILABLE or left <= 0:
+                    raise
+                await self._view(fresh=True)
+                res, worker = await self.router.infer(params, max(deadline - time.monotonic(), 0.001))
         if not isinstance(res, dict) or not isinstance(res.get("outputs"), dict):
             raise SwarmdError(ERR_PROTOCOL, "the worker answered without an outputs map")
         named = res.get("worker")

@@ -89,6 +89,15 @@ async def test_push_list_pull_infer_and_errors(swarm: Any, tmp_path: Path) -> No
         health = await c.call(swarm["workers"][0].identity.public_hex, "getHealth")
         assert health["state"] == "ONLINE"
 
+        # the worker that answered goes away: the next calls land on the other one
+        keys = [w.identity.public_hex for w in swarm["workers"]]
+        gone = keys.index(res.worker)
+        await swarm["nodes"][1 + gone].stop()
+        for _ in range(3):
+            again = await c.infer_detailed("lin", {"x": x})
+            assert again.worker == keys[1 - gone]
+            np.testing.assert_allclose(again.outputs[name], want, rtol=1e-5)
+
 
 async def test_join_and_lookup_between_two_clients(swarm: Any) -> None:
     async with Client(bootstrap=swarm["boot"]) as a, Client(bootstrap=swarm["boot"]) as b:
