@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import run_cli
 from tests.store_models import write_model
@@ -103,3 +105,26 @@ def test_listing_commands_take_json(tmp_path: Path) -> None:
         assert r.returncode == 0, r.stderr
         json.loads(r.stdout)
     assert shutil.which("bash")
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(doc=json_values)
+def test_infer_input_files_fail_with_a_code_never_a_traceback(doc, tmp_path_factory) -> None:
+    from swarmd.commands.infer import read_inputs
+    from swarmd.errors import ERR_BAD_REQUEST, SwarmdError
+
+    path = tmp_path_factory.mktemp("in") / "in.json"
+    path.write_text(json.dumps(doc))
+    try:
+        out = read_inputs(path)
+    except SwarmdError as e:
+        assert e.code == ERR_BAD_REQUEST and e.message
+        return
+    assert out and all(isinstance(v, np.ndarray) for v in out.values())

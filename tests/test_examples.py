@@ -7,6 +7,8 @@ them by PID; the last line it prints is a JSON summary checked here.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -18,11 +20,18 @@ pytestmark = pytest.mark.slow
 
 
 def run_example(path: str, timeout: float = 170.0) -> dict:
-    r = subprocess.run([sys.executable, path], capture_output=True, text=True, timeout=timeout,
-                       cwd=str(ROOT), env=swarmd_env())
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "stopped" in r.stdout or "stopping" in r.stdout  # it stopped what it started
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    # its own process group, so a hung example and the daemons it started can be stopped together
+    proc = subprocess.Popen([sys.executable, path], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=str(ROOT), env=swarmd_env(), start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{path} did not finish within {timeout} s:\n{out[-3000:]}\n{err[-3000:]}")
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    assert "stopped" in out or "stopping" in out  # it stopped what it started
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def test_logistics_orders_a_day_of_deliveries() -> None:

@@ -45,14 +45,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _array(value: Any, dtype: str, where: str) -> np.ndarray:
     try:
-        if isinstance(value, dict):
-            arr = np.asarray(value["data"], dtype=value.get("dtype", dtype))
-            if "shape" in value:
-                arr = arr.reshape(value["shape"])
-            return arr
-        return np.asarray(value, dtype=dtype)
+        with np.errstate(over="raise", invalid="raise"):
+            arr = _convert(value, dtype)
+        if arr.dtype.kind not in "biuf":
+            raise ValueError(f"tensors are numbers or booleans, not {arr.dtype}")
+        return arr
+    except (FloatingPointError, OverflowError) as e:
+        raise SwarmdError(ERR_BAD_REQUEST, f"{where}: a value does not fit {dtype}: {e}") from None
     except (KeyError, TypeError, ValueError) as e:
         raise SwarmdError(ERR_BAD_REQUEST, f"{where}: cannot make a {dtype} array: {e}") from None
+
+
+def _convert(value: Any, dtype: str) -> np.ndarray:
+    if isinstance(value, dict):
+        arr = np.asarray(value["data"], dtype=value.get("dtype", dtype))
+        if "shape" in value:
+            arr = arr.reshape(value["shape"])
+        return arr
+    return np.asarray(value, dtype=dtype)
 
 
 def read_inputs(path: Path, input_name: str = "input", dtype: str = "float32") -> dict[str, np.ndarray]:
