@@ -190,3 +190,20 @@ def test_error_classes_keep_the_code_and_base() -> None:
     assert isinstance(odd, swarmd_rpc.ClientError) and odd.code == "ERR_SOMETHING_NEW"
     assert isinstance(swarmd_rpc.translate(TimeoutError()), swarmd_rpc.Timeout)
     assert isinstance(swarmd_rpc.translate(ConnectionRefusedError()), swarmd_rpc.Unavailable)
+
+
+def test_every_public_name_has_a_docstring_and_types() -> None:
+    import inspect
+
+    for name in swarmd_rpc.__all__:
+        obj = getattr(swarmd_rpc, name)
+        assert inspect.getdoc(obj), f"swarmd_rpc.{name} has no docstring"
+        if not (inspect.isclass(obj) and obj.__module__.startswith("swarmd_rpc.")):
+            continue
+        for attr, member in vars(obj).items():
+            if attr.startswith("_") or not callable(member) and not isinstance(member, (classmethod, staticmethod)):
+                continue
+            fn = member.__func__ if isinstance(member, (classmethod, staticmethod)) else member
+            assert inspect.getdoc(fn), f"swarmd_rpc.{name}.{attr} has no docstring"
+            sig = inspect.signature(fn)
+            assert sig.return_annotation is not inspect.Signature.empty, f"{name}.{attr} has no return type"
