@@ -231,9 +231,15 @@ def wait_log(log: Path, pattern: str, proc: subprocess.Popen, timeout: float = 6
 
 def run_swarm(tmp: Path, models: Path, body: bytes, conns: list[int], seconds: float,
               procs: list[subprocess.Popen], route: str) -> dict[str, dict[str, float]]:
-    """gateway -> worker, each role its own process: store (+DHT bootstrap), orchestrator, worker, gateway."""
+    """gateway -> worker, each role its own process: store (+DHT bootstrap), orchestrator, worker, gateway.
+
+    route is a gateway.route value, optionally "+inline": the worker then runs a lone
+    request on its event loop (worker.inline_run_us), skipping its thread handoff."""
     base = tmp / f"swarm-{route}"
-    env = swarmd_env(SWARMD_GATEWAY_ROUTE=route)
+    mode, _, extra = route.partition("+")
+    env = swarmd_env(SWARMD_GATEWAY_ROUTE=mode)
+    if extra == "inline":
+        env["SWARMD_WORKER_INLINE_RUN_US"] = "5000"
     cmd = [sys.executable, "-m", "swarmd", "--log-format", "json", "--log-level", "INFO"]
     local: list[subprocess.Popen] = []
 
@@ -308,7 +314,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--conns", default="1,16,64")
-    ap.add_argument("--routes", default="fleet,direct,orchestrator", help="gateway.route values to measure")
+    ap.add_argument("--routes", default="fleet,direct,orchestrator,fleet+inline",
+                    help="gateway.route values to measure (+inline: the worker runs lone requests inline)")
     args = ap.parse_args()
     conns = [int(c) for c in args.conns.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
