@@ -38,7 +38,7 @@ keys = st.sampled_from(["name", "version", "tag", "digest", "include_deleted", "
 params = st.one_of(values, st.dictionaries(keys, values, max_size=4))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(method=st.sampled_from(["list_models", "get_model", "upload_status", "store_state"]), p=params)
 async def test_read_methods_never_crash(role: StoreRole, method: str, p: Any) -> None:
     try:
@@ -60,7 +60,7 @@ row_fields = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(row=st.one_of(values, row_fields))
 def test_peer_catalog_rows_are_checked(row: Any) -> None:
     try:

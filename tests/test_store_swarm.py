@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +20,7 @@ from swarmd.topics import STORES, blob_topic, model_topic
 from tests.dht_testnet import DhtTestnet
 
 T = 30.0
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -78,6 +83,51 @@ async def test_stores_replicate_through_the_swarm(net: DhtTestnet, tmp_path: Pat
             return len(holders(nodes)) == 2
 
         await rounds_until(two_left, nodes, "two copies among the survivors")
+    finally:
+        for n in nodes:
+            await n.stop()
+
+
+async def cli(*argv: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "swarmd", "model", *argv, "--log-level", "ERROR",
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def test_cli_finds_stores_through_the_swarm(net: DhtTestnet, tmp_path: Path) -> None:
+    nodes = [await start_swarm_store(net, tmp_path / f"s{i}", replicate_interval=3600.0) for i in range(2)]
+    try:
+        everyone = {n.key for n in nodes}
+
+        async def all_listed() -> bool:
+            return all([await keys_on(n, STORES) >= everyone for n in nodes])
+
+        await rounds_until(all_listed, nodes, "every store on STORES")
+        host, port = net.nodes[0].address
+        boot = ("--bootstrap", f"{host}:{port}", "--data-dir", str(tmp_path / "cli"))
+        f = write_model(tmp_path / "m.onnx", seed=42)
+        rc, out, err = await cli("push", str(f), "--name", "m", "--json", *boot)
+        assert rc == 0, err
+        d = json.loads(out)["digest"]
+
+        async def both() -> bool:
+            return all(d in n.role.core.holdings() for n in nodes)
+
+        await rounds_until(both, nodes, "both stores hold the model")
+        rc, out, err = await cli("ls", "--json", *boot)
+        assert rc == 0, err
+        assert [(m["name"], m["version"], m["digest"]) for m in json.loads(out)] == [("m", "1", d)]
+        dest = tmp_path / "pulled.onnx"
+        rc, out, err = await cli("pull", "m:1", "-o", str(dest), *boot)
+        assert rc == 0, err
+        assert dest.read_bytes() == f.read_bytes()
+        rc, out, err = await cli("rm", "m:1", *boot)
+        assert rc == 0 and "deleted m:1 on 2 stores" in out, (out, err)
+        assert all(n.role.core.list() == [] for n in nodes)
     finally:
         for n in nodes:
             await n.stop()

@@ -104,7 +104,9 @@ class Bar:
 
 
 @contextlib.asynccontextmanager
-async def stores(args: argparse.Namespace, *, topic: str | None = None) -> AsyncIterator[list[Any]]:
+async def stores(
+    args: argparse.Namespace, *, topic: str | None = None, first_only: bool = False
+) -> AsyncIterator[list[Any]]:
     """Connected peers of the stores this command should talk to (at least one)."""
     from swarmd.node.identity import Identity
     from swarmd.rpc import connect
@@ -127,7 +129,7 @@ async def stores(args: argparse.Namespace, *, topic: str | None = None) -> Async
         if local is not None:
             targets.append(local)
     if not targets:
-        async with _swarm_stores(args, topic) as peers:
+        async with _swarm_stores(args, topic, first_only) as peers:
             yield peers
         return
     # the operator's key when this data dir has one (stores record it as the uploader and
@@ -168,29 +170,76 @@ def _local_store(data_dir: Path) -> tuple[str, int, bytes | None] | None:
 
 
 @contextlib.asynccontextmanager
-async def _swarm_stores(args: argparse.Namespace, topic: str | None) -> AsyncIterator[list[Any]]:
-    """Stores found through the swarm (announcing `topic`, default STORES)."""
-    try:
-        from swarmd.swarm import client_swarm  # provided by the swarm layer
-    except ImportError:
-        raise SwarmdError(
-            ERR_UNAVAILABLE,
-            "no store to talk to: pass --store HOST:PORT [--store-key HEX], or --data-dir of a node running "
-            "the store role (the swarm lookup path is not available in this build)",
-        ) from None
+async def _swarm_stores(
+    args: argparse.Namespace, topic: str | None, first_only: bool = False
+) -> AsyncIterator[list[Any]]:
+    """Stores found through the swarm (announcing `topic`, default STORES), with a short-lived
+    DHT node and swarm of our own (an ephemeral key; it announces nothing)."""
+    from swarmd.dht import DhtConfig, DhtNode
+    from swarmd.node.identity import Identity
+    from swarmd.rpc import Methods
+    from swarmd.swarm import Swarm, SwarmConfig
     from swarmd.topics import STORES
 
-    async with client_swarm(args.settings) as swarm:
-        records = await swarm.lookup_all(topic or STORES)
+    settings = args.settings
+    if not settings.node.bootstrap:
+        raise SwarmdError(
+            ERR_UNAVAILABLE,
+            "no store to talk to: pass --store HOST:PORT [--store-key HEX], --bootstrap HOST:PORT to find "
+            "stores on the swarm, or --data-dir of a node running the store role",
+        )
+    secret = bytes.fromhex(settings.node.swarm_secret) if settings.node.swarm_secret else None
+    # client mode: a node that lives for one command must not enter other nodes' routing
+    # tables, where it would cost later lookups a timeout once it is gone
+    boot = [parse_hostport(b, what="bootstrap entry") for b in settings.node.bootstrap]
+    dht = DhtNode(Identity.generate(), DhtConfig(host="0.0.0.0", port=0, bootstrap=boot, mode="client"))
+    await dht.start()
+    swarm = Swarm(Identity.generate(), dht, Methods(), SwarmConfig(secret=secret, announce_self=False))
+    try:
+        await swarm.start()
+        records = await _find(swarm, topic or STORES, args.timeout, first_only=first_only)
         if not records:
-            raise SwarmdError(ERR_UNAVAILABLE, f"no store announces {topic or STORES} in the swarm")
+            raise SwarmdError(ERR_UNAVAILABLE, f"no store announces {topic or STORES!r} in the swarm")
         peers = []
         for rec in records:
-            with contextlib.suppress(SwarmdError, OSError, TimeoutError):
-                peers.append(await asyncio.wait_for(swarm.connect(rec.public_key), args.timeout))
+            try:
+                peers.append(await asyncio.wait_for(swarm.connect(rec.public_key, rec), args.timeout))
+            except (SwarmdError, OSError, TimeoutError):
+                continue  # a store that went away: its record lingers until it expires
         if not peers:
-            raise SwarmdError(ERR_UNAVAILABLE, "no store in the swarm answered")
+            raise SwarmdError(ERR_UNAVAILABLE, f"none of the {len(records)} stores found in the swarm answered")
         yield peers
+    finally:
+        await swarm.stop()
+        await dht.stop()
+
+
+async def _find(swarm: Any, topic: str, timeout: float, *, first_only: bool, settle: float = 1.0) -> list[Any]:
+    """Records on topic as the lookup streams them: the first one (push), or all that arrive
+    until the crawl ends or `settle` s after the first (an unresponsive DHT node costs its
+    full timeout, and a user waits on this)."""
+    from contextlib import aclosing
+
+    found: dict[bytes, Any] = {}
+    loop = asyncio.get_running_loop()
+    deadline = settle_until = loop.time() + timeout
+    async with aclosing(swarm.lookup(topic)) as it:
+        while True:
+            wait = deadline - loop.time()
+            if found:
+                wait = min(wait, settle_until - loop.time())
+            if wait <= 0:
+                break
+            try:
+                rec = await asyncio.wait_for(anext(it), wait)
+            except (StopAsyncIteration, TimeoutError):
+                break
+            if not found:
+                settle_until = loop.time() + settle
+            found[rec.public_key] = rec
+            if first_only:
+                break
+    return list(found.values())
 
 
 # -- actions ----------------------------------------------------------------------
@@ -228,7 +277,7 @@ async def run(args: argparse.Namespace) -> int:
     if cmd == "push":
         if not args.file.is_file():
             raise SwarmdError(ERR_BAD_REQUEST, f"{args.file} is not a readable file")
-        async with stores(args) as peers:
+        async with stores(args, first_only=True) as peers:
             meta = await push_file(peers[0], args.file, args.name, args.version, tags=args.tag,
                                    description=args.description, progress=_bar(args, "push"), timeout=t)
         if args.json:

@@ -113,6 +113,7 @@ class StoreRole(Role):
         self.key = ctx.identity.public_hex
         self._upload_locks: dict[str, tuple[asyncio.Lock, int]] = {}  # digest -> (lock, holders + waiters)
         self._announced: set[str] = set()
+        self._announced_status: dict[str, int] = {}
         self._wake = asyncio.Event()
         self._round_done = asyncio.Event()
         self.rounds = 0
@@ -153,7 +154,8 @@ class StoreRole(Role):
             m.register_stream("downloadBlob", self.download_blob, op="r")
             m.register_stream("uploadModel", self.upload_model, op="w")
         if self.ctx.swarm is not None:
-            await self.ctx.swarm.join(STORES, announce=True, lookup=True, payload=self.store.status())
+            self._announced_status = self.store.status()
+            await self.ctx.swarm.join(STORES, announce=True, lookup=True, payload=self._announced_status)
             await self._announce()
         self.start_replication()
         self.log.bind(event="store_started", **self.store.status()).info("store serving")
@@ -222,7 +224,7 @@ class StoreRole(Role):
     async def delete_model(self, ctx: Any, params: Any) -> dict[str, Any]:
         p = _params(params, {"name", "version"}, {"name", "version"})
         row = await asyncio.to_thread(self.core.delete, _opt_str(p, "name"), _opt_str(p, "version"))
-        await self._announce()
+        self._wake.set()  # the loop withdraws the announcements; the caller does not wait on the DHT
         return {"deleted": row.to_dict()}
 
     async def store_state(self, ctx: Any, params: Any) -> dict[str, Any]:
@@ -286,8 +288,7 @@ class StoreRole(Role):
                 del self._upload_locks[req.digest]
             else:
                 self._upload_locks[req.digest] = (lock, users - 1)
-        await self._announce()
-        self._wake.set()
+        self._wake.set()  # announce and replicate in the background
         return meta.to_dict()
 
     async def _receive(self, ctx: Any, req: PushRequest, offset: int, stream: Any) -> ModelMeta:
@@ -336,8 +337,10 @@ class StoreRole(Role):
         for topic in sorted(self._announced - want):
             await swarm.leave(topic)
             self._announced.discard(topic)
-        with contextlib.suppress(Exception):
-            await swarm.update(STORES, self.core.status())
+        status = self.core.status()
+        if status != self._announced_status:
+            await swarm.update(STORES, status)
+            self._announced_status = status
 
     # -- replication ---------------------------------------------------------------
 
@@ -381,7 +384,9 @@ class StoreRole(Role):
         try:
             while True:
                 try:
+                    await self._announce()
                     await self.replicate_once()
+                    await self._announce()
                     await asyncio.to_thread(self.core.gc)
                 except SwarmdError as e:
                     self.log.bind(event="replication_failed", code=e.code).warning("replication round: {}", e.message)
@@ -457,8 +462,6 @@ class StoreRole(Role):
                 return await self._pull(p, by_key[p.source])
 
         results = await asyncio.gather(*(run(p) for p in todo))
-        if adopted or any(results):
-            await self._announce()
         return [p for p, ok in zip(todo, results, strict=True) if ok]
 
     async def _pull(self, p: Pull, source: PeerState) -> bool:
