@@ -272,6 +272,17 @@ def test_upload_rejects_garbage(gw):
     assert r.status == 400 and "name is required" in r.json()["error"]
 
 
+def test_hostile_shapes_and_dtypes_allocate_nothing(gw):
+    head = json.dumps({"inputs": [{"name": "s", "shape": [10**12], "datatype": "BYTES",
+                                   "parameters": {"binary_data_size": 4}}]}).encode()
+    r = gw.request("POST", "/v2/models/mlp/infer", head + b"\0\0\0\0",
+                   headers={"Inference-Header-Content-Length": str(len(head))}, key=gw.admin_key)
+    assert r.status == 400 and "BYTES elements" in r.json()["error"]
+    r = gw.request("POST", "/api/v1/inference/mlp", {"inputs": {"x": {"data": [1], "dtype": "V1000000000"}}},
+                   key=gw.admin_key)
+    assert r.status == 400 and "is not one of" in r.json()["error"]
+
+
 def test_bytes_binary_input_is_parsed():
     from swarmd.gateway.oip import decode_infer_request
 

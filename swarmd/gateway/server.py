@@ -46,7 +46,13 @@ from swarmd.gateway.backend import InferenceBackend, ModelInfo, UploadedModel
 from swarmd.gateway.config import GatewayConfig
 from swarmd.gateway.keys import ApiKey, KeyStore
 from swarmd.gateway.metrics import Counter, Gauge, Histogram, Registry
-from swarmd.gateway.oip import OipError, decode_infer_request, encode_infer_response, oip_datatype
+from swarmd.gateway.oip import (
+    OIP_TO_NUMPY,
+    OipError,
+    decode_infer_request,
+    encode_infer_response,
+    oip_datatype,
+)
 from swarmd.gateway.openapi import docs_page, openapi_document
 from swarmd.gateway.ratelimit import RateLimiter
 
@@ -537,6 +543,8 @@ class Gateway:
                 dtype = value.get("dtype", dtype)
                 shape = value.get("shape")
                 value = value.get("data")
+                if dtype not in OIP_TO_NUMPY.values():
+                    raise bad(f"input {name!r}: dtype {dtype!r:.40} is not one of {', '.join(OIP_TO_NUMPY.values())}")
             try:
                 arr = np.array(value, dtype=np.dtype(dtype))
                 if shape is not None:
