@@ -667,7 +667,14 @@ class Gateway:
 
     @requires("admin")
     async def v1_status(self, request: web.Request) -> web.Response:
+        """Roles, peers, workers, models, orchestrators: what an operator asks first."""
+        try:
+            async with asyncio.timeout(5.0):
+                models: Any = [f"{m.name}:{m.version}" for m in await self.backend.list_models()]
+        except (SwarmdError, TimeoutError) as e:
+            models = {"error": getattr(e, "message", "listing models timed out after 5s")}
         return json_response({
+            "models": models,
             "gateway": {
                 "url": self.url,
                 "version": __version__,

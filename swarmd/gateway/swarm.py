@@ -245,8 +245,10 @@ class SwarmBackend:
                 res, lease = await self.fleet.route("runInference", params, model=model,
                                                     budget=self.config.infer_timeout)
             except SwarmdError as e:
-                if e.code != ERR_NOT_FOUND or not self.fleet.balancer.candidates(None):
+                if e.code != ERR_NOT_FOUND:
                     raise
+                if not self.fleet.balancer.candidates(None):
+                    raise SwarmdError(ERR_UNAVAILABLE, "no worker is available yet; retry shortly") from None
                 # No worker serves it yet: any worker loads it from a store on its first request.
                 res, lease = await self.fleet.route("runInference", params, model=None,
                                                     budget=self.config.infer_timeout)
