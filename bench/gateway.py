@@ -256,13 +256,13 @@ def run_swarm(tmp: Path, models: Path, body: bytes, conns: list[int], seconds: f
         return p, log
 
     try:
+        port = free_port()  # before the other daemons bind their ephemeral ports
         p, log = start("store", "--role", "bootstrap,store")
         dht = json.loads(wait_log(log, r'\{[^\n]*"event": "ready"[^\n]*\}', p).group(0))["ports"]["dht"]
         boot = ("--bootstrap", f"127.0.0.1:{dht}")
         waits = [start("orchestrator", "--role", "orchestrator", *boot)]
         if not colocated:
             waits.append(start("worker", "--role", "worker", *boot))
-        port = free_port()
         prof = os.environ.get("BENCH_GATEWAY_PROFILE")  # a path: run the gateway under cProfile, dump there
         if prof:
             # CPU-time profile (not wall time: on a shared box wall time is mostly waiting for a core)

@@ -58,13 +58,13 @@ def _until(fn, what: str, timeout: float = 90.0):
 def test_gateway_orchestrator_two_workers_store_as_processes(tmp_path, daemons):
     import tritonclient.http as triton
 
+    port = _free_port()  # before any daemon binds its own ephemeral ports (--http takes no port 0)
     store = daemons("--role", "bootstrap,store", "--data-dir", str(tmp_path / "store"))
     ready = store.wait_event("ready")
     boot = f"127.0.0.1:{ready['ports']['dht']}"
     common = ("--bootstrap", boot)
     orch = daemons("--role", "orchestrator", "--data-dir", str(tmp_path / "orch"), *common)
     workers = [daemons("--role", "worker", "--data-dir", str(tmp_path / f"w{i}"), *common) for i in range(2)]
-    port = _free_port()
     # no access log: nobody reads the pipe after "ready", and a full pipe would stall the gateway
     gw: Daemon = daemons("--role", "gateway", "--http", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "gw"),
                          *common, env=swarmd_env(SWARMD_GATEWAY_ACCESS_LOG="false"))
