@@ -228,6 +228,9 @@ def test_metrics_exposition(gw):
     assert "swarmd_gateway_in_flight 1" in text  # the scrape itself
     assert "swarmd_gateway_workers 1" in text
     assert "unknown-model-name" not in text  # client-chosen names never become series
+    gw.raw(b"PROPFIND /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")  # a method llhttp knows
+    text = gw.request("GET", "/metrics", key=gw.admin_key).body.decode()
+    assert "PROPFIND" not in text and 'method="OTHER"' in text
 
 
 def test_v1_inference_and_models(gw):

@@ -83,6 +83,7 @@ REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 ALLOWED_HEADERS = "authorization, content-type, x-api-key, x-request-id, inference-header-content-length"
 EXPOSED_HEADERS = "x-request-id, inference-header-content-length, retry-after"
 UPLOAD_CHUNK = 1 << 20
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
 TRITON_TYPES = {
     "BOOL": "TYPE_BOOL", "UINT8": "TYPE_UINT8", "UINT16": "TYPE_UINT16", "UINT32": "TYPE_UINT32",
     "UINT64": "TYPE_UINT64", "INT8": "TYPE_INT8", "INT16": "TYPE_INT16", "INT32": "TYPE_INT32",
@@ -301,7 +302,8 @@ class Gateway:
         info = request.match_info.route.resource
         route = info.canonical if info is not None else "unmatched"
         s = str(status)
-        self.m_requests.inc(route, request.method, s)
+        method = request.method if request.method in KNOWN_METHODS else "OTHER"  # client-chosen: bounded
+        self.m_requests.inc(route, method, s)
         self.m_latency.observe(elapsed, route, request.get(MODEL, ""), s)
         if self.config.access_log:
             self.log.bind(
