@@ -169,8 +169,9 @@ class StoreRole(Role):
         task, self._loop_task = self._loop_task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            done, _ = await asyncio.wait({task}, timeout=10.0)
+            if not done:
+                self.log.bind(event="stop_slow").warning("replication loop did not stop within 10 s")
         m = self.ctx.methods
         if m is not None:
             for name in ("listModels", "getModel", "uploadStatus", "deleteModel", "storeState", "downloadBlob",
@@ -374,9 +375,8 @@ class StoreRole(Role):
                 return peer
         swarm = self.ctx.swarm
         if swarm is not None:
-            return await asyncio.wait_for(
-                swarm.connect(bytes.fromhex(key), self._records.get(key)), self.config.transfer_timeout
-            )
+            async with asyncio.timeout(self.config.transfer_timeout):
+                return await swarm.connect(bytes.fromhex(key), self._records.get(key))
         raise SwarmdError(ERR_BAD_REQUEST, f"no way to reach store {key[:16]}")
 
     async def _replicate_loop(self) -> None:
@@ -398,8 +398,11 @@ class StoreRole(Role):
                 self._round_done.set()
                 self._wake.clear()
                 interval = self.config.replicate_interval * (0.8 + 0.4 * random.random())
+                # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that lands as
+                # the wake-up does, and the loop would outlive stop()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), interval)
+                    async with asyncio.timeout(interval):
+                        await self._wake.wait()
         finally:
             peers, self._peers = self._peers, {}
             for peer in peers.values():
