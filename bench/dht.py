@@ -136,9 +136,8 @@ async def dht_figures(n: int) -> dict[str, float]:
 async def swarm_figures(n_nodes: int = 30, joins: int = 40) -> dict[str, float] | None:
     """join(topic) -> first connection event, with B already announcing."""
     try:
-        from swarmd.rpc.client import connect  # noqa: F401  (present once the net layer is in)
-
         from swarmd.rpc import CallContext, Methods
+        from swarmd.rpc.client import connect
         from swarmd.swarm import ConnectionEvent, Swarm, SwarmConfig
     except ImportError:
         return None
@@ -184,7 +183,20 @@ async def swarm_figures(n_nodes: int = 30, joins: int = 40) -> dict[str, float] 
             t2 = time.perf_counter()
             await client.request(server.public_key, "echo", b"x", timeout=5)
             first_call.append(time.perf_counter() - t2)
+            # stop this client's re-lookups so the next join is measured on a quiet loop
+            await client.leave(topic)
+            await server.leave(topic)
+        # baseline: a bare rpc connect (TCP + Noise IK) to a known address and key
+        raw = []
+        for _ in range(joins):
+            t0 = time.perf_counter()
+            peer = await connect(
+                Identity.generate(), "127.0.0.1", server.server.port, remote_public_key=server.public_key
+            )
+            raw.append(time.perf_counter() - t0)
+            await peer.close()
         return {
+            "rpc_connect_baseline_p50_ms": statistics.median(raw) * 1e3,
             "join_to_connection_p50_ms": statistics.median(times) * 1e3,
             "join_to_connection_p90_ms": pct(times, 90) * 1e3,
             "first_request_after_connect_p50_ms": statistics.median(first_call) * 1e3,

@@ -1,7 +1,8 @@
 """Per-request routing overhead: calling a worker directly vs. through the orchestrator's choice.
 
 Four ways to get one inference answered, all in the same run against the same
-worker processes (a 4x3 linear layer, so the figures are routing, not compute):
+`swarmd --role worker` daemons serving a 4-16-3 MLP in onnxruntime (tiny, so the
+figures are routing, not compute):
 
   direct        client -> worker runInference (the baseline)
   embedded      client-side Fleet/Router (the decision core in-process) -> worker
@@ -9,7 +10,8 @@ worker processes (a 4x3 linear layer, so the figures are routing, not compute):
   via-orch      routeInferenceRequest: client -> orchestrator -> worker (one extra hop)
 
 Each runs sequentially (latency) and with 32 calls in flight (throughput), the\npaths interleaved in rounds so a busy shared machine skews them alike.
-Workers and the orchestrator are separate processes so no two hops share an event loop.
+Workers and the orchestrator are real daemons in their own processes, so no two
+hops share an event loop.
 Prints a table, then one JSON line with every figure and the direct baseline.
 """
 
@@ -19,9 +21,12 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -31,15 +36,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.models import mlp_model  # noqa: E402
 from swarmd.errors import SwarmdError  # noqa: E402
 from swarmd.node.identity import Identity  # noqa: E402
-from swarmd.node.supervisor import Supervisor  # noqa: E402
 from swarmd.orchestrator.config import OrchestratorConfig  # noqa: E402
 from swarmd.orchestrator.discovery import WorkerAd  # noqa: E402
 from swarmd.orchestrator.fleet import Fleet  # noqa: E402
-from swarmd.rpc import Methods, RpcServer, connect  # noqa: E402
+from swarmd.rpc import connect  # noqa: E402
 
-WEIGHTS = np.arange(12, dtype=np.float32).reshape(4, 3) / 10.0
 N_WORKERS = 2
 SEQ_CALLS = 2000
 PAR_CALLS = 6000
@@ -48,63 +52,51 @@ IN_FLIGHT = 32
 T = 30.0
 
 
-# -- the processes the benchmark talks to ---------------------------------------
+# -- the processes the benchmark talks to: real daemons ------------------------------
 
 
-async def serve_worker() -> None:
-    methods = Methods()
-
-    async def run_inference(ctx: Any, params: Any) -> Any:
-        return {"model": params["model"], "version": "1", "outputs": {"y": params["inputs"]["x"] @ WEIGHTS}}
-
-    async def check_capacity(ctx: Any, params: Any) -> Any:
-        return {"state": "ONLINE", "queue_depth": 0, "in_flight": 0, "max_concurrent": 64, "accepting": True}
-
-    methods.register("runInference", run_inference)
-    methods.register("checkCapacity", check_capacity)
-    ident = Identity.generate()
-    server = RpcServer(ident, methods)
-    await server.start()
-    print(json.dumps({"public_key": ident.public_hex, "port": server.port}), flush=True)
-    await asyncio.Event().wait()
+def _drain(stream: Any) -> None:
+    """Keep reading a daemon's log so a full pipe never blocks it."""
+    for _ in stream:
+        pass
 
 
-async def serve_orchestrator() -> None:
-    from swarmd.roles.base import NodeContext
-    from swarmd.roles.orchestrator import OrchestratorRole
-    from swarmd.settings import Settings
-
-    ident = Identity.generate()
-    ctx = NodeContext(
-        identity=ident,
-        settings=Settings(),
-        data_dir=Path("."),
-        instance_id="bench",
-        roles=("orchestrator",),
-        tasks=Supervisor(),
-        methods=Methods(),
-    )
-    role = OrchestratorRole(ctx)
-    server = RpcServer(ident, ctx.methods)
-    await server.start()
-    await role.start()
-    print(json.dumps({"public_key": ident.public_hex, "port": server.port}), flush=True)
-    await asyncio.Event().wait()
-
-
-def spawn(kind: str) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+def spawn(role: str, data_dir: Path, **env: str) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    """`swarmd --role ROLE` as a child; returns it and its "ready" log line."""
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--serve", kind],
+        [
+            sys.executable,
+            "-m",
+            "swarmd",
+            "--role",
+            role,
+            "--data-dir",
+            str(data_dir),
+            "--log-format",
+            "json",
+            "--log-level",
+            "INFO",
+        ],
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=str(ROOT),
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("SWARMD_")},
+            "PYTHONPATH": str(ROOT),
+            **env,
+        },
     )
     assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line:
-        raise SystemExit(f"the {kind} process exited before it was ready")
-    return proc, json.loads(line)
+    for line in proc.stdout:
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if doc.get("event") == "ready":
+            threading.Thread(target=_drain, args=(proc.stdout,), daemon=True).start()
+            return proc, doc
+    raise SystemExit(f"swarmd --role {role} exited ({proc.wait()}) before it was ready")
 
 
 # -- measuring ------------------------------------------------------------------
@@ -112,7 +104,7 @@ def spawn(kind: str) -> tuple[subprocess.Popen[str], dict[str, Any]]:
 
 async def measure(paths: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Interleave the paths in short blocks so drift on a shared machine hits them all alike."""
-    x = np.ones((1, 4), dtype=np.float32)
+    x = np.ones((1, 4), dtype=np.float32)  # [batch, 4] for the 4-16-3 MLP
     for call in paths.values():
         for _ in range(100):  # warm up connections and caches
             await call(x)
@@ -153,14 +145,18 @@ async def main() -> None:
 
     logger.remove()
     procs = []
+    tmp = Path(tempfile.mkdtemp(prefix="bench-orch-"))
     try:
+        model = tmp / "mlp.onnx"
+        model.write_bytes(mlp_model((4, 16, 3), seed=1))
         workers = []
-        for _ in range(N_WORKERS):
-            p, info = spawn("worker")
+        for i in range(N_WORKERS):
+            p, ready = spawn("worker", tmp / f"w{i}", SWARMD_WORKER_MODELS=f"mlp={model}")
             procs.append(p)
-            workers.append(info)
-        p, orch_info = spawn("orchestrator")
+            workers.append({"public_key": ready["public_key"], "port": ready["ports"]["rpc"]})
+        p, ready = spawn("orchestrator", tmp / "orch")
         procs.append(p)
+        orch_info = {"public_key": ready["public_key"], "port": ready["ports"]["rpc"]}
         me = Identity.generate()
         orch = await connect(
             me, "127.0.0.1", orch_info["port"], remote_public_key=bytes.fromhex(orch_info["public_key"])
@@ -168,7 +164,13 @@ async def main() -> None:
         for w in workers:
             await orch.call(
                 "registerWorker",
-                {"public_key": w["public_key"], "models": ["mlp"], "host": "127.0.0.1", "port": w["port"]},
+                {
+                    "public_key": w["public_key"],
+                    "models": ["mlp"],
+                    "host": "127.0.0.1",
+                    "port": w["port"],
+                    "ttl": 3600,
+                },
                 timeout=T,
             )
         peers = {
@@ -181,7 +183,7 @@ async def main() -> None:
         turn = 0
 
         def params(x: np.ndarray) -> dict[str, Any]:
-            return {"model": "mlp", "inputs": {"x": x}}
+            return {"model": "mlp", "inputs": {"input": x}}
 
         async def direct(x: np.ndarray) -> Any:  # round-robin by hand: no decision logic at all
             nonlocal turn
@@ -218,7 +220,10 @@ async def main() -> None:
         except SwarmdError as e:
             raise SystemExit(f"a path failed: {e}") from None
         base = results["direct"]
-        print(f"orchestrator routing overhead ({N_WORKERS} worker processes, policy p2c, loopback TCP+Noise)")
+        print(
+            f"orchestrator routing overhead: {N_WORKERS} `swarmd --role worker` daemons (4-16-3 MLP, onnxruntime),"
+        )
+        print("one `swarmd --role orchestrator` daemon, policy p2c, loopback TCP+Noise")
         print(f"decision core alone (choose + begin + success): {decision_us:.2f} us/request")
         print(f"{'path':<13}{'p50 us':>10}{'p99 us':>10}{'+p50 us':>10}{'req/s@32':>11}{'vs direct':>11}")
         for name, r in results.items():
@@ -250,16 +255,9 @@ async def main() -> None:
         for p in procs:
             p.kill()
             p.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--serve", choices=("worker", "orchestrator"), help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.serve:
-        from loguru import logger
-
-        logger.remove()
-        asyncio.run(serve_worker() if args.serve == "worker" else serve_orchestrator())
-    else:
-        asyncio.run(main())
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
+    asyncio.run(main())

@@ -8,6 +8,8 @@ would), the client here. Figures:
 - 64-byte echo round trip, sequential: p50 / p99 in microseconds
 - 64-byte echo, 64 calls in flight: requests per second
 - one bulk stream over one connection: MiB/s (upload into a handler that discards)
+- the echo p50 again with client and server on one event loop (no cross-process
+  wake-up), for comparison with figures measured that way
 
 The baseline is a plain asyncio TCP echo / sink with 4-byte length framing,
 measured in the same run on the same machine. Last line: one JSON object.
@@ -264,6 +266,54 @@ async def bench_rpc(n_seq: int, n_par: int, in_flight: int, bulk: int) -> dict[s
         stop_server(proc)
 
 
+async def bench_same_process(n_seq: int) -> dict[str, float]:
+    """p50 with client and server on one event loop: no cross-process wake-up in the figure."""
+    from loguru import logger
+
+    logger.remove()
+    from swarmd.node.identity import Identity
+    from swarmd.rpc import Methods, RpcServer, connect
+
+    loop = asyncio.get_running_loop()
+    tcp_server = await loop.create_server(_BaselineServer, "127.0.0.1", 0)
+    transport, client = await loop.create_connection(
+        _BaselineClient, "127.0.0.1", tcp_server.sockets[0].getsockname()[1]
+    )
+    methods = Methods()
+
+    async def echo(ctx: Any, params: Any) -> Any:
+        return params
+
+    methods.register("echo", echo)
+    ident = Identity.generate()
+    server = RpcServer(ident, methods)
+    await server.start()
+    peer = await connect(None, "127.0.0.1", server.port, remote_public_key=ident.public_key, timeout=10)
+
+    async def tcp_call() -> None:
+        await client.request(PAYLOAD)
+
+    async def rpc_call() -> None:
+        await peer.call("echo", PAYLOAD)
+
+    out = {}
+    for name, call in (("tcp", tcp_call), ("rpc", rpc_call)):
+        for _ in range(500):
+            await call()
+        lat = []
+        for _ in range(n_seq):
+            t0 = time.perf_counter()
+            await call()
+            lat.append(time.perf_counter() - t0)
+        out[name] = statistics.median(lat) * 1e6
+    await peer.close()
+    await server.stop()
+    transport.close()
+    tcp_server.close()
+    await tcp_server.wait_closed()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--serve", choices=["tcp", "rpc"])
@@ -287,6 +337,7 @@ def main() -> None:
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     else:
         rpc = asyncio.run(bench_rpc(n_seq, n_par, in_flight, bulk))
+    same = asyncio.run(bench_same_process(n_seq))
     targets = {"p50_us": 80, "req_per_s": 55_000, "bulk_mib_s": 400}
     anchor = {"p50_us": 102, "req_per_s": 52_600, "bulk_mib_s": 54}
     print(f"{'figure':<28}{'swarmd rpc':>14}{'asyncio tcp':>14}{'target':>10}{'hyperswarm':>12}")
@@ -300,12 +351,14 @@ def main() -> None:
         t = targets.get(key, "")
         a = anchor.get(key, "")
         print(f"{label:<28}{rpc[key]:>14.1f}{base[key]:>14.1f}{t!s:>10}{a!s:>12}")
+    print(f"{'echo p50, same process (us)':<28}{same['rpc']:>14.1f}{same['tcp']:>14.1f}")
     print(
         json.dumps(
             {
                 "bench": "rpc",
                 "rpc": {k: round(v, 1) for k, v in rpc.items()},
                 "baseline_asyncio_tcp": {k: round(v, 1) for k, v in base.items()},
+                "same_process_p50_us": {"rpc": round(same["rpc"], 1), "baseline_asyncio_tcp": round(same["tcp"], 1)},
                 "targets": targets,
                 "anchor_hyperswarm_rpc": anchor,
                 "params": {

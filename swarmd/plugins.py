@@ -42,39 +42,6 @@ class PluginOptions:
     announce: bool = True
 
 
-class RpcPart:
-    """The node's RPC server (fills ctx.methods, ctx.rpc_server, ctx.ports["rpc"]).
-
-    Used only while the daemon's Node composes no network parts of its own;
-    once it does, PluginNode takes the Node's parts unchanged.
-    """
-
-    def __init__(self, ctx: NodeContext) -> None:
-        self.ctx = ctx
-        self.server: Any = None
-
-    async def start(self) -> None:
-        from swarmd.rpc import Methods, RpcServer
-
-        node = self.ctx.settings.node
-        self.server = RpcServer(self.ctx.identity, Methods(), host=node.host, port=node.port)
-        await self.server.start()
-        self.ctx.methods, self.ctx.rpc_server = self.server.methods, self.server
-        self.ctx.ports["rpc"] = self.server.port
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            await self.server.stop()
-
-
-def network_parts(ctx: NodeContext) -> list[tuple[str, Any]]:
-    """RPC server, DHT node, swarm: what a plugin worker needs to be found and called."""
-    from swarmd.dht.part import DhtPart
-    from swarmd.swarm.part import SwarmPart
-
-    return [("rpc", RpcPart(ctx)), ("dht", DhtPart(ctx)), ("swarm", SwarmPart(ctx))]
-
-
 class ThingPart:
     """A node part: start the service, mount it, announce it; stop in reverse."""
 
@@ -151,8 +118,7 @@ class PluginNode(Node):
         self._part_name = part_name
 
     def _parts(self, ctx: NodeContext) -> list[tuple[str, Any]]:
-        parts = super()._parts(ctx) or network_parts(ctx)
-        return [*parts, (self._part_name, self._make_part(ctx))]
+        return [*super()._parts(ctx), (self._part_name, self._make_part(ctx))]
 
 
 def _parse(argv: list[str] | None, prog: str, extra: Callable[[argparse.ArgumentParser], None]) -> argparse.Namespace:

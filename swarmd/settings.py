@@ -13,11 +13,14 @@ from typing import Literal
 
 from swarmd.dht.config import DhtConfig
 from swarmd.errors import ConfigError
+from swarmd.gateway.config import GatewayConfig
 from swarmd.orchestrator.config import OrchestratorConfig
 from swarmd.roles.base import ROLE_ORDER
 from swarmd.rpc.config import AccessConfig, RpcConfig
-from swarmd.swarm.config import SwarmConfig
+from swarmd.services.ork import OrkConfig
+from swarmd.services.things import ThingsConfig
 from swarmd.store.config import StoreConfig
+from swarmd.swarm.config import SwarmConfig
 from swarmd.worker.config import WorkerConfig
 
 
@@ -53,6 +56,9 @@ class Settings:
     store: StoreConfig = field(default_factory=StoreConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    things: ThingsConfig = field(default_factory=ThingsConfig)
+    ork: OrkConfig = field(default_factory=OrkConfig)
 
     def validate(self) -> None:
         for section in vars(self).values():

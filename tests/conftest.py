@@ -89,8 +89,16 @@ class Daemon:
             self.proc.wait()
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
 @pytest.fixture
-def daemons():
+def daemons(request):
+    """Start `swarmd` processes; on a failed test their whole logs are printed."""
     started: list[Daemon] = []
 
     def start(*args: str, env: dict[str, str] | None = None) -> Daemon:
@@ -101,3 +109,10 @@ def daemons():
     yield start
     for d in started:
         d.kill()
+        if d.proc.stdout is not None:
+            d.lines.extend(d.proc.stdout.readlines())
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        for i, d in enumerate(started):
+            sys.stderr.write(f"----- swarmd #{i} {' '.join(d.proc.args[3:])} -----\n")
+            sys.stderr.write("".join(d.lines[-200:]))

@@ -47,6 +47,7 @@ class PeerWorker:
         self.hung = False  # accept calls, never answer any
         self.gate: asyncio.Event | None = None  # when set to an unset Event, runInference waits on it
         self.state = "ONLINE"
+        self.loadable: set[str] = set()  # models it would fetch from a store on first request
         self.served = 0
         self.in_flight = 0
         self._never = asyncio.Event()
@@ -78,6 +79,9 @@ class PeerWorker:
             self.in_flight -= 1
 
     def _answer(self, params: Any) -> Any:
+        if params.get("model") in self.loadable:
+            self.models = (*self.models, params["model"])
+            self.loadable.discard(params["model"])
         if params.get("model") not in self.models:
             raise SwarmdError(ERR_NOT_FOUND, f"model {params.get('model')!r} is not loaded here")
         x = params["inputs"].get("x")

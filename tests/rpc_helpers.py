@@ -9,6 +9,27 @@ from swarmd.errors import ERR_NOT_FOUND, SwarmdError
 from swarmd.rpc import CallContext, Methods, Stream
 
 
+class Log(list):
+    """What the handlers saw; tests await entries instead of polling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._changed = asyncio.Event()
+
+    def append(self, item: Any) -> None:
+        super().append(item)
+        self._changed.set()
+
+    async def wait_for(self, kind: str, timeout: float = 20.0) -> Any:
+        async with asyncio.timeout(timeout):
+            while True:
+                for item in self:
+                    if item[0] == kind:
+                        return item
+                self._changed.clear()
+                await self._changed.wait()
+
+
 def make_methods(log: list[Any] | None = None) -> Methods:
     methods = Methods()
     seen = log if log is not None else []
@@ -20,6 +41,7 @@ def make_methods(log: list[Any] | None = None) -> Methods:
         return ctx.peer
 
     async def sleep(ctx: CallContext, params: Any) -> Any:
+        seen.append(("sleeping", ctx.request_id))
         try:
             await asyncio.sleep(float(params))
         except asyncio.CancelledError:

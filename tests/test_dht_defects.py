@@ -223,3 +223,18 @@ async def test_set_reports_failure_when_every_store_timed_out(client_cls: type) 
             await _stop(client)
     finally:
         await net.close()
+
+
+async def test_pickle_state_is_refused(tmp_path) -> None:  # noqa: ANN001
+    from swarmd.errors import SwarmdError
+
+    node = DhtNode(Identity.generate(), dht_config())
+    await node.listen(0, "127.0.0.1")
+    try:
+        with pytest.raises(SwarmdError):
+            node.save_state(str(tmp_path / "state"))
+        with pytest.raises(SwarmdError):
+            await DhtNode.load_state(str(tmp_path / "state"), 0)
+        assert not (tmp_path / "state").exists()
+    finally:
+        await node.stop()

@@ -49,7 +49,7 @@ def _feed(loop: asyncio.AbstractEventLoop, node: DhtNode, data: bytes) -> None:
 
 def test_random_datagrams() -> None:
     def check(loop: asyncio.AbstractEventLoop, node: DhtNode) -> None:
-        @settings(max_examples=400, deadline=None)
+        @settings(max_examples=250, deadline=None)
         @given(st.binary(max_size=300))
         def one(data: bytes) -> None:
             _feed(loop, node, data)
@@ -61,7 +61,7 @@ def test_random_datagrams() -> None:
 
 def test_framed_requests_with_arbitrary_arguments() -> None:
     def check(loop: asyncio.AbstractEventLoop, node: DhtNode) -> None:
-        @settings(max_examples=400, deadline=None)
+        @settings(max_examples=250, deadline=None)
         @given(st.sampled_from([b"\x00", b"\x01"]), methods, st.lists(values, max_size=5))
         def one(kind: bytes, method: str, args: list) -> None:
             _feed(loop, node, kind + b"\x05" * 20 + msgpack.packb([method, args], use_bin_type=True))

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from swarmd.dht.config import DhtConfig
 from swarmd.dht.part import DhtPart, dht_config_from
 from swarmd.errors import ERR_UNAVAILABLE, ConfigError, SwarmdError
 from swarmd.node.identity import Identity
@@ -14,7 +15,7 @@ from swarmd.settings import NodeConfig, Settings
 
 
 def _ctx(**node: object) -> SimpleNamespace:
-    settings = Settings(node=NodeConfig(host="127.0.0.1", **node))
+    settings = Settings(node=NodeConfig(host="127.0.0.1", **node), dht=DhtConfig(request_timeout=0.3))
     return SimpleNamespace(identity=Identity.generate(), settings=settings, ports={}, dht=None)
 
 

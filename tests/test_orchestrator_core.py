@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -223,6 +224,31 @@ def test_p2c_prices_a_new_worker_at_the_best_known_latency() -> None:
     assert PowerOfTwo(seed=1).choose([cs[0], busy_new]).public_key == KEYS[0]
 
 
+def test_p2c_retries_a_slow_worker_once_its_latency_sample_is_stale() -> None:
+    clock = Clock()
+    b = balancer(clock, policy="p2c", lease_ttl=1e6, ewma_ttl=10.0)
+    for k in KEYS[:2]:
+        b.registry.upsert(k, models=["mlp"])
+    for k, ms in ((KEYS[0], 1.0), (KEYS[1], 50.0)):
+        t = b.begin(k)
+        clock.advance(ms / 1000)
+        b.succeeded(k, t)
+    # Sequential calls (no in-flight pressure): the slow worker loses every comparison.
+    picks = Counter()
+    for _ in range(50):
+        lease = b.choose("mlp")
+        picks[lease.public_key] += 1
+        b.succeeded(lease.public_key, b.begin(lease.public_key))
+    assert picks == {KEYS[0]: 50}
+    # Its sample ages out; priced like the fast one again, it gets tried and resampled.
+    clock.advance(11.0)
+    for _ in range(50):
+        lease = b.choose("mlp")
+        picks[lease.public_key] += 1
+        b.succeeded(lease.public_key, b.begin(lease.public_key))
+    assert picks[KEYS[1]] >= 1
+
+
 def test_every_policy_is_reachable_by_name_and_unknown_names_fail() -> None:
     for name in ("p2c", "round_robin", "least_connections", "weighted", "random"):
         assert make_policy(name, 1).name == name
@@ -353,3 +379,27 @@ def test_a_request_avoids_workers_it_already_tried_while_others_remain() -> None
     assert b.choose("mlp", exclude=[KEYS[1]]).public_key == KEYS[0]
     # Everyone tried: fall back to them rather than failing the request.
     assert b.choose("mlp", exclude=KEYS[:2]).public_key in KEYS[:2]
+
+
+# -- config -----------------------------------------------------------------------
+
+
+def test_config_section_loads_from_file_and_env_and_refuses_nonsense(tmp_path: Path) -> None:
+    from swarmd.errors import ConfigError
+    from swarmd.node.config import load_settings
+    from swarmd.settings import Settings
+
+    cfg = tmp_path / "swarmd.toml"
+    cfg.write_text('[orchestrator]\npolicy = "least_connections"\neject_after = 5\n')
+    s = load_settings(Settings, config_file=cfg, environ={"SWARMD_ORCHESTRATOR_HEALTH_INTERVAL": "0.5"})
+    assert (s.orchestrator.policy, s.orchestrator.eject_after, s.orchestrator.health_interval) == (
+        "least_connections",
+        5,
+        0.5,
+    )
+    with pytest.raises(ConfigError, match="orchestrator.policy"):
+        load_settings(Settings, environ={"SWARMD_ORCHESTRATOR_POLICY": "fastest"})
+    with pytest.raises(ConfigError, match="orchestrator.eject_after must be at least 1"):
+        load_settings(Settings, environ={"SWARMD_ORCHESTRATOR_EJECT_AFTER": "0"})
+    with pytest.raises(ConfigError, match="orchestrator.health_timeout must be above 0"):
+        load_settings(Settings, environ={"SWARMD_ORCHESTRATOR_HEALTH_TIMEOUT": "0"})

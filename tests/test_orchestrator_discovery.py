@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -109,7 +110,7 @@ payloads = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     key=st.binary(min_size=0, max_size=40) | msgpack_values,
     addresses=msgpack_values,
@@ -130,7 +131,7 @@ def test_any_record_is_an_ad_or_a_bad_request(key: Any, addresses: Any, payload:
         assert b.choose(ad.models[0]).public_key == ad.public_key
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     params=st.dictionaries(
         st.sampled_from(
@@ -145,3 +146,43 @@ def test_any_register_params_are_an_ad_or_a_bad_request(params: Any) -> None:
         parse_register(params)
     except SwarmdError as e:
         assert e.code == ERR_BAD_REQUEST
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    method=st.sampled_from(
+        [
+            "register_worker",
+            "unregister_worker",
+            "find_available_worker",
+            "route_inference_request",
+            "health_check",
+        ]
+    ),
+    params=st.dictionaries(
+        st.sampled_from(["public_key", "model", "capability", "exclude", "models", "host", "port", "inputs"]),
+        msgpack_values,
+    )
+    | msgpack_values,
+)
+async def test_role_methods_answer_any_params_with_a_stable_error(method: str, params: Any) -> None:
+    from swarmd.errors import ALL_CODES, ERR_INTERNAL
+    from swarmd.node.identity import Identity
+    from swarmd.node.supervisor import Supervisor
+    from swarmd.roles.base import NodeContext
+    from swarmd.roles.orchestrator import OrchestratorRole
+    from swarmd.settings import Settings
+
+    ctx = NodeContext(
+        identity=Identity.generate(),
+        settings=Settings(),
+        data_dir=Path("."),
+        instance_id="fuzz",
+        roles=("orchestrator",),
+        tasks=Supervisor(),
+    )
+    role = OrchestratorRole(ctx)
+    try:
+        await getattr(role, method)(None, params)
+    except SwarmdError as e:
+        assert e.code in ALL_CODES and e.code != ERR_INTERNAL

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from orchestrator_peers import Orchestrator, PeerWorker, WorkerProcess
+from orchestrator_peers import Orchestrator, PeerWorker, WorkerProcess, expected
 
 from swarmd.errors import ERR_BAD_REQUEST, ERR_NOT_FOUND, ERR_UNAVAILABLE, SwarmdError
 
@@ -124,7 +124,8 @@ async def test_least_connections_follows_in_flight_over_rpc(
 
 async def test_killed_worker_process_loses_no_request_under_load(tmp_path: Path) -> None:
     procs = [WorkerProcess.spawn() for _ in range(3)]
-    orch = await make_orch(tmp_path, policy="p2c", eject_after=2)
+    # round_robin: the victim surely gets calls after it dies (p2c may starve a slow worker of them)
+    orch = await make_orch(tmp_path, policy="round_robin", eject_after=2)
     try:
         for p in procs:
             await orch.register(p)
@@ -226,5 +227,47 @@ async def test_draining_worker_gets_no_traffic(tmp_path: Path, workers: list[Pee
         with pytest.raises(SwarmdError) as ei:
             await orch.infer()
         assert ei.value.code == ERR_UNAVAILABLE and "2 draining" in ei.value.message
+    finally:
+        await orch.stop()
+
+
+async def test_a_model_no_worker_has_loaded_goes_to_one_worker_that_can_load_it(
+    tmp_path: Path, workers: list[PeerWorker]
+) -> None:
+    orch = await make_orch(tmp_path, policy="round_robin")
+    try:
+        for w in workers:
+            await orch.register(w)
+        x = np.ones((1, 4), dtype=np.float32)
+        # "cnn" exists nowhere: exactly one worker is asked, its precise answer comes back.
+        with pytest.raises(SwarmdError) as ei:
+            await orch.call("routeInferenceRequest", {"model": "cnn", "inputs": {"x": x}})
+        assert ei.value.code == ERR_NOT_FOUND and "is not loaded here" in ei.value.message
+        stats = await orch.call("getLoadBalancingStats", {})
+        assert sum(s["rejected"] for s in stats["workers"].values()) == 1
+        # A worker that can fetch "cnn" from a store serves it on first use.
+        for w in workers:
+            w.loadable.add("cnn")
+        out = await orch.call("routeInferenceRequest", {"model": "cnn", "inputs": {"x": x}})
+        np.testing.assert_allclose(out["outputs"]["y"], expected(x))
+        found = await orch.call("findAvailableWorker", {"model": "cnn"})
+        assert found["public_key"] in {w.public_hex for w in workers}
+    finally:
+        await orch.stop()
+
+
+async def test_route_unloaded_off_keeps_unknown_models_not_found(
+    tmp_path: Path, workers: list[PeerWorker]
+) -> None:
+    orch = await make_orch(tmp_path, route_unloaded=False)
+    try:
+        await orch.register(workers[0])
+        workers[0].loadable.add("cnn")
+        with pytest.raises(SwarmdError) as ei:
+            await orch.call("routeInferenceRequest", {"model": "cnn", "inputs": {}})
+        assert (
+            ei.value.code == ERR_NOT_FOUND and "no registered worker serves model 'cnn'" in ei.value.message
+        )
+        assert workers[0].served == 0
     finally:
         await orch.stop()

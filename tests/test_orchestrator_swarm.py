@@ -124,11 +124,11 @@ async def test_two_orchestrators_route_to_workers_found_on_the_dht(net: DhtTestn
         await client.start()
         try:
 
-            async def both_announced() -> bool:
-                found = {r.public_key for r in await client.lookup_all(ORCHESTRATORS)}
-                return found >= {o.identity.public_key for o in orchs}
+            async def both_announced_with_their_workers() -> bool:
+                found = {r.public_key: r.payload for r in await client.lookup_all(ORCHESTRATORS)}
+                return all(found.get(o.identity.public_key, {}).get("workers") == 2 for o in orchs)
 
-            await eventually(both_announced)
+            await eventually(both_announced_with_their_workers)
         finally:
             await client.stop()
             await client.server.stop()
@@ -192,3 +192,29 @@ async def test_a_model_announced_only_on_its_own_topic_is_found_on_first_request
     finally:
         await stop_orch(o)
         await w.stop()
+
+
+async def test_a_worker_in_the_same_node_is_called_without_a_socket(net: DhtTestnet, tmp_path: Path) -> None:
+    o = await orchestrator(net, tmp_path, health_interval=3600.0)
+    try:
+        swarm = o.ctx.swarm
+        assert swarm is not None
+        local = (
+            PeerWorker()
+        )  # its handlers served by the orchestrator's own node, as a co-located worker role
+        swarm.methods.register("runInference", local.run_inference)
+        swarm.methods.register("checkCapacity", local.check_capacity)
+        await swarm.join(WORKERS, announce=True, lookup=False, payload=SwarmWorker(local, swarm).payload())
+
+        async def registered() -> bool:
+            return (await o.call("getServiceStatus", {}))["counts"]["routable"] == 1
+
+        await eventually(registered)
+        x = np.ones((1, 4), dtype=np.float32)
+        out = await o.call("routeInferenceRequest", {"model": "mlp", "inputs": {"x": x}})
+        assert out["worker"] == o.identity.public_hex and local.served == 1
+        assert o.role.connections._peers == {}  # no connection to ourselves was dialled
+        np.testing.assert_allclose(out["outputs"]["y"], expected(x))
+        assert (await o.call("healthCheck", {"refresh": True}))["workers"][o.identity.public_hex]["healthy"]
+    finally:
+        await stop_orch(o)

@@ -20,7 +20,7 @@ from swarmd.errors import (
 )
 from swarmd.node.identity import Identity
 from swarmd.rpc import Methods, RpcServer, connect
-from tests.rpc_helpers import make_methods
+from tests.rpc_helpers import Log, make_methods
 
 T = 20.0  # generous: the machine is shared
 
@@ -28,7 +28,7 @@ T = 20.0  # generous: the machine is shared
 @pytest.fixture
 async def server():
     ident = Identity.generate()
-    log: list[Any] = []
+    log = Log()
     srv = RpcServer(ident, make_methods(log))
     srv.log = log  # type: ignore[attr-defined]
     await srv.start()
@@ -108,12 +108,7 @@ async def test_timeout_cancels_the_remote_handler(server: RpcServer) -> None:
         with pytest.raises(SwarmdError) as ei:
             await peer.call("sleep", 30, timeout=0.2)
         assert ei.value.code == ERR_TIMEOUT
-        for _ in range(200):
-            if any(x[0] == "cancelled" for x in server.log):  # type: ignore[attr-defined]
-                break
-            await peer.call("echo", 0, timeout=T)
-            await asyncio.sleep(0.01)
-        assert any(x[0] == "cancelled" for x in server.log)  # type: ignore[attr-defined]
+        await server.log.wait_for("cancelled")  # type: ignore[attr-defined]
     finally:
         await peer.close()
 
@@ -122,10 +117,11 @@ async def test_task_cancellation_cancels_the_call(server: RpcServer) -> None:
     peer = await connect(None, "127.0.0.1", server.port, timeout=T)
     try:
         task = asyncio.create_task(peer.call("sleep", 30, timeout=T))
-        await asyncio.sleep(0.05)
+        await server.log.wait_for("sleeping")  # type: ignore[attr-defined]
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+        await server.log.wait_for("cancelled")  # type: ignore[attr-defined]  # CANCEL reached the handler
         assert await peer.call("echo", 1, timeout=T) == 1
     finally:
         await peer.close()
@@ -178,11 +174,12 @@ async def test_tensors_travel_as_raw_bytes(server: RpcServer) -> None:
 
 
 async def test_server_vanishing_mid_call_gives_err_closed_promptly() -> None:
-    srv = RpcServer(Identity.generate(), make_methods())
+    log = Log()
+    srv = RpcServer(Identity.generate(), make_methods(log))
     await srv.start()
     peer = await connect(None, "127.0.0.1", srv.port, timeout=T)
     task = asyncio.create_task(peer.call("sleep", 60, timeout=60))
-    await asyncio.sleep(0.05)
+    await log.wait_for("sleeping")
     await srv.stop()
     with pytest.raises(SwarmdError) as ei:
         await asyncio.wait_for(task, T)

@@ -26,7 +26,7 @@ from swarmd.net.noise import NoiseSession
 from swarmd.node.identity import Identity
 from swarmd.rpc import Firewall, RpcConfig, RpcServer, connect
 from swarmd.rpc import envelope as env
-from tests.rpc_helpers import make_methods
+from tests.rpc_helpers import Log, make_methods
 
 T = 20.0
 
@@ -216,22 +216,24 @@ async def test_bad_envelopes(server: RpcServer) -> None:
     await still_serving(server)
 
 
-async def test_peer_that_never_reads_is_cut_off() -> None:
+@pytest.mark.parametrize("limit", ["count", "bytes"])
+async def test_peer_that_never_reads_is_cut_off(limit: str) -> None:
     cfg = small_config()
-    cfg.max_in_flight = 16
+    if limit == "count":
+        cfg.max_in_flight = 16
+    else:
+        cfg.max_backlog_bytes = 300_000  # five of the 60 kB requests below
     cfg.net.write_high_water = 64 << 10
     cfg.net.write_low_water = 16 << 10
     srv = RpcServer(Identity.generate(), make_methods(), config=cfg)
     await srv.start()
     try:
         raw = await RawPeer.open(srv)
-        for _ in range(100):
-            if len(srv.peers) == 1:
-                break
-            await asyncio.sleep(0.01)
-        (server_side,) = srv.peers
+        (server_side,) = srv.peers  # registered when the server accepted the pipe
         blob = b"z" * 60_000
         for i in range(2000):  # ~120 MB of answers nobody reads
+            if raw.writer.is_closing():
+                break
             raw.send_msg(env.request(i, "echo", blob, 60_000, 0))
             if server_side.is_closed:
                 break
@@ -241,6 +243,8 @@ async def test_peer_that_never_reads_is_cut_off() -> None:
                     await asyncio.wait_for(raw.writer.drain(), 2)
                 except TimeoutError:
                     break  # the server stopped reading us: backpressure reached the socket
+                except ConnectionError:
+                    break  # the server cut us off (it aborts: we do not read its goodbye)
         err = await asyncio.wait_for(server_side.wait_closed(), T)
         assert err.code == ERR_OVERLOADED
         # what the server buffered for us stayed bounded by the backlog, not 120 MB
@@ -251,22 +255,15 @@ async def test_peer_that_never_reads_is_cut_off() -> None:
 
 
 async def test_client_vanishing_mid_call_cancels_handler() -> None:
-    log: list = []
+    log = Log()
     srv = RpcServer(Identity.generate(), make_methods(log), config=small_config())
     await srv.start()
     try:
         raw = await RawPeer.open(srv)
         raw.send_msg(env.request(1, "sleep", 30, 60_000, 0))
-        for _ in range(500):
-            if any(p._running for p in srv.peers):
-                break
-            await asyncio.sleep(0.01)
+        await log.wait_for("sleeping")
         raw.writer.transport.abort()
-        for _ in range(500):
-            if any(x[0] == "cancelled" for x in log):
-                break
-            await asyncio.sleep(0.01)
-        assert any(x[0] == "cancelled" for x in log)
+        await log.wait_for("cancelled")
         await still_serving(srv)
     finally:
         await srv.stop()
@@ -320,5 +317,45 @@ async def test_idle_peer_is_closed_and_live_peer_is_kept() -> None:
         assert not peer.is_closed
         assert await peer.call("ping", timeout=T) == "pong"
         await peer.close()
+    finally:
+        await srv.stop()
+
+
+async def test_connection_limit_refuses_with_a_reason() -> None:
+    cfg = small_config()
+    cfg.max_connections = 2
+    srv = RpcServer(Identity.generate(), make_methods(), config=cfg)
+    await srv.start()
+    try:
+        a = await connect(None, "127.0.0.1", srv.port, timeout=T)
+        b = await connect(None, "127.0.0.1", srv.port, timeout=T)
+        with pytest.raises(SwarmdError) as ei:
+            await connect(None, "127.0.0.1", srv.port, timeout=T)
+        assert ei.value.code == ERR_HANDSHAKE and "server full" in ei.value.message
+        a_key = a.conn.identity.public_key
+        (a_server_side,) = [p for p in srv.peers if p.conn.remote_public_key == a_key]
+        await a.close()
+        await asyncio.wait_for(a_server_side.wait_closed(), T)
+        c = await connect(None, "127.0.0.1", srv.port, timeout=T)
+        assert await c.call("ping", timeout=T) == "pong"
+        await b.close()
+        await c.close()
+    finally:
+        await srv.stop()
+
+
+
+async def test_handler_past_its_deadline_is_stopped_without_a_cancel() -> None:
+    """The callee enforces the deadline itself: a caller that never sends CANCEL still frees it."""
+    log = Log()
+    srv = RpcServer(Identity.generate(), make_methods(log), config=small_config())
+    await srv.start()
+    try:
+        raw = await RawPeer.open(srv)
+        raw.send_msg(env.request(1, "sleep", 30, 200, 0))  # 200 ms left, then silence
+        kind, rid, err = msgpack.unpackb((await raw.frames())[0][2])
+        assert (kind, rid, err["code"]) == (env.ERROR, 1, ERR_TIMEOUT)
+        await log.wait_for("cancelled")
+        raw.close()
     finally:
         await srv.stop()

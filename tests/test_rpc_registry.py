@@ -27,8 +27,12 @@ async def test_simultaneous_dials_keep_the_same_connection_on_both_sides() -> No
     await srv_b.start()
     try:
         a_to_b, b_to_a = await asyncio.gather(
-            connect(a, "127.0.0.1", srv_b.port, remote_public_key=b.public_key, methods=make_methods(), timeout=T),
-            connect(b, "127.0.0.1", srv_a.port, remote_public_key=a.public_key, methods=make_methods(), timeout=T),
+            connect(
+                a, "127.0.0.1", srv_b.port, remote_public_key=b.public_key, methods=make_methods(), timeout=T
+            ),
+            connect(
+                b, "127.0.0.1", srv_a.port, remote_public_key=a.public_key, methods=make_methods(), timeout=T
+            ),
         )
         accepted_by_a = await asyncio.wait_for(established_a.get(), T)
         accepted_by_b = await asyncio.wait_for(established_b.get(), T)

@@ -38,6 +38,12 @@ class Recording(ThingService):
         if self.refuse == name:
             raise bad_request(f"{name} refused")
 
+    def setup(self) -> None:
+        self._note("setup")
+
+    async def teardown(self) -> None:
+        self._note("teardown")
+
     def make_thing_id(self, params: Any) -> str:
         self._note("make_thing_id")
         return super().make_thing_id(params)
@@ -289,3 +295,56 @@ async def test_generated_ids_are_unique(tmp_path: Path) -> None:
         a = await svc.call("registerThing", {})
         b = await svc.call("registerThing", {})
         assert a["id"] != b["id"]
+
+
+async def test_max_things_bounds_the_registry(tmp_path: Path) -> None:
+    async with ThingService("s", tmp_path, ThingsConfig(snapshot_interval_s=0, max_things=2)) as svc:
+        await svc.call("registerThing", {})
+        await svc.call("registerThing", {})
+        with pytest.raises(SwarmdError) as ei:
+            await svc.call("registerThing", {})
+        assert ei.value.code == ERR_TOO_LARGE and len(svc.things) == 2
+
+
+def test_things_and_ork_config_sections_are_layered_and_checked() -> None:
+    from swarmd.errors import ConfigError
+    from swarmd.node.config import load_settings
+    from swarmd.settings import Settings
+
+    s = load_settings(Settings, environ={"SWARMD_THINGS_SNAPSHOT_INTERVAL_S": "2.5", "SWARMD_ORK_LEASE_S": "9"})
+    assert s.things.snapshot_interval_s == 2.5 and s.ork.lease_s == 9.0
+    for env in ({"SWARMD_THINGS_SNAPSHOT_TIMEOUT_S": "0"}, {"SWARMD_THINGS_LIST_DEFAULT_LIMIT": "5000"},
+                {"SWARMD_ORK_FANOUT_CONCURRENCY": "0"}):
+        with pytest.raises(ConfigError) as ei:
+            load_settings(Settings, environ=env)
+        assert ("things." in ei.value.message) or ("ork." in ei.value.message)
+
+
+async def test_start_and_stop_hook_order(tmp_path: Path) -> None:
+    async with Recording("g", tmp_path, CFG) as svc:
+        await svc.call("registerThing", {"id": "g1"})
+        await svc.call("registerThing", {"id": "g2"})
+    svc2 = Recording("g", tmp_path, CFG)
+    await svc2.start()
+    assert svc2.calls == [("setup",), ("setup_thing", "g1"), ("setup_thing", "g2")]
+    svc2.calls.clear()
+    await svc2.stop()
+    await svc2.stop()  # idempotent: nothing is torn down twice
+    assert svc2.calls == [("teardown_thing", "g1"), ("teardown_thing", "g2"), ("teardown",)]
+
+
+async def test_refusing_setup_fails_the_start(tmp_path: Path) -> None:
+    svc = Recording("g", tmp_path, CFG, refuse="setup")
+    with pytest.raises(SwarmdError) as ei:
+        await svc.start()
+    assert ei.value.code == ERR_BAD_REQUEST
+    assert svc._store is None
+
+
+async def test_persist_false_keeps_nothing_on_disk(tmp_path: Path) -> None:
+    async with ThingService("leases", tmp_path, CFG, persist=False) as svc:
+        await svc.call("registerThing", {"id": "w1", "info": {"models": ["mlp"]}})
+        assert [v["id"] for v in await svc.call("listThings", {"query": {"info.models": "mlp"}})] == ["w1"]
+    assert not (tmp_path / "things" / "leases" / "things.sqlite").exists()
+    async with ThingService("leases", tmp_path, CFG, persist=False) as svc:
+        assert svc.things == {}

@@ -9,6 +9,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from swarmd.errors import ERR_FORBIDDEN, SwarmdError
+from swarmd.node.identity import Identity
 from swarmd.rpc import connect
 from tests.conftest import ROOT, swarmd_env
 
@@ -18,10 +22,11 @@ T = 30.0
 class Proc:
     """A plugin process whose JSON log lines are read until an event shows up."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, *args, "--log-format", "json"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=swarmd_env(), cwd=str(ROOT),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=swarmd_env(**(env or {})),
+            cwd=str(ROOT),
         )
         self.lines: list[str] = []
 
@@ -127,6 +132,29 @@ async def test_book_worker_one_command_serves_and_replays(tmp_path: Path) -> Non
         worker.kill()
         if ork_proc is not None:
             ork_proc.kill()
+
+
+async def test_book_worker_refuses_writes_to_read_only_keys_from_its_config(tmp_path: Path) -> None:
+    admin, viewer = Identity.generate(), Identity.generate()
+    worker = Proc("examples/book_worker.py", "--data-dir", str(tmp_path), "--no-announce",
+                  env={"SWARMD_ACCESS_ALLOW": admin.public_hex, "SWARMD_ACCESS_ALLOW_READ_ONLY": viewer.public_hex})
+    try:
+        key, port = _ready(worker)
+        full = await connect(admin, "127.0.0.1", port, remote_public_key=key, timeout=T)
+        ro = await connect(viewer, "127.0.0.1", port, remote_public_key=key, timeout=T)
+        try:
+            await full.call("registerThing", {"id": "dune", "info": {"title": "Dune"}}, timeout=T)
+            assert [t["id"] for t in await ro.call("listThings", {}, timeout=T)] == ["dune"]
+            with pytest.raises(SwarmdError) as ei:
+                await ro.call("forgetThings", {"all": True}, timeout=T)
+            assert ei.value.code == ERR_FORBIDDEN
+            assert [t["id"] for t in await full.call("listThings", {}, timeout=T)] == ["dune"]
+        finally:
+            await full.close()
+            await ro.close()
+        assert worker.stop() == 0
+    finally:
+        worker.kill()
 
 
 async def _sleep_a_little() -> None:

@@ -166,3 +166,25 @@ async def test_tail_log_filters(tmp_path: Path) -> None:
         ts = max(e["ts"] for e in first)
         assert all(e["ts"] <= ts for e in await svc.call("tailLog", {"end": ts}))
         assert await svc.call("tailLog", {"limit": 0}) == []
+
+
+async def test_update_during_collection_keeps_the_snapshot(tmp_path: Path) -> None:
+    class Slow(ThingService):
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, **kw)
+            self.entered = asyncio.Event()
+            self.go = asyncio.Event()
+
+        async def collect_thing_snap(self, thing: Thing) -> dict[str, Any]:
+            self.entered.set()
+            await self.go.wait()
+            return {"v": thing.rev}
+
+    async with Slow("s", tmp_path, ThingsConfig(snapshot_interval_s=0)) as svc:
+        await svc.call("registerThing", {"id": "a"})
+        round_ = asyncio.ensure_future(svc.collect_snaps())
+        await asyncio.wait_for(svc.entered.wait(), timeout=30)
+        await svc.call("updateThing", {"id": "a", "info": {"x": 1}})  # replaces the Thing object
+        svc.go.set()
+        await asyncio.wait_for(round_, timeout=30)
+        assert svc.things["a"].last["snap"] == {"v": 1} and svc.things["a"].rev == 2

@@ -45,7 +45,7 @@ def _secret(settings: Settings) -> bytes | None:
 
 
 async def open_dht(settings: Settings) -> DhtNode:
-    """A started DHT node with an ephemeral identity, bootstrapped from settings."""
+    """A started client-mode DHT node with an ephemeral identity, bootstrapped from settings."""
     from swarmd.dht import DhtConfig, DhtNode
     from swarmd.node.identity import Identity
     from swarmd.settings import parse_hostport
@@ -53,7 +53,9 @@ async def open_dht(settings: Settings) -> DhtNode:
     boot = [parse_hostport(b, what="bootstrap entry") for b in settings.node.bootstrap]
     if not boot:
         raise ConfigError("topic commands need --bootstrap HOST:PORT (or SWARMD_BOOTSTRAP)")
-    dht = DhtNode(Identity.generate(), DhtConfig(host="0.0.0.0", port=0, bootstrap=boot))
+    # client mode: a short-lived command must not enter others' routing tables,
+    # where it would be a dead contact costing them a timeout after it exits
+    dht = DhtNode(Identity.generate(), DhtConfig(host="0.0.0.0", port=0, bootstrap=boot, mode="client"))
     await dht.start()
     return dht
 

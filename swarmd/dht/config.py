@@ -36,7 +36,8 @@ class DhtConfig:
     max_records_per_source: int = 64
     max_records: int = 20_000
     max_datagram: int = 60_000
-    reply_budget: int = 48_000
+    reply_budget: int = 48_000  # record bytes in a topic_get reply to a sender holding our token
+    unproven_budget: int = 1_200  # ... and to one without (bounds reflection amplification)
     token_rotation: float = 300.0
     # requests answered per source address per second (token bucket); floods beyond are dropped
     per_source_rate: float = 200.0

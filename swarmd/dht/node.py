@@ -32,7 +32,7 @@ from swarmd.dht.records import (
     decode_record,
     topic_target,
 )
-from swarmd.errors import ERR_UNAVAILABLE, SwarmdError
+from swarmd.errors import ERR_BAD_REQUEST, ERR_UNAVAILABLE, SwarmdError
 from swarmd.node.identity import Identity
 
 
@@ -66,23 +66,42 @@ class TopicCrawl(SpiderCrawl):
         self.responders: dict[bytes, tuple[Node, bytes | None]] = {}
         self._verified: set[bytes] = set()
         self._best: dict[bytes, int] = {}
+        self._asked_again: set[bytes] = set()
 
     async def stream(self) -> AsyncIterator[PeerRecord]:
         proto: SwarmdProtocol = self.protocol
         cfg = proto.config
         inflight: dict[asyncio.Task[tuple[bool, Any]], Node] = {}
+        started: dict[asyncio.Task[tuple[bool, Any]], float] = {}
+        loop = asyncio.get_running_loop()
+        # a request unanswered after `stall` stops counting against alpha, so a
+        # dead contact costs one stall period, not a whole request timeout
+        stall = min(0.25, proto._wait_timeout / 4)
         try:
             while True:
+                now_l = loop.time()
+                stalled = sum(1 for t in inflight if now_l - started[t] >= stall)
                 for peer in self.nearest.get_uncontacted():
-                    if len(inflight) >= self.alpha:
+                    if len(inflight) - stalled >= self.alpha:
                         break
                     self.nearest.mark_contacted(peer)
-                    inflight[asyncio.ensure_future(proto.call_topic_get(peer, self.topic))] = peer
+                    task = asyncio.ensure_future(proto.call_topic_get(peer, self.topic))
+                    inflight[task] = peer
+                    started[task] = now_l
                 if not inflight:
                     return
-                done, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                if (
+                    stalled == len(inflight)
+                    and len(self.responders) >= self.ksize // 2
+                    and not self.nearest.get_uncontacted()
+                ):
+                    # only silent (likely dead) contacts left and enough of the closest
+                    # nodes answered: records live on k nodes, stop waiting for timeouts
+                    return
+                done, _ = await asyncio.wait(inflight, timeout=stall, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     peer = inflight.pop(task)
+                    started.pop(task, None)
                     ok, reply = task.result()
                     if not ok:
                         self.nearest.remove([peer.id])
@@ -90,10 +109,14 @@ class TopicCrawl(SpiderCrawl):
                     contacts = parse_contacts(reply.get("n"), self.ksize) or []
                     self.nearest.push([c for c in contacts if c.id != proto.source_node.id])
                     tk = reply.get("tk")
-                    self.responders[peer.id] = (
-                        peer,
-                        tk if isinstance(tk, bytes) and len(tk) == TOKEN_SIZE else None,
-                    )
+                    tk = tk if isinstance(tk, bytes) and len(tk) == TOKEN_SIZE else None
+                    self.responders[peer.id] = (peer, tk)
+                    if reply.get("more") is True and tk is not None and peer.id not in self._asked_again:
+                        # the node holds more records than it sends an unproven address: ask with its token
+                        self._asked_again.add(peer.id)
+                        again = asyncio.ensure_future(proto.call_topic_get(peer, self.topic, tk))
+                        inflight[again] = peer
+                        started[again] = loop.time()
                     raw = reply.get("r")
                     if not isinstance(raw, list):
                         continue
@@ -243,8 +266,12 @@ class DhtNode(Server):
         return out
 
     async def bootstrap_node(self, addr: tuple[str, int]) -> Node | None:
-        ok, nid = await self.protocol.ping(addr, self.node.id)
-        return Node(nid, addr[0], addr[1]) if ok and valid_id(nid) else None
+        # UDP: a lost datagram or a busy bootstrap node must not fail a start
+        for _ in range(3):
+            ok, nid = await self.protocol.ping(addr, self.node.id)
+            if ok and valid_id(nid):
+                return Node(nid, addr[0], addr[1])
+        return None
 
     async def _probe_reachability(self, addrs: list[tuple[str, int]]) -> None:
         """Server mode when a STUN-reflexive address equals the address we are
@@ -309,6 +336,18 @@ class DhtNode(Server):
             return False
         results = await asyncio.gather(*(self.protocol.call_store(n, dkey, value) for n in nodes))
         return any(ok and resp is True for ok, resp in results)
+
+    # kademlia persists state with pickle: loading a file someone else can write
+    # runs their code. Refuse; contacts() gives the table for a safe format.
+    def save_state(self, fname: str) -> None:
+        raise SwarmdError(ERR_BAD_REQUEST, "pickle state is refused; persist contacts() as JSON instead")
+
+    def save_state_regularly(self, fname: str, frequency: int = 600) -> None:
+        raise SwarmdError(ERR_BAD_REQUEST, "pickle state is refused; persist contacts() as JSON instead")
+
+    @classmethod
+    async def load_state(cls, fname: str, port: int, interface: str = "0.0.0.0") -> DhtNode:
+        raise SwarmdError(ERR_BAD_REQUEST, "pickle state is refused; bootstrap from saved contacts instead")
 
     # -- topics -----------------------------------------------------------------
 

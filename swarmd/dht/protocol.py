@@ -394,8 +394,9 @@ class SwarmdProtocol(KademliaProtocol):
         result = await self.store((node_to_ask.ip, node_to_ask.port), self.wire_id, key, value)
         return self.handle_call_response(result, node_to_ask)
 
-    async def call_topic_get(self, node: Node, topic: bytes) -> tuple[bool, Any]:
-        result = await self.request((node.ip, node.port), "topic_get", self.wire_id, topic)
+    async def call_topic_get(self, node: Node, topic: bytes, token: bytes | None = None) -> tuple[bool, Any]:
+        args: tuple[Any, ...] = (self.wire_id, topic) if token is None else (self.wire_id, topic, token)
+        result = await self.request((node.ip, node.port), "topic_get", *args)
         if result[0] and not isinstance(result[1], dict):
             self.rlog.warn("bad_reply", "topic_get reply is not a map", peer=str(node))
             result = (False, None)
@@ -441,7 +442,13 @@ class SwarmdProtocol(KademliaProtocol):
         self._welcome_sender(sender, nodeid)
         return self._closest(key, sender)
 
-    def rpc_topic_get(self, sender: tuple[str, int], nodeid: Any, topic: Any, *_: Any) -> dict[str, Any]:
+    def rpc_topic_get(
+        self, sender: tuple[str, int], nodeid: Any, topic: Any, token: Any = None, *_: Any
+    ) -> dict[str, Any]:
+        """Closest nodes, a write token and the topic's records. Without a token
+        proving the sender receives at this address, records are capped at
+        unproven_budget bytes (``more: true`` says there are others), so a
+        spoofed small request cannot reflect a large reply at a victim."""
         if not isinstance(topic, bytes) or len(topic) != 32:
             raise ValueError("topic_get topic must be 32 bytes")
         self._welcome_sender(sender, nodeid)
@@ -449,9 +456,13 @@ class SwarmdProtocol(KademliaProtocol):
         out: dict[str, Any] = {"n": self._closest(topic_target(topic), sender)}
         if not self.client_mode:
             out["tk"] = self.tokens.issue(sender, now)
-            recs = self.records.get(topic, now, self.config.reply_budget)
+            proven = token is not None and self.tokens.check(token, sender, now)
+            budget = self.config.reply_budget if proven else self.config.unproven_budget
+            recs = self.records.get(topic, now, budget)
             if recs:
                 out["r"] = [r.to_wire() for r in recs]
+            if not proven and self.records.wire_size(topic, now) > budget:
+                out["more"] = True
         return out
 
     def rpc_topic_put(

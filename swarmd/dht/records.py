@@ -370,6 +370,11 @@ class RecordStore:
             self._expire_topic(topic, now)
         return before - self._total
 
+    def wire_size(self, topic: bytes, now: float) -> int:
+        """Total wire bytes of a topic's unexpired records."""
+        self._expire_topic(topic, now)
+        return sum(st.wire_size for st in self._topics.get(topic, {}).values())
+
     def get(self, topic: bytes, now: float, budget: int = 48_000) -> list[PeerRecord]:
         """Unexpired records of a topic whose wire size fits in budget bytes.
         When they do not all fit, a random subset is returned so the k nodes a

@@ -12,7 +12,8 @@ class NetConfig:
     handshake_timeout: float = 10.0  # seconds from pipe open to an established session
     keepalive_interval: float = 15.0  # send a PING after this much silence from the peer
     idle_timeout: float = 45.0  # close after this much silence (PINGs unanswered)
-    max_message_size: int = 64 << 20  # largest mux frame, i.e. RPC message, accepted
+    max_message_size: int = 32 << 20  # largest mux frame, i.e. RPC message (tensors included); blobs go in streams
     max_streams: int = 256  # concurrent stream channels per connection
     write_high_water: int = 4 << 20  # pipe buffer above which stream senders wait
     write_low_water: int = 1 << 20
+    close_grace: float = 5.0  # seconds a closing pipe may take to flush before it is aborted

@@ -26,7 +26,8 @@ from loguru import logger
 from swarmd.errors import ERR_CLOSED, ERR_HANDSHAKE, ERR_OVERLOADED, ERR_PROTOCOL, ERR_TIMEOUT, SwarmdError
 from swarmd.net import mux
 from swarmd.net.config import NetConfig
-from swarmd.net.noise import HandshakeError, NoiseSession
+from swarmd.net.loglimit import hostile
+from swarmd.net.noise import HandshakeError, NoiseSession, reject_frame
 from swarmd.node.identity import Identity
 
 
@@ -212,6 +213,8 @@ class SecureConnection(asyncio.Protocol):
         self._ping_outstanding = False
         self._in_receive = False
         self.error: SwarmdError | None = None
+        self._refusal: str | None = None
+        self._abort_handle: asyncio.TimerHandle | None = None
         self._log = logger.bind(component="net")
 
     # -- public ------------------------------------------------------------
@@ -297,13 +300,21 @@ class SecureConnection(asyncio.Protocol):
             except Exception:  # best effort: the pipe may already be gone
                 pass
         self._teardown(err)
-        if self._pipe is not None:
-            self._pipe.close()
+        self._close_pipe()
 
     # -- pipe side ---------------------------------------------------------
 
+    def refuse(self, reason: str) -> None:
+        """Before the pipe opens: answer the handshake with a reject and close (e.g. server full)."""
+        self._refusal = reason
+
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         self._pipe = transport
+        if self._refusal is not None and not self.initiator:
+            transport.write(reject_frame(self._refusal))
+            self._teardown(SwarmdError(ERR_OVERLOADED, self._refusal))
+            transport.close()
+            return
         get_extra = getattr(transport, "get_extra_info", None)
         if get_extra is not None:
             self.peername = get_extra("peername")
@@ -341,8 +352,21 @@ class SecureConnection(asyncio.Protocol):
             if plaintexts:
                 self._in_receive = True
                 try:
+                    decoder = self._decoder
                     for plain in plaintexts:
-                        self._dispatch(self._decoder.feed(plain))
+                        # fast path: a message that is exactly one channel-0 MSG (a call, an answer)
+                        if (
+                            not decoder._buf
+                            and len(plain) > mux.HEADER_SIZE
+                            and plain[0] == mux.MSG
+                            and plain[1:5] == b"\0\0\0\0"
+                            and int.from_bytes(plain[5:9], "big") == len(plain) - mux.HEADER_SIZE
+                            and self.on_message is not None
+                            and len(plain) <= decoder.max_frame
+                        ):
+                            self.on_message(plain[mux.HEADER_SIZE :])
+                        else:
+                            self._dispatch(decoder.feed(plain))
                 finally:
                     self._in_receive = False
                 if self._urgent or self._bulk:
@@ -350,19 +374,58 @@ class SecureConnection(asyncio.Protocol):
         except HandshakeError as e:
             if e.reply and self._pipe is not None:
                 self._pipe.write(e.reply)
-            self._log.bind(peer=str(self.peername), reason=e.message).info("handshake failed")
+            hostile.log(
+                "handshake failed",
+                "INFO",
+                "handshake failed",
+                component="net",
+                peer=str(self.peername),
+                reason=e.message,
+            )
             self._teardown(e)
-            self._pipe.close()  # type: ignore[union-attr]
+            self._close_pipe()
         except SwarmdError as e:
-            self._log.bind(peer=_short(self.remote_public_key), code=e.code, reason=e.message).info(
-                "closing connection: peer broke the protocol"
+            hostile.log(
+                f"protocol:{e.code}",
+                "INFO",
+                "closing connection: peer broke the protocol",
+                component="net",
+                peer=_short(self.remote_public_key),
+                code=e.code,
+                reason=e.message,
             )
             self.close(e)
+
+    def _close_pipe(self) -> None:
+        """Close the pipe; abort it when the peer does not read what is left to flush.
+
+        A plain close waits for the write buffer to drain, which a peer that stopped
+        reading would stretch forever: that peer gets `close_grace` seconds, or none
+        when the buffer is already over high water.
+        """
+        pipe = self._pipe
+        if pipe is None:
+            return
+        abort = getattr(pipe, "abort", None)
+        if abort is not None and self._write_paused:
+            abort()
+            return
+        pipe.close()
+        if abort is not None and self._abort_handle is None:
+            self._abort_handle = self._loop.call_later(self.config.close_grace, self._abort_if_open, pipe)
+
+    def _abort_if_open(self, pipe: Any) -> None:
+        self._abort_handle = None
+        if self._pipe is pipe:
+            pipe.abort()
 
     def eof_received(self) -> bool | None:
         return None  # let the transport close; connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._abort_handle is not None:
+            self._abort_handle.cancel()
+            self._abort_handle = None
         if self.error is None:
             if not self.session.established:
                 self._teardown(SwarmdError(ERR_HANDSHAKE, "connection closed during the handshake"))
@@ -396,10 +459,12 @@ class SecureConnection(asyncio.Protocol):
             err = SwarmdError(
                 ERR_HANDSHAKE, f"handshake did not complete within {self.config.handshake_timeout} s"
             )
-            self._log.bind(peer=str(self.peername)).info("handshake timed out")
+            hostile.log(
+                "handshake timeout", "INFO", "handshake timed out", component="net", peer=str(self.peername)
+            )
             self._teardown(err)
             if self._pipe is not None:
-                self._pipe.close()
+                self._close_pipe()
 
     def _on_keepalive_timer(self) -> None:
         if self.error is not None:
@@ -459,7 +524,7 @@ class SecureConnection(asyncio.Protocol):
                     err if err.code != ERR_CLOSED else SwarmdError(ERR_CLOSED, f"peer closed: {err.message}")
                 )
                 if self._pipe is not None:
-                    self._pipe.close()
+                    self._close_pipe()
                 return
 
     def _queue_urgent(self, frame: bytes) -> None:

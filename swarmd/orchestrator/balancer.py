@@ -114,7 +114,14 @@ class Balancer:
         if st is None:
             return Candidate(lease.public_key, lease.weight, lease.reported_busy)
         busy = st.in_flight if st.in_flight >= lease.reported_busy else lease.reported_busy
-        return Candidate(lease.public_key, lease.weight, busy, st.ewma_ms, st.success_rate)
+        ewma = st.ewma_ms
+        if (
+            ewma is not None
+            and st.sampled_at is not None
+            and self.clock() - st.sampled_at > self.config.ewma_ttl
+        ):
+            ewma = None  # stale: priced as a new worker so it gets sampled again
+        return Candidate(lease.public_key, lease.weight, busy, ewma, st.success_rate)
 
     def unavailable(self, model: str | None, capability: str | None) -> SwarmdError:
         what = (

@@ -17,6 +17,7 @@ class OrchestratorConfig:
     lease_ttl: float = 30.0  # a registerWorker lease lives this long unless renewed
     dht_lease_ttl: float = 45.0  # a lease filled from a DHT record; renewed by every lookup that sees it
     dht_refresh: float = 5.0  # how often the WORKERS topic is looked up
+    announce_interval: float = 10.0  # our ORCHESTRATORS payload is re-announced at most this often, on change
     eject_after: int = 3  # consecutive failures (calls or checks) that eject a worker
     health_interval: float = 2.0  # active check period per worker
     health_timeout: float = 1.0  # bound on one checkCapacity / ping
@@ -28,5 +29,43 @@ class OrchestratorConfig:
     ban_base: float = 0.5  # a failing worker sits out base * 2**(strikes-1), capped at ban_max
     ban_max: float = 30.0
     ewma_alpha: float = 0.3  # weight of the newest latency sample
+    # A latency sample older than this no longer counts: a worker that lost every p2c
+    # comparison (and so got no calls to update its EWMA) is priced as new and tried again.
+    ewma_ttl: float = 10.0
     connect_timeout: float = 2.0  # bound on dialling a worker
+    # A model no worker has loaded goes to any ONLINE worker, which fetches it from a store
+    # (workers load on demand); off: such a request fails with ERR_NOT_FOUND.
+    route_unloaded: bool = True
     max_workers: int = 10000  # registry cap: a hostile registerWorker flood cannot grow memory unbounded
+
+    def validate(self) -> None:
+        """Refuse settings that would make routing silently misbehave, naming the key."""
+        from swarmd.errors import ConfigError
+        from swarmd.orchestrator.policies import POLICIES
+
+        if self.policy not in POLICIES:
+            raise ConfigError(
+                f"orchestrator.policy must be one of {', '.join(sorted(POLICIES))}, got {self.policy!r}"
+            )
+        for name in ("eject_after", "max_attempts", "max_workers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"orchestrator.{name} must be at least 1, got {getattr(self, name)}")
+        for name in (
+            "lease_ttl",
+            "dht_lease_ttl",
+            "dht_refresh",
+            "announce_interval",
+            "health_interval",
+            "health_timeout",
+            "attempt_timeout",
+            "request_timeout",
+            "connect_timeout",
+            "ewma_ttl",
+        ):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"orchestrator.{name} must be above 0 seconds, got {getattr(self, name)}")
+        for name in ("backoff_base", "backoff_max", "ban_base", "ban_max"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"orchestrator.{name} must not be negative, got {getattr(self, name)}")
+        if not 0 < self.ewma_alpha <= 1:
+            raise ConfigError(f"orchestrator.ewma_alpha must be in (0, 1], got {self.ewma_alpha}")

@@ -21,6 +21,7 @@ from swarmd.rpc import RpcPeer, connect
 class WorkerConnections:
     def __init__(self, identity: Identity | None, *, swarm: Any = None, connect_timeout: float = 2.0) -> None:
         self.identity = identity or Identity.generate()
+        self.own_key = self.identity.public_hex
         self.swarm = swarm
         self.connect_timeout = connect_timeout
         self._peers: dict[str, RpcPeer] = {}
@@ -29,6 +30,9 @@ class WorkerConnections:
 
     async def call(self, lease: WorkerLease, method: str, params: Any, seconds: float) -> Any:
         """Call `method` on the worker; every failure is a SwarmdError with a stable code."""
+        if lease.public_key == self.own_key and self.swarm is not None:
+            # A worker role in this very process: the swarm dispatches without a socket.
+            return await self.swarm.request(self.identity.public_key, method, params, timeout=seconds)
         peer = self._peers.get(lease.public_key)
         if peer is None or peer.is_closed:
             loop = asyncio.get_running_loop()

@@ -30,7 +30,7 @@ from swarmd.orchestrator.connections import WorkerConnections
 from swarmd.orchestrator.discovery import ad_from_record
 from swarmd.orchestrator.monitor import HealthMonitor
 from swarmd.orchestrator.registry import WorkerLease
-from swarmd.orchestrator.router import Router
+from swarmd.orchestrator.router import Caller, Router
 from swarmd.topics import WORKERS, worker_model_topic
 
 
@@ -43,15 +43,20 @@ class Fleet:
         swarm: Any = None,
         balancer: Balancer | None = None,
         health_checks: bool = True,
+        call: Caller | None = None,
     ) -> None:
+        """`call(lease, method, params, seconds)` replaces how workers are called (both for
+        requests and health checks), e.g. a gateway's own swarm.request; by default one
+        RPC connection per worker (WorkerConnections)."""
         self.config = config or OrchestratorConfig()
         self.swarm = swarm
         self.balancer = balancer or Balancer(self.config)
         self.connections = WorkerConnections(
             identity, swarm=swarm, connect_timeout=self.config.connect_timeout
         )
-        self.router = Router(self.balancer, self.connections.call)
-        self.monitor = HealthMonitor(self.balancer, self.connections.call, on_expired=self._expired)
+        caller = call or self.connections.call
+        self.router = Router(self.balancer, caller)
+        self.monitor = HealthMonitor(self.balancer, caller, on_expired=self._expired)
         self.health_checks = health_checks
         self.bad_records = 0
         self.stale_records = 0
@@ -109,29 +114,43 @@ class Fleet:
 
         A model nobody in the registry serves yet is looked up on its own DHT
         topic once before giving up, so the first request for a model does not
-        wait for the next WORKERS refresh.
+        wait for the next WORKERS refresh; a model no worker has loaded goes to
+        any ONLINE worker (route_unloaded), which loads it from a store.
         """
         try:
             return await self.router.route(method, params, model=model, capability=capability, budget=budget)
         except SwarmdError as e:
-            if not await self._found_after_lookup(e, model):
+            if not _unknown_model(e, model):
                 raise
-        return await self.router.route(method, params, model=model, capability=capability, budget=budget)
+            if await self._found_after_lookup(e, model):
+                return await self.router.route(
+                    method, params, model=model, capability=capability, budget=budget
+                )
+            if not self.config.route_unloaded or not self.balancer.candidates(None, capability):
+                raise
+        # Nobody has it loaded: any ONLINE worker fetches it from a store on first use. If the
+        # model exists nowhere, the first worker's ERR_NOT_FOUND is the answer (no tour of all).
+        return await self.router.route(
+            method, params, model=None, capability=capability, budget=budget, final_codes=(ERR_NOT_FOUND,)
+        )
 
     async def choose(
         self, model: str | None, capability: str | None = None, exclude: Collection[str] = ()
     ) -> WorkerLease:
-        """The worker a request should go to (the caller does the call), with the same lookup fallback."""
+        """The worker a request should go to (the caller does the call), with the same fallbacks as route()."""
         try:
             return self.balancer.choose(model, capability, exclude)
         except SwarmdError as e:
-            if not await self._found_after_lookup(e, model):
+            if not _unknown_model(e, model):
                 raise
-        return self.balancer.choose(model, capability, exclude)
+            if await self._found_after_lookup(e, model):
+                return self.balancer.choose(model, capability, exclude)
+            if not self.config.route_unloaded or not self.balancer.candidates(None, capability):
+                raise
+        return self.balancer.choose(None, capability, exclude)
 
     async def _found_after_lookup(self, err: SwarmdError, model: str | None) -> bool:
-        unknown = err.code == ERR_NOT_FOUND and isinstance(err.data, dict) and err.data.get("workers") == 0
-        if not unknown or model is None or self.swarm is None:
+        if not _unknown_model(err, model) or model is None or self.swarm is None:
             return False
         # In a Task of its own: this may run in an RPC handler's inline first step, where
         # the swarm's lookup timeout (asyncio.wait_for / timeout) needs a current Task.
@@ -220,3 +239,13 @@ class Fleet:
             self._dead[public_key] = seq
             while len(self._dead) > self.config.max_workers:  # bounded: forget the oldest first
                 self._dead.pop(next(iter(self._dead)))
+
+
+def _unknown_model(err: SwarmdError, model: str | None) -> bool:
+    """The registry's own "nobody serves this model" (not a worker's ERR_NOT_FOUND)."""
+    return (
+        model is not None
+        and err.code == ERR_NOT_FOUND
+        and isinstance(err.data, dict)
+        and err.data.get("workers") == 0
+    )

@@ -1,7 +1,7 @@
 """Active health checks and lease expiry on a timer.
 
 Each tick sweeps expired leases, then asks every registered worker
-`checkCapacity` (bounded by health_timeout, all in parallel): an answer
+`checkCapacity` (bounded by health_timeout, up to 64 at once): an answer
 re-admits an ejected worker and refreshes its state and load, silence or an
 error counts toward ejection. The decisions live in the Balancer; this loop
 only does the asking.
@@ -19,6 +19,8 @@ from swarmd.errors import ERR_UNKNOWN_METHOD, SwarmdError
 from swarmd.orchestrator.balancer import Balancer
 from swarmd.orchestrator.failover import classify
 from swarmd.orchestrator.registry import WorkerLease
+
+MAX_PARALLEL_CHECKS = 64  # a large fleet is checked in waves, not with thousands of dials at once
 
 Checker = Callable[[WorkerLease, str, dict[str, Any], float], Awaitable[Any]]
 
@@ -52,7 +54,13 @@ class HealthMonitor:
                 self.on_expired(key, key in ejected)
         leases = list(self.balancer.registry)
         if leases:
-            await asyncio.gather(*(self.check(lease) for lease in leases))
+            gate = asyncio.Semaphore(MAX_PARALLEL_CHECKS)
+
+            async def bounded(lease: WorkerLease) -> bool:
+                async with gate:
+                    return await self.check(lease)
+
+            await asyncio.gather(*(bounded(lease) for lease in leases))
         self.rounds += 1
 
     async def check(self, lease: WorkerLease) -> bool:

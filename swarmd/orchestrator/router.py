@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 from loguru import logger
@@ -44,6 +44,7 @@ class Router:
         model: str | None,
         capability: str | None = None,
         budget: float | None = None,
+        final_codes: Collection[str] = (),
     ) -> tuple[Any, WorkerLease]:
         """Call `method` on a chosen worker; on a worker-side failure try another.
 
@@ -52,6 +53,7 @@ class Router:
         model or is not ready sends the request to another worker without
         counting against its health; worker failures are retried up to max_attempts within `budget` seconds
         and end in ERR_UNAVAILABLE (or ERR_TIMEOUT) naming the last cause.
+        Codes in `final_codes` are handed back at once whatever their class.
         """
         b = self.balancer
         cfg = b.config
@@ -86,7 +88,7 @@ class Router:
                 raise
             except Exception as e:  # every failure is classified; nothing escapes unaccounted
                 verdict, code = classify(e)
-                if verdict is Verdict.FINAL:
+                if verdict is Verdict.FINAL or code in final_codes:
                     b.rejected(key, code)
                     raise
                 if verdict is Verdict.ELSEWHERE:

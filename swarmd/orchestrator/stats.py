@@ -25,6 +25,7 @@ class WorkerStats:
     ewma_ms: float | None = None
     last_request: float | None = None  # wall clock (unix s), for people
     last_error: str | None = None
+    sampled_at: float | None = None  # clock time of the latest latency sample
 
     @property
     def avg_ms(self) -> float | None:
@@ -89,6 +90,7 @@ class StatsBook:
         st.successes += 1
         st.total_latency_ms += ms
         st.ewma_ms = ms if st.ewma_ms is None else self.alpha * ms + (1.0 - self.alpha) * st.ewma_ms
+        st.sampled_at = self.clock()
         return ms
 
     def failure(self, public_key: str, error: str) -> None:

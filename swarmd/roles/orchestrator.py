@@ -42,6 +42,8 @@ class OrchestratorRole(Role):
         self.started_at = time.time()
         self.log = logger.bind(role="orchestrator")
         self._announced = False
+        self._payload: dict[str, Any] = {}
+        self._tasks: list[asyncio.Task[Any]] = []
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -58,13 +60,21 @@ class OrchestratorRole(Role):
         await self.fleet.start(self.ctx.tasks)
         swarm = self.ctx.swarm
         if swarm is not None:
-            await swarm.join(ORCHESTRATORS, announce=True, lookup=False, payload=self._announcement())
+            self._payload = self._announcement()
+            await swarm.join(ORCHESTRATORS, announce=True, lookup=False, payload=self._payload)
             self._announced = True
+            self._tasks.append(self.ctx.tasks.spawn(self._announce_loop(), name="orchestrator-announce"))
         self.log.bind(event="orchestrator_started", policy=self.balancer.policy.name).info(
             "orchestrator serving"
         )
 
     async def stop(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
         if self._announced and self.ctx.swarm is not None:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2.0):
@@ -79,7 +89,26 @@ class OrchestratorRole(Role):
     # -- DHT ------------------------------------------------------------------
 
     def _announcement(self) -> dict[str, Any]:
-        return {"policy": self.balancer.policy.name, "workers": len(self.balancer.registry)}
+        """What gateways see of us on ORCHESTRATORS: enough to prefer one that knows workers."""
+        counts = self._counts()
+        return {
+            "policy": self.balancer.policy.name,
+            "workers": counts["routable"],
+            "models": len(self.balancer.registry.models()),
+        }
+
+    async def _announce_loop(self) -> None:
+        """Re-announce when what we know changed, at most every announce_interval (a DHT write each)."""
+        while True:
+            await asyncio.sleep(self.config.announce_interval)
+            payload = self._announcement()
+            if payload != self._payload:
+                try:
+                    async with asyncio.timeout(5.0):
+                        await self.ctx.swarm.update(ORCHESTRATORS, payload)
+                    self._payload = payload
+                except (SwarmdError, TimeoutError) as e:
+                    self.log.bind(event="announce_failed").warning("updating ORCHESTRATORS failed: {}", e)
 
     # -- RPC methods ----------------------------------------------------------
 

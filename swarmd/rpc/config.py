@@ -15,6 +15,8 @@ class RpcConfig:
     stream_timeout: float = 3600.0  # default for a whole stream call (blobs take a while)
     connect_timeout: float = 10.0  # TCP connect + handshake
     max_in_flight: int = 1024  # concurrent requests a peer may have us run; beyond: ERR_OVERLOADED
+    max_backlog_bytes: int = 16 << 20  # requests held while the peer does not read our answers
+    max_connections: int = 4096  # a server refuses handshakes beyond this many open connections
     net: NetConfig = field(default_factory=NetConfig)
 
 

@@ -18,7 +18,7 @@ READ = "r"
 WRITE = "w"
 
 
-@dataclass
+@dataclass(slots=True)
 class CallContext:
     """What a handler knows about the call it serves."""
 

@@ -17,7 +17,9 @@ def firewall_from(access: AccessConfig, own_key: bytes) -> Firewall:
     try:
         fw = Firewall.from_keys(access.allow, access.allow_read_only)
     except ValueError:
-        raise ConfigError("access.allow and access.allow_read_only must hold 64-hex-digit public keys") from None
+        raise ConfigError(
+            "access.allow and access.allow_read_only must hold 64-hex-digit public keys"
+        ) from None
     fw.allow.add(own_key)  # a node may always call itself (local tools, co-located roles)
     return fw
 

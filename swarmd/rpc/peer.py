@@ -9,7 +9,6 @@ frame; a handler that finishes without suspending is run inline (no Task).
 from __future__ import annotations
 
 import asyncio
-import time
 import traceback
 import uuid
 from collections import deque
@@ -30,30 +29,11 @@ from swarmd.errors import (
     SwarmdError,
 )
 from swarmd.net.connection import Channel, SecureConnection
+from swarmd.net.loglimit import hostile
 from swarmd.rpc import envelope
 from swarmd.rpc.config import RpcConfig
 from swarmd.rpc.envelope import CANCEL, ERROR, EVENT, REQUEST, RESPONSE, EnvelopeError
 from swarmd.rpc.methods import READ, CallContext, Firewall, Method, Methods
-
-
-class _LogLimiter:
-    """At most one line per key per period: hostile input never floods the log."""
-
-    def __init__(self, period: float = 60.0) -> None:
-        self.period = period
-        self._last: dict[str, float] = {}
-
-    def allow(self, key: str) -> bool:
-        now = time.monotonic()
-        if now - self._last.get(key, -1e9) < self.period:
-            return False
-        if len(self._last) > 1000:
-            self._last.clear()
-        self._last[key] = now
-        return True
-
-
-_limiter = _LogLimiter()
 
 
 class _Resume:
@@ -178,7 +158,9 @@ class RpcPeer:
         self._running: dict[int, asyncio.Task[Any]] = {}
         self._events: set[asyncio.Task[Any]] = set()
         self._inline = 0
-        self._backlog: deque[tuple[int, str, Any, int | None, float]] = deque()
+        self._backlog: deque[tuple[int, str, Any, int | None, float, int]] = deque()
+        self._backlog_bytes = 0
+        self._msg_size = 0  # size of the message being dispatched
         conn.on_message = self._on_message
         conn.on_close = self._on_close
         conn.on_writable = self._on_writable
@@ -234,24 +216,34 @@ class RpcPeer:
 
     async def call(self, method: str, params: Any = None, *, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - timer-based, no wait_for
         """Call method on the peer; raises SwarmdError (remote code, ERR_TIMEOUT, ERR_CLOSED)."""
+        conn = self.conn
+        if conn._write_paused:
+            await self._drain_quietly()  # the peer reads slowly: wait instead of piling up
+        if conn.error is not None:
+            raise SwarmdError(ERR_CLOSED, f"connection closed: {conn.error.message}")
         if timeout is None:
             timeout = self.config.default_timeout
-        rid, fut = self._start_call(method, params, timeout, 0)
+        rid = self._next_id
+        self._next_id = rid + 1
+        try:
+            msg = envelope.request(rid, method, params, int(timeout * 1000), 0)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise SwarmdError(ERR_BAD_REQUEST, f"params of {method!r} cannot be encoded: {e}") from None
         loop = self._loop
+        fut = loop.create_future()
+        pending = self._pending
+        pending[rid] = fut
+        # a lone call goes out at once; calls made together coalesce into one flush
+        conn.send_message(msg, now=len(pending) == 1)
         timer = loop.call_at(loop.time() + timeout, self._expire, rid, method, timeout)
         try:
             return await fut
         except asyncio.CancelledError:
-            if self._pending.pop(rid, None) is not None:
+            if pending.pop(rid, None) is not None:
                 self._send_cancel(rid)
             raise
         finally:
             timer.cancel()
-            if self._conn_write_paused():
-                await self._drain_quietly()
-
-    def _conn_write_paused(self) -> bool:
-        return self.conn._write_paused
 
     async def _drain_quietly(self) -> None:
         try:
@@ -323,6 +315,7 @@ class RpcPeer:
             if fut is not None and not fut.done():
                 fut.set_result(msg[2])
         elif kind == REQUEST:
+            self._msg_size = len(data)
             self._on_request(msg[1], msg[2], msg[3], msg[4], msg[5])
         elif kind == ERROR:
             fut = self._pending.pop(msg[1], None)
@@ -355,11 +348,18 @@ class RpcPeer:
         if self.conn._write_paused and not ch:
             # The peer is not reading our answers: hold new plain requests in a bounded
             # backlog instead of growing the pipe buffer; a peer that floods anyway is cut off.
-            if len(self._backlog) >= self.config.max_in_flight:
+            size = self._msg_size
+            if (
+                len(self._backlog) >= self.config.max_in_flight
+                or self._backlog_bytes + size > self.config.max_backlog_bytes
+            ):
                 raise SwarmdError(
-                    ERR_OVERLOADED, f"peer sent {len(self._backlog)} requests without reading our answers"
+                    ERR_OVERLOADED,
+                    f"peer sent {len(self._backlog)} requests ({self._backlog_bytes} bytes) "
+                    "without reading our answers",
                 )
-            self._backlog.append((rid, method, params, timeout_ms, self._loop.time()))
+            self._backlog.append((rid, method, params, timeout_ms, self._loop.time(), size))
+            self._backlog_bytes += size
             return
         if arrived is not None and timeout_ms is not None:
             timeout_ms -= int((self._loop.time() - arrived) * 1000)
@@ -401,7 +401,8 @@ class RpcPeer:
     def _on_writable(self) -> None:
         backlog = self._backlog
         while backlog and not self.conn._write_paused and self.conn.error is None:
-            rid, method, params, timeout_ms, arrived = backlog.popleft()
+            rid, method, params, timeout_ms, arrived, size = backlog.popleft()
+            self._backlog_bytes -= size
             try:
                 self._on_request(rid, method, params, timeout_ms, 0, arrived)
             except SwarmdError as e:
@@ -422,6 +423,8 @@ class RpcPeer:
         except StopIteration as stop:
             self._finish(rid, method, stream, stop.value, None)
             return
+        except (KeyboardInterrupt, SystemExit):
+            raise
         except BaseException as e:  # noqa: BLE001 - a handler may raise anything; it becomes an error reply
             self._finish(rid, method, stream, None, e)
             return
@@ -451,10 +454,15 @@ class RpcPeer:
                 self._finish(
                     rid, method, stream, None, SwarmdError(ERR_TIMEOUT, f"{method!r} ran past its deadline")
                 )
-            elif self.conn.error is None:
-                self._finish(rid, method, stream, None, SwarmdError(ERR_CANCELLED, "cancelled by the caller"))
             elif stream is not None:
-                stream.channel._fail(SwarmdError(ERR_CLOSED, "connection closed"))
+                # the caller cancelled (or the connection went): no answer, just stop the stream
+                ch = stream.channel
+                if ch.error is None:
+                    if self.conn.error is None:
+                        ch.reset(SwarmdError(ERR_CANCELLED, "cancelled by the caller"))
+                    else:
+                        ch._fail(SwarmdError(ERR_CLOSED, "connection closed"))
+                self.conn._channels.pop(ch.id, None)
         except BaseException as e:  # noqa: BLE001
             self._finish(rid, method, stream, None, e)
         else:
@@ -503,7 +511,7 @@ class RpcPeer:
 
     def _log_handler_error(self, method: str, exc: BaseException) -> None:
         key = f"{method}:{type(exc).__name__}"
-        if _limiter.allow(key):
+        if hostile.allow(key) is not None:
             tb = "".join(traceback.format_exception(exc)).rstrip()
             self._log.bind(method=method, error=type(exc).__name__).error(f"handler raised: {tb}")
 
@@ -523,7 +531,7 @@ class RpcPeer:
             if len(self._events) + len(self._running) >= self.config.max_in_flight:
                 raise SwarmdError(ERR_OVERLOADED, "too many events running")
         except SwarmdError as e:
-            if _limiter.allow(f"event:{e.code}"):
+            if hostile.allow(f"event:{e.code}") is not None:
                 self._log.bind(method=method, code=e.code).info(f"event dropped: {e.message}")
             return
         ctx = CallContext(self.conn.remote_public_key or b"", method, -1, None, self)

@@ -61,6 +61,9 @@ class RpcServer:
         self._log.bind(host=self.host, port=self.port).info("rpc server listening")
 
     def _accept(self, conn: SecureConnection) -> None:
+        if len(self.peers) >= self.config.max_connections:
+            conn.refuse(f"server full: {len(self.peers)} connections open")
+            return
         peer = RpcPeer(
             conn, self.methods, firewall=self.firewall, config=self.config, instance_id=self.instance_id
         )

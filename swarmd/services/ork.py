@@ -40,18 +40,9 @@ from swarmd.errors import (
     ERR_UNKNOWN_METHOD,
     SwarmdError,
 )
+from swarmd.services.params import as_params, bad_request, check_id, check_keys
 from swarmd.services.query import apply_sort, compile_sort
-from swarmd.services.things import (
-    THING_METHODS,
-    Thing,
-    ThingsConfig,
-    ThingService,
-    _as_params,
-    _check_id,
-    _check_keys,
-    bad_request,
-    mount_handlers,
-)
+from swarmd.services.things import THING_METHODS, Thing, ThingsConfig, ThingService, mount_handlers
 
 HEX_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 ADDR_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
@@ -73,6 +64,16 @@ class OrkConfig:
     fanout_concurrency: int = 32  # racks called at once
     lease_s: float = 120.0  # a discovered rack not seen for this long leaves
     discover_interval_s: float = 30.0  # how often the RACKS topic is looked up
+
+    def validate(self) -> None:
+        from swarmd.errors import ConfigError
+
+        if self.call_timeout_s <= 0 or self.lease_s <= 0:
+            raise ConfigError("ork.call_timeout_s and ork.lease_s must be > 0")
+        if self.discover_interval_s < 0:
+            raise ConfigError(f"ork.discover_interval_s must be >= 0, got {self.discover_interval_s}")
+        if self.fanout_concurrency < 1:
+            raise ConfigError(f"ork.fanout_concurrency must be >= 1, got {self.fanout_concurrency}")
 
 
 @dataclass
@@ -164,7 +165,7 @@ RackLookup = Callable[[], Awaitable[Iterable[Any]]]
 
 def rack_payload(rack_id: str, rack_type: str) -> dict[str, Any]:
     """What a rack announces on RACKS so orks list it under a readable id."""
-    return {"id": _check_id(rack_id, "rack id"), "type": rack_type}
+    return {"id": check_id(rack_id, "rack id"), "type": rack_type}
 
 
 class Ork:
@@ -260,7 +261,7 @@ class Ork:
             addrs = check_addresses([_addr_text(a) for a in list(addresses)[:MAX_ADDRESSES]], "rack addresses")
             p = payload if isinstance(payload, Mapping) else {}
             rid = p.get("id", pk[:16])
-            _check_id(rid, "rack id")
+            check_id(rid, "rack id")
             rtype = p.get("type", "")
             if not isinstance(rtype, str) or len(rtype) > 64:
                 rtype = ""
@@ -296,7 +297,7 @@ class Ork:
         by_id = {r.id: r for r in racks}
         out = []
         for i in ids:
-            _check_id(i, "each rack id")
+            check_id(i, "each rack id")
             if i not in by_id:
                 raise SwarmdError(ERR_NOT_FOUND, f"no rack with id {i}", {"rack": i})
             if by_id[i] not in out:
@@ -308,9 +309,9 @@ class Ork:
     async def register_rack(self, params: Any) -> dict[str, Any]:
         """registerRack {id, public_key, addresses?, type?, info?} -> the rack (with key)."""
         m = "registerRack"
-        p = _as_params(params, m)
-        _check_keys(p, m, ("id", "public_key", "addresses", "type", "info"))
-        rid = _check_id(p.get("id"), f"{m}: id")
+        p = as_params(params, m)
+        check_keys(p, m, ("id", "public_key", "addresses", "type", "info"))
+        rid = check_id(p.get("id"), f"{m}: id")
         info = dict(p.get("info") or {}) if isinstance(p.get("info", {}), Mapping) else None
         if info is None:
             raise bad_request(f"{m}: info must be an object")
@@ -326,15 +327,15 @@ class Ork:
     async def forget_racks(self, params: Any) -> dict[str, Any]:
         """forgetRacks {ids} | {all: true}: manual racks only (discovered ones expire)."""
         m = "forgetRacks"
-        p = _as_params(params, m)
-        _check_keys(p, m, ("ids", "all"))
+        p = as_params(params, m)
+        check_keys(p, m, ("ids", "all"))
         return await self.book.forget_things(p)
 
     async def list_racks(self, params: Any) -> list[dict[str, Any]]:
         """listRacks {keys?: bool, type?, source?} -> racks; public keys only when keys is true."""
         m = "listRacks"
-        p = _as_params(params, m)
-        _check_keys(p, m, ("keys", "type", "source"))
+        p = as_params(params, m)
+        check_keys(p, m, ("keys", "type", "source"))
         keys = p.get("keys", False)
         if not isinstance(keys, bool):
             raise bad_request(f"{m}: keys must be true or false")
@@ -354,7 +355,7 @@ class Ork:
     async def fan_out(self, method: str, params: Any) -> list[dict[str, Any]]:
         """Call `method` on the selected racks at once: one entry per rack, in
         rack order, each {"rack", "ok": true, "result"} or {"rack", "ok": false, "error"}."""
-        p = _as_params(params, method)
+        p = as_params(params, method)
         racks = self.select(p.pop("racks", None))
         sem = asyncio.Semaphore(max(1, self.config.fanout_concurrency))
         timeout = self.config.call_timeout_s
@@ -380,7 +381,7 @@ class Ork:
         listThings and tailLog, the merged items tagged with their rack."""
         if method not in THING_METHODS:
             raise SwarmdError(ERR_BAD_REQUEST, f"ork does not proxy {method!r:.40}")
-        p = _as_params(params, method)
+        p = as_params(params, method)
         results = await self.fan_out(method, p)
         out: dict[str, Any] = {"results": results}
         if method == "listThings":

@@ -21,7 +21,8 @@ Hook order (every hook may be sync or async). Hooks that run before the
 commit may refuse the call by raising (a SwarmdError keeps its code, anything
 else becomes ERR_INTERNAL); state is then unchanged.
 
-  start        open the database -> replay: for each stored row, oldest first,
+  start        open the database -> `setup` (raising fails the start) ->
+               replay: for each stored row, oldest first,
                `setup_thing` (a failure is logged and recorded in `last.err`,
                the thing stays registered) -> start the snapshot loop
   registerThing  check params -> `make_thing_id` (duplicate: ERR_CONFLICT) ->
@@ -41,7 +42,8 @@ else becomes ERR_INTERNAL); state is then unchanged.
                most `snapshot_concurrency` at once, each bounded by
                `snapshot_timeout_s` (a timeout records the thing offline) ->
                `last` updated -> one JSON line per thing in the snapshot log
-  stop         stop the snapshot loop -> `teardown_thing` for each -> close
+  stop         stop the snapshot loop -> `teardown_thing` for each ->
+               `teardown` -> close
 """
 
 from __future__ import annotations
@@ -49,7 +51,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
-import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -60,7 +61,6 @@ from typing import Any, ClassVar
 from loguru import logger
 
 from swarmd.errors import (
-    ERR_BAD_REQUEST,
     ERR_CONFLICT,
     ERR_INTERNAL,
     ERR_NOT_FOUND,
@@ -68,6 +68,16 @@ from swarmd.errors import (
     ERR_TOO_LARGE,
     ERR_UNKNOWN_METHOD,
     SwarmdError,
+)
+from swarmd.services.params import (
+    ID_RE,
+    as_params,
+    bad_request,
+    check_id,
+    check_keys,
+    check_object,
+    check_tags,
+    int_param,
 )
 from swarmd.services.query import (
     apply_sort,
@@ -78,10 +88,6 @@ from swarmd.services.query import (
 )
 from swarmd.services.snaplog import SnapLog, SnapLogConfig
 from swarmd.services.thing_store import StoredThing, ThingStore
-
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
-TAG_RE = re.compile(r"^[^\s]{1,64}$")
-MAX_TAGS = 64
 
 # Method name -> op ("w" writes state and is refused to read-only peers).
 THING_METHODS: dict[str, str] = {
@@ -104,9 +110,29 @@ class ThingsConfig:
     list_max_limit: int = 1000
     max_thing_bytes: int = 64 * 1024  # tags + info + opts as JSON
     max_ids: int = 10_000  # ids in one forgetThings call
+    max_things: int = 100_000  # registrations past this are refused (ERR_TOO_LARGE): memory stays bounded
     log_max_bytes: int = 4 * 1024 * 1024  # snapshot log: rotate past this size
     log_keep_files: int = 8  # snapshot log: rotated files kept
     log_max_age_s: float = 7 * 24 * 3600.0  # snapshot log: rotated files older than this go
+
+    def validate(self) -> None:
+        """Refuse values that would stall or unbound the service, naming the key."""
+        from swarmd.errors import ConfigError
+
+        for key in ("snapshot_interval_s", "log_max_age_s"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"things.{key} must be >= 0, got {getattr(self, key)}")
+        if self.snapshot_timeout_s <= 0:
+            raise ConfigError(f"things.snapshot_timeout_s must be > 0, got {self.snapshot_timeout_s}")
+        for key in ("snapshot_concurrency", "list_default_limit", "list_max_limit", "max_ids", "max_things"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"things.{key} must be >= 1, got {getattr(self, key)}")
+        if self.list_default_limit > self.list_max_limit:
+            raise ConfigError("things.list_default_limit must not exceed things.list_max_limit")
+        if self.max_thing_bytes < 256 or self.log_max_bytes < 256:
+            raise ConfigError("things.max_thing_bytes and things.log_max_bytes must be at least 256")
+        if self.log_keep_files < 0:
+            raise ConfigError(f"things.log_keep_files must be >= 0, got {self.log_keep_files}")
 
     def snaplog(self) -> SnapLogConfig:
         return SnapLogConfig(max_bytes=self.log_max_bytes, keep_files=self.log_keep_files, max_age_s=self.log_max_age_s)
@@ -127,67 +153,10 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def bad_request(message: str, data: Any = None) -> SwarmdError:
-    return SwarmdError(ERR_BAD_REQUEST, message, data)
-
-
 async def _maybe_await(value: Any) -> Any:
     if inspect.isawaitable(value):
         return await value
     return value
-
-
-def _check_keys(params: Mapping[str, Any], method: str, allowed: tuple[str, ...]) -> None:
-    unknown = [k for k in params if k not in allowed]
-    if unknown:
-        raise bad_request(f"{method}: unknown parameter {unknown[0]!r:.40}; expected some of {', '.join(allowed)}")
-
-
-def _as_params(params: Any, method: str) -> dict[str, Any]:
-    if params is None:
-        return {}
-    if not isinstance(params, Mapping):
-        raise bad_request(f"{method}: params must be an object, got {type(params).__name__}")
-    return dict(params)
-
-
-def _int_param(params: Mapping[str, Any], key: str, method: str, default: int, lo: int, hi: int) -> int:
-    v = params.get(key, default)
-    if v is None:
-        return default
-    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-        raise bad_request(f"{method}: {key} must be an integer from {lo} to {hi}, got {v!r:.40}")
-    return v
-
-
-def _check_id(v: Any, what: str) -> str:
-    if not isinstance(v, str) or not ID_RE.match(v):
-        raise bad_request(
-            f"{what} must be 1-128 characters of letters, digits and . _ : @ - (starting with a letter or digit),"
-            f" got {v!r:.60}"
-        )
-    return v
-
-
-def _check_tags(v: Any, method: str) -> list[str]:
-    if not isinstance(v, list) or len(v) > MAX_TAGS:
-        raise bad_request(f"{method}: tags must be a list of at most {MAX_TAGS} strings")
-    out: list[str] = []
-    for t in v:
-        if not isinstance(t, str) or not TAG_RE.match(t):
-            raise bad_request(f"{method}: each tag must be 1-64 characters without spaces, got {t!r:.60}")
-        if t not in out:
-            out.append(t)
-    return out
-
-
-def _check_object(v: Any, key: str, method: str) -> dict[str, Any]:
-    if not isinstance(v, Mapping):
-        raise bad_request(f"{method}: {key} must be an object, got {type(v).__name__}")
-    for k in v:
-        if not isinstance(k, str):
-            raise bad_request(f"{method}: {key} keys must be strings, got {type(k).__name__}")
-    return dict(v)
 
 
 def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
@@ -223,7 +192,12 @@ class ThingService:
     # Dotted paths (e.g. "info.isbn") no two things of this service may share.
     UNIQUE_KEYS: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, name: str, data_dir: Path, config: ThingsConfig | None = None) -> None:
+    def __init__(self, name: str, data_dir: Path, config: ThingsConfig | None = None, *,
+                 persist: bool = True) -> None:
+        """persist=False keeps the table in an in-memory SQLite database: for
+        registries whose entries are leases rebuilt from the network after a
+        restart (an orchestrator's workers), where a disk write per renewal
+        buys nothing. Everything else (hooks, queries, snapshots, log) is the same."""
         if not ID_RE.match(name):
             raise ValueError(f"thing service name {name!r} must match {ID_RE.pattern}")
         self.name = name
@@ -232,6 +206,7 @@ class ThingService:
         self.things: dict[str, Thing] = {}
         self.log = logger.bind(service=name)
         self.snaplog = SnapLog(self.dir / "log", "snap", self.config.snaplog())
+        self.persist = persist
         self._store: ThingStore | None = None
         self._write_lock = asyncio.Lock()
         self._loop_task: asyncio.Task[None] | None = None
@@ -255,11 +230,18 @@ class ThingService:
         """A new id; the caller's `id` param when given, else a random one."""
         given = params.get("id")
         if given is not None:
-            return _check_id(given, "registerThing: id")
+            return check_id(given, "registerThing: id")
         return uuid.uuid4().hex
 
     def validate_thing(self, thing: Thing, previous: Thing | None) -> Any:
         """Refuse a thing by raising (bad_request(...)); previous is None on register."""
+
+    def setup(self) -> Any:
+        """Once per start, before replay: acquire what the whole service needs
+        (a bus, a client); raising fails the start."""
+
+    def teardown(self) -> Any:
+        """Once per stop, after every teardown_thing: release what setup acquired."""
 
     def setup_thing(self, thing: Thing) -> Any:
         """Acquire what the thing needs at run time (on register and on replay)."""
@@ -292,7 +274,13 @@ class ThingService:
     async def start(self) -> None:
         """Open the database, replay it into memory, start the snapshot loop."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._store = ThingStore(self.dir / "things.sqlite")
+        self._store = ThingStore(self.dir / "things.sqlite" if self.persist else None)
+        try:
+            await self._hook("setup")
+        except BaseException:
+            self._store.close()
+            self._store = None
+            raise
         await self.replay()
         if self.collects_snaps and self.config.snapshot_interval_s > 0:
             self._loop_task = asyncio.get_running_loop().create_task(
@@ -313,9 +301,10 @@ class ThingService:
                 if not task.cancelled():  # our own caller is being cancelled
                     raise
         async with self._write_lock:  # let a write in flight commit before the database closes
-            for thing in list(self.things.values()):
-                await self._quiet_hook("teardown_thing", thing)
             if self._store is not None:
+                for thing in list(self.things.values()):
+                    await self._quiet_hook("teardown_thing", thing)
+                await self._quiet_hook("teardown")
                 self._store.close()
                 self._store = None
 
@@ -437,16 +426,20 @@ class ThingService:
     async def register_thing(self, params: Any) -> dict[str, Any]:
         """registerThing {id?, tags?, info?, opts?} -> the thing's public view."""
         m = "registerThing"
-        p = _as_params(params, m)
-        _check_keys(p, m, ("id", "tags", "info", "opts"))
-        tags = _check_tags(p.get("tags", []), m)
-        info = _check_object(p.get("info", {}), "info", m)
-        opts = _check_object(p.get("opts", {}), "opts", m)
+        p = as_params(params, m)
+        check_keys(p, m, ("id", "tags", "info", "opts"))
+        tags = check_tags(p.get("tags", []), m)
+        info = check_object(p.get("info", {}), "info", m)
+        opts = check_object(p.get("opts", {}), "opts", m)
         async with self._write_lock:
             store = self._require_store()
-            tid = _check_id(await self._hook("make_thing_id", p), f"{m}: id")
+            tid = check_id(await self._hook("make_thing_id", p), f"{m}: id")
             if tid in self.things:
                 raise SwarmdError(ERR_CONFLICT, f"{m}: thing {tid} is already registered; use updateThing", {"id": tid})
+            if len(self.things) >= self.config.max_things:
+                raise SwarmdError(
+                    ERR_TOO_LARGE, f"{m}: {self.name} already holds {len(self.things)} things, its max_things"
+                )
             ttype = await self._hook("thing_type", p)
             if not isinstance(ttype, str) or not ID_RE.match(ttype):
                 raise SwarmdError(ERR_INTERNAL, f"thing_type of {self.name} returned {ttype!r:.40}, not a type name")
@@ -471,15 +464,15 @@ class ThingService:
         """updateThing {id, rev?, tags?, info?, opts?}: info/opts merged (null
         deletes a key), tags replaced; `rev` guards against lost updates."""
         m = "updateThing"
-        p = _as_params(params, m)
-        _check_keys(p, m, ("id", "rev", "tags", "info", "opts"))
-        tid = _check_id(p.get("id"), f"{m}: id")
+        p = as_params(params, m)
+        check_keys(p, m, ("id", "rev", "tags", "info", "opts"))
+        tid = check_id(p.get("id"), f"{m}: id")
         rev = p.get("rev")
         if rev is not None and (not isinstance(rev, int) or isinstance(rev, bool)):
             raise bad_request(f"{m}: rev must be an integer, got {rev!r:.40}")
-        tags = _check_tags(p["tags"], m) if "tags" in p else None
-        info = _check_object(p["info"], "info", m) if "info" in p else None
-        opts = _check_object(p["opts"], "opts", m) if "opts" in p else None
+        tags = check_tags(p["tags"], m) if "tags" in p else None
+        info = check_object(p["info"], "info", m) if "info" in p else None
+        opts = check_object(p["opts"], "opts", m) if "opts" in p else None
         async with self._write_lock:
             store = self._require_store()
             previous = self.things.get(tid)
@@ -520,8 +513,8 @@ class ThingService:
     async def forget_things(self, params: Any) -> dict[str, Any]:
         """forgetThings {ids} | {query} | {all: true} -> {forgotten: [ids], missing: [ids]}."""
         m = "forgetThings"
-        p = _as_params(params, m)
-        _check_keys(p, m, ("ids", "query", "all"))
+        p = as_params(params, m)
+        check_keys(p, m, ("ids", "query", "all"))
         chosen = [k for k in ("ids", "query", "all") if p.get(k) is not None]
         if len(chosen) != 1:
             raise bad_request(f"{m}: give exactly one of ids, query or all (true)")
@@ -534,7 +527,7 @@ class ThingService:
                     raise bad_request(f"{m}: ids must be a list of at most {self.config.max_ids} ids")
                 targets = []
                 for i in ids:
-                    _check_id(i, f"{m}: each id")
+                    check_id(i, f"{m}: each id")
                     if i in self.things:
                         if self.things[i] not in targets:
                             targets.append(self.things[i])
@@ -568,14 +561,14 @@ class ThingService:
     async def list_things(self, params: Any) -> list[dict[str, Any]]:
         """listThings {query?, fields?, sort?, offset?, limit?} -> public views."""
         m = "listThings"
-        p = _as_params(params, m)
-        _check_keys(p, m, ("query", "fields", "sort", "offset", "limit"))
+        p = as_params(params, m)
+        check_keys(p, m, ("query", "fields", "sort", "offset", "limit"))
         query = p.get("query")
         pred = self._compile(compile_query, {} if query is None else query, m, "query")
         project = self._compile(compile_projection, p.get("fields"), m, "fields")
         sort = self._compile(compile_sort, p.get("sort"), m, "sort")
-        offset = _int_param(p, "offset", m, 0, 0, 2**31)
-        limit = _int_param(p, "limit", m, self.config.list_default_limit, 0, self.config.list_max_limit)
+        offset = int_param(p, "offset", m, 0, 0, 2**31)
+        limit = int_param(p, "limit", m, self.config.list_default_limit, 0, self.config.list_max_limit)
         views = [self.view(t) for t in self.things.values() if pred(self._match_view(t))]
         hooked = await self._hook("on_list", views, p)
         if hooked is not None:
@@ -590,22 +583,22 @@ class ThingService:
     async def tail_log(self, params: Any) -> list[dict[str, Any]]:
         """tailLog {id?|ids?, type?, start?, end? (ms), offset?, limit?} -> entries, newest first."""
         m = "tailLog"
-        p = _as_params(params, m)
-        _check_keys(p, m, ("id", "ids", "type", "start", "end", "offset", "limit"))
+        p = as_params(params, m)
+        check_keys(p, m, ("id", "ids", "type", "start", "end", "offset", "limit"))
         ids: set[str] | None = None
         if p.get("id") is not None:
-            ids = {_check_id(p["id"], f"{m}: id")}
+            ids = {check_id(p["id"], f"{m}: id")}
         if p.get("ids") is not None:
             if not isinstance(p["ids"], list) or len(p["ids"]) > self.config.max_ids:
                 raise bad_request(f"{m}: ids must be a list of at most {self.config.max_ids} ids")
-            ids = (ids or set()) | {_check_id(i, f"{m}: each id") for i in p["ids"]}
+            ids = (ids or set()) | {check_id(i, f"{m}: each id") for i in p["ids"]}
         ttype = p.get("type")
         if ttype is not None and not isinstance(ttype, str):
             raise bad_request(f"{m}: type must be a string")
-        start = _int_param(p, "start", m, 0, 0, 2**63 - 1)
-        end = _int_param(p, "end", m, 2**63 - 1, 0, 2**63 - 1)
-        offset = _int_param(p, "offset", m, 0, 0, 2**31)
-        limit = _int_param(p, "limit", m, self.config.list_default_limit, 0, self.config.list_max_limit)
+        start = int_param(p, "start", m, 0, 0, 2**63 - 1)
+        end = int_param(p, "end", m, 2**63 - 1, 0, 2**63 - 1)
+        offset = int_param(p, "offset", m, 0, 0, 2**31)
+        limit = int_param(p, "limit", m, self.config.list_default_limit, 0, self.config.list_max_limit)
         if limit == 0:
             return []
 
@@ -660,13 +653,13 @@ class ThingService:
         async with self._round_lock:
             things = list(self.things.values())
             entries: list[dict[str, Any] | None] = [None] * len(things)
-            todo = iter(enumerate(things))
+            pending = iter(enumerate(things))
 
             async def worker() -> None:
                 # A fixed pool of workers rather than a task per thing: the cap
                 # holds by construction and a round over 10k things makes
                 # `snapshot_concurrency` tasks, not 10k.
-                for i, thing in todo:
+                for i, thing in pending:
                     entries[i] = await self._collect_one(thing)
 
             async with asyncio.TaskGroup() as tg:
@@ -694,6 +687,8 @@ class ThingService:
             )
         ts = now_ms()
         entry: dict[str, Any] = {"ts": ts, "id": thing.id, "type": thing.type, "online": err is None}
+        # An update during the collection replaced the Thing object: record on the current one.
+        thing = self.things.get(thing.id, thing)
         if err is None:
             entry["snap"] = snap
             thing.last = {"ts": ts, "online": True, "snap": snap, "err": None}

@@ -25,6 +25,7 @@ class SwarmConfig:
     record_ttl: float = 20 * 60.0
     reannounce_interval: float = 10 * 60.0
     reannounce_jitter: float = 60.0
+    relookup_initial: float = 0.5  # first re-query of a joined topic; doubles up to relookup_interval
     relookup_interval: float = 60.0  # joined topics with lookup=True are re-queried this often
     reconnect_initial: float = 0.2
     reconnect_max: float = 30.0

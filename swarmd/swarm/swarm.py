@@ -285,6 +285,7 @@ class Swarm:
     async def _topic_loop(self, joined: _Joined) -> None:
         cfg = self.config
         next_announce = 0.0
+        rounds = 0
         while True:
             now = time.monotonic()
             work = []
@@ -300,7 +301,11 @@ class Swarm:
                 elif isinstance(r, BaseException):
                     raise r
             joined.first_round.set()
-            wait = cfg.relookup_interval if joined.lookup else max(0.05, next_announce - time.monotonic())
+            # peers that join at the same moment miss each other's first announce:
+            # look again soon, then back off to the steady interval
+            relookup = min(cfg.relookup_interval, cfg.relookup_initial * 2**rounds)
+            rounds = min(rounds + 1, 30)
+            wait = relookup if joined.lookup else max(0.05, next_announce - time.monotonic())
             if joined.announce:
                 wait = min(wait, max(0.05, next_announce - time.monotonic()))
             await asyncio.sleep(wait)
@@ -550,7 +555,9 @@ class Swarm:
         if public_key == self.public_key:
             return await self._call_local(method, params, t)
         for attempt in (0, 1):
-            peer = await self.connect(public_key, self._latest_record(public_key))
+            peer = self._registry.get(public_key) or await self.connect(
+                public_key, self._latest_record(public_key)
+            )
             try:
                 return await peer.call(method, params, timeout=t)
             except SwarmdError as e:

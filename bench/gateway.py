@@ -1,0 +1,379 @@
+"""Gateway throughput: POST /v2/models/mlp/infer with a 784-float JSON body.
+
+Model: 784-1024-1024-10 MLP (onnx helper, seeded random weights). Load: a
+bounded asyncio keep-alive client on loopback at 1, 16 and 64 connections.
+Servers, each a subprocess measured in this same run:
+  fastapi   single-process FastAPI + onnxruntime under uvicorn (the baseline)
+  gateway   `swarmd --role gateway` serving the model in-process (HTTP cost + local ORT)
+  swarm-R   `swarmd --role gateway` -> a separate worker process (+ orchestrator, store),
+            for each gateway.route R (fleet, direct, orchestrator), when those roles exist
+plus direct onnxruntime batch-1 calls (the ceiling). Last line: one JSON object.
+
+    python bench/gateway.py [--seconds 4] [--conns 1,16,64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+FASTAPI_APP = textwrap.dedent('''
+    import sys
+    import numpy as np
+    import onnxruntime as ort
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(sys.argv[1], sess_options=opts, providers=["CPUExecutionProvider"])
+    app = FastAPI()
+
+    @app.post("/v2/models/mlp/infer")
+    async def infer(request: Request):
+        body = await request.json()
+        t = body["inputs"][0]
+        x = np.asarray(t["data"], dtype=np.float32).reshape(t["shape"])
+        (y,) = sess.run(None, {"x": x})
+        return JSONResponse({"model_name": "mlp", "outputs": [
+            {"name": "y", "datatype": "FP32", "shape": list(y.shape), "data": y.ravel().tolist()}]})
+
+    if __name__ == "__main__":
+        import uvicorn
+        uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning", access_log=False)
+''')
+
+
+def build_mlp(path: Path, seed: int = 0) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    dims = [784, 1024, 1024, 10]
+    inits, nodes, prev = [], [], "x"
+    for i in range(3):
+        w = (rng.standard_normal((dims[i], dims[i + 1])) / np.sqrt(dims[i])).astype(np.float32)
+        b = np.zeros(dims[i + 1], dtype=np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
+        out = "y" if i == 2 else f"h{i}"
+        nodes.append(helper.make_node("Gemm", [prev, f"w{i}", f"b{i}"], [out if i == 2 else f"g{i}"]))
+        if i < 2:
+            nodes.append(helper.make_node("Relu", [f"g{i}"], [out]))
+        prev = out
+    graph = helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 784])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 10])], initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"server on port {port} did not start within {timeout}s")
+
+
+def direct_ort(model: Path, body: dict, n: int = 3000) -> float:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(model), sess_options=opts, providers=["CPUExecutionProvider"])
+    x = np.asarray(body["inputs"][0]["data"], dtype=np.float32).reshape(1, 784)
+    for _ in range(100):
+        sess.run(None, {"x": x})
+    t0 = time.perf_counter()
+    for _ in range(n):
+        sess.run(None, {"x": x})
+    return n / (time.perf_counter() - t0)
+
+
+async def _conn(port: int, request: bytes, stop_at: float, warm_until: float, lat: list[float], errors: list[int]) -> None:
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 10)
+    try:
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= stop_at:
+                return
+            writer.write(request)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+            m = re.search(rb"(?i)content-length:\s*(\d+)", head)
+            n = int(m.group(1)) if m else 0
+            resp = await asyncio.wait_for(reader.readexactly(n), 30)
+            if head[9:12] != b"200" and not errors:
+                print(f"first error: {head[9:12].decode()} {resp[:300]!r}", file=sys.stderr)
+            t1 = time.perf_counter()
+            if head[9:12] != b"200":
+                errors.append(int(head[9:12]))
+            elif t0 >= warm_until:
+                lat.append(t1 - t0)
+    finally:
+        writer.close()
+
+
+async def load(port: int, body: bytes, conns: int, seconds: float, headers: dict[str, str]) -> dict[str, float]:
+    extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    request = (
+        f"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"{extra}Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    lat: list[float] = []
+    errors: list[int] = []
+    start = time.perf_counter()
+    warm = start + min(1.0, seconds / 4)
+    stop = warm + seconds
+    await asyncio.gather(*(_conn(port, request, stop, warm, lat, errors) for _ in range(conns)))
+    a = np.array(lat) if lat else np.array([0.0])
+    return {
+        "rps": round(len(lat) / seconds, 1),
+        "p50_ms": round(float(np.percentile(a, 50)) * 1000, 3),
+        "p99_ms": round(float(np.percentile(a, 99)) * 1000, 3),
+        "errors": len(errors),
+        "error_statuses": sorted(set(errors)),
+    }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(port: int, body: bytes, conns: int, seconds: float, headers: dict[str, str],
+            pid: int | None) -> dict[str, float]:
+    """One load run; with pid, also the server process's CPU time per request (its own cost)."""
+    before = cpu_seconds(pid) if pid else 0.0
+    r = asyncio.run(load(port, body, conns, seconds, headers))
+    if pid:
+        total = r["rps"] * (seconds + min(1.0, seconds / 4)) + r["errors"]  # warm-up requests ran too
+        r["server_cpu_us_per_req"] = round((cpu_seconds(pid) - before) / max(total, 1) * 1e6, 1)
+    return r
+
+
+def start_proc(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(args, env=env, cwd=str(ROOT), stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def stop_proc(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def swarmd_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWARMD_")}
+    env["PYTHONPATH"] = str(ROOT)
+    env.update(extra)
+    return env
+
+
+def create_key(data_dir: Path) -> str:
+    out = subprocess.run([sys.executable, "-m", "swarmd", "keys", "--data-dir", str(data_dir), "create",
+                          "--name", "bench", "--permissions", "infer", "--rate", "1000000", "--burst", "1000000"],
+                         capture_output=True, text=True, env=swarmd_env(), cwd=str(ROOT), check=True)
+    return out.stdout.split()[0]
+
+
+def swarm_available() -> bool:
+    mods = ("swarmd.roles.worker", "swarmd.roles.store", "swarmd.roles.orchestrator", "swarmd.swarm.part")
+    return all(importlib.util.find_spec(m) is not None for m in mods)
+
+
+def wait_log(log: Path, pattern: str, proc: subprocess.Popen, timeout: float = 60.0) -> re.Match[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = re.search(pattern, log.read_text())
+        if m:
+            return m
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited ({proc.returncode}); log:\n{log.read_text()[-2000:]}")
+        time.sleep(0.1)
+    raise RuntimeError(f"{pattern!r} not in {log} within {timeout}s")
+
+
+def run_swarm(tmp: Path, models: Path, body: bytes, conns: list[int], seconds: float,
+              procs: list[subprocess.Popen], route: str) -> dict[str, dict[str, float]]:
+    """gateway -> worker, each role its own process: store (+DHT bootstrap), orchestrator, worker, gateway."""
+    base = tmp / f"swarm-{route}"
+    env = swarmd_env(SWARMD_GATEWAY_ROUTE=route)
+    cmd = [sys.executable, "-m", "swarmd", "--log-format", "json", "--log-level", "INFO"]
+    local: list[subprocess.Popen] = []
+
+    def start(name: str, *args: str) -> tuple[subprocess.Popen, Path]:
+        log = base / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        p = start_proc([*cmd, "--data-dir", str(base / name), *args], env, log)
+        procs.append(p)
+        local.append(p)
+        return p, log
+
+    try:
+        p, log = start("store", "--role", "bootstrap,store")
+        dht = json.loads(wait_log(log, r'\{[^\n]*"event": "ready"[^\n]*\}', p).group(0))["ports"]["dht"]
+        boot = ("--bootstrap", f"127.0.0.1:{dht}")
+        waits = [start("orchestrator", "--role", "orchestrator", *boot), start("worker", "--role", "worker", *boot)]
+        port = free_port()
+        prof = os.environ.get("BENCH_GATEWAY_PROFILE")  # a path: run the gateway under cProfile, dump there
+        if prof:
+            cmd_g = [sys.executable, "-m", "cProfile", "-o", f"{prof}.{route}", "-m", "swarmd", *cmd[3:]]
+            log = base / "gateway.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            gp = start_proc([*cmd_g, "--data-dir", str(base / "gateway"), "--role", "gateway",
+                             "--http", f"127.0.0.1:{port}", *boot], env, log)
+            procs.append(gp)
+            local.append(gp)
+            glog = log
+        else:
+            gp, glog = start("gateway", "--role", "gateway", "--http", f"127.0.0.1:{port}", *boot)
+        for p, log in [*waits, (gp, glog)]:
+            wait_log(log, r'"event": "ready"', p)
+        admin = wait_log(glog, r"store it now\): (\S+)", gp).group(1)
+        import urllib.error
+        import urllib.request
+
+        def post(path: str, data: bytes, ctype: str) -> tuple[int, bytes]:
+            req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data,
+                                         headers={"x-api-key": admin, "Content-Type": ctype})
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    return r.status, r.read()
+            except urllib.error.HTTPError as e:
+                return e.code, e.read()
+
+        status, out = post("/api/v1/keys", json.dumps({"name": "bench", "permissions": ["infer"],
+                                                       "rate_limit_rps": 1e6, "rate_limit_burst": 1e6}).encode(),
+                           "application/json")
+        if status != 201:
+            raise RuntimeError(f"creating the bench key failed: {status} {out[:200]!r}")
+        key = json.loads(out)["key"]
+
+        model = (models / "mlp" / "1" / "model.onnx").read_bytes()
+        deadline = time.monotonic() + 60
+        while post("/api/v1/models?name=mlp&version=1", model, "application/octet-stream")[0] != 201:
+            if time.monotonic() > deadline:
+                raise RuntimeError("upload through the gateway never succeeded")
+            time.sleep(0.5)
+        while post("/v2/models/mlp/infer", body, "application/json")[0] != 200:
+            if time.monotonic() > deadline:
+                raise RuntimeError("inference through the swarm never succeeded")
+            time.sleep(0.5)
+        out = {}
+        for c in conns:
+            out[str(c)] = measure(port, body, c, seconds, {"x-api-key": key}, gp.pid)
+        return out
+    finally:
+        for p in reversed(local):
+            stop_proc(p)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--conns", default="1,16,64")
+    ap.add_argument("--routes", default="fleet,direct,orchestrator", help="gateway.route values to measure")
+    args = ap.parse_args()
+    conns = [int(c) for c in args.conns.split(",")]
+    tmp = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
+    procs: list[subprocess.Popen] = []
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    try:
+        models = tmp / "models"
+        (models / "mlp" / "1").mkdir(parents=True)
+        model = models / "mlp" / "1" / "model.onnx"
+        build_mlp(model)
+        rng = np.random.default_rng(1)
+        body_doc = {"inputs": [{"name": "x", "shape": [1, 784], "datatype": "FP32",
+                                "data": rng.random(784).astype(np.float32).tolist()}]}
+        body = json.dumps(body_doc).encode()
+        ceiling = direct_ort(model, body_doc)
+
+        def run(name: str, port: int, headers: dict[str, str], pid: int) -> None:
+            results[name] = {}
+            for c in conns:
+                results[name][str(c)] = measure(port, body, c, args.seconds, headers, pid)
+
+        # baseline: FastAPI + onnxruntime
+        app = tmp / "fastapi_app.py"
+        app.write_text(FASTAPI_APP)
+        port = free_port()
+        p = start_proc([sys.executable, str(app), str(model), str(port)], swarmd_env(), tmp / "fastapi.log")
+        procs.append(p)
+        wait_http(port, p)
+        run("fastapi", port, {}, p.pid)
+        stop_proc(p)
+
+        # gateway, standalone (onnxruntime in the gateway process)
+        data = tmp / "gw"
+        key = create_key(data)
+        port = free_port()
+        p = start_proc([sys.executable, "-m", "swarmd", "--role", "gateway", "--http", f"127.0.0.1:{port}",
+                        "--data-dir", str(data), "--log-level", "WARNING"],
+                       swarmd_env(SWARMD_GATEWAY_LOCAL_MODELS_DIR=str(models)), tmp / "gateway.log")
+        procs.append(p)
+        wait_http(port, p)
+        run("gateway", port, {"x-api-key": key}, p.pid)
+        stop_proc(p)
+
+        if swarm_available():
+            for route in args.routes.split(","):
+                try:
+                    results[f"swarm-{route}"] = run_swarm(tmp, models, body, conns, args.seconds, procs, route)
+                except RuntimeError as e:
+                    print(f"swarm route {route}: not measured: {e}", file=sys.stderr)
+    finally:
+        for p in procs:
+            stop_proc(p)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print(f"direct onnxruntime, batch 1: {ceiling:,.0f} inferences/s (the ceiling)")
+    print("cpu/req: CPU time of the server process (for swarm-*: the gateway process alone) per request")
+    print(f"{'server':<19} {'conns':>5} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'cpu/req us':>10} {'errors':>6}")
+    for name, by_c in results.items():
+        for c, r in by_c.items():
+            print(f"{name:<19} {c:>5} {r['rps']:>9,.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
+                  f"{r.get('server_cpu_us_per_req', 0):>10,.0f} {r['errors']:>6}")
+    print(json.dumps({"bench": "gateway", "direct_ort_per_s": round(ceiling, 1), "results": results,
+                      "baseline": {"fastapi_ort": results.get("fastapi")}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""What the HTTP layer needs from whoever runs the models.
+
+The gateway speaks HTTP; an InferenceBackend answers "which models, what
+signature, is it ready, run it". Two real implementations exist: LocalBackend
+(onnxruntime in this process, the standalone gateway) and SwarmBackend
+(orchestrators, workers and stores over RPC). The HTTP layer is written and
+tested against this interface once and serves either.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from swarmd.errors import ERR_BAD_REQUEST, ERR_NOT_FOUND, SwarmdError
+
+
+@dataclass
+class TensorSpec:
+    """A tensor signature: numpy dtype name and shape, -1 for a dynamic dim."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TensorSpec:
+        return cls(str(d["name"]), str(d["dtype"]), [int(x) for x in d.get("shape") or []])
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    version: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    versions: list[str] = field(default_factory=list)
+    platform: str = "onnxruntime_onnx"
+    digest: str = ""
+    size: int = 0
+    tags: list[str] = field(default_factory=list)
+    description: str = ""
+    created: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "versions": list(self.versions or [self.version]),
+            "platform": self.platform,
+            "digest": self.digest,
+            "size": self.size,
+            "format": "onnx",
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "tags": list(self.tags),
+            "description": self.description,
+            "created": self.created,
+        }
+
+    @classmethod
+    def from_metadata(cls, d: dict[str, Any], versions: list[str] | None = None) -> ModelInfo:
+        """From the store's model metadata record (see CONTRACTS.md)."""
+        return cls(
+            name=str(d["name"]),
+            version=str(d["version"]),
+            inputs=[TensorSpec.from_dict(t) for t in d.get("inputs") or []],
+            outputs=[TensorSpec.from_dict(t) for t in d.get("outputs") or []],
+            versions=versions or [str(d["version"])],
+            digest=str(d.get("digest") or ""),
+            size=int(d.get("size") or 0),
+            tags=[str(t) for t in d.get("tags") or []],
+            description=str(d.get("description") or ""),
+            created=float(d.get("created") or 0.0),
+        )
+
+
+@dataclass
+class InferResult:
+    model: str
+    version: str
+    outputs: dict[str, np.ndarray]
+    worker: str | None = None  # hex public key of the worker that ran it, when remote
+
+
+@dataclass
+class UploadedModel:
+    """A model body the gateway has already received and hashed, on local disk."""
+
+    name: str
+    version: str | None
+    path: Path
+    size: int
+    sha256: str
+    tags: list[str] = field(default_factory=list)
+    description: str = ""
+
+
+class InferenceBackend(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def list_models(self) -> list[ModelInfo]: ...
+
+    async def model_metadata(self, model: str, version: str | None = None) -> ModelInfo:
+        """Raises SwarmdError(ERR_NOT_FOUND) for an unknown model or version."""
+        ...
+
+    async def ready(self, model: str, version: str | None = None) -> bool: ...
+
+    async def infer(
+        self,
+        model: str,
+        version: str | None,
+        inputs: dict[str, np.ndarray],
+        outputs: list[str] | None = None,
+        request_id: str | None = None,
+    ) -> InferResult: ...
+
+    async def put_model(self, upload: UploadedModel) -> ModelInfo: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def worker_count(self) -> int: ...
+
+
+def version_key(v: str) -> tuple[int, int, str]:
+    """Order versions: numeric ones numerically, then the rest by text."""
+    return (0, int(v), "") if v.isdigit() else (1, 0, v)
+
+
+def check_inputs(info: ModelInfo, inputs: dict[str, np.ndarray]) -> None:
+    """Reject inputs that do not fit the model's signature, naming the first mismatch."""
+    expected = {t.name: t for t in info.inputs}
+    for name in inputs:
+        if name not in expected:
+            raise SwarmdError(
+                ERR_BAD_REQUEST,
+                f"model {info.name!r} has no input {name!r}; its inputs are {', '.join(expected) or 'none'}",
+            )
+    for name, spec in expected.items():
+        arr = inputs.get(name)
+        if arr is None:
+            raise SwarmdError(ERR_BAD_REQUEST, f"input {name!r} of model {info.name!r} is missing")
+        want = np.dtype(spec.dtype) if spec.dtype not in ("str", "object", "string") else None
+        if want is not None and arr.dtype != want:
+            raise SwarmdError(
+                ERR_BAD_REQUEST, f"input {name!r} must be {spec.dtype}, got {arr.dtype.name}"
+            )
+        if spec.shape and len(arr.shape) != len(spec.shape):
+            raise SwarmdError(
+                ERR_BAD_REQUEST,
+                f"input {name!r} must have {len(spec.shape)} dimensions {spec.shape}, got shape {list(arr.shape)}",
+            )
+        for i, (want_d, got_d) in enumerate(zip(spec.shape, arr.shape, strict=False)):
+            if want_d >= 0 and want_d != got_d:
+                raise SwarmdError(
+                    ERR_BAD_REQUEST,
+                    f"input {name!r} dimension {i} must be {want_d}, got {got_d} (shape {list(arr.shape)})",
+                )
+
+
+def check_outputs(info: ModelInfo, outputs: list[str] | None) -> None:
+    if outputs is None:
+        return
+    known = {t.name for t in info.outputs}
+    for name in outputs:
+        if name not in known:
+            raise SwarmdError(
+                ERR_BAD_REQUEST,
+                f"model {info.name!r} has no output {name!r}; its outputs are {', '.join(sorted(known))}",
+            )
+
+
+def not_found(model: str, version: str | None) -> SwarmdError:
+    if version is None:
+        return SwarmdError(ERR_NOT_FOUND, f"unknown model {model!r}")
+    return SwarmdError(ERR_NOT_FOUND, f"unknown version {version!r} of model {model!r}")

@@ -1,0 +1,29 @@
+"""[gateway]: the HTTP front door's settings (listen address is node.http)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class GatewayConfig:
+    auth: bool = True  # false: every route is open (a lab box only); keys are still accepted
+    cors_origins: list[str] = field(default_factory=list)  # exact origins allowed; empty: no CORS
+    rate_limit_rps: float = 500.0  # per key (or per client address when auth is off), sustained
+    rate_limit_burst: float = 1000.0  # per key, bucket size
+    max_body_bytes: int = 64 * 1024 * 1024  # infer and JSON bodies
+    max_upload_bytes: int = 4 * 1024 * 1024 * 1024  # streamed model uploads
+    max_in_flight: int = 2048  # concurrent requests beyond this get 503
+    infer_timeout: float = 30.0  # seconds for one inference, retries included
+    metadata_ttl: float = 5.0  # seconds model metadata is cached (swarm backend)
+    metrics_public: bool = False  # false: /metrics needs an admin key
+    access_log: bool = True  # one log line per request
+    print_admin_key: bool = True  # print the first admin key to stdout when it is created
+    local_models_dir: str | None = None  # standalone mode: serve ONNX models from this dir in-process
+    # fleet: embedded router, gateway -> worker; direct: an orchestrator picks, the gateway calls the worker;
+    # orchestrator: routeInferenceRequest through an orchestrator (see docs/gateway.md for the figures)
+    route: Literal["fleet", "direct", "orchestrator"] = "fleet"
+    discovery_interval: float = 5.0  # seconds between lookups of orchestrators, stores and workers
+    discovery_timeout: float = 3.0  # bound on one lookup pass
+    usage_flush_interval: float = 5.0  # seconds between writes of per-key usage counts

@@ -1,0 +1,216 @@
+"""LocalBackend: onnxruntime in the gateway's own process (the standalone gateway).
+
+Models live under <models_dir>/<name>/<version>/model.onnx with a meta.json
+beside it. Sessions load at start and on upload; inference runs on a small
+thread pool because onnxruntime releases the GIL, so the event loop keeps
+serving HTTP while a model computes (running lone requests inline on the loop
+was tried: it helps one connection and serialises everything under load, since
+the loop never sees the requests still waiting in socket buffers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from loguru import logger
+
+from swarmd.errors import ERR_CONFLICT, ERR_INVALID_MODEL, SwarmdError
+from swarmd.gateway.backend import (
+    InferResult,
+    ModelInfo,
+    TensorSpec,
+    UploadedModel,
+    check_inputs,
+    check_outputs,
+    not_found,
+    version_key,
+)
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(double)": "float64",
+    "tensor(float16)": "float16",
+    "tensor(int8)": "int8",
+    "tensor(int16)": "int16",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+    "tensor(uint8)": "uint8",
+    "tensor(uint16)": "uint16",
+    "tensor(uint32)": "uint32",
+    "tensor(uint64)": "uint64",
+    "tensor(bool)": "bool",
+    "tensor(string)": "str",
+}
+
+
+def check_name(kind: str, value: str) -> str:
+    if not NAME_RE.match(value):
+        raise SwarmdError(
+            "ERR_BAD_REQUEST",
+            f"{kind} {value!r:.80} must be 1-128 characters of letters, digits, '_', '.', '-', starting with a letter or digit",
+        )
+    return value
+
+
+def session_signature(session: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Input/output signatures of an onnxruntime session; dynamic dims become -1."""
+
+    def spec(arg: Any) -> TensorSpec:
+        shape = [d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or [])]
+        return TensorSpec(arg.name, ORT_TYPES.get(arg.type, arg.type), shape)
+
+    return [spec(a) for a in session.get_inputs()], [spec(a) for a in session.get_outputs()]
+
+
+def load_session(path: Path, threads: int) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types for bad files
+        raise SwarmdError(ERR_INVALID_MODEL, f"onnxruntime cannot load {path.name}: {str(e)[:300]}") from None
+
+
+@dataclass
+class _Loaded:
+    info: ModelInfo
+    session: Any
+
+
+class LocalBackend:
+    """Serves the ONNX models found in a directory, in this process."""
+
+    def __init__(self, models_dir: Path, *, threads: int = 1, pool_size: int = 2) -> None:
+        self.models_dir = Path(models_dir)
+        self.threads = threads
+        self._models: dict[str, dict[str, _Loaded]] = {}
+        self._pool = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="gateway-ort")
+
+    async def start(self) -> None:
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        for model_dir in sorted(p for p in self.models_dir.iterdir() if p.is_dir()):
+            for vdir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
+                if (vdir / "model.onnx").is_file():
+                    try:
+                        self._load(model_dir.name, vdir.name, vdir)
+                    except SwarmdError as e:
+                        logger.bind(event="model_skipped", model=model_dir.name, version=vdir.name).warning(
+                            "skipping model {}:{}: {}", model_dir.name, vdir.name, e.message
+                        )
+
+    async def stop(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _load(self, name: str, version: str, vdir: Path) -> ModelInfo:
+        session = load_session(vdir / "model.onnx", self.threads)
+        inputs, outputs = session_signature(session)
+        meta: dict[str, Any] = {}
+        try:
+            meta = json.loads((vdir / "meta.json").read_text())
+        except (OSError, ValueError):
+            pass
+        info = ModelInfo(
+            name=name,
+            version=version,
+            inputs=inputs,
+            outputs=outputs,
+            digest=str(meta.get("digest", "")),
+            size=(vdir / "model.onnx").stat().st_size,
+            tags=list(meta.get("tags", [])),
+            description=str(meta.get("description", "")),
+            created=float(meta.get("created", 0.0)),
+        )
+        self._models.setdefault(name, {})[version] = _Loaded(info, session)
+        for loaded in self._models[name].values():
+            loaded.info.versions = sorted(self._models[name], key=version_key)
+        return info
+
+    def _get(self, model: str, version: str | None) -> _Loaded:
+        versions = self._models.get(model)
+        if not versions:
+            raise not_found(model, None)
+        if version is None or version == "latest":
+            version = max(versions, key=version_key)
+        loaded = versions.get(version)
+        if loaded is None:
+            raise not_found(model, version)
+        return loaded
+
+    async def list_models(self) -> list[ModelInfo]:
+        return [self._get(name, None).info for name in sorted(self._models)]
+
+    async def model_metadata(self, model: str, version: str | None = None) -> ModelInfo:
+        return self._get(model, version).info
+
+    async def ready(self, model: str, version: str | None = None) -> bool:
+        self._get(model, version)
+        return True
+
+    async def infer(
+        self,
+        model: str,
+        version: str | None,
+        inputs: dict[str, np.ndarray],
+        outputs: list[str] | None = None,
+        request_id: str | None = None,
+    ) -> InferResult:
+        loaded = self._get(model, version)
+        check_inputs(loaded.info, inputs)
+        check_outputs(loaded.info, outputs)
+        names = outputs or [t.name for t in loaded.info.outputs]
+        try:
+            values = await asyncio.get_running_loop().run_in_executor(self._pool, loaded.session.run, names, inputs)
+        except Exception as e:  # onnxruntime's own errors: a shape it rejects at run time is the caller's
+            raise SwarmdError("ERR_BAD_REQUEST", f"onnxruntime refused the inputs: {str(e)[:300]}") from None
+        return InferResult(loaded.info.name, loaded.info.version, dict(zip(names, values, strict=True)))
+
+    async def put_model(self, upload: UploadedModel) -> ModelInfo:
+        check_name("model name", upload.name)
+        existing = self._models.get(upload.name, {})
+        version = upload.version
+        if version is None:
+            version = str(max((int(v) for v in existing if v.isdigit()), default=0) + 1)
+        check_name("version", version)
+        if version in existing:
+            if existing[version].info.digest == upload.sha256:
+                return existing[version].info
+            raise SwarmdError(ERR_CONFLICT, f"model {upload.name!r} version {version!r} exists with another digest")
+        vdir = self.models_dir / upload.name / version
+        tmp = self.models_dir / upload.name / f".{version}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            shutil.move(str(upload.path), tmp / "model.onnx")
+            meta = {
+                "digest": upload.sha256,
+                "tags": upload.tags,
+                "description": upload.description,
+                "created": time.time(),
+            }
+            (tmp / "meta.json").write_text(json.dumps(meta))
+            load_session(tmp / "model.onnx", self.threads)  # refuse a file onnxruntime cannot load
+            os.replace(tmp, vdir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return self._load(upload.name, version, vdir)
+
+    def status(self) -> dict[str, Any]:
+        return {"backend": "local", "models": sorted(self._models), "workers": 1}
+
+    def worker_count(self) -> int:
+        return 1

@@ -1,0 +1,96 @@
+"""The gateway role: the HTTP front door inside the daemon's event loop.
+
+Picks the backend (onnxruntime in-process when gateway.local_models_dir is
+set, else the swarm: orchestrators, workers, stores), opens the key database
+in the data dir (creating and printing a first admin key once), and listens
+on node.http.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+from loguru import logger
+
+from swarmd.gateway.backend import InferenceBackend
+from swarmd.gateway.keys import KeyStore
+from swarmd.gateway.server import Gateway
+from swarmd.roles.base import NodeContext, Role
+from swarmd.settings import parse_hostport
+
+DEFAULT_HTTP = "127.0.0.1:8080"
+
+
+class GatewayRole(Role):
+    name: ClassVar[str] = "gateway"
+
+    def __init__(self, ctx: NodeContext) -> None:
+        super().__init__(ctx)
+        self.gateway: Gateway | None = None
+        self.backend: InferenceBackend | None = None
+        self.keys: KeyStore | None = None
+        self.first_admin_key: str | None = None  # set only on the start that created it
+        self.log = logger.bind(role="gateway")
+
+    def _backend(self) -> InferenceBackend:
+        cfg = self.ctx.settings.gateway
+        if cfg.local_models_dir:
+            from swarmd.gateway.local import LocalBackend
+
+            return LocalBackend(Path(cfg.local_models_dir).expanduser())
+        from swarmd.gateway.swarm import SwarmBackend
+
+        return SwarmBackend(self.ctx, cfg)
+
+    async def start(self) -> None:
+        cfg = self.ctx.settings.gateway
+        host, port = parse_hostport(self.ctx.settings.node.http or DEFAULT_HTTP, what="node.http")
+        self.keys = KeyStore(self.ctx.data_dir / "gateway" / "keys.sqlite")
+        if self.keys.count_active() == 0:
+            key, token = self.keys.create("admin", ["admin"])
+            self.first_admin_key = token
+            self.log.bind(event="admin_key_created", key=key.id).warning(
+                "created the first admin API key (id {}); it is printed once on stdout", key.id
+            )
+            if cfg.print_admin_key:
+                print(f"swarmd gateway: first admin API key (shown once, store it now): {token}", flush=True)
+        self.backend = self._backend()
+        await self.backend.start()
+        try:
+            self.gateway = Gateway(cfg, self.backend, self.keys, data_dir=self.ctx.data_dir, status=self._node_status)
+            self.ctx.ports["http"] = await self.gateway.start(host, port)
+        except BaseException:
+            await self.backend.stop()
+            self.keys.close()
+            raise
+        self.log.bind(event="gateway_listening", url=self.gateway.url).info("gateway listening on {}", self.gateway.url)
+
+    async def stop(self) -> None:
+        if self.gateway is not None:
+            await self.gateway.stop()
+        if self.backend is not None:
+            await self.backend.stop()
+        if self.keys is not None:
+            self.keys.close()
+
+    def _node_status(self) -> dict[str, Any]:
+        ctx = self.ctx
+        peers: list[Any] = []
+        if ctx.swarm is not None and hasattr(ctx.swarm, "peers"):
+            peers = [pk.hex() for pk, *_ in ctx.swarm.peers()]
+        return {
+            "public_key": ctx.identity.public_hex,
+            "roles": list(ctx.roles),
+            "ports": dict(ctx.ports),
+            "peers": peers,
+        }
+
+    def status(self) -> dict[str, Any]:
+        if self.gateway is None:
+            return {}
+        return {"url": self.gateway.url, "backend": self.backend.status() if self.backend else {}}
+
+
+ROLE = GatewayRole
+

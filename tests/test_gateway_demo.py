@@ -1,0 +1,48 @@
+"""`make run` end to end: the demo process starts, prints a working curl example, and stops on Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from tests.conftest import ROOT, swarmd_env
+
+
+@pytest.mark.slow
+def test_demo_prints_a_working_example_and_stops_on_ctrl_c(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "swarmd.demo", "--data-dir", str(tmp_path / "data"), "--port", "0", "--standalone"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=swarmd_env(), cwd=str(ROOT),
+    )
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        assert proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line, "demo exited early:\n" + "".join(lines)
+            lines.append(line)
+            if line.startswith("Press Ctrl-C"):
+                break
+        text = "".join(lines)
+        url = re.search(r"gateway:\s+(http://\S+)", text).group(1)
+        key = re.search(r"admin key: (\S+)", text).group(1)
+        data = re.search(r"-d '(.+)'", text).group(1)
+        assert "sample #0 is a 0, the swarm says 0" in text
+        req = urllib.request.Request(f"{url}/v2/models/digits/infer", data=data.encode(), headers={"x-api-key": key})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            doc = json.load(r)
+        assert next(o for o in doc["outputs"] if o["name"] == "label")["data"] == [0]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,282 @@
+"""Gateway HTTP behaviour: permissions, rate limits, malformed input, CORS, ids, metrics, uploads, /api/v1."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from swarmd.gateway.config import GatewayConfig
+from tests.gateway_fixtures import GatewayThread, install_model, reference, tiny_mlp
+
+MODEL = tiny_mlp(seed=5)
+X = [[0.1, 0.2, 0.3, 0.4]]
+INFER = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": X}]}
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory):
+    data = tmp_path_factory.mktemp("gwhttp")
+    install_model(data / "models", "mlp", "1", MODEL)
+    g = GatewayThread(data, GatewayConfig(cors_origins=["https://app.example"]))
+    yield g
+    g.close()
+
+
+# (method, path, body, permission)
+ROUTES = [
+    ("GET", "/v2", None, "models:read"),
+    ("GET", "/v2/models/mlp", None, "models:read"),
+    ("GET", "/v2/models/mlp/versions/1", None, "models:read"),
+    ("GET", "/v2/models/mlp/ready", None, "models:read"),
+    ("POST", "/v2/models/mlp/infer", INFER, "infer"),
+    ("POST", "/v2/models/mlp/versions/1/infer", INFER, "infer"),
+    ("POST", "/api/v1/inference/mlp", {"input": X[0]}, "infer"),
+    ("GET", "/api/v1/models", None, "models:read"),
+    ("GET", "/api/v1/models/mlp", None, "models:read"),
+    ("GET", "/api/v1/status", None, "admin"),
+    ("GET", "/api/v1/keys", None, "admin"),
+    ("GET", "/metrics", None, "admin"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body", "perm"), ROUTES)
+def test_every_route_checks_its_permission(gw, method, path, body, perm):
+    assert gw.request(method, path, body).status == 401
+    bad = gw.request(method, path, body, key="swd_000000000000_" + "A" * 43)
+    assert bad.status == 401 and bad.json()["code"] == "ERR_UNAUTHORIZED"
+    others = [p for p in ("infer", "models:read", "models:write") if p != perm]
+    r = gw.request(method, path, body, key=gw.key(*others))
+    assert r.status == 403, r.body
+    assert perm in r.json()["error"]
+    assert gw.request(method, path, body, key=gw.key(perm)).status == 200
+    assert gw.request(method, path, body, key=gw.key("admin")).status == 200
+
+
+def test_upload_needs_models_write(gw):
+    body = {"name": "up0", "data": base64.b64encode(MODEL).decode()}
+    assert gw.request("POST", "/api/v1/models", body, key=gw.key("infer", "models:read")).status == 403
+    r = gw.request("POST", "/api/v1/models", body, key=gw.key("models:write"))
+    assert r.status == 201, r.body
+    assert r.json()["version"] == "1" and r.json()["digest"] == hashlib.sha256(MODEL).hexdigest()
+
+
+def test_public_routes(gw):
+    for path in ("/health", "/v2/health/live", "/v2/health/ready", "/openapi.json", "/docs"):
+        assert gw.request("GET", path).status == 200, path
+    doc = gw.request("GET", "/openapi.json").json()
+    assert doc["paths"]["/v2/models/{model}/infer"]["post"]["x-permission"] == "infer"
+    assert b"/api/v1/keys" in gw.request("GET", "/docs").body
+
+
+def test_bearer_header_and_malformed_authorization(gw):
+    key = gw.key("models:read")
+    assert gw.request("GET", "/v2/models/mlp", headers={"Authorization": f"Bearer {key}"}).status == 200
+    r = gw.request("GET", "/v2/models/mlp", headers={"Authorization": f"Basic {key}"})
+    assert r.status == 401 and "Bearer" in r.json()["error"]
+    assert r.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_rate_limit_429_with_retry_after_and_usage(gw):
+    key = gw.key("models:read", rate_rps=0.01, rate_burst=3)
+    statuses = [gw.request("GET", "/v2/models/mlp", key=key).status for _ in range(5)]
+    assert statuses == [200, 200, 200, 429, 429]
+    r = gw.request("GET", "/v2/models/mlp", key=key)
+    assert r.json()["code"] == "ERR_RATE_LIMITED"
+    assert int(r.headers["retry-after"]) >= 1
+    # another key is not affected
+    assert gw.request("GET", "/v2/models/mlp", key=gw.key("models:read")).status == 200
+    key_id = key.split("_")[1]
+    usage = gw.request("GET", f"/api/v1/keys/{key_id}", key=gw.admin_key).json()
+    assert usage["requests"] == 3 and usage["denied"] == 3
+
+
+def test_keys_admin_routes_create_list_revoke(gw):
+    r = gw.request("POST", "/api/v1/keys", {"name": "ci", "permissions": ["infer"]}, key=gw.admin_key)
+    assert r.status == 201
+    created = r.json()
+    token = created["key"]
+    assert token.startswith("swd_") and created["permissions"] == ["infer"]
+    listing = gw.request("GET", "/api/v1/keys", key=gw.admin_key).json()["keys"]
+    entry = next(k for k in listing if k["id"] == created["id"])
+    assert token not in json.dumps(listing) and entry["key"].endswith("********")
+    assert gw.request("POST", "/v2/models/mlp/infer", INFER, key=token).status == 200
+    assert gw.request("DELETE", f"/api/v1/keys/{created['id']}", key=gw.admin_key).status == 200
+    assert gw.request("POST", "/v2/models/mlp/infer", INFER, key=token).status == 401
+    assert gw.request("DELETE", "/api/v1/keys/ffffffffffff", key=gw.admin_key).status == 404
+    bad = gw.request("POST", "/api/v1/keys", {"name": "x", "permissions": ["root"]}, key=gw.admin_key)
+    assert bad.status == 400 and "unknown permission 'root'" in bad.json()["error"]
+
+
+MALFORMED = [
+    (b"not json", None, "malformed"),
+    (b"[1,2]", None, "JSON object"),
+    (b"{}", None, "inputs must be a non-empty list"),
+    (json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32"}]}).encode(), None, "no data"),
+    (json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP99", "data": X}]}).encode(), None,
+     "'FP99' is not supported"),
+    (json.dumps({"inputs": [{"name": "x", "shape": [1, 5], "datatype": "FP32", "data": X}]}).encode(), None,
+     "needs 5"),
+    (json.dumps({"inputs": [{"name": "x", "shape": [1, -4], "datatype": "FP32", "data": X}]}).encode(), None,
+     "non-negative"),
+    (json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [["a"] * 4]}]}).encode(),
+     None, "not a list of FP32"),
+    (json.dumps({"inputs": [{"name": "y", "shape": [1, 4], "datatype": "FP32", "data": X}]}).encode(), None,
+     "has no input 'y'"),
+    (json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": X}],
+                 "outputs": [{"name": "zz"}]}).encode(), None, "has no output 'zz'"),
+    (json.dumps(INFER).encode() + b"\0" * 5, "auto", "5 binary bytes that no input"),
+    (b"{}", "99", "Inference-Header-Content-Length is 99"),
+    (b"{}", "abc", "decimal byte count"),
+    (json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
+                             "parameters": {"binary_data_size": 16}}]}).encode() + b"\0" * 8, "auto",
+     "only 8 binary bytes remain"),
+]
+
+
+@pytest.mark.parametrize(("body", "hlen", "needle"), MALFORMED)
+def test_malformed_infer_bodies_are_precise_400(gw, body, hlen, needle):
+    headers = {}
+    if hlen == "auto":
+        headers["Inference-Header-Content-Length"] = str(body.index(b"\0"))
+    elif hlen is not None:
+        headers["Inference-Header-Content-Length"] = hlen
+    r = gw.request("POST", "/v2/models/mlp/infer", body, headers=headers, key=gw.admin_key)
+    assert r.status == 400, r.body
+    doc = r.json()
+    assert doc["code"] == "ERR_BAD_REQUEST" and needle in doc["error"], doc
+
+
+def test_binary_infer_by_hand_matches_reference(gw):
+    x = np.arange(8, dtype=np.float32).reshape(2, 4) / 10
+    head = json.dumps({"inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP32",
+                                   "parameters": {"binary_data_size": x.nbytes}}],
+                       "parameters": {"binary_data_output": True}}).encode()
+    r = gw.request("POST", "/v2/models/mlp/infer", head + x.tobytes(),
+                   headers={"Inference-Header-Content-Length": str(len(head))}, key=gw.admin_key)
+    assert r.status == 200
+    hl = int(r.headers["inference-header-content-length"])
+    doc = json.loads(r.body[:hl])
+    sizes = [o["parameters"]["binary_data_size"] for o in doc["outputs"]]
+    assert sum(sizes) == len(r.body) - hl
+    y = np.frombuffer(r.body[hl:hl + sizes[0]], dtype=np.float32).reshape(doc["outputs"][0]["shape"])
+    np.testing.assert_allclose(y, reference(MODEL, x)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_too_large_body_is_413(tmp_path):
+    g = GatewayThread(tmp_path, GatewayConfig(max_body_bytes=1000))
+    try:
+        install_model(tmp_path / "models", "mlp", "1", MODEL)
+        r = g.request("POST", "/v2/models/mlp/infer", b"{" + b" " * 2000 + b"}", key=g.admin_key)
+        assert r.status == 413 and r.json()["code"] == "ERR_TOO_LARGE"
+    finally:
+        g.close()
+
+
+def test_malformed_http_is_400_and_server_keeps_serving(gw):
+    out = gw.raw(b"GARBAGE\r\n\r\n")
+    assert out.split(b" ")[1] == b"400" and b"Invalid method" in out
+    out = gw.raw(b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n")
+    assert out.split(b" ")[1] == b"400" and b"Content-Length" in out
+    out = gw.raw(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 70000 + b"\r\n\r\n")
+    assert out.split(b" ")[1] in (b"400", b"431")
+    assert gw.request("GET", "/health").status == 200
+
+
+def test_unknown_route_and_method_are_json(gw):
+    r = gw.request("GET", "/nope")
+    assert r.status == 404 and r.json()["code"] == "ERR_NOT_FOUND"
+    r = gw.request("DELETE", "/v2/models/mlp/infer", key=gw.admin_key)
+    assert r.status == 405 and "error" in r.json()
+
+
+def test_request_id_echoed_or_generated(gw):
+    r = gw.request("GET", "/health", headers={"X-Request-Id": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    r = gw.request("GET", "/health", headers={"X-Request-Id": "bad id with spaces"})
+    assert r.headers["x-request-id"] != "bad id with spaces" and len(r.headers["x-request-id"]) == 16
+    assert gw.request("GET", "/health").headers["x-request-id"] != r.headers["x-request-id"]
+    r = gw.request("GET", "/v2/models/nope", key=gw.admin_key)
+    assert r.json()["request_id"] == r.headers["x-request-id"]
+
+
+def test_cors_allow_list(gw):
+    ok = gw.request("OPTIONS", "/v2/models/mlp/infer",
+                    headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"})
+    assert ok.status == 204
+    assert ok.headers["access-control-allow-origin"] == "https://app.example"
+    assert "x-api-key" in ok.headers["access-control-allow-headers"]
+    no = gw.request("OPTIONS", "/v2/models/mlp/infer",
+                    headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+    assert no.status == 403 and "access-control-allow-origin" not in no.headers
+    r = gw.request("GET", "/health", headers={"Origin": "https://app.example"})
+    assert r.headers["access-control-allow-origin"] == "https://app.example"
+    r = gw.request("GET", "/health", headers={"Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in r.headers
+
+
+def test_metrics_exposition(gw):
+    gw.request("POST", "/v2/models/mlp/infer", INFER, key=gw.admin_key)
+    gw.request("GET", "/v2/models/unknown-model-name", key=gw.admin_key)
+    text = gw.request("GET", "/metrics", key=gw.admin_key).body.decode()
+    assert "# TYPE swarmd_gateway_request_duration_seconds histogram" in text
+    assert 'route="/v2/models/{model}/infer",model="mlp",status="200",le="+Inf"' in text
+    assert "swarmd_gateway_in_flight 1" in text  # the scrape itself
+    assert "swarmd_gateway_workers 1" in text
+    assert "unknown-model-name" not in text  # client-chosen names never become series
+
+
+def test_v1_inference_and_models(gw):
+    r = gw.request("POST", "/api/v1/inference/mlp", {"inputs": {"x": X}}, key=gw.admin_key)
+    assert r.status == 200, r.body
+    want = reference(MODEL, np.array(X, dtype=np.float32))
+    np.testing.assert_allclose(r.json()["outputs"]["y"], want[0], rtol=1e-5, atol=1e-6)
+    assert r.json()["outputs"]["label"] == want[1].tolist()
+    r = gw.request("POST", "/api/v1/inference/mlp", {"input": "nope"}, key=gw.admin_key)
+    assert r.status == 400 and "cannot be read as float32" in r.json()["error"]
+    models = gw.request("GET", "/api/v1/models", key=gw.admin_key).json()["models"]
+    assert "mlp" in [m["name"] for m in models]
+    m = gw.request("GET", "/api/v1/models/mlp", key=gw.admin_key).json()
+    assert m["inputs"] == [{"name": "x", "dtype": "float32", "shape": [-1, 4]}]
+
+
+def test_streamed_upload_then_infer(gw):
+    model = tiny_mlp(seed=9)
+    sha = hashlib.sha256(model).hexdigest()
+    r = gw.request("POST", "/api/v1/models?name=streamed&version=7&tags=a,b", model,
+                   headers={"Content-Type": "application/octet-stream", "X-Model-Sha256": sha}, key=gw.admin_key)
+    assert r.status == 201, r.body
+    assert r.json()["digest"] == sha and r.json()["tags"] == ["a", "b"]
+    r = gw.request("POST", "/v2/models/streamed/versions/7/infer", INFER, key=gw.admin_key)
+    assert r.status == 200
+    # same version, other bytes: conflict
+    r = gw.request("POST", "/api/v1/models?name=streamed&version=7", tiny_mlp(seed=10), key=gw.admin_key)
+    assert r.status == 409
+    r = gw.request("POST", "/api/v1/models?name=streamed&version=8&sha256=" + "0" * 64, model, key=gw.admin_key)
+    assert r.status == 502 and "sha256" in r.json()["error"]
+
+
+def test_upload_rejects_garbage(gw):
+    r = gw.request("POST", "/api/v1/models", {"name": "g", "data": "!!!"}, key=gw.admin_key)
+    assert r.status == 400 and "base64" in r.json()["error"]
+    r = gw.request("POST", "/api/v1/models",
+                   {"name": "g", "data": base64.b64encode(b"not onnx").decode()}, key=gw.admin_key)
+    assert r.status == 400 and r.json()["code"] == "ERR_INVALID_MODEL"
+    r = gw.request("POST", "/api/v1/models?name=../etc", b"x", key=gw.admin_key)
+    assert r.status == 400 and "model name" in r.json()["error"]
+    r = gw.request("POST", "/api/v1/models", b"x", key=gw.admin_key)
+    assert r.status == 400 and "name is required" in r.json()["error"]
+
+
+def test_bytes_binary_input_is_parsed():
+    from swarmd.gateway.oip import decode_infer_request
+
+    head = json.dumps({"inputs": [{"name": "s", "shape": [2], "datatype": "BYTES",
+                                   "parameters": {"binary_data_size": 4 + 2 + 4 + 3}}]}).encode()
+    raw = struct.pack("<I", 2) + b"hi" + struct.pack("<I", 3) + b"you"
+    req = decode_infer_request(head + raw, len(head))
+    assert req.inputs["s"].tolist() == [b"hi", b"you"]
