@@ -229,3 +229,20 @@ async def test_replica_repairs_a_corrupt_blob(tmp_path: Path) -> None:
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_download_resumes_from_a_part_file_and_checks_it(node: Node, peer: Any, tmp_path: Path) -> None:
+    f = write_model(tmp_path / "d.onnx", seed=13, pad_floats=60_000)
+    data = f.read_bytes()
+    meta = await push_file(peer, f, "d", timeout=T)
+    out = tmp_path / "d.out"
+    (tmp_path / "d.out.part").write_bytes(data[:100_000])  # an earlier pull that was interrupted
+    seen: list[int] = []
+    await pull_file(peer, meta["digest"], out, size=meta["size"], progress=lambda d, t: seen.append(d), timeout=T)
+    assert seen[0] > 100_000 and seen[0] - 100_000 <= 256 * 1024  # the first chunk came after the part
+    assert out.read_bytes() == data
+    # a part holding other bytes cannot produce the digest: the pull fails and drops it
+    out.unlink()
+    (tmp_path / "d.out.part").write_bytes(b"\0" * 100_000)
+    assert await code(pull_file(peer, meta["digest"], out, size=meta["size"], timeout=T)) == ERR_CORRUPT
+    assert not out.exists() and not (tmp_path / "d.out.part").exists()
