@@ -384,6 +384,8 @@ class StoreRole(Role):
         try:
             while True:
                 try:
+                    if await asyncio.to_thread(self.core.scrub, self.config.scrub_per_round):
+                        self._wake.set()  # something rotted: the next round re-fetches it at once
                     await self._announce()
                     await self.replicate_once()
                     await self._announce()

@@ -14,6 +14,7 @@ class StoreConfig:
     chunk_bytes: int = 256 * 1024  # stream chunk size for uploads and downloads
     incoming_ttl: float = 24 * 3600.0  # partial uploads untouched this long are dropped at gc
     replicate_interval: float = 10.0  # seconds between replication rounds
+    scrub_per_round: int = 1  # blobs re-hashed each round, so rot in unread blobs is found and repaired
     max_parallel_pulls: int = 2  # blobs a store pulls from peers at once
     peers: list[str] = field(default_factory=list)  # HEXKEY@HOST:PORT stores to replicate with besides the swarm's
     transfer_timeout: float = 30.0  # bound on each network step of a transfer (per chunk, per call)
