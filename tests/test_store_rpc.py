@@ -226,6 +226,20 @@ async def test_replica_repairs_a_corrupt_blob(tmp_path: Path) -> None:
         assert e.value.code == ERR_CORRUPT
         await wait_for(lambda: meta.digest in b.role.core.holdings(), [a, b])
         assert b"".join(b.role.core.read(meta.digest)) == f.read_bytes()
+        # silent rot (same size, same mtime) that nobody reads: the scrub finds it, a replica refills it
+        path = b.role.core.blobs.path(meta.digest)
+        st = path.stat()
+        os.chmod(path, 0o644)
+        path.write_bytes(b"ROTTEN" + path.read_bytes()[6:])
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        quarantined = len(list((b.role.core.root / "quarantine").iterdir()))
+
+        def refilled() -> bool:
+            return (len(list((b.role.core.root / "quarantine").iterdir())) > quarantined
+                    and meta.digest in b.role.core.holdings())
+
+        await wait_for(refilled, [a, b])
+        assert b"".join(b.role.core.read(meta.digest)) == f.read_bytes()
     finally:
         await a.stop()
         await b.stop()
