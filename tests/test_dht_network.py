@@ -237,3 +237,41 @@ async def test_large_topics_need_a_token_round_trip_so_spoofed_requests_reflect_
         assert len(await client.lookup_all(topic, 5)) == 30
     finally:
         await net.close()
+
+
+async def test_reannounce_reuses_holders_and_recrawls_when_they_are_gone() -> None:
+    net = await DhtTestnet.create(12)
+    try:
+        topic = topic_from_name("live-load")
+        ident = Identity.generate()
+        announcer = net.nodes[4]
+        first = await announcer.announce(record_for(ident, topic, seq=1, load=1))
+        holders = announcer._holders[topic][1]
+        again = await announcer.announce(record_for(ident, topic, seq=2, load=2))
+        assert again.stored == first.stored and announcer._holders[topic][1] is holders  # no new crawl
+        # the holders die: the next announce notices and crawls for live ones
+        dead = {n.id for n, _ in holders}
+        for node in net.nodes:
+            if node.node_id in dead and node is not announcer and node is not net.nodes[0]:
+                await node.stop()
+        third = await announcer.announce(record_for(ident, topic, seq=3, load=3))
+        assert third.ok
+        client = await net.add(mode="client")
+        assert [r.payload for r in await client.lookup_all(topic, 5)] == [{"load": 3}]
+    finally:
+        await net.close()
+
+
+async def test_one_ip_rotating_source_ports_is_limited_per_ip() -> None:
+    net = await DhtTestnet.create(1, per_ip_rate=10.0, per_ip_burst=10.0)
+    try:
+        proto = net.nodes[0].protocol
+        for port in range(1000, 1100):  # garbage gets no reply: nothing is sent anywhere
+            proto.datagram_received(b"not rpc", ("198.18.0.7", port))
+        assert proto.rlog.counts.get("flood_ip", 0) >= 85
+        assert proto.rlog.counts.get("garbage", 0) <= 15
+        for port in range(1000, 1100):  # loopback is exempt (many local nodes share it)
+            proto.datagram_received(b"not rpc", ("127.0.0.1", port))
+        assert proto.rlog.counts.get("flood_ip", 0) < 100
+    finally:
+        await net.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -214,3 +215,27 @@ async def test_private_swarm_topics_are_invisible_without_the_secret(net: DhtTes
         assert await outsider.lookup_all("models", 5) == []
     finally:
         await _stop(a, b, outsider)
+
+
+async def test_reannounce_keeps_a_short_lived_record_alive_until_the_announcer_dies(net: DhtTestnet) -> None:
+    a = await _swarm(net, "a", record_ttl=1.0, reannounce_interval=0.3, reannounce_jitter=0.05)
+    b = await _swarm(net, "b")
+    try:
+        t = await a.join("ttl", announce=True, lookup=False)
+        await a.flush(10)
+        loop = asyncio.get_running_loop()
+        first_seq = a._topics[t].seq
+        deadline = loop.time() + 15
+        while a._topics[t].seq < first_seq + 3:  # three re-announces: past the 1 s TTL
+            assert loop.time() < deadline
+            await asyncio.sleep(0.05)
+        recs = [r for r in await b.lookup_all(t, 5) if r.public_key == a.public_key]
+        assert recs and recs[0].seq > first_seq
+        await a.dht.stop()  # the announcer dies without a word
+        while [r for r in await b.lookup_all(t, 5) if r.public_key == a.public_key]:
+            assert loop.time() < deadline + 15, "record outlived its announcer"
+            await asyncio.sleep(0.1)
+    finally:
+        await _stop(b)
+        with contextlib.suppress(Exception):
+            await a.stop()

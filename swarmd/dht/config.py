@@ -42,6 +42,10 @@ class DhtConfig:
     # requests answered per source address per second (token bucket); floods beyond are dropped
     per_source_rate: float = 200.0
     per_source_burst: float = 400.0
+    # ... and per source IP across its ports (a flood rotating source ports); loopback is exempt,
+    # since a box running many local nodes talks to them all from 127.0.0.1
+    per_ip_rate: float = 2000.0
+    per_ip_burst: float = 4000.0
     max_sources_tracked: int = 4096
     refresh_interval: float = 15 * 60.0
     lookup_timeout: float = 5.0

@@ -174,6 +174,7 @@ class DhtNode(Server):
             ksize=self.config.ksize, alpha=self.config.alpha, node_id=node_id_for(identity.public_key)
         )
         self.reflexive_address: tuple[str, int] | None = None
+        self._holders: dict[bytes, tuple[float, list[tuple[Node, bytes]]]] = {}
         self._maint: asyncio.Task[None] | None = None
         self._log = logger.bind(component="dht", node=identity.public_hex[:16])
 
@@ -308,14 +309,19 @@ class DhtNode(Server):
         last_refresh = time.monotonic()
         while True:
             await asyncio.sleep(tick)
-            self.protocol.records.expire(time.time())
-            if time.monotonic() - last_refresh >= cfg.refresh_interval:
-                last_refresh = time.monotonic()
-                for node_id in self.protocol.get_refresh_ids():
-                    target = Node(node_id)
-                    await NodeSpiderCrawl(
-                        self.protocol, target, self._nearest(target), self.ksize, self.alpha
-                    ).find()
+            try:
+                self.protocol.records.expire(time.time())
+                if time.monotonic() - last_refresh >= cfg.refresh_interval:
+                    last_refresh = time.monotonic()
+                    for node_id in self.protocol.get_refresh_ids():
+                        target = Node(node_id)
+                        await NodeSpiderCrawl(
+                            self.protocol, target, self._nearest(target), self.ksize, self.alpha
+                        ).find()
+            except Exception as e:  # maintenance must outlive one bad round
+                self.protocol.rlog.warn(
+                    "maintenance", "dht maintenance round failed", error=f"{type(e).__name__}: {e}"
+                )
 
     def refresh_table(self, interval: int = 3600) -> None:
         """kademlia schedules orphan refresh tasks here; our _maintain owns refresh."""
@@ -405,8 +411,25 @@ class DhtNode(Server):
 
     async def announce(self, record: PeerRecord) -> AnnounceResult:
         """Store a signed record on the k closest nodes to its topic (get a
-        token from each through the lookup RPC, then store with it)."""
+        token from each through the lookup RPC, then store with it).
+
+        A re-announce within half a token lifetime reuses the nodes and tokens
+        of the previous crawl (live load updates every few seconds cost k
+        datagrams, not a crawl); if fewer than half of them accept, it crawls."""
+        cached = self._holders.get(record.topic)
+        fresh = cached is not None and time.monotonic() - cached[0] < self.config.token_rotation / 2
+        if fresh:
+            assert cached is not None
+            result = await self._put(record, cached[1])
+            if result.stored * 2 >= result.tried:
+                return result
         holders = await self._closest_holders(record.topic)
+        if len(self._holders) >= 1024:  # one entry per topic this node announces; bound it anyway
+            self._holders.pop(next(iter(self._holders)))
+        self._holders[record.topic] = (time.monotonic(), holders)
+        return await self._put(record, holders)
+
+    async def _put(self, record: PeerRecord, holders: list[tuple[Node, bytes]]) -> AnnounceResult:
         wire = record.to_wire()
         results = await asyncio.gather(*(self.protocol.call_topic_put(n, tk, wire) for n, tk in holders))
         stored = sum(1 for r in results if r)
@@ -422,6 +445,7 @@ class DhtNode(Server):
 
     async def unannounce(self, un: Unannounce) -> int:
         """Ask the closest nodes to drop the record; returns how many did."""
+        self._holders.pop(un.topic, None)
         holders = await self._closest_holders(un.topic)
         wire = un.to_wire()
         results = await asyncio.gather(*(self.protocol.call_topic_del(n, tk, wire) for n, tk in holders))

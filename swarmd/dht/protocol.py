@@ -70,6 +70,10 @@ def valid_ip(host: Any) -> bool:
     return True
 
 
+def _is_loopback(host: str) -> bool:
+    return host.startswith("127.") or host == "::1"
+
+
 def valid_port(port: Any) -> bool:
     return isinstance(port, int) and not isinstance(port, bool) and 0 < port <= 65535
 
@@ -158,6 +162,7 @@ class SwarmdProtocol(KademliaProtocol):
         self.limiter = SourceLimiter(
             config.per_source_rate, config.per_source_burst, config.max_sources_tracked
         )
+        self.ip_limiter = SourceLimiter(config.per_ip_rate, config.per_ip_burst, config.max_sources_tracked)
         self.client_mode = False
         self.closed = asyncio.get_running_loop().create_future()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -228,6 +233,9 @@ class SwarmdProtocol(KademliaProtocol):
     def _datagram(self, data: bytes, addr: tuple[str, int]) -> None:
         if len(data) > self.config.max_datagram:
             self.rlog.warn("oversized", "dropped oversized datagram", size=len(data), source=addr[0])
+            return
+        if not _is_loopback(addr[0]) and not self.ip_limiter.allow(addr[0]):
+            self.rlog.warn("flood_ip", "dropped datagram over the per-IP rate", source=addr[0])
             return
         if not self.limiter.allow(addr[:2]):
             self.rlog.warn(

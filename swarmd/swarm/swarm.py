@@ -133,6 +133,7 @@ class Swarm:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._started = False
         self._closing = False
+        self._prev_on_peer: Callable[[RpcPeer], None] | None = None
         self._log = logger.bind(component="swarm", node=identity.public_hex[:16])
 
     # -- lifecycle ---------------------------------------------------------------
@@ -150,6 +151,7 @@ class Swarm:
             self._spawn(self._admit_inbound(peer))
 
         self.server.on_peer = on_peer
+        self._prev_on_peer = prev
         if self._own_server:
             await self.server.start()
         if self.config.announce_self:
@@ -158,6 +160,8 @@ class Swarm:
     async def stop(self) -> None:
         """Withdraw announcements, close connections, cancel every task."""
         self._closing = True
+        if self._started:
+            self.server.on_peer = self._prev_on_peer  # a shared server stops feeding us peers
         leaves = [asyncio.wait_for(self.leave(t), self.config.lookup_timeout) for t in list(self._topics)]
         await asyncio.gather(*leaves, return_exceptions=True)  # best effort: records expire anyway
         for task in list(self._tasks):
