@@ -121,6 +121,7 @@ class StoreRole(Role):
         self._loop_task: asyncio.Task[None] | None = None
         self._peers: dict[str, Any] = {}  # static peers' open connections, by key
         self._records: dict[str, Any] = {}  # STORES records from the last lookup, by key
+        self._unreachable: set[str] = set()
         self._static_peers = [self._parse_peer(p) for p in self.config.peers]
         self.log = logger.bind(role="store", node=self.key[:16])
 
@@ -431,11 +432,17 @@ class StoreRole(Role):
             rows = obj.get("models", [])
             if not isinstance(rows, list) or len(rows) > MAX_STATE_ROWS:
                 raise SwarmdError(ERR_BAD_REQUEST, "storeState.models must be a list")
-            return PeerState(key, sets["have"], sets["missing"], sets["refused"], [_meta_from_wire(r) for r in rows])
+            state = PeerState(key, sets["have"], sets["missing"], sets["refused"], [_meta_from_wire(r) for r in rows])
         except (SwarmdError, OSError, TimeoutError) as e:
             self._peers.pop(key, None)
-            self.log.bind(event="store_unreachable", peer=key[:16]).info("store {} unreachable: {}", key[:16], e)
+            if key not in self._unreachable:  # one line per change, not one per round: a dead
+                self._unreachable.add(key)  # store's record lingers on STORES until it expires
+                self.log.bind(event="store_unreachable", peer=key[:16]).info("store {} unreachable: {}", key[:16], e)
             return None
+        if key in self._unreachable:
+            self._unreachable.discard(key)
+            self.log.bind(event="store_reachable", peer=key[:16]).info("store {} reachable again", key[:16])
+        return state
 
     async def replicate_once(self) -> list[Pull]:
         """One round: learn peers' state, adopt their deletions, pull what the plan gives us."""
@@ -449,6 +456,10 @@ class StoreRole(Role):
             if rows:
                 adopted += await asyncio.to_thread(core.apply_tombstones, rows)
                 local = {(m.name, m.version): m for m in core.catalog.list(include_deleted=True)}
+        if adopted:
+            self.log.bind(event="deletions_adopted", count=len(adopted)).info(
+                "adopted {} deletions made on other stores", len(adopted)
+            )
         rows = list(local.values())
         live_digests = {m.digest for m in rows if m.deleted is None}
         mine = PeerState(self.key, core.holdings(), core.missing(),
