@@ -122,6 +122,7 @@ class StoreRole(Role):
         self._peers: dict[str, Any] = {}  # static peers' open connections, by key
         self._records: dict[str, Any] = {}  # STORES records from the last lookup, by key
         self._unreachable: set[str] = set()
+        self._full_round = False
         self._static_peers = [self._parse_peer(p) for p in self.config.peers]
         self.log = logger.bind(role="store", node=self.key[:16])
 
@@ -382,10 +383,12 @@ class StoreRole(Role):
 
     async def _replicate_loop(self) -> None:
         self._peers = {}
+        timed = False  # woken rounds (upload, delete, corruption) skip the scrub: it competes with transfers
         try:
             while True:
+                timed, self._full_round = timed or self._full_round, False
                 try:
-                    if await asyncio.to_thread(self.core.scrub, self.config.scrub_per_round):
+                    if timed and await asyncio.to_thread(self.core.scrub, self.config.scrub_per_round):
                         self._wake.set()  # something rotted: the next round re-fetches it at once
                     await self._announce()
                     await self.replicate_once()
@@ -403,9 +406,11 @@ class StoreRole(Role):
                 interval = self.config.replicate_interval * (0.8 + 0.4 * random.random())
                 # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that lands as
                 # the wake-up does, and the loop would outlive stop()
+                timed = True
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(interval):
                         await self._wake.wait()
+                        timed = False
         finally:
             peers, self._peers = self._peers, {}
             for peer in peers.values():
@@ -413,7 +418,8 @@ class StoreRole(Role):
                     await peer.close()
 
     async def wait_round(self) -> None:
-        """Wait for the next replication round to finish (tests, operators)."""
+        """Run a full round now (scrub included) and wait for it to finish (tests, operators)."""
+        self._full_round = True
         self._round_done.clear()
         self._wake.set()
         await self._round_done.wait()
