@@ -109,6 +109,7 @@ class StoreRole(Role):
     def __init__(self, ctx: NodeContext) -> None:
         super().__init__(ctx)
         self.config = ctx.settings.store
+        self.config.validate()
         self.store: ModelStore | None = None
         self.key = ctx.identity.public_hex
         self._upload_locks: dict[str, tuple[asyncio.Lock, int]] = {}  # digest -> (lock, holders + waiters)
