@@ -76,17 +76,19 @@ async def test_sigkill_mid_upload_then_restart_clean(daemons: Any, tmp_path: Pat
     args = ("--role", "store", "--data-dir", str(tmp_path / "d"))
     d = daemons(*args)
     ready = await asyncio.to_thread(d.wait_event, "ready")
-    data = onnx_bytes(53, pad_floats=200_000)
+    data = onnx_bytes(53, pad_floats=1_300_000)  # ~5 MiB: more than one write batch
     digest = hashlib.sha256(data).hexdigest()
     peer = await connect(None, "127.0.0.1", ready["ports"]["rpc"],
                          remote_public_key=bytes.fromhex(ready["public_key"]), timeout=T)
     stream = await peer.open_stream("uploadModel", {"name": "k", "version": "1", "size": len(data), "sha256": digest})
-    await stream.send(data[:300_000])
+    await stream.send(data[:4_500_000])
+    have: list[int] = []
 
     async def written() -> bool:
-        return (await peer.call("uploadStatus", {"sha256": digest}, timeout=T))["received"] >= 300_000
+        have.append((await peer.call("uploadStatus", {"sha256": digest}, timeout=T))["received"])
+        return have[-1] >= 4 << 20
 
-    await until(written, "the store to write the first bytes")
+    await until(written, "the store to write the first batch")
     d.kill()
     with pytest.raises(SwarmdError):
         await stream.result()
@@ -100,12 +102,12 @@ async def test_sigkill_mid_upload_then_restart_clean(daemons: Any, tmp_path: Pat
             await peer.call("getModel", {"name": "k"}, timeout=T)
         assert e.value.code == ERR_NOT_FOUND
         assert (await peer.call("listModels", {}, timeout=T))["models"] == []
-        assert (await peer.call("uploadStatus", {"sha256": digest}, timeout=T))["received"] == 300_000
+        assert (await peer.call("uploadStatus", {"sha256": digest}, timeout=T))["received"] == have[-1]
         f = tmp_path / "k.onnx"
         f.write_bytes(data)
         first: list[int] = []
         meta = await push_file(peer, f, "k", "1", progress=lambda done, total: first.append(done), timeout=T)
-        assert first[0] == 300_000 and meta["digest"] == digest
+        assert first[0] == have[-1] and meta["digest"] == digest
     finally:
         await peer.close()
     assert d.stop() == 0  # SIGTERM: a clean, graceful stop

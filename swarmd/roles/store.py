@@ -30,7 +30,8 @@ from swarmd.store.replication import Pull, plan_replication, rows_to_adopt
 from swarmd.store.transfer import pull_stream
 from swarmd.topics import STORES, blob_topic, model_topic
 
-MAX_STATE_ROWS = 100_000  # bound on a peer's catalog we are willing to read
+MAX_STATE_ROWS = 100_000
+WRITE_BATCH = 4 << 20  # upload bytes gathered before one hash+write in a thread  # bound on a peer's catalog we are willing to read
 
 
 def _params(params: Any, allowed: set[str], required: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
@@ -298,6 +299,8 @@ class StoreRole(Role):
     async def _receive(self, ctx: Any, req: PushRequest, offset: int, stream: Any) -> ModelMeta:
         core = self.core
         up = await asyncio.to_thread(core.begin, req)
+        pending: list[bytes] = []
+        done = False
         try:
             if offset > up.offset:
                 raise SwarmdError(
@@ -307,6 +310,7 @@ class StoreRole(Role):
                     {"received": up.offset},
                 )
             skip = up.offset - offset  # bytes the client re-sends that we already have
+            pending_bytes = 0
             timeout = self.config.transfer_timeout
             while True:
                 try:
@@ -321,10 +325,20 @@ class StoreRole(Role):
                     skip -= cut
                     buf = buf[cut:]
                 if buf:
-                    up.write(buf)
+                    pending.append(buf)
+                    pending_bytes += len(buf)
+                    if pending_bytes >= WRITE_BATCH:
+                        batch, pending, pending_bytes = b"".join(pending), [], 0
+                        await _write_in_thread(up, batch)
+            batch, pending = b"".join(pending), []
+            await _write_in_thread(up, batch)
             uploader = ctx.peer.hex() if isinstance(getattr(ctx, "peer", None), bytes) else ""
+            done = True
             return await asyncio.to_thread(core.complete, up, uploader=uploader)
         finally:
+            if pending and not done:  # the client went away: keep what arrived for its resume
+                with contextlib.suppress(SwarmdError, OSError):
+                    up.write(b"".join(pending))
             up.close()
 
     # -- announcements -----------------------------------------------------------
@@ -513,6 +527,19 @@ class StoreRole(Role):
             up.close()
         self.pulled += bool(taken)
         return bool(taken)
+
+
+async def _write_in_thread(up: Any, data: bytes) -> None:
+    """Hash + write a batch in a thread (both release the GIL) while the loop decrypts what
+    follows; a cancel waits for the write, so the session is never closed under it."""
+    if not data:
+        return
+    task = asyncio.ensure_future(asyncio.to_thread(up.write, data))
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait({task})
+        raise
 
 
 ROLE = StoreRole
