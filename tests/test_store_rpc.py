@@ -100,7 +100,8 @@ async def test_interrupted_upload_resumes(node: Node, peer: Any, tmp_path: Path)
     f.write_bytes(data)
     sent: list[int] = []
     meta = await push_file(peer, f, "r", progress=lambda d, t: sent.append(d), timeout=T)
-    assert sent[0] == received  # it resumed from what the store kept
+    # it resumed from what the store kept (the bytes still in flight at the abort may land after our look)
+    assert received <= sent[0] <= 4_500_000
     assert meta["version"] == "1" and meta["size"] == len(data)
 
 
