@@ -20,7 +20,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from swarmd.errors import ERR_BAD_REQUEST, ERR_NOT_FOUND, ERR_UNAVAILABLE, SwarmdError
+from swarmd.errors import (
+    ERR_BAD_REQUEST,
+    ERR_CLOSED,
+    ERR_CORRUPT,
+    ERR_NOT_FOUND,
+    ERR_TIMEOUT,
+    ERR_UNAVAILABLE,
+    SwarmdError,
+)
 from swarmd.settings import parse_hostport
 from swarmd.store.transfer import parse_ref, pull_file, push_file
 
@@ -276,8 +284,16 @@ async def run(args: argparse.Namespace) -> int:
     if cmd == "pull":
         async with stores(args, topic=model_topic(name)) as peers:
             peer, meta = await _first(peers, "getModel", params, t)
-            await pull_file(peer, meta["digest"], args.output, size=meta["size"], progress=_bar(args, "pull"),
-                            timeout=t)
+            # the store that answered first, then the others: a corrupt or vanished copy is not the end
+            for i, p in enumerate([peer] + [q for q in peers if q is not peer]):
+                try:
+                    await pull_file(p, meta["digest"], args.output, size=meta["size"], progress=_bar(args, "pull"),
+                                    timeout=t)
+                    break
+                except SwarmdError as e:
+                    if e.code not in (ERR_CORRUPT, ERR_CLOSED, ERR_NOT_FOUND, ERR_TIMEOUT) or i == len(peers) - 1:
+                        raise
+                    print(f"swarmd: {e.code} from one store, trying another", file=sys.stderr)
         print(f"{meta['name']}:{meta['version']} -> {args.output} ({_human(meta['size'])}, sha256 verified)")
         return 0
     if cmd == "rm":

@@ -174,15 +174,24 @@ class SwarmBackend:
             params["request_id"] = request_id
         deadline = time.monotonic() + self.config.infer_timeout
         if self.fleet is not None:
+            b = self.fleet.balancer
             try:
                 res, lease = await self.fleet.route("runInference", params, model=model,
                                                     budget=self.config.infer_timeout)
             except SwarmdError as e:
-                if e.code != ERR_NOT_FOUND or not self.fleet.balancer.candidates(None):
+                if e.code not in (ERR_NOT_FOUND, ERR_UNAVAILABLE):
                     raise
-                # No worker serves it yet: any worker loads it from a store on its first request.
+                others = b.candidates(None)
+                if not others:
+                    if e.code == ERR_NOT_FOUND:
+                        raise SwarmdError(ERR_UNAVAILABLE, "no worker is available yet; retry shortly") from None
+                    raise
+                if e.code == ERR_UNAVAILABLE and len(others) <= len(b.candidates(model)):
+                    raise  # every worker that could take it has failed
+                # Nobody serves it yet, or everyone who did has failed: any other worker fetches
+                # the model from a store on its first request.
                 res, lease = await self.fleet.route("runInference", params, model=None,
-                                                    budget=self.config.infer_timeout)
+                                                    budget=max(0.1, deadline - time.monotonic()))
             return self._result(res, model, bytes.fromhex(lease.public_key))
         if self.config.route == "orchestrator":
             try:
