@@ -127,7 +127,7 @@ def test_swarmd_status_shows_the_nat_report(daemons, tmp_path) -> None:
     res = run_cli("status", "--data-dir", str(tmp_path / "n"), "--json")
     assert res.returncode == 0, res.stderr
     st = json.loads(res.stdout)
-    assert st["nat"]["nat"]["type"] in ("unknown", "public", "udp_blocked")  # a lone node has nobody to ask
+    assert st["nat"]["type"] in ("unknown", "public", "udp_blocked")  # a lone node has nobody to ask
     res = run_cli("status", "--data-dir", str(tmp_path / "n"))
     assert res.returncode == 0 and "nat " in res.stdout
     assert d.stop() == 0
