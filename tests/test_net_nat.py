@@ -62,3 +62,20 @@ async def test_detect_bounds_each_probe_and_asks_distinct_servers() -> None:
 
 def test_nobody_to_ask_is_unknown_not_blocked() -> None:
     assert classify([], LOCAL).nat_type == UNKNOWN
+
+
+def test_bad_nat_and_relay_settings_are_named(tmp_path) -> None:
+    import pytest
+
+    from swarmd.errors import ConfigError
+    from swarmd.node.config import load_settings
+    from swarmd.settings import Settings
+
+    with pytest.raises(ConfigError, match="nat.assume"):
+        load_settings(Settings, environ={"SWARMD_NAT_ASSUME": "moon"})
+    with pytest.raises(ConfigError, match="nat.signal_peers"):
+        load_settings(Settings, environ={"SWARMD_NAT_SIGNAL_PEERS": "7"})
+    with pytest.raises(ConfigError, match="relay.pair_timeout"):
+        load_settings(Settings, environ={"SWARMD_RELAY_PAIR_TIMEOUT": "0"})
+    ok = load_settings(Settings, environ={"SWARMD_NAT_ASSUME": "symmetric", "SWARMD_RELAY_MAX_CIRCUITS": "3"})
+    assert ok.nat.assume == "symmetric" and ok.relay.max_circuits == 3

@@ -26,6 +26,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from swarmd.errors import ConfigError
+
 PUBLIC = "public"
 CONE = "cone"
 SYMMETRIC = "symmetric"
@@ -54,6 +56,18 @@ class NatConfig:
     direct_timeout: float = 2.0  # bound on the direct TCP attempt when traversal can take over
     probe_max_bytes: int = 64 << 20  # largest nat.probe / nat.sink transfer (a path test, not a transport)
     assume: str = ""  # operator override of the detected type ("symmetric" forces the relay), "" = detect
+
+    def validate(self) -> None:
+        if self.assume and self.assume not in NAT_TYPES:
+            raise ConfigError(f"nat.assume must be empty or one of {', '.join(NAT_TYPES)}, got {self.assume!r}")
+        if not 1 <= self.signal_peers <= 3:
+            raise ConfigError(f"nat.signal_peers must be 1, 2 or 3, got {self.signal_peers}")
+        for name in ("stun_timeout", "redetect_interval", "signal_rate", "punch_timeout", "repunch_interval",
+                     "relay_timeout", "direct_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"nat.{name} must be a positive number of seconds, got {getattr(self, name)}")
+        if self.stun_servers < 1 or self.signal_burst < 1 or self.probe_max_bytes < 0:
+            raise ConfigError("nat.stun_servers and nat.signal_burst must be >= 1, nat.probe_max_bytes >= 0")
 
 
 @dataclass(frozen=True)

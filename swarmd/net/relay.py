@@ -38,6 +38,7 @@ from swarmd.errors import (
     ERR_RATE_LIMITED,
     ERR_TIMEOUT,
     ERR_TOO_LARGE,
+    ConfigError,
     SwarmdError,
 )
 
@@ -98,6 +99,15 @@ class RelayConfig:
     idle_timeout: float = 60.0  # a circuit with no byte either way for this long is closed
     max_bytes: int = 4 << 30  # bytes one circuit may carry (both directions together)
     announce: bool = True  # announce on the RELAYS topic so clients find us unconfigured
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"relay.port must be between 0 and 65535, got {self.port}")
+        if self.max_circuits < 1 or self.max_pending_per_source < 1 or self.max_bytes < 1:
+            raise ConfigError("relay.max_circuits, relay.max_pending_per_source and relay.max_bytes must be >= 1")
+        for name in ("pair_timeout", "hello_timeout", "idle_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"relay.{name} must be a positive number of seconds, got {getattr(self, name)}")
 
 
 class RelayProtocolError(SwarmdError):
