@@ -78,7 +78,7 @@ class Settings:
         for addr in self.node.bootstrap:
             parse_hostport(addr, what="node.bootstrap entry")
         if self.node.http is not None:
-            parse_hostport(self.node.http, what="node.http")
+            parse_hostport(self.node.http, what="node.http", listen=True)
         if self.node.swarm_secret is not None:
             try:
                 bytes.fromhex(self.node.swarm_secret)
@@ -86,10 +86,15 @@ class Settings:
                 raise ConfigError("node.swarm_secret must be hex") from None
 
 
-def parse_hostport(text: str, *, what: str) -> tuple[str, int]:
-    """'HOST:PORT' or '[v6]:PORT' -> (host, port), with a precise error."""
+def parse_hostport(text: str, *, what: str, listen: bool = False) -> tuple[str, int]:
+    """'HOST:PORT' or '[v6]:PORT' -> (host, port), with a precise error.
+
+    A listen address may say port 0 (any free port, reported in the ready event's ports),
+    as node.port does: tests and side-by-side runs then never race for a port picked in advance.
+    """
     host, sep, port_s = text.rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port_s.isdigit() or not 0 < int(port_s) <= 65535:
-        raise ConfigError(f"{what} {text!r} must look like HOST:PORT with a port from 1 to 65535")
+    low = 0 if listen else 1
+    if not sep or not host or not port_s.isdigit() or not low <= int(port_s) <= 65535:
+        raise ConfigError(f"{what} {text!r} must look like HOST:PORT with a port from {low} to 65535")
     return host, int(port_s)

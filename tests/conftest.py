@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,12 @@ def run_cli(
 
 
 class Daemon:
-    """A `swarmd` process started with the real CLI; its JSON log lines are parsed."""
+    """A `swarmd` process started with the real CLI; its JSON log lines are parsed.
+
+    A thread reads its log from the start to the end: a daemon whose pipe nobody read
+    would block on a full pipe (about 64 KiB of log) and stall mid-test, the more likely
+    the more a loaded machine makes it log (retries, timeouts).
+    """
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         self.log_path = None
@@ -49,44 +56,62 @@ class Daemon:
             cwd=str(ROOT),
         )
         self.lines: list[str] = []
+        self._fresh: queue.Queue[str | None] = queue.Queue()  # lines not yet seen by wait_event; None: EOF
+        self._reader = threading.Thread(target=self._read, name="daemon-log", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        try:
+            for line in iter(self.proc.stdout.readline, ""):
+                self.lines.append(line)
+                self._fresh.put(line)
+        finally:
+            self.proc.stdout.close()
+            self._fresh.put(None)
 
     def wait_event(self, event: str, timeout: float = 60.0) -> dict[str, Any]:
         """Read log lines until one carries `"event": event`; fail with the log if the process exits."""
         deadline = time.monotonic() + timeout
-        assert self.proc.stdout is not None
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
+        while True:
+            try:
+                line = self._fresh.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no {event!r} within {timeout}s:\n" + "".join(self.lines)) from None
+            if line is None:
+                self._fresh.put(None)  # later calls see the end too
                 raise AssertionError(
                     f"swarmd exited ({self.proc.wait()}) before {event!r}:\n" + "".join(self.lines)
                 )
-            self.lines.append(line)
             try:
                 doc = json.loads(line)
             except ValueError:
                 continue
             if doc.get("event") == event:
                 return doc
-        raise AssertionError(f"no {event!r} within {timeout}s:\n" + "".join(self.lines))
+
+    def wait_output(self, timeout: float = 30.0) -> None:
+        """After the process ended: wait until its whole log is in self.lines."""
+        self._reader.join(timeout)
 
     def stop(self, sig: int = 15, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
-            out, _ = self.proc.communicate(timeout=timeout)
+            self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            out, _ = self.proc.communicate()
-            raise AssertionError(
-                "swarmd did not stop within the bound:\n" + "".join(self.lines) + (out or "")
-            ) from None
-        self.lines.extend((out or "").splitlines(keepends=True))
+            self.proc.wait()
+            self.wait_output()
+            raise AssertionError("swarmd did not stop within the bound:\n" + "".join(self.lines)) from None
+        self.wait_output()
         return self.proc.returncode
 
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait()
+        self.proc.wait()
+        self.wait_output()
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -109,8 +134,6 @@ def daemons(request):
     yield start
     for d in started:
         d.kill()
-        if d.proc.stdout is not None and not d.proc.stdout.closed:
-            d.lines.extend(d.proc.stdout.readlines())
     rep = getattr(request.node, "rep_call", None)
     if rep is not None and rep.failed:
         for i, d in enumerate(started):

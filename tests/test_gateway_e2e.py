@@ -9,7 +9,6 @@ import importlib.util
 import inspect
 import re
 import signal
-import socket
 import time
 
 import numpy as np
@@ -34,12 +33,6 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _until(fn, what: str, timeout: float = 90.0):
     """Poll fn until it returns a truthy value: the swarm converges on its own schedule."""
     deadline = time.monotonic() + timeout
@@ -58,7 +51,6 @@ def _until(fn, what: str, timeout: float = 90.0):
 def test_gateway_orchestrator_two_workers_store_as_processes(tmp_path, daemons):
     import tritonclient.http as triton
 
-    port = _free_port()  # before any daemon binds its own ephemeral ports (--http takes no port 0)
     store = daemons("--role", "bootstrap,store", "--data-dir", str(tmp_path / "store"))
     ready = store.wait_event("ready")
     boot = f"127.0.0.1:{ready['ports']['dht']}"
@@ -66,11 +58,12 @@ def test_gateway_orchestrator_two_workers_store_as_processes(tmp_path, daemons):
     orch = daemons("--role", "orchestrator", "--data-dir", str(tmp_path / "orch"), *common)
     workers = [daemons("--role", "worker", "--data-dir", str(tmp_path / f"w{i}"), *common) for i in range(2)]
     # no access log: nobody reads the pipe after "ready", and a full pipe would stall the gateway
-    gw: Daemon = daemons("--role", "gateway", "--http", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "gw"),
+    # port 0: the gateway binds a free port and reports it (a port picked here first could be taken meanwhile)
+    gw: Daemon = daemons("--role", "gateway", "--http", "127.0.0.1:0", "--data-dir", str(tmp_path / "gw"),
                          *common, env=swarmd_env(SWARMD_GATEWAY_ACCESS_LOG="false"))
     for d in (orch, *workers):
         d.wait_event("ready")
-    gw.wait_event("ready")
+    port = gw.wait_event("ready")["ports"]["http"]
     key = re.search(r"first admin API key \(shown once, store it now\): (\S+)", "".join(gw.lines)).group(1)
 
     import http.client

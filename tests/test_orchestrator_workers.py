@@ -6,7 +6,6 @@ orchestrator, a worker is SIGKILLed mid-load, its lease runs out, it comes back 
 from __future__ import annotations
 
 import asyncio
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +18,6 @@ from bench.models import mlp_model
 from swarmd.rpc import RpcPeer, connect
 
 T = 30.0
-
-
-def drain(d: Daemon) -> None:
-    """Keep reading a daemon's log after it is ready so a full pipe never blocks it."""
-    assert d.proc.stdout is not None
-    out = d.proc.stdout
-
-    def run() -> None:
-        for _ in iter(out.readline, ""):
-            pass
-
-    threading.Thread(target=run, daemon=True).start()
 
 
 class Swarm:
@@ -47,8 +34,7 @@ class Swarm:
             args += ["--bootstrap", self.boot]
         d = Daemon(*args, env=swarmd_env(**env))
         self.daemons.append(d)
-        ready = d.wait_event("ready")
-        drain(d)
+        ready = d.wait_event("ready")  # Daemon keeps reading its log after this: a full pipe never blocks it
         return d, ready
 
     def worker(self, name: str) -> tuple[Daemon, dict[str, Any]]:

@@ -48,7 +48,7 @@ def test_processes_find_each_other_through_a_bootstrap_node(tmp_path: Path) -> N
     finally:
         for p in joins:
             p.terminate()
-            p.wait(30)
+            p.communicate(timeout=30)  # also closes its pipe
         if node is not None:
             node.stop()
         boot.stop()

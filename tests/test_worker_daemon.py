@@ -36,7 +36,7 @@ async def test_daemon_serves_and_drains_on_sigterm(daemons, tmp_path):
     finally:
         await peer.close()
     code = await asyncio.to_thread(d.proc.wait, 60)  # it exits by itself after draining
-    d.lines.extend(d.proc.stdout.readlines())
+    d.wait_output()
     assert code == 0
     ok = [r for r in results if isinstance(r, dict)]
     refused = [r for r in results if isinstance(r, SwarmdError)]

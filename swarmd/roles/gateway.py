@@ -45,7 +45,7 @@ class GatewayRole(Role):
 
     async def start(self) -> None:
         cfg = self.ctx.settings.gateway
-        host, port = parse_hostport(self.ctx.settings.node.http or DEFAULT_HTTP, what="node.http")
+        host, port = parse_hostport(self.ctx.settings.node.http or DEFAULT_HTTP, what="node.http", listen=True)
         self.keys = KeyStore(self.ctx.data_dir / "gateway" / "keys.sqlite")
         if self.keys.count_active() == 0:
             key, token = self.keys.create("admin", ["admin"])
