@@ -75,7 +75,10 @@ async def orchestrator(net: DhtTestnet, tmp: Path, **cfg: Any) -> Orchestrator:
     base = {
         "seed": 1,
         "dht_refresh": 0.1,
-        "dht_lease_ttl": 1.0,
+        # long enough that a live worker's lease outlives a few slow lookups on a loaded machine
+        # (lookup_all returns partial results when it runs out of time), short enough to watch one run out
+        "dht_lease_ttl": 3.0,
+        "announce_interval": 0.2,  # the ORCHESTRATORS payload follows what it knows quickly (default 10 s)
         "health_interval": 0.1,
         "health_timeout": 2.0,
     }
