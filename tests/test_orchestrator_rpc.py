@@ -128,7 +128,9 @@ async def test_least_connections_follows_in_flight_over_rpc(
 async def test_killed_worker_process_loses_no_request_under_load(tmp_path: Path) -> None:
     procs = [WorkerProcess.spawn() for _ in range(3)]
     # round_robin: the victim surely gets calls after it dies (p2c may starve a slow worker of them)
-    orch = await make_orch(tmp_path, policy="round_robin", eject_after=2)
+    # connect_timeout 10 s (default 2): a loaded machine can take seconds to finish a Noise handshake with
+    # a live worker process, and two such timeouts would eject it; the killed one refuses at once anyway.
+    orch = await make_orch(tmp_path, policy="round_robin", eject_after=2, connect_timeout=10.0)
     try:
         for p in procs:
             await orch.register(p)
@@ -164,8 +166,10 @@ async def test_killed_worker_process_loses_no_request_under_load(tmp_path: Path)
 async def test_hung_worker_is_ejected_traffic_moves_and_it_is_readmitted(
     tmp_path: Path, workers: list[PeerWorker]
 ) -> None:
+    # 1 s bounds: the hung worker still times out every time, and the live ones (same loaded
+    # process) answer well inside them even when the machine is busy (0.3 s was within reach of a stall)
     orch = await make_orch(
-        tmp_path, policy="round_robin", eject_after=2, attempt_timeout=0.3, health_timeout=0.3
+        tmp_path, policy="round_robin", eject_after=2, attempt_timeout=1.0, health_timeout=1.0
     )
     try:
         for w in workers:
@@ -196,16 +200,17 @@ async def test_hung_worker_is_ejected_traffic_moves_and_it_is_readmitted(
 async def test_lease_expires_when_a_worker_vanishes_without_unregistering(
     tmp_path: Path, workers: list[PeerWorker]
 ) -> None:
-    orch = await make_orch(tmp_path, health_interval=0.05, health_timeout=0.5)
+    # ttl 2 s, not 1: a renewal must come within one ttl, and a loaded machine can stall a round for a second
+    orch = await make_orch(tmp_path, health_interval=0.05, health_timeout=1.0)
     try:
-        await orch.register(workers[0], ttl=1)
-        await orch.register(workers[1], ttl=1)
+        await orch.register(workers[0], ttl=2)
+        await orch.register(workers[1], ttl=2)
         role = orch.role
-        # Passing checks renew a live worker's lease: both outlive their 1 s registration.
+        # Passing checks renew a live worker's lease: both outlive their 2 s registration.
         rounds = role.monitor.rounds
         await wait_for(lambda: role.monitor.rounds >= rounds + 2, "two check rounds")
         t0 = role.balancer.clock()
-        await wait_for(lambda: role.balancer.clock() > t0 + 1.5, "past the registration ttl")
+        await wait_for(lambda: role.balancer.clock() > t0 + 2.5, "past the registration ttl")
         assert (await orch.call("getServiceStatus", {}))["counts"]["total"] == 2
         # workers[0] vanishes without a word: checks fail, nothing renews its lease, it expires.
         await workers[0].stop()
@@ -298,9 +303,9 @@ async def test_a_socket_that_accepts_and_never_speaks_is_ejected(
         tmp_path,
         policy="round_robin",
         eject_after=2,
-        connect_timeout=0.3,
-        attempt_timeout=0.5,
-        health_timeout=0.5,
+        connect_timeout=1.0,  # the mute socket times out every time; the live worker connects well inside it
+        attempt_timeout=2.0,
+        health_timeout=1.0,
     )
     try:
         mute_key = "ab" * 32
