@@ -125,7 +125,7 @@ async def _is_alive(addr: tuple[str, int]) -> bool:
 
     transport, _ = await loop.create_datagram_endpoint(Client, remote_addr=addr)
     try:
-        for _ in range(3):  # retransmit like any UDP client
+        for _ in range(10):  # retransmit like any UDP client; up to 10 s: a loaded loop may answer late
             transport.sendto(b"\x00" + b"\x07" * 20 + msgpack.packb(["ping", [b"\x09" * 20]]))
             try:
                 await asyncio.wait_for(asyncio.shield(got), 1.0)

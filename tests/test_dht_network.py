@@ -161,7 +161,7 @@ async def test_hostile_find_node_replies_do_not_break_lookups() -> None:
         topic = topic_from_name("still works")
         ident = Identity.generate()
         await net.nodes[2].announce(record_for(ident, topic))
-        assert len(await victim.lookup_all(topic, 5)) == 1
+        assert len(await victim.lookup_all(topic, 30)) == 1  # a bound, not a wait: a loaded machine may need more than 5 s
         assert await _is_alive(victim.address)
         assert all(len(c[0]) == 20 and isinstance(c[2], int) for c in victim.contacts())
     finally:
