@@ -29,6 +29,7 @@ from swarmd.net.config import NetConfig
 from swarmd.net.loglimit import hostile
 from swarmd.net.noise import HandshakeError, NoiseSession, reject_frame
 from swarmd.node.identity import Identity
+from swarmd.node.memory import release_freed_memory
 
 
 class Pipe(Protocol):
@@ -215,6 +216,7 @@ class SecureConnection(asyncio.Protocol):
         self.error: SwarmdError | None = None
         self._refusal: str | None = None
         self._abort_handle: asyncio.TimerHandle | None = None
+        self._held_much = False  # buffers of megabytes were held for this peer at some point
         self._log = logger.bind(component="net")
 
     # -- public ------------------------------------------------------------
@@ -435,6 +437,7 @@ class SecureConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        self._held_much = True
 
     def resume_writing(self) -> None:
         self._write_paused = False
@@ -512,7 +515,8 @@ class SecureConnection(asyncio.Protocol):
                     err = _error_from_payload(payload, f"stream {cid} reset by the peer")
                     ch._fail(err)
             elif ftype == mux.PING:
-                self._queue_urgent(mux.encode(mux.PONG, 0, payload))
+                if not self._write_paused:  # a peer that does not read gets no PONGs to pile up
+                    self._queue_urgent(mux.encode(mux.PONG, 0, payload))
             elif ftype == mux.PONG:
                 pass
             elif ftype == mux.GOAWAY:
@@ -561,12 +565,42 @@ class SecureConnection(asyncio.Protocol):
                 pipe.write(self.session.seal([b"".join(urgent), b"".join(bulk)]))
             else:
                 pipe.write(self.session.seal([b"".join(bulk)]))
+            if self._write_paused:
+                self._check_write_buffer(pipe)
             return
         if not urgent:
             return
         self._urgent = []
         plaintext = urgent[0] if len(urgent) == 1 else b"".join(urgent)
         pipe.write(self.session.encrypt(plaintext))
+        if self._write_paused:
+            self._check_write_buffer(pipe)
+
+    def _check_write_buffer(self, pipe: Any) -> None:
+        """Close a connection whose peer stopped reading once what we owe it passes the cap.
+
+        Senders of bulk wait for drain() and the RPC layer holds new requests in a
+        bounded backlog, but replies the peer provokes at will (PONGs, errors) would
+        otherwise grow the pipe's buffer for as long as the peer keeps sending.
+        """
+        size = getattr(pipe, "get_write_buffer_size", None)
+        if size is None or size() <= self.config.max_write_buffer:
+            return
+        hostile.log(
+            "write buffer cap",
+            "INFO",
+            "closing connection: peer does not read what we send",
+            component="net",
+            peer=_short(self.remote_public_key),
+            buffered=size(),
+        )
+        self._teardown(
+            SwarmdError(
+                ERR_OVERLOADED,
+                f"peer does not read: {size()} bytes queued for it, the cap is {self.config.max_write_buffer}",
+            )
+        )
+        self._close_pipe()
 
     def _teardown(self, err: SwarmdError) -> None:
         if self.error is not None:
@@ -580,6 +614,12 @@ class SecureConnection(asyncio.Protocol):
             self._flush_handle = None
         self._urgent = []
         self._bulk = []
+        if len(self._decoder._buf) >= 1 << 20:
+            self._held_much = True
+        # a half-received frame can be megabytes: let it go now, not when a GC pass
+        # breaks the connection <-> peer reference cycle
+        self._decoder = mux.MuxDecoder(self.config.max_message_size)
+        self.session.discard_buffered()
         for ch in list(self._channels.values()):
             ch._fail(SwarmdError(ERR_CLOSED, f"connection closed: {err.message}"))
         self._channels.clear()
@@ -598,6 +638,9 @@ class SecureConnection(asyncio.Protocol):
                 cb(err)
             except Exception:
                 self._log.exception("on_close callback failed")
+        if self._held_much:
+            # the pipe's write buffer goes with the transport, after connection_lost
+            self._loop.call_later(0.1, release_freed_memory)
 
 
 def _error_from_payload(payload: bytes, default: str) -> SwarmdError:

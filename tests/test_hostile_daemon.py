@@ -1,0 +1,156 @@
+"""A real daemon under hostile traffic keeps serving, keeps its log short and
+does not keep the memory the traffic made it hold.
+
+The daemon is started through the CLI; the traffic (tests/hostile_traffic.py)
+is garbage UDP and a request flood on the DHT port, connections that never
+finish the handshake, half-sent frames, garbage after a handshake, and RPC
+peers that never read what the daemon answers. The RSS bound is a leak
+detector, not a timing threshold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+
+import pytest
+
+from swarmd.errors import ERR_OVERLOADED
+from swarmd.net import mux
+from swarmd.net.config import NetConfig
+from swarmd.net.tcp import dial
+from swarmd.node.identity import Identity
+from swarmd.rpc import Methods, RpcServer, connect, envelope
+from swarmd.rpc.config import RpcConfig
+from tests.conftest import run_cli
+from tests.hostile_traffic import Load, rss_mb, run_all
+
+RSS_GROWTH_BOUND_MB = 40.0
+MAX_WARNING_LINES = 80  # rate-limited: about one line per kind of rejection per second
+MAX_LOG_LINES = 300
+
+TEST_LOAD = Load(
+    garbage_udp=2000,
+    dht_flood=3000,
+    idle_tcp=150,
+    idle_hold=1.0,
+    half_frames=20,
+    garbage_after_handshake=20,
+    nonreaders=1,
+    nonreader_requests=1500,
+    nonreader_pings=50_000,
+    time_budget=10.0,
+)
+
+
+@pytest.mark.slow
+async def test_daemon_survives_hostile_traffic(daemons, tmp_path):
+    d = daemons("--role", "bootstrap", "--data-dir", str(tmp_path / "node"))
+    ready = await asyncio.to_thread(d.wait_event, "ready")
+    # read the daemon's log continuously: a flood of lines must never block it on a full pipe
+    reader = asyncio.ensure_future(asyncio.to_thread(d.proc.stdout.read))
+    pid, key = ready["pid"], bytes.fromhex(ready["public_key"])
+    rpc_port, dht_port = ready["ports"]["rpc"], ready["ports"]["dht"]
+    before = rss_mb(pid)
+
+    did = await asyncio.wait_for(run_all(rpc_port, dht_port, key, TEST_LOAD), 120)
+    assert did["garbage_datagrams"] > 0 and did["flood_requests"] > 0 and did["idle_connections"] > 0
+    assert did["half_frame_connections"] > 0 and did["garbage_connections"] > 0
+
+    # still serving: an RPC connect, and the operator's CLI through the DHT
+    peer = await connect(None, "127.0.0.1", rpc_port, remote_public_key=key, timeout=30)
+    try:
+        assert await peer.call("ping", timeout=30) == "pong"
+    finally:
+        await peer.close()
+    cli = await asyncio.to_thread(
+        run_cli, "call", key.hex(), "ping", "--bootstrap", f"127.0.0.1:{dht_port}", "--timeout", "20"
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout) == "pong"
+
+    after = rss_mb(pid)
+    assert after - before <= RSS_GROWTH_BOUND_MB, (before, after, did)
+
+    d.proc.terminate()
+    assert await asyncio.to_thread(d.proc.wait, 30) == 0
+    log = "".join(d.lines) + await asyncio.wait_for(reader, 30)
+    lines = log.splitlines()
+    assert not any("Traceback" in line for line in lines), log[-5000:]
+    warnings = [line for line in lines if '"level": "WARNING"' in line or '"level": "ERROR"' in line]
+    assert len(warnings) <= MAX_WARNING_LINES, "\n".join(warnings[-50:])
+    assert len(lines) <= MAX_LOG_LINES, "\n".join(lines[-50:])
+
+
+async def _nonreading_server(max_write_buffer: int) -> RpcServer:
+    cfg = RpcConfig(net=NetConfig(max_write_buffer=max_write_buffer))
+    server = RpcServer(Identity.generate(), Methods(), config=cfg)
+    await server.start()
+    return server
+
+
+async def test_peer_that_does_not_read_errors_is_cut_off():
+    """Error replies a peer provokes at will (stream calls of an unknown method) are
+    not held back by the request backlog; the write cap closes the connection."""
+    server = await _nonreading_server(256 << 10)
+    try:
+        c = await dial(Identity.generate(), "127.0.0.1", server.port,
+                       remote_public_key=server.identity.public_key, timeout=30)  # fmt: skip
+        c._pipe.pause_reading()
+        closed = None
+        for i in range(200):  # at most 200 * 200 calls * ~330 bytes of errors owed: far past the cap
+            for j in range(200):
+                n = i * 200 + j
+                c.send_message(envelope.request(n + 1, "x" * 256, None, 60_000, 2 * n + 1))
+            await asyncio.sleep(0)
+            if not server.peers:
+                break
+            if c._write_paused:
+                await asyncio.wait_for(c.drain(), 30)
+        peers = list(server.peers)
+        for p in peers:  # the server must have closed its side for the overloading peer
+            closed = await asyncio.wait_for(asyncio.shield(p.conn.closed), 30)
+        assert not peers or closed.code == ERR_OVERLOADED
+        assert not server.peers
+        c._pipe.abort()
+    finally:
+        await server.stop()
+
+
+async def test_pings_from_a_peer_that_does_not_read_are_not_answered():
+    server = RpcServer(Identity.generate(), Methods())
+    await server.start()
+    try:
+        c = await dial(Identity.generate(), "127.0.0.1", server.port,
+                       remote_public_key=server.identity.public_key, timeout=30)  # fmt: skip
+        c._pipe.pause_reading()
+        (peer,) = server.peers
+        sconn = peer.conn
+        batch = mux.encode(mux.PING, 0, b"p" * mux.MAX_PING_PAYLOAD) * 1000
+        sent = 0
+        # until the server's pipe is paused, then as much again: no PONG may be queued meanwhile
+        while sent < 200_000 and not sconn.write_paused:
+            c._queue_bulk(batch, b"")
+            sent += 1000
+            await asyncio.wait_for(c.drain(), 30)
+            await asyncio.sleep(0)
+        assert sconn.write_paused, "the server's pipe never filled"
+        held = sconn._pipe.get_write_buffer_size()
+        for _ in range(100):
+            c._queue_bulk(batch, b"")
+            await asyncio.wait_for(c.drain(), 30)
+            await asyncio.sleep(0)
+        assert sconn._pipe.get_write_buffer_size() <= held + len(batch), "PONGs piled up"
+        c._pipe.abort()
+    finally:
+        await server.stop()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="glibc/Linux only")
+def test_release_freed_memory_runs_and_is_rate_limited(monkeypatch):
+    from swarmd.node import memory
+
+    monkeypatch.setattr(memory, "_last", -1e18)
+    assert memory.release_freed_memory(min_interval=3600) is True
+    assert memory.release_freed_memory(min_interval=3600) is False
