@@ -49,12 +49,17 @@ def build_digits_model(path: Path) -> None:
     from skl2onnx.common.data_types import FloatTensorType
     from sklearn.datasets import load_digits
     from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
 
     x, y = load_digits(return_X_y=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        clf = LogisticRegression(max_iter=3000).fit(x.astype("float32"), y)
-        onx = to_onnx(clf, initial_types=[("input", FloatTensorType([None, 64]))],
+        # scaled pixels converge in ~30 iterations instead of thousands (seconds instead of ~20 s
+        # on a busy 2-core box); the scaler is part of the ONNX graph, so inputs stay raw 0..16
+        clf = LogisticRegression(max_iter=1000)
+        pipe = make_pipeline(StandardScaler(), clf).fit(x.astype("float32"), y)
+        onx = to_onnx(pipe, initial_types=[("input", FloatTensorType([None, 64]))],
                       options={id(clf): {"zipmap": False}}, target_opset=17)
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(onx.SerializeToString())
