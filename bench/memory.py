@@ -281,6 +281,9 @@ async def hostile_figures(roles: str = "bootstrap") -> dict[str, Any]:
 
 
 async def main() -> None:
+    from loguru import logger
+
+    logger.remove()  # our own hostile clients log every hang-up; the daemons' logs are theirs
     figures: dict[str, Any] = {}
     bare = [bare_python() for _ in range(RUNS)]
     figures["bare_python_start_s"] = statistics.median(t for t, _ in bare)

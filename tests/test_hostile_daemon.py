@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -154,3 +155,15 @@ def test_release_freed_memory_runs_and_is_rate_limited(monkeypatch):
     monkeypatch.setattr(memory, "_last", -1e18)
     assert memory.release_freed_memory(min_interval=3600) is True
     assert memory.release_freed_memory(min_interval=3600) is False
+
+
+HEAVY = ("numpy", "onnxruntime", "onnx", "aiohttp", "aiortc", "aioice", "fastapi", "uvicorn", "sklearn")
+
+
+def test_bootstrap_node_loads_no_heavy_package(daemons, tmp_path):
+    """A DHT-only node must not pay for numpy, onnxruntime, aiohttp or aiortc (DESIGN: lazy imports)."""
+    d = daemons("--role", "bootstrap", "--data-dir", str(tmp_path / "node"))
+    ready = d.wait_event("ready")
+    maps = Path(f"/proc/{ready['pid']}/maps").read_text()
+    loaded = [name for name in HEAVY if f"/site-packages/{name}/" in maps]
+    assert loaded == [], f"a bootstrap node mapped {loaded}: some module imports them at start"
