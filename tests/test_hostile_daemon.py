@@ -157,7 +157,27 @@ def test_release_freed_memory_runs_and_is_rate_limited(monkeypatch):
     assert memory.release_freed_memory(min_interval=3600) is False
 
 
-HEAVY = ("numpy", "onnxruntime", "onnx", "aiohttp", "aiortc", "aioice", "fastapi", "uvicorn", "sklearn")
+async def test_release_requests_coalesce_into_one_trim(monkeypatch):
+    from swarmd.node import memory
+
+    loop = asyncio.get_running_loop()
+    runs: list[float] = []
+    ran = loop.create_future()
+
+    def fake_release(min_interval: float) -> None:
+        runs.append(min_interval)
+        if not ran.done():
+            ran.set_result(None)
+
+    monkeypatch.setattr(memory, "_last", -1e18)
+    monkeypatch.setattr(memory, "release_freed_memory", fake_release)
+    for _ in range(50):  # all made before the timer can fire: one trim serves them all
+        memory.release_freed_memory_soon(loop, delay=0.01)
+    await asyncio.wait_for(ran, 30)
+    assert len(runs) == 1 and memory._pending is None
+
+
+HEAVY_PACKAGES = ("numpy", "onnxruntime", "onnx", "aiohttp", "aiortc", "aioice", "fastapi", "uvicorn", "sklearn")
 
 
 def test_bootstrap_node_loads_no_heavy_package(daemons, tmp_path):
@@ -165,5 +185,5 @@ def test_bootstrap_node_loads_no_heavy_package(daemons, tmp_path):
     d = daemons("--role", "bootstrap", "--data-dir", str(tmp_path / "node"))
     ready = d.wait_event("ready")
     maps = Path(f"/proc/{ready['pid']}/maps").read_text()
-    loaded = [name for name in HEAVY if f"/site-packages/{name}/" in maps]
+    loaded = [name for name in HEAVY_PACKAGES if f"/site-packages/{name}/" in maps]
     assert loaded == [], f"a bootstrap node mapped {loaded}: some module imports them at start"

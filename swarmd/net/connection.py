@@ -29,7 +29,7 @@ from swarmd.net.config import NetConfig
 from swarmd.net.loglimit import hostile
 from swarmd.net.noise import HandshakeError, NoiseSession, reject_frame
 from swarmd.node.identity import Identity
-from swarmd.node.memory import release_freed_memory
+from swarmd.node.memory import release_freed_memory_soon
 
 
 class Pipe(Protocol):
@@ -640,7 +640,7 @@ class SecureConnection(asyncio.Protocol):
                 self._log.exception("on_close callback failed")
         if self._held_much:
             # the pipe's write buffer goes with the transport, after connection_lost
-            self._loop.call_later(0.1, release_freed_memory)
+            release_freed_memory_soon(self._loop)
 
 
 def _error_from_payload(payload: bytes, default: str) -> SwarmdError:
