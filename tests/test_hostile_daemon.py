@@ -15,6 +15,7 @@ import json
 import os
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from swarmd.errors import ERR_OVERLOADED
@@ -187,3 +188,29 @@ def test_bootstrap_node_loads_no_heavy_package(daemons, tmp_path):
     maps = Path(f"/proc/{ready['pid']}/maps").read_text()
     loaded = [name for name in HEAVY_PACKAGES if f"/site-packages/{name}/" in maps]
     assert loaded == [], f"a bootstrap node mapped {loaded}: some module imports them at start"
+
+
+async def test_goaway_reasons_neither_flood_nor_bloat_the_log():
+    """A peer picks a GOAWAY's code and reason and can reconnect at will: one line per period, bounded."""
+    from loguru import logger
+
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="INFO", format="{message} {extra}")
+    server = RpcServer(Identity.generate(), Methods())
+    await server.start()
+    try:
+        for i in range(30):
+            c = await dial(Identity.generate(), "127.0.0.1", server.port,
+                           remote_public_key=server.identity.public_key, timeout=30)  # fmt: skip
+            (peer,) = [p for p in server.peers if not p.conn.is_closed]
+            reason = {"code": f"ERR_{i}", "message": "y" * 100_000}
+            c._pipe.write(c.session.encrypt(mux.encode(mux.GOAWAY, 0, msgpack.packb(reason))))
+            err = await asyncio.wait_for(asyncio.shield(peer.conn.closed), 30)
+            assert len(err.message) < 200
+            c._pipe.abort()
+    finally:
+        await server.stop()
+        logger.remove(sink)
+    goaway = [line for line in lines if "peer closed the connection" in line]
+    assert len(goaway) <= 1, len(goaway)
+    assert all(len(line) < 2000 for line in lines), max(len(line) for line in lines)

@@ -521,9 +521,20 @@ class SecureConnection(asyncio.Protocol):
                 pass
             elif ftype == mux.GOAWAY:
                 err = _error_from_payload(payload, "peer closed the connection")
-                self._log.bind(peer=_short(self.remote_public_key), code=err.code, reason=err.message).log(
-                    "DEBUG" if err.code == ERR_CLOSED else "INFO", "peer closed the connection"
-                )
+                if err.code == ERR_CLOSED:
+                    self._log.bind(peer=_short(self.remote_public_key), reason=err.message).debug(
+                        "peer closed the connection"
+                    )
+                else:  # the peer picks code and reason, and may connect again and again
+                    hostile.log(
+                        "goaway",
+                        "INFO",
+                        "peer closed the connection",
+                        component="net",
+                        peer=_short(self.remote_public_key),
+                        code=err.code,
+                        reason=err.message,
+                    )
                 self._teardown(
                     err if err.code != ERR_CLOSED else SwarmdError(ERR_CLOSED, f"peer closed: {err.message}")
                 )
@@ -643,11 +654,19 @@ class SecureConnection(asyncio.Protocol):
             release_freed_memory_soon(self._loop)
 
 
+MAX_REASON = 4096  # bytes of a GOAWAY/RESET reason we read; it ends up in errors and log lines
+
+
 def _error_from_payload(payload: bytes, default: str) -> SwarmdError:
     if not payload:
         return SwarmdError(ERR_CLOSED, default)
+    if len(payload) > MAX_REASON:
+        return SwarmdError(ERR_PROTOCOL, f"{default} (a reason of {len(payload)} bytes, not read)")
     try:
         obj = msgpack.unpackb(payload, raw=False)
     except Exception:
         return SwarmdError(ERR_PROTOCOL, f"{default} (unreadable reason)")
-    return SwarmdError.from_wire(obj)
+    err = SwarmdError.from_wire(obj)
+    if len(err.code) > 64:
+        return SwarmdError(ERR_PROTOCOL, f"{default} (an error code of {len(err.code)} characters)")
+    return err
