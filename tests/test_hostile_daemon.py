@@ -214,3 +214,43 @@ async def test_goaway_reasons_neither_flood_nor_bloat_the_log():
     goaway = [line for line in lines if "peer closed the connection" in line]
     assert len(goaway) <= 1, len(goaway)
     assert all(len(line) < 2000 for line in lines), max(len(line) for line in lines)
+
+
+async def _until(cond, timeout: float = 30.0) -> None:
+    """Poll a condition of the in-process server (no event exists for 'bytes arrived')."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
+
+async def test_half_received_frames_are_capped_across_connections():
+    """Each peer may hold one large frame half-sent; together they stay under max_partial_total."""
+    from swarmd.net import connection
+
+    base = connection._partial.total
+    cfg = RpcConfig(net=NetConfig(max_partial_total=base + (4 << 20)))
+    server = RpcServer(Identity.generate(), Methods(), config=cfg)
+    await server.start()
+    clients, closed = [], []
+    part = mux.HEADER.pack(mux.MSG, 0, 4 << 20) + b"z" * (1536 << 10)  # 1.5 MiB of a 4 MiB frame
+    try:
+        for _ in range(6):
+            known = set(server.peers)
+            c = await dial(Identity.generate(), "127.0.0.1", server.port,
+                           remote_public_key=server.identity.public_key, timeout=30)  # fmt: skip
+            clients.append(c)
+            (speer,) = set(server.peers) - known  # accepted before our handshake completed
+            c._pipe.write(c.session.encrypt(part))
+            await _until(lambda p=speer: p.conn.is_closed or p.conn._partial_held == len(part))
+            closed.append(speer.conn.error.code if speer.conn.is_closed else None)
+        assert closed == [None, None] + [ERR_OVERLOADED] * 4, closed
+        assert connection._partial.total == base + 2 * len(part)
+    finally:
+        for c in clients:
+            if c._pipe is not None:
+                c._pipe.abort()
+        await _until(lambda: not server.peers)
+        await server.stop()
+    assert connection._partial.total == base, "accounting drifted"

@@ -32,6 +32,15 @@ from swarmd.node.identity import Identity
 from swarmd.node.memory import release_freed_memory_soon
 
 
+class _PartialFrames:
+    """Bytes of half-received frames held by all connections of this process."""
+
+    total = 0
+
+
+_partial = _PartialFrames()
+
+
 class Pipe(Protocol):
     """The byte pipe a secure connection runs over."""
 
@@ -217,6 +226,7 @@ class SecureConnection(asyncio.Protocol):
         self._refusal: str | None = None
         self._abort_handle: asyncio.TimerHandle | None = None
         self._held_much = False  # buffers of megabytes were held for this peer at some point
+        self._partial_held = 0  # bytes of a half-received frame counted in _partial.total
         self._log = logger.bind(component="net")
 
     # -- public ------------------------------------------------------------
@@ -371,6 +381,8 @@ class SecureConnection(asyncio.Protocol):
                             self._dispatch(decoder.feed(plain))
                 finally:
                     self._in_receive = False
+                if (decoder._buf or self._partial_held) and self.error is None:
+                    self._account_partial(len(decoder._buf))
                 if self._urgent or self._bulk:
                     self._flush()
         except HandshakeError as e:
@@ -397,6 +409,34 @@ class SecureConnection(asyncio.Protocol):
                 reason=e.message,
             )
             self.close(e)
+
+    def _account_partial(self, held: int) -> None:
+        """Keep the process-wide total of half-received frames under its cap.
+
+        One connection may hold a frame of up to max_message_size while it
+        arrives, but thousands of peers each stopping in the middle of a large
+        frame would add up without bound: past the cap, a connection holding a
+        large partial frame is closed instead of growing the total.
+        """
+        _partial.total += held - self._partial_held
+        self._partial_held = held
+        if held >= 1 << 20 and _partial.total > self.config.max_partial_total:
+            hostile.log(
+                "partial frames cap",
+                "INFO",
+                "closing connection: half-received frames over the process cap",
+                component="net",
+                peer=_short(self.remote_public_key),
+                held=held,
+                total=_partial.total,
+            )
+            self.close(
+                SwarmdError(
+                    ERR_OVERLOADED,
+                    f"too much half-received data on this node ({_partial.total} bytes); "
+                    f"this connection held {held}",
+                )
+            )
 
     def _close_pipe(self) -> None:
         """Close the pipe; abort it when the peer does not read what is left to flush.
@@ -627,6 +667,8 @@ class SecureConnection(asyncio.Protocol):
         self._bulk = []
         if len(self._decoder._buf) >= 1 << 20:
             self._held_much = True
+        _partial.total -= self._partial_held
+        self._partial_held = 0
         # a half-received frame can be megabytes: let it go now, not when a GC pass
         # breaks the connection <-> peer reference cycle
         self._decoder = mux.MuxDecoder(self.config.max_message_size)
