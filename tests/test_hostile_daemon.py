@@ -48,13 +48,24 @@ TEST_LOAD = Load(
 
 @pytest.mark.slow
 async def test_daemon_survives_hostile_traffic(daemons, tmp_path):
-    d = daemons("--role", "bootstrap", "--data-dir", str(tmp_path / "node"))
+    config = tmp_path / "swarmd.toml"
+    config.write_text("[rpc.net]\nhandshake_timeout = 1.0\n")
+    d = daemons("--role", "bootstrap", "--data-dir", str(tmp_path / "node"), "--config", str(config))
     ready = await asyncio.to_thread(d.wait_event, "ready")
     # read the daemon's log continuously: a flood of lines must never block it on a full pipe
     reader = asyncio.ensure_future(asyncio.to_thread(d.proc.stdout.read))
     pid, key = ready["pid"], bytes.fromhex(ready["public_key"])
     rpc_port, dht_port = ready["ports"]["rpc"], ready["ports"]["dht"]
     before = rss_mb(pid)
+
+    # half-open handshakes: the daemon hangs up on its own after handshake_timeout
+    silent = [await asyncio.open_connection("127.0.0.1", rpc_port) for _ in range(20)]
+    try:
+        for r, _w in silent:
+            assert await asyncio.wait_for(r.read(), 30) == b""
+    finally:
+        for _r, w in silent:
+            w.transport.abort()
 
     did = await asyncio.wait_for(run_all(rpc_port, dht_port, key, TEST_LOAD), 120)
     assert did["garbage_datagrams"] > 0 and did["flood_requests"] > 0 and did["idle_connections"] > 0
