@@ -350,7 +350,7 @@ async def main() -> None:
     row("hostile: RSS before", figures["hostile_rss_before_mb"], "MB", "", "")
     row("hostile: RSS after 2 rounds", figures["hostile_rss_after_round2_mb"], "MB", "", "")
     row("hostile: growth", figures["hostile_growth_mb"], "MB", "", "<= 20 MB")
-    row("hostile: peak RSS sampled during rounds", figures["hostile_rss_peak_sampled_mb"], "MB", "", "")
+    row("hostile: RSS right after a round (unsettled)", figures["hostile_rss_peak_sampled_mb"], "MB", "", "")
     row("hostile: non-readers cut off by the daemon", str(figures["load_nonreader_cut_off"]), "", "", "True")
     row("hostile: warning lines / tracebacks",
         f"{figures['hostile_warning_lines']}/{figures['hostile_tracebacks']}", "", "", "bounded / 0")  # fmt: skip
