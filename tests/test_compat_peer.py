@@ -180,6 +180,53 @@ async def test_stream_call_with_credit_flow_control(node: Node) -> None:
         await conn.close()
 
 
+async def test_stream_cancel_and_deadline(node: Node) -> None:
+    conn = await mp.connect("127.0.0.1", node.rpc, mp.Identity(), node.public_key)
+    try:
+        # cancel: no answer, the channel is RESET with ERR_CANCELLED
+        rid, ch = await conn.open_stream("nat.sink", None, 30_000)
+        conn.send_mux(mp.MSG, ch, b"x" * 100)
+        await conn.cancel(rid)
+        await conn.stream_ended(ch)
+        assert conn.resets[ch]["code"] == "ERR_CANCELLED"
+        # deadline: a handler still running at timeout_ms is answered ERR_TIMEOUT
+        rid, ch = await conn.open_stream("nat.sink", None, 200)
+        with pytest.raises(mp.PeerError) as err:
+            await conn.answer(rid)
+        assert err.value.code == "ERR_TIMEOUT"
+        await conn.stream_ended(ch)
+        assert conn.resets[ch]["code"] == "ERR_TIMEOUT"
+        # a plain call of a stream method
+        with pytest.raises(mp.PeerError) as err:
+            await conn.call("nat.sink")
+        assert err.value.code == "ERR_BAD_REQUEST"
+        assert await conn.call("ping") == "pong"
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        # a tensor whose byte count does not match its dims
+        (mp.MSG, 0, msgpack.packb([0, 5, "ping", msgpack.ExtType(1, b"\x03<f4\x01" + (5).to_bytes(8, "little") + b"\0" * 4), 1000, 0])),
+        (mp.MSG, 0, msgpack.packb([0, 5, "ping", msgpack.ExtType(2, b"x"), 1000, 0])),  # unknown ext type
+        (9, 0, b""),  # unknown mux frame type
+        (mp.CREDIT, 0, b"\0\0\0\1"),  # control frame on the wrong channel
+    ],
+    ids=["tensor-size", "ext-type", "mux-type", "credit-on-0"],
+)
+async def test_protocol_errors_goaway(node: Node, frame: tuple[int, int, bytes]) -> None:
+    conn = await mp.connect("127.0.0.1", node.rpc, mp.Identity(), node.public_key)
+    try:
+        conn.send_mux(*frame)
+        await conn.writer.drain()
+        await asyncio.wait_for(conn.closed.wait(), 30)
+        assert conn.goaway is not None and conn.goaway["code"] == "ERR_PROTOCOL"
+    finally:
+        await conn.close()
+
+
 async def test_daemon_calls_our_method(node: Node) -> None:
     """Calls go both ways: A asks the daemon to signal B (`nat.signal`), the daemon
     calls `nat.connect` served by B and returns B's answer to A."""
@@ -276,6 +323,28 @@ async def test_dht_announce_seen_by_real_cli(node: Node, tmp_path: Path) -> None
     ]
 
 
+async def test_dht_unannounce(node: Node) -> None:
+    me = mp.Identity()
+    dht = mp.DhtClient(me, client_mode=True)
+    await dht.start()
+    topic = mp.topic_from_name("compat/" + os.urandom(4).hex())
+    try:
+        token = (await dht.topic_get(node.dht_addr, topic))["tk"]
+        rec = mp.make_record(me, topic, [("127.0.0.1", 1)], {})
+        assert rec["p"] == msgpack.packb({}) or rec["p"] == b""
+        assert await dht.topic_put(node.dht_addr, token, rec) == {"ok": True}
+        assert len((await dht.topic_get(node.dht_addr, topic))["r"]) == 1
+        un = {"t": topic, "k": me.public_key, "s": rec["s"]}
+        forged = dict(un, g=mp.Identity().sign(mp.unannounce_signing_bytes(un)))
+        refused = await dht.request(node.dht_addr, "topic_del", token, forged)
+        assert refused["ok"] is False and refused["code"] == "ERR_FORBIDDEN"
+        un["g"] = me.sign(mp.unannounce_signing_bytes(un))
+        assert await dht.request(node.dht_addr, "topic_del", token, un) == {"ok": True, "removed": True}
+        assert "r" not in await dht.topic_get(node.dht_addr, topic)
+    finally:
+        dht.close()
+
+
 async def test_stun_binding_on_dht_port(node: Node) -> None:
     dht = mp.DhtClient(mp.Identity(), client_mode=True)
     await dht.start()
@@ -285,3 +354,47 @@ async def test_stun_binding_on_dht_port(node: Node) -> None:
         assert await dht.ping(node.dht_addr) == mp.node_id(node.public_key)
     finally:
         dht.close()
+
+
+# ------------------------------------------------------------------ byte-for-byte cross-checks
+# The only place swarmd itself is imported: the doc-derived encoders must
+# produce the very bytes swarmd produces, for any input.
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.extra import numpy as hnp  # noqa: E402
+
+from swarmd.dht.records import signing_bytes, topic_from_name  # noqa: E402
+from swarmd.rpc import codec  # noqa: E402
+
+_DTYPES = st.sampled_from(["<f4", "<f8", "<f2", "|i1", "<i8", "<u2", "|b1", "|u1", ">i4"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(hnp.arrays(_DTYPES, hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5)))
+def test_tensor_encoding_matches_swarmd(arr: np.ndarray) -> None:
+    ours = mp.pack({"x": arr})
+    assert ours == codec.packb({"x": arr})
+    back = codec.unpackb(ours)["x"]
+    assert back.dtype == arr.dtype and back.shape == arr.shape
+    assert back.tobytes() == arr.tobytes()
+    mine = mp.unpack(codec.packb({"x": arr}))["x"]
+    assert mine.dtype == arr.dtype and mine.tobytes() == arr.tobytes()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    name=st.text(max_size=40),
+    addrs=st.lists(st.tuples(st.ip_addresses().map(str), st.integers(1, 65535)), max_size=8),
+    payload=st.binary(max_size=64),
+    seq=st.integers(0, 2**63 - 1),
+    expiry=st.integers(0, 2**63 - 1),
+)
+def test_record_signing_bytes_match_swarmd(
+    name: str, addrs: list[tuple[str, int]], payload: bytes, seq: int, expiry: int
+) -> None:
+    topic = mp.topic_from_name(name)
+    assert topic == topic_from_name(name)
+    pk = bytes(range(32))
+    rec = {"t": topic, "k": pk, "a": [list(a) for a in addrs], "p": payload, "s": seq, "e": expiry}
+    assert mp.record_signing_bytes(rec) == signing_bytes(topic, pk, tuple(addrs), payload, seq, expiry)

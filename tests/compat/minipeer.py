@@ -116,7 +116,7 @@ def _ext_default(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         if obj.dtype.hasobject:
             raise TypeError("object arrays are not allowed")
-        arr = np.ascontiguousarray(obj)
+        arr = obj if obj.flags.c_contiguous else obj.copy(order="C")  # keeps 0-d arrays 0-d
         dt = arr.dtype.str.encode("ascii")
         head = bytes([len(dt)]) + dt + bytes([arr.ndim])
         head += b"".join(struct.pack("<Q", d) for d in arr.shape)
@@ -195,6 +195,7 @@ class Connection:
         self._stream_rx: dict[int, asyncio.Queue[bytes | None]] = {}
         self.pongs: asyncio.Queue[bytes] = asyncio.Queue()
         self.goaway: dict[str, Any] | None = None
+        self.resets: dict[int, Any] = {}  # channel -> error object of a RESET received
         self.credit_frames = 0  # CREDIT frames received (flow control seen working)
         self.calls_received: list[str] = []  # methods the remote side called on us
         self.closed = asyncio.Event()
@@ -206,7 +207,7 @@ class Connection:
         for i in range(0, len(data), MAX_PLAINTEXT):
             self.writer.write(_frame(self.noise.encrypt(data[i : i + MAX_PLAINTEXT])))
 
-    def send_mux(self, ftype: int, channel: int, payload: bytes = b"") -> None:
+    def send_mux(self, ftype: int, channel: int, payload: bytes | bytearray = b"") -> None:
         self._send_plain(struct.pack(">BII", ftype, channel, len(payload)) + payload)
 
     async def _read_loop(self) -> None:
@@ -248,6 +249,8 @@ class Connection:
                 self._send_credit[channel] += struct.unpack(">I", payload)[0]
                 self._credit_event[channel].set()
         elif ftype in (END, RESET):
+            if ftype == RESET:
+                self.resets[channel] = unpack(payload) if payload else None
             q = self._stream_rx.get(channel)
             if q is not None:
                 q.put_nowait(None)
@@ -310,6 +313,36 @@ class Connection:
         self.send_mux(MSG, 0, pack(envelope))
         await self.writer.drain()
         return None if fut is None else await asyncio.wait_for(fut, timeout)
+
+    async def open_stream(self, method: str, params: Any, timeout_ms: int | None) -> tuple[int, int]:
+        """Start a stream call and return (request id, channel) without sending data."""
+        channel = self._next_channel
+        self._next_channel += 2
+        self._send_credit[channel] = INITIAL_CREDIT
+        self._credit_event[channel] = asyncio.Event()
+        self._stream_rx[channel] = asyncio.Queue()
+        rid = self._next_id
+        self._next_id += 1
+        self._calls[rid] = asyncio.get_running_loop().create_future()
+        self.send_mux(MSG, 0, pack([REQUEST, rid, method, params, timeout_ms, channel]))
+        await self.writer.drain()
+        return rid, channel
+
+    async def cancel(self, rid: int) -> None:
+        """Give up on a call (§5 cancel): no answer will come for it."""
+        self._calls.pop(rid, None)
+        self.send_mux(MSG, 0, pack([CANCEL, rid]))
+        await self.writer.drain()
+
+    async def answer(self, rid: int, timeout: float = 10.0) -> Any:
+        return await asyncio.wait_for(self._calls[rid], timeout)
+
+    async def stream_ended(self, channel: int, timeout: float = 10.0) -> None:
+        """Wait for END or RESET from the remote side on ``channel``."""
+        q = self._stream_rx[channel]
+        async with asyncio.timeout(timeout):
+            while await q.get() is not None:
+                pass
 
     async def call_stream(
         self, method: str, params: Any, data: bytes, timeout: float = 20.0
@@ -449,6 +482,10 @@ def record_signing_bytes(rec: dict[str, Any]) -> bytes:
         out += bytes([len(ipb)]) + ipb + struct.pack(">H", port)
     out += struct.pack(">I", len(rec["p"])) + rec["p"]
     return bytes(out)
+
+
+def unannounce_signing_bytes(un: dict[str, Any]) -> bytes:
+    return b"swarmd/unannounce/v1\x00" + un["t"] + un["k"] + struct.pack(">Q", un["s"])
 
 
 def make_record(
