@@ -39,6 +39,11 @@ class Pipe(Protocol):
     def close(self) -> None: ...
 
 
+_HEADER_PACK = mux.HEADER.pack
+_HEADER_UNPACK = mux.HEADER.unpack_from
+_MUX_HEADER_SIZE = mux.HEADER_SIZE
+
+
 def _short(key: bytes | None) -> str:
     return key.hex()[:16] if key else "?"
 
@@ -237,17 +242,26 @@ class SecureConnection(asyncio.Protocol):
 
         Frames queued in one loop iteration share one flush (one AEAD operation,
         one write). `now=True` writes at once, which saves a loop iteration for a
-        lone call; inside data_received the flush at its end is used instead.
+        lone call: when nothing else is queued the frame is sealed and written
+        directly; inside data_received the flush at its end is used instead.
         """
         if self.error is not None:
             raise self.error
-        self._urgent.append(mux.HEADER.pack(mux.MSG, 0, len(payload)))
-        self._urgent.append(payload)
-        if self._in_receive:
-            return
-        if now:
+        header = _HEADER_PACK(mux.MSG, 0, len(payload))
+        urgent = self._urgent
+        if now and not self._in_receive:
+            if not urgent and not self._bulk:
+                pipe = self._pipe
+                if pipe is not None and self.session.established:
+                    pipe.write(self.session.encrypt(header + payload))
+                    return
+            urgent.append(header)
+            urgent.append(payload)
             self._flush()
-        elif self._flush_handle is None:
+            return
+        urgent.append(header)
+        urgent.append(payload)
+        if self._flush_handle is None and not self._in_receive:
             self._flush_handle = self._loop.call_soon(self._flush)
 
     def open_channel(self) -> Channel:
@@ -353,20 +367,20 @@ class SecureConnection(asyncio.Protocol):
                 self._in_receive = True
                 try:
                     decoder = self._decoder
+                    on_message = self.on_message
                     for plain in plaintexts:
                         # fast path: a message that is exactly one channel-0 MSG (a call, an answer)
-                        if (
-                            not decoder._buf
-                            and len(plain) > mux.HEADER_SIZE
-                            and plain[0] == mux.MSG
-                            and plain[1:5] == b"\0\0\0\0"
-                            and int.from_bytes(plain[5:9], "big") == len(plain) - mux.HEADER_SIZE
-                            and self.on_message is not None
-                            and len(plain) <= decoder.max_frame
-                        ):
-                            self.on_message(plain[mux.HEADER_SIZE :])
-                        else:
-                            self._dispatch(decoder.feed(plain))
+                        if not decoder._buf and len(plain) > _MUX_HEADER_SIZE and on_message is not None:
+                            ftype, cid, n = _HEADER_UNPACK(plain)
+                            if (
+                                ftype == 0  # MSG
+                                and cid == 0
+                                and n == len(plain) - _MUX_HEADER_SIZE
+                                and n <= decoder.max_frame
+                            ):
+                                on_message(plain[_MUX_HEADER_SIZE:])
+                                continue
+                        self._dispatch(decoder.feed(plain))
                 finally:
                     self._in_receive = False
                 if self._urgent or self._bulk:
