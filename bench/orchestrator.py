@@ -101,6 +101,32 @@ def spawn(role: str, data_dir: Path, **env: str) -> tuple[subprocess.Popen[str],
 
 # -- measuring ------------------------------------------------------------------
 
+FLEET_SIZES = (2, 10, 100)
+
+
+def decision_cost(balancer: Any, n: int) -> float:
+    """µs per request of the decision core alone: choose, begin, success."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        lease = balancer.choose("mlp")
+        balancer.succeeded(lease.public_key, balancer.begin(lease.public_key))
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def policy_costs() -> dict[str, dict[str, float]]:
+    from swarmd.orchestrator.balancer import Balancer
+    from swarmd.orchestrator.policies import POLICIES
+
+    out: dict[str, dict[str, float]] = {}
+    for name in POLICIES:
+        out[name] = {}
+        for size in FLEET_SIZES:
+            b = Balancer(OrchestratorConfig(policy=name, seed=1))  # type: ignore[arg-type]
+            for i in range(size):
+                b.admit(WorkerAd(f"{i:064x}", ["mlp"], addresses=[("127.0.0.1", 1)]), source="rpc", ttl=3600)
+            out[name][str(size)] = round(decision_cost(b, 20_000), 2)
+    return out
+
 
 async def measure(paths: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Interleave the paths in short blocks so drift on a shared machine hits them all alike."""
@@ -206,12 +232,8 @@ async def main() -> None:
         async def via_orch(x: np.ndarray) -> Any:
             return await orch.call("routeInferenceRequest", params(x), timeout=T)
 
-        decide_n = 200_000
-        t0 = time.perf_counter()
-        for _ in range(decide_n):
-            lease = fleet.balancer.choose("mlp")
-            fleet.balancer.succeeded(lease.public_key, fleet.balancer.begin(lease.public_key))
-        decision_us = (time.perf_counter() - t0) / decide_n * 1e6
+        decision_us = decision_cost(fleet.balancer, 100_000)
+        per_policy = policy_costs()
 
         try:
             results = await measure(
@@ -225,6 +247,10 @@ async def main() -> None:
         )
         print("one `swarmd --role orchestrator` daemon, policy p2c, loopback TCP+Noise")
         print(f"decision core alone (choose + begin + success): {decision_us:.2f} us/request")
+        print("decision cost by policy and fleet size (us/request):")
+        print(f"{'policy':<19}" + "".join(f"{n:>9} w" for n in FLEET_SIZES))
+        for name, costs in per_policy.items():
+            print(f"{name:<19}" + "".join(f"{costs[str(n)]:>11.2f}" for n in FLEET_SIZES))
         print(f"{'path':<13}{'p50 us':>10}{'p99 us':>10}{'+p50 us':>10}{'req/s@32':>11}{'vs direct':>11}")
         for name, r in results.items():
             print(
@@ -242,6 +268,7 @@ async def main() -> None:
                 {
                     "bench": "orchestrator",
                     "decision_us": round(decision_us, 3),
+                    "decision_us_by_policy": per_policy,
                     "paths": results,
                     "overhead_p50_us": {
                         k: round(v["p50_us"] - base["p50_us"], 1) for k, v in results.items()

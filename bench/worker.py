@@ -173,7 +173,7 @@ def rpc_cases(blob: bytes, secs: float) -> tuple[list[tuple[str, int, float, flo
             f.write(blob)
         for mode in MODES:
             child = subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), "--serve", path, "--mode", mode],
+                [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py"), "--serve", path, "--mode", mode],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             )
             try:

@@ -109,7 +109,7 @@ def daemons(request):
     yield start
     for d in started:
         d.kill()
-        if d.proc.stdout is not None:
+        if d.proc.stdout is not None and not d.proc.stdout.closed:
             d.lines.extend(d.proc.stdout.readlines())
     rep = getattr(request.node, "rep_call", None)
     if rep is not None and rep.failed:

@@ -91,3 +91,13 @@ async def test_tick_sweeps_expired_leases() -> None:
     assert expired == [KEYS[1], KEYS[2]]
     assert [lease.public_key for lease in b.registry] == [KEYS[0]]
     assert {k for k, _ in answers.asked} == {KEYS[0]}  # expired workers are not checked
+
+
+async def test_a_passing_check_renews_the_lease_and_a_failing_one_does_not() -> None:
+    b, mon, answers, clock, expired = setup()
+    answers.hung.add(KEYS[0])
+    for _ in range(3):
+        clock.t += 6  # lease_ttl is 10: only checks keep the leases alive
+        await mon.tick()
+    assert expired == [KEYS[0]]
+    assert {lease.public_key for lease in b.registry} == {KEYS[1], KEYS[2]}

@@ -52,6 +52,9 @@ async def test_register_find_route_and_report(tmp_path: Path, workers: list[Peer
         assert Counter(o["worker"] for o in outs) == {w.public_hex: 2 for w in workers}
         assert [w.served for w in workers] == [2, 2, 2]
 
+        page = await orch.call("getServiceStatus", {"limit": 2, "offset": 1})
+        assert page["workers_total"] == 3
+        assert [w["public_key"] for w in page["workers"]] == sorted(w.public_hex for w in workers)[1:3]
         status = await orch.call("getServiceStatus", {})
         assert status["counts"]["routable"] == 3 and status["models"] == {
             "mlp": {"workers": 3, "routable": 3}
@@ -193,12 +196,19 @@ async def test_hung_worker_is_ejected_traffic_moves_and_it_is_readmitted(
 async def test_lease_expires_when_a_worker_vanishes_without_unregistering(
     tmp_path: Path, workers: list[PeerWorker]
 ) -> None:
-    orch = await make_orch(tmp_path, health_interval=0.05)
+    orch = await make_orch(tmp_path, health_interval=0.05, health_timeout=0.5)
     try:
         await orch.register(workers[0], ttl=1)
-        await orch.register(workers[1])
-        assert (await orch.call("getServiceStatus", {}))["counts"]["total"] == 2
+        await orch.register(workers[1], ttl=1)
         role = orch.role
+        # Passing checks renew a live worker's lease: both outlive their 1 s registration.
+        rounds = role.monitor.rounds
+        await wait_for(lambda: role.monitor.rounds >= rounds + 2, "two check rounds")
+        t0 = role.balancer.clock()
+        await wait_for(lambda: role.balancer.clock() > t0 + 1.5, "past the registration ttl")
+        assert (await orch.call("getServiceStatus", {}))["counts"]["total"] == 2
+        # workers[0] vanishes without a word: checks fail, nothing renews its lease, it expires.
+        await workers[0].stop()
 
         def expired() -> bool:
             return workers[0].public_hex not in role.balancer.registry
@@ -271,3 +281,42 @@ async def test_route_unloaded_off_keeps_unknown_models_not_found(
         assert workers[0].served == 0
     finally:
         await orch.stop()
+
+
+async def test_a_socket_that_accepts_and_never_speaks_is_ejected(
+    tmp_path: Path, workers: list[PeerWorker]
+) -> None:
+    """Hung below RPC: TCP accepts, the Noise handshake never completes."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # keep it open, say nothing
+
+    silent = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    orch = await make_orch(
+        tmp_path,
+        policy="round_robin",
+        eject_after=2,
+        connect_timeout=0.3,
+        attempt_timeout=0.5,
+        health_timeout=0.5,
+    )
+    try:
+        mute_key = "ab" * 32
+        await orch.call(
+            "registerWorker", {"public_key": mute_key, "models": ["mlp"], "host": "127.0.0.1", "port": port}
+        )
+        await orch.register(workers[0])
+        outs = [await orch.infer(i) for i in range(4)]
+        assert {o["worker"] for o in outs} == {workers[0].public_hex}
+        await orch.call("healthCheck", {"refresh": True})
+        health = await orch.call("healthCheck", {})
+        assert health["workers"][mute_key]["healthy"] is False
+        assert health["workers"][mute_key]["last_error"] == "ERR_TIMEOUT"
+    finally:
+        await orch.stop()
+        for w in held:
+            w.close()
+        silent.close()
+        await silent.wait_closed()

@@ -404,3 +404,35 @@ async def test_model_count_is_bounded(engine_factory):
     assert info.value.code == ERR_OVERLOADED and "max_models" in info.value.message
     await e.unload("a")
     await e.load("c", "1", two_output_model())
+
+
+def test_batchable_needs_one_named_batch_dim():
+    from swarmd.worker.signature import ModelSignature, TensorSpec
+
+    def sig(in0, out0, out_shape=(-1, 3)):
+        return ModelSignature((TensorSpec("x", "float32", (-1, 3), in0),), (TensorSpec("y", "float32", out_shape, out0),))
+
+    assert sig("batch", "batch").batchable
+    assert sig(None, None).batchable  # unnamed dynamic dims (e.g. skl2onnx): assumed to be the batch
+    assert sig("batch", None).batchable
+    assert not sig("batch", "n_found").batchable  # another quantity that happens to be dynamic
+    assert not sig("batch", "batch", (3,)).batchable
+
+
+async def test_nonzero_style_output_is_not_batched(engine_factory):
+    from onnx import TensorProto, helper
+
+    # y = indices of the non-zero entries of x: its first dim is not the batch.
+    graph = helper.make_graph(
+        [helper.make_node("NonZero", ["x"], ["nz"]), helper.make_node("Transpose", ["nz"], ["y"])],
+        "nz",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.INT64, ["found", 2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    e = engine_factory()
+    m = await e.load("nz", "1", model.SerializeToString())
+    assert not m.policy.enabled
+    r = await e.infer("nz", {"x": np.array([[1, 0], [0, 1]], np.float32)})
+    np.testing.assert_array_equal(r.outputs["y"], [[0, 0], [1, 1]])

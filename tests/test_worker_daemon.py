@@ -35,8 +35,8 @@ async def test_daemon_serves_and_drains_on_sigterm(daemons, tmp_path):
         results = await asyncio.gather(*calls, return_exceptions=True)
     finally:
         await peer.close()
-    await asyncio.to_thread(d.proc.wait, 60)  # it exits by itself after draining (a 2nd SIGTERM could race its exit)
-    code = await asyncio.to_thread(d.stop)
+    code = await asyncio.to_thread(d.proc.wait, 60)  # it exits by itself after draining
+    d.lines.extend(d.proc.stdout.readlines())
     assert code == 0
     ok = [r for r in results if isinstance(r, dict)]
     refused = [r for r in results if isinstance(r, SwarmdError)]

@@ -115,3 +115,73 @@ async def test_colocated_store_blob_used_in_place(net, tmp_path):
     finally:
         await store_role.stop()
         await store.stop()
+
+
+async def test_corrupt_store_blob_is_refused_then_fetched_from_a_good_store(net, tmp_path):
+    blob = mlp_model(MLP, seed=9)
+    digest = hashlib.sha256(blob).hexdigest()
+    bad, bad_role = await start_store(net, tmp_path / "bad", {"m:1": blob})
+    path = bad_role.core.blobs.path(digest)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # rots on disk after it was stored and announced
+    path.write_bytes(bytes(data))
+    wnode = await SwarmNode(net, tmp_path / "w").start()
+    worker = WorkerRole(wnode.ctx)
+    good = good_role = None
+    try:
+        await worker.start()
+        await wait_for_record(wnode.swarm, blob_topic(digest), bad.identity.public_key)
+        with pytest.raises(SwarmdError) as info:
+            await worker.load_model(None, {"model": "m"})
+        assert "ERR_CORRUPT" in info.value.message
+        assert worker.cache.used() == 0 and list(worker.cache.tmp_dir.iterdir()) == []  # nothing half-written kept
+        good, good_role = await start_store(net, tmp_path / "good", {"m:1": blob})
+        await wait_for_record(wnode.swarm, blob_topic(digest), good.identity.public_key)
+        desc = await worker.load_model(None, {"model": "m"})
+        assert desc["digest"] == digest and worker.cache.get(digest).read_bytes() == blob
+    finally:
+        await worker.stop()
+        await wnode.stop()
+        for role, node in ((bad_role, bad), (good_role, good)):
+            if role is not None:
+                await role.stop()
+                await node.stop()
+
+
+async def test_preload_at_start_and_missing_preload_is_not_fatal(net, tmp_path):
+    blob = mlp_model(MLP, seed=6)
+    store, store_role = await start_store(net, tmp_path, {"pre:3": blob})
+    try:
+        store.ctx.settings.worker = WorkerConfig(preload=["pre:3", "absent"])
+        worker = WorkerRole(store.ctx)
+        await worker.start()  # "absent" is logged and skipped; it may appear in a store later
+        try:
+            assert [(m.name, m.version) for m in worker.engine.models()] == [("pre", "3")]
+            assert worker.engine.state.value == "ONLINE"
+        finally:
+            await worker.stop()
+    finally:
+        await store_role.stop()
+        await store.stop()
+
+
+async def test_download_resumes_from_an_offset(net, tmp_path):
+    """A transfer cut short goes on from the bytes already received (here: half, written beforehand)."""
+    blob = mlp_model((64, 256, 4), seed=7)
+    digest = hashlib.sha256(blob).hexdigest()
+    store, store_role = await start_store(net, tmp_path / "s", {"r:1": blob})
+    wnode = await SwarmNode(net, tmp_path / "w").start()
+    worker = WorkerRole(wnode.ctx)
+    try:
+        await worker.start()
+        writer = worker.cache.writer(digest, len(blob))
+        half = len(blob) // 2
+        writer.write(blob[:half])
+        await worker.fetcher._pull(store.identity.public_key, digest, writer)
+        assert writer.received == len(blob)
+        assert writer.commit().read_bytes() == blob
+    finally:
+        await worker.stop()
+        await wnode.stop()
+        await store_role.stop()
+        await store.stop()

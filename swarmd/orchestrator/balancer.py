@@ -42,6 +42,10 @@ class _Views(Sequence[Candidate]):
             c = self._built[i] = self._make(self._leases[i])
         return c
 
+    def keys(self) -> list[str]:
+        """The candidates' keys without building their views (round-robin needs nothing else)."""
+        return [lease.public_key for lease in self._leases]
+
 
 class Balancer:
     def __init__(
@@ -195,7 +199,8 @@ class Balancer:
         self.stats.abandon(public_key)
 
     def check_passed(self, public_key: str, info: dict[str, Any] | None = None) -> bool:
-        """An active check answered. Updates the worker's own state and load; True when re-admitted.
+        """An active check answered. Renews the lease, updates the worker's own state and load;
+        True when re-admitted.
 
         A worker that answers but reports it is not accepting (draining, loading)
         is not a health failure: its state keeps it out of routing instead.
@@ -207,6 +212,7 @@ class Balancer:
                 self.registry.set_state(public_key, state, load or None)
             elif info.get("accepting") is False:
                 self.registry.set_state(public_key, DRAINING, load or None)
+        self.registry.renew(public_key)  # a live worker keeps its lease without re-registering
         readmitted = self.health.check_passed(public_key)
         if readmitted:
             self.readmissions += 1

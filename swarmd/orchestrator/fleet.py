@@ -97,6 +97,7 @@ class Fleet:
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        await self.monitor.close()
         await self.connections.close()
 
     # -- routing ----------------------------------------------------------------

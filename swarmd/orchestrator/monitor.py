@@ -10,6 +10,7 @@ only does the asking.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -37,6 +38,7 @@ class HealthMonitor:
         self.call = call
         self.on_expired = on_expired
         self.rounds = 0
+        self._shared: asyncio.Future[None] | None = None
         self.log = logger.bind(part="health")
 
     async def run(self) -> None:
@@ -44,6 +46,21 @@ class HealthMonitor:
         while True:
             await self.tick()
             await asyncio.sleep(interval)
+
+    async def tick_shared(self) -> None:
+        """A round now, shared by every caller that asks while one runs (healthCheck {refresh}),
+        so a burst of requests costs one round of checks, not one each."""
+        if self._shared is None or self._shared.done():
+            self._shared = asyncio.ensure_future(self.tick())
+        await asyncio.shield(self._shared)
+
+    async def close(self) -> None:
+        """Cancel a shared round still running (its owner is this monitor, not the caller)."""
+        shared, self._shared = self._shared, None
+        if shared is not None and not shared.done():
+            shared.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await shared
 
     async def tick(self) -> None:
         """One round: sweep expired leases, check every worker once."""

@@ -7,6 +7,7 @@ so a test can drive thousands of choices and look at the distribution.
 
 from __future__ import annotations
 
+import bisect
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -56,14 +57,16 @@ class RoundRobin(Policy):
 
     def choose_index(self, candidates: Sequence[Candidate]) -> int:
         self._require(candidates)
-        keys = [candidates[i].public_key for i in range(len(candidates))]
-        order = sorted(range(len(keys)), key=keys.__getitem__)
+        keys_of = getattr(candidates, "keys", None)
+        keys: list[str] = keys_of() if callable(keys_of) else [c.public_key for c in candidates]
+        if any(keys[i] > keys[i + 1] for i in range(len(keys) - 1)):
+            order = sorted(range(len(keys)), key=keys.__getitem__)
+        else:
+            order = list(range(len(keys)))  # the registry hands them over in key order already
         pick = order[0]
         if self._last is not None:
-            for i in order:
-                if keys[i] > self._last:
-                    pick = i
-                    break
+            at = bisect.bisect_right([keys[i] for i in order], self._last)
+            pick = order[at] if at < len(order) else order[0]
         self._last = keys[pick]
         return pick
 

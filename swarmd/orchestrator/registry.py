@@ -35,6 +35,7 @@ class WorkerLease:
     load: dict[str, Any] = field(default_factory=dict)  # last load the worker reported
     registered_at: float = 0.0
     reported_busy: int = 0  # in_flight + queue from `load`, precomputed for the hot path
+    ttl: float = 30.0  # the lease length last granted, reused when a passing health check renews it
 
     def __post_init__(self) -> None:
         self.set_load(self.load)
@@ -89,7 +90,8 @@ class Registry:
     ) -> WorkerLease:
         """Create or renew a lease. Renewal replaces what the worker serves and pushes expiry out."""
         now = self.clock()
-        expires = now + (self.ttl if ttl is None else ttl)
+        ttl = self.ttl if ttl is None else ttl
+        expires = now + ttl
         old = self._leases.get(public_key)
         lease = WorkerLease(
             public_key=public_key,
@@ -102,6 +104,7 @@ class Registry:
             sources={source},
             load=dict(load or {}),
             registered_at=now,
+            ttl=ttl,
         )
         if old is not None:
             self._unindex(old)
@@ -125,6 +128,15 @@ class Registry:
             return False
         self._unindex(lease)
         self._version += 1
+        return True
+
+    def renew(self, public_key: str) -> bool:
+        """Push an unexpired lease out by its own ttl: the worker just proved it is alive."""
+        lease = self._leases.get(public_key)
+        now = self.clock()
+        if lease is None or lease.expires_at <= now:
+            return False
+        lease.expires_at = max(lease.expires_at, now + lease.ttl)
         return True
 
     def set_state(self, public_key: str, state: str, load: dict[str, Any] | None = None) -> None:

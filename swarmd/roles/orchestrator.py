@@ -25,6 +25,19 @@ from swarmd.roles.base import NodeContext, Role
 from swarmd.topics import ORCHESTRATORS
 
 DEADLINE_MARGIN = 0.05  # answer a routed call this long before the caller stops waiting
+MAX_PAGE = 500  # workers listed per status answer: bounded however large the fleet
+
+
+def _page(params: Any) -> tuple[int, int]:
+    """(limit, offset) from optional params; out-of-range values are clamped, not refused."""
+    limit, offset = MAX_PAGE, 0
+    if isinstance(params, dict):
+        lim, off = params.get("limit"), params.get("offset")
+        if isinstance(lim, int) and not isinstance(lim, bool):
+            limit = min(max(lim, 0), MAX_PAGE)
+        if isinstance(off, int) and not isinstance(off, bool):
+            offset = max(off, 0)
+    return limit, offset
 
 
 class OrchestratorRole(Role):
@@ -171,9 +184,14 @@ class OrchestratorRole(Role):
         return {"result": result, "worker": lease.public_key}
 
     async def get_service_status(self, ctx: Any, params: Any) -> dict[str, Any]:
+        """Counts, models and a page of workers ({"limit": n, "offset": n}; at most MAX_PAGE per answer)."""
+        limit, offset = _page(params)
         b = self.balancer
         now = b.clock()
-        workers = [b.worker_view(lease) for lease in b.registry if lease.expires_at > now]
+        live = sorted(
+            (lease for lease in b.registry if lease.expires_at > now), key=lambda lease: lease.public_key
+        )
+        workers = [b.worker_view(lease) for lease in live[offset : offset + limit]]
         models: dict[str, dict[str, int]] = {}
         for name in b.registry.models():
             models[name] = {
@@ -188,6 +206,7 @@ class OrchestratorRole(Role):
             "counts": self._counts(),
             "models": models,
             "workers": workers,
+            "workers_total": len(live),
             "health_rounds": self.monitor.rounds,
         }
 
@@ -197,16 +216,16 @@ class OrchestratorRole(Role):
     async def health_check(self, ctx: Any, params: Any) -> dict[str, Any]:
         """This orchestrator's health; {"refresh": true} checks every worker now instead of reporting the last round."""
         if isinstance(params, dict) and params.get("refresh") is True:
-            await self.monitor.tick()
+            await self.monitor.tick_shared()
+        limit, offset = _page(params)
         counts = self._counts()
         status = "ok" if counts["routable"] else ("degraded" if counts["total"] else "idle")
         b = self.balancer
+        leases = sorted(b.registry, key=lambda lease: lease.public_key)[offset : offset + limit]
         return {
             "status": status,
             **counts,
-            "workers": {
-                lease.public_key: b.health.record(lease.public_key).to_dict() for lease in b.registry
-            },
+            "workers": {lease.public_key: b.health.record(lease.public_key).to_dict() for lease in leases},
         }
 
     # -- helpers --------------------------------------------------------------

@@ -56,7 +56,9 @@ class WorkerRole(Role):
         self.engine = InferenceEngine(self.config)
         self.cache = ModelCache(ctx.data_dir / "worker" / "cache", self.config.cache_bytes)
         self.fetcher = (
-            ModelFetcher(ctx.swarm, self.cache, self.config, local_blob=self._colocated_blob)
+            ModelFetcher(
+                ctx.swarm, self.cache, self.config, local_blob=self._colocated_blob, local_meta=self._colocated_meta
+            )
             if ctx.swarm is not None
             else None
         )
@@ -65,6 +67,7 @@ class WorkerRole(Role):
             name, version, path = parse_local_model(spec)
             self.local[(name, version)] = Path(path).expanduser()
         self._ensuring: dict[tuple[str, str | None], asyncio.Future[ServedModel]] = {}
+        self._load_tasks: set[asyncio.Task[Any]] = set()  # spawned on ctx.tasks; cancelled and awaited on stop
         self._topics: dict[str, dict[str, Any]] = {}  # joined topic -> last payload
         self._announce_now = asyncio.Event()
         self._announcer: asyncio.Task[Any] | None = None
@@ -109,8 +112,10 @@ class WorkerRole(Role):
                 self._announcer.cancel()
                 await asyncio.gather(self._announcer, return_exceptions=True)
                 self._announcer = None
-            for job in list(self._ensuring.values()):
-                job.cancel()
+            loads = list(self._load_tasks)
+            for task in loads:
+                task.cancel()
+            await asyncio.gather(*loads, return_exceptions=True)
             await self._withdraw()
             await self.engine.close()
 
@@ -125,7 +130,7 @@ class WorkerRole(Role):
         return {
             "state": "DRAINING" if self.engine.state is WorkerState.STOPPED else self.engine.state.value,
             "models": sorted({m.name for m in self.engine.models()}),
-            "load": self.engine.snapshot().to_wire(),
+            "load": {**self.engine.snapshot().to_wire(), "max_concurrent": self.config.max_concurrent_inferences},
         }
 
     async def sync_announcements(self) -> None:
@@ -138,35 +143,48 @@ class WorkerRole(Role):
         timeout = self.config.store_timeout
         for topic in sorted(wanted):
             try:
-                if topic not in self._topics:
-                    await asyncio.wait_for(swarm.join(topic, announce=True, lookup=False, payload=payload), timeout)
-                elif self._topics[topic] != payload:
-                    await asyncio.wait_for(swarm.update(topic, payload), timeout)
+                async with asyncio.timeout(timeout):
+                    if topic not in self._topics:
+                        await swarm.join(topic, announce=True, lookup=False, payload=payload)
+                    elif self._topics[topic] != payload:
+                        await swarm.update(topic, payload)
                 self._topics[topic] = payload
             except (SwarmdError, TimeoutError) as e:
                 self.log.bind(event="announce_failed", topic=topic).warning("announcing on {} failed: {!r}", topic, e)
         for topic in [t for t in self._topics if t not in wanted]:
             with contextlib.suppress(SwarmdError, TimeoutError):
-                await asyncio.wait_for(swarm.leave(topic), timeout)
+                async with asyncio.timeout(timeout):
+                    await swarm.leave(topic)
             self._topics.pop(topic, None)
 
     async def _withdraw(self) -> None:
         swarm = self.ctx.swarm
         for topic in list(self._topics):
             try:
-                await asyncio.wait_for(swarm.leave(topic), self.config.store_timeout)
+                async with asyncio.timeout(self.config.store_timeout):
+                    await swarm.leave(topic)
             except (SwarmdError, TimeoutError) as e:
                 self.log.bind(event="withdraw_failed", topic=topic).warning("leaving {} failed: {!r}", topic, e)
             self._topics.pop(topic, None)
 
     async def _announce_loop(self) -> None:
+        # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that lands as the
+        # event fires, and this loop would then outlive stop().
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._announce_now.wait(), self.config.announce_interval)
+                async with asyncio.timeout(self.config.announce_interval):
+                    await self._announce_now.wait()
             self._announce_now.clear()
             await self.sync_announcements()
 
     # -- models ---------------------------------------------------------------
+
+    async def _colocated_meta(self, params: dict[str, Any]) -> Any:
+        """getModel on a store role running in this process; ERR_NOT_FOUND when there is none."""
+        get_model = getattr(self.ctx.role("store"), "get_model", None)
+        if get_model is None:
+            raise SwarmdError(ERR_NOT_FOUND, "no store in this process")
+        return await get_model(None, params)
 
     async def _colocated_blob(self, digest: str) -> Path | None:
         """The verified blob in a store role running in this process (StoreRole.blob_path), if it has it."""
@@ -196,7 +214,9 @@ class WorkerRole(Role):
         if job is None:
             job = asyncio.get_running_loop().create_future()
             self._ensuring[key] = job
-            self.ctx.tasks.spawn(self._ensure_job(name, version, job), name=f"worker-load-{name}")
+            task = self.ctx.tasks.spawn(self._ensure_job(name, version, job), name=f"worker-load-{name}")
+            self._load_tasks.add(task)
+            task.add_done_callback(self._load_tasks.discard)
         return await asyncio.shield(job)
 
     async def _ensure_job(self, name: str, version: str | None, job: asyncio.Future[ServedModel]) -> None:
@@ -248,7 +268,7 @@ class WorkerRole(Role):
         served = self.engine.get(model, version)
         if served is None and self.engine.state in (WorkerState.JOINING, WorkerState.ONLINE):
             wait = budget if budget is not None else self.config.default_timeout
-            try:
+            try:  # wait_for, not asyncio.timeout: the RPC layer runs a handler's first step outside a task
                 served = await asyncio.wait_for(self.ensure(model, version), max(wait, 0.0))
             except TimeoutError:
                 raise SwarmdError(ERR_NOT_READY, f"model '{model}' is still loading; retry shortly") from None

@@ -257,7 +257,7 @@ class InferenceEngine:
         loop = asyncio.get_running_loop()
         now = loop.time()
         budget = self.config.default_timeout if budget is None else budget
-        if budget <= 0:
+        if not budget > 0:  # also NaN
             raise SwarmdError(ERR_TIMEOUT, "the request's deadline passed before it reached the worker")
         fut: asyncio.Future[list[np.ndarray]] = loop.create_future()
         p = Pending(feeds, names, rows, now + budget, now, fut, request_id=request_id)
@@ -477,7 +477,8 @@ class InferenceEngine:
         self.stop_accepting()
         self.log.bind(event="draining", queued=self.queued, in_flight=self.in_flight).info("draining")
         try:
-            await asyncio.wait_for(self._idle.wait(), grace if grace is not None else self.config.drain_timeout)
+            async with asyncio.timeout(grace if grace is not None else self.config.drain_timeout):
+                await self._idle.wait()
             return True
         except TimeoutError:
             self.log.bind(event="drain_timeout", queued=self.queued, in_flight=self.in_flight).warning(

@@ -59,12 +59,14 @@ class ModelFetcher:
         cache: ModelCache,
         config: WorkerConfig,
         local_blob: Callable[[str], Awaitable[Path | None]] | None = None,
+        local_meta: Callable[[dict[str, Any]], Awaitable[Any]] | None = None,
     ) -> None:
         self.swarm = swarm
         self.cache = cache
         self.config = config
         # A store in this same process: its verified blob is used in place, no copy, no socket.
         self.local_blob = local_blob
+        self.local_meta = local_meta  # that store's getModel, asked first: no lookup, no race with its announce
         self._downloads: dict[str, asyncio.Future[Path]] = {}
         # Versions are immutable, so a (name, version) once resolved needs no store again: a model
         # unloaded and loaded later comes straight from the cache even if every store is gone.
@@ -72,7 +74,8 @@ class ModelFetcher:
         self.log = logger.bind(part="worker-fetch")
 
     async def _stores(self, topic: str) -> list[bytes]:
-        records = await asyncio.wait_for(self.swarm.lookup_all(topic), self.config.store_timeout)
+        async with asyncio.timeout(self.config.store_timeout):
+            records = await self.swarm.lookup_all(topic)
         keys = [_record_key(r) for r in records]
         random.shuffle(keys)  # spread load across stores holding the same thing
         return keys
@@ -81,20 +84,27 @@ class ModelFetcher:
         """Model metadata from the first store that answers; ERR_NOT_FOUND if none has it."""
         if version not in (None, "", "latest") and (name, version) in self._known:
             return self._known[(name, version)]
-        stores = await self._stores(model_topic(name))
-        if not stores:
-            raise SwarmdError(ERR_NOT_FOUND, f"no store announces model '{name}'")
         params: dict[str, Any] = {"name": name}
         if version not in (None, "", "latest"):
             params["version"] = version
+        if self.local_meta is not None:
+            try:
+                meta = check_metadata(await self.local_meta(params), name)
+                self._remember(name, meta)
+                return meta
+            except SwarmdError as e:
+                if e.code != ERR_NOT_FOUND:
+                    raise
+        stores = await self._stores(model_topic(name))
+        if not stores:
+            raise SwarmdError(ERR_NOT_FOUND, f"no store announces model '{name}'")
         last: SwarmdError | None = None
         for key in stores:
             try:
                 meta = check_metadata(
                     await self.swarm.request(key, "getModel", params, timeout=self.config.store_timeout), name
                 )
-                if len(self._known) < 4096:
-                    self._known[(name, meta["version"])] = meta
+                self._remember(name, meta)
                 return meta
             except SwarmdError as e:
                 last = e
@@ -104,6 +114,10 @@ class ModelFetcher:
         if last.code == ERR_NOT_FOUND:
             raise SwarmdError(ERR_NOT_FOUND, f"model '{name}'{f' version {version!r}' if version else ''} not found in any store")
         raise SwarmdError(ERR_UNAVAILABLE, f"no store could resolve model '{name}': {last.code}: {last.message}")
+
+    def _remember(self, name: str, meta: dict[str, Any]) -> None:
+        if len(self._known) < 4096:
+            self._known[(name, meta["version"])] = meta
 
     async def fetch(self, meta: dict[str, Any]) -> Path:
         """The verified blob for `meta` in the cache, downloading it once if missing."""
@@ -120,7 +134,8 @@ class ModelFetcher:
         fut: asyncio.Future[Path] = asyncio.get_running_loop().create_future()
         self._downloads[digest] = fut
         try:
-            path = await asyncio.wait_for(self._download(digest, size), self.config.fetch_timeout)
+            async with asyncio.timeout(self.config.fetch_timeout):
+                path = await self._download(digest, size)
             fut.set_result(path)
             return path
         except TimeoutError:
@@ -154,7 +169,8 @@ class ModelFetcher:
                     last = e
                     self.log.bind(event="blob_fetch_failed", store=key.hex()[:16], code=e.code,
                                   received=writer.received).warning("download from store failed: {}", e.message)
-                    if e.code == ERR_CORRUPT:  # the whole blob was wrong: start over from the next store
+                    if e.code == ERR_CORRUPT:  # what we have may be wrong: start over from the next store
+                        writer.abort()
                         writer = self.cache.writer(digest, size)
             assert last is not None
             raise SwarmdError(ERR_UNAVAILABLE, f"no store delivered blob {digest[:16]}: {last.code}: {last.message}")
@@ -169,16 +185,19 @@ class ModelFetcher:
             raise SwarmdError(ERR_TIMEOUT, f"store {key.hex()[:16]} stalled sending blob {digest[:16]}") from None
 
     async def _pull_from(self, key: bytes, digest: str, writer: Any) -> None:
-        peer = await asyncio.wait_for(self.swarm.connect(key), self.config.store_timeout)
+        async with asyncio.timeout(self.config.store_timeout):
+            peer = await self.swarm.connect(key)
         stream = await peer.open_stream(
             "downloadBlob", {"digest": digest, "offset": writer.received}, timeout=self.config.fetch_timeout
         )
         async with stream:
             while True:
-                chunk = await asyncio.wait_for(stream.recv(), self.config.store_timeout)
+                async with asyncio.timeout(self.config.store_timeout):
+                    chunk = await stream.recv()
                 if chunk is None:
                     break
                 writer.write(chunk)
-            await asyncio.wait_for(stream.result(), self.config.store_timeout)
+            async with asyncio.timeout(self.config.store_timeout):
+                await stream.result()
         if writer.received != writer.size:
             raise SwarmdError(ERR_PROTOCOL, f"store ended blob {digest[:16]} at {writer.received} of {writer.size} bytes")

@@ -7,7 +7,7 @@ poisoned by a tensor of the wrong shape or dtype.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -43,13 +43,16 @@ class TensorSpec:
     name: str
     dtype: str
     shape: tuple[int, ...]
+    dim0: str | None = field(default=None, compare=False)  # symbolic name of the first dim, if the model names it
 
     @classmethod
     def from_node_arg(cls, arg: Any) -> TensorSpec:
         """From an onnxruntime NodeArg; symbolic and unknown dims become -1."""
         dtype = ORT_TO_NUMPY.get(arg.type, arg.type)
-        shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or ()))
-        return cls(arg.name, dtype, shape)
+        dims = list(arg.shape or ())
+        shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in dims)
+        dim0 = dims[0] if dims and isinstance(dims[0], str) and dims[0] else None
+        return cls(arg.name, dtype, shape, dim0)
 
     def to_wire(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
@@ -73,9 +76,14 @@ class ModelSignature:
 
     @property
     def batchable(self) -> bool:
-        """True when every input and output has a dynamic first dim: rows can be stacked."""
+        """True when rows can be stacked: every input and output has a dynamic first dim,
+        and where the model names those dims it names them all alike (an output whose
+        first dim is another symbol, e.g. a count of matches, is not one row per input row).
+        """
         specs = self.inputs + self.outputs
-        return bool(self.inputs) and all(len(s.shape) >= 1 and s.shape[0] == -1 for s in specs)
+        if not self.inputs or not all(len(s.shape) >= 1 and s.shape[0] == -1 for s in specs):
+            return False
+        return len({s.dim0 for s in specs if s.dim0 is not None}) <= 1
 
     def to_wire(self) -> dict[str, Any]:
         return {"inputs": [s.to_wire() for s in self.inputs], "outputs": [s.to_wire() for s in self.outputs]}
