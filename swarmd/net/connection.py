@@ -184,6 +184,7 @@ class Channel:
 
 _READ_BUFFER_SIZE = 256 * 1024  # what asyncio's own transports read at most per call
 _read_buffers = threading.local()
+_COPY_BELOW = 4096  # reads up to this size are copied out, larger ones parsed in place
 
 
 def _read_buffer() -> memoryview:
@@ -377,7 +378,11 @@ class SecureConnection(asyncio.BufferedProtocol):
         return _read_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(bytes(_read_buffer()[:nbytes]))
+        view = _read_buffer()[:nbytes]
+        # Small reads (calls, answers) are copied out; large ones (stream data) are parsed
+        # in place, which is safe because nothing below keeps `data` past this call: whole
+        # frames are decrypted at once and a partial frame is copied into its decoder.
+        self.data_received(view if nbytes > _COPY_BELOW else bytes(view))  # type: ignore[arg-type]
 
     def data_received(self, data: bytes) -> None:
         if self.error is not None:
