@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml 2>/dev/null | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: venv run test test-fast test-natlab bench lint clean
+.PHONY: venv run test test-fast test-natlab bench lint docs clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,7 +30,12 @@ test-natlab: venv
 	$(BIN)/python -m pytest -q -m natlab $(PYTEST_ARGS)
 
 bench: venv
-	@set -e; for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f; done
+	@set -e; for f in bench/*.py; do \
+	  case $$f in bench/models.py) continue;; esac; \
+	  echo "== $$f"; $(BIN)/python $$f; done
+
+docs: venv
+	$(BIN)/python -m swarmd.docs_config
 
 lint: venv
 	$(BIN)/ruff check swarmd swarmd_rpc tests bench examples

@@ -6,7 +6,9 @@ Servers, each a subprocess measured in this same run:
   fastapi   single-process FastAPI + onnxruntime under uvicorn (the baseline)
   gateway   `swarmd --role gateway` serving the model in-process (HTTP cost + local ORT)
   swarm-R   `swarmd --role gateway` -> a separate worker process (+ orchestrator, store),
-            for each gateway.route R (fleet, direct, orchestrator), when those roles exist
+            for each gateway.route R (fleet, direct, orchestrator), when those roles exist;
+            R+inline: the worker runs a lone request on its loop; R+colocated: one process
+            runs gateway and worker (the embedded default's data path), store/orchestrator apart
 plus direct onnxruntime batch-1 calls (the ceiling). Last line: one JSON object.
 
     python bench/gateway.py [--seconds 4] [--conns 1,16,64]
@@ -231,9 +233,17 @@ def wait_log(log: Path, pattern: str, proc: subprocess.Popen, timeout: float = 6
 
 def run_swarm(tmp: Path, models: Path, body: bytes, conns: list[int], seconds: float,
               procs: list[subprocess.Popen], route: str) -> dict[str, dict[str, float]]:
-    """gateway -> worker, each role its own process: store (+DHT bootstrap), orchestrator, worker, gateway."""
+    """gateway -> worker, each role its own process: store (+DHT bootstrap), orchestrator, worker, gateway.
+
+    route is a gateway.route value, optionally "+inline": the worker then runs a lone
+    request on its event loop (worker.inline_run_us), skipping its thread handoff."""
     base = tmp / f"swarm-{route}"
-    env = swarmd_env(SWARMD_GATEWAY_ROUTE=route)
+    mode, *extras = route.split("+")
+    env = swarmd_env(SWARMD_GATEWAY_ROUTE=mode)
+    if "inline" in extras:
+        env["SWARMD_WORKER_INLINE_RUN_US"] = "5000"
+    colocated = "colocated" in extras  # gateway and worker in one process: no RPC hop on the data path
+    gw_roles = "gateway,worker" if colocated else "gateway"
     cmd = [sys.executable, "-m", "swarmd", "--log-format", "json", "--log-level", "INFO"]
     local: list[subprocess.Popen] = []
 
@@ -246,23 +256,29 @@ def run_swarm(tmp: Path, models: Path, body: bytes, conns: list[int], seconds: f
         return p, log
 
     try:
+        port = free_port()  # before the other daemons bind their ephemeral ports
         p, log = start("store", "--role", "bootstrap,store")
         dht = json.loads(wait_log(log, r'\{[^\n]*"event": "ready"[^\n]*\}', p).group(0))["ports"]["dht"]
         boot = ("--bootstrap", f"127.0.0.1:{dht}")
-        waits = [start("orchestrator", "--role", "orchestrator", *boot), start("worker", "--role", "worker", *boot)]
-        port = free_port()
+        waits = [start("orchestrator", "--role", "orchestrator", *boot)]
+        if not colocated:
+            waits.append(start("worker", "--role", "worker", *boot))
         prof = os.environ.get("BENCH_GATEWAY_PROFILE")  # a path: run the gateway under cProfile, dump there
         if prof:
-            cmd_g = [sys.executable, "-m", "cProfile", "-o", f"{prof}.{route}", "-m", "swarmd", *cmd[3:]]
+            # CPU-time profile (not wall time: on a shared box wall time is mostly waiting for a core)
+            runner = ("import cProfile, sys, time; from swarmd.cli import main; "
+                      "p = cProfile.Profile(time.process_time); rc = p.runcall(main, sys.argv[2:]); "
+                      "p.dump_stats(sys.argv[1]); sys.exit(rc)")
+            cmd_g = [sys.executable, "-c", runner, f"{prof}.{route}", *cmd[3:]]
             log = base / "gateway.log"
             log.parent.mkdir(parents=True, exist_ok=True)
-            gp = start_proc([*cmd_g, "--data-dir", str(base / "gateway"), "--role", "gateway",
+            gp = start_proc([*cmd_g, "--data-dir", str(base / "gateway"), "--role", gw_roles,
                              "--http", f"127.0.0.1:{port}", *boot], env, log)
             procs.append(gp)
             local.append(gp)
             glog = log
         else:
-            gp, glog = start("gateway", "--role", "gateway", "--http", f"127.0.0.1:{port}", *boot)
+            gp, glog = start("gateway", "--role", gw_roles, "--http", f"127.0.0.1:{port}", *boot)
         for p, log in [*waits, (gp, glog)]:
             wait_log(log, r'"event": "ready"', p)
         admin = wait_log(glog, r"store it now\): (\S+)", gp).group(1)
@@ -308,7 +324,9 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--conns", default="1,16,64")
-    ap.add_argument("--routes", default="fleet,direct,orchestrator", help="gateway.route values to measure")
+    ap.add_argument("--routes", default="fleet,direct,orchestrator,fleet+inline,fleet+colocated",
+                    help="gateway.route values to measure (+inline: the worker runs lone requests inline; "
+                         "+colocated: gateway and worker share one process)")
     args = ap.parse_args()
     conns = [int(c) for c in args.conns.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
@@ -364,7 +382,8 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"direct onnxruntime, batch 1: {ceiling:,.0f} inferences/s (the ceiling)")
-    print("cpu/req: CPU time of the server process (for swarm-*: the gateway process alone) per request")
+    print("cpu/req: CPU time of the server process per request (swarm-*: the gateway process alone, "
+          "which for +colocated includes the worker)")
     print(f"{'server':<19} {'conns':>5} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'cpu/req us':>10} {'errors':>6}")
     for name, by_c in results.items():
         for c, r in by_c.items():

@@ -1,15 +1,16 @@
-"""swarmd_rpc: the client library for a swarmd swarm.
+"""swarmd_rpc: the client library for a swarmd swarm. No daemon needed on this box.
 
-    import asyncio, swarmd_rpc
+    import numpy as np
+    from swarmd_rpc import SyncClient
 
-    async def main():
-        peer = await swarmd_rpc.connect("127.0.0.1", 7000, public_key=bytes.fromhex("..."))
-        print(await peer.call("ping"))
-        await peer.close()
+    with SyncClient(bootstrap=["10.0.0.1:7000"]) as swarm:
+        out = swarm.infer("digits", {"input": np.zeros((1, 64), np.float32)})
+        print(out["label"])
 
-    asyncio.run(main())
-
-Works without a daemon of its own: an ephemeral identity is made when none is given.
+The async twin is `Client` (`async with Client(bootstrap=[...]) as c: await c.infer(...)`).
+`Client.for_peer(public_key, host, port)` talks to one peer with no DHT. Errors are
+one class per stable code (NotFound, Overloaded, Timeout, ...), all SwarmdError.
+Lower-level pieces: `connect()` opens one RPC channel, `Pool` pools them.
 """
 
 from __future__ import annotations
@@ -18,19 +19,73 @@ from swarmd.errors import SwarmdError
 from swarmd.node.identity import Identity
 from swarmd.rpc import Methods, RpcConfig, RpcPeer, Stream
 from swarmd.rpc import connect as _connect
+from swarmd_rpc.client import Client, ClientConfig, Inference, Models, PeerAddress
+from swarmd_rpc.errors import (
+    BadRequest,
+    Cancelled,
+    ClientError,
+    Closed,
+    Conflict,
+    Corrupt,
+    Forbidden,
+    HandshakeFailed,
+    InternalError,
+    InvalidModel,
+    NotFound,
+    NotReady,
+    Overloaded,
+    ProtocolError,
+    RateLimited,
+    Timeout,
+    TooLarge,
+    Unauthorized,
+    Unavailable,
+    UnknownMethod,
+    translate,
+)
 from swarmd_rpc.pool import Pool, PoolConfig, Target, fan_out
+from swarmd_rpc.sync import SyncClient, SyncModels
 
 __all__ = [
+    "BadRequest",
+    "Cancelled",
+    "Client",
+    "ClientConfig",
+    "ClientError",
+    "Closed",
+    "Conflict",
+    "Corrupt",
+    "Forbidden",
+    "HandshakeFailed",
     "Identity",
+    "Inference",
+    "InternalError",
+    "InvalidModel",
     "Methods",
+    "Models",
+    "NotFound",
+    "NotReady",
+    "Overloaded",
+    "PeerAddress",
     "Pool",
     "PoolConfig",
+    "ProtocolError",
+    "RateLimited",
     "RpcPeer",
     "Stream",
     "SwarmdError",
+    "SyncClient",
+    "SyncModels",
     "Target",
+    "Timeout",
+    "TooLarge",
+    "Unauthorized",
+    "Unavailable",
+    "UnknownMethod",
     "connect",
     "fan_out",
+    "quiet_logs",
+    "translate",
 ]
 
 
@@ -49,3 +104,11 @@ async def connect(
     return await _connect(
         identity, host, port, remote_public_key=pk, methods=methods, timeout=timeout, config=config
     )
+
+
+def quiet_logs(level: str = "WARNING") -> None:
+    """Show only swarmd log events at `level` or above on stderr (the library logs through loguru,
+    whose default prints everything; a script calls this once)."""
+    from swarmd.node.logging import setup_logging
+
+    setup_logging(level, "text")

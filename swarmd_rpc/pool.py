@@ -26,6 +26,8 @@ class Target:
 
 @dataclass
 class PoolConfig:
+    """How long idle connections live, how often a call is retried on a fresh one, dial timeout."""
+
     idle_timeout: float = 60.0  # close a pooled connection unused for this long
     retries: int = 1  # extra attempts of a call whose connection closed under it
     connect_timeout: float = 10.0
@@ -176,6 +178,7 @@ class Pool:
         return dict(zip(targets, results, strict=True))
 
     async def close(self) -> None:
+        """Cancel dials in progress and close every pooled connection; later calls raise ERR_CLOSED."""
         self._closed = True
         if self._reaper is not None:
             self._reaper.cancel()

@@ -1,14 +1,7 @@
-"""Real store nodes for tests: a StoreRole on an RpcServer on 127.0.0.1, no daemon around it.
-
-Run as a script it is a store process: `python tests/store_nodes.py DATA_DIR [INTERVAL]` prints
-{"port", "key"} on one line, takes "peers K@H:P,..." lines on stdin, and stops at end of input.
-"""
+"""Real store nodes for tests: a StoreRole on an RpcServer on 127.0.0.1, no daemon around it."""
 
 from __future__ import annotations
 
-import asyncio
-import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,25 +78,3 @@ async def start_store(data_dir: Path, ident: Identity | None = None, port: int =
     await role.start()
     return Node(role, server, ident, tasks, swarm, dht)
 
-
-async def serve(data_dir: Path, interval: float) -> None:
-    node = await start_store(data_dir, Identity.load_or_create(data_dir / "identity.key"),
-                             replicate_interval=interval)
-    print(json.dumps({"port": node.server.port, "key": node.key}), flush=True)
-    loop = asyncio.get_running_loop()
-    try:
-        while line := await loop.run_in_executor(None, sys.stdin.readline):
-            cmd, _, arg = line.strip().partition(" ")
-            if cmd == "peers":
-                node.role.set_static_peers([p for p in arg.split(",") if p])
-    finally:
-        await node.stop()
-
-
-if __name__ == "__main__":
-    from loguru import logger
-
-    logger.remove()
-    logger.add(sys.stderr, level="WARNING")
-    Path(sys.argv[1]).mkdir(parents=True, exist_ok=True)
-    asyncio.run(serve(Path(sys.argv[1]), float(sys.argv[2]) if len(sys.argv) > 2 else 0.5))

@@ -18,7 +18,7 @@ from tests.conftest import ROOT, swarmd_env
 @pytest.mark.slow
 def test_demo_prints_a_working_example_and_stops_on_ctrl_c(tmp_path):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "swarmd.demo", "--data-dir", str(tmp_path / "data"), "--port", "0", "--standalone"],
+        [sys.executable, "-m", "swarmd.demo", "--data-dir", str(tmp_path / "data"), "--port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=swarmd_env(), cwd=str(ROOT),
     )
     lines: list[str] = []
@@ -36,6 +36,7 @@ def test_demo_prints_a_working_example_and_stops_on_ctrl_c(tmp_path):
         key = re.search(r"admin key: (\S+)", text).group(1)
         data = re.search(r"-d '(.+)'", text).group(1)
         assert "sample #0 is a 0, the swarm says 0" in text
+        assert "swarm: bootstrap, relay, store, worker, orchestrator, gateway" in text
         req = urllib.request.Request(f"{url}/v2/models/digits/infer", data=data.encode(), headers={"x-api-key": key})
         with urllib.request.urlopen(req, timeout=60) as r:
             doc = json.load(r)

@@ -8,13 +8,14 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import re
+import signal
 import socket
 import time
 
 import numpy as np
 import pytest
 
-from tests.conftest import Daemon
+from tests.conftest import Daemon, swarmd_env
 from tests.gateway_fixtures import reference, tiny_mlp
 
 
@@ -57,15 +58,16 @@ def _until(fn, what: str, timeout: float = 90.0):
 def test_gateway_orchestrator_two_workers_store_as_processes(tmp_path, daemons):
     import tritonclient.http as triton
 
+    port = _free_port()  # before any daemon binds its own ephemeral ports (--http takes no port 0)
     store = daemons("--role", "bootstrap,store", "--data-dir", str(tmp_path / "store"))
     ready = store.wait_event("ready")
     boot = f"127.0.0.1:{ready['ports']['dht']}"
     common = ("--bootstrap", boot)
     orch = daemons("--role", "orchestrator", "--data-dir", str(tmp_path / "orch"), *common)
     workers = [daemons("--role", "worker", "--data-dir", str(tmp_path / f"w{i}"), *common) for i in range(2)]
-    port = _free_port()
+    # no access log: nobody reads the pipe after "ready", and a full pipe would stall the gateway
     gw: Daemon = daemons("--role", "gateway", "--http", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "gw"),
-                         *common)
+                         *common, env=swarmd_env(SWARMD_GATEWAY_ACCESS_LOG="false"))
     for d in (orch, *workers):
         d.wait_event("ready")
     gw.wait_event("ready")
@@ -120,4 +122,5 @@ def test_gateway_orchestrator_two_workers_store_as_processes(tmp_path, daemons):
     status, out = call("GET", "/api/v1/status")
     assert status == 200 and json.loads(out)["backend"]["backend"] == "swarm"
     client.close()
-    assert gw.stop() == 0
+    gw.proc.send_signal(signal.SIGTERM)  # graceful stop: exit status 0
+    assert gw.proc.wait(60) == 0

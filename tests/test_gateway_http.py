@@ -228,6 +228,9 @@ def test_metrics_exposition(gw):
     assert "swarmd_gateway_in_flight 1" in text  # the scrape itself
     assert "swarmd_gateway_workers 1" in text
     assert "unknown-model-name" not in text  # client-chosen names never become series
+    gw.raw(b"PROPFIND /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")  # a method llhttp knows
+    text = gw.request("GET", "/metrics", key=gw.admin_key).body.decode()
+    assert "PROPFIND" not in text and 'method="OTHER"' in text
 
 
 def test_v1_inference_and_models(gw):
@@ -270,6 +273,17 @@ def test_upload_rejects_garbage(gw):
     assert r.status == 400 and "model name" in r.json()["error"]
     r = gw.request("POST", "/api/v1/models", b"x", key=gw.admin_key)
     assert r.status == 400 and "name is required" in r.json()["error"]
+
+
+def test_hostile_shapes_and_dtypes_allocate_nothing(gw):
+    head = json.dumps({"inputs": [{"name": "s", "shape": [10**12], "datatype": "BYTES",
+                                   "parameters": {"binary_data_size": 4}}]}).encode()
+    r = gw.request("POST", "/v2/models/mlp/infer", head + b"\0\0\0\0",
+                   headers={"Inference-Header-Content-Length": str(len(head))}, key=gw.admin_key)
+    assert r.status == 400 and "BYTES elements" in r.json()["error"]
+    r = gw.request("POST", "/api/v1/inference/mlp", {"inputs": {"x": {"data": [1], "dtype": "V1000000000"}}},
+                   key=gw.admin_key)
+    assert r.status == 400 and "is not one of" in r.json()["error"]
 
 
 def test_bytes_binary_input_is_parsed():

@@ -92,3 +92,19 @@ def test_auth_off_limits_by_client_address(tmp_path):
         assert g.request("GET", "/v2/models/mlp", key="swd_bad_key").status == 401
     finally:
         g.close()
+
+
+def test_default_limit_applies_to_keys_without_their_own(tmp_path):
+    from swarmd.gateway.config import GatewayConfig
+
+    install_model(tmp_path / "models", "mlp", "1", tiny_mlp())
+    g = GatewayThread(tmp_path, GatewayConfig(rate_limit_rps=0.01, rate_limit_burst=2))
+    try:
+        key = g.key("models:read")
+        assert [g.request("GET", "/v2/models/mlp", key=key).status for _ in range(3)] == [200, 200, 429]
+        roomy = g.key("models:read", rate_rps=1000.0, rate_burst=1000.0)
+        assert [g.request("GET", "/v2/models/mlp", key=roomy).status for _ in range(3)] == [200, 200, 200]
+        status = g.request("GET", "/api/v1/status", key=g.admin_key).json()
+        assert status["models"] == ["mlp:1"] and status["backend"]["backend"] == "local"
+    finally:
+        g.close()

@@ -66,16 +66,10 @@ async def test_push_ls_show_pull_rm(node: Node, tmp_path: Path) -> None:
 async def test_cli_errors(node: Node, tmp_path: Path) -> None:
     rc, _, err = await swarmd(node, tmp_path, "rm", "mlp")
     assert rc == 1 and "NAME:VERSION" in err
-    rc, _, err = await swarmd(node, tmp_path, "rm", "mlp:7")
-    assert rc == 1 and "ERR_NOT_FOUND" in err
-    rc, _, err = await swarmd(node, tmp_path, "push", str(tmp_path / "missing.onnx"), "--name", "x")
-    assert rc == 1 and "not a readable file" in err
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"junk" * 100)
     rc, _, err = await swarmd(node, tmp_path, "push", str(junk), "--name", "x")
     assert rc == 1 and "ERR_INVALID_MODEL" in err
-    rc, _, err = await swarmd(node, tmp_path, "pull", "x:", "-o", str(tmp_path / "o"))
-    assert rc == 1 and "NAME:VERSION" in err
     rc, _, err = await swarmd(node, tmp_path, "push", str(junk))
     assert rc == 2 and "--name" in err
     assert "Traceback" not in err

@@ -72,3 +72,17 @@ def test_peer_catalog_rows_are_checked(row: Any) -> None:
     assert all(isinstance(t, str) for t in m.tags)
     assert isinstance(m.created, float) and (m.deleted is None or isinstance(m.deleted, float))
     assert all(math.isfinite(t) for t in (m.created, m.updated, m.deleted or 0.0))
+
+
+@pytest.mark.parametrize("key,value", [("max_model_bytes", 0), ("replication_factor", 0), ("chunk_bytes", 64 << 20),
+                                       ("replicate_interval", -1.0), ("scrub_per_round", -1)])
+def test_bad_store_config_is_refused(tmp_path: Path, key: str, value: Any) -> None:
+    from swarmd.errors import ERR_CONFIG
+
+    settings = Settings()
+    setattr(settings.store, key, value)
+    ctx = NodeContext(identity=Identity.generate(), settings=settings, data_dir=tmp_path, instance_id="t",
+                      roles=("store",), tasks=Supervisor())
+    with pytest.raises(SwarmdError) as e:
+        StoreRole(ctx)
+    assert e.value.code == ERR_CONFIG and f"store.{key}" in e.value.message

@@ -118,9 +118,6 @@ async def test_cli_finds_stores_through_the_swarm(net: DhtTestnet, tmp_path: Pat
             return all(d in n.role.core.holdings() for n in nodes)
 
         await rounds_until(both, nodes, "both stores hold the model")
-        rc, out, err = await cli("ls", "--json", *boot)
-        assert rc == 0, err
-        assert [(m["name"], m["version"], m["digest"]) for m in json.loads(out)] == [("m", "1", d)]
         dest = tmp_path / "pulled.onnx"
         rc, out, err = await cli("pull", "m:1", "-o", str(dest), *boot)
         assert rc == 0, err

@@ -20,7 +20,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from swarmd.errors import ERR_BAD_REQUEST, ERR_NOT_FOUND, ERR_UNAVAILABLE, SwarmdError
+from swarmd.errors import (
+    ERR_BAD_REQUEST,
+    ERR_CLOSED,
+    ERR_CORRUPT,
+    ERR_NOT_FOUND,
+    ERR_TIMEOUT,
+    ERR_UNAVAILABLE,
+    SwarmdError,
+)
 from swarmd.settings import parse_hostport
 from swarmd.store.transfer import parse_ref, pull_file, push_file
 
@@ -173,13 +181,13 @@ def _local_store(data_dir: Path) -> tuple[str, int, bytes | None] | None:
 async def _swarm_stores(
     args: argparse.Namespace, topic: str | None, first_only: bool = False
 ) -> AsyncIterator[list[Any]]:
-    """Stores found through the swarm (announcing `topic`, default STORES), with a short-lived
-    DHT node and swarm of our own (an ephemeral key; it announces nothing)."""
-    from swarmd.dht import DhtConfig, DhtNode
-    from swarmd.node.identity import Identity
-    from swarmd.rpc import Methods
-    from swarmd.swarm import Swarm, SwarmConfig
+    """Stores found through the swarm (announcing `topic`, default STORES), with the client
+    library's short-lived client-mode DHT node and swarm (an ephemeral key; it announces nothing).
+    Lookup results are taken as they stream in: the first one (push), or all that arrive until
+    the crawl ends or 1 s after the first (an unresponsive DHT node costs its full timeout, and
+    a user waits on this)."""
     from swarmd.topics import STORES
+    from swarmd_rpc import Client, ClientConfig
 
     settings = args.settings
     if not settings.node.bootstrap:
@@ -188,58 +196,20 @@ async def _swarm_stores(
             "no store to talk to: pass --store HOST:PORT [--store-key HEX], --bootstrap HOST:PORT to find "
             "stores on the swarm, or --data-dir of a node running the store role",
         )
-    secret = bytes.fromhex(settings.node.swarm_secret) if settings.node.swarm_secret else None
-    # client mode: a node that lives for one command must not enter other nodes' routing
-    # tables, where it would cost later lookups a timeout once it is gone
-    boot = [parse_hostport(b, what="bootstrap entry") for b in settings.node.bootstrap]
-    dht = DhtNode(Identity.generate(), DhtConfig(host="0.0.0.0", port=0, bootstrap=boot, mode="client"))
-    await dht.start()
-    swarm = Swarm(Identity.generate(), dht, Methods(), SwarmConfig(secret=secret, announce_self=False))
-    try:
-        await swarm.start()
-        records = await _find(swarm, topic or STORES, args.timeout, first_only=first_only)
+    cfg = ClientConfig(timeout=args.timeout, lookup_timeout=args.timeout)
+    async with Client.from_settings(settings, config=cfg) as client:
+        records = await client.lookup(topic or STORES, first_only=first_only, settle=1.0)
         if not records:
             raise SwarmdError(ERR_UNAVAILABLE, f"no store announces {topic or STORES!r} in the swarm")
         peers = []
         for rec in records:
             try:
-                peers.append(await asyncio.wait_for(swarm.connect(rec.public_key, rec), args.timeout))
+                peers.append(await asyncio.wait_for(client.connect(rec.public_key), args.timeout))
             except (SwarmdError, OSError, TimeoutError):
                 continue  # a store that went away: its record lingers until it expires
         if not peers:
             raise SwarmdError(ERR_UNAVAILABLE, f"none of the {len(records)} stores found in the swarm answered")
         yield peers
-    finally:
-        await swarm.stop()
-        await dht.stop()
-
-
-async def _find(swarm: Any, topic: str, timeout: float, *, first_only: bool, settle: float = 1.0) -> list[Any]:
-    """Records on topic as the lookup streams them: the first one (push), or all that arrive
-    until the crawl ends or `settle` s after the first (an unresponsive DHT node costs its
-    full timeout, and a user waits on this)."""
-    from contextlib import aclosing
-
-    found: dict[bytes, Any] = {}
-    loop = asyncio.get_running_loop()
-    deadline = settle_until = loop.time() + timeout
-    async with aclosing(swarm.lookup(topic)) as it:
-        while True:
-            wait = deadline - loop.time()
-            if found:
-                wait = min(wait, settle_until - loop.time())
-            if wait <= 0:
-                break
-            try:
-                rec = await asyncio.wait_for(anext(it), wait)
-            except (StopAsyncIteration, TimeoutError):
-                break
-            if not found:
-                settle_until = loop.time() + settle
-            found[rec.public_key] = rec
-            if first_only:
-                break
-    return list(found.values())
 
 
 # -- actions ----------------------------------------------------------------------
@@ -314,8 +284,16 @@ async def run(args: argparse.Namespace) -> int:
     if cmd == "pull":
         async with stores(args, topic=model_topic(name)) as peers:
             peer, meta = await _first(peers, "getModel", params, t)
-            await pull_file(peer, meta["digest"], args.output, size=meta["size"], progress=_bar(args, "pull"),
-                            timeout=t)
+            # the store that answered first, then the others: a corrupt or vanished copy is not the end
+            for i, p in enumerate([peer] + [q for q in peers if q is not peer]):
+                try:
+                    await pull_file(p, meta["digest"], args.output, size=meta["size"], progress=_bar(args, "pull"),
+                                    timeout=t)
+                    break
+                except SwarmdError as e:
+                    if e.code not in (ERR_CORRUPT, ERR_CLOSED, ERR_NOT_FOUND, ERR_TIMEOUT) or i == len(peers) - 1:
+                        raise
+                    print(f"swarmd: {e.code} from one store, trying another", file=sys.stderr)
         print(f"{meta['name']}:{meta['version']} -> {args.output} ({_human(meta['size'])}, sha256 verified)")
         return 0
     if cmd == "rm":

@@ -28,7 +28,8 @@ HELP = "list the things and snapshot logs a node keeps under its data dir (offli
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="things_command", metavar="ACTION", required=True)
-    sub.add_parser("services", help="the thing services found in the data dir")
+    sv = sub.add_parser("services", help="the thing services found in the data dir")
+    sv.add_argument("--json", action="store_true", help="one JSON array instead of one name per line")
     ls = sub.add_parser("list", help="things of one service, as listThings would return them")
     ls.add_argument("service")
     ls.add_argument("--query", default=None, help="JSON query, e.g. '{\"info.shelf\": 3}'")
@@ -36,10 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ls.add_argument("--sort", default=None, help="JSON sort, e.g. '{\"created\": -1}'")
     ls.add_argument("--limit", type=int, default=100)
     ls.add_argument("--opts", action="store_true", help="show private opts too")
+    ls.add_argument("--json", action="store_true", help="one JSON array instead of one JSON object per line")
     tl = sub.add_parser("tail", help="newest snapshot log entries of one service")
     tl.add_argument("service")
     tl.add_argument("--id", default=None, help="only this thing")
     tl.add_argument("--limit", type=int, default=20)
+    tl.add_argument("--json", action="store_true", help="one JSON array instead of one JSON object per line")
 
 
 def _json_arg(text: str | None, what: str) -> Any:
@@ -63,14 +66,17 @@ def run(args: argparse.Namespace) -> int:
     if args.things_command == "services":
         root = data_dir / "things"
         names = sorted(p.name for p in root.iterdir() if (p / "things.sqlite").exists()) if root.is_dir() else []
+        if args.json:
+            print(json.dumps(names))
+            return 0
         for n in names:
             print(n)
         return 0
     d = _service_dir(data_dir, args.service)
     if args.things_command == "tail":
         log = SnapLog(d / "log", "snap", SnapLogConfig())
-        for e in log.tail(max(0, args.limit), match=(lambda e: e.get("id") == args.id) if args.id else None):
-            print(json.dumps(e))
+        entries = log.tail(max(0, args.limit), match=(lambda e: e.get("id") == args.id) if args.id else None)
+        _print_rows(list(entries), args.json)
         return 0
     try:
         pred = compile_query(_json_arg(args.query, "query") or {})
@@ -96,6 +102,14 @@ def run(args: argparse.Namespace) -> int:
             views.append(v)
     if sort:
         views = list(apply_sort(views, sort))
-    for v in views[: max(0, args.limit)]:
-        print(json.dumps(project(v) if project else v))
+    _print_rows([project(v) if project else v for v in views[: max(0, args.limit)]], args.json)
     return 0
+
+
+def _print_rows(rows: list[Any], as_array: bool) -> None:
+    """JSON lines by default (greppable, streamable); --json: one array (for jq and programs)."""
+    if as_array:
+        print(json.dumps(rows))
+        return
+    for r in rows:
+        print(json.dumps(r))

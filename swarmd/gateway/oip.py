@@ -119,6 +119,8 @@ def _params(value: Any, where: str) -> dict[str, Any]:
 
 def _bytes_from_binary(raw: memoryview, count: int, where: str) -> np.ndarray:
     """BYTES elements in the binary extension: each is a 4-byte little-endian length then the bytes."""
+    if count * 4 > len(raw):  # checked before allocating: the shape is the client's word, the bytes are real
+        raise OipError(f"{where}: shape needs {count} BYTES elements but only {len(raw)} binary bytes were sent")
     out = np.empty(count, dtype=object)
     pos = 0
     for i in range(count):

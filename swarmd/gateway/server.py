@@ -46,7 +46,13 @@ from swarmd.gateway.backend import InferenceBackend, ModelInfo, UploadedModel
 from swarmd.gateway.config import GatewayConfig
 from swarmd.gateway.keys import ApiKey, KeyStore
 from swarmd.gateway.metrics import Counter, Gauge, Histogram, Registry
-from swarmd.gateway.oip import OipError, decode_infer_request, encode_infer_response, oip_datatype
+from swarmd.gateway.oip import (
+    OIP_TO_NUMPY,
+    OipError,
+    decode_infer_request,
+    encode_infer_response,
+    oip_datatype,
+)
 from swarmd.gateway.openapi import docs_page, openapi_document
 from swarmd.gateway.ratelimit import RateLimiter
 
@@ -77,6 +83,7 @@ REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 ALLOWED_HEADERS = "authorization, content-type, x-api-key, x-request-id, inference-header-content-length"
 EXPOSED_HEADERS = "x-request-id, inference-header-content-length, retry-after"
 UPLOAD_CHUNK = 1 << 20
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
 TRITON_TYPES = {
     "BOOL": "TYPE_BOOL", "UINT8": "TYPE_UINT8", "UINT16": "TYPE_UINT16", "UINT32": "TYPE_UINT32",
     "UINT64": "TYPE_UINT64", "INT8": "TYPE_INT8", "INT16": "TYPE_INT16", "INT32": "TYPE_INT32",
@@ -295,7 +302,8 @@ class Gateway:
         info = request.match_info.route.resource
         route = info.canonical if info is not None else "unmatched"
         s = str(status)
-        self.m_requests.inc(route, request.method, s)
+        method = request.method if request.method in KNOWN_METHODS else "OTHER"  # client-chosen: bounded
+        self.m_requests.inc(route, method, s)
         self.m_latency.observe(elapsed, route, request.get(MODEL, ""), s)
         if self.config.access_log:
             self.log.bind(
@@ -537,6 +545,8 @@ class Gateway:
                 dtype = value.get("dtype", dtype)
                 shape = value.get("shape")
                 value = value.get("data")
+                if dtype not in OIP_TO_NUMPY.values():
+                    raise bad(f"input {name!r}: dtype {dtype!r:.40} is not one of {', '.join(OIP_TO_NUMPY.values())}")
             try:
                 arr = np.array(value, dtype=np.dtype(dtype))
                 if shape is not None:
@@ -659,7 +669,14 @@ class Gateway:
 
     @requires("admin")
     async def v1_status(self, request: web.Request) -> web.Response:
+        """Roles, peers, workers, models, orchestrators: what an operator asks first."""
+        try:
+            async with asyncio.timeout(5.0):
+                models: Any = [f"{m.name}:{m.version}" for m in await self.backend.list_models()]
+        except (SwarmdError, TimeoutError) as e:
+            models = {"error": getattr(e, "message", "listing models timed out after 5s")}
         return json_response({
+            "models": models,
             "gateway": {
                 "url": self.url,
                 "version": __version__,

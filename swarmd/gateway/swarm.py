@@ -22,41 +22,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from loguru import logger
 
 from swarmd.errors import (
-    ERR_CLOSED,
     ERR_NOT_FOUND,
     ERR_NOT_READY,
-    ERR_OVERLOADED,
-    ERR_TIMEOUT,
     ERR_UNAVAILABLE,
     SwarmdError,
 )
 from swarmd.gateway.backend import InferResult, ModelInfo, UploadedModel, not_found, version_key
 from swarmd.gateway.config import GatewayConfig
+from swarmd.orchestrator.remote import RemoteRouter, SwarmView
 from swarmd.topics import GATEWAYS, ORCHESTRATORS, STORES, WORKERS
-
-# Worker-side failures another worker may not have; everything else is the caller's problem.
-RETRYABLE = frozenset({ERR_CLOSED, ERR_TIMEOUT, ERR_OVERLOADED, ERR_NOT_READY, ERR_UNAVAILABLE})
-MAX_ATTEMPTS = 3
-RPC_TIMEOUT = 10.0
-
-
-@dataclass
-class _Peers:
-    """What the last discovery pass saw: orchestrators, stores, ONLINE workers and the models they serve."""
-
-    orchestrators: list[bytes] = field(default_factory=list)
-    stores: list[bytes] = field(default_factory=list)
-    workers: dict[bytes, dict[str, Any]] = field(default_factory=dict)  # public key -> record payload
-    at: float = 0.0
 
 
 def _hex(pk: bytes) -> str:
@@ -67,11 +48,10 @@ class SwarmBackend:
     def __init__(self, ctx: Any, config: GatewayConfig) -> None:
         self.ctx = ctx
         self.config = config
-        self.peers = _Peers()
+        self.router = RemoteRouter(self._request)
         self._meta: dict[str, tuple[float, list[ModelInfo]]] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self._refreshed = asyncio.Event()
-        self._orch_index = 0
         self.fleet: Any = None  # swarmd.orchestrator.fleet.Fleet when route == "fleet"
         self.log = logger.bind(role="gateway", part="swarm_backend")
 
@@ -142,7 +122,7 @@ class SwarmBackend:
             self.swarm.lookup_all(STORES, timeout=t),
             self.swarm.lookup_all(WORKERS, timeout=t),
         )
-        p = _Peers(at=time.monotonic())
+        p = SwarmView(at=time.monotonic())
         own = self.ctx.identity.public_key
         p.orchestrators = [r.public_key for r in orchs]
         p.stores = [r.public_key for r in stores]
@@ -155,7 +135,12 @@ class SwarmBackend:
                 p.workers[r.public_key] = payload
         if self.ctx.role("worker") is not None and own not in p.workers:
             p.workers[own] = {"state": "ONLINE"}
-        self.peers = p
+        self.router.view = p
+
+    @property
+    def peers(self) -> SwarmView:
+        """What the last discovery pass saw (held by the router, which routes on it)."""
+        return self.router.view
 
     # -- calls -----------------------------------------------------------------
 
@@ -163,62 +148,10 @@ class SwarmBackend:
         return await self.swarm.request(pk, method, params, timeout=timeout)
 
     async def _call_any(self, candidates: list[bytes], method: str, params: dict[str, Any]) -> Any:
-        """Call one of candidates (sticky on the first that worked); move on when one is unreachable."""
-        if not candidates:
-            raise SwarmdError(ERR_UNAVAILABLE, f"no peer found to answer {method}")
-        last: SwarmdError | None = None
-        n = len(candidates)
-        for i in range(n):
-            pk = candidates[(self._orch_index + i) % n]
-            try:
-                return await self._request(pk, method, params, RPC_TIMEOUT)
-            except SwarmdError as e:
-                if e.code not in RETRYABLE:
-                    raise
-                last = e
-                self._orch_index = (self._orch_index + i + 1) % n
-        assert last is not None
-        raise last
-
-    def _worker_for(self, model: str, exclude: set[bytes]) -> bytes | None:
-        """Fallback choice from the workers' own records: one already serving the model if any
-        (least queued, random among equals), else any ONLINE worker, which loads the model
-        from a store on its first request."""
-        serving: list[tuple[float, float, bytes]] = []
-        other: list[tuple[float, float, bytes]] = []
-        for pk, payload in self.peers.workers.items():
-            if pk in exclude:
-                continue
-            models = payload.get("models")
-            has = isinstance(models, list) and any(
-                (m.get("name") if isinstance(m, dict) else m) == model for m in models
-            )
-            load = payload.get("load") if isinstance(payload.get("load"), dict) else {}
-            try:
-                queue = float(load.get("queue", 0) or 0) + float(load.get("in_flight", 0) or 0)
-            except (TypeError, ValueError):
-                queue = 0.0
-            (serving if has else other).append((queue, random.random(), pk))
-        pool = serving or other
-        return min(pool)[2] if pool else None
+        return await self.router.call_any(candidates, method, params)
 
     async def _choose(self, model: str, exclude: set[bytes]) -> bytes:
-        if self.peers.orchestrators:
-            try:
-                ans = await self._call_any(self.peers.orchestrators, "findAvailableWorker", {"model": model})
-                pk = bytes.fromhex(ans["public_key"])
-                if pk not in exclude:
-                    return pk
-            except SwarmdError as e:
-                # NOT_FOUND: no worker has loaded the model yet; any worker fetches it on its first request
-                if e.code not in RETRYABLE and e.code != ERR_NOT_FOUND:
-                    raise
-            except (KeyError, TypeError, ValueError):
-                self.log.bind(event="bad_orchestrator_answer").warning("findAvailableWorker gave a malformed answer")
-        pk = self._worker_for(model, exclude)
-        if pk is None:
-            raise SwarmdError(ERR_UNAVAILABLE, f"no worker is available for model {model!r}")
-        return pk
+        return await self.router.choose(model, exclude)
 
     # -- InferenceBackend -----------------------------------------------------------
 
@@ -241,15 +174,24 @@ class SwarmBackend:
             params["request_id"] = request_id
         deadline = time.monotonic() + self.config.infer_timeout
         if self.fleet is not None:
+            b = self.fleet.balancer
             try:
                 res, lease = await self.fleet.route("runInference", params, model=model,
                                                     budget=self.config.infer_timeout)
             except SwarmdError as e:
-                if e.code != ERR_NOT_FOUND or not self.fleet.balancer.candidates(None):
+                if e.code not in (ERR_NOT_FOUND, ERR_UNAVAILABLE):
                     raise
-                # No worker serves it yet: any worker loads it from a store on its first request.
+                others = b.candidates(None)
+                if not others:
+                    if e.code == ERR_NOT_FOUND:
+                        raise SwarmdError(ERR_UNAVAILABLE, "no worker is available yet; retry shortly") from None
+                    raise
+                if e.code == ERR_UNAVAILABLE and len(others) <= len(b.candidates(model)):
+                    raise  # every worker that could take it has failed
+                # Nobody serves it yet, or everyone who did has failed: any other worker fetches
+                # the model from a store on its first request.
                 res, lease = await self.fleet.route("runInference", params, model=None,
-                                                    budget=self.config.infer_timeout)
+                                                    budget=max(0.1, deadline - time.monotonic()))
             return self._result(res, model, bytes.fromhex(lease.public_key))
         if self.config.route == "orchestrator":
             try:
@@ -259,29 +201,8 @@ class SwarmBackend:
                 if e.code != ERR_NOT_FOUND or not self.peers.workers:
                     raise
                 # no worker has loaded the model yet: the direct path below lets one fetch it
-        tried: set[bytes] = set()
-        last: SwarmdError | None = None
-        for _ in range(MAX_ATTEMPTS):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            pk = await self._choose(model, tried)
-            tried.add(pk)
-            try:
-                res = await self._request(pk, "runInference", params, remaining)
-            except SwarmdError as e:
-                if e.code not in RETRYABLE:
-                    raise
-                last = e
-                self.log.bind(event="worker_failed", worker=_hex(pk)[:16], code=e.code).info(
-                    "runInference on {} failed with {}; trying another worker", _hex(pk)[:16], e.code
-                )
-                continue
-            return self._result(res, model, pk)
-        if last is None:
-            raise SwarmdError(ERR_TIMEOUT, f"no time left to run model {model!r}")
-        raise SwarmdError(ERR_UNAVAILABLE if last.code != ERR_OVERLOADED else ERR_OVERLOADED,
-                          f"inference failed on {len(tried)} worker(s); last: {last.code}: {last.message}")
+        res, pk = await self.router.infer(params, max(deadline - time.monotonic(), 0.0))
+        return self._result(res, model, pk)
 
     @staticmethod
     def _result(res: Any, model: str, pk: bytes | None = None) -> InferResult:

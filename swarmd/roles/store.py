@@ -30,7 +30,8 @@ from swarmd.store.replication import Pull, plan_replication, rows_to_adopt
 from swarmd.store.transfer import pull_stream
 from swarmd.topics import STORES, blob_topic, model_topic
 
-MAX_STATE_ROWS = 100_000  # bound on a peer's catalog we are willing to read
+MAX_STATE_ROWS = 100_000
+WRITE_BATCH = 4 << 20  # upload bytes gathered before one hash+write in a thread  # bound on a peer's catalog we are willing to read
 
 
 def _params(params: Any, allowed: set[str], required: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
@@ -109,6 +110,7 @@ class StoreRole(Role):
     def __init__(self, ctx: NodeContext) -> None:
         super().__init__(ctx)
         self.config = ctx.settings.store
+        self.config.validate()
         self.store: ModelStore | None = None
         self.key = ctx.identity.public_hex
         self._upload_locks: dict[str, tuple[asyncio.Lock, int]] = {}  # digest -> (lock, holders + waiters)
@@ -121,6 +123,8 @@ class StoreRole(Role):
         self._loop_task: asyncio.Task[None] | None = None
         self._peers: dict[str, Any] = {}  # static peers' open connections, by key
         self._records: dict[str, Any] = {}  # STORES records from the last lookup, by key
+        self._unreachable: set[str] = set()
+        self._full_round = False
         self._static_peers = [self._parse_peer(p) for p in self.config.peers]
         self.log = logger.bind(role="store", node=self.key[:16])
 
@@ -169,8 +173,9 @@ class StoreRole(Role):
         task, self._loop_task = self._loop_task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            done, _ = await asyncio.wait({task}, timeout=10.0)
+            if not done:
+                self.log.bind(event="stop_slow").warning("replication loop did not stop within 10 s")
         m = self.ctx.methods
         if m is not None:
             for name in ("listModels", "getModel", "uploadStatus", "deleteModel", "storeState", "downloadBlob",
@@ -294,6 +299,8 @@ class StoreRole(Role):
     async def _receive(self, ctx: Any, req: PushRequest, offset: int, stream: Any) -> ModelMeta:
         core = self.core
         up = await asyncio.to_thread(core.begin, req)
+        pending: list[bytes] = []
+        done = False
         try:
             if offset > up.offset:
                 raise SwarmdError(
@@ -303,6 +310,7 @@ class StoreRole(Role):
                     {"received": up.offset},
                 )
             skip = up.offset - offset  # bytes the client re-sends that we already have
+            pending_bytes = 0
             timeout = self.config.transfer_timeout
             while True:
                 try:
@@ -317,10 +325,20 @@ class StoreRole(Role):
                     skip -= cut
                     buf = buf[cut:]
                 if buf:
-                    up.write(buf)
+                    pending.append(buf)
+                    pending_bytes += len(buf)
+                    if pending_bytes >= WRITE_BATCH:
+                        batch, pending, pending_bytes = b"".join(pending), [], 0
+                        await _write_in_thread(up, batch)
+            batch, pending = b"".join(pending), []
+            await _write_in_thread(up, batch)
             uploader = ctx.peer.hex() if isinstance(getattr(ctx, "peer", None), bytes) else ""
+            done = True
             return await asyncio.to_thread(core.complete, up, uploader=uploader)
         finally:
+            if pending and not done:  # the client went away: keep what arrived for its resume
+                with contextlib.suppress(SwarmdError, OSError):
+                    up.write(b"".join(pending))
             up.close()
 
     # -- announcements -----------------------------------------------------------
@@ -374,16 +392,19 @@ class StoreRole(Role):
                 return peer
         swarm = self.ctx.swarm
         if swarm is not None:
-            return await asyncio.wait_for(
-                swarm.connect(bytes.fromhex(key), self._records.get(key)), self.config.transfer_timeout
-            )
+            async with asyncio.timeout(self.config.transfer_timeout):
+                return await swarm.connect(bytes.fromhex(key), self._records.get(key))
         raise SwarmdError(ERR_BAD_REQUEST, f"no way to reach store {key[:16]}")
 
     async def _replicate_loop(self) -> None:
         self._peers = {}
+        timed = False  # woken rounds (upload, delete, corruption) skip the scrub: it competes with transfers
         try:
             while True:
+                timed, self._full_round = timed or self._full_round, False
                 try:
+                    if timed and await asyncio.to_thread(self.core.scrub, self.config.scrub_per_round):
+                        self._wake.set()  # something rotted: the next round re-fetches it at once
                     await self._announce()
                     await self.replicate_once()
                     await self._announce()
@@ -398,8 +419,13 @@ class StoreRole(Role):
                 self._round_done.set()
                 self._wake.clear()
                 interval = self.config.replicate_interval * (0.8 + 0.4 * random.random())
+                # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that lands as
+                # the wake-up does, and the loop would outlive stop()
+                timed = True
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), interval)
+                    async with asyncio.timeout(interval):
+                        await self._wake.wait()
+                        timed = False
         finally:
             peers, self._peers = self._peers, {}
             for peer in peers.values():
@@ -407,7 +433,8 @@ class StoreRole(Role):
                     await peer.close()
 
     async def wait_round(self) -> None:
-        """Wait for the next replication round to finish (tests, operators)."""
+        """Run a full round now (scrub included) and wait for it to finish (tests, operators)."""
+        self._full_round = True
         self._round_done.clear()
         self._wake.set()
         await self._round_done.wait()
@@ -426,11 +453,17 @@ class StoreRole(Role):
             rows = obj.get("models", [])
             if not isinstance(rows, list) or len(rows) > MAX_STATE_ROWS:
                 raise SwarmdError(ERR_BAD_REQUEST, "storeState.models must be a list")
-            return PeerState(key, sets["have"], sets["missing"], sets["refused"], [_meta_from_wire(r) for r in rows])
+            state = PeerState(key, sets["have"], sets["missing"], sets["refused"], [_meta_from_wire(r) for r in rows])
         except (SwarmdError, OSError, TimeoutError) as e:
             self._peers.pop(key, None)
-            self.log.bind(event="store_unreachable", peer=key[:16]).info("store {} unreachable: {}", key[:16], e)
+            if key not in self._unreachable:  # one line per change, not one per round: a dead
+                self._unreachable.add(key)  # store's record lingers on STORES until it expires
+                self.log.bind(event="store_unreachable", peer=key[:16]).info("store {} unreachable: {}", key[:16], e)
             return None
+        if key in self._unreachable:
+            self._unreachable.discard(key)
+            self.log.bind(event="store_reachable", peer=key[:16]).info("store {} reachable again", key[:16])
+        return state
 
     async def replicate_once(self) -> list[Pull]:
         """One round: learn peers' state, adopt their deletions, pull what the plan gives us."""
@@ -444,6 +477,10 @@ class StoreRole(Role):
             if rows:
                 adopted += await asyncio.to_thread(core.apply_tombstones, rows)
                 local = {(m.name, m.version): m for m in core.catalog.list(include_deleted=True)}
+        if adopted:
+            self.log.bind(event="deletions_adopted", count=len(adopted)).info(
+                "adopted {} deletions made on other stores", len(adopted)
+            )
         rows = list(local.values())
         live_digests = {m.digest for m in rows if m.deleted is None}
         mine = PeerState(self.key, core.holdings(), core.missing(),
@@ -490,6 +527,19 @@ class StoreRole(Role):
             up.close()
         self.pulled += bool(taken)
         return bool(taken)
+
+
+async def _write_in_thread(up: Any, data: bytes) -> None:
+    """Hash + write a batch in a thread (both release the GIL) while the loop decrypts what
+    follows; a cancel waits for the write, so the session is never closed under it."""
+    if not data:
+        return
+    task = asyncio.ensure_future(asyncio.to_thread(up.write, data))
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait({task})
+        raise
 
 
 ROLE = StoreRole

@@ -140,6 +140,7 @@ class UploadSession:
         _fsync_dir(dst.parent)
         _fsync_dir(self.path.parent)
         self.close()
+        self.blobs.mark_verified(self.digest)  # hashed as it arrived: the first read needs no re-hash
         return dst
 
     def discard(self) -> None:
@@ -209,8 +210,12 @@ class BlobStore:
             return (self.incoming / f"{digest}.part").stat().st_size
         return 0
 
-    def verify(self, digest: str) -> Path:
-        """The blob's path after checking its sha256; corrupt blobs are quarantined (ERR_CORRUPT)."""
+    def verify(self, digest: str, *, force: bool = False) -> Path:
+        """The blob's path after checking its sha256; corrupt blobs are quarantined (ERR_CORRUPT).
+
+        A blob already verified with the same size and mtime is not re-hashed unless
+        `force` (the scrub uses it: bit rot changes neither).
+        """
         p = self.path(check_digest(digest))
         try:
             st = p.stat()
@@ -218,7 +223,7 @@ class BlobStore:
             raise SwarmdError(ERR_NOT_FOUND, f"no blob {digest} in this store") from None
         stamp = (st.st_size, st.st_mtime_ns)
         with self._lock:
-            if self._verified.get(digest) == stamp:
+            if not force and self._verified.get(digest) == stamp:
                 return p
         got = hash_file(p).hexdigest()
         if got != digest:
@@ -227,6 +232,12 @@ class BlobStore:
         with self._lock:
             self._verified[digest] = stamp
         return p
+
+    def mark_verified(self, digest: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            st = self.path(digest).stat()
+            with self._lock:
+                self._verified[digest] = (st.st_size, st.st_mtime_ns)
 
     def read(self, digest: str, offset: int = 0, chunk: int = READ_CHUNK) -> Iterator[bytes]:
         """Chunks of a verified blob from offset; a blob that rots mid-read raises ERR_CORRUPT."""

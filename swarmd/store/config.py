@@ -14,6 +14,23 @@ class StoreConfig:
     chunk_bytes: int = 256 * 1024  # stream chunk size for uploads and downloads
     incoming_ttl: float = 24 * 3600.0  # partial uploads untouched this long are dropped at gc
     replicate_interval: float = 10.0  # seconds between replication rounds
+    scrub_per_round: int = 1  # blobs re-hashed each round, so rot in unread blobs is found and repaired
     max_parallel_pulls: int = 2  # blobs a store pulls from peers at once
     peers: list[str] = field(default_factory=list)  # HEXKEY@HOST:PORT stores to replicate with besides the swarm's
     transfer_timeout: float = 30.0  # bound on each network step of a transfer (per chunk, per call)
+
+    def validate(self) -> None:
+        """Refuse values that would make the store useless or unbounded, naming the key."""
+        from swarmd.errors import ConfigError
+
+        positive = ("max_model_bytes", "chunk_bytes", "incoming_ttl", "replicate_interval", "max_parallel_pulls",
+                    "transfer_timeout")
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"store.{key} must be positive, got {getattr(self, key)!r}")
+        if self.replication_factor < 1:
+            raise ConfigError(f"store.replication_factor must be at least 1, got {self.replication_factor}")
+        if self.scrub_per_round < 0:
+            raise ConfigError(f"store.scrub_per_round must be 0 or more, got {self.scrub_per_round}")
+        if self.chunk_bytes > 16 << 20:
+            raise ConfigError(f"store.chunk_bytes must be at most 16 MiB, got {self.chunk_bytes}")

@@ -100,6 +100,7 @@ class ModelStore:
         self.catalog = Catalog(root / "meta.sqlite")
         self._lock = threading.RLock()  # commit-vs-gc: a blob is never removed while a row is being added for it
         self._active: set[str] = set()  # digests with an upload open in this process
+        self._scrub_cursor = ""
         self.recover()
 
     def close(self) -> None:
@@ -379,6 +380,23 @@ class ModelStore:
                 removed += self._collect(digest)
         self.blobs.sweep_incoming(self.config.incoming_ttl)
         return removed
+
+    def scrub(self, count: int = 1) -> list[str]:
+        """Re-hash the next `count` blobs (in digest order, resuming where the last call
+        stopped) so rot is found even in blobs nobody reads; returns the corrupt ones."""
+        digests = sorted(self.holdings())
+        if not digests or count <= 0:
+            return []
+        after = [d for d in digests if d > self._scrub_cursor] or digests
+        bad = []
+        for d in after[:count]:
+            self._scrub_cursor = d
+            try:
+                self.blobs.verify(d, force=True)
+            except SwarmdError as e:
+                if e.code == ERR_CORRUPT:
+                    bad.append(d)
+        return bad
 
     def holdings(self) -> set[str]:
         """Digests of live models whose blob is on disk (what this store can serve)."""

@@ -1,0 +1,132 @@
+"""`swarmd status [--json]`: what the node running on this data dir is doing.
+
+Reads the node's status.json (key, roles, ports), asks the node over RPC for
+its connections (`swarm.status`) and NAT report (`nat.status`, when the node
+has traversal), and looks the swarm up from the node's own DHT port for the
+workers (state and live load from their records) and the models the stores
+hold. Each part that cannot be had says why instead of failing the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from swarmd.errors import ERR_NOT_FOUND, ERR_UNKNOWN_METHOD, SwarmdError
+
+NAME = "status"
+HELP = "the running node's roles, NAT type, peers, workers with load and models (same --data-dir)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds per question (default 5)")
+
+
+def read_status_file(data_dir: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads((data_dir / "status.json").read_text())
+        bytes.fromhex(doc["public_key"])
+        int(doc["ports"]["rpc"])
+        return doc
+    except (OSError, ValueError, KeyError, TypeError):
+        raise SwarmdError(
+            ERR_NOT_FOUND, f"no running node found in {data_dir} (status.json missing or unreadable)"
+        ) from None
+
+
+async def gather_status(settings: Any, timeout: float) -> dict[str, Any]:  # noqa: ASYNC109
+    """Everything `swarmd status` prints, as one JSON-able object."""
+    from swarmd.topics import WORKERS
+    from swarmd_rpc import Client, ClientConfig
+
+    data_dir = Path(settings.node.data_dir)
+    doc = read_status_file(data_dir)
+    out: dict[str, Any] = {
+        "public_key": doc["public_key"],
+        "roles": doc.get("roles", []),
+        "ports": doc.get("ports", {}),
+        "pid": doc.get("pid"),
+        "version": doc.get("version"),
+        "errors": {},
+    }
+    # a throwaway key, never the node's own: two connections under one key would be deduplicated
+    # against the node's real ones by every peer that sees them
+    cfg = ClientConfig(timeout=timeout, lookup_timeout=timeout)
+    async with Client.for_peer(doc["public_key"], "127.0.0.1", int(doc["ports"]["rpc"]), config=cfg) as node:
+        try:
+            sw = await node.call(None, "swarm.status")
+            out["dht"] = {k: sw["dht"].get(k) for k in ("address", "mode", "reflexive", "records_held")}
+            out["dht"]["contacts"] = len(sw["dht"].get("contacts", []))
+            out["peers"] = sw.get("peers", [])
+        except SwarmdError as e:
+            out["errors"]["peers"] = f"{e.code}: {e.message}"
+        try:
+            nat = await node.call(None, "nat.status")
+            out["nat"] = nat.get("nat", nat) if isinstance(nat, dict) else nat
+        except SwarmdError as e:
+            out["nat"] = None
+            if e.code != ERR_UNKNOWN_METHOD:
+                out["errors"]["nat"] = f"{e.code}: {e.message}"
+    boot = [f"127.0.0.1:{out['ports']['dht']}"] if isinstance(out["ports"].get("dht"), int) else []
+    boot += list(settings.node.bootstrap)
+    out["workers"], out["models"] = [], []
+    if not boot:
+        out["errors"]["swarm"] = "the node lists no DHT port and no --bootstrap was given"
+        return out
+    async with Client(boot, swarm_secret=settings.node.swarm_secret, config=cfg) as swarm:
+        try:
+            for rec in await swarm.lookup(WORKERS):
+                p = rec.payload if isinstance(rec.payload, dict) else {}
+                models = [m.get("name") if isinstance(m, dict) else m for m in p.get("models") or []]
+                out["workers"].append({"public_key": rec.public_key.hex(), "state": p.get("state"),
+                                       "load": p.get("load") or {}, "models": models,
+                                       "addresses": [f"{h}:{pt}" for h, pt in rec.addresses]})
+        except SwarmdError as e:
+            out["errors"]["workers"] = f"{e.code}: {e.message}"
+        try:
+            out["models"] = [{k: m.get(k) for k in ("name", "version", "digest", "size", "tags")}
+                             for m in await swarm.models.list()]
+        except SwarmdError as e:
+            out["errors"]["models"] = f"{e.code}: {e.message}"
+    return out
+
+
+def print_status(st: dict[str, Any]) -> None:
+    print(f"node     {st['public_key']}  pid {st.get('pid')}  version {st.get('version')}")
+    print(f"roles    {', '.join(st['roles']) or '-'}")
+    print(f"ports    {', '.join(f'{k} {v}' for k, v in st['ports'].items())}")
+    nat = st.get("nat")
+    if isinstance(nat, dict):
+        print(f"nat      {nat.get('type')}  public {nat.get('public_address') or '-'}")
+    else:
+        print("nat      not reported by this node")
+    if "dht" in st:
+        d = st["dht"]
+        print(f"dht      mode {d['mode']}  contacts {d['contacts']}  records held {d['records_held']}")
+    peers = st.get("peers", [])
+    print(f"peers    {len(peers)}")
+    for p in peers:
+        print(f"  {p['public_key'][:16]}  {'in ' if p['inbound'] else 'out'}  {p.get('path', 'direct')}")
+    print(f"workers  {len(st['workers'])}")
+    for w in st["workers"]:
+        load = w["load"]
+        print(f"  {w['public_key'][:16]}  {w['state'] or '?':8} queue {load.get('queue', 0)}  in-flight "
+              f"{load.get('in_flight', 0)}  ewma {load.get('ewma_ms', 0)} ms  models {','.join(map(str, w['models'])) or '-'}")
+    print(f"models   {len(st['models'])}")
+    for m in st["models"]:
+        print(f"  {m['name']}:{m['version']}  {str(m['digest'])[:12]}  {m['size']} B")
+    for part, err in st["errors"].items():
+        print(f"({part}: {err})", file=sys.stderr)
+
+
+async def run(args: argparse.Namespace) -> int:
+    st = await gather_status(args.settings, args.timeout)
+    if args.json:
+        print(json.dumps(st))
+    else:
+        print_status(st)
+    return 0

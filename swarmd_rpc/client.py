@@ -1,0 +1,605 @@
+"""The async client: a short-lived member of a swarm, or a channel to one peer.
+
+A swarm client runs a client-mode DHT node (it looks up and announces, but
+never enters other nodes' routing tables, where it would be a dead contact
+once it exits) and a Swarm of its own for pooled, Noise-authenticated
+connections. Inference is routed the way the gateway routes it
+(swarmd.orchestrator.remote: an orchestrator's choice, else the least loaded
+worker record, failover to another worker); model transfers use the store's
+streams through swarmd.store.transfer. Nothing here needs a daemon on this box.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, ParamSpec, TypeVar
+
+import numpy as np
+
+from swarmd.errors import (
+    ERR_BAD_REQUEST,
+    ERR_CLOSED,
+    ERR_NOT_FOUND,
+    ERR_PROTOCOL,
+    ERR_TIMEOUT,
+    ERR_UNAVAILABLE,
+    ERR_UNKNOWN_METHOD,
+    SwarmdError,
+)
+from swarmd.node.identity import Identity
+from swarmd.orchestrator.remote import RemoteRouter, SwarmView
+from swarmd.store.transfer import Progress, pull_file, push_file
+from swarmd.topics import ORCHESTRATORS, STORES, WORKERS, model_topic
+from swarmd_rpc.errors import Closed, translate
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _translated(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Raise the library's per-code exception classes instead of bare SwarmdError/TimeoutError/OSError."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except (SwarmdError, TimeoutError, OSError) as e:
+            out = translate(e)
+            if out is e:
+                raise
+            raise out from e
+
+    return wrapper
+
+
+def _public_key(value: bytes | str) -> bytes:
+    pk = bytes.fromhex(value) if isinstance(value, str) else bytes(value)
+    if len(pk) != 32:
+        raise SwarmdError(ERR_BAD_REQUEST, "a public key is 32 bytes (64 hex digits)")
+    return pk
+
+
+def _hostport(value: str | tuple[str, int]) -> tuple[str, int]:
+    if isinstance(value, tuple):
+        return value[0], int(value[1])
+    from swarmd.settings import parse_hostport
+
+    return parse_hostport(value, what="bootstrap entry")
+
+
+@dataclass
+class ClientConfig:
+    """Tunables of a Client; every field has a default that suits a laptop talking to a LAN swarm."""
+
+    bootstrap: list[str | tuple[str, int]] = field(default_factory=list)  # HOST:PORT of DHT nodes
+    swarm_secret: bytes | str | None = None  # private swarm: the secret its nodes use (hex or bytes)
+    timeout: float = 30.0  # default seconds for call(), push/pull steps
+    infer_timeout: float = 30.0  # budget of one infer() including failover
+    lookup_timeout: float = 5.0  # one DHT lookup
+    discovery_ttl: float = 5.0  # how long a lookup of the role topics is reused
+    settle: float = 1.0  # store lookups return this long after the first record (no full crawl wait)
+    # "orchestrator": ask an orchestrator's findAvailableWorker for each request (its health checks and
+    # latency-aware choice; one more round trip); "records": pick the least loaded ONLINE worker from the
+    # workers' own DHT records (one hop; load is as fresh as their announcements)
+    route: Literal["orchestrator", "records"] = "orchestrator"
+    listen_host: str = "127.0.0.1"  # where our RPC server listens (peers dial it after join(announce=True))
+    dht_host: str = "0.0.0.0"
+    dht_port: int = 0
+
+
+@dataclass
+class Inference:
+    """One inference's answer: the outputs and who computed them."""
+
+    model: str
+    version: str
+    outputs: dict[str, np.ndarray]
+    worker: str | None  # hex public key of the worker, when known
+
+
+@dataclass(frozen=True)
+class PeerAddress:
+    """One peer reached directly, with no DHT: its key (pinned by the Noise handshake) and address."""
+
+    public_key: bytes
+    host: str
+    port: int
+
+
+class Client:
+    """Async client of a swarmd swarm.
+
+        async with Client(bootstrap=["10.0.0.1:7000"]) as c:
+            out = await c.infer("digits", {"input": x})
+
+    Give `bootstrap` to join a swarm, or use Client.for_peer() to talk to one
+    peer by key and address. `identity` is an Identity or a key file path
+    (created if missing); by default a throwaway key is made, which is what
+    a peer's firewall sees unless it admits anonymous readers.
+    """
+
+    def __init__(
+        self,
+        bootstrap: list[str | tuple[str, int]] | None = None,
+        *,
+        identity: Identity | str | Path | None = None,
+        swarm_secret: bytes | str | None = None,
+        config: ClientConfig | None = None,
+        peer: PeerAddress | None = None,
+    ) -> None:
+        self.config = config or ClientConfig()
+        if bootstrap is not None:
+            self.config.bootstrap = list(bootstrap)
+        if swarm_secret is not None:
+            self.config.swarm_secret = swarm_secret
+        if isinstance(identity, (str, Path)):
+            identity = Identity.load_or_create(Path(identity).expanduser())
+        self.identity: Identity = identity or Identity.generate()
+        self.peer_address = peer
+        self.models = Models(self)
+        self.router = RemoteRouter(self._request)
+        self._records: dict[bytes, Any] = {}  # public key -> newest PeerRecord seen by discovery
+        self._dht: Any = None
+        self._server: Any = None
+        self._swarm: Any = None
+        self._direct: Any = None  # RpcPeer in single-peer mode
+        self._started = False
+        self._closed = False
+        self._start_lock = asyncio.Lock()
+
+    # -- construction --------------------------------------------------------------
+
+    @classmethod
+    def for_peer(
+        cls,
+        public_key: bytes | str,
+        host: str,
+        port: int,
+        *,
+        identity: Identity | str | Path | None = None,
+        config: ClientConfig | None = None,
+    ) -> Client:
+        """A client of one peer (no DHT): every call, inference and transfer goes to it."""
+        return cls(identity=identity, config=config, peer=PeerAddress(_public_key(public_key), host, int(port)))
+
+    @classmethod
+    def from_settings(
+        cls, settings: Any, *, config: ClientConfig | None = None, identity: Identity | str | Path | None = None
+    ) -> Client:
+        """A client joined to the swarm of a node's settings (bootstrap, swarm secret).
+
+        The key is a throwaway one unless `identity` is given: reusing the node's own key from
+        its data dir would make the node's peers see two connections under one key (and
+        deduplicate the node's real one away), and the node itself unreachable from us."""
+        cfg = config or ClientConfig()
+        cfg.bootstrap = list(settings.node.bootstrap)
+        cfg.swarm_secret = settings.node.swarm_secret
+        return cls(identity=identity, config=cfg)
+
+    @_translated
+    async def start(self) -> Client:
+        """Bootstrap the DHT node (swarm mode) or open the channel (peer mode). Idempotent."""
+        async with self._start_lock:
+            if self._closed:
+                raise Closed("the client is closed")
+            if self._started:
+                return self
+            if self.peer_address is not None:
+                from swarmd.rpc import connect
+
+                pa = self.peer_address
+                self._direct = await connect(
+                    self.identity, pa.host, pa.port, remote_public_key=pa.public_key, timeout=self.config.timeout
+                )
+            else:
+                await self._start_swarm()
+            self._started = True
+        return self
+
+    async def _start_swarm(self) -> None:
+        from swarmd.dht import DhtConfig, DhtNode
+        from swarmd.rpc import Methods, RpcServer
+        from swarmd.swarm import Swarm, SwarmConfig
+
+        cfg = self.config
+        if not cfg.bootstrap:
+            raise SwarmdError(
+                ERR_BAD_REQUEST,
+                "a swarm client needs bootstrap=['HOST:PORT', ...]; use Client.for_peer() for a single peer",
+            )
+        boot = [_hostport(b) for b in cfg.bootstrap]
+        secret = cfg.swarm_secret
+        if isinstance(secret, str):
+            secret = bytes.fromhex(secret)
+        dht = DhtNode(
+            Identity.generate(),
+            DhtConfig(host=cfg.dht_host, port=cfg.dht_port, bootstrap=boot, mode="client",
+                      lookup_timeout=cfg.lookup_timeout),
+        )
+        await dht.start()
+        server = RpcServer(self.identity, Methods(), cfg.listen_host, 0)
+        try:
+            await server.start()
+            swarm = Swarm(
+                self.identity,
+                dht,
+                server,
+                SwarmConfig(secret=secret, announce_self=False, lookup_timeout=cfg.lookup_timeout,
+                            request_timeout=cfg.timeout),
+            )
+            await swarm.start()
+        except BaseException:
+            await server.stop()
+            await dht.stop()
+            raise
+        self._dht, self._server, self._swarm = dht, server, swarm
+
+    async def close(self) -> None:
+        """Leave joined topics, close connections, stop the DHT node. Idempotent."""
+        self._closed = True
+        swarm, server, dht, direct = self._swarm, self._server, self._dht, self._direct
+        self._swarm = self._server = self._dht = self._direct = None
+        if direct is not None:
+            with contextlib.suppress(Exception):
+                await direct.close()
+        if swarm is not None:
+            with contextlib.suppress(Exception):
+                await swarm.stop()
+        if server is not None:
+            with contextlib.suppress(Exception):
+                await server.stop()
+        if dht is not None:
+            with contextlib.suppress(Exception):
+                await dht.stop()
+
+    async def __aenter__(self) -> Client:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- plumbing ------------------------------------------------------------------
+
+    async def _ready(self) -> None:
+        if self._closed:
+            raise Closed("the client is closed")
+        if not self._started:
+            await self.start()
+
+    def _need_swarm(self, what: str) -> Any:
+        if self._swarm is None:
+            raise SwarmdError(ERR_UNAVAILABLE, f"{what} needs a swarm client (bootstrap=...), not a single-peer one")
+        return self._swarm
+
+    async def _peer(self, public_key: bytes) -> Any:
+        """A connected RpcPeer for public_key (streams need the peer itself, not swarm.request)."""
+        if self._direct is not None:
+            if public_key != self._direct.remote_public_key:
+                raise SwarmdError(ERR_NOT_FOUND, f"this client talks to one peer only, not {public_key.hex()[:16]}…")
+            return self._direct
+        return await self._swarm.connect(public_key, self._records.get(public_key))
+
+    async def _request(self, public_key: bytes, method: str, params: Any, timeout: float) -> Any:  # noqa: ASYNC109
+        """What the router calls: the record from discovery when we have one, else a lookup by key."""
+        peer = await self._peer(public_key)
+        return await peer.call(method, params, timeout=timeout)
+
+    async def _view(self, *, fresh: bool = False) -> SwarmView:
+        """The role topics' records, looked up at most every discovery_ttl seconds."""
+        view = self.router.view
+        if not fresh and view.at and time.monotonic() - view.at < self.config.discovery_ttl:
+            return view
+        orchs, workers = await asyncio.gather(
+            self.lookup(ORCHESTRATORS, settle=self.config.settle), self.lookup(WORKERS, settle=self.config.settle)
+        )
+        new = SwarmView(at=time.monotonic())
+        new.orchestrators = [r.public_key for r in orchs] if self.config.route == "orchestrator" else []
+        for r in workers:
+            payload = r.payload if isinstance(r.payload, dict) else {}
+            if payload.get("state", "ONLINE") == "ONLINE":
+                new.workers[r.public_key] = payload
+        self.router.view = new
+        return new
+
+    # -- topics and calls ------------------------------------------------------------
+
+    @_translated
+    async def lookup(
+        self,
+        topic: str | bytes,
+        timeout: float | None = None,  # noqa: ASYNC109
+        *,
+        first_only: bool = False,
+        settle: float | None = None,
+    ) -> list[Any]:
+        """Records (swarmd.dht.records.PeerRecord: public_key, addresses, payload, seq, expiry) of
+        peers announcing topic, a name or a 32-byte topic hash.
+
+        By default the whole lookup runs (bounded by timeout). first_only returns as soon as one
+        record arrives; settle=S returns S seconds after the first one: an unresponsive DHT node
+        costs a full crawl its timeout, and a person at a prompt waits on it."""
+        await self._ready()
+        swarm = self._need_swarm("lookup")
+        found: dict[bytes, Any] = {}
+        loop = asyncio.get_running_loop()
+        deadline = settle_until = loop.time() + (timeout or self.config.lookup_timeout)
+        async with contextlib.aclosing(swarm.lookup(topic)) as it:
+            while True:
+                wait = deadline - loop.time()
+                if found and settle is not None:
+                    wait = min(wait, settle_until - loop.time())
+                if wait <= 0:
+                    break
+                try:
+                    rec = await asyncio.wait_for(anext(it), wait)
+                except (StopAsyncIteration, TimeoutError):
+                    break
+                if not found and settle is not None:
+                    settle_until = loop.time() + settle
+                if rec.public_key not in found or found[rec.public_key].seq < rec.seq:
+                    found[rec.public_key] = rec
+                if first_only:
+                    break
+        for rec in found.values():
+            self._records[rec.public_key] = rec
+        return list(found.values())
+
+    @_translated
+    async def connect(self, public_key: bytes | str) -> Any:
+        """A pooled, Noise-authenticated RpcPeer to the peer with this key (for streams and many
+        calls); the record from an earlier lookup is used when there is one, else the DHT is asked.
+        The client owns the connection: it closes with the client."""
+        await self._ready()
+        return await self._peer(_public_key(public_key))
+
+    @_translated
+    async def join(
+        self,
+        topic: str | bytes,
+        *,
+        payload: dict[str, Any] | None = None,
+        announce: bool = True,
+        lookup: bool = True,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> bytes:
+        """Announce this client under topic (peers can then dial it) and/or connect to the peers
+        announcing it; waits for the first round. Returns the 32-byte topic."""
+        await self._ready()
+        swarm = self._need_swarm("join")
+        t = await swarm.join(topic, announce=announce, lookup=lookup, payload=payload)
+        await swarm.flush(timeout or self.config.lookup_timeout * 2)
+        return t
+
+    @_translated
+    async def leave(self, topic: str | bytes) -> None:
+        """Stop announcing and looking up topic; our record is withdrawn."""
+        await self._ready()
+        await self._need_swarm("leave").leave(topic)
+
+    def connected_peers(self) -> list[bytes]:
+        """Public keys of the peers this client holds a connection to."""
+        if self._direct is not None:
+            return [] if self._direct.is_closed else [self._direct.remote_public_key]
+        if self._swarm is None:
+            return []
+        return [pk for pk, *_ in self._swarm.peers()]
+
+    @_translated
+    async def call(
+        self,
+        public_key: bytes | str | None,
+        method: str,
+        params: Any = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> Any:
+        """Call method on the peer with public_key (found on the DHT by its key); None means the
+        single peer of a for_peer() client. Raises the exception class of the peer's error code."""
+        await self._ready()
+        t = timeout or self.config.timeout
+        if public_key is None:
+            if self._direct is None:
+                raise SwarmdError(ERR_BAD_REQUEST, "public_key is required on a swarm client")
+            return await self._direct.call(method, params, timeout=t)
+        pk = _public_key(public_key)
+        if self._direct is not None:
+            return await self._request(pk, method, params, t)
+        return await self._swarm.request(pk, method, params, timeout=t)
+
+    # -- inference ---------------------------------------------------------------------
+
+    @_translated
+    async def infer_detailed(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        version: str | None = None,
+        *,
+        outputs: list[str] | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> Inference:
+        """Like infer(), also saying which model version and which worker answered."""
+        await self._ready()
+        if not isinstance(inputs, Mapping) or not inputs:
+            raise SwarmdError(ERR_BAD_REQUEST, "inputs must be a non-empty map of input name to array")
+        params: dict[str, Any] = {"model": model, "inputs": {str(k): np.asarray(v) for k, v in inputs.items()}}
+        if version is not None:
+            params["version"] = version
+        if outputs is not None:
+            params["outputs"] = list(outputs)
+        if request_id is not None:
+            params["request_id"] = request_id
+        budget = timeout or self.config.infer_timeout
+        worker: bytes | None = None
+        if self._direct is not None:
+            try:
+                res = await self._direct.call("runInference", params, timeout=budget)
+                worker = self._direct.remote_public_key
+            except SwarmdError as e:  # the one peer is an orchestrator, not a worker
+                if e.code != ERR_UNKNOWN_METHOD:
+                    raise
+                res = await self._direct.call("routeInferenceRequest", params, timeout=budget)
+        else:
+            deadline = time.monotonic() + budget
+            view = await self._view()
+            fresh = False
+            if not view.orchestrators and not view.workers:
+                view, fresh = await self._view(fresh=True), True
+            try:
+                res, worker = await self.router.infer(params, budget)
+            except SwarmdError as e:
+                # a view up to discovery_ttl old may list only workers that have since gone:
+                # look again once and retry within what is left of the budget
+                left = deadline - time.monotonic()
+                if fresh or e.code != ERR_UNAVAILABLE or left <= 0:
+                    raise
+                await self._view(fresh=True)
+                res, worker = await self.router.infer(params, max(deadline - time.monotonic(), 0.001))
+        if not isinstance(res, dict) or not isinstance(res.get("outputs"), dict):
+            raise SwarmdError(ERR_PROTOCOL, "the worker answered without an outputs map")
+        named = res.get("worker")
+        return Inference(
+            model=str(res.get("model", model)),
+            version=str(res.get("version", "")),
+            outputs={str(k): np.asarray(v) for k, v in res["outputs"].items()},
+            worker=named if isinstance(named, str) else (worker.hex() if worker else None),
+        )
+
+    async def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        version: str | None = None,
+        *,
+        outputs: list[str] | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> dict[str, np.ndarray]:
+        """Run model (latest version unless given) on inputs {name: array}; returns {name: array}.
+
+        A worker that fails in a way another may not (closed, timeout, overloaded, still
+        loading) is replaced by another within the timeout; a bad input fails at once (BadRequest).
+        """
+        res = await self.infer_detailed(model, inputs, version, outputs=outputs, timeout=timeout)
+        return res.outputs
+
+    # -- stores ----------------------------------------------------------------------------
+
+    async def _store_keys(self, topic: str) -> list[bytes]:
+        if self._direct is not None:
+            return [self._direct.remote_public_key]
+        records = await self.lookup(topic, settle=self.config.settle)
+        return [r.public_key for r in records]
+
+
+class Models:
+    """Model operations on the swarm's stores: `client.models.push/pull/list/get`."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    @_translated
+    async def push(
+        self,
+        path: str | Path,
+        name: str,
+        version: str | None = None,
+        *,
+        tags: list[str] | None = None,
+        description: str | None = None,
+        progress: Progress | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> dict[str, Any]:
+        """Upload an ONNX file as name[:version] to one store (replication spreads it); resumes what
+        the store already has. progress(done, total) is called as bytes go out. Returns the metadata."""
+        c = self._client
+        await c._ready()
+        path = Path(path)
+        if not path.is_file():
+            raise SwarmdError(ERR_BAD_REQUEST, f"{path} is not a readable file")
+        t = timeout or c.config.timeout
+        last: SwarmdError | None = None
+        for pk in await c._store_keys(STORES):
+            try:
+                peer = await c._peer(pk)
+            except SwarmdError as e:
+                last = e
+                continue  # a store that went away: its record lingers until it expires
+            return await push_file(peer, path, name, version, tags=tags, description=description,
+                                   progress=progress, timeout=t)
+        raise last or SwarmdError(ERR_UNAVAILABLE, "no store announces itself in the swarm")
+
+    @_translated
+    async def get(self, name: str, version: str | None = None) -> dict[str, Any]:
+        """Metadata of name[:version] (latest when version is None) from any store holding it."""
+        _, meta = await self._find(name, version)
+        return meta
+
+    async def _find(self, name: str, version: str | None) -> tuple[Any, dict[str, Any]]:
+        c = self._client
+        await c._ready()
+        params = {"name": name} if version is None else {"name": name, "version": version}
+        keys = await c._store_keys(model_topic(name)) or await c._store_keys(STORES)
+        last: SwarmdError | None = None
+        for pk in keys:
+            try:
+                peer = await c._peer(pk)
+                return peer, await peer.call("getModel", params, timeout=c.config.timeout)
+            except SwarmdError as e:
+                if e.code not in (ERR_NOT_FOUND, ERR_UNAVAILABLE, ERR_CLOSED, ERR_TIMEOUT):
+                    raise
+                last = e
+        if last is not None and last.code != ERR_NOT_FOUND:
+            raise last
+        raise SwarmdError(ERR_NOT_FOUND, f"no store holds model {name}{':' + version if version else ''}")
+
+    @_translated
+    async def pull(
+        self,
+        name: str,
+        version: str | None,
+        path: str | Path,
+        *,
+        progress: Progress | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> dict[str, Any]:
+        """Download name[:version] (latest when None) to path, verified against its sha256 and
+        written atomically; resumes a partial path + '.part'. Returns the metadata."""
+        c = self._client
+        peer, meta = await self._find(name, version)
+        await pull_file(peer, meta["digest"], Path(path), size=meta["size"], progress=progress,
+                        timeout=timeout or c.config.timeout)
+        return meta
+
+    @_translated
+    async def list(self, name: str | None = None, tag: str | None = None) -> list[dict[str, Any]]:
+        """Metadata of every version every reachable store holds, merged, sorted by name and version."""
+        from swarmd.store.catalog import version_key
+
+        c = self._client
+        await c._ready()
+        params = {k: v for k, v in (("name", name), ("tag", tag)) if v is not None}
+        seen: dict[tuple[str, str], dict[str, Any]] = {}
+        answered = 0
+        last: SwarmdError | None = None
+        for pk in await c._store_keys(STORES):
+            try:
+                peer = await c._peer(pk)
+                ans = await peer.call("listModels", params, timeout=c.config.timeout)
+            except SwarmdError as e:
+                last = e
+                continue
+            answered += 1
+            for m in ans.get("models", []) if isinstance(ans, dict) else []:
+                seen.setdefault((m["name"], m["version"]), m)
+        if not answered and last is not None:
+            raise last
+        return sorted(seen.values(), key=lambda m: (m["name"], version_key(m["version"])))
+
+
+__all__ = ["Client", "ClientConfig", "Inference", "Models", "PeerAddress"]
