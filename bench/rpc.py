@@ -108,7 +108,7 @@ async def serve(kind: str) -> None:
                 n += len(chunk)
             return n
 
-        methods.register("echo", echo)
+        methods.register("echo", echo, inline=True)  # trivial handler: no Task needed (Method.inline)
         methods.register_stream("sink", sink, op="w")
         ident = Identity.generate()
         server = RpcServer(ident, methods)
@@ -293,7 +293,7 @@ async def bench_same_process(n_seq: int) -> dict[str, float]:
     async def echo(ctx: Any, params: Any) -> Any:
         return params
 
-    methods.register("echo", echo)
+    methods.register("echo", echo, inline=True)  # trivial handler: no Task needed (Method.inline)
     ident = Identity.generate()
     server = RpcServer(ident, methods)
     await server.start()

@@ -4,8 +4,10 @@ Wire messages are the envelopes of `swarmd.rpc.envelope` on mux channel 0;
 stream calls additionally own a mux channel opened by the caller. The hot path
 is kept lean: a call is one future, one deadline entry (no timer of its own:
 one sweep timer per peer fires at the earliest deadline) and one frame written
-at once when nothing else is queued; a handler that finishes without suspending
-is run inline (no Task) and its answer leaves with the flush that ends the read.
+at once when nothing else is queued. Handlers run in a Task of their own (so
+asyncio.timeout and TaskGroup work in them); one registered inline=True runs its
+first step in the read callback, and if it finishes without suspending its
+answer leaves with the flush that ends the read.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import math
 import traceback
 import uuid
 from collections import deque
-from collections.abc import Coroutine, Generator
+from collections.abc import Awaitable, Coroutine, Generator
 from typing import Any
 
 from loguru import logger
@@ -79,8 +81,8 @@ def _builtin_methods() -> dict[str, Method]:
         return ctx.peer_conn.instance_id
 
     return {
-        "ping": Method("ping", ping, READ, False),
-        "getInstanceId": Method("getInstanceId", get_instance_id, READ, False),
+        "ping": Method("ping", ping, READ, False, inline=True),
+        "getInstanceId": Method("getInstanceId", get_instance_id, READ, False, inline=True),
     }
 
 
@@ -460,7 +462,10 @@ class RpcPeer:
                 raise
             self._reply_error(rid, e)
             return
-        # The handler's first step runs inline: most finish without suspending (no Task).
+        if not m.inline:
+            running[rid] = self._loop.create_task(self._continue(rid, method, coro, deadline, stream))
+            return
+        # An inline handler's first step runs here: most finish without suspending (no Task).
         self._inline += 1
         try:
             first = coro.send(None)
@@ -498,7 +503,7 @@ class RpcPeer:
                 return
 
     async def _continue(
-        self, rid: int, method: str, resumed: _Resume, deadline: float | None, stream: Stream | None
+        self, rid: int, method: str, resumed: Awaitable[Any], deadline: float | None, stream: Stream | None
     ) -> None:
         timer = None
         task = asyncio.current_task()
@@ -602,6 +607,11 @@ class RpcPeer:
             return
         ctx = CallContext(self.conn.remote_public_key or b"", method, -1, None, self)
         coro = m.handler(ctx, params)
+        if not m.inline:
+            task = self._loop.create_task(self._continue_event(method, coro))
+            self._events.add(task)
+            task.add_done_callback(self._events.discard)
+            return
         try:
             first = coro.send(None)
         except StopIteration:
@@ -613,7 +623,7 @@ class RpcPeer:
         self._events.add(task)
         task.add_done_callback(self._events.discard)
 
-    async def _continue_event(self, method: str, resumed: _Resume) -> None:
+    async def _continue_event(self, method: str, resumed: Awaitable[Any]) -> None:
         try:
             await resumed
         except asyncio.CancelledError:
