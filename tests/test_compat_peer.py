@@ -294,7 +294,7 @@ async def test_dht_ping_and_signed_peer_record(node: Node) -> None:
 
 async def test_dht_announce_seen_by_real_cli(node: Node, tmp_path: Path) -> None:
     me = mp.Identity()
-    dht = mp.DhtClient(me)
+    dht = mp.DhtClient(me, client_mode=True)
     await dht.start()
     name = "compat/" + os.urandom(4).hex()
     topic = mp.topic_from_name(name)
