@@ -26,6 +26,7 @@ from swarmd.settings import parse_hostport
 from swarmd.store.blobs import check_digest, hash_file
 from swarmd.store.catalog import ModelMeta, check_description, check_name, check_tags, check_version
 from swarmd.store.core import ModelStore, PushRequest
+from swarmd.store.onnxsig import warm_up
 from swarmd.store.replication import Pull, plan_replication, rows_to_adopt
 from swarmd.store.transfer import BatchWriter, ReadAhead, pull_stream
 from swarmd.topics import STORES, blob_topic, model_topic
@@ -147,6 +148,7 @@ class StoreRole(Role):
 
     async def start(self) -> None:
         self.store = await asyncio.to_thread(ModelStore, self.ctx.data_dir / "store", self.config)
+        await asyncio.to_thread(warm_up)
         m = self.ctx.methods
         if m is not None:
             m.register("listModels", self.list_models, op="r")

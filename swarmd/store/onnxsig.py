@@ -50,6 +50,11 @@ def _sig(value_info: Any) -> TensorSig:
     return TensorSig(value_info.name, dtype, shape)
 
 
+def warm_up() -> None:
+    """Import onnx and its checker now (a few hundred ms), so the first push does not pay for it."""
+    import onnx.checker  # noqa: F401
+
+
 def read_signature(path: Path, *, slim_over: int = SLIM_OVER) -> tuple[list[TensorSig], list[TensorSig]]:
     """(inputs, outputs) of the ONNX model at path, or ERR_INVALID_MODEL saying why not.
 
