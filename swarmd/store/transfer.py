@@ -124,11 +124,18 @@ class ReadAhead:
     async def close(self) -> None:
         fut, self._next = self._next, None
         if fut is not None:
-            await asyncio.wait({fut})  # the thread holds the file: let it finish first
-            if not fut.cancelled():
-                fut.exception()
-        if self._f is not None:
-            self._f.close()
+            try:
+                await asyncio.wait({fut})  # the thread holds the file: let it finish first
+            except asyncio.CancelledError:
+                fut.add_done_callback(lambda _: self._close_file())
+                raise
+            _retrieve(fut)
+        self._close_file()
+
+    def _close_file(self) -> None:
+        f, self._f = self._f, None
+        if f is not None:
+            f.close()
 
 
 def _sha256_file(path: Path) -> tuple[str, int]:
