@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from swarmd.errors import ERR_BAD_REQUEST, ERR_CORRUPT, ERR_PROTOCOL, SwarmdError
-from swarmd.store.blobs import start_writeback, write_all
+from swarmd.store.blobs import write_all
 
 CHUNK = 1 << 20  # file read per stream.send: the stream cuts it into frames; fewer, larger reads cost less
 BATCH = 2 << 20  # received bytes handed to a writer thread at once
@@ -272,16 +272,10 @@ async def pull_file(
     fd = await asyncio.to_thread(os.open, part, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
 
-        at = [offset]
-
         def write(bufs: list[bytes]) -> None:
-            n = 0
             for b in bufs:
                 h.update(b)
-                n += len(b)
             write_all(fd, bufs)
-            start_writeback(fd, at[0], n)  # so the fsync below has little left to do
-            at[0] += n
 
         result = await pull_stream(peer, digest, offset, write, progress=progress, size=size, timeout=timeout)
         await asyncio.to_thread(os.fsync, fd)
