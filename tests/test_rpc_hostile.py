@@ -300,7 +300,9 @@ async def test_firewall_by_public_key() -> None:
 async def test_idle_peer_is_closed_and_live_peer_is_kept() -> None:
     cfg = small_config()
     cfg.net.keepalive_interval = 0.05
-    cfg.net.idle_timeout = 0.4
+    # 1 s, not 0.4: client and server share one event loop here, and a loop stalled past the
+    # idle timeout (a loaded machine) runs the idle check before the PING queued meanwhile arrives
+    cfg.net.idle_timeout = 1.0
     srv = RpcServer(Identity.generate(), make_methods(), config=cfg)
     await srv.start()
     try:
@@ -311,9 +313,9 @@ async def test_idle_peer_is_closed_and_live_peer_is_kept() -> None:
         raw.close()
         client_cfg = small_config()
         client_cfg.net.keepalive_interval = 0.05
-        client_cfg.net.idle_timeout = 0.4
+        client_cfg.net.idle_timeout = 1.0
         peer = await connect(None, "127.0.0.1", srv.port, timeout=T, config=client_cfg)
-        await asyncio.sleep(1.0)  # several idle timeouts pass; PING/PONG keep it alive
+        await asyncio.sleep(2.5)  # several idle timeouts pass; PING/PONG keep it alive
         assert not peer.is_closed
         assert await peer.call("ping", timeout=T) == "pong"
         await peer.close()
