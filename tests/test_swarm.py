@@ -218,7 +218,9 @@ async def test_private_swarm_topics_are_invisible_without_the_secret(net: DhtTes
 
 
 async def test_reannounce_keeps_a_short_lived_record_alive_until_the_announcer_dies(net: DhtTestnet) -> None:
-    a = await _swarm(net, "a", record_ttl=1.0, reannounce_interval=0.3, reannounce_jitter=0.05)
+    # ttl 2 s, not 1: one re-announce cycle (0.3 s + the puts, bounded by request_timeout) stretches on
+    # a loaded machine, and the record must not lapse between two of them while b looks
+    a = await _swarm(net, "a", record_ttl=2.0, reannounce_interval=0.3, reannounce_jitter=0.05)
     b = await _swarm(net, "b")
     try:
         t = await a.join("ttl", announce=True, lookup=False)
@@ -226,7 +228,7 @@ async def test_reannounce_keeps_a_short_lived_record_alive_until_the_announcer_d
         loop = asyncio.get_running_loop()
         first_seq = a._topics[t].seq
         deadline = loop.time() + 15
-        while a._topics[t].seq < first_seq + 3:  # three re-announces: past the 1 s TTL
+        while a._topics[t].seq < first_seq + 7:  # seven re-announces: past the 2 s TTL
             assert loop.time() < deadline
             await asyncio.sleep(0.05)
         recs = [r for r in await b.lookup_all(t, 5) if r.public_key == a.public_key]
