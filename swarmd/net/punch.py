@@ -111,9 +111,23 @@ class PunchedTransport(asyncio.Transport):
             self._early.append(msg)
             return
         if msg is None:
-            keep_open = proto.eof_received() if isinstance(proto, asyncio.Protocol) else False
+            streaming = isinstance(proto, (asyncio.Protocol, asyncio.BufferedProtocol))
+            keep_open = proto.eof_received() if streaming else False
             if not keep_open:
                 self.close()
+        elif isinstance(proto, asyncio.BufferedProtocol):
+            # SecureConnection is a BufferedProtocol (it reads into a reused buffer): fill the
+            # buffers it hands out, as asyncio's own transports do. Checking only for
+            # asyncio.Protocol dropped every byte, so no punched connection completed its handshake.
+            view = memoryview(msg)
+            while view:
+                buf = proto.get_buffer(len(view))
+                n = min(len(buf), len(view))
+                if n == 0:
+                    raise RuntimeError("protocol offered an empty receive buffer")
+                buf[:n] = view[:n]
+                view = view[n:]
+                proto.buffer_updated(n)
         elif isinstance(proto, asyncio.Protocol):
             proto.data_received(msg)
 
