@@ -247,10 +247,19 @@ def run_swarm(tmp: Path, models: Path, body: bytes, conns: list[int], seconds: f
     cmd = [sys.executable, "-m", "swarmd", "--log-format", "json", "--log-level", "INFO"]
     local: list[subprocess.Popen] = []
 
+    prof = os.environ.get("BENCH_GATEWAY_PROFILE")  # a path: run gateway and worker under cProfile, dump there
+
     def start(name: str, *args: str) -> tuple[subprocess.Popen, Path]:
         log = base / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        p = start_proc([*cmd, "--data-dir", str(base / name), *args], env, log)
+        argv = cmd
+        if prof and name in ("gateway", "worker"):
+            # CPU-time profile (not wall time: on a shared box wall time is mostly waiting for a core)
+            runner = ("import cProfile, sys, time; from swarmd.cli import main; "
+                      "p = cProfile.Profile(time.process_time); rc = p.runcall(main, sys.argv[2:]); "
+                      "p.dump_stats(sys.argv[1]); sys.exit(rc)")
+            argv = [sys.executable, "-c", runner, f"{prof}.{route}.{name}", *cmd[3:]]
+        p = start_proc([*argv, "--data-dir", str(base / name), *args], env, log)
         procs.append(p)
         local.append(p)
         return p, log
@@ -263,22 +272,7 @@ def run_swarm(tmp: Path, models: Path, body: bytes, conns: list[int], seconds: f
         waits = [start("orchestrator", "--role", "orchestrator", *boot)]
         if not colocated:
             waits.append(start("worker", "--role", "worker", *boot))
-        prof = os.environ.get("BENCH_GATEWAY_PROFILE")  # a path: run the gateway under cProfile, dump there
-        if prof:
-            # CPU-time profile (not wall time: on a shared box wall time is mostly waiting for a core)
-            runner = ("import cProfile, sys, time; from swarmd.cli import main; "
-                      "p = cProfile.Profile(time.process_time); rc = p.runcall(main, sys.argv[2:]); "
-                      "p.dump_stats(sys.argv[1]); sys.exit(rc)")
-            cmd_g = [sys.executable, "-c", runner, f"{prof}.{route}", *cmd[3:]]
-            log = base / "gateway.log"
-            log.parent.mkdir(parents=True, exist_ok=True)
-            gp = start_proc([*cmd_g, "--data-dir", str(base / "gateway"), "--role", gw_roles,
-                             "--http", f"127.0.0.1:{port}", *boot], env, log)
-            procs.append(gp)
-            local.append(gp)
-            glog = log
-        else:
-            gp, glog = start("gateway", "--role", gw_roles, "--http", f"127.0.0.1:{port}", *boot)
+        gp, glog = start("gateway", "--role", gw_roles, "--http", f"127.0.0.1:{port}", *boot)
         for p, log in [*waits, (gp, glog)]:
             wait_log(log, r'"event": "ready"', p)
         admin = wait_log(glog, r"store it now\): (\S+)", gp).group(1)
