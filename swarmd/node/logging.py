@@ -37,14 +37,21 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
+_SEP = {b":": b": ", b",": b", ", b",{": b", {", b":{": b": {", b":[": b": [", b",[": b", ["}
+
+
+def _widen(p: bytes) -> bytes:
+    return _SEP.get(p) or p.replace(b":", b": ").replace(b",", b", ")
+
+
 def _dumps(doc: dict[str, Any]) -> str:
     """json.dumps(doc) text (", " and ": " between items, so a line can be found by
     `"event": "ready"`), encoded by orjson.
 
-    orjson writes compact JSON; its separators are widened by a byte replace, which
-    is exact when no string holds an escaped quote (then `":` and `,"` occur only
-    between items); otherwise, and for what orjson refuses (ints beyond 64 bits),
-    json.dumps writes the line.
+    orjson writes compact JSON; its separators are widened outside strings. When no
+    string holds an escaped quote, quotes alternate open/close, so the pieces between
+    them at even places are exactly what lies outside strings. Otherwise, and for what
+    orjson refuses (ints beyond 64 bits), json.dumps writes the line.
     """
     try:
         raw = orjson.dumps(doc, default=_json_default, option=orjson.OPT_NON_STR_KEYS)
@@ -52,7 +59,9 @@ def _dumps(doc: dict[str, Any]) -> str:
         return json.dumps(doc, default=_json_default)
     if b'\\"' in raw:
         return json.dumps(doc, default=_json_default)
-    return raw.replace(b'":', b'": ').replace(b',"', b', "').decode()
+    parts = raw.split(b'"')
+    parts[::2] = [_widen(p) for p in parts[::2]]
+    return b'"'.join(parts).decode()
 
 
 class _UtcStamp:
