@@ -68,7 +68,13 @@ def test_dumps_is_valid_json_with_the_same_content(doc: dict) -> None:
 
     text = _dumps(doc)
     assert json.loads(text) == plain(doc)
-    if all(isinstance(v, str) and '"' not in v and "\\" not in v for v in doc.values()) and all(
-        '"' not in k and "\\" not in k for k in doc
-    ):
-        assert text == json.dumps(doc, ensure_ascii=False)
+    def has_float(v):
+        if isinstance(v, list):
+            return any(has_float(x) for x in v)
+        if isinstance(v, dict):
+            return any(has_float(x) for x in v.values())
+        return isinstance(v, float)
+
+    if not has_float(doc):
+        # float reprs may differ (1e16 / 1e+16); everything else is json.dumps's text exactly
+        assert text == json.dumps(doc, ensure_ascii=False, default=lambda b: b.hex())

@@ -5,15 +5,15 @@ become JSON keys, so a line can be found by `"event": "ready"` whichever
 format is in use (text lines carry the bound fields as a JSON tail).
 
 The sink runs once per log event in every role, including the gateway's
-access line per request, so it is kept cheap: orjson instead of json
-for each scalar (nested values, rare, take json.dumps), the UTC timestamp's
-seconds part formatted once per second, and no intermediate dict when no
-field is private.
+access line per request, so it is kept cheap: orjson instead of json (with
+json.dumps's layout), the UTC timestamp's seconds part formatted once per
+second, and no intermediate dict when no field is private.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 import traceback
@@ -37,31 +37,24 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
-_SEP = {b":": b": ", b",": b", ", b",{": b", {", b":{": b": {", b":[": b": [", b",[": b", ["}
-
-
-def _widen(p: bytes) -> bytes:
-    return _SEP.get(p) or p.replace(b":", b": ").replace(b",", b", ")
+_OPTS = orjson.OPT_NON_STR_KEYS | orjson.OPT_INDENT_2
+_INDENT = re.compile(rb"\n *")
 
 
 def _dumps(doc: dict[str, Any]) -> str:
     """json.dumps(doc) text (", " and ": " between items, so a line can be found by
-    `"event": "ready"`), encoded by orjson.
+    `"event": "ready"`), written by orjson.
 
-    orjson writes compact JSON; its separators are widened outside strings. When no
-    string holds an escaped quote, quotes alternate open/close, so the pieces between
-    them at even places are exactly what lies outside strings. Otherwise, and for what
-    orjson refuses (ints beyond 64 bits), json.dumps writes the line.
+    orjson's indented form already separates keys with ": "; a newline occurs in it
+    only between items (inside strings it is escaped), so joining the lines back,
+    keeping a space after each comma, gives json.dumps's layout. What orjson refuses
+    (ints beyond 64 bits) goes to json.dumps.
     """
     try:
-        raw = orjson.dumps(doc, default=_json_default, option=orjson.OPT_NON_STR_KEYS)
+        raw = orjson.dumps(doc, default=_json_default, option=_OPTS)
     except TypeError:
-        return json.dumps(doc, default=_json_default)
-    if b'\\"' in raw:
-        return json.dumps(doc, default=_json_default)
-    parts = raw.split(b'"')
-    parts[::2] = [_widen(p) for p in parts[::2]]
-    return b'"'.join(parts).decode()
+        return json.dumps(doc, default=_json_default, ensure_ascii=False)
+    return _INDENT.sub(b"", raw.replace(b",\n", b", \n")).decode()
 
 
 class _UtcStamp:
