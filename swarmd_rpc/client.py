@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Literal, ParamSpec, TypeVar
 
 import numpy as np
 
@@ -84,6 +84,10 @@ class ClientConfig:
     lookup_timeout: float = 5.0  # one DHT lookup
     discovery_ttl: float = 5.0  # how long a lookup of the role topics is reused
     settle: float = 1.0  # store lookups return this long after the first record (no full crawl wait)
+    # "orchestrator": ask an orchestrator's findAvailableWorker for each request (its health checks and
+    # latency-aware choice; one more round trip); "records": pick the least loaded ONLINE worker from the
+    # workers' own DHT records (one hop; load is as fresh as their announcements)
+    route: Literal["orchestrator", "records"] = "orchestrator"
     listen_host: str = "127.0.0.1"  # where our RPC server listens (peers dial it after join(announce=True))
     dht_host: str = "0.0.0.0"
     dht_port: int = 0
@@ -295,7 +299,7 @@ class Client:
             self.lookup(ORCHESTRATORS, settle=self.config.settle), self.lookup(WORKERS, settle=self.config.settle)
         )
         new = SwarmView(at=time.monotonic())
-        new.orchestrators = [r.public_key for r in orchs]
+        new.orchestrators = [r.public_key for r in orchs] if self.config.route == "orchestrator" else []
         for r in workers:
             payload = r.payload if isinstance(r.payload, dict) else {}
             if payload.get("state", "ONLINE") == "ONLINE":

@@ -98,6 +98,11 @@ async def test_push_list_pull_infer_and_errors(swarm: Any, tmp_path: Path) -> No
             assert again.worker == keys[1 - gone]
             np.testing.assert_allclose(again.outputs[name], want, rtol=1e-5)
 
+    # route="records": no orchestrator hop, the worker is picked from the DHT records
+    async with Client(bootstrap=swarm["boot"], config=ClientConfig(route="records")) as r:
+        res = await r.infer_detailed("lin", {"x": x})
+        assert res.worker == keys[1 - gone] and not r.router.view.orchestrators
+
 
 async def test_join_and_lookup_between_two_clients(swarm: Any) -> None:
     async with Client(bootstrap=swarm["boot"]) as a, Client(bootstrap=swarm["boot"]) as b:
