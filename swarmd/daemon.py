@@ -135,8 +135,14 @@ class Node:
         from swarmd.dht.part import DhtPart
         from swarmd.rpc.part import RpcPart
         from swarmd.swarm.part import SwarmPart
+        from swarmd.swarm.traversal import TraversalPart
 
-        return [("rpc", RpcPart(ctx)), ("dht", DhtPart(ctx)), ("swarm", SwarmPart(ctx))]
+        return [
+            ("rpc", RpcPart(ctx)),
+            ("dht", DhtPart(ctx)),
+            ("swarm", SwarmPart(ctx)),
+            ("nat", TraversalPart(ctx)),
+        ]
 
     async def stop(self) -> None:
         while self._started:

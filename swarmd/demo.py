@@ -2,7 +2,7 @@
 
 Builds the demo model locally (scikit-learn's bundled 8x8 digits, a logistic
 regression converted with skl2onnx, cached under the data dir), starts a node
-with every role this tree has (store, worker, orchestrator, gateway; the node
+with every role (bootstrap, relay, store, worker, orchestrator, gateway; the node
 is the first of a new private swarm), pushes the model to the store through
 the gateway's own upload route, waits until a worker answers, and prints the
 URL, the admin key and copy-paste examples that return real predictions.
@@ -32,7 +32,7 @@ from swarmd.daemon import Node
 from swarmd.errors import SwarmdError
 from swarmd.node.config import load_settings
 from swarmd.node.logging import setup_logging
-from swarmd.roles.base import NodeContext
+from swarmd.roles.base import ROLE_ORDER, NodeContext
 from swarmd.settings import Settings
 
 MODEL = "digits"
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     node: dict[str, Any] = {"data_dir": str(data_dir), "http": pick_http(args.port), "log_level": args.log_level.upper()}
     gateway: dict[str, Any] = {"print_admin_key": False}
     if swarm:
-        node["roles"] = [r for r in ("store", "worker", "orchestrator", "gateway") if role_exists(r)]
+        node["roles"] = [r for r in ROLE_ORDER if role_exists(r)]  # every role: bootstrap, relay too
     else:
         node["roles"] = ["gateway"]
         models = demo_dir / "models"

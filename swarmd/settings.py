@@ -14,6 +14,8 @@ from typing import Literal
 from swarmd.dht.config import DhtConfig
 from swarmd.errors import ConfigError
 from swarmd.gateway.config import GatewayConfig
+from swarmd.net.nat import NatConfig
+from swarmd.net.relay import RelayConfig
 from swarmd.orchestrator.config import OrchestratorConfig
 from swarmd.roles.base import ROLE_ORDER
 from swarmd.rpc.config import AccessConfig, RpcConfig
@@ -53,6 +55,8 @@ class Settings:
     rpc: RpcConfig = field(default_factory=RpcConfig)
     dht: DhtConfig = field(default_factory=DhtConfig)
     swarm: SwarmConfig = field(default_factory=SwarmConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    nat: NatConfig = field(default_factory=NatConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)

@@ -36,7 +36,7 @@ def test_demo_prints_a_working_example_and_stops_on_ctrl_c(tmp_path):
         key = re.search(r"admin key: (\S+)", text).group(1)
         data = re.search(r"-d '(.+)'", text).group(1)
         assert "sample #0 is a 0, the swarm says 0" in text
-        assert "swarm: store, worker, orchestrator, gateway" in text
+        assert "swarm: bootstrap, relay, store, worker, orchestrator, gateway" in text
         req = urllib.request.Request(f"{url}/v2/models/digits/infer", data=data.encode(), headers={"x-api-key": key})
         with urllib.request.urlopen(req, timeout=60) as r:
             doc = json.load(r)

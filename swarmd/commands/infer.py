@@ -19,11 +19,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from swarmd.errors import ERR_BAD_REQUEST, SwarmdError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+# numpy is imported inside the functions that use it: the CLI imports every command
+# module to build its parser, and a bootstrap or relay daemon must not pay for numpy
 
 NAME = "infer"
 HELP = "run a model on the swarm with inputs from a .json, .npy or .npz file; print the outputs"
@@ -46,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _array(value: Any, dtype: str, where: str) -> np.ndarray:
+    import numpy as np
+
     try:
         with np.errstate(over="raise", invalid="raise"):
             arr = _convert(value, dtype)
@@ -59,6 +65,8 @@ def _array(value: Any, dtype: str, where: str) -> np.ndarray:
 
 
 def _convert(value: Any, dtype: str) -> np.ndarray:
+    import numpy as np
+
     if isinstance(value, dict):
         arr = np.asarray(value["data"], dtype=value.get("dtype", dtype))
         if "shape" in value:
@@ -69,6 +77,8 @@ def _convert(value: Any, dtype: str) -> np.ndarray:
 
 def read_inputs(path: Path, input_name: str = "input", dtype: str = "float32") -> dict[str, np.ndarray]:
     """The input tensors in path (.json, .npy or .npz), by input name."""
+    import numpy as np
+
     suffix = path.suffix.lower()
     try:
         if suffix == ".npy":
@@ -137,6 +147,8 @@ def to_json(outputs: dict[str, np.ndarray]) -> dict[str, Any]:
 
 
 async def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from swarmd.store.transfer import parse_ref
 
     name, version = parse_ref(args.model)

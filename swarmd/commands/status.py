@@ -100,14 +100,17 @@ def print_status(st: dict[str, Any]) -> None:
     print(f"roles    {', '.join(st['roles']) or '-'}")
     print(f"ports    {', '.join(f'{k} {v}' for k, v in st['ports'].items())}")
     nat = st.get("nat")
-    print(f"nat      {nat.get('type') if isinstance(nat, dict) else 'not reported by this node'}")
+    if isinstance(nat, dict):
+        print(f"nat      {nat.get('type')}  public {nat.get('public_address') or '-'}")
+    else:
+        print("nat      not reported by this node")
     if "dht" in st:
         d = st["dht"]
         print(f"dht      mode {d['mode']}  contacts {d['contacts']}  records held {d['records_held']}")
     peers = st.get("peers", [])
     print(f"peers    {len(peers)}")
     for p in peers:
-        print(f"  {p['public_key'][:16]}  {'in ' if p['inbound'] else 'out'}")
+        print(f"  {p['public_key'][:16]}  {'in ' if p['inbound'] else 'out'}  {p.get('path', 'direct')}")
     print(f"workers  {len(st['workers'])}")
     for w in st["workers"]:
         load = w["load"]

@@ -16,4 +16,10 @@ class NetConfig:
     max_streams: int = 256  # concurrent stream channels per connection
     write_high_water: int = 4 << 20  # pipe buffer above which stream senders wait
     write_low_water: int = 1 << 20
+    # hard cap on bytes queued for a peer that does not read (its PINGs, error replies to
+    # its requests, answers still owed): beyond it the connection is closed, never grown
+    max_write_buffer: int = 64 << 20
+    # half-received frames held across all connections of the process; past it, a connection
+    # holding a partial frame of 1 MiB or more is closed (many peers each stopping mid-frame)
+    max_partial_total: int = 512 << 20
     close_grace: float = 5.0  # seconds a closing pipe may take to flush before it is aborted

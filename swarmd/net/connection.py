@@ -29,6 +29,16 @@ from swarmd.net.config import NetConfig
 from swarmd.net.loglimit import hostile
 from swarmd.net.noise import HandshakeError, NoiseSession, reject_frame
 from swarmd.node.identity import Identity
+from swarmd.node.memory import release_freed_memory_soon
+
+
+class _PartialFrames:
+    """Bytes of half-received frames held by all connections of this process."""
+
+    total = 0
+
+
+_partial = _PartialFrames()
 
 
 class Pipe(Protocol):
@@ -215,6 +225,8 @@ class SecureConnection(asyncio.Protocol):
         self.error: SwarmdError | None = None
         self._refusal: str | None = None
         self._abort_handle: asyncio.TimerHandle | None = None
+        self._held_much = False  # buffers of megabytes were held for this peer at some point
+        self._partial_held = 0  # bytes of a half-received frame counted in _partial.total
         self._log = logger.bind(component="net")
 
     # -- public ------------------------------------------------------------
@@ -369,6 +381,8 @@ class SecureConnection(asyncio.Protocol):
                             self._dispatch(decoder.feed(plain))
                 finally:
                     self._in_receive = False
+                if (decoder._buf or self._partial_held) and self.error is None:
+                    self._account_partial(len(decoder._buf))
                 if self._urgent or self._bulk:
                     self._flush()
         except HandshakeError as e:
@@ -395,6 +409,34 @@ class SecureConnection(asyncio.Protocol):
                 reason=e.message,
             )
             self.close(e)
+
+    def _account_partial(self, held: int) -> None:
+        """Keep the process-wide total of half-received frames under its cap.
+
+        One connection may hold a frame of up to max_message_size while it
+        arrives, but thousands of peers each stopping in the middle of a large
+        frame would add up without bound: past the cap, a connection holding a
+        large partial frame is closed instead of growing the total.
+        """
+        _partial.total += held - self._partial_held
+        self._partial_held = held
+        if held >= 1 << 20 and _partial.total > self.config.max_partial_total:
+            hostile.log(
+                "partial frames cap",
+                "INFO",
+                "closing connection: half-received frames over the process cap",
+                component="net",
+                peer=_short(self.remote_public_key),
+                held=held,
+                total=_partial.total,
+            )
+            self.close(
+                SwarmdError(
+                    ERR_OVERLOADED,
+                    f"too much half-received data on this node ({_partial.total} bytes); "
+                    f"this connection held {held}",
+                )
+            )
 
     def _close_pipe(self) -> None:
         """Close the pipe; abort it when the peer does not read what is left to flush.
@@ -435,6 +477,7 @@ class SecureConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        self._held_much = True
 
     def resume_writing(self) -> None:
         self._write_paused = False
@@ -512,14 +555,26 @@ class SecureConnection(asyncio.Protocol):
                     err = _error_from_payload(payload, f"stream {cid} reset by the peer")
                     ch._fail(err)
             elif ftype == mux.PING:
-                self._queue_urgent(mux.encode(mux.PONG, 0, payload))
+                if not self._write_paused:  # a peer that does not read gets no PONGs to pile up
+                    self._queue_urgent(mux.encode(mux.PONG, 0, payload))
             elif ftype == mux.PONG:
                 pass
             elif ftype == mux.GOAWAY:
                 err = _error_from_payload(payload, "peer closed the connection")
-                self._log.bind(peer=_short(self.remote_public_key), code=err.code, reason=err.message).log(
-                    "DEBUG" if err.code == ERR_CLOSED else "INFO", "peer closed the connection"
-                )
+                if err.code == ERR_CLOSED:
+                    self._log.bind(peer=_short(self.remote_public_key), reason=err.message).debug(
+                        "peer closed the connection"
+                    )
+                else:  # the peer picks code and reason, and may connect again and again
+                    hostile.log(
+                        "goaway",
+                        "INFO",
+                        "peer closed the connection",
+                        component="net",
+                        peer=_short(self.remote_public_key),
+                        code=err.code,
+                        reason=err.message,
+                    )
                 self._teardown(
                     err if err.code != ERR_CLOSED else SwarmdError(ERR_CLOSED, f"peer closed: {err.message}")
                 )
@@ -561,12 +616,42 @@ class SecureConnection(asyncio.Protocol):
                 pipe.write(self.session.seal([b"".join(urgent), b"".join(bulk)]))
             else:
                 pipe.write(self.session.seal([b"".join(bulk)]))
+            if self._write_paused:
+                self._check_write_buffer(pipe)
             return
         if not urgent:
             return
         self._urgent = []
         plaintext = urgent[0] if len(urgent) == 1 else b"".join(urgent)
         pipe.write(self.session.encrypt(plaintext))
+        if self._write_paused:
+            self._check_write_buffer(pipe)
+
+    def _check_write_buffer(self, pipe: Any) -> None:
+        """Close a connection whose peer stopped reading once what we owe it passes the cap.
+
+        Senders of bulk wait for drain() and the RPC layer holds new requests in a
+        bounded backlog, but replies the peer provokes at will (PONGs, errors) would
+        otherwise grow the pipe's buffer for as long as the peer keeps sending.
+        """
+        size = getattr(pipe, "get_write_buffer_size", None)
+        if size is None or size() <= self.config.max_write_buffer:
+            return
+        hostile.log(
+            "write buffer cap",
+            "INFO",
+            "closing connection: peer does not read what we send",
+            component="net",
+            peer=_short(self.remote_public_key),
+            buffered=size(),
+        )
+        self._teardown(
+            SwarmdError(
+                ERR_OVERLOADED,
+                f"peer does not read: {size()} bytes queued for it, the cap is {self.config.max_write_buffer}",
+            )
+        )
+        self._close_pipe()
 
     def _teardown(self, err: SwarmdError) -> None:
         if self.error is not None:
@@ -580,6 +665,14 @@ class SecureConnection(asyncio.Protocol):
             self._flush_handle = None
         self._urgent = []
         self._bulk = []
+        if len(self._decoder._buf) >= 1 << 20:
+            self._held_much = True
+        _partial.total -= self._partial_held
+        self._partial_held = 0
+        # a half-received frame can be megabytes: let it go now, not when a GC pass
+        # breaks the connection <-> peer reference cycle
+        self._decoder = mux.MuxDecoder(self.config.max_message_size)
+        self.session.discard_buffered()
         for ch in list(self._channels.values()):
             ch._fail(SwarmdError(ERR_CLOSED, f"connection closed: {err.message}"))
         self._channels.clear()
@@ -598,13 +691,24 @@ class SecureConnection(asyncio.Protocol):
                 cb(err)
             except Exception:
                 self._log.exception("on_close callback failed")
+        if self._held_much:
+            # the pipe's write buffer goes with the transport, after connection_lost
+            release_freed_memory_soon(self._loop)
+
+
+MAX_REASON = 4096  # bytes of a GOAWAY/RESET reason we read; it ends up in errors and log lines
 
 
 def _error_from_payload(payload: bytes, default: str) -> SwarmdError:
     if not payload:
         return SwarmdError(ERR_CLOSED, default)
+    if len(payload) > MAX_REASON:
+        return SwarmdError(ERR_PROTOCOL, f"{default} (a reason of {len(payload)} bytes, not read)")
     try:
         obj = msgpack.unpackb(payload, raw=False)
     except Exception:
         return SwarmdError(ERR_PROTOCOL, f"{default} (unreadable reason)")
-    return SwarmdError.from_wire(obj)
+    err = SwarmdError.from_wire(obj)
+    if len(err.code) > 64:
+        return SwarmdError(ERR_PROTOCOL, f"{default} (an error code of {len(err.code)} characters)")
+    return err

@@ -304,6 +304,10 @@ class NoiseSession:
             out.append(self._handshake_frame(bytes(frame)))
         return b"".join(out), []
 
+    def discard_buffered(self) -> None:
+        """Drop a partly received message (up to 64 KiB); for a connection being torn down."""
+        self._frames = FrameDecoder(MAX_NOISE_MESSAGE)
+
     def _decrypt_frames(self, frames: list[bytes | memoryview]) -> list[bytes]:
         dec = self._dec
         assert dec is not None

@@ -561,6 +561,10 @@ class RpcPeer:
         closed = (
             SwarmdError(ERR_CLOSED, f"connection closed: {err.message}") if err.code != ERR_CLOSED else err
         )
+        # requests held for a peer that stopped reading (up to max_backlog_bytes) are
+        # never run now: free them at once rather than at the next GC pass
+        self._backlog.clear()
+        self._backlog_bytes = 0
         pending, self._pending = self._pending, {}
         for fut in pending.values():
             if not fut.done():

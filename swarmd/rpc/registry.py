@@ -23,8 +23,20 @@ def dialler_key(local_public_key: bytes, peer: RpcPeer) -> bytes:
     return local_public_key if peer.conn.initiator else peer.remote_public_key
 
 
+def path_rank(peer: RpcPeer) -> int:
+    """Higher is better: a connection through a relay (rank 0, set by the NAT
+    traversal layer as conn.path_rank) yields to a direct or punched one (1)."""
+    return int(getattr(peer.conn, "path_rank", 1))
+
+
 def keep_first(local_public_key: bytes, a: RpcPeer, b: RpcPeer) -> bool:
-    """True when a should be kept over b (a is the one registered first)."""
+    """True when a should be kept over b (a is the one registered first).
+
+    A better path wins first (both sides know each connection's path), so a
+    relayed connection is replaced when a punched one to the same peer appears."""
+    ra, rb = path_rank(a), path_rank(b)
+    if ra != rb:
+        return ra > rb
     da, db = dialler_key(local_public_key, a), dialler_key(local_public_key, b)
     if da != db:
         return da < db

@@ -34,10 +34,12 @@ from swarmd.errors import (
     ERR_UNKNOWN_METHOD,
     SwarmdError,
 )
+from swarmd.net.punch import PathAttempt
 from swarmd.node.identity import Identity
 from swarmd.rpc import CallContext, Methods, RpcPeer, RpcServer, connect
 from swarmd.rpc.registry import ConnectionRegistry
 from swarmd.swarm.config import SwarmConfig
+from swarmd.swarm.traversal import path_of
 from swarmd.topics import peer_topic
 
 Firewall = Callable[[bytes], Awaitable[bool]]  # True admits the peer (by its public key)
@@ -125,6 +127,7 @@ class Swarm:
         self.firewall = firewall
         self.on_connection = on_connection
         self._registry = ConnectionRegistry(self.public_key)  # dedupes: dialled-by-smaller-key wins
+        self.traversal: Any = None  # swarmd.swarm.traversal.Traversal: punched/relayed paths when direct fails
         self._dialing: dict[bytes, asyncio.Future[RpcPeer]] = {}
         self._topics: dict[bytes, _Joined] = {}
         self._seen: dict[bytes, dict[bytes, PeerRecord]] = {}  # topic -> pk -> newest record seen
@@ -436,9 +439,45 @@ class Swarm:
     async def _dial(self, public_key: bytes, record: PeerRecord | None) -> RpcPeer:
         if record is None:
             record = await asyncio.wait_for(self._resolve(public_key), self.config.lookup_timeout)
-        if not record.addresses:
-            raise SwarmdError(ERR_UNAVAILABLE, f"peer {public_key.hex()[:16]}… advertises no address")
+        t0 = time.monotonic()
+        if self.traversal is None:
+            return await self._dial_addresses(public_key, record, self.config.connect_timeout)
+        # With NAT traversal: dial the addresses while asking the peer's own record
+        # whether that can work at all; "behind NAT" cancels the dial instead of
+        # waiting for its timeout, and costs nothing when the dial wins first.
+        direct = asyncio.ensure_future(
+            self._dial_addresses(
+                public_key, record, min(self.config.connect_timeout, self.traversal.config.direct_timeout)
+            )
+        )
+        verdict = asyncio.ensure_future(self.traversal.skip_direct(public_key, record))
+        try:
+            await asyncio.wait({direct, verdict}, return_when=asyncio.FIRST_COMPLETED)
+            if not direct.done() and verdict.done() and verdict.exception() is None and verdict.result() is not None:
+                direct.cancel()
+                await asyncio.gather(direct, return_exceptions=True)
+                skipped = PathAttempt("direct", False, time.monotonic() - t0, "skipped: the peer's record says it is behind NAT")
+                return await self.traversal.dial(public_key, record, skipped, verdict.result())
+            try:
+                return await direct
+            except SwarmdError as e:
+                attempt = PathAttempt("direct", False, time.monotonic() - t0, e.message)
+            try:
+                own = await verdict
+            except (SwarmdError, TimeoutError):
+                own = None
+            return await self.traversal.dial(public_key, record, attempt, own)
+        finally:
+            for t in (direct, verdict):
+                if not t.done():
+                    t.cancel()
+            await asyncio.gather(direct, verdict, return_exceptions=True)
+
+    async def _dial_addresses(self, public_key: bytes, record: PeerRecord, timeout: float) -> RpcPeer:  # noqa: ASYNC109
+        """Direct TCP to each advertised address in turn."""
         last: SwarmdError | None = None
+        if not record.addresses:
+            last = SwarmdError(ERR_UNAVAILABLE, f"peer {public_key.hex()[:16]}… advertises no address")
         for host, port in record.addresses:
             try:
                 peer = await connect(
@@ -448,7 +487,7 @@ class Swarm:
                     remote_public_key=public_key,
                     methods=self.methods,
                     firewall=self.server.firewall,
-                    timeout=self.config.connect_timeout,
+                    timeout=timeout,
                 )
             except SwarmdError as e:
                 last = e
@@ -659,9 +698,15 @@ class Swarm:
                 t.hex(): {"announce": j.announce, "lookup": j.lookup, "seq": j.seq}
                 for t, j in self._topics.items()
             },
+            **({"nat": self.traversal.status()} if self.traversal is not None else {}),
             "peers": [
-                {"public_key": pk.hex(), "inbound": inbound, "topics": sorted(t.hex() for t in topics)}
-                for pk, _peer, topics, inbound in self.peers()
+                {
+                    "public_key": pk.hex(),
+                    "inbound": inbound,
+                    "path": path_of(peer),
+                    "topics": sorted(t.hex() for t in topics),
+                }
+                for pk, peer, topics, inbound in self.peers()
             ],
         }
 

@@ -1,0 +1,84 @@
+"""`swarmd nat`: the NAT report and connection paths of the running node, and a path test.
+
+    swarmd nat status [--json]            NAT type, signal peers, each connection's path
+    swarmd nat probe PUBKEY [--bytes N]   connect to PUBKEY (direct -> punched -> relayed),
+                                          one RPC round trip, then stream N bytes; prints the path
+
+Both talk to the node running on the same --data-dir (its status.json), with
+that node's own key, so `probe` runs from the node itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from swarmd.errors import ERR_NOT_FOUND, SwarmdError
+
+NAME = "nat"
+HELP = "NAT type and connection paths of the running node; `probe` tests the path to a peer"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="nat_command", metavar="status|probe", required=True)
+    st = sub.add_parser("status", help="NAT report, signal peers and each connection's path")
+    st.add_argument("--json", action="store_true")
+    st.add_argument("--timeout", type=float, default=10.0)
+    pr = sub.add_parser("probe", help="connect to a peer, one RPC round trip, stream N bytes; print the path")
+    pr.add_argument("public_key", help="the peer's public key (hex)")
+    pr.add_argument("--bytes", type=int, default=0, help="bytes to stream to the peer (default 0)")
+    pr.add_argument("--json", action="store_true")
+    pr.add_argument("--timeout", type=float, default=120.0)
+
+
+async def _call_own_node(data_dir: Path, host: str, method: str, params: Any, timeout: float) -> Any:  # noqa: ASYNC109
+    from swarmd.node.identity import Identity
+    from swarmd.rpc import connect
+
+    try:
+        doc = json.loads((data_dir / "status.json").read_text())
+        pk = bytes.fromhex(doc["public_key"])
+        port = int(doc["ports"]["rpc"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise SwarmdError(ERR_NOT_FOUND, f"no running node found in {data_dir} (status.json missing or unreadable)") from None
+    ident = Identity.load_or_create(data_dir / "identity.key")
+    peer = await connect(
+        ident, host if host not in ("0.0.0.0", "", "::") else "127.0.0.1", port, remote_public_key=pk, timeout=10.0
+    )
+    try:
+        return await peer.call(method, params, timeout=timeout)
+    finally:
+        await peer.close()
+
+
+async def run(args: argparse.Namespace) -> int:
+    settings = args.settings
+    data_dir, host = Path(settings.node.data_dir), settings.node.host
+    try:
+        if args.nat_command == "status":
+            out = await _call_own_node(data_dir, host, "nat.status", None, args.timeout)
+        else:
+            params = {"target": args.public_key, "bytes": args.bytes}
+            out = await _call_own_node(data_dir, host, "nat.probe", params, args.timeout)
+    except SwarmdError as e:
+        print(f"swarmd nat {args.nat_command}: {e.code}: {e.message}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    if args.nat_command == "status":
+        nat = out.get("nat", {})
+        print(f"nat {nat.get('type')}  public {nat.get('public_address')}  answers {nat.get('answers')}/{nat.get('asked')}")
+        print(f"signal peers: {', '.join(k[:16] for k in out.get('signal_peers', [])) or '-'}")
+        for pk, info in out.get("paths", {}).items():
+            print(f"  {pk[:16]}  {info.get('path')}  setup {info.get('setup_ms')} ms")
+    else:
+        line = f"path {out['path']}  connect {out['connect_ms']} ms  rtt {out['rtt_ms']} ms"
+        if "stream" in out:
+            s = out["stream"]
+            line += f"  stream {s['bytes']} B ok={s['ok']} {s['mib_s']} MiB/s"
+        print(line)
+    return 0

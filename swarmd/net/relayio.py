@@ -1,0 +1,520 @@
+"""Asyncio glue for the blind relay: the TCP server that splices, and the client calls.
+
+The server performs what `RelayCore` decides and owns every task it starts
+(connection handlers and their two pumps), so `stop()` leaves nothing behind.
+The client side opens a circuit (`open_circuit`) and measures relays
+(`ping_relay`, `pick_relay`); what comes back is a plain byte pipe over which
+the caller runs its Noise handshake end to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from loguru import logger
+
+from swarmd.errors import ERR_CLOSED, ERR_TIMEOUT, ERR_UNAVAILABLE, SwarmdError
+from swarmd.net.relay import (
+    HELLO_SIZE,
+    KIND_CIRCUIT,
+    KIND_PING,
+    ST_BAD_HELLO,
+    ST_CLOSING,
+    ST_PAIRED,
+    ST_PONG,
+    ST_WAITING,
+    STATUS_NAMES,
+    TOKEN_SIZE,
+    CloseCircuit,
+    Refuse,
+    RelayConfig,
+    RelayCore,
+    RelayProtocolError,
+    Send,
+    Splice,
+    Status,
+    StatusDecoder,
+    encode_hello,
+    encode_status,
+)
+
+READ_CHUNK = 256 * 1024
+MAX_STATUSES = 4
+LOG_PER_SECOND = 10  # WAITING then PAIRED, with room to spare
+
+
+@dataclass
+class _Conn:
+    id: int
+    source: str
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    paired: asyncio.Future[tuple[_Conn, int, asyncio.Future[None]]] | None = None  # set while waiting
+
+
+@dataclass
+class _CircuitState:
+    last_activity: float = field(default_factory=time.monotonic)
+    ended: str = ""
+
+
+class RelayServer:
+    """A TCP listener that pairs streams by token and splices them blindly."""
+
+    def __init__(self, config: RelayConfig, host: str = "127.0.0.1") -> None:
+        self.config = config
+        self.host = host
+        self.core = RelayCore(config)
+        self.port = 0
+        self._server: asyncio.base_events.Server | None = None
+        self._conns: dict[int, _Conn] = {}
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self._next_conn = 1
+        self.bytes_total = 0
+        self.log = logger.bind(part="relay")
+        self._log_window = 0.0
+        self._log_count = 0
+        self._log_suppressed = 0
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._accept, self.host, self.config.port, limit=READ_CHUNK)
+        self.port = self._server.sockets[0].getsockname()[1]
+        self.log.bind(event="relay_listening", host=self.host, port=self.port).info("relay listening")
+        return self.port
+
+    async def stop(self) -> None:
+        self.core.closing = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._conns.values()):
+            if conn.paired is not None and not conn.paired.done():
+                with contextlib.suppress(Exception):
+                    conn.writer.write(encode_status(ST_CLOSING, "relay is shutting down"))
+        tasks = list(self._handlers)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "port": self.port,
+            "circuits": self.core.circuits,
+            "pending": self.core.pending,
+            "paired_total": self.core.paired_total,
+            "refused": dict(self.core.refused),
+            "bytes": self.bytes_total,
+        }
+
+    # -- per connection ---------------------------------------------------------
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if self.core.closing:
+            writer.close()
+            return
+        self._handlers.add(task)
+        peer = writer.get_extra_info("peername") or ("?", 0)
+        conn = _Conn(self._next_conn, str(peer[0]), reader, writer)
+        self._next_conn += 1
+        self._conns[conn.id] = conn
+        try:
+            await self._serve(conn)
+        except (ConnectionError, asyncio.IncompleteReadError, OSError, TimeoutError):
+            pass
+        except asyncio.CancelledError:
+            # stop() cancelled us; this task is the stream server's callback and nobody
+            # awaits its result, so end quietly instead of leaving a cancelled result
+            pass
+        finally:
+            self._conns.pop(conn.id, None)
+            self.core.closed(conn.id)  # a circuit's splice ends both of its sides itself
+            writer.close()
+            self._handlers.discard(task)
+
+    async def _serve(self, conn: _Conn) -> None:
+        try:
+            hello = await asyncio.wait_for(conn.reader.readexactly(HELLO_SIZE), self.config.hello_timeout)
+        except TimeoutError:
+            self._refuse(conn, ST_BAD_HELLO, f"no hello within {self.config.hello_timeout:g}s")
+            return
+        except asyncio.IncompleteReadError as e:
+            if e.partial:
+                self._refuse(conn, ST_BAD_HELLO, f"hello truncated at {len(e.partial)} of {HELLO_SIZE} bytes")
+            return
+        for action in self.core.hello(conn.id, conn.source, hello):
+            if isinstance(action, Send):
+                conn.writer.write(action.data)
+                if action.data[0] == ST_WAITING:
+                    await self._wait_for_peer(conn)
+                    return
+                await asyncio.wait_for(conn.writer.drain(), self.config.hello_timeout)
+                return  # a pong: done
+            if isinstance(action, Refuse):
+                self._refuse(conn, action.code, action.reason)
+                return
+            if isinstance(action, Splice):
+                await self._join(action, conn)
+                return
+
+    def _refuse(self, conn: _Conn, code: int, reason: str) -> None:
+        # one line per refusal, at most LOG_PER_SECOND a second: a flood must not flood the log
+        now = time.monotonic()
+        if now - self._log_window >= 1.0:
+            if self._log_suppressed:
+                self.log.bind(event="relay_refused_suppressed", count=self._log_suppressed).info(
+                    "{} more refusals not logged", self._log_suppressed
+                )
+            self._log_window, self._log_count, self._log_suppressed = now, 0, 0
+        if self._log_count < LOG_PER_SECOND:
+            self._log_count += 1
+            self.log.bind(event="relay_refused", status=STATUS_NAMES[code], source=conn.source).info(
+                "relay refused a stream: {}", reason
+            )
+        else:
+            self._log_suppressed += 1
+        with contextlib.suppress(Exception):
+            conn.writer.write(encode_status(code, reason))
+
+    async def _wait_for_peer(self, conn: _Conn) -> None:
+        """Hold an unpaired stream until its peer arrives (then splice here) or the timer fires."""
+        loop = asyncio.get_running_loop()
+        conn.paired = loop.create_future()
+        # A waiting client sends nothing before PAIRED, so a read that returns
+        # means it hung up (EOF) or broke the protocol.
+        early = asyncio.ensure_future(conn.reader.read(1))
+        try:
+            done, _ = await asyncio.wait(
+                {conn.paired, early}, timeout=self.config.pair_timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            if conn.paired.done():
+                other, cid, circuit_done = conn.paired.result()
+                prefix = b""
+                if not early.done():
+                    early.cancel()
+                await asyncio.gather(early, return_exceptions=True)
+                if not early.cancelled() and early.exception() is None:
+                    prefix = early.result()  # our client spoke right after PAIRED: keep its byte
+                try:
+                    await self._splice(cid, conn, other, prefix)
+                finally:
+                    if not circuit_done.done():
+                        circuit_done.set_result(None)
+                return
+            if early in done:
+                data = early.result() if early.exception() is None else b""
+                self.core.closed(conn.id)
+                if data:
+                    self._refuse(conn, ST_BAD_HELLO, "sent data before the circuit was paired")
+                return
+            for action in self.core.pair_timeout(conn.id):
+                if isinstance(action, Refuse):
+                    self._refuse(conn, action.code, action.reason)
+        finally:
+            if not early.done():
+                early.cancel()
+                await asyncio.gather(early, return_exceptions=True)
+
+    async def _join(self, sp: Splice, b: _Conn) -> None:
+        """The second stream arrived: hand it to the waiter's handler, which runs the splice."""
+        a = self._conns.get(sp.a)
+        if a is None or a.paired is None or a.paired.done():  # the waiter vanished in between
+            self.core.closed(sp.a)
+            self.core.closed(b.id)
+            self._refuse(b, ST_CLOSING, "the other side left before pairing")
+            return
+        circuit_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        a.paired.set_result((b, sp.circuit, circuit_done))
+        await circuit_done  # keep this handler (and b's socket) alive until the circuit ends
+
+    async def _splice(self, cid: int, a: _Conn, b: _Conn, prefix: bytes) -> None:
+        started = time.monotonic()
+        state = _CircuitState()
+        a.writer.write(encode_status(ST_PAIRED))
+        b.writer.write(encode_status(ST_PAIRED))
+        if prefix:
+            b.writer.write(prefix)
+            self.core.carried(cid, len(prefix))
+        log = self.log.bind(circuit=cid, a=a.source, b=b.source)
+        log.bind(event="relay_paired").info("relay paired two streams")
+        circ = self.core.circuit(cid)
+        try:
+            pumps = [
+                asyncio.ensure_future(self._pump(cid, state, a.reader, b.writer)),
+                asyncio.ensure_future(self._pump(cid, state, b.reader, a.writer)),
+            ]
+            try:
+                # a half-close lets the other direction finish; a limit or an error ends both
+                await asyncio.wait(pumps, return_when=asyncio.FIRST_EXCEPTION)
+            finally:
+                for p in pumps:
+                    p.cancel()
+                await asyncio.gather(*pumps, return_exceptions=True)
+        finally:
+            for c in (a, b):
+                with contextlib.suppress(Exception):
+                    c.writer.close()
+            self.core.closed(a.id)
+            self.core.closed(b.id)
+            log.bind(
+                event="relay_circuit_closed",
+                reason=state.ended or "eof",
+                bytes=circ.bytes if circ is not None else 0,
+                seconds=round(time.monotonic() - started, 3),
+            ).info("relay circuit closed")
+
+    async def _pump(
+        self, cid: int, state: _CircuitState, src: asyncio.StreamReader, dst: asyncio.StreamWriter
+    ) -> None:
+        idle = self.config.idle_timeout
+        while True:
+            try:
+                data = await asyncio.wait_for(src.read(READ_CHUNK), idle)
+            except TimeoutError:
+                if time.monotonic() - state.last_activity < idle:
+                    continue  # the other direction is busy: the circuit is not idle
+                state.ended = state.ended or "idle"
+                raise SwarmdError(ERR_TIMEOUT, f"circuit idle for {idle:g}s") from None
+            if state.ended:
+                return
+            if not data:
+                if dst.can_write_eof():
+                    with contextlib.suppress(Exception):
+                        dst.write_eof()
+                return
+            state.last_activity = time.monotonic()
+            self.bytes_total += len(data)
+            for action in self.core.carried(cid, len(data)):
+                if isinstance(action, CloseCircuit):
+                    state.ended = "too_large"
+                    self.log.bind(event="relay_limit", circuit=cid).warning(
+                        "relay circuit over its byte limit"
+                    )
+                    raise SwarmdError(ERR_CLOSED, action.reason)
+            dst.write(data)
+            await asyncio.wait_for(dst.drain(), idle)
+
+
+# -- client side ------------------------------------------------------------------------
+
+
+@dataclass
+class RelayCircuit:
+    """A paired stream through a relay: a byte pipe to the peer, Noise goes on top."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    relay: tuple[str, int]
+    connect_s: float  # TCP connect to the relay
+    wait_s: float  # hello -> PAIRED (how long the peer took to arrive)
+
+
+def new_token() -> bytes:
+    return os.urandom(TOKEN_SIZE)
+
+
+async def _read_statuses(
+    reader: asyncio.StreamReader, timeout: float, on_waiting: Callable[[], None] | None = None
+) -> list[Status]:
+    """Read status frames until PAIRED, PONG or a refusal, never past them."""
+    decoder = StatusDecoder()
+    statuses: list[Status] = []
+    while not decoder.done:
+        if len(statuses) >= MAX_STATUSES:
+            raise RelayProtocolError(f"relay sent more than {MAX_STATUSES} statuses")
+        try:
+            head = await asyncio.wait_for(reader.readexactly(2), timeout)
+            reason = await asyncio.wait_for(reader.readexactly(head[1]), timeout)
+        except asyncio.IncompleteReadError:
+            raise SwarmdError(ERR_CLOSED, "relay closed the connection before pairing") from None
+        out, _ = decoder.feed(head + reason)
+        statuses += out
+        if on_waiting is not None and any(st.code == ST_WAITING for st in out):
+            on_waiting()
+    return statuses
+
+
+async def open_circuit(
+    host: str,
+    port: int,
+    token: bytes,
+    *,
+    timeout: float = 15.0,
+    on_waiting: Callable[[], None] | None = None,
+) -> RelayCircuit:
+    """Connect to a relay and wait (bounded) until the peer presents the same token.
+
+    `on_waiting` runs when the relay has registered the token (the peer may now come).
+    """
+    t0 = time.monotonic()
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, limit=READ_CHUNK), timeout
+        )
+    except (OSError, TimeoutError) as e:
+        raise SwarmdError(ERR_UNAVAILABLE, f"relay {host}:{port} unreachable: {e!r}") from None
+    t1 = time.monotonic()
+    try:
+        writer.write(encode_hello(KIND_CIRCUIT, token))
+        for st in await _read_statuses(reader, timeout, on_waiting):
+            if st.refused:
+                raise st.error()
+            if st.code == ST_PAIRED:
+                return RelayCircuit(reader, writer, (host, port), t1 - t0, time.monotonic() - t1)
+        raise RelayProtocolError("relay ended its statuses without PAIRED")
+    except TimeoutError:
+        writer.close()
+        raise SwarmdError(
+            ERR_TIMEOUT, f"relay {host}:{port} did not pair the circuit within {timeout:g}s"
+        ) from None
+    except BaseException:
+        writer.close()
+        raise
+
+
+async def ping_relay(host: str, port: int, *, timeout: float = 3.0) -> float:
+    """Round trip in seconds: TCP connect + hello + PONG."""
+    t0 = time.monotonic()
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, TimeoutError) as e:
+        raise SwarmdError(ERR_UNAVAILABLE, f"relay {host}:{port} unreachable: {e!r}") from None
+    try:
+        writer.write(encode_hello(KIND_PING))
+        statuses = await _read_statuses(reader, timeout)
+        if not statuses or statuses[-1].code != ST_PONG:
+            raise RelayProtocolError(f"relay {host}:{port} answered a ping with {statuses!r:.100}")
+        return time.monotonic() - t0
+    except TimeoutError:
+        raise SwarmdError(
+            ERR_TIMEOUT, f"relay {host}:{port} did not answer a ping within {timeout:g}s"
+        ) from None
+    finally:
+        writer.close()
+
+
+async def pick_relay(
+    candidates: list[tuple[str, int]], *, timeout: float = 3.0
+) -> tuple[tuple[str, int], float]:
+    """The candidate with the lowest round trip (all pinged at once, bounded)."""
+    if not candidates:
+        raise SwarmdError(ERR_UNAVAILABLE, "no relay is announced on the relays topic")
+    results = await asyncio.gather(
+        *(ping_relay(h, p, timeout=timeout) for h, p in candidates), return_exceptions=True
+    )
+    best = [(rtt, addr) for rtt, addr in zip(results, candidates, strict=True) if isinstance(rtt, float)]
+    if not best:
+        raise SwarmdError(ERR_UNAVAILABLE, f"none of {len(candidates)} relays answered: {results[0]!r}")
+    rtt, addr = min(best)
+    return addr, rtt
+
+
+class _CircuitClient(asyncio.Protocol):
+    """Speaks the relay's hello/status exchange, then hands the transport over."""
+
+    def __init__(self, token: bytes, on_waiting: Callable[[], None] | None) -> None:
+        self.token = token
+        self.on_waiting = on_waiting
+        self.decoder = StatusDecoder()
+        self.paired: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.rest = bytearray()  # stream bytes that arrived with or after PAIRED, before the handover
+        self.transport: asyncio.Transport | None = None
+        self.lost = False
+        self.statuses = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.write(encode_hello(KIND_CIRCUIT, self.token))
+
+    def data_received(self, data: bytes) -> None:
+        if self.decoder.done:
+            self.rest += data
+            return
+        try:
+            statuses, rest = self.decoder.feed(data)
+        except RelayProtocolError as e:
+            self._fail(e)
+            return
+        self.statuses += len(statuses)
+        for st in statuses:
+            if st.refused:
+                self._fail(st.error())
+                return
+            if st.code == ST_WAITING and self.on_waiting is not None:
+                self.on_waiting()
+            if st.code == ST_PAIRED and not self.paired.done():
+                self.rest += rest
+                self.paired.set_result(None)
+                return
+            if st.code == ST_PONG:
+                self._fail(RelayProtocolError("relay answered a circuit hello with PONG"))
+                return
+        if self.statuses > MAX_STATUSES:
+            self._fail(RelayProtocolError(f"relay sent more than {MAX_STATUSES} statuses"))
+
+    def _fail(self, err: SwarmdError) -> None:
+        if not self.paired.done():
+            self.paired.set_exception(err)
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if not self.paired.done():
+            self.paired.set_exception(SwarmdError(ERR_CLOSED, "relay closed the connection before pairing"))
+
+
+@dataclass
+class RelayPath:
+    """How a relayed transport came to be: for connection info and logs."""
+
+    relay: tuple[str, int]
+    connect_s: float
+    wait_s: float
+
+
+async def relay_transport(
+    host: str,
+    port: int,
+    token: bytes,
+    protocol: asyncio.Protocol,
+    *,
+    timeout: float = 15.0,
+    on_waiting: Callable[[], None] | None = None,
+) -> RelayPath:
+    """Open a circuit and run `protocol` on it, exactly as if it were a direct TCP
+    connection to the peer (the Noise connection runs end to end over it)."""
+    loop = asyncio.get_running_loop()
+    t0 = time.monotonic()
+    client = _CircuitClient(token, on_waiting)
+    try:
+        transport, _ = await asyncio.wait_for(loop.create_connection(lambda: client, host, port), timeout)
+    except (OSError, TimeoutError) as e:
+        raise SwarmdError(ERR_UNAVAILABLE, f"relay {host}:{port} unreachable: {e!r}") from None
+    t1 = time.monotonic()
+    try:
+        await asyncio.wait_for(asyncio.shield(client.paired), timeout)
+    except TimeoutError:
+        transport.close()
+        raise SwarmdError(ERR_TIMEOUT, f"relay {host}:{port} did not pair the circuit within {timeout:g}s") from None
+    except BaseException:
+        transport.close()
+        raise
+    transport.set_protocol(protocol)
+    protocol.connection_made(transport)
+    if client.rest:
+        protocol.data_received(bytes(client.rest))
+    if client.lost:
+        protocol.connection_lost(None)
+    return RelayPath((host, port), t1 - t0, time.monotonic() - t1)

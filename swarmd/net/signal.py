@@ -1,0 +1,152 @@
+"""Signalling for NAT traversal (sans-IO): connection requests relayed by a public peer.
+
+A node behind NAT keeps a connection to 1-3 public peers and lists them in its
+records ("signal" in the payload). A caller that cannot reach it directly sends
+a connection request to one of those peers, which forwards it over the
+connection the target keeps. A request carries either an ICE offer (SDP: ICE
+credentials and candidates) or a relay rendezvous (relay address + token), and
+the answer comes back the same way.
+
+Forwarding for strangers is an amplification vector, so the forwarder applies
+`SignalLimiter`: a token bucket per source (the caller's public key) and one
+for all sources together; over the limit the request is answered with
+ERR_RATE_LIMITED and never forwarded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from swarmd.errors import ERR_BAD_REQUEST, ERR_RATE_LIMITED, ERR_TOO_LARGE, SwarmdError
+
+KIND_ICE = "ice"
+KIND_RELAY = "relay"
+MAX_SDP = 16 * 1024
+MAX_SOURCES = 4096  # bound on the limiter's memory under a flood of fresh keys
+
+
+@dataclass(frozen=True)
+class SignalRequest:
+    """A caller's connection request, as forwarded to the target."""
+
+    source: bytes  # caller's Ed25519 public key (the forwarder fills it from the Noise session)
+    target: bytes  # target's Ed25519 public key
+    kind: str  # "ice" or "relay"
+    sdp: str = ""  # ICE offer (kind "ice")
+    relay: tuple[str, int] | None = None  # relay address (kind "relay")
+    token: bytes = b""  # relay circuit token (kind "relay")
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"source": self.source, "target": self.target, "kind": self.kind}
+        if self.kind == KIND_ICE:
+            out["sdp"] = self.sdp
+        else:
+            assert self.relay is not None
+            out["relay"] = [self.relay[0], self.relay[1]]
+            out["token"] = self.token
+        return out
+
+
+def _bad(message: str) -> SwarmdError:
+    return SwarmdError(ERR_BAD_REQUEST, message)
+
+
+def _key(obj: dict[str, Any], name: str) -> bytes:
+    v = obj.get(name)
+    if not isinstance(v, bytes) or len(v) != 32:
+        raise _bad(f"signal '{name}' must be a 32-byte public key")
+    return v
+
+
+def parse_request(obj: Any) -> SignalRequest:
+    """Validate a request read from a peer; SwarmdError(ERR_BAD_REQUEST/ERR_TOO_LARGE) says what is wrong."""
+    if not isinstance(obj, dict):
+        raise _bad(f"signal request must be a map, got {type(obj).__name__}")
+    source, target = _key(obj, "source"), _key(obj, "target")
+    kind = obj.get("kind")
+    if kind == KIND_ICE:
+        sdp = obj.get("sdp")
+        if not isinstance(sdp, str) or not sdp.startswith("v=0"):
+            raise _bad("signal 'sdp' must be an SDP text starting with 'v=0'")
+        if len(sdp) > MAX_SDP:
+            raise SwarmdError(ERR_TOO_LARGE, f"signal 'sdp' of {len(sdp)} bytes exceeds {MAX_SDP}")
+        return SignalRequest(source, target, kind, sdp=sdp)
+    if kind == KIND_RELAY:
+        relay = obj.get("relay")
+        if (
+            not isinstance(relay, (list, tuple))
+            or len(relay) != 2
+            or not isinstance(relay[0], str)
+            or not 0 < len(relay[0]) <= 253
+            or not isinstance(relay[1], int)
+            or not 0 < relay[1] <= 65535
+        ):
+            raise _bad("signal 'relay' must be [host, port] with a port from 1 to 65535")
+        token = obj.get("token")
+        if not isinstance(token, bytes) or len(token) != 32:
+            raise _bad("signal 'token' must be 32 bytes")
+        return SignalRequest(source, target, kind, relay=(relay[0], relay[1]), token=token)
+    raise _bad(f"signal 'kind' must be '{KIND_ICE}' or '{KIND_RELAY}', got {kind!r:.40}")
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    stamp: float
+
+
+@dataclass
+class SignalLimiter:
+    """Token buckets per source and overall; `now` comes from the caller (monotonic seconds)."""
+
+    rate: float = 2.0  # requests per second per source
+    burst: int = 10
+    total_rate: float = 50.0  # all sources together
+    total_burst: int = 100
+    _buckets: dict[bytes, _Bucket] = field(default_factory=dict)
+    _total: _Bucket | None = None
+    refused: int = 0
+
+    def _take(self, b: _Bucket, rate: float, burst: int, now: float) -> bool:
+        b.tokens = min(float(burst), b.tokens + (now - b.stamp) * rate)
+        b.stamp = now
+        if b.tokens >= 1.0:
+            b.tokens -= 1.0
+            return True
+        return False
+
+    def allow(self, source: bytes, now: float) -> bool:
+        if self._total is None:
+            self._total = _Bucket(float(self.total_burst), now)
+        b = self._buckets.get(source)
+        if b is None:
+            if len(self._buckets) >= MAX_SOURCES:
+                self._evict(now)
+            b = self._buckets[source] = _Bucket(float(self.burst), now)
+        if not self._take(b, self.rate, self.burst, now):
+            self.refused += 1
+            return False
+        if not self._take(self._total, self.total_rate, self.total_burst, now):
+            b.tokens += 1.0  # not this source's fault: give its token back
+            self.refused += 1
+            return False
+        return True
+
+    def check(self, source: bytes, now: float) -> None:
+        """Raise ERR_RATE_LIMITED when `source` is over its allowance."""
+        if not self.allow(source, now):
+            raise SwarmdError(
+                ERR_RATE_LIMITED,
+                f"too many connection requests: at most {self.rate:g}/s per source (burst {self.burst})",
+                {"retry_after": round(1.0 / self.rate, 3) if self.rate > 0 else None},
+            )
+
+    def _evict(self, now: float) -> None:
+        """Drop buckets that have refilled completely (they carry no state worth keeping)."""
+        full = [k for k, b in self._buckets.items() if b.tokens + (now - b.stamp) * self.rate >= self.burst]
+        for k in full:
+            del self._buckets[k]
+        if len(self._buckets) >= MAX_SOURCES:  # still full under a flood: forget the oldest half
+            for k in sorted(self._buckets, key=lambda k: self._buckets[k].stamp)[: MAX_SOURCES // 2]:
+                del self._buckets[k]

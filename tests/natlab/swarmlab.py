@@ -1,0 +1,59 @@
+"""A swarm of real daemons in the NAT lab (used by the natlab tests and bench/nat.py).
+
+inet runs `swarmd --role bootstrap,relay`, pub a public peer, lan-a and lan-b
+peers behind the two NAT routers; all started with the real CLI inside the
+namespaces. `probe()` runs `swarmd nat probe` on lan-a's daemon.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from tests.natlab.lab import INET_IP, PUB_IP, NatLab
+
+SWARMD = [sys.executable, "-m", "swarmd"]
+# short punching bounds keep the lab quick; the defaults suit real networks
+LAB_NAT_ENV = {"SWARMD_NAT_PUNCH_TIMEOUT": "6", "SWARMD_NAT_REPUNCH_INTERVAL": "2"}
+
+
+async def start_swarm(lab: NatLab, tmp: Path, mode_a: str, mode_b: str) -> dict[str, Any]:
+    """Bring the lab up in mode_a-mode_b and start the four daemons; wait until the
+    NATed ones know their NAT type and list a signal peer."""
+    lab.up(mode_a, mode_b)
+    boot = await lab.spawn(
+        "inet",
+        [*SWARMD, "--role", "bootstrap,relay", "--host", INET_IP, "--dht-port", "4000",
+         "--data-dir", str(tmp / "inet"), "--log-format", "json"],
+        env=LAB_NAT_ENV,
+    )
+    await boot.wait_event("ready", 60)
+    joined = ["--bootstrap", f"{INET_IP}:4000", "--log-format", "json"]
+    pub = await lab.spawn(
+        "pub", [*SWARMD, *joined, "--host", PUB_IP, "--data-dir", str(tmp / "pub")], env=LAB_NAT_ENV
+    )
+    a = await lab.spawn(
+        "lan-a", [*SWARMD, *joined, "--host", "0.0.0.0", "--data-dir", str(tmp / "a")], env=LAB_NAT_ENV
+    )
+    b = await lab.spawn(
+        "lan-b", [*SWARMD, *joined, "--host", "0.0.0.0", "--data-dir", str(tmp / "b")], env=LAB_NAT_ENV
+    )
+    keys = {}
+    for name, proc in (("pub", pub), ("a", a), ("b", b)):
+        keys[name] = (await proc.wait_event("ready", 60))["public_key"]
+    for proc in (a, b):
+        await proc.wait_for(r'"event": "signal_peers", "nat": "(cone|symmetric)", "peers": \["', 60)
+    return {"boot": boot, "pub": pub, "a": a, "b": b, "keys": keys, "tmp": tmp}
+
+
+def probe(lab: NatLab, world: dict[str, Any], target: str, size: int) -> dict[str, Any]:
+    """`swarmd nat probe` from lan-a's daemon to world's `target` ("b" or "pub")."""
+    res = lab.run(
+        "lan-a",
+        [*SWARMD, "nat", "--data-dir", str(world["tmp"] / "a"), "probe", world["keys"][target],
+         "--bytes", str(size), "--json"],
+        timeout=150,
+    )
+    return json.loads(res.stdout.strip().splitlines()[-1])

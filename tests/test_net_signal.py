@@ -1,0 +1,67 @@
+"""Signalling requests: strict validation of peer input and per-source rate limits."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from swarmd.errors import ERR_BAD_REQUEST, ERR_RATE_LIMITED, ERR_TOO_LARGE, SwarmdError
+from swarmd.net.signal import MAX_SOURCES, SignalLimiter, SignalRequest, parse_request
+
+A, B = os.urandom(32), os.urandom(32)
+
+
+def test_round_trip_ice_and_relay() -> None:
+    ice = SignalRequest(A, B, "ice", sdp="v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\n")
+    assert parse_request(ice.to_wire()) == ice
+    rel = SignalRequest(A, B, "relay", relay=("198.18.0.1", 4000), token=os.urandom(32))
+    assert parse_request(rel.to_wire()) == rel
+
+
+@pytest.mark.parametrize(
+    ("obj", "code", "words"),
+    [
+        ([], ERR_BAD_REQUEST, "must be a map"),
+        ({"source": b"x", "target": B, "kind": "ice"}, ERR_BAD_REQUEST, "'source'"),
+        ({"source": A, "target": B, "kind": "tcp"}, ERR_BAD_REQUEST, "'kind'"),
+        ({"source": A, "target": B, "kind": "ice", "sdp": "hello"}, ERR_BAD_REQUEST, "v=0"),
+        ({"source": A, "target": B, "kind": "ice", "sdp": "v=0" + "a" * 20000}, ERR_TOO_LARGE, "exceeds"),
+        ({"source": A, "target": B, "kind": "relay", "relay": ["h", 0], "token": A}, ERR_BAD_REQUEST, "port"),
+        ({"source": A, "target": B, "kind": "relay", "relay": ["h", 1], "token": b"t"}, ERR_BAD_REQUEST, "token"),
+    ],
+)
+def test_bad_requests_are_named(obj, code, words) -> None:
+    with pytest.raises(SwarmdError, match=words) as ei:
+        parse_request(obj)
+    assert ei.value.code == code
+
+
+@given(st.recursive(st.none() | st.integers() | st.binary(max_size=40) | st.text(max_size=40),
+                    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=6),
+                    max_leaves=20))
+def test_parse_request_only_raises_swarmd_errors(obj) -> None:
+    try:
+        parse_request(obj)
+    except SwarmdError as e:
+        assert e.code in (ERR_BAD_REQUEST, ERR_TOO_LARGE)
+
+
+def test_flood_from_one_source_is_limited_others_still_served() -> None:
+    lim = SignalLimiter(rate=2.0, burst=5)
+    allowed = sum(lim.allow(A, now=100.0) for _ in range(1000))
+    assert allowed == 5
+    assert lim.allow(B, now=100.0)  # another caller is not punished for A's flood
+    with pytest.raises(SwarmdError) as ei:
+        lim.check(A, now=100.0)
+    assert ei.value.code == ERR_RATE_LIMITED
+    assert lim.allow(A, now=100.5)  # refilled at 2/s
+
+
+def test_flood_of_fresh_keys_hits_the_global_bucket_and_bounded_memory() -> None:
+    lim = SignalLimiter(rate=2.0, burst=5, total_rate=10.0, total_burst=20)
+    allowed = sum(lim.allow(os.urandom(32), now=50.0) for _ in range(3 * MAX_SOURCES))
+    assert allowed == 20
+    assert len(lim._buckets) <= MAX_SOURCES
