@@ -47,3 +47,4 @@ def test_demo_prints_a_working_example_and_stops_on_ctrl_c(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        proc.stdout.close()
