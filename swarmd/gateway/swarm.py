@@ -55,6 +55,7 @@ class SwarmBackend:
         self._loop_task: asyncio.Task[None] | None = None
         self._refreshed = asyncio.Event()
         self.fleet: Any = None  # swarmd.orchestrator.fleet.Fleet when route == "fleet"
+        self._last_rescue = -1e9  # monotonic time of the last WORKERS lookup made because all known failed
         self._own_pk: bytes = ctx.identity.public_key
         self._own_hex = self._own_pk.hex()
         self.log = logger.bind(role="gateway", part="swarm_backend")
@@ -204,6 +205,12 @@ class SwarmBackend:
                 if e.code not in (ERR_NOT_FOUND, ERR_UNAVAILABLE):
                     raise
                 others = b.candidates(None)
+                if e.code == ERR_UNAVAILABLE and len(others) <= len(b.candidates(model)):
+                    # Every worker we know of that could take it has failed. Our list is as old as
+                    # the last WORKERS lookup (dht_refresh): a worker that announced since then can
+                    # take it, so look once more before giving up (at most once a second).
+                    await self._rescue_lookup(deadline)
+                    others = b.candidates(None)
                 if not others:
                     if e.code == ERR_NOT_FOUND:
                         raise SwarmdError(ERR_UNAVAILABLE, "no worker is available yet; retry shortly") from None
@@ -225,6 +232,18 @@ class SwarmBackend:
                 # no worker has loaded the model yet: the direct path below lets one fetch it
         res, pk = await self.router.infer(params, max(deadline - time.monotonic(), 0.0))
         return self._result(res, model, pk)
+
+    async def _rescue_lookup(self, deadline: float) -> None:
+        """One WORKERS lookup within the request's deadline, at most once a second across requests."""
+        now = time.monotonic()
+        if now - self._last_rescue < 1.0 or deadline - now <= 0.0:
+            return
+        self._last_rescue = now
+        try:
+            async with asyncio.timeout(deadline - now):
+                await self.fleet.discover_once()
+        except (SwarmdError, TimeoutError) as e:
+            self.log.bind(event="rescue_lookup_failed", error=str(e)).info("worker lookup failed: {}", e)
 
     @staticmethod
     def _result(res: Any, model: str, pk: bytes | None = None) -> InferResult:
