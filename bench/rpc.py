@@ -1,6 +1,6 @@
 """RPC benchmark: swarmd RPC (Noise + mux + msgpack over TCP) beside plain asyncio TCP.
 
-    python bench/rpc.py [--quick]
+    python bench/rpc.py [--quick] [--uvloop]
 
 The server side of each measurement runs in its own process (as a remote peer
 would), the client here. Figures:
@@ -13,6 +13,8 @@ would), the client here. Figures:
 
 The baseline is a plain asyncio TCP echo / sink with 4-byte length framing,
 measured in the same run on the same machine. Last line: one JSON object.
+`--uvloop` runs every event loop of the run (baseline, client and server
+processes alike) on uvloop (optional: node.event_loop, swarmd/node/eventloop.py).
 """
 
 from __future__ import annotations
@@ -30,6 +32,13 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PAYLOAD = b"x" * 64
+LOOP = "uvloop" if "--uvloop" in sys.argv else "asyncio"
+
+
+def run(coro: Any) -> Any:
+    from swarmd.node.eventloop import run as run_on
+
+    return run_on(coro, LOOP)
 
 
 # -- servers (run in a child process) ---------------------------------------
@@ -99,7 +108,7 @@ async def serve(kind: str) -> None:
                 n += len(chunk)
             return n
 
-        methods.register("echo", echo)
+        methods.register("echo", echo, inline=True)  # trivial handler: no Task needed (Method.inline)
         methods.register_stream("sink", sink, op="w")
         ident = Identity.generate()
         server = RpcServer(ident, methods)
@@ -158,7 +167,7 @@ class _BaselineClient(asyncio.Protocol):
 
 def start_server(kind: str) -> tuple[subprocess.Popen[str], dict[str, Any]]:
     proc = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), "--serve", kind],
+        [sys.executable, os.path.abspath(__file__), "--serve", kind, *(["--uvloop"] if LOOP == "uvloop" else [])],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -284,7 +293,7 @@ async def bench_same_process(n_seq: int) -> dict[str, float]:
     async def echo(ctx: Any, params: Any) -> Any:
         return params
 
-    methods.register("echo", echo)
+    methods.register("echo", echo, inline=True)  # trivial handler: no Task needed (Method.inline)
     ident = Identity.generate()
     server = RpcServer(ident, methods)
     await server.start()
@@ -319,27 +328,34 @@ def main() -> None:
     ap.add_argument("--serve", choices=["tcp", "rpc"])
     ap.add_argument("--quick", action="store_true", help="smaller loops (smoke run)")
     ap.add_argument("--profile", action="store_true", help="cProfile the client side of the RPC run")
+    ap.add_argument("--uvloop", action="store_true", help="run every event loop on uvloop (both processes)")
     args = ap.parse_args()
+    if args.uvloop:
+        from swarmd.node.eventloop import uvloop_available
+
+        if not uvloop_available():
+            sys.exit("--uvloop: uvloop is not installed (pip install uvloop, or swarmd[fast])")
     if args.serve:
-        asyncio.run(serve(args.serve))
+        run(serve(args.serve))
         return
     n_seq, n_par, bulk = (2000, 20_000, 128 << 20) if args.quick else (10_000, 128_000, 1 << 30)
     in_flight = 64
-    base = asyncio.run(bench_baseline(n_seq, n_par, in_flight, bulk))
+    base = run(bench_baseline(n_seq, n_par, in_flight, bulk))
     if args.profile:
         import cProfile
         import pstats
 
         prof = cProfile.Profile()
         prof.enable()
-        rpc = asyncio.run(bench_rpc(n_seq, n_par, in_flight, bulk))
+        rpc = run(bench_rpc(n_seq, n_par, in_flight, bulk))
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     else:
-        rpc = asyncio.run(bench_rpc(n_seq, n_par, in_flight, bulk))
-    same = asyncio.run(bench_same_process(n_seq))
+        rpc = run(bench_rpc(n_seq, n_par, in_flight, bulk))
+    same = run(bench_same_process(n_seq))
     targets = {"p50_us": 80, "req_per_s": 55_000, "bulk_mib_s": 400}
     anchor = {"p50_us": 102, "req_per_s": 52_600, "bulk_mib_s": 54}
+    print(f"event loop: {LOOP} (client, server and baseline)")
     print(f"{'figure':<28}{'swarmd rpc':>14}{'asyncio tcp':>14}{'target':>10}{'hyperswarm':>12}")
     rows = [
         ("echo 64 B p50 (us)", "p50_us"),
@@ -356,9 +372,13 @@ def main() -> None:
         json.dumps(
             {
                 "bench": "rpc",
+                "event_loop": LOOP,
                 "rpc": {k: round(v, 1) for k, v in rpc.items()},
                 "baseline_asyncio_tcp": {k: round(v, 1) for k, v in base.items()},
-                "same_process_p50_us": {"rpc": round(same["rpc"], 1), "baseline_asyncio_tcp": round(same["tcp"], 1)},
+                "same_process_p50_us": {
+                    "rpc": round(same["rpc"], 1),
+                    "baseline_asyncio_tcp": round(same["tcp"], 1),
+                },
                 "targets": targets,
                 "anchor_hyperswarm_rpc": anchor,
                 "params": {

@@ -149,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.node.log_level, settings.node.log_format)
     try:
         if args.command is None:
-            return asyncio.run(run_daemon(settings))
+            from swarmd.node.eventloop import run
+
+            return run(run_daemon(settings), settings.node.event_loop)
         result = commands[args.command].run(args)
         if inspect.iscoroutine(result):
             result = asyncio.run(result)

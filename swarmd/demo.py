@@ -240,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"swarmd demo: {e.message}", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(DemoNode(settings, model_path, swarm).run())
+        from swarmd.node.eventloop import run
+
+        return run(DemoNode(settings, model_path, swarm).run(), settings.node.event_loop)
     except KeyboardInterrupt:
         return 130
 

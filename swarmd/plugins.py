@@ -15,7 +15,6 @@ and `python -m swarmd.plugins ork --data-dir D` runs an ork the same way.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import copy
 import os
 import sys
@@ -135,7 +134,9 @@ def _run(args: argparse.Namespace, make_part: Callable[[NodeContext], Any], part
 
     setup_logging(args.settings.node.log_level, args.settings.node.log_format)
     try:
-        return asyncio.run(PluginNode(args.settings, make_part, part_name).run())
+        from swarmd.node.eventloop import run
+
+        return run(PluginNode(args.settings, make_part, part_name).run(), args.settings.node.event_loop)
     except KeyboardInterrupt:
         return 130
 

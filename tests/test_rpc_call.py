@@ -197,3 +197,36 @@ async def test_many_calls_in_flight(server: RpcServer) -> None:
         assert results == list(range(500))
     finally:
         await peer.close()
+
+
+async def test_deadlines_of_mixed_timeouts_expire_independently(server: RpcServer) -> None:
+    """One sweep timer serves every call: an earlier deadline re-arms it, expiry touches only due calls."""
+    peer = await connect(None, "127.0.0.1", server.port, timeout=T)
+    try:
+        long_call = asyncio.create_task(peer.call("sleep", 0.5, timeout=T))
+        await server.log.wait_for("sleeping")  # type: ignore[attr-defined]
+        short = [asyncio.create_task(peer.call("sleep", 30, timeout=0.2)) for _ in range(3)]
+        for task in short:
+            with pytest.raises(SwarmdError) as ei:
+                await task
+            assert ei.value.code == ERR_TIMEOUT
+        assert await long_call == "slept"
+        assert await peer.call("echo", "after", timeout=T) == "after"
+        assert not peer._pending and not peer._deadlines  # nothing left behind
+    finally:
+        await peer.close()
+
+
+async def test_tcp_nodelay_on_both_ends(server: RpcServer) -> None:
+    """Small calls must not wait for Nagle's algorithm on either side."""
+    import socket
+
+    peer = await connect(None, "127.0.0.1", server.port, timeout=T)
+    try:
+        assert await peer.call("echo", 1, timeout=T) == 1
+        (served,) = server.peers
+        for conn in (peer.conn, served.conn):
+            sock = conn._pipe.get_extra_info("socket")  # type: ignore[union-attr]
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        await peer.close()

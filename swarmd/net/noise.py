@@ -52,6 +52,7 @@ HS_REJECT = 1
 KEY_BINDING_CONTEXT = b"swarmd/1 noise static key\x00"
 _PAYLOAD_SIZE = PUBLIC_KEY_SIZE + SIGNATURE_SIZE
 _NONCE = struct.Struct("<4xQ")
+_LEN = struct.Struct(">I")
 _MAX_NONCE = 2**64 - 1
 
 
@@ -268,19 +269,18 @@ class NoiseSession:
 
     def decrypt_stream(self, data: bytes) -> list[bytes]:
         """Established sessions only: the plaintexts of the transport messages completed by data."""
-        frames = self._frames
-        if not frames._buf and len(data) > 4:
+        if not self._frames._buf and len(data) > 4:
             # fast path: a read holding exactly one whole message (a call, an answer)
-            n = int.from_bytes(data[:4], "big")
+            n = _LEN.unpack_from(data)[0]
             if n + 4 == len(data) and n <= MAX_NOISE_MESSAGE:
                 nonce = self._n_dec
                 try:
-                    plain = self._dec.decrypt(_NONCE.pack(nonce), memoryview(data)[4:], None)  # type: ignore[union-attr]
+                    plain = self._dec.decrypt(_NONCE.pack(nonce), data[4:], None)  # type: ignore[union-attr]
                 except InvalidTag:
                     raise SwarmdError(ERR_PROTOCOL, "a transport message failed authentication") from None
                 self._n_dec = nonce + 1
                 return [plain]
-        return self._decrypt_frames(frames.feed(data))
+        return self._decrypt_frames(self._frames.feed(data))
 
     def _receive_handshake(self, data: bytes) -> tuple[bytes, list[bytes]]:
         if self.initiator and self._step == 0:
@@ -335,7 +335,7 @@ class NoiseSession:
             n = self._n_enc
             ct = enc.encrypt(_NONCE.pack(n), plaintext, None)
             self._n_enc = n + 1
-            return (size + TAG_SIZE).to_bytes(4, "big") + ct
+            return _LEN.pack(size + TAG_SIZE) + ct
         return bytes(self.seal([plaintext]))
 
     def seal(self, plaintexts: list[bytes]) -> bytearray:

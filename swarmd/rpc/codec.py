@@ -88,12 +88,17 @@ def _ext_hook(code: int, data: bytes) -> Any:
 _local = threading.local()
 
 
+def new_packer() -> msgpack.Packer:
+    """A Packer producing exactly packb's bytes, for an owner that stays on one thread (Packers are not thread-safe)."""
+    return msgpack.Packer(default=_default, use_bin_type=True, autoreset=True)
+
+
 def packb(obj: Any) -> bytes:
     """msgpack bytes for obj (ndarrays as ext 1). One Packer per thread: Packers are not thread-safe."""
     try:
         packer = _local.packer
     except AttributeError:
-        packer = _local.packer = msgpack.Packer(default=_default, use_bin_type=True, autoreset=True)
+        packer = _local.packer = new_packer()
     return packer.pack(obj)
 
 

@@ -75,6 +75,8 @@ def decode(data: bytes) -> list[Any]:
 
     Raises EnvelopeError; its request_id is set when the message was a request
     with a readable id, so the caller can answer that request with an error.
+    The checks of the two messages on every call's path (a well-formed request
+    or response) are inlined: this runs twice per round trip.
     """
     try:
         msg = unpackb(data)
@@ -85,6 +87,19 @@ def decode(data: bytes) -> list[Any]:
     kind = msg[0]
     n = len(msg)
     if kind == REQUEST:
+        if n == 6:
+            # fast path: every field as expected
+            rid, method, _, t, ch = msg[1:]
+            if (
+                type(rid) is int
+                and 0 <= rid <= MAX_ID
+                and type(method) is str
+                and 0 < len(method) <= MAX_METHOD_LEN
+                and (t is None or (type(t) is int and -(1 << 62) <= t <= 1 << 62))
+                and type(ch) is int
+                and 0 <= ch < 1 << 32
+            ):
+                return msg
         if n != 6:
             raise EnvelopeError(
                 f"request must have 6 elements, got {n}", msg[1] if n > 1 and type(msg[1]) is int else None
@@ -101,7 +116,9 @@ def decode(data: bytes) -> list[Any]:
     if kind == RESPONSE:
         if n != 3:
             raise EnvelopeError(f"response must have 3 elements, got {n}")
-        _check_id(msg[1])
+        rid = msg[1]
+        if type(rid) is not int or not 0 <= rid <= MAX_ID:
+            _check_id(rid)
         return msg
     if kind == ERROR:
         if n != 3:

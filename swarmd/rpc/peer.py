@@ -2,17 +2,22 @@
 
 Wire messages are the envelopes of `swarmd.rpc.envelope` on mux channel 0;
 stream calls additionally own a mux channel opened by the caller. The hot path
-is kept lean: a call is one future, one `loop.call_at` timer and one queued
-frame; a handler that finishes without suspending is run inline (no Task).
+is kept lean: a call is one future, one deadline entry (no timer of its own:
+one sweep timer per peer fires at the earliest deadline) and one frame written
+at once when nothing else is queued. Handlers run in a Task of their own (so
+asyncio.timeout and TaskGroup work in them); one registered inline=True runs its
+first step in the read callback, and if it finishes without suspending its
+answer leaves with the flush that ends the read.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import traceback
 import uuid
 from collections import deque
-from collections.abc import Coroutine, Generator
+from collections.abc import Awaitable, Coroutine, Generator
 from typing import Any
 
 from loguru import logger
@@ -30,7 +35,7 @@ from swarmd.errors import (
 )
 from swarmd.net.connection import Channel, SecureConnection
 from swarmd.net.loglimit import hostile
-from swarmd.rpc import envelope
+from swarmd.rpc import codec, envelope
 from swarmd.rpc.config import RpcConfig
 from swarmd.rpc.envelope import CANCEL, ERROR, EVENT, REQUEST, RESPONSE, EnvelopeError
 from swarmd.rpc.methods import READ, CallContext, Firewall, Method, Methods
@@ -76,12 +81,15 @@ def _builtin_methods() -> dict[str, Method]:
         return ctx.peer_conn.instance_id
 
     return {
-        "ping": Method("ping", ping, READ, False),
-        "getInstanceId": Method("getInstanceId", get_instance_id, READ, False),
+        "ping": Method("ping", ping, READ, False, inline=True),
+        "getInstanceId": Method("getInstanceId", get_instance_id, READ, False, inline=True),
     }
 
 
 _BUILTINS = _builtin_methods()
+
+_SWEEP_SLACK = 0.001  # a sweep also expires calls due within this many seconds
+_SWEEP_MIN_GAP = 0.01  # and the next sweep is at least this far away
 
 
 class Stream:
@@ -117,7 +125,7 @@ class Stream:
         if res is not None and not res.done():
             res.set_exception(err)
             res.exception()  # retrieved: aborting is not an unhandled error
-            if self.peer._pending.pop(self._rid, None) is not None:
+            if self.peer._forget(self._rid) is not None:
                 self.peer._send_cancel(self._rid)
 
     async def result(self) -> Any:
@@ -154,6 +162,12 @@ class RpcPeer:
         self._loop = conn._loop
         self._next_id = 1
         self._pending: dict[int, asyncio.Future[Any]] = {}
+        # rid -> (deadline, method, timeout) of every call in _pending; one sweep timer
+        # fires at the earliest deadline instead of a timer per call
+        self._deadlines: dict[int, tuple[float, str, float]] = {}
+        self._sweep: asyncio.TimerHandle | None = None
+        self._sweep_at = math.inf
+        self._pack = codec.new_packer().pack  # one per peer: a peer lives on one thread
         self._pending_streams: dict[int, Stream] = {}
         self._running: dict[int, asyncio.Task[Any]] = {}
         self._events: set[asyncio.Task[Any]] = set()
@@ -194,27 +208,69 @@ class RpcPeer:
         rid = self._next_id
         self._next_id = rid + 1
         try:
-            msg = envelope.request(rid, method, params, int(timeout * 1000), channel)
+            msg = self._pack([REQUEST, rid, method, params, int(timeout * 1000), channel])
         except (TypeError, ValueError, OverflowError) as e:
             raise SwarmdError(ERR_BAD_REQUEST, f"params of {method!r} cannot be encoded: {e}") from None
         fut = self._loop.create_future()
         pending = self._pending
         pending[rid] = fut
+        deadline = self._loop.time() + timeout
+        self._deadlines[rid] = (deadline, method, timeout)
+        if deadline < self._sweep_at:
+            self._arm_sweep(deadline)
         # a lone call goes out at once; calls made together coalesce into one flush
         conn.send_message(msg, now=len(pending) == 1)
         return rid, fut
 
-    def _expire(self, rid: int, method: str, timeout: float) -> None:
+    def _forget(self, rid: int) -> asyncio.Future[Any] | None:
+        """Drop a call from the pending set (answered, expired or given up); its future, if it was there."""
         fut = self._pending.pop(rid, None)
-        if fut is not None and not fut.done():
-            fut.set_exception(SwarmdError(ERR_TIMEOUT, f"{method!r} got no answer within {timeout:g} s"))
-            self._send_cancel(rid)
+        if fut is not None:
+            self._deadlines.pop(rid, None)
+        return fut
+
+    def _arm_sweep(self, when: float) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+        self._sweep_at = when
+        self._sweep = self._loop.call_at(when, self._on_sweep)
+
+    def _on_sweep(self) -> None:
+        """Fail every call past its deadline, then sleep until the next deadline.
+
+        Calls normally carry the same timeout, so deadlines grow with call order
+        and the timer is armed once per timeout period, not once per call. The
+        next sweep is at least SWEEP_MIN_GAP away, which bounds the work of many
+        calls expiring at staggered times (each is then late by at most that gap).
+        """
+        self._sweep = None
+        self._sweep_at = math.inf
+        if not self._deadlines:
+            return
+        now = self._loop.time()
+        horizon = now + _SWEEP_SLACK
+        expired = []
+        nxt = math.inf
+        for rid, entry in self._deadlines.items():
+            d = entry[0]
+            if d <= horizon:
+                expired.append(rid)
+            elif d < nxt:
+                nxt = d
+        for rid in expired:
+            _, method, timeout = self._deadlines.pop(rid)
+            fut = self._pending.pop(rid, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(SwarmdError(ERR_TIMEOUT, f"{method!r} got no answer within {timeout:g} s"))
+                self._send_cancel(rid)
+        if nxt < math.inf and self.conn.error is None:
+            self._arm_sweep(max(nxt, now + _SWEEP_MIN_GAP))
 
     def _send_cancel(self, rid: int) -> None:
         if self.conn.error is None:
             self.conn.send_message(envelope.cancel(rid))
 
-    async def call(self, method: str, params: Any = None, *, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - timer-based, no wait_for
+    async def call(self, method: str, params: Any = None, *, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - deadline sweep, no wait_for
         """Call method on the peer; raises SwarmdError (remote code, ERR_TIMEOUT, ERR_CLOSED)."""
         conn = self.conn
         if conn._write_paused:
@@ -226,7 +282,7 @@ class RpcPeer:
         rid = self._next_id
         self._next_id = rid + 1
         try:
-            msg = envelope.request(rid, method, params, int(timeout * 1000), 0)
+            msg = self._pack([REQUEST, rid, method, params, int(timeout * 1000), 0])
         except (TypeError, ValueError, OverflowError) as e:
             raise SwarmdError(ERR_BAD_REQUEST, f"params of {method!r} cannot be encoded: {e}") from None
         loop = self._loop
@@ -235,15 +291,17 @@ class RpcPeer:
         pending[rid] = fut
         # a lone call goes out at once; calls made together coalesce into one flush
         conn.send_message(msg, now=len(pending) == 1)
-        timer = loop.call_at(loop.time() + timeout, self._expire, rid, method, timeout)
+        # bookkeeping after the write: it overlaps with the peer's work on the call
+        deadline = loop.time() + timeout
+        self._deadlines[rid] = (deadline, method, timeout)
+        if deadline < self._sweep_at:
+            self._arm_sweep(deadline)
         try:
             return await fut
         except asyncio.CancelledError:
-            if pending.pop(rid, None) is not None:
+            if self._forget(rid) is not None:
                 self._send_cancel(rid)
             raise
-        finally:
-            timer.cancel()
 
     async def _drain_quietly(self) -> None:
         try:
@@ -273,11 +331,9 @@ class RpcPeer:
             raise
         result: asyncio.Future[Any] = self._loop.create_future()
         stream = Stream(self, channel, result, rid)
-        timer = self._loop.call_at(self._loop.time() + timeout, self._expire, rid, method, timeout)
 
         def settle(f: asyncio.Future[Any]) -> None:
-            timer.cancel()
-            self._pending.pop(rid, None)
+            self._forget(rid)
             # the callee finished: it ignores anything more we send, so our side is over
             if not channel.local_ended:
                 channel.local_ended = True
@@ -311,14 +367,17 @@ class RpcPeer:
             raise
         kind = msg[0]
         if kind == RESPONSE:
-            fut = self._pending.pop(msg[1], None)
-            if fut is not None and not fut.done():
-                fut.set_result(msg[2])
+            rid = msg[1]
+            fut = self._pending.pop(rid, None)
+            if fut is not None:
+                self._deadlines.pop(rid, None)
+                if not fut.done():
+                    fut.set_result(msg[2])
         elif kind == REQUEST:
             self._msg_size = len(data)
             self._on_request(msg[1], msg[2], msg[3], msg[4], msg[5])
         elif kind == ERROR:
-            fut = self._pending.pop(msg[1], None)
+            fut = self._forget(msg[1])
             if fut is not None and not fut.done():
                 fut.set_exception(SwarmdError.from_wire(msg[2]))
         elif kind == EVENT:
@@ -345,7 +404,8 @@ class RpcPeer:
         ch: int,
         arrived: float | None = None,
     ) -> None:
-        if self.conn._write_paused and not ch:
+        conn = self.conn
+        if conn._write_paused and not ch:
             # The peer is not reading our answers: hold new plain requests in a bounded
             # backlog instead of growing the pipe buffer; a peer that floods anyway is cut off.
             size = self._msg_size
@@ -364,15 +424,21 @@ class RpcPeer:
         if arrived is not None and timeout_ms is not None:
             timeout_ms -= int((self._loop.time() - arrived) * 1000)
         stream: Stream | None = None
+        running = self._running
         try:
-            if rid in self._running:
+            if rid in running:
                 raise SwarmdError(ERR_BAD_REQUEST, f"request id {rid} is already running")
-            if len(self._running) + self._inline >= self.config.max_in_flight:
+            if len(running) + self._inline >= self.config.max_in_flight:
                 raise SwarmdError(
                     ERR_OVERLOADED,
-                    f"{len(self._running)} requests running, the limit is {self.config.max_in_flight}",
+                    f"{len(running)} requests running, the limit is {self.config.max_in_flight}",
                 )
-            m = self._lookup(method)
+            m = _BUILTINS.get(method) or self.methods.get(method)
+            if m is None:
+                raise SwarmdError(ERR_UNKNOWN_METHOD, f"no method {method!r} on this peer")
+            peer_key = conn.session.remote_public_key or b""
+            if self.firewall is not None and method not in _BUILTINS:
+                self.firewall.check(peer_key, method, m.op)
             deadline = None
             if timeout_ms is not None:
                 if timeout_ms <= 0:
@@ -385,9 +451,9 @@ class RpcPeer:
                     if m.stream
                     else f"{method!r} is not a stream method: call it",
                 )
-            ctx = CallContext(self.conn.remote_public_key or b"", method, rid, deadline, self)
+            ctx = CallContext(peer_key, method, rid, deadline, self)
             if ch:
-                stream = Stream(self, self.conn.accept_channel(ch))
+                stream = Stream(self, conn.accept_channel(ch))
                 coro = m.handler(ctx, params, stream)
             else:
                 coro = m.handler(ctx, params)
@@ -396,7 +462,34 @@ class RpcPeer:
                 raise
             self._reply_error(rid, e)
             return
-        self._run(rid, method, coro, deadline, stream)
+        if not m.inline:
+            running[rid] = self._loop.create_task(self._continue(rid, method, coro, deadline, stream))
+            return
+        # An inline handler's first step runs here: most finish without suspending (no Task).
+        self._inline += 1
+        try:
+            first = coro.send(None)
+        except StopIteration as stop:
+            if stream is None and conn.error is None:
+                try:
+                    msg = self._pack([RESPONSE, rid, stop.value])
+                except (TypeError, ValueError, OverflowError):
+                    self._finish(rid, method, stream, stop.value, None)  # reports the encoding error
+                    return
+                conn.send_message(msg)
+                return
+            self._finish(rid, method, stream, stop.value, None)
+            return
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - a handler may raise anything; it becomes an error reply
+            self._finish(rid, method, stream, None, e)
+            return
+        finally:
+            self._inline -= 1
+        running[rid] = self._loop.create_task(
+            self._continue(rid, method, _Resume(coro, first), deadline, stream)
+        )
 
     def _on_writable(self) -> None:
         backlog = self._backlog
@@ -409,32 +502,8 @@ class RpcPeer:
                 self.conn.close(e)
                 return
 
-    def _run(
-        self,
-        rid: int,
-        method: str,
-        coro: Coroutine[Any, Any, Any],
-        deadline: float | None,
-        stream: Stream | None,
-    ) -> None:
-        self._inline += 1
-        try:
-            first = coro.send(None)
-        except StopIteration as stop:
-            self._finish(rid, method, stream, stop.value, None)
-            return
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as e:  # noqa: BLE001 - a handler may raise anything; it becomes an error reply
-            self._finish(rid, method, stream, None, e)
-            return
-        finally:
-            self._inline -= 1
-        task = self._loop.create_task(self._continue(rid, method, _Resume(coro, first), deadline, stream))
-        self._running[rid] = task
-
     async def _continue(
-        self, rid: int, method: str, resumed: _Resume, deadline: float | None, stream: Stream | None
+        self, rid: int, method: str, resumed: Awaitable[Any], deadline: float | None, stream: Stream | None
     ) -> None:
         timer = None
         task = asyncio.current_task()
@@ -496,7 +565,9 @@ class RpcPeer:
                 )
                 self._log_handler_error(method, e)
                 return
-            self.conn.send_message(msg)
+            # the last handler running writes at once (one loop iteration sooner);
+            # answers of handlers finishing together still share one flush
+            self.conn.send_message(msg, now=len(self._running) <= 1)
             return
         if isinstance(exc, SwarmdError):
             err = exc
@@ -536,6 +607,11 @@ class RpcPeer:
             return
         ctx = CallContext(self.conn.remote_public_key or b"", method, -1, None, self)
         coro = m.handler(ctx, params)
+        if not m.inline:
+            task = self._loop.create_task(self._continue_event(method, coro))
+            self._events.add(task)
+            task.add_done_callback(self._events.discard)
+            return
         try:
             first = coro.send(None)
         except StopIteration:
@@ -547,7 +623,7 @@ class RpcPeer:
         self._events.add(task)
         task.add_done_callback(self._events.discard)
 
-    async def _continue_event(self, method: str, resumed: _Resume) -> None:
+    async def _continue_event(self, method: str, resumed: Awaitable[Any]) -> None:
         try:
             await resumed
         except asyncio.CancelledError:
@@ -566,6 +642,11 @@ class RpcPeer:
         self._backlog.clear()
         self._backlog_bytes = 0
         pending, self._pending = self._pending, {}
+        self._deadlines = {}
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        self._sweep_at = math.inf
         for fut in pending.values():
             if not fut.done():
                 fut.set_exception(closed)
