@@ -7,8 +7,10 @@ store would); the client here pushes with `swarmd.store.transfer.push_file`
 (sha256 on the client, Noise + mux stream, sha256 + fsync + ONNX parse +
 atomic rename on the store) and pulls with `pull_file` (verified while sent,
 sha256 + fsync on the client). The baseline, measured in the same run, is a
-plain copy of the same file to the same disk followed by fsync. Last line:
-one JSON object.
+plain copy of the same file to the same disk followed by fsync; a second
+baseline is the bare stream of the same stack on the same connection (as many
+bytes from memory to a handler that drops them, and back), which bounds what
+push and pull can reach. Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -67,6 +70,34 @@ async def serve(data_dir: Path) -> None:
     methods = Methods()
     ctx = NodeContext(identity=ident, settings=Settings(), data_dir=data_dir, instance_id="bench",
                       roles=("store",), tasks=Supervisor(), methods=methods)
+
+    async def sink(ctx: object, params: object, stream: Any) -> int:
+        """The raw stream, for the same-run reference: receive and drop."""
+        n = 0
+        recv = stream.recv
+        while (buf := await recv()) is not None:
+            n += len(buf)
+        return n
+
+    async def source(ctx: object, params: Any, stream: Any) -> int:
+        """The raw stream the other way: send params['size'] bytes from memory."""
+        size = int(params["size"])
+        chunk = b"b" * (1 << 20)
+        sent = 0
+        await asyncio.sleep(0)  # into a task of its own, like the store's handlers
+        while sent < size:
+            buf = chunk[: min(len(chunk), size - sent)]
+            await stream.send(buf)
+            sent += len(buf)
+        return sent
+
+    async def cpu(ctx: object, params: object) -> float:
+        """CPU seconds this process used so far (all threads): less noisy than wall time here."""
+        return time.process_time()
+
+    methods.register("benchCpu", cpu, op="r")
+    methods.register_stream("benchSink", sink, op="w")
+    methods.register_stream("benchSource", source, op="r")
     server = RpcServer(ident, methods)
     await server.start()
     role = StoreRole(ctx)
@@ -89,6 +120,31 @@ def copy_baseline(src: Path, dst: Path) -> float:
     return dt
 
 
+async def raw_up(peer: Any, size: int) -> float:
+    """The same number of bytes over a bare stream (memory to a sink): what the transport allows."""
+    chunk = b"b" * (1 << 20)
+    t0 = time.perf_counter()
+    s = await peer.open_stream("benchSink", {}, timeout=120)
+    sent = 0
+    while sent < size:
+        buf = chunk[: min(len(chunk), size - sent)]
+        await s.send(buf)
+        sent += len(buf)
+    await s.close()
+    assert await s.result() == size
+    return time.perf_counter() - t0
+
+
+async def raw_down(peer: Any, size: int) -> float:
+    t0 = time.perf_counter()
+    s = await peer.open_stream("benchSource", {"size": size}, timeout=120)
+    got = 0
+    while (buf := await s.recv()) is not None:
+        got += len(buf)
+    assert await s.result() == size == got
+    return time.perf_counter() - t0
+
+
 async def client(args: argparse.Namespace) -> dict:
     from loguru import logger
 
@@ -109,16 +165,27 @@ async def client(args: argparse.Namespace) -> dict:
             assert proc.stdout is not None and proc.stdin is not None
             hello = json.loads(proc.stdout.readline())
             peer = await connect(None, "127.0.0.1", hello["port"], remote_public_key=bytes.fromhex(hello["key"]))
-            push_t, pull_t, copy_t = [], [], []
+            copy_t: list[float] = []
+            wall: dict[str, list[float]] = {k: [] for k in ("push", "pull", "up", "down")}
+            cpu: dict[str, list[tuple[float, float]]] = {k: [] for k in wall}
+
+            async def measure(what: str, coro: Any) -> Any:
+                """Wall time, and CPU seconds of this process and of the store's (all threads)."""
+                c0, s0 = time.process_time(), await peer.call("benchCpu", {}, timeout=60)
+                t0 = time.perf_counter()
+                out = await coro
+                wall[what].append(time.perf_counter() - t0)
+                c1, s1 = time.process_time(), await peer.call("benchCpu", {}, timeout=60)
+                cpu[what].append((c1 - c0, s1 - s0))
+                return out
+
             for i in range(args.rounds):
                 copy_t.append(copy_baseline(model, tmp / "copy.onnx"))
-                t0 = time.perf_counter()
-                meta = await push_file(peer, model, "bench", str(i + 1), timeout=120)
-                push_t.append(time.perf_counter() - t0)
+                await measure("up", raw_up(peer, size))
+                await measure("down", raw_down(peer, size))
+                meta = await measure("push", push_file(peer, model, "bench", str(i + 1), timeout=120))
                 out = tmp / "pulled.onnx"
-                t0 = time.perf_counter()
-                await pull_file(peer, meta["digest"], out, size=meta["size"], timeout=120)
-                pull_t.append(time.perf_counter() - t0)
+                await measure("pull", pull_file(peer, meta["digest"], out, size=meta["size"], timeout=120))
                 out.unlink()
                 # delete so the next push sends every byte again (no dedupe of the blob)
                 await peer.call("deleteModel", {"name": "bench", "version": str(i + 1)}, timeout=60)
@@ -134,14 +201,21 @@ async def client(args: argparse.Namespace) -> dict:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     med = statistics.median
+    push_t, pull_t, up_t, down_t = wall["push"], wall["pull"], wall["up"], wall["down"]
     return {
         "model_mib": round(mib, 1),
         "rounds": args.rounds,
         "push_mib_s": round(mib / med(push_t), 1),
         "pull_mib_s": round(mib / med(pull_t), 1),
         "baseline_copy_fsync_mib_s": round(mib / med(copy_t), 1),
+        "baseline_stream_up_mib_s": round(mib / med(up_t), 1),
+        "baseline_stream_down_mib_s": round(mib / med(down_t), 1),
         "push_vs_copy": round(med(copy_t) / med(push_t), 3),
         "pull_vs_copy": round(med(copy_t) / med(pull_t), 3),
+        "push_vs_stream": round(med(up_t) / med(push_t), 3),
+        "pull_vs_stream": round(med(down_t) / med(pull_t), 3),
+        # CPU ms per transfer (client, store): what a busy 2-core box really rations
+        "cpu_ms": {k: [round(1e3 * med(c[0] for c in v)), round(1e3 * med(c[1] for c in v))] for k, v in cpu.items()},
     }
 
 
@@ -156,10 +230,17 @@ def main() -> None:
         return
     r = asyncio.run(client(args))
     print(f"store transfer of a {r['model_mib']} MiB ONNX model, median of {r['rounds']} rounds")
-    print(f"{'what':34} {'MiB/s':>9} {'x copy':>8}")
-    print(f"{'push (client -> store, TCP)':34} {r['push_mib_s']:9.1f} {r['push_vs_copy']:8.3f}")
-    print(f"{'pull (store -> client, TCP)':34} {r['pull_mib_s']:9.1f} {r['pull_vs_copy']:8.3f}")
-    print(f"{'baseline: file copy + fsync':34} {r['baseline_copy_fsync_mib_s']:9.1f} {1.0:8.3f}")
+    c = r["cpu_ms"]
+    print(f"{'what':36} {'MiB/s':>8} {'x copy':>7} {'x stream':>9} {'cpu ms client/store':>20}")
+    print(f"{'push (client -> store, TCP)':36} {r['push_mib_s']:8.1f} {r['push_vs_copy']:7.3f} "
+          f"{r['push_vs_stream']:9.3f} {c['push'][0]:>11}/{c['push'][1]}")
+    print(f"{'pull (store -> client, TCP)':36} {r['pull_mib_s']:8.1f} {r['pull_vs_copy']:7.3f} "
+          f"{r['pull_vs_stream']:9.3f} {c['pull'][0]:>11}/{c['pull'][1]}")
+    print(f"{'baseline: file copy + fsync':36} {r['baseline_copy_fsync_mib_s']:8.1f} {1.0:7.3f}")
+    print(f"{'baseline: bare stream up (memory)':36} {r['baseline_stream_up_mib_s']:8.1f} {'':7} {'1.000':>9} "
+          f"{c['up'][0]:>11}/{c['up'][1]}")
+    print(f"{'baseline: bare stream down (memory)':36} {r['baseline_stream_down_mib_s']:8.1f} {'':7} {'1.000':>9} "
+          f"{c['down'][0]:>11}/{c['down'][1]}")
     print(json.dumps(r))
 
 

@@ -170,3 +170,18 @@ def test_established_session_survives_garbage(data: bytes) -> None:
         assert plain == []  # forging a valid message is not possible
     except SwarmdError as e:
         assert e.code in (ERR_PROTOCOL, ERR_TOO_LARGE)
+
+
+def test_half_sent_oversized_handshake_frame_is_refused_at_once():
+    """A first frame announced at 2,000 bytes (over the 1 KiB handshake cap) is refused
+    as soon as its length arrives, not after the handshake timeout."""
+    import struct
+
+    import pytest as _pytest
+
+    from swarmd.net.noise import HandshakeError, NoiseSession
+    from swarmd.node.identity import Identity
+
+    server = NoiseSession(Identity.generate(), initiator=False)
+    with _pytest.raises(HandshakeError, match="2000 bytes announced"):
+        server.receive(struct.pack(">I", 2000) + b"\x00" * 1000)

@@ -302,7 +302,25 @@ class NoiseSession:
                     f"handshake frame of {len(frame)} bytes, at most {MAX_HANDSHAKE_FRAME} expected"
                 )
             out.append(self._handshake_frame(bytes(frame)))
+        if not self.established:
+            self._check_partial_handshake_frame()
         return b"".join(out), []
+
+    def _check_partial_handshake_frame(self) -> None:
+        """Refuse at once a half-received handshake frame announced over 1 KiB.
+
+        The shared decoder allows 64 KiB (transport frames may follow the last
+        handshake frame in one read), so without this an unauthenticated peer
+        could park 64 KiB per connection until the handshake timeout.
+        """
+        held = self._frames._buf
+        if len(held) >= 4:
+            n = int.from_bytes(held[:4], "big")
+            if n > MAX_HANDSHAKE_FRAME:
+                raise HandshakeError(
+                    f"handshake frame of {n} bytes announced, at most {MAX_HANDSHAKE_FRAME} expected "
+                    "(not a swarmd peer?)"
+                )
 
     def discard_buffered(self) -> None:
         """Drop a partly received message (up to 64 KiB); for a connection being torn down."""

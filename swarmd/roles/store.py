@@ -26,12 +26,12 @@ from swarmd.settings import parse_hostport
 from swarmd.store.blobs import check_digest, hash_file
 from swarmd.store.catalog import ModelMeta, check_description, check_name, check_tags, check_version
 from swarmd.store.core import ModelStore, PushRequest
+from swarmd.store.onnxsig import warm_up
 from swarmd.store.replication import Pull, plan_replication, rows_to_adopt
-from swarmd.store.transfer import pull_stream
+from swarmd.store.transfer import BatchWriter, ReadAhead, pull_stream
 from swarmd.topics import STORES, blob_topic, model_topic
 
-MAX_STATE_ROWS = 100_000
-WRITE_BATCH = 4 << 20  # upload bytes gathered before one hash+write in a thread  # bound on a peer's catalog we are willing to read
+MAX_STATE_ROWS = 100_000  # bound on a peer's catalog we are willing to read
 
 
 def _params(params: Any, allowed: set[str], required: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
@@ -148,6 +148,7 @@ class StoreRole(Role):
 
     async def start(self) -> None:
         self.store = await asyncio.to_thread(ModelStore, self.ctx.data_dir / "store", self.config)
+        await asyncio.to_thread(warm_up)
         m = self.ctx.methods
         if m is not None:
             m.register("listModels", self.list_models, op="r")
@@ -256,17 +257,21 @@ class StoreRole(Role):
             raise SwarmdError(ERR_BAD_REQUEST, f"offset must be between 0 and {size}, got {offset}")
         path = core.blobs.path(digest)
         # Verify while sending: what we served must hash to the digest, or the client
-        # gets ERR_CORRUPT instead of a result, and we quarantine the blob.
+        # gets ERR_CORRUPT instead of a result, and we quarantine the blob. A thread reads
+        # and hashes the next chunk while this one is sent.
         # (awaiting a thread first also moves this handler into its own task, which
         # asyncio.timeout below needs: the RPC layer runs a handler's first step inline)
         h = await asyncio.to_thread(hash_file, path, offset) if offset else await asyncio.to_thread(hashlib.sha256)
         sent = offset
         timeout = self.config.transfer_timeout
-        for buf in core.blobs.read_raw(path, offset, self.config.chunk_bytes):
-            h.update(buf)
-            sent += len(buf)
-            async with asyncio.timeout(timeout):
-                await stream.send(buf)
+        reader = ReadAhead(path, offset, self.config.chunk_bytes, h)
+        try:
+            while buf := await reader.next():
+                sent += len(buf)
+                async with asyncio.timeout(timeout):
+                    await stream.send(buf)
+        finally:
+            await reader.close()
         if h.hexdigest() != digest:
             core.blobs.quarantine(digest, f"content hashes to {h.hexdigest()} while serving")
             self._wake.set()
@@ -299,7 +304,7 @@ class StoreRole(Role):
     async def _receive(self, ctx: Any, req: PushRequest, offset: int, stream: Any) -> ModelMeta:
         core = self.core
         up = await asyncio.to_thread(core.begin, req)
-        pending: list[bytes] = []
+        writer = BatchWriter(up.write_many)
         done = False
         try:
             if offset > up.offset:
@@ -310,12 +315,12 @@ class StoreRole(Role):
                     {"received": up.offset},
                 )
             skip = up.offset - offset  # bytes the client re-sends that we already have
-            pending_bytes = 0
             timeout = self.config.transfer_timeout
+            recv = stream.recv
             while True:
                 try:
                     async with asyncio.timeout(timeout):
-                        buf = await stream.recv()
+                        buf = await recv()
                 except TimeoutError:
                     raise SwarmdError(ERR_TIMEOUT, f"no upload data for {timeout:g} s") from None
                 if buf is None:
@@ -325,20 +330,14 @@ class StoreRole(Role):
                     skip -= cut
                     buf = buf[cut:]
                 if buf:
-                    pending.append(buf)
-                    pending_bytes += len(buf)
-                    if pending_bytes >= WRITE_BATCH:
-                        batch, pending, pending_bytes = b"".join(pending), [], 0
-                        await _write_in_thread(up, batch)
-            batch, pending = b"".join(pending), []
-            await _write_in_thread(up, batch)
+                    await writer.add(buf)  # hashed and written in a thread while the next bytes arrive
+            await writer.flush()
             uploader = ctx.peer.hex() if isinstance(getattr(ctx, "peer", None), bytes) else ""
             done = True
             return await asyncio.to_thread(core.complete, up, uploader=uploader)
         finally:
-            if pending and not done:  # the client went away: keep what arrived for its resume
-                with contextlib.suppress(SwarmdError, OSError):
-                    up.write(b"".join(pending))
+            if not done:  # the client went away: keep what arrived for its resume
+                writer.salvage()
             up.close()
 
     # -- announcements -----------------------------------------------------------
@@ -517,7 +516,7 @@ class StoreRole(Role):
         try:
             if not up.have_blob:
                 peer = await self._connect(p.source)
-                await pull_stream(peer, p.digest, up.offset, up.write, size=first.size,
+                await pull_stream(peer, p.digest, up.offset, up.write_many, size=first.size,
                                   timeout=self.config.transfer_timeout)
             taken = await asyncio.to_thread(core.complete_replica, up, rows)
         except (SwarmdError, OSError, TimeoutError) as e:
@@ -527,19 +526,6 @@ class StoreRole(Role):
             up.close()
         self.pulled += bool(taken)
         return bool(taken)
-
-
-async def _write_in_thread(up: Any, data: bytes) -> None:
-    """Hash + write a batch in a thread (both release the GIL) while the loop decrypts what
-    follows; a cancel waits for the write, so the session is never closed under it."""
-    if not data:
-        return
-    task = asyncio.ensure_future(asyncio.to_thread(up.write, data))
-    try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await asyncio.wait({task})
-        raise
 
 
 ROLE = StoreRole

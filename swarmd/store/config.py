@@ -11,7 +11,7 @@ class StoreConfig:
 
     max_model_bytes: int = 2 * 1024**3  # larger uploads are refused up front (ERR_TOO_LARGE)
     replication_factor: int = 2  # live stores that should hold each blob
-    chunk_bytes: int = 256 * 1024  # stream chunk size for uploads and downloads
+    chunk_bytes: int = 1 << 20  # file read per send of a download (read and hashed in a thread, ahead)
     incoming_ttl: float = 24 * 3600.0  # partial uploads untouched this long are dropped at gc
     replicate_interval: float = 10.0  # seconds between replication rounds
     scrub_per_round: int = 1  # blobs re-hashed each round, so rot in unread blobs is found and repaired

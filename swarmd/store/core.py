@@ -76,6 +76,13 @@ class Upload:
             return
         self.session.write(chunk)
 
+    def write_many(self, chunks: list[bytes]) -> None:
+        """write() for a batch of chunks: one hash pass and one writev, no join copy."""
+        if self.have_blob or self.session is None:
+            self.write(b"".join(chunks))
+            return
+        self.session.write_many(chunks)
+
     def close(self) -> None:
         """Give up for now; the partial data stays for a resume."""
         if not self._done:

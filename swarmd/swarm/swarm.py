@@ -151,7 +151,10 @@ class Swarm:
         def on_peer(peer: RpcPeer) -> None:
             if prev is not None:
                 prev(peer)
-            self._spawn(self._admit_inbound(peer))
+            if self.firewall is None:
+                self._admit(peer)  # at once: the peer is in the table before it is served
+            else:
+                self._spawn(self._admit_inbound(peer))
 
         self.server.on_peer = on_peer
         self._prev_on_peer = prev
@@ -516,9 +519,20 @@ class Swarm:
                 self._log.bind(event="peer_denied", peer=pk.hex()[:16]).info("firewall denied inbound peer")
                 await peer.close()
                 return
+        self._admit(peer)
+
+    def _admit(self, peer: RpcPeer) -> None:
+        """Register an inbound peer the firewall (if any) admitted, within max_peers."""
+        try:
+            pk = peer.remote_public_key
+        except SwarmdError:
+            return
+        if self._closing:
+            self._spawn(peer.close())
+            return
         if self._registry.get(pk) is None and len(self._registry) >= self.config.max_peers:
             self._log.bind(event="peer_limit", peer=pk.hex()[:16]).info("max peers reached; closing inbound")
-            await peer.close()
+            self._spawn(peer.close())
             return
         self._register(peer, inbound=True)
 
