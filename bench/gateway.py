@@ -7,8 +7,9 @@ Servers, each a subprocess measured in this same run:
   gateway   `swarmd --role gateway` serving the model in-process (HTTP cost + local ORT)
   swarm-R   `swarmd --role gateway` -> a separate worker process (+ orchestrator, store),
             for each gateway.route R (fleet, direct, orchestrator), when those roles exist;
-            R+inline: the worker runs a lone request on its loop; R+colocated: one process
-            runs gateway and worker (the embedded default's data path), store/orchestrator apart
+            R+threaded: the worker runs every request in a thread (no inline runs); R+inline:
+            inline runs up to 5 ms; R+colocated: one process runs gateway and worker (the
+            embedded default's data path), store/orchestrator apart
 plus direct onnxruntime batch-1 calls (the ceiling). Last line: one JSON object.
 
     python bench/gateway.py [--seconds 4] [--conns 1,16,64]
@@ -242,15 +243,26 @@ def run_swarm(tmp: Path, models: Path, body: bytes, conns: list[int], seconds: f
     env = swarmd_env(SWARMD_GATEWAY_ROUTE=mode)
     if "inline" in extras:
         env["SWARMD_WORKER_INLINE_RUN_US"] = "5000"
+    if "threaded" in extras:  # every run in an executor thread (worker.inline_run_us = 0, the old default)
+        env["SWARMD_WORKER_INLINE_RUN_US"] = "0"
     colocated = "colocated" in extras  # gateway and worker in one process: no RPC hop on the data path
     gw_roles = "gateway,worker" if colocated else "gateway"
     cmd = [sys.executable, "-m", "swarmd", "--log-format", "json", "--log-level", "INFO"]
     local: list[subprocess.Popen] = []
 
+    prof = os.environ.get("BENCH_GATEWAY_PROFILE")  # a path: run gateway and worker under cProfile, dump there
+
     def start(name: str, *args: str) -> tuple[subprocess.Popen, Path]:
         log = base / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        p = start_proc([*cmd, "--data-dir", str(base / name), *args], env, log)
+        argv = cmd
+        if prof and name in ("gateway", "worker"):
+            # CPU-time profile (not wall time: on a shared box wall time is mostly waiting for a core)
+            runner = ("import cProfile, sys, time; from swarmd.cli import main; "
+                      "p = cProfile.Profile(time.process_time); rc = p.runcall(main, sys.argv[2:]); "
+                      "p.dump_stats(sys.argv[1]); sys.exit(rc)")
+            argv = [sys.executable, "-c", runner, f"{prof}.{route}.{name}", *cmd[3:]]
+        p = start_proc([*argv, "--data-dir", str(base / name), *args], env, log)
         procs.append(p)
         local.append(p)
         return p, log
@@ -263,22 +275,7 @@ def run_swarm(tmp: Path, models: Path, body: bytes, conns: list[int], seconds: f
         waits = [start("orchestrator", "--role", "orchestrator", *boot)]
         if not colocated:
             waits.append(start("worker", "--role", "worker", *boot))
-        prof = os.environ.get("BENCH_GATEWAY_PROFILE")  # a path: run the gateway under cProfile, dump there
-        if prof:
-            # CPU-time profile (not wall time: on a shared box wall time is mostly waiting for a core)
-            runner = ("import cProfile, sys, time; from swarmd.cli import main; "
-                      "p = cProfile.Profile(time.process_time); rc = p.runcall(main, sys.argv[2:]); "
-                      "p.dump_stats(sys.argv[1]); sys.exit(rc)")
-            cmd_g = [sys.executable, "-c", runner, f"{prof}.{route}", *cmd[3:]]
-            log = base / "gateway.log"
-            log.parent.mkdir(parents=True, exist_ok=True)
-            gp = start_proc([*cmd_g, "--data-dir", str(base / "gateway"), "--role", gw_roles,
-                             "--http", f"127.0.0.1:{port}", *boot], env, log)
-            procs.append(gp)
-            local.append(gp)
-            glog = log
-        else:
-            gp, glog = start("gateway", "--role", gw_roles, "--http", f"127.0.0.1:{port}", *boot)
+        gp, glog = start("gateway", "--role", gw_roles, "--http", f"127.0.0.1:{port}", *boot)
         for p, log in [*waits, (gp, glog)]:
             wait_log(log, r'"event": "ready"', p)
         admin = wait_log(glog, r"store it now\): (\S+)", gp).group(1)
@@ -324,8 +321,9 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--conns", default="1,16,64")
-    ap.add_argument("--routes", default="fleet,direct,orchestrator,fleet+inline,fleet+colocated",
-                    help="gateway.route values to measure (+inline: the worker runs lone requests inline; "
+    ap.add_argument("--routes", default="fleet,direct,orchestrator,fleet+threaded,fleet+colocated",
+                    help="gateway.route values to measure (+inline: worker.inline_run_us = 5000 instead of "
+                         "the default 2000; +threaded: = 0, every run in a thread; "
                          "+colocated: gateway and worker share one process)")
     args = ap.parse_args()
     conns = [int(c) for c in args.conns.split(",")]

@@ -139,3 +139,27 @@ def test_loose_key_refused_by_daemon(tmp_path):
 def test_version():
     r = run_cli("--version")
     assert r.returncode == 0 and r.stdout.startswith("swarmd ")
+
+
+def test_ports_in_use_and_unreachable_bootstrap_exit_nonzero_with_one_reason(tmp_path):
+    import socket
+
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    tcp = socket.socket()
+    tcp.bind(("127.0.0.1", 0))
+    tcp.listen()
+    try:
+        cases = [
+            (["--dht-port", str(udp.getsockname()[1])], "cannot listen for the DHT"),
+            (["--port", str(tcp.getsockname()[1])], "cannot listen on 127.0.0.1"),
+            (["--bootstrap", f"127.0.0.1:{udp.getsockname()[1]}"], "no bootstrap node answered"),
+        ]
+        for args, needle in cases:
+            r = run_cli("--data-dir", str(tmp_path), "--log-format", "text", *args)
+            assert r.returncode == 1, r.stderr
+            assert "Traceback" not in r.stderr
+            assert needle in r.stderr.strip().splitlines()[-1]
+    finally:
+        udp.close()
+        tcp.close()

@@ -97,3 +97,28 @@ def test_orchestrators_share_nothing_but_the_records() -> None:
     a.balancer.check_failed(KEYS[0].hex(), "ERR_TIMEOUT")  # a's view of KEYS[0] only
     assert KEYS[0].hex() not in {a.balancer.choose("mlp").public_key for _ in range(6)}
     assert KEYS[0].hex() in {b.balancer.choose("mlp").public_key for _ in range(6)}
+
+
+async def test_a_worker_that_served_an_unlisted_model_is_routed_to_directly_next_time() -> None:
+    calls: list[tuple[str, str | None]] = []
+
+    async def call(lease: Any, method: str, params: dict[str, Any], seconds: float) -> Any:
+        calls.append((lease.public_key, params.get("model")))
+        return {"model": params["model"], "outputs": {}}
+
+    config = OrchestratorConfig(seed=1, dht_lease_ttl=10)
+    f = Fleet(config, balancer=Balancer(config, clock=Clock()), health_checks=False, call=call)
+    f.ingest_records([Record(KEYS[0], online([]))])  # it will load "mlp" on its first request
+    assert f.balancer.candidates("mlp") == []
+    _, lease = await f.route("runInference", {"model": "mlp"}, model="mlp")
+    assert lease.public_key == KEYS[0].hex() and calls == [(KEYS[0].hex(), "mlp")]
+    # Learned: the registry now lists the model for that worker, so no unknown-model detour.
+    assert [lease.public_key for lease in f.balancer.candidates("mlp")] == [KEYS[0].hex()]
+    await f.route("runInference", {"model": "mlp"}, model="mlp")
+    assert len(calls) == 2
+    # The worker's own record stays the authority: a renewal replaces what it serves.
+    f.ingest_records([Record(KEYS[0], online(["cnn"]), seq=2)])
+    assert f.balancer.candidates("mlp") == []
+    # A method that says nothing about serving the model teaches nothing.
+    await f.route("getHealth", {"model": "mlp"}, model="mlp")
+    assert f.balancer.candidates("mlp") == []

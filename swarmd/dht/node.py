@@ -202,9 +202,14 @@ class DhtNode(Server):
 
     async def listen(self, port: int, interface: str = "0.0.0.0") -> None:
         loop = asyncio.get_running_loop()
-        self.transport, self.protocol = await loop.create_datagram_endpoint(
-            self._create_protocol, local_addr=(interface, port)
-        )
+        try:
+            self.transport, self.protocol = await loop.create_datagram_endpoint(
+                self._create_protocol, local_addr=(interface, port)
+            )
+        except OSError as e:
+            raise SwarmdError(
+                ERR_UNAVAILABLE, f"cannot listen for the DHT on UDP {interface}:{port}: {e.strerror or e}"
+            ) from None
         sock = self.transport.get_extra_info("socket")
         try:  # a larger receive buffer rides out bursts (the kernel caps it at rmem_max)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)

@@ -31,12 +31,14 @@ from loguru import logger
 from swarmd.errors import (
     ERR_NOT_FOUND,
     ERR_NOT_READY,
+    ERR_TIMEOUT,
     ERR_UNAVAILABLE,
     SwarmdError,
 )
 from swarmd.gateway.backend import InferResult, ModelInfo, UploadedModel, not_found, version_key
 from swarmd.gateway.config import GatewayConfig
 from swarmd.orchestrator.remote import RemoteRouter, SwarmView
+from swarmd.rpc import CallContext
 from swarmd.topics import GATEWAYS, ORCHESTRATORS, STORES, WORKERS
 
 
@@ -53,6 +55,8 @@ class SwarmBackend:
         self._loop_task: asyncio.Task[None] | None = None
         self._refreshed = asyncio.Event()
         self.fleet: Any = None  # swarmd.orchestrator.fleet.Fleet when route == "fleet"
+        self._own_pk: bytes = ctx.identity.public_key
+        self._own_hex = self._own_pk.hex()
         self.log = logger.bind(role="gateway", part="swarm_backend")
 
     @property
@@ -83,7 +87,25 @@ class SwarmBackend:
             await asyncio.wait_for(self._refreshed.wait(), 5.0)
 
     async def _fleet_call(self, lease: Any, method: str, params: Any, seconds: float) -> Any:
+        if lease.public_key == self._own_hex and asyncio.current_task() is not None:
+            m = self.swarm.methods.get(method)
+            if m is not None and not m.stream:
+                return await self._call_own(m, method, params, seconds)
         return await self.swarm.request(bytes.fromhex(lease.public_key), method, params, timeout=seconds)
+
+    async def _call_own(self, m: Any, method: str, params: Any, seconds: float) -> Any:
+        """A co-located worker's handler, awaited in this request's own Task under asyncio.timeout.
+
+        swarm.request does the same for our own key through asyncio.wait_for, which wraps
+        the handler in a second Task: one more loop turn to start it and one to collect it,
+        on every request of the `make run` layout. The handler sees the same CallContext.
+        """
+        ctx = CallContext(self._own_pk, method, 0, asyncio.get_running_loop().time() + seconds, None)
+        try:
+            async with asyncio.timeout(seconds):
+                return await m.handler(ctx, params)
+        except TimeoutError:
+            raise SwarmdError(ERR_TIMEOUT, f"{method!r} did not answer within {seconds:g} s") from None
 
     async def stop(self) -> None:
         if self.fleet is not None:

@@ -33,6 +33,9 @@ from swarmd.orchestrator.registry import WorkerLease
 from swarmd.orchestrator.router import Caller, Router
 from swarmd.topics import WORKERS, worker_model_topic
 
+# Methods whose success on a worker shows it serves params["model"].
+MODEL_METHODS = frozenset({"runInference", "loadModel"})
+
 
 class Fleet:
     def __init__(
@@ -131,9 +134,14 @@ class Fleet:
                 raise
         # Nobody has it loaded: any ONLINE worker fetches it from a store on first use. If the
         # model exists nowhere, the first worker's ERR_NOT_FOUND is the answer (no tour of all).
-        return await self.router.route(
+        result, lease = await self.router.route(
             method, params, model=None, capability=capability, budget=budget, final_codes=(ERR_NOT_FOUND,)
         )
+        if model is not None and method in MODEL_METHODS:
+            # It answered, so it serves the model now: route the next requests straight to it
+            # instead of down this path (an exception, a lookup check, a second choice) each time.
+            self.balancer.registry.add_model(lease.public_key, model)
+        return result, lease
 
     async def choose(
         self, model: str | None, capability: str | None = None, exclude: Collection[str] = ()
@@ -153,15 +161,20 @@ class Fleet:
     async def _found_after_lookup(self, err: SwarmdError, model: str | None) -> bool:
         if not _unknown_model(err, model) or model is None or self.swarm is None:
             return False
+        if self._lookup_throttled(model, time.monotonic()):
+            return False  # checked here too: no Task per request while the lookup is throttled
         # In a Task of its own: this may run in an RPC handler's inline first step, where
         # the swarm's lookup timeout (asyncio.wait_for / timeout) needs a current Task.
         return await asyncio.ensure_future(self.lookup_model(model)) > 0
 
+    def _lookup_throttled(self, model: str, now: float) -> bool:
+        last = self._model_lookups.get(model)
+        return last is not None and now - last < self.config.dht_refresh
+
     async def lookup_model(self, model: str) -> int:
         """Look worker_model_topic(model) up now, at most once per dht_refresh per model."""
         now = time.monotonic()
-        last = self._model_lookups.get(model)
-        if last is not None and now - last < self.config.dht_refresh:
+        if self._lookup_throttled(model, now):
             return 0
         if len(self._model_lookups) >= 4096:  # bounded: forget old throttles rather than grow
             self._model_lookups.clear()

@@ -150,6 +150,19 @@ class Registry:
         if load is not None:
             lease.set_load(dict(load))
 
+    def add_model(self, public_key: str, model: str) -> bool:
+        """Note that a worker serves `model` (it just answered a request for it), until its
+        next renewal says what it serves. Without this, requests for a model a worker loaded
+        on demand keep taking the unknown-model path until the worker's record is looked up
+        again (up to dht_refresh). True when the lease changed."""
+        lease = self._leases.get(public_key)
+        if lease is None or model in lease.models:
+            return False
+        lease.models = lease.models | {model}
+        self._by_model.setdefault(model, set()).add(public_key)
+        self._version += 1
+        return True
+
     def expire(self) -> list[str]:
         """Drop leases whose time is up; returns their keys so health and stats can forget them."""
         now = self.clock()

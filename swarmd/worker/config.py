@@ -35,7 +35,12 @@ class WorkerConfig:
     max_concurrent_inferences: int = 2
     # A lone batch-1 request on an idle worker runs on the event loop thread, skipping the
     # executor handoff, when the model's runs take at most this long (µs); 0 = always a thread.
-    inline_run_us: int = 0
+    # The handoff (submit, thread wake-up, call_soon_threadsafe and the loop's self-pipe wake-up)
+    # costs ~100-200 µs here; below ~2 ms of run that is >= 10 % of the request, and blocking
+    # the loop for at most 2 ms when the worker has nothing else running costs a request that
+    # arrives meanwhile at most that wait (it then batches). Under load (anything in flight,
+    # or batches forming) runs stay in threads whatever this is.
+    inline_run_us: int = 2000
     # Requests accepted but not yet running; one more is refused with ERR_OVERLOADED.
     max_queue: int = 256
     # Worker-wide batching defaults.

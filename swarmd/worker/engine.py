@@ -105,6 +105,13 @@ def file_sha256(path: Path) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
+def _timed_execute(*args: Any) -> tuple[list[Result], float]:
+    """execute() in an executor thread, with how long the run itself took."""
+    t0 = time.perf_counter()
+    results = execute(*args)
+    return results, time.perf_counter() - t0
+
+
 class InferenceEngine:
     def __init__(self, config: WorkerConfig) -> None:
         config.validate()
@@ -388,10 +395,9 @@ class InferenceEngine:
             self._note_run_time(served, time.perf_counter() - t0)
             self._complete(served, batch, results)
             return True
-        submitted = time.perf_counter()
         run = loop.run_in_executor(
             self.executor,
-            execute,
+            _timed_execute,
             served.runtime.run,
             served.name,
             batch[0].outputs,
@@ -399,7 +405,7 @@ class InferenceEngine:
             [p.rows for p in batch],
         )
         self._runs.add(run)
-        run.add_done_callback(functools.partial(self._finished, served, batch, submitted))
+        run.add_done_callback(functools.partial(self._finished, served, batch))
         return True
 
     def _inline_candidate_after_take(self, served: ServedModel) -> bool:
@@ -411,18 +417,21 @@ class InferenceEngine:
         served.run_ewma_s = seconds if served.run_ewma_s == float("inf") else 0.8 * served.run_ewma_s + 0.2 * seconds
 
     def _finished(
-        self, served: ServedModel, batch: list[Pending], submitted: float, run: asyncio.Future[list[Result]]
+        self, served: ServedModel, batch: list[Pending], run: asyncio.Future[tuple[list[Result], float]]
     ) -> None:
         self._runs.discard(run)
-        if len(batch) == 1:  # thread runs time the handoff too: a cautious estimate for inline runs
-            self._note_run_time(served, time.perf_counter() - submitted)
         if run.cancelled():
             results: list[Result] = [SwarmdError(ERR_NOT_READY, "worker stopped before the request ran")] * len(batch)
         elif (exc := run.exception()) is not None:
             self.log.opt(exception=exc).bind(event="run_failed", model=served.name).error("run failed")
             results = [internal_error(served.name, exc)] * len(batch)
         else:
-            results = run.result()
+            results, seconds = run.result()
+            if len(batch) == 1:
+                # The run alone, timed in its thread: what an inline run would block the loop for.
+                # (Timing the handoff too made the estimate grow with the machine's load, so on a
+                # busy box the very requests the handoff slows most never ran inline.)
+                self._note_run_time(served, seconds)
         self._complete(served, batch, results)
 
     def _complete(self, served: ServedModel, batch: list[Pending], results: list[Result]) -> None:
