@@ -47,6 +47,9 @@ class DhtConfig:
     per_ip_rate: float = 2000.0
     per_ip_burst: float = 4000.0
     max_sources_tracked: int = 4096
+    # routing-table contacts sharing one IP (ids are claimed, not proven: one host must not fill
+    # the buckets with made-up ids); loopback exempt like per_ip_rate; 0 turns the cap off
+    max_contacts_per_ip: int = 8
     refresh_interval: float = 15 * 60.0
     lookup_timeout: float = 5.0
 

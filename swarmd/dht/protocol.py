@@ -102,7 +102,10 @@ def parse_contacts(raw: Any, limit: int) -> list[Node] | None:
 
 
 class SwarmdRoutingTable(RoutingTable):
-    """kademlia's table with a correct k-closest search and owned ping tasks."""
+    """kademlia's table with a correct k-closest search, owned ping tasks and a per-IP cap."""
+
+    max_per_ip = 0  # contacts one non-loopback IP may hold (0: no cap); the protocol sets it from config
+    ip_capped = 0  # contacts refused by that cap
 
     def find_neighbors(self, node: Node, k: int | None = None, exclude: Node | None = None) -> list[Node]:
         k = k or self.ksize
@@ -124,7 +127,24 @@ class SwarmdRoutingTable(RoutingTable):
                 return index
         return None
 
+    def ip_full(self, node: Node) -> bool:
+        """True when this node's IP already holds max_contacts_per_ip other ids here (loopback exempt)."""
+        cap = self.max_per_ip
+        if cap <= 0 or _is_loopback(node.ip):
+            return False
+        same = 0
+        for b in self.buckets:
+            for n in b.nodes.values():
+                if n.ip == node.ip and n.id != node.id:
+                    same += 1
+                    if same >= cap:
+                        return True
+        return False
+
     def add_contact(self, node: Node) -> None:
+        if self.ip_full(node):
+            self.ip_capped += 1
+            return
         index = self.get_bucket_for(node)
         if index is None:
             return
@@ -152,6 +172,7 @@ class SwarmdProtocol(KademliaProtocol):
         self.config = config
         self.ksize = config.ksize
         self.router = SwarmdRoutingTable(self, config.ksize, source_node)
+        self.router.max_per_ip = config.max_contacts_per_ip
         self.storage = ForgetfulStorage()
         self.source_node = source_node
         self.records = RecordStore(
@@ -538,6 +559,9 @@ class SwarmdProtocol(KademliaProtocol):
         """Add a node to the table; if it is now among the closest for keys we
         hold, hand it those values (kademlia storage) and topic records."""
         if node.id == self.source_node.id or not self.router.is_new_node(node):
+            return
+        if self.router.ip_full(node):  # no hand-off to, nor table slot for, one more id from this IP
+            self.router.ip_capped += 1
             return
         for key, value in self.storage:
             if self._should_hand_off(node, key):

@@ -15,6 +15,10 @@ class GatewayConfig:
     max_body_bytes: int = 64 * 1024 * 1024  # infer and JSON bodies
     max_upload_bytes: int = 4 * 1024 * 1024 * 1024  # streamed model uploads
     max_in_flight: int = 2048  # concurrent requests beyond this get 503
+    header_timeout: float = 10.0  # seconds for a connection's first request line + headers (slowloris)
+    body_timeout: float = 30.0  # seconds for a whole JSON/infer body; an upload may stall this long per chunk
+    keepalive_timeout: float = 75.0  # idle keep-alive connection, and bound on a later request's headers
+    max_connections: int = 4096  # open HTTP connections at once; more are closed on accept
     infer_timeout: float = 30.0  # seconds for one inference, retries included
     metadata_ttl: float = 5.0  # seconds model metadata is cached (swarm backend)
     metrics_public: bool = False  # false: /metrics needs an admin key

@@ -56,7 +56,7 @@ ORT_TYPES = {
 
 
 def check_name(kind: str, value: str) -> str:
-    if not NAME_RE.match(value):
+    if not NAME_RE.fullmatch(value):
         raise SwarmdError(
             "ERR_BAD_REQUEST",
             f"{kind} {value!r:.80} must be 1-128 characters of letters, digits, '_', '.', '-', starting with a letter or digit",

@@ -44,6 +44,7 @@ from swarmd.errors import (
 )
 from swarmd.gateway.backend import InferenceBackend, ModelInfo, UploadedModel
 from swarmd.gateway.config import GatewayConfig
+from swarmd.gateway.guard import ConnectionGuard, http_logger
 from swarmd.gateway.keys import ApiKey, KeyStore
 from swarmd.gateway.metrics import Counter, Gauge, Histogram, Registry
 from swarmd.gateway.oip import (
@@ -147,6 +148,8 @@ class Gateway:
         self._rid_seq = 0
         self._started = time.time()
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
+        self.guard: ConnectionGuard | None = None
         self._flusher: asyncio.Task[None] | None = None
         self.host = ""
         self.port = 0
@@ -202,18 +205,21 @@ class Gateway:
     async def start(self, host: str, port: int) -> int:
         """Listen on host:port (0 picks a free port); returns the bound port."""
         self._runner = web.AppRunner(
-            self.app, access_log=None, handle_signals=False, shutdown_timeout=5.0, keepalive_timeout=75.0,
-            max_line_size=8190, max_field_size=16384,
+            self.app, access_log=None, handle_signals=False, shutdown_timeout=5.0,
+            keepalive_timeout=self.config.keepalive_timeout, max_line_size=8190, max_field_size=16384,
+            logger=http_logger(),
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, reuse_address=True, backlog=1024)
+        assert self._runner.server is not None
+        self.guard = ConnectionGuard(self._runner.server, self.config.header_timeout, self.config.max_connections)
         try:
-            await site.start()
+            self._listener = await asyncio.get_running_loop().create_server(
+                self.guard, host, port, reuse_address=True, backlog=1024)
         except OSError as e:
             await self._runner.cleanup()
             self._runner = None
             raise SwarmdError("ERR_CONFIG", f"gateway cannot listen on {host}:{port}: {e.strerror}") from None
-        sock = site._server.sockets[0]  # type: ignore[union-attr]
+        sock = self._listener.sockets[0]
         self.host, self.port = host, sock.getsockname()[1]
         if self.keys is not None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_loop(), name="gateway-usage-flush")
@@ -232,6 +238,9 @@ class Gateway:
             except asyncio.CancelledError:
                 pass
             self._flusher = None
+        if self._listener is not None:
+            self._listener.close()  # stop accepting; the runner's cleanup closes open connections
+            self._listener = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -371,11 +380,14 @@ class Gateway:
     # -- helpers --------------------------------------------------------------
 
     async def _body(self, request: web.Request) -> bytes:
+        limit = self.config.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:  # refuse before reading
+            raise SwarmdError(ERR_TOO_LARGE, f"request body is {request.content_length} bytes; the limit is {limit}")
         try:
-            async with asyncio.timeout(self.config.infer_timeout):
+            async with asyncio.timeout(self.config.body_timeout):
                 return await request.read()
         except TimeoutError:
-            raise SwarmdError(ERR_TIMEOUT, f"request body did not arrive within {self.config.infer_timeout}s") from None
+            raise SwarmdError(ERR_TIMEOUT, f"request body did not arrive within {self.config.body_timeout}s") from None
 
     async def _json_body(self, request: web.Request) -> dict[str, Any]:
         body = await self._body(request)
@@ -644,10 +656,10 @@ class Gateway:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                async with asyncio.timeout(self.config.infer_timeout):
+                async with asyncio.timeout(self.config.body_timeout):
                     chunk = await request.content.read(UPLOAD_CHUNK)
             except TimeoutError:
-                raise SwarmdError(ERR_TIMEOUT, f"upload stalled for {self.config.infer_timeout}s") from None
+                raise SwarmdError(ERR_TIMEOUT, f"upload stalled for {self.config.body_timeout}s") from None
             if not chunk:
                 break
             size += len(chunk)

@@ -55,6 +55,9 @@ class NatConfig:
     relay_timeout: float = 15.0  # bound on pairing through a relay
     direct_timeout: float = 2.0  # bound on the direct TCP attempt when traversal can take over
     probe_max_bytes: int = 64 << 20  # largest nat.probe / nat.sink transfer (a path test, not a transport)
+    sink: bool = True  # answer other nodes' `swarmd nat probe` streams (nat.sink); false: refuse them
+    sink_rate: int = 1 << 20  # bytes per second per caller key nat.sink accepts, sustained (burst: probe_max_bytes)
+    sink_concurrency: int = 2  # nat.sink streams accepted at once from all callers together
     assume: str = ""  # operator override of the detected type ("symmetric" forces the relay), "" = detect
 
     def validate(self) -> None:
@@ -68,6 +71,8 @@ class NatConfig:
                 raise ConfigError(f"nat.{name} must be a positive number of seconds, got {getattr(self, name)}")
         if self.stun_servers < 1 or self.signal_burst < 1 or self.probe_max_bytes < 0:
             raise ConfigError("nat.stun_servers and nat.signal_burst must be >= 1, nat.probe_max_bytes >= 0")
+        if self.sink_rate < 1 or self.sink_concurrency < 1:
+            raise ConfigError("nat.sink_rate and nat.sink_concurrency must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -98,11 +98,14 @@ class RelayConfig:
     hello_timeout: float = 5.0  # the hello must arrive within this after connect
     idle_timeout: float = 60.0  # a circuit with no byte either way for this long is closed
     max_bytes: int = 4 << 30  # bytes one circuit may carry (both directions together)
+    max_connections: int = 512  # open sockets at once, hello phase included; more are refused on accept
     announce: bool = True  # announce on the RELAYS topic so clients find us unconfigured
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"relay.port must be between 0 and 65535, got {self.port}")
+        if self.max_connections < 2:
+            raise ConfigError(f"relay.max_connections must be >= 2, got {self.max_connections}")
         if self.max_circuits < 1 or self.max_pending_per_source < 1 or self.max_bytes < 1:
             raise ConfigError("relay.max_circuits, relay.max_pending_per_source and relay.max_bytes must be >= 1")
         for name in ("pair_timeout", "hello_timeout", "idle_timeout"):

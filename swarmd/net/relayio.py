@@ -26,6 +26,7 @@ from swarmd.net.relay import (
     KIND_PING,
     ST_BAD_HELLO,
     ST_CLOSING,
+    ST_OVERLOADED,
     ST_PAIRED,
     ST_PONG,
     ST_WAITING,
@@ -77,6 +78,7 @@ class RelayServer:
         self._handlers: set[asyncio.Task[Any]] = set()
         self._next_conn = 1
         self.bytes_total = 0
+        self.connections_refused = 0
         self.log = logger.bind(part="relay")
         self._log_window = 0.0
         self._log_count = 0
@@ -113,6 +115,8 @@ class RelayServer:
             "paired_total": self.core.paired_total,
             "refused": dict(self.core.refused),
             "bytes": self.bytes_total,
+            "connections": len(self._conns),
+            "connections_refused": self.connections_refused,
         }
 
     # -- per connection ---------------------------------------------------------
@@ -123,10 +127,15 @@ class RelayServer:
         if self.core.closing:
             writer.close()
             return
-        self._handlers.add(task)
         peer = writer.get_extra_info("peername") or ("?", 0)
         conn = _Conn(self._next_conn, str(peer[0]), reader, writer)
         self._next_conn += 1
+        if len(self._conns) >= self.config.max_connections:  # a connection flood must not eat every fd
+            self.connections_refused += 1
+            self._refuse(conn, ST_OVERLOADED, f"relay holds {len(self._conns)} connections (max_connections)")
+            writer.close()
+            return
+        self._handlers.add(task)
         self._conns[conn.id] = conn
         try:
             await self._serve(conn)

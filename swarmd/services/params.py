@@ -59,7 +59,7 @@ def check_tags(v: Any, method: str) -> list[str]:
         raise bad_request(f"{method}: tags must be a list of at most {MAX_TAGS} strings")
     out: list[str] = []
     for t in v:
-        if not isinstance(t, str) or not TAG_RE.match(t):
+        if not isinstance(t, str) or not TAG_RE.fullmatch(t):
             raise bad_request(f"{method}: each tag must be 1-64 characters without spaces, got {t!r:.60}")
         if t not in out:
             out.append(t)

@@ -42,7 +42,7 @@ IOV_BATCH = 512  # buffers per writev, under every system's IOV_MAX
 
 def check_digest(digest: object) -> str:
     """A sha256 hex digest (64 lowercase hex chars), or ERR_BAD_REQUEST."""
-    if not isinstance(digest, str) or not DIGEST_RE.match(digest):
+    if not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest):
         raise SwarmdError(ERR_BAD_REQUEST, f"digest must be 64 lowercase hex characters (sha256), got {digest!r:.80}")
     return digest
 
@@ -209,7 +209,7 @@ class BlobStore:
         out: set[str] = set()
         for sub in self.dir.iterdir():
             if sub.is_dir():
-                out.update(p.name for p in sub.iterdir() if DIGEST_RE.match(p.name))
+                out.update(p.name for p in sub.iterdir() if DIGEST_RE.fullmatch(p.name))
         return out
 
     def upload(self, digest: str, size: int, max_bytes: int) -> UploadSession:

@@ -56,7 +56,7 @@ CREATE INDEX IF NOT EXISTS model_tags_tag ON model_tags(tag);
 
 
 def check_name(name: object) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise SwarmdError(
             ERR_BAD_REQUEST,
             f"model name must be 1-128 characters of letters, digits, '.', '_' or '-' "
@@ -66,7 +66,7 @@ def check_name(name: object) -> str:
 
 
 def check_version(version: object) -> str:
-    if not isinstance(version, str) or not VERSION_RE.match(version) or version == LATEST:
+    if not isinstance(version, str) or not VERSION_RE.fullmatch(version) or version == LATEST:
         raise SwarmdError(
             ERR_BAD_REQUEST,
             f"model version must be 1-64 characters of letters, digits, '.', '_', '+' or '-' "
@@ -81,7 +81,7 @@ def check_tags(tags: object) -> list[str]:
     if not isinstance(tags, (list, tuple)) or len(tags) > MAX_TAGS:
         raise SwarmdError(ERR_BAD_REQUEST, f"tags must be a list of at most {MAX_TAGS} strings")
     for t in tags:
-        if not isinstance(t, str) or not TAG_RE.match(t):
+        if not isinstance(t, str) or not TAG_RE.fullmatch(t):
             raise SwarmdError(
                 ERR_BAD_REQUEST, f"tag must be 1-64 characters of letters, digits and '._:=+-', got {t!r:.80}"
             )

@@ -61,6 +61,7 @@ PATH_RANK = {"relayed": 0, "direct": 1, "punched": 1}  # the registry keeps the 
 STREAM_CHUNK = 256 * 1024
 SIGNAL_CHECK_INTERVAL = 10.0
 MAX_PUNCHING = 8
+MAX_SINK_CALLERS = 1024  # per-caller byte buckets kept for nat.sink; the stalest is dropped beyond this
 
 
 def path_of(peer: RpcPeer) -> str:
@@ -82,6 +83,9 @@ class Traversal:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._repunching: set[bytes] = set()
         self._punching = 0  # ICE agents answering callers right now
+        self._sinking = 0  # nat.sink streams being received right now
+        self._sink_budget: dict[bytes, tuple[float, float]] = {}  # caller key -> (bytes available, stamp)
+        self.sink_refused = 0
         self._detected = asyncio.Event()
         self.log = logger.bind(component="nat", node=swarm.identity.public_hex[:16])
 
@@ -134,19 +138,50 @@ class Traversal:
 
     # -- path test: what `swarmd nat probe` runs ----------------------------------------
 
+    def _sink_take(self, caller: bytes, n: int, now: float) -> bool:
+        """Charge n bytes to the caller's bucket (sink_rate per second, probe_max_bytes deep)."""
+        cap = float(self.config.probe_max_bytes)
+        avail, stamp = self._sink_budget.get(caller, (cap, now))
+        avail = min(cap, avail + (now - stamp) * self.config.sink_rate)
+        if caller not in self._sink_budget and len(self._sink_budget) >= MAX_SINK_CALLERS:
+            del self._sink_budget[min(self._sink_budget, key=lambda k: self._sink_budget[k][1])]
+        ok = avail >= n
+        self._sink_budget[caller] = (avail - n if ok else avail, now)
+        return ok
+
     async def _rpc_sink(self, ctx: CallContext, params: Any, stream: Any) -> Any:
-        """Count and hash what a peer streams to us (bounded): the receiving end of a path test."""
-        digest = hashlib.sha256()
-        n = 0
-        while True:
-            chunk = await stream.recv()
-            if chunk is None:
-                break
-            n += len(chunk)
-            if n > self.config.probe_max_bytes:
-                raise SwarmdError(ERR_TOO_LARGE, f"nat.sink takes at most {self.config.probe_max_bytes} bytes")
-            digest.update(chunk)
-        return {"bytes": n, "sha256": digest.hexdigest()}
+        """Count and hash what a peer streams to us (bounded): the receiving end of a path test.
+
+        Any admitted peer may call it, so it is bounded three ways: [nat] sink can turn it
+        off, each caller key has a byte budget (sink_rate/s, probe_max_bytes deep), and at
+        most sink_concurrency streams run at once; each chunk must arrive within request_timeout.
+        """
+        if not self.config.sink:
+            raise SwarmdError(ERR_FORBIDDEN, "nat.sink is disabled on this node ([nat] sink = false)")
+        if self._sinking >= self.config.sink_concurrency:
+            self.sink_refused += 1
+            raise SwarmdError(ERR_OVERLOADED, f"nat.sink is serving {self._sinking} streams; try again later")
+        self._sinking += 1
+        try:
+            digest = hashlib.sha256()
+            n = 0
+            while True:
+                try:  # wait_for, not timeout(): the RPC server may run this coroutine before it is a task
+                    chunk = await asyncio.wait_for(stream.recv(), self.swarm.config.request_timeout)
+                except TimeoutError:
+                    raise SwarmdError(ERR_TIMEOUT, "nat.sink stream stalled") from None
+                if chunk is None:
+                    break
+                n += len(chunk)
+                if n > self.config.probe_max_bytes:
+                    raise SwarmdError(ERR_TOO_LARGE, f"nat.sink takes at most {self.config.probe_max_bytes} bytes")
+                if not self._sink_take(ctx.peer, len(chunk), time.monotonic()):
+                    self.sink_refused += 1
+                    raise SwarmdError(ERR_OVERLOADED, f"nat.sink budget spent for this key ({self.config.sink_rate} B/s)")
+                digest.update(chunk)
+            return {"bytes": n, "sha256": digest.hexdigest()}
+        finally:
+            self._sinking -= 1
 
     async def _rpc_probe(self, ctx: CallContext, params: Any) -> Any:
         """Operator's path test, for this node's own key only: connect to a peer

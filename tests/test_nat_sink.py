@@ -1,0 +1,95 @@
+"""nat.sink (the receiving end of `swarmd nat probe`) cannot be used by any peer as a free byte sink."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from swarmd.errors import ERR_FORBIDDEN, ERR_OVERLOADED, SwarmdError
+from swarmd.net.nat import NatConfig
+from swarmd.node.identity import Identity
+from swarmd.rpc import CallContext, Methods, RpcServer
+from swarmd.swarm import Swarm, SwarmConfig
+from swarmd.swarm.traversal import Traversal
+from tests.dht_testnet import DhtTestnet
+
+QUICK = dict(assume="public", redetect_interval=3600.0, stun_timeout=1.0)
+
+
+async def _node(net: DhtTestnet, nat: NatConfig) -> Swarm:
+    ident = Identity.generate()
+    dht = await net.add(ident)
+    rpc = RpcServer(ident, Methods(), "127.0.0.1", 0)
+    await rpc.start()
+    sw = Swarm(ident, dht, rpc, SwarmConfig(connect_timeout=5.0, lookup_timeout=5.0))
+    await sw.start()
+    await Traversal(sw, nat).start()
+    return sw
+
+
+@pytest.fixture
+async def pair():
+    net = await DhtTestnet.create(2)
+    made: list[Swarm] = []
+
+    async def make(**nat: Any) -> Swarm:
+        sw = await _node(net, NatConfig(**QUICK, **nat))
+        assert await sw.flush(10)  # its peer record is on the DHT: others can connect by key
+        made.append(sw)
+        return sw
+
+    yield make
+    for s in made:
+        if s.traversal is not None:
+            await s.traversal.stop()
+        await s.stop()
+        await s.server.stop()
+    await net.close()
+
+
+async def _sink(caller: Swarm, target: Swarm, size: int) -> Any:
+    peer = await caller.connect(target.public_key)
+    stream = await peer.open_stream("nat.sink", None, timeout=30)
+    try:
+        sent = 0
+        while sent < size:
+            n = min(64 * 1024, size - sent)
+            await stream.send(b"\x00" * n)
+            sent += n
+        await stream.close()
+    except SwarmdError:
+        pass  # the callee may end the stream early; its error comes from result()
+    return await stream.result()
+
+
+async def test_sink_charges_each_caller_a_byte_budget(pair) -> None:
+    target = await pair(probe_max_bytes=256 * 1024, sink_rate=1)
+    caller = await pair()
+    assert (await _sink(caller, target, 256 * 1024))["bytes"] == 256 * 1024
+    with pytest.raises(SwarmdError) as e:
+        await _sink(caller, target, 256 * 1024)
+    assert e.value.code == ERR_OVERLOADED
+    assert target.traversal.sink_refused == 1
+    # another key has its own budget
+    other = await pair()
+    assert (await _sink(other, target, 1024))["bytes"] == 1024
+
+
+async def test_sink_can_be_turned_off_and_probe_still_reports(pair) -> None:
+    target = await pair(sink=False)
+    caller = await pair()
+    with pytest.raises(SwarmdError) as e:
+        await _sink(caller, target, 1024)
+    assert e.value.code == ERR_FORBIDDEN
+    # `swarmd nat probe` without a stream still works against it; with a stream, against a default node
+    res = await caller.traversal._rpc_probe(_own_ctx(caller), {"target": target.public_key.hex(), "bytes": 0})
+    assert res["rtt_ms"] >= 0
+    open_node = await pair()
+    res = await caller.traversal._rpc_probe(_own_ctx(caller), {"target": open_node.public_key.hex(), "bytes": 300_000})
+    assert res["stream"]["ok"] is True
+
+
+def _own_ctx(sw: Swarm) -> CallContext:
+    """What the RPC layer hands nat.probe when `swarmd nat probe` calls the node's own key."""
+    return CallContext(peer=sw.public_key, method="nat.probe", request_id=0, deadline=None, peer_conn=None)  # type: ignore[arg-type]
