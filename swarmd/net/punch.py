@@ -111,25 +111,18 @@ class PunchedTransport(asyncio.Transport):
             self._early.append(msg)
             return
         if msg is None:
-            streaming = isinstance(proto, (asyncio.Protocol, asyncio.BufferedProtocol))
-            keep_open = proto.eof_received() if streaming else False
+            eof_received = getattr(proto, "eof_received", None)
+            keep_open = eof_received() if eof_received is not None else False
             if not keep_open:
                 self.close()
-        elif isinstance(proto, asyncio.BufferedProtocol):
-            # SecureConnection is a BufferedProtocol (it reads into a reused buffer): fill the
-            # buffers it hands out, as asyncio's own transports do. Checking only for
-            # asyncio.Protocol dropped every byte, so no punched connection completed its handshake.
-            view = memoryview(msg)
-            while view:
-                buf = proto.get_buffer(len(view))
-                n = min(len(buf), len(view))
-                if n == 0:
-                    raise RuntimeError("protocol offered an empty receive buffer")
-                buf[:n] = view[:n]
-                view = view[n:]
-                proto.buffer_updated(n)
-        elif isinstance(proto, asyncio.Protocol):
-            proto.data_received(msg)
+        else:
+            # SecureConnection is an asyncio.BufferedProtocol (get_buffer for sockets) that
+            # also takes whole messages through data_received, which is what a datagram-ish
+            # pipe like a data channel delivers; so ask for the method, not the class.
+            data_received = getattr(proto, "data_received", None)
+            if data_received is None:
+                raise TypeError(f"{type(proto).__name__} cannot take data from a punched pipe")
+            data_received(msg)
 
     def _on_message(self, message: Any) -> None:
         if not isinstance(message, bytes) or not message:
