@@ -166,8 +166,13 @@ class Traversal:
             digest = hashlib.sha256()
             n = 0
             while True:
-                try:  # wait_for, not timeout(): the RPC server may run this coroutine before it is a task
-                    chunk = await asyncio.wait_for(stream.recv(), self.swarm.config.request_timeout)
+                # timeout(), not wait_for(): on Python 3.11 wait_for swallows a cancellation that
+                # lands as the chunk arrives (a caller's CANCEL right behind its data), and the sink
+                # then waited for more instead of ending the stream with ERR_CANCELLED. Stream
+                # handlers run in a Task (not inline), so timeout() has the task it needs.
+                try:
+                    async with asyncio.timeout(self.swarm.config.request_timeout):
+                        chunk = await stream.recv()
                 except TimeoutError:
                     raise SwarmdError(ERR_TIMEOUT, "nat.sink stream stalled") from None
                 if chunk is None:
