@@ -166,8 +166,9 @@ class Traversal:
             digest = hashlib.sha256()
             n = 0
             while True:
-                try:  # wait_for, not timeout(): the RPC server may run this coroutine before it is a task
-                    chunk = await asyncio.wait_for(stream.recv(), self.swarm.config.request_timeout)
+                try:  # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the caller's cancel
+                    async with asyncio.timeout(self.swarm.config.request_timeout):
+                        chunk = await stream.recv()
                 except TimeoutError:
                     raise SwarmdError(ERR_TIMEOUT, "nat.sink stream stalled") from None
                 if chunk is None:
