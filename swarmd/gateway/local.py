@@ -35,24 +35,11 @@ from swarmd.gateway.backend import (
     not_found,
     version_key,
 )
+from swarmd.worker.signature import ORT_TO_NUMPY
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
-ORT_TYPES = {
-    "tensor(float)": "float32",
-    "tensor(double)": "float64",
-    "tensor(float16)": "float16",
-    "tensor(int8)": "int8",
-    "tensor(int16)": "int16",
-    "tensor(int32)": "int32",
-    "tensor(int64)": "int64",
-    "tensor(uint8)": "uint8",
-    "tensor(uint16)": "uint16",
-    "tensor(uint32)": "uint32",
-    "tensor(uint64)": "uint64",
-    "tensor(bool)": "bool",
-    "tensor(string)": "str",
-}
+ORT_TYPES = ORT_TO_NUMPY  # one table for onnxruntime's type names (the worker's)
 
 
 def check_name(kind: str, value: str) -> str:

@@ -268,8 +268,9 @@ class WorkerRole(Role):
         served = self.engine.get(model, version)
         if served is None and self.engine.state in (WorkerState.JOINING, WorkerState.ONLINE):
             wait = budget if budget is not None else self.config.default_timeout
-            try:  # wait_for, not asyncio.timeout: the RPC layer runs a handler's first step outside a task
-                served = await asyncio.wait_for(self.ensure(model, version), max(wait, 0.0))
+            try:
+                async with asyncio.timeout(max(wait, 0.0)):
+                    served = await self.ensure(model, version)
             except TimeoutError:
                 raise SwarmdError(ERR_NOT_READY, f"model '{model}' is still loading; retry shortly") from None
             if budget is not None:

@@ -166,11 +166,7 @@ class Traversal:
             digest = hashlib.sha256()
             n = 0
             while True:
-                # timeout(), not wait_for(): on Python 3.11 wait_for swallows a cancellation that
-                # lands as the chunk arrives (a caller's CANCEL right behind its data), and the sink
-                # then waited for more instead of ending the stream with ERR_CANCELLED. Stream
-                # handlers run in a Task (not inline), so timeout() has the task it needs.
-                try:
+                try:  # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the caller's cancel
                     async with asyncio.timeout(self.swarm.config.request_timeout):
                         chunk = await stream.recv()
                 except TimeoutError:
