@@ -125,3 +125,20 @@ def test_relay_nodes_never_import_numpy() -> None:
         "unpackb(packb({'a': [1, b'x']})); assert 'numpy' not in sys.modules, 'numpy imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=".")
+
+
+def test_dtype_aliases_and_names_from_a_peer_are_refused_without_warnings():
+    """Only numpy's dtype.str form travels; an alias such as 'a' (deprecated in numpy)
+    or a name such as 'float32' is a precise decode error, never a warning."""
+    import warnings
+
+    import pytest as _pytest
+
+    from swarmd.rpc import codec as _codec
+
+    for text in (b"a", b"float32", b"f4", b"<f4 ", b"O", b"<f4\x00"):
+        body = bytes([len(text)]) + text + bytes([0])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with _pytest.raises(ValueError, match="unknown dtype|not allowed"):
+                _codec.decode_ndarray(body)

@@ -9,6 +9,7 @@ relay and bootstrap nodes never load it.
 
 from __future__ import annotations
 
+import re
 import struct
 import sys
 import threading
@@ -20,6 +21,7 @@ from swarmd.errors import ERR_BAD_REQUEST, SwarmdError
 
 EXT_NDARRAY = 1
 _DIM = struct.Struct("<Q")
+_DTYPE_STR = re.compile(rb"[<>|][biufcmMSUV][0-9]{1,9}(\[[0-9]*[A-Za-z]{1,2}\])?")
 _ALLOWED_KINDS = frozenset("biufcmMSUV")  # no object arrays: they cannot travel as raw bytes
 MAX_NDIM = 32
 
@@ -55,8 +57,11 @@ def decode_ndarray(data: bytes) -> Any:
     n = data[0]
     if len(data) < 2 + n:
         raise ValueError("ndarray ext truncated inside its dtype")
+    text = bytes(data[1 : 1 + n])
+    if not _DTYPE_STR.fullmatch(text):  # only numpy's dtype.str form: no aliases, no deprecated names
+        raise ValueError(f"ndarray ext has an unknown dtype {text!r:.40}")
     try:
-        dtype = np.dtype(data[1 : 1 + n].decode("ascii"))
+        dtype = np.dtype(text.decode("ascii"))
     except Exception:
         raise ValueError(f"ndarray ext has an unknown dtype {data[1 : 1 + n]!r:.40}") from None
     if dtype.kind not in _ALLOWED_KINDS or dtype.hasobject or dtype.itemsize == 0:
