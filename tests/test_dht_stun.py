@@ -61,9 +61,11 @@ def test_parse_message_after_a_valid_header(body: bytes) -> None:
     body = body[: len(body) - len(body) % 4]
     head = bytes([0x01, 0x01]) + len(body).to_bytes(2, "big") + stun.COOKIE_BYTES + b"\x00" * 12
     try:
-        _ = stun.parse_message(head + body).mapped_address
-    except ValueError:
-        pass
+        addr = stun.parse_message(head + body).mapped_address
+    except ValueError as e:  # the only error allowed, with a sentence saying why
+        assert str(e)
+    else:
+        assert addr is None or (isinstance(addr[0], str) and 0 <= addr[1] <= 65535)
 
 
 async def test_dht_node_answers_stun_and_rpc_on_one_port() -> None:
