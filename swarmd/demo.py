@@ -32,6 +32,7 @@ from swarmd.daemon import Node
 from swarmd.errors import SwarmdError
 from swarmd.node.config import load_settings
 from swarmd.node.logging import setup_logging
+from swarmd.node.statusfile import dial_host
 from swarmd.roles.base import ROLE_ORDER, NodeContext
 from swarmd.settings import Settings
 
@@ -176,20 +177,35 @@ def print_banner(url: str, key: str, x: list[int], label: int, got: int, swarm: 
     data = json.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": x}]},
                       separators=(",", ":"))
     mode = "swarm: " + ", ".join(ctx.roles) if swarm else "standalone gateway (onnxruntime in-process)"
+    python = sys.executable  # the interpreter with swarmd and the examples' packages (the venv's)
+    bin_dir = Path(python).parent
+    dht = ctx.ports.get("dht")
+    boot = f"{dial_host(ctx.settings.node.host)}:{dht}" if swarm and isinstance(dht, int) else None
+    swarm_lines = f"""
+In another shell (the DHT port changes each run; copy these lines again after a restart):
+
+  . {bin_dir}/activate                 # or call {bin_dir}/swarmd and {python} directly
+  export SWARMD_BOOTSTRAP={boot}
+  swarmd status --data-dir {ctx.data_dir}
+  swarmd model ls
+""" if boot else ""
     print(f"""
 ==============================================================================
  swarmd is running ({mode})
  gateway:   {url}        docs: {url}/docs
  admin key: {key}
  model:     {MODEL} (8x8 handwritten digits; sample #{SAMPLE} is a {label}, the swarm says {got})
+ bootstrap: {boot or '- (standalone: no swarm)'}
+ data dir:  {ctx.data_dir}
+ python:    {python}
 ==============================================================================
-
+{swarm_lines}
 curl (Open Inference Protocol v2):
 
   curl -s -H 'x-api-key: {key}' {url}/v2/models/{MODEL}/infer \\
     -d '{data}'
 
-Python (tritonclient, or any HTTP client):
+Python (tritonclient, or any HTTP client; run it with {python}):
 
   import numpy as np, tritonclient.http as t
   from sklearn.datasets import load_digits

@@ -107,8 +107,11 @@ async def connect(
 
 
 def quiet_logs(level: str = "WARNING") -> None:
-    """Show only swarmd log events at `level` or above on stderr (the library logs through loguru,
-    whose default prints everything; a script calls this once)."""
+    """Show swarmd's log events at `level` or above on stderr, as text.
+
+    The library is silent by default (loguru's `logger.disable("swarmd")` convention): call this,
+    or `loguru.logger.enable("swarmd")` with your own sinks, to see its events. Kept under its old
+    name, from when the library printed everything unless told otherwise."""
     from swarmd.node.logging import setup_logging
 
     setup_logging(level, "text")

@@ -150,6 +150,27 @@ def test_every_configuration_key_and_section_has_a_description() -> None:
     assert "Config(" not in text  # no dataclass signature standing in for a section's description
 
 
+def test_gateway_doc_quotes_the_real_limits_and_messages() -> None:
+    """docs/gateway.md's "Known limits" and error example say what the code does."""
+    import numpy as np
+
+    from swarmd.gateway.config import GatewayConfig
+    from swarmd.worker.signature import ModelSignature, TensorSpec
+
+    text = " ".join((ROOT / "docs" / "gateway.md").read_text().split())
+    cfg = GatewayConfig()
+    assert f"`header_timeout` ({cfg.header_timeout:g} s)" in text and "no timeout" not in text
+    sig = ModelSignature(inputs=(TensorSpec("x", "float32", (-1, 4)),), outputs=())
+    try:
+        sig.validate("m", {"x": np.zeros((1, 5), np.float32)})
+    except Exception as e:  # noqa: BLE001 - the message is what is checked
+        assert f"`{e.message}`" in text  # type: ignore[attr-defined]
+    else:
+        raise AssertionError("a wrong shape was accepted")
+    ops = " ".join((ROOT / "docs" / "operations.md").read_text().split())
+    assert "within 0.25 s" in ops and "next request" not in ops
+
+
 def test_every_error_code_is_documented_in_the_protocol() -> None:
     from swarmd.errors import ALL_CODES
 

@@ -41,6 +41,17 @@ def test_demo_prints_a_working_example_and_stops_on_ctrl_c(tmp_path):
         with urllib.request.urlopen(req, timeout=60) as r:
             doc = json.load(r)
         assert next(o for o in doc["outputs"] if o["name"] == "label")["data"] == [0]
+        # the banner leads somewhere: its bootstrap line, data dir and python work as printed
+        boot = re.search(r"^  export SWARMD_BOOTSTRAP=(\S+)$", text, re.M).group(1)
+        assert re.search(r"^ bootstrap: " + re.escape(boot) + "$", text, re.M)
+        assert f" data dir:  {(tmp_path / 'data').resolve()}" in text and f" python:    {sys.executable}" in text
+        ls = subprocess.run([sys.executable, "-m", "swarmd", "model", "ls", "--json"], capture_output=True, text=True,
+                            timeout=120, env=swarmd_env(SWARMD_BOOTSTRAP=boot), cwd=str(ROOT))
+        assert ls.returncode == 0 and "digits" in [m["name"] for m in json.loads(ls.stdout)], ls.stderr
+        st = re.search(r"^  (swarmd status --data-dir \S+)$", text, re.M).group(1).split()
+        out = subprocess.run([sys.executable, "-m", *st, "--json"], capture_output=True, text=True, timeout=120,
+                             env=swarmd_env(), cwd=str(ROOT))
+        assert out.returncode == 0 and "gateway" in json.loads(out.stdout)["roles"], out.stderr
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0
     finally:

@@ -30,9 +30,11 @@ def gw(tmp_path_factory):
 # (method, path, body, permission)
 ROUTES = [
     ("GET", "/v2", None, "models:read"),
-    ("GET", "/v2/models/mlp", None, "models:read"),
-    ("GET", "/v2/models/mlp/versions/1", None, "models:read"),
-    ("GET", "/v2/models/mlp/ready", None, "models:read"),
+    ("GET", "/v2/models/mlp", None, "models:read|infer"),
+    ("GET", "/v2/models/mlp/versions/1", None, "models:read|infer"),
+    ("GET", "/v2/models/mlp/config", None, "models:read|infer"),
+    ("GET", "/v2/models/mlp/ready", None, "models:read|infer"),
+    ("GET", "/v2/models/mlp/versions/1/ready", None, "models:read|infer"),
     ("POST", "/v2/models/mlp/infer", INFER, "infer"),
     ("POST", "/v2/models/mlp/versions/1/infer", INFER, "infer"),
     ("POST", "/api/v1/inference/mlp", {"input": X[0]}, "infer"),
@@ -49,12 +51,27 @@ def test_every_route_checks_its_permission(gw, method, path, body, perm):
     assert gw.request(method, path, body).status == 401
     bad = gw.request(method, path, body, key="swd_000000000000_" + "A" * 43)
     assert bad.status == 401 and bad.json()["code"] == "ERR_UNAUTHORIZED"
-    others = [p for p in ("infer", "models:read", "models:write") if p != perm]
+    either = perm.split("|")  # metadata and readiness: models:read, or infer (Triton reads them before inferring)
+    others = [p for p in ("infer", "models:read", "models:write") if p not in either]
     r = gw.request(method, path, body, key=gw.key(*others))
     assert r.status == 403, r.body
-    assert perm in r.json()["error"]
-    assert gw.request(method, path, body, key=gw.key(perm)).status == 200
+    assert all(p in r.json()["error"] for p in either)
+    for p in either:
+        assert gw.request(method, path, body, key=gw.key(p)).status == 200, p
     assert gw.request(method, path, body, key=gw.key("admin")).status == 200
+
+
+@pytest.mark.parametrize(("method", "path", "feature"), [
+    ("GET", "/v2/models/stats", "statistics"),
+    ("GET", "/v2/models/mlp/stats", "statistics"),
+    ("GET", "/v2/models/mlp/versions/1/stats", "statistics"),
+    ("POST", "/v2/repository/models/mlp/load", "model control (load)"),
+    ("POST", "/v2/repository/models/mlp/unload", "model control (unload)"),
+])
+def test_triton_extensions_not_served_answer_501_naming_the_feature(gw, method, path, feature):
+    assert gw.request(method, path, {} if method == "POST" else None).status == 401
+    r = gw.request(method, path, {} if method == "POST" else None, key=gw.key("admin"))
+    assert r.status == 501 and r.json()["code"] == "ERR_UNKNOWN_METHOD" and feature in r.json()["error"], r.body
 
 
 def test_upload_needs_models_write(gw):
@@ -261,6 +278,46 @@ def test_streamed_upload_then_infer(gw):
     assert r.status == 409
     r = gw.request("POST", "/api/v1/models?name=streamed&version=8&sha256=" + "0" * 64, model, key=gw.admin_key)
     assert r.status == 502 and "sha256" in r.json()["error"]
+
+
+def test_multipart_upload_with_the_same_checks(gw, tmp_path):
+    """`curl -F model=@m.onnx -F name=...`: what a person tries first works, checked like a raw body."""
+    import shutil
+    import subprocess
+
+    curl = shutil.which("curl")
+    assert curl is not None, "curl is part of the test image"
+    model = tiny_mlp(seed=11)
+    (tmp_path / "m.onnx").write_bytes(model)
+    (tmp_path / "junk.onnx").write_bytes(b"not onnx")
+    sha = hashlib.sha256(model).hexdigest()
+
+    def post(*form: str, query: str = "") -> tuple[int, dict]:
+        out = subprocess.run(
+            [curl, "-s", "-o", "-", "-w", "\n%{http_code}", "-H", f"x-api-key: {gw.admin_key}",
+             *[a for f in form for a in ("-F", f)], f"http://{gw.url}/api/v1/models{query}"],
+            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        body, _, code = out.stdout.rpartition("\n")
+        return int(code), json.loads(body)
+
+    code, doc = post("model=@m.onnx", "name=multi", "tags=x,y", f"sha256={sha}")
+    assert code == 201 and doc["digest"] == sha and doc["tags"] == ["x", "y"] and doc["version"] == "1", doc
+    code, doc = post("model=@m.onnx", query="?name=multi&version=5")  # fields in the query work too
+    assert code == 201 and doc["version"] == "5", doc
+    assert gw.request("POST", "/v2/models/multi/versions/5/infer", INFER, key=gw.admin_key).status == 200
+    code, doc = post("model=@junk.onnx", "name=junk")
+    assert code == 400 and doc["code"] == "ERR_INVALID_MODEL", doc
+    code, doc = post("model=@m.onnx", "name=multi", "sha256=" + "0" * 64)
+    assert code == 502 and "sha256" in doc["error"], doc
+    code, doc = post("name=nofile")
+    assert code == 400 and "-F model=@FILE" in doc["error"], doc
+    code, doc = post("model=@m.onnx")
+    assert code == 400 and "name is required" in doc["error"], doc
+    code, doc = post("model=@m.onnx", "name=multi", "colour=blue")
+    assert code == 400 and "unexpected form field 'colour'" in doc["error"], doc
+    code, doc = post("model=@m.onnx", "name=multi", "version=1", "description=" + "d" * 5000)
+    assert code == 400 and "over 4096 bytes" in doc["error"], doc
+    assert not list((gw.data_dir / "gateway" / "uploads").iterdir())  # no partial file left behind
 
 
 def test_upload_rejects_garbage(gw):

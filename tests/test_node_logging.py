@@ -78,3 +78,35 @@ def test_dumps_is_valid_json_with_the_same_content(doc: dict) -> None:
     if not has_float(doc):
         # float reprs may differ (1e16 / 1e+16); everything else is json.dumps's text exactly
         assert text == json.dumps(doc, ensure_ascii=False, default=lambda b: b.hex())
+
+
+def test_the_library_is_silent_until_the_application_enables_it() -> None:
+    """A program importing swarmd/swarmd_rpc sees no log line unless it asks (loguru's
+    logger.disable("swarmd") convention); quiet_logs() still turns them on."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, swarmd_env
+
+    code = """
+import asyncio, sys
+from swarmd.dht import DhtConfig, DhtNode
+from swarmd.node.identity import Identity
+
+async def main():
+    d = DhtNode(Identity.generate(), DhtConfig(host="127.0.0.1", port=0, mode="server"))
+    await d.start()
+    await d.stop()
+
+asyncio.run(main())
+print("---", file=sys.stderr, flush=True)
+import swarmd_rpc
+swarmd_rpc.quiet_logs("INFO")
+asyncio.run(main())
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env=swarmd_env(), cwd=str(ROOT))
+    assert r.returncode == 0, r.stderr
+    before, _, after = r.stderr.partition("---\n")
+    assert before == ""
+    assert "dht node started" in after

@@ -12,18 +12,26 @@ from typing import Any
 ERROR = {"$ref": "#/components/schemas/Error"}
 KEY = [{"apiKey": []}, {"bearer": []}]
 
-# (method, path, permission or "public", summary)
+# (method, path, permission or "public", summary); "a|b": a key with either permission
 ROUTES: list[tuple[str, str, str, str]] = [
     ("get", "/health", "public", "Gateway health and worker count"),
     ("get", "/v2/health/live", "public", "OIP v2: server is live"),
     ("get", "/v2/health/ready", "public", "OIP v2: server is ready (a worker is available); 503 otherwise"),
     ("get", "/v2", "models:read", "OIP v2: server metadata and extensions"),
     ("post", "/v2/repository/index", "models:read", "Model repository index (Triton extension)"),
-    ("get", "/v2/models/{model}", "models:read", "OIP v2: model metadata (latest version)"),
-    ("get", "/v2/models/{model}/versions/{version}", "models:read", "OIP v2: model metadata of one version"),
-    ("get", "/v2/models/{model}/config", "models:read", "Triton-style model configuration"),
-    ("get", "/v2/models/{model}/ready", "models:read", "OIP v2: model ready; 503 when no worker serves it"),
-    ("get", "/v2/models/{model}/versions/{version}/ready", "models:read", "OIP v2: model version ready"),
+    ("get", "/v2/models/{model}", "models:read|infer", "OIP v2: model metadata (latest version)"),
+    ("get", "/v2/models/{model}/versions/{version}", "models:read|infer", "OIP v2: model metadata of one version"),
+    ("get", "/v2/models/{model}/config", "models:read|infer", "Triton-style model configuration"),
+    ("get", "/v2/models/{model}/ready", "models:read|infer", "OIP v2: model ready; 503 when no worker serves it"),
+    ("get", "/v2/models/{model}/versions/{version}/ready", "models:read|infer", "OIP v2: model version ready"),
+    ("get", "/v2/models/stats", "models:read", "Triton statistics extension: not implemented, answers 501"),
+    ("get", "/v2/models/{model}/stats", "models:read", "Triton statistics extension: not implemented, answers 501"),
+    ("get", "/v2/models/{model}/versions/{version}/stats", "models:read",
+     "Triton statistics extension: not implemented, answers 501"),
+    ("post", "/v2/repository/models/{model}/load", "models:write",
+     "Triton model control: refused with 501 (workers load models on first request)"),
+    ("post", "/v2/repository/models/{model}/unload", "models:write",
+     "Triton model control: refused with 501 (workers evict idle models)"),
     ("post", "/v2/models/{model}/infer", "infer",
      "OIP v2 inference: JSON tensors, or the binary tensor extension (Inference-Header-Content-Length)"),
     ("post", "/v2/models/{model}/versions/{version}/infer", "infer", "OIP v2 inference on one version"),
@@ -32,7 +40,8 @@ ROUTES: list[tuple[str, str, str, str]] = [
     ("get", "/api/v1/models", "models:read", "List models"),
     ("get", "/api/v1/models/{model}", "models:read", "One model's metadata (?version=)"),
     ("post", "/api/v1/models", "models:write",
-     'Upload a model: JSON {"name", "version"?, "data": base64} or a raw body with ?name=&version=&sha256='),
+     'Upload a model: JSON {"name", "version"?, "data": base64}, a raw body with ?name=&version=&sha256=, '
+     "or multipart/form-data (curl -F model=@FILE -F name=NAME)"),
     ("get", "/api/v1/status", "admin", "Gateway, node and backend status"),
     ("get", "/api/v1/keys", "admin", "List API keys (masked) with usage"),
     ("post", "/api/v1/keys", "admin", 'Create an API key: {"name", "permissions": [...]}; the key is shown once'),

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import orjson
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 from loguru import logger
 
 from swarmd import __version__
@@ -40,6 +40,7 @@ from swarmd.errors import (
     ERR_TIMEOUT,
     ERR_TOO_LARGE,
     ERR_UNAUTHORIZED,
+    ERR_UNKNOWN_METHOD,
     SwarmdError,
 )
 from swarmd.gateway.backend import InferenceBackend, ModelInfo, UploadedModel
@@ -59,6 +60,9 @@ from swarmd.gateway.openapi import docs_page, openapi_document
 from swarmd.gateway.ratelimit import RateLimiter
 
 PUBLIC = "public"
+# a key with either may read a model's metadata, config and readiness: Triton's usual flow is "read
+# the metadata, then infer", so a key that may infer may also look at what it infers with
+READ_OR_INFER = "models:read|infer"
 RID = web.RequestKey("rid", str)  # the request id, echoed in X-Request-Id
 MODEL = web.RequestKey("model", str)  # metrics label, set once the model is known to exist
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -80,11 +84,14 @@ HTTP_STATUS: dict[str, int] = {
     "ERR_UNAVAILABLE": 503,
     "ERR_CLOSED": 503,
     ERR_TIMEOUT: 504,
+    ERR_UNKNOWN_METHOD: 501,  # a Triton extension route this gateway names but does not implement
 }
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 ALLOWED_HEADERS = "authorization, content-type, x-api-key, x-request-id, inference-header-content-length"
 EXPOSED_HEADERS = "x-request-id, inference-header-content-length, retry-after"
 UPLOAD_CHUNK = 1 << 20
+UPLOAD_FORM_FIELDS = ("name", "version", "tags", "description", "sha256")  # a multipart upload's other parts
+UPLOAD_FIELD_MAX = 4096  # bytes of one such field
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
 TRITON_TYPES = {
     "BOOL": "TYPE_BOOL", "UINT8": "TYPE_UINT8", "UINT16": "TYPE_UINT16", "UINT32": "TYPE_UINT32",
@@ -189,6 +196,11 @@ class Gateway:
         r.add_get("/v2/models/{model}/versions/{version}/config", self.model_config)
         r.add_get("/v2/models/{model}/ready", self.model_ready)
         r.add_get("/v2/models/{model}/versions/{version}/ready", self.model_ready)
+        r.add_get("/v2/models/stats", self.model_stats)
+        r.add_get("/v2/models/{model}/stats", self.model_stats)
+        r.add_get("/v2/models/{model}/versions/{version}/stats", self.model_stats)
+        r.add_post("/v2/repository/models/{model}/load", self.model_control)
+        r.add_post("/v2/repository/models/{model}/unload", self.model_control)
         r.add_post("/v2/models/{model}/infer", self.oip_infer)
         r.add_post("/v2/models/{model}/versions/{version}/infer", self.oip_infer)
         r.add_post("/api/v1/inference/{model}", self.v1_infer)
@@ -369,9 +381,11 @@ class Gateway:
         key = self.keys.authenticate(token) if self.keys is not None else None
         if key is None:
             raise SwarmdError(ERR_UNAUTHORIZED, "unknown or revoked API key")
-        if self.config.auth and not key.allows(permission):
+        wanted = permission.split("|")  # "a|b": either permission will do
+        if self.config.auth and not any(key.allows(p) for p in wanted):
+            need = " or ".join(repr(p) for p in wanted)
             raise SwarmdError(
-                ERR_FORBIDDEN, f"API key {key.id} lacks permission {permission!r} (it has {', '.join(sorted(key.permissions))})"
+                ERR_FORBIDDEN, f"API key {key.id} lacks permission {need} (it has {', '.join(sorted(key.permissions))})"
             )
         try:
             self._limit(key.id, now, key.rate_rps, key.rate_burst)
@@ -473,7 +487,7 @@ class Gateway:
 
     # -- Open Inference Protocol v2 ------------------------------------------------
 
-    @requires("models:read")
+    @requires(READ_OR_INFER)
     async def model_metadata(self, request: web.Request) -> web.Response:
         info = await self._metadata(request, request.match_info["model"], request.match_info.get("version"))
         return json_response({
@@ -484,7 +498,7 @@ class Gateway:
             "outputs": tensor_meta(info, "outputs"),
         })
 
-    @requires("models:read")
+    @requires(READ_OR_INFER)
     async def model_config(self, request: web.Request) -> web.Response:
         info = await self._metadata(request, request.match_info["model"], request.match_info.get("version"))
 
@@ -500,13 +514,32 @@ class Gateway:
             "output": [cfg(t) for t in tensor_meta(info, "outputs")],
         })
 
-    @requires("models:read")
+    @requires(READ_OR_INFER)
     async def model_ready(self, request: web.Request) -> web.Response:
         model, version = request.match_info["model"], request.match_info.get("version")
         info = await self._metadata(request, model, version)
         if not await self.backend.ready(info.name, version):
             raise SwarmdError(ERR_NOT_READY, f"model {model!r} has no ready worker yet")
         return json_response({"name": info.name, "ready": True})
+
+    @requires("models:read")
+    async def model_stats(self, request: web.Request) -> web.Response:
+        """Triton's statistics extension: not served (yet); a clear 501 instead of a bare 404."""
+        raise SwarmdError(
+            ERR_UNKNOWN_METHOD,
+            "the inference statistics extension (/v2/models/.../stats) is not implemented by this gateway; "
+            "per-model request counts and latencies are on /metrics",
+        )
+
+    @requires("models:write")
+    async def model_control(self, request: web.Request) -> web.Response:
+        """Triton's model-repository load/unload: workers load models themselves, so refuse clearly."""
+        action = request.path.rsplit("/", 1)[-1]
+        raise SwarmdError(
+            ERR_UNKNOWN_METHOD,
+            f"model control ({action}) is not supported: workers load a model from the stores on its first "
+            "request and evict it when idle; publish with POST /api/v1/models or `swarmd model push`",
+        )
 
     @requires("infer")
     async def oip_infer(self, request: web.Request) -> web.Response:
@@ -613,6 +646,8 @@ class Gateway:
             with os.fdopen(fd, "wb") as f:
                 if request.content_type == "application/json":
                     upload = await self._upload_json(request, f, tmp)
+                elif request.content_type == "multipart/form-data":
+                    upload = await self._upload_multipart(request, f, tmp)
                 else:
                     upload = await self._upload_stream(request, f, tmp)
             info = await self.backend.put_model(upload)
@@ -662,13 +697,62 @@ class Gateway:
         limit = self.config.max_upload_bytes
         if request.content_length is not None and request.content_length > limit:
             raise SwarmdError(ERR_TOO_LARGE, f"model is {request.content_length} bytes; the limit is {limit}")
+        size, digest = await self._copy_upload(request.content.read, f)
+        if size == 0:
+            raise bad("upload body is empty; send the model file as the request body")
+        self._check_sha(q.get("sha256") or request.headers.get("X-Model-Sha256"), digest)
+        return UploadedModel(name, version, tmp, size, digest, tags, description)
+
+    async def _upload_multipart(self, request: web.Request, f: Any, tmp: Path) -> UploadedModel:
+        """`curl -F model=@m.onnx -F name=m`: the file part streamed to disk like a raw body, the
+        other fields (name, version, tags, description, sha256) as form fields or in the query."""
+        limit = self.config.max_upload_bytes
+        if request.content_length is not None and request.content_length > limit + 64 * 1024:
+            raise SwarmdError(ERR_TOO_LARGE, f"model is {request.content_length} bytes; the limit is {limit}")
+        reader = await request.multipart()
+        fields: dict[str, str] = {}
+        got: tuple[int, str] | None = None
+        for _ in range(len(UPLOAD_FORM_FIELDS) + 2):  # the file and each field once, plus the end
+            async with asyncio.timeout(self.config.body_timeout):
+                part = await reader.next()
+            if part is None:
+                break
+            if not isinstance(part, BodyPartReader):
+                raise bad("nested multipart bodies are not accepted; send the model file as one part")
+            if part.filename is not None or part.name == "model":
+                if got is not None:
+                    raise bad("a multipart upload carries one model file (one part with a filename)")
+                got = await self._copy_upload(part.read_chunk, f)
+                continue
+            if part.name not in UPLOAD_FORM_FIELDS or part.name in fields:
+                raise bad(f"unexpected form field {part.name!r}: expected one file part (model=@FILE) and "
+                          f"at most one each of {', '.join(UPLOAD_FORM_FIELDS)}")
+            async with asyncio.timeout(self.config.body_timeout):
+                raw = await part.read_chunk(UPLOAD_FIELD_MAX + 1)
+            if len(raw) > UPLOAD_FIELD_MAX or await part.read_chunk(1):
+                raise bad(f"form field {part.name!r} is over {UPLOAD_FIELD_MAX} bytes")
+            fields[part.name] = raw.decode("utf-8", errors="replace")
+        else:
+            raise bad("too many parts in the multipart upload")
+        if got is None or got[0] == 0:
+            raise bad("multipart upload without a model file: send it as a part with a filename (-F model=@FILE)")
+        src = {**request.query, **fields}
+        name, version, description, tags = self._upload_fields(src, src.get("tags"))
+        size, digest = got
+        self._check_sha(src.get("sha256") or request.headers.get("X-Model-Sha256"), digest)
+        return UploadedModel(name, version, tmp, size, digest, tags, description)
+
+    async def _copy_upload(self, read: Callable[[int], Awaitable[bytes]], f: Any) -> tuple[int, str]:
+        """Copy an upload body to f in chunks, each within body_timeout, bounded by max_upload_bytes;
+        returns (size, sha256 hex)."""
+        limit = self.config.max_upload_bytes
         h = hashlib.sha256()
         size = 0
         loop = asyncio.get_running_loop()
         while True:
             try:
                 async with asyncio.timeout(self.config.body_timeout):
-                    chunk = await request.content.read(UPLOAD_CHUNK)
+                    chunk = await read(UPLOAD_CHUNK)
             except TimeoutError:
                 raise SwarmdError(ERR_TIMEOUT, f"upload stalled for {self.config.body_timeout}s") from None
             if not chunk:
@@ -678,11 +762,7 @@ class Gateway:
                 raise SwarmdError(ERR_TOO_LARGE, f"model is over the upload limit of {limit} bytes")
             h.update(chunk)
             await loop.run_in_executor(None, f.write, chunk)
-        if size == 0:
-            raise bad("upload body is empty; send the model file as the request body")
-        digest = h.hexdigest()
-        self._check_sha(q.get("sha256") or request.headers.get("X-Model-Sha256"), digest)
-        return UploadedModel(name, version, tmp, size, digest, tags, description)
+        return size, h.hexdigest()
 
     @staticmethod
     def _check_sha(claimed: Any, digest: str) -> None:
