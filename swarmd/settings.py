@@ -82,6 +82,8 @@ class Settings:
             parse_hostport(addr, what="node.bootstrap entry")
         if self.node.http is not None:
             parse_hostport(self.node.http, what="node.http", listen=True)
+        if self.gateway.grpc:
+            parse_hostport(self.gateway.grpc, what="gateway.grpc", listen=True)
         if self.node.swarm_secret is not None:
             try:
                 bytes.fromhex(self.node.swarm_secret)
