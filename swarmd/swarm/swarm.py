@@ -36,11 +36,12 @@ from swarmd.errors import (
 )
 from swarmd.net.punch import PathAttempt
 from swarmd.node.identity import Identity
+from swarmd.node.trust import Trust
 from swarmd.rpc import CallContext, Methods, RpcPeer, RpcServer, connect
 from swarmd.rpc.registry import ConnectionRegistry
 from swarmd.swarm.config import SwarmConfig
 from swarmd.swarm.traversal import path_of
-from swarmd.topics import peer_topic
+from swarmd.topics import peer_topic, topic_role
 
 Firewall = Callable[[bytes], Awaitable[bool]]  # True admits the peer (by its public key)
 RETRYABLE = frozenset({ERR_CLOSED, ERR_UNAVAILABLE, ERR_TIMEOUT})
@@ -112,6 +113,7 @@ class Swarm:
         *,
         firewall: Firewall | None = None,
         on_connection: Callable[[ConnectionEvent], None] | None = None,
+        trust: Trust | None = None,
     ) -> None:
         self.identity = identity
         self.public_key = identity.public_key
@@ -124,6 +126,13 @@ class Swarm:
             self.server = RpcServer(identity, rpc)
             self._own_server = True
         self.methods: Methods = self.server.methods
+        # Who may be which role (swarmd.node.trust): lookups of a role's topic yield
+        # only admitted announcers, and our records carry our grants. Default: the
+        # RPC server's (the node's), else an open swarm (library use, tests).
+        fw_trust = getattr(self.server.firewall, "trust", None)
+        self.trust: Trust = trust or fw_trust or Trust.open_swarm(self.public_key)
+        self._topic_roles: dict[bytes, str] = {}  # topic hash -> role its announcers must hold
+        self._refused: set[bytes] = set()  # keys whose records a role lookup ignored (logged once)
         self.firewall = firewall
         self.on_connection = on_connection
         self._registry = ConnectionRegistry(self.public_key)  # dedupes: dialled-by-smaller-key wins
@@ -216,7 +225,12 @@ class Swarm:
 
     def topic(self, name: bytes | str) -> bytes:
         """The 32-byte topic of a name under this swarm's secret."""
-        return _topic_bytes(name, self.config.secret)
+        t = _topic_bytes(name, self.config.secret)
+        if isinstance(name, str):
+            role = topic_role(name)
+            if role is not None and t not in self._topic_roles:
+                self._topic_roles[t] = role
+        return t
 
     async def join(
         self,
@@ -282,7 +296,7 @@ class Swarm:
             self.identity,
             joined.topic,
             self.addresses(),
-            joined.payload,
+            self.trust.with_grants(joined.payload),
             self._next_seq(joined),
             self.config.record_ttl,
             time.time(),
@@ -351,19 +365,41 @@ class Swarm:
                 "could not connect to peer found by lookup"
             )
 
-    async def lookup(self, topic: bytes | str) -> AsyncIterator[PeerRecord]:
+    async def lookup(self, topic: bytes | str, role: str | None = None) -> AsyncIterator[PeerRecord]:
         """Records of peers announcing topic, each as soon as it arrives
-        (newest seq per peer, each peer once)."""
-        async with aclosing(self.dht.lookup(self.topic(topic))) as it:
+        (newest seq per peer, each peer once).
+
+        The admission point of the swarm: on a role's topic (swarmd.topics.topic_role,
+        or `role` given) only records of keys our trust admits to that role are
+        yielded; the others are ignored as if never announced."""
+        t = self.topic(topic)
+        need = role or self._topic_roles.get(t)
+        trust = self.trust
+        async with aclosing(self.dht.lookup(t)) as it:
             async for rec in it:
+                if need is not None and not trust.admits_record(rec, need):
+                    self._not_admitted(rec, need)
+                    continue
                 yield rec
 
-    async def lookup_all(self, topic: bytes | str, timeout: float | None = None) -> list[PeerRecord]:  # noqa: ASYNC109
-        """Every record a full lookup finds (partial on timeout)."""
+    def _not_admitted(self, rec: PeerRecord, role: str) -> None:
+        if rec.public_key in self._refused:
+            return
+        if len(self._refused) >= 4096:
+            self._refused.clear()
+        self._refused.add(rec.public_key)
+        self._log.bind(event="peer_not_admitted", peer=rec.public_key.hex()[:16], role=role).info(
+            "ignoring a record: its key holds no valid grant for this role"
+        )
+
+    async def lookup_all(
+        self, topic: bytes | str, timeout: float | None = None, role: str | None = None  # noqa: ASYNC109
+    ) -> list[PeerRecord]:
+        """Every record a full lookup finds (partial on timeout), admitted as lookup() does."""
         out: dict[bytes, PeerRecord] = {}
 
         async def run() -> None:
-            async with aclosing(self.lookup(topic)) as it:
+            async with aclosing(self.lookup(topic, role)) as it:
                 async for rec in it:
                     if rec.public_key not in out or out[rec.public_key].seq < rec.seq:
                         out[rec.public_key] = rec
