@@ -459,3 +459,24 @@ def test_grant_cli_signs_what_a_node_then_accepts(tmp_path: Path) -> None:
     )
     r = run_cli("--role", "worker", "--data-dir", str(node_dir), env=env)
     assert r.returncode != 0 and "not an operator" in r.stderr, r.stderr
+
+
+async def test_a_client_given_operators_never_calls_an_unadmitted_store(net: DhtTestnet) -> None:
+    from swarmd_rpc import Client, ClientConfig
+
+    op = Identity.generate()
+    rogues = hostiles(op)
+    boot = [f"{net.nodes[0].address[0]}:{net.nodes[0].address[1]}"]
+    try:
+        for r in rogues:
+            await r.start(net)
+            await r.announce(STORES, {"models": 1, "bytes": 1})
+        async with Client(config=ClientConfig(bootstrap=boot, operators=[op.public_hex], timeout=5.0)) as c:
+            assert await c.lookup(STORES, timeout=5.0) == []
+            assert await c.models.list() == []  # no admitted store: nobody is asked
+        assert sum(sum(r.calls.values()) for r in rogues) == 0
+        async with Client(config=ClientConfig(bootstrap=boot, timeout=5.0)) as c:  # trusts every announcer
+            assert len(await c.lookup(STORES, timeout=5.0)) == len(rogues)
+    finally:
+        for r in rogues:
+            await r.stop()
