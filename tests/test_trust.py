@@ -480,3 +480,110 @@ async def test_a_client_given_operators_never_calls_an_unadmitted_store(net: Dht
     finally:
         for r in rogues:
             await r.stop()
+
+
+class _Joined:
+    """net.add() for HostilePeer.start: a DHT node that joins a daemon's swarm through its bootstrap."""
+
+    def __init__(self, boot: tuple[str, int]) -> None:
+        self.boot = boot
+
+    async def add(self, identity: Identity) -> Any:
+        from swarmd.dht.node import DhtNode
+        from tests.dht_testnet import dht_config
+
+        node = DhtNode(identity, dht_config(bootstrap=[self.boot]))
+        await node.start()
+        return node
+
+
+@pytest.mark.slow
+async def test_daemons_under_operators_send_no_user_request_to_a_rogue(tmp_path: Path, daemons: Any) -> None:
+    """The review's first attack against real daemons: a stranger on WORKERS with weight 1e6
+    (and on the model's store topic) gets nothing, and users get their answers."""
+    import http.client
+    import re
+
+    from tests.gateway_fixtures import reference, tiny_mlp
+
+    op = Identity.generate()
+
+    def granted(name: str, roles: str) -> dict[str, str]:
+        key = run_cli("identity", "--data-dir", str(tmp_path / name)).stdout.strip()
+        g = Grant.issue(op, roles, bytes.fromhex(key), expires=time.time() + HOUR)
+        return _env_without_trust(
+            SWARMD_TRUST_OPERATORS=op.public_hex,
+            SWARMD_TRUST_GRANTS=g.to_text(),
+            SWARMD_GATEWAY_ACCESS_LOG="false",
+            SWARMD_ORCHESTRATOR_DHT_REFRESH="0.5",
+            SWARMD_WORKER_ANNOUNCE_INTERVAL="0.5",
+        )
+
+    hub = daemons(
+        "--role",
+        "bootstrap,store,orchestrator,gateway",
+        "--http",
+        "127.0.0.1:0",
+        "--data-dir",
+        str(tmp_path / "hub"),
+        env=granted("hub", "store,orchestrator,gateway"),
+    )
+    ready = await asyncio.to_thread(hub.wait_event, "ready")
+    boot = ("127.0.0.1", ready["ports"]["dht"])
+    worker = daemons(
+        "--role",
+        "worker",
+        "--bootstrap",
+        f"127.0.0.1:{boot[1]}",
+        "--data-dir",
+        str(tmp_path / "worker"),
+        env=granted("worker", "worker"),
+    )
+    wready = await asyncio.to_thread(worker.wait_event, "ready")
+    api_key = re.search(r"first admin API key \(shown once, store it now\): (\S+)", "".join(hub.lines)).group(
+        1
+    )
+    rogue = HostilePeer()
+    try:
+        await rogue.start(_Joined(boot))
+        for topic in (WORKERS, worker_model_topic("mlp"), STORES, model_topic("mlp")):
+            await rogue.announce(topic, WORKER_PAYLOAD)
+        # the hub's discovery saw the rogue's records and refused them
+        seen = await asyncio.to_thread(hub.wait_event, "peer_not_admitted", 60.0)
+        assert seen["peer"] == rogue.identity.public_hex[:16]
+
+        def call(method: str, path: str, body: bytes, ctype: str) -> tuple[int, bytes]:
+            conn = http.client.HTTPConnection("127.0.0.1", ready["ports"]["http"], timeout=60)
+            conn.request(method, path, body=body, headers={"x-api-key": api_key, "Content-Type": ctype})
+            r = conn.getresponse()
+            out = (r.status, r.read())
+            conn.close()
+            return out
+
+        model = tiny_mlp(seed=5)
+        status, out = await asyncio.to_thread(
+            call, "POST", "/api/v1/models?name=mlp&version=1", model, "application/octet-stream"
+        )
+        assert status == 201, out
+        x = np.random.default_rng(1).standard_normal((2, 4)).astype(np.float32)
+        body = json.dumps({"inputs": {"x": x.tolist()}}).encode()
+        want = reference(model, x)[0]
+        answered = 0
+        async with asyncio.timeout(120):
+            while answered < 20:
+                status, out = await asyncio.to_thread(
+                    call, "POST", "/api/v1/inference/mlp", body, "application/json"
+                )
+                if status != 200 and answered == 0:
+                    await asyncio.sleep(0.2)  # the worker has not announced the model yet
+                    continue
+                assert status == 200, out
+                doc = json.loads(out)
+                assert doc["worker"] == wready["public_key"]
+                np.testing.assert_allclose(
+                    np.asarray(doc["outputs"]["y"], dtype=np.float32), want, rtol=1e-5, atol=1e-6
+                )
+                answered += 1
+        assert sum(rogue.calls.values()) == 0, dict(rogue.calls)
+    finally:
+        await rogue.stop()

@@ -335,6 +335,19 @@ class Trust:
                 )
         return cls(operators, open=cfg.open, own_key=own_key, own_grants=own)
 
+    def summary(self) -> dict[str, Any]:
+        """What a start-up log line says about this node's trust (no secrets in it)."""
+        if self.is_open:
+            return {"trust": "open"}
+        roles = sorted({r for g in self.own_grants for r in g.roles})
+        expires = min((g.expires for g in self.own_grants), default=None)
+        return {
+            "trust": "operators",
+            "operators": [k.hex()[:16] for k in sorted(self.operators)],
+            "granted_roles": roles,
+            "grants_expire": _iso(expires) if expires is not None else None,
+        }
+
     # -- what we show --------------------------------------------------------------
 
     def presented(self) -> list[bytes]:

@@ -3,13 +3,18 @@ and swarm can advertise its port and roles can register methods on it."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
+
+from loguru import logger
 
 from swarmd.errors import ConfigError
 from swarmd.node.trust import Trust, TrustConfig
 from swarmd.rpc.config import AccessConfig, RpcConfig
 from swarmd.rpc.methods import Firewall, Methods
 from swarmd.rpc.server import RpcServer
+
+GRANT_EXPIRY_WARNING = 7 * 86400.0  # seconds before a grant expires that start-up warns about it
 
 
 def firewall_from(access: AccessConfig, own_key: bytes, trust: Trust | None = None) -> Firewall:
@@ -47,6 +52,13 @@ class RpcPart:
         ctx.trust = Trust.from_config(
             getattr(settings, "trust", None) or TrustConfig(), ctx.identity.public_key, ctx.roles
         )
+        summary = ctx.trust.summary()
+        logger.bind(event="trust", **summary).info("trust model: {}", summary["trust"])
+        soon = [g for g in ctx.trust.own_grants if g.expires - time.time() < GRANT_EXPIRY_WARNING]
+        if soon:
+            logger.bind(event="grant_expiring", expires=summary.get("grants_expire")).warning(
+                "a grant of this node expires within a week: renew it with `swarmd grant` and restart"
+            )
         ctx.methods = Methods()
         self.server = RpcServer(
             ctx.identity,
