@@ -38,7 +38,7 @@ def peer_topic(public_key_hex: str) -> str:
 # the swarm's lookups return only announcers admitted to it, so everything
 # that finds peers through these topics — routing, model fetch, replication,
 # relays — consumes admitted candidates only.
-_ROLE_OF_TOPIC = {
+ROLE_TOPICS = {
     WORKERS: "worker",
     STORES: "store",
     ORCHESTRATORS: "orchestrator",
@@ -54,7 +54,7 @@ _ROLE_OF_PREFIX = (
 
 def topic_role(name: str) -> str | None:
     """The role announcers of topic `name` must be admitted to, or None (any peer)."""
-    role = _ROLE_OF_TOPIC.get(name)
+    role = ROLE_TOPICS.get(name)
     if role is not None:
         return role
     for prefix, r in _ROLE_OF_PREFIX:

@@ -41,7 +41,7 @@ from swarmd.rpc import CallContext, Methods, RpcPeer, RpcServer, connect
 from swarmd.rpc.registry import ConnectionRegistry
 from swarmd.swarm.config import SwarmConfig
 from swarmd.swarm.traversal import path_of
-from swarmd.topics import peer_topic, topic_role
+from swarmd.topics import ROLE_TOPICS, peer_topic, topic_role
 
 Firewall = Callable[[bytes], Awaitable[bool]]  # True admits the peer (by its public key)
 RETRYABLE = frozenset({ERR_CLOSED, ERR_UNAVAILABLE, ERR_TIMEOUT})
@@ -88,6 +88,7 @@ class _Joined:
     lookup: bool
     payload: dict[str, Any] | None
     seq: int = 0
+    role: str | None = None  # the role its announcers must hold (swarmd.topics.topic_role)
     first_round: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     last: AnnounceResult | None = None
@@ -131,7 +132,9 @@ class Swarm:
         # RPC server's (the node's), else an open swarm (library use, tests).
         fw_trust = getattr(self.server.firewall, "trust", None)
         self.trust: Trust = trust or fw_trust or Trust.open_swarm(self.public_key)
-        self._topic_roles: dict[bytes, str] = {}  # topic hash -> role its announcers must hold
+        # topic hash -> role its announcers must hold, for the well-known role topics given
+        # as hashes; a joined topic keeps its role in _Joined (names from requests never land here)
+        self._topic_roles: dict[bytes, str] = {self.topic(name): role for name, role in ROLE_TOPICS.items()}
         self._refused: set[bytes] = set()  # keys whose records a role lookup ignored (logged once)
         self.firewall = firewall
         self.on_connection = on_connection
@@ -225,12 +228,14 @@ class Swarm:
 
     def topic(self, name: bytes | str) -> bytes:
         """The 32-byte topic of a name under this swarm's secret."""
-        t = _topic_bytes(name, self.config.secret)
-        if isinstance(name, str):
-            role = topic_role(name)
-            if role is not None and t not in self._topic_roles:
-                self._topic_roles[t] = role
-        return t
+        return _topic_bytes(name, self.config.secret)
+
+    def role_of(self, topic: bytes | str) -> str | None:
+        """The role announcers of this topic must be admitted to (None: any key)."""
+        if isinstance(topic, str):
+            return topic_role(topic)
+        joined = self._topics.get(topic)
+        return joined.role if joined is not None and joined.role else self._topic_roles.get(topic)
 
     async def join(
         self,
@@ -243,11 +248,12 @@ class Swarm:
         Returns the 32-byte topic. Use flush() to wait for the first round."""
         await self.start()
         t = self.topic(topic)
+        role = self.role_of(topic)
         old = self._topics.pop(t, None)
         if old is not None and old.task is not None:
             old.task.cancel()
             await asyncio.gather(old.task, return_exceptions=True)
-        joined = _Joined(t, announce, lookup, payload, seq=old.seq if old else 0)
+        joined = _Joined(t, announce, lookup, payload, seq=old.seq if old else 0, role=role)
         self._topics[t] = joined
         joined.task = self._spawn(self._topic_loop(joined))
         return t
@@ -373,7 +379,7 @@ class Swarm:
         or `role` given) only records of keys our trust admits to that role are
         yielded; the others are ignored as if never announced."""
         t = self.topic(topic)
-        need = role or self._topic_roles.get(t)
+        need = role or self.role_of(topic if isinstance(topic, str) else t)
         trust = self.trust
         async with aclosing(self.dht.lookup(t)) as it:
             async for rec in it:
@@ -668,10 +674,11 @@ class Swarm:
         """Call method on one peer announcing topic (connected peers first);
         on a retryable failure re-resolve the topic and try another peer."""
         t = self.topic(topic)
+        role = self.role_of(topic)
         tried: set[bytes] = set()
         last: SwarmdError | None = None
         for _ in range(self.config.request_retries + 1):
-            recs = [r for r in await self._candidates(t, fresh=bool(tried)) if r.public_key not in tried]
+            recs = [r for r in await self._candidates(t, fresh=bool(tried), role=role) if r.public_key not in tried]
             if not recs:
                 break
             recs.sort(
@@ -692,12 +699,12 @@ class Swarm:
             raise last
         raise SwarmdError(ERR_UNAVAILABLE, "no peer announces this topic")
 
-    async def _candidates(self, topic: bytes, fresh: bool) -> list[PeerRecord]:
+    async def _candidates(self, topic: bytes, fresh: bool, role: str | None = None) -> list[PeerRecord]:
         now_ms = int(time.time() * 1000)
         cached = [r for r in self._seen.get(topic, {}).values() if r.expiry_ms > now_ms]
         if cached and not fresh:
             return cached
-        return await self.lookup_all(topic)
+        return await self.lookup_all(topic, role=role)
 
     async def request_all_topic(
         self,
@@ -708,8 +715,7 @@ class Swarm:
     ) -> dict[bytes, Any]:
         """Call method on every peer announcing topic; maps each public key to
         its result or to the SwarmdError it failed with."""
-        t = self.topic(topic)
-        recs = await self.lookup_all(t)
+        recs = await self.lookup_all(self.topic(topic), role=self.role_of(topic))
 
         async def one(rec: PeerRecord) -> Any:
             try:
