@@ -48,12 +48,20 @@ async def start_swarm(lab: NatLab, tmp: Path, mode_a: str, mode_b: str) -> dict[
     return {"boot": boot, "pub": pub, "a": a, "b": b, "keys": keys, "tmp": tmp}
 
 
-def probe(lab: NatLab, world: dict[str, Any], target: str, size: int) -> dict[str, Any]:
-    """`swarmd nat probe` from lan-a's daemon to world's `target` ("b" or "pub")."""
+def probe(lab: NatLab, world: dict[str, Any], target: str, size: int, watch: float = 0.0) -> dict[str, Any]:
+    """`swarmd nat probe` from lan-a's daemon to world's `target` ("b" or "pub"); with
+    `watch`, calls and streams continue until the path is final (see nat.probe)."""
     res = lab.run(
         "lan-a",
         [*SWARMD, "nat", "--data-dir", str(world["tmp"] / "a"), "probe", world["keys"][target],
-         "--bytes", str(size), "--json"],
+         "--bytes", str(size), "--watch", str(watch), "--json"],
         timeout=150,
     )
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def status(lab: NatLab, world: dict[str, Any], who: str) -> dict[str, Any]:
+    """`swarmd status --json` of world's daemon `who` ("a", "b"), run in its namespace."""
+    host = {"a": "lan-a", "b": "lan-b", "pub": "pub"}[who]
+    res = lab.run(host, [*SWARMD, "status", "--data-dir", str(world["tmp"] / who), "--json"], timeout=60)
     return json.loads(res.stdout.strip().splitlines()[-1])
