@@ -56,7 +56,6 @@ async def test_cone_like_pairs_are_punched_over_tcp_at_once(lab, tmp_path, mode_
     # the other side runs the same punched connection, inbound
     up = await world["b"].wait_for(r'"event": "path_chosen".*"inbound": true', 30)
     assert json.loads(up)["path"] == "punched-tcp"
-    assert not world["boot"].events("relay_paired")  # no relay circuit was spent
     m = status(lab, world, "a")["paths"]
     assert m["opened"]["punched-tcp"] >= 1 and m["first_path"]["punched-tcp"] == 1 and m["upgrades"] == 0, m
 

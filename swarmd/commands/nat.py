@@ -36,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pr.add_argument("--bytes", type=int, default=0, help="bytes to stream to the peer (default 0)")
     pr.add_argument("--watch", type=float, default=0.0,
                     help="seconds to keep calling and streaming while the path upgrades (default 0: no)")
+    pr.add_argument("--fresh", action="store_true", help="close a pooled connection to the peer first (time a dial)")
     pr.add_argument("--json", action="store_true")
     pr.add_argument("--timeout", type=float, default=120.0)
 
@@ -67,7 +68,7 @@ async def run(args: argparse.Namespace) -> int:
         if args.nat_command == "status":
             out = await _call_own_node(data_dir, host, "nat.status", None, args.timeout)
         else:
-            params = {"target": args.public_key, "bytes": args.bytes, "watch": args.watch}
+            params = {"target": args.public_key, "bytes": args.bytes, "watch": args.watch, "fresh": args.fresh}
             out = await _call_own_node(data_dir, host, "nat.probe", params, args.timeout)
     except SwarmdError as e:
         print(f"swarmd nat {args.nat_command}: {e.code}: {e.message}", file=sys.stderr)

@@ -285,6 +285,10 @@ class Traversal:
         watch = params.get("watch", 0)
         if not isinstance(watch, (int, float)) or isinstance(watch, bool) or not 0 <= watch <= MAX_WATCH:
             raise SwarmdError(ERR_BAD_REQUEST, f"nat.probe watch must be 0..{MAX_WATCH} seconds")
+        if params.get("fresh") is True:  # measure a dial: drop a pooled connection first
+            pooled = self.swarm._registry.get(target)
+            if pooled is not None:
+                await pooled.close()
         t0 = time.monotonic()
         peer = await self.swarm.connect(target)
         connect_s = time.monotonic() - t0
@@ -831,16 +835,22 @@ class Traversal:
         """TCP simultaneous open: our mapping to the target, its mapping back, both connect()."""
         rv = await rendezvous(await self._rendezvous_relay(), timeout=self.config.stun_timeout)
         try:
+            t1 = time.monotonic()
             req = SignalRequest(self.swarm.public_key, pk, KIND_TCP, addr=rv.observed).to_wire()
             answer = await self._ask(signal, via, req)
             if not isinstance(answer, dict):
                 raise SwarmdError(ERR_BAD_REQUEST, "nat.connect answered a TCP punch without an address")
             addr = parse_address(answer.get("addr"), "addr")
+            t2 = time.monotonic()
             sock = await simultaneous_open(rv.port, addr, min(self.config.punch_timeout, TCP_PUNCH_TIMEOUT))
         finally:
             rv.close()
-        info = PathInfo(PUNCHED_TCP, detail={"punch": _tcp_detail(rv, addr)})
-        return await self._over_socket(sock, True, pk, pk, info), info
+        t3 = time.monotonic()
+        detail = {**_tcp_detail(rv, addr), "signal_ms": round((t2 - t1) * 1000, 2), "open_ms": round((t3 - t2) * 1000, 2)}
+        info = PathInfo(PUNCHED_TCP, detail={"punch": detail})
+        peer = await self._over_socket(sock, True, pk, pk, info)
+        detail["handshake_ms"] = round((time.monotonic() - t3) * 1000, 2)
+        return peer, info
 
     async def _punch(self, pk: bytes, signal: list[bytes] | None, via: RpcPeer | None = None) -> tuple[RpcPeer, PathInfo]:
         """UDP: ICE through the target's signal peer (or over a connection we hold to it)."""
