@@ -570,7 +570,8 @@ class Swarm:
 
         def on_message(data: Any) -> None:
             heard[0] = loop.time()
-            deliver(data)
+            if deliver is not None:
+                deliver(data)
 
         peer.conn.on_message = on_message
         deadline = loop.time() + RETIRE_MAX

@@ -638,10 +638,10 @@ class Traversal:
 
     # -- relays: rendezvous for TCP punching, and the relayed path ----------------------------
 
-    async def relays(self, fresh: bool = False) -> list[Address]:
+    async def relays(self) -> list[Address]:
         """Relay listener addresses from the RELAYS topic (cached RELAYS_TTL seconds)."""
         stamp, cached = self._relays_cache
-        if cached and not fresh and time.monotonic() - stamp < RELAYS_TTL:
+        if cached and time.monotonic() - stamp < RELAYS_TTL:
             return cached
         out = self._relay_addresses(await self.swarm.lookup_all(topics.RELAYS, timeout=self.swarm.config.lookup_timeout))
         self._relays_cache = (time.monotonic(), out)
@@ -651,7 +651,7 @@ class Traversal:
         out: list[Address] = []
         for rec in records:
             port = rec.payload.get("relay_port") if isinstance(rec.payload, dict) else None
-            if isinstance(port, int) and rec.public_key != self.swarm.public_key:
+            if isinstance(port, int):  # our own relay too: a public relay node may meet a NATed peer there
                 out += [(host, port) for host, _ in rec.addresses]
         return out
 
