@@ -44,6 +44,7 @@ from swarmd.errors import (
 )
 from swarmd.gateway.backend import InferenceBackend, ModelInfo, UploadedModel
 from swarmd.gateway.config import GatewayConfig
+from swarmd.gateway.dashboard import Collect, Dashboard
 from swarmd.gateway.guard import ConnectionGuard, http_logger
 from swarmd.gateway.keys import ApiKey, KeyStore
 from swarmd.gateway.metrics import Counter, Gauge, Histogram, Registry
@@ -132,6 +133,7 @@ class Gateway:
         data_dir: Path,
         status: Callable[[], dict[str, Any]] | None = None,
         name: str = "swarmd",
+        collect: Collect | None = None,
     ) -> None:
         if config.auth and keys is None:
             raise ValueError("a gateway with auth on needs a KeyStore")
@@ -168,6 +170,8 @@ class Gateway:
             self.metrics.add(m)
         self.metrics.add(Gauge("swarmd_gateway_in_flight", "requests being served now", lambda: self._in_flight))
         self.metrics.add(Gauge("swarmd_gateway_workers", "workers the backend can route to", backend.worker_count))
+        self.dashboard = Dashboard(self.m_latency, collect)
+        self.grpc: Any = None  # the gRPC front, when gateway.grpc is set (start_grpc)
         self.app = self._build_app()
 
     # -- lifecycle ------------------------------------------------------------
@@ -200,6 +204,9 @@ class Gateway:
         r.add_get("/metrics", self.metrics_public if self.config.metrics_public else self.metrics_route)
         r.add_get("/openapi.json", self.openapi)
         r.add_get("/docs", self.docs)
+        r.add_get("/dashboard", self.dashboard_page)
+        r.add_get("/dashboard/{asset}", self.dashboard_page)
+        r.add_get("/api/v1/dashboard/feed", self.dashboard_feed)
         return app
 
     async def start(self, host: str, port: int) -> int:
@@ -223,7 +230,17 @@ class Gateway:
         self.host, self.port = host, sock.getsockname()[1]
         if self.keys is not None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_loop(), name="gateway-usage-flush")
+        self.dashboard.start()
         return self.port
+
+    async def start_grpc(self, host: str, port: int) -> int:
+        """The OIP gRPC front (gateway.grpc) beside HTTP; grpcio is imported only here."""
+        from swarmd.gateway.grpc_server import GrpcFront
+
+        front = GrpcFront(self)
+        bound = await front.start(host, port)
+        self.grpc = front
+        return bound
 
     @property
     def url(self) -> str:
@@ -231,6 +248,10 @@ class Gateway:
         return f"http://{host}:{self.port}"
 
     async def stop(self) -> None:
+        await self.dashboard.stop()  # ends open feeds first, so the runner's cleanup does not wait on them
+        if self.grpc is not None:
+            await self.grpc.stop()
+            self.grpc = None
         if self._flusher is not None:
             self._flusher.cancel()
             try:
@@ -282,6 +303,8 @@ class Gateway:
                 resp = await handler(request)
         except SwarmdError as e:
             resp = self._error_response(e, rid)
+            if resp.status >= 500:
+                self.dashboard.note_error(request.path, resp.status, e.code, e.message)
         except web.HTTPException as e:
             resp = json_response({"error": e.text or e.reason, "code": _code_for_status(e.status), "request_id": rid},
                                  status=e.status)
@@ -296,6 +319,7 @@ class Gateway:
             )
             resp = json_response({"error": f"internal error (request id {rid})", "code": ERR_INTERNAL,
                                   "request_id": rid}, status=500)
+            self.dashboard.note_error(request.path, 500, ERR_INTERNAL, f"internal error (request id {rid})")
         finally:
             self._in_flight -= 1
         resp.headers["X-Request-Id"] = rid
@@ -339,9 +363,11 @@ class Gateway:
         return json_response({"error": e.message, "code": e.code, "request_id": rid}, status=status, headers=headers)
 
     def _authorize(self, request: web.Request, permission: str) -> ApiKey | None:
-        token = request.headers.get("x-api-key")
+        return self._check_key(request.headers.get("x-api-key"), request.headers.get("Authorization"),
+                               request.remote or "?", permission)
+
+    def _check_key(self, token: str | None, auth: str | None, remote: str, permission: str) -> ApiKey | None:
         if token is None:
-            auth = request.headers.get("Authorization")
             if auth is not None:
                 scheme, _, cred = auth.strip().partition(" ")
                 if scheme.lower() != "bearer" or not cred.strip():
@@ -350,7 +376,7 @@ class Gateway:
         now = time.monotonic()
         if token is None:
             if not self.config.auth:
-                self._limit(request.remote or "?", now, None, None)
+                self._limit(remote, now, None, None)
                 return None
             raise SwarmdError(
                 ERR_UNAUTHORIZED, "missing API key: send it as 'x-api-key: <key>' or 'Authorization: Bearer <key>'"
@@ -411,16 +437,40 @@ class Gateway:
         outputs: list[str] | None,
     ) -> Any:
         try:
-            async with asyncio.timeout(self.config.infer_timeout):
-                result = await self.backend.infer(model, version, inputs, outputs, request[RID])
-        except TimeoutError:
-            raise SwarmdError(ERR_TIMEOUT, f"inference took longer than {self.config.infer_timeout}s") from None
+            result = await self.infer(model, version, inputs, outputs, request[RID])
         except SwarmdError as e:
             if e.code != ERR_NOT_FOUND:
                 request[MODEL] = model
             raise
         request[MODEL] = result.model
         return result
+
+    # -- what every front (HTTP here, gRPC in grpc_server.py) shares ------------------
+
+    async def infer(self, model: str, version: str | None, inputs: dict[str, np.ndarray],
+                    outputs: list[str] | None, request_id: str | None) -> Any:
+        """One inference through the backend, bounded by gateway.infer_timeout."""
+        try:
+            async with asyncio.timeout(self.config.infer_timeout):
+                return await self.backend.infer(model, version, inputs, outputs, request_id)
+        except TimeoutError:
+            raise SwarmdError(ERR_TIMEOUT, f"inference took longer than {self.config.infer_timeout}s") from None
+
+    async def metadata(self, model: str, version: str | None) -> ModelInfo:
+        return await self.backend.model_metadata(model, version)
+
+    def authorize(self, token: str | None, authorization: str | None, remote: str, permission: str) -> ApiKey | None:
+        """The key check and rate limit of every authenticated call, from its credentials."""
+        return self._check_key(token, authorization, remote, permission)
+
+    @staticmethod
+    def http_status(code: str) -> int:
+        return HTTP_STATUS.get(code, 502)
+
+    def observe(self, route: str, method: str, status: str, elapsed: float, model: str) -> None:
+        """Count a call served by another front (gRPC) in the same metrics as HTTP's."""
+        self.m_requests.inc(route, method, status)
+        self.m_latency.observe(elapsed, route, model, status)
 
     # -- health and server metadata --------------------------------------------
 
@@ -689,13 +739,7 @@ class Gateway:
             models = {"error": getattr(e, "message", "listing models timed out after 5s")}
         return json_response({
             "models": models,
-            "gateway": {
-                "url": self.url,
-                "version": __version__,
-                "uptime": round(time.time() - self._started, 3),
-                "in_flight": self._in_flight,
-                "auth": self.config.auth,
-            },
+            "gateway": self._gateway_summary(),
             "node": self._status() if self._status is not None else {},
             "backend": self.backend.status(),
         })
@@ -750,6 +794,20 @@ class Gateway:
     @requires(PUBLIC)
     async def docs(self, request: web.Request) -> web.Response:
         return web.Response(text=docs_page(openapi_document(__version__)), content_type="text/html")
+
+    # -- the operator dashboard (swarmd/gateway/dashboard.py) ------------------------
+
+    @requires(PUBLIC)
+    async def dashboard_page(self, request: web.Request) -> web.Response:
+        return await self.dashboard.page(request)  # static: no data, the feed needs a key
+
+    @requires("models:read")
+    async def dashboard_feed(self, request: web.Request) -> web.StreamResponse:
+        return await self.dashboard.feed(request, self._gateway_summary)
+
+    def _gateway_summary(self) -> dict[str, Any]:
+        return {"url": self.url, "version": __version__, "uptime": round(time.time() - self._started, 3),
+                "in_flight": self._in_flight, "auth": self.config.auth}
 
 
 def _code_for_status(status: int) -> str:
