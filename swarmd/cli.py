@@ -32,6 +32,7 @@ COMMON_FLAGS: dict[str, tuple[str, str]] = {
     "data_dir": ("node", "data_dir"),
     "http": ("node", "http"),
     "grpc": ("gateway", "grpc"),
+    "metrics": ("node", "metrics"),
     "log_level": ("node", "log_level"),
     "log_format": ("node", "log_format"),
 }
@@ -40,7 +41,7 @@ COMMON_FLAGS: dict[str, tuple[str, str]] = {
 # `swarmd keys ls --data-dir D`). A command lists in its FLAGS which of OPTIONAL_FLAGS apply to
 # it; giving one that does not is an error, never silently ignored.
 OPTIONAL_FLAGS = ("bootstrap", "data_dir", "host", "json")
-DAEMON_FLAGS = ("role", "port", "dht_port", "http", "grpc")  # only the daemon (no command) takes these
+DAEMON_FLAGS = ("role", "port", "dht_port", "http", "grpc", "metrics")  # only the daemon (no command) takes these
 
 
 class UsageError(Exception):
@@ -115,6 +116,8 @@ def add_common_flags(p: argparse.ArgumentParser, *, daemon: bool) -> None:
         d.add_argument("--http", default=None, metavar="HOST:PORT", help="gateway HTTP listen address")
         d.add_argument("--grpc", default=None, metavar="HOST:PORT",
                        help="gateway OIP v2 gRPC listen address (off unless given)")
+        d.add_argument("--metrics", default=None, metavar="HOST:PORT",
+                       help="serve Prometheus metrics of every role on HOST:PORT/metrics (off unless given)")
 
 
 def discover_commands() -> dict[str, ModuleType]:
