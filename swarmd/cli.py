@@ -31,6 +31,8 @@ COMMON_FLAGS: dict[str, tuple[str, str]] = {
     "host": ("node", "host"),
     "data_dir": ("node", "data_dir"),
     "http": ("node", "http"),
+    "grpc": ("gateway", "grpc"),
+    "metrics": ("node", "metrics"),
     "log_level": ("node", "log_level"),
     "log_format": ("node", "log_format"),
 }
@@ -39,7 +41,7 @@ COMMON_FLAGS: dict[str, tuple[str, str]] = {
 # `swarmd keys ls --data-dir D`). A command lists in its FLAGS which of OPTIONAL_FLAGS apply to
 # it; giving one that does not is an error, never silently ignored.
 OPTIONAL_FLAGS = ("bootstrap", "data_dir", "host", "json")
-DAEMON_FLAGS = ("role", "port", "dht_port", "http")  # only the daemon (no command) takes these
+DAEMON_FLAGS = ("role", "port", "dht_port", "http", "grpc", "metrics")  # only the daemon (no command) takes these
 
 
 class UsageError(Exception):
@@ -112,6 +114,10 @@ def add_common_flags(p: argparse.ArgumentParser, *, daemon: bool) -> None:
         d.add_argument("--port", type=int, default=None, help="RPC/TCP port (0: any free port)")
         d.add_argument("--dht-port", type=int, default=None, help="DHT UDP port (0: any free port)")
         d.add_argument("--http", default=None, metavar="HOST:PORT", help="gateway HTTP listen address")
+        d.add_argument("--grpc", default=None, metavar="HOST:PORT",
+                       help="gateway OIP v2 gRPC listen address (off unless given)")
+        d.add_argument("--metrics", default=None, metavar="HOST:PORT",
+                       help="serve Prometheus metrics of every role on HOST:PORT/metrics (off unless given)")
 
 
 def discover_commands() -> dict[str, ModuleType]:

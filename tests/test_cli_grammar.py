@@ -57,6 +57,7 @@ TABLE: list[tuple[list[str], list[str], bool]] = [
     (["call"], ["{key}", "ping", "--timeout", "20"], True),
     (["call"], ["{key}", "--list", "--timeout", "20"], True),
     (["model", "ls"], ["--timeout", "20"], True),
+    (["grant"], ["worker", "{key}", "--expires", "1h"], False),
 ]
 
 

@@ -53,9 +53,17 @@ async def gather_status(settings: Any, timeout: float, host: str | None = None) 
             out["peers"] = sw.get("peers", [])
         except SwarmdError as e:
             out["errors"]["peers"] = f"{e.code}: {e.message}"
+        if "worker" in out["roles"]:
+            try:  # the models this worker has loaded and the execution provider running each
+                health = await node.call(None, "getHealth")
+                out["providers"] = health.get("providers", {}) if isinstance(health, dict) else {}
+            except SwarmdError as e:
+                out["errors"]["providers"] = f"{e.code}: {e.message}"
         try:
             nat = await node.call(None, "nat.status")
             out["nat"] = nat.get("nat", nat) if isinstance(nat, dict) else nat
+            if isinstance(nat, dict) and isinstance(nat.get("metrics"), dict):
+                out["paths"] = nat["metrics"]  # connections by path, upgrades, relay bytes
         except SwarmdError as e:
             out["nat"] = None
             if e.code != ERR_UNKNOWN_METHOD:
@@ -93,6 +101,11 @@ def print_status(st: dict[str, Any]) -> None:
         print(f"nat      {nat.get('type')}  public {nat.get('public_address') or '-'}")
     else:
         print("nat      not reported by this node")
+    m = st.get("paths")
+    if isinstance(m, dict):
+        opened = "  ".join(f"{k} {v}" for k, v in (m.get("opened") or {}).items() if v)
+        print(f"paths    {opened or 'none yet'}  upgrades {m.get('upgrades', 0)}"
+              f"  relay bytes in {m.get('relay_bytes_in', 0)}")
     if "dht" in st:
         d = st["dht"]
         print(f"dht      mode {d['mode']}  contacts {d['contacts']}  records held {d['records_held']}")
@@ -105,6 +118,8 @@ def print_status(st: dict[str, Any]) -> None:
         load = w["load"]
         print(f"  {w['public_key'][:16]}  {w['state'] or '?':8} queue {load.get('queue', 0)}  in-flight "
               f"{load.get('in_flight', 0)}  ewma {load.get('ewma_ms', 0)} ms  models {','.join(map(str, w['models'])) or '-'}")
+    if st.get("providers"):
+        print("loaded   " + "  ".join(f"{m} on {p.removesuffix('ExecutionProvider')}" for m, p in st["providers"].items()))
     print(f"models   {len(st['models'])}")
     for m in st["models"]:
         print(f"  {m['name']}:{m['version']}  {str(m['digest'])[:12]}  {m['size']} B")

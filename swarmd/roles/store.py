@@ -155,7 +155,7 @@ class StoreRole(Role):
             m.register("getModel", self.get_model, op="r")
             m.register("uploadStatus", self.upload_status, op="r")
             m.register("deleteModel", self.delete_model, op="w")
-            m.register("storeState", self.store_state, op="r")
+            m.register("storeState", self.store_state, op="r", roles=("store",))  # replication peers only
             m.register_stream("downloadBlob", self.download_blob, op="r")
             m.register_stream("uploadModel", self.upload_model, op="w")
         if self.ctx.swarm is not None:
@@ -188,6 +188,13 @@ class StoreRole(Role):
             self._announced.clear()
         if self.store is not None:
             self.store.close()
+
+    def metrics(self) -> list[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        s = self.store.status() if self.store is not None else {}
+        return [GaugeMetricFamily("swarmd_store_bytes", "bytes of model blobs held", value=s.get("bytes", 0)),
+                GaugeMetricFamily("swarmd_store_models", "model versions in the catalog", value=s.get("models", 0))]
 
     def status(self) -> dict[str, Any]:
         s = self.store.status() if self.store is not None else {}
