@@ -30,6 +30,7 @@ from swarmd.errors import (
     ERR_OVERLOADED,
     ERR_PROTOCOL,
     ERR_TIMEOUT,
+    ERR_TOO_LARGE,
     ERR_UNKNOWN_METHOD,
     SwarmdError,
 )
@@ -175,6 +176,9 @@ class RpcPeer:
         self._backlog: deque[tuple[int, str, Any, int | None, float, int]] = deque()
         self._backlog_bytes = 0
         self._msg_size = 0  # size of the message being dispatched
+        # every message we send is checked against this before it leaves: one over the
+        # peer's frame limit would make it close the connection every other call shares
+        self.max_message = conn.config.max_message_size
         conn.on_message = self._on_message
         conn.on_close = self._on_close
         conn.on_writable = self._on_writable
@@ -211,6 +215,8 @@ class RpcPeer:
             msg = self._pack([REQUEST, rid, method, params, int(timeout * 1000), channel])
         except (TypeError, ValueError, OverflowError) as e:
             raise SwarmdError(ERR_BAD_REQUEST, f"params of {method!r} cannot be encoded: {e}") from None
+        if len(msg) > self.max_message:
+            raise self._too_large(f"a request for {method!r}", len(msg))
         fut = self._loop.create_future()
         pending = self._pending
         pending[rid] = fut
@@ -285,6 +291,8 @@ class RpcPeer:
             msg = self._pack([REQUEST, rid, method, params, int(timeout * 1000), 0])
         except (TypeError, ValueError, OverflowError) as e:
             raise SwarmdError(ERR_BAD_REQUEST, f"params of {method!r} cannot be encoded: {e}") from None
+        if len(msg) > self.max_message:
+            raise self._too_large(f"a request for {method!r}", len(msg))
         loop = self._loop
         fut = loop.create_future()
         pending = self._pending
@@ -317,6 +325,8 @@ class RpcPeer:
             msg = envelope.event(method, params)
         except (TypeError, ValueError, OverflowError) as e:
             raise SwarmdError(ERR_BAD_REQUEST, f"params of event {method!r} cannot be encoded: {e}") from None
+        if len(msg) > self.max_message:
+            raise self._too_large(f"event {method!r}", len(msg))
         self.conn.send_message(msg)
 
     async def open_stream(self, method: str, params: Any = None, *, timeout: float | None = None) -> Stream:  # noqa: ASYNC109
@@ -363,6 +373,16 @@ class RpcPeer:
         except EnvelopeError as e:
             if e.request_id is not None:
                 self._reply_error(e.request_id, SwarmdError(ERR_BAD_REQUEST, e.message))
+                return
+            if e.kind in (RESPONSE, ERROR) and e.message_id is not None:
+                # an answer holding a malformed tensor fails that call, not the connection
+                fut = self._forget(e.message_id)
+                if fut is not None and not fut.done():
+                    fut.set_exception(SwarmdError(ERR_BAD_REQUEST, f"the peer's answer: {e.message}"))
+                return
+            if e.kind == EVENT:
+                if hostile.allow("event:undecodable") is not None:
+                    self._log.bind(code=ERR_BAD_REQUEST).info(f"event dropped: {e.message}")
                 return
             raise
         kind = msg[0]
@@ -476,6 +496,9 @@ class RpcPeer:
                 except (TypeError, ValueError, OverflowError):
                     self._finish(rid, method, stream, stop.value, None)  # reports the encoding error
                     return
+                if len(msg) > self.max_message:
+                    self._reply_error(rid, self._too_large(f"the result of {method!r}", len(msg)))
+                    return
                 conn.send_message(msg)
                 return
             self._finish(rid, method, stream, stop.value, None)
@@ -565,6 +588,9 @@ class RpcPeer:
                 )
                 self._log_handler_error(method, e)
                 return
+            if len(msg) > self.max_message:
+                self._reply_error(rid, self._too_large(f"the result of {method!r}", len(msg)))
+                return
             # the last handler running writes at once (one loop iteration sooner);
             # answers of handlers finishing together still share one flush
             self.conn.send_message(msg, now=len(self._running) <= 1)
@@ -586,12 +612,21 @@ class RpcPeer:
             tb = "".join(traceback.format_exception(exc)).rstrip()
             self._log.bind(method=method, error=type(exc).__name__).error(f"handler raised: {tb}")
 
+    def _too_large(self, what: str, size: int) -> SwarmdError:
+        return SwarmdError(
+            ERR_TOO_LARGE,
+            f"{what} is {size} bytes as an RPC message, over the {self.max_message}-byte limit "
+            "(net.max_message_size); large data travels in a stream",
+        )
+
     def _reply_error(self, rid: int, err: SwarmdError) -> None:
         if self.conn.error is None:
             try:
                 msg = envelope.error(rid, err)
             except (TypeError, ValueError):
                 msg = envelope.error(rid, SwarmdError(err.code, err.message))
+            if len(msg) > self.max_message:
+                msg = envelope.error(rid, SwarmdError(err.code, err.message[:1000]))
             self.conn.send_message(msg)
 
     def _on_event(self, method: str, params: Any) -> None:
