@@ -176,6 +176,10 @@ class RpcPeer:
         self._backlog: deque[tuple[int, str, Any, int | None, float, int]] = deque()
         self._backlog_bytes = 0
         self._msg_size = 0  # size of the message being dispatched
+        # while the node decides whether to admit this peer (an async firewall), its requests
+        # and events wait here, bounded like the backlog, and none is dispatched
+        self._held: list[tuple[list[Any], int, float]] | None = None
+        self._held_bytes = 0
         # every message we send is checked against this before it leaves: one over the
         # peer's frame limit would make it close the connection every other call shares
         self.max_message = conn.config.max_message_size
@@ -394,6 +398,9 @@ class RpcPeer:
                 if not fut.done():
                     fut.set_result(msg[2])
         elif kind == REQUEST:
+            if self._held is not None:
+                self._hold_message(msg, len(data))
+                return
             self._msg_size = len(data)
             self._on_request(msg[1], msg[2], msg[3], msg[4], msg[5])
         elif kind == ERROR:
@@ -401,11 +408,58 @@ class RpcPeer:
             if fut is not None and not fut.done():
                 fut.set_exception(SwarmdError.from_wire(msg[2]))
         elif kind == EVENT:
+            if self._held is not None:
+                self._hold_message(msg, len(data))
+                return
             self._on_event(msg[1], msg[2])
         elif kind == CANCEL:
+            if self._held is not None:
+                self._held = [h for h in self._held if not (h[0][0] == REQUEST and h[0][1] == msg[1])]
             task = self._running.get(msg[1])
             if task is not None:
                 self._cancel_soon(task, "cancelled by the caller")
+
+    # -- admission ---------------------------------------------------------
+
+    def hold(self) -> None:
+        """Dispatch nothing the peer sends until release(): its admission is still being decided."""
+        if self._held is None:
+            self._held = []
+            self._held_bytes = 0
+
+    def release(self) -> None:
+        """The peer is admitted: dispatch what it sent meanwhile, in order, then everything at once."""
+        held, self._held = self._held, None
+        self._held_bytes = 0
+        if not held or self.conn.error is not None:
+            return
+        for msg, size, arrived in held:
+            if self.conn.error is not None:
+                return
+            try:
+                if msg[0] == REQUEST:
+                    self._msg_size = size
+                    self._on_request(msg[1], msg[2], msg[3], msg[4], msg[5], arrived)
+                else:
+                    self._on_event(msg[1], msg[2])
+            except SwarmdError as e:
+                self.conn.close(e)
+                return
+
+    @property
+    def held(self) -> bool:
+        return self._held is not None
+
+    def _hold_message(self, msg: list[Any], size: int) -> None:
+        held = self._held
+        assert held is not None
+        if len(held) >= self.config.max_in_flight or self._held_bytes + size > self.config.max_backlog_bytes:
+            raise SwarmdError(
+                ERR_OVERLOADED,
+                f"peer sent {len(held)} messages ({self._held_bytes} bytes) before it was admitted",
+            )
+        held.append((msg, size, self._loop.time()))
+        self._held_bytes += size
 
     def _lookup(self, method: str) -> Method:
         m = _BUILTINS.get(method) or self.methods.get(method)
@@ -676,6 +730,9 @@ class RpcPeer:
         # never run now: free them at once rather than at the next GC pass
         self._backlog.clear()
         self._backlog_bytes = 0
+        if self._held is not None:
+            self._held = []
+            self._held_bytes = 0
         pending, self._pending = self._pending, {}
         self._deadlines = {}
         if self._sweep is not None:
