@@ -180,6 +180,9 @@ class RpcPeer:
         # and events wait here, bounded like the backlog, and none is dispatched
         self._held: list[tuple[list[Any], int, float]] | None = None
         self._held_bytes = 0
+        # channels of stream calls held meanwhile: accepted at once so their first bytes are
+        # kept (within the channel's credit) instead of dropped as frames on an unknown channel
+        self._held_channels: dict[int, Channel] = {}
         # every message we send is checked against this before it leaves: one over the
         # peer's frame limit would make it close the connection every other call shares
         self.max_message = conn.config.max_message_size
@@ -414,7 +417,12 @@ class RpcPeer:
             self._on_event(msg[1], msg[2])
         elif kind == CANCEL:
             if self._held is not None:
-                self._held = [h for h in self._held if not (h[0][0] == REQUEST and h[0][1] == msg[1])]
+                kept = [h for h in self._held if not (h[0][0] == REQUEST and h[0][1] == msg[1])]
+                for h in self._held:
+                    if h[0][0] == REQUEST and h[0][1] == msg[1] and h[0][5]:
+                        self._held_channels.pop(h[0][5], None)
+                        self.conn._channels.pop(h[0][5], None)
+                self._held = kept
             task = self._running.get(msg[1])
             if task is not None:
                 self._cancel_soon(task, "cancelled by the caller")
@@ -458,6 +466,15 @@ class RpcPeer:
                 ERR_OVERLOADED,
                 f"peer sent {len(held)} messages ({self._held_bytes} bytes) before it was admitted",
             )
+        ch = msg[5] if msg[0] == REQUEST else 0
+        if ch:
+            try:
+                self._held_channels[ch] = self.conn.accept_channel(ch)
+            except SwarmdError as e:
+                if e.code == ERR_PROTOCOL:
+                    raise
+                self._reply_error(msg[1], e)
+                return
         held.append((msg, size, self._loop.time()))
         self._held_bytes += size
 
@@ -527,13 +544,16 @@ class RpcPeer:
                 )
             ctx = CallContext(peer_key, method, rid, deadline, self)
             if ch:
-                stream = Stream(self, conn.accept_channel(ch))
+                held = self._held_channels.pop(ch, None) if self._held_channels else None
+                stream = Stream(self, held or conn.accept_channel(ch))
                 coro = m.handler(ctx, params, stream)
             else:
                 coro = m.handler(ctx, params)
         except SwarmdError as e:
             if e.code == ERR_PROTOCOL:
                 raise
+            if ch and self._held_channels and self._held_channels.pop(ch, None) is not None:
+                conn._channels.pop(ch, None)  # accepted while held; the caller resets it on our answer
             self._reply_error(rid, e)
             return
         if not m.inline:
@@ -733,6 +753,7 @@ class RpcPeer:
         if self._held is not None:
             self._held = []
             self._held_bytes = 0
+        self._held_channels.clear()
         pending, self._pending = self._pending, {}
         self._deadlines = {}
         if self._sweep is not None:
