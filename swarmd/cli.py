@@ -32,6 +32,7 @@ COMMON_FLAGS: dict[str, tuple[str, str]] = {
     "data_dir": ("node", "data_dir"),
     "http": ("node", "http"),
     "grpc": ("gateway", "grpc"),
+    "metrics": ("node", "metrics"),
     "log_level": ("node", "log_level"),
     "log_format": ("node", "log_format"),
 }
@@ -87,6 +88,8 @@ def add_common_flags(p: argparse.ArgumentParser, *, daemon: bool) -> None:
         g.add_argument("--http", default=None, metavar="HOST:PORT", help="gateway HTTP listen address")
         g.add_argument("--grpc", default=None, metavar="HOST:PORT",
                        help="gateway OIP v2 gRPC listen address (off unless given)")
+        g.add_argument("--metrics", default=None, metavar="HOST:PORT",
+                       help="serve Prometheus metrics of every role on HOST:PORT/metrics (off unless given)")
 
 
 def discover_commands() -> dict[str, ModuleType]:
