@@ -8,6 +8,9 @@ from typing import Literal
 
 @dataclass
 class GatewayConfig:
+    """[gateway]: the HTTP front door (OIP v2 / Triton REST and /api/v1), its API keys and limits.
+    Its listen address is node.http."""
+
     auth: bool = True  # false: every route is open (a lab box only); keys are still accepted
     cors_origins: list[str] = field(default_factory=list)  # exact origins allowed; empty: no CORS
     rate_limit_rps: float = 500.0  # per key (or per client address when auth is off), sustained
@@ -21,7 +24,7 @@ class GatewayConfig:
     max_in_flight: int = 2048  # concurrent requests beyond this get 503
     header_timeout: float = 10.0  # seconds for every request line + headers: from connect, or from the first byte (slowloris)
     body_timeout: float = 30.0  # seconds for a whole JSON/infer body; an upload may stall this long per chunk
-    keepalive_timeout: float = 75.0  # idle keep-alive connection, and bound on a later request's headers
+    keepalive_timeout: float = 75.0  # idle keep-alive connection (no byte of a next request yet)
     max_connections: int = 4096  # open HTTP connections at once; more are closed on accept
     max_connections_per_address: int = 256  # open HTTP connections from one client address; more are closed on accept
     infer_timeout: float = 30.0  # seconds for one inference, retries included
