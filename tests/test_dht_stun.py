@@ -106,3 +106,41 @@ class aioice_stun_client(asyncio.DatagramProtocol):  # noqa: N801
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         if not self.got.done():
             self.got.set_result(aioice_stun.parse_message(data))
+
+
+def test_other_address_names_the_alternate_port() -> None:
+    tid = stun.new_transaction_id()
+    msg = stun.parse_message(stun.encode_binding_response(tid, ("198.51.100.2", 3478), other_port=4001))
+    assert msg.mapped_address == ("198.51.100.2", 3478) and msg.other_port == 4001
+    assert stun.parse_message(stun.encode_binding_response(tid, ("198.51.100.2", 1))).other_port is None
+    with pytest.raises(ValueError, match="alternate port"):
+        stun.encode_binding_response(tid, ("198.51.100.2", 1), other_port=70000)
+    # aioice still reads the answer (unknown comprehension-optional attribute)
+    assert aioice_stun.parse_message(stun.encode_binding_response(tid, ("198.51.100.2", 9), 4001))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=0, max_size=40))
+def test_other_address_from_hostile_bytes(value: bytes) -> None:
+    tid = b"\x00" * 12
+    body = stun._pack_attrs([(stun.ATTR_OTHER_ADDRESS, value)])
+    head = bytes([0x01, 0x01]) + len(body).to_bytes(2, "big") + stun.COOKIE_BYTES + tid
+    try:
+        port = stun.parse_message(head + body).other_port
+    except ValueError as e:
+        assert str(e)
+    else:
+        assert port is None or 0 < port <= 65535
+
+
+async def test_dht_node_answers_stun_on_its_alternate_port_too() -> None:
+    net = await DhtTestnet.create(2)
+    try:
+        a, b = net.nodes
+        assert await a.stun(b.address) == a.address
+        alt = a.stun_alternate(b.address)
+        assert alt is not None and alt[0] == b.address[0] and alt[1] not in (b.address[1], 0)
+        assert await a.stun(alt) == a.address  # answered from the second port
+        assert a.stun_alternate(alt) is None  # the second port names no further port
+    finally:
+        await net.close()

@@ -259,7 +259,11 @@ class Traversal:
                 s.connect(servers[0])
                 local.append((s.getsockname()[0], port))
         report = await detect_nat(
-            lambda server: dht.stun(server, self.config.stun_timeout), servers, local, config=self.config
+            lambda server: dht.stun(server, self.config.stun_timeout),
+            servers,
+            local,
+            config=self.config,
+            alternate=dht.stun_alternate,
         )
         self.report = report
         self.log.bind(event="nat_detected", **report.to_dict()).info("nat detected: {}", report.nat_type)

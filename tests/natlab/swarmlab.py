@@ -19,9 +19,10 @@ SWARMD = [sys.executable, "-m", "swarmd"]
 LAB_NAT_ENV = {"SWARMD_NAT_PUNCH_TIMEOUT": "6", "SWARMD_NAT_REPUNCH_INTERVAL": "2"}
 
 
-async def start_swarm(lab: NatLab, tmp: Path, mode_a: str, mode_b: str) -> dict[str, Any]:
-    """Bring the lab up in mode_a-mode_b and start the four daemons; wait until the
-    NATed ones know their NAT type and list a signal peer."""
+async def start_swarm(lab: NatLab, tmp: Path, mode_a: str, mode_b: str, *, with_pub: bool = True) -> dict[str, Any]:
+    """Bring the lab up in mode_a-mode_b and start the four daemons (three without
+    `with_pub`: then inet's bootstrap is the one public node); wait until the NATed
+    ones know their NAT type and list a signal peer."""
     lab.up(mode_a, mode_b)
     boot = await lab.spawn(
         "inet",
@@ -31,9 +32,11 @@ async def start_swarm(lab: NatLab, tmp: Path, mode_a: str, mode_b: str) -> dict[
     )
     await boot.wait_event("ready", 60)
     joined = ["--bootstrap", f"{INET_IP}:4000", "--log-format", "json"]
-    pub = await lab.spawn(
-        "pub", [*SWARMD, *joined, "--host", PUB_IP, "--data-dir", str(tmp / "pub")], env=LAB_NAT_ENV
-    )
+    pub = None
+    if with_pub:
+        pub = await lab.spawn(
+            "pub", [*SWARMD, *joined, "--host", PUB_IP, "--data-dir", str(tmp / "pub")], env=LAB_NAT_ENV
+        )
     a = await lab.spawn(
         "lan-a", [*SWARMD, *joined, "--host", "0.0.0.0", "--data-dir", str(tmp / "a")], env=LAB_NAT_ENV
     )
@@ -42,7 +45,8 @@ async def start_swarm(lab: NatLab, tmp: Path, mode_a: str, mode_b: str) -> dict[
     )
     keys = {}
     for name, proc in (("pub", pub), ("a", a), ("b", b)):
-        keys[name] = (await proc.wait_event("ready", 60))["public_key"]
+        if proc is not None:
+            keys[name] = (await proc.wait_event("ready", 60))["public_key"]
     for proc in (a, b):
         await proc.wait_for(r'"event": "signal_peers", "nat": "(cone|symmetric)", "peers": \["', 60)
     return {"boot": boot, "pub": pub, "a": a, "b": b, "keys": keys, "tmp": tmp}
