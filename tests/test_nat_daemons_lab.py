@@ -50,26 +50,26 @@ async def test_cone_x_cone_is_punched(lab, tmp_path, mode_a, mode_b) -> None:
     assert json.loads(up)["path"] == "punched"
 
 
-async def test_restricted_x_symmetric_starts_relayed_then_moves_to_punched(lab, tmp_path) -> None:
-    world = await start_swarm(lab, tmp_path, "restricted", "symmetric")
-    first = probe(lab, world, "b", size=0)
-    assert first["connection"]["path"] == "relayed"  # a symmetric peer: relay first, punch in the background
-    up = json.loads(await world["a"].wait_for(r'"event": "path_upgraded"', 60))
-    assert up["path"] == "punched" and up["punch"]["remote_type"] == "prflx"
+@pytest.mark.parametrize(("mode_a", "mode_b"), [("cone", "symmetric"), ("restricted", "symmetric")])
+async def test_one_symmetric_side_is_birthday_punched(lab, tmp_path, mode_a, mode_b) -> None:
+    world = await start_swarm(lab, tmp_path, mode_a, mode_b)
     out = probe(lab, world, "b")
     assert out["path"] == "punched", out
+    punch = out["connection"]["punch"]
+    assert punch["birthday"] and punch["remote"].startswith("198.18.0.12:")  # lan-b's router, not the relay
+    assert punch["remote_type"] == "prflx"  # one of the symmetric side's many mappings, never listed
+    up = await world["b"].wait_for(r'"event": "path_chosen".*"inbound": true', 30)
+    assert json.loads(up)["path"] == "punched" and json.loads(up)["punch"]["sockets"] == 256
 
 
-@pytest.mark.parametrize(("mode_a", "mode_b"), [("cone", "symmetric"), ("symmetric", "symmetric")])
-async def test_relayed_when_punching_cannot_work(lab, tmp_path, mode_a, mode_b) -> None:
-    world = await start_swarm(lab, tmp_path, mode_a, mode_b)
+async def test_relayed_when_punching_cannot_work(lab, tmp_path) -> None:
+    world = await start_swarm(lab, tmp_path, "symmetric", "symmetric")
     out = probe(lab, world, "b")
     assert out["path"] == "relayed", out
     assert out["connection"]["relay"].startswith(INET_IP + ":")
     paired = await world["boot"].wait_event("relay_paired", 30)
     assert {paired["a"], paired["b"]} == {"198.18.0.11", "198.18.0.12"}  # the routers, never the LANs
-    if mode_a == mode_b == "symmetric":
-        assert not any(re.search("repunch|path_upgraded", ln) for ln in world["a"].lines)
+    assert not any(re.search("repunch|path_upgraded", ln) for ln in world["a"].lines)
 
 
 async def test_public_peer_gets_direct_tcp(lab, tmp_path) -> None:

@@ -3,9 +3,9 @@
 A node behind NAT keeps a connection to 1-3 public peers and lists them in its
 records ("signal" in the payload). A caller that cannot reach it directly sends
 a connection request to one of those peers, which forwards it over the
-connection the target keeps. A request carries either an ICE offer (SDP: ICE
-credentials and candidates) or a relay rendezvous (relay address + token), and
-the answer comes back the same way.
+connection the target keeps. A request carries either a UDP punch offer
+(swarmd/net/udppunch.py: punch id, addresses, NAT type) or a relay rendezvous
+(relay address + token), and the answer comes back the same way.
 
 Forwarding for strangers is an amplification vector, so the forwarder applies
 `SignalLimiter`: a token bucket per source (the caller's public key) and one
@@ -18,11 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from swarmd.errors import ERR_BAD_REQUEST, ERR_RATE_LIMITED, ERR_TOO_LARGE, SwarmdError
+from swarmd.errors import ERR_BAD_REQUEST, ERR_RATE_LIMITED, SwarmdError
+from swarmd.net.udppunch import PunchOffer, parse_offer
 
-KIND_ICE = "ice"
+KIND_UDP = "udp"
 KIND_RELAY = "relay"
-MAX_SDP = 16 * 1024
 MAX_SOURCES = 4096  # bound on the limiter's memory under a flood of fresh keys
 
 
@@ -32,15 +32,16 @@ class SignalRequest:
 
     source: bytes  # caller's Ed25519 public key (the forwarder fills it from the Noise session)
     target: bytes  # target's Ed25519 public key
-    kind: str  # "ice" or "relay"
-    sdp: str = ""  # ICE offer (kind "ice")
+    kind: str  # "udp" or "relay"
+    punch: PunchOffer | None = None  # UDP punch offer (kind "udp")
     relay: tuple[str, int] | None = None  # relay address (kind "relay")
     token: bytes = b""  # relay circuit token (kind "relay")
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"source": self.source, "target": self.target, "kind": self.kind}
-        if self.kind == KIND_ICE:
-            out["sdp"] = self.sdp
+        if self.kind == KIND_UDP:
+            assert self.punch is not None
+            out["punch"] = self.punch.to_wire()
         else:
             assert self.relay is not None
             out["relay"] = [self.relay[0], self.relay[1]]
@@ -60,18 +61,13 @@ def _key(obj: dict[str, Any], name: str) -> bytes:
 
 
 def parse_request(obj: Any) -> SignalRequest:
-    """Validate a request read from a peer; SwarmdError(ERR_BAD_REQUEST/ERR_TOO_LARGE) says what is wrong."""
+    """Validate a request read from a peer; SwarmdError(ERR_BAD_REQUEST) says what is wrong."""
     if not isinstance(obj, dict):
         raise _bad(f"signal request must be a map, got {type(obj).__name__}")
     source, target = _key(obj, "source"), _key(obj, "target")
     kind = obj.get("kind")
-    if kind == KIND_ICE:
-        sdp = obj.get("sdp")
-        if not isinstance(sdp, str) or not sdp.startswith("v=0"):
-            raise _bad("signal 'sdp' must be an SDP text starting with 'v=0'")
-        if len(sdp) > MAX_SDP:
-            raise SwarmdError(ERR_TOO_LARGE, f"signal 'sdp' of {len(sdp)} bytes exceeds {MAX_SDP}")
-        return SignalRequest(source, target, kind, sdp=sdp)
+    if kind == KIND_UDP:
+        return SignalRequest(source, target, kind, punch=parse_offer(obj.get("punch")))
     if kind == KIND_RELAY:
         relay = obj.get("relay")
         if (
@@ -87,7 +83,7 @@ def parse_request(obj: Any) -> SignalRequest:
         if not isinstance(token, bytes) or len(token) != 32:
             raise _bad("signal 'token' must be 32 bytes")
         return SignalRequest(source, target, kind, relay=(relay[0], relay[1]), token=token)
-    raise _bad(f"signal 'kind' must be '{KIND_ICE}' or '{KIND_RELAY}', got {kind!r:.40}")
+    raise _bad(f"signal 'kind' must be '{KIND_UDP}' or '{KIND_RELAY}', got {kind!r:.40}")
 
 
 @dataclass

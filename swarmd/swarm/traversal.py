@@ -3,12 +3,13 @@
 Path order when the swarm cannot dial a peer's advertised addresses:
 
 1. direct TCP (done by Swarm._dial before we are asked);
-2. punched: when both sides' mappings are consistent (public or cone), send an
-   ICE offer through one of the target's signal peers and run the Noise
-   connection over the punched data channel;
+2. punched: when at most one side is behind a symmetric NAT, send a UDP punch
+   offer (swarmd/net/udppunch.py; birthday punching when one side is symmetric)
+   through one of the target's signal peers and run the Noise connection over
+   QUIC on the punched socket (swarmd/net/quic.py);
 3. relayed: pick a relay from the RELAYS topic by round trip, hand the target a
    token through its signal peer, meet it at the relay. When punching may still
-   work (not symmetric x symmetric), a background task keeps trying ICE over
+   work (not symmetric x symmetric), a background task keeps trying to punch over
    the relayed connection itself and moves the peer to the punched path when it
    succeeds (the swarm's dedupe prefers the better path).
 
@@ -45,10 +46,11 @@ from swarmd.errors import (
     SwarmdError,
 )
 from swarmd.net.connection import SecureConnection
-from swarmd.net.nat import CONE, PUBLIC, SYMMETRIC, UNKNOWN, NatConfig, NatReport, detect_nat
-from swarmd.net.punch import PathAttempt, PathInfo, Puncher
+from swarmd.net.nat import CONE, PUBLIC, SYMMETRIC, UDP_BLOCKED, UNKNOWN, NatConfig, NatReport, detect_nat
+from swarmd.net.punch import PathAttempt, PathInfo
 from swarmd.net.relayio import new_token, pick_relay, relay_transport
-from swarmd.net.signal import KIND_ICE, KIND_RELAY, SignalLimiter, SignalRequest, parse_request
+from swarmd.net.signal import KIND_RELAY, KIND_UDP, SignalLimiter, SignalRequest, parse_request
+from swarmd.net.udppunch import PunchOffer, UdpPuncher, parse_offer
 from swarmd.rpc import CallContext, RpcPeer
 from swarmd.topics import peer_topic
 
@@ -82,7 +84,7 @@ class Traversal:
         self.paths: dict[bytes, PathInfo] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._repunching: set[bytes] = set()
-        self._punching = 0  # ICE agents answering callers right now
+        self._punching = 0  # punch attempts answering callers right now
         self._sinking = 0  # nat.sink streams being received right now
         self._sink_budget: dict[bytes, tuple[float, float]] = {}  # caller key -> (bytes available, stamp)
         self.sink_refused = 0
@@ -285,6 +287,8 @@ class Traversal:
                 await asyncio.sleep(1.0)
                 continue
             self._detected.set()
+            if report is not None and self.config.punch and report.nat_type not in (PUBLIC, UDP_BLOCKED):
+                import swarmd.net.quic  # noqa: F401  # load aioquic now, not on the first punch's clock
             await asyncio.sleep(self.config.redetect_interval)
 
     async def _signal_keepalive(self) -> None:
@@ -356,17 +360,25 @@ class Traversal:
             raise SwarmdError(ERR_FORBIDDEN, "nat.connect is only accepted from signal peers and connected peers")
         req = parse_request({**params, "source": source, "target": self.swarm.public_key})
         self.limiter.check(req.source, time.monotonic())
-        if req.kind == KIND_ICE:
+        if req.kind == KIND_UDP:
+            assert req.punch is not None
             servers = self.stun_servers()
             if not servers:
                 raise SwarmdError(ERR_UNAVAILABLE, "no STUN server answered us: cannot punch")
-            if self._punching >= MAX_PUNCHING:  # each attempt holds an ICE agent and sockets
+            if self._punching >= MAX_PUNCHING:  # each attempt holds sockets (256 when birthday punching)
                 raise SwarmdError(ERR_OVERLOADED, f"{MAX_PUNCHING} punching attempts already running")
-            puncher = Puncher(servers)
-            answer = await puncher.answer(req.sdp)
+            puncher = UdpPuncher(
+                servers, self.nat_type, initiator=False, punch_id=req.punch.punch_id, peer_nat=req.punch.nat
+            )
             self._punching += 1
-            self._spawn(self._accept_punched(req.source, puncher))
-            return {"sdp": answer}
+            try:
+                answer = await puncher.prepare(req.punch)
+            except BaseException:
+                self._punching -= 1
+                await puncher.close()
+                raise
+            self._spawn(self._accept_punched(req.source, puncher, req.punch))
+            return {"punch": answer.to_wire()}
         assert req.relay is not None
         self._spawn(self._accept_relayed(req.source, req.relay, req.token))
         return {"ok": True}
@@ -394,13 +406,13 @@ class Traversal:
             conn.close(SwarmdError(ERR_BAD_REQUEST, "peer on the new path is not the one who asked"))
             raise SwarmdError(ERR_BAD_REQUEST, "peer on the new path is not the one who asked")
 
-    async def _accept_punched(self, source: bytes, puncher: Puncher) -> None:
+    async def _accept_punched(self, source: bytes, puncher: UdpPuncher, offer: PunchOffer) -> None:
         t0 = time.monotonic()
         try:
-            transport = await puncher.connected(self.config.punch_timeout)
+            transport = await puncher.connect(offer, self.config.punch_timeout)
         finally:
             self._punching -= 1
-        info = PathInfo("punched", time.monotonic() - t0, detail={"punch": _punch_detail(transport.info)})
+        info = PathInfo("punched", time.monotonic() - t0, detail={"punch": puncher.result.to_dict()})
         conn, peer = self._new_conn(False, None, info)
         transport.attach(conn)
         await self._established(conn, source)
@@ -475,11 +487,15 @@ class Traversal:
         if not signal:
             raise SwarmdError(ERR_UNAVAILABLE, f"peer {public_key.hex()[:16]}… is unreachable and lists no signal peer")
         mine = self.nat_type
-        punch_first = self.config.punch and mine in (PUBLIC, CONE) and theirs in (PUBLIC, CONE)
+        # consistent mappings on both sides: a plain punch; one symmetric side: a birthday punch
+        punch_first = self.config.punch and (
+            (mine in (PUBLIC, CONE) and theirs in (PUBLIC, CONE, SYMMETRIC))
+            or (mine == SYMMETRIC and theirs in (PUBLIC, CONE))
+        )
         if punch_first:
             a0 = time.monotonic()
             try:
-                peer = await self._punch(public_key, signal, info)
+                peer = await self._punch(public_key, signal, info, peer_nat=theirs)
                 info.attempts.append(PathAttempt("punched", True, time.monotonic() - a0))
                 info.setup_s = time.monotonic() - t0
                 return self._adopt(public_key, peer, info, inbound=False)
@@ -491,7 +507,7 @@ class Traversal:
         info.setup_s = time.monotonic() - t0
         kept = self._adopt(public_key, peer, info, inbound=False)
         if self.config.punch and not punch_first and not (mine == SYMMETRIC and theirs == SYMMETRIC):
-            self._spawn(self._repunch(public_key, kept))
+            self._spawn(self._repunch(public_key, kept, theirs))
         return kept
 
     async def _signal(self, signal: list[bytes], request: dict[str, Any]) -> Any:
@@ -504,27 +520,29 @@ class Traversal:
                 last = e
         raise last
 
-    async def _punch(self, pk: bytes, signal: list[bytes] | None, info: PathInfo, via: RpcPeer | None = None) -> RpcPeer:
+    async def _punch(
+        self, pk: bytes, signal: list[bytes] | None, info: PathInfo, via: RpcPeer | None = None, peer_nat: str | None = None
+    ) -> RpcPeer:
         servers = self.stun_servers()
         if not servers:
             raise SwarmdError(ERR_UNAVAILABLE, "no STUN server answered us: cannot punch")
-        puncher = Puncher(servers)
+        puncher = UdpPuncher(servers, self.nat_type, initiator=True, peer_nat=peer_nat)
         try:
-            req = SignalRequest(self.swarm.public_key, pk, KIND_ICE, sdp=await puncher.offer()).to_wire()
+            offer = await puncher.prepare()
+            req = SignalRequest(self.swarm.public_key, pk, KIND_UDP, punch=offer).to_wire()
             if via is not None:
                 answer = await via.call("nat.connect", req, timeout=self.config.punch_timeout)
             else:
                 assert signal is not None
                 answer = await self._signal(signal, req)
-            if not isinstance(answer, dict) or not isinstance(answer.get("sdp"), str):
-                raise SwarmdError(ERR_BAD_REQUEST, "nat.connect answered without an ICE description")
-            await puncher.accept_answer(answer["sdp"])
-            transport = await puncher.connected(self.config.punch_timeout)
+            if not isinstance(answer, dict) or "punch" not in answer:
+                raise SwarmdError(ERR_BAD_REQUEST, "nat.connect answered without a punch offer")
+            transport = await puncher.connect(parse_offer(answer["punch"]), self.config.punch_timeout)
         except BaseException:
             await puncher.close()
             raise
         info.path = "punched"
-        info.detail = {"punch": _punch_detail(transport.info)}
+        info.detail = {"punch": puncher.result.to_dict()}
         conn, peer = self._new_conn(True, pk, info)
         transport.attach(conn)
         await self._established(conn, pk)
@@ -556,7 +574,7 @@ class Traversal:
         await self._established(conn, pk)
         return peer
 
-    async def _repunch(self, pk: bytes, relayed: RpcPeer) -> None:
+    async def _repunch(self, pk: bytes, relayed: RpcPeer, peer_nat: str | None = None) -> None:
         """Keep trying ICE over the relayed connection; move to the punched path on success."""
         if pk in self._repunching:
             return
@@ -568,7 +586,7 @@ class Traversal:
                 a0 = time.monotonic()
                 info = PathInfo()
                 try:
-                    peer = await self._punch(pk, None, info, via=relayed)
+                    peer = await self._punch(pk, None, info, via=relayed, peer_nat=peer_nat)
                 except SwarmdError as e:
                     self.log.bind(event="repunch_failed", peer=pk.hex()[:16], attempt=attempt, reason=e.message).info(
                         "punching over the relayed connection failed; staying relayed"
@@ -594,10 +612,6 @@ def _keys(value: Any) -> list[bytes]:
                 with contextlib.suppress(ValueError):
                     out.append(bytes.fromhex(v))
     return out
-
-
-def _punch_detail(info: Any) -> dict[str, Any]:
-    return {"local": info.local, "remote": info.remote, "remote_type": info.remote_type}
 
 
 class TraversalPart:
