@@ -19,9 +19,11 @@ writer pauses while more than HIGH_WATER bytes wait to be acknowledged.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime
 import os
+import socket
 import ssl
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +49,8 @@ KEEPALIVE = 15.0  # a PING this often keeps the NAT mappings (and the idle timer
 STREAM_ID = 0  # the client's first bidirectional stream carries everything
 PREAMBLE = b"\x01"  # the client's first stream byte (version 1): opens the stream at once, so the server may speak first
 LINGER = 5.0  # close waits this long at most for our data to be acknowledged
+READ_BATCH = 64  # datagrams read per wake-up before acting on them (one transmit per batch)
+RECV_SIZE = 2048  # larger than any datagram we send or accept
 
 
 _CREDENTIALS: list[tuple[Any, Any]] = []
@@ -100,22 +104,6 @@ class QuicInfo:
     handshake_s: float = 0.0
 
 
-class _Datagrams(asyncio.DatagramProtocol):
-    """The UDP socket's protocol once QUIC owns it: everything goes to the QuicTransport."""
-
-    def __init__(self, owner: QuicTransport) -> None:
-        self.owner = owner
-
-    def datagram_received(self, data: bytes, addr: Address) -> None:  # type: ignore[override]
-        self.owner._datagram(data, addr)
-
-    def error_received(self, exc: Exception) -> None:
-        pass  # ICMP from a NAT that has not opened yet: QUIC retransmits
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.owner._udp_lost()
-
-
 class QuicTransport(asyncio.Transport):
     """One QUIC connection to one peer on a given UDP socket, its stream 0 as a transport.
 
@@ -127,7 +115,22 @@ class QuicTransport(asyncio.Transport):
     def __init__(self, udp: asyncio.DatagramTransport, peer: Address, *, is_client: bool) -> None:
         super().__init__()
         self._loop = asyncio.get_running_loop()
-        self._udp = udp
+        # Take the socket over from the punch's datagram transport: a duplicate of its
+        # descriptor, read in batches (up to READ_BATCH datagrams per wake-up, then one
+        # transmit), written directly with a backlog when the kernel buffer is full.
+        # asyncio's datagram transport reads one datagram per loop iteration, which
+        # halves what Python can carry. The duplicate keeps the punched port bound.
+        old = udp.get_extra_info("socket")
+        self._sock = socket.socket(fileno=os.dup(old.fileno()))
+        self._sock.setblocking(False)
+        tune_socket(self._sock)
+        self._fd = self._sock.fileno()
+        self._backlog: collections.deque[bytes] = collections.deque()
+        self._writing = False
+        self._sockname = self._sock.getsockname()
+        udp.close()
+        self._loop.add_reader(self._fd, self._read_ready)
+        self._sock_closed = False
         self._peer = (peer[0], peer[1])
         self._is_client = is_client
         self._quic: QuicConnection | None = None
@@ -151,10 +154,8 @@ class QuicTransport(asyncio.Transport):
         self._preamble = not is_client  # the server still has to read (and drop) the client's preamble byte
         self._held: list[bytes] = []  # what the server wrote before that (b"" = end of stream)
         self._drained = asyncio.Event()  # set when nothing we wrote waits for an ack (close waits on it)
-        sock = udp.get_extra_info("sockname")
-        self.info = QuicInfo(local=f"{sock[0]}:{sock[1]}" if sock else "", remote=f"{peer[0]}:{peer[1]}")
-        udp.set_protocol(_Datagrams(self))
-        tune_socket(udp.get_extra_info("socket"))
+        sock = self._sockname
+        self.info = QuicInfo(local=f"{sock[0]}:{sock[1]}", remote=f"{peer[0]}:{peer[1]}")
 
     @classmethod
     async def open(
@@ -192,21 +193,42 @@ class QuicTransport(asyncio.Transport):
 
     # -- QUIC driving ------------------------------------------------------------------
 
+    def _read_ready(self) -> None:
+        got = False
+        now = self._loop.time()
+        for _ in range(READ_BATCH):
+            try:
+                data, addr = self._sock.recvfrom(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                continue  # an ICMP error surfacing on the socket: QUIC retransmits
+            got = self._feed(data, addr, now) or got
+        if got:
+            self._after_receive()
+
     def _datagram(self, data: bytes, addr: Address) -> None:
-        if (addr[0], addr[1]) != self._peer or not is_quic(data):
-            return  # late punch probes, strays: QUIC talks to the punched peer only
+        if self._feed(data, addr, self._loop.time()):
+            self._after_receive()
+
+    def _feed(self, data: bytes, addr: Address, now: float) -> bool:
+        if (addr[0], addr[1]) != self._peer or not is_quic(data) or self._lost:
+            return False  # late punch probes, strays: QUIC talks to the punched peer only
         if self._quic is None:
             try:
                 header = pull_quic_header(Buffer(data=data), host_cid_length=8)
             except ValueError:
-                return
+                return False
             if header.packet_type != QuicPacketType.INITIAL:
-                return
+                return False
             self._quic = QuicConnection(
                 configuration=quic_configuration(False),
                 original_destination_connection_id=header.destination_cid,
             )
-        self._quic.receive_datagram(data, self._peer, now=self._loop.time())
+        self._quic.receive_datagram(data, self._peer, now=now)
+        return True
+
+    def _after_receive(self) -> None:
         self._process_events()
         self._transmit()
         unacked = self._unacked()
@@ -252,11 +274,11 @@ class QuicTransport(asyncio.Transport):
 
     def _transmit(self, now: float | None = None) -> None:
         self._transmit_handle = None
-        if self._quic is None or self._udp.is_closing():
+        if self._quic is None or self._sock_closed:
             return
         now = self._loop.time() if now is None else now
-        for data, _addr in self._quic.datagrams_to_send(now=now):
-            self._udp.sendto(data, self._peer)
+        self._backlog.extend(data for data, _addr in self._quic.datagrams_to_send(now=now))
+        self._flush()
         timer_at = self._quic.get_timer()
         if self._timer is not None and self._timer_at != timer_at:
             self._timer.cancel()
@@ -340,15 +362,41 @@ class QuicTransport(asyncio.Transport):
         if not self._connected.done():
             self._connected.set_exception(SwarmdError(ERR_CLOSED, "punched path closed during the QUIC handshake"))
             self._connected.exception()
-        if not self._udp.is_closing():
-            self._udp.close()
+        self._close_socket()
         if self._protocol is not None:
             self._protocol.connection_lost(None)
         else:
             self._lost = True  # attach() reports it
 
-    def _udp_lost(self) -> None:
-        self._connection_lost()
+    def _flush(self) -> None:
+        backlog = self._backlog
+        while backlog:
+            try:
+                self._sock.sendto(backlog[0], self._peer)
+            except (BlockingIOError, InterruptedError):
+                if not self._writing:  # the kernel buffer is full: go on when it drains
+                    self._writing = True
+                    self._loop.add_writer(self._fd, self._on_writable)
+                return
+            except OSError:
+                pass  # unreachable for now (ICMP): QUIC treats it as loss
+            backlog.popleft()
+        if self._writing:
+            self._writing = False
+            self._loop.remove_writer(self._fd)
+
+    def _on_writable(self) -> None:
+        self._flush()
+
+    def _close_socket(self) -> None:
+        if self._sock_closed:
+            return
+        self._sock_closed = True
+        self._loop.remove_reader(self._fd)
+        if self._writing:
+            self._loop.remove_writer(self._fd)
+        self._backlog.clear()
+        self._sock.close()
 
     # -- transport API -------------------------------------------------------------------
 
@@ -404,7 +452,7 @@ class QuicTransport(asyncio.Transport):
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return {
             "peername": self._peer,
-            "sockname": self._udp.get_extra_info("sockname"),
+            "sockname": self._sockname,
             "path": "punched",
             "quic": self.info,
         }.get(name, default)
