@@ -272,7 +272,15 @@ class UdpPuncher:
     async def _open(self, count: int) -> None:
         for _ in range(count - len(self._sockets)):
             index = len(self._sockets)
-            t, _p = await udp_socket()
+            try:
+                t, _p = await udp_socket()
+            except OSError as e:  # out of descriptors (many birthday punches at once): punch with fewer
+                if not self._sockets:
+                    raise SwarmdError(ERR_UNAVAILABLE, f"cannot open a UDP socket to punch with: {e}") from None
+                self.log.bind(event="punch_sockets_short", opened=len(self._sockets), wanted=count).warning(
+                    "birthday punching with fewer sockets: {}", e
+                )
+                return
             proto = _Probe(self, index)
             t.set_protocol(proto)
             self._sockets.append((t, proto))
@@ -418,9 +426,10 @@ class UdpPuncher:
         udp = self._sockets[index][0]
         sock = udp.get_extra_info("sockname")
         self.result.local = f"{sock[0]}:{sock[1]}"
-        if self.initiator:  # one more ack: the callee accepts QUIC only from an address it saw
-            with contextlib.suppress(OSError):
-                udp.sendto(encode_probe(ACK, self.punch_id), addr)
+        if self.initiator:  # acks first: the callee accepts QUIC only from an address it saw
+            for _ in range(2):
+                with contextlib.suppress(OSError):
+                    udp.sendto(encode_probe(ACK, self.punch_id), addr)
         # every other socket closes now; the winner belongs to QUIC
         self._sockets.pop(index)
         self._closed = True
