@@ -28,7 +28,7 @@ OPS: dict[str, str] = {
     # rpc / swarm / nat
     "ping": R, "echo": R, "swarm.status": R, "nat.status": R,
     "nat.signal": R,  # forwards a connection request; rate-limited per caller, stores nothing
-    "nat.connect": R,  # answers an ICE offer to reach this node (what any caller needs)
+    "nat.connect": R,  # answers a UDP punch offer to reach this node (what any caller needs)
     "nat.probe": W,  # makes this node dial out and stream: own key only, and "w"
     "nat.sink": R,  # counts bytes, keeps nothing; bounded per caller key (tests/test_nat_sink.py)
     # worker
