@@ -31,6 +31,7 @@ COMMON_FLAGS: dict[str, tuple[str, str]] = {
     "host": ("node", "host"),
     "data_dir": ("node", "data_dir"),
     "http": ("node", "http"),
+    "grpc": ("gateway", "grpc"),
     "log_level": ("node", "log_level"),
     "log_format": ("node", "log_format"),
 }
@@ -84,6 +85,8 @@ def add_common_flags(p: argparse.ArgumentParser, *, daemon: bool) -> None:
         g.add_argument("--port", type=int, default=None, help="RPC/TCP port (0: any free port)")
         g.add_argument("--dht-port", type=int, default=None, help="DHT UDP port (0: any free port)")
         g.add_argument("--http", default=None, metavar="HOST:PORT", help="gateway HTTP listen address")
+        g.add_argument("--grpc", default=None, metavar="HOST:PORT",
+                       help="gateway OIP v2 gRPC listen address (off unless given)")
 
 
 def discover_commands() -> dict[str, ModuleType]:

@@ -15,12 +15,14 @@ from swarmd.net.udppunch import PunchOffer
 A, B = os.urandom(32), os.urandom(32)
 
 
-def test_round_trip_udp_and_relay() -> None:
+def test_round_trip_udp_tcp_and_relay() -> None:
     offer = PunchOffer(os.urandom(16), (("198.18.0.11", 4000), ("198.19.1.2", 4000)), "cone", ("198.18.0.11", 4000))
     udp = SignalRequest(A, B, "udp", punch=offer)
     assert parse_request(udp.to_wire()) == udp
     rel = SignalRequest(A, B, "relay", relay=("198.18.0.1", 4000), token=os.urandom(32))
     assert parse_request(rel.to_wire()) == rel
+    tcp = SignalRequest(A, B, "tcp", addr=("198.18.0.11", 40123))
+    assert parse_request(tcp.to_wire()) == tcp
 
 
 @pytest.mark.parametrize(
@@ -29,6 +31,10 @@ def test_round_trip_udp_and_relay() -> None:
         ([], ERR_BAD_REQUEST, "must be a map"),
         ({"source": b"x", "target": B, "kind": "udp"}, ERR_BAD_REQUEST, "'source'"),
         ({"source": A, "target": B, "kind": "ice"}, ERR_BAD_REQUEST, "'kind'"),
+        ({"source": A, "target": B, "kind": "tcp"}, ERR_BAD_REQUEST, "'addr'"),
+        ({"source": A, "target": B, "kind": "tcp", "addr": ["h", 70000]}, ERR_BAD_REQUEST, "'addr'"),
+        ({"source": A, "target": B, "kind": "tcp", "addr": ["h", True]}, ERR_BAD_REQUEST, "'addr'"),
+        ({"source": A, "target": B, "kind": "tcp", "addr": ["", 1]}, ERR_BAD_REQUEST, "'addr'"),
         ({"source": A, "target": B, "kind": "udp", "punch": "hello"}, ERR_BAD_REQUEST, "must be a map"),
         ({"source": A, "target": B, "kind": "udp", "punch": {"id": b"1" * 16, "addrs": [], "nat": "cone"}},
          ERR_BAD_REQUEST, "'addrs'"),
@@ -87,6 +93,24 @@ def test_hostile_punch_offers_give_a_worded_error_or_a_well_formed_offer(punch) 
     for host, port in offer.addrs + ((offer.public,) if offer.public else ()):
         assert host.count(".") == 3 and 0 < port <= 65535
     assert parse_request(req.to_wire()) == req
+
+
+def test_flood_from_one_source_is_limited_others_still_served() -> None:
+    lim = SignalLimiter(rate=2.0, burst=5)
+    allowed = sum(lim.allow(A, now=100.0) for _ in range(1000))
+    assert allowed == 5
+    assert lim.allow(B, now=100.0)  # another caller is not punished for A's flood
+    with pytest.raises(SwarmdError) as ei:
+        lim.check(A, now=100.0)
+    assert ei.value.code == ERR_RATE_LIMITED
+    assert lim.allow(A, now=100.5)  # refilled at 2/s
+
+
+def test_flood_of_fresh_keys_hits_the_global_bucket_and_bounded_memory() -> None:
+    lim = SignalLimiter(rate=2.0, burst=5, total_rate=10.0, total_burst=20)
+    allowed = sum(lim.allow(os.urandom(32), now=50.0) for _ in range(3 * MAX_SOURCES))
+    assert allowed == 20
+    assert len(lim._buckets) <= MAX_SOURCES
 
 
 def test_flood_from_one_source_is_limited_others_still_served() -> None:

@@ -62,7 +62,12 @@ class GatewayRole(Role):
             self.gateway = Gateway(cfg, self.backend, self.keys, data_dir=self.ctx.data_dir, status=self._node_status,
                                    collect=self._dashboard_collector())
             self.ctx.ports["http"] = await self.gateway.start(host, port)
+            if cfg.grpc:
+                ghost, gport = parse_hostport(cfg.grpc, what="gateway.grpc", listen=True)
+                self.ctx.ports["grpc"] = await self.gateway.start_grpc(ghost, gport)
         except BaseException:
+            if self.gateway is not None:
+                await self.gateway.stop()
             await self.backend.stop()
             self.keys.close()
             raise
