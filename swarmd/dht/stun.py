@@ -1,7 +1,7 @@
 """Sans-IO STUN (RFC 5389) binding requests and responses.
 
 DHT nodes answer STUN on their UDP port so a peer learns its reflexive
-(public) address from nodes it already talks to, and ICE agents (aioice)
+(public) address from nodes it already talks to, and any RFC 5389 client
 can use any DHT node as their STUN server. Only what that needs is here:
 Binding request/success, XOR-MAPPED-ADDRESS, MAPPED-ADDRESS, FINGERPRINT,
 and RFC 5780's OTHER-ADDRESS: a DHT node also answers STUN on a second UDP
