@@ -8,6 +8,9 @@ from typing import Literal
 
 @dataclass
 class GatewayConfig:
+    """[gateway]: the HTTP front door (OIP v2 / Triton REST and /api/v1), its API keys and limits.
+    Its listen address is node.http."""
+
     auth: bool = True  # false: every route is open (a lab box only); keys are still accepted
     cors_origins: list[str] = field(default_factory=list)  # exact origins allowed; empty: no CORS
     rate_limit_rps: float = 500.0  # per key (or per client address when auth is off), sustained

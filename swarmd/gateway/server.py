@@ -80,6 +80,7 @@ HTTP_STATUS: dict[str, int] = {
     "ERR_UNAVAILABLE": 503,
     "ERR_CLOSED": 503,
     ERR_TIMEOUT: 504,
+    "ERR_NOT_IMPLEMENTED": 501,
 }
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 ALLOWED_HEADERS = "authorization, content-type, x-api-key, x-request-id, inference-header-content-length"
@@ -190,6 +191,9 @@ class Gateway:
         r.add_get("/v2/models/{model}/versions/{version}/config", self.model_config)
         r.add_get("/v2/models/{model}/ready", self.model_ready)
         r.add_get("/v2/models/{model}/versions/{version}/ready", self.model_ready)
+        r.add_get("/v2/models/stats", self.model_stats)
+        r.add_get("/v2/models/{model}/stats", self.model_stats)
+        r.add_get("/v2/models/{model}/versions/{version}/stats", self.model_stats)
         r.add_post("/v2/models/{model}/infer", self.oip_infer)
         r.add_post("/v2/models/{model}/versions/{version}/infer", self.oip_infer)
         r.add_post("/api/v1/inference/{model}", self.v1_infer)
@@ -546,6 +550,14 @@ class Gateway:
         if not await self.backend.ready(info.name, version):
             raise SwarmdError(ERR_NOT_READY, f"model {model!r} has no ready worker yet")
         return json_response({"name": info.name, "ready": True})
+
+    @requires("models:read")
+    async def model_stats(self, request: web.Request) -> web.Response:
+        """Triton's statistics extension: {"model_stats": [...]} summed over the workers."""
+        model, version = request.match_info.get("model"), request.match_info.get("version")
+        if model is not None:
+            await self._metadata(request, model, version)  # an unknown model or version is a 404
+        return json_response({"model_stats": await self.backend.model_statistics(model, version)})
 
     @requires("infer")
     async def oip_infer(self, request: web.Request) -> web.Response:
