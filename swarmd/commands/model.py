@@ -22,13 +22,12 @@ from typing import Any
 
 from swarmd.errors import (
     ERR_BAD_REQUEST,
-    ERR_CLOSED,
     ERR_CORRUPT,
     ERR_NOT_FOUND,
-    ERR_TIMEOUT,
     ERR_UNAVAILABLE,
     SwarmdError,
 )
+from swarmd.orchestrator.failover import retryable
 from swarmd.settings import parse_hostport
 from swarmd.store.transfer import parse_ref, pull_file, push_file
 
@@ -291,7 +290,7 @@ async def run(args: argparse.Namespace) -> int:
                                     timeout=t)
                     break
                 except SwarmdError as e:
-                    if e.code not in (ERR_CORRUPT, ERR_CLOSED, ERR_NOT_FOUND, ERR_TIMEOUT) or i == len(peers) - 1:
+                    if not (retryable(e) or e.code == ERR_CORRUPT) or i == len(peers) - 1:
                         raise
                     print(f"swarmd: {e.code} from one store, trying another", file=sys.stderr)
         print(f"{meta['name']}:{meta['version']} -> {args.output} ({_human(meta['size'])}, sha256 verified)")

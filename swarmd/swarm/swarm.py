@@ -36,6 +36,7 @@ from swarmd.errors import (
 )
 from swarmd.net.punch import PathAttempt
 from swarmd.node.identity import Identity
+from swarmd.orchestrator.failover import retryable  # a leaf: the one definition of "retryable"
 from swarmd.rpc import CallContext, Methods, RpcPeer, RpcServer, connect
 from swarmd.rpc.registry import ConnectionRegistry
 from swarmd.swarm.config import SwarmConfig
@@ -43,7 +44,6 @@ from swarmd.swarm.traversal import path_of
 from swarmd.topics import peer_topic
 
 Firewall = Callable[[bytes], Awaitable[bool]]  # True admits the peer (by its public key)
-RETRYABLE = frozenset({ERR_CLOSED, ERR_UNAVAILABLE, ERR_TIMEOUT})
 
 
 @dataclass(frozen=True)
@@ -649,7 +649,7 @@ class Swarm:
             try:
                 return await self.request(rec.public_key, method, params, timeout)
             except SwarmdError as e:
-                if e.code not in RETRYABLE:
+                if not retryable(e):
                     raise
                 last = e
         if last is not None:
