@@ -219,24 +219,13 @@ class SwarmBackend:
         if not self.stores:
             raise SwarmdError(ERR_UNAVAILABLE, "no store is reachable to take the model")
         pk = self.stores[0]
-        peer = await self._connect(pk)
+        peer = await self.swarm.connect(pk)  # our own key: the local peer, streams in-process
         meta = await push_file(peer, upload.path, upload.name, upload.version, tags=upload.tags,
                                description=upload.description or None)
         if not isinstance(meta, dict) or meta.get("digest") != upload.sha256:
             raise SwarmdError("ERR_CORRUPT", "the store recorded another digest than the gateway received")
         self._meta.pop(upload.name, None)
         return ModelInfo.from_metadata(meta)
-
-    async def _connect(self, pk: bytes) -> Any:
-        """An RPC peer for streams; for our own key, dial our own RPC server on loopback."""
-        if pk != self.ctx.identity.public_key:
-            return await self.swarm.connect(pk)
-        from swarmd.rpc import connect
-
-        port = self.ctx.ports.get("rpc") or self.ctx.ports.get("tcp")
-        if not port:
-            raise SwarmdError(ERR_UNAVAILABLE, "the co-located store has no RPC port to stream to")
-        return await connect(self.ctx.identity, "127.0.0.1", port, remote_public_key=pk)
 
     def status(self) -> dict[str, Any]:
         fleet = self.fleet

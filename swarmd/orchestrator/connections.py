@@ -31,7 +31,6 @@ class WorkerConnections:
         """`records`: the newest DHT record per worker (hex key), so the swarm dials its
         addresses at once instead of looking the worker up by key first."""
         self.identity = identity or Identity.generate()
-        self.own_key = self.identity.public_hex
         self.swarm = swarm
         self.records = records if records is not None else {}
         self.connect_timeout = connect_timeout
@@ -43,9 +42,6 @@ class WorkerConnections:
     async def call(self, lease: WorkerLease, method: str, params: Any, seconds: float) -> Any:
         """Call `method` on the worker; every failure is a SwarmdError with a stable code, and
         Unreached when no connection could be made (the call never left)."""
-        if lease.public_key == self.own_key and self.swarm is not None:
-            # A worker role in this very process: the swarm dispatches without a socket.
-            return await self.swarm.request(self.identity.public_key, method, params, timeout=seconds)
         peer = self._peers.get(lease.public_key)
         if peer is None or peer.is_closed:
             loop = asyncio.get_running_loop()

@@ -29,15 +29,14 @@ from swarmd.errors import (
     ERR_BAD_REQUEST,
     ERR_CLOSED,
     ERR_NOT_FOUND,
-    ERR_TIMEOUT,
     ERR_UNAVAILABLE,
-    ERR_UNKNOWN_METHOD,
     SwarmdError,
 )
 from swarmd.net.punch import PathAttempt
 from swarmd.node.identity import Identity
 from swarmd.orchestrator.failover import retryable  # a leaf: the one definition of "retryable"
 from swarmd.rpc import CallContext, Methods, RpcPeer, RpcServer, connect
+from swarmd.rpc.local import LocalPeer
 from swarmd.rpc.registry import ConnectionRegistry
 from swarmd.swarm.config import SwarmConfig
 from swarmd.swarm.traversal import path_of
@@ -137,6 +136,7 @@ class Swarm:
         self._started = False
         self._closing = False
         self._prev_on_peer: Callable[[RpcPeer], None] | None = None
+        self._local: LocalPeer | None = None
         self._log = logger.bind(component="swarm", node=identity.public_hex[:16])
 
     # -- lifecycle ---------------------------------------------------------------
@@ -177,6 +177,8 @@ class Swarm:
         for fut in self._dialing.values():
             fut.cancel()
         await self._registry.close()
+        if self._local is not None:
+            await self._local.close()
         if self._own_server:
             await self.server.stop()
 
@@ -407,9 +409,7 @@ class Swarm:
         if open, joined if being dialled, else dialled at the record's addresses
         (looked up on the peer's own topic when no record is given)."""
         if public_key == self.public_key:
-            raise SwarmdError(
-                ERR_BAD_REQUEST, "cannot connect to our own public key; request() dispatches locally"
-            )
+            return self.local_peer()
         current = self._registry.get(public_key)
         if current is not None:
             return current
@@ -430,6 +430,13 @@ class Swarm:
             raise
         finally:
             self._dialing.pop(public_key, None)
+
+    def local_peer(self) -> LocalPeer:
+        """Our own method table as a peer (calls and streams in-process): what connecting to
+        our own key gives, so co-located roles are reached like remote ones, minus the socket."""
+        if self._local is None or self._local.is_closed:
+            self._local = LocalPeer(self.methods, self.public_key, self.server.config, self.server.instance_id)
+        return self._local
 
     async def _resolve(self, public_key: bytes) -> PeerRecord:
         topic = self.topic(peer_topic(public_key.hex()))
@@ -590,27 +597,14 @@ class Swarm:
 
     # -- requests ---------------------------------------------------------------------
 
-    async def _call_local(self, method: str, params: Any, timeout: float) -> Any:
-        m = self.methods.get(method)
-        if m is None:
-            raise SwarmdError(ERR_UNKNOWN_METHOD, f"no method {method!r} on this node")
-        if m.stream:
-            raise SwarmdError(ERR_BAD_REQUEST, f"{method!r} is a stream method: open it as a stream")
-        loop = asyncio.get_running_loop()
-        ctx = CallContext(self.public_key, method, 0, loop.time() + timeout, None)  # type: ignore[arg-type]
-        try:
-            return await asyncio.wait_for(m.handler(ctx, params), timeout)
-        except TimeoutError:
-            raise SwarmdError(ERR_TIMEOUT, f"{method!r} did not answer within {timeout:g} s") from None
-
     async def request(
         self, public_key: bytes, method: str, params: Any = None, timeout: float | None = None
     ) -> Any:  # noqa: ASYNC109
-        """Call method on the peer with this key (locally, without a socket, for
-        our own key). A connection that closes under the call is re-dialled once."""
+        """Call method on the peer with this key (our own key: the local peer, no socket).
+        A connection that closes under the call is re-dialled once."""
         t = timeout or self.config.request_timeout
         if public_key == self.public_key:
-            return await self._call_local(method, params, t)
+            return await self.local_peer().call(method, params, timeout=t)
         for attempt in (0, 1):
             peer = self._registry.get(public_key) or await self.connect(
                 public_key, self._latest_record(public_key)
