@@ -42,7 +42,7 @@ class DhtPart:
         self.node: DhtNode | None = None
 
     async def start(self) -> None:
-        self.node = DhtNode(self.ctx.identity, dht_config_from(self.ctx.settings))
+        self.node = DhtNode(self.ctx.identity, dht_config_from(self.ctx.settings), tasks=self.ctx.tasks)
         await self.node.start()
         self.ctx.dht = self.node
         self.ctx.ports["dht"] = self.node.address[1]

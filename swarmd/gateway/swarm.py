@@ -39,7 +39,7 @@ class SwarmBackend:
         self.stores: list[bytes] = []  # from the last discovery pass; the one that answered last first
         self.discovered_at = 0.0  # monotonic time of the last STORES pass (0 before the first)
         self._meta: dict[str, tuple[float, list[ModelInfo]]] = {}
-        self._loop_task: asyncio.Task[None] | None = None
+        self.tasks: Any = None  # our scope of the node's Supervisor: discovery, and the fleet's loops
         self._refreshed = asyncio.Event()
         self.log = logger.bind(role="gateway", part="swarm_backend")
 
@@ -54,22 +54,20 @@ class SwarmBackend:
             self.log.bind(event="no_swarm").warning("no swarm in this node: the gateway can only report 503")
             return
         cfg = getattr(self.ctx.settings, "orchestrator", None) or OrchestratorConfig()
+        self.tasks = self.ctx.tasks.scope("gateway-backend")
         self.fleet = Fleet(cfg, self.ctx.identity, swarm=self.swarm)
-        await self.fleet.start(self.ctx.tasks)
-        self._loop_task = self.ctx.tasks.spawn(self._discover_loop(), name="gateway-discovery")
+        await self.fleet.start(self.tasks)
+        self.tasks.spawn(self._discover_loop(), name="gateway-discovery")
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(5.0):
                 await self._refreshed.wait()
 
     async def stop(self) -> None:
+        if self.tasks is not None:
+            await self.tasks.close()
         if self.fleet is not None:
             await self.fleet.stop()
             self.fleet = None
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
-            self._loop_task = None
         if self.swarm is not None:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2.0):

@@ -18,15 +18,15 @@ balancer's admit (registerWorker).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from typing import Any
 
 from loguru import logger
 
 from swarmd.errors import SwarmdError
 from swarmd.node.identity import Identity
+from swarmd.node.supervisor import LOG, Supervisor
 from swarmd.orchestrator.balancer import Balancer
 from swarmd.orchestrator.config import OrchestratorConfig
 from swarmd.orchestrator.connections import WorkerConnections
@@ -82,7 +82,7 @@ class Fleet:
         self._model_lookups: dict[str, float] = {}  # model -> when its topic was last looked up
         self._looked_again = -1e9  # monotonic time of the last look_again
         self.discovered_at = 0.0  # monotonic time of the last full WORKERS lookup (0: never)
-        self._tasks: list[asyncio.Task[Any]] = []
+        self.tasks: Supervisor | None = None  # the scope of the health and discovery loops, once started
         self.log = logger.bind(part="fleet")
 
     # -- lifecycle ------------------------------------------------------------
@@ -90,28 +90,20 @@ class Fleet:
     async def start(self, supervisor: Any = None) -> None:
         """Start the health loop and (with a swarm) the DHT feed.
 
-        With a supervisor (swarmd.node.supervisor.Supervisor) the loops are its
-        children, so a crash stops the node; either way stop() cancels and
-        awaits them.
+        With a supervisor (swarmd.node.supervisor.Supervisor) the loops run in
+        a "fleet" scope of it, so a crash stops the node; alone, in a scope of
+        their own whose crash is logged. stop() cancels and awaits them.
         """
+        if self.tasks is None:
+            self.tasks = supervisor.scope("fleet") if supervisor is not None else Supervisor(name="fleet", policy=LOG)
         if self.health_checks:
-            self._spawn(supervisor, self.monitor.run(), "fleet-health")
+            self.tasks.spawn(self.monitor.run(), "fleet-health")
         if self.lookup is not None:
-            self._spawn(supervisor, self._discover_loop(), "fleet-discovery")
-
-    def _spawn(self, supervisor: Any, coro: Coroutine[Any, Any, Any], name: str) -> None:
-        if supervisor is not None:
-            self._tasks.append(supervisor.spawn(coro, name=name))
-        else:
-            self._tasks.append(asyncio.get_running_loop().create_task(coro, name=name))
+            self.tasks.spawn(self._discover_loop(), "fleet-discovery")
 
     async def stop(self) -> None:
-        tasks, self._tasks = self._tasks, []
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        if self.tasks is not None:
+            await self.tasks.close()
         await self.monitor.close()
         await self.connections.close()
 

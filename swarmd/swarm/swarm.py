@@ -34,6 +34,7 @@ from swarmd.errors import (
 )
 from swarmd.net.punch import PathAttempt
 from swarmd.node.identity import Identity
+from swarmd.node.supervisor import LOG, Supervisor
 from swarmd.orchestrator.failover import retryable  # a leaf: the one definition of "retryable"
 from swarmd.rpc import CallContext, Methods, RpcPeer, RpcServer, connect
 from swarmd.rpc.local import LocalPeer
@@ -111,7 +112,10 @@ class Swarm:
         *,
         firewall: Firewall | None = None,
         on_connection: Callable[[ConnectionEvent], None] | None = None,
+        tasks: Supervisor | None = None,
     ) -> None:
+        """`tasks`: the node's Supervisor; the swarm's tasks (topic loops, dials, reconnects)
+        run in a "swarm" scope of it whose failures are logged, not fatal."""
         self.identity = identity
         self.public_key = identity.public_key
         self.dht = dht
@@ -132,7 +136,7 @@ class Swarm:
         self._seen: dict[bytes, dict[bytes, PeerRecord]] = {}  # topic -> pk -> newest record seen
         self._reconnecting: set[bytes] = set()
         self._subscribers: list[asyncio.Queue[ConnectionEvent]] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self.tasks = tasks.scope("swarm", LOG) if tasks is not None else Supervisor(name="swarm", policy=LOG)
         self._started = False
         self._closing = False
         self._prev_on_peer: Callable[[RpcPeer], None] | None = None
@@ -154,7 +158,7 @@ class Swarm:
             if self.firewall is None:
                 self._admit(peer)  # at once: the peer is in the table before it is served
             else:
-                self._spawn(self._admit_inbound(peer))
+                self._spawn(self._admit_inbound(peer), "swarm-admit")
 
         self.server.on_peer = on_peer
         self._prev_on_peer = prev
@@ -170,10 +174,7 @@ class Swarm:
             self.server.on_peer = self._prev_on_peer  # a shared server stops feeding us peers
         leaves = [asyncio.wait_for(self.leave(t), self.config.lookup_timeout) for t in list(self._topics)]
         await asyncio.gather(*leaves, return_exceptions=True)  # best effort: records expire anyway
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.tasks.close()
         for fut in self._dialing.values():
             fut.cancel()
         await self._registry.close()
@@ -182,19 +183,12 @@ class Swarm:
         if self._own_server:
             await self.server.stop()
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            self._log.bind(event="swarm_task_failed", error=f"{type(exc).__name__}: {exc}").warning(
-                "swarm background task failed"
-            )
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any] | None:
+        """A task of the swarm's scope; None (coro dropped) once the swarm is stopping."""
+        try:
+            return self.tasks.spawn(coro, name)
+        except RuntimeError:  # the scope is closed: we are stopping, nothing new starts
+            return None
 
     # -- addresses ----------------------------------------------------------------
 
@@ -237,7 +231,7 @@ class Swarm:
             await asyncio.gather(old.task, return_exceptions=True)
         joined = _Joined(t, announce, lookup, payload, seq=old.seq if old else 0)
         self._topics[t] = joined
-        joined.task = self._spawn(self._topic_loop(joined))
+        joined.task = self._spawn(self._topic_loop(joined), f"swarm-topic-{t.hex()[:8]}")
         return t
 
     async def update(self, topic: bytes | str, payload: dict[str, Any] | None) -> AnnounceResult:
@@ -339,7 +333,9 @@ class Swarm:
                     continue
                 if len(self._registry) + len(self._dialing) >= self.config.max_peers:
                     continue
-                dials.append(self._spawn(self._quiet_connect(rec)))
+                dial = self._spawn(self._quiet_connect(rec), "swarm-dial")
+                if dial is not None:
+                    dials.append(dial)
         if topic in self._topics:
             self._seen[topic] = found
         if dials:
@@ -535,11 +531,11 @@ class Swarm:
         except SwarmdError:
             return
         if self._closing:
-            self._spawn(peer.close())
+            self._spawn(peer.close(), "swarm-close-peer")
             return
         if self._registry.get(pk) is None and len(self._registry) >= self.config.max_peers:
             self._log.bind(event="peer_limit", peer=pk.hex()[:16]).info("max peers reached; closing inbound")
-            self._spawn(peer.close())
+            self._spawn(peer.close(), "swarm-close-peer")
             return
         self._register(peer, inbound=True)
 
@@ -562,7 +558,7 @@ class Swarm:
             return  # replaced by a deduplicated twin: the peer is still connected
         self._emit(ConnectionEvent("close", pk, peer, self._topics_of(pk), not peer.conn.initiator))
         if not self._closing and self._still_wanted(pk) and pk not in self._reconnecting:
-            self._spawn(self._reconnect(pk))
+            self._spawn(self._reconnect(pk), "swarm-reconnect")
 
     async def _reconnect(self, pk: bytes) -> None:
         """Re-dial a peer found by a lookup, with exponential backoff and jitter."""
