@@ -2,7 +2,7 @@
 
 Connecting to our own public key gives one of these, so a co-located role (a
 worker, a store, an orchestrator in the same process) is reached through
-exactly the code that reaches a remote one: `call`, `open_stream`, `event`.
+exactly the code that reaches a remote one: `call` and `open_stream`.
 Calls run the handler in the caller's Task under asyncio.timeout (no second
 Task, no encoding); a stream runs its handler in a Task the LocalPeer owns and
 joins the two ends with bounded in-memory pipes, so a fast sender waits for
@@ -249,27 +249,8 @@ class LocalPeer:
         task.add_done_callback(settle)
         return LocalStream(sid, up, down, result, task)
 
-    def event(self, method: str, params: Any = None) -> None:
-        """Fire and forget: the handler runs in a Task of this peer; its failure is only logged."""
-        try:
-            m = self._method(method, stream=False)
-        except SwarmdError as e:
-            self._log.bind(method=method, code=e.code).info("local event dropped: {}", e.message)
-            return
-
-        async def run() -> None:
-            try:
-                async with asyncio.timeout(self.config.default_timeout):
-                    await m.handler(self._context(method, self.config.default_timeout), params)
-            except Exception as e:  # noqa: BLE001
-                self._error(method, e)
-
-        task = self._loop.create_task(run(), name=f"local-event-{method}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     async def close(self) -> None:
-        """Refuse new calls; cancel and await the stream and event handlers still running."""
+        """Refuse new calls; cancel and await the stream handlers still running."""
         if not self._closed.done():
             self._closed.set_result(SwarmdError(ERR_CLOSED, "local peer closed"))
         tasks = list(self._tasks)
