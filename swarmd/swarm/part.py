@@ -28,7 +28,10 @@ class SwarmPart:
 
     async def start(self) -> None:
         ctx = self.ctx
-        self.swarm = Swarm(ctx.identity, ctx.dht, ctx.rpc_server, swarm_config_from(ctx.settings), tasks=ctx.tasks)
+        self.swarm = Swarm(
+            ctx.identity, ctx.dht, ctx.rpc_server, swarm_config_from(ctx.settings),
+            trust=getattr(ctx, "trust", None), tasks=ctx.tasks,
+        )
         self.swarm.register_methods()
         await self.swarm.start()
         ctx.swarm = self.swarm
