@@ -63,6 +63,7 @@ async def test_swarmd_status_names_every_scope_and_task(tmp_path: Path, capsys: 
     s = Settings()
     s.node.roles = ["bootstrap", "orchestrator"]
     s.node.data_dir = tmp_path / "n"
+    s.trust.open = True  # an orchestrator needs a trust model; this test is about tasks
     node = Node(s)
     ctx = await node.start()
     try:
