@@ -30,7 +30,7 @@ class SwarmPart:
         ctx = self.ctx
         self.swarm = Swarm(
             ctx.identity, ctx.dht, ctx.rpc_server, swarm_config_from(ctx.settings),
-            trust=getattr(ctx, "trust", None), tasks=ctx.tasks,
+            trust=getattr(ctx, "trust", None), tasks=getattr(ctx, "tasks", None),
         )
         self.swarm.register_methods()
         await self.swarm.start()
