@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 
 @dataclass
 class GatewayConfig:
+    """[gateway]: the HTTP front door (OIP v2 / Triton REST and /api/v1), its API keys and limits.
+    Its listen address is node.http."""
+
     auth: bool = True  # false: every route is open (a lab box only); keys are still accepted
     cors_origins: list[str] = field(default_factory=list)  # exact origins allowed; empty: no CORS
     rate_limit_rps: float = 500.0  # per key (or per client address when auth is off), sustained
@@ -27,3 +30,4 @@ class GatewayConfig:
     discovery_interval: float = 5.0  # seconds between lookups of the stores (workers: orchestrator.dht_refresh)
     discovery_timeout: float = 3.0  # bound on one lookup pass
     usage_flush_interval: float = 5.0  # seconds between writes of per-key usage counts
+    grpc: str = ""  # HOST:PORT for the OIP v2 gRPC front (inference.GRPCInferenceService); empty: off

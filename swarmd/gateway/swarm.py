@@ -28,7 +28,7 @@ from swarmd.gateway.config import GatewayConfig
 from swarmd.orchestrator.config import OrchestratorConfig
 from swarmd.orchestrator.failover import retryable
 from swarmd.orchestrator.fleet import Fleet
-from swarmd.topics import GATEWAYS, STORES
+from swarmd.topics import GATEWAYS, STORES, WORKERS
 
 
 class SwarmBackend:
@@ -235,6 +235,26 @@ class SwarmBackend:
             if fleet is not None else {},
             "discovered_ago": round(time.monotonic() - self.discovered_at, 3) if self.discovered_at else None,
         }
+
+    async def model_statistics(self, model: str | None, version: str | None) -> list[dict[str, Any]]:
+        """Triton-shaped statistics summed over the workers that serve `model` (every worker
+        when None), each asked getModelStatistics; a worker that does not answer is left out."""
+        from swarmd.topics import worker_model_topic
+        from swarmd.worker.stats import merge_statistics
+
+        topic = worker_model_topic(model) if model else WORKERS
+        recs = await self.swarm.lookup_all(topic, self.config.discovery_timeout)
+
+        async def ask(pk: bytes) -> list[Any]:
+            try:
+                doc = await self.swarm.request(pk, "getModelStatistics", {"model": model, "version": version},
+                                               self.config.discovery_timeout)
+            except (SwarmdError, OSError, TimeoutError):
+                return []
+            return doc.get("model_stats", []) if isinstance(doc, dict) else []
+
+        parts = await asyncio.gather(*(ask(r.public_key) for r in recs[:256]))
+        return merge_statistics([d for p in parts for d in p if isinstance(p, list)])
 
     def worker_count(self) -> int:
         return len(self.fleet.balancer.candidates(None)) if self.fleet is not None else 0
