@@ -27,6 +27,7 @@ W, R = "w", "r"
 OPS: dict[str, str] = {
     # rpc / swarm / nat
     "ping": R, "echo": R, "swarm.status": R, "nat.status": R,
+    "node.tasks": R,  # names of the node's background tasks (swarmd status); changes nothing
     "nat.signal": R,  # forwards a connection request; rate-limited per caller, stores nothing
     "nat.connect": R,  # answers an ICE offer to reach this node (what any caller needs)
     "nat.probe": W,  # makes this node dial out and stream: own key only, and "w"
