@@ -579,7 +579,7 @@ class Models:
     @_translated
     async def list(self, name: str | None = None, tag: str | None = None) -> list[dict[str, Any]]:
         """Metadata of every version every reachable store holds, merged, sorted by name and version."""
-        from swarmd.store.catalog import version_key
+        from swarmd.versions import version_key
 
         c = self._client
         await c._ready()

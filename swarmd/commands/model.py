@@ -31,6 +31,7 @@ from swarmd.errors import (
 )
 from swarmd.settings import parse_hostport
 from swarmd.store.transfer import parse_ref, pull_file, push_file
+from swarmd.versions import version_key
 
 NAME = "model"
 HELP = "push, list, show, pull and remove models held by the stores"
@@ -63,7 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = action("push", "upload an ONNX file as NAME[:VERSION]")
     p.add_argument("file", type=Path)
     p.add_argument("--name", required=True)
-    p.add_argument("--version", default=None, help="default: one more than the highest numbered version")
+    p.add_argument("--version", default=None,
+                   help="default: one more than the highest major version number the name ever had (so the push "
+                        "becomes the latest); bytes already stored under a live version of NAME keep that version")
     p.add_argument("--tag", action="append", default=[], help="repeatable")
     p.add_argument("--description", default=None)
     p.add_argument("--json", action="store_true", help="print the stored metadata as JSON")
@@ -199,8 +202,11 @@ async def _swarm_stores(
     cfg = ClientConfig(timeout=args.timeout, lookup_timeout=args.timeout)
     async with Client.from_settings(settings, config=cfg) as client:
         records = await client.lookup(topic or STORES, first_only=first_only, settle=1.0)
+        if not records and topic is not None and await client.lookup(STORES, first_only=True, settle=1.0):
+            # stores are there, none holds the model: that is "not found", not "unavailable"
+            raise SwarmdError(ERR_NOT_FOUND, f"no store holds model {args.ref}")
         if not records:
-            raise SwarmdError(ERR_UNAVAILABLE, f"no store announces {topic or STORES!r} in the swarm")
+            raise SwarmdError(ERR_UNAVAILABLE, "no store announces itself in the swarm; is one running?")
         peers = []
         for rec in records:
             try:
@@ -262,7 +268,7 @@ async def run(args: argparse.Namespace) -> int:
             for p in peers:
                 for m in (await p.call("listModels", params, timeout=t))["models"]:
                     seen.setdefault((m["name"], m["version"]), m)
-        rows = [seen[k] for k in sorted(seen)]
+        rows = sorted(seen.values(), key=lambda m: (m["name"], version_key(m["version"])))
         if args.json:
             print(json.dumps(rows, indent=2))
             return 0
@@ -278,7 +284,15 @@ async def run(args: argparse.Namespace) -> int:
     params = {"name": name} if version is None else {"name": name, "version": version}
     if cmd == "show":
         async with stores(args, topic=model_topic(name)) as peers:
-            _, meta = await _first(peers, "getModel", params, t)
+            if version is None:  # the latest over every store that holds it, by swarmd.versions
+                answers = [a for a in await asyncio.gather(*(p.call("getModel", params, timeout=t) for p in peers),
+                                                           return_exceptions=True) if isinstance(a, dict)]
+                if answers:
+                    meta = max(answers, key=lambda m: version_key(str(m.get("version", ""))))
+                else:
+                    _, meta = await _first(peers, "getModel", params, t)
+            else:
+                _, meta = await _first(peers, "getModel", params, t)
         print(json.dumps(meta, indent=2))
         return 0
     if cmd == "pull":

@@ -35,11 +35,12 @@ from swarmd.errors import (
     ERR_UNAVAILABLE,
     SwarmdError,
 )
-from swarmd.gateway.backend import InferResult, ModelInfo, UploadedModel, not_found, version_key
+from swarmd.gateway.backend import InferResult, ModelInfo, UploadedModel, not_found
 from swarmd.gateway.config import GatewayConfig
 from swarmd.orchestrator.remote import RemoteRouter, SwarmView
 from swarmd.rpc import CallContext
 from swarmd.topics import GATEWAYS, ORCHESTRATORS, STORES, WORKERS
+from swarmd.versions import version_key
 
 
 def _hex(pk: bytes) -> str:

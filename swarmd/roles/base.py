@@ -42,6 +42,23 @@ class NodeContext:
         """A co-located role instance (same process), or None."""
         return self._roles.get(name)
 
+    def trusts(self, key: bytes, role: str) -> bool:
+        """May peer `key` act as `role` toward this node: be replicated with, be fetched from?
+
+        The one place roles ask before they accept data from a peer they found on the DHT.
+        Until role grants exist, the node's own [access] lists decide: an open node (no
+        list) trusts every key of its swarm; otherwise a store must be in access.allow to
+        replicate into this node, and any data source must be named in one of the lists.
+        """
+        if key == self.identity.public_key:
+            return True
+        fw = getattr(self.rpc_server, "firewall", None)
+        if fw is None or fw.open:
+            return True
+        if key in fw.allow:
+            return True
+        return role != "replica" and key in fw.allow_read_only
+
 
 class Role:
     """Base class for roles; subclasses set `name` and override start/stop."""

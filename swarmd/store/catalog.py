@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from swarmd.errors import ERR_BAD_REQUEST, SwarmdError
+from swarmd.versions import next_version, version_key
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
@@ -141,11 +142,6 @@ class ModelMeta:
         )
 
 
-def version_key(version: str) -> tuple[int, int, str]:
-    """Order for auto-numbered versions: integers numerically, then others by text."""
-    return (0, int(version), "") if version.isdigit() else (1, 0, version)
-
-
 class Catalog:
     """Thread-safe access to meta.sqlite; every method is one short transaction."""
 
@@ -177,11 +173,9 @@ class Catalog:
         return self._one("SELECT * FROM models WHERE name=? AND version=?", (name, version))
 
     def live(self, name: str, version: str | None = None) -> ModelMeta | None:
-        if version is None or version == LATEST:
-            return self._one(
-                "SELECT * FROM models WHERE name=? AND deleted IS NULL ORDER BY created DESC, version DESC LIMIT 1",
-                (name,),
-            )
+        if version is None or version == LATEST:  # the newest by the one version order (swarmd.versions)
+            rows = self._many("SELECT * FROM models WHERE name=? AND deleted IS NULL", (name,))
+            return max(rows, key=lambda m: version_key(m.version), default=None)
         return self._one("SELECT * FROM models WHERE name=? AND version=? AND deleted IS NULL", (name, version))
 
     def list(
@@ -207,11 +201,10 @@ class Catalog:
         return rows
 
     def next_version(self, name: str) -> str:
-        """One more than the highest integer version ever used for name (tombstones count)."""
+        """The version a push without one takes (swarmd.versions.next_version; tombstones count)."""
         with self._lock:
             rows = self._db.execute("SELECT version FROM models WHERE name=?", (name,)).fetchall()
-        nums = [int(r[0]) for r in rows if r[0].isdigit()]
-        return str(max(nums, default=0) + 1)
+        return next_version(r[0] for r in rows)
 
     def upsert(self, m: ModelMeta) -> None:
         """Write one row (insert or replace) and its tag index, atomically."""
