@@ -84,7 +84,7 @@ class WorkerRole(Role):
         self._lru: OrderedDict[tuple[str, str], None] = OrderedDict()
         # name -> (loop time checked, latest live version in the stores' catalogs)
         self._latest: dict[str, tuple[float, str]] = {}
-        self._checking: dict[str, asyncio.Task[str]] = {}
+        self._checking: dict[str, asyncio.Future[str]] = {}
         self._catalog_task: asyncio.Task[Any] | None = None
         self._load_tasks: set[asyncio.Task[Any]] = set()  # spawned on ctx.tasks; cancelled and awaited on stop
         self._topics: dict[str, dict[str, Any]] = {}  # joined topic -> last payload
@@ -134,11 +134,10 @@ class WorkerRole(Role):
                 self._announcer.cancel()
                 await asyncio.gather(self._announcer, return_exceptions=True)
                 self._announcer = None
-            background = [t for t in (self._catalog_task, *self._checking.values()) if t is not None]
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
-            self._catalog_task = None
+            if self._catalog_task is not None:
+                self._catalog_task.cancel()
+                await asyncio.gather(self._catalog_task, return_exceptions=True)
+                self._catalog_task = None
             loads = list(self._load_tasks)
             for task in loads:
                 task.cancel()
@@ -266,16 +265,32 @@ class WorkerRole(Role):
                 raise
             return fallback
 
-    def _check(self, name: str) -> asyncio.Task[str]:
-        """The one catalog check of name in progress, started if there is none."""
-        task = self._checking.get(name)
-        if task is None:
+    def _check(self, name: str) -> asyncio.Future[str]:
+        """The outcome of the one catalog check of name in progress, started if there is none."""
+        fut = self._checking.get(name)
+        if fut is None:
             if len(self._checking) >= 64:
                 raise SwarmdError(ERR_OVERLOADED, "too many model catalogs being checked at once; retry shortly")
-            task = self.ctx.tasks.spawn(self._check_catalog(name), name=f"worker-catalog-{name}")
-            self._checking[name] = task
-            task.add_done_callback(lambda _t, name=name: self._checking.pop(name, None))
-        return task
+            fut = asyncio.get_running_loop().create_future()
+            self._checking[name] = fut
+            task = self.ctx.tasks.spawn(self._run_check(name, fut), name=f"worker-catalog-{name}")
+            self._load_tasks.add(task)
+            task.add_done_callback(self._load_tasks.discard)
+        return fut
+
+    async def _run_check(self, name: str, fut: asyncio.Future[str]) -> None:
+        """Owned by the node's supervisor: the outcome goes to the waiters, never crashes the node."""
+        try:
+            fut.set_result(await self._check_catalog(name))
+        except asyncio.CancelledError:
+            fut.set_exception(SwarmdError(ERR_NOT_READY, "the worker is stopping"))
+            fut.exception()
+            raise
+        except Exception as e:
+            fut.set_exception(e if isinstance(e, SwarmdError) else SwarmdError(ERR_UNAVAILABLE, f"catalog check failed: {e!r:.200}"))
+            fut.exception()  # retrieved: nobody may be waiting
+        finally:
+            self._checking.pop(name, None)
 
     async def _check_catalog(self, name: str) -> str:
         """Ask the stores for name's live versions; note the latest, unload deleted ones."""
