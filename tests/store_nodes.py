@@ -62,7 +62,8 @@ async def start_swarm_store(net: Any, data_dir: Path, **cfg: Any) -> Node:
 
 
 async def start_store(data_dir: Path, ident: Identity | None = None, port: int = 0, *, server: Any = None,
-                      swarm: Any = None, dht: Any = None, **cfg: Any) -> Node:
+                      swarm: Any = None, dht: Any = None, role_class: type[StoreRole] = StoreRole,
+                      **cfg: Any) -> Node:
     ident = ident or Identity.generate()
     settings = Settings()
     settings.store = StoreConfig(**cfg)
@@ -74,7 +75,7 @@ async def start_store(data_dir: Path, ident: Identity | None = None, port: int =
     ctx = NodeContext(identity=ident, settings=settings, data_dir=data_dir, instance_id="test",
                       roles=("store",), tasks=tasks, methods=server.methods, swarm=swarm, dht=dht,
                       rpc_server=server)
-    role = StoreRole(ctx)
+    role = role_class(ctx)
     await role.start()
     return Node(role, server, ident, tasks, swarm, dht)
 

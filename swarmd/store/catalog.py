@@ -154,6 +154,17 @@ class Catalog:
         self._db.executescript(SCHEMA)
         self._lock = threading.RLock()
 
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Add the change counter to catalogs made before it existed (rows keep their order)."""
+        with self._lock:
+            cols = {r[1] for r in self._db.execute("PRAGMA table_info(models)").fetchall()}
+            if "seq" not in cols:
+                self._db.execute("ALTER TABLE models ADD COLUMN seq INTEGER NOT NULL DEFAULT 0")
+                self._db.execute("UPDATE models SET seq = rowid")
+            self._db.execute("CREATE INDEX IF NOT EXISTS models_seq ON models(seq)")
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
@@ -211,12 +222,13 @@ class Catalog:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM models").fetchone()[0]
                 self._db.execute(
                     "INSERT OR REPLACE INTO models (name, version, digest, size, format, inputs, outputs, tags,"
-                    " description, created, uploader, deleted, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    " description, created, uploader, deleted, updated, seq) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (
                         m.name, m.version, m.digest, m.size, m.format, json.dumps(m.inputs), json.dumps(m.outputs),
-                        json.dumps(m.tags), m.description, m.created, m.uploader, m.deleted, m.updated,
+                        json.dumps(m.tags), m.description, m.created, m.uploader, m.deleted, m.updated, seq,
                     ),
                 )
                 self._db.execute("DELETE FROM model_tags WHERE name=? AND version=?", (m.name, m.version))
@@ -228,6 +240,31 @@ class Catalog:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+
+    def changes(self, since: int, limit: int) -> tuple[list[ModelMeta], int, int]:
+        """Rows changed after change number `since`, oldest change first, at most `limit`.
+
+        Returns (rows, cursor, head): pass cursor as the next `since`; head is the
+        newest change number (a peer whose cursor is past it lost its catalog).
+        Every write of a row gives it the next change number, so a replica that
+        asks again from its cursor sees each change once, not the whole catalog.
+        """
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM models WHERE seq > ? ORDER BY seq LIMIT ?", (since, limit)
+            ).fetchall()
+            head = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM models").fetchone()[0]
+        cursor = rows[-1]["seq"] if rows else max(since, 0) if since <= head else head
+        return [ModelMeta.from_row(r) for r in rows], cursor, head
+
+    def tombstoned_digests(self) -> set[str]:
+        """Digests only deleted rows refer to (a replica must not be given them again)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT DISTINCT digest FROM models WHERE deleted IS NOT NULL"
+                " EXCEPT SELECT digest FROM models WHERE deleted IS NULL"
+            ).fetchall()
+        return {r[0] for r in rows}
 
     def referenced(self, digest: str) -> bool:
         with self._lock:
