@@ -239,6 +239,20 @@ async def _first(peers: list[Any], method: str, params: dict[str, Any], timeout:
     raise last or SwarmdError(ERR_NOT_FOUND, "no store answered")
 
 
+def warn_non_tensor_outputs(meta: dict[str, Any]) -> None:
+    """Say so when a model has outputs that are not tensors (skl2onnx's default ZipMap)."""
+    odd = [o.get("name") for o in meta.get("outputs") or [] if isinstance(o, dict) and o.get("dtype") == "object"]
+    if odd:
+        print(
+            f"swarmd: warning: output(s) {', '.join(map(str, odd))} of {meta.get('name')} are not tensors (a sequence "
+            "of maps, like the ZipMap skl2onnx adds to classifiers by default). They are served as JSON: "
+            "objects on /api/v1, BYTES holding JSON text on /v2. For a plain probability tensor, export with "
+            "skl2onnx.to_onnx(clf, X, options={id(clf): {'zipmap': False}}) (or convert_sklearn(..., "
+            "options={id(clf): {'zipmap': False}})).",
+            file=sys.stderr,
+        )
+
+
 def _human(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -260,6 +274,7 @@ async def run(args: argparse.Namespace) -> int:
             print(json.dumps(meta, indent=2))
         else:
             print(f"{meta['name']}:{meta['version']} {meta['digest']} {_human(meta['size'])}")
+        warn_non_tensor_outputs(meta)
         return 0
     if cmd == "ls":
         params = {k: v for k, v in (("name", args.name), ("tag", args.tag)) if v is not None}
