@@ -151,6 +151,20 @@ def test_push_rm_push_serves_newest_within_bound(tmp_path: Path, daemons: Any) -
     # a model that does not exist is 404 from every surface, naming no internal topic
     res = run_cli("model", "show", "nosuch", "--bootstrap", boot)
     assert res.returncode != 0 and "ERR_NOT_FOUND" in res.stderr and "swarmd/" not in res.stderr, res.stderr
+    status, doc = _post_json(port, key, "/v2/models/nosuch/infer", {"inputs": [
+        {"name": "x", "shape": [2, 4], "datatype": "FP32", "data": x.ravel().tolist()}]})
+    assert status == 404 and doc["code"] == "ERR_NOT_FOUND" and "swarmd/" not in doc["error"], doc
+
+    # with the store gone, an existing model is "unavailable" (503), never "not found" (404)
+    store.stop()
+    deadline = time.monotonic() + 60
+    while True:
+        status, doc = _post_json(port, key, "/api/v1/inference/iris", {"inputs": {"x": x.tolist()}})
+        assert status in (200, 503), doc  # the worker may serve what it has until the gateway notices
+        if status == 503 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert status == 503 and doc["code"] == "ERR_UNAVAILABLE" and "swarmd/" not in doc["error"], doc
 
 
 async def _call(identity: Any, ready: dict[str, Any], method: str, params: dict[str, Any]) -> Any:
