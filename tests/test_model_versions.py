@@ -5,7 +5,6 @@ gateway, each its own process) is served correctly within 5 s of each change."""
 from __future__ import annotations
 
 import asyncio
-import http.client
 import json
 import re
 import time
@@ -15,9 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from swarmd.rpc import connect
 from swarmd.versions import latest, next_version, sort_versions, version_key
-from tests.conftest import Daemon, run_cli, swarmd_env
+from tests.conftest import Daemon, http_json, rpc_call, run_cli, swarmd_env
 from tests.gateway_fixtures import reference, tiny_mlp
 
 BOUND = 5.0  # seconds the issue allows between a push or rm and what serves
@@ -35,33 +33,15 @@ def test_version_order() -> None:
 
 
 def _post_json(port: int, key: str, path: str, doc: dict[str, Any]) -> tuple[int, Any]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    try:
-        conn.request("POST", path, body=json.dumps(doc).encode(),
-                     headers={"x-api-key": key, "Content-Type": "application/json"})
-        r = conn.getresponse()
-        return r.status, json.loads(r.read() or b"null")
-    finally:
-        conn.close()
+    return http_json(port, key, "POST", path, doc)
 
 
 def _get(port: int, key: str, path: str) -> tuple[int, Any]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    try:
-        conn.request("GET", path, headers={"x-api-key": key})
-        r = conn.getresponse()
-        return r.status, json.loads(r.read() or b"null")
-    finally:
-        conn.close()
+    return http_json(port, key, "GET", path)
 
 
 async def _health(ready: dict[str, Any], identity: Any = None) -> list[str]:
-    peer = await connect(identity, "127.0.0.1", ready["ports"]["rpc"],
-                         remote_public_key=bytes.fromhex(ready["public_key"]), timeout=30)
-    try:
-        return (await peer.call("getHealth", {}, timeout=30))["models"]
-    finally:
-        await peer.close()
+    return (await rpc_call(identity, ready, "getHealth", {}))["models"]
 
 
 @pytest.mark.slow
@@ -167,13 +147,7 @@ def test_push_rm_push_serves_newest_within_bound(tmp_path: Path, daemons: Any) -
     assert status == 503 and doc["code"] == "ERR_UNAVAILABLE" and "swarmd/" not in doc["error"], doc
 
 
-async def _call(identity: Any, ready: dict[str, Any], method: str, params: dict[str, Any]) -> Any:
-    peer = await connect(identity, "127.0.0.1", ready["ports"]["rpc"],
-                         remote_public_key=bytes.fromhex(ready["public_key"]), timeout=30)
-    try:
-        return await peer.call(method, params, timeout=60)
-    finally:
-        await peer.close()
+_call = rpc_call
 
 
 @pytest.mark.slow

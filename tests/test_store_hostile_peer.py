@@ -14,6 +14,7 @@ from store_nodes import start_store
 
 from swarmd.node.identity import Identity
 from swarmd.roles.store import PAGE_ROWS
+from tests.conftest import rpc_call
 from tests.hostile_store import HostileStore
 
 
@@ -42,15 +43,7 @@ async def test_a_lying_peer_named_as_replica_cannot_delete_or_bloat(tmp_path: Pa
         await hostile.stop()
 
 
-async def _rpc(identity: Any, ready: dict[str, Any], method: str, params: dict[str, Any]) -> Any:
-    from swarmd.rpc import connect
-
-    peer = await connect(identity, "127.0.0.1", ready["ports"]["rpc"],
-                         remote_public_key=bytes.fromhex(ready["public_key"]), timeout=30)
-    try:
-        return await peer.call(method, params, timeout=60)
-    finally:
-        await peer.close()
+_rpc = rpc_call
 
 
 async def _until(pred: Any, what: str, timeout: float = 90.0) -> None:

@@ -5,7 +5,6 @@ gives a plain tensor), it is served by real daemons on both HTTP routes: JSON ob
 
 from __future__ import annotations
 
-import http.client
 import json
 import re
 from pathlib import Path
@@ -14,18 +13,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.conftest import run_cli, swarmd_env
+from tests.conftest import http_json, run_cli, swarmd_env
 
 
 def _post(port: int, key: str, path: str, doc: dict[str, Any]) -> tuple[int, Any]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    try:
-        conn.request("POST", path, body=json.dumps(doc).encode(),
-                     headers={"x-api-key": key, "Content-Type": "application/json"})
-        r = conn.getresponse()
-        return r.status, json.loads(r.read() or b"null")
-    finally:
-        conn.close()
+    return http_json(port, key, "POST", path, doc)
 
 
 def test_runtime_turns_maps_into_json_texts() -> None:
