@@ -432,12 +432,13 @@ class StoreRole(Role):
         if swarm is not None:
             self._records = {}
             for rec in await swarm.lookup_all(STORES):
-                if self.ctx.trusts(rec.public_key, "replica"):
+                if self.ctx.trusts(rec.public_key, "store", rec, replica=True):
                     self._records[rec.public_key.hex()] = rec
                 elif rec.public_key.hex() not in self._untrusted:
                     self._untrusted.add(rec.public_key.hex())
                     self.log.bind(event="replica_refused", peer=rec.public_key.hex()[:16]).warning(
-                        "not replicating with store {}: its key is not in access.allow", rec.public_key.hex()[:16])
+                        "not replicating with store {}: it is not a trusted store of this swarm",
+                        rec.public_key.hex()[:16])
             keys |= set(self._records)
         keys.discard(self.key)
         return sorted(keys)

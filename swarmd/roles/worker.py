@@ -68,7 +68,7 @@ class WorkerRole(Role):
         self.fetcher = (
             ModelFetcher(
                 ctx.swarm, self.cache, self.config, local_blob=self._colocated_blob, local_call=self._colocated_call,
-                trusted=lambda key: ctx.trusts(key, "store"),
+                trusted=lambda key, record: ctx.trusts(key, "store", record),
             )
             if ctx.swarm is not None
             else None

@@ -90,7 +90,7 @@ class ModelFetcher:
         config: WorkerConfig,
         local_blob: Callable[[str], Awaitable[Path | None]] | None = None,
         local_call: Callable[[str, dict[str, Any]], Awaitable[Any]] | None = None,
-        trusted: Callable[[bytes], bool] | None = None,
+        trusted: Callable[[bytes, Any], bool] | None = None,
     ) -> None:
         self.swarm = swarm
         self.cache = cache
@@ -100,7 +100,7 @@ class ModelFetcher:
         # That store's methods, asked first: no lookup, no race with its announce. Raises
         # ERR_NOT_FOUND when there is no co-located store.
         self.local_call = local_call
-        self.trusted = trusted or (lambda key: True)
+        self.trusted = trusted or (lambda key, record: True)  # (key, its DHT record) -> may we use it?
         self._downloads: dict[str, asyncio.Future[Path]] = {}
         # Versions are immutable, so a (name, version) once resolved needs no store again: a model
         # unloaded and loaded later comes straight from the cache even if every store is gone.
@@ -121,7 +121,7 @@ class ModelFetcher:
             keys = []
             for r in records:
                 key = _record_key(r)
-                if self.trusted(key):
+                if self.trusted(key, r):
                     keys.append(key)
                 else:
                     self.log.bind(event="untrusted_store", peer=key.hex()[:16]).debug(
