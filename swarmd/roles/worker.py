@@ -248,7 +248,8 @@ class WorkerRole(Role):
             return loaded
         loop = asyncio.get_running_loop()
         hit = self._latest.get(name)
-        if hit is not None and loop.time() - hit[0] < self.config.catalog_interval:
+        # the catalog loop refreshes served names every interval: requests seldom wait on a store
+        if hit is not None and loop.time() - hit[0] < self.config.catalog_interval * 1.5:
             return hit[1]
         task = self._check(name)
         fallback = hit[1] if hit is not None else loaded
@@ -344,6 +345,21 @@ class WorkerRole(Role):
                     async with asyncio.timeout(self.config.store_timeout):
                         await asyncio.shield(self._check(name))
 
+    def _meanwhile(self, name: str, newest: str) -> str:
+        """The version an unversioned request gets while the newest is not loaded yet.
+
+        The newest starts loading in the background; until it is ready, the newest
+        version already loaded (every loaded one is live: deleted ones are unloaded
+        when the catalog says so) keeps serving, so a push never stalls traffic for
+        the time a big model takes to fetch. With none loaded, the request waits.
+        """
+        loaded = latest(m.version for m in self.engine.models() if m.name == name and not m.closing)
+        if loaded is None or self.engine.state not in (WorkerState.JOINING, WorkerState.ONLINE):
+            return newest
+        with contextlib.suppress(SwarmdError):
+            self._load_job(name, newest, False)  # its failure is logged by the next request that waits
+        return loaded
+
     # -- loading: pinned by the operator, or cached for requests --------------------
 
     def _touch(self, name: str, version: str) -> None:
@@ -390,6 +406,12 @@ class WorkerRole(Role):
         if served is not None and not served.closing:
             self._settle(served, pin)
             return served
+        served = await asyncio.shield(self._load_job(name, version, pin))
+        self._settle(served, pin)
+        return served
+
+    def _load_job(self, name: str, version: str, pin: bool) -> asyncio.Future[ServedModel]:
+        """The one load of name:version in progress, started if there is none."""
         key = (name, version)
         job = self._ensuring.get(key)
         if job is None and len(self._ensuring) >= self.config.max_concurrent_loads:
@@ -402,9 +424,7 @@ class WorkerRole(Role):
             task = self.ctx.tasks.spawn(self._ensure_job(name, version, job, pin), name=f"worker-load-{name}")
             self._load_tasks.add(task)
             task.add_done_callback(self._load_tasks.discard)
-        served = await asyncio.shield(job)
-        self._settle(served, pin)
-        return served
+        return job
 
     async def _ensure_job(self, name: str, version: str, job: asyncio.Future[ServedModel], pin: bool) -> None:
         """Owned by the node's supervisor; failures go to the waiters, never crash the node."""
@@ -458,6 +478,8 @@ class WorkerRole(Role):
         budget = ctx.time_left() if ctx is not None else None
         if version is None:  # the stores' catalogs say which version is the latest, not what loaded last
             version = await self.current_version(model)
+            if self.engine.get(model, version) is None:
+                version = self._meanwhile(model, version)
         served = self.engine.get(model, version)
         if served is None and self.engine.state in (WorkerState.JOINING, WorkerState.ONLINE):
             wait = budget if budget is not None else self.config.default_timeout
