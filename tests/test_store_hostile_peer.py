@@ -95,8 +95,10 @@ async def test_an_unlisted_store_on_the_swarm_gets_no_say(tmp_path: Path, daemon
 
     await _until(lambda: l_has(one["digest"]), "iris:1 replicated to the listed store L")
 
-    hostile = Node(Settings(node=NodeConfig(data_dir=tmp_path / "h", roles=["store"], bootstrap=[boot]),
-                            store=StoreConfig(replicate_interval=0.5)), role_classes={"store": HostileStore})
+    settings = Settings(node=NodeConfig(data_dir=tmp_path / "h", roles=["store"], bootstrap=[boot]),
+                        store=StoreConfig(replicate_interval=0.5))
+    settings.trust.open = True  # the swarm is open (as the daemons' env asks): the lists decide
+    hostile = Node(settings, role_classes={"store": HostileStore})
     ctx = await hostile.start()
     try:
         role = ctx.role("store")
