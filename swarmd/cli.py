@@ -31,6 +31,8 @@ COMMON_FLAGS: dict[str, tuple[str, str]] = {
     "host": ("node", "host"),
     "data_dir": ("node", "data_dir"),
     "http": ("node", "http"),
+    "grpc": ("gateway", "grpc"),
+    "metrics": ("node", "metrics"),
     "log_level": ("node", "log_level"),
     "log_format": ("node", "log_format"),
 }
@@ -84,6 +86,10 @@ def add_common_flags(p: argparse.ArgumentParser, *, daemon: bool) -> None:
         g.add_argument("--port", type=int, default=None, help="RPC/TCP port (0: any free port)")
         g.add_argument("--dht-port", type=int, default=None, help="DHT UDP port (0: any free port)")
         g.add_argument("--http", default=None, metavar="HOST:PORT", help="gateway HTTP listen address")
+        g.add_argument("--grpc", default=None, metavar="HOST:PORT",
+                       help="gateway OIP v2 gRPC listen address (off unless given)")
+        g.add_argument("--metrics", default=None, metavar="HOST:PORT",
+                       help="serve Prometheus metrics of every role on HOST:PORT/metrics (off unless given)")
 
 
 def discover_commands() -> dict[str, ModuleType]:

@@ -43,6 +43,7 @@ class NodeConfig:
     data_dir: Path = field(default_factory=default_data_dir)
     bootstrap: list[str] = field(default_factory=list)  # HOST:PORT of DHT nodes; none = first node
     http: str | None = None  # gateway HOST:PORT
+    metrics: str | None = None  # HOST:PORT serving Prometheus metrics of every role on /metrics; none = off
     log_level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["auto", "json", "text"] = "auto"  # auto: text on a terminal, JSON otherwise
     stop_timeout: float = 15.0  # bound on a graceful stop (drain included)
@@ -84,6 +85,10 @@ class Settings:
             parse_hostport(addr, what="node.bootstrap entry")
         if self.node.http is not None:
             parse_hostport(self.node.http, what="node.http", listen=True)
+        if self.node.metrics is not None:
+            parse_hostport(self.node.metrics, what="node.metrics", listen=True)
+        if self.gateway.grpc:
+            parse_hostport(self.gateway.grpc, what="gateway.grpc", listen=True)
         if self.node.swarm_secret is not None:
             try:
                 bytes.fromhex(self.node.swarm_secret)

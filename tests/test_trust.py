@@ -588,3 +588,23 @@ async def test_daemons_under_operators_send_no_user_request_to_a_rogue(tmp_path:
         assert sum(rogue.calls.values()) == 0, dict(rogue.calls)
     finally:
         await rogue.stop()
+
+
+async def test_a_grant_that_expires_mid_connection_stops_admitting_on_that_connection(tmp_path: Path) -> None:
+    op, ident, w = Identity.generate(), Identity.generate(), Identity.generate()
+    o = await Orchestrator(
+        tmp_path, trust=Trust([op.public_key], own_key=ident.public_key), identity=ident, policy="round_robin"
+    ).start()
+    short = Grant.issue(op, "worker", w.public_key, expires=time.time() + 2)
+    peer = await _dial_as(Trust([op.public_key], own_key=w.public_key, own_grants=[short]), w, o.server.port, ident)
+    reg = {"public_key": w.public_hex, "models": ["mlp"], "host": "127.0.0.1", "port": 9}
+    try:
+        await peer.call("registerWorker", reg, timeout=T)
+        while time.time() < short.expires + 0.05:
+            await asyncio.sleep(0.1)
+        with pytest.raises(SwarmdError) as ei:
+            await peer.call("registerWorker", reg, timeout=T)
+        assert ei.value.code == ERR_FORBIDDEN
+    finally:
+        await peer.close()
+        await o.stop()

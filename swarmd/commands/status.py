@@ -73,6 +73,8 @@ async def gather_status(settings: Any, timeout: float) -> dict[str, Any]:  # noq
         try:
             nat = await node.call(None, "nat.status")
             out["nat"] = nat.get("nat", nat) if isinstance(nat, dict) else nat
+            if isinstance(nat, dict) and isinstance(nat.get("metrics"), dict):
+                out["paths"] = nat["metrics"]  # connections by path, upgrades, relay bytes
         except SwarmdError as e:
             out["nat"] = None
             if e.code != ERR_UNKNOWN_METHOD:
@@ -110,6 +112,11 @@ def print_status(st: dict[str, Any]) -> None:
         print(f"nat      {nat.get('type')}  public {nat.get('public_address') or '-'}")
     else:
         print("nat      not reported by this node")
+    m = st.get("paths")
+    if isinstance(m, dict):
+        opened = "  ".join(f"{k} {v}" for k, v in (m.get("opened") or {}).items() if v)
+        print(f"paths    {opened or 'none yet'}  upgrades {m.get('upgrades', 0)}"
+              f"  relay bytes in {m.get('relay_bytes_in', 0)}")
     if "dht" in st:
         d = st["dht"]
         print(f"dht      mode {d['mode']}  contacts {d['contacts']}  records held {d['records_held']}")

@@ -130,6 +130,10 @@ class InferenceBackend(Protocol):
 
     def worker_count(self) -> int: ...
 
+    async def model_statistics(self, model: str | None, version: str | None) -> list[dict[str, Any]]:
+        """Triton's statistics extension: one entry per model version, summed over workers."""
+        ...
+
 
 def check_inputs(info: ModelInfo, inputs: dict[str, np.ndarray]) -> None:
     """Reject inputs that do not fit the model's signature, naming the first mismatch."""

@@ -31,3 +31,4 @@ class GatewayConfig:
     discovery_interval: float = 5.0  # seconds between lookups of orchestrators, stores and workers
     discovery_timeout: float = 3.0  # bound on one lookup pass
     usage_flush_interval: float = 5.0  # seconds between writes of per-key usage counts
+    grpc: str = ""  # HOST:PORT for the OIP v2 gRPC front (inference.GRPCInferenceService); empty: off

@@ -17,7 +17,9 @@ Wire format (docs/nat.md):
 A circuit client receives WAITING when its token is registered, then PAIRED
 when the other side arrives; the byte after PAIRED's reason is the first byte
 from the peer. A ping gets PONG and the connection closes (clients pick the
-relay with the lowest round trip). Refusals carry a code >= 16 and close.
+relay with the lowest round trip); PONG's reason ends with `observed=IP:PORT`,
+the client's address as the relay saw it (its TCP mapping: what a TCP
+simultaneous open through the client's NAT needs, swarmd/net/tcppunch.py). Refusals carry a code >= 16 and close.
 
 `RelayCore` is the relay's bookkeeping with no sockets and no clock of its own:
 admission (circuit and per-source caps), pairing by token, byte accounting.
@@ -289,8 +291,8 @@ class RelayCore:
         self.refused[name] = self.refused.get(name, 0) + 1
         return [Refuse(conn, code, reason)]
 
-    def hello(self, conn: int, source: str, data: bytes) -> list[Action]:
-        """A connection sent its hello bytes."""
+    def hello(self, conn: int, source: str, data: bytes, observed: str = "") -> list[Action]:
+        """A connection sent its hello bytes; `observed` ("ip:port") is echoed in a PONG."""
         if self.closing:
             return self._refuse(conn, ST_CLOSING, "relay is shutting down")
         try:
@@ -298,7 +300,8 @@ class RelayCore:
         except RelayProtocolError as e:
             return self._refuse(conn, ST_BAD_HELLO, e.message)
         if h.kind == KIND_PING:
-            return [Send(conn, encode_status(ST_PONG, f"circuits={self.circuits} pending={self.pending}"))]
+            seen = f" observed={observed}" if observed else ""
+            return [Send(conn, encode_status(ST_PONG, f"circuits={self.circuits} pending={self.pending}{seen}"))]
         waiting = self._pending.get(h.token)
         if waiting is not None:
             if waiting.conn == conn:

@@ -57,6 +57,7 @@ class _Conn:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     paired: asyncio.Future[tuple[_Conn, int, asyncio.Future[None]]] | None = None  # set while waiting
+    observed: str = ""  # "ip:port" the client's connection came from (echoed in PONG)
 
 
 @dataclass
@@ -128,7 +129,7 @@ class RelayServer:
             writer.close()
             return
         peer = writer.get_extra_info("peername") or ("?", 0)
-        conn = _Conn(self._next_conn, str(peer[0]), reader, writer)
+        conn = _Conn(self._next_conn, str(peer[0]), reader, writer, observed=f"{peer[0]}:{peer[1]}" if len(peer) > 1 else "")
         self._next_conn += 1
         if len(self._conns) >= self.config.max_connections:  # a connection flood must not eat every fd
             self.connections_refused += 1
@@ -161,7 +162,7 @@ class RelayServer:
             if e.partial:
                 self._refuse(conn, ST_BAD_HELLO, f"hello truncated at {len(e.partial)} of {HELLO_SIZE} bytes")
             return
-        for action in self.core.hello(conn.id, conn.source, hello):
+        for action in self.core.hello(conn.id, conn.source, hello, conn.observed):
             if isinstance(action, Send):
                 conn.writer.write(action.data)
                 if action.data[0] == ST_WAITING:

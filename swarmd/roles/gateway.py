@@ -62,10 +62,16 @@ class GatewayRole(Role):
             self.gateway = Gateway(cfg, self.backend, self.keys, data_dir=self.ctx.data_dir, status=self._node_status,
                                    collect=self._dashboard_collector())
             self.ctx.ports["http"] = await self.gateway.start(host, port)
+            if cfg.grpc:
+                ghost, gport = parse_hostport(cfg.grpc, what="gateway.grpc", listen=True)
+                self.ctx.ports["grpc"] = await self.gateway.start_grpc(ghost, gport)
         except BaseException:
+            if self.gateway is not None:
+                await self.gateway.stop()
             await self.backend.stop()
             self.keys.close()
             raise
+        self.ctx.metrics.add_text(self.gateway.metrics.render)  # its registry, also on its HTTP /metrics
         self.log.bind(event="gateway_listening", url=self.gateway.url).info("gateway listening on {}", self.gateway.url)
 
     async def stop(self) -> None:

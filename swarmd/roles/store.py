@@ -241,6 +241,13 @@ class StoreRole(Role):
         if self.store is not None:
             self.store.close()
 
+    def metrics(self) -> list[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        s = self.store.status() if self.store is not None else {}
+        return [GaugeMetricFamily("swarmd_store_bytes", "bytes of model blobs held", value=s.get("bytes", 0)),
+                GaugeMetricFamily("swarmd_store_models", "model versions in the catalog", value=s.get("models", 0))]
+
     def status(self) -> dict[str, Any]:
         s = self.store.status() if self.store is not None else {}
         return {**s, "replication_rounds": self.rounds, "pulled": self.pulled}

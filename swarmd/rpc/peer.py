@@ -36,7 +36,7 @@ from swarmd.errors import (
 )
 from swarmd.net.connection import Channel, SecureConnection
 from swarmd.net.loglimit import hostile
-from swarmd.node.trust import HELLO_EVENT
+from swarmd.node.trust import HELLO_EVENT, MAX_GRANTS
 from swarmd.rpc import codec, envelope
 from swarmd.rpc.config import RpcConfig
 from swarmd.rpc.envelope import CANCEL, ERROR, EVENT, REQUEST, RESPONSE, EnvelopeError
@@ -95,6 +95,7 @@ def _builtin_methods() -> dict[str, Method]:
 
 
 _BUILTINS = _builtin_methods()
+_NO_ROLES: frozenset[str] = frozenset()
 
 _SWEEP_SLACK = 0.001  # a sweep also expires calls due within this many seconds
 _SWEEP_MIN_GAP = 0.01  # and the next sweep is at least this far away
@@ -183,8 +184,9 @@ class RpcPeer:
         self._backlog: deque[tuple[int, str, Any, int | None, float, int]] = deque()
         self._backlog_bytes = 0
         self._msg_size = 0  # size of the message being dispatched
-        # roles the peer's presentGrants hello proved (verified against our trust)
-        self.roles: frozenset[str] = frozenset()
+        # the grants the peer's presentGrants hello showed (wire form, at most MAX_GRANTS);
+        # `roles` verifies them against our trust on each use, so an expired one stops counting
+        self._grants: list[bytes] = []
         conn.on_message = self._on_message
         conn.on_close = self._on_close
         conn.on_writable = self._on_writable
@@ -204,10 +206,17 @@ class RpcPeer:
                 self.conn.send_message(envelope.event(HELLO_EVENT, trust.presented()))
 
     def _learn_grants(self, grants: Any) -> None:
+        if isinstance(grants, list):
+            self._grants = [g for g in grants[:MAX_GRANTS] if isinstance(g, bytes)]
+
+    @property
+    def roles(self) -> frozenset[str]:
+        """The roles the peer's presented grants admit it to now (by our operators)."""
         trust = self.firewall.trust if self.firewall is not None else None
         key = self.conn.remote_public_key
-        if trust is not None and key is not None:
-            self.roles = trust.roles_of(key, grants)
+        if trust is None or key is None or not self._grants:
+            return frozenset()
+        return trust.roles_of(key, self._grants)
 
     # -- identity / state --------------------------------------------------
 
@@ -421,7 +430,9 @@ class RpcPeer:
         if m is None:
             raise SwarmdError(ERR_UNKNOWN_METHOD, f"no method {method!r} on this peer")
         if self.firewall is not None and method not in _BUILTINS:
-            self.firewall.check(self.conn.remote_public_key or b"", method, m.op, m.roles, self.roles)
+            self.firewall.check(
+                self.conn.remote_public_key or b"", method, m.op, m.roles, self.roles if m.roles else _NO_ROLES
+            )
         return m
 
     def _on_request(
@@ -467,7 +478,7 @@ class RpcPeer:
                 raise SwarmdError(ERR_UNKNOWN_METHOD, f"no method {method!r} on this peer")
             peer_key = conn.session.remote_public_key or b""
             if self.firewall is not None and method not in _BUILTINS:
-                self.firewall.check(peer_key, method, m.op, m.roles, self.roles)
+                self.firewall.check(peer_key, method, m.op, m.roles, self.roles if m.roles else _NO_ROLES)
             deadline = None
             if timeout_ms is not None:
                 if timeout_ms <= 0:

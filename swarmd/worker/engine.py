@@ -18,7 +18,6 @@ import asyncio
 import enum
 import functools
 import hashlib
-import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from swarmd.worker.batcher import Pending, PendingState, Result, execute, intern
 from swarmd.worker.config import BatchingConfig, WorkerConfig
 from swarmd.worker.runtime import ModelRuntime
 from swarmd.worker.signature import ModelSignature
-from swarmd.worker.stats import LoadSnapshot, LoadStats
+from swarmd.worker.stats import LoadSnapshot, LoadStats, ModelStats
 
 
 class WorkerState(enum.Enum):
@@ -76,6 +75,7 @@ class ServedModel:
     run_ewma_s: float = float("inf")  # how long one run takes; unknown until the first one finished
     batch_ewma: float = 1.0  # recent requests per run: above ~1 the worker is busy enough to batch
     deferred: bool = False  # a start is scheduled for the next loop turn (inline runs)
+    stats: ModelStats = field(default_factory=ModelStats)  # Triton-shaped statistics of this version
 
     @property
     def signature(self) -> ModelSignature:
@@ -108,11 +108,11 @@ def file_sha256(path: Path) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
-def _timed_execute(*args: Any) -> tuple[list[Result], float]:
-    """execute() in an executor thread, with how long the run itself took."""
-    t0 = time.perf_counter()
-    results = execute(*args)
-    return results, time.perf_counter() - t0
+def _timed_execute(*args: Any) -> tuple[list[Result], tuple[float, float, float]]:
+    """execute() in an executor thread, with its (stack inputs, run, split outputs) seconds."""
+    times = [0.0, 0.0, 0.0]
+    results = execute(*args, times)
+    return results, (times[0], times[1], times[2])
 
 
 class InferenceEngine:
@@ -217,6 +217,11 @@ class InferenceEngine:
     def models(self) -> list[ServedModel]:
         return list(self._models.values())
 
+    def statistics(self, name: str | None = None, version: str | None = None) -> list[dict[str, Any]]:
+        """Triton-shaped statistics of the loaded models (one name, one version, or all)."""
+        return [m.stats.to_triton(m.name, m.version) for m in self._models.values()
+                if (name is None or m.name == name) and (version in (None, "") or m.version == version)]
+
     def describe_models(self) -> list[dict[str, Any]]:
         out = [m.describe() for m in self._models.values()]
         out += [{"name": n, "version": v, "state": "LOADING"} for (n, v) in self._loading]
@@ -319,6 +324,7 @@ class InferenceEngine:
         if p.state is PendingState.QUEUED:
             self._retire_queued(served, p)
             self.stats.record(self._now() - p.enqueued, ok=False)
+            served.stats.record_request(False, self._now() - p.enqueued, None)
             p.future.set_exception(SwarmdError(ERR_TIMEOUT, "deadline passed while the request was queued; it was not run"))
         else:  # running: the answer would come too late to be used
             p.future.set_exception(SwarmdError(ERR_TIMEOUT, "deadline passed while the request was running"))
@@ -402,10 +408,12 @@ class InferenceEngine:
             # Lightly loaded and a quick model: a thread handoff would cost more than the run
             # blocks the loop (at most inline_run_us). Under load batches form, runs stay in
             # threads and the loop stays free.
-            t0 = time.perf_counter()
-            results = execute(served.runtime.run, served.name, batch[0].outputs, [batch[0].feeds], [batch[0].rows])
-            self._note_run_time(served, time.perf_counter() - t0)
-            self._complete(served, batch, results)
+            times = [0.0, 0.0, 0.0]
+            started = loop.time()
+            results = execute(served.runtime.run, served.name, batch[0].outputs, [batch[0].feeds], [batch[0].rows],
+                              times)
+            self._note_run_time(served, times[1])
+            self._complete(served, batch, results, started, (times[0], times[1], times[2]))
             return True
         run = loop.run_in_executor(
             self.executor,
@@ -417,7 +425,7 @@ class InferenceEngine:
             [p.rows for p in batch],
         )
         self._runs.add(run)
-        run.add_done_callback(functools.partial(self._finished, served, batch))
+        run.add_done_callback(functools.partial(self._finished, served, batch, loop.time()))
         return True
 
     def _inline_candidate_after_take(self, served: ServedModel) -> bool:
@@ -429,33 +437,39 @@ class InferenceEngine:
         served.run_ewma_s = seconds if served.run_ewma_s == float("inf") else 0.8 * served.run_ewma_s + 0.2 * seconds
 
     def _finished(
-        self, served: ServedModel, batch: list[Pending], run: asyncio.Future[tuple[list[Result], float]]
+        self, served: ServedModel, batch: list[Pending], started: float,
+        run: asyncio.Future[tuple[list[Result], tuple[float, float, float]]],
     ) -> None:
         self._runs.discard(run)
+        times: tuple[float, float, float] | None = None
         if run.cancelled():
             results: list[Result] = [SwarmdError(ERR_NOT_READY, "worker stopped before the request ran")] * len(batch)
         elif (exc := run.exception()) is not None:
             self.log.opt(exception=exc).bind(event="run_failed", model=served.name).error("run failed")
             results = [internal_error(served.name, exc)] * len(batch)
         else:
-            results, seconds = run.result()
+            results, times = run.result()
             if len(batch) == 1:
                 # The run alone, timed in its thread: what an inline run would block the loop for.
                 # (Timing the handoff too made the estimate grow with the machine's load, so on a
                 # busy box the very requests the handoff slows most never ran inline.)
-                self._note_run_time(served, seconds)
-        self._complete(served, batch, results)
+                self._note_run_time(served, times[1])
+        self._complete(served, batch, results, started, times)
 
-    def _complete(self, served: ServedModel, batch: list[Pending], results: list[Result]) -> None:
+    def _complete(self, served: ServedModel, batch: list[Pending], results: list[Result], started: float,
+                  times: tuple[float, float, float] | None) -> None:
         self._free += 1
         now = self._now()
         self.stats.record_batch(len(batch))
+        if times is not None:
+            served.stats.record_run(len(batch), sum(max(p.rows, 1) for p in batch), times)
         for p, r in zip(batch, results, strict=True):
             p.state = PendingState.DONE
             if p.timer is not None:
                 p.timer.cancel()
             ok = not isinstance(r, SwarmdError)
             self.stats.record(now - p.enqueued, ok=ok)
+            served.stats.record_request(ok, now - p.enqueued, started - p.enqueued)
             if not p.future.done():
                 if ok:
                     p.future.set_result(r)
