@@ -185,6 +185,7 @@ class Node:
             "public_key": ctx.identity.public_hex,
             "instance_id": ctx.instance_id,
             "roles": list(ctx.roles),
+            "host": self.settings.node.host,  # what the RPC server bound; tools dial it (node/statusfile.py)
             "ports": ctx.ports,
             "pid": os.getpid(),
             "version": __version__,

@@ -173,6 +173,8 @@ class Swarm:
 
         self.server.on_peer = on_peer
         self._prev_on_peer = prev
+        if self.firewall is not None:
+            self.server.hold_new_peers = True  # no call is dispatched before the firewall answers
         if self._own_server:
             await self.server.start()
         if self.config.announce_self:
@@ -183,6 +185,8 @@ class Swarm:
         self._closing = True
         if self._started:
             self.server.on_peer = self._prev_on_peer  # a shared server stops feeding us peers
+            if self.firewall is not None:
+                self.server.hold_new_peers = False
         leaves = [asyncio.wait_for(self.leave(t), self.config.lookup_timeout) for t in list(self._topics)]
         await asyncio.gather(*leaves, return_exceptions=True)  # best effort: records expire anyway
         for task in list(self._tasks):
@@ -565,6 +569,8 @@ class Swarm:
                 await peer.close()
                 return
         self._admit(peer)
+        if not peer.is_closed:
+            peer.release()
 
     def _admit(self, peer: RpcPeer) -> None:
         """Register an inbound peer the firewall (if any) admitted, within max_peers."""

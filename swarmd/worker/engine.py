@@ -74,6 +74,9 @@ class ServedModel:
     delay_timer: asyncio.TimerHandle | None = None  # set while a batch waits for company
     run_ewma_s: float = float("inf")  # how long one run takes; unknown until the first one finished
     batch_ewma: float = 1.0  # recent requests per run: above ~1 the worker is busy enough to batch
+    # input bytes of the largest lone request whose run was timed within inline_run_us: only requests
+    # no larger may run on the loop thread (the average says nothing about a 150k-row request)
+    inline_bytes: int = 0
     deferred: bool = False  # a start is scheduled for the next loop turn (inline runs)
     stats: ModelStats = field(default_factory=ModelStats)  # Triton-shaped statistics of this version
 
@@ -96,6 +99,10 @@ class ServedModel:
                 "max_queue_delay_us": self.policy.max_queue_delay_us,
             },
         }
+
+
+def _input_bytes(p: Pending) -> int:
+    return sum(a.nbytes for a in p.feeds.values())
 
 
 def file_sha256(path: Path) -> tuple[str, int]:
@@ -404,7 +411,14 @@ class InferenceEngine:
         self.in_flight += n
         self._free -= 1
         served.batch_ewma += 0.2 * (n - served.batch_ewma)
-        if inline_ok and n == 1 and not queue and self.in_flight == 1 and self._inline_candidate_after_take(served):
+        if (
+            inline_ok
+            and n == 1
+            and not queue
+            and self.in_flight == 1
+            and _input_bytes(batch[0]) <= served.inline_bytes
+            and self._inline_candidate_after_take(served)
+        ):
             # Lightly loaded and a quick model: a thread handoff would cost more than the run
             # blocks the loop (at most inline_run_us). Under load batches form, runs stay in
             # threads and the loop stays free.
@@ -412,7 +426,7 @@ class InferenceEngine:
             started = loop.time()
             results = execute(served.runtime.run, served.name, batch[0].outputs, [batch[0].feeds], [batch[0].rows],
                               times)
-            self._note_run_time(served, times[1])
+            self._note_run_time(served, times[1], _input_bytes(batch[0]))
             self._complete(served, batch, results, started, (times[0], times[1], times[2]))
             return True
         run = loop.run_in_executor(
@@ -432,9 +446,13 @@ class InferenceEngine:
         inline_s = self.config.inline_run_us / 1e6
         return served.batch_ewma < 1.5 and served.run_ewma_s <= inline_s
 
-    @staticmethod
-    def _note_run_time(served: ServedModel, seconds: float) -> None:
+    def _note_run_time(self, served: ServedModel, seconds: float, size: int) -> None:
+        """Fold one lone run's time into the model's estimate, and into the largest input known quick enough to inline."""
         served.run_ewma_s = seconds if served.run_ewma_s == float("inf") else 0.8 * served.run_ewma_s + 0.2 * seconds
+        if seconds <= self.config.inline_run_us / 1e6:
+            served.inline_bytes = max(served.inline_bytes, size)
+        elif size <= served.inline_bytes:
+            served.inline_bytes = size - 1  # this size was too slow after all (a busier box)
 
     def _finished(
         self, served: ServedModel, batch: list[Pending], started: float,
@@ -453,7 +471,7 @@ class InferenceEngine:
                 # The run alone, timed in its thread: what an inline run would block the loop for.
                 # (Timing the handoff too made the estimate grow with the machine's load, so on a
                 # busy box the very requests the handoff slows most never ran inline.)
-                self._note_run_time(served, times[1])
+                self._note_run_time(served, times[1], _input_bytes(batch[0]))
         self._complete(served, batch, results, started, times)
 
     def _complete(self, served: ServedModel, batch: list[Pending], results: list[Result], started: float,
