@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from swarmd.errors import ERR_BAD_REQUEST, ERR_NOT_FOUND, SwarmdError
+from swarmd.worker.result import InferResult
 
 
 @dataclass
@@ -79,14 +80,6 @@ class ModelInfo:
             description=str(d.get("description") or ""),
             created=float(d.get("created") or 0.0),
         )
-
-
-@dataclass
-class InferResult:
-    model: str
-    version: str
-    outputs: dict[str, np.ndarray]
-    worker: str | None = None  # hex public key of the worker that ran it, when remote
 
 
 @dataclass

@@ -92,6 +92,20 @@ class Role:
 
     def __init__(self, ctx: NodeContext) -> None:
         self.ctx = ctx
+        self._scope: Supervisor | None = None
+
+    @property
+    def tasks(self) -> Supervisor:
+        """This role's scope of the node's Supervisor ("role:NAME"): its loops, whose crash stops
+        the node. The daemon closes it after the role's stop()."""
+        if self._scope is None:
+            self._scope = self.ctx.tasks.scope(f"role:{self.name}")
+        return self._scope
+
+    async def close_tasks(self) -> None:
+        """Cancel and await whatever still runs in this role's scope."""
+        if self._scope is not None:
+            await self._scope.close()
 
     async def start(self) -> None:
         """Register methods, join topics, spawn loops. Return when serving."""

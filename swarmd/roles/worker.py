@@ -498,7 +498,7 @@ class WorkerRole(Role):
             model, params["inputs"], outputs=params.get("outputs"), version=version,
             budget=budget, request_id=request_id,
         )
-        return {"model": result.model, "version": result.version, "outputs": result.outputs}
+        return result.to_wire()
 
     async def check_capacity(self, ctx: Any, params: Any) -> dict[str, Any]:
         return self.engine.capacity()

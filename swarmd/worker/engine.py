@@ -37,6 +37,7 @@ from swarmd.errors import (
 from swarmd.versions import latest
 from swarmd.worker.batcher import Pending, PendingState, Result, execute, internal_error, take_batch
 from swarmd.worker.config import BatchingConfig, WorkerConfig
+from swarmd.worker.result import InferResult
 from swarmd.worker.runtime import ModelRuntime
 from swarmd.worker.signature import ModelSignature
 from swarmd.worker.stats import LoadSnapshot, LoadStats, ModelStats
@@ -47,13 +48,6 @@ class WorkerState(enum.Enum):
     ONLINE = "ONLINE"
     DRAINING = "DRAINING"  # finishing accepted work, taking no more
     STOPPED = "STOPPED"
-
-
-@dataclass
-class InferenceResult:
-    model: str
-    version: str
-    outputs: dict[str, np.ndarray]
 
 
 @dataclass(eq=False)
@@ -266,7 +260,7 @@ class InferenceEngine:
         version: str | None = None,
         budget: float | None = None,
         request_id: str | None = None,
-    ) -> InferenceResult:
+    ) -> InferResult:
         """Validate, queue (or refuse at once), and await the answer within `budget` seconds.
 
         `budget` is what is left of the caller's deadline (config.default_timeout
@@ -307,7 +301,7 @@ class InferenceEngine:
             if p.state is PendingState.QUEUED:  # the caller gave up: free its place in line
                 self._retire_queued(served, p)
             raise
-        return InferenceResult(served.name, served.version, dict(zip(names, arrays, strict=True)))
+        return InferResult(served.name, served.version, dict(zip(names, arrays, strict=True)))
 
     def _retire_queued(self, served: ServedModel, p: Pending) -> None:
         p.state = PendingState.DONE
