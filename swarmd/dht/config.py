@@ -51,6 +51,9 @@ class DhtConfig:
     # the buckets with made-up ids); loopback exempt like per_ip_rate; 0 turns the cap off
     max_contacts_per_ip: int = 8
     refresh_interval: float = 15 * 60.0  # seconds between refreshes of idle routing-table buckets
+    # a second UDP port that answers STUN only (RFC 5780 style: one DHT node lets a client
+    # tell cone from symmetric NAT); 0 = any free port, -1 = off
+    stun_alt_port: int = 0
     lookup_timeout: float = 5.0  # bound on one lookup, in seconds
 
     def validate(self) -> None:
@@ -64,3 +67,5 @@ class DhtConfig:
             raise ConfigError("dht.ksize must be >= 2 and dht.alpha >= 1")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"dht.port must be 0..65535, got {self.port}")
+        if not -1 <= self.stun_alt_port <= 65535:
+            raise ConfigError(f"dht.stun_alt_port must be -1 (off), 0 (any free port) or a port, got {self.stun_alt_port}")
