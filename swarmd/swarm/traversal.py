@@ -523,7 +523,7 @@ class Traversal:
             assert req.addr is not None
             rv = await rendezvous(await self._rendezvous_relay(), timeout=self.config.stun_timeout)
             self._punching += 1
-            self._spawn(self._accept_tcp_punched(req.source, rv, req.addr))
+            self._spawn(self._accepting(PUNCHED_TCP, req.source, self._accept_tcp_punched(req.source, rv, req.addr)))
             return {"addr": [rv.observed[0], rv.observed[1]]}
         if req.kind == KIND_ICE:
             servers = self.stun_servers()
@@ -532,11 +532,21 @@ class Traversal:
             puncher = Puncher(servers)
             answer = await puncher.answer(req.sdp)
             self._punching += 1
-            self._spawn(self._accept_punched(req.source, puncher))
+            self._spawn(self._accepting(PUNCHED_UDP, req.source, self._accept_punched(req.source, puncher)))
             return {"sdp": answer}
         assert req.relay is not None
-        self._spawn(self._accept_relayed(req.source, req.relay, req.token))
+        self._spawn(self._accepting(RELAYED, req.source, self._accept_relayed(req.source, req.relay, req.token)))
         return {"ok": True}
+
+    async def _accepting(self, path: str, source: bytes, attempt: Coroutine[Any, Any, None]) -> None:
+        """The target's half of an attempt. One the caller gave up on (another path won
+        first) ends here as an expected failure: one info line, not a warning."""
+        try:
+            await attempt
+        except SwarmdError as e:
+            self.log.bind(event="accept_failed", path=path, peer=source.hex()[:16], code=e.code).info(
+                "the {} attempt a peer asked for did not complete: {}", path, e.message
+            )
 
     def _is_pooled(self, pk: bytes) -> bool:
         return self.swarm._registry.get(pk) is not None
