@@ -47,6 +47,21 @@ Firewall = Callable[[bytes], Awaitable[bool]]  # True admits the peer (by its pu
 RETRYABLE = frozenset({ERR_CLOSED, ERR_UNAVAILABLE, ERR_TIMEOUT})
 RETIRE_QUIET = 1.0  # s without a call in flight or a message either way before a replaced connection closes
 RETIRE_MAX = 300.0  # s a replaced connection may keep finishing its calls and streams
+RETIRE_ASK = 20.0  # s the dialler waits for the other side to agree to retire a connection
+
+
+async def _until(cond: Callable[[], bool], deadline: float) -> None:
+    """Poll cond (RpcPeer's tables raise no event) until true or the loop time passes deadline."""
+    loop = asyncio.get_running_loop()
+    while loop.time() < deadline:
+        if cond():
+            return
+        await asyncio.sleep(0.02)
+
+
+def _busy(peer: RpcPeer) -> bool:
+    """Anything in flight on a connection: calls we wait on, streams, handlers running, requests held."""
+    return bool(peer._pending or peer._pending_streams or peer._running or peer._backlog)
 
 
 @dataclass(frozen=True)
@@ -603,9 +618,14 @@ class Swarm:
         return kept
 
     async def _retire(self, peer: RpcPeer) -> None:
-        """Close a replaced connection once nothing is in flight on it and it has been quiet
-        for RETIRE_QUIET: the other side switched at about the same moment, and a request
-        it sent just before would arrive well within that (bounded by RETIRE_MAX)."""
+        """Close a replaced connection without failing a call on it.
+
+        The side that dialled it asks the other (`nat.retire`, on the old connection
+        itself) to stop using it; the answer comes after every request the other side
+        sent on it (ordered), so once it arrives and nothing is in flight here, the
+        connection is closed. The other side only waits for that close. A peer
+        without `nat.retire` gets the old rule: closed after RETIRE_QUIET with nothing
+        in flight and no message either way. Bounded by RETIRE_MAX."""
         loop = asyncio.get_running_loop()
         heard = [loop.time()]
         deliver = peer.conn.on_message
@@ -617,16 +637,34 @@ class Swarm:
 
         peer.conn.on_message = on_message
         deadline = loop.time() + RETIRE_MAX
+        agreed = False
+        if peer.conn.initiator:
+            try:
+                await peer.call("nat.retire", None, timeout=RETIRE_ASK)
+                agreed = True
+            except SwarmdError:
+                agreed = False  # an older peer, or the connection is gone already
         while not peer.is_closed and loop.time() < deadline:
-            # the RpcPeer's own tables: calls we wait on, streams, handlers running, requests held
-            busy = peer._pending or peer._pending_streams or peer._running or peer._backlog
-            if not busy and loop.time() - heard[0] >= RETIRE_QUIET:
-                break
+            if peer.conn.initiator and not _busy(peer) and (agreed or loop.time() - heard[0] >= RETIRE_QUIET):
+                break  # the dialler closes
+            if not peer.conn.initiator and loop.time() - heard[0] >= RETIRE_MAX / 2 and not _busy(peer):
+                break  # the dialler never closed it (it lost the new path?): give up on it, idle
             await asyncio.sleep(0.05)
-        self._log.bind(event="connection_retired", peer=peer.remote_public_key.hex()[:16], path=path_of(peer)).info(
-            "replaced connection closed after its calls finished"
-        )
+        if not peer.is_closed:
+            self._log.bind(event="connection_retired", peer=peer.remote_public_key.hex()[:16], path=path_of(peer),
+                           agreed=agreed).info("replaced connection closed after its calls finished")
         await peer.close()
+
+    async def retire_asked(self, old: RpcPeer) -> None:
+        """The dialler of `old` replaced it and asks us to stop using it: wait (bounded)
+        until the replacement reached us too, stop handing `old` out, let our own calls
+        on it finish; the caller answers then, and the dialler closes `old`."""
+        loop = asyncio.get_running_loop()
+        pk = old.remote_public_key
+        deadline = loop.time() + RETIRE_ASK / 2
+        await _until(lambda: self._registry.get(pk) is not old, deadline)
+        self._registry.remove(pk, old)
+        await _until(lambda: not (old._pending or old._pending_streams), deadline)
 
     def _on_closed(self, pk: bytes, peer: RpcPeer) -> None:
         current = self._registry.get(pk)

@@ -176,6 +176,7 @@ class Traversal:
         m.register("nat.signal", self._rpc_signal, op="r")
         m.register("nat.connect", self._rpc_connect, op="r")
         m.register("nat.status", self._rpc_status, op="r")
+        m.register("nat.retire", self._rpc_retire, op="r")
         m.register("nat.probe", self._rpc_probe, op="w")
         m.register_stream("nat.sink", self._rpc_sink, op="r")
         self.swarm.traversal = self
@@ -184,7 +185,7 @@ class Traversal:
 
     async def stop(self) -> None:
         self.swarm.traversal = None
-        for name in ("nat.signal", "nat.connect", "nat.status", "nat.probe", "nat.sink"):
+        for name in ("nat.signal", "nat.connect", "nat.status", "nat.retire", "nat.probe", "nat.sink"):
             self.swarm.methods.unregister(name)
         for t in list(self._tasks):
             t.cancel()
@@ -216,6 +217,14 @@ class Traversal:
 
     async def _rpc_status(self, ctx: CallContext, params: Any) -> Any:
         return self.status()
+
+    async def _rpc_retire(self, ctx: CallContext, params: Any) -> Any:
+        """The dialler of the connection this call came over moved to a better path:
+        answered once we stopped using this one (Swarm._retire closes it then)."""
+        if ctx.peer_conn.conn.initiator:
+            raise SwarmdError(ERR_BAD_REQUEST, "nat.retire is asked by the side that dialled the connection")
+        await self.swarm.retire_asked(ctx.peer_conn)
+        return True
 
     # -- path test: what `swarmd nat probe` runs ----------------------------------------
 
@@ -293,7 +302,8 @@ class Traversal:
         peer = await self.swarm.connect(target)
         connect_s = time.monotonic() - t0
         t1 = time.monotonic()
-        remote = await peer.call("nat.status", None, timeout=self.swarm.config.request_timeout)
+        # through the swarm, as any caller: it takes whatever connection is current
+        remote = await self.swarm.request(target, "nat.status", None, timeout=self.swarm.config.request_timeout)
         rtt = time.monotonic() - t1
         out: dict[str, Any] = {
             "path": path_of(peer),
