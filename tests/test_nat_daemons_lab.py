@@ -74,8 +74,11 @@ async def test_restricted_x_symmetric_starts_relayed_and_moves_to_a_punched_path
     up = json.loads(await world["a"].wait_for(r'"event": "path_upgraded"', 30))
     assert up["upgraded_from"] == "relayed" and up["punch"]["remote_type"] == "prflx"
     # both sides closed the relayed connection only after its calls finished
-    await world["a"].wait_event("connection_retired", 30)
-    await world["b"].wait_event("connection_retired", 30)
+    retired_a = await world["a"].wait_event("connection_retired", 30)
+    retired_b = await world["b"].wait_event("connection_retired", 30)
+    # lan-a dialled the relayed connection: it asked lan-b to stop using it, then closed it
+    assert retired_a["agreed"] is True and retired_a["closed_by"] == "us", retired_a
+    assert retired_b["closed_by"] == "peer", retired_b
     # the counters behind `swarmd status` / nat.status saw the relayed start and the upgrade
     m = status(lab, world, "a")["paths"]
     assert m["opened"]["relayed"] >= 1 and m["opened"][w["final_path"]] >= 1 and m["upgrades"] >= 1, m

@@ -650,9 +650,10 @@ class Swarm:
             if not peer.conn.initiator and loop.time() - heard[0] >= RETIRE_MAX / 2 and not _busy(peer):
                 break  # the dialler never closed it (it lost the new path?): give up on it, idle
             await asyncio.sleep(0.05)
-        if not peer.is_closed:
-            self._log.bind(event="connection_retired", peer=peer.remote_public_key.hex()[:16], path=path_of(peer),
-                           agreed=agreed).info("replaced connection closed after its calls finished")
+        self._log.bind(event="connection_retired", peer=peer.remote_public_key.hex()[:16], path=path_of(peer),
+                       agreed=agreed, closed_by="peer" if peer.is_closed else "us").info(
+            "replaced connection closed after its calls finished"
+        )
         await peer.close()
 
     async def retire_asked(self, old: RpcPeer) -> None:
