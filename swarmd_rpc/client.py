@@ -3,10 +3,11 @@
 A swarm client runs a client-mode DHT node (it looks up and announces, but
 never enters other nodes' routing tables, where it would be a dead contact
 once it exits) and a Swarm of its own for pooled, Noise-authenticated
-connections. Inference is routed the way the gateway routes it
-(swarmd.orchestrator.remote: an orchestrator's choice, else the least loaded
-worker record, failover to another worker); model transfers use the store's
-streams through swarmd.store.transfer. Nothing here needs a daemon on this box.
+connections. Inference is routed exactly as the gateway routes it: a Fleet
+(swarmd.orchestrator.fleet) fed by the workers' DHT records, whose Router picks
+a worker, calls it and fails over on the errors failover.classify calls
+retryable; model transfers use the store's streams through
+swarmd.store.transfer. Nothing here needs a daemon on this box.
 """
 
 from __future__ import annotations
@@ -18,24 +19,25 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 
 from swarmd.errors import (
     ERR_BAD_REQUEST,
-    ERR_CLOSED,
+    ERR_CORRUPT,
     ERR_NOT_FOUND,
-    ERR_PROTOCOL,
-    ERR_TIMEOUT,
     ERR_UNAVAILABLE,
     ERR_UNKNOWN_METHOD,
     SwarmdError,
 )
 from swarmd.node.identity import Identity
-from swarmd.orchestrator.remote import RemoteRouter, SwarmView
+from swarmd.orchestrator.config import OrchestratorConfig
+from swarmd.orchestrator.failover import retryable
+from swarmd.orchestrator.fleet import Fleet
 from swarmd.store.transfer import Progress, pull_file, push_file
-from swarmd.topics import ORCHESTRATORS, STORES, WORKERS, model_topic
+from swarmd.topics import STORES, model_topic
+from swarmd.worker.result import InferResult
 from swarmd_rpc.errors import Closed, translate
 
 P = ParamSpec("P")
@@ -85,32 +87,27 @@ class ClientConfig:
     timeout: float = 30.0  # default seconds for call(), push/pull steps
     infer_timeout: float = 30.0  # budget of one infer() including failover
     lookup_timeout: float = 5.0  # one DHT lookup
-    discovery_ttl: float = 5.0  # how long a lookup of the role topics is reused
-    settle: float = 1.0  # store lookups return this long after the first record (no full crawl wait)
-    # "orchestrator": ask an orchestrator's findAvailableWorker for each request (its health checks and
-    # latency-aware choice; one more round trip); "records": pick the least loaded ONLINE worker from the
-    # workers' own DHT records (one hop; load is as fresh as their announcements)
-    route: Literal["orchestrator", "records"] = "orchestrator"
+    discovery_ttl: float = 5.0  # how long a lookup of the workers' topic is reused
+    settle: float = 1.0  # lookups return this long after the first record (no full crawl wait)
     listen_host: str = "127.0.0.1"  # where our RPC server listens (peers dial it after join(announce=True))
     dht_host: str = "0.0.0.0"
     dht_port: int = 0
+    # reach peers behind NAT the way daemons do (hole punching through signal peers, relays;
+    # swarmd.swarm.traversal). Off by default: it detects our NAT type in the background and
+    # bounds a direct dial by nat.direct_timeout (2 s) before trying the other paths; the CLI
+    # turns it on
+    traversal: bool = False
 
 
-@dataclass
-class Inference:
-    """One inference's answer: the outputs and who computed them."""
-
-    model: str
-    version: str
-    outputs: dict[str, np.ndarray]
-    worker: str | None  # hex public key of the worker, when known
+Inference = InferResult  # one inference's answer: outputs, model version, worker (the type the worker sends)
 
 
 @dataclass(frozen=True)
 class PeerAddress:
-    """One peer reached directly, with no DHT: its key (pinned by the Noise handshake) and address."""
+    """One peer reached directly, with no DHT: its key (pinned by the Noise handshake; None accepts
+    whoever answers, as `swarmd model --store HOST:PORT` without --store-key does) and address."""
 
-    public_key: bytes
+    public_key: bytes | None
     host: str
     port: int
 
@@ -146,11 +143,12 @@ class Client:
         self.identity: Identity = identity or Identity.generate()
         self.peer_address = peer
         self.models = Models(self)
-        self.router = RemoteRouter(self._request)
+        self.fleet: Fleet | None = None  # the router over the workers' records (swarm mode)
         self._records: dict[bytes, Any] = {}  # public key -> newest PeerRecord seen by discovery
         self._dht: Any = None
         self._server: Any = None
         self._swarm: Any = None
+        self._traversal: Any = None
         self._direct: Any = None  # RpcPeer in single-peer mode
         self._started = False
         self._closed = False
@@ -161,7 +159,7 @@ class Client:
     @classmethod
     def for_peer(
         cls,
-        public_key: bytes | str,
+        public_key: bytes | str | None,
         host: str,
         port: int,
         *,
@@ -169,7 +167,8 @@ class Client:
         config: ClientConfig | None = None,
     ) -> Client:
         """A client of one peer (no DHT): every call, inference and transfer goes to it."""
-        return cls(identity=identity, config=config, peer=PeerAddress(_public_key(public_key), host, int(port)))
+        pk = None if public_key is None else _public_key(public_key)
+        return cls(identity=identity, config=config, peer=PeerAddress(pk, host, int(port)))
 
     @classmethod
     def from_settings(
@@ -230,6 +229,7 @@ class Client:
         )
         await dht.start()
         server = RpcServer(self.identity, Methods(), cfg.listen_host, 0)
+        swarm: Any = None
         trust = None
         if cfg.operators:
             from swarmd.node.trust import GrantError, Trust, parse_key
@@ -251,20 +251,46 @@ class Client:
                 trust=trust,
             )
             await swarm.start()
+            if cfg.traversal:
+                from swarmd.swarm.traversal import Traversal
+
+                self._traversal = Traversal(swarm)
+                await self._traversal.start()
         except BaseException:
+            if self._traversal is not None:
+                await self._traversal.stop()
+                self._traversal = None
+            if swarm is not None:
+                with contextlib.suppress(Exception):
+                    await swarm.stop()
             await server.stop()
             await dht.stop()
             raise
         self._dht, self._server, self._swarm = dht, server, swarm
+        # No health loop of its own (a client is short-lived): failures and bans are what it learns.
+        # A punched or relayed path takes longer to open than a direct dial: give it the call's time.
+        dial = cfg.timeout if cfg.traversal else min(cfg.timeout, 5.0)
+        self.fleet = Fleet(
+            OrchestratorConfig(request_timeout=cfg.infer_timeout, connect_timeout=dial),
+            self.identity, swarm=swarm, health_checks=False, lookup=self._lookup_records,
+        )
 
     async def close(self) -> None:
         """Leave joined topics, close connections, stop the DHT node. Idempotent."""
         self._closed = True
+        fleet, self.fleet = self.fleet, None
+        if fleet is not None:
+            with contextlib.suppress(Exception):
+                await fleet.stop()
         swarm, server, dht, direct = self._swarm, self._server, self._dht, self._direct
+        traversal, self._traversal = self._traversal, None
         self._swarm = self._server = self._dht = self._direct = None
         if direct is not None:
             with contextlib.suppress(Exception):
                 await direct.close()
+        if traversal is not None:
+            with contextlib.suppress(Exception):
+                await traversal.stop()
         if swarm is not None:
             with contextlib.suppress(Exception):
                 await swarm.stop()
@@ -303,26 +329,13 @@ class Client:
         return await self._swarm.connect(public_key, self._records.get(public_key))
 
     async def _request(self, public_key: bytes, method: str, params: Any, timeout: float) -> Any:  # noqa: ASYNC109
-        """What the router calls: the record from discovery when we have one, else a lookup by key."""
+        """A call on the peer with this key: the record from discovery when we have one, else a lookup by key."""
         peer = await self._peer(public_key)
         return await peer.call(method, params, timeout=timeout)
 
-    async def _view(self, *, fresh: bool = False) -> SwarmView:
-        """The role topics' records, looked up at most every discovery_ttl seconds."""
-        view = self.router.view
-        if not fresh and view.at and time.monotonic() - view.at < self.config.discovery_ttl:
-            return view
-        orchs, workers = await asyncio.gather(
-            self.lookup(ORCHESTRATORS, settle=self.config.settle), self.lookup(WORKERS, settle=self.config.settle)
-        )
-        new = SwarmView(at=time.monotonic())
-        new.orchestrators = [r.public_key for r in orchs] if self.config.route == "orchestrator" else []
-        for r in workers:
-            payload = r.payload if isinstance(r.payload, dict) else {}
-            if payload.get("state", "ONLINE") == "ONLINE":
-                new.workers[r.public_key] = payload
-        self.router.view = new
-        return new
+    async def _lookup_records(self, topic: str, seconds: float) -> list[Any]:
+        """How the fleet finds workers: a lookup that settles soon after the first record."""
+        return await self.lookup(topic, timeout=seconds, settle=self.config.settle)
 
     # -- topics and calls ------------------------------------------------------------
 
@@ -399,6 +412,14 @@ class Client:
         await self._ready()
         await self._need_swarm("leave").leave(topic)
 
+    def connections(self) -> Any:
+        """An async iterator of the swarm's connection events (swarmd.swarm.ConnectionEvent: kind
+        "open"/"close", public_key, inbound, topics), subscribed now so none is missed; ends when
+        the client closes. For a swarm client (after start())."""
+        if self._swarm is None:
+            raise SwarmdError(ERR_UNAVAILABLE, "connections() needs a started swarm client")
+        return self._swarm.connections()
+
     def connected_peers(self) -> list[bytes]:
         """Public keys of the peers this client holds a connection to."""
         if self._direct is not None:
@@ -463,30 +484,13 @@ class Client:
                     raise
                 res = await self._direct.call("routeInferenceRequest", params, timeout=budget)
         else:
-            deadline = time.monotonic() + budget
-            view = await self._view()
-            fresh = False
-            if not view.orchestrators and not view.workers:
-                view, fresh = await self._view(fresh=True), True
-            try:
-                res, worker = await self.router.infer(params, budget)
-            except SwarmdError as e:
-                # a view up to discovery_ttl old may list only workers that have since gone:
-                # look again once and retry within what is left of the budget
-                left = deadline - time.monotonic()
-                if fresh or e.code != ERR_UNAVAILABLE or left <= 0:
-                    raise
-                await self._view(fresh=True)
-                res, worker = await self.router.infer(params, max(deadline - time.monotonic(), 0.001))
-        if not isinstance(res, dict) or not isinstance(res.get("outputs"), dict):
-            raise SwarmdError(ERR_PROTOCOL, "the worker answered without an outputs map")
-        named = res.get("worker")
-        return Inference(
-            model=str(res.get("model", model)),
-            version=str(res.get("version", "")),
-            outputs={str(k): np.asarray(v) for k, v in res["outputs"].items()},
-            worker=named if isinstance(named, str) else (worker.hex() if worker else None),
-        )
+            fleet = self.fleet
+            assert fleet is not None
+            if time.monotonic() - fleet.discovered_at > self.config.discovery_ttl:
+                await fleet.discover_once(self.config.lookup_timeout)
+            res, lease = await fleet.route("runInference", params, model=model, budget=budget)
+            worker = bytes.fromhex(lease.public_key)
+        return InferResult.from_wire(res, model, worker.hex() if worker else None)
 
     async def infer(
         self,
@@ -514,8 +518,27 @@ class Client:
         return [r.public_key for r in records]
 
 
+def _next_store(e: SwarmdError) -> bool:
+    """Another store may do better: what failover calls retryable, or a copy that failed its digest."""
+    return retryable(e) or e.code == ERR_CORRUPT
+
+
+def pull_destination(path: str | Path, name: str, version: str) -> Path:
+    """Where `pull` writes: path itself, or path/NAME-VERSION.onnx when path is a directory (or ends
+    with a slash). The directory must exist: a typo is a one-line error, not a tree made by accident."""
+    text = str(path)
+    p = Path(path).expanduser()
+    if text.endswith(("/", "\\")) or p.is_dir():
+        if not p.is_dir():
+            raise SwarmdError(ERR_BAD_REQUEST, f"directory {p} does not exist")
+        return p / f"{name}-{version}.onnx"
+    if not p.parent.is_dir():
+        raise SwarmdError(ERR_BAD_REQUEST, f"cannot write {p}: directory {p.parent} does not exist")
+    return p
+
+
 class Models:
-    """Model operations on the swarm's stores: `client.models.push/pull/list/get`."""
+    """Model operations on the swarm's stores: `client.models.push/pull/list/get/rm`."""
 
     def __init__(self, client: Client) -> None:
         self._client = client
@@ -558,6 +581,15 @@ class Models:
         return meta
 
     async def _find(self, name: str, version: str | None) -> tuple[Any, dict[str, Any]]:
+        async with contextlib.aclosing(self._holders(name, version)) as holders:
+            async for found in holders:
+                return found
+        raise AssertionError("unreachable: _holders raises when no store holds the model")  # pragma: no cover
+
+    async def _holders(self, name: str, version: str | None) -> Any:
+        """(peer, metadata) of each store that holds name[:version], in turn: those announcing the
+        model's topic, else every store. Raises (NOT_FOUND unless a store failed otherwise) when
+        none does; the caller stops iterating once one served it."""
         c = self._client
         await c._ready()
         params = {"name": name} if version is None else {"name": name, "version": version}
@@ -566,11 +598,13 @@ class Models:
         for pk in keys:
             try:
                 peer = await c._peer(pk)
-                return peer, await peer.call("getModel", params, timeout=c.config.timeout)
+                meta = await peer.call("getModel", params, timeout=c.config.timeout)
             except SwarmdError as e:
-                if e.code not in (ERR_NOT_FOUND, ERR_UNAVAILABLE, ERR_CLOSED, ERR_TIMEOUT):
+                if not retryable(e):
                     raise
                 last = e
+                continue
+            yield peer, meta
         if last is not None and last.code != ERR_NOT_FOUND:
             raise last
         raise SwarmdError(ERR_NOT_FOUND, f"no store holds model {name}{':' + version if version else ''}")
@@ -585,13 +619,54 @@ class Models:
         progress: Progress | None = None,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> dict[str, Any]:
-        """Download name[:version] (latest when None) to path, verified against its sha256 and
-        written atomically; resumes a partial path + '.part'. Returns the metadata."""
+        """Download name[:version] (latest when None) to path (a directory: path/NAME-VERSION.onnx),
+        verified against its sha256 and written atomically; resumes a partial dest + '.part'. A
+        store whose copy fails (corrupt, gone, timed out) is replaced by the next that holds the
+        same digest. Returns the metadata, with "path" where the file is."""
         c = self._client
-        peer, meta = await self._find(name, version)
-        await pull_file(peer, meta["digest"], Path(path), size=meta["size"], progress=progress,
-                        timeout=timeout or c.config.timeout)
-        return meta
+        t = timeout or c.config.timeout
+        chosen: dict[str, Any] | None = None
+        dest: Path | None = None
+        last: SwarmdError | None = None
+        async with contextlib.aclosing(self._holders(name, version)) as holders:
+            async for peer, meta in holders:
+                if chosen is None:
+                    chosen, dest = meta, pull_destination(path, meta["name"], meta["version"])
+                elif meta.get("digest") != chosen["digest"]:
+                    continue  # "latest" may differ between stores mid-replication: keep the first answer
+                assert dest is not None
+                try:
+                    await pull_file(peer, chosen["digest"], dest, size=chosen["size"], progress=progress, timeout=t)
+                except SwarmdError as e:
+                    if not _next_store(e):
+                        raise
+                    last = e
+                    continue
+                return {**chosen, "path": str(dest)}
+        raise last or SwarmdError(ERR_NOT_FOUND, f"no store holds model {name}{':' + version if version else ''}")
+
+    @_translated
+    async def rm(self, name: str, version: str) -> int:
+        """Delete name:version on every store that holds it (versions go one at a time); returns how
+        many stores deleted it. NotFound when none held it."""
+        c = self._client
+        await c._ready()
+        if not version:
+            raise SwarmdError(ERR_BAD_REQUEST, "rm needs a version (versions are deleted one at a time)")
+        params = {"name": name, "version": version}
+        keys = await c._store_keys(model_topic(name)) or await c._store_keys(STORES)
+        deleted = 0
+        for pk in keys:
+            try:
+                peer = await c._peer(pk)
+                await peer.call("deleteModel", params, timeout=c.config.timeout)
+                deleted += 1
+            except SwarmdError as e:
+                if not _next_store(e):
+                    raise
+        if not deleted:
+            raise SwarmdError(ERR_NOT_FOUND, f"no store holds {name}:{version}")
+        return deleted
 
     @_translated
     async def list(self, name: str | None = None, tag: str | None = None) -> list[dict[str, Any]]:

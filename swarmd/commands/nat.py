@@ -16,45 +16,37 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-from swarmd.errors import ERR_NOT_FOUND, SwarmdError
+from swarmd.node.statusfile import read_local_node
 
 NAME = "nat"
 HELP = "NAT type and connection paths of the running node; `probe` tests the path to a peer"
+FLAGS = ("data_dir", "host", "json")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="nat_command", metavar="status|probe", required=True)
+    sub = parser.add_subparsers(dest="nat_command", metavar="status|probe", required=True,
+                                parser_class=type(parser))
     st = sub.add_parser("status", help="NAT report, signal peers and each connection's path")
-    st.add_argument("--json", action="store_true")
-    st.add_argument("--timeout", type=float, default=10.0)
+    st.add_argument("--timeout", type=float, default=10.0, help="seconds for the answer (default 10)")
     pr = sub.add_parser("probe", help="connect to a peer, one RPC round trip, stream N bytes; print the path")
     pr.add_argument("public_key", help="the peer's public key (hex)")
     pr.add_argument("--bytes", type=int, default=0, help="bytes to stream to the peer (default 0)")
     pr.add_argument("--watch", type=float, default=0.0,
                     help="seconds to keep calling and streaming while the path upgrades (default 0: no)")
     pr.add_argument("--fresh", action="store_true", help="close a pooled connection to the peer first (time a dial)")
-    pr.add_argument("--json", action="store_true")
-    pr.add_argument("--timeout", type=float, default=120.0)
+    pr.add_argument("--timeout", type=float, default=120.0, help="seconds for the whole probe (default 120)")
 
 
-async def _call_own_node(data_dir: Path, host: str, method: str, params: Any, timeout: float) -> Any:  # noqa: ASYNC109
+async def _call_own_node(data_dir: Path, host: str | None, method: str, params: Any, timeout: float) -> Any:  # noqa: ASYNC109
     from swarmd.node.identity import Identity
     from swarmd.rpc import connect
 
-    try:
-        doc = json.loads((data_dir / "status.json").read_text())
-        pk = bytes.fromhex(doc["public_key"])
-        port = int(doc["ports"]["rpc"])
-    except (OSError, ValueError, KeyError, TypeError):
-        raise SwarmdError(ERR_NOT_FOUND, f"no running node found in {data_dir} (status.json missing or unreadable)") from None
-    ident = Identity.load_or_create(data_dir / "identity.key")
-    peer = await connect(
-        ident, host if host not in ("0.0.0.0", "", "::") else "127.0.0.1", port, remote_public_key=pk, timeout=10.0
-    )
+    local = read_local_node(data_dir, host)
+    ident = Identity.load(data_dir / "identity.key")
+    peer = await connect(ident, local.host, local.rpc_port, remote_public_key=local.public_key, timeout=10.0)
     try:
         return await peer.call(method, params, timeout=timeout)
     finally:
@@ -62,17 +54,12 @@ async def _call_own_node(data_dir: Path, host: str, method: str, params: Any, ti
 
 
 async def run(args: argparse.Namespace) -> int:
-    settings = args.settings
-    data_dir, host = Path(settings.node.data_dir), settings.node.host
-    try:
-        if args.nat_command == "status":
-            out = await _call_own_node(data_dir, host, "nat.status", None, args.timeout)
-        else:
-            params = {"target": args.public_key, "bytes": args.bytes, "watch": args.watch, "fresh": args.fresh}
-            out = await _call_own_node(data_dir, host, "nat.probe", params, args.timeout)
-    except SwarmdError as e:
-        print(f"swarmd nat {args.nat_command}: {e.code}: {e.message}", file=sys.stderr)
-        return 1
+    data_dir = Path(args.settings.node.data_dir)
+    if args.nat_command == "status":
+        out = await _call_own_node(data_dir, args.host, "nat.status", None, args.timeout)
+    else:
+        params = {"target": args.public_key, "bytes": args.bytes, "watch": args.watch, "fresh": args.fresh}
+        out = await _call_own_node(data_dir, args.host, "nat.probe", params, args.timeout)
     if args.json:
         print(json.dumps(out))
         return 0

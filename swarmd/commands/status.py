@@ -15,36 +15,25 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from swarmd.errors import ERR_NOT_FOUND, ERR_UNKNOWN_METHOD, SwarmdError
+from swarmd.errors import ERR_UNKNOWN_METHOD, SwarmdError
+from swarmd.node.statusfile import read_local_node
 
 NAME = "status"
 HELP = "the running node's roles, NAT type, peers, workers with load and models (same --data-dir)"
+FLAGS = ("data_dir", "bootstrap", "host", "json")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds per question (default 5)")
 
 
-def read_status_file(data_dir: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads((data_dir / "status.json").read_text())
-        bytes.fromhex(doc["public_key"])
-        int(doc["ports"]["rpc"])
-        return doc
-    except (OSError, ValueError, KeyError, TypeError):
-        raise SwarmdError(
-            ERR_NOT_FOUND, f"no running node found in {data_dir} (status.json missing or unreadable)"
-        ) from None
-
-
-async def gather_status(settings: Any, timeout: float) -> dict[str, Any]:  # noqa: ASYNC109
+async def gather_status(settings: Any, timeout: float, host: str | None = None) -> dict[str, Any]:  # noqa: ASYNC109
     """Everything `swarmd status` prints, as one JSON-able object."""
     from swarmd.topics import WORKERS
     from swarmd_rpc import Client, ClientConfig
 
-    data_dir = Path(settings.node.data_dir)
-    doc = read_status_file(data_dir)
+    local = read_local_node(Path(settings.node.data_dir), host)
+    doc = local.doc
     out: dict[str, Any] = {
         "public_key": doc["public_key"],
         "roles": doc.get("roles", []),
@@ -56,7 +45,7 @@ async def gather_status(settings: Any, timeout: float) -> dict[str, Any]:  # noq
     # a throwaway key, never the node's own: two connections under one key would be deduplicated
     # against the node's real ones by every peer that sees them
     cfg = ClientConfig(timeout=timeout, lookup_timeout=timeout)
-    async with Client.for_peer(doc["public_key"], "127.0.0.1", int(doc["ports"]["rpc"]), config=cfg) as node:
+    async with Client.for_peer(local.public_key, local.host, local.rpc_port, config=cfg) as node:
         try:
             sw = await node.call(None, "swarm.status")
             out["dht"] = {k: sw["dht"].get(k) for k in ("address", "mode", "reflexive", "records_held")}
@@ -71,6 +60,11 @@ async def gather_status(settings: Any, timeout: float) -> dict[str, Any]:  # noq
             except SwarmdError as e:
                 out["errors"]["providers"] = f"{e.code}: {e.message}"
         try:
+            out["tasks"] = await node.call(None, "node.tasks")
+        except SwarmdError as e:
+            if e.code != ERR_UNKNOWN_METHOD:
+                out["errors"]["tasks"] = f"{e.code}: {e.message}"
+        try:
             nat = await node.call(None, "nat.status")
             out["nat"] = nat.get("nat", nat) if isinstance(nat, dict) else nat
             if isinstance(nat, dict) and isinstance(nat.get("metrics"), dict):
@@ -79,7 +73,7 @@ async def gather_status(settings: Any, timeout: float) -> dict[str, Any]:  # noq
             out["nat"] = None
             if e.code != ERR_UNKNOWN_METHOD:
                 out["errors"]["nat"] = f"{e.code}: {e.message}"
-    boot = [f"127.0.0.1:{out['ports']['dht']}"] if isinstance(out["ports"].get("dht"), int) else []
+    boot = [local.dht_address] if local.dht_address else []
     boot += list(settings.node.bootstrap)
     out["workers"], out["models"] = [], []
     if not boot:
@@ -103,6 +97,15 @@ async def gather_status(settings: Any, timeout: float) -> dict[str, Any]:  # noq
     return out
 
 
+def _print_scope(scope: dict[str, Any], indent: str) -> None:
+    """One line per Supervisor scope, its children indented below it."""
+    tasks = scope.get("tasks") or []
+    names = ", ".join(tasks[:8]) + (f", … {len(tasks) - 8} more" if len(tasks) > 8 else "")
+    print(f"{indent}{scope.get('name')} [{scope.get('policy')}]: {names or '-'}")
+    for child in scope.get("scopes") or []:
+        _print_scope(child, indent + "  ")
+
+
 def print_status(st: dict[str, Any]) -> None:
     print(f"node     {st['public_key']}  pid {st.get('pid')}  version {st.get('version')}")
     print(f"roles    {', '.join(st['roles']) or '-'}")
@@ -124,6 +127,9 @@ def print_status(st: dict[str, Any]) -> None:
     print(f"peers    {len(peers)}")
     for p in peers:
         print(f"  {p['public_key'][:16]}  {'in ' if p['inbound'] else 'out'}  {p.get('path', 'direct')}")
+    if isinstance(st.get("tasks"), dict):
+        print("tasks    (scope [policy]: running tasks)")
+        _print_scope(st["tasks"], "  ")
     print(f"workers  {len(st['workers'])}")
     for w in st["workers"]:
         load = w["load"]
@@ -139,7 +145,7 @@ def print_status(st: dict[str, Any]) -> None:
 
 
 async def run(args: argparse.Namespace) -> int:
-    st = await gather_status(args.settings, args.timeout)
+    st = await gather_status(args.settings, args.timeout, args.host)
     if args.json:
         print(json.dumps(st))
     else:

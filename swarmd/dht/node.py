@@ -23,7 +23,7 @@ from kademlia.node import Node
 from loguru import logger
 
 from swarmd.dht.config import DhtConfig
-from swarmd.dht.protocol import SwarmdProtocol, parse_contacts, valid_id
+from swarmd.dht.protocol import AltStunProtocol, SwarmdProtocol, parse_contacts, valid_id
 from swarmd.dht.records import (
     TOKEN_SIZE,
     PeerRecord,
@@ -34,6 +34,7 @@ from swarmd.dht.records import (
 )
 from swarmd.errors import ERR_BAD_REQUEST, ERR_UNAVAILABLE, SwarmdError
 from swarmd.node.identity import Identity
+from swarmd.node.supervisor import LOG, Supervisor
 
 
 def node_id_for(public_key: bytes) -> bytes:
@@ -166,7 +167,12 @@ class DhtNode(Server):
 
     protocol: SwarmdProtocol
 
-    def __init__(self, identity: Identity, config: DhtConfig | None = None) -> None:
+    def __init__(
+        self, identity: Identity, config: DhtConfig | None = None, *, tasks: Supervisor | None = None
+    ) -> None:
+        """`tasks`: the node's Supervisor; the DHT's loops run in a "dht" scope of it whose
+        failures are logged, not fatal."""
+        self.tasks = tasks.scope("dht", LOG) if tasks is not None else Supervisor(name="dht", policy=LOG)
         self.config = config or DhtConfig()
         self.config.validate()
         self.identity = identity
@@ -197,7 +203,7 @@ class DhtNode(Server):
 
     def _create_protocol(self) -> SwarmdProtocol:
         return SwarmdProtocol(
-            self.node, self.config, {"component": "dht", "node": self.identity.public_hex[:16]}
+            self.node, self.config, {"component": "dht", "node": self.identity.public_hex[:16]}, self.tasks
         )
 
     async def listen(self, port: int, interface: str = "0.0.0.0") -> None:
@@ -215,6 +221,21 @@ class DhtNode(Server):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         except OSError:
             pass
+        if self.config.stun_alt_port >= 0:
+            proto = self.protocol
+            try:
+                alt, _ = await loop.create_datagram_endpoint(
+                    lambda: AltStunProtocol(proto), local_addr=(interface, self.config.stun_alt_port)
+                )
+            except OSError as e:
+                self.transport.close()
+                raise SwarmdError(
+                    ERR_UNAVAILABLE,
+                    f"cannot listen for STUN on UDP {interface}:{self.config.stun_alt_port} "
+                    f"(dht.stun_alt_port): {e.strerror or e}",
+                ) from None
+            proto.stun_alt = alt
+            proto.stun_alt_port = alt.get_extra_info("sockname")[1]
 
     async def start(self) -> None:
         """Bind, bootstrap, learn reachability, start maintenance. Raises
@@ -242,7 +263,7 @@ class DhtNode(Server):
                 await NodeSpiderCrawl(
                     self.protocol, self.node, found or self._nearest(self.node), self.ksize, self.alpha
                 ).find()
-        self._maint = asyncio.get_running_loop().create_task(self._maintain())
+        self._maint = self.tasks.spawn(self._maintain(), "dht-maintenance")
         self._log.bind(event="dht_started", port=self.address[1], mode=self.mode).info("dht node started")
 
     def _is_self(self, addr: tuple[str, int]) -> bool:
@@ -250,10 +271,8 @@ class DhtNode(Server):
         return addr[1] == port and (addr[0] == host or host in ("0.0.0.0", "") or addr[0].startswith("127."))
 
     async def stop(self) -> None:
-        if self._maint is not None:
-            self._maint.cancel()
-            await asyncio.gather(self._maint, return_exceptions=True)
-            self._maint = None
+        await self.tasks.close()  # the maintenance loop and the protocol's background work
+        self._maint = None
         if self.protocol is not None:
             await self.protocol.aclose()
 
@@ -464,6 +483,11 @@ class DhtNode(Server):
     async def stun(self, address: tuple[str, int], wait: float | None = None) -> tuple[str, int] | None:
         """Our reflexive address as the DHT node at address sees it."""
         return await self.protocol.stun_request(address, wait)
+
+    def stun_alternate(self, address: tuple[str, int]) -> tuple[str, int] | None:
+        """The second STUN endpoint the node at address named in its last answer, or None."""
+        port = self.protocol.stun_alternates.get((address[0], address[1]))
+        return (address[0], port) if port else None
 
     async def ping(self, address: tuple[str, int]) -> bytes | None:
         ok, nid = await self.protocol.ping(address, self.node.id)

@@ -53,11 +53,13 @@ from swarmd.dht.records import (
     decode_record,
     topic_target,
 )
+from swarmd.node.supervisor import LOG, Supervisor
 
 ID_SIZE = 20
 REQUEST = 0x00
 RESPONSE = 0x01
 MAX_PENDING_STUN = 64
+MAX_STUN_ALTERNATES = 256  # alternate STUN ports remembered from other nodes' answers
 
 
 def valid_ip(host: Any) -> bool:
@@ -155,7 +157,7 @@ class SwarmdRoutingTable(RoutingTable):
             self.split_bucket(index)
             self.add_contact(node)
         else:
-            self.protocol.spawn(self.protocol.call_ping(bucket.head()))
+            self.protocol.spawn(self.protocol.call_ping(bucket.head()), "dht-ping")
 
     def all_contacts(self) -> list[Node]:
         return [n for b in self.buckets for n in b.nodes.values()]
@@ -167,7 +169,15 @@ Handler = Callable[..., Any]
 class SwarmdProtocol(KademliaProtocol):
     """rpcudp/kademlia protocol with hostile-input handling and topic RPCs."""
 
-    def __init__(self, source_node: Node, config: DhtConfig, bind: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        source_node: Node,
+        config: DhtConfig,
+        bind: dict[str, Any] | None = None,
+        tasks: Supervisor | None = None,
+    ) -> None:
+        """`tasks`: the scope its background work (pings, record hand-offs) runs in; failures
+        there are logged, rate-limited, and never stop the node."""
         RPCProtocol.__init__(self, wait_timeout=config.request_timeout)
         self.config = config
         self.ksize = config.ksize
@@ -186,8 +196,14 @@ class SwarmdProtocol(KademliaProtocol):
         self.ip_limiter = SourceLimiter(config.per_ip_rate, config.per_ip_burst, config.max_sources_tracked)
         self.client_mode = False
         self.closed = asyncio.get_running_loop().create_future()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        owner = tasks if tasks is not None else Supervisor(name="dht", policy=LOG)
+        self.tasks = owner.scope("protocol", LOG, report=self._report)
         self._stun_pending: dict[bytes, asyncio.Future[tuple[str, int]]] = {}
+        # RFC 5780 style: a second socket that answers STUN only (see AltStunProtocol)
+        self.stun_alt: asyncio.DatagramTransport | None = None
+        self.stun_alt_port: int | None = None
+        # alternate STUN ports other nodes named in their answers: (ip, port) -> alt port
+        self.stun_alternates: dict[tuple[str, int], int] = {}
         self._handlers: dict[str, Handler] = {
             "ping": self.rpc_ping,
             "find_node": self.rpc_find_node,
@@ -198,27 +214,21 @@ class SwarmdProtocol(KademliaProtocol):
 
     # -- task ownership ------------------------------------------------------
 
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any] | None:
-        """Run a background coroutine owned by this protocol (cancelled on close)."""
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str = "dht-task") -> asyncio.Task[Any] | None:
+        """Run a background coroutine in this protocol's scope (cancelled on close)."""
         if self.transport is None or self.transport.is_closing():
             coro.close()
             return None
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
+        try:
+            return self.tasks.spawn(coro, name)
+        except RuntimeError:  # the scope is closed: we are stopping
+            return None
 
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            self.rlog.warn("task_error", "dht background task failed", error=f"{type(exc).__name__}: {exc}")
+    def _report(self, where: str, exc: BaseException) -> None:
+        self.rlog.warn("task_error", "dht background task failed", task=where, error=f"{type(exc).__name__}: {exc}")
 
     async def aclose(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.tasks.close()
         for fut, timer, _dest in list(self._outstanding.values()):
             timer.cancel()
             if not fut.done():
@@ -228,6 +238,9 @@ class SwarmdProtocol(KademliaProtocol):
             if not fut.done():
                 fut.cancel()
         self._stun_pending.clear()
+        if self.stun_alt is not None:
+            self.stun_alt.close()
+            self.stun_alt = None
         if self.transport is not None:
             self.transport.close()
 
@@ -565,11 +578,11 @@ class SwarmdProtocol(KademliaProtocol):
             return
         for key, value in self.storage:
             if self._should_hand_off(node, key):
-                self.spawn(self.call_store(node, key, value))
+                self.spawn(self.call_store(node, key, value), "dht-store")
         if not self.client_mode:
             topics = [t for t in self.records.topics() if self._should_hand_off(node, topic_target(t))]
             if topics:
-                self.spawn(self._hand_off_records(node, topics))
+                self.spawn(self._hand_off_records(node, topics), "dht-hand-off")
         self.router.add_contact(node)
 
     async def _hand_off_records(self, node: Node, topics: list[bytes]) -> None:
@@ -593,7 +606,8 @@ class SwarmdProtocol(KademliaProtocol):
         if msg.msg_type == stun.BINDING_REQUEST:
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.sendto(
-                    stun.encode_binding_response(msg.transaction_id, (addr[0], addr[1])), addr
+                    stun.encode_binding_response(msg.transaction_id, (addr[0], addr[1]), self.stun_alt_port),
+                    addr,
                 )
         elif msg.msg_type == stun.BINDING_SUCCESS:
             fut = self._stun_pending.pop(msg.transaction_id, None)
@@ -601,12 +615,23 @@ class SwarmdProtocol(KademliaProtocol):
                 return
             try:
                 mapped = msg.mapped_address
+                other = msg.other_port
             except ValueError:
-                mapped = None
+                mapped, other = None, None
             if mapped is None:
                 fut.cancel()
-            else:
-                fut.set_result(mapped)
+                return
+            if other is not None and other != addr[1]:
+                if len(self.stun_alternates) >= MAX_STUN_ALTERNATES:
+                    self.stun_alternates.pop(next(iter(self.stun_alternates)))
+                self.stun_alternates[(addr[0], addr[1])] = other
+            fut.set_result(mapped)
+
+    def stun_alt_request_ok(self, addr: tuple[str, int]) -> bool:
+        """The alternate STUN socket applies the same per-IP and per-source limits."""
+        if not _is_loopback(addr[0]) and not self.ip_limiter.allow(addr[0]):
+            return False
+        return self.limiter.allow(addr[:2])
 
     async def stun_request(
         self, address: tuple[str, int], wait: float | None = None
@@ -628,4 +653,35 @@ class SwarmdProtocol(KademliaProtocol):
             self._stun_pending.pop(tid, None)
 
 
-__all__ = ["SwarmdProtocol", "SwarmdRoutingTable", "parse_contacts"]
+class AltStunProtocol(asyncio.DatagramProtocol):
+    """The DHT node's second UDP socket: answers STUN binding requests, nothing else.
+
+    A client that knows one DHT node asks it on both ports; a NAT that maps each
+    destination to a new port (symmetric) shows two mappings, a cone one. The main
+    socket names this port in OTHER-ADDRESS. Same size in as out: no amplification.
+    """
+
+    def __init__(self, main: SwarmdProtocol) -> None:
+        self.main = main
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:  # type: ignore[override]
+        try:
+            if not stun.looks_like_stun(data) or not self.main.stun_alt_request_ok(addr):
+                return
+            msg = stun.parse_message(data)
+            if msg.msg_type == stun.BINDING_REQUEST and self.transport is not None:
+                self.transport.sendto(stun.encode_binding_response(msg.transaction_id, (addr[0], addr[1])), addr)
+        except ValueError as e:
+            self.main.rlog.warn("bad_stun", "dropped malformed STUN message", error=str(e), source=addr[0])
+        except Exception as e:  # asyncio closes the socket when this raises: never let a peer do that
+            self.main.rlog.warn("internal", "dropped datagram that broke its handler", error=f"{type(e).__name__}: {e}"[:160])
+
+    def error_received(self, exc: Exception) -> None:
+        pass  # ICMP errors from clients that went away: nothing to do
+
+
+__all__ = ["AltStunProtocol", "SwarmdProtocol", "SwarmdRoutingTable", "parse_contacts"]

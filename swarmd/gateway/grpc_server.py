@@ -63,6 +63,7 @@ STATUS: dict[str, grpc.StatusCode] = {
     "ERR_CLOSED": grpc.StatusCode.UNAVAILABLE,
     ERR_TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
     ERR_INTERNAL: grpc.StatusCode.INTERNAL,
+    "ERR_NOT_IMPLEMENTED": grpc.StatusCode.UNIMPLEMENTED,
 }
 
 # Triton's model configuration data types, by OIP datatype name.
@@ -79,7 +80,6 @@ CONTENTS_FIELD: dict[str, str] = {
     "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
 }
 NOT_BUILT = {
-    "ModelStatistics": "model statistics (Triton's statistics extension) are not collected yet",
     "RepositoryModelLoad": "explicit model loading: workers load a model on its first request or with "
                            "`swarmd call WORKER loadModel`",
     "RepositoryModelUnload": "explicit model unloading: use `swarmd call WORKER unloadModel`",
@@ -163,6 +163,7 @@ class GrpcFront:
             "ModelConfig": (self.model_config, pb.ModelConfigRequest),
             "ModelInfer": (self.model_infer, pb.ModelInferRequest),
             "RepositoryIndex": (self.repository_index, pb.RepositoryIndexRequest),
+            "ModelStatistics": (self.model_statistics, pb.ModelStatisticsRequest),
         }
         for name, (fn, req_type) in unary.items():
             handlers[name] = grpc.unary_unary_rpc_method_handler(
@@ -191,6 +192,7 @@ class GrpcFront:
     PERMISSIONS: dict[str, str] = {
         "ServerLive": PUBLIC, "ServerReady": PUBLIC, "ModelReady": "models:read", "ServerMetadata": "models:read",
         "ModelMetadata": "models:read", "ModelConfig": "models:read", "RepositoryIndex": "models:read",
+        "ModelStatistics": "models:read",
         "ModelInfer": "infer", "ModelStreamInfer": "infer",
     }
 
@@ -265,6 +267,20 @@ class GrpcFront:
         for t in tensor_meta(info, "outputs"):
             cfg.output.add(name=t["name"], data_type=CONFIG_TYPES.get(t["datatype"], pb.TYPE_INVALID), dims=t["shape"])
         return pb.ModelConfigResponse(config=cfg)
+
+    async def model_statistics(self, request: Any) -> Any:
+        if request.name:
+            await self.gw.metadata(request.name, request.version or None)
+        resp = pb.ModelStatisticsResponse()
+        for doc in await self.gw.backend.model_statistics(request.name or None, request.version or None):
+            s = resp.model_stats.add(name=doc["name"], version=doc["version"], last_inference=doc["last_inference"],
+                                     inference_count=doc["inference_count"], execution_count=doc["execution_count"])
+            for phase, d in doc["inference_stats"].items():
+                getattr(s.inference_stats, phase).CopyFrom(pb.StatisticDuration(**d))
+            for b in doc["batch_stats"]:
+                s.batch_stats.add(batch_size=b["batch_size"], **{k: pb.StatisticDuration(**b[k]) for k in
+                                                                 ("compute_input", "compute_infer", "compute_output")})
+        return resp
 
     async def repository_index(self, request: Any) -> Any:
         resp = pb.RepositoryIndexResponse()

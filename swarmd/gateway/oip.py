@@ -139,17 +139,19 @@ def _bytes_from_binary(raw: memoryview, count: int, where: str) -> np.ndarray:
 
 def _bytes_from_json(data: Any, count: int, where: str) -> np.ndarray:
     flat: list[Any] = []
-
-    def walk(x: Any) -> None:
+    # iterative, and no deeper than a tensor may have dimensions: nesting from a client
+    # must never reach Python's recursion limit (a RecursionError is an HTTP 500)
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    while stack:
+        x, depth = stack.pop()
         if isinstance(x, list):
-            for y in x:
-                walk(y)
+            if depth >= MAX_DIMS:
+                raise OipError(f"{where}.data is nested deeper than {MAX_DIMS} levels")
+            stack.extend((y, depth + 1) for y in reversed(x))
         elif isinstance(x, str):
             flat.append(x.encode())
         else:
             raise OipError(f"{where}.data for BYTES must hold strings, got {type(x).__name__}")
-
-    walk(data)
     if len(flat) != count:
         raise OipError(f"{where}.data has {len(flat)} elements but shape needs {count}")
     out = np.empty(count, dtype=object)

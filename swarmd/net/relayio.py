@@ -29,6 +29,7 @@ from swarmd.net.relay import (
     ST_OVERLOADED,
     ST_PAIRED,
     ST_PONG,
+    ST_RATE_LIMITED,
     ST_WAITING,
     STATUS_NAMES,
     TOKEN_SIZE,
@@ -76,6 +77,7 @@ class RelayServer:
         self.port = 0
         self._server: asyncio.base_events.Server | None = None
         self._conns: dict[int, _Conn] = {}
+        self._by_source: dict[str, int] = {}  # open sockets per source address
         self._handlers: set[asyncio.Task[Any]] = set()
         self._next_conn = 1
         self.bytes_total = 0
@@ -136,8 +138,15 @@ class RelayServer:
             self._refuse(conn, ST_OVERLOADED, f"relay holds {len(self._conns)} connections (max_connections)")
             writer.close()
             return
+        if self._by_source.get(conn.source, 0) >= self.config.max_connections_per_source:
+            self.connections_refused += 1  # one address must not take the sockets everyone shares
+            self._refuse(conn, ST_RATE_LIMITED,
+                         f"source holds {self.config.max_connections_per_source} connections (max_connections_per_source)")
+            writer.close()
+            return
         self._handlers.add(task)
         self._conns[conn.id] = conn
+        self._by_source[conn.source] = self._by_source.get(conn.source, 0) + 1
         try:
             await self._serve(conn)
         except (ConnectionError, asyncio.IncompleteReadError, OSError, TimeoutError):
@@ -148,6 +157,11 @@ class RelayServer:
             pass
         finally:
             self._conns.pop(conn.id, None)
+            left = self._by_source.get(conn.source, 1) - 1
+            if left > 0:
+                self._by_source[conn.source] = left
+            else:
+                self._by_source.pop(conn.source, None)
             self.core.closed(conn.id)  # a circuit's splice ends both of its sides itself
             writer.close()
             self._handlers.discard(task)

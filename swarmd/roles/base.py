@@ -9,11 +9,13 @@ The node starts roles in ROLE_ORDER and stops them in reverse.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from swarmd.node.identity import Identity
+from swarmd.node.metrics import NodeMetrics
 from swarmd.node.supervisor import Supervisor
 
 if TYPE_CHECKING:  # the upper layers are composed by the daemon, not imported here
@@ -39,6 +41,7 @@ class NodeContext:
     trust: Any = None  # swarmd.node.trust.Trust: which keys this node admits to which role
     ports: dict[str, int] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
+    metrics: NodeMetrics = field(default_factory=NodeMetrics)  # collectors; served when node.metrics is set
     _roles: dict[str, Role] = field(default_factory=dict)
 
     def info(self) -> dict[str, Any]:
@@ -68,6 +71,20 @@ class Role:
 
     def __init__(self, ctx: NodeContext) -> None:
         self.ctx = ctx
+        self._scope: Supervisor | None = None
+
+    @property
+    def tasks(self) -> Supervisor:
+        """This role's scope of the node's Supervisor ("role:NAME"): its loops, whose crash stops
+        the node. The daemon closes it after the role's stop()."""
+        if self._scope is None:
+            self._scope = self.ctx.tasks.scope(f"role:{self.name}")
+        return self._scope
+
+    async def close_tasks(self) -> None:
+        """Cancel and await whatever still runs in this role's scope."""
+        if self._scope is not None:
+            await self._scope.close()
 
     async def start(self) -> None:
         """Register methods, join topics, spawn loops. Return when serving."""
@@ -78,3 +95,7 @@ class Role:
     def status(self) -> dict[str, Any]:
         """A small JSON-able summary for status.json and status RPCs."""
         return {}
+
+    def metrics(self) -> Iterable[Any]:
+        """Prometheus metric families (prometheus_client.core) read at scrape time."""
+        return ()

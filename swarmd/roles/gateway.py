@@ -71,6 +71,7 @@ class GatewayRole(Role):
             await self.backend.stop()
             self.keys.close()
             raise
+        self.ctx.metrics.add_text(self.gateway.metrics.render)  # its registry, also on its HTTP /metrics
         self.log.bind(event="gateway_listening", url=self.gateway.url).info("gateway listening on {}", self.gateway.url)
 
     async def stop(self) -> None:
