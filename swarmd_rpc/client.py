@@ -576,9 +576,24 @@ class Models:
 
     @_translated
     async def get(self, name: str, version: str | None = None) -> dict[str, Any]:
-        """Metadata of name[:version] (latest when version is None) from any store holding it."""
-        _, meta = await self._find(name, version)
-        return meta
+        """Metadata of name[:version] (latest when version is None) from any store holding it.
+
+        Unversioned: the newest (swarmd.versions) of what every store holding it calls its
+        latest, so a store that has not replicated a push yet does not decide."""
+        if version is not None:
+            _, meta = await self._find(name, version)
+            return meta
+        from swarmd.versions import version_key
+
+        found: list[dict[str, Any]] = []
+        try:
+            async with contextlib.aclosing(self._holders(name, None)) as holders:
+                async for _, meta in holders:
+                    found.append(meta)
+        except SwarmdError:
+            if not found:
+                raise
+        return max(found, key=lambda m: version_key(str(m.get("version", ""))))
 
     async def _find(self, name: str, version: str | None) -> tuple[Any, dict[str, Any]]:
         async with contextlib.aclosing(self._holders(name, version)) as holders:
@@ -671,7 +686,7 @@ class Models:
     @_translated
     async def list(self, name: str | None = None, tag: str | None = None) -> list[dict[str, Any]]:
         """Metadata of every version every reachable store holds, merged, sorted by name and version."""
-        from swarmd.store.catalog import version_key
+        from swarmd.versions import version_key
 
         c = self._client
         await c._ready()

@@ -128,11 +128,6 @@ class InferenceBackend(Protocol):
         ...
 
 
-def version_key(v: str) -> tuple[int, int, str]:
-    """Order versions: numeric ones numerically, then the rest by text."""
-    return (0, int(v), "") if v.isdigit() else (1, 0, v)
-
-
 def check_inputs(info: ModelInfo, inputs: dict[str, np.ndarray]) -> None:
     """Reject inputs that do not fit the model's signature, naming the first mismatch."""
     expected = {t.name: t for t in info.inputs}

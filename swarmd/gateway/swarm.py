@@ -23,12 +23,13 @@ from typing import Any
 from loguru import logger
 
 from swarmd.errors import ERR_NOT_FOUND, ERR_NOT_READY, ERR_UNAVAILABLE, SwarmdError
-from swarmd.gateway.backend import InferResult, ModelInfo, UploadedModel, not_found, version_key
+from swarmd.gateway.backend import InferResult, ModelInfo, UploadedModel, not_found
 from swarmd.gateway.config import GatewayConfig
 from swarmd.orchestrator.config import OrchestratorConfig
 from swarmd.orchestrator.failover import retryable
 from swarmd.orchestrator.fleet import Fleet
 from swarmd.topics import GATEWAYS, STORES, WORKERS
+from swarmd.versions import version_key
 
 
 class SwarmBackend:

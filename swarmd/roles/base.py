@@ -63,6 +63,27 @@ class NodeContext:
         """A co-located role instance (same process), or None."""
         return self._roles.get(name)
 
+    def trusts(self, key: bytes, role: str, record: Any = None, *, replica: bool = False) -> bool:
+        """May peer `key` act as `role` toward this node: be fetched from, be replicated with?
+
+        The one place roles ask before they take data from a peer they found on the DHT
+        (`record`: its record there, which may carry role grants). Two checks, both must
+        pass: the swarm's role grants (ctx.trust, when the node has one and it is not
+        open), and the node's own [access] lists: with lists, a replica (replica=True:
+        it writes into our catalog) must be in access.allow, any other data source in
+        one of the lists; with no lists, every key passes this second check.
+        """
+        if key == self.identity.public_key:
+            return True
+        trust = getattr(self, "trust", None)
+        if trust is not None and not getattr(trust, "is_open", False):
+            admitted = trust.admits_record(record, role) if record is not None else trust.admits(key, role)
+            if not admitted:
+                return False
+        fw = getattr(self.rpc_server, "firewall", None)
+        if fw is None or fw.open or key in fw.allow:
+            return True
+        return not replica and key in fw.allow_read_only
 
 class Role:
     """Base class for roles; subclasses set `name` and override start/stop."""

@@ -504,7 +504,7 @@ class Swarm:
             async for rec in it:
                 if rec.public_key == public_key:
                     return rec
-        raise SwarmdError(ERR_NOT_FOUND, f"no record for peer {public_key.hex()[:16]}… on the DHT")
+        raise SwarmdError(ERR_UNAVAILABLE, f"no record for peer {public_key.hex()[:16]}… on the DHT")
 
     async def _dial(self, public_key: bytes, record: PeerRecord | None) -> RpcPeer:
         if record is None:

@@ -34,6 +34,7 @@ from swarmd.errors import (
     ERR_TIMEOUT,
     SwarmdError,
 )
+from swarmd.versions import latest
 from swarmd.worker.batcher import Pending, PendingState, Result, execute, internal_error, take_batch
 from swarmd.worker.config import BatchingConfig, WorkerConfig
 from swarmd.worker.result import InferResult
@@ -124,7 +125,9 @@ class InferenceEngine:
         self.queued = 0
         self.in_flight = 0
         self._models: dict[tuple[str, str], ServedModel] = {}
-        self._default: dict[str, str] = {}  # name -> version answered when none is asked
+        # name -> version answered when none is asked: the newest loaded by swarmd.versions (the
+        # worker role asks its stores which version is the latest and passes it explicitly)
+        self._default: dict[str, str] = {}
         self._loading: dict[tuple[str, str], asyncio.Future[ServedModel]] = {}
         self._free = config.max_concurrent_inferences  # run slots not in use
         self._turn = 0
@@ -191,7 +194,7 @@ class InferenceEngine:
         served = ServedModel(name, version, digest, runtime, policy, size=size)
         served.idle.set()
         self._models[(name, version)] = served
-        self._default[name] = version
+        self._default[name] = latest(v for (n, v) in self._models if n == name) or version
         for note in runtime.notes:
             self.log.bind(event="provider_unavailable", model=name).warning("worker.providers: {}", note)
         if runtime.fallback is not None:
@@ -239,9 +242,9 @@ class InferenceEngine:
                 m.delay_timer.cancel()
             self.log.bind(event="model_unloaded", model=m.name, version=m.version).info(
                 "unloaded model {}:{}", m.name, m.version)
-        remaining = [v for (n, v) in self._models if n == name]
-        if remaining:
-            self._default[name] = remaining[-1]
+        remaining = latest(v for (n, v) in self._models if n == name)
+        if remaining is not None:
+            self._default[name] = remaining
         else:
             self._default.pop(name, None)
         return [m.version for m in targets]
