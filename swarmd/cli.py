@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             from swarmd.node.eventloop import run
 
-            return run(run_daemon(settings), settings.node.event_loop)
+            return run(run_daemon(settings), settings.node.event_loop, reap_timeout=2.0)
         result = commands[args.command].run(args)
         if inspect.iscoroutine(result):
             result = asyncio.run(result)

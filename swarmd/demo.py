@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from swarmd.node.eventloop import run
 
-        return run(DemoNode(settings, model_path, swarm).run(), settings.node.event_loop)
+        return run(DemoNode(settings, model_path, swarm).run(), settings.node.event_loop, reap_timeout=2.0)
     except KeyboardInterrupt:
         return 130
 

@@ -32,6 +32,7 @@ from swarmd.errors import (
     ERR_UNKNOWN_METHOD,
     SwarmdError,
 )
+from swarmd.node.deadline import within
 from swarmd.node.identity import Identity
 from swarmd.orchestrator.remote import RemoteRouter, SwarmView
 from swarmd.store.transfer import Progress, pull_file, push_file
@@ -337,7 +338,7 @@ class Client:
                 if wait <= 0:
                     break
                 try:
-                    rec = await asyncio.wait_for(anext(it), wait)
+                    rec = await within(anext(it), wait)
                 except (StopAsyncIteration, TimeoutError):
                     break
                 if not found and settle is not None:

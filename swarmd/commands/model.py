@@ -10,7 +10,6 @@ deletes on every store that holds it.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import sys
@@ -29,6 +28,7 @@ from swarmd.errors import (
     ERR_UNAVAILABLE,
     SwarmdError,
 )
+from swarmd.node.deadline import within
 from swarmd.settings import parse_hostport
 from swarmd.store.transfer import parse_ref, pull_file, push_file
 
@@ -204,7 +204,7 @@ async def _swarm_stores(
         peers = []
         for rec in records:
             try:
-                peers.append(await asyncio.wait_for(client.connect(rec.public_key), args.timeout))
+                peers.append(await within(client.connect(rec.public_key), args.timeout))
             except (SwarmdError, OSError, TimeoutError):
                 continue  # a store that went away: its record lingers until it expires
         if not peers:

@@ -52,6 +52,12 @@ class DhtConfig:
     max_contacts_per_ip: int = 8
     refresh_interval: float = 15 * 60.0
     lookup_timeout: float = 5.0
+    # how long start() keeps retrying bootstrap nodes that do not answer (backoff from
+    # bootstrap_backoff doubling to bootstrap_backoff_max); 0: one round (short-lived tools),
+    # inf: until one answers (a daemon sets it from node.bootstrap_wait)
+    bootstrap_wait: float = 0.0
+    bootstrap_backoff: float = 0.5
+    bootstrap_backoff_max: float = 10.0
 
     def validate(self) -> None:
         from swarmd.errors import ConfigError

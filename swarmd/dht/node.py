@@ -228,13 +228,11 @@ class DhtNode(Server):
             # every bootstrap entry is this very node: it is the first node of the swarm
             self.protocol.client_mode = cfg.mode == "client"
         elif cfg.bootstrap:
-            found = await self.bootstrap(addrs)
-            if not self.protocol.router.all_contacts():
+            try:
+                found, addrs = await self._bootstrap_with_retries(addrs)
+            except BaseException:
                 await self.stop()
-                raise SwarmdError(
-                    ERR_UNAVAILABLE,
-                    f"no bootstrap node answered: {', '.join(f'{h}:{p}' for h, p in cfg.bootstrap)}",
-                )
+                raise
             if cfg.mode == "auto":
                 await self._probe_reachability(addrs)
             if not self.protocol.client_mode:
@@ -244,6 +242,38 @@ class DhtNode(Server):
                 ).find()
         self._maint = asyncio.get_running_loop().create_task(self._maintain())
         self._log.bind(event="dht_started", port=self.address[1], mode=self.mode).info("dht node started")
+
+    async def _bootstrap_with_retries(
+        self, addrs: list[tuple[str, int]]
+    ) -> tuple[list[Node], list[tuple[str, int]]]:
+        """Bootstrap until a node answers: one round when config.bootstrap_wait is 0, else
+        retries with backoff (each logged) until one answers or bootstrap_wait has passed,
+        then SwarmdError(ERR_UNAVAILABLE). Names are resolved again on every try."""
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + cfg.bootstrap_wait
+        delay = cfg.bootstrap_backoff
+        attempt = 1
+        names = ", ".join(f"{h}:{p}" for h, p in cfg.bootstrap)
+        while True:
+            found = await self.bootstrap(addrs) if addrs else []
+            if self.protocol.router.all_contacts():
+                if attempt > 1:
+                    self._log.bind(event="bootstrap_answered", attempt=attempt).info(
+                        "bootstrap answered on try {}", attempt
+                    )
+                return found, addrs
+            left = deadline - loop.time()
+            if left <= 0:
+                raise SwarmdError(ERR_UNAVAILABLE, f"no bootstrap node answered: {names}")
+            wait = min(delay, left)
+            self._log.bind(event="bootstrap_retry", attempt=attempt, retry_in=round(wait, 2)).warning(
+                "no bootstrap node answered ({}) on try {}; trying again in {:.1f}s", names, attempt, wait
+            )
+            await asyncio.sleep(wait)
+            delay = min(delay * 2, cfg.bootstrap_backoff_max)
+            attempt += 1
+            addrs = [a for a in await self._resolve(cfg.bootstrap) if not self._is_self(a)]
 
     def _is_self(self, addr: tuple[str, int]) -> bool:
         host, port = self.address
@@ -262,7 +292,8 @@ class DhtNode(Server):
         out = []
         for host, port in addrs:
             try:
-                infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM), 5.0)
+                async with asyncio.timeout(5.0):
+                    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
             except (OSError, TimeoutError):
                 continue
             for fam, *_rest, sockaddr in infos:
@@ -394,7 +425,8 @@ class DhtNode(Server):
                         best[rec.public_key] = rec
 
         try:
-            await asyncio.wait_for(run(), timeout or self.config.lookup_timeout)
+            async with asyncio.timeout(timeout or self.config.lookup_timeout):
+                await run()
         except TimeoutError:
             pass
         return list(best.values())

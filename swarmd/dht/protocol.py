@@ -619,11 +619,15 @@ class SwarmdProtocol(KademliaProtocol):
         self._stun_pending[tid] = fut
         try:
             self.transport.sendto(stun.encode_binding_request(tid), address)
-            return await asyncio.wait_for(fut, wait or self._wait_timeout)
-        except (TimeoutError, asyncio.CancelledError, OSError, TypeError, ValueError):
-            if asyncio.current_task() is not None and asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                raise
+            async with asyncio.timeout(wait or self._wait_timeout):
+                return await fut
+        except (TimeoutError, OSError, TypeError, ValueError):
             return None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # our caller was cancelled: never swallow that
+            return None  # the answer's future was cancelled (no mapped address, or closing)
         finally:
             self._stun_pending.pop(tid, None)
 

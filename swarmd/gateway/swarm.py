@@ -37,6 +37,7 @@ from swarmd.errors import (
 )
 from swarmd.gateway.backend import InferResult, ModelInfo, UploadedModel, not_found, version_key
 from swarmd.gateway.config import GatewayConfig
+from swarmd.node.deadline import within
 from swarmd.orchestrator.remote import RemoteRouter, SwarmView
 from swarmd.rpc import CallContext
 from swarmd.topics import GATEWAYS, ORCHESTRATORS, STORES, WORKERS
@@ -85,7 +86,7 @@ class SwarmBackend:
             self.fleet.monitor.call = self._fleet_call
             await self.fleet.start(self.ctx.tasks)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._refreshed.wait(), 5.0)
+            await within(self._refreshed.wait(), 5.0)
 
     async def _fleet_call(self, lease: Any, method: str, params: Any, seconds: float) -> Any:
         if lease.public_key == self._own_hex and asyncio.current_task() is not None:
@@ -119,7 +120,7 @@ class SwarmBackend:
             self._loop_task = None
         if self.swarm is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.swarm.leave(GATEWAYS), 2.0)
+                await within(self.swarm.leave(GATEWAYS), 2.0)
 
     async def _discover_loop(self) -> None:
         announced = False

@@ -32,6 +32,7 @@ from swarmd.errors import (
     ERR_UNAVAILABLE,
     SwarmdError,
 )
+from swarmd.node.deadline import within
 
 Address = tuple[str, int]
 
@@ -211,7 +212,7 @@ class PunchedTransport(asyncio.Transport):
         with contextlib.suppress(Exception):
             self._ch.close()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._pc.close(), 5.0)
+            await within(self._pc.close(), 5.0)
         self._on_close()
 
 
@@ -328,7 +329,7 @@ class Puncher:
     async def offer(self) -> str:
         """Caller: gather candidates (STUN on our DHT nodes) and return the offer SDP."""
         try:
-            await asyncio.wait_for(self._pc.setLocalDescription(await self._pc.createOffer()), GATHER_TIMEOUT)
+            await within(self._pc.setLocalDescription(await self._pc.createOffer()), GATHER_TIMEOUT)
         except TimeoutError:
             await self.close()
             raise SwarmdError(ERR_TIMEOUT, f"gathering ICE candidates took longer than {GATHER_TIMEOUT:g}s") from None
@@ -343,7 +344,7 @@ class Puncher:
         try:
             await self._pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
             # gathering asks our STUN servers; bounded, as every await on the network
-            await asyncio.wait_for(self._pc.setLocalDescription(await self._pc.createAnswer()), GATHER_TIMEOUT)
+            await within(self._pc.setLocalDescription(await self._pc.createAnswer()), GATHER_TIMEOUT)
         except TimeoutError:
             await self.close()
             raise SwarmdError(ERR_TIMEOUT, f"gathering ICE candidates took longer than {GATHER_TIMEOUT:g}s") from None
@@ -395,7 +396,7 @@ class Puncher:
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._pc.close(), 5.0)
+            await within(self._pc.close(), 5.0)
 
 
 def _check_sdp(sdp: Any) -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
+import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -42,7 +44,34 @@ def loop_factory(choice: str = "asyncio") -> Callable[[], asyncio.AbstractEventL
     return uvloop.new_event_loop
 
 
-def run(main: Coroutine[Any, Any, T], choice: str = "asyncio") -> T:
-    """asyncio.run(main) on the chosen loop."""
+def run(main: Coroutine[Any, Any, T], choice: str = "asyncio", reap_timeout: float | None = None) -> T:
+    """asyncio.run(main) on the chosen loop.
+
+    With reap_timeout (daemons), tasks still alive when main returns get that
+    long to finish after being cancelled; if one ignores its cancellation the
+    process exits at once with main's exit status instead of hanging in
+    asyncio's shutdown, which waits for every task without a bound.
+    """
+    if reap_timeout is not None:
+        main = _then_reap(main, reap_timeout)
     with asyncio.Runner(loop_factory=loop_factory(choice)) as runner:
         return runner.run(main)
+
+
+async def _then_reap(main: Coroutine[Any, Any, T], timeout: float) -> T:  # noqa: ASYNC109
+    result = await main
+    current = asyncio.current_task()
+    others = [t for t in asyncio.all_tasks() if t is not current]
+    for t in others:
+        t.cancel()
+    if others:
+        _, pending = await asyncio.wait(others, timeout=timeout)
+        if pending:
+            logger.bind(event="tasks_stuck", tasks=sorted(t.get_name() for t in pending)).error(
+                "{} task(s) ignored cancellation; exiting without waiting for them", len(pending)
+            )
+            await logger.complete()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(result if isinstance(result, int) else 1)
+    return result

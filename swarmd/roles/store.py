@@ -21,6 +21,7 @@ from typing import Any
 from loguru import logger
 
 from swarmd.errors import ERR_BAD_REQUEST, ERR_CONFLICT, ERR_CORRUPT, ERR_NOT_FOUND, ERR_TIMEOUT, SwarmdError
+from swarmd.node.deadline import within
 from swarmd.roles.base import NodeContext, Role
 from swarmd.settings import parse_hostport
 from swarmd.store.blobs import check_digest, hash_file
@@ -183,7 +184,7 @@ class StoreRole(Role):
                          "uploadModel"):
                 m.unregister(name)
         if self.ctx.swarm is not None:  # withdraw every announcement at once, bounded
-            leaves = [asyncio.wait_for(self.ctx.swarm.leave(t), 5.0) for t in sorted(self._announced) + [STORES]]
+            leaves = [within(self.ctx.swarm.leave(t), 5.0) for t in sorted(self._announced) + [STORES]]
             await asyncio.gather(*leaves, return_exceptions=True)
             self._announced.clear()
         if self.store is not None:

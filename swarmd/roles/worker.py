@@ -11,13 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from pathlib import Path
 from typing import Any, ClassVar
 
 from loguru import logger
 
-from swarmd.errors import ERR_BAD_REQUEST, ERR_NOT_FOUND, ERR_NOT_READY, ERR_OVERLOADED, SwarmdError
+from swarmd.errors import (
+    ERR_BAD_REQUEST,
+    ERR_NOT_FOUND,
+    ERR_NOT_READY,
+    ERR_OVERLOADED,
+    ConfigError,
+    SwarmdError,
+)
 from swarmd.roles.base import NodeContext, Role
 from swarmd.topics import WORKERS, worker_model_topic
 from swarmd.worker.cache import ModelCache
@@ -75,6 +83,16 @@ class WorkerRole(Role):
         self.log = logger.bind(role="worker")
 
     # -- lifecycle ------------------------------------------------------------
+
+    @classmethod
+    def preflight(cls, settings: Any, data_dir: Path) -> None:
+        """Every worker.models file must exist and be readable (a typo fails at once, in one line)."""
+        for spec in settings.worker.models:
+            name, version, path = parse_local_model(spec)
+            p = Path(path).expanduser()
+            if not p.is_file() or not os.access(p, os.R_OK):
+                why = "is not a readable file" if p.exists() else "does not exist"
+                raise ConfigError(f"worker.models {name}:{version}: {p} {why}")
 
     async def start(self) -> None:
         if self.ctx.methods is not None:

@@ -35,6 +35,7 @@ from swarmd.errors import (
     SwarmdError,
 )
 from swarmd.net.punch import PathAttempt
+from swarmd.node.deadline import within
 from swarmd.node.identity import Identity
 from swarmd.rpc import CallContext, Methods, RpcPeer, RpcServer, connect
 from swarmd.rpc.registry import ConnectionRegistry
@@ -168,7 +169,7 @@ class Swarm:
         self._closing = True
         if self._started:
             self.server.on_peer = self._prev_on_peer  # a shared server stops feeding us peers
-        leaves = [asyncio.wait_for(self.leave(t), self.config.lookup_timeout) for t in list(self._topics)]
+        leaves = [within(self.leave(t), self.config.lookup_timeout) for t in list(self._topics)]
         await asyncio.gather(*leaves, return_exceptions=True)  # best effort: records expire anyway
         for task in list(self._tasks):
             task.cancel()
@@ -267,7 +268,7 @@ class Swarm:
         if not waits:
             return True
         try:
-            await asyncio.wait_for(asyncio.gather(*waits), timeout or self.config.flush_timeout)
+            await within(asyncio.gather(*waits), timeout or self.config.flush_timeout)
             return True
         except TimeoutError:
             return False
@@ -369,7 +370,7 @@ class Swarm:
                         out[rec.public_key] = rec
 
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(run(), timeout or self.config.lookup_timeout)
+            await within(run(), timeout or self.config.lookup_timeout)
         return list(out.values())
 
     # -- connections ------------------------------------------------------------------
@@ -441,7 +442,7 @@ class Swarm:
 
     async def _dial(self, public_key: bytes, record: PeerRecord | None) -> RpcPeer:
         if record is None:
-            record = await asyncio.wait_for(self._resolve(public_key), self.config.lookup_timeout)
+            record = await within(self._resolve(public_key), self.config.lookup_timeout)
         t0 = time.monotonic()
         if self.traversal is None:
             return await self._dial_addresses(public_key, record, self.config.connect_timeout)
@@ -509,7 +510,7 @@ class Swarm:
             return
         if self.firewall is not None:
             try:
-                allowed = await asyncio.wait_for(self.firewall(pk), self.config.connect_timeout)
+                allowed = await within(self.firewall(pk), self.config.connect_timeout)
             except Exception as e:  # a failing firewall denies
                 self._log.bind(event="firewall_failed", error=str(e)).warning(
                     "firewall callback failed; denying"
@@ -599,7 +600,7 @@ class Swarm:
         loop = asyncio.get_running_loop()
         ctx = CallContext(self.public_key, method, 0, loop.time() + timeout, None)  # type: ignore[arg-type]
         try:
-            return await asyncio.wait_for(m.handler(ctx, params), timeout)
+            return await within(m.handler(ctx, params), timeout)
         except TimeoutError:
             raise SwarmdError(ERR_TIMEOUT, f"{method!r} did not answer within {timeout:g} s") from None
 

@@ -49,6 +49,7 @@ from swarmd.net.nat import CONE, PUBLIC, SYMMETRIC, UNKNOWN, NatConfig, NatRepor
 from swarmd.net.punch import PathAttempt, PathInfo, Puncher
 from swarmd.net.relayio import new_token, pick_relay, relay_transport
 from swarmd.net.signal import KIND_ICE, KIND_RELAY, SignalLimiter, SignalRequest, parse_request
+from swarmd.node.deadline import within
 from swarmd.rpc import CallContext, RpcPeer
 from swarmd.topics import peer_topic
 
@@ -382,7 +383,7 @@ class Traversal:
 
     async def _established(self, conn: SecureConnection, expected: bytes) -> None:
         try:
-            await asyncio.wait_for(asyncio.shield(conn.established), self.config.relay_timeout)
+            await within(asyncio.shield(conn.established), self.config.relay_timeout)
         except TimeoutError:
             conn.close(SwarmdError(ERR_TIMEOUT, "handshake over the new path timed out"), tell_peer=False)
             raise SwarmdError(ERR_TIMEOUT, "handshake over the new path timed out") from None
@@ -460,7 +461,7 @@ class Traversal:
         t0 = time.monotonic()
         info = PathInfo(attempts=[direct])
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._detected.wait(), self.config.stun_timeout * 2)
+            await within(self._detected.wait(), self.config.stun_timeout * 2)
         if own is None:
             own = await self.newest_own_record(public_key, self.swarm.config.lookup_timeout)
             if own is None:
