@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml 2>/dev/null | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: venv run test test-fast test-natlab bench lint docs clean
+.PHONY: venv run test test-fast test-natlab bench bench-anchors lint docs clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,8 +31,12 @@ test-natlab: venv
 
 bench: venv
 	@set -e; for f in bench/*.py; do \
-	  case $$f in bench/models.py) continue;; esac; \
+	  case $$f in bench/models.py|bench/anchors.py) continue;; esac; \
 	  echo "== $$f"; $(BIN)/python $$f; done
+
+# swarmd beside the Hyperswarm anchors and FastAPI, alternating, one ratio table (needs node + npm)
+bench-anchors: venv
+	$(BIN)/python bench/anchors.py
 
 docs: venv
 	$(BIN)/python -m swarmd.docs_config
