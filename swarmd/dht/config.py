@@ -51,6 +51,11 @@ class DhtConfig:
     # the buckets with made-up ids); loopback exempt like per_ip_rate; 0 turns the cap off
     max_contacts_per_ip: int = 8
     refresh_interval: float = 15 * 60.0
+    # a contact silent this long is pinged when we hand it out in a reply (at most once per
+    # period); one that times out is evicted and not taken back from others' replies for
+    # dead_contact_memory unless it talks to us first
+    contact_check_after: float = 5.0
+    dead_contact_memory: float = 120.0
     lookup_timeout: float = 5.0
     # how long start() keeps retrying bootstrap nodes that do not answer (backoff from
     # bootstrap_backoff doubling to bootstrap_backoff_max); 0: one round (short-lived tools),

@@ -54,6 +54,47 @@ class AnnounceResult:
         return self.stored > 0
 
 
+class NodeCrawl(NodeSpiderCrawl):
+    """kademlia's node crawl (the k closest nodes to a target), but streaming like
+    TopicCrawl: alpha requests in flight, and one unanswered after a short stall
+    stops counting against alpha. kademlia gathers whole rounds, so each departed
+    node in a round cost a full request timeout. Silent requests are left to time
+    out in the background, which evicts their contacts."""
+
+    async def find(self) -> list[Node]:
+        proto: SwarmdProtocol = self.protocol
+        loop = asyncio.get_running_loop()
+        stall = min(0.25, proto._wait_timeout / 4)
+        inflight: dict[asyncio.Future[tuple[bool, Any]], tuple[Node, float]] = {}
+        answered = 0
+        try:
+            while True:
+                now = loop.time()
+                stalled = sum(1 for _, started in inflight.values() if now - started >= stall)
+                for peer in self.nearest.get_uncontacted():
+                    if len(inflight) - stalled >= self.alpha:
+                        break
+                    self.nearest.mark_contacted(peer)
+                    inflight[asyncio.ensure_future(proto.call_find_node(peer, self.node))] = (peer, now)
+                if not inflight or (
+                    answered and stalled == len(inflight) and not self.nearest.get_uncontacted()
+                ):
+                    silent = {peer.id for peer, _ in inflight.values()}
+                    return [n for n in self.nearest if n.id not in silent]
+                done, _ = await asyncio.wait(inflight, timeout=stall, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    peer, _ = inflight.pop(task)
+                    ok, reply = task.result()
+                    if not ok:
+                        self.nearest.remove([peer.id])
+                        continue
+                    answered += 1
+                    self.nearest.push([Node(*c) for c in reply if c[0] != proto.source_node.id])
+        finally:
+            for task in inflight:
+                proto.adopt(task)  # type: ignore[arg-type]
+
+
 class TopicCrawl(SpiderCrawl):
     """Iterative lookup of a topic that streams records as replies arrive and
     keeps alpha requests in flight (kademlia's crawl waits for whole rounds)."""
@@ -90,13 +131,15 @@ class TopicCrawl(SpiderCrawl):
                     started[task] = now_l
                 if not inflight:
                     return
+                answered = len(self.responders)
                 if (
                     stalled == len(inflight)
-                    and len(self.responders) >= self.ksize // 2
+                    and (answered >= self.ksize // 2 or answered * 2 > answered + stalled)
                     and not self.nearest.get_uncontacted()
                 ):
                     # only silent (likely dead) contacts left and enough of the closest
-                    # nodes answered: records live on k nodes, stop waiting for timeouts
+                    # nodes answered (half of k, or most of a swarm smaller than k, where
+                    # every node holds every record): stop waiting for timeouts
                     return
                 done, _ = await asyncio.wait(inflight, timeout=stall, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
@@ -106,7 +149,7 @@ class TopicCrawl(SpiderCrawl):
                     if not ok:
                         self.nearest.remove([peer.id])
                         continue
-                    contacts = parse_contacts(reply.get("n"), self.ksize) or []
+                    contacts = proto.not_dead(parse_contacts(reply.get("n"), self.ksize) or [])
                     self.nearest.push([c for c in contacts if c.id != proto.source_node.id])
                     tk = reply.get("tk")
                     tk = tk if isinstance(tk, bytes) and len(tk) == TOKEN_SIZE else None
@@ -126,10 +169,10 @@ class TopicCrawl(SpiderCrawl):
                         if rec is not None:
                             yield rec
         finally:
+            # requests still out finish in the background (within request_timeout): one
+            # that times out evicts its silent contact, so the next lookup does not wait on it
             for task in inflight:
-                task.cancel()
-            if inflight:
-                await asyncio.gather(*inflight, return_exceptions=True)
+                proto.adopt(task)
 
     def _accept(self, obj: Any, now: float) -> PeerRecord | None:
         cfg = self.protocol.config
@@ -237,7 +280,7 @@ class DhtNode(Server):
                 await self._probe_reachability(addrs)
             if not self.protocol.client_mode:
                 # re-crawl our own id now that we send it, so the closest nodes add us
-                await NodeSpiderCrawl(
+                await NodeCrawl(
                     self.protocol, self.node, found or self._nearest(self.node), self.ksize, self.alpha
                 ).find()
         self._maint = asyncio.get_running_loop().create_task(self._maintain())
@@ -302,6 +345,12 @@ class DhtNode(Server):
                     break
         return out
 
+    async def bootstrap(self, addrs: list[tuple[str, int]]) -> list[Node]:
+        """kademlia's bootstrap on our NodeCrawl."""
+        gathered = await asyncio.gather(*(self.bootstrap_node(a) for a in addrs))
+        nodes = [n for n in gathered if n is not None]
+        return await NodeCrawl(self.protocol, self.node, nodes, self.ksize, self.alpha).find()
+
     async def bootstrap_node(self, addr: tuple[str, int]) -> Node | None:
         # UDP: a lost datagram or a busy bootstrap node must not fail a start
         for _ in range(3):
@@ -351,7 +400,7 @@ class DhtNode(Server):
                     last_refresh = time.monotonic()
                     for node_id in self.protocol.get_refresh_ids():
                         target = Node(node_id)
-                        await NodeSpiderCrawl(
+                        await NodeCrawl(
                             self.protocol, target, self._nearest(target), self.ksize, self.alpha
                         ).find()
             except Exception as e:  # maintenance must outlive one bad round
@@ -373,7 +422,7 @@ class DhtNode(Server):
         nearest = self.protocol.router.find_neighbors(node)
         if not nearest:
             return False
-        nodes = await NodeSpiderCrawl(self.protocol, node, nearest, self.ksize, self.alpha).find()
+        nodes = await NodeCrawl(self.protocol, node, nearest, self.ksize, self.alpha).find()
         if not nodes:
             return False
         results = await asyncio.gather(*(self.protocol.call_store(n, dkey, value) for n in nodes))

@@ -161,7 +161,7 @@ class StoreRole(Role):
             m.register_stream("uploadModel", self.upload_model, op="w")
         if self.ctx.swarm is not None:
             self._announced_status = self.store.status()
-            await self.ctx.swarm.join(STORES, announce=True, lookup=True, payload=self._announced_status)
+            await self.ctx.swarm.join(STORES, announce=True, lookup=True, payload=self._announced_status, live=True)
             await self._announce()
         self.start_replication()
         self.log.bind(event="store_started", **self.store.status()).info("store serving")
@@ -348,9 +348,12 @@ class StoreRole(Role):
         swarm = self.ctx.swarm
         if swarm is None or self.store is None:
             return
-        want = {model_topic(m.name) for m in self.core.list()} | {blob_topic(d) for d in self.core.holdings()}
+        models = {model_topic(m.name) for m in self.core.list()}
+        want = models | {blob_topic(d) for d in self.core.holdings()}
         for topic in sorted(want - self._announced):
-            await swarm.join(topic, announce=True, lookup=False)
+            # model topics say "a live store has NAME": short-lived, refreshed; blob topics
+            # (one per blob, many) keep the long TTL: a fetch from a dead store fails over
+            await swarm.join(topic, announce=True, lookup=False, live=topic in models)
             self._announced.add(topic)
         for topic in sorted(self._announced - want):
             await swarm.leave(topic)

@@ -163,7 +163,7 @@ class WorkerRole(Role):
             try:
                 async with asyncio.timeout(timeout):
                     if topic not in self._topics:
-                        await swarm.join(topic, announce=True, lookup=False, payload=payload)
+                        await swarm.join(topic, announce=True, lookup=False, payload=payload, live=True)
                     elif self._topics[topic] != payload:
                         await swarm.update(topic, payload)
                 self._topics[topic] = payload

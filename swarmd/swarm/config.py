@@ -25,6 +25,15 @@ class SwarmConfig:
     record_ttl: float = 20 * 60.0
     reannounce_interval: float = 10 * 60.0
     reannounce_jitter: float = 60.0
+    # records joined with live=True (workers, stores, models they serve, orchestrators) say
+    # "this node is up": they expire live_record_ttl after the last refresh, so a node killed
+    # without withdrawing vanishes from lookups within that, and are refreshed every
+    # live_reannounce_interval (+ up to live_reannounce_jitter): two refreshes per lifetime,
+    # so one lost round does not drop a live node. Each refresh is one put to each of the k
+    # holders (their tokens are reused), see docs/swarm.md for the traffic this costs.
+    live_record_ttl: float = 12.0
+    live_reannounce_interval: float = 3.5
+    live_reannounce_jitter: float = 0.5
     relookup_initial: float = 0.5  # first re-query of a joined topic; doubles up to relookup_interval
     relookup_interval: float = 60.0  # joined topics with lookup=True are re-queried this often
     reconnect_initial: float = 0.2

@@ -88,6 +88,7 @@ class _Joined:
     lookup: bool
     payload: dict[str, Any] | None
     seq: int = 0
+    live: bool = False  # short-lived record, refreshed often (SwarmConfig.live_*)
     first_round: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     last: AnnounceResult | None = None
@@ -225,16 +226,22 @@ class Swarm:
         announce: bool = True,
         lookup: bool = True,
         payload: dict[str, Any] | None = None,
+        *,
+        live: bool = False,
     ) -> bytes:
         """Announce under and/or look up a topic, then keep doing so until leave().
-        Returns the 32-byte topic. Use flush() to wait for the first round."""
+        Returns the 32-byte topic. Use flush() to wait for the first round.
+
+        live=True: our record says "this node is up now" (a worker, a store); it
+        lives config.live_record_ttl and is refreshed every live_reannounce_interval,
+        so a node that dies without leaving drops out of lookups within the TTL."""
         await self.start()
         t = self.topic(topic)
         old = self._topics.pop(t, None)
         if old is not None and old.task is not None:
             old.task.cancel()
             await asyncio.gather(old.task, return_exceptions=True)
-        joined = _Joined(t, announce, lookup, payload, seq=old.seq if old else 0)
+        joined = _Joined(t, announce, lookup, payload, seq=old.seq if old else 0, live=live)
         self._topics[t] = joined
         joined.task = self._spawn(self._topic_loop(joined))
         return t
@@ -285,7 +292,7 @@ class Swarm:
             self.addresses(),
             joined.payload,
             self._next_seq(joined),
-            self.config.record_ttl,
+            self.config.live_record_ttl if joined.live else self.config.record_ttl,
             time.time(),
             self.dht.config.max_payload,
             self.dht.config.max_addresses,
@@ -302,7 +309,11 @@ class Swarm:
             work = []
             if joined.announce and now >= next_announce:
                 work.append(self._announce(joined))
-                next_announce = now + cfg.reannounce_interval + random.uniform(0, cfg.reannounce_jitter)
+                if joined.live:
+                    every, jitter = cfg.live_reannounce_interval, cfg.live_reannounce_jitter
+                else:
+                    every, jitter = cfg.reannounce_interval, cfg.reannounce_jitter
+                next_announce = now + every + random.uniform(0, jitter)
             if joined.lookup:
                 work.append(self._lookup_and_connect(joined.topic))
             results = await asyncio.gather(*work, return_exceptions=True)
