@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml 2>/dev/null | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: venv run test test-fast test-natlab bench bench-anchors lint docs clean
+.PHONY: venv run test test-fast test-natlab test-browser bench bench-anchors lint docs clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,6 +28,9 @@ test-fast: venv
 
 test-natlab: venv
 	$(BIN)/python -m pytest -q -m natlab $(PYTEST_ARGS)
+
+test-browser: venv
+	$(BIN)/python -m pytest -q -m browser $(PYTEST_ARGS)
 
 bench: venv
 	@set -e; for f in bench/*.py; do \

@@ -130,6 +130,8 @@ class Node:
             for name, part in self._parts(ctx):
                 await part.start()
                 self._started.append((name, part.stop))
+                if name == "rpc":
+                    ctx.methods.register("node.info", self._node_info, op="r", inline=True)
             for name in roles:
                 role = (self._role_classes.get(name) or role_class(name))(ctx)
                 ctx._roles[name] = role
@@ -205,6 +207,10 @@ class Node:
             return
         with contextlib.suppress(OSError):
             status.unlink()
+
+    async def _node_info(self, call: Any, params: Any) -> dict[str, Any]:
+        assert self.ctx is not None
+        return self.ctx.info()
 
     def write_status(self) -> None:
         ctx = self.ctx

@@ -41,6 +41,10 @@ ROUTES: list[tuple[str, str, str, str]] = [
     ("get", "/metrics", "admin", "Prometheus metrics (public when gateway.metrics_public)"),
     ("get", "/openapi.json", "public", "This document"),
     ("get", "/docs", "public", "Human-readable API reference"),
+    ("get", "/dashboard", "public", "Operator dashboard page (static; asks for a key, reads the feed below)"),
+    ("get", "/dashboard/{asset}", "public", "The dashboard's own script and style sheet"),
+    ("get", "/api/v1/dashboard/feed", "models:read",
+     "Server-Sent Events: a snapshot of nodes, workers, models and traffic every second"),
 ]
 
 

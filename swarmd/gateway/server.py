@@ -44,6 +44,7 @@ from swarmd.errors import (
 )
 from swarmd.gateway.backend import InferenceBackend, ModelInfo, UploadedModel
 from swarmd.gateway.config import GatewayConfig
+from swarmd.gateway.dashboard import Collect, Dashboard
 from swarmd.gateway.guard import ConnectionGuard, http_logger
 from swarmd.gateway.keys import ApiKey, KeyStore
 from swarmd.gateway.metrics import Counter, Gauge, Histogram, Registry
@@ -132,6 +133,7 @@ class Gateway:
         data_dir: Path,
         status: Callable[[], dict[str, Any]] | None = None,
         name: str = "swarmd",
+        collect: Collect | None = None,
     ) -> None:
         if config.auth and keys is None:
             raise ValueError("a gateway with auth on needs a KeyStore")
@@ -168,6 +170,7 @@ class Gateway:
             self.metrics.add(m)
         self.metrics.add(Gauge("swarmd_gateway_in_flight", "requests being served now", lambda: self._in_flight))
         self.metrics.add(Gauge("swarmd_gateway_workers", "workers the backend can route to", backend.worker_count))
+        self.dashboard = Dashboard(self.m_latency, collect)
         self.app = self._build_app()
 
     # -- lifecycle ------------------------------------------------------------
@@ -200,6 +203,9 @@ class Gateway:
         r.add_get("/metrics", self.metrics_public if self.config.metrics_public else self.metrics_route)
         r.add_get("/openapi.json", self.openapi)
         r.add_get("/docs", self.docs)
+        r.add_get("/dashboard", self.dashboard_page)
+        r.add_get("/dashboard/{asset}", self.dashboard_page)
+        r.add_get("/api/v1/dashboard/feed", self.dashboard_feed)
         return app
 
     async def start(self, host: str, port: int) -> int:
@@ -223,6 +229,7 @@ class Gateway:
         self.host, self.port = host, sock.getsockname()[1]
         if self.keys is not None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_loop(), name="gateway-usage-flush")
+        self.dashboard.start()
         return self.port
 
     @property
@@ -231,6 +238,7 @@ class Gateway:
         return f"http://{host}:{self.port}"
 
     async def stop(self) -> None:
+        await self.dashboard.stop()  # ends open feeds first, so the runner's cleanup does not wait on them
         if self._flusher is not None:
             self._flusher.cancel()
             try:
@@ -282,6 +290,8 @@ class Gateway:
                 resp = await handler(request)
         except SwarmdError as e:
             resp = self._error_response(e, rid)
+            if resp.status >= 500:
+                self.dashboard.note_error(request.path, resp.status, e.code, e.message)
         except web.HTTPException as e:
             resp = json_response({"error": e.text or e.reason, "code": _code_for_status(e.status), "request_id": rid},
                                  status=e.status)
@@ -296,6 +306,7 @@ class Gateway:
             )
             resp = json_response({"error": f"internal error (request id {rid})", "code": ERR_INTERNAL,
                                   "request_id": rid}, status=500)
+            self.dashboard.note_error(request.path, 500, ERR_INTERNAL, f"internal error (request id {rid})")
         finally:
             self._in_flight -= 1
         resp.headers["X-Request-Id"] = rid
@@ -689,13 +700,7 @@ class Gateway:
             models = {"error": getattr(e, "message", "listing models timed out after 5s")}
         return json_response({
             "models": models,
-            "gateway": {
-                "url": self.url,
-                "version": __version__,
-                "uptime": round(time.time() - self._started, 3),
-                "in_flight": self._in_flight,
-                "auth": self.config.auth,
-            },
+            "gateway": self._gateway_summary(),
             "node": self._status() if self._status is not None else {},
             "backend": self.backend.status(),
         })
@@ -750,6 +755,20 @@ class Gateway:
     @requires(PUBLIC)
     async def docs(self, request: web.Request) -> web.Response:
         return web.Response(text=docs_page(openapi_document(__version__)), content_type="text/html")
+
+    # -- the operator dashboard (swarmd/gateway/dashboard.py) ------------------------
+
+    @requires(PUBLIC)
+    async def dashboard_page(self, request: web.Request) -> web.Response:
+        return await self.dashboard.page(request)  # static: no data, the feed needs a key
+
+    @requires("models:read")
+    async def dashboard_feed(self, request: web.Request) -> web.StreamResponse:
+        return await self.dashboard.feed(request, self._gateway_summary)
+
+    def _gateway_summary(self) -> dict[str, Any]:
+        return {"url": self.url, "version": __version__, "uptime": round(time.time() - self._started, 3),
+                "in_flight": self._in_flight, "auth": self.config.auth}
 
 
 def _code_for_status(status: int) -> str:

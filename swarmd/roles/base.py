@@ -9,6 +9,7 @@ The node starts roles in ROLE_ORDER and stops them in reverse.
 from __future__ import annotations
 
 import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -38,7 +39,23 @@ class NodeContext:
     dht: Any = None  # swarmd.dht node
     rpc_server: Any = None  # swarmd.rpc.RpcServer
     ports: dict[str, int] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
     _roles: dict[str, Role] = field(default_factory=dict)
+
+    def info(self) -> dict[str, Any]:
+        """Who this node is, as `node.info` answers it: roles, version, uptime and NAT type
+        (what the gateway's dashboard shows for every node)."""
+        from swarmd import __version__
+
+        traversal = getattr(self.swarm, "traversal", None)
+        report = getattr(traversal, "report", None)
+        return {
+            "public_key": self.identity.public_hex,
+            "roles": list(self.roles),
+            "version": __version__,
+            "uptime_s": round(time.time() - self.started, 1),
+            "nat": getattr(report, "nat_type", None) if traversal is not None else "public",
+        }
 
     def role(self, name: str) -> Role | None:
         """A co-located role instance (same process), or None."""

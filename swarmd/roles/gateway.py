@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 from loguru import logger
 
 from swarmd.gateway.backend import InferenceBackend
+from swarmd.gateway.dashboard import Collect, collect_swarm
 from swarmd.gateway.keys import KeyStore
 from swarmd.gateway.server import Gateway
 from swarmd.roles.base import NodeContext, Role, check_can_listen
@@ -57,7 +58,8 @@ class GatewayRole(Role):
         self.backend = self._backend()
         await self.backend.start()
         try:
-            self.gateway = Gateway(cfg, self.backend, self.keys, data_dir=self.ctx.data_dir, status=self._node_status)
+            self.gateway = Gateway(cfg, self.backend, self.keys, data_dir=self.ctx.data_dir, status=self._node_status,
+                                   collect=self._dashboard_collector())
             self.ctx.ports["http"] = await self.gateway.start(host, port)
         except BaseException:
             await self.backend.stop()
@@ -80,6 +82,18 @@ class GatewayRole(Role):
             await self.backend.stop()
         if self.keys is not None:
             self.keys.close()
+
+    def _dashboard_collector(self) -> Collect | None:
+        """What the dashboard crawls: the swarm as this node sees it (none without a swarm)."""
+        swarm = self.ctx.swarm
+        if swarm is None:
+            return None
+        infos: dict[bytes, dict[str, Any]] = {}  # node.info answers kept across rounds (last seen)
+
+        async def collect() -> dict[str, Any]:
+            return await collect_swarm(swarm, self.ctx.info(), self.backend, infos)
+
+        return collect
 
     def _node_status(self) -> dict[str, Any]:
         ctx = self.ctx
