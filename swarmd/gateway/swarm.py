@@ -115,8 +115,7 @@ class SwarmBackend:
             self.fleet = None
         if self._loop_task is not None:
             self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+            await asyncio.gather(self._loop_task, return_exceptions=True)  # never swallows a cancel of stop()
             self._loop_task = None
         if self.swarm is not None:
             with contextlib.suppress(Exception):

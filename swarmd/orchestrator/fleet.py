@@ -15,7 +15,6 @@ choice and failover, with no orchestrator hop in the data path:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Collection, Coroutine, Iterable
 from typing import Any
@@ -97,9 +96,7 @@ class Fleet:
         tasks, self._tasks = self._tasks, []
         for t in tasks:
             t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await asyncio.gather(*tasks, return_exceptions=True)  # never swallows a cancel of stop() itself
         await self.monitor.close()
         await self.connections.close()
 

@@ -87,9 +87,7 @@ class OrchestratorRole(Role):
         tasks, self._tasks = self._tasks, []
         for t in tasks:
             t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await asyncio.gather(*tasks, return_exceptions=True)  # never swallows a cancel of stop() itself
         if self._announced and self.ctx.swarm is not None:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2.0):

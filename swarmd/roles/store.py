@@ -184,7 +184,8 @@ class StoreRole(Role):
                          "uploadModel"):
                 m.unregister(name)
         if self.ctx.swarm is not None:  # withdraw every announcement at once, bounded
-            leaves = [within(self.ctx.swarm.leave(t), 5.0) for t in sorted(self._announced) + [STORES]]
+            bound = self.ctx.swarm.config.leave_timeout
+            leaves = [within(self.ctx.swarm.leave(t), bound) for t in sorted(self._announced) + [STORES]]
             await asyncio.gather(*leaves, return_exceptions=True)
             self._announced.clear()
         if self.store is not None:

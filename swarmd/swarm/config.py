@@ -22,6 +22,7 @@ class SwarmConfig:
     request_timeout: float = 30.0
     lookup_timeout: float = 5.0
     flush_timeout: float = 10.0
+    leave_timeout: float = 2.0  # stop() withdraws every record at once, waiting at most this long
     record_ttl: float = 20 * 60.0
     reannounce_interval: float = 10 * 60.0
     reannounce_jitter: float = 60.0

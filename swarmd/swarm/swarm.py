@@ -170,7 +170,7 @@ class Swarm:
         self._closing = True
         if self._started:
             self.server.on_peer = self._prev_on_peer  # a shared server stops feeding us peers
-        leaves = [within(self.leave(t), self.config.lookup_timeout) for t in list(self._topics)]
+        leaves = [within(self.leave(t), self.config.leave_timeout) for t in list(self._topics)]
         await asyncio.gather(*leaves, return_exceptions=True)  # best effort: records expire anyway
         for task in list(self._tasks):
             task.cancel()
