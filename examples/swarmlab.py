@@ -26,6 +26,9 @@ def env() -> dict[str, str]:
     """The environment for child processes: this checkout importable, no stray SWARMD_* settings."""
     e = {k: v for k, v in os.environ.items() if not k.startswith("SWARMD_")}
     e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    # a loopback lab asks for an open swarm (every key admitted to every role); a real
+    # deployment names its operator keys instead: docs/operations.md "Trust model"
+    e["SWARMD_TRUST_OPEN"] = "true"
     return e
 
 

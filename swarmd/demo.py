@@ -3,7 +3,8 @@
 Builds the demo model locally (scikit-learn's bundled 8x8 digits, a logistic
 regression converted with skl2onnx, cached under the data dir), starts a node
 with every role (bootstrap, relay, store, worker, orchestrator, gateway; the node
-is the first of a new private swarm), pushes the model to the store through
+is the first of a new private swarm, open: every key is admitted to every
+role unless SWARMD_TRUST_* says otherwise), pushes the model to the store through
 the gateway's own upload route, waits until a worker answers, and prints the
 URL, the admin key and copy-paste examples that return real predictions.
 When the swarm roles are absent it still works: the gateway serves the model
@@ -231,9 +232,14 @@ def main(argv: list[str] | None = None) -> int:
         if not (vdir / "model.onnx").exists():
             (vdir / "model.onnx").write_bytes(model_path.read_bytes())
         gateway["local_models_dir"] = str(models)
+    environ = {k: v for k, v in os.environ.items() if k.startswith("SWARMD_")}
+    flags: dict[str, dict[str, Any]] = {"node": node, "gateway": gateway}
+    if not any(k.startswith("SWARMD_TRUST_") for k in environ):
+        # a loopback demo asks for an open swarm (every key admitted to every role);
+        # SWARMD_TRUST_OPERATORS/GRANTS run it under a trust model instead
+        flags["trust"] = {"open": True}
     try:
-        settings = load_settings(Settings, environ={k: v for k, v in os.environ.items() if k.startswith("SWARMD_")},
-                                 flags={"node": node, "gateway": gateway})
+        settings = load_settings(Settings, environ=environ, flags=flags)
     except SwarmdError as e:
         print(f"swarmd demo: {e.message}", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ from swarmd.errors import ConfigError
 from swarmd.gateway.config import GatewayConfig
 from swarmd.net.nat import NatConfig
 from swarmd.net.relay import RelayConfig
+from swarmd.node.trust import TrustConfig
 from swarmd.orchestrator.config import OrchestratorConfig
 from swarmd.roles.base import ROLE_ORDER
 from swarmd.rpc.config import AccessConfig, RpcConfig
@@ -59,6 +60,7 @@ class NodeConfig:
 class Settings:
     node: NodeConfig = field(default_factory=NodeConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
+    trust: TrustConfig = field(default_factory=TrustConfig)
     rpc: RpcConfig = field(default_factory=RpcConfig)
     dht: DhtConfig = field(default_factory=DhtConfig)
     swarm: SwarmConfig = field(default_factory=SwarmConfig)

@@ -32,3 +32,32 @@ def peer_topic(public_key_hex: str) -> str:
     """Every node announces here, so a peer is found by its public key alone
     (`swarmd call PUBKEY METHOD`, `swarm.connect(public_key)` with no record)."""
     return f"swarmd/peer/{public_key_hex.lower()}"
+
+
+# The role a peer announcing on a well-known topic must hold (swarmd.node.trust):
+# the swarm's lookups return only announcers admitted to it, so everything
+# that finds peers through these topics — routing, model fetch, replication,
+# relays — consumes admitted candidates only.
+ROLE_TOPICS = {
+    WORKERS: "worker",
+    STORES: "store",
+    ORCHESTRATORS: "orchestrator",
+    GATEWAYS: "gateway",
+    RELAYS: "relay",
+}
+_ROLE_OF_PREFIX = (
+    ("swarmd/workers/", "worker"),
+    ("swarmd/model/", "store"),
+    ("swarmd/blob/", "store"),
+)
+
+
+def topic_role(name: str) -> str | None:
+    """The role announcers of topic `name` must be admitted to, or None (any peer)."""
+    role = ROLE_TOPICS.get(name)
+    if role is not None:
+        return role
+    for prefix, r in _ROLE_OF_PREFIX:
+        if name.startswith(prefix):
+            return r
+    return None

@@ -80,6 +80,9 @@ class ClientConfig:
 
     bootstrap: list[str | tuple[str, int]] = field(default_factory=list)  # HOST:PORT of DHT nodes
     swarm_secret: bytes | str | None = None  # private swarm: the secret its nodes use (hex or bytes)
+    # the swarm's operator keys (hex): when given, only orchestrators, workers and stores holding a
+    # valid grant from one of them are used (docs/operations.md "Trust model"); empty: trust every announcer
+    operators: list[str] = field(default_factory=list)
     timeout: float = 30.0  # default seconds for call(), push/pull steps
     infer_timeout: float = 30.0  # budget of one infer() including failover
     lookup_timeout: float = 5.0  # one DHT lookup
@@ -181,6 +184,9 @@ class Client:
         cfg = config or ClientConfig()
         cfg.bootstrap = list(settings.node.bootstrap)
         cfg.swarm_secret = settings.node.swarm_secret
+        trust = getattr(settings, "trust", None)
+        if trust is not None and not trust.open:
+            cfg.operators = list(trust.operators)
         return cls(identity=identity, config=cfg)
 
     @_translated
@@ -225,6 +231,16 @@ class Client:
         )
         await dht.start()
         server = RpcServer(self.identity, Methods(), cfg.listen_host, 0)
+        trust = None
+        if cfg.operators:
+            from swarmd.node.trust import GrantError, Trust, parse_key
+
+            try:
+                operators = [parse_key(k, "operators[]") for k in cfg.operators]
+            except GrantError as e:
+                await dht.stop()
+                raise SwarmdError(ERR_BAD_REQUEST, str(e)) from None
+            trust = Trust(operators, own_key=self.identity.public_key)
         try:
             await server.start()
             swarm = Swarm(
@@ -233,6 +249,7 @@ class Client:
                 server,
                 SwarmConfig(secret=secret, announce_self=False, lookup_timeout=cfg.lookup_timeout,
                             request_timeout=cfg.timeout),
+                trust=trust,
             )
             await swarm.start()
         except BaseException:

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def swarmd_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SWARMD_")}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["SWARMD_TRUST_OPEN"] = "true"  # test daemons ask for an open swarm; trust tests pass operators
     env.update(extra)
     return env
 

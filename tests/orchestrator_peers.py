@@ -26,6 +26,8 @@ from swarmd.orchestrator.config import OrchestratorConfig
 from swarmd.roles.base import NodeContext
 from swarmd.roles.orchestrator import OrchestratorRole
 from swarmd.rpc import CallContext, Methods, RpcPeer, RpcServer, connect
+from swarmd.rpc.config import AccessConfig
+from swarmd.rpc.part import firewall_from
 from swarmd.settings import Settings
 
 T = 20.0  # generous per-call timeout: the machine is shared
@@ -105,10 +107,15 @@ class PeerWorker:
 class Orchestrator:
     """An orchestrator role plugged into a real RPC server (the swarm's, if given), plus a client connected to it."""
 
-    def __init__(self, tmp: Path, swarm: Any = None, **cfg: Any) -> None:
+    def __init__(
+        self, tmp: Path, swarm: Any = None, trust: Any = None, identity: Identity | None = None, **cfg: Any
+    ) -> None:
+        """trust (swarmd.node.trust.Trust): the node's trust; without a swarm, its RPC
+        server then has the daemon's firewall (role-checked methods), as RpcPart builds it."""
         settings = Settings()
+        settings.trust.open = True  # an open swarm, asked for
         settings.orchestrator = OrchestratorConfig(**cfg)
-        self.identity = swarm.identity if swarm is not None else Identity.generate()
+        self.identity = swarm.identity if swarm is not None else identity or Identity.generate()
         self.ctx = NodeContext(
             identity=self.identity,
             settings=settings,
@@ -120,15 +127,21 @@ class Orchestrator:
             swarm=swarm,
         )
         self.role = OrchestratorRole(self.ctx)
-        self.server = swarm.server if swarm is not None else RpcServer(self.identity, self.ctx.methods)
+        self.ctx.trust = trust
+        firewall = None if trust is None else firewall_from(AccessConfig(), self.identity.public_key, trust)
+        self.server = (
+            swarm.server if swarm is not None else RpcServer(self.identity, self.ctx.methods, firewall=firewall)
+        )
         self.client: RpcPeer | None = None
 
     async def start(self) -> Orchestrator:
         if self.ctx.swarm is None:
             await self.server.start()
         await self.role.start()
+        # the operator's tool on the orchestrator's box: its own key, which may
+        # register workers by hand (any other key may only register itself)
         self.client = await connect(
-            None, "127.0.0.1", self.server.port, remote_public_key=self.identity.public_key
+            self.identity, "127.0.0.1", self.server.port, remote_public_key=self.identity.public_key
         )
         return self
 

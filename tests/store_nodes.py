@@ -45,26 +45,34 @@ class Node:
             self.dht = None
 
 
-async def start_swarm_store(net: Any, data_dir: Path, **cfg: Any) -> Node:
-    """A store on the swarm: its own DHT node in testnet `net`, a Swarm, an RpcServer."""
+async def start_swarm_store(net: Any, data_dir: Path, trust_of: Any = None, **cfg: Any) -> Node:
+    """A store on the swarm: its own DHT node in testnet `net`, a Swarm, an RpcServer.
+
+    trust_of(identity) -> swarmd.node.trust.Trust gives the node a trust model (the
+    daemon's firewall and role-filtered lookups); without it the swarm is open."""
+    from swarmd.rpc.config import AccessConfig
+    from swarmd.rpc.part import firewall_from
     from swarmd.swarm import Swarm, SwarmConfig
 
     ident = Identity.generate()
+    trust = trust_of(ident) if trust_of is not None else None
     dht = await net.add(ident)
     net.nodes.remove(dht)  # the Node owns (and stops) it
     methods = Methods()
-    server = RpcServer(ident, methods, port=0)
+    firewall = None if trust is None else firewall_from(AccessConfig(), ident.public_key, trust)
+    server = RpcServer(ident, methods, port=0, firewall=firewall)
     await server.start()
     swarm = Swarm(ident, dht, server, SwarmConfig(relookup_interval=0.3, reconnect_initial=0.05,
-                                                  connect_timeout=3.0, lookup_timeout=3.0))
+                                                  connect_timeout=3.0, lookup_timeout=3.0), trust=trust)
     await swarm.start()
-    return await start_store(data_dir, ident, server=server, swarm=swarm, dht=dht, **cfg)
+    return await start_store(data_dir, ident, server=server, swarm=swarm, dht=dht, trust=trust, **cfg)
 
 
 async def start_store(data_dir: Path, ident: Identity | None = None, port: int = 0, *, server: Any = None,
-                      swarm: Any = None, dht: Any = None, **cfg: Any) -> Node:
+                      swarm: Any = None, dht: Any = None, trust: Any = None, **cfg: Any) -> Node:
     ident = ident or Identity.generate()
     settings = Settings()
+    settings.trust.open = True  # an open swarm, asked for
     settings.store = StoreConfig(**cfg)
     crashes: list[BaseException] = []
     tasks = Supervisor(on_crash=lambda name, exc: crashes.append(exc))
@@ -73,7 +81,7 @@ async def start_store(data_dir: Path, ident: Identity | None = None, port: int =
         await server.start()
     ctx = NodeContext(identity=ident, settings=settings, data_dir=data_dir, instance_id="test",
                       roles=("store",), tasks=tasks, methods=server.methods, swarm=swarm, dht=dht,
-                      rpc_server=server)
+                      rpc_server=server, trust=trust)
     role = StoreRole(ctx)
     await role.start()
     return Node(role, server, ident, tasks, swarm, dht)

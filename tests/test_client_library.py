@@ -24,6 +24,7 @@ from tests.store_models import write_model
 
 def settings(data_dir: Path, roles: list[str], bootstrap: list[str] | None = None) -> Settings:
     s = Settings()
+    s.trust.open = True  # an open swarm, asked for
     s.node.roles = roles
     s.node.data_dir = data_dir
     s.node.bootstrap = bootstrap or []

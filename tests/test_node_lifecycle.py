@@ -6,6 +6,7 @@ import signal
 import pytest
 
 from swarmd.daemon import EXIT_CRASH, Node
+from swarmd.node.trust import TrustConfig
 from swarmd.roles.base import Role
 from swarmd.settings import NodeConfig, Settings
 from tests.conftest import run_cli, swarmd_env
@@ -34,7 +35,7 @@ async def test_roles_start_in_dependency_order_and_stop_in_reverse(tmp_path):
     events: list[str] = []
     role = make_roles(events)
     classes = {n: role(n) for n in ("gateway", "worker", "store")}
-    settings = Settings(node=NodeConfig(data_dir=tmp_path, roles=["gateway", "worker", "store"]))
+    settings = Settings(node=NodeConfig(data_dir=tmp_path, roles=["gateway", "worker", "store"]), trust=TrustConfig(open=True))
     node = Node(settings, role_classes=classes)
     ctx = await node.start()
     status = json.loads((tmp_path / "status.json").read_text())
@@ -63,7 +64,7 @@ async def test_failed_start_stops_what_started(tmp_path):
     events: list[str] = []
     role = make_roles(events)
     classes = {"store": role("store"), "worker": role("worker", fail_start=True)}
-    node = Node(Settings(node=NodeConfig(data_dir=tmp_path, roles=["store", "worker"])), role_classes=classes)
+    node = Node(Settings(node=NodeConfig(data_dir=tmp_path, roles=["store", "worker"]), trust=TrustConfig(open=True)), role_classes=classes)
     with pytest.raises(RuntimeError):
         await node.start()
     assert events == ["start:store", "start:worker", "stop:store"]

@@ -54,6 +54,7 @@ OPS: dict[str, str] = {
 async def full_node(tmp_path: Path) -> Any:
     writer, reader = Identity.generate(), Identity.generate()
     s = Settings()
+    s.trust.open = True  # an open swarm, asked for (the [access] lists are what this test audits)
     s.node.roles = list(ROLE_ORDER)
     s.node.data_dir = tmp_path / "node"
     s.gateway.print_admin_key = False

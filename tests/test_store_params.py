@@ -80,6 +80,7 @@ def test_bad_store_config_is_refused(tmp_path: Path, key: str, value: Any) -> No
     from swarmd.errors import ERR_CONFIG
 
     settings = Settings()
+    settings.trust.open = True
     setattr(settings.store, key, value)
     ctx = NodeContext(identity=Identity.generate(), settings=settings, data_dir=tmp_path, instance_id="t",
                       roles=("store",), tasks=Supervisor())

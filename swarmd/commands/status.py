@@ -65,6 +65,12 @@ async def gather_status(settings: Any, timeout: float) -> dict[str, Any]:  # noq
             out["peers"] = sw.get("peers", [])
         except SwarmdError as e:
             out["errors"]["peers"] = f"{e.code}: {e.message}"
+        if "worker" in out["roles"]:
+            try:  # the models this worker has loaded and the execution provider running each
+                health = await node.call(None, "getHealth")
+                out["providers"] = health.get("providers", {}) if isinstance(health, dict) else {}
+            except SwarmdError as e:
+                out["errors"]["providers"] = f"{e.code}: {e.message}"
         try:
             nat = await node.call(None, "nat.status")
             out["nat"] = nat.get("nat", nat) if isinstance(nat, dict) else nat
@@ -147,6 +153,8 @@ def print_status(st: dict[str, Any]) -> None:
         print(f"  {w['public_key'][:16]}  {state:8} seen {'?' if seen is None else f'{seen:g}s'} ago  "
               f"queue {load.get('queue', 0)}  in-flight "
               f"{load.get('in_flight', 0)}  ewma {load.get('ewma_ms', 0)} ms  models {','.join(map(str, w['models'])) or '-'}")
+    if st.get("providers"):
+        print("loaded   " + "  ".join(f"{m} on {p.removesuffix('ExecutionProvider')}" for m, p in st["providers"].items()))
     print(f"models   {len(st['models'])}")
     for m in st["models"]:
         print(f"  {m['name']}:{m['version']}  {str(m['digest'])[:12]}  {m['size']} B")

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from loguru import logger
 
-from swarmd.errors import ERR_CONFLICT, ERR_INVALID_MODEL, SwarmdError
+from swarmd.errors import ERR_CONFLICT, SwarmdError
 from swarmd.gateway.backend import (
     InferResult,
     ModelInfo,
@@ -62,15 +62,10 @@ def session_signature(session: Any) -> tuple[list[TensorSpec], list[TensorSpec]]
 
 
 def load_session(path: Path, threads: int) -> Any:
-    import onnxruntime as ort
+    """An onnxruntime session built the one way the worker builds them (providers, fallback)."""
+    from swarmd.worker.runtime import ModelRuntime
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own exception types for bad files
-        raise SwarmdError(ERR_INVALID_MODEL, f"onnxruntime cannot load {path.name}: {str(e)[:300]}") from None
+    return ModelRuntime(path, intra_op_threads=threads).session
 
 
 @dataclass

@@ -134,7 +134,9 @@ def ad_from_record(public_key: Any, addresses: Any, payload: Any) -> WorkerAd:
     """A WORKERS / worker_model_topic DHT record -> WorkerAd; raises ERR_BAD_REQUEST with the reason.
 
     Payload per the worker contract: {"state", "models": [...], "load": {...}},
-    optionally "capabilities" and "weight".
+    optionally "capabilities". A record never sets its own routing weight: a
+    "weight" in it is ignored (weights are the operator's, given by registerWorker
+    from an operator key).
     """
     if not isinstance(payload, dict):
         raise _bad(f"worker record payload must be a map, got {type(payload).__name__}")
@@ -147,9 +149,6 @@ def ad_from_record(public_key: Any, addresses: Any, payload: Any) -> WorkerAd:
     if state not in STATES:
         raise _bad(f"state must be one of {', '.join(sorted(STATES))}, got {state!r:.40}")
     ad.state = state
-    weight = payload.get("weight", 1.0)
-    if isinstance(weight, (int, float)) and not isinstance(weight, bool) and 0 < weight <= 1e6:
-        ad.weight = float(weight)
     if addresses is not None:
         if not isinstance(addresses, (list, tuple)):
             raise _bad("record addresses must be a list of [host, port]")

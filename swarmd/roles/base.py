@@ -38,6 +38,7 @@ class NodeContext:
     swarm: Any = None  # swarmd.swarm.Swarm: topics, lookups, connections
     dht: Any = None  # swarmd.dht node
     rpc_server: Any = None  # swarmd.rpc.RpcServer
+    trust: Any = None  # swarmd.node.trust.Trust: which keys this node admits to which role
     ports: dict[str, int] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
     _roles: dict[str, Role] = field(default_factory=dict)

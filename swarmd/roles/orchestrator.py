@@ -16,7 +16,8 @@ from typing import Any
 
 from loguru import logger
 
-from swarmd.errors import ERR_BAD_REQUEST, SwarmdError
+from swarmd.errors import ERR_BAD_REQUEST, ERR_FORBIDDEN, SwarmdError
+from swarmd.node.trust import Trust
 from swarmd.orchestrator.config import OrchestratorConfig
 from swarmd.orchestrator.discovery import parse_names, parse_public_key, parse_register
 from swarmd.orchestrator.fleet import Fleet
@@ -27,7 +28,7 @@ from swarmd.topics import ORCHESTRATORS
 DEADLINE_MARGIN = 0.05  # answer a routed call this long before the caller stops waiting
 MAX_PAGE = 500  # workers listed per status answer: bounded however large the fleet
 EJECTED_PREFIX = 16  # hex digits of an ejected worker's key in our record
-MAX_EJECTED_LISTED = 48  # ... and how many of them (48 x 16 hex fits a record's payload)
+MAX_EJECTED_LISTED = 16  # ... and how many of them (a record payload is at most 2 KiB, grants included)
 
 
 def _page(params: Any) -> tuple[int, int]:
@@ -65,8 +66,8 @@ class OrchestratorRole(Role):
     async def start(self) -> None:
         methods = self.ctx.methods
         if methods is not None:
-            methods.register("registerWorker", self.register_worker, op="w")
-            methods.register("unregisterWorker", self.unregister_worker, op="w")
+            methods.register("registerWorker", self.register_worker, op="w", roles=("worker",))
+            methods.register("unregisterWorker", self.unregister_worker, op="w", roles=("worker",))
             methods.register("findAvailableWorker", self.find_available_worker, op="r")
             methods.register("routeInferenceRequest", self.route_inference_request, op="r")
             methods.register("getServiceStatus", self.get_service_status, op="r")
@@ -128,8 +129,27 @@ class OrchestratorRole(Role):
 
     # -- RPC methods ----------------------------------------------------------
 
+    def _trust(self) -> Trust:
+        return self.ctx.trust or Trust.open_swarm(self.ctx.identity.public_key)
+
+    def _caller_speaks_for(self, ctx: Any, key_hex: str, method: str) -> Trust:
+        """A worker's entry is changed by that worker's own connection key (or this
+        node, or an operator), never by whoever names its key in a field."""
+        trust = self._trust()
+        caller = getattr(ctx, "peer", None)
+        if caller is not None and not trust.speaks_for(caller, bytes.fromhex(key_hex)):
+            raise SwarmdError(
+                ERR_FORBIDDEN,
+                f"{method}: peer {caller.hex()[:16]}… may only act on its own key, not {key_hex[:16]}…",
+            )
+        return trust
+
     async def register_worker(self, ctx: Any, params: Any) -> dict[str, Any]:
         ad, ttl = parse_register(params)
+        trust = self._caller_speaks_for(ctx, ad.public_key, "registerWorker")
+        caller = getattr(ctx, "peer", None)
+        if caller is not None and not trust.is_operator(caller):
+            ad.weight = 1.0  # a worker never sets its own routing weight; operators may
         if not ad.addresses and self.ctx.swarm is None:
             raise SwarmdError(
                 ERR_BAD_REQUEST,
@@ -149,6 +169,7 @@ class OrchestratorRole(Role):
         if not isinstance(params, dict):
             raise SwarmdError(ERR_BAD_REQUEST, "unregisterWorker params must be a map with public_key")
         key = parse_public_key(params.get("public_key"))
+        self._caller_speaks_for(ctx, key, "unregisterWorker")
         removed = self.balancer.unregister(key)
         self.connections.drop(key)
         if removed:

@@ -156,7 +156,7 @@ class StoreRole(Role):
             m.register("getModel", self.get_model, op="r")
             m.register("uploadStatus", self.upload_status, op="r")
             m.register("deleteModel", self.delete_model, op="w")
-            m.register("storeState", self.store_state, op="r")
+            m.register("storeState", self.store_state, op="r", roles=("store",))  # replication peers only
             m.register_stream("downloadBlob", self.download_blob, op="r")
             m.register_stream("uploadModel", self.upload_model, op="w")
         if self.ctx.swarm is not None:

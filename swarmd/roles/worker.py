@@ -143,6 +143,7 @@ class WorkerRole(Role):
     def status(self) -> dict[str, Any]:
         snap = self.engine.snapshot()
         return {"state": self.engine.state.value, "models": [f"{m.name}:{m.version}" for m in self.engine.models()],
+                "providers": {f"{m.name}:{m.version}": m.runtime.provider for m in self.engine.models()},
                 "load": snap.to_wire()}
 
     # -- announcements --------------------------------------------------------
@@ -323,6 +324,7 @@ class WorkerRole(Role):
             "state": state.value,
             "uptime_s": round(time.monotonic() - self._started, 1),
             "models": [f"{m.name}:{m.version}" for m in self.engine.models()],
+            "providers": {f"{m.name}:{m.version}": m.runtime.provider for m in self.engine.models()},
             "load": self.engine.snapshot().to_wire(),
             "cache": {"bytes": self.cache.used(), "budget": self.cache.budget},
         }

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from swarmd.errors import ERR_FORBIDDEN, SwarmdError
+from swarmd.node.trust import GRANTABLE_ROLES, Trust
 
 if TYPE_CHECKING:
     from swarmd.rpc.peer import RpcPeer, Stream
@@ -48,6 +49,9 @@ class Method:
     # so asyncio.timeout(), TaskGroup and friends fail. Only for handlers that
     # never need a task of their own (ping-like answers computed at once).
     inline: bool = False
+    # Roles a caller must hold a valid grant for (swarmd.node.trust); empty: any
+    # caller the access lists admit. E.g. registerWorker is for admitted workers.
+    roles: frozenset[str] = frozenset()
 
 
 class Methods:
@@ -56,15 +60,27 @@ class Methods:
     def __init__(self) -> None:
         self._methods: dict[str, Method] = {}
 
-    def register(self, name: str, handler: Handler, *, op: str = READ, inline: bool = False) -> None:
+    def register(
+        self,
+        name: str,
+        handler: Handler,
+        *,
+        op: str = READ,
+        inline: bool = False,
+        roles: Iterable[str] = (),
+    ) -> None:
         """Serve `name`; op "w" marks a method that changes state (read-only peers are refused).
 
         inline=True runs the handler's first step without a Task (see Method.inline).
+        roles: in a swarm with operators, only callers holding a grant for one of
+        these roles (or keys in access.allow, or this node) may call it.
         """
-        self._add(Method(name, handler, _check_op(op), False, inline))
+        self._add(Method(name, handler, _check_op(op), False, inline, _check_roles(roles)))
 
-    def register_stream(self, name: str, handler: StreamHandler, *, op: str = READ) -> None:
-        self._add(Method(name, handler, _check_op(op), True))
+    def register_stream(
+        self, name: str, handler: StreamHandler, *, op: str = READ, roles: Iterable[str] = ()
+    ) -> None:
+        self._add(Method(name, handler, _check_op(op), True, roles=_check_roles(roles)))
 
     def _add(self, m: Method) -> None:
         if not isinstance(m.name, str) or not m.name:
@@ -92,6 +108,14 @@ def _check_op(op: str) -> str:
     return op
 
 
+def _check_roles(roles: Iterable[str]) -> frozenset[str]:
+    out = frozenset(roles)
+    for r in out:
+        if r not in GRANTABLE_ROLES:
+            raise ValueError(f"unknown role {r!r}; expected some of {', '.join(GRANTABLE_ROLES)}")
+    return out
+
+
 @dataclass
 class Firewall:
     """Admits callers by Ed25519 public key, never by address.
@@ -99,11 +123,18 @@ class Firewall:
     open=True admits everyone to everything (the default for a private swarm);
     otherwise keys in `allow` may call any method, keys in `allow_read_only`
     only methods registered with op "r", and everyone else nothing.
+
+    `trust` adds the role check: a method registered with roles=... is, in a
+    swarm with operators, only for callers whose presented grants (the
+    presentGrants hello, see swarmd.node.trust) admit them to one of those
+    roles, for keys in `allow`, and for this node itself. The firewall also
+    carries the grants this node presents on every connection it makes.
     """
 
     allow: set[bytes] = field(default_factory=set)
     allow_read_only: set[bytes] = field(default_factory=set)
     open: bool = False
+    trust: Trust | None = None
 
     @classmethod
     def open_to_all(cls) -> Firewall:
@@ -115,8 +146,20 @@ class Firewall:
     ) -> Firewall:
         return cls({_key(k) for k in allow}, {_key(k) for k in allow_read_only})
 
-    def check(self, peer: bytes, method: str, op: str) -> None:
-        """Raise ERR_FORBIDDEN unless peer may call a method of this op."""
+    def check(
+        self, peer: bytes, method: str, op: str, roles: frozenset[str] = frozenset(), held: frozenset[str] = frozenset()
+    ) -> None:
+        """Raise ERR_FORBIDDEN unless peer may call a method of this op (and, when
+        the method names roles, holds a grant for one of them: `held`)."""
+        trust = self.trust
+        if roles and trust is not None and not trust.is_open:
+            if peer in self.allow or trust.is_operator(peer) or roles & held:
+                return
+            raise SwarmdError(
+                ERR_FORBIDDEN,
+                f"method {method!r} is for admitted {' or '.join(sorted(roles))} nodes and peer "
+                f"{peer.hex()[:16]}… presented no valid grant for that role",
+            )
         if self.open or peer in self.allow:
             return
         if op == READ and peer in self.allow_read_only:

@@ -13,6 +13,7 @@ answer leaves with the flush that ends the read.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import traceback
 import uuid
@@ -36,6 +37,7 @@ from swarmd.errors import (
 from swarmd.net.connection import Channel, SecureConnection
 from swarmd.net.loglimit import hostile
 from swarmd.node.deadline import within
+from swarmd.node.trust import HELLO_EVENT, MAX_GRANTS
 from swarmd.rpc import codec, envelope
 from swarmd.rpc.config import RpcConfig
 from swarmd.rpc.envelope import CANCEL, ERROR, EVENT, REQUEST, RESPONSE, EnvelopeError
@@ -81,13 +83,20 @@ def _builtin_methods() -> dict[str, Method]:
     async def get_instance_id(ctx: CallContext, params: Any) -> Any:
         return ctx.peer_conn.instance_id
 
+    async def present_grants(ctx: CallContext, params: Any) -> Any:
+        # The hello (event) a peer sends first on a connection: its role grants.
+        # Inline, so they count before the next message on the connection is served.
+        ctx.peer_conn._learn_grants(params)
+
     return {
         "ping": Method("ping", ping, READ, False, inline=True),
         "getInstanceId": Method("getInstanceId", get_instance_id, READ, False, inline=True),
+        HELLO_EVENT: Method(HELLO_EVENT, present_grants, READ, False, inline=True),
     }
 
 
 _BUILTINS = _builtin_methods()
+_NO_ROLES: frozenset[str] = frozenset()
 
 _SWEEP_SLACK = 0.001  # a sweep also expires calls due within this many seconds
 _SWEEP_MIN_GAP = 0.01  # and the next sweep is at least this far away
@@ -176,10 +185,39 @@ class RpcPeer:
         self._backlog: deque[tuple[int, str, Any, int | None, float, int]] = deque()
         self._backlog_bytes = 0
         self._msg_size = 0  # size of the message being dispatched
+        # the grants the peer's presentGrants hello showed (wire form, at most MAX_GRANTS);
+        # `roles` verifies them against our trust on each use, so an expired one stops counting
+        self._grants: list[bytes] = []
         conn.on_message = self._on_message
         conn.on_close = self._on_close
         conn.on_writable = self._on_writable
         self._log = logger.bind(component="rpc")
+        trust = firewall.trust if firewall is not None else None
+        if trust is not None and trust.presented():
+            # the hello leaves before any call we make on this connection: a callback
+            # on `established` runs before the dialer's await of it resumes
+            conn.established.add_done_callback(self._send_hello)
+
+    def _send_hello(self, fut: asyncio.Future[None]) -> None:
+        if fut.cancelled() or fut.exception() is not None or self.conn.is_closed:
+            return
+        trust = self.firewall.trust if self.firewall is not None else None
+        if trust is not None:
+            with contextlib.suppress(SwarmdError):
+                self.conn.send_message(envelope.event(HELLO_EVENT, trust.presented()))
+
+    def _learn_grants(self, grants: Any) -> None:
+        if isinstance(grants, list):
+            self._grants = [g for g in grants[:MAX_GRANTS] if isinstance(g, bytes)]
+
+    @property
+    def roles(self) -> frozenset[str]:
+        """The roles the peer's presented grants admit it to now (by our operators)."""
+        trust = self.firewall.trust if self.firewall is not None else None
+        key = self.conn.remote_public_key
+        if trust is None or key is None or not self._grants:
+            return frozenset()
+        return trust.roles_of(key, self._grants)
 
     # -- identity / state --------------------------------------------------
 
@@ -393,7 +431,9 @@ class RpcPeer:
         if m is None:
             raise SwarmdError(ERR_UNKNOWN_METHOD, f"no method {method!r} on this peer")
         if self.firewall is not None and method not in _BUILTINS:
-            self.firewall.check(self.conn.remote_public_key or b"", method, m.op)
+            self.firewall.check(
+                self.conn.remote_public_key or b"", method, m.op, m.roles, self.roles if m.roles else _NO_ROLES
+            )
         return m
 
     def _on_request(
@@ -439,7 +479,7 @@ class RpcPeer:
                 raise SwarmdError(ERR_UNKNOWN_METHOD, f"no method {method!r} on this peer")
             peer_key = conn.session.remote_public_key or b""
             if self.firewall is not None and method not in _BUILTINS:
-                self.firewall.check(peer_key, method, m.op)
+                self.firewall.check(peer_key, method, m.op, m.roles, self.roles if m.roles else _NO_ROLES)
             deadline = None
             if timeout_ms is not None:
                 if timeout_ms <= 0:

@@ -28,7 +28,9 @@ class SwarmPart:
 
     async def start(self) -> None:
         ctx = self.ctx
-        self.swarm = Swarm(ctx.identity, ctx.dht, ctx.rpc_server, swarm_config_from(ctx.settings))
+        self.swarm = Swarm(
+            ctx.identity, ctx.dht, ctx.rpc_server, swarm_config_from(ctx.settings), trust=getattr(ctx, "trust", None)
+        )
         self.swarm.register_methods()
         await self.swarm.start()
         ctx.swarm = self.swarm

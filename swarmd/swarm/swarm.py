@@ -37,11 +37,12 @@ from swarmd.errors import (
 from swarmd.net.punch import PathAttempt
 from swarmd.node.deadline import within
 from swarmd.node.identity import Identity
+from swarmd.node.trust import Trust
 from swarmd.rpc import CallContext, Methods, RpcPeer, RpcServer, connect
 from swarmd.rpc.registry import ConnectionRegistry
 from swarmd.swarm.config import SwarmConfig
 from swarmd.swarm.traversal import path_of
-from swarmd.topics import peer_topic
+from swarmd.topics import ROLE_TOPICS, peer_topic, topic_role
 
 Firewall = Callable[[bytes], Awaitable[bool]]  # True admits the peer (by its public key)
 RETRYABLE = frozenset({ERR_CLOSED, ERR_UNAVAILABLE, ERR_TIMEOUT})
@@ -88,6 +89,7 @@ class _Joined:
     lookup: bool
     payload: dict[str, Any] | None
     seq: int = 0
+    role: str | None = None  # the role its announcers must hold (swarmd.topics.topic_role)
     live: bool = False  # short-lived record, refreshed often (SwarmConfig.live_*)
     first_round: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
@@ -114,6 +116,7 @@ class Swarm:
         *,
         firewall: Firewall | None = None,
         on_connection: Callable[[ConnectionEvent], None] | None = None,
+        trust: Trust | None = None,
     ) -> None:
         self.identity = identity
         self.public_key = identity.public_key
@@ -126,6 +129,15 @@ class Swarm:
             self.server = RpcServer(identity, rpc)
             self._own_server = True
         self.methods: Methods = self.server.methods
+        # Who may be which role (swarmd.node.trust): lookups of a role's topic yield
+        # only admitted announcers, and our records carry our grants. Default: the
+        # RPC server's (the node's), else an open swarm (library use, tests).
+        fw_trust = getattr(self.server.firewall, "trust", None)
+        self.trust: Trust = trust or fw_trust or Trust.open_swarm(self.public_key)
+        # topic hash -> role its announcers must hold, for the well-known role topics given
+        # as hashes; a joined topic keeps its role in _Joined (names from requests never land here)
+        self._topic_roles: dict[bytes, str] = {self.topic(name): role for name, role in ROLE_TOPICS.items()}
+        self._refused: set[bytes] = set()  # keys whose records a role lookup ignored (logged once)
         self.firewall = firewall
         self.on_connection = on_connection
         self._registry = ConnectionRegistry(self.public_key)  # dedupes: dialled-by-smaller-key wins
@@ -220,6 +232,13 @@ class Swarm:
         """The 32-byte topic of a name under this swarm's secret."""
         return _topic_bytes(name, self.config.secret)
 
+    def role_of(self, topic: bytes | str) -> str | None:
+        """The role announcers of this topic must be admitted to (None: any key)."""
+        if isinstance(topic, str):
+            return topic_role(topic)
+        joined = self._topics.get(topic)
+        return joined.role if joined is not None and joined.role else self._topic_roles.get(topic)
+
     async def join(
         self,
         topic: bytes | str,
@@ -237,11 +256,12 @@ class Swarm:
         so a node that dies without leaving drops out of lookups within the TTL."""
         await self.start()
         t = self.topic(topic)
+        role = self.role_of(topic)
         old = self._topics.pop(t, None)
         if old is not None and old.task is not None:
             old.task.cancel()
             await asyncio.gather(old.task, return_exceptions=True)
-        joined = _Joined(t, announce, lookup, payload, seq=old.seq if old else 0, live=live)
+        joined = _Joined(t, announce, lookup, payload, seq=old.seq if old else 0, role=role, live=live)
         self._topics[t] = joined
         joined.task = self._spawn(self._topic_loop(joined))
         return t
@@ -290,7 +310,7 @@ class Swarm:
             self.identity,
             joined.topic,
             self.addresses(),
-            joined.payload,
+            self.trust.with_grants(joined.payload),
             self._next_seq(joined),
             self.config.live_record_ttl if joined.live else self.config.record_ttl,
             time.time(),
@@ -363,19 +383,41 @@ class Swarm:
                 "could not connect to peer found by lookup"
             )
 
-    async def lookup(self, topic: bytes | str) -> AsyncIterator[PeerRecord]:
+    async def lookup(self, topic: bytes | str, role: str | None = None) -> AsyncIterator[PeerRecord]:
         """Records of peers announcing topic, each as soon as it arrives
-        (newest seq per peer, each peer once)."""
-        async with aclosing(self.dht.lookup(self.topic(topic))) as it:
+        (newest seq per peer, each peer once).
+
+        The admission point of the swarm: on a role's topic (swarmd.topics.topic_role,
+        or `role` given) only records of keys our trust admits to that role are
+        yielded; the others are ignored as if never announced."""
+        t = self.topic(topic)
+        need = role or self.role_of(topic if isinstance(topic, str) else t)
+        trust = self.trust
+        async with aclosing(self.dht.lookup(t)) as it:
             async for rec in it:
+                if need is not None and not trust.admits_record(rec, need):
+                    self._not_admitted(rec, need)
+                    continue
                 yield rec
 
-    async def lookup_all(self, topic: bytes | str, timeout: float | None = None) -> list[PeerRecord]:  # noqa: ASYNC109
-        """Every record a full lookup finds (partial on timeout)."""
+    def _not_admitted(self, rec: PeerRecord, role: str) -> None:
+        if rec.public_key in self._refused:
+            return
+        if len(self._refused) >= 4096:
+            self._refused.clear()
+        self._refused.add(rec.public_key)
+        self._log.bind(event="peer_not_admitted", peer=rec.public_key.hex()[:16], role=role).info(
+            "ignoring a record: its key holds no valid grant for this role"
+        )
+
+    async def lookup_all(
+        self, topic: bytes | str, timeout: float | None = None, role: str | None = None  # noqa: ASYNC109
+    ) -> list[PeerRecord]:
+        """Every record a full lookup finds (partial on timeout), admitted as lookup() does."""
         out: dict[bytes, PeerRecord] = {}
 
         async def run() -> None:
-            async with aclosing(self.lookup(topic)) as it:
+            async with aclosing(self.lookup(topic, role)) as it:
                 async for rec in it:
                     if rec.public_key not in out or out[rec.public_key].seq < rec.seq:
                         out[rec.public_key] = rec
@@ -644,10 +686,11 @@ class Swarm:
         """Call method on one peer announcing topic (connected peers first);
         on a retryable failure re-resolve the topic and try another peer."""
         t = self.topic(topic)
+        role = self.role_of(topic)
         tried: set[bytes] = set()
         last: SwarmdError | None = None
         for _ in range(self.config.request_retries + 1):
-            recs = [r for r in await self._candidates(t, fresh=bool(tried)) if r.public_key not in tried]
+            recs = [r for r in await self._candidates(t, fresh=bool(tried), role=role) if r.public_key not in tried]
             if not recs:
                 break
             recs.sort(
@@ -668,12 +711,12 @@ class Swarm:
             raise last
         raise SwarmdError(ERR_UNAVAILABLE, "no peer announces this topic")
 
-    async def _candidates(self, topic: bytes, fresh: bool) -> list[PeerRecord]:
+    async def _candidates(self, topic: bytes, fresh: bool, role: str | None = None) -> list[PeerRecord]:
         now_ms = int(time.time() * 1000)
         cached = [r for r in self._seen.get(topic, {}).values() if r.expiry_ms > now_ms]
         if cached and not fresh:
             return cached
-        return await self.lookup_all(topic)
+        return await self.lookup_all(topic, role=role)
 
     async def request_all_topic(
         self,
@@ -684,8 +727,7 @@ class Swarm:
     ) -> dict[bytes, Any]:
         """Call method on every peer announcing topic; maps each public key to
         its result or to the SwarmdError it failed with."""
-        t = self.topic(topic)
-        recs = await self.lookup_all(t)
+        recs = await self.lookup_all(self.topic(topic), role=self.role_of(topic))
 
         async def one(rec: PeerRecord) -> Any:
             try:

@@ -28,6 +28,11 @@ class BatchingConfig:
 class WorkerConfig:
     # Local ONNX files served with no store: "name=path" or "name:version=path".
     models: list[str] = field(default_factory=list)
+    # onnxruntime execution providers to try, best first (e.g. ["CUDAExecutionProvider"]); empty = the
+    # best the installed onnxruntime offers. CPUExecutionProvider is always added last, and a model
+    # that fails to load on the others is loaded on the CPU with a logged reason (swarmd[gpu] brings
+    # onnxruntime-gpu).
+    providers: list[str] = field(default_factory=list)
     # onnxruntime threads per session; 0 lets onnxruntime choose (all cores).
     intra_op_threads: int = 1
     inter_op_threads: int = 1
@@ -106,6 +111,10 @@ class WorkerConfig:
         for key in ("default_timeout", "announce_interval", "store_timeout", "fetch_timeout", "drain_timeout"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"worker.{key} must be positive, got {getattr(self, key)}")
+        if not isinstance(self.providers, list) or not all(
+                isinstance(p, str) and p.endswith("ExecutionProvider") for p in self.providers):
+            raise ConfigError(f"worker.providers must be a list of onnxruntime provider names such as "
+                              f"'CUDAExecutionProvider', got {self.providers!r}")
         self.batching_for("")
         for name in self.model_batching:
             self.batching_for(name)

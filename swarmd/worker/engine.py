@@ -86,6 +86,8 @@ class ServedModel:
             "version": self.version,
             "digest": self.digest,
             "state": state,
+            "provider": self.runtime.provider,
+            **({"provider_fallback": self.runtime.fallback} if self.runtime.fallback else {}),
             **self.signature.to_wire(),
             "batching": {
                 "enabled": self.policy.enabled,
@@ -177,7 +179,8 @@ class InferenceEngine:
                 d, size = file_sha256(source) if digest is None else (digest, source.stat().st_size)
             else:
                 d, size = digest or hashlib.sha256(source).hexdigest(), len(source)
-            rt = ModelRuntime(source, intra_op_threads=cfg.intra_op_threads, inter_op_threads=cfg.inter_op_threads)
+            rt = ModelRuntime(source, intra_op_threads=cfg.intra_op_threads, inter_op_threads=cfg.inter_op_threads,
+                              providers=cfg.providers)
             return rt, d, size
 
         runtime, digest, size = await asyncio.to_thread(build)
@@ -188,8 +191,14 @@ class InferenceEngine:
         served.idle.set()
         self._models[(name, version)] = served
         self._default[name] = version
+        for note in runtime.notes:
+            self.log.bind(event="provider_unavailable", model=name).warning("worker.providers: {}", note)
+        if runtime.fallback is not None:
+            self.log.bind(event="provider_fallback", model=name, version=version).warning(
+                "model {}:{}: {}", name, version, runtime.fallback)
         self.log.bind(event="model_loaded", model=name, version=version, digest=digest[:16],
-                      batching=policy.enabled).info("loaded model {}:{}", name, version)
+                      batching=policy.enabled, provider=runtime.provider).info(
+            "loaded model {}:{} on {}", name, version, runtime.provider)
         return served
 
     def loading(self, name: str, version: str | None = None) -> bool:

@@ -6,6 +6,7 @@ worker never pays its import time and memory.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,27 +22,69 @@ def _ort() -> Any:
     return onnxruntime
 
 
+CPU = "CPUExecutionProvider"
+# Compute providers best first; CPU is always the last resort. A provider an onnxruntime
+# build lists but that computes nothing here (AzureExecutionProvider calls a remote
+# endpoint) is never chosen on its own.
+PREFERRED: tuple[str, ...] = (
+    "TensorrtExecutionProvider", "CUDAExecutionProvider", "ROCMExecutionProvider", "MIGraphXExecutionProvider",
+    "DmlExecutionProvider", "CoreMLExecutionProvider", "OpenVINOExecutionProvider", "QNNExecutionProvider",
+    CPU,
+)
+
+
+def choose_providers(wanted: Sequence[str], available: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(providers to ask onnxruntime for, best first and CPU last; a sentence for each wanted
+    provider left out). `wanted` empty means the best the installed onnxruntime offers."""
+    notes: list[str] = []
+    if wanted:
+        chosen = []
+        for p in wanted:
+            if p in available:
+                if p not in chosen:
+                    chosen.append(p)
+            else:
+                notes.append(f"{p} is not available in this onnxruntime (it has {', '.join(available) or 'none'})")
+    else:
+        chosen = [p for p in PREFERRED if p in available]
+    chosen = [p for p in chosen if p != CPU] + [CPU]
+    return chosen, notes
+
+
 class ModelRuntime:
     """Wraps an InferenceSession; `run` is blocking and meant for an executor thread.
 
     onnxruntime releases the GIL while it computes and a session may run from
     several threads at once, so one runtime serves concurrent batches.
+
+    `providers`: the execution providers to try (worker.providers; empty = the best
+    available, CPU last). A model that fails to load with them is loaded again on the
+    CPU alone and `fallback` says why; `provider` names the one that runs it.
     """
 
-    def __init__(self, source: Path | bytes, *, intra_op_threads: int = 1, inter_op_threads: int = 1) -> None:
+    def __init__(self, source: Path | bytes, *, intra_op_threads: int = 1, inter_op_threads: int = 1,
+                 providers: Sequence[str] = ()) -> None:
         ort = _ort()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = intra_op_threads
         opts.inter_op_num_threads = inter_op_threads
         opts.log_severity_level = 3  # errors only: onnxruntime's warnings would bypass our logging
-        what = str(source) if isinstance(source, Path) else f"{len(source)} bytes"
+        what = source.name if isinstance(source, Path) else f"{len(source)} bytes"
+        chosen, self.notes = choose_providers(providers, ort.get_available_providers())
+        self.fallback: str | None = None
+        model = str(source) if isinstance(source, Path) else source
         try:
-            self.session = ort.InferenceSession(
-                str(source) if isinstance(source, Path) else source, opts, providers=["CPUExecutionProvider"]
-            )
+            try:
+                self.session = ort.InferenceSession(model, opts, providers=chosen)
+            except Exception as e:
+                if chosen == [CPU]:
+                    raise
+                self.fallback = f"{chosen[0]} could not load it ({_first_line(e)}); running on {CPU}"
+                self.session = ort.InferenceSession(model, opts, providers=[CPU])
         except Exception as e:  # onnxruntime raises its own exception types for unparseable models
-            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            raise SwarmdError(ERR_INVALID_MODEL, f"onnxruntime cannot load the model ({what}): {first}") from None
+            raise SwarmdError(ERR_INVALID_MODEL, f"onnxruntime cannot load the model ({what}): {_first_line(e)}") from None
+        active = self.session.get_providers()
+        self.provider: str = next((p for p in active if p in PREFERRED), active[0])  # the one that computes
         self.signature = ModelSignature(
             inputs=tuple(TensorSpec.from_node_arg(a) for a in self.session.get_inputs()),
             outputs=tuple(TensorSpec.from_node_arg(a) for a in self.session.get_outputs()),
@@ -50,3 +93,8 @@ class ModelRuntime:
     def run(self, output_names: tuple[str, ...], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Blocking run; the caller validated `feeds` against the signature."""
         return self.session.run(list(output_names), feeds)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__

@@ -247,6 +247,7 @@ class NatLab:
         env["PYTHONUNBUFFERED"] = "1"
         for var in [v for v in env if v.startswith("SWARMD_")]:
             del env[var]  # the daemons in the lab take their settings from flags only
+        env["SWARMD_TRUST_OPEN"] = "true"  # ...and ask for an open swarm (the trust model is tested elsewhere)
         env.update(extra or {})
         return env
 
