@@ -52,9 +52,10 @@ class DhtConfig:
     max_contacts_per_ip: int = 8
     refresh_interval: float = 15 * 60.0
     # a contact silent this long is pinged when we hand it out in a reply (at most once per
-    # period); one that times out is evicted and not taken back from others' replies for
+    # period, within a global budget); one that times out is evicted and not taken back from others' replies for
     # dead_contact_memory unless it talks to us first
-    contact_check_after: float = 5.0
+    contact_check_after: float = 10.0  # 0: never check
+    contact_checks_per_s: float = 1.0  # ... and at most this many such pings per second (burst 4)
     dead_contact_memory: float = 120.0
     lookup_timeout: float = 5.0
     # how long start() keeps retrying bootstrap nodes that do not answer (backoff from

@@ -196,6 +196,7 @@ class SwarmdProtocol(KademliaProtocol):
         self.last_seen: dict[bytes, float] = {}  # contact id -> monotonic time it last answered or asked
         self.dead: dict[bytes, float] = {}  # contact id -> monotonic time it timed out (not re-learned)
         self._checking: set[bytes] = set()
+        self._check_budget = SourceLimiter(config.contact_checks_per_s, 4.0, 1)  # one bucket: all checks
         self.closed = asyncio.get_running_loop().create_future()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stun_pending: dict[bytes, asyncio.Future[tuple[str, int]]] = {}
@@ -503,12 +504,16 @@ class SwarmdProtocol(KademliaProtocol):
         does not answer is evicted (handle_call_response), so we hand it out at most
         until then instead of for as long as it stays in the table."""
         stale = self.config.contact_check_after
+        if stale <= 0:
+            return
         now = time.monotonic()
         for node in contacts:
             if len(self._checking) >= MAX_CONTACT_CHECKS:
                 return
             if node.id in self._checking or now - self.last_seen.get(node.id, 0.0) < stale:
                 continue
+            if not self._check_budget.allow("checks", now):
+                return  # bounded cost: a busy node hands out many silent-but-alive contacts
             self._checking.add(node.id)
             self.last_seen.pop(node.id, None)  # checked now; not again before contact_check_after
             self.last_seen[node.id] = now
