@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml 2>/dev/null | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: venv run test test-fast test-natlab test-browser bench bench-anchors lint docs clean
+.PHONY: proto venv run test test-fast test-natlab test-browser bench bench-anchors lint docs clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -40,6 +40,13 @@ bench: venv
 # swarmd beside the Hyperswarm anchors and FastAPI, alternating, one ratio table (needs node + npm)
 bench-anchors: venv
 	$(BIN)/python bench/anchors.py
+
+# regenerate the OIP gRPC messages from swarmd/gateway/proto/oip.proto, in a descriptor pool of
+# their own (tritonclient ships the same protobuf package; one process may load both)
+proto: venv
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. swarmd/gateway/proto/oip.proto
+	sed -i 's/_descriptor_pool.Default().AddSerializedFile(/_descriptor_pool.DescriptorPool().AddSerializedFile(/' \
+	  swarmd/gateway/proto/oip_pb2.py
 
 docs: venv
 	$(BIN)/python -m swarmd.docs_config

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def start(*args: str, log: Path) -> subprocess.Popen[str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), SWARMD_TRUST_OPEN="true")  # a lab swarm: every key admitted
     return subprocess.Popen([sys.executable, "-m", "swarmd", "--log-format", "json", "--log-level", "INFO", *args],
                             stdout=log.open("w"), stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
 

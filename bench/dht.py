@@ -234,6 +234,7 @@ def records_memory(n: int = 10_000) -> float:
 async def main() -> None:
     logger.remove()
     logger.add(sys.stderr, level="ERROR")
+    logger.enable("swarmd")
     raw = await raw_udp_rtt(RAW_RTTS)
     base = {"raw_udp_rtt_p50_ms": statistics.median(raw) * 1e3, "raw_udp_rtt_p90_ms": pct(raw, 90) * 1e3}
     figures: dict[str, object] = {}

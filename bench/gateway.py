@@ -204,6 +204,7 @@ def stop_proc(proc: subprocess.Popen) -> None:
 def swarmd_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SWARMD_")}
     env["PYTHONPATH"] = str(ROOT)
+    env["SWARMD_TRUST_OPEN"] = "true"  # a benchmark lab: every key admitted (docs/operations.md, trust model)
     env.update(extra)
     return env
 

@@ -39,6 +39,7 @@ WARM = 50  # inferences before the worker / baseline RSS is read
 def env() -> dict[str, str]:
     e = {k: v for k, v in os.environ.items() if not k.startswith("SWARMD_")}
     e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    e["SWARMD_TRUST_OPEN"] = "true"  # a benchmark lab: every key admitted
     return e
 
 

@@ -84,6 +84,7 @@ def spawn(role: str, data_dir: Path, **env: str) -> tuple[subprocess.Popen[str],
         env={
             **{k: v for k, v in os.environ.items() if not k.startswith("SWARMD_")},
             "PYTHONPATH": str(ROOT),
+            "SWARMD_TRUST_OPEN": "true",  # a benchmark lab: every key admitted
             **env,
         },
     )

@@ -18,11 +18,11 @@ from types import ModuleType
 from typing import Any
 
 from swarmd import __version__
-from swarmd.errors import SwarmdError
+from swarmd.errors import ERR_BAD_REQUEST, SwarmdError
 from swarmd.node.config import ENV_NAMES, load_settings
 from swarmd.settings import Settings
 
-# flag -> (section, key, parse)
+# flag -> (section, key)
 COMMON_FLAGS: dict[str, tuple[str, str]] = {
     "role": ("node", "roles"),
     "bootstrap": ("node", "bootstrap"),
@@ -31,20 +31,36 @@ COMMON_FLAGS: dict[str, tuple[str, str]] = {
     "host": ("node", "host"),
     "data_dir": ("node", "data_dir"),
     "http": ("node", "http"),
+    "grpc": ("gateway", "grpc"),
+    "metrics": ("node", "metrics"),
     "log_level": ("node", "log_level"),
     "log_format": ("node", "log_format"),
 }
 
+# Flags every command and the daemon take, wherever they stand (`swarmd --data-dir D keys ls` ==
+# `swarmd keys ls --data-dir D`). A command lists in its FLAGS which of OPTIONAL_FLAGS apply to
+# it; giving one that does not is an error, never silently ignored.
+OPTIONAL_FLAGS = ("bootstrap", "data_dir", "host", "json")
+DAEMON_FLAGS = ("role", "port", "dht_port", "http", "grpc", "metrics")  # only the daemon (no command) takes these
+
 
 class UsageError(Exception):
-    pass
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+        self.message = message
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that reports bad flags as one line and exit status 2."""
+    """argparse that reports bad flags as one line (exit status 2) and never takes an
+    abbreviation of a flag for the flag (`--rol worker` is not `--role worker`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(message)
+        raise UsageError(self.prog, message)
 
 
 def _csv(text: str) -> list[str]:
@@ -52,38 +68,56 @@ def _csv(text: str) -> list[str]:
 
 
 def add_common_flags(p: argparse.ArgumentParser, *, daemon: bool) -> None:
-    g = p.add_argument_group("common options")
-    g.add_argument("--config", type=Path, default=None, help="TOML config file (env SWARMD_CONFIG)")
+    """The common flags; on the top parser (daemon=True) with the daemon's own, on every
+    command parser with defaults suppressed, so a flag given before the command is not
+    overwritten by the command's parser."""
+    from swarmd.roles.base import ROLE_ORDER
+
+    dflt: Any = None if daemon else argparse.SUPPRESS
+    g = p.add_argument_group("common options (before or after the command)")
+    g.add_argument("--config", type=Path, default=dflt, help="TOML config file (env SWARMD_CONFIG)")
     g.add_argument(
-        "--env", choices=ENV_NAMES, default=None, help="config overlay [env.NAME] (env SWARMD_ENV)"
+        "--env", choices=ENV_NAMES, default=dflt, help="config overlay [env.NAME] (env SWARMD_ENV)"
     )
     g.add_argument(
         "--bootstrap",
         type=_csv,
-        default=None,
+        default=dflt,
         metavar="HOST:PORT[,HOST:PORT]",
         help="DHT bootstrap nodes (env SWARMD_BOOTSTRAP); none: start a new swarm",
     )
-    g.add_argument("--data-dir", type=Path, default=None, help="where keys, models and databases live")
+    g.add_argument("--data-dir", type=Path, default=dflt, help="where keys, models and databases live")
+    g.add_argument(
+        "--host",
+        default=dflt,
+        help="the node's address: where the daemon listens (default 127.0.0.1); for a command, "
+        "where to reach the local node (default: the address in its status.json)",
+    )
     g.add_argument(
         "--log-level",
-        default=None,
+        default=dflt,
         type=str.upper,
         choices=["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"],
     )
-    g.add_argument("--log-format", default=None, choices=["auto", "json", "text"])
+    g.add_argument("--log-format", default=dflt, choices=["auto", "json", "text"])
+    g.add_argument("--json", action="store_true", default=dflt, help="print JSON (commands)")
     if daemon:
-        g.add_argument(
+        d = p.add_argument_group("daemon options (`swarmd --role ROLES`, no command)")
+        role = d.add_argument(
             "--role",
             type=_csv,
             default=None,
             metavar="ROLES",
-            help="comma-separated: gateway,orchestrator,worker,store,relay,bootstrap",
+            help=f"comma-separated: {','.join(ROLE_ORDER)}",
         )
-        g.add_argument("--host", default=None, help="RPC listen address (default 127.0.0.1)")
-        g.add_argument("--port", type=int, default=None, help="RPC/TCP port (0: any free port)")
-        g.add_argument("--dht-port", type=int, default=None, help="DHT UDP port (0: any free port)")
-        g.add_argument("--http", default=None, metavar="HOST:PORT", help="gateway HTTP listen address")
+        role.completions = list(ROLE_ORDER)  # type: ignore[attr-defined]  # swarmd completion offers these
+        d.add_argument("--port", type=int, default=None, help="RPC/TCP port (0: any free port)")
+        d.add_argument("--dht-port", type=int, default=None, help="DHT UDP port (0: any free port)")
+        d.add_argument("--http", default=None, metavar="HOST:PORT", help="gateway HTTP listen address")
+        d.add_argument("--grpc", default=None, metavar="HOST:PORT",
+                       help="gateway OIP v2 gRPC listen address (off unless given)")
+        d.add_argument("--metrics", default=None, metavar="HOST:PORT",
+                       help="serve Prometheus metrics of every role on HOST:PORT/metrics (off unless given)")
 
 
 def discover_commands() -> dict[str, ModuleType]:
@@ -98,20 +132,55 @@ def discover_commands() -> dict[str, ModuleType]:
     return found
 
 
+def _sub_parsers(p: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    return [sp for a in p._actions if isinstance(a, argparse._SubParsersAction) for sp in a.choices.values()]
+
+
+def _with_common_flags(p: argparse.ArgumentParser) -> None:
+    """Common flags on p and every parser below it (`swarmd keys create --data-dir D`)."""
+    add_common_flags(p, daemon=False)
+    p.set_defaults(_prog=p.prog)  # the deepest parser's name heads error lines
+    for sp in _sub_parsers(p):
+        _with_common_flags(sp)
+
+
 def build_parser(commands: dict[str, ModuleType]) -> Parser:
     p = Parser(
         prog="swarmd",
         description="Peer-to-peer daemon that serves AI models. "
-        "Run `swarmd --role ROLES` for the daemon, or a command below.",
+        "Run `swarmd --role ROLES` for the daemon, or a command below. Common options go "
+        "before or after the command, at any depth.",
     )
     p.add_argument("--version", action="version", version=f"swarmd {__version__}")
     add_common_flags(p, daemon=True)
+    p.set_defaults(_prog="swarmd")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name, mod in sorted(commands.items()):
         sp = sub.add_parser(name, help=getattr(mod, "HELP", ""), description=getattr(mod, "HELP", ""))
-        add_common_flags(sp, daemon=False)
         mod.add_arguments(sp)
+        _with_common_flags(sp)
     return p
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def check_flags(args: argparse.Namespace, commands: dict[str, ModuleType]) -> None:
+    """Refuse a common flag that the command (or the daemon) would not use."""
+    prog = getattr(args, "_prog", "swarmd")
+    if args.command is None:
+        if args.json:
+            raise UsageError(prog, "--json applies to commands; the daemon logs JSON with --log-format json")
+        return
+    for dest in DAEMON_FLAGS:
+        if getattr(args, dest, None) is not None:
+            raise UsageError(prog, f"{_flag(dest)} applies to the daemon (`swarmd {_flag(dest)} ...` "
+                                   f"with no command), not to `{prog}`")
+    uses = set(getattr(commands[args.command], "FLAGS", ()))
+    for dest in OPTIONAL_FLAGS:
+        if getattr(args, dest, None) not in (None, False) and dest not in uses:
+            raise UsageError(prog, f"{_flag(dest)} does not apply to `{prog}`")
 
 
 def settings_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Settings:
@@ -125,19 +194,28 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Set
     return load_settings(Settings, config_file=config_file, env_name=env_name, environ=environ, flags=flags)
 
 
+def _error_line(prog: str, code: str, message: str) -> str:
+    """The one error line every command prints: `swarmd <cmd>: ERR_CODE: message`."""
+    return f"{prog}: {code}: {message}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     environ = dict(os.environ)
+    prog = "swarmd"
     try:
         commands = discover_commands()
         parser = build_parser(commands)
         args = parser.parse_args(argv)
+        prog = getattr(args, "_prog", prog)
+        check_flags(args, commands)
+        args.json = bool(args.json)
         settings = settings_from_args(args, environ)
     except UsageError as e:
-        print(f"swarmd: error: {e}", file=sys.stderr)
+        print(_error_line(e.prog, ERR_BAD_REQUEST, e.message), file=sys.stderr)
         return 2
     except SwarmdError as e:
-        print(f"swarmd: error: {e.message}", file=sys.stderr)
+        print(_error_line(prog, e.code, e.message), file=sys.stderr)
         return 2
     if args.command is not None and "node.log_level" not in settings._origin:
         # operator commands print results; their logs stay quiet unless asked for
@@ -157,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             result = asyncio.run(result)
         return int(result or 0)
     except SwarmdError as e:
-        print(f"swarmd: error: {e.code}: {e.message}", file=sys.stderr)
+        print(_error_line(prog, e.code, e.message), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -137,6 +137,7 @@ class Node:
                 ctx._roles[name] = role
                 await role.start()
                 self._started.append((f"role:{name}", role.stop))
+            await self._serve_metrics(ctx)
         except BaseException:
             await self._stop_within(self.settings.node.stop_timeout)
             raise
@@ -208,6 +209,18 @@ class Node:
         with contextlib.suppress(OSError):
             status.unlink()
 
+    async def _serve_metrics(self, ctx: NodeContext) -> None:
+        """Every role's metrics and the swarm's, on node.metrics when it is set."""
+        ctx.metrics.add("swarm", lambda: _swarm_metrics(ctx))
+        for name, role in ctx._roles.items():
+            ctx.metrics.add(f"role:{name}", role.metrics)
+        if self.settings.node.metrics:
+            from swarmd.settings import parse_hostport
+
+            host, port = parse_hostport(self.settings.node.metrics, what="node.metrics", listen=True)
+            ctx.ports["metrics"] = await ctx.metrics.start(host, port)
+            self._started.append(("metrics", ctx.metrics.stop))
+
     async def _node_info(self, call: Any, params: Any) -> dict[str, Any]:
         assert self.ctx is not None
         return self.ctx.info()
@@ -219,6 +232,7 @@ class Node:
             "public_key": ctx.identity.public_hex,
             "instance_id": ctx.instance_id,
             "roles": list(ctx.roles),
+            "host": self.settings.node.host,  # what the RPC server bound; tools dial it (node/statusfile.py)
             "ports": ctx.ports,
             "pid": os.getpid(),
             "version": __version__,
@@ -267,3 +281,28 @@ class Node:
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
+
+
+def _swarm_metrics(ctx: NodeContext) -> list[Any]:
+    """Connections by path and DHT records held: what every node has."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    out = []
+    swarm = ctx.swarm
+    if swarm is not None:
+        from swarmd.swarm.traversal import path_of
+
+        by_path: dict[str, int] = {}
+        for _pk, peer, _topics, _inbound in swarm.peers():
+            p = path_of(peer)
+            by_path[p] = by_path.get(p, 0) + 1
+        g = GaugeMetricFamily("swarmd_connections", "open peer connections by path", labels=["path"])
+        for p, n in sorted(by_path.items()):
+            g.add_metric([p], n)
+        out.append(g)
+    if ctx.dht is not None and getattr(ctx.dht, "protocol", None) is not None:
+        out.append(GaugeMetricFamily("swarmd_dht_records", "topic records this DHT node holds",
+                                     value=len(ctx.dht.protocol.records)))
+    out.append(GaugeMetricFamily("swarmd_uptime_seconds", "seconds since the node started",
+                                 value=ctx.info()["uptime_s"]))
+    return out

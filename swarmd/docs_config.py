@@ -112,8 +112,42 @@ def _type(f: dataclasses.Field[Any]) -> str:
     return t.replace("typing.", "").replace("|", "\\|")
 
 
+def section_doc(cls: type) -> str:
+    """The class's own docstring; "" for the `Name(field: type = ...)` signature that
+    @dataclass writes into a class without one (never shown: it is not documentation)."""
+    doc = cls.__dict__.get("__doc__") or ""
+    if doc.startswith(f"{cls.__name__}("):
+        return ""
+    return inspect.cleandoc(doc)
+
+
+def missing_descriptions() -> list[str]:
+    """Sections without a docstring and keys without a comment (tests/test_docs.py wants none)."""
+    from swarmd.settings import Settings
+
+    out: list[str] = []
+
+    def walk(name: str, cls: type) -> None:
+        if not section_doc(cls):
+            out.append(f"[{name}] ({cls.__module__}.{cls.__name__} has no docstring)")
+        comments = field_comments(cls)
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if f.name.startswith("_"):
+                continue
+            if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(  # type: ignore[misc]
+                f.default_factory  # type: ignore[misc]
+            ):
+                walk(f"{name}.{f.name}", f.default_factory)  # type: ignore[misc]
+            elif not comments.get(f.name):
+                out.append(f"{name}.{f.name} ({cls.__module__}.{cls.__name__}: no comment beside or above it)")
+
+    for f in dataclasses.fields(Settings):
+        walk(f.name, f.default_factory)  # type: ignore[misc]
+    return out
+
+
 def section(name: str, cls: type) -> list[str]:
-    doc = inspect.getdoc(cls) or ""
+    doc = section_doc(cls)
     if doc.startswith(f"[{name}]:"):
         doc = doc[len(name) + 3 :].strip()
         doc = doc[:1].upper() + doc[1:]

@@ -28,6 +28,7 @@ ERR_NOT_READY = "ERR_NOT_READY"  # model loading, node starting or draining
 ERR_CORRUPT = "ERR_CORRUPT"  # stored or received data failed its digest check
 ERR_INVALID_MODEL = "ERR_INVALID_MODEL"  # a model file that onnx cannot parse
 ERR_CONFIG = "ERR_CONFIG"  # bad configuration key, type or value
+ERR_NOT_IMPLEMENTED = "ERR_NOT_IMPLEMENTED"  # a protocol feature this node does not offer (HTTP 501)
 ERR_INTERNAL = "ERR_INTERNAL"  # a bug: logged with a traceback on the side that raised it
 
 ALL_CODES: frozenset[str] = frozenset(

@@ -37,14 +37,15 @@ def default_data_dir() -> Path:
 class NodeConfig:
     """[node]: what every role needs: where to listen, where to keep state, whom to join."""
 
-    roles: list[str] = field(default_factory=list)
+    roles: list[str] = field(default_factory=list)  # roles this node plays (--role); empty: DHT + RPC only
     host: str = "127.0.0.1"  # RPC/TCP listen address; 0.0.0.0 to serve other boxes
     port: int = 0  # RPC/TCP port; 0 picks a free one (printed in the ready line)
     dht_port: int = 0  # UDP port of the DHT node (and its STUN responder)
-    data_dir: Path = field(default_factory=default_data_dir)
+    data_dir: Path = field(default_factory=default_data_dir)  # identity key, stores, databases, status.json
     bootstrap: list[str] = field(default_factory=list)  # HOST:PORT of DHT nodes; none = first node
     http: str | None = None  # gateway HOST:PORT
-    log_level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    metrics: str | None = None  # HOST:PORT serving Prometheus metrics of every role on /metrics; none = off
+    log_level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"] = "INFO"  # lowest level logged
     log_format: Literal["auto", "json", "text"] = "auto"  # auto: text on a terminal, JSON otherwise
     stop_timeout: float = 15.0  # bound on a graceful stop (drain included)
     # seconds a starting daemon keeps retrying (with backoff) bootstrap nodes that do not
@@ -90,6 +91,10 @@ class Settings:
             parse_hostport(addr, what="node.bootstrap entry")
         if self.node.http is not None:
             parse_hostport(self.node.http, what="node.http", listen=True)
+        if self.node.metrics is not None:
+            parse_hostport(self.node.metrics, what="node.metrics", listen=True)
+        if self.gateway.grpc:
+            parse_hostport(self.gateway.grpc, what="gateway.grpc", listen=True)
         if self.node.swarm_secret is not None:
             try:
                 bytes.fromhex(self.node.swarm_secret)

@@ -25,6 +25,7 @@ import numpy as np
 from swarmd.errors import (
     ERR_BAD_REQUEST,
     ERR_CLOSED,
+    ERR_CORRUPT,
     ERR_NOT_FOUND,
     ERR_PROTOCOL,
     ERR_TIMEOUT,
@@ -95,6 +96,11 @@ class ClientConfig:
     listen_host: str = "127.0.0.1"  # where our RPC server listens (peers dial it after join(announce=True))
     dht_host: str = "0.0.0.0"
     dht_port: int = 0
+    # reach peers behind NAT the way daemons do (hole punching through signal peers, relays;
+    # swarmd.swarm.traversal). Off by default: it detects our NAT type in the background and
+    # bounds a direct dial by nat.direct_timeout (2 s) before trying the other paths; the CLI
+    # turns it on
+    traversal: bool = False
 
 
 @dataclass
@@ -109,9 +115,10 @@ class Inference:
 
 @dataclass(frozen=True)
 class PeerAddress:
-    """One peer reached directly, with no DHT: its key (pinned by the Noise handshake) and address."""
+    """One peer reached directly, with no DHT: its key (pinned by the Noise handshake; None accepts
+    whoever answers, as `swarmd model --store HOST:PORT` without --store-key does) and address."""
 
-    public_key: bytes
+    public_key: bytes | None
     host: str
     port: int
 
@@ -152,6 +159,7 @@ class Client:
         self._dht: Any = None
         self._server: Any = None
         self._swarm: Any = None
+        self._traversal: Any = None
         self._direct: Any = None  # RpcPeer in single-peer mode
         self._started = False
         self._closed = False
@@ -162,7 +170,7 @@ class Client:
     @classmethod
     def for_peer(
         cls,
-        public_key: bytes | str,
+        public_key: bytes | str | None,
         host: str,
         port: int,
         *,
@@ -170,7 +178,8 @@ class Client:
         config: ClientConfig | None = None,
     ) -> Client:
         """A client of one peer (no DHT): every call, inference and transfer goes to it."""
-        return cls(identity=identity, config=config, peer=PeerAddress(_public_key(public_key), host, int(port)))
+        pk = None if public_key is None else _public_key(public_key)
+        return cls(identity=identity, config=config, peer=PeerAddress(pk, host, int(port)))
 
     @classmethod
     def from_settings(
@@ -231,6 +240,7 @@ class Client:
         )
         await dht.start()
         server = RpcServer(self.identity, Methods(), cfg.listen_host, 0)
+        swarm: Any = None
         trust = None
         if cfg.operators:
             from swarmd.node.trust import GrantError, Trust, parse_key
@@ -252,7 +262,18 @@ class Client:
                 trust=trust,
             )
             await swarm.start()
+            if cfg.traversal:
+                from swarmd.swarm.traversal import Traversal
+
+                self._traversal = Traversal(swarm)
+                await self._traversal.start()
         except BaseException:
+            if self._traversal is not None:
+                await self._traversal.stop()
+                self._traversal = None
+            if swarm is not None:
+                with contextlib.suppress(Exception):
+                    await swarm.stop()
             await server.stop()
             await dht.stop()
             raise
@@ -262,10 +283,14 @@ class Client:
         """Leave joined topics, close connections, stop the DHT node. Idempotent."""
         self._closed = True
         swarm, server, dht, direct = self._swarm, self._server, self._dht, self._direct
+        traversal, self._traversal = self._traversal, None
         self._swarm = self._server = self._dht = self._direct = None
         if direct is not None:
             with contextlib.suppress(Exception):
                 await direct.close()
+        if traversal is not None:
+            with contextlib.suppress(Exception):
+                await traversal.stop()
         if swarm is not None:
             with contextlib.suppress(Exception):
                 await swarm.stop()
@@ -400,6 +425,14 @@ class Client:
         await self._ready()
         await self._need_swarm("leave").leave(topic)
 
+    def connections(self) -> Any:
+        """An async iterator of the swarm's connection events (swarmd.swarm.ConnectionEvent: kind
+        "open"/"close", public_key, inbound, topics), subscribed now so none is missed; ends when
+        the client closes. For a swarm client (after start())."""
+        if self._swarm is None:
+            raise SwarmdError(ERR_UNAVAILABLE, "connections() needs a started swarm client")
+        return self._swarm.connections()
+
     def connected_peers(self) -> list[bytes]:
         """Public keys of the peers this client holds a connection to."""
         if self._direct is not None:
@@ -515,8 +548,26 @@ class Client:
         return [r.public_key for r in records]
 
 
+# a store that answers one of these may not be the only one: ask the next store that holds the model
+_NEXT_STORE = frozenset({ERR_NOT_FOUND, ERR_UNAVAILABLE, ERR_CLOSED, ERR_TIMEOUT, ERR_CORRUPT})
+
+
+def pull_destination(path: str | Path, name: str, version: str) -> Path:
+    """Where `pull` writes: path itself, or path/NAME-VERSION.onnx when path is a directory (or ends
+    with a slash). The directory must exist: a typo is a one-line error, not a tree made by accident."""
+    text = str(path)
+    p = Path(path).expanduser()
+    if text.endswith(("/", "\\")) or p.is_dir():
+        if not p.is_dir():
+            raise SwarmdError(ERR_BAD_REQUEST, f"directory {p} does not exist")
+        return p / f"{name}-{version}.onnx"
+    if not p.parent.is_dir():
+        raise SwarmdError(ERR_BAD_REQUEST, f"cannot write {p}: directory {p.parent} does not exist")
+    return p
+
+
 class Models:
-    """Model operations on the swarm's stores: `client.models.push/pull/list/get`."""
+    """Model operations on the swarm's stores: `client.models.push/pull/list/get/rm`."""
 
     def __init__(self, client: Client) -> None:
         self._client = client
@@ -559,6 +610,15 @@ class Models:
         return meta
 
     async def _find(self, name: str, version: str | None) -> tuple[Any, dict[str, Any]]:
+        async with contextlib.aclosing(self._holders(name, version)) as holders:
+            async for found in holders:
+                return found
+        raise AssertionError("unreachable: _holders raises when no store holds the model")  # pragma: no cover
+
+    async def _holders(self, name: str, version: str | None) -> Any:
+        """(peer, metadata) of each store that holds name[:version], in turn: those announcing the
+        model's topic, else every store. Raises (NOT_FOUND unless a store failed otherwise) when
+        none does; the caller stops iterating once one served it."""
         c = self._client
         await c._ready()
         params = {"name": name} if version is None else {"name": name, "version": version}
@@ -567,11 +627,13 @@ class Models:
         for pk in keys:
             try:
                 peer = await c._peer(pk)
-                return peer, await peer.call("getModel", params, timeout=c.config.timeout)
+                meta = await peer.call("getModel", params, timeout=c.config.timeout)
             except SwarmdError as e:
-                if e.code not in (ERR_NOT_FOUND, ERR_UNAVAILABLE, ERR_CLOSED, ERR_TIMEOUT):
+                if e.code not in _NEXT_STORE:
                     raise
                 last = e
+                continue
+            yield peer, meta
         if last is not None and last.code != ERR_NOT_FOUND:
             raise last
         raise SwarmdError(ERR_NOT_FOUND, f"no store holds model {name}{':' + version if version else ''}")
@@ -586,13 +648,54 @@ class Models:
         progress: Progress | None = None,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> dict[str, Any]:
-        """Download name[:version] (latest when None) to path, verified against its sha256 and
-        written atomically; resumes a partial path + '.part'. Returns the metadata."""
+        """Download name[:version] (latest when None) to path (a directory: path/NAME-VERSION.onnx),
+        verified against its sha256 and written atomically; resumes a partial dest + '.part'. A
+        store whose copy fails (corrupt, gone, timed out) is replaced by the next that holds the
+        same digest. Returns the metadata, with "path" where the file is."""
         c = self._client
-        peer, meta = await self._find(name, version)
-        await pull_file(peer, meta["digest"], Path(path), size=meta["size"], progress=progress,
-                        timeout=timeout or c.config.timeout)
-        return meta
+        t = timeout or c.config.timeout
+        chosen: dict[str, Any] | None = None
+        dest: Path | None = None
+        last: SwarmdError | None = None
+        async with contextlib.aclosing(self._holders(name, version)) as holders:
+            async for peer, meta in holders:
+                if chosen is None:
+                    chosen, dest = meta, pull_destination(path, meta["name"], meta["version"])
+                elif meta.get("digest") != chosen["digest"]:
+                    continue  # "latest" may differ between stores mid-replication: keep the first answer
+                assert dest is not None
+                try:
+                    await pull_file(peer, chosen["digest"], dest, size=chosen["size"], progress=progress, timeout=t)
+                except SwarmdError as e:
+                    if e.code not in _NEXT_STORE:
+                        raise
+                    last = e
+                    continue
+                return {**chosen, "path": str(dest)}
+        raise last or SwarmdError(ERR_NOT_FOUND, f"no store holds model {name}{':' + version if version else ''}")
+
+    @_translated
+    async def rm(self, name: str, version: str) -> int:
+        """Delete name:version on every store that holds it (versions go one at a time); returns how
+        many stores deleted it. NotFound when none held it."""
+        c = self._client
+        await c._ready()
+        if not version:
+            raise SwarmdError(ERR_BAD_REQUEST, "rm needs a version (versions are deleted one at a time)")
+        params = {"name": name, "version": version}
+        keys = await c._store_keys(model_topic(name)) or await c._store_keys(STORES)
+        deleted = 0
+        for pk in keys:
+            try:
+                peer = await c._peer(pk)
+                await peer.call("deleteModel", params, timeout=c.config.timeout)
+                deleted += 1
+            except SwarmdError as e:
+                if e.code not in _NEXT_STORE:
+                    raise
+        if not deleted:
+            raise SwarmdError(ERR_NOT_FOUND, f"no store holds {name}:{version}")
+        return deleted
 
     @_translated
     async def list(self, name: str | None = None, tag: str | None = None) -> list[dict[str, Any]]:

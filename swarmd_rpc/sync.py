@@ -231,5 +231,10 @@ class SyncModels:
         o = self._owner
         return o._run(o.client.models.get(name, version), o.client.config.timeout * 2)
 
+    def rm(self, name: str, version: str) -> int:
+        """Delete name:version on every store that holds it; returns how many did (see Models.rm)."""
+        o = self._owner
+        return o._run(o.client.models.rm(name, version), o.client.config.timeout * 2)
+
 
 __all__ = ["SyncClient", "SyncModels"]

@@ -13,6 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from loguru import logger
+
+# the package is silent as a library (swarmd/__init__.py); tests that read its log lines through
+# their own loguru sinks are an application that wants them
+logger.enable("swarmd")
 
 ROOT = Path(__file__).resolve().parent.parent
 

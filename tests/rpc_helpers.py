@@ -80,7 +80,11 @@ def make_methods(log: list[Any] | None = None) -> Methods:
     async def callback(ctx: CallContext, params: Any) -> Any:
         return await ctx.peer_conn.call("echo", params, timeout=10)
 
+    async def blob(ctx: CallContext, params: Any) -> Any:
+        return bytes(int(params["size"]))  # a plain result of any size (the message limit applies)
+
     methods.register("echo", echo)
+    methods.register("blob", blob)
     methods.register("whoami", whoami)
     methods.register("sleep", sleep)
     methods.register("missing", missing)

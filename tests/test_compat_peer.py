@@ -206,15 +206,31 @@ async def test_stream_cancel_and_deadline(node: Node) -> None:
 
 
 @pytest.mark.parametrize(
+    "ext",
+    [
+        msgpack.ExtType(1, b"\x03<f4\x01" + (5).to_bytes(8, "little") + b"\0" * 4),  # byte count != dims
+        msgpack.ExtType(2, b"x"),  # unknown ext type
+    ],
+    ids=["tensor-size", "ext-type"],
+)
+async def test_malformed_tensor_fails_its_request_only(node: Node, ext: msgpack.ExtType) -> None:
+    conn = await mp.connect("127.0.0.1", node.rpc, mp.Identity(), node.public_key)
+    try:
+        with pytest.raises(mp.PeerError) as err:
+            await conn.call_raw([0, 5, "ping", ext, 1000, 0], 5)
+        assert err.value.code == "ERR_BAD_REQUEST" and "undecodable" in str(err.value)
+        assert await conn.call("ping") == "pong"  # the connection stays
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize(
     "frame",
     [
-        # a tensor whose byte count does not match its dims
-        (mp.MSG, 0, msgpack.packb([0, 5, "ping", msgpack.ExtType(1, b"\x03<f4\x01" + (5).to_bytes(8, "little") + b"\0" * 4), 1000, 0])),
-        (mp.MSG, 0, msgpack.packb([0, 5, "ping", msgpack.ExtType(2, b"x"), 1000, 0])),  # unknown ext type
         (9, 0, b""),  # unknown mux frame type
         (mp.CREDIT, 0, b"\0\0\0\1"),  # control frame on the wrong channel
     ],
-    ids=["tensor-size", "ext-type", "mux-type", "credit-on-0"],
+    ids=["mux-type", "credit-on-0"],
 )
 async def test_protocol_errors_goaway(node: Node, frame: tuple[int, int, bytes]) -> None:
     conn = await mp.connect("127.0.0.1", node.rpc, mp.Identity(), node.public_key)

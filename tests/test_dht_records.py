@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import msgpack
@@ -152,14 +153,37 @@ def test_store_caps_per_topic_per_source_and_total() -> None:
         store.put(_rec(Identity.generate()), "10.0.0.1", NOW)
     assert e.value.code == ERR_OVERLOADED and "source" in e.value.message
     store.put(_rec(Identity.generate()), "10.0.0.2", NOW)
-    with pytest.raises(RecordError, match="topic"):
-        store.put(_rec(Identity.generate()), "10.0.0.3", NOW)
+    # the topic is full, but 10.0.0.1 holds two: one of them makes room for a new source
+    store.put(_rec(Identity.generate()), "10.0.0.3", NOW)
+    assert store.evicted == 1 and len(store.get(TOPIC, NOW)) == 3
+    with pytest.raises(RecordError, match="topic"):  # every source holds one: nothing fairer to do
+        store.put(_rec(Identity.generate()), "10.0.0.5", NOW)
     other = make_record(Identity.generate(), topic_from_name("b"), [], None, 1, 60, NOW)
     store.put(other, "10.0.0.3", NOW)
     with pytest.raises(RecordError, match="cap of 4"):
         store.put(
             make_record(Identity.generate(), topic_from_name("c"), [], None, 1, 60, NOW), "10.0.0.4", NOW
         )
+
+
+def test_a_few_sources_that_fill_a_topic_cannot_keep_a_newcomer_out() -> None:
+    """256 records from 4 addresses filled WORKERS on its holder; a new worker must still get in."""
+    store = RecordStore(max_per_topic=256, max_per_source=64)
+    flood = [Identity.generate() for _ in range(256)]
+    for i, ident in enumerate(flood):
+        store.put(_rec(ident, ttl=600), f"203.0.113.{i % 4}", NOW)
+    assert len(store.get(TOPIC, NOW)) == 256
+    newcomers = [Identity.generate() for _ in range(8)]
+    for i, ident in enumerate(newcomers):
+        store.put(_rec(ident, ttl=60), f"198.51.100.{i}", NOW)
+    held = {r.public_key for r in store.get(TOPIC, NOW)}
+    assert {i.public_key for i in newcomers} <= held
+    assert len(held) == 256 and store.evicted == 8
+    # the flooders' own re-announcements cannot push the newcomers out again
+    for ident in flood[:64]:
+        with contextlib.suppress(RecordError):
+            store.put(_rec(ident, ttl=600), "203.0.113.0", NOW)
+    assert {i.public_key for i in newcomers} <= {r.public_key for r in store.get(TOPIC, NOW)}
 
 
 def test_store_reply_budget_returns_a_subset_that_fits() -> None:

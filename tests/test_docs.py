@@ -141,6 +141,15 @@ def test_configuration_reference_lists_every_key() -> None:
             assert want in text, f"[{f.name}] {key.name} missing"
 
 
+def test_every_configuration_key_and_section_has_a_description() -> None:
+    """One clear line per key in docs/configuration.md: its comment in the config dataclass."""
+    from swarmd.docs_config import missing_descriptions
+
+    assert missing_descriptions() == []
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    assert "Config(" not in text  # no dataclass signature standing in for a section's description
+
+
 def test_every_error_code_is_documented_in_the_protocol() -> None:
     from swarmd.errors import ALL_CODES
 

@@ -60,7 +60,8 @@ def test_gateway_orchestrator_two_workers_store_as_processes(tmp_path, daemons):
     # no access log: nobody reads the pipe after "ready", and a full pipe would stall the gateway
     # port 0: the gateway binds a free port and reports it (a port picked here first could be taken meanwhile)
     gw: Daemon = daemons("--role", "gateway", "--http", "127.0.0.1:0", "--data-dir", str(tmp_path / "gw"),
-                         *common, env=swarmd_env(SWARMD_GATEWAY_ACCESS_LOG="false"))
+                         *common, env=swarmd_env(SWARMD_GATEWAY_ACCESS_LOG="false",
+                                                 SWARMD_GATEWAY_MAX_BODY_BYTES=str(64 << 20)))
     for d in (orch, *workers):
         d.wait_event("ready")
     port = gw.wait_event("ready")["ports"]["http"]
@@ -107,6 +108,24 @@ def test_gateway_orchestrator_two_workers_store_as_processes(tmp_path, daemons):
         assert status == 200, out
         seen.add(json.loads(out)["worker"])
     assert seen  # the worker that answered is reported
+
+    # A 34 MiB binary tensor, under the body limit (raised above the RPC message limit here)
+    # but over the 32 MiB RPC message: 413 for that request alone, checked before sending;
+    # it used to close the gateway->worker connection every other request shares.
+    big = np.zeros((34 << 20) // 4, dtype=np.float32).reshape(-1, 4)  # 34 MiB
+    head = json.dumps({"inputs": [{"name": "x", "shape": list(big.shape), "datatype": "FP32",
+                                   "parameters": {"binary_data_size": big.nbytes}}]}).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", "/v2/models/mlp/infer", body=head + big.tobytes(),
+                 headers={"x-api-key": key, "Inference-Header-Content-Length": str(len(head))})
+    r = conn.getresponse()
+    status, out = r.status, r.read()
+    conn.close()
+    assert status == 413 and b"ERR_TOO_LARGE" in out, (status, out[:300])
+    del big
+    for _ in range(5):
+        status, out = call("POST", "/api/v1/inference/mlp", body, "application/json")
+        assert status == 200, out
 
     workers[0].kill()  # SIGKILL: no goodbye, its DHT record lingers
     for _ in range(20):

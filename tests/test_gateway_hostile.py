@@ -160,3 +160,94 @@ def test_flood_of_short_connections_keeps_serving(gw):
         t.join(WAIT)
     assert not any(t.is_alive() for t in threads)
     assert healthy(gw)
+
+
+def test_blank_lines_before_a_request_do_not_stop_the_header_timer(gw):
+    before = gw.gateway.guard.timed_out
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+        s.sendall(b"\r\n\r\n\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\n")  # blank lines: ignored by HTTP, not a header end
+        closed, got = closed_by_server(s, drip=b"X-Slow: aaaaaaaaaa\r\n")
+    assert closed and b"200" not in got, "a blank-line prefix let a client drip its headers for the whole wait"
+    assert gw.gateway.guard.timed_out > before
+    assert healthy(gw)
+
+
+def test_every_keep_alive_request_has_the_header_timer(gw):
+    before = gw.gateway.guard.timed_out
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert b"200 OK" in s.recv(65536)
+        # idle between requests is the keep-alive timer's (60 s here), not the header timer's
+        s.settimeout(4 * gw.config.header_timeout)
+        with pytest.raises(TimeoutError):
+            s.recv(1)
+        # the next request starts and then drips: cut off like a first request
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        closed, got = closed_by_server(s, drip=b"X-Slow: aaaaaaaaaa\r\n")
+    assert closed and b"200" not in got, "a kept-alive connection dripped its second request's headers all along"
+    assert gw.gateway.guard.timed_out > before
+    assert healthy(gw)
+
+
+def test_connections_per_client_address_are_capped(tmp_path):
+    install_model(tmp_path / "models", "mlp", "1", tiny_mlp(seed=3))
+    g = GatewayThread(tmp_path, GatewayConfig(max_connections=64, max_connections_per_address=4))
+    held = []
+    try:
+        for _ in range(4):  # one address takes its whole share with kept-alive connections
+            s = socket.create_connection(("127.0.0.1", g.port), timeout=10)
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert b"200 OK" in s.recv(65536)
+            held.append(s)
+        with socket.create_connection(("127.0.0.1", g.port), timeout=10) as extra:
+            closed, got = closed_by_server(extra, drip=b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert closed and b"200" not in got
+        # another client address is still served meanwhile
+        with socket.create_connection(("127.0.0.1", g.port), timeout=10, source_address=("127.0.0.2", 0)) as other:
+            other.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            _, got = closed_by_server(other)
+        assert b"200 OK" in got
+    finally:
+        for s in held:
+            s.close()
+        g.close()
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_large_json_body_is_refused_with_413_and_bounded_memory(gw):
+    key = gw.key("infer")
+    limit = gw.config.max_json_bytes
+    # declared: refused before a byte of the body is read
+    r = gw.raw(b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nx-api-key: "
+               + key.encode() + b"\r\nContent-Length: " + str(60 << 20).encode() + b"\r\n\r\n")
+    assert b" 413 " in r.split(b"\r\n", 1)[0], r[:200]
+    assert b"max_json_bytes" in r
+    # chunked (no length): read up to the limit, never parsed
+    numbers = b"[" + b"1," * ((limit + (2 << 20)) // 2) + b"1]"
+    doc = b'{"inputs":[{"name":"x","shape":[1,4],"datatype":"FP32","data":' + numbers + b"}]}"
+    before = _rss()
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=60)
+    conn.request("POST", "/v2/models/mlp/infer", body=iter([doc[i:i + 65536] for i in range(0, len(doc), 65536)]),
+                 headers={"x-api-key": key, "Content-Type": "application/json", "Transfer-Encoding": "chunked"},
+                 encode_chunked=True)
+    resp = conn.getresponse()
+    body = resp.read()
+    conn.close()
+    assert resp.status == 413, body[:200]
+    # the parsed document would have cost ~14x its size (840 MiB for 60 MiB); the raw body is all it held
+    assert _rss() - before < 6 * len(doc), (_rss() - before, len(doc))
+    assert healthy(gw)
+
+
+def test_deeply_nested_bytes_is_a_clear_400(gw):
+    key = gw.key("infer")
+    data = b"[" * 900 + b'"a"' + b"]" * 900
+    doc = b'{"inputs":[{"name":"x","shape":[1],"datatype":"BYTES","data":' + data + b"}]}"
+    r = gw.request("POST", "/v2/models/mlp/infer", body=doc, key=key, headers={"Content-Type": "application/json"})
+    assert r.status == 400, (r.status, r.body[:300])
+    assert "nested deeper" in r.json()["error"]
+    assert healthy(gw)

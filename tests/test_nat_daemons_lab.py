@@ -1,10 +1,11 @@
-"""Daemons in the NAT lab, started with the real CLI: path choice per NAT pair.
+"""Daemons in the NAT lab, started with the real CLI: the path of the first call, the path
+each NAT pair ends on, and no failed call or stream across the move between them.
 
-inet runs `swarmd --role bootstrap,relay`; pub runs a public peer; lan-a and
-lan-b run peers behind the two NAT routers. `swarmd nat probe` asks lan-a's
-daemon to connect to a peer by key (direct -> punched -> relayed), make one
-RPC round trip and stream 10 MB over that connection (Noise end to end), and
-reports which path carried it.
+inet runs `swarmd --role bootstrap,relay`; pub runs a public peer; lan-a and lan-b run
+peers behind the two NAT routers. `swarmd nat probe --watch S` asks lan-a's daemon to
+connect to a peer by key (the first path that works carries the first call; punches keep
+trying behind it), then keeps calling and streaming through its swarm until the path is
+final, counting every failure, then streams 10 MB (Noise end to end) on the final path.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 
 from tests.natlab.lab import INET_IP, lab_fixture
 from tests.natlab.swarmlab import probe as swarm_probe
-from tests.natlab.swarmlab import start_swarm
+from tests.natlab.swarmlab import start_swarm, status
 
 pytestmark = pytest.mark.natlab
 
@@ -29,47 +30,64 @@ async def lab():
         yield one
 
 
-def probe(lab, world: dict, target: str, size: int = TEN_MB) -> dict:
-    out = swarm_probe(lab, world, target, size)
+def probe(lab, world: dict, target: str, size: int = TEN_MB, watch: float = 0.0) -> dict:
+    out = swarm_probe(lab, world, target, size, watch)
     assert out["rtt_ms"] > 0  # the RPC round trip
     if size:
         assert out["stream"]["ok"] and out["stream"]["bytes"] == size, out
+    if watch:
+        w = out["watch"]
+        # the move between paths never fails a call or a stream
+        assert w["calls_failed"] == 0 and w["streams_failed"] == 0, w
+        assert w["calls_ok"] > 0 and w["streams_ok"] > 0, w
     return out
 
 
-@pytest.mark.parametrize(("mode_a", "mode_b"), [("cone", "cone")])
-async def test_cone_x_cone_is_punched(lab, tmp_path, mode_a, mode_b) -> None:
+@pytest.mark.parametrize(("mode_a", "mode_b"), [("cone", "cone"), ("restricted", "restricted"), ("fullcone", "cone")])
+async def test_cone_like_pairs_are_punched_over_tcp_at_once(lab, tmp_path, mode_a, mode_b) -> None:
     world = await start_swarm(lab, tmp_path, mode_a, mode_b)
-    out = probe(lab, world, "b")
-    assert out["path"] == "punched", out
-    assert [x["path"] for x in out["connection"]["attempts"]] == ["direct", "punched"]
-    remote = out["connection"]["punch"]["remote"]
-    assert remote.startswith("198.18.0.12:")  # straight to lan-b's router, not via the relay host
-    # the other side sees the same punched connection, inbound
+    out = probe(lab, world, "b", watch=10)
+    assert out["first_path"] == out["path"] == out["watch"]["final_path"] == "punched-tcp", out
+    attempts = [x["path"] for x in out["connection"]["attempts"]]
+    assert attempts[0] == "direct" and attempts[-1] == "punched-tcp", out
+    punch = out["connection"]["punch"]
+    assert punch["remote"].startswith("198.18.0.12:")  # straight to lan-b's router, not via the relay host
+    assert punch["local"].startswith("198.18.0.11:")  # our mapping, as the relay saw it
+    # the other side runs the same punched connection, inbound
     up = await world["b"].wait_for(r'"event": "path_chosen".*"inbound": true', 30)
-    assert json.loads(up)["path"] == "punched"
+    assert json.loads(up)["path"] == "punched-tcp"
+    m = status(lab, world, "a")["paths"]
+    assert m["opened"]["punched-tcp"] >= 1 and m["first_path"]["punched-tcp"] == 1 and m["upgrades"] == 0, m
 
 
-async def test_restricted_x_symmetric_starts_relayed_then_moves_to_punched(lab, tmp_path) -> None:
+async def test_restricted_x_symmetric_starts_relayed_and_moves_to_a_punched_path(lab, tmp_path) -> None:
     world = await start_swarm(lab, tmp_path, "restricted", "symmetric")
-    first = probe(lab, world, "b", size=0)
-    assert first["connection"]["path"] == "relayed"  # a symmetric peer: relay first, punch in the background
-    up = json.loads(await world["a"].wait_for(r'"event": "path_upgraded"', 60))
-    assert up["path"] == "punched" and up["punch"]["remote_type"] == "prflx"
-    out = probe(lab, world, "b")
-    assert out["path"] == "punched", out
+    out = probe(lab, world, "b", watch=30)
+    assert out["first_path"] == "relayed", out  # TCP cannot punch a symmetric NAT: the relay carries the first call
+    w = out["watch"]
+    assert [p["path"] for p in w["paths"]][0] == "relayed" and w["final_path"].startswith("punched"), w
+    assert out["path"] == w["final_path"]
+    up = json.loads(await world["a"].wait_for(r'"event": "path_upgraded"', 30))
+    assert up["upgraded_from"] == "relayed" and up["punch"]["remote_type"] == "prflx"
+    # both sides closed the relayed connection only after its calls finished
+    await world["a"].wait_event("connection_retired", 30)
+    await world["b"].wait_event("connection_retired", 30)
+    # the counters behind `swarmd status` / nat.status saw the relayed start and the upgrade
+    m = status(lab, world, "a")["paths"]
+    assert m["opened"]["relayed"] >= 1 and m["opened"][w["final_path"]] >= 1 and m["upgrades"] >= 1, m
+    assert m["first_path"]["relayed"] >= 1 and m["upgrade_ms_p50"] > 0 and m["relay_bytes_in"] > 0, m
 
 
 @pytest.mark.parametrize(("mode_a", "mode_b"), [("cone", "symmetric"), ("symmetric", "symmetric")])
 async def test_relayed_when_punching_cannot_work(lab, tmp_path, mode_a, mode_b) -> None:
     world = await start_swarm(lab, tmp_path, mode_a, mode_b)
-    out = probe(lab, world, "b")
-    assert out["path"] == "relayed", out
+    out = probe(lab, world, "b", watch=4)
+    assert out["first_path"] == out["path"] == "relayed", out
     assert out["connection"]["relay"].startswith(INET_IP + ":")
     paired = await world["boot"].wait_event("relay_paired", 30)
     assert {paired["a"], paired["b"]} == {"198.18.0.11", "198.18.0.12"}  # the routers, never the LANs
     if mode_a == mode_b == "symmetric":
-        assert not any(re.search("repunch|path_upgraded", ln) for ln in world["a"].lines)
+        assert not any(re.search("repunch|path_upgraded|punched", ln) for ln in world["a"].lines)
 
 
 async def test_public_peer_gets_direct_tcp(lab, tmp_path) -> None:

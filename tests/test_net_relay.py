@@ -337,14 +337,15 @@ async def test_garbage_flood_is_refused_and_the_log_stays_bounded(relay) -> None
     try:
         srv = await relay()
 
-        async def one() -> bytes:
-            r, w = await asyncio.open_connection("127.0.0.1", srv.port)
+        async def one(i: int) -> bytes:
+            # from four addresses: one address alone is capped at max_connections_per_source sockets
+            r, w = await asyncio.open_connection("127.0.0.1", srv.port, local_addr=(f"127.0.0.{1 + i % 4}", 0))
             w.write(b"\x00" * HELLO_SIZE)
             data = await asyncio.wait_for(r.read(-1), 10)
             w.close()
             return data
 
-        answers = await asyncio.gather(*(one() for _ in range(60)))
+        answers = await asyncio.gather(*(one(i) for i in range(60)))
         assert all(a[:1] == bytes([ST_BAD_HELLO]) for a in answers)
         assert srv.stats()["refused"]["bad_hello"] == 60
         assert len(lines) <= 2 * 10  # at most LOG_PER_SECOND a second (the flood may span two windows)

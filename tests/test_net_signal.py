@@ -19,6 +19,8 @@ def test_round_trip_ice_and_relay() -> None:
     assert parse_request(ice.to_wire()) == ice
     rel = SignalRequest(A, B, "relay", relay=("198.18.0.1", 4000), token=os.urandom(32))
     assert parse_request(rel.to_wire()) == rel
+    tcp = SignalRequest(A, B, "tcp", addr=("198.18.0.11", 40123))
+    assert parse_request(tcp.to_wire()) == tcp
 
 
 @pytest.mark.parametrize(
@@ -26,7 +28,11 @@ def test_round_trip_ice_and_relay() -> None:
     [
         ([], ERR_BAD_REQUEST, "must be a map"),
         ({"source": b"x", "target": B, "kind": "ice"}, ERR_BAD_REQUEST, "'source'"),
-        ({"source": A, "target": B, "kind": "tcp"}, ERR_BAD_REQUEST, "'kind'"),
+        ({"source": A, "target": B, "kind": "quic"}, ERR_BAD_REQUEST, "'kind'"),
+        ({"source": A, "target": B, "kind": "tcp"}, ERR_BAD_REQUEST, "'addr'"),
+        ({"source": A, "target": B, "kind": "tcp", "addr": ["h", 70000]}, ERR_BAD_REQUEST, "'addr'"),
+        ({"source": A, "target": B, "kind": "tcp", "addr": ["h", True]}, ERR_BAD_REQUEST, "'addr'"),
+        ({"source": A, "target": B, "kind": "tcp", "addr": ["", 1]}, ERR_BAD_REQUEST, "'addr'"),
         ({"source": A, "target": B, "kind": "ice", "sdp": "hello"}, ERR_BAD_REQUEST, "v=0"),
         ({"source": A, "target": B, "kind": "ice", "sdp": "v=0" + "a" * 20000}, ERR_TOO_LARGE, "exceeds"),
         ({"source": A, "target": B, "kind": "relay", "relay": ["h", 0], "token": A}, ERR_BAD_REQUEST, "port"),

@@ -361,3 +361,90 @@ async def test_handler_past_its_deadline_is_stopped_without_a_cancel() -> None:
         raw.close()
     finally:
         await srv.stop()
+
+
+# -- per-request limits: one oversized or malformed message fails its request, never the connection --
+
+
+def _bad_tensor() -> msgpack.ExtType:
+    """A tensor ext whose byte count does not match its shape (an f4 of 1000 elements with 3 bytes)."""
+    return msgpack.ExtType(1, bytes([3]) + b"<f4" + bytes([1]) + (1000).to_bytes(8, "little") + b"abc")
+
+
+async def test_oversized_request_and_result_fail_that_call_only(server: RpcServer) -> None:
+    import numpy as np
+
+    limit = server.config.net.max_message_size
+    peer = await connect(None, "127.0.0.1", server.port, remote_public_key=server.identity.public_key, timeout=T,
+                         config=small_config())  # both ends share the limit, as nodes of one swarm do
+    try:
+        slow = asyncio.ensure_future(peer.call("sleep", 0.5, timeout=T))  # another call in flight all along
+        big = np.zeros(limit // 4 + 16, dtype=np.float32)
+        with pytest.raises(SwarmdError) as e:
+            await peer.call("echo", big, timeout=T)  # refused before it is sent
+        assert e.value.code == ERR_TOO_LARGE and "net.max_message_size" in e.value.message
+        with pytest.raises(SwarmdError) as e:
+            peer.event("note", big)
+        assert e.value.code == ERR_TOO_LARGE
+        # a result over the callee's limit: the callee answers ERR_TOO_LARGE instead of sending it
+        with pytest.raises(SwarmdError) as e:
+            await peer.call("blob", {"size": limit + 1}, timeout=T)
+        assert e.value.code == ERR_TOO_LARGE, e.value
+        assert await slow == "slept"
+        assert await peer.call("echo", "still here", timeout=T) == "still here"
+        assert not peer.is_closed
+    finally:
+        await peer.close()
+    await still_serving(server)
+
+
+async def test_malformed_tensor_in_a_request_fails_that_request(server: RpcServer) -> None:
+    raw = await RawPeer.open(server)
+    raw.send_msg(msgpack.packb([env.REQUEST, 11, "echo", {"x": _bad_tensor()}, 5000, 0]))
+    kind, rid, err = msgpack.unpackb((await raw.frames())[0][2])
+    assert (kind, rid, err["code"]) == (env.ERROR, 11, ERR_BAD_REQUEST)
+    assert "ndarray" in err["message"]
+    raw.send_msg(msgpack.packb([env.EVENT, "note", _bad_tensor()]))  # an event: dropped, nothing closes
+    raw.send_msg(msgpack.packb([env.REQUEST, 12, "echo", "fine", 5000, 0]))
+    kind, rid, result = msgpack.unpackb((await raw.frames())[0][2])
+    assert (kind, rid, result) == (env.RESPONSE, 12, "fine")
+    raw.close()
+    await still_serving(server)
+
+
+async def test_malformed_tensor_in_an_answer_fails_that_call(server: RpcServer) -> None:
+    """The callee is the hostile side: its answer to one call holds a broken tensor."""
+    ident = Identity.generate()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        s = NoiseSession(ident, initiator=False)
+        dec = mux.MuxDecoder(1 << 30)
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                return
+            out, plain = s.receive(data)
+            if out:
+                writer.write(out)
+            for p in plain:
+                for t, c, payload in dec.feed(p):
+                    if t != mux.MSG or c != 0:
+                        continue
+                    msg = msgpack.unpackb(payload)
+                    if msg[0] == env.REQUEST:
+                        answer = _bad_tensor() if msg[3] == "bad" else msg[3]
+                        writer.write(s.encrypt(mux.encode(mux.MSG, 0, msgpack.packb([env.RESPONSE, msg[1], answer]))))
+
+    hostile = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = hostile.sockets[0].getsockname()[1]
+    try:
+        peer = await connect(None, "127.0.0.1", port, remote_public_key=ident.public_key, timeout=T)
+        try:
+            with pytest.raises(SwarmdError) as e:
+                await peer.call("anything", "bad", timeout=T)
+            assert e.value.code == ERR_BAD_REQUEST and "answer" in e.value.message
+            assert await peer.call("anything", "good", timeout=T) == "good"
+        finally:
+            await peer.close()
+    finally:
+        hostile.close()

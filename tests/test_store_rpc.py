@@ -262,3 +262,41 @@ async def test_download_resumes_from_a_part_file_and_checks_it(node: Node, peer:
     (tmp_path / "d.out.part").write_bytes(b"\0" * 100_000)
     assert await code(pull_file(peer, meta["digest"], out, size=meta["size"], timeout=T)) == ERR_CORRUPT
     assert not out.exists() and not (tmp_path / "d.out.part").exists()
+
+
+async def test_downloads_a_key_does_not_read_are_capped_and_time_out_cleanly(tmp_path: Path) -> None:
+    """Four read-only connections calling only downloadBlob pinned +730 MiB and logged a traceback."""
+    from loguru import logger
+
+    # transfer_timeout: long enough that all twelve calls arrive while the first ones still wait
+    node = await start_store(tmp_path / "s", transfer_timeout=4.0, max_downloads_per_peer=3, max_downloads=5)
+    lines: list[str] = []
+    sink = logger.add(lines.append, level="ERROR")
+    hoarders = []
+    try:
+        pusher = await connect(None, "127.0.0.1", node.server.port, remote_public_key=node.ident.public_key, timeout=T)
+        f = write_model(tmp_path / "big.onnx", seed=3, pad_floats=1_000_000)  # ~4 MB: more than a stream's credit
+        meta = await push_file(pusher, f, "big", timeout=T)
+        streams = []
+        for _ in range(2):  # two keys that never read what they asked for
+            h = await connect(None, "127.0.0.1", node.server.port, remote_public_key=node.ident.public_key, timeout=T)
+            hoarders.append(h)
+            for _ in range(6):
+                streams.append(await h.open_stream("downloadBlob", {"digest": meta["digest"]}, timeout=T))
+        results = await asyncio.gather(*(s.result() for s in streams), return_exceptions=True)
+        codes = sorted(r.code for r in results if isinstance(r, SwarmdError))
+        assert len(codes) == len(results) == 12, results
+        # 3 per key, 5 in all ran, and ended with ERR_TIMEOUT; everything beyond was refused at once
+        assert codes.count("ERR_TIMEOUT") == 5 and codes.count("ERR_OVERLOADED") == 7, codes
+        assert node.role._downloads == {}
+        assert not [ln for ln in lines if "handler raised" in ln], lines
+        # a client that reads still gets the whole blob
+        out = tmp_path / "big.out"
+        await pull_file(pusher, meta["digest"], out, timeout=T)
+        assert out.read_bytes() == f.read_bytes()
+        await pusher.close()
+    finally:
+        logger.remove(sink)
+        for h in hoarders:
+            await h.close()
+        await node.stop()

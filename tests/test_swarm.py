@@ -186,6 +186,60 @@ async def test_firewall_and_max_peers_refuse_inbound(net: DhtTestnet) -> None:
         await _stop(guarded, full, a)
 
 
+@pytest.mark.parametrize("verdict", [True, False])
+async def test_async_firewall_answers_before_any_call_is_dispatched(net: DhtTestnet, verdict: bool) -> None:
+    from swarmd.rpc import connect
+
+    asked = asyncio.Event()
+    answer = asyncio.Event()
+    ran: list[Any] = []
+
+    async def firewall(pk: bytes) -> bool:
+        asked.set()
+        await answer.wait()
+        return verdict
+
+    guarded = await _swarm(net, "g", firewall=firewall)
+
+    async def record(ctx: CallContext, params: Any) -> Any:
+        ran.append(params)
+        return "ran"
+
+    async def count(ctx: CallContext, params: Any, stream: Any) -> int:
+        ran.append("stream")
+        total = 0
+        while (chunk := await stream.recv()) is not None:
+            total += len(chunk)
+        return total
+
+    guarded.methods.register("record", record, op="w")
+    guarded.methods.register_stream("count", count, op="w")
+    try:
+        peer = await connect(None, "127.0.0.1", guarded.server.port, remote_public_key=guarded.public_key, timeout=10)
+        try:
+            calls = [asyncio.ensure_future(peer.call("record", i, timeout=20)) for i in range(3)]
+            stream = await peer.open_stream("count", None, timeout=20)
+            await stream.send(b"x" * 100_000)  # bytes of a stream call sent before admission are kept
+            await stream.close()
+            await asyncio.wait_for(asked.wait(), 10)
+            await asyncio.sleep(0.2)  # the calls reached the node while its firewall thinks
+            assert ran == [], "a call was dispatched before the firewall answered"
+            answer.set()
+            if verdict:
+                assert await asyncio.gather(*calls) == ["ran"] * 3
+                assert await stream.result() == 100_000
+                assert [r for r in ran if r != "stream"] == [0, 1, 2] and "stream" in ran  # in the order sent
+            else:
+                await asyncio.wait_for(peer.wait_closed(), 10)
+                results = await asyncio.gather(*calls, stream.result(), return_exceptions=True)
+                assert all(isinstance(r, SwarmdError) for r in results)
+                assert ran == []
+        finally:
+            await peer.close()
+    finally:
+        await _stop(guarded)
+
+
 async def test_dropped_connection_is_reconnected(net: DhtTestnet) -> None:
     a = await _swarm(net, "a")
     b = await _swarm(net, "b")

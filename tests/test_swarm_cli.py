@@ -49,11 +49,18 @@ async def test_topic_lookup_and_join_find_an_in_process_swarm(tmp_path: Path) ->
         events = sw.connections()
         proc = await _cli("topic", "join", "cli-demo", "--json", "--bootstrap", boot, data_dir=tmp_path)
         try:
-            line = await asyncio.wait_for(proc.stdout.readline(), 60)
-            ev = json.loads(line)
+            # its own key and joined state first, before any peer connects
+            joined = json.loads(await asyncio.wait_for(proc.stdout.readline(), 60))
+            assert joined["event"] == "joined" and joined["topic"] == "cli-demo"
+            assert len(bytes.fromhex(joined["public_key"])) == 32 and joined["public_key"] != ident.public_hex
+            ev = json.loads(await asyncio.wait_for(proc.stdout.readline(), 60))
             assert ev["event"] == "open" and ev["public_key"] == ident.public_hex
+            assert ev["topics"] == ["cli-demo"]  # the name joined, not its hash
             mine = await asyncio.wait_for(events.__anext__(), 30)
-            assert mine.kind == "open"
+            assert mine.kind == "open" and mine.public_key.hex() == joined["public_key"]
+            await sw.stop()
+            ev = json.loads(await asyncio.wait_for(proc.stdout.readline(), 60))
+            assert ev["event"] == "close" and ev["topics"] == ["cli-demo"]
         finally:
             proc.send_signal(signal.SIGINT)
             await asyncio.wait_for(proc.wait(), 30)

@@ -42,9 +42,11 @@ def test_processes_find_each_other_through_a_bootstrap_node(tmp_path: Path) -> N
 
         # two `topic join` processes connect to each other
         joins = [_join("e2e-demo", addr, tmp_path / f"j{i}") for i in range(2)]
+        joined = [json.loads(p.stdout.readline()) for p in joins]  # each says its key at once
+        assert all(e["event"] == "joined" for e in joined)
         events = [json.loads(p.stdout.readline()) for p in joins]
         assert all(e["event"] == "open" for e in events)
-        assert events[0]["public_key"] != events[1]["public_key"]
+        assert events[0]["public_key"] == joined[1]["public_key"] and events[1]["public_key"] == joined[0]["public_key"]
     finally:
         for p in joins:
             p.terminate()

@@ -16,7 +16,7 @@ from swarmd.net.nat import NatConfig
 from swarmd.net.relay import RelayConfig
 from swarmd.net.relayio import RelayServer, new_token
 from swarmd.node.identity import Identity
-from swarmd.rpc import CallContext, Methods, RpcServer
+from swarmd.rpc import CallContext, Methods, RpcServer, connect
 from swarmd.swarm import Swarm, SwarmConfig
 from swarmd.swarm.traversal import Traversal, path_of
 from tests.dht_testnet import DhtTestnet
@@ -28,7 +28,12 @@ def _methods(tag: str) -> Methods:
     async def who(ctx: CallContext, params: Any) -> Any:
         return {"tag": tag, "echo": params}
 
+    async def slow(ctx: CallContext, params: Any) -> Any:
+        await asyncio.sleep(params)
+        return "slept"
+
     m.register("who", who)
+    m.register("slow", slow)
     return m
 
 
@@ -119,6 +124,30 @@ async def test_signalling_flood_is_rate_limited_per_source(world) -> None:
     assert await other.call("nat.status", None, timeout=10)
 
 
+async def test_a_better_path_takes_new_calls_while_calls_in_flight_finish_on_the_old(world) -> None:
+    r, t, c, relay = world
+    await _wait(lambda: t.traversal.signal_peers == [r.public_key], "the target to pick its signal peer")
+    assert (await c.request(t.public_key, "who", 1, timeout=30))["tag"] == "target"
+    relayed = c._registry.get(t.public_key)
+    assert path_of(relayed) == "relayed"
+    await _wait(lambda: path_of(t._registry.get(c.public_key) or relayed) == "relayed", "target side relayed")
+    in_flight = asyncio.ensure_future(relayed.call("slow", 1.0, timeout=30))  # no retry: must not fail
+    await _wait(lambda: bool(relayed._pending), "the slow call to be sent")
+    # a better path to the same peer appears (as a punch would give): a direct connection
+    better = await connect(c.identity, "127.0.0.1", t.server.port, remote_public_key=t.public_key,
+                           methods=c.methods, timeout=10)
+    assert c._register(better, inbound=False) is better
+    assert c._registry.get(t.public_key) is better  # new calls take it at once
+    assert (await c.request(t.public_key, "who", 2, timeout=30))["tag"] == "target"
+    assert not relayed.is_closed  # the slow call is still running there
+    assert await in_flight == "slept"  # and finishes where it started
+    await _wait(lambda: relayed.is_closed, "the replaced connection to close", 30)
+    await _wait(lambda: path_of(t._registry.get(c.public_key) or relayed) == "direct", "target side moved")
+    assert c.path_metrics.opened["relayed"] == 1 and c.path_metrics.opened["direct"] >= 2  # the relay peer too
+    assert c.status()["nat"]["metrics"]["relay_bytes_in"] > 0
+    assert t.path_metrics.opened["relayed"] == 1 and t.path_metrics.opened["direct"] >= 1
+
+
 def test_swarmd_status_shows_the_nat_report(daemons, tmp_path) -> None:
     from tests.conftest import run_cli
 
@@ -128,6 +157,7 @@ def test_swarmd_status_shows_the_nat_report(daemons, tmp_path) -> None:
     assert res.returncode == 0, res.stderr
     st = json.loads(res.stdout)
     assert st["nat"]["type"] in ("unknown", "public", "udp_blocked")  # a lone node has nobody to ask
+    assert set(st["paths"]["opened"]) == {"direct", "punched-tcp", "punched-udp", "mapped", "relayed"}
     res = run_cli("status", "--data-dir", str(tmp_path / "n"))
     assert res.returncode == 0 and "nat " in res.stdout
     assert d.stop() == 0

@@ -59,12 +59,14 @@ def member(op: Identity, ident: Identity, roles: str = "") -> Trust:
 
 
 def hostiles(op: Identity) -> list[HostilePeer]:
-    """No grant; an operator's grant that expired; a grant signed by itself."""
-    a, b, c = Identity.generate(), Identity.generate(), Identity.generate()
+    """No grant; an operator's grant that expired; a grant signed by itself; a copy of
+    another node's valid grant (records and hellos are public, so anyone can copy one)."""
+    a, b, c, d = Identity.generate(), Identity.generate(), Identity.generate(), Identity.generate()
     return [
         HostilePeer(a),
         HostilePeer(b, [grant(op, "worker,store", b, ttl=60, age=HOUR)]),
         HostilePeer(c, [grant(c, "worker,store", c)]),
+        HostilePeer(d, [grant(op, "worker,store", Identity.generate())]),
     ]
 
 

@@ -395,6 +395,29 @@ async def test_inline_runs_on_an_idle_worker_and_threads_under_load(engine_facto
         np.testing.assert_array_equal(r.outputs["output"], direct.run(None, {"input": x})[0])
 
 
+async def test_a_request_larger_than_any_measured_never_runs_inline(engine_factory):
+    """Many quick batch-1 runs must not let a 150k-row request run on the loop thread (it froze it 6.5 s)."""
+    blob = mlp_model(MLP, seed=4)
+    direct = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
+    e = engine_factory(inline_run_us=10_000_000, max_batch_size=8)
+    await e.load("mlp", "1", blob)
+    rng = np.random.default_rng(3)
+    one = rng.standard_normal((1, MLP[0])).astype(np.float32)
+    for _ in range(30):
+        await e.infer("mlp", {"input": one})  # quick lone runs: the per-model average says "inline"
+    gate = Gate(e)  # the only executor thread is now blocked
+    await e.infer("mlp", {"input": one})  # a measured size still runs on the loop
+    big = rng.standard_normal((150_000, MLP[0])).astype(np.float32)
+    task = asyncio.create_task(e.infer("mlp", {"input": big}))
+    await settle(lambda: e.in_flight == 1)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not task.done(), "a request larger than any measured ran inline on the event loop"
+    gate.open()
+    r = await task
+    np.testing.assert_allclose(r.outputs["output"], direct.run(None, {"input": big})[0], rtol=1e-5, atol=1e-5)
+
+
 async def test_model_count_is_bounded(engine_factory):
     e = engine_factory(max_models=2)
     await e.load("a", "1", two_output_model())

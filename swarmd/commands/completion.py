@@ -7,8 +7,8 @@
 The script is generated from the same argparse parser the CLI runs, so a new
 command or flag is completed as soon as it exists. It completes commands,
 their actions (`model push`, `topic lookup`, ...), flags, and the values of
-flags that take a fixed set (`--log-format json`); anything else falls back
-to file names.
+flags that take a fixed set (`--log-format json`, `--role worker`); anything
+else falls back to file names.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import shlex
 
 NAME = "completion"
 HELP = "print a bash or zsh completion script (source <(swarmd completion bash))"
+FLAGS: tuple[str, ...] = ()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,8 +35,10 @@ def _options(p: argparse.ArgumentParser) -> tuple[list[str], list[str], dict[str
             flags.append(opt)
             if a.nargs != 0:
                 valued.append(opt)
-                if a.choices:
-                    choices[opt] = [str(c) for c in a.choices]
+                # `completions`: the words of a free-form flag (--role takes a comma list of roles)
+                words = getattr(a, "completions", None) or a.choices
+                if words:
+                    choices[opt] = [str(c) for c in words]
     return flags, valued, choices
 
 

@@ -20,6 +20,7 @@ from swarmd.node.trust import GRANTABLE_ROLES, Grant, GrantError, parse_duration
 
 NAME = "grant"
 HELP = "sign an expiring role grant for a node's public key with an operator key"
+FLAGS = ("data_dir", "json")  # --json: a JSON object with the grant and its fields
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,9 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--key", type=Path, default=None, help="the operator's key file (default: <data dir>/identity.key)"
-    )
-    parser.add_argument(
-        "--json", action="store_true", help="print a JSON object with the grant and its fields"
     )
 
 

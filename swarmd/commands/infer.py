@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 NAME = "infer"
 HELP = "run a model on the swarm with inputs from a .json, .npy or .npz file; print the outputs"
+FLAGS = ("bootstrap", "data_dir", "host", "json")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,8 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-name", default="input", help="input name for a .npy or a bare JSON list")
     parser.add_argument("--dtype", default="float32", help="dtype of JSON lists (default float32)")
     parser.add_argument("--version", default=None, help="model version (default: latest)")
-    parser.add_argument("--output-format", choices=["text", "json"], default="text")
-    parser.add_argument("--json", action="store_true", help="same as --output-format json")
+    parser.add_argument("--output-format", choices=["text", "json"], default="text", help="json: same as --json")
     parser.add_argument("--peer", default=None, metavar="KEY@HOST:PORT",
                         help="send to this one worker or orchestrator instead of routing through the swarm")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds, failover included (default 30)")
@@ -111,35 +111,16 @@ def _peer(text: str) -> tuple[str, str, int]:
     return key, host, port
 
 
-def local_dht(data_dir: Path) -> str | None:
-    """127.0.0.1:PORT of the DHT node of the daemon running on data_dir (from its status.json)."""
-    try:
-        doc = json.loads((data_dir / "status.json").read_text())
-        return f"127.0.0.1:{int(doc['ports']['dht'])}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def make_client(args: argparse.Namespace, *, timeout: float) -> Any:
     """A swarmd_rpc.Client configured from the common flags (--bootstrap, --data-dir, swarm secret)."""
+    from swarmd.commands.reach import swarm_client
     from swarmd_rpc import Client, ClientConfig
 
-    settings = args.settings
     cfg = ClientConfig(timeout=timeout, infer_timeout=timeout, route=getattr(args, "route", "orchestrator"))
     if getattr(args, "peer", None):
         key, host, port = _peer(args.peer)
         return Client.for_peer(key, host, port, config=cfg)
-    client = Client.from_settings(settings, config=cfg)
-    if not client.config.bootstrap:
-        local = local_dht(Path(settings.node.data_dir))
-        if local is None:
-            raise SwarmdError(
-                ERR_BAD_REQUEST,
-                "no swarm to ask: give --bootstrap HOST:PORT, --peer KEY@HOST:PORT, or the --data-dir "
-                "of a running node",
-            )
-        client.config.bootstrap = [local]
-    return client
+    return swarm_client(args, cfg)
 
 
 def to_json(outputs: dict[str, np.ndarray]) -> dict[str, Any]:

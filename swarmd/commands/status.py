@@ -16,36 +16,25 @@ import time
 from pathlib import Path
 from typing import Any
 
-from swarmd.errors import ERR_NOT_FOUND, ERR_UNKNOWN_METHOD, SwarmdError
+from swarmd.errors import ERR_UNKNOWN_METHOD, SwarmdError
+from swarmd.node.statusfile import read_local_node
 
 NAME = "status"
 HELP = "the running node's roles, NAT type, peers, workers with load and models (same --data-dir)"
+FLAGS = ("data_dir", "bootstrap", "host", "json")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds per question (default 5)")
 
 
-def read_status_file(data_dir: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads((data_dir / "status.json").read_text())
-        bytes.fromhex(doc["public_key"])
-        int(doc["ports"]["rpc"])
-        return doc
-    except (OSError, ValueError, KeyError, TypeError):
-        raise SwarmdError(
-            ERR_NOT_FOUND, f"no running node found in {data_dir} (status.json missing or unreadable)"
-        ) from None
-
-
-async def gather_status(settings: Any, timeout: float) -> dict[str, Any]:  # noqa: ASYNC109
+async def gather_status(settings: Any, timeout: float, host: str | None = None) -> dict[str, Any]:  # noqa: ASYNC109
     """Everything `swarmd status` prints, as one JSON-able object."""
     from swarmd.topics import WORKERS
     from swarmd_rpc import Client, ClientConfig
 
-    data_dir = Path(settings.node.data_dir)
-    doc = read_status_file(data_dir)
+    local = read_local_node(Path(settings.node.data_dir), host)
+    doc = local.doc
     out: dict[str, Any] = {
         "public_key": doc["public_key"],
         "roles": doc.get("roles", []),
@@ -57,7 +46,7 @@ async def gather_status(settings: Any, timeout: float) -> dict[str, Any]:  # noq
     # a throwaway key, never the node's own: two connections under one key would be deduplicated
     # against the node's real ones by every peer that sees them
     cfg = ClientConfig(timeout=timeout, lookup_timeout=timeout)
-    async with Client.for_peer(doc["public_key"], "127.0.0.1", int(doc["ports"]["rpc"]), config=cfg) as node:
+    async with Client.for_peer(local.public_key, local.host, local.rpc_port, config=cfg) as node:
         try:
             sw = await node.call(None, "swarm.status")
             out["dht"] = {k: sw["dht"].get(k) for k in ("address", "mode", "reflexive", "records_held")}
@@ -74,11 +63,13 @@ async def gather_status(settings: Any, timeout: float) -> dict[str, Any]:  # noq
         try:
             nat = await node.call(None, "nat.status")
             out["nat"] = nat.get("nat", nat) if isinstance(nat, dict) else nat
+            if isinstance(nat, dict) and isinstance(nat.get("metrics"), dict):
+                out["paths"] = nat["metrics"]  # connections by path, upgrades, relay bytes
         except SwarmdError as e:
             out["nat"] = None
             if e.code != ERR_UNKNOWN_METHOD:
                 out["errors"]["nat"] = f"{e.code}: {e.message}"
-    boot = [f"127.0.0.1:{out['ports']['dht']}"] if isinstance(out["ports"].get("dht"), int) else []
+    boot = [local.dht_address] if local.dht_address else []
     boot += list(settings.node.bootstrap)
     out["workers"], out["models"] = [], []
     if not boot:
@@ -138,6 +129,11 @@ def print_status(st: dict[str, Any]) -> None:
         print(f"nat      {nat.get('type')}  public {nat.get('public_address') or '-'}")
     else:
         print("nat      not reported by this node")
+    m = st.get("paths")
+    if isinstance(m, dict):
+        opened = "  ".join(f"{k} {v}" for k, v in (m.get("opened") or {}).items() if v)
+        print(f"paths    {opened or 'none yet'}  upgrades {m.get('upgrades', 0)}"
+              f"  relay bytes in {m.get('relay_bytes_in', 0)}")
     if "dht" in st:
         d = st["dht"]
         print(f"dht      mode {d['mode']}  contacts {d['contacts']}  records held {d['records_held']}")
@@ -163,7 +159,7 @@ def print_status(st: dict[str, Any]) -> None:
 
 
 async def run(args: argparse.Namespace) -> int:
-    st = await gather_status(args.settings, args.timeout)
+    st = await gather_status(args.settings, args.timeout, args.host)
     if args.json:
         print(json.dumps(st))
     else:

@@ -24,12 +24,13 @@ from swarmd.services.thing_store import ThingStore
 
 NAME = "things"
 HELP = "list the things and snapshot logs a node keeps under its data dir (offline, read-only)"
+FLAGS = ("data_dir", "json")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="things_command", metavar="ACTION", required=True)
-    sv = sub.add_parser("services", help="the thing services found in the data dir")
-    sv.add_argument("--json", action="store_true", help="one JSON array instead of one name per line")
+    sub = parser.add_subparsers(dest="things_command", metavar="ACTION", required=True,
+                                parser_class=type(parser))
+    sub.add_parser("services", help="the thing services found in the data dir (--json: one array)")
     ls = sub.add_parser("list", help="things of one service, as listThings would return them")
     ls.add_argument("service")
     ls.add_argument("--query", default=None, help="JSON query, e.g. '{\"info.shelf\": 3}'")
@@ -37,12 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ls.add_argument("--sort", default=None, help="JSON sort, e.g. '{\"created\": -1}'")
     ls.add_argument("--limit", type=int, default=100)
     ls.add_argument("--opts", action="store_true", help="show private opts too")
-    ls.add_argument("--json", action="store_true", help="one JSON array instead of one JSON object per line")
     tl = sub.add_parser("tail", help="newest snapshot log entries of one service")
     tl.add_argument("service")
     tl.add_argument("--id", default=None, help="only this thing")
     tl.add_argument("--limit", type=int, default=20)
-    tl.add_argument("--json", action="store_true", help="one JSON array instead of one JSON object per line")
 
 
 def _json_arg(text: str | None, what: str) -> Any:
@@ -71,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
             return 0
         for n in names:
             print(n)
+        if not names:
+            print(f"(no thing services under {root})")
         return 0
     d = _service_dir(data_dir, args.service)
     if args.things_command == "tail":

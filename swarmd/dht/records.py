@@ -279,7 +279,9 @@ class _Stored:
 
 class RecordStore:
     """Records a DHT node holds for others, with caps so one source or one
-    topic cannot fill memory: per topic, per source address, and in total."""
+    topic cannot fill memory: per topic, per source address, and in total.
+    A full topic admits a newcomer by evicting from its largest source (fair
+    shares), so a few addresses cannot keep new peers out of a topic."""
 
     def __init__(self, max_per_topic: int = 256, max_per_source: int = 64, max_total: int = 20_000) -> None:
         self.max_per_topic = max_per_topic
@@ -288,6 +290,7 @@ class RecordStore:
         self._topics: dict[bytes, dict[bytes, _Stored]] = {}
         self._per_source: Counter[str] = Counter()
         self._total = 0
+        self.evicted = 0  # records dropped from a full topic to admit another source's
 
     def __len__(self) -> int:
         return self._total
@@ -319,7 +322,7 @@ class RecordStore:
                     raise RecordError(ERR_OVERLOADED, f"node holds its cap of {self.max_total} records")
             if bucket is not None and len(bucket) >= self.max_per_topic:
                 self._expire_topic(record.topic, now)
-                if len(bucket) >= self.max_per_topic:
+                if len(bucket) >= self.max_per_topic and not self._evict_for(record.topic, bucket, source):
                     raise RecordError(ERR_OVERLOADED, f"topic holds its cap of {self.max_per_topic} records")
             if self._per_source[source] >= self.max_per_source:
                 self.expire(now)
@@ -336,6 +339,23 @@ class RecordStore:
         bucket[record.public_key] = _Stored(record, source, size)
         self._per_source[source] += 1
         self._total += 1
+
+    def _evict_for(self, topic: bytes, bucket: dict[bytes, _Stored], source: str) -> bool:
+        """Make room in a full topic for a record from `source` by dropping one of the
+        source holding the most records there, if that is fairer (it holds at least two
+        more than `source`). A few addresses that filled a topic then cannot keep a new
+        peer out: each source's share shrinks towards an equal one as others arrive.
+        The dropped record is the one expiring first."""
+        held: Counter[str] = Counter(st.source for st in bucket.values())
+        biggest, most = held.most_common(1)[0]
+        if most < held.get(source, 0) + 2:
+            return False
+        victim = min(
+            (pk for pk, st in bucket.items() if st.source == biggest), key=lambda pk: bucket[pk].record.expiry_ms
+        )
+        self._drop(topic, victim)
+        self.evicted += 1
+        return True
 
     def _drop(self, topic: bytes, pk: bytes) -> None:
         bucket = self._topics.get(topic)

@@ -130,6 +130,10 @@ class InferenceBackend(Protocol):
 
     def worker_count(self) -> int: ...
 
+    async def model_statistics(self, model: str | None, version: str | None) -> list[dict[str, Any]]:
+        """Triton's statistics extension: one entry per model version, summed over workers."""
+        ...
+
 
 def version_key(v: str) -> tuple[int, int, str]:
     """Order versions: numeric ones numerically, then the rest by text."""

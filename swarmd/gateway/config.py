@@ -8,17 +8,25 @@ from typing import Literal
 
 @dataclass
 class GatewayConfig:
+    """[gateway]: the HTTP front door (OIP v2 / Triton REST and /api/v1), its API keys and limits.
+    Its listen address is node.http."""
+
     auth: bool = True  # false: every route is open (a lab box only); keys are still accepted
     cors_origins: list[str] = field(default_factory=list)  # exact origins allowed; empty: no CORS
     rate_limit_rps: float = 500.0  # per key (or per client address when auth is off), sustained
     rate_limit_burst: float = 1000.0  # per key, bucket size
-    max_body_bytes: int = 64 * 1024 * 1024  # infer and JSON bodies
+    # infer bodies with binary tensors; below net.max_message_size (32 MiB) so the request still fits one
+    # RPC message to a worker (one over it is refused with 413 before it is sent)
+    max_body_bytes: int = 30 * 1024 * 1024
+    # JSON bodies and JSON headers of infer requests: parsed JSON costs ~14x its size in memory
+    max_json_bytes: int = 8 * 1024 * 1024
     max_upload_bytes: int = 4 * 1024 * 1024 * 1024  # streamed model uploads
     max_in_flight: int = 2048  # concurrent requests beyond this get 503
-    header_timeout: float = 10.0  # seconds for a connection's first request line + headers (slowloris)
+    header_timeout: float = 10.0  # seconds for every request line + headers: from connect, or from the first byte (slowloris)
     body_timeout: float = 30.0  # seconds for a whole JSON/infer body; an upload may stall this long per chunk
-    keepalive_timeout: float = 75.0  # idle keep-alive connection, and bound on a later request's headers
+    keepalive_timeout: float = 75.0  # idle keep-alive connection (no byte of a next request yet)
     max_connections: int = 4096  # open HTTP connections at once; more are closed on accept
+    max_connections_per_address: int = 256  # open HTTP connections from one client address; more are closed on accept
     infer_timeout: float = 30.0  # seconds for one inference, retries included
     metadata_ttl: float = 5.0  # seconds model metadata is cached (swarm backend)
     metrics_public: bool = False  # false: /metrics needs an admin key
@@ -31,3 +39,4 @@ class GatewayConfig:
     discovery_interval: float = 5.0  # seconds between lookups of orchestrators, stores and workers
     discovery_timeout: float = 3.0  # bound on one lookup pass
     usage_flush_interval: float = 5.0  # seconds between writes of per-key usage counts
+    grpc: str = ""  # HOST:PORT for the OIP v2 gRPC front (inference.GRPCInferenceService); empty: off

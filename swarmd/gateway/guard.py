@@ -6,11 +6,15 @@ that drips its headers a byte at a time (slowloris) holds a connection, and
 enough of them hold the port. This guard sits between the transport and
 aiohttp's protocol (a thin forwarding asyncio.Protocol) and:
 
-- closes a connection whose first request line and headers have not fully
-  arrived within `header_timeout` (later requests on a keep-alive connection
-  are bounded by aiohttp's keepalive timer, which closes a connection whose
-  next request is not complete within `keepalive_timeout` of the last reply);
-- refuses connections above `max_connections` open at once (closed on accept,
+- closes a connection whose request line and headers have not fully arrived
+  within `header_timeout`: for the first request from the moment the
+  connection opens, for each later request on a keep-alive connection from its
+  first byte (an idle keep-alive connection is bounded by aiohttp's keepalive
+  timer, `keepalive_timeout`). "Headers complete" is what aiohttp's own parser
+  reports (its request count), not a byte pattern: a client cannot stop the
+  timer with a stray blank line;
+- refuses connections above `max_connections` open at once, and above
+  `max_connections_per_address` from one client address (closed on accept,
   counted, logged once per interval).
 
 Bodies are bounded in the handlers (`body_timeout` around each read).
@@ -26,18 +30,25 @@ from typing import Any
 
 from loguru import logger
 
-HEADER_END = b"\r\n\r\n"
 LOG_INTERVAL = 10.0  # seconds between log lines about refused or timed-out connections
 
 
 class ConnectionGuard:
     """Protocol factory wrapper; one per listening gateway."""
 
-    def __init__(self, inner: Callable[[], asyncio.Protocol], header_timeout: float, max_connections: int) -> None:
+    def __init__(
+        self,
+        inner: Callable[[], asyncio.Protocol],
+        header_timeout: float,
+        max_connections: int,
+        max_per_address: int | None = None,
+    ) -> None:
         self.inner = inner
         self.header_timeout = header_timeout
         self.max_connections = max_connections
+        self.max_per_address = max_per_address or max_connections
         self.open = 0
+        self.by_address: dict[str, int] = {}  # open connections per client address
         self.refused = 0  # connections closed on accept: over max_connections
         self.timed_out = 0  # connections closed: headers not complete within header_timeout
         self._last_log = 0.0
@@ -55,27 +66,46 @@ class ConnectionGuard:
 
 
 class GuardedProtocol(asyncio.Protocol):
-    """Forwards every protocol event to aiohttp's handler; watches the first request's headers."""
+    """Forwards every protocol event to aiohttp's handler; times each request's headers."""
 
     def __init__(self, guard: ConnectionGuard) -> None:
         self.guard = guard
         self.inner: Any = None
         self.transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._tail = b""  # last bytes seen, to find a header end split across reads
+        self._address = ""
+        self._requests = 0  # requests whose headers aiohttp has parsed on this connection
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         g = self.guard
         self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        address = str(peer[0]) if isinstance(peer, tuple) and peer else ""
         if g.open >= g.max_connections:
             g.refused += 1
             g.note("http_connection_refused", "gateway at max_connections; closing new connections")
             transport.abort()  # type: ignore[attr-defined]
             return
+        if g.by_address.get(address, 0) >= g.max_per_address:
+            g.refused += 1
+            g.note("http_connection_refused", "a client address is at max_connections_per_address; closing its new connections")
+            transport.abort()  # type: ignore[attr-defined]
+            return
         g.open += 1
+        g.by_address[address] = g.by_address.get(address, 0) + 1
+        self._address = address
         self.inner = g.inner()
         self._timer = asyncio.get_running_loop().call_later(g.header_timeout, self._headers_late)
         self.inner.connection_made(transport)
+
+    def _parsed(self) -> int:
+        """How many requests aiohttp's parser has completed the headers of (errors included)."""
+        return self.inner._request_count  # type: ignore[no-any-return]
+
+    def _idle(self) -> bool:
+        """aiohttp's handler waits for the next request: nothing queued, no request running."""
+        waiter = self.inner._waiter
+        return waiter is not None and not waiter.done() and not self.inner._messages
 
     def _headers_late(self) -> None:
         self._timer = None
@@ -85,16 +115,21 @@ class GuardedProtocol(asyncio.Protocol):
             self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
+        inner = self.inner
+        if inner is None:
+            return
+        idle = self._timer is None and self._idle()  # these bytes start a new request on a kept-alive connection
+        inner.data_received(data)
         if self.inner is None:
             return
-        if self._timer is not None:
-            seen = self._tail + data
-            if HEADER_END in seen:
+        n = self._parsed()
+        if n != self._requests:  # headers complete: the handler and body_timeout take it from here
+            self._requests = n
+            if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
-            else:
-                self._tail = seen[-3:]
-        self.inner.data_received(data)
+        elif idle:
+            self._timer = asyncio.get_running_loop().call_later(self.guard.header_timeout, self._headers_late)
 
     def eof_received(self) -> bool | None:
         return self.inner.eof_received() if self.inner is not None else None
@@ -113,7 +148,13 @@ class GuardedProtocol(asyncio.Protocol):
             self._timer = None
         if self.inner is None:
             return
-        self.guard.open -= 1
+        g = self.guard
+        g.open -= 1
+        left = g.by_address.get(self._address, 1) - 1
+        if left > 0:
+            g.by_address[self._address] = left
+        else:
+            g.by_address.pop(self._address, None)
         inner, self.inner = self.inner, None
         inner.connection_lost(exc)
 

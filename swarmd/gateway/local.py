@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from loguru import logger
 
-from swarmd.errors import ERR_CONFLICT, SwarmdError
+from swarmd.errors import ERR_CONFLICT, ERR_NOT_IMPLEMENTED, SwarmdError
 from swarmd.gateway.backend import (
     InferResult,
     ModelInfo,
@@ -193,6 +193,10 @@ class LocalBackend:
 
     def status(self) -> dict[str, Any]:
         return {"backend": "local", "models": sorted(self._models), "workers": 1}
+
+    async def model_statistics(self, model: str | None, version: str | None) -> list[dict[str, Any]]:
+        raise SwarmdError(ERR_NOT_IMPLEMENTED, "a standalone gateway (gateway.local_models_dir) keeps no model "
+                                                 "statistics; workers do: run the model on a worker")
 
     def worker_count(self) -> int:
         return 1

@@ -19,12 +19,12 @@ LabelKey = tuple[str, ...]
 INF = 'le="+Inf"'
 
 
-def _escape(v: str) -> str:
+def escape_label(v: str) -> str:
     return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
 def _labels(names: tuple[str, ...], values: LabelKey, extra: str = "") -> str:
-    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True)]
+    parts = [f'{n}="{escape_label(v)}"' for n, v in zip(names, values, strict=True)]
     if extra:
         parts.append(extra)
     return "{" + ",".join(parts) + "}" if parts else ""

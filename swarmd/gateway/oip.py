@@ -139,17 +139,19 @@ def _bytes_from_binary(raw: memoryview, count: int, where: str) -> np.ndarray:
 
 def _bytes_from_json(data: Any, count: int, where: str) -> np.ndarray:
     flat: list[Any] = []
-
-    def walk(x: Any) -> None:
+    # iterative, and no deeper than a tensor may have dimensions: nesting from a client
+    # must never reach Python's recursion limit (a RecursionError is an HTTP 500)
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    while stack:
+        x, depth = stack.pop()
         if isinstance(x, list):
-            for y in x:
-                walk(y)
+            if depth >= MAX_DIMS:
+                raise OipError(f"{where}.data is nested deeper than {MAX_DIMS} levels")
+            stack.extend((y, depth + 1) for y in reversed(x))
         elif isinstance(x, str):
             flat.append(x.encode())
         else:
             raise OipError(f"{where}.data for BYTES must hold strings, got {type(x).__name__}")
-
-    walk(data)
     if len(flat) != count:
         raise OipError(f"{where}.data has {len(flat)} elements but shape needs {count}")
     out = np.empty(count, dtype=object)
@@ -276,6 +278,29 @@ def _bytes_to_binary(arr: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
+def decode_raw_tensor(raw: memoryview, datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
+    """One tensor from its raw little-endian bytes (BYTES: 4-byte length-prefixed elements), as the
+    binary extension and gRPC's raw_input_contents carry it. Raises OipError naming `where`."""
+    if len(shape) > MAX_DIMS:
+        raise OipError(f"{where}.shape has {len(shape)} dimensions; at most {MAX_DIMS} are allowed")
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        return _bytes_from_binary(raw, count, where).reshape(shape)
+    dt = np.dtype(numpy_dtype(datatype)).newbyteorder("<")
+    if len(raw) != count * dt.itemsize:
+        raise OipError(f"{where}: {len(raw)} raw bytes do not hold shape {list(shape)} of {datatype} "
+                       f"({count * dt.itemsize} bytes expected)")
+    return np.frombuffer(raw, dtype=dt).astype(dt.newbyteorder("="), copy=False).reshape(shape)
+
+
+def encode_raw_tensor(arr: np.ndarray) -> tuple[str, bytes]:
+    """(OIP datatype, raw little-endian bytes) of one output tensor."""
+    datatype = oip_datatype(arr.dtype)
+    if datatype == "BYTES":
+        return datatype, _bytes_to_binary(arr)
+    return datatype, np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+
+
 def encode_infer_response(
     model: str,
     version: str,
@@ -294,10 +319,7 @@ def encode_infer_response(
         datatype = oip_datatype(arr.dtype)
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
         if binary:
-            if datatype == "BYTES":
-                raw = _bytes_to_binary(arr)
-            else:
-                raw = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+            raw = encode_raw_tensor(arr)[1]
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         elif datatype == "BYTES":

@@ -80,6 +80,7 @@ HTTP_STATUS: dict[str, int] = {
     "ERR_UNAVAILABLE": 503,
     "ERR_CLOSED": 503,
     ERR_TIMEOUT: 504,
+    "ERR_NOT_IMPLEMENTED": 501,
 }
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 ALLOWED_HEADERS = "authorization, content-type, x-api-key, x-request-id, inference-header-content-length"
@@ -171,6 +172,7 @@ class Gateway:
         self.metrics.add(Gauge("swarmd_gateway_in_flight", "requests being served now", lambda: self._in_flight))
         self.metrics.add(Gauge("swarmd_gateway_workers", "workers the backend can route to", backend.worker_count))
         self.dashboard = Dashboard(self.m_latency, collect)
+        self.grpc: Any = None  # the gRPC front, when gateway.grpc is set (start_grpc)
         self.app = self._build_app()
 
     # -- lifecycle ------------------------------------------------------------
@@ -189,6 +191,9 @@ class Gateway:
         r.add_get("/v2/models/{model}/versions/{version}/config", self.model_config)
         r.add_get("/v2/models/{model}/ready", self.model_ready)
         r.add_get("/v2/models/{model}/versions/{version}/ready", self.model_ready)
+        r.add_get("/v2/models/stats", self.model_stats)
+        r.add_get("/v2/models/{model}/stats", self.model_stats)
+        r.add_get("/v2/models/{model}/versions/{version}/stats", self.model_stats)
         r.add_post("/v2/models/{model}/infer", self.oip_infer)
         r.add_post("/v2/models/{model}/versions/{version}/infer", self.oip_infer)
         r.add_post("/api/v1/inference/{model}", self.v1_infer)
@@ -217,7 +222,8 @@ class Gateway:
         )
         await self._runner.setup()
         assert self._runner.server is not None
-        self.guard = ConnectionGuard(self._runner.server, self.config.header_timeout, self.config.max_connections)
+        self.guard = ConnectionGuard(self._runner.server, self.config.header_timeout, self.config.max_connections,
+                                     self.config.max_connections_per_address)
         try:
             self._listener = await asyncio.get_running_loop().create_server(
                 self.guard, host, port, reuse_address=True, backlog=1024)
@@ -232,6 +238,15 @@ class Gateway:
         self.dashboard.start()
         return self.port
 
+    async def start_grpc(self, host: str, port: int) -> int:
+        """The OIP gRPC front (gateway.grpc) beside HTTP; grpcio is imported only here."""
+        from swarmd.gateway.grpc_server import GrpcFront
+
+        front = GrpcFront(self)
+        bound = await front.start(host, port)
+        self.grpc = front
+        return bound
+
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -239,6 +254,9 @@ class Gateway:
 
     async def stop(self) -> None:
         await self.dashboard.stop()  # ends open feeds first, so the runner's cleanup does not wait on them
+        if self.grpc is not None:
+            await self.grpc.stop()
+            self.grpc = None
         if self._flusher is not None:
             self._flusher.cancel()
             try:
@@ -350,9 +368,11 @@ class Gateway:
         return json_response({"error": e.message, "code": e.code, "request_id": rid}, status=status, headers=headers)
 
     def _authorize(self, request: web.Request, permission: str) -> ApiKey | None:
-        token = request.headers.get("x-api-key")
+        return self._check_key(request.headers.get("x-api-key"), request.headers.get("Authorization"),
+                               request.remote or "?", permission)
+
+    def _check_key(self, token: str | None, auth: str | None, remote: str, permission: str) -> ApiKey | None:
         if token is None:
-            auth = request.headers.get("Authorization")
             if auth is not None:
                 scheme, _, cred = auth.strip().partition(" ")
                 if scheme.lower() != "bearer" or not cred.strip():
@@ -361,7 +381,7 @@ class Gateway:
         now = time.monotonic()
         if token is None:
             if not self.config.auth:
-                self._limit(request.remote or "?", now, None, None)
+                self._limit(remote, now, None, None)
                 return None
             raise SwarmdError(
                 ERR_UNAUTHORIZED, "missing API key: send it as 'x-api-key: <key>' or 'Authorization: Bearer <key>'"
@@ -390,18 +410,28 @@ class Gateway:
 
     # -- helpers --------------------------------------------------------------
 
-    async def _body(self, request: web.Request) -> bytes:
-        limit = self.config.max_body_bytes
+    async def _body(self, request: web.Request, limit: int | None = None, what: str = "request body") -> bytes:
+        """The whole body, refused with 413 (ERR_TOO_LARGE) over `limit` (default max_body_bytes)."""
+        if limit is None:
+            limit = self.config.max_body_bytes
         if request.content_length is not None and request.content_length > limit:  # refuse before reading
-            raise SwarmdError(ERR_TOO_LARGE, f"request body is {request.content_length} bytes; the limit is {limit}")
+            raise SwarmdError(ERR_TOO_LARGE, f"{what} is {request.content_length} bytes; the limit is {limit}")
         try:
             async with asyncio.timeout(self.config.body_timeout):
-                return await request.read()
+                body = await request.read()  # aiohttp stops at client_max_size (max_body_bytes) when chunked
         except TimeoutError:
             raise SwarmdError(ERR_TIMEOUT, f"request body did not arrive within {self.config.body_timeout}s") from None
+        if len(body) > limit:
+            raise SwarmdError(ERR_TOO_LARGE, f"{what} is {len(body)} bytes; the limit is {limit}")
+        return body
 
-    async def _json_body(self, request: web.Request) -> dict[str, Any]:
-        body = await self._body(request)
+    JSON_BODY = "JSON body (limit: gateway.max_json_bytes; send large tensors in the binary extension)"
+
+    async def _json_body(self, request: web.Request, limit: int | None = None) -> dict[str, Any]:
+        if limit is None:
+            body = await self._body(request, self.config.max_json_bytes, self.JSON_BODY)
+        else:
+            body = await self._body(request, limit)
         if not body:
             raise bad("request body is empty; expected a JSON object")
         try:
@@ -422,16 +452,40 @@ class Gateway:
         outputs: list[str] | None,
     ) -> Any:
         try:
-            async with asyncio.timeout(self.config.infer_timeout):
-                result = await self.backend.infer(model, version, inputs, outputs, request[RID])
-        except TimeoutError:
-            raise SwarmdError(ERR_TIMEOUT, f"inference took longer than {self.config.infer_timeout}s") from None
+            result = await self.infer(model, version, inputs, outputs, request[RID])
         except SwarmdError as e:
             if e.code != ERR_NOT_FOUND:
                 request[MODEL] = model
             raise
         request[MODEL] = result.model
         return result
+
+    # -- what every front (HTTP here, gRPC in grpc_server.py) shares ------------------
+
+    async def infer(self, model: str, version: str | None, inputs: dict[str, np.ndarray],
+                    outputs: list[str] | None, request_id: str | None) -> Any:
+        """One inference through the backend, bounded by gateway.infer_timeout."""
+        try:
+            async with asyncio.timeout(self.config.infer_timeout):
+                return await self.backend.infer(model, version, inputs, outputs, request_id)
+        except TimeoutError:
+            raise SwarmdError(ERR_TIMEOUT, f"inference took longer than {self.config.infer_timeout}s") from None
+
+    async def metadata(self, model: str, version: str | None) -> ModelInfo:
+        return await self.backend.model_metadata(model, version)
+
+    def authorize(self, token: str | None, authorization: str | None, remote: str, permission: str) -> ApiKey | None:
+        """The key check and rate limit of every authenticated call, from its credentials."""
+        return self._check_key(token, authorization, remote, permission)
+
+    @staticmethod
+    def http_status(code: str) -> int:
+        return HTTP_STATUS.get(code, 502)
+
+    def observe(self, route: str, method: str, status: str, elapsed: float, model: str) -> None:
+        """Count a call served by another front (gRPC) in the same metrics as HTTP's."""
+        self.m_requests.inc(route, method, status)
+        self.m_latency.observe(elapsed, route, model, status)
 
     # -- health and server metadata --------------------------------------------
 
@@ -508,6 +562,14 @@ class Gateway:
             raise SwarmdError(ERR_NOT_READY, f"model {model!r} has no ready worker yet")
         return json_response({"name": info.name, "ready": True})
 
+    @requires("models:read")
+    async def model_stats(self, request: web.Request) -> web.Response:
+        """Triton's statistics extension: {"model_stats": [...]} summed over the workers."""
+        model, version = request.match_info.get("model"), request.match_info.get("version")
+        if model is not None:
+            await self._metadata(request, model, version)  # an unknown model or version is a 404
+        return json_response({"model_stats": await self.backend.model_statistics(model, version)})
+
     @requires("infer")
     async def oip_infer(self, request: web.Request) -> web.Response:
         model, version = request.match_info["model"], request.match_info.get("version")
@@ -518,7 +580,12 @@ class Gateway:
             if not hl.isdigit() or len(hl) > 15:
                 raise bad(f"Inference-Header-Content-Length must be a decimal byte count, got {hl!r:.40}")
             header_length = int(hl)
-        body = await self._body(request)
+            if header_length > self.config.max_json_bytes:
+                raise SwarmdError(ERR_TOO_LARGE, f"the {self.JSON_BODY} is {header_length} bytes; "
+                                                 f"the limit is {self.config.max_json_bytes}")
+            body = await self._body(request)
+        else:
+            body = await self._body(request, self.config.max_json_bytes, self.JSON_BODY)
         try:
             req = decode_infer_request(body, header_length)
         except OipError as e:
@@ -642,7 +709,7 @@ class Gateway:
         return name, version, description, tags
 
     async def _upload_json(self, request: web.Request, f: Any, tmp: Path) -> UploadedModel:
-        doc = await self._json_body(request)
+        doc = await self._json_body(request, self.config.max_body_bytes)  # one base64 string: costs ~its size
         name, version, description, tags = self._upload_fields(doc, doc.get("tags"))
         data = doc.get("data")
         if not isinstance(data, str) or not data:

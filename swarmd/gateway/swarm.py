@@ -364,6 +364,26 @@ class SwarmBackend:
             "discovered_ago": round(time.monotonic() - p.at, 3) if p.at else None,
         }
 
+    async def model_statistics(self, model: str | None, version: str | None) -> list[dict[str, Any]]:
+        """Triton-shaped statistics summed over the workers that serve `model` (every worker
+        when None), each asked getModelStatistics; a worker that does not answer is left out."""
+        from swarmd.topics import worker_model_topic
+        from swarmd.worker.stats import merge_statistics
+
+        topic = worker_model_topic(model) if model else WORKERS
+        recs = await self.swarm.lookup_all(topic, self.config.discovery_timeout)
+
+        async def ask(pk: bytes) -> list[Any]:
+            try:
+                doc = await self.swarm.request(pk, "getModelStatistics", {"model": model, "version": version},
+                                               self.config.discovery_timeout)
+            except (SwarmdError, OSError, TimeoutError):
+                return []
+            return doc.get("model_stats", []) if isinstance(doc, dict) else []
+
+        parts = await asyncio.gather(*(ask(r.public_key) for r in recs[:256]))
+        return merge_statistics([d for p in parts for d in p if isinstance(p, list)])
+
     def worker_count(self) -> int:
         if self.fleet is not None:
             return len(self.fleet.balancer.candidates(None))

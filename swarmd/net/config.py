@@ -15,7 +15,7 @@ class NetConfig:
     max_message_size: int = 32 << 20  # largest mux frame, i.e. RPC message (tensors included); blobs go in streams
     max_streams: int = 256  # concurrent stream channels per connection
     write_high_water: int = 4 << 20  # pipe buffer above which stream senders wait
-    write_low_water: int = 1 << 20
+    write_low_water: int = 1 << 20  # stream senders resume once the buffer drains below this
     # hard cap on bytes queued for a peer that does not read (its PINGs, error replies to
     # its requests, answers still owed): beyond it the connection is closed, never grown
     max_write_buffer: int = 64 << 20

@@ -17,7 +17,9 @@ Wire format (docs/nat.md):
 A circuit client receives WAITING when its token is registered, then PAIRED
 when the other side arrives; the byte after PAIRED's reason is the first byte
 from the peer. A ping gets PONG and the connection closes (clients pick the
-relay with the lowest round trip). Refusals carry a code >= 16 and close.
+relay with the lowest round trip); PONG's reason ends with `observed=IP:PORT`,
+the client's address as the relay saw it (its TCP mapping: what a TCP
+simultaneous open through the client's NAT needs, swarmd/net/tcppunch.py). Refusals carry a code >= 16 and close.
 
 `RelayCore` is the relay's bookkeeping with no sockets and no clock of its own:
 admission (circuit and per-source caps), pairing by token, byte accounting.
@@ -94,6 +96,10 @@ class RelayConfig:
     port: int = 0  # TCP port of the relay listener; 0 picks a free one
     max_circuits: int = 64  # paired + unpaired streams' circuits at once
     max_pending_per_source: int = 8  # unpaired streams one source address may hold
+    # streams, unpaired or spliced, one source address may hold: both ends of a circuit from one
+    # address count twice, so one address cannot take every circuit by pairing with itself
+    max_streams_per_source: int = 16
+    max_connections_per_source: int = 32  # open sockets from one address, hello phase included
     pair_timeout: float = 10.0  # an unpaired stream is refused after this long
     hello_timeout: float = 5.0  # the hello must arrive within this after connect
     idle_timeout: float = 60.0  # a circuit with no byte either way for this long is closed
@@ -108,6 +114,8 @@ class RelayConfig:
             raise ConfigError(f"relay.max_connections must be >= 2, got {self.max_connections}")
         if self.max_circuits < 1 or self.max_pending_per_source < 1 or self.max_bytes < 1:
             raise ConfigError("relay.max_circuits, relay.max_pending_per_source and relay.max_bytes must be >= 1")
+        if self.max_streams_per_source < 1 or self.max_connections_per_source < 1:
+            raise ConfigError("relay.max_streams_per_source and relay.max_connections_per_source must be >= 1")
         for name in ("pair_timeout", "hello_timeout", "idle_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"relay.{name} must be a positive number of seconds, got {getattr(self, name)}")
@@ -270,6 +278,8 @@ class RelayCore:
     _pending: dict[bytes, _Pending] = field(default_factory=dict)  # token -> waiting stream
     _pending_by_conn: dict[int, bytes] = field(default_factory=dict)
     _per_source: dict[str, int] = field(default_factory=dict)  # source -> unpaired streams
+    _streams: dict[str, int] = field(default_factory=dict)  # source -> unpaired + spliced streams
+    _conn_source: dict[int, str] = field(default_factory=dict)  # conn -> source, for every stream counted
     _circuits: dict[int, Circuit] = field(default_factory=dict)
     _conn_circuit: dict[int, int] = field(default_factory=dict)
     _next_circuit: int = 1
@@ -289,8 +299,8 @@ class RelayCore:
         self.refused[name] = self.refused.get(name, 0) + 1
         return [Refuse(conn, code, reason)]
 
-    def hello(self, conn: int, source: str, data: bytes) -> list[Action]:
-        """A connection sent its hello bytes."""
+    def hello(self, conn: int, source: str, data: bytes, observed: str = "") -> list[Action]:
+        """A connection sent its hello bytes; `observed` ("ip:port") is echoed in a PONG."""
         if self.closing:
             return self._refuse(conn, ST_CLOSING, "relay is shutting down")
         try:
@@ -298,12 +308,20 @@ class RelayCore:
         except RelayProtocolError as e:
             return self._refuse(conn, ST_BAD_HELLO, e.message)
         if h.kind == KIND_PING:
-            return [Send(conn, encode_status(ST_PONG, f"circuits={self.circuits} pending={self.pending}"))]
+            seen = f" observed={observed}" if observed else ""
+            return [Send(conn, encode_status(ST_PONG, f"circuits={self.circuits} pending={self.pending}{seen}"))]
         waiting = self._pending.get(h.token)
+        if waiting is not None and waiting.conn == conn:
+            return self._refuse(conn, ST_BAD_HELLO, "hello sent twice")
+        if self._streams.get(source, 0) >= self.config.max_streams_per_source:
+            return self._refuse(
+                conn,
+                ST_RATE_LIMITED,
+                f"source holds {self.config.max_streams_per_source} relay streams already (max_streams_per_source)",
+            )
         if waiting is not None:
-            if waiting.conn == conn:
-                return self._refuse(conn, ST_BAD_HELLO, "hello sent twice")
             self._drop_pending(waiting.conn)
+            self._count_stream(conn, source)
             cid = self._next_circuit
             self._next_circuit += 1
             self._circuits[cid] = Circuit(cid, waiting.conn, conn)
@@ -326,6 +344,7 @@ class RelayCore:
         self._pending[h.token] = _Pending(conn, source, h.token)
         self._pending_by_conn[conn] = h.token
         self._per_source[source] = self._per_source.get(source, 0) + 1
+        self._count_stream(conn, source)
         return [Send(conn, encode_status(ST_WAITING, f"pair within {self.config.pair_timeout:g}s"))]
 
     def pair_timeout(self, conn: int) -> list[Action]:
@@ -352,8 +371,26 @@ class RelayCore:
             ]
         return []
 
+    def _count_stream(self, conn: int, source: str) -> None:
+        self._conn_source[conn] = source
+        self._streams[source] = self._streams.get(source, 0) + 1
+
+    def _uncount_stream(self, conn: int) -> None:
+        source = self._conn_source.pop(conn, None)
+        if source is None:
+            return
+        left = self._streams.get(source, 1) - 1
+        if left > 0:
+            self._streams[source] = left
+        else:
+            self._streams.pop(source, None)
+
+    def streams_of(self, source: str) -> int:
+        return self._streams.get(source, 0)
+
     def closed(self, conn: int) -> list[Action]:
         """A connection ended (EOF, error, idle, refusal): forget it; end its circuit."""
+        self._uncount_stream(conn)
         if conn in self._pending_by_conn:
             self._drop_pending(conn)
             return []
@@ -365,6 +402,7 @@ class RelayCore:
             return []
         other = c.b if c.a == conn else c.a
         self._conn_circuit.pop(other, None)
+        self._uncount_stream(other)
         return [CloseCircuit(cid, ST_CLOSING, "the other side closed")]
 
     def _drop_pending(self, conn: int) -> None:

@@ -29,6 +29,7 @@ from swarmd.net.relay import (
     ST_OVERLOADED,
     ST_PAIRED,
     ST_PONG,
+    ST_RATE_LIMITED,
     ST_WAITING,
     STATUS_NAMES,
     TOKEN_SIZE,
@@ -58,6 +59,7 @@ class _Conn:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     paired: asyncio.Future[tuple[_Conn, int, asyncio.Future[None]]] | None = None  # set while waiting
+    observed: str = ""  # "ip:port" the client's connection came from (echoed in PONG)
 
 
 @dataclass
@@ -76,6 +78,7 @@ class RelayServer:
         self.port = 0
         self._server: asyncio.base_events.Server | None = None
         self._conns: dict[int, _Conn] = {}
+        self._by_source: dict[str, int] = {}  # open sockets per source address
         self._handlers: set[asyncio.Task[Any]] = set()
         self._next_conn = 1
         self.bytes_total = 0
@@ -129,15 +132,22 @@ class RelayServer:
             writer.close()
             return
         peer = writer.get_extra_info("peername") or ("?", 0)
-        conn = _Conn(self._next_conn, str(peer[0]), reader, writer)
+        conn = _Conn(self._next_conn, str(peer[0]), reader, writer, observed=f"{peer[0]}:{peer[1]}" if len(peer) > 1 else "")
         self._next_conn += 1
         if len(self._conns) >= self.config.max_connections:  # a connection flood must not eat every fd
             self.connections_refused += 1
             self._refuse(conn, ST_OVERLOADED, f"relay holds {len(self._conns)} connections (max_connections)")
             writer.close()
             return
+        if self._by_source.get(conn.source, 0) >= self.config.max_connections_per_source:
+            self.connections_refused += 1  # one address must not take the sockets everyone shares
+            self._refuse(conn, ST_RATE_LIMITED,
+                         f"source holds {self.config.max_connections_per_source} connections (max_connections_per_source)")
+            writer.close()
+            return
         self._handlers.add(task)
         self._conns[conn.id] = conn
+        self._by_source[conn.source] = self._by_source.get(conn.source, 0) + 1
         try:
             await self._serve(conn)
         except (ConnectionError, asyncio.IncompleteReadError, OSError, TimeoutError):
@@ -148,6 +158,11 @@ class RelayServer:
             pass
         finally:
             self._conns.pop(conn.id, None)
+            left = self._by_source.get(conn.source, 1) - 1
+            if left > 0:
+                self._by_source[conn.source] = left
+            else:
+                self._by_source.pop(conn.source, None)
             self.core.closed(conn.id)  # a circuit's splice ends both of its sides itself
             writer.close()
             self._handlers.discard(task)
@@ -162,7 +177,7 @@ class RelayServer:
             if e.partial:
                 self._refuse(conn, ST_BAD_HELLO, f"hello truncated at {len(e.partial)} of {HELLO_SIZE} bytes")
             return
-        for action in self.core.hello(conn.id, conn.source, hello):
+        for action in self.core.hello(conn.id, conn.source, hello, conn.observed):
             if isinstance(action, Send):
                 conn.writer.write(action.data)
                 if action.data[0] == ST_WAITING:

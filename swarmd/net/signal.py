@@ -3,9 +3,10 @@
 A node behind NAT keeps a connection to 1-3 public peers and lists them in its
 records ("signal" in the payload). A caller that cannot reach it directly sends
 a connection request to one of those peers, which forwards it over the
-connection the target keeps. A request carries either an ICE offer (SDP: ICE
-credentials and candidates) or a relay rendezvous (relay address + token), and
-the answer comes back the same way.
+connection the target keeps. A request carries an ICE offer (SDP: ICE
+credentials and candidates), a TCP punch offer (the caller's public TCP
+address for a simultaneous open, swarmd/net/tcppunch.py) or a relay rendezvous
+(relay address + token), and the answer comes back the same way.
 
 Forwarding for strangers is an amplification vector, so the forwarder applies
 `SignalLimiter`: a token bucket per source (the caller's public key) and one
@@ -22,6 +23,7 @@ from swarmd.errors import ERR_BAD_REQUEST, ERR_RATE_LIMITED, ERR_TOO_LARGE, Swar
 
 KIND_ICE = "ice"
 KIND_RELAY = "relay"
+KIND_TCP = "tcp"
 MAX_SDP = 16 * 1024
 MAX_SOURCES = 4096  # bound on the limiter's memory under a flood of fresh keys
 
@@ -32,15 +34,19 @@ class SignalRequest:
 
     source: bytes  # caller's Ed25519 public key (the forwarder fills it from the Noise session)
     target: bytes  # target's Ed25519 public key
-    kind: str  # "ice" or "relay"
+    kind: str  # "ice", "tcp" or "relay"
     sdp: str = ""  # ICE offer (kind "ice")
     relay: tuple[str, int] | None = None  # relay address (kind "relay")
     token: bytes = b""  # relay circuit token (kind "relay")
+    addr: tuple[str, int] | None = None  # the caller's public TCP address (kind "tcp")
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"source": self.source, "target": self.target, "kind": self.kind}
         if self.kind == KIND_ICE:
             out["sdp"] = self.sdp
+        elif self.kind == KIND_TCP:
+            assert self.addr is not None
+            out["addr"] = [self.addr[0], self.addr[1]]
         else:
             assert self.relay is not None
             out["relay"] = [self.relay[0], self.relay[1]]
@@ -59,6 +65,21 @@ def _key(obj: dict[str, Any], name: str) -> bytes:
     return v
 
 
+def parse_address(value: Any, name: str) -> tuple[str, int]:
+    """[host, port] from a peer: host 1..253 chars, port 1..65535."""
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != 2
+        or not isinstance(value[0], str)
+        or not 0 < len(value[0]) <= 253
+        or not isinstance(value[1], int)
+        or isinstance(value[1], bool)
+        or not 0 < value[1] <= 65535
+    ):
+        raise _bad(f"signal '{name}' must be [host, port] with a port from 1 to 65535")
+    return value[0], value[1]
+
+
 def parse_request(obj: Any) -> SignalRequest:
     """Validate a request read from a peer; SwarmdError(ERR_BAD_REQUEST/ERR_TOO_LARGE) says what is wrong."""
     if not isinstance(obj, dict):
@@ -72,22 +93,15 @@ def parse_request(obj: Any) -> SignalRequest:
         if len(sdp) > MAX_SDP:
             raise SwarmdError(ERR_TOO_LARGE, f"signal 'sdp' of {len(sdp)} bytes exceeds {MAX_SDP}")
         return SignalRequest(source, target, kind, sdp=sdp)
+    if kind == KIND_TCP:
+        return SignalRequest(source, target, kind, addr=parse_address(obj.get("addr"), "addr"))
     if kind == KIND_RELAY:
-        relay = obj.get("relay")
-        if (
-            not isinstance(relay, (list, tuple))
-            or len(relay) != 2
-            or not isinstance(relay[0], str)
-            or not 0 < len(relay[0]) <= 253
-            or not isinstance(relay[1], int)
-            or not 0 < relay[1] <= 65535
-        ):
-            raise _bad("signal 'relay' must be [host, port] with a port from 1 to 65535")
+        relay = parse_address(obj.get("relay"), "relay")
         token = obj.get("token")
         if not isinstance(token, bytes) or len(token) != 32:
             raise _bad("signal 'token' must be 32 bytes")
-        return SignalRequest(source, target, kind, relay=(relay[0], relay[1]), token=token)
-    raise _bad(f"signal 'kind' must be '{KIND_ICE}' or '{KIND_RELAY}', got {kind!r:.40}")
+        return SignalRequest(source, target, kind, relay=relay, token=token)
+    raise _bad(f"signal 'kind' must be '{KIND_ICE}', '{KIND_TCP}' or '{KIND_RELAY}', got {kind!r:.40}")
 
 
 @dataclass

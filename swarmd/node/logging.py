@@ -103,3 +103,4 @@ def setup_logging(level: str = "INFO", fmt: str = "auto", stream: TextIO | None 
         flush()
 
     logger.add(sink, level=level.upper(), format="{message}", backtrace=False, diagnose=False)
+    logger.enable("swarmd")  # the package is silent as a library (swarmd/__init__.py); this is the application

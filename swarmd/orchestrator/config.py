@@ -25,9 +25,9 @@ class OrchestratorConfig:
     attempt_timeout: float = 10.0  # bound on one attempt; the request's own deadline bounds the whole
     request_timeout: float = 30.0  # whole-request bound when the caller gave none
     backoff_base: float = 0.005  # pause before retry n is min(base * 2**n, backoff_max)
-    backoff_max: float = 0.1
+    backoff_max: float = 0.1  # longest pause between retries, in seconds
     ban_base: float = 0.5  # a failing worker sits out base * 2**(strikes-1), capped at ban_max
-    ban_max: float = 30.0
+    ban_max: float = 30.0  # longest time a failing worker sits out, in seconds
     ewma_alpha: float = 0.3  # weight of the newest latency sample
     # A latency sample older than this no longer counts: a worker that lost every p2c
     # comparison (and so got no calls to update its EWMA) is priced as new and tried again.

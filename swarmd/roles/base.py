@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from swarmd.errors import ConfigError
 from swarmd.node.identity import Identity
+from swarmd.node.metrics import NodeMetrics
 from swarmd.node.supervisor import Supervisor
 
 if TYPE_CHECKING:  # the upper layers are composed by the daemon, not imported here
@@ -41,6 +43,7 @@ class NodeContext:
     trust: Any = None  # swarmd.node.trust.Trust: which keys this node admits to which role
     ports: dict[str, int] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
+    metrics: NodeMetrics = field(default_factory=NodeMetrics)  # collectors; served when node.metrics is set
     _roles: dict[str, Role] = field(default_factory=dict)
 
     def info(self) -> dict[str, Any]:
@@ -113,3 +116,7 @@ class Role:
     def status(self) -> dict[str, Any]:
         """A small JSON-able summary for status.json and status RPCs."""
         return {}
+
+    def metrics(self) -> Iterable[Any]:
+        """Prometheus metric families (prometheus_client.core) read at scrape time."""
+        return ()

@@ -50,6 +50,9 @@ class GatewayRole(Role):
     def preflight(cls, settings: Any, data_dir: Path) -> None:
         host, port = parse_hostport(settings.node.http or DEFAULT_HTTP, what="node.http", listen=True)
         check_can_listen(host, port, what="gateway cannot listen on ")
+        if settings.gateway.grpc:
+            ghost, gport = parse_hostport(settings.gateway.grpc, what="gateway.grpc", listen=True)
+            check_can_listen(ghost, gport, what="gateway cannot listen for gRPC on ")
 
     async def start(self) -> None:
         cfg = self.ctx.settings.gateway
@@ -61,10 +64,16 @@ class GatewayRole(Role):
             self.gateway = Gateway(cfg, self.backend, self.keys, data_dir=self.ctx.data_dir, status=self._node_status,
                                    collect=self._dashboard_collector())
             self.ctx.ports["http"] = await self.gateway.start(host, port)
+            if cfg.grpc:
+                ghost, gport = parse_hostport(cfg.grpc, what="gateway.grpc", listen=True)
+                self.ctx.ports["grpc"] = await self.gateway.start_grpc(ghost, gport)
         except BaseException:
+            if self.gateway is not None:
+                await self.gateway.stop()
             await self.backend.stop()
             self.keys.close()
             raise
+        self.ctx.metrics.add_text(self.gateway.metrics.render)  # its registry, also on its HTTP /metrics
         if self.keys.count_active() == 0:
             key, token = self.keys.create("admin", ["admin"])
             self.first_admin_key = token

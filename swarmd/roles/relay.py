@@ -54,5 +54,13 @@ class RelayRole(Role):
     def status(self) -> dict[str, Any]:
         return {"announced": self.announced, **self.server.stats()}
 
+    def metrics(self) -> list[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        s = self.server.stats()
+        return [CounterMetricFamily("swarmd_relay_bytes", "bytes spliced between peers", value=s["bytes"]),
+                GaugeMetricFamily("swarmd_relay_circuits", "circuits open now", value=s["circuits"]),
+                CounterMetricFamily("swarmd_relay_paired", "circuits paired since start", value=s["paired_total"])]
+
 
 ROLE = RelayRole

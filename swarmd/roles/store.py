@@ -20,7 +20,15 @@ from typing import Any
 
 from loguru import logger
 
-from swarmd.errors import ERR_BAD_REQUEST, ERR_CONFLICT, ERR_CORRUPT, ERR_NOT_FOUND, ERR_TIMEOUT, SwarmdError
+from swarmd.errors import (
+    ERR_BAD_REQUEST,
+    ERR_CONFLICT,
+    ERR_CORRUPT,
+    ERR_NOT_FOUND,
+    ERR_OVERLOADED,
+    ERR_TIMEOUT,
+    SwarmdError,
+)
 from swarmd.node.deadline import within
 from swarmd.roles.base import NodeContext, Role
 from swarmd.settings import parse_hostport
@@ -115,6 +123,7 @@ class StoreRole(Role):
         self.store: ModelStore | None = None
         self.key = ctx.identity.public_hex
         self._upload_locks: dict[str, tuple[asyncio.Lock, int]] = {}  # digest -> (lock, holders + waiters)
+        self._downloads: dict[bytes, int] = {}  # caller key -> downloads it is running now
         self._announced: set[str] = set()
         self._announced_status: dict[str, int] = {}
         self._wake = asyncio.Event()
@@ -191,6 +200,13 @@ class StoreRole(Role):
         if self.store is not None:
             self.store.close()
 
+    def metrics(self) -> list[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        s = self.store.status() if self.store is not None else {}
+        return [GaugeMetricFamily("swarmd_store_bytes", "bytes of model blobs held", value=s.get("bytes", 0)),
+                GaugeMetricFamily("swarmd_store_models", "model versions in the catalog", value=s.get("models", 0))]
+
     def status(self) -> dict[str, Any]:
         s = self.store.status() if self.store is not None else {}
         return {**s, "replication_rounds": self.rounds, "pulled": self.pulled}
@@ -248,6 +264,30 @@ class StoreRole(Role):
         }
 
     async def download_blob(self, ctx: Any, params: Any, stream: Any) -> dict[str, Any]:
+        # Each download holds up to two chunks and its share of the connection's write buffer
+        # while a client that does not read keeps it waiting: bound them per key and in total.
+        cfg = self.config
+        mine = self._downloads.get(ctx.peer, 0)
+        if mine >= cfg.max_downloads_per_peer:
+            raise SwarmdError(ERR_OVERLOADED, f"this key already runs {mine} downloads (store.max_downloads_per_peer)")
+        total = sum(self._downloads.values())
+        if total >= cfg.max_downloads:
+            raise SwarmdError(ERR_OVERLOADED, f"store is serving {total} downloads (store.max_downloads); retry")
+        self._downloads[ctx.peer] = mine + 1
+        try:
+            return await self._download_blob(params, stream)
+        except TimeoutError:
+            raise SwarmdError(
+                ERR_TIMEOUT, f"the client read nothing for {cfg.transfer_timeout:g} s (store.transfer_timeout)"
+            ) from None
+        finally:
+            left = self._downloads.get(ctx.peer, 1) - 1
+            if left > 0:
+                self._downloads[ctx.peer] = left
+            else:
+                self._downloads.pop(ctx.peer, None)
+
+    async def _download_blob(self, params: Any, stream: Any) -> dict[str, Any]:
         p = _params(params, {"digest", "offset"}, {"digest"})
         digest = check_digest(p["digest"])
         offset = _opt_int(p, "offset")

@@ -102,8 +102,10 @@ class WorkerRole(Role):
             m.register("checkCapacity", self.check_capacity, op="r")
             m.register("getAvailableModels", self.get_available_models, op="r")
             m.register("getHealth", self.get_health, op="r")
+            m.register("getModelStatistics", self.get_model_statistics, op="r")
             m.register("loadModel", self.load_model, op="w")
             m.register("unloadModel", self.unload_model, op="w")
+        self.ctx.metrics.add_text(self.triton_metrics)
         await self.sync_announcements()  # visible as JOINING while models load
         for (name, version), path in self.local.items():
             await self.engine.load(name, version, path)
@@ -316,6 +318,62 @@ class WorkerRole(Role):
 
     async def get_available_models(self, ctx: Any, params: Any) -> dict[str, Any]:
         return {"models": self.engine.describe_models()}
+
+    # Triton's metric names (nv_inference_*), so existing Triton dashboards read swarmd workers
+    TRITON_COUNTERS = (
+        ("nv_inference_request_success", "successful inference requests", lambda s: s.phases["success"].count),
+        ("nv_inference_request_failure", "failed inference requests", lambda s: s.phases["fail"].count),
+        ("nv_inference_count", "inferences performed (rows; a batch of N counts N)", lambda s: s.inference_count),
+        ("nv_inference_exec_count", "model executions (runs; a batch counts one)", lambda s: s.execution_count),
+        ("nv_inference_request_duration_us", "cumulative request time in the worker, queue included",
+         lambda s: (s.phases["success"].ns + s.phases["fail"].ns) // 1000),
+        ("nv_inference_queue_duration_us", "cumulative time requests waited in the queue",
+         lambda s: s.phases["queue"].ns // 1000),
+        ("nv_inference_compute_input_duration_us", "cumulative time stacking inputs",
+         lambda s: s.phases["compute_input"].ns // 1000),
+        ("nv_inference_compute_infer_duration_us", "cumulative time in onnxruntime",
+         lambda s: s.phases["compute_infer"].ns // 1000),
+        ("nv_inference_compute_output_duration_us", "cumulative time splitting outputs",
+         lambda s: s.phases["compute_output"].ns // 1000),
+    )
+
+    def metrics(self) -> list[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        models = self.engine.models()
+        out: list[Any] = []
+        snap = self.engine.snapshot()
+        out.append(GaugeMetricFamily("swarmd_worker_queue_depth", "requests waiting to run", value=snap.queue))
+        out.append(GaugeMetricFamily("swarmd_worker_in_flight", "requests running", value=snap.in_flight))
+        out.append(GaugeMetricFamily("swarmd_worker_models_loaded", "model versions loaded", value=len(models)))
+        done = CounterMetricFamily("swarmd_worker_requests", "requests finished, by outcome", labels=["outcome"])
+        done.add_metric(["ok"], snap.completed)
+        done.add_metric(["failed"], snap.failed)
+        out.append(done)
+        return out
+
+    def triton_metrics(self) -> bytes:
+        """The nv_inference_* counters as Triton writes them (prometheus_client would rename a
+        counter to NAME_total, and Triton dashboards query the bare names)."""
+        from swarmd.gateway.metrics import escape_label
+
+        lines: list[str] = []
+        models = self.engine.models()
+        for name, help_, read in self.TRITON_COUNTERS:
+            lines += [f"# HELP {name} {help_}", f"# TYPE {name} counter"]
+            for m in models:
+                lines.append(f'{name}{{model="{escape_label(m.name)}",version="{escape_label(m.version)}"}} {read(m.stats)}')
+        return ("\n".join(lines) + "\n").encode()
+
+    async def get_model_statistics(self, ctx: Any, params: Any) -> dict[str, Any]:
+        """Triton's statistics extension, per loaded model version: {"model_stats": [...]}."""
+        params = params or {}
+        if not isinstance(params, dict):
+            raise SwarmdError(ERR_BAD_REQUEST, 'params must be {"model"?: str, "version"?: str}')
+        name, version = params.get("model"), params.get("version")
+        if name is not None and not isinstance(name, str) or version is not None and not isinstance(version, str):
+            raise SwarmdError(ERR_BAD_REQUEST, "model and version must be strings")
+        return {"model_stats": self.engine.statistics(name, version)}
 
     async def get_health(self, ctx: Any, params: Any) -> dict[str, Any]:
         state = self.engine.state

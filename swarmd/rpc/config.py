@@ -31,5 +31,5 @@ class AccessConfig:
     never grant anything.
     """
 
-    allow: list[str] = field(default_factory=list)
-    allow_read_only: list[str] = field(default_factory=list)
+    allow: list[str] = field(default_factory=list)  # keys that may call every method
+    allow_read_only: list[str] = field(default_factory=list)  # keys that may call read (op "r") methods only

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgpack
+
 from swarmd.errors import ERR_PROTOCOL, SwarmdError
 from swarmd.rpc.codec import packb, unpackb
 
@@ -31,11 +33,21 @@ MAX_METHOD_LEN = 256
 
 
 class EnvelopeError(SwarmdError):
-    """A message from the peer that is not a valid envelope. `request_id` is set when known."""
+    """A message from the peer that is not a valid envelope.
 
-    def __init__(self, message: str, request_id: int | None = None) -> None:
+    `request_id` is set when the message was a request with a readable id;
+    `kind` and `message_id` tell what a message with an undecodable part (a
+    malformed tensor, an unknown ext type) was, so the receiver can fail that
+    one request, answer or event instead of the whole connection.
+    """
+
+    def __init__(
+        self, message: str, request_id: int | None = None, kind: int | None = None, message_id: int | None = None
+    ) -> None:
         super().__init__(ERR_PROTOCOL, message)
         self.request_id = request_id
+        self.kind = kind
+        self.message_id = message_id
 
 
 def request(req_id: int, method: str, params: Any, timeout_ms: int | None, channel: int = 0) -> bytes:
@@ -70,6 +82,28 @@ def _check_method(v: Any, req_id: int | None) -> str:
     return v
 
 
+def _ignore_ext(code: int, data: bytes) -> None:
+    return None
+
+
+def _undecodable(data: bytes, cause: Exception) -> EnvelopeError:
+    """The error for a message that did not decode, naming its kind and id when the
+    envelope itself is sound and only an ext (a tensor) inside it was malformed."""
+    text = f"undecodable RPC message: {cause}"
+    try:
+        msg = msgpack.unpackb(data, raw=False, ext_hook=_ignore_ext, strict_map_key=False, use_list=True)
+    except Exception:
+        return EnvelopeError(text)
+    if type(msg) is not list or len(msg) < 2 or msg[0] not in (REQUEST, RESPONSE, ERROR, EVENT):
+        return EnvelopeError(text)
+    kind, mid = msg[0], msg[1]
+    if kind == EVENT:
+        return EnvelopeError(text, kind=EVENT)
+    if type(mid) is not int or not 0 <= mid <= MAX_ID:
+        return EnvelopeError(text)
+    return EnvelopeError(text, mid if kind == REQUEST else None, kind, mid)
+
+
 def decode(data: bytes) -> list[Any]:
     """Decode and validate one message; returns the list with checked field types.
 
@@ -81,7 +115,7 @@ def decode(data: bytes) -> list[Any]:
     try:
         msg = unpackb(data)
     except Exception as e:
-        raise EnvelopeError(f"undecodable RPC message: {e}") from None
+        raise _undecodable(data, e) from None
     if type(msg) is not list or not msg:
         raise EnvelopeError("RPC message must be a non-empty msgpack array")
     kind = msg[0]

@@ -31,6 +31,7 @@ from swarmd.errors import (
     ERR_OVERLOADED,
     ERR_PROTOCOL,
     ERR_TIMEOUT,
+    ERR_TOO_LARGE,
     ERR_UNKNOWN_METHOD,
     SwarmdError,
 )
@@ -83,6 +84,18 @@ def _builtin_methods() -> dict[str, Method]:
     async def get_instance_id(ctx: CallContext, params: Any) -> Any:
         return ctx.peer_conn.instance_id
 
+    async def list_methods(ctx: CallContext, params: Any) -> Any:
+        """What this peer serves, each method with its op (r/w) and whether it is a stream:
+        introspection for operators (`swarmd call KEY --list`); names are not secrets, and
+        the firewall still decides who may call each."""
+        table = ctx.peer_conn.methods
+        found = {n: m for n, m in _BUILTINS.items() if n != HELLO_EVENT}
+        for name in table.names() if table is not None else ():
+            m = table.get(name)
+            if m is not None:
+                found[name] = m
+        return [{"name": n, "op": m.op, "stream": m.stream} for n, m in sorted(found.items())]
+
     async def present_grants(ctx: CallContext, params: Any) -> Any:
         # The hello (event) a peer sends first on a connection: its role grants.
         # Inline, so they count before the next message on the connection is served.
@@ -91,6 +104,7 @@ def _builtin_methods() -> dict[str, Method]:
     return {
         "ping": Method("ping", ping, READ, False, inline=True),
         "getInstanceId": Method("getInstanceId", get_instance_id, READ, False, inline=True),
+        "listMethods": Method("listMethods", list_methods, READ, False),
         HELLO_EVENT: Method(HELLO_EVENT, present_grants, READ, False, inline=True),
     }
 
@@ -185,6 +199,16 @@ class RpcPeer:
         self._backlog: deque[tuple[int, str, Any, int | None, float, int]] = deque()
         self._backlog_bytes = 0
         self._msg_size = 0  # size of the message being dispatched
+        # while the node decides whether to admit this peer (an async firewall), its requests
+        # and events wait here, bounded like the backlog, and none is dispatched
+        self._held: list[tuple[list[Any], int, float]] | None = None
+        self._held_bytes = 0
+        # channels of stream calls held meanwhile: accepted at once so their first bytes are
+        # kept (within the channel's credit) instead of dropped as frames on an unknown channel
+        self._held_channels: dict[int, Channel] = {}
+        # every message we send is checked against this before it leaves: one over the
+        # peer's frame limit would make it close the connection every other call shares
+        self.max_message = conn.config.max_message_size
         # the grants the peer's presentGrants hello showed (wire form, at most MAX_GRANTS);
         # `roles` verifies them against our trust on each use, so an expired one stops counting
         self._grants: list[bytes] = []
@@ -250,6 +274,8 @@ class RpcPeer:
             msg = self._pack([REQUEST, rid, method, params, int(timeout * 1000), channel])
         except (TypeError, ValueError, OverflowError) as e:
             raise SwarmdError(ERR_BAD_REQUEST, f"params of {method!r} cannot be encoded: {e}") from None
+        if len(msg) > self.max_message:
+            raise self._too_large(f"a request for {method!r}", len(msg))
         fut = self._loop.create_future()
         pending = self._pending
         pending[rid] = fut
@@ -324,6 +350,8 @@ class RpcPeer:
             msg = self._pack([REQUEST, rid, method, params, int(timeout * 1000), 0])
         except (TypeError, ValueError, OverflowError) as e:
             raise SwarmdError(ERR_BAD_REQUEST, f"params of {method!r} cannot be encoded: {e}") from None
+        if len(msg) > self.max_message:
+            raise self._too_large(f"a request for {method!r}", len(msg))
         loop = self._loop
         fut = loop.create_future()
         pending = self._pending
@@ -356,6 +384,8 @@ class RpcPeer:
             msg = envelope.event(method, params)
         except (TypeError, ValueError, OverflowError) as e:
             raise SwarmdError(ERR_BAD_REQUEST, f"params of event {method!r} cannot be encoded: {e}") from None
+        if len(msg) > self.max_message:
+            raise self._too_large(f"event {method!r}", len(msg))
         self.conn.send_message(msg)
 
     async def open_stream(self, method: str, params: Any = None, *, timeout: float | None = None) -> Stream:  # noqa: ASYNC109
@@ -403,6 +433,16 @@ class RpcPeer:
             if e.request_id is not None:
                 self._reply_error(e.request_id, SwarmdError(ERR_BAD_REQUEST, e.message))
                 return
+            if e.kind in (RESPONSE, ERROR) and e.message_id is not None:
+                # an answer holding a malformed tensor fails that call, not the connection
+                fut = self._forget(e.message_id)
+                if fut is not None and not fut.done():
+                    fut.set_exception(SwarmdError(ERR_BAD_REQUEST, f"the peer's answer: {e.message}"))
+                return
+            if e.kind == EVENT:
+                if hostile.allow("event:undecodable") is not None:
+                    self._log.bind(code=ERR_BAD_REQUEST).info(f"event dropped: {e.message}")
+                return
             raise
         kind = msg[0]
         if kind == RESPONSE:
@@ -413,6 +453,9 @@ class RpcPeer:
                 if not fut.done():
                     fut.set_result(msg[2])
         elif kind == REQUEST:
+            if self._held is not None:
+                self._hold_message(msg, len(data))
+                return
             self._msg_size = len(data)
             self._on_request(msg[1], msg[2], msg[3], msg[4], msg[5])
         elif kind == ERROR:
@@ -420,11 +463,72 @@ class RpcPeer:
             if fut is not None and not fut.done():
                 fut.set_exception(SwarmdError.from_wire(msg[2]))
         elif kind == EVENT:
+            if self._held is not None and msg[1] not in _BUILTINS:  # the grants hello is learnt at once
+                self._hold_message(msg, len(data))
+                return
             self._on_event(msg[1], msg[2])
         elif kind == CANCEL:
+            if self._held is not None:
+                kept = [h for h in self._held if not (h[0][0] == REQUEST and h[0][1] == msg[1])]
+                for h in self._held:
+                    if h[0][0] == REQUEST and h[0][1] == msg[1] and h[0][5]:
+                        self._held_channels.pop(h[0][5], None)
+                        self.conn._channels.pop(h[0][5], None)
+                self._held = kept
             task = self._running.get(msg[1])
             if task is not None:
                 self._cancel_soon(task, "cancelled by the caller")
+
+    # -- admission ---------------------------------------------------------
+
+    def hold(self) -> None:
+        """Dispatch nothing the peer sends until release(): its admission is still being decided."""
+        if self._held is None:
+            self._held = []
+            self._held_bytes = 0
+
+    def release(self) -> None:
+        """The peer is admitted: dispatch what it sent meanwhile, in order, then everything at once."""
+        held, self._held = self._held, None
+        self._held_bytes = 0
+        if not held or self.conn.error is not None:
+            return
+        for msg, size, arrived in held:
+            if self.conn.error is not None:
+                return
+            try:
+                if msg[0] == REQUEST:
+                    self._msg_size = size
+                    self._on_request(msg[1], msg[2], msg[3], msg[4], msg[5], arrived)
+                else:
+                    self._on_event(msg[1], msg[2])
+            except SwarmdError as e:
+                self.conn.close(e)
+                return
+
+    @property
+    def held(self) -> bool:
+        return self._held is not None
+
+    def _hold_message(self, msg: list[Any], size: int) -> None:
+        held = self._held
+        assert held is not None
+        if len(held) >= self.config.max_in_flight or self._held_bytes + size > self.config.max_backlog_bytes:
+            raise SwarmdError(
+                ERR_OVERLOADED,
+                f"peer sent {len(held)} messages ({self._held_bytes} bytes) before it was admitted",
+            )
+        ch = msg[5] if msg[0] == REQUEST else 0
+        if ch:
+            try:
+                self._held_channels[ch] = self.conn.accept_channel(ch)
+            except SwarmdError as e:
+                if e.code == ERR_PROTOCOL:
+                    raise
+                self._reply_error(msg[1], e)
+                return
+        held.append((msg, size, self._loop.time()))
+        self._held_bytes += size
 
     def _lookup(self, method: str) -> Method:
         m = _BUILTINS.get(method) or self.methods.get(method)
@@ -494,13 +598,16 @@ class RpcPeer:
                 )
             ctx = CallContext(peer_key, method, rid, deadline, self)
             if ch:
-                stream = Stream(self, conn.accept_channel(ch))
+                held = self._held_channels.pop(ch, None) if self._held_channels else None
+                stream = Stream(self, held or conn.accept_channel(ch))
                 coro = m.handler(ctx, params, stream)
             else:
                 coro = m.handler(ctx, params)
         except SwarmdError as e:
             if e.code == ERR_PROTOCOL:
                 raise
+            if ch and self._held_channels and self._held_channels.pop(ch, None) is not None:
+                conn._channels.pop(ch, None)  # accepted while held; the caller resets it on our answer
             self._reply_error(rid, e)
             return
         if not m.inline:
@@ -516,6 +623,9 @@ class RpcPeer:
                     msg = self._pack([RESPONSE, rid, stop.value])
                 except (TypeError, ValueError, OverflowError):
                     self._finish(rid, method, stream, stop.value, None)  # reports the encoding error
+                    return
+                if len(msg) > self.max_message:
+                    self._reply_error(rid, self._too_large(f"the result of {method!r}", len(msg)))
                     return
                 conn.send_message(msg)
                 return
@@ -606,6 +716,9 @@ class RpcPeer:
                 )
                 self._log_handler_error(method, e)
                 return
+            if len(msg) > self.max_message:
+                self._reply_error(rid, self._too_large(f"the result of {method!r}", len(msg)))
+                return
             # the last handler running writes at once (one loop iteration sooner);
             # answers of handlers finishing together still share one flush
             self.conn.send_message(msg, now=len(self._running) <= 1)
@@ -627,12 +740,21 @@ class RpcPeer:
             tb = "".join(traceback.format_exception(exc)).rstrip()
             self._log.bind(method=method, error=type(exc).__name__).error(f"handler raised: {tb}")
 
+    def _too_large(self, what: str, size: int) -> SwarmdError:
+        return SwarmdError(
+            ERR_TOO_LARGE,
+            f"{what} is {size} bytes as an RPC message, over the {self.max_message}-byte limit "
+            "(net.max_message_size); large data travels in a stream",
+        )
+
     def _reply_error(self, rid: int, err: SwarmdError) -> None:
         if self.conn.error is None:
             try:
                 msg = envelope.error(rid, err)
             except (TypeError, ValueError):
                 msg = envelope.error(rid, SwarmdError(err.code, err.message))
+            if len(msg) > self.max_message:
+                msg = envelope.error(rid, SwarmdError(err.code, err.message[:1000]))
             self.conn.send_message(msg)
 
     def _on_event(self, method: str, params: Any) -> None:
@@ -682,6 +804,10 @@ class RpcPeer:
         # never run now: free them at once rather than at the next GC pass
         self._backlog.clear()
         self._backlog_bytes = 0
+        if self._held is not None:
+            self._held = []
+            self._held_bytes = 0
+        self._held_channels.clear()
         pending, self._pending = self._pending, {}
         self._deadlines = {}
         if self._sweep is not None:

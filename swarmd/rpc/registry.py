@@ -88,6 +88,11 @@ class ConnectionRegistry:
             self.on_replaced(loser, winner)
         return winner
 
+    def remove(self, key: bytes, peer: RpcPeer) -> None:
+        """Stop handing out `peer` for key (the caller closes it when it is done with it)."""
+        if self._peers.get(key) is peer:
+            del self._peers[key]
+
     def _track(self, key: bytes, peer: RpcPeer) -> None:
         self._peers[key] = peer
 

@@ -45,6 +45,9 @@ class RpcServer:
         self.config = config or RpcConfig()
         self.on_peer = on_peer  # called once a peer's handshake is done (the swarm layer dedupes here)
         self.peers: set[RpcPeer] = set()
+        # set by an owner that admits peers asynchronously (the swarm's firewall callback): a new
+        # peer's calls wait until the owner calls peer.release() (or closes it)
+        self.hold_new_peers = False
         self._server: asyncio.Server | None = None
         self._log = logger.bind(component="rpc-server")
 
@@ -67,6 +70,8 @@ class RpcServer:
         peer = RpcPeer(
             conn, self.methods, firewall=self.firewall, config=self.config, instance_id=self.instance_id
         )
+        if self.hold_new_peers:
+            peer.hold()
         self.peers.add(peer)
         prev_close = conn.on_close
 

@@ -106,8 +106,8 @@ class ThingsConfig:
     snapshot_interval_s: float = 30.0  # 0 turns the snapshot loop off
     snapshot_concurrency: int = 8  # snapshots collected at once
     snapshot_timeout_s: float = 10.0  # a slower snapshot records the thing offline
-    list_default_limit: int = 100
-    list_max_limit: int = 1000
+    list_default_limit: int = 100  # things per listThings page when the caller names no limit
+    list_max_limit: int = 1000  # largest page a caller may ask for
     max_thing_bytes: int = 64 * 1024  # tags + info + opts as JSON
     max_ids: int = 10_000  # ids in one forgetThings call
     max_things: int = 100_000  # registrations past this are refused (ERR_TOO_LARGE): memory stays bounded

@@ -18,13 +18,15 @@ class StoreConfig:
     max_parallel_pulls: int = 2  # blobs a store pulls from peers at once
     peers: list[str] = field(default_factory=list)  # HEXKEY@HOST:PORT stores to replicate with besides the swarm's
     transfer_timeout: float = 30.0  # bound on each network step of a transfer (per chunk, per call)
+    max_downloads_per_peer: int = 4  # downloadBlob streams one caller key may run at once (ERR_OVERLOADED beyond)
+    max_downloads: int = 32  # downloadBlob streams served at once in total: each holds up to two chunks
 
     def validate(self) -> None:
         """Refuse values that would make the store useless or unbounded, naming the key."""
         from swarmd.errors import ConfigError
 
         positive = ("max_model_bytes", "chunk_bytes", "incoming_ttl", "replicate_interval", "max_parallel_pulls",
-                    "transfer_timeout")
+                    "transfer_timeout", "max_downloads_per_peer", "max_downloads")
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"store.{key} must be positive, got {getattr(self, key)!r}")

@@ -41,11 +41,13 @@ from swarmd.node.trust import Trust
 from swarmd.rpc import CallContext, Methods, RpcPeer, RpcServer, connect
 from swarmd.rpc.registry import ConnectionRegistry
 from swarmd.swarm.config import SwarmConfig
-from swarmd.swarm.traversal import path_of
+from swarmd.swarm.traversal import PATH_RANK, PathMetrics, path_of, path_rank
 from swarmd.topics import ROLE_TOPICS, peer_topic, topic_role
 
 Firewall = Callable[[bytes], Awaitable[bool]]  # True admits the peer (by its public key)
 RETRYABLE = frozenset({ERR_CLOSED, ERR_UNAVAILABLE, ERR_TIMEOUT})
+RETIRE_QUIET = 1.0  # s without a call in flight or a message either way before a replaced connection closes
+RETIRE_MAX = 300.0  # s a replaced connection may keep finishing its calls and streams
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,7 @@ class Swarm:
         self.firewall = firewall
         self.on_connection = on_connection
         self._registry = ConnectionRegistry(self.public_key)  # dedupes: dialled-by-smaller-key wins
+        self.path_metrics = PathMetrics()  # connections by path, upgrades (swarm.traversal counts the rest)
         self.traversal: Any = None  # swarmd.swarm.traversal.Traversal: punched/relayed paths when direct fails
         self._dialing: dict[bytes, asyncio.Future[RpcPeer]] = {}
         self._topics: dict[bytes, _Joined] = {}
@@ -172,6 +175,8 @@ class Swarm:
 
         self.server.on_peer = on_peer
         self._prev_on_peer = prev
+        if self.firewall is not None:
+            self.server.hold_new_peers = True  # no call is dispatched before the firewall answers
         if self._own_server:
             await self.server.start()
         if self.config.announce_self:
@@ -182,6 +187,8 @@ class Swarm:
         self._closing = True
         if self._started:
             self.server.on_peer = self._prev_on_peer  # a shared server stops feeding us peers
+            if self.firewall is not None:
+                self.server.hold_new_peers = False
         leaves = [within(self.leave(t), self.config.leave_timeout) for t in list(self._topics)]
         await asyncio.gather(*leaves, return_exceptions=True)  # best effort: records expire anyway
         for task in list(self._tasks):
@@ -574,6 +581,8 @@ class Swarm:
                 await peer.close()
                 return
         self._admit(peer)
+        if not peer.is_closed:
+            peer.release()
 
     def _admit(self, peer: RpcPeer) -> None:
         """Register an inbound peer the firewall (if any) admitted, within max_peers."""
@@ -596,12 +605,46 @@ class Swarm:
         rpc layer's ConnectionRegistry rule); a replacement is announced as a
         new "open" event carrying the connection to use from then on."""
         pk = peer.remote_public_key
+        if getattr(peer.conn, "path_rank", None) is None:
+            peer.conn.path_rank = PATH_RANK["direct"]  # type: ignore[attr-defined]  # dialled or accepted TCP
         before = self._registry.get(pk)
+        if before is not None and before is not peer and path_rank(peer) > path_rank(before):
+            # an upgrade (e.g. relayed -> punched): new calls take the better path from now
+            # on, calls and streams in flight on the old one finish there, then it closes
+            self._registry.remove(pk, before)
+            self._spawn(self._retire(before))
         kept = self._registry.add(peer)
         if kept is peer and kept is not before:
+            self.path_metrics.opened[path_of(peer)] = self.path_metrics.opened.get(path_of(peer), 0) + 1
             peer.closed.add_done_callback(lambda _f, p=peer, k=pk: self._on_closed(k, p))
             self._emit(ConnectionEvent("open", pk, peer, self._topics_of(pk), inbound))
         return kept
+
+    async def _retire(self, peer: RpcPeer) -> None:
+        """Close a replaced connection once nothing is in flight on it and it has been quiet
+        for RETIRE_QUIET: the other side switched at about the same moment, and a request
+        it sent just before would arrive well within that (bounded by RETIRE_MAX)."""
+        loop = asyncio.get_running_loop()
+        heard = [loop.time()]
+        deliver = peer.conn.on_message
+
+        def on_message(data: Any) -> None:
+            heard[0] = loop.time()
+            if deliver is not None:
+                deliver(data)
+
+        peer.conn.on_message = on_message
+        deadline = loop.time() + RETIRE_MAX
+        while not peer.is_closed and loop.time() < deadline:
+            # the RpcPeer's own tables: calls we wait on, streams, handlers running, requests held
+            busy = peer._pending or peer._pending_streams or peer._running or peer._backlog
+            if not busy and loop.time() - heard[0] >= RETIRE_QUIET:
+                break
+            await asyncio.sleep(0.05)
+        self._log.bind(event="connection_retired", peer=peer.remote_public_key.hex()[:16], path=path_of(peer)).info(
+            "replaced connection closed after its calls finished"
+        )
+        await peer.close()
 
     def _on_closed(self, pk: bytes, peer: RpcPeer) -> None:
         current = self._registry.get(pk)

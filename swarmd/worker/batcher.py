@@ -9,6 +9,7 @@ neighbours) are tested without a loop or a thread.
 from __future__ import annotations
 
 import enum
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -100,27 +101,41 @@ def _run_one(run: RunFn, model: str, outputs: tuple[str, ...], feeds: dict[str, 
 
 
 def execute(
-    run: RunFn, model: str, outputs: tuple[str, ...], feeds: list[dict[str, np.ndarray]], rows: list[int]
+    run: RunFn, model: str, outputs: tuple[str, ...], feeds: list[dict[str, np.ndarray]], rows: list[int],
+    times: list[float] | None = None,
 ) -> list[Result]:
     """Run a batch (blocking; meant for an executor thread) and cut the results apart.
 
     One request runs as is. Several are concatenated along dim 0, run once
     and split by their row counts. If the stacked run fails, or an output
     does not come back with one row per input row, each request is run alone
-    so only the one at fault gets an error.
+    so only the one at fault gets an error. `times`, when given, receives the
+    seconds spent stacking inputs, running and splitting outputs (Triton's
+    compute_input / compute_infer / compute_output).
     """
+    t0 = time.perf_counter()
     if len(feeds) == 1:
-        return [_run_one(run, model, outputs, feeds[0])]
+        result = [_run_one(run, model, outputs, feeds[0])]
+        if times is not None:
+            times[:] = [0.0, time.perf_counter() - t0, 0.0]
+        return result
     total = sum(rows)
     stacked = {name: np.concatenate([f[name] for f in feeds], axis=0) for name in feeds[0]}
+    t1 = time.perf_counter()
     out = _run_one(run, model, outputs, stacked)
+    t2 = time.perf_counter()
     if isinstance(out, SwarmdError) or any(o.ndim == 0 or o.shape[0] != total for o in out):
-        return [_run_one(run, model, outputs, f) for f in feeds]
-    results: list[Result] = []
+        results = [_run_one(run, model, outputs, f) for f in feeds]
+        if times is not None:
+            times[:] = [t1 - t0, time.perf_counter() - t1, 0.0]
+        return results
+    results = []
     start = 0
     for n in rows:
         results.append([o[start : start + n] for o in out])
         start += n
+    if times is not None:
+        times[:] = [t1 - t0, t2 - t1, time.perf_counter() - t2]
     return results
 
 

@@ -26,6 +26,8 @@ class BatchingConfig:
 
 @dataclass
 class WorkerConfig:
+    """[worker]: how a worker runs models, batches requests and bounds its load."""
+
     # Local ONNX files served with no store: "name=path" or "name:version=path".
     models: list[str] = field(default_factory=list)
     # onnxruntime execution providers to try, best first (e.g. ["CUDAExecutionProvider"]); empty = the
@@ -35,7 +37,7 @@ class WorkerConfig:
     providers: list[str] = field(default_factory=list)
     # onnxruntime threads per session; 0 lets onnxruntime choose (all cores).
     intra_op_threads: int = 1
-    inter_op_threads: int = 1
+    inter_op_threads: int = 1  # onnxruntime threads across independent graph nodes; 0: onnxruntime chooses
     # Runs executing at once across all models (each in its own executor thread).
     max_concurrent_inferences: int = 2
     # A lone batch-1 request on an idle worker runs on the event loop thread, skipping the
@@ -50,8 +52,8 @@ class WorkerConfig:
     max_queue: int = 256
     # Worker-wide batching defaults.
     batching: bool = True
-    max_batch_size: int = 32
-    max_queue_delay_us: int = 0
+    max_batch_size: int = 32  # rows per batched run (per model: model_batching)
+    max_queue_delay_us: int = 0  # how long a first queued request waits for company (µs)
     # Per-model overrides: {"mlp": {"max_batch_size": 64, "max_queue_delay_us": 200, "batching": true}}
     model_batching: dict[str, Any] = field(default_factory=dict)
     # Default deadline (s) for a request that arrives without one.
@@ -64,7 +66,7 @@ class WorkerConfig:
     announce_interval: float = 5.0
     # Bounds on talking to stores: one RPC, and a whole model download.
     store_timeout: float = 10.0
-    fetch_timeout: float = 300.0
+    fetch_timeout: float = 300.0  # bound on a whole model download, in seconds
     # Models loaded at once (each holds a session in memory); loading one more is refused.
     max_models: int = 16
     # Model loads (fetch + session build) in progress at once, e.g. triggered by first requests.

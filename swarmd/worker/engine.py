@@ -18,7 +18,6 @@ import asyncio
 import enum
 import functools
 import hashlib
-import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from swarmd.worker.batcher import Pending, PendingState, Result, execute, intern
 from swarmd.worker.config import BatchingConfig, WorkerConfig
 from swarmd.worker.runtime import ModelRuntime
 from swarmd.worker.signature import ModelSignature
-from swarmd.worker.stats import LoadSnapshot, LoadStats
+from swarmd.worker.stats import LoadSnapshot, LoadStats, ModelStats
 
 
 class WorkerState(enum.Enum):
@@ -74,7 +73,11 @@ class ServedModel:
     delay_timer: asyncio.TimerHandle | None = None  # set while a batch waits for company
     run_ewma_s: float = float("inf")  # how long one run takes; unknown until the first one finished
     batch_ewma: float = 1.0  # recent requests per run: above ~1 the worker is busy enough to batch
+    # input bytes of the largest lone request whose run was timed within inline_run_us: only requests
+    # no larger may run on the loop thread (the average says nothing about a 150k-row request)
+    inline_bytes: int = 0
     deferred: bool = False  # a start is scheduled for the next loop turn (inline runs)
+    stats: ModelStats = field(default_factory=ModelStats)  # Triton-shaped statistics of this version
 
     @property
     def signature(self) -> ModelSignature:
@@ -97,6 +100,10 @@ class ServedModel:
         }
 
 
+def _input_bytes(p: Pending) -> int:
+    return sum(a.nbytes for a in p.feeds.values())
+
+
 def file_sha256(path: Path) -> tuple[str, int]:
     h = hashlib.sha256()
     size = 0
@@ -107,11 +114,11 @@ def file_sha256(path: Path) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
-def _timed_execute(*args: Any) -> tuple[list[Result], float]:
-    """execute() in an executor thread, with how long the run itself took."""
-    t0 = time.perf_counter()
-    results = execute(*args)
-    return results, time.perf_counter() - t0
+def _timed_execute(*args: Any) -> tuple[list[Result], tuple[float, float, float]]:
+    """execute() in an executor thread, with its (stack inputs, run, split outputs) seconds."""
+    times = [0.0, 0.0, 0.0]
+    results = execute(*args, times)
+    return results, (times[0], times[1], times[2])
 
 
 class InferenceEngine:
@@ -213,6 +220,11 @@ class InferenceEngine:
 
     def models(self) -> list[ServedModel]:
         return list(self._models.values())
+
+    def statistics(self, name: str | None = None, version: str | None = None) -> list[dict[str, Any]]:
+        """Triton-shaped statistics of the loaded models (one name, one version, or all)."""
+        return [m.stats.to_triton(m.name, m.version) for m in self._models.values()
+                if (name is None or m.name == name) and (version in (None, "") or m.version == version)]
 
     def describe_models(self) -> list[dict[str, Any]]:
         out = [m.describe() for m in self._models.values()]
@@ -316,6 +328,7 @@ class InferenceEngine:
         if p.state is PendingState.QUEUED:
             self._retire_queued(served, p)
             self.stats.record(self._now() - p.enqueued, ok=False)
+            served.stats.record_request(False, self._now() - p.enqueued, None)
             p.future.set_exception(SwarmdError(ERR_TIMEOUT, "deadline passed while the request was queued; it was not run"))
         else:  # running: the answer would come too late to be used
             p.future.set_exception(SwarmdError(ERR_TIMEOUT, "deadline passed while the request was running"))
@@ -395,14 +408,23 @@ class InferenceEngine:
         self.in_flight += n
         self._free -= 1
         served.batch_ewma += 0.2 * (n - served.batch_ewma)
-        if inline_ok and n == 1 and not queue and self.in_flight == 1 and self._inline_candidate_after_take(served):
+        if (
+            inline_ok
+            and n == 1
+            and not queue
+            and self.in_flight == 1
+            and _input_bytes(batch[0]) <= served.inline_bytes
+            and self._inline_candidate_after_take(served)
+        ):
             # Lightly loaded and a quick model: a thread handoff would cost more than the run
             # blocks the loop (at most inline_run_us). Under load batches form, runs stay in
             # threads and the loop stays free.
-            t0 = time.perf_counter()
-            results = execute(served.runtime.run, served.name, batch[0].outputs, [batch[0].feeds], [batch[0].rows])
-            self._note_run_time(served, time.perf_counter() - t0)
-            self._complete(served, batch, results)
+            times = [0.0, 0.0, 0.0]
+            started = loop.time()
+            results = execute(served.runtime.run, served.name, batch[0].outputs, [batch[0].feeds], [batch[0].rows],
+                              times)
+            self._note_run_time(served, times[1], _input_bytes(batch[0]))
+            self._complete(served, batch, results, started, (times[0], times[1], times[2]))
             return True
         run = loop.run_in_executor(
             self.executor,
@@ -414,45 +436,55 @@ class InferenceEngine:
             [p.rows for p in batch],
         )
         self._runs.add(run)
-        run.add_done_callback(functools.partial(self._finished, served, batch))
+        run.add_done_callback(functools.partial(self._finished, served, batch, loop.time()))
         return True
 
     def _inline_candidate_after_take(self, served: ServedModel) -> bool:
         inline_s = self.config.inline_run_us / 1e6
         return served.batch_ewma < 1.5 and served.run_ewma_s <= inline_s
 
-    @staticmethod
-    def _note_run_time(served: ServedModel, seconds: float) -> None:
+    def _note_run_time(self, served: ServedModel, seconds: float, size: int) -> None:
+        """Fold one lone run's time into the model's estimate, and into the largest input known quick enough to inline."""
         served.run_ewma_s = seconds if served.run_ewma_s == float("inf") else 0.8 * served.run_ewma_s + 0.2 * seconds
+        if seconds <= self.config.inline_run_us / 1e6:
+            served.inline_bytes = max(served.inline_bytes, size)
+        elif size <= served.inline_bytes:
+            served.inline_bytes = size - 1  # this size was too slow after all (a busier box)
 
     def _finished(
-        self, served: ServedModel, batch: list[Pending], run: asyncio.Future[tuple[list[Result], float]]
+        self, served: ServedModel, batch: list[Pending], started: float,
+        run: asyncio.Future[tuple[list[Result], tuple[float, float, float]]],
     ) -> None:
         self._runs.discard(run)
+        times: tuple[float, float, float] | None = None
         if run.cancelled():
             results: list[Result] = [SwarmdError(ERR_NOT_READY, "worker stopped before the request ran")] * len(batch)
         elif (exc := run.exception()) is not None:
             self.log.opt(exception=exc).bind(event="run_failed", model=served.name).error("run failed")
             results = [internal_error(served.name, exc)] * len(batch)
         else:
-            results, seconds = run.result()
+            results, times = run.result()
             if len(batch) == 1:
                 # The run alone, timed in its thread: what an inline run would block the loop for.
                 # (Timing the handoff too made the estimate grow with the machine's load, so on a
                 # busy box the very requests the handoff slows most never ran inline.)
-                self._note_run_time(served, seconds)
-        self._complete(served, batch, results)
+                self._note_run_time(served, times[1], _input_bytes(batch[0]))
+        self._complete(served, batch, results, started, times)
 
-    def _complete(self, served: ServedModel, batch: list[Pending], results: list[Result]) -> None:
+    def _complete(self, served: ServedModel, batch: list[Pending], results: list[Result], started: float,
+                  times: tuple[float, float, float] | None) -> None:
         self._free += 1
         now = self._now()
         self.stats.record_batch(len(batch))
+        if times is not None:
+            served.stats.record_run(len(batch), sum(max(p.rows, 1) for p in batch), times)
         for p, r in zip(batch, results, strict=True):
             p.state = PendingState.DONE
             if p.timer is not None:
                 p.timer.cancel()
             ok = not isinstance(r, SwarmdError)
             self.stats.record(now - p.enqueued, ok=ok)
+            served.stats.record_request(ok, now - p.enqueued, started - p.enqueued)
             if not p.future.done():
                 if ok:
                     p.future.set_result(r)

@@ -19,26 +19,29 @@ SWARMD = [sys.executable, "-m", "swarmd"]
 LAB_NAT_ENV = {"SWARMD_NAT_PUNCH_TIMEOUT": "6", "SWARMD_NAT_REPUNCH_INTERVAL": "2"}
 
 
-async def start_swarm(lab: NatLab, tmp: Path, mode_a: str, mode_b: str) -> dict[str, Any]:
+async def start_swarm(
+    lab: NatLab, tmp: Path, mode_a: str, mode_b: str, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Bring the lab up in mode_a-mode_b and start the four daemons; wait until the
-    NATed ones know their NAT type and list a signal peer."""
+    NATed ones know their NAT type and list a signal peer. `env`: more SWARMD_* settings."""
+    env = {**LAB_NAT_ENV, **(env or {})}
     lab.up(mode_a, mode_b)
     boot = await lab.spawn(
         "inet",
         [*SWARMD, "--role", "bootstrap,relay", "--host", INET_IP, "--dht-port", "4000",
          "--data-dir", str(tmp / "inet"), "--log-format", "json"],
-        env=LAB_NAT_ENV,
+        env=env,
     )
     await boot.wait_event("ready", 60)
     joined = ["--bootstrap", f"{INET_IP}:4000", "--log-format", "json"]
     pub = await lab.spawn(
-        "pub", [*SWARMD, *joined, "--host", PUB_IP, "--data-dir", str(tmp / "pub")], env=LAB_NAT_ENV
+        "pub", [*SWARMD, *joined, "--host", PUB_IP, "--data-dir", str(tmp / "pub")], env=env
     )
     a = await lab.spawn(
-        "lan-a", [*SWARMD, *joined, "--host", "0.0.0.0", "--data-dir", str(tmp / "a")], env=LAB_NAT_ENV
+        "lan-a", [*SWARMD, *joined, "--host", "0.0.0.0", "--data-dir", str(tmp / "a")], env=env
     )
     b = await lab.spawn(
-        "lan-b", [*SWARMD, *joined, "--host", "0.0.0.0", "--data-dir", str(tmp / "b")], env=LAB_NAT_ENV
+        "lan-b", [*SWARMD, *joined, "--host", "0.0.0.0", "--data-dir", str(tmp / "b")], env=env
     )
     keys = {}
     for name, proc in (("pub", pub), ("a", a), ("b", b)):
@@ -48,12 +51,22 @@ async def start_swarm(lab: NatLab, tmp: Path, mode_a: str, mode_b: str) -> dict[
     return {"boot": boot, "pub": pub, "a": a, "b": b, "keys": keys, "tmp": tmp}
 
 
-def probe(lab: NatLab, world: dict[str, Any], target: str, size: int) -> dict[str, Any]:
-    """`swarmd nat probe` from lan-a's daemon to world's `target` ("b" or "pub")."""
+def probe(
+    lab: NatLab, world: dict[str, Any], target: str, size: int, watch: float = 0.0, fresh: bool = False
+) -> dict[str, Any]:
+    """`swarmd nat probe` from lan-a's daemon to world's `target` ("b" or "pub"); with
+    `watch`, calls and streams continue until the path is final (see nat.probe)."""
     res = lab.run(
         "lan-a",
         [*SWARMD, "nat", "--data-dir", str(world["tmp"] / "a"), "probe", world["keys"][target],
-         "--bytes", str(size), "--json"],
+         "--bytes", str(size), "--watch", str(watch), "--json", *(["--fresh"] if fresh else [])],
         timeout=150,
     )
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def status(lab: NatLab, world: dict[str, Any], who: str) -> dict[str, Any]:
+    """`swarmd status --json` of world's daemon `who` ("a", "b"), run in its namespace."""
+    host = {"a": "lan-a", "b": "lan-b", "pub": "pub"}[who]
+    res = lab.run(host, [*SWARMD, "status", "--data-dir", str(world["tmp"] / who), "--json"], timeout=60)
     return json.loads(res.stdout.strip().splitlines()[-1])

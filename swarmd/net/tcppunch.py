@@ -1,0 +1,161 @@
+"""TCP hole punching by simultaneous open: a punched path that is plain TCP.
+
+Each side binds ONE local port (SO_REUSEADDR + SO_REUSEPORT) and uses it twice:
+first to ping a relay (`rendezvous`), which answers with the address it saw the
+connection come from (the NAT's TCP mapping for that port, see the PONG of
+swarmd/net/relay.py); then, once the two sides swapped those addresses through
+signalling, to connect() to the other side's mapping (`simultaneous_open`).
+Through a NAT with endpoint-independent mapping (cone, restricted, full cone)
+the connect leaves from the same public port the relay saw. The first SYN to
+arrive at the other side's router is dropped (no mapping allows it in yet); the
+second finds the first side's outbound entry and passes, and the kernels finish
+the handshake (simultaneous open, RFC 793). Measured in the NAT lab: 1 ms,
+several GiB/s. A symmetric NAT maps each destination to a new port, so the
+connect leaves from a port the peer never heard of: the UDP punch and the relay
+cover that.
+
+What comes back is a connected socket; the caller runs its Noise connection on
+it exactly as on a dialled TCP socket (swarmd.net.connection.SecureConnection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import socket
+import time
+from dataclasses import dataclass
+
+from swarmd.errors import ERR_PROTOCOL, ERR_TIMEOUT, ERR_UNAVAILABLE, SwarmdError
+from swarmd.net.relay import KIND_PING, ST_PONG, StatusDecoder, encode_hello
+
+Address = tuple[str, int]
+
+RETRY_S = 0.01  # a refused connect (the peer's kernel answered RST before it connected) is retried this soon
+MAX_STATUS_BYTES = 2 + 255  # one status frame
+_RETRYABLE = {errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EADDRNOTAVAIL}
+
+
+def reuse_socket(port: int = 0, host: str = "0.0.0.0") -> socket.socket:
+    """A non-blocking TCP socket bound to (host, port) that other sockets may bind too."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "SO_REUSEPORT"):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.setblocking(False)
+        s.bind((host, port))
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def parse_observed(reason: str) -> Address | None:
+    """The `observed=IP:PORT` field of a relay's PONG reason, or None (an older relay)."""
+    for part in reason.split():
+        if part.startswith("observed="):
+            host, _, port = part[len("observed=") :].rpartition(":")
+            if host and port.isdigit() and 0 < int(port) <= 65535 and len(host) <= 253:
+                return host, int(port)
+    return None
+
+
+@dataclass
+class Rendezvous:
+    """Our side of a TCP punch: the bound port and its public mapping.
+
+    The relay connection stays open until `close()`: it holds the router's
+    mapping for the port while the punch runs."""
+
+    sock: socket.socket
+    port: int
+    observed: Address
+    seconds: float
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def rendezvous(relay: Address, timeout: float = 3.0) -> Rendezvous:  # noqa: ASYNC109 - bound on the whole exchange
+    """Bind a reusable port, ping `relay` from it, and learn the port's public mapping."""
+    loop = asyncio.get_running_loop()
+    t0 = time.monotonic()
+    sock = reuse_socket(0)
+    try:
+        async with asyncio.timeout(timeout):
+            await loop.sock_connect(sock, relay)
+            await loop.sock_sendall(sock, encode_hello(KIND_PING))
+            decoder = StatusDecoder()
+            got = 0
+            while not decoder.done:
+                data = await loop.sock_recv(sock, MAX_STATUS_BYTES)
+                got += len(data)
+                if not data or got > 2 * MAX_STATUS_BYTES:
+                    raise SwarmdError(ERR_PROTOCOL, f"relay {relay[0]}:{relay[1]} ended the ping without a PONG")
+                statuses, _ = decoder.feed(data)
+                for st in statuses:
+                    if st.refused:
+                        raise st.error()
+                    if st.code == ST_PONG:
+                        observed = parse_observed(st.reason)
+                        if observed is None:
+                            raise SwarmdError(
+                                ERR_UNAVAILABLE, f"relay {relay[0]}:{relay[1]} does not report observed addresses"
+                            )
+                        port = sock.getsockname()[1]
+                        return Rendezvous(sock, port, observed, time.monotonic() - t0)
+            raise SwarmdError(ERR_PROTOCOL, f"relay {relay[0]}:{relay[1]} answered a ping without a PONG")
+    except TimeoutError:
+        sock.close()
+        raise SwarmdError(ERR_TIMEOUT, f"relay {relay[0]}:{relay[1]} did not answer within {timeout:g}s") from None
+    except OSError as e:
+        sock.close()
+        raise SwarmdError(ERR_UNAVAILABLE, f"relay {relay[0]}:{relay[1]} unreachable: {e.strerror or e}") from None
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def simultaneous_open(port: int, remote: Address, timeout: float) -> socket.socket:  # noqa: ASYNC109
+    """connect() from our punch port to the peer's mapping until it completes (bounded).
+
+    A connect refused (the peer's kernel saw our SYN before its own connect) is
+    retried from a fresh socket on the same port; a dropped SYN needs nothing:
+    the peer's SYN, let in by our outbound one, completes the handshake."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last = ""
+    while True:
+        left = deadline - loop.time()
+        if left <= 0:
+            raise SwarmdError(
+                ERR_TIMEOUT, f"TCP simultaneous open to {remote[0]}:{remote[1]} did not complete in {timeout:g}s"
+                + (f" ({last})" if last else "")
+            )
+        s = reuse_socket(port)
+        try:
+            async with asyncio.timeout(left):
+                await loop.sock_connect(s, remote)
+            return s
+        except TimeoutError:
+            s.close()
+            continue  # the deadline check above raises
+        except OSError as e:
+            s.close()
+            if e.errno not in _RETRYABLE:
+                raise SwarmdError(ERR_UNAVAILABLE, f"TCP punch to {remote[0]}:{remote[1]}: {e.strerror or e}") from None
+            last = e.strerror or str(e)
+            await asyncio.sleep(min(RETRY_S, max(0.0, deadline - loop.time())))
+        except BaseException:
+            s.close()
+            raise
+
+
+def close_quietly(*socks: socket.socket | None) -> None:
+    for s in socks:
+        if s is not None:
+            with contextlib.suppress(OSError):
+                s.close()

@@ -1,0 +1,215 @@
+"""The gateway's OIP v2 gRPC front with the stock tritonclient.grpc: every call the client
+offers answers (or answers UNIMPLEMENTED naming the feature), with the HTTP front's keys,
+permissions and error vocabulary."""
+
+from __future__ import annotations
+
+import queue
+
+import numpy as np
+import pytest
+import tritonclient.grpc as tg
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tritonclient.utils import InferenceServerException
+
+from swarmd.gateway.config import GatewayConfig
+from swarmd.gateway.grpc_server import decode_request, encode_response
+from swarmd.gateway.oip import OipError
+from swarmd.gateway.proto import oip_pb2 as pb
+from tests.gateway_fixtures import GatewayThread, install_model, reference, tiny_mlp
+
+MODEL = tiny_mlp(seed=4)
+X = np.array([[0.1, 0.2, 0.3, 0.4], [1.0, -1.0, 0.5, 2.0]], dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory):
+    data = tmp_path_factory.mktemp("gwgrpc")
+    install_model(data / "models", "mlp", "1", MODEL)
+    g = GatewayThread(data, GatewayConfig())
+    g.grpc_port = g.call(g.gateway.start_grpc("127.0.0.1", 0))
+    yield g
+    g.close()
+
+
+@pytest.fixture
+def client(gw):
+    c = tg.InferenceServerClient(url=f"127.0.0.1:{gw.grpc_port}")
+    yield c
+    c.close()
+
+
+def _status(exc: InferenceServerException) -> str:
+    return str(exc.status())
+
+
+def test_health_metadata_config_index(gw, client) -> None:
+    h = {"x-api-key": gw.key("models:read")}
+    assert client.is_server_live() and client.is_server_ready()
+    meta = client.get_server_metadata(headers=h)
+    assert meta.name == "swarmd" and "binary_tensor_data" in meta.extensions
+    assert client.is_model_ready("mlp", headers=h) and client.is_model_ready("mlp", "1", headers=h)
+    m = client.get_model_metadata("mlp", headers=h, as_json=True)
+    assert m["name"] == "mlp" and m["versions"] == ["1"]
+    assert [i["name"] for i in m["inputs"]] == ["x"] and m["inputs"][0]["datatype"] == "FP32"
+    assert m["inputs"][0]["shape"] == ["-1", "4"]
+    cfg = client.get_model_config("mlp", headers=h, as_json=True)["config"]
+    assert cfg["name"] == "mlp" and cfg["backend"] == "onnxruntime"
+    assert cfg["input"][0]["data_type"] == "TYPE_FP32" and cfg["output"][1]["data_type"] == "TYPE_INT64"
+    index = client.get_model_repository_index(headers=h, as_json=True)
+    assert index["models"] == [{"name": "mlp", "version": "1", "state": "READY"}]
+
+
+def test_infer_raw_and_typed_contents_match_onnxruntime(gw, client) -> None:
+    h = {"x-api-key": gw.key("infer")}
+    want = reference(MODEL, X)
+    inp = tg.InferInput("x", list(X.shape), "FP32")
+    inp.set_data_from_numpy(X)
+    r = client.infer("mlp", [inp], headers=h, request_id="r1")
+    np.testing.assert_allclose(r.as_numpy("y"), want[0], rtol=1e-6)
+    np.testing.assert_array_equal(r.as_numpy("label"), want[1])
+    assert r.get_response().id == "r1" and r.get_response().model_version == "1"
+    only = client.infer("mlp", [inp], outputs=[tg.InferRequestedOutput("label")], headers=h, model_version="1")
+    assert only.as_numpy("y") is None
+    np.testing.assert_array_equal(only.as_numpy("label"), want[1])
+    # typed contents (fp32_contents) instead of raw bytes: what other OIP clients send
+    req = pb.ModelInferRequest(model_name="mlp")
+    t = req.inputs.add(name="x", datatype="FP32", shape=list(X.shape))
+    t.contents.fp32_contents.extend(X.reshape(-1).tolist())
+    inputs, names = decode_request(req)
+    np.testing.assert_array_equal(inputs["x"], X)
+    assert names is None
+
+
+def test_stream_infer_answers_each_request_and_reports_errors_in_band(gw, client) -> None:
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)),
+                        headers={"x-api-key": gw.key("infer")})
+    inp = tg.InferInput("x", list(X.shape), "FP32")
+    inp.set_data_from_numpy(X)
+    bad = tg.InferInput("x", [1, 5], "FP32")
+    bad.set_data_from_numpy(np.zeros((1, 5), np.float32))
+    client.async_stream_infer("mlp", [inp], request_id="a")
+    client.async_stream_infer("mlp", [bad], request_id="b")
+    client.async_stream_infer("mlp", [inp], request_id="c")
+    got = [results.get(timeout=30) for _ in range(3)]
+    client.stop_stream()
+    ok = [r for r, e in got if e is None]
+    errs = [e for r, e in got if e is not None]
+    assert sorted(r.get_response().id for r in ok) == ["a", "c"]
+    assert len(errs) == 1 and "ERR_BAD_REQUEST" in str(errs[0]) and "dimension 1 must be 4" in str(errs[0])
+
+
+def test_keys_and_permissions_as_over_http(gw, client) -> None:
+    inp = tg.InferInput("x", list(X.shape), "FP32")
+    inp.set_data_from_numpy(X)
+    with pytest.raises(InferenceServerException) as e:
+        client.infer("mlp", [inp])
+    assert _status(e.value) == "StatusCode.UNAUTHENTICATED" and "ERR_UNAUTHORIZED: missing API key" in str(e.value)
+    with pytest.raises(InferenceServerException) as e:
+        client.infer("mlp", [inp], headers={"x-api-key": "swd_000000000000_" + "A" * 43})
+    assert _status(e.value) == "StatusCode.UNAUTHENTICATED"
+    with pytest.raises(InferenceServerException) as e:
+        client.get_model_metadata("mlp", headers={"x-api-key": gw.key("models:write")})
+    assert _status(e.value) == "StatusCode.PERMISSION_DENIED" and "models:read" in str(e.value)
+    bearer = {"authorization": "Bearer " + gw.key("infer")}
+    assert client.infer("mlp", [inp], headers=bearer).as_numpy("label") is not None
+    limited = {"x-api-key": gw.key("infer", rate_rps=0.001, rate_burst=1)}
+    client.infer("mlp", [inp], headers=limited)
+    with pytest.raises(InferenceServerException) as e:
+        client.infer("mlp", [inp], headers=limited)
+    assert _status(e.value) == "StatusCode.RESOURCE_EXHAUSTED" and "ERR_RATE_LIMITED" in str(e.value)
+
+
+def test_errors_map_to_grpc_status_codes(gw, client) -> None:
+    h = {"x-api-key": gw.key("admin")}
+    with pytest.raises(InferenceServerException) as e:
+        client.get_model_metadata("nosuch", headers=h)
+    assert _status(e.value) == "StatusCode.NOT_FOUND" and "ERR_NOT_FOUND" in str(e.value)
+    bad = tg.InferInput("x", [2, 4], "INT32")
+    bad.set_data_from_numpy(np.zeros((2, 4), np.int32))
+    with pytest.raises(InferenceServerException) as e:
+        client.infer("mlp", [bad], headers=h)
+    assert _status(e.value) == "StatusCode.INVALID_ARGUMENT" and "ERR_BAD_REQUEST" in str(e.value)
+
+
+def test_calls_swarmd_does_not_build_say_which_feature(gw, client) -> None:
+    h = {"x-api-key": gw.key("admin")}
+    for call, feature in ((lambda: client.get_inference_statistics("mlp", headers=h), "statistics"),
+                          (lambda: client.load_model("mlp", headers=h), "loading"),
+                          (lambda: client.unload_model("mlp", headers=h), "unloading"),
+                          (lambda: client.get_system_shared_memory_status(headers=h), "shared memory"),
+                          (lambda: client.get_cuda_shared_memory_status(headers=h), "shared memory"),
+                          (lambda: client.get_trace_settings(headers=h), "trace"),
+                          (lambda: client.get_log_settings(headers=h), "log settings")):
+        with pytest.raises(InferenceServerException) as e:
+            call()
+        assert _status(e.value) == "StatusCode.UNIMPLEMENTED" and feature in str(e.value), str(e.value)
+    # and the gateway still serves afterwards
+    assert client.is_server_live()
+
+
+def test_decode_refuses_malformed_requests_with_a_sentence() -> None:
+    def req(**kw):
+        r = pb.ModelInferRequest(model_name="m")
+        r.inputs.add(name="x", datatype=kw.get("datatype", "FP32"), shape=kw.get("shape", [2]))
+        for raw in kw.get("raw", []):
+            r.raw_input_contents.append(raw)
+        return r
+
+    cases = [
+        (pb.ModelInferRequest(model_name="m"), "no inputs"),
+        (req(raw=[b"\0" * 8, b"\0" * 8]), "2 entries for 1 inputs"),
+        (req(raw=[b"\0" * 7]), "7 raw bytes do not hold shape [2] of FP32"),
+        (req(datatype="FP16"), "travels only in raw_input_contents"),
+        (req(datatype="COMPLEX"), "datatype 'COMPLEX' is not supported"),
+        (req(), "has 0 elements but shape [2] needs 2"),
+        (req(datatype="BYTES", shape=[1], raw=[b"\x05\0\0\0ab"]), "claims 5 bytes"),
+    ]
+    for r, message in cases:
+        with pytest.raises(OipError) as e:
+            decode_request(r)
+        assert message in str(e.value), (message, str(e.value))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_decode_of_any_bytes_is_a_tensor_or_a_worded_error(blob: bytes) -> None:
+    try:
+        r = pb.ModelInferRequest.FromString(blob)
+    except Exception:  # not even protobuf: grpc answers INTERNAL before our code runs
+        return
+    try:
+        inputs, _ = decode_request(r)
+    except OipError as e:
+        assert str(e)
+        return
+    assert all(isinstance(v, np.ndarray) for v in inputs.values())
+
+
+def test_bytes_tensors_round_trip() -> None:
+    arr = np.array([b"ab", b"", "\u00e9".encode()], dtype=object)
+    resp = encode_response("m", "1", "", {"s": arr}, None)
+    assert resp.outputs[0].datatype == "BYTES"
+    req = pb.ModelInferRequest(model_name="m", raw_input_contents=[resp.raw_output_contents[0]])
+    req.inputs.add(name="s", datatype="BYTES", shape=[3])
+    assert list(decode_request(req)[0]["s"]) == list(arr)
+
+
+def test_daemon_serves_grpc_when_asked(daemons, tmp_path) -> None:
+    from tests.conftest import run_cli, swarmd_env
+
+    install_model(tmp_path / "models", "mlp", "1", MODEL)
+    env = swarmd_env(SWARMD_GATEWAY_LOCAL_MODELS_DIR=str(tmp_path / "models"))
+    d = daemons("--role", "gateway", "--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0",
+                "--data-dir", str(tmp_path / "g"), env=env)
+    ports = d.wait_event("ready")["ports"]
+    c = tg.InferenceServerClient(url=f"127.0.0.1:{ports['grpc']}")
+    try:
+        assert c.is_server_live() and c.is_server_ready()
+    finally:
+        c.close()
+    assert d.stop() == 0
+    r = run_cli("--role", "gateway", "--grpc", "nowhere", "--data-dir", str(tmp_path / "h"))
+    assert r.returncode != 0 and "gateway.grpc 'nowhere' must look like HOST:PORT" in r.stderr
