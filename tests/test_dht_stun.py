@@ -1,19 +1,14 @@
-"""STUN encode/parse (sans-IO), compatibility with aioice, and a DHT node
-answering STUN on its own UDP port next to the DHT RPCs."""
+"""STUN encode/parse (sans-IO), RFC 5389 test vectors, and a DHT node answering
+STUN on its own UDP port next to the DHT RPCs (and on its alternate port)."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
-from aioice import stun as aioice_stun
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from swarmd.dht import stun
-from swarmd.dht.node import DhtNode
-from swarmd.node.identity import Identity
-from tests.dht_testnet import DhtTestnet, dht_config
+from tests.dht_testnet import DhtTestnet
 
 
 @pytest.mark.parametrize("addr", [("203.0.113.7", 40000), ("2001:db8::1", 5)])
@@ -28,14 +23,18 @@ def test_binding_response_round_trip(addr: tuple[str, int]) -> None:
     assert msg.mapped_address == addr
 
 
-def test_aioice_reads_our_response_and_we_read_its_request() -> None:
+def test_rfc5769_sample_response_parses() -> None:
+    """RFC 5769 2.2's XOR-MAPPED-ADDRESS (192.0.2.1:32853), as another STUN implementation encodes it."""
+    tid = bytes.fromhex("b7e7a701bc34d686fa87dfae")
+    body = stun._pack_attrs([(stun.ATTR_XOR_MAPPED_ADDRESS, bytes.fromhex("0001a147e112a643"))])
+    msg = stun.parse_message(bytes.fromhex("0101") + len(body).to_bytes(2, "big") + stun.COOKIE_BYTES + tid + body)
+    assert msg.mapped_address == ("192.0.2.1", 32853)
+
+
+def test_a_plain_rfc5389_request_with_fingerprint_is_understood() -> None:
     tid = stun.new_transaction_id()
-    theirs = aioice_stun.parse_message(stun.encode_binding_response(tid, ("198.51.100.2", 3478)))
-    assert theirs.attributes["XOR-MAPPED-ADDRESS"] == ("198.51.100.2", 3478)
-    req = aioice_stun.Message(aioice_stun.Method.BINDING, aioice_stun.Class.REQUEST)
-    req.add_fingerprint()
-    ours = stun.parse_message(bytes(req))
-    assert ours.msg_type == stun.BINDING_REQUEST and ours.transaction_id == req.transaction_id
+    ours = stun.parse_message(stun.encode_binding_request(tid, fingerprint=True))
+    assert ours.msg_type == stun.BINDING_REQUEST and ours.transaction_id == tid
 
 
 def test_corrupted_fingerprint_is_refused() -> None:
@@ -79,30 +78,37 @@ async def test_dht_node_answers_stun_and_rpc_on_one_port() -> None:
         await net.close()
 
 
-async def test_aioice_gathers_a_reflexive_candidate_from_a_dht_node() -> None:
-    node = DhtNode(Identity.generate(), dht_config())
-    await node.start()
-    loop = asyncio.get_running_loop()
+def test_other_address_names_the_alternate_port() -> None:
+    tid = stun.new_transaction_id()
+    msg = stun.parse_message(stun.encode_binding_response(tid, ("198.51.100.2", 3478), other_port=4001))
+    assert msg.mapped_address == ("198.51.100.2", 3478) and msg.other_port == 4001
+    assert stun.parse_message(stun.encode_binding_response(tid, ("198.51.100.2", 1))).other_port is None
+    with pytest.raises(ValueError, match="alternate port"):
+        stun.encode_binding_response(tid, ("198.51.100.2", 1), other_port=70000)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=0, max_size=40))
+def test_other_address_from_hostile_bytes(value: bytes) -> None:
+    tid = b"\x00" * 12
+    body = stun._pack_attrs([(stun.ATTR_OTHER_ADDRESS, value)])
+    head = bytes([0x01, 0x01]) + len(body).to_bytes(2, "big") + stun.COOKIE_BYTES + tid
     try:
-        transport, proto = await loop.create_datagram_endpoint(
-            lambda: aioice_stun_client(), local_addr=("127.0.0.1", 0)
-        )
-        try:
-            req = aioice_stun.Message(aioice_stun.Method.BINDING, aioice_stun.Class.REQUEST)
-            transport.sendto(bytes(req), node.address)
-            resp = await asyncio.wait_for(proto.got, 5.0)
-            assert resp.transaction_id == req.transaction_id
-            assert resp.attributes["XOR-MAPPED-ADDRESS"] == transport.get_extra_info("sockname")[:2]
-        finally:
-            transport.close()
+        port = stun.parse_message(head + body).other_port
+    except ValueError as e:
+        assert str(e)
+    else:
+        assert port is None or 0 < port <= 65535
+
+
+async def test_dht_node_answers_stun_on_its_alternate_port_too() -> None:
+    net = await DhtTestnet.create(2)
+    try:
+        a, b = net.nodes
+        assert await a.stun(b.address) == a.address
+        alt = a.stun_alternate(b.address)
+        assert alt is not None and alt[0] == b.address[0] and alt[1] not in (b.address[1], 0)
+        assert await a.stun(alt) == a.address  # answered from the second port
+        assert a.stun_alternate(alt) is None  # the second port names no further port
     finally:
-        await node.stop()
-
-
-class aioice_stun_client(asyncio.DatagramProtocol):  # noqa: N801
-    def __init__(self) -> None:
-        self.got: asyncio.Future = asyncio.get_event_loop().create_future()
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        if not self.got.done():
-            self.got.set_result(aioice_stun.parse_message(data))
+        await net.close()

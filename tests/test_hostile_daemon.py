@@ -189,11 +189,11 @@ async def test_release_requests_coalesce_into_one_trim(monkeypatch):
     assert len(runs) == 1 and memory._pending is None
 
 
-HEAVY_PACKAGES = ("numpy", "onnxruntime", "onnx", "aiohttp", "aiortc", "aioice", "fastapi", "uvicorn", "sklearn")
+HEAVY_PACKAGES = ("numpy", "onnxruntime", "onnx", "aiohttp", "aiortc", "aioice", "aioquic", "fastapi", "uvicorn", "sklearn")
 
 
 def test_bootstrap_node_loads_no_heavy_package(daemons, tmp_path):
-    """A DHT-only node must not pay for numpy, onnxruntime, aiohttp or aiortc (DESIGN: lazy imports)."""
+    """A DHT-only node must not pay for numpy, onnxruntime, aiohttp or aioquic (DESIGN: lazy imports)."""
     d = daemons("--role", "bootstrap", "--data-dir", str(tmp_path / "node"))
     ready = d.wait_event("ready")
     maps = Path(f"/proc/{ready['pid']}/maps").read_text()

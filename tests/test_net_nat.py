@@ -79,3 +79,29 @@ def test_bad_nat_and_relay_settings_are_named(tmp_path) -> None:
         load_settings(Settings, environ={"SWARMD_RELAY_PAIR_TIMEOUT": "0"})
     ok = load_settings(Settings, environ={"SWARMD_NAT_ASSUME": "symmetric", "SWARMD_RELAY_MAX_CIRCUITS": "3"})
     assert ok.nat.assume == "symmetric" and ok.relay.max_circuits == 3
+
+
+async def test_one_server_with_an_alternate_port_tells_cone_from_symmetric() -> None:
+    alt = ("198.18.0.1", 4001)
+
+    async def cone(server: tuple[str, int]) -> tuple[str, int] | None:
+        return ("198.18.0.11", 7000)
+
+    r = await detect_nat(cone, [S1], LOCAL, config=NatConfig(stun_timeout=0.2), alternate=lambda s: alt)
+    assert r.nat_type == CONE and r.to_dict()["asked"] == 2
+
+    async def symmetric(server: tuple[str, int]) -> tuple[str, int] | None:
+        return ("198.18.0.11", 7000 + server[1])  # a new port per destination
+
+    r = await detect_nat(symmetric, [S1], LOCAL, config=NatConfig(stun_timeout=0.2), alternate=lambda s: alt)
+    assert r.nat_type == SYMMETRIC
+
+    # two servers answered already: the alternate is not needed
+    asked: list[tuple[str, int]] = []
+
+    async def counting(server: tuple[str, int]) -> tuple[str, int] | None:
+        asked.append(server)
+        return ("198.18.0.11", 7000)
+
+    r = await detect_nat(counting, [S1, S2], LOCAL, config=NatConfig(stun_timeout=0.2), alternate=lambda s: alt)
+    assert r.nat_type == CONE and alt not in asked

@@ -10,13 +10,15 @@ from hypothesis import strategies as st
 
 from swarmd.errors import ERR_BAD_REQUEST, ERR_RATE_LIMITED, ERR_TOO_LARGE, SwarmdError
 from swarmd.net.signal import MAX_SOURCES, SignalLimiter, SignalRequest, parse_request
+from swarmd.net.udppunch import PunchOffer
 
 A, B = os.urandom(32), os.urandom(32)
 
 
-def test_round_trip_ice_and_relay() -> None:
-    ice = SignalRequest(A, B, "ice", sdp="v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\n")
-    assert parse_request(ice.to_wire()) == ice
+def test_round_trip_udp_tcp_and_relay() -> None:
+    offer = PunchOffer(os.urandom(16), (("198.18.0.11", 4000), ("198.19.1.2", 4000)), "cone", ("198.18.0.11", 4000))
+    udp = SignalRequest(A, B, "udp", punch=offer)
+    assert parse_request(udp.to_wire()) == udp
     rel = SignalRequest(A, B, "relay", relay=("198.18.0.1", 4000), token=os.urandom(32))
     assert parse_request(rel.to_wire()) == rel
     tcp = SignalRequest(A, B, "tcp", addr=("198.18.0.11", 40123))
@@ -27,14 +29,23 @@ def test_round_trip_ice_and_relay() -> None:
     ("obj", "code", "words"),
     [
         ([], ERR_BAD_REQUEST, "must be a map"),
-        ({"source": b"x", "target": B, "kind": "ice"}, ERR_BAD_REQUEST, "'source'"),
-        ({"source": A, "target": B, "kind": "quic"}, ERR_BAD_REQUEST, "'kind'"),
+        ({"source": b"x", "target": B, "kind": "udp"}, ERR_BAD_REQUEST, "'source'"),
+        ({"source": A, "target": B, "kind": "ice"}, ERR_BAD_REQUEST, "'kind'"),
         ({"source": A, "target": B, "kind": "tcp"}, ERR_BAD_REQUEST, "'addr'"),
         ({"source": A, "target": B, "kind": "tcp", "addr": ["h", 70000]}, ERR_BAD_REQUEST, "'addr'"),
         ({"source": A, "target": B, "kind": "tcp", "addr": ["h", True]}, ERR_BAD_REQUEST, "'addr'"),
         ({"source": A, "target": B, "kind": "tcp", "addr": ["", 1]}, ERR_BAD_REQUEST, "'addr'"),
-        ({"source": A, "target": B, "kind": "ice", "sdp": "hello"}, ERR_BAD_REQUEST, "v=0"),
-        ({"source": A, "target": B, "kind": "ice", "sdp": "v=0" + "a" * 20000}, ERR_TOO_LARGE, "exceeds"),
+        ({"source": A, "target": B, "kind": "udp", "punch": "hello"}, ERR_BAD_REQUEST, "must be a map"),
+        ({"source": A, "target": B, "kind": "udp", "punch": {"id": b"1" * 16, "addrs": [], "nat": "cone"}},
+         ERR_BAD_REQUEST, "'addrs'"),
+        ({"source": A, "target": B, "kind": "udp",
+          "punch": {"id": b"1" * 16, "addrs": [["a.example", 1]], "nat": "cone"}}, ERR_BAD_REQUEST, "IPv4"),
+        ({"source": A, "target": B, "kind": "udp",
+          "punch": {"id": b"1" * 16, "addrs": [["1.2.3.4", 1]] * 9, "nat": "cone"}}, ERR_BAD_REQUEST, "1..8"),
+        ({"source": A, "target": B, "kind": "udp",
+          "punch": {"id": b"1" * 16, "addrs": [["1.2.3.4", 1]], "nat": "weird"}}, ERR_BAD_REQUEST, "'nat'"),
+        ({"source": A, "target": B, "kind": "udp",
+          "punch": {"id": b"1", "addrs": [["1.2.3.4", 1]], "nat": "cone"}}, ERR_BAD_REQUEST, "'id'"),
         ({"source": A, "target": B, "kind": "relay", "relay": ["h", 0], "token": A}, ERR_BAD_REQUEST, "port"),
         ({"source": A, "target": B, "kind": "relay", "relay": ["h", 1], "token": b"t"}, ERR_BAD_REQUEST, "token"),
     ],
@@ -52,7 +63,36 @@ def test_parse_request_only_raises_swarmd_errors(obj) -> None:
     try:
         parse_request(obj)
     except SwarmdError as e:
-        assert e.code in (ERR_BAD_REQUEST, ERR_TOO_LARGE)
+        assert e.code in (ERR_BAD_REQUEST, ERR_TOO_LARGE) and e.message
+
+
+_VALUE = st.none() | st.booleans() | st.integers(-5, 70000) | st.binary(max_size=20) | st.text(max_size=20)
+
+
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "id": st.binary(min_size=15, max_size=17) | _VALUE,
+            "addrs": st.lists(st.lists(st.sampled_from(["1.2.3.4", "01.2.3.4", "::1", ""]) | _VALUE, max_size=3)
+                              | st.tuples(st.sampled_from(["198.18.0.1", "1.2.3"]), st.integers(-1, 70000)),
+                              max_size=10) | _VALUE,
+            "nat": st.sampled_from(["cone", "symmetric", "public", "x"]) | _VALUE,
+            "public": st.none() | st.tuples(st.sampled_from(["198.18.0.1", "1.2.3"]), st.integers(-1, 70000)) | _VALUE,
+        },
+    )
+)
+def test_hostile_punch_offers_give_a_worded_error_or_a_well_formed_offer(punch) -> None:
+    try:
+        req = parse_request({"source": A, "target": B, "kind": "udp", "punch": punch})
+    except SwarmdError as e:
+        assert e.code == ERR_BAD_REQUEST and "punch offer" in e.message
+        return
+    offer = req.punch
+    assert offer is not None and len(offer.punch_id) == 16 and 1 <= len(offer.addrs) <= 8
+    for host, port in offer.addrs + ((offer.public,) if offer.public else ()):
+        assert host.count(".") == 3 and 0 < port <= 65535
+    assert parse_request(req.to_wire()) == req
 
 
 def test_flood_from_one_source_is_limited_others_still_served() -> None:

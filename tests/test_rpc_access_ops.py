@@ -27,12 +27,14 @@ W, R = "w", "r"
 OPS: dict[str, str] = {
     # rpc / swarm / nat
     "ping": R, "echo": R, "swarm.status": R, "nat.status": R,
+    "node.info": R,  # roles, version, uptime, NAT type: what swarm.status already tells any caller
     "nat.signal": R,  # forwards a connection request; rate-limited per caller, stores nothing
-    "nat.connect": R,  # answers an ICE offer to reach this node (what any caller needs)
+    "nat.connect": R,  # answers a UDP punch offer to reach this node (what any caller needs)
     "nat.probe": W,  # makes this node dial out and stream: own key only, and "w"
     "nat.sink": R,  # counts bytes, keeps nothing; bounded per caller key (tests/test_nat_sink.py)
     # worker
     "runInference": R, "checkCapacity": R, "getAvailableModels": R, "getHealth": R,
+    "getModelStatistics": R,  # counters of the loaded models; changes nothing
     "loadModel": W, "unloadModel": W,
     # orchestrator
     "registerWorker": W, "unregisterWorker": W,

@@ -57,6 +57,9 @@ class DhtConfig:
     contact_check_after: float = 10.0  # 0: never check
     contact_checks_per_s: float = 1.0  # ... and at most this many such pings per second (burst 4)
     dead_contact_memory: float = 120.0  # seconds a timed-out contact is not taken back from replies
+    # a second UDP port that answers STUN only (RFC 5780 style: one DHT node lets a client
+    # tell cone from symmetric NAT); 0 = any free port, -1 = off
+    stun_alt_port: int = 0
     lookup_timeout: float = 5.0  # bound on one lookup, in seconds
     # how long start() keeps retrying bootstrap nodes that do not answer (backoff from
     # bootstrap_backoff doubling to bootstrap_backoff_max); 0: one round (short-lived tools),
@@ -76,3 +79,5 @@ class DhtConfig:
             raise ConfigError("dht.ksize must be >= 2 and dht.alpha >= 1")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"dht.port must be 0..65535, got {self.port}")
+        if not -1 <= self.stun_alt_port <= 65535:
+            raise ConfigError(f"dht.stun_alt_port must be -1 (off), 0 (any free port) or a port, got {self.stun_alt_port}")

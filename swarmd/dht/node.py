@@ -23,7 +23,7 @@ from kademlia.node import Node
 from loguru import logger
 
 from swarmd.dht.config import DhtConfig
-from swarmd.dht.protocol import SwarmdProtocol, parse_contacts, valid_id
+from swarmd.dht.protocol import AltStunProtocol, SwarmdProtocol, parse_contacts, valid_id
 from swarmd.dht.records import (
     TOKEN_SIZE,
     PeerRecord,
@@ -258,6 +258,21 @@ class DhtNode(Server):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         except OSError:
             pass
+        if self.config.stun_alt_port >= 0:
+            proto = self.protocol
+            try:
+                alt, _ = await loop.create_datagram_endpoint(
+                    lambda: AltStunProtocol(proto), local_addr=(interface, self.config.stun_alt_port)
+                )
+            except OSError as e:
+                self.transport.close()
+                raise SwarmdError(
+                    ERR_UNAVAILABLE,
+                    f"cannot listen for STUN on UDP {interface}:{self.config.stun_alt_port} "
+                    f"(dht.stun_alt_port): {e.strerror or e}",
+                ) from None
+            proto.stun_alt = alt
+            proto.stun_alt_port = alt.get_extra_info("sockname")[1]
 
     async def start(self) -> None:
         """Bind, bootstrap, learn reachability, start maintenance. Raises
@@ -545,6 +560,11 @@ class DhtNode(Server):
     async def stun(self, address: tuple[str, int], wait: float | None = None) -> tuple[str, int] | None:
         """Our reflexive address as the DHT node at address sees it."""
         return await self.protocol.stun_request(address, wait)
+
+    def stun_alternate(self, address: tuple[str, int]) -> tuple[str, int] | None:
+        """The second STUN endpoint the node at address named in its last answer, or None."""
+        port = self.protocol.stun_alternates.get((address[0], address[1]))
+        return (address[0], port) if port else None
 
     async def ping(self, address: tuple[str, int]) -> bytes | None:
         ok, nid = await self.protocol.ping(address, self.node.id)

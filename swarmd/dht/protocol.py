@@ -66,6 +66,7 @@ REQUEST = 0x00
 RESPONSE = 0x01
 MAX_PENDING_STUN = 64
 MAX_CONTACT_CHECKS = 16  # liveness pings of silent contacts in flight at once
+MAX_STUN_ALTERNATES = 256  # alternate STUN ports remembered from other nodes' answers
 
 
 def valid_ip(host: Any) -> bool:
@@ -200,6 +201,11 @@ class SwarmdProtocol(KademliaProtocol):
         self.closed = asyncio.get_running_loop().create_future()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stun_pending: dict[bytes, asyncio.Future[tuple[str, int]]] = {}
+        # RFC 5780 style: a second socket that answers STUN only (see AltStunProtocol)
+        self.stun_alt: asyncio.DatagramTransport | None = None
+        self.stun_alt_port: int | None = None
+        # alternate STUN ports other nodes named in their answers: (ip, port) -> alt port
+        self.stun_alternates: dict[tuple[str, int], int] = {}
         self._handlers: dict[str, Handler] = {
             "ping": self.rpc_ping,
             "find_node": self.rpc_find_node,
@@ -248,6 +254,9 @@ class SwarmdProtocol(KademliaProtocol):
             if not fut.done():
                 fut.cancel()
         self._stun_pending.clear()
+        if self.stun_alt is not None:
+            self.stun_alt.close()
+            self.stun_alt = None
         if self.transport is not None:
             self.transport.close()
 
@@ -673,7 +682,8 @@ class SwarmdProtocol(KademliaProtocol):
         if msg.msg_type == stun.BINDING_REQUEST:
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.sendto(
-                    stun.encode_binding_response(msg.transaction_id, (addr[0], addr[1])), addr
+                    stun.encode_binding_response(msg.transaction_id, (addr[0], addr[1]), self.stun_alt_port),
+                    addr,
                 )
         elif msg.msg_type == stun.BINDING_SUCCESS:
             fut = self._stun_pending.pop(msg.transaction_id, None)
@@ -681,12 +691,23 @@ class SwarmdProtocol(KademliaProtocol):
                 return
             try:
                 mapped = msg.mapped_address
+                other = msg.other_port
             except ValueError:
-                mapped = None
+                mapped, other = None, None
             if mapped is None:
                 fut.cancel()
-            else:
-                fut.set_result(mapped)
+                return
+            if other is not None and other != addr[1]:
+                if len(self.stun_alternates) >= MAX_STUN_ALTERNATES:
+                    self.stun_alternates.pop(next(iter(self.stun_alternates)))
+                self.stun_alternates[(addr[0], addr[1])] = other
+            fut.set_result(mapped)
+
+    def stun_alt_request_ok(self, addr: tuple[str, int]) -> bool:
+        """The alternate STUN socket applies the same per-IP and per-source limits."""
+        if not _is_loopback(addr[0]) and not self.ip_limiter.allow(addr[0]):
+            return False
+        return self.limiter.allow(addr[:2])
 
     async def stun_request(
         self, address: tuple[str, int], wait: float | None = None
@@ -712,4 +733,35 @@ class SwarmdProtocol(KademliaProtocol):
             self._stun_pending.pop(tid, None)
 
 
-__all__ = ["SwarmdProtocol", "SwarmdRoutingTable", "parse_contacts"]
+class AltStunProtocol(asyncio.DatagramProtocol):
+    """The DHT node's second UDP socket: answers STUN binding requests, nothing else.
+
+    A client that knows one DHT node asks it on both ports; a NAT that maps each
+    destination to a new port (symmetric) shows two mappings, a cone one. The main
+    socket names this port in OTHER-ADDRESS. Same size in as out: no amplification.
+    """
+
+    def __init__(self, main: SwarmdProtocol) -> None:
+        self.main = main
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:  # type: ignore[override]
+        try:
+            if not stun.looks_like_stun(data) or not self.main.stun_alt_request_ok(addr):
+                return
+            msg = stun.parse_message(data)
+            if msg.msg_type == stun.BINDING_REQUEST and self.transport is not None:
+                self.transport.sendto(stun.encode_binding_response(msg.transaction_id, (addr[0], addr[1])), addr)
+        except ValueError as e:
+            self.main.rlog.warn("bad_stun", "dropped malformed STUN message", error=str(e), source=addr[0])
+        except Exception as e:  # asyncio closes the socket when this raises: never let a peer do that
+            self.main.rlog.warn("internal", "dropped datagram that broke its handler", error=f"{type(e).__name__}: {e}"[:160])
+
+    def error_received(self, exc: Exception) -> None:
+        pass  # ICMP errors from clients that went away: nothing to do
+
+
+__all__ = ["AltStunProtocol", "SwarmdProtocol", "SwarmdRoutingTable", "parse_contacts"]

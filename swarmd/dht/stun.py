@@ -1,9 +1,14 @@
 """Sans-IO STUN (RFC 5389) binding requests and responses.
 
 DHT nodes answer STUN on their UDP port so a peer learns its reflexive
-(public) address from nodes it already talks to, and ICE agents (aioice)
+(public) address from nodes it already talks to, and any RFC 5389 client
 can use any DHT node as their STUN server. Only what that needs is here:
-Binding request/success, XOR-MAPPED-ADDRESS, MAPPED-ADDRESS, FINGERPRINT.
+Binding request/success, XOR-MAPPED-ADDRESS, MAPPED-ADDRESS, FINGERPRINT,
+and RFC 5780's OTHER-ADDRESS: a DHT node also answers STUN on a second UDP
+port and names it there, so a client that knows a single DHT node can still
+ask two endpoints and tell a cone from a symmetric NAT. Only the port of
+OTHER-ADDRESS is used; its IP is the one the client asked (a node bound to a
+wildcard does not know which of its addresses the client reached).
 The NAT traversal layer builds on ``encode_*``/``parse_message``.
 """
 
@@ -29,6 +34,7 @@ ATTR_MAPPED_ADDRESS = 0x0001
 ATTR_XOR_MAPPED_ADDRESS = 0x0020
 ATTR_SOFTWARE = 0x8022
 ATTR_FINGERPRINT = 0x8028
+ATTR_OTHER_ADDRESS = 0x802C  # RFC 5780: where the server answers from its alternate port
 
 FAMILY_V4 = 0x01
 FAMILY_V6 = 0x02
@@ -66,6 +72,17 @@ class StunMessage:
             return _unpack_address(raw, self.transaction_id, xor=False)
         return None
 
+    @property
+    def other_port(self) -> int | None:
+        """The server's alternate STUN port (RFC 5780 OTHER-ADDRESS), or None."""
+        raw = self.attributes.get(ATTR_OTHER_ADDRESS)
+        if raw is None:
+            return None
+        _host, port = _unpack_address(raw, self.transaction_id, xor=False)
+        if not 0 < port <= 65535:
+            raise ValueError(f"STUN OTHER-ADDRESS port {port} is not 1..65535")
+        return port
+
 
 def new_transaction_id() -> bytes:
     return os.urandom(12)
@@ -95,17 +112,21 @@ def encode_binding_request(transaction_id: bytes, fingerprint: bool = False) -> 
     return _finish(BINDING_REQUEST, transaction_id, [], fingerprint)
 
 
-def encode_binding_response(transaction_id: bytes, address: tuple[str, int]) -> bytes:
+def encode_binding_response(
+    transaction_id: bytes, address: tuple[str, int], other_port: int | None = None
+) -> bytes:
     """Success response carrying the requester's address as XOR-MAPPED-ADDRESS
-    (and MAPPED-ADDRESS for RFC 3489 clients)."""
+    (and MAPPED-ADDRESS for RFC 3489 clients); with other_port, an OTHER-ADDRESS
+    naming the port this server also answers on (IP 0.0.0.0: "the one you asked")."""
     xor = _pack_address(address, transaction_id, xor=True)
     plain = _pack_address(address, transaction_id, xor=False)
-    return _finish(
-        BINDING_SUCCESS,
-        transaction_id,
-        [(ATTR_XOR_MAPPED_ADDRESS, xor), (ATTR_MAPPED_ADDRESS, plain), (ATTR_SOFTWARE, b"swarmd")],
-        fingerprint=True,
-    )
+    attrs = [(ATTR_XOR_MAPPED_ADDRESS, xor), (ATTR_MAPPED_ADDRESS, plain)]
+    if other_port is not None:
+        if not 0 < other_port <= 65535:
+            raise ValueError(f"STUN alternate port must be 1..65535, got {other_port}")
+        attrs.append((ATTR_OTHER_ADDRESS, _pack_address(("0.0.0.0", other_port), transaction_id, xor=False)))
+    attrs.append((ATTR_SOFTWARE, b"swarmd"))
+    return _finish(BINDING_SUCCESS, transaction_id, attrs, fingerprint=True)
 
 
 def parse_message(data: bytes) -> StunMessage:

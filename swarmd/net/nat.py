@@ -13,6 +13,10 @@ compares the answers:
 - no answer at all                                -> "udp_blocked" (relay only)
 - a single answer, or no server to ask            -> "unknown" (cannot compare)
 
+With a single DHT node in reach (a one-bootstrap swarm), its second STUN port
+(RFC 5780 OTHER-ADDRESS, see swarmd/dht/stun.py) is the second server: a
+symmetric NAT gives the other port a new mapping too, a cone NAT the same one.
+
 `classify()` is pure; `detect_nat()` only runs the probes through a STUN
 function it is given (normally `DhtNode.stun`), so this module needs no socket
 of its own and sits below the DHT layer.
@@ -38,6 +42,7 @@ NAT_TYPES = (PUBLIC, CONE, SYMMETRIC, UDP_BLOCKED, UNKNOWN)
 
 Address = tuple[str, int]
 StunFunction = Callable[[Address], Awaitable[Address | None]]
+AlternateFunction = Callable[[Address], Address | None]  # a server's second STUN endpoint, learned by asking it
 
 
 @dataclass
@@ -50,7 +55,7 @@ class NatConfig:
     signal_peers: int = 2  # public peers a NATed node keeps a connection to (1..3)
     signal_rate: float = 2.0  # connection requests per second accepted per source
     signal_burst: int = 10  # and the burst allowed above that rate
-    punch: bool = True  # try ICE hole punching before the relay
+    punch: bool = True  # try UDP hole punching (birthday punching against a symmetric NAT) before the relay
     punch_timeout: float = 10.0  # bound on one punching attempt
     repunch_interval: float = 30.0  # a relayed connection retries punching this often
     relay_timeout: float = 15.0  # bound on pairing through a relay
@@ -137,8 +142,13 @@ async def detect_nat(
     local: Iterable[Address],
     *,
     config: NatConfig | None = None,
+    alternate: AlternateFunction | None = None,
 ) -> NatReport:
-    """Ask up to config.stun_servers distinct servers at once (each bounded) and classify."""
+    """Ask up to config.stun_servers distinct servers at once (each bounded) and classify.
+
+    When fewer than two distinct servers answered, also ask the alternate STUN
+    endpoints those that answered named (`alternate(server)`), so a single DHT
+    node is enough to tell cone from symmetric."""
     cfg = config or NatConfig()
     chosen: list[Address] = []
     for s in servers:
@@ -157,6 +167,14 @@ async def detect_nat(
         return Observation(server, mapped, time.monotonic() - start)
 
     observations = list(await asyncio.gather(*(one(s) for s in chosen)))
+    answered = {o.server for o in observations if o.mapped is not None}
+    if alternate is not None and len(answered) < 2:
+        extra = []
+        for server in sorted(answered):
+            alt = alternate(server)
+            if alt is not None and alt not in answered and alt not in chosen and alt not in extra:
+                extra.append(alt)
+        observations += await asyncio.gather(*(one(s) for s in extra))
     report = classify(observations, local)
     report.detected_at = time.time()
     report.took = time.monotonic() - t0

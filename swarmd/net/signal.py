@@ -3,8 +3,8 @@
 A node behind NAT keeps a connection to 1-3 public peers and lists them in its
 records ("signal" in the payload). A caller that cannot reach it directly sends
 a connection request to one of those peers, which forwards it over the
-connection the target keeps. A request carries an ICE offer (SDP: ICE
-credentials and candidates), a TCP punch offer (the caller's public TCP
+connection the target keeps. A request carries a UDP punch offer
+(swarmd/net/udppunch.py: punch id, addresses, NAT type), a TCP punch offer (the caller's public TCP
 address for a simultaneous open, swarmd/net/tcppunch.py) or a relay rendezvous
 (relay address + token), and the answer comes back the same way.
 
@@ -19,12 +19,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from swarmd.errors import ERR_BAD_REQUEST, ERR_RATE_LIMITED, ERR_TOO_LARGE, SwarmdError
+from swarmd.errors import ERR_BAD_REQUEST, ERR_RATE_LIMITED, SwarmdError
+from swarmd.net.udppunch import PunchOffer, parse_offer
 
-KIND_ICE = "ice"
+KIND_UDP = "udp"
 KIND_RELAY = "relay"
 KIND_TCP = "tcp"
-MAX_SDP = 16 * 1024
 MAX_SOURCES = 4096  # bound on the limiter's memory under a flood of fresh keys
 
 
@@ -34,16 +34,17 @@ class SignalRequest:
 
     source: bytes  # caller's Ed25519 public key (the forwarder fills it from the Noise session)
     target: bytes  # target's Ed25519 public key
-    kind: str  # "ice", "tcp" or "relay"
-    sdp: str = ""  # ICE offer (kind "ice")
+    kind: str  # "udp", "tcp" or "relay"
+    punch: PunchOffer | None = None  # UDP punch offer (kind "udp")
     relay: tuple[str, int] | None = None  # relay address (kind "relay")
     token: bytes = b""  # relay circuit token (kind "relay")
     addr: tuple[str, int] | None = None  # the caller's public TCP address (kind "tcp")
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"source": self.source, "target": self.target, "kind": self.kind}
-        if self.kind == KIND_ICE:
-            out["sdp"] = self.sdp
+        if self.kind == KIND_UDP:
+            assert self.punch is not None
+            out["punch"] = self.punch.to_wire()
         elif self.kind == KIND_TCP:
             assert self.addr is not None
             out["addr"] = [self.addr[0], self.addr[1]]
@@ -81,18 +82,13 @@ def parse_address(value: Any, name: str) -> tuple[str, int]:
 
 
 def parse_request(obj: Any) -> SignalRequest:
-    """Validate a request read from a peer; SwarmdError(ERR_BAD_REQUEST/ERR_TOO_LARGE) says what is wrong."""
+    """Validate a request read from a peer; SwarmdError(ERR_BAD_REQUEST) says what is wrong."""
     if not isinstance(obj, dict):
         raise _bad(f"signal request must be a map, got {type(obj).__name__}")
     source, target = _key(obj, "source"), _key(obj, "target")
     kind = obj.get("kind")
-    if kind == KIND_ICE:
-        sdp = obj.get("sdp")
-        if not isinstance(sdp, str) or not sdp.startswith("v=0"):
-            raise _bad("signal 'sdp' must be an SDP text starting with 'v=0'")
-        if len(sdp) > MAX_SDP:
-            raise SwarmdError(ERR_TOO_LARGE, f"signal 'sdp' of {len(sdp)} bytes exceeds {MAX_SDP}")
-        return SignalRequest(source, target, kind, sdp=sdp)
+    if kind == KIND_UDP:
+        return SignalRequest(source, target, kind, punch=parse_offer(obj.get("punch")))
     if kind == KIND_TCP:
         return SignalRequest(source, target, kind, addr=parse_address(obj.get("addr"), "addr"))
     if kind == KIND_RELAY:
@@ -101,7 +97,7 @@ def parse_request(obj: Any) -> SignalRequest:
         if not isinstance(token, bytes) or len(token) != 32:
             raise _bad("signal 'token' must be 32 bytes")
         return SignalRequest(source, target, kind, relay=relay, token=token)
-    raise _bad(f"signal 'kind' must be '{KIND_ICE}', '{KIND_TCP}' or '{KIND_RELAY}', got {kind!r:.40}")
+    raise _bad(f"signal 'kind' must be '{KIND_UDP}', '{KIND_TCP}' or '{KIND_RELAY}', got {kind!r:.40}")
 
 
 @dataclass

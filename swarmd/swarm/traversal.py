@@ -8,7 +8,9 @@ keep trying behind it (the iroh / libp2p-DCUtR model):
 - punched-tcp: TCP simultaneous open (swarmd/net/tcppunch.py) when neither side
   is symmetric: each side learns its TCP mapping from a relay's PONG, the two
   swap them through a signal peer and connect() at each other;
-- punched-udp: ICE (swarmd/net/punch.py) unless both sides are symmetric;
+- punched-udp: a UDP punch (swarmd/net/udppunch.py; birthday punching when one
+  side is symmetric) carrying QUIC on the punched socket (swarmd/net/quic.py),
+  unless both sides are symmetric;
 - relayed: pick a relay from the RELAYS topic by round trip, hand the target a
   token through its signal peer, meet it at the relay. It starts after a short
   head start of the TCP punch (RELAY_HEAD_START), or at once when no TCP punch
@@ -57,18 +59,19 @@ from swarmd.errors import (
 )
 from swarmd.net.connection import SecureConnection
 from swarmd.net.nat import CONE, PUBLIC, SYMMETRIC, UDP_BLOCKED, UNKNOWN, NatConfig, NatReport, detect_nat
-from swarmd.net.punch import PathAttempt, PathInfo, Puncher, warm_up
+from swarmd.net.punch import PathAttempt, PathInfo, warm_up
 from swarmd.net.relayio import new_token, pick_relay, relay_transport
 from swarmd.net.signal import (
-    KIND_ICE,
     KIND_RELAY,
     KIND_TCP,
+    KIND_UDP,
     SignalLimiter,
     SignalRequest,
     parse_address,
     parse_request,
 )
 from swarmd.net.tcppunch import Rendezvous, close_quietly, rendezvous, simultaneous_open
+from swarmd.net.udppunch import PunchOffer, UdpPuncher, parse_offer
 from swarmd.rpc import CallContext, RpcPeer
 from swarmd.topics import peer_topic
 
@@ -158,7 +161,7 @@ class Traversal:
         self.paths: dict[bytes, PathInfo] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._repunching: set[bytes] = set()
-        self._punching = 0  # ICE agents answering callers right now
+        self._punching = 0  # punch attempts answering callers right now
         self._sinking = 0  # nat.sink streams being received right now
         self._sink_budget: dict[bytes, tuple[float, float]] = {}  # caller key -> (bytes available, stamp)
         self.sink_refused = 0
@@ -400,7 +403,7 @@ class Traversal:
         return self.report.nat_type if self.report else "unknown"
 
     def stun_servers(self) -> list[Address]:
-        """DHT nodes that answered our STUN: the only STUN servers ICE may use."""
+        """DHT nodes that answered our STUN: the only STUN servers a punch may use."""
         if self.report is None:
             return []
         return [o.server for o in self.report.observations if o.mapped is not None]
@@ -416,7 +419,11 @@ class Traversal:
                 s.connect(servers[0])
                 local.append((s.getsockname()[0], port))
         report = await detect_nat(
-            lambda server: dht.stun(server, self.config.stun_timeout), servers, local, config=self.config
+            lambda server: dht.stun(server, self.config.stun_timeout),
+            servers,
+            local,
+            config=self.config,
+            alternate=dht.stun_alternate,
         )
         self.report = report
         self.log.bind(event="nat_detected", **report.to_dict()).info("nat detected: {}", report.nat_type)
@@ -516,8 +523,8 @@ class Traversal:
             raise SwarmdError(ERR_FORBIDDEN, "nat.connect is only accepted from signal peers and connected peers")
         req = parse_request({**params, "source": source, "target": self.swarm.public_key})
         self.limiter.check(req.source, time.monotonic())
-        if req.kind in (KIND_ICE, KIND_TCP) and self._punching >= MAX_PUNCHING:
-            # each attempt holds an ICE agent and sockets, or a bound port and a relay connection
+        if req.kind in (KIND_UDP, KIND_TCP) and self._punching >= MAX_PUNCHING:
+            # each attempt holds UDP sockets (256 when birthday punching), or a bound port and a relay connection
             raise SwarmdError(ERR_OVERLOADED, f"{MAX_PUNCHING} punching attempts already running")
         if req.kind == KIND_TCP:
             assert req.addr is not None
@@ -525,15 +532,23 @@ class Traversal:
             self._punching += 1
             self._spawn(self._accept_tcp_punched(req.source, rv, req.addr))
             return {"addr": [rv.observed[0], rv.observed[1]]}
-        if req.kind == KIND_ICE:
+        if req.kind == KIND_UDP:
+            assert req.punch is not None
             servers = self.stun_servers()
             if not servers:
                 raise SwarmdError(ERR_UNAVAILABLE, "no STUN server answered us: cannot punch")
-            puncher = Puncher(servers)
-            answer = await puncher.answer(req.sdp)
+            puncher = UdpPuncher(
+                servers, self.nat_type, initiator=False, punch_id=req.punch.punch_id, peer_nat=req.punch.nat
+            )
             self._punching += 1
-            self._spawn(self._accept_punched(req.source, puncher))
-            return {"sdp": answer}
+            try:
+                answer = await puncher.prepare(req.punch)
+            except BaseException:
+                self._punching -= 1
+                await puncher.close()
+                raise
+            self._spawn(self._accept_punched(req.source, puncher, req.punch))
+            return {"punch": answer.to_wire()}
         assert req.relay is not None
         self._spawn(self._accept_relayed(req.source, req.relay, req.token))
         return {"ok": True}
@@ -597,13 +612,13 @@ class Traversal:
         self.metrics.attempt(PUNCHED_TCP, True)
         self._adopt(source, peer, info, inbound=True)
 
-    async def _accept_punched(self, source: bytes, puncher: Puncher) -> None:
+    async def _accept_punched(self, source: bytes, puncher: UdpPuncher, offer: PunchOffer) -> None:
         t0 = time.monotonic()
         try:
-            transport = await puncher.connected(self.config.punch_timeout)
+            transport = await puncher.connect(offer, self.config.punch_timeout)
         finally:
             self._punching -= 1
-        info = PathInfo(PUNCHED_UDP, time.monotonic() - t0, detail={"punch": _punch_detail(transport.info)})
+        info = PathInfo(PUNCHED_UDP, time.monotonic() - t0, detail={"punch": puncher.result.to_dict()})
         conn, peer = self._new_conn(False, None, info)
         transport.attach(conn)
         await self._established(conn, source)
@@ -853,22 +868,24 @@ class Traversal:
         return peer, info
 
     async def _punch(self, pk: bytes, signal: list[bytes] | None, via: RpcPeer | None = None) -> tuple[RpcPeer, PathInfo]:
-        """UDP: ICE through the target's signal peer (or over a connection we hold to it)."""
+        """UDP: a punch offer through the target's signal peer (or over a connection we
+        hold to it), then QUIC on the socket that got through. The answer's NAT type says
+        whether we open many sockets (we are symmetric) or probe many ports (they are)."""
         servers = self.stun_servers()
         if not servers:
             raise SwarmdError(ERR_UNAVAILABLE, "no STUN server answered us: cannot punch")
-        puncher = Puncher(servers)
+        puncher = UdpPuncher(servers, self.nat_type, initiator=True)
         try:
-            req = SignalRequest(self.swarm.public_key, pk, KIND_ICE, sdp=await puncher.offer()).to_wire()
+            offer = await puncher.prepare()
+            req = SignalRequest(self.swarm.public_key, pk, KIND_UDP, punch=offer).to_wire()
             answer = await self._ask(signal, via, req)
-            if not isinstance(answer, dict) or not isinstance(answer.get("sdp"), str):
-                raise SwarmdError(ERR_BAD_REQUEST, "nat.connect answered without an ICE description")
-            await puncher.accept_answer(answer["sdp"])
-            transport = await puncher.connected(self.config.punch_timeout)
+            if not isinstance(answer, dict) or "punch" not in answer:
+                raise SwarmdError(ERR_BAD_REQUEST, "nat.connect answered without a punch offer")
+            transport = await puncher.connect(parse_offer(answer["punch"]), self.config.punch_timeout)
         except BaseException:
             await puncher.close()
             raise
-        info = PathInfo(PUNCHED_UDP, detail={"punch": _punch_detail(transport.info)})
+        info = PathInfo(PUNCHED_UDP, detail={"punch": puncher.result.to_dict()})
         conn, peer = self._new_conn(True, pk, info)
         transport.attach(conn)
         await self._established(conn, pk)
@@ -957,10 +974,6 @@ def _keys(value: Any) -> list[bytes]:
                 with contextlib.suppress(ValueError):
                     out.append(bytes.fromhex(v))
     return out
-
-
-def _punch_detail(info: Any) -> dict[str, Any]:
-    return {"local": info.local, "remote": info.remote, "remote_type": info.remote_type}
 
 
 class TraversalPart:

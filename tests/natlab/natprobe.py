@@ -15,8 +15,7 @@ import json
 import socket
 import sys
 
-from aioice import stun
-
+from swarmd.dht import stun
 from swarmd.net.nat import NatConfig, detect_nat
 
 
@@ -34,14 +33,20 @@ class Client(asyncio.DatagramProtocol):
             return
         fut = self.waiting.pop(msg.transaction_id, None)
         if fut is not None and not fut.done():
-            fut.set_result(msg.attributes["XOR-MAPPED-ADDRESS"])
+            try:
+                mapped = msg.mapped_address
+            except ValueError:
+                return
+            if mapped is not None:
+                fut.set_result(mapped)
 
     async def ask(self, server: tuple[str, int]) -> tuple[str, int] | None:
-        req = stun.Message(stun.Method.BINDING, stun.Class.REQUEST)
+        tid = stun.new_transaction_id()
+        req = stun.encode_binding_request(tid)
         fut = asyncio.get_running_loop().create_future()
-        self.waiting[req.transaction_id] = fut
+        self.waiting[tid] = fut
         for _ in range(3):  # UDP: retransmit, as STUN clients do
-            self.transport.sendto(bytes(req), server)  # type: ignore[attr-defined]
+            self.transport.sendto(req, server)  # type: ignore[attr-defined]
             try:
                 return await asyncio.wait_for(asyncio.shield(fut), 0.5)
             except TimeoutError:

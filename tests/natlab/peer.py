@@ -7,8 +7,9 @@ Run inside a lab namespace by the natlab tests and bench/nat.py:
     peer.py listen  --port PORT                 (a public peer: plain TCP)
     peer.py direct  --connect HOST:PORT [--bytes N]
 
-`upgrade` opens the relayed circuit first (it always works), swaps ICE offer
-and answer over it, tries to punch, and streams over the punched path when
+`upgrade` opens the relayed circuit first (it always works), swaps UDP punch
+offers over it (swarmd/net/udppunch.py; `--nat symmetric` on one side makes it
+a birthday punch), tries to punch (QUIC on the punched socket), and streams over the punched path when
 both sides got it, otherwise over the relay: the order a relayed connection
 follows when it keeps trying to punch.
 
@@ -29,8 +30,8 @@ import time
 from typing import Any
 
 from swarmd.errors import SwarmdError
-from swarmd.net.punch import PunchedPipe, Puncher
 from swarmd.net.relayio import open_circuit
+from swarmd.net.udppunch import UdpPuncher, parse_offer
 
 CHUNK = 256 * 1024
 MAX_CONTROL = 64 * 1024
@@ -46,8 +47,68 @@ def say(**fields: object) -> None:
     print(json.dumps(fields), flush=True)
 
 
+class _PipeProtocol(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.eof = False
+        self.readable = asyncio.Event()
+        self.writable = asyncio.Event()
+        self.writable.set()
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        self.readable.set()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self.readable.set()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof = True
+        self.readable.set()
+        self.writable.set()
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+
+class QuicPipe:
+    """A punched QUIC transport in the byte-pipe shape StreamPipe has."""
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        self._p = _PipeProtocol()
+        transport.attach(self._p)
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        await self._p.writable.wait()
+
+    def write_eof(self) -> None:
+        self.transport.write_eof()
+
+    async def read(self, n: int) -> bytes:
+        p = self._p
+        while not p.buf and not p.eof:
+            p.readable.clear()
+            await p.readable.wait()
+        out = bytes(p.buf[:n])
+        del p.buf[:n]
+        return out
+
+    async def close(self) -> None:
+        self.transport.close()
+        await self.transport.wait_closed()
+
+
 class StreamPipe:
-    """asyncio reader/writer in the byte-pipe shape PunchedPipe also has."""
+    """asyncio reader/writer in the byte-pipe shape QuicPipe also has."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
@@ -142,29 +203,28 @@ async def run_relay(args: argparse.Namespace, *, upgrade: bool) -> int:
 
 
 async def try_punch(ctl: StreamPipe, args: argparse.Namespace) -> Any:
-    """ICE over the relayed circuit as signalling; the punched pipe if both sides got it."""
+    """A UDP punch with the relayed circuit as signalling; the punched pipe if both sides got it."""
     stun = [hostport(s) for s in args.stun.split(",") if s]
-    puncher = Puncher(stun)
     t0 = time.monotonic()
-    if args.side == "a":
-        await send_control(ctl, {"offer": await puncher.offer()})
-        await puncher.accept_answer((await recv_control(ctl, args.timeout))["answer"])
-    else:
-        offer = (await recv_control(ctl, args.timeout))["offer"]
-        await send_control(ctl, {"answer": await puncher.answer(offer)})
     pipe = None
     error = ""
+    if args.side == "a":
+        puncher = UdpPuncher(stun, args.nat, initiator=True, peer_nat=args.peer_nat)
+        await send_control(ctl, {"offer": _wire(await puncher.prepare())})
+        theirs_offer = parse_offer(_unwire((await recv_control(ctl, args.timeout))["answer"]))
+    else:
+        theirs_offer = parse_offer(_unwire((await recv_control(ctl, args.timeout))["offer"]))
+        puncher = UdpPuncher(stun, args.nat, initiator=False, punch_id=theirs_offer.punch_id, peer_nat=theirs_offer.nat)
+        await send_control(ctl, {"answer": _wire(await puncher.prepare(theirs_offer))})
     try:
-        pipe = PunchedPipe(await puncher.connected(args.punch_timeout))
+        pipe = QuicPipe(await puncher.connect(theirs_offer, args.punch_timeout))
     except SwarmdError as e:
         error = e.message
     # both sides must agree before the stream moves off the relay
     await send_control(ctl, {"punched": pipe is not None})
     theirs = (await recv_control(ctl, args.timeout + args.punch_timeout))["punched"]
-    info = puncher.info
     say(event="punch", ok=pipe is not None and theirs, mine=pipe is not None, theirs=theirs, error=error,
-        gather_s=info.gather_s, seconds=time.monotonic() - t0, local=info.local, remote=info.remote,
-        remote_type=info.remote_type)
+        seconds=time.monotonic() - t0, **puncher.result.to_dict())
     if pipe is not None and theirs:
         return pipe
     if pipe is not None:
@@ -172,6 +232,17 @@ async def try_punch(ctl: StreamPipe, args: argparse.Namespace) -> Any:
     else:
         await puncher.close()
     return None
+
+
+def _wire(offer: Any) -> dict[str, Any]:
+    """A punch offer in JSON (the control channel's format): the id as hex."""
+    return {**offer.to_wire(), "id": offer.punch_id.hex()}
+
+
+def _unwire(obj: Any) -> Any:
+    if isinstance(obj, dict) and isinstance(obj.get("id"), str):
+        return {**obj, "id": bytes.fromhex(obj["id"])}
+    return obj
 
 
 async def run_listen(args: argparse.Namespace) -> int:
@@ -219,6 +290,8 @@ def main() -> int:
     p.add_argument("--token", default="00" * 32, help="32-byte token, hex")
     p.add_argument("--side", choices=["a", "b"], default="a")
     p.add_argument("--stun", default="", help="our STUN servers, HOST:PORT[,HOST:PORT]")
+    p.add_argument("--nat", default="cone", help="this side's NAT type, as detection would report it")
+    p.add_argument("--peer-nat", default="cone", help="the other side's NAT type (side a)")
     p.add_argument("--bytes", type=int, default=1 << 20)
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--punch-timeout", type=float, default=10.0)

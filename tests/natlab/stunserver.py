@@ -14,7 +14,7 @@ import asyncio
 import json
 import sys
 
-from aioice import stun
+from swarmd.dht import stun
 
 
 class Responder(asyncio.DatagramProtocol):
@@ -26,12 +26,10 @@ class Responder(asyncio.DatagramProtocol):
             req = stun.parse_message(data)
         except ValueError:
             return
-        if req.message_method != stun.Method.BINDING or req.message_class != stun.Class.REQUEST:
+        if req.msg_type != stun.BINDING_REQUEST:
             return
-        resp = stun.Message(stun.Method.BINDING, stun.Class.RESPONSE, transaction_id=req.transaction_id)
-        resp.attributes["XOR-MAPPED-ADDRESS"] = (addr[0], addr[1])
-        resp.add_fingerprint()
-        self.transport.sendto(bytes(resp), addr)  # type: ignore[attr-defined]
+        resp = stun.encode_binding_response(req.transaction_id, (addr[0], addr[1]))
+        self.transport.sendto(resp, addr)  # type: ignore[attr-defined]
 
 
 async def main(ports: list[int]) -> None:

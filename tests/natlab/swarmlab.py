@@ -20,10 +20,11 @@ LAB_NAT_ENV = {"SWARMD_NAT_PUNCH_TIMEOUT": "6", "SWARMD_NAT_REPUNCH_INTERVAL": "
 
 
 async def start_swarm(
-    lab: NatLab, tmp: Path, mode_a: str, mode_b: str, env: dict[str, str] | None = None
+    lab: NatLab, tmp: Path, mode_a: str, mode_b: str, env: dict[str, str] | None = None, *, with_pub: bool = True
 ) -> dict[str, Any]:
-    """Bring the lab up in mode_a-mode_b and start the four daemons; wait until the
-    NATed ones know their NAT type and list a signal peer. `env`: more SWARMD_* settings."""
+    """Bring the lab up in mode_a-mode_b and start the four daemons (three without
+    `with_pub`: then inet's bootstrap is the one public node); wait until the NATed
+    ones know their NAT type and list a signal peer. `env`: more SWARMD_* settings."""
     env = {**LAB_NAT_ENV, **(env or {})}
     lab.up(mode_a, mode_b)
     boot = await lab.spawn(
@@ -34,9 +35,11 @@ async def start_swarm(
     )
     await boot.wait_event("ready", 60)
     joined = ["--bootstrap", f"{INET_IP}:4000", "--log-format", "json"]
-    pub = await lab.spawn(
-        "pub", [*SWARMD, *joined, "--host", PUB_IP, "--data-dir", str(tmp / "pub")], env=env
-    )
+    pub = None
+    if with_pub:
+        pub = await lab.spawn(
+            "pub", [*SWARMD, *joined, "--host", PUB_IP, "--data-dir", str(tmp / "pub")], env=env
+        )
     a = await lab.spawn(
         "lan-a", [*SWARMD, *joined, "--host", "0.0.0.0", "--data-dir", str(tmp / "a")], env=env
     )
@@ -45,7 +48,8 @@ async def start_swarm(
     )
     keys = {}
     for name, proc in (("pub", pub), ("a", a), ("b", b)):
-        keys[name] = (await proc.wait_event("ready", 60))["public_key"]
+        if proc is not None:
+            keys[name] = (await proc.wait_event("ready", 60))["public_key"]
     for proc in (a, b):
         await proc.wait_for(r'"event": "signal_peers", "nat": "(cone|symmetric)", "peers": \["', 60)
     return {"boot": boot, "pub": pub, "a": a, "b": b, "keys": keys, "tmp": tmp}
