@@ -115,8 +115,8 @@ def gateway_rows(doc: dict[str, Any]) -> list[tuple[str, float, float, str]]:
     res = doc["results"]
     base = res.get("fastapi", {})
     out = []
-    for name, label, targets in (("swarm-fleet", "gateway->worker, 2 processes", {"1": ">= 1.2x", "64": ">= 2.0x"}),
-                                 ("swarm-fleet+colocated", "all roles, 1 process", {"1": ">= 1.3x"})):
+    for name, label, targets in (("swarm", "gateway->worker, 2 processes", {"1": ">= 1.2x", "64": ">= 2.0x"}),
+                                 ("swarm+colocated", "all roles, 1 process", {"1": ">= 1.3x"})):
         for conns, target in targets.items():
             if name in res and conns in res[name] and conns in base:
                 out.append((f"{label}, {conns} conn (req/s)", res[name][conns]["rps"], base[conns]["rps"], target))
@@ -167,7 +167,7 @@ def main() -> int:
             if not args.skip_gateway:
                 ours["gateway"].append(run_step(
                     [py, "bench/gateway.py", "--seconds", "2" if args.quick else "4", "--conns", "1,64",
-                     "--routes", "fleet,fleet+colocated"], ROOT))
+                     "--routes", "swarm,swarm+colocated"], ROOT))
     finally:
         if anchors is not None:
             shutil.rmtree(anchors.parent, ignore_errors=True)

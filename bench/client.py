@@ -7,8 +7,8 @@ A hub (bootstrap + store + orchestrator) and one worker run as real daemons on
 compute). Sequential batch-1 requests, each way measured in this same run:
   direct     RpcPeer.call("runInference") on an open channel to the worker (the baseline)
   for_peer   Client.for_peer(worker).infer: the library's single-peer path
-  swarm      Client(bootstrap).infer: findAvailableWorker on the orchestrator, then the worker
-  records    the same with ClientConfig(route="records"): worker chosen from DHT records, one hop
+  swarm      Client(bootstrap).infer: the fleet router picks the worker from its DHT records and
+             calls it (one hop; the gateway's path minus HTTP)
 Prints a table, then one JSON line with the figures and the baseline.
 """
 
@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 from swarmlab import Lab  # noqa: E402
 
 from bench.models import mlp_model  # noqa: E402
-from swarmd_rpc import Client, ClientConfig, connect, quiet_logs  # noqa: E402
+from swarmd_rpc import Client, connect, quiet_logs  # noqa: E402
 
 
 async def timed(n: int, fn) -> list[float]:  # noqa: ANN001 - a coroutine function
@@ -65,10 +65,7 @@ async def measure(boot: str, n: int) -> dict[str, dict[str, float]]:
         async with Client.for_peer(rec.public_key, host, port) as one:
             single = await timed(n, lambda: one.infer("mlp", x))
         routed = await timed(n, lambda: swarm.infer("mlp", x))
-    async with Client(bootstrap=[boot], config=ClientConfig(route="records")) as rec_client:
-        by_records = await timed(n, lambda: rec_client.infer("mlp", x))
-    return {"direct": row("direct", direct), "for_peer": row("for_peer", single), "swarm": row("swarm", routed),
-            "records": row("records", by_records)}
+    return {"direct": row("direct", direct), "for_peer": row("for_peer", single), "swarm": row("swarm", routed)}
 
 
 def main() -> None:

@@ -5,11 +5,10 @@ bounded asyncio keep-alive client on loopback at 1, 16 and 64 connections.
 Servers, each a subprocess measured in this same run:
   fastapi   single-process FastAPI + onnxruntime under uvicorn (the baseline)
   gateway   `swarmd --role gateway` serving the model in-process (HTTP cost + local ORT)
-  swarm-R   `swarmd --role gateway` -> a separate worker process (+ orchestrator, store),
-            for each gateway.route R (fleet, direct, orchestrator), when those roles exist;
-            R+threaded: the worker runs every request in a thread (no inline runs); R+inline:
-            inline runs up to 5 ms; R+colocated: one process runs gateway and worker (the
-            embedded default's data path), store/orchestrator apart
+  swarm     `swarmd --role gateway` -> a separate worker process (+ orchestrator, store);
+            swarm+threaded: the worker runs every request in a thread (no inline runs);
+            swarm+inline: inline runs up to 5 ms; swarm+colocated: one process runs gateway
+            and worker (the embedded default's data path), store/orchestrator apart
 plus direct onnxruntime batch-1 calls (the ceiling). Last line: one JSON object.
 
     python bench/gateway.py [--seconds 4] [--conns 1,16,64]
@@ -237,11 +236,11 @@ def run_swarm(tmp: Path, models: Path, body: bytes, conns: list[int], seconds: f
               procs: list[subprocess.Popen], route: str) -> dict[str, dict[str, float]]:
     """gateway -> worker, each role its own process: store (+DHT bootstrap), orchestrator, worker, gateway.
 
-    route is a gateway.route value, optionally "+inline": the worker then runs a lone
-    request on its event loop (worker.inline_run_us), skipping its thread handoff."""
-    base = tmp / f"swarm-{route}"
-    mode, *extras = route.split("+")
-    env = swarmd_env(SWARMD_GATEWAY_ROUTE=mode)
+    route is "swarm", optionally "+inline": the worker then runs a lone request on its
+    event loop (worker.inline_run_us), skipping its thread handoff; "+threaded", "+colocated"."""
+    base = tmp / route
+    _, *extras = route.split("+")
+    env = swarmd_env()
     if "inline" in extras:
         env["SWARMD_WORKER_INLINE_RUN_US"] = "5000"
     if "threaded" in extras:  # every run in an executor thread (worker.inline_run_us = 0, the old default)
@@ -322,8 +321,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--conns", default="1,16,64")
-    ap.add_argument("--routes", default="fleet,direct,orchestrator,fleet+threaded,fleet+colocated",
-                    help="gateway.route values to measure (+inline: worker.inline_run_us = 5000 instead of "
+    ap.add_argument("--routes", default="swarm,swarm+threaded,swarm+colocated",
+                    help="swarm layouts to measure (+inline: worker.inline_run_us = 5000 instead of "
                          "the default 2000; +threaded: = 0, every run in a thread; "
                          "+colocated: gateway and worker share one process)")
     args = ap.parse_args()
@@ -372,7 +371,7 @@ def main() -> int:
         if swarm_available():
             for route in args.routes.split(","):
                 try:
-                    results[f"swarm-{route}"] = run_swarm(tmp, models, body, conns, args.seconds, procs, route)
+                    results[route] = run_swarm(tmp, models, body, conns, args.seconds, procs, route)
                 except RuntimeError as e:
                     print(f"swarm route {route}: not measured: {e}", file=sys.stderr)
     finally:

@@ -52,7 +52,7 @@ class ThingPart:
         self._announced = False
 
     async def start(self) -> None:
-        await self.service.start()
+        await self.service.start(self.ctx.tasks)
         self._mounted = self.service.mount(self.ctx.methods)
         swarm = self.ctx.swarm
         if self.options.announce and swarm is not None:
@@ -96,7 +96,7 @@ class OrkPart:
             self.ork = Ork(self.ctx.data_dir, caller, self.config, lookup=lookup)
         else:
             self.ork = Ork(self.ctx.data_dir, direct, self.config)
-        await self.ork.start()
+        await self.ork.start(self.ctx.tasks)
         self._mounted = self.ork.mount(self.ctx.methods)
 
     async def stop(self) -> None:

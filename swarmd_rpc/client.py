@@ -3,10 +3,11 @@
 A swarm client runs a client-mode DHT node (it looks up and announces, but
 never enters other nodes' routing tables, where it would be a dead contact
 once it exits) and a Swarm of its own for pooled, Noise-authenticated
-connections. Inference is routed the way the gateway routes it
-(swarmd.orchestrator.remote: an orchestrator's choice, else the least loaded
-worker record, failover to another worker); model transfers use the store's
-streams through swarmd.store.transfer. Nothing here needs a daemon on this box.
+connections. Inference is routed exactly as the gateway routes it: a Fleet
+(swarmd.orchestrator.fleet) fed by the workers' DHT records, whose Router picks
+a worker, calls it and fails over on the errors failover.classify calls
+retryable; model transfers use the store's streams through
+swarmd.store.transfer. Nothing here needs a daemon on this box.
 """
 
 from __future__ import annotations
@@ -18,26 +19,26 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 
 from swarmd.errors import (
     ERR_BAD_REQUEST,
-    ERR_CLOSED,
     ERR_CORRUPT,
     ERR_NOT_FOUND,
-    ERR_PROTOCOL,
-    ERR_TIMEOUT,
     ERR_UNAVAILABLE,
     ERR_UNKNOWN_METHOD,
     SwarmdError,
 )
 from swarmd.node.deadline import within
 from swarmd.node.identity import Identity
-from swarmd.orchestrator.remote import RemoteRouter, SwarmView
+from swarmd.orchestrator.config import OrchestratorConfig
+from swarmd.orchestrator.failover import retryable
+from swarmd.orchestrator.fleet import Fleet
 from swarmd.store.transfer import Progress, pull_file, push_file
-from swarmd.topics import ORCHESTRATORS, STORES, WORKERS, model_topic
+from swarmd.topics import STORES, model_topic
+from swarmd.worker.result import InferResult
 from swarmd_rpc.errors import Closed, translate
 
 P = ParamSpec("P")
@@ -87,12 +88,8 @@ class ClientConfig:
     timeout: float = 30.0  # default seconds for call(), push/pull steps
     infer_timeout: float = 30.0  # budget of one infer() including failover
     lookup_timeout: float = 5.0  # one DHT lookup
-    discovery_ttl: float = 5.0  # how long a lookup of the role topics is reused
-    settle: float = 1.0  # store lookups return this long after the first record (no full crawl wait)
-    # "orchestrator": ask an orchestrator's findAvailableWorker for each request (its health checks and
-    # latency-aware choice; one more round trip); "records": pick the least loaded ONLINE worker from the
-    # workers' own DHT records (one hop; load is as fresh as their announcements)
-    route: Literal["orchestrator", "records"] = "orchestrator"
+    discovery_ttl: float = 5.0  # how long a lookup of the workers' topic is reused
+    settle: float = 1.0  # lookups return this long after the first record (no full crawl wait)
     listen_host: str = "127.0.0.1"  # where our RPC server listens (peers dial it after join(announce=True))
     dht_host: str = "0.0.0.0"
     dht_port: int = 0
@@ -103,14 +100,7 @@ class ClientConfig:
     traversal: bool = False
 
 
-@dataclass
-class Inference:
-    """One inference's answer: the outputs and who computed them."""
-
-    model: str
-    version: str
-    outputs: dict[str, np.ndarray]
-    worker: str | None  # hex public key of the worker, when known
+Inference = InferResult  # one inference's answer: outputs, model version, worker (the type the worker sends)
 
 
 @dataclass(frozen=True)
@@ -154,7 +144,7 @@ class Client:
         self.identity: Identity = identity or Identity.generate()
         self.peer_address = peer
         self.models = Models(self)
-        self.router = RemoteRouter(self._request)
+        self.fleet: Fleet | None = None  # the router over the workers' records (swarm mode)
         self._records: dict[bytes, Any] = {}  # public key -> newest PeerRecord seen by discovery
         self._dht: Any = None
         self._server: Any = None
@@ -278,10 +268,21 @@ class Client:
             await dht.stop()
             raise
         self._dht, self._server, self._swarm = dht, server, swarm
+        # No health loop of its own (a client is short-lived): failures and bans are what it learns.
+        # A punched or relayed path takes longer to open than a direct dial: give it the call's time.
+        dial = cfg.timeout if cfg.traversal else min(cfg.timeout, 5.0)
+        self.fleet = Fleet(
+            OrchestratorConfig(request_timeout=cfg.infer_timeout, connect_timeout=dial),
+            self.identity, swarm=swarm, health_checks=False, lookup=self._lookup_records,
+        )
 
     async def close(self) -> None:
         """Leave joined topics, close connections, stop the DHT node. Idempotent."""
         self._closed = True
+        fleet, self.fleet = self.fleet, None
+        if fleet is not None:
+            with contextlib.suppress(Exception):
+                await fleet.stop()
         swarm, server, dht, direct = self._swarm, self._server, self._dht, self._direct
         traversal, self._traversal = self._traversal, None
         self._swarm = self._server = self._dht = self._direct = None
@@ -329,26 +330,13 @@ class Client:
         return await self._swarm.connect(public_key, self._records.get(public_key))
 
     async def _request(self, public_key: bytes, method: str, params: Any, timeout: float) -> Any:  # noqa: ASYNC109
-        """What the router calls: the record from discovery when we have one, else a lookup by key."""
+        """A call on the peer with this key: the record from discovery when we have one, else a lookup by key."""
         peer = await self._peer(public_key)
         return await peer.call(method, params, timeout=timeout)
 
-    async def _view(self, *, fresh: bool = False) -> SwarmView:
-        """The role topics' records, looked up at most every discovery_ttl seconds."""
-        view = self.router.view
-        if not fresh and view.at and time.monotonic() - view.at < self.config.discovery_ttl:
-            return view
-        orchs, workers = await asyncio.gather(
-            self.lookup(ORCHESTRATORS, settle=self.config.settle), self.lookup(WORKERS, settle=self.config.settle)
-        )
-        new = SwarmView(at=time.monotonic())
-        new.orchestrators = [r.public_key for r in orchs] if self.config.route == "orchestrator" else []
-        for r in workers:
-            payload = r.payload if isinstance(r.payload, dict) else {}
-            if payload.get("state", "ONLINE") == "ONLINE":
-                new.workers[r.public_key] = payload
-        self.router.view = new
-        return new
+    async def _lookup_records(self, topic: str, seconds: float) -> list[Any]:
+        """How the fleet finds workers: a lookup that settles soon after the first record."""
+        return await self.lookup(topic, timeout=seconds, settle=self.config.settle)
 
     # -- topics and calls ------------------------------------------------------------
 
@@ -497,30 +485,13 @@ class Client:
                     raise
                 res = await self._direct.call("routeInferenceRequest", params, timeout=budget)
         else:
-            deadline = time.monotonic() + budget
-            view = await self._view()
-            fresh = False
-            if not view.orchestrators and not view.workers:
-                view, fresh = await self._view(fresh=True), True
-            try:
-                res, worker = await self.router.infer(params, budget)
-            except SwarmdError as e:
-                # a view up to discovery_ttl old may list only workers that have since gone:
-                # look again once and retry within what is left of the budget
-                left = deadline - time.monotonic()
-                if fresh or e.code != ERR_UNAVAILABLE or left <= 0:
-                    raise
-                await self._view(fresh=True)
-                res, worker = await self.router.infer(params, max(deadline - time.monotonic(), 0.001))
-        if not isinstance(res, dict) or not isinstance(res.get("outputs"), dict):
-            raise SwarmdError(ERR_PROTOCOL, "the worker answered without an outputs map")
-        named = res.get("worker")
-        return Inference(
-            model=str(res.get("model", model)),
-            version=str(res.get("version", "")),
-            outputs={str(k): np.asarray(v) for k, v in res["outputs"].items()},
-            worker=named if isinstance(named, str) else (worker.hex() if worker else None),
-        )
+            fleet = self.fleet
+            assert fleet is not None
+            if time.monotonic() - fleet.discovered_at > self.config.discovery_ttl:
+                await fleet.discover_once(self.config.lookup_timeout)
+            res, lease = await fleet.route("runInference", params, model=model, budget=budget)
+            worker = bytes.fromhex(lease.public_key)
+        return InferResult.from_wire(res, model, worker.hex() if worker else None)
 
     async def infer(
         self,
@@ -548,8 +519,9 @@ class Client:
         return [r.public_key for r in records]
 
 
-# a store that answers one of these may not be the only one: ask the next store that holds the model
-_NEXT_STORE = frozenset({ERR_NOT_FOUND, ERR_UNAVAILABLE, ERR_CLOSED, ERR_TIMEOUT, ERR_CORRUPT})
+def _next_store(e: SwarmdError) -> bool:
+    """Another store may do better: what failover calls retryable, or a copy that failed its digest."""
+    return retryable(e) or e.code == ERR_CORRUPT
 
 
 def pull_destination(path: str | Path, name: str, version: str) -> Path:
@@ -605,9 +577,24 @@ class Models:
 
     @_translated
     async def get(self, name: str, version: str | None = None) -> dict[str, Any]:
-        """Metadata of name[:version] (latest when version is None) from any store holding it."""
-        _, meta = await self._find(name, version)
-        return meta
+        """Metadata of name[:version] (latest when version is None) from any store holding it.
+
+        Unversioned: the newest (swarmd.versions) of what every store holding it calls its
+        latest, so a store that has not replicated a push yet does not decide."""
+        if version is not None:
+            _, meta = await self._find(name, version)
+            return meta
+        from swarmd.versions import version_key
+
+        found: list[dict[str, Any]] = []
+        try:
+            async with contextlib.aclosing(self._holders(name, None)) as holders:
+                async for _, meta in holders:
+                    found.append(meta)
+        except SwarmdError:
+            if not found:
+                raise
+        return max(found, key=lambda m: version_key(str(m.get("version", ""))))
 
     async def _find(self, name: str, version: str | None) -> tuple[Any, dict[str, Any]]:
         async with contextlib.aclosing(self._holders(name, version)) as holders:
@@ -629,7 +616,7 @@ class Models:
                 peer = await c._peer(pk)
                 meta = await peer.call("getModel", params, timeout=c.config.timeout)
             except SwarmdError as e:
-                if e.code not in _NEXT_STORE:
+                if not retryable(e):
                     raise
                 last = e
                 continue
@@ -667,7 +654,7 @@ class Models:
                 try:
                     await pull_file(peer, chosen["digest"], dest, size=chosen["size"], progress=progress, timeout=t)
                 except SwarmdError as e:
-                    if e.code not in _NEXT_STORE:
+                    if not _next_store(e):
                         raise
                     last = e
                     continue
@@ -691,7 +678,7 @@ class Models:
                 await peer.call("deleteModel", params, timeout=c.config.timeout)
                 deleted += 1
             except SwarmdError as e:
-                if e.code not in _NEXT_STORE:
+                if not _next_store(e):
                     raise
         if not deleted:
             raise SwarmdError(ERR_NOT_FOUND, f"no store holds {name}:{version}")
@@ -700,7 +687,7 @@ class Models:
     @_translated
     async def list(self, name: str | None = None, tag: str | None = None) -> list[dict[str, Any]]:
         """Metadata of every version every reachable store holds, merged, sorted by name and version."""
-        from swarmd.store.catalog import version_key
+        from swarmd.versions import version_key
 
         c = self._client
         await c._ready()

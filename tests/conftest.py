@@ -120,6 +120,36 @@ class Daemon:
         self.wait_output()
 
 
+def http_json(port: int, key: str, method: str, path: str, doc: Any = None) -> tuple[int, Any]:
+    """One HTTP request with an API key to a gateway on loopback: (status, parsed JSON body)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        headers = {"x-api-key": key}
+        body = None
+        if doc is not None:
+            body = json.dumps(doc).encode()
+            headers["Content-Type"] = "application/json"
+        conn.request(method, path, body=body, headers=headers)
+        r = conn.getresponse()
+        return r.status, json.loads(r.read() or b"null")
+    finally:
+        conn.close()
+
+
+async def rpc_call(identity: Any, ready: dict[str, Any], method: str, params: dict[str, Any]) -> Any:
+    """One RPC call, with `identity` (None: a throwaway key), to the daemon of a "ready" log line."""
+    from swarmd.rpc import connect
+
+    peer = await connect(identity, "127.0.0.1", ready["ports"]["rpc"],
+                         remote_public_key=bytes.fromhex(ready["public_key"]), timeout=30)
+    try:
+        return await peer.call(method, params, timeout=60)
+    finally:
+        await peer.close()
+
+
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item, call):
     report = yield

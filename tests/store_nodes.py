@@ -69,7 +69,8 @@ async def start_swarm_store(net: Any, data_dir: Path, trust_of: Any = None, **cf
 
 
 async def start_store(data_dir: Path, ident: Identity | None = None, port: int = 0, *, server: Any = None,
-                      swarm: Any = None, dht: Any = None, trust: Any = None, **cfg: Any) -> Node:
+                      swarm: Any = None, dht: Any = None, trust: Any = None,
+                      role_class: type[StoreRole] = StoreRole, **cfg: Any) -> Node:
     ident = ident or Identity.generate()
     settings = Settings()
     settings.trust.open = True  # an open swarm, asked for
@@ -82,7 +83,7 @@ async def start_store(data_dir: Path, ident: Identity | None = None, port: int =
     ctx = NodeContext(identity=ident, settings=settings, data_dir=data_dir, instance_id="test",
                       roles=("store",), tasks=tasks, methods=server.methods, swarm=swarm, dht=dht,
                       rpc_server=server, trust=trust)
-    role = StoreRole(ctx)
+    role = role_class(ctx)
     await role.start()
     return Node(role, server, ident, tasks, swarm, dht)
 

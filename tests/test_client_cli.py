@@ -49,7 +49,7 @@ def test_infer_and_status_against_daemons(daemons, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     np.testing.assert_allclose(np.asarray(json.loads(r.stdout)["outputs"][out_name]["data"]), want, rtol=1e-5)
 
-    r = run_cli("infer", "lin", "--input", str(tmp_path / "in.json"), "--bootstrap", boot, "--route", "records")
+    r = run_cli("infer", "lin", "--input", str(tmp_path / "in.json"), "--bootstrap", boot)
     assert r.returncode == 0 and out_name in r.stdout, r.stderr
 
     # bad input: a precise error and exit 1, not a traceback

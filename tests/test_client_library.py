@@ -14,7 +14,9 @@ import swarmd_rpc
 from swarmd.daemon import Node
 from swarmd.errors import ERR_OVERLOADED, SwarmdError
 from swarmd.node.identity import Identity
-from swarmd.orchestrator.remote import RemoteRouter, SwarmView
+from swarmd.orchestrator.config import OrchestratorConfig
+from swarmd.orchestrator.discovery import WorkerAd
+from swarmd.orchestrator.fleet import Fleet
 from swarmd.rpc import Methods, RpcServer
 from swarmd.settings import Settings
 from swarmd.topics import WORKERS
@@ -99,10 +101,10 @@ async def test_push_list_pull_infer_and_errors(swarm: Any, tmp_path: Path) -> No
             assert again.worker == keys[1 - gone]
             np.testing.assert_allclose(again.outputs[name], want, rtol=1e-5)
 
-    # route="records": no orchestrator hop, the worker is picked from the DHT records
-    async with Client(bootstrap=swarm["boot"], config=ClientConfig(route="records")) as r:
+    # a fresh client: the stopped worker withdrew its record, so only the live one is routed to
+    async with Client(bootstrap=swarm["boot"]) as r:
         res = await r.infer_detailed("lin", {"x": x})
-        assert res.worker == keys[1 - gone] and not r.router.view.orchestrators
+        assert res.worker == keys[1 - gone]
 
 
 async def test_join_and_lookup_between_two_clients(swarm: Any) -> None:
@@ -114,7 +116,8 @@ async def test_join_and_lookup_between_two_clients(swarm: Any) -> None:
 
 
 async def test_router_fails_over_from_an_overloaded_worker() -> None:
-    """Two real RPC servers: one refuses with ERR_OVERLOADED, the other answers; infer succeeds."""
+    """Two real RPC servers: one refuses with ERR_OVERLOADED, the other answers; the fleet's router
+    (the one the client and the gateway use) lands the call on the second."""
     servers = []
     calls: list[str] = []
     for name in ("busy", "ok"):
@@ -131,28 +134,26 @@ async def test_router_fails_over_from_an_overloaded_worker() -> None:
         srv = RpcServer(ident, m)
         await srv.start()
         servers.append((ident, srv))
-    peers: dict[bytes, Any] = {}
-
-    async def request(pk: bytes, method: str, params: dict[str, Any], timeout: float) -> Any:  # noqa: ASYNC109
-        if pk not in peers:
-            srv = next(s for i, s in servers if i.public_key == pk)
-            peers[pk] = await swarmd_rpc.connect("127.0.0.1", srv.port, pk)
-        return await peers[pk].call(method, params, timeout=timeout)
-
-    router = RemoteRouter(request)
-    busy, ok = servers[0][0].public_key, servers[1][0].public_key
-    router.view = SwarmView(workers={busy: {"load": {"queue": 0}}, ok: {"load": {"queue": 5}}}, at=1.0)
+    config = OrchestratorConfig(policy="round_robin", seed=1)
+    fleet = Fleet(config, health_checks=False)
+    for ident, srv in servers:
+        fleet.balancer.admit(
+            WorkerAd(ident.public_hex, ["m"], addresses=[("127.0.0.1", srv.port)]), source="rpc"
+        )
+    busy, ok = (i.public_hex for i, _ in servers)
     try:
-        res, pk = await router.infer({"model": "m", "inputs": {"x": np.arange(3, dtype=np.float32)}}, 10.0)
-        assert pk == ok and calls == ["busy", "ok"]
-        np.testing.assert_array_equal(res["outputs"]["y"], np.arange(3, dtype=np.float32) * 2)
-        router.view.workers.pop(ok)
+        x = np.arange(3, dtype=np.float32)
+        for _ in range(2):  # round robin: one of the two requests goes to the busy worker first
+            res, lease = await fleet.route("runInference", {"model": "m", "inputs": {"x": x}}, model="m", budget=10.0)
+            assert lease.public_key == ok
+            np.testing.assert_array_equal(res["outputs"]["y"], x * 2)
+        assert calls.count("busy") == 1 and calls.count("ok") == 2
+        fleet.balancer.unregister(ok)
         with pytest.raises(SwarmdError) as e:
-            await router.infer({"model": "m", "inputs": {"x": np.zeros(1, np.float32)}}, 10.0)
-        assert e.value.code == ERR_OVERLOADED
+            await fleet.route("runInference", {"model": "m", "inputs": {"x": x}}, model="m", budget=10.0)
+        assert e.value.code == "ERR_UNAVAILABLE" and ERR_OVERLOADED in e.value.message and busy[:16] in e.value.message
     finally:
-        for p in peers.values():
-            await p.close()
+        await fleet.stop()
         for _, s in servers:
             await s.stop()
 

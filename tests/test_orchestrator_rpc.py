@@ -80,7 +80,8 @@ async def test_errors_are_precise(tmp_path: Path, workers: list[PeerWorker]) -> 
     try:
         with pytest.raises(SwarmdError) as ei:
             await orch.call("routeInferenceRequest", {"model": "mlp", "inputs": {}})
-        assert ei.value.code == ERR_NOT_FOUND and "'mlp'" in ei.value.message
+        # no worker known at all: the model may exist, nobody can run it now
+        assert ei.value.code == ERR_UNAVAILABLE and "'mlp'" in ei.value.message
         with pytest.raises(SwarmdError) as ei:
             await orch.call("registerWorker", {"public_key": "ab", "models": ["mlp"]})
         assert ei.value.code == ERR_BAD_REQUEST and "public_key" in ei.value.message
@@ -224,7 +225,7 @@ async def test_lease_expires_when_a_worker_vanishes_without_unregistering(
         await orch.call("unregisterWorker", {"public_key": workers[1].public_hex})
         with pytest.raises(SwarmdError) as ei:
             await orch.call("findAvailableWorker", {"model": "mlp"})
-        assert ei.value.code == ERR_NOT_FOUND
+        assert ei.value.code == ERR_UNAVAILABLE  # no worker left at all: nobody to run it, not "no such model"
     finally:
         await orch.stop()
 

@@ -27,6 +27,7 @@ W, R = "w", "r"
 OPS: dict[str, str] = {
     # rpc / swarm / nat
     "ping": R, "echo": R, "swarm.status": R, "nat.status": R,
+    "node.tasks": R,  # names of the node's background tasks (swarmd status); changes nothing
     "node.info": R,  # roles, version, uptime, NAT type: what swarm.status already tells any caller
     "nat.signal": R,  # forwards a connection request; rate-limited per caller, stores nothing
     "nat.connect": R,  # answers a UDP punch offer to reach this node (what any caller needs)

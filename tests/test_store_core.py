@@ -95,10 +95,13 @@ def test_auto_versions_and_latest(store: ModelStore) -> None:
     assert (m1.version, m2.version) == ("1", "2")
     assert push_bytes(store, onnx_bytes(1), "m").version == "1"  # same bytes, no version: that version again
     assert store.get("m").version == "2"
-    named = push_bytes(store, onnx_bytes(3), "m", "v3-beta")
-    assert store.get("m").version == named.version  # latest is the last pushed
-    assert push_bytes(store, onnx_bytes(4), "m").version == "3"
-    assert [m.version for m in store.list(name="m")] == ["1", "2", "3", "v3-beta"]
+    push_bytes(store, onnx_bytes(3), "m", "v1.0-beta")
+    assert store.get("m").version == "2"  # latest by the version order, not the last pushed
+    push_bytes(store, onnx_bytes(5), "m", "v3-beta")
+    assert store.get("m").version == "v3-beta"  # 2 < 3-beta < 3
+    assert push_bytes(store, onnx_bytes(4), "m").version == "4"  # above every major number used
+    assert store.get("m").version == "4"
+    assert [m.version for m in store.list(name="m")] == ["v1.0-beta", "1", "2", "v3-beta", "4"]
 
 
 def test_list_and_search(store: ModelStore) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -89,17 +90,38 @@ def meta(name: str, version: str, digest: str, updated: float, deleted: float | 
     return ModelMeta(name, version, digest, 10, created=1.0, updated=updated, deleted=deleted)
 
 
-def test_rows_to_adopt_spreads_newer_deletions_only() -> None:
-    local = {("m", "1"): meta("m", "1", D1, 5.0), ("m", "2"): meta("m", "2", D2, 9.0)}
+def test_rows_to_adopt_spreads_newer_deletions_of_held_rows_only() -> None:
+    local = {("m", "1"): meta("m", "1", D1, 5.0), ("m", "2"): meta("m", "2", D2, 9.0),
+             ("m", "5"): meta("m", "5", D1, 5.0)}
     remote = [
         meta("m", "1", D1, 6.0, deleted=6.0),  # newer delete: adopt
         meta("m", "2", D2, 8.0, deleted=8.0),  # older than our row: keep ours
-        meta("m", "3", D3, 7.0, deleted=7.0),  # unknown tombstone: record it
+        meta("m", "3", D3, 7.0, deleted=7.0),  # a row we do not hold: never written, only reported
         meta("m", "4", D3, 7.0),  # unknown live row: comes through a pull, not here
         meta("m", "1", D2, 99.0, deleted=99.0),  # another digest under our version: never
+        meta("m", "5", D1, 1e12, deleted=1e12),  # stamped in the future: a peer's clock is not taken
     ]
-    got = rows_to_adopt(local, remote)
-    assert [(r.version, r.digest) for r in got] == [("1", D1), ("3", D3)]
+    adopt, unheld = rows_to_adopt(lambda n, v: local.get((n, v)), remote, now=100.0)
+    assert [(r.version, r.digest) for r in adopt] == [("1", D1)]
+    assert [(r.version, r.digest) for r in unheld] == [("3", D3)]
+
+
+def test_catalog_changes_are_paged_by_a_cursor(tmp_path: Path) -> None:
+    from swarmd.store.catalog import Catalog
+
+    cat = Catalog(tmp_path / "meta.sqlite")
+    for i in range(5):
+        cat.upsert(meta("m", str(i), D1, float(i)))
+    rows, cursor, head = cat.changes(0, 3)
+    assert [r.version for r in rows] == ["0", "1", "2"] and head == 5
+    rows, cursor, head = cat.changes(cursor, 3)
+    assert [r.version for r in rows] == ["3", "4"] and cursor == head
+    assert cat.changes(cursor, 3)[0] == []  # nothing new: nothing sent
+    row = cat.row("m", "1")
+    row.deleted = row.updated = 9.0
+    cat.upsert(row)  # a tombstone is a change
+    assert [r.version for r in cat.changes(cursor, 3)[0]] == ["1"]
+    cat.close()
 
 
 @pytest.fixture
@@ -112,8 +134,15 @@ def store(tmp_path: Path) -> ModelStore:
 def test_complete_replica_respects_local_state(store: ModelStore) -> None:
     data = onnx_bytes(21)
     d = hashlib.sha256(data).hexdigest()
+    # a remote tombstone for a row we do not hold writes nothing
+    assert store.apply_tombstones([meta("m", "1", d, 50.0, deleted=50.0)]) == []
+    assert store.catalog.list(include_deleted=True) == []
     # a newer local tombstone refuses the copy; the blob is not kept
-    store.apply_tombstones([meta("m", "1", d, 50.0, deleted=50.0)])
+    up = store.begin(PushRequest("m", d, len(data), "1"))
+    up.write(data)
+    (pushed,) = store.complete_replica(up, [meta("m", "1", d, 40.0)])
+    store.delete("m", "1")
+    store.catalog.upsert(dataclasses.replace(store.catalog.row("m", "1"), deleted=50.0, updated=50.0))
     up = store.begin(PushRequest("m", d, len(data), "1"))
     up.write(data)
     assert store.complete_replica(up, [meta("m", "1", d, 10.0)]) == []

@@ -83,14 +83,15 @@ async def test_snapshot_loop_runs_on_its_own_and_stops_cleanly(tmp_path: Path) -
         assert len(tail) >= 2 and all(e["online"] for e in tail)
         assert tail[0]["ts"] >= tail[-1]["ts"]  # newest first
     finally:
-        task = svc._loop_task
+        assert svc.tasks is not None
+        (task,) = svc.tasks._tasks  # the loop runs in the service's own Supervisor scope
         await svc.stop()
-    assert task is not None and task.done()
+    assert task.done() and len(svc.tasks) == 0
 
 
 async def test_service_without_collect_has_no_loop(tmp_path: Path) -> None:
     async with ThingService("plain", tmp_path, ThingsConfig(snapshot_interval_s=0.01)) as svc:
-        assert svc._loop_task is None
+        assert svc.tasks is None or len(svc.tasks) == 0
 
 
 class Clock:

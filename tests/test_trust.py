@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from orchestrator_peers import Orchestrator, PeerWorker, expected
 
-from swarmd.errors import ERR_FORBIDDEN, ERR_NOT_FOUND, ConfigError, SwarmdError
+from swarmd.errors import ERR_FORBIDDEN, ERR_UNAVAILABLE, ConfigError, SwarmdError
 from swarmd.node.identity import Identity
 from swarmd.node.trust import Grant, GrantError, Trust, TrustConfig
 from swarmd.rpc import Firewall, Methods, RpcServer
@@ -301,13 +301,14 @@ async def test_workers_never_fetch_from_an_unadmitted_store(net: DhtTestnet, tmp
             await r.announce(STORES, {"models": 1, "bytes": 1})
         cfg = WorkerConfig(store_timeout=5.0)
         fetcher = ModelFetcher(closed, ModelCache(tmp_path / "c1", 1 << 20), cfg)
-        with pytest.raises(SwarmdError) as ei:
-            await fetcher.resolve("m")
-        assert ei.value.code == ERR_NOT_FOUND
+        for version in (None, "9"):
+            with pytest.raises(SwarmdError) as ei:
+                await fetcher.resolve("m", version)
+            assert ei.value.code == ERR_UNAVAILABLE  # no admitted store at all: nobody to ask
         assert await closed.lookup_all(STORES, timeout=5.0) == []
         assert sum(sum(r.calls.values()) for r in rogues) == 0
         # the same lookup with an open trust finds them and asks them: the check above can fail
-        meta = await ModelFetcher(opened, ModelCache(tmp_path / "c2", 1 << 20), cfg).resolve("m")
+        meta = await ModelFetcher(opened, ModelCache(tmp_path / "c2", 1 << 20), cfg).resolve("m", "9")
         assert meta["version"] == "9" and sum(r.calls["getModel"] for r in rogues) == 1
     finally:
         await opened.stop()

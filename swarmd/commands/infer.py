@@ -45,8 +45,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peer", default=None, metavar="KEY@HOST:PORT",
                         help="send to this one worker or orchestrator instead of routing through the swarm")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds, failover included (default 30)")
-    parser.add_argument("--route", choices=["orchestrator", "records"], default="orchestrator",
-                        help="who picks the worker: an orchestrator (default) or this command from DHT records")
 
 
 def _array(value: Any, dtype: str, where: str) -> np.ndarray:
@@ -116,7 +114,7 @@ def make_client(args: argparse.Namespace, *, timeout: float) -> Any:
     from swarmd.commands.reach import swarm_client
     from swarmd_rpc import Client, ClientConfig
 
-    cfg = ClientConfig(timeout=timeout, infer_timeout=timeout, route=getattr(args, "route", "orchestrator"))
+    cfg = ClientConfig(timeout=timeout, infer_timeout=timeout)
     if getattr(args, "peer", None):
         key, host, port = _peer(args.peer)
         return Client.for_peer(key, host, port, config=cfg)

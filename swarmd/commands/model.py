@@ -47,7 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = action("push", "upload an ONNX file as NAME[:VERSION]")
     p.add_argument("file", type=Path)
     p.add_argument("--name", required=True)
-    p.add_argument("--version", default=None, help="default: one more than the highest numbered version")
+    p.add_argument("--version", default=None,
+                   help="default: one more than the highest major version number the name ever had (so the push "
+                        "becomes the latest); bytes already stored under a live version of NAME keep that version")
     p.add_argument("--tag", action="append", default=[], help="repeatable")
     p.add_argument("--description", default=None)
     p = action("ls", "list models (every version)")
@@ -134,6 +136,20 @@ def _bar(args: argparse.Namespace, label: str) -> Bar:
     return Bar(label, enabled)
 
 
+def warn_non_tensor_outputs(meta: dict[str, Any]) -> None:
+    """Say so when a model has outputs that are not tensors (skl2onnx's default ZipMap)."""
+    odd = [o.get("name") for o in meta.get("outputs") or [] if isinstance(o, dict) and o.get("dtype") == "object"]
+    if odd:
+        print(
+            f"swarmd: warning: output(s) {', '.join(map(str, odd))} of {meta.get('name')} are not tensors (a sequence "
+            "of maps, like the ZipMap skl2onnx adds to classifiers by default). They are served as JSON: "
+            "objects on /api/v1, BYTES holding JSON text on /v2. For a plain probability tensor, export with "
+            "skl2onnx.to_onnx(clf, X, options={id(clf): {'zipmap': False}}) (or convert_sklearn(..., "
+            "options={id(clf): {'zipmap': False}})).",
+            file=sys.stderr,
+        )
+
+
 def _human(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -155,6 +171,7 @@ async def run(args: argparse.Namespace) -> int:
             print(json.dumps(meta, indent=2))
         else:
             print(f"{meta['name']}:{meta['version']} {meta['digest']} {_human(meta['size'])}")
+        warn_non_tensor_outputs(meta)
         return 0
     if cmd == "ls":
         async with store_client(args) as client:

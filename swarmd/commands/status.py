@@ -61,6 +61,11 @@ async def gather_status(settings: Any, timeout: float, host: str | None = None) 
             except SwarmdError as e:
                 out["errors"]["providers"] = f"{e.code}: {e.message}"
         try:
+            out["tasks"] = await node.call(None, "node.tasks")
+        except SwarmdError as e:
+            if e.code != ERR_UNKNOWN_METHOD:
+                out["errors"]["tasks"] = f"{e.code}: {e.message}"
+        try:
             nat = await node.call(None, "nat.status")
             out["nat"] = nat.get("nat", nat) if isinstance(nat, dict) else nat
             if isinstance(nat, dict) and isinstance(nat.get("metrics"), dict):
@@ -120,6 +125,15 @@ async def ejections(swarm: Any) -> dict[str, list[str]]:
     return out
 
 
+def _print_scope(scope: dict[str, Any], indent: str) -> None:
+    """One line per Supervisor scope, its children indented below it."""
+    tasks = scope.get("tasks") or []
+    names = ", ".join(tasks[:8]) + (f", … {len(tasks) - 8} more" if len(tasks) > 8 else "")
+    print(f"{indent}{scope.get('name')} [{scope.get('policy')}]: {names or '-'}")
+    for child in scope.get("scopes") or []:
+        _print_scope(child, indent + "  ")
+
+
 def print_status(st: dict[str, Any]) -> None:
     print(f"node     {st['public_key']}  pid {st.get('pid')}  version {st.get('version')}")
     print(f"roles    {', '.join(st['roles']) or '-'}")
@@ -141,6 +155,9 @@ def print_status(st: dict[str, Any]) -> None:
     print(f"peers    {len(peers)}")
     for p in peers:
         print(f"  {p['public_key'][:16]}  {'in ' if p['inbound'] else 'out'}  {p.get('path', 'direct')}")
+    if isinstance(st.get("tasks"), dict):
+        print("tasks    (scope [policy]: running tasks)")
+        _print_scope(st["tasks"], "  ")
     print(f"workers  {len(st['workers'])}")
     for w in st["workers"]:
         load = w["load"]

@@ -34,6 +34,7 @@ from swarmd.dht.records import (
 )
 from swarmd.errors import ERR_BAD_REQUEST, ERR_UNAVAILABLE, SwarmdError
 from swarmd.node.identity import Identity
+from swarmd.node.supervisor import LOG, Supervisor
 
 
 def node_id_for(public_key: bytes) -> bytes:
@@ -91,8 +92,7 @@ class NodeCrawl(NodeSpiderCrawl):
                     answered += 1
                     self.nearest.push([Node(*c) for c in reply if c[0] != proto.source_node.id])
         finally:
-            for task in inflight:
-                proto.adopt(task)  # type: ignore[arg-type]
+            proto.adopt(list(inflight))
 
 
 class TopicCrawl(SpiderCrawl):
@@ -171,8 +171,7 @@ class TopicCrawl(SpiderCrawl):
         finally:
             # requests still out finish in the background (within request_timeout): one
             # that times out evicts its silent contact, so the next lookup does not wait on it
-            for task in inflight:
-                proto.adopt(task)
+            proto.adopt(list(inflight))
 
     def _accept(self, obj: Any, now: float) -> PeerRecord | None:
         cfg = self.protocol.config
@@ -209,7 +208,12 @@ class DhtNode(Server):
 
     protocol: SwarmdProtocol
 
-    def __init__(self, identity: Identity, config: DhtConfig | None = None) -> None:
+    def __init__(
+        self, identity: Identity, config: DhtConfig | None = None, *, tasks: Supervisor | None = None
+    ) -> None:
+        """`tasks`: the node's Supervisor; the DHT's loops run in a "dht" scope of it whose
+        failures are logged, not fatal."""
+        self.tasks = tasks.scope("dht", LOG) if tasks is not None else Supervisor(name="dht", policy=LOG)
         self.config = config or DhtConfig()
         self.config.validate()
         self.identity = identity
@@ -240,7 +244,7 @@ class DhtNode(Server):
 
     def _create_protocol(self) -> SwarmdProtocol:
         return SwarmdProtocol(
-            self.node, self.config, {"component": "dht", "node": self.identity.public_hex[:16]}
+            self.node, self.config, {"component": "dht", "node": self.identity.public_hex[:16]}, self.tasks
         )
 
     async def listen(self, port: int, interface: str = "0.0.0.0") -> None:
@@ -298,7 +302,7 @@ class DhtNode(Server):
                 await NodeCrawl(
                     self.protocol, self.node, found or self._nearest(self.node), self.ksize, self.alpha
                 ).find()
-        self._maint = asyncio.get_running_loop().create_task(self._maintain())
+        self._maint = self.tasks.spawn(self._maintain(), "dht-maintenance")
         self._log.bind(event="dht_started", port=self.address[1], mode=self.mode).info("dht node started")
 
     async def _bootstrap_with_retries(
@@ -338,10 +342,8 @@ class DhtNode(Server):
         return addr[1] == port and (addr[0] == host or host in ("0.0.0.0", "") or addr[0].startswith("127."))
 
     async def stop(self) -> None:
-        if self._maint is not None:
-            self._maint.cancel()
-            await asyncio.gather(self._maint, return_exceptions=True)
-            self._maint = None
+        await self.tasks.close()  # the maintenance loop and the protocol's background work
+        self._maint = None
         if self.protocol is not None:
             await self.protocol.aclose()
 

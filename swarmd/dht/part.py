@@ -43,7 +43,8 @@ class DhtPart:
         self.node: DhtNode | None = None
 
     async def start(self) -> None:
-        self.node = DhtNode(self.ctx.identity, dht_config_from(self.ctx.settings))
+        tasks = getattr(self.ctx, "tasks", None)  # the node's Supervisor (absent in bare test contexts)
+        self.node = DhtNode(self.ctx.identity, dht_config_from(self.ctx.settings), tasks=tasks)
         await self.node.start()
         self.ctx.dht = self.node
         self.ctx.ports["dht"] = self.node.address[1]

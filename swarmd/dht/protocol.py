@@ -60,6 +60,7 @@ from swarmd.dht.records import (
     decode_record,
     topic_target,
 )
+from swarmd.node.supervisor import LOG, Supervisor
 
 ID_SIZE = 20
 REQUEST = 0x00
@@ -164,7 +165,7 @@ class SwarmdRoutingTable(RoutingTable):
             self.split_bucket(index)
             self.add_contact(node)
         else:
-            self.protocol.spawn(self.protocol.call_ping(bucket.head()))
+            self.protocol.spawn(self.protocol.call_ping(bucket.head()), "dht-ping")
 
     def all_contacts(self) -> list[Node]:
         return [n for b in self.buckets for n in b.nodes.values()]
@@ -173,10 +174,22 @@ class SwarmdRoutingTable(RoutingTable):
 Handler = Callable[..., Any]
 
 
+async def _settle(requests: list[asyncio.Future[Any]]) -> None:
+    await asyncio.gather(*requests, return_exceptions=True)
+
+
 class SwarmdProtocol(KademliaProtocol):
     """rpcudp/kademlia protocol with hostile-input handling and topic RPCs."""
 
-    def __init__(self, source_node: Node, config: DhtConfig, bind: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        source_node: Node,
+        config: DhtConfig,
+        bind: dict[str, Any] | None = None,
+        tasks: Supervisor | None = None,
+    ) -> None:
+        """`tasks`: the scope its background work (pings, record hand-offs) runs in; failures
+        there are logged, rate-limited, and never stop the node."""
         RPCProtocol.__init__(self, wait_timeout=config.request_timeout)
         self.config = config
         self.ksize = config.ksize
@@ -199,7 +212,8 @@ class SwarmdProtocol(KademliaProtocol):
         self._checking: set[bytes] = set()
         self._check_budget = SourceLimiter(config.contact_checks_per_s, 4.0, 1)  # one bucket: all checks
         self.closed = asyncio.get_running_loop().create_future()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        owner = tasks if tasks is not None else Supervisor(name="dht", policy=LOG)
+        self.tasks = owner.scope("protocol", LOG, report=self._report)
         self._stun_pending: dict[bytes, asyncio.Future[tuple[str, int]]] = {}
         # RFC 5780 style: a second socket that answers STUN only (see AltStunProtocol)
         self.stun_alt: asyncio.DatagramTransport | None = None
@@ -216,35 +230,31 @@ class SwarmdProtocol(KademliaProtocol):
 
     # -- task ownership ------------------------------------------------------
 
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any] | None:
-        """Run a background coroutine owned by this protocol (cancelled on close)."""
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str = "dht-task") -> asyncio.Task[Any] | None:
+        """Run a background coroutine in this protocol's scope (cancelled on close)."""
         if self.transport is None or self.transport.is_closing():
             coro.close()
             return None
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
+        try:
+            return self.tasks.spawn(coro, name)
+        except RuntimeError:  # the scope is closed: we are stopping
+            return None
 
-    def adopt(self, task: asyncio.Task[Any]) -> None:
-        """Own an already running task (cancelled on close), e.g. a lookup's last
-        requests, left to time out so that a silent contact is evicted."""
-        if task.done():
+    def _report(self, where: str, exc: BaseException) -> None:
+        self.rlog.warn("task_error", "dht background task failed", task=where, error=f"{type(exc).__name__}: {exc}")
+
+    def adopt(self, requests: list[asyncio.Future[Any]]) -> None:
+        """Own requests already sent (a lookup's last ones), left to time out in this
+        protocol's scope so that a silent contact is evicted; cancelled on close."""
+        pending = [r for r in requests if not r.done()]
+        if not pending:
             return
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            self.rlog.warn("task_error", "dht background task failed", error=f"{type(exc).__name__}: {exc}")
+        if self.spawn(_settle(pending), "dht-lookup-tail") is None:
+            for r in pending:
+                r.cancel()
 
     async def aclose(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.tasks.close()
         for fut, timer, _dest in list(self._outstanding.values()):
             timer.cancel()
             if not fut.done():
@@ -654,11 +664,11 @@ class SwarmdProtocol(KademliaProtocol):
             return
         for key, value in self.storage:
             if self._should_hand_off(node, key):
-                self.spawn(self.call_store(node, key, value))
+                self.spawn(self.call_store(node, key, value), "dht-store")
         if not self.client_mode:
             topics = [t for t in self.records.topics() if self._should_hand_off(node, topic_target(t))]
             if topics:
-                self.spawn(self._hand_off_records(node, topics))
+                self.spawn(self._hand_off_records(node, topics), "dht-hand-off")
         self.router.add_contact(node)
 
     async def _hand_off_records(self, node: Node, topics: list[bytes]) -> None:

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from swarmd.errors import ERR_BAD_REQUEST, ERR_NOT_FOUND, SwarmdError
+from swarmd.worker.result import InferResult
 
 
 @dataclass
@@ -82,14 +83,6 @@ class ModelInfo:
 
 
 @dataclass
-class InferResult:
-    model: str
-    version: str
-    outputs: dict[str, np.ndarray]
-    worker: str | None = None  # hex public key of the worker that ran it, when remote
-
-
-@dataclass
 class UploadedModel:
     """A model body the gateway has already received and hashed, on local disk."""
 
@@ -133,11 +126,6 @@ class InferenceBackend(Protocol):
     async def model_statistics(self, model: str | None, version: str | None) -> list[dict[str, Any]]:
         """Triton's statistics extension: one entry per model version, summed over workers."""
         ...
-
-
-def version_key(v: str) -> tuple[int, int, str]:
-    """Order versions: numeric ones numerically, then the rest by text."""
-    return (0, int(v), "") if v.isdigit() else (1, 0, v)
 
 
 def check_inputs(info: ModelInfo, inputs: dict[str, np.ndarray]) -> None:

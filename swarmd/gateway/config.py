@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 
 @dataclass
@@ -28,15 +27,12 @@ class GatewayConfig:
     max_connections: int = 4096  # open HTTP connections at once; more are closed on accept
     max_connections_per_address: int = 256  # open HTTP connections from one client address; more are closed on accept
     infer_timeout: float = 30.0  # seconds for one inference, retries included
-    metadata_ttl: float = 5.0  # seconds model metadata is cached (swarm backend)
+    metadata_ttl: float = 2.0  # seconds model metadata is cached (swarm backend): a push or rm shows within it
     metrics_public: bool = False  # false: /metrics needs an admin key
     access_log: bool = True  # one log line per request
     print_admin_key: bool = True  # print the first admin key to stdout when it is created
     local_models_dir: str | None = None  # standalone mode: serve ONNX models from this dir in-process
-    # fleet: embedded router, gateway -> worker; direct: an orchestrator picks, the gateway calls the worker;
-    # orchestrator: routeInferenceRequest through an orchestrator (see docs/gateway.md for the figures)
-    route: Literal["fleet", "direct", "orchestrator"] = "fleet"
-    discovery_interval: float = 5.0  # seconds between lookups of orchestrators, stores and workers
+    discovery_interval: float = 5.0  # seconds between lookups of the stores (workers: orchestrator.dht_refresh)
     discovery_timeout: float = 3.0  # bound on one lookup pass
     usage_flush_interval: float = 5.0  # seconds between writes of per-key usage counts
     grpc: str = ""  # HOST:PORT for the OIP v2 gRPC front (inference.GRPCInferenceService); empty: off

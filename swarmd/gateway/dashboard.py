@@ -40,6 +40,7 @@ from aiohttp import web
 from loguru import logger
 
 from swarmd.gateway.metrics import Histogram
+from swarmd.versions import sort_versions
 
 FEED_INTERVAL = 1.0  # seconds between snapshots sent to a viewer
 COLLECT_INTERVAL = 2.0  # seconds between crawls of the swarm while someone watches
@@ -312,7 +313,7 @@ async def collect_swarm(swarm: Any, own: dict[str, Any], backend: Any, infos: di
     holders = await asyncio.gather(*(lookup(model_topic(n)) for n in names[:MAX_MODEL_LOOKUPS]))
     stored = {n: sorted(r.public_key.hex() for r in recs) for n, recs in zip(names, holders, strict=False)}
     for name in names:
-        versions = sorted({v for m in listed if m.name == name for v in ([m.version, *m.versions])})
+        versions = sort_versions({v for m in listed if m.name == name for v in ([m.version, *m.versions])})
         models.append({
             "name": name,
             "versions": versions,

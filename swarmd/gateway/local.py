@@ -33,8 +33,8 @@ from swarmd.gateway.backend import (
     check_inputs,
     check_outputs,
     not_found,
-    version_key,
 )
+from swarmd.versions import next_version, version_key
 from swarmd.worker.signature import ORT_TO_NUMPY
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
@@ -166,7 +166,7 @@ class LocalBackend:
         existing = self._models.get(upload.name, {})
         version = upload.version
         if version is None:
-            version = str(max((int(v) for v in existing if v.isdigit()), default=0) + 1)
+            version = next_version(existing)
         check_name("version", version)
         if version in existing:
             if existing[version].info.digest == upload.sha256:

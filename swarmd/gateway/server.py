@@ -122,6 +122,24 @@ def tensor_meta(info: ModelInfo, which: str) -> list[dict[str, Any]]:
     return [{"name": t.name, "datatype": oip_datatype(t.dtype), "shape": list(t.shape)} for t in specs]
 
 
+
+def _v1_output(value: np.ndarray, json_texts: bool) -> Any:
+    """An output for /api/v1: numbers as they are; string tensors as lists (parsed when JSON texts)."""
+    if value.dtype != object and value.dtype.kind not in "SU":
+        return np.ascontiguousarray(value)
+    items = [x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in value.ravel().tolist()]
+    if json_texts:
+        try:
+            items = [orjson.loads(x) for x in items]
+        except orjson.JSONDecodeError:
+            pass  # not the JSON a worker makes of a sequence or map: leave the texts as they are
+    if not value.ndim:
+        return items[0]
+    arr = np.empty(len(items), dtype=object)
+    for i, x in enumerate(items):  # one by one: a JSON list must stay one element, not grow a dim
+        arr[i] = x
+    return arr.reshape(value.shape).tolist()
+
 class Gateway:
     """One HTTP listener in front of one InferenceBackend."""
 
@@ -649,10 +667,13 @@ class Gateway:
                 arr = arr[None, ...]  # one sample sent without the batch dimension
             inputs[name] = arr
         result = await self._infer(request, model, version, inputs, outputs)
+        # Non-tensor outputs (a ZipMap classifier's sequence of maps) arrive as JSON texts:
+        # here they are JSON values again; other string tensors are lists of strings.
+        texts = {t.name for t in info.outputs if t.dtype == "object"}
         doc_out: dict[str, Any] = {
             "model": result.model,
             "version": result.version,
-            "outputs": {k: np.ascontiguousarray(v) for k, v in result.outputs.items()},
+            "outputs": {k: _v1_output(v, k in texts) for k, v in result.outputs.items()},
             "request_id": request[RID],
         }
         if result.worker:

@@ -14,30 +14,44 @@ from typing import Any
 
 from swarmd.errors import ERR_CLOSED, ERR_TIMEOUT, ERR_UNAVAILABLE, SwarmdError
 from swarmd.node.identity import Identity
+from swarmd.orchestrator.failover import Unreached
 from swarmd.orchestrator.registry import WorkerLease
 from swarmd.rpc import RpcPeer, connect
 
 
 class WorkerConnections:
-    def __init__(self, identity: Identity | None, *, swarm: Any = None, connect_timeout: float = 2.0) -> None:
+    def __init__(
+        self,
+        identity: Identity | None,
+        *,
+        swarm: Any = None,
+        connect_timeout: float = 2.0,
+        records: dict[str, Any] | None = None,
+    ) -> None:
+        """`records`: the newest DHT record per worker (hex key), so the swarm dials its
+        addresses at once instead of looking the worker up by key first."""
         self.identity = identity or Identity.generate()
-        self.own_key = self.identity.public_hex
         self.swarm = swarm
+        self.records = records if records is not None else {}
         self.connect_timeout = connect_timeout
         self._peers: dict[str, RpcPeer] = {}
         self._dialling: dict[str, asyncio.Future[RpcPeer]] = {}
+        self._owned: set[str] = set()  # workers whose connection we dialled ourselves (not the swarm's)
         self._closing = False
 
     async def call(self, lease: WorkerLease, method: str, params: Any, seconds: float) -> Any:
-        """Call `method` on the worker; every failure is a SwarmdError with a stable code."""
-        if lease.public_key == self.own_key and self.swarm is not None:
-            # A worker role in this very process: the swarm dispatches without a socket.
-            return await self.swarm.request(self.identity.public_key, method, params, timeout=seconds)
+        """Call `method` on the worker; every failure is a SwarmdError with a stable code, and
+        Unreached when no connection could be made (the call never left)."""
         peer = self._peers.get(lease.public_key)
         if peer is None or peer.is_closed:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + seconds
-            peer = await self.peer(lease, min(self.connect_timeout, seconds))
+            try:
+                peer = await self.peer(lease, min(self.connect_timeout, seconds))
+            except Unreached:
+                raise
+            except SwarmdError as e:
+                raise Unreached(e.code, e.message, e.data) from None
             seconds = deadline - loop.time()
             if seconds <= 0.0:
                 raise SwarmdError(ERR_TIMEOUT, f"no time left to call {method!r} after connecting")
@@ -56,11 +70,11 @@ class WorkerConnections:
             pending = asyncio.ensure_future(self._dial(lease, seconds))
             self._dialling[key] = pending
             pending.add_done_callback(lambda f, k=key: self._dial_done(k, f))
-        # asyncio.wait, not asyncio.timeout: this may run in an RPC handler's inline first step, outside a Task.
-        done, _ = await asyncio.wait((pending,), timeout=seconds)
-        if not done:
-            raise SwarmdError(ERR_TIMEOUT, f"connecting to worker {key[:16]} took over {seconds:g} s")
-        return pending.result()
+        try:
+            async with asyncio.timeout(seconds):
+                return await asyncio.shield(pending)  # other callers may still wait on this dial
+        except TimeoutError:
+            raise SwarmdError(ERR_TIMEOUT, f"connecting to worker {key[:16]} took over {seconds:g} s") from None
 
     def _dial_done(self, key: str, fut: asyncio.Future[RpcPeer]) -> None:
         if self._dialling.get(key) is fut:
@@ -72,28 +86,29 @@ class WorkerConnections:
             peer.conn.close(SwarmdError(ERR_CLOSED, "orchestrator is stopping"))
             return
         old = self._peers.get(key)
-        if old is not None and old is not peer and not old.is_closed and self.swarm is None:
+        if old is not None and old is not peer and not old.is_closed and key in self._owned:
             old.conn.close(SwarmdError(ERR_CLOSED, "replaced by a newer connection"))
         self._peers[key] = peer
 
     async def _dial(self, lease: WorkerLease, seconds: float) -> RpcPeer:
         """A worker found on the DHT is reached through the swarm (pooled, deduplicated, any
-        path the swarm knows); one registered by hand at its host/port, directly."""
+        path the swarm knows, our own key in-process); one registered by hand at its
+        host/port directly, then through the swarm."""
         remote = bytes.fromhex(lease.public_key)
         errors: list[str] = []
-        swarm_first = self.swarm is not None and "dht" in lease.sources
-        if swarm_first:
-            peer = await self._via_swarm(remote, seconds, errors)
-            if peer is not None:
+        if self.swarm is None or "dht" not in lease.sources:
+            for host, port in lease.addresses:
+                try:
+                    peer = await connect(self.identity, host, port, remote_public_key=remote, timeout=seconds)
+                except SwarmdError as e:
+                    errors.append(f"{host}:{port}: {e.code}")
+                    continue
+                self._owned.add(lease.public_key)
                 return peer
-        for host, port in lease.addresses:
-            try:
-                return await connect(self.identity, host, port, remote_public_key=remote, timeout=seconds)
-            except SwarmdError as e:
-                errors.append(f"{host}:{port}: {e.code}")
-        if self.swarm is not None and not swarm_first:
+        if self.swarm is not None:
             peer = await self._via_swarm(remote, seconds, errors)
             if peer is not None:
+                self._owned.discard(lease.public_key)
                 return peer
         if not errors:
             raise SwarmdError(
@@ -106,7 +121,7 @@ class WorkerConnections:
     async def _via_swarm(self, remote: bytes, seconds: float, errors: list[str]) -> RpcPeer | None:
         try:
             async with asyncio.timeout(seconds):  # _dial always runs in its own Task
-                return await self.swarm.connect(remote)
+                return await self.swarm.connect(remote, self.records.get(remote.hex()))
         except TimeoutError:
             errors.append(f"swarm: {ERR_TIMEOUT}")
         except SwarmdError as e:
@@ -116,17 +131,18 @@ class WorkerConnections:
     def drop(self, public_key: str) -> None:
         """Close the connection to a worker that left (unregistered or lease expired)."""
         peer = self._peers.pop(public_key, None)
-        if peer is not None and self.swarm is None:
+        if peer is not None and public_key in self._owned:  # the swarm's connections are the swarm's
+            self._owned.discard(public_key)
             peer.conn.close(SwarmdError(ERR_CLOSED, "worker left the registry"))
 
     async def close(self) -> None:
         self._closing = True
         for fut in list(self._dialling.values()):
             fut.cancel()
-        peers = list(self._peers.values())
+        peers = [p for k, p in self._peers.items() if k in self._owned]  # the swarm's are the swarm's to close
         self._peers.clear()
+        self._owned.clear()
         for p in peers:
-            if self.swarm is None:  # swarm-owned connections are the swarm's to close
-                p.conn.close(SwarmdError(ERR_CLOSED, "orchestrator stopping"))
+            p.conn.close(SwarmdError(ERR_CLOSED, "orchestrator stopping"))
         with contextlib.suppress(Exception):
-            await asyncio.gather(*(p.close() for p in peers if self.swarm is None), return_exceptions=True)
+            await asyncio.gather(*(p.close() for p in peers), return_exceptions=True)

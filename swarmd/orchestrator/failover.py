@@ -1,7 +1,9 @@
-"""Failover decisions: which errors move a request to another worker, how long a
+"""Failover decisions: which errors move a request to another peer, how long a
 failing worker sits out, and how long to pause between attempts.
 
-Pure: the router asks these questions and does the waiting and calling itself.
+The one definition of "retryable" in swarmd: the router, the gateway, the
+swarm's topic requests and the client library all ask classify() (or
+retryable()). Pure: callers do the waiting and calling themselves.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from enum import Enum
 
 from swarmd.errors import (
     ERR_CLOSED,
+    ERR_HANDSHAKE,
     ERR_NOT_FOUND,
     ERR_NOT_READY,
     ERR_OVERLOADED,
@@ -23,11 +26,19 @@ from swarmd.errors import (
     SwarmdError,
 )
 
-# Worker-side failures: the request itself was fine, another worker can serve it.
-RETRYABLE_CODES = frozenset({ERR_CLOSED, ERR_TIMEOUT, ERR_OVERLOADED, ERR_UNAVAILABLE})
-# Answers that are about this worker, not the request, yet no sign of ill health: it does not
+# Peer-side failures: the request itself was fine, another peer can serve it. Refused and
+# closed connections, a handshake the peer never finished (it died or restarted under us),
+# timeouts, a full queue.
+RETRYABLE_CODES = frozenset({ERR_CLOSED, ERR_HANDSHAKE, ERR_TIMEOUT, ERR_OVERLOADED, ERR_UNAVAILABLE})
+# Answers that are about this peer, not the request, yet no sign of ill health: it does not
 # have that model (or version) after all, or it is loading / draining since we chose it.
 ELSEWHERE_CODES = frozenset({ERR_NOT_FOUND, ERR_NOT_READY})
+
+
+class Unreached(SwarmdError):
+    """The call never reached the peer: no connection could be made (refused, no route,
+    handshake cut, dial timeout). Retryable like any peer failure, and cheap: a router does
+    not count it against its attempts, so stale records of dead peers cannot use them up."""
 
 
 class Verdict(Enum):
@@ -38,6 +49,8 @@ class Verdict(Enum):
 
 def classify(exc: BaseException) -> tuple[Verdict, str]:
     """(verdict, error code) for an exception raised by a call to a worker."""
+    if isinstance(exc, Unreached):
+        return Verdict.RETRY, exc.code
     if isinstance(exc, SwarmdError):
         if exc.code in RETRYABLE_CODES:
             return Verdict.RETRY, exc.code
@@ -47,6 +60,11 @@ def classify(exc: BaseException) -> tuple[Verdict, str]:
     if isinstance(exc, (ConnectionError, OSError, EOFError)):  # refused, reset, unreachable
         return Verdict.RETRY, ERR_CLOSED
     return Verdict.FINAL, type(exc).__name__
+
+
+def retryable(exc: BaseException) -> bool:
+    """Whether another peer may succeed where this one failed (RETRY or ELSEWHERE)."""
+    return classify(exc)[0] is not Verdict.FINAL
 
 
 def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:

@@ -2,27 +2,31 @@
 
 A Fleet is the registry (Balancer), the connections to workers, the Router,
 the active health loop and — when given a swarm — the feed of the workers'
-DHT records. The orchestrator role serves one over RPC; a gateway or the
-client library can hold their own and call workers directly with the same
-choice and failover, with no orchestrator hop in the data path:
+DHT records. The orchestrator role serves one over RPC; the gateway and the
+client library hold their own and call workers directly with the same choice
+and failover, with no orchestrator hop in the data path:
 
     fleet = Fleet(OrchestratorConfig(), identity, swarm=swarm)
     await fleet.start()
     result, worker = await fleet.route("runInference", {"model": "mlp", "inputs": {...}}, model="mlp")
     await fleet.stop()
+
+Workers enter the registry at one place: ingest_records (the DHT) or the
+balancer's admit (registerWorker).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Collection, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from typing import Any
 
 from loguru import logger
 
-from swarmd.errors import ERR_NOT_FOUND, SwarmdError
+from swarmd.errors import SwarmdError
 from swarmd.node.identity import Identity
+from swarmd.node.supervisor import LOG, Supervisor
 from swarmd.orchestrator.balancer import Balancer
 from swarmd.orchestrator.config import OrchestratorConfig
 from swarmd.orchestrator.connections import WorkerConnections
@@ -32,8 +36,9 @@ from swarmd.orchestrator.registry import WorkerLease
 from swarmd.orchestrator.router import Caller, Router
 from swarmd.topics import WORKERS, worker_model_topic
 
-# Methods whose success on a worker shows it serves params["model"].
-MODEL_METHODS = frozenset({"runInference", "loadModel"})
+# lookup(topic, seconds) -> PeerRecord-like objects announcing topic
+Lookup = Callable[[str, float], Awaitable[list[Any]]]
+LOOK_AGAIN_EVERY = 1.0  # seconds: a request's fresh look at the DHT is shared by every request in that span
 
 
 class Fleet:
@@ -46,18 +51,24 @@ class Fleet:
         balancer: Balancer | None = None,
         health_checks: bool = True,
         call: Caller | None = None,
+        lookup: Lookup | None = None,
     ) -> None:
         """`call(lease, method, params, seconds)` replaces how workers are called (both for
-        requests and health checks), e.g. a gateway's own swarm.request; by default one
-        RPC connection per worker (WorkerConnections)."""
+        requests and health checks); by default one RPC connection per worker
+        (WorkerConnections). `lookup(topic, seconds)` replaces how worker records are found;
+        by default the swarm's full lookup."""
         self.config = config or OrchestratorConfig()
         self.swarm = swarm
         self.balancer = balancer or Balancer(self.config)
+        self.records: dict[str, Any] = {}  # hex key -> the newest DHT record of each registered worker
         self.connections = WorkerConnections(
-            identity, swarm=swarm, connect_timeout=self.config.connect_timeout
+            identity, swarm=swarm, connect_timeout=self.config.connect_timeout, records=self.records
         )
         caller = call or self.connections.call
-        self.router = Router(self.balancer, caller)
+        if lookup is None and swarm is not None:
+            lookup = self._swarm_lookup
+        self.lookup = lookup
+        self.router = Router(self.balancer, caller, refresh=self.look_again if lookup is not None else None)
         self.monitor = HealthMonitor(self.balancer, caller, on_expired=self._expired)
         self.health_checks = health_checks
         self.bad_records = 0
@@ -69,7 +80,9 @@ class Fleet:
         self._seq: dict[str, int] = {}
         self._dead: dict[str, int] = {}
         self._model_lookups: dict[str, float] = {}  # model -> when its topic was last looked up
-        self._tasks: list[asyncio.Task[Any]] = []
+        self._looked_again = -1e9  # monotonic time of the last look_again
+        self.discovered_at = 0.0  # monotonic time of the last full WORKERS lookup (0: never)
+        self.tasks: Supervisor | None = None  # the scope of the health and discovery loops, once started
         self.log = logger.bind(part="fleet")
 
     # -- lifecycle ------------------------------------------------------------
@@ -77,26 +90,20 @@ class Fleet:
     async def start(self, supervisor: Any = None) -> None:
         """Start the health loop and (with a swarm) the DHT feed.
 
-        With a supervisor (swarmd.node.supervisor.Supervisor) the loops are its
-        children, so a crash stops the node; either way stop() cancels and
-        awaits them.
+        With a supervisor (swarmd.node.supervisor.Supervisor) the loops run in
+        a "fleet" scope of it, so a crash stops the node; alone, in a scope of
+        their own whose crash is logged. stop() cancels and awaits them.
         """
+        if self.tasks is None:
+            self.tasks = supervisor.scope("fleet") if supervisor is not None else Supervisor(name="fleet", policy=LOG)
         if self.health_checks:
-            self._spawn(supervisor, self.monitor.run(), "fleet-health")
-        if self.swarm is not None:
-            self._spawn(supervisor, self._discover_loop(), "fleet-discovery")
-
-    def _spawn(self, supervisor: Any, coro: Coroutine[Any, Any, Any], name: str) -> None:
-        if supervisor is not None:
-            self._tasks.append(supervisor.spawn(coro, name=name))
-        else:
-            self._tasks.append(asyncio.get_running_loop().create_task(coro, name=name))
+            self.tasks.spawn(self.monitor.run(), "fleet-health")
+        if self.lookup is not None:
+            self.tasks.spawn(self._discover_loop(), "fleet-discovery")
 
     async def stop(self) -> None:
-        tasks, self._tasks = self._tasks, []
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)  # never swallows a cancel of stop() itself
+        if self.tasks is not None:
+            await self.tasks.close()
         await self.monitor.close()
         await self.connections.close()
 
@@ -111,75 +118,49 @@ class Fleet:
         capability: str | None = None,
         budget: float | None = None,
     ) -> tuple[Any, WorkerLease]:
-        """Call `method` on the best worker for (model, capability), failing over as configured.
-
-        A model nobody in the registry serves yet is looked up on its own DHT
-        topic once before giving up, so the first request for a model does not
-        wait for the next WORKERS refresh; a model no worker has loaded goes to
-        any ONLINE worker (route_unloaded), which loads it from a store.
-        """
-        try:
-            return await self.router.route(method, params, model=model, capability=capability, budget=budget)
-        except SwarmdError as e:
-            if not _unknown_model(e, model):
-                raise
-            if await self._found_after_lookup(e, model):
-                return await self.router.route(
-                    method, params, model=model, capability=capability, budget=budget
-                )
-            if not self.config.route_unloaded or not self.balancer.candidates(None, capability):
-                raise
-        # Nobody has it loaded: any ONLINE worker fetches it from a store on first use. If the
-        # model exists nowhere, the first worker's ERR_NOT_FOUND is the answer (no tour of all).
-        result, lease = await self.router.route(
-            method, params, model=None, capability=capability, budget=budget, final_codes=(ERR_NOT_FOUND,)
-        )
-        if model is not None and method in MODEL_METHODS:
-            # It answered, so it serves the model now: route the next requests straight to it
-            # instead of down this path (an exception, a lookup check, a second choice) each time.
-            self.balancer.registry.add_model(lease.public_key, model)
-        return result, lease
+        """Call `method` on the best worker for (model, capability), failing over as configured
+        (Router.route: the one loop; a model nobody is known to serve is looked up on the DHT
+        once, then sent to any ONLINE worker, which loads it from a store)."""
+        return await self.router.route(method, params, model=model, capability=capability, budget=budget)
 
     async def choose(
         self, model: str | None, capability: str | None = None, exclude: Collection[str] = ()
     ) -> WorkerLease:
-        """The worker a request should go to (the caller does the call), with the same fallbacks as route()."""
-        try:
-            return self.balancer.choose(model, capability, exclude)
-        except SwarmdError as e:
-            if not _unknown_model(e, model):
-                raise
-            if await self._found_after_lookup(e, model):
-                return self.balancer.choose(model, capability, exclude)
-            if not self.config.route_unloaded or not self.balancer.candidates(None, capability):
-                raise
-        return self.balancer.choose(None, capability, exclude)
+        """The worker a request should go to (the caller does the call), with route()'s fallbacks."""
+        return await self.router.choose(model, capability, exclude)
 
-    async def _found_after_lookup(self, err: SwarmdError, model: str | None) -> bool:
-        if not _unknown_model(err, model) or model is None or self.swarm is None:
+    async def look_again(self, model: str | None, seconds: float) -> bool:
+        """One fresh look at the workers for a request that found nobody (left) to ask: WORKERS,
+        and the model's own topic at most once per dht_refresh. Shared: at most one look per
+        LOOK_AGAIN_EVERY seconds whatever the number of requests. True when records came in."""
+        now = time.monotonic()
+        if self.lookup is None or now - self._looked_again < LOOK_AGAIN_EVERY or seconds <= 0.0:
             return False
-        if self._lookup_throttled(model, time.monotonic()):
-            return False  # checked here too: no Task per request while the lookup is throttled
-        # In a Task of its own: this may run in an RPC handler's inline first step, where
-        # the swarm's lookup timeout (asyncio.wait_for / timeout) needs a current Task.
-        return await asyncio.ensure_future(self.lookup_model(model)) > 0
+        self._looked_again = now
+        topics = [WORKERS]
+        if model is not None and not self._lookup_throttled(model, now):
+            self._remember_lookup(model, now)
+            topics.append(worker_model_topic(model))
+        seconds = min(seconds, max(self.config.dht_refresh, 3.0))
+        try:
+            async with asyncio.timeout(seconds + 0.5):  # each lookup ends itself at `seconds`
+                found = await asyncio.gather(*(self.lookup(t, seconds) for t in topics))
+        except (SwarmdError, TimeoutError) as e:
+            self.log.bind(event="lookup_failed", error=str(e)).info("worker lookup failed: {}", e)
+            return False
+        return self.ingest_records(r for records in found for r in records) > 0
 
     def _lookup_throttled(self, model: str, now: float) -> bool:
         last = self._model_lookups.get(model)
         return last is not None and now - last < self.config.dht_refresh
 
-    async def lookup_model(self, model: str) -> int:
-        """Look worker_model_topic(model) up now, at most once per dht_refresh per model."""
-        now = time.monotonic()
-        if self._lookup_throttled(model, now):
-            return 0
+    def _remember_lookup(self, model: str, now: float) -> None:
         if len(self._model_lookups) >= 4096:  # bounded: forget old throttles rather than grow
             self._model_lookups.clear()
         self._model_lookups[model] = now
-        records = await self.swarm.lookup_all(
-            worker_model_topic(model), timeout=max(self.config.dht_refresh, 3.0)
-        )
-        return self.ingest_records(records)
+
+    async def _swarm_lookup(self, topic: str, seconds: float) -> list[Any]:
+        return await self.swarm.lookup_all(topic, timeout=seconds)
 
     # -- membership from the DHT ------------------------------------------------
 
@@ -191,10 +172,13 @@ class Fleet:
                 self.log.bind(event="discovery_failed", error=str(e)).warning("worker lookup failed: {}", e)
             await asyncio.sleep(self.config.dht_refresh)
 
-    async def discover_once(self) -> int:
+    async def discover_once(self, seconds: float | None = None) -> int:
         """Look WORKERS up once and renew a DHT lease for every valid record; returns how many."""
-        async with asyncio.timeout(max(self.config.dht_refresh, 5.0)):
-            records = await self.swarm.lookup_all(WORKERS)
+        assert self.lookup is not None, "a fleet with no swarm and no lookup discovers nothing"
+        seconds = max(self.config.dht_refresh, 5.0) if seconds is None else seconds
+        async with asyncio.timeout(seconds + 1.0):  # the lookup ends itself at `seconds`; this bounds a stuck one
+            records = await self.lookup(WORKERS, seconds)
+        self.discovered_at = time.monotonic()
         return self.ingest_records(records)
 
     def ingest_records(self, records: Iterable[Any]) -> int:
@@ -240,23 +224,16 @@ class Fleet:
             except SwarmdError as e:  # registry full
                 self.log.bind(event="registry_full").warning("{}", e.message)
                 break
+            self.records[key] = rec
             n += 1
         return n
 
     def _expired(self, public_key: str, was_ejected: bool) -> None:
         self.connections.drop(public_key)
+        self.records.pop(public_key, None)
         seq = self._seq.pop(public_key, None)
         if seq is not None and was_ejected:
             self._dead[public_key] = seq
             while len(self._dead) > self.config.max_workers:  # bounded: forget the oldest first
                 self._dead.pop(next(iter(self._dead)))
 
-
-def _unknown_model(err: SwarmdError, model: str | None) -> bool:
-    """The registry's own "nobody serves this model" (not a worker's ERR_NOT_FOUND)."""
-    return (
-        model is not None
-        and err.code == ERR_NOT_FOUND
-        and isinstance(err.data, dict)
-        and err.data.get("workers") == 0
-    )

@@ -65,6 +65,27 @@ class NodeContext:
         """A co-located role instance (same process), or None."""
         return self._roles.get(name)
 
+    def trusts(self, key: bytes, role: str, record: Any = None, *, replica: bool = False) -> bool:
+        """May peer `key` act as `role` toward this node: be fetched from, be replicated with?
+
+        The one place roles ask before they take data from a peer they found on the DHT
+        (`record`: its record there, which may carry role grants). Two checks, both must
+        pass: the swarm's role grants (ctx.trust, when the node has one and it is not
+        open), and the node's own [access] lists: with lists, a replica (replica=True:
+        it writes into our catalog) must be in access.allow, any other data source in
+        one of the lists; with no lists, every key passes this second check.
+        """
+        if key == self.identity.public_key:
+            return True
+        trust = getattr(self, "trust", None)
+        if trust is not None and not getattr(trust, "is_open", False):
+            admitted = trust.admits_record(record, role) if record is not None else trust.admits(key, role)
+            if not admitted:
+                return False
+        fw = getattr(self.rpc_server, "firewall", None)
+        if fw is None or fw.open or key in fw.allow:
+            return True
+        return not replica and key in fw.allow_read_only
 
 def check_can_listen(host: str, port: int, *, udp: bool = False, what: str = "cannot listen on ") -> None:
     """Raise ConfigError when host:port cannot be bound now (taken, or no such address).
@@ -106,6 +127,20 @@ class Role:
 
     def __init__(self, ctx: NodeContext) -> None:
         self.ctx = ctx
+        self._scope: Supervisor | None = None
+
+    @property
+    def tasks(self) -> Supervisor:
+        """This role's scope of the node's Supervisor ("role:NAME"): its loops, whose crash stops
+        the node. The daemon closes it after the role's stop()."""
+        if self._scope is None:
+            self._scope = self.ctx.tasks.scope(f"role:{self.name}")
+        return self._scope
+
+    async def close_tasks(self) -> None:
+        """Cancel and await whatever still runs in this role's scope."""
+        if self._scope is not None:
+            await self._scope.close()
 
     async def start(self) -> None:
         """Register methods, join topics, spawn loops. Return when serving."""

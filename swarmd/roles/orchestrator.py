@@ -59,7 +59,6 @@ class OrchestratorRole(Role):
         self.log = logger.bind(role="orchestrator")
         self._announced = False
         self._payload: dict[str, Any] = {}
-        self._tasks: list[asyncio.Task[Any]] = []
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -73,22 +72,19 @@ class OrchestratorRole(Role):
             methods.register("getServiceStatus", self.get_service_status, op="r")
             methods.register("getLoadBalancingStats", self.get_load_balancing_stats, op="r")
             methods.register("healthCheck", self.health_check, op="r")
-        await self.fleet.start(self.ctx.tasks)
+        await self.fleet.start(self.tasks)
         swarm = self.ctx.swarm
         if swarm is not None:
             self._payload = self._announcement()
             await swarm.join(ORCHESTRATORS, announce=True, lookup=False, payload=self._payload, live=True)
             self._announced = True
-            self._tasks.append(self.ctx.tasks.spawn(self._announce_loop(), name="orchestrator-announce"))
+            self.tasks.spawn(self._announce_loop(), name="orchestrator-announce")
         self.log.bind(event="orchestrator_started", policy=self.balancer.policy.name).info(
             "orchestrator serving"
         )
 
     async def stop(self) -> None:
-        tasks, self._tasks = self._tasks, []
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)  # never swallows a cancel of stop() itself
+        await self.close_tasks()  # the announce loop, and the fleet's health and discovery loops
         if self._announced and self.ctx.swarm is not None:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2.0):

@@ -14,7 +14,8 @@ import contextlib
 import hashlib
 import math
 import random
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +34,19 @@ from swarmd.node.deadline import within
 from swarmd.roles.base import NodeContext, Role
 from swarmd.settings import parse_hostport
 from swarmd.store.blobs import check_digest, hash_file
-from swarmd.store.catalog import ModelMeta, check_description, check_name, check_tags, check_version
+from swarmd.store.catalog import ModelMeta, check_description, check_name, check_tags, check_version, now
 from swarmd.store.core import ModelStore, PushRequest
 from swarmd.store.onnxsig import warm_up
-from swarmd.store.replication import Pull, plan_replication, rows_to_adopt
+from swarmd.store.replication import Pull, from_the_future, plan_replication, rows_to_adopt
 from swarmd.store.transfer import BatchWriter, ReadAhead, pull_stream
 from swarmd.topics import STORES, blob_topic, model_topic
 
-MAX_STATE_ROWS = 100_000  # bound on a peer's catalog we are willing to read
+MAX_STATE_ROWS = 100_000  # bound on a peer's digest lists we are willing to read
+PAGE_ROWS = 2_000  # catalog changes one storeState answer carries (and we take from one peer per round)
+MAX_ROUND_ROWS = 20_000  # catalog changes taken from all peers in one round; the rest wait for the next
+MAX_ROWS_PER_BLOB = 64  # name:version rows a replica pull may publish for one blob
+MAX_EAGER_ROUNDS = 8  # rounds run back to back while peers have more changes, before the interval again
+MAX_UNHELD_DELETIONS = 10_000  # remembered deletions of rows we do not hold (in memory, oldest dropped)
 
 
 def _params(params: Any, allowed: set[str], required: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
@@ -104,13 +110,52 @@ def _meta_from_wire(obj: Any) -> ModelMeta:
 
 @dataclass
 class PeerState:
-    """What one store told us about itself in a replication round."""
+    """What one store told us about itself in a replication round.
+
+    models: the catalog changes after our cursor for it (one page), not its catalog.
+    """
 
     key: str
     have: set[str]
     missing: set[str]
     refused: set[str]
     models: list[ModelMeta]
+    cursor: int = 0
+    head: int = 0
+    more: bool = False
+    dropped: int = field(default=0)
+    since: int = 0
+
+
+def _parse_state(key: str, obj: Any, since: int) -> PeerState:
+    """A peer's storeState answer, type-checked (run in a thread: it can be thousands of rows)."""
+    if not isinstance(obj, dict):
+        raise SwarmdError(ERR_BAD_REQUEST, "storeState answer must be a map")
+    sets = {}
+    for name in ("have", "missing", "refused"):
+        v = obj.get(name, [])
+        if not isinstance(v, list) or len(v) > MAX_STATE_ROWS:
+            raise SwarmdError(ERR_BAD_REQUEST, f"storeState.{name} must be a list of at most {MAX_STATE_ROWS}")
+        sets[name] = {check_digest(d) for d in v}
+    rows = obj.get("models", [])
+    if not isinstance(rows, list) or len(rows) > PAGE_ROWS:
+        raise SwarmdError(ERR_BAD_REQUEST, f"storeState.models must be a list of at most {PAGE_ROWS} rows")
+    cursor, head = obj.get("cursor", 0), obj.get("head", 0)
+    for v in (cursor, head):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise SwarmdError(ERR_BAD_REQUEST, "storeState cursor and head must be non-negative integers")
+    if rows and cursor <= since:
+        raise SwarmdError(ERR_BAD_REQUEST, "storeState sent changes without moving its cursor")
+    t = now()
+    models, dropped = [], 0
+    for r in rows:
+        m = _meta_from_wire(r)
+        if from_the_future(m, t):
+            dropped += 1
+            continue
+        models.append(m)
+    return PeerState(key, sets["have"], sets["missing"], sets["refused"], models, cursor, head,
+                     bool(obj.get("more")), dropped, since)
 
 
 class StoreRole(Role):
@@ -134,6 +179,13 @@ class StoreRole(Role):
         self._peers: dict[str, Any] = {}  # static peers' open connections, by key
         self._records: dict[str, Any] = {}  # STORES records from the last lookup, by key
         self._unreachable: set[str] = set()
+        self._untrusted: set[str] = set()  # logged once each
+        self._cursors: dict[str, int] = {}  # peer key -> change number of its catalog we have seen
+        self._more = False  # a peer has changes we did not take this round
+        self._more_rounds = 0
+        # deletions, made on other stores, of rows we do not hold: a copy of such a row from a
+        # store that has not heard of the deletion yet is refused (bounded, in memory only)
+        self._deleted_elsewhere: OrderedDict[tuple[str, str, str], float] = OrderedDict()
         self._full_round = False
         self._static_peers = [self._parse_peer(p) for p in self.config.peers]
         self.log = logger.bind(role="store", node=self.key[:16])
@@ -252,16 +304,24 @@ class StoreRole(Role):
         return {"deleted": row.to_dict()}
 
     async def store_state(self, ctx: Any, params: Any) -> dict[str, Any]:
-        _params(params, set())
+        """Our holdings, and the catalog changes after change number `since` (one page)."""
+        p = _params(params, {"since", "limit"})
+        since, limit = _opt_int(p, "since"), _opt_int(p, "limit", PAGE_ROWS)
         core = self.core
-        rows = core.catalog.list(include_deleted=True)
-        live = {m.digest for m in rows if m.deleted is None}
-        return {
-            "have": sorted(core.holdings()),
-            "missing": sorted(core.missing()),
-            "refused": sorted({m.digest for m in rows if m.deleted is not None} - live),
-            "models": [m.to_dict(replication=True) for m in rows[:MAX_STATE_ROWS]],
-        }
+
+        def read() -> dict[str, Any]:
+            rows, cursor, head = core.catalog.changes(since, max(1, min(limit, PAGE_ROWS)))
+            return {
+                "have": sorted(core.holdings()),
+                "missing": sorted(core.missing()),
+                "refused": sorted(core.catalog.tombstoned_digests()),
+                "models": [m.to_dict(replication=True) for m in rows],
+                "cursor": cursor,
+                "head": head,
+                "more": cursor < head,
+            }
+
+        return await asyncio.to_thread(read)
 
     async def download_blob(self, ctx: Any, params: Any, stream: Any) -> dict[str, Any]:
         # Each download holds up to two chunks and its share of the connection's write buffer
@@ -407,13 +467,23 @@ class StoreRole(Role):
     # -- replication ---------------------------------------------------------------
 
     async def _peer_keys(self) -> list[str]:
-        """Keys of the other stores we know of: static peers, and those announcing STORES."""
-        keys = {k for k, _, _ in self._static_peers}
+        """The stores we replicate with: static peers, and those announcing STORES that we trust.
+
+        The one place the peer set is decided (NodeContext.trusts): a key that may not
+        write to us gets no say in our catalog by answering storeState either.
+        """
+        keys = {k for k, _, _ in self._static_peers}  # named by the operator: trusted
         swarm = self.ctx.swarm
         if swarm is not None:
             self._records = {}
             for rec in await swarm.lookup_all(STORES):
-                self._records[rec.public_key.hex()] = rec
+                if self.ctx.trusts(rec.public_key, "store", rec, replica=True):
+                    self._records[rec.public_key.hex()] = rec
+                elif rec.public_key.hex() not in self._untrusted:
+                    self._untrusted.add(rec.public_key.hex())
+                    self.log.bind(event="replica_refused", peer=rec.public_key.hex()[:16]).warning(
+                        "not replicating with store {}: it is not a trusted store of this swarm",
+                        rec.public_key.hex()[:16])
             keys |= set(self._records)
         keys.discard(self.key)
         return sorted(keys)
@@ -462,6 +532,12 @@ class StoreRole(Role):
                 self.rounds += 1
                 self._round_done.set()
                 self._wake.clear()
+                # a peer has more changes than one round takes: go on at once, a few rounds in a
+                # row at most (a peer that always has more must not keep this loop spinning)
+                self._more_rounds = self._more_rounds + 1 if self._more else 0
+                if self._more and self._more_rounds <= MAX_EAGER_ROUNDS:
+                    self._wake.set()
+                self._more = False
                 interval = self.config.replicate_interval * (0.8 + 0.4 * random.random())
                 # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that lands as
                 # the wake-up does, and the loop would outlive stop()
@@ -483,21 +559,12 @@ class StoreRole(Role):
         self._wake.set()
         await self._round_done.wait()
 
-    async def _state_of(self, key: str) -> PeerState | None:
+    async def _state_of(self, key: str, budget: int) -> PeerState | None:
+        since = self._cursors.get(key, 0)
         try:
-            obj = await self._call(key, "storeState", {}, self.config.transfer_timeout)
-            if not isinstance(obj, dict):
-                raise SwarmdError(ERR_BAD_REQUEST, "storeState answer must be a map")
-            sets = {}
-            for field in ("have", "missing", "refused"):
-                v = obj.get(field, [])
-                if not isinstance(v, list) or len(v) > MAX_STATE_ROWS:
-                    raise SwarmdError(ERR_BAD_REQUEST, f"storeState.{field} must be a list")
-                sets[field] = {check_digest(d) for d in v}
-            rows = obj.get("models", [])
-            if not isinstance(rows, list) or len(rows) > MAX_STATE_ROWS:
-                raise SwarmdError(ERR_BAD_REQUEST, "storeState.models must be a list")
-            state = PeerState(key, sets["have"], sets["missing"], sets["refused"], [_meta_from_wire(r) for r in rows])
+            obj = await self._call(key, "storeState", {"since": since, "limit": max(1, min(budget, PAGE_ROWS))},
+                                   self.config.transfer_timeout)
+            state = await asyncio.to_thread(_parse_state, key, obj, since)
         except (SwarmdError, OSError, TimeoutError) as e:
             self._peers.pop(key, None)
             if key not in self._unreachable:  # one line per change, not one per round: a dead
@@ -507,28 +574,45 @@ class StoreRole(Role):
         if key in self._unreachable:
             self._unreachable.discard(key)
             self.log.bind(event="store_reachable", peer=key[:16]).info("store {} reachable again", key[:16])
+        if state.dropped:
+            self.log.bind(event="rows_refused", peer=key[:16], count=state.dropped).warning(
+                "refused {} catalog rows from store {} stamped in the future", state.dropped, key[:16])
         return state
 
     async def replicate_once(self) -> list[Pull]:
-        """One round: learn peers' state, adopt their deletions, pull what the plan gives us."""
+        """One round: learn peers' state and catalog changes, adopt their deletions, pull what the plan gives us."""
         core = self.core
         keys = await self._peer_keys()
-        states = [s for s in await asyncio.gather(*(self._state_of(k) for k in keys)) if s is not None]
-        local = {(m.name, m.version): m for m in core.catalog.list(include_deleted=True)}
+        random.shuffle(keys)  # the round's row budget goes to different peers first each round
+        budget = MAX_ROUND_ROWS
+        states: list[PeerState] = []
+        for batch in [keys[i:i + 8] for i in range(0, len(keys), 8)]:
+            share = max(1, min(PAGE_ROWS, budget // max(1, len(batch))))
+            got = await asyncio.gather(*(self._state_of(k, share) for k in batch))
+            for st in got:
+                if st is not None:
+                    states.append(st)
+                    budget -= len(st.models)
         adopted: list[ModelMeta] = []
+        t = now()
         for st in states:
-            rows = rows_to_adopt(local, st.models)
-            if rows:
-                adopted += await asyncio.to_thread(core.apply_tombstones, rows)
-                local = {(m.name, m.version): m for m in core.catalog.list(include_deleted=True)}
+            adopt, unheld = await asyncio.to_thread(rows_to_adopt, core.catalog.row, st.models, t)
+            for r in unheld:
+                self._deleted_elsewhere[(r.name, r.version, r.digest)] = r.updated
+                self._deleted_elsewhere.move_to_end((r.name, r.version, r.digest))
+            while len(self._deleted_elsewhere) > MAX_UNHELD_DELETIONS:
+                self._deleted_elsewhere.popitem(last=False)
+            if adopt:
+                adopted += await asyncio.to_thread(core.apply_tombstones, adopt)
+            # a head behind our cursor: the peer lost its catalog (or a new one has its key): start over
+            self._cursors[st.key] = st.cursor if st.head >= st.since else 0
+            self._more = self._more or st.more or st.head < st.since  # the next round comes at once
         if adopted:
             self.log.bind(event="deletions_adopted", count=len(adopted)).info(
                 "adopted {} deletions made on other stores", len(adopted)
             )
-        rows = list(local.values())
-        live_digests = {m.digest for m in rows if m.deleted is None}
-        mine = PeerState(self.key, core.holdings(), core.missing(),
-                         {m.digest for m in rows if m.deleted is not None} - live_digests, [])
+        refused = await asyncio.to_thread(core.catalog.tombstoned_digests)
+        mine = PeerState(self.key, core.holdings(), core.missing(), refused, [])
         every = [mine, *states]
         plan = plan_replication(
             {s.key: s.have for s in every}, [s.key for s in every], self.config.replication_factor,
@@ -545,13 +629,40 @@ class StoreRole(Role):
         results = await asyncio.gather(*(run(p) for p in todo))
         return [p for p, ok in zip(todo, results, strict=True) if ok]
 
+    async def _rows_for(self, source: str, digest: str) -> list[ModelMeta]:
+        """The source's live rows for one blob, checked: not from the future, not deleted elsewhere, capped."""
+        ans = await self._call(source, "listModels", {"digest": digest, "include_deleted": True},
+                               self.config.transfer_timeout)
+        rows = ans.get("models") if isinstance(ans, dict) else None
+        if not isinstance(rows, list):
+            raise SwarmdError(ERR_BAD_REQUEST, "listModels answer must hold a models list")
+
+        def parse() -> list[ModelMeta]:
+            t = now()
+            out = []
+            for r in rows[:MAX_ROWS_PER_BLOB * 4]:
+                m = _meta_from_wire(r)
+                if m.digest != digest or m.deleted is not None or from_the_future(m, t):
+                    continue
+                gone = self._deleted_elsewhere.get((m.name, m.version, m.digest))
+                if gone is not None and gone >= m.updated:
+                    continue
+                out.append(m)
+            return out[:MAX_ROWS_PER_BLOB]
+
+        return await asyncio.to_thread(parse)
+
     async def _pull(self, p: Pull, source: PeerState) -> bool:
-        rows = [m for m in source.models if m.digest == p.digest and m.deleted is None]
+        log = self.log.bind(event="replica_pull", digest=p.digest, source=p.source[:16])
+        try:
+            rows = await self._rows_for(p.source, p.digest)
+        except (SwarmdError, OSError, TimeoutError) as e:
+            log.warning("cannot list the rows of {} on {}: {}", p.digest[:16], p.source[:16], e)
+            return False
         if not rows:
             return False
         core = self.core
         first = rows[0]
-        log = self.log.bind(event="replica_pull", digest=p.digest, source=p.source[:16])
         try:
             up = await asyncio.to_thread(core.begin, PushRequest(first.name, p.digest, first.size, first.version))
         except SwarmdError as e:

@@ -70,6 +70,12 @@ class RpcPart:
             instance_id=ctx.instance_id,
         )
         await self.server.start()
+
+        async def node_tasks(call: Any, params: Any) -> Any:
+            """The node's Supervisor tree: every scope's name, crash policy and running tasks."""
+            return ctx.tasks.describe()
+
+        ctx.methods.register("node.tasks", node_tasks, op="r")
         ctx.rpc_server = self.server
         ctx.ports["rpc"] = self.server.port
 

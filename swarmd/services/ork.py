@@ -41,6 +41,7 @@ from swarmd.errors import (
     SwarmdError,
 )
 from swarmd.node.deadline import within
+from swarmd.node.supervisor import LOG, Supervisor
 from swarmd.services.params import as_params, bad_request, check_id, check_keys
 from swarmd.services.query import apply_sort, compile_sort
 from swarmd.services.things import THING_METHODS, Thing, ThingsConfig, ThingService, mount_handlers
@@ -189,23 +190,21 @@ class Ork:
         self.discovered: dict[str, Rack] = {}  # public key hex -> rack with a lease
         self._clock = clock
         self._lookup = lookup
-        self._discover_task: asyncio.Task[None] | None = None
+        self.tasks: Supervisor | None = None  # the discovery loop's scope, while started
         self.log = logger.bind(service="ork")
 
-    async def start(self) -> None:
-        await self.book.start()
+    async def start(self, tasks: Supervisor | None = None) -> None:
+        """Open the rack book and start discovery, in an "ork" scope of `tasks` (the node's
+        Supervisor) when given."""
+        if self.tasks is None:
+            self.tasks = tasks.scope("ork") if tasks is not None else Supervisor(name="ork", policy=LOG)
+        await self.book.start(self.tasks)
         if self._lookup is not None and self.config.discover_interval_s > 0:
-            self._discover_task = asyncio.get_running_loop().create_task(self._discover_loop(), name="ork:discover")
+            self.tasks.spawn(self._discover_loop(), name="ork:discover")
 
     async def stop(self) -> None:
-        task, self._discover_task = self._discover_task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                if not task.cancelled():
-                    raise
+        if self.tasks is not None:
+            await self.tasks.close()
         await self.book.stop()
 
     async def discover_once(self) -> int:

@@ -69,6 +69,7 @@ from swarmd.errors import (
     ERR_UNKNOWN_METHOD,
     SwarmdError,
 )
+from swarmd.node.supervisor import LOG, Supervisor
 from swarmd.services.params import (
     ID_RE,
     as_params,
@@ -209,7 +210,7 @@ class ThingService:
         self.persist = persist
         self._store: ThingStore | None = None
         self._write_lock = asyncio.Lock()
-        self._loop_task: asyncio.Task[None] | None = None
+        self.tasks: Supervisor | None = None  # the snapshot loop's scope, while started
         self._round_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ hooks
@@ -271,8 +272,9 @@ class ThingService:
     def collects_snaps(self) -> bool:
         return type(self).collect_thing_snap is not ThingService.collect_thing_snap
 
-    async def start(self) -> None:
-        """Open the database, replay it into memory, start the snapshot loop."""
+    async def start(self, tasks: Supervisor | None = None) -> None:
+        """Open the database, replay it into memory, start the snapshot loop (in a
+        "things:NAME" scope of `tasks`, the node's Supervisor, when given)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         self._store = ThingStore(self.dir / "things.sqlite" if self.persist else None)
         try:
@@ -283,23 +285,18 @@ class ThingService:
             raise
         await self.replay()
         if self.collects_snaps and self.config.snapshot_interval_s > 0:
-            self._loop_task = asyncio.get_running_loop().create_task(
-                self._snapshot_loop(), name=f"things:{self.name}:snapshots"
-            )
+            if self.tasks is None:
+                scope = f"things:{self.name}"
+                self.tasks = tasks.scope(scope) if tasks is not None else Supervisor(name=scope, policy=LOG)
+            self.tasks.spawn(self._snapshot_loop(), name=f"things:{self.name}:snapshots")
         self.log.bind(event="things_started", count=len(self.things)).info(
             "thing service {} serving {} things", self.name, len(self.things)
         )
 
     async def stop(self) -> None:
         """Stop the loop (cancel and await it), tear things down, close the database."""
-        task, self._loop_task = self._loop_task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                if not task.cancelled():  # our own caller is being cancelled
-                    raise
+        if self.tasks is not None:
+            await self.tasks.close()
         async with self._write_lock:  # let a write in flight commit before the database closes
             if self._store is not None:
                 for thing in list(self.things.values()):

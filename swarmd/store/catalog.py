@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from swarmd.errors import ERR_BAD_REQUEST, SwarmdError
+from swarmd.versions import next_version, version_key
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
@@ -141,11 +142,6 @@ class ModelMeta:
         )
 
 
-def version_key(version: str) -> tuple[int, int, str]:
-    """Order for auto-numbered versions: integers numerically, then others by text."""
-    return (0, int(version), "") if version.isdigit() else (1, 0, version)
-
-
 class Catalog:
     """Thread-safe access to meta.sqlite; every method is one short transaction."""
 
@@ -157,6 +153,17 @@ class Catalog:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
         self._lock = threading.RLock()
+
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Add the change counter to catalogs made before it existed (rows keep their order)."""
+        with self._lock:
+            cols = {r[1] for r in self._db.execute("PRAGMA table_info(models)").fetchall()}
+            if "seq" not in cols:
+                self._db.execute("ALTER TABLE models ADD COLUMN seq INTEGER NOT NULL DEFAULT 0")
+                self._db.execute("UPDATE models SET seq = rowid")
+            self._db.execute("CREATE INDEX IF NOT EXISTS models_seq ON models(seq)")
 
     def close(self) -> None:
         with self._lock:
@@ -177,11 +184,9 @@ class Catalog:
         return self._one("SELECT * FROM models WHERE name=? AND version=?", (name, version))
 
     def live(self, name: str, version: str | None = None) -> ModelMeta | None:
-        if version is None or version == LATEST:
-            return self._one(
-                "SELECT * FROM models WHERE name=? AND deleted IS NULL ORDER BY created DESC, version DESC LIMIT 1",
-                (name,),
-            )
+        if version is None or version == LATEST:  # the newest by the one version order (swarmd.versions)
+            rows = self._many("SELECT * FROM models WHERE name=? AND deleted IS NULL", (name,))
+            return max(rows, key=lambda m: version_key(m.version), default=None)
         return self._one("SELECT * FROM models WHERE name=? AND version=? AND deleted IS NULL", (name, version))
 
     def list(
@@ -207,23 +212,23 @@ class Catalog:
         return rows
 
     def next_version(self, name: str) -> str:
-        """One more than the highest integer version ever used for name (tombstones count)."""
+        """The version a push without one takes (swarmd.versions.next_version; tombstones count)."""
         with self._lock:
             rows = self._db.execute("SELECT version FROM models WHERE name=?", (name,)).fetchall()
-        nums = [int(r[0]) for r in rows if r[0].isdigit()]
-        return str(max(nums, default=0) + 1)
+        return next_version(r[0] for r in rows)
 
     def upsert(self, m: ModelMeta) -> None:
         """Write one row (insert or replace) and its tag index, atomically."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM models").fetchone()[0]
                 self._db.execute(
                     "INSERT OR REPLACE INTO models (name, version, digest, size, format, inputs, outputs, tags,"
-                    " description, created, uploader, deleted, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    " description, created, uploader, deleted, updated, seq) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (
                         m.name, m.version, m.digest, m.size, m.format, json.dumps(m.inputs), json.dumps(m.outputs),
-                        json.dumps(m.tags), m.description, m.created, m.uploader, m.deleted, m.updated,
+                        json.dumps(m.tags), m.description, m.created, m.uploader, m.deleted, m.updated, seq,
                     ),
                 )
                 self._db.execute("DELETE FROM model_tags WHERE name=? AND version=?", (m.name, m.version))
@@ -235,6 +240,31 @@ class Catalog:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+
+    def changes(self, since: int, limit: int) -> tuple[list[ModelMeta], int, int]:
+        """Rows changed after change number `since`, oldest change first, at most `limit`.
+
+        Returns (rows, cursor, head): pass cursor as the next `since`; head is the
+        newest change number (a peer whose cursor is past it lost its catalog).
+        Every write of a row gives it the next change number, so a replica that
+        asks again from its cursor sees each change once, not the whole catalog.
+        """
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM models WHERE seq > ? ORDER BY seq LIMIT ?", (since, limit)
+            ).fetchall()
+            head = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM models").fetchone()[0]
+        cursor = rows[-1]["seq"] if rows else max(since, 0) if since <= head else head
+        return [ModelMeta.from_row(r) for r in rows], cursor, head
+
+    def tombstoned_digests(self) -> set[str]:
+        """Digests only deleted rows refer to (a replica must not be given them again)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT DISTINCT digest FROM models WHERE deleted IS NOT NULL"
+                " EXCEPT SELECT digest FROM models WHERE deleted IS NULL"
+            ).fetchall()
+        return {r[0] for r in rows}
 
     def referenced(self, digest: str) -> bool:
         with self._lock:

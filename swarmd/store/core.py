@@ -262,7 +262,8 @@ class ModelStore:
             up.close()
 
     def apply_tombstones(self, rows: list[ModelMeta]) -> list[ModelMeta]:
-        """Record deletions made on other stores (see replication.rows_to_adopt); collect freed blobs."""
+        """Record deletions made on other stores of rows we hold (see replication.rows_to_adopt);
+        collect freed blobs."""
         done: list[ModelMeta] = []
         with self._lock:
             for r in rows:
@@ -271,9 +272,9 @@ class ModelStore:
                 check_name(r.name)
                 check_version(r.version)
                 mine = self.catalog.row(r.name, r.version)
-                if mine is not None and (mine.digest != r.digest or mine.updated >= r.updated):
-                    continue
-                tomb = mine or r
+                if mine is None or mine.digest != r.digest or mine.updated >= r.updated:
+                    continue  # never a permanent row for a version we do not hold
+                tomb = mine
                 tomb.deleted, tomb.updated = float(r.deleted), float(r.updated)
                 self.catalog.upsert(tomb)
                 self._collect(tomb.digest)

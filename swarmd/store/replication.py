@@ -10,7 +10,7 @@ A view that differs between stores only causes a spare copy, never a loss.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from swarmd.store.catalog import ModelMeta
@@ -71,24 +71,37 @@ def plan_replication(
     return pulls
 
 
-def rows_to_adopt(local: Mapping[tuple[str, str], ModelMeta], remote: Collection[ModelMeta]) -> list[ModelMeta]:
-    """Remote tombstones that should delete (or pre-empt) our rows: deletions spread.
+MAX_CLOCK_SKEW = 300.0  # seconds a peer's clock may run ahead of ours; rows stamped later are refused
 
-    A deletion newer than our live row wins (last writer wins on `updated`).
-    A name:version keeps one digest forever, so a remote row naming other
-    bytes than ours is never adopted. Live rows are not adopted here: they
-    arrive with their blob, through a pull (and a pull re-publishes a row
-    only when it is newer than our tombstone).
+
+def from_the_future(row: ModelMeta, now: float) -> bool:
+    """Stamped later than any honest clock could be: a remote clock is never taken on its word."""
+    limit = now + MAX_CLOCK_SKEW
+    return row.updated > limit or row.created > limit or (row.deleted is not None and row.deleted > limit)
+
+
+def rows_to_adopt(
+    local: Callable[[str, str], ModelMeta | None], remote: Iterable[ModelMeta], now: float
+) -> tuple[list[ModelMeta], list[ModelMeta]]:
+    """Remote tombstones that delete our rows: (to adopt, deletions of rows we do not hold).
+
+    A deletion adopts only over a live row we hold for the same digest and only
+    when it is newer (last writer wins on `updated`), and never when it is stamped
+    in the future (a peer cannot win every merge by its clock). A tombstone for a
+    row we do not hold is never written (a peer could fill our catalog with
+    permanent rows); it is returned apart so the caller can refuse a later copy
+    of that row from a store that has not heard of the deletion yet. A remote
+    row naming other bytes than ours is never adopted. Live rows are not adopted
+    here: they arrive with their blob, through a pull.
     """
-    out: list[ModelMeta] = []
+    adopt: list[ModelMeta] = []
+    unheld: list[ModelMeta] = []
     for r in remote:
-        mine = local.get((r.name, r.version))
+        if r.deleted is None or from_the_future(r, now):
+            continue
+        mine = local(r.name, r.version)
         if mine is None:
-            if r.deleted is not None:
-                out.append(r)
-            continue
-        if mine.digest != r.digest:
-            continue
-        if r.deleted is not None and mine.deleted is None and r.updated > mine.updated:
-            out.append(r)
-    return out
+            unheld.append(r)
+        elif mine.digest == r.digest and mine.deleted is None and r.updated > mine.updated:
+            adopt.append(r)
+    return adopt, unheld

@@ -29,7 +29,8 @@ class SwarmPart:
     async def start(self) -> None:
         ctx = self.ctx
         self.swarm = Swarm(
-            ctx.identity, ctx.dht, ctx.rpc_server, swarm_config_from(ctx.settings), trust=getattr(ctx, "trust", None)
+            ctx.identity, ctx.dht, ctx.rpc_server, swarm_config_from(ctx.settings),
+            trust=getattr(ctx, "trust", None), tasks=getattr(ctx, "tasks", None),
         )
         self.swarm.register_methods()
         await self.swarm.start()

@@ -29,23 +29,23 @@ from swarmd.errors import (
     ERR_BAD_REQUEST,
     ERR_CLOSED,
     ERR_NOT_FOUND,
-    ERR_TIMEOUT,
     ERR_UNAVAILABLE,
-    ERR_UNKNOWN_METHOD,
     SwarmdError,
 )
 from swarmd.net.punch import PathAttempt
 from swarmd.node.deadline import within
 from swarmd.node.identity import Identity
+from swarmd.node.supervisor import LOG, Supervisor
 from swarmd.node.trust import Trust
+from swarmd.orchestrator.failover import retryable  # a leaf: the one definition of "retryable"
 from swarmd.rpc import CallContext, Methods, RpcPeer, RpcServer, connect
+from swarmd.rpc.local import LocalPeer
 from swarmd.rpc.registry import ConnectionRegistry
 from swarmd.swarm.config import SwarmConfig
 from swarmd.swarm.traversal import PATH_RANK, PathMetrics, path_of, path_rank
 from swarmd.topics import ROLE_TOPICS, peer_topic, topic_role
 
 Firewall = Callable[[bytes], Awaitable[bool]]  # True admits the peer (by its public key)
-RETRYABLE = frozenset({ERR_CLOSED, ERR_UNAVAILABLE, ERR_TIMEOUT})
 RETIRE_QUIET = 1.0  # s without a call in flight or a message either way before a replaced connection closes
 RETIRE_MAX = 300.0  # s a replaced connection may keep finishing its calls and streams
 
@@ -118,8 +118,11 @@ class Swarm:
         *,
         firewall: Firewall | None = None,
         on_connection: Callable[[ConnectionEvent], None] | None = None,
+        tasks: Supervisor | None = None,
         trust: Trust | None = None,
     ) -> None:
+        """`tasks`: the node's Supervisor; the swarm's tasks (topic loops, dials, reconnects)
+        run in a "swarm" scope of it whose failures are logged, not fatal."""
         self.identity = identity
         self.public_key = identity.public_key
         self.dht = dht
@@ -150,10 +153,11 @@ class Swarm:
         self._seen: dict[bytes, dict[bytes, PeerRecord]] = {}  # topic -> pk -> newest record seen
         self._reconnecting: set[bytes] = set()
         self._subscribers: list[asyncio.Queue[ConnectionEvent]] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self.tasks = tasks.scope("swarm", LOG) if tasks is not None else Supervisor(name="swarm", policy=LOG)
         self._started = False
         self._closing = False
         self._prev_on_peer: Callable[[RpcPeer], None] | None = None
+        self._local: LocalPeer | None = None
         self._log = logger.bind(component="swarm", node=identity.public_hex[:16])
 
     # -- lifecycle ---------------------------------------------------------------
@@ -171,7 +175,7 @@ class Swarm:
             if self.firewall is None:
                 self._admit(peer)  # at once: the peer is in the table before it is served
             else:
-                self._spawn(self._admit_inbound(peer))
+                self._spawn(self._admit_inbound(peer), "swarm-admit")
 
         self.server.on_peer = on_peer
         self._prev_on_peer = prev
@@ -191,29 +195,21 @@ class Swarm:
                 self.server.hold_new_peers = False
         leaves = [within(self.leave(t), self.config.leave_timeout) for t in list(self._topics)]
         await asyncio.gather(*leaves, return_exceptions=True)  # best effort: records expire anyway
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.tasks.close()
         for fut in self._dialing.values():
             fut.cancel()
         await self._registry.close()
+        if self._local is not None:
+            await self._local.close()
         if self._own_server:
             await self.server.stop()
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            self._log.bind(event="swarm_task_failed", error=f"{type(exc).__name__}: {exc}").warning(
-                "swarm background task failed"
-            )
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any] | None:
+        """A task of the swarm's scope; None (coro dropped) once the swarm is stopping."""
+        try:
+            return self.tasks.spawn(coro, name)
+        except RuntimeError:  # the scope is closed: we are stopping, nothing new starts
+            return None
 
     # -- addresses ----------------------------------------------------------------
 
@@ -270,7 +266,7 @@ class Swarm:
             await asyncio.gather(old.task, return_exceptions=True)
         joined = _Joined(t, announce, lookup, payload, seq=old.seq if old else 0, role=role, live=live)
         self._topics[t] = joined
-        joined.task = self._spawn(self._topic_loop(joined))
+        joined.task = self._spawn(self._topic_loop(joined), f"swarm-topic-{t.hex()[:8]}")
         return t
 
     async def update(self, topic: bytes | str, payload: dict[str, Any] | None) -> AnnounceResult:
@@ -376,7 +372,9 @@ class Swarm:
                     continue
                 if len(self._registry) + len(self._dialing) >= self.config.max_peers:
                     continue
-                dials.append(self._spawn(self._quiet_connect(rec)))
+                dial = self._spawn(self._quiet_connect(rec), "swarm-dial")
+                if dial is not None:
+                    dials.append(dial)
         if topic in self._topics:
             self._seen[topic] = found
         if dials:
@@ -468,9 +466,7 @@ class Swarm:
         if open, joined if being dialled, else dialled at the record's addresses
         (looked up on the peer's own topic when no record is given)."""
         if public_key == self.public_key:
-            raise SwarmdError(
-                ERR_BAD_REQUEST, "cannot connect to our own public key; request() dispatches locally"
-            )
+            return self.local_peer()
         current = self._registry.get(public_key)
         if current is not None:
             return current
@@ -492,13 +488,20 @@ class Swarm:
         finally:
             self._dialing.pop(public_key, None)
 
+    def local_peer(self) -> LocalPeer:
+        """Our own method table as a peer (calls and streams in-process): what connecting to
+        our own key gives, so co-located roles are reached like remote ones, minus the socket."""
+        if self._local is None or self._local.is_closed:
+            self._local = LocalPeer(self.methods, self.public_key, self.server.config, self.server.instance_id)
+        return self._local
+
     async def _resolve(self, public_key: bytes) -> PeerRecord:
         topic = self.topic(peer_topic(public_key.hex()))
         async with aclosing(self.dht.lookup(topic)) as it:
             async for rec in it:
                 if rec.public_key == public_key:
                     return rec
-        raise SwarmdError(ERR_NOT_FOUND, f"no record for peer {public_key.hex()[:16]}… on the DHT")
+        raise SwarmdError(ERR_UNAVAILABLE, f"no record for peer {public_key.hex()[:16]}… on the DHT")
 
     async def _dial(self, public_key: bytes, record: PeerRecord | None) -> RpcPeer:
         if record is None:
@@ -591,11 +594,11 @@ class Swarm:
         except SwarmdError:
             return
         if self._closing:
-            self._spawn(peer.close())
+            self._spawn(peer.close(), "swarm-close-peer")
             return
         if self._registry.get(pk) is None and len(self._registry) >= self.config.max_peers:
             self._log.bind(event="peer_limit", peer=pk.hex()[:16]).info("max peers reached; closing inbound")
-            self._spawn(peer.close())
+            self._spawn(peer.close(), "swarm-close-peer")
             return
         self._register(peer, inbound=True)
 
@@ -612,7 +615,7 @@ class Swarm:
             # an upgrade (e.g. relayed -> punched): new calls take the better path from now
             # on, calls and streams in flight on the old one finish there, then it closes
             self._registry.remove(pk, before)
-            self._spawn(self._retire(before))
+            self._spawn(self._retire(before), "swarm-retire")
         kept = self._registry.add(peer)
         if kept is peer and kept is not before:
             self.path_metrics.opened[path_of(peer)] = self.path_metrics.opened.get(path_of(peer), 0) + 1
@@ -652,7 +655,7 @@ class Swarm:
             return  # replaced by a deduplicated twin: the peer is still connected
         self._emit(ConnectionEvent("close", pk, peer, self._topics_of(pk), not peer.conn.initiator))
         if not self._closing and self._still_wanted(pk) and pk not in self._reconnecting:
-            self._spawn(self._reconnect(pk))
+            self._spawn(self._reconnect(pk), "swarm-reconnect")
 
     async def _reconnect(self, pk: bytes) -> None:
         """Re-dial a peer found by a lookup, with exponential backoff and jitter."""
@@ -687,27 +690,14 @@ class Swarm:
 
     # -- requests ---------------------------------------------------------------------
 
-    async def _call_local(self, method: str, params: Any, timeout: float) -> Any:
-        m = self.methods.get(method)
-        if m is None:
-            raise SwarmdError(ERR_UNKNOWN_METHOD, f"no method {method!r} on this node")
-        if m.stream:
-            raise SwarmdError(ERR_BAD_REQUEST, f"{method!r} is a stream method: open it as a stream")
-        loop = asyncio.get_running_loop()
-        ctx = CallContext(self.public_key, method, 0, loop.time() + timeout, None)  # type: ignore[arg-type]
-        try:
-            return await within(m.handler(ctx, params), timeout)
-        except TimeoutError:
-            raise SwarmdError(ERR_TIMEOUT, f"{method!r} did not answer within {timeout:g} s") from None
-
     async def request(
         self, public_key: bytes, method: str, params: Any = None, timeout: float | None = None
     ) -> Any:  # noqa: ASYNC109
-        """Call method on the peer with this key (locally, without a socket, for
-        our own key). A connection that closes under the call is re-dialled once."""
+        """Call method on the peer with this key (our own key: the local peer, no socket).
+        A connection that closes under the call is re-dialled once."""
         t = timeout or self.config.request_timeout
         if public_key == self.public_key:
-            return await self._call_local(method, params, t)
+            return await self.local_peer().call(method, params, timeout=t)
         for attempt in (0, 1):
             peer = self._registry.get(public_key) or await self.connect(
                 public_key, self._latest_record(public_key)
@@ -747,7 +737,7 @@ class Swarm:
             try:
                 return await self.request(rec.public_key, method, params, timeout)
             except SwarmdError as e:
-                if e.code not in RETRYABLE:
+                if not retryable(e):
                     raise
                 last = e
         if last is not None:

@@ -722,7 +722,7 @@ class Traversal:
         if own is None:
             own = await self.newest_own_record(public_key, self.swarm.config.lookup_timeout)
             if own is None:
-                raise SwarmdError(ERR_NOT_FOUND, f"no record for peer {public_key.hex()[:16]}… on the DHT")
+                raise SwarmdError(ERR_UNAVAILABLE, f"no record for peer {public_key.hex()[:16]}… on the DHT")
         payload = own.payload if isinstance(own.payload, dict) else {}
         theirs = payload.get("nat") if isinstance(payload.get("nat"), str) else UNKNOWN
         signal = _keys(payload.get("signal"))

@@ -67,8 +67,15 @@ class WorkerConfig:
     # Bounds on talking to stores: one RPC, and a whole model download.
     store_timeout: float = 10.0
     fetch_timeout: float = 300.0  # bound on a whole model download, in seconds
-    # Models loaded at once (each holds a session in memory); loading one more is refused.
+    # Models loaded at once (each holds a session in memory). Models loaded by inference requests
+    # are a cache: the least recently used one is unloaded to make room. Models pinned by the
+    # operator (loadModel, preload, worker.models) are never evicted; past max_models of those,
+    # loading one more is refused.
     max_models: int = 16
+    # Seconds between checks of the stores' catalogs for the names this worker serves: an
+    # unversioned request is served by the newest live version (swarmd.versions) at most this
+    # old, and versions deleted from the stores are unloaded within it.
+    catalog_interval: float = 2.0
     # Model loads (fetch + session build) in progress at once, e.g. triggered by first requests.
     max_concurrent_loads: int = 4
     # Models to fetch from the stores and load at start: "name" or "name:version".
@@ -110,7 +117,8 @@ class WorkerConfig:
         for key in ("intra_op_threads", "inter_op_threads", "inline_run_us"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"worker.{key} must be 0 or more, got {getattr(self, key)}")
-        for key in ("default_timeout", "announce_interval", "store_timeout", "fetch_timeout", "drain_timeout"):
+        for key in ("default_timeout", "announce_interval", "store_timeout", "fetch_timeout", "drain_timeout",
+                    "catalog_interval"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"worker.{key} must be positive, got {getattr(self, key)}")
         if not isinstance(self.providers, list) or not all(

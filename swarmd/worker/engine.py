@@ -34,8 +34,10 @@ from swarmd.errors import (
     ERR_TIMEOUT,
     SwarmdError,
 )
+from swarmd.versions import latest
 from swarmd.worker.batcher import Pending, PendingState, Result, execute, internal_error, take_batch
 from swarmd.worker.config import BatchingConfig, WorkerConfig
+from swarmd.worker.result import InferResult
 from swarmd.worker.runtime import ModelRuntime
 from swarmd.worker.signature import ModelSignature
 from swarmd.worker.stats import LoadSnapshot, LoadStats, ModelStats
@@ -46,13 +48,6 @@ class WorkerState(enum.Enum):
     ONLINE = "ONLINE"
     DRAINING = "DRAINING"  # finishing accepted work, taking no more
     STOPPED = "STOPPED"
-
-
-@dataclass
-class InferenceResult:
-    model: str
-    version: str
-    outputs: dict[str, np.ndarray]
 
 
 @dataclass(eq=False)
@@ -130,7 +125,9 @@ class InferenceEngine:
         self.queued = 0
         self.in_flight = 0
         self._models: dict[tuple[str, str], ServedModel] = {}
-        self._default: dict[str, str] = {}  # name -> version answered when none is asked
+        # name -> version answered when none is asked: the newest loaded by swarmd.versions (the
+        # worker role asks its stores which version is the latest and passes it explicitly)
+        self._default: dict[str, str] = {}
         self._loading: dict[tuple[str, str], asyncio.Future[ServedModel]] = {}
         self._free = config.max_concurrent_inferences  # run slots not in use
         self._turn = 0
@@ -197,7 +194,7 @@ class InferenceEngine:
         served = ServedModel(name, version, digest, runtime, policy, size=size)
         served.idle.set()
         self._models[(name, version)] = served
-        self._default[name] = version
+        self._default[name] = latest(v for (n, v) in self._models if n == name) or version
         for note in runtime.notes:
             self.log.bind(event="provider_unavailable", model=name).warning("worker.providers: {}", note)
         if runtime.fallback is not None:
@@ -245,9 +242,9 @@ class InferenceEngine:
                 m.delay_timer.cancel()
             self.log.bind(event="model_unloaded", model=m.name, version=m.version).info(
                 "unloaded model {}:{}", m.name, m.version)
-        remaining = [v for (n, v) in self._models if n == name]
-        if remaining:
-            self._default[name] = remaining[-1]
+        remaining = latest(v for (n, v) in self._models if n == name)
+        if remaining is not None:
+            self._default[name] = remaining
         else:
             self._default.pop(name, None)
         return [m.version for m in targets]
@@ -263,7 +260,7 @@ class InferenceEngine:
         version: str | None = None,
         budget: float | None = None,
         request_id: str | None = None,
-    ) -> InferenceResult:
+    ) -> InferResult:
         """Validate, queue (or refuse at once), and await the answer within `budget` seconds.
 
         `budget` is what is left of the caller's deadline (config.default_timeout
@@ -304,7 +301,7 @@ class InferenceEngine:
             if p.state is PendingState.QUEUED:  # the caller gave up: free its place in line
                 self._retire_queued(served, p)
             raise
-        return InferenceResult(served.name, served.version, dict(zip(names, arrays, strict=True)))
+        return InferResult(served.name, served.version, dict(zip(names, arrays, strict=True)))
 
     def _retire_queued(self, served: ServedModel, p: Pending) -> None:
         p.state = PendingState.DONE

@@ -6,6 +6,7 @@ worker never pays its import time and memory.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -91,10 +92,34 @@ class ModelRuntime:
         )
 
     def run(self, output_names: tuple[str, ...], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Blocking run; the caller validated `feeds` against the signature."""
-        return self.session.run(list(output_names), feeds)
+        """Blocking run; the caller validated `feeds` against the signature.
+
+        Outputs that are not tensors (a sequence of maps, as skl2onnx's default ZipMap
+        classifier output, or a map) come back as a string tensor of JSON texts, one
+        per element (see json_texts), so every output travels as a tensor.
+        """
+        return [o if isinstance(o, np.ndarray) else json_texts(o) for o in self.session.run(list(output_names), feeds)]
 
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+def _plain(value: Any) -> Any:
+    """A map or sequence from onnxruntime as JSON-ready Python: keys as text, numbers as numbers."""
+    if isinstance(value, dict):
+        return {str(k.item() if isinstance(k, np.generic) else k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.tolist()
+    return value
+
+
+def json_texts(value: Any) -> np.ndarray:
+    """A non-tensor output as a 1-D string tensor: one JSON text per element of a sequence
+    (a row of a ZipMap output: {"0": 0.8, "1": 0.2}), or one for a lone map."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    # a fixed-width unicode array, not an object one: it travels as raw bytes like any tensor
+    return np.array([json.dumps(_plain(item), allow_nan=True) for item in items], dtype=str)

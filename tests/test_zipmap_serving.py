@@ -1,0 +1,78 @@
+"""The model most newcomers make: skl2onnx's default export of a classifier adds a ZipMap
+output (a sequence of maps). Pushed with the CLI (which warns and names the option that
+gives a plain tensor), it is served by real daemons on both HTTP routes: JSON objects on
+/api/v1, BYTES holding JSON text on /v2."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.conftest import http_json, run_cli, swarmd_env
+
+
+def _post(port: int, key: str, path: str, doc: dict[str, Any]) -> tuple[int, Any]:
+    return http_json(port, key, "POST", path, doc)
+
+
+def test_runtime_turns_maps_into_json_texts() -> None:
+    from swarmd.worker.runtime import json_texts
+
+    out = json_texts([{0: np.float32(0.25), 1: np.float32(0.75)}, {0: 1.0, 1: 0.0}])
+    assert out.dtype.kind == "U" and out.shape == (2,)
+    assert [json.loads(x) for x in out] == [{"0": 0.25, "1": 0.75}, {"0": 1.0, "1": 0.0}]
+    assert [json.loads(x) for x in json_texts({"a": [1, 2]})] == [{"a": [1, 2]}]
+
+
+@pytest.mark.slow
+def test_zipmap_classifier_is_served_on_both_routes(tmp_path: Path, daemons: Any) -> None:
+    from skl2onnx import to_onnx
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((60, 4)).astype(np.float32)
+    y = (X[:, 0] + X[:, 1] > 0).astype(np.int64)
+    clf = LogisticRegression().fit(X, y)
+    model = tmp_path / "clf.onnx"
+    model.write_bytes(to_onnx(clf, X[:1]).SerializeToString())  # the default: with a ZipMap
+
+    env = swarmd_env(SWARMD_GATEWAY_ACCESS_LOG="false")
+    node = daemons("--role", "bootstrap,store,worker", "--data-dir", str(tmp_path / "n"), env=env)
+    boot = f"127.0.0.1:{node.wait_event('ready')['ports']['dht']}"
+    gw = daemons("--role", "gateway", "--http", "127.0.0.1:0", "--data-dir", str(tmp_path / "g"),
+                 "--bootstrap", boot, env=env)
+    port = gw.wait_event("ready")["ports"]["http"]
+    key = re.search(r"first admin API key \(shown once, store it now\): (\S+)", "".join(gw.lines)).group(1)
+
+    res = run_cli("model", "push", str(model), "--name", "clf", "--data-dir", str(tmp_path / "n"))
+    assert res.returncode == 0, res.stderr
+    assert "output_probability" in res.stderr and "{'zipmap': False}" in res.stderr  # the warning names the fix
+
+    x = X[:3]
+    want = clf.predict_proba(x)
+    import time
+
+    deadline = time.monotonic() + 90
+    while True:  # the gateway finds the worker on its own schedule
+        status, doc = _post(port, key, "/api/v1/inference/clf", {"inputs": {"X": x.tolist()}})
+        if status == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert status == 200, doc
+    probs = doc["outputs"]["output_probability"]
+    assert isinstance(probs, list) and len(probs) == 3 and all(isinstance(p, dict) for p in probs)
+    np.testing.assert_allclose([[p["0"], p["1"]] for p in probs], want, rtol=1e-5, atol=1e-6)
+    assert doc["outputs"]["output_label"] == clf.predict(x).tolist()
+
+    status, doc = _post(port, key, "/v2/models/clf/infer", {"inputs": [
+        {"name": "X", "shape": [3, 4], "datatype": "FP32", "data": x.ravel().tolist()}]})
+    assert status == 200, doc
+    out = next(o for o in doc["outputs"] if o["name"] == "output_probability")
+    assert out["datatype"] == "BYTES" and out["shape"] == [3]
+    np.testing.assert_allclose([[json.loads(t)["0"], json.loads(t)["1"]] for t in out["data"]], want,
+                               rtol=1e-5, atol=1e-6)
