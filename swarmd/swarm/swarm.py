@@ -33,6 +33,7 @@ from swarmd.errors import (
     SwarmdError,
 )
 from swarmd.net.punch import PathAttempt
+from swarmd.node.deadline import within
 from swarmd.node.identity import Identity
 from swarmd.node.supervisor import LOG, Supervisor
 from swarmd.node.trust import Trust
@@ -106,6 +107,7 @@ class _Joined:
     payload: dict[str, Any] | None
     seq: int = 0
     role: str | None = None  # the role its announcers must hold (swarmd.topics.topic_role)
+    live: bool = False  # short-lived record, refreshed often (SwarmConfig.live_*)
     first_round: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     last: AnnounceResult | None = None
@@ -206,7 +208,7 @@ class Swarm:
             self.server.on_peer = self._prev_on_peer  # a shared server stops feeding us peers
             if self.firewall is not None:
                 self.server.hold_new_peers = False
-        leaves = [asyncio.wait_for(self.leave(t), self.config.lookup_timeout) for t in list(self._topics)]
+        leaves = [within(self.leave(t), self.config.leave_timeout) for t in list(self._topics)]
         await asyncio.gather(*leaves, return_exceptions=True)  # best effort: records expire anyway
         await self.tasks.close()
         for fut in self._dialing.values():
@@ -261,9 +263,15 @@ class Swarm:
         announce: bool = True,
         lookup: bool = True,
         payload: dict[str, Any] | None = None,
+        *,
+        live: bool = False,
     ) -> bytes:
         """Announce under and/or look up a topic, then keep doing so until leave().
-        Returns the 32-byte topic. Use flush() to wait for the first round."""
+        Returns the 32-byte topic. Use flush() to wait for the first round.
+
+        live=True: our record says "this node is up now" (a worker, a store); it
+        lives config.live_record_ttl and is refreshed every live_reannounce_interval,
+        so a node that dies without leaving drops out of lookups within the TTL."""
         await self.start()
         t = self.topic(topic)
         role = self.role_of(topic)
@@ -271,7 +279,7 @@ class Swarm:
         if old is not None and old.task is not None:
             old.task.cancel()
             await asyncio.gather(old.task, return_exceptions=True)
-        joined = _Joined(t, announce, lookup, payload, seq=old.seq if old else 0, role=role)
+        joined = _Joined(t, announce, lookup, payload, seq=old.seq if old else 0, role=role, live=live)
         self._topics[t] = joined
         joined.task = self._spawn(self._topic_loop(joined), f"swarm-topic-{t.hex()[:8]}")
         return t
@@ -305,7 +313,7 @@ class Swarm:
         if not waits:
             return True
         try:
-            await asyncio.wait_for(asyncio.gather(*waits), timeout or self.config.flush_timeout)
+            await within(asyncio.gather(*waits), timeout or self.config.flush_timeout)
             return True
         except TimeoutError:
             return False
@@ -322,7 +330,7 @@ class Swarm:
             self.addresses(),
             self.trust.with_grants(joined.payload),
             self._next_seq(joined),
-            self.config.record_ttl,
+            self.config.live_record_ttl if joined.live else self.config.record_ttl,
             time.time(),
             self.dht.config.max_payload,
             self.dht.config.max_addresses,
@@ -339,7 +347,11 @@ class Swarm:
             work = []
             if joined.announce and now >= next_announce:
                 work.append(self._announce(joined))
-                next_announce = now + cfg.reannounce_interval + random.uniform(0, cfg.reannounce_jitter)
+                if joined.live:
+                    every, jitter = cfg.live_reannounce_interval, cfg.live_reannounce_jitter
+                else:
+                    every, jitter = cfg.reannounce_interval, cfg.reannounce_jitter
+                next_announce = now + every + random.uniform(0, jitter)
             if joined.lookup:
                 work.append(self._lookup_and_connect(joined.topic))
             results = await asyncio.gather(*work, return_exceptions=True)
@@ -431,7 +443,7 @@ class Swarm:
                         out[rec.public_key] = rec
 
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(run(), timeout or self.config.lookup_timeout)
+            await within(run(), timeout or self.config.lookup_timeout)
         return list(out.values())
 
     # -- connections ------------------------------------------------------------------
@@ -508,7 +520,7 @@ class Swarm:
 
     async def _dial(self, public_key: bytes, record: PeerRecord | None) -> RpcPeer:
         if record is None:
-            record = await asyncio.wait_for(self._resolve(public_key), self.config.lookup_timeout)
+            record = await within(self._resolve(public_key), self.config.lookup_timeout)
         t0 = time.monotonic()
         if self.traversal is None:
             return await self._dial_addresses(public_key, record, self.config.connect_timeout)
@@ -576,7 +588,7 @@ class Swarm:
             return
         if self.firewall is not None:
             try:
-                allowed = await asyncio.wait_for(self.firewall(pk), self.config.connect_timeout)
+                allowed = await within(self.firewall(pk), self.config.connect_timeout)
             except Exception as e:  # a failing firewall denies
                 self._log.bind(event="firewall_failed", error=str(e)).warning(
                     "firewall callback failed; denying"
