@@ -227,9 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.node.log_level, settings.node.log_format)
     try:
         if args.command is None:
-            from swarmd.node.eventloop import run
+            from swarmd.node.eventloop import exit_process, run
 
-            return run(run_daemon(settings), settings.node.event_loop)
+            exit_process(run(run_daemon(settings), settings.node.event_loop, reap_timeout=2.0))
         result = commands[args.command].run(args)
         if inspect.iscoroutine(result):
             result = asyncio.run(result)

@@ -1,9 +1,13 @@
 """The composition root: a Node owns its parts and runs their lifecycle.
 
-Start order: data dir -> identity -> RPC server -> DHT -> swarm -> roles (in
-ROLE_ORDER) -> status file -> one "ready" log line. Stop runs in reverse and
-is bounded by node.stop_timeout. A crashed background task stops the node
-with a non-zero exit status and a logged reason.
+Start order: data dir (created, then locked: one daemon per data dir) ->
+start-up checks (ports, config, files: Role.preflight; no side effects) ->
+identity -> RPC server -> DHT -> swarm -> roles (in ROLE_ORDER) -> status
+file -> one "ready" log line. So a check that can fail fails before a key is
+created or anything is announced. Stop runs in reverse and is bounded by
+node.stop_timeout. A crashed background task stops the node with a non-zero
+exit status and a logged reason; any start-up failure exits 1 with one line,
+and SIGINT/SIGTERM during the start abandons it.
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ from loguru import logger
 
 from swarmd import __version__
 from swarmd.errors import ConfigError, SwarmdError
+from swarmd.node.datadir import DataDirLock
 from swarmd.node.identity import Identity
 from swarmd.node.supervisor import Supervisor
-from swarmd.roles.base import ROLE_ORDER, NodeContext, Role
+from swarmd.roles.base import ROLE_ORDER, NodeContext, Role, check_can_listen
 from swarmd.settings import Settings
 
 EXIT_OK = 0
@@ -73,6 +78,7 @@ class Node:
         self._stop_requested = asyncio.Event()
         self._started: list[tuple[str, Any]] = []  # (name, stop coroutine function), in start order
         self.ctx: NodeContext | None = None
+        self.lock: DataDirLock | None = None
         self.log = logger
 
     # -- lifecycle -----------------------------------------------------------
@@ -88,11 +94,28 @@ class Node:
         )
         self.request_stop(EXIT_CRASH)
 
+    def preflight(self, roles: tuple[str, ...], data_dir: Path) -> None:
+        """Every start-up check that can fail, before any side effect (keys, announces)."""
+        cfg = self.settings.node
+        check_can_listen(cfg.host, cfg.port)
+        check_can_listen(cfg.host, cfg.dht_port, udp=True, what="cannot listen for the DHT on UDP ")
+        from swarmd.dht.part import dht_config_from
+
+        dht_config_from(self.settings).validate()
+        for name in roles:
+            (self._role_classes.get(name) or role_class(name)).preflight(self.settings, data_dir)
+
     async def start(self) -> NodeContext:
         cfg = self.settings.node
         data_dir = ensure_data_dir(Path(cfg.data_dir))
-        identity = Identity.load_or_create(data_dir / "identity.key")
+        self.lock = DataDirLock.acquire(data_dir)
         roles = tuple(r for r in ROLE_ORDER if r in cfg.roles)
+        try:
+            self.preflight(roles, data_dir)
+            identity = Identity.load_or_create(data_dir / "identity.key")
+        except BaseException:
+            self.lock.release()
+            raise
         self.log = logger.bind(node=identity.public_hex[:16])
         ctx = NodeContext(
             identity=identity,
@@ -116,7 +139,7 @@ class Node:
                 self._started.append((f"role:{name}", role.stop))
             await self._serve_metrics(ctx)
         except BaseException:
-            await self.stop()
+            await self._stop_within(self.settings.node.stop_timeout)
             raise
         self.write_status()
         self.log.bind(
@@ -158,9 +181,33 @@ class Node:
                 )
         if self.ctx is not None:
             await self.ctx.tasks.close()
-            status = self.ctx.data_dir / "status.json"
-            with contextlib.suppress(OSError):
-                status.unlink()
+            self._remove_status()
+        if self.lock is not None:
+            self.lock.release()
+
+    async def _stop_within(self, seconds: float) -> bool:
+        """stop(), bounded; False (logged) when it overran."""
+        try:
+            async with asyncio.timeout(seconds):
+                await self.stop()
+            return True
+        except TimeoutError:
+            self.log.bind(event="stop_timeout").error("graceful stop took longer than {}s; exiting anyway", seconds)
+            if self.lock is not None:
+                self.lock.release()
+            return False
+
+    def _remove_status(self) -> None:
+        """Delete status.json only if this process wrote it (it names our pid)."""
+        assert self.ctx is not None
+        status = self.ctx.data_dir / "status.json"
+        try:
+            if json.loads(status.read_text()).get("pid") != os.getpid():
+                return
+        except (OSError, ValueError, AttributeError):
+            return
+        with contextlib.suppress(OSError):
+            status.unlink()
 
     async def _serve_metrics(self, ctx: NodeContext) -> None:
         """Every role's metrics and the swarm's, on node.metrics when it is set."""
@@ -191,7 +238,7 @@ class Node:
             "version": __version__,
         }
         path = ctx.data_dir / "status.json"
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(doc, indent=2) + "\n")
         os.replace(tmp, path)
 
@@ -201,21 +248,35 @@ class Node:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.request_stop)
         try:
+            starting = asyncio.ensure_future(self.start())
+            stop_wait = asyncio.ensure_future(self._stop_requested.wait())
             try:
-                await self.start()
-            except SwarmdError as e:
-                self.log.bind(event="start_failed", code=e.code).error("start failed: {}", e.message)
+                await asyncio.wait({starting, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stop_wait.cancel()
+            if not starting.done():  # SIGINT/SIGTERM while starting (e.g. waiting for a bootstrap)
+                self.log.bind(event="start_abandoned").warning("stop requested during start; stopping")
+                starting.cancel()  # start() stops what it started, bounded by stop_timeout
+                await asyncio.wait({starting}, timeout=self.settings.node.stop_timeout + 1.0)
+                self.log.bind(event="stopped", exit_code=self.exit_code).info("stopped")
+                return self.exit_code
+            exc = starting.exception()
+            if exc is not None:
+                if isinstance(exc, SwarmdError):
+                    self.log.bind(event="start_failed", code=exc.code).error("start failed: {}", exc.message)
+                else:  # a bug or an unexpected OS error: still one line, never a hang
+                    self.log.bind(event="start_failed", code="ERR_INTERNAL").error(
+                        "start failed: {}: {}", type(exc).__name__, exc
+                    )
                 return EXIT_START_FAILED
             await self._stop_requested.wait()
             self.log.bind(event="stopping").info("stopping")
-            try:
-                await asyncio.wait_for(self.stop(), timeout=self.settings.node.stop_timeout)
-            except TimeoutError:
-                self.log.bind(event="stop_timeout").error(
-                    "graceful stop took longer than {}s; exiting anyway", self.settings.node.stop_timeout
-                )
+            t0 = loop.time()
+            if not await self._stop_within(self.settings.node.stop_timeout):
                 self.exit_code = self.exit_code or EXIT_CRASH
-            self.log.bind(event="stopped", exit_code=self.exit_code).info("stopped")
+            self.log.bind(event="stopped", exit_code=self.exit_code, seconds=round(loop.time() - t0, 3)).info(
+                "stopped"
+            )
             return self.exit_code
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):

@@ -260,9 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"swarmd demo: {e.message}", file=sys.stderr)
         return 2
     try:
-        from swarmd.node.eventloop import run
+        from swarmd.node.eventloop import exit_process, run
 
-        return run(DemoNode(settings, model_path, swarm).run(), settings.node.event_loop)
+        exit_process(run(DemoNode(settings, model_path, swarm).run(), settings.node.event_loop, reap_timeout=2.0))
     except KeyboardInterrupt:
         return 130
 

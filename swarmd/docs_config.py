@@ -99,6 +99,8 @@ def render_default(f: dataclasses.Field[Any]) -> str:
         return f"`{value}`"
     if isinstance(value, bytes):
         return f"`{value.hex()}`"
+    if isinstance(value, float) and value == float("inf"):
+        return "`inf`"  # as TOML spells it
     try:
         return f"`{json.dumps(value)}`"
     except TypeError:

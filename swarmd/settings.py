@@ -6,6 +6,7 @@ composes them, so `[store]` in a config file is `StoreConfig`, and so on.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,9 @@ class NodeConfig:
     log_level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"] = "INFO"  # lowest level logged
     log_format: Literal["auto", "json", "text"] = "auto"  # auto: text on a terminal, JSON otherwise
     stop_timeout: float = 15.0  # bound on a graceful stop (drain included)
+    # seconds a starting daemon keeps retrying (with backoff) bootstrap nodes that do not
+    # answer before it exits 1; inf (the default): wait until one answers, logging each try
+    bootstrap_wait: float = math.inf
     swarm_secret: str | None = None  # hex; topics become HMACs of names, making a private swarm
     # uvloop: ~2x faster loopback RPC round trips when installed (pip install swarmd[fast]);
     # auto: uvloop if importable; asyncio: the standard loop (swarmd/node/eventloop.py)
@@ -78,6 +82,8 @@ class Settings:
         for role in self.node.roles:
             if role not in ROLE_ORDER:
                 raise ConfigError(f"unknown role {role!r}; expected some of: {', '.join(ROLE_ORDER)}")
+        if not self.node.bootstrap_wait >= 0:
+            raise ConfigError(f"node.bootstrap_wait must be >= 0 seconds (or inf), got {self.node.bootstrap_wait}")
         for name, port in (("node.port", self.node.port), ("node.dht_port", self.node.dht_port)):
             if not 0 <= port <= 65535:
                 raise ConfigError(f"{name} must be between 0 and 65535, got {port}")

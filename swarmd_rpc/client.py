@@ -31,6 +31,7 @@ from swarmd.errors import (
     ERR_UNKNOWN_METHOD,
     SwarmdError,
 )
+from swarmd.node.deadline import within
 from swarmd.node.identity import Identity
 from swarmd.orchestrator.config import OrchestratorConfig
 from swarmd.orchestrator.failover import retryable
@@ -367,7 +368,7 @@ class Client:
                 if wait <= 0:
                     break
                 try:
-                    rec = await asyncio.wait_for(anext(it), wait)
+                    rec = await within(anext(it), wait)
                 except (StopAsyncIteration, TimeoutError):
                     break
                 if not found and settle is not None:

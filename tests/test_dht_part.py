@@ -40,6 +40,7 @@ async def test_first_node_and_a_second_joining_through_it() -> None:
 async def test_unreachable_bootstrap_fails_start_with_a_reason() -> None:
     ctx = _ctx(bootstrap=["127.0.0.1:9"])
     ctx.settings.node.dht_port = 0
+    ctx.settings.node.bootstrap_wait = 1.0  # a daemon waits forever by default; this bounds it
     part = DhtPart(ctx)
     with pytest.raises(SwarmdError) as e:
         await part.start()

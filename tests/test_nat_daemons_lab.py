@@ -46,10 +46,13 @@ def probe(lab, world: dict, target: str, size: int = TEN_MB, watch: float = 0.0)
 @pytest.mark.parametrize(("mode_a", "mode_b"), [("cone", "cone"), ("restricted", "restricted"), ("fullcone", "cone")])
 async def test_cone_like_pairs_are_punched_over_tcp_at_once(lab, tmp_path, mode_a, mode_b) -> None:
     world = await start_swarm(lab, tmp_path, mode_a, mode_b)
-    out = probe(lab, world, "b", watch=10)
-    assert out["first_path"] == out["path"] == out["watch"]["final_path"] == "punched-tcp", out
-    attempts = [x["path"] for x in out["connection"]["attempts"]]
-    assert attempts[0] == "direct" and attempts[-1] == "punched-tcp", out
+    out = probe(lab, world, "b", watch=20)
+    assert out["path"] == out["watch"]["final_path"] == "punched-tcp", out
+    # the TCP punch usually carries the first call itself; on a starved machine it can take
+    # longer than its head start and the relay (raced behind it) may win, then it upgrades
+    assert out["first_path"] in ("punched-tcp", "relayed"), out
+    attempts = [(x["path"], x["ok"]) for x in out["connection"]["attempts"]]
+    assert attempts[0] == ("direct", False) and attempts[-1] == ("punched-tcp", True), out
     punch = out["connection"]["punch"]
     assert punch["remote"].startswith("198.18.0.12:")  # straight to lan-b's router, not via the relay host
     assert punch["local"].startswith("198.18.0.11:")  # our mapping, as the relay saw it
@@ -57,7 +60,8 @@ async def test_cone_like_pairs_are_punched_over_tcp_at_once(lab, tmp_path, mode_
     up = await world["b"].wait_for(r'"event": "path_chosen".*"inbound": true', 30)
     assert json.loads(up)["path"] == "punched-tcp"
     m = status(lab, world, "a")["paths"]
-    assert m["opened"]["punched-tcp"] >= 1 and m["first_path"]["punched-tcp"] == 1 and m["upgrades"] == 0, m
+    assert m["opened"]["punched-tcp"] >= 1 and m["attempts"]["punched-tcp"]["ok"] >= 1, m
+    assert m["first_path"][out["first_path"]] == 1 and m["upgrades"] == (out["first_path"] == "relayed"), m
 
 
 @pytest.mark.parametrize(("mode_a", "mode_b"), [("restricted", "symmetric"), ("cone", "symmetric")])
@@ -75,8 +79,11 @@ async def test_one_symmetric_side_starts_relayed_and_moves_to_a_birthday_punched
     assert up["punch"]["remote"].startswith("198.18.0.12:")  # lan-b's router, not the relay host
     assert up["punch"]["remote_type"] == "prflx"  # one of the symmetric side's 256 mappings, never listed
     # both sides closed the relayed connection only after its calls finished
-    await world["a"].wait_event("connection_retired", 30)
-    await world["b"].wait_event("connection_retired", 30)
+    retired_a = await world["a"].wait_event("connection_retired", 30)
+    retired_b = await world["b"].wait_event("connection_retired", 30)
+    # lan-a dialled the relayed connection: it asked lan-b to stop using it, then closed it
+    assert retired_a["agreed"] is True and retired_a["closed_by"] == "us", retired_a
+    assert retired_b["closed_by"] == "peer", retired_b
     # the counters behind `swarmd status` / nat.status saw the relayed start and the upgrade
     m = status(lab, world, "a")["paths"]
     assert m["opened"]["relayed"] >= 1 and m["opened"][w["final_path"]] >= 1 and m["upgrades"] >= 1, m

@@ -9,7 +9,7 @@ from swarmd.daemon import EXIT_CRASH, Node
 from swarmd.node.trust import TrustConfig
 from swarmd.roles.base import Role
 from swarmd.settings import NodeConfig, Settings
-from tests.conftest import run_cli
+from tests.conftest import run_cli, swarmd_env
 
 
 def make_roles(events: list[str]):
@@ -157,7 +157,9 @@ def test_ports_in_use_and_unreachable_bootstrap_exit_nonzero_with_one_reason(tmp
             (["--bootstrap", f"127.0.0.1:{udp.getsockname()[1]}"], "no bootstrap node answered"),
         ]
         for args, needle in cases:
-            r = run_cli("--data-dir", str(tmp_path), "--log-format", "text", *args)
+            # a daemon waits for its bootstrap forever by default; node.bootstrap_wait bounds it
+            env = swarmd_env(SWARMD_BOOTSTRAP_WAIT="1")
+            r = run_cli("--data-dir", str(tmp_path), "--log-format", "text", *args, env=env)
             assert r.returncode == 1, r.stderr
             assert "Traceback" not in r.stderr
             assert needle in r.stderr.strip().splitlines()[-1]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -81,12 +82,18 @@ async def gather_status(settings: Any, timeout: float, host: str | None = None) 
         return out
     async with Client(boot, swarm_secret=settings.node.swarm_secret, config=cfg) as swarm:
         try:
+            ejected = await ejections(swarm)
+            now = time.time()
             for rec in await swarm.lookup(WORKERS):
                 p = rec.payload if isinstance(rec.payload, dict) else {}
                 models = [m.get("name") if isinstance(m, dict) else m for m in p.get("models") or []]
-                out["workers"].append({"public_key": rec.public_key.hex(), "state": p.get("state"),
+                key = rec.public_key.hex()
+                out["workers"].append({"public_key": key, "state": p.get("state"),
                                        "load": p.get("load") or {}, "models": models,
-                                       "addresses": [f"{h}:{pt}" for h, pt in rec.addresses]})
+                                       "addresses": [f"{h}:{pt}" for h, pt in rec.addresses],
+                                       "last_seen_s": last_seen(rec.seq, now),
+                                       "expires_in_s": round(max(0.0, rec.expiry - now), 1),
+                                       "ejected_by": ejected.get(key[:16], [])})
         except SwarmdError as e:
             out["errors"]["workers"] = f"{e.code}: {e.message}"
         try:
@@ -94,6 +101,27 @@ async def gather_status(settings: Any, timeout: float, host: str | None = None) 
                              for m in await swarm.models.list()]
         except SwarmdError as e:
             out["errors"]["models"] = f"{e.code}: {e.message}"
+    return out
+
+
+def last_seen(seq: int, now: float) -> float | None:
+    """Seconds since the node signed this record: a record's seq is its signing time
+    in ms (swarm.Swarm._next_seq), refreshed every few seconds by a live node."""
+    if seq < 10**12:  # not a time-based seq (another implementation): no age to tell
+        return None
+    return round(max(0.0, now - seq / 1000.0), 1)
+
+
+async def ejections(swarm: Any) -> dict[str, list[str]]:
+    """Worker key prefix -> orchestrators (key prefixes) whose record says they ejected it."""
+    from swarmd.topics import ORCHESTRATORS
+
+    out: dict[str, list[str]] = {}
+    for rec in await swarm.lookup(ORCHESTRATORS):
+        listed = rec.payload.get("ejected") if isinstance(rec.payload, dict) else None
+        for prefix in listed if isinstance(listed, list) else []:
+            if isinstance(prefix, str):
+                out.setdefault(prefix[:16], []).append(rec.public_key.hex()[:16])
     return out
 
 
@@ -133,7 +161,10 @@ def print_status(st: dict[str, Any]) -> None:
     print(f"workers  {len(st['workers'])}")
     for w in st["workers"]:
         load = w["load"]
-        print(f"  {w['public_key'][:16]}  {w['state'] or '?':8} queue {load.get('queue', 0)}  in-flight "
+        state = "EJECTED" if w.get("ejected_by") else (w["state"] or "?")
+        seen = w.get("last_seen_s")
+        print(f"  {w['public_key'][:16]}  {state:8} seen {'?' if seen is None else f'{seen:g}s'} ago  "
+              f"queue {load.get('queue', 0)}  in-flight "
               f"{load.get('in_flight', 0)}  ewma {load.get('ewma_ms', 0)} ms  models {','.join(map(str, w['models'])) or '-'}")
     if st.get("providers"):
         print("loaded   " + "  ".join(f"{m} on {p.removesuffix('ExecutionProvider')}" for m, p in st["providers"].items()))

@@ -51,10 +51,22 @@ class DhtConfig:
     # the buckets with made-up ids); loopback exempt like per_ip_rate; 0 turns the cap off
     max_contacts_per_ip: int = 8
     refresh_interval: float = 15 * 60.0  # seconds between refreshes of idle routing-table buckets
+    # a contact silent this long is pinged when we hand it out in a reply (at most once per
+    # period, within a global budget); one that times out is evicted and not taken back from others' replies for
+    # dead_contact_memory unless it talks to us first
+    contact_check_after: float = 10.0  # 0: never check
+    contact_checks_per_s: float = 1.0  # ... and at most this many such pings per second (burst 4)
+    dead_contact_memory: float = 120.0  # seconds a timed-out contact is not taken back from replies
     # a second UDP port that answers STUN only (RFC 5780 style: one DHT node lets a client
     # tell cone from symmetric NAT); 0 = any free port, -1 = off
     stun_alt_port: int = 0
     lookup_timeout: float = 5.0  # bound on one lookup, in seconds
+    # how long start() keeps retrying bootstrap nodes that do not answer (backoff from
+    # bootstrap_backoff doubling to bootstrap_backoff_max); 0: one round (short-lived tools),
+    # inf: until one answers (a daemon sets it from node.bootstrap_wait)
+    bootstrap_wait: float = 0.0  # seconds start() retries silent bootstrap nodes (see above)
+    bootstrap_backoff: float = 0.5  # first pause between bootstrap tries, doubling
+    bootstrap_backoff_max: float = 10.0  # longest pause between bootstrap tries
 
     def validate(self) -> None:
         from swarmd.errors import ConfigError

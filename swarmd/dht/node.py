@@ -55,6 +55,46 @@ class AnnounceResult:
         return self.stored > 0
 
 
+class NodeCrawl(NodeSpiderCrawl):
+    """kademlia's node crawl (the k closest nodes to a target), but streaming like
+    TopicCrawl: alpha requests in flight, and one unanswered after a short stall
+    stops counting against alpha. kademlia gathers whole rounds, so each departed
+    node in a round cost a full request timeout. Silent requests are left to time
+    out in the background, which evicts their contacts."""
+
+    async def find(self) -> list[Node]:
+        proto: SwarmdProtocol = self.protocol
+        loop = asyncio.get_running_loop()
+        stall = min(0.25, proto._wait_timeout / 4)
+        inflight: dict[asyncio.Future[tuple[bool, Any]], tuple[Node, float]] = {}
+        answered = 0
+        try:
+            while True:
+                now = loop.time()
+                stalled = sum(1 for _, started in inflight.values() if now - started >= stall)
+                for peer in self.nearest.get_uncontacted():
+                    if len(inflight) - stalled >= self.alpha:
+                        break
+                    self.nearest.mark_contacted(peer)
+                    inflight[asyncio.ensure_future(proto.call_find_node(peer, self.node))] = (peer, now)
+                if not inflight or (
+                    answered and stalled == len(inflight) and not self.nearest.get_uncontacted()
+                ):
+                    silent = {peer.id for peer, _ in inflight.values()}
+                    return [n for n in self.nearest if n.id not in silent]
+                done, _ = await asyncio.wait(inflight, timeout=stall, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    peer, _ = inflight.pop(task)
+                    ok, reply = task.result()
+                    if not ok:
+                        self.nearest.remove([peer.id])
+                        continue
+                    answered += 1
+                    self.nearest.push([Node(*c) for c in reply if c[0] != proto.source_node.id])
+        finally:
+            proto.adopt(list(inflight))
+
+
 class TopicCrawl(SpiderCrawl):
     """Iterative lookup of a topic that streams records as replies arrive and
     keeps alpha requests in flight (kademlia's crawl waits for whole rounds)."""
@@ -91,13 +131,15 @@ class TopicCrawl(SpiderCrawl):
                     started[task] = now_l
                 if not inflight:
                     return
+                answered = len(self.responders)
                 if (
                     stalled == len(inflight)
-                    and len(self.responders) >= self.ksize // 2
+                    and (answered >= self.ksize // 2 or answered * 2 > answered + stalled)
                     and not self.nearest.get_uncontacted()
                 ):
                     # only silent (likely dead) contacts left and enough of the closest
-                    # nodes answered: records live on k nodes, stop waiting for timeouts
+                    # nodes answered (half of k, or most of a swarm smaller than k, where
+                    # every node holds every record): stop waiting for timeouts
                     return
                 done, _ = await asyncio.wait(inflight, timeout=stall, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
@@ -107,7 +149,7 @@ class TopicCrawl(SpiderCrawl):
                     if not ok:
                         self.nearest.remove([peer.id])
                         continue
-                    contacts = parse_contacts(reply.get("n"), self.ksize) or []
+                    contacts = proto.not_dead(parse_contacts(reply.get("n"), self.ksize) or [])
                     self.nearest.push([c for c in contacts if c.id != proto.source_node.id])
                     tk = reply.get("tk")
                     tk = tk if isinstance(tk, bytes) and len(tk) == TOKEN_SIZE else None
@@ -127,10 +169,9 @@ class TopicCrawl(SpiderCrawl):
                         if rec is not None:
                             yield rec
         finally:
-            for task in inflight:
-                task.cancel()
-            if inflight:
-                await asyncio.gather(*inflight, return_exceptions=True)
+            # requests still out finish in the background (within request_timeout): one
+            # that times out evicts its silent contact, so the next lookup does not wait on it
+            proto.adopt(list(inflight))
 
     def _accept(self, obj: Any, now: float) -> PeerRecord | None:
         cfg = self.protocol.config
@@ -249,22 +290,52 @@ class DhtNode(Server):
             # every bootstrap entry is this very node: it is the first node of the swarm
             self.protocol.client_mode = cfg.mode == "client"
         elif cfg.bootstrap:
-            found = await self.bootstrap(addrs)
-            if not self.protocol.router.all_contacts():
+            try:
+                found, addrs = await self._bootstrap_with_retries(addrs)
+            except BaseException:
                 await self.stop()
-                raise SwarmdError(
-                    ERR_UNAVAILABLE,
-                    f"no bootstrap node answered: {', '.join(f'{h}:{p}' for h, p in cfg.bootstrap)}",
-                )
+                raise
             if cfg.mode == "auto":
                 await self._probe_reachability(addrs)
             if not self.protocol.client_mode:
                 # re-crawl our own id now that we send it, so the closest nodes add us
-                await NodeSpiderCrawl(
+                await NodeCrawl(
                     self.protocol, self.node, found or self._nearest(self.node), self.ksize, self.alpha
                 ).find()
         self._maint = self.tasks.spawn(self._maintain(), "dht-maintenance")
         self._log.bind(event="dht_started", port=self.address[1], mode=self.mode).info("dht node started")
+
+    async def _bootstrap_with_retries(
+        self, addrs: list[tuple[str, int]]
+    ) -> tuple[list[Node], list[tuple[str, int]]]:
+        """Bootstrap until a node answers: one round when config.bootstrap_wait is 0, else
+        retries with backoff (each logged) until one answers or bootstrap_wait has passed,
+        then SwarmdError(ERR_UNAVAILABLE). Names are resolved again on every try."""
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + cfg.bootstrap_wait
+        delay = cfg.bootstrap_backoff
+        attempt = 1
+        names = ", ".join(f"{h}:{p}" for h, p in cfg.bootstrap)
+        while True:
+            found = await self.bootstrap(addrs) if addrs else []
+            if self.protocol.router.all_contacts():
+                if attempt > 1:
+                    self._log.bind(event="bootstrap_answered", attempt=attempt).info(
+                        "bootstrap answered on try {}", attempt
+                    )
+                return found, addrs
+            left = deadline - loop.time()
+            if left <= 0:
+                raise SwarmdError(ERR_UNAVAILABLE, f"no bootstrap node answered: {names}")
+            wait = min(delay, left)
+            self._log.bind(event="bootstrap_retry", attempt=attempt, retry_in=round(wait, 2)).warning(
+                "no bootstrap node answered ({}) on try {}; trying again in {:.1f}s", names, attempt, wait
+            )
+            await asyncio.sleep(wait)
+            delay = min(delay * 2, cfg.bootstrap_backoff_max)
+            attempt += 1
+            addrs = [a for a in await self._resolve(cfg.bootstrap) if not self._is_self(a)]
 
     def _is_self(self, addr: tuple[str, int]) -> bool:
         host, port = self.address
@@ -281,7 +352,8 @@ class DhtNode(Server):
         out = []
         for host, port in addrs:
             try:
-                infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM), 5.0)
+                async with asyncio.timeout(5.0):
+                    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
             except (OSError, TimeoutError):
                 continue
             for fam, *_rest, sockaddr in infos:
@@ -289,6 +361,12 @@ class DhtNode(Server):
                     out.append((sockaddr[0], sockaddr[1]))
                     break
         return out
+
+    async def bootstrap(self, addrs: list[tuple[str, int]]) -> list[Node]:
+        """kademlia's bootstrap on our NodeCrawl."""
+        gathered = await asyncio.gather(*(self.bootstrap_node(a) for a in addrs))
+        nodes = [n for n in gathered if n is not None]
+        return await NodeCrawl(self.protocol, self.node, nodes, self.ksize, self.alpha).find()
 
     async def bootstrap_node(self, addr: tuple[str, int]) -> Node | None:
         # UDP: a lost datagram or a busy bootstrap node must not fail a start
@@ -339,7 +417,7 @@ class DhtNode(Server):
                     last_refresh = time.monotonic()
                     for node_id in self.protocol.get_refresh_ids():
                         target = Node(node_id)
-                        await NodeSpiderCrawl(
+                        await NodeCrawl(
                             self.protocol, target, self._nearest(target), self.ksize, self.alpha
                         ).find()
             except Exception as e:  # maintenance must outlive one bad round
@@ -361,7 +439,7 @@ class DhtNode(Server):
         nearest = self.protocol.router.find_neighbors(node)
         if not nearest:
             return False
-        nodes = await NodeSpiderCrawl(self.protocol, node, nearest, self.ksize, self.alpha).find()
+        nodes = await NodeCrawl(self.protocol, node, nearest, self.ksize, self.alpha).find()
         if not nodes:
             return False
         results = await asyncio.gather(*(self.protocol.call_store(n, dkey, value) for n in nodes))
@@ -413,7 +491,8 @@ class DhtNode(Server):
                         best[rec.public_key] = rec
 
         try:
-            await asyncio.wait_for(run(), timeout or self.config.lookup_timeout)
+            async with asyncio.timeout(timeout or self.config.lookup_timeout):
+                await run()
         except TimeoutError:
             pass
         return list(best.values())

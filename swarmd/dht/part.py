@@ -31,6 +31,7 @@ def dht_config_from(settings: Any) -> DhtConfig:
     cfg.host = node.host
     cfg.port = node.dht_port
     cfg.bootstrap = [_hostport(b) if isinstance(b, str) else tuple(b) for b in node.bootstrap]
+    cfg.bootstrap_wait = getattr(node, "bootstrap_wait", cfg.bootstrap_wait)
     return cfg
 
 

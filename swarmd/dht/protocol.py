@@ -19,6 +19,13 @@ the unpatched class, tests/test_dht_defects.py):
   line.
 - ``Server.set`` treats the ``(False, None)`` tuple of a timed-out store as
   success (a non-empty tuple is truthy); fixed in ``DhtNode.set_digest``.
+- A departed node stays in every table that has not itself timed out on it,
+  so each newcomer learns it from find replies and pays a timeout for it, for
+  as long as the table keeps it (tests/test_dht_dead_contacts.py). Here a
+  contact that timed out is evicted and remembered as dead (not re-learned
+  from others' replies for ``dead_contact_memory``), and a contact we hand out
+  in a reply that has been silent for ``contact_check_after`` is pinged, so
+  the holder evicts it after one newcomer paid, not never.
 
 Wire format (same framing as rpcudp, so documented in docs/dht.md): a request
 is ``0x00 | 20-byte id | msgpack([method, [args...]])``, a response
@@ -59,6 +66,7 @@ ID_SIZE = 20
 REQUEST = 0x00
 RESPONSE = 0x01
 MAX_PENDING_STUN = 64
+MAX_CONTACT_CHECKS = 16  # liveness pings of silent contacts in flight at once
 MAX_STUN_ALTERNATES = 256  # alternate STUN ports remembered from other nodes' answers
 
 
@@ -166,6 +174,10 @@ class SwarmdRoutingTable(RoutingTable):
 Handler = Callable[..., Any]
 
 
+async def _settle(requests: list[asyncio.Future[Any]]) -> None:
+    await asyncio.gather(*requests, return_exceptions=True)
+
+
 class SwarmdProtocol(KademliaProtocol):
     """rpcudp/kademlia protocol with hostile-input handling and topic RPCs."""
 
@@ -195,6 +207,10 @@ class SwarmdProtocol(KademliaProtocol):
         )
         self.ip_limiter = SourceLimiter(config.per_ip_rate, config.per_ip_burst, config.max_sources_tracked)
         self.client_mode = False
+        self.last_seen: dict[bytes, float] = {}  # contact id -> monotonic time it last answered or asked
+        self.dead: dict[bytes, float] = {}  # contact id -> monotonic time it timed out (not re-learned)
+        self._checking: set[bytes] = set()
+        self._check_budget = SourceLimiter(config.contact_checks_per_s, 4.0, 1)  # one bucket: all checks
         self.closed = asyncio.get_running_loop().create_future()
         owner = tasks if tasks is not None else Supervisor(name="dht", policy=LOG)
         self.tasks = owner.scope("protocol", LOG, report=self._report)
@@ -226,6 +242,16 @@ class SwarmdProtocol(KademliaProtocol):
 
     def _report(self, where: str, exc: BaseException) -> None:
         self.rlog.warn("task_error", "dht background task failed", task=where, error=f"{type(exc).__name__}: {exc}")
+
+    def adopt(self, requests: list[asyncio.Future[Any]]) -> None:
+        """Own requests already sent (a lookup's last ones), left to time out in this
+        protocol's scope so that a silent contact is evicted; cancelled on close."""
+        pending = [r for r in requests if not r.done()]
+        if not pending:
+            return
+        if self.spawn(_settle(pending), "dht-lookup-tail") is None:
+            for r in pending:
+                r.cancel()
 
     async def aclose(self) -> None:
         await self.tasks.close()
@@ -429,7 +455,7 @@ class SwarmdProtocol(KademliaProtocol):
                 self.rlog.warn("bad_reply", "find_node reply is not a contact list", peer=str(node_to_ask))
                 result = (False, None)
             else:
-                result = (True, [tuple(c) for c in contacts])
+                result = (True, [tuple(c) for c in self.not_dead(contacts)])
         return self.handle_call_response(result, node_to_ask)
 
     async def call_store(self, node_to_ask: Node, key: bytes, value: Any) -> tuple[bool, Any]:
@@ -456,10 +482,67 @@ class SwarmdProtocol(KademliaProtocol):
 
     def handle_call_response(self, result: tuple[bool, Any], node: Node) -> tuple[bool, Any]:
         if not result[0]:
-            self.router.remove_contact(node)
+            self.mark_dead(node)
             return result
+        self._seen(node.id)
         self.welcome_if_new(node)
         return result
+
+    # -- contact liveness --------------------------------------------------------
+
+    def _seen(self, node_id: bytes) -> None:
+        self.dead.pop(node_id, None)
+        self.last_seen.pop(node_id, None)  # re-insert: the dict stays ordered oldest first
+        self.last_seen[node_id] = time.monotonic()
+        while len(self.last_seen) > 8 * self.ksize * 160:  # bounded: about the largest table
+            self.last_seen.pop(next(iter(self.last_seen)))
+
+    def mark_dead(self, node: Node) -> None:
+        """A request to node timed out: evict it and do not take it back from others' replies."""
+        self.router.remove_contact(node)
+        self.last_seen.pop(node.id, None)
+        self.dead.pop(node.id, None)
+        self.dead[node.id] = time.monotonic()
+        while len(self.dead) > 4096:
+            self.dead.pop(next(iter(self.dead)))
+
+    def is_dead(self, node_id: bytes) -> bool:
+        at = self.dead.get(node_id)
+        if at is None:
+            return False
+        if time.monotonic() - at > self.config.dead_contact_memory:
+            del self.dead[node_id]
+            return False
+        return True
+
+    def not_dead(self, contacts: list[Node]) -> list[Node]:
+        return [c for c in contacts if not self.is_dead(c.id)] if self.dead else contacts
+
+    def _check_stale(self, contacts: list[Node]) -> None:
+        """Ping contacts we are about to hand out that have been silent a while; one that
+        does not answer is evicted (handle_call_response), so we hand it out at most
+        until then instead of for as long as it stays in the table."""
+        stale = self.config.contact_check_after
+        if stale <= 0:
+            return
+        now = time.monotonic()
+        for node in contacts:
+            if len(self._checking) >= MAX_CONTACT_CHECKS:
+                return
+            if node.id in self._checking or now - self.last_seen.get(node.id, 0.0) < stale:
+                continue
+            if not self._check_budget.allow("checks", now):
+                return  # bounded cost: a busy node hands out many silent-but-alive contacts
+            self._checking.add(node.id)
+            self.last_seen.pop(node.id, None)  # checked now; not again before contact_check_after
+            self.last_seen[node.id] = now
+            self.spawn(self._check(node))
+
+    async def _check(self, node: Node) -> None:
+        try:
+            await self.call_ping(node)
+        finally:
+            self._checking.discard(node.id)
 
     # -- served RPCs -----------------------------------------------------------
 
@@ -467,6 +550,7 @@ class SwarmdProtocol(KademliaProtocol):
         if not valid_id(nodeid) or nodeid == self.source_node.id:
             return None  # client-mode peers send an empty id and stay out of tables
         node = Node(nodeid, sender[0], sender[1])
+        self._seen(nodeid)
         self.welcome_if_new(node)
         return node
 
@@ -476,7 +560,9 @@ class SwarmdProtocol(KademliaProtocol):
 
     def _closest(self, key: bytes, sender: tuple[str, int]) -> list[list[Any]]:
         exclude = Node(b"\x00" * ID_SIZE, sender[0], sender[1])
-        return [[n.id, n.ip, n.port] for n in self.router.find_neighbors(Node(key), exclude=exclude)]
+        nodes = self.router.find_neighbors(Node(key), exclude=exclude)
+        self._check_stale(nodes)
+        return [[n.id, n.ip, n.port] for n in nodes]
 
     def rpc_find_node(self, sender: tuple[str, int], nodeid: Any, key: Any, *_: Any) -> list[list[Any]]:
         if not valid_id(key):
@@ -644,11 +730,15 @@ class SwarmdProtocol(KademliaProtocol):
         self._stun_pending[tid] = fut
         try:
             self.transport.sendto(stun.encode_binding_request(tid), address)
-            return await asyncio.wait_for(fut, wait or self._wait_timeout)
-        except (TimeoutError, asyncio.CancelledError, OSError, TypeError, ValueError):
-            if asyncio.current_task() is not None and asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                raise
+            async with asyncio.timeout(wait or self._wait_timeout):
+                return await fut
+        except (TimeoutError, OSError, TypeError, ValueError):
             return None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # our caller was cancelled: never swallow that
+            return None  # the answer's future was cancelled (no mapped address, or closing)
         finally:
             self._stun_pending.pop(tid, None)
 

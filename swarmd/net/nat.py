@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from swarmd.errors import ConfigError
+from swarmd.node.deadline import within
 
 PUBLIC = "public"
 CONE = "cone"
@@ -160,7 +161,7 @@ async def detect_nat(
     async def one(server: Address) -> Observation:
         start = time.monotonic()
         try:
-            mapped = await asyncio.wait_for(stun(server), cfg.stun_timeout)
+            mapped = await within(stun(server), cfg.stun_timeout)
         except (TimeoutError, OSError, ValueError):
             mapped = None
         return Observation(server, mapped, time.monotonic() - start)

@@ -45,6 +45,7 @@ from swarmd.net.relay import (
     encode_hello,
     encode_status,
 )
+from swarmd.node.deadline import within
 
 READ_CHUNK = 256 * 1024
 MAX_STATUSES = 4
@@ -108,7 +109,7 @@ class RelayServer:
             await asyncio.wait(tasks, timeout=5.0)
         if self._server is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+                await within(self._server.wait_closed(), 2.0)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -168,7 +169,7 @@ class RelayServer:
 
     async def _serve(self, conn: _Conn) -> None:
         try:
-            hello = await asyncio.wait_for(conn.reader.readexactly(HELLO_SIZE), self.config.hello_timeout)
+            hello = await within(conn.reader.readexactly(HELLO_SIZE), self.config.hello_timeout)
         except TimeoutError:
             self._refuse(conn, ST_BAD_HELLO, f"no hello within {self.config.hello_timeout:g}s")
             return
@@ -182,7 +183,7 @@ class RelayServer:
                 if action.data[0] == ST_WAITING:
                     await self._wait_for_peer(conn)
                     return
-                await asyncio.wait_for(conn.writer.drain(), self.config.hello_timeout)
+                await within(conn.writer.drain(), self.config.hello_timeout)
                 return  # a pong: done
             if isinstance(action, Refuse):
                 self._refuse(conn, action.code, action.reason)
@@ -303,7 +304,7 @@ class RelayServer:
         idle = self.config.idle_timeout
         while True:
             try:
-                data = await asyncio.wait_for(src.read(READ_CHUNK), idle)
+                data = await within(src.read(READ_CHUNK), idle)
             except TimeoutError:
                 if time.monotonic() - state.last_activity < idle:
                     continue  # the other direction is busy: the circuit is not idle
@@ -326,7 +327,7 @@ class RelayServer:
                     )
                     raise SwarmdError(ERR_CLOSED, action.reason)
             dst.write(data)
-            await asyncio.wait_for(dst.drain(), idle)
+            await within(dst.drain(), idle)
 
 
 # -- client side ------------------------------------------------------------------------
@@ -357,8 +358,8 @@ async def _read_statuses(
         if len(statuses) >= MAX_STATUSES:
             raise RelayProtocolError(f"relay sent more than {MAX_STATUSES} statuses")
         try:
-            head = await asyncio.wait_for(reader.readexactly(2), timeout)
-            reason = await asyncio.wait_for(reader.readexactly(head[1]), timeout)
+            head = await within(reader.readexactly(2), timeout)
+            reason = await within(reader.readexactly(head[1]), timeout)
         except asyncio.IncompleteReadError:
             raise SwarmdError(ERR_CLOSED, "relay closed the connection before pairing") from None
         out, _ = decoder.feed(head + reason)
@@ -382,7 +383,7 @@ async def open_circuit(
     """
     t0 = time.monotonic()
     try:
-        reader, writer = await asyncio.wait_for(
+        reader, writer = await within(
             asyncio.open_connection(host, port, limit=READ_CHUNK), timeout
         )
     except (OSError, TimeoutError) as e:
@@ -410,7 +411,7 @@ async def ping_relay(host: str, port: int, *, timeout: float = 3.0) -> float:
     """Round trip in seconds: TCP connect + hello + PONG."""
     t0 = time.monotonic()
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        reader, writer = await within(asyncio.open_connection(host, port), timeout)
     except (OSError, TimeoutError) as e:
         raise SwarmdError(ERR_UNAVAILABLE, f"relay {host}:{port} unreachable: {e!r}") from None
     try:
@@ -523,12 +524,12 @@ async def relay_transport(
     t0 = time.monotonic()
     client = _CircuitClient(token, on_waiting)
     try:
-        transport, _ = await asyncio.wait_for(loop.create_connection(lambda: client, host, port), timeout)
+        transport, _ = await within(loop.create_connection(lambda: client, host, port), timeout)
     except (OSError, TimeoutError) as e:
         raise SwarmdError(ERR_UNAVAILABLE, f"relay {host}:{port} unreachable: {e!r}") from None
     t1 = time.monotonic()
     try:
-        await asyncio.wait_for(asyncio.shield(client.paired), timeout)
+        await within(asyncio.shield(client.paired), timeout)
     except TimeoutError:
         transport.close()
         raise SwarmdError(ERR_TIMEOUT, f"relay {host}:{port} did not pair the circuit within {timeout:g}s") from None

@@ -10,7 +10,6 @@ only does the asking.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -59,8 +58,7 @@ class HealthMonitor:
         shared, self._shared = self._shared, None
         if shared is not None and not shared.done():
             shared.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await shared
+            await asyncio.gather(shared, return_exceptions=True)  # never swallows a cancel of ours
 
     async def tick(self) -> None:
         """One round: sweep expired leases, check every worker once."""

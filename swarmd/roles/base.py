@@ -8,12 +8,14 @@ The node starts roles in ROLE_ORDER and stops them in reverse.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from swarmd.errors import ConfigError
 from swarmd.node.identity import Identity
 from swarmd.node.metrics import NodeMetrics
 from swarmd.node.supervisor import Supervisor
@@ -85,10 +87,43 @@ class NodeContext:
             return True
         return not replica and key in fw.allow_read_only
 
+def check_can_listen(host: str, port: int, *, udp: bool = False, what: str = "cannot listen on ") -> None:
+    """Raise ConfigError when host:port cannot be bound now (taken, or no such address).
+
+    A start-up check, run before anything with side effects (a key created, a
+    record announced): the part that binds for real comes later and may still
+    lose a race, but the common case -- another process holds the port -- fails
+    at once with one line. Port 0 (any free port) always passes.
+    """
+    if port == 0:
+        return
+    kind = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=kind, flags=socket.AI_PASSIVE)
+    except OSError as e:
+        raise ConfigError(f"{what}{host}:{port}: the address does not resolve: {e.strerror}") from None
+    family, _, _, _, sockaddr = infos[0]
+    with socket.socket(family, kind) as s:
+        if not udp:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's servers do
+        try:
+            s.bind(sockaddr)
+            if not udp:
+                s.listen(1)
+        except OSError as e:
+            raise ConfigError(f"{what}{host}:{port}: {e.strerror or e}") from None
+
+
 class Role:
     """Base class for roles; subclasses set `name` and override start/stop."""
 
     name: ClassVar[str] = ""
+
+    @classmethod
+    def preflight(cls, settings: Settings, data_dir: Path) -> None:
+        """Checks that can fail, run before the node creates keys or announces
+        anything: raise ConfigError with one line (a port taken, a file missing).
+        Must have no side effects."""
 
     def __init__(self, ctx: NodeContext) -> None:
         self.ctx = ctx

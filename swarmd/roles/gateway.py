@@ -2,8 +2,10 @@
 
 Picks the backend (onnxruntime in-process when gateway.local_models_dir is
 set, else the swarm: orchestrators, workers, stores), opens the key database
-in the data dir (creating and printing a first admin key once), and listens
-on node.http.
+in the data dir, listens on node.http, and only then, once serving, creates
+and prints a first admin key if there is none (a start that fails earlier
+leaves no key behind that nobody saw). The HTTP port is also checked before
+the node creates its identity or joins the swarm (preflight).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from swarmd.gateway.backend import InferenceBackend
 from swarmd.gateway.dashboard import Collect, collect_swarm
 from swarmd.gateway.keys import KeyStore
 from swarmd.gateway.server import Gateway
-from swarmd.roles.base import NodeContext, Role
+from swarmd.roles.base import NodeContext, Role, check_can_listen
 from swarmd.settings import parse_hostport
 
 DEFAULT_HTTP = "127.0.0.1:8080"
@@ -44,18 +46,18 @@ class GatewayRole(Role):
 
         return SwarmBackend(self.ctx, cfg)
 
+    @classmethod
+    def preflight(cls, settings: Any, data_dir: Path) -> None:
+        host, port = parse_hostport(settings.node.http or DEFAULT_HTTP, what="node.http", listen=True)
+        check_can_listen(host, port, what="gateway cannot listen on ")
+        if settings.gateway.grpc:
+            ghost, gport = parse_hostport(settings.gateway.grpc, what="gateway.grpc", listen=True)
+            check_can_listen(ghost, gport, what="gateway cannot listen for gRPC on ")
+
     async def start(self) -> None:
         cfg = self.ctx.settings.gateway
         host, port = parse_hostport(self.ctx.settings.node.http or DEFAULT_HTTP, what="node.http", listen=True)
         self.keys = KeyStore(self.ctx.data_dir / "gateway" / "keys.sqlite")
-        if self.keys.count_active() == 0:
-            key, token = self.keys.create("admin", ["admin"])
-            self.first_admin_key = token
-            self.log.bind(event="admin_key_created", key=key.id).warning(
-                "created the first admin API key (id {}); it is printed once on stdout", key.id
-            )
-            if cfg.print_admin_key:
-                print(f"swarmd gateway: first admin API key (shown once, store it now): {token}", flush=True)
         self.backend = self._backend()
         await self.backend.start()
         try:
@@ -72,6 +74,14 @@ class GatewayRole(Role):
             self.keys.close()
             raise
         self.ctx.metrics.add_text(self.gateway.metrics.render)  # its registry, also on its HTTP /metrics
+        if self.keys.count_active() == 0:
+            key, token = self.keys.create("admin", ["admin"])
+            self.first_admin_key = token
+            self.log.bind(event="admin_key_created", key=key.id).warning(
+                "created the first admin API key (id {}); it is printed once on stdout", key.id
+            )
+            if cfg.print_admin_key:
+                print(f"swarmd gateway: first admin API key (shown once, store it now): {token}", flush=True)
         self.log.bind(event="gateway_listening", url=self.gateway.url).info("gateway listening on {}", self.gateway.url)
 
     async def stop(self) -> None:

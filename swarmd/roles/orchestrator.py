@@ -27,6 +27,8 @@ from swarmd.topics import ORCHESTRATORS
 
 DEADLINE_MARGIN = 0.05  # answer a routed call this long before the caller stops waiting
 MAX_PAGE = 500  # workers listed per status answer: bounded however large the fleet
+EJECTED_PREFIX = 16  # hex digits of an ejected worker's key in our record
+MAX_EJECTED_LISTED = 16  # ... and how many of them (a record payload is at most 2 KiB, grants included)
 
 
 def _page(params: Any) -> tuple[int, int]:
@@ -74,7 +76,7 @@ class OrchestratorRole(Role):
         swarm = self.ctx.swarm
         if swarm is not None:
             self._payload = self._announcement()
-            await swarm.join(ORCHESTRATORS, announce=True, lookup=False, payload=self._payload)
+            await swarm.join(ORCHESTRATORS, announce=True, lookup=False, payload=self._payload, live=True)
             self._announced = True
             self.tasks.spawn(self._announce_loop(), name="orchestrator-announce")
         self.log.bind(event="orchestrator_started", policy=self.balancer.policy.name).info(
@@ -103,6 +105,9 @@ class OrchestratorRole(Role):
             "policy": self.balancer.policy.name,
             "workers": counts["routable"],
             "models": len(self.balancer.registry.models()),
+            # workers we ejected (key prefixes, bounded to fit a record): `swarmd status` and a
+            # lookup of this topic show them, while the worker's own record may live on a while
+            "ejected": sorted(k[:EJECTED_PREFIX] for k in self.balancer.health.ejected)[:MAX_EJECTED_LISTED],
         }
 
     async def _announce_loop(self) -> None:

@@ -30,6 +30,7 @@ from swarmd.errors import (
     ERR_TIMEOUT,
     SwarmdError,
 )
+from swarmd.node.deadline import within
 from swarmd.roles.base import NodeContext, Role
 from swarmd.settings import parse_hostport
 from swarmd.store.blobs import check_digest, hash_file
@@ -221,7 +222,7 @@ class StoreRole(Role):
             m.register_stream("uploadModel", self.upload_model, op="w")
         if self.ctx.swarm is not None:
             self._announced_status = self.store.status()
-            await self.ctx.swarm.join(STORES, announce=True, lookup=True, payload=self._announced_status)
+            await self.ctx.swarm.join(STORES, announce=True, lookup=True, payload=self._announced_status, live=True)
             await self._announce()
         self.start_replication()
         self.log.bind(event="store_started", **self.store.status()).info("store serving")
@@ -244,7 +245,8 @@ class StoreRole(Role):
                          "uploadModel"):
                 m.unregister(name)
         if self.ctx.swarm is not None:  # withdraw every announcement at once, bounded
-            leaves = [asyncio.wait_for(self.ctx.swarm.leave(t), 5.0) for t in sorted(self._announced) + [STORES]]
+            bound = self.ctx.swarm.config.leave_timeout
+            leaves = [within(self.ctx.swarm.leave(t), bound) for t in sorted(self._announced) + [STORES]]
             await asyncio.gather(*leaves, return_exceptions=True)
             self._announced.clear()
         if self.store is not None:
@@ -447,9 +449,12 @@ class StoreRole(Role):
         swarm = self.ctx.swarm
         if swarm is None or self.store is None:
             return
-        want = {model_topic(m.name) for m in self.core.list()} | {blob_topic(d) for d in self.core.holdings()}
+        models = {model_topic(m.name) for m in self.core.list()}
+        want = models | {blob_topic(d) for d in self.core.holdings()}
         for topic in sorted(want - self._announced):
-            await swarm.join(topic, announce=True, lookup=False)
+            # model topics say "a live store has NAME": short-lived, refreshed; blob topics
+            # (one per blob, many) keep the long TTL: a fetch from a dead store fails over
+            await swarm.join(topic, announce=True, lookup=False, live=topic in models)
             self._announced.add(topic)
         for topic in sorted(self._announced - want):
             await swarm.leave(topic)

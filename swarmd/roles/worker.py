@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -25,6 +26,7 @@ from swarmd.errors import (
     ERR_OVERLOADED,
     ERR_TIMEOUT,
     ERR_UNAVAILABLE,
+    ConfigError,
     SwarmdError,
 )
 from swarmd.roles.base import NodeContext, Role
@@ -36,6 +38,7 @@ from swarmd.worker.engine import InferenceEngine, ServedModel, WorkerState
 from swarmd.worker.fetch import ModelFetcher
 
 MAX_NAME = 256
+WITHDRAW_TIMEOUT = 2.0  # bound on withdrawing our records on stop
 
 
 def _opt_str(params: dict[str, Any], key: str) -> str | None:
@@ -95,6 +98,16 @@ class WorkerRole(Role):
 
     # -- lifecycle ------------------------------------------------------------
 
+    @classmethod
+    def preflight(cls, settings: Any, data_dir: Path) -> None:
+        """Every worker.models file must exist and be readable (a typo fails at once, in one line)."""
+        for spec in settings.worker.models:
+            name, version, path = parse_local_model(spec)
+            p = Path(path).expanduser()
+            if not p.is_file() or not os.access(p, os.R_OK):
+                why = "is not a readable file" if p.exists() else "does not exist"
+                raise ConfigError(f"worker.models {name}:{version}: {p} {why}")
+
     async def start(self) -> None:
         if self.ctx.methods is not None:
             m = self.ctx.methods
@@ -126,11 +139,13 @@ class WorkerRole(Role):
         self.log.bind(event="worker_online", models=[m.name for m in self.engine.models()]).info("worker online")
 
     async def stop(self) -> None:
-        """Stop taking work, tell the swarm (DRAINING), finish accepted requests, withdraw."""
+        """Stop taking work, tell the swarm (DRAINING), finish accepted requests, withdraw.
+        With nothing accepted there is nothing to drain: withdraw at once."""
         self.engine.stop_accepting()
         try:
-            await self.sync_announcements()
-            await self.engine.drain()
+            if self.engine.queued or self.engine.in_flight:
+                await self.sync_announcements()
+                await self.engine.drain()
         finally:
             if self._announcer is not None:
                 self._announcer.cancel()
@@ -174,7 +189,7 @@ class WorkerRole(Role):
             try:
                 async with asyncio.timeout(timeout):
                     if topic not in self._topics:
-                        await swarm.join(topic, announce=True, lookup=False, payload=payload)
+                        await swarm.join(topic, announce=True, lookup=False, payload=payload, live=True)
                     elif self._topics[topic] != payload:
                         await swarm.update(topic, payload)
                 self._topics[topic] = payload
@@ -187,14 +202,22 @@ class WorkerRole(Role):
             self._topics.pop(topic, None)
 
     async def _withdraw(self) -> None:
+        """Leave every topic at once, bounded: a DHT whose nodes are gone must not hold up
+        a stop (our records are live ones and expire within seconds anyway)."""
         swarm = self.ctx.swarm
-        for topic in list(self._topics):
+        if swarm is None:
+            return
+
+        async def leave(topic: str) -> None:
             try:
-                async with asyncio.timeout(self.config.store_timeout):
+                async with asyncio.timeout(WITHDRAW_TIMEOUT):
                     await swarm.leave(topic)
             except (SwarmdError, TimeoutError) as e:
                 self.log.bind(event="withdraw_failed", topic=topic).warning("leaving {} failed: {!r}", topic, e)
-            self._topics.pop(topic, None)
+
+        topics = list(self._topics)
+        self._topics.clear()
+        await asyncio.gather(*(leave(t) for t in topics))
 
     async def _announce_loop(self) -> None:
         # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that lands as the

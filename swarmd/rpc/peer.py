@@ -37,6 +37,7 @@ from swarmd.errors import (
 )
 from swarmd.net.connection import Channel, SecureConnection
 from swarmd.net.loglimit import hostile
+from swarmd.node.deadline import within
 from swarmd.node.trust import HELLO_EVENT, MAX_GRANTS
 from swarmd.rpc import codec, envelope
 from swarmd.rpc.config import RpcConfig
@@ -371,7 +372,7 @@ class RpcPeer:
 
     async def _drain_quietly(self) -> None:
         try:
-            await asyncio.wait_for(self.conn.drain(), self.config.default_timeout)
+            await within(self.conn.drain(), self.config.default_timeout)
         except (SwarmdError, TimeoutError):
             pass
 

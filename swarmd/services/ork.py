@@ -40,6 +40,7 @@ from swarmd.errors import (
     ERR_UNKNOWN_METHOD,
     SwarmdError,
 )
+from swarmd.node.deadline import within
 from swarmd.node.supervisor import LOG, Supervisor
 from swarmd.services.params import as_params, bad_request, check_id, check_keys
 from swarmd.services.query import apply_sort, compile_sort
@@ -210,7 +211,7 @@ class Ork:
         """One lookup of RACKS: renew or add every announced rack, expire the rest."""
         if self._lookup is None:
             return 0
-        records = await asyncio.wait_for(self._lookup(), timeout=max(self.config.call_timeout_s, 1.0))
+        records = await within(self._lookup(), timeout=max(self.config.call_timeout_s, 1.0))
         seen = 0
         for rec in records:
             if self.observe(getattr(rec, "public_key", None), getattr(rec, "addresses", ()),
@@ -362,7 +363,7 @@ class Ork:
         async def one(rack: Rack) -> dict[str, Any]:
             async with sem:
                 try:
-                    result = await asyncio.wait_for(self.caller(rack, method, p, timeout), timeout=timeout + 1.0)
+                    result = await within(self.caller(rack, method, p, timeout), timeout=timeout + 1.0)
                     return {"rack": rack.id, "ok": True, "result": result}
                 except SwarmdError as e:
                     err = e
@@ -440,7 +441,7 @@ class InProcessRacks:
         svc = self.services.get(rack.public_key)
         if svc is None:
             raise SwarmdError(ERR_UNAVAILABLE, f"rack {rack.id} is not served in this process")
-        return await asyncio.wait_for(svc.call(method, params), timeout=timeout)
+        return await within(svc.call(method, params), timeout=timeout)
 
 
 # Errors that mean "this address did not work", so the next one is tried.

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from swarmd.errors import ERR_BAD_REQUEST, ERR_CORRUPT, ERR_PROTOCOL, SwarmdError
+from swarmd.node.deadline import within
 from swarmd.store.blobs import write_all
 
 CHUNK = 1 << 20  # file read per stream.send: the stream cuts it into frames; fewer, larger reads cost less
@@ -198,7 +199,7 @@ async def push_file(
         stream.abort()
         # the store's own error says more than our broken pipe does
         with contextlib.suppress(BaseException):
-            await asyncio.wait_for(stream.result(), 1.0)
+            await within(stream.result(), 1.0)
         raise
     finally:
         await reader.close()
@@ -238,7 +239,7 @@ async def pull_stream(
         writer.salvage()
         stream.abort()
         with contextlib.suppress(BaseException):
-            await asyncio.wait_for(stream.result(), 1.0)
+            await within(stream.result(), 1.0)
         raise
     result = await stream.result()
     if _int(result, "size") != done:

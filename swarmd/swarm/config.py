@@ -22,9 +22,19 @@ class SwarmConfig:
     request_timeout: float = 30.0  # default bound on request() when the caller gives none
     lookup_timeout: float = 5.0  # bound on one topic lookup, in seconds
     flush_timeout: float = 10.0  # flush() waits at most this long for the first announce and lookup
+    leave_timeout: float = 2.0  # stop() withdraws every record at once, waiting at most this long
     record_ttl: float = 20 * 60.0  # seconds our topic records live
     reannounce_interval: float = 10 * 60.0  # seconds between re-announcements of a joined topic
     reannounce_jitter: float = 60.0  # random extra seconds per re-announcement
+    # records joined with live=True (workers, stores, models they serve, orchestrators) say
+    # "this node is up": they expire live_record_ttl after the last refresh, so a node killed
+    # without withdrawing vanishes from lookups within that, and are refreshed every
+    # live_reannounce_interval (+ up to live_reannounce_jitter): two refreshes per lifetime,
+    # so one lost round does not drop a live node. Each refresh is one put to each of the k
+    # holders (their tokens are reused), see docs/swarm.md for the traffic this costs.
+    live_record_ttl: float = 12.0  # seconds a live record lives (a killed node is gone within this)
+    live_reannounce_interval: float = 3.5  # seconds between refreshes of a live record
+    live_reannounce_jitter: float = 0.5  # random extra seconds per refresh
     relookup_initial: float = 0.5  # first re-query of a joined topic; doubles up to relookup_interval
     relookup_interval: float = 60.0  # joined topics with lookup=True are re-queried this often
     reconnect_initial: float = 0.2  # first pause before re-dialling a wanted peer; doubles up to reconnect_max

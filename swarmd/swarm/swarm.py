@@ -33,6 +33,7 @@ from swarmd.errors import (
     SwarmdError,
 )
 from swarmd.net.punch import PathAttempt
+from swarmd.node.deadline import within
 from swarmd.node.identity import Identity
 from swarmd.node.supervisor import LOG, Supervisor
 from swarmd.node.trust import Trust
@@ -47,6 +48,21 @@ from swarmd.topics import ROLE_TOPICS, peer_topic, topic_role
 Firewall = Callable[[bytes], Awaitable[bool]]  # True admits the peer (by its public key)
 RETIRE_QUIET = 1.0  # s without a call in flight or a message either way before a replaced connection closes
 RETIRE_MAX = 300.0  # s a replaced connection may keep finishing its calls and streams
+RETIRE_ASK = 20.0  # s the dialler waits for the other side to agree to retire a connection
+
+
+async def _until(cond: Callable[[], bool], deadline: float) -> None:
+    """Poll cond (RpcPeer's tables raise no event) until true or the loop time passes deadline."""
+    loop = asyncio.get_running_loop()
+    while loop.time() < deadline:
+        if cond():
+            return
+        await asyncio.sleep(0.02)
+
+
+def _busy(peer: RpcPeer) -> bool:
+    """Anything in flight on a connection: calls we wait on, streams, handlers running, requests held."""
+    return bool(peer._pending or peer._pending_streams or peer._running or peer._backlog)
 
 
 @dataclass(frozen=True)
@@ -91,6 +107,7 @@ class _Joined:
     payload: dict[str, Any] | None
     seq: int = 0
     role: str | None = None  # the role its announcers must hold (swarmd.topics.topic_role)
+    live: bool = False  # short-lived record, refreshed often (SwarmConfig.live_*)
     first_round: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     last: AnnounceResult | None = None
@@ -191,7 +208,7 @@ class Swarm:
             self.server.on_peer = self._prev_on_peer  # a shared server stops feeding us peers
             if self.firewall is not None:
                 self.server.hold_new_peers = False
-        leaves = [asyncio.wait_for(self.leave(t), self.config.lookup_timeout) for t in list(self._topics)]
+        leaves = [within(self.leave(t), self.config.leave_timeout) for t in list(self._topics)]
         await asyncio.gather(*leaves, return_exceptions=True)  # best effort: records expire anyway
         await self.tasks.close()
         for fut in self._dialing.values():
@@ -246,9 +263,15 @@ class Swarm:
         announce: bool = True,
         lookup: bool = True,
         payload: dict[str, Any] | None = None,
+        *,
+        live: bool = False,
     ) -> bytes:
         """Announce under and/or look up a topic, then keep doing so until leave().
-        Returns the 32-byte topic. Use flush() to wait for the first round."""
+        Returns the 32-byte topic. Use flush() to wait for the first round.
+
+        live=True: our record says "this node is up now" (a worker, a store); it
+        lives config.live_record_ttl and is refreshed every live_reannounce_interval,
+        so a node that dies without leaving drops out of lookups within the TTL."""
         await self.start()
         t = self.topic(topic)
         role = self.role_of(topic)
@@ -256,7 +279,7 @@ class Swarm:
         if old is not None and old.task is not None:
             old.task.cancel()
             await asyncio.gather(old.task, return_exceptions=True)
-        joined = _Joined(t, announce, lookup, payload, seq=old.seq if old else 0, role=role)
+        joined = _Joined(t, announce, lookup, payload, seq=old.seq if old else 0, role=role, live=live)
         self._topics[t] = joined
         joined.task = self._spawn(self._topic_loop(joined), f"swarm-topic-{t.hex()[:8]}")
         return t
@@ -290,7 +313,7 @@ class Swarm:
         if not waits:
             return True
         try:
-            await asyncio.wait_for(asyncio.gather(*waits), timeout or self.config.flush_timeout)
+            await within(asyncio.gather(*waits), timeout or self.config.flush_timeout)
             return True
         except TimeoutError:
             return False
@@ -307,7 +330,7 @@ class Swarm:
             self.addresses(),
             self.trust.with_grants(joined.payload),
             self._next_seq(joined),
-            self.config.record_ttl,
+            self.config.live_record_ttl if joined.live else self.config.record_ttl,
             time.time(),
             self.dht.config.max_payload,
             self.dht.config.max_addresses,
@@ -324,7 +347,11 @@ class Swarm:
             work = []
             if joined.announce and now >= next_announce:
                 work.append(self._announce(joined))
-                next_announce = now + cfg.reannounce_interval + random.uniform(0, cfg.reannounce_jitter)
+                if joined.live:
+                    every, jitter = cfg.live_reannounce_interval, cfg.live_reannounce_jitter
+                else:
+                    every, jitter = cfg.reannounce_interval, cfg.reannounce_jitter
+                next_announce = now + every + random.uniform(0, jitter)
             if joined.lookup:
                 work.append(self._lookup_and_connect(joined.topic))
             results = await asyncio.gather(*work, return_exceptions=True)
@@ -416,7 +443,7 @@ class Swarm:
                         out[rec.public_key] = rec
 
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(run(), timeout or self.config.lookup_timeout)
+            await within(run(), timeout or self.config.lookup_timeout)
         return list(out.values())
 
     # -- connections ------------------------------------------------------------------
@@ -493,7 +520,7 @@ class Swarm:
 
     async def _dial(self, public_key: bytes, record: PeerRecord | None) -> RpcPeer:
         if record is None:
-            record = await asyncio.wait_for(self._resolve(public_key), self.config.lookup_timeout)
+            record = await within(self._resolve(public_key), self.config.lookup_timeout)
         t0 = time.monotonic()
         if self.traversal is None:
             return await self._dial_addresses(public_key, record, self.config.connect_timeout)
@@ -561,7 +588,7 @@ class Swarm:
             return
         if self.firewall is not None:
             try:
-                allowed = await asyncio.wait_for(self.firewall(pk), self.config.connect_timeout)
+                allowed = await within(self.firewall(pk), self.config.connect_timeout)
             except Exception as e:  # a failing firewall denies
                 self._log.bind(event="firewall_failed", error=str(e)).warning(
                     "firewall callback failed; denying"
@@ -612,9 +639,14 @@ class Swarm:
         return kept
 
     async def _retire(self, peer: RpcPeer) -> None:
-        """Close a replaced connection once nothing is in flight on it and it has been quiet
-        for RETIRE_QUIET: the other side switched at about the same moment, and a request
-        it sent just before would arrive well within that (bounded by RETIRE_MAX)."""
+        """Close a replaced connection without failing a call on it.
+
+        The side that dialled it asks the other (`nat.retire`, on the old connection
+        itself) to stop using it; the answer comes after every request the other side
+        sent on it (ordered), so once it arrives and nothing is in flight here, the
+        connection is closed. The other side only waits for that close. A peer
+        without `nat.retire` gets the old rule: closed after RETIRE_QUIET with nothing
+        in flight and no message either way. Bounded by RETIRE_MAX."""
         loop = asyncio.get_running_loop()
         heard = [loop.time()]
         deliver = peer.conn.on_message
@@ -626,16 +658,35 @@ class Swarm:
 
         peer.conn.on_message = on_message
         deadline = loop.time() + RETIRE_MAX
+        agreed = False
+        if peer.conn.initiator:
+            try:
+                await peer.call("nat.retire", None, timeout=RETIRE_ASK)
+                agreed = True
+            except SwarmdError:
+                agreed = False  # an older peer, or the connection is gone already
         while not peer.is_closed and loop.time() < deadline:
-            # the RpcPeer's own tables: calls we wait on, streams, handlers running, requests held
-            busy = peer._pending or peer._pending_streams or peer._running or peer._backlog
-            if not busy and loop.time() - heard[0] >= RETIRE_QUIET:
-                break
+            if peer.conn.initiator and not _busy(peer) and (agreed or loop.time() - heard[0] >= RETIRE_QUIET):
+                break  # the dialler closes
+            if not peer.conn.initiator and loop.time() - heard[0] >= RETIRE_MAX / 2 and not _busy(peer):
+                break  # the dialler never closed it (it lost the new path?): give up on it, idle
             await asyncio.sleep(0.05)
-        self._log.bind(event="connection_retired", peer=peer.remote_public_key.hex()[:16], path=path_of(peer)).info(
+        self._log.bind(event="connection_retired", peer=peer.remote_public_key.hex()[:16], path=path_of(peer),
+                       agreed=agreed, closed_by="peer" if peer.is_closed else "us").info(
             "replaced connection closed after its calls finished"
         )
         await peer.close()
+
+    async def retire_asked(self, old: RpcPeer) -> None:
+        """The dialler of `old` replaced it and asks us to stop using it: wait (bounded)
+        until the replacement reached us too, stop handing `old` out, let our own calls
+        on it finish; the caller answers then, and the dialler closes `old`."""
+        loop = asyncio.get_running_loop()
+        pk = old.remote_public_key
+        deadline = loop.time() + RETIRE_ASK / 2
+        await _until(lambda: self._registry.get(pk) is not old, deadline)
+        self._registry.remove(pk, old)
+        await _until(lambda: not (old._pending or old._pending_streams), deadline)
 
     def _on_closed(self, pk: bytes, peer: RpcPeer) -> None:
         current = self._registry.get(pk)

@@ -179,6 +179,7 @@ class Traversal:
         m.register("nat.signal", self._rpc_signal, op="r")
         m.register("nat.connect", self._rpc_connect, op="r")
         m.register("nat.status", self._rpc_status, op="r")
+        m.register("nat.retire", self._rpc_retire, op="r")
         m.register("nat.probe", self._rpc_probe, op="w")
         m.register_stream("nat.sink", self._rpc_sink, op="r")
         self.swarm.traversal = self
@@ -187,7 +188,7 @@ class Traversal:
 
     async def stop(self) -> None:
         self.swarm.traversal = None
-        for name in ("nat.signal", "nat.connect", "nat.status", "nat.probe", "nat.sink"):
+        for name in ("nat.signal", "nat.connect", "nat.status", "nat.retire", "nat.probe", "nat.sink"):
             self.swarm.methods.unregister(name)
         for t in list(self._tasks):
             t.cancel()
@@ -219,6 +220,14 @@ class Traversal:
 
     async def _rpc_status(self, ctx: CallContext, params: Any) -> Any:
         return self.status()
+
+    async def _rpc_retire(self, ctx: CallContext, params: Any) -> Any:
+        """The dialler of the connection this call came over moved to a better path:
+        answered once we stopped using this one (Swarm._retire closes it then)."""
+        if ctx.peer_conn.conn.initiator:
+            raise SwarmdError(ERR_BAD_REQUEST, "nat.retire is asked by the side that dialled the connection")
+        await self.swarm.retire_asked(ctx.peer_conn)
+        return True
 
     # -- path test: what `swarmd nat probe` runs ----------------------------------------
 
@@ -296,7 +305,8 @@ class Traversal:
         peer = await self.swarm.connect(target)
         connect_s = time.monotonic() - t0
         t1 = time.monotonic()
-        remote = await peer.call("nat.status", None, timeout=self.swarm.config.request_timeout)
+        # through the swarm, as any caller: it takes whatever connection is current
+        remote = await self.swarm.request(target, "nat.status", None, timeout=self.swarm.config.request_timeout)
         rtt = time.monotonic() - t1
         out: dict[str, Any] = {
             "path": path_of(peer),
@@ -530,7 +540,7 @@ class Traversal:
             assert req.addr is not None
             rv = await rendezvous(await self._rendezvous_relay(), timeout=self.config.stun_timeout)
             self._punching += 1
-            self._spawn(self._accept_tcp_punched(req.source, rv, req.addr))
+            self._spawn(self._accepting(PUNCHED_TCP, req.source, self._accept_tcp_punched(req.source, rv, req.addr)))
             return {"addr": [rv.observed[0], rv.observed[1]]}
         if req.kind == KIND_UDP:
             assert req.punch is not None
@@ -547,11 +557,21 @@ class Traversal:
                 self._punching -= 1
                 await puncher.close()
                 raise
-            self._spawn(self._accept_punched(req.source, puncher, req.punch))
+            self._spawn(self._accepting(PUNCHED_UDP, req.source, self._accept_punched(req.source, puncher, req.punch)))
             return {"punch": answer.to_wire()}
         assert req.relay is not None
-        self._spawn(self._accept_relayed(req.source, req.relay, req.token))
+        self._spawn(self._accepting(RELAYED, req.source, self._accept_relayed(req.source, req.relay, req.token)))
         return {"ok": True}
+
+    async def _accepting(self, path: str, source: bytes, attempt: Coroutine[Any, Any, None]) -> None:
+        """The target's half of an attempt. One the caller gave up on (another path won
+        first) ends here as an expected failure: one info line, not a warning."""
+        try:
+            await attempt
+        except SwarmdError as e:
+            self.log.bind(event="accept_failed", path=path, peer=source.hex()[:16], code=e.code).info(
+                "the {} attempt a peer asked for did not complete: {}", path, e.message
+            )
 
     def _is_pooled(self, pk: bytes) -> bool:
         return self.swarm._registry.get(pk) is not None
