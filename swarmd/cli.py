@@ -194,6 +194,25 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Set
     return load_settings(Settings, config_file=config_file, env_name=env_name, environ=environ, flags=flags)
 
 
+def _unknown_flag(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[str, str] | None:
+    """The first --flag no parser knows, named with the nearest real one: `--rol worker` would
+    otherwise read as "invalid choice: 'worker'" (flags are never abbreviated)."""
+    import difflib
+
+    known: set[str] = set()
+    todo = [parser]
+    while todo:
+        p = todo.pop()
+        known.update(o for a in p._actions for o in a.option_strings)
+        todo.extend(_sub_parsers(p))
+    for word in argv:
+        flag = word.split("=", 1)[0]
+        if flag.startswith("--") and flag != "--" and flag not in known:
+            near = difflib.get_close_matches(flag, sorted(known), n=1)
+            return flag, "flags are never abbreviated" + (f"; did you mean {near[0]}?" if near else "")
+    return None
+
+
 def _error_line(prog: str, code: str, message: str) -> str:
     """The one error line every command prints: `swarmd <cmd>: ERR_CODE: message`."""
     return f"{prog}: {code}: {message}"
@@ -212,7 +231,12 @@ def main(argv: list[str] | None = None) -> int:
         args.json = bool(args.json)
         settings = settings_from_args(args, environ)
     except UsageError as e:
-        print(_error_line(e.prog, ERR_BAD_REQUEST, e.message), file=sys.stderr)
+        message = e.message
+        unknown = _unknown_flag(parser, argv) if "parser" in locals() else None
+        if unknown is not None:
+            flag, hint = unknown
+            message = f"{message} ({hint})" if flag in message else f"unknown flag {flag} ({hint})"
+        print(_error_line(e.prog, ERR_BAD_REQUEST, message), file=sys.stderr)
         return 2
     except SwarmdError as e:
         print(_error_line(prog, e.code, e.message), file=sys.stderr)

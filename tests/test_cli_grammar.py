@@ -100,8 +100,9 @@ def test_swarm_commands_find_the_swarm_through_the_local_node(node, capsys) -> N
 @pytest.mark.parametrize(
     "argv,needle",
     [
-        (["--rol", "worker"], "invalid choice: 'worker'"),  # not taken for --role
-        (["status", "--data-d", "x"], "unrecognized arguments: --data-d x"),
+        (["--rol", "worker"], "unknown flag --rol (flags are never abbreviated; did you mean --role?)"),
+        (["status", "--data-d", "x"],
+         "unrecognized arguments: --data-d x (flags are never abbreviated; did you mean --data-dir?)"),
         (["keys", "ls", "--bootstrap", "127.0.0.1:1"], "--bootstrap does not apply to `swarmd keys ls`"),
         (["things", "services", "--host", "10.0.0.1"], "--host does not apply to `swarmd things services`"),
         (["completion", "bash", "--json"], "--json does not apply to `swarmd completion`"),
