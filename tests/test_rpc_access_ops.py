@@ -29,6 +29,7 @@ OPS: dict[str, str] = {
     "ping": R, "echo": R, "swarm.status": R, "nat.status": R,
     "node.tasks": R,  # names of the node's background tasks (swarmd status); changes nothing
     "node.info": R,  # roles, version, uptime, NAT type: what swarm.status already tells any caller
+    "nat.retire": R,  # the dialler retires its own connection to us after a path upgrade; touches no other peer
     "nat.signal": R,  # forwards a connection request; rate-limited per caller, stores nothing
     "nat.connect": R,  # answers a UDP punch offer to reach this node (what any caller needs)
     "nat.probe": W,  # makes this node dial out and stream: own key only, and "w"
