@@ -9,8 +9,6 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("swarmd.rpc.client", reason="the net/rpc layer has not landed on this branch yet")
-
 from swarmd.errors import ERR_TIMEOUT, ERR_UNKNOWN_METHOD, SwarmdError
 from swarmd.node.identity import Identity
 from swarmd.rpc import CallContext, Methods, RpcServer

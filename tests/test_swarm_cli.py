@@ -10,15 +10,11 @@ import signal
 import sys
 from pathlib import Path
 
-import pytest
-
-pytest.importorskip("swarmd.rpc.client", reason="the net/rpc layer has not landed on this branch yet")
-
-from swarmd.commands.peers import running_node_status  # noqa: E402
-from swarmd.node.identity import Identity  # noqa: E402
-from swarmd.rpc import Methods, RpcServer  # noqa: E402
-from swarmd.swarm import Swarm, SwarmConfig  # noqa: E402
-from tests.dht_testnet import DhtTestnet  # noqa: E402
+from swarmd.commands.peers import running_node_status
+from swarmd.node.identity import Identity
+from swarmd.rpc import Methods, RpcServer
+from swarmd.swarm import Swarm, SwarmConfig
+from tests.dht_testnet import DhtTestnet
 
 ROOT = Path(__file__).resolve().parent.parent
 

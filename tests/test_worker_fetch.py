@@ -9,16 +9,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-pytest.importorskip("swarmd.swarm.swarm", reason="the swarm layer has not landed on this branch yet")
-pytest.importorskip("swarmd.roles.store", reason="the store role has not landed on this branch yet")
-
-from swarmd.errors import ERR_NOT_FOUND, SwarmdError  # noqa: E402
-from swarmd.roles.worker import WorkerRole  # noqa: E402
-from swarmd.topics import blob_topic  # noqa: E402
-from swarmd.worker.config import WorkerConfig  # noqa: E402
-from tests.dht_testnet import DhtTestnet  # noqa: E402
-from tests.models import mlp_model  # noqa: E402
-from tests.test_worker_swarm import SwarmNode, wait_for_record  # noqa: E402
+from swarmd.errors import ERR_NOT_FOUND, SwarmdError
+from swarmd.roles.worker import WorkerRole
+from swarmd.topics import blob_topic
+from swarmd.worker.config import WorkerConfig
+from tests.dht_testnet import DhtTestnet
+from tests.models import mlp_model
+from tests.test_worker_swarm import SwarmNode, wait_for_record
 
 MLP = (16, 32, 4)
 

@@ -19,12 +19,10 @@ from swarmd.node.identity import Identity
 from swarmd.node.supervisor import Supervisor
 from swarmd.roles.base import NodeContext
 from swarmd.roles.worker import WorkerRole
-
-pytest.importorskip("swarmd.rpc.server", reason="swarmd.rpc (engineer net) has not landed on this branch yet")
-from swarmd.rpc import Methods, RpcServer, connect  # noqa: E402
-from swarmd.settings import Settings  # noqa: E402
-from swarmd.worker.config import WorkerConfig  # noqa: E402
-from tests.models import mlp_model, two_output_model  # noqa: E402
+from swarmd.rpc import Methods, RpcServer, connect
+from swarmd.settings import Settings
+from swarmd.worker.config import WorkerConfig
+from tests.models import mlp_model, two_output_model
 
 MLP = (16, 32, 4)
 

@@ -10,19 +10,17 @@ from typing import Any
 import numpy as np
 import pytest
 
-pytest.importorskip("swarmd.swarm.swarm", reason="the swarm layer has not landed on this branch yet")
-
-from swarmd.node.identity import Identity  # noqa: E402
-from swarmd.node.supervisor import Supervisor  # noqa: E402
-from swarmd.roles.base import NodeContext  # noqa: E402
-from swarmd.roles.worker import WorkerRole  # noqa: E402
-from swarmd.rpc import Methods, RpcServer  # noqa: E402
-from swarmd.settings import Settings  # noqa: E402
-from swarmd.swarm import Swarm, SwarmConfig  # noqa: E402
-from swarmd.topics import WORKERS, worker_model_topic  # noqa: E402
-from swarmd.worker.config import WorkerConfig  # noqa: E402
-from tests.dht_testnet import DhtTestnet  # noqa: E402
-from tests.models import mlp_model  # noqa: E402
+from swarmd.node.identity import Identity
+from swarmd.node.supervisor import Supervisor
+from swarmd.roles.base import NodeContext
+from swarmd.roles.worker import WorkerRole
+from swarmd.rpc import Methods, RpcServer
+from swarmd.settings import Settings
+from swarmd.swarm import Swarm, SwarmConfig
+from swarmd.topics import WORKERS, worker_model_topic
+from swarmd.worker.config import WorkerConfig
+from tests.dht_testnet import DhtTestnet
+from tests.models import mlp_model
 
 MLP = (16, 32, 4)
 
