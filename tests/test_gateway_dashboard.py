@@ -98,3 +98,14 @@ def test_traffic_series_from_the_latency_histogram() -> None:
     for i in range(5):
         t.sample(now=3.0 + i)
     assert len(t.points) == 3  # bounded history
+
+
+def test_router_health_snapshot_names_ejected_workers() -> None:
+    from swarmd.orchestrator.health import HealthTracker
+
+    h = HealthTracker(eject_after=2)
+    h.call_failed("aa", "ERR_TIMEOUT")
+    assert h.snapshot()["aa"]["ejected"] is False and h.snapshot()["aa"]["consecutive_failures"] == 1
+    h.call_failed("aa", "ERR_TIMEOUT")
+    snap = h.snapshot()
+    assert snap["aa"]["ejected"] is True and snap["aa"]["healthy"] is False

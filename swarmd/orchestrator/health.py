@@ -55,6 +55,10 @@ class HealthTracker:
     def is_ejected(self, public_key: str) -> bool:
         return public_key in self.ejected
 
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        """{worker key: its record, with "ejected"} for every worker this tracker has seen."""
+        return {pk: {**rec.to_dict(), "ejected": rec.ejected} for pk, rec in self._records.items()}
+
     def call_succeeded(self, public_key: str) -> None:
         """A real call answered: the failure streak ends (it does not re-admit; see module doc)."""
         self.record(public_key).consecutive_failures = 0
