@@ -367,8 +367,7 @@ class Gateway:
         route = info.canonical if info is not None else "unmatched"
         s = str(status)
         method = request.method if request.method in KNOWN_METHODS else "OTHER"  # client-chosen: bounded
-        self.m_requests.inc(route, method, s)
-        self.m_latency.observe(elapsed, route, request.get(MODEL, ""), s)
+        self.observe(route, method, s, elapsed, request.get(MODEL, ""))
         if self.config.access_log:
             self.log.bind(
                 event="http", request_id=request[RID], method=request.method, path=request.path, status=status,
@@ -511,7 +510,7 @@ class Gateway:
         return HTTP_STATUS.get(code, 502)
 
     def observe(self, route: str, method: str, status: str, elapsed: float, model: str) -> None:
-        """Count a call served by another front (gRPC) in the same metrics as HTTP's."""
+        """Count one served call (HTTP here, gRPC in grpc_server.py) in the gateway's metrics."""
         self.m_requests.inc(route, method, status)
         self.m_latency.observe(elapsed, route, model, status)
 
