@@ -37,6 +37,7 @@ from swarmd.errors import (
 )
 from swarmd.net.connection import Channel, SecureConnection
 from swarmd.net.loglimit import hostile
+from swarmd.node import tracing
 from swarmd.node.deadline import within
 from swarmd.node.trust import HELLO_EVENT, MAX_GRANTS
 from swarmd.rpc import codec, envelope
@@ -212,6 +213,10 @@ class RpcPeer:
         # the grants the peer's presentGrants hello showed (wire form, at most MAX_GRANTS);
         # `roles` verifies them against our trust on each use, so an expired one stops counting
         self._grants: list[bytes] = []
+        # the parent context of the traced request being dispatched (tracing on, request with meta)
+        self._traced: Any = None
+        # the peer refused a request with a meta element (a version before it): we send none
+        self._no_meta = False
         conn.on_message = self._on_message
         conn.on_close = self._on_close
         conn.on_writable = self._on_writable
@@ -263,7 +268,7 @@ class RpcPeer:
     # -- caller side -------------------------------------------------------
 
     def _start_call(
-        self, method: str, params: Any, timeout: float, channel: int
+        self, method: str, params: Any, timeout: float, channel: int, meta: dict[str, Any] | None = None
     ) -> tuple[int, asyncio.Future[Any]]:
         conn = self.conn
         if conn.error is not None:
@@ -271,7 +276,10 @@ class RpcPeer:
         rid = self._next_id
         self._next_id = rid + 1
         try:
-            msg = self._pack([REQUEST, rid, method, params, int(timeout * 1000), channel])
+            req = [REQUEST, rid, method, params, int(timeout * 1000), channel]
+            if meta is not None:
+                req.append(meta)
+            msg = self._pack(req)
         except (TypeError, ValueError, OverflowError) as e:
             raise SwarmdError(ERR_BAD_REQUEST, f"params of {method!r} cannot be encoded: {e}") from None
         if len(msg) > self.max_message:
@@ -337,6 +345,8 @@ class RpcPeer:
 
     async def call(self, method: str, params: Any = None, *, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - deadline sweep, no wait_for
         """Call method on the peer; raises SwarmdError (remote code, ERR_TIMEOUT, ERR_CLOSED)."""
+        if tracing.tracer is not None:
+            return await self._call_traced(method, params, timeout)
         conn = self.conn
         if conn._write_paused:
             await self._drain_quietly()  # the peer reads slowly: wait instead of piling up
@@ -363,6 +373,37 @@ class RpcPeer:
         self._deadlines[rid] = (deadline, method, timeout)
         if deadline < self._sweep_at:
             self._arm_sweep(deadline)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if self._forget(rid) is not None:
+                self._send_cancel(rid)
+            raise
+
+    async def _call_traced(self, method: str, params: Any, timeout: float | None) -> Any:  # noqa: ASYNC109
+        """call() while tracing is on: inside a request's trace, a client span whose context
+        travels in the request's meta; outside one, a plain call."""
+        if self.conn._write_paused:
+            await self._drain_quietly()
+        if timeout is None:
+            timeout = self.config.default_timeout
+        parent = tracing.meta()
+        if parent is None:
+            return await self._await_call(method, params, timeout, None)
+        with tracing.span(f"rpc {method}", kind="CLIENT", attributes={"rpc.system": "swarmd", "rpc.method": method}):
+            meta = None if self._no_meta else tracing.meta()
+            try:
+                return await self._await_call(method, params, timeout, meta)
+            except SwarmdError as e:
+                # a peer before the meta element refuses the request unread ("request must have 6
+                # elements, got 7"): send it again without, and no meta on this connection again
+                if meta is None or e.code != ERR_BAD_REQUEST or "must have 6 elements" not in e.message:
+                    raise
+                self._no_meta = True
+                return await self._await_call(method, params, timeout, None)
+
+    async def _await_call(self, method: str, params: Any, timeout: float, meta: dict[str, Any] | None) -> Any:
+        rid, fut = self._start_call(method, params, timeout, 0, meta)
         try:
             return await fut
         except asyncio.CancelledError:
@@ -457,7 +498,10 @@ class RpcPeer:
                 self._hold_message(msg, len(data))
                 return
             self._msg_size = len(data)
-            self._on_request(msg[1], msg[2], msg[3], msg[4], msg[5])
+            if len(msg) == 6:
+                self._on_request(msg[1], msg[2], msg[3], msg[4], msg[5])
+            else:
+                self._on_request_meta(msg, None)
         elif kind == ERROR:
             fut = self._forget(msg[1])
             if fut is not None and not fut.done():
@@ -499,7 +543,7 @@ class RpcPeer:
             try:
                 if msg[0] == REQUEST:
                     self._msg_size = size
-                    self._on_request(msg[1], msg[2], msg[3], msg[4], msg[5], arrived)
+                    self._on_request_meta(msg, arrived)
                 else:
                     self._on_event(msg[1], msg[2])
             except SwarmdError as e:
@@ -539,6 +583,20 @@ class RpcPeer:
                 self.conn.remote_public_key or b"", method, m.op, m.roles, self.roles if m.roles else _NO_ROLES
             )
         return m
+
+    def _on_request_meta(self, msg: list[Any], arrived: float | None) -> None:
+        """A request with a meta element (or a held one): dispatched in the caller's trace when
+        tracing is on and the meta carries a trace context; the meta is ignored otherwise."""
+        meta = envelope.request_meta(msg) if tracing.tracer is not None else None
+        parent = tracing.extract(meta) if meta is not None else None
+        if parent is None:
+            self._on_request(msg[1], msg[2], msg[3], msg[4], msg[5], arrived)
+            return
+        self._traced = parent
+        try:
+            self._on_request(msg[1], msg[2], msg[3], msg[4], msg[5], arrived)
+        finally:
+            self._traced = None
 
     def _on_request(
         self,
@@ -609,6 +667,12 @@ class RpcPeer:
             if ch and self._held_channels and self._held_channels.pop(ch, None) is not None:
                 conn._channels.pop(ch, None)  # accepted while held; the caller resets it on our answer
             self._reply_error(rid, e)
+            return
+        if self._traced is not None:
+            # a server span around the handler, in its own Task (never inline: the span is
+            # entered and left in one context)
+            coro = tracing.serve(method, self._traced, coro)
+            running[rid] = self._loop.create_task(self._continue(rid, method, coro, deadline, stream))
             return
         if not m.inline:
             running[rid] = self._loop.create_task(self._continue(rid, method, coro, deadline, stream))
