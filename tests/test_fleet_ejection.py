@@ -16,7 +16,15 @@ from swarmd.orchestrator.discovery import ejection_verdicts
 from swarmd.topics import ORCHESTRATORS
 from swarmd_rpc import Client
 from tests.conftest import rpc_call, swarmd_env
-from tests.swarm_daemons import lookup_json, poll_until, serve_mlp, start_hub, start_node, start_worker, status_json
+from tests.swarm_daemons import (
+    lookup_json,
+    poll_until,
+    serve_mlp,
+    start_hub,
+    start_node,
+    start_worker,
+    status_json,
+)
 
 LIVENESS_S = 15.0  # the bound: records reflect liveness (ejections included) within 15 s
 
