@@ -35,7 +35,8 @@ from swarmd.errors import (
     ERR_UNKNOWN_METHOD,
     SwarmdError,
 )
-from swarmd.net.connection import Channel, SecureConnection
+from swarmd.net.channel import Channel
+from swarmd.net.connection import SecureConnection
 from swarmd.net.loglimit import hostile
 from swarmd.node.deadline import within
 from swarmd.node.trust import HELLO_EVENT, MAX_GRANTS
