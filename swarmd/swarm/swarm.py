@@ -42,7 +42,7 @@ from swarmd.rpc import CallContext, Methods, RpcPeer, RpcServer, connect
 from swarmd.rpc.local import LocalPeer
 from swarmd.rpc.registry import ConnectionRegistry
 from swarmd.swarm.config import SwarmConfig
-from swarmd.swarm.traversal import PATH_RANK, PathMetrics, path_of, path_rank
+from swarmd.swarm.paths import PATH_RANK, PathMetrics, path_of, path_rank
 from swarmd.topics import ROLE_TOPICS, peer_topic, topic_role
 
 Firewall = Callable[[bytes], Awaitable[bool]]  # True admits the peer (by its public key)
