@@ -290,7 +290,7 @@ def _swarm_metrics(ctx: NodeContext) -> list[Any]:
     out = []
     swarm = ctx.swarm
     if swarm is not None:
-        from swarmd.swarm.traversal import path_of
+        from swarmd.swarm.paths import path_of
 
         by_path: dict[str, int] = {}
         for _pk, peer, _topics, _inbound in swarm.peers():

@@ -18,7 +18,8 @@ from swarmd.net.relayio import RelayServer, new_token
 from swarmd.node.identity import Identity
 from swarmd.rpc import CallContext, Methods, RpcServer, connect
 from swarmd.swarm import Swarm, SwarmConfig
-from swarmd.swarm.traversal import Traversal, path_of
+from swarmd.swarm.paths import path_of
+from swarmd.swarm.traversal import Traversal
 from tests.dht_testnet import DhtTestnet
 
 

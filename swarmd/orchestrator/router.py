@@ -11,7 +11,7 @@ loads the model from a store on first use (route_unloaded).
 The Router does no networking itself: it is given a `call(lease, method,
 params, seconds)` coroutine function that must give up after `seconds`, so
 the same code runs over RPC peers, an in-process peer or a test double that
-raises SwarmdError with the stable codes. Errors are judged by failover.classify
+raises SwarmdError with the stable codes. Errors are judged by errors.classify
 alone.
 """
 
@@ -25,9 +25,17 @@ from typing import Any
 
 from loguru import logger
 
-from swarmd.errors import ERR_NOT_FOUND, ERR_NOT_READY, ERR_TIMEOUT, ERR_UNAVAILABLE, SwarmdError
+from swarmd.errors import (
+    ERR_NOT_FOUND,
+    ERR_NOT_READY,
+    ERR_TIMEOUT,
+    ERR_UNAVAILABLE,
+    SwarmdError,
+    Unreached,
+    Verdict,
+    classify,
+)
 from swarmd.orchestrator.balancer import Balancer
-from swarmd.orchestrator.failover import Unreached, Verdict, classify
 from swarmd.orchestrator.registry import JOINING, WorkerLease
 
 Caller = Callable[[WorkerLease, str, dict[str, Any], float], Awaitable[Any]]

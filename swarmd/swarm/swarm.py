@@ -31,18 +31,18 @@ from swarmd.errors import (
     ERR_NOT_FOUND,
     ERR_UNAVAILABLE,
     SwarmdError,
+    retryable,
 )
 from swarmd.net.punch import PathAttempt
 from swarmd.node.deadline import within
 from swarmd.node.identity import Identity
 from swarmd.node.supervisor import LOG, Supervisor
 from swarmd.node.trust import Trust
-from swarmd.orchestrator.failover import retryable  # a leaf: the one definition of "retryable"
 from swarmd.rpc import CallContext, Methods, RpcPeer, RpcServer, connect
 from swarmd.rpc.local import LocalPeer
 from swarmd.rpc.registry import ConnectionRegistry
 from swarmd.swarm.config import SwarmConfig
-from swarmd.swarm.traversal import PATH_RANK, PathMetrics, path_of, path_rank
+from swarmd.swarm.paths import PATH_RANK, PathMetrics, path_of, path_rank
 from swarmd.topics import ROLE_TOPICS, peer_topic, topic_role
 
 Firewall = Callable[[bytes], Awaitable[bool]]  # True admits the peer (by its public key)
