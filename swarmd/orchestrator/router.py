@@ -35,6 +35,7 @@ from swarmd.errors import (
     Verdict,
     classify,
 )
+from swarmd.node import tracing
 from swarmd.orchestrator.balancer import Balancer
 from swarmd.orchestrator.registry import JOINING, WorkerLease
 
@@ -129,6 +130,7 @@ class Router:
         model: str | None,
         capability: str | None = None,
         budget: float | None = None,
+        _span: bool = True,
     ) -> tuple[Any, WorkerLease]:
         """Call `method` on a chosen worker; on a worker-side failure try another.
 
@@ -141,6 +143,12 @@ class Router:
         last cause. A worker that could not even be reached (Unreached: dead,
         its record left behind) costs no attempt the first time.
         """
+        if tracing.tracer is not None and _span:
+            with tracing.span("router.route", attributes={"rpc.method": method, "swarmd.model": model or ""}) as s:
+                result, lease = await self.route(method, params, model=model, capability=capability, budget=budget,
+                                                 _span=False)
+                s.set_attribute("swarmd.worker", lease.public_key)
+                return result, lease
         b = self.balancer
         cfg = b.config
         budget = cfg.request_timeout if budget is None else budget
