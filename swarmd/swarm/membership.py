@@ -9,10 +9,9 @@ admits to that role. `Membership` is a mixin of `Swarm`; the state lives there.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
@@ -237,15 +236,24 @@ class Membership:
         The admission point of the swarm: on a role's topic (swarmd.topics.topic_role,
         or `role` given) only records of keys our trust admits to that role are
         yielded; the others are ignored as if never announced."""
-        t = self.topic(topic)
-        need = role or self.role_of(topic if isinstance(topic, str) else t)
-        trust = self.trust
-        async with aclosing(self.dht.lookup(t)) as it:
+        async with aclosing(self.dht.lookup(self.topic(topic), self._admission(topic, role))) as it:
             async for rec in it:
-                if need is not None and not trust.admits_record(rec, need):
-                    self._not_admitted(rec, need)
-                    continue
                 yield rec
+
+    def _admission(self, topic: bytes | str, role: str | None) -> Callable[[PeerRecord], bool] | None:
+        """The trust check lookups of topic apply (None: any key may announce it)."""
+        need = role or self.role_of(topic if isinstance(topic, str) else self.topic(topic))
+        if need is None:
+            return None
+        trust = self.trust
+
+        def admit(rec: PeerRecord) -> bool:
+            if trust.admits_record(rec, need):
+                return True
+            self._not_admitted(rec, need)
+            return False
+
+        return admit
 
     def _not_admitted(self, rec: PeerRecord, role: str) -> None:
         if rec.public_key in self._refused:
@@ -264,14 +272,5 @@ class Membership:
         role: str | None = None,  # noqa: ASYNC109
     ) -> list[PeerRecord]:
         """Every record a full lookup finds (partial on timeout), admitted as lookup() does."""
-        out: dict[bytes, PeerRecord] = {}
-
-        async def run() -> None:
-            async with aclosing(self.lookup(topic, role)) as it:
-                async for rec in it:
-                    if rec.public_key not in out or out[rec.public_key].seq < rec.seq:
-                        out[rec.public_key] = rec
-
-        with contextlib.suppress(TimeoutError):
-            await within(run(), timeout or self.config.lookup_timeout)
-        return list(out.values())
+        t = self.topic(topic)
+        return await self.dht.lookup_all(t, timeout or self.config.lookup_timeout, self._admission(topic, role))
