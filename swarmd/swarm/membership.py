@@ -216,6 +216,12 @@ class Membership:
                 dial = self._spawn(self._quiet_connect(rec), "swarm-dial")
                 if dial is not None:
                     dials.append(dial)
+                    if len(dials) == 1 and self.config.first_dial_lead > 0:
+                        # the first peer's dial goes ahead of the rest of the lookup, whose
+                        # replies would otherwise be read (and their nodes asked) in between
+                        # its handshake's steps, here and on the nodes asked; bounded, so a slow
+                        # dial delays finding the other peers by at most first_dial_lead
+                        await asyncio.wait({dial}, timeout=self.config.first_dial_lead)
         if topic in self._topics:
             self._seen[topic] = found
         if dials:
