@@ -127,6 +127,11 @@ class Node:
         )
         self.ctx = ctx
         try:
+            if self.settings.tracing.enabled:
+                from swarmd.node import tracing
+
+                tracing.start(self.settings.tracing, instance=identity.public_hex)
+                self._started.append(("tracing", _stop_tracing))
             for name, part in self._parts(ctx):
                 await part.start()
                 self._started.append((name, part.stop))
@@ -283,6 +288,13 @@ class Node:
                 loop.remove_signal_handler(sig)
 
 
+async def _stop_tracing() -> None:
+    """Export the spans still buffered, then stop tracing (last, after every role stopped)."""
+    from swarmd.node import tracing
+
+    await asyncio.to_thread(tracing.stop)
+
+
 def _swarm_metrics(ctx: NodeContext) -> list[Any]:
     """Connections by path and DHT records held: what every node has."""
     from prometheus_client.core import GaugeMetricFamily
@@ -290,7 +302,7 @@ def _swarm_metrics(ctx: NodeContext) -> list[Any]:
     out = []
     swarm = ctx.swarm
     if swarm is not None:
-        from swarmd.swarm.traversal import path_of
+        from swarmd.swarm.paths import path_of
 
         by_path: dict[str, int] = {}
         for _pk, peer, _topics, _inbound in swarm.peers():

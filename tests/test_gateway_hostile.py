@@ -189,6 +189,48 @@ def test_every_keep_alive_request_has_the_header_timer(gw):
     assert healthy(gw)
 
 
+def test_a_pipelined_request_that_stalls_has_the_header_timer(gw):
+    before = gw.gateway.guard.timed_out
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+        # one read holds a whole request and the start of the next; then the client goes quiet,
+        # which aiohttp's keep-alive timer (60 s here) would allow: a stalled request, not an idle connection
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\n")
+        closed, got = closed_by_server(s)
+    assert b"200 OK" in got, "the complete first request was answered"
+    assert closed and got.count(b"200 OK") == 1, "a stalled pipelined request held the connection like an idle one"
+    assert gw.gateway.guard.timed_out > before
+    assert healthy(gw)
+
+
+def test_a_request_dripped_while_the_previous_one_is_answered_has_the_header_timer(gw):
+    key = gw.key("infer")
+    body = b'{"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}'
+    before = gw.gateway.guard.timed_out
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+        # a request with a body, complete, then the next request's bytes one at a time from its first byte on
+        s.sendall(b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nx-api-key: "
+                  + key.encode() + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        closed, got = closed_by_server(s, drip=b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"X-Slow: aaaaaaaaaa\r\n" * 1000)
+    assert closed and b"/health" not in got
+    assert gw.gateway.guard.timed_out > before
+    assert healthy(gw)
+
+
+def test_pipelined_complete_requests_leave_an_idle_connection_to_the_keep_alive_timer(gw):
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        got = b""
+        while got.count(b"200 OK") < 2:
+            c = s.recv(65536)
+            assert c, "the server closed a connection with two complete requests"
+            got += c
+        s.settimeout(4 * gw.config.header_timeout)
+        with pytest.raises(TimeoutError):  # idle now: the keep-alive timer's, not the header timer's
+            s.recv(1)
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert b"200 OK" in s.recv(65536)
+
+
 def test_connections_per_client_address_are_capped(tmp_path):
     install_model(tmp_path / "models", "mlp", "1", tiny_mlp(seed=3))
     g = GatewayThread(tmp_path, GatewayConfig(max_connections=64, max_connections_per_address=4))

@@ -238,9 +238,9 @@ async def _until(cond, timeout: float = 30.0) -> None:
 
 async def test_half_received_frames_are_capped_across_connections():
     """Each peer may hold one large frame half-sent; together they stay under max_partial_total."""
-    from swarmd.net import connection
+    from swarmd.net import peerlimits
 
-    base = connection._partial.total
+    base = peerlimits.partial.total
     cfg = RpcConfig(net=NetConfig(max_partial_total=base + (4 << 20)))
     server = RpcServer(Identity.generate(), Methods(), config=cfg)
     await server.start()
@@ -257,11 +257,11 @@ async def test_half_received_frames_are_capped_across_connections():
             await _until(lambda p=speer: p.conn.is_closed or p.conn._partial_held == len(part))
             closed.append(speer.conn.error.code if speer.conn.is_closed else None)
         assert closed == [None, None] + [ERR_OVERLOADED] * 4, closed
-        assert connection._partial.total == base + 2 * len(part)
+        assert peerlimits.partial.total == base + 2 * len(part)
     finally:
         for c in clients:
             if c._pipe is not None:
                 c._pipe.abort()
         await _until(lambda: not server.peers)
         await server.stop()
-    assert connection._partial.total == base, "accounting drifted"
+    assert peerlimits.partial.total == base, "accounting drifted"

@@ -70,7 +70,7 @@ async def test_sink_charges_each_caller_a_byte_budget(pair) -> None:
     with pytest.raises(SwarmdError) as e:
         await _sink(caller, target, 256 * 1024)
     assert e.value.code == ERR_OVERLOADED
-    assert target.traversal.sink_refused == 1
+    assert target.traversal.probe.sink_refused == 1
     # another key has its own budget
     other = await pair()
     assert (await _sink(other, target, 1024))["bytes"] == 1024
@@ -83,10 +83,10 @@ async def test_sink_can_be_turned_off_and_probe_still_reports(pair) -> None:
         await _sink(caller, target, 1024)
     assert e.value.code == ERR_FORBIDDEN
     # `swarmd nat probe` without a stream still works against it; with a stream, against a default node
-    res = await caller.traversal._rpc_probe(_own_ctx(caller), {"target": target.public_key.hex(), "bytes": 0})
+    res = await caller.traversal.probe._rpc_probe(_own_ctx(caller), {"target": target.public_key.hex(), "bytes": 0})
     assert res["rtt_ms"] >= 0
     open_node = await pair()
-    res = await caller.traversal._rpc_probe(_own_ctx(caller), {"target": open_node.public_key.hex(), "bytes": 300_000})
+    res = await caller.traversal.probe._rpc_probe(_own_ctx(caller), {"target": open_node.public_key.hex(), "bytes": 300_000})
     assert res["stream"]["ok"] is True
 
 

@@ -222,7 +222,7 @@ class Dashboard:
 async def collect_swarm(swarm: Any, own: dict[str, Any], backend: Any, infos: dict[bytes, dict[str, Any]]) -> dict[str, Any]:
     """Nodes, workers and models as this gateway sees them now. `infos` is the caller's
     cache of node.info answers by key (kept across rounds for last_seen)."""
-    from swarmd.swarm.traversal import path_of
+    from swarmd.swarm.paths import path_of
     from swarmd.topics import GATEWAYS, ORCHESTRATORS, RELAYS, STORES, WORKERS, model_topic
 
     role_topics = {"worker": WORKERS, "store": STORES, "orchestrator": ORCHESTRATORS, "gateway": GATEWAYS,

@@ -9,10 +9,13 @@ aiohttp's protocol (a thin forwarding asyncio.Protocol) and:
 - closes a connection whose request line and headers have not fully arrived
   within `header_timeout`: for the first request from the moment the
   connection opens, for each later request on a keep-alive connection from its
-  first byte (an idle keep-alive connection is bounded by aiohttp's keepalive
-  timer, `keepalive_timeout`). "Headers complete" is what aiohttp's own parser
-  reports (its request count), not a byte pattern: a client cannot stop the
-  timer with a stray blank line;
+  first byte past the previous request, whether that byte arrives while the
+  connection is idle, while the previous request is still being answered, or
+  pipelined in the same read as the previous request's headers. Only a
+  connection with no byte of a next request is idle, and that is bounded by
+  aiohttp's keepalive timer (`keepalive_timeout`) apart from this one.
+  "Headers complete" is what aiohttp's own parser reports (its request count),
+  not a byte pattern: a client cannot stop the timer with a stray blank line;
 - refuses connections above `max_connections` open at once, and above
   `max_connections_per_address` from one client address (closed on accept,
   counted, logged once per interval).
@@ -28,6 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from aiohttp.streams import EMPTY_PAYLOAD
 from loguru import logger
 
 LOG_INTERVAL = 10.0  # seconds between log lines about refused or timed-out connections
@@ -75,6 +79,7 @@ class GuardedProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._address = ""
         self._requests = 0  # requests whose headers aiohttp has parsed on this connection
+        self._body: Any = None  # the payload of the last request parsed (EMPTY_PAYLOAD when it has none)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         g = self.guard
@@ -95,7 +100,7 @@ class GuardedProtocol(asyncio.Protocol):
         g.by_address[address] = g.by_address.get(address, 0) + 1
         self._address = address
         self.inner = g.inner()
-        self._timer = asyncio.get_running_loop().call_later(g.header_timeout, self._headers_late)
+        self._arm()
         self.inner.connection_made(transport)
 
     def _parsed(self) -> int:
@@ -106,6 +111,14 @@ class GuardedProtocol(asyncio.Protocol):
         """aiohttp's handler waits for the next request: nothing queued, no request running."""
         waiter = self.inner._waiter
         return waiter is not None and not waiter.done() and not self.inner._messages
+
+    def _past_body(self) -> bool:
+        """The last parsed request's body has fully arrived: any further byte belongs to the next request."""
+        body = self._body
+        return body is not None and body.is_eof()
+
+    def _arm(self) -> None:
+        self._timer = asyncio.get_running_loop().call_later(self.guard.header_timeout, self._headers_late)
 
     def _headers_late(self) -> None:
         self._timer = None
@@ -118,7 +131,8 @@ class GuardedProtocol(asyncio.Protocol):
         inner = self.inner
         if inner is None:
             return
-        idle = self._timer is None and self._idle()  # these bytes start a new request on a kept-alive connection
+        # these bytes start a new request: the handler waits for one, or the last request's body is complete
+        starts = self._timer is None and (self._idle() or self._past_body())
         inner.data_received(data)
         if self.inner is None:
             return
@@ -128,8 +142,11 @@ class GuardedProtocol(asyncio.Protocol):
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
-        elif idle:
-            self._timer = asyncio.get_running_loop().call_later(self.guard.header_timeout, self._headers_late)
+            self._body = inner._messages[-1][1] if inner._messages else None
+            if self._body is EMPTY_PAYLOAD and not data.endswith(b"\r\n\r\n"):
+                self._arm()  # bytes after a bodiless request's header end: the next request began in this read
+        elif starts:
+            self._arm()
 
     def eof_received(self) -> bool | None:
         return self.inner.eof_received() if self.inner is not None else None

@@ -7,39 +7,33 @@ it the same way by calling `connection_made(pipe)`, `data_received(bytes)`,
 `pipe` only needs `write(bytes)` and `close()`.
 
 The protocol logic lives in the sans-IO cores (`noise.NoiseSession`,
-`mux.MuxDecoder`, `mux.SendCredit/RecvWindow`); this class schedules flushes,
-timers and wakes waiters. Outgoing frames are queued and written by one flush
-per loop iteration: all queued frames become one plaintext, sealed by one AEAD
-operation per 64 KiB and one pipe write.
+`mux.MuxDecoder`, `mux.SendCredit/RecvWindow`). This module is the pipe glue:
+it feeds received bytes through Noise and the mux decoder and dispatches the
+frames to channel 0 (RPC messages) or a `channel.Channel`. Outgoing frames are
+batched by `writebatch.WriteBatcher`; what a peer may make us hold is capped by
+`peerlimits.PeerLimits`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import msgpack
 from loguru import logger
 
-from swarmd.errors import ERR_CLOSED, ERR_HANDSHAKE, ERR_OVERLOADED, ERR_PROTOCOL, ERR_TIMEOUT, SwarmdError
+from swarmd.errors import ERR_CLOSED, ERR_HANDSHAKE, ERR_OVERLOADED, ERR_PROTOCOL, SwarmdError
 from swarmd.net import mux
+from swarmd.net.channel import Channel
 from swarmd.net.config import NetConfig
 from swarmd.net.loglimit import hostile
 from swarmd.net.noise import HandshakeError, NoiseSession, reject_frame
+from swarmd.net.peerlimits import PeerLimits, error_from_payload, partial, short
+from swarmd.net.writebatch import WriteBatcher
 from swarmd.node.identity import Identity
 from swarmd.node.memory import release_freed_memory_soon
-
-
-class _PartialFrames:
-    """Bytes of half-received frames held by all connections of this process."""
-
-    total = 0
-
-
-_partial = _PartialFrames()
 
 
 class Pipe(Protocol):
@@ -50,146 +44,8 @@ class Pipe(Protocol):
     def close(self) -> None: ...
 
 
-_HEADER_PACK = mux.HEADER.pack
 _HEADER_UNPACK = mux.HEADER.unpack_from
 _MUX_HEADER_SIZE = mux.HEADER_SIZE
-
-
-def _short(key: bytes | None) -> str:
-    return key.hex()[:16] if key else "?"
-
-
-class Channel:
-    """A flow-controlled byte stream inside a connection (both directions)."""
-
-    def __init__(self, conn: SecureConnection, channel_id: int) -> None:
-        self.conn = conn
-        self.id = channel_id
-        self._credit = mux.SendCredit()
-        self._window = mux.RecvWindow()
-        self._chunks: deque[bytes] = deque()
-        self._waiter: asyncio.Future[None] | None = None  # recv waiting for data/end
-        self._credit_waiter: asyncio.Future[None] | None = None
-        self.remote_ended = False
-        self.local_ended = False
-        self.error: SwarmdError | None = None  # set on reset / connection loss
-
-    # -- application side --------------------------------------------------
-
-    async def send(self, data: bytes) -> None:
-        """Send bytes, waiting for credit and pipe room; raises ERR_CLOSED after reset/end.
-
-        `bytes` are queued without copying (they are immutable); other buffers
-        are copied once so the caller may reuse them.
-        """
-        view = memoryview(data if type(data) is bytes else bytes(data))
-        conn = self.conn
-        pack = mux.HEADER.pack
-        chunk_max = mux.STREAM_CHUNK
-        while view:
-            self._check_can_send()
-            credit = self._credit
-            if credit.available <= 0:
-                await self._wait_credit()
-                continue
-            n = credit.take(min(len(view), chunk_max))
-            conn._queue_bulk(pack(mux.MSG, self.id, n), view[:n])
-            view = view[n:]
-            if conn._write_paused:
-                await conn.drain()
-
-    def _check_can_send(self) -> None:
-        if self.error is not None:
-            raise self.error
-        if self.local_ended:
-            raise SwarmdError(ERR_CLOSED, f"stream {self.id} already ended by this side")
-
-    async def _wait_credit(self) -> None:
-        fut = self.conn._loop.create_future()
-        self._credit_waiter = fut
-        try:
-            await fut
-        finally:
-            self._credit_waiter = None
-
-    async def recv(self) -> bytes | None:
-        """Next chunk of bytes; None once the peer ended its side."""
-        while not self._chunks:
-            if self.error is not None:
-                raise self.error
-            if self.remote_ended:
-                self._maybe_release()
-                return None
-            fut = self.conn._loop.create_future()
-            self._waiter = fut
-            try:
-                await fut
-            finally:
-                self._waiter = None
-        chunk = self._chunks.popleft()
-        grant = self._window.consume(len(chunk))
-        if grant and not self.remote_ended and self.error is None:
-            self.conn._queue_urgent(mux.encode_credit(self.id, grant))
-        return chunk
-
-    def end(self) -> None:
-        """Half-close: this side sends nothing more."""
-        if self.local_ended or self.error is not None:
-            return
-        self.local_ended = True
-        self.conn._queue_bulk(mux.encode(mux.END, self.id), b"")
-        self._maybe_release()
-
-    def reset(self, error: SwarmdError | None = None) -> None:
-        """Abort both directions and tell the peer."""
-        if self.error is not None:
-            return
-        payload = msgpack.packb(error.to_wire()) if error is not None else b""
-        if self.conn.error is None:
-            self.conn._queue_bulk(mux.encode(mux.RESET, self.id, payload), b"")
-        self._fail(error or SwarmdError(ERR_CLOSED, f"stream {self.id} reset by this side"))
-
-    @property
-    def done(self) -> bool:
-        return self.error is not None or (self.local_ended and self.remote_ended)
-
-    # -- connection side ---------------------------------------------------
-
-    def _wake(self) -> None:
-        w = self._waiter
-        if w is not None and not w.done():
-            w.set_result(None)
-
-    def _wake_credit(self) -> None:
-        w = self._credit_waiter
-        if w is not None and not w.done():
-            w.set_result(None)
-
-    def _on_data(self, payload: bytes) -> None:
-        if self.remote_ended:
-            raise SwarmdError(ERR_PROTOCOL, f"data on stream {self.id} after its END")
-        self._window.received(len(payload))
-        if self.error is not None:
-            return  # locally reset: drop, the peer learns from our RESET
-        self._chunks.append(payload)
-        self._wake()
-
-    def _on_end(self) -> None:
-        self.remote_ended = True
-        self._wake()
-        self._maybe_release()
-
-    def _fail(self, error: SwarmdError) -> None:
-        if self.error is None:
-            self.error = error
-        self._chunks.clear()
-        self._wake()
-        self._wake_credit()
-        self.conn._channels.pop(self.id, None)
-
-    def _maybe_release(self) -> None:
-        if self.local_ended and self.remote_ended and not self._chunks:
-            self.conn._channels.pop(self.id, None)
 
 
 _READ_BUFFER_SIZE = 256 * 1024  # what asyncio's own transports read at most per call
@@ -211,7 +67,7 @@ def _read_buffer() -> memoryview:
         return view
 
 
-class SecureConnection(asyncio.BufferedProtocol):
+class SecureConnection(WriteBatcher, PeerLimits, asyncio.BufferedProtocol):
     """Noise + mux over a pipe; the RPC layer plugs in through the on_* callbacks.
 
     asyncio transports drive it as a BufferedProtocol: they read into a reused
@@ -257,7 +113,7 @@ class SecureConnection(asyncio.BufferedProtocol):
         self._refusal: str | None = None
         self._abort_handle: asyncio.TimerHandle | None = None
         self._held_much = False  # buffers of megabytes were held for this peer at some point
-        self._partial_held = 0  # bytes of a half-received frame counted in _partial.total
+        self._partial_held = 0  # bytes of a half-received frame counted in peerlimits.partial.total
         self._log = logger.bind(component="net")
 
     # -- public ------------------------------------------------------------
@@ -269,38 +125,6 @@ class SecureConnection(asyncio.BufferedProtocol):
     @property
     def is_closed(self) -> bool:
         return self.error is not None
-
-    @property
-    def write_paused(self) -> bool:
-        """True while the pipe's buffer is above high water (the peer reads slower than we write)."""
-        return self._write_paused
-
-    def send_message(self, payload: bytes, *, now: bool = False) -> None:
-        """Queue one channel-0 message; written by the next flush.
-
-        Frames queued in one loop iteration share one flush (one AEAD operation,
-        one write). `now=True` writes at once, which saves a loop iteration for a
-        lone call: when nothing else is queued the frame is sealed and written
-        directly; inside data_received the flush at its end is used instead.
-        """
-        if self.error is not None:
-            raise self.error
-        header = _HEADER_PACK(mux.MSG, 0, len(payload))
-        urgent = self._urgent
-        if now and not self._in_receive:
-            if not urgent and not self._bulk:
-                pipe = self._pipe
-                if pipe is not None and self.session.established:
-                    pipe.write(self.session.encrypt(header + payload))
-                    return
-            urgent.append(header)
-            urgent.append(payload)
-            self._flush()
-            return
-        urgent.append(header)
-        urgent.append(payload)
-        if self._flush_handle is None and not self._in_receive:
-            self._flush_handle = self._loop.call_soon(self._flush)
 
     def open_channel(self) -> Channel:
         """A new stream channel with an id of this side's parity."""
@@ -329,16 +153,6 @@ class SecureConnection(asyncio.BufferedProtocol):
         ch = Channel(self, channel_id)
         self._channels[channel_id] = ch
         return ch
-
-    async def drain(self) -> None:
-        """Wait until the pipe's write buffer fell below the low-water mark."""
-        if not self._write_paused:
-            if self.error is not None:
-                raise self.error
-            return
-        fut = self._loop.create_future()
-        self._drain_waiters.append(fut)
-        await fut
 
     def close(self, error: SwarmdError | None = None, *, tell_peer: bool = True) -> None:
         """Close the connection; pending waiters get `error` (ERR_CLOSED by default)."""
@@ -454,39 +268,11 @@ class SecureConnection(asyncio.BufferedProtocol):
                 "INFO",
                 "closing connection: peer broke the protocol",
                 component="net",
-                peer=_short(self.remote_public_key),
+                peer=short(self.remote_public_key),
                 code=e.code,
                 reason=e.message,
             )
             self.close(e)
-
-    def _account_partial(self, held: int) -> None:
-        """Keep the process-wide total of half-received frames under its cap.
-
-        One connection may hold a frame of up to max_message_size while it
-        arrives, but thousands of peers each stopping in the middle of a large
-        frame would add up without bound: past the cap, a connection holding a
-        large partial frame is closed instead of growing the total.
-        """
-        _partial.total += held - self._partial_held
-        self._partial_held = held
-        if held >= 1 << 20 and _partial.total > self.config.max_partial_total:
-            hostile.log(
-                "partial frames cap",
-                "INFO",
-                "closing connection: half-received frames over the process cap",
-                component="net",
-                peer=_short(self.remote_public_key),
-                held=held,
-                total=_partial.total,
-            )
-            self.close(
-                SwarmdError(
-                    ERR_OVERLOADED,
-                    f"too much half-received data on this node ({_partial.total} bytes); "
-                    f"this connection held {held}",
-                )
-            )
 
     def _close_pipe(self) -> None:
         """Close the pipe; abort it when the peer does not read what is left to flush.
@@ -525,19 +311,6 @@ class SecureConnection(asyncio.BufferedProtocol):
                 self._teardown(SwarmdError(ERR_CLOSED, "connection closed by the peer"))
         self._pipe = None
 
-    def pause_writing(self) -> None:
-        self._write_paused = True
-        self._held_much = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        waiters, self._drain_waiters = self._drain_waiters, []
-        for w in waiters:
-            if not w.done():
-                w.set_result(None)
-        if self.on_writable is not None and self.error is None:
-            self.on_writable()
-
     # -- internals ---------------------------------------------------------
 
     def _on_established(self) -> None:
@@ -546,35 +319,6 @@ class SecureConnection(asyncio.BufferedProtocol):
         self._timer = self._loop.call_later(self.config.keepalive_interval, self._on_keepalive_timer)
         if not self.established.done():
             self.established.set_result(None)
-
-    def _on_handshake_timeout(self) -> None:
-        if not self.session.established and self.error is None:
-            err = SwarmdError(
-                ERR_HANDSHAKE, f"handshake did not complete within {self.config.handshake_timeout} s"
-            )
-            hostile.log(
-                "handshake timeout", "INFO", "handshake timed out", component="net", peer=str(self.peername)
-            )
-            self._teardown(err)
-            if self._pipe is not None:
-                self._close_pipe()
-
-    def _on_keepalive_timer(self) -> None:
-        if self.error is not None:
-            return
-        cfg = self.config
-        silent = self._loop.time() - self._last_recv
-        if silent >= cfg.idle_timeout:
-            self._log.bind(peer=_short(self.remote_public_key), silent_s=round(silent, 1)).info(
-                "closing idle connection"
-            )
-            self.close(SwarmdError(ERR_TIMEOUT, f"no traffic from the peer for {silent:.1f} s"))
-            return
-        if silent >= cfg.keepalive_interval and not self._ping_outstanding:
-            self._ping_outstanding = True
-            self._queue_urgent(mux.encode(mux.PING, 0, b"ka"))
-        delay = min(cfg.keepalive_interval, cfg.idle_timeout - silent)
-        self._timer = self._loop.call_later(max(delay, 0.05), self._on_keepalive_timer)
 
     def _dispatch(self, frames: list[tuple[int, int, bytes]]) -> None:
         on_message = self.on_message
@@ -602,7 +346,7 @@ class SecureConnection(asyncio.BufferedProtocol):
             elif ftype == mux.RESET:
                 ch = channels.get(cid)
                 if ch is not None:
-                    err = _error_from_payload(payload, f"stream {cid} reset by the peer")
+                    err = error_from_payload(payload, f"stream {cid} reset by the peer")
                     ch._fail(err)
             elif ftype == mux.PING:
                 if not self._write_paused:  # a peer that does not read gets no PONGs to pile up
@@ -610,9 +354,9 @@ class SecureConnection(asyncio.BufferedProtocol):
             elif ftype == mux.PONG:
                 pass
             elif ftype == mux.GOAWAY:
-                err = _error_from_payload(payload, "peer closed the connection")
+                err = error_from_payload(payload, "peer closed the connection")
                 if err.code == ERR_CLOSED:
-                    self._log.bind(peer=_short(self.remote_public_key), reason=err.message).debug(
+                    self._log.bind(peer=short(self.remote_public_key), reason=err.message).debug(
                         "peer closed the connection"
                     )
                 else:  # the peer picks code and reason, and may connect again and again
@@ -621,7 +365,7 @@ class SecureConnection(asyncio.BufferedProtocol):
                         "INFO",
                         "peer closed the connection",
                         component="net",
-                        peer=_short(self.remote_public_key),
+                        peer=short(self.remote_public_key),
                         code=err.code,
                         reason=err.message,
                     )
@@ -631,77 +375,6 @@ class SecureConnection(asyncio.BufferedProtocol):
                 if self._pipe is not None:
                     self._close_pipe()
                 return
-
-    def _queue_urgent(self, frame: bytes) -> None:
-        if self.error is not None:
-            return
-        self._urgent.append(frame)
-        if self._flush_handle is None and not self._in_receive:
-            self._flush_handle = self._loop.call_soon(self._flush)
-
-    def _queue_bulk(self, header: bytes, payload: bytes | memoryview) -> None:
-        if self.error is not None:
-            raise self.error
-        bulk = self._bulk
-        bulk.append(header)
-        if payload:
-            bulk.append(payload)
-        if self._flush_handle is None and not self._in_receive:
-            self._flush_handle = self._loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush_handle = None
-        pipe = self._pipe
-        if pipe is None or not self.session.established:
-            return
-        urgent, bulk = self._urgent, self._bulk
-        if bulk:
-            self._bulk = []
-            if urgent:
-                self._urgent = []
-                # calls and credits first, in their own message; bulk frames start a new
-                # message so they stay aligned with Noise messages
-                pipe.write(self.session.seal([b"".join(urgent), b"".join(bulk)]))
-            else:
-                pipe.write(self.session.seal([b"".join(bulk)]))
-            if self._write_paused:
-                self._check_write_buffer(pipe)
-            return
-        if not urgent:
-            return
-        self._urgent = []
-        plaintext = urgent[0] if len(urgent) == 1 else b"".join(urgent)
-        pipe.write(self.session.encrypt(plaintext))
-        if self._write_paused:
-            self._check_write_buffer(pipe)
-
-    def _check_write_buffer(self, pipe: Any) -> None:
-        """Close a connection whose peer stopped reading once what we owe it passes the cap.
-
-        Senders of bulk wait for drain() and the RPC layer holds new requests in a
-        bounded backlog, but replies the peer provokes at will (PONGs, errors) would
-        otherwise grow the pipe's buffer for as long as the peer keeps sending.
-        """
-        size = getattr(pipe, "get_write_buffer_size", None)
-        if size is None or size() <= self.config.max_write_buffer:
-            return
-        hostile.log(
-            "write buffer cap",
-            "INFO",
-            "closing connection: peer does not read what we send",
-            component="net",
-            peer=_short(self.remote_public_key),
-            buffered=size(),
-        )
-        self._teardown(
-            SwarmdError(
-                ERR_OVERLOADED,
-                f"peer does not read: {size()} bytes queued for it, the cap is {self.config.max_write_buffer}",
-            )
-        )
-        self._close_pipe()
 
     def _teardown(self, err: SwarmdError) -> None:
         if self.error is not None:
@@ -717,7 +390,7 @@ class SecureConnection(asyncio.BufferedProtocol):
         self._bulk = []
         if len(self._decoder._buf) >= 1 << 20:
             self._held_much = True
-        _partial.total -= self._partial_held
+        partial.total -= self._partial_held
         self._partial_held = 0
         # a half-received frame can be megabytes: let it go now, not when a GC pass
         # breaks the connection <-> peer reference cycle
@@ -744,21 +417,3 @@ class SecureConnection(asyncio.BufferedProtocol):
         if self._held_much:
             # the pipe's write buffer goes with the transport, after connection_lost
             release_freed_memory_soon(self._loop)
-
-
-MAX_REASON = 4096  # bytes of a GOAWAY/RESET reason we read; it ends up in errors and log lines
-
-
-def _error_from_payload(payload: bytes, default: str) -> SwarmdError:
-    if not payload:
-        return SwarmdError(ERR_CLOSED, default)
-    if len(payload) > MAX_REASON:
-        return SwarmdError(ERR_PROTOCOL, f"{default} (a reason of {len(payload)} bytes, not read)")
-    try:
-        obj = msgpack.unpackb(payload, raw=False)
-    except Exception:
-        return SwarmdError(ERR_PROTOCOL, f"{default} (unreadable reason)")
-    err = SwarmdError.from_wire(obj)
-    if len(err.code) > 64:
-        return SwarmdError(ERR_PROTOCOL, f"{default} (an error code of {len(err.code)} characters)")
-    return err

@@ -78,6 +78,11 @@ class Rendezvous:
     def close(self) -> None:
         self.sock.close()
 
+    def detail(self, remote: Address) -> dict[str, object]:
+        """Connection info of a punch made from this port to `remote`."""
+        return {"local": f"{self.observed[0]}:{self.observed[1]}", "remote": f"{remote[0]}:{remote[1]}",
+                "rendezvous_ms": round(self.seconds * 1000, 2)}
+
 
 async def rendezvous(relay: Address, timeout: float = 3.0) -> Rendezvous:  # noqa: ASYNC109 - bound on the whole exchange
     """Bind a reusable port, ping `relay` from it, and learn the port's public mapping."""

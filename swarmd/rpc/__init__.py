@@ -10,7 +10,8 @@ await peer.call("echo", b"hi", timeout=5)
 from swarmd.rpc.client import connect
 from swarmd.rpc.config import RpcConfig
 from swarmd.rpc.methods import CallContext, Firewall, Methods
-from swarmd.rpc.peer import RpcPeer, Stream
+from swarmd.rpc.peer import RpcPeer
 from swarmd.rpc.server import RpcServer
+from swarmd.rpc.stream import Stream
 
 __all__ = ["CallContext", "Firewall", "Methods", "RpcConfig", "RpcPeer", "RpcServer", "Stream", "connect"]

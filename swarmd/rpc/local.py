@@ -30,9 +30,9 @@ from swarmd.errors import (
     SwarmdError,
 )
 from swarmd.net.loglimit import hostile
+from swarmd.rpc.builtins import BUILTINS
 from swarmd.rpc.config import RpcConfig
 from swarmd.rpc.methods import CallContext, Method, Methods
-from swarmd.rpc.peer import _BUILTINS
 
 PIPE_CHUNKS = 8  # chunks in flight per direction of a local stream (a mux channel's window, in chunks)
 
@@ -170,7 +170,7 @@ class LocalPeer:
     def _method(self, name: str, stream: bool) -> Method:
         if self.is_closed:
             raise SwarmdError(ERR_CLOSED, "this node is stopping")
-        m = _BUILTINS.get(name) or self.methods.get(name)
+        m = BUILTINS.get(name) or self.methods.get(name)
         if m is None:
             raise SwarmdError(ERR_UNKNOWN_METHOD, f"no method {name!r} on this node")
         if m.stream != stream:

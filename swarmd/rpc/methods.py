@@ -10,7 +10,8 @@ from swarmd.errors import ERR_FORBIDDEN, SwarmdError
 from swarmd.node.trust import GRANTABLE_ROLES, Trust
 
 if TYPE_CHECKING:
-    from swarmd.rpc.peer import RpcPeer, Stream
+    from swarmd.rpc.peer import RpcPeer
+    from swarmd.rpc.stream import Stream
 
 Handler = Callable[["CallContext", Any], Awaitable[Any]]
 StreamHandler = Callable[["CallContext", Any, "Stream"], Awaitable[Any]]

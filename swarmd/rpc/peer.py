@@ -1,13 +1,12 @@
 """RpcPeer: both ends of a connection call, notify and stream to each other.
 
 Wire messages are the envelopes of `swarmd.rpc.envelope` on mux channel 0;
-stream calls additionally own a mux channel opened by the caller. The hot path
-is kept lean: a call is one future, one deadline entry (no timer of its own:
-one sweep timer per peer fires at the earliest deadline) and one frame written
-at once when nothing else is queued. Handlers run in a Task of their own (so
-asyncio.timeout and TaskGroup work in them); one registered inline=True runs its
-first step in the read callback, and if it finishes without suspending its
-answer leaves with the flush that ends the read.
+stream calls additionally own a mux channel opened by the caller. This module
+is the caller side and the routing of incoming messages; the callee side
+(handlers, backlog, admission) is `callee.Callee`. The hot path is kept lean:
+a call is one future, one deadline entry (no timer of its own: one sweep timer
+per peer fires at the earliest deadline) and one frame written at once when
+nothing else is queued.
 """
 
 from __future__ import annotations
@@ -15,158 +14,38 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import traceback
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Coroutine, Generator
 from typing import Any
 
 from loguru import logger
 
 from swarmd.errors import (
     ERR_BAD_REQUEST,
-    ERR_CANCELLED,
     ERR_CLOSED,
     ERR_INTERNAL,
-    ERR_OVERLOADED,
-    ERR_PROTOCOL,
     ERR_TIMEOUT,
-    ERR_TOO_LARGE,
-    ERR_UNKNOWN_METHOD,
     SwarmdError,
 )
-from swarmd.net.connection import Channel, SecureConnection
+from swarmd.net.channel import Channel
+from swarmd.net.connection import SecureConnection
 from swarmd.net.loglimit import hostile
+from swarmd.node import tracing
 from swarmd.node.deadline import within
 from swarmd.node.trust import HELLO_EVENT, MAX_GRANTS
 from swarmd.rpc import codec, envelope
+from swarmd.rpc.builtins import BUILTINS
+from swarmd.rpc.callee import Callee
 from swarmd.rpc.config import RpcConfig
 from swarmd.rpc.envelope import CANCEL, ERROR, EVENT, REQUEST, RESPONSE, EnvelopeError
-from swarmd.rpc.methods import READ, CallContext, Firewall, Method, Methods
-
-
-class _Resume:
-    """Continue, inside a Task, a coroutine whose first step already ran inline.
-
-    Running a handler's first step inline saves a Task per call when it
-    completes without suspending (echo, ping, lookups in memory). When it does
-    suspend, the future it yielded is handed to the Task, which resumes it
-    exactly as if the Task had started it.
-    """
-
-    __slots__ = ("_coro", "_first")
-
-    def __init__(self, coro: Coroutine[Any, Any, Any], first: Any) -> None:
-        self._coro = coro
-        self._first = first
-
-    def __await__(self) -> Generator[Any, None, Any]:
-        coro = self._coro
-        pending = self._first
-        self._first = None
-        while True:
-            try:
-                yield pending
-            except BaseException as exc:  # noqa: B036 - forward cancellation and errors into the handler
-                try:
-                    pending = coro.throw(exc)
-                except StopIteration as stop:
-                    return stop.value
-                continue
-            break
-        return (yield from coro.__await__())
-
-
-def _builtin_methods() -> dict[str, Method]:
-    async def ping(ctx: CallContext, params: Any) -> Any:
-        return "pong" if params is None else params
-
-    async def get_instance_id(ctx: CallContext, params: Any) -> Any:
-        return ctx.peer_conn.instance_id
-
-    async def list_methods(ctx: CallContext, params: Any) -> Any:
-        """What this peer serves, each method with its op (r/w) and whether it is a stream:
-        introspection for operators (`swarmd call KEY --list`); names are not secrets, and
-        the firewall still decides who may call each."""
-        table = ctx.peer_conn.methods
-        found = {n: m for n, m in _BUILTINS.items() if n != HELLO_EVENT}
-        for name in table.names() if table is not None else ():
-            m = table.get(name)
-            if m is not None:
-                found[name] = m
-        return [{"name": n, "op": m.op, "stream": m.stream} for n, m in sorted(found.items())]
-
-    async def present_grants(ctx: CallContext, params: Any) -> Any:
-        # The hello (event) a peer sends first on a connection: its role grants.
-        # Inline, so they count before the next message on the connection is served.
-        ctx.peer_conn._learn_grants(params)
-
-    return {
-        "ping": Method("ping", ping, READ, False, inline=True),
-        "getInstanceId": Method("getInstanceId", get_instance_id, READ, False, inline=True),
-        "listMethods": Method("listMethods", list_methods, READ, False),
-        HELLO_EVENT: Method(HELLO_EVENT, present_grants, READ, False, inline=True),
-    }
-
-
-_BUILTINS = _builtin_methods()
-_NO_ROLES: frozenset[str] = frozenset()
+from swarmd.rpc.methods import Firewall, Methods
+from swarmd.rpc.stream import Stream
 
 _SWEEP_SLACK = 0.001  # a sweep also expires calls due within this many seconds
 _SWEEP_MIN_GAP = 0.01  # and the next sweep is at least this far away
 
 
-class Stream:
-    """A byte stream tied to one call: `send`, `recv` (None at end), `close`, and the call's `result`."""
-
-    def __init__(
-        self, peer: RpcPeer, channel: Channel, result: asyncio.Future[Any] | None = None, request_id: int = 0
-    ) -> None:
-        self.peer = peer
-        self.channel = channel
-        self._result = result
-        self._rid = request_id
-
-    @property
-    def id(self) -> int:
-        return self.channel.id
-
-    async def send(self, data: bytes) -> None:
-        await self.channel.send(data)
-
-    async def recv(self) -> bytes | None:
-        return await self.channel.recv()
-
-    async def close(self) -> None:
-        """Half-close: we send nothing more; the other side's recv() returns None."""
-        self.channel.end()
-
-    def abort(self, error: SwarmdError | None = None) -> None:
-        """Reset the channel; on the caller side also cancel the call (its result raises ERR_CANCELLED)."""
-        err = error or SwarmdError(ERR_CANCELLED, "stream aborted")
-        self.channel.reset(err)
-        res = self._result
-        if res is not None and not res.done():
-            res.set_exception(err)
-            res.exception()  # retrieved: aborting is not an unhandled error
-            if self.peer._forget(self._rid) is not None:
-                self.peer._send_cancel(self._rid)
-
-    async def result(self) -> Any:
-        """Caller side: the handler's return value (raises its SwarmdError)."""
-        if self._result is None:
-            raise RuntimeError("result() is for the side that opened the stream")
-        return await self._result
-
-    async def __aenter__(self) -> Stream:
-        return self
-
-    async def __aexit__(self, et: Any, e: Any, tb: Any) -> None:
-        if et is not None:
-            self.abort()
-
-
-class RpcPeer:
+class RpcPeer(Callee):
     """One RPC connection; both sides can call, notify and stream."""
 
     def __init__(
@@ -212,6 +91,10 @@ class RpcPeer:
         # the grants the peer's presentGrants hello showed (wire form, at most MAX_GRANTS);
         # `roles` verifies them against our trust on each use, so an expired one stops counting
         self._grants: list[bytes] = []
+        # the parent context of the traced request being dispatched (tracing on, request with meta)
+        self._traced: Any = None
+        # the peer refused a request with a meta element (a version before it): we send none
+        self._no_meta = False
         conn.on_message = self._on_message
         conn.on_close = self._on_close
         conn.on_writable = self._on_writable
@@ -263,7 +146,7 @@ class RpcPeer:
     # -- caller side -------------------------------------------------------
 
     def _start_call(
-        self, method: str, params: Any, timeout: float, channel: int
+        self, method: str, params: Any, timeout: float, channel: int, meta: dict[str, Any] | None = None
     ) -> tuple[int, asyncio.Future[Any]]:
         conn = self.conn
         if conn.error is not None:
@@ -271,7 +154,10 @@ class RpcPeer:
         rid = self._next_id
         self._next_id = rid + 1
         try:
-            msg = self._pack([REQUEST, rid, method, params, int(timeout * 1000), channel])
+            req = [REQUEST, rid, method, params, int(timeout * 1000), channel]
+            if meta is not None:
+                req.append(meta)
+            msg = self._pack(req)
         except (TypeError, ValueError, OverflowError) as e:
             raise SwarmdError(ERR_BAD_REQUEST, f"params of {method!r} cannot be encoded: {e}") from None
         if len(msg) > self.max_message:
@@ -337,6 +223,8 @@ class RpcPeer:
 
     async def call(self, method: str, params: Any = None, *, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - deadline sweep, no wait_for
         """Call method on the peer; raises SwarmdError (remote code, ERR_TIMEOUT, ERR_CLOSED)."""
+        if tracing.tracer is not None:
+            return await self._call_traced(method, params, timeout)
         conn = self.conn
         if conn._write_paused:
             await self._drain_quietly()  # the peer reads slowly: wait instead of piling up
@@ -363,6 +251,36 @@ class RpcPeer:
         self._deadlines[rid] = (deadline, method, timeout)
         if deadline < self._sweep_at:
             self._arm_sweep(deadline)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if self._forget(rid) is not None:
+                self._send_cancel(rid)
+            raise
+
+    async def _call_traced(self, method: str, params: Any, timeout: float | None) -> Any:  # noqa: ASYNC109
+        """call() while tracing is on: inside a request's trace, a client span whose context
+        travels in the request's meta; outside one, a plain call."""
+        if self.conn._write_paused:
+            await self._drain_quietly()
+        if timeout is None:
+            timeout = self.config.default_timeout
+        if tracing.meta() is None:
+            return await self._await_call(method, params, timeout, None)
+        with tracing.span(f"rpc {method}", kind="CLIENT", attributes={"rpc.system": "swarmd", "rpc.method": method}):
+            meta = None if self._no_meta else tracing.meta()
+            try:
+                return await self._await_call(method, params, timeout, meta)
+            except SwarmdError as e:
+                # a peer before the meta element refuses the request unread ("request must have 6
+                # elements, got 7"): send it again without, and no meta on this connection again
+                if meta is None or e.code != ERR_BAD_REQUEST or "must have 6 elements" not in e.message:
+                    raise
+                self._no_meta = True
+                return await self._await_call(method, params, timeout, None)
+
+    async def _await_call(self, method: str, params: Any, timeout: float, meta: dict[str, Any] | None) -> Any:
+        rid, fut = self._start_call(method, params, timeout, 0, meta)
         try:
             return await fut
         except asyncio.CancelledError:
@@ -457,13 +375,16 @@ class RpcPeer:
                 self._hold_message(msg, len(data))
                 return
             self._msg_size = len(data)
-            self._on_request(msg[1], msg[2], msg[3], msg[4], msg[5])
+            if len(msg) == 6:
+                self._on_request(msg[1], msg[2], msg[3], msg[4], msg[5])
+            else:
+                self._on_request_meta(msg, None)
         elif kind == ERROR:
             fut = self._forget(msg[1])
             if fut is not None and not fut.done():
                 fut.set_exception(SwarmdError.from_wire(msg[2]))
         elif kind == EVENT:
-            if self._held is not None and msg[1] not in _BUILTINS:  # the grants hello is learnt at once
+            if self._held is not None and msg[1] not in BUILTINS:  # the grants hello is learnt at once
                 self._hold_message(msg, len(data))
                 return
             self._on_event(msg[1], msg[2])
@@ -478,321 +399,6 @@ class RpcPeer:
             task = self._running.get(msg[1])
             if task is not None:
                 self._cancel_soon(task, "cancelled by the caller")
-
-    # -- admission ---------------------------------------------------------
-
-    def hold(self) -> None:
-        """Dispatch nothing the peer sends until release(): its admission is still being decided."""
-        if self._held is None:
-            self._held = []
-            self._held_bytes = 0
-
-    def release(self) -> None:
-        """The peer is admitted: dispatch what it sent meanwhile, in order, then everything at once."""
-        held, self._held = self._held, None
-        self._held_bytes = 0
-        if not held or self.conn.error is not None:
-            return
-        for msg, size, arrived in held:
-            if self.conn.error is not None:
-                return
-            try:
-                if msg[0] == REQUEST:
-                    self._msg_size = size
-                    self._on_request(msg[1], msg[2], msg[3], msg[4], msg[5], arrived)
-                else:
-                    self._on_event(msg[1], msg[2])
-            except SwarmdError as e:
-                self.conn.close(e)
-                return
-
-    @property
-    def held(self) -> bool:
-        return self._held is not None
-
-    def _hold_message(self, msg: list[Any], size: int) -> None:
-        held = self._held
-        assert held is not None
-        if len(held) >= self.config.max_in_flight or self._held_bytes + size > self.config.max_backlog_bytes:
-            raise SwarmdError(
-                ERR_OVERLOADED,
-                f"peer sent {len(held)} messages ({self._held_bytes} bytes) before it was admitted",
-            )
-        ch = msg[5] if msg[0] == REQUEST else 0
-        if ch:
-            try:
-                self._held_channels[ch] = self.conn.accept_channel(ch)
-            except SwarmdError as e:
-                if e.code == ERR_PROTOCOL:
-                    raise
-                self._reply_error(msg[1], e)
-                return
-        held.append((msg, size, self._loop.time()))
-        self._held_bytes += size
-
-    def _lookup(self, method: str) -> Method:
-        m = _BUILTINS.get(method) or self.methods.get(method)
-        if m is None:
-            raise SwarmdError(ERR_UNKNOWN_METHOD, f"no method {method!r} on this peer")
-        if self.firewall is not None and method not in _BUILTINS:
-            self.firewall.check(
-                self.conn.remote_public_key or b"", method, m.op, m.roles, self.roles if m.roles else _NO_ROLES
-            )
-        return m
-
-    def _on_request(
-        self,
-        rid: int,
-        method: str,
-        params: Any,
-        timeout_ms: int | None,
-        ch: int,
-        arrived: float | None = None,
-    ) -> None:
-        conn = self.conn
-        if conn._write_paused and not ch:
-            # The peer is not reading our answers: hold new plain requests in a bounded
-            # backlog instead of growing the pipe buffer; a peer that floods anyway is cut off.
-            size = self._msg_size
-            if (
-                len(self._backlog) >= self.config.max_in_flight
-                or self._backlog_bytes + size > self.config.max_backlog_bytes
-            ):
-                raise SwarmdError(
-                    ERR_OVERLOADED,
-                    f"peer sent {len(self._backlog)} requests ({self._backlog_bytes} bytes) "
-                    "without reading our answers",
-                )
-            self._backlog.append((rid, method, params, timeout_ms, self._loop.time(), size))
-            self._backlog_bytes += size
-            return
-        if arrived is not None and timeout_ms is not None:
-            timeout_ms -= int((self._loop.time() - arrived) * 1000)
-        stream: Stream | None = None
-        running = self._running
-        try:
-            if rid in running:
-                raise SwarmdError(ERR_BAD_REQUEST, f"request id {rid} is already running")
-            if len(running) + self._inline >= self.config.max_in_flight:
-                raise SwarmdError(
-                    ERR_OVERLOADED,
-                    f"{len(running)} requests running, the limit is {self.config.max_in_flight}",
-                )
-            m = _BUILTINS.get(method) or self.methods.get(method)
-            if m is None:
-                raise SwarmdError(ERR_UNKNOWN_METHOD, f"no method {method!r} on this peer")
-            peer_key = conn.session.remote_public_key or b""
-            if self.firewall is not None and method not in _BUILTINS:
-                self.firewall.check(peer_key, method, m.op, m.roles, self.roles if m.roles else _NO_ROLES)
-            deadline = None
-            if timeout_ms is not None:
-                if timeout_ms <= 0:
-                    raise SwarmdError(ERR_TIMEOUT, f"request for {method!r} arrived after its deadline")
-                deadline = self._loop.time() + timeout_ms / 1000.0
-            if m.stream != bool(ch):
-                raise SwarmdError(
-                    ERR_BAD_REQUEST,
-                    f"{method!r} is a stream method: open it as a stream"
-                    if m.stream
-                    else f"{method!r} is not a stream method: call it",
-                )
-            ctx = CallContext(peer_key, method, rid, deadline, self)
-            if ch:
-                held = self._held_channels.pop(ch, None) if self._held_channels else None
-                stream = Stream(self, held or conn.accept_channel(ch))
-                coro = m.handler(ctx, params, stream)
-            else:
-                coro = m.handler(ctx, params)
-        except SwarmdError as e:
-            if e.code == ERR_PROTOCOL:
-                raise
-            if ch and self._held_channels and self._held_channels.pop(ch, None) is not None:
-                conn._channels.pop(ch, None)  # accepted while held; the caller resets it on our answer
-            self._reply_error(rid, e)
-            return
-        if not m.inline:
-            running[rid] = self._loop.create_task(self._continue(rid, method, coro, deadline, stream))
-            return
-        # An inline handler's first step runs here: most finish without suspending (no Task).
-        self._inline += 1
-        try:
-            first = coro.send(None)
-        except StopIteration as stop:
-            if stream is None and conn.error is None:
-                try:
-                    msg = self._pack([RESPONSE, rid, stop.value])
-                except (TypeError, ValueError, OverflowError):
-                    self._finish(rid, method, stream, stop.value, None)  # reports the encoding error
-                    return
-                if len(msg) > self.max_message:
-                    self._reply_error(rid, self._too_large(f"the result of {method!r}", len(msg)))
-                    return
-                conn.send_message(msg)
-                return
-            self._finish(rid, method, stream, stop.value, None)
-            return
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as e:  # noqa: BLE001 - a handler may raise anything; it becomes an error reply
-            self._finish(rid, method, stream, None, e)
-            return
-        finally:
-            self._inline -= 1
-        running[rid] = self._loop.create_task(
-            self._continue(rid, method, _Resume(coro, first), deadline, stream)
-        )
-
-    def _on_writable(self) -> None:
-        backlog = self._backlog
-        while backlog and not self.conn._write_paused and self.conn.error is None:
-            rid, method, params, timeout_ms, arrived, size = backlog.popleft()
-            self._backlog_bytes -= size
-            try:
-                self._on_request(rid, method, params, timeout_ms, 0, arrived)
-            except SwarmdError as e:
-                self.conn.close(e)
-                return
-
-    async def _continue(
-        self, rid: int, method: str, resumed: Awaitable[Any], deadline: float | None, stream: Stream | None
-    ) -> None:
-        timer = None
-        task = asyncio.current_task()
-        expired = False
-        if deadline is not None and task is not None:
-
-            def expire() -> None:
-                nonlocal expired
-                expired = True
-                task.cancel(msg="deadline passed")
-
-            timer = self._loop.call_at(deadline, expire)
-        try:
-            result = await resumed
-        except asyncio.CancelledError:
-            if expired:
-                self._finish(
-                    rid, method, stream, None, SwarmdError(ERR_TIMEOUT, f"{method!r} ran past its deadline")
-                )
-            elif stream is not None:
-                # the caller cancelled (or the connection went): no answer, just stop the stream
-                ch = stream.channel
-                if ch.error is None:
-                    if self.conn.error is None:
-                        ch.reset(SwarmdError(ERR_CANCELLED, "cancelled by the caller"))
-                    else:
-                        ch._fail(SwarmdError(ERR_CLOSED, "connection closed"))
-                self.conn._channels.pop(ch.id, None)
-        except BaseException as e:  # noqa: BLE001
-            self._finish(rid, method, stream, None, e)
-        else:
-            self._finish(rid, method, stream, result, None)
-        finally:
-            if timer is not None:
-                timer.cancel()
-            self._running.pop(rid, None)
-
-    def _finish(
-        self, rid: int, method: str, stream: Stream | None, result: Any, exc: BaseException | None
-    ) -> None:
-        if rid < 0:  # an event: nobody waits for the outcome
-            if exc is not None and not isinstance(exc, asyncio.CancelledError):
-                self._log_handler_error(method, exc)
-            return
-        if stream is not None:
-            # the callee's side of a stream ends with its handler; later frames are dropped
-            ch = stream.channel
-            if exc is None and ch.error is None:
-                ch.end()
-            self.conn._channels.pop(ch.id, None)
-        if exc is None:
-            if self.conn.error is not None:
-                return
-            try:
-                msg = envelope.response(rid, result)
-            except (TypeError, ValueError, OverflowError) as e:
-                self._reply_error(
-                    rid, SwarmdError(ERR_INTERNAL, f"result of {method!r} cannot be encoded: {e}")
-                )
-                self._log_handler_error(method, e)
-                return
-            if len(msg) > self.max_message:
-                self._reply_error(rid, self._too_large(f"the result of {method!r}", len(msg)))
-                return
-            # the last handler running writes at once (one loop iteration sooner);
-            # answers of handlers finishing together still share one flush
-            self.conn.send_message(msg, now=len(self._running) <= 1)
-            return
-        if isinstance(exc, SwarmdError):
-            err = exc
-        elif isinstance(exc, asyncio.CancelledError):
-            err = SwarmdError(ERR_CANCELLED, "handler cancelled")
-        else:
-            self._log_handler_error(method, exc)
-            err = SwarmdError(ERR_INTERNAL, f"{method!r} failed: {type(exc).__name__}")
-        if stream is not None and stream.channel.error is None and self.conn.error is None:
-            stream.channel.reset(err)
-        self._reply_error(rid, err)
-
-    def _log_handler_error(self, method: str, exc: BaseException) -> None:
-        key = f"{method}:{type(exc).__name__}"
-        if hostile.allow(key) is not None:
-            tb = "".join(traceback.format_exception(exc)).rstrip()
-            self._log.bind(method=method, error=type(exc).__name__).error(f"handler raised: {tb}")
-
-    def _too_large(self, what: str, size: int) -> SwarmdError:
-        return SwarmdError(
-            ERR_TOO_LARGE,
-            f"{what} is {size} bytes as an RPC message, over the {self.max_message}-byte limit "
-            "(net.max_message_size); large data travels in a stream",
-        )
-
-    def _reply_error(self, rid: int, err: SwarmdError) -> None:
-        if self.conn.error is None:
-            try:
-                msg = envelope.error(rid, err)
-            except (TypeError, ValueError):
-                msg = envelope.error(rid, SwarmdError(err.code, err.message))
-            if len(msg) > self.max_message:
-                msg = envelope.error(rid, SwarmdError(err.code, err.message[:1000]))
-            self.conn.send_message(msg)
-
-    def _on_event(self, method: str, params: Any) -> None:
-        try:
-            m = self._lookup(method)
-            if m.stream:
-                raise SwarmdError(ERR_BAD_REQUEST, f"{method!r} is a stream method, not an event")
-            if len(self._events) + len(self._running) >= self.config.max_in_flight:
-                raise SwarmdError(ERR_OVERLOADED, "too many events running")
-        except SwarmdError as e:
-            if hostile.allow(f"event:{e.code}") is not None:
-                self._log.bind(method=method, code=e.code).info(f"event dropped: {e.message}")
-            return
-        ctx = CallContext(self.conn.remote_public_key or b"", method, -1, None, self)
-        coro = m.handler(ctx, params)
-        if not m.inline:
-            task = self._loop.create_task(self._continue_event(method, coro))
-            self._events.add(task)
-            task.add_done_callback(self._events.discard)
-            return
-        try:
-            first = coro.send(None)
-        except StopIteration:
-            return
-        except BaseException as e:  # noqa: BLE001
-            self._finish(-1, method, None, None, e)
-            return
-        task = self._loop.create_task(self._continue_event(method, _Resume(coro, first)))
-        self._events.add(task)
-        task.add_done_callback(self._events.discard)
-
-    async def _continue_event(self, method: str, resumed: Awaitable[Any]) -> None:
-        try:
-            await resumed
-        except asyncio.CancelledError:
-            pass
-        except BaseException as e:  # noqa: BLE001
-            self._finish(-1, method, None, None, e)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -828,11 +434,6 @@ class RpcPeer:
             self._cancel_soon(t, "connection closed")
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-
-    def _cancel_soon(self, task: asyncio.Task[Any], msg: str) -> None:
-        """Cancel after the task's first step: a Task cancelled before it ever ran
-        would never resume the handler we already started inline (no cleanup, no reply)."""
-        self._loop.call_soon(task.cancel, msg)
 
     async def wait_closed(self) -> SwarmdError:
         return await asyncio.shield(self.conn.closed)

@@ -1,0 +1,143 @@
+"""Write batching for a secure connection: frames queued in one loop iteration share one write.
+
+Calls, answers and credits go on the urgent queue, stream data on the bulk
+queue; one flush per loop iteration seals all queued frames as one plaintext
+(one AEAD operation per 64 KiB) and makes one pipe write. The pipe's pause/resume
+(high/low water) is tracked here too, since `drain()` and the flush both read it.
+
+`WriteBatcher` is a mixin of `SecureConnection` (like asyncio's own
+`_FlowControlMixin`): the hot path stays one attribute lookup away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from swarmd.errors import SwarmdError
+from swarmd.net import mux
+from swarmd.net.noise import NoiseSession
+
+_HEADER_PACK = mux.HEADER.pack
+
+
+class WriteBatcher:
+    """The urgent and bulk frame queues, their flush, and write flow control."""
+
+    session: NoiseSession
+    error: SwarmdError | None
+    on_writable: Callable[[], None] | None
+    _loop: asyncio.AbstractEventLoop
+    _pipe: Any
+    _urgent: list[bytes]
+    _bulk: list[bytes | memoryview]
+    _flush_handle: asyncio.Handle | None
+    _write_paused: bool
+    _held_much: bool
+    _drain_waiters: list[asyncio.Future[None]]
+    _in_receive: bool
+
+    if TYPE_CHECKING:  # provided by PeerLimits
+
+        def _check_write_buffer(self, pipe: Any) -> None: ...
+
+    @property
+    def write_paused(self) -> bool:
+        """True while the pipe's buffer is above high water (the peer reads slower than we write)."""
+        return self._write_paused
+
+    def send_message(self, payload: bytes, *, now: bool = False) -> None:
+        """Queue one channel-0 message; written by the next flush.
+
+        Frames queued in one loop iteration share one flush (one AEAD operation,
+        one write). `now=True` writes at once, which saves a loop iteration for a
+        lone call: when nothing else is queued the frame is sealed and written
+        directly; inside data_received the flush at its end is used instead.
+        """
+        if self.error is not None:
+            raise self.error
+        header = _HEADER_PACK(mux.MSG, 0, len(payload))
+        urgent = self._urgent
+        if now and not self._in_receive:
+            if not urgent and not self._bulk:
+                pipe = self._pipe
+                if pipe is not None and self.session.established:
+                    pipe.write(self.session.encrypt(header + payload))
+                    return
+            urgent.append(header)
+            urgent.append(payload)
+            self._flush()
+            return
+        urgent.append(header)
+        urgent.append(payload)
+        if self._flush_handle is None and not self._in_receive:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    async def drain(self) -> None:
+        """Wait until the pipe's write buffer fell below the low-water mark."""
+        if not self._write_paused:
+            if self.error is not None:
+                raise self.error
+            return
+        fut = self._loop.create_future()
+        self._drain_waiters.append(fut)
+        await fut
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._held_much = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+        if self.on_writable is not None and self.error is None:
+            self.on_writable()
+
+    def _queue_urgent(self, frame: bytes) -> None:
+        if self.error is not None:
+            return
+        self._urgent.append(frame)
+        if self._flush_handle is None and not self._in_receive:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _queue_bulk(self, header: bytes, payload: bytes | memoryview) -> None:
+        if self.error is not None:
+            raise self.error
+        bulk = self._bulk
+        bulk.append(header)
+        if payload:
+            bulk.append(payload)
+        if self._flush_handle is None and not self._in_receive:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        pipe = self._pipe
+        if pipe is None or not self.session.established:
+            return
+        urgent, bulk = self._urgent, self._bulk
+        if bulk:
+            self._bulk = []
+            if urgent:
+                self._urgent = []
+                # calls and credits first, in their own message; bulk frames start a new
+                # message so they stay aligned with Noise messages
+                pipe.write(self.session.seal([b"".join(urgent), b"".join(bulk)]))
+            else:
+                pipe.write(self.session.seal([b"".join(bulk)]))
+            if self._write_paused:
+                self._check_write_buffer(pipe)
+            return
+        if not urgent:
+            return
+        self._urgent = []
+        plaintext = urgent[0] if len(urgent) == 1 else b"".join(urgent)
+        pipe.write(self.session.encrypt(plaintext))
+        if self._write_paused:
+            self._check_write_buffer(pipe)

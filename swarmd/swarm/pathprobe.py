@@ -1,0 +1,229 @@
+"""The path test behind `swarmd nat probe`: nat.probe on the caller, nat.sink on the target.
+
+An operator asks their own node to connect to a peer (the usual path order),
+time the first RPC, keep calling and streaming while the path may move
+(counting every failure: an upgrade must never fail a call), then stream a
+payload on the final path. The target counts and hashes what arrives, within
+a byte budget per caller. Diagnostics only: no other part of the node calls these.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from typing import TYPE_CHECKING, Any
+
+from swarmd.errors import (
+    ERR_BAD_REQUEST,
+    ERR_FORBIDDEN,
+    ERR_OVERLOADED,
+    ERR_TIMEOUT,
+    ERR_TOO_LARGE,
+    SwarmdError,
+)
+from swarmd.rpc import CallContext, RpcPeer
+from swarmd.swarm.paths import RELAYED, path_of
+
+if TYPE_CHECKING:
+    from swarmd.swarm.traversal import Traversal
+
+MAX_WATCH = 120.0  # s nat.probe may keep calling across path changes
+WATCH_AFTER = 0.5  # s nat.probe keeps calling on the final path before it stops
+WATCH_STREAM = 64 * 1024  # bytes per stream while watching
+WATCH_STREAM_GAP = 0.01  # s between those streams (the sink's budget is sink_rate/s after its burst)
+STREAM_CHUNK = 256 * 1024
+MAX_SINK_CALLERS = 1024  # per-caller byte buckets kept for nat.sink; the stalest is dropped beyond this
+
+
+class PathProbe:
+    """Serves nat.probe and nat.sink for one traversal (registered by it)."""
+
+    def __init__(self, traversal: Traversal) -> None:
+        self.traversal = traversal
+        self.swarm = traversal.swarm
+        self.config = traversal.config
+        self._sinking = 0  # nat.sink streams being received right now
+        self._sink_budget: dict[bytes, tuple[float, float]] = {}  # caller key -> (bytes available, stamp)
+        self.sink_refused = 0
+
+    def register(self) -> None:
+        self.swarm.methods.register("nat.probe", self._rpc_probe, op="w")
+        self.swarm.methods.register_stream("nat.sink", self._rpc_sink, op="r")
+
+    def unregister(self) -> None:
+        for name in ("nat.probe", "nat.sink"):
+            self.swarm.methods.unregister(name)
+
+    def _sink_take(self, caller: bytes, n: int, now: float) -> bool:
+        """Charge n bytes to the caller's bucket (sink_rate per second, probe_max_bytes deep)."""
+        cap = float(self.config.probe_max_bytes)
+        avail, stamp = self._sink_budget.get(caller, (cap, now))
+        avail = min(cap, avail + (now - stamp) * self.config.sink_rate)
+        if caller not in self._sink_budget and len(self._sink_budget) >= MAX_SINK_CALLERS:
+            del self._sink_budget[min(self._sink_budget, key=lambda k: self._sink_budget[k][1])]
+        ok = avail >= n
+        self._sink_budget[caller] = (avail - n if ok else avail, now)
+        return ok
+
+    async def _rpc_sink(self, ctx: CallContext, params: Any, stream: Any) -> Any:
+        """Count and hash what a peer streams to us (bounded): the receiving end of a path test.
+
+        Any admitted peer may call it, so it is bounded three ways: [nat] sink can turn it
+        off, each caller key has a byte budget (sink_rate/s, probe_max_bytes deep), and at
+        most sink_concurrency streams run at once; each chunk must arrive within request_timeout.
+        """
+        if not self.config.sink:
+            raise SwarmdError(ERR_FORBIDDEN, "nat.sink is disabled on this node ([nat] sink = false)")
+        if self._sinking >= self.config.sink_concurrency:
+            self.sink_refused += 1
+            raise SwarmdError(ERR_OVERLOADED, f"nat.sink is serving {self._sinking} streams; try again later")
+        self._sinking += 1
+        try:
+            digest = hashlib.sha256()
+            n = 0
+            while True:
+                try:  # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the caller's cancel
+                    async with asyncio.timeout(self.swarm.config.request_timeout):
+                        chunk = await stream.recv()
+                except TimeoutError:
+                    raise SwarmdError(ERR_TIMEOUT, "nat.sink stream stalled") from None
+                if chunk is None:
+                    break
+                n += len(chunk)
+                if n > self.config.probe_max_bytes:
+                    raise SwarmdError(ERR_TOO_LARGE, f"nat.sink takes at most {self.config.probe_max_bytes} bytes")
+                if not self._sink_take(ctx.peer, len(chunk), time.monotonic()):
+                    self.sink_refused += 1
+                    raise SwarmdError(ERR_OVERLOADED, f"nat.sink budget spent for this key ({self.config.sink_rate} B/s)")
+                digest.update(chunk)
+            return {"bytes": n, "sha256": digest.hexdigest()}
+        finally:
+            self._sinking -= 1
+
+    async def _rpc_probe(self, ctx: CallContext, params: Any) -> Any:
+        """Operator's path test, for this node's own key only: connect to a peer
+        (path order applies), one RPC round trip; with `watch` seconds, keep calling
+        and streaming through the swarm (whichever connection it hands out) until the
+        path is final (not relayed) or the time is up, counting every failure; then
+        stream `bytes` to it on the path it ended on."""
+        if ctx.peer != self.swarm.public_key:
+            raise SwarmdError(ERR_FORBIDDEN, "nat.probe runs only for this node's own key (swarmd nat probe)")
+        if not isinstance(params, dict) or not isinstance(params.get("target"), str):
+            raise SwarmdError(ERR_BAD_REQUEST, "nat.probe params must be {target: hex key, bytes: int, watch: s}")
+        try:
+            target = bytes.fromhex(params["target"])
+        except ValueError:
+            raise SwarmdError(ERR_BAD_REQUEST, "nat.probe target must be a hex public key") from None
+        size = params.get("bytes", 0)
+        if not isinstance(size, int) or not 0 <= size <= self.config.probe_max_bytes:
+            raise SwarmdError(ERR_BAD_REQUEST, f"nat.probe bytes must be 0..{self.config.probe_max_bytes}")
+        watch = params.get("watch", 0)
+        if not isinstance(watch, (int, float)) or isinstance(watch, bool) or not 0 <= watch <= MAX_WATCH:
+            raise SwarmdError(ERR_BAD_REQUEST, f"nat.probe watch must be 0..{MAX_WATCH} seconds")
+        if params.get("fresh") is True:  # measure a dial: drop a pooled connection first
+            pooled = self.swarm._registry.get(target)
+            if pooled is not None:
+                await pooled.close()
+        t0 = time.monotonic()
+        peer = await self.swarm.connect(target)
+        connect_s = time.monotonic() - t0
+        t1 = time.monotonic()
+        # through the swarm, as any caller: it takes whatever connection is current
+        remote = await self.swarm.request(target, "nat.status", None, timeout=self.swarm.config.request_timeout)
+        rtt = time.monotonic() - t1
+        out: dict[str, Any] = {
+            "path": path_of(peer),
+            "first_path": path_of(peer),
+            "connect_ms": round(connect_s * 1000, 2),
+            "rtt_ms": round(rtt * 1000, 3),
+            "first_rpc_ms": round((time.monotonic() - t0) * 1000, 2),
+            "connection": (self.traversal.paths[target].to_dict() if target in self.traversal.paths else {"path": path_of(peer)}),
+            "remote_nat": remote.get("nat") if isinstance(remote, dict) else None,
+        }
+        if watch:
+            out["watch"] = await self._watch(target, float(watch), t0)
+            peer = self.swarm._registry.get(target) or await self.swarm.connect(target)
+            out["connection"] = self.traversal.paths[target].to_dict() if target in self.traversal.paths else {"path": path_of(peer)}
+        if size:
+            out["stream"] = await self._stream_to(peer, size, hashlib.shake_256(target).digest(STREAM_CHUNK))
+        out["path"] = path_of(peer)  # the stream may have moved to a punched path meanwhile
+        return out
+
+    async def _stream_to(self, peer: RpcPeer, size: int, block: bytes) -> dict[str, Any]:
+        digest = hashlib.sha256()
+        t2 = time.monotonic()
+        stream = await peer.open_stream("nat.sink", None, timeout=self.swarm.config.request_timeout * 4)
+        sent = 0
+        while sent < size:
+            chunk = block[: min(len(block), size - sent)]
+            await stream.send(chunk)
+            digest.update(chunk)
+            sent += len(chunk)
+        await stream.close()
+        got = await stream.result()
+        took = time.monotonic() - t2
+        return {
+            "bytes": got.get("bytes"),
+            "ok": got.get("bytes") == size and got.get("sha256") == digest.hexdigest(),
+            "seconds": round(took, 3),
+            "mib_s": round(size / took / (1 << 20), 2) if took > 0 else None,
+        }
+
+    async def _watch(self, target: bytes, seconds: float, t0: float) -> dict[str, Any]:
+        """Calls (one after another) and small streams (one after another) through the
+        swarm while the path may change under them; stops WATCH_AFTER after the path is
+        final, or at `seconds`. Every failure is counted with its code."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        final_at: list[float] = []
+        changes: list[dict[str, Any]] = []
+        tally = {"calls_ok": 0, "calls_failed": 0, "streams_ok": 0, "streams_failed": 0}
+        errors: list[str] = []
+        block = hashlib.shake_256(b"watch").digest(WATCH_STREAM)
+
+        def note(peer: RpcPeer) -> None:
+            path = path_of(peer)
+            if not changes or changes[-1]["path"] != path:
+                changes.append({"path": path, "ms": round((time.monotonic() - t0) * 1000, 1)})
+            if path != RELAYED and not final_at:
+                final_at.append(loop.time())
+
+        def running() -> bool:
+            return loop.time() < deadline and not (final_at and loop.time() - final_at[0] >= WATCH_AFTER)
+
+        async def calls() -> None:
+            while running():
+                peer = self.swarm._registry.get(target)
+                if peer is not None:
+                    note(peer)
+                try:
+                    await self.swarm.request(target, "ping", None, timeout=self.swarm.config.request_timeout)
+                    tally["calls_ok"] += 1
+                except SwarmdError as e:
+                    tally["calls_failed"] += 1
+                    errors.append(f"call: {e.code}: {e.message}"[:200])
+
+        async def streams() -> None:
+            while running():
+                try:
+                    peer = self.swarm._registry.get(target) or await self.swarm.connect(target)
+                    res = await self._stream_to(peer, len(block), block)
+                    tally["streams_ok" if res["ok"] else "streams_failed"] += 1
+                except SwarmdError as e:
+                    tally["streams_failed"] += 1
+                    errors.append(f"stream: {e.code}: {e.message}"[:200])
+                await asyncio.sleep(WATCH_STREAM_GAP)  # stay inside the sink's byte budget
+
+        async with asyncio.timeout(seconds + self.swarm.config.request_timeout * 2):
+            await asyncio.gather(calls(), streams())
+        peer = self.swarm._registry.get(target)
+        if peer is not None:
+            note(peer)
+        return {
+            **tally,
+            "errors": errors[:10],
+            "paths": changes,
+            "final_path": changes[-1]["path"] if changes else None,
+            "final_ms": changes[-1]["ms"] if changes else None,
+        }
