@@ -34,6 +34,7 @@ from swarmd.orchestrator.balancer import Balancer
 from swarmd.orchestrator.config import OrchestratorConfig
 from swarmd.orchestrator.connections import WorkerConnections
 from swarmd.orchestrator.discovery import EJECTED_PREFIX, ad_from_record, ejection_verdicts, missed_refreshes
+from swarmd.orchestrator.health import HealthRecord
 from swarmd.orchestrator.monitor import HealthMonitor
 from swarmd.orchestrator.registry import WorkerLease
 from swarmd.orchestrator.router import Caller, Router
@@ -221,6 +222,16 @@ class Fleet:
                 "worker {} avoided while others remain: {}", key[:16], suspects[key]
             )
         self.balancer.suspects = suspects
+
+    def health_view(self) -> dict[str, dict[str, Any]]:
+        """{worker key: its health record with "ejected", and "suspect" (why it is avoided,
+        or None)} for every worker this fleet judged or suspects: what dashboards show."""
+        view = self.balancer.health.snapshot()
+        for key in view:
+            view[key]["suspect"] = None
+        for key, why in self.balancer.suspects.items():
+            view.setdefault(key, {**HealthRecord().to_dict(), "ejected": False})["suspect"] = why
+        return view
 
     def ingest_records(self, records: Iterable[Any]) -> int:
         """Renew leases from PeerRecord-like objects (public_key, addresses, payload, seq).
