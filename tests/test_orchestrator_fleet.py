@@ -191,3 +191,16 @@ def test_health_view_names_ejected_and_suspected_workers() -> None:
     assert view[KEYS[1].hex()]["ejected"] is False
     assert view[KEYS[1].hex()]["suspect"].startswith("ejected by orchestrator 0909")
     assert KEYS[2].hex() not in view  # nothing known about it: nothing to show
+
+
+def test_an_orchestrator_ignores_its_own_published_verdicts() -> None:
+    from swarmd.node.identity import Identity
+
+    me = Identity.generate()
+    config = OrchestratorConfig(seed=1, dht_lease_ttl=10, eject_after=1)
+    f = Fleet(config, me, balancer=Balancer(config), health_checks=False)
+    f.ingest_records([Record(KEYS[0], online(["mlp"]))])
+    f.ingest_verdicts([Published(me.public_key, {"ejected": [KEYS[0].hex()[:16]]})])
+    assert f.balancer.suspects == {}  # its own tracker re-admitted it since; the record lags
+    f.ingest_verdicts([Published(b"\x09" * 32, {"ejected": [KEYS[0].hex()[:16]]})])
+    assert set(f.balancer.suspects) == {KEYS[0].hex()}

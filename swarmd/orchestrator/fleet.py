@@ -63,6 +63,7 @@ class Fleet:
         by default the swarm's full lookup."""
         self.config = config or OrchestratorConfig()
         self.swarm = swarm
+        self.identity = identity
         self.balancer = balancer or Balancer(self.config)
         self.records: dict[str, Any] = {}  # hex key -> the newest DHT record of each registered worker
         self.connections = WorkerConnections(
@@ -202,7 +203,9 @@ class Fleet:
     def ingest_verdicts(self, records: Iterable[Any]) -> None:
         """Take the ejections every orchestrator publishes (its ORCHESTRATORS records, one
         lookup's worth: what is not listed any more was re-admitted)."""
-        self.verdicts = ejection_verdicts(records)
+        own = self.identity.public_key if self.identity is not None else None
+        # our own verdicts are our health tracker's, live: the published copy lags behind it
+        self.verdicts = ejection_verdicts(r for r in records if getattr(r, "public_key", None) != own)
         self._suspect()
 
     def _suspect(self) -> None:
