@@ -312,8 +312,9 @@ class SwarmBackend:
             for k, (_, e) in got.items()}}
 
     def worker_health(self) -> dict[str, dict[str, Any]]:
-        """What this gateway's router knows of each worker (ejected, failures): the dashboard's view."""
-        return self.fleet.balancer.health.snapshot() if self.fleet is not None else {}
+        """What this gateway's router knows of each worker (ejected, failures, suspected dead
+        by others): the dashboard's view."""
+        return self.fleet.health_view() if self.fleet is not None else {}
 
     def worker_count(self) -> int:
         return len(self.fleet.balancer.candidates(None)) if self.fleet is not None else 0
