@@ -31,8 +31,9 @@ from swarmd.roles.worker_models import WorkerModels
 from swarmd.topics import WORKERS, worker_model_topic
 from swarmd.worker.cache import ModelCache
 from swarmd.worker.config import WorkerConfig, parse_local_model
-from swarmd.worker.engine import InferenceEngine, ServedModel, WorkerState
+from swarmd.worker.engine import InferenceEngine
 from swarmd.worker.fetch import ModelFetcher
+from swarmd.worker.served import ServedModel, WorkerState
 
 MAX_NAME = 256
 WITHDRAW_TIMEOUT = 2.0  # bound on withdrawing our records on stop

@@ -28,8 +28,9 @@ from swarmd.roles.base import NodeContext
 from swarmd.versions import latest
 from swarmd.worker.cache import ModelCache
 from swarmd.worker.config import WorkerConfig
-from swarmd.worker.engine import InferenceEngine, ServedModel, WorkerState
+from swarmd.worker.engine import InferenceEngine
 from swarmd.worker.fetch import ModelFetcher
+from swarmd.worker.served import ServedModel, WorkerState
 
 
 class WorkerModels:
