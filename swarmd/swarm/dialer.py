@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 RELAY_HEAD_START = 0.03  # s the TCP punch (~10 ms in the lab) runs alone before a relay circuit is spent
 TCP_PUNCH_TIMEOUT = 3.0  # a simultaneous open that has not completed by then will not
 REPUNCH_ROUNDS = 3
+MAX_MAPPED_PEERS = 4096  # peers whose mapped addresses we remember (the oldest is dropped beyond)
 
 
 class Dialer:
@@ -61,6 +62,23 @@ class Dialer:
         self.metrics = traversal.metrics
         self.log = traversal.log
         self._repunching: set[bytes] = set()
+        self._mapped: dict[bytes, list[str]] = {}  # peer key -> "ip:port" its own record lists as mapped
+
+    def mapped_of(self, public_key: bytes, record: PeerRecord | None) -> list[str]:
+        """The mapped addresses the peer's own record lists (this record, else the last one read)."""
+        if record is not None and record.public_key == public_key and isinstance(record.payload, dict) \
+                and "signal" in record.payload:
+            self._note_mapped(record)
+        return self._mapped.get(public_key, [])
+
+    def _note_mapped(self, record: PeerRecord) -> None:
+        listed = record.payload.get("mapped") if isinstance(record.payload, dict) else None
+        if isinstance(listed, list) and listed:
+            if len(self._mapped) >= MAX_MAPPED_PEERS and record.public_key not in self._mapped:
+                self._mapped.pop(next(iter(self._mapped)))
+            self._mapped[record.public_key] = [a for a in listed[:4] if isinstance(a, str) and len(a) <= 64]
+        else:
+            self._mapped.pop(record.public_key, None)
 
     async def own_record(self, public_key: bytes, record: PeerRecord | None, bound: float) -> PeerRecord | None:
         """The peer's own-topic record (NAT type, signal peers), or None when not found in time."""
@@ -79,6 +97,8 @@ class Dialer:
         for rec in await self.swarm.lookup_all(peer_topic(public_key.hex()), timeout=bound):
             if rec.public_key == public_key and (best is None or rec.seq > best.seq):
                 best = rec
+        if best is not None:
+            self._note_mapped(best)
         return best
 
     async def skip_direct(self, public_key: bytes, record: PeerRecord | None) -> PeerRecord | None:

@@ -163,6 +163,7 @@ class Swarm:
         self._registry = ConnectionRegistry(self.public_key)  # dedupes: dialled-by-smaller-key wins
         self.path_metrics = PathMetrics()  # connections by path, upgrades (swarm.traversal counts the rest)
         self.traversal: Any = None  # swarmd.swarm.traversal.Traversal: punched/relayed paths when direct fails
+        self.mapped_addresses: list[tuple[str, int]] = []  # ports our router forwards to us (swarm/mapping.py)
         self._dialing: dict[bytes, asyncio.Future[RpcPeer]] = {}
         self._topics: dict[bytes, _Joined] = {}
         self._seen: dict[bytes, dict[bytes, PeerRecord]] = {}  # topic -> pk -> newest record seen
@@ -229,9 +230,15 @@ class Swarm:
     # -- addresses ----------------------------------------------------------------
 
     def addresses(self) -> list[tuple[str, int]]:
-        """What our records advertise: where peers can dial our RPC server."""
+        """What our records advertise: where peers can dial our RPC server (a port our
+        router forwards to us first: it is the one that works from outside)."""
         if self.config.announce_addresses:
             return list(self.config.announce_addresses)
+        if self.mapped_addresses:
+            return list(self.mapped_addresses) + [a for a in self._bound_addresses() if a not in self.mapped_addresses]
+        return self._bound_addresses()
+
+    def _bound_addresses(self) -> list[tuple[str, int]]:
         host, port = self.server.host, self.server.port
         if host not in ("0.0.0.0", "", "::"):
             return [(host, port)]
@@ -292,6 +299,13 @@ class Swarm:
             raise SwarmdError(ERR_NOT_FOUND, "topic is not joined with announce=True")
         joined.payload = payload
         return await self._announce(joined)
+
+    async def reannounce(self) -> None:
+        """Announce every joined topic again now: our addresses changed (a port mapped or lost)."""
+        for joined in list(self._topics.values()):
+            if joined.announce:
+                with contextlib.suppress(SwarmdError):
+                    await self._announce(joined)
 
     async def leave(self, topic: bytes | str) -> None:
         """Stop announcing and looking up; withdraw our record from the DHT."""
@@ -574,6 +588,8 @@ class Swarm:
             except SwarmdError as e:
                 last = e
                 continue
+            if self.traversal is not None:
+                self.traversal.label_direct(peer, record, (host, port))  # a port the peer's router forwards?
             return self._register(peer, inbound=False)
         assert last is not None
         raise SwarmdError(last.code, f"cannot reach peer {public_key.hex()[:16]}…: {last.message}")
