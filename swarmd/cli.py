@@ -33,6 +33,7 @@ COMMON_FLAGS: dict[str, tuple[str, str]] = {
     "http": ("node", "http"),
     "grpc": ("gateway", "grpc"),
     "metrics": ("node", "metrics"),
+    "otlp": ("tracing", "endpoint"),
     "log_level": ("node", "log_level"),
     "log_format": ("node", "log_format"),
 }
@@ -41,7 +42,7 @@ COMMON_FLAGS: dict[str, tuple[str, str]] = {
 # `swarmd keys ls --data-dir D`). A command lists in its FLAGS which of OPTIONAL_FLAGS apply to
 # it; giving one that does not is an error, never silently ignored.
 OPTIONAL_FLAGS = ("bootstrap", "data_dir", "host", "json")
-DAEMON_FLAGS = ("role", "port", "dht_port", "http", "grpc", "metrics")  # only the daemon (no command) takes these
+DAEMON_FLAGS = ("role", "port", "dht_port", "http", "grpc", "metrics", "otlp")  # only the daemon (no command) takes these
 
 
 class UsageError(Exception):
@@ -118,6 +119,9 @@ def add_common_flags(p: argparse.ArgumentParser, *, daemon: bool) -> None:
                        help="gateway OIP v2 gRPC listen address (off unless given)")
         d.add_argument("--metrics", default=None, metavar="HOST:PORT",
                        help="serve Prometheus metrics of every role on HOST:PORT/metrics (off unless given)")
+        d.add_argument("--otlp", default=None, metavar="URL",
+                       help="trace requests (OpenTelemetry, swarmd[otel]) to this OTLP endpoint; "
+                            "sets tracing.enabled and tracing.endpoint")
 
 
 def discover_commands() -> dict[str, ModuleType]:
@@ -189,6 +193,8 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str]) -> Set
         value = getattr(args, attr, None)
         if value is not None:
             flags.setdefault(section, {})[key] = value
+    if getattr(args, "otlp", None):
+        flags["tracing"]["enabled"] = True  # --otlp URL turns tracing on, as [tracing] enabled = true would
     config_file = args.config or (Path(environ["SWARMD_CONFIG"]) if environ.get("SWARMD_CONFIG") else None)
     env_name = args.env or environ.get("SWARMD_ENV") or None
     return load_settings(Settings, config_file=config_file, env_name=env_name, environ=environ, flags=flags)

@@ -127,6 +127,11 @@ class Node:
         )
         self.ctx = ctx
         try:
+            if self.settings.tracing.enabled:
+                from swarmd.node import tracing
+
+                tracing.start(self.settings.tracing, instance=identity.public_hex)
+                self._started.append(("tracing", _stop_tracing))
             for name, part in self._parts(ctx):
                 await part.start()
                 self._started.append((name, part.stop))
@@ -281,6 +286,13 @@ class Node:
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
+
+
+async def _stop_tracing() -> None:
+    """Export the spans still buffered, then stop tracing (last, after every role stopped)."""
+    from swarmd.node import tracing
+
+    await asyncio.to_thread(tracing.stop)
 
 
 def _swarm_metrics(ctx: NodeContext) -> list[Any]:

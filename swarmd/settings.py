@@ -17,6 +17,7 @@ from swarmd.errors import ConfigError
 from swarmd.gateway.config import GatewayConfig
 from swarmd.net.nat import NatConfig
 from swarmd.net.relay import RelayConfig
+from swarmd.node.tracing import TracingConfig
 from swarmd.node.trust import TrustConfig
 from swarmd.orchestrator.config import OrchestratorConfig
 from swarmd.roles.base import ROLE_ORDER
@@ -73,6 +74,7 @@ class Settings:
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     things: ThingsConfig = field(default_factory=ThingsConfig)
     ork: OrkConfig = field(default_factory=OrkConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
 
     def validate(self) -> None:
         for section in vars(self).values():

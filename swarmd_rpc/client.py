@@ -30,11 +30,11 @@ from swarmd.errors import (
     ERR_UNAVAILABLE,
     ERR_UNKNOWN_METHOD,
     SwarmdError,
+    retryable,
 )
 from swarmd.node.deadline import within
 from swarmd.node.identity import Identity
 from swarmd.orchestrator.config import OrchestratorConfig
-from swarmd.orchestrator.failover import retryable
 from swarmd.orchestrator.fleet import Fleet
 from swarmd.store.transfer import Progress, pull_file, push_file
 from swarmd.topics import STORES, model_topic

@@ -15,10 +15,12 @@ from swarmd.errors import (
     ERR_TIMEOUT,
     ERR_UNAVAILABLE,
     SwarmdError,
+    Verdict,
+    classify,
 )
 from swarmd.orchestrator.balancer import Balancer
 from swarmd.orchestrator.config import OrchestratorConfig
-from swarmd.orchestrator.failover import BanList, Verdict, backoff_delay, classify
+from swarmd.orchestrator.failover import BanList, backoff_delay
 from swarmd.orchestrator.health import HealthTracker
 from swarmd.orchestrator.policies import (
     Candidate,

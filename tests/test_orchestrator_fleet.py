@@ -122,3 +122,58 @@ async def test_a_worker_that_served_an_unlisted_model_is_routed_to_directly_next
     # A method that says nothing about serving the model teaches nothing.
     await f.route("getHealth", {"model": "mlp"}, model="mlp")
     assert f.balancer.candidates("mlp") == []
+
+
+@dataclass
+class Published:
+    """An ORCHESTRATORS record: the fields the fleet reads of it."""
+
+    public_key: bytes
+    payload: Any
+
+
+def test_a_worker_an_orchestrator_published_as_ejected_is_tried_only_when_nobody_else_is_left() -> None:
+    f, _ = fleet(policy="round_robin")
+    b = f.balancer
+    f.ingest_records([Record(k, online(["mlp"])) for k in KEYS[:2]])
+    dead, alive = KEYS[0].hex(), KEYS[1].hex()
+    f.ingest_verdicts([Published(b"\x09" * 32, {"ejected": [dead[:16]]})])
+    assert set(b.suspects) == {dead} and "ejected by orchestrator 0909" in b.suspects[dead]
+    assert {b.choose("mlp").public_key for _ in range(6)} == {alive}
+    assert b.worker_view(b.registry.get(dead))["suspect"].startswith("ejected by orchestrator")
+    # the last candidate still gets its chance: advice from others never empties the pool
+    assert b.choose("mlp", exclude=[alive]).public_key == dead
+    # the orchestrator re-admitted it (its next record does not list it): routed again
+    f.ingest_verdicts([Published(b"\x09" * 32, {"ejected": []})])
+    assert b.suspects == {} and {b.choose("mlp").public_key for _ in range(6)} == {dead, alive}
+
+
+def test_a_worker_whose_live_record_stopped_being_refreshed_is_avoided() -> None:
+    f, _ = fleet(policy="round_robin", stale_after=8.0)
+    b = f.balancer
+    now = b.wall()
+
+    def signed(key: bytes, ago: float, ttl: float = 12.0) -> Record:
+        rec = Record(key, online(["mlp"]), seq=int((now - ago) * 1000))
+        rec.expiry = now - ago + ttl  # type: ignore[attr-defined]
+        return rec
+
+    f.ingest_records([signed(KEYS[0], 10.0), signed(KEYS[1], 1.0), signed(KEYS[2], 30.0, ttl=1200.0)])
+    dead = KEYS[0].hex()
+    # missed two refreshes of a 12 s record: suspect; a 20-minute record 30 s old is just old
+    assert set(b.suspects) == {dead} and b.suspects[dead] == "record not refreshed for 10s"
+    assert dead not in {b.choose("mlp").public_key for _ in range(9)}
+    # a refreshed record (the node was only slow) clears it
+    f.ingest_records([signed(KEYS[0], 0.5)])
+    assert b.suspects == {}
+
+
+def test_a_suspect_that_answers_a_call_is_trusted_again() -> None:
+    f, _ = fleet()
+    b = f.balancer
+    f.ingest_records([Record(KEYS[0], online(["mlp"]))])
+    key = KEYS[0].hex()
+    f.ingest_verdicts([Published(b"\x09" * 32, {"ejected": [key[:16]]})])
+    assert key in b.suspects
+    b.succeeded(key, b.begin(key))
+    assert b.suspects == {}

@@ -38,13 +38,13 @@ def _methods(tag: str) -> Methods:
     return m
 
 
-async def _node(net: DhtTestnet, tag: str, nat: NatConfig, **swarm_kw: Any) -> Swarm:
+async def _node(net: DhtTestnet, tag: str, nat: NatConfig, firewall: Any = None, **swarm_kw: Any) -> Swarm:
     ident = Identity.generate()
     dht = await net.add(ident)
     rpc = RpcServer(ident, _methods(tag), "127.0.0.1", 0)
     await rpc.start()
     cfg = dataclasses.replace(SwarmConfig(connect_timeout=3.0, lookup_timeout=3.0), **swarm_kw)
-    sw = Swarm(ident, dht, rpc, cfg)
+    sw = Swarm(ident, dht, rpc, cfg, firewall=firewall)
     await sw.start()
     await Traversal(sw, nat).start()
     return sw
@@ -162,3 +162,62 @@ def test_swarmd_status_shows_the_nat_report(daemons, tmp_path) -> None:
     res = run_cli("status", "--data-dir", str(tmp_path / "n"))
     assert res.returncode == 0 and "nat " in res.stdout
     assert d.stop() == 0
+
+
+@pytest.mark.parametrize("verdict", [True, False])
+async def test_async_firewall_answers_before_a_relayed_call_is_dispatched(verdict: bool) -> None:
+    """A connection that reached us through a relay (or a punch) passes the same firewall
+    gate as a direct one: its calls wait for the verdict, and a denied peer runs nothing."""
+    net = await DhtTestnet.create(4)
+    relay = RelayServer(RelayConfig(), "127.0.0.1")
+    await relay.start()
+    asked, answer = asyncio.Event(), asyncio.Event()
+    ran: list[Any] = []
+
+    async def firewall(pk: bytes) -> bool:
+        asked.set()
+        await answer.wait()
+        return verdict
+
+    quick = dict(redetect_interval=3600.0, stun_timeout=1.0, punch_timeout=3.0, relay_timeout=10.0)
+    swarms = [await _node(net, "relay", NatConfig(assume="public", **quick))]
+    try:
+        r = swarms[0]
+        await r.join(topics.RELAYS, announce=True, lookup=False, payload={"relay_port": relay.port})
+        assert await r.flush(10)
+        t = await _node(net, "target", NatConfig(assume="symmetric", **quick),
+                        announce_addresses=[("127.0.0.1", 9)], firewall=firewall)
+        swarms.append(t)
+        c = await _node(net, "caller", NatConfig(assume="symmetric", **quick))
+        swarms.append(c)
+
+        async def record(ctx: CallContext, params: Any) -> Any:
+            ran.append(params)
+            return "ran"
+
+        t.methods.register("record", record, op="w")
+        await _wait(lambda: t.traversal.signal_peers == [r.public_key], "the target to pick its signal peer")
+        call = asyncio.ensure_future(c.request(t.public_key, "record", 1, timeout=30))
+        await asyncio.wait_for(asked.wait(), 30)
+        await _wait(lambda: c._registry.get(t.public_key) is not None, "the caller's relayed connection")
+        assert path_of(c._registry.get(t.public_key)) == "relayed"
+        await asyncio.sleep(0.2)  # the call reaches the target while its firewall thinks
+        assert ran == [], "a relayed call was dispatched before the firewall answered"
+        answer.set()
+        if verdict:
+            assert await call == "ran"
+            assert ran == [1]
+        else:
+            with pytest.raises(SwarmdError):
+                await call
+            assert ran == []
+            assert c.public_key not in t.traversal.paths
+    finally:
+        answer.set()
+        for s in reversed(swarms):
+            if s.traversal is not None:
+                await s.traversal.stop()
+            await s.stop()
+            await s.server.stop()
+        await relay.stop()
+        await net.close()

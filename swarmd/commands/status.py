@@ -105,24 +105,20 @@ async def gather_status(settings: Any, timeout: float, host: str | None = None) 
 
 
 def last_seen(seq: int, now: float) -> float | None:
-    """Seconds since the node signed this record: a record's seq is its signing time
-    in ms (swarm.Swarm._next_seq), refreshed every few seconds by a live node."""
-    if seq < 10**12:  # not a time-based seq (another implementation): no age to tell
-        return None
-    return round(max(0.0, now - seq / 1000.0), 1)
+    """Seconds since the node signed this record (its seq is the signing time in ms,
+    refreshed every few seconds by a live node); None when the seq is not a time."""
+    from swarmd.orchestrator.discovery import signed_age
+
+    age = signed_age(seq, now)
+    return None if age is None else round(age, 1)
 
 
 async def ejections(swarm: Any) -> dict[str, list[str]]:
     """Worker key prefix -> orchestrators (key prefixes) whose record says they ejected it."""
+    from swarmd.orchestrator.discovery import ejection_verdicts
     from swarmd.topics import ORCHESTRATORS
 
-    out: dict[str, list[str]] = {}
-    for rec in await swarm.lookup(ORCHESTRATORS):
-        listed = rec.payload.get("ejected") if isinstance(rec.payload, dict) else None
-        for prefix in listed if isinstance(listed, list) else []:
-            if isinstance(prefix, str):
-                out.setdefault(prefix[:16], []).append(rec.public_key.hex()[:16])
-    return out
+    return ejection_verdicts(await swarm.lookup(ORCHESTRATORS))
 
 
 def _print_scope(scope: dict[str, Any], indent: str) -> None:

@@ -4,7 +4,8 @@ Both go through the client library (swarmd_rpc.Client): a short-lived member of 
 swarm of --bootstrap (or of the --data-dir node's DHT port) with an ephemeral key and
 a client-mode DHT node, so it never enters others' routing tables. `join` prints its
 own key and "joined" as soon as it is announced, then one line per connection opened
-or closed, until Ctrl-C. The network layers are imported when the command runs, so
+or closed, until Ctrl-C. `lookup` shows each record's last-seen age and, on the workers'
+topics, which orchestrators published that worker as ejected. The network layers are imported when the command runs, so
 listing commands stays cheap.
 """
 
@@ -16,6 +17,7 @@ import contextlib
 import json
 import signal
 import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 from swarmd.commands.reach import swarm_client
@@ -35,9 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-announce", action="store_true", help="join: only look up and connect")
 
 
-def record_json(rec: PeerRecord) -> dict[str, Any]:
-    """A peer record as JSON (bytes in the payload become hex)."""
+def record_json(rec: PeerRecord, now: float | None = None) -> dict[str, Any]:
+    """A peer record as JSON (bytes in the payload become hex), with its age when the seq tells it."""
     from swarmd.commands.call import to_json
+    from swarmd.commands.status import last_seen
 
     return {
         "public_key": rec.public_key.hex(),
@@ -45,7 +48,14 @@ def record_json(rec: PeerRecord) -> dict[str, Any]:
         "payload": to_json(rec.payload),
         "seq": rec.seq,
         "expires": rec.expiry,
+        "last_seen_s": last_seen(rec.seq, time.time() if now is None else now),
     }
+
+
+def is_workers_topic(name: str) -> bool:
+    from swarmd.topics import WORKERS
+
+    return name == WORKERS or name.startswith(WORKERS + "/")
 
 
 def _emit(args: argparse.Namespace, doc: dict[str, Any], text: str) -> None:
@@ -94,12 +104,28 @@ async def run(args: argparse.Namespace) -> int:
         if args.topic_command == "join":
             await _join(args, client)
             return 0
-        recs = await client.lookup(args.name, args.timeout)
+        ejected: dict[str, list[str]] = {}
+        if is_workers_topic(args.name):  # and the orchestrators' verdicts on these workers, at once
+            from swarmd.commands.status import ejections
+
+            recs, ejected = await asyncio.gather(client.lookup(args.name, args.timeout), ejections(client))
+        else:
+            recs = await client.lookup(args.name, args.timeout)
+    now = time.time()
+    docs = []
+    for r in recs:
+        doc = record_json(r, now)
+        if is_workers_topic(args.name):
+            doc["ejected_by"] = ejected.get(doc["public_key"][:16], [])
+        docs.append(doc)
     if args.json:
-        print(json.dumps([record_json(r) for r in recs]))
+        print(json.dumps(docs))
     else:
-        for r in recs:
-            print(f"{r.public_key.hex()}  {' '.join(f'{h}:{p}' for h, p in r.addresses)}  "
-                  f"{json.dumps(record_json(r)['payload'])}")
+        for doc in docs:
+            seen = doc["last_seen_s"]
+            verdict = f"  EJECTED by {','.join(doc['ejected_by'])}" if doc.get("ejected_by") else ""
+            print(f"{doc['public_key']}  {' '.join(doc['addresses'])}  "
+                  f"seen {'?' if seen is None else f'{seen:g}s'} ago{verdict}  {json.dumps(doc['payload'])}")
         print(f"{len(recs)} peer(s) announce {args.name!r}", file=sys.stderr)
     return 0
+

@@ -41,6 +41,7 @@ from swarmd.errors import (
 from swarmd.gateway.oip import OipError, decode_raw_tensor, encode_raw_tensor, numpy_dtype
 from swarmd.gateway.proto import oip_pb2 as pb
 from swarmd.gateway.server import tensor_meta
+from swarmd.node import tracing
 
 if TYPE_CHECKING:
     from swarmd.gateway.server import Gateway
@@ -213,6 +214,8 @@ class GrpcFront:
             status = "200"
             try:
                 self._authorize(name, context)
+                if tracing.tracer is not None and name == "ModelInfer":
+                    return await self.model_infer(request, dict(context.invocation_metadata() or ()))
                 return await fn(request)
             except SwarmdError as e:
                 status = str(self.gw.http_status(e.code))
@@ -291,10 +294,16 @@ class GrpcFront:
 
     # -- inference ----------------------------------------------------------------------
 
-    async def model_infer(self, request: Any) -> Any:
+    async def model_infer(self, request: Any, carrier: dict[str, Any] | None = None) -> Any:
+        """One inference; `carrier` (the call's metadata, given while tracing is on) may name the
+        caller's trace in a W3C `traceparent`."""
         inputs, names = decode_request(request)
-        result = await self.gw.infer(request.model_name, request.model_version or None, inputs, names,
-                                     request.id or None)
+        if carrier is None:
+            result = await self.gw.infer(request.model_name, request.model_version or None, inputs, names,
+                                         request.id or None)
+        else:
+            result = await self.gw.infer_traced(carrier, "grpc", request.model_name, request.model_version or None,
+                                                inputs, names, request.id or None)
         missing = [n for n in names or () if n not in result.outputs]
         if missing:
             raise SwarmdError(ERR_INTERNAL, f"backend returned no output {missing[0]!r}")

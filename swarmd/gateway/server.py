@@ -58,6 +58,7 @@ from swarmd.gateway.oip import (
 )
 from swarmd.gateway.openapi import docs_page, openapi_document
 from swarmd.gateway.ratelimit import RateLimiter
+from swarmd.node import tracing
 
 PUBLIC = "public"
 # a key with either may read a model's metadata, config and readiness: Triton's usual flow is "read
@@ -479,7 +480,11 @@ class Gateway:
         outputs: list[str] | None,
     ) -> Any:
         try:
-            result = await self.infer(model, version, inputs, outputs, request[RID])
+            if tracing.tracer is None:  # the one check tracing costs when off
+                result = await self.infer(model, version, inputs, outputs, request[RID])
+            else:
+                result = await self.infer_traced(request.headers, "http", model, version, inputs, outputs,
+                                                 request[RID])
         except SwarmdError as e:
             if e.code != ERR_NOT_FOUND:
                 request[MODEL] = model
@@ -497,6 +502,15 @@ class Gateway:
                 return await self.backend.infer(model, version, inputs, outputs, request_id)
         except TimeoutError:
             raise SwarmdError(ERR_TIMEOUT, f"inference took longer than {self.config.infer_timeout}s") from None
+
+    async def infer_traced(self, carrier: Any, front: str, model: str, version: str | None,
+                           inputs: dict[str, np.ndarray], outputs: list[str] | None, request_id: str | None) -> Any:
+        """infer() inside the gateway's server span (tracing on), continuing the trace a W3C
+        `traceparent` in carrier (HTTP headers, gRPC metadata) names."""
+        with tracing.span("gateway.infer", parent=tracing.extract(carrier), kind="SERVER",
+                          attributes={"swarmd.front": front, "swarmd.model": model,
+                                      "swarmd.request_id": request_id or ""}):
+            return await self.infer(model, version, inputs, outputs, request_id)
 
     async def metadata(self, model: str, version: str | None) -> ModelInfo:
         return await self.backend.model_metadata(model, version)

@@ -22,11 +22,10 @@ from typing import Any
 
 from loguru import logger
 
-from swarmd.errors import ERR_NOT_FOUND, ERR_NOT_READY, ERR_UNAVAILABLE, SwarmdError
+from swarmd.errors import ERR_NOT_FOUND, ERR_NOT_READY, ERR_UNAVAILABLE, SwarmdError, retryable
 from swarmd.gateway.backend import InferResult, ModelInfo, UploadedModel, not_found
 from swarmd.gateway.config import GatewayConfig
 from swarmd.orchestrator.config import OrchestratorConfig
-from swarmd.orchestrator.failover import retryable
 from swarmd.orchestrator.fleet import Fleet
 from swarmd.topics import GATEWAYS, STORES, WORKERS
 from swarmd.versions import version_key
@@ -104,7 +103,7 @@ class SwarmBackend:
 
     async def _store_call(self, method: str, params: dict[str, Any]) -> Any:
         """Call one of the stores, the last one that answered first; move on when one fails in a
-        way another may not (failover.retryable)."""
+        way another may not (errors.retryable)."""
         stores = list(self.stores)
         if not stores:
             raise SwarmdError(ERR_UNAVAILABLE, f"no store found to answer {method}")

@@ -59,6 +59,7 @@ class Balancer:
         self.config = config or OrchestratorConfig()
         cfg = self.config
         self.clock = clock
+        self.wall = wall
         self.registry = Registry(cfg.lease_ttl, clock)
         self.health = HealthTracker(cfg.eject_after, clock)
         self.stats = StatsBook(cfg.ewma_alpha, clock, wall)
@@ -69,6 +70,11 @@ class Balancer:
         self.retries = 0
         self.ejections = 0
         self.readmissions = 0
+        # Workers known dead from outside our own calls (key -> why): an orchestrator published
+        # them as ejected, or their record stopped being refreshed. Kept by the Fleet from what
+        # its lookups see; like a ban, a suspect is tried only when nobody else is left (others'
+        # word and clocks may be wrong; a worker we cannot reach costs no attempt anyway).
+        self.suspects: dict[str, str] = {}
 
     # -- choosing -------------------------------------------------------------
 
@@ -78,9 +84,9 @@ class Balancer:
         """Routable workers for a request, best tier first.
 
         ONLINE and not ejected is a hard rule. Workers this request already
-        tried and banned workers are avoided while any other remains; when none
-        does they are used rather than failing, so the last candidate always
-        gets its chance.
+        tried, banned workers and suspects (known dead to others) are avoided
+        while any other remains; when none does they are used rather than
+        failing, so the last candidate always gets its chance.
         """
         routable = self.registry.routable(model, capability)
         ejected = self.health.ejected
@@ -89,10 +95,15 @@ class Balancer:
         fresh = routable
         if exclude:
             fresh = [lease for lease in routable if lease.public_key not in exclude] or routable
-        if not self.bans:
+        bans, suspects = self.bans, self.suspects
+        if not bans and not suspects:
             return fresh
-        unbanned = [lease for lease in fresh if not self.bans.is_banned(lease.public_key)]
-        return unbanned or fresh
+        trusted = [
+            lease
+            for lease in fresh
+            if lease.public_key not in suspects and not (bans and bans.is_banned(lease.public_key))
+        ]
+        return trusted or fresh
 
     def choose(
         self, model: str | None, capability: str | None = None, exclude: Collection[str] = ()
@@ -172,6 +183,8 @@ class Balancer:
         ms = self.stats.success(public_key, started)
         self.health.call_succeeded(public_key)
         self.bans.clear(public_key)
+        if self.suspects:
+            self.suspects.pop(public_key, None)  # it answered us: alive, whatever others said
         return ms
 
     def rejected(self, public_key: str, code: str) -> None:
@@ -249,6 +262,7 @@ class Balancer:
         )
 
     def forget(self, public_key: str) -> None:
+        self.suspects.pop(public_key, None)
         self.health.forget(public_key)
         self.bans.forget(public_key)
         self.stats.forget(public_key)
@@ -273,6 +287,7 @@ class Balancer:
             **lease.to_dict(now),
             "health": self.health.record(lease.public_key).to_dict(),
             "banned_for": round(self.bans.remaining(lease.public_key), 3),
+            "suspect": self.suspects.get(lease.public_key),
             "stats": (st.to_dict() if st is not None else None),
         }
 

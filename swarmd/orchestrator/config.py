@@ -18,6 +18,11 @@ class OrchestratorConfig:
     dht_lease_ttl: float = 45.0  # a lease filled from a DHT record; renewed by every lookup that sees it
     dht_refresh: float = 5.0  # how often the WORKERS topic is looked up
     announce_interval: float = 10.0  # our ORCHESTRATORS payload is re-announced at most this often, on change
+    # (a change of our ejection verdicts is published at once: gateways and clients avoid those workers)
+    # A worker whose live DHT record was last signed longer ago than this missed two refreshes
+    # (SwarmConfig.live_reannounce_interval + jitter): it is most likely dead, and is tried only
+    # when no other worker is left, like a worker some orchestrator published as ejected.
+    stale_after: float = 8.0
     eject_after: int = 3  # consecutive failures (calls or checks) that eject a worker
     health_interval: float = 2.0  # active check period per worker
     health_timeout: float = 1.0  # bound on one checkCapacity / ping
@@ -55,6 +60,7 @@ class OrchestratorConfig:
             "dht_lease_ttl",
             "dht_refresh",
             "announce_interval",
+            "stale_after",
             "health_interval",
             "health_timeout",
             "attempt_timeout",

@@ -12,9 +12,8 @@ import asyncio
 import contextlib
 from typing import Any
 
-from swarmd.errors import ERR_CLOSED, ERR_TIMEOUT, ERR_UNAVAILABLE, SwarmdError
+from swarmd.errors import ERR_CLOSED, ERR_TIMEOUT, ERR_UNAVAILABLE, SwarmdError, Unreached
 from swarmd.node.identity import Identity
-from swarmd.orchestrator.failover import Unreached
 from swarmd.orchestrator.registry import WorkerLease
 from swarmd.rpc import RpcPeer, connect
 

@@ -157,3 +157,50 @@ def ad_from_record(public_key: Any, addresses: Any, payload: Any) -> WorkerAd:
         ]
     ad.load = parse_load(payload.get("load"))
     return ad
+
+
+# -- liveness read from records -------------------------------------------------
+
+EJECTED_PREFIX = 16  # hex digits of a worker's key in an orchestrator's "ejected" list
+MAX_EJECTED_LISTED = 16  # ... and how many of them (a record payload is at most 2 KiB, grants included)
+TIME_SEQ_FLOOR = 10**12  # a seq at or above this is the record's signing time in ms (swarm.Swarm._next_seq)
+LIVE_LIFETIME_MAX = 120.0  # a record signed to live at most this long says "up now" (SwarmConfig.live_*)
+
+
+def signed_age(seq: Any, now: float) -> float | None:
+    """Seconds since the peer signed a record, read from its time-based seq; None when the
+    seq is not a time (another implementation). A clock ahead of ours reads as 0."""
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < TIME_SEQ_FLOOR:
+        return None
+    return max(0.0, now - seq / 1000.0)
+
+
+def missed_refreshes(record: Any, now: float, after: float) -> bool:
+    """Whether a live record (signed to live at most LIVE_LIFETIME_MAX) was last signed more
+    than `after` seconds ago: its node stopped refreshing it, and is most likely dead though
+    the record has not expired yet. The lifetime is read from the record's own two times (one
+    clock: the signer's); only the age compares its clock with ours."""
+    seq, expiry = getattr(record, "seq", None), getattr(record, "expiry", None)
+    age = signed_age(seq, now)
+    if age is None or not isinstance(expiry, (int, float)) or isinstance(expiry, bool):
+        return False
+    return expiry - seq / 1000.0 <= LIVE_LIFETIME_MAX and age > after
+
+
+def ejection_verdicts(records: Any) -> dict[str, list[str]]:
+    """Worker key prefix -> the orchestrators (key prefixes) whose ORCHESTRATORS record lists
+    it as ejected. Junk entries in a peer's payload are skipped."""
+    out: dict[str, list[str]] = {}
+    for rec in records:
+        payload = getattr(rec, "payload", None)
+        listed = payload.get("ejected") if isinstance(payload, dict) else None
+        key = getattr(rec, "public_key", None)
+        if not isinstance(listed, list) or not isinstance(key, (bytes, bytearray)):
+            continue
+        for prefix in listed[:MAX_EJECTED_LISTED]:
+            if isinstance(prefix, str) and len(prefix) >= EJECTED_PREFIX:
+                who = bytes(key).hex()[:EJECTED_PREFIX]
+                voters = out.setdefault(prefix[:EJECTED_PREFIX].lower(), [])
+                if who not in voters:
+                    voters.append(who)
+    return out

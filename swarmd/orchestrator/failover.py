@@ -1,70 +1,15 @@
-"""Failover decisions: which errors move a request to another peer, how long a
-failing worker sits out, and how long to pause between attempts.
-
-The one definition of "retryable" in swarmd: the router, the gateway, the
-swarm's topic requests and the client library all ask classify() (or
-retryable()). Pure: callers do the waiting and calling themselves.
+"""Failover timing: how long a failing worker sits out and how long to pause
+between attempts. Which errors move a request to another peer is
+`swarmd.errors.classify` (every layer asks it). Pure: callers do the waiting
+and calling themselves.
 """
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
-
-from swarmd.errors import (
-    ERR_CLOSED,
-    ERR_HANDSHAKE,
-    ERR_NOT_FOUND,
-    ERR_NOT_READY,
-    ERR_OVERLOADED,
-    ERR_TIMEOUT,
-    ERR_UNAVAILABLE,
-    SwarmdError,
-)
-
-# Peer-side failures: the request itself was fine, another peer can serve it. Refused and
-# closed connections, a handshake the peer never finished (it died or restarted under us),
-# timeouts, a full queue.
-RETRYABLE_CODES = frozenset({ERR_CLOSED, ERR_HANDSHAKE, ERR_TIMEOUT, ERR_OVERLOADED, ERR_UNAVAILABLE})
-# Answers that are about this peer, not the request, yet no sign of ill health: it does not
-# have that model (or version) after all, or it is loading / draining since we chose it.
-ELSEWHERE_CODES = frozenset({ERR_NOT_FOUND, ERR_NOT_READY})
-
-
-class Unreached(SwarmdError):
-    """The call never reached the peer: no connection could be made (refused, no route,
-    handshake cut, dial timeout). Retryable like any peer failure, and cheap: a router does
-    not count it against its attempts, so stale records of dead peers cannot use them up."""
-
-
-class Verdict(Enum):
-    RETRY = "retry"  # the worker failed; count it against the worker and try another
-    ELSEWHERE = "elsewhere"  # the worker is fine but cannot serve this; try another, blame nobody
-    FINAL = "final"  # the worker answered with a caller error; hand it back as is
-
-
-def classify(exc: BaseException) -> tuple[Verdict, str]:
-    """(verdict, error code) for an exception raised by a call to a worker."""
-    if isinstance(exc, Unreached):
-        return Verdict.RETRY, exc.code
-    if isinstance(exc, SwarmdError):
-        if exc.code in RETRYABLE_CODES:
-            return Verdict.RETRY, exc.code
-        return (Verdict.ELSEWHERE if exc.code in ELSEWHERE_CODES else Verdict.FINAL), exc.code
-    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
-        return Verdict.RETRY, ERR_TIMEOUT
-    if isinstance(exc, (ConnectionError, OSError, EOFError)):  # refused, reset, unreachable
-        return Verdict.RETRY, ERR_CLOSED
-    return Verdict.FINAL, type(exc).__name__
-
-
-def retryable(exc: BaseException) -> bool:
-    """Whether another peer may succeed where this one failed (RETRY or ELSEWHERE)."""
-    return classify(exc)[0] is not Verdict.FINAL
 
 
 def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:

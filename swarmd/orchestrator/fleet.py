@@ -12,7 +12,10 @@ and failover, with no orchestrator hop in the data path:
     await fleet.stop()
 
 Workers enter the registry at one place: ingest_records (the DHT) or the
-balancer's admit (registerWorker).
+balancer's admit (registerWorker). Workers known dead to others — published as
+ejected by an orchestrator (its ORCHESTRATORS record), or whose live record
+stopped being refreshed — are the balancer's suspects: every Router (gateway,
+orchestrator, client, CLI) tries them only when nobody else is left.
 """
 
 from __future__ import annotations
@@ -30,11 +33,11 @@ from swarmd.node.supervisor import LOG, Supervisor
 from swarmd.orchestrator.balancer import Balancer
 from swarmd.orchestrator.config import OrchestratorConfig
 from swarmd.orchestrator.connections import WorkerConnections
-from swarmd.orchestrator.discovery import ad_from_record
+from swarmd.orchestrator.discovery import EJECTED_PREFIX, ad_from_record, ejection_verdicts, missed_refreshes
 from swarmd.orchestrator.monitor import HealthMonitor
 from swarmd.orchestrator.registry import WorkerLease
 from swarmd.orchestrator.router import Caller, Router
-from swarmd.topics import WORKERS, worker_model_topic
+from swarmd.topics import ORCHESTRATORS, WORKERS, worker_model_topic
 
 # lookup(topic, seconds) -> PeerRecord-like objects announcing topic
 Lookup = Callable[[str, float], Awaitable[list[Any]]]
@@ -82,6 +85,9 @@ class Fleet:
         self._model_lookups: dict[str, float] = {}  # model -> when its topic was last looked up
         self._looked_again = -1e9  # monotonic time of the last look_again
         self.discovered_at = 0.0  # monotonic time of the last full WORKERS lookup (0: never)
+        # worker key prefix -> orchestrators that published it as ejected (their last records)
+        self.verdicts: dict[str, list[str]] = {}
+        self._stale: dict[str, float] = {}  # worker -> seconds since its record was signed (missed refreshes)
         self.tasks: Supervisor | None = None  # the scope of the health and discovery loops, once started
         self.log = logger.bind(part="fleet")
 
@@ -173,13 +179,48 @@ class Fleet:
             await asyncio.sleep(self.config.dht_refresh)
 
     async def discover_once(self, seconds: float | None = None) -> int:
-        """Look WORKERS up once and renew a DHT lease for every valid record; returns how many."""
+        """Look WORKERS up once and renew a DHT lease for every valid record; returns how many.
+        The orchestrators' published ejections are looked up beside it (a failure there keeps
+        the verdicts we had: they are advice, the workers' records are the membership)."""
         assert self.lookup is not None, "a fleet with no swarm and no lookup discovers nothing"
         seconds = max(self.config.dht_refresh, 5.0) if seconds is None else seconds
         async with asyncio.timeout(seconds + 1.0):  # the lookup ends itself at `seconds`; this bounds a stuck one
-            records = await self.lookup(WORKERS, seconds)
+            records, verdicts = await asyncio.gather(
+                self.lookup(WORKERS, seconds), self.lookup(ORCHESTRATORS, seconds), return_exceptions=True
+            )
+        if isinstance(records, BaseException):
+            raise records
         self.discovered_at = time.monotonic()
+        if isinstance(verdicts, BaseException):
+            if not isinstance(verdicts, (SwarmdError, TimeoutError)):
+                raise verdicts
+        else:
+            self.ingest_verdicts(verdicts)
         return self.ingest_records(records)
+
+    def ingest_verdicts(self, records: Iterable[Any]) -> None:
+        """Take the ejections every orchestrator publishes (its ORCHESTRATORS records, one
+        lookup's worth: what is not listed any more was re-admitted)."""
+        self.verdicts = ejection_verdicts(records)
+        self._suspect()
+
+    def _suspect(self) -> None:
+        """The balancer's suspects from what the last lookups said, for registered workers."""
+        suspects: dict[str, str] = {}
+        registry = self.balancer.registry
+        self._stale = {key: age for key, age in self._stale.items() if key in registry}  # bounded by it
+        for key, age in self._stale.items():
+            suspects[key] = f"record not refreshed for {age:.0f}s"
+        if self.verdicts:
+            for lease in self.balancer.registry:
+                by = self.verdicts.get(lease.public_key[:EJECTED_PREFIX])
+                if by:
+                    suspects[lease.public_key] = "ejected by orchestrator " + ", ".join(by)
+        for key in suspects.keys() - self.balancer.suspects.keys():
+            self.log.bind(event="worker_suspect", worker=key[:16], why=suspects[key]).info(
+                "worker {} avoided while others remain: {}", key[:16], suspects[key]
+            )
+        self.balancer.suspects = suspects
 
     def ingest_records(self, records: Iterable[Any]) -> int:
         """Renew leases from PeerRecord-like objects (public_key, addresses, payload, seq).
@@ -191,6 +232,7 @@ class Fleet:
         its own.
         """
         n = 0
+        now = self.balancer.wall()
         for rec in records:
             try:
                 ad = ad_from_record(
@@ -225,12 +267,19 @@ class Fleet:
                 self.log.bind(event="registry_full").warning("{}", e.message)
                 break
             self.records[key] = rec
+            if missed_refreshes(rec, now, self.config.stale_after):
+                self._stale[key] = now - rec.seq / 1000.0
+            else:
+                self._stale.pop(key, None)
             n += 1
+        if n:
+            self._suspect()
         return n
 
     def _expired(self, public_key: str, was_ejected: bool) -> None:
         self.connections.drop(public_key)
         self.records.pop(public_key, None)
+        self._stale.pop(public_key, None)
         seq = self._seq.pop(public_key, None)
         if seq is not None and was_ejected:
             self._dead[public_key] = seq

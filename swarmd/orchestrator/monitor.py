@@ -15,9 +15,8 @@ from typing import Any
 
 from loguru import logger
 
-from swarmd.errors import ERR_UNKNOWN_METHOD, SwarmdError
+from swarmd.errors import ERR_UNKNOWN_METHOD, SwarmdError, classify
 from swarmd.orchestrator.balancer import Balancer
-from swarmd.orchestrator.failover import classify
 from swarmd.orchestrator.registry import WorkerLease
 
 MAX_PARALLEL_CHECKS = 64  # a large fleet is checked in waves, not with thousands of dials at once

@@ -11,7 +11,7 @@ loads the model from a store on first use (route_unloaded).
 The Router does no networking itself: it is given a `call(lease, method,
 params, seconds)` coroutine function that must give up after `seconds`, so
 the same code runs over RPC peers, an in-process peer or a test double that
-raises SwarmdError with the stable codes. Errors are judged by failover.classify
+raises SwarmdError with the stable codes. Errors are judged by errors.classify
 alone.
 """
 
@@ -25,9 +25,18 @@ from typing import Any
 
 from loguru import logger
 
-from swarmd.errors import ERR_NOT_FOUND, ERR_NOT_READY, ERR_TIMEOUT, ERR_UNAVAILABLE, SwarmdError
+from swarmd.errors import (
+    ERR_NOT_FOUND,
+    ERR_NOT_READY,
+    ERR_TIMEOUT,
+    ERR_UNAVAILABLE,
+    SwarmdError,
+    Unreached,
+    Verdict,
+    classify,
+)
+from swarmd.node import tracing
 from swarmd.orchestrator.balancer import Balancer
-from swarmd.orchestrator.failover import Unreached, Verdict, classify
 from swarmd.orchestrator.registry import JOINING, WorkerLease
 
 Caller = Callable[[WorkerLease, str, dict[str, Any], float], Awaitable[Any]]
@@ -121,6 +130,7 @@ class Router:
         model: str | None,
         capability: str | None = None,
         budget: float | None = None,
+        _span: bool = True,
     ) -> tuple[Any, WorkerLease]:
         """Call `method` on a chosen worker; on a worker-side failure try another.
 
@@ -133,6 +143,12 @@ class Router:
         last cause. A worker that could not even be reached (Unreached: dead,
         its record left behind) costs no attempt the first time.
         """
+        if tracing.tracer is not None and _span:
+            with tracing.span("router.route", attributes={"rpc.method": method, "swarmd.model": model or ""}) as s:
+                result, lease = await self.route(method, params, model=model, capability=capability, budget=budget,
+                                                 _span=False)
+                s.set_attribute("swarmd.worker", lease.public_key)
+                return result, lease
         b = self.balancer
         cfg = b.config
         budget = cfg.request_timeout if budget is None else budget

@@ -19,7 +19,13 @@ from loguru import logger
 from swarmd.errors import ERR_BAD_REQUEST, ERR_FORBIDDEN, SwarmdError
 from swarmd.node.trust import Trust
 from swarmd.orchestrator.config import OrchestratorConfig
-from swarmd.orchestrator.discovery import parse_names, parse_public_key, parse_register
+from swarmd.orchestrator.discovery import (
+    EJECTED_PREFIX,
+    MAX_EJECTED_LISTED,
+    parse_names,
+    parse_public_key,
+    parse_register,
+)
 from swarmd.orchestrator.fleet import Fleet
 from swarmd.orchestrator.registry import DRAINING, JOINING, ONLINE
 from swarmd.roles.base import NodeContext, Role
@@ -27,8 +33,7 @@ from swarmd.topics import ORCHESTRATORS
 
 DEADLINE_MARGIN = 0.05  # answer a routed call this long before the caller stops waiting
 MAX_PAGE = 500  # workers listed per status answer: bounded however large the fleet
-EJECTED_PREFIX = 16  # hex digits of an ejected worker's key in our record
-MAX_EJECTED_LISTED = 16  # ... and how many of them (a record payload is at most 2 KiB, grants included)
+VERDICT_POLL = 0.5  # seconds: an ejection or re-admission is published this soon, not at announce_interval
 
 
 def _page(params: Any) -> tuple[int, int]:
@@ -111,17 +116,30 @@ class OrchestratorRole(Role):
         }
 
     async def _announce_loop(self) -> None:
-        """Re-announce when what we know changed, at most every announce_interval (a DHT write each)."""
+        """Publish a change of our ejection verdicts within VERDICT_POLL (a worker's own record
+        outlives its death by up to the live-record TTL: a verdict that waited for
+        announce_interval would come after the record is gone and help nobody); other changes
+        (counts) at most every announce_interval. Each publication is one DHT write."""
+        published = time.monotonic()
         while True:
-            await asyncio.sleep(self.config.announce_interval)
+            await asyncio.sleep(VERDICT_POLL)
             payload = self._announcement()
-            if payload != self._payload:
-                try:
-                    async with asyncio.timeout(5.0):
-                        await self.ctx.swarm.update(ORCHESTRATORS, payload)
-                    self._payload = payload
-                except (SwarmdError, TimeoutError) as e:
-                    self.log.bind(event="announce_failed").warning("updating ORCHESTRATORS failed: {}", e)
+            if payload == self._payload:
+                continue
+            verdict = payload["ejected"] != self._payload.get("ejected")
+            if not verdict and time.monotonic() - published < self.config.announce_interval:
+                continue
+            try:
+                async with asyncio.timeout(5.0):
+                    await self.ctx.swarm.update(ORCHESTRATORS, payload)
+                self._payload = payload
+                published = time.monotonic()
+                if verdict:
+                    self.log.bind(event="verdicts_published", ejected=payload["ejected"]).info(
+                        "published ejections: {}", ", ".join(payload["ejected"]) or "none"
+                    )
+            except (SwarmdError, TimeoutError) as e:
+                self.log.bind(event="announce_failed").warning("updating ORCHESTRATORS failed: {}", e)
 
     # -- RPC methods ----------------------------------------------------------
 

@@ -32,6 +32,7 @@ from swarmd.errors import (
 from swarmd.net.channel import Channel
 from swarmd.net.connection import SecureConnection
 from swarmd.net.loglimit import hostile
+from swarmd.node import tracing
 from swarmd.rpc import envelope
 from swarmd.rpc.builtins import BUILTINS
 from swarmd.rpc.config import RpcConfig
@@ -94,6 +95,7 @@ class Callee:
     _held: list[tuple[list[Any], int, float]] | None
     _held_bytes: int
     _held_channels: dict[int, Channel]
+    _traced: Any
 
     if TYPE_CHECKING:  # provided by RpcPeer
 
@@ -118,7 +120,7 @@ class Callee:
             try:
                 if msg[0] == REQUEST:
                     self._msg_size = size
-                    self._on_request(msg[1], msg[2], msg[3], msg[4], msg[5], arrived)
+                    self._on_request_meta(msg, arrived)
                 else:
                     self._on_event(msg[1], msg[2])
             except SwarmdError as e:
@@ -162,6 +164,20 @@ class Callee:
                 self.roles if m.roles else _NO_ROLES,
             )
         return m
+
+    def _on_request_meta(self, msg: list[Any], arrived: float | None) -> None:
+        """A request with a meta element (or a held one): dispatched in the caller's trace when
+        tracing is on and the meta carries a trace context; the meta is ignored otherwise."""
+        meta = envelope.request_meta(msg) if tracing.tracer is not None else None
+        parent = tracing.extract(meta) if meta is not None else None
+        if parent is None:
+            self._on_request(msg[1], msg[2], msg[3], msg[4], msg[5], arrived)
+            return
+        self._traced = parent
+        try:
+            self._on_request(msg[1], msg[2], msg[3], msg[4], msg[5], arrived)
+        finally:
+            self._traced = None
 
     def _on_request(
         self,
@@ -232,6 +248,12 @@ class Callee:
             if ch and self._held_channels and self._held_channels.pop(ch, None) is not None:
                 conn._channels.pop(ch, None)  # accepted while held; the caller resets it on our answer
             self._reply_error(rid, e)
+            return
+        if self._traced is not None:
+            # a server span around the handler, in its own Task (never inline: the span is
+            # entered and left in one context)
+            coro = tracing.serve(method, self._traced, coro)
+            running[rid] = self._loop.create_task(self._continue(rid, method, coro, deadline, stream))
             return
         if not m.inline:
             running[rid] = self._loop.create_task(self._continue(rid, method, coro, deadline, stream))

@@ -2,8 +2,10 @@
 
 Every message is one msgpack array whose first element is its kind:
 
-- request  ``[0, id, method, params, timeout_ms | nil, channel]`` (channel 0 = plain call,
-  otherwise the stream channel the caller opened for this call)
+- request  ``[0, id, method, params, timeout_ms | nil, channel, meta?]`` (channel 0 = plain call,
+  otherwise the stream channel the caller opened for this call; meta, optional, a map of
+  cross-cutting context such as the W3C trace context, ignored when unknown or malformed;
+  elements after it are ignored too, so later versions can append fields)
 - response ``[1, id, result]``
 - error    ``[2, id, {"code", "message", "data"?}]``
 - event    ``[3, method, params]`` (fire and forget, no answer)
@@ -50,8 +52,19 @@ class EnvelopeError(SwarmdError):
         self.message_id = message_id
 
 
-def request(req_id: int, method: str, params: Any, timeout_ms: int | None, channel: int = 0) -> bytes:
-    return packb([REQUEST, req_id, method, params, timeout_ms, channel])
+def request(
+    req_id: int, method: str, params: Any, timeout_ms: int | None, channel: int = 0, meta: dict[str, Any] | None = None
+) -> bytes:
+    if meta is None:
+        return packb([REQUEST, req_id, method, params, timeout_ms, channel])
+    return packb([REQUEST, req_id, method, params, timeout_ms, channel, meta])
+
+
+def request_meta(msg: list[Any]) -> dict[str, Any] | None:
+    """A decoded request's meta map; None when it has none, or one that is not a map (ignored)."""
+    if len(msg) > 6 and type(msg[6]) is dict:
+        return msg[6]
+    return None
 
 
 def response(req_id: int, result: Any) -> bytes:
@@ -134,9 +147,9 @@ def decode(data: bytes) -> list[Any]:
                 and 0 <= ch < 1 << 32
             ):
                 return msg
-        if n != 6:
+        if n < 6:
             raise EnvelopeError(
-                f"request must have 6 elements, got {n}", msg[1] if n > 1 and type(msg[1]) is int else None
+                f"request must have at least 6 elements, got {n}", msg[1] if n > 1 and type(msg[1]) is int else None
             )
         req_id = _check_id(msg[1])
         _check_method(msg[2], req_id)

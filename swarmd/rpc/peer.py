@@ -30,6 +30,7 @@ from swarmd.errors import (
 from swarmd.net.channel import Channel
 from swarmd.net.connection import SecureConnection
 from swarmd.net.loglimit import hostile
+from swarmd.node import tracing
 from swarmd.node.deadline import within
 from swarmd.node.trust import HELLO_EVENT, MAX_GRANTS
 from swarmd.rpc import codec, envelope
@@ -90,6 +91,10 @@ class RpcPeer(Callee):
         # the grants the peer's presentGrants hello showed (wire form, at most MAX_GRANTS);
         # `roles` verifies them against our trust on each use, so an expired one stops counting
         self._grants: list[bytes] = []
+        # the parent context of the traced request being dispatched (tracing on, request with meta)
+        self._traced: Any = None
+        # the peer refused a request with a meta element (a version before it): we send none
+        self._no_meta = False
         conn.on_message = self._on_message
         conn.on_close = self._on_close
         conn.on_writable = self._on_writable
@@ -141,7 +146,7 @@ class RpcPeer(Callee):
     # -- caller side -------------------------------------------------------
 
     def _start_call(
-        self, method: str, params: Any, timeout: float, channel: int
+        self, method: str, params: Any, timeout: float, channel: int, meta: dict[str, Any] | None = None
     ) -> tuple[int, asyncio.Future[Any]]:
         conn = self.conn
         if conn.error is not None:
@@ -149,7 +154,10 @@ class RpcPeer(Callee):
         rid = self._next_id
         self._next_id = rid + 1
         try:
-            msg = self._pack([REQUEST, rid, method, params, int(timeout * 1000), channel])
+            req = [REQUEST, rid, method, params, int(timeout * 1000), channel]
+            if meta is not None:
+                req.append(meta)
+            msg = self._pack(req)
         except (TypeError, ValueError, OverflowError) as e:
             raise SwarmdError(ERR_BAD_REQUEST, f"params of {method!r} cannot be encoded: {e}") from None
         if len(msg) > self.max_message:
@@ -215,6 +223,8 @@ class RpcPeer(Callee):
 
     async def call(self, method: str, params: Any = None, *, timeout: float | None = None) -> Any:  # noqa: ASYNC109 - deadline sweep, no wait_for
         """Call method on the peer; raises SwarmdError (remote code, ERR_TIMEOUT, ERR_CLOSED)."""
+        if tracing.tracer is not None:
+            return await self._call_traced(method, params, timeout)
         conn = self.conn
         if conn._write_paused:
             await self._drain_quietly()  # the peer reads slowly: wait instead of piling up
@@ -241,6 +251,36 @@ class RpcPeer(Callee):
         self._deadlines[rid] = (deadline, method, timeout)
         if deadline < self._sweep_at:
             self._arm_sweep(deadline)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if self._forget(rid) is not None:
+                self._send_cancel(rid)
+            raise
+
+    async def _call_traced(self, method: str, params: Any, timeout: float | None) -> Any:  # noqa: ASYNC109
+        """call() while tracing is on: inside a request's trace, a client span whose context
+        travels in the request's meta; outside one, a plain call."""
+        if self.conn._write_paused:
+            await self._drain_quietly()
+        if timeout is None:
+            timeout = self.config.default_timeout
+        if tracing.meta() is None:
+            return await self._await_call(method, params, timeout, None)
+        with tracing.span(f"rpc {method}", kind="CLIENT", attributes={"rpc.system": "swarmd", "rpc.method": method}):
+            meta = None if self._no_meta else tracing.meta()
+            try:
+                return await self._await_call(method, params, timeout, meta)
+            except SwarmdError as e:
+                # a peer before the meta element refuses the request unread ("request must have 6
+                # elements, got 7"): send it again without, and no meta on this connection again
+                if meta is None or e.code != ERR_BAD_REQUEST or "must have 6 elements" not in e.message:
+                    raise
+                self._no_meta = True
+                return await self._await_call(method, params, timeout, None)
+
+    async def _await_call(self, method: str, params: Any, timeout: float, meta: dict[str, Any] | None) -> Any:
+        rid, fut = self._start_call(method, params, timeout, 0, meta)
         try:
             return await fut
         except asyncio.CancelledError:
@@ -335,7 +375,10 @@ class RpcPeer(Callee):
                 self._hold_message(msg, len(data))
                 return
             self._msg_size = len(data)
-            self._on_request(msg[1], msg[2], msg[3], msg[4], msg[5])
+            if len(msg) == 6:
+                self._on_request(msg[1], msg[2], msg[3], msg[4], msg[5])
+            else:
+                self._on_request_meta(msg, None)
         elif kind == ERROR:
             fut = self._forget(msg[1])
             if fut is not None and not fut.done():

@@ -31,13 +31,13 @@ from swarmd.errors import (
     ERR_NOT_FOUND,
     ERR_UNAVAILABLE,
     SwarmdError,
+    retryable,
 )
 from swarmd.net.punch import PathAttempt
 from swarmd.node.deadline import within
 from swarmd.node.identity import Identity
 from swarmd.node.supervisor import LOG, Supervisor
 from swarmd.node.trust import Trust
-from swarmd.orchestrator.failover import retryable  # a leaf: the one definition of "retryable"
 from swarmd.rpc import CallContext, Methods, RpcPeer, RpcServer, connect
 from swarmd.rpc.local import LocalPeer
 from swarmd.rpc.registry import ConnectionRegistry
@@ -594,14 +594,17 @@ class Swarm:
         assert last is not None
         raise SwarmdError(last.code, f"cannot reach peer {public_key.hex()[:16]}…: {last.message}")
 
-    async def _admit_inbound(self, peer: RpcPeer) -> None:
+    async def admitted(self, peer: RpcPeer) -> bool:
+        """The firewall's verdict on a peer that connected to us, on any path (direct, punched,
+        relayed): False closes it. Its calls wait (peer.hold(), set when the connection was
+        made) until the caller releases it; none is dispatched before this answers."""
         try:
             pk = peer.remote_public_key
         except SwarmdError:
-            return
+            return False
         if self._closing:
             await peer.close()
-            return
+            return False
         if self.firewall is not None:
             try:
                 allowed = await within(self.firewall(pk), self.config.connect_timeout)
@@ -613,7 +616,12 @@ class Swarm:
             if not allowed:
                 self._log.bind(event="peer_denied", peer=pk.hex()[:16]).info("firewall denied inbound peer")
                 await peer.close()
-                return
+                return False
+        return True
+
+    async def _admit_inbound(self, peer: RpcPeer) -> None:
+        if not await self.admitted(peer):
+            return
         self._admit(peer)
         if not peer.is_closed:
             peer.release()

@@ -357,6 +357,8 @@ class Traversal:
         conn.path_info = info  # type: ignore[attr-defined]  # connection info: which path carries it
         conn.path_rank = PATH_RANK.get(info.path, 1)  # type: ignore[attr-defined]  # dedupe: better path wins
         peer = RpcPeer(conn, self.swarm.methods, firewall=server.firewall, config=server.config)
+        if not initiator and self.swarm.firewall is not None:
+            peer.hold()  # a peer that reached us: nothing it sends is dispatched before the firewall answers
         return conn, peer
 
     async def _established(self, conn: SecureConnection, expected: bytes) -> None:
@@ -402,7 +404,7 @@ class Traversal:
         info = PathInfo(PUNCHED_TCP, time.monotonic() - t0, detail={"punch": rv.detail(addr)})
         peer = await self._over_socket(sock, False, None, source, info)
         self.metrics.attempt(PUNCHED_TCP, True)
-        self._adopt(source, peer, info, inbound=True)
+        await self._adopt_inbound(source, peer, info)
 
     async def _accept_punched(self, source: bytes, puncher: UdpPuncher, offer: PunchOffer) -> None:
         t0 = time.monotonic()
@@ -414,7 +416,7 @@ class Traversal:
         conn, peer = self._new_conn(False, None, info)
         transport.attach(conn)
         await self._established(conn, source)
-        self._adopt(source, peer, info, inbound=True)
+        await self._adopt_inbound(source, peer, info)
 
     async def _accept_relayed(self, source: bytes, relay: Address, token: bytes) -> None:
         t0 = time.monotonic()
@@ -424,7 +426,16 @@ class Traversal:
         await self._established(conn, source)
         info.setup_s = time.monotonic() - t0
         info.detail = {"relay": f"{rp.relay[0]}:{rp.relay[1]}"}
-        self._adopt(source, peer, info, inbound=True)
+        await self._adopt_inbound(source, peer, info)
+
+    async def _adopt_inbound(self, pk: bytes, peer: RpcPeer, info: PathInfo) -> None:
+        """A connection a peer made to us over a punched or relayed path: admitted like a direct
+        one (the swarm's firewall, the same gate), then pooled, then its held calls run."""
+        if not await self.swarm.admitted(peer):
+            return
+        self._adopt(pk, peer, info, inbound=True)
+        if not peer.is_closed:
+            peer.release()
 
     def _adopt(self, pk: bytes, peer: RpcPeer, info: PathInfo, *, inbound: bool) -> RpcPeer:
         before = self.swarm._registry.get(pk)

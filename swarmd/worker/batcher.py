@@ -41,6 +41,8 @@ class Pending:
     state: PendingState = PendingState.QUEUED
     timer: Any = None
     request_id: str | None = None
+    # (started, ended, compute times, batch requests, batch rows) of its run, kept while tracing is on
+    trace: tuple[float, float, tuple[float, float, float] | None, int, int] | None = None
 
     def __post_init__(self) -> None:
         if not self.key:

@@ -34,6 +34,7 @@ from swarmd.errors import (
     ERR_TIMEOUT,
     SwarmdError,
 )
+from swarmd.node import tracing
 from swarmd.versions import latest
 from swarmd.worker.batcher import Pending, PendingState, Result, execute, internal_error, take_batch
 from swarmd.worker.config import BatchingConfig, WorkerConfig
@@ -301,6 +302,9 @@ class InferenceEngine:
             if p.state is PendingState.QUEUED:  # the caller gave up: free its place in line
                 self._retire_queued(served, p)
             raise
+        finally:
+            if p.trace is not None:
+                tracing.worker_phases(p.enqueued, *p.trace)
         return InferResult(served.name, served.version, dict(zip(names, arrays, strict=True)))
 
     def _retire_queued(self, served: ServedModel, p: Pending) -> None:
@@ -475,6 +479,10 @@ class InferenceEngine:
         self.stats.record_batch(len(batch))
         if times is not None:
             served.stats.record_run(len(batch), sum(max(p.rows, 1) for p in batch), times)
+        if tracing.tracer is not None:  # the request's spans are made in its own context (infer)
+            rows = sum(max(p.rows, 1) for p in batch)
+            for p in batch:
+                p.trace = (started, now, times, len(batch), rows)
         for p, r in zip(batch, results, strict=True):
             p.state = PendingState.DONE
             if p.timer is not None:

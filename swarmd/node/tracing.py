@@ -1,0 +1,189 @@
+"""OpenTelemetry tracing of one request across the swarm: off unless [tracing] enabled.
+
+When off, the module attribute `tracer` is None and nothing here is imported
+beyond this file: every hook on a hot path (the gateway's infer, RpcPeer.call,
+the worker's queue) is one check of `tracing.tracer`. When on (`pip install
+'swarmd[otel]'`, `[tracing] enabled = true` or `--otlp URL`), spans go to an
+OTLP collector (or, for a box without one, to a JSON-lines file), and the trace
+context travels:
+
+- into the gateway in the caller's W3C `traceparent`/`tracestate` (HTTP headers,
+  gRPC metadata), so a traced client's trace continues;
+- between peers in the optional `meta` element of an RPC request
+  (docs/protocol.md §5): `{"traceparent": ..., "tracestate"?: ...}`, the W3C
+  header values verbatim, so any W3C propagator reads them.
+
+Spans of one inference: `gateway.infer` (server) > `router.route` > `rpc <method>`
+(client) > on the worker `rpc <method>` (server) > `worker.queue`, `worker.batch`
+> `worker.run`. The worker's phases are recorded after the fact from the
+timings its statistics already take, with their real start and end times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Coroutine, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from swarmd.errors import ConfigError
+
+tracer: Any = None  # an opentelemetry Tracer while tracing is on; None is the whole "off" path
+_provider: Any = None
+_propagator: Any = None
+
+TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
+
+
+@dataclass
+class TracingConfig:
+    """[tracing]: OpenTelemetry spans of each request across gateway, router and worker
+    (optional extra swarmd[otel]). Off by default; when off it costs one check per request."""
+
+    enabled: bool = False  # true: record spans and export them (needs pip install 'swarmd[otel]')
+    exporter: Literal["otlp", "file"] = "otlp"  # otlp: to a collector; file: JSON lines to tracing.file
+    # OTLP endpoint, e.g. http://collector:4318 (http/protobuf) or http://collector:4317 (grpc);
+    # empty: the SDK's default or OTEL_EXPORTER_OTLP_ENDPOINT
+    endpoint: str = ""
+    protocol: Literal["http/protobuf", "grpc"] = "http/protobuf"  # OTLP transport
+    file: str = ""  # exporter = "file": path of the JSON-lines file (one span per line, appended)
+    service_name: str = "swarmd"  # resource service.name; the node's public key is service.instance.id
+    sample_ratio: float = 1.0  # share of new traces recorded (0..1); a traced caller's choice is kept
+
+    def validate(self) -> None:
+        if not 0.0 <= self.sample_ratio <= 1.0:
+            raise ConfigError(f"tracing.sample_ratio must be between 0 and 1, got {self.sample_ratio}")
+        if self.enabled and self.exporter == "file" and not self.file:
+            raise ConfigError("tracing.exporter = \"file\" needs tracing.file (a path)")
+
+
+def _exporter(config: TracingConfig) -> Any:
+    if config.exporter == "file":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        path = Path(config.file).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        out = open(path, "a", buffering=1)  # noqa: SIM115 - the exporter owns it until shutdown
+        return ConsoleSpanExporter(out=out, formatter=lambda span: span.to_json(indent=None) + os.linesep)
+    kwargs = {"endpoint": config.endpoint} if config.endpoint else {}
+    if config.protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    else:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter  # type: ignore[assignment]
+        if config.endpoint and not config.endpoint.rstrip("/").endswith("/v1/traces"):
+            kwargs["endpoint"] = config.endpoint.rstrip("/") + "/v1/traces"
+    return OTLPSpanExporter(**kwargs)
+
+
+def start(config: TracingConfig, *, instance: str = "", exporter: Any = None) -> None:
+    """Turn tracing on for this process (a no-op when config.enabled is false and no exporter
+    is given). `exporter` replaces the configured one (an SDK SpanExporter, e.g. the
+    in-memory one of a test). Raises ConfigError when the SDK is not installed."""
+    global tracer, _provider, _propagator
+    if not config.enabled and exporter is None:
+        return
+    try:
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+    except ImportError as e:
+        raise ConfigError(
+            f"tracing.enabled needs the OpenTelemetry SDK ({e.name} is missing): pip install 'swarmd[otel]'"
+        ) from None
+    stop()
+    attrs = {"service.name": config.service_name}
+    if instance:
+        attrs["service.instance.id"] = instance
+    provider = TracerProvider(resource=Resource.create(attrs),
+                              sampler=ParentBased(TraceIdRatioBased(config.sample_ratio)))
+    if exporter is not None:
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+    else:
+        provider.add_span_processor(BatchSpanProcessor(_exporter(config)))
+    _provider = provider
+    _propagator = TraceContextTextMapPropagator()
+    tracer = provider.get_tracer("swarmd")
+
+
+def stop() -> None:
+    """Export what is buffered and turn tracing off (the daemon's stop)."""
+    global tracer, _provider
+    provider, _provider, tracer = _provider, None, None
+    if provider is not None:
+        provider.shutdown()
+
+
+def extract(carrier: Mapping[str, Any] | None) -> Any:
+    """The parent context a `traceparent` in carrier (headers, gRPC metadata, an RPC meta map)
+    names; the empty context (a new trace) when it names none or is malformed."""
+    if not carrier:
+        return None
+    tp = carrier.get(TRACEPARENT)
+    if not isinstance(tp, str):
+        return None
+    src = {TRACEPARENT: tp}
+    ts = carrier.get(TRACESTATE)
+    if isinstance(ts, str):
+        src[TRACESTATE] = ts
+    return _propagator.extract(src)
+
+
+def meta() -> dict[str, str] | None:
+    """The current span's context as an RPC request's meta map, or None outside a recorded span."""
+    from opentelemetry import trace
+
+    span = trace.get_current_span()
+    if not span.get_span_context().is_valid:
+        return None
+    out: dict[str, str] = {}
+    _propagator.inject(out)
+    return out or None
+
+
+@contextlib.contextmanager
+def span(name: str, *, parent: Any = None, kind: str = "INTERNAL",
+         attributes: Mapping[str, Any] | None = None) -> Iterator[Any]:
+    """A span, current for the block; an exception escaping it marks the span as an error."""
+    from opentelemetry import trace
+
+    with tracer.start_as_current_span(name, context=parent, kind=getattr(trace.SpanKind, kind),
+                                      attributes=attributes) as s:
+        yield s
+
+
+async def serve(method: str, parent: Any, coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run an RPC handler (a request that arrived with a trace context) inside a server span."""
+    with span(f"rpc {method}", parent=parent, kind="SERVER",
+              attributes={"rpc.system": "swarmd", "rpc.method": method}):
+        return await coro
+
+
+def worker_phases(enqueued: float, started: float, ended: float, times: tuple[float, float, float] | None,
+                  batch_size: int, rows: int) -> None:
+    """The worker's queue, batch and run spans of one request, under the current span, from
+    the event loop's clock (loop.time()) taken while it ran: what statistics record, as spans."""
+    if tracer is None:
+        return
+    off = time.time_ns() - int(asyncio.get_running_loop().time() * 1e9)
+
+    def ns(t: float) -> int:
+        return off + int(t * 1e9)
+
+    tracer.start_span("worker.queue", start_time=ns(enqueued)).end(end_time=ns(started))
+    from opentelemetry import trace
+
+    batch = tracer.start_span("worker.batch", start_time=ns(started),
+                              attributes={"swarmd.batch.requests": batch_size, "swarmd.batch.rows": rows})
+    if times is not None:
+        ctx = trace.set_span_in_context(batch)
+        run_start = started + times[0]
+        run = tracer.start_span("worker.run", context=ctx, start_time=ns(run_start))
+        run.end(end_time=ns(run_start + times[1]))
+    batch.end(end_time=ns(ended))
