@@ -39,13 +39,14 @@ from swarmd.net.signal import KIND_RELAY, KIND_TCP, KIND_UDP, SignalRequest, par
 from swarmd.net.tcppunch import rendezvous, simultaneous_open
 from swarmd.net.udppunch import UdpPuncher, parse_offer
 from swarmd.rpc import RpcPeer
-from swarmd.swarm.paths import PATH_RANK, PUNCHED_TCP, PUNCHED_UDP, RELAYED, path_of, path_rank
+from swarmd.swarm.paths import MAPPED, PATH_RANK, PUNCHED_TCP, PUNCHED_UDP, RELAYED, path_of, path_rank
 from swarmd.topics import peer_topic
 
 if TYPE_CHECKING:
     from swarmd.dht.records import PeerRecord
     from swarmd.swarm.traversal import Traversal
 
+Address = tuple[str, int]
 RELAY_HEAD_START = 0.03  # s the TCP punch (~10 ms in the lab) runs alone before a relay circuit is spent
 TCP_PUNCH_TIMEOUT = 3.0  # a simultaneous open that has not completed by then will not
 REPUNCH_ROUNDS = 3
@@ -70,6 +71,18 @@ class Dialer:
                 and "signal" in record.payload:
             self._note_mapped(record)
         return self._mapped.get(public_key, [])
+
+    def label_direct(self, peer: RpcPeer, record: PeerRecord | None, address: Address) -> None:
+        """A dialled TCP connection reached a port the peer's router forwards (its own
+        record lists the address as "mapped"): label it `mapped` before the pool counts it."""
+        listed = self.mapped_of(peer.remote_public_key, record)
+        if f"{address[0]}:{address[1]}" in listed:
+            info = PathInfo(MAPPED, detail={"mapped": f"{address[0]}:{address[1]}"})
+            peer.conn.path_info = info  # type: ignore[attr-defined]
+            peer.conn.path_rank = PATH_RANK[MAPPED]  # type: ignore[attr-defined]
+            pk = peer.remote_public_key
+            self.traversal.paths[pk] = info
+            peer.closed.add_done_callback(lambda _f: self.traversal.paths.pop(pk, None) if self.traversal.paths.get(pk) is info else None)
 
     def _note_mapped(self, record: PeerRecord) -> None:
         listed = record.payload.get("mapped") if isinstance(record.payload, dict) else None

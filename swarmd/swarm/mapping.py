@@ -117,6 +117,9 @@ class PortMapping:
         with contextlib.suppress(SwarmdError):
             await self.traversal._keep_signal_peers()
         await self.swarm.reannounce()
+        self.log.bind(event="mapped_address_announced", addresses=[f"{h}:{p}" for h, p in self.swarm.mapped_addresses]).info(
+            "records re-announced with our mapped address" if self.swarm.mapped_addresses else
+            "records re-announced without a mapped address")
 
     async def stop(self) -> None:
         """Delete every mapping we hold (bounded: a silent router does not hold up the stop)."""

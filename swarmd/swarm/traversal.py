@@ -52,7 +52,6 @@ from swarmd.swarm.dialer import TCP_PUNCH_TIMEOUT, Dialer
 from swarmd.swarm.mapping import PortMapping
 from swarmd.swarm.pathprobe import PathProbe
 from swarmd.swarm.paths import (
-    MAPPED,
     PATH_RANK,
     PUNCHED_TCP,
     PUNCHED_UDP,
@@ -96,6 +95,7 @@ class Traversal:
         self.probe = PathProbe(self)
         self.dial = self.dialer.dial  # what the swarm calls when direct dialling failed or cannot work
         self.skip_direct = self.dialer.skip_direct
+        self.label_direct = self.dialer.label_direct  # the swarm's direct dial reached a mapped port?
         self.portmap = PortMapping(self) if self.config.portmap else None
 
     # -- lifecycle -------------------------------------------------------------------
@@ -267,18 +267,6 @@ class Traversal:
         self.log.bind(event="signal_peers", nat=self.nat_type, peers=[k.hex()[:16] for k in chosen]).info(
             "signal peers updated"
         )
-
-    def label_direct(self, peer: RpcPeer, record: PeerRecord | None, address: Address) -> None:
-        """A dialled TCP connection reached a port the peer's router forwards (its own
-        record lists the address as "mapped"): label it `mapped` before the pool counts it."""
-        listed = self.dialer.mapped_of(peer.remote_public_key, record)
-        if f"{address[0]}:{address[1]}" in listed:
-            info = PathInfo(MAPPED, detail={"mapped": f"{address[0]}:{address[1]}"})
-            peer.conn.path_info = info  # type: ignore[attr-defined]
-            peer.conn.path_rank = PATH_RANK[MAPPED]  # type: ignore[attr-defined]
-            pk = peer.remote_public_key
-            self.paths[pk] = info
-            peer.closed.add_done_callback(lambda _f: self.paths.pop(pk, None) if self.paths.get(pk) is info else None)
 
     # -- target side: a connection request forwarded to us -----------------------------
 
