@@ -18,7 +18,8 @@ from kademlia.storage import ForgetfulStorage
 from loguru import logger
 
 from swarmd.dht.node import DhtNode
-from swarmd.dht.protocol import SwarmdProtocol, SwarmdRoutingTable
+from swarmd.dht.protocol import SwarmdProtocol
+from swarmd.dht.routing import SwarmdRoutingTable
 from swarmd.node.identity import Identity
 from tests.dht_testnet import DhtTestnet, dht_config
 

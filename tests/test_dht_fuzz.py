@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from swarmd.dht.node import DhtNode
-from swarmd.dht.protocol import parse_contacts
+from swarmd.dht.routing import parse_contacts
 from swarmd.node.identity import Identity
 from tests.dht_testnet import dht_config
 

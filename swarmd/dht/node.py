@@ -12,26 +12,21 @@ import asyncio
 import hashlib
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
-from kademlia.crawling import NodeSpiderCrawl, SpiderCrawl
 from kademlia.network import Server
 from kademlia.node import Node
 from loguru import logger
 
 from swarmd.dht.config import DhtConfig
-from swarmd.dht.protocol import AltStunProtocol, SwarmdProtocol, parse_contacts, valid_id
-from swarmd.dht.records import (
-    TOKEN_SIZE,
-    PeerRecord,
-    RecordError,
-    Unannounce,
-    decode_record,
-    topic_target,
-)
+from swarmd.dht.crawl import NodeCrawl, TopicCrawl
+from swarmd.dht.protocol import SwarmdProtocol
+from swarmd.dht.records import PeerRecord, RecordError, Unannounce, topic_target
+from swarmd.dht.reflexive import AltStunProtocol
+from swarmd.dht.routing import valid_id
 from swarmd.errors import ERR_BAD_REQUEST, ERR_UNAVAILABLE, SwarmdError
 from swarmd.node.identity import Identity
 from swarmd.node.supervisor import LOG, Supervisor
@@ -53,154 +48,6 @@ class AnnounceResult:
     @property
     def ok(self) -> bool:
         return self.stored > 0
-
-
-class NodeCrawl(NodeSpiderCrawl):
-    """kademlia's node crawl (the k closest nodes to a target), but streaming like
-    TopicCrawl: alpha requests in flight, and one unanswered after a short stall
-    stops counting against alpha. kademlia gathers whole rounds, so each departed
-    node in a round cost a full request timeout. Silent requests are left to time
-    out in the background, which evicts their contacts."""
-
-    async def find(self) -> list[Node]:
-        proto: SwarmdProtocol = self.protocol
-        loop = asyncio.get_running_loop()
-        stall = min(0.25, proto._wait_timeout / 4)
-        inflight: dict[asyncio.Future[tuple[bool, Any]], tuple[Node, float]] = {}
-        answered = 0
-        try:
-            while True:
-                now = loop.time()
-                stalled = sum(1 for _, started in inflight.values() if now - started >= stall)
-                for peer in self.nearest.get_uncontacted():
-                    if len(inflight) - stalled >= self.alpha:
-                        break
-                    self.nearest.mark_contacted(peer)
-                    inflight[asyncio.ensure_future(proto.call_find_node(peer, self.node))] = (peer, now)
-                if not inflight or (
-                    answered and stalled == len(inflight) and not self.nearest.get_uncontacted()
-                ):
-                    silent = {peer.id for peer, _ in inflight.values()}
-                    return [n for n in self.nearest if n.id not in silent]
-                done, _ = await asyncio.wait(inflight, timeout=stall, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    peer, _ = inflight.pop(task)
-                    ok, reply = task.result()
-                    if not ok:
-                        self.nearest.remove([peer.id])
-                        continue
-                    answered += 1
-                    self.nearest.push([Node(*c) for c in reply if c[0] != proto.source_node.id])
-        finally:
-            proto.adopt(list(inflight))
-
-
-class TopicCrawl(SpiderCrawl):
-    """Iterative lookup of a topic that streams records as replies arrive and
-    keeps alpha requests in flight (kademlia's crawl waits for whole rounds)."""
-
-    def __init__(
-        self, protocol: SwarmdProtocol, topic: bytes, peers: list[Node], ksize: int, alpha: int
-    ) -> None:
-        super().__init__(protocol, Node(topic_target(topic)), peers, ksize, alpha)
-        self.topic = topic
-        self.responders: dict[bytes, tuple[Node, bytes | None]] = {}
-        self._verified: set[bytes] = set()
-        self._best: dict[bytes, int] = {}
-        self._asked_again: set[bytes] = set()
-
-    async def stream(self) -> AsyncIterator[PeerRecord]:
-        proto: SwarmdProtocol = self.protocol
-        cfg = proto.config
-        inflight: dict[asyncio.Task[tuple[bool, Any]], Node] = {}
-        started: dict[asyncio.Task[tuple[bool, Any]], float] = {}
-        loop = asyncio.get_running_loop()
-        # a request unanswered after `stall` stops counting against alpha, so a
-        # dead contact costs one stall period, not a whole request timeout
-        stall = min(0.25, proto._wait_timeout / 4)
-        try:
-            while True:
-                now_l = loop.time()
-                stalled = sum(1 for t in inflight if now_l - started[t] >= stall)
-                for peer in self.nearest.get_uncontacted():
-                    if len(inflight) - stalled >= self.alpha:
-                        break
-                    self.nearest.mark_contacted(peer)
-                    task = asyncio.ensure_future(proto.call_topic_get(peer, self.topic))
-                    inflight[task] = peer
-                    started[task] = now_l
-                if not inflight:
-                    return
-                answered = len(self.responders)
-                if (
-                    stalled == len(inflight)
-                    and (answered >= self.ksize // 2 or answered * 2 > answered + stalled)
-                    and not self.nearest.get_uncontacted()
-                ):
-                    # only silent (likely dead) contacts left and enough of the closest
-                    # nodes answered (half of k, or most of a swarm smaller than k, where
-                    # every node holds every record): stop waiting for timeouts
-                    return
-                done, _ = await asyncio.wait(inflight, timeout=stall, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    peer = inflight.pop(task)
-                    started.pop(task, None)
-                    ok, reply = task.result()
-                    if not ok:
-                        self.nearest.remove([peer.id])
-                        continue
-                    contacts = proto.not_dead(parse_contacts(reply.get("n"), self.ksize) or [])
-                    self.nearest.push([c for c in contacts if c.id != proto.source_node.id])
-                    tk = reply.get("tk")
-                    tk = tk if isinstance(tk, bytes) and len(tk) == TOKEN_SIZE else None
-                    self.responders[peer.id] = (peer, tk)
-                    if reply.get("more") is True and tk is not None and peer.id not in self._asked_again:
-                        # the node holds more records than it sends an unproven address: ask with its token
-                        self._asked_again.add(peer.id)
-                        again = asyncio.ensure_future(proto.call_topic_get(peer, self.topic, tk))
-                        inflight[again] = peer
-                        started[again] = loop.time()
-                    raw = reply.get("r")
-                    if not isinstance(raw, list):
-                        continue
-                    now = time.time()
-                    for obj in raw[: cfg.max_records_per_topic]:
-                        rec = self._accept(obj, now)
-                        if rec is not None:
-                            yield rec
-        finally:
-            # requests still out finish in the background (within request_timeout): one
-            # that times out evicts its silent contact, so the next lookup does not wait on it
-            proto.adopt(list(inflight))
-
-    def _accept(self, obj: Any, now: float) -> PeerRecord | None:
-        cfg = self.protocol.config
-        sig = obj.get("g") if isinstance(obj, dict) else None
-        if isinstance(sig, bytes) and sig in self._verified:
-            return None  # the same signed record from another node
-        try:
-            rec = decode_record(
-                obj, now, cfg.max_payload, cfg.max_addresses, cfg.max_record_ttl, cfg.clock_skew
-            )
-        except RecordError as e:
-            self.protocol.rlog.warn(
-                "bad_record", "dropped record in lookup reply", code=e.code, reason=e.message
-            )
-            return None
-        if rec.topic != self.topic:
-            self.protocol.rlog.warn("bad_record", "dropped record for another topic in lookup reply")
-            return None
-        if len(self._verified) < 4 * cfg.max_records_per_topic:
-            self._verified.add(rec.signature)
-        if self._best.get(rec.public_key, -1) >= rec.seq:
-            return None
-        self._best[rec.public_key] = rec.seq
-        return rec
-
-    def closest_with_tokens(self) -> list[tuple[Node, bytes]]:
-        items = [(n, tk) for n, tk in self.responders.values() if tk is not None]
-        items.sort(key=lambda it: it[0].distance_to(self.node))
-        return items[: self.ksize]
 
 
 class DhtNode(Server):
@@ -266,7 +113,7 @@ class DhtNode(Server):
             proto = self.protocol
             try:
                 alt, _ = await loop.create_datagram_endpoint(
-                    lambda: AltStunProtocol(proto), local_addr=(interface, self.config.stun_alt_port)
+                    lambda: AltStunProtocol(proto.stun), local_addr=(interface, self.config.stun_alt_port)
                 )
             except OSError as e:
                 self.transport.close()
@@ -275,8 +122,8 @@ class DhtNode(Server):
                     f"cannot listen for STUN on UDP {interface}:{self.config.stun_alt_port} "
                     f"(dht.stun_alt_port): {e.strerror or e}",
                 ) from None
-            proto.stun_alt = alt
-            proto.stun_alt_port = alt.get_extra_info("sockname")[1]
+            proto.stun.alt = alt
+            proto.stun.alt_port = alt.get_extra_info("sockname")[1]
 
     async def start(self) -> None:
         """Bind, bootstrap, learn reachability, start maintenance. Raises
@@ -381,7 +228,7 @@ class DhtNode(Server):
         bound to on the interface that reaches the peer (no NAT in between)."""
         _, port = self.address
         servers = addrs[:3] or [(n.ip, n.port) for n in self.protocol.router.all_contacts()[:3]]
-        results = await asyncio.gather(*(self.protocol.stun_request(a) for a in servers))
+        results = await asyncio.gather(*(self.protocol.stun.request(a) for a in servers))
         reachable = False
         for server, mapped in zip(servers, results, strict=True):
             if mapped is None:
@@ -459,43 +306,47 @@ class DhtNode(Server):
 
     # -- topics -----------------------------------------------------------------
 
-    def _crawl(self, topic: bytes) -> TopicCrawl:
+    def _crawl(self, topic: bytes, best: dict[bytes, int] | None = None) -> TopicCrawl:
         target = Node(topic_target(topic))
         peers = self.protocol.router.find_neighbors(target, self.ksize)
-        return TopicCrawl(self.protocol, topic, peers, self.ksize, self.alpha)
+        return TopicCrawl(self.protocol, topic, peers, self.ksize, self.alpha, best)
 
-    async def lookup(self, topic: bytes) -> AsyncIterator[PeerRecord]:
-        """Valid records for topic from this node and the k closest nodes,
-        newest seq per peer, each yielded once as soon as it arrives."""
-        now = time.time()
-        seen: dict[bytes, int] = {}
-        for rec in self.protocol.records.get(topic, now, 1 << 30):
-            seen[rec.public_key] = rec.seq
-            yield rec
-        crawl = self._crawl(topic)
-        async with aclosing(crawl.stream()) as it:
+    async def lookup(
+        self, topic: bytes, admit: Callable[[PeerRecord], bool] | None = None
+    ) -> AsyncIterator[PeerRecord]:
+        """Valid records for topic from this node and the k closest nodes, each as
+        soon as it arrives; a peer's record again only when a newer seq turns up, so
+        the last one yielded per peer is its newest. `admit` (if given) drops the
+        records it refuses (the swarm's trust check on a role's topic)."""
+        best: dict[bytes, int] = {}
+        for rec in self.protocol.records.get(topic, time.time(), 1 << 30):
+            best[rec.public_key] = rec.seq
+            if admit is None or admit(rec):
+                yield rec
+        async with aclosing(self._crawl(topic, best).stream(admit)) as it:
             async for rec in it:
-                if seen.get(rec.public_key, -1) >= rec.seq:
-                    continue
-                seen[rec.public_key] = rec.seq
                 yield rec
 
-    async def lookup_all(self, topic: bytes, timeout: float | None = None) -> list[PeerRecord]:  # noqa: ASYNC109 (API contract: partial results on timeout)
+    async def lookup_all(
+        self,
+        topic: bytes,
+        timeout: float | None = None,  # noqa: ASYNC109 (API contract: partial results on timeout)
+        admit: Callable[[PeerRecord], bool] | None = None,
+    ) -> list[PeerRecord]:
         """Every record a full lookup finds (newest per peer); partial on timeout."""
-        best: dict[bytes, PeerRecord] = {}
+        newest: dict[bytes, PeerRecord] = {}
 
         async def run() -> None:
-            async with aclosing(self.lookup(topic)) as it:
+            async with aclosing(self.lookup(topic, admit)) as it:
                 async for rec in it:
-                    if rec.public_key not in best or best[rec.public_key].seq < rec.seq:
-                        best[rec.public_key] = rec
+                    newest[rec.public_key] = rec  # lookup yields a peer again only when newer
 
         try:
             async with asyncio.timeout(timeout or self.config.lookup_timeout):
                 await run()
         except TimeoutError:
             pass
-        return list(best.values())
+        return list(newest.values())
 
     async def _closest_holders(self, topic: bytes) -> list[tuple[Node, bytes]]:
         crawl = self._crawl(topic)
@@ -561,11 +412,11 @@ class DhtNode(Server):
 
     async def stun(self, address: tuple[str, int], wait: float | None = None) -> tuple[str, int] | None:
         """Our reflexive address as the DHT node at address sees it."""
-        return await self.protocol.stun_request(address, wait)
+        return await self.protocol.stun.request(address, wait)
 
     def stun_alternate(self, address: tuple[str, int]) -> tuple[str, int] | None:
         """The second STUN endpoint the node at address named in its last answer, or None."""
-        port = self.protocol.stun_alternates.get((address[0], address[1]))
+        port = self.protocol.stun.alternates.get((address[0], address[1]))
         return (address[0], port) if port else None
 
     async def ping(self, address: tuple[str, int]) -> bytes | None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import os
 import random
 import struct
@@ -25,6 +24,7 @@ from typing import Any
 
 import msgpack
 
+from swarmd.dht.routing import valid_ip
 from swarmd.errors import (
     ERR_BAD_REQUEST,
     ERR_CONFLICT,
@@ -131,12 +131,8 @@ def _check_addresses(addresses: Any, max_addresses: int) -> tuple[tuple[str, int
             raise RecordError(
                 ERR_BAD_REQUEST, f"record address host must be a string of 1..{MAX_HOST_LEN} chars"
             )
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            raise RecordError(
-                ERR_BAD_REQUEST, f"record address host {host[:64]!r} is not an IP address"
-            ) from None
+        if not valid_ip(host):
+            raise RecordError(ERR_BAD_REQUEST, f"record address host {host[:64]!r} is not an IP address")
         if not isinstance(port, int) or isinstance(port, bool) or not 0 < port <= 65535:
             raise RecordError(ERR_BAD_REQUEST, "record address port must be an integer in 1..65535")
         out.append((host, port))
@@ -208,6 +204,30 @@ def _int_field(obj: dict[str, Any], key: str, what: str) -> int:
     return value
 
 
+class VerifiedCache:
+    """Signatures this node already verified, by a digest of the signed bytes and the
+    signature together: a record a lookup meets again (the same record from each of
+    the k closest nodes, a topic looked up every few seconds) costs a hash, not an
+    Ed25519 verify (~0.1-0.2 ms here). Only successes are kept; bounded, oldest out."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._seen: dict[bytes, None] = {}
+        self.hits = 0
+
+    def verify(self, public_key: bytes, message: bytes, signature: bytes) -> bool:
+        key = hashlib.blake2b(signature + message, digest_size=16).digest()
+        if key in self._seen:
+            self.hits += 1
+            return True
+        if not verify(public_key, message, signature):
+            return False
+        if len(self._seen) >= self.size:
+            self._seen.pop(next(iter(self._seen)))
+        self._seen[key] = None
+        return True
+
+
 def decode_record(
     obj: Any,
     now: float,
@@ -215,9 +235,11 @@ def decode_record(
     max_addresses: int = 8,
     max_ttl: float = 1800.0,
     skew: float = 60.0,
+    verified: VerifiedCache | None = None,
 ) -> PeerRecord:
     """Validate a record received from a peer. Checks types, sizes, expiry and
-    the signature; raises RecordError with a stable code otherwise."""
+    the signature (through `verified` when given); raises RecordError with a
+    stable code otherwise."""
     if not isinstance(obj, dict):
         raise RecordError(ERR_BAD_REQUEST, "record must be a map")
     topic = _bytes_field(obj, "t", TOPIC_SIZE, "topic")
@@ -235,7 +257,8 @@ def decode_record(
         raise RecordError(ERR_BAD_REQUEST, "record expired")
     if expiry_ms > now_ms + int((max_ttl + skew) * 1000):
         raise RecordError(ERR_BAD_REQUEST, f"record expiry is more than {max_ttl + skew:.0f} s in the future")
-    if not verify(pk, signing_bytes(topic, pk, addrs, payload_bytes, seq, expiry_ms), sig):
+    message = signing_bytes(topic, pk, addrs, payload_bytes, seq, expiry_ms)
+    if not (verified.verify(pk, message, sig) if verified is not None else verify(pk, message, sig)):
         raise RecordError(ERR_FORBIDDEN, "record signature does not verify against its public key")
     return PeerRecord(topic, pk, addrs, payload, seq, expiry_ms, sig, payload_bytes)
 

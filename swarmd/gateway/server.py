@@ -43,6 +43,7 @@ from swarmd.errors import (
     ERR_UNAUTHORIZED,
     SwarmdError,
 )
+from swarmd.gateway.accesslog import AccessLog
 from swarmd.gateway.backend import InferenceBackend, ModelInfo, UploadedModel
 from swarmd.gateway.config import GatewayConfig
 from swarmd.gateway.dashboard import Collect, Dashboard
@@ -197,6 +198,7 @@ class Gateway:
         self.metrics.add(Gauge("swarmd_gateway_in_flight", "requests being served now", lambda: self._in_flight))
         self.metrics.add(Gauge("swarmd_gateway_workers", "workers the backend can route to", backend.worker_count))
         self.dashboard = Dashboard(self.m_latency, collect)
+        self.access_log = AccessLog() if config.access_log else None  # written in batches, off the request path
         self.grpc: Any = None  # the gRPC front, when gateway.grpc is set (start_grpc)
         self.app = self._build_app()
 
@@ -299,6 +301,8 @@ class Gateway:
             self._runner = None
         if self.keys is not None:
             self.keys.flush()
+        if self.access_log is not None:
+            self.access_log.flush()
 
     async def _flush_loop(self) -> None:
         assert self.keys is not None
@@ -369,11 +373,9 @@ class Gateway:
         s = str(status)
         method = request.method if request.method in KNOWN_METHODS else "OTHER"  # client-chosen: bounded
         self.observe(route, method, s, elapsed, request.get(MODEL, ""))
-        if self.config.access_log:
-            self.log.bind(
-                event="http", request_id=request[RID], method=request.method, path=request.path, status=status,
-                ms=round(elapsed * 1000, 3), key=key.id if key else None, peer=request.remote,
-            ).info("{} {} {}", request.method, request.path, status)
+        if self.access_log is not None:
+            self.access_log.note(request[RID], request.method, request.path, status, round(elapsed * 1000, 3),
+                                 key.id if key else None, request.remote)
 
     def _preflight(self, cors_ok: bool) -> web.Response:
         if not cors_ok:

@@ -528,8 +528,12 @@ class InferenceEngine:
             self.state = WorkerState.DRAINING
 
     async def drain(self, grace: float | None = None) -> bool:
-        """Take no new work, finish what was accepted. True when everything finished in time."""
+        """Take no new work, finish what was accepted. True when everything finished in time.
+        With nothing accepted there is nothing to wait for: True at once, and the drain ends
+        the moment the last accepted request does, never at the grace period."""
         self.stop_accepting()
+        if self._idle.is_set():
+            return True
         self.log.bind(event="draining", queued=self.queued, in_flight=self.in_flight).info("draining")
         try:
             async with asyncio.timeout(grace if grace is not None else self.config.drain_timeout):

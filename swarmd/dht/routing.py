@@ -1,0 +1,226 @@
+"""Who we know on the DHT: contact validation, kademlia's routing table with
+its neighbour search fixed, and the shortlist of closest nodes a lookup walks.
+
+Every reply a lookup reads lists up to k contacts, and every request a node
+serves asks for its k closest contacts to a key, so these run once per DHT
+message on both sides; they are written for that (a flat snapshot of the
+table for the k-closest search, a shortlist with O(1) membership, addresses
+checked with ``inet_pton`` rather than ``ipaddress``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import socket
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from kademlia.node import Node
+from kademlia.routing import RoutingTable
+
+ID_SIZE = 20
+
+
+def valid_ip(host: Any) -> bool:
+    """An IPv4 or IPv6 address literal (no names, no scope ids)."""
+    if not isinstance(host, str) or not 0 < len(host) <= 64:
+        return False
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    except (OSError, ValueError):  # ValueError: an embedded NUL
+        return False
+    return True
+
+
+def is_loopback(host: str) -> bool:
+    return host.startswith("127.") or host == "::1"
+
+
+def valid_port(port: Any) -> bool:
+    return isinstance(port, int) and not isinstance(port, bool) and 0 < port <= 65535
+
+
+def valid_id(node_id: Any) -> bool:
+    return isinstance(node_id, bytes) and len(node_id) == ID_SIZE
+
+
+def parse_contacts(raw: Any, limit: int) -> list[Node] | None:
+    """Contacts from a find reply: a list of [id, ip, port]. None when the reply
+    is not a list at all; malformed entries are dropped, the rest capped."""
+    if not isinstance(raw, list):
+        return None
+    out: list[Node] = []
+    seen: set[bytes] = set()
+    for item in raw[: limit * 4]:
+        if not isinstance(item, (list, tuple)) or len(item) != 3:
+            continue
+        nid, ip, port = item
+        if valid_id(nid) and valid_port(port) and nid not in seen and valid_ip(ip):
+            seen.add(nid)
+            out.append(Node(nid, ip, port))
+            if len(out) >= limit:
+                break
+    return out
+
+
+class SwarmdRoutingTable(RoutingTable):
+    """kademlia's table with a correct k-closest search, owned ping tasks and a per-IP cap."""
+
+    max_per_ip = 0  # contacts one non-loopback IP may hold (0: no cap); the protocol sets it from config
+    ip_capped = 0  # contacts refused by that cap
+
+    def flush(self) -> None:
+        super().flush()
+        self._flat: list[tuple[int, Node]] | None = None
+
+    def _changed(self) -> None:
+        self._flat = None
+
+    def _contacts_flat(self) -> list[tuple[int, Node]]:
+        """(long id, node) of every contact; rebuilt only after the table changed."""
+        if self._flat is None:
+            self._flat = [(n.long_id, n) for b in self.buckets for n in b.nodes.values()]
+        return self._flat
+
+    def find_neighbors(self, node: Node, k: int | None = None, exclude: Node | None = None) -> list[Node]:
+        """The k contacts closest to node (by XOR), over all buckets: kademlia walks the
+        buckets outwards and stops early, so at a few hundred contacts it returns too few."""
+        k = k or self.ksize
+        index = self.get_bucket_for(node)
+        if index is not None:
+            self.buckets[index].touch_last_updated()
+        target = node.long_id
+        # distances of distinct ids differ, so the tuples never compare their nodes
+        ranked = heapq.nsmallest(k + 2, [(lid ^ target, n) for lid, n in self._contacts_flat()])
+        out = []
+        for dist, n in ranked:
+            if dist == 0 or (exclude is not None and n.ip == exclude.ip and n.port == exclude.port):
+                continue
+            out.append(n)
+            if len(out) == k:
+                return out
+        if len(ranked) < k + 2:
+            return out
+        # more than two were excluded (one address holding several ids): the slow, exact way
+        return heapq.nsmallest(
+            k,
+            (n for _, n in self._contacts_flat()
+             if n.id != node.id and (exclude is None or not n.same_home_as(exclude))),
+            key=node.distance_to,
+        )  # fmt: skip
+
+    def get_bucket_for(self, node: Node) -> int | None:
+        # ranges are inclusive on both ends after a split; kademlia tests `<` the upper bound
+        for index, bucket in enumerate(self.buckets):
+            if node.long_id <= bucket.range[1]:
+                return index
+        return None
+
+    def ip_full(self, node: Node) -> bool:
+        """True when this node's IP already holds max_contacts_per_ip other ids here (loopback exempt)."""
+        cap = self.max_per_ip
+        if cap <= 0 or is_loopback(node.ip):
+            return False
+        same = 0
+        for _, n in self._contacts_flat():
+            if n.ip == node.ip and n.id != node.id:
+                same += 1
+                if same >= cap:
+                    return True
+        return False
+
+    def split_bucket(self, index: int) -> None:
+        super().split_bucket(index)
+        self._changed()
+
+    def remove_contact(self, node: Node) -> None:
+        index = self.get_bucket_for(node)
+        if index is not None:
+            self.buckets[index].remove_node(node)
+            self._changed()
+
+    def add_contact(self, node: Node) -> None:
+        if self.ip_full(node):
+            self.ip_capped += 1
+            return
+        index = self.get_bucket_for(node)
+        if index is None:
+            return
+        bucket = self.buckets[index]
+        if bucket.add_node(node):
+            self._changed()
+            return
+        if bucket.has_in_range(self.node) or bucket.depth() % 5 != 0:
+            self.split_bucket(index)
+            self.add_contact(node)
+        else:
+            self._changed()  # the newcomer waits among the bucket's replacement nodes
+            self.protocol.spawn(self.protocol.call_ping(bucket.head()), "dht-ping")
+
+    def all_contacts(self) -> list[Node]:
+        return [n for _, n in self._contacts_flat()]
+
+
+class Shortlist:
+    """The nodes a lookup knows closest to its target, nearest first, at most
+    `size` of them uncontacted-or-answered at a time (kademlia's NodeHeap, whose
+    membership test and every read scan all nodes ever pushed)."""
+
+    def __init__(self, target: Node, size: int) -> None:
+        self.target = target.long_id
+        self.size = size
+        self._ranked: list[tuple[int, bytes]] = []  # (distance, id), sorted
+        self._nodes: dict[bytes, Node] = {}
+        self.contacted: set[bytes] = set()
+
+    def push(self, nodes: Iterable[Node]) -> None:
+        for node in nodes:
+            if node.id in self._nodes:
+                continue
+            dist = node.long_id ^ self.target
+            if len(self._ranked) >= 4 * self.size and dist > self._ranked[-1][0]:
+                continue  # far behind what we already hold: never among the closest
+            self._nodes[node.id] = node
+            bisect.insort(self._ranked, (dist, node.id))
+            if len(self._ranked) > 4 * self.size:
+                del self._nodes[self._ranked.pop()[1]]
+
+    def remove(self, ids: Iterable[bytes]) -> None:
+        gone = set(ids) & self._nodes.keys()
+        if gone:
+            self._ranked = [e for e in self._ranked if e[1] not in gone]
+            for nid in gone:
+                del self._nodes[nid]
+
+    def mark_contacted(self, node: Node) -> None:
+        self.contacted.add(node.id)
+
+    def __iter__(self) -> Iterator[Node]:
+        nodes = self._nodes
+        return iter([nodes[nid] for _, nid in self._ranked[: self.size]])
+
+    def __len__(self) -> int:
+        return min(len(self._ranked), self.size)
+
+    def __contains__(self, node: object) -> bool:
+        return isinstance(node, Node) and node.id in self._nodes
+
+    def get_uncontacted(self) -> list[Node]:
+        nodes, contacted = self._nodes, self.contacted
+        return [nodes[nid] for _, nid in self._ranked[: self.size] if nid not in contacted]
+
+    def has_uncontacted(self) -> bool:
+        contacted = self.contacted
+        return any(nid not in contacted for _, nid in self._ranked[: self.size])
+
+
+__all__ = [
+    "Shortlist",
+    "SwarmdRoutingTable",
+    "is_loopback",
+    "parse_contacts",
+    "valid_id",
+    "valid_ip",
+    "valid_port",
+]
