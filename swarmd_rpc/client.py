@@ -325,19 +325,24 @@ class Client:
         *,
         first_only: bool = False,
         settle: float | None = None,
+        admitted_only: bool = True,
     ) -> list[Any]:
         """Records (swarmd.dht.records.PeerRecord: public_key, addresses, payload, seq, expiry) of
         peers announcing topic, a name or a 32-byte topic hash.
 
         By default the whole lookup runs (bounded by timeout). first_only returns as soon as one
         record arrives; settle=S returns S seconds after the first one: an unresponsive DHT node
-        costs a full crawl its timeout, and a person at a prompt waits on it."""
+        costs a full crawl its timeout, and a person at a prompt waits on it.
+
+        On a role's topic only records our operators admit are returned (all of them when the
+        client names no operators); admitted_only=False returns every record, for a tool that
+        shows each one's admission."""
         await self._ready()
         swarm = self._need_swarm("lookup")
         found: dict[bytes, Any] = {}
         loop = asyncio.get_running_loop()
         deadline = settle_until = loop.time() + (timeout or self.config.lookup_timeout)
-        async with contextlib.aclosing(swarm.lookup(topic)) as it:
+        async with contextlib.aclosing(swarm.lookup(topic, admit=admitted_only)) as it:
             while True:
                 wait = deadline - loop.time()
                 if found and settle is not None:
@@ -354,8 +359,9 @@ class Client:
                     found[rec.public_key] = rec
                 if first_only:
                     break
-        for rec in found.values():
-            self._records[rec.public_key] = rec
+        if admitted_only:  # records no admission checked are shown, never used to reach a peer
+            for rec in found.values():
+                self._records[rec.public_key] = rec
         return list(found.values())
 
     @translated

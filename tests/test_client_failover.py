@@ -13,15 +13,13 @@ from swarmd.topics import WORKERS
 from swarmd_rpc import Client
 from tests.conftest import run_cli
 from tests.store_models import write_model
+from tests.swarm_daemons import start_hub, start_worker
 
 
 def test_fresh_clients_across_three_worker_kills_fail_no_call(daemons, tmp_path: Path) -> None:
     hub_dir = tmp_path / "hub"
-    hub = daemons("--role", "bootstrap,store", "--data-dir", str(hub_dir))
-    boot = f"127.0.0.1:{hub.wait_event('ready')['ports']['dht']}"
-    workers = [daemons("--role", "worker", "--bootstrap", boot, "--data-dir", str(tmp_path / f"w{i}"))
-               for i in range(4)]
-    ready = [w.wait_event("ready") for w in workers]
+    _, boot = start_hub(daemons, hub_dir, "bootstrap,store")
+    workers, ready = zip(*(start_worker(daemons, tmp_path / f"w{i}", boot) for i in range(4)), strict=True)
     keys = [doc["public_key"] for doc in ready]
     model = write_model(tmp_path / "m.onnx", seed=11)
     r = run_cli("model", "push", str(model), "--name", "lin", "--version", "1", "--data-dir", str(hub_dir))
