@@ -1,0 +1,145 @@
+"""The gateway's Open Inference Protocol v2 routes (KServe/Triton REST): health, server and
+model metadata, readiness, statistics, model control and inference. A mixin of Gateway
+(swarmd/gateway/server.py); permissions are in the route table (routes.py)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from aiohttp import web
+
+from swarmd import __version__
+from swarmd.errors import ERR_INTERNAL, ERR_NOT_IMPLEMENTED, ERR_NOT_READY, ERR_TOO_LARGE, SwarmdError
+from swarmd.gateway.backend import ModelInfo
+from swarmd.gateway.middleware import bad, json_response
+from swarmd.gateway.oip import OipError, decode_infer_request, encode_infer_response, oip_datatype
+
+TRITON_TYPES = {
+    "BOOL": "TYPE_BOOL", "UINT8": "TYPE_UINT8", "UINT16": "TYPE_UINT16", "UINT32": "TYPE_UINT32",
+    "UINT64": "TYPE_UINT64", "INT8": "TYPE_INT8", "INT16": "TYPE_INT16", "INT32": "TYPE_INT32",
+    "INT64": "TYPE_INT64", "FP16": "TYPE_FP16", "FP32": "TYPE_FP32", "FP64": "TYPE_FP64", "BYTES": "TYPE_STRING",
+}
+
+
+def tensor_meta(info: ModelInfo, which: str) -> list[dict[str, Any]]:
+    specs = info.inputs if which == "inputs" else info.outputs
+    return [{"name": t.name, "datatype": oip_datatype(t.dtype), "shape": list(t.shape)} for t in specs]
+
+
+class OipRoutes:
+    """The OIP v2 handlers (a mixin: the attributes are Gateway's)."""
+
+    async def health(self, request: web.Request) -> web.Response:
+        workers = self.backend.worker_count()
+        return json_response({
+            "status": "ok" if workers > 0 else "degraded",
+            "version": __version__,
+            "uptime": round(time.time() - self._started, 3),
+            "workers": workers,
+        })
+
+    async def live(self, request: web.Request) -> web.Response:
+        return json_response({"live": True})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        if self.backend.worker_count() == 0:
+            raise SwarmdError(ERR_NOT_READY, "no worker is available to serve inference yet")
+        return json_response({"ready": True})
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        return json_response({
+            "name": self.name,
+            "version": __version__,
+            "extensions": ["binary_tensor_data", "model_repository"],
+        })
+
+    async def repository_index(self, request: web.Request) -> web.Response:
+        out = []
+        for info in await self.backend.list_models():
+            for v in info.versions or [info.version]:
+                out.append({"name": info.name, "version": v, "state": "READY"})
+        return json_response(out)
+
+    # -- Open Inference Protocol v2 ------------------------------------------------
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        info = await self._metadata(request, request.match_info["model"], request.match_info.get("version"))
+        return json_response({
+            "name": info.name,
+            "versions": list(info.versions or [info.version]),
+            "platform": info.platform,
+            "inputs": tensor_meta(info, "inputs"),
+            "outputs": tensor_meta(info, "outputs"),
+        })
+
+    async def model_config(self, request: web.Request) -> web.Response:
+        info = await self._metadata(request, request.match_info["model"], request.match_info.get("version"))
+
+        def cfg(t: dict[str, Any]) -> dict[str, Any]:
+            return {"name": t["name"], "data_type": TRITON_TYPES.get(t["datatype"], t["datatype"]), "dims": t["shape"]}
+
+        return json_response({
+            "name": info.name,
+            "platform": info.platform,
+            "backend": "onnxruntime",
+            "max_batch_size": 0,
+            "input": [cfg(t) for t in tensor_meta(info, "inputs")],
+            "output": [cfg(t) for t in tensor_meta(info, "outputs")],
+        })
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        model, version = request.match_info["model"], request.match_info.get("version")
+        info = await self._metadata(request, model, version)
+        if not await self.backend.ready(info.name, version):
+            raise SwarmdError(ERR_NOT_READY, f"model {model!r} has no ready worker yet")
+        return json_response({"name": info.name, "ready": True})
+
+    async def model_stats(self, request: web.Request) -> web.Response:
+        """Triton's statistics extension: {"model_stats": [...]} summed over the workers."""
+        model, version = request.match_info.get("model"), request.match_info.get("version")
+        if model is not None:
+            await self._metadata(request, model, version)  # an unknown model or version is a 404
+        return json_response({"model_stats": await self.backend.model_statistics(model, version)})
+
+    async def model_control(self, request: web.Request) -> web.Response:
+        """Triton's model-repository load/unload: workers load models themselves, so refuse clearly."""
+        action = request.path.rsplit("/", 1)[-1]
+        raise SwarmdError(
+            ERR_NOT_IMPLEMENTED,
+            f"model control ({action}) is not supported: workers load a model from the stores on its first "
+            "request and evict it when idle; publish with POST /api/v1/models or `swarmd model push`",
+        )
+
+    async def oip_infer(self, request: web.Request) -> web.Response:
+        model, version = request.match_info["model"], request.match_info.get("version")
+        hl = request.headers.get("Inference-Header-Content-Length")
+        header_length: int | None = None
+        if hl is not None:
+            hl = hl.strip()
+            if not hl.isdigit() or len(hl) > 15:
+                raise bad(f"Inference-Header-Content-Length must be a decimal byte count, got {hl!r:.40}")
+            header_length = int(hl)
+            if header_length > self.config.max_json_bytes:
+                raise SwarmdError(ERR_TOO_LARGE, f"the {self.JSON_BODY} is {header_length} bytes; "
+                                                 f"the limit is {self.config.max_json_bytes}")
+            body = await self._body(request)
+        else:
+            body = await self._body(request, self.config.max_json_bytes, self.JSON_BODY)
+        try:
+            req = decode_infer_request(body, header_length)
+        except OipError as e:
+            raise bad(str(e)) from None
+        names = None if req.outputs is None else [o.name for o in req.outputs]
+        result = await self._infer(request, model, version, req.inputs, names)
+        if names is not None:
+            missing = [n for n in names if n not in result.outputs]
+            if missing:
+                raise SwarmdError(ERR_INTERNAL, f"backend returned no output {missing[0]!r}")
+        out, header_len = encode_infer_response(result.model, result.version, result.outputs, req)
+        if header_len is None:
+            return web.Response(body=out, content_type="application/json")
+        return web.Response(
+            body=out, content_type="application/octet-stream",
+            headers={"Inference-Header-Content-Length": str(header_len)},
+        )
