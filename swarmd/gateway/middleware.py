@@ -83,11 +83,7 @@ class Middleware:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         t0 = time.perf_counter()
-        rid = request.headers.get("X-Request-Id")
-        if rid is None or not REQUEST_ID_RE.match(rid):
-            self._rid_seq += 1
-            rid = f"{self._rid_prefix}{self._rid_seq:08x}"
-        request[RID] = rid
+        rid = request[RID] = self._request_id(request.headers.get("X-Request-Id"))
         origin = request.headers.get("Origin")
         cors_ok = origin is not None and origin in self._cors
         key: ApiKey | None = None
@@ -96,17 +92,15 @@ class Middleware:
             if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
                 resp = self._preflight(cors_ok)
             else:
-                if self._in_flight > self.config.max_in_flight:
-                    raise SwarmdError(ERR_OVERLOADED, f"gateway is serving {self.config.max_in_flight} requests; retry")
+                self._admit()
                 info = request.match_info.route.resource
                 permission = None if info is None else self._permissions.get((info.canonical, request.method))
                 if permission is not None and permission != PUBLIC:
                     key = self._authorize(request, permission)
                 resp = await handler(request)
         except SwarmdError as e:
-            resp = self._error_response(e, rid)
-            if resp.status >= 500:
-                self.dashboard.note_error(request.path, resp.status, e.code, e.message)
+            status, doc, headers = self._error_reply(e, rid, request.path)
+            resp = json_response(doc, status=status, headers=headers)
         except web.HTTPException as e:
             resp = json_response({"error": e.text or e.reason, "code": _code_for_status(e.status), "request_id": rid},
                                  status=e.status)
@@ -116,32 +110,67 @@ class Middleware:
             self._observe(request, 499, t0, key)  # client went away; nothing to send
             raise
         except Exception as e:
-            self.log.opt(exception=e).bind(event="http_bug", request_id=rid, path=request.path).error(
-                "unhandled error serving {} {}", request.method, request.path
-            )
-            resp = json_response({"error": f"internal error (request id {rid})", "code": ERR_INTERNAL,
-                                  "request_id": rid}, status=500)
-            self.dashboard.note_error(request.path, 500, ERR_INTERNAL, f"internal error (request id {rid})")
+            status, doc, _ = self._bug_reply(e, rid, request.method, request.path)
+            resp = json_response(doc, status=status)
         finally:
             self._in_flight -= 1
         resp.headers["X-Request-Id"] = rid
         if cors_ok:
-            resp.headers["Access-Control-Allow-Origin"] = origin  # type: ignore[assignment]
-            resp.headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
-            resp.headers["Vary"] = "Origin"
+            resp.headers.update(self._cors_headers(origin))  # type: ignore[arg-type]
         self._observe(request, resp.status, t0, key)
         return resp
 
+    # -- the pieces the middleware and the lean lane (fastlane.py) share ----------
+
+    def _request_id(self, sent: str | None) -> str:
+        """The client's X-Request-Id when it is well formed, else prefix + counter (no syscall)."""
+        if sent is not None and REQUEST_ID_RE.match(sent):
+            return sent
+        self._rid_seq += 1
+        return f"{self._rid_prefix}{self._rid_seq:08x}"
+
+    def _admit(self) -> None:
+        """The in-flight bound; the caller has counted this request in."""
+        if self._in_flight > self.config.max_in_flight:
+            raise SwarmdError(ERR_OVERLOADED, f"gateway is serving {self.config.max_in_flight} requests; retry")
+
+    @staticmethod
+    def _cors_headers(origin: str) -> dict[str, str]:
+        return {"Access-Control-Allow-Origin": origin, "Access-Control-Expose-Headers": EXPOSED_HEADERS,
+                "Vary": "Origin"}
+
+    def _error_reply(self, e: SwarmdError, rid: str, path: str) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """(status, JSON body, headers) of a SwarmdError; 5xx ones go to the dashboard's error list."""
+        status = HTTP_STATUS.get(e.code, 502)
+        headers: dict[str, str] = {}
+        if e.code == ERR_RATE_LIMITED and isinstance(e.data, dict):
+            headers["Retry-After"] = str(e.data.get("retry_after", 1))
+        if e.code == ERR_UNAUTHORIZED:
+            headers["WWW-Authenticate"] = 'Bearer realm="swarmd"'
+        if status >= 500:
+            self.dashboard.note_error(path, status, e.code, e.message)
+        return status, {"error": e.message, "code": e.code, "request_id": rid}, headers
+
+    def _bug_reply(self, e: Exception, rid: str, method: str, path: str) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """A handler raised what it should not have: logged with its traceback, a 500 to the client."""
+        self.log.opt(exception=e).bind(event="http_bug", request_id=rid, path=path).error(
+            "unhandled error serving {} {}", method, path)
+        message = f"internal error (request id {rid})"
+        self.dashboard.note_error(path, 500, ERR_INTERNAL, message)
+        return 500, {"error": message, "code": ERR_INTERNAL, "request_id": rid}, {}
+
     def _observe(self, request: web.Request, status: int, t0: float, key: ApiKey | None) -> None:
-        elapsed = time.perf_counter() - t0
         info = request.match_info.route.resource
-        route = info.canonical if info is not None else "unmatched"
-        s = str(status)
-        method = request.method if request.method in KNOWN_METHODS else "OTHER"  # client-chosen: bounded
-        self.observe(route, method, s, elapsed, request.get(MODEL, ""))
-        if self.access_log is not None:
-            self.access_log.note(request[RID], request.method, request.path, status, round(elapsed * 1000, 3),
-                                 key.id if key else None, request.remote)
+        self._count(info.canonical if info is not None else "unmatched", request.method, request.path, status, t0,
+                    key, request.get(MODEL, ""), request[RID], request.remote)
+
+    def _count(self, route: str, method: str, path: str, status: int, t0: float, key: ApiKey | None, model: str,
+               rid: str, remote: str | None) -> None:
+        """Metrics and the access log of one served request."""
+        elapsed = time.perf_counter() - t0
+        self.observe(route, method if method in KNOWN_METHODS else "OTHER", str(status), elapsed, model)
+        if self.access_log is not None:  # the method as sent: the log is not a bounded label set
+            self.access_log.note(rid, method, path, status, round(elapsed * 1000, 3), key.id if key else None, remote)
 
     def _preflight(self, cors_ok: bool) -> web.Response:
         if not cors_ok:
@@ -151,15 +180,6 @@ class Middleware:
             "Access-Control-Allow-Headers": ALLOWED_HEADERS,
             "Access-Control-Max-Age": "600",
         })
-
-    def _error_response(self, e: SwarmdError, rid: str) -> web.Response:
-        status = HTTP_STATUS.get(e.code, 502)
-        headers: dict[str, str] = {}
-        if e.code == ERR_RATE_LIMITED and isinstance(e.data, dict):
-            headers["Retry-After"] = str(e.data.get("retry_after", 1))
-        if e.code == ERR_UNAUTHORIZED:
-            headers["WWW-Authenticate"] = 'Bearer realm="swarmd"'
-        return json_response({"error": e.message, "code": e.code, "request_id": rid}, status=status, headers=headers)
 
     def _authorize(self, request: web.Request, permission: str) -> ApiKey | None:
         return self._check_key(request.headers.get("x-api-key"), request.headers.get("Authorization"),
@@ -213,8 +233,11 @@ class Middleware:
         if request.content_length is not None and request.content_length > limit:  # refuse before reading
             raise SwarmdError(ERR_TOO_LARGE, f"{what} is {request.content_length} bytes; the limit is {limit}")
         try:
-            async with asyncio.timeout(self.config.body_timeout):
-                body = await request.read()  # aiohttp stops at client_max_size (max_body_bytes) when chunked
+            if request.content.is_eof():  # all here already (the usual small body): no timer to arm
+                body = await request.read()
+            else:
+                async with asyncio.timeout(self.config.body_timeout):
+                    body = await request.read()  # aiohttp stops at client_max_size (max_body_bytes) when chunked
         except TimeoutError:
             raise SwarmdError(ERR_TIMEOUT, f"request body did not arrive within {self.config.body_timeout}s") from None
         if len(body) > limit:

@@ -113,33 +113,46 @@ class OipRoutes:
 
     async def oip_infer(self, request: web.Request) -> web.Response:
         model, version = request.match_info["model"], request.match_info.get("version")
-        hl = request.headers.get("Inference-Header-Content-Length")
-        header_length: int | None = None
-        if hl is not None:
-            hl = hl.strip()
-            if not hl.isdigit() or len(hl) > 15:
-                raise bad(f"Inference-Header-Content-Length must be a decimal byte count, got {hl!r:.40}")
-            header_length = int(hl)
-            if header_length > self.config.max_json_bytes:
-                raise SwarmdError(ERR_TOO_LARGE, f"the {self.JSON_BODY} is {header_length} bytes; "
-                                                 f"the limit is {self.config.max_json_bytes}")
-            body = await self._body(request)
-        else:
+        header_length = self._oip_header_length(request.headers.get("Inference-Header-Content-Length"))
+        if header_length is None:
             body = await self._body(request, self.config.max_json_bytes, self.JSON_BODY)
-        try:
-            req = decode_infer_request(body, header_length)
-        except OipError as e:
-            raise bad(str(e)) from None
-        names = None if req.outputs is None else [o.name for o in req.outputs]
-        result = await self._infer(request, model, version, req.inputs, names)
-        if names is not None:
-            missing = [n for n in names if n not in result.outputs]
-            if missing:
-                raise SwarmdError(ERR_INTERNAL, f"backend returned no output {missing[0]!r}")
-        out, header_len = encode_infer_response(result.model, result.version, result.outputs, req)
+        else:
+            body = await self._body(request)
+        out, header_len = await self._oip_answer(request, request.headers, model, version, body, header_length)
         if header_len is None:
             return web.Response(body=out, content_type="application/json")
         return web.Response(
             body=out, content_type="application/octet-stream",
             headers={"Inference-Header-Content-Length": str(header_len)},
         )
+
+    # -- shared with the lean lane (fastlane.py), which serves the same two routes ------
+
+    def _oip_header_length(self, hl: str | None) -> int | None:
+        """Inference-Header-Content-Length (the binary extension's JSON part), checked; None when not sent."""
+        if hl is None:
+            return None
+        hl = hl.strip()
+        if not hl.isdigit() or len(hl) > 15:
+            raise bad(f"Inference-Header-Content-Length must be a decimal byte count, got {hl!r:.40}")
+        header_length = int(hl)
+        if header_length > self.config.max_json_bytes:
+            raise SwarmdError(ERR_TOO_LARGE, f"the {self.JSON_BODY} is {header_length} bytes; "
+                                             f"the limit is {self.config.max_json_bytes}")
+        return header_length
+
+    async def _oip_answer(self, state: Any, carrier: Any, model: str, version: str | None, body: bytes,
+                          header_length: int | None) -> tuple[bytes, int | None]:
+        """Decode an infer body, run it, encode the answer: (body, JSON header length when binary).
+        `state` keeps the request's id and, once known, its model (metrics); `carrier` its headers."""
+        try:
+            req = decode_infer_request(body, header_length)
+        except OipError as e:
+            raise bad(str(e)) from None
+        names = None if req.outputs is None else [o.name for o in req.outputs]
+        result = await self._infer(state, carrier, model, version, req.inputs, names)
+        if names is not None:
+            missing = [n for n in names if n not in result.outputs]
+            if missing:
+                raise SwarmdError(ERR_INTERNAL, f"backend returned no output {missing[0]!r}")
+        return encode_infer_response(result.model, result.version, result.outputs, req)

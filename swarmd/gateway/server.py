@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from swarmd.gateway.accesslog import AccessLog
 from swarmd.gateway.backend import InferenceBackend, ModelInfo
 from swarmd.gateway.config import GatewayConfig
 from swarmd.gateway.dashboard import Collect, Dashboard
+from swarmd.gateway.fastlane import FastLane
 from swarmd.gateway.guard import ConnectionGuard, http_logger
 from swarmd.gateway.keys import ApiKey, KeyStore
 from swarmd.gateway.metrics import Counter, Gauge, Histogram, Registry
@@ -71,6 +72,7 @@ class Gateway(Middleware, OipRoutes, V1Routes):
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
         self.guard: ConnectionGuard | None = None
+        self.lane: FastLane | None = None
         self._flusher: asyncio.Task[None] | None = None
         self.host = ""
         self.port = 0
@@ -120,6 +122,9 @@ class Gateway(Middleware, OipRoutes, V1Routes):
         assert self._runner.server is not None
         self.guard = ConnectionGuard(self._runner.server, self.config.header_timeout, self.config.max_connections,
                                      self.config.max_connections_per_address)
+        if self.config.fast_lane:  # the inference routes without aiohttp's machinery (fastlane.py)
+            self.lane = FastLane(self)
+            self.guard.protocol = self.lane.protocol
         try:
             self._listener = await asyncio.get_running_loop().create_server(
                 self.guard, host, port, reuse_address=True, backlog=1024)
@@ -163,6 +168,8 @@ class Gateway(Middleware, OipRoutes, V1Routes):
         if self._listener is not None:
             self._listener.close()  # stop accepting; the runner's cleanup closes open connections
             self._listener = None
+        if self.lane is not None:
+            await self.lane.close(5.0)  # the lane's own connections, like aiohttp's shutdown_timeout
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -186,20 +193,22 @@ class Gateway(Middleware, OipRoutes, V1Routes):
         return info
 
     async def _infer(
-        self, request: web.Request, model: str, version: str | None, inputs: dict[str, np.ndarray],
-        outputs: list[str] | None,
+        self, state: MutableMapping[Any, Any], carrier: Any, model: str, version: str | None,
+        inputs: dict[str, np.ndarray], outputs: list[str] | None,
     ) -> Any:
+        """infer() for an HTTP request: `state` (the aiohttp request, or the lean lane's dict) holds
+        its id and gets the model for the metrics; `carrier` (its headers) may name a trace."""
+        rid = state[RID]
         try:
             if tracing.tracer is None:  # the one check tracing costs when off
-                result = await self.infer(model, version, inputs, outputs, request[RID])
+                result = await self.infer(model, version, inputs, outputs, rid)
             else:
-                result = await self.infer_traced(request.headers, "http", model, version, inputs, outputs,
-                                                 request[RID])
+                result = await self.infer_traced(carrier, "http", model, version, inputs, outputs, rid)
         except SwarmdError as e:
             if e.code != ERR_NOT_FOUND:
-                request[MODEL] = model
+                state[MODEL] = model
             raise
-        request[MODEL] = result.model
+        state[MODEL] = result.model
         return result
 
     # -- what every front (HTTP here, gRPC in grpc_server.py) shares ------------------

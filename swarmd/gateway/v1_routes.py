@@ -95,7 +95,7 @@ class V1Routes:
             if spec is not None and len(spec.shape) == arr.ndim + 1 and spec.shape[0] in (-1, 1):
                 arr = arr[None, ...]  # one sample sent without the batch dimension
             inputs[name] = arr
-        result = await self._infer(request, model, version, inputs, outputs)
+        result = await self._infer(request, request.headers, model, version, inputs, outputs)
         # Non-tensor outputs (a ZipMap classifier's sequence of maps) arrive as JSON texts:
         # here they are JSON values again; other string tensors are lists of strings.
         texts = {t.name for t in info.outputs if t.dtype == "object"}
