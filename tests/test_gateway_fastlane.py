@@ -81,6 +81,7 @@ def test_the_lane_answers_what_aiohttp_answers(pair):
             post("/v2/models/mlp/infer", INFER, x_api_key=key),
             post("/v2/models/mlp/infer", INFER, x_api_key=key),  # over its rate: 429 + Retry-After
             post("/v2/models/mlp/infer", INFER, x_api_key=g.admin_key, Inference_Header_Content_Length="x"),
+            post("/v2/models/mlp/infer", INFER, x_api_key=g.admin_key, Inference_Header_Content_Length="\u00b2"),
         ])
     before = fast.gateway.lane.served
     for a, b in zip(cases[0], cases[1], strict=True):

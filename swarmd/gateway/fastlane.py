@@ -44,9 +44,9 @@ MAX_HEADERS = 64
 PREFIX = b"POST /v2/models/"
 # names aiohttp would pass through unchanged (no percent-decoding): anything else goes to aiohttp
 TARGET = re.compile(rb"/v2/models/([A-Za-z0-9._~:-]{1,256})/(?:versions/([A-Za-z0-9._~:-]{1,256})/)?infer")
-TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-REFUSED = frozenset({b"transfer-encoding", b"content-encoding", b"expect", b"upgrade"})  # aiohttp's to handle
+HEADERS = re.compile(rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[ \t\x21-\x7e\x80-\xff]*\r\n)*")
+FIELD = re.compile(rb"([^:]+):[ \t]*([^\r]*?)[ \t]*\r\n")
+REFUSED = frozenset({"transfer-encoding", "content-encoding", "expect", "upgrade"})  # aiohttp's to handle
 JSON = b"application/json"
 OCTETS = b"application/octet-stream"
 STATUS = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
@@ -99,30 +99,24 @@ class FastLane:
 
     def parse_head(self, data: bytes, end: int) -> Head | None:
         """The head data[:end] (end: where its blank line starts), or None: hand it to aiohttp."""
-        lines = data[:end].split(b"\r\n")
-        line = lines[0]
-        if len(line) > MAX_HEAD or not line.endswith(b" HTTP/1.1") or len(lines) > MAX_HEADERS + 1:
+        nl = data.find(b"\r\n", 0, end + 2)
+        line = data[:nl]
+        if len(line) > MAX_HEAD or not line.endswith(b" HTTP/1.1"):
             return None
         m = TARGET.fullmatch(line, 5, len(line) - 9)  # between "POST " and " HTTP/1.1"
         if m is None:
             return None
-        headers: dict[str, str] = {}
-        for raw in lines[1:]:
-            name, sep, value = raw.partition(b":")
-            if not sep or not TOKEN.fullmatch(name):  # also folded lines (leading whitespace)
-                return None
-            value = value.strip(b" \t")
-            if CTL.search(value):
-                return None
-            lname = name.lower()
-            if lname in REFUSED:
-                return None
-            key = lname.decode()
-            if key in headers:  # a repeated header: aiohttp decides how they combine
-                return None
-            headers[key] = value.decode("latin-1")
+        block = data[nl + 2:end + 2]  # every header line with its CRLF
+        if not HEADERS.fullmatch(block):  # one pass in C: tokens, no control bytes, no folded lines
+            return None
+        fields = FIELD.findall(block)
+        if len(fields) > MAX_HEADERS:
+            return None
+        headers = {name.lower().decode(): value.decode("utf-8", "surrogateescape") for name, value in fields}  # as aiohttp
+        if len(headers) != len(fields) or not REFUSED.isdisjoint(headers):
+            return None  # a repeated header (aiohttp decides how they combine), or one aiohttp must handle
         cl = headers.get("content-length")
-        if cl is None or not cl.isdigit() or len(cl) > 15:
+        if cl is None or not (cl.isascii() and cl.isdigit()) or len(cl) > 15:
             return None
         content_length = int(cl)
         limit = self.max_body if "inference-header-content-length" in headers else self.max_json
@@ -167,12 +161,12 @@ class FastProtocol(GuardedProtocol):
         self.chunks: list[bytes] = []  # bytes from the start of the next unanswered request
         self.size = 0
         self.head: Head | None = None
-        self.task: asyncio.Task[None] | None = None
+        self.busy = False  # a request is being answered (its answer not yet written)
+        self.task: asyncio.Task[Any] | None = None  # its Task
         self.body_timer: asyncio.TimerHandle | None = None
         self.idle_timer: asyncio.TimerHandle | None = None
         self.reading_paused = False
         self.writing_paused = False
-        self.drained: asyncio.Future[None] | None = None
         self.eof = False
         self.closed = False
 
@@ -194,7 +188,7 @@ class FastProtocol(GuardedProtocol):
             self.idle_timer = None
         self.chunks.append(data)
         self.size += len(data)
-        if self.task is None:
+        if not self.busy:
             self._next()
         elif self.size > self.lane.max_body + MAX_HEAD and not self.reading_paused:
             self.reading_paused = True  # pipelined requests pile up: wait until they are served
@@ -203,7 +197,7 @@ class FastProtocol(GuardedProtocol):
     def eof_received(self) -> bool | None:
         if self.inner is not None:
             return super().eof_received()
-        if self.task is not None:
+        if self.busy:
             self.eof = True  # answer the request under way, then close
             return True
         return False
@@ -218,16 +212,15 @@ class FastProtocol(GuardedProtocol):
         if self.inner is not None:
             super().resume_writing()
             return
-        self.writing_paused = False
-        if self.drained is not None and not self.drained.done():
-            self.drained.set_result(None)
+        if self.writing_paused:
+            self.writing_paused = False
+            if self.busy and not self.closed and self.task is None:
+                self._after()  # the answer is out: on to the next request
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._stop_timers()
         self.lane.conns.discard(self)
-        if self.drained is not None and not self.drained.done():
-            self.drained.set_result(None)
         super().connection_lost(exc)  # a running request finishes; its answer goes nowhere
 
     # -- requests ------------------------------------------------------------------
@@ -272,16 +265,16 @@ class FastProtocol(GuardedProtocol):
         self.chunks = [rest] if rest else []
         self.size = len(rest)
         self.head = None
-        self.task = asyncio.get_running_loop().create_task(self._serve(head, body), name="gateway-fast-request")
+        self._start(head, body)
 
     def _body_late(self) -> None:
         """The body did not arrive within body_timeout: a 504 (after the key check), then the connection closes."""
         self.body_timer = None
         head, self.head = self.head, None
         self.chunks, self.size = [], 0
-        if head is not None and self.task is None and not self.closed:
+        if head is not None and not self.busy and not self.closed:
             head.close = True
-            self.task = asyncio.get_running_loop().create_task(self._serve(head, None), name="gateway-fast-request")
+            self._start(head, None)
 
     def _hand_off(self) -> None:
         """aiohttp takes the connection from this request on, with its bytes as they arrived."""
@@ -296,6 +289,12 @@ class FastProtocol(GuardedProtocol):
             self.transport.resume_reading()  # type: ignore[union-attr]
         if data:
             super().data_received(data)
+
+    def _start(self, head: Head, body: bytes | None) -> None:
+        """Answer a request in a Task of its own (inference is bounded by asyncio.timeout, which
+        wants one); the connection reads nothing else meanwhile."""
+        self.busy = True
+        self.task = asyncio.get_running_loop().create_task(self._serve(head, body), name="gateway-fast-request")
 
     async def _serve(self, head: Head, body: bytes | None) -> None:
         """The middleware's policy and oip_infer's work for one request, answered on the transport."""
@@ -334,31 +333,28 @@ class FastProtocol(GuardedProtocol):
                 out = orjson.dumps(doc)
         finally:
             gw._in_flight -= 1
-            self.task = None
         close = head.close or self.eof
         self.lane.served += 1
         gw._count(head.route, "POST", head.path, status, t0, key, state.get(MODEL, ""), rid, self._address)
         self._respond(status, ctype, out, rid, extra, cors, close)
+        self.task = None
         if self.closed:
             return
         if close:
             self.closed = True
             self.transport.close()  # type: ignore[union-attr]
             return
-        if self.writing_paused:  # the client reads slowly: finish this answer before the next request
-            self.drained = asyncio.get_running_loop().create_future()
-            self.task = asyncio.current_task()
-            try:
-                await self.drained
-            finally:
-                self.task = None
-            if self.closed:
-                return
+        if not self.writing_paused:  # else resume_writing carries on, once the client has read it
+            self._after()
+
+    def _after(self) -> None:
+        """The answer is written: read on, serve a pipelined request, or wait (keepalive_timeout)."""
+        self.busy = False
         if self.reading_paused:
             self.reading_paused = False
             self.transport.resume_reading()  # type: ignore[union-attr]
-        if self.chunks:
-            self._next()  # a pipelined request is waiting
+        if self.chunks:  # a pipelined request: on the next turn, so a run of them never recurses
+            asyncio.get_running_loop().call_soon(self._next)
         else:
             self.idle_timer = asyncio.get_running_loop().call_later(self.lane.keepalive_timeout, self._idle_late)
 
@@ -367,8 +363,9 @@ class FastProtocol(GuardedProtocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        parts = [STATUS[status], b"Content-Type: ", ctype, b"\r\nContent-Length: ", str(len(body)).encode(),
-                 b"\r\nX-Request-Id: ", rid.encode(), b"\r\nDate: ", self.lane.date(), b"\r\n"]
+        head = STATUS[status] + b"Content-Type: %s\r\nContent-Length: %d\r\nX-Request-Id: %s\r\nDate: %s\r\n" % (
+            ctype, len(body), rid.encode(), self.lane.date())
+        parts = [head]
         for name, value in extra:
             parts += [name.encode(), b": ", value.encode("latin-1"), b"\r\n"]
         if cors is not None:
@@ -385,7 +382,7 @@ class FastProtocol(GuardedProtocol):
 
     def _idle_late(self) -> None:
         self.idle_timer = None
-        if self.task is None and not self.chunks and self.transport is not None:
+        if not self.busy and not self.chunks and self.transport is not None:
             self.closed = True
             self.transport.close()
 

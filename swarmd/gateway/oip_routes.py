@@ -133,7 +133,7 @@ class OipRoutes:
         if hl is None:
             return None
         hl = hl.strip()
-        if not hl.isdigit() or len(hl) > 15:
+        if not (hl.isascii() and hl.isdigit()) or len(hl) > 15:  # not "²": int() refuses it
             raise bad(f"Inference-Header-Content-Length must be a decimal byte count, got {hl!r:.40}")
         header_length = int(hl)
         if header_length > self.config.max_json_bytes:
