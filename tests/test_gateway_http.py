@@ -42,6 +42,7 @@ SAMPLES = {
     "/v2/models/{model}/infer": ("/v2/models/mlp/infer", INFER),
     "/v2/models/{model}/versions/{version}/infer": ("/v2/models/mlp/versions/1/infer", INFER),
     "/v2/repository/index": ("/v2/repository/index", None),
+    "/v2/repository/models/{model}/load": ("/v2/repository/models/mlp/load", {}),
     "/v2/models/stats": ("/v2/models/stats", None, 501),
     "/v2/models/{model}/stats": ("/v2/models/mlp/stats", None, 501),
     "/v2/models/{model}/versions/{version}/stats": ("/v2/models/mlp/versions/1/stats", None, 501),
@@ -53,8 +54,8 @@ SAMPLES = {
     "/metrics": ("/metrics", None),
 }
 NOT_SAMPLED = {  # (method, path): why the permission check is tested elsewhere or cannot answer 200
-    ("POST", "/v2/repository/models/{model}/load"): "answers 501 to any key that may write (its own test)",
-    ("POST", "/v2/repository/models/{model}/unload"): "same",
+    ("POST", "/v2/repository/models/{model}/unload"): "unloads the model the other tests use: "
+                                                       "test_gateway_repository.py",
     ("POST", "/api/v1/models"): "an upload: test_upload_* with a models:write key",
     ("POST", "/api/v1/keys"): "creates keys: test_gateway_keys.py",
     ("GET", "/api/v1/keys/{id}"): "needs a key id: test_gateway_keys.py",
@@ -97,11 +98,14 @@ def test_every_route_checks_its_permission(gw, method, path, body, perm, ok):
 
 
 @pytest.mark.parametrize(("method", "path", "feature"), [
-    ("POST", "/v2/repository/models/mlp/load", "model control (load)"),
-    ("POST", "/v2/repository/models/mlp/unload", "model control (unload)"),
+    ("GET", "/v2/trace/setting", "trace settings"),
+    ("POST", "/v2/models/mlp/trace/setting", "trace settings"),
+    ("GET", "/v2/logging", "log settings"),
+    ("GET", "/v2/systemsharedmemory/region/r/status", "system shared memory"),
+    ("POST", "/v2/systemsharedmemory/unregister", "system shared memory"),
+    ("POST", "/v2/cudasharedmemory/region/r/register", "CUDA shared memory"),
 ])
 def test_triton_extensions_not_served_answer_501_naming_the_feature(gw, method, path, feature):
-    assert gw.request(method, path, {} if method == "POST" else None).status == 401
     r = gw.request(method, path, {} if method == "POST" else None, key=gw.key("admin"))
     assert r.status == 501 and r.json()["code"] == "ERR_NOT_IMPLEMENTED" and feature in r.json()["error"], r.body
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from swarmd.versions import latest, next_version, sort_versions, version_key
 from swarmd_rpc import SyncClient
 from tests.conftest import Daemon, http_json, rpc_call, run_cli, swarmd_env
 from tests.gateway_fixtures import reference, tiny_mlp
+from tests.swarm_daemons import start_gateway, start_hub, start_worker
 
 BOUND = 5.0  # seconds the issue allows between a push or rm and what serves
 
@@ -48,14 +48,9 @@ async def _health(ready: dict[str, Any], identity: Any = None) -> list[str]:
 @pytest.mark.slow
 def test_push_rm_push_serves_newest_within_bound(tmp_path: Path, daemons: Any, request: Any) -> None:
     env = swarmd_env(SWARMD_GATEWAY_ACCESS_LOG="false")
-    store: Daemon = daemons("--role", "bootstrap,store", "--data-dir", str(tmp_path / "s"), env=env)
-    boot = f"127.0.0.1:{store.wait_event('ready')['ports']['dht']}"
-    worker = daemons("--role", "worker", "--data-dir", str(tmp_path / "w"), "--bootstrap", boot, env=env)
-    gw = daemons("--role", "gateway", "--http", "127.0.0.1:0", "--data-dir", str(tmp_path / "g"),
-                 "--bootstrap", boot, env=env)
-    wready = worker.wait_event("ready")
-    port = gw.wait_event("ready")["ports"]["http"]
-    key = re.search(r"first admin API key \(shown once, store it now\): (\S+)", "".join(gw.lines)).group(1)
+    store, boot = start_hub(daemons, tmp_path / "s", "bootstrap,store", env=env)
+    _, wready = start_worker(daemons, tmp_path / "w", boot, env=env)
+    _, port, key = start_gateway(daemons, tmp_path / "g", boot, env=env)
     blobs = {i: tiny_mlp(seed=100 + i) for i in range(1, 5)}
     x = np.random.default_rng(1).standard_normal((2, 4)).astype(np.float32)
 

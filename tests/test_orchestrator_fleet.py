@@ -177,3 +177,30 @@ def test_a_suspect_that_answers_a_call_is_trusted_again() -> None:
     assert key in b.suspects
     b.succeeded(key, b.begin(key))
     assert b.suspects == {}
+
+
+def test_health_view_names_ejected_and_suspected_workers() -> None:
+    """What the gateway's dashboard shows of its router: its own ejections and others' verdicts."""
+    f, _ = fleet()
+    b = f.balancer
+    f.ingest_records([Record(k, online(["mlp"])) for k in KEYS])
+    b.check_failed(KEYS[0].hex(), "ERR_CLOSED")  # eject_after=1: ejected by this fleet
+    f.ingest_verdicts([Published(b"\x09" * 32, {"ejected": [KEYS[1].hex()[:16]]})])
+    view = f.health_view()
+    assert view[KEYS[0].hex()]["ejected"] is True and view[KEYS[0].hex()]["suspect"] is None
+    assert view[KEYS[1].hex()]["ejected"] is False
+    assert view[KEYS[1].hex()]["suspect"].startswith("ejected by orchestrator 0909")
+    assert KEYS[2].hex() not in view  # nothing known about it: nothing to show
+
+
+def test_an_orchestrator_ignores_its_own_published_verdicts() -> None:
+    from swarmd.node.identity import Identity
+
+    me = Identity.generate()
+    config = OrchestratorConfig(seed=1, dht_lease_ttl=10, eject_after=1)
+    f = Fleet(config, me, balancer=Balancer(config), health_checks=False)
+    f.ingest_records([Record(KEYS[0], online(["mlp"]))])
+    f.ingest_verdicts([Published(me.public_key, {"ejected": [KEYS[0].hex()[:16]]})])
+    assert f.balancer.suspects == {}  # its own tracker re-admitted it since; the record lags
+    f.ingest_verdicts([Published(b"\x09" * 32, {"ejected": [KEYS[0].hex()[:16]]})])
+    assert set(f.balancer.suspects) == {KEYS[0].hex()}

@@ -7,12 +7,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from swarmd import __version__
 from swarmd.errors import ERR_INTERNAL, ERR_NOT_IMPLEMENTED, ERR_NOT_READY, ERR_TOO_LARGE, SwarmdError
 from swarmd.gateway.backend import ModelInfo
-from swarmd.gateway.middleware import bad, json_response
+from swarmd.gateway.middleware import MODEL, bad, json_response
 from swarmd.gateway.oip import OipError, decode_infer_request, encode_infer_response, oip_datatype
 
 TRITON_TYPES = {
@@ -55,13 +56,40 @@ class OipRoutes:
         })
 
     async def repository_index(self, request: web.Request) -> web.Response:
-        out = []
-        for info in await self.backend.list_models():
-            for v in info.versions or [info.version]:
-                out.append({"name": info.name, "version": v, "state": "READY"})
-        return json_response(out)
+        """Triton's repository index; body {"ready": true} (optional) lists only READY versions."""
+        ready = False
+        body = await self._body(request, self.config.max_json_bytes, self.JSON_BODY)
+        if body.strip():
+            try:
+                doc = orjson.loads(body)
+            except orjson.JSONDecodeError as e:
+                raise bad(f"request body is not valid JSON: {e}") from None
+            if not isinstance(doc, dict) or not isinstance(doc.get("ready", False), bool):
+                raise bad('repository index body must be a JSON object, {"ready": true|false}')
+            ready = doc.get("ready", False)
+        return json_response(self._index_rows(await self.backend.repository_index(), ready))
 
-    # -- Open Inference Protocol v2 ------------------------------------------------
+    @staticmethod
+    def _index_rows(rows: list[dict[str, str]], ready: bool) -> list[dict[str, str]]:
+        """Rows in Triton's shape (no empty reason), only READY ones when asked."""
+        return [{k: v for k, v in r.items() if k != "reason" or v} for r in rows if not ready or r["state"] == "READY"]
+
+    async def model_control_call(self, action: str, model: str, parameters: dict[str, Any]) -> dict[str, Any]:
+        """A repository load or unload, as both fronts take it: parameters that would change the
+        model (a config override, model files) are refused: swarmd models come from the stores."""
+        if action == "load":
+            extra = sorted(k for k in parameters if k == "config" or k.startswith("file:"))
+            if extra:
+                raise SwarmdError(
+                    ERR_NOT_IMPLEMENTED,
+                    f"model loading with {', '.join(extra)} is not supported: a swarmd model is an ONNX file in "
+                    "the stores; push it (POST /api/v1/models or `swarmd model push`), then load it by name",
+                )
+            out = await self.backend.load_model(model)
+        else:
+            out = await self.backend.unload_model(model)  # unload_dependents: no ensembles, nothing depends
+        self.log.bind(event=f"model_{action}", model=model).info("repository {} of {}", action, model)
+        return out
 
     async def model_metadata(self, request: web.Request) -> web.Response:
         info = await self._metadata(request, request.match_info["model"], request.match_info.get("version"))
@@ -103,13 +131,35 @@ class OipRoutes:
         return json_response({"model_stats": await self.backend.model_statistics(model, version)})
 
     async def model_control(self, request: web.Request) -> web.Response:
-        """Triton's model-repository load/unload: workers load models themselves, so refuse clearly."""
+        """Triton's repository load/unload: {"parameters": {...}} (optional) as tritonclient sends it."""
         action = request.path.rsplit("/", 1)[-1]
-        raise SwarmdError(
-            ERR_NOT_IMPLEMENTED,
-            f"model control ({action}) is not supported: workers load a model from the stores on its first "
-            "request and evict it when idle; publish with POST /api/v1/models or `swarmd model push`",
-        )
+        model = request.match_info["model"]
+        request[MODEL] = model
+        params: dict[str, Any] = {}
+        body = await self._body(request, self.config.max_json_bytes, self.JSON_BODY)
+        if body.strip():
+            try:
+                doc = orjson.loads(body)
+            except orjson.JSONDecodeError as e:
+                raise bad(f"request body is not valid JSON: {e}") from None
+            p = doc.get("parameters", {}) if isinstance(doc, dict) else None
+            if not isinstance(p, dict):
+                raise bad(f'{action} body must be a JSON object, {{"parameters": {{...}}}}')
+            params = p
+        return json_response(await self.model_control_call(action, model, params))
+
+    UNSUPPORTED = {
+        "trace": "trace settings: swarmd traces with OpenTelemetry, configured per node in [tracing] (docs/triton.md)",
+        "logging": "log settings: set node.log_level in the node's configuration",
+        "systemsharedmemory": "system shared memory: tensors travel in the request (binary tensor extension)",
+        "cudasharedmemory": "CUDA shared memory: tensors travel in the request (binary tensor extension)",
+    }
+
+    async def triton_unsupported(self, request: web.Request) -> web.Response:
+        """Triton routes swarmd has no equivalent for: 501 naming the feature, not a bare 404."""
+        parts = request.path.split("/")
+        feature = "trace" if "trace" in parts else parts[2]
+        raise SwarmdError(ERR_NOT_IMPLEMENTED, f"swarmd gateway does not implement {self.UNSUPPORTED[feature]}")
 
     async def oip_infer(self, request: web.Request) -> web.Response:
         model, version = request.match_info["model"], request.match_info.get("version")

@@ -44,7 +44,7 @@ ROUTES: tuple[Route, ...] = (
           "OIP v2: server is ready (a worker is available); 503 otherwise"),
     Route("GET", "/v2", "server_metadata", "models:read", "OIP v2: server metadata and extensions"),
     Route("POST", "/v2/repository/index", "repository_index", "models:read",
-          "Model repository index (Triton extension)"),
+          'Model repository index (Triton extension); {"ready": true} lists only READY versions'),
     Route("GET", "/v2/models/stats", "model_stats", "models:read",
           "Triton statistics extension: every model version, summed over workers"),
     Route("GET", "/v2/models/{model}", "model_metadata", READ_OR_INFER, "OIP v2: model metadata (latest version)"),
@@ -62,9 +62,17 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v2/models/{model}/versions/{version}/stats", "model_stats", "models:read",
           "Triton statistics extension: one version"),
     Route("POST", "/v2/repository/models/{model}/load", "model_control", "models:write",
-          "Triton model control: refused with 501 (workers load models on first request)"),
+          "Triton model control: load a model on the workers (from the stores)"),
     Route("POST", "/v2/repository/models/{model}/unload", "model_control", "models:write",
-          "Triton model control: refused with 501 (workers evict idle models)"),
+          "Triton model control: unload a model from the workers"),
+    *(Route(m, path, "triton_unsupported", PUBLIC, f"Triton {what}: 501 naming the feature (not supported)")
+      for path, what in (("/v2/trace/setting", "trace settings"), ("/v2/models/{model}/trace/setting",
+                         "trace settings of a model"), ("/v2/logging", "log settings"))
+      for m in ("GET", "POST")),
+    *(Route(m, f"/v2/{kind}{path}", "triton_unsupported", PUBLIC, f"Triton {kind}: 501 (not supported)")
+      for kind in ("systemsharedmemory", "cudasharedmemory")
+      for m, path in (("GET", "/status"), ("GET", "/region/{region}/status"), ("POST", "/unregister"),
+                      ("POST", "/region/{region}/register"), ("POST", "/region/{region}/unregister"))),
     Route("GET", "/api/v1/models", "v1_models", "models:read", "List models"),
     Route("GET", "/api/v1/models/{model}", "v1_model", "models:read", "One model's metadata (?version=)"),
     Route("POST", "/api/v1/models", "v1_upload", "models:write",

@@ -34,6 +34,7 @@ from swarmd.orchestrator.balancer import Balancer
 from swarmd.orchestrator.config import OrchestratorConfig
 from swarmd.orchestrator.connections import WorkerConnections
 from swarmd.orchestrator.discovery import EJECTED_PREFIX, ad_from_record, ejection_verdicts, missed_refreshes
+from swarmd.orchestrator.health import HealthRecord
 from swarmd.orchestrator.monitor import HealthMonitor
 from swarmd.orchestrator.registry import WorkerLease
 from swarmd.orchestrator.router import Caller, Router
@@ -62,6 +63,7 @@ class Fleet:
         by default the swarm's full lookup."""
         self.config = config or OrchestratorConfig()
         self.swarm = swarm
+        self.identity = identity
         self.balancer = balancer or Balancer(self.config)
         self.records: dict[str, Any] = {}  # hex key -> the newest DHT record of each registered worker
         self.connections = WorkerConnections(
@@ -201,7 +203,9 @@ class Fleet:
     def ingest_verdicts(self, records: Iterable[Any]) -> None:
         """Take the ejections every orchestrator publishes (its ORCHESTRATORS records, one
         lookup's worth: what is not listed any more was re-admitted)."""
-        self.verdicts = ejection_verdicts(records)
+        own = self.identity.public_key if self.identity is not None else None
+        # our own verdicts are our health tracker's, live: the published copy lags behind it
+        self.verdicts = ejection_verdicts(r for r in records if getattr(r, "public_key", None) != own)
         self._suspect()
 
     def _suspect(self) -> None:
@@ -221,6 +225,16 @@ class Fleet:
                 "worker {} avoided while others remain: {}", key[:16], suspects[key]
             )
         self.balancer.suspects = suspects
+
+    def health_view(self) -> dict[str, dict[str, Any]]:
+        """{worker key: its health record with "ejected", and "suspect" (why it is avoided,
+        or None)} for every worker this fleet judged or suspects: what dashboards show."""
+        view = self.balancer.health.snapshot()
+        for key in view:
+            view[key]["suspect"] = None
+        for key, why in self.balancer.suspects.items():
+            view.setdefault(key, {**HealthRecord().to_dict(), "ejected": False})["suspect"] = why
+        return view
 
     def ingest_records(self, records: Iterable[Any]) -> int:
         """Renew leases from PeerRecord-like objects (public_key, addresses, payload, seq).

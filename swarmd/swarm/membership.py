@@ -230,15 +230,18 @@ class Membership:
                 "could not connect to peer found by lookup"
             )
 
-    async def lookup(self, topic: bytes | str, role: str | None = None) -> AsyncIterator[PeerRecord]:
+    async def lookup(
+        self, topic: bytes | str, role: str | None = None, *, admit: bool = True
+    ) -> AsyncIterator[PeerRecord]:
         """Records of peers announcing topic, each as soon as it arrives
         (newest seq per peer, each peer once).
 
         The admission point of the swarm: on a role's topic (swarmd.topics.topic_role,
         or `role` given) only records of keys our trust admits to that role are
-        yielded; the others are ignored as if never announced."""
+        yielded; the others are ignored as if never announced. admit=False yields
+        every record, for a tool that shows each one's admission (never to pick peers by)."""
         t = self.topic(topic)
-        need = role or self.role_of(topic if isinstance(topic, str) else t)
+        need = (role or self.role_of(topic if isinstance(topic, str) else t)) if admit else None
         trust = self.trust
         async with aclosing(self.dht.lookup(t)) as it:
             async for rec in it:
