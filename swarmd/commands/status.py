@@ -10,6 +10,7 @@ hold. Each part that cannot be had says why instead of failing the rest.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 import time
@@ -89,9 +90,10 @@ async def gather_status(settings: Any, timeout: float, host: str | None = None) 
         cfg.operators = list(trust.operators)
     async with Client(boot, swarm_secret=settings.node.swarm_secret, config=cfg) as swarm:
         try:
-            ejected = await ejections(swarm)
+            ejected, found = await asyncio.gather(  # one wait, not two
+                ejections(swarm), swarm.lookup(WORKERS, admitted_only=False))  # each shown with its admission
             now = time.time()
-            for rec in await swarm.lookup(WORKERS, admitted_only=False):  # each shown with its admission
+            for rec in found:
                 p = rec.payload if isinstance(rec.payload, dict) else {}
                 models = [m.get("name") if isinstance(m, dict) else m for m in p.get("models") or []]
                 key = rec.public_key.hex()
