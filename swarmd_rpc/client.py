@@ -32,6 +32,7 @@ from swarmd.errors import (
 from swarmd.node.deadline import within
 from swarmd.node.identity import Identity
 from swarmd.orchestrator.config import OrchestratorConfig
+from swarmd.orchestrator.discovery import missed_refreshes
 from swarmd.orchestrator.fleet import Fleet
 from swarmd.worker.result import InferResult
 from swarmd_rpc.errors import Closed, translated
@@ -462,7 +463,10 @@ class Client:
         if self._direct is not None:
             return [self._direct.remote_public_key]
         records = await self.lookup(topic, settle=self.config.settle)
-        return [r.public_key for r in records]
+        # a store whose live record stopped being refreshed (most likely dead, its record not
+        # expired yet) is asked last, as the routers do with such workers
+        now, stale = time.time(), OrchestratorConfig.stale_after
+        return [r.public_key for r in sorted(records, key=lambda r: missed_refreshes(r, now, stale))]
 
 
 __all__ = ["Client", "ClientConfig", "Inference", "Models", "PeerAddress"]
