@@ -200,10 +200,14 @@ def stop_proc(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+DAEMON_ENV: dict[str, str] = {}  # --set
+
+
 def swarmd_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SWARMD_")}
     env["PYTHONPATH"] = str(ROOT)
     env["SWARMD_TRUST_OPEN"] = "true"  # a benchmark lab: every key admitted (docs/operations.md, trust model)
+    env.update(DAEMON_ENV)
     env.update(extra)
     return env
 
@@ -258,9 +262,12 @@ def run_swarm(tmp: Path, models: Path, body: bytes, conns: list[int], seconds: f
         argv = cmd
         if prof and name in ("gateway", "worker"):
             # CPU-time profile (not wall time: on a shared box wall time is mostly waiting for a core)
-            runner = ("import cProfile, sys, time; from swarmd.cli import main; "
-                      "p = cProfile.Profile(time.process_time); rc = p.runcall(main, sys.argv[2:]); "
-                      "p.dump_stats(sys.argv[1]); sys.exit(rc)")
+            # profiled only while the load runs: SIGUSR1 starts it, SIGUSR2 stops it and dumps the stats
+            runner = ("import cProfile, signal, sys, time; from swarmd.cli import main; "
+                      "p = cProfile.Profile(time.process_time); "
+                      "signal.signal(signal.SIGUSR1, lambda *a: p.enable()); "
+                      "signal.signal(signal.SIGUSR2, lambda *a: (p.disable(), p.dump_stats(sys.argv[1]))); "
+                      "sys.exit(main(sys.argv[2:]))")
             argv = [sys.executable, "-c", runner, f"{prof}.{route}.{name}", *cmd[3:]]
         p = start_proc([*argv, "--data-dir", str(base / name), *args], env, log)
         procs.append(p)
@@ -308,9 +315,15 @@ def run_swarm(tmp: Path, models: Path, body: bytes, conns: list[int], seconds: f
             if time.monotonic() > deadline:
                 raise RuntimeError("inference through the swarm never succeeded")
             time.sleep(0.5)
+        profiled = [q for q in local if prof and q.args[0] == sys.executable and q.args[1] == "-c"]
+        for q in profiled:
+            q.send_signal(signal.SIGUSR1)
         out = {}
         for c in conns:
             out[str(c)] = measure(port, body, c, seconds, {"x-api-key": key}, gp.pid)
+        for q in profiled:
+            q.send_signal(signal.SIGUSR2)
+        time.sleep(1.0 if profiled else 0.0)  # the dump is written between two loop turns
         return out
     finally:
         for p in reversed(local):
@@ -325,7 +338,15 @@ def main() -> int:
                     help="swarm layouts to measure (+inline: worker.inline_run_us = 5000 instead of "
                          "the default 2000; +threaded: = 0, every run in a thread; "
                          "+colocated: gateway and worker share one process)")
+    ap.add_argument("--set", action="append", default=[], metavar="SWARMD_X=V",
+                    help="environment for every swarmd process of the run (A/B a setting in one run)")
+    ap.add_argument("--standalone", default="fastapi,gateway",
+                    help="single-process servers to measure: fastapi (the baseline), gateway (local models)")
     args = ap.parse_args()
+    for kv in args.set:
+        k, _, v = kv.partition("=")
+        DAEMON_ENV[k] = v
+    standalone = set(args.standalone.split(",")) if args.standalone else set()
     conns = [int(c) for c in args.conns.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
     procs: list[subprocess.Popen] = []
@@ -346,27 +367,27 @@ def main() -> int:
             for c in conns:
                 results[name][str(c)] = measure(port, body, c, args.seconds, headers, pid)
 
-        # baseline: FastAPI + onnxruntime
-        app = tmp / "fastapi_app.py"
-        app.write_text(FASTAPI_APP)
-        port = free_port()
-        p = start_proc([sys.executable, str(app), str(model), str(port)], swarmd_env(), tmp / "fastapi.log")
-        procs.append(p)
-        wait_http(port, p)
-        run("fastapi", port, {}, p.pid)
-        stop_proc(p)
+        if "fastapi" in standalone:  # baseline: FastAPI + onnxruntime
+            app = tmp / "fastapi_app.py"
+            app.write_text(FASTAPI_APP)
+            port = free_port()
+            p = start_proc([sys.executable, str(app), str(model), str(port)], swarmd_env(), tmp / "fastapi.log")
+            procs.append(p)
+            wait_http(port, p)
+            run("fastapi", port, {}, p.pid)
+            stop_proc(p)
 
-        # gateway, standalone (onnxruntime in the gateway process)
-        data = tmp / "gw"
-        key = create_key(data)
-        port = free_port()
-        p = start_proc([sys.executable, "-m", "swarmd", "--role", "gateway", "--http", f"127.0.0.1:{port}",
-                        "--data-dir", str(data), "--log-level", "WARNING"],
-                       swarmd_env(SWARMD_GATEWAY_LOCAL_MODELS_DIR=str(models)), tmp / "gateway.log")
-        procs.append(p)
-        wait_http(port, p)
-        run("gateway", port, {"x-api-key": key}, p.pid)
-        stop_proc(p)
+        if "gateway" in standalone:  # gateway, standalone (onnxruntime in the gateway process)
+            data = tmp / "gw"
+            key = create_key(data)
+            port = free_port()
+            p = start_proc([sys.executable, "-m", "swarmd", "--role", "gateway", "--http", f"127.0.0.1:{port}",
+                            "--data-dir", str(data), "--log-level", "WARNING"],
+                           swarmd_env(SWARMD_GATEWAY_LOCAL_MODELS_DIR=str(models)), tmp / "gateway.log")
+            procs.append(p)
+            wait_http(port, p)
+            run("gateway", port, {"x-api-key": key}, p.pid)
+            stop_proc(p)
 
         if swarm_available():
             for route in args.routes.split(","):

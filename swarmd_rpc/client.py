@@ -5,60 +5,38 @@ never enters other nodes' routing tables, where it would be a dead contact
 once it exits) and a Swarm of its own for pooled, Noise-authenticated
 connections. Inference is routed exactly as the gateway routes it: a Fleet
 (swarmd.orchestrator.fleet) fed by the workers' DHT records, whose Router picks
-a worker, calls it and fails over on the errors failover.classify calls
-retryable; model transfers use the store's streams through
-swarmd.store.transfer. Nothing here needs a daemon on this box.
+a worker, calls it and fails over on the errors swarmd.errors.classify calls
+retryable; model transfers are `models.Models` (the store's streams through
+swarmd.store.transfer). Nothing here needs a daemon on this box.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 import numpy as np
 
 from swarmd.errors import (
     ERR_BAD_REQUEST,
-    ERR_CORRUPT,
     ERR_NOT_FOUND,
     ERR_UNAVAILABLE,
     ERR_UNKNOWN_METHOD,
     SwarmdError,
-    retryable,
 )
 from swarmd.node.deadline import within
 from swarmd.node.identity import Identity
 from swarmd.orchestrator.config import OrchestratorConfig
+from swarmd.orchestrator.discovery import missed_refreshes
 from swarmd.orchestrator.fleet import Fleet
-from swarmd.store.transfer import Progress, pull_file, push_file
-from swarmd.topics import STORES, model_topic
 from swarmd.worker.result import InferResult
-from swarmd_rpc.errors import Closed, translate
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def _translated(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-    """Raise the library's per-code exception classes instead of bare SwarmdError/TimeoutError/OSError."""
-
-    @functools.wraps(fn)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await fn(*args, **kwargs)
-        except (SwarmdError, TimeoutError, OSError) as e:
-            out = translate(e)
-            if out is e:
-                raise
-            raise out from e
-
-    return wrapper
+from swarmd_rpc.errors import Closed, translated
+from swarmd_rpc.models import Models
 
 
 def _public_key(value: bytes | str) -> bytes:
@@ -146,10 +124,8 @@ class Client:
         self.models = Models(self)
         self.fleet: Fleet | None = None  # the router over the workers' records (swarm mode)
         self._records: dict[bytes, Any] = {}  # public key -> newest PeerRecord seen by discovery
-        self._dht: Any = None
-        self._server: Any = None
+        self._stack: Any = None  # swarmd.swarm.stack.Stack in swarm mode
         self._swarm: Any = None
-        self._traversal: Any = None
         self._direct: Any = None  # RpcPeer in single-peer mode
         self._started = False
         self._closed = False
@@ -188,7 +164,7 @@ class Client:
             cfg.operators = list(trust.operators)
         return cls(identity=identity, config=cfg)
 
-    @_translated
+    @translated
     async def start(self) -> Client:
         """Bootstrap the DHT node (swarm mode) or open the channel (peer mode). Idempotent."""
         async with self._start_lock:
@@ -209,9 +185,9 @@ class Client:
         return self
 
     async def _start_swarm(self) -> None:
-        from swarmd.dht import DhtConfig, DhtNode
-        from swarmd.rpc import Methods, RpcServer
-        from swarmd.swarm import Swarm, SwarmConfig
+        from swarmd.dht import DhtConfig
+        from swarmd.swarm import SwarmConfig
+        from swarmd.swarm.stack import open_stack
 
         cfg = self.config
         if not cfg.bootstrap:
@@ -219,18 +195,9 @@ class Client:
                 ERR_BAD_REQUEST,
                 "a swarm client needs bootstrap=['HOST:PORT', ...]; use Client.for_peer() for a single peer",
             )
-        boot = [_hostport(b) for b in cfg.bootstrap]
         secret = cfg.swarm_secret
         if isinstance(secret, str):
             secret = bytes.fromhex(secret)
-        dht = DhtNode(
-            Identity.generate(),
-            DhtConfig(host=cfg.dht_host, port=cfg.dht_port, bootstrap=boot, mode="client",
-                      lookup_timeout=cfg.lookup_timeout),
-        )
-        await dht.start()
-        server = RpcServer(self.identity, Methods(), cfg.listen_host, 0)
-        swarm: Any = None
         trust = None
         if cfg.operators:
             from swarmd.node.trust import GrantError, Trust, parse_key
@@ -238,36 +205,20 @@ class Client:
             try:
                 operators = [parse_key(k, "operators[]") for k in cfg.operators]
             except GrantError as e:
-                await dht.stop()
                 raise SwarmdError(ERR_BAD_REQUEST, str(e)) from None
             trust = Trust(operators, own_key=self.identity.public_key)
-        try:
-            await server.start()
-            swarm = Swarm(
-                self.identity,
-                dht,
-                server,
-                SwarmConfig(secret=secret, announce_self=False, lookup_timeout=cfg.lookup_timeout,
-                            request_timeout=cfg.timeout),
-                trust=trust,
-            )
-            await swarm.start()
-            if cfg.traversal:
-                from swarmd.swarm.traversal import Traversal
-
-                self._traversal = Traversal(swarm)
-                await self._traversal.start()
-        except BaseException:
-            if self._traversal is not None:
-                await self._traversal.stop()
-                self._traversal = None
-            if swarm is not None:
-                with contextlib.suppress(Exception):
-                    await swarm.stop()
-            await server.stop()
-            await dht.stop()
-            raise
-        self._dht, self._server, self._swarm = dht, server, swarm
+        self._stack = stack = await open_stack(
+            self.identity,
+            DhtConfig(host=cfg.dht_host, port=cfg.dht_port, bootstrap=[_hostport(b) for b in cfg.bootstrap],
+                      mode="client", lookup_timeout=cfg.lookup_timeout),
+            dht_identity=Identity.generate(),  # a client-mode DHT node: no routing-table entry to keep
+            host=cfg.listen_host,
+            swarm_config=SwarmConfig(secret=secret, announce_self=False, lookup_timeout=cfg.lookup_timeout,
+                                     request_timeout=cfg.timeout),
+            trust=trust,
+            nat=cfg.traversal,
+        )
+        swarm = self._swarm = stack.swarm
         # No health loop of its own (a client is short-lived): failures and bans are what it learns.
         # A punched or relayed path takes longer to open than a direct dial: give it the call's time.
         dial = cfg.timeout if cfg.traversal else min(cfg.timeout, 5.0)
@@ -283,24 +234,14 @@ class Client:
         if fleet is not None:
             with contextlib.suppress(Exception):
                 await fleet.stop()
-        swarm, server, dht, direct = self._swarm, self._server, self._dht, self._direct
-        traversal, self._traversal = self._traversal, None
-        self._swarm = self._server = self._dht = self._direct = None
+        stack, direct = self._stack, self._direct
+        self._stack = self._swarm = self._direct = None
         if direct is not None:
             with contextlib.suppress(Exception):
                 await direct.close()
-        if traversal is not None:
+        if stack is not None:
             with contextlib.suppress(Exception):
-                await traversal.stop()
-        if swarm is not None:
-            with contextlib.suppress(Exception):
-                await swarm.stop()
-        if server is not None:
-            with contextlib.suppress(Exception):
-                await server.stop()
-        if dht is not None:
-            with contextlib.suppress(Exception):
-                await dht.stop()
+                await stack.stop()
 
     async def __aenter__(self) -> Client:
         return await self.start()
@@ -340,7 +281,7 @@ class Client:
 
     # -- topics and calls ------------------------------------------------------------
 
-    @_translated
+    @translated
     async def lookup(
         self,
         topic: str | bytes,
@@ -348,19 +289,24 @@ class Client:
         *,
         first_only: bool = False,
         settle: float | None = None,
+        admitted_only: bool = True,
     ) -> list[Any]:
         """Records (swarmd.dht.records.PeerRecord: public_key, addresses, payload, seq, expiry) of
         peers announcing topic, a name or a 32-byte topic hash.
 
         By default the whole lookup runs (bounded by timeout). first_only returns as soon as one
         record arrives; settle=S returns S seconds after the first one: an unresponsive DHT node
-        costs a full crawl its timeout, and a person at a prompt waits on it."""
+        costs a full crawl its timeout, and a person at a prompt waits on it.
+
+        On a role's topic only records our operators admit are returned (all of them when the
+        client names no operators); admitted_only=False returns every record, for a tool that
+        shows each one's admission."""
         await self._ready()
         swarm = self._need_swarm("lookup")
         found: dict[bytes, Any] = {}
         loop = asyncio.get_running_loop()
         deadline = settle_until = loop.time() + (timeout or self.config.lookup_timeout)
-        async with contextlib.aclosing(swarm.lookup(topic)) as it:
+        async with contextlib.aclosing(swarm.lookup(topic, admit=admitted_only)) as it:
             while True:
                 wait = deadline - loop.time()
                 if found and settle is not None:
@@ -377,11 +323,12 @@ class Client:
                     found[rec.public_key] = rec
                 if first_only:
                     break
-        for rec in found.values():
-            self._records[rec.public_key] = rec
+        if admitted_only:  # records no admission checked are shown, never used to reach a peer
+            for rec in found.values():
+                self._records[rec.public_key] = rec
         return list(found.values())
 
-    @_translated
+    @translated
     async def connect(self, public_key: bytes | str) -> Any:
         """A pooled, Noise-authenticated RpcPeer to the peer with this key (for streams and many
         calls); the record from an earlier lookup is used when there is one, else the DHT is asked.
@@ -389,7 +336,7 @@ class Client:
         await self._ready()
         return await self._peer(_public_key(public_key))
 
-    @_translated
+    @translated
     async def join(
         self,
         topic: str | bytes,
@@ -407,7 +354,7 @@ class Client:
         await swarm.flush(timeout or self.config.lookup_timeout * 2)
         return t
 
-    @_translated
+    @translated
     async def leave(self, topic: str | bytes) -> None:
         """Stop announcing and looking up topic; our record is withdrawn."""
         await self._ready()
@@ -429,7 +376,7 @@ class Client:
             return []
         return [pk for pk, *_ in self._swarm.peers()]
 
-    @_translated
+    @translated
     async def call(
         self,
         public_key: bytes | str | None,
@@ -452,7 +399,7 @@ class Client:
 
     # -- inference ---------------------------------------------------------------------
 
-    @_translated
+    @translated
     async def infer_detailed(
         self,
         model: str,
@@ -516,198 +463,10 @@ class Client:
         if self._direct is not None:
             return [self._direct.remote_public_key]
         records = await self.lookup(topic, settle=self.config.settle)
-        return [r.public_key for r in records]
-
-
-def _next_store(e: SwarmdError) -> bool:
-    """Another store may do better: what failover calls retryable, or a copy that failed its digest."""
-    return retryable(e) or e.code == ERR_CORRUPT
-
-
-def pull_destination(path: str | Path, name: str, version: str) -> Path:
-    """Where `pull` writes: path itself, or path/NAME-VERSION.onnx when path is a directory (or ends
-    with a slash). The directory must exist: a typo is a one-line error, not a tree made by accident."""
-    text = str(path)
-    p = Path(path).expanduser()
-    if text.endswith(("/", "\\")) or p.is_dir():
-        if not p.is_dir():
-            raise SwarmdError(ERR_BAD_REQUEST, f"directory {p} does not exist")
-        return p / f"{name}-{version}.onnx"
-    if not p.parent.is_dir():
-        raise SwarmdError(ERR_BAD_REQUEST, f"cannot write {p}: directory {p.parent} does not exist")
-    return p
-
-
-class Models:
-    """Model operations on the swarm's stores: `client.models.push/pull/list/get/rm`."""
-
-    def __init__(self, client: Client) -> None:
-        self._client = client
-
-    @_translated
-    async def push(
-        self,
-        path: str | Path,
-        name: str,
-        version: str | None = None,
-        *,
-        tags: list[str] | None = None,
-        description: str | None = None,
-        progress: Progress | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109
-    ) -> dict[str, Any]:
-        """Upload an ONNX file as name[:version] to one store (replication spreads it); resumes what
-        the store already has. progress(done, total) is called as bytes go out. Returns the metadata."""
-        c = self._client
-        await c._ready()
-        path = Path(path)
-        if not path.is_file():
-            raise SwarmdError(ERR_BAD_REQUEST, f"{path} is not a readable file")
-        t = timeout or c.config.timeout
-        last: SwarmdError | None = None
-        for pk in await c._store_keys(STORES):
-            try:
-                peer = await c._peer(pk)
-            except SwarmdError as e:
-                last = e
-                continue  # a store that went away: its record lingers until it expires
-            return await push_file(peer, path, name, version, tags=tags, description=description,
-                                   progress=progress, timeout=t)
-        raise last or SwarmdError(ERR_UNAVAILABLE, "no store announces itself in the swarm")
-
-    @_translated
-    async def get(self, name: str, version: str | None = None) -> dict[str, Any]:
-        """Metadata of name[:version] (latest when version is None) from any store holding it.
-
-        Unversioned: the newest (swarmd.versions) of what every store holding it calls its
-        latest, so a store that has not replicated a push yet does not decide."""
-        if version is not None:
-            _, meta = await self._find(name, version)
-            return meta
-        from swarmd.versions import version_key
-
-        found: list[dict[str, Any]] = []
-        try:
-            async with contextlib.aclosing(self._holders(name, None)) as holders:
-                async for _, meta in holders:
-                    found.append(meta)
-        except SwarmdError:
-            if not found:
-                raise
-        return max(found, key=lambda m: version_key(str(m.get("version", ""))))
-
-    async def _find(self, name: str, version: str | None) -> tuple[Any, dict[str, Any]]:
-        async with contextlib.aclosing(self._holders(name, version)) as holders:
-            async for found in holders:
-                return found
-        raise AssertionError("unreachable: _holders raises when no store holds the model")  # pragma: no cover
-
-    async def _holders(self, name: str, version: str | None) -> Any:
-        """(peer, metadata) of each store that holds name[:version], in turn: those announcing the
-        model's topic, else every store. Raises (NOT_FOUND unless a store failed otherwise) when
-        none does; the caller stops iterating once one served it."""
-        c = self._client
-        await c._ready()
-        params = {"name": name} if version is None else {"name": name, "version": version}
-        keys = await c._store_keys(model_topic(name)) or await c._store_keys(STORES)
-        last: SwarmdError | None = None
-        for pk in keys:
-            try:
-                peer = await c._peer(pk)
-                meta = await peer.call("getModel", params, timeout=c.config.timeout)
-            except SwarmdError as e:
-                if not retryable(e):
-                    raise
-                last = e
-                continue
-            yield peer, meta
-        if last is not None and last.code != ERR_NOT_FOUND:
-            raise last
-        raise SwarmdError(ERR_NOT_FOUND, f"no store holds model {name}{':' + version if version else ''}")
-
-    @_translated
-    async def pull(
-        self,
-        name: str,
-        version: str | None,
-        path: str | Path,
-        *,
-        progress: Progress | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109
-    ) -> dict[str, Any]:
-        """Download name[:version] (latest when None) to path (a directory: path/NAME-VERSION.onnx),
-        verified against its sha256 and written atomically; resumes a partial dest + '.part'. A
-        store whose copy fails (corrupt, gone, timed out) is replaced by the next that holds the
-        same digest. Returns the metadata, with "path" where the file is."""
-        c = self._client
-        t = timeout or c.config.timeout
-        chosen: dict[str, Any] | None = None
-        dest: Path | None = None
-        last: SwarmdError | None = None
-        async with contextlib.aclosing(self._holders(name, version)) as holders:
-            async for peer, meta in holders:
-                if chosen is None:
-                    chosen, dest = meta, pull_destination(path, meta["name"], meta["version"])
-                elif meta.get("digest") != chosen["digest"]:
-                    continue  # "latest" may differ between stores mid-replication: keep the first answer
-                assert dest is not None
-                try:
-                    await pull_file(peer, chosen["digest"], dest, size=chosen["size"], progress=progress, timeout=t)
-                except SwarmdError as e:
-                    if not _next_store(e):
-                        raise
-                    last = e
-                    continue
-                return {**chosen, "path": str(dest)}
-        raise last or SwarmdError(ERR_NOT_FOUND, f"no store holds model {name}{':' + version if version else ''}")
-
-    @_translated
-    async def rm(self, name: str, version: str) -> int:
-        """Delete name:version on every store that holds it (versions go one at a time); returns how
-        many stores deleted it. NotFound when none held it."""
-        c = self._client
-        await c._ready()
-        if not version:
-            raise SwarmdError(ERR_BAD_REQUEST, "rm needs a version (versions are deleted one at a time)")
-        params = {"name": name, "version": version}
-        keys = await c._store_keys(model_topic(name)) or await c._store_keys(STORES)
-        deleted = 0
-        for pk in keys:
-            try:
-                peer = await c._peer(pk)
-                await peer.call("deleteModel", params, timeout=c.config.timeout)
-                deleted += 1
-            except SwarmdError as e:
-                if not _next_store(e):
-                    raise
-        if not deleted:
-            raise SwarmdError(ERR_NOT_FOUND, f"no store holds {name}:{version}")
-        return deleted
-
-    @_translated
-    async def list(self, name: str | None = None, tag: str | None = None) -> list[dict[str, Any]]:
-        """Metadata of every version every reachable store holds, merged, sorted by name and version."""
-        from swarmd.versions import version_key
-
-        c = self._client
-        await c._ready()
-        params = {k: v for k, v in (("name", name), ("tag", tag)) if v is not None}
-        seen: dict[tuple[str, str], dict[str, Any]] = {}
-        answered = 0
-        last: SwarmdError | None = None
-        for pk in await c._store_keys(STORES):
-            try:
-                peer = await c._peer(pk)
-                ans = await peer.call("listModels", params, timeout=c.config.timeout)
-            except SwarmdError as e:
-                last = e
-                continue
-            answered += 1
-            for m in ans.get("models", []) if isinstance(ans, dict) else []:
-                seen.setdefault((m["name"], m["version"]), m)
-        if not answered and last is not None:
-            raise last
-        return sorted(seen.values(), key=lambda m: (m["name"], version_key(m["version"])))
+        # a store whose live record stopped being refreshed (most likely dead, its record not
+        # expired yet) is asked last, as the routers do with such workers
+        now, stale = time.time(), OrchestratorConfig.stale_after
+        return [r.public_key for r in sorted(records, key=lambda r: missed_refreshes(r, now, stale))]
 
 
 __all__ = ["Client", "ClientConfig", "Inference", "Models", "PeerAddress"]

@@ -9,7 +9,9 @@ network code catches them too.
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar
 
 from swarmd.errors import (
     ERR_BAD_REQUEST,
@@ -187,4 +189,24 @@ def translate(exc: BaseException) -> BaseException:
     return out
 
 
-__all__ = ["BY_CODE", "ClientError", "translate", *sorted(c.__name__ for c in BY_CODE.values())]
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def translated(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Raise the library's per-code exception classes instead of bare SwarmdError/TimeoutError/OSError."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except (SwarmdError, TimeoutError, OSError) as e:
+            out = translate(e)
+            if out is e:
+                raise
+            raise out from e
+
+    return wrapper
+
+
+__all__ = ["BY_CODE", "ClientError", "translate", "translated", *sorted(c.__name__ for c in BY_CODE.values())]

@@ -13,7 +13,8 @@ import time
 from collections import Counter
 from typing import Any, ClassVar
 
-from swarmd.roles.store import PAGE_ROWS, StoreRole
+from swarmd.roles.store import StoreRole
+from swarmd.roles.store_replication import PAGE_ROWS
 from swarmd.store.catalog import ModelMeta
 
 

@@ -11,6 +11,7 @@ fixture, the real CLI through run_cli); nothing here is a stand-in.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -93,3 +94,17 @@ def poll_until(check: Callable[[], T], what: str, deadline_s: float, every: floa
         if time.monotonic() - start > deadline_s:
             raise AssertionError(f"{what}: not within {deadline_s:g}s (last: {got!r})")
         time.sleep(every)
+
+
+def admin_key(gateway: Daemon) -> str:
+    """The first admin API key a new gateway printed (once) on its output."""
+    m = re.search(r"first admin API key \(shown once, store it now\): (\S+)", "".join(gateway.lines))
+    assert m is not None, "the gateway printed no first admin key:\n" + "".join(gateway.lines[-50:])
+    return m.group(1)
+
+
+def start_gateway(daemons: Callable[..., Daemon], data_dir: Path, boot: str, *args: str,
+                  roles: str = "gateway", env: dict[str, str] | None = None) -> tuple[Daemon, int, str]:
+    """A gateway (plus `roles`) on a free HTTP port joined to `boot`; (daemon, HTTP port, admin key)."""
+    gw, ready = start_node(daemons, roles, data_dir, boot, "--http", "127.0.0.1:0", *args, env=env)
+    return gw, ready["ports"]["http"], admin_key(gw)

@@ -59,3 +59,59 @@ def test_demo_prints_a_working_example_and_stops_on_ctrl_c(tmp_path):
             proc.kill()
             proc.wait()
         proc.stdout.close()
+
+
+def _start_demo(data_dir) -> tuple[subprocess.Popen, list[str]]:  # noqa: ANN001
+    """`python -m swarmd.demo` (what `make run` starts) on data_dir with a free HTTP port;
+    (process, its output up to the banner's last line)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "swarmd.demo", "--data-dir", str(data_dir), "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=swarmd_env(), cwd=str(ROOT),
+    )
+    lines: list[str] = []
+    deadline = time.monotonic() + 120
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        assert line, "demo exited early:\n" + "".join(lines)
+        lines.append(line)
+        if line.startswith("Press Ctrl-C"):
+            return proc, lines
+    raise AssertionError("no banner within 120 s:\n" + "".join(lines))
+
+
+@pytest.mark.slow
+def test_second_demo_on_one_data_dir_exits_naming_the_pid_and_the_first_keeps_serving(tmp_path):
+    data = tmp_path / "data"
+    first, lines = _start_demo(data)
+    try:
+        text = "".join(lines)
+        url = re.search(r"gateway:\s+(http://\S+)", text).group(1)
+        key = re.search(r"admin key: (\S+)", text).group(1)
+        body = re.search(r"-d '(.+)'", text).group(1).encode()
+        status = (data / "status.json").read_text()
+        assert json.loads(status)["pid"] == first.pid
+
+        second = subprocess.run(
+            [sys.executable, "-m", "swarmd.demo", "--data-dir", str(data), "--port", "0"],
+            capture_output=True, text=True, timeout=120, env=swarmd_env(), cwd=str(ROOT),
+        )
+        out = (second.stdout + second.stderr).strip()
+        assert second.returncode == 1, out
+        last = out.splitlines()[-1]
+        assert "in use by another swarmd" in last and f"pid {first.pid}" in last, out
+        assert "Traceback" not in out and "admin key" not in out
+
+        # the first one never noticed: same status file, still answering
+        assert first.poll() is None
+        assert (data / "status.json").read_text() == status
+        req = urllib.request.Request(f"{url}/v2/models/digits/infer", data=body, headers={"x-api-key": key})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert next(o for o in json.load(r)["outputs"] if o["name"] == "label")["data"] == [0]
+        first.send_signal(signal.SIGINT)
+        assert first.wait(60) == 0
+        assert not (data / "status.json").exists()
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()

@@ -4,6 +4,7 @@ permissions and error vocabulary."""
 
 from __future__ import annotations
 
+import functools
 import queue
 
 import numpy as np
@@ -137,8 +138,6 @@ def test_errors_map_to_grpc_status_codes(gw, client) -> None:
 def test_calls_swarmd_does_not_build_say_which_feature(gw, client) -> None:
     h = {"x-api-key": gw.key("admin")}
     for call, feature in ((lambda: client.get_inference_statistics("mlp", headers=h), "statistics"),
-                          (lambda: client.load_model("mlp", headers=h), "loading"),
-                          (lambda: client.unload_model("mlp", headers=h), "unloading"),
                           (lambda: client.get_system_shared_memory_status(headers=h), "shared memory"),
                           (lambda: client.get_cuda_shared_memory_status(headers=h), "shared memory"),
                           (lambda: client.get_trace_settings(headers=h), "trace"),
@@ -213,3 +212,18 @@ def test_daemon_serves_grpc_when_asked(daemons, tmp_path) -> None:
     assert d.stop() == 0
     r = run_cli("--role", "gateway", "--grpc", "nowhere", "--data-dir", str(tmp_path / "h"))
     assert r.returncode != 0 and "gateway.grpc 'nowhere' must look like HOST:PORT" in r.stderr
+
+
+def test_async_infer_calls_back_with_each_result(gw, client) -> None:
+    done: queue.Queue = queue.Queue()
+    h = {"x-api-key": gw.key("infer")}
+    for i in range(4):
+        x = np.full((1, 4), i, np.float32)
+        inp = tg.InferInput("x", [1, 4], "FP32")
+        inp.set_data_from_numpy(x)
+        client.async_infer("mlp", [inp], callback=functools.partial(lambda x, result, error: done.put(
+            (x, result, error)), x), headers=h, request_id=str(i))
+    for _ in range(4):
+        x, r, e = done.get(timeout=30)
+        assert e is None
+        np.testing.assert_allclose(r.as_numpy("y"), reference(MODEL, x)[0], rtol=1e-6)

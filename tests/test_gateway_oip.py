@@ -127,3 +127,19 @@ def test_model_config_and_repository_index(gw, client):
     assert cfg["input"][0] == {"name": "x", "data_type": "TYPE_FP32", "dims": [-1, 4]}
     index = client.get_model_repository_index(headers=hdr(gw))
     assert {"name": "mlp", "version": "2", "state": "READY"} in index
+
+
+def test_async_infer_requests_in_flight_together(gw):
+    """tritonclient.http's async_infer: several requests in flight on its connection pool."""
+    c = triton.InferenceServerClient(gw.url, concurrency=4, network_timeout=60.0)
+    try:
+        xs = [np.full((1, 4), i, dtype=np.float32) for i in range(6)]
+        pending = []
+        for x in xs:
+            inp = triton.InferInput("x", [1, 4], "FP32")
+            inp.set_data_from_numpy(x, binary_data=True)
+            pending.append(c.async_infer("mlp", [inp], headers=hdr(gw), model_version="1"))
+        for x, p in zip(xs, pending, strict=True):
+            np.testing.assert_allclose(p.get_result().as_numpy("y"), reference(MODEL, x)[0], rtol=1e-5, atol=1e-6)
+    finally:
+        c.close()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -15,8 +14,10 @@ import numpy as np
 import pytest
 
 from swarmd.versions import latest, next_version, sort_versions, version_key
+from swarmd_rpc import SyncClient
 from tests.conftest import Daemon, http_json, rpc_call, run_cli, swarmd_env
 from tests.gateway_fixtures import reference, tiny_mlp
+from tests.swarm_daemons import start_gateway, start_hub, start_worker
 
 BOUND = 5.0  # seconds the issue allows between a push or rm and what serves
 
@@ -45,16 +46,11 @@ async def _health(ready: dict[str, Any], identity: Any = None) -> list[str]:
 
 
 @pytest.mark.slow
-def test_push_rm_push_serves_newest_within_bound(tmp_path: Path, daemons: Any) -> None:
+def test_push_rm_push_serves_newest_within_bound(tmp_path: Path, daemons: Any, request: Any) -> None:
     env = swarmd_env(SWARMD_GATEWAY_ACCESS_LOG="false")
-    store: Daemon = daemons("--role", "bootstrap,store", "--data-dir", str(tmp_path / "s"), env=env)
-    boot = f"127.0.0.1:{store.wait_event('ready')['ports']['dht']}"
-    worker = daemons("--role", "worker", "--data-dir", str(tmp_path / "w"), "--bootstrap", boot, env=env)
-    gw = daemons("--role", "gateway", "--http", "127.0.0.1:0", "--data-dir", str(tmp_path / "g"),
-                 "--bootstrap", boot, env=env)
-    wready = worker.wait_event("ready")
-    port = gw.wait_event("ready")["ports"]["http"]
-    key = re.search(r"first admin API key \(shown once, store it now\): (\S+)", "".join(gw.lines)).group(1)
+    store, boot = start_hub(daemons, tmp_path / "s", "bootstrap,store", env=env)
+    _, wready = start_worker(daemons, tmp_path / "w", boot, env=env)
+    _, port, key = start_gateway(daemons, tmp_path / "g", boot, env=env)
     blobs = {i: tiny_mlp(seed=100 + i) for i in range(1, 5)}
     x = np.random.default_rng(1).standard_normal((2, 4)).astype(np.float32)
 
@@ -65,15 +61,28 @@ def test_push_rm_push_serves_newest_within_bound(tmp_path: Path, daemons: Any) -
         assert res.returncode == 0, res.stderr
         return res.stdout.split()[0]
 
+    def blob_of(y: np.ndarray) -> int:
+        which = [i for i, b in blobs.items() if np.allclose(y, reference(b, x)[0], rtol=1e-5, atol=1e-6)]
+        assert len(which) == 1
+        return which[0]
+
     def served() -> tuple[str, int]:
         """(version, which blob) an unversioned OIP request is answered with."""
         status, doc = _post_json(port, key, "/v2/models/iris/infer", {"inputs": [
             {"name": "x", "shape": [2, 4], "datatype": "FP32", "data": x.ravel().tolist()}]})
         assert status == 200, doc
         y = np.asarray(next(o for o in doc["outputs"] if o["name"] == "y")["data"], np.float32).reshape(2, 3)
-        which = [i for i, b in blobs.items() if np.allclose(y, reference(b, x)[0], rtol=1e-5, atol=1e-6)]
-        assert len(which) == 1
-        return doc["model_version"], which[0]
+        return doc["model_version"], blob_of(y)
+
+    def served_to_client() -> tuple[str, int]:
+        """The same through swarmd_rpc (its own Fleet and Router, as `swarmd infer` uses), one
+        long-lived client: nothing it learned earlier may keep an old version serving."""
+        res = client.infer_detailed("iris", {"x": x}, timeout=30)
+        return res.version, blob_of(res.outputs["y"])
+
+    def both_serve(want: tuple[str, int], what: str) -> None:
+        within(BOUND, served, want, f"{what} (gateway)")
+        within(BOUND, served_to_client, want, f"{what} (swarmd_rpc client)")
 
     def within(bound: float, get: Any, want: Any, what: str) -> None:
         start = time.monotonic()
@@ -96,17 +105,21 @@ def test_push_rm_push_serves_newest_within_bound(tmp_path: Path, daemons: Any) -
             assert time.monotonic() - start < 90, "iris:1 never served"
             time.sleep(0.2)
 
+    client = SyncClient(bootstrap=[boot])
+    request.addfinalizer(client.close)
+    assert served_to_client() == ("1", 1)
+
     assert push(2) == "iris:2"
-    within(BOUND, served, ("2", 2), "iris:2 serving")
+    both_serve(("2", 2), "iris:2 serving")
 
     res = run_cli("model", "rm", "iris:2", "--data-dir", str(tmp_path / "s"))
     assert res.returncode == 0, res.stderr
-    within(BOUND, served, ("1", 1), "iris:1 serving again after rm iris:2")
+    both_serve(("1", 1), "iris:1 serving again after rm iris:2")
     within(BOUND, lambda: "iris:2" in asyncio.run(_health(wready)), False, "iris:2 unloaded from the worker")
     within(BOUND, versions, ["1"], "iris:2 gone from metadata")
 
     assert push(3) == "iris:3"  # a deleted number is never reused
-    within(BOUND, served, ("3", 3), "iris:3 serving")
+    both_serve(("3", 3), "iris:3 serving")
 
     assert push(4, "--version", "v1.0-beta") == "iris:v1.0-beta"
     within(BOUND, versions, ["v1.0-beta", "1", "3"], "the beta listed")
@@ -116,6 +129,11 @@ def test_push_rm_push_serves_newest_within_bound(tmp_path: Path, daemons: Any) -
     assert show.returncode == 0 and json.loads(show.stdout)["version"] == "3", show.stderr
     for _ in range(5):
         assert served() == ("3", 3)  # a pre-release pushed later is not the latest
+        assert served_to_client() == ("3", 3)
+    xfile = tmp_path / "x.json"
+    xfile.write_text(json.dumps({"x": x.tolist()}))
+    cli = run_cli("infer", "iris", "--input", str(xfile), "--json", "--bootstrap", boot)
+    assert cli.returncode == 0 and json.loads(cli.stdout)["version"] == "3", cli.stderr
     ls = run_cli("model", "ls", "--json", "--data-dir", str(tmp_path / "s"))
     assert [m["version"] for m in json.loads(ls.stdout)] == ["v1.0-beta", "1", "3"]
 

@@ -40,7 +40,8 @@ from swarmd.net.relay import (
     encode_hello,
     encode_status,
 )
-from swarmd.net.relayio import RelayServer, new_token, open_circuit, pick_relay, ping_relay, relay_transport
+from swarmd.net.relayio import new_token, open_circuit, pick_relay, ping_relay, relay_transport
+from swarmd.net.relayserver import RelayServer
 
 # -- wire format --------------------------------------------------------------------
 

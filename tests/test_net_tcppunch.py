@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from swarmd.errors import ERR_TIMEOUT, ERR_UNAVAILABLE, SwarmdError
 from swarmd.net.relay import ST_PONG, RelayConfig, encode_status
-from swarmd.net.relayio import RelayServer
+from swarmd.net.relayserver import RelayServer
 from swarmd.net.tcppunch import parse_observed, rendezvous, reuse_socket, simultaneous_open
 
 

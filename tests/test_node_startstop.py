@@ -4,19 +4,17 @@ one line, a bootstrap that comes up after the node, and a quick idle stop."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import socket
 import time
 
+import numpy as np
+
+from swarmd.rpc import connect
 from tests.conftest import run_cli, swarmd_env
-from tests.models import mlp_model
-
-
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.swarm_daemons import free_udp_port, serve_mlp, start_hub, start_node, start_worker
 
 
 def test_second_daemon_on_one_data_dir_is_refused_naming_the_pid(tmp_path, daemons):
@@ -102,7 +100,7 @@ def test_unloadable_model_file_fails_start_with_one_line_not_a_hang(tmp_path):
 
 
 def test_worker_started_before_its_bootstrap_becomes_ready(tmp_path, daemons):
-    port = _free_udp_port()
+    port = free_udp_port()
     worker = daemons("--role", "worker", "--data-dir", str(tmp_path / "w"),
                      "--bootstrap", f"127.0.0.1:{port}")
     first = worker.wait_event("bootstrap_retry")
@@ -116,7 +114,7 @@ def test_worker_started_before_its_bootstrap_becomes_ready(tmp_path, daemons):
 
 
 def test_sigterm_while_waiting_for_bootstrap_stops_at_once(tmp_path, daemons):
-    d = daemons("--data-dir", str(tmp_path), "--bootstrap", f"127.0.0.1:{_free_udp_port()}")
+    d = daemons("--data-dir", str(tmp_path), "--bootstrap", f"127.0.0.1:{free_udp_port()}")
     d.wait_event("bootstrap_retry")
     t0 = time.monotonic()
     assert d.stop(signal.SIGTERM) == 0
@@ -126,33 +124,75 @@ def test_sigterm_while_waiting_for_bootstrap_stops_at_once(tmp_path, daemons):
 
 
 def test_idle_worker_stops_quickly_on_sigint(tmp_path, daemons):
-    model = tmp_path / "mlp.onnx"
-    model.write_bytes(mlp_model((16, 64, 4)))
-    cfg = tmp_path / "w.toml"
-    cfg.write_text(f'[worker]\nmodels = ["mlp={model}"]\n')
-    boot = daemons("--role", "bootstrap", "--data-dir", str(tmp_path / "b"))
-    port = boot.wait_event("ready")["ports"]["dht"]
-    w = daemons("--config", str(cfg), "--role", "worker", "--data-dir", str(tmp_path / "w"),
-                "--bootstrap", f"127.0.0.1:{port}")
-    w.wait_event("ready")
-    gw = daemons("--role", "gateway,orchestrator", "--data-dir", str(tmp_path / "g"), "--http", "127.0.0.1:0",
-                 "--bootstrap", f"127.0.0.1:{port}")
-    gw.wait_event("ready")
+    models = serve_mlp(tmp_path)
+    boot_d, boot = start_hub(daemons, tmp_path / "b")
+    w, _ = start_worker(daemons, tmp_path / "w", boot, models=models)
+    gw, _ = start_node(daemons, "gateway,orchestrator", tmp_path / "g", boot, "--http", "127.0.0.1:0")
     time.sleep(2)  # let the worker, orchestrator and gateway find each other
     gw.kill()
-    boot.kill()  # the rest of the swarm is gone: stopping must not wait on it
+    boot_d.kill()  # the rest of the swarm is gone: stopping must not wait on it
     t0 = time.monotonic()
     assert w.stop(signal.SIGINT) == 0
     took = time.monotonic() - t0
     stopped = json.loads(next(line for line in w.lines if '"event": "stopped"' in line))
     print(f"idle worker, swarm gone: SIGINT -> exit in {took:.2f}s (node's own stop {stopped.get('seconds')}s)")
     assert took < 30  # a bound a stall cannot reach on a loaded box; the figure is printed
+    # the issue's behaviour: an idle node stops within 3 s, timed by the node itself (from the
+    # signal to its last task, so interpreter start and exit on a loaded box do not count)
+    assert stopped["seconds"] <= 3.0, stopped
+
+
+# A drain that waited for its grace period would take this long: each test below stops well
+# inside Daemon.stop's 30 s bound only if the drain ends when nothing (more) is in flight.
+LONG_DRAIN = {"SWARMD_WORKER_DRAIN_TIMEOUT": "600"}
+
+
+def test_idle_worker_has_nothing_to_drain_and_stops_at_once(tmp_path, daemons):
+    models = serve_mlp(tmp_path)
+    _, boot = start_hub(daemons, tmp_path / "b")
+    w, _ = start_worker(daemons, tmp_path / "w", boot, models=models, env=swarmd_env(**LONG_DRAIN))
+    assert w.stop(signal.SIGTERM) == 0  # within 30 s, not the 600 s drain grace
+    assert not any('"event": "draining"' in line for line in w.lines)  # nothing accepted: no drain at all
+    assert not any('"event": "drain_timeout"' in line for line in w.lines)
+
+
+def test_draining_worker_stops_when_its_last_request_finishes(tmp_path, daemons):
+    """SIGTERM while big requests run: the accepted ones all finish, and the worker exits as
+    soon as the last one is done, not at the 600 s grace."""
+    models = serve_mlp(tmp_path, dims=(16, 1024, 1024, 4))
+    _, boot = start_hub(daemons, tmp_path / "b")
+    w, ready = start_worker(daemons, tmp_path / "w", boot, models=models, env=swarmd_env(**LONG_DRAIN))
+    x = np.ones((20000, 16), np.float32)  # ~0.5-2 s of onnxruntime each: surely in flight at the signal
+
+    async def load_then_sigterm() -> list:
+        peer = await connect(None, "127.0.0.1", ready["ports"]["rpc"],
+                             remote_public_key=bytes.fromhex(ready["public_key"]), timeout=30)
+        try:
+            calls = [asyncio.ensure_future(peer.call("runInference", {"model": "mlp", "inputs": {"input": x}},
+                                                     timeout=120)) for _ in range(3)]
+            await asyncio.sleep(0.5)
+            w.proc.send_signal(signal.SIGTERM)
+            return await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            await peer.close()
+
+    results = asyncio.run(load_then_sigterm())
+    code = w.proc.wait(60)  # it exits by itself once drained: far from the 600 s grace
+    w.wait_output()
+    assert code == 0
+    drained = [json.loads(line) for line in w.lines if '"event": "draining"' in line]
+    assert drained and drained[0]["queued"] + drained[0]["in_flight"] >= 1, w.lines[-20:]
+    assert not any('"event": "drain_timeout"' in line for line in w.lines)
+    # accepted requests finished; any that reached the worker after the signal were refused, never dropped
+    ok = [r for r in results if isinstance(r, dict)]
+    assert ok and all(r["outputs"]["output"].shape == (20000, 4) for r in ok), results
+    assert all(getattr(r, "code", None) == "ERR_NOT_READY" for r in results if not isinstance(r, dict)), results
 
 
 def test_env_bounds_bootstrap_wait(tmp_path):
     env = swarmd_env(SWARMD_BOOTSTRAP_WAIT="5")
     r = run_cli("--data-dir", str(tmp_path), "--log-format", "text",
-                "--bootstrap", f"127.0.0.1:{_free_udp_port()}", env=env)
+                "--bootstrap", f"127.0.0.1:{free_udp_port()}", env=env)
     assert r.returncode == 1
     assert "no bootstrap node answered" in r.stderr.strip().splitlines()[-1]
     assert "trying again" in r.stderr

@@ -19,7 +19,8 @@ from swarmd.net.relay import (
     RelayConfig,
     encode_hello,
 )
-from swarmd.net.relayio import RelayServer, new_token, ping_relay
+from swarmd.net.relayio import new_token, ping_relay
+from swarmd.net.relayserver import RelayServer
 
 WAIT = 30.0
 

@@ -199,3 +199,101 @@ async def test_blob_integrity_through_many_chunk_sizes(server: RpcServer) -> Non
         assert await s.result() == 1 + 65535 + 65536 + 65537 + 300_000 + 7
     finally:
         await peer.close()
+
+
+def _held_by(srv: RpcServer) -> int:
+    """Stream bytes the server holds for its peers: unread received chunks and unsent writes."""
+    total = 0
+    for p in srv.peers:
+        total += sum(sum(map(len, ch._chunks)) for ch in p.conn._channels.values())
+        pipe = p.conn._pipe
+        if pipe is not None:
+            total += pipe.get_write_buffer_size()
+    return total
+
+
+async def _settled(streams: list[Stream], n: int) -> list[Stream]:
+    """The first n streams whose call ended (the refused ones: the accepted ones run until released)."""
+    pending = {asyncio.ensure_future(s.result()): s for s in streams}
+    done: list[Stream] = []
+    async with asyncio.timeout(T):
+        while len(done) < n:
+            finished, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for f in finished:
+                done.append(pending.pop(f))
+    for f in pending:
+        f.cancel()
+    return done
+
+
+async def test_stream_buffers_are_capped_per_connection_and_per_process() -> None:
+    """Streams a peer opens and leaves unread (its downloads) or fills for a handler that reads
+    nothing yet pin one window each: a connection gets max_stream_buffer of them, all peers together
+    max_stream_buffer_total; a stream beyond fails alone with ERR_OVERLOADED, the connection stays."""
+    w = mux.INITIAL_WINDOW
+    cfg = RpcConfig()
+    cfg.net.max_stream_buffer = 4 * w
+    cfg.net.max_stream_buffer_total = 6 * w
+    go = asyncio.Event()
+    methods = make_methods()
+
+    async def park(ctx: CallContext, params: Any, stream: Stream) -> int:
+        await go.wait()  # reads nothing until told: what the peer sent waits in our buffers
+        n = 0
+        while (chunk := await stream.recv()) is not None:
+            n += len(chunk)
+        return n
+
+    methods.register_stream("park", park)
+    srv = RpcServer(Identity.generate(), methods, config=cfg)
+    await srv.start()
+    a = await connect(None, "127.0.0.1", srv.port, timeout=T)
+    b = await connect(None, "127.0.0.1", srv.port, timeout=T)
+    sends: list[asyncio.Task[Any]] = []
+    try:
+        # a: six downloads it never reads; four fit its connection's share
+        downs = [await a.open_stream("download", {"size": 50_000_000}, timeout=T) for _ in range(6)]
+        refused_downs = await _settled(downs, 2)
+        for s in refused_downs:
+            with pytest.raises(SwarmdError) as ei:
+                await s.result()
+            assert ei.value.code == ERR_OVERLOADED and "max_stream_buffer" in ei.value.message
+        assert await a.call("echo", "still here", timeout=T) == "still here"
+        # b: uploads into a handler that does not read; two fit what the process has left
+        parks = [await b.open_stream("park", None, timeout=T) for _ in range(4)]
+        sends = [asyncio.ensure_future(s.send(b"p" * (2 * w))) for s in parks]
+        refused = await _settled(parks, 2)
+        for s in refused:
+            with pytest.raises(SwarmdError) as ei:
+                await s.result()
+            assert ei.value.code == ERR_OVERLOADED and "max_stream_buffer_total" in ei.value.message
+        assert await b.call("echo", "still here", timeout=T) == "still here"
+        kept = [s for s in parks if s not in refused]
+        async with asyncio.timeout(T):  # the kept uploads fill their windows, not a byte more
+            while sum(sum(map(len, ch._chunks)) for p in srv.peers for ch in p.conn._channels.values()) < 2 * w:
+                await b.call("ping", timeout=T)
+        assert _held_by(srv) <= 6 * w + 6 * mux.STREAM_CHUNK
+        # a's streams end: their windows come back, and b may open another
+        for s in downs:
+            if s not in refused_downs:
+                s.abort()
+        async with asyncio.timeout(T):
+            while sum(len(p.conn._channels) for p in srv.peers) > len(kept):
+                await a.call("ping", timeout=T)
+        extra = await b.open_stream("upload", timeout=T)
+        await extra.send(b"x" * 1000)
+        await extra.close()
+        assert await extra.result() == 1000
+        go.set()
+        for s in kept:
+            await s.close()
+        for t in sends:
+            t.cancel()
+        assert not a.is_closed and not b.is_closed
+    finally:
+        for t in sends:
+            t.cancel()
+        go.set()
+        await a.close()
+        await b.close()
+        await srv.stop()

@@ -13,7 +13,7 @@ from store_models import write_model
 from store_nodes import start_store
 
 from swarmd.node.identity import Identity
-from swarmd.roles.store import PAGE_ROWS
+from swarmd.roles.store_replication import PAGE_ROWS
 from tests.conftest import rpc_call
 from tests.hostile_store import HostileStore
 

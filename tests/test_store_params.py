@@ -15,7 +15,8 @@ from swarmd.errors import ALL_CODES, ERR_BAD_REQUEST, SwarmdError
 from swarmd.node.identity import Identity
 from swarmd.node.supervisor import Supervisor
 from swarmd.roles.base import NodeContext
-from swarmd.roles.store import StoreRole, _meta_from_wire
+from swarmd.roles.store import StoreRole
+from swarmd.roles.store_replication import meta_from_wire
 from swarmd.settings import Settings
 
 
@@ -64,7 +65,7 @@ row_fields = st.fixed_dictionaries(
 @given(row=st.one_of(values, row_fields))
 def test_peer_catalog_rows_are_checked(row: Any) -> None:
     try:
-        m = _meta_from_wire(row)
+        m = meta_from_wire(row)
     except SwarmdError as e:
         assert e.code == ERR_BAD_REQUEST
         return

@@ -14,7 +14,8 @@ from swarmd import topics
 from swarmd.errors import ERR_RATE_LIMITED, SwarmdError
 from swarmd.net.nat import NatConfig
 from swarmd.net.relay import RelayConfig
-from swarmd.net.relayio import RelayServer, new_token
+from swarmd.net.relayio import new_token
+from swarmd.net.relayserver import RelayServer
 from swarmd.node.identity import Identity
 from swarmd.rpc import CallContext, Methods, RpcServer, connect
 from swarmd.swarm import Swarm, SwarmConfig

@@ -486,18 +486,15 @@ async def test_a_client_given_operators_never_calls_an_unadmitted_store(net: Dht
 
 
 class _Joined:
-    """net.add() for HostilePeer.start: a DHT node that joins a daemon's swarm through its bootstrap."""
+    """net.config() for HostilePeer.start: a DHT node that joins a daemon's swarm through its bootstrap."""
 
     def __init__(self, boot: tuple[str, int]) -> None:
         self.boot = boot
 
-    async def add(self, identity: Identity) -> Any:
-        from swarmd.dht.node import DhtNode
+    def config(self) -> Any:
         from tests.dht_testnet import dht_config
 
-        node = DhtNode(identity, dht_config(bootstrap=[self.boot]))
-        await node.start()
-        return node
+        return dht_config(bootstrap=[self.boot])
 
 
 @pytest.mark.slow
@@ -610,3 +607,72 @@ async def test_a_grant_that_expires_mid_connection_stops_admitting_on_that_conne
     finally:
         await peer.close()
         await o.stop()
+
+
+async def test_topic_lookup_shows_each_role_records_admission(net: DhtTestnet, tmp_path: Path) -> None:
+    """`swarmd topic lookup` of a role's topic lists rogue announcers as NOT admitted (with why)
+    when the config names the operators, and marks every record unverified when it names none;
+    never as plain members."""
+    op = Identity.generate()
+    good = Identity.generate()
+    peers = [HostilePeer(good, [grant(op, "worker", good)]), *hostiles(op)]
+    boot = "{}:{}".format(*net.nodes[0].address)
+    try:
+        for p in peers:
+            await p.start(net)
+            await p.announce(WORKERS, WORKER_PAYLOAD)
+
+        def lookup(env: dict[str, str]) -> tuple[dict[str, Any], str]:
+            r = run_cli("topic", "lookup", WORKERS, "--json", "--bootstrap", boot, "--timeout", "5",
+                        "--data-dir", str(tmp_path / "cli"), env=env)
+            assert r.returncode == 0, r.stderr[-2000:]
+            return {d["public_key"]: d["admission"] for d in json.loads(r.stdout)}, r.stderr
+
+        async with asyncio.timeout(60):
+            while True:  # every record is on the DHT (announce is asynchronous)
+                seen, _ = await asyncio.to_thread(lookup, _env_without_trust(SWARMD_TRUST_OPERATORS=op.public_hex))
+                if len(seen) == len(peers):
+                    break
+        assert seen[good.public_hex]["admitted"] is True and "granted by" in seen[good.public_hex]["why"]
+        rogue = {p.identity.public_hex for p in peers[1:]}
+        assert all(seen[k]["admitted"] is False for k in rogue), seen
+        whys = " | ".join(seen[k]["why"] for k in rogue)
+        for reason in ("presents no grant", "expired", "not an operator", "another key"):
+            assert reason in whys, whys
+        # a config without operators cannot tell: every record says so
+        seen, err = await asyncio.to_thread(lookup, _env_without_trust())
+        assert len(seen) == len(peers) and all(a["admitted"] is None for a in seen.values()), seen
+        r = await asyncio.to_thread(run_cli, "topic", "lookup", WORKERS, "--bootstrap", boot, "--timeout", "5",
+                                    "--data-dir", str(tmp_path / "cli"),
+                                    env=_env_without_trust(SWARMD_TRUST_OPERATORS=op.public_hex))
+        lines = {ln.split()[0] for ln in r.stdout.splitlines() if ln.strip()}
+        assert lines == {"admitted", "NOT-ADMITTED"}, r.stdout
+        assert "1 admitted as worker, 4 not admitted" in r.stderr, r.stderr
+    finally:
+        for p in peers:
+            await p.stop()
+
+
+def test_status_marks_each_worker_with_its_admission(capsys: Any) -> None:
+    from types import SimpleNamespace
+
+    from swarmd.commands.status import admission_check, print_status
+    from swarmd.settings import Settings
+
+    op, good, bad = Identity.generate(), Identity.generate(), Identity.generate()
+
+    def rec(ident: Identity, grants: list[Grant]) -> Any:  # what admission reads of a DHT record
+        return SimpleNamespace(public_key=ident.public_key, payload={"grants": [g.encode() for g in grants]})
+
+    settings = Settings()
+    settings.trust.operators = [op.public_hex]
+    check = admission_check(settings)
+    workers = [{"public_key": i.public_hex, "state": "ONLINE", "load": {}, "models": [], "last_seen_s": 1.0,
+                "ejected_by": [], "admission": check(rec(i, g), "worker")}
+               for i, g in ((good, [grant(op, "worker", good)]), (bad, []))]
+    print_status({"public_key": "ee" * 32, "roles": [], "ports": {}, "workers": workers, "models": [], "errors": {}})
+    out = capsys.readouterr().out
+    assert f"{good.public_hex[:16]}  admitted     ONLINE" in out
+    assert f"{bad.public_hex[:16]}  NOT-ADMITTED ONLINE" in out
+    unverified = admission_check(Settings())(rec(bad, []), "worker")
+    assert unverified is not None and unverified["admitted"] is None

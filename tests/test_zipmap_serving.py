@@ -6,7 +6,6 @@ gives a plain tensor), it is served by real daemons on both HTTP routes: JSON ob
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import http_json, run_cli, swarmd_env
+from tests.swarm_daemons import start_gateway, start_hub
 
 
 def _post(port: int, key: str, path: str, doc: dict[str, Any]) -> tuple[int, Any]:
@@ -42,12 +42,8 @@ def test_zipmap_classifier_is_served_on_both_routes(tmp_path: Path, daemons: Any
     model.write_bytes(to_onnx(clf, X[:1]).SerializeToString())  # the default: with a ZipMap
 
     env = swarmd_env(SWARMD_GATEWAY_ACCESS_LOG="false")
-    node = daemons("--role", "bootstrap,store,worker", "--data-dir", str(tmp_path / "n"), env=env)
-    boot = f"127.0.0.1:{node.wait_event('ready')['ports']['dht']}"
-    gw = daemons("--role", "gateway", "--http", "127.0.0.1:0", "--data-dir", str(tmp_path / "g"),
-                 "--bootstrap", boot, env=env)
-    port = gw.wait_event("ready")["ports"]["http"]
-    key = re.search(r"first admin API key \(shown once, store it now\): (\S+)", "".join(gw.lines)).group(1)
+    _, boot = start_hub(daemons, tmp_path / "n", "bootstrap,store,worker", env=env)
+    _, port, key = start_gateway(daemons, tmp_path / "g", boot, env=env)
 
     res = run_cli("model", "push", str(model), "--name", "clf", "--data-dir", str(tmp_path / "n"))
     assert res.returncode == 0, res.stderr

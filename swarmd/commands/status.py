@@ -10,9 +10,11 @@ hold. Each part that cannot be had says why instead of failing the rest.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,7 @@ async def gather_status(settings: Any, timeout: float, host: str | None = None) 
     # a throwaway key, never the node's own: two connections under one key would be deduplicated
     # against the node's real ones by every peer that sees them
     cfg = ClientConfig(timeout=timeout, lookup_timeout=timeout)
+    admission = admission_check(settings)
     async with Client.for_peer(local.public_key, local.host, local.rpc_port, config=cfg) as node:
         try:
             sw = await node.call(None, "swarm.status")
@@ -70,6 +73,8 @@ async def gather_status(settings: Any, timeout: float, host: str | None = None) 
             out["nat"] = nat.get("nat", nat) if isinstance(nat, dict) else nat
             if isinstance(nat, dict) and isinstance(nat.get("metrics"), dict):
                 out["paths"] = nat["metrics"]  # connections by path, upgrades, relay bytes
+            if isinstance(nat, dict) and isinstance(nat.get("portmap"), dict):
+                out["portmap"] = nat["portmap"]  # ports the router forwards to us (PCP / NAT-PMP / UPnP)
         except SwarmdError as e:
             out["nat"] = None
             if e.code != ERR_UNKNOWN_METHOD:
@@ -80,11 +85,15 @@ async def gather_status(settings: Any, timeout: float, host: str | None = None) 
     if not boot:
         out["errors"]["swarm"] = "the node lists no DHT port and no --bootstrap was given"
         return out
+    trust = settings.trust
+    if trust.operators and not trust.open:  # models and verdicts only from admitted stores and orchestrators
+        cfg.operators = list(trust.operators)
     async with Client(boot, swarm_secret=settings.node.swarm_secret, config=cfg) as swarm:
         try:
-            ejected = await ejections(swarm)
+            ejected, found = await asyncio.gather(  # one wait, not two
+                ejections(swarm), swarm.lookup(WORKERS, admitted_only=False))  # each shown with its admission
             now = time.time()
-            for rec in await swarm.lookup(WORKERS):
+            for rec in found:
                 p = rec.payload if isinstance(rec.payload, dict) else {}
                 models = [m.get("name") if isinstance(m, dict) else m for m in p.get("models") or []]
                 key = rec.public_key.hex()
@@ -93,7 +102,8 @@ async def gather_status(settings: Any, timeout: float, host: str | None = None) 
                                        "addresses": [f"{h}:{pt}" for h, pt in rec.addresses],
                                        "last_seen_s": last_seen(rec.seq, now),
                                        "expires_in_s": round(max(0.0, rec.expiry - now), 1),
-                                       "ejected_by": ejected.get(key[:16], [])})
+                                       "ejected_by": ejected.get(key[:16], []),
+                                       "admission": admission(rec, "worker")})
         except SwarmdError as e:
             out["errors"]["workers"] = f"{e.code}: {e.message}"
         try:
@@ -102,6 +112,38 @@ async def gather_status(settings: Any, timeout: float, host: str | None = None) 
         except SwarmdError as e:
             out["errors"]["models"] = f"{e.code}: {e.message}"
     return out
+
+
+def admission_check(settings: Any) -> Callable[[Any, str | None], dict[str, Any] | None]:
+    """How this config judges a record on a role's topic: {"admitted": True|False, "why": ...}
+    against the operator keys of its [trust] section; {"admitted": None} (unverified) when the
+    config names none, since any key can announce there; None off role topics."""
+    from swarmd.node.trust import Trust, parse_key
+
+    cfg = getattr(settings, "trust", None)
+    trust: Trust | None = None
+    if cfg is not None and cfg.open:
+        trust = Trust.open_swarm()
+    elif cfg is not None and cfg.operators:
+        trust = Trust([parse_key(k, "trust.operators[]") for k in cfg.operators])
+
+    def check(rec: Any, role: str | None) -> dict[str, Any] | None:
+        if role is None:
+            return None
+        if trust is None:
+            return {"admitted": None, "why": f"unverified: no [trust] operators in this config, so "
+                                              f"any key may announce as a {role}"}
+        ok, why = trust.explain_record(rec, role)
+        return {"admitted": ok, "why": why}
+
+    return check
+
+
+def admission_label(adm: dict[str, Any] | None) -> str:
+    """The one-word form of admission_check's verdict for text output."""
+    if adm is None:
+        return ""
+    return {True: "admitted", False: "NOT-ADMITTED", None: "unverified"}[adm["admitted"]]
 
 
 def last_seen(seq: int, now: float) -> float | None:
@@ -139,6 +181,11 @@ def print_status(st: dict[str, Any]) -> None:
         print(f"nat      {nat.get('type')}  public {nat.get('public_address') or '-'}")
     else:
         print("nat      not reported by this node")
+    pm = st.get("portmap")
+    if isinstance(pm, dict):
+        maps = "  ".join(f"{x['protocol']} {x['external']}" for x in pm.get("mappings") or [])
+        print(f"portmap  {maps or 'none'}  {pm.get('method') or ''}"
+              + (f"  ({pm['error']})" if pm.get("error") and not maps else ""))
     m = st.get("paths")
     if isinstance(m, dict):
         opened = "  ".join(f"{k} {v}" for k, v in (m.get("opened") or {}).items() if v)
@@ -159,9 +206,14 @@ def print_status(st: dict[str, Any]) -> None:
         load = w["load"]
         state = "EJECTED" if w.get("ejected_by") else (w["state"] or "?")
         seen = w.get("last_seen_s")
-        print(f"  {w['public_key'][:16]}  {state:8} seen {'?' if seen is None else f'{seen:g}s'} ago  "
+        adm = admission_label(w.get("admission"))
+        mark = f"{adm:12} " if adm else ""
+        print(f"  {w['public_key'][:16]}  {mark}{state:8} seen {'?' if seen is None else f'{seen:g}s'} ago  "
               f"queue {load.get('queue', 0)}  in-flight "
               f"{load.get('in_flight', 0)}  ewma {load.get('ewma_ms', 0)} ms  models {','.join(map(str, w['models'])) or '-'}")
+    unverified = [w for w in st["workers"] if (w.get("admission") or {}).get("admitted", False) is None]
+    if unverified:
+        print("  (unverified: this config names no [trust] operators, so any key may announce as a worker)")
     if st.get("providers"):
         print("loaded   " + "  ".join(f"{m} on {p.removesuffix('ExecutionProvider')}" for m, p in st["providers"].items()))
     print(f"models   {len(st['models'])}")

@@ -97,26 +97,35 @@ async def _join(args: argparse.Namespace, client: Any) -> None:
 
 
 async def run(args: argparse.Namespace) -> int:
+    from swarmd.commands.status import admission_check, admission_label
+    from swarmd.topics import topic_role
     from swarmd_rpc import ClientConfig
 
     cfg = ClientConfig(lookup_timeout=args.timeout)
+    role = topic_role(args.name)
+    admission = admission_check(args.settings)
     async with swarm_client(args, cfg) as client:
         if args.topic_command == "join":
             await _join(args, client)
             return 0
         ejected: dict[str, list[str]] = {}
+        # every record, each marked with its admission: a rogue announcer is shown as one, not hidden
+        found = client.lookup(args.name, args.timeout, admitted_only=False)
         if is_workers_topic(args.name):  # and the orchestrators' verdicts on these workers, at once
             from swarmd.commands.status import ejections
 
-            recs, ejected = await asyncio.gather(client.lookup(args.name, args.timeout), ejections(client))
+            recs, ejected = await asyncio.gather(found, ejections(client))
         else:
-            recs = await client.lookup(args.name, args.timeout)
+            recs = await found
     now = time.time()
     docs = []
     for r in recs:
         doc = record_json(r, now)
         if is_workers_topic(args.name):
             doc["ejected_by"] = ejected.get(doc["public_key"][:16], [])
+        adm = admission(r, role)
+        if adm is not None:
+            doc["admission"] = adm
         docs.append(doc)
     if args.json:
         print(json.dumps(docs))
@@ -124,8 +133,16 @@ async def run(args: argparse.Namespace) -> int:
         for doc in docs:
             seen = doc["last_seen_s"]
             verdict = f"  EJECTED by {','.join(doc['ejected_by'])}" if doc.get("ejected_by") else ""
-            print(f"{doc['public_key']}  {' '.join(doc['addresses'])}  "
+            adm = doc.get("admission")
+            mark = f"{admission_label(adm)} ({adm['why']})  " if adm is not None else ""
+            print(f"{mark}{doc['public_key']}  {' '.join(doc['addresses'])}  "
                   f"seen {'?' if seen is None else f'{seen:g}s'} ago{verdict}  {json.dumps(doc['payload'])}")
-        print(f"{len(recs)} peer(s) announce {args.name!r}", file=sys.stderr)
+        tally = ""
+        if role is not None:
+            marks = [d["admission"]["admitted"] for d in docs]
+            tally = (f" ({marks.count(True)} admitted as {role}, {marks.count(False)} not admitted)"
+                     if None not in marks else
+                     f" (not verified: this config names no [trust] operators, so any key may announce as a {role})")
+        print(f"{len(recs)} peer(s) announce {args.name!r}{tally}", file=sys.stderr)
     return 0
 

@@ -127,6 +127,20 @@ class InferenceBackend(Protocol):
         """Triton's statistics extension: one entry per model version, summed over workers."""
         ...
 
+    async def repository_index(self) -> list[dict[str, str]]:
+        """Triton's repository index: {name, version, state (READY | UNAVAILABLE), reason} per
+        model version the backend knows."""
+        ...
+
+    async def load_model(self, model: str) -> dict[str, Any]:
+        """Triton's repository load: make the model's versions ready to serve (ERR_NOT_FOUND
+        when no repository has it); what was done, for the answer."""
+        ...
+
+    async def unload_model(self, model: str) -> dict[str, Any]:
+        """Triton's repository unload: drop the model from memory; what was done."""
+        ...
+
 
 def check_inputs(info: ModelInfo, inputs: dict[str, np.ndarray]) -> None:
     """Reject inputs that do not fit the model's signature, naming the first mismatch."""

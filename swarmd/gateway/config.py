@@ -27,9 +27,13 @@ class GatewayConfig:
     max_connections: int = 4096  # open HTTP connections at once; more are closed on accept
     max_connections_per_address: int = 256  # open HTTP connections from one client address; more are closed on accept
     infer_timeout: float = 30.0  # seconds for one inference, retries included
+    model_control_timeout: float = 120.0  # seconds a worker has for a repository load (fetch + warm-up) or unload
     metadata_ttl: float = 2.0  # seconds model metadata is cached (swarm backend): a push or rm shows within it
     metrics_public: bool = False  # false: /metrics needs an admin key
-    access_log: bool = True  # one log line per request
+    # serve POST /v2/models/{model}[/versions/{v}]/infer in the lean HTTP/1.1 lane (gateway/fastlane.py):
+    # the same answers for a third of the CPU; anything it does not fully understand goes to aiohttp
+    fast_lane: bool = True
+    access_log: bool = True  # every request in the access log, written in batches (at most 1 s late)
     print_admin_key: bool = True  # print the first admin key to stdout when it is created
     local_models_dir: str | None = None  # standalone mode: serve ONNX models from this dir in-process
     discovery_interval: float = 5.0  # seconds between lookups of the stores (workers: orchestrator.dht_refresh)

@@ -8,8 +8,8 @@ imports tritonclient's copy of the same package does not clash).
 
 API keys travel in the `x-api-key` metadata (or `authorization: Bearer <key>`). Errors are
 gRPC statuses whose details read `ERR_CODE: message`. Methods of Triton's service that
-swarmd has no equivalent for (shared memory, trace and log settings) and the ones not built
-yet answer UNIMPLEMENTED naming the feature.
+swarmd has no equivalent for (shared memory, trace and log settings) answer UNIMPLEMENTED
+naming the feature.
 """
 
 from __future__ import annotations
@@ -80,10 +80,11 @@ CONTENTS_FIELD: dict[str, str] = {
     "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
     "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
 }
+# What each Triton method swarmd does not serve is, for the UNIMPLEMENTED answer.
 NOT_BUILT = {
-    "RepositoryModelLoad": "explicit model loading: workers load a model on its first request or with "
-                           "`swarmd call WORKER loadModel`",
-    "RepositoryModelUnload": "explicit model unloading: use `swarmd call WORKER unloadModel`",
+    "TraceSetting": "trace settings: swarmd traces with OpenTelemetry, configured per node in [tracing] "
+                    "(docs/triton.md)",
+    "LogSettings": "log settings: set node.log_level in the node's configuration",
 }
 
 
@@ -165,6 +166,8 @@ class GrpcFront:
             "ModelInfer": (self.model_infer, pb.ModelInferRequest),
             "RepositoryIndex": (self.repository_index, pb.RepositoryIndexRequest),
             "ModelStatistics": (self.model_statistics, pb.ModelStatisticsRequest),
+            "RepositoryModelLoad": (self.repository_model_load, pb.RepositoryModelLoadRequest),
+            "RepositoryModelUnload": (self.repository_model_unload, pb.RepositoryModelUnloadRequest),
         }
         for name, (fn, req_type) in unary.items():
             handlers[name] = grpc.unary_unary_rpc_method_handler(
@@ -193,7 +196,7 @@ class GrpcFront:
     PERMISSIONS: dict[str, str] = {
         "ServerLive": PUBLIC, "ServerReady": PUBLIC, "ModelReady": "models:read", "ServerMetadata": "models:read",
         "ModelMetadata": "models:read", "ModelConfig": "models:read", "RepositoryIndex": "models:read",
-        "ModelStatistics": "models:read",
+        "ModelStatistics": "models:read", "RepositoryModelLoad": "models:write", "RepositoryModelUnload": "models:write",
         "ModelInfer": "infer", "ModelStreamInfer": "infer",
     }
 
@@ -287,10 +290,21 @@ class GrpcFront:
 
     async def repository_index(self, request: Any) -> Any:
         resp = pb.RepositoryIndexResponse()
-        for info in await self.gw.backend.list_models():
-            for v in info.versions or [info.version]:
-                resp.models.add(name=info.name, version=v, state="READY")
+        for row in self.gw._index_rows(await self.gw.backend.repository_index(), request.ready):
+            resp.models.add(**row)
         return resp
+
+    @staticmethod
+    def _parameters(request: Any) -> dict[str, Any]:
+        return {k: getattr(v, v.WhichOneof("parameter_choice") or "string_param") for k, v in request.parameters.items()}
+
+    async def repository_model_load(self, request: Any) -> Any:
+        await self.gw.model_control_call("load", request.model_name, self._parameters(request))
+        return pb.RepositoryModelLoadResponse()
+
+    async def repository_model_unload(self, request: Any) -> Any:
+        await self.gw.model_control_call("unload", request.model_name, self._parameters(request))
+        return pb.RepositoryModelUnloadResponse()
 
     # -- inference ----------------------------------------------------------------------
 
@@ -340,7 +354,7 @@ class _Unimplemented(grpc.GenericRpcHandler):
         method = handler_call_details.method.rsplit("/", 1)[-1]
         if handler_call_details.method.startswith(f"/{SERVICE}/"):
             why = NOT_BUILT.get(method, f"{method} is a Triton feature swarmd has no equivalent for "
-                                        "(shared memory, trace and log settings)")
+                                        "(system and CUDA shared memory: tensors travel in the request)")
         else:
             why = f"unknown service method {handler_call_details.method}"
 

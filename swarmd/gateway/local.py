@@ -98,8 +98,9 @@ class LocalBackend:
     async def stop(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def _load(self, name: str, version: str, vdir: Path) -> ModelInfo:
-        session = load_session(vdir / "model.onnx", self.threads)
+    def _load(self, name: str, version: str, vdir: Path, session: Any = None) -> ModelInfo:
+        if session is None:
+            session = load_session(vdir / "model.onnx", self.threads)
         inputs, outputs = session_signature(session)
         meta: dict[str, Any] = {}
         try:
@@ -200,3 +201,47 @@ class LocalBackend:
 
     def worker_count(self) -> int:
         return 1
+
+    # -- the model repository (Triton's load/unload/index): models_dir is the repository -------
+
+    def _on_disk(self, model: str) -> list[tuple[str, Path]]:
+        mdir = self.models_dir / model
+        if not mdir.is_dir() or model.startswith("."):
+            return []
+        return sorted(((v.name, v) for v in mdir.iterdir() if v.is_dir() and (v / "model.onnx").is_file()
+                       and not v.name.startswith(".")), key=lambda t: version_key(t[0]))
+
+    async def repository_index(self) -> list[dict[str, str]]:
+        out = []
+        names = {p.name for p in self.models_dir.iterdir() if p.is_dir() and not p.name.startswith(".")}
+        for name in sorted(names | set(self._models)):
+            loaded = self._models.get(name, {})
+            versions = {v for v, _ in self._on_disk(name)} | set(loaded)
+            for v in sorted(versions, key=version_key):
+                if v in loaded:
+                    out.append({"name": name, "version": v, "state": "READY", "reason": ""})
+                else:
+                    out.append({"name": name, "version": v, "state": "UNAVAILABLE", "reason": "unloaded"})
+        return out
+
+    async def load_model(self, model: str) -> dict[str, Any]:
+        """(Re)load every version of `model` found under models_dir: a version whose file
+        changed on disk is read again, like Triton's load of an already loaded model."""
+        check_name("model name", model)
+        found = self._on_disk(model)
+        if not found:
+            raise not_found(model, None)
+        loop = asyncio.get_running_loop()
+        sessions = [(v, vdir, await loop.run_in_executor(self._pool, load_session, vdir / "model.onnx", self.threads))
+                    for v, vdir in found]
+        self._models.pop(model, None)  # versions gone from disk are gone from memory too
+        for v, vdir, session in sessions:
+            self._load(model, v, vdir, session)
+        return {"model": model, "loaded": [v for v, _, _ in sessions]}
+
+    async def unload_model(self, model: str) -> dict[str, Any]:
+        check_name("model name", model)
+        versions = self._models.pop(model, None)
+        if versions is None and not self._on_disk(model):
+            raise not_found(model, None)
+        return {"model": model, "unloaded": sorted(versions or (), key=version_key)}

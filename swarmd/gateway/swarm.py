@@ -256,9 +256,65 @@ class SwarmBackend:
         parts = await asyncio.gather(*(ask(r.public_key) for r in recs[:256]))
         return merge_statistics([d for p in parts for d in p if isinstance(p, list)])
 
+    # -- the model repository (Triton's index/load/unload): the stores' catalog, the workers' memory --
+
+    async def repository_index(self) -> list[dict[str, str]]:
+        """The catalog: every version some store holds. Each is READY: a worker that has not
+        loaded it fetches it from a store on its first request."""
+        return [{"name": info.name, "version": v, "state": "READY", "reason": ""}
+                for info in await self.list_models() for v in info.versions or [info.version]]
+
+    async def _fan_out(self, method: str, params: dict[str, Any]) -> dict[str, tuple[Any, SwarmdError | None]]:
+        """Call `method` on every routable worker at once, each within gateway.model_control_timeout:
+        worker key -> (answer, error)."""
+        if self.fleet is None:
+            raise SwarmdError(ERR_NOT_READY, "this gateway is not connected to a swarm")
+        leases = self.fleet.balancer.candidates(None)
+        if not leases:
+            raise SwarmdError(ERR_UNAVAILABLE, f"no worker is known to {method} {params.get('model')!r} on; retry shortly")
+        call, seconds = self.fleet.router.call, self.config.model_control_timeout
+
+        async def one(lease: Any) -> tuple[Any, SwarmdError | None]:
+            try:
+                return await call(lease, method, params, seconds), None
+            except SwarmdError as e:
+                return None, e
+
+        answers = await asyncio.gather(*(one(lease) for lease in leases))
+        return {lease.public_key: a for lease, a in zip(leases, answers, strict=True)}
+
+    async def load_model(self, model: str) -> dict[str, Any]:
+        """Every routable worker fetches the model's newest version from the stores (verified
+        against the catalog's digest, trusted stores only) and keeps it loaded (pinned, never
+        evicted as idle) until it is unloaded. Succeeds when at least one worker loaded it."""
+        info = await self.model_metadata(model, None)  # ERR_NOT_FOUND when no store holds it
+        got = await self._fan_out("loadModel", {"model": info.name, "version": info.version})
+        loaded = [k for k, (_, e) in got.items() if e is None]
+        if not loaded:
+            first = next(e for _, e in got.values() if e is not None)
+            raise SwarmdError(first.code, f"no worker loaded {model!r}: {first.message}", first.data)
+        assert self.fleet is not None
+        for key in loaded:
+            self.fleet.balancer.registry.add_model(key, info.name)  # route to them at once
+        return {"model": info.name, "version": info.version,
+                "workers": {k: "READY" if e is None else f"{e.code}: {e.message}" for k, (_, e) in got.items()}}
+
+    async def unload_model(self, model: str) -> dict[str, Any]:
+        """Every routable worker drops the model from memory (its accepted requests finish
+        first). The model stays in the stores: a later request loads it again on a worker."""
+        await self.model_metadata(model, None)  # ERR_NOT_FOUND when no store holds it
+        got = await self._fan_out("unloadModel", {"model": model})
+        failed = [e for _, e in got.values() if e is not None and e.code != ERR_NOT_FOUND]
+        if failed and len(failed) == len(got):
+            raise SwarmdError(failed[0].code, f"no worker unloaded {model!r}: {failed[0].message}", failed[0].data)
+        return {"model": model, "workers": {
+            k: ("UNLOADED" if e is None else "NOT_LOADED" if e.code == ERR_NOT_FOUND else f"{e.code}: {e.message}")
+            for k, (_, e) in got.items()}}
+
     def worker_health(self) -> dict[str, dict[str, Any]]:
-        """What this gateway's router knows of each worker (ejected, failures): the dashboard's view."""
-        return self.fleet.balancer.health.snapshot() if self.fleet is not None else {}
+        """What this gateway's router knows of each worker (ejected, failures, suspected dead
+        by others): the dashboard's view."""
+        return self.fleet.health_view() if self.fleet is not None else {}
 
     def worker_count(self) -> int:
         return len(self.fleet.balancer.candidates(None)) if self.fleet is not None else 0

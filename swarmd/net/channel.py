@@ -23,9 +23,10 @@ if TYPE_CHECKING:
 class Channel:
     """A flow-controlled byte stream inside a connection (both directions)."""
 
-    def __init__(self, conn: SecureConnection, channel_id: int) -> None:
+    def __init__(self, conn: SecureConnection, channel_id: int, peer_opened: bool = False) -> None:
         self.conn = conn
         self.id = channel_id
+        self.peer_opened = peer_opened  # its window counts against the process's stream buffer cap
         self._credit = mux.SendCredit()
         self._window = mux.RecvWindow()
         self._chunks: deque[bytes] = deque()
@@ -146,8 +147,8 @@ class Channel:
         self._chunks.clear()
         self._wake()
         self._wake_credit()
-        self.conn._channels.pop(self.id, None)
+        self.conn._drop_channel(self.id)
 
     def _maybe_release(self) -> None:
         if self.local_ended and self.remote_ended and not self._chunks:
-            self.conn._channels.pop(self.id, None)
+            self.conn._drop_channel(self.id)

@@ -14,6 +14,13 @@ class NetConfig:
     idle_timeout: float = 45.0  # close after this much silence (PINGs unanswered)
     max_message_size: int = 32 << 20  # largest mux frame, i.e. RPC message (tensors included); blobs go in streams
     max_streams: int = 256  # concurrent stream channels per connection
+    # stream data one connection may make us hold: each open stream holds at most one flow-control
+    # window (1 MiB) of unread bytes each way, so a stream past this many bytes of windows is refused
+    # with ERR_OVERLOADED (that request fails, the connection stays)
+    max_stream_buffer: int = 16 << 20
+    # the same across the streams peers opened on all connections of the process (a peer cannot pin
+    # more by opening more connections); a stream past it is refused with ERR_OVERLOADED
+    max_stream_buffer_total: int = 256 << 20
     write_high_water: int = 4 << 20  # pipe buffer above which stream senders wait
     write_low_water: int = 1 << 20  # stream senders resume once the buffer drains below this
     # hard cap on bytes queued for a peer that does not read (its PINGs, error replies to

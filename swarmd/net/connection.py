@@ -134,6 +134,7 @@ class SecureConnection(WriteBatcher, PeerLimits, asyncio.BufferedProtocol):
             raise SwarmdError(
                 ERR_OVERLOADED, f"{len(self._channels)} streams open, the limit is {self.config.max_streams}"
             )
+        self._reserve_stream(peer_opened=False)
         cid = self._next_channel
         self._next_channel += 2
         ch = Channel(self, cid)
@@ -150,7 +151,8 @@ class SecureConnection(WriteBatcher, PeerLimits, asyncio.BufferedProtocol):
             raise SwarmdError(
                 ERR_OVERLOADED, f"{len(self._channels)} streams open, the limit is {self.config.max_streams}"
             )
-        ch = Channel(self, channel_id)
+        self._reserve_stream(peer_opened=True)
+        ch = Channel(self, channel_id, peer_opened=True)
         self._channels[channel_id] = ch
         return ch
 

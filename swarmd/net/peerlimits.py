@@ -2,7 +2,9 @@
 
 Each limit closes the connection with a stable code and one rate-limited log
 line (never a traceback per packet): a half-received frame counts against a
-process-wide cap, bytes we owe a peer that stopped reading against
+process-wide cap, stream windows against `max_stream_buffer` per connection
+and `max_stream_buffer_total` per process (refusing that stream, not the
+connection), bytes we owe a peer that stopped reading against
 `max_write_buffer`, the handshake against `handshake_timeout`, silence against
 `idle_timeout`, and a GOAWAY/RESET reason against `MAX_REASON`.
 
@@ -22,6 +24,9 @@ from swarmd.net.config import NetConfig
 from swarmd.net.loglimit import hostile
 from swarmd.net.noise import NoiseSession
 
+if TYPE_CHECKING:
+    from swarmd.net.channel import Channel
+
 
 class PartialFrames:
     """Bytes of half-received frames held by all connections of this process."""
@@ -30,6 +35,23 @@ class PartialFrames:
 
 
 partial = PartialFrames()
+
+
+class StreamWindows:
+    """Bytes of stream windows peers opened on all connections of this process.
+
+    A stream lets its peer put one window (mux.INITIAL_WINDOW) of bytes in our
+    buffers that nobody has read yet, and lets us owe it one window in flight: a
+    peer that opens streams and reads none (or sends into a handler that reads
+    slowly) pins windows, never more. Counting windows at open is exact, where
+    counting bytes as they arrive would be too late: the first window is granted
+    by the protocol, not by us.
+    """
+
+    total = 0
+
+
+stream_windows = StreamWindows()
 
 
 def short(key: bytes | None) -> str:
@@ -47,6 +69,7 @@ class PeerLimits:
     _loop: asyncio.AbstractEventLoop
     _pipe: Any
     _partial_held: int
+    _channels: dict[int, Channel]
     _last_recv: float
     _ping_outstanding: bool
     _timer: asyncio.TimerHandle | None
@@ -89,6 +112,42 @@ class PeerLimits:
                     f"this connection held {held}",
                 )
             )
+
+    def _reserve_stream(self, peer_opened: bool) -> None:
+        """Refuse one more stream when its window would pass the connection's or the process's
+        stream buffer cap (ERR_OVERLOADED for that request: the connection others use stays)."""
+        window = mux.INITIAL_WINDOW
+        cfg = self.config
+        n = len(self._channels)
+        if (n + 1) * window > cfg.max_stream_buffer:
+            raise SwarmdError(
+                ERR_OVERLOADED,
+                f"{n} streams open on this connection hold up to {n * window} bytes of stream data "
+                f"({window} per stream each way); max_stream_buffer is {cfg.max_stream_buffer}",
+            )
+        if not peer_opened:
+            return  # the streams this node opens are bounded by the code that opens them
+        if stream_windows.total + window > cfg.max_stream_buffer_total:
+            hostile.log(
+                "stream buffer cap",
+                "INFO",
+                "refusing streams: the process's stream windows are at max_stream_buffer_total",
+                component="net",
+                peer=short(self.session.remote_public_key),
+                total=stream_windows.total,
+            )
+            raise SwarmdError(
+                ERR_OVERLOADED,
+                f"this node's open streams hold up to {stream_windows.total} bytes of stream data; "
+                f"max_stream_buffer_total is {cfg.max_stream_buffer_total}: try again later",
+            )
+        stream_windows.total += window
+
+    def _drop_channel(self, channel_id: int) -> None:
+        """Forget a channel (ended, reset, refused or torn down) and give its window back."""
+        ch = self._channels.pop(channel_id, None)
+        if ch is not None and ch.peer_opened:
+            stream_windows.total -= mux.INITIAL_WINDOW
 
     def _check_write_buffer(self, pipe: Any) -> None:
         """Close a connection whose peer stopped reading once what we owe it passes the cap.

@@ -23,7 +23,7 @@ simultaneous open through the client's NAT needs, swarmd/net/tcppunch.py). Refus
 
 `RelayCore` is the relay's bookkeeping with no sockets and no clock of its own:
 admission (circuit and per-source caps), pairing by token, byte accounting.
-The asyncio glue (swarmd/net/relayio.py) feeds it events and performs the
+The asyncio glue (swarmd/net/relayserver.py, swarmd/net/relayio.py) feeds it events and performs the
 actions it returns.
 """
 

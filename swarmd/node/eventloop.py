@@ -2,11 +2,14 @@
 
 uvloop (libuv underneath) roughly halves the loopback round trip of a small
 RPC call against the standard selector loop (bench/rpc.py --uvloop measures
-both in one run). It is optional: `node.event_loop = "uvloop"` uses it when
-the package is installed and falls back to asyncio with one log line when it
-is not; "auto" uses it whenever it is importable; "asyncio" (the default)
-never does. Everything in swarmd uses only the public asyncio API, so the
-choice changes speed, not behaviour.
+both in one run) and takes ~a fifth off the gateway's CPU per request
+(bench/gateway.py). It is a dependency on Linux and the default there:
+`node.event_loop = "auto"` (the default) uses it whenever it is importable;
+"uvloop" insists, falling back to asyncio with one log line when it is not
+installed; "asyncio" never uses it. Everything in swarmd uses only the public
+asyncio API, so the choice changes speed, not behaviour. `loop_factory()`
+without an argument is the standard loop: library callers (tests, the client)
+keep whatever loop they run on.
 """
 
 from __future__ import annotations

@@ -186,4 +186,7 @@ def worker_phases(enqueued: float, started: float, ended: float, times: tuple[fl
         run_start = started + times[0]
         run = tracer.start_span("worker.run", context=ctx, start_time=ns(run_start))
         run.end(end_time=ns(run_start + times[1]))
+        # the loop's clock may be coarse (uvloop's loop.time() moves once per loop turn, in
+        # ms) while the run was timed finely: the batch ends no earlier than its run
+        ended = max(ended, run_start + sum(times))
     batch.end(end_time=ns(ended))

@@ -412,6 +412,39 @@ class Trust:
         """This node or an operator key: may set what peers may not say of themselves (weights)."""
         return key == self.own_key or key in self.operators
 
+    def explain_record(self, record: Any, role: str) -> tuple[bool, str]:
+        """admits_record() with the reason, for operators' tools (`swarmd topic lookup`, `status`):
+        which grant admits the record's key, or why none does."""
+        if self.is_open:
+            return True, "open swarm: every key is admitted"
+        key = record.public_key
+        if key == self.own_key:
+            return True, "this node"
+        payload = getattr(record, "payload", None)
+        grants = payload.get(GRANTS_FIELD) if isinstance(payload, dict) else None
+        if not isinstance(grants, (list, tuple)) or not grants:
+            return False, f"presents no grant (needs one for {role} from an operator)"
+        now = self.clock()
+        reasons: list[str] = []
+        for data in grants[:MAX_GRANTS]:
+            try:
+                g = Grant.decode(data)
+            except GrantError as e:
+                reasons.append(str(e))
+                continue
+            try:
+                g.check(self.operators, now)
+            except GrantError as e:
+                reasons.append(str(e))
+                continue
+            if g.subject != key:
+                reasons.append(f"a grant for another key ({g.subject.hex()[:16]}…)")
+            elif role not in g.roles:
+                reasons.append(f"a grant for {','.join(g.roles)}, not {role}")
+            else:
+                return True, f"{role} granted by {g.issuer.hex()[:16]}… until {_iso(g.expires)}"
+        return False, "; ".join(dict.fromkeys(reasons))
+
     def admits_record(self, record: Any, role: str) -> bool:
         """admits() for a DHT record (anything with .public_key and .payload)."""
         if self.is_open:

@@ -34,6 +34,7 @@ from swarmd.orchestrator.balancer import Balancer
 from swarmd.orchestrator.config import OrchestratorConfig
 from swarmd.orchestrator.connections import WorkerConnections
 from swarmd.orchestrator.discovery import EJECTED_PREFIX, ad_from_record, ejection_verdicts, missed_refreshes
+from swarmd.orchestrator.health import HealthRecord
 from swarmd.orchestrator.monitor import HealthMonitor
 from swarmd.orchestrator.registry import WorkerLease
 from swarmd.orchestrator.router import Caller, Router
@@ -42,6 +43,7 @@ from swarmd.topics import ORCHESTRATORS, WORKERS, worker_model_topic
 # lookup(topic, seconds) -> PeerRecord-like objects announcing topic
 Lookup = Callable[[str, float], Awaitable[list[Any]]]
 LOOK_AGAIN_EVERY = 1.0  # seconds: a request's fresh look at the DHT is shared by every request in that span
+VERDICT_GRACE = 0.5  # seconds the orchestrators' verdicts may take beyond the workers' lookup
 
 
 class Fleet:
@@ -62,6 +64,7 @@ class Fleet:
         by default the swarm's full lookup."""
         self.config = config or OrchestratorConfig()
         self.swarm = swarm
+        self.identity = identity
         self.balancer = balancer or Balancer(self.config)
         self.records: dict[str, Any] = {}  # hex key -> the newest DHT record of each registered worker
         self.connections = WorkerConnections(
@@ -180,28 +183,38 @@ class Fleet:
 
     async def discover_once(self, seconds: float | None = None) -> int:
         """Look WORKERS up once and renew a DHT lease for every valid record; returns how many.
-        The orchestrators' published ejections are looked up beside it (a failure there keeps
-        the verdicts we had: they are advice, the workers' records are the membership)."""
+
+        The orchestrators' published ejections are looked up beside it, and waited for at
+        most VERDICT_GRACE after the workers' lookup ended: they are advice, the workers'
+        records are the membership, and a swarm with no orchestrator must not make every
+        client's first request wait for a crawl that finds nothing. A verdict lookup that
+        failed or came late keeps the verdicts we had."""
         assert self.lookup is not None, "a fleet with no swarm and no lookup discovers nothing"
         seconds = max(self.config.dht_refresh, 5.0) if seconds is None else seconds
-        async with asyncio.timeout(seconds + 1.0):  # the lookup ends itself at `seconds`; this bounds a stuck one
-            records, verdicts = await asyncio.gather(
-                self.lookup(WORKERS, seconds), self.lookup(ORCHESTRATORS, seconds), return_exceptions=True
-            )
-        if isinstance(records, BaseException):
-            raise records
+        verdicts = asyncio.ensure_future(self.lookup(ORCHESTRATORS, seconds))
+        try:
+            async with asyncio.timeout(seconds + 1.0):  # the lookup ends itself at `seconds`; this bounds a stuck one
+                records = await self.lookup(WORKERS, seconds)
+            await asyncio.wait((verdicts,), timeout=VERDICT_GRACE)
+        finally:
+            if not verdicts.done():
+                verdicts.cancel()
+            await asyncio.gather(verdicts, return_exceptions=True)  # owned here: never left running
         self.discovered_at = time.monotonic()
-        if isinstance(verdicts, BaseException):
-            if not isinstance(verdicts, (SwarmdError, TimeoutError)):
-                raise verdicts
-        else:
-            self.ingest_verdicts(verdicts)
+        if not verdicts.cancelled():
+            err = verdicts.exception()
+            if err is None:
+                self.ingest_verdicts(verdicts.result())
+            elif not isinstance(err, (SwarmdError, TimeoutError)):
+                raise err
         return self.ingest_records(records)
 
     def ingest_verdicts(self, records: Iterable[Any]) -> None:
         """Take the ejections every orchestrator publishes (its ORCHESTRATORS records, one
         lookup's worth: what is not listed any more was re-admitted)."""
-        self.verdicts = ejection_verdicts(records)
+        own = self.identity.public_key if self.identity is not None else None
+        # our own verdicts are our health tracker's, live: the published copy lags behind it
+        self.verdicts = ejection_verdicts(r for r in records if getattr(r, "public_key", None) != own)
         self._suspect()
 
     def _suspect(self) -> None:
@@ -221,6 +234,16 @@ class Fleet:
                 "worker {} avoided while others remain: {}", key[:16], suspects[key]
             )
         self.balancer.suspects = suspects
+
+    def health_view(self) -> dict[str, dict[str, Any]]:
+        """{worker key: its health record with "ejected", and "suspect" (why it is avoided,
+        or None)} for every worker this fleet judged or suspects: what dashboards show."""
+        view = self.balancer.health.snapshot()
+        for key in view:
+            view[key]["suspect"] = None
+        for key, why in self.balancer.suspects.items():
+            view.setdefault(key, {**HealthRecord().to_dict(), "ejected": False})["suspect"] = why
+        return view
 
     def ingest_records(self, records: Iterable[Any]) -> int:
         """Renew leases from PeerRecord-like objects (public_key, addresses, payload, seq).

@@ -1,6 +1,6 @@
 """`--role relay`: a blind relay for peers that cannot reach each other directly.
 
-Glue only: the splice lives in swarmd/net/relayio.py and its rules in
+Glue only: the splice lives in swarmd/net/relayserver.py and its rules in
 swarmd/net/relay.py. The role listens on its own TCP port, announces it on
 the RELAYS topic (clients pick the relay with the lowest round trip, with no
 configuration) and withdraws the announcement on stop.
@@ -14,7 +14,7 @@ from loguru import logger
 
 from swarmd import topics
 from swarmd.net.relay import RelayConfig
-from swarmd.net.relayio import RelayServer
+from swarmd.net.relayserver import RelayServer
 from swarmd.roles.base import Role
 
 

@@ -246,7 +246,7 @@ class Callee:
             if e.code == ERR_PROTOCOL:
                 raise
             if ch and self._held_channels and self._held_channels.pop(ch, None) is not None:
-                conn._channels.pop(ch, None)  # accepted while held; the caller resets it on our answer
+                conn._drop_channel(ch)  # accepted while held; the caller resets it on our answer
             self._reply_error(rid, e)
             return
         if self._traced is not None:
@@ -327,7 +327,7 @@ class Callee:
                         ch.reset(SwarmdError(ERR_CANCELLED, "cancelled by the caller"))
                     else:
                         ch._fail(SwarmdError(ERR_CLOSED, "connection closed"))
-                self.conn._channels.pop(ch.id, None)
+                self.conn._drop_channel(ch.id)
         except BaseException as e:  # noqa: BLE001
             self._finish(rid, method, stream, None, e)
         else:
@@ -349,7 +349,7 @@ class Callee:
             ch = stream.channel
             if exc is None and ch.error is None:
                 ch.end()
-            self.conn._channels.pop(ch.id, None)
+            self.conn._drop_channel(ch.id)
         if exc is None:
             if self.conn.error is not None:
                 return

@@ -394,7 +394,7 @@ class RpcPeer(Callee):
                 for h in self._held:
                     if h[0][0] == REQUEST and h[0][1] == msg[1] and h[0][5]:
                         self._held_channels.pop(h[0][5], None)
-                        self.conn._channels.pop(h[0][5], None)
+                        self.conn._drop_channel(h[0][5])
                 self._held = kept
             task = self._running.get(msg[1])
             if task is not None:

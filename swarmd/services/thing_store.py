@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,3 +110,18 @@ class ThingStore:
 
     def close(self) -> None:
         self._db.close()
+
+
+@dataclass
+class Thing(StoredThing):
+    """A registered thing in memory: its stored part plus its last snapshot.
+
+    `last` is {"ts": ms, "online": bool, "snap": dict | None, "err": {code,
+    message} | None}; it is runtime state, empty until the first snapshot.
+    """
+
+    last: dict[str, Any] = field(default_factory=dict)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)

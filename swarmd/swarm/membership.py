@@ -9,6 +9,7 @@ admits to that role. `Membership` is a mixin of `Swarm`; the state lives there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import AsyncIterator, Callable
@@ -118,6 +119,13 @@ class Membership:
             raise SwarmdError(ERR_NOT_FOUND, "topic is not joined with announce=True")
         joined.payload = payload
         return await self._announce(joined)
+
+    async def reannounce(self) -> None:
+        """Announce every joined topic again now: our addresses changed (a port mapped or lost)."""
+        for joined in list(self._topics.values()):
+            if joined.announce:
+                with contextlib.suppress(SwarmdError):
+                    await self._announce(joined)
 
     async def leave(self, topic: bytes | str) -> None:
         """Stop announcing and looking up; withdraw our record from the DHT."""
@@ -235,14 +243,18 @@ class Membership:
                 "could not connect to peer found by lookup"
             )
 
-    async def lookup(self, topic: bytes | str, role: str | None = None) -> AsyncIterator[PeerRecord]:
+    async def lookup(
+        self, topic: bytes | str, role: str | None = None, *, admit: bool = True
+    ) -> AsyncIterator[PeerRecord]:
         """Records of peers announcing topic, each as soon as it arrives
         (newest seq per peer, each peer once).
 
         The admission point of the swarm: on a role's topic (swarmd.topics.topic_role,
         or `role` given) only records of keys our trust admits to that role are
-        yielded; the others are ignored as if never announced."""
-        async with aclosing(self.dht.lookup(self.topic(topic), self._admission(topic, role))) as it:
+        yielded; the others are ignored as if never announced. admit=False yields
+        every record, for a tool that shows each one's admission (never to pick peers by)."""
+        check = self._admission(topic, role) if admit else None
+        async with aclosing(self.dht.lookup(self.topic(topic), check)) as it:
             async for rec in it:
                 yield rec
 

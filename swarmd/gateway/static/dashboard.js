@@ -111,7 +111,8 @@ function render(snap) {
     tr.className = w.up ? 'up' : 'down';
     keyCell(tr, w.public_key);
     const h = w.health || {};
-    const health = h.ejected ? tags(['ejected'], 'bad') : (w.state === 'DRAINING' ? tags(['draining'], 'bad')
+    const health = h.ejected ? tags(['ejected'], 'bad') : h.suspect ? tags(['avoided: ' + h.suspect], 'bad')
+      : (w.state === 'DRAINING' ? tags(['draining'], 'bad')
       : (w.up ? tags(['healthy'], 'ok') : tags(['unreachable'], 'bad')));
     cells(tr, [w.state || '–', health, tags(w.models), num(w.queue, 0), num(w.in_flight, 0), num(w.ewma_ms, 2),
       num(w.rps, 1)]);
