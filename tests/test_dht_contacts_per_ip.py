@@ -1,4 +1,4 @@
-"""One IP cannot fill a node's routing table with made-up ids (ids are claimed, not proven)."""
+"""One IP cannot fill a node's routing table, nor a lookup's k closest, with made-up ids (ids are claimed, not proven)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 from kademlia.node import Node
 
 from swarmd.dht.protocol import SwarmdProtocol
+from swarmd.dht.routing import Shortlist
 from tests.dht_testnet import dht_config
 
 
@@ -46,3 +47,66 @@ async def test_one_ip_gets_at_most_max_contacts_per_ip_entries() -> None:
         assert _ips(proto).count("127.0.0.1") == 12
     finally:
         proto.transport.close()
+
+
+def test_a_lookup_holds_at_most_max_contacts_per_ip_of_one_address_near_its_target() -> None:
+    """The routing table's cap is per table; a lookup merges the replies of many nodes, each of
+    which may hold up to 8 ids of one address. The walk's shortlist caps each address the same
+    way, so the k closest a lookup asks (and an announcer stores on) always include k - 8 ids of
+    other addresses: one address alone can never make up the neighbourhood of a topic."""
+    target = Node(os.urandom(20))
+
+    def sybils() -> list[Node]:  # made-up ids, all nearer the target than any honest node
+        return [Node(target.id[:18] + bytes([i, 0]), "198.18.0.7", 1000 + i) for i in range(40)]
+
+    honest = [Node(os.urandom(20), f"198.18.1.{i}", 4000) for i in range(1, 31)]
+    capped = Shortlist(target, 20, per_ip=8)
+    capped.push(sybils())  # as several honest nodes' replies would list them
+    capped.push(honest)
+    ips = [n.ip for n in capped]
+    assert ips.count("198.18.0.7") == 8 and len(ips) == 20
+    assert capped.ip_capped == 32
+    assert sum(1 for n in capped.get_uncontacted() if n.ip != "198.18.0.7") == 12
+    # a place freed by a departed sybil goes to whoever is next, not to another id of that address
+    capped.remove([n.id for n in capped if n.ip == "198.18.0.7"][:1])
+    capped.push(sybils())
+    assert [n.ip for n in capped].count("198.18.0.7") == 8
+    # without the cap that one address takes every place
+    uncapped = Shortlist(target, 20)
+    uncapped.push(sybils())
+    uncapped.push(honest)
+    assert all(n.ip == "198.18.0.7" for n in uncapped)
+
+
+async def test_a_record_is_found_while_one_of_its_holders_does_not_withhold_it() -> None:
+    """docs/dht.md "Known limits", claim 2: a position near a topic buys only the chance to withhold,
+    and a lookup takes the union of what the k closest answer, so hiding a record takes every holder."""
+    import time
+
+    from swarmd.dht.records import topic_from_name
+    from swarmd.node.identity import Identity
+    from tests.dht_testnet import DhtTestnet, record_for
+
+    net = await DhtTestnet.create(30)
+    try:
+        announcer = Identity.generate()
+        topic = topic_from_name("swarmd/workers")
+        res = await net.nodes[3].announce(record_for(announcer, topic, port=5555))
+        assert res.ok
+        now = time.time()
+        holders = [n for n in net.nodes if n.protocol.records.get(topic, now)]
+        assert len(holders) >= 2
+
+        def withhold(node: object) -> None:  # answers every question, never with a record
+            node.protocol.records.get = lambda *a, **kw: []  # type: ignore[attr-defined]
+
+        for n in holders[1:]:
+            withhold(n)
+        askers = [n for n in net.nodes if n not in holders][:5]
+        for asker in askers:
+            recs = await asker.lookup_all(topic, 10)
+            assert [r.public_key for r in recs] == [announcer.public_key]
+        withhold(holders[0])  # the last honest holder turns: now, and only now, the record is hidden
+        assert await askers[0].lookup_all(topic, 10) == []
+    finally:
+        await net.close()

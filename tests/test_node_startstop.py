@@ -137,6 +137,9 @@ def test_idle_worker_stops_quickly_on_sigint(tmp_path, daemons):
     stopped = json.loads(next(line for line in w.lines if '"event": "stopped"' in line))
     print(f"idle worker, swarm gone: SIGINT -> exit in {took:.2f}s (node's own stop {stopped.get('seconds')}s)")
     assert took < 30  # a bound a stall cannot reach on a loaded box; the figure is printed
+    # the behaviour: an idle node stops within 3 s, timed by the node itself (from the
+    # signal to its last task, so interpreter start and exit on a loaded box do not count)
+    assert stopped["seconds"] <= 3.0, stopped
 
 
 # A drain that waited for its grace period would take this long: each test below stops well

@@ -10,7 +10,9 @@ import pytest
 from swarmd.errors import (
     ERR_BAD_REQUEST,
     ERR_CLOSED,
+    ERR_HANDSHAKE,
     ERR_NOT_FOUND,
+    ERR_NOT_READY,
     ERR_OVERLOADED,
     ERR_TIMEOUT,
     ERR_UNAVAILABLE,
@@ -331,8 +333,10 @@ def test_health_tracker_rejects_a_zero_threshold() -> None:
 
 
 def test_classify_separates_worker_failures_from_caller_errors() -> None:
-    for code in (ERR_CLOSED, ERR_TIMEOUT, ERR_OVERLOADED):
+    # the issue-17 list: refused/closed connections, handshake failures, timeouts, overload
+    for code in (ERR_CLOSED, ERR_HANDSHAKE, ERR_TIMEOUT, ERR_OVERLOADED, ERR_UNAVAILABLE):
         assert classify(SwarmdError(code, "x")) == (Verdict.RETRY, code)
+    assert classify(SwarmdError(ERR_NOT_READY, "draining"))[0] is Verdict.ELSEWHERE  # another worker, no blame
     assert classify(ConnectionRefusedError()) == (Verdict.RETRY, ERR_CLOSED)
     assert classify(TimeoutError()) == (Verdict.RETRY, ERR_TIMEOUT)
     assert classify(SwarmdError(ERR_BAD_REQUEST, "x")) == (Verdict.FINAL, ERR_BAD_REQUEST)

@@ -326,3 +326,36 @@ async def test_a_socket_that_accepts_and_never_speaks_is_ejected(
             w.close()
         silent.close()
         await silent.wait_closed()
+
+
+async def test_a_peer_that_closes_during_the_handshake_costs_no_request(
+    tmp_path: Path, workers: list[PeerWorker]
+) -> None:
+    """Issue 17: `HandshakeFailed: ERR_HANDSHAKE … connection closed during the handshake` (a
+    worker that died or restarted under us) moves the request to another worker; it is one of
+    the retryable classes the gateway, the orchestrator and swarmd_rpc share."""
+    from swarmd.errors import retryable
+
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()  # accepted, then gone before the handshake could finish
+
+    closer = await asyncio.start_server(cut, "127.0.0.1", 0)
+    port = closer.sockets[0].getsockname()[1]
+    orch = await make_orch(tmp_path, policy="round_robin", eject_after=100)
+    try:
+        cut_key = "cd" * 32
+        await orch.call(
+            "registerWorker", {"public_key": cut_key, "models": ["mlp"], "host": "127.0.0.1", "port": port}
+        )
+        await orch.register(workers[0])
+        outs = [await orch.infer(i) for i in range(4)]  # round robin sends some to the cut peer first
+        assert {o["worker"] for o in outs} == {workers[0].public_hex}
+        health = await orch.call("healthCheck", {})
+        code = health["workers"][cut_key]["last_error"]
+        assert health["workers"][cut_key]["consecutive_failures"] >= 1
+        assert retryable(SwarmdError(code, "")), code
+        print(f"a peer closing mid-handshake: the dial fails as {code}; the request went elsewhere")
+    finally:
+        await orch.stop()
+        closer.close()
+        await closer.wait_closed()

@@ -10,6 +10,7 @@ hold. Each part that cannot be had says why instead of failing the rest.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 import time
@@ -72,6 +73,8 @@ async def gather_status(settings: Any, timeout: float, host: str | None = None) 
             out["nat"] = nat.get("nat", nat) if isinstance(nat, dict) else nat
             if isinstance(nat, dict) and isinstance(nat.get("metrics"), dict):
                 out["paths"] = nat["metrics"]  # connections by path, upgrades, relay bytes
+            if isinstance(nat, dict) and isinstance(nat.get("portmap"), dict):
+                out["portmap"] = nat["portmap"]  # ports the router forwards to us (PCP / NAT-PMP / UPnP)
         except SwarmdError as e:
             out["nat"] = None
             if e.code != ERR_UNKNOWN_METHOD:
@@ -87,9 +90,10 @@ async def gather_status(settings: Any, timeout: float, host: str | None = None) 
         cfg.operators = list(trust.operators)
     async with Client(boot, swarm_secret=settings.node.swarm_secret, config=cfg) as swarm:
         try:
-            ejected = await ejections(swarm)
+            ejected, found = await asyncio.gather(  # one wait, not two
+                ejections(swarm), swarm.lookup(WORKERS, admitted_only=False))  # each shown with its admission
             now = time.time()
-            for rec in await swarm.lookup(WORKERS, admitted_only=False):  # each shown with its admission
+            for rec in found:
                 p = rec.payload if isinstance(rec.payload, dict) else {}
                 models = [m.get("name") if isinstance(m, dict) else m for m in p.get("models") or []]
                 key = rec.public_key.hex()
@@ -177,6 +181,11 @@ def print_status(st: dict[str, Any]) -> None:
         print(f"nat      {nat.get('type')}  public {nat.get('public_address') or '-'}")
     else:
         print("nat      not reported by this node")
+    pm = st.get("portmap")
+    if isinstance(pm, dict):
+        maps = "  ".join(f"{x['protocol']} {x['external']}" for x in pm.get("mappings") or [])
+        print(f"portmap  {maps or 'none'}  {pm.get('method') or ''}"
+              + (f"  ({pm['error']})" if pm.get("error") and not maps else ""))
     m = st.get("paths")
     if isinstance(m, dict):
         opened = "  ".join(f"{k} {v}" for k, v in (m.get("opened") or {}).items() if v)

@@ -44,7 +44,7 @@ class Crawl:
         self.node = target
         self.ksize = ksize
         self.alpha = alpha
-        self.nearest = Shortlist(target, ksize)
+        self.nearest = Shortlist(target, ksize, protocol.router.max_per_ip)
         self.nearest.push(peers)
         # a request unanswered after `stall` stops counting against alpha, so a
         # dead contact costs one stall period, not a whole request timeout

@@ -165,33 +165,57 @@ class SwarmdRoutingTable(RoutingTable):
 class Shortlist:
     """The nodes a lookup knows closest to its target, nearest first, at most
     `size` of them uncontacted-or-answered at a time (kademlia's NodeHeap, whose
-    membership test and every read scan all nodes ever pushed)."""
+    membership test and every read scan all nodes ever pushed).
 
-    def __init__(self, target: Node, size: int) -> None:
+    At most `per_ip` of them from one IP address (loopback exempt; 0: no cap), as
+    in the routing table: ids are claimed, not proven, and each node that answers
+    holds up to max_contacts_per_ip ids of one IP, so the union of several replies
+    could otherwise give one address every place near a target (docs/dht.md)."""
+
+    def __init__(self, target: Node, size: int, per_ip: int = 0) -> None:
         self.target = target.long_id
         self.size = size
+        self.per_ip = per_ip
         self._ranked: list[tuple[int, bytes]] = []  # (distance, id), sorted
         self._nodes: dict[bytes, Node] = {}
+        self._ips: dict[str, int] = {}  # held nodes per capped IP
         self.contacted: set[bytes] = set()
+        self.ip_capped = 0  # ids refused: their IP already held per_ip places
 
     def push(self, nodes: Iterable[Node]) -> None:
+        per_ip = self.per_ip
         for node in nodes:
             if node.id in self._nodes:
                 continue
             dist = node.long_id ^ self.target
             if len(self._ranked) >= 4 * self.size and dist > self._ranked[-1][0]:
                 continue  # far behind what we already hold: never among the closest
+            if per_ip and not is_loopback(node.ip):
+                held = self._ips.get(node.ip, 0)
+                if held >= per_ip:
+                    self.ip_capped += 1
+                    continue
+                self._ips[node.ip] = held + 1
             self._nodes[node.id] = node
             bisect.insort(self._ranked, (dist, node.id))
             if len(self._ranked) > 4 * self.size:
-                del self._nodes[self._ranked.pop()[1]]
+                self._forget(self._ranked.pop()[1])
+
+    def _forget(self, nid: bytes) -> None:
+        node = self._nodes.pop(nid)
+        n = self._ips.get(node.ip)
+        if n is not None:
+            if n > 1:
+                self._ips[node.ip] = n - 1
+            else:
+                del self._ips[node.ip]
 
     def remove(self, ids: Iterable[bytes]) -> None:
         gone = set(ids) & self._nodes.keys()
         if gone:
             self._ranked = [e for e in self._ranked if e[1] not in gone]
             for nid in gone:
-                del self._nodes[nid]
+                self._forget(nid)
 
     def mark_contacted(self, node: Node) -> None:
         self.contacted.add(node.id)

@@ -30,6 +30,9 @@ class GatewayConfig:
     model_control_timeout: float = 120.0  # seconds a worker has for a repository load (fetch + warm-up) or unload
     metadata_ttl: float = 2.0  # seconds model metadata is cached (swarm backend): a push or rm shows within it
     metrics_public: bool = False  # false: /metrics needs an admin key
+    # serve POST /v2/models/{model}[/versions/{v}]/infer in the lean HTTP/1.1 lane (gateway/fastlane.py):
+    # the same answers for a third of the CPU; anything it does not fully understand goes to aiohttp
+    fast_lane: bool = True
     access_log: bool = True  # every request in the access log, written in batches (at most 1 s late)
     print_admin_key: bool = True  # print the first admin key to stdout when it is created
     local_models_dir: str | None = None  # standalone mode: serve ONNX models from this dir in-process

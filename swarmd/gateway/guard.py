@@ -57,9 +57,11 @@ class ConnectionGuard:
         self.timed_out = 0  # connections closed: headers not complete within header_timeout
         self._last_log = 0.0
         self.log = logger.bind(role="gateway", component="http_guard")
+        # what each accepted connection runs: GuardedProtocol, or fastlane.FastProtocol in front of it
+        self.protocol: Callable[[ConnectionGuard], asyncio.Protocol] = GuardedProtocol
 
     def __call__(self) -> asyncio.Protocol:
-        return GuardedProtocol(self)
+        return self.protocol(self)
 
     def note(self, event: str, message: str) -> None:
         """One line per LOG_INTERVAL at most: hostile clients must not flood the log."""
@@ -80,8 +82,15 @@ class GuardedProtocol(asyncio.Protocol):
         self._address = ""
         self._requests = 0  # requests whose headers aiohttp has parsed on this connection
         self._body: Any = None  # the payload of the last request parsed (EMPTY_PAYLOAD when it has none)
+        self._admitted = False  # counted in guard.open / by_address (not refused on accept)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._admit(transport):
+            self._arm()
+            self._attach()
+
+    def _admit(self, transport: asyncio.BaseTransport) -> bool:
+        """Count the connection in, or close it when over max_connections or the per-address cap."""
         g = self.guard
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
@@ -90,18 +99,22 @@ class GuardedProtocol(asyncio.Protocol):
             g.refused += 1
             g.note("http_connection_refused", "gateway at max_connections; closing new connections")
             transport.abort()  # type: ignore[attr-defined]
-            return
+            return False
         if g.by_address.get(address, 0) >= g.max_per_address:
             g.refused += 1
             g.note("http_connection_refused", "a client address is at max_connections_per_address; closing its new connections")
             transport.abort()  # type: ignore[attr-defined]
-            return
+            return False
         g.open += 1
         g.by_address[address] = g.by_address.get(address, 0) + 1
         self._address = address
-        self.inner = g.inner()
-        self._arm()
-        self.inner.connection_made(transport)
+        self._admitted = True
+        return True
+
+    def _attach(self) -> None:
+        """aiohttp's handler takes the connection (fastlane.py defers this until it hands one over)."""
+        self.inner = self.guard.inner()
+        self.inner.connection_made(self.transport)
 
     def _parsed(self) -> int:
         """How many requests aiohttp's parser has completed the headers of (errors included)."""
@@ -163,8 +176,9 @@ class GuardedProtocol(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self.inner is None:
+        if not self._admitted:
             return
+        self._admitted = False
         g = self.guard
         g.open -= 1
         left = g.by_address.get(self._address, 1) - 1
@@ -173,7 +187,8 @@ class GuardedProtocol(asyncio.Protocol):
         else:
             g.by_address.pop(self._address, None)
         inner, self.inner = self.inner, None
-        inner.connection_lost(exc)
+        if inner is not None:
+            inner.connection_lost(exc)
 
 
 class _OneLine(logging.Filter):

@@ -1,7 +1,8 @@
 """The gateway's OpenAPI 3.1 document and a docs page rendered from it.
 
-The page is plain HTML with no script from elsewhere: a gateway may run on a
-box with no way out, and a docs page that loads a CDN would be blank there.
+Both are made from the route table (swarmd/gateway/routes.py). The page is
+plain HTML with no script from elsewhere: a gateway may run on a box with no
+way out, and a docs page that loads a CDN would be blank there.
 """
 
 from __future__ import annotations
@@ -9,58 +10,18 @@ from __future__ import annotations
 import html
 from typing import Any
 
+from swarmd.gateway.routes import PUBLIC, ROUTES
+
 ERROR = {"$ref": "#/components/schemas/Error"}
 KEY = [{"apiKey": []}, {"bearer": []}]
-
-# (method, path, permission or "public", summary); "a|b": a key with either permission
-ROUTES: list[tuple[str, str, str, str]] = [
-    ("get", "/health", "public", "Gateway health and worker count"),
-    ("get", "/v2/health/live", "public", "OIP v2: server is live"),
-    ("get", "/v2/health/ready", "public", "OIP v2: server is ready (a worker is available); 503 otherwise"),
-    ("get", "/v2", "models:read", "OIP v2: server metadata and extensions"),
-    ("post", "/v2/repository/index", "models:read", "Model repository index (Triton extension)"),
-    ("get", "/v2/models/{model}", "models:read|infer", "OIP v2: model metadata (latest version)"),
-    ("get", "/v2/models/{model}/versions/{version}", "models:read|infer", "OIP v2: model metadata of one version"),
-    ("get", "/v2/models/{model}/config", "models:read|infer", "Triton-style model configuration"),
-    ("get", "/v2/models/{model}/ready", "models:read|infer", "OIP v2: model ready; 503 when no worker serves it"),
-    ("get", "/v2/models/stats", "models:read", "Triton statistics extension: every model version, summed over workers"),
-    ("get", "/v2/models/{model}/stats", "models:read", "Triton statistics extension: one model's versions"),
-    ("get", "/v2/models/{model}/versions/{version}/stats", "models:read", "Triton statistics extension: one version"),
-    ("get", "/v2/models/{model}/versions/{version}/ready", "models:read|infer", "OIP v2: model version ready"),
-    ("post", "/v2/repository/models/{model}/load", "models:write",
-     "Triton model control: refused with 501 (workers load models on first request)"),
-    ("post", "/v2/repository/models/{model}/unload", "models:write",
-     "Triton model control: refused with 501 (workers evict idle models)"),
-    ("post", "/v2/models/{model}/infer", "infer",
-     "OIP v2 inference: JSON tensors, or the binary tensor extension (Inference-Header-Content-Length)"),
-    ("post", "/v2/models/{model}/versions/{version}/infer", "infer", "OIP v2 inference on one version"),
-    ("post", "/api/v1/inference/{model}", "infer",
-     'Friendly inference: {"inputs": {name: nested list}} or {"input": nested list}'),
-    ("get", "/api/v1/models", "models:read", "List models"),
-    ("get", "/api/v1/models/{model}", "models:read", "One model's metadata (?version=)"),
-    ("post", "/api/v1/models", "models:write",
-     'Upload a model: JSON {"name", "version"?, "data": base64}, a raw body with ?name=&version=&sha256=, '
-     "or multipart/form-data (curl -F model=@FILE -F name=NAME)"),
-    ("get", "/api/v1/status", "admin", "Gateway, node and backend status"),
-    ("get", "/api/v1/keys", "admin", "List API keys (masked) with usage"),
-    ("post", "/api/v1/keys", "admin", 'Create an API key: {"name", "permissions": [...]}; the key is shown once'),
-    ("get", "/api/v1/keys/{id}", "admin", "One API key (masked) with usage"),
-    ("delete", "/api/v1/keys/{id}", "admin", "Revoke an API key"),
-    ("get", "/metrics", "admin", "Prometheus metrics (public when gateway.metrics_public)"),
-    ("get", "/openapi.json", "public", "This document"),
-    ("get", "/docs", "public", "Human-readable API reference"),
-    ("get", "/dashboard", "public", "Operator dashboard page (static; asks for a key, reads the feed below)"),
-    ("get", "/dashboard/{asset}", "public", "The dashboard's own script and style sheet"),
-    ("get", "/api/v1/dashboard/feed", "models:read",
-     "Server-Sent Events: a snapshot of nodes, workers, models and traffic every second"),
-]
 
 
 def openapi_document(version: str) -> dict[str, Any]:
     paths: dict[str, Any] = {}
-    for method, path, perm, summary in ROUTES:
+    for route in ROUTES:
+        method, path, perm = route.method.lower(), route.path, route.permission
         op: dict[str, Any] = {
-            "summary": summary,
+            "summary": route.summary,
             "responses": {
                 "200": {"description": "OK"},
                 "400": {"description": "malformed request", "content": {"application/json": {"schema": ERROR}}},
@@ -70,7 +31,7 @@ def openapi_document(version: str) -> dict[str, Any]:
         params = [p.strip("{}") for p in path.split("/") if p.startswith("{")]
         if params:
             op["parameters"] = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}} for p in params]
-        if perm == "public":
+        if perm == PUBLIC:
             op["security"] = []
         else:
             op["security"] = KEY

@@ -120,6 +120,13 @@ class Membership:
         joined.payload = payload
         return await self._announce(joined)
 
+    async def reannounce(self) -> None:
+        """Announce every joined topic again now: our addresses changed (a port mapped or lost)."""
+        for joined in list(self._topics.values()):
+            if joined.announce:
+                with contextlib.suppress(SwarmdError):
+                    await self._announce(joined)
+
     async def leave(self, topic: bytes | str) -> None:
         """Stop announcing and looking up; withdraw our record from the DHT."""
         t = self.topic(topic)
