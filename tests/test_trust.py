@@ -486,18 +486,15 @@ async def test_a_client_given_operators_never_calls_an_unadmitted_store(net: Dht
 
 
 class _Joined:
-    """net.add() for HostilePeer.start: a DHT node that joins a daemon's swarm through its bootstrap."""
+    """net.config() for HostilePeer.start: a DHT node that joins a daemon's swarm through its bootstrap."""
 
     def __init__(self, boot: tuple[str, int]) -> None:
         self.boot = boot
 
-    async def add(self, identity: Identity) -> Any:
-        from swarmd.dht.node import DhtNode
+    def config(self) -> Any:
         from tests.dht_testnet import dht_config
 
-        node = DhtNode(identity, dht_config(bootstrap=[self.boot]))
-        await node.start()
-        return node
+        return dht_config(bootstrap=[self.boot])
 
 
 @pytest.mark.slow

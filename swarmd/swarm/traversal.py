@@ -469,21 +469,3 @@ class Traversal:
         if not relays:
             raise SwarmdError(ERR_UNAVAILABLE, "no relay announced: nobody to learn our TCP mapping from")
         return relays[0]
-
-
-class TraversalPart:
-    """Node part after the swarm: fills swarm.traversal and serves nat.* methods."""
-
-    def __init__(self, ctx: Any) -> None:
-        self.ctx = ctx
-        self.traversal: Traversal | None = None
-
-    async def start(self) -> None:
-        if self.ctx.swarm is None:
-            return
-        self.traversal = Traversal(self.ctx.swarm, getattr(self.ctx.settings, "nat", None) or NatConfig())
-        await self.traversal.start()
-
-    async def stop(self) -> None:
-        if self.traversal is not None:
-            await self.traversal.stop()
