@@ -160,20 +160,14 @@ class Node:
     def _parts(self, ctx: NodeContext) -> list[tuple[str, Any]]:
         """The network parts every node runs before its roles, in start order.
 
-        Each is an object with async start()/stop() that fills its slot on ctx
-        (rpc_server, dht, swarm) and its port in ctx.ports.
+        Each is an object with async start()/stop() that fills its slots on ctx
+        (rpc_server; dht and swarm, built by swarmd.swarm.stack.open_stack) and
+        its ports in ctx.ports.
         """
-        from swarmd.dht.part import DhtPart
         from swarmd.rpc.part import RpcPart
-        from swarmd.swarm.part import SwarmPart
-        from swarmd.swarm.traversal import TraversalPart
+        from swarmd.swarm.part import StackPart
 
-        return [
-            ("rpc", RpcPart(ctx)),
-            ("dht", DhtPart(ctx)),
-            ("swarm", SwarmPart(ctx)),
-            ("nat", TraversalPart(ctx)),
-        ]
+        return [("rpc", RpcPart(ctx)), ("stack", StackPart(ctx))]
 
     async def stop(self) -> None:
         while self._started:

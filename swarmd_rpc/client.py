@@ -32,6 +32,7 @@ from swarmd.errors import (
 from swarmd.node.deadline import within
 from swarmd.node.identity import Identity
 from swarmd.orchestrator.config import OrchestratorConfig
+from swarmd.orchestrator.discovery import missed_refreshes
 from swarmd.orchestrator.fleet import Fleet
 from swarmd.worker.result import InferResult
 from swarmd_rpc.errors import Closed, translated
@@ -123,10 +124,8 @@ class Client:
         self.models = Models(self)
         self.fleet: Fleet | None = None  # the router over the workers' records (swarm mode)
         self._records: dict[bytes, Any] = {}  # public key -> newest PeerRecord seen by discovery
-        self._dht: Any = None
-        self._server: Any = None
+        self._stack: Any = None  # swarmd.swarm.stack.Stack in swarm mode
         self._swarm: Any = None
-        self._traversal: Any = None
         self._direct: Any = None  # RpcPeer in single-peer mode
         self._started = False
         self._closed = False
@@ -186,9 +185,9 @@ class Client:
         return self
 
     async def _start_swarm(self) -> None:
-        from swarmd.dht import DhtConfig, DhtNode
-        from swarmd.rpc import Methods, RpcServer
-        from swarmd.swarm import Swarm, SwarmConfig
+        from swarmd.dht import DhtConfig
+        from swarmd.swarm import SwarmConfig
+        from swarmd.swarm.stack import open_stack
 
         cfg = self.config
         if not cfg.bootstrap:
@@ -196,18 +195,9 @@ class Client:
                 ERR_BAD_REQUEST,
                 "a swarm client needs bootstrap=['HOST:PORT', ...]; use Client.for_peer() for a single peer",
             )
-        boot = [_hostport(b) for b in cfg.bootstrap]
         secret = cfg.swarm_secret
         if isinstance(secret, str):
             secret = bytes.fromhex(secret)
-        dht = DhtNode(
-            Identity.generate(),
-            DhtConfig(host=cfg.dht_host, port=cfg.dht_port, bootstrap=boot, mode="client",
-                      lookup_timeout=cfg.lookup_timeout),
-        )
-        await dht.start()
-        server = RpcServer(self.identity, Methods(), cfg.listen_host, 0)
-        swarm: Any = None
         trust = None
         if cfg.operators:
             from swarmd.node.trust import GrantError, Trust, parse_key
@@ -215,36 +205,20 @@ class Client:
             try:
                 operators = [parse_key(k, "operators[]") for k in cfg.operators]
             except GrantError as e:
-                await dht.stop()
                 raise SwarmdError(ERR_BAD_REQUEST, str(e)) from None
             trust = Trust(operators, own_key=self.identity.public_key)
-        try:
-            await server.start()
-            swarm = Swarm(
-                self.identity,
-                dht,
-                server,
-                SwarmConfig(secret=secret, announce_self=False, lookup_timeout=cfg.lookup_timeout,
-                            request_timeout=cfg.timeout),
-                trust=trust,
-            )
-            await swarm.start()
-            if cfg.traversal:
-                from swarmd.swarm.traversal import Traversal
-
-                self._traversal = Traversal(swarm)
-                await self._traversal.start()
-        except BaseException:
-            if self._traversal is not None:
-                await self._traversal.stop()
-                self._traversal = None
-            if swarm is not None:
-                with contextlib.suppress(Exception):
-                    await swarm.stop()
-            await server.stop()
-            await dht.stop()
-            raise
-        self._dht, self._server, self._swarm = dht, server, swarm
+        self._stack = stack = await open_stack(
+            self.identity,
+            DhtConfig(host=cfg.dht_host, port=cfg.dht_port, bootstrap=[_hostport(b) for b in cfg.bootstrap],
+                      mode="client", lookup_timeout=cfg.lookup_timeout),
+            dht_identity=Identity.generate(),  # a client-mode DHT node: no routing-table entry to keep
+            host=cfg.listen_host,
+            swarm_config=SwarmConfig(secret=secret, announce_self=False, lookup_timeout=cfg.lookup_timeout,
+                                     request_timeout=cfg.timeout),
+            trust=trust,
+            nat=cfg.traversal,
+        )
+        swarm = self._swarm = stack.swarm
         # No health loop of its own (a client is short-lived): failures and bans are what it learns.
         # A punched or relayed path takes longer to open than a direct dial: give it the call's time.
         dial = cfg.timeout if cfg.traversal else min(cfg.timeout, 5.0)
@@ -260,24 +234,14 @@ class Client:
         if fleet is not None:
             with contextlib.suppress(Exception):
                 await fleet.stop()
-        swarm, server, dht, direct = self._swarm, self._server, self._dht, self._direct
-        traversal, self._traversal = self._traversal, None
-        self._swarm = self._server = self._dht = self._direct = None
+        stack, direct = self._stack, self._direct
+        self._stack = self._swarm = self._direct = None
         if direct is not None:
             with contextlib.suppress(Exception):
                 await direct.close()
-        if traversal is not None:
+        if stack is not None:
             with contextlib.suppress(Exception):
-                await traversal.stop()
-        if swarm is not None:
-            with contextlib.suppress(Exception):
-                await swarm.stop()
-        if server is not None:
-            with contextlib.suppress(Exception):
-                await server.stop()
-        if dht is not None:
-            with contextlib.suppress(Exception):
-                await dht.stop()
+                await stack.stop()
 
     async def __aenter__(self) -> Client:
         return await self.start()
@@ -499,7 +463,10 @@ class Client:
         if self._direct is not None:
             return [self._direct.remote_public_key]
         records = await self.lookup(topic, settle=self.config.settle)
-        return [r.public_key for r in records]
+        # a store whose live record stopped being refreshed (most likely dead, its record not
+        # expired yet) is asked last, as the routers do with such workers
+        now, stale = time.time(), OrchestratorConfig.stale_after
+        return [r.public_key for r in sorted(records, key=lambda r: missed_refreshes(r, now, stale))]
 
 
 __all__ = ["Client", "ClientConfig", "Inference", "Models", "PeerAddress"]

@@ -43,8 +43,12 @@ class DhtTestnet:
             net.nodes.extend(batch)
         return net
 
+    def config(self, **cfg: object) -> DhtConfig:
+        """The DhtConfig of a node joining this testnet (for swarmd.swarm.stack.open_stack)."""
+        return dht_config(bootstrap=[self.nodes[0].address], **cfg)
+
     async def add(self, identity: Identity | None = None, **cfg: object) -> DhtNode:
-        node = DhtNode(identity or Identity.generate(), dht_config(bootstrap=[self.nodes[0].address], **cfg))
+        node = DhtNode(identity or Identity.generate(), self.config(**cfg))
         await node.start()
         self.nodes.append(node)
         return node

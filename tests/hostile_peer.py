@@ -16,6 +16,7 @@ from swarmd.node.identity import Identity
 from swarmd.node.trust import Grant, Trust
 from swarmd.rpc import CallContext, Firewall, Methods, RpcPeer, RpcServer, connect
 from swarmd.swarm import Swarm, SwarmConfig
+from swarmd.swarm.stack import Stack, open_stack
 
 T = 20.0
 
@@ -40,6 +41,7 @@ class HostilePeer:
         self.trust = Trust(open=True, own_key=self.identity.public_key, own_grants=self.grants)
         self.server = RpcServer(self.identity, self.methods, firewall=Firewall(open=True, trust=self.trust))
         self.swarm: Swarm | None = None
+        self.stack: Stack | None = None
 
     def _answer(self, name: str) -> Any:
         async def handler(ctx: CallContext, params: Any) -> Any:
@@ -64,9 +66,9 @@ class HostilePeer:
 
     async def start(self, net: Any) -> HostilePeer:
         await self.server.start()
-        dht = await net.add(self.identity)
-        self.swarm = Swarm(self.identity, dht, self.server, swarm_cfg(), trust=self.trust)
-        await self.swarm.start()
+        self.stack = await open_stack(self.identity, net.config(), server=self.server, swarm_config=swarm_cfg(),
+                                      trust=self.trust)
+        self.swarm = self.stack.swarm
         return self
 
     async def announce(self, topic: str, payload: dict[str, Any]) -> None:
@@ -85,6 +87,6 @@ class HostilePeer:
         )
 
     async def stop(self) -> None:
-        if self.swarm is not None:
-            await self.swarm.stop()
+        if self.stack is not None:
+            await self.stack.stop()  # swarm and DHT node; the server is ours
         await self.server.stop()

@@ -52,19 +52,17 @@ async def start_swarm_store(net: Any, data_dir: Path, trust_of: Any = None, **cf
     daemon's firewall and role-filtered lookups); without it the swarm is open."""
     from swarmd.rpc.config import AccessConfig
     from swarmd.rpc.part import firewall_from
-    from swarmd.swarm import Swarm, SwarmConfig
+    from swarmd.swarm import SwarmConfig
+    from swarmd.swarm.stack import open_stack
 
     ident = Identity.generate()
     trust = trust_of(ident) if trust_of is not None else None
-    dht = await net.add(ident)
-    net.nodes.remove(dht)  # the Node owns (and stops) it
-    methods = Methods()
     firewall = None if trust is None else firewall_from(AccessConfig(), ident.public_key, trust)
-    server = RpcServer(ident, methods, port=0, firewall=firewall)
-    await server.start()
-    swarm = Swarm(ident, dht, server, SwarmConfig(relookup_interval=0.3, reconnect_initial=0.05,
-                                                  connect_timeout=3.0, lookup_timeout=3.0), trust=trust)
-    await swarm.start()
+    stack = await open_stack(
+        ident, net.config(), firewall=firewall, trust=trust,
+        swarm_config=SwarmConfig(relookup_interval=0.3, reconnect_initial=0.05, connect_timeout=3.0, lookup_timeout=3.0),
+    )
+    server, swarm, dht = stack.server, stack.swarm, stack.dht
     return await start_store(data_dir, ident, server=server, swarm=swarm, dht=dht, trust=trust, **cfg)
 
 

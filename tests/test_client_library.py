@@ -214,3 +214,22 @@ def test_every_public_name_has_a_docstring_and_types() -> None:
             assert inspect.getdoc(fn), f"swarmd_rpc.{name}.{attr} has no docstring"
             sig = inspect.signature(fn)
             assert sig.return_annotation is not inspect.Signature.empty, f"{name}.{attr} has no return type"
+
+
+async def test_stores_whose_live_record_missed_refreshes_are_asked_last() -> None:
+    """A killed store's record lingers until it expires: the client tries the live ones first."""
+    import time
+    from types import SimpleNamespace
+
+    now = time.time()
+
+    def signed(i: int, ago: float, ttl: float = 12.0) -> SimpleNamespace:
+        return SimpleNamespace(public_key=bytes([i]) * 32, seq=int((now - ago) * 1000), expiry=now - ago + ttl)
+
+    c = Client(bootstrap=["127.0.0.1:9"])
+
+    async def lookup(topic: str, timeout: float | None = None, **kw: Any) -> list[Any]:
+        return [signed(1, 10.0), signed(2, 1.0), signed(3, 30.0, ttl=1200.0)]
+
+    c.lookup = lookup  # type: ignore[method-assign]  # the records a lookup would return
+    assert await c._store_keys("swarmd/stores") == [bytes([2]) * 32, bytes([3]) * 32, bytes([1]) * 32]

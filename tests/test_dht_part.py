@@ -1,4 +1,4 @@
-"""The DHT node part and the bootstrap role, as the daemon composes them."""
+"""The DHT node of a daemon's settings (dht_config_from) and the bootstrap role, as the daemon composes them."""
 
 from __future__ import annotations
 
@@ -7,16 +7,34 @@ from types import SimpleNamespace
 import pytest
 
 from swarmd.dht.config import DhtConfig
-from swarmd.dht.part import DhtPart, dht_config_from
+from swarmd.dht.part import dht_config_from
 from swarmd.errors import ERR_UNAVAILABLE, ConfigError, SwarmdError
 from swarmd.node.identity import Identity
 from swarmd.roles.bootstrap import BootstrapRole
 from swarmd.settings import NodeConfig, Settings
+from swarmd.swarm.stack import Stack, open_stack
 
 
 def _ctx(**node: object) -> SimpleNamespace:
     settings = Settings(node=NodeConfig(host="127.0.0.1", **node), dht=DhtConfig(request_timeout=0.3))
     return SimpleNamespace(identity=Identity.generate(), settings=settings, ports={}, dht=None)
+
+
+class DhtPart:
+    """The daemon's stack (the one factory, swarmd.swarm.stack) built from the settings' DHT config."""
+
+    def __init__(self, ctx: SimpleNamespace) -> None:
+        self.ctx = ctx
+        self.stack: Stack | None = None
+
+    async def start(self) -> None:
+        self.stack = await open_stack(self.ctx.identity, dht_config_from(self.ctx.settings))
+        self.ctx.dht = self.stack.dht
+        self.ctx.ports["dht"] = self.stack.dht.address[1]
+
+    async def stop(self) -> None:
+        if self.stack is not None:
+            await self.stack.stop()
 
 
 async def test_first_node_and_a_second_joining_through_it() -> None:

@@ -24,7 +24,7 @@ def _swarm_wired() -> bool:
         return False
     import swarmd.daemon
 
-    return "SwarmPart" in inspect.getsource(swarmd.daemon)
+    return "StackPart" in inspect.getsource(swarmd.daemon)
 
 
 pytestmark = [

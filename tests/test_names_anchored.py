@@ -7,7 +7,7 @@ import pytest
 
 from swarmd.errors import ERR_BAD_REQUEST, SwarmdError
 from swarmd.gateway import local
-from swarmd.services import params
+from swarmd.rpc import params
 from swarmd.store import blobs, catalog
 
 CHECKS = [

@@ -204,3 +204,36 @@ def test_an_orchestrator_ignores_its_own_published_verdicts() -> None:
     assert f.balancer.suspects == {}  # its own tracker re-admitted it since; the record lags
     f.ingest_verdicts([Published(b"\x09" * 32, {"ejected": [KEYS[0].hex()[:16]]})])
     assert set(f.balancer.suspects) == {KEYS[0].hex()}
+
+
+async def test_discovery_does_not_wait_for_a_slow_or_failing_verdict_lookup() -> None:
+    """Verdicts are advice: a swarm whose ORCHESTRATORS lookup crawls on (none announce) or
+    fails must not hold up the workers' membership, and a failed look keeps the last verdicts."""
+    import asyncio
+
+    from swarmd.errors import ERR_UNAVAILABLE, SwarmdError
+    from swarmd.topics import ORCHESTRATORS, WORKERS
+
+    mode = {"orchestrators": "hang"}
+
+    async def lookup(topic: str, seconds: float) -> list[Any]:
+        if topic == WORKERS:
+            return [Record(KEYS[0], online(["mlp"])), Record(KEYS[1], online(["mlp"]))]
+        assert topic == ORCHESTRATORS
+        if mode["orchestrators"] == "hang":
+            await asyncio.sleep(3600)
+        if mode["orchestrators"] == "fail":
+            raise SwarmdError(ERR_UNAVAILABLE, "no DHT node answered")
+        return [Published(b"\x09" * 32, {"ejected": [KEYS[0].hex()[:16]]})]
+
+    config = OrchestratorConfig(seed=1)
+    f = Fleet(config, balancer=Balancer(config), health_checks=False, lookup=lookup)
+    async with asyncio.timeout(60):  # a bound the hour-long verdict crawl cannot meet
+        assert await f.discover_once(5.0) == 2
+    assert f.balancer.suspects == {}
+    mode["orchestrators"] = "answer"
+    assert await f.discover_once(5.0) == 2
+    assert set(f.balancer.suspects) == {KEYS[0].hex()}
+    mode["orchestrators"] = "fail"
+    assert await f.discover_once(5.0) == 2
+    assert set(f.balancer.suspects) == {KEYS[0].hex()}  # the last verdicts stand

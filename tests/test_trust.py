@@ -486,18 +486,15 @@ async def test_a_client_given_operators_never_calls_an_unadmitted_store(net: Dht
 
 
 class _Joined:
-    """net.add() for HostilePeer.start: a DHT node that joins a daemon's swarm through its bootstrap."""
+    """net.config() for HostilePeer.start: a DHT node that joins a daemon's swarm through its bootstrap."""
 
     def __init__(self, boot: tuple[str, int]) -> None:
         self.boot = boot
 
-    async def add(self, identity: Identity) -> Any:
-        from swarmd.dht.node import DhtNode
+    def config(self) -> Any:
         from tests.dht_testnet import dht_config
 
-        node = DhtNode(identity, dht_config(bootstrap=[self.boot]))
-        await node.start()
-        return node
+        return dht_config(bootstrap=[self.boot])
 
 
 @pytest.mark.slow
@@ -679,3 +676,29 @@ def test_status_marks_each_worker_with_its_admission(capsys: Any) -> None:
     assert f"{bad.public_hex[:16]}  NOT-ADMITTED ONLINE" in out
     unverified = admission_check(Settings())(rec(bad, []), "worker")
     assert unverified is not None and unverified["admitted"] is None
+
+
+async def test_an_admitted_store_answering_another_version_is_not_believed(net: DhtTestnet, tmp_path: Path) -> None:
+    """The review's second attack, from inside the trust: a store the operator granted answers
+    every getModel with its own version 9. Admission lets it be asked; the version check refuses
+    the answer, so nothing is remembered, fetched, or made the default."""
+    op, liar_key, ident = Identity.generate(), Identity.generate(), Identity.generate()
+    liar = HostilePeer(liar_key, [grant(op, "store", liar_key)])
+    server = RpcServer(ident, Methods())
+    await server.start()
+    sw = Swarm(ident, await net.add(ident), server, swarm_cfg(), trust=member(op, ident, "worker"))
+    try:
+        await liar.start(net)
+        await liar.announce(model_topic("m"), {"models": 1})
+        fetcher = ModelFetcher(sw, ModelCache(tmp_path / "c", 1 << 20), WorkerConfig(store_timeout=5.0))
+        with pytest.raises(SwarmdError) as ei:
+            await fetcher.resolve("m", "1")
+        assert ei.value.code == ERR_UNAVAILABLE and "'m':'9'" in ei.value.message, ei.value.message
+        assert liar.calls["getModel"] >= 1  # it was admitted and asked: what refused it is the check
+        with pytest.raises(SwarmdError):
+            await fetcher.resolve("m", None)  # nor is its answer taken as the latest version
+        assert fetcher._known == {} and list((tmp_path / "c").glob("**/*.onnx")) == []
+    finally:
+        await sw.stop()
+        await server.stop()
+        await liar.stop()

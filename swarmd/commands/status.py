@@ -73,6 +73,8 @@ async def gather_status(settings: Any, timeout: float, host: str | None = None) 
             out["nat"] = nat.get("nat", nat) if isinstance(nat, dict) else nat
             if isinstance(nat, dict) and isinstance(nat.get("metrics"), dict):
                 out["paths"] = nat["metrics"]  # connections by path, upgrades, relay bytes
+            if isinstance(nat, dict) and isinstance(nat.get("portmap"), dict):
+                out["portmap"] = nat["portmap"]  # ports the router forwards to us (PCP / NAT-PMP / UPnP)
         except SwarmdError as e:
             out["nat"] = None
             if e.code != ERR_UNKNOWN_METHOD:
@@ -179,6 +181,11 @@ def print_status(st: dict[str, Any]) -> None:
         print(f"nat      {nat.get('type')}  public {nat.get('public_address') or '-'}")
     else:
         print("nat      not reported by this node")
+    pm = st.get("portmap")
+    if isinstance(pm, dict):
+        maps = "  ".join(f"{x['protocol']} {x['external']}" for x in pm.get("mappings") or [])
+        print(f"portmap  {maps or 'none'}  {pm.get('method') or ''}"
+              + (f"  ({pm['error']})" if pm.get("error") and not maps else ""))
     m = st.get("paths")
     if isinstance(m, dict):
         opened = "  ".join(f"{k} {v}" for k, v in (m.get("opened") or {}).items() if v)

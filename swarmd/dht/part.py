@@ -1,4 +1,4 @@
-"""The DHT as a node part: the daemon starts it before the swarm and roles.
+"""The DHT settings of a node: the daemon's stack (swarmd.swarm.stack) starts the node.
 
 Settings read: ``node.host`` (bind address), ``node.dht_port``,
 ``node.bootstrap`` (HOST:PORT strings; none = first node of a new swarm) and,
@@ -11,7 +11,6 @@ import dataclasses
 from typing import Any
 
 from swarmd.dht.config import DhtConfig
-from swarmd.dht.node import DhtNode
 from swarmd.errors import ConfigError
 
 
@@ -33,22 +32,3 @@ def dht_config_from(settings: Any) -> DhtConfig:
     cfg.bootstrap = [_hostport(b) if isinstance(b, str) else tuple(b) for b in node.bootstrap]
     cfg.bootstrap_wait = getattr(node, "bootstrap_wait", cfg.bootstrap_wait)
     return cfg
-
-
-class DhtPart:
-    """Fills ctx.dht and ctx.ports["dht"]; stops the node on stop()."""
-
-    def __init__(self, ctx: Any) -> None:
-        self.ctx = ctx
-        self.node: DhtNode | None = None
-
-    async def start(self) -> None:
-        tasks = getattr(self.ctx, "tasks", None)  # the node's Supervisor (absent in bare test contexts)
-        self.node = DhtNode(self.ctx.identity, dht_config_from(self.ctx.settings), tasks=tasks)
-        await self.node.start()
-        self.ctx.dht = self.node
-        self.ctx.ports["dht"] = self.node.address[1]
-
-    async def stop(self) -> None:
-        if self.node is not None:
-            await self.node.stop()

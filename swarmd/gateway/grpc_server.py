@@ -25,6 +25,7 @@ import numpy as np
 from loguru import logger
 
 from swarmd import __version__
+from swarmd.dtypes import CONTENTS_FIELD, TRITON_TYPES
 from swarmd.errors import (
     ERR_BAD_REQUEST,
     ERR_FORBIDDEN,
@@ -67,19 +68,8 @@ STATUS: dict[str, grpc.StatusCode] = {
     "ERR_NOT_IMPLEMENTED": grpc.StatusCode.UNIMPLEMENTED,
 }
 
-# Triton's model configuration data types, by OIP datatype name.
-CONFIG_TYPES: dict[str, int] = {
-    "BOOL": pb.TYPE_BOOL, "UINT8": pb.TYPE_UINT8, "UINT16": pb.TYPE_UINT16, "UINT32": pb.TYPE_UINT32,
-    "UINT64": pb.TYPE_UINT64, "INT8": pb.TYPE_INT8, "INT16": pb.TYPE_INT16, "INT32": pb.TYPE_INT32,
-    "INT64": pb.TYPE_INT64, "FP16": pb.TYPE_FP16, "FP32": pb.TYPE_FP32, "FP64": pb.TYPE_FP64,
-    "BYTES": pb.TYPE_STRING, "BF16": pb.TYPE_BF16,
-}
-# Where typed (non-raw) contents of each datatype travel in InferTensorContents.
-CONTENTS_FIELD: dict[str, str] = {
-    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
-    "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
-    "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
-}
+# Triton's model configuration data types (the gRPC DataType enum), by OIP datatype name.
+CONFIG_TYPES: dict[str, int] = {oip: getattr(pb, name) for oip, name in TRITON_TYPES.items()}
 # What each Triton method swarmd does not serve is, for the UNIMPLEMENTED answer.
 NOT_BUILT = {
     "TraceSetting": "trace settings: swarmd traces with OpenTelemetry, configured per node in [tracing] "

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from loguru import logger
 
+from swarmd.dtypes import ORT_TO_NUMPY
 from swarmd.errors import ERR_CONFLICT, ERR_NOT_IMPLEMENTED, SwarmdError
 from swarmd.gateway.backend import (
     InferResult,
@@ -35,11 +36,9 @@ from swarmd.gateway.backend import (
     not_found,
 )
 from swarmd.versions import next_version, version_key
-from swarmd.worker.signature import ORT_TO_NUMPY
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
-ORT_TYPES = ORT_TO_NUMPY  # one table for onnxruntime's type names (the worker's)
 
 
 def check_name(kind: str, value: str) -> str:
@@ -56,7 +55,7 @@ def session_signature(session: Any) -> tuple[list[TensorSpec], list[TensorSpec]]
 
     def spec(arg: Any) -> TensorSpec:
         shape = [d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or [])]
-        return TensorSpec(arg.name, ORT_TYPES.get(arg.type, arg.type), shape)
+        return TensorSpec(arg.name, ORT_TO_NUMPY.get(arg.type, arg.type), shape)
 
     return [spec(a) for a in session.get_inputs()], [spec(a) for a in session.get_outputs()]
 

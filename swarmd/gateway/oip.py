@@ -17,24 +17,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-# OIP datatype <-> numpy dtype name. BF16 has no numpy dtype; BYTES is handled apart.
-OIP_TO_NUMPY: dict[str, str] = {
-    "BOOL": "bool",
-    "UINT8": "uint8",
-    "UINT16": "uint16",
-    "UINT32": "uint32",
-    "UINT64": "uint64",
-    "INT8": "int8",
-    "INT16": "int16",
-    "INT32": "int32",
-    "INT64": "int64",
-    "FP16": "float16",
-    "FP32": "float32",
-    "FP64": "float64",
-}
-NUMPY_TO_OIP: dict[str, str] = {v: k for k, v in OIP_TO_NUMPY.items()}
-NUMPY_TO_OIP["object"] = "BYTES"
-NUMPY_TO_OIP["str"] = "BYTES"
+from swarmd.dtypes import NUMPY_TO_OIP, OIP_TO_NUMPY
 
 MAX_DIMS = 16
 MAX_NAME = 256
@@ -211,18 +194,8 @@ def decode_infer_request(body: bytes, header_length: int | None = None) -> Infer
                 raise OipError(
                     f"{where}.binary_data_size is {size} but only {len(binary) - offset} binary bytes remain"
                 )
-            raw = binary[offset:offset + size]
+            arr = decode_raw_tensor(binary[offset:offset + size], datatype, shape, where)
             offset += size
-            if datatype == "BYTES":
-                arr = _bytes_from_binary(raw, count, where)
-            else:
-                dt = np.dtype(numpy_dtype(datatype)).newbyteorder("<")
-                if size != count * dt.itemsize:
-                    raise OipError(
-                        f"{where}: shape {list(shape)} of {datatype} needs {count * dt.itemsize} bytes, "
-                        f"binary_data_size is {size}"
-                    )
-                arr = np.frombuffer(raw, dtype=dt).astype(dt.newbyteorder("="), copy=False)
         else:
             if "data" not in t:
                 raise OipError(f"{where} has no data and no parameters.binary_data_size")

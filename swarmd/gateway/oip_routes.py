@@ -11,16 +11,11 @@ import orjson
 from aiohttp import web
 
 from swarmd import __version__
+from swarmd.dtypes import TRITON_TYPES
 from swarmd.errors import ERR_INTERNAL, ERR_NOT_IMPLEMENTED, ERR_NOT_READY, ERR_TOO_LARGE, SwarmdError
 from swarmd.gateway.backend import ModelInfo
 from swarmd.gateway.middleware import MODEL, bad, json_response
 from swarmd.gateway.oip import OipError, decode_infer_request, encode_infer_response, oip_datatype
-
-TRITON_TYPES = {
-    "BOOL": "TYPE_BOOL", "UINT8": "TYPE_UINT8", "UINT16": "TYPE_UINT16", "UINT32": "TYPE_UINT32",
-    "UINT64": "TYPE_UINT64", "INT8": "TYPE_INT8", "INT16": "TYPE_INT16", "INT32": "TYPE_INT32",
-    "INT64": "TYPE_INT64", "FP16": "TYPE_FP16", "FP32": "TYPE_FP32", "FP64": "TYPE_FP64", "BYTES": "TYPE_STRING",
-}
 
 
 def tensor_meta(info: ModelInfo, which: str) -> list[dict[str, Any]]:

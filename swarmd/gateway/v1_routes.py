@@ -20,11 +20,11 @@ import orjson
 from aiohttp import BodyPartReader, web
 
 from swarmd import __version__
+from swarmd.dtypes import OIP_TO_NUMPY
 from swarmd.errors import ERR_BAD_REQUEST, ERR_NOT_FOUND, ERR_TIMEOUT, ERR_TOO_LARGE, SwarmdError
 from swarmd.gateway.backend import UploadedModel
 from swarmd.gateway.keys import KeyStore
 from swarmd.gateway.middleware import MODEL, RID, bad, json_response
-from swarmd.gateway.oip import OIP_TO_NUMPY
 from swarmd.gateway.openapi import docs_page, openapi_document
 
 UPLOAD_CHUNK = 1 << 20

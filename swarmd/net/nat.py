@@ -64,6 +64,9 @@ class NatConfig:
     sink: bool = True  # answer other nodes' `swarmd nat probe` streams (nat.sink); false: refuse them
     sink_rate: int = 1 << 20  # bytes per second per caller key nat.sink accepts, sustained (burst: probe_max_bytes)
     sink_concurrency: int = 2  # nat.sink streams accepted at once from all callers together
+    portmap: bool = True  # ask the router to forward our ports (PCP, NAT-PMP, UPnP-IGD) when behind NAT
+    portmap_lifetime: int = 3600  # s asked for a mapping; renewed at half of what the router grants
+    portmap_gateway: str = ""  # the router to ask; "" = the default gateway
     assume: str = ""  # operator override of the detected type ("symmetric" forces the relay), "" = detect
 
     def validate(self) -> None:
@@ -77,6 +80,8 @@ class NatConfig:
                 raise ConfigError(f"nat.{name} must be a positive number of seconds, got {getattr(self, name)}")
         if self.stun_servers < 1 or self.signal_burst < 1 or self.probe_max_bytes < 0:
             raise ConfigError("nat.stun_servers and nat.signal_burst must be >= 1, nat.probe_max_bytes >= 0")
+        if not 60 <= self.portmap_lifetime <= 7 * 86400:
+            raise ConfigError(f"nat.portmap_lifetime must be 60..604800 seconds, got {self.portmap_lifetime}")
         if self.sink_rate < 1 or self.sink_concurrency < 1:
             raise ConfigError("nat.sink_rate and nat.sink_concurrency must be >= 1")
 

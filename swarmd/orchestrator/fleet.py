@@ -43,6 +43,7 @@ from swarmd.topics import ORCHESTRATORS, WORKERS, worker_model_topic
 # lookup(topic, seconds) -> PeerRecord-like objects announcing topic
 Lookup = Callable[[str, float], Awaitable[list[Any]]]
 LOOK_AGAIN_EVERY = 1.0  # seconds: a request's fresh look at the DHT is shared by every request in that span
+VERDICT_GRACE = 0.5  # seconds the orchestrators' verdicts may take beyond the workers' lookup
 
 
 class Fleet:
@@ -182,22 +183,30 @@ class Fleet:
 
     async def discover_once(self, seconds: float | None = None) -> int:
         """Look WORKERS up once and renew a DHT lease for every valid record; returns how many.
-        The orchestrators' published ejections are looked up beside it (a failure there keeps
-        the verdicts we had: they are advice, the workers' records are the membership)."""
+
+        The orchestrators' published ejections are looked up beside it, and waited for at
+        most VERDICT_GRACE after the workers' lookup ended: they are advice, the workers'
+        records are the membership, and a swarm with no orchestrator must not make every
+        client's first request wait for a crawl that finds nothing. A verdict lookup that
+        failed or came late keeps the verdicts we had."""
         assert self.lookup is not None, "a fleet with no swarm and no lookup discovers nothing"
         seconds = max(self.config.dht_refresh, 5.0) if seconds is None else seconds
-        async with asyncio.timeout(seconds + 1.0):  # the lookup ends itself at `seconds`; this bounds a stuck one
-            records, verdicts = await asyncio.gather(
-                self.lookup(WORKERS, seconds), self.lookup(ORCHESTRATORS, seconds), return_exceptions=True
-            )
-        if isinstance(records, BaseException):
-            raise records
+        verdicts = asyncio.ensure_future(self.lookup(ORCHESTRATORS, seconds))
+        try:
+            async with asyncio.timeout(seconds + 1.0):  # the lookup ends itself at `seconds`; this bounds a stuck one
+                records = await self.lookup(WORKERS, seconds)
+            await asyncio.wait((verdicts,), timeout=VERDICT_GRACE)
+        finally:
+            if not verdicts.done():
+                verdicts.cancel()
+            await asyncio.gather(verdicts, return_exceptions=True)  # owned here: never left running
         self.discovered_at = time.monotonic()
-        if isinstance(verdicts, BaseException):
-            if not isinstance(verdicts, (SwarmdError, TimeoutError)):
-                raise verdicts
-        else:
-            self.ingest_verdicts(verdicts)
+        if not verdicts.cancelled():
+            err = verdicts.exception()
+            if err is None:
+                self.ingest_verdicts(verdicts.result())
+            elif not isinstance(err, (SwarmdError, TimeoutError)):
+                raise err
         return self.ingest_records(records)
 
     def ingest_verdicts(self, records: Iterable[Any]) -> None:

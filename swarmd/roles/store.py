@@ -29,6 +29,7 @@ from swarmd.errors import (
 from swarmd.node.deadline import within
 from swarmd.roles.base import NodeContext, Role
 from swarmd.roles.store_replication import PAGE_ROWS, Replication
+from swarmd.rpc.params import as_params, int_param, str_param
 from swarmd.store.blobs import check_digest, hash_file
 from swarmd.store.catalog import ModelMeta
 from swarmd.store.core import ModelStore, PushRequest
@@ -36,35 +37,7 @@ from swarmd.store.onnxsig import warm_up
 from swarmd.store.transfer import BatchWriter, ReadAhead
 from swarmd.topics import STORES, blob_topic, model_topic
 
-
-def _params(params: Any, allowed: set[str], required: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
-    if params is None:
-        params = {}
-    if not isinstance(params, dict):
-        raise SwarmdError(ERR_BAD_REQUEST, f"params must be a map, got {type(params).__name__}")
-    unknown = set(params) - allowed
-    if unknown:
-        raise SwarmdError(
-            ERR_BAD_REQUEST, f"unknown params {sorted(map(str, unknown))}; expected some of {sorted(allowed)}"
-        )
-    missing = required - set(params)
-    if missing:
-        raise SwarmdError(ERR_BAD_REQUEST, f"missing params {sorted(missing)}")
-    return params
-
-
-def _opt_str(p: dict[str, Any], key: str) -> str | None:
-    v = p.get(key)
-    if v is not None and not isinstance(v, str):
-        raise SwarmdError(ERR_BAD_REQUEST, f"{key} must be a string, got {type(v).__name__}")
-    return v
-
-
-def _opt_int(p: dict[str, Any], key: str, default: int = 0) -> int:
-    v = p.get(key, default)
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise SwarmdError(ERR_BAD_REQUEST, f"{key} must be a non-negative integer, got {v!r:.40}")
-    return v
+MAX_INT = 2**63 - 1  # the largest integer param (msgpack int64)
 
 
 class StoreRole(Replication, Role):
@@ -163,12 +136,13 @@ class StoreRole(Replication, Role):
     # -- methods ---------------------------------------------------------------
 
     async def list_models(self, ctx: Any, params: Any) -> dict[str, Any]:
-        p = _params(params, {"name", "tag", "digest", "include_deleted"})
+        m = "listModels"
+        p = as_params(params, m, ("name", "tag", "digest", "include_deleted"))
         include_deleted = bool(p.get("include_deleted", False))
-        digest = _opt_str(p, "digest")
+        digest = str_param(p, "digest", m)
         if digest is not None:
             check_digest(digest)
-        name, tag = _opt_str(p, "name"), _opt_str(p, "tag")
+        name, tag = str_param(p, "name", m), str_param(p, "tag", m)
         if include_deleted or digest is not None:
             self.core.list(name=name, tag=tag)  # validates name and tag
             rows = self.core.catalog.list(name=name, tag=tag, digest=digest, include_deleted=include_deleted)
@@ -177,24 +151,27 @@ class StoreRole(Replication, Role):
         return {"models": [m.to_dict(replication=include_deleted) for m in rows]}
 
     async def get_model(self, ctx: Any, params: Any) -> dict[str, Any]:
-        p = _params(params, {"name", "version"}, {"name"})
-        name = _opt_str(p, "name")
-        return self.core.get(name, _opt_str(p, "version")).to_dict()  # type: ignore[arg-type]
+        p = as_params(params, "getModel", ("name", "version"), ("name",))
+        name = str_param(p, "name", "getModel")
+        return self.core.get(name, str_param(p, "version", "getModel")).to_dict()  # type: ignore[arg-type]
 
     async def upload_status(self, ctx: Any, params: Any) -> dict[str, Any]:
-        p = _params(params, {"sha256"}, {"sha256"})
+        p = as_params(params, "uploadStatus", ("sha256",), ("sha256",))
         return {"received": self.core.upload_status(check_digest(p["sha256"]))}
 
     async def delete_model(self, ctx: Any, params: Any) -> dict[str, Any]:
-        p = _params(params, {"name", "version"}, {"name", "version"})
-        row = await asyncio.to_thread(self.core.delete, _opt_str(p, "name"), _opt_str(p, "version"))
+        p = as_params(params, "deleteModel", ("name", "version"), ("name", "version"))
+        row = await asyncio.to_thread(
+            self.core.delete, str_param(p, "name", "deleteModel"), str_param(p, "version", "deleteModel")
+        )
         self._wake.set()  # the loop withdraws the announcements; the caller does not wait on the DHT
         return {"deleted": row.to_dict()}
 
     async def store_state(self, ctx: Any, params: Any) -> dict[str, Any]:
         """Our holdings, and the catalog changes after change number `since` (one page)."""
-        p = _params(params, {"since", "limit"})
-        since, limit = _opt_int(p, "since"), _opt_int(p, "limit", PAGE_ROWS)
+        p = as_params(params, "storeState", ("since", "limit"))
+        since = int_param(p, "since", "storeState", 0, 0, MAX_INT)
+        limit = int_param(p, "limit", "storeState", PAGE_ROWS, 0, MAX_INT)
         core = self.core
 
         def read() -> dict[str, Any]:
@@ -236,9 +213,9 @@ class StoreRole(Replication, Role):
                 self._downloads.pop(ctx.peer, None)
 
     async def _download_blob(self, params: Any, stream: Any) -> dict[str, Any]:
-        p = _params(params, {"digest", "offset"}, {"digest"})
+        p = as_params(params, "downloadBlob", ("digest", "offset"), ("digest",))
         digest = check_digest(p["digest"])
-        offset = _opt_int(p, "offset")
+        offset = int_param(p, "offset", "downloadBlob", 0, 0, MAX_INT)
         core = self.core
         if not core.catalog.referenced(digest):
             raise SwarmdError(ERR_NOT_FOUND, f"no model in this store has blob {digest}")
@@ -269,13 +246,14 @@ class StoreRole(Replication, Role):
         return {"size": sent, "digest": digest}
 
     async def upload_model(self, ctx: Any, params: Any, stream: Any) -> dict[str, Any]:
-        p = _params(params, {"name", "version", "size", "sha256", "tags", "description", "offset"},
-                    {"name", "size", "sha256"})
+        m = "uploadModel"
+        p = as_params(params, m, ("name", "version", "size", "sha256", "tags", "description", "offset"),
+                      ("name", "size", "sha256"))
         req = PushRequest(
-            name=p["name"], digest=p["sha256"], size=_opt_int(p, "size"), version=p.get("version"),
+            name=p["name"], digest=p["sha256"], size=int_param(p, "size", m, 0, 0, MAX_INT), version=p.get("version"),
             tags=p.get("tags"), description=p.get("description"),
         ).check()
-        offset = _opt_int(p, "offset")
+        offset = int_param(p, "offset", m, 0, 0, MAX_INT)
         lock, users = self._upload_locks.get(req.digest, (asyncio.Lock(), 0))
         self._upload_locks[req.digest] = (lock, users + 1)
         try:

@@ -28,6 +28,7 @@ from swarmd.errors import (
 )
 from swarmd.roles.base import NodeContext, Role
 from swarmd.roles.worker_models import WorkerModels
+from swarmd.rpc.params import as_params, str_param
 from swarmd.topics import WORKERS, worker_model_topic
 from swarmd.worker.cache import ModelCache
 from swarmd.worker.config import WorkerConfig, parse_local_model
@@ -39,22 +40,12 @@ MAX_NAME = 256
 WITHDRAW_TIMEOUT = 2.0  # bound on withdrawing our records on stop
 
 
-def _opt_str(params: dict[str, Any], key: str) -> str | None:
-    v = params.get(key)
-    if v is None:
-        return None
-    if not isinstance(v, str) or len(v) > MAX_NAME:
-        raise SwarmdError(ERR_BAD_REQUEST, f"'{key}' must be a string of at most {MAX_NAME} characters")
-    return v
-
-
-def _model_params(params: Any) -> tuple[str, str | None]:
-    if not isinstance(params, dict):
-        raise SwarmdError(ERR_BAD_REQUEST, f"params must be a map, got {type(params).__name__}")
-    model = _opt_str(params, "model")
+def _model_params(params: Any, method: str) -> tuple[str, str | None]:
+    p = as_params(params, method)
+    model = str_param(p, "model", method, MAX_NAME)
     if not model:
-        raise SwarmdError(ERR_BAD_REQUEST, "'model' (the model name) is required")
-    version = _opt_str(params, "version")
+        raise SwarmdError(ERR_BAD_REQUEST, f"{method}: 'model' (the model name) is required")
+    version = str_param(p, "version", method, MAX_NAME)
     return model, (None if version in ("", "latest") else version)
 
 
@@ -230,8 +221,8 @@ class WorkerRole(WorkerModels, Role):
     # -- RPC methods ----------------------------------------------------------
 
     async def run_inference(self, ctx: Any, params: Any) -> dict[str, Any]:
-        model, version = _model_params(params)
-        request_id = _opt_str(params, "request_id")
+        model, version = _model_params(params, "runInference")
+        request_id = str_param(params, "request_id", "runInference", MAX_NAME)
         if "inputs" not in params:
             raise SwarmdError(ERR_BAD_REQUEST, "'inputs' (a map of input name to tensor) is required")
         budget = ctx.time_left() if ctx is not None else None
@@ -331,14 +322,14 @@ class WorkerRole(WorkerModels, Role):
         }
 
     async def load_model(self, ctx: Any, params: Any) -> dict[str, Any]:
-        model, version = _model_params(params)
+        model, version = _model_params(params, "loadModel")
         if self.engine.state not in (WorkerState.JOINING, WorkerState.ONLINE):
             raise SwarmdError(ERR_NOT_READY, f"worker is {self.engine.state.value.lower()}; not loading '{model}'")
         served = await self.ensure(model, version, pin=True)
         return served.describe()
 
     async def unload_model(self, ctx: Any, params: Any) -> dict[str, Any]:
-        model, version = _model_params(params)
+        model, version = _model_params(params, "unloadModel")
         digests = {m.digest for m in self.engine.models() if m.name == model and (version is None or m.version == version)}
         versions = await self.engine.unload(model, version)
         still = {m.digest for m in self.engine.models()}

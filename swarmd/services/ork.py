@@ -42,7 +42,7 @@ from swarmd.errors import (
 )
 from swarmd.node.deadline import within
 from swarmd.node.supervisor import LOG, Supervisor
-from swarmd.services.params import as_params, bad_request, check_id, check_keys
+from swarmd.rpc.params import as_params, bad_request, check_id, check_keys
 from swarmd.services.query import apply_sort, compile_sort
 from swarmd.services.things import THING_METHODS, Thing, ThingsConfig, ThingService, mount_handlers
 

@@ -1,7 +1,7 @@
 """The RPC methods of a thing service and the running of its hooks.
 
 registerThing, updateThing, forgetThings, listThings and tailLog check their
-params (swarmd.services.params), run the author's hooks in the documented order
+params (swarmd.rpc.params), run the author's hooks in the documented order
 (swarmd.services.things) and commit to the store under one write lock. A hook
 that refuses raises: a SwarmdError keeps its code, anything else becomes
 ERR_INTERNAL. `ThingMethods` is a mixin of `ThingService`.
@@ -21,7 +21,7 @@ from swarmd.errors import (
     ERR_TOO_LARGE,
     SwarmdError,
 )
-from swarmd.services.params import (
+from swarmd.rpc.params import (
     ID_RE,
     as_params,
     bad_request,

@@ -59,7 +59,7 @@ from loguru import logger
 
 from swarmd.errors import ERR_INTERNAL, ERR_UNKNOWN_METHOD, SwarmdError
 from swarmd.node.supervisor import LOG, Supervisor
-from swarmd.services.params import ID_RE, bad_request, check_id
+from swarmd.rpc.params import ID_RE, bad_request, check_id
 from swarmd.services.snaplog import SnapLog, SnapLogConfig
 from swarmd.services.thing_methods import ThingMethods, maybe_await
 from swarmd.services.thing_snapshots import ThingSnapshots

@@ -39,16 +39,18 @@ from swarmd.net.signal import KIND_RELAY, KIND_TCP, KIND_UDP, SignalRequest, par
 from swarmd.net.tcppunch import rendezvous, simultaneous_open
 from swarmd.net.udppunch import UdpPuncher, parse_offer
 from swarmd.rpc import RpcPeer
-from swarmd.swarm.paths import PATH_RANK, PUNCHED_TCP, PUNCHED_UDP, RELAYED, path_of, path_rank
+from swarmd.swarm.paths import MAPPED, PATH_RANK, PUNCHED_TCP, PUNCHED_UDP, RELAYED, path_of, path_rank
 from swarmd.topics import peer_topic
 
 if TYPE_CHECKING:
     from swarmd.dht.records import PeerRecord
     from swarmd.swarm.traversal import Traversal
 
+Address = tuple[str, int]
 RELAY_HEAD_START = 0.03  # s the TCP punch (~10 ms in the lab) runs alone before a relay circuit is spent
 TCP_PUNCH_TIMEOUT = 3.0  # a simultaneous open that has not completed by then will not
 REPUNCH_ROUNDS = 3
+MAX_MAPPED_PEERS = 4096  # peers whose mapped addresses we remember (the oldest is dropped beyond)
 
 
 class Dialer:
@@ -61,6 +63,35 @@ class Dialer:
         self.metrics = traversal.metrics
         self.log = traversal.log
         self._repunching: set[bytes] = set()
+        self._mapped: dict[bytes, list[str]] = {}  # peer key -> "ip:port" its own record lists as mapped
+
+    def mapped_of(self, public_key: bytes, record: PeerRecord | None) -> list[str]:
+        """The mapped addresses the peer's own record lists (this record, else the last one read)."""
+        if record is not None and record.public_key == public_key and isinstance(record.payload, dict) \
+                and "signal" in record.payload:
+            self._note_mapped(record)
+        return self._mapped.get(public_key, [])
+
+    def label_direct(self, peer: RpcPeer, record: PeerRecord | None, address: Address) -> None:
+        """A dialled TCP connection reached a port the peer's router forwards (its own
+        record lists the address as "mapped"): label it `mapped` before the pool counts it."""
+        listed = self.mapped_of(peer.remote_public_key, record)
+        if f"{address[0]}:{address[1]}" in listed:
+            info = PathInfo(MAPPED, detail={"mapped": f"{address[0]}:{address[1]}"})
+            peer.conn.path_info = info  # type: ignore[attr-defined]
+            peer.conn.path_rank = PATH_RANK[MAPPED]  # type: ignore[attr-defined]
+            pk = peer.remote_public_key
+            self.traversal.paths[pk] = info
+            peer.closed.add_done_callback(lambda _f: self.traversal.paths.pop(pk, None) if self.traversal.paths.get(pk) is info else None)
+
+    def _note_mapped(self, record: PeerRecord) -> None:
+        listed = record.payload.get("mapped") if isinstance(record.payload, dict) else None
+        if isinstance(listed, list) and listed:
+            if len(self._mapped) >= MAX_MAPPED_PEERS and record.public_key not in self._mapped:
+                self._mapped.pop(next(iter(self._mapped)))
+            self._mapped[record.public_key] = [a for a in listed[:4] if isinstance(a, str) and len(a) <= 64]
+        else:
+            self._mapped.pop(record.public_key, None)
 
     async def own_record(self, public_key: bytes, record: PeerRecord | None, bound: float) -> PeerRecord | None:
         """The peer's own-topic record (NAT type, signal peers), or None when not found in time."""
@@ -79,6 +110,8 @@ class Dialer:
         for rec in await self.swarm.lookup_all(peer_topic(public_key.hex()), timeout=bound):
             if rec.public_key == public_key and (best is None or rec.seq > best.seq):
                 best = rec
+        if best is not None:
+            self._note_mapped(best)
         return best
 
     async def skip_direct(self, public_key: bytes, record: PeerRecord | None) -> PeerRecord | None:
@@ -193,10 +226,11 @@ class Dialer:
                         self.metrics.upgrades += 1
                         self.metrics.upgrade_ms.append(pinfo.setup_s * 1000)
                     current = kept
-                    if path != RELAYED:  # punched: nothing better to wait for
-                        relay_started = True
-                        await _cancel_all(tasks)
-                        return
+                    if path != RELAYED:  # punched: only a better-ranked punch is still worth waiting for
+                        relay_started = True  # (a UDP punch that won keeps the TCP punch running behind it)
+                        await _cancel_all(tasks, up_to_rank=PATH_RANK[path])
+                        if not tasks:
+                            return
             if current is None:
                 raise last
         except BaseException as e:
@@ -304,6 +338,7 @@ class Dialer:
                 if relayed.is_closed or self.swarm._registry.get(pk) is not relayed:
                     return  # gone, or already on a better path (e.g. the peer dialled us)
                 tasks = {self._attempt(p, pk, None, via=relayed): (p, time.monotonic()) for p in punches}
+                moved = False
                 try:
                     while tasks:
                         done, _ = await asyncio.wait(set(tasks), return_when=asyncio.FIRST_COMPLETED)
@@ -324,17 +359,22 @@ class Dialer:
                             self.metrics.upgrades += 1
                             self.metrics.upgrade_ms.append(info.setup_s * 1000)
                             self.traversal._adopt(pk, peer, info, inbound=False)
-                            return
+                            moved = True  # a better-ranked punch still running may follow (UDP won, TCP later)
+                            await _cancel_all(tasks, up_to_rank=PATH_RANK[path])
+                    if moved:
+                        return
                 finally:
                     await _cancel_all(tasks)
         finally:
             self._repunching.discard(pk)
 
 
-async def _cancel_all(tasks: dict[asyncio.Task[Any], Any]) -> None:
-    """Cancel attempts still running; close any connection one finished with meanwhile."""
-    pending = list(tasks)
-    tasks.clear()
+async def _cancel_all(tasks: dict[asyncio.Task[Any], Any], up_to_rank: int | None = None) -> None:
+    """Cancel attempts still running (only those whose path ranks at most `up_to_rank`, when
+    given); close any connection one finished with meanwhile."""
+    pending = [t for t, (path, _) in tasks.items() if up_to_rank is None or PATH_RANK[path] <= up_to_rank]
+    for t in pending:
+        del tasks[t]
     for t in pending:
         t.cancel()
     for res in await asyncio.gather(*pending, return_exceptions=True):

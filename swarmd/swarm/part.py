@@ -1,13 +1,15 @@
-"""The swarm as a node part: started after the RPC server and the DHT,
-before the roles (which join their topics through ctx.swarm)."""
+"""The network stack as a node part: started after the RPC server, before the roles
+(which join their topics through ctx.swarm). Built by the one factory, open_stack."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
+from swarmd.dht.part import dht_config_from
+from swarmd.net.nat import NatConfig
 from swarmd.swarm.config import SwarmConfig
-from swarmd.swarm.swarm import Swarm
+from swarmd.swarm.stack import Stack, open_stack
 
 
 def swarm_config_from(settings: Any) -> SwarmConfig:
@@ -19,23 +21,30 @@ def swarm_config_from(settings: Any) -> SwarmConfig:
     return cfg
 
 
-class SwarmPart:
-    """Fills ctx.swarm; needs ctx.rpc_server and ctx.dht. Serves swarm.status."""
+class StackPart:
+    """Fills ctx.dht, ctx.ports["dht"] and ctx.swarm (with its NAT traversal) over
+    ctx.rpc_server; serves swarm.status and the traversal's nat.* methods."""
 
     def __init__(self, ctx: Any) -> None:
         self.ctx = ctx
-        self.swarm: Swarm | None = None
+        self.stack: Stack | None = None
 
     async def start(self) -> None:
         ctx = self.ctx
-        self.swarm = Swarm(
-            ctx.identity, ctx.dht, ctx.rpc_server, swarm_config_from(ctx.settings),
-            trust=getattr(ctx, "trust", None), tasks=getattr(ctx, "tasks", None),
+        self.stack = await open_stack(
+            ctx.identity,
+            dht_config_from(ctx.settings),
+            swarm_config=swarm_config_from(ctx.settings),
+            server=ctx.rpc_server,
+            trust=getattr(ctx, "trust", None),
+            tasks=getattr(ctx, "tasks", None),
+            nat=getattr(ctx.settings, "nat", None) or NatConfig(),
+            serve_status=True,
         )
-        self.swarm.register_methods()
-        await self.swarm.start()
-        ctx.swarm = self.swarm
+        ctx.dht = self.stack.dht
+        ctx.ports["dht"] = self.stack.dht.address[1]
+        ctx.swarm = self.stack.swarm
 
     async def stop(self) -> None:
-        if self.swarm is not None:
-            await self.swarm.stop()
+        if self.stack is not None:
+            await self.stack.stop()

@@ -249,6 +249,8 @@ class Pool:
             except SwarmdError as e:
                 last = e
                 continue
+            if self.traversal is not None:
+                self.traversal.label_direct(peer, record, (host, port))  # a port the peer's router forwards?
             return self._register(peer, inbound=False)
         assert last is not None
         raise SwarmdError(last.code, f"cannot reach peer {public_key.hex()[:16]}…: {last.message}")

@@ -84,6 +84,7 @@ class Swarm(Membership, Pool, Calls):
         self.traversal: Any = (
             None  # swarmd.swarm.traversal.Traversal: punched/relayed paths when direct fails
         )
+        self.mapped_addresses: list[tuple[str, int]] = []  # ports our router forwards to us (swarm/mapping.py)
         self._dialing: dict[bytes, asyncio.Future[RpcPeer]] = {}
         self._topics: dict[bytes, Joined] = {}
         self._seen: dict[bytes, dict[bytes, PeerRecord]] = {}  # topic -> pk -> newest record seen
@@ -150,9 +151,15 @@ class Swarm(Membership, Pool, Calls):
     # -- addresses ----------------------------------------------------------------
 
     def addresses(self) -> list[tuple[str, int]]:
-        """What our records advertise: where peers can dial our RPC server."""
+        """What our records advertise: where peers can dial our RPC server (a port our
+        router forwards to us first: it is the one that works from outside)."""
         if self.config.announce_addresses:
             return list(self.config.announce_addresses)
+        if self.mapped_addresses:
+            return list(self.mapped_addresses) + [a for a in self._bound_addresses() if a not in self.mapped_addresses]
+        return self._bound_addresses()
+
+    def _bound_addresses(self) -> list[tuple[str, int]]:
         host, port = self.server.host, self.server.port
         if host not in ("0.0.0.0", "", "::"):
             return [(host, port)]

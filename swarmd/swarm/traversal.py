@@ -49,6 +49,7 @@ from swarmd.net.tcppunch import Rendezvous, close_quietly, rendezvous, simultane
 from swarmd.net.udppunch import PunchOffer, UdpPuncher
 from swarmd.rpc import CallContext, RpcPeer
 from swarmd.swarm.dialer import TCP_PUNCH_TIMEOUT, Dialer
+from swarmd.swarm.mapping import PortMapping
 from swarmd.swarm.pathprobe import PathProbe
 from swarmd.swarm.paths import (
     PATH_RANK,
@@ -94,6 +95,8 @@ class Traversal:
         self.probe = PathProbe(self)
         self.dial = self.dialer.dial  # what the swarm calls when direct dialling failed or cannot work
         self.skip_direct = self.dialer.skip_direct
+        self.label_direct = self.dialer.label_direct  # the swarm's direct dial reached a mapped port?
+        self.portmap = PortMapping(self) if self.config.portmap else None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -107,6 +110,8 @@ class Traversal:
         self.swarm.traversal = self
         self._spawn(self._detect_loop())
         self._spawn(self._signal_keepalive())
+        if self.portmap is not None:
+            self._spawn(self.portmap.run())
 
     async def stop(self) -> None:
         self.swarm.traversal = None
@@ -117,6 +122,8 @@ class Traversal:
             t.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.portmap is not None:
+            await self.portmap.stop()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -139,6 +146,7 @@ class Traversal:
             "paths": {k.hex(): v.to_dict() for k, v in self.paths.items()},
             "signal_refused": self.limiter.refused,
             "metrics": self.metrics.to_dict(),
+            **({"portmap": self.portmap.status()} if self.portmap is not None else {}),
         }
 
     async def _rpc_status(self, ctx: CallContext, params: Any) -> Any:
@@ -245,11 +253,15 @@ class Traversal:
                         "could not keep a connection to a signal peer"
                     )
         self.signal_peers = chosen
-        # "direct": whether dialling our advertised addresses can work at all (public, or
-        # the operator forwarded a port and set swarm.announce_addresses)
-        # (only a seen translation says no: "unknown" or "udp_blocked" prove nothing about TCP)
-        direct = self.nat_type not in (CONE, SYMMETRIC) or bool(self.swarm.config.announce_addresses)
-        payload = {"nat": self.nat_type, "direct": direct, "signal": [k.hex() for k in chosen]}
+        # "direct": whether dialling our advertised addresses can work at all (public, the
+        # router forwards a port to us, or the operator forwarded one and set
+        # swarm.announce_addresses); only a seen translation says no: "unknown" or
+        # "udp_blocked" prove nothing about TCP
+        mapped = self.portmap.mapped_addresses() if self.portmap is not None else []
+        direct = self.nat_type not in (CONE, SYMMETRIC) or bool(self.swarm.config.announce_addresses) or bool(mapped)
+        payload: dict[str, Any] = {"nat": self.nat_type, "direct": direct, "signal": [k.hex() for k in chosen]}
+        if mapped:
+            payload["mapped"] = [f"{h}:{p}" for h, p in mapped]
         if self.swarm.config.announce_self:
             await self.swarm.update(peer_topic(self.swarm.identity.public_hex), payload)
         self.log.bind(event="signal_peers", nat=self.nat_type, peers=[k.hex()[:16] for k in chosen]).info(
@@ -457,21 +469,3 @@ class Traversal:
         if not relays:
             raise SwarmdError(ERR_UNAVAILABLE, "no relay announced: nobody to learn our TCP mapping from")
         return relays[0]
-
-
-class TraversalPart:
-    """Node part after the swarm: fills swarm.traversal and serves nat.* methods."""
-
-    def __init__(self, ctx: Any) -> None:
-        self.ctx = ctx
-        self.traversal: Traversal | None = None
-
-    async def start(self) -> None:
-        if self.ctx.swarm is None:
-            return
-        self.traversal = Traversal(self.ctx.swarm, getattr(self.ctx.settings, "nat", None) or NatConfig())
-        await self.traversal.start()
-
-    async def stop(self) -> None:
-        if self.traversal is not None:
-            await self.traversal.stop()

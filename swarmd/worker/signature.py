@@ -12,24 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from swarmd.dtypes import ORT_TO_NUMPY
 from swarmd.errors import ERR_BAD_REQUEST, SwarmdError
-
-# onnxruntime's NodeArg.type strings -> numpy dtype names.
-ORT_TO_NUMPY: dict[str, str] = {
-    "tensor(float)": "float32",
-    "tensor(double)": "float64",
-    "tensor(float16)": "float16",
-    "tensor(int8)": "int8",
-    "tensor(int16)": "int16",
-    "tensor(int32)": "int32",
-    "tensor(int64)": "int64",
-    "tensor(uint8)": "uint8",
-    "tensor(uint16)": "uint16",
-    "tensor(uint32)": "uint32",
-    "tensor(uint64)": "uint64",
-    "tensor(bool)": "bool",
-    "tensor(string)": "str",
-}
 
 
 def _fmt_shape(shape: tuple[int, ...] | list[int]) -> str:

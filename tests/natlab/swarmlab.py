@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.natlab.lab import INET_IP, PUB_IP, NatLab
+from tests.natlab.upnpd import start_miniupnpd
 
 SWARMD = [sys.executable, "-m", "swarmd"]
 # short punching bounds keep the lab quick; the defaults suit real networks
@@ -20,11 +21,13 @@ LAB_NAT_ENV = {"SWARMD_NAT_PUNCH_TIMEOUT": "6", "SWARMD_NAT_REPUNCH_INTERVAL": "
 
 
 async def start_swarm(
-    lab: NatLab, tmp: Path, mode_a: str, mode_b: str, env: dict[str, str] | None = None, *, with_pub: bool = True
+    lab: NatLab, tmp: Path, mode_a: str, mode_b: str, env: dict[str, str] | None = None, *, with_pub: bool = True,
+    upnp: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Bring the lab up in mode_a-mode_b and start the four daemons (three without
     `with_pub`: then inet's bootstrap is the one public node); wait until the NATed
-    ones know their NAT type and list a signal peer. `env`: more SWARMD_* settings."""
+    ones know their NAT type and list a signal peer. `env`: more SWARMD_* settings.
+    `upnp`: routers ("nat-a", "nat-b") that run miniupnpd (UPnP-IGD, NAT-PMP, PCP)."""
     env = {**LAB_NAT_ENV, **(env or {})}
     lab.up(mode_a, mode_b)
     boot = await lab.spawn(
@@ -34,6 +37,8 @@ async def start_swarm(
         env=env,
     )
     await boot.wait_event("ready", 60)
+    for router in upnp:  # its STUN check asks the bootstrap's DHT port, so after "ready"
+        await start_miniupnpd(lab, router, tmp)
     joined = ["--bootstrap", f"{INET_IP}:4000", "--log-format", "json"]
     pub = None
     if with_pub:

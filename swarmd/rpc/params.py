@@ -1,8 +1,9 @@
-"""Checks for the params a peer sends to a thing or ork method.
+"""The one set of checks for the params a peer sends to an RPC method.
 
 Params arrive decoded from msgpack, so anything is possible: each check
 either returns the value in the expected shape or raises ERR_BAD_REQUEST with
-a sentence naming the method, the key and what was expected.
+a sentence naming the method, the key and what was expected. Every role and
+service (store, worker, things, ork) checks its params with these.
 """
 
 from __future__ import annotations
@@ -28,12 +29,30 @@ def check_keys(params: Mapping[str, Any], method: str, allowed: tuple[str, ...])
         raise bad_request(f"{method}: unknown parameter {unknown[0]!r:.40}; expected some of {', '.join(allowed)}")
 
 
-def as_params(params: Any, method: str) -> dict[str, Any]:
+def as_params(
+    params: Any, method: str, allowed: tuple[str, ...] | None = None, required: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """params as a dict (None: empty); with `allowed`, no other key; every `required` key present."""
     if params is None:
-        return {}
+        params = {}
     if not isinstance(params, Mapping):
-        raise bad_request(f"{method}: params must be an object, got {type(params).__name__}")
+        raise bad_request(f"{method}: params must be a map, got {type(params).__name__}")
+    if allowed is not None:
+        check_keys(params, method, allowed)
+    missing = [k for k in required if k not in params]
+    if missing:
+        raise bad_request(f"{method}: missing parameter {missing[0]!r}")
     return dict(params)
+
+
+def str_param(params: Mapping[str, Any], key: str, method: str, max_len: int = 256) -> str | None:
+    """An optional string of at most max_len characters (None when absent or null)."""
+    v = params.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, str) or len(v) > max_len:
+        raise bad_request(f"{method}: '{key}' must be a string of at most {max_len} characters, got {v!r:.40}")
+    return v
 
 
 def int_param(params: Mapping[str, Any], key: str, method: str, default: int, lo: int, hi: int) -> int:
