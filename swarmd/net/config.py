@@ -21,6 +21,9 @@ class NetConfig:
     # the same across the streams peers opened on all connections of the process (a peer cannot pin
     # more by opening more connections); a stream past it is refused with ERR_OVERLOADED
     max_stream_buffer_total: int = 256 << 20
+    # the share of that total the connections from one IP address may hold (relayed peers share
+    # their relay's), so one address with many keys and connections cannot refuse everyone else
+    max_stream_buffer_per_address: int = 64 << 20
     write_high_water: int = 4 << 20  # pipe buffer above which stream senders wait
     write_low_water: int = 1 << 20  # stream senders resume once the buffer drains below this
     # hard cap on bytes queued for a peer that does not read (its PINGs, error replies to

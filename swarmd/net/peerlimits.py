@@ -49,6 +49,7 @@ class StreamWindows:
     """
 
     total = 0
+    by_address: dict[str, int] = {}  # the same, per remote IP address (the pipe's peername)
 
 
 stream_windows = StreamWindows()
@@ -127,6 +128,23 @@ class PeerLimits:
             )
         if not peer_opened:
             return  # the streams this node opens are bounded by the code that opens them
+        source = self._stream_source()
+        held = stream_windows.by_address.get(source, 0)
+        if held + window > cfg.max_stream_buffer_per_address:
+            hostile.log(
+                "stream buffer address cap",
+                "INFO",
+                "refusing streams: one address holds its share of the process's stream windows",
+                component="net",
+                peer=short(self.session.remote_public_key),
+                source=source,
+                held=held,
+            )
+            raise SwarmdError(
+                ERR_OVERLOADED,
+                f"streams from {source or 'this address'} hold up to {held} bytes of stream data on this node; "
+                f"max_stream_buffer_per_address is {cfg.max_stream_buffer_per_address}: try again later",
+            )
         if stream_windows.total + window > cfg.max_stream_buffer_total:
             hostile.log(
                 "stream buffer cap",
@@ -142,12 +160,25 @@ class PeerLimits:
                 f"max_stream_buffer_total is {cfg.max_stream_buffer_total}: try again later",
             )
         stream_windows.total += window
+        stream_windows.by_address[source] = held + window
+
+    def _stream_source(self) -> str:
+        """The remote IP address the stream windows of this connection count against."""
+        peer = self.peername
+        return str(peer[0]) if isinstance(peer, (tuple, list)) and peer else ""
 
     def _drop_channel(self, channel_id: int) -> None:
         """Forget a channel (ended, reset, refused or torn down) and give its window back."""
         ch = self._channels.pop(channel_id, None)
         if ch is not None and ch.peer_opened:
-            stream_windows.total -= mux.INITIAL_WINDOW
+            window = mux.INITIAL_WINDOW
+            stream_windows.total -= window
+            source = self._stream_source()
+            left = stream_windows.by_address.get(source, window) - window
+            if left > 0:
+                stream_windows.by_address[source] = left
+            else:
+                stream_windows.by_address.pop(source, None)
 
     def _check_write_buffer(self, pipe: Any) -> None:
         """Close a connection whose peer stopped reading once what we owe it passes the cap.
