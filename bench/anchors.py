@@ -1,6 +1,6 @@
 """swarmd beside its anchors, in one run: the Hyperswarm stack and FastAPI + onnxruntime.
 
-    python bench/anchors.py [--rounds 2] [--anchors DIR] [--skip-gateway] [--quick]
+    python bench/anchors.py [--rounds 2] [--anchors DIR] [--skip-gateway] [--quick] [--loop asyncio|uvloop]
 
 Runs the JavaScript anchor benchmarks (../shared/anchors/hyperswarm: @hyperswarm/rpc,
 hyperswarm, hyperdht; copied to a temporary folder and installed there with `npm ci`)
@@ -99,14 +99,24 @@ ROWS: list[tuple[str, str, str, Reader, Reader, bool, str]] = [
     ("one bulk stream (MiB/s)", "rpc", "stream",
      lambda d: dig(d, "rpc", "bulk_mib_s"), lambda d: dig(d, "mib_per_s"), False, ">= 5x"),
     ("DHT lookup first peer, 100 (ms)", "dht", "lookup-100",
-     lambda d: dig(d, "figures", "n100", "lookup_first_p50_ms"),
+     lambda d: dig(d, "figures", "n100", "lookup_fresh_first_p50_ms"),
      lambda d: dig(d, "lookup_first_peer_ms", "p50"), True, "<= 1.0x"),
     ("DHT lookup first peer, 500 (ms)", "dht", "lookup-500",
-     lambda d: dig(d, "figures", "n500", "lookup_first_p50_ms"),
+     lambda d: dig(d, "figures", "n500", "lookup_fresh_first_p50_ms"),
      lambda d: dig(d, "lookup_first_peer_ms", "p50"), True, "<= 1.0x"),
     ("join -> connection p50 (ms)", "dht", "connect",
-     lambda d: dig(d, "figures", "swarm", "join_to_connection_p50_ms"),
+     lambda d: dig(d, "figures", "swarm_two_process", "join_to_connection_p50_ms"),
      lambda d: dig(d, "join_to_connection_ms", "p50"), True, "<= 1.0x"),
+    # the same figures in the layouts bench/dht.py measured before (not the anchors' layout; for trend)
+    ("  lookup 100, warm asker (ms)", "dht", "lookup-100",
+     lambda d: dig(d, "figures", "n100", "lookup_first_p50_ms"),
+     lambda d: dig(d, "lookup_first_peer_ms", "p50"), True, "info"),
+    ("  lookup 500, warm asker (ms)", "dht", "lookup-500",
+     lambda d: dig(d, "figures", "n500", "lookup_first_p50_ms"),
+     lambda d: dig(d, "lookup_first_peer_ms", "p50"), True, "info"),
+    ("  join -> connection, one loop (ms)", "dht", "connect",
+     lambda d: dig(d, "figures", "swarm", "join_to_connection_p50_ms"),
+     lambda d: dig(d, "join_to_connection_ms", "p50"), True, "info"),
 ]
 
 
@@ -123,6 +133,15 @@ def gateway_rows(doc: dict[str, Any]) -> list[tuple[str, float, float, str]]:
     return out
 
 
+def default_loop() -> str:
+    """The event loop a node runs when nothing is configured (node.event_loop resolved)."""
+    sys.path.insert(0, str(ROOT))
+    from swarmd.node.eventloop import loop_factory
+    from swarmd.settings import NodeConfig
+
+    return "asyncio" if loop_factory(NodeConfig().event_loop) is None else "uvloop"
+
+
 def fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:,.2f}" if v < 100 else f"{v:,.0f}"
 
@@ -133,12 +152,16 @@ def main() -> int:
     ap.add_argument("--anchors", type=Path, default=DEFAULT_ANCHORS, help="the hyperswarm anchors' folder")
     ap.add_argument("--quick", action="store_true", help="smaller loops on both sides (a smoke run)")
     ap.add_argument("--skip-gateway", action="store_true", help="leave out bench/gateway.py")
+    ap.add_argument("--loop", choices=("default", "asyncio", "uvloop"), default="default",
+                    help="event loop of bench/rpc.py (default: what a node runs by default, node.event_loop)")
     args = ap.parse_args()
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
 
     anchors = install_anchors(args.anchors)
     py = sys.executable
+    loop = args.loop if args.loop != "default" else default_loop()
+    rpc_flags = (["--quick"] if args.quick else []) + (["--uvloop"] if loop == "uvloop" else [])
     calls, seconds, trials = ("1000", "2", "10") if args.quick else ("5000", "5", "20")
     ours: dict[str, list[dict[str, Any]]] = {"rpc": [], "dht": [], "gateway": []}
     theirs: dict[str, list[dict[str, Any]]] = {k: [] for k in
@@ -159,7 +182,7 @@ def main() -> int:
             if anchors is not None:
                 for step in ("rpc-latency", "rpc-throughput", "stream"):
                     theirs[step].append(run_step(["node", *js[step]], anchors))
-            ours["rpc"].append(run_step([py, "bench/rpc.py", *(["--quick"] if args.quick else [])], ROOT))
+            ours["rpc"].append(run_step([py, "bench/rpc.py", *rpc_flags], ROOT))
             if anchors is not None:
                 for step in ("lookup-100", "lookup-500", "connect"):
                     theirs[step].append(run_step(["node", *js[step]], anchors))
@@ -192,8 +215,9 @@ def main() -> int:
         print(f"{row['figure']:<40}{fmt(row['swarmd']):>12}{fmt(row['anchor']):>12}{ratio:>8}  "
               f"{row['target']:<9}{row['anchor_name']}")
     load_after = os.getloadavg()
-    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}; rounds: {args.rounds}")
-    print(json.dumps({"bench": "anchors", "rounds": args.rounds, "table": table,
+    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}; rounds: {args.rounds}; "
+          f"swarmd RPC on {loop}")
+    print(json.dumps({"bench": "anchors", "rounds": args.rounds, "event_loop": loop, "table": table,
                       "load_before": load_before[0], "load_after": load_after[0]}))
     return 0
 

@@ -3,6 +3,18 @@ announce time, and join -> connection through the swarm, each beside a raw
 UDP request/response round trip measured on the same loop in the same run.
 
     python bench/dht.py            # prints a table, then one JSON line
+
+Two lookup figures per size: from a node of the testnet (its table warm), and
+from a fresh client-mode node that bootstrapped just before each lookup, for a
+topic announced just before: what hyperdht's bench-lookup.js measures (a fresh
+ephemeral node per trial, new topic per trial, all nodes in one process), so
+the anchor ratio uses that one.
+
+Two join -> connection figures: everything on one loop (the testnet, the
+announcing swarm and the joining swarms), and the layout of hyperswarm's
+bench-connect.js: the testnet and the announcing swarm in a child process, a
+fresh DHT node and swarm per trial in this one (bootstrapped before the clock
+starts). The anchor ratio uses the second.
 """
 
 from __future__ import annotations
@@ -12,6 +24,7 @@ import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import time
 from contextlib import aclosing
@@ -25,9 +38,12 @@ from swarmd.dht.node import DhtNode  # noqa: E402
 from swarmd.dht.records import make_record, topic_from_name  # noqa: E402
 from swarmd.node.identity import Identity  # noqa: E402
 
+SELF = os.path.abspath(__file__)
 LOOKUPS = 200
+FRESH_LOOKUPS = 40
 ANNOUNCES = 50
 RAW_RTTS = 2000
+JOINS = 40
 
 
 def cfg(**kw: object) -> DhtConfig:
@@ -116,6 +132,23 @@ async def dht_figures(n: int) -> dict[str, float]:
                     assert rec.public_key == announcer.public_key
                     first_times.append(time.perf_counter() - t0)
                     break
+        fresh_first = []
+        for i in range(FRESH_LOOKUPS):
+            # hyperdht's bench-lookup.js: new topic, announced, then a fresh ephemeral node asks
+            fresh_topic = topic_from_name(f"bench-{n}-fresh-{i}")
+            ident = Identity.generate()
+            await nodes[0].announce(make_record(ident, fresh_topic, [("127.0.0.1", 4000)], None, 1, 600, time.time()))
+            client = DhtNode(Identity.generate(), cfg(bootstrap=[nodes[0].address], mode="client"))
+            await client.start()
+            try:
+                t0 = time.perf_counter()
+                async with aclosing(client.lookup(fresh_topic)) as it:
+                    async for rec in it:
+                        assert rec.public_key == ident.public_key
+                        fresh_first.append(time.perf_counter() - t0)
+                        break
+            finally:
+                await client.stop()
         ping_times = []
         for _ in range(200):
             a, b = rng.sample(nodes, 2)
@@ -126,6 +159,9 @@ async def dht_figures(n: int) -> dict[str, float]:
             "lookup_first_p50_ms": statistics.median(first_times) * 1e3,
             "lookup_first_p90_ms": pct(first_times, 90) * 1e3,
             "lookup_found": len(first_times) / LOOKUPS,
+            "lookup_fresh_first_p50_ms": statistics.median(fresh_first) * 1e3,
+            "lookup_fresh_first_p90_ms": pct(fresh_first, 90) * 1e3,
+            "lookup_fresh_found": len(fresh_first) / FRESH_LOOKUPS,
             "announce_p50_ms": statistics.median(announce_times) * 1e3,
             "dht_ping_p50_ms": statistics.median(ping_times) * 1e3,
         }
@@ -207,6 +243,86 @@ async def swarm_figures(n_nodes: int = 30, joins: int = 40) -> dict[str, float] 
         await asyncio.gather(*(x.stop() for x in nodes))
 
 
+async def serve_swarm() -> None:
+    """The child of the two-process join figure (hyperswarm's server.js, mode swarm): a
+    10-node testnet and a swarm announcing one topic; prints one JSON line, then serves
+    until a line (or EOF) on stdin."""
+    from swarmd.rpc import Methods
+    from swarmd.swarm import Swarm, SwarmConfig
+
+    nodes = await build(10)
+    ident = Identity.generate()
+    dht = DhtNode(ident, cfg(bootstrap=[nodes[0].address]))
+    await dht.start()
+    sw = Swarm(ident, dht, Methods(), SwarmConfig(announce_self=False))
+    topic = "bench-join-two-process"
+    try:
+        await sw.start()
+        await sw.join(topic, announce=True, lookup=False)
+        await sw.flush(10)
+        print(json.dumps({"bootstrap": list(nodes[0].address), "topic": topic}), flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    finally:
+        await sw.stop()
+        await asyncio.gather(dht.stop(), *(x.stop() for x in nodes))
+
+
+async def swarm_two_process(joins: int = JOINS) -> dict[str, float]:
+    """join(topic) -> first connection as hyperswarm's bench-connect.js times it: the
+    announcing swarm and the testnet in a child process, a fresh DHT node and swarm per
+    trial here, bootstrapped before the clock starts."""
+    from swarmd.rpc import Methods
+    from swarmd.swarm import ConnectionEvent, Swarm, SwarmConfig
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, SELF, "--serve-swarm",
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        info = json.loads(await asyncio.wait_for(proc.stdout.readline(), 120))
+        boot = (info["bootstrap"][0], info["bootstrap"][1])
+        times, totals = [], []
+        for _ in range(joins):
+            ident = Identity.generate()
+            tc = time.perf_counter()
+            # client mode, like the anchor's fresh hyperdht node (ephemeral: in no one's table)
+            dht = DhtNode(ident, cfg(bootstrap=[boot], mode="client"))
+            await dht.start()
+            sw = Swarm(ident, dht, Methods(), SwarmConfig(announce_self=False))
+            try:
+                await sw.start()
+                got: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+
+                def on_conn(ev: ConnectionEvent, got: asyncio.Future[float] = got) -> None:
+                    if ev.kind == "open" and not got.done():
+                        got.set_result(time.perf_counter())
+
+                sw.on_connection = on_conn
+                t0 = time.perf_counter()
+                await sw.join(info["topic"], announce=False, lookup=True)
+                t1 = await asyncio.wait_for(got, 10)
+                times.append(t1 - t0)
+                totals.append(t1 - tc)
+            finally:
+                await sw.stop()
+                await dht.stop()
+        return {
+            "join_to_connection_p50_ms": statistics.median(times) * 1e3,
+            "join_to_connection_p90_ms": pct(times, 90) * 1e3,
+            "new_client_to_connection_p50_ms": statistics.median(totals) * 1e3,
+        }
+    finally:
+        if proc.returncode is None:
+            proc.stdin.write(b"exit\n")
+            proc.stdin.close()
+            try:
+                await asyncio.wait_for(proc.wait(), 30)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
 def records_memory(n: int = 10_000) -> float:
     """MB of Python heap a RecordStore uses for n small worker records."""
     import tracemalloc
@@ -244,6 +360,7 @@ async def main() -> None:
     sw = await swarm_figures()
     if sw:
         figures["swarm"] = sw
+        figures["swarm_two_process"] = await swarm_two_process()
     print(f"{'figure':<34}{'value':>12}")
     print(f"{'raw UDP RTT p50 (baseline)':<34}{base['raw_udp_rtt_p50_ms']:>10.3f}ms")
     for n in (100, 500):
@@ -254,15 +371,26 @@ async def main() -> None:
         print(f"{f'[{n} nodes] announce p50':<34}{f['announce_p50_ms']:>10.3f}ms")
         print(f"{f'[{n} nodes] dht ping p50':<34}{f['dht_ping_p50_ms']:>10.3f}ms")
         print(f"{f'[{n} nodes] lookups that found':<34}{f['lookup_found'] * 100:>11.1f}%")
+        print(f"{f'[{n}] fresh node: first peer p50':<34}{f['lookup_fresh_first_p50_ms']:>10.3f}ms")
+        print(f"{f'[{n}] fresh node: first peer p90':<34}{f['lookup_fresh_first_p90_ms']:>10.3f}ms")
     print(f"{'10k topic records held (target <= 20)':<34}{figures['records_10k_mb']:>10.1f}MB")
     if sw:
         for k, v in sw.items():
             print(f"{k:<34}{v:>10.3f}ms")
+        two = figures["swarm_two_process"]
+        assert isinstance(two, dict)
+        for k, v in two.items():
+            print(f"{'[2 processes] ' + k:<34}{v:>10.3f}ms")
     print(
-        "targets: lookup p50 <= 3 ms at 100 nodes (hyperdht ~1 ms; 2.7 ms at 500), join->connection p50 <= 10 ms"
+        "targets (bench/anchors.py, same run): fresh-node lookup p50 <= 1.0x hyperdht at 100 and 500 nodes,"
+        " two-process join -> connection p50 <= 1.0x hyperswarm"
     )
     print(json.dumps({"figures": figures, "baseline": base}))
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    if sys.argv[1:] == ["--serve-swarm"]:
+        logger.remove()
+        asyncio.run(serve_swarm())
+    else:
+        asyncio.run(main())

@@ -220,3 +220,72 @@ async def test_tracing_off_sends_no_meta() -> None:
         await caller.close()
         await srv.stop()
     assert sent == [6]
+
+
+def test_otlp_flag_exports_to_a_collector(daemons, tmp_path) -> None:
+    """`--otlp URL` turns tracing on and sends OTLP/HTTP protobuf to URL/v1/traces: a small
+    collector on loopback receives the spans of one request through a one-process swarm."""
+    import http.server
+    import threading
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    got: list[bytes] = []
+
+    class Collector(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            got.append(self.path.encode() + b" " + self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        model = tmp_path / "mlp.onnx"
+        model.write_bytes(tiny_mlp(seed=5))
+        d = daemons("--role", "bootstrap,worker,gateway", "--http", "127.0.0.1:0", "--data-dir", str(tmp_path / "n"),
+                    "--otlp", f"http://127.0.0.1:{srv.server_port}",
+                    env=swarmd_env(SWARMD_WORKER_MODELS=f"mlp={model}", SWARMD_GATEWAY_AUTH="false",
+                                   SWARMD_GATEWAY_ACCESS_LOG="false"))
+        port = d.wait_event("ready")["ports"]["http"]
+        import tritonclient.http as th
+
+        client = th.InferenceServerClient(f"127.0.0.1:{port}")
+        inp = th.InferInput("x", [1, 4], "FP32")
+        inp.set_data_from_numpy(np.ones((1, 4), np.float32))
+        trace_hex = os.urandom(16).hex()
+        for _ in range(120):
+            try:
+                client.infer("mlp", [inp], headers={"traceparent": f"00-{trace_hex}-{'c' * 16}-01"})
+                break
+            except Exception:
+                time.sleep(0.5)
+        assert d.stop() == 0
+    finally:
+        srv.shutdown()
+    names: dict[str, bytes] = {}
+    for body in got:
+        path, _, data = body.partition(b" ")
+        assert path == b"/v1/traces"
+        req = ExportTraceServiceRequest.FromString(data)
+        for rs in req.resource_spans:
+            for ss in rs.scope_spans:
+                for s in ss.spans:
+                    if s.trace_id.hex() == trace_hex:
+                        names[s.name] = s.parent_span_id
+    assert {"gateway.infer", "router.route", "worker.queue", "worker.batch", "worker.run"} <= set(names)
+    assert names["gateway.infer"] == bytes.fromhex("c" * 16)
+
+
+def test_tracing_config_is_checked() -> None:
+    from swarmd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="tracing.file"):
+        TracingConfig(enabled=True, exporter="file").validate()
+    with pytest.raises(ConfigError, match="sample_ratio"):
+        TracingConfig(sample_ratio=1.5).validate()

@@ -459,7 +459,7 @@ class TokenIssuer:
     @staticmethod
     def _mac(secret: bytes, addr: tuple[str, int]) -> bytes:
         msg = f"{addr[0]}|{addr[1]}".encode()
-        return hmac.new(secret, msg, hashlib.sha256).digest()[:TOKEN_SIZE]
+        return hmac.digest(secret, msg, "sha256")[:TOKEN_SIZE]
 
     def issue(self, addr: tuple[str, int], now: float) -> bytes:
         self._rotate(now)

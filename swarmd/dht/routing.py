@@ -22,14 +22,29 @@ from kademlia.routing import RoutingTable
 ID_SIZE = 20
 
 
+def _first(item: tuple[int, Node]) -> int:
+    return item[0]
+
+
+_KNOWN_IPS: set[str] = set()  # addresses valid_ip accepted: contacts repeat the same few
+_MAX_KNOWN_IPS = 4096
+
+
 def valid_ip(host: Any) -> bool:
     """An IPv4 or IPv6 address literal (no names, no scope ids)."""
-    if not isinstance(host, str) or not 0 < len(host) <= 64:
+    if not isinstance(host, str):
+        return False
+    if host in _KNOWN_IPS:
+        return True
+    if not 0 < len(host) <= 64:
         return False
     try:
         socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
     except (OSError, ValueError):  # ValueError: an embedded NUL
         return False
+    if len(_KNOWN_IPS) >= _MAX_KNOWN_IPS:
+        _KNOWN_IPS.clear()  # bounded: a peer naming many addresses only costs inet_pton again
+    _KNOWN_IPS.add(host)
     return True
 
 
@@ -73,15 +88,39 @@ class SwarmdRoutingTable(RoutingTable):
     def flush(self) -> None:
         super().flush()
         self._flat: list[tuple[int, Node]] | None = None
+        self._keys: list[int] = []
 
     def _changed(self) -> None:
         self._flat = None
 
     def _contacts_flat(self) -> list[tuple[int, Node]]:
-        """(long id, node) of every contact; rebuilt only after the table changed."""
+        """(long id, node) of every contact by id; rebuilt only after the table changed."""
         if self._flat is None:
-            self._flat = [(n.long_id, n) for b in self.buckets for n in b.nodes.values()]
+            self._flat = sorted(((n.long_id, n) for b in self.buckets for n in b.nodes.values()), key=_first)
+            self._keys = [lid for lid, _ in self._flat]
         return self._flat
+
+    def _around(self, target: int, want: int) -> list[tuple[int, Node]]:
+        """The contacts sharing the longest id prefix with target that still number at
+        least `want` (all of them when fewer): every contact inside such a prefix is
+        closer by XOR than any outside it, so the `want` closest are among these."""
+        flat = self._contacts_flat()
+        if len(flat) <= 4 * want:
+            return flat
+        keys = self._keys
+        lo, hi = 0, len(flat)
+        shortest, longest = 0, 160  # prefix lengths: 0 holds everyone
+        while shortest < longest:
+            m = (shortest + longest + 1) // 2
+            shift = 160 - m
+            base = (target >> shift) << shift
+            i = bisect.bisect_left(keys, base)
+            j = bisect.bisect_left(keys, base + (1 << shift), i)
+            if j - i >= want:
+                shortest, lo, hi = m, i, j
+            else:
+                longest = m - 1
+        return flat[lo:hi]
 
     def find_neighbors(self, node: Node, k: int | None = None, exclude: Node | None = None) -> list[Node]:
         """The k contacts closest to node (by XOR), over all buckets: kademlia walks the
@@ -92,7 +131,7 @@ class SwarmdRoutingTable(RoutingTable):
             self.buckets[index].touch_last_updated()
         target = node.long_id
         # distances of distinct ids differ, so the tuples never compare their nodes
-        ranked = heapq.nsmallest(k + 2, [(lid ^ target, n) for lid, n in self._contacts_flat()])
+        ranked = heapq.nsmallest(k + 2, [(lid ^ target, n) for lid, n in self._around(target, k + 2)])
         out = []
         for dist, n in ranked:
             if dist == 0 or (exclude is not None and n.ip == exclude.ip and n.port == exclude.port):

@@ -25,9 +25,10 @@ from rpcudp.protocol import RPCProtocol
 
 from swarmd.dht import stun
 from swarmd.dht.config import DhtConfig
-from swarmd.dht.ratelimit import RateLimitedLog, SourceLimiter
+from swarmd.dht.ratelimit import RateLimitedLog
 from swarmd.dht.reflexive import StunAgent
 from swarmd.dht.routing import ID_SIZE, is_loopback, valid_ip, valid_port
+from swarmd.node.ratelimit import RateLimiter
 from swarmd.node.supervisor import LOG, Supervisor
 
 REQUEST = 0x00
@@ -45,12 +46,17 @@ class DatagramRpc(RPCProtocol):
         RPCProtocol.__init__(self, wait_timeout=config.request_timeout)
         self.config = config
         self.rlog = RateLimitedLog(**(bind or {}))
-        self.limiter = SourceLimiter(config.per_source_rate, config.per_source_burst, config.max_sources_tracked)
-        self.ip_limiter = SourceLimiter(config.per_ip_rate, config.per_ip_burst, config.max_sources_tracked)
+        self.limiter = RateLimiter(config.per_source_rate, config.per_source_burst, config.max_sources_tracked)
+        self.ip_limiter = RateLimiter(config.per_ip_rate, config.per_ip_burst, config.max_sources_tracked)
         self.stun = StunAgent(self)
         self._handlers: dict[str, Handler] = {}
         self._packer = msgpack.Packer(use_bin_type=True)
         self._closing = False
+        # msg id -> (future, deadline, destination), oldest first: every request waits the
+        # same time, so one timer at the oldest deadline times them all out in order (a
+        # timer per request costs a heap push and a cancelled handle left in the loop's heap)
+        self._outstanding: dict[bytes, tuple[asyncio.Future[tuple[bool, Any]], float, tuple[str, int]]] = {}
+        self._expiry: asyncio.TimerHandle | None = None
         self.closed = asyncio.get_running_loop().create_future()
         owner = tasks if tasks is not None else Supervisor(name="dht", policy=LOG)
         self.tasks = owner.scope("protocol", LOG, report=self._report)
@@ -73,8 +79,10 @@ class DatagramRpc(RPCProtocol):
     async def aclose(self) -> None:
         self._closing = True  # requests cut short by the close evict nobody
         await self.tasks.close()
-        for fut, timer, _dest in list(self._outstanding.values()):
-            timer.cancel()
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        for fut, _deadline, _dest in list(self._outstanding.values()):
             if not fut.done():
                 fut.set_result((False, None))
         self._outstanding.clear()
@@ -145,11 +153,10 @@ class DatagramRpc(RPCProtocol):
         if entry is None:
             self.rlog.warn("unsolicited", "dropped response to no outstanding request", source=addr[0])
             return
-        future, timer, dest = entry
+        future, _deadline, dest = entry
         if (addr[0], addr[1]) != dest:
             self.rlog.warn("spoofed", "dropped response from another address than asked", source=addr[0])
             return
-        timer.cancel()
         del self._outstanding[msg_id]
         if not future.done():
             future.set_result((True, body))
@@ -219,14 +226,26 @@ class DatagramRpc(RPCProtocol):
         if not self._send(REQUEST, msg_id, [method, list(args)], dest):
             future.set_result((False, None))
             return future
-        timer = loop.call_later(self._wait_timeout, self._timeout, msg_id)
-        self._outstanding[msg_id] = (future, timer, dest)
+        self._outstanding[msg_id] = (future, loop.time() + self._wait_timeout, dest)
+        if self._expiry is None:
+            self._expiry = loop.call_later(self._wait_timeout, self._expire)
         return future
 
-    def _timeout(self, msg_id: bytes) -> None:
-        entry = self._outstanding.pop(msg_id, None)
-        if entry is not None and not entry[0].done():
-            entry[0].set_result((False, None))
+    def _expire(self) -> None:
+        """Time out the requests whose deadline passed; re-arm for the oldest left."""
+        self._expiry = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        outstanding = self._outstanding
+        while outstanding:
+            msg_id = next(iter(outstanding))
+            future, deadline, _dest = outstanding[msg_id]
+            if deadline > now:
+                self._expiry = loop.call_at(deadline, self._expire)
+                return
+            del outstanding[msg_id]
+            if not future.done():
+                future.set_result((False, None))
 
 
 __all__ = ["REQUEST", "RESPONSE", "DatagramRpc"]

@@ -22,11 +22,13 @@
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from noise.backends.default.keypairs import KeyPair25519
 from noise.connection import Keypair, NoiseConnection
 
 from swarmd.errors import ERR_HANDSHAKE, ERR_PROTOCOL, SwarmdError
@@ -64,16 +66,33 @@ class HandshakeError(SwarmdError):
         self.reply = reply
 
 
+@functools.lru_cache(maxsize=64)
 def identity_payload(identity: Identity) -> bytes:
-    """Ed25519 public key + its signature over our X25519 static key."""
+    """Ed25519 public key + its signature over our X25519 static key (deterministic:
+    signed once per identity, not per handshake)."""
     return identity.public_key + identity.sign(KEY_BINDING_CONTEXT + identity.noise_public)
 
 
+@functools.lru_cache(maxsize=64)
+def _static_keypair(identity: Identity) -> Any:
+    """Our Noise static key pair, built once per identity (its public half is a scalar
+    multiplication the noise package would redo on every handshake)."""
+    return KeyPair25519.from_private_bytes(identity.noise_private)
+
+
+_CHECKED: dict[bytes, None] = {}  # payload + remote static of bindings already verified, oldest first
+_MAX_CHECKED = 4096
+
+
 def check_identity_payload(payload: bytes, remote_static: bytes) -> bytes:
-    """Return the Ed25519 key carried by payload after checking it owns remote_static."""
+    """Return the Ed25519 key carried by payload after checking it owns remote_static.
+    A binding verified before (the same bytes: a peer reconnecting) is not verified again."""
     if len(payload) != _PAYLOAD_SIZE:
         raise HandshakeError(f"identity payload is {len(payload)} bytes, expected {_PAYLOAD_SIZE}")
     ed_pk, sig = payload[:PUBLIC_KEY_SIZE], payload[PUBLIC_KEY_SIZE:]
+    seen = bytes(payload) + bytes(remote_static)
+    if seen in _CHECKED:
+        return bytes(ed_pk)
     try:
         derived = ed25519_pk_to_x25519(ed_pk)
     except Exception:
@@ -82,6 +101,9 @@ def check_identity_payload(payload: bytes, remote_static: bytes) -> bytes:
         raise HandshakeError("the peer's Noise static key is not derived from the Ed25519 key it claims")
     if not verify(ed_pk, KEY_BINDING_CONTEXT + remote_static, sig):
         raise HandshakeError("the peer's signature binding its Ed25519 key to its Noise key is invalid")
+    if len(_CHECKED) >= _MAX_CHECKED:
+        _CHECKED.pop(next(iter(_CHECKED)))
+    _CHECKED[seen] = None
     return bytes(ed_pk)
 
 
@@ -139,7 +161,7 @@ class NoiseSession:
             conn.set_as_initiator()
         else:
             conn.set_as_responder()
-        conn.set_keypair_from_private_bytes(Keypair.STATIC, self.identity.noise_private)
+        conn.noise_protocol.keypairs["s"] = _static_keypair(self.identity)  # what set_keypair_from_private_bytes sets
         if pattern == PATTERN_IK and initiator:
             assert self.expected_key is not None
             conn.set_keypair_from_public_bytes(Keypair.REMOTE_STATIC, ed25519_pk_to_x25519(self.expected_key))

@@ -120,11 +120,12 @@ class PeerLimits:
         window = mux.INITIAL_WINDOW
         cfg = self.config
         n = len(self._channels)
-        if (n + 1) * window > cfg.max_stream_buffer:
+        held = self._windows_held()
+        if held + window > cfg.max_stream_buffer:
             raise SwarmdError(
                 ERR_OVERLOADED,
-                f"{n} streams open on this connection hold up to {n * window} bytes of stream data "
-                f"({window} per stream each way); max_stream_buffer is {cfg.max_stream_buffer}",
+                f"{n} streams open on this connection hold up to {held} bytes of stream data "
+                f"(a window per stream each way); max_stream_buffer is {cfg.max_stream_buffer}",
             )
         if not peer_opened:
             return  # the streams this node opens are bounded by the code that opens them
@@ -167,11 +168,32 @@ class PeerLimits:
         peer = self.peername
         return str(peer[0]) if isinstance(peer, (tuple, list)) and peer else ""
 
+    def _windows_held(self) -> int:
+        return sum(ch._window.window for ch in self._channels.values())
+
+    def _may_grow_window(self, channel: Any, extra: int) -> bool:
+        """Whether a bulk stream's window may grow by `extra` (mux.RecvWindow.growth): it stays
+        within half of max_stream_buffer on this connection, so other streams can still open,
+        and a peer's stream within its address's share and the process's max_stream_buffer_total."""
+        if self._windows_held() + extra > self.config.max_stream_buffer // 2:
+            return False
+        if channel.peer_opened:
+            cfg = self.config
+            source = self._stream_source()
+            held = stream_windows.by_address.get(source, 0)
+            if held + extra > cfg.max_stream_buffer_per_address:
+                return False
+            if stream_windows.total + extra > cfg.max_stream_buffer_total:
+                return False
+            stream_windows.total += extra
+            stream_windows.by_address[source] = held + extra
+        return True
+
     def _drop_channel(self, channel_id: int) -> None:
         """Forget a channel (ended, reset, refused or torn down) and give its window back."""
         ch = self._channels.pop(channel_id, None)
         if ch is not None and ch.peer_opened:
-            window = mux.INITIAL_WINDOW
+            window = ch._window.window
             stream_windows.total -= window
             source = self._stream_source()
             left = stream_windows.by_address.get(source, window) - window

@@ -9,7 +9,7 @@ address for a simultaneous open, swarmd/net/tcppunch.py) or a relay rendezvous
 (relay address + token), and the answer comes back the same way.
 
 Forwarding for strangers is an amplification vector, so the forwarder applies
-`SignalLimiter`: a token bucket per source (the caller's public key) and one
+`SignalLimiter`: a token bucket (swarmd.node.ratelimit) per source (the caller's public key) and one
 for all sources together; over the limit the request is answered with
 ERR_RATE_LIMITED and never forwarded.
 """
@@ -21,6 +21,7 @@ from typing import Any
 
 from swarmd.errors import ERR_BAD_REQUEST, ERR_RATE_LIMITED, SwarmdError
 from swarmd.net.udppunch import PunchOffer, parse_offer
+from swarmd.node.ratelimit import TokenBucket
 
 KIND_UDP = "udp"
 KIND_RELAY = "relay"
@@ -101,12 +102,6 @@ def parse_request(obj: Any) -> SignalRequest:
 
 
 @dataclass
-class _Bucket:
-    tokens: float
-    stamp: float
-
-
-@dataclass
 class SignalLimiter:
     """Token buckets per source and overall; `now` comes from the caller (monotonic seconds)."""
 
@@ -114,30 +109,22 @@ class SignalLimiter:
     burst: int = 10
     total_rate: float = 50.0  # all sources together
     total_burst: int = 100
-    _buckets: dict[bytes, _Bucket] = field(default_factory=dict)
-    _total: _Bucket | None = None
+    _buckets: dict[bytes, TokenBucket] = field(default_factory=dict)
+    _total: TokenBucket | None = None
     refused: int = 0
-
-    def _take(self, b: _Bucket, rate: float, burst: int, now: float) -> bool:
-        b.tokens = min(float(burst), b.tokens + (now - b.stamp) * rate)
-        b.stamp = now
-        if b.tokens >= 1.0:
-            b.tokens -= 1.0
-            return True
-        return False
 
     def allow(self, source: bytes, now: float) -> bool:
         if self._total is None:
-            self._total = _Bucket(float(self.total_burst), now)
+            self._total = TokenBucket(self.total_rate, self.total_burst)
         b = self._buckets.get(source)
         if b is None:
             if len(self._buckets) >= MAX_SOURCES:
                 self._evict(now)
-            b = self._buckets[source] = _Bucket(float(self.burst), now)
-        if not self._take(b, self.rate, self.burst, now):
+            b = self._buckets[source] = TokenBucket(self.rate, self.burst)
+        if b.take(now):
             self.refused += 1
             return False
-        if not self._take(self._total, self.total_rate, self.total_burst, now):
+        if self._total.take(now):
             b.tokens += 1.0  # not this source's fault: give its token back
             self.refused += 1
             return False
@@ -154,7 +141,7 @@ class SignalLimiter:
 
     def _evict(self, now: float) -> None:
         """Drop buckets that have refilled completely (they carry no state worth keeping)."""
-        full = [k for k, b in self._buckets.items() if b.tokens + (now - b.stamp) * self.rate >= self.burst]
+        full = [k for k, b in self._buckets.items() if b.tokens + (now - b.stamp) * b.rate >= b.burst]
         for k in full:
             del self._buckets[k]
         if len(self._buckets) >= MAX_SOURCES:  # still full under a flood: forget the oldest half

@@ -4,6 +4,7 @@ X25519, serves as the Noise static key. The public key is the node's address.
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 from dataclasses import dataclass
@@ -24,8 +25,10 @@ class IdentityError(SwarmdError):
         super().__init__(ERR_CONFIG, message)
 
 
+@functools.lru_cache(maxsize=4096)
 def ed25519_pk_to_x25519(public_key: bytes) -> bytes:
-    """Noise static public key of a peer known by its Ed25519 public key."""
+    """Noise static public key of a peer known by its Ed25519 public key. Cached: every
+    handshake converts both sides' keys (a field inversion each), and peers reconnect."""
     if len(public_key) != PUBLIC_KEY_SIZE:
         raise ValueError(f"Ed25519 public key must be 32 bytes, got {len(public_key)}")
     return nacl.bindings.crypto_sign_ed25519_pk_to_curve25519(public_key)
@@ -68,12 +71,13 @@ class Identity:
     def public_hex(self) -> str:
         return self.public_key.hex()
 
-    @property
+    # derived once per identity (a scalar multiplication, an inversion): every handshake reads them
+    @functools.cached_property
     def noise_private(self) -> bytes:
         sk = nacl.bindings.crypto_sign_seed_keypair(self.seed)[1]
         return nacl.bindings.crypto_sign_ed25519_sk_to_curve25519(sk)
 
-    @property
+    @functools.cached_property
     def noise_public(self) -> bytes:
         return ed25519_pk_to_x25519(self.public_key)
 

@@ -35,6 +35,9 @@ class SwarmConfig:
     live_record_ttl: float = 12.0  # seconds a live record lives (a killed node is gone within this)
     live_reannounce_interval: float = 3.5  # seconds between refreshes of a live record
     live_reannounce_jitter: float = 0.5  # random extra seconds per refresh
+    # a lookup round waits this long (at most) for its first new peer's dial before reading on,
+    # so the first connection of a join is not slowed by the rest of the lookup; 0: never waits
+    first_dial_lead: float = 0.05
     relookup_initial: float = 0.5  # first re-query of a joined topic; doubles up to relookup_interval
     relookup_interval: float = 60.0  # joined topics with lookup=True are re-queried this often
     reconnect_initial: float = 0.2  # first pause before re-dialling a wanted peer; doubles up to reconnect_max

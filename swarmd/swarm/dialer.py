@@ -226,10 +226,11 @@ class Dialer:
                         self.metrics.upgrades += 1
                         self.metrics.upgrade_ms.append(pinfo.setup_s * 1000)
                     current = kept
-                    if path != RELAYED:  # punched: nothing better to wait for
-                        relay_started = True
-                        await _cancel_all(tasks)
-                        return
+                    if path != RELAYED:  # punched: only a better-ranked punch is still worth waiting for
+                        relay_started = True  # (a UDP punch that won keeps the TCP punch running behind it)
+                        await _cancel_all(tasks, up_to_rank=PATH_RANK[path])
+                        if not tasks:
+                            return
             if current is None:
                 raise last
         except BaseException as e:
@@ -337,6 +338,7 @@ class Dialer:
                 if relayed.is_closed or self.swarm._registry.get(pk) is not relayed:
                     return  # gone, or already on a better path (e.g. the peer dialled us)
                 tasks = {self._attempt(p, pk, None, via=relayed): (p, time.monotonic()) for p in punches}
+                moved = False
                 try:
                     while tasks:
                         done, _ = await asyncio.wait(set(tasks), return_when=asyncio.FIRST_COMPLETED)
@@ -357,17 +359,22 @@ class Dialer:
                             self.metrics.upgrades += 1
                             self.metrics.upgrade_ms.append(info.setup_s * 1000)
                             self.traversal._adopt(pk, peer, info, inbound=False)
-                            return
+                            moved = True  # a better-ranked punch still running may follow (UDP won, TCP later)
+                            await _cancel_all(tasks, up_to_rank=PATH_RANK[path])
+                    if moved:
+                        return
                 finally:
                     await _cancel_all(tasks)
         finally:
             self._repunching.discard(pk)
 
 
-async def _cancel_all(tasks: dict[asyncio.Task[Any], Any]) -> None:
-    """Cancel attempts still running; close any connection one finished with meanwhile."""
-    pending = list(tasks)
-    tasks.clear()
+async def _cancel_all(tasks: dict[asyncio.Task[Any], Any], up_to_rank: int | None = None) -> None:
+    """Cancel attempts still running (only those whose path ranks at most `up_to_rank`, when
+    given); close any connection one finished with meanwhile."""
+    pending = [t for t, (path, _) in tasks.items() if up_to_rank is None or PATH_RANK[path] <= up_to_rank]
+    for t in pending:
+        del tasks[t]
     for t in pending:
         t.cancel()
     for res in await asyncio.gather(*pending, return_exceptions=True):

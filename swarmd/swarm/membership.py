@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
@@ -224,6 +224,12 @@ class Membership:
                 dial = self._spawn(self._quiet_connect(rec), "swarm-dial")
                 if dial is not None:
                     dials.append(dial)
+                    if len(dials) == 1 and self.config.first_dial_lead > 0:
+                        # the first peer's dial goes ahead of the rest of the lookup, whose
+                        # replies would otherwise be read (and their nodes asked) in between
+                        # its handshake's steps, here and on the nodes asked; bounded, so a slow
+                        # dial delays finding the other peers by at most first_dial_lead
+                        await asyncio.wait({dial}, timeout=self.config.first_dial_lead)
         if topic in self._topics:
             self._seen[topic] = found
         if dials:
@@ -247,15 +253,25 @@ class Membership:
         or `role` given) only records of keys our trust admits to that role are
         yielded; the others are ignored as if never announced. admit=False yields
         every record, for a tool that shows each one's admission (never to pick peers by)."""
-        t = self.topic(topic)
-        need = (role or self.role_of(topic if isinstance(topic, str) else t)) if admit else None
-        trust = self.trust
-        async with aclosing(self.dht.lookup(t)) as it:
+        check = self._admission(topic, role) if admit else None
+        async with aclosing(self.dht.lookup(self.topic(topic), check)) as it:
             async for rec in it:
-                if need is not None and not trust.admits_record(rec, need):
-                    self._not_admitted(rec, need)
-                    continue
                 yield rec
+
+    def _admission(self, topic: bytes | str, role: str | None) -> Callable[[PeerRecord], bool] | None:
+        """The trust check lookups of topic apply (None: any key may announce it)."""
+        need = role or self.role_of(topic if isinstance(topic, str) else self.topic(topic))
+        if need is None:
+            return None
+        trust = self.trust
+
+        def admit(rec: PeerRecord) -> bool:
+            if trust.admits_record(rec, need):
+                return True
+            self._not_admitted(rec, need)
+            return False
+
+        return admit
 
     def _not_admitted(self, rec: PeerRecord, role: str) -> None:
         if rec.public_key in self._refused:
@@ -274,14 +290,5 @@ class Membership:
         role: str | None = None,  # noqa: ASYNC109
     ) -> list[PeerRecord]:
         """Every record a full lookup finds (partial on timeout), admitted as lookup() does."""
-        out: dict[bytes, PeerRecord] = {}
-
-        async def run() -> None:
-            async with aclosing(self.lookup(topic, role)) as it:
-                async for rec in it:
-                    if rec.public_key not in out or out[rec.public_key].seq < rec.seq:
-                        out[rec.public_key] = rec
-
-        with contextlib.suppress(TimeoutError):
-            await within(run(), timeout or self.config.lookup_timeout)
-        return list(out.values())
+        t = self.topic(topic)
+        return await self.dht.lookup_all(t, timeout or self.config.lookup_timeout, self._admission(topic, role))
