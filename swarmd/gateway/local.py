@@ -17,24 +17,21 @@ import re
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from loguru import logger
 
-from swarmd.dtypes import ORT_TO_NUMPY
 from swarmd.errors import ERR_CONFLICT, ERR_NOT_IMPLEMENTED, SwarmdError
 from swarmd.gateway.backend import (
     InferResult,
     ModelInfo,
-    TensorSpec,
     UploadedModel,
-    check_inputs,
-    check_outputs,
     not_found,
 )
+from swarmd.signature import ModelSignature, TensorSpec
 from swarmd.versions import next_version, version_key
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
@@ -51,13 +48,11 @@ def check_name(kind: str, value: str) -> str:
 
 
 def session_signature(session: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """Input/output signatures of an onnxruntime session; dynamic dims become -1."""
-
-    def spec(arg: Any) -> TensorSpec:
-        shape = [d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or [])]
-        return TensorSpec(arg.name, ORT_TO_NUMPY.get(arg.type, arg.type), shape)
-
-    return [spec(a) for a in session.get_inputs()], [spec(a) for a in session.get_outputs()]
+    """Input/output signatures of an onnxruntime session, read as a worker reads them."""
+    return (
+        [TensorSpec.from_node_arg(a) for a in session.get_inputs()],
+        [TensorSpec.from_node_arg(a) for a in session.get_outputs()],
+    )
 
 
 def load_session(path: Path, threads: int) -> Any:
@@ -71,6 +66,10 @@ def load_session(path: Path, threads: int) -> Any:
 class _Loaded:
     info: ModelInfo
     session: Any
+    signature: ModelSignature = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.signature = self.info.signature  # built once: every request is validated against it
 
 
 class LocalBackend:
@@ -152,11 +151,10 @@ class LocalBackend:
         request_id: str | None = None,
     ) -> InferResult:
         loaded = self._get(model, version)
-        check_inputs(loaded.info, inputs)
-        check_outputs(loaded.info, outputs)
-        names = outputs or [t.name for t in loaded.info.outputs]
+        feeds, wanted, _ = loaded.signature.validate(loaded.info.name, inputs, outputs)
+        names = list(wanted)
         try:
-            values = await asyncio.get_running_loop().run_in_executor(self._pool, loaded.session.run, names, inputs)
+            values = await asyncio.get_running_loop().run_in_executor(self._pool, loaded.session.run, names, feeds)
         except Exception as e:  # onnxruntime's own errors: a shape it rejects at run time is the caller's
             raise SwarmdError("ERR_BAD_REQUEST", f"onnxruntime refused the inputs: {str(e)[:300]}") from None
         return InferResult(loaded.info.name, loaded.info.version, dict(zip(names, values, strict=True)))
