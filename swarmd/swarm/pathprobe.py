@@ -23,6 +23,7 @@ from swarmd.errors import (
     SwarmdError,
 )
 from swarmd.rpc import CallContext, RpcPeer
+from swarmd.rpc.params import as_params, int_param, str_param
 from swarmd.swarm.paths import RELAYED, path_of
 
 if TYPE_CHECKING:
@@ -109,15 +110,12 @@ class PathProbe:
         stream `bytes` to it on the path it ended on."""
         if ctx.peer != self.swarm.public_key:
             raise SwarmdError(ERR_FORBIDDEN, "nat.probe runs only for this node's own key (swarmd nat probe)")
-        if not isinstance(params, dict) or not isinstance(params.get("target"), str):
-            raise SwarmdError(ERR_BAD_REQUEST, "nat.probe params must be {target: hex key, bytes: int, watch: s}")
+        params = as_params(params, "nat.probe", required=("target",))
         try:
-            target = bytes.fromhex(params["target"])
+            target = bytes.fromhex(str_param(params, "target", "nat.probe", 64) or "-")
         except ValueError:
             raise SwarmdError(ERR_BAD_REQUEST, "nat.probe target must be a hex public key") from None
-        size = params.get("bytes", 0)
-        if not isinstance(size, int) or not 0 <= size <= self.config.probe_max_bytes:
-            raise SwarmdError(ERR_BAD_REQUEST, f"nat.probe bytes must be 0..{self.config.probe_max_bytes}")
+        size = int_param(params, "bytes", "nat.probe", 0, 0, self.config.probe_max_bytes)
         watch = params.get("watch", 0)
         if not isinstance(watch, (int, float)) or isinstance(watch, bool) or not 0 <= watch <= MAX_WATCH:
             raise SwarmdError(ERR_BAD_REQUEST, f"nat.probe watch must be 0..{MAX_WATCH} seconds")
