@@ -22,6 +22,7 @@ from swarmd.errors import (
     ERR_TOO_LARGE,
     SwarmdError,
 )
+from swarmd.node.ratelimit import RateLimiter
 from swarmd.rpc import CallContext, RpcPeer
 from swarmd.rpc.params import as_params, int_param, str_param
 from swarmd.swarm.paths import RELAYED, path_of
@@ -45,7 +46,8 @@ class PathProbe:
         self.swarm = traversal.swarm
         self.config = traversal.config
         self._sinking = 0  # nat.sink streams being received right now
-        self._sink_budget: dict[bytes, tuple[float, float]] = {}  # caller key -> (bytes available, stamp)
+        # caller key -> bytes it may still send (sink_rate per second, probe_max_bytes deep)
+        self._sink_budget = RateLimiter(self.config.sink_rate, self.config.probe_max_bytes, MAX_SINK_CALLERS)
         self.sink_refused = 0
 
     def register(self) -> None:
@@ -55,17 +57,6 @@ class PathProbe:
     def unregister(self) -> None:
         for name in ("nat.probe", "nat.sink"):
             self.swarm.methods.unregister(name)
-
-    def _sink_take(self, caller: bytes, n: int, now: float) -> bool:
-        """Charge n bytes to the caller's bucket (sink_rate per second, probe_max_bytes deep)."""
-        cap = float(self.config.probe_max_bytes)
-        avail, stamp = self._sink_budget.get(caller, (cap, now))
-        avail = min(cap, avail + (now - stamp) * self.config.sink_rate)
-        if caller not in self._sink_budget and len(self._sink_budget) >= MAX_SINK_CALLERS:
-            del self._sink_budget[min(self._sink_budget, key=lambda k: self._sink_budget[k][1])]
-        ok = avail >= n
-        self._sink_budget[caller] = (avail - n if ok else avail, now)
-        return ok
 
     async def _rpc_sink(self, ctx: CallContext, params: Any, stream: Any) -> Any:
         """Count and hash what a peer streams to us (bounded): the receiving end of a path test.
@@ -94,7 +85,7 @@ class PathProbe:
                 n += len(chunk)
                 if n > self.config.probe_max_bytes:
                     raise SwarmdError(ERR_TOO_LARGE, f"nat.sink takes at most {self.config.probe_max_bytes} bytes")
-                if not self._sink_take(ctx.peer, len(chunk), time.monotonic()):
+                if not self._sink_budget.take(ctx.peer, time.monotonic(), cost=len(chunk)) == 0.0:
                     self.sink_refused += 1
                     raise SwarmdError(ERR_OVERLOADED, f"nat.sink budget spent for this key ({self.config.sink_rate} B/s)")
                 digest.update(chunk)
