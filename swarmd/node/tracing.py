@@ -114,25 +114,28 @@ def start(config: TracingConfig, *, instance: str = "", exporter: Any = None) ->
 
 def stop() -> None:
     """Export what is buffered and turn tracing off (the daemon's stop)."""
-    global tracer, _provider
-    provider, _provider, tracer = _provider, None, None
+    global tracer, _provider, _propagator
+    provider, _provider, tracer, _propagator = _provider, None, None, None
     if provider is not None:
         provider.shutdown()
 
 
 def extract(carrier: Mapping[str, Any] | None) -> Any:
     """The parent context a `traceparent` in carrier (headers, gRPC metadata, an RPC meta map)
-    names; the empty context (a new trace) when it names none or is malformed."""
-    if not carrier:
+    names; None when it names none or a malformed one (a peer's junk starts no trace)."""
+    if not carrier or _propagator is None:
         return None
     tp = carrier.get(TRACEPARENT)
-    if not isinstance(tp, str):
+    if not isinstance(tp, str) or len(tp) > 256:
         return None
     src = {TRACEPARENT: tp}
     ts = carrier.get(TRACESTATE)
-    if isinstance(ts, str):
+    if isinstance(ts, str) and len(ts) <= 1024:
         src[TRACESTATE] = ts
-    return _propagator.extract(src)
+    from opentelemetry import trace
+
+    ctx = _propagator.extract(src)
+    return ctx if trace.get_current_span(ctx).get_span_context().is_valid else None
 
 
 def meta() -> dict[str, str] | None:
