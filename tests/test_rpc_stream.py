@@ -299,6 +299,46 @@ async def test_stream_buffers_are_capped_per_connection_and_per_process() -> Non
         await srv.stop()
 
 
+async def test_one_address_holds_at_most_its_share_of_the_stream_buffers() -> None:
+    """Many connections (or keys) from one address cannot take the whole process's stream windows:
+    they share max_stream_buffer_per_address, refused streams fail alone, the connections stay."""
+    w = mux.INITIAL_WINDOW
+    cfg = RpcConfig()
+    cfg.net.max_stream_buffer_per_address = 3 * w
+    go = asyncio.Event()
+    methods = make_methods()
+
+    async def park(ctx: CallContext, params: Any, stream: Stream) -> int:
+        await go.wait()
+        return 0
+
+    methods.register_stream("park", park)
+    srv = RpcServer(Identity.generate(), methods, config=cfg)
+    await srv.start()
+    a = await connect(None, "127.0.0.1", srv.port, timeout=T)
+    b = await connect(None, "127.0.0.1", srv.port, timeout=T)  # another key, the same address
+    try:
+        held = [await a.open_stream("park", None, timeout=T) for _ in range(3)]
+        refused = [await p.open_stream("park", None, timeout=T) for p in (a, b)]
+        for s in refused:
+            with pytest.raises(SwarmdError) as ei:
+                await asyncio.wait_for(s.result(), T)
+            assert ei.value.code == ERR_OVERLOADED and "max_stream_buffer_per_address" in ei.value.message
+        assert await b.call("echo", "still here", timeout=T) == "still here"
+        held[0].abort()  # a window comes back to the address, and b may use it
+        async with asyncio.timeout(T):
+            while sum(len(p.conn._channels) for p in srv.peers) > 2:
+                await a.call("ping", timeout=T)
+        extra = await b.open_stream("upload", timeout=T)
+        await extra.close()
+        assert await extra.result() == 0
+    finally:
+        go.set()
+        await a.close()
+        await b.close()
+        await srv.stop()
+
+
 def test_recv_window_grows_for_a_bulk_reader_only() -> None:
     w = mux.RecvWindow()
     assert w.growth(8 * mux.INITIAL_WINDOW) == 0  # nothing read yet

@@ -321,10 +321,13 @@ class GrpcFront:
             self._authorize("ModelStreamInfer", context)
         except SwarmdError as e:
             await context.abort(STATUS.get(e.code, grpc.StatusCode.UNKNOWN), f"{e.code}: {e.message}")
+        # while tracing is on, each request of the stream is a gateway.infer span in the trace
+        # the stream's metadata names (a stream has one set of metadata)
+        carrier = dict(context.invocation_metadata() or ()) if tracing.tracer is not None else None
         async for request in requests:
             t0, status = time.perf_counter(), "200"
             try:
-                yield pb.ModelStreamInferResponse(infer_response=await self.model_infer(request))
+                yield pb.ModelStreamInferResponse(infer_response=await self.model_infer(request, carrier))
             except SwarmdError as e:
                 status = str(self.gw.http_status(e.code))
                 yield pb.ModelStreamInferResponse(error_message=f"{e.code}: {e.message}",

@@ -33,6 +33,7 @@ from swarmd.net.loglimit import hostile
 from swarmd.rpc.builtins import BUILTINS
 from swarmd.rpc.config import RpcConfig
 from swarmd.rpc.methods import CallContext, Method, Methods
+from swarmd.rpc.stream import CallStream
 
 PIPE_CHUNKS = 8  # chunks in flight per direction of a local stream (a mux channel's window, in chunks)
 
@@ -96,7 +97,7 @@ class _Pipe:
         return item
 
 
-class LocalStream:
+class LocalStream(CallStream):
     """One end of a local stream: `send`, `recv` (None at end), `close`, and on the caller's
     end the call's `result` — the interface of swarmd.rpc.Stream."""
 
@@ -123,24 +124,9 @@ class LocalStream:
         err = error or SwarmdError(ERR_CANCELLED, "stream aborted")
         self._out.fail(err)
         self._in.fail(err)
-        res = self._result
-        if res is not None and not res.done():
-            res.set_exception(err)
-            res.exception()  # retrieved: aborting is not an unhandled error
+        self._fail_result(err)
         if self._handler is not None and not self._handler.done():
             self._handler.cancel()
-
-    async def result(self) -> Any:
-        if self._result is None:
-            raise RuntimeError("result() is for the side that opened the stream")
-        return await self._result
-
-    async def __aenter__(self) -> LocalStream:
-        return self
-
-    async def __aexit__(self, et: Any, e: Any, tb: Any) -> None:
-        if et is not None:
-            self.abort()
 
 
 class LocalPeer:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 from swarmd.errors import ERR_CANCELLED, SwarmdError
 from swarmd.net.channel import Channel
@@ -12,7 +12,39 @@ if TYPE_CHECKING:
     from swarmd.rpc.peer import RpcPeer
 
 
-class Stream:
+class CallStream:
+    """What a stream over a mux channel (`Stream`) and one in-process (`rpc.local.LocalStream`)
+    share: the call's result on the caller's side, and aborting on an error in `async with`."""
+
+    _result: asyncio.Future[Any] | None = None
+
+    def abort(self, error: SwarmdError | None = None) -> None:
+        raise NotImplementedError
+
+    def _fail_result(self, err: SwarmdError) -> bool:
+        """Fail the caller's result with err; False when there is none or it is settled."""
+        res = self._result
+        if res is None or res.done():
+            return False
+        res.set_exception(err)
+        res.exception()  # retrieved: aborting is not an unhandled error
+        return True
+
+    async def result(self) -> Any:
+        """Caller side: the handler's return value (raises its SwarmdError)."""
+        if self._result is None:
+            raise RuntimeError("result() is for the side that opened the stream")
+        return await self._result
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, et: Any, e: Any, tb: Any) -> None:
+        if et is not None:
+            self.abort()
+
+
+class Stream(CallStream):
     """A byte stream tied to one call: `send`, `recv` (None at end), `close`, and the call's `result`."""
 
     def __init__(
@@ -41,22 +73,5 @@ class Stream:
         """Reset the channel; on the caller side also cancel the call (its result raises ERR_CANCELLED)."""
         err = error or SwarmdError(ERR_CANCELLED, "stream aborted")
         self.channel.reset(err)
-        res = self._result
-        if res is not None and not res.done():
-            res.set_exception(err)
-            res.exception()  # retrieved: aborting is not an unhandled error
-            if self.peer._forget(self._rid) is not None:
-                self.peer._send_cancel(self._rid)
-
-    async def result(self) -> Any:
-        """Caller side: the handler's return value (raises its SwarmdError)."""
-        if self._result is None:
-            raise RuntimeError("result() is for the side that opened the stream")
-        return await self._result
-
-    async def __aenter__(self) -> Stream:
-        return self
-
-    async def __aexit__(self, et: Any, e: Any, tb: Any) -> None:
-        if et is not None:
-            self.abort()
+        if self._fail_result(err) and self.peer._forget(self._rid) is not None:
+            self.peer._send_cancel(self._rid)

@@ -226,8 +226,8 @@ class ModelStore:
         taken: list[ModelMeta] = []
         try:
             inputs, outputs = self._verified_signature(up)
-            sig_in = [s.to_dict() for s in inputs]
-            sig_out = [s.to_dict() for s in outputs]
+            sig_in = [s.to_wire() for s in inputs]
+            sig_out = [s.to_wire() for s in outputs]
             with self._lock:
                 for r in rows:
                     if r.digest != up.req.digest or r.deleted is not None:
@@ -301,8 +301,8 @@ class ModelStore:
             digest=req.digest,
             size=req.size,
             format="onnx",
-            inputs=[s.to_dict() for s in inputs],
-            outputs=[s.to_dict() for s in outputs],
+            inputs=[s.to_wire() for s in inputs],
+            outputs=[s.to_wire() for s in outputs],
             tags=list(req.tags or []),
             description=req.description or "",
             created=row.created if row is not None else t,

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from swarmd.errors import ERR_INVALID_MODEL, SwarmdError
-from swarmd.worker.signature import ModelSignature, TensorSpec
+from swarmd.signature import ModelSignature, TensorSpec
 
 
 def _ort() -> Any:
