@@ -114,4 +114,4 @@ def test_flood_of_fresh_keys_hits_the_global_bucket_and_bounded_memory() -> None
     lim = SignalLimiter(rate=2.0, burst=5, total_rate=10.0, total_burst=20)
     allowed = sum(lim.allow(os.urandom(32), now=50.0) for _ in range(3 * MAX_SOURCES))
     assert allowed == 20
-    assert len(lim._buckets) <= MAX_SOURCES
+    assert len(lim._sources) <= MAX_SOURCES

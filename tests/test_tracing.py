@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from swarmd.errors import ERR_BAD_REQUEST
@@ -297,3 +299,29 @@ def test_tracing_config_is_checked() -> None:
         TracingConfig(enabled=True, exporter="file").validate()
     with pytest.raises(ConfigError, match="sample_ratio"):
         TracingConfig(sample_ratio=1.5).validate()
+
+
+@given(meta=st.one_of(st.none(), st.integers(-(2**63), 2**63), st.text(max_size=80), st.binary(max_size=40),
+                      st.dictionaries(st.sampled_from(["traceparent", "tracestate", "x"]),
+                                      st.one_of(st.text(max_size=300), st.integers(-(2**63), 2**63),
+                                                st.binary(max_size=20)),
+                                      max_size=3)),
+       extra=st.lists(st.integers(-(2**63), 2**64 - 1), max_size=3))
+@settings(max_examples=300, deadline=None)
+def test_any_meta_from_a_peer_is_a_context_or_ignored(meta: Any, extra: list[int]) -> None:
+    """What a peer puts in meta (and after it) never fails the request's decoding, and names a
+    parent only when it is a well-formed traceparent."""
+    from swarmd.rpc.codec import packb
+
+    tracing.start(TracingConfig(), exporter=InMemorySpanExporter())
+    try:
+        msg = envelope.decode(packb([0, 3, "m", None, 100, 0, meta, *extra]))
+        got = envelope.request_meta(msg)
+        assert got is None or type(got) is dict
+        parent = tracing.extract(got)
+        if parent is not None:
+            tp = got["traceparent"]
+            assert len(tp.split("-")) >= 4 and tp.split("-")[1] != "0" * 32
+    finally:
+        tracing.stop()
+    assert tracing.extract({"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"}) is None  # off: no propagator

@@ -16,13 +16,13 @@ ERR_RATE_LIMITED and never forwarded.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from swarmd.errors import ERR_BAD_REQUEST, ERR_RATE_LIMITED, SwarmdError
 from swarmd.net.nat import NAT_TYPES
 from swarmd.net.udppunch import PunchOffer, parse_offer
-from swarmd.node.ratelimit import TokenBucket
+from swarmd.node.ratelimit import RateLimiter, TokenBucket
 
 KIND_UDP = "udp"
 KIND_RELAY = "relay"
@@ -116,18 +116,14 @@ class SignalLimiter:
     burst: int = 10
     total_rate: float = 50.0  # all sources together
     total_burst: int = 100
-    _buckets: dict[bytes, TokenBucket] = field(default_factory=dict)
-    _total: TokenBucket | None = None
     refused: int = 0
 
+    def __post_init__(self) -> None:
+        self._sources = RateLimiter(self.rate, self.burst, MAX_SOURCES)  # least recently used dropped
+        self._total = TokenBucket(self.total_rate, self.total_burst)
+
     def allow(self, source: bytes, now: float) -> bool:
-        if self._total is None:
-            self._total = TokenBucket(self.total_rate, self.total_burst)
-        b = self._buckets.get(source)
-        if b is None:
-            if len(self._buckets) >= MAX_SOURCES:
-                self._evict(now)
-            b = self._buckets[source] = TokenBucket(self.rate, self.burst)
+        b = self._sources.bucket(source)
         if b.take(now):
             self.refused += 1
             return False
@@ -145,12 +141,3 @@ class SignalLimiter:
                 f"too many connection requests: at most {self.rate:g}/s per source (burst {self.burst})",
                 {"retry_after": round(1.0 / self.rate, 3) if self.rate > 0 else None},
             )
-
-    def _evict(self, now: float) -> None:
-        """Drop buckets that have refilled completely (they carry no state worth keeping)."""
-        full = [k for k, b in self._buckets.items() if b.tokens + (now - b.stamp) * b.rate >= b.burst]
-        for k in full:
-            del self._buckets[k]
-        if len(self._buckets) >= MAX_SOURCES:  # still full under a flood: forget the oldest half
-            for k in sorted(self._buckets, key=lambda k: self._buckets[k].stamp)[: MAX_SOURCES // 2]:
-                del self._buckets[k]

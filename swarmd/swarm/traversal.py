@@ -55,6 +55,7 @@ from swarmd.net.tcppunch import (
 )
 from swarmd.net.udppunch import PunchOffer, UdpPuncher
 from swarmd.rpc import CallContext, RpcPeer
+from swarmd.rpc.params import as_params
 from swarmd.swarm.dialer import TCP_PUNCH_TIMEOUT, Dialer
 from swarmd.swarm.mapping import PortMapping
 from swarmd.swarm.pathprobe import PathProbe
@@ -280,9 +281,7 @@ class Traversal:
     async def _rpc_signal(self, ctx: CallContext, params: Any) -> Any:
         """On a public peer: forward a caller's request to a target that keeps a connection to us."""
         self.limiter.check(ctx.peer, time.monotonic())
-        if not isinstance(params, dict):
-            raise SwarmdError(ERR_BAD_REQUEST, "nat.signal params must be a map")
-        req = parse_request({**params, "source": ctx.peer})  # the source is whoever holds the Noise key
+        req = parse_request({**as_params(params, "nat.signal"), "source": ctx.peer})  # the source is whoever holds the Noise key
         target = self.swarm._registry.get(req.target)
         if target is None:
             raise SwarmdError(ERR_NOT_FOUND, f"peer {req.target.hex()[:16]}… keeps no connection to this node")
@@ -290,8 +289,7 @@ class Traversal:
 
     async def _rpc_connect(self, ctx: CallContext, params: Any) -> Any:
         """On the target: a caller wants a connection (through a signal peer or over a relayed one)."""
-        if not isinstance(params, dict):
-            raise SwarmdError(ERR_BAD_REQUEST, "nat.connect params must be a map")
+        params = as_params(params, "nat.connect")
         if ctx.peer in self.signal_peers and isinstance(params.get("source"), bytes):
             source = params["source"]  # forwarded: the signal peer vouches for the caller's Noise key
         elif self._is_pooled(ctx.peer):
