@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from swarmd.errors import ERR_BAD_REQUEST, ERR_RATE_LIMITED, SwarmdError
+from swarmd.net.nat import NAT_TYPES
 from swarmd.net.udppunch import PunchOffer, parse_offer
 from swarmd.node.ratelimit import RateLimiter, TokenBucket
 
@@ -40,6 +41,7 @@ class SignalRequest:
     relay: tuple[str, int] | None = None  # relay address (kind "relay")
     token: bytes = b""  # relay circuit token (kind "relay")
     addr: tuple[str, int] | None = None  # the caller's public TCP address (kind "tcp")
+    nat: str = ""  # the caller's NAT type (kind "tcp": one symmetric side makes it a birthday punch); "" = unsaid
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"source": self.source, "target": self.target, "kind": self.kind}
@@ -49,6 +51,8 @@ class SignalRequest:
         elif self.kind == KIND_TCP:
             assert self.addr is not None
             out["addr"] = [self.addr[0], self.addr[1]]
+            if self.nat:
+                out["nat"] = self.nat
         else:
             assert self.relay is not None
             out["relay"] = [self.relay[0], self.relay[1]]
@@ -91,7 +95,10 @@ def parse_request(obj: Any) -> SignalRequest:
     if kind == KIND_UDP:
         return SignalRequest(source, target, kind, punch=parse_offer(obj.get("punch")))
     if kind == KIND_TCP:
-        return SignalRequest(source, target, kind, addr=parse_address(obj.get("addr"), "addr"))
+        nat = obj.get("nat", "")
+        if nat != "" and nat not in NAT_TYPES:
+            raise _bad(f"signal 'nat' must be one of {', '.join(NAT_TYPES)}, got {nat!r:.40}")
+        return SignalRequest(source, target, kind, addr=parse_address(obj.get("addr"), "addr"), nat=nat)
     if kind == KIND_RELAY:
         relay = parse_address(obj.get("relay"), "relay")
         token = obj.get("token")

@@ -175,7 +175,9 @@ class PathProbe:
             path = path_of(peer)
             if not changes or changes[-1]["path"] != path:
                 changes.append({"path": path, "ms": round((time.monotonic() - t0) * 1000, 1)})
-            if path != RELAYED and not final_at:
+            # final: not relayed, and no dial is still trying a better path (a UDP punch
+            # may be followed by a TCP birthday punch)
+            if path != RELAYED and not final_at and target not in self.traversal.dialer.racing:
                 final_at.append(loop.time())
 
         def running() -> bool:

@@ -45,7 +45,14 @@ from swarmd.net.signal import (
     SignalLimiter,
     parse_request,
 )
-from swarmd.net.tcppunch import Rendezvous, close_quietly, rendezvous, simultaneous_open
+from swarmd.net.tcppunch import (
+    BIRTHDAY_TIMEOUT,
+    Rendezvous,
+    close_quietly,
+    is_birthday,
+    punch_open,
+    rendezvous,
+)
 from swarmd.net.udppunch import PunchOffer, UdpPuncher
 from swarmd.rpc import CallContext, RpcPeer
 from swarmd.rpc.params import as_params
@@ -298,7 +305,8 @@ class Traversal:
             assert req.addr is not None
             rv = await rendezvous(await self._rendezvous_relay(), timeout=self.config.stun_timeout)
             self._punching += 1
-            self._spawn(self._accepting(PUNCHED_TCP, req.source, self._accept_tcp_punched(req.source, rv, req.addr)))
+            self._spawn(self._accepting(PUNCHED_TCP, req.source,
+                                        self._accept_tcp_punched(req.source, rv, req.addr, req.nat or UNKNOWN)))
             return {"addr": [rv.observed[0], rv.observed[1]]}
         if req.kind == KIND_UDP:
             assert req.punch is not None
@@ -374,10 +382,11 @@ class Traversal:
         await self._established(conn, expected)
         return peer
 
-    async def _accept_tcp_punched(self, source: bytes, rv: Rendezvous, addr: Address) -> None:
+    async def _accept_tcp_punched(self, source: bytes, rv: Rendezvous, addr: Address, theirs: str) -> None:
         t0 = time.monotonic()
+        bound = BIRTHDAY_TIMEOUT if is_birthday(self.nat_type, theirs) else TCP_PUNCH_TIMEOUT
         try:
-            sock = await simultaneous_open(rv.port, addr, min(self.config.punch_timeout, TCP_PUNCH_TIMEOUT))
+            sock = await punch_open(rv, addr, self.nat_type, theirs, min(self.config.punch_timeout, bound))
         except SwarmdError as e:
             self.metrics.attempt(PUNCHED_TCP, False)
             self.log.bind(event="punch_failed", path=PUNCHED_TCP, peer=source.hex()[:16], reason=e.message).info(
@@ -387,7 +396,8 @@ class Traversal:
         finally:
             rv.close()
             self._punching -= 1
-        info = PathInfo(PUNCHED_TCP, time.monotonic() - t0, detail={"punch": rv.detail(addr)})
+        info = PathInfo(PUNCHED_TCP, time.monotonic() - t0,
+                        detail={"punch": {**rv.detail(addr), "birthday": is_birthday(self.nat_type, theirs)}})
         peer = await self._over_socket(sock, False, None, source, info)
         self.metrics.attempt(PUNCHED_TCP, True)
         await self._adopt_inbound(source, peer, info)
