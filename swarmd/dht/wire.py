@@ -25,9 +25,9 @@ from rpcudp.protocol import RPCProtocol
 
 from swarmd.dht import stun
 from swarmd.dht.config import DhtConfig
-from swarmd.dht.ratelimit import RateLimitedLog
 from swarmd.dht.reflexive import StunAgent
 from swarmd.dht.routing import ID_SIZE, is_loopback, valid_ip, valid_port
+from swarmd.node.loglimit import LogLimiter
 from swarmd.node.ratelimit import RateLimiter
 from swarmd.node.supervisor import LOG, Supervisor
 
@@ -45,7 +45,7 @@ class DatagramRpc(RPCProtocol):
         rate-limited, and never stop the node."""
         RPCProtocol.__init__(self, wait_timeout=config.request_timeout)
         self.config = config
-        self.rlog = RateLimitedLog(**(bind or {}))
+        self.rlog = LogLimiter(period=1.0, **(bind or {}))  # a line a second per kind
         self.limiter = RateLimiter(config.per_source_rate, config.per_source_burst, config.max_sources_tracked)
         self.ip_limiter = RateLimiter(config.per_ip_rate, config.per_ip_burst, config.max_sources_tracked)
         self.stun = StunAgent(self)

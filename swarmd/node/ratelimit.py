@@ -3,8 +3,8 @@
 `TokenBucket` is one bucket; `RateLimiter` keeps one per key (API key, client
 address, DHT source, peer key) in a map bounded by evicting the least recently
 used. Sans-IO: the caller passes the clock, so tests drive time exactly. Used
-by the DHT's per-source limits, the NAT signal limits and the gateway's
-per-key rate limits.
+by the DHT's per-source limits, the NAT signal limits, nat.sink's byte budget
+per caller and the gateway's per-key rate limits.
 """
 
 from __future__ import annotations
@@ -45,8 +45,13 @@ class RateLimiter:
         self.max_buckets = max_buckets
         self._buckets: OrderedDict[Hashable, TokenBucket] = OrderedDict()
 
-    def take(self, who: Hashable, now: float, rate: float | None = None, burst: float | None = None) -> float:
-        """0.0 if `who` may go now, else the seconds until it could; rate/burst override the defaults."""
+    def take(self, who: Hashable, now: float, rate: float | None = None, burst: float | None = None,
+             cost: float = 1.0) -> float:
+        """0.0 if `who` may go now (cost taken), else the seconds until it could; rate/burst override the defaults."""
+        return self.bucket(who, rate, burst).take(now, cost)
+
+    def bucket(self, who: Hashable, rate: float | None = None, burst: float | None = None) -> TokenBucket:
+        """`who`'s bucket, made (full) on first use and marked most recently used."""
         bucket = self._buckets.get(who)
         rate = rate or self.rate
         burst = burst or self.burst
@@ -57,7 +62,7 @@ class RateLimiter:
         else:
             self._buckets.move_to_end(who)
             bucket.rate, bucket.burst = rate, burst
-        return bucket.take(now)
+        return bucket
 
     def allow(self, who: Hashable, now: float | None = None) -> bool:
         """Whether `who` may go now (monotonic clock unless `now` is given)."""

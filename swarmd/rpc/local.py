@@ -29,7 +29,7 @@ from swarmd.errors import (
     ERR_UNKNOWN_METHOD,
     SwarmdError,
 )
-from swarmd.net.loglimit import hostile
+from swarmd.node.loglimit import hostile
 from swarmd.rpc.builtins import BUILTINS
 from swarmd.rpc.config import RpcConfig
 from swarmd.rpc.methods import CallContext, Method, Methods
