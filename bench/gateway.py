@@ -241,7 +241,8 @@ def run_swarm(tmp: Path, models: Path, body: bytes, conns: list[int], seconds: f
     """gateway -> worker, each role its own process: store (+DHT bootstrap), orchestrator, worker, gateway.
 
     route is "swarm", optionally "+inline": the worker then runs a lone request on its
-    event loop (worker.inline_run_us), skipping its thread handoff; "+threaded", "+colocated"."""
+    event loop (worker.inline_run_us), skipping its thread handoff; "+threaded", "+colocated",
+    "+aiohttp" (gateway.fast_lane off), "+asyncio" (node.event_loop = asyncio)."""
     base = tmp / route
     _, *extras = route.split("+")
     env = swarmd_env()
@@ -249,6 +250,10 @@ def run_swarm(tmp: Path, models: Path, body: bytes, conns: list[int], seconds: f
         env["SWARMD_WORKER_INLINE_RUN_US"] = "5000"
     if "threaded" in extras:  # every run in an executor thread (worker.inline_run_us = 0, the old default)
         env["SWARMD_WORKER_INLINE_RUN_US"] = "0"
+    if "aiohttp" in extras:  # every request through aiohttp: the lean lane off (gateway.fast_lane)
+        env["SWARMD_GATEWAY_FAST_LANE"] = "false"
+    if "asyncio" in extras:  # the standard event loop instead of uvloop (node.event_loop)
+        env["SWARMD_EVENT_LOOP"] = "asyncio"
     colocated = "colocated" in extras  # gateway and worker in one process: no RPC hop on the data path
     gw_roles = "gateway,worker" if colocated else "gateway"
     cmd = [sys.executable, "-m", "swarmd", "--log-format", "json", "--log-level", "INFO"]
@@ -337,7 +342,8 @@ def main() -> int:
     ap.add_argument("--routes", default="swarm,swarm+threaded,swarm+colocated",
                     help="swarm layouts to measure (+inline: worker.inline_run_us = 5000 instead of "
                          "the default 2000; +threaded: = 0, every run in a thread; "
-                         "+colocated: gateway and worker share one process)")
+                         "+colocated: gateway and worker share one process; +aiohttp: the gateway's lean "
+                         "lane off; +asyncio: the standard loop instead of uvloop)")
     ap.add_argument("--set", action="append", default=[], metavar="SWARMD_X=V",
                     help="environment for every swarmd process of the run (A/B a setting in one run)")
     ap.add_argument("--standalone", default="fastapi,gateway",

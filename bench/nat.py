@@ -11,6 +11,9 @@ nat-b), one way, the same size.
 
     sudo python bench/nat.py [--trials N] [--mib M] [--pairs cone-cone,restricted-symmetric]
 
+The pair `cone-cone+upnp` runs miniupnpd on nat-b (tests/natlab/upnpd.py; Debian
+`miniupnpd-nftables`): lan-b maps its port on the router and is reached on it (`mapped`).
+
 Needs root, `ip` and `nft` (it builds network namespaces); otherwise it says why and
 prints a JSON line with "skipped". Prints a table, then one JSON line with the figures
 and the baseline. The default (3 trials, 100 MiB) takes a few minutes; --trials 10 is
@@ -41,6 +44,7 @@ PAIRS = [
     ("restricted", "symmetric"),
     ("cone", "symmetric"),
     ("symmetric", "symmetric"),
+    ("cone", "cone+upnp"),  # nat-b runs miniupnpd (UPnP-IGD, NAT-PMP, PCP): lan-b maps its port
 ]
 WATCH = 20.0  # s a trial keeps calling while waiting for the final path
 SMALL_MIB = 8
@@ -88,7 +92,10 @@ def med(xs: list[float]) -> float | None:
 
 async def run_pair(lab: NatLab, tmp: Path, modes: tuple[str, str], trials: int, mib: int, port: int) -> dict:
     try:
-        world = await start_swarm(lab, tmp, *modes, env=BENCH_ENV)
+        mode_b, _, extra = modes[1].partition("+")
+        world = await start_swarm(lab, tmp, modes[0], mode_b, env=BENCH_ENV, upnp=("nat-b",) if extra == "upnp" else ())
+        if extra == "upnp":  # trials start once lan-b's records lead with the mapped address
+            await world["b"].wait_event("mapped_address_announced", 60)
         runs, base = [], []
         for i in range(trials):
             out = probe(lab, world, "b", 0, watch=WATCH, fresh=True)
@@ -144,7 +151,8 @@ async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=3, help="trials per pair (default 3; the issue's full run is 10)")
     ap.add_argument("--mib", type=int, default=100, help="MiB streamed on the final path (default 100)")
-    ap.add_argument("--pairs", default="", help="comma-separated MODE_A-MODE_B (default: the whole matrix)")
+    ap.add_argument("--pairs", default="",
+                    help="comma-separated MODE_A-MODE_B, MODE_B may end in +upnp (default: the whole matrix)")
     args = ap.parse_args()
     reason = unavailable_reason()
     if reason is not None:
@@ -154,6 +162,7 @@ async def main() -> None:
     pairs = [tuple(p.split("-", 1)) for p in args.pairs.split(",") if p] or PAIRS
     lab = NatLab(f"bn{os.getpid() % 10000}-")
     figures: dict[str, dict] = {}
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         for n, modes in enumerate(pairs):
             name = f"{modes[0]}-{modes[1]}"
@@ -169,13 +178,16 @@ async def main() -> None:
               f"{finals:>30}{(f['final_ms_p50'] or 0):>9.1f}ms{f['failed_calls']:>8}"
               f"{(f['mib_s_p50'] or 0):>11.1f}{(f['plain_tcp_mib_s_p50'] or 0):>11.1f}{f.get('ratio_to_plain_tcp', 0):>7.2f}"
               f"{(f['daemon_direct_tcp_mib_s'] or 0):>8.1f}")
+    load = [round(x, 2) for x in (*load_before, *os.getloadavg())]
+    print(f"load average (1/5/15 min) before: {load[0]}/{load[1]}/{load[2]}, after: {load[3]}/{load[4]}/{load[5]}")
     print(f"trials per pair: {args.trials}; stream: {args.mib} MiB on the final path (8 MiB where that takes > 20 s);")
     print("first RPC = connect + one RPC answered (`nat.probe --fresh`); final = when the path stopped changing;")
     print("failed = calls and streams that failed while the path moved; plain TCP = same routers, no Noise/RPC;")
     print("direct = the same daemons' stream over direct TCP to the public peer (control for the stack's own cost).")
     baseline = {k: {"plain_tcp_mib_s_p50": f["plain_tcp_mib_s_p50"], "plain_tcp_setup_ms_p50": f["plain_tcp_setup_ms_p50"],
                     "daemon_direct_tcp_mib_s": f["daemon_direct_tcp_mib_s"]} for k, f in figures.items()}
-    print(json.dumps({"figures": figures, "baseline": baseline, "trials": args.trials, "mib": args.mib}))
+    print(json.dumps({"figures": figures, "baseline": baseline, "trials": args.trials, "mib": args.mib,
+                      "loadavg_before": load[:3], "loadavg_after": load[3:]}))
 
 
 if __name__ == "__main__":

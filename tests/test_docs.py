@@ -155,7 +155,7 @@ def test_gateway_doc_quotes_the_real_limits_and_messages() -> None:
     import numpy as np
 
     from swarmd.gateway.config import GatewayConfig
-    from swarmd.worker.signature import ModelSignature, TensorSpec
+    from swarmd.signature import ModelSignature, TensorSpec
 
     text = " ".join((ROOT / "docs" / "gateway.md").read_text().split())
     cfg = GatewayConfig()

@@ -165,3 +165,36 @@ def test_slow_body_is_504_then_closed_and_idle_keepalive_is_closed(tmp_path_fact
             assert status == 200 and headers["connection"] == "close" and s.recv(100) == b""
     finally:
         g.close()
+
+
+def test_a_slow_request_after_a_lane_request_still_meets_the_header_timeout(tmp_path_factory):
+    """A kept-alive connection the lane served, then a request it hands to aiohttp, sent slowly."""
+    g = _gateway(tmp_path_factory, "lane-slowloris", header_timeout=0.5)
+    try:
+        with socket.create_connection(("127.0.0.1", g.port), timeout=20) as s:
+            s.sendall(post("/v2/models/mlp/infer", INFER, x_api_key=g.admin_key))
+            assert read_answers(s, 1)[0][0] == 200
+            s.sendall(b"GET /hea")  # not the lane's: handed over with its head unfinished
+            t0 = time.monotonic()
+            assert s.recv(100) == b""  # closed by header_timeout, not kept for keepalive_timeout
+            assert time.monotonic() - t0 < 10
+        assert g.gateway.guard.timed_out >= 1
+    finally:
+        g.close()
+
+
+def test_a_large_body_in_many_small_writes(tmp_path_factory):
+    g = _gateway(tmp_path_factory, "lane-large")
+    try:
+        x = [[0.5, 0.25, 0.125, 1.0]] * 20000  # a ~0.6 MB JSON body
+        body = json.dumps({"inputs": [{"name": "x", "shape": [20000, 4], "datatype": "FP32", "data": x}]}).encode()
+        data = post("/v2/models/mlp/infer", body, x_api_key=g.admin_key)
+        served = g.gateway.lane.served
+        with socket.create_connection(("127.0.0.1", g.port), timeout=60) as s:
+            for i in range(0, len(data), 1500):
+                s.send(data[i:i + 1500])
+            (status, _, out), = read_answers(s, 1)
+        assert status == 200 and json.loads(out)["outputs"][0]["shape"][0] == 20000
+        assert g.gateway.lane.served == served + 1
+    finally:
+        g.close()

@@ -99,7 +99,7 @@ def test_stream_infer_answers_each_request_and_reports_errors_in_band(gw, client
     ok = [r for r, e in got if e is None]
     errs = [e for r, e in got if e is not None]
     assert sorted(r.get_response().id for r in ok) == ["a", "c"]
-    assert len(errs) == 1 and "ERR_BAD_REQUEST" in str(errs[0]) and "dimension 1 must be 4" in str(errs[0])
+    assert len(errs) == 1 and "ERR_BAD_REQUEST" in str(errs[0]) and "has shape [1, 5], expected [" in str(errs[0])
 
 
 def test_keys_and_permissions_as_over_http(gw, client) -> None:

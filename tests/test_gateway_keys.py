@@ -7,7 +7,7 @@ import sqlite3
 import time
 
 from swarmd.gateway.keys import KeyStore
-from swarmd.gateway.ratelimit import RateLimiter, TokenBucket
+from swarmd.node.ratelimit import RateLimiter, TokenBucket
 from tests.conftest import run_cli
 from tests.gateway_fixtures import GatewayThread, install_model, tiny_mlp
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import urllib.request
+from typing import Any
 
 import numpy as np
 import pytest
 
 from swarmd.errors import SwarmdError
+from swarmd.node.eventloop import run, uvloop_available
 from swarmd.rpc import connect
 from swarmd.worker.config import WorkerConfig
 from swarmd.worker.engine import InferenceEngine
@@ -165,3 +167,25 @@ def test_gateway_statistics_over_http_and_grpc_sum_the_workers(daemons, tmp_path
     except th.InferenceServerException as e:
         assert "ERR_NOT_FOUND" in str(e) or "404" in str(e.status())
     http.close()
+
+
+@pytest.mark.skipif(not uvloop_available(), reason="uvloop is not installed (optional off Linux)")
+def test_statistics_keep_their_resolution_on_uvloop() -> None:
+    """uvloop's loop.time() moves once per loop turn in whole milliseconds: durations taken on it
+    made every request's total equal to its queue time, in whole ms. The worker's clock is its own."""
+
+    async def go() -> tuple[str, dict[str, Any]]:
+        engine = InferenceEngine(WorkerConfig(max_concurrent_inferences=1))
+        try:
+            await engine.load("mlp", "1", mlp_model(MLP))
+            x = np.ones((2, MLP[0]), np.float32)
+            await asyncio.gather(*(engine.infer("mlp", {"input": x}) for _ in range(8)))
+            (doc,) = engine.statistics("mlp")
+            return type(asyncio.get_running_loop()).__module__, doc["inference_stats"]
+        finally:
+            await engine.close()
+
+    module, st = run(go(), "uvloop")
+    assert module.startswith("uvloop")
+    assert st["success"]["ns"] > st["queue"]["ns"]  # each request's total includes its run
+    assert st["queue"]["ns"] % 1_000_000 != 0 or st["success"]["ns"] % 1_000_000 != 0

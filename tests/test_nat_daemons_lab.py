@@ -65,19 +65,26 @@ async def test_cone_like_pairs_are_punched_over_tcp_at_once(lab, tmp_path, mode_
 
 
 @pytest.mark.parametrize(("mode_a", "mode_b"), [("restricted", "symmetric"), ("cone", "symmetric")])
-async def test_one_symmetric_side_starts_relayed_and_moves_to_a_birthday_punched_path(
+async def test_one_symmetric_side_starts_relayed_and_moves_to_a_birthday_punched_path(  # TCP or UDP
     lab, tmp_path, mode_a, mode_b
 ) -> None:
     world = await start_swarm(lab, tmp_path, mode_a, mode_b)
     out = probe(lab, world, "b", watch=30)
-    assert out["first_path"] == "relayed", out  # TCP cannot punch a symmetric NAT: the relay carries the first call
+    # a symmetric NAT is only met by a birthday search (hundreds of probes): the relay carries the first call
+    assert out["first_path"] == "relayed", out
     w = out["watch"]
-    assert [p["path"] for p in w["paths"]][0] == "relayed" and w["final_path"] == "punched-udp", w
+    # the TCP birthday punch, or the UDP one when TCP's did not meet within its bound (a starved machine);
+    # the watch ends only once no dial tries a better path
+    assert [p["path"] for p in w["paths"]][0] == "relayed" and w["final_path"] in ("punched-tcp", "punched-udp"), w
     assert out["path"] == w["final_path"]
-    up = json.loads(await world["a"].wait_for(r'"event": "path_upgraded"', 30))
-    assert up["upgraded_from"] == "relayed" and up["punch"]["birthday"], up
-    assert up["punch"]["remote"].startswith("198.18.0.12:")  # lan-b's router, not the relay host
-    assert up["punch"]["remote_type"] == "prflx"  # one of the symmetric side's 256 mappings, never listed
+    await world["a"].wait_for(r'"event": "path_upgraded"', 30)
+    ups = world["a"].events("path_upgraded")
+    assert ups[0]["upgraded_from"] == "relayed" and all(u["punch"]["birthday"] for u in ups), ups
+    assert ups[-1]["path"] == w["final_path"], ups
+    for up in ups:
+        assert up["punch"]["remote"].startswith("198.18.0.12:"), up  # lan-b's router, not the relay host
+        if up["path"] == "punched-udp":
+            assert up["punch"]["remote_type"] == "prflx"  # one of the symmetric side's 256 mappings, never listed
     # both sides closed the relayed connection only after its calls finished
     retired_a = await world["a"].wait_event("connection_retired", 30)
     retired_b = await world["b"].wait_event("connection_retired", 30)

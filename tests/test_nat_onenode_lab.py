@@ -1,6 +1,6 @@
 """A swarm with ONE public node (inet's bootstrap): NAT detection still tells cone
 from symmetric (the bootstrap's second STUN port), so NATed peers still punch,
-here a cone and a symmetric NAT by birthday punching."""
+here a cone and a symmetric NAT by birthday punching (TCP or UDP)."""
 
 from __future__ import annotations
 
@@ -26,4 +26,5 @@ async def test_one_bootstrap_swarm_detects_and_punches(lab, tmp_path) -> None:
         assert detected["answers"] == 2 and len(detected["mappings"]) == mappings  # both ports of one node
     out = probe(lab, world, "b", 1 << 20, watch=30)
     assert out["stream"]["ok"], out
-    assert out["watch"]["final_path"] == out["path"] == "punched-udp", out
+    # birthday-punched, over TCP or (when TCP's search did not meet in time) UDP: never relayed
+    assert out["watch"]["final_path"] == out["path"] and out["path"] in ("punched-tcp", "punched-udp"), out

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from swarmd.errors import ERR_FORBIDDEN, ERR_OVERLOADED, SwarmdError
+from swarmd.errors import ERR_BAD_REQUEST, ERR_FORBIDDEN, ERR_OVERLOADED, SwarmdError
 from swarmd.net.nat import NatConfig
 from swarmd.node.identity import Identity
 from swarmd.rpc import CallContext, Methods, RpcServer
@@ -88,6 +88,16 @@ async def test_sink_can_be_turned_off_and_probe_still_reports(pair) -> None:
     open_node = await pair()
     res = await caller.traversal.probe._rpc_probe(_own_ctx(caller), {"target": open_node.public_key.hex(), "bytes": 300_000})
     assert res["stream"]["ok"] is True
+
+
+async def test_probe_refuses_bad_params_with_a_stable_code(pair) -> None:
+    caller, target = await pair(), await pair()
+    key = target.public_key.hex()
+    for bad in (None, [1], {}, {"target": 5}, {"target": None}, {"target": "zz"}, {"target": key, "bytes": -1},
+                {"target": key, "bytes": True}, {"target": key, "watch": "1"}):
+        with pytest.raises(SwarmdError) as e:
+            await caller.traversal.probe._rpc_probe(_own_ctx(caller), bad)
+        assert e.value.code == ERR_BAD_REQUEST, bad
 
 
 def _own_ctx(sw: Swarm) -> CallContext:

@@ -22,7 +22,9 @@ def test_round_trip_udp_tcp_and_relay() -> None:
     rel = SignalRequest(A, B, "relay", relay=("198.18.0.1", 4000), token=os.urandom(32))
     assert parse_request(rel.to_wire()) == rel
     tcp = SignalRequest(A, B, "tcp", addr=("198.18.0.11", 40123))
-    assert parse_request(tcp.to_wire()) == tcp
+    assert parse_request(tcp.to_wire()) == tcp and "nat" not in tcp.to_wire()  # as older callers send it
+    birthday = SignalRequest(A, B, "tcp", addr=("198.18.0.11", 40123), nat="symmetric")
+    assert parse_request(birthday.to_wire()) == birthday
 
 
 @pytest.mark.parametrize(
@@ -35,6 +37,8 @@ def test_round_trip_udp_tcp_and_relay() -> None:
         ({"source": A, "target": B, "kind": "tcp", "addr": ["h", 70000]}, ERR_BAD_REQUEST, "'addr'"),
         ({"source": A, "target": B, "kind": "tcp", "addr": ["h", True]}, ERR_BAD_REQUEST, "'addr'"),
         ({"source": A, "target": B, "kind": "tcp", "addr": ["", 1]}, ERR_BAD_REQUEST, "'addr'"),
+        ({"source": A, "target": B, "kind": "tcp", "addr": ["h", 1], "nat": "odd"}, ERR_BAD_REQUEST, "'nat'"),
+        ({"source": A, "target": B, "kind": "tcp", "addr": ["h", 1], "nat": 3}, ERR_BAD_REQUEST, "'nat'"),
         ({"source": A, "target": B, "kind": "udp", "punch": "hello"}, ERR_BAD_REQUEST, "must be a map"),
         ({"source": A, "target": B, "kind": "udp", "punch": {"id": b"1" * 16, "addrs": [], "nat": "cone"}},
          ERR_BAD_REQUEST, "'addrs'"),
@@ -110,4 +114,4 @@ def test_flood_of_fresh_keys_hits_the_global_bucket_and_bounded_memory() -> None
     lim = SignalLimiter(rate=2.0, burst=5, total_rate=10.0, total_burst=20)
     allowed = sum(lim.allow(os.urandom(32), now=50.0) for _ in range(3 * MAX_SOURCES))
     assert allowed == 20
-    assert len(lim._buckets) <= MAX_SOURCES
+    assert len(lim._sources) <= MAX_SOURCES

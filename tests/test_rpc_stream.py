@@ -297,3 +297,100 @@ async def test_stream_buffers_are_capped_per_connection_and_per_process() -> Non
         await a.close()
         await b.close()
         await srv.stop()
+
+
+async def test_one_address_holds_at_most_its_share_of_the_stream_buffers() -> None:
+    """Many connections (or keys) from one address cannot take the whole process's stream windows:
+    they share max_stream_buffer_per_address, refused streams fail alone, the connections stay."""
+    w = mux.INITIAL_WINDOW
+    cfg = RpcConfig()
+    cfg.net.max_stream_buffer_per_address = 3 * w
+    go = asyncio.Event()
+    methods = make_methods()
+
+    async def park(ctx: CallContext, params: Any, stream: Stream) -> int:
+        await go.wait()
+        return 0
+
+    methods.register_stream("park", park)
+    srv = RpcServer(Identity.generate(), methods, config=cfg)
+    await srv.start()
+    a = await connect(None, "127.0.0.1", srv.port, timeout=T)
+    b = await connect(None, "127.0.0.1", srv.port, timeout=T)  # another key, the same address
+    try:
+        held = [await a.open_stream("park", None, timeout=T) for _ in range(3)]
+        refused = [await p.open_stream("park", None, timeout=T) for p in (a, b)]
+        for s in refused:
+            with pytest.raises(SwarmdError) as ei:
+                await asyncio.wait_for(s.result(), T)
+            assert ei.value.code == ERR_OVERLOADED and "max_stream_buffer_per_address" in ei.value.message
+        assert await b.call("echo", "still here", timeout=T) == "still here"
+        held[0].abort()  # a window comes back to the address, and b may use it
+        async with asyncio.timeout(T):
+            while sum(len(p.conn._channels) for p in srv.peers) > 2:
+                await a.call("ping", timeout=T)
+        extra = await b.open_stream("upload", timeout=T)
+        await extra.close()
+        assert await extra.result() == 0
+    finally:
+        go.set()
+        await a.close()
+        await b.close()
+        await srv.stop()
+
+
+def test_recv_window_grows_for_a_bulk_reader_only() -> None:
+    w = mux.RecvWindow()
+    assert w.growth(8 * mux.INITIAL_WINDOW) == 0  # nothing read yet
+    for _ in range(2 * mux.INITIAL_WINDOW // 65536):
+        w.received(65536)
+        w.consume(65536)
+    extra = w.growth(8 * mux.INITIAL_WINDOW)
+    assert extra == mux.INITIAL_WINDOW  # doubles
+    allowed = w.allowed
+    assert w.grow(extra) == extra and w.window == 2 * mux.INITIAL_WINDOW and w.allowed == allowed + extra
+    assert w.growth(8 * mux.INITIAL_WINDOW) == 0  # needs two (new) windows read again
+    assert mux.RecvWindow(8 * mux.INITIAL_WINDOW).growth(8 * mux.INITIAL_WINDOW) == 0  # at the limit
+
+
+async def test_a_bulk_stream_window_grows_within_the_caps_and_is_given_back(server: RpcServer) -> None:
+    """A long download's receive window doubles up to max_stream_window, never past half of
+    max_stream_buffer; the peer uses the extra credit (more than 1 MiB in flight) and every byte
+    arrives; the window counts against the process's stream buffer total until the stream ends."""
+    from swarmd.net.peerlimits import stream_windows
+
+    w = mux.INITIAL_WINDOW
+    cfg = RpcConfig()
+    cfg.net.max_stream_window = 8 * w
+    cfg.net.max_stream_buffer = 8 * w  # growth stops at half of it: 4 MiB
+    peer = await connect(None, "127.0.0.1", server.port, config=cfg, timeout=T)
+    try:
+        s = await peer.open_stream("download", {"size": 40 * w, "chunk": 65536}, timeout=T)
+        ch = s.channel
+        got, most_buffered = 0, 0
+        while (chunk := await s.recv()) is not None:
+            got += len(chunk)
+            most_buffered = max(most_buffered, sum(map(len, ch._chunks)))
+            if got == 20 * w:  # stop reading a while: the sender fills whatever credit it holds
+                for _ in range(200):
+                    await peer.call("ping", timeout=T)
+        assert got == 40 * w and await s.result() == 40 * w
+        assert ch._window.window == 4 * w, ch._window.window
+        assert most_buffered > w  # the extra credit was granted and used
+        assert peer.conn._channels == {}
+    finally:
+        await peer.close()
+    # the server side: an upload into it grows there too and gives its window back to the process total
+    before = stream_windows.total
+    peer = await connect(None, "127.0.0.1", server.port, timeout=T)
+    try:
+        up = await peer.open_stream("upload", timeout=T)
+        for _ in range(40):
+            await up.send(b"u" * w)
+        await up.close()
+        assert await up.result() == 40 * w
+        async with asyncio.timeout(T):
+            while stream_windows.total != before:
+                await peer.call("ping", timeout=T)
+    finally:
+        await peer.close()

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from swarmd.errors import ERR_BAD_REQUEST
@@ -63,7 +66,7 @@ def test_one_trace_spans_gateway_and_worker_processes(daemons, tmp_path) -> None
                                SWARMD_TRACING_FILE=str(g_spans), **trace))
     ports = g.wait_event("ready")["ports"]
     x = np.array([[0.1, 0.2, 0.3, 0.4]], np.float32)
-    http_trace, grpc_trace = os.urandom(16).hex(), os.urandom(16).hex()
+    http_trace, grpc_trace, stream_trace = os.urandom(16).hex(), os.urandom(16).hex(), os.urandom(16).hex()
     http = th.InferenceServerClient(f"127.0.0.1:{ports['http']}", network_timeout=60.0)
     inp = th.InferInput("x", [1, 4], "FP32")
     inp.set_data_from_numpy(x)
@@ -80,11 +83,18 @@ def test_one_trace_spans_gateway_and_worker_processes(daemons, tmp_path) -> None
         gi = tg.InferInput("x", [1, 4], "FP32")
         gi.set_data_from_numpy(x)
         grpc.infer("mlp", [gi], headers={"traceparent": f"00-{grpc_trace}-{'b' * 16}-01"})
+        done: queue.Queue = queue.Queue()
+        grpc.start_stream(callback=lambda result, error: done.put((result, error)),
+                          headers={"traceparent": f"00-{stream_trace}-{'d' * 16}-01"})
+        grpc.async_stream_infer("mlp", [gi], request_id="s1")
+        assert done.get(timeout=60)[1] is None
+        grpc.stop_stream()
     finally:
         grpc.close()
     assert g.stop() == 0 and w.stop() == 0  # a graceful stop exports what is buffered
 
-    for trace_hex, front, caller in ((http_trace, "http", "a" * 16), (grpc_trace, "grpc", "b" * 16)):
+    for trace_hex, front, caller in ((http_trace, "http", "a" * 16), (grpc_trace, "grpc", "b" * 16),
+                                     (stream_trace, "grpc", "d" * 16)):
         gw = _tree(_spans(g_spans), trace_hex)
         wk = _tree(_spans(w_spans), trace_hex)
         (root,) = gw["gateway.infer"]
@@ -99,12 +109,12 @@ def test_one_trace_spans_gateway_and_worker_processes(daemons, tmp_path) -> None
         assert server["kind"] == "SpanKind.SERVER" and _parent(server) == _id(client)
         assert server["resource"]["attributes"]["service.instance.id"] != root["resource"]["attributes"][
             "service.instance.id"]
-        (queue,) = wk["worker.queue"]
+        (waited,) = wk["worker.queue"]
         (batch,) = wk["worker.batch"]
         (run,) = wk["worker.run"]
-        assert _parent(queue) == _id(server) and _parent(batch) == _id(server) and _parent(run) == _id(batch)
+        assert _parent(waited) == _id(server) and _parent(batch) == _id(server) and _parent(run) == _id(batch)
         assert batch["attributes"]["swarmd.batch.requests"] >= 1
-        times = [queue["start_time"], queue["end_time"], batch["start_time"], run["start_time"], run["end_time"],
+        times = [waited["start_time"], waited["end_time"], batch["start_time"], run["start_time"], run["end_time"],
                  batch["end_time"]]
         assert times == sorted(times), times
     # the warm-up requests' traces are there too, but no span of the worker lacks a trace
@@ -289,3 +299,29 @@ def test_tracing_config_is_checked() -> None:
         TracingConfig(enabled=True, exporter="file").validate()
     with pytest.raises(ConfigError, match="sample_ratio"):
         TracingConfig(sample_ratio=1.5).validate()
+
+
+@given(meta=st.one_of(st.none(), st.integers(-(2**63), 2**63), st.text(max_size=80), st.binary(max_size=40),
+                      st.dictionaries(st.sampled_from(["traceparent", "tracestate", "x"]),
+                                      st.one_of(st.text(max_size=300), st.integers(-(2**63), 2**63),
+                                                st.binary(max_size=20)),
+                                      max_size=3)),
+       extra=st.lists(st.integers(-(2**63), 2**64 - 1), max_size=3))
+@settings(max_examples=300, deadline=None)
+def test_any_meta_from_a_peer_is_a_context_or_ignored(meta: Any, extra: list[int]) -> None:
+    """What a peer puts in meta (and after it) never fails the request's decoding, and names a
+    parent only when it is a well-formed traceparent."""
+    from swarmd.rpc.codec import packb
+
+    tracing.start(TracingConfig(), exporter=InMemorySpanExporter())
+    try:
+        msg = envelope.decode(packb([0, 3, "m", None, 100, 0, meta, *extra]))
+        got = envelope.request_meta(msg)
+        assert got is None or type(got) is dict
+        parent = tracing.extract(got)
+        if parent is not None:
+            tp = got["traceparent"]
+            assert len(tp.split("-")) >= 4 and tp.split("-")[1] != "0" * 32
+    finally:
+        tracing.stop()
+    assert tracing.extract({"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"}) is None  # off: no propagator

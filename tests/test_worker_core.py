@@ -430,7 +430,7 @@ async def test_model_count_is_bounded(engine_factory):
 
 
 def test_batchable_needs_one_named_batch_dim():
-    from swarmd.worker.signature import ModelSignature, TensorSpec
+    from swarmd.signature import ModelSignature, TensorSpec
 
     def sig(in0, out0, out_shape=(-1, 3)):
         return ModelSignature((TensorSpec("x", "float32", (-1, 3), in0),), (TensorSpec("y", "float32", out_shape, out0),))

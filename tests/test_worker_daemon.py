@@ -43,4 +43,7 @@ async def test_daemon_serves_and_drains_on_sigterm(daemons, tmp_path):
     assert len(ok) + len(refused) == len(xs), [r for r in results if not isinstance(r, (dict, SwarmdError))]
     assert all(e.code == ERR_NOT_READY for e in refused), {e.code for e in refused}  # refused, never dropped
     assert ok and all(r["outputs"]["output"].shape == (1, MLP[-1]) for r in ok)
-    assert any('"draining"' in line for line in d.lines)
+    # A worker that still held requests at SIGTERM says it drains; one that had finished them all stops
+    # at once without a drain step (issue 17), so the log line is owed only when something was refused.
+    if refused:
+        assert any('"draining"' in line for line in d.lines)

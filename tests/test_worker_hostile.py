@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from swarmd.errors import ALL_CODES, ERR_BAD_REQUEST, SwarmdError
+from swarmd.signature import ModelSignature, TensorSpec
 from swarmd.worker.fetch import check_metadata
-from swarmd.worker.signature import ModelSignature, TensorSpec
 
 SIG = ModelSignature(
     inputs=(TensorSpec("x", "float32", (-1, 4)), TensorSpec("ids", "int64", (-1,))),

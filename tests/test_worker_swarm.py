@@ -14,9 +14,10 @@ from swarmd.node.identity import Identity
 from swarmd.node.supervisor import Supervisor
 from swarmd.roles.base import NodeContext
 from swarmd.roles.worker import WorkerRole
-from swarmd.rpc import Methods, RpcServer
+from swarmd.rpc import Methods
 from swarmd.settings import Settings
 from swarmd.swarm import Swarm, SwarmConfig
+from swarmd.swarm.stack import open_stack
 from swarmd.topics import WORKERS, worker_model_topic
 from swarmd.worker.config import WorkerConfig
 from tests.dht_testnet import DhtTestnet
@@ -32,7 +33,7 @@ def swarm_cfg() -> SwarmConfig:
 
 
 class SwarmNode:
-    """Identity + DHT node + RPC server + Swarm, the parts the daemon composes before its roles."""
+    """Identity + the stack the daemon builds before its roles (swarmd.swarm.stack.open_stack)."""
 
     def __init__(self, net: DhtTestnet, tmp_path, **worker: Any) -> None:
         self.net = net
@@ -49,19 +50,15 @@ class SwarmNode:
         )
 
     async def start(self) -> SwarmNode:
-        dht = await self.net.add(self.identity)
-        self.server = RpcServer(self.identity, self.methods, "127.0.0.1", 0)
-        await self.server.start()
-        self.swarm = Swarm(self.identity, dht, self.server, swarm_cfg())
-        await self.swarm.start()
+        self.stack = await open_stack(self.identity, self.net.config(), methods=self.methods, swarm_config=swarm_cfg())
+        self.server, self.swarm = self.stack.server, self.stack.swarm
         self.ctx.swarm = self.swarm
         self.ctx.rpc_server = self.server
         return self
 
     async def stop(self) -> None:
         await self.ctx.tasks.close()
-        await self.swarm.stop()
-        await self.server.stop()
+        await self.stack.stop()
 
 
 @pytest.fixture

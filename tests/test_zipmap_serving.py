@@ -29,8 +29,8 @@ def test_runtime_turns_maps_into_json_texts() -> None:
     assert [json.loads(x) for x in json_texts({"a": [1, 2]})] == [{"a": [1, 2]}]
 
 
-@pytest.mark.slow
-def test_zipmap_classifier_is_served_on_both_routes(tmp_path: Path, daemons: Any) -> None:
+def _zipmap_classifier(path: Path) -> tuple[Any, np.ndarray]:
+    """skl2onnx's default export of a classifier (with a ZipMap) at `path`; (the classifier, X)."""
     from skl2onnx import to_onnx
     from sklearn.linear_model import LogisticRegression
 
@@ -38,8 +38,33 @@ def test_zipmap_classifier_is_served_on_both_routes(tmp_path: Path, daemons: Any
     X = rng.standard_normal((60, 4)).astype(np.float32)
     y = (X[:, 0] + X[:, 1] > 0).astype(np.int64)
     clf = LogisticRegression().fit(X, y)
+    path.write_bytes(to_onnx(clf, X[:1]).SerializeToString())  # the default: with a ZipMap
+    return clf, X
+
+
+async def test_standalone_gateway_runs_models_as_a_worker_does(tmp_path: Path) -> None:
+    """The standalone gateway loads with the worker's ModelRuntime: a ZipMap output comes back
+    as JSON texts there too, not as a list of dicts no tensor encoder can send."""
+    from swarmd.gateway.local import LocalBackend
+
+    (tmp_path / "clf" / "1").mkdir(parents=True)
+    clf, X = _zipmap_classifier(tmp_path / "clf" / "1" / "model.onnx")
+    backend = LocalBackend(tmp_path)
+    await backend.start()
+    try:
+        res = await backend.infer("clf", None, {"X": X[:3]})
+    finally:
+        await backend.stop()
+    probs = res.outputs["output_probability"]
+    assert isinstance(probs, np.ndarray) and probs.dtype.kind == "U" and probs.shape == (3,)
+    np.testing.assert_allclose([[json.loads(t)["0"], json.loads(t)["1"]] for t in probs], clf.predict_proba(X[:3]),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_zipmap_classifier_is_served_on_both_routes(tmp_path: Path, daemons: Any) -> None:
     model = tmp_path / "clf.onnx"
-    model.write_bytes(to_onnx(clf, X[:1]).SerializeToString())  # the default: with a ZipMap
+    clf, X = _zipmap_classifier(model)
 
     env = swarmd_env(SWARMD_GATEWAY_ACCESS_LOG="false")
     _, boot = start_hub(daemons, tmp_path / "n", "bootstrap,store,worker", env=env)

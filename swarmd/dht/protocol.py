@@ -44,7 +44,6 @@ from kademlia.protocol import KademliaProtocol
 from kademlia.storage import ForgetfulStorage
 
 from swarmd.dht.config import DhtConfig
-from swarmd.dht.ratelimit import SourceLimiter
 from swarmd.dht.records import (
     RecordError,
     RecordStore,
@@ -56,6 +55,7 @@ from swarmd.dht.records import (
 )
 from swarmd.dht.routing import ID_SIZE, SwarmdRoutingTable, parse_contacts, valid_id
 from swarmd.dht.wire import DatagramRpc, Notify, Reply
+from swarmd.node.ratelimit import RateLimiter
 from swarmd.node.supervisor import Supervisor
 
 MAX_CONTACT_CHECKS = 16  # liveness pings of silent contacts in flight at once
@@ -96,7 +96,7 @@ class SwarmdProtocol(DatagramRpc, KademliaProtocol):
         self.last_seen: dict[bytes, float] = {}  # contact id -> monotonic time it last answered or asked
         self.dead: dict[bytes, float] = {}  # contact id -> monotonic time it timed out (not re-learned)
         self._checking: set[bytes] = set()
-        self._check_budget = SourceLimiter(config.contact_checks_per_s, 4.0, 1)  # one bucket: all checks
+        self._check_budget = RateLimiter(config.contact_checks_per_s, 4.0, 1)  # one bucket: all checks
         self._handlers = {
             "ping": self.rpc_ping,
             "find_node": self.rpc_find_node,

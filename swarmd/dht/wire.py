@@ -25,9 +25,10 @@ from rpcudp.protocol import RPCProtocol
 
 from swarmd.dht import stun
 from swarmd.dht.config import DhtConfig
-from swarmd.dht.ratelimit import RateLimitedLog, SourceLimiter
 from swarmd.dht.reflexive import StunAgent
 from swarmd.dht.routing import ID_SIZE, is_loopback, valid_ip, valid_port
+from swarmd.node.loglimit import LogLimiter
+from swarmd.node.ratelimit import RateLimiter
 from swarmd.node.supervisor import LOG, Supervisor
 
 REQUEST = 0x00
@@ -46,9 +47,9 @@ class DatagramRpc(RPCProtocol):
         rate-limited, and never stop the node."""
         RPCProtocol.__init__(self, wait_timeout=config.request_timeout)
         self.config = config
-        self.rlog = RateLimitedLog(**(bind or {}))
-        self.limiter = SourceLimiter(config.per_source_rate, config.per_source_burst, config.max_sources_tracked)
-        self.ip_limiter = SourceLimiter(config.per_ip_rate, config.per_ip_burst, config.max_sources_tracked)
+        self.rlog = LogLimiter(period=1.0, **(bind or {}))  # a line a second per kind
+        self.limiter = RateLimiter(config.per_source_rate, config.per_source_burst, config.max_sources_tracked)
+        self.ip_limiter = RateLimiter(config.per_ip_rate, config.per_ip_burst, config.max_sources_tracked)
         self.stun = StunAgent(self)
         self._handlers: dict[str, Handler] = {}
         self._packer = msgpack.Packer(use_bin_type=True)

@@ -15,24 +15,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from swarmd.errors import ERR_BAD_REQUEST, ERR_NOT_FOUND, SwarmdError
+from swarmd.errors import ERR_NOT_FOUND, SwarmdError
+from swarmd.signature import ModelSignature, TensorSpec
 from swarmd.worker.result import InferResult
-
-
-@dataclass
-class TensorSpec:
-    """A tensor signature: numpy dtype name and shape, -1 for a dynamic dim."""
-
-    name: str
-    dtype: str
-    shape: list[int]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TensorSpec:
-        return cls(str(d["name"]), str(d["dtype"]), [int(x) for x in d.get("shape") or []])
 
 
 @dataclass
@@ -49,6 +34,11 @@ class ModelInfo:
     description: str = ""
     created: float = 0.0
 
+    @property
+    def signature(self) -> ModelSignature:
+        """The model's signature, which validates requests (swarmd.signature)."""
+        return ModelSignature(tuple(self.inputs), tuple(self.outputs))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -58,8 +48,8 @@ class ModelInfo:
             "digest": self.digest,
             "size": self.size,
             "format": "onnx",
-            "inputs": [t.to_dict() for t in self.inputs],
-            "outputs": [t.to_dict() for t in self.outputs],
+            "inputs": [t.to_wire() for t in self.inputs],
+            "outputs": [t.to_wire() for t in self.outputs],
             "tags": list(self.tags),
             "description": self.description,
             "created": self.created,
@@ -71,8 +61,8 @@ class ModelInfo:
         return cls(
             name=str(d["name"]),
             version=str(d["version"]),
-            inputs=[TensorSpec.from_dict(t) for t in d.get("inputs") or []],
-            outputs=[TensorSpec.from_dict(t) for t in d.get("outputs") or []],
+            inputs=[TensorSpec.from_wire(t) for t in d.get("inputs") or []],
+            outputs=[TensorSpec.from_wire(t) for t in d.get("outputs") or []],
             versions=versions or [str(d["version"])],
             digest=str(d.get("digest") or ""),
             size=int(d.get("size") or 0),
@@ -140,49 +130,6 @@ class InferenceBackend(Protocol):
     async def unload_model(self, model: str) -> dict[str, Any]:
         """Triton's repository unload: drop the model from memory; what was done."""
         ...
-
-
-def check_inputs(info: ModelInfo, inputs: dict[str, np.ndarray]) -> None:
-    """Reject inputs that do not fit the model's signature, naming the first mismatch."""
-    expected = {t.name: t for t in info.inputs}
-    for name in inputs:
-        if name not in expected:
-            raise SwarmdError(
-                ERR_BAD_REQUEST,
-                f"model {info.name!r} has no input {name!r}; its inputs are {', '.join(expected) or 'none'}",
-            )
-    for name, spec in expected.items():
-        arr = inputs.get(name)
-        if arr is None:
-            raise SwarmdError(ERR_BAD_REQUEST, f"input {name!r} of model {info.name!r} is missing")
-        want = np.dtype(spec.dtype) if spec.dtype not in ("str", "object", "string") else None
-        if want is not None and arr.dtype != want:
-            raise SwarmdError(
-                ERR_BAD_REQUEST, f"input {name!r} must be {spec.dtype}, got {arr.dtype.name}"
-            )
-        if spec.shape and len(arr.shape) != len(spec.shape):
-            raise SwarmdError(
-                ERR_BAD_REQUEST,
-                f"input {name!r} must have {len(spec.shape)} dimensions {spec.shape}, got shape {list(arr.shape)}",
-            )
-        for i, (want_d, got_d) in enumerate(zip(spec.shape, arr.shape, strict=False)):
-            if want_d >= 0 and want_d != got_d:
-                raise SwarmdError(
-                    ERR_BAD_REQUEST,
-                    f"input {name!r} dimension {i} must be {want_d}, got {got_d} (shape {list(arr.shape)})",
-                )
-
-
-def check_outputs(info: ModelInfo, outputs: list[str] | None) -> None:
-    if outputs is None:
-        return
-    known = {t.name for t in info.outputs}
-    for name in outputs:
-        if name not in known:
-            raise SwarmdError(
-                ERR_BAD_REQUEST,
-                f"model {info.name!r} has no output {name!r}; its outputs are {', '.join(sorted(known))}",
-            )
 
 
 def not_found(model: str, version: str | None) -> SwarmdError:

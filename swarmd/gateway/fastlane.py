@@ -229,10 +229,12 @@ class FastProtocol(GuardedProtocol):
         """Start on the next request in the buffer: serve it, wait for more bytes, or hand over."""
         if not self.chunks:
             return
+        head = self.head
+        if head is not None and self.size < head.length + head.content_length:
+            return  # more of the body to come: no join until it is all here (body_timeout runs)
         if len(self.chunks) > 1:
             self.chunks = [b"".join(self.chunks)]
         data = self.chunks[0]
-        head = self.head
         if head is None:
             if not data.startswith(PREFIX[: len(data)]):
                 self._hand_off()
@@ -283,6 +285,8 @@ class FastProtocol(GuardedProtocol):
         self._stop_timers()
         self.lane.conns.discard(self)
         self.lane.handed_off += 1
+        if self._timer is None:
+            self._arm()  # aiohttp's headers get header_timeout too; the guard stops it once they are parsed
         self._attach()
         if self.reading_paused:
             self.reading_paused = False

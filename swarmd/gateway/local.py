@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,53 +23,22 @@ from typing import Any
 import numpy as np
 from loguru import logger
 
-from swarmd.dtypes import ORT_TO_NUMPY
 from swarmd.errors import ERR_CONFLICT, ERR_NOT_IMPLEMENTED, SwarmdError
 from swarmd.gateway.backend import (
     InferResult,
     ModelInfo,
-    TensorSpec,
     UploadedModel,
-    check_inputs,
-    check_outputs,
     not_found,
 )
+from swarmd.names import check_name, check_version
 from swarmd.versions import next_version, version_key
-
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
-
-
-
-def check_name(kind: str, value: str) -> str:
-    if not NAME_RE.fullmatch(value):
-        raise SwarmdError(
-            "ERR_BAD_REQUEST",
-            f"{kind} {value!r:.80} must be 1-128 characters of letters, digits, '_', '.', '-', starting with a letter or digit",
-        )
-    return value
-
-
-def session_signature(session: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """Input/output signatures of an onnxruntime session; dynamic dims become -1."""
-
-    def spec(arg: Any) -> TensorSpec:
-        shape = [d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or [])]
-        return TensorSpec(arg.name, ORT_TO_NUMPY.get(arg.type, arg.type), shape)
-
-    return [spec(a) for a in session.get_inputs()], [spec(a) for a in session.get_outputs()]
-
-
-def load_session(path: Path, threads: int) -> Any:
-    """An onnxruntime session built the one way the worker builds them (providers, fallback)."""
-    from swarmd.worker.runtime import ModelRuntime
-
-    return ModelRuntime(path, intra_op_threads=threads).session
+from swarmd.worker.runtime import ModelRuntime
 
 
 @dataclass
 class _Loaded:
     info: ModelInfo
-    session: Any
+    runtime: ModelRuntime  # built the one way a worker builds it (providers, CPU fallback, signature)
 
 
 class LocalBackend:
@@ -97,10 +65,12 @@ class LocalBackend:
     async def stop(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def _load(self, name: str, version: str, vdir: Path, session: Any = None) -> ModelInfo:
-        if session is None:
-            session = load_session(vdir / "model.onnx", self.threads)
-        inputs, outputs = session_signature(session)
+    def _runtime(self, path: Path) -> ModelRuntime:
+        return ModelRuntime(path, intra_op_threads=self.threads)
+
+    def _load(self, name: str, version: str, vdir: Path, runtime: ModelRuntime | None = None) -> ModelInfo:
+        if runtime is None:
+            runtime = self._runtime(vdir / "model.onnx")
         meta: dict[str, Any] = {}
         try:
             meta = json.loads((vdir / "meta.json").read_text())
@@ -109,15 +79,15 @@ class LocalBackend:
         info = ModelInfo(
             name=name,
             version=version,
-            inputs=inputs,
-            outputs=outputs,
+            inputs=list(runtime.signature.inputs),
+            outputs=list(runtime.signature.outputs),
             digest=str(meta.get("digest", "")),
             size=(vdir / "model.onnx").stat().st_size,
             tags=list(meta.get("tags", [])),
             description=str(meta.get("description", "")),
             created=float(meta.get("created", 0.0)),
         )
-        self._models.setdefault(name, {})[version] = _Loaded(info, session)
+        self._models.setdefault(name, {})[version] = _Loaded(info, runtime)
         for loaded in self._models[name].values():
             loaded.info.versions = sorted(self._models[name], key=version_key)
         return info
@@ -152,22 +122,20 @@ class LocalBackend:
         request_id: str | None = None,
     ) -> InferResult:
         loaded = self._get(model, version)
-        check_inputs(loaded.info, inputs)
-        check_outputs(loaded.info, outputs)
-        names = outputs or [t.name for t in loaded.info.outputs]
+        feeds, names, _ = loaded.runtime.signature.validate(loaded.info.name, inputs, outputs)
         try:
-            values = await asyncio.get_running_loop().run_in_executor(self._pool, loaded.session.run, names, inputs)
+            values = await asyncio.get_running_loop().run_in_executor(self._pool, loaded.runtime.run, names, feeds)
         except Exception as e:  # onnxruntime's own errors: a shape it rejects at run time is the caller's
             raise SwarmdError("ERR_BAD_REQUEST", f"onnxruntime refused the inputs: {str(e)[:300]}") from None
         return InferResult(loaded.info.name, loaded.info.version, dict(zip(names, values, strict=True)))
 
     async def put_model(self, upload: UploadedModel) -> ModelInfo:
-        check_name("model name", upload.name)
+        check_name(upload.name)
         existing = self._models.get(upload.name, {})
         version = upload.version
         if version is None:
             version = next_version(existing)
-        check_name("version", version)
+        check_version(version)
         if version in existing:
             if existing[version].info.digest == upload.sha256:
                 return existing[version].info
@@ -185,7 +153,7 @@ class LocalBackend:
                 "created": time.time(),
             }
             (tmp / "meta.json").write_text(json.dumps(meta))
-            load_session(tmp / "model.onnx", self.threads)  # refuse a file onnxruntime cannot load
+            self._runtime(tmp / "model.onnx")  # refuse a file onnxruntime cannot load
             os.replace(tmp, vdir)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -226,20 +194,20 @@ class LocalBackend:
     async def load_model(self, model: str) -> dict[str, Any]:
         """(Re)load every version of `model` found under models_dir: a version whose file
         changed on disk is read again, like Triton's load of an already loaded model."""
-        check_name("model name", model)
+        check_name(model)
         found = self._on_disk(model)
         if not found:
             raise not_found(model, None)
         loop = asyncio.get_running_loop()
-        sessions = [(v, vdir, await loop.run_in_executor(self._pool, load_session, vdir / "model.onnx", self.threads))
+        runtimes = [(v, vdir, await loop.run_in_executor(self._pool, self._runtime, vdir / "model.onnx"))
                     for v, vdir in found]
         self._models.pop(model, None)  # versions gone from disk are gone from memory too
-        for v, vdir, session in sessions:
-            self._load(model, v, vdir, session)
-        return {"model": model, "loaded": [v for v, _, _ in sessions]}
+        for v, vdir, runtime in runtimes:
+            self._load(model, v, vdir, runtime)
+        return {"model": model, "loaded": [v for v, _, _ in runtimes]}
 
     async def unload_model(self, model: str) -> dict[str, Any]:
-        check_name("model name", model)
+        check_name(model)
         versions = self._models.pop(model, None)
         if versions is None and not self._on_disk(model):
             raise not_found(model, None)

@@ -33,10 +33,10 @@ from swarmd.gateway.keys import ApiKey, KeyStore
 from swarmd.gateway.metrics import Counter, Gauge, Histogram, Registry
 from swarmd.gateway.middleware import HTTP_STATUS, MODEL, RID, Middleware
 from swarmd.gateway.oip_routes import OipRoutes, tensor_meta
-from swarmd.gateway.ratelimit import RateLimiter
 from swarmd.gateway.routes import ROUTES, permission_of
 from swarmd.gateway.v1_routes import V1Routes
 from swarmd.node import tracing
+from swarmd.node.ratelimit import RateLimiter
 
 __all__ = ["Gateway", "tensor_meta"]
 

@@ -89,7 +89,12 @@ class Channel:
             finally:
                 self._waiter = None
         chunk = self._chunks.popleft()
-        grant = self._window.consume(len(chunk))
+        window = self._window
+        grant = window.consume(len(chunk))
+        if window.read >= window.window << 1:  # a bulk stream: grow its window while the caps allow
+            extra = window.growth(self.conn.config.max_stream_window)
+            if extra and not self.remote_ended and self.conn._may_grow_window(self, extra):
+                grant += window.grow(extra)
         if grant and not self.remote_ended and self.error is None:
             self.conn._queue_urgent(mux.encode_credit(self.id, grant))
         return chunk

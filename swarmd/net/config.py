@@ -21,6 +21,12 @@ class NetConfig:
     # the same across the streams peers opened on all connections of the process (a peer cannot pin
     # more by opening more connections); a stream past it is refused with ERR_OVERLOADED
     max_stream_buffer_total: int = 256 << 20
+    # the share of that total the connections from one IP address may hold (relayed peers share
+    # their relay's), so one address with many keys and connections cannot refuse everyone else
+    max_stream_buffer_per_address: int = 64 << 20
+    # a bulk stream's receive window doubles (from mux.INITIAL_WINDOW, 1 MiB) while its reader keeps
+    # reading, up to this and to half of max_stream_buffer; 1048576 keeps every window at 1 MiB
+    max_stream_window: int = 8 << 20
     write_high_water: int = 4 << 20  # pipe buffer above which stream senders wait
     write_low_water: int = 1 << 20  # stream senders resume once the buffer drains below this
     # hard cap on bytes queued for a peer that does not read (its PINGs, error replies to

@@ -154,14 +154,18 @@ class SendCredit:
 
 
 class RecvWindow:
-    """Receiver side of flow control: rejects overruns, decides when to grant credit."""
+    """Receiver side of flow control: rejects overruns, decides when to grant credit,
+    and when a bulk stream's window should grow (the peer may only have a window in
+    flight per round trip of credit, so a fixed 1 MiB caps a stream at 1 MiB per
+    round trip, which a busy or distant peer makes long)."""
 
-    __slots__ = ("window", "allowed", "consumed")
+    __slots__ = ("window", "allowed", "consumed", "read")
 
     def __init__(self, window: int = INITIAL_WINDOW) -> None:
         self.window = window
         self.allowed = window  # bytes the peer may still send
         self.consumed = 0  # bytes the application read and we have not re-granted yet
+        self.read = 0  # bytes the application read since the window last changed
 
     def received(self, n: int) -> None:
         if n > self.allowed:
@@ -171,8 +175,23 @@ class RecvWindow:
     def consume(self, n: int) -> int:
         """The app read n bytes; returns credit to grant now (0 = not yet, batch it)."""
         self.consumed += n
+        self.read += n
         if self.consumed >= self.window >> 2:
             grant, self.consumed = self.consumed, 0
             self.allowed += grant
             return grant
         return 0
+
+    def growth(self, limit: int) -> int:
+        """Bytes to add to the window now (0: keep it): a stream whose reader went through
+        two windows since the last change is a bulk transfer, and its window doubles, up to `limit`."""
+        if self.window >= limit or self.read < 2 * self.window:
+            return 0
+        return min(self.window, limit - self.window)
+
+    def grow(self, extra: int) -> int:
+        """Enlarge the window by `extra`; returns the credit to grant for it."""
+        self.window += extra
+        self.allowed += extra
+        self.read = 0
+        return extra

@@ -21,8 +21,8 @@ import msgpack
 from swarmd.errors import ERR_CLOSED, ERR_HANDSHAKE, ERR_OVERLOADED, ERR_PROTOCOL, ERR_TIMEOUT, SwarmdError
 from swarmd.net import mux
 from swarmd.net.config import NetConfig
-from swarmd.net.loglimit import hostile
 from swarmd.net.noise import NoiseSession
+from swarmd.node.loglimit import hostile
 
 if TYPE_CHECKING:
     from swarmd.net.channel import Channel
@@ -49,6 +49,7 @@ class StreamWindows:
     """
 
     total = 0
+    by_address: dict[str, int] = {}  # the same, per remote IP address (the pipe's peername)
 
 
 stream_windows = StreamWindows()
@@ -119,14 +120,32 @@ class PeerLimits:
         window = mux.INITIAL_WINDOW
         cfg = self.config
         n = len(self._channels)
-        if (n + 1) * window > cfg.max_stream_buffer:
+        held = self._windows_held()
+        if held + window > cfg.max_stream_buffer:
             raise SwarmdError(
                 ERR_OVERLOADED,
-                f"{n} streams open on this connection hold up to {n * window} bytes of stream data "
-                f"({window} per stream each way); max_stream_buffer is {cfg.max_stream_buffer}",
+                f"{n} streams open on this connection hold up to {held} bytes of stream data "
+                f"(a window per stream each way); max_stream_buffer is {cfg.max_stream_buffer}",
             )
         if not peer_opened:
             return  # the streams this node opens are bounded by the code that opens them
+        source = self._stream_source()
+        held = stream_windows.by_address.get(source, 0)
+        if held + window > cfg.max_stream_buffer_per_address:
+            hostile.log(
+                "stream buffer address cap",
+                "INFO",
+                "refusing streams: one address holds its share of the process's stream windows",
+                component="net",
+                peer=short(self.session.remote_public_key),
+                source=source,
+                held=held,
+            )
+            raise SwarmdError(
+                ERR_OVERLOADED,
+                f"streams from {source or 'this address'} hold up to {held} bytes of stream data on this node; "
+                f"max_stream_buffer_per_address is {cfg.max_stream_buffer_per_address}: try again later",
+            )
         if stream_windows.total + window > cfg.max_stream_buffer_total:
             hostile.log(
                 "stream buffer cap",
@@ -142,12 +161,46 @@ class PeerLimits:
                 f"max_stream_buffer_total is {cfg.max_stream_buffer_total}: try again later",
             )
         stream_windows.total += window
+        stream_windows.by_address[source] = held + window
+
+    def _stream_source(self) -> str:
+        """The remote IP address the stream windows of this connection count against."""
+        peer = self.peername
+        return str(peer[0]) if isinstance(peer, (tuple, list)) and peer else ""
+
+    def _windows_held(self) -> int:
+        return sum(ch._window.window for ch in self._channels.values())
+
+    def _may_grow_window(self, channel: Any, extra: int) -> bool:
+        """Whether a bulk stream's window may grow by `extra` (mux.RecvWindow.growth): it stays
+        within half of max_stream_buffer on this connection, so other streams can still open,
+        and a peer's stream within its address's share and the process's max_stream_buffer_total."""
+        if self._windows_held() + extra > self.config.max_stream_buffer // 2:
+            return False
+        if channel.peer_opened:
+            cfg = self.config
+            source = self._stream_source()
+            held = stream_windows.by_address.get(source, 0)
+            if held + extra > cfg.max_stream_buffer_per_address:
+                return False
+            if stream_windows.total + extra > cfg.max_stream_buffer_total:
+                return False
+            stream_windows.total += extra
+            stream_windows.by_address[source] = held + extra
+        return True
 
     def _drop_channel(self, channel_id: int) -> None:
         """Forget a channel (ended, reset, refused or torn down) and give its window back."""
         ch = self._channels.pop(channel_id, None)
         if ch is not None and ch.peer_opened:
-            stream_windows.total -= mux.INITIAL_WINDOW
+            window = ch._window.window
+            stream_windows.total -= window
+            source = self._stream_source()
+            left = stream_windows.by_address.get(source, window) - window
+            if left > 0:
+                stream_windows.by_address[source] = left
+            else:
+                stream_windows.by_address.pop(source, None)
 
     def _check_write_buffer(self, pipe: Any) -> None:
         """Close a connection whose peer stopped reading once what we owe it passes the cap.

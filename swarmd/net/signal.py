@@ -9,18 +9,20 @@ address for a simultaneous open, swarmd/net/tcppunch.py) or a relay rendezvous
 (relay address + token), and the answer comes back the same way.
 
 Forwarding for strangers is an amplification vector, so the forwarder applies
-`SignalLimiter`: a token bucket per source (the caller's public key) and one
+`SignalLimiter`: a token bucket (swarmd.node.ratelimit) per source (the caller's public key) and one
 for all sources together; over the limit the request is answered with
 ERR_RATE_LIMITED and never forwarded.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from swarmd.errors import ERR_BAD_REQUEST, ERR_RATE_LIMITED, SwarmdError
+from swarmd.net.nat import NAT_TYPES
 from swarmd.net.udppunch import PunchOffer, parse_offer
+from swarmd.node.ratelimit import RateLimiter, TokenBucket
 
 KIND_UDP = "udp"
 KIND_RELAY = "relay"
@@ -39,6 +41,7 @@ class SignalRequest:
     relay: tuple[str, int] | None = None  # relay address (kind "relay")
     token: bytes = b""  # relay circuit token (kind "relay")
     addr: tuple[str, int] | None = None  # the caller's public TCP address (kind "tcp")
+    nat: str = ""  # the caller's NAT type (kind "tcp": one symmetric side makes it a birthday punch); "" = unsaid
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"source": self.source, "target": self.target, "kind": self.kind}
@@ -48,6 +51,8 @@ class SignalRequest:
         elif self.kind == KIND_TCP:
             assert self.addr is not None
             out["addr"] = [self.addr[0], self.addr[1]]
+            if self.nat:
+                out["nat"] = self.nat
         else:
             assert self.relay is not None
             out["relay"] = [self.relay[0], self.relay[1]]
@@ -90,7 +95,10 @@ def parse_request(obj: Any) -> SignalRequest:
     if kind == KIND_UDP:
         return SignalRequest(source, target, kind, punch=parse_offer(obj.get("punch")))
     if kind == KIND_TCP:
-        return SignalRequest(source, target, kind, addr=parse_address(obj.get("addr"), "addr"))
+        nat = obj.get("nat", "")
+        if nat != "" and nat not in NAT_TYPES:
+            raise _bad(f"signal 'nat' must be one of {', '.join(NAT_TYPES)}, got {nat!r:.40}")
+        return SignalRequest(source, target, kind, addr=parse_address(obj.get("addr"), "addr"), nat=nat)
     if kind == KIND_RELAY:
         relay = parse_address(obj.get("relay"), "relay")
         token = obj.get("token")
@@ -101,12 +109,6 @@ def parse_request(obj: Any) -> SignalRequest:
 
 
 @dataclass
-class _Bucket:
-    tokens: float
-    stamp: float
-
-
-@dataclass
 class SignalLimiter:
     """Token buckets per source and overall; `now` comes from the caller (monotonic seconds)."""
 
@@ -114,30 +116,18 @@ class SignalLimiter:
     burst: int = 10
     total_rate: float = 50.0  # all sources together
     total_burst: int = 100
-    _buckets: dict[bytes, _Bucket] = field(default_factory=dict)
-    _total: _Bucket | None = None
     refused: int = 0
 
-    def _take(self, b: _Bucket, rate: float, burst: int, now: float) -> bool:
-        b.tokens = min(float(burst), b.tokens + (now - b.stamp) * rate)
-        b.stamp = now
-        if b.tokens >= 1.0:
-            b.tokens -= 1.0
-            return True
-        return False
+    def __post_init__(self) -> None:
+        self._sources = RateLimiter(self.rate, self.burst, MAX_SOURCES)  # least recently used dropped
+        self._total = TokenBucket(self.total_rate, self.total_burst)
 
     def allow(self, source: bytes, now: float) -> bool:
-        if self._total is None:
-            self._total = _Bucket(float(self.total_burst), now)
-        b = self._buckets.get(source)
-        if b is None:
-            if len(self._buckets) >= MAX_SOURCES:
-                self._evict(now)
-            b = self._buckets[source] = _Bucket(float(self.burst), now)
-        if not self._take(b, self.rate, self.burst, now):
+        b = self._sources.bucket(source)
+        if b.take(now):
             self.refused += 1
             return False
-        if not self._take(self._total, self.total_rate, self.total_burst, now):
+        if self._total.take(now):
             b.tokens += 1.0  # not this source's fault: give its token back
             self.refused += 1
             return False
@@ -151,12 +141,3 @@ class SignalLimiter:
                 f"too many connection requests: at most {self.rate:g}/s per source (burst {self.burst})",
                 {"retry_after": round(1.0 / self.rate, 3) if self.rate > 0 else None},
             )
-
-    def _evict(self, now: float) -> None:
-        """Drop buckets that have refilled completely (they carry no state worth keeping)."""
-        full = [k for k, b in self._buckets.items() if b.tokens + (now - b.stamp) * self.rate >= self.burst]
-        for k in full:
-            del self._buckets[k]
-        if len(self._buckets) >= MAX_SOURCES:  # still full under a flood: forget the oldest half
-            for k in sorted(self._buckets, key=lambda k: self._buckets[k].stamp)[: MAX_SOURCES // 2]:
-                del self._buckets[k]

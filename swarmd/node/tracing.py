@@ -21,7 +21,6 @@ timings its statistics already take, with their real start and end times.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import time
@@ -114,25 +113,28 @@ def start(config: TracingConfig, *, instance: str = "", exporter: Any = None) ->
 
 def stop() -> None:
     """Export what is buffered and turn tracing off (the daemon's stop)."""
-    global tracer, _provider
-    provider, _provider, tracer = _provider, None, None
+    global tracer, _provider, _propagator
+    provider, _provider, tracer, _propagator = _provider, None, None, None
     if provider is not None:
         provider.shutdown()
 
 
 def extract(carrier: Mapping[str, Any] | None) -> Any:
     """The parent context a `traceparent` in carrier (headers, gRPC metadata, an RPC meta map)
-    names; the empty context (a new trace) when it names none or is malformed."""
-    if not carrier:
+    names; None when it names none or a malformed one (a peer's junk starts no trace)."""
+    if not carrier or _propagator is None:
         return None
     tp = carrier.get(TRACEPARENT)
-    if not isinstance(tp, str):
+    if not isinstance(tp, str) or len(tp) > 256:
         return None
     src = {TRACEPARENT: tp}
     ts = carrier.get(TRACESTATE)
-    if isinstance(ts, str):
+    if isinstance(ts, str) and len(ts) <= 1024:
         src[TRACESTATE] = ts
-    return _propagator.extract(src)
+    from opentelemetry import trace
+
+    ctx = _propagator.extract(src)
+    return ctx if trace.get_current_span(ctx).get_span_context().is_valid else None
 
 
 def meta() -> dict[str, str] | None:
@@ -168,10 +170,10 @@ async def serve(method: str, parent: Any, coro: Coroutine[Any, Any, Any]) -> Any
 def worker_phases(enqueued: float, started: float, ended: float, times: tuple[float, float, float] | None,
                   batch_size: int, rows: int) -> None:
     """The worker's queue, batch and run spans of one request, under the current span, from
-    the event loop's clock (loop.time()) taken while it ran: what statistics record, as spans."""
+    the time.monotonic() timings the worker took while it ran: what statistics record, as spans."""
     if tracer is None:
         return
-    off = time.time_ns() - int(asyncio.get_running_loop().time() * 1e9)
+    off = time.time_ns() - int(time.monotonic() * 1e9)
 
     def ns(t: float) -> int:
         return off + int(t * 1e9)
@@ -186,7 +188,7 @@ def worker_phases(enqueued: float, started: float, ended: float, times: tuple[fl
         run_start = started + times[0]
         run = tracer.start_span("worker.run", context=ctx, start_time=ns(run_start))
         run.end(end_time=ns(run_start + times[1]))
-        # the loop's clock may be coarse (uvloop's loop.time() moves once per loop turn, in
-        # ms) while the run was timed finely: the batch ends no earlier than its run
+        # the run is timed in its thread, the batch's ends on the loop: the batch ends no
+        # earlier than its run whatever the order the two clocks were read in
         ended = max(ended, run_start + sum(times))
     batch.end(end_time=ns(ended))

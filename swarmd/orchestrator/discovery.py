@@ -13,6 +13,7 @@ from typing import Any
 
 from swarmd.errors import ERR_BAD_REQUEST, SwarmdError
 from swarmd.orchestrator.registry import ONLINE, STATES
+from swarmd.rpc.params import as_params
 
 MAX_NAMES = 256  # models or capabilities per worker
 MAX_NAME_LEN = 200
@@ -101,8 +102,7 @@ def parse_load(value: Any) -> dict[str, float] | None:
 
 def parse_register(params: Any) -> tuple[WorkerAd, float | None]:
     """registerWorker params -> (ad, ttl or None)."""
-    if not isinstance(params, dict):
-        raise _bad(f"registerWorker params must be a map, got {type(params).__name__}")
+    params = as_params(params, "registerWorker")
     ad = WorkerAd(
         public_key=parse_public_key(params.get("public_key")),
         models=parse_names(params.get("models"), "models"),

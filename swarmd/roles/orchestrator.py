@@ -29,6 +29,7 @@ from swarmd.orchestrator.discovery import (
 from swarmd.orchestrator.fleet import Fleet
 from swarmd.orchestrator.registry import DRAINING, JOINING, ONLINE
 from swarmd.roles.base import NodeContext, Role
+from swarmd.rpc.params import as_params
 from swarmd.topics import ORCHESTRATORS
 
 DEADLINE_MARGIN = 0.05  # answer a routed call this long before the caller stops waiting
@@ -180,9 +181,7 @@ class OrchestratorRole(Role):
         }
 
     async def unregister_worker(self, ctx: Any, params: Any) -> dict[str, Any]:
-        if not isinstance(params, dict):
-            raise SwarmdError(ERR_BAD_REQUEST, "unregisterWorker params must be a map with public_key")
-        key = parse_public_key(params.get("public_key"))
+        key = parse_public_key(as_params(params, "unregisterWorker", required=("public_key",))["public_key"])
         self._caller_speaks_for(ctx, key, "unregisterWorker")
         removed = self.balancer.unregister(key)
         self.connections.drop(key)
@@ -269,8 +268,7 @@ class OrchestratorRole(Role):
     # -- helpers --------------------------------------------------------------
 
     def _target(self, params: Any, method: str, *, need_model: bool) -> tuple[str | None, str | None]:
-        if not isinstance(params, dict):
-            raise SwarmdError(ERR_BAD_REQUEST, f"{method} params must be a map, got {type(params).__name__}")
+        params = as_params(params, method)
         model = params.get("model")
         capability = params.get("capability")
         if model is not None and (not isinstance(model, str) or not model):

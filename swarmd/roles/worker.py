@@ -301,12 +301,8 @@ class WorkerRole(WorkerModels, Role):
 
     async def get_model_statistics(self, ctx: Any, params: Any) -> dict[str, Any]:
         """Triton's statistics extension, per loaded model version: {"model_stats": [...]}."""
-        params = params or {}
-        if not isinstance(params, dict):
-            raise SwarmdError(ERR_BAD_REQUEST, 'params must be {"model"?: str, "version"?: str}')
-        name, version = params.get("model"), params.get("version")
-        if name is not None and not isinstance(name, str) or version is not None and not isinstance(version, str):
-            raise SwarmdError(ERR_BAD_REQUEST, "model and version must be strings")
+        p = as_params(params, "getModelStatistics")
+        name, version = (str_param(p, k, "getModelStatistics", MAX_NAME) for k in ("model", "version"))
         return {"model_stats": self.engine.statistics(name, version)}
 
     async def get_health(self, ctx: Any, params: Any) -> dict[str, Any]:

@@ -29,10 +29,11 @@ from swarmd.errors import (
     ERR_UNKNOWN_METHOD,
     SwarmdError,
 )
-from swarmd.net.loglimit import hostile
+from swarmd.node.loglimit import hostile
 from swarmd.rpc.builtins import BUILTINS
 from swarmd.rpc.config import RpcConfig
 from swarmd.rpc.methods import CallContext, Method, Methods
+from swarmd.rpc.stream import CallStream
 
 PIPE_CHUNKS = 8  # chunks in flight per direction of a local stream (a mux channel's window, in chunks)
 
@@ -96,51 +97,25 @@ class _Pipe:
         return item
 
 
-class LocalStream:
-    """One end of a local stream: `send`, `recv` (None at end), `close`, and on the caller's
-    end the call's `result` — the interface of swarmd.rpc.Stream."""
+class LocalStream(CallStream):
+    """One end of a local stream, over two pipes: the interface of swarmd.rpc.Stream."""
 
     def __init__(self, sid: int, out: _Pipe, into: _Pipe, result: asyncio.Future[Any] | None = None,
                  handler: asyncio.Task[Any] | None = None) -> None:
+        super().__init__(out.put, into.get, out.end, result)
         self.id = sid
         self._out = out
         self._in = into
-        self._result = result
         self._handler = handler
-
-    async def send(self, data: bytes) -> None:
-        await self._out.put(data)
-
-    async def recv(self) -> bytes | None:
-        return await self._in.get()
-
-    async def close(self) -> None:
-        """Half-close: we send nothing more; the other end's recv() returns None."""
-        self._out.end()
 
     def abort(self, error: SwarmdError | None = None) -> None:
         """Reset both directions; on the caller's end also cancel the handler (result raises ERR_CANCELLED)."""
         err = error or SwarmdError(ERR_CANCELLED, "stream aborted")
         self._out.fail(err)
         self._in.fail(err)
-        res = self._result
-        if res is not None and not res.done():
-            res.set_exception(err)
-            res.exception()  # retrieved: aborting is not an unhandled error
+        self._fail_result(err)
         if self._handler is not None and not self._handler.done():
             self._handler.cancel()
-
-    async def result(self) -> Any:
-        if self._result is None:
-            raise RuntimeError("result() is for the side that opened the stream")
-        return await self._result
-
-    async def __aenter__(self) -> LocalStream:
-        return self
-
-    async def __aexit__(self, et: Any, e: Any, tb: Any) -> None:
-        if et is not None:
-            self.abort()
 
 
 class LocalPeer:

@@ -20,16 +20,9 @@ from typing import Any
 from loguru import logger
 
 from swarmd.errors import ERR_BAD_REQUEST, ERR_CONFLICT, ERR_CORRUPT, ERR_NOT_FOUND, SwarmdError
-from swarmd.store.blobs import READ_CHUNK, BlobStore, UploadSession, check_digest
-from swarmd.store.catalog import (
-    Catalog,
-    ModelMeta,
-    check_description,
-    check_name,
-    check_tags,
-    check_version,
-    now,
-)
+from swarmd.names import check_description, check_digest, check_name, check_tags, check_version
+from swarmd.store.blobs import READ_CHUNK, BlobStore, UploadSession
+from swarmd.store.catalog import Catalog, ModelMeta, now
 from swarmd.store.config import StoreConfig
 from swarmd.store.onnxsig import read_signature
 
@@ -226,8 +219,8 @@ class ModelStore:
         taken: list[ModelMeta] = []
         try:
             inputs, outputs = self._verified_signature(up)
-            sig_in = [s.to_dict() for s in inputs]
-            sig_out = [s.to_dict() for s in outputs]
+            sig_in = [s.to_wire() for s in inputs]
+            sig_out = [s.to_wire() for s in outputs]
             with self._lock:
                 for r in rows:
                     if r.digest != up.req.digest or r.deleted is not None:
@@ -301,8 +294,8 @@ class ModelStore:
             digest=req.digest,
             size=req.size,
             format="onnx",
-            inputs=[s.to_dict() for s in inputs],
-            outputs=[s.to_dict() for s in outputs],
+            inputs=[s.to_wire() for s in inputs],
+            outputs=[s.to_wire() for s in outputs],
             tags=list(req.tags or []),
             description=req.description or "",
             created=row.created if row is not None else t,

@@ -11,32 +11,22 @@ import mmap
 import os
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from swarmd.errors import ERR_INVALID_MODEL, SwarmdError
+from swarmd.signature import TensorSpec
 
 SLIM_OVER = 1 << 20  # smaller models take the full parse: it is cheap there
 
 
-@dataclass(frozen=True)
-class TensorSig:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
-
-
-def _sig(value_info: Any) -> TensorSig:
+def _sig(value_info: Any) -> TensorSpec:
     import onnx.helper
 
     t = value_info.type
     if t.WhichOneof("value") != "tensor_type":
         # sequences and maps (e.g. a ZipMap classifier output) have no single dtype
-        return TensorSig(value_info.name, "object", ())
+        return TensorSpec(value_info.name, "object", ())
     tt = t.tensor_type
     try:
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name
@@ -47,7 +37,7 @@ def _sig(value_info: Any) -> TensorSig:
     shape: tuple[int, ...] = ()
     if tt.HasField("shape"):
         shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else -1 for d in tt.shape.dim)
-    return TensorSig(value_info.name, dtype, shape)
+    return TensorSpec(value_info.name, dtype, shape)
 
 
 def warm_up() -> None:
@@ -55,7 +45,7 @@ def warm_up() -> None:
     import onnx.checker  # noqa: F401
 
 
-def read_signature(path: Path, *, slim_over: int = SLIM_OVER) -> tuple[list[TensorSig], list[TensorSig]]:
+def read_signature(path: Path, *, slim_over: int = SLIM_OVER) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """(inputs, outputs) of the ONNX model at path, or ERR_INVALID_MODEL saying why not.
 
     A model over `slim_over` bytes is parsed and checked without the bytes of its
@@ -100,7 +90,7 @@ def _check(path: str) -> None:
         raise SwarmdError(ERR_INVALID_MODEL, f"ONNX model fails the checker: {first}") from None
 
 
-def _signature(model: Any) -> tuple[list[TensorSig], list[TensorSig]]:
+def _signature(model: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
     initializers = {i.name for i in model.graph.initializer}
     inputs = [_sig(v) for v in model.graph.input if v.name not in initializers]
     outputs = [_sig(v) for v in model.graph.output]
@@ -112,14 +102,14 @@ def _shape_ok(model: Any) -> None:
         raise SwarmdError(ERR_INVALID_MODEL, "not an ONNX model: no graph, no graph outputs or no opset import")
 
 
-def _full_signature(path: Path) -> tuple[list[TensorSig], list[TensorSig]]:
+def _full_signature(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     model = _load(str(path))
     _shape_ok(model)
     _check(str(path))
     return _signature(model)
 
 
-def _checked_signature(slim: bytes, where: Path) -> tuple[list[TensorSig], list[TensorSig]]:
+def _checked_signature(slim: bytes, where: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """Parse and check the slim bytes; the checker reads them from a file beside the model so
     that it resolves anything relative exactly as it would for the model itself."""
     model = _load(slim)

@@ -36,7 +36,7 @@ from swarmd.net.nat import SYMMETRIC, UDP_BLOCKED, UNKNOWN
 from swarmd.net.punch import PathAttempt, PathInfo
 from swarmd.net.relayio import new_token, pick_relay, relay_transport
 from swarmd.net.signal import KIND_RELAY, KIND_TCP, KIND_UDP, SignalRequest, parse_address
-from swarmd.net.tcppunch import rendezvous, simultaneous_open
+from swarmd.net.tcppunch import BIRTHDAY_TIMEOUT, is_birthday, punch_open, rendezvous
 from swarmd.net.udppunch import UdpPuncher, parse_offer
 from swarmd.rpc import RpcPeer
 from swarmd.swarm.paths import MAPPED, PATH_RANK, PUNCHED_TCP, PUNCHED_UDP, RELAYED, path_of, path_rank
@@ -63,6 +63,7 @@ class Dialer:
         self.metrics = traversal.metrics
         self.log = traversal.log
         self._repunching: set[bytes] = set()
+        self.racing: dict[bytes, int] = {}  # peer key -> dials still trying paths to it
         self._mapped: dict[bytes, list[str]] = {}  # peer key -> "ip:port" its own record lists as mapped
 
     def mapped_of(self, public_key: bytes, record: PeerRecord | None) -> list[str]:
@@ -157,15 +158,18 @@ class Dialer:
             return []
         mine = self.traversal.nat_type
         out = []
-        if SYMMETRIC not in (mine, theirs):  # a symmetric NAT maps the connect() to a port the peer never saw
+        # a symmetric NAT maps the connect() to a port the peer never saw: with a cone peer
+        # that takes the birthday search (swarmd/net/tcppunch.py), two symmetric ones never meet
+        if SYMMETRIC not in (mine, theirs) or is_birthday(mine, theirs):
             out.append(PUNCHED_TCP)
         if not (mine == SYMMETRIC and theirs == SYMMETRIC) and UDP_BLOCKED not in (mine, theirs):
             out.append(PUNCHED_UDP)
         return out
 
-    def _attempt(self, path: str, pk: bytes, signal: list[bytes] | None, via: RpcPeer | None = None) -> asyncio.Task[Any]:
+    def _attempt(self, path: str, pk: bytes, signal: list[bytes] | None, via: RpcPeer | None = None,
+                 theirs: str = UNKNOWN) -> asyncio.Task[Any]:
         if path == PUNCHED_TCP:
-            coro = self._punch_tcp(pk, signal, via)
+            coro = self._punch_tcp(pk, signal, via, theirs)
         elif path == PUNCHED_UDP:
             coro = self._punch(pk, signal, via)
         else:
@@ -177,7 +181,19 @@ class Dialer:
         self, pk: bytes, signal: list[bytes], theirs: str, direct: PathAttempt, t0: float, first: asyncio.Future[RpcPeer]
     ) -> None:
         """Owned by the traversal (not the caller): runs the attempts, resolves `first`
-        with the first connection, then upgrades to a punched one if the relay came first."""
+        with the first connection, then upgrades to a punched one if the relay came first.
+        While it runs, the peer is in `racing`: a better path may still come."""
+        self.racing[pk] = self.racing.get(pk, 0) + 1
+        try:
+            await self._run_race(pk, signal, theirs, direct, t0, first)
+        finally:
+            self.racing[pk] -= 1
+            if not self.racing[pk]:
+                del self.racing[pk]
+
+    async def _run_race(
+        self, pk: bytes, signal: list[bytes], theirs: str, direct: PathAttempt, t0: float, first: asyncio.Future[RpcPeer]
+    ) -> None:
         info = PathInfo(attempts=[direct])
         punches = self._candidates(theirs)
         tasks: dict[asyncio.Task[Any], tuple[str, float]] = {}
@@ -185,7 +201,7 @@ class Dialer:
         # join it only when it has not finished by then (or at once when it cannot work)
         later = [p for p in punches if p != PUNCHED_TCP] + [RELAYED]
         if PUNCHED_TCP in punches:
-            tasks[self._attempt(PUNCHED_TCP, pk, signal)] = (PUNCHED_TCP, time.monotonic())
+            tasks[self._attempt(PUNCHED_TCP, pk, signal, theirs=theirs)] = (PUNCHED_TCP, time.monotonic())
         relay_at = time.monotonic() + (RELAY_HEAD_START if PUNCHED_TCP in punches else 0.0)
         relay_started = False
         current: RpcPeer | None = None
@@ -196,7 +212,7 @@ class Dialer:
                 if not relay_started and (now >= relay_at or not tasks):
                     relay_started = True
                     for path in later:
-                        tasks[self._attempt(path, pk, signal)] = (path, now)
+                        tasks[self._attempt(path, pk, signal, theirs=theirs)] = (path, now)
                 wait = None if relay_started else max(0.0, relay_at - now)
                 done, _ = await asyncio.wait(set(tasks), timeout=wait, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
@@ -226,10 +242,11 @@ class Dialer:
                         self.metrics.upgrades += 1
                         self.metrics.upgrade_ms.append(pinfo.setup_s * 1000)
                     current = kept
-                    if path != RELAYED:  # punched: nothing better to wait for
-                        relay_started = True
-                        await _cancel_all(tasks)
-                        return
+                    if path != RELAYED:  # punched: only a better-ranked punch is still worth waiting for
+                        relay_started = True  # (a UDP punch that won keeps the TCP punch running behind it)
+                        await _cancel_all(tasks, up_to_rank=PATH_RANK[path])
+                        if not tasks:
+                            return
             if current is None:
                 raise last
         except BaseException as e:
@@ -241,7 +258,7 @@ class Dialer:
                 return
             raise
         if current is not None and path_of(current) == RELAYED and punches:
-            await self._repunch(pk, current, punches, t0)
+            await self._repunch(pk, current, punches, t0, theirs)
 
     async def _signal(self, signal: list[bytes], request: dict[str, Any]) -> Any:
         last: SwarmdError = SwarmdError(ERR_UNAVAILABLE, "no signal peer answered")
@@ -260,22 +277,28 @@ class Dialer:
         assert signal is not None
         return await self._signal(signal, request)
 
-    async def _punch_tcp(self, pk: bytes, signal: list[bytes] | None, via: RpcPeer | None = None) -> tuple[RpcPeer, PathInfo]:
-        """TCP simultaneous open: our mapping to the target, its mapping back, both connect()."""
+    async def _punch_tcp(self, pk: bytes, signal: list[bytes] | None, via: RpcPeer | None = None,
+                         theirs: str = UNKNOWN) -> tuple[RpcPeer, PathInfo]:
+        """TCP simultaneous open: our mapping to the target, its mapping back, both connect()
+        (a birthday search when one side is symmetric, see swarmd/net/tcppunch.py)."""
+        mine = self.traversal.nat_type
+        birthday = is_birthday(mine, theirs)
         rv = await rendezvous(await self.traversal._rendezvous_relay(), timeout=self.config.stun_timeout)
         try:
             t1 = time.monotonic()
-            req = SignalRequest(self.swarm.public_key, pk, KIND_TCP, addr=rv.observed).to_wire()
+            req = SignalRequest(self.swarm.public_key, pk, KIND_TCP, addr=rv.observed, nat=mine).to_wire()
             answer = await self._ask(signal, via, req)
             if not isinstance(answer, dict):
                 raise SwarmdError(ERR_BAD_REQUEST, "nat.connect answered a TCP punch without an address")
             addr = parse_address(answer.get("addr"), "addr")
             t2 = time.monotonic()
-            sock = await simultaneous_open(rv.port, addr, min(self.config.punch_timeout, TCP_PUNCH_TIMEOUT))
+            bound = BIRTHDAY_TIMEOUT if birthday else TCP_PUNCH_TIMEOUT
+            sock = await punch_open(rv, addr, mine, theirs, min(self.config.punch_timeout, bound))
         finally:
             rv.close()
         t3 = time.monotonic()
-        detail = {**rv.detail(addr), "signal_ms": round((t2 - t1) * 1000, 2), "open_ms": round((t3 - t2) * 1000, 2)}
+        detail = {**rv.detail(addr), "signal_ms": round((t2 - t1) * 1000, 2), "open_ms": round((t3 - t2) * 1000, 2),
+                  "birthday": birthday}
         info = PathInfo(PUNCHED_TCP, detail={"punch": detail})
         peer = await self.traversal._over_socket(sock, True, pk, pk, info)
         detail["handshake_ms"] = round((time.monotonic() - t3) * 1000, 2)
@@ -326,7 +349,7 @@ class Dialer:
         await self.traversal._established(conn, pk)
         return peer, info
 
-    async def _repunch(self, pk: bytes, relayed: RpcPeer, punches: list[str], t0: float) -> None:
+    async def _repunch(self, pk: bytes, relayed: RpcPeer, punches: list[str], t0: float, theirs: str) -> None:
         """Keep trying the punches over the relayed connection; move to a punched path on success."""
         if pk in self._repunching:
             return
@@ -336,7 +359,8 @@ class Dialer:
                 await asyncio.sleep(self.config.repunch_interval)
                 if relayed.is_closed or self.swarm._registry.get(pk) is not relayed:
                     return  # gone, or already on a better path (e.g. the peer dialled us)
-                tasks = {self._attempt(p, pk, None, via=relayed): (p, time.monotonic()) for p in punches}
+                tasks = {self._attempt(p, pk, None, via=relayed, theirs=theirs): (p, time.monotonic()) for p in punches}
+                moved = False
                 try:
                     while tasks:
                         done, _ = await asyncio.wait(set(tasks), return_when=asyncio.FIRST_COMPLETED)
@@ -357,17 +381,22 @@ class Dialer:
                             self.metrics.upgrades += 1
                             self.metrics.upgrade_ms.append(info.setup_s * 1000)
                             self.traversal._adopt(pk, peer, info, inbound=False)
-                            return
+                            moved = True  # a better-ranked punch still running may follow (UDP won, TCP later)
+                            await _cancel_all(tasks, up_to_rank=PATH_RANK[path])
+                    if moved:
+                        return
                 finally:
                     await _cancel_all(tasks)
         finally:
             self._repunching.discard(pk)
 
 
-async def _cancel_all(tasks: dict[asyncio.Task[Any], Any]) -> None:
-    """Cancel attempts still running; close any connection one finished with meanwhile."""
-    pending = list(tasks)
-    tasks.clear()
+async def _cancel_all(tasks: dict[asyncio.Task[Any], Any], up_to_rank: int | None = None) -> None:
+    """Cancel attempts still running (only those whose path ranks at most `up_to_rank`, when
+    given); close any connection one finished with meanwhile."""
+    pending = [t for t, (path, _) in tasks.items() if up_to_rank is None or PATH_RANK[path] <= up_to_rank]
+    for t in pending:
+        del tasks[t]
     for t in pending:
         t.cancel()
     for res in await asyncio.gather(*pending, return_exceptions=True):

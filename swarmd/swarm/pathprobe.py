@@ -22,7 +22,9 @@ from swarmd.errors import (
     ERR_TOO_LARGE,
     SwarmdError,
 )
+from swarmd.node.ratelimit import RateLimiter
 from swarmd.rpc import CallContext, RpcPeer
+from swarmd.rpc.params import as_params, int_param, str_param
 from swarmd.swarm.paths import RELAYED, path_of
 
 if TYPE_CHECKING:
@@ -44,7 +46,8 @@ class PathProbe:
         self.swarm = traversal.swarm
         self.config = traversal.config
         self._sinking = 0  # nat.sink streams being received right now
-        self._sink_budget: dict[bytes, tuple[float, float]] = {}  # caller key -> (bytes available, stamp)
+        # caller key -> bytes it may still send (sink_rate per second, probe_max_bytes deep)
+        self._sink_budget = RateLimiter(self.config.sink_rate, self.config.probe_max_bytes, MAX_SINK_CALLERS)
         self.sink_refused = 0
 
     def register(self) -> None:
@@ -54,17 +57,6 @@ class PathProbe:
     def unregister(self) -> None:
         for name in ("nat.probe", "nat.sink"):
             self.swarm.methods.unregister(name)
-
-    def _sink_take(self, caller: bytes, n: int, now: float) -> bool:
-        """Charge n bytes to the caller's bucket (sink_rate per second, probe_max_bytes deep)."""
-        cap = float(self.config.probe_max_bytes)
-        avail, stamp = self._sink_budget.get(caller, (cap, now))
-        avail = min(cap, avail + (now - stamp) * self.config.sink_rate)
-        if caller not in self._sink_budget and len(self._sink_budget) >= MAX_SINK_CALLERS:
-            del self._sink_budget[min(self._sink_budget, key=lambda k: self._sink_budget[k][1])]
-        ok = avail >= n
-        self._sink_budget[caller] = (avail - n if ok else avail, now)
-        return ok
 
     async def _rpc_sink(self, ctx: CallContext, params: Any, stream: Any) -> Any:
         """Count and hash what a peer streams to us (bounded): the receiving end of a path test.
@@ -93,7 +85,7 @@ class PathProbe:
                 n += len(chunk)
                 if n > self.config.probe_max_bytes:
                     raise SwarmdError(ERR_TOO_LARGE, f"nat.sink takes at most {self.config.probe_max_bytes} bytes")
-                if not self._sink_take(ctx.peer, len(chunk), time.monotonic()):
+                if not self._sink_budget.take(ctx.peer, time.monotonic(), cost=len(chunk)) == 0.0:
                     self.sink_refused += 1
                     raise SwarmdError(ERR_OVERLOADED, f"nat.sink budget spent for this key ({self.config.sink_rate} B/s)")
                 digest.update(chunk)
@@ -109,15 +101,12 @@ class PathProbe:
         stream `bytes` to it on the path it ended on."""
         if ctx.peer != self.swarm.public_key:
             raise SwarmdError(ERR_FORBIDDEN, "nat.probe runs only for this node's own key (swarmd nat probe)")
-        if not isinstance(params, dict) or not isinstance(params.get("target"), str):
-            raise SwarmdError(ERR_BAD_REQUEST, "nat.probe params must be {target: hex key, bytes: int, watch: s}")
+        params = as_params(params, "nat.probe", required=("target",))
         try:
-            target = bytes.fromhex(params["target"])
+            target = bytes.fromhex(str_param(params, "target", "nat.probe", 64) or "-")
         except ValueError:
             raise SwarmdError(ERR_BAD_REQUEST, "nat.probe target must be a hex public key") from None
-        size = params.get("bytes", 0)
-        if not isinstance(size, int) or not 0 <= size <= self.config.probe_max_bytes:
-            raise SwarmdError(ERR_BAD_REQUEST, f"nat.probe bytes must be 0..{self.config.probe_max_bytes}")
+        size = int_param(params, "bytes", "nat.probe", 0, 0, self.config.probe_max_bytes)
         watch = params.get("watch", 0)
         if not isinstance(watch, (int, float)) or isinstance(watch, bool) or not 0 <= watch <= MAX_WATCH:
             raise SwarmdError(ERR_BAD_REQUEST, f"nat.probe watch must be 0..{MAX_WATCH} seconds")
@@ -186,7 +175,9 @@ class PathProbe:
             path = path_of(peer)
             if not changes or changes[-1]["path"] != path:
                 changes.append({"path": path, "ms": round((time.monotonic() - t0) * 1000, 1)})
-            if path != RELAYED and not final_at:
+            # final: not relayed, and no dial is still trying a better path (a UDP punch
+            # may be followed by a TCP birthday punch)
+            if path != RELAYED and not final_at and target not in self.traversal.dialer.racing:
                 final_at.append(loop.time())
 
         def running() -> bool:

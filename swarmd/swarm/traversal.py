@@ -45,9 +45,17 @@ from swarmd.net.signal import (
     SignalLimiter,
     parse_request,
 )
-from swarmd.net.tcppunch import Rendezvous, close_quietly, rendezvous, simultaneous_open
+from swarmd.net.tcppunch import (
+    BIRTHDAY_TIMEOUT,
+    Rendezvous,
+    close_quietly,
+    is_birthday,
+    punch_open,
+    rendezvous,
+)
 from swarmd.net.udppunch import PunchOffer, UdpPuncher
 from swarmd.rpc import CallContext, RpcPeer
+from swarmd.rpc.params import as_params
 from swarmd.swarm.dialer import TCP_PUNCH_TIMEOUT, Dialer
 from swarmd.swarm.mapping import PortMapping
 from swarmd.swarm.pathprobe import PathProbe
@@ -273,9 +281,7 @@ class Traversal:
     async def _rpc_signal(self, ctx: CallContext, params: Any) -> Any:
         """On a public peer: forward a caller's request to a target that keeps a connection to us."""
         self.limiter.check(ctx.peer, time.monotonic())
-        if not isinstance(params, dict):
-            raise SwarmdError(ERR_BAD_REQUEST, "nat.signal params must be a map")
-        req = parse_request({**params, "source": ctx.peer})  # the source is whoever holds the Noise key
+        req = parse_request({**as_params(params, "nat.signal"), "source": ctx.peer})  # the source is whoever holds the Noise key
         target = self.swarm._registry.get(req.target)
         if target is None:
             raise SwarmdError(ERR_NOT_FOUND, f"peer {req.target.hex()[:16]}… keeps no connection to this node")
@@ -283,8 +289,7 @@ class Traversal:
 
     async def _rpc_connect(self, ctx: CallContext, params: Any) -> Any:
         """On the target: a caller wants a connection (through a signal peer or over a relayed one)."""
-        if not isinstance(params, dict):
-            raise SwarmdError(ERR_BAD_REQUEST, "nat.connect params must be a map")
+        params = as_params(params, "nat.connect")
         if ctx.peer in self.signal_peers and isinstance(params.get("source"), bytes):
             source = params["source"]  # forwarded: the signal peer vouches for the caller's Noise key
         elif self._is_pooled(ctx.peer):
@@ -300,7 +305,8 @@ class Traversal:
             assert req.addr is not None
             rv = await rendezvous(await self._rendezvous_relay(), timeout=self.config.stun_timeout)
             self._punching += 1
-            self._spawn(self._accepting(PUNCHED_TCP, req.source, self._accept_tcp_punched(req.source, rv, req.addr)))
+            self._spawn(self._accepting(PUNCHED_TCP, req.source,
+                                        self._accept_tcp_punched(req.source, rv, req.addr, req.nat or UNKNOWN)))
             return {"addr": [rv.observed[0], rv.observed[1]]}
         if req.kind == KIND_UDP:
             assert req.punch is not None
@@ -376,10 +382,11 @@ class Traversal:
         await self._established(conn, expected)
         return peer
 
-    async def _accept_tcp_punched(self, source: bytes, rv: Rendezvous, addr: Address) -> None:
+    async def _accept_tcp_punched(self, source: bytes, rv: Rendezvous, addr: Address, theirs: str) -> None:
         t0 = time.monotonic()
+        bound = BIRTHDAY_TIMEOUT if is_birthday(self.nat_type, theirs) else TCP_PUNCH_TIMEOUT
         try:
-            sock = await simultaneous_open(rv.port, addr, min(self.config.punch_timeout, TCP_PUNCH_TIMEOUT))
+            sock = await punch_open(rv, addr, self.nat_type, theirs, min(self.config.punch_timeout, bound))
         except SwarmdError as e:
             self.metrics.attempt(PUNCHED_TCP, False)
             self.log.bind(event="punch_failed", path=PUNCHED_TCP, peer=source.hex()[:16], reason=e.message).info(
@@ -389,7 +396,8 @@ class Traversal:
         finally:
             rv.close()
             self._punching -= 1
-        info = PathInfo(PUNCHED_TCP, time.monotonic() - t0, detail={"punch": rv.detail(addr)})
+        info = PathInfo(PUNCHED_TCP, time.monotonic() - t0,
+                        detail={"punch": {**rv.detail(addr), "birthday": is_birthday(self.nat_type, theirs)}})
         peer = await self._over_socket(sock, False, None, source, info)
         self.metrics.attempt(PUNCHED_TCP, True)
         await self._adopt_inbound(source, peer, info)

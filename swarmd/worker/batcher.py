@@ -34,8 +34,8 @@ class Pending:
     feeds: dict[str, np.ndarray]
     outputs: tuple[str, ...]
     rows: int  # size of the batch dim; 0 when the model is not batchable
-    deadline: float  # loop time
-    enqueued: float  # loop time
+    deadline: float  # time.monotonic()
+    enqueued: float  # time.monotonic()
     future: Any  # asyncio.Future[list[np.ndarray]]
     key: tuple[Any, ...] = ()
     state: PendingState = PendingState.QUEUED

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,12 @@ from swarmd.worker.config import WorkerConfig
 from swarmd.worker.result import InferResult
 from swarmd.worker.served import ServedModel, WorkerState
 from swarmd.worker.stats import LoadStats
+
+# The clock of admission, deadlines and every duration the statistics report: the default
+# loop's own (time.monotonic), read afresh. uvloop's loop.time() moves once per loop turn and
+# in whole milliseconds, which made a request's queue and total times equal and ms-rounded.
+# Timers scheduled with loop.call_at on it stay right: both loops count CLOCK_MONOTONIC.
+_clock = time.monotonic
 
 
 def _input_bytes(p: Pending) -> int:
@@ -94,7 +101,7 @@ class Dispatch:
                 ERR_OVERLOADED, f"worker queue is full ({self.queued} requests waiting); retry elsewhere or later"
             )
         loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = _clock()
         budget = self.config.default_timeout if budget is None else budget
         if not budget > 0:  # also NaN
             raise SwarmdError(ERR_TIMEOUT, "the request's deadline passed before it reached the worker")
@@ -149,7 +156,7 @@ class Dispatch:
 
     @staticmethod
     def _now() -> float:
-        return asyncio.get_running_loop().time()
+        return _clock()
 
     def _pump_model(self, served: ServedModel) -> None:
         """Start runs of this model's queued batches while run slots are free."""
@@ -200,7 +207,7 @@ class Dispatch:
         loop = asyncio.get_running_loop()
         if policy.enabled and policy.max_queue_delay_us and served.queued_rows < policy.max_batch_size:
             due = queue[0].enqueued + policy.max_queue_delay_us / 1e6
-            if loop.time() < due:
+            if _clock() < due:
                 if served.delay_timer is None:
                     served.delay_timer = loop.call_at(due, self._on_delay, served)
                 return False
@@ -234,7 +241,7 @@ class Dispatch:
             # blocks the loop (at most inline_run_us). Under load batches form, runs stay in
             # threads and the loop stays free.
             times = [0.0, 0.0, 0.0]
-            started = loop.time()
+            started = _clock()
             results = execute(served.runtime.run, served.name, batch[0].outputs, [batch[0].feeds], [batch[0].rows],
                               times)
             self._note_run_time(served, times[1], _input_bytes(batch[0]))
@@ -250,7 +257,7 @@ class Dispatch:
             [p.rows for p in batch],
         )
         self._runs.add(run)
-        run.add_done_callback(functools.partial(self._finished, served, batch, loop.time()))
+        run.add_done_callback(functools.partial(self._finished, served, batch, _clock()))
         return True
 
     def _inline_candidate_after_take(self, served: ServedModel) -> bool:

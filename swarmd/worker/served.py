@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from swarmd.signature import ModelSignature
 from swarmd.worker.batcher import Pending
 from swarmd.worker.config import BatchingConfig
 from swarmd.worker.runtime import ModelRuntime
-from swarmd.worker.signature import ModelSignature
 from swarmd.worker.stats import ModelStats
 
 

@@ -1,8 +1,11 @@
-"""Model signatures and the validation of requests against them.
+"""The one model-signature type and the one validation of requests against it.
 
-Every request is checked here before it is queued, so a bad request costs
-the caller a precise message and costs the worker nothing: no batch is ever
-poisoned by a tensor of the wrong shape or dtype.
+A signature is read from the ONNX file at upload (swarmd.store.onnxsig), from a
+loaded session (workers, the standalone gateway), and travels as `to_wire()`
+in the store's metadata to the gateway (`from_wire`). Every request is checked
+here before it is queued or run, so a bad request costs the caller a precise
+message and costs the worker nothing: no batch is ever poisoned by a tensor of
+the wrong shape or dtype.
 """
 
 from __future__ import annotations
@@ -37,6 +40,11 @@ class TensorSpec:
         shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in dims)
         dim0 = dims[0] if dims and isinstance(dims[0], str) and dims[0] else None
         return cls(arg.name, dtype, shape, dim0)
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> TensorSpec:
+        """From `to_wire()` form (a store's metadata record)."""
+        return cls(str(d["name"]), str(d["dtype"]), tuple(int(x) for x in d.get("shape") or ()))
 
     def to_wire(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
