@@ -153,7 +153,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="smaller loops on both sides (a smoke run)")
     ap.add_argument("--skip-gateway", action="store_true", help="leave out bench/gateway.py")
     ap.add_argument("--loop", choices=("default", "asyncio", "uvloop"), default="default",
-                    help="event loop of bench/rpc.py (default: what a node runs by default, node.event_loop)")
+                    help="event loop of bench/rpc.py and bench/dht.py (default: a node's default, node.event_loop)")
     args = ap.parse_args()
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
@@ -186,7 +186,7 @@ def main() -> int:
             if anchors is not None:
                 for step in ("lookup-100", "lookup-500", "connect"):
                     theirs[step].append(run_step(["node", *js[step]], anchors))
-            ours["dht"].append(run_step([py, "bench/dht.py"], ROOT))
+            ours["dht"].append(run_step([py, "bench/dht.py", "--loop", loop], ROOT))
             if not args.skip_gateway:
                 ours["gateway"].append(run_step(
                     [py, "bench/gateway.py", "--seconds", "2" if args.quick else "4", "--conns", "1,64",
@@ -216,7 +216,7 @@ def main() -> int:
               f"{row['target']:<9}{row['anchor_name']}")
     load_after = os.getloadavg()
     print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}; rounds: {args.rounds}; "
-          f"swarmd RPC on {loop}")
+          f"swarmd on {loop}")
     print(json.dumps({"bench": "anchors", "rounds": args.rounds, "event_loop": loop, "table": table,
                       "load_before": load_before[0], "load_after": load_after[0]}))
     return 0

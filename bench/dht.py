@@ -2,7 +2,11 @@
 announce time, and join -> connection through the swarm, each beside a raw
 UDP request/response round trip measured on the same loop in the same run.
 
-    python bench/dht.py            # prints a table, then one JSON line
+    python bench/dht.py [--loop asyncio|uvloop]   # prints a table, then one JSON line
+
+Every loop of the run (this process and the two-process figure's child) is the
+one a node runs by default (node.event_loop, swarmd/node/eventloop.py) unless
+--loop names one; the JSON says which.
 
 Two lookup figures per size: from a node of the testnet (its table warm), and
 from a fresh client-mode node that bootstrapped just before each lookup, for a
@@ -36,7 +40,12 @@ from loguru import logger  # noqa: E402
 from swarmd.dht.config import DhtConfig  # noqa: E402
 from swarmd.dht.node import DhtNode  # noqa: E402
 from swarmd.dht.records import make_record, topic_from_name  # noqa: E402
+from swarmd.node.eventloop import loop_factory, run  # noqa: E402
 from swarmd.node.identity import Identity  # noqa: E402
+from swarmd.settings import NodeConfig  # noqa: E402
+
+LOOP = sys.argv[sys.argv.index("--loop") + 1] if "--loop" in sys.argv else NodeConfig().event_loop
+LOOP = "asyncio" if loop_factory(LOOP) is None else "uvloop"  # what it resolves to here
 
 SELF = os.path.abspath(__file__)
 LOOKUPS = 200
@@ -275,7 +284,7 @@ async def swarm_two_process(joins: int = JOINS) -> dict[str, float]:
     from swarmd.swarm import ConnectionEvent, Swarm, SwarmConfig
 
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, SELF, "--serve-swarm",
+        sys.executable, SELF, "--serve-swarm", "--loop", LOOP,
         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
     )  # fmt: skip
     assert proc.stdin is not None and proc.stdout is not None
@@ -385,12 +394,13 @@ async def main() -> None:
         "targets (bench/anchors.py, same run): fresh-node lookup p50 <= 1.0x hyperdht at 100 and 500 nodes,"
         " two-process join -> connection p50 <= 1.0x hyperswarm"
     )
-    print(json.dumps({"figures": figures, "baseline": base}))
+    print(f"event loop: {LOOP}")
+    print(json.dumps({"figures": figures, "baseline": base, "event_loop": LOOP}))
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--serve-swarm"]:
+    if "--serve-swarm" in sys.argv:
         logger.remove()
-        asyncio.run(serve_swarm())
+        run(serve_swarm(), LOOP)
     else:
-        asyncio.run(main())
+        run(main(), LOOP)

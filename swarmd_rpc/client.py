@@ -319,8 +319,7 @@ class Client:
                     break
                 if not found and settle is not None:
                     settle_until = loop.time() + settle
-                if rec.public_key not in found or found[rec.public_key].seq < rec.seq:
-                    found[rec.public_key] = rec
+                found[rec.public_key] = rec  # a lookup yields a peer again only with a newer seq
                 if first_only:
                     break
         if admitted_only:  # records no admission checked are shown, never used to reach a peer
