@@ -28,11 +28,11 @@ from swarmd.errors import ERR_CLOSED, ERR_HANDSHAKE, ERR_OVERLOADED, ERR_PROTOCO
 from swarmd.net import mux
 from swarmd.net.channel import Channel
 from swarmd.net.config import NetConfig
-from swarmd.net.loglimit import hostile
 from swarmd.net.noise import HandshakeError, NoiseSession, reject_frame
 from swarmd.net.peerlimits import PeerLimits, error_from_payload, partial, short
 from swarmd.net.writebatch import WriteBatcher
 from swarmd.node.identity import Identity
+from swarmd.node.loglimit import hostile
 from swarmd.node.memory import release_freed_memory_soon
 
 

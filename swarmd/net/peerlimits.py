@@ -21,8 +21,8 @@ import msgpack
 from swarmd.errors import ERR_CLOSED, ERR_HANDSHAKE, ERR_OVERLOADED, ERR_PROTOCOL, ERR_TIMEOUT, SwarmdError
 from swarmd.net import mux
 from swarmd.net.config import NetConfig
-from swarmd.net.loglimit import hostile
 from swarmd.net.noise import NoiseSession
+from swarmd.node.loglimit import hostile
 
 if TYPE_CHECKING:
     from swarmd.net.channel import Channel

@@ -23,10 +23,10 @@ from swarmd.errors import (
     ERR_CONFLICT,
     SwarmdError,
 )
+from swarmd.names import check_description, check_digest, check_name, check_tags, check_version
 from swarmd.roles.base import NodeContext
 from swarmd.settings import parse_hostport
-from swarmd.store.blobs import check_digest
-from swarmd.store.catalog import ModelMeta, check_description, check_name, check_tags, check_version, now
+from swarmd.store.catalog import ModelMeta, now
 from swarmd.store.core import ModelStore, PushRequest
 from swarmd.store.replication import Pull, from_the_future, plan_replication, rows_to_adopt
 from swarmd.store.transfer import pull_stream

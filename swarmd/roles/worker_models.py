@@ -52,12 +52,11 @@ class WorkerModels:
     _announce_now: asyncio.Event
 
     async def _colocated_call(self, method: str, params: dict[str, Any]) -> Any:
-        """getModel or listModels on a store role running in this process; ERR_NOT_FOUND when there is none."""
-        store = self.ctx.role("store")
-        handler = getattr(store, {"getModel": "get_model", "listModels": "list_models"}[method], None)
-        if handler is None or getattr(store, "store", None) is None:
+        """getModel or listModels on a store role running in this process, called through our own
+        key's local peer as a remote store is called; ERR_NOT_FOUND when there is none."""
+        if getattr(self.ctx.role("store"), "store", None) is None or self.ctx.swarm is None:
             raise SwarmdError(ERR_NOT_FOUND, "no store in this process")
-        return await handler(None, params)
+        return await self.ctx.swarm.local_peer().call(method, params, timeout=self.config.store_timeout)
 
     async def _colocated_blob(self, digest: str) -> Path | None:
         """The verified blob in a store role running in this process (StoreRole.blob_path), if it has it."""

@@ -31,8 +31,8 @@ from swarmd.errors import (
 )
 from swarmd.net.channel import Channel
 from swarmd.net.connection import SecureConnection
-from swarmd.net.loglimit import hostile
 from swarmd.node import tracing
+from swarmd.node.loglimit import hostile
 from swarmd.rpc import envelope
 from swarmd.rpc.builtins import BUILTINS
 from swarmd.rpc.config import RpcConfig

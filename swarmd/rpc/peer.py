@@ -29,9 +29,9 @@ from swarmd.errors import (
 )
 from swarmd.net.channel import Channel
 from swarmd.net.connection import SecureConnection
-from swarmd.net.loglimit import hostile
 from swarmd.node import tracing
 from swarmd.node.deadline import within
+from swarmd.node.loglimit import hostile
 from swarmd.node.trust import HELLO_EVENT, MAX_GRANTS
 from swarmd.rpc import codec, envelope
 from swarmd.rpc.builtins import BUILTINS

@@ -28,9 +28,10 @@ from swarmd.errors import (
     ERR_UNAVAILABLE,
     SwarmdError,
 )
+from swarmd.names import check_digest
 from swarmd.topics import STORES, blob_topic, model_topic
 from swarmd.versions import version_key
-from swarmd.worker.cache import ModelCache, check_digest
+from swarmd.worker.cache import ModelCache
 from swarmd.worker.config import WorkerConfig
 
 STORE_KEYS_TTL = 10.0  # seconds a lookup of which stores hold a model is reused for version checks
