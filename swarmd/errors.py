@@ -37,6 +37,28 @@ ALL_CODES: frozenset[str] = frozenset(
     v for k, v in dict(globals()).items() if k.startswith("ERR_") and isinstance(v, str)
 )
 
+# How the gateways answer a code: (HTTP status, gRPC status name). A code not here
+# (a peer's own, or one no client request can cause) is answered 502 / UNKNOWN.
+GATEWAY_STATUS: dict[str, tuple[int, str]] = {
+    ERR_BAD_REQUEST: (400, "INVALID_ARGUMENT"),
+    ERR_INVALID_MODEL: (400, "INVALID_ARGUMENT"),
+    ERR_UNAUTHORIZED: (401, "UNAUTHENTICATED"),
+    ERR_FORBIDDEN: (403, "PERMISSION_DENIED"),
+    ERR_NOT_FOUND: (404, "NOT_FOUND"),
+    ERR_CONFLICT: (409, "ALREADY_EXISTS"),
+    ERR_TOO_LARGE: (413, "RESOURCE_EXHAUSTED"),
+    ERR_RATE_LIMITED: (429, "RESOURCE_EXHAUSTED"),
+    ERR_INTERNAL: (500, "INTERNAL"),
+    ERR_NOT_IMPLEMENTED: (501, "UNIMPLEMENTED"),
+    ERR_CORRUPT: (502, "UNKNOWN"),
+    ERR_PROTOCOL: (502, "UNKNOWN"),
+    ERR_OVERLOADED: (503, "UNAVAILABLE"),
+    ERR_NOT_READY: (503, "UNAVAILABLE"),
+    ERR_UNAVAILABLE: (503, "UNAVAILABLE"),
+    ERR_CLOSED: (503, "UNAVAILABLE"),
+    ERR_TIMEOUT: (504, "DEADLINE_EXCEEDED"),
+}
+
 
 class SwarmdError(Exception):
     """An error with a stable code that may cross the wire unchanged."""

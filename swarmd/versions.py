@@ -3,7 +3,7 @@
 Stores pick "latest" with it, workers serve an unversioned request with it,
 gateways, orchestrators, the client library and the CLI list versions in it.
 A version string (1-64 of letters, digits, '.', '_', '+', '-'; see
-swarmd.store.catalog.check_version) is read as:
+swarmd.names.check_version) is read as:
 
 - an optional leading "v" before a digit ("v2.1" reads as "2.1");
 - a release number: the leading dot-separated integers ("2", "2.10", "1.0");

@@ -30,9 +30,9 @@ class RecordingNode(DhtNode):
         self.sent = []
         original = proto.request
 
-        def request(address, method, *args):  # noqa: ANN001, ANN202 - pass-through
+        def request(address, method, *args, **kw):  # noqa: ANN001, ANN003, ANN202 - pass-through
             self.sent.append((address[0], address[1]))
-            return original(address, method, *args)
+            return original(address, method, *args, **kw)
 
         proto.request = request  # type: ignore[method-assign]
         return proto

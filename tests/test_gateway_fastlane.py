@@ -113,6 +113,10 @@ def test_pipelined_requests_are_answered_in_order_across_the_hand_over(pair):
                                                               (200, "p-4")]
     assert json.loads(answers[2][2]) == {"live": True}
     assert g.gateway.lane.handed_off == handed + 1  # aiohttp took the connection at the GET, and kept it
+    (status, _, body), = exchange(g, b"GET /api/v1/status HTTP/1.1\r\nHost: x\r\nx-api-key: "
+                                  + g.admin_key.encode() + b"\r\n\r\n")
+    lane = json.loads(body)["gateway"]["fast_lane"]
+    assert status == 200 and lane["served"] == g.gateway.lane.served and lane["handed_off"] >= handed + 2
 
 
 def test_a_body_sent_after_its_headers_is_served_by_the_lane(pair):

@@ -57,8 +57,7 @@ class Crawl:
         raise NotImplementedError
 
     def _send(self, peer: Node, fut: asyncio.Future[Reply], now: float) -> None:
-        self._inflight[fut] = (peer, now)
-        fut.add_done_callback(self._landed)
+        self._inflight[fut] = (peer, now)  # its reply reaches _landed (ask's `then`)
 
     def _landed(self, fut: asyncio.Future[Reply]) -> None:
         if fut in self._inflight:
@@ -112,7 +111,7 @@ class NodeCrawl(Crawl):
     """The k closest nodes to a target id that answer."""
 
     def _ask(self, peer: Node) -> asyncio.Future[Reply]:
-        return self.protocol.ask_find_node(peer, self.node.id)
+        return self.protocol.ask_find_node(peer, self.node.id, then=self._landed)
 
     async def find(self) -> list[Node]:
         proto = self.protocol
@@ -163,7 +162,7 @@ class TopicCrawl(Crawl):
         self._asked_again: set[bytes] = set()
 
     def _ask(self, peer: Node) -> asyncio.Future[Reply]:
-        return self.protocol.ask_topic_get(peer, self.topic)
+        return self.protocol.ask_topic_get(peer, self.topic, then=self._landed)
 
     async def stream(self, admit: Callable[[PeerRecord], bool] | None = None) -> AsyncIterator[PeerRecord]:
         """Records as they arrive; `admit` (if given) drops the records it refuses."""
@@ -208,7 +207,7 @@ class TopicCrawl(Crawl):
                     if reply.get("more") is True and tk is not None and peer.id not in self._asked_again:
                         # the node holds more records than it sends an unproven address: ask with its token
                         self._asked_again.add(peer.id)
-                        self._send(peer, proto.ask_topic_get(peer, self.topic, tk), loop.time())
+                        self._send(peer, proto.ask_topic_get(peer, self.topic, tk, self._landed), loop.time())
         finally:
             self._close()
 

@@ -54,7 +54,7 @@ from swarmd.dht.records import (
     topic_target,
 )
 from swarmd.dht.routing import ID_SIZE, SwarmdRoutingTable, parse_contacts, valid_id
-from swarmd.dht.wire import DatagramRpc
+from swarmd.dht.wire import DatagramRpc, Notify, Reply
 from swarmd.node.ratelimit import RateLimiter
 from swarmd.node.supervisor import Supervisor
 
@@ -131,33 +131,39 @@ class SwarmdProtocol(DatagramRpc, KademliaProtocol):
         return self.request(address, "find_value", self.wire_id, key)
 
     def ask(
-        self, node: Node, method: str, *args: Any, well_formed: Callable[[Any], bool] | None = None
-    ) -> asyncio.Future[tuple[bool, Any]]:
+        self,
+        node: Node,
+        method: str,
+        *args: Any,
+        well_formed: Callable[[Any], bool] | None = None,
+        then: Notify | None = None,
+    ) -> Reply:
         """A request to a contact whose outcome updates the table when it lands, whoever
         still waits for it (a lookup that ended early does not): an answer marks the
         contact seen and welcomes it, a timeout or an answer `well_formed` refuses evicts
-        it. No task per request: the bookkeeping is a callback on the request's future."""
-        fut = self.request((node.ip, node.port), method, *args)
-        fut.add_done_callback(lambda f: self._landed(f, node, well_formed))
-        return fut
+        it. No task per request: the bookkeeping, then `then(future)`, run as it lands."""
+        return self.request(
+            (node.ip, node.port), method, *args, notify=lambda f: self._landed(f, node, well_formed, then)
+        )
 
-    def _landed(self, fut: asyncio.Future[tuple[bool, Any]], node: Node, well_formed: Callable[[Any], bool] | None) -> None:
-        if fut.cancelled() or self._closing:
-            return
-        ok, reply = fut.result()
-        if ok and well_formed is not None and not well_formed(reply):
-            self.rlog.warn("bad_reply", "dropped a malformed dht reply", peer=str(node))
-            ok = False
-        self.handle_call_response((ok, reply if ok else None), node)
+    def _landed(self, fut: Reply, node: Node, well_formed: Callable[[Any], bool] | None, then: Notify | None) -> None:
+        if not fut.cancelled() and not self._closing:
+            ok, reply = fut.result()
+            if ok and well_formed is not None and not well_formed(reply):
+                self.rlog.warn("bad_reply", "dropped a malformed dht reply", peer=str(node))
+                ok = False
+            self.handle_call_response((ok, reply if ok else None), node)
+        if then is not None:
+            then(fut)
 
-    def ask_find_node(self, node: Node, key: bytes) -> asyncio.Future[tuple[bool, Any]]:
+    def ask_find_node(self, node: Node, key: bytes, then: Notify | None = None) -> Reply:
         """find_node; the reply is a contact list (parse_contacts) or evicts the contact."""
-        return self.ask(node, "find_node", self.wire_id, key, well_formed=_is_list)
+        return self.ask(node, "find_node", self.wire_id, key, well_formed=_is_list, then=then)
 
-    def ask_topic_get(self, node: Node, topic: bytes, token: bytes | None = None) -> asyncio.Future[tuple[bool, Any]]:
+    def ask_topic_get(self, node: Node, topic: bytes, token: bytes | None = None, then: Notify | None = None) -> Reply:
         """topic_get; the reply is a map or evicts the contact."""
         args: tuple[Any, ...] = (self.wire_id, topic) if token is None else (self.wire_id, topic, token)
-        return self.ask(node, "topic_get", *args, well_formed=_is_dict)
+        return self.ask(node, "topic_get", *args, well_formed=_is_dict, then=then)
 
     async def call_ping(self, node_to_ask: Node) -> tuple[bool, Any]:
         # an answer from another id means another node now answers at that address

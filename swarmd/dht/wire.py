@@ -35,6 +35,8 @@ REQUEST = 0x00
 RESPONSE = 0x01
 
 Handler = Callable[..., Any]
+Reply = asyncio.Future[tuple[bool, Any]]  # (True, result) or (False, None)
+Notify = Callable[[Reply], None]
 
 
 class DatagramRpc(RPCProtocol):
@@ -55,7 +57,7 @@ class DatagramRpc(RPCProtocol):
         # msg id -> (future, deadline, destination), oldest first: every request waits the
         # same time, so one timer at the oldest deadline times them all out in order (a
         # timer per request costs a heap push and a cancelled handle left in the loop's heap)
-        self._outstanding: dict[bytes, tuple[asyncio.Future[tuple[bool, Any]], float, tuple[str, int]]] = {}
+        self._outstanding: dict[bytes, tuple[Reply, float, tuple[str, int], Notify | None]] = {}
         self._expiry: asyncio.TimerHandle | None = None
         self.closed = asyncio.get_running_loop().create_future()
         owner = tasks if tasks is not None else Supervisor(name="dht", policy=LOG)
@@ -82,10 +84,9 @@ class DatagramRpc(RPCProtocol):
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
-        for fut, _deadline, _dest in list(self._outstanding.values()):
-            if not fut.done():
-                fut.set_result((False, None))
-        self._outstanding.clear()
+        outstanding, self._outstanding = self._outstanding, {}
+        for fut, _deadline, _dest, notify in outstanding.values():
+            self._settle(fut, (False, None), notify)
         self.stun.close()
         if self.transport is not None:
             self.transport.close()
@@ -153,13 +154,12 @@ class DatagramRpc(RPCProtocol):
         if entry is None:
             self.rlog.warn("unsolicited", "dropped response to no outstanding request", source=addr[0])
             return
-        future, _deadline, dest = entry
+        future, _deadline, dest, notify = entry
         if (addr[0], addr[1]) != dest:
             self.rlog.warn("spoofed", "dropped response from another address than asked", source=addr[0])
             return
         del self._outstanding[msg_id]
-        if not future.done():
-            future.set_result((True, body))
+        self._settle(future, (True, body), notify)
 
     def _on_request(self, msg_id: bytes, body: Any, addr: tuple[str, int]) -> None:
         if (
@@ -208,28 +208,39 @@ class DatagramRpc(RPCProtocol):
             if mid[3:7] != stun.COOKIE_BYTES:  # keep rpc datagrams distinguishable from STUN
                 return mid
 
-    def request(self, address: tuple[str, int], method: str, *args: Any) -> asyncio.Future[tuple[bool, Any]]:
+    def request(
+        self, address: tuple[str, int], method: str, *args: Any, notify: Notify | None = None
+    ) -> Reply:
         """Send one request; the future resolves to (True, result) or (False, None)
-        after the configured timeout. Never raises for a bad address."""
+        after the configured timeout. Never raises for a bad address. `notify(future)`
+        runs as it resolves, in the same step (a done-callback would wait a loop turn:
+        a lookup's next request leaves one turn sooner per hop)."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[tuple[bool, Any]] = loop.create_future()
+        future: Reply = loop.create_future()
         if not (
             isinstance(address, (tuple, list))
             and len(address) == 2
             and valid_ip(address[0])
             and valid_port(address[1])
-        ):
+        ) or not self._send(REQUEST, msg_id := self._new_msg_id(), [method, list(args)], (address[0], address[1])):
             future.set_result((False, None))
+            if notify is not None:
+                loop.call_soon(notify, future)  # after the caller has the future
             return future
-        dest = (address[0], address[1])
-        msg_id = self._new_msg_id()
-        if not self._send(REQUEST, msg_id, [method, list(args)], dest):
-            future.set_result((False, None))
-            return future
-        self._outstanding[msg_id] = (future, loop.time() + self._wait_timeout, dest)
+        self._outstanding[msg_id] = (future, loop.time() + self._wait_timeout, (address[0], address[1]), notify)
         if self._expiry is None:
             self._expiry = loop.call_later(self._wait_timeout, self._expire)
         return future
+
+    def _settle(self, future: Reply, result: tuple[bool, Any], notify: Notify | None) -> None:
+        if future.done():
+            return
+        future.set_result(result)
+        if notify is not None:
+            try:
+                notify(future)
+            except Exception as e:  # a reply handler's bug: never the socket's, never the timer's
+                self.rlog.warn("internal", "dht reply handler failed", error=f"{type(e).__name__}: {e}"[:160])
 
     def _expire(self) -> None:
         """Time out the requests whose deadline passed; re-arm for the oldest left."""
@@ -239,13 +250,12 @@ class DatagramRpc(RPCProtocol):
         outstanding = self._outstanding
         while outstanding:
             msg_id = next(iter(outstanding))
-            future, deadline, _dest = outstanding[msg_id]
+            future, deadline, _dest, notify = outstanding[msg_id]
             if deadline > now:
                 self._expiry = loop.call_at(deadline, self._expire)
                 return
             del outstanding[msg_id]
-            if not future.done():
-                future.set_result((False, None))
+            self._settle(future, (False, None), notify)
 
 
 __all__ = ["REQUEST", "RESPONSE", "DatagramRpc"]

@@ -28,15 +28,8 @@ from swarmd import __version__
 from swarmd.dtypes import CONTENTS_FIELD, TRITON_TYPES
 from swarmd.errors import (
     ERR_BAD_REQUEST,
-    ERR_FORBIDDEN,
     ERR_INTERNAL,
-    ERR_NOT_FOUND,
-    ERR_NOT_READY,
-    ERR_OVERLOADED,
-    ERR_RATE_LIMITED,
-    ERR_TIMEOUT,
-    ERR_TOO_LARGE,
-    ERR_UNAUTHORIZED,
+    GATEWAY_STATUS,
     SwarmdError,
 )
 from swarmd.gateway.oip import OipError, decode_raw_tensor, encode_raw_tensor, numpy_dtype
@@ -50,23 +43,7 @@ if TYPE_CHECKING:
 SERVICE = "inference.GRPCInferenceService"
 PUBLIC = "public"
 
-STATUS: dict[str, grpc.StatusCode] = {
-    ERR_BAD_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
-    "ERR_INVALID_MODEL": grpc.StatusCode.INVALID_ARGUMENT,
-    ERR_UNAUTHORIZED: grpc.StatusCode.UNAUTHENTICATED,
-    ERR_FORBIDDEN: grpc.StatusCode.PERMISSION_DENIED,
-    ERR_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
-    "ERR_CONFLICT": grpc.StatusCode.ALREADY_EXISTS,
-    ERR_TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ERR_RATE_LIMITED: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ERR_OVERLOADED: grpc.StatusCode.UNAVAILABLE,
-    ERR_NOT_READY: grpc.StatusCode.UNAVAILABLE,
-    "ERR_UNAVAILABLE": grpc.StatusCode.UNAVAILABLE,
-    "ERR_CLOSED": grpc.StatusCode.UNAVAILABLE,
-    ERR_TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
-    ERR_INTERNAL: grpc.StatusCode.INTERNAL,
-    "ERR_NOT_IMPLEMENTED": grpc.StatusCode.UNIMPLEMENTED,
-}
+STATUS: dict[str, grpc.StatusCode] = {code: getattr(grpc.StatusCode, name) for code, (_, name) in GATEWAY_STATUS.items()}
 
 # Triton's model configuration data types (the gRPC DataType enum), by OIP datatype name.
 CONFIG_TYPES: dict[str, int] = {oip: getattr(pb, name) for oip, name in TRITON_TYPES.items()}

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,20 +30,9 @@ from swarmd.gateway.backend import (
     UploadedModel,
     not_found,
 )
+from swarmd.names import check_name, check_version
 from swarmd.versions import next_version, version_key
 from swarmd.worker.runtime import ModelRuntime
-
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
-
-
-
-def check_name(kind: str, value: str) -> str:
-    if not NAME_RE.fullmatch(value):
-        raise SwarmdError(
-            "ERR_BAD_REQUEST",
-            f"{kind} {value!r:.80} must be 1-128 characters of letters, digits, '_', '.', '-', starting with a letter or digit",
-        )
-    return value
 
 
 @dataclass
@@ -142,12 +130,12 @@ class LocalBackend:
         return InferResult(loaded.info.name, loaded.info.version, dict(zip(names, values, strict=True)))
 
     async def put_model(self, upload: UploadedModel) -> ModelInfo:
-        check_name("model name", upload.name)
+        check_name(upload.name)
         existing = self._models.get(upload.name, {})
         version = upload.version
         if version is None:
             version = next_version(existing)
-        check_name("version", version)
+        check_version(version)
         if version in existing:
             if existing[version].info.digest == upload.sha256:
                 return existing[version].info
@@ -206,7 +194,7 @@ class LocalBackend:
     async def load_model(self, model: str) -> dict[str, Any]:
         """(Re)load every version of `model` found under models_dir: a version whose file
         changed on disk is read again, like Triton's load of an already loaded model."""
-        check_name("model name", model)
+        check_name(model)
         found = self._on_disk(model)
         if not found:
             raise not_found(model, None)
@@ -219,7 +207,7 @@ class LocalBackend:
         return {"model": model, "loaded": [v for v, _, _ in runtimes]}
 
     async def unload_model(self, model: str) -> dict[str, Any]:
-        check_name("model name", model)
+        check_name(model)
         versions = self._models.pop(model, None)
         if versions is None and not self._on_disk(model):
             raise not_found(model, None)

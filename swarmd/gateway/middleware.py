@@ -30,6 +30,7 @@ from swarmd.errors import (
     ERR_TIMEOUT,
     ERR_TOO_LARGE,
     ERR_UNAUTHORIZED,
+    GATEWAY_STATUS,
     SwarmdError,
 )
 from swarmd.gateway.keys import ApiKey
@@ -39,25 +40,7 @@ RID = web.RequestKey("rid", str)  # the request id, echoed in X-Request-Id
 MODEL = web.RequestKey("model", str)  # metrics label, set once the model is known to exist
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-HTTP_STATUS: dict[str, int] = {
-    ERR_BAD_REQUEST: 400,
-    "ERR_INVALID_MODEL": 400,
-    ERR_UNAUTHORIZED: 401,
-    ERR_FORBIDDEN: 403,
-    ERR_NOT_FOUND: 404,
-    "ERR_CONFLICT": 409,
-    ERR_TOO_LARGE: 413,
-    ERR_RATE_LIMITED: 429,
-    ERR_INTERNAL: 500,
-    "ERR_CORRUPT": 502,
-    "ERR_PROTOCOL": 502,
-    ERR_OVERLOADED: 503,
-    ERR_NOT_READY: 503,
-    "ERR_UNAVAILABLE": 503,
-    "ERR_CLOSED": 503,
-    ERR_TIMEOUT: 504,
-    "ERR_NOT_IMPLEMENTED": 501,
-}
+HTTP_STATUS: dict[str, int] = {code: http for code, (http, _) in GATEWAY_STATUS.items()}
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 ALLOWED_HEADERS = "authorization, content-type, x-api-key, x-request-id, inference-header-content-length"
 EXPOSED_HEADERS = "x-request-id, inference-header-content-length, retry-after"

@@ -248,7 +248,11 @@ class Gateway(Middleware, OipRoutes, V1Routes):
         self.m_latency.observe(elapsed, route, model, status)
 
     def _gateway_summary(self) -> dict[str, Any]:
-        return {"url": self.url, "version": __version__, "uptime": round(time.time() - self._started, 3),
-                "in_flight": self._in_flight, "auth": self.config.auth}
+        out = {"url": self.url, "version": __version__, "uptime": round(time.time() - self._started, 3),
+               "in_flight": self._in_flight, "auth": self.config.auth}
+        if self.lane is not None:  # how much of the traffic the lean lane answers (fastlane.py)
+            out["fast_lane"] = {"served": self.lane.served, "handed_off": self.lane.handed_off,
+                                "connections": len(self.lane.conns)}
+        return out
 
 

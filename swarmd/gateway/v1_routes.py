@@ -26,6 +26,7 @@ from swarmd.gateway.backend import UploadedModel
 from swarmd.gateway.keys import KeyStore
 from swarmd.gateway.middleware import MODEL, RID, bad, json_response
 from swarmd.gateway.openapi import docs_page, openapi_document
+from swarmd.names import check_description, check_name, check_tags, check_version
 
 UPLOAD_CHUNK = 1 << 20
 UPLOAD_FORM_FIELDS = ("name", "version", "tags", "description", "sha256")  # a multipart upload's other parts
@@ -140,22 +141,15 @@ class V1Routes:
 
     @staticmethod
     def _upload_fields(src: Any, tags: Any) -> tuple[str, str | None, str, list[str]]:
+        """The upload's name, version, description and tags, by the rules every store applies (swarmd.names)."""
         name = src.get("name")
-        if not isinstance(name, str) or not name:
+        if not name:
             raise bad("model name is required (\"name\" in the JSON body, or ?name= for a raw upload)")
         version = src.get("version")
-        if version is not None and not isinstance(version, str):
-            raise bad("version must be a string")
-        description = src.get("description") or ""
-        if not isinstance(description, str):
-            raise bad("description must be a string")
         if isinstance(tags, str):
             tags = [t.strip() for t in tags.split(",") if t.strip()]
-        if tags is None:
-            tags = []
-        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-            raise bad("tags must be a list of strings")
-        return name, version, description, tags
+        return (check_name(name), None if version is None else check_version(version),
+                check_description(src.get("description") or None), check_tags(tags))
 
     async def _upload_json(self, request: web.Request, f: Any, tmp: Path) -> UploadedModel:
         doc = await self._json_body(request, self.config.max_body_bytes)  # one base64 string: costs ~its size

@@ -98,26 +98,15 @@ class _Pipe:
 
 
 class LocalStream(CallStream):
-    """One end of a local stream: `send`, `recv` (None at end), `close`, and on the caller's
-    end the call's `result` — the interface of swarmd.rpc.Stream."""
+    """One end of a local stream, over two pipes: the interface of swarmd.rpc.Stream."""
 
     def __init__(self, sid: int, out: _Pipe, into: _Pipe, result: asyncio.Future[Any] | None = None,
                  handler: asyncio.Task[Any] | None = None) -> None:
+        super().__init__(out.put, into.get, out.end, result)
         self.id = sid
         self._out = out
         self._in = into
-        self._result = result
         self._handler = handler
-
-    async def send(self, data: bytes) -> None:
-        await self._out.put(data)
-
-    async def recv(self) -> bytes | None:
-        return await self._in.get()
-
-    async def close(self) -> None:
-        """Half-close: we send nothing more; the other end's recv() returns None."""
-        self._out.end()
 
     def abort(self, error: SwarmdError | None = None) -> None:
         """Reset both directions; on the caller's end also cancel the handler (result raises ERR_CANCELLED)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Self
 
 from swarmd.errors import ERR_CANCELLED, SwarmdError
@@ -14,9 +15,19 @@ if TYPE_CHECKING:
 
 class CallStream:
     """What a stream over a mux channel (`Stream`) and one in-process (`rpc.local.LocalStream`)
-    share: the call's result on the caller's side, and aborting on an error in `async with`."""
+    share: `send`, `recv` (None at end), `close` (half-close: the other side's recv() returns
+    None), the call's `result` on the caller's side, and aborting on an error in `async with`.
+    send and recv are the transport's own methods (no wrapper frame per chunk)."""
 
-    _result: asyncio.Future[Any] | None = None
+    def __init__(self, send: Callable[[bytes], Awaitable[None]], recv: Callable[[], Awaitable[bytes | None]],
+                 end: Callable[[], None], result: asyncio.Future[Any] | None) -> None:
+        self.send = send
+        self.recv = recv
+        self._end = end
+        self._result = result
+
+    async def close(self) -> None:
+        self._end()
 
     def abort(self, error: SwarmdError | None = None) -> None:
         raise NotImplementedError
@@ -45,29 +56,19 @@ class CallStream:
 
 
 class Stream(CallStream):
-    """A byte stream tied to one call: `send`, `recv` (None at end), `close`, and the call's `result`."""
+    """A byte stream tied to one call, over one mux channel."""
 
     def __init__(
         self, peer: RpcPeer, channel: Channel, result: asyncio.Future[Any] | None = None, request_id: int = 0
     ) -> None:
+        super().__init__(channel.send, channel.recv, channel.end, result)
         self.peer = peer
         self.channel = channel
-        self._result = result
         self._rid = request_id
 
     @property
     def id(self) -> int:
         return self.channel.id
-
-    async def send(self, data: bytes) -> None:
-        await self.channel.send(data)
-
-    async def recv(self) -> bytes | None:
-        return await self.channel.recv()
-
-    async def close(self) -> None:
-        """Half-close: we send nothing more; the other side's recv() returns None."""
-        self.channel.end()
 
     def abort(self, error: SwarmdError | None = None) -> None:
         """Reset the channel; on the caller side also cancel the call (its result raises ERR_CANCELLED)."""

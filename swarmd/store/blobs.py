@@ -18,7 +18,6 @@ import errno
 import fcntl
 import hashlib
 import os
-import re
 import threading
 import time
 from collections.abc import Iterator
@@ -34,17 +33,10 @@ from swarmd.errors import (
     ERR_TOO_LARGE,
     SwarmdError,
 )
+from swarmd.names import DIGEST_RE, check_digest
 
-DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 READ_CHUNK = 1024 * 1024
 IOV_BATCH = 512  # buffers per writev, under every system's IOV_MAX
-
-
-def check_digest(digest: object) -> str:
-    """A sha256 hex digest (64 lowercase hex chars), or ERR_BAD_REQUEST."""
-    if not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest):
-        raise SwarmdError(ERR_BAD_REQUEST, f"digest must be 64 lowercase hex characters (sha256), got {digest!r:.80}")
-    return digest
 
 
 def _fsync_dir(path: Path) -> None:

@@ -9,7 +9,6 @@ replicas can merge catalogs by last-writer-wins.
 from __future__ import annotations
 
 import json
-import re
 import sqlite3
 import threading
 import time
@@ -18,15 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from swarmd.errors import ERR_BAD_REQUEST, SwarmdError
+from swarmd.names import LATEST
 from swarmd.versions import next_version, version_key
-
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
-TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:=+-]{0,63}$")
-MAX_TAGS = 32
-MAX_DESCRIPTION = 4096
-LATEST = "latest"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -54,47 +46,6 @@ CREATE TABLE IF NOT EXISTS model_tags (
 );
 CREATE INDEX IF NOT EXISTS model_tags_tag ON model_tags(tag);
 """
-
-
-def check_name(name: object) -> str:
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise SwarmdError(
-            ERR_BAD_REQUEST,
-            f"model name must be 1-128 characters of letters, digits, '.', '_' or '-' "
-            f"starting with a letter or digit, got {name!r:.80}",
-        )
-    return name
-
-
-def check_version(version: object) -> str:
-    if not isinstance(version, str) or not VERSION_RE.fullmatch(version) or version == LATEST:
-        raise SwarmdError(
-            ERR_BAD_REQUEST,
-            f"model version must be 1-64 characters of letters, digits, '.', '_', '+' or '-' "
-            f"starting with a letter or digit, and not 'latest'; got {version!r:.80}",
-        )
-    return version
-
-
-def check_tags(tags: object) -> list[str]:
-    if tags is None:
-        return []
-    if not isinstance(tags, (list, tuple)) or len(tags) > MAX_TAGS:
-        raise SwarmdError(ERR_BAD_REQUEST, f"tags must be a list of at most {MAX_TAGS} strings")
-    for t in tags:
-        if not isinstance(t, str) or not TAG_RE.fullmatch(t):
-            raise SwarmdError(
-                ERR_BAD_REQUEST, f"tag must be 1-64 characters of letters, digits and '._:=+-', got {t!r:.80}"
-            )
-    return sorted(set(tags))
-
-
-def check_description(text: object) -> str:
-    if text is None:
-        return ""
-    if not isinstance(text, str) or len(text) > MAX_DESCRIPTION:
-        raise SwarmdError(ERR_BAD_REQUEST, f"description must be a string of at most {MAX_DESCRIPTION} characters")
-    return text
 
 
 @dataclass

@@ -11,20 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from pathlib import Path
 
 from loguru import logger
 
-from swarmd.errors import ERR_BAD_REQUEST, ERR_CORRUPT, ERR_TOO_LARGE, SwarmdError
-
-DIGEST_RE = re.compile(r"[0-9a-f]{64}")
-
-
-def check_digest(digest: object) -> str:
-    if not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest):
-        raise SwarmdError(ERR_BAD_REQUEST, f"digest must be 64 lowercase hex characters (sha256), got {digest!r:.80}")
-    return digest
+from swarmd.errors import ERR_CORRUPT, ERR_TOO_LARGE, SwarmdError
+from swarmd.names import check_digest
 
 
 class BlobWriter:

@@ -90,6 +90,8 @@ class ModelRuntime:
             inputs=tuple(TensorSpec.from_node_arg(a) for a in self.session.get_inputs()),
             outputs=tuple(TensorSpec.from_node_arg(a) for a in self.session.get_outputs()),
         )
+        # a model whose outputs are all tensors (most) is answered without a pass over them
+        self._tensors_only = all(a.type.startswith("tensor(") for a in self.session.get_outputs())
 
     def run(self, output_names: tuple[str, ...], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Blocking run; the caller validated `feeds` against the signature.
@@ -98,7 +100,8 @@ class ModelRuntime:
         classifier output, or a map) come back as a string tensor of JSON texts, one
         per element (see json_texts), so every output travels as a tensor.
         """
-        return [o if isinstance(o, np.ndarray) else json_texts(o) for o in self.session.run(list(output_names), feeds)]
+        out = self.session.run(list(output_names), feeds)
+        return out if self._tensors_only else [o if isinstance(o, np.ndarray) else json_texts(o) for o in out]
 
 
 def _first_line(e: BaseException) -> str:
