@@ -7,7 +7,9 @@ Model: the 784-1024-1024-10 MLP of bench/gateway.py, served by a standalone gate
 HTTP JSON `POST /v2/models/mlp/infer` on N keep-alive connections (bench/gateway.py's
 client) vs gRPC `ModelInfer` with raw tensor contents (what tritonclient.grpc sends) as N
 concurrent calls on one HTTP/2 channel. The baseline is the HTTP JSON route measured in
-the same run. Target (issue 20): gRPC at 64 concurrent >= 1.5x HTTP JSON. With --traced, a
+the same run. Target (issue 20): gRPC at 64 concurrent >= 1.5x HTTP JSON. The "grpc floor"
+row is ServerLive on the same channel setup: the gateway CPU grpcio spends per call with no
+work of ours, the least a ModelInfer can cost on top of what HTTP JSON also pays. With --traced, a
 second gateway with OpenTelemetry tracing on (every request traced, spans to a file) is
 measured the same way, and its req/s over the untraced one's is reported: what tracing
 costs when it is on (off, it is one attribute check). Last line: JSON.
@@ -81,6 +83,37 @@ async def grpc_load(port: int, x: np.ndarray, conns: int, seconds: float, key: s
             "p99_ms": round(float(np.percentile(a, 99)) * 1000, 3), "errors": len(errors)}
 
 
+async def grpc_floor_load(port: int, conns: int, seconds: float) -> int:
+    """ServerLive (public, no work: no key check, no model) as fast as `conns` callers go on one
+    channel, for `seconds` plus the same warm-up as grpc_load; returns the calls made."""
+    import grpc
+
+    done = 0
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        call = ch.unary_unary("/inference.GRPCInferenceService/ServerLive",
+                              request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        stop = time.perf_counter() + seconds + min(1.0, seconds / 4)
+
+        async def one() -> None:
+            nonlocal done
+            while time.perf_counter() < stop:
+                await call(b"", timeout=30)
+                done += 1
+
+        await asyncio.gather(*(one() for _ in range(conns)))
+    return done
+
+
+def grpc_floor(port: int, conns: int, seconds: float, pid: int) -> dict[str, float]:
+    """The gRPC transport's own cost: the gateway's CPU per ServerLive call (grpcio's per-call
+    machinery, nothing of ours but a metrics count). ModelInfer cannot cost less than this plus
+    what HTTP JSON also pays (key check, inference dispatch, onnxruntime)."""
+    before = cpu_seconds(pid)
+    calls = asyncio.run(grpc_floor_load(port, conns, seconds))
+    return {"rps": round(calls / (seconds + min(1.0, seconds / 4)), 1),
+            "server_cpu_us_per_req": round((cpu_seconds(pid) - before) / max(calls, 1) * 1e6, 1)}
+
+
 def grpc_measure(port: int, x: np.ndarray, conns: int, seconds: float, key: str, pid: int) -> dict[str, float]:
     """grpc_load, with the gateway process's CPU time per request (as bench/gateway.py's measure):
     a figure the machine's load disturbs far less than req/s."""
@@ -99,7 +132,7 @@ def main() -> int:
     args = ap.parse_args()
     conns = [int(c) for c in args.conns.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="swarmd-bench-grpc-"))
-    results: dict[str, dict[str, dict[str, float]]] = {"http_json": {}, "grpc": {}}
+    results: dict[str, dict[str, dict[str, float]]] = {"http_json": {}, "grpc": {}, "grpc_floor": {}}
     if args.traced:
         results.update({"http_json_traced": {}, "grpc_traced": {}})
     proc = traced = None
@@ -132,6 +165,7 @@ def main() -> int:
         for c in conns:  # alternate the fronts per concurrency so all see the same load
             results["http_json"][str(c)] = measure(http, body, c, args.seconds, {"x-api-key": key}, proc.pid)
             results["grpc"][str(c)] = grpc_measure(grpc_port, x, c, args.seconds, key, proc.pid)
+            results["grpc_floor"][str(c)] = grpc_floor(grpc_port, c, args.seconds, proc.pid)
             if args.traced:
                 assert traced is not None
                 results["http_json_traced"][str(c)] = measure(t_http, body, c, args.seconds,
@@ -156,9 +190,13 @@ def main() -> int:
               f"{h['server_cpu_us_per_req']:>11,.0f}")
         print(f"{'grpc raw':<12}{c:>6}{g['rps']:>10,.0f}{g['p50_ms']:>9.2f}{g['p99_ms']:>9.2f}{g['errors']:>8}"
               f"{g['server_cpu_us_per_req']:>11,.0f}{ratios[c] or 0:>8.2f}x{cpu_ratios[c] or 0:>11.2f}x")
+        f = results["grpc_floor"][c]
+        print(f"{'grpc floor':<12}{c:>6}{f['rps']:>10,.0f}{'':>34}{f['server_cpu_us_per_req']:>11,.0f}"
+              "   (ServerLive: grpcio's per-call cost alone)")
     print("target: gRPC at 64 concurrent >= 1.5x HTTP JSON")
     doc: dict[str, object] = {"bench": "grpc", "grpc": results["grpc"], "baseline": {"http_json": results["http_json"]},
-                              "grpc_over_http_json": ratios, "grpc_over_http_json_per_cpu": cpu_ratios}
+                              "grpc_over_http_json": ratios, "grpc_over_http_json_per_cpu": cpu_ratios,
+                              "grpc_floor_server_live": results["grpc_floor"]}
     if args.traced:
         traced_ratio = {}
         for front in ("http_json", "grpc"):

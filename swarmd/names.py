@@ -3,13 +3,16 @@ and the sha256 digest of its bytes.
 
 The store's catalog, the store and worker blob directories (a digest becomes a
 file name), replication, and both gateways' uploads check with these, so a name
-one part accepts is accepted everywhere. Patterns are matched whole
+one part accepts is accepted everywhere; `check_record` checks a whole metadata
+record from a peer (replication rows, the answers a worker fetches by). Patterns are matched whole
 (`fullmatch`): "model\n" is not "model".
 """
 
 from __future__ import annotations
 
+import math
 import re
+from typing import Any
 
 from swarmd.errors import ERR_BAD_REQUEST, SwarmdError
 
@@ -68,3 +71,29 @@ def check_digest(digest: object) -> str:
     if not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest):
         raise SwarmdError(ERR_BAD_REQUEST, f"digest must be 64 lowercase hex characters (sha256), got {digest!r:.80}")
     return digest
+
+
+MAX_UPLOADER = 64  # a store's record names its uploader by hex public key
+
+
+def check_record(obj: Any) -> dict[str, Any]:
+    """A model's metadata record from a peer (a store's getModel or listModels answer, a
+    replication row), each field by the rules above; ERR_BAD_REQUEST names the first bad
+    one. Optional fields may be absent; tags and description come back normalised."""
+    if not isinstance(obj, dict):
+        raise SwarmdError(ERR_BAD_REQUEST, f"a model record must be a map, got {type(obj).__name__}")
+    check_name(obj.get("name"))
+    check_version(obj.get("version"))
+    check_digest(obj.get("digest"))
+    size = obj.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise SwarmdError(ERR_BAD_REQUEST, f"a model record's size must be a non-negative integer, got {size!r:.40}")
+    for key, limit in (("format", 16), ("uploader", MAX_UPLOADER)):
+        v = obj.get(key, "")
+        if not isinstance(v, str) or len(v) > limit:
+            raise SwarmdError(ERR_BAD_REQUEST, f"a model record's {key} must be a string of at most {limit} characters")
+    for key in ("created", "updated", "deleted"):
+        t = obj.get(key)
+        if t is not None and (not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t)):
+            raise SwarmdError(ERR_BAD_REQUEST, f"a model record's {key} must be a finite number, got {t!r:.40}")
+    return {**obj, "tags": check_tags(obj.get("tags")), "description": check_description(obj.get("description"))}

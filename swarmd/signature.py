@@ -11,6 +11,7 @@ the wrong shape or dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -58,13 +59,23 @@ class ModelSignature:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
 
-    @property
+    @cached_property
     def input_names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.inputs)
 
-    @property
+    @cached_property
     def output_names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.outputs)
+
+    @cached_property
+    def _known(self) -> tuple[frozenset[str], frozenset[str]]:
+        """Input and output names as sets, built once: validate runs per request."""
+        return frozenset(self.input_names), frozenset(self.output_names)
+
+    def _no_such(self, model: str, kind: str, name: str) -> SwarmdError:
+        specs = self.inputs if kind == "input" else self.outputs
+        return SwarmdError(ERR_BAD_REQUEST, f"model '{model}' has no {kind} {name[:100]!r}; its {kind}s are "
+                           + ", ".join(s.describe() for s in specs))
 
     @property
     def batchable(self) -> bool:
@@ -94,14 +105,10 @@ class ModelSignature:
                 ERR_BAD_REQUEST,
                 f"inputs must be a map of input name to tensor, got {type(inputs).__name__}",
             )
-        expected = {s.name: s for s in self.inputs}
+        known_inputs, known_outputs = self._known
         for key in inputs:
-            if key not in expected:
-                raise SwarmdError(
-                    ERR_BAD_REQUEST,
-                    f"model '{model}' has no input {str(key)[:100]!r}; its inputs are "
-                    + ", ".join(s.describe() for s in self.inputs),
-                )
+            if key not in known_inputs:
+                raise self._no_such(model, "input", str(key))
         feeds: dict[str, np.ndarray] = {}
         rows = -1
         first_name = ""
@@ -144,13 +151,8 @@ class ModelSignature:
                 raise SwarmdError(ERR_BAD_REQUEST, "outputs must be a list of output names")
             if not outputs:
                 raise SwarmdError(ERR_BAD_REQUEST, "outputs is empty; omit it to get every output")
-            known = set(self.output_names)
             for o in outputs:
-                if o not in known:
-                    raise SwarmdError(
-                        ERR_BAD_REQUEST,
-                        f"model '{model}' has no output {o[:100]!r}; its outputs are "
-                        + ", ".join(s.describe() for s in self.outputs),
-                    )
+                if o not in known_outputs:
+                    raise self._no_such(model, "output", o)
             names = tuple(dict.fromkeys(outputs))
         return feeds, names, max(rows, 0)

@@ -38,3 +38,26 @@ def test_gateway_uploads_follow_the_stores_rules(fields) -> None:
         V1Routes._upload_fields(fields, fields.get("tags"))
     assert e.value.code == ERR_BAD_REQUEST
     assert V1Routes._upload_fields({"name": "m", "version": "1.0+cpu"}, "b,a") == ("m", "1.0+cpu", "", ["a", "b"])
+
+
+GOOD_ROW = {"name": "m", "version": "1", "digest": "a" * 64, "size": 10, "format": "onnx", "tags": ["prod"],
+            "description": "", "created": 1.0, "updated": 2.0, "uploader": "ab" * 32}
+
+
+@pytest.mark.parametrize("bad", [{"name": "m\n"}, {"version": "latest"}, {"digest": "A" * 64}, {"size": -1},
+                                 {"size": True}, {"tags": ["a b"]}, {"created": float("nan")}, {"updated": "2"},
+                                 {"uploader": "x" * 65}])
+def test_worker_and_replication_read_a_stores_record_alike(bad) -> None:
+    """One record check (names.check_record): what replication refuses, a worker fetching by it refuses too."""
+    from swarmd.errors import ERR_PROTOCOL
+    from swarmd.roles.store_replication import meta_from_wire
+    from swarmd.worker.fetch import check_metadata
+
+    assert meta_from_wire(GOOD_ROW).tags == ["prod"] and check_metadata(GOOD_ROW, "m")["size"] == 10
+    row = {**GOOD_ROW, **bad}
+    with pytest.raises(SwarmdError) as e:
+        meta_from_wire(row)
+    assert e.value.code == ERR_BAD_REQUEST
+    with pytest.raises(SwarmdError) as e:
+        check_metadata(row, "m")
+    assert e.value.code == ERR_PROTOCOL

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from swarmd.errors import ERR_NOT_FOUND, SwarmdError
+from swarmd.names import check_record
 from swarmd.signature import ModelSignature, TensorSpec
 from swarmd.worker.result import InferResult
 
@@ -57,17 +58,19 @@ class ModelInfo:
 
     @classmethod
     def from_metadata(cls, d: dict[str, Any], versions: list[str] | None = None) -> ModelInfo:
-        """From the store's model metadata record (see CONTRACTS.md)."""
+        """From a store's model metadata record (see CONTRACTS.md), checked as stores check
+        one (swarmd.names.check_record: ERR_BAD_REQUEST when it is not one)."""
+        d = check_record(d)
         return cls(
-            name=str(d["name"]),
-            version=str(d["version"]),
+            name=d["name"],
+            version=d["version"],
             inputs=[TensorSpec.from_wire(t) for t in d.get("inputs") or []],
             outputs=[TensorSpec.from_wire(t) for t in d.get("outputs") or []],
-            versions=versions or [str(d["version"])],
-            digest=str(d.get("digest") or ""),
-            size=int(d.get("size") or 0),
-            tags=[str(t) for t in d.get("tags") or []],
-            description=str(d.get("description") or ""),
+            versions=versions or [d["version"]],
+            digest=d["digest"],
+            size=d["size"],
+            tags=d["tags"],
+            description=d["description"],
             created=float(d.get("created") or 0.0),
         )
 

@@ -168,7 +168,7 @@ class SwarmBackend:
         for r in rows:
             try:
                 info = ModelInfo.from_metadata(r)
-            except (KeyError, TypeError, ValueError):
+            except (KeyError, TypeError, ValueError, SwarmdError):  # not a model record: skipped
                 continue
             if model is None or info.name == model:
                 out.append(info)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import random
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from swarmd.errors import (
     ERR_CONFLICT,
     SwarmdError,
 )
-from swarmd.names import check_description, check_digest, check_name, check_tags, check_version
+from swarmd.names import check_digest, check_record
 from swarmd.roles.base import NodeContext
 from swarmd.settings import parse_hostport
 from swarmd.store.catalog import ModelMeta, now
@@ -41,31 +40,18 @@ MAX_UNHELD_DELETIONS = 10_000  # remembered deletions of rows we do not hold (in
 
 
 def meta_from_wire(obj: Any) -> ModelMeta:
-    """A catalog row from a peer, type-checked field by field."""
-    if not isinstance(obj, dict):
-        raise SwarmdError(ERR_BAD_REQUEST, "catalog row must be a map")
-    try:
-        deleted = obj.get("deleted")
-        m = ModelMeta(
-            name=obj["name"], version=obj["version"], digest=obj["digest"], size=obj["size"],
-            format=obj.get("format", "onnx"), tags=obj.get("tags", []), description=obj.get("description", ""),
-            created=float(obj["created"]), uploader=obj.get("uploader", ""),
-            deleted=float(deleted) if deleted is not None else None, updated=float(obj["updated"]),
-        )
-    except (KeyError, TypeError, ValueError) as e:
-        raise SwarmdError(ERR_BAD_REQUEST, f"malformed catalog row from peer: {e!r:.120}") from None
-    for key, tp in (("size", int), ("uploader", str), ("format", str)):
-        if not isinstance(getattr(m, key), tp) or isinstance(getattr(m, key), bool):
-            raise SwarmdError(ERR_BAD_REQUEST, f"catalog row field {key} must be {tp.__name__}")
-    check_name(m.name)
-    check_version(m.version)
-    check_digest(m.digest)
-    m.tags = check_tags(m.tags)
-    m.description = check_description(m.description)
-    if not all(math.isfinite(t) for t in (m.created, m.updated, m.deleted or 0.0)):
-        raise SwarmdError(ERR_BAD_REQUEST, "catalog row times must be finite numbers")
-    if m.size < 0 or len(m.uploader) > 64 or m.format != "onnx":
-        raise SwarmdError(ERR_BAD_REQUEST, "catalog row has a negative size, a long uploader or a format other than onnx")
+    """A catalog row from a peer, type-checked field by field (swarmd.names.check_record)."""
+    r = check_record(obj)
+    if r.get("created") is None or r.get("updated") is None:
+        raise SwarmdError(ERR_BAD_REQUEST, "a catalog row from a peer needs its created and updated times")
+    deleted = r.get("deleted")
+    m = ModelMeta(
+        name=r["name"], version=r["version"], digest=r["digest"], size=r["size"], format=r.get("format", "onnx"),
+        tags=r["tags"], description=r["description"], created=float(r["created"]), uploader=r.get("uploader", ""),
+        deleted=None if deleted is None else float(deleted), updated=float(r["updated"]),
+    )
+    if m.format != "onnx":
+        raise SwarmdError(ERR_BAD_REQUEST, f"catalog row has format {m.format!r}; stores hold onnx only")
     return m
 
 

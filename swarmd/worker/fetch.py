@@ -28,7 +28,7 @@ from swarmd.errors import (
     ERR_UNAVAILABLE,
     SwarmdError,
 )
-from swarmd.names import check_digest
+from swarmd.names import check_record
 from swarmd.topics import STORES, blob_topic, model_topic
 from swarmd.versions import version_key
 from swarmd.worker.cache import ModelCache
@@ -44,15 +44,12 @@ def _record_key(record: Any) -> bytes:
 
 
 def check_metadata(meta: Any, name: str) -> dict[str, Any]:
-    """The fields of a store's getModel answer the worker relies on, type-checked."""
-    if not isinstance(meta, dict):
-        raise SwarmdError(ERR_PROTOCOL, f"store answered getModel for '{name}' with {type(meta).__name__}, not a map")
-    check_digest(meta.get("digest"))
-    size = meta.get("size")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise SwarmdError(ERR_PROTOCOL, f"store metadata for '{name}' has no valid size: {size!r:.40}")
-    if not isinstance(meta.get("version"), str):
-        raise SwarmdError(ERR_PROTOCOL, f"store metadata for '{name}' has no version string")
+    """A store's record of a model (getModel answer, listModels row), checked as every store
+    checks one (swarmd.names.check_record); a bad one is the store's protocol error."""
+    try:
+        meta = check_record(meta)
+    except SwarmdError as e:
+        raise SwarmdError(ERR_PROTOCOL, f"store metadata for '{name}': {e.message}") from None
     fmt = meta.get("format", "onnx")
     if fmt != "onnx":
         raise SwarmdError(ERR_NOT_FOUND, f"model '{name}' is stored as {fmt!r}; this worker runs onnx only")
@@ -65,14 +62,7 @@ def _check_row(row: Any, name: str) -> dict[str, Any] | None:
         meta = check_metadata(row, name)
     except SwarmdError:
         return None
-    if meta.get("name") != name:
-        return None
-    deleted, updated = meta.get("deleted"), meta.get("updated", 0.0)
-    if deleted is not None and not isinstance(deleted, (int, float)):
-        return None
-    if not isinstance(updated, (int, float)) or isinstance(updated, bool):
-        return None
-    return meta
+    return meta if meta["name"] == name else None
 
 
 class ModelFetcher:
