@@ -4,8 +4,8 @@ Why not grpcio: its per-call machinery costs ~310 µs of gateway CPU before any 
 ours (the "grpc floor" row of bench/gateway_grpc.py), more than the whole HTTP JSON
 route. A gRPC client speaks a small part of HTTP/2, and this class speaks just that
 part (docs/grpc-wire.md lists it): the connection preface, SETTINGS and their ACK,
-HEADERS + CONTINUATION (HPACK decoding by the `hpack` package, with its dynamic table
-and Huffman; answers use fixed header blocks that need neither), DATA with flow control
+HEADERS + CONTINUATION (HPACK decoding in h2hpack.py, with the dynamic table, Huffman
+and a cache of repeated blocks; answers use fixed header blocks that need neither), DATA with flow control
 both ways, PING, RST_STREAM, GOAWAY, WINDOW_UPDATE; PRIORITY is read and ignored,
 PUSH_PROMISE refused. On top: gRPC's length-prefixed messages (uncompressed only), the
 `grpc-timeout` header, and grpc-status/grpc-message trailers.
@@ -23,7 +23,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from hpack import Decoder, HPACKError, OversizedHeaderListError
+from swarmd.gateway.h2hpack import HpackDecoder, HpackError, OversizedHeaderList
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -236,8 +236,8 @@ class GrpcConnection:
         self.header_flags = 0
         self.header_parts: list[bytes] = []
         self.header_size = 0
-        self.decoder = Decoder(max_header_list_size=self.limits.max_header_list)
-        self.decoder.max_allowed_table_size = 4096  # SETTINGS_HEADER_TABLE_SIZE: we leave it at its default
+        self.decoder = HpackDecoder(4096, self.limits.max_header_list)  # SETTINGS_HEADER_TABLE_SIZE: the default
+        self.blocked: dict[int, _Stream] = {}  # streams whose answer waits on a window, in order
 
     # -- the API of the glue -------------------------------------------------------
 
@@ -346,6 +346,7 @@ class GrpcConnection:
         rest = self._write_data(s, payload)
         if rest:
             s.pending.append(rest)
+            self.blocked[s.stream_id] = s
 
     def _write_data(self, s: _Stream, payload: bytes) -> bytes:
         """Write what the windows and the frame size allow; returns what is left."""
@@ -368,15 +369,20 @@ class GrpcConnection:
 
     def _flush_pending(self) -> None:
         """Windows grew: send what waited on them, stream by stream in order."""
-        for s in list(self.streams.values()):
+        for s in list(self.blocked.values()):
             if self.send_window <= 0:
                 return
+            if self.streams.get(s.stream_id) is not s:  # reset meanwhile
+                del self.blocked[s.stream_id]
+                continue
             while s.pending and s.window > 0 and self.send_window > 0:
                 rest = self._write_data(s, s.pending[0])
                 if rest:
                     s.pending[0] = rest
                     break
                 s.pending.pop(0)
+            if not s.pending:
+                del self.blocked[s.stream_id]
             if not s.pending and s.pending_trailers is not None:
                 self.out.append(frame(HEADERS, END_HEADERS | END_STREAM, s.stream_id, s.pending_trailers))
                 s.pending_trailers = None
@@ -497,7 +503,7 @@ class GrpcConnection:
                 self.peer_max_frame = value
             # HEADER_TABLE_SIZE: our answers never use the dynamic table; the rest do not bind a server
         self.out.append(frame(SETTINGS, ACK, 0))
-        if self.streams:
+        if self.blocked:
             self._flush_pending()
 
     def _window_update(self, sid: int, payload: bytes) -> None:
@@ -523,7 +529,8 @@ class GrpcConnection:
             if s.window > MAX_WINDOW:
                 self.reset(sid, FLOW_CONTROL_ERROR)
                 return
-        self._flush_pending()
+        if self.blocked:
+            self._flush_pending()
 
     def _rst_stream(self, sid: int, payload: bytes, events: list[Event]) -> None:
         if sid == 0:
@@ -584,12 +591,12 @@ class GrpcConnection:
 
     def _header_block(self, sid: int, flags: int, block: bytes, events: list[Event]) -> None:
         try:
-            fields = self.decoder.decode(block, raw=True)
-        except OversizedHeaderListError:
+            fields = self.decoder.decode(block)
+        except OversizedHeaderList:
             raise ConnectionError_(ENHANCE_YOUR_CALM, f"header list of stream {sid} over "
                                                       f"SETTINGS_MAX_HEADER_LIST_SIZE {self.limits.max_header_list}"
                                    ) from None
-        except HPACKError as e:
+        except HpackError as e:
             raise ConnectionError_(COMPRESSION_ERROR, f"HPACK block of stream {sid} does not decode: {e}") from None
         s = self.streams.get(sid)
         if s is not None:  # trailers from the client (END_STREAM): ends its half; their content is not used
