@@ -24,7 +24,7 @@ from loguru import logger
 from swarmd import __version__
 from swarmd.errors import ERR_NOT_FOUND, ERR_TIMEOUT, SwarmdError
 from swarmd.gateway.accesslog import AccessLog
-from swarmd.gateway.backend import InferenceBackend, ModelInfo
+from swarmd.gateway.backend import InferenceBackend
 from swarmd.gateway.config import GatewayConfig
 from swarmd.gateway.dashboard import Collect, Dashboard
 from swarmd.gateway.fastlane import FastLane
@@ -35,6 +35,7 @@ from swarmd.gateway.middleware import HTTP_STATUS, MODEL, RID, Middleware
 from swarmd.gateway.oip_routes import OipRoutes, tensor_meta
 from swarmd.gateway.routes import ROUTES, permission_of
 from swarmd.gateway.v1_routes import V1Routes
+from swarmd.names import ModelMeta
 from swarmd.node import tracing
 from swarmd.node.ratelimit import RateLimiter
 
@@ -193,7 +194,7 @@ class Gateway(Middleware, OipRoutes, V1Routes):
             except Exception as e:  # a locked or full disk must not end the gateway; retried next tick
                 self.log.bind(event="usage_flush_failed").warning("writing key usage failed: {!r}", e)
 
-    async def _metadata(self, request: web.Request, model: str, version: str | None) -> ModelInfo:
+    async def _metadata(self, request: web.Request, model: str, version: str | None) -> ModelMeta:
         info = await self.backend.model_metadata(model, version)
         request[MODEL] = info.name
         return info
@@ -237,7 +238,7 @@ class Gateway(Middleware, OipRoutes, V1Routes):
                                       "swarmd.request_id": request_id or ""}):
             return await self.infer(model, version, inputs, outputs, request_id)
 
-    async def metadata(self, model: str, version: str | None) -> ModelInfo:
+    async def metadata(self, model: str, version: str | None) -> ModelMeta:
         return await self.backend.model_metadata(model, version)
 
     def authorize(self, token: str | None, authorization: str | None, remote: str, permission: str) -> ApiKey | None:
