@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from tritonclient.utils import InferenceServerException
 
 from swarmd.gateway.config import GatewayConfig
-from swarmd.gateway.grpc_server import decode_request, encode_response
+from swarmd.gateway.grpc_service import decode_request, encode_response
 from swarmd.gateway.oip import OipError
 from swarmd.gateway.proto import oip_pb2 as pb
 from tests.gateway_fixtures import GatewayThread, install_model, reference, tiny_mlp
@@ -24,11 +24,12 @@ MODEL = tiny_mlp(seed=4)
 X = np.array([[0.1, 0.2, 0.3, 0.4], [1.0, -1.0, 0.5, 2.0]], dtype=np.float32)
 
 
-@pytest.fixture(scope="module")
-def gw(tmp_path_factory):
+@pytest.fixture(scope="module", params=["lean", "grpcio"])
+def gw(request, tmp_path_factory):
+    """A gateway with its gRPC front on each engine (gateway.grpc_engine): every test runs on both."""
     data = tmp_path_factory.mktemp("gwgrpc")
     install_model(data / "models", "mlp", "1", MODEL)
-    g = GatewayThread(data, GatewayConfig())
+    g = GatewayThread(data, GatewayConfig(grpc_engine=request.param))
     g.grpc_port = g.call(g.gateway.start_grpc("127.0.0.1", 0))
     yield g
     g.close()

@@ -141,10 +141,16 @@ class Gateway(Middleware, OipRoutes, V1Routes):
         return self.port
 
     async def start_grpc(self, host: str, port: int) -> int:
-        """The OIP gRPC front (gateway.grpc) beside HTTP; grpcio is imported only here."""
-        from swarmd.gateway.grpc_server import GrpcFront
+        """The OIP gRPC front (gateway.grpc) beside HTTP, on gateway.grpc_engine: the lean lane
+        (grpc_lane.py) or grpcio (grpc_server.py; imported only then)."""
+        if self.config.grpc_engine == "grpcio":
+            from swarmd.gateway.grpc_server import GrpcFront
 
-        front = GrpcFront(self)
+            front: Any = GrpcFront(self)
+        else:
+            from swarmd.gateway.grpc_lane import GrpcLane
+
+            front = GrpcLane(self)
         bound = await front.start(host, port)
         self.grpc = front
         return bound
@@ -212,7 +218,7 @@ class Gateway(Middleware, OipRoutes, V1Routes):
         state[MODEL] = result.model
         return result
 
-    # -- what every front (HTTP here, gRPC in grpc_server.py) shares ------------------
+    # -- what every front (HTTP here, gRPC in grpc_service.py) shares ------------------
 
     async def infer(self, model: str, version: str | None, inputs: dict[str, np.ndarray],
                     outputs: list[str] | None, request_id: str | None) -> Any:
@@ -244,7 +250,7 @@ class Gateway(Middleware, OipRoutes, V1Routes):
         return HTTP_STATUS.get(code, 502)
 
     def observe(self, route: str, method: str, status: str, elapsed: float, model: str) -> None:
-        """Count one served call (HTTP here, gRPC in grpc_server.py) in the gateway's metrics."""
+        """Count one served call (HTTP here, gRPC in grpc_service.py) in the gateway's metrics."""
         self.m_requests.inc(route, method, status)
         self.m_latency.observe(elapsed, route, model, status)
 
