@@ -152,10 +152,10 @@ class WorkerModels:
             elif name in self._latest:  # keep serving what we knew; ask again after the interval
                 self._latest[name] = (loop.time(), self._latest[name][1])
             raise
-        live = {m["version"] for m in metas}
-        self._latest[name] = (loop.time(), metas[-1]["version"])
+        live = {m.version for m in metas}
+        self._latest[name] = (loop.time(), metas[-1].version)
         self._retire(name, live)
-        return metas[-1]["version"]
+        return metas[-1].version
 
     def _retire(self, name: str, live: set[str]) -> None:
         """Unload the versions of name the stores no longer hold (after their requests finish)."""
@@ -293,16 +293,16 @@ class WorkerModels:
             raise SwarmdError(ERR_NOT_FOUND, f"model '{name}' is not configured on this worker and it has no swarm to fetch it from")
         else:
             meta = await self.fetcher.resolve(name, version)
-            served = self.engine.get(name, meta["version"])
+            served = self.engine.get(name, meta.version)
             if served is None:
                 path = await self.fetcher.fetch(meta)
-                self.cache.pinned.add(meta["digest"])
+                self.cache.pinned.add(meta.digest)
                 try:
                     await self._make_room(pin)
-                    served = await self.engine.load(name, meta["version"], path, digest=meta["digest"])
+                    served = await self.engine.load(name, meta.version, path, digest=meta.digest)
                 except BaseException:
-                    if meta["digest"] not in {m.digest for m in self.engine.models()}:
-                        self.cache.pinned.discard(meta["digest"])
+                    if meta.digest not in {m.digest for m in self.engine.models()}:
+                        self.cache.pinned.discard(meta.digest)
                     raise
         self._settle(served, pin)
         self._announce_now.set()
