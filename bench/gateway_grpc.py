@@ -1,18 +1,29 @@
-"""The gateway's gRPC front beside its HTTP JSON route, same process, same model, same run.
+"""The gateway's gRPC front beside its HTTP JSON route and the FastAPI baseline, same run.
 
-    python bench/gateway_grpc.py [--seconds 4] [--conns 1,64] [--traced]
+    python bench/gateway_grpc.py [--seconds 3] [--conns 64] [--rounds 3] [--engines lean,grpcio] [--traced]
 
-Model: the 784-1024-1024-10 MLP of bench/gateway.py, served by a standalone gateway
-(onnxruntime in-process, so the figure is the front's cost, not the swarm's). Load:
-HTTP JSON `POST /v2/models/mlp/infer` on N keep-alive connections (bench/gateway.py's
-client) vs gRPC `ModelInfer` with raw tensor contents (what tritonclient.grpc sends) as N
-concurrent calls on one HTTP/2 channel. The baseline is the HTTP JSON route measured in
-the same run. Target (issue 20): gRPC at 64 concurrent >= 1.5x HTTP JSON. The "grpc floor"
-row is ServerLive on the same channel setup: the gateway CPU grpcio spends per call with no
-work of ours, the least a ModelInfer can cost on top of what HTTP JSON also pays. With --traced, a
-second gateway with OpenTelemetry tracing on (every request traced, spans to a file) is
-measured the same way, and its req/s over the untraced one's is reported: what tracing
-costs when it is on (off, it is one attribute check). Last line: JSON.
+Model: the 784-1024-1024-10 MLP of bench/gateway.py, served by standalone gateways
+(onnxruntime in-process, so the figure is the front's cost, not the swarm's), one per gRPC
+engine (gateway.grpc_engine: "lean", the HTTP/2 lane of gateway/grpc_lane.py, and
+"grpcio"). Load, N concurrent calls each:
+  http json   POST /v2/models/mlp/infer on N keep-alive connections from a client as lean as
+              the gRPC one (H1Load: asyncio protocol, one pre-built request) — the baseline of
+              the target;
+  http json/aio  the same from bench/gateway.py's client (asyncio streams, wait_for per
+              read: ~4x the client CPU per request of H1Load);
+  fastapi     the same on FastAPI + onnxruntime under uvicorn (bench/gateway.py's baseline);
+  grpc raw    ModelInfer with raw tensor contents (what tritonclient.grpc sends) as N
+              concurrent streams on one HTTP/2 connection, from a client as lean as the HTTP
+              one: raw asyncio, pre-encoded headers and a pre-serialized request (h2_load);
+  grpc/grpcio the same calls from grpcio's own asyncio channel (what tritonclient uses): its
+              client costs more CPU per call than the server, so on this 2-core box it caps
+              req/s for either engine — shown, not used for the target;
+  grpc floor  ServerLive from the raw client: the engine's per-call cost with no work of ours.
+Rounds interleave every row (same load for all); figures are medians over rounds. Per row:
+req/s, p50/p99, the gateway's CPU per request (µs) and the load generator's. Target (issue
+20): grpc raw (lean) at 64 concurrent >= 1.5x http json req/s. With --traced, a gateway with
+OpenTelemetry tracing on is measured too (its CPU per request over the untraced one's).
+Last line: JSON.
 """
 
 from __future__ import annotations
@@ -21,6 +32,8 @@ import argparse
 import asyncio
 import json
 import shutil
+import statistics
+import struct
 import sys
 import tempfile
 import time
@@ -33,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from gateway import (  # noqa: E402  (bench/gateway.py: one load client, one model builder)
+    FASTAPI_APP,
     build_mlp,
     cpu_seconds,
     create_key,
@@ -42,7 +56,204 @@ from gateway import (  # noqa: E402  (bench/gateway.py: one load client, one mod
     stop_proc,
     swarmd_env,
     wait_http,
+    wait_log,
 )
+
+from swarmd.gateway.grpc_wire import (  # noqa: E402  (the frame and header helpers the lane itself uses)
+    DATA,
+    END_HEADERS,
+    END_STREAM,
+    GOAWAY,
+    HEADERS,
+    PING,
+    PREFACE,
+    RST_STREAM,
+    SETTINGS,
+    WINDOW_UPDATE,
+    frame,
+    hpack_int,
+    literal,
+)
+from swarmd.gateway.h2hpack import HpackDecoder  # noqa: E402
+
+FRAME = struct.Struct(">BHBBL")
+
+
+def request_block(path: str, key: str | None) -> bytes:
+    """A gRPC request's header block, encoded once: indexed :method POST (3) and :scheme http
+    (6), literals without indexing for the rest."""
+    block = b"\x83\x86" + b"\x04" + hpack_int(len(path), 7) + path.encode()
+    block += b"\x01" + hpack_int(9, 7) + b"127.0.0.1" + b"\x0f\x10" + hpack_int(16, 7) + b"application/grpc"
+    block += literal(b"te", b"trailers")
+    if key:
+        block += literal(b"x-api-key", key.encode())
+    return block
+
+
+class H2Load(asyncio.Protocol):
+    """`conc` calls in flight on one HTTP/2 connection, each a new stream, until `stop`."""
+
+    def __init__(self, block: bytes, message: bytes, conc: int, stop: float, warm: float,
+                 lat: list[float], errors: list[str], done: asyncio.Future) -> None:
+        self.block, self.conc, self.stop, self.warm = block, conc, stop, warm
+        self.data = struct.pack(">BI", 0, len(message)) + message
+        self.lat, self.errors, self.done = lat, errors, done
+        self.started: dict[int, float] = {}
+        self.next_id = 1
+        self.buf = bytearray()
+        self.unacked = 0
+        self.decoder = HpackDecoder()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        out = [PREFACE, frame(SETTINGS, 0, 0, struct.pack(">HIHI", 2, 0, 4, 1 << 24)),
+               frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", (1 << 30)))]
+        out += [self._call() for _ in range(self.conc)]
+        transport.write(b"".join(out))
+
+    def _call(self) -> bytes:
+        sid = self.next_id
+        self.next_id += 2
+        self.started[sid] = time.perf_counter()
+        return frame(HEADERS, END_HEADERS, sid, self.block) + frame(DATA, END_STREAM, sid, self.data)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        pos, out = 0, []
+        while len(buf) - pos >= 9:
+            hi, lo, kind, flags, sid = FRAME.unpack_from(buf, pos)
+            n = (hi << 16) | lo
+            if len(buf) - pos - 9 < n:
+                break
+            payload = bytes(buf[pos + 9:pos + 9 + n])
+            pos += 9 + n
+            if kind == DATA:
+                self.unacked += n
+            elif kind == HEADERS and flags & END_STREAM:
+                fields = dict(self.decoder.decode(payload))
+                status = fields.get(b"grpc-status", b"?")
+                self._end(sid, None if status == b"0" else f"grpc-status {status.decode()}", out)
+            elif kind == HEADERS:
+                self.decoder.decode(payload)
+            elif kind == RST_STREAM:
+                self._end(sid, "RST_STREAM", out)
+            elif kind == SETTINGS and not flags & 1:
+                out.append(frame(SETTINGS, 1, 0))
+            elif kind == PING and not flags & 1:
+                out.append(frame(PING, 1, 0, payload))
+            elif kind == GOAWAY:
+                self.errors.append("GOAWAY")
+                self.started.clear()
+        del buf[:pos]
+        if self.unacked > 1 << 20:
+            out.append(frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", self.unacked)))
+            self.unacked = 0
+        if out:
+            self.transport.write(b"".join(out))  # type: ignore[union-attr]
+        if not self.started and not self.done.done():
+            self.done.set_result(None)
+
+    def _end(self, sid: int, error: str | None, out: list[bytes]) -> None:
+        t0 = self.started.pop(sid, None)
+        if t0 is None:
+            return
+        now = time.perf_counter()
+        if error is not None:
+            self.errors.append(error)
+        elif t0 >= self.warm:
+            self.lat.append(now - t0)
+        if now < self.stop:
+            out.append(self._call())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+class H1Load(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection sending `request` again as soon as each answer is in:
+    the HTTP side's load generator as lean as H2Load (no streams, no wait_for per read)."""
+
+    def __init__(self, request: bytes, stop: float, warm: float, lat: list[float], errors: list[str],
+                 done: asyncio.Future) -> None:
+        self.request, self.stop, self.warm = request, stop, warm
+        self.lat, self.errors, self.done = lat, errors, done
+        self.buf = b""
+        self.t0 = 0.0
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.t0 = time.perf_counter()
+        transport.write(self.request)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        self.buf = self.buf + data if self.buf else data
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head = self.buf[:end].lower()
+        i = head.find(b"content-length:")
+        n = int(head[i + 15:head.find(b"\r\n", i) if head.find(b"\r\n", i) > 0 else None]) if i >= 0 else 0
+        if len(self.buf) < end + 4 + n:
+            return
+        self.buf = self.buf[end + 4 + n:]
+        now = time.perf_counter()
+        if head[9:12] != b"200":
+            self.errors.append(head[9:12].decode())
+        elif self.t0 >= self.warm:
+            self.lat.append(now - self.t0)
+        if now < self.stop:
+            self.t0 = now
+            self.transport.write(self.request)  # type: ignore[union-attr]
+        else:
+            self.transport.close()  # type: ignore[union-attr]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+async def h1_load(port: int, body: bytes, conns: int, seconds: float, key: str) -> dict[str, float]:
+    """HTTP JSON infer on `conns` keep-alive connections, one request at a time on each."""
+    loop = asyncio.get_running_loop()
+    request = (f"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               f"x-api-key: {key}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+    lat: list[float] = []
+    errors: list[str] = []
+    start = time.perf_counter()
+    warm = start + min(1.0, seconds / 4)
+    stop = warm + seconds
+    dones = [loop.create_future() for _ in range(conns)]
+    for d in dones:
+        await loop.create_connection(lambda d=d: H1Load(request, stop, warm, lat, errors, d), "127.0.0.1", port)
+    await asyncio.wait_for(asyncio.gather(*dones), seconds + 30)
+    a = np.array(lat) if lat else np.array([0.0])
+    return {"rps": round(len(lat) / seconds, 1), "p50_ms": round(float(np.percentile(a, 50)) * 1000, 3),
+            "p99_ms": round(float(np.percentile(a, 99)) * 1000, 3), "errors": len(errors)}
+
+
+async def h2_load(port: int, path: str, message: bytes, conns: int, seconds: float, key: str | None
+                  ) -> dict[str, float]:
+    """The raw client: `conns` concurrent streams on one connection for `seconds` after a warm-up."""
+    loop = asyncio.get_running_loop()
+    lat: list[float] = []
+    errors: list[str] = []
+    start = time.perf_counter()
+    warm = start + min(1.0, seconds / 4)
+    stop = warm + seconds
+    done: asyncio.Future = loop.create_future()
+    transport, _ = await loop.create_connection(
+        lambda: H2Load(request_block(path, key), message, conns, stop, warm, lat, errors, done), "127.0.0.1", port)
+    try:
+        await asyncio.wait_for(done, seconds + 30)
+    finally:
+        transport.close()
+    a = np.array(lat) if lat else np.array([0.0])
+    return {"rps": round(len(lat) / seconds, 1), "p50_ms": round(float(np.percentile(a, 50)) * 1000, 3),
+            "p99_ms": round(float(np.percentile(a, 99)) * 1000, 3), "errors": len(errors)}
 
 
 async def grpc_load(port: int, x: np.ndarray, conns: int, seconds: float, key: str) -> dict[str, float]:
@@ -83,59 +294,120 @@ async def grpc_load(port: int, x: np.ndarray, conns: int, seconds: float, key: s
             "p99_ms": round(float(np.percentile(a, 99)) * 1000, 3), "errors": len(errors)}
 
 
-async def grpc_floor_load(port: int, conns: int, seconds: float) -> int:
-    """ServerLive (public, no work: no key check, no model) as fast as `conns` callers go on one
-    channel, for `seconds` plus the same warm-up as grpc_load; returns the calls made."""
-    import grpc
-
-    done = 0
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-        call = ch.unary_unary("/inference.GRPCInferenceService/ServerLive",
-                              request_serializer=lambda b: b, response_deserializer=lambda b: b)
-        stop = time.perf_counter() + seconds + min(1.0, seconds / 4)
-
-        async def one() -> None:
-            nonlocal done
-            while time.perf_counter() < stop:
-                await call(b"", timeout=30)
-                done += 1
-
-        await asyncio.gather(*(one() for _ in range(conns)))
-    return done
+def arun(coro_fn, *args):  # noqa: ANN001, ANN201
+    return asyncio.run(coro_fn(*args))
 
 
-def grpc_floor(port: int, conns: int, seconds: float, pid: int) -> dict[str, float]:
-    """The gRPC transport's own cost: the gateway's CPU per ServerLive call (grpcio's per-call
-    machinery, nothing of ours but a metrics count). ModelInfer cannot cost less than this plus
-    what HTTP JSON also pays (key check, inference dispatch, onnxruntime)."""
-    before = cpu_seconds(pid)
-    calls = asyncio.run(grpc_floor_load(port, conns, seconds))
-    return {"rps": round(calls / (seconds + min(1.0, seconds / 4)), 1),
-            "server_cpu_us_per_req": round((cpu_seconds(pid) - before) / max(calls, 1) * 1e6, 1)}
-
-
-def grpc_measure(port: int, x: np.ndarray, conns: int, seconds: float, key: str, pid: int) -> dict[str, float]:
-    """grpc_load, with the gateway process's CPU time per request (as bench/gateway.py's measure):
-    a figure the machine's load disturbs far less than req/s."""
-    before = cpu_seconds(pid)
-    r = asyncio.run(grpc_load(port, x, conns, seconds, key))
+def timed(pid: int, seconds: float, run, *args) -> dict[str, float]:  # noqa: ANN001
+    """One load run (`run()` returns its figures): plus the gateway's and the load generator's
+    CPU per request (µs), both counted over the warm-up too. CPU time is disturbed far less
+    by the machine's load than req/s."""
+    before, c0 = cpu_seconds(pid), time.process_time()
+    r = run(*args)
     total = r["rps"] * (seconds + min(1.0, seconds / 4)) + r["errors"]  # warm-up requests ran too
     r["server_cpu_us_per_req"] = round((cpu_seconds(pid) - before) / max(total, 1) * 1e6, 1)
+    r["client_cpu_us_per_req"] = round((time.process_time() - c0) / max(total, 1) * 1e6, 1)
     return r
+
+
+def median_of(rounds: list[dict[str, float]]) -> dict[str, float]:
+    keys = ("rps", "p50_ms", "p99_ms", "errors", "server_cpu_us_per_req", "client_cpu_us_per_req",
+            "worker_cpu_us_per_req")
+    out = {k: round(statistics.median(r[k] for r in rounds), 1 if k != "p50_ms" and k != "p99_ms" else 3)
+           for k in keys if k in rounds[0]}
+    out["rounds_rps"] = [r["rps"] for r in rounds]
+    return out
+
+
+def start_gateway(tmp: Path, name: str, models: Path, engine: str, traced: bool = False):
+    data = tmp / name
+    key = create_key(data)
+    http, grpc_port = free_port(), free_port()
+    env = dict(SWARMD_GATEWAY_LOCAL_MODELS_DIR=str(models), SWARMD_GATEWAY_ACCESS_LOG="false",
+               SWARMD_GATEWAY_GRPC_ENGINE=engine)
+    if traced:
+        env.update(SWARMD_TRACING_ENABLED="true", SWARMD_TRACING_EXPORTER="file",
+                   SWARMD_TRACING_FILE=str(tmp / f"{name}-spans.jsonl"))
+    proc = start_proc([sys.executable, "-m", "swarmd", "--role", "gateway", "--http", f"127.0.0.1:{http}",
+                       "--grpc", f"127.0.0.1:{grpc_port}", "--data-dir", str(data), "--log-level", "WARNING"],
+                      swarmd_env(**env), tmp / f"{name}.log")
+    wait_http(http, proc)
+    return proc, http, grpc_port, key
+
+
+def start_swarm(tmp: Path, models: Path, body: bytes, procs: list):
+    """gateway -> worker, each its own process (+ store/bootstrap, orchestrator), as bench/gateway.py's
+    "swarm" route, the gateway with its gRPC front on; the model pushed through the gateway.
+    Returns (gateway process, worker process, http port, grpc port, key)."""
+    import urllib.error
+    import urllib.request
+
+    base = tmp / "swarm"
+    cmd = [sys.executable, "-m", "swarmd", "--log-format", "json", "--log-level", "INFO"]
+
+    def start(name: str, *args: str):
+        log = base / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        p = start_proc([*cmd, "--data-dir", str(base / name), *args], swarmd_env(), log)
+        procs.append(p)
+        return p, log
+
+    http, grpc_port = free_port(), free_port()
+    p, log = start("store", "--role", "bootstrap,store")
+    dht = json.loads(wait_log(log, r'\{[^\n]*"event": "ready"[^\n]*\}', p).group(0))["ports"]["dht"]
+    boot = ("--bootstrap", f"127.0.0.1:{dht}")
+    orch = start("orchestrator", "--role", "orchestrator", *boot)
+    worker = start("worker", "--role", "worker", *boot)
+    gw = start("gateway", "--role", "gateway", "--http", f"127.0.0.1:{http}", "--grpc", f"127.0.0.1:{grpc_port}", *boot)
+    for q, qlog in (orch, worker, gw):
+        wait_log(qlog, r'"event": "ready"', q)
+    admin = wait_log(gw[1], r"store it now\): (\S+)", gw[0]).group(1)
+
+    def post(path: str, data: bytes, ctype: str, key: str = admin) -> tuple[int, bytes]:
+        req = urllib.request.Request(f"http://127.0.0.1:{http}{path}", data=data,
+                                     headers={"x-api-key": key, "Content-Type": ctype})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    status, out = post("/api/v1/keys", json.dumps({"name": "bench", "permissions": ["infer"],
+                                                   "rate_limit_rps": 1e6, "rate_limit_burst": 1e6}).encode(),
+                       "application/json")
+    if status != 201:
+        raise RuntimeError(f"creating the bench key failed: {status} {out[:200]!r}")
+    key = json.loads(out)["key"]
+    model = (models / "mlp" / "1" / "model.onnx").read_bytes()
+    deadline = time.monotonic() + 60
+    while post("/api/v1/models?name=mlp&version=1", model, "application/octet-stream")[0] != 201:
+        if time.monotonic() > deadline:
+            raise RuntimeError("upload through the gateway never succeeded")
+        time.sleep(0.5)
+    while post("/v2/models/mlp/infer", body, "application/json", key)[0] != 200:
+        if time.monotonic() > deadline:
+            raise RuntimeError("inference through the swarm never succeeded")
+        time.sleep(0.5)
+    return gw[0], worker[0], http, grpc_port, key
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seconds", type=float, default=4.0)
-    ap.add_argument("--conns", default="1,64")
-    ap.add_argument("--traced", action="store_true", help="also measure a gateway with tracing on")
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--conns", default="64")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--engines", default="lean,grpcio", help="gRPC engines to measure, each in a gateway of its own")
+    ap.add_argument("--no-fastapi", action="store_true", help="leave the FastAPI baseline out")
+    ap.add_argument("--traced", action="store_true", help="also measure a gateway (lean) with tracing on")
+    ap.add_argument("--swarm", action="store_true",
+                    help="also gateway -> worker in two processes (+ store, orchestrator): the deployed data path")
     args = ap.parse_args()
     conns = [int(c) for c in args.conns.split(",")]
+    engines = args.engines.split(",")
     tmp = Path(tempfile.mkdtemp(prefix="swarmd-bench-grpc-"))
-    results: dict[str, dict[str, dict[str, float]]] = {"http_json": {}, "grpc": {}, "grpc_floor": {}}
-    if args.traced:
-        results.update({"http_json_traced": {}, "grpc_traced": {}})
-    proc = traced = None
+    procs = []
+    rows: dict[str, dict[str, list[dict[str, float]]]] = {}
+    load_seen: list[str] = []
     try:
         models = tmp / "models"
         (models / "mlp" / "1").mkdir(parents=True)
@@ -143,71 +415,92 @@ def main() -> int:
         x = np.random.default_rng(1).random((1, 784)).astype(np.float32)
         body = json.dumps({"inputs": [{"name": "x", "shape": [1, 784], "datatype": "FP32",
                                        "data": x.reshape(-1).tolist()}]}).encode()
-        data = tmp / "gw"
-        key = create_key(data)
-        http, grpc_port = free_port(), free_port()
-        proc = start_proc([sys.executable, "-m", "swarmd", "--role", "gateway", "--http", f"127.0.0.1:{http}",
-                           "--grpc", f"127.0.0.1:{grpc_port}", "--data-dir", str(data), "--log-level", "WARNING"],
-                          swarmd_env(SWARMD_GATEWAY_LOCAL_MODELS_DIR=str(models),
-                                     SWARMD_GATEWAY_ACCESS_LOG="false"), tmp / "gateway.log")
-        wait_http(http, proc)
+        from swarmd.gateway.proto import oip_pb2 as pb
+
+        req = pb.ModelInferRequest(model_name="mlp", raw_input_contents=[x.tobytes()])
+        req.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
+        infer_msg = req.SerializeToString()
+        infer_path = "/inference.GRPCInferenceService/ModelInfer"
+        live_path = "/inference.GRPCInferenceService/ServerLive"
+        gws = {e: start_gateway(tmp, f"gw-{e}", models, e) for e in engines}
+        procs += [g[0] for g in gws.values()]
         if args.traced:
-            t_data = tmp / "gw-traced"
-            t_key = create_key(t_data)
-            t_http, t_grpc = free_port(), free_port()
-            traced = start_proc(
-                [sys.executable, "-m", "swarmd", "--role", "gateway", "--http", f"127.0.0.1:{t_http}",
-                 "--grpc", f"127.0.0.1:{t_grpc}", "--data-dir", str(t_data), "--log-level", "WARNING"],
-                swarmd_env(SWARMD_GATEWAY_LOCAL_MODELS_DIR=str(models), SWARMD_GATEWAY_ACCESS_LOG="false",
-                           SWARMD_TRACING_ENABLED="true", SWARMD_TRACING_EXPORTER="file",
-                           SWARMD_TRACING_FILE=str(tmp / "spans.jsonl")), tmp / "gateway-traced.log")
-            wait_http(t_http, traced)
-        for c in conns:  # alternate the fronts per concurrency so all see the same load
-            results["http_json"][str(c)] = measure(http, body, c, args.seconds, {"x-api-key": key}, proc.pid)
-            results["grpc"][str(c)] = grpc_measure(grpc_port, x, c, args.seconds, key, proc.pid)
-            results["grpc_floor"][str(c)] = grpc_floor(grpc_port, c, args.seconds, proc.pid)
-            if args.traced:
-                assert traced is not None
-                results["http_json_traced"][str(c)] = measure(t_http, body, c, args.seconds,
-                                                              {"x-api-key": t_key}, traced.pid)
-                results["grpc_traced"][str(c)] = grpc_measure(t_grpc, x, c, args.seconds, t_key, traced.pid)
+            gws["traced"] = start_gateway(tmp, "gw-traced", models, "lean", traced=True)
+            procs.append(gws["traced"][0])
+        fastapi = None
+        if not args.no_fastapi:
+            app = tmp / "fastapi_app.py"
+            app.write_text(FASTAPI_APP)
+            fport = free_port()
+            fastapi = start_proc([sys.executable, str(app), str(models / "mlp" / "1" / "model.onnx"), str(fport)],
+                                 swarmd_env(), tmp / "fastapi.log")
+            procs.append(fastapi)
+            wait_http(fport, fastapi)
+        swarm = start_swarm(tmp, models, body, procs) if args.swarm else None
+        s = args.seconds
+        first = gws[engines[0]]
+
+        def add(name: str, c: int, r: dict[str, float]) -> None:
+            rows.setdefault(name, {}).setdefault(str(c), []).append(r)
+
+        for _ in range(args.rounds):  # every row once per round, so each sees the same machine
+            load_seen.append(open("/proc/loadavg").read().split()[0])
+            for c in conns:
+                proc, http, _, key = first
+                add("http json", c, timed(proc.pid, s, arun, h1_load, http, body, c, s, key))
+                add("http json/aio", c, timed(proc.pid, s, measure, http, body, c, s, {"x-api-key": key}, None))
+                if fastapi is not None:
+                    add("fastapi", c, timed(fastapi.pid, s, measure, fport, body, c, s, {}, None))
+                for e in engines:
+                    proc, _, gport, key = gws[e]
+                    add(f"grpc raw {e}", c, timed(proc.pid, s, arun, h2_load, gport, infer_path, infer_msg, c, s, key))
+                    add(f"grpc/grpcio {e}", c, timed(proc.pid, s, arun, grpc_load, gport, x, c, s, key))
+                    add(f"grpc floor {e}", c, timed(proc.pid, s, arun, h2_load, gport, live_path, b"", c, s, None))
+                if swarm is not None:  # gw us/req: the gateway process; worker us/req apart
+                    gp, wp, http, gport, key = swarm
+                    for name, fn, fargs in (("swarm http json", h1_load, (http, body, c, s, key)),
+                                            ("swarm grpc raw lean", h2_load, (gport, infer_path, infer_msg, c, s, key))):
+                        w0 = cpu_seconds(wp.pid)
+                        r = timed(gp.pid, s, arun, fn, *fargs)
+                        total = r["rps"] * (s + min(1.0, s / 4)) + r["errors"]
+                        r["worker_cpu_us_per_req"] = round((cpu_seconds(wp.pid) - w0) / max(total, 1) * 1e6, 1)
+                        add(name, c, r)
+                if args.traced:
+                    proc, http, gport, key = gws["traced"]
+                    add("http json traced", c, timed(proc.pid, s, arun, h1_load, http, body, c, s, key))
+                    add("grpc raw traced", c, timed(proc.pid, s, arun, h2_load, gport, infer_path, infer_msg, c, s, key))
+        load_seen.append(open("/proc/loadavg").read().split()[0])
     finally:
-        for p in (proc, traced):
-            if p is not None:
-                stop_proc(p)
+        for p in procs:
+            stop_proc(p)
         shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"{'front':<12}{'conns':>6}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'cpu us/req':>11}"
-          f"{'vs HTTP':>9}{'cpu vs HTTP':>12}")
-    ratios, cpu_ratios = {}, {}
+    med = {name: {c: median_of(rs) for c, rs in by_c.items()} for name, by_c in rows.items()}
+    print(f"medians of {args.rounds} interleaved rounds of {args.seconds:g} s; load average (1 min) at each round: "
+          f"{', '.join(load_seen)}")
+    print(f"{'row':<20}{'conns':>6}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>7}{'gw us/req':>10}"
+          f"{'client us/req':>14}{'vs HTTP':>9}")
+    ratios: dict[str, dict[str, float | None]] = {}
     for c in map(str, conns):
-        h, g = results["http_json"][c], results["grpc"][c]
-        ratios[c] = round(g["rps"] / h["rps"], 2) if h["rps"] else None
-        # requests per gateway CPU second, gRPC over HTTP JSON
-        cpu_ratios[c] = round(h["server_cpu_us_per_req"] / g["server_cpu_us_per_req"], 2) \
-            if g["server_cpu_us_per_req"] else None
-        print(f"{'http json':<12}{c:>6}{h['rps']:>10,.0f}{h['p50_ms']:>9.2f}{h['p99_ms']:>9.2f}{h['errors']:>8}"
-              f"{h['server_cpu_us_per_req']:>11,.0f}")
-        print(f"{'grpc raw':<12}{c:>6}{g['rps']:>10,.0f}{g['p50_ms']:>9.2f}{g['p99_ms']:>9.2f}{g['errors']:>8}"
-              f"{g['server_cpu_us_per_req']:>11,.0f}{ratios[c] or 0:>8.2f}x{cpu_ratios[c] or 0:>11.2f}x")
-        f = results["grpc_floor"][c]
-        print(f"{'grpc floor':<12}{c:>6}{f['rps']:>10,.0f}{'':>34}{f['server_cpu_us_per_req']:>11,.0f}"
-              "   (ServerLive: grpcio's per-call cost alone)")
-    print("target: gRPC at 64 concurrent >= 1.5x HTTP JSON")
-    doc: dict[str, object] = {"bench": "grpc", "grpc": results["grpc"], "baseline": {"http_json": results["http_json"]},
-                              "grpc_over_http_json": ratios, "grpc_over_http_json_per_cpu": cpu_ratios,
-                              "grpc_floor_server_live": results["grpc_floor"]}
-    if args.traced:
-        traced_ratio = {}
-        for front in ("http_json", "grpc"):
-            for c in map(str, conns):
-                on, off = results[f"{front}_traced"][c], results[front][c]
-                traced_ratio[f"{front}/{c}"] = round(on["server_cpu_us_per_req"] / off["server_cpu_us_per_req"], 2) \
-                    if off["server_cpu_us_per_req"] else None
-                print(f"{front + ' traced':<18}{c:>6}{on['rps']:>10,.0f} req/s {on['server_cpu_us_per_req']:>8,.0f} cpu "
-                      f"us/req: {traced_ratio[f'{front}/{c}'] or 0:.2f}x the untraced gateway's CPU per request")
-        doc["traced"] = {"http_json": results["http_json_traced"], "grpc": results["grpc_traced"]}
-        doc["traced_cpu_per_req_over_untraced"] = traced_ratio
+        base = med["http json"][c]["rps"]
+        for name, by_c in med.items():
+            r = by_c[c]
+            ratio = round(r["rps"] / base, 2) if base else None
+            ratios.setdefault(name, {})[c] = ratio
+            if name.startswith("swarm "):  # against the HTTP JSON route of the same swarm
+                sb = med["swarm http json"][c]["rps"]
+                ratio = round(r["rps"] / sb, 2) if sb else None
+                ratios.setdefault(name, {})[c] = ratio
+            worker = f"  worker {r['worker_cpu_us_per_req']:,.0f} us/req" if "worker_cpu_us_per_req" in r else ""
+            print(f"{name:<20}{c:>6}{r['rps']:>9,.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['errors']:>7.0f}"
+                  f"{r['server_cpu_us_per_req']:>10,.0f}{r['client_cpu_us_per_req']:>14,.0f}{ratio or 0:>8.2f}x{worker}")
+    print("target: grpc raw lean at 64 concurrent >= 1.5x http json req/s (swarm rows: vs swarm http json)")
+    lean = "grpc raw lean" if "grpc raw lean" in med else next(n for n in med if n.startswith("grpc raw"))
+    doc: dict[str, object] = {
+        "bench": "grpc", "rounds": args.rounds, "seconds": args.seconds, "loadavg": load_seen,
+        "grpc": med[lean], "baseline": {"http_json": med["http json"], "fastapi_ort": med.get("fastapi")},
+        "grpc_over_http_json": ratios[lean], "rows": med, "ratios_over_http_json": ratios,
+    }
     print(json.dumps(doc))
     return 0
 

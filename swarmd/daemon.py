@@ -28,6 +28,7 @@ from swarmd import __version__
 from swarmd.errors import ConfigError, SwarmdError
 from swarmd.node.datadir import DataDirLock
 from swarmd.node.identity import Identity
+from swarmd.node.statusfile import FILE_NAME, write_status_file
 from swarmd.node.supervisor import Supervisor
 from swarmd.roles.base import ROLE_ORDER, NodeContext, Role, check_can_listen
 from swarmd.settings import Settings
@@ -199,7 +200,7 @@ class Node:
     def _remove_status(self) -> None:
         """Delete status.json only if this process wrote it (it names our pid)."""
         assert self.ctx is not None
-        status = self.ctx.data_dir / "status.json"
+        status = self.ctx.data_dir / FILE_NAME
         try:
             if json.loads(status.read_text()).get("pid") != os.getpid():
                 return
@@ -236,10 +237,7 @@ class Node:
             "pid": os.getpid(),
             "version": __version__,
         }
-        path = ctx.data_dir / "status.json"
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(doc, indent=2) + "\n")
-        os.replace(tmp, path)
+        write_status_file(ctx.data_dir, doc)
 
     async def run(self) -> int:
         """Start, serve until SIGINT/SIGTERM or a crash, stop within a bounded time."""

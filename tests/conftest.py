@@ -22,6 +22,19 @@ logger.enable("swarmd")
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def node_context(data_dir: Path, *roles: str, settings: Any = None, identity: Any = None, **parts: Any) -> Any:
+    """A role's swarmd.roles.base.NodeContext as the daemon builds it: a fresh key and
+    Supervisor unless given, `parts` (methods, swarm, dht, rpc_server, trust) as given."""
+    from swarmd.node.identity import Identity
+    from swarmd.node.supervisor import Supervisor
+    from swarmd.roles.base import NodeContext
+    from swarmd.settings import Settings
+
+    parts.setdefault("tasks", Supervisor())
+    return NodeContext(identity=identity or Identity.generate(), settings=settings or Settings(),
+                       data_dir=Path(data_dir), instance_id="test", roles=roles, **parts)
+
+
 def swarmd_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SWARMD_")}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")

@@ -13,9 +13,9 @@ import time
 from collections import Counter
 from typing import Any, ClassVar
 
+from swarmd.names import ModelMeta
 from swarmd.roles.store import StoreRole
 from swarmd.roles.store_replication import PAGE_ROWS
-from swarmd.store.catalog import ModelMeta
 
 
 class HostileStore(StoreRole):

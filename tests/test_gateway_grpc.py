@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from tritonclient.utils import InferenceServerException
 
 from swarmd.gateway.config import GatewayConfig
-from swarmd.gateway.grpc_server import decode_request, encode_response
+from swarmd.gateway.grpc_service import decode_request, encode_response
 from swarmd.gateway.oip import OipError
 from swarmd.gateway.proto import oip_pb2 as pb
 from tests.gateway_fixtures import GatewayThread, install_model, reference, tiny_mlp
@@ -24,11 +24,12 @@ MODEL = tiny_mlp(seed=4)
 X = np.array([[0.1, 0.2, 0.3, 0.4], [1.0, -1.0, 0.5, 2.0]], dtype=np.float32)
 
 
-@pytest.fixture(scope="module")
-def gw(tmp_path_factory):
+@pytest.fixture(scope="module", params=["lean", "grpcio"])
+def gw(request, tmp_path_factory):
+    """A gateway with its gRPC front on each engine (gateway.grpc_engine): every test runs on both."""
     data = tmp_path_factory.mktemp("gwgrpc")
     install_model(data / "models", "mlp", "1", MODEL)
-    g = GatewayThread(data, GatewayConfig())
+    g = GatewayThread(data, GatewayConfig(grpc_engine=request.param))
     g.grpc_port = g.call(g.gateway.start_grpc("127.0.0.1", 0))
     yield g
     g.close()
@@ -227,3 +228,76 @@ def test_async_infer_calls_back_with_each_result(gw, client) -> None:
         x, r, e = done.get(timeout=30)
         assert e is None
         np.testing.assert_allclose(r.as_numpy("y"), reference(MODEL, x)[0], rtol=1e-6)
+
+
+# -- the lean lane (gateway.grpc_engine = "lean") with other clients and hostile ones ---------
+
+
+@pytest.fixture(scope="module")
+def lean(tmp_path_factory):
+    data = tmp_path_factory.mktemp("gwlean")
+    install_model(data / "models", "mlp", "1", MODEL)
+    g = GatewayThread(data, GatewayConfig(header_timeout=0.5, max_body_bytes=1 << 20))
+    g.grpc_port = g.call(g.gateway.start_grpc("127.0.0.1", 0))
+    yield g
+    g.close()
+
+
+def test_lean_lane_serves_a_stock_grpc_channel(lean) -> None:
+    import grpc
+
+    key = lean.key("infer")
+    req = pb.ModelInferRequest(model_name="mlp", raw_input_contents=[X.tobytes()], id="s1")
+    req.inputs.add(name="x", datatype="FP32", shape=list(X.shape))
+    with grpc.insecure_channel(f"127.0.0.1:{lean.grpc_port}") as ch:
+        infer = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                               request_serializer=lambda m: m.SerializeToString(),
+                               response_deserializer=pb.ModelInferResponse.FromString)
+        futures = [infer.future(req, metadata=(("x-api-key", key),), timeout=30) for _ in range(40)]
+        for f in futures:  # many calls in flight on one connection
+            r = f.result()
+            assert r.id == "s1"
+            np.testing.assert_allclose(np.frombuffer(r.raw_output_contents[0], np.float32).reshape(2, 3),
+                                       reference(MODEL, X)[0], rtol=1e-6)
+        big = pb.ModelInferRequest(model_name="mlp", raw_input_contents=[bytes(2 << 20)])
+        big.inputs.add(name="x", datatype="FP32", shape=[1 << 17, 4])
+        with pytest.raises(grpc.RpcError) as e:
+            infer(big, metadata=(("x-api-key", key),), timeout=30)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "ERR_TOO_LARGE" in e.value.details()
+        raw = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")  # bytes as they are
+        with pytest.raises(grpc.RpcError) as e:
+            raw(b"\xff\xff", metadata=(("x-api-key", key),), timeout=30)  # not a protobuf message
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a valid protobuf" in e.value.details()
+        live = ch.unary_unary("/inference.GRPCInferenceService/ServerLive",
+                              request_serializer=lambda m: m.SerializeToString(),
+                              response_deserializer=pb.ServerLiveResponse.FromString)
+        assert live(pb.ServerLiveRequest(), timeout=30).live
+
+
+def test_lean_lane_refuses_hostile_clients_and_keeps_serving(lean) -> None:
+    import socket
+    import struct
+
+    from swarmd.gateway import grpc_wire as w
+
+    def exchange(data: bytes) -> bytes:
+        """What the lane answers to `data` until it closes the connection (the test fails if it does not)."""
+        with socket.create_connection(("127.0.0.1", lean.grpc_port), timeout=10) as s:
+            s.sendall(data)
+            chunks = []
+            while c := s.recv(65536):  # a TimeoutError here: the lane left the connection open
+                chunks.append(c)
+            return b"".join(chunks)
+
+    out = exchange(w.PREFACE + w.frame(w.SETTINGS, 0, 0) + w.frame(w.WINDOW_UPDATE, 0, 0, b"\0\0\0\0"))
+    assert b"WINDOW_UPDATE of 0 on the connection" in out
+    assert struct.pack(">II", 0, w.PROTOCOL_ERROR) + b"WINDOW_UPDATE" in out  # GOAWAY: last stream 0, its code
+    assert b"not an HTTP/2 connection preface" in exchange(b"GET / HTTP/1.1\r\n\r\n")
+    # slowloris: half a frame, never finished: GOAWAY after header_timeout, then closed
+    assert b"stayed incomplete" in exchange(w.PREFACE + w.frame(w.SETTINGS, 0, 0)[:5])
+    assert bytes([w.GOAWAY]) not in exchange(w.PREFACE[:10])  # no preface within header_timeout: closed
+    c = tg.InferenceServerClient(url=f"127.0.0.1:{lean.grpc_port}")
+    try:
+        assert c.is_server_live()
+    finally:
+        c.close()

@@ -53,7 +53,7 @@ def test_worker_and_replication_read_a_stores_record_alike(bad) -> None:
     from swarmd.roles.store_replication import meta_from_wire
     from swarmd.worker.fetch import check_metadata
 
-    assert meta_from_wire(GOOD_ROW).tags == ["prod"] and check_metadata(GOOD_ROW, "m")["size"] == 10
+    assert meta_from_wire(GOOD_ROW).tags == ["prod"] and check_metadata(GOOD_ROW, "m").size == 10
     row = {**GOOD_ROW, **bad}
     with pytest.raises(SwarmdError) as e:
         meta_from_wire(row)

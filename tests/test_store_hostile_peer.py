@@ -106,7 +106,7 @@ async def test_an_unlisted_store_on_the_swarm_gets_no_say(tmp_path: Path, daemon
         await asyncio.to_thread(role.core.put_file, squat, "iris", "99", uploader=operator.public_hex)
         role._wake.set()  # announce it now
         HostileStore.victim_rows = [role.core.catalog.row("iris", "99")]
-        from swarmd.store.catalog import ModelMeta
+        from swarmd.names import ModelMeta
 
         HostileStore.victim_rows.append(ModelMeta("iris", "1", one["digest"], one["size"], created=one["created"]))
         await asyncio.to_thread(v.wait_event, "replica_refused")  # V saw H on STORES, and left it out

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from store_models import onnx_bytes
 
-from swarmd.store.catalog import ModelMeta
+from swarmd.names import ModelMeta
 from swarmd.store.config import StoreConfig
 from swarmd.store.core import ModelStore, PushRequest
 from swarmd.store.replication import Pull, plan_replication, rows_to_adopt

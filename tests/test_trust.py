@@ -309,7 +309,7 @@ async def test_workers_never_fetch_from_an_unadmitted_store(net: DhtTestnet, tmp
         assert sum(sum(r.calls.values()) for r in rogues) == 0
         # the same lookup with an open trust finds them and asks them: the check above can fail
         meta = await ModelFetcher(opened, ModelCache(tmp_path / "c2", 1 << 20), cfg).resolve("m", "9")
-        assert meta["version"] == "9" and sum(r.calls["getModel"] for r in rogues) == 1
+        assert meta.version == "9" and sum(r.calls["getModel"] for r in rogues) == 1
     finally:
         await opened.stop()
         await closed.stop()

@@ -57,7 +57,7 @@ def test_store_metadata_is_checked(meta):
     except SwarmdError as e:
         assert e.code in ALL_CODES
         return
-    assert out["digest"] == "a" * 64 and out["size"] >= 0 and isinstance(out["version"], str)
+    assert out.digest == "a" * 64 and out.size >= 0 and isinstance(out.version, str)
 
 
 def test_run_inference_params_from_anyone(tmp_path):

@@ -204,6 +204,14 @@ def _int_field(obj: dict[str, Any], key: str, what: str) -> int:
     return value
 
 
+def _signed_fields(obj: Any, what: str) -> tuple[bytes, bytes, bytes, int]:
+    """(topic, public key, signature, seq) of a record or an unannounce map."""
+    if not isinstance(obj, dict):
+        raise RecordError(ERR_BAD_REQUEST, f"{what} must be a map")
+    return (_bytes_field(obj, "t", TOPIC_SIZE, "topic"), _bytes_field(obj, "k", KEY_SIZE, "public key"),
+            _bytes_field(obj, "g", SIG_SIZE, "signature"), _int_field(obj, "s", "seq"))
+
+
 class VerifiedCache:
     """Signatures this node already verified, by a digest of the signed bytes and the
     signature together: a record a lookup meets again (the same record from each of
@@ -240,12 +248,7 @@ def decode_record(
     """Validate a record received from a peer. Checks types, sizes, expiry and
     the signature (through `verified` when given); raises RecordError with a
     stable code otherwise."""
-    if not isinstance(obj, dict):
-        raise RecordError(ERR_BAD_REQUEST, "record must be a map")
-    topic = _bytes_field(obj, "t", TOPIC_SIZE, "topic")
-    pk = _bytes_field(obj, "k", KEY_SIZE, "public key")
-    sig = _bytes_field(obj, "g", SIG_SIZE, "signature")
-    seq = _int_field(obj, "s", "seq")
+    topic, pk, sig, seq = _signed_fields(obj, "record")
     expiry_ms = _int_field(obj, "e", "expiry")
     addrs = _check_addresses(obj.get("a"), max_addresses)
     payload_bytes = obj.get("p", b"")
@@ -282,12 +285,7 @@ class Unannounce:
 
     @classmethod
     def from_wire(cls, obj: Any) -> Unannounce:
-        if not isinstance(obj, dict):
-            raise RecordError(ERR_BAD_REQUEST, "unannounce must be a map")
-        topic = _bytes_field(obj, "t", TOPIC_SIZE, "topic")
-        pk = _bytes_field(obj, "k", KEY_SIZE, "public key")
-        sig = _bytes_field(obj, "g", SIG_SIZE, "signature")
-        seq = _int_field(obj, "s", "seq")
+        topic, pk, sig, seq = _signed_fields(obj, "unannounce")
         if not verify(pk, unannounce_bytes(topic, pk, seq), sig):
             raise RecordError(ERR_FORBIDDEN, "unannounce signature does not verify against its public key")
         return cls(topic, pk, seq, sig)

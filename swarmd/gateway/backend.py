@@ -16,63 +16,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from swarmd.errors import ERR_NOT_FOUND, SwarmdError
-from swarmd.names import check_record
-from swarmd.signature import ModelSignature, TensorSpec
+from swarmd.names import ModelMeta
 from swarmd.worker.result import InferResult
-
-
-@dataclass
-class ModelInfo:
-    name: str
-    version: str
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-    versions: list[str] = field(default_factory=list)
-    platform: str = "onnxruntime_onnx"
-    digest: str = ""
-    size: int = 0
-    tags: list[str] = field(default_factory=list)
-    description: str = ""
-    created: float = 0.0
-
-    @property
-    def signature(self) -> ModelSignature:
-        """The model's signature, which validates requests (swarmd.signature)."""
-        return ModelSignature(tuple(self.inputs), tuple(self.outputs))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "version": self.version,
-            "versions": list(self.versions or [self.version]),
-            "platform": self.platform,
-            "digest": self.digest,
-            "size": self.size,
-            "format": "onnx",
-            "inputs": [t.to_wire() for t in self.inputs],
-            "outputs": [t.to_wire() for t in self.outputs],
-            "tags": list(self.tags),
-            "description": self.description,
-            "created": self.created,
-        }
-
-    @classmethod
-    def from_metadata(cls, d: dict[str, Any], versions: list[str] | None = None) -> ModelInfo:
-        """From a store's model metadata record (see CONTRACTS.md), checked as stores check
-        one (swarmd.names.check_record: ERR_BAD_REQUEST when it is not one)."""
-        d = check_record(d)
-        return cls(
-            name=d["name"],
-            version=d["version"],
-            inputs=[TensorSpec.from_wire(t) for t in d.get("inputs") or []],
-            outputs=[TensorSpec.from_wire(t) for t in d.get("outputs") or []],
-            versions=versions or [d["version"]],
-            digest=d["digest"],
-            size=d["size"],
-            tags=d["tags"],
-            description=d["description"],
-            created=float(d.get("created") or 0.0),
-        )
 
 
 @dataclass
@@ -93,9 +38,9 @@ class InferenceBackend(Protocol):
 
     async def stop(self) -> None: ...
 
-    async def list_models(self) -> list[ModelInfo]: ...
+    async def list_models(self) -> list[ModelMeta]: ...
 
-    async def model_metadata(self, model: str, version: str | None = None) -> ModelInfo:
+    async def model_metadata(self, model: str, version: str | None = None) -> ModelMeta:
         """Raises SwarmdError(ERR_NOT_FOUND) for an unknown model or version."""
         ...
 
@@ -110,7 +55,7 @@ class InferenceBackend(Protocol):
         request_id: str | None = None,
     ) -> InferResult: ...
 
-    async def put_model(self, upload: UploadedModel) -> ModelInfo: ...
+    async def put_model(self, upload: UploadedModel) -> ModelMeta: ...
 
     def status(self) -> dict[str, Any]: ...
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass
@@ -40,3 +41,6 @@ class GatewayConfig:
     discovery_timeout: float = 3.0  # bound on one lookup pass
     usage_flush_interval: float = 5.0  # seconds between writes of per-key usage counts
     grpc: str = ""  # HOST:PORT for the OIP v2 gRPC front (inference.GRPCInferenceService); empty: off
+    # what carries it: "lean" (gateway/grpc_lane.py, HTTP/2 + gRPC framing of our own, ~1/3 the CPU per call)
+    # or "grpcio" (grpcio's asyncio server); both serve the same methods (gateway/grpc_service.py)
+    grpc_engine: Literal["lean", "grpcio"] = "lean"

@@ -26,18 +26,17 @@ from loguru import logger
 from swarmd.errors import ERR_CONFLICT, ERR_NOT_IMPLEMENTED, SwarmdError
 from swarmd.gateway.backend import (
     InferResult,
-    ModelInfo,
     UploadedModel,
     not_found,
 )
-from swarmd.names import check_name, check_version
+from swarmd.names import ModelMeta, check_name, check_version
 from swarmd.versions import next_version, version_key
 from swarmd.worker.runtime import ModelRuntime
 
 
 @dataclass
 class _Loaded:
-    info: ModelInfo
+    info: ModelMeta
     runtime: ModelRuntime  # built the one way a worker builds it (providers, CPU fallback, signature)
 
 
@@ -68,7 +67,7 @@ class LocalBackend:
     def _runtime(self, path: Path) -> ModelRuntime:
         return ModelRuntime(path, intra_op_threads=self.threads)
 
-    def _load(self, name: str, version: str, vdir: Path, runtime: ModelRuntime | None = None) -> ModelInfo:
+    def _load(self, name: str, version: str, vdir: Path, runtime: ModelRuntime | None = None) -> ModelMeta:
         if runtime is None:
             runtime = self._runtime(vdir / "model.onnx")
         meta: dict[str, Any] = {}
@@ -76,13 +75,13 @@ class LocalBackend:
             meta = json.loads((vdir / "meta.json").read_text())
         except (OSError, ValueError):
             pass
-        info = ModelInfo(
+        info = ModelMeta(
             name=name,
             version=version,
-            inputs=list(runtime.signature.inputs),
-            outputs=list(runtime.signature.outputs),
             digest=str(meta.get("digest", "")),
             size=(vdir / "model.onnx").stat().st_size,
+            inputs=[t.to_wire() for t in runtime.signature.inputs],
+            outputs=[t.to_wire() for t in runtime.signature.outputs],
             tags=list(meta.get("tags", [])),
             description=str(meta.get("description", "")),
             created=float(meta.get("created", 0.0)),
@@ -103,10 +102,10 @@ class LocalBackend:
             raise not_found(model, version)
         return loaded
 
-    async def list_models(self) -> list[ModelInfo]:
+    async def list_models(self) -> list[ModelMeta]:
         return [self._get(name, None).info for name in sorted(self._models)]
 
-    async def model_metadata(self, model: str, version: str | None = None) -> ModelInfo:
+    async def model_metadata(self, model: str, version: str | None = None) -> ModelMeta:
         return self._get(model, version).info
 
     async def ready(self, model: str, version: str | None = None) -> bool:
@@ -129,7 +128,7 @@ class LocalBackend:
             raise SwarmdError("ERR_BAD_REQUEST", f"onnxruntime refused the inputs: {str(e)[:300]}") from None
         return InferResult(loaded.info.name, loaded.info.version, dict(zip(names, values, strict=True)))
 
-    async def put_model(self, upload: UploadedModel) -> ModelInfo:
+    async def put_model(self, upload: UploadedModel) -> ModelMeta:
         check_name(upload.name)
         existing = self._models.get(upload.name, {})
         version = upload.version

@@ -13,13 +13,13 @@ from aiohttp import web
 from swarmd import __version__
 from swarmd.dtypes import TRITON_TYPES
 from swarmd.errors import ERR_INTERNAL, ERR_NOT_IMPLEMENTED, ERR_NOT_READY, ERR_TOO_LARGE, SwarmdError
-from swarmd.gateway.backend import ModelInfo
 from swarmd.gateway.middleware import MODEL, bad, json_response
 from swarmd.gateway.oip import OipError, decode_infer_request, encode_infer_response, oip_datatype
+from swarmd.names import ModelMeta
 
 
-def tensor_meta(info: ModelInfo, which: str) -> list[dict[str, Any]]:
-    specs = info.inputs if which == "inputs" else info.outputs
+def tensor_meta(info: ModelMeta, which: str) -> list[dict[str, Any]]:
+    specs = info.signature.inputs if which == "inputs" else info.signature.outputs
     return [{"name": t.name, "datatype": oip_datatype(t.dtype), "shape": list(t.shape)} for t in specs]
 
 

@@ -24,7 +24,7 @@ from loguru import logger
 from swarmd import __version__
 from swarmd.errors import ERR_NOT_FOUND, ERR_TIMEOUT, SwarmdError
 from swarmd.gateway.accesslog import AccessLog
-from swarmd.gateway.backend import InferenceBackend, ModelInfo
+from swarmd.gateway.backend import InferenceBackend
 from swarmd.gateway.config import GatewayConfig
 from swarmd.gateway.dashboard import Collect, Dashboard
 from swarmd.gateway.fastlane import FastLane
@@ -35,6 +35,7 @@ from swarmd.gateway.middleware import HTTP_STATUS, MODEL, RID, Middleware
 from swarmd.gateway.oip_routes import OipRoutes, tensor_meta
 from swarmd.gateway.routes import ROUTES, permission_of
 from swarmd.gateway.v1_routes import V1Routes
+from swarmd.names import ModelMeta
 from swarmd.node import tracing
 from swarmd.node.ratelimit import RateLimiter
 
@@ -140,10 +141,16 @@ class Gateway(Middleware, OipRoutes, V1Routes):
         return self.port
 
     async def start_grpc(self, host: str, port: int) -> int:
-        """The OIP gRPC front (gateway.grpc) beside HTTP; grpcio is imported only here."""
-        from swarmd.gateway.grpc_server import GrpcFront
+        """The OIP gRPC front (gateway.grpc) beside HTTP, on gateway.grpc_engine: the lean lane
+        (grpc_lane.py) or grpcio (grpc_server.py; imported only then)."""
+        if self.config.grpc_engine == "grpcio":
+            from swarmd.gateway.grpc_server import GrpcFront
 
-        front = GrpcFront(self)
+            front: Any = GrpcFront(self)
+        else:
+            from swarmd.gateway.grpc_lane import GrpcLane
+
+            front = GrpcLane(self)
         bound = await front.start(host, port)
         self.grpc = front
         return bound
@@ -187,7 +194,7 @@ class Gateway(Middleware, OipRoutes, V1Routes):
             except Exception as e:  # a locked or full disk must not end the gateway; retried next tick
                 self.log.bind(event="usage_flush_failed").warning("writing key usage failed: {!r}", e)
 
-    async def _metadata(self, request: web.Request, model: str, version: str | None) -> ModelInfo:
+    async def _metadata(self, request: web.Request, model: str, version: str | None) -> ModelMeta:
         info = await self.backend.model_metadata(model, version)
         request[MODEL] = info.name
         return info
@@ -211,7 +218,7 @@ class Gateway(Middleware, OipRoutes, V1Routes):
         state[MODEL] = result.model
         return result
 
-    # -- what every front (HTTP here, gRPC in grpc_server.py) shares ------------------
+    # -- what every front (HTTP here, gRPC in grpc_service.py) shares ------------------
 
     async def infer(self, model: str, version: str | None, inputs: dict[str, np.ndarray],
                     outputs: list[str] | None, request_id: str | None) -> Any:
@@ -231,7 +238,7 @@ class Gateway(Middleware, OipRoutes, V1Routes):
                                       "swarmd.request_id": request_id or ""}):
             return await self.infer(model, version, inputs, outputs, request_id)
 
-    async def metadata(self, model: str, version: str | None) -> ModelInfo:
+    async def metadata(self, model: str, version: str | None) -> ModelMeta:
         return await self.backend.model_metadata(model, version)
 
     def authorize(self, token: str | None, authorization: str | None, remote: str, permission: str) -> ApiKey | None:
@@ -243,7 +250,7 @@ class Gateway(Middleware, OipRoutes, V1Routes):
         return HTTP_STATUS.get(code, 502)
 
     def observe(self, route: str, method: str, status: str, elapsed: float, model: str) -> None:
-        """Count one served call (HTTP here, gRPC in grpc_server.py) in the gateway's metrics."""
+        """Count one served call (HTTP here, gRPC in grpc_service.py) in the gateway's metrics."""
         self.m_requests.inc(route, method, status)
         self.m_latency.observe(elapsed, route, model, status)
 

@@ -23,8 +23,9 @@ from typing import Any
 from loguru import logger
 
 from swarmd.errors import ERR_NOT_FOUND, ERR_NOT_READY, ERR_UNAVAILABLE, SwarmdError, retryable
-from swarmd.gateway.backend import InferResult, ModelInfo, UploadedModel, not_found
+from swarmd.gateway.backend import InferResult, UploadedModel, not_found
 from swarmd.gateway.config import GatewayConfig
+from swarmd.names import ModelMeta, check_record
 from swarmd.orchestrator.config import OrchestratorConfig
 from swarmd.orchestrator.fleet import Fleet
 from swarmd.topics import GATEWAYS, STORES, WORKERS
@@ -38,7 +39,7 @@ class SwarmBackend:
         self.fleet: Fleet | None = None
         self.stores: list[bytes] = []  # from the last discovery pass; the one that answered last first
         self.discovered_at = 0.0  # monotonic time of the last STORES pass (0 before the first)
-        self._meta: dict[str, tuple[float, list[ModelInfo]]] = {}
+        self._meta: dict[str, tuple[float, list[ModelMeta]]] = {}
         self.tasks: Any = None  # our scope of the node's Supervisor: discovery, and the fleet's loops
         self._refreshed = asyncio.Event()
         self.log = logger.bind(role="gateway", part="swarm_backend")
@@ -145,7 +146,7 @@ class SwarmBackend:
         res, lease = await self.fleet.route("runInference", params, model=model, budget=self.config.infer_timeout)
         return InferResult.from_wire(res, model, lease.public_key)
 
-    async def _versions(self, model: str) -> list[ModelInfo]:
+    async def _versions(self, model: str) -> list[ModelMeta]:
         now = time.monotonic()
         hit = self._meta.get(model)
         if hit is not None and hit[0] > now:
@@ -163,11 +164,11 @@ class SwarmBackend:
         return infos
 
     @staticmethod
-    def _infos(rows: list[Any], model: str | None) -> list[ModelInfo]:
+    def _infos(rows: list[Any], model: str | None) -> list[ModelMeta]:
         out = []
         for r in rows:
             try:
-                info = ModelInfo.from_metadata(r)
+                info = check_record(r)
             except (KeyError, TypeError, ValueError, SwarmdError):  # not a model record: skipped
                 continue
             if model is None or info.name == model:
@@ -178,7 +179,7 @@ class SwarmBackend:
             i.versions = [v for v in versions]
         return out
 
-    async def model_metadata(self, model: str, version: str | None = None) -> ModelInfo:
+    async def model_metadata(self, model: str, version: str | None = None) -> ModelMeta:
         infos = await self._versions(model)
         if not infos:
             raise not_found(model, None)
@@ -189,12 +190,12 @@ class SwarmBackend:
                 return i
         raise not_found(model, version)
 
-    async def list_models(self) -> list[ModelInfo]:
+    async def list_models(self) -> list[ModelMeta]:
         if self.swarm is None:
             return []
         ans = await self._store_call("listModels", {})
         rows = ans.get("models") if isinstance(ans, dict) else []
-        latest: dict[str, ModelInfo] = {}
+        latest: dict[str, ModelMeta] = {}
         by_name: dict[str, list[str]] = {}
         for info in self._infos(rows if isinstance(rows, list) else [], None):
             latest[info.name] = info
@@ -209,7 +210,7 @@ class SwarmBackend:
         # a model no worker has loaded yet is ready if any worker can fetch it
         return bool(self.fleet.balancer.candidates(model) or self.fleet.balancer.candidates(None))
 
-    async def put_model(self, upload: UploadedModel) -> ModelInfo:
+    async def put_model(self, upload: UploadedModel) -> ModelMeta:
         if self.swarm is None:
             raise SwarmdError(ERR_NOT_READY, "this gateway is not connected to a swarm")
         from swarmd.store.transfer import push_file
@@ -223,7 +224,7 @@ class SwarmBackend:
         if not isinstance(meta, dict) or meta.get("digest") != upload.sha256:
             raise SwarmdError("ERR_CORRUPT", "the store recorded another digest than the gateway received")
         self._meta.pop(upload.name, None)
-        return ModelInfo.from_metadata(meta)
+        return check_record(meta)
 
     def status(self) -> dict[str, Any]:
         fleet = self.fleet

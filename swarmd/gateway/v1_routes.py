@@ -26,7 +26,7 @@ from swarmd.gateway.backend import UploadedModel
 from swarmd.gateway.keys import KeyStore
 from swarmd.gateway.middleware import MODEL, RID, bad, json_response
 from swarmd.gateway.openapi import docs_page, openapi_document
-from swarmd.names import check_description, check_name, check_tags, check_version
+from swarmd.names import ModelMeta, check_description, check_name, check_tags, check_version
 
 UPLOAD_CHUNK = 1 << 20
 UPLOAD_FORM_FIELDS = ("name", "version", "tags", "description", "sha256")  # a multipart upload's other parts
@@ -51,6 +51,12 @@ def _v1_output(value: np.ndarray, json_texts: bool) -> Any:
     return arr.reshape(value.shape).tolist()
 
 
+def model_doc(m: ModelMeta) -> dict[str, Any]:
+    """A model's /api/v1 document: its record (less the uploader), versions and platform."""
+    d = m.to_dict()
+    del d["uploader"]
+    return {**d, "versions": list(m.versions or [m.version]), "platform": m.platform}
+
 
 class V1Routes:
     """The /api/v1 handlers, metrics, docs and dashboard (a mixin: the attributes are Gateway's)."""
@@ -65,15 +71,15 @@ class V1Routes:
         outputs = doc.get("outputs")
         if outputs is not None and (not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs)):
             raise bad("outputs must be a list of output names")
-        info = await self._metadata(request, model, version)
+        sig = (await self._metadata(request, model, version)).signature
         raw = doc.get("inputs")
         if raw is None and "input" in doc:
-            if len(info.inputs) != 1:
-                raise bad(f"model {model!r} has {len(info.inputs)} inputs; send them by name under \"inputs\"")
-            raw = {info.inputs[0].name: doc["input"]}
+            if len(sig.inputs) != 1:
+                raise bad(f"model {model!r} has {len(sig.inputs)} inputs; send them by name under \"inputs\"")
+            raw = {sig.inputs[0].name: doc["input"]}
         if not isinstance(raw, dict) or not raw:
             raise bad('body must hold "inputs": {name: values} or, for a one-input model, "input": values')
-        specs = {t.name: t for t in info.inputs}
+        specs = {t.name: t for t in sig.inputs}
         inputs: dict[str, np.ndarray] = {}
         for name, value in raw.items():
             spec = specs.get(name)
@@ -99,7 +105,7 @@ class V1Routes:
         result = await self._infer(request, request.headers, model, version, inputs, outputs)
         # Non-tensor outputs (a ZipMap classifier's sequence of maps) arrive as JSON texts:
         # here they are JSON values again; other string tensors are lists of strings.
-        texts = {t.name for t in info.outputs if t.dtype == "object"}
+        texts = {t.name for t in sig.outputs if t.dtype == "object"}
         doc_out: dict[str, Any] = {
             "model": result.model,
             "version": result.version,
@@ -112,11 +118,11 @@ class V1Routes:
 
     async def v1_models(self, request: web.Request) -> web.Response:
         models = await self.backend.list_models()
-        return json_response({"models": [m.to_dict() for m in models]})
+        return json_response({"models": [model_doc(m) for m in models]})
 
     async def v1_model(self, request: web.Request) -> web.Response:
         info = await self._metadata(request, request.match_info["model"], request.query.get("version"))
-        return json_response(info.to_dict())
+        return json_response(model_doc(info))
 
     async def v1_upload(self, request: web.Request) -> web.Response:
         """JSON {"name", "version"?, "data": base64, ...} or a raw body streamed to disk (?name=...)."""
@@ -137,7 +143,7 @@ class V1Routes:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_name)
         request[MODEL] = info.name
-        return json_response(info.to_dict(), status=201)
+        return json_response(model_doc(info), status=201)
 
     @staticmethod
     def _upload_fields(src: Any, tags: Any) -> tuple[str, str | None, str, list[str]]:

@@ -9,6 +9,7 @@ here, so they all dial the address the node actually bound (a node started with
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,6 @@ def read_local_node(data_dir: Path, host: str | None = None) -> LocalNode:
 def write_status_file(data_dir: Path, doc: dict[str, Any]) -> None:
     """Replace status.json atomically (a reader never sees half a file)."""
     path = Path(data_dir) / FILE_NAME
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    tmp.replace(path)
+    os.replace(tmp, path)

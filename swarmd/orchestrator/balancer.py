@@ -264,7 +264,7 @@ class Balancer:
     def forget(self, public_key: str) -> None:
         self.suspects.pop(public_key, None)
         self.health.forget(public_key)
-        self.bans.forget(public_key)
+        self.bans.clear(public_key)
         self.stats.forget(public_key)
 
     def unregister(self, public_key: str) -> bool:

@@ -47,7 +47,7 @@ class BanList:
         """Ban (or ban again, longer); returns the ban's length in seconds."""
         prev = self._bans.get(public_key)
         strikes = 1 if prev is None else prev.strikes + 1
-        length = min(self.cap, self.base * (2 ** (strikes - 1)))
+        length = backoff_delay(strikes, self.base, self.cap)
         self._bans[public_key] = Ban(strikes=strikes, until=self.clock() + length)
         return length
 
@@ -69,6 +69,3 @@ class BanList:
     def strikes(self, public_key: str) -> int:
         ban = self._bans.get(public_key)
         return 0 if ban is None else ban.strikes
-
-    def forget(self, public_key: str) -> None:
-        self._bans.pop(public_key, None)

@@ -26,13 +26,12 @@ from swarmd.errors import (
     ERR_TIMEOUT,
     SwarmdError,
 )
-from swarmd.names import check_digest
+from swarmd.names import ModelMeta, check_digest
 from swarmd.node.deadline import within
 from swarmd.roles.base import NodeContext, Role
 from swarmd.roles.store_replication import PAGE_ROWS, Replication
 from swarmd.rpc.params import as_params, int_param, str_param
 from swarmd.store.blobs import hash_file
-from swarmd.store.catalog import ModelMeta
 from swarmd.store.core import ModelStore, PushRequest
 from swarmd.store.onnxsig import warm_up
 from swarmd.store.transfer import BatchWriter, ReadAhead

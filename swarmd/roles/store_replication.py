@@ -22,10 +22,10 @@ from swarmd.errors import (
     ERR_CONFLICT,
     SwarmdError,
 )
-from swarmd.names import check_digest, check_record
+from swarmd.names import ModelMeta, check_digest, check_record
 from swarmd.roles.base import NodeContext
 from swarmd.settings import parse_hostport
-from swarmd.store.catalog import ModelMeta, now
+from swarmd.store.catalog import now
 from swarmd.store.core import ModelStore, PushRequest
 from swarmd.store.replication import Pull, from_the_future, plan_replication, rows_to_adopt
 from swarmd.store.transfer import pull_stream
@@ -41,15 +41,9 @@ MAX_UNHELD_DELETIONS = 10_000  # remembered deletions of rows we do not hold (in
 
 def meta_from_wire(obj: Any) -> ModelMeta:
     """A catalog row from a peer, type-checked field by field (swarmd.names.check_record)."""
-    r = check_record(obj)
-    if r.get("created") is None or r.get("updated") is None:
+    m = check_record(obj)
+    if obj.get("created") is None or obj.get("updated") is None:
         raise SwarmdError(ERR_BAD_REQUEST, "a catalog row from a peer needs its created and updated times")
-    deleted = r.get("deleted")
-    m = ModelMeta(
-        name=r["name"], version=r["version"], digest=r["digest"], size=r["size"], format=r.get("format", "onnx"),
-        tags=r["tags"], description=r["description"], created=float(r["created"]), uploader=r.get("uploader", ""),
-        deleted=None if deleted is None else float(deleted), updated=float(r["updated"]),
-    )
     if m.format != "onnx":
         raise SwarmdError(ERR_BAD_REQUEST, f"catalog row has format {m.format!r}; stores hold onnx only")
     return m

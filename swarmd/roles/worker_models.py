@@ -81,19 +81,22 @@ class WorkerModels:
         the stores cannot be reached, the last answer (or the newest loaded
         version) keeps serving; a name the stores say is gone is ERR_NOT_FOUND.
         """
-        local = [v for (n, v) in self.local if n == name]
-        if local:
-            return latest(local)  # type: ignore[return-value]
+        if self.local:
+            local = [v for (n, v) in self.local if n == name]
+            if local:
+                return latest(local)  # type: ignore[return-value]
+        if self.fetcher is not None:
+            hit = self._latest.get(name)
+            # the catalog loop refreshes served names every interval: requests seldom wait on a store
+            # (checked first: this runs per request, the scan of loaded versions below does not need to)
+            if hit is not None and asyncio.get_running_loop().time() - hit[0] < self.config.catalog_interval * 1.5:
+                return hit[1]
         loaded = latest(m.version for m in self.engine.models() if m.name == name)
         if self.fetcher is None:
             if loaded is None:
                 raise SwarmdError(ERR_NOT_FOUND, f"model '{name}' is not loaded on this worker")
             return loaded
-        loop = asyncio.get_running_loop()
         hit = self._latest.get(name)
-        # the catalog loop refreshes served names every interval: requests seldom wait on a store
-        if hit is not None and loop.time() - hit[0] < self.config.catalog_interval * 1.5:
-            return hit[1]
         task = self._check(name)
         fallback = hit[1] if hit is not None else loaded
         try:
@@ -149,10 +152,10 @@ class WorkerModels:
             elif name in self._latest:  # keep serving what we knew; ask again after the interval
                 self._latest[name] = (loop.time(), self._latest[name][1])
             raise
-        live = {m["version"] for m in metas}
-        self._latest[name] = (loop.time(), metas[-1]["version"])
+        live = {m.version for m in metas}
+        self._latest[name] = (loop.time(), metas[-1].version)
         self._retire(name, live)
-        return metas[-1]["version"]
+        return metas[-1].version
 
     def _retire(self, name: str, live: set[str]) -> None:
         """Unload the versions of name the stores no longer hold (after their requests finish)."""
@@ -290,16 +293,16 @@ class WorkerModels:
             raise SwarmdError(ERR_NOT_FOUND, f"model '{name}' is not configured on this worker and it has no swarm to fetch it from")
         else:
             meta = await self.fetcher.resolve(name, version)
-            served = self.engine.get(name, meta["version"])
+            served = self.engine.get(name, meta.version)
             if served is None:
                 path = await self.fetcher.fetch(meta)
-                self.cache.pinned.add(meta["digest"])
+                self.cache.pinned.add(meta.digest)
                 try:
                     await self._make_room(pin)
-                    served = await self.engine.load(name, meta["version"], path, digest=meta["digest"])
+                    served = await self.engine.load(name, meta.version, path, digest=meta.digest)
                 except BaseException:
-                    if meta["digest"] not in {m.digest for m in self.engine.models()}:
-                        self.cache.pinned.discard(meta["digest"])
+                    if meta.digest not in {m.digest for m in self.engine.models()}:
+                        self.cache.pinned.discard(meta.digest)
                     raise
         self._settle(served, pin)
         self._announce_now.set()

@@ -37,14 +37,13 @@ from swarmd.errors import (
     ERR_NOT_FOUND,
     ERR_TIMEOUT,
     ERR_UNAVAILABLE,
-    ERR_UNKNOWN_METHOD,
     SwarmdError,
 )
 from swarmd.node.deadline import within
 from swarmd.node.supervisor import LOG, Supervisor
 from swarmd.rpc.params import as_params, bad_request, check_id, check_keys
 from swarmd.services.query import apply_sort, compile_sort
-from swarmd.services.things import THING_METHODS, Thing, ThingsConfig, ThingService, mount_handlers
+from swarmd.services.things import THING_METHODS, Handlers, Thing, ThingsConfig, ThingService
 
 HEX_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 ADDR_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
@@ -170,7 +169,7 @@ def rack_payload(rack_id: str, rack_type: str) -> dict[str, Any]:
     return {"id": check_id(rack_id, "rack id"), "type": rack_type}
 
 
-class Ork:
+class Ork(Handlers):
     """The rack registry and its fan-out. Owns a RackBook (manual racks) and
     the leases of discovered racks; `caller` reaches a rack; `lookup`, when
     given, is polled every `discover_interval_s` by a task the Ork owns."""
@@ -414,17 +413,6 @@ class Ork:
         for name, op in THING_METHODS.items():
             out[name] = (lambda params, n=name: self.proxy(n, params), op)
         return out
-
-    def mount(self, methods: Any, prefix: str = "") -> list[str]:
-        """Serve registerRack/forgetRacks/listRacks and the proxied thing
-        methods on an RPC method table, writes as op "w"."""
-        return mount_handlers(methods, self.handlers(), prefix)
-
-    async def call(self, method: str, params: Any) -> Any:
-        entry = self.handlers().get(method)
-        if entry is None:
-            raise SwarmdError(ERR_UNKNOWN_METHOD, f"ork has no method {method!r:.60}")
-        return await entry[0](params)
 
 
 class InProcessRacks:

@@ -129,7 +129,30 @@ def mount_handlers(
     return names
 
 
-class ThingService(ThingMethods, ThingSnapshots):
+class Handlers:
+    """mount() and call() over a class's handlers(): name -> (handler(params), op)."""
+
+    def handlers(self) -> dict[str, tuple[Callable[[Any], Awaitable[Any]], str]]:
+        raise NotImplementedError
+
+    def mount(self, methods: Any, prefix: str = "") -> list[str]:
+        """Serve the methods on an RPC method table (swarmd.rpc.Methods).
+
+        Writes are registered with op "w", so the node's firewall refuses them
+        to read-only peers (ERR_FORBIDDEN) before the service sees the call.
+        `prefix` lets one node serve several services ("books.listThings").
+        """
+        return mount_handlers(methods, self.handlers(), prefix)
+
+    async def call(self, method: str, params: Any) -> Any:
+        """Call a method in-process, exactly as a peer would over RPC."""
+        entry = self.handlers().get(method)
+        if entry is None:
+            raise SwarmdError(ERR_UNKNOWN_METHOD, f"{type(self).__name__} has no method {method!r:.60}")
+        return await entry[0](params)
+
+
+class ThingService(Handlers, ThingMethods, ThingSnapshots):
     """Subclass and override the hooks; see the module docstring for their order.
 
     The RPC methods are `thing_methods.ThingMethods`, snapshots `thing_snapshots.ThingSnapshots`."""
@@ -320,22 +343,6 @@ class ThingService(ThingMethods, ThingSnapshots):
             "tailLog": self.tail_log,
         }
         return {name: (impl[name], op) for name, op in THING_METHODS.items()}
-
-    def mount(self, methods: Any, prefix: str = "") -> list[str]:
-        """Serve the thing methods on an RPC method table (swarmd.rpc.Methods).
-
-        Writes are registered with op "w", so the node's firewall refuses them
-        to read-only peers (ERR_FORBIDDEN) before the service sees the call.
-        `prefix` lets one node serve several services ("books.listThings").
-        """
-        return mount_handlers(methods, self.handlers(), prefix)
-
-    async def call(self, method: str, params: Any) -> Any:
-        """Call a method in-process, exactly as a peer would over RPC."""
-        entry = self.handlers().get(method)
-        if entry is None:
-            raise SwarmdError(ERR_UNKNOWN_METHOD, f"thing service {self.name} has no method {method!r:.60}")
-        return await entry[0](params)
 
 
 # What a plugin author imports from here (docs/things.md)

@@ -13,11 +13,10 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from swarmd.names import LATEST
+from swarmd.names import LATEST, ModelMeta
 from swarmd.versions import next_version, version_key
 
 SCHEMA = """
@@ -48,49 +47,10 @@ CREATE INDEX IF NOT EXISTS model_tags_tag ON model_tags(tag);
 """
 
 
-@dataclass
-class ModelMeta:
-    """One immutable model version (plus its mutable tombstone)."""
-
-    name: str
-    version: str
-    digest: str
-    size: int
-    format: str = "onnx"
-    inputs: list[dict[str, Any]] = field(default_factory=list)
-    outputs: list[dict[str, Any]] = field(default_factory=list)
-    tags: list[str] = field(default_factory=list)
-    description: str = ""
-    created: float = 0.0
-    uploader: str = ""
-    deleted: float | None = None
-    updated: float = 0.0
-
-    def to_dict(self, *, replication: bool = False) -> dict[str, Any]:
-        """The contract's metadata dict; replicas also get the tombstone and its clock."""
-        d = asdict(self)
-        if not replication:
-            d.pop("deleted")
-            d.pop("updated")
-        return d
-
-    @classmethod
-    def from_row(cls, row: sqlite3.Row) -> ModelMeta:
-        return cls(
-            name=row["name"],
-            version=row["version"],
-            digest=row["digest"],
-            size=row["size"],
-            format=row["format"],
-            inputs=json.loads(row["inputs"]),
-            outputs=json.loads(row["outputs"]),
-            tags=json.loads(row["tags"]),
-            description=row["description"],
-            created=row["created"],
-            uploader=row["uploader"],
-            deleted=row["deleted"],
-            updated=row["updated"],
-        )
+def meta_from_row(row: sqlite3.Row) -> ModelMeta:
+    """A `SELECT *` row (its `seq` change counter left out)."""
+    return ModelMeta(**{k: json.loads(row[k]) if k in ("inputs", "outputs", "tags") else row[k]
+                        for k in row.keys() if k != "seq"})
 
 
 class Catalog:
@@ -123,12 +83,12 @@ class Catalog:
     def _one(self, sql: str, args: Iterable[Any] = ()) -> ModelMeta | None:
         with self._lock:
             row = self._db.execute(sql, tuple(args)).fetchone()
-        return ModelMeta.from_row(row) if row is not None else None
+        return meta_from_row(row) if row is not None else None
 
     def _many(self, sql: str, args: Iterable[Any] = ()) -> list[ModelMeta]:
         with self._lock:
             rows = self._db.execute(sql, tuple(args)).fetchall()
-        return [ModelMeta.from_row(r) for r in rows]
+        return [meta_from_row(r) for r in rows]
 
     def row(self, name: str, version: str) -> ModelMeta | None:
         """The row, tombstoned or not."""
@@ -206,7 +166,7 @@ class Catalog:
             ).fetchall()
             head = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM models").fetchone()[0]
         cursor = rows[-1]["seq"] if rows else max(since, 0) if since <= head else head
-        return [ModelMeta.from_row(r) for r in rows], cursor, head
+        return [meta_from_row(r) for r in rows], cursor, head
 
     def tombstoned_digests(self) -> set[str]:
         """Digests only deleted rows refer to (a replica must not be given them again)."""

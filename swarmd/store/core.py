@@ -20,9 +20,9 @@ from typing import Any
 from loguru import logger
 
 from swarmd.errors import ERR_BAD_REQUEST, ERR_CONFLICT, ERR_CORRUPT, ERR_NOT_FOUND, SwarmdError
-from swarmd.names import check_description, check_digest, check_name, check_tags, check_version
+from swarmd.names import ModelMeta, check_description, check_digest, check_name, check_tags, check_version
 from swarmd.store.blobs import READ_CHUNK, BlobStore, UploadSession
-from swarmd.store.catalog import Catalog, ModelMeta, now
+from swarmd.store.catalog import Catalog, now
 from swarmd.store.config import StoreConfig
 from swarmd.store.onnxsig import read_signature
 

@@ -13,7 +13,7 @@ import hashlib
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 
-from swarmd.store.catalog import ModelMeta
+from swarmd.names import ModelMeta
 
 
 @dataclass(frozen=True, order=True)

@@ -139,8 +139,8 @@ class ReadAhead:
             f.close()
 
 
-def _sha256_file(path: Path) -> tuple[str, int]:
-    """sha256 and size of a file: readinto one buffer (no allocation per read), hashed in place."""
+def _sha256_file(path: Path) -> tuple[Any, int]:
+    """sha256 (the hash object) and size of a file: readinto one buffer, hashed in place."""
     h = hashlib.sha256()
     n = 0
     buf = bytearray(1 << 20)
@@ -149,7 +149,7 @@ def _sha256_file(path: Path) -> tuple[str, int]:
         while got := f.readinto(buf):
             h.update(view[:got])
             n += got
-    return h.hexdigest(), n
+    return h, n
 
 
 def _int(obj: Any, key: str) -> int:
@@ -172,7 +172,8 @@ async def push_file(
     timeout: float = 30.0,
 ) -> dict[str, Any]:
     """Upload path as name[:version]; resumes from what the store already has. Returns the metadata."""
-    digest, size = await asyncio.to_thread(_sha256_file, path)
+    h, size = await asyncio.to_thread(_sha256_file, path)
+    digest = h.hexdigest()
     status = await peer.call("uploadStatus", {"sha256": digest}, timeout=timeout)
     offset = min(_int(status, "received"), size)
     params: dict[str, Any] = {"name": name, "size": size, "sha256": digest, "offset": offset}
@@ -196,14 +197,17 @@ async def push_file(
                 progress(done, size)
         await stream.close()
     except BaseException:
-        stream.abort()
-        # the store's own error says more than our broken pipe does
-        with contextlib.suppress(BaseException):
-            await within(stream.result(), 1.0)
+        await _abort(stream)
         raise
     finally:
         await reader.close()
     return await stream.result()
+
+
+async def _abort(stream: Any) -> None:
+    stream.abort()
+    with contextlib.suppress(BaseException):  # the store's own error says more than our broken pipe
+        await within(stream.result(), 1.0)
 
 
 async def pull_stream(
@@ -237,9 +241,7 @@ async def pull_stream(
         await writer.flush()
     except BaseException:
         writer.salvage()
-        stream.abort()
-        with contextlib.suppress(BaseException):
-            await within(stream.result(), 1.0)
+        await _abort(stream)
         raise
     result = await stream.result()
     if _int(result, "size") != done:
@@ -269,7 +271,7 @@ async def pull_file(
             part.unlink()
             offset = 0
         else:
-            h = await asyncio.to_thread(lambda: _prefix_hash(part))
+            h = (await asyncio.to_thread(_sha256_file, part))[0]
     fd = await asyncio.to_thread(os.open, part, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
 
@@ -287,14 +289,6 @@ async def pull_file(
         raise SwarmdError(ERR_CORRUPT, f"downloaded bytes hash to {h.hexdigest()}, expected {digest}")
     os.replace(part, dest)
     return _int(result, "size")
-
-
-def _prefix_hash(path: Path) -> hashlib._Hash:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while buf := f.read(1 << 20):
-            h.update(buf)
-    return h
 
 
 def parse_ref(text: str) -> tuple[str, str | None]:

@@ -28,7 +28,7 @@ from swarmd.errors import (
     ERR_UNAVAILABLE,
     SwarmdError,
 )
-from swarmd.names import check_record
+from swarmd.names import ModelMeta, check_record
 from swarmd.topics import STORES, blob_topic, model_topic
 from swarmd.versions import version_key
 from swarmd.worker.cache import ModelCache
@@ -43,26 +43,25 @@ def _record_key(record: Any) -> bytes:
     return bytes.fromhex(key) if isinstance(key, str) else bytes(key)
 
 
-def check_metadata(meta: Any, name: str) -> dict[str, Any]:
+def check_metadata(meta: Any, name: str) -> ModelMeta:
     """A store's record of a model (getModel answer, listModels row), checked as every store
     checks one (swarmd.names.check_record); a bad one is the store's protocol error."""
     try:
         meta = check_record(meta)
     except SwarmdError as e:
         raise SwarmdError(ERR_PROTOCOL, f"store metadata for '{name}': {e.message}") from None
-    fmt = meta.get("format", "onnx")
-    if fmt != "onnx":
-        raise SwarmdError(ERR_NOT_FOUND, f"model '{name}' is stored as {fmt!r}; this worker runs onnx only")
+    if meta.format != "onnx":
+        raise SwarmdError(ERR_NOT_FOUND, f"model '{name}' is stored as {meta.format!r}; this worker runs onnx only")
     return meta
 
 
-def _check_row(row: Any, name: str) -> dict[str, Any] | None:
+def _check_row(row: Any, name: str) -> ModelMeta | None:
     """One row of a store's listModels answer for `name`, or None when it is not one."""
     try:
         meta = check_metadata(row, name)
     except SwarmdError:
         return None
-    return meta if meta["name"] == name else None
+    return meta if meta.name == name else None
 
 
 class ModelFetcher:
@@ -95,7 +94,7 @@ class ModelFetcher:
         self._downloads: dict[str, asyncio.Future[Path]] = {}
         # Versions are immutable, so a (name, version) once resolved needs no store again: a model
         # unloaded and loaded later comes straight from the cache even if every store is gone.
-        self._known: dict[tuple[str, str], dict[str, Any]] = {}
+        self._known: dict[tuple[str, str], ModelMeta] = {}
         self._names: set[str] = set()  # names some trusted store has listed: they exist
         self._store_keys: dict[str, tuple[float, list[bytes]]] = {}  # topic -> (when looked up, trusted keys)
         self.log = logger.bind(part="worker-fetch")
@@ -136,7 +135,7 @@ class ModelFetcher:
             return await self.local_call(method, params)
         return await self.swarm.request(key, method, params, timeout=self.config.store_timeout)
 
-    async def versions(self, name: str) -> list[dict[str, Any]]:
+    async def versions(self, name: str) -> list[ModelMeta]:
         """Live versions of name, merged over the trusted stores that hold it (oldest first).
 
         Each store answers with its rows, tombstones included; a (name, version)
@@ -163,7 +162,7 @@ class ModelFetcher:
                 return e
 
         answers = await asyncio.gather(*(one(k) for k in sources))
-        rows: dict[str, dict[str, Any]] = {}
+        rows: dict[str, ModelMeta] = {}
         answered = 0
         for key, ans in zip(sources, answers, strict=True):
             if isinstance(ans, BaseException):
@@ -181,34 +180,34 @@ class ModelFetcher:
                 meta = _check_row(row, name)
                 if meta is None:
                     continue
-                have = rows.get(meta["version"])
-                if have is None or meta.get("updated", 0.0) > have.get("updated", 0.0):
-                    rows[meta["version"]] = meta
+                have = rows.get(meta.version)
+                if have is None or meta.updated > have.updated:
+                    rows[meta.version] = meta
         if not answered:
             remote = [a for k, a in zip(sources, answers, strict=True) if k is not None]
             if not remote or any(not isinstance(a, BaseException) for a in remote):
                 await self._none_announce(name)
             raise SwarmdError(ERR_UNAVAILABLE, f"no store holding model '{name}' could be reached; retry shortly")
-        live = [m for m in rows.values() if m.get("deleted") is None]
+        live = [m for m in rows.values() if m.deleted is None]
         if not live:
             self._names.discard(name)
             for key in [k for k in self._known if k[0] == name]:
                 self._known.pop(key, None)
             raise SwarmdError(ERR_NOT_FOUND, f"model '{name}' not found in any store")
         self._names.add(name)
-        gone = {v for (n, v) in self._known if n == name} - {m["version"] for m in live}
+        gone = {v for (n, v) in self._known if n == name} - {m.version for m in live}
         for v in gone:  # deleted: a request naming it must not be served from what we knew
             self._known.pop((name, v), None)
         for m in live:
             self._remember(name, m)
-        return sorted(live, key=lambda m: version_key(m["version"]))
+        return sorted(live, key=lambda m: version_key(m.version))
 
     async def _none_announce(self, name: str) -> NoReturn:
         if name in self._names or not await self._any_store_reachable():
             raise SwarmdError(ERR_UNAVAILABLE, f"no store holding model '{name}' can be reached; retry shortly")
         raise SwarmdError(ERR_NOT_FOUND, f"model '{name}' not found in any store")
 
-    async def resolve(self, name: str, version: str | None = None) -> dict[str, Any]:
+    async def resolve(self, name: str, version: str | None = None) -> ModelMeta:
         """Metadata of name:version, or of the latest version when None; checked against the name asked."""
         if version in (None, "", "latest"):
             return (await self.versions(name))[-1]
@@ -224,9 +223,9 @@ class ModelFetcher:
         for key in sources:
             try:
                 meta = check_metadata(await self._ask(key, "getModel", params), name)
-                if meta.get("name") != name or meta["version"] != version:
+                if meta.name != name or meta.version != version:
                     raise SwarmdError(ERR_PROTOCOL, f"store answered getModel {name}:{version} with "
-                                      f"{meta.get('name')!r:.40}:{meta['version']!r:.40}")
+                                      f"{meta.name!r:.40}:{meta.version!r:.40}")
                 self._names.add(name)
                 self._remember(name, meta)
                 return meta
@@ -242,13 +241,13 @@ class ModelFetcher:
             raise SwarmdError(ERR_NOT_FOUND, f"model '{name}' version {version!r} not found in any store")
         raise SwarmdError(ERR_UNAVAILABLE, f"no store could resolve model '{name}': {last.code}: {last.message}")
 
-    def _remember(self, name: str, meta: dict[str, Any]) -> None:
+    def _remember(self, name: str, meta: ModelMeta) -> None:
         if len(self._known) < 4096:
-            self._known[(name, meta["version"])] = meta
+            self._known[(name, meta.version)] = meta
 
-    async def fetch(self, meta: dict[str, Any]) -> Path:
+    async def fetch(self, meta: ModelMeta) -> Path:
         """The verified blob for `meta` in the cache, downloading it once if missing."""
-        digest, size = meta["digest"], meta["size"]
+        digest, size = meta.digest, meta.size
         path = self.cache.get(digest)
         if path is not None:
             return path
