@@ -6,8 +6,11 @@ Model: the 784-1024-1024-10 MLP of bench/gateway.py, served by standalone gatewa
 (onnxruntime in-process, so the figure is the front's cost, not the swarm's), one per gRPC
 engine (gateway.grpc_engine: "lean", the HTTP/2 lane of gateway/grpc_lane.py, and
 "grpcio"). Load, N concurrent calls each:
-  http json   POST /v2/models/mlp/infer on N keep-alive connections (bench/gateway.py's
-              client: raw asyncio, one pre-built request) — the baseline of the target;
+  http json   POST /v2/models/mlp/infer on N keep-alive connections from a client as lean as
+              the gRPC one (H1Load: asyncio protocol, one pre-built request) — the baseline of
+              the target;
+  http json/aio  the same from bench/gateway.py's client (asyncio streams, wait_for per
+              read: ~4x the client CPU per request of H1Load);
   fastapi     the same on FastAPI + onnxruntime under uvicorn (bench/gateway.py's baseline);
   grpc raw    ModelInfer with raw tensor contents (what tritonclient.grpc sends) as N
               concurrent streams on one HTTP/2 connection, from a client as lean as the HTTP
@@ -53,6 +56,7 @@ from gateway import (  # noqa: E402  (bench/gateway.py: one load client, one mod
     stop_proc,
     swarmd_env,
     wait_http,
+    wait_log,
 )
 
 from swarmd.gateway.grpc_wire import (  # noqa: E402  (the frame and header helpers the lane itself uses)
@@ -168,6 +172,69 @@ class H2Load(asyncio.Protocol):
             self.done.set_result(None)
 
 
+class H1Load(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection sending `request` again as soon as each answer is in:
+    the HTTP side's load generator as lean as H2Load (no streams, no wait_for per read)."""
+
+    def __init__(self, request: bytes, stop: float, warm: float, lat: list[float], errors: list[str],
+                 done: asyncio.Future) -> None:
+        self.request, self.stop, self.warm = request, stop, warm
+        self.lat, self.errors, self.done = lat, errors, done
+        self.buf = b""
+        self.t0 = 0.0
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.t0 = time.perf_counter()
+        transport.write(self.request)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        self.buf = self.buf + data if self.buf else data
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head = self.buf[:end].lower()
+        i = head.find(b"content-length:")
+        n = int(head[i + 15:head.find(b"\r\n", i) if head.find(b"\r\n", i) > 0 else None]) if i >= 0 else 0
+        if len(self.buf) < end + 4 + n:
+            return
+        self.buf = self.buf[end + 4 + n:]
+        now = time.perf_counter()
+        if head[9:12] != b"200":
+            self.errors.append(head[9:12].decode())
+        elif self.t0 >= self.warm:
+            self.lat.append(now - self.t0)
+        if now < self.stop:
+            self.t0 = now
+            self.transport.write(self.request)  # type: ignore[union-attr]
+        else:
+            self.transport.close()  # type: ignore[union-attr]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+async def h1_load(port: int, body: bytes, conns: int, seconds: float, key: str) -> dict[str, float]:
+    """HTTP JSON infer on `conns` keep-alive connections, one request at a time on each."""
+    loop = asyncio.get_running_loop()
+    request = (f"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               f"x-api-key: {key}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+    lat: list[float] = []
+    errors: list[str] = []
+    start = time.perf_counter()
+    warm = start + min(1.0, seconds / 4)
+    stop = warm + seconds
+    dones = [loop.create_future() for _ in range(conns)]
+    for d in dones:
+        await loop.create_connection(lambda d=d: H1Load(request, stop, warm, lat, errors, d), "127.0.0.1", port)
+    await asyncio.wait_for(asyncio.gather(*dones), seconds + 30)
+    a = np.array(lat) if lat else np.array([0.0])
+    return {"rps": round(len(lat) / seconds, 1), "p50_ms": round(float(np.percentile(a, 50)) * 1000, 3),
+            "p99_ms": round(float(np.percentile(a, 99)) * 1000, 3), "errors": len(errors)}
+
+
 async def h2_load(port: int, path: str, message: bytes, conns: int, seconds: float, key: str | None
                   ) -> dict[str, float]:
     """The raw client: `conns` concurrent streams on one connection for `seconds` after a warm-up."""
@@ -244,9 +311,10 @@ def timed(pid: int, seconds: float, run, *args) -> dict[str, float]:  # noqa: AN
 
 
 def median_of(rounds: list[dict[str, float]]) -> dict[str, float]:
-    keys = ("rps", "p50_ms", "p99_ms", "errors", "server_cpu_us_per_req", "client_cpu_us_per_req")
+    keys = ("rps", "p50_ms", "p99_ms", "errors", "server_cpu_us_per_req", "client_cpu_us_per_req",
+            "worker_cpu_us_per_req")
     out = {k: round(statistics.median(r[k] for r in rounds), 1 if k != "p50_ms" and k != "p99_ms" else 3)
-           for k in keys}
+           for k in keys if k in rounds[0]}
     out["rounds_rps"] = [r["rps"] for r in rounds]
     return out
 
@@ -267,6 +335,62 @@ def start_gateway(tmp: Path, name: str, models: Path, engine: str, traced: bool 
     return proc, http, grpc_port, key
 
 
+def start_swarm(tmp: Path, models: Path, body: bytes, procs: list):
+    """gateway -> worker, each its own process (+ store/bootstrap, orchestrator), as bench/gateway.py's
+    "swarm" route, the gateway with its gRPC front on; the model pushed through the gateway.
+    Returns (gateway process, worker process, http port, grpc port, key)."""
+    import urllib.error
+    import urllib.request
+
+    base = tmp / "swarm"
+    cmd = [sys.executable, "-m", "swarmd", "--log-format", "json", "--log-level", "INFO"]
+
+    def start(name: str, *args: str):
+        log = base / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        p = start_proc([*cmd, "--data-dir", str(base / name), *args], swarmd_env(), log)
+        procs.append(p)
+        return p, log
+
+    http, grpc_port = free_port(), free_port()
+    p, log = start("store", "--role", "bootstrap,store")
+    dht = json.loads(wait_log(log, r'\{[^\n]*"event": "ready"[^\n]*\}', p).group(0))["ports"]["dht"]
+    boot = ("--bootstrap", f"127.0.0.1:{dht}")
+    orch = start("orchestrator", "--role", "orchestrator", *boot)
+    worker = start("worker", "--role", "worker", *boot)
+    gw = start("gateway", "--role", "gateway", "--http", f"127.0.0.1:{http}", "--grpc", f"127.0.0.1:{grpc_port}", *boot)
+    for q, qlog in (orch, worker, gw):
+        wait_log(qlog, r'"event": "ready"', q)
+    admin = wait_log(gw[1], r"store it now\): (\S+)", gw[0]).group(1)
+
+    def post(path: str, data: bytes, ctype: str, key: str = admin) -> tuple[int, bytes]:
+        req = urllib.request.Request(f"http://127.0.0.1:{http}{path}", data=data,
+                                     headers={"x-api-key": key, "Content-Type": ctype})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    status, out = post("/api/v1/keys", json.dumps({"name": "bench", "permissions": ["infer"],
+                                                   "rate_limit_rps": 1e6, "rate_limit_burst": 1e6}).encode(),
+                       "application/json")
+    if status != 201:
+        raise RuntimeError(f"creating the bench key failed: {status} {out[:200]!r}")
+    key = json.loads(out)["key"]
+    model = (models / "mlp" / "1" / "model.onnx").read_bytes()
+    deadline = time.monotonic() + 60
+    while post("/api/v1/models?name=mlp&version=1", model, "application/octet-stream")[0] != 201:
+        if time.monotonic() > deadline:
+            raise RuntimeError("upload through the gateway never succeeded")
+        time.sleep(0.5)
+    while post("/v2/models/mlp/infer", body, "application/json", key)[0] != 200:
+        if time.monotonic() > deadline:
+            raise RuntimeError("inference through the swarm never succeeded")
+        time.sleep(0.5)
+    return gw[0], worker[0], http, grpc_port, key
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=3.0)
@@ -275,6 +399,8 @@ def main() -> int:
     ap.add_argument("--engines", default="lean,grpcio", help="gRPC engines to measure, each in a gateway of its own")
     ap.add_argument("--no-fastapi", action="store_true", help="leave the FastAPI baseline out")
     ap.add_argument("--traced", action="store_true", help="also measure a gateway (lean) with tracing on")
+    ap.add_argument("--swarm", action="store_true",
+                    help="also gateway -> worker in two processes (+ store, orchestrator): the deployed data path")
     args = ap.parse_args()
     conns = [int(c) for c in args.conns.split(",")]
     engines = args.engines.split(",")
@@ -310,6 +436,7 @@ def main() -> int:
                                  swarmd_env(), tmp / "fastapi.log")
             procs.append(fastapi)
             wait_http(fport, fastapi)
+        swarm = start_swarm(tmp, models, body, procs) if args.swarm else None
         s = args.seconds
         first = gws[engines[0]]
 
@@ -320,7 +447,8 @@ def main() -> int:
             load_seen.append(open("/proc/loadavg").read().split()[0])
             for c in conns:
                 proc, http, _, key = first
-                add("http json", c, timed(proc.pid, s, measure, http, body, c, s, {"x-api-key": key}, None))
+                add("http json", c, timed(proc.pid, s, arun, h1_load, http, body, c, s, key))
+                add("http json/aio", c, timed(proc.pid, s, measure, http, body, c, s, {"x-api-key": key}, None))
                 if fastapi is not None:
                     add("fastapi", c, timed(fastapi.pid, s, measure, fport, body, c, s, {}, None))
                 for e in engines:
@@ -328,9 +456,18 @@ def main() -> int:
                     add(f"grpc raw {e}", c, timed(proc.pid, s, arun, h2_load, gport, infer_path, infer_msg, c, s, key))
                     add(f"grpc/grpcio {e}", c, timed(proc.pid, s, arun, grpc_load, gport, x, c, s, key))
                     add(f"grpc floor {e}", c, timed(proc.pid, s, arun, h2_load, gport, live_path, b"", c, s, None))
+                if swarm is not None:  # gw us/req: the gateway process; worker us/req apart
+                    gp, wp, http, gport, key = swarm
+                    for name, fn, fargs in (("swarm http json", h1_load, (http, body, c, s, key)),
+                                            ("swarm grpc raw lean", h2_load, (gport, infer_path, infer_msg, c, s, key))):
+                        w0 = cpu_seconds(wp.pid)
+                        r = timed(gp.pid, s, arun, fn, *fargs)
+                        total = r["rps"] * (s + min(1.0, s / 4)) + r["errors"]
+                        r["worker_cpu_us_per_req"] = round((cpu_seconds(wp.pid) - w0) / max(total, 1) * 1e6, 1)
+                        add(name, c, r)
                 if args.traced:
                     proc, http, gport, key = gws["traced"]
-                    add("http json traced", c, timed(proc.pid, s, measure, http, body, c, s, {"x-api-key": key}, None))
+                    add("http json traced", c, timed(proc.pid, s, arun, h1_load, http, body, c, s, key))
                     add("grpc raw traced", c, timed(proc.pid, s, arun, h2_load, gport, infer_path, infer_msg, c, s, key))
         load_seen.append(open("/proc/loadavg").read().split()[0])
     finally:
@@ -350,9 +487,14 @@ def main() -> int:
             r = by_c[c]
             ratio = round(r["rps"] / base, 2) if base else None
             ratios.setdefault(name, {})[c] = ratio
+            if name.startswith("swarm "):  # against the HTTP JSON route of the same swarm
+                sb = med["swarm http json"][c]["rps"]
+                ratio = round(r["rps"] / sb, 2) if sb else None
+                ratios.setdefault(name, {})[c] = ratio
+            worker = f"  worker {r['worker_cpu_us_per_req']:,.0f} us/req" if "worker_cpu_us_per_req" in r else ""
             print(f"{name:<20}{c:>6}{r['rps']:>9,.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['errors']:>7.0f}"
-                  f"{r['server_cpu_us_per_req']:>10,.0f}{r['client_cpu_us_per_req']:>14,.0f}{ratio or 0:>8.2f}x")
-    print("target: grpc raw lean at 64 concurrent >= 1.5x http json req/s")
+                  f"{r['server_cpu_us_per_req']:>10,.0f}{r['client_cpu_us_per_req']:>14,.0f}{ratio or 0:>8.2f}x{worker}")
+    print("target: grpc raw lean at 64 concurrent >= 1.5x http json req/s (swarm rows: vs swarm http json)")
     lean = "grpc raw lean" if "grpc raw lean" in med else next(n for n in med if n.startswith("grpc raw"))
     doc: dict[str, object] = {
         "bench": "grpc", "rounds": args.rounds, "seconds": args.seconds, "loadavg": load_seen,

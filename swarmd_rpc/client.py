@@ -270,11 +270,6 @@ class Client:
             return self._direct
         return await self._swarm.connect(public_key, self._records.get(public_key))
 
-    async def _request(self, public_key: bytes, method: str, params: Any, timeout: float) -> Any:  # noqa: ASYNC109
-        """A call on the peer with this key: the record from discovery when we have one, else a lookup by key."""
-        peer = await self._peer(public_key)
-        return await peer.call(method, params, timeout=timeout)
-
     async def _lookup_records(self, topic: str, seconds: float) -> list[Any]:
         """How the fleet finds workers: a lookup that settles soon after the first record."""
         return await self.lookup(topic, timeout=seconds, settle=self.config.settle)
@@ -363,9 +358,7 @@ class Client:
         """An async iterator of the swarm's connection events (swarmd.swarm.ConnectionEvent: kind
         "open"/"close", public_key, inbound, topics), subscribed now so none is missed; ends when
         the client closes. For a swarm client (after start())."""
-        if self._swarm is None:
-            raise SwarmdError(ERR_UNAVAILABLE, "connections() needs a started swarm client")
-        return self._swarm.connections()
+        return self._need_swarm("connections()").connections()
 
     def connected_peers(self) -> list[bytes]:
         """Public keys of the peers this client holds a connection to."""
@@ -387,14 +380,12 @@ class Client:
         single peer of a for_peer() client. Raises the exception class of the peer's error code."""
         await self._ready()
         t = timeout or self.config.timeout
+        if self._direct is not None:  # the one peer (a key given must be its key)
+            peer = self._direct if public_key is None else await self._peer(_public_key(public_key))
+            return await peer.call(method, params, timeout=t)
         if public_key is None:
-            if self._direct is None:
-                raise SwarmdError(ERR_BAD_REQUEST, "public_key is required on a swarm client")
-            return await self._direct.call(method, params, timeout=t)
-        pk = _public_key(public_key)
-        if self._direct is not None:
-            return await self._request(pk, method, params, t)
-        return await self._swarm.request(pk, method, params, timeout=t)
+            raise SwarmdError(ERR_BAD_REQUEST, "public_key is required on a swarm client")
+        return await self._swarm.request(_public_key(public_key), method, params, timeout=t)
 
     # -- inference ---------------------------------------------------------------------
 

@@ -145,8 +145,7 @@ class SyncClient:
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> dict[str, np.ndarray]:
         """Run model on inputs {name: array}; returns {name: array} (see Client.infer)."""
-        coro = self.client.infer(model, inputs, version, outputs=outputs, timeout=timeout)
-        return self._run(coro, timeout or self.client.config.infer_timeout)
+        return self.infer_detailed(model, inputs, version, outputs=outputs, timeout=timeout).outputs
 
     def infer_detailed(
         self,

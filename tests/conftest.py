@@ -22,6 +22,39 @@ logger.enable("swarmd")
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def node_context(data_dir: Path, *roles: str, settings: Any = None, identity: Any = None, **parts: Any) -> Any:
+    """A role's swarmd.roles.base.NodeContext as the daemon builds it: a fresh key and
+    Supervisor unless given, `parts` (methods, swarm, dht, rpc_server, trust) as given."""
+    from swarmd.node.identity import Identity
+    from swarmd.node.supervisor import Supervisor
+    from swarmd.roles.base import NodeContext
+    from swarmd.settings import Settings
+
+    parts.setdefault("tasks", Supervisor())
+    return NodeContext(identity=identity or Identity.generate(), settings=settings or Settings(),
+                       data_dir=Path(data_dir), instance_id="test", roles=roles, **parts)
+
+
+class InProcessRacks:
+    """An ork's RackCaller (swarmd.services.ork) reaching thing services in this process by
+    rack key: the ork's fan-out tested without sockets."""
+
+    def __init__(self) -> None:
+        self.services: dict[str, Any] = {}
+
+    def add(self, public_key: str, service: Any) -> None:
+        self.services[public_key.lower()] = service
+
+    async def __call__(self, rack: Any, method: str, params: Any, timeout: float) -> Any:  # noqa: ASYNC109
+        from swarmd.errors import ERR_UNAVAILABLE, SwarmdError
+        from swarmd.node.deadline import within
+
+        svc = self.services.get(rack.public_key)
+        if svc is None:
+            raise SwarmdError(ERR_UNAVAILABLE, f"rack {rack.id} is not served in this process")
+        return await within(svc.call(method, params), timeout=timeout)
+
+
 def swarmd_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SWARMD_")}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")

@@ -21,14 +21,13 @@ import numpy as np
 
 from swarmd.errors import ERR_BAD_REQUEST, ERR_NOT_FOUND, SwarmdError
 from swarmd.node.identity import Identity
-from swarmd.node.supervisor import Supervisor
 from swarmd.orchestrator.config import OrchestratorConfig
-from swarmd.roles.base import NodeContext
 from swarmd.roles.orchestrator import OrchestratorRole
 from swarmd.rpc import CallContext, Methods, RpcPeer, RpcServer, connect
 from swarmd.rpc.config import AccessConfig
 from swarmd.rpc.part import firewall_from
 from swarmd.settings import Settings
+from tests.conftest import node_context
 
 T = 20.0  # generous per-call timeout: the machine is shared
 WEIGHTS = np.arange(12, dtype=np.float32).reshape(4, 3) / 10.0
@@ -116,16 +115,8 @@ class Orchestrator:
         settings.trust.open = True  # an open swarm, asked for
         settings.orchestrator = OrchestratorConfig(**cfg)
         self.identity = swarm.identity if swarm is not None else identity or Identity.generate()
-        self.ctx = NodeContext(
-            identity=self.identity,
-            settings=settings,
-            data_dir=tmp,
-            instance_id="test",
-            roles=("orchestrator",),
-            tasks=Supervisor(),
-            methods=swarm.methods if swarm is not None else Methods(),
-            swarm=swarm,
-        )
+        self.ctx = node_context(tmp, "orchestrator", settings=settings, identity=self.identity,
+                                methods=swarm.methods if swarm is not None else Methods(), swarm=swarm)
         self.role = OrchestratorRole(self.ctx)
         self.ctx.trust = trust
         firewall = None if trust is None else firewall_from(AccessConfig(), self.identity.public_key, trust)

@@ -8,11 +8,11 @@ from typing import Any
 
 from swarmd.node.identity import Identity
 from swarmd.node.supervisor import Supervisor
-from swarmd.roles.base import NodeContext
 from swarmd.roles.store import StoreRole
 from swarmd.rpc import Methods, RpcServer
 from swarmd.settings import Settings
 from swarmd.store.config import StoreConfig
+from tests.conftest import node_context
 
 
 @dataclass
@@ -78,9 +78,8 @@ async def start_store(data_dir: Path, ident: Identity | None = None, port: int =
     if server is None:
         server = RpcServer(ident, Methods(), port=port)
         await server.start()
-    ctx = NodeContext(identity=ident, settings=settings, data_dir=data_dir, instance_id="test",
-                      roles=("store",), tasks=tasks, methods=server.methods, swarm=swarm, dht=dht,
-                      rpc_server=server, trust=trust)
+    ctx = node_context(data_dir, "store", settings=settings, identity=ident, tasks=tasks, methods=server.methods,
+                       swarm=swarm, dht=dht, rpc_server=server, trust=trust)
     role = role_class(ctx)
     await role.start()
     return Node(role, server, ident, tasks, swarm, dht)

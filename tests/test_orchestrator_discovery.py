@@ -13,6 +13,7 @@ from swarmd.errors import ERR_BAD_REQUEST, ERR_OVERLOADED, SwarmdError
 from swarmd.orchestrator.balancer import Balancer
 from swarmd.orchestrator.config import OrchestratorConfig
 from swarmd.orchestrator.discovery import ad_from_record, parse_register
+from tests.conftest import node_context
 
 PK = bytes(range(32))
 
@@ -167,20 +168,9 @@ def test_any_register_params_are_an_ad_or_a_bad_request(params: Any) -> None:
 )
 async def test_role_methods_answer_any_params_with_a_stable_error(method: str, params: Any) -> None:
     from swarmd.errors import ALL_CODES, ERR_INTERNAL
-    from swarmd.node.identity import Identity
-    from swarmd.node.supervisor import Supervisor
-    from swarmd.roles.base import NodeContext
     from swarmd.roles.orchestrator import OrchestratorRole
-    from swarmd.settings import Settings
 
-    ctx = NodeContext(
-        identity=Identity.generate(),
-        settings=Settings(),
-        data_dir=Path("."),
-        instance_id="fuzz",
-        roles=("orchestrator",),
-        tasks=Supervisor(),
-    )
+    ctx = node_context(Path("."), "orchestrator")
     role = OrchestratorRole(ctx)
     try:
         await getattr(role, method)(None, params)

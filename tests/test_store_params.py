@@ -12,19 +12,15 @@ from hypothesis import strategies as st
 from store_models import write_model
 
 from swarmd.errors import ALL_CODES, ERR_BAD_REQUEST, SwarmdError
-from swarmd.node.identity import Identity
-from swarmd.node.supervisor import Supervisor
-from swarmd.roles.base import NodeContext
 from swarmd.roles.store import StoreRole
 from swarmd.roles.store_replication import meta_from_wire
 from swarmd.settings import Settings
+from tests.conftest import node_context
 
 
 @pytest.fixture
 async def role(tmp_path: Path) -> StoreRole:
-    ctx = NodeContext(identity=Identity.generate(), settings=Settings(), data_dir=tmp_path, instance_id="t",
-                      roles=("store",), tasks=Supervisor())
-    r = StoreRole(ctx)  # no RPC server: the handlers are called directly
+    r = StoreRole(node_context(tmp_path, "store"))  # no RPC server: the handlers are called directly
     await r.start()
     r.core.put_file(write_model(tmp_path / "m.onnx", seed=1), "m", "1")
     yield r
@@ -83,8 +79,6 @@ def test_bad_store_config_is_refused(tmp_path: Path, key: str, value: Any) -> No
     settings = Settings()
     settings.trust.open = True
     setattr(settings.store, key, value)
-    ctx = NodeContext(identity=Identity.generate(), settings=settings, data_dir=tmp_path, instance_id="t",
-                      roles=("store",), tasks=Supervisor())
     with pytest.raises(SwarmdError) as e:
-        StoreRole(ctx)
+        StoreRole(node_context(tmp_path, "store", settings=settings))
     assert e.value.code == ERR_CONFIG and f"store.{key}" in e.value.message

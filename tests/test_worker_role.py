@@ -8,27 +8,18 @@ import numpy as np
 import pytest
 
 from swarmd.errors import ERR_BAD_REQUEST, ERR_NOT_FOUND, ERR_NOT_READY, SwarmdError
-from swarmd.node.identity import Identity
-from swarmd.node.supervisor import Supervisor
 from swarmd.roles.base import NodeContext
 from swarmd.roles.worker import WorkerRole
 from swarmd.settings import Settings
 from swarmd.worker.config import WorkerConfig
+from tests.conftest import node_context
 from tests.models import mlp_model, two_output_model
 
 MLP = (16, 32, 4)
 
 
 def make_ctx(tmp_path, **worker) -> NodeContext:
-    settings = Settings(worker=WorkerConfig(**worker))
-    return NodeContext(
-        identity=Identity.generate(),
-        settings=settings,
-        data_dir=tmp_path,
-        instance_id="test",
-        roles=("worker",),
-        tasks=Supervisor(),
-    )
+    return node_context(tmp_path, "worker", settings=Settings(worker=WorkerConfig(**worker)))
 
 
 @pytest.fixture

@@ -16,12 +16,11 @@ from swarmd.errors import (
     SwarmdError,
 )
 from swarmd.node.identity import Identity
-from swarmd.node.supervisor import Supervisor
-from swarmd.roles.base import NodeContext
 from swarmd.roles.worker import WorkerRole
 from swarmd.rpc import Methods, RpcServer, connect
 from swarmd.settings import Settings
 from swarmd.worker.config import WorkerConfig
+from tests.conftest import node_context
 from tests.models import mlp_model, two_output_model
 
 MLP = (16, 32, 4)
@@ -33,15 +32,8 @@ class Served:
     def __init__(self, tmp_path, **worker) -> None:
         self.identity = Identity.generate()
         self.methods = Methods()
-        self.ctx = NodeContext(
-            identity=self.identity,
-            settings=Settings(worker=WorkerConfig(**worker)),
-            data_dir=tmp_path,
-            instance_id="test",
-            roles=("worker",),
-            tasks=Supervisor(),
-            methods=self.methods,
-        )
+        self.ctx = node_context(tmp_path, "worker", settings=Settings(worker=WorkerConfig(**worker)),
+                                identity=self.identity, methods=self.methods)
         self.role = WorkerRole(self.ctx)
         self.server = RpcServer(self.identity, self.methods)
         self.peer = None

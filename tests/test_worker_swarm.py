@@ -11,8 +11,6 @@ import numpy as np
 import pytest
 
 from swarmd.node.identity import Identity
-from swarmd.node.supervisor import Supervisor
-from swarmd.roles.base import NodeContext
 from swarmd.roles.worker import WorkerRole
 from swarmd.rpc import Methods
 from swarmd.settings import Settings
@@ -20,6 +18,7 @@ from swarmd.swarm import Swarm, SwarmConfig
 from swarmd.swarm.stack import open_stack
 from swarmd.topics import WORKERS, worker_model_topic
 from swarmd.worker.config import WorkerConfig
+from tests.conftest import node_context
 from tests.dht_testnet import DhtTestnet
 from tests.models import mlp_model
 
@@ -39,15 +38,8 @@ class SwarmNode:
         self.net = net
         self.identity = Identity.generate()
         self.methods = Methods()
-        self.ctx = NodeContext(
-            identity=self.identity,
-            settings=Settings(worker=WorkerConfig(**worker)),
-            data_dir=tmp_path,
-            instance_id="t",
-            roles=("worker",),
-            tasks=Supervisor(),
-            methods=self.methods,
-        )
+        self.ctx = node_context(tmp_path, "worker", settings=Settings(worker=WorkerConfig(**worker)),
+                                identity=self.identity, methods=self.methods)
 
     async def start(self) -> SwarmNode:
         self.stack = await open_stack(self.identity, self.net.config(), methods=self.methods, swarm_config=swarm_cfg())

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
@@ -62,7 +62,6 @@ class Call:
     message: bytes | None = None
     task: asyncio.Task[Any] | None = None
     queue: asyncio.Queue[bytes | None] | None = None  # ModelStreamInfer: requests in order, None at the end
-    extra: list[bytes] = field(default_factory=list)
 
 
 class GrpcLane:

@@ -122,6 +122,28 @@ def parse_timeout(value: str) -> float:
     return int(value[:-1]) * TIMEOUT_UNITS[value[-1]]
 
 
+def request_head(fields: list[tuple[bytes, bytes]]) -> tuple[str, dict[bytes, bytes], dict[str, str]]:
+    """(problem, pseudo-headers, metadata) of a request's header fields; problem is "" when the
+    head is well formed (RFC 9113 §8.1.1, §8.2.2: pseudo-headers first, known, once; lower-case
+    names; no connection-specific field), and the three pseudo-headers a request needs are there."""
+    pseudo: dict[bytes, bytes] = {}
+    metadata: dict[str, str] = {}
+    for name, value in fields:
+        if name[:1] == b":":
+            if metadata or name in pseudo or name not in (b":method", b":scheme", b":path", b":authority"):
+                return f"pseudo-header {name.decode('latin-1')!r} misplaced, repeated or unknown", pseudo, metadata
+            pseudo[name] = value
+            continue
+        key = name.decode("latin-1")
+        if key != key.lower() or key in CONNECTION_HEADERS or (key == "te" and value != b"trailers"):
+            return f"header {key!r} is not allowed in HTTP/2 (upper case or connection-specific)", pseudo, metadata
+        text = value.decode("utf-8", "replace")
+        metadata[key] = f"{metadata[key]},{text}" if key in metadata else text
+    if b":method" not in pseudo or b":path" not in pseudo or b":scheme" not in pseudo:
+        return "request lacks :method, :scheme or :path", pseudo, metadata
+    return "", pseudo, metadata
+
+
 class ConnectionError_(Exception):  # noqa: N801  (kept apart from the builtin ConnectionError)
     """The peer broke HTTP/2 in a way that ends the connection (RFC 9113 §5.4.1)."""
 
@@ -237,6 +259,9 @@ class GrpcConnection:
         self.header_parts: list[bytes] = []
         self.header_size = 0
         self.decoder = HpackDecoder(4096, self.limits.max_header_list)  # SETTINGS_HEADER_TABLE_SIZE: the default
+        # header block -> (the decoder's field list, request_head of it): a warm client's repeated heads
+        # are parsed once (the metadata dict is shared by those calls: read-only)
+        self.parsed: dict[bytes, tuple[list[tuple[bytes, bytes]], tuple[str, dict[bytes, bytes], dict[str, str]]]] = {}
         self.blocked: dict[int, _Stream] = {}  # streams whose answer waits on a window, in order
 
     # -- the API of the glue -------------------------------------------------------
@@ -611,24 +636,14 @@ class GrpcConnection:
             self.out.append(frame(RST_STREAM, 0, sid, struct.pack(">I", REFUSED_STREAM)))
             return
         s = self.streams[sid] = _Stream(sid, window=self.peer_initial_window)
-        pseudo: dict[bytes, bytes] = {}
-        metadata: dict[str, str] = {}
-        problem = ""
-        for name, value in fields:
-            if name[:1] == b":":
-                if metadata or name in pseudo or name not in (b":method", b":scheme", b":path", b":authority"):
-                    problem = f"pseudo-header {name.decode('latin-1')!r} misplaced, repeated or unknown"
-                    break
-                pseudo[name] = value
-                continue
-            key = name.decode("latin-1")
-            if key != key.lower() or key in CONNECTION_HEADERS or (key == "te" and value != b"trailers"):
-                problem = f"header {key!r} is not allowed in HTTP/2 (upper case or connection-specific)"
-                break
-            text = value.decode("utf-8", "replace")
-            metadata[key] = f"{metadata[key]},{text}" if key in metadata else text
-        if not problem and (b":method" not in pseudo or b":path" not in pseudo or b":scheme" not in pseudo):
-            problem = "request lacks :method, :scheme or :path"
+        seen = self.parsed.get(block)
+        if seen is not None and seen[0] is fields:  # the decoder's cached list: the same request head as before
+            problem, pseudo, metadata = seen[1]
+        else:
+            problem, pseudo, metadata = request_head(fields)
+            if len(self.parsed) >= 64:
+                self.parsed.clear()
+            self.parsed[block] = (fields, (problem, pseudo, metadata))
         if problem:  # a malformed request: a stream error (RFC 9113 §8.1.1)
             del self.streams[sid]
             self.out.append(frame(RST_STREAM, 0, sid, struct.pack(">I", PROTOCOL_ERROR)))
