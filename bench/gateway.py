@@ -11,7 +11,13 @@ Servers, each a subprocess measured in this same run:
             and worker (the embedded default's data path), store/orchestrator apart
 plus direct onnxruntime batch-1 calls (the ceiling). Last line: one JSON object.
 
-    python bench/gateway.py [--seconds 4] [--conns 1,16,64]
+Every server is started first and then measured in interleaved slices: each round
+measures every server once at each connection count (`--seconds` each), the order
+rotating between rounds, so a server and the FastAPI baseline it is compared with
+run seconds apart and under the same load. A figure is the median over the rounds;
+`ratio` is the median of the per-round ratios to FastAPI in the same round.
+
+    python bench/gateway.py [--seconds 4] [--rounds 5] [--conns 1,16,64]
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -186,7 +193,8 @@ def measure(port: int, body: bytes, conns: int, seconds: float, headers: dict[st
 
 
 def start_proc(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(args, env=env, cwd=str(ROOT), stdout=open(log, "w"), stderr=subprocess.STDOUT,
+    return subprocess.Popen(args, env=env, cwd=env.get("PYTHONPATH", str(ROOT)), stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT,
                             start_new_session=True)
 
 
@@ -236,16 +244,44 @@ def wait_log(log: Path, pattern: str, proc: subprocess.Popen, timeout: float = 6
     raise RuntimeError(f"{pattern!r} not in {log} within {timeout}s")
 
 
-def run_swarm(tmp: Path, models: Path, body: bytes, conns: list[int], seconds: float,
-              procs: list[subprocess.Popen], route: str) -> dict[str, dict[str, float]]:
+class Server:
+    """One server under load: where it listens, the key it wants, the process whose CPU is counted,
+    the processes to profile around each slice, and every process to stop at the end."""
+
+    def __init__(self, name: str, port: int, headers: dict[str, str], pid: int,
+                 procs: list[subprocess.Popen], profiled: list[subprocess.Popen] | None = None) -> None:
+        self.name, self.port, self.headers, self.pid = name, port, headers, pid
+        self.procs = procs
+        self.profiled = profiled or []
+
+    def measure(self, body: bytes, conns: int, seconds: float) -> dict[str, float]:
+        for q in self.profiled:  # CPU profile of the slices that load this server only
+            q.send_signal(signal.SIGUSR1)
+        try:
+            return measure(self.port, body, conns, seconds, self.headers, self.pid)
+        finally:
+            for q in self.profiled:
+                q.send_signal(signal.SIGUSR2)
+
+    def stop(self) -> None:
+        if self.profiled:
+            time.sleep(1.0)  # the last dump is written between two loop turns
+        for p in reversed(self.procs):
+            stop_proc(p)
+
+
+def start_swarm(tmp: Path, models: Path, body: bytes, procs: list[subprocess.Popen], route: str,
+                root: Path = ROOT, name: str | None = None) -> Server:
     """gateway -> worker, each role its own process: store (+DHT bootstrap), orchestrator, worker, gateway.
 
     route is "swarm", optionally "+inline": the worker then runs a lone request on its
     event loop (worker.inline_run_us), skipping its thread handoff; "+threaded", "+colocated",
-    "+aiohttp" (gateway.fast_lane off), "+asyncio" (node.event_loop = asyncio)."""
-    base = tmp / route
+    "+aiohttp" (gateway.fast_lane off), "+asyncio" (node.event_loop = asyncio).
+    root: the swarmd checkout the daemons run from (--compare: another one, same run)."""
+    server = name or route
+    base = tmp / server
     _, *extras = route.split("+")
-    env = swarmd_env()
+    env = swarmd_env(PYTHONPATH=str(root))
     if "inline" in extras:
         env["SWARMD_WORKER_INLINE_RUN_US"] = "5000"
     if "threaded" in extras:  # every run in an executor thread (worker.inline_run_us = 0, the old default)
@@ -273,7 +309,7 @@ def run_swarm(tmp: Path, models: Path, body: bytes, conns: list[int], seconds: f
                       "signal.signal(signal.SIGUSR1, lambda *a: p.enable()); "
                       "signal.signal(signal.SIGUSR2, lambda *a: (p.disable(), p.dump_stats(sys.argv[1]))); "
                       "sys.exit(main(sys.argv[2:]))")
-            argv = [sys.executable, "-c", runner, f"{prof}.{route}.{name}", *cmd[3:]]
+            argv = [sys.executable, "-c", runner, f"{prof}.{server}.{name}", *cmd[3:]]
         p = start_proc([*argv, "--data-dir", str(base / name), *args], env, log)
         procs.append(p)
         local.append(p)
@@ -321,23 +357,18 @@ def run_swarm(tmp: Path, models: Path, body: bytes, conns: list[int], seconds: f
                 raise RuntimeError("inference through the swarm never succeeded")
             time.sleep(0.5)
         profiled = [q for q in local if prof and q.args[0] == sys.executable and q.args[1] == "-c"]
-        for q in profiled:
-            q.send_signal(signal.SIGUSR1)
-        out = {}
-        for c in conns:
-            out[str(c)] = measure(port, body, c, seconds, {"x-api-key": key}, gp.pid)
-        for q in profiled:
-            q.send_signal(signal.SIGUSR2)
-        time.sleep(1.0 if profiled else 0.0)  # the dump is written between two loop turns
-        return out
-    finally:
+        return Server(server, port, {"x-api-key": key}, gp.pid, list(local), profiled)
+    except BaseException:
         for p in reversed(local):
             stop_proc(p)
+        raise
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--seconds", type=float, default=4.0, help="seconds of load per server, connection count and round")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="interleaved rounds: each measures every server at every connection count once")
     ap.add_argument("--conns", default="1,16,64")
     ap.add_argument("--routes", default="swarm,swarm+threaded,swarm+colocated",
                     help="swarm layouts to measure (+inline: worker.inline_run_us = 5000 instead of "
@@ -348,6 +379,9 @@ def main() -> int:
                     help="environment for every swarmd process of the run (A/B a setting in one run)")
     ap.add_argument("--standalone", default="fastapi,gateway",
                     help="single-process servers to measure: fastapi (the baseline), gateway (local models)")
+    ap.add_argument("--compare", metavar="DIR", type=Path,
+                    help="another swarmd checkout (e.g. main before a change): each route also runs from it, "
+                         "as ROUTE@before, in the same interleaved rounds")
     args = ap.parse_args()
     for kv in args.set:
         k, _, v = kv.partition("=")
@@ -356,7 +390,10 @@ def main() -> int:
     conns = [int(c) for c in args.conns.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
     procs: list[subprocess.Popen] = []
-    results: dict[str, dict[str, dict[str, float]]] = {}
+    servers: list[Server] = []
+    slices: dict[str, dict[str, list[dict[str, float]]]] = {}
+    ratios: dict[str, dict[str, list[float]]] = {}
+    loads: list[float] = []
     try:
         models = tmp / "models"
         (models / "mlp" / "1").mkdir(parents=True)
@@ -368,11 +405,6 @@ def main() -> int:
         body = json.dumps(body_doc).encode()
         ceiling = direct_ort(model, body_doc)
 
-        def run(name: str, port: int, headers: dict[str, str], pid: int) -> None:
-            results[name] = {}
-            for c in conns:
-                results[name][str(c)] = measure(port, body, c, args.seconds, headers, pid)
-
         if "fastapi" in standalone:  # baseline: FastAPI + onnxruntime
             app = tmp / "fastapi_app.py"
             app.write_text(FASTAPI_APP)
@@ -380,8 +412,7 @@ def main() -> int:
             p = start_proc([sys.executable, str(app), str(model), str(port)], swarmd_env(), tmp / "fastapi.log")
             procs.append(p)
             wait_http(port, p)
-            run("fastapi", port, {}, p.pid)
-            stop_proc(p)
+            servers.append(Server("fastapi", port, {}, p.pid, [p]))
 
         if "gateway" in standalone:  # gateway, standalone (onnxruntime in the gateway process)
             data = tmp / "gw"
@@ -392,29 +423,70 @@ def main() -> int:
                            swarmd_env(SWARMD_GATEWAY_LOCAL_MODELS_DIR=str(models)), tmp / "gateway.log")
             procs.append(p)
             wait_http(port, p)
-            run("gateway", port, {"x-api-key": key}, p.pid)
-            stop_proc(p)
+            servers.append(Server("gateway", port, {"x-api-key": key}, p.pid, [p]))
 
         if swarm_available():
-            for route in args.routes.split(","):
-                try:
-                    results[route] = run_swarm(tmp, models, body, conns, args.seconds, procs, route)
-                except RuntimeError as e:
-                    print(f"swarm route {route}: not measured: {e}", file=sys.stderr)
+            for route in args.routes.split(",") if args.routes else []:
+                for root, name in [(ROOT, route)] + ([(args.compare.resolve(), f"{route}@before")] if args.compare else []):
+                    try:
+                        servers.append(start_swarm(tmp, models, body, procs, route, root, name))
+                    except RuntimeError as e:
+                        print(f"swarm route {name}: not measured: {e}", file=sys.stderr)
+
+        for s in servers:  # one short warm-up each: first requests load models, fill caches
+            measure(s.port, body, 1, 0.5, s.headers, None)
+        for r in range(args.rounds):
+            loads.append(os.getloadavg()[0])
+            for c in conns:
+                order = servers[r % len(servers):] + servers[:r % len(servers)] if servers else []
+                got = {s.name: s.measure(body, c, args.seconds) for s in order}
+                for name, res in got.items():
+                    slices.setdefault(name, {}).setdefault(str(c), []).append(res)
+                    if "fastapi" in got and got["fastapi"]["rps"] > 0:
+                        ratios.setdefault(name, {}).setdefault(str(c), []).append(res["rps"] / got["fastapi"]["rps"])
+            print(f"round {r + 1}/{args.rounds} done, load average {loads[-1]:.2f}", file=sys.stderr)
+        loads.append(os.getloadavg()[0])
     finally:
+        for s in servers:
+            s.stop()
         for p in procs:
             stop_proc(p)
         shutil.rmtree(tmp, ignore_errors=True)
 
+    def med(xs: list[float]) -> float:
+        return float(np.median(xs)) if xs else 0.0
+
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, by_c in slices.items():
+        results[name] = {}
+        for c, runs in by_c.items():
+            rs = ratios.get(name, {}).get(c, [])
+            results[name][c] = {
+                "rps": round(med([x["rps"] for x in runs]), 1),
+                "p50_ms": round(med([x["p50_ms"] for x in runs]), 3),
+                "p99_ms": round(med([x["p99_ms"] for x in runs]), 3),
+                "server_cpu_us_per_req": round(med([x.get("server_cpu_us_per_req", 0.0) for x in runs]), 1),
+                "errors": sum(x["errors"] for x in runs),
+                "error_statuses": sorted({e for x in runs for e in x["error_statuses"]}),
+                "ratio_to_fastapi": round(med(rs), 3) if rs else None,
+                "ratio_range": [round(min(rs), 3), round(max(rs), 3)] if rs else None,
+                "rounds": [x["rps"] for x in runs],
+            }
+
     print(f"direct onnxruntime, batch 1: {ceiling:,.0f} inferences/s (the ceiling)")
+    print(f"medians of {args.rounds} interleaved rounds of {args.seconds:g} s each; ratio: median of the per-round "
+          f"ratios to FastAPI (range after); load average {min(loads, default=0):.2f}-{max(loads, default=0):.2f}")
     print("cpu/req: CPU time of the server process per request (swarm-*: the gateway process alone, "
           "which for +colocated includes the worker)")
-    print(f"{'server':<19} {'conns':>5} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'cpu/req us':>10} {'errors':>6}")
+    print(f"{'server':<19} {'conns':>5} {'req/s':>9} {'ratio':>18} {'p50 ms':>8} {'p99 ms':>8} {'cpu/req us':>10} {'errors':>6}")
     for name, by_c in results.items():
         for c, r in by_c.items():
-            print(f"{name:<19} {c:>5} {r['rps']:>9,.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
-                  f"{r.get('server_cpu_us_per_req', 0):>10,.0f} {r['errors']:>6}")
-    print(json.dumps({"bench": "gateway", "direct_ort_per_s": round(ceiling, 1), "results": results,
+            ratio = "" if r["ratio_to_fastapi"] is None else \
+                f"{r['ratio_to_fastapi']:.2f} ({r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f})"
+            print(f"{name:<19} {c:>5} {r['rps']:>9,.0f} {ratio:>18} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
+                  f"{r['server_cpu_us_per_req']:>10,.0f} {r['errors']:>6}")
+    print(json.dumps({"bench": "gateway", "direct_ort_per_s": round(ceiling, 1), "rounds": args.rounds,
+                      "seconds": args.seconds, "loadavg": [round(x, 2) for x in loads], "results": results,
                       "baseline": {"fastapi_ort": results.get("fastapi")}}))
     return 0
 

@@ -339,8 +339,10 @@ class FastProtocol(GuardedProtocol):
             gw._in_flight -= 1
         close = head.close or self.eof
         self.lane.served += 1
-        gw._count(head.route, "POST", head.path, status, t0, key, state.get(MODEL, ""), rid, self._address)
         self._respond(status, ctype, out, rid, extra, cors, close)
+        # the answer is on its way first: at one connection the client reads it while the
+        # metrics and the access log are written here (the latency they count ends at the write)
+        gw._count(head.route, "POST", head.path, status, t0, key, state.get(MODEL, ""), rid, self._address)
         self.task = None
         if self.closed:
             return

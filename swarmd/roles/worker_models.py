@@ -81,19 +81,22 @@ class WorkerModels:
         the stores cannot be reached, the last answer (or the newest loaded
         version) keeps serving; a name the stores say is gone is ERR_NOT_FOUND.
         """
-        local = [v for (n, v) in self.local if n == name]
-        if local:
-            return latest(local)  # type: ignore[return-value]
+        if self.local:
+            local = [v for (n, v) in self.local if n == name]
+            if local:
+                return latest(local)  # type: ignore[return-value]
+        if self.fetcher is not None:
+            hit = self._latest.get(name)
+            # the catalog loop refreshes served names every interval: requests seldom wait on a store
+            # (checked first: this runs per request, the scan of loaded versions below does not need to)
+            if hit is not None and asyncio.get_running_loop().time() - hit[0] < self.config.catalog_interval * 1.5:
+                return hit[1]
         loaded = latest(m.version for m in self.engine.models() if m.name == name)
         if self.fetcher is None:
             if loaded is None:
                 raise SwarmdError(ERR_NOT_FOUND, f"model '{name}' is not loaded on this worker")
             return loaded
-        loop = asyncio.get_running_loop()
         hit = self._latest.get(name)
-        # the catalog loop refreshes served names every interval: requests seldom wait on a store
-        if hit is not None and loop.time() - hit[0] < self.config.catalog_interval * 1.5:
-            return hit[1]
         task = self._check(name)
         fallback = hit[1] if hit is not None else loaded
         try:

@@ -234,7 +234,7 @@ class Dispatch:
             and n == 1
             and not queue
             and self.in_flight == 1
-            and _input_bytes(batch[0]) <= served.inline_bytes
+            and (size := _input_bytes(batch[0])) <= served.inline_bytes
             and self._inline_candidate_after_take(served)
         ):
             # Lightly loaded and a quick model: a thread handoff would cost more than the run
@@ -244,7 +244,7 @@ class Dispatch:
             started = _clock()
             results = execute(served.runtime.run, served.name, batch[0].outputs, [batch[0].feeds], [batch[0].rows],
                               times)
-            self._note_run_time(served, times[1], _input_bytes(batch[0]))
+            self._note_run_time(served, times[1], size)
             self._complete(served, batch, results, started, (times[0], times[1], times[2]))
             return True
         run = loop.run_in_executor(

@@ -126,8 +126,10 @@ class ModelStats:
         self.execution_count += 1
         self.inference_count += rows
         self.last_inference_ms = int(time.time() * 1000)
-        for phase, seconds in zip(("compute_input", "compute_infer", "compute_output"), times, strict=True):
-            self.phases[phase].add(seconds, requests)
+        phases = self.phases  # unrolled: this runs per run, on the loop thread
+        phases["compute_input"].add(times[0], requests)
+        phases["compute_infer"].add(times[1], requests)
+        phases["compute_output"].add(times[2], requests)
         per = self.batches.get(requests)
         if per is None and len(self.batches) < self.MAX_BATCH_SIZES:
             per = self.batches[requests] = (Duration(), Duration(), Duration())
