@@ -411,13 +411,6 @@ class Ork(Handlers):
 _DIAL_ERRORS = frozenset({ERR_UNAVAILABLE, ERR_TIMEOUT, ERR_CLOSED, ERR_HANDSHAKE})
 
 
-def split_address(text: str) -> tuple[str, int]:
-    m = ADDR_RE.match(text)
-    if m is None:
-        raise SwarmdError(ERR_BAD_REQUEST, f"address {text!r:.80} must look like HOST:PORT")
-    return m.group(1).strip("[]"), int(m.group(2))
-
-
 class RpcRackCaller:
     """Reaches racks over RPC through a connection pool (swarmd_rpc.Pool, or
     anything with `call(target, method, params, timeout=)`), pinned to each
@@ -428,6 +421,7 @@ class RpcRackCaller:
         self.pool = pool
 
     async def __call__(self, rack: Rack, method: str, params: Any, timeout: float) -> Any:  # noqa: ASYNC109
+        from swarmd.settings import parse_hostport  # settings imports this module
         from swarmd_rpc.pool import Target  # the client library sits beside the layers, not below them
 
         if not rack.addresses:
@@ -435,7 +429,7 @@ class RpcRackCaller:
         key = bytes.fromhex(rack.public_key)
         last: SwarmdError | None = None
         for addr in rack.addresses:
-            host, port = split_address(addr)
+            host, port = parse_hostport(addr, what="rack address")
             try:
                 return await self.pool.call(Target(host, port, key), method, params, timeout=timeout)
             except SwarmdError as e:
