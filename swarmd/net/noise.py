@@ -387,6 +387,60 @@ class NoiseSession:
             return _pack_len(size + TAG_SIZE) + ct
         return bytes(self.seal([plaintext]))
 
+    def seal_frames(self, pieces: list[bytes | memoryview]) -> list[bytes]:
+        """Seal mux frames, given as (header, payload) pairs of pieces, for a vectored write.
+
+        Whole frames are packed into each transport message, and a frame that does not fit
+        in what is left of one starts the next, so a stream frame (at most one message, see
+        mux.STREAM_CHUNK) never straddles two messages and the receiver takes its payload
+        out of one decrypted message without re-buffering it. (Joining everything and
+        cutting it every 65,519 bytes, as seal does, splits every frame after the first
+        short one.) Returns the wire pieces, length prefix and ciphertext alternately, each
+        its own buffer of at most 64 KiB: no multi-megabyte buffer is allocated, zeroed and
+        faulted in per flush. A frame larger than one message (never a stream frame) is
+        split across messages.
+        """
+        enc = self._enc
+        if enc is None:
+            raise RuntimeError("seal_frames() before the handshake finished")
+        out: list[bytes] = []
+        append = out.append
+        n = self._n_enc
+        nonce = _NONCE.pack
+        prefix = _LEN.pack
+        cur: list[bytes | memoryview] = []
+        size = 0
+        for i in range(0, len(pieces), 2):
+            head = pieces[i]
+            body = pieces[i + 1]
+            flen = len(head) + len(body)
+            if size + flen > MAX_PLAINTEXT and size:
+                append(prefix(size + TAG_SIZE))
+                append(enc.encrypt(nonce(n), cur[0] if len(cur) == 1 else b"".join(cur), None))
+                n += 1
+                cur = []
+                size = 0
+            if flen > MAX_PLAINTEXT:
+                whole = memoryview(b"".join((head, body)))
+                for start in range(0, flen, MAX_PLAINTEXT):
+                    chunk = whole[start : start + MAX_PLAINTEXT]
+                    append(prefix(len(chunk) + TAG_SIZE))
+                    append(enc.encrypt(nonce(n), chunk, None))
+                    n += 1
+                continue
+            cur.append(head)
+            if body:
+                cur.append(body)
+            size += flen
+        if size:
+            append(prefix(size + TAG_SIZE))
+            append(enc.encrypt(nonce(n), cur[0] if len(cur) == 1 else b"".join(cur), None))
+            n += 1
+        if n >= _MAX_NONCE:
+            raise SwarmdError(ERR_PROTOCOL, "send nonce exhausted")
+        self._n_enc = n
+        return out
+
     def seal(self, plaintexts: list[bytes]) -> bytearray:
         """Seal several plaintexts, each starting a new transport message, into one buffer.
 
