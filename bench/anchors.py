@@ -1,6 +1,7 @@
 """swarmd beside its anchors, in one run: the Hyperswarm stack and FastAPI + onnxruntime.
 
-    python bench/anchors.py [--rounds 2] [--anchors DIR] [--skip-gateway] [--quick] [--loop asyncio|uvloop]
+    python bench/anchors.py [--rounds 2] [--anchors DIR] [--only rpc,dht,gateway] [--skip-gateway] [--quick]
+                            [--loop asyncio|uvloop]
 
 Runs the JavaScript anchor benchmarks (../shared/anchors/hyperswarm: @hyperswarm/rpc,
 hyperswarm, hyperdht; copied to a temporary folder and installed there with `npm ci`)
@@ -152,11 +153,18 @@ def main() -> int:
     ap.add_argument("--anchors", type=Path, default=DEFAULT_ANCHORS, help="the hyperswarm anchors' folder")
     ap.add_argument("--quick", action="store_true", help="smaller loops on both sides (a smoke run)")
     ap.add_argument("--skip-gateway", action="store_true", help="leave out bench/gateway.py")
+    ap.add_argument("--only", default="rpc,dht,gateway",
+                    help="comma-separated parts to run: rpc (echo, req/s, bulk), dht (lookups, join), gateway")
     ap.add_argument("--loop", choices=("default", "asyncio", "uvloop"), default="default",
                     help="event loop of bench/rpc.py and bench/dht.py (default: a node's default, node.event_loop)")
     args = ap.parse_args()
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
+    parts = {p.strip() for p in args.only.split(",") if p.strip()}
+    if not parts or parts - {"rpc", "dht", "gateway"}:
+        ap.error(f"--only takes some of rpc, dht, gateway; got {args.only!r}")
+    if args.skip_gateway:
+        parts.discard("gateway")
 
     anchors = install_anchors(args.anchors)
     py = sys.executable
@@ -179,15 +187,17 @@ def main() -> int:
     try:
         for r in range(args.rounds):
             print(f"round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
-            if anchors is not None:
-                for step in ("rpc-latency", "rpc-throughput", "stream"):
-                    theirs[step].append(run_step(["node", *js[step]], anchors))
-            ours["rpc"].append(run_step([py, "bench/rpc.py", *rpc_flags], ROOT))
-            if anchors is not None:
-                for step in ("lookup-100", "lookup-500", "connect"):
-                    theirs[step].append(run_step(["node", *js[step]], anchors))
-            ours["dht"].append(run_step([py, "bench/dht.py", "--loop", loop], ROOT))
-            if not args.skip_gateway:
+            if "rpc" in parts:
+                if anchors is not None:
+                    for step in ("rpc-latency", "rpc-throughput", "stream"):
+                        theirs[step].append(run_step(["node", *js[step]], anchors))
+                ours["rpc"].append(run_step([py, "bench/rpc.py", *rpc_flags], ROOT))
+            if "dht" in parts:
+                if anchors is not None:
+                    for step in ("lookup-100", "lookup-500", "connect"):
+                        theirs[step].append(run_step(["node", *js[step]], anchors))
+                ours["dht"].append(run_step([py, "bench/dht.py", "--loop", loop], ROOT))
+            if "gateway" in parts:
                 ours["gateway"].append(run_step(
                     [py, "bench/gateway.py", "--seconds", "2" if args.quick else "4", "--conns", "1,64",
                      "--routes", "swarm,swarm+colocated"], ROOT))
@@ -197,6 +207,8 @@ def main() -> int:
 
     table: list[dict[str, Any]] = []
     for label, mine, other, read_mine, read_other, lower, target in ROWS:
+        if not ours[mine] and not theirs[other]:
+            continue  # a part left out of this run
         s = statistics.median(read_mine(d) for d in ours[mine]) if ours[mine] else None
         a = statistics.median(read_other(d) for d in theirs[other]) if theirs[other] else None
         table.append({"figure": label, "swarmd": s, "anchor": a, "ratio": (s / a) if s and a else None,

@@ -120,12 +120,19 @@ class PluginNode(Node):
         return [*super()._parts(ctx), (self._part_name, self._make_part(ctx))]
 
 
-def _parse(argv: list[str] | None, prog: str, extra: Callable[[argparse.ArgumentParser], None]) -> argparse.Namespace:
+def _parse(
+    argv: list[str] | None, prog: str, extra: Callable[[argparse.ArgumentParser], None], who: str
+) -> argparse.Namespace | None:
+    """The flags and settings; None after printing `who: error: ...` for bad ones."""
     p = Parser(prog=prog, description=__doc__.splitlines()[0] if __doc__ else None)
     add_common_flags(p, daemon=True)
     extra(p)
-    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
-    args.settings = settings_from_args(args, dict(os.environ))
+    try:
+        args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+        args.settings = settings_from_args(args, dict(os.environ))
+    except (UsageError, SwarmdError) as e:
+        print(f"{who}: error: {getattr(e, 'message', e)}", file=sys.stderr)
+        return None
     return args
 
 
@@ -153,13 +160,8 @@ def run_thing_worker(
         g.add_argument("--snapshot-interval", type=float, default=None, help="seconds between snapshots (0: off)")
         g.add_argument("--no-announce", action="store_true", help="do not announce on the RACKS topic")
 
-    try:
-        args = _parse(argv, f"{service_cls.__name__.lower()}-worker", extra)
-    except UsageError as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
-        return 2
-    except SwarmdError as e:
-        print(f"{name}: error: {e.message}", file=sys.stderr)
+    args = _parse(argv, f"{service_cls.__name__.lower()}-worker", extra, name)
+    if args is None:
         return 2
     # [things] once the integrator composes ThingsConfig into Settings; defaults until then.
     cfg = copy.copy(getattr(args.settings, "things", None) or ThingsConfig())
@@ -181,10 +183,8 @@ def run_ork(argv: list[str] | None = None) -> int:
                        help="seconds between lookups of the RACKS topic (0: off)")
         g.add_argument("--lease", type=float, default=None, help="seconds a discovered rack lives unless seen again")
 
-    try:
-        args = _parse(argv, "swarmd-ork", extra)
-    except (UsageError, SwarmdError) as e:
-        print(f"ork: error: {getattr(e, 'message', e)}", file=sys.stderr)
+    args = _parse(argv, "swarmd-ork", extra, "ork")
+    if args is None:
         return 2
     cfg = copy.copy(getattr(args.settings, "ork", None) or OrkConfig())
     if args.discover_interval is not None:

@@ -35,6 +35,26 @@ def node_context(data_dir: Path, *roles: str, settings: Any = None, identity: An
                        data_dir=Path(data_dir), instance_id="test", roles=roles, **parts)
 
 
+class InProcessRacks:
+    """An ork's RackCaller (swarmd.services.ork) reaching thing services in this process by
+    rack key: the ork's fan-out tested without sockets."""
+
+    def __init__(self) -> None:
+        self.services: dict[str, Any] = {}
+
+    def add(self, public_key: str, service: Any) -> None:
+        self.services[public_key.lower()] = service
+
+    async def __call__(self, rack: Any, method: str, params: Any, timeout: float) -> Any:  # noqa: ASYNC109
+        from swarmd.errors import ERR_UNAVAILABLE, SwarmdError
+        from swarmd.node.deadline import within
+
+        svc = self.services.get(rack.public_key)
+        if svc is None:
+            raise SwarmdError(ERR_UNAVAILABLE, f"rack {rack.id} is not served in this process")
+        return await within(svc.call(method, params), timeout=timeout)
+
+
 def swarmd_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SWARMD_")}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")

@@ -11,6 +11,7 @@ from swarmd.net.nat import NatConfig
 from swarmd.node.identity import Identity
 from swarmd.rpc import CallContext, Methods, RpcServer
 from swarmd.swarm import Swarm, SwarmConfig
+from swarmd.swarm.pathprobe import pattern_block, pattern_sha256
 from swarmd.swarm.traversal import Traversal
 from tests.dht_testnet import DhtTestnet
 
@@ -48,14 +49,15 @@ async def pair():
     await net.close()
 
 
-async def _sink(caller: Swarm, target: Swarm, size: int) -> Any:
+async def _sink(caller: Swarm, target: Swarm, size: int, params: Any = None, data: bytes | None = None) -> Any:
     peer = await caller.connect(target.public_key)
-    stream = await peer.open_stream("nat.sink", None, timeout=30)
+    stream = await peer.open_stream("nat.sink", params, timeout=30)
+    data = b"\x00" * size if data is None else data
     try:
         sent = 0
         while sent < size:
             n = min(64 * 1024, size - sent)
-            await stream.send(b"\x00" * n)
+            await stream.send(data[sent : sent + n])
             sent += n
         await stream.close()
     except SwarmdError:
@@ -88,6 +90,28 @@ async def test_sink_can_be_turned_off_and_probe_still_reports(pair) -> None:
     open_node = await pair()
     res = await caller.traversal.probe._rpc_probe(_own_ctx(caller), {"target": open_node.public_key.hex(), "bytes": 300_000})
     assert res["stream"]["ok"] is True
+
+
+async def test_sink_checks_a_named_pattern_as_it_arrives(pair) -> None:
+    """With {"pattern": seed} the sink compares the stream with pattern_block(seed) repeated
+    (no hashing) and says whether every byte matched; one flipped byte anywhere is caught."""
+    target = await pair(probe_max_bytes=8 << 20, sink_rate=1 << 30)
+    caller = await pair()
+    seed = b"s" * 16
+    block = pattern_block(seed)
+    size = 3 * len(block) + 1234  # crosses the pattern's end three times, ends mid-block
+    good = (block * 4)[:size]
+    assert await _sink(caller, target, size, {"pattern": seed}, good) == {"bytes": size, "match": True}
+    for at in (0, len(block) - 1, len(block), size - 1):
+        bad = bytearray(good)
+        bad[at] ^= 1
+        assert await _sink(caller, target, size, {"pattern": seed}, bytes(bad)) == {"bytes": size, "match": False}, at
+    # without a pattern: sha256 of what arrived, as older probes expect
+    assert (await _sink(caller, target, 1000, None, good))["sha256"] == pattern_sha256(block, 1000)
+    for bad_seed in (b"", b"x" * 33, "text", 5):
+        with pytest.raises(SwarmdError) as e:
+            await _sink(caller, target, 10, {"pattern": bad_seed})
+        assert e.value.code == ERR_BAD_REQUEST, bad_seed
 
 
 async def test_probe_refuses_bad_params_with_a_stable_code(pair) -> None:

@@ -185,3 +185,44 @@ def test_half_sent_oversized_handshake_frame_is_refused_at_once():
     server = NoiseSession(Identity.generate(), initiator=False)
     with _pytest.raises(HandshakeError, match="2000 bytes announced"):
         server.receive(struct.pack(">I", 2000) + b"\x00" * 1000)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, MAX_PLAINTEXT + 9), min_size=1, max_size=12),
+    big=st.sampled_from([0, 3 * MAX_PLAINTEXT + 7]),
+    cut=st.integers(1, 200_000),
+)
+def test_seal_frames_keeps_each_frame_whole_in_one_message(sizes: list[int], big: int, cut: int) -> None:
+    """seal_frames packs (header, payload) pairs whole into transport messages: the receiver
+    gets back the same bytes in order, every frame that fits a message lies inside one, and
+    a frame larger than a message is split; read in arbitrary pieces it decrypts the same."""
+    from swarmd.net import mux
+
+    i, r = NoiseSession(A, initiator=True, remote_public_key=B.public_key), NoiseSession(B, initiator=False)
+    handshake(i, r)
+    pieces: list[bytes] = []
+    frames: list[bytes] = []
+    for k, n in enumerate([*sizes, big] if big else sizes):
+        payload = bytes([k % 251]) * max(0, n - mux.HEADER_SIZE)
+        head = mux.HEADER.pack(mux.MSG, 1, len(payload))
+        pieces += [head, memoryview(payload)] if k % 2 else [head, payload]
+        frames.append(head + payload)
+    wire = b"".join(i.seal_frames(pieces))
+    plains: list[bytes] = []
+    for start in range(0, len(wire), cut):
+        plains += r.decrypt_stream(wire[start : start + cut])
+    assert b"".join(plains) == b"".join(frames)
+    assert all(len(p) <= MAX_PLAINTEXT for p in plains)
+    pos, ends = 0, set()
+    for p in plains:
+        pos += len(p)
+        ends.add(pos)
+    pos = 0
+    for f in frames:
+        if len(f) <= MAX_PLAINTEXT:  # starts and ends on message boundaries within one message
+            first = next(e for e in sorted(ends) if e > pos) if f else pos
+            assert pos + len(f) <= first, (pos, len(f))
+        pos += len(f)
+    # the nonce moved on: a following small message still decrypts
+    assert r.decrypt_stream(i.encrypt(b"after")) == [b"after"]

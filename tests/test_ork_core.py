@@ -9,8 +9,9 @@ import pytest
 
 from examples.book_worker import Books
 from swarmd.errors import ERR_BAD_REQUEST, ERR_CONFLICT, ERR_NOT_FOUND, ERR_UNAVAILABLE, SwarmdError
-from swarmd.services.ork import InProcessRacks, Ork, OrkConfig
+from swarmd.services.ork import Ork, OrkConfig
 from swarmd.services.things import ThingsConfig
+from tests.conftest import InProcessRacks
 
 KEY_A = "aa" * 32
 KEY_B = "bb" * 32

@@ -19,9 +19,10 @@ from swarmd.errors import ERR_FORBIDDEN, SwarmdError
 from swarmd.node.identity import Identity
 from swarmd.roles.base import ROLE_ORDER
 from swarmd.rpc import connect
-from swarmd.services.ork import InProcessRacks, Ork
+from swarmd.services.ork import Ork
 from swarmd.services.things import ThingsConfig, ThingService
 from swarmd.settings import Settings
+from tests.conftest import InProcessRacks
 
 W, R = "w", "r"
 OPS: dict[str, str] = {

@@ -17,9 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
 
-from swarmd.node.statusfile import read_local_node
+from swarmd.commands.reach import call_local_node, operator_identity
 
 NAME = "nat"
 HELP = "NAT type and connection paths of the running node; `probe` tests the path to a peer"
@@ -40,26 +39,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pr.add_argument("--timeout", type=float, default=120.0, help="seconds for the whole probe (default 120)")
 
 
-async def _call_own_node(data_dir: Path, host: str | None, method: str, params: Any, timeout: float) -> Any:  # noqa: ASYNC109
-    from swarmd.node.identity import Identity
-    from swarmd.rpc import connect
-
-    local = read_local_node(data_dir, host)
-    ident = Identity.load(data_dir / "identity.key")
-    peer = await connect(ident, local.host, local.rpc_port, remote_public_key=local.public_key, timeout=10.0)
-    try:
-        return await peer.call(method, params, timeout=timeout)
-    finally:
-        await peer.close()
-
-
 async def run(args: argparse.Namespace) -> int:
     data_dir = Path(args.settings.node.data_dir)
-    if args.nat_command == "status":
-        out = await _call_own_node(data_dir, args.host, "nat.status", None, args.timeout)
-    else:
+    method, params = "nat.status", None
+    if args.nat_command == "probe":
+        method = "nat.probe"
         params = {"target": args.public_key, "bytes": args.bytes, "watch": args.watch, "fresh": args.fresh}
-        out = await _call_own_node(data_dir, args.host, "nat.probe", params, args.timeout)
+    out = await call_local_node(data_dir, args.host, method, params, args.timeout,
+                                identity=operator_identity(args))
     if args.json:
         print(json.dumps(out))
         return 0

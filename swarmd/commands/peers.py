@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from swarmd.node.statusfile import read_local_node
+from swarmd.commands.reach import call_local_node
 
 NAME = "peers"
 HELP = "show the connections and DHT routing table of the running node (same --data-dir)"
@@ -25,14 +25,7 @@ async def running_node_status(
 ) -> dict[str, Any]:
     """`swarm.status` of the node whose status.json is in data_dir (at the address it bound,
     or `host` when the operator names one)."""
-    from swarmd.rpc import connect
-
-    local = read_local_node(data_dir, host)
-    peer = await connect(None, local.host, local.rpc_port, remote_public_key=local.public_key, timeout=timeout)
-    try:
-        return await peer.call("swarm.status", None, timeout=timeout)
-    finally:
-        await peer.close()
+    return await call_local_node(data_dir, host, "swarm.status", None, timeout)
 
 
 async def run(args: argparse.Namespace) -> int:

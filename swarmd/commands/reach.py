@@ -1,6 +1,6 @@
 """How commands reach the swarm: one swarmd_rpc.Client, configured from the common flags.
 
-Not a command (no NAME): the helpers `call`, `topic`, `model` and `infer` share, so they
+Not a command (no NAME): the helpers every command that talks to a node shares, so they
 find peers, stores and the local node the same way the client library does.
 
 - the local node (the daemon of --data-dir): from its status.json, at the address it bound;
@@ -25,6 +25,18 @@ def local_node(args: argparse.Namespace) -> LocalNode | None:
         return read_local_node(Path(args.settings.node.data_dir), getattr(args, "host", None))
     except SwarmdError:
         return None
+
+
+async def call_local_node(data_dir: Path, host: str | None, method: str, params: Any, timeout: float,  # noqa: ASYNC109
+                          identity: Any = None) -> Any:
+    """Call `method` on the node running on data_dir (at the address its status.json names, or
+    `host`), as `identity` (default: a throwaway key); connecting takes at most 10 s of timeout."""
+    from swarmd_rpc import Client, ClientConfig
+
+    local = read_local_node(data_dir, host)
+    cfg = ClientConfig(timeout=min(timeout, 10.0))
+    async with Client.for_peer(local.public_key, local.host, local.rpc_port, identity=identity, config=cfg) as node:
+        return await node.call(None, method, params, timeout=timeout)
 
 
 def operator_identity(args: argparse.Namespace) -> Any:

@@ -15,6 +15,7 @@ import msgpack
 
 from swarmd.errors import ERR_CLOSED, ERR_PROTOCOL, SwarmdError
 from swarmd.net import mux
+from swarmd.node.memory import tune_for_bulk
 
 if TYPE_CHECKING:
     from swarmd.net.connection import SecureConnection
@@ -95,6 +96,7 @@ class Channel:
             extra = window.growth(self.conn.config.max_stream_window)
             if extra and not self.remote_ended and self.conn._may_grow_window(self, extra):
                 grant += window.grow(extra)
+                tune_for_bulk()  # once per process: a bulk stream arrives here
         if grant and not self.remote_ended and self.error is None:
             self.conn._queue_urgent(mux.encode_credit(self.id, grant))
         return chunk

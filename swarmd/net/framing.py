@@ -50,8 +50,8 @@ class FrameDecoder:
         """Frames completed by data, in order.
 
         Frames lying wholly inside `data` come back as memoryviews of it (no
-        copy; `data` is immutable bytes, so they stay valid); only a frame that
-        straddles two reads is copied. Callers consume them before the next feed.
+        copy); only a frame that straddles two reads is copied, once, into a
+        buffer of its own. Callers consume them before the next feed.
         """
         out: list[bytes | memoryview] = []
         buf = self._buf
@@ -74,8 +74,10 @@ class FrameDecoder:
                 buf += view
                 return out
             buf += view[:need]
-            out.append(bytes(buf[HEADER_SIZE:]))
-            buf.clear()
+            # hand the completed frame over as a view of its own buffer (no second and third
+            # copy) and start a fresh buffer for the next partial frame
+            out.append(memoryview(buf)[HEADER_SIZE:])
+            self._buf = buf = bytearray()
             view = view[need:]
         pos = 0
         end = len(view)

@@ -1,8 +1,9 @@
 """Write batching for a secure connection: frames queued in one loop iteration share one write.
 
 Calls, answers and credits go on the urgent queue, stream data on the bulk
-queue; one flush per loop iteration seals all queued frames as one plaintext
-(one AEAD operation per 64 KiB) and makes one pipe write. The pipe's pause/resume
+queue; one flush per loop iteration seals all queued frames (one AEAD operation
+per 64 KiB; bulk frames packed whole into messages, `NoiseSession.seal_frames`)
+and makes one pipe write (a vectored one, `writelines`, when there is bulk). The pipe's pause/resume
 (high/low water) is tracked here too, since `drain()` and the flush both read it.
 
 `WriteBatcher` is a mixin of `SecureConnection` (like asyncio's own
@@ -18,8 +19,11 @@ from typing import TYPE_CHECKING, Any
 from swarmd.errors import SwarmdError
 from swarmd.net import mux
 from swarmd.net.noise import NoiseSession
+from swarmd.node.memory import tune_for_bulk
 
 _HEADER_PACK = mux.HEADER.pack
+_MSG = mux.MSG
+_BULK_FLUSH_PIECES = 32  # a flush of this many bulk pieces (16 stream frames, ~1 MiB) is a bulk transfer
 
 
 class WriteBatcher:
@@ -57,9 +61,13 @@ class WriteBatcher:
         """
         if self.error is not None:
             raise self.error
-        header = _HEADER_PACK(mux.MSG, 0, len(payload))
+        header = _HEADER_PACK(_MSG, 0, len(payload))
         urgent = self._urgent
-        if now and not self._in_receive:
+        if self._in_receive:  # an answer from a handler run inline: the flush ending the read sends it
+            urgent.append(header)
+            urgent.append(payload)
+            return
+        if now:
             if not urgent and not self._bulk:
                 pipe = self._pipe
                 if pipe is not None and self.session.established:
@@ -71,7 +79,7 @@ class WriteBatcher:
             return
         urgent.append(header)
         urgent.append(payload)
-        if self._flush_handle is None and not self._in_receive:
+        if self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(self._flush)
 
     async def drain(self) -> None:
@@ -86,7 +94,9 @@ class WriteBatcher:
 
     def pause_writing(self) -> None:
         self._write_paused = True
-        self._held_much = True
+        if not self._held_much:
+            self._held_much = True
+            tune_for_bulk()  # once per process: megabytes move through this pipe
 
     def resume_writing(self) -> None:
         self._write_paused = False
@@ -108,9 +118,8 @@ class WriteBatcher:
         if self.error is not None:
             raise self.error
         bulk = self._bulk
-        bulk.append(header)
-        if payload:
-            bulk.append(payload)
+        bulk.append(header)  # always in pairs: seal_frames keeps each frame whole
+        bulk.append(payload)
         if self._flush_handle is None and not self._in_receive:
             self._flush_handle = self._loop.call_soon(self._flush)
 
@@ -124,20 +133,29 @@ class WriteBatcher:
         urgent, bulk = self._urgent, self._bulk
         if bulk:
             self._bulk = []
+            session = self.session
             if urgent:
+                # calls and credits first, in their own message(s); bulk frames then go
+                # whole into messages of their own (seal_frames)
                 self._urgent = []
-                # calls and credits first, in their own message; bulk frames start a new
-                # message so they stay aligned with Noise messages
-                pipe.write(self.session.seal([b"".join(urgent), b"".join(bulk)]))
+                first = session.encrypt(b"".join(urgent))
+                pieces = session.seal_frames(bulk)
+                pieces.insert(0, first)
             else:
-                pipe.write(self.session.seal([b"".join(bulk)]))
+                pieces = session.seal_frames(bulk)
+            if len(bulk) >= _BULK_FLUSH_PIECES:
+                tune_for_bulk()  # once per process: megabytes move through this pipe
+            writelines = getattr(pipe, "writelines", None)
+            if writelines is not None:
+                writelines(pieces)  # uvloop: one writev, no copy
+            else:
+                pipe.write(b"".join(pieces))
             if self._write_paused:
                 self._check_write_buffer(pipe)
             return
         if not urgent:
             return
         self._urgent = []
-        plaintext = urgent[0] if len(urgent) == 1 else b"".join(urgent)
-        pipe.write(self.session.encrypt(plaintext))
+        pipe.write(self.session.encrypt(b"".join(urgent)))
         if self._write_paused:
             self._check_write_buffer(pipe)

@@ -10,30 +10,10 @@ the grants it sees against the operator keys in *its own* ``[trust] operators``;
 nothing a peer says about itself (a weight, a role, a key field) is taken on
 its word.
 
-This module is sans-IO and sits in node/, the lowest layer, so every layer may
-use it. The API the other layers build on:
-
-- ``Grant.issue(operator_identity, roles, subject, expires=...)``, ``Grant.decode(bytes)``,
-  ``grant.encode()`` (wire form), ``grant.to_text()``/``Grant.from_text()`` (config form),
-  ``grant.check(operators, now)`` (raises ``GrantError`` with the reason).
-- ``TrustConfig``: the ``[trust]`` section (operators, open, grants).
-- ``Trust``: one per node. ``trust.admits(key, role, grants)`` is THE admission
-  check; ``trust.admits_record(record, role)`` reads a DHT record's grants;
-  ``trust.roles_of(key, grants)`` returns the verified roles;
-  ``trust.presented()`` is what this node shows; ``trust.is_open`` is True for
-  an explicitly open swarm (every key admitted to every role).
-- ``topic_role(name)`` (in swarmd/topics.py) maps a well-known topic to the role
-  its announcers must hold; the swarm's lookups apply it, so discovery, routing,
-  model fetch and replication only ever see admitted peers.
-
-Wire form of a grant (msgpack array, see docs/protocol.md)::
-
-    [1, roles: [str, ...], subject: bin 32, issuer: bin 32, issued: int, expires: int, signature: bin 64]
-
-The signature is the issuer's Ed25519 signature over::
-
-    b"swarmd/grant/v1\\x00" + ",".join(sorted(roles)).encode() + b"\\x00"
-        + subject + issuer + issued (u64 big-endian) + expires (u64 big-endian)
+Sans-IO and in node/, the lowest layer, so every layer may use it. ``Trust.admits``
+is THE admission check; ``topic_role`` (swarmd/topics.py) lets the swarm's lookups
+apply it, so discovery, routing, model fetch and replication only ever see
+admitted peers. A grant's wire form and signed bytes: docs/protocol.md §7.
 """
 
 from __future__ import annotations

@@ -12,9 +12,9 @@ A rack is any node that mounts a `ThingService`. The ork keeps two kinds:
 Thing methods called on the ork (`listThings`, `registerThing`, ...) are sent
 to every selected rack at once; each rack's answer is its result or its error
 (`{"rack", "ok", "result" | "error"}`), so one rack down never fails the call.
-How a rack is reached is the `RackCaller` given to the Ork: over RPC with a
-connection pool (`RpcRackCaller`), or in-process for a thing service living
-in the same node (`InProcessRacks`).
+How a rack is reached is the `RackCaller` given to the Ork: through the swarm by
+key (`SwarmRackCaller`; a rack in this same node is its local peer, no socket), or
+at its registered addresses with a connection pool (`RpcRackCaller`).
 """
 
 from __future__ import annotations
@@ -413,23 +413,6 @@ class Ork(Handlers):
         for name, op in THING_METHODS.items():
             out[name] = (lambda params, n=name: self.proxy(n, params), op)
         return out
-
-
-class InProcessRacks:
-    """Reaches thing services living in this process, by rack public key:
-    the embedded single-process node serves its own racks without a socket."""
-
-    def __init__(self) -> None:
-        self.services: dict[str, ThingService] = {}
-
-    def add(self, public_key: str, service: ThingService) -> None:
-        self.services[check_public_key(public_key, "public_key")] = service
-
-    async def __call__(self, rack: Rack, method: str, params: Any, timeout: float) -> Any:  # noqa: ASYNC109
-        svc = self.services.get(rack.public_key)
-        if svc is None:
-            raise SwarmdError(ERR_UNAVAILABLE, f"rack {rack.id} is not served in this process")
-        return await within(svc.call(method, params), timeout=timeout)
 
 
 # Errors that mean "this address did not work", so the next one is tried.

@@ -17,6 +17,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import math
 import os
 import threading
 import time
@@ -61,17 +62,15 @@ def write_all(fd: int, chunks: list[bytes]) -> None:
 
 
 def hash_file(path: Path, limit: int | None = None) -> hashlib._Hash:
-    """sha256 over the first `limit` bytes of path (all when None)."""
+    """sha256 over the first `limit` bytes of path (all when None): read into one buffer (no
+    allocation per read) and hashed in place."""
     h = hashlib.sha256()
-    left = limit
-    with open(path, "rb") as f:
-        while left is None or left > 0:
-            buf = f.read(READ_CHUNK if left is None else min(READ_CHUNK, left))
-            if not buf:
-                break
-            h.update(buf)
-            if left is not None:
-                left -= len(buf)
+    buf = memoryview(bytearray(READ_CHUNK))
+    left: float = math.inf if limit is None else limit
+    with open(path, "rb", buffering=0) as f:
+        while left > 0 and (got := f.readinto(buf[: int(min(READ_CHUNK, left))])):
+            h.update(buf[:got])
+            left -= got
     return h
 
 

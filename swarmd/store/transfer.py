@@ -19,7 +19,7 @@ from typing import Any
 
 from swarmd.errors import ERR_BAD_REQUEST, ERR_CORRUPT, ERR_PROTOCOL, SwarmdError
 from swarmd.node.deadline import within
-from swarmd.store.blobs import write_all
+from swarmd.store.blobs import hash_file, write_all
 
 CHUNK = 1 << 20  # file read per stream.send: the stream cuts it into frames; fewer, larger reads cost less
 BATCH = 2 << 20  # received bytes handed to a writer thread at once
@@ -139,19 +139,6 @@ class ReadAhead:
             f.close()
 
 
-def _sha256_file(path: Path) -> tuple[Any, int]:
-    """sha256 (the hash object) and size of a file: readinto one buffer, hashed in place."""
-    h = hashlib.sha256()
-    n = 0
-    buf = bytearray(1 << 20)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while got := f.readinto(buf):
-            h.update(view[:got])
-            n += got
-    return h, n
-
-
 def _int(obj: Any, key: str) -> int:
     v = obj.get(key) if isinstance(obj, dict) else None
     if not isinstance(v, int) or isinstance(v, bool) or v < 0:
@@ -172,8 +159,8 @@ async def push_file(
     timeout: float = 30.0,
 ) -> dict[str, Any]:
     """Upload path as name[:version]; resumes from what the store already has. Returns the metadata."""
-    h, size = await asyncio.to_thread(_sha256_file, path)
-    digest = h.hexdigest()
+    size = (await asyncio.to_thread(path.stat)).st_size
+    digest = (await asyncio.to_thread(hash_file, path, size)).hexdigest()
     status = await peer.call("uploadStatus", {"sha256": digest}, timeout=timeout)
     offset = min(_int(status, "received"), size)
     params: dict[str, Any] = {"name": name, "size": size, "sha256": digest, "offset": offset}
@@ -271,7 +258,7 @@ async def pull_file(
             part.unlink()
             offset = 0
         else:
-            h = (await asyncio.to_thread(_sha256_file, part))[0]
+            h = await asyncio.to_thread(hash_file, part)
     fd = await asyncio.to_thread(os.open, part, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
 

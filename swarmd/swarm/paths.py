@@ -68,7 +68,8 @@ class CountingConnection(SecureConnection):
 
     metrics: PathMetrics | None = None
 
-    def buffer_updated(self, nbytes: int) -> None:
+    def data_received(self, data: bytes) -> None:
+        # every read path ends here: uvloop calls it directly, the standard loop through buffer_updated
         if self.metrics is not None:
-            self.metrics.relay_bytes_in += nbytes
-        super().buffer_updated(nbytes)
+            self.metrics.relay_bytes_in += len(data)
+        super().data_received(data)
