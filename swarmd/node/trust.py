@@ -27,8 +27,8 @@ from typing import Any
 
 import msgpack
 
-from swarmd.errors import ConfigError
-from swarmd.node.identity import PUBLIC_KEY_SIZE, SIGNATURE_SIZE, Identity, verify
+from swarmd.errors import ConfigError, SwarmdError
+from swarmd.node.identity import PUBLIC_KEY_SIZE, SIGNATURE_SIZE, Identity, parse_public_key, verify
 
 GRANT_VERSION = 1
 GRANTABLE_ROLES = ("worker", "store", "orchestrator", "relay", "gateway")
@@ -60,16 +60,11 @@ def parse_roles(roles: str | Iterable[str]) -> tuple[str, ...]:
 
 
 def parse_key(text: str | bytes, what: str = "public key") -> bytes:
-    """A 32-byte Ed25519 public key from bytes or 64 hex digits."""
-    if isinstance(text, bytes) and len(text) == PUBLIC_KEY_SIZE:
-        return text
+    """parse_public_key, raising GrantError (a config's or a grant's key)."""
     try:
-        key = bytes.fromhex(text) if isinstance(text, str) else b""
-    except ValueError:
-        key = b""
-    if len(key) != PUBLIC_KEY_SIZE:
-        raise GrantError(f"{what} must be 64 hex digits (an Ed25519 public key), got {str(text)[:80]!r}")
-    return key
+        return parse_public_key(text, what)
+    except SwarmdError as e:
+        raise GrantError(e.message) from None
 
 
 def parse_duration(text: str) -> float:
