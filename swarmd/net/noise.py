@@ -56,6 +56,11 @@ _PAYLOAD_SIZE = PUBLIC_KEY_SIZE + SIGNATURE_SIZE
 _NONCE = struct.Struct("<4xQ")
 _LEN = struct.Struct(">I")
 _MAX_NONCE = 2**64 - 1
+# bound once: the small-message paths below run twice per RPC round trip on each side
+_pack_nonce = _NONCE.pack
+_pack_len = _LEN.pack
+_unpack_len = _LEN.unpack_from
+_WHOLE_MAX = 4 + MAX_NOISE_MESSAGE  # one framed transport message, at most
 
 
 class HandshakeError(SwarmdError):
@@ -148,6 +153,8 @@ class NoiseSession:
         self._frames = FrameDecoder(MAX_NOISE_MESSAGE)
         self._enc: ChaCha20Poly1305 | None = None
         self._dec: ChaCha20Poly1305 | None = None
+        self._seal_one: Any = None  # self._enc.encrypt, bound once
+        self._open_one: Any = None  # self._dec.decrypt
         self._n_enc = 0
         self._n_dec = 0
         self.handshake_hash = b""
@@ -189,6 +196,8 @@ class NoiseSession:
         self.handshake_hash = bytes(self._noise.get_handshake_hash())
         self._enc = ChaCha20Poly1305(proto.cipher_state_encrypt.k)
         self._dec = ChaCha20Poly1305(proto.cipher_state_decrypt.k)
+        self._seal_one = self._enc.encrypt
+        self._open_one = self._dec.decrypt
         self._noise = None
         self._hs = None
         self.established = True
@@ -291,13 +300,13 @@ class NoiseSession:
 
     def decrypt_stream(self, data: bytes) -> list[bytes]:
         """Established sessions only: the plaintexts of the transport messages completed by data."""
-        if not self._frames._buf and len(data) > 4:
+        if not self._frames._buf:
             # fast path: a read holding exactly one whole message (a call, an answer)
-            n = _LEN.unpack_from(data)[0]
-            if n + 4 == len(data) and n <= MAX_NOISE_MESSAGE:
+            size = len(data)
+            if 4 < size <= _WHOLE_MAX and _unpack_len(data)[0] == size - 4:
                 nonce = self._n_dec
                 try:
-                    plain = self._dec.decrypt(_NONCE.pack(nonce), data[4:], None)  # type: ignore[union-attr]
+                    plain = self._open_one(_pack_nonce(nonce), data[4:], None)
                 except InvalidTag:
                     raise SwarmdError(ERR_PROTOCOL, "a transport message failed authentication") from None
                 self._n_dec = nonce + 1
@@ -367,15 +376,15 @@ class NoiseSession:
 
     def encrypt(self, plaintext: bytes) -> bytes:
         """Seal plaintext into one or more framed transport messages."""
-        enc = self._enc
-        if enc is None:
+        seal_one = self._seal_one
+        if seal_one is None:
             raise RuntimeError("encrypt() before the handshake finished")
         size = len(plaintext)
         if size <= MAX_PLAINTEXT:
             n = self._n_enc
-            ct = enc.encrypt(_NONCE.pack(n), plaintext, None)
+            ct = seal_one(_pack_nonce(n), plaintext, None)
             self._n_enc = n + 1
-            return _LEN.pack(size + TAG_SIZE) + ct
+            return _pack_len(size + TAG_SIZE) + ct
         return bytes(self.seal([plaintext]))
 
     def seal_frames(self, pieces: list[bytes | memoryview]) -> list[bytes]:
