@@ -494,12 +494,30 @@ def main() -> int:
             worker = f"  worker {r['worker_cpu_us_per_req']:,.0f} us/req" if "worker_cpu_us_per_req" in r else ""
             print(f"{name:<20}{c:>6}{r['rps']:>9,.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['errors']:>7.0f}"
                   f"{r['server_cpu_us_per_req']:>10,.0f}{r['client_cpu_us_per_req']:>14,.0f}{ratio or 0:>8.2f}x{worker}")
+    # the same ratios taken round by round (both rows of a round saw the same machine), then their median:
+    # on a shared box the rounds' req/s move together, so this is steadier than the ratio of medians
+    per_round: dict[str, dict[str, float]] = {}
+    for name, by_c in rows.items():
+        base_name = "swarm http json" if name.startswith("swarm ") else "http json"
+        for c, rs in by_c.items():
+            bs = rows[base_name][c]
+            per_round.setdefault(name, {})[c] = round(statistics.median(
+                r["rps"] / b["rps"] for r, b in zip(rs, bs, strict=True) if b["rps"]), 2)
+            per_round.setdefault(name + " cpu", {})[c] = round(statistics.median(
+                b["server_cpu_us_per_req"] / r["server_cpu_us_per_req"] for r, b in zip(rs, bs, strict=True)
+                if r["server_cpu_us_per_req"]), 2)
+    for c in map(str, conns):
+        for name in ("grpc raw lean", "swarm grpc raw lean"):
+            if name in per_round:
+                print(f"{name} over its HTTP JSON, median of per-round ratios at {c}: req/s "
+                      f"{per_round[name][c]:.2f}x, requests per gateway CPU second {per_round[name + ' cpu'][c]:.2f}x")
     print("target: grpc raw lean at 64 concurrent >= 1.5x http json req/s (swarm rows: vs swarm http json)")
     lean = "grpc raw lean" if "grpc raw lean" in med else next(n for n in med if n.startswith("grpc raw"))
     doc: dict[str, object] = {
         "bench": "grpc", "rounds": args.rounds, "seconds": args.seconds, "loadavg": load_seen,
         "grpc": med[lean], "baseline": {"http_json": med["http json"], "fastapi_ort": med.get("fastapi")},
         "grpc_over_http_json": ratios[lean], "rows": med, "ratios_over_http_json": ratios,
+        "per_round_ratio_medians": per_round,
     }
     print(json.dumps(doc))
     return 0

@@ -2,24 +2,11 @@
 
 Stores pick "latest" with it, workers serve an unversioned request with it,
 gateways, orchestrators, the client library and the CLI list versions in it.
-A version string (1-64 of letters, digits, '.', '_', '+', '-'; see
-swarmd.names.check_version) is read as:
-
-- an optional leading "v" before a digit ("v2.1" reads as "2.1");
-- a release number: the leading dot-separated integers ("2", "2.10", "1.0");
-  they compare as numbers, part by part, with missing parts read as 0, so
-  "2.10" > "2.9" > "2" and "1.0" ranks with "1";
-- then, optionally, "+build" (ignored for order) or a pre-release tag (anything
-  else: "-beta", "rc1", ".dev3"): a pre-release ranks below the release with
-  the same number ("1.0-beta" < "1" < "1.1-rc1" < "1.1"), and tags compare
-  dot-separated part by part, numbers as numbers and below words;
-- a version with no release number at all ("stable", "exp_a") ranks below
-  every numbered version; such versions compare by their text.
-
-Versions equal in every rank above are ordered by their text, so the order is
-total and the same on every node. `next_version` gives the version a push
-without one takes: one more than the highest major number ever used for the
-name, which is therefore always the new latest.
+The order itself (release numbers compared as numbers, pre-releases below their
+release, unnumbered versions below every numbered one, ties by text, so it is
+total and the same on every node) is spelled out in docs/store.md; `next_version`
+gives a push without a version one more than the highest major number the name
+ever had, which is therefore always the new latest.
 """
 
 from __future__ import annotations

@@ -30,20 +30,13 @@ from swarmd.errors import (
     SwarmdError,
 )
 from swarmd.node.deadline import within
-from swarmd.node.identity import Identity
+from swarmd.node.identity import Identity, parse_public_key
 from swarmd.orchestrator.config import OrchestratorConfig
 from swarmd.orchestrator.discovery import missed_refreshes
 from swarmd.orchestrator.fleet import Fleet
 from swarmd.worker.result import InferResult
 from swarmd_rpc.errors import Closed, translated
 from swarmd_rpc.models import Models
-
-
-def _public_key(value: bytes | str) -> bytes:
-    pk = bytes.fromhex(value) if isinstance(value, str) else bytes(value)
-    if len(pk) != 32:
-        raise SwarmdError(ERR_BAD_REQUEST, "a public key is 32 bytes (64 hex digits)")
-    return pk
 
 
 def _hostport(value: str | tuple[str, int]) -> tuple[str, int]:
@@ -144,7 +137,7 @@ class Client:
         config: ClientConfig | None = None,
     ) -> Client:
         """A client of one peer (no DHT): every call, inference and transfer goes to it."""
-        pk = None if public_key is None else _public_key(public_key)
+        pk = None if public_key is None else parse_public_key(public_key, "public_key")
         return cls(identity=identity, config=config, peer=PeerAddress(pk, host, int(port)))
 
     @classmethod
@@ -328,7 +321,7 @@ class Client:
         calls); the record from an earlier lookup is used when there is one, else the DHT is asked.
         The client owns the connection: it closes with the client."""
         await self._ready()
-        return await self._peer(_public_key(public_key))
+        return await self._peer(parse_public_key(public_key, "public_key"))
 
     @translated
     async def join(
@@ -381,11 +374,11 @@ class Client:
         await self._ready()
         t = timeout or self.config.timeout
         if self._direct is not None:  # the one peer (a key given must be its key)
-            peer = self._direct if public_key is None else await self._peer(_public_key(public_key))
+            peer = self._direct if public_key is None else await self._peer(parse_public_key(public_key, "public_key"))
             return await peer.call(method, params, timeout=t)
         if public_key is None:
             raise SwarmdError(ERR_BAD_REQUEST, "public_key is required on a swarm client")
-        return await self._swarm.request(_public_key(public_key), method, params, timeout=t)
+        return await self._swarm.request(parse_public_key(public_key, "public_key"), method, params, timeout=t)
 
     # -- inference ---------------------------------------------------------------------
 

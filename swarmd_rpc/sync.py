@@ -17,9 +17,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from swarmd.node.identity import Identity
+from swarmd.node.identity import Identity, parse_public_key
 from swarmd.store.transfer import Progress
-from swarmd_rpc.client import Client, ClientConfig, Inference, PeerAddress, _public_key
+from swarmd_rpc.client import Client, ClientConfig, Inference, PeerAddress
 from swarmd_rpc.errors import Closed, Timeout
 
 T = TypeVar("T")
@@ -76,7 +76,7 @@ class SyncClient:
         config: ClientConfig | None = None,
     ) -> SyncClient:
         """A blocking client of one peer (no DHT), like Client.for_peer()."""
-        return cls(identity=identity, config=config, peer=PeerAddress(_public_key(public_key), host, int(port)))
+        return cls(identity=identity, config=config, peer=PeerAddress(parse_public_key(public_key, "public_key"), host, int(port)))
 
     def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None) -> T:  # noqa: ASYNC109
         if self._closed:

@@ -142,3 +142,13 @@ def test_dtype_aliases_and_names_from_a_peer_are_refused_without_warnings():
             warnings.simplefilter("error")
             with _pytest.raises(ValueError, match="unknown dtype|not allowed"):
                 _codec.decode_ndarray(body)
+
+
+def test_envelope_kind_must_be_an_integer() -> None:
+    """A peer's tensor (or bool, float) where the kind goes is a protocol error, not a crash of
+    the read callback: an array compared with == has no truth value."""
+    import numpy as np
+
+    for kind in (np.arange(3), True, 1.0, "1"):
+        with pytest.raises(env.EnvelopeError, match="unknown RPC message kind"):
+            env.decode(packb([kind, 7, b"x"]))

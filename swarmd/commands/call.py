@@ -46,14 +46,10 @@ def to_json(value: Any) -> Any:
 
 
 async def call(args: argparse.Namespace) -> Any:
+    from swarmd.node.identity import parse_public_key
     from swarmd_rpc import Client, ClientConfig
 
-    try:
-        public_key = bytes.fromhex(args.public_key)
-    except ValueError:
-        public_key = b""
-    if len(public_key) != 32:
-        raise SwarmdError(ERR_BAD_REQUEST, "PUBKEY must be 64 hex digits (a 32-byte Ed25519 public key)")
+    public_key = parse_public_key(args.public_key, "PUBKEY")
     if args.list == (args.method is not None):
         raise SwarmdError(ERR_BAD_REQUEST, "give either METHOD or --list")
     try:

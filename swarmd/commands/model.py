@@ -102,14 +102,9 @@ def store_client(args: argparse.Namespace) -> Any:
     from swarmd_rpc import Client, ClientConfig
 
     cfg = ClientConfig(timeout=args.timeout, lookup_timeout=args.timeout)
-    key: bytes | None = None
-    if args.store_key is not None:
-        try:
-            key = bytes.fromhex(args.store_key)
-            if len(key) != 32:
-                raise ValueError
-        except ValueError:
-            raise SwarmdError(ERR_BAD_REQUEST, "--store-key must be 64 hex characters (an Ed25519 public key)") from None
+    from swarmd.node.identity import parse_public_key
+
+    key = None if args.store_key is None else parse_public_key(args.store_key, "--store-key")
     # the operator's key when this data dir has one (stores record it as the uploader and their
     # firewall may admit it); through the swarm a throwaway key (see Client.from_settings)
     if args.store is not None:

@@ -165,6 +165,8 @@ class FastProtocol(GuardedProtocol):
         self.task: asyncio.Task[Any] | None = None  # its Task
         self.body_timer: asyncio.TimerHandle | None = None
         self.idle_timer: asyncio.TimerHandle | None = None
+        self.idle_since: float | None = None  # loop time of the last answer while idle, None while not
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.reading_paused = False
         self.writing_paused = False
         self.eof = False
@@ -173,6 +175,7 @@ class FastProtocol(GuardedProtocol):
     # -- the transport's events ------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.loop = asyncio.get_running_loop()  # once: each lookup is a getpid() syscall on Python 3.11
         if self._admit(transport):
             self._arm()  # the first request's headers: header_timeout from the connection's start
             self.lane.conns.add(self)
@@ -183,9 +186,7 @@ class FastProtocol(GuardedProtocol):
             return
         if self.closed:
             return
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
+        self.idle_since = None  # not idle: a running idle timer finds this and stands down
         self.chunks.append(data)
         self.size += len(data)
         if not self.busy:
@@ -298,7 +299,7 @@ class FastProtocol(GuardedProtocol):
         """Answer a request in a Task of its own (inference is bounded by asyncio.timeout, which
         wants one); the connection reads nothing else meanwhile."""
         self.busy = True
-        self.task = asyncio.get_running_loop().create_task(self._serve(head, body), name="gateway-fast-request")
+        self.task = self.loop.create_task(self._serve(head, body), name="gateway-fast-request")  # type: ignore[union-attr]
 
     async def _serve(self, head: Head, body: bytes | None) -> None:
         """The middleware's policy and oip_infer's work for one request, answered on the transport."""
@@ -359,10 +360,16 @@ class FastProtocol(GuardedProtocol):
         if self.reading_paused:
             self.reading_paused = False
             self.transport.resume_reading()  # type: ignore[union-attr]
+        loop = self.loop
+        assert loop is not None
         if self.chunks:  # a pipelined request: on the next turn, so a run of them never recurses
-            asyncio.get_running_loop().call_soon(self._next)
+            loop.call_soon(self._next)
         else:
-            self.idle_timer = asyncio.get_running_loop().call_later(self.lane.keepalive_timeout, self._idle_late)
+            # keepalive_timeout from now; the timer is armed once and re-armed when it fires early,
+            # not made and cancelled for every request of a busy connection
+            self.idle_since = loop.time()
+            if self.idle_timer is None:
+                self.idle_timer = loop.call_later(self.lane.keepalive_timeout, self._idle_late)
 
     def _respond(self, status: int, ctype: bytes, body: bytes, rid: str, extra: Any, cors: str | None,
                  close: bool) -> None:
@@ -388,9 +395,15 @@ class FastProtocol(GuardedProtocol):
 
     def _idle_late(self) -> None:
         self.idle_timer = None
-        if not self.busy and not self.chunks and self.transport is not None:
-            self.closed = True
-            self.transport.close()
+        since = self.idle_since
+        if since is None or self.busy or self.chunks or self.transport is None or self.closed:
+            return  # in use since it was armed: the next answer arms it again
+        left = since + self.lane.keepalive_timeout - self.loop.time()  # type: ignore[union-attr]
+        if left > 0:  # answered again meanwhile: idle for less than keepalive_timeout so far
+            self.idle_timer = self.loop.call_later(left, self._idle_late)  # type: ignore[union-attr]
+            return
+        self.closed = True
+        self.transport.close()
 
     def _stop_timers(self) -> None:
         for name in ("body_timer", "idle_timer"):

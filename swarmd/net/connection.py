@@ -233,21 +233,37 @@ class SecureConnection(WriteBatcher, PeerLimits, asyncio.Protocol, asyncio.Buffe
                     self._on_established()
             if plaintexts:
                 self._in_receive = True
+                decoder = self._decoder
                 try:
-                    decoder = self._decoder
                     on_message = self.on_message
+                    largest = decoder.max_frame + _MUX_HEADER_SIZE
                     for plain in plaintexts:
-                        # fast path: a message that is exactly one channel-0 MSG (a call, an answer)
-                        if not decoder._buf and len(plain) > _MUX_HEADER_SIZE and on_message is not None:
-                            ftype, cid, n = _HEADER_UNPACK(plain)
-                            if (
-                                ftype == 0  # MSG
-                                and cid == 0
-                                and n == len(plain) - _MUX_HEADER_SIZE
-                                and n <= decoder.max_frame
-                            ):
-                                on_message(plain[_MUX_HEADER_SIZE:])
+                        size = len(plain)
+                        if (
+                            _MUX_HEADER_SIZE < size <= largest
+                            and not decoder._buf
+                            and _HEADER_UNPACK(plain) == (0, 0, size - _MUX_HEADER_SIZE)  # MSG, channel 0
+                            and on_message is not None
+                        ):
+                            # fast path: a message that is exactly one call or answer
+                            on_message(plain[_MUX_HEADER_SIZE:])
+                            continue
+                        if not decoder._buf and on_message is not None:
+                            # calls and answers batched in one message: the whole channel-0 MSG
+                            # frames at its start go straight up; the mux decoder takes the rest
+                            # (other frames, a frame continued in the next message, bad lengths)
+                            pos = 0
+                            while size - pos > _MUX_HEADER_SIZE:
+                                ftype, cid, n = _HEADER_UNPACK(plain, pos)
+                                stop = pos + _MUX_HEADER_SIZE + n
+                                if ftype or cid or stop > size or stop - pos > largest:
+                                    break
+                                on_message(plain[pos + _MUX_HEADER_SIZE : stop])
+                                pos = stop
+                            if pos == size:
                                 continue
+                            if pos:
+                                plain = plain[pos:]
                         self._dispatch(decoder.feed(plain))
                 finally:
                     self._in_receive = False

@@ -57,6 +57,10 @@ _NONCE = struct.Struct("<4xQ")  # ChaChaPoly: 32 zero bits, 64-bit little-endian
 _NONCE_AESGCM = struct.Struct(">4xQ")  # AESGCM: 32 zero bits, 64-bit big-endian counter (Noise spec)
 _LEN = struct.Struct(">I")
 _MAX_NONCE = 2**64 - 1
+# bound once: the small-message paths below run twice per RPC round trip on each side
+_pack_len = _LEN.pack
+_unpack_len = _LEN.unpack_from
+_WHOLE_MAX = 4 + MAX_NOISE_MESSAGE  # one framed transport message, at most
 
 
 class HandshakeError(SwarmdError):
@@ -150,6 +154,8 @@ class NoiseSession:
         self._frames = FrameDecoder(MAX_NOISE_MESSAGE)
         self._enc: Any = None  # ChaCha20Poly1305, AESGCM after the transport upgrade
         self._dec: Any = None
+        self._seal_one: Any = None  # self._enc.encrypt, bound once (and again at the upgrade)
+        self._open_one: Any = None  # self._dec.decrypt
         self._n_enc = 0
         self._n_dec = 0
         self._pack_enc = _NONCE.pack
@@ -207,6 +213,8 @@ class NoiseSession:
         self._k_dec = bytes(proto.cipher_state_decrypt.k)
         self._enc = ChaCha20Poly1305(self._k_enc)
         self._dec = ChaCha20Poly1305(self._k_dec)
+        self._seal_one = self._enc.encrypt
+        self._open_one = self._dec.decrypt
         self._noise = None
         self._hs = None
         self.established = True
@@ -218,6 +226,7 @@ class NoiseSession:
         self._upgrade_send = False
         marker = self.encrypt(b"")
         self._enc = AESGCM(_rekey(self._k_enc))
+        self._seal_one = self._enc.encrypt
         self._pack_enc = _NONCE_AESGCM.pack
         self._n_enc = 0
         self.cipher_send = "AESGCM"
@@ -234,6 +243,7 @@ class NoiseSession:
             self._upgrade_send = True
         elif self._peer_offered:
             self._dec = AESGCM(_rekey(self._k_dec))
+            self._open_one = self._dec.decrypt
             self._pack_dec = _NONCE_AESGCM.pack
             self._n_dec = 0
             self.cipher_recv = "AESGCM"
@@ -334,13 +344,13 @@ class NoiseSession:
 
     def decrypt_stream(self, data: bytes) -> list[bytes]:
         """Established sessions only: the plaintexts of the transport messages completed by data."""
-        if not self._frames._buf and len(data) > 4:
+        if not self._frames._buf:
             # fast path: a read holding exactly one whole message (a call, an answer)
-            n = _LEN.unpack_from(data)[0]
-            if n + 4 == len(data) and n <= MAX_NOISE_MESSAGE:
+            size = len(data)
+            if 4 < size <= _WHOLE_MAX and _unpack_len(data)[0] == size - 4:
                 nonce = self._n_dec
                 try:
-                    plain = self._dec.decrypt(self._pack_dec(nonce), data[4:], None)
+                    plain = self._open_one(self._pack_dec(nonce), data[4:], None)
                 except InvalidTag:
                     raise SwarmdError(ERR_PROTOCOL, "a transport message failed authentication") from None
                 self._n_dec = nonce + 1
@@ -421,15 +431,15 @@ class NoiseSession:
         """Seal plaintext into one or more framed transport messages."""
         if self._upgrade_send:
             return self._upgrade_marker() + self.encrypt(plaintext)
-        enc = self._enc
-        if enc is None:
+        seal_one = self._seal_one
+        if seal_one is None:
             raise RuntimeError("encrypt() before the handshake finished")
         size = len(plaintext)
         if size <= MAX_PLAINTEXT:
             n = self._n_enc
-            ct = enc.encrypt(self._pack_enc(n), plaintext, None)
+            ct = seal_one(self._pack_enc(n), plaintext, None)
             self._n_enc = n + 1
-            return _LEN.pack(size + TAG_SIZE) + ct
+            return _pack_len(size + TAG_SIZE) + ct
         return bytes(self.seal([plaintext]))
 
     def seal_frames(self, pieces: list[bytes | memoryview]) -> list[bytes]:

@@ -22,6 +22,7 @@ from swarmd.net.noise import NoiseSession
 from swarmd.node.memory import tune_for_bulk
 
 _HEADER_PACK = mux.HEADER.pack
+_MSG = mux.MSG
 _BULK_FLUSH_PIECES = 32  # a flush of this many bulk pieces (16 stream frames, ~1 MiB) is a bulk transfer
 
 
@@ -60,9 +61,13 @@ class WriteBatcher:
         """
         if self.error is not None:
             raise self.error
-        header = _HEADER_PACK(mux.MSG, 0, len(payload))
+        header = _HEADER_PACK(_MSG, 0, len(payload))
         urgent = self._urgent
-        if now and not self._in_receive:
+        if self._in_receive:  # an answer from a handler run inline: the flush ending the read sends it
+            urgent.append(header)
+            urgent.append(payload)
+            return
+        if now:
             if not urgent and not self._bulk:
                 pipe = self._pipe
                 if pipe is not None and self.session.established:
@@ -74,7 +79,7 @@ class WriteBatcher:
             return
         urgent.append(header)
         urgent.append(payload)
-        if self._flush_handle is None and not self._in_receive:
+        if self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(self._flush)
 
     async def drain(self) -> None:
@@ -151,7 +156,6 @@ class WriteBatcher:
         if not urgent:
             return
         self._urgent = []
-        plaintext = urgent[0] if len(urgent) == 1 else b"".join(urgent)
-        pipe.write(self.session.encrypt(plaintext))
+        pipe.write(self.session.encrypt(b"".join(urgent)))
         if self._write_paused:
             self._check_write_buffer(pipe)

@@ -14,7 +14,7 @@ import nacl.bindings
 import nacl.exceptions
 import nacl.signing
 
-from swarmd.errors import ERR_CONFIG, SwarmdError
+from swarmd.errors import ERR_BAD_REQUEST, ERR_CONFIG, SwarmdError
 
 PUBLIC_KEY_SIZE = 32
 SIGNATURE_SIZE = 64
@@ -23,6 +23,21 @@ SIGNATURE_SIZE = 64
 class IdentityError(SwarmdError):
     def __init__(self, message: str) -> None:
         super().__init__(ERR_CONFIG, message)
+
+
+def parse_public_key(value: object, what: str = "public key") -> bytes:
+    """The one reading of a peer's key from a caller, a config or a peer: 32 bytes, or 64 hex
+    digits; ERR_BAD_REQUEST naming `what` otherwise."""
+    if isinstance(value, (bytes, bytearray)) and len(value) == PUBLIC_KEY_SIZE:
+        return bytes(value)
+    try:
+        key = bytes.fromhex(value) if isinstance(value, str) and len(value) == 2 * PUBLIC_KEY_SIZE else b""
+    except ValueError:
+        key = b""
+    if len(key) != PUBLIC_KEY_SIZE:
+        raise SwarmdError(ERR_BAD_REQUEST,
+                          f"{what} must be a 32-byte Ed25519 public key as 64 hex digits, got {value!r:.80}")
+    return key
 
 
 @functools.lru_cache(maxsize=4096)

@@ -2,21 +2,12 @@
 
 When off, the module attribute `tracer` is None and nothing here is imported
 beyond this file: every hook on a hot path (the gateway's infer, RpcPeer.call,
-the worker's queue) is one check of `tracing.tracer`. When on (`pip install
-'swarmd[otel]'`, `[tracing] enabled = true` or `--otlp URL`), spans go to an
-OTLP collector (or, for a box without one, to a JSON-lines file), and the trace
-context travels:
-
-- into the gateway in the caller's W3C `traceparent`/`tracestate` (HTTP headers,
-  gRPC metadata), so a traced client's trace continues;
-- between peers in the optional `meta` element of an RPC request
-  (docs/protocol.md §5): `{"traceparent": ..., "tracestate"?: ...}`, the W3C
-  header values verbatim, so any W3C propagator reads them.
-
-Spans of one inference: `gateway.infer` (server) > `router.route` > `rpc <method>`
-(client) > on the worker `rpc <method>` (server) > `worker.queue`, `worker.batch`
-> `worker.run`. The worker's phases are recorded after the fact from the
-timings its statistics already take, with their real start and end times.
+the worker's queue) is one check of `tracing.tracer`. When on, the trace context travels in
+a caller's W3C `traceparent`/`tracestate` into the gateway and between peers in the
+optional `meta` element of an RPC request (docs/protocol.md §5), so any W3C
+propagator reads it; how to turn it on and the spans of one inference:
+docs/operations.md, "Tracing". The worker's phases are recorded after the fact from
+the timings its statistics already take, with their real start and end times.
 """
 
 from __future__ import annotations

@@ -10,30 +10,10 @@ the grants it sees against the operator keys in *its own* ``[trust] operators``;
 nothing a peer says about itself (a weight, a role, a key field) is taken on
 its word.
 
-This module is sans-IO and sits in node/, the lowest layer, so every layer may
-use it. The API the other layers build on:
-
-- ``Grant.issue(operator_identity, roles, subject, expires=...)``, ``Grant.decode(bytes)``,
-  ``grant.encode()`` (wire form), ``grant.to_text()``/``Grant.from_text()`` (config form),
-  ``grant.check(operators, now)`` (raises ``GrantError`` with the reason).
-- ``TrustConfig``: the ``[trust]`` section (operators, open, grants).
-- ``Trust``: one per node. ``trust.admits(key, role, grants)`` is THE admission
-  check; ``trust.admits_record(record, role)`` reads a DHT record's grants;
-  ``trust.roles_of(key, grants)`` returns the verified roles;
-  ``trust.presented()`` is what this node shows; ``trust.is_open`` is True for
-  an explicitly open swarm (every key admitted to every role).
-- ``topic_role(name)`` (in swarmd/topics.py) maps a well-known topic to the role
-  its announcers must hold; the swarm's lookups apply it, so discovery, routing,
-  model fetch and replication only ever see admitted peers.
-
-Wire form of a grant (msgpack array, see docs/protocol.md)::
-
-    [1, roles: [str, ...], subject: bin 32, issuer: bin 32, issued: int, expires: int, signature: bin 64]
-
-The signature is the issuer's Ed25519 signature over::
-
-    b"swarmd/grant/v1\\x00" + ",".join(sorted(roles)).encode() + b"\\x00"
-        + subject + issuer + issued (u64 big-endian) + expires (u64 big-endian)
+Sans-IO and in node/, the lowest layer, so every layer may use it. ``Trust.admits``
+is THE admission check; ``topic_role`` (swarmd/topics.py) lets the swarm's lookups
+apply it, so discovery, routing, model fetch and replication only ever see
+admitted peers. A grant's wire form and signed bytes: docs/protocol.md §7.
 """
 
 from __future__ import annotations
@@ -47,8 +27,8 @@ from typing import Any
 
 import msgpack
 
-from swarmd.errors import ConfigError
-from swarmd.node.identity import PUBLIC_KEY_SIZE, SIGNATURE_SIZE, Identity, verify
+from swarmd.errors import ConfigError, SwarmdError
+from swarmd.node.identity import PUBLIC_KEY_SIZE, SIGNATURE_SIZE, Identity, parse_public_key, verify
 
 GRANT_VERSION = 1
 GRANTABLE_ROLES = ("worker", "store", "orchestrator", "relay", "gateway")
@@ -80,16 +60,11 @@ def parse_roles(roles: str | Iterable[str]) -> tuple[str, ...]:
 
 
 def parse_key(text: str | bytes, what: str = "public key") -> bytes:
-    """A 32-byte Ed25519 public key from bytes or 64 hex digits."""
-    if isinstance(text, bytes) and len(text) == PUBLIC_KEY_SIZE:
-        return text
+    """parse_public_key, raising GrantError (a config's or a grant's key)."""
     try:
-        key = bytes.fromhex(text) if isinstance(text, str) else b""
-    except ValueError:
-        key = b""
-    if len(key) != PUBLIC_KEY_SIZE:
-        raise GrantError(f"{what} must be 64 hex digits (an Ed25519 public key), got {str(text)[:80]!r}")
-    return key
+        return parse_public_key(text, what)
+    except SwarmdError as e:
+        raise GrantError(e.message) from None
 
 
 def parse_duration(text: str) -> float:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from swarmd.errors import ERR_BAD_REQUEST, SwarmdError
+from swarmd.node.identity import parse_public_key
 from swarmd.orchestrator.registry import ONLINE, STATES
 from swarmd.rpc.params import as_params
 
@@ -37,17 +38,6 @@ class WorkerAd:
 
 def _bad(message: str) -> SwarmdError:
     return SwarmdError(ERR_BAD_REQUEST, message)
-
-
-def parse_public_key(value: Any, what: str = "public_key") -> str:
-    if isinstance(value, (bytes, bytearray)) and len(value) == 32:
-        return bytes(value).hex()
-    if isinstance(value, str) and len(value) == 64:
-        try:
-            return bytes.fromhex(value).hex()
-        except ValueError:
-            pass
-    raise _bad(f"{what} must be a 32-byte Ed25519 key as 64 hex characters, got {value!r:.80}")
 
 
 def parse_names(value: Any, what: str) -> list[str]:
@@ -104,7 +94,7 @@ def parse_register(params: Any) -> tuple[WorkerAd, float | None]:
     """registerWorker params -> (ad, ttl or None)."""
     params = as_params(params, "registerWorker")
     ad = WorkerAd(
-        public_key=parse_public_key(params.get("public_key")),
+        public_key=parse_public_key(params.get("public_key"), "public_key").hex(),
         models=parse_names(params.get("models"), "models"),
         capabilities=parse_names(params.get("capabilities"), "capabilities"),
     )
@@ -141,7 +131,7 @@ def ad_from_record(public_key: Any, addresses: Any, payload: Any) -> WorkerAd:
     if not isinstance(payload, dict):
         raise _bad(f"worker record payload must be a map, got {type(payload).__name__}")
     ad = WorkerAd(
-        public_key=parse_public_key(public_key),
+        public_key=parse_public_key(public_key, "public_key").hex(),
         models=parse_names(payload.get("models"), "models"),
         capabilities=parse_names(payload.get("capabilities"), "capabilities"),
     )

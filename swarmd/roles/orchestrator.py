@@ -17,13 +17,13 @@ from typing import Any
 from loguru import logger
 
 from swarmd.errors import ERR_BAD_REQUEST, ERR_FORBIDDEN, SwarmdError
+from swarmd.node.identity import parse_public_key
 from swarmd.node.trust import Trust
 from swarmd.orchestrator.config import OrchestratorConfig
 from swarmd.orchestrator.discovery import (
     EJECTED_PREFIX,
     MAX_EJECTED_LISTED,
     parse_names,
-    parse_public_key,
     parse_register,
 )
 from swarmd.orchestrator.fleet import Fleet
@@ -181,7 +181,8 @@ class OrchestratorRole(Role):
         }
 
     async def unregister_worker(self, ctx: Any, params: Any) -> dict[str, Any]:
-        key = parse_public_key(as_params(params, "unregisterWorker", required=("public_key",))["public_key"])
+        p = as_params(params, "unregisterWorker", required=("public_key",))
+        key = parse_public_key(p["public_key"], "public_key").hex()
         self._caller_speaks_for(ctx, key, "unregisterWorker")
         removed = self.balancer.unregister(key)
         self.connections.drop(key)
@@ -193,7 +194,7 @@ class OrchestratorRole(Role):
 
     async def find_available_worker(self, ctx: Any, params: Any) -> dict[str, Any]:
         model, capability = self._target(params, "findAvailableWorker", need_model=False)
-        exclude = [parse_public_key(k, "exclude[]") for k in parse_names(params.get("exclude"), "exclude")]
+        exclude = [parse_public_key(k, "exclude[]").hex() for k in parse_names(params.get("exclude"), "exclude")]
         lease = await self.fleet.choose(model, capability, exclude=exclude)
         alternates = [
             {"public_key": other.public_key, "addresses": [list(a) for a in other.addresses]}

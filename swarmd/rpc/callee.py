@@ -228,20 +228,19 @@ class Callee:
                 if timeout_ms <= 0:
                     raise SwarmdError(ERR_TIMEOUT, f"request for {method!r} arrived after its deadline")
                 deadline = self._loop.time() + timeout_ms / 1000.0
-            if m.stream != bool(ch):
-                raise SwarmdError(
-                    ERR_BAD_REQUEST,
-                    f"{method!r} is a stream method: open it as a stream"
-                    if m.stream
-                    else f"{method!r} is not a stream method: call it",
-                )
-            ctx = CallContext(peer_key, method, rid, deadline, self)
-            if ch:
+            if ch or m.stream:
+                if not ch or not m.stream:
+                    raise SwarmdError(
+                        ERR_BAD_REQUEST,
+                        f"{method!r} is a stream method: open it as a stream"
+                        if m.stream
+                        else f"{method!r} is not a stream method: call it",
+                    )
                 held = self._held_channels.pop(ch, None) if self._held_channels else None
                 stream = Stream(self, held or conn.accept_channel(ch))
-                coro = m.handler(ctx, params, stream)
+                coro = m.handler(CallContext(peer_key, method, rid, deadline, self), params, stream)
             else:
-                coro = m.handler(ctx, params)
+                coro = m.handler(CallContext(peer_key, method, rid, deadline, self), params)
         except SwarmdError as e:
             if e.code == ERR_PROTOCOL:
                 raise

@@ -92,7 +92,8 @@ def decode_ndarray(data: bytes) -> Any:
     return np.frombuffer(data, dtype=dtype, offset=off, count=count).reshape(shape)
 
 
-def _ext_hook(code: int, data: bytes) -> Any:
+def ext_hook(code: int, data: bytes) -> Any:
+    """msgpack's ext_hook for what we decode: ext 1 is an ndarray, any other ext is an error."""
     if code == EXT_NDARRAY:
         return decode_ndarray(data)
     raise ValueError(f"unknown msgpack ext type {code}")
@@ -121,7 +122,7 @@ def unpackb(data: bytes) -> Any:
     unpackb bounds every container by the input size, and the input is bounded
     by the mux frame limit, so memory stays bounded.
     """
-    return msgpack.unpackb(data, raw=False, ext_hook=_ext_hook, strict_map_key=False, use_list=True)
+    return msgpack.unpackb(data, raw=False, ext_hook=ext_hook, strict_map_key=False, use_list=True)
 
 
 def unpackb_or_error(data: bytes) -> Any:

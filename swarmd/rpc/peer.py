@@ -370,7 +370,8 @@ class RpcPeer(Callee):
                 self._deadlines.pop(rid, None)
                 if not fut.done():
                     fut.set_result(msg[2])
-        elif kind == REQUEST:
+            return
+        if kind == REQUEST:
             if self._held is not None:
                 self._hold_message(msg, len(data))
                 return

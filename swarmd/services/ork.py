@@ -40,12 +40,12 @@ from swarmd.errors import (
     SwarmdError,
 )
 from swarmd.node.deadline import within
+from swarmd.node.identity import parse_public_key
 from swarmd.node.supervisor import LOG, Supervisor
 from swarmd.rpc.params import as_params, bad_request, check_id, check_keys
 from swarmd.services.query import apply_sort, compile_sort
 from swarmd.services.things import THING_METHODS, Handlers, Thing, ThingsConfig, ThingService
 
-HEX_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 ADDR_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 MAX_ADDRESSES = 8
 
@@ -108,14 +108,6 @@ class RackCaller(Protocol):
     async def __call__(self, rack: Rack, method: str, params: Any, timeout: float) -> Any: ...  # noqa: ASYNC109
 
 
-def check_public_key(v: Any, what: str) -> str:
-    if isinstance(v, (bytes, bytearray)) and len(v) == 32:
-        return bytes(v).hex()
-    if not isinstance(v, str) or not HEX_KEY_RE.match(v.lower()):
-        raise bad_request(f"{what} must be a 32-byte Ed25519 public key as 64 hex digits, got {v!r:.80}")
-    return v.lower()
-
-
 def check_addresses(v: Any, what: str) -> list[str]:
     if not isinstance(v, list) or len(v) > MAX_ADDRESSES:
         raise bad_request(f"{what} must be a list of at most {MAX_ADDRESSES} HOST:PORT strings")
@@ -140,7 +132,7 @@ class RackBook(ThingService):
     UNIQUE_KEYS = ("info.public_key",)
 
     def validate_thing(self, thing: Thing, previous: Thing | None) -> None:
-        thing.info["public_key"] = check_public_key(thing.info.get("public_key"), "info.public_key")
+        thing.info["public_key"] = parse_public_key(thing.info.get("public_key"), "info.public_key").hex()
         thing.info["addresses"] = check_addresses(thing.info.get("addresses", []), "info.addresses")
         rtype = thing.info.get("type", "")
         if not isinstance(rtype, str) or len(rtype) > 64:
@@ -254,7 +246,7 @@ class Ork(Handlers):
         debug line (the announcer's problem, not ours).
         """
         try:
-            pk = check_public_key(public_key, "rack public key")
+            pk = parse_public_key(public_key, "rack public key").hex()
             if not isinstance(addresses, (list, tuple)):
                 raise bad_request("rack addresses must be a list")
             addrs = check_addresses([_addr_text(a) for a in list(addresses)[:MAX_ADDRESSES]], "rack addresses")
@@ -316,7 +308,7 @@ class Ork(Handlers):
             raise bad_request(f"{m}: info must be an object")
         for k in ("public_key", "addresses", "type"):
             info.pop(k, None)
-        info["public_key"] = check_public_key(p.get("public_key"), f"{m}: public_key")
+        info["public_key"] = parse_public_key(p.get("public_key"), f"{m}: public_key").hex()
         info["addresses"] = check_addresses(p.get("addresses", []), f"{m}: addresses")
         info["type"] = p.get("type", "")
         view = await self.book.register_thing({"id": rid, "info": info})
@@ -419,13 +411,6 @@ class Ork(Handlers):
 _DIAL_ERRORS = frozenset({ERR_UNAVAILABLE, ERR_TIMEOUT, ERR_CLOSED, ERR_HANDSHAKE})
 
 
-def split_address(text: str) -> tuple[str, int]:
-    m = ADDR_RE.match(text)
-    if m is None:
-        raise SwarmdError(ERR_BAD_REQUEST, f"address {text!r:.80} must look like HOST:PORT")
-    return m.group(1).strip("[]"), int(m.group(2))
-
-
 class RpcRackCaller:
     """Reaches racks over RPC through a connection pool (swarmd_rpc.Pool, or
     anything with `call(target, method, params, timeout=)`), pinned to each
@@ -436,6 +421,7 @@ class RpcRackCaller:
         self.pool = pool
 
     async def __call__(self, rack: Rack, method: str, params: Any, timeout: float) -> Any:  # noqa: ASYNC109
+        from swarmd.settings import parse_hostport  # settings imports this module
         from swarmd_rpc.pool import Target  # the client library sits beside the layers, not below them
 
         if not rack.addresses:
@@ -443,7 +429,7 @@ class RpcRackCaller:
         key = bytes.fromhex(rack.public_key)
         last: SwarmdError | None = None
         for addr in rack.addresses:
-            host, port = split_address(addr)
+            host, port = parse_hostport(addr, what="rack address")
             try:
                 return await self.pool.call(Target(host, port, key), method, params, timeout=timeout)
             except SwarmdError as e:

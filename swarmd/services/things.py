@@ -17,33 +17,10 @@ Python backend::
         async def collect_thing_snap(self, thing):
             return {"is_available": True, "ts": now_ms()}
 
-Hook order (every hook may be sync or async). Hooks that run before the
-commit may refuse the call by raising (a SwarmdError keeps its code, anything
-else becomes ERR_INTERNAL); state is then unchanged.
-
-  start        open the database -> `setup` (raising fails the start) ->
-               replay: for each stored row, oldest first,
-               `setup_thing` (a failure is logged and recorded in `last.err`,
-               the thing stays registered) -> start the snapshot loop
-  registerThing  check params -> `make_thing_id` (duplicate: ERR_CONFLICT) ->
-               `thing_type` -> `thing_tags` -> `validate_thing(thing, None)` ->
-               unique keys (ERR_CONFLICT) -> `setup_thing` -> `on_register`
-               (refusal: `teardown_thing` undoes setup) -> commit
-  updateThing  check params -> find (ERR_NOT_FOUND) -> `rev` check
-               (ERR_CONFLICT) -> merge -> `thing_tags` (of previous, then of the
-               merged thing: service tags follow info) -> `validate_thing(thing,
-               previous)` -> unique keys -> `on_update(thing, previous)` -> commit
-  forgetThings select (ids | query | all) -> `on_forget` for each (any refusal
-               forgets nothing) -> commit (one transaction) -> `teardown_thing`
-               for each (failures logged)
-  listThings   query over public views -> `on_list(views, params)` -> sort ->
-               offset/limit -> projection
-  snapshots    every `snapshot_interval_s`: `collect_thing_snap` per thing, at
-               most `snapshot_concurrency` at once, each bounded by
-               `snapshot_timeout_s` (a timeout records the thing offline) ->
-               `last` updated -> one JSON line per thing in the snapshot log
-  stop         stop the snapshot loop -> `teardown_thing` for each ->
-               `teardown` -> close
+Every hook may be sync or async; one that runs before the commit may refuse the
+call by raising (a SwarmdError keeps its code, anything else becomes
+ERR_INTERNAL), and state is then unchanged. The order of the hooks in each
+method: docs/things.md, "Hook order".
 """
 
 from __future__ import annotations

@@ -44,9 +44,11 @@ class Pending:
     # (started, ended, compute times, batch requests, batch rows) of its run, kept while tracing is on
     trace: tuple[float, float, tuple[float, float, float] | None, int, int] | None = None
 
-    def __post_init__(self) -> None:
+    def batch_key(self) -> tuple[Any, ...]:
+        """`key`, computed on first use: a lone request (the usual case at low load) never needs it."""
         if not self.key:
             self.key = batch_key(self.feeds, self.outputs)
+        return self.key
 
 
 def batch_key(feeds: dict[str, np.ndarray], outputs: tuple[str, ...]) -> tuple[Any, ...]:
@@ -72,11 +74,12 @@ def take_batch(queue: deque[Pending], policy: BatchingConfig) -> list[Pending]:
         return batch
     rows = first.rows
     kept: list[Pending] = []
+    key = first.batch_key() if queue else ()
     while queue and rows < policy.max_batch_size:
         p = queue.popleft()
         if p.state is not PendingState.QUEUED:
             continue
-        if p.key == first.key and rows + p.rows <= policy.max_batch_size:
+        if p.batch_key() == key and rows + p.rows <= policy.max_batch_size:
             batch.append(p)
             rows += p.rows
         else:

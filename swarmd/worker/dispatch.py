@@ -296,20 +296,22 @@ class Dispatch:
                   times: tuple[float, float, float] | None) -> None:
         self._free += 1
         now = self._now()
-        self.stats.record_batch(len(batch))
+        n = len(batch)
+        stats, model_stats = self.stats, served.stats
+        stats.record_batch(n)
+        rows = max(batch[0].rows, 1) if n == 1 else sum(max(p.rows, 1) for p in batch)
         if times is not None:
-            served.stats.record_run(len(batch), sum(max(p.rows, 1) for p in batch), times)
+            model_stats.record_run(n, rows, times)
         if tracing.tracer is not None:  # the request's spans are made in its own context (infer)
-            rows = sum(max(p.rows, 1) for p in batch)
             for p in batch:
-                p.trace = (started, now, times, len(batch), rows)
+                p.trace = (started, now, times, n, rows)
         for p, r in zip(batch, results, strict=True):
             p.state = PendingState.DONE
             if p.timer is not None:
                 p.timer.cancel()
             ok = not isinstance(r, SwarmdError)
-            self.stats.record(now - p.enqueued, ok=ok)
-            served.stats.record_request(ok, now - p.enqueued, started - p.enqueued)
+            stats.record(now - p.enqueued, ok=ok)
+            model_stats.record_request(ok, now - p.enqueued, started - p.enqueued)
             if not p.future.done():
                 if ok:
                     p.future.set_result(r)
