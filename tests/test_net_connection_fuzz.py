@@ -102,8 +102,9 @@ async def deliver_in_order(messages: list[bytes], split: int) -> tuple[list[byte
     conn.on_message = got.append
     client = NoiseSession(CLIENT, initiator=True, remote_public_key=SERVER.public_key)
     conn.data_received(client.start())
-    client.receive(bytes(pipe.out))
+    out, _ = client.receive(bytes(pipe.out))
     pipe.out.clear()
+    conn.data_received(out)  # the client's cipher upgrade offer
     stream = b"".join(messages)
     # one Noise message per side of the split: a frame may be cut in two
     for part in (stream[:split], stream[split:]):
