@@ -313,3 +313,16 @@ def test_hpack_refuses_table_growth_and_oversized_lists() -> None:
         HpackDecoder(4096, 100).decode(hpack.Encoder().encode([(b"a", b"b" * 100)]))
     with pytest.raises(HpackError, match="more than 5 bytes"):
         HpackDecoder(4096).decode(b"\xff\xff\xff\xff\xff\xff\xff\x01")
+
+
+def test_hpack_block_cache_stays_bounded_against_many_distinct_blocks() -> None:
+    from swarmd.gateway import h2hpack
+
+    dec = HpackDecoder(4096, 1 << 20)
+    for i in range(3000):  # distinct literal-without-indexing blocks: each cacheable, none changes the table
+        block = w.literal(b"x-pad", b"%06d" % i + b"a" * 900)
+        assert dec.decode(block) == [(b"x-pad", b"%06d" % i + b"a" * 900)]
+        assert dec.cache_bytes <= h2hpack.CACHE_BYTES
+    big = w.literal(b"x-pad", b"b" * 5000)
+    dec.decode(big)
+    assert big not in dec.cache  # long blocks are never cached

@@ -641,9 +641,10 @@ class GrpcConnection:
             problem, pseudo, metadata = seen[1]
         else:
             problem, pseudo, metadata = request_head(fields)
-            if len(self.parsed) >= 64:
-                self.parsed.clear()
-            self.parsed[block] = (fields, (problem, pseudo, metadata))
+            if block in self.decoder.cache:  # bounded with it: at most a copy of what it holds
+                if len(self.parsed) >= len(self.decoder.cache):
+                    self.parsed.clear()
+                self.parsed[block] = (fields, (problem, pseudo, metadata))
         if problem:  # a malformed request: a stream error (RFC 9113 §8.1.1)
             del self.streams[sid]
             self.out.append(frame(RST_STREAM, 0, sid, struct.pack(">I", PROTOCOL_ERROR)))
