@@ -272,6 +272,19 @@ def test_any_frame_sequence_gives_events_or_a_goaway(kinds_payloads: list[bytes]
         c.send(w.frame(raw[0] % 10, raw[0] >> 4, 1 + (raw[0] & 1) * 2, raw[1:]))
     c.send(tail)
     assert c.conn.terminated or c.conn.open_streams <= 2
+    assert c.conn.buffered == sum(len(s.buf) for s in c.conn.streams.values())  # what the lane bounds
+
+
+def test_buffered_counts_partial_messages_until_they_complete_or_their_stream_goes() -> None:
+    c = Client()
+    c.start()
+    c.send(c.headers(1, request_headers()) + c.headers(3, request_headers()))
+    c.send(w.frame(w.DATA, 0, 1, b"\0\0\0\0\x0aabc") + w.frame(w.DATA, 0, 3, b"\0\0\0\0\x0aabcd"))
+    assert c.conn.buffered == 8 + 9
+    events = c.send(w.frame(w.DATA, w.END_STREAM, 1, b"defghij"))
+    assert [type(e) for e in events] == [w.Message, w.HalfClosed] and c.conn.buffered == 9
+    c.send(w.frame(w.RST_STREAM, 0, 3, b"\0\0\0\x08"))
+    assert c.conn.buffered == 0
 
 
 # -- HPACK ----------------------------------------------------------------------------
