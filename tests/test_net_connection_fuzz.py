@@ -70,8 +70,9 @@ async def drive(batches: list[list[bytes]]) -> None:
     conn.connection_made(pipe)
     client = NoiseSession(CLIENT, initiator=True, remote_public_key=SERVER.public_key)
     conn.data_received(client.start())
-    client.receive(bytes(pipe.out))
+    out, _ = client.receive(bytes(pipe.out))
     pipe.out.clear()
+    conn.data_received(out)  # the client's cipher upgrade offer
     assert conn.established.done() and conn.remote_public_key == CLIENT.public_key
     for batch in batches:
         conn.data_received(client.encrypt(b"".join(batch)))
@@ -101,8 +102,9 @@ async def deliver_in_order(messages: list[bytes], split: int) -> tuple[list[byte
     conn.on_message = got.append
     client = NoiseSession(CLIENT, initiator=True, remote_public_key=SERVER.public_key)
     conn.data_received(client.start())
-    client.receive(bytes(pipe.out))
+    out, _ = client.receive(bytes(pipe.out))
     pipe.out.clear()
+    conn.data_received(out)  # the client's cipher upgrade offer
     stream = b"".join(messages)
     # one Noise message per side of the split: a frame may be cut in two
     for part in (stream[:split], stream[split:]):
