@@ -117,3 +117,13 @@ def parse_hostport(text: str, *, what: str, listen: bool = False) -> tuple[str, 
     if not sep or not host or not port_s.isdigit() or not low <= int(port_s) <= 65535:
         raise ConfigError(f"{what} {text!r} must look like HOST:PORT with a port from {low} to 65535")
     return host, int(port_s)
+
+
+def parse_peer(text: str, *, what: str) -> tuple[bytes, str, int]:
+    """'HEXKEY@HOST:PORT' -> (key, host, port): a peer named with the key it must prove."""
+    from swarmd.node.identity import parse_public_key
+
+    key, sep, addr = text.partition("@")
+    if not sep:
+        raise ConfigError(f"{what} {text!r} must look like HEXKEY@HOST:PORT")
+    return (parse_public_key(key, f"{what} key"), *parse_hostport(addr, what=f"{what} address"))

@@ -84,10 +84,11 @@ class Daemon:
     the more a loaded machine makes it log (retries, timeouts).
     """
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None, command: tuple[str, ...] = ("-m", "swarmd")) -> None:
+        """`command`: what python runs (a plugin script, `-m swarmd.plugins ork`), `args` its flags."""
         self.log_path = None
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "swarmd", "--log-format", "json", *args],
+            [sys.executable, *command, "--log-format", "json", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

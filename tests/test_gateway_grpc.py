@@ -237,7 +237,7 @@ def test_async_infer_calls_back_with_each_result(gw, client) -> None:
 def lean(tmp_path_factory):
     data = tmp_path_factory.mktemp("gwlean")
     install_model(data / "models", "mlp", "1", MODEL)
-    g = GatewayThread(data, GatewayConfig(header_timeout=0.5, max_body_bytes=1 << 20))
+    g = GatewayThread(data, GatewayConfig(header_timeout=0.5, body_timeout=0.5, max_body_bytes=1 << 20))
     g.grpc_port = g.call(g.gateway.start_grpc("127.0.0.1", 0))
     yield g
     g.close()
@@ -296,8 +296,38 @@ def test_lean_lane_refuses_hostile_clients_and_keeps_serving(lean) -> None:
     # slowloris: half a frame, never finished: GOAWAY after header_timeout, then closed
     assert b"stayed incomplete" in exchange(w.PREFACE + w.frame(w.SETTINGS, 0, 0)[:5])
     assert bytes([w.GOAWAY]) not in exchange(w.PREFACE[:10])  # no preface within header_timeout: closed
+    # a request message that never completes (whole frames, half a message): DEADLINE_EXCEEDED after body_timeout
+    import hpack
+
+    head = hpack.Encoder().encode([(":method", "POST"), (":scheme", "http"), (":path", "/inference.GRPCInferenceService/"
+                                   "ServerLive"), ("content-type", "application/grpc"), ("te", "trailers")])
+    with socket.create_connection(("127.0.0.1", lean.grpc_port), timeout=10) as s:
+        s.sendall(w.PREFACE + w.frame(w.SETTINGS, 0, 0) + w.frame(w.HEADERS, w.END_HEADERS, 1, head)
+                  + w.frame(w.DATA, 0, 1, b"\0\0\0\0\x10abc"))
+        got = b""
+        while b"did not arrive within" not in got:
+            got += s.recv(65536)  # a TimeoutError here: the lane never timed the message out
+        assert b"grpc-status" in got and b"gateway.body_timeout" in got
     c = tg.InferenceServerClient(url=f"127.0.0.1:{lean.grpc_port}")
     try:
         assert c.is_server_live()
     finally:
         c.close()
+
+
+@pytest.mark.parametrize("engine", ["lean", "grpcio"])
+def test_overload_admission_answers_unavailable(engine, tmp_path) -> None:
+    """The HTTP front's in-flight bound covers gRPC calls on either engine: over it, UNAVAILABLE."""
+    install_model(tmp_path / "models", "mlp", "1", MODEL)
+    g = GatewayThread(tmp_path, GatewayConfig(grpc_engine=engine, max_in_flight=0))
+    try:
+        port = g.call(g.gateway.start_grpc("127.0.0.1", 0))
+        c = tg.InferenceServerClient(url=f"127.0.0.1:{port}")
+        inp = tg.InferInput("x", list(X.shape), "FP32")
+        inp.set_data_from_numpy(X)
+        with pytest.raises(InferenceServerException) as e:
+            c.infer("mlp", [inp], headers={"x-api-key": g.key("infer")})
+        assert _status(e.value) == "StatusCode.UNAVAILABLE" and "ERR_OVERLOADED" in str(e.value)
+        c.close()
+    finally:
+        g.close()

@@ -272,6 +272,19 @@ def test_any_frame_sequence_gives_events_or_a_goaway(kinds_payloads: list[bytes]
         c.send(w.frame(raw[0] % 10, raw[0] >> 4, 1 + (raw[0] & 1) * 2, raw[1:]))
     c.send(tail)
     assert c.conn.terminated or c.conn.open_streams <= 2
+    assert c.conn.buffered == sum(len(s.buf) for s in c.conn.streams.values())  # what the lane bounds
+
+
+def test_buffered_counts_partial_messages_until_they_complete_or_their_stream_goes() -> None:
+    c = Client()
+    c.start()
+    c.send(c.headers(1, request_headers()) + c.headers(3, request_headers()))
+    c.send(w.frame(w.DATA, 0, 1, b"\0\0\0\0\x0aabc") + w.frame(w.DATA, 0, 3, b"\0\0\0\0\x0aabcd"))
+    assert c.conn.buffered == 8 + 9
+    events = c.send(w.frame(w.DATA, w.END_STREAM, 1, b"defghij"))
+    assert [type(e) for e in events] == [w.Message, w.HalfClosed] and c.conn.buffered == 9
+    c.send(w.frame(w.RST_STREAM, 0, 3, b"\0\0\0\x08"))
+    assert c.conn.buffered == 0
 
 
 # -- HPACK ----------------------------------------------------------------------------
@@ -313,3 +326,16 @@ def test_hpack_refuses_table_growth_and_oversized_lists() -> None:
         HpackDecoder(4096, 100).decode(hpack.Encoder().encode([(b"a", b"b" * 100)]))
     with pytest.raises(HpackError, match="more than 5 bytes"):
         HpackDecoder(4096).decode(b"\xff\xff\xff\xff\xff\xff\xff\x01")
+
+
+def test_hpack_block_cache_stays_bounded_against_many_distinct_blocks() -> None:
+    from swarmd.gateway import h2hpack
+
+    dec = HpackDecoder(4096, 1 << 20)
+    for i in range(3000):  # distinct literal-without-indexing blocks: each cacheable, none changes the table
+        block = w.literal(b"x-pad", b"%06d" % i + b"a" * 900)
+        assert dec.decode(block) == [(b"x-pad", b"%06d" % i + b"a" * 900)]
+        assert dec.cache_bytes <= h2hpack.CACHE_BYTES
+    big = w.literal(b"x-pad", b"b" * 5000)
+    dec.decode(big)
+    assert big not in dec.cache  # long blocks are never cached

@@ -56,8 +56,9 @@ async def test_cone_like_pairs_are_punched_over_tcp_at_once(lab, tmp_path, mode_
     punch = out["connection"]["punch"]
     assert punch["remote"].startswith("198.18.0.12:")  # straight to lan-b's router, not via the relay host
     assert punch["local"].startswith("198.18.0.11:")  # our mapping, as the relay saw it
-    # the other side runs the same punched connection, inbound
-    up = await world["b"].wait_for(r'"event": "path_chosen".*"inbound": true', 30)
+    # the other side runs the same punched connection, inbound (after a relayed one, when the
+    # relay carried the first call)
+    up = await world["b"].wait_for(r'"msg": "connection over the punched-tcp path".*"event": "path_chosen".*"inbound": true', 30)
     assert json.loads(up)["path"] == "punched-tcp"
     m = status(lab, world, "a")["paths"]
     assert m["opened"]["punched-tcp"] >= 1 and m["attempts"]["punched-tcp"]["ok"] >= 1, m

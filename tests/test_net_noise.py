@@ -23,10 +23,13 @@ C = Identity.from_seed(b"c" * 32)
 
 
 def handshake(i: NoiseSession, r: NoiseSession) -> None:
+    """Deliver every byte each side returns (handshake messages, then the upgrade offers)."""
     out, _ = r.receive(i.start())
     out2, _ = i.receive(out)
     if out2:
-        r.receive(out2)
+        out3, _ = r.receive(out2)
+        if out3:
+            i.receive(out3)
 
 
 @pytest.mark.parametrize("known", [True, False])
@@ -63,8 +66,11 @@ def test_interoperates_with_plain_noiseprotocol() -> None:
     reply = encode_frame(b"\x00" + bytes(raw.write_message(identity_payload(B))))
     out, _ = i.receive(reply)
     assert i.remote_public_key == B.public_key
-    payload = raw.read_message(bytes(FrameDecoder(65535).feed(out)[0][1:]))
+    msg3, offer = (bytes(f) for f in FrameDecoder(65535).feed(out))
+    payload = raw.read_message(msg3[1:])
     assert bytes(payload[:32]) == A.public_key
+    # our upgrade offer: an empty transport message, which a plain Noise peer reads as nothing
+    assert raw.decrypt(offer) == b""
     frames = [
         bytes(f)
         for f in FrameDecoder(65535).feed(i.encrypt(b"first") + i.encrypt(b"x" * (MAX_PLAINTEXT + 1)))
@@ -74,6 +80,38 @@ def test_interoperates_with_plain_noiseprotocol() -> None:
     assert raw.decrypt(frames[1]) + raw.decrypt(frames[2]) == b"x" * (MAX_PLAINTEXT + 1)
     _, plain = i.receive(encode_frame(raw.encrypt(b"back")))
     assert plain == [b"back"]
+    # the plain peer never offered, so we never switch: ChaChaPoly both ways
+    assert raw.decrypt(bytes(FrameDecoder(65535).feed(i.encrypt(b"still chacha"))[0])) == b"still chacha"
+    assert (i.cipher_send, i.cipher_recv) == ("ChaChaPoly", "ChaChaPoly")
+
+
+@pytest.mark.parametrize("known", [True, False])
+@pytest.mark.parametrize(("up_i", "up_r"), [(True, True), (True, False), (False, True)])
+def test_transport_upgrade_to_aesgcm_only_when_both_offer(known: bool, up_i: bool, up_r: bool) -> None:
+    """Each side offers AES-256-GCM with an empty first transport message; once a side has the
+    peer's offer its next message is the switch marker and it sends AES-GCM from then on. A side
+    that does not offer (an older peer) keeps both directions on ChaChaPoly. Data sent before,
+    across and after the switch, in both directions and in one read, arrives intact."""
+    i = NoiseSession(A, initiator=True, remote_public_key=B.public_key if known else None, upgrade=up_i)
+    r = NoiseSession(B, initiator=False, upgrade=up_r)
+    handshake(i, r)
+    both = up_i and up_r
+    wire = i.encrypt(b"one") + b"".join(i.seal_frames([b"two", b"x" * 70_000])) + bytes(i.seal([b"three"]))
+    assert r.receive(wire)[1] == [b"one", b"two" + b"x" * (MAX_PLAINTEXT - 3), b"x" * (70_003 - MAX_PLAINTEXT), b"three"]
+    assert r.receive(i.encrypt(b"more"))[1] == [b"more"]
+    _, plain = i.receive(r.encrypt(b"back") + r.encrypt(b"again"))
+    assert plain == [b"back", b"again"]
+    expected = "AESGCM" if both else "ChaChaPoly"
+    assert (i.cipher_send, i.cipher_recv, r.cipher_send, r.cipher_recv) == (expected,) * 4
+    if both:  # what travels now is AES-256-GCM under Rekey(k), counter from 0, big-endian nonce
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        from swarmd.net.noise import _rekey
+
+        frame = bytes(FrameDecoder(65535).feed(i.encrypt(b"aes"))[0])
+        n = i._n_enc - 1
+        assert AESGCM(_rekey(i._k_enc)).decrypt(bytes(4) + n.to_bytes(8, "big"), frame, None) == b"aes"
+        assert r.receive(encode_frame(frame))[1] == [b"aes"]
 
 
 def test_ik_to_the_wrong_key_is_rejected_with_a_reason() -> None:

@@ -75,7 +75,9 @@ class RawPeer:
         while not s.established:
             data = await asyncio.wait_for(reader.read(65536), T)
             assert data, "server closed during handshake"
-            s.receive(data)
+            out, _ = s.receive(data)
+            if out:  # our first transport message (the cipher upgrade offer) goes out like any
+                writer.write(out)
         return cls(reader, writer, s)
 
     def send_plain(self, plaintext: bytes) -> None:

@@ -2,77 +2,29 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from swarmd.errors import ERR_FORBIDDEN, SwarmdError
 from swarmd.node.identity import Identity
 from swarmd.rpc import connect
-from tests.conftest import ROOT, swarmd_env
+from tests.conftest import Daemon, swarmd_env
 
 T = 30.0
+BOOKS = ("examples/book_worker.py",)
 
 
-class Proc:
-    """A plugin process whose JSON log lines are read until an event shows up."""
-
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, *args, "--log-format", "json"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=swarmd_env(**(env or {})),
-            cwd=str(ROOT),
-        )
-        self.lines: list[str] = []
-
-    def wait_event(self, event: str, timeout: float = 60.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        assert self.proc.stdout is not None
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise AssertionError(f"exited ({self.proc.wait()}) before {event!r}:\n" + "".join(self.lines))
-            self.lines.append(line)
-            try:
-                doc = json.loads(line)
-            except ValueError:
-                continue
-            if doc.get("event") == event:
-                return doc
-        raise AssertionError(f"no {event!r} within {timeout}s:\n" + "".join(self.lines))
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        try:
-            self.proc.communicate(timeout=T)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.communicate()
-            raise AssertionError("did not stop on SIGTERM:\n" + "".join(self.lines)) from None
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def _ready(p: Proc) -> tuple[bytes, int]:
+def _ready(p: Daemon) -> tuple[bytes, int]:
     doc = p.wait_event("ready")
     return bytes.fromhex(doc["public_key"]), int(doc["ports"]["rpc"])
 
 
 async def test_book_worker_one_command_serves_and_replays(tmp_path: Path) -> None:
     data = tmp_path / "books"
-    worker = Proc("examples/book_worker.py", "--data-dir", str(data), "--snapshot-interval", "0.05",
-                  "--rack-id", "shelf-1")
-    ork_proc: Proc | None = None
+    worker = Daemon("--data-dir", str(data), "--snapshot-interval", "0.05", "--rack-id", "shelf-1", command=BOOKS)
+    ork_proc: Daemon | None = None
     try:
         ready = worker.wait_event("ready")
         key, port = bytes.fromhex(ready["public_key"]), int(ready["ports"]["rpc"])
@@ -94,8 +46,8 @@ async def test_book_worker_one_command_serves_and_replays(tmp_path: Path) -> Non
             await peer.close()
 
         # an ork, also one command, joins the worker's swarm and finds the rack on RACKS by itself
-        ork_proc = Proc("-m", "swarmd.plugins", "ork", "--data-dir", str(tmp_path / "ork"),
-                        "--bootstrap", f"127.0.0.1:{dht_port}", "--discover-interval", "0.2")
+        ork_proc = Daemon("--data-dir", str(tmp_path / "ork"), "--bootstrap", f"127.0.0.1:{dht_port}",
+                          "--discover-interval", "0.2", command=("-m", "swarmd.plugins", "ork"))
         okey, oport = _ready(ork_proc)
         op = await connect(None, "127.0.0.1", oport, remote_public_key=okey, timeout=T)
         try:
@@ -117,8 +69,7 @@ async def test_book_worker_one_command_serves_and_replays(tmp_path: Path) -> Non
         assert worker.stop() == 0
 
         # restart: the book is replayed from SQLite
-        worker = Proc("examples/book_worker.py", "--data-dir", str(data), "--snapshot-interval", "0",
-                      "--no-announce")
+        worker = Daemon("--data-dir", str(data), "--snapshot-interval", "0", "--no-announce", command=BOOKS)
         key2, port2 = _ready(worker)
         assert key2 == key  # same identity from the same data dir
         peer = await connect(None, "127.0.0.1", port2, remote_public_key=key, timeout=T)
@@ -136,8 +87,8 @@ async def test_book_worker_one_command_serves_and_replays(tmp_path: Path) -> Non
 
 async def test_book_worker_refuses_writes_to_read_only_keys_from_its_config(tmp_path: Path) -> None:
     admin, viewer = Identity.generate(), Identity.generate()
-    worker = Proc("examples/book_worker.py", "--data-dir", str(tmp_path), "--no-announce",
-                  env={"SWARMD_ACCESS_ALLOW": admin.public_hex, "SWARMD_ACCESS_ALLOW_READ_ONLY": viewer.public_hex})
+    worker = Daemon("--data-dir", str(tmp_path), "--no-announce", command=BOOKS,
+                    env=swarmd_env(SWARMD_ACCESS_ALLOW=admin.public_hex, SWARMD_ACCESS_ALLOW_READ_ONLY=viewer.public_hex))
     try:
         key, port = _ready(worker)
         full = await connect(admin, "127.0.0.1", port, remote_public_key=key, timeout=T)

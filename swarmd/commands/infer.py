@@ -99,16 +99,6 @@ def read_inputs(path: Path, input_name: str = "input", dtype: str = "float32") -
     raise SwarmdError(ERR_BAD_REQUEST, f"{path}: expected a list or a non-empty object of input name to list")
 
 
-def _peer(text: str) -> tuple[str, str, int]:
-    from swarmd.settings import parse_hostport
-
-    key, sep, addr = text.partition("@")
-    if not sep:
-        raise SwarmdError(ERR_BAD_REQUEST, "--peer must look like PUBKEY@HOST:PORT")
-    host, port = parse_hostport(addr, what="--peer address")
-    return key, host, port
-
-
 def make_client(args: argparse.Namespace, *, timeout: float) -> Any:
     """A swarmd_rpc.Client configured from the common flags (--bootstrap, --data-dir, swarm secret)."""
     from swarmd.commands.reach import swarm_client
@@ -116,7 +106,9 @@ def make_client(args: argparse.Namespace, *, timeout: float) -> Any:
 
     cfg = ClientConfig(timeout=timeout, infer_timeout=timeout)
     if getattr(args, "peer", None):
-        key, host, port = _peer(args.peer)
+        from swarmd.settings import parse_peer
+
+        key, host, port = parse_peer(args.peer, what="--peer")
         return Client.for_peer(key, host, port, config=cfg)
     return swarm_client(args, cfg)
 

@@ -62,6 +62,7 @@ class Call:
     message: bytes | None = None
     task: asyncio.Task[Any] | None = None
     queue: asyncio.Queue[bytes | None] | None = None  # ModelStreamInfer: requests in order, None at the end
+    held: int = 0  # bytes of its request messages the connection holds (LaneProtocol.held)
 
 
 class GrpcLane:
@@ -72,6 +73,9 @@ class GrpcLane:
         self.service = OipService(gateway)
         cfg = gateway.config
         self.limits = Limits(max_message=cfg.max_body_bytes)
+        # request bytes one connection may hold (whole messages waiting or being served, and messages
+        # still arriving) before it stops reading: the client's TCP window then holds the rest
+        self.max_held = 2 * cfg.max_body_bytes + (1 << 20)
         self.header_timeout = cfg.header_timeout
         self.body_timeout = cfg.body_timeout
         self.keepalive_timeout = cfg.keepalive_timeout
@@ -148,6 +152,9 @@ class LaneProtocol(asyncio.Protocol):
         self.flush_soon = False
         self.closed = False
         self.counted = False
+        self.held = 0  # bytes of whole request messages held by calls (see GrpcLane.max_held)
+        self.reading_paused = False
+        self.writing_paused = False
 
     # -- the transport's events --------------------------------------------------------
 
@@ -183,7 +190,9 @@ class LaneProtocol(asyncio.Protocol):
             elif type(ev) is Cancelled:
                 call = self.calls.pop(ev.stream_id, None)
                 if call is not None and call.task is not None:
-                    call.task.cancel()
+                    call.task.cancel()  # it releases what it holds on the way out
+                elif call is not None:
+                    self._release(call, call.held)
             elif type(ev) is Terminated:
                 if not ev.by_peer:
                     self.lane.note("grpc_protocol_error", "gRPC client {} broke HTTP/2 (code {}): {}",
@@ -199,17 +208,39 @@ class LaneProtocol(asyncio.Protocol):
         self.flush()
         if self.core.going_away and not self.core.streams:
             self.close()
+        else:
+            self._update_reading()
+
+    def _update_reading(self) -> None:
+        """Stop reading while the client does not read its answers, or while the connection holds
+        more request bytes than GrpcLane.max_held; read on once it is down to half of that."""
+        if self.closed or self.transport is None:
+            return
+        held = self.held + self.core.buffered
+        if not self.reading_paused and (self.writing_paused or held > self.lane.max_held):
+            self.reading_paused = True
+            self.transport.pause_reading()
+        elif self.reading_paused and not self.writing_paused and held <= self.lane.max_held // 2:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def _release(self, call: Call, n: int) -> None:
+        """A call is done with n bytes of its request."""
+        call.held -= n
+        self.held -= n
+        if self.reading_paused:
+            self._update_reading()
 
     def eof_received(self) -> bool | None:
         return False  # HTTP/2 has no half-close of the connection: close
 
     def pause_writing(self) -> None:
-        if self.transport is not None:
-            self.transport.pause_reading()  # a client not reading its answers sends no more calls
+        self.writing_paused = True  # a client not reading its answers sends no more calls
+        self._update_reading()
 
     def resume_writing(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.resume_reading()
+        self.writing_paused = False
+        self._update_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -252,6 +283,8 @@ class LaneProtocol(asyncio.Protocol):
         call = self.calls.get(ev.stream_id)
         if call is None:
             return
+        call.held += len(ev.data)
+        self.held += len(ev.data)
         if call.queue is not None:
             if call.queue.qsize() >= STREAM_BACKLOG:
                 self._fail(ev.stream_id, GRPC_STATUS["RESOURCE_EXHAUSTED"],
@@ -280,6 +313,8 @@ class LaneProtocol(asyncio.Protocol):
 
     def _fail(self, sid: int, status: int, details: str) -> None:
         call = self.calls.pop(sid, None)
+        if call is not None and call.task is None:
+            self._release(call, call.held)  # a running task releases its own on the way out
         if call is not None and call.task is not None:
             call.task.cancel()
         self.core.respond(sid, None, status, details)
@@ -299,6 +334,7 @@ class LaneProtocol(asyncio.Protocol):
             status, details = DEADLINE, f"ERR_TIMEOUT: the call's grpc-timeout ({call.timeout:g}s) passed"
         finally:
             self.calls.pop(sid, None)
+            self._release(call, call.held)
         if not self.closed:
             self.core.respond(sid, out, status, details)
             self._flush_later()
@@ -311,6 +347,7 @@ class LaneProtocol(asyncio.Protocol):
                 data = await call.queue.get()
                 if data is None:
                     break
+                self._release(call, len(data))
                 try:
                     request = pb.ModelInferRequest.FromString(data)
                 except Exception as e:
@@ -327,6 +364,7 @@ class LaneProtocol(asyncio.Protocol):
             self._flush_later()
         finally:
             self.calls.pop(sid, None)
+            self._release(call, call.held)
 
     # -- writing and timers ------------------------------------------------------------
 

@@ -248,6 +248,7 @@ class GrpcConnection:
         self.streams: dict[int, _Stream] = {}
         self.last_stream_id = 0
         self.answered = 0
+        self.buffered = 0  # bytes of messages not yet whole, over every stream (the glue bounds it)
         self.client_resets = 0
         self.peer_max_frame = 16384
         self.peer_initial_window = DEFAULT_WINDOW
@@ -333,8 +334,16 @@ class GrpcConnection:
         self._finish(s, block, trailers_only=False)
 
     def reset(self, stream_id: int, code: int = CANCEL) -> None:
-        if self.streams.pop(stream_id, None) is not None:
+        s = self.streams.pop(stream_id, None)
+        if s is not None:
+            self._drop(s)
             self.out.append(frame(RST_STREAM, 0, stream_id, struct.pack(">I", code)))
+
+    def _drop(self, s: _Stream) -> None:
+        """A stream leaves: what it had of a message is no longer held."""
+        if s.buf:
+            self.buffered -= len(s.buf)
+            s.buf.clear()
 
     def goaway(self, code: int = NO_ERROR, message: str = "") -> None:
         """Tell the client no new calls will be taken (graceful stop; open calls go on)."""
@@ -361,6 +370,7 @@ class GrpcConnection:
     def _closed_by_us(self, s: _Stream) -> None:
         """Our END_STREAM is out; a client still sending is told to stop."""
         del self.streams[s.stream_id]
+        self._drop(s)
         if not s.recv_closed:
             self.out.append(frame(RST_STREAM, 0, s.stream_id, struct.pack(">I", NO_ERROR)))
 
@@ -567,6 +577,7 @@ class GrpcConnection:
         s = self.streams.pop(sid, None)
         if s is None:
             return
+        self._drop(s)
         if not s.done:
             self.client_resets += 1
             if self.client_resets > 2 * self.answered + self.limits.max_client_resets:
@@ -641,9 +652,10 @@ class GrpcConnection:
             problem, pseudo, metadata = seen[1]
         else:
             problem, pseudo, metadata = request_head(fields)
-            if len(self.parsed) >= 64:
-                self.parsed.clear()
-            self.parsed[block] = (fields, (problem, pseudo, metadata))
+            if block in self.decoder.cache:  # bounded with it: at most a copy of what it holds
+                if len(self.parsed) >= len(self.decoder.cache):
+                    self.parsed.clear()
+                self.parsed[block] = (fields, (problem, pseudo, metadata))
         if problem:  # a malformed request: a stream error (RFC 9113 §8.1.1)
             del self.streams[sid]
             self.out.append(frame(RST_STREAM, 0, sid, struct.pack(">I", PROTOCOL_ERROR)))
@@ -710,6 +722,7 @@ class GrpcConnection:
             return
         if data:
             s.buf += data
+            self.buffered += len(data)
             if not self._messages(s, events):
                 return
         if flags & END_STREAM:
@@ -746,6 +759,7 @@ class GrpcConnection:
                 return True
             events.append(Message(s.stream_id, bytes(buf[5:s.need])))
             del buf[:s.need]
+            self.buffered -= s.need
             s.need = 0
 
 

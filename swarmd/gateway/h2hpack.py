@@ -5,7 +5,8 @@ log call and a str round trip per field), a third of what the lane may spend on 
 call. A gRPC client sends nearly the same header block on every call of a connection,
 after the first ones as references to its dynamic table; a block that leaves the table
 as it was decodes to the same fields as long as the table does not change, so such
-blocks are cached by their bytes, and the cache is emptied whenever the table changes.
+blocks (short ones, and at most CACHE_BYTES of them and their fields per connection)
+are cached by their bytes, and the cache is emptied whenever the table changes.
 The static table and the Huffman code are the `hpack` package's (pure data and a
 decoder used only for literals: rare once a connection is warm).
 
@@ -22,7 +23,8 @@ from hpack.huffman_table import decode_huffman
 from hpack.table import HeaderTable
 
 STATIC: tuple[tuple[bytes, bytes], ...] = ((b"", b""), *HeaderTable.STATIC_TABLE)  # 1-based
-CACHE_BLOCKS = 256  # distinct header blocks remembered per connection
+CACHE_BLOCK_MAX = 1024  # only blocks this short are cached (a warm gRPC request head is ~10-300 bytes)
+CACHE_BYTES = 128 * 1024  # blocks plus their decoded fields cached per connection, at most
 MAX_INT_BYTES = 4  # continuation bytes of one HPACK integer: values below 2^28 + prefix
 
 
@@ -64,19 +66,24 @@ class HpackDecoder:
         self.table: deque[tuple[bytes, bytes]] = deque()  # newest first: index 62 is table[0]
         self.max_header_list = max_header_list
         self.cache: dict[bytes, list[tuple[bytes, bytes]]] = {}
+        self.cache_bytes = 0
 
     def decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
         """The (name, value) fields of one whole header block, in order."""
         hit = self.cache.get(block)
         if hit is not None:
             return hit
-        fields, changed = self._decode(block)
+        fields, changed, size = self._decode(block)
         if changed:
             self.cache.clear()
-        else:
-            if len(self.cache) >= CACHE_BLOCKS:
+            self.cache_bytes = 0
+        elif len(block) <= CACHE_BLOCK_MAX:
+            cost = len(block) + size
+            if self.cache_bytes + cost > CACHE_BYTES:
                 self.cache.clear()
+                self.cache_bytes = 0
             self.cache[block] = fields
+            self.cache_bytes += cost
         return fields
 
     def _entry(self, index: int) -> tuple[bytes, bytes]:
@@ -119,7 +126,8 @@ class HpackDecoder:
             name, value = self.table.pop()
             self.size -= len(name) + len(value) + 32
 
-    def _decode(self, block: bytes) -> tuple[list[tuple[bytes, bytes]], bool]:
+    def _decode(self, block: bytes) -> tuple[list[tuple[bytes, bytes]], bool, int]:
+        """(fields, whether the dynamic table changed, the list's RFC 7541 size)."""
         fields: list[tuple[bytes, bytes]] = []
         changed = False
         total = 0
@@ -159,7 +167,7 @@ class HpackDecoder:
             if total > self.max_header_list:
                 raise OversizedHeaderList(f"header list over {self.max_header_list} bytes")
             fields.append((name, value))
-        return fields, changed
+        return fields, changed, total
 
 
 __all__ = ["HpackDecoder", "HpackError", "OversizedHeaderList"]

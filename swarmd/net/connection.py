@@ -238,7 +238,6 @@ class SecureConnection(WriteBatcher, PeerLimits, asyncio.Protocol, asyncio.Buffe
                     on_message = self.on_message
                     largest = decoder.max_frame + _MUX_HEADER_SIZE
                     for plain in plaintexts:
-                        # fast path: a message that is exactly one channel-0 MSG (a call, an answer)
                         size = len(plain)
                         if (
                             _MUX_HEADER_SIZE < size <= largest
@@ -246,9 +245,26 @@ class SecureConnection(WriteBatcher, PeerLimits, asyncio.Protocol, asyncio.Buffe
                             and _HEADER_UNPACK(plain) == (0, 0, size - _MUX_HEADER_SIZE)  # MSG, channel 0
                             and on_message is not None
                         ):
+                            # fast path: a message that is exactly one call or answer
                             on_message(plain[_MUX_HEADER_SIZE:])
-                        else:
-                            self._dispatch(decoder.feed(plain))
+                            continue
+                        if not decoder._buf and on_message is not None:
+                            # calls and answers batched in one message: the whole channel-0 MSG
+                            # frames at its start go straight up; the mux decoder takes the rest
+                            # (other frames, a frame continued in the next message, bad lengths)
+                            pos = 0
+                            while size - pos > _MUX_HEADER_SIZE:
+                                ftype, cid, n = _HEADER_UNPACK(plain, pos)
+                                stop = pos + _MUX_HEADER_SIZE + n
+                                if ftype or cid or stop > size or stop - pos > largest:
+                                    break
+                                on_message(plain[pos + _MUX_HEADER_SIZE : stop])
+                                pos = stop
+                            if pos == size:
+                                continue
+                            if pos:
+                                plain = plain[pos:]
+                        self._dispatch(decoder.feed(plain))
                 finally:
                     self._in_receive = False
                 if (decoder._buf or self._partial_held) and self.error is None:

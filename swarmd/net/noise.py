@@ -27,7 +27,7 @@ import struct
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from noise.backends.default.keypairs import KeyPair25519
 from noise.connection import Keypair, NoiseConnection
 
@@ -53,11 +53,11 @@ HS_REJECT = 1
 
 KEY_BINDING_CONTEXT = b"swarmd/1 noise static key\x00"
 _PAYLOAD_SIZE = PUBLIC_KEY_SIZE + SIGNATURE_SIZE
-_NONCE = struct.Struct("<4xQ")
+_NONCE = struct.Struct("<4xQ")  # ChaChaPoly: 32 zero bits, 64-bit little-endian counter
+_NONCE_AESGCM = struct.Struct(">4xQ")  # AESGCM: 32 zero bits, 64-bit big-endian counter (Noise spec)
 _LEN = struct.Struct(">I")
 _MAX_NONCE = 2**64 - 1
 # bound once: the small-message paths below run twice per RPC round trip on each side
-_pack_nonce = _NONCE.pack
 _pack_len = _LEN.pack
 _unpack_len = _LEN.unpack_from
 _WHOLE_MAX = 4 + MAX_NOISE_MESSAGE  # one framed transport message, at most
@@ -131,6 +131,7 @@ class NoiseSession:
         initiator: bool,
         remote_public_key: bytes | None = None,
         protocol_id: bytes = PROTOCOL_ID,
+        upgrade: bool = True,
     ) -> None:
         if not 0 < len(protocol_id) < 256:
             raise ValueError("protocol_id must be 1..255 bytes")
@@ -151,12 +152,24 @@ class NoiseSession:
         # one decoder for the whole session: transport frames may follow the last
         # handshake frame in the same read; handshake frames are checked for size apart
         self._frames = FrameDecoder(MAX_NOISE_MESSAGE)
-        self._enc: ChaCha20Poly1305 | None = None
-        self._dec: ChaCha20Poly1305 | None = None
-        self._seal_one: Any = None  # self._enc.encrypt, bound once
+        self._enc: Any = None  # ChaCha20Poly1305, AESGCM after the transport upgrade
+        self._dec: Any = None
+        self._seal_one: Any = None  # self._enc.encrypt, bound once (and again at the upgrade)
         self._open_one: Any = None  # self._dec.decrypt
         self._n_enc = 0
         self._n_dec = 0
+        self._pack_enc = _NONCE.pack
+        self._pack_dec = _NONCE.pack
+        self._k_enc = b""  # the Noise Split() keys, for Rekey() at the upgrade
+        self._k_dec = b""
+        # transport cipher upgrade (docs/protocol.md §3): we offer AES-256-GCM with an empty
+        # first transport message; the peer's offer sets _upgrade_send (our next message is the
+        # switch marker), its marker moves our receiving side
+        self.upgrade = upgrade
+        self._peer_offered = False
+        self._upgrade_send = False
+        self.cipher_send = "ChaChaPoly"
+        self.cipher_recv = "ChaChaPoly"
         self.handshake_hash = b""
 
     # -- handshake ---------------------------------------------------------
@@ -190,17 +203,50 @@ class NoiseSession:
         rs = self._hs.rs
         return rs.public_bytes if rs is not None else b""
 
-    def _finish(self) -> None:
+    def _finish(self) -> bytes:
+        """Keys from Split(); returns the first transport message to send: the upgrade offer
+        (an empty message), or nothing when this session does not offer."""
         assert self._noise is not None
         proto = self._noise.noise_protocol
         self.handshake_hash = bytes(self._noise.get_handshake_hash())
-        self._enc = ChaCha20Poly1305(proto.cipher_state_encrypt.k)
-        self._dec = ChaCha20Poly1305(proto.cipher_state_decrypt.k)
+        self._k_enc = bytes(proto.cipher_state_encrypt.k)
+        self._k_dec = bytes(proto.cipher_state_decrypt.k)
+        self._enc = ChaCha20Poly1305(self._k_enc)
+        self._dec = ChaCha20Poly1305(self._k_dec)
         self._seal_one = self._enc.encrypt
         self._open_one = self._dec.decrypt
         self._noise = None
         self._hs = None
         self.established = True
+        return self.encrypt(b"") if self.upgrade else b""
+
+    def _upgrade_marker(self) -> bytes:
+        """Our switch marker (the last ChaChaPoly message of this direction), then switch the
+        sending side to AES-256-GCM under Rekey(k) with the counter back at 0."""
+        self._upgrade_send = False
+        marker = self.encrypt(b"")
+        self._enc = AESGCM(_rekey(self._k_enc))
+        self._seal_one = self._enc.encrypt
+        self._pack_enc = _NONCE_AESGCM.pack
+        self._n_enc = 0
+        self.cipher_send = "AESGCM"
+        return marker
+
+    def _on_empty(self, nonce: int) -> None:
+        """An empty transport message from the peer (it carries no bytes for the stream):
+        its upgrade offer when it is the peer's first message, its switch marker when the
+        peer offered earlier; ignored otherwise (after the switch, or when we did not offer)."""
+        if self.cipher_recv != "ChaChaPoly" or not self.upgrade:
+            return
+        if nonce == 0:
+            self._peer_offered = True
+            self._upgrade_send = True
+        elif self._peer_offered:
+            self._dec = AESGCM(_rekey(self._k_dec))
+            self._open_one = self._dec.decrypt
+            self._pack_dec = _NONCE_AESGCM.pack
+            self._n_dec = 0
+            self.cipher_recv = "AESGCM"
 
     def _handshake_frame(self, frame: bytes) -> bytes:
         """Consume one handshake frame, return bytes to send."""
@@ -245,7 +291,7 @@ class NoiseSession:
             out = encode_frame(bytes([HS_NOISE]) + bytes(reply))
             self._step = 1
             if pattern == PATTERN_IK:
-                self._finish()
+                out += self._finish()
             return out
         # XX message 3
         if frame[:1] != bytes([HS_NOISE]):
@@ -257,8 +303,7 @@ class NoiseSession:
             raise HandshakeError(f"malformed third handshake message: {e}") from None
         rs = hs.rs.public_bytes if hs.rs is not None else b""
         self.remote_public_key = check_identity_payload(bytes(payload), rs)
-        self._finish()
-        return b""
+        return self._finish()
 
     def _initiator_frame(self, frame: bytes) -> bytes:
         if self._step != 1:
@@ -283,8 +328,7 @@ class NoiseSession:
         if self.pattern == PATTERN_XX:
             msg = self._noise.write_message(identity_payload(self.identity))
             out = encode_frame(bytes([HS_NOISE]) + bytes(msg))
-        self._finish()
-        return out
+        return out + self._finish()
 
     # -- data --------------------------------------------------------------
 
@@ -306,10 +350,13 @@ class NoiseSession:
             if 4 < size <= _WHOLE_MAX and _unpack_len(data)[0] == size - 4:
                 nonce = self._n_dec
                 try:
-                    plain = self._open_one(_pack_nonce(nonce), data[4:], None)
+                    plain = self._open_one(self._pack_dec(nonce), data[4:], None)
                 except InvalidTag:
                     raise SwarmdError(ERR_PROTOCOL, "a transport message failed authentication") from None
                 self._n_dec = nonce + 1
+                if not plain:
+                    self._on_empty(nonce)
+                    return []
                 return [plain]
         return self._decrypt_frames(self._frames.feed(data))
 
@@ -362,13 +409,19 @@ class NoiseSession:
         assert dec is not None
         out = []
         n = self._n_dec
-        pack = _NONCE.pack
+        pack = self._pack_dec
         for frame in frames:
             try:
-                out.append(dec.decrypt(pack(n), frame, None))
+                plain = dec.decrypt(pack(n), frame, None)
             except InvalidTag:
                 raise SwarmdError(ERR_PROTOCOL, "a transport message failed authentication") from None
             n += 1
+            if plain:
+                out.append(plain)
+                continue
+            self._n_dec = n
+            self._on_empty(n - 1)  # may switch the receiving cipher for the messages after it
+            dec, pack, n = self._dec, self._pack_dec, self._n_dec
         if n >= _MAX_NONCE:
             raise SwarmdError(ERR_PROTOCOL, "receive nonce exhausted")
         self._n_dec = n
@@ -376,13 +429,15 @@ class NoiseSession:
 
     def encrypt(self, plaintext: bytes) -> bytes:
         """Seal plaintext into one or more framed transport messages."""
+        if self._upgrade_send:
+            return self._upgrade_marker() + self.encrypt(plaintext)
         seal_one = self._seal_one
         if seal_one is None:
             raise RuntimeError("encrypt() before the handshake finished")
         size = len(plaintext)
         if size <= MAX_PLAINTEXT:
             n = self._n_enc
-            ct = seal_one(_pack_nonce(n), plaintext, None)
+            ct = seal_one(self._pack_enc(n), plaintext, None)
             self._n_enc = n + 1
             return _pack_len(size + TAG_SIZE) + ct
         return bytes(self.seal([plaintext]))
@@ -400,13 +455,13 @@ class NoiseSession:
         faulted in per flush. A frame larger than one message (never a stream frame) is
         split across messages.
         """
+        out: list[bytes] = [self._upgrade_marker()] if self._upgrade_send else []
         enc = self._enc
         if enc is None:
             raise RuntimeError("seal_frames() before the handshake finished")
-        out: list[bytes] = []
         append = out.append
         n = self._n_enc
-        nonce = _NONCE.pack
+        nonce = self._pack_enc
         prefix = _LEN.pack
         cur: list[bytes | memoryview] = []
         size = 0
@@ -448,18 +503,20 @@ class NoiseSession:
         stream frames aligned with Noise messages, so the receiver parses them
         without re-buffering. Encrypts in place (encrypt_into): one output copy.
         """
+        marker = self._upgrade_marker() if self._upgrade_send else b""
         enc = self._enc
         if enc is None:
             raise RuntimeError("seal() before the handshake finished")
-        total = 0
+        total = len(marker)
         for p in plaintexts:
             size = len(p)
             total += size + (-(-size // MAX_PLAINTEXT)) * (4 + TAG_SIZE)
         out = bytearray(total)
         mv = memoryview(out)
-        off = 0
+        out[: len(marker)] = marker
+        off = len(marker)
         n = self._n_enc
-        pack = _NONCE.pack
+        pack = self._pack_enc
         for p in plaintexts:
             pv = memoryview(p)
             size = len(pv)
@@ -475,3 +532,9 @@ class NoiseSession:
             raise SwarmdError(ERR_PROTOCOL, "send nonce exhausted")
         self._n_enc = n
         return out
+
+
+def _rekey(k: bytes) -> bytes:
+    """Noise's REKEY(k): the first 32 bytes of ENCRYPT(k, 2^64 - 1, empty ad, 32 zero bytes),
+    ChaChaPoly; the nonce 2^64 - 1 is never used for a transport message."""
+    return ChaCha20Poly1305(k).encrypt(_NONCE.pack(_MAX_NONCE), bytes(32), None)[:32]

@@ -11,10 +11,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from swarmd.errors import ERR_BAD_REQUEST, SwarmdError
 from swarmd.node.identity import parse_public_key
 from swarmd.orchestrator.registry import ONLINE, STATES
-from swarmd.rpc.params import as_params
+from swarmd.rpc.params import as_params, bad_request
 
 MAX_NAMES = 256  # models or capabilities per worker
 MAX_NAME_LEN = 200
@@ -36,23 +35,19 @@ class WorkerAd:
     load: dict[str, float] | None = None
 
 
-def _bad(message: str) -> SwarmdError:
-    return SwarmdError(ERR_BAD_REQUEST, message)
-
-
 def parse_names(value: Any, what: str) -> list[str]:
     """A list of model or capability names. Model entries may also be {"name": ...} objects."""
     if value is None:
         return []
     if not isinstance(value, (list, tuple)):
-        raise _bad(f"{what} must be a list of strings, got {type(value).__name__}")
+        raise bad_request(f"{what} must be a list of strings, got {type(value).__name__}")
     if len(value) > MAX_NAMES:
-        raise _bad(f"{what} lists {len(value)} entries; at most {MAX_NAMES} are accepted")
+        raise bad_request(f"{what} lists {len(value)} entries; at most {MAX_NAMES} are accepted")
     out: list[str] = []
     for i, item in enumerate(value):
         name = item.get("name") if isinstance(item, dict) else item
         if not isinstance(name, str) or not name or len(name) > MAX_NAME_LEN:
-            raise _bad(
+            raise bad_request(
                 f"{what}[{i}] must be a non-empty string of at most {MAX_NAME_LEN} characters, got {item!r:.80}"
             )
         out.append(name)
@@ -70,7 +65,7 @@ def parse_address(value: Any, what: str) -> tuple[str, int]:
             and 0 < port <= 65535
         ):
             return host, port
-    raise _bad(f"{what} must be [host, port] with a port from 1 to 65535, got {value!r:.80}")
+    raise bad_request(f"{what} must be [host, port] with a port from 1 to 65535, got {value!r:.80}")
 
 
 def parse_load(value: Any) -> dict[str, float] | None:
@@ -100,23 +95,23 @@ def parse_register(params: Any) -> tuple[WorkerAd, float | None]:
     )
     host, port = params.get("host"), params.get("port")
     if (host is None) != (port is None):
-        raise _bad("host and port go together: give both or neither")
+        raise bad_request("host and port go together: give both or neither")
     if host is not None:
         ad.addresses = [parse_address([host, port], "host/port")]
     weight = params.get("weight", 1.0)
     if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not (0 < weight <= 1e6):
-        raise _bad(f"weight must be a number above 0 and at most 1e6, got {weight!r:.40}")
+        raise bad_request(f"weight must be a number above 0 and at most 1e6, got {weight!r:.40}")
     ad.weight = float(weight)
     state = params.get("state", ONLINE)
     if state not in STATES:
-        raise _bad(f"state must be one of {', '.join(sorted(STATES))}, got {state!r:.40}")
+        raise bad_request(f"state must be one of {', '.join(sorted(STATES))}, got {state!r:.40}")
     ad.state = state
     ad.load = parse_load(params.get("load"))
     ttl = params.get("ttl")
     if ttl is not None and (
         not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or not (1 <= ttl <= 86400)
     ):
-        raise _bad(f"ttl must be a number of seconds from 1 to 86400, got {ttl!r:.40}")
+        raise bad_request(f"ttl must be a number of seconds from 1 to 86400, got {ttl!r:.40}")
     return ad, (None if ttl is None else float(ttl))
 
 
@@ -129,7 +124,7 @@ def ad_from_record(public_key: Any, addresses: Any, payload: Any) -> WorkerAd:
     from an operator key).
     """
     if not isinstance(payload, dict):
-        raise _bad(f"worker record payload must be a map, got {type(payload).__name__}")
+        raise bad_request(f"worker record payload must be a map, got {type(payload).__name__}")
     ad = WorkerAd(
         public_key=parse_public_key(public_key, "public_key").hex(),
         models=parse_names(payload.get("models"), "models"),
@@ -137,11 +132,11 @@ def ad_from_record(public_key: Any, addresses: Any, payload: Any) -> WorkerAd:
     )
     state = payload.get("state", ONLINE)
     if state not in STATES:
-        raise _bad(f"state must be one of {', '.join(sorted(STATES))}, got {state!r:.40}")
+        raise bad_request(f"state must be one of {', '.join(sorted(STATES))}, got {state!r:.40}")
     ad.state = state
     if addresses is not None:
         if not isinstance(addresses, (list, tuple)):
-            raise _bad("record addresses must be a list of [host, port]")
+            raise bad_request("record addresses must be a list of [host, port]")
         ad.addresses = [
             parse_address(a, f"addresses[{i}]") for i, a in enumerate(list(addresses)[:MAX_ADDRESSES])
         ]

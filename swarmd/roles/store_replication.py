@@ -24,7 +24,7 @@ from swarmd.errors import (
 )
 from swarmd.names import ModelMeta, check_digest, check_record
 from swarmd.roles.base import NodeContext
-from swarmd.settings import parse_hostport
+from swarmd.settings import parse_peer
 from swarmd.store.catalog import now
 from swarmd.store.core import ModelStore, PushRequest
 from swarmd.store.replication import Pull, from_the_future, plan_replication, rows_to_adopt
@@ -136,14 +136,8 @@ class Replication:
 
     @staticmethod
     def _parse_peer(text: str) -> tuple[str, str, int]:
-        key, sep, addr = text.partition("@")
-        try:
-            if not sep or len(bytes.fromhex(key)) != 32:
-                raise ValueError
-        except ValueError:
-            raise SwarmdError(ERR_BAD_REQUEST, f"store.peers entry must be HEXKEY@HOST:PORT, got {text!r}") from None
-        host, port = parse_hostport(addr, what="store.peers address")
-        return key.lower(), host, port
+        key, host, port = parse_peer(text, what="store.peers entry")
+        return key.hex(), host, port
 
     def start_replication(self) -> None:
         """Run the replication loop (on the node's supervisor; stop() cancels it)."""
