@@ -1,6 +1,7 @@
 """The gateway's gRPC front beside its HTTP JSON route and the FastAPI baseline, same run.
 
-    python bench/gateway_grpc.py [--seconds 3] [--conns 64] [--rounds 3] [--engines lean,grpcio] [--traced]
+    python bench/gateway_grpc.py [--seconds 3] [--conns 64] [--rounds 3] [--engines lean,grpcio] [--swarm]
+                                 [--pairs] [--no-fastapi] [--traced]
 
 Model: the 784-1024-1024-10 MLP of bench/gateway.py, served by standalone gateways
 (onnxruntime in-process, so the figure is the front's cost, not the swarm's), one per gRPC
@@ -19,7 +20,9 @@ engine (gateway.grpc_engine: "lean", the HTTP/2 lane of gateway/grpc_lane.py, an
               client costs more CPU per call than the server, so on this 2-core box it caps
               req/s for either engine — shown, not used for the target;
   grpc floor  ServerLive from the raw client: the engine's per-call cost with no work of ours.
-Rounds interleave every row (same load for all); figures are medians over rounds. Per row:
+Rounds interleave every row (same load for all); figures are medians over rounds, and the
+target's ratio is also given as the median of per-round ratios (--pairs: only the target's
+rows, so a pair runs seconds apart; use more, shorter rounds on a shared box). Per row:
 req/s, p50/p99, the gateway's CPU per request (µs) and the load generator's. Target (issue
 20): grpc raw (lean) at 64 concurrent >= 1.5x http json req/s. With --traced, a gateway with
 OpenTelemetry tracing on is measured too (its CPU per request over the untraced one's).
@@ -399,6 +402,9 @@ def main() -> int:
     ap.add_argument("--engines", default="lean,grpcio", help="gRPC engines to measure, each in a gateway of its own")
     ap.add_argument("--no-fastapi", action="store_true", help="leave the FastAPI baseline out")
     ap.add_argument("--traced", action="store_true", help="also measure a gateway (lean) with tracing on")
+    ap.add_argument("--pairs", action="store_true",
+                    help="only the target's rows (http json, grpc raw per engine, fastapi unless --no-fastapi, the swarm "
+                         "pair): shorter rounds, so the two rows of a pair run closer together on a shared box")
     ap.add_argument("--swarm", action="store_true",
                     help="also gateway -> worker in two processes (+ store, orchestrator): the deployed data path")
     args = ap.parse_args()
@@ -448,12 +454,15 @@ def main() -> int:
             for c in conns:
                 proc, http, _, key = first
                 add("http json", c, timed(proc.pid, s, arun, h1_load, http, body, c, s, key))
-                add("http json/aio", c, timed(proc.pid, s, measure, http, body, c, s, {"x-api-key": key}, None))
+                if not args.pairs:
+                    add("http json/aio", c, timed(proc.pid, s, measure, http, body, c, s, {"x-api-key": key}, None))
                 if fastapi is not None:
                     add("fastapi", c, timed(fastapi.pid, s, measure, fport, body, c, s, {}, None))
                 for e in engines:
                     proc, _, gport, key = gws[e]
                     add(f"grpc raw {e}", c, timed(proc.pid, s, arun, h2_load, gport, infer_path, infer_msg, c, s, key))
+                    if args.pairs:
+                        continue
                     add(f"grpc/grpcio {e}", c, timed(proc.pid, s, arun, grpc_load, gport, x, c, s, key))
                     add(f"grpc floor {e}", c, timed(proc.pid, s, arun, h2_load, gport, live_path, b"", c, s, None))
                 if swarm is not None:  # gw us/req: the gateway process; worker us/req apart
