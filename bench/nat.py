@@ -13,6 +13,13 @@ nat-b), one way, the same size.
 
 The pair `cone-cone+upnp` runs miniupnpd on nat-b (tests/natlab/upnpd.py; Debian
 `miniupnpd-nftables`): lan-b maps its port on the router and is reached on it (`mapped`).
+The pair `cone-cone+udp` runs every daemon with `nat.punch_tcp = false`: the punched path
+is the UDP punch with QUIC on it (`punched-udp`), the path a pair takes where no TCP punch
+meets.
+
+The ratio to plain TCP is given two ways: the ratio of the two medians, and the median of
+the per-trial ratios (each trial's stream beside the plain TCP run right after it, which
+cancels most of the drift of a shared machine).
 
 Needs root, `ip` and `nft` (it builds network namespaces); otherwise it says why and
 prints a JSON line with "skipped". Prints a table, then one JSON line with the figures
@@ -45,6 +52,7 @@ PAIRS = [
     ("cone", "symmetric"),
     ("symmetric", "symmetric"),
     ("cone", "cone+upnp"),  # nat-b runs miniupnpd (UPnP-IGD, NAT-PMP, PCP): lan-b maps its port
+    ("cone", "cone+udp"),  # no TCP punch: the UDP punch + QUIC path
 ]
 WATCH = 20.0  # s a trial keeps calling while waiting for the final path
 SMALL_MIB = 8
@@ -93,7 +101,8 @@ def med(xs: list[float]) -> float | None:
 async def run_pair(lab: NatLab, tmp: Path, modes: tuple[str, str], trials: int, mib: int, port: int) -> dict:
     try:
         mode_b, _, extra = modes[1].partition("+")
-        world = await start_swarm(lab, tmp, modes[0], mode_b, env=BENCH_ENV, upnp=("nat-b",) if extra == "upnp" else ())
+        env = {**BENCH_ENV, **({"SWARMD_NAT_PUNCH_TCP": "false"} if extra == "udp" else {})}
+        world = await start_swarm(lab, tmp, modes[0], mode_b, env=env, upnp=("nat-b",) if extra == "upnp" else ())
         if extra == "upnp":  # trials start once lan-b's records lead with the mapped address
             await world["b"].wait_event("mapped_address_announced", 60)
         runs, base = [], []
@@ -111,9 +120,11 @@ async def run_pair(lab: NatLab, tmp: Path, modes: tuple[str, str], trials: int, 
                 "first_path": out["first_path"], "first_rpc_ms": out["first_rpc_ms"],
                 "final_path": w["final_path"], "final_ms": w["final_ms"],
                 "failed": w["calls_failed"] + w["streams_failed"], "calls": w["calls_ok"] + w["streams_ok"],
-                "mib": size, "mib_s": stream["mib_s"] if stream["ok"] else None,
+                "mib": size, "mib_s": stream["mib_s"] if stream["ok"] else None, "cipher": stream.get("cipher"),
             })
             base.append(await plain_tcp(lab, port + i, mib << 20))
+            if runs[-1]["mib_s"] and base[-1]["mib_s"]:
+                runs[-1]["ratio"] = round(runs[-1]["mib_s"] / base[-1]["mib_s"], 3)
         # control: the same daemons over direct TCP to the public peer (what our stack carries on TCP here)
         direct = probe(lab, world, "pub", mib << 20)["stream"]["mib_s"]
         return {"runs": runs, "baseline": base, "direct": direct}
@@ -141,6 +152,10 @@ def summary(pair: str, r: dict) -> dict:
         "plain_tcp_mib_s_p50": med([b["mib_s"] for b in base]),
         "plain_tcp_setup_ms_p50": med([b["setup_ms"] for b in base]),
         "daemon_direct_tcp_mib_s": r["direct"],
+        "ratio_p50_per_trial": med([x.get("ratio") for x in runs]),
+        "mib_s_min_max": [min((x["mib_s"] for x in runs if x["mib_s"]), default=None),
+                          max((x["mib_s"] for x in runs if x["mib_s"]), default=None)],
+        "cipher": sorted({str(x.get("cipher")) for x in runs}),
     }
     if out["mib_s_p50"] and out["plain_tcp_mib_s_p50"]:
         out["ratio_to_plain_tcp"] = round(out["mib_s_p50"] / out["plain_tcp_mib_s_p50"], 2)
@@ -170,20 +185,22 @@ async def main() -> None:
             figures[name] = summary(name, raw)
             print(f"  {name}: {json.dumps(figures[name])}", file=sys.stderr, flush=True)
     head = (f"{'pair':<22}{'first path':<22}{'1st RPC p50/max':>17}{'final path (n)':>30}{'final p50':>11}"
-            f"{'failed':>8}{'MiB/s p50':>11}{'plain TCP':>11}{'ratio':>7}{'direct':>8}")
+            f"{'failed':>8}{'MiB/s p50':>11}{'plain TCP':>11}{'ratio':>7}{'/trial':>8}{'direct':>8}")
     print(head)
     for name, f in figures.items():
         finals = ",".join(f"{k}:{v}" for k, v in f["final_path"].items())
         print(f"{name:<22}{','.join(f['first_path']):<22}{f['first_rpc_ms_p50']:>9.1f}/{f['first_rpc_ms_max']:<7.1f}"
               f"{finals:>30}{(f['final_ms_p50'] or 0):>9.1f}ms{f['failed_calls']:>8}"
               f"{(f['mib_s_p50'] or 0):>11.1f}{(f['plain_tcp_mib_s_p50'] or 0):>11.1f}{f.get('ratio_to_plain_tcp', 0):>7.2f}"
+              f"{(f['ratio_p50_per_trial'] or 0):>8.2f}"
               f"{(f['daemon_direct_tcp_mib_s'] or 0):>8.1f}")
     load = [round(x, 2) for x in (*load_before, *os.getloadavg())]
     print(f"load average (1/5/15 min) before: {load[0]}/{load[1]}/{load[2]}, after: {load[3]}/{load[4]}/{load[5]}")
     print(f"trials per pair: {args.trials}; stream: {args.mib} MiB on the final path (8 MiB where that takes > 20 s);")
     print("first RPC = connect + one RPC answered (`nat.probe --fresh`); final = when the path stopped changing;")
     print("failed = calls and streams that failed while the path moved; plain TCP = same routers, no Noise/RPC;")
-    print("direct = the same daemons' stream over direct TCP to the public peer (control for the stack's own cost).")
+    print("direct = the same daemons' stream over direct TCP to the public peer (control for the stack's own cost);")
+    print("ratio = p50 MiB/s over p50 plain TCP; /trial = median of each trial's stream over its own plain TCP run.")
     baseline = {k: {"plain_tcp_mib_s_p50": f["plain_tcp_mib_s_p50"], "plain_tcp_setup_ms_p50": f["plain_tcp_setup_ms_p50"],
                     "daemon_direct_tcp_mib_s": f["daemon_direct_tcp_mib_s"]} for k, f in figures.items()}
     print(json.dumps({"figures": figures, "baseline": baseline, "trials": args.trials, "mib": args.mib,

@@ -16,7 +16,7 @@ Lower-level pieces: `connect()` opens one RPC channel, `Pool` pools them.
 from __future__ import annotations
 
 from swarmd.errors import SwarmdError
-from swarmd.node.identity import Identity
+from swarmd.node.identity import Identity, parse_public_key
 from swarmd.rpc import Methods, RpcConfig, RpcPeer, Stream
 from swarmd.rpc import connect as _connect
 from swarmd_rpc.client import Client, ClientConfig, Inference, Models, PeerAddress
@@ -100,7 +100,7 @@ async def connect(
     config: RpcConfig | None = None,
 ) -> RpcPeer:
     """Connect to one peer; `public_key` (bytes or hex) pins who must answer (IK), None accepts anyone (XX)."""
-    pk = bytes.fromhex(public_key) if isinstance(public_key, str) else public_key
+    pk = None if public_key is None else parse_public_key(public_key)
     return await _connect(
         identity, host, port, remote_public_key=pk, methods=methods, timeout=timeout, config=config
     )

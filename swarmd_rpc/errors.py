@@ -36,138 +36,100 @@ from swarmd.errors import (
     SwarmdError,
 )
 
+BY_CODE: dict[str, type[ClientError]] = {}  # filled by the class statements below, one per code
+
 
 class ClientError(SwarmdError):
     """Base of the per-code classes; `code` is the class's code unless the peer sent a more specific one."""
 
     CODE: str = ERR_INTERNAL
 
+    def __init_subclass__(cls, code: str | None = None, **kw: Any) -> None:
+        """`class NotFound(ClientError, code=ERR_NOT_FOUND)` makes it the class of that code; a
+        subclass without `code` (a user's) keeps its parent's."""
+        super().__init_subclass__(**kw)
+        if code is not None:
+            cls.CODE = code
+            BY_CODE[code] = cls
+
     def __init__(self, message: str = "", data: Any = None, *, code: str | None = None) -> None:
         super().__init__(code or self.CODE, message, data)
 
 
-class BadRequest(ClientError):
+class BadRequest(ClientError, code=ERR_BAD_REQUEST):
     """The params were malformed or did not match the model's signature: fix the call, do not retry."""
 
-    CODE = ERR_BAD_REQUEST
 
-
-class NotFound(ClientError):
+class NotFound(ClientError, code=ERR_NOT_FOUND):
     """No such model, version, peer, topic or thing."""
 
-    CODE = ERR_NOT_FOUND
 
-
-class UnknownMethod(ClientError):
+class UnknownMethod(ClientError, code=ERR_UNKNOWN_METHOD):
     """The peer serves no method of that name (wrong peer, or a role it does not run)."""
 
-    CODE = ERR_UNKNOWN_METHOD
 
-
-class Timeout(ClientError, TimeoutError):
+class Timeout(ClientError, TimeoutError, code=ERR_TIMEOUT):
     """The deadline passed before an answer; the work may still have happened on the peer."""
 
-    CODE = ERR_TIMEOUT
 
-
-class Forbidden(ClientError):
+class Forbidden(ClientError, code=ERR_FORBIDDEN):
     """The peer's access list does not let this key do that (e.g. a read-only key writing)."""
 
-    CODE = ERR_FORBIDDEN
 
-
-class Unauthorized(ClientError):
+class Unauthorized(ClientError, code=ERR_UNAUTHORIZED):
     """No or unknown credentials."""
 
-    CODE = ERR_UNAUTHORIZED
 
-
-class Overloaded(ClientError):
+class Overloaded(ClientError, code=ERR_OVERLOADED):
     """Every worker tried had a full queue: retry later or add workers."""
 
-    CODE = ERR_OVERLOADED
 
-
-class RateLimited(ClientError):
+class RateLimited(ClientError, code=ERR_RATE_LIMITED):
     """A per-key or per-source rate limit was hit."""
 
-    CODE = ERR_RATE_LIMITED
 
-
-class Closed(ClientError, ConnectionError):
+class Closed(ClientError, ConnectionError, code=ERR_CLOSED):
     """The connection closed under the call, or the client was closed."""
 
-    CODE = ERR_CLOSED
 
-
-class Cancelled(ClientError):
+class Cancelled(ClientError, code=ERR_CANCELLED):
     """The call was cancelled."""
 
-    CODE = ERR_CANCELLED
 
-
-class Conflict(ClientError):
+class Conflict(ClientError, code=ERR_CONFLICT):
     """E.g. a version pushed again with different bytes (versions are immutable)."""
 
-    CODE = ERR_CONFLICT
 
-
-class TooLarge(ClientError):
+class TooLarge(ClientError, code=ERR_TOO_LARGE):
     """A message, record or model over its limit."""
 
-    CODE = ERR_TOO_LARGE
 
-
-class ProtocolError(ClientError):
+class ProtocolError(ClientError, code=ERR_PROTOCOL):
     """The peer broke the wire protocol."""
 
-    CODE = ERR_PROTOCOL
 
-
-class HandshakeFailed(ClientError, ConnectionError):
+class HandshakeFailed(ClientError, ConnectionError, code=ERR_HANDSHAKE):
     """The Noise handshake failed: most often the peer is not the key we asked for."""
 
-    CODE = ERR_HANDSHAKE
 
-
-class Unavailable(ClientError, ConnectionError):
+class Unavailable(ClientError, ConnectionError, code=ERR_UNAVAILABLE):
     """No peer (worker, store, orchestrator) could be reached or could serve this now."""
 
-    CODE = ERR_UNAVAILABLE
 
-
-class NotReady(ClientError):
+class NotReady(ClientError, code=ERR_NOT_READY):
     """A model is still loading, or the node is starting or draining: retry shortly."""
 
-    CODE = ERR_NOT_READY
 
-
-class Corrupt(ClientError):
+class Corrupt(ClientError, code=ERR_CORRUPT):
     """Stored or received bytes failed their digest check."""
 
-    CODE = ERR_CORRUPT
 
-
-class InvalidModel(ClientError):
+class InvalidModel(ClientError, code=ERR_INVALID_MODEL):
     """A model file onnx cannot parse."""
 
-    CODE = ERR_INVALID_MODEL
 
-
-class InternalError(ClientError):
+class InternalError(ClientError, code=ERR_INTERNAL):
     """A bug on the peer's side (logged there with a traceback)."""
-
-    CODE = ERR_INTERNAL
-
-
-BY_CODE: dict[str, type[ClientError]] = {
-    cls.CODE: cls
-    for cls in (
-        BadRequest, NotFound, UnknownMethod, Timeout, Forbidden, Unauthorized, Overloaded, RateLimited,
-        Closed, Cancelled, Conflict, TooLarge, ProtocolError, HandshakeFailed, Unavailable, NotReady,
-        Corrupt, InvalidModel, InternalError,
-    )
-}
 
 
 def translate(exc: BaseException) -> BaseException:

@@ -71,9 +71,14 @@ async def test_one_symmetric_side_starts_relayed_and_moves_to_a_birthday_punched
 ) -> None:
     world = await start_swarm(lab, tmp_path, mode_a, mode_b)
     out = probe(lab, world, "b", watch=30)
-    # a symmetric NAT is only met by a birthday search (hundreds of probes): the relay carries the first call
-    assert out["first_path"] == "relayed", out
+    # a symmetric NAT is only met by a birthday search (hundreds of probes): the relay usually
+    # carries the first call; a search that meets within the relay's few ms has nothing to upgrade
     w = out["watch"]
+    if out["first_path"] == "punched-tcp":
+        assert out["path"] == w["final_path"] == "punched-tcp" and out["connection"]["punch"]["birthday"], out
+        assert w["calls_failed"] == 0 and w["streams_failed"] == 0, w
+        return
+    assert out["first_path"] == "relayed", out
     # the TCP birthday punch, or the UDP one when TCP's did not meet within its bound (a starved machine);
     # the watch ends only once no dial tries a better path
     assert [p["path"] for p in w["paths"]][0] == "relayed" and w["final_path"] in ("punched-tcp", "punched-udp"), w

@@ -94,6 +94,8 @@ async def test_a_daemon_behind_a_mapping_router_is_reached_on_the_mapped_port(la
     w = out["watch"]
     assert w["calls_failed"] == 0 and w["streams_failed"] == 0 and w["final_path"] == "mapped", w
     assert status(lab, world, "a")["paths"]["opened"]["mapped"] >= 1
+    # the side behind the router labels the connection that came through its forward the same way
+    assert status(lab, world, "b")["paths"]["opened"]["mapped"] >= 1
     # removed on stop
     await world["b"].stop()
     assert "dnat" not in forwarded(lab, "nat-b"), forwarded(lab, "nat-b")

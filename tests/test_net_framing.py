@@ -117,3 +117,42 @@ def test_recv_window_rejects_overrun_and_batches_credit() -> None:
     assert c.take(25) == 10 and c.take(1) == 0
     c.grant(5)
     assert c.take(25) == 5
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from([mux.MSG, mux.END]), st.integers(1, 9), st.integers(0, 300_000)), max_size=5),
+    st.lists(st.integers(min_value=0, max_value=900_000), max_size=12),
+    st.booleans(),
+)
+def test_mux_large_frames_spanning_chunks_arrive_whole(spec: list[tuple[int, int, int]], cuts: list[int],
+                                                        views: bool) -> None:
+    """Stream frames of up to ~300 KB spanning many chunks (as STREAM_FRAME frames span four
+    Noise messages) come out whole and as bytes, from bytes or memoryview chunks alike."""
+    frames = [(t, c, bytes([c]) * n if t == mux.MSG else b"") for t, c, n in spec]
+    wire = b"".join(mux.encode(t, c, p) for t, c, p in frames)
+    dec = mux.MuxDecoder(1 << 20)
+    got = []
+    for chunk in split_at(wire, cuts):
+        got.extend(dec.feed(memoryview(chunk) if views else chunk))
+        assert dec.buffered < 300_000 + mux.HEADER_SIZE
+    assert [(t, c, bytes(p)) for t, c, p in got] == frames
+    assert all(type(p) is bytes for t, c, p in got if views is False and len(p) > 0) or views
+    assert dec.buffered == 0
+
+
+def test_mux_frame_in_tiny_pieces_holds_few_objects() -> None:
+    """A peer sending one large frame a byte at a time makes us hold one growing buffer, not an
+    object per piece; pieces of PIECE_VIEW and more are kept without a copy."""
+    dec = mux.MuxDecoder(1 << 20)
+    payload = bytes(range(256)) * 1024
+    wire = mux.encode(mux.MSG, 3, payload)
+    for i in range(0, 5000):
+        assert dec.feed(wire[i : i + 1]) == []
+    assert len(dec._parts) == 1 and dec.buffered == 5000
+    rest = wire[5000:]
+    big = len(rest) // 2
+    assert dec.feed(rest[:big]) == []
+    assert len(dec._parts) == 2 and type(dec._parts[1]) is memoryview
+    assert dec.feed(rest[big:]) == [(mux.MSG, 3, payload)]
+    assert dec.buffered == 0 and dec._parts == []

@@ -222,3 +222,16 @@ async def test_async_firewall_answers_before_a_relayed_call_is_dispatched(verdic
             await s.server.stop()
         await relay.stop()
         await net.close()
+
+
+def test_from_outside_tells_the_forwarded_from_the_lan() -> None:
+    """An accepted connection counts as `mapped` only from outside our own /24 (or /64)."""
+    from swarmd.swarm.paths import from_outside
+
+    assert from_outside(("198.18.0.11", 4000), ("198.19.2.2", 7000))  # through nat-b's forward
+    assert not from_outside(("198.19.2.7", 4000), ("198.19.2.2", 7000))  # a LAN neighbour
+    assert not from_outside(("127.0.0.1", 4000), ("127.0.0.1", 7000))
+    assert from_outside(("2001:db8:1::5", 1, 0, 0), ("2001:db8:2::1", 2, 0, 0))
+    assert not from_outside(("10.0.0.1", 1), ("2001:db8::1", 2, 0, 0))
+    for bad in (None, (), ("not an ip", 1)):
+        assert not from_outside(bad, ("10.0.0.1", 1)) and not from_outside(("10.0.0.1", 1), bad)

@@ -69,7 +69,6 @@ class DhtNode(Server):
         )
         self.reflexive_address: tuple[str, int] | None = None
         self._holders: dict[bytes, tuple[float, list[tuple[Node, bytes]]]] = {}
-        self._maint: asyncio.Task[None] | None = None
         self._log = logger.bind(component="dht", node=identity.public_hex[:16])
 
     # -- lifecycle -----------------------------------------------------------
@@ -149,7 +148,7 @@ class DhtNode(Server):
                 await NodeCrawl(
                     self.protocol, self.node, found or self._nearest(self.node), self.ksize, self.alpha
                 ).find()
-        self._maint = self.tasks.spawn(self._maintain(), "dht-maintenance")
+        self.tasks.spawn(self._maintain(), "dht-maintenance")
         self._log.bind(event="dht_started", port=self.address[1], mode=self.mode).info("dht node started")
 
     async def _bootstrap_with_retries(
@@ -190,7 +189,6 @@ class DhtNode(Server):
 
     async def stop(self) -> None:
         await self.tasks.close()  # the maintenance loop and the protocol's background work
-        self._maint = None
         if self.protocol is not None:
             await self.protocol.aclose()
 

@@ -88,16 +88,17 @@ def decode_request(req: Any) -> tuple[dict[str, np.ndarray], list[str] | None]:
         raise OipError("the request has no inputs")
     inputs: dict[str, np.ndarray] = {}
     for i, t in enumerate(req.inputs):
-        where = f"input {t.name!r}"
-        if not t.name:
+        name = t.name  # each read of a field makes a new str: read it once
+        where = f"input {name!r}"
+        if not name:
             raise OipError(f"input #{i} has no name")
-        if t.name in inputs:
+        if name in inputs:
             raise OipError(f"{where} appears twice")
-        shape = tuple(int(d) for d in t.shape)
-        if any(d < 0 for d in shape):
+        shape = tuple(t.shape)  # ints already (int64 field)
+        if shape and min(shape) < 0:
             raise OipError(f"{where}.shape must hold non-negative integers, got {list(shape)}")
         if raw:
-            inputs[t.name] = decode_raw_tensor(memoryview(raw[i]), t.datatype, shape, where)
+            inputs[name] = decode_raw_tensor(memoryview(raw[i]), t.datatype, shape, where)
             continue
         field = CONTENTS_FIELD.get(t.datatype)
         if field is None:
@@ -113,7 +114,7 @@ def decode_request(req: Any) -> tuple[dict[str, np.ndarray], list[str] | None]:
             arr[:] = list(values)
         else:
             arr = np.asarray(values, dtype=numpy_dtype(t.datatype))
-        inputs[t.name] = arr.reshape(shape)
+        inputs[name] = arr.reshape(shape)
     names = [o.name for o in req.outputs] or None
     return inputs, names
 

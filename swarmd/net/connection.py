@@ -268,7 +268,7 @@ class SecureConnection(WriteBatcher, PeerLimits, asyncio.Protocol, asyncio.Buffe
                 finally:
                     self._in_receive = False
                 if (decoder._buf or self._partial_held) and self.error is None:
-                    self._account_partial(len(decoder._buf))
+                    self._account_partial(decoder.buffered)
                 if self._urgent or self._bulk:
                     self._flush()
         except HandshakeError as e:
@@ -410,7 +410,7 @@ class SecureConnection(WriteBatcher, PeerLimits, asyncio.Protocol, asyncio.Buffe
             self._flush_handle = None
         self._urgent = []
         self._bulk = []
-        if len(self._decoder._buf) >= 1 << 20:
+        if self._decoder.buffered >= 1 << 20:
             self._held_much = True
         partial.total -= self._partial_held
         self._partial_held = 0

@@ -37,7 +37,8 @@ HEADER = struct.Struct(">BII")
 HEADER_SIZE = HEADER.size  # 9
 INITIAL_WINDOW = 1 << 20  # protocol constant: credit of each direction of a new channel
 MAX_PING_PAYLOAD = 64
-STREAM_CHUNK = 65519 - HEADER_SIZE  # largest stream MSG: header + chunk fill one Noise message exactly
+STREAM_CHUNK = 65519 - HEADER_SIZE  # header + this much fill one Noise message exactly
+PIECE_VIEW = 16 * 1024  # a partial frame keeps pieces from this size up as views, no copy
 
 
 def encode(ftype: int, channel: int, payload: bytes = b"") -> bytes:
@@ -55,13 +56,24 @@ class MuxDecoder:
     buffered; unknown frame types and malformed control frames are protocol
     errors (the connection is closed), frames for unknown channels are the
     connection's business (they can race with a close and are dropped there).
+
+    A frame spanning several chunks (an RPC message over 64 KiB, a tensor, spans
+    several Noise messages) is kept as the list of its pieces and joined once when
+    complete: one copy per byte, as for a frame lying inside one chunk (it was three:
+    appending to a buffer, slicing it, converting the slice). Pieces of
+    at least PIECE_VIEW bytes are kept as views of their (immutable) chunk; smaller
+    ones are copied together, so a peer sending a frame in tiny messages cannot
+    make us hold a piece object per byte.
     """
 
-    __slots__ = ("max_frame", "_buf")
+    __slots__ = ("max_frame", "_buf", "_parts", "_held", "_need")
 
     def __init__(self, max_frame: int) -> None:
         self.max_frame = max_frame
-        self._buf = bytearray()
+        self._buf = bytearray()  # the header of the frame being received (and, briefly, its start)
+        self._parts: list[bytes | bytearray | memoryview] = []  # its payload so far
+        self._held = 0  # bytes in _parts
+        self._need = 0  # payload bytes still to come
 
     def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
         """Frames completed by data; only a frame straddling two chunks is buffered."""
@@ -74,14 +86,27 @@ class MuxDecoder:
                 data = data[take:]
                 if len(buf) < HEADER_SIZE:
                     return out
-            ftype, channel, n = self._check(*HEADER.unpack_from(buf, 0))
-            need = HEADER_SIZE + n - len(buf)
+                ftype, channel, n = self._check(*HEADER.unpack_from(buf, 0))
+                self._need = n
+            else:
+                ftype, channel, _ = HEADER.unpack_from(buf, 0)
+            need = self._need
             if len(data) < need:
-                buf += data
+                if data:
+                    self._keep(data)
+                    self._need = need - len(data)
                 return out
-            buf += data[:need]
-            out.append((ftype, channel, bytes(buf[HEADER_SIZE:])))
+            parts = self._parts
+            if parts:
+                parts.append(memoryview(data)[:need] if type(data) is bytes else data[:need])
+                payload = b"".join(parts)
+                self._parts = []
+                self._held = 0
+            else:
+                payload = bytes(data[:need])
             buf.clear()
+            self._need = 0
+            out.append((ftype, channel, payload))
             data = data[need:]
         pos = 0
         end = len(data)
@@ -97,23 +122,52 @@ class MuxDecoder:
             out.append((ftype, channel, data[pos + HEADER_SIZE : stop]))
             pos = stop
         if pos < end:
-            buf += data[pos:]
+            rest = end - pos
+            if rest < HEADER_SIZE:
+                buf += data[pos:]
+            else:  # a whole header and the start of its payload
+                buf += data[pos : pos + HEADER_SIZE]
+                self._need = n
+                if rest > HEADER_SIZE:
+                    start = pos + HEADER_SIZE
+                    self._keep(memoryview(data)[start:] if type(data) is bytes else data[start:])
+                    self._need = n - (rest - HEADER_SIZE)
         return out
+
+    def _keep(self, piece: bytes | memoryview) -> None:
+        """Hold a piece of the payload being received (a view of a large immutable one)."""
+        parts = self._parts
+        self._held += len(piece)
+        if len(piece) >= PIECE_VIEW and type(piece) is bytes:
+            parts.append(memoryview(piece))
+        elif len(piece) >= PIECE_VIEW and type(piece) is memoryview and piece.readonly:
+            parts.append(piece)
+        elif parts and type(parts[-1]) is bytearray:
+            parts[-1] += piece  # type: ignore[operator]
+        else:
+            parts.append(bytearray(piece))
 
     def _check(self, ftype: int, channel: int, n: int) -> tuple[int, int, int]:
         if n > self.max_frame:
-            self._buf = bytearray()
+            self._reset()
             raise SwarmdError(
                 ERR_TOO_LARGE, f"mux frame of {n} bytes announced, the maximum is {self.max_frame}"
             )
         if ftype > GOAWAY:
-            self._buf = bytearray()
+            self._reset()
             raise SwarmdError(ERR_PROTOCOL, f"unknown mux frame type {ftype}")
         return ftype, channel, n
 
+    def _reset(self) -> None:
+        self._buf = bytearray()
+        self._parts = []
+        self._held = 0
+        self._need = 0
+
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        """Bytes held for a frame not complete yet."""
+        return len(self._buf) + self._held
 
 
 def check_control(ftype: int, channel: int, payload: bytes) -> None:

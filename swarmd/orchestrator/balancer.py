@@ -61,7 +61,7 @@ class Balancer:
         self.clock = clock
         self.wall = wall
         self.registry = Registry(cfg.lease_ttl, clock)
-        self.health = HealthTracker(cfg.eject_after, clock)
+        self.health = HealthTracker(cfg.eject_after)
         self.stats = StatsBook(cfg.ewma_alpha, clock, wall)
         self.bans = BanList(cfg.ban_base, cfg.ban_max, clock)
         self.policy = policy or make_policy(cfg.policy, cfg.seed)

@@ -7,8 +7,6 @@ ejected worker gets no traffic and so could never prove itself through calls.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,11 +15,9 @@ from typing import Any
 class HealthRecord:
     consecutive_failures: int = 0
     ejected: bool = False
-    ejected_at: float | None = None
     ejections: int = 0
     checks_passed: int = 0
     checks_failed: int = 0
-    last_check_at: float | None = None
     last_check_ok: bool | None = None
     last_error: str | None = None
 
@@ -38,11 +34,10 @@ class HealthRecord:
 
 
 class HealthTracker:
-    def __init__(self, eject_after: int = 3, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, eject_after: int = 3) -> None:
         if eject_after < 1:
             raise ValueError(f"eject_after must be at least 1, got {eject_after}")
         self.eject_after = eject_after
-        self.clock = clock
         self._records: dict[str, HealthRecord] = {}
         self.ejected: set[str] = set()  # hot path: an empty set means nobody to filter out
 
@@ -71,12 +66,10 @@ class HealthTracker:
         """An active check answered and the worker accepts work. True when this re-admitted it."""
         rec = self.record(public_key)
         rec.checks_passed += 1
-        rec.last_check_at = self.clock()
         rec.last_check_ok = True
         rec.consecutive_failures = 0
         if rec.ejected:
             rec.ejected = False
-            rec.ejected_at = None
             self.ejected.discard(public_key)
             return True
         return False
@@ -84,7 +77,6 @@ class HealthTracker:
     def check_failed(self, public_key: str, error: str) -> bool:
         rec = self.record(public_key)
         rec.checks_failed += 1
-        rec.last_check_at = self.clock()
         rec.last_check_ok = False
         return self._fail(public_key, error)
 
@@ -99,7 +91,6 @@ class HealthTracker:
         if not rec.ejected and rec.consecutive_failures >= self.eject_after:
             rec.ejected = True
             self.ejected.add(public_key)
-            rec.ejected_at = self.clock()
             rec.ejections += 1
             return True
         return False

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -209,7 +209,8 @@ class ModelStore:
             up.close()
 
     def complete_replica(self, up: Upload, rows: list[ModelMeta]) -> list[ModelMeta]:
-        """Publish a blob pulled from a peer with the peer's rows (original created/uploader).
+        """Publish a blob pulled from a peer with the peer's rows (original created/uploader), as
+        read by names.check_record; the signature is ours, read from the verified bytes.
 
         A row is taken only where it does not clash with ours: not over another
         digest, not over a newer tombstone (a deletion here beats an older copy
@@ -225,20 +226,13 @@ class ModelStore:
                 for r in rows:
                     if r.digest != up.req.digest or r.deleted is not None:
                         continue
-                    check_name(r.name)
-                    check_version(r.version)
                     mine = self.catalog.row(r.name, r.version)
                     if mine is not None and mine.digest == r.digest and mine.deleted is None:
                         taken.append(mine)  # a repair: our row is fine, its blob was lost
                         continue
                     if mine is not None and (mine.digest != r.digest or mine.updated >= r.updated):
                         continue
-                    meta = ModelMeta(
-                        name=r.name, version=r.version, digest=r.digest, size=up.req.size, format="onnx",
-                        inputs=sig_in, outputs=sig_out, tags=check_tags(r.tags),
-                        description=check_description(r.description), created=float(r.created),
-                        uploader=str(r.uploader)[:64], deleted=None, updated=float(r.updated),
-                    )
+                    meta = replace(r, size=up.req.size, format="onnx", inputs=sig_in, outputs=sig_out)
                     self.catalog.upsert(meta)
                     taken.append(meta)
                 if up.session is not None:
@@ -255,15 +249,13 @@ class ModelStore:
             up.close()
 
     def apply_tombstones(self, rows: list[ModelMeta]) -> list[ModelMeta]:
-        """Record deletions made on other stores of rows we hold (see replication.rows_to_adopt);
-        collect freed blobs."""
+        """Record deletions made on other stores of rows we hold (see replication.rows_to_adopt;
+        rows read by names.check_record); collect freed blobs."""
         done: list[ModelMeta] = []
         with self._lock:
             for r in rows:
                 if r.deleted is None:
                     continue
-                check_name(r.name)
-                check_version(r.version)
                 mine = self.catalog.row(r.name, r.version)
                 if mine is None or mine.digest != r.digest or mine.updated >= r.updated:
                     continue  # never a permanent row for a version we do not hold

@@ -160,7 +160,7 @@ class Dialer:
         out = []
         # a symmetric NAT maps the connect() to a port the peer never saw: with a cone peer
         # that takes the birthday search (swarmd/net/tcppunch.py), two symmetric ones never meet
-        if SYMMETRIC not in (mine, theirs) or is_birthday(mine, theirs):
+        if self.config.punch_tcp and (SYMMETRIC not in (mine, theirs) or is_birthday(mine, theirs)):
             out.append(PUNCHED_TCP)
         if not (mine == SYMMETRIC and theirs == SYMMETRIC) and UDP_BLOCKED not in (mine, theirs):
             out.append(PUNCHED_UDP)

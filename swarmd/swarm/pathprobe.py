@@ -192,9 +192,11 @@ class PathProbe:
             ok = got.get("bytes") == size and got["match"] is True
         else:  # an older sink hashes what it received
             ok = got.get("bytes") == size and got.get("sha256") == pattern_sha256(block, size)
+        session = getattr(getattr(peer, "conn", None), "session", None)
         return {
             "bytes": got.get("bytes"),
             "ok": ok,
+            "cipher": getattr(session, "cipher_send", None),  # ChaChaPoly, or AESGCM after the upgrade
             "seconds": round(took, 3),
             "mib_s": round(size / took / (1 << 20), 2) if took > 0 else None,
         }

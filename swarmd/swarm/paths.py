@@ -9,6 +9,7 @@ connections to one peer; PathMetrics counts what happened, for `nat.status`,
 
 from __future__ import annotations
 
+import ipaddress
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,20 @@ def path_of(peer: RpcPeer) -> str:
     """The path a pooled connection runs on ("direct" unless we built it)."""
     info = getattr(peer.conn, "path_info", None)
     return info.path if isinstance(info, PathInfo) and info.path else DIRECT
+
+
+def from_outside(remote: Any, local: Any) -> bool:
+    """Whether an accepted connection's peer address lies outside our own network (the /24
+    of the address it reached us on, /64 for IPv6): what reached us through our router's
+    port forward rather than from the LAN. False when either address is unknown."""
+    try:
+        here = ipaddress.ip_address(local[0])
+        there = ipaddress.ip_address(remote[0])
+    except (TypeError, ValueError, IndexError, KeyError):
+        return False
+    if there.is_loopback or here.version != there.version:
+        return False
+    return there not in ipaddress.ip_network(f"{here}/{24 if here.version == 4 else 64}", strict=False)
 
 
 def path_rank(peer: RpcPeer) -> int:

@@ -27,14 +27,14 @@ from swarmd.errors import (
     ERR_UNAVAILABLE,
     SwarmdError,
 )
-from swarmd.net.punch import PathAttempt
+from swarmd.net.punch import PathAttempt, PathInfo
 from swarmd.node.deadline import within
 from swarmd.node.identity import Identity
 from swarmd.rpc import Methods, RpcPeer, RpcServer, connect
 from swarmd.rpc.local import LocalPeer
 from swarmd.rpc.registry import ConnectionRegistry
 from swarmd.swarm.config import SwarmConfig
-from swarmd.swarm.paths import PATH_RANK, PathMetrics, path_of, path_rank
+from swarmd.swarm.paths import MAPPED, PATH_RANK, PathMetrics, from_outside, path_of, path_rank
 from swarmd.topics import peer_topic
 
 Firewall = Callable[[bytes], Awaitable[bool]]  # True admits the peer (by its public key)
@@ -300,7 +300,29 @@ class Pool:
             self._log.bind(event="peer_limit", peer=pk.hex()[:16]).info("max peers reached; closing inbound")
             self._spawn(peer.close(), "swarm-close-peer")
             return
+        self._label_inbound(peer)
         self._register(peer, inbound=True)
+
+    def _label_inbound(self, peer: RpcPeer) -> None:
+        """An accepted TCP connection while our router forwards our port to us came through
+        that forward, unless it comes from our own network: label it `mapped`, as the side
+        that dialled it does (Dialer.label_direct), so both ends' path metrics are true."""
+        mapped: list[tuple[str, int]] = getattr(self, "mapped_addresses", None) or []
+        conn = peer.conn
+        if not mapped or getattr(conn, "path_info", None) is not None:
+            return
+        pipe = getattr(conn, "_pipe", None)
+        local = pipe.get_extra_info("sockname") if pipe is not None and hasattr(pipe, "get_extra_info") else None
+        if not from_outside(conn.peername, local):
+            return
+        info = PathInfo(MAPPED, detail={"mapped": f"{mapped[0][0]}:{mapped[0][1]}", "inbound": True})
+        conn.path_info = info  # type: ignore[attr-defined]
+        conn.path_rank = PATH_RANK[MAPPED]  # type: ignore[attr-defined]
+        traversal = getattr(self, "traversal", None)
+        if traversal is not None:
+            pk = peer.remote_public_key
+            traversal.paths[pk] = info
+            peer.closed.add_done_callback(lambda _f: traversal.paths.pop(pk, None) if traversal.paths.get(pk) is info else None)
 
     def _register(self, peer: RpcPeer, inbound: bool) -> RpcPeer:
         """Add a connection to the pool. Of two connections between us and a
