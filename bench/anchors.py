@@ -84,6 +84,10 @@ def install_anchors(src: Path) -> Path | None:
 Reader = Callable[[dict[str, Any]], float]
 
 
+def _cpu_sum(per_side: dict[str, float]) -> float:
+    return float(per_side["client"] + per_side["server"])
+
+
 def dig(doc: dict[str, Any], *path: str) -> float:
     cur: Any = doc
     for key in path:
@@ -99,6 +103,15 @@ ROWS: list[tuple[str, str, str, Reader, Reader, bool, str]] = [
      lambda d: dig(d, "rpc", "req_per_s"), lambda d: dig(d, "req_per_s"), False, ">= 2x"),
     ("one bulk stream (MiB/s)", "rpc", "stream",
      lambda d: dig(d, "rpc", "bulk_mib_s"), lambda d: dig(d, "mib_per_s"), False, ">= 5x"),
+    # CPU both processes spent per call (client + server): what a loaded machine shifts less than rates
+    ("  CPU/call, echo sequential (us)", "rpc", "rpc-latency",
+     lambda d: _cpu_sum(d["rpc"]["cpu_us_per_call_seq"]),
+     lambda d: (d["client_cpu"]["total_pct"] + d["server_cpu"]["total_pct"]) / 100 / d["seq_calls_per_s"] * 1e6,
+     True, "info"),
+    ("  CPU/call, 64 in flight (us)", "rpc", "rpc-throughput",
+     lambda d: _cpu_sum(d["rpc"]["cpu_us_per_call_64"]),
+     lambda d: (d["client_cpu"]["total_pct"] + d["server_cpu"]["total_pct"]) / 100 * d["seconds"] / d["requests"] * 1e6,
+     True, "info"),
     ("DHT lookup first peer, 100 (ms)", "dht", "lookup-100",
      lambda d: dig(d, "figures", "n100", "lookup_fresh_first_p50_ms"),
      lambda d: dig(d, "lookup_first_peer_ms", "p50"), True, "<= 1.0x"),
@@ -211,8 +224,10 @@ def main() -> int:
             continue  # a part left out of this run
         s = statistics.median(read_mine(d) for d in ours[mine]) if ours[mine] else None
         a = statistics.median(read_other(d) for d in theirs[other]) if theirs[other] else None
+        rounds = [round(read_mine(m) / read_other(o), 3) for m, o in zip(ours[mine], theirs[other], strict=False)]
         table.append({"figure": label, "swarmd": s, "anchor": a, "ratio": (s / a) if s and a else None,
-                      "lower_is_better": lower, "target": target, "anchor_name": "hyperswarm"})
+                      "lower_is_better": lower, "target": target, "anchor_name": "hyperswarm",
+                      "round_ratios": rounds})
     if ours["gateway"]:
         per_run = [gateway_rows(d) for d in ours["gateway"]]
         for i, (label, _, _, target) in enumerate(per_run[0]):

@@ -471,6 +471,7 @@ def main() -> int:
                 "ratio_to_fastapi": round(med(rs), 3) if rs else None,
                 "ratio_range": [round(min(rs), 3), round(max(rs), 3)] if rs else None,
                 "rounds": [x["rps"] for x in runs],
+                "cpu_rounds": [x.get("server_cpu_us_per_req", 0.0) for x in runs],
             }
 
     print(f"direct onnxruntime, batch 1: {ceiling:,.0f} inferences/s (the ceiling)")

@@ -186,17 +186,32 @@ def stop_server(proc: subprocess.Popen[str]) -> None:
         proc.wait()
 
 
-async def measure(call: Any, n_seq: int, n_par: int, in_flight: int) -> dict[str, float]:
+def proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process used so far (Linux /proc; 0.0 elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measure(call: Any, n_seq: int, n_par: int, in_flight: int, server_pid: int) -> dict[str, float]:
     """`call()` returns the awaitable of one echo (a functools.partial: no wrapper coroutine of
-    ours per call on either side, as the anchor's client awaits client.request() itself)."""
+    ours per call on either side, as the anchor's client awaits client.request() itself).
+
+    Besides times, the CPU each side spent per call (client: this process; server: the
+    child's /proc figures), which a loaded machine shifts less than the rates."""
     for _ in range(500):
         await call()
     lat = []
     perf = time.perf_counter
+    c0, s0 = time.process_time(), proc_cpu_seconds(server_pid)
     for _ in range(n_seq):
         t0 = perf()
         await call()
         lat.append(perf() - t0)
+    c1, s1 = time.process_time(), proc_cpu_seconds(server_pid)
     lat.sort()
     per_worker = n_par // in_flight
 
@@ -207,10 +222,14 @@ async def measure(call: Any, n_seq: int, n_par: int, in_flight: int) -> dict[str
     t0 = perf()
     await asyncio.gather(*(worker() for _ in range(in_flight)))
     elapsed = perf() - t0
+    c2, s2 = time.process_time(), proc_cpu_seconds(server_pid)
+    n = per_worker * in_flight
     return {
         "p50_us": statistics.median(lat) * 1e6,
         "p99_us": lat[int(len(lat) * 0.99)] * 1e6,
-        "req_per_s": per_worker * in_flight / elapsed,
+        "req_per_s": n / elapsed,
+        "cpu_us_per_call_seq": {"client": (c1 - c0) / n_seq * 1e6, "server": (s1 - s0) / n_seq * 1e6},
+        "cpu_us_per_call_64": {"client": (c2 - c1) / n * 1e6, "server": (s2 - s1) / n * 1e6},
     }
 
 
@@ -223,7 +242,7 @@ async def bench_baseline(n_seq: int, n_par: int, in_flight: int, bulk: int) -> d
 
         transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-        out = await measure(functools.partial(client.request, PAYLOAD), n_seq, n_par, in_flight)
+        out = await measure(functools.partial(client.request, PAYLOAD), n_seq, n_par, in_flight, proc.pid)
         done = loop.create_future()
         client.waiters.append(done)
         chunk = b"b" * (1 << 20)
@@ -253,7 +272,7 @@ async def bench_rpc(n_seq: int, n_par: int, in_flight: int, bulk: int) -> dict[s
         peer = await connect(
             None, "127.0.0.1", info["port"], remote_public_key=bytes.fromhex(info["key"]), timeout=10
         )
-        out = await measure(functools.partial(peer.call, "echo", PAYLOAD), n_seq, n_par, in_flight)
+        out = await measure(functools.partial(peer.call, "echo", PAYLOAD), n_seq, n_par, in_flight, proc.pid)
         chunk = b"b" * (1 << 20)
         t0 = time.perf_counter()
         s = await peer.open_stream("sink", timeout=600)
@@ -313,6 +332,10 @@ async def bench_same_process(n_seq: int) -> dict[str, float]:
     return out
 
 
+def _rounded(v: Any) -> Any:
+    return {k: round(x, 2) for k, x in v.items()} if isinstance(v, dict) else round(v, 1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--serve", choices=["tcp", "rpc"])
@@ -358,13 +381,17 @@ def main() -> None:
         a = anchor.get(key, "")
         print(f"{label:<28}{rpc[key]:>14.1f}{base[key]:>14.1f}{t!s:>10}{a!s:>12}")
     print(f"{'echo p50, same process (us)':<28}{same['rpc']:>14.1f}{same['tcp']:>14.1f}")
+    for label, key in (("CPU/call, sequential (us)", "cpu_us_per_call_seq"), ("CPU/call, 64 in flight (us)", "cpu_us_per_call_64")):
+        ours, tcp = rpc[key], base[key]
+        print(f"{label:<28}{ours['client']:>6.1f} + {ours['server']:<5.1f}{tcp['client']:>6.1f} + {tcp['server']:<5.1f}"
+              "  (client + server)")
     print(
         json.dumps(
             {
                 "bench": "rpc",
                 "event_loop": LOOP,
-                "rpc": {k: round(v, 1) for k, v in rpc.items()},
-                "baseline_asyncio_tcp": {k: round(v, 1) for k, v in base.items()},
+                "rpc": {k: _rounded(v) for k, v in rpc.items()},
+                "baseline_asyncio_tcp": {k: _rounded(v) for k, v in base.items()},
                 "same_process_p50_us": {
                     "rpc": round(same["rpc"], 1),
                     "baseline_asyncio_tcp": round(same["tcp"], 1),

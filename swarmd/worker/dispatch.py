@@ -204,7 +204,7 @@ class Dispatch:
             queue.popleft()
         if not queue or served.deferred:
             return False
-        loop = asyncio.get_running_loop()
+        loop = queue[0].future.get_loop()  # the running loop, without get_running_loop()'s getpid() (Python 3.11)
         if policy.enabled and policy.max_queue_delay_us and served.queued_rows < policy.max_batch_size:
             due = queue[0].enqueued + policy.max_queue_delay_us / 1e6
             if _clock() < due:
