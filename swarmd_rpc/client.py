@@ -252,7 +252,7 @@ class Client:
 
     def _need_swarm(self, what: str) -> Any:
         if self._swarm is None:
-            raise SwarmdError(ERR_UNAVAILABLE, f"{what} needs a swarm client (bootstrap=...), not a single-peer one")
+            raise SwarmdError(ERR_UNAVAILABLE, f"{what} needs a started swarm client (bootstrap=...), not a single-peer one")
         return self._swarm
 
     async def _peer(self, public_key: bytes) -> Any:

@@ -1,20 +1,11 @@
 """ork: a registry of racks (peers serving a thing service) that fans calls out to them.
 
-A rack is any node that mounts a `ThingService`. The ork keeps two kinds:
-
-- manual racks, registered with `registerRack` (the seed's only way, by hand
-  with the operator CLI), stored as things of type "rack" in the ork's own
-  thing service, so they persist and replay like any other thing;
-- discovered racks, announced on the DHT topic RACKS: each sighting renews a
-  lease of `lease_s`; a rack that stops announcing leaves when its lease runs
-  out. These are never written to disk (the DHT is their source of truth).
-
-Thing methods called on the ork (`listThings`, `registerThing`, ...) are sent
-to every selected rack at once; each rack's answer is its result or its error
-(`{"rack", "ok", "result" | "error"}`), so one rack down never fails the call.
-How a rack is reached is the `RackCaller` given to the Ork: through the swarm by
-key (`SwarmRackCaller`; a rack in this same node is its local peer, no socket), or
-at its registered addresses with a connection pool (`RpcRackCaller`).
+Two kinds of rack: manual ones (`registerRack`, the seed's only way) persist as things of
+type "rack" in the ork's own thing service; discovered ones (the DHT topic RACKS) live by
+a lease and are never written to disk (the DHT is their source of truth). A thing method
+called on the ork goes to every selected rack at once, and each rack answers with its
+result or its error, so one rack down never fails the call. Methods, params and how a
+rack is reached (`SwarmRackCaller`, `RpcRackCaller`): docs/things.md, "ork".
 """
 
 from __future__ import annotations

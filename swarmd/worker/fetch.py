@@ -38,11 +38,6 @@ STORE_KEYS_TTL = 10.0  # seconds a lookup of which stores hold a model is reused
 MAX_VERSIONS = 10_000  # rows of one store's listing of one name we read
 
 
-def _record_key(record: Any) -> bytes:
-    key = record.public_key if hasattr(record, "public_key") else record["public_key"]
-    return bytes.fromhex(key) if isinstance(key, str) else bytes(key)
-
-
 def check_metadata(meta: Any, name: str) -> ModelMeta:
     """A store's record of a model (getModel answer, listModels row), checked as every store
     checks one (swarmd.names.check_record); a bad one is the store's protocol error."""
@@ -110,7 +105,7 @@ class ModelFetcher:
                 records = await self.swarm.lookup_all(topic)
             keys = []
             for r in records:
-                key = _record_key(r)
+                key = r.public_key
                 if self.trusted(key, r):
                     keys.append(key)
                 else:
