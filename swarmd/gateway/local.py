@@ -52,6 +52,10 @@ class _Loaded:
     info: ModelMeta
     runtime: ModelRuntime  # built the one way a worker builds it (providers, CPU fallback, signature)
     queue: deque[Pending] = field(default_factory=deque)  # requests waiting for a run slot
+    batchable: bool = False  # runtime.signature.batchable, read once (a property that walks the specs)
+
+    def __post_init__(self) -> None:
+        self.batchable = self.runtime.signature.batchable
 
 
 class LocalBackend:
@@ -61,6 +65,7 @@ class LocalBackend:
         self.models_dir = Path(models_dir)
         self.threads = threads
         self._models: dict[str, dict[str, _Loaded]] = {}
+        self._latest: dict[str, _Loaded] = {}  # each model's newest version, kept with _models (no sort per request)
         self._pool = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="gateway-ort")
         self._free = pool_size  # run slots not running a batch
         self._waiting: deque[_Loaded] = deque()  # models with queued requests, in the order they queued
@@ -102,17 +107,23 @@ class LocalBackend:
             description=str(meta.get("description", "")),
             created=float(meta.get("created", 0.0)),
         )
-        self._models.setdefault(name, {})[version] = _Loaded(info, runtime)
-        for loaded in self._models[name].values():
-            loaded.info.versions = sorted(self._models[name], key=version_key)
+        versions = self._models.setdefault(name, {})
+        versions[version] = _Loaded(info, runtime)
+        ordered = sorted(versions, key=version_key)
+        for loaded in versions.values():
+            loaded.info.versions = list(ordered)
+        self._latest[name] = versions[ordered[-1]]
         return info
 
     def _get(self, model: str, version: str | None) -> _Loaded:
+        if version is None or version == "latest":
+            loaded = self._latest.get(model)
+            if loaded is None:
+                raise not_found(model, None)
+            return loaded
         versions = self._models.get(model)
         if not versions:
             raise not_found(model, None)
-        if version is None or version == "latest":
-            version = max(versions, key=version_key)
         loaded = versions.get(version)
         if loaded is None:
             raise not_found(model, version)
@@ -137,8 +148,8 @@ class LocalBackend:
         request_id: str | None = None,
     ) -> InferResult:
         loaded = self._get(model, version)
-        sig = loaded.runtime.signature
-        feeds, names, rows = sig.validate(loaded.info.name, inputs, outputs, batch=sig.batchable)
+        feeds, names, rows = loaded.runtime.signature.validate(loaded.info.name, inputs, outputs,
+                                                               batch=loaded.batchable)
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         p = Pending(feeds, names, rows, now, now, loop.create_future(), request_id=request_id)
@@ -261,6 +272,7 @@ class LocalBackend:
         runtimes = [(v, vdir, await loop.run_in_executor(self._pool, self._runtime, vdir / "model.onnx"))
                     for v, vdir in found]
         self._models.pop(model, None)  # versions gone from disk are gone from memory too
+        self._latest.pop(model, None)
         for v, vdir, runtime in runtimes:
             self._load(model, v, vdir, runtime)
         return {"model": model, "loaded": [v for v, _, _ in runtimes]}
@@ -268,6 +280,7 @@ class LocalBackend:
     async def unload_model(self, model: str) -> dict[str, Any]:
         check_name(model)
         versions = self._models.pop(model, None)
+        self._latest.pop(model, None)
         if versions is None and not self._on_disk(model):
             raise not_found(model, None)
         return {"model": model, "unloaded": sorted(versions or (), key=version_key)}
