@@ -67,15 +67,22 @@ async def test_finished_entries_do_not_pile_up_behind_a_slow_one():
 
 
 async def test_gateway_infer_answers_err_timeout_past_infer_timeout(tmp_path):
-    """The one run thread held past gateway.infer_timeout: the request waiting behind it is
-    answered ERR_TIMEOUT, and the gateway serves the next one."""
+    """A model run that outlasts gateway.infer_timeout: its request is answered ERR_TIMEOUT,
+    and the gateway serves the next one."""
     install_model(tmp_path / "models", "mlp", "1", tiny_mlp())
     backend = LocalBackend(tmp_path / "models", pool_size=1)
     await backend.start()
     keys = KeyStore(tmp_path / "keys.sqlite")
     gw = Gateway(GatewayConfig(infer_timeout=0.05), backend, keys, data_dir=tmp_path)
     blocker = threading.Event()
-    hold = asyncio.get_running_loop().run_in_executor(backend._pool, blocker.wait, 30)  # the one run thread
+    runtime = backend._get("mlp", None).runtime
+    real_run = runtime.run
+
+    def held_run(*args):  # the model run outlasts the budget
+        blocker.wait(30)
+        return real_run(*args)
+
+    runtime.run = held_run
     x = np.zeros((1, 4), np.float32)
     try:
         with pytest.raises(SwarmdError) as e:
@@ -83,7 +90,7 @@ async def test_gateway_infer_answers_err_timeout_past_infer_timeout(tmp_path):
         assert e.value.code == ERR_TIMEOUT
     finally:
         blocker.set()
-        await hold
+        runtime.run = real_run
     result = await asyncio.wait_for(gw.infer("mlp", None, {"x": x}, None, "r2"), 30)
     assert result.model == "mlp"
     await gw.stop()
