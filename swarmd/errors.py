@@ -8,6 +8,7 @@ expected.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from enum import Enum
 from typing import Any
 
@@ -88,6 +89,15 @@ class ConfigError(SwarmdError):
 
     def __init__(self, message: str) -> None:
         super().__init__(ERR_CONFIG, message)
+
+    @classmethod
+    def refuse_if(cls, section: Any, name: str, keys: str, bad: Callable[[Any], bool], must: str) -> None:
+        """The one shape of a section's validate() rule: raise naming the first of `keys` (fields of
+        `section`, space-separated) whose value is `bad`: "[name].key must <must>, got <value>"."""
+        for key in keys.split():
+            value = getattr(section, key)
+            if bad(value):
+                raise cls(f"{name}.{key} must {must}, got {value!r}")
 
 
 # -- which failures another peer may not share: the one definition of "retryable" --

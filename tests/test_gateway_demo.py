@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import signal
@@ -9,38 +10,58 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 
 import pytest
 
 from tests.conftest import ROOT, swarmd_env
 
 
-@pytest.mark.slow
-def test_demo_prints_a_working_example_and_stops_on_ctrl_c(tmp_path):
+@contextlib.contextmanager
+def _demo(data_dir) -> Iterator[tuple[subprocess.Popen, str, str, str, bytes]]:  # noqa: ANN001
+    """`python -m swarmd.demo` (what `make run` starts) on data_dir with a free HTTP port: yields
+    (process, its output up to the banner's last line, gateway url, admin key, the curl example's
+    body); the process is killed on the way out if it still runs."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "swarmd.demo", "--data-dir", str(tmp_path / "data"), "--port", "0"],
+        [sys.executable, "-m", "swarmd.demo", "--data-dir", str(data_dir), "--port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=swarmd_env(), cwd=str(ROOT),
     )
-    lines: list[str] = []
+    assert proc.stdout is not None
     try:
+        lines: list[str] = []
         deadline = time.monotonic() + 120
-        assert proc.stdout is not None
         while time.monotonic() < deadline:
-            line = proc.stdout.readline()
+            line = proc.stdout.readline(65536)
             assert line, "demo exited early:\n" + "".join(lines)
             lines.append(line)
             if line.startswith("Press Ctrl-C"):
                 break
+        else:
+            raise AssertionError("no banner within 120 s:\n" + "".join(lines))
         text = "".join(lines)
         url = re.search(r"gateway:\s+(http://\S+)", text).group(1)
         key = re.search(r"admin key: (\S+)", text).group(1)
-        data = re.search(r"-d '(.+)'", text).group(1)
+        yield proc, text, url, key, re.search(r"-d '(.+)'", text).group(1).encode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+
+
+def _label(url: str, key: str, body: bytes) -> list:
+    """The 'label' output of the demo's curl example, sent as printed."""
+    req = urllib.request.Request(f"{url}/v2/models/digits/infer", data=body, headers={"x-api-key": key})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return next(o for o in json.load(r)["outputs"] if o["name"] == "label")["data"]
+
+
+@pytest.mark.slow
+def test_demo_prints_a_working_example_and_stops_on_ctrl_c(tmp_path):
+    with _demo(tmp_path / "data") as (proc, text, url, key, body):
         assert "sample #0 is a 0, the swarm says 0" in text
         assert "swarm: bootstrap, relay, store, worker, orchestrator, gateway" in text
-        req = urllib.request.Request(f"{url}/v2/models/digits/infer", data=data.encode(), headers={"x-api-key": key})
-        with urllib.request.urlopen(req, timeout=60) as r:
-            doc = json.load(r)
-        assert next(o for o in doc["outputs"] if o["name"] == "label")["data"] == [0]
+        assert _label(url, key, body) == [0]
         # the banner leads somewhere: its bootstrap line, data dir and python work as printed
         boot = re.search(r"^  export SWARMD_BOOTSTRAP=(\S+)$", text, re.M).group(1)
         assert re.search(r"^ bootstrap: " + re.escape(boot) + "$", text, re.M)
@@ -54,41 +75,12 @@ def test_demo_prints_a_working_example_and_stops_on_ctrl_c(tmp_path):
         assert out.returncode == 0 and "gateway" in json.loads(out.stdout)["roles"], out.stderr
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-
-
-def _start_demo(data_dir) -> tuple[subprocess.Popen, list[str]]:  # noqa: ANN001
-    """`python -m swarmd.demo` (what `make run` starts) on data_dir with a free HTTP port;
-    (process, its output up to the banner's last line)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "swarmd.demo", "--data-dir", str(data_dir), "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=swarmd_env(), cwd=str(ROOT),
-    )
-    lines: list[str] = []
-    deadline = time.monotonic() + 120
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        assert line, "demo exited early:\n" + "".join(lines)
-        lines.append(line)
-        if line.startswith("Press Ctrl-C"):
-            return proc, lines
-    raise AssertionError("no banner within 120 s:\n" + "".join(lines))
 
 
 @pytest.mark.slow
 def test_second_demo_on_one_data_dir_exits_naming_the_pid_and_the_first_keeps_serving(tmp_path):
     data = tmp_path / "data"
-    first, lines = _start_demo(data)
-    try:
-        text = "".join(lines)
-        url = re.search(r"gateway:\s+(http://\S+)", text).group(1)
-        key = re.search(r"admin key: (\S+)", text).group(1)
-        body = re.search(r"-d '(.+)'", text).group(1).encode()
+    with _demo(data) as (first, _, url, key, body):
         status = (data / "status.json").read_text()
         assert json.loads(status)["pid"] == first.pid
 
@@ -105,13 +97,7 @@ def test_second_demo_on_one_data_dir_exits_naming_the_pid_and_the_first_keeps_se
         # the first one never noticed: same status file, still answering
         assert first.poll() is None
         assert (data / "status.json").read_text() == status
-        req = urllib.request.Request(f"{url}/v2/models/digits/infer", data=body, headers={"x-api-key": key})
-        with urllib.request.urlopen(req, timeout=60) as r:
-            assert next(o for o in json.load(r)["outputs"] if o["name"] == "label")["data"] == [0]
+        assert _label(url, key, body) == [0]
         first.send_signal(signal.SIGINT)
         assert first.wait(60) == 0
         assert not (data / "status.json").exists()
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()

@@ -30,6 +30,23 @@ def test_keys_are_stored_hashed_and_checked(tmp_path):
     ks.close()
 
 
+def test_a_verified_token_is_refused_once_another_process_revokes_it(tmp_path):
+    """authenticate() remembers verified tokens; every reload of the key table forgets them, so a
+    revoke by `swarmd keys` (another KeyStore on the same file) lands as before."""
+    gateway = KeyStore(tmp_path / "keys.sqlite")
+    gateway.check_interval = 0.0  # look at the database on every call
+    cli = KeyStore(tmp_path / "keys.sqlite")
+    key, token = cli.create("a", ["infer"])
+    assert gateway.authenticate(token).id == key.id
+    assert gateway.authenticate(token).id == key.id  # answered from the verified tokens
+    assert token in gateway._verified
+    cli.revoke(key.id)
+    assert gateway.authenticate(token) is None
+    assert token not in gateway._verified
+    cli.close()
+    gateway.close()
+
+
 def test_usage_counts_persist(tmp_path):
     ks = KeyStore(tmp_path / "keys.sqlite")
     key, _ = ks.create("a", ["infer"])

@@ -73,11 +73,9 @@ class DhtConfig:
 
         if self.mode not in ("auto", "server", "client"):
             raise ConfigError(f"dht.mode must be auto, server or client, got {self.mode!r}")
-        if not 0 < self.request_timeout <= 30:
-            raise ConfigError(f"dht.request_timeout must be in (0, 30] seconds, got {self.request_timeout}")
+        ConfigError.refuse_if(self, "dht", "request_timeout", lambda v: not 0 < v <= 30, "be in (0, 30] seconds")
         if self.ksize < 2 or self.alpha < 1:
             raise ConfigError("dht.ksize must be >= 2 and dht.alpha >= 1")
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"dht.port must be 0..65535, got {self.port}")
-        if not -1 <= self.stun_alt_port <= 65535:
-            raise ConfigError(f"dht.stun_alt_port must be -1 (off), 0 (any free port) or a port, got {self.stun_alt_port}")
+        ConfigError.refuse_if(self, "dht", "port", lambda v: not 0 <= v <= 65535, "be 0..65535")
+        ConfigError.refuse_if(self, "dht", "stun_alt_port", lambda v: not -1 <= v <= 65535,
+                              "be -1 (off), 0 (any free port) or a port")

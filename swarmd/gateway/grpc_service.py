@@ -79,54 +79,65 @@ def unimplemented(path: str) -> GrpcAbort:
 
 def decode_request(req: Any) -> tuple[dict[str, np.ndarray], list[str] | None]:
     """Inputs as numpy arrays and the requested output names (None: all) of a ModelInferRequest.
-    Raises OipError naming the tensor that is wrong."""
-    raw = list(req.raw_input_contents)
-    if raw and len(raw) != len(req.inputs):
-        raise OipError(f"raw_input_contents has {len(raw)} entries for {len(req.inputs)} inputs; "
-                       "send every input raw or none")
-    if not req.inputs:
+    Raises OipError naming the tensor that is wrong. Raw contents become arrays over the
+    request's own bytes (no copy). Each read of a protobuf field builds a new Python object
+    (~0.3-1 µs), so every field is read once and sentences are built only on failure."""
+    specs = req.inputs
+    n = len(specs)
+    raw = req.raw_input_contents
+    nraw = len(raw)
+    if nraw and nraw != n:
+        raise OipError(f"raw_input_contents has {nraw} entries for {n} inputs; send every input raw or none")
+    if not n:
         raise OipError("the request has no inputs")
     inputs: dict[str, np.ndarray] = {}
-    for i, t in enumerate(req.inputs):
-        name = t.name  # each read of a field makes a new str: read it once
-        where = f"input {name!r}"
+    for i in range(n):
+        t = specs[i]
+        name = t.name
         if not name:
             raise OipError(f"input #{i} has no name")
         if name in inputs:
-            raise OipError(f"{where} appears twice")
+            raise OipError(f"input {name!r} appears twice")
         shape = tuple(t.shape)  # ints already (int64 field)
         if shape and min(shape) < 0:
-            raise OipError(f"{where}.shape must hold non-negative integers, got {list(shape)}")
-        if raw:
-            inputs[name] = decode_raw_tensor(memoryview(raw[i]), t.datatype, shape, where)
+            raise OipError(f"input {name!r}.shape must hold non-negative integers, got {list(shape)}")
+        datatype = t.datatype
+        if nraw:
+            inputs[name] = decode_raw_tensor(raw[i], datatype, shape, f"input {name!r}")
             continue
-        field = CONTENTS_FIELD.get(t.datatype)
+        where = f"input {name!r}"
+        field = CONTENTS_FIELD.get(datatype)
         if field is None:
-            if t.datatype in ("FP16", "BF16"):
-                raise OipError(f"{where}: {t.datatype} data travels only in raw_input_contents")
-            numpy_dtype(t.datatype)  # raises the precise "datatype not supported" sentence
+            if datatype in ("FP16", "BF16"):
+                raise OipError(f"{where}: {datatype} data travels only in raw_input_contents")
+            numpy_dtype(datatype)  # raises the precise "datatype not supported" sentence
         values = getattr(t.contents, field)
         count = math.prod(shape)
         if len(values) != count:
             raise OipError(f"{where}.contents.{field} has {len(values)} elements but shape {list(shape)} needs {count}")
-        if t.datatype == "BYTES":
+        if datatype == "BYTES":
             arr = np.empty(count, dtype=object)
             arr[:] = list(values)
         else:
-            arr = np.asarray(values, dtype=numpy_dtype(t.datatype))
+            arr = np.asarray(values, dtype=numpy_dtype(datatype))
         inputs[name] = arr.reshape(shape)
-    names = [o.name for o in req.outputs] or None
-    return inputs, names
+    outs = req.outputs
+    return inputs, ([o.name for o in outs] if len(outs) else None)
 
 
 def encode_response(model: str, version: str, rid: str, outputs: dict[str, np.ndarray],
                     names: list[str] | None) -> Any:
+    """The ModelInferResponse: every output as raw_output_contents, its bytes straight from the
+    array (encode_raw_tensor), built in place in the message (no intermediate lists or dicts)."""
     resp = pb.ModelInferResponse(model_name=model, model_version=version, id=rid)
-    for name in names or list(outputs):
-        arr = np.asarray(outputs[name])
+    add, append = resp.outputs.add, resp.raw_output_contents.append
+    for name in names or outputs:
+        arr = outputs[name]
+        if type(arr) is not np.ndarray:
+            arr = np.asarray(arr)
         datatype, raw = encode_raw_tensor(arr)
-        resp.outputs.add(name=name, datatype=datatype, shape=list(arr.shape))
-        resp.raw_output_contents.append(raw)
+        add(name=name, datatype=datatype, shape=arr.shape)
+        append(raw)
     return resp
 
 

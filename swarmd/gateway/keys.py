@@ -28,6 +28,7 @@ from swarmd.errors import ERR_BAD_REQUEST, ERR_NOT_FOUND, SwarmdError
 PERMISSIONS: tuple[str, ...] = ("infer", "models:read", "models:write", "admin")
 KEY_PREFIX = "swd_"
 MAX_KEY_LENGTH = 128
+VERIFIED_MAX = 1024  # verified tokens remembered between reloads (KeyStore._verified)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -113,6 +114,9 @@ class KeyStore:
     _checked: float = field(init=False, default=0.0)
     check_interval: float = 0.25  # seconds between looks for another process's changes
     _pending: dict[str, _Pending] = field(init=False, default_factory=dict)
+    # tokens whose hash matched, with the key they matched: emptied on every reload of _cache (a
+    # revoke, another process's change, a usage flush), so a cached answer is never staler than it
+    _verified: dict[str, ApiKey] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
@@ -151,6 +155,7 @@ class KeyStore:
             )
             for r in rows
         }
+        self._verified = {}
         self._version = version
 
     # -- operations -----------------------------------------------------------
@@ -208,13 +213,17 @@ class KeyStore:
         return sum(1 for k in self._cache.values() if k.revoked is None)
 
     def authenticate(self, token: str) -> ApiKey | None:
-        """The live key for this token, or None (unknown, malformed or revoked)."""
+        """The live key for this token, or None (unknown, malformed or revoked). A token verified
+        since the last reload is answered from _verified, without hashing it again."""
+        self._refresh()
+        key = self._verified.get(token)
+        if key is not None:
+            return key
         if len(token) > MAX_KEY_LENGTH or not token.startswith(KEY_PREFIX):
             return None
         key_id, sep, _ = token[len(KEY_PREFIX):].partition("_")
         if not sep:
             return None
-        self._refresh()
         key = self._cache.get(key_id)
         if key is None:  # maybe created a moment ago by `swarmd keys create`
             self._refresh(look=True)
@@ -223,6 +232,9 @@ class KeyStore:
             return None
         if not hmac.compare_digest(key.hash, hash_key(token)):
             return None
+        if len(self._verified) >= VERIFIED_MAX:
+            self._verified.clear()
+        self._verified[token] = key
         return key
 
     # -- usage ----------------------------------------------------------------

@@ -1,8 +1,8 @@
 """LocalBackend: onnxruntime in the gateway's own process (the standalone gateway).
 
 Models live under <models_dir>/<name>/<version>/model.onnx with a meta.json
-beside it. Sessions load at start and on upload; inference runs on a small
-thread pool because onnxruntime releases the GIL, so the event loop keeps
+beside it. Sessions load at start and on upload; inference runs on two run
+threads (run slots) because onnxruntime releases the GIL, so the event loop keeps
 serving HTTP while a model computes (running lone requests inline on the loop
 was tried: it helps one connection and serialises everything under load, since
 the loop never sees the requests still waiting in socket buffers).
@@ -13,7 +13,9 @@ the compatible ones together, with the worker's own batching rules and code
 stacked run that fails is re-run request by request so only the faulty one gets
 the error). Measured here (issue 20) on the 784-1024-1024-10 MLP: a batch-1 run
 streams all 7.4 MB of weights for one row, so one run per request made the
-backend most of both fronts' CPU per request.
+backend most of both fronts' CPU per request. A batch goes to a run thread through
+a SimpleQueue and comes back by call_soon_threadsafe: a ThreadPoolExecutor's future,
+work item, idle semaphore and future chaining cost the loop thread ~8 µs a request.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import queue
 import shutil
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +56,10 @@ class _Loaded:
     info: ModelMeta
     runtime: ModelRuntime  # built the one way a worker builds it (providers, CPU fallback, signature)
     queue: deque[Pending] = field(default_factory=deque)  # requests waiting for a run slot
+    batchable: bool = False  # runtime.signature.batchable, read once (a property that walks the specs)
+
+    def __post_init__(self) -> None:
+        self.batchable = self.runtime.signature.batchable
 
 
 class LocalBackend:
@@ -61,11 +69,19 @@ class LocalBackend:
         self.models_dir = Path(models_dir)
         self.threads = threads
         self._models: dict[str, dict[str, _Loaded]] = {}
-        self._pool = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="gateway-ort")
+        self._latest: dict[str, _Loaded] = {}  # each model's newest version, kept with _models (no sort per request)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-load")  # model loads
+        # the run slots: threads taking batches from one queue, answering through call_soon_threadsafe
+        # (no concurrent.futures.Future, work item, semaphore or future chaining per batch: issue 20)
+        self._jobs: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._runners = [threading.Thread(target=self._run_batches, name=f"gateway-ort-{i}", daemon=True)
+                         for i in range(pool_size)]
         self._free = pool_size  # run slots not running a batch
         self._waiting: deque[_Loaded] = deque()  # models with queued requests, in the order they queued
 
     async def start(self) -> None:
+        for t in self._runners:
+            t.start()
         self.models_dir.mkdir(parents=True, exist_ok=True)
         for model_dir in sorted(p for p in self.models_dir.iterdir() if p.is_dir()):
             for vdir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
@@ -78,6 +94,11 @@ class LocalBackend:
                         )
 
     async def stop(self) -> None:
+        for _ in self._runners:
+            self._jobs.put(None)
+        for t in self._runners:
+            if t.is_alive():
+                t.join(timeout=30.0)  # a batch already in onnxruntime finishes first
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _runtime(self, path: Path) -> ModelRuntime:
@@ -102,17 +123,23 @@ class LocalBackend:
             description=str(meta.get("description", "")),
             created=float(meta.get("created", 0.0)),
         )
-        self._models.setdefault(name, {})[version] = _Loaded(info, runtime)
-        for loaded in self._models[name].values():
-            loaded.info.versions = sorted(self._models[name], key=version_key)
+        versions = self._models.setdefault(name, {})
+        versions[version] = _Loaded(info, runtime)
+        ordered = sorted(versions, key=version_key)
+        for loaded in versions.values():
+            loaded.info.versions = list(ordered)
+        self._latest[name] = versions[ordered[-1]]
         return info
 
     def _get(self, model: str, version: str | None) -> _Loaded:
+        if version is None or version == "latest":
+            loaded = self._latest.get(model)
+            if loaded is None:
+                raise not_found(model, None)
+            return loaded
         versions = self._models.get(model)
         if not versions:
             raise not_found(model, None)
-        if version is None or version == "latest":
-            version = max(versions, key=version_key)
         loaded = versions.get(version)
         if loaded is None:
             raise not_found(model, version)
@@ -137,8 +164,8 @@ class LocalBackend:
         request_id: str | None = None,
     ) -> InferResult:
         loaded = self._get(model, version)
-        sig = loaded.runtime.signature
-        feeds, names, rows = sig.validate(loaded.info.name, inputs, outputs, batch=sig.batchable)
+        feeds, names, rows = loaded.runtime.signature.validate(loaded.info.name, inputs, outputs,
+                                                               batch=loaded.batchable)
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         p = Pending(feeds, names, rows, now, now, loop.create_future(), request_id=request_id)
@@ -156,6 +183,7 @@ class LocalBackend:
 
     def _pump(self) -> None:
         """Start a batch on each free run slot, models taking turns."""
+        loop = asyncio.get_running_loop()
         while self._free and self._waiting:
             loaded = self._waiting.popleft()
             batch = take_batch(loaded.queue, BATCHING)
@@ -166,18 +194,29 @@ class LocalBackend:
             self._free -= 1
             for p in batch:
                 p.state = PendingState.RUNNING
-            run = asyncio.get_running_loop().run_in_executor(
-                self._pool, execute, loaded.runtime.run, loaded.info.name, batch[0].outputs,
-                [p.feeds for p in batch], [p.rows for p in batch])
-            run.add_done_callback(lambda f, b=batch, m=loaded.info.name: self._finished(m, b, f))
+            self._jobs.put((loop, loaded, batch))
 
-    def _finished(self, model: str, batch: list[Pending], run: asyncio.Future[Any]) -> None:
+    def _run_batches(self) -> None:
+        """A run slot's thread: run each batch it is handed, hand the results back to the loop."""
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            loop, loaded, batch = job
+            try:
+                results: Any = execute(loaded.runtime.run, loaded.info.name, batch[0].outputs,
+                                       [p.feeds for p in batch], [p.rows for p in batch])
+            except BaseException as e:  # a bug in execute: every request of the batch hears of it
+                results = e
+            try:
+                loop.call_soon_threadsafe(self._finished, loaded.info.name, batch, results)
+            except RuntimeError:  # the loop is closed: nobody waits for these answers any more
+                return
+
+    def _finished(self, model: str, batch: list[Pending], results: list[Any] | BaseException) -> None:
         self._free += 1
-        if run.cancelled() or run.exception() is not None:  # the pool shut down, or a bug in execute
-            exc = run.exception() if not run.cancelled() else asyncio.CancelledError()
-            results: list[Any] = [internal_error(model, exc)] * len(batch)
-        else:
-            results = run.result()
+        if isinstance(results, BaseException):
+            results = [internal_error(model, results)] * len(batch)
         for p, result in zip(batch, results, strict=True):
             p.state = PendingState.DONE
             if p.future.done():
@@ -261,6 +300,7 @@ class LocalBackend:
         runtimes = [(v, vdir, await loop.run_in_executor(self._pool, self._runtime, vdir / "model.onnx"))
                     for v, vdir in found]
         self._models.pop(model, None)  # versions gone from disk are gone from memory too
+        self._latest.pop(model, None)
         for v, vdir, runtime in runtimes:
             self._load(model, v, vdir, runtime)
         return {"model": model, "loaded": [v for v, _, _ in runtimes]}
@@ -268,6 +308,7 @@ class LocalBackend:
     async def unload_model(self, model: str) -> dict[str, Any]:
         check_name(model)
         versions = self._models.pop(model, None)
+        self._latest.pop(model, None)
         if versions is None and not self._on_disk(model):
             raise not_found(model, None)
         return {"model": model, "unloaded": sorted(versions or (), key=version_key)}

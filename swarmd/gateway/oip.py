@@ -11,6 +11,7 @@ naming the field that was wrong and what was expected.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +65,10 @@ def _oip_datatype(dtype: np.dtype | str) -> str:
         return NUMPY_TO_OIP[dt.name]
     except KeyError:
         raise OipError(f"numpy dtype {dt.name} has no Open Inference Protocol datatype") from None
+
+
+LITTLE_ENDIAN = sys.byteorder == "little"
+_RAW_DTYPES: dict[str, np.dtype[Any]] = {}  # OIP datatype -> its little-endian numpy dtype (valid ones only)
 
 
 def numpy_dtype(datatype: str) -> str:
@@ -259,11 +264,16 @@ def decode_raw_tensor(raw: memoryview, datatype: str, shape: tuple[int, ...], wh
     count = math.prod(shape)
     if datatype == "BYTES":
         return _bytes_from_binary(raw, count, where).reshape(shape)
-    dt = np.dtype(numpy_dtype(datatype)).newbyteorder("<")
+    dt = _RAW_DTYPES.get(datatype)
+    if dt is None:  # built once per datatype: np.dtype() and newbyteorder() cost a µs each, per request
+        dt = _RAW_DTYPES[datatype] = np.dtype(numpy_dtype(datatype)).newbyteorder("<")
     if len(raw) != count * dt.itemsize:
         raise OipError(f"{where}: {len(raw)} raw bytes do not hold shape {list(shape)} of {datatype} "
                        f"({count * dt.itemsize} bytes expected)")
-    return np.frombuffer(raw, dtype=dt).astype(dt.newbyteorder("="), copy=False).reshape(shape)
+    arr = np.frombuffer(raw, dtype=dt)  # no copy: a view of the request's bytes
+    if not LITTLE_ENDIAN:
+        arr = arr.astype(dt.newbyteorder("="))
+    return arr.reshape(shape)
 
 
 def encode_raw_tensor(arr: np.ndarray) -> tuple[str, bytes]:
@@ -271,6 +281,9 @@ def encode_raw_tensor(arr: np.ndarray) -> tuple[str, bytes]:
     datatype = oip_datatype(arr.dtype)
     if datatype == "BYTES":
         return datatype, _bytes_to_binary(arr)
+    order = arr.dtype.byteorder
+    if order == "<" or (LITTLE_ENDIAN and order in "=|"):
+        return datatype, arr.tobytes()  # C order whatever the layout: one copy, straight from the buffer
     return datatype, np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
 
 

@@ -52,17 +52,20 @@ class OipRoutes:
 
     async def repository_index(self, request: web.Request) -> web.Response:
         """Triton's repository index; body {"ready": true} (optional) lists only READY versions."""
-        ready = False
+        doc = await self._optional_json(request, {})
+        if not isinstance(doc, dict) or not isinstance(doc.get("ready", False), bool):
+            raise bad('repository index body must be a JSON object, {"ready": true|false}')
+        return json_response(self._index_rows(await self.backend.repository_index(), doc.get("ready", False)))
+
+    async def _optional_json(self, request: web.Request, empty: Any) -> Any:
+        """A JSON body Triton's clients may leave out (`empty` then), bounded by max_json_bytes."""
         body = await self._body(request, self.config.max_json_bytes, self.JSON_BODY)
-        if body.strip():
-            try:
-                doc = orjson.loads(body)
-            except orjson.JSONDecodeError as e:
-                raise bad(f"request body is not valid JSON: {e}") from None
-            if not isinstance(doc, dict) or not isinstance(doc.get("ready", False), bool):
-                raise bad('repository index body must be a JSON object, {"ready": true|false}')
-            ready = doc.get("ready", False)
-        return json_response(self._index_rows(await self.backend.repository_index(), ready))
+        if not body.strip():
+            return empty
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError as e:
+            raise bad(f"request body is not valid JSON: {e}") from None
 
     @staticmethod
     def _index_rows(rows: list[dict[str, str]], ready: bool) -> list[dict[str, str]]:
@@ -130,17 +133,10 @@ class OipRoutes:
         action = request.path.rsplit("/", 1)[-1]
         model = request.match_info["model"]
         request[MODEL] = model
-        params: dict[str, Any] = {}
-        body = await self._body(request, self.config.max_json_bytes, self.JSON_BODY)
-        if body.strip():
-            try:
-                doc = orjson.loads(body)
-            except orjson.JSONDecodeError as e:
-                raise bad(f"request body is not valid JSON: {e}") from None
-            p = doc.get("parameters", {}) if isinstance(doc, dict) else None
-            if not isinstance(p, dict):
-                raise bad(f'{action} body must be a JSON object, {{"parameters": {{...}}}}')
-            params = p
+        doc = await self._optional_json(request, {})
+        params = doc.get("parameters", {}) if isinstance(doc, dict) else None
+        if not isinstance(params, dict):
+            raise bad(f'{action} body must be a JSON object, {{"parameters": {{...}}}}')
         return json_response(await self.model_control_call(action, model, params))
 
     UNSUPPORTED = {

@@ -27,6 +27,7 @@ from swarmd.gateway.accesslog import AccessLog
 from swarmd.gateway.backend import InferenceBackend
 from swarmd.gateway.config import GatewayConfig
 from swarmd.gateway.dashboard import Collect, Dashboard
+from swarmd.gateway.deadlines import Deadlines
 from swarmd.gateway.fastlane import FastLane
 from swarmd.gateway.guard import ConnectionGuard, http_logger
 from swarmd.gateway.keys import ApiKey, KeyStore
@@ -67,6 +68,7 @@ class Gateway(Middleware, OipRoutes, V1Routes):
         self._cors = frozenset(config.cors_origins)
         self._limiter = RateLimiter(config.rate_limit_rps, config.rate_limit_burst)
         self._in_flight = 0
+        self._deadlines = Deadlines(config.infer_timeout)  # gateway.infer_timeout of every inference, one timer
         self._rid_prefix = os.urandom(4).hex()  # per process; request ids are prefix + counter, no syscall each
         self._rid_seq = 0
         self._started = time.time()
@@ -161,6 +163,7 @@ class Gateway(Middleware, OipRoutes, V1Routes):
         return f"http://{host}:{self.port}"
 
     async def stop(self) -> None:
+        self._deadlines.close()
         await self.dashboard.stop()  # ends open feeds first, so the runner's cleanup does not wait on them
         if self.grpc is not None:
             await self.grpc.stop()
@@ -222,12 +225,16 @@ class Gateway(Middleware, OipRoutes, V1Routes):
 
     async def infer(self, model: str, version: str | None, inputs: dict[str, np.ndarray],
                     outputs: list[str] | None, request_id: str | None) -> Any:
-        """One inference through the backend, bounded by gateway.infer_timeout."""
+        """One inference through the backend, bounded by gateway.infer_timeout (deadlines.py)."""
+        entry = self._deadlines.enter()
         try:
-            async with asyncio.timeout(self.config.infer_timeout):
-                return await self.backend.infer(model, version, inputs, outputs, request_id)
-        except TimeoutError:
-            raise SwarmdError(ERR_TIMEOUT, f"inference took longer than {self.config.infer_timeout}s") from None
+            return await self.backend.infer(model, version, inputs, outputs, request_id)
+        except asyncio.CancelledError:
+            if self._deadlines.expired(entry):
+                raise SwarmdError(ERR_TIMEOUT, f"inference took longer than {self._deadlines.timeout}s") from None
+            raise
+        finally:
+            self._deadlines.leave(entry)
 
     async def infer_traced(self, carrier: Any, front: str, model: str, version: str | None,
                            inputs: dict[str, np.ndarray], outputs: list[str] | None, request_id: str | None) -> Any:

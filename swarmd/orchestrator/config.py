@@ -52,26 +52,10 @@ class OrchestratorConfig:
             raise ConfigError(
                 f"orchestrator.policy must be one of {', '.join(sorted(POLICIES))}, got {self.policy!r}"
             )
-        for name in ("eject_after", "max_attempts", "max_workers"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"orchestrator.{name} must be at least 1, got {getattr(self, name)}")
-        for name in (
-            "lease_ttl",
-            "dht_lease_ttl",
-            "dht_refresh",
-            "announce_interval",
-            "stale_after",
-            "health_interval",
-            "health_timeout",
-            "attempt_timeout",
-            "request_timeout",
-            "connect_timeout",
-            "ewma_ttl",
-        ):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"orchestrator.{name} must be above 0 seconds, got {getattr(self, name)}")
-        for name in ("backoff_base", "backoff_max", "ban_base", "ban_max"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"orchestrator.{name} must not be negative, got {getattr(self, name)}")
-        if not 0 < self.ewma_alpha <= 1:
-            raise ConfigError(f"orchestrator.ewma_alpha must be in (0, 1], got {self.ewma_alpha}")
+        refuse_if = ConfigError.refuse_if
+        refuse_if(self, "orchestrator", "eject_after max_attempts max_workers", lambda v: v < 1, "be at least 1")
+        refuse_if(self, "orchestrator", "lease_ttl dht_lease_ttl dht_refresh announce_interval stale_after "
+                  "health_interval health_timeout attempt_timeout request_timeout connect_timeout ewma_ttl",
+                  lambda v: not v > 0, "be above 0 seconds")
+        refuse_if(self, "orchestrator", "backoff_base backoff_max ban_base ban_max", lambda v: v < 0, "not be negative")
+        refuse_if(self, "orchestrator", "ewma_alpha", lambda v: not 0 < v <= 1, "be in (0, 1]")

@@ -60,12 +60,9 @@ class OrkConfig:
     def validate(self) -> None:
         from swarmd.errors import ConfigError
 
-        if self.call_timeout_s <= 0 or self.lease_s <= 0:
-            raise ConfigError("ork.call_timeout_s and ork.lease_s must be > 0")
-        if self.discover_interval_s < 0:
-            raise ConfigError(f"ork.discover_interval_s must be >= 0, got {self.discover_interval_s}")
-        if self.fanout_concurrency < 1:
-            raise ConfigError(f"ork.fanout_concurrency must be >= 1, got {self.fanout_concurrency}")
+        ConfigError.refuse_if(self, "ork", "call_timeout_s lease_s", lambda v: v <= 0, "be > 0")
+        ConfigError.refuse_if(self, "ork", "discover_interval_s", lambda v: v < 0, "be >= 0")
+        ConfigError.refuse_if(self, "ork", "fanout_concurrency", lambda v: v < 1, "be >= 1")
 
 
 @dataclass
@@ -209,13 +206,6 @@ class Ork(Handlers):
             except (SwarmdError, TimeoutError, OSError) as e:  # the DHT is down or slow: try again later
                 self.log.bind(event="rack_lookup_failed").warning("looking up racks failed: {!r}", e)
             await asyncio.sleep(self.config.discover_interval_s)
-
-    async def __aenter__(self) -> Ork:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     # ----------------------------------------------------------------- racks
 

@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from loguru import logger
 
@@ -72,20 +72,15 @@ class ThingsConfig:
         """Refuse values that would stall or unbound the service, naming the key."""
         from swarmd.errors import ConfigError
 
-        for key in ("snapshot_interval_s", "log_max_age_s"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"things.{key} must be >= 0, got {getattr(self, key)}")
-        if self.snapshot_timeout_s <= 0:
-            raise ConfigError(f"things.snapshot_timeout_s must be > 0, got {self.snapshot_timeout_s}")
-        for key in ("snapshot_concurrency", "list_default_limit", "list_max_limit", "max_ids", "max_things"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"things.{key} must be >= 1, got {getattr(self, key)}")
+        ConfigError.refuse_if(self, "things", "snapshot_interval_s log_max_age_s log_keep_files", lambda v: v < 0,
+                              "be >= 0")
+        ConfigError.refuse_if(self, "things", "snapshot_timeout_s", lambda v: v <= 0, "be > 0")
+        ConfigError.refuse_if(self, "things", "snapshot_concurrency list_default_limit list_max_limit max_ids "
+                              "max_things", lambda v: v < 1, "be >= 1")
         if self.list_default_limit > self.list_max_limit:
             raise ConfigError("things.list_default_limit must not exceed things.list_max_limit")
         if self.max_thing_bytes < 256 or self.log_max_bytes < 256:
             raise ConfigError("things.max_thing_bytes and things.log_max_bytes must be at least 256")
-        if self.log_keep_files < 0:
-            raise ConfigError(f"things.log_keep_files must be >= 0, got {self.log_keep_files}")
 
     def snaplog(self) -> SnapLogConfig:
         return SnapLogConfig(max_bytes=self.log_max_bytes, keep_files=self.log_keep_files, max_age_s=self.log_max_age_s)
@@ -107,10 +102,18 @@ def mount_handlers(
 
 
 class Handlers:
-    """mount() and call() over a class's handlers(): name -> (handler(params), op)."""
+    """mount() and call() over a class's handlers(): name -> (handler(params), op);
+    `async with` runs the subclass's start() and stop()."""
 
     def handlers(self) -> dict[str, tuple[Callable[[Any], Awaitable[Any]], str]]:
         raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.start()  # type: ignore[attr-defined]  # both subclasses have start() and stop()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()  # type: ignore[attr-defined]
 
     def mount(self, methods: Any, prefix: str = "") -> list[str]:
         """Serve the methods on an RPC method table (swarmd.rpc.Methods).
@@ -280,13 +283,6 @@ class ThingService(Handlers, ThingMethods, ThingSnapshots):
         if self._store is None:
             raise SwarmdError(ERR_INTERNAL, f"thing service {self.name} is not started")
         return self._store
-
-    async def __aenter__(self) -> ThingService:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     def view(self, thing: Thing) -> dict[str, Any]:
         """What peers see of a thing: no opts; info through select_thing_info."""

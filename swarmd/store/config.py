@@ -25,14 +25,9 @@ class StoreConfig:
         """Refuse values that would make the store useless or unbounded, naming the key."""
         from swarmd.errors import ConfigError
 
-        positive = ("max_model_bytes", "chunk_bytes", "incoming_ttl", "replicate_interval", "max_parallel_pulls",
-                    "transfer_timeout", "max_downloads_per_peer", "max_downloads")
-        for key in positive:
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"store.{key} must be positive, got {getattr(self, key)!r}")
-        if self.replication_factor < 1:
-            raise ConfigError(f"store.replication_factor must be at least 1, got {self.replication_factor}")
-        if self.scrub_per_round < 0:
-            raise ConfigError(f"store.scrub_per_round must be 0 or more, got {self.scrub_per_round}")
-        if self.chunk_bytes > 16 << 20:
-            raise ConfigError(f"store.chunk_bytes must be at most 16 MiB, got {self.chunk_bytes}")
+        refuse_if = ConfigError.refuse_if
+        refuse_if(self, "store", "max_model_bytes chunk_bytes incoming_ttl replicate_interval max_parallel_pulls "
+                  "transfer_timeout max_downloads_per_peer max_downloads", lambda v: v <= 0, "be positive")
+        refuse_if(self, "store", "replication_factor", lambda v: v < 1, "be at least 1")
+        refuse_if(self, "store", "scrub_per_round", lambda v: v < 0, "be 0 or more")
+        refuse_if(self, "store", "chunk_bytes", lambda v: v > 16 << 20, "be at most 16 MiB")

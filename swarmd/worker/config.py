@@ -111,16 +111,12 @@ class WorkerConfig:
 
     def validate(self) -> None:
         """Fail start-up on settings that cannot work, naming the key."""
-        for key in ("max_concurrent_inferences", "max_queue", "max_models", "max_concurrent_loads"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"worker.{key} must be at least 1, got {getattr(self, key)}")
-        for key in ("intra_op_threads", "inter_op_threads", "inline_run_us"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"worker.{key} must be 0 or more, got {getattr(self, key)}")
-        for key in ("default_timeout", "announce_interval", "store_timeout", "fetch_timeout", "drain_timeout",
-                    "catalog_interval"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"worker.{key} must be positive, got {getattr(self, key)}")
+        refuse_if = ConfigError.refuse_if
+        refuse_if(self, "worker", "max_concurrent_inferences max_queue max_models max_concurrent_loads",
+                  lambda v: v < 1, "be at least 1")
+        refuse_if(self, "worker", "intra_op_threads inter_op_threads inline_run_us", lambda v: v < 0, "be 0 or more")
+        refuse_if(self, "worker", "default_timeout announce_interval store_timeout fetch_timeout drain_timeout "
+                  "catalog_interval", lambda v: v <= 0, "be positive")
         if not isinstance(self.providers, list) or not all(
                 isinstance(p, str) and p.endswith("ExecutionProvider") for p in self.providers):
             raise ConfigError(f"worker.providers must be a list of onnxruntime provider names such as "
