@@ -157,7 +157,7 @@ class StoreRole(Replication, Role):
 
     async def upload_status(self, ctx: Any, params: Any) -> dict[str, Any]:
         p = as_params(params, "uploadStatus", ("sha256",), ("sha256",))
-        return {"received": self.core.upload_status(check_digest(p["sha256"]))}
+        return {"received": self.core.blobs.received(check_digest(p["sha256"]))}
 
     async def delete_model(self, ctx: Any, params: Any) -> dict[str, Any]:
         p = as_params(params, "deleteModel", ("name", "version"), ("name", "version"))

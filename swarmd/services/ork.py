@@ -207,13 +207,6 @@ class Ork(Handlers):
                 self.log.bind(event="rack_lookup_failed").warning("looking up racks failed: {!r}", e)
             await asyncio.sleep(self.config.discover_interval_s)
 
-    async def __aenter__(self) -> Ork:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
     # ----------------------------------------------------------------- racks
 
     def racks(self) -> list[Rack]:
