@@ -99,7 +99,7 @@ async def serve(kind: str) -> None:
 
         methods = Methods()
 
-        async def echo(ctx: Any, params: Any) -> Any:
+        def echo(ctx: Any, params: Any) -> Any:  # a plain function, as the anchor's (req) => req
             return params
 
         async def sink(ctx: Any, params: Any, stream: Any) -> int:
@@ -109,7 +109,7 @@ async def serve(kind: str) -> None:
                 n += len(chunk)
             return n
 
-        methods.register("echo", echo, inline=True)  # trivial handler: no Task needed (Method.inline)
+        methods.register("echo", echo)  # answered in the read callback: no coroutine, no Task
         methods.register_stream("sink", sink, op="w")
         ident = Identity.generate()
         server = RpcServer(ident, methods)
@@ -304,10 +304,10 @@ async def bench_same_process(n_seq: int) -> dict[str, float]:
     )
     methods = Methods()
 
-    async def echo(ctx: Any, params: Any) -> Any:
+    def echo(ctx: Any, params: Any) -> Any:  # a plain function, as the anchor's (req) => req
         return params
 
-    methods.register("echo", echo, inline=True)  # trivial handler: no Task needed (Method.inline)
+    methods.register("echo", echo)  # answered in the read callback: no coroutine, no Task
     ident = Identity.generate()
     server = RpcServer(ident, methods)
     await server.start()

@@ -149,7 +149,7 @@ def test_resume_interrupted_upload(store: ModelStore) -> None:
     up = store.begin(req)
     up.write(data[:3000])
     up.close()  # connection dropped
-    assert store.upload_status(sha(data)) == 3000
+    assert store.blobs.received(sha(data)) == 3000
     with pytest.raises(SwarmdError) as e:
         store.get("r", "1")
     assert code_of(e) == ERR_NOT_FOUND
@@ -158,7 +158,7 @@ def test_resume_interrupted_upload(store: ModelStore) -> None:
     up.write(data[3000:])
     meta = store.complete(up)
     assert b"".join(store.read(meta.digest)) == data
-    assert store.upload_status(sha(data)) == len(data)
+    assert store.blobs.received(sha(data)) == len(data)
     # once complete, a push of the same blob needs no bytes
     up = store.begin(PushRequest("r2", sha(data), len(data)))
     assert up.offset == len(data)

@@ -75,7 +75,7 @@ def test_kill_mid_upload_then_resume(tmp_path: Path) -> None:
         assert e.value.code == ERR_NOT_FOUND
         assert store.list() == [] and store.blobs.digests() == set()
         digest = hashlib.sha256(data).hexdigest()
-        assert store.upload_status(digest) == len(data) // 2
+        assert store.blobs.received(digest) == len(data) // 2
         up = store.begin(PushRequest("crash", digest, len(data), "1"))  # the dead writer's lock is gone
         assert up.offset == len(data) // 2
         up.write(data[up.offset:])

@@ -24,6 +24,15 @@ from swarmd.node.memory import tune_for_bulk
 _HEADER_PACK = mux.HEADER.pack
 _MSG = mux.MSG
 _BULK_FLUSH_PIECES = 32  # a flush of this many bulk pieces (16 stream frames, ~1 MiB) is a bulk transfer
+# wire pieces (length prefix, ciphertext) per writelines call: ~1 MiB. asyncio's selector transport
+# (Python 3.11) joins them into one buffer; a join of a whole flush (up to 8 MiB) would be mmapped,
+# faulted in and unmapped every time (tune_for_bulk maps blocks from 4 MiB up)
+_WRITE_GROUP = 32
+
+
+def _joined_writer(pipe: Any) -> Callable[[list[bytes]], None]:
+    write = pipe.write
+    return lambda pieces: write(b"".join(pieces))
 
 
 class WriteBatcher:
@@ -146,10 +155,13 @@ class WriteBatcher:
             if len(bulk) >= _BULK_FLUSH_PIECES:
                 tune_for_bulk()  # once per process: megabytes move through this pipe
             writelines = getattr(pipe, "writelines", None)
-            if writelines is not None:
+            if writelines is None:
+                writelines = _joined_writer(pipe)
+            if len(pieces) <= _WRITE_GROUP:
                 writelines(pieces)  # uvloop: one writev, no copy
-            else:
-                pipe.write(b"".join(pieces))
+            else:  # asyncio (3.11) joins what writelines gets: keep each join under ~1 MiB
+                for at in range(0, len(pieces), _WRITE_GROUP):
+                    writelines(pieces[at : at + _WRITE_GROUP])
             if self._write_paused:
                 self._check_write_buffer(pipe)
             return

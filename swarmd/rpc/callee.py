@@ -12,7 +12,9 @@ waits, bounded too. `Callee` is a mixin of `RpcPeer`.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import traceback
+import types
 from collections import deque
 from collections.abc import Awaitable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any
@@ -41,6 +43,19 @@ from swarmd.rpc.methods import CallContext, Firewall, Method, Methods
 from swarmd.rpc.stream import Stream
 
 _NO_ROLES: frozenset[str] = frozenset()
+_COROUTINE = types.CoroutineType
+# what plain handlers usually return: known not to be awaitable without asking inspect
+_ANSWER_TYPES = frozenset((type(None), bool, int, float, str, bytes, list, dict, tuple))
+
+
+async def _ready(value: Any) -> Any:
+    """A plain handler's value as a coroutine, for the path that runs one (a traced request)."""
+    return value
+
+
+async def _awaited(awaitable: Awaitable[Any]) -> Any:
+    """A handler that returned an awaitable other than a coroutine (a Future, a Task)."""
+    return await awaitable
 
 
 class _Resume:
@@ -238,9 +253,7 @@ class Callee:
                     )
                 held = self._held_channels.pop(ch, None) if self._held_channels else None
                 stream = Stream(self, held or conn.accept_channel(ch))
-                coro = m.handler(CallContext(peer_key, method, rid, deadline, self), params, stream)
-            else:
-                coro = m.handler(CallContext(peer_key, method, rid, deadline, self), params)
+            ctx = CallContext(peer_key, method, rid, deadline, self)
         except SwarmdError as e:
             if e.code == ERR_PROTOCOL:
                 raise
@@ -248,6 +261,25 @@ class Callee:
                 conn._drop_channel(ch)  # accepted while held; the caller resets it on our answer
             self._reply_error(rid, e)
             return
+        # the handler's own code runs from here on (all of it, for a plain function): whatever
+        # it raises becomes an error reply, never a protocol error of the connection
+        try:
+            coro = m.handler(ctx, params) if stream is None else m.handler(ctx, params, stream)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - a handler may raise anything; it becomes an error reply
+            self._finish(rid, method, stream, None, e)
+            return
+        if type(coro) is not _COROUTINE:
+            if type(coro) in _ANSWER_TYPES or not inspect.isawaitable(coro):
+                # a plain function (Methods.register): it has answered already, no coroutine
+                # and no Task; with tracing on, its value still passes through a server span
+                if self._traced is None:
+                    self._answer(rid, method, stream, coro)
+                    return
+                coro = _ready(coro)
+            else:
+                coro = _awaited(coro)
         if self._traced is not None:
             # a server span around the handler, in its own Task (never inline: the span is
             # entered and left in one context)
@@ -285,6 +317,23 @@ class Callee:
         running[rid] = self._loop.create_task(
             self._continue(rid, method, _Resume(coro, first), deadline, stream)
         )
+
+    def _answer(self, rid: int, method: str, stream: Stream | None, value: Any) -> None:
+        """The answer of a plain handler (an inline one's is the same, written out where it
+        finishes: one call fewer on that path)."""
+        conn = self.conn
+        if stream is None and conn.error is None:
+            try:
+                msg = self._pack([RESPONSE, rid, value])
+            except (TypeError, ValueError, OverflowError):
+                self._finish(rid, method, stream, value, None)  # reports the encoding error
+                return
+            if len(msg) > self.max_message:
+                self._reply_error(rid, self._too_large(f"the result of {method!r}", len(msg)))
+                return
+            conn.send_message(msg)
+            return
+        self._finish(rid, method, stream, value, None)
 
     def _on_writable(self) -> None:
         backlog = self._backlog
@@ -413,7 +462,17 @@ class Callee:
                 self._log.bind(method=method, code=e.code).info(f"event dropped: {e.message}")
             return
         ctx = CallContext(self.conn.remote_public_key or b"", method, -1, None, self)
-        coro = m.handler(ctx, params)
+        try:
+            coro = m.handler(ctx, params)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001
+            self._finish(-1, method, None, None, e)
+            return
+        if type(coro) is not _COROUTINE:
+            if not inspect.isawaitable(coro):
+                return  # a plain function: done
+            coro = _awaited(coro)
         if not m.inline:
             task = self._loop.create_task(self._continue_event(method, coro))
             self._events.add(task)

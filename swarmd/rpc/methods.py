@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from swarmd.rpc.peer import RpcPeer
     from swarmd.rpc.stream import Stream
 
-Handler = Callable[["CallContext", Any], Awaitable[Any]]
+Handler = Callable[["CallContext", Any], Any]  # returns an awaitable (async def) or the answer itself
 StreamHandler = Callable[["CallContext", Any, "Stream"], Awaitable[Any]]
 
 READ = "r"
@@ -73,6 +73,11 @@ class Methods:
         roles: Iterable[str] = (),
     ) -> None:
         """Serve `name`; op "w" marks a method that changes state (read-only peers are refused).
+
+        handler is an async function, or a plain one for an answer computed at once: a plain
+        function runs in the connection's read callback and its return value is the answer,
+        with no coroutine and no Task (like `rpc.respond('echo', (req) => req)` in the JS stack).
+        Whatever either kind raises becomes the caller's error.
 
         inline=True runs the handler's first step without a Task (see Method.inline).
         roles: in a swarm with operators, only callers holding a grant for one of

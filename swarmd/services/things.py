@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from loguru import logger
 
@@ -102,10 +102,18 @@ def mount_handlers(
 
 
 class Handlers:
-    """mount() and call() over a class's handlers(): name -> (handler(params), op)."""
+    """mount() and call() over a class's handlers(): name -> (handler(params), op);
+    `async with` runs the subclass's start() and stop()."""
 
     def handlers(self) -> dict[str, tuple[Callable[[Any], Awaitable[Any]], str]]:
         raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.start()  # type: ignore[attr-defined]  # both subclasses have start() and stop()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()  # type: ignore[attr-defined]
 
     def mount(self, methods: Any, prefix: str = "") -> list[str]:
         """Serve the methods on an RPC method table (swarmd.rpc.Methods).
@@ -275,13 +283,6 @@ class ThingService(Handlers, ThingMethods, ThingSnapshots):
         if self._store is None:
             raise SwarmdError(ERR_INTERNAL, f"thing service {self.name} is not started")
         return self._store
-
-    async def __aenter__(self) -> ThingService:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     def view(self, thing: Thing) -> dict[str, Any]:
         """What peers see of a thing: no opts; info through select_thing_info."""

@@ -339,9 +339,6 @@ class ModelStore:
             raise SwarmdError(ERR_NOT_FOUND, f"no model in this store has blob {digest}")
         return self.blobs.read(digest, offset, chunk)
 
-    def upload_status(self, digest: str) -> int:
-        return self.blobs.received(digest)
-
     # -- delete / gc -----------------------------------------------------------
 
     def delete(self, name: str, version: str) -> ModelMeta:
