@@ -1,7 +1,7 @@
 """The gateway's gRPC front beside its HTTP JSON route and the FastAPI baseline, same run.
 
     python bench/gateway_grpc.py [--seconds 3] [--conns 64] [--rounds 3] [--engines lean,grpcio] [--swarm]
-                                 [--pairs] [--no-fastapi] [--traced]
+                                 [--pairs] [--no-fastapi] [--traced] [--compare DIR]
 
 Model: the 784-1024-1024-10 MLP of bench/gateway.py, served by standalone gateways
 (onnxruntime in-process, so the figure is the front's cost, not the swarm's), one per gRPC
@@ -322,12 +322,13 @@ def median_of(rounds: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def start_gateway(tmp: Path, name: str, models: Path, engine: str, traced: bool = False):
+def start_gateway(tmp: Path, name: str, models: Path, engine: str, traced: bool = False, root: Path = ROOT):
+    """A standalone gateway run from the swarmd checkout `root` (--compare: another one)."""
     data = tmp / name
     key = create_key(data)
     http, grpc_port = free_port(), free_port()
     env = dict(SWARMD_GATEWAY_LOCAL_MODELS_DIR=str(models), SWARMD_GATEWAY_ACCESS_LOG="false",
-               SWARMD_GATEWAY_GRPC_ENGINE=engine)
+               SWARMD_GATEWAY_GRPC_ENGINE=engine, PYTHONPATH=str(root))
     if traced:
         env.update(SWARMD_TRACING_ENABLED="true", SWARMD_TRACING_EXPORTER="file",
                    SWARMD_TRACING_FILE=str(tmp / f"{name}-spans.jsonl"))
@@ -394,6 +395,13 @@ def start_swarm(tmp: Path, models: Path, body: bytes, procs: list):
     return gw[0], worker[0], http, grpc_port, key
 
 
+def base_row(name: str) -> str:
+    """The HTTP JSON row a row's ratio is taken against: the same server's."""
+    if name.startswith("swarm "):
+        return "swarm http json"
+    return "http json@before" if name.endswith("@before") else "http json"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=3.0)
@@ -407,6 +415,9 @@ def main() -> int:
                          "pair): shorter rounds, so the two rows of a pair run closer together on a shared box")
     ap.add_argument("--swarm", action="store_true",
                     help="also gateway -> worker in two processes (+ store, orchestrator): the deployed data path")
+    ap.add_argument("--compare", metavar="DIR", type=Path,
+                    help="another swarmd checkout (e.g. main before a change): its standalone gateway runs the "
+                         "http json and grpc raw lean rows too, as ROW@before, in the same interleaved rounds")
     args = ap.parse_args()
     conns = [int(c) for c in args.conns.split(",")]
     engines = args.engines.split(",")
@@ -433,6 +444,9 @@ def main() -> int:
         if args.traced:
             gws["traced"] = start_gateway(tmp, "gw-traced", models, "lean", traced=True)
             procs.append(gws["traced"][0])
+        if args.compare:
+            gws["before"] = start_gateway(tmp, "gw-before", models, "lean", root=args.compare.resolve())
+            procs.append(gws["before"][0])
         fastapi = None
         if not args.no_fastapi:
             app = tmp / "fastapi_app.py"
@@ -465,6 +479,11 @@ def main() -> int:
                         continue
                     add(f"grpc/grpcio {e}", c, timed(proc.pid, s, arun, grpc_load, gport, x, c, s, key))
                     add(f"grpc floor {e}", c, timed(proc.pid, s, arun, h2_load, gport, live_path, b"", c, s, None))
+                if args.compare:  # the same pair from the other checkout, seconds later
+                    proc, http, gport, key = gws["before"]
+                    add("http json@before", c, timed(proc.pid, s, arun, h1_load, http, body, c, s, key))
+                    add("grpc raw lean@before", c,
+                        timed(proc.pid, s, arun, h2_load, gport, infer_path, infer_msg, c, s, key))
                 if swarm is not None:  # gw us/req: the gateway process; worker us/req apart
                     gp, wp, http, gport, key = swarm
                     for name, fn, fargs in (("swarm http json", h1_load, (http, body, c, s, key)),
@@ -496,8 +515,8 @@ def main() -> int:
             r = by_c[c]
             ratio = round(r["rps"] / base, 2) if base else None
             ratios.setdefault(name, {})[c] = ratio
-            if name.startswith("swarm "):  # against the HTTP JSON route of the same swarm
-                sb = med["swarm http json"][c]["rps"]
+            if name.startswith("swarm ") or name.endswith("@before"):  # against the HTTP JSON of the same server
+                sb = med[base_row(name)][c]["rps"]
                 ratio = round(r["rps"] / sb, 2) if sb else None
                 ratios.setdefault(name, {})[c] = ratio
             worker = f"  worker {r['worker_cpu_us_per_req']:,.0f} us/req" if "worker_cpu_us_per_req" in r else ""
@@ -507,7 +526,7 @@ def main() -> int:
     # on a shared box the rounds' req/s move together, so this is steadier than the ratio of medians
     per_round: dict[str, dict[str, float]] = {}
     for name, by_c in rows.items():
-        base_name = "swarm http json" if name.startswith("swarm ") else "http json"
+        base_name = base_row(name)
         for c, rs in by_c.items():
             bs = rows[base_name][c]
             per_round.setdefault(name, {})[c] = round(statistics.median(
@@ -516,7 +535,7 @@ def main() -> int:
                 b["server_cpu_us_per_req"] / r["server_cpu_us_per_req"] for r, b in zip(rs, bs, strict=True)
                 if r["server_cpu_us_per_req"]), 2)
     for c in map(str, conns):
-        for name in ("grpc raw lean", "swarm grpc raw lean"):
+        for name in ("grpc raw lean", "grpc raw lean@before", "swarm grpc raw lean"):
             if name in per_round:
                 print(f"{name} over its HTTP JSON, median of per-round ratios at {c}: req/s "
                       f"{per_round[name][c]:.2f}x, requests per gateway CPU second {per_round[name + ' cpu'][c]:.2f}x")

@@ -103,6 +103,7 @@ async def test_unload_then_load_again_on_demand(tmp_path, model_files):
     finally:
         await role.stop()
         await ctx.tasks.close()
+    assert len(role.tasks) == 0, role.tasks.describe()  # stop() closed the role's scope, loads included
 
 
 async def test_stop_drains_accepted_requests(tmp_path, model_files):

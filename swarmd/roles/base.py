@@ -137,10 +137,10 @@ class Role:
             self._scope = self.ctx.tasks.scope(f"role:{self.name}")
         return self._scope
 
-    async def close_tasks(self) -> None:
-        """Cancel and await whatever still runs in this role's scope."""
+    async def close_tasks(self, timeout: float = 5.0) -> None:
+        """Cancel and await (at most `timeout` seconds) whatever still runs in this role's scope."""
         if self._scope is not None:
-            await self._scope.close()
+            await self._scope.close(timeout)
 
     async def start(self) -> None:
         """Register methods, join topics, spawn loops. Return when serving."""

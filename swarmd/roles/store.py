@@ -57,7 +57,6 @@ class StoreRole(Replication, Role):
         self._round_done = asyncio.Event()
         self.rounds = 0
         self.pulled = 0
-        self._loop_task: asyncio.Task[None] | None = None
         self._peers: dict[str, Any] = {}  # static peers' open connections, by key
         self._records: dict[str, Any] = {}  # STORES records from the last lookup, by key
         self._unreachable: set[str] = set()
@@ -94,12 +93,7 @@ class StoreRole(Replication, Role):
         self.log.bind(event="store_started", **self.store.status()).info("store serving")
 
     async def stop(self) -> None:
-        task, self._loop_task = self._loop_task, None
-        if task is not None:
-            task.cancel()
-            done, _ = await asyncio.wait({task}, timeout=10.0)
-            if not done:
-                self.log.bind(event="stop_slow").warning("replication loop did not stop within 10 s")
+        await self.close_tasks(10.0)  # the replication loop
         m = self.ctx.methods
         if m is not None:
             for name in ("listModels", "getModel", "uploadStatus", "deleteModel", "storeState", "downloadBlob",

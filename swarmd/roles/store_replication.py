@@ -23,6 +23,7 @@ from swarmd.errors import (
     SwarmdError,
 )
 from swarmd.names import ModelMeta, check_digest, check_record
+from swarmd.node.supervisor import Supervisor
 from swarmd.roles.base import NodeContext
 from swarmd.settings import parse_peer
 from swarmd.store.catalog import now
@@ -110,7 +111,7 @@ class Replication:
     _round_done: asyncio.Event
     rounds: int
     pulled: int
-    _loop_task: asyncio.Task[None] | None
+    tasks: Supervisor  # the role's scope (roles.base.Role.tasks): closed on stop
     _peers: dict[str, Any]
     _records: dict[str, Any]
     _unreachable: set[str]
@@ -140,9 +141,8 @@ class Replication:
         return key.hex(), host, port
 
     def start_replication(self) -> None:
-        """Run the replication loop (on the node's supervisor; stop() cancels it)."""
-        if self._loop_task is None:
-            self._loop_task = self.ctx.tasks.spawn(self._replicate_loop(), name="store-replication")
+        """Run the replication loop (in the role's task scope; stop() closes it)."""
+        self.tasks.spawn(self._replicate_loop(), name="store-replication")
 
     async def _peer_keys(self) -> list[str]:
         """The stores we replicate with: static peers, and those announcing STORES that we trust.

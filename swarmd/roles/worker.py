@@ -77,11 +77,8 @@ class WorkerRole(WorkerModels, Role):
         # name -> (loop time checked, latest live version in the stores' catalogs)
         self._latest: dict[str, tuple[float, str]] = {}
         self._checking: dict[str, asyncio.Future[str]] = {}
-        self._catalog_task: asyncio.Task[Any] | None = None
-        self._load_tasks: set[asyncio.Task[Any]] = set()  # spawned on ctx.tasks; cancelled and awaited on stop
         self._topics: dict[str, dict[str, Any]] = {}  # joined topic -> last payload
         self._announce_now = asyncio.Event()
-        self._announcer: asyncio.Task[Any] | None = None
         self._started = time.monotonic()
         self.log = logger.bind(role="worker")
 
@@ -122,9 +119,9 @@ class WorkerRole(WorkerModels, Role):
         self.engine.set_online()
         await self.sync_announcements()
         if self.ctx.swarm is not None:
-            self._announcer = self.ctx.tasks.spawn(self._announce_loop(), name="worker-announce")
+            self.tasks.spawn(self._announce_loop(), name="worker-announce")
         if self.fetcher is not None:
-            self._catalog_task = self.ctx.tasks.spawn(self._catalog_loop(), name="worker-catalog")
+            self.tasks.spawn(self._catalog_loop(), name="worker-catalog")
         self.log.bind(event="worker_online", models=[m.name for m in self.engine.models()]).info("worker online")
 
     async def stop(self) -> None:
@@ -136,18 +133,7 @@ class WorkerRole(WorkerModels, Role):
                 await self.sync_announcements()
                 await self.engine.drain()
         finally:
-            if self._announcer is not None:
-                self._announcer.cancel()
-                await asyncio.gather(self._announcer, return_exceptions=True)
-                self._announcer = None
-            if self._catalog_task is not None:
-                self._catalog_task.cancel()
-                await asyncio.gather(self._catalog_task, return_exceptions=True)
-                self._catalog_task = None
-            loads = list(self._load_tasks)
-            for task in loads:
-                task.cancel()
-            await asyncio.gather(*loads, return_exceptions=True)
+            await self.close_tasks()  # the announce and catalog loops, model loads, checks and unloads
             await self._withdraw()
             await self.engine.close()
 

@@ -24,6 +24,7 @@ from swarmd.errors import (
     ERR_UNAVAILABLE,
     SwarmdError,
 )
+from swarmd.node.supervisor import Supervisor
 from swarmd.roles.base import NodeContext
 from swarmd.versions import latest
 from swarmd.worker.cache import ModelCache
@@ -48,7 +49,7 @@ class WorkerModels:
     _lru: OrderedDict[tuple[str, str], None]
     _latest: dict[str, tuple[float, str]]
     _checking: dict[str, asyncio.Future[str]]
-    _load_tasks: set[asyncio.Task[Any]]
+    tasks: Supervisor  # the role's scope (roles.base.Role.tasks): closed on stop
     _announce_now: asyncio.Event
 
     async def _colocated_call(self, method: str, params: dict[str, Any]) -> Any:
@@ -120,13 +121,11 @@ class WorkerModels:
                 raise SwarmdError(ERR_OVERLOADED, "too many model catalogs being checked at once; retry shortly")
             fut = asyncio.get_running_loop().create_future()
             self._checking[name] = fut
-            task = self.ctx.tasks.spawn(self._run_check(name, fut), name=f"worker-catalog-{name}")
-            self._load_tasks.add(task)
-            task.add_done_callback(self._load_tasks.discard)
+            self.tasks.spawn(self._run_check(name, fut), name=f"worker-catalog-{name}")
         return fut
 
     async def _run_check(self, name: str, fut: asyncio.Future[str]) -> None:
-        """Owned by the node's supervisor: the outcome goes to the waiters, never crashes the node."""
+        """Owned by the role's task scope: the outcome goes to the waiters, never crashes the node."""
         try:
             fut.set_result(await self._check_catalog(name))
         except asyncio.CancelledError:
@@ -166,9 +165,7 @@ class WorkerModels:
                 self._spawn_unload(name, m.version)
 
     def _spawn_unload(self, name: str, version: str) -> None:
-        task = self.ctx.tasks.spawn(self._unload(name, version), name=f"worker-unload-{name}")
-        self._load_tasks.add(task)
-        task.add_done_callback(self._load_tasks.discard)
+        self.tasks.spawn(self._unload(name, version), name=f"worker-unload-{name}")
 
     async def _unload(self, name: str, version: str) -> None:
         digests = {m.digest for m in self.engine.models() if m.name == name and m.version == version}
@@ -261,13 +258,11 @@ class WorkerModels:
         if job is None:
             job = asyncio.get_running_loop().create_future()
             self._ensuring[key] = job
-            task = self.ctx.tasks.spawn(self._ensure_job(name, version, job, pin), name=f"worker-load-{name}")
-            self._load_tasks.add(task)
-            task.add_done_callback(self._load_tasks.discard)
+            self.tasks.spawn(self._ensure_job(name, version, job, pin), name=f"worker-load-{name}")
         return job
 
     async def _ensure_job(self, name: str, version: str, job: asyncio.Future[ServedModel], pin: bool) -> None:
-        """Owned by the node's supervisor; failures go to the waiters, never crash the node."""
+        """Owned by the role's task scope; failures go to the waiters, never crash the node."""
         try:
             served = await self._load(name, version, pin)
             if not job.done():

@@ -33,7 +33,7 @@ from swarmd.errors import (
 from swarmd.node.deadline import within
 from swarmd.node.identity import parse_public_key
 from swarmd.node.supervisor import LOG, Supervisor
-from swarmd.rpc.params import as_params, bad_request, check_id, check_keys
+from swarmd.rpc.params import as_params, bad_request, check_id, check_keys, str_param
 from swarmd.services.query import apply_sort, compile_sort
 from swarmd.services.things import THING_METHODS, Handlers, Thing, ThingsConfig, ThingService
 
@@ -311,9 +311,7 @@ class Ork(Handlers):
         keys = p.get("keys", False)
         if not isinstance(keys, bool):
             raise bad_request(f"{m}: keys must be true or false")
-        rtype, source = p.get("type"), p.get("source")
-        if rtype is not None and not isinstance(rtype, str):
-            raise bad_request(f"{m}: type must be a string")
+        rtype, source = str_param(p, "type", m), p.get("source")
         if source not in (None, "manual", "dht"):
             raise bad_request(f"{m}: source must be \"manual\" or \"dht\"")
         return [

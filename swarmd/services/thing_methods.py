@@ -30,6 +30,7 @@ from swarmd.rpc.params import (
     check_object,
     check_tags,
     int_param,
+    str_param,
 )
 from swarmd.services.query import (
     apply_sort,
@@ -132,6 +133,12 @@ class ThingMethods:
                         f"{path} {value!r:.60} is already used by thing {other.id}",
                         {"id": other.id},
                     )
+
+    def _ids(self, v: Any, m: str) -> list[str]:
+        """A caller's list of thing ids, each checked, at most things.max_ids of them."""
+        if not isinstance(v, list) or len(v) > self.config.max_ids:
+            raise bad_request(f"{m}: ids must be a list of at most {self.config.max_ids} ids")
+        return [check_id(i, f"{m}: each id") for i in v]
 
     def _with_service_tags(self, thing: Thing, user_tags: list[str]) -> list[str]:
         tags = list(user_tags)
@@ -243,12 +250,8 @@ class ThingMethods:
             store = self._require_store()
             missing: list[str] = []
             if "ids" in chosen:
-                ids = p["ids"]
-                if not isinstance(ids, list) or len(ids) > self.config.max_ids:
-                    raise bad_request(f"{m}: ids must be a list of at most {self.config.max_ids} ids")
                 targets = []
-                for i in ids:
-                    check_id(i, f"{m}: each id")
+                for i in self._ids(p["ids"], m):
                     if i in self.things:
                         if self.things[i] not in targets:
                             targets.append(self.things[i])
@@ -310,12 +313,8 @@ class ThingMethods:
         if p.get("id") is not None:
             ids = {check_id(p["id"], f"{m}: id")}
         if p.get("ids") is not None:
-            if not isinstance(p["ids"], list) or len(p["ids"]) > self.config.max_ids:
-                raise bad_request(f"{m}: ids must be a list of at most {self.config.max_ids} ids")
-            ids = (ids or set()) | {check_id(i, f"{m}: each id") for i in p["ids"]}
-        ttype = p.get("type")
-        if ttype is not None and not isinstance(ttype, str):
-            raise bad_request(f"{m}: type must be a string")
+            ids = (ids or set()) | set(self._ids(p["ids"], m))
+        ttype = str_param(p, "type", m)
         start = int_param(p, "start", m, 0, 0, 2**63 - 1)
         end = int_param(p, "end", m, 2**63 - 1, 0, 2**63 - 1)
         offset = int_param(p, "offset", m, 0, 0, 2**31)
