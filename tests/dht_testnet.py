@@ -56,6 +56,12 @@ class DhtTestnet:
     async def close(self) -> None:
         await asyncio.gather(*(n.stop() for n in self.nodes))
 
+    async def __aenter__(self) -> DhtTestnet:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
 
 def record_for(
     identity: Identity, topic: bytes, port: int = 4000, ttl: float = 60.0, seq: int = 1, **payload: object

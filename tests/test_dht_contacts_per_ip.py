@@ -87,8 +87,7 @@ async def test_a_record_is_found_while_one_of_its_holders_does_not_withhold_it()
     from swarmd.node.identity import Identity
     from tests.dht_testnet import DhtTestnet, record_for
 
-    net = await DhtTestnet.create(30)
-    try:
+    async with await DhtTestnet.create(30) as net:
         announcer = Identity.generate()
         topic = topic_from_name("swarmd/workers")
         res = await net.nodes[3].announce(record_for(announcer, topic, port=5555))
@@ -108,5 +107,3 @@ async def test_a_record_is_found_while_one_of_its_holders_does_not_withhold_it()
             assert [r.public_key for r in recs] == [announcer.public_key]
         withhold(holders[0])  # the last honest holder turns: now, and only now, the record is hidden
         assert await askers[0].lookup_all(topic, 10) == []
-    finally:
-        await net.close()

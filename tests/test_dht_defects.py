@@ -206,8 +206,7 @@ async def test_garbage_datagrams_produce_no_traceback(victim_cls: type) -> None:
 @pytest.mark.parametrize("client_cls", [DhtNode, pytest.param(Server, marks=UNPATCHED)])
 async def test_set_reports_failure_when_every_store_timed_out(client_cls: type) -> None:
     # our nodes do not serve kademlia's value `store`: every store times out
-    net = await DhtTestnet.create(3)
-    try:
+    async with await DhtTestnet.create(3) as net:
         if client_cls is DhtNode:
             client = DhtNode(
                 Identity.generate(), dht_config(request_timeout=0.3, bootstrap=[net.nodes[0].address])
@@ -222,8 +221,6 @@ async def test_set_reports_failure_when_every_store_timed_out(client_cls: type) 
             assert await client.set("key", "value") is False
         finally:
             await _stop(client)
-    finally:
-        await net.close()
 
 
 async def test_pickle_state_is_refused(tmp_path) -> None:  # noqa: ANN001

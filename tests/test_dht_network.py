@@ -22,8 +22,7 @@ from tests.test_dht_defects import HostileResponder, _is_alive
 async def test_200_nodes_100_lookups_find_the_announcer_even_with_30_percent_killed() -> None:
     # one event loop serves all 200 nodes: on a loaded machine replies can queue
     # for long, so give requests time (a timeout evicts the contact)
-    net = await DhtTestnet.create(200, request_timeout=1.0)
-    try:
+    async with await DhtTestnet.create(200, request_timeout=1.0) as net:
         rng = random.Random(1)
         announcer = Identity.generate()
         topic = topic_from_name("swarmd/workers/mnist")
@@ -46,13 +45,10 @@ async def test_200_nodes_100_lookups_find_the_announcer_even_with_30_percent_kil
         for i in range(0, 50, 10):
             results += await asyncio.gather(*(n.lookup_all(topic, 30) for n in askers[i : i + 10]))
         assert all(any(r.public_key == announcer.public_key for r in recs) for recs in results)
-    finally:
-        await net.close()
 
 
 async def test_lookup_streams_many_announcers_of_one_topic() -> None:
-    net = await DhtTestnet.create(30)
-    try:
+    async with await DhtTestnet.create(30) as net:
         topic = topic_from_name("many")
         idents = [Identity.generate() for _ in range(12)]
         await asyncio.gather(
@@ -67,13 +63,10 @@ async def test_lookup_streams_many_announcers_of_one_topic() -> None:
                 got.append(rec.public_key)
         assert sorted(got) == sorted(i.public_key for i in idents)
         assert len(got) == len(set(got))
-    finally:
-        await net.close()
 
 
 async def test_records_expire_when_the_announcer_stops() -> None:
-    net = await DhtTestnet.create(12)
-    try:
+    async with await DhtTestnet.create(12) as net:
         topic = topic_from_name("short-lived")
         ident = Identity.generate()
         assert (await net.nodes[3].announce(record_for(ident, topic, ttl=1.0))).ok
@@ -85,13 +78,10 @@ async def test_records_expire_when_the_announcer_stops() -> None:
         assert all(
             len(n.protocol.records) == 0 or n.protocol.records.expire(time.time()) >= 0 for n in net.nodes
         )
-    finally:
-        await net.close()
 
 
 async def test_newer_seq_replaces_and_unannounce_removes() -> None:
-    net = await DhtTestnet.create(12)
-    try:
+    async with await DhtTestnet.create(12) as net:
         topic = topic_from_name("update")
         ident = Identity.generate()
         await net.nodes[2].announce(record_for(ident, topic, seq=1, load=1))
@@ -103,13 +93,10 @@ async def test_newer_seq_replaces_and_unannounce_removes() -> None:
         removed = await net.nodes[2].unannounce(Unannounce.make(ident, topic, 2))
         assert removed >= 5
         assert await net.nodes[9].lookup_all(topic, 5) == []
-    finally:
-        await net.close()
 
 
 async def test_client_mode_node_looks_up_and_announces_but_holds_nothing() -> None:
-    net = await DhtTestnet.create(8)
-    try:
+    async with await DhtTestnet.create(8) as net:
         client = await net.add(mode="client")
         assert client.mode == "client"
         assert all(client.node_id not in {c[0] for c in n.contacts()} for n in net.nodes[:-1])
@@ -119,13 +106,10 @@ async def test_client_mode_node_looks_up_and_announces_but_holds_nothing() -> No
         assert res.ok and len(client.protocol.records) == 0
         assert len(await net.nodes[0].lookup_all(topic, 5)) == 1
         assert len(await client.lookup_all(topic, 5)) == 1
-    finally:
-        await net.close()
 
 
 async def test_forged_expired_and_oversized_records_are_refused_by_storing_nodes() -> None:
-    net = await DhtTestnet.create(4)
-    try:
+    async with await DhtTestnet.create(4) as net:
         a, b = net.nodes[0], net.nodes[1]
         topic = topic_from_name("attacked")
         ok, reply = await a.protocol.request(b.address, "topic_get", b"", topic)
@@ -142,8 +126,6 @@ async def test_forged_expired_and_oversized_records_are_refused_by_storing_nodes
         ok, reply = await a.protocol.request(b.address, "topic_put", b"", token, good)
         assert reply == {"ok": True}
         assert len(b.protocol.records) == 1
-    finally:
-        await net.close()
 
 
 async def test_hostile_find_node_replies_do_not_break_lookups() -> None:
@@ -195,8 +177,7 @@ async def test_flood_from_one_address_is_dropped_and_others_are_still_served() -
 
 
 async def test_records_are_handed_off_to_a_node_that_joins_closer() -> None:
-    net = await DhtTestnet.create(1)
-    try:
+    async with await DhtTestnet.create(1) as net:
         topic = topic_from_name("hand-off")
         ident = Identity.generate()
         res = await net.nodes[0].announce(record_for(ident, topic))
@@ -207,8 +188,6 @@ async def test_records_are_handed_off_to_a_node_that_joins_closer() -> None:
             assert time.monotonic() < deadline, "record never handed off"
             await asyncio.sleep(0.02)
         assert newcomer.protocol.records.get(topic, time.time())[0].public_key == ident.public_key
-    finally:
-        await net.close()
 
 
 async def test_stop_with_requests_outstanding_resolves_them_as_failed() -> None:
@@ -220,8 +199,7 @@ async def test_stop_with_requests_outstanding_resolves_them_as_failed() -> None:
 
 
 async def test_large_topics_need_a_token_round_trip_so_spoofed_requests_reflect_little() -> None:
-    net = await DhtTestnet.create(3)
-    try:
+    async with await DhtTestnet.create(3) as net:
         topic = topic_from_name("big")
         idents = [Identity.generate() for _ in range(30)]
         for ident in idents:
@@ -235,13 +213,10 @@ async def test_large_topics_need_a_token_round_trip_so_spoofed_requests_reflect_
         # a lookup follows up with the token by itself and finds every announcer
         client = await net.add(mode="client")  # holds nothing locally
         assert len(await client.lookup_all(topic, 5)) == 30
-    finally:
-        await net.close()
 
 
 async def test_reannounce_reuses_holders_and_recrawls_when_they_are_gone() -> None:
-    net = await DhtTestnet.create(12)
-    try:
+    async with await DhtTestnet.create(12) as net:
         topic = topic_from_name("live-load")
         ident = Identity.generate()
         announcer = net.nodes[4]
@@ -258,13 +233,10 @@ async def test_reannounce_reuses_holders_and_recrawls_when_they_are_gone() -> No
         assert third.ok
         client = await net.add(mode="client")
         assert [r.payload for r in await client.lookup_all(topic, 5)] == [{"load": 3}]
-    finally:
-        await net.close()
 
 
 async def test_one_ip_rotating_source_ports_is_limited_per_ip() -> None:
-    net = await DhtTestnet.create(1, per_ip_rate=10.0, per_ip_burst=10.0)
-    try:
+    async with await DhtTestnet.create(1, per_ip_rate=10.0, per_ip_burst=10.0) as net:
         proto = net.nodes[0].protocol
         for port in range(1000, 1100):  # garbage gets no reply: nothing is sent anywhere
             proto.datagram_received(b"not rpc", ("198.18.0.7", port))
@@ -273,5 +245,3 @@ async def test_one_ip_rotating_source_ports_is_limited_per_ip() -> None:
         for port in range(1000, 1100):  # loopback is exempt (many local nodes share it)
             proto.datagram_received(b"not rpc", ("127.0.0.1", port))
         assert proto.rlog.counts.get("flood_ip", 0) < 100
-    finally:
-        await net.close()

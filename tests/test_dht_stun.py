@@ -68,14 +68,11 @@ def test_parse_message_after_a_valid_header(body: bytes) -> None:
 
 
 async def test_dht_node_answers_stun_and_rpc_on_one_port() -> None:
-    net = await DhtTestnet.create(2)
-    try:
+    async with await DhtTestnet.create(2) as net:
         a, b = net.nodes
         assert await a.stun(b.address) == a.address
         assert await a.ping(b.address) == b.node_id
         assert a.mode == "server" and b.mode == "server"
-    finally:
-        await net.close()
 
 
 def test_other_address_names_the_alternate_port() -> None:
@@ -102,13 +99,10 @@ def test_other_address_from_hostile_bytes(value: bytes) -> None:
 
 
 async def test_dht_node_answers_stun_on_its_alternate_port_too() -> None:
-    net = await DhtTestnet.create(2)
-    try:
+    async with await DhtTestnet.create(2) as net:
         a, b = net.nodes
         assert await a.stun(b.address) == a.address
         alt = a.stun_alternate(b.address)
         assert alt is not None and alt[0] == b.address[0] and alt[1] not in (b.address[1], 0)
         assert await a.stun(alt) == a.address  # answered from the second port
         assert a.stun_alternate(alt) is None  # the second port names no further port
-    finally:
-        await net.close()

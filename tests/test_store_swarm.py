@@ -43,15 +43,20 @@ async def keys_on(node: Node, topic: str) -> set[str]:
     return {r.public_key.hex() for r in await node.swarm.lookup_all(topic)}
 
 
+async def every_store_listed(nodes: list[Node]) -> None:
+    """Replication rounds until every store finds every other on STORES."""
+    everyone = {n.key for n in nodes}
+
+    async def all_listed() -> bool:
+        return all([await keys_on(n, STORES) >= everyone for n in nodes])
+
+    await rounds_until(all_listed, nodes, "every store on STORES")
+
+
 async def test_stores_replicate_through_the_swarm(net: DhtTestnet, tmp_path: Path) -> None:
     nodes = [await start_swarm_store(net, tmp_path / f"s{i}", replicate_interval=3600.0) for i in range(3)]
     try:
-        everyone = {n.key for n in nodes}
-
-        async def all_listed() -> bool:
-            return all([await keys_on(n, STORES) >= everyone for n in nodes])
-
-        await rounds_until(all_listed, nodes, "every store on STORES")
+        await every_store_listed(nodes)
         a = nodes[0]
         peer = await connect(None, "127.0.0.1", a.server.port, remote_public_key=a.ident.public_key, timeout=T)
         try:
@@ -101,12 +106,7 @@ async def cli(*argv: str) -> tuple[int, str, str]:
 async def test_cli_finds_stores_through_the_swarm(net: DhtTestnet, tmp_path: Path) -> None:
     nodes = [await start_swarm_store(net, tmp_path / f"s{i}", replicate_interval=3600.0) for i in range(2)]
     try:
-        everyone = {n.key for n in nodes}
-
-        async def all_listed() -> bool:
-            return all([await keys_on(n, STORES) >= everyone for n in nodes])
-
-        await rounds_until(all_listed, nodes, "every store on STORES")
+        await every_store_listed(nodes)
         host, port = net.nodes[0].address
         boot = ("--bootstrap", f"{host}:{port}", "--data-dir", str(tmp_path / "cli"))
         f = write_model(tmp_path / "m.onnx", seed=42)
