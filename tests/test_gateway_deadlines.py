@@ -96,3 +96,27 @@ async def test_gateway_infer_answers_err_timeout_past_infer_timeout(tmp_path):
     await gw.stop()
     await backend.stop()
     keys.close()
+
+
+async def test_a_deadline_cancel_the_backend_swallowed_is_taken_back():
+    """Like asyncio.timeout: if the work under a deadline catches the cancel and finishes, the
+    task is left with no cancellation pending (later timeouts in the same task still work)."""
+    d = Deadlines(0.05)
+    never = asyncio.Event()
+
+    async def swallowing() -> tuple[str, int]:
+        entry = d.enter()
+        try:
+            try:
+                await never.wait()
+            except asyncio.CancelledError:
+                pass  # the backend shrugs it off
+            return "finished", 0
+        finally:
+            d.leave(entry)
+
+    async def run() -> tuple[str, int]:
+        out = await swallowing()
+        return out[0], asyncio.current_task().cancelling()
+
+    assert await asyncio.wait_for(asyncio.create_task(run()), 30) == ("finished", 0)

@@ -49,8 +49,12 @@ class Deadlines:
         return entry
 
     def leave(self, entry: Entry) -> None:
-        if entry[TASK] is None:
+        task = entry[TASK]
+        if task is None:
             return
+        if entry[EXPIRED]:  # cancelled by its deadline but finished anyway: take that cancel back
+            entry[EXPIRED] = False
+            task.uncancel()
         entry[TASK] = None
         self._live -= 1
         q = self._queue
@@ -62,9 +66,10 @@ class Deadlines:
     def expired(self, entry: Entry) -> bool:
         """True when this entry's deadline cancelled its task and no other cancellation is pending:
         the caller answers ERR_TIMEOUT instead of propagating the CancelledError."""
-        if not entry[EXPIRED]:
+        if not entry[EXPIRED] or entry[TASK] is None:
             return False
-        return entry[TASK] is not None and entry[TASK].uncancel() <= entry[CANCELLING]
+        entry[EXPIRED] = False  # the cancel is taken back here, not again in leave()
+        return entry[TASK].uncancel() <= entry[CANCELLING]
 
     def _fire(self) -> None:
         self._timer = None
