@@ -85,11 +85,8 @@ class Settings:
         for role in self.node.roles:
             if role not in ROLE_ORDER:
                 raise ConfigError(f"unknown role {role!r}; expected some of: {', '.join(ROLE_ORDER)}")
-        if not self.node.bootstrap_wait >= 0:
-            raise ConfigError(f"node.bootstrap_wait must be >= 0 seconds (or inf), got {self.node.bootstrap_wait}")
-        for name, port in (("node.port", self.node.port), ("node.dht_port", self.node.dht_port)):
-            if not 0 <= port <= 65535:
-                raise ConfigError(f"{name} must be between 0 and 65535, got {port}")
+        ConfigError.refuse_if(self.node, "node", "bootstrap_wait", lambda v: not v >= 0, "be >= 0 seconds (or inf)")
+        ConfigError.refuse_if(self.node, "node", "port dht_port", lambda v: not 0 <= v <= 65535, "be between 0 and 65535")
         for addr in self.node.bootstrap:
             parse_hostport(addr, what="node.bootstrap entry")
         if self.node.http is not None:

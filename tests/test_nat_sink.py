@@ -127,3 +127,30 @@ async def test_probe_refuses_bad_params_with_a_stable_code(pair) -> None:
 def _own_ctx(sw: Swarm) -> CallContext:
     """What the RPC layer hands nat.probe when `swarmd nat probe` calls the node's own key."""
     return CallContext(peer=sw.public_key, method="nat.probe", request_id=0, deadline=None, peer_conn=None)  # type: ignore[arg-type]
+
+
+async def test_sink_fails_a_stalled_stream_but_not_a_long_steady_one(pair) -> None:
+    """The sink's deadline moves with progress (once per half of request_timeout, not per
+    chunk): a stream that stops sending fails with ERR_TIMEOUT, one that keeps sending for
+    longer than request_timeout in total does not."""
+    import asyncio
+
+    from swarmd.errors import ERR_TIMEOUT
+
+    target = await pair(probe_max_bytes=8 << 20, sink_rate=1 << 30)
+    caller = await pair()
+    target.config.request_timeout = 2.0
+    peer = await caller.connect(target.public_key)
+    seed = b"t" * 16
+    block = pattern_block(seed)
+    stream = await peer.open_stream("nat.sink", {"pattern": seed}, timeout=60)
+    for i in range(50):  # 5 s of steady progress, 20 chunks per request_timeout
+        await stream.send(block[i * 1000 : (i + 1) * 1000])
+        await asyncio.sleep(0.1)
+    await stream.close()
+    assert await stream.result() == {"bytes": 50_000, "match": True}
+    stalled = await peer.open_stream("nat.sink", {"pattern": seed}, timeout=60)
+    await stalled.send(block[:1000])  # then nothing: no END, no more bytes
+    with pytest.raises(SwarmdError) as e:
+        await stalled.result()
+    assert e.value.code == ERR_TIMEOUT

@@ -46,8 +46,7 @@ class TracingConfig:
     sample_ratio: float = 1.0  # share of new traces recorded (0..1); a traced caller's choice is kept
 
     def validate(self) -> None:
-        if not 0.0 <= self.sample_ratio <= 1.0:
-            raise ConfigError(f"tracing.sample_ratio must be between 0 and 1, got {self.sample_ratio}")
+        ConfigError.refuse_if(self, "tracing", "sample_ratio", lambda v: not 0.0 <= v <= 1.0, "be between 0 and 1")
         if self.enabled and self.exporter == "file" and not self.file:
             raise ConfigError("tracing.exporter = \"file\" needs tracing.file (a path)")
 

@@ -72,8 +72,8 @@ class PathProbe:
         (`{bytes, sha256}`, ~1 ms per MiB here, as much CPU as the decryption: older
         probes). Any admitted peer may call it, so it is bounded three ways: [nat] sink
         can turn it off, each caller key has a byte budget (sink_rate/s, probe_max_bytes
-        deep), and at most sink_concurrency streams run at once; each chunk must arrive
-        within request_timeout.
+        deep), and at most sink_concurrency streams run at once; a stream that stalls for
+        request_timeout fails.
         """
         if not self.config.sink:
             raise SwarmdError(ERR_FORBIDDEN, "nat.sink is disabled on this node ([nat] sink = false)")
@@ -89,25 +89,38 @@ class PathProbe:
             doubled = self._sink_pattern(seed) if seed is not None else b""
             match = True
             n = 0
-            while True:
-                try:  # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the caller's cancel
-                    async with asyncio.timeout(self.swarm.config.request_timeout):
+            loop = asyncio.get_running_loop()
+            stall = self.swarm.config.request_timeout
+            try:  # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the caller's cancel
+                async with asyncio.timeout_at(loop.time() + stall) as watch:
+                    renew_at = loop.time() + stall / 2
+                    while True:
                         chunk = await stream.recv()
-                except TimeoutError:
-                    raise SwarmdError(ERR_TIMEOUT, "nat.sink stream stalled") from None
-                if chunk is None:
-                    break
-                if n + len(chunk) > self.config.probe_max_bytes:
-                    raise SwarmdError(ERR_TOO_LARGE, f"nat.sink takes at most {self.config.probe_max_bytes} bytes")
-                if not self._sink_budget.take(ctx.peer, time.monotonic(), cost=len(chunk)) == 0.0:
-                    self.sink_refused += 1
-                    raise SwarmdError(ERR_OVERLOADED, f"nat.sink budget spent for this key ({self.config.sink_rate} B/s)")
-                if digest is not None:
-                    digest.update(chunk)
-                elif match:
-                    at = n % STREAM_CHUNK  # a chunk is at most a mux frame (< STREAM_CHUNK): one slice of the doubled block
-                    match = len(chunk) <= STREAM_CHUNK and doubled.startswith(chunk, at)  # memcmp, no slice copy
-                n += len(chunk)
+                        if chunk is None:
+                            break
+                        # a stream that stalls for request_timeout (half of it at the least) fails;
+                        # the deadline moves once per half of it, not per chunk (a timer each)
+                        now = loop.time()
+                        if now >= renew_at:
+                            watch.reschedule(now + stall)
+                            renew_at = now + stall / 2
+                        if n + len(chunk) > self.config.probe_max_bytes:
+                            raise SwarmdError(
+                                ERR_TOO_LARGE, f"nat.sink takes at most {self.config.probe_max_bytes} bytes"
+                            )
+                        if not self._sink_budget.take(ctx.peer, time.monotonic(), cost=len(chunk)) == 0.0:
+                            self.sink_refused += 1
+                            raise SwarmdError(
+                                ERR_OVERLOADED, f"nat.sink budget spent for this key ({self.config.sink_rate} B/s)"
+                            )
+                        if digest is not None:
+                            digest.update(chunk)
+                        elif match:
+                            at = n % STREAM_CHUNK  # a chunk is at most a mux frame (< STREAM_CHUNK)
+                            match = len(chunk) <= STREAM_CHUNK and doubled.startswith(chunk, at)  # memcmp in place
+                        n += len(chunk)
+            except TimeoutError:
+                raise SwarmdError(ERR_TIMEOUT, "nat.sink stream stalled") from None
             if digest is not None:
                 return {"bytes": n, "sha256": digest.hexdigest()}
             return {"bytes": n, "match": match}
