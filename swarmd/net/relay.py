@@ -385,9 +385,6 @@ class RelayCore:
         else:
             self._streams.pop(source, None)
 
-    def streams_of(self, source: str) -> int:
-        return self._streams.get(source, 0)
-
     def closed(self, conn: int) -> list[Action]:
         """A connection ended (EOF, error, idle, refusal): forget it; end its circuit."""
         self._uncount_stream(conn)

@@ -17,8 +17,6 @@ from typing import Any
 
 import msgpack
 
-from swarmd.errors import ERR_BAD_REQUEST, SwarmdError
-
 EXT_NDARRAY = 1
 _DIM = struct.Struct("<Q")
 _DTYPE_STR = re.compile(rb"[<>|][biufcmMSUV][0-9]{1,9}(\[[0-9]*[A-Za-z]{1,2}\])?")
@@ -123,11 +121,3 @@ def unpackb(data: bytes) -> Any:
     by the mux frame limit, so memory stays bounded.
     """
     return msgpack.unpackb(data, raw=False, ext_hook=ext_hook, strict_map_key=False, use_list=True)
-
-
-def unpackb_or_error(data: bytes) -> Any:
-    """unpackb, mapping every decoding failure to SwarmdError(ERR_BAD_REQUEST)."""
-    try:
-        return unpackb(data)
-    except Exception as e:
-        raise SwarmdError(ERR_BAD_REQUEST, f"undecodable msgpack: {e}") from None
