@@ -335,35 +335,7 @@ def start_swarm(tmp: Path, models: Path, body: bytes, procs: list[subprocess.Pop
         for p, log in [*waits, (gp, glog)]:
             wait_log(log, r'"event": "ready"', p)
         admin = wait_log(glog, r"store it now\): (\S+)", gp).group(1)
-        import urllib.error
-        import urllib.request
-
-        def post(path: str, data: bytes, ctype: str) -> tuple[int, bytes]:
-            req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data,
-                                         headers={"x-api-key": admin, "Content-Type": ctype})
-            try:
-                with urllib.request.urlopen(req, timeout=30) as r:
-                    return r.status, r.read()
-            except urllib.error.HTTPError as e:
-                return e.code, e.read()
-
-        status, out = post("/api/v1/keys", json.dumps({"name": "bench", "permissions": ["infer"],
-                                                       "rate_limit_rps": 1e6, "rate_limit_burst": 1e6}).encode(),
-                           "application/json")
-        if status != 201:
-            raise RuntimeError(f"creating the bench key failed: {status} {out[:200]!r}")
-        key = json.loads(out)["key"]
-
-        model = (models / "mlp" / "1" / "model.onnx").read_bytes()
-        deadline = time.monotonic() + 60
-        while post("/api/v1/models?name=mlp&version=1", model, "application/octet-stream")[0] != 201:
-            if time.monotonic() > deadline:
-                raise RuntimeError("upload through the gateway never succeeded")
-            time.sleep(0.5)
-        while post("/v2/models/mlp/infer", body, "application/json")[0] != 200:
-            if time.monotonic() > deadline:
-                raise RuntimeError("inference through the swarm never succeeded")
-            time.sleep(0.5)
+        key = provision_swarm(port, admin, models, body)
         profiled = [q for q in local if prof and q.args[0] == sys.executable and q.args[1] == "-c"]
         out = Server(server, port, {"x-api-key": key}, gp.pid, list(local), profiled)
         out.worker_pid = worker.pid if worker is not None else None
@@ -372,6 +344,40 @@ def start_swarm(tmp: Path, models: Path, body: bytes, procs: list[subprocess.Pop
         for p in reversed(local):
             stop_proc(p)
         raise
+
+
+def provision_swarm(port: int, admin: str, models: Path, body: bytes) -> str:
+    """Through a fresh swarm's gateway: create the bench's infer key (no rate limit to speak of), push
+    the MLP as mlp:1 and retry one inference with that key until the swarm serves it. Returns the key."""
+    import urllib.error
+    import urllib.request
+
+    def post(path: str, data: bytes, ctype: str, key: str = admin) -> tuple[int, bytes]:
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data,
+                                     headers={"x-api-key": key, "Content-Type": ctype})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    status, out = post("/api/v1/keys", json.dumps({"name": "bench", "permissions": ["infer"],
+                                                   "rate_limit_rps": 1e6, "rate_limit_burst": 1e6}).encode(),
+                       "application/json")
+    if status != 201:
+        raise RuntimeError(f"creating the bench key failed: {status} {out[:200]!r}")
+    key = json.loads(out)["key"]
+    model = (models / "mlp" / "1" / "model.onnx").read_bytes()
+    deadline = time.monotonic() + 60
+    while post("/api/v1/models?name=mlp&version=1", model, "application/octet-stream")[0] != 201:
+        if time.monotonic() > deadline:
+            raise RuntimeError("upload through the gateway never succeeded")
+        time.sleep(0.5)
+    while post("/v2/models/mlp/infer", body, "application/json", key)[0] != 200:
+        if time.monotonic() > deadline:
+            raise RuntimeError("inference through the swarm never succeeded")
+        time.sleep(0.5)
+    return key
 
 
 def main() -> int:

@@ -55,6 +55,7 @@ from gateway import (  # noqa: E402  (bench/gateway.py: one load client, one mod
     create_key,
     free_port,
     measure,
+    provision_swarm,
     start_proc,
     stop_proc,
     swarmd_env,
@@ -343,9 +344,6 @@ def start_swarm(tmp: Path, models: Path, body: bytes, procs: list):
     """gateway -> worker, each its own process (+ store/bootstrap, orchestrator), as bench/gateway.py's
     "swarm" route, the gateway with its gRPC front on; the model pushed through the gateway.
     Returns (gateway process, worker process, http port, grpc port, key)."""
-    import urllib.error
-    import urllib.request
-
     base = tmp / "swarm"
     cmd = [sys.executable, "-m", "swarmd", "--log-format", "json", "--log-level", "INFO"]
 
@@ -367,31 +365,7 @@ def start_swarm(tmp: Path, models: Path, body: bytes, procs: list):
         wait_log(qlog, r'"event": "ready"', q)
     admin = wait_log(gw[1], r"store it now\): (\S+)", gw[0]).group(1)
 
-    def post(path: str, data: bytes, ctype: str, key: str = admin) -> tuple[int, bytes]:
-        req = urllib.request.Request(f"http://127.0.0.1:{http}{path}", data=data,
-                                     headers={"x-api-key": key, "Content-Type": ctype})
-        try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
-
-    status, out = post("/api/v1/keys", json.dumps({"name": "bench", "permissions": ["infer"],
-                                                   "rate_limit_rps": 1e6, "rate_limit_burst": 1e6}).encode(),
-                       "application/json")
-    if status != 201:
-        raise RuntimeError(f"creating the bench key failed: {status} {out[:200]!r}")
-    key = json.loads(out)["key"]
-    model = (models / "mlp" / "1" / "model.onnx").read_bytes()
-    deadline = time.monotonic() + 60
-    while post("/api/v1/models?name=mlp&version=1", model, "application/octet-stream")[0] != 201:
-        if time.monotonic() > deadline:
-            raise RuntimeError("upload through the gateway never succeeded")
-        time.sleep(0.5)
-    while post("/v2/models/mlp/infer", body, "application/json", key)[0] != 200:
-        if time.monotonic() > deadline:
-            raise RuntimeError("inference through the swarm never succeeded")
-        time.sleep(0.5)
+    key = provision_swarm(http, admin, models, body)
     return gw[0], worker[0], http, grpc_port, key
 
 
