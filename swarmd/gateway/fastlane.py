@@ -38,6 +38,7 @@ from swarmd.gateway.guard import ConnectionGuard, GuardedProtocol
 from swarmd.gateway.keys import ApiKey
 from swarmd.gateway.middleware import MODEL, RID
 from swarmd.gateway.routes import ROUTES
+from swarmd.node.supervisor import finish_within
 
 MAX_HEAD = 8192  # request line + headers the lane reads; a longer head goes to aiohttp (its limits apply)
 MAX_HEADERS = 64
@@ -139,13 +140,7 @@ class FastLane:
 
     async def close(self, timeout: float) -> None:
         """Gateway stop: let running requests finish within timeout, then close every lane connection."""
-        running = [c.task for c in self.conns if c.task is not None]
-        if running:
-            _, late = await asyncio.wait(running, timeout=timeout)
-            for t in late:
-                t.cancel()
-            if late:
-                await asyncio.wait(late, timeout=1.0)
+        await finish_within([c.task for c in self.conns if c.task is not None], timeout)
         for c in list(self.conns):
             if c.transport is not None:
                 c.transport.close()

@@ -40,6 +40,7 @@ from swarmd.gateway.grpc_wire import (
     Terminated,
 )
 from swarmd.gateway.proto import oip_pb2 as pb
+from swarmd.node.supervisor import finish_within
 
 if TYPE_CHECKING:
     from swarmd.gateway.server import Gateway
@@ -114,12 +115,7 @@ class GrpcLane:
             c.core.goaway(NO_ERROR, "server stopping")
             c.flush()
             tasks += [call.task for call in c.calls.values() if call.task is not None]
-        if tasks:
-            _, late = await asyncio.wait(tasks, timeout=grace)
-            for t in late:
-                t.cancel()
-            if late:
-                await asyncio.wait(late, timeout=1.0)
+        await finish_within(tasks, grace)
         for c in list(self.conns):
             c.close()
         self.conns.clear()

@@ -31,6 +31,18 @@ STOP_NODE: Policy = "stop-node"
 LOG: Policy = "log"
 
 
+async def finish_within(tasks: list[asyncio.Task[Any]], grace: float, cancel_wait: float = 1.0) -> None:
+    """A graceful stop's tail: let `tasks` (running requests) finish within `grace` seconds, then
+    cancel the late ones and wait at most `cancel_wait` more for them to unwind."""
+    if not tasks:
+        return
+    _, late = await asyncio.wait(tasks, timeout=grace)
+    for t in late:
+        t.cancel()
+    if late:
+        await asyncio.wait(late, timeout=cancel_wait)
+
+
 class Supervisor:
     def __init__(
         self,
