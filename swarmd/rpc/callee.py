@@ -294,18 +294,7 @@ class Callee:
         try:
             first = coro.send(None)
         except StopIteration as stop:
-            if stream is None and conn.error is None:
-                try:
-                    msg = self._pack([RESPONSE, rid, stop.value])
-                except (TypeError, ValueError, OverflowError):
-                    self._finish(rid, method, stream, stop.value, None)  # reports the encoding error
-                    return
-                if len(msg) > self.max_message:
-                    self._reply_error(rid, self._too_large(f"the result of {method!r}", len(msg)))
-                    return
-                conn.send_message(msg)
-                return
-            self._finish(rid, method, stream, stop.value, None)
+            self._answer(rid, method, stream, stop.value)
             return
         except (KeyboardInterrupt, SystemExit):
             raise
@@ -319,8 +308,7 @@ class Callee:
         )
 
     def _answer(self, rid: int, method: str, stream: Stream | None, value: Any) -> None:
-        """The answer of a plain handler (an inline one's is the same, written out where it
-        finishes: one call fewer on that path)."""
+        """The answer of a plain handler, or of an inline one that finished without suspending."""
         conn = self.conn
         if stream is None and conn.error is None:
             try:
