@@ -180,7 +180,7 @@ async def main() -> None:
         for i in range(N_WORKERS):
             p, ready = spawn("worker", tmp / f"w{i}", SWARMD_WORKER_MODELS=f"mlp={model}")
             procs.append(p)
-            workers.append({"public_key": ready["public_key"], "port": ready["ports"]["rpc"]})
+            workers.append({"public_key": ready["public_key"], "port": ready["ports"]["rpc"], "dir": tmp / f"w{i}"})
         p, ready = spawn("orchestrator", tmp / "orch")
         procs.append(p)
         orch_info = {"public_key": ready["public_key"], "port": ready["ports"]["rpc"]}
@@ -189,7 +189,13 @@ async def main() -> None:
             me, "127.0.0.1", orch_info["port"], remote_public_key=bytes.fromhex(orch_info["public_key"])
         )
         for w in workers:
-            await orch.call(
+            # registerWorker acts only on the caller's own key (issue 14): each worker registers itself,
+            # over a connection made with its own identity, read from its data dir as the daemon does
+            own = Identity.load(w["dir"] / "identity.key")
+            as_worker = await connect(
+                own, "127.0.0.1", orch_info["port"], remote_public_key=bytes.fromhex(orch_info["public_key"])
+            )
+            await as_worker.call(
                 "registerWorker",
                 {
                     "public_key": w["public_key"],
@@ -200,6 +206,7 @@ async def main() -> None:
                 },
                 timeout=T,
             )
+            await as_worker.close()
         peers = {
             w["public_key"]: await connect(
                 me, "127.0.0.1", w["port"], remote_public_key=bytes.fromhex(w["public_key"])
