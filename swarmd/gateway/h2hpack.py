@@ -95,6 +95,17 @@ class HpackDecoder:
                              f"{len(self.table)} entries)")
         return self.table[i]
 
+    def _literal(self, block: bytes, pos: int, bits: int) -> tuple[bytes, bytes, int]:
+        """A literal field (RFC 7541 §6.2): its name by index (`bits`-bit prefix) or as a string,
+        then its value; returns (name, value, position after it)."""
+        index, pos = _int(block, pos, bits)
+        if index:
+            name = self._entry(index)[0]
+        else:
+            name, pos = self._string(block, pos)
+        value, pos = self._string(block, pos)
+        return name, value, pos
+
     def _string(self, block: bytes, pos: int) -> tuple[bytes, int]:
         if pos >= len(block):
             raise HpackError("header block ends before a string")
@@ -138,12 +149,7 @@ class HpackDecoder:
                 index, pos = _int(block, pos, 7)
                 name, value = self._entry(index)
             elif c & 0x40:  # literal with incremental indexing
-                index, pos = _int(block, pos, 6)
-                if index:
-                    name = self._entry(index)[0]
-                else:
-                    name, pos = self._string(block, pos)
-                value, pos = self._string(block, pos)
+                name, value, pos = self._literal(block, pos, 6)
                 self._add(name, value)
                 changed = True
             elif c & 0x20:  # dynamic table size update: only before the first field
@@ -157,12 +163,7 @@ class HpackDecoder:
                 changed = True
                 continue
             else:  # literal without indexing (0000) or never indexed (0001)
-                index, pos = _int(block, pos, 4)
-                if index:
-                    name = self._entry(index)[0]
-                else:
-                    name, pos = self._string(block, pos)
-                value, pos = self._string(block, pos)
+                name, value, pos = self._literal(block, pos, 4)
             total += len(name) + len(value) + 32
             if total > self.max_header_list:
                 raise OversizedHeaderList(f"header list over {self.max_header_list} bytes")
