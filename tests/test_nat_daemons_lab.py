@@ -120,3 +120,25 @@ async def test_public_peer_gets_direct_tcp(lab, tmp_path) -> None:
     out = probe(lab, world, "pub")
     assert out["path"] == "direct", out
     assert out["connection"] == {"path": "direct"}
+
+
+async def test_without_tcp_punching_the_udp_punch_carries_udx_intact_through_loss(lab, tmp_path) -> None:
+    """`nat.punch_tcp = false`: the final path is the UDP punch with UDX on it. Then nat-b drops
+    3 % of the UDP it forwards (both ways): the 10 MB stream still arrives whole (the sink
+    checks every byte), no call fails, and lan-a's UDX connection log shows it retransmitted."""
+    world = await start_swarm(lab, tmp_path, "cone", "cone", {"SWARMD_NAT_PUNCH_TCP": "false"})
+    out = probe(lab, world, "b", watch=20)
+    assert out["path"] == out["watch"]["final_path"] == "punched-udp", out
+    assert out["connection"]["punch"]["open_ms"] > 0, out
+    up = await world["b"].wait_for(r'"msg": "connection over the punched-udp path".*"event": "path_chosen".*"inbound": true', 30)
+    assert json.loads(up)["path"] == "punched-udp"
+    lab.run("nat-b", ["nft", "insert", "rule", "ip", "natlab", "forward", "meta", "l4proto", "udp",
+                      "numgen", "random", "mod", "100", "<", "3", "counter", "drop"])
+    lossy = swarm_probe(lab, world, "b", TEN_MB, 20.0, True)  # fresh: punch and stream under loss
+    assert lossy["stream"]["ok"] and lossy["stream"]["bytes"] == TEN_MB, lossy
+    assert lossy["watch"]["calls_failed"] == 0 and lossy["watch"]["streams_failed"] == 0, lossy["watch"]
+    assert lossy["path"] == lossy["watch"]["final_path"] == "punched-udp", lossy  # probes are resent: loss only slows the punch
+    swarm_probe(lab, world, "b", 0, 0.0, True)  # closes the lossy connection: its log line follows
+    line = await world["a"].wait_for(r'(?=.*"event": "udx_closed")(?=.*"retransmits": [1-9])', 30)
+    closed = json.loads(line)
+    assert closed["dropped_bad"] == 0 and closed["loss_episodes"] >= 1, closed

@@ -29,7 +29,7 @@ from loguru import logger
 
 from swarmd.errors import ERR_CLOSED, ERR_TIMEOUT, SwarmdError
 from swarmd.net.udppunch import tune_socket
-from swarmd.net.udx import CLOSED, OPEN, Rst, UdxCore, rst_name
+from swarmd.net.udx import CLOSED, MAGIC, OPEN, Rst, UdxCore, rst_name
 
 Address = tuple[str, int]
 
@@ -88,7 +88,7 @@ class UdxTransport(asyncio.Transport):
         self._eof_delivered = False
         self._closer: asyncio.Task[None] | None = None
         self._drained = asyncio.Event()
-        self.strays = 0  # datagrams from other addresses (late punch probes, strays)
+        self.strays = 0  # datagrams from other addresses, or not UDX (late punch probes)
         self.gro_runs = 0  # reads that returned a coalesced run of datagrams
         self.gso_sends = 0  # sends that handed the kernel a run of datagrams
         self.handshake_s = 0.0
@@ -156,6 +156,9 @@ class UdxTransport(asyncio.Transport):
                     batch.extend(view[i : i + seg] for i in range(0, len(data), seg))
                     self.gro_runs += 1
                     continue
+            if not data or data[0] != MAGIC:
+                self.strays += 1  # a late punch probe from the peer's socket, or not ours at all
+                continue
             batch.append(data)
         if batch and not self._lost:
             self._core.receive(batch, self._loop.time())
