@@ -6,10 +6,13 @@ comes back with cold caches: a sequential 64-byte echo between two processes spe
 ~100 us of its ~150 us in these wake-ups, for swarmd and for plain TCP alike. An "idle
 strategy" (as in Aeron or DPDK) keeps the loop polling its sockets for a bounded time after
 a write instead: the loop runs a no-op step through `call_soon`, so each iteration polls
-with a zero timeout and the answer is read as soon as it lands.
+with a zero timeout and the answer is read as soon as it lands. Each step yields the CPU
+(`sched_yield`), so another runnable process on this CPU (the peer, a model run, a load
+generator) is never held back by the polling.
 
-It costs CPU while it waits, so it is off by default (`NetConfig.busy_poll_us = 0`) and
-adaptive when on: a connection polls after a write only while its recent write-to-read
+It costs CPU while it waits and gains nothing on a machine whose cores are busy anyway, so
+it is off by default (`NetConfig.busy_poll_us = 0`; figures in docs/benchmarks.md, issue 19)
+and adaptive when on: a connection polls after a write only while its recent write-to-read
 gaps fit in the budget, so a peer that takes milliseconds (a model run, a WAN path) is
 not waited for by spinning; while off it probes with one poll every `_PROBE_EVERY` writes.
 """
@@ -17,10 +20,12 @@ not waited for by spinning; while off it probes with one poll every `_PROBE_EVER
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 
 _perf = time.perf_counter
+_yield = getattr(os, "sched_yield", lambda: None)
 _CREDIT_MAX = 4  # gaps within the budget remembered; this many misses in a row stop the polling
 _PROBE_EVERY = 16  # while stopped, every this many writes poll once to see whether gaps shrank
 _spinners = threading.local()
@@ -45,6 +50,7 @@ class _Spinner:
     def _step(self) -> None:
         # a ready callback makes the loop poll with a zero timeout instead of sleeping
         if _perf() < self.until and not self.loop.is_closed():
+            _yield()  # a process waiting for this CPU runs first: polling never delays it
             self.handle = self.loop.call_soon(self._step)
         else:
             self.handle = None
