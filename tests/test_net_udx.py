@@ -213,3 +213,14 @@ def test_hostile_datagrams_never_raise_and_never_break_an_open_stream(garbage: l
     b.receive(a.datagrams_to_send(now), now)
     got = b"".join(bytes(c) for c in b.take_data())
     assert got.endswith(b"after the storm") or b.rcv_next > 1
+
+
+def test_an_idle_connection_stays_open_on_keepalives_and_a_silent_one_closes() -> None:
+    net = Net(10)
+    net.run(lambda: net.a.state == OPEN and net.b.state == OPEN)
+    start = net.now
+    net.run(lambda: net.now - start > 3 * udx.IDLE_TIMEOUT, limit=10_000)
+    assert net.a.state == OPEN and net.b.state == OPEN  # PINGs and their ACKs kept both alive
+    net.loss = 1.0
+    net.run(lambda: net.a.state == CLOSED and net.b.state == CLOSED, limit=10_000)
+    assert net.a.close_code == net.b.close_code == Rst.TIMEOUT and not net.a.remote_closed

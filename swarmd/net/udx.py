@@ -294,7 +294,7 @@ class UdxCore:
                     continue
                 self.remote_closed = True
                 code = d[HDR]
-                self._close(code, f"peer sent RST ({_rst_name(code)})")
+                self._close(code, f"peer sent RST ({rst_name(code)})")
                 return
             else:
                 stats.dropped_bad += 1
@@ -679,7 +679,10 @@ class UdxCore:
         self._rto_at = self._ack_at = self._syn_at = None
 
 
-def _rst_name(code: int) -> str:
+def rst_name(code: int | None) -> str:
+    """An RST code's name for logs (an unknown code from a peer is shown as a number)."""
+    if code is None:
+        return "none"
     try:
         return Rst(code).name.lower()
     except ValueError:

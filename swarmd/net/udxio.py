@@ -22,13 +22,14 @@ import errno
 import os
 import socket
 import struct
+import sys
 from typing import Any
 
 from loguru import logger
 
 from swarmd.errors import ERR_CLOSED, ERR_TIMEOUT, SwarmdError
 from swarmd.net.udppunch import tune_socket
-from swarmd.net.udx import CLOSED, OPEN, Rst, UdxCore
+from swarmd.net.udx import CLOSED, OPEN, Rst, UdxCore, rst_name
 
 Address = tuple[str, int]
 
@@ -88,6 +89,8 @@ class UdxTransport(asyncio.Transport):
         self._closer: asyncio.Task[None] | None = None
         self._drained = asyncio.Event()
         self.strays = 0  # datagrams from other addresses (late punch probes, strays)
+        self.gro_runs = 0  # reads that returned a coalesced run of datagrams
+        self.gso_sends = 0  # sends that handed the kernel a run of datagrams
         self.handshake_s = 0.0
         self.log = logger.bind(part="udx", peer=f"{peer[0]}:{peer[1]}")
 
@@ -146,11 +149,12 @@ class UdxTransport(asyncio.Transport):
             if gro and anc:
                 seg = 0
                 for level, kind, value in anc:
-                    if level == SOL_UDP and kind == UDP_GRO and len(value) >= 2:
-                        seg = int.from_bytes(value[:4] if len(value) >= 4 else value[:2], "little")
+                    if level == SOL_UDP and kind == UDP_GRO and len(value) >= 4:
+                        seg = int.from_bytes(value[:4], sys.byteorder)  # a C int: the run's datagram size
                 if 0 < seg < len(data):
                     view = memoryview(data)
                     batch.extend(view[i : i + seg] for i in range(0, len(data), seg))
+                    self.gro_runs += 1
                     continue
             batch.append(data)
         if batch and not self._lost:
@@ -247,6 +251,7 @@ class UdxTransport(asyncio.Transport):
                     sock.sendto(out[i], peer)
                 else:
                     sock.sendmsg(out[i:j], [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))], 0, peer)
+                    self.gso_sends += 1
             except (BlockingIOError, InterruptedError):
                 self._blocked = True
                 self._backlog.appendleft(out[i:])
@@ -293,6 +298,9 @@ class UdxTransport(asyncio.Transport):
             self._opened.set_exception(SwarmdError(ERR_CLOSED, f"punched path closed during the UDX handshake: {core.close_reason}"))
             self._opened.exception()  # retrieved: open() may have given up already
         self._close_socket()
+        # one line per connection: how the path behaved (batching, losses, what was dropped)
+        self.log.bind(event="udx_closed", code=rst_name(core.close_code), by_peer=core.remote_closed,
+                      **self.info()).info("punched-UDP stream closed: {}", core.close_reason or "closed")
         if self._protocol is not None:
             self._protocol.connection_lost(exc)
 
@@ -400,6 +408,8 @@ class UdxTransport(asyncio.Transport):
             "srtt_ms": round((core.srtt or 0.0) * 1000, 2),
             "cwnd": int(core.cwnd),
             "strays": self.strays,
+            "gro_runs": self.gro_runs,
+            "gso_sends": self.gso_sends,
             **core.stats.to_dict(),
         }
 
@@ -436,3 +446,4 @@ class UdxTransport(asyncio.Transport):
             self._transmit()
             await asyncio.sleep(0)
         self._connection_lost()
+
