@@ -14,7 +14,7 @@ nat-b), one way, the same size.
 The pair `cone-cone+upnp` runs miniupnpd on nat-b (tests/natlab/upnpd.py; Debian
 `miniupnpd-nftables`): lan-b maps its port on the router and is reached on it (`mapped`).
 The pair `cone-cone+udp` runs every daemon with `nat.punch_tcp = false`: the punched path
-is the UDP punch with QUIC on it (`punched-udp`), the path a pair takes where no TCP punch
+is the UDP punch with UDX on it (`punched-udp`), the path a pair takes where no TCP punch
 meets.
 
 The ratio to plain TCP is given two ways: the ratio of the two medians, and the median of
@@ -52,7 +52,7 @@ PAIRS = [
     ("cone", "symmetric"),
     ("symmetric", "symmetric"),
     ("cone", "cone+upnp"),  # nat-b runs miniupnpd (UPnP-IGD, NAT-PMP, PCP): lan-b maps its port
-    ("cone", "cone+udp"),  # no TCP punch: the UDP punch + QUIC path
+    ("cone", "cone+udp"),  # no TCP punch: the UDP punch + UDX path
 ]
 WATCH = 20.0  # s a trial keeps calling while waiting for the final path
 SMALL_MIB = 8

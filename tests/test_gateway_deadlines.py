@@ -120,3 +120,20 @@ async def test_a_deadline_cancel_the_backend_swallowed_is_taken_back():
         return out[0], asyncio.current_task().cancelling()
 
     assert await asyncio.wait_for(asyncio.create_task(run()), 30) == ("finished", 0)
+
+
+async def test_a_deadline_on_a_future_cancels_it_and_says_why():
+    """Gateway.infer_soon's way: the entry guards a backend future, not a task."""
+    d = Deadlines(0.05)
+    loop = asyncio.get_running_loop()
+    late, quick, gone = loop.create_future(), loop.create_future(), loop.create_future()
+    entries = {f: d.enter(f) for f in (late, quick, gone)}
+    quick.set_result("done")
+    gone.cancel()  # cancelled from outside (its client went away)
+    await asyncio.wait_for(asyncio.wait([late]), 30)
+    assert late.cancelled()
+    assert d.expired(entries[late]) and not d.expired(entries[quick]) and not d.expired(entries[gone])
+    for entry in entries.values():
+        d.leave(entry)
+    assert not d._queue and d._live == 0
+    d.close()

@@ -4,6 +4,7 @@ permissions and error vocabulary."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import queue
 
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 from tritonclient.utils import InferenceServerException
 
 from swarmd.gateway.config import GatewayConfig
+from swarmd.gateway.deadlines import Deadlines
 from swarmd.gateway.grpc_service import decode_request, encode_response
 from swarmd.gateway.oip import OipError
 from swarmd.gateway.proto import oip_pb2 as pb
@@ -331,3 +333,73 @@ def test_overload_admission_answers_unavailable(engine, tmp_path) -> None:
         c.close()
     finally:
         g.close()
+
+
+def test_lean_model_infer_without_a_task_drops_cancelled_calls_and_times_out(tmp_path) -> None:
+    """The lean lane serves a ModelInfer without grpc-timeout from the backend's future (no Task):
+    a call its client cancels while it waits for a run slot is never run and leaves the in-flight
+    count; past gateway.infer_timeout a call answers DEADLINE_EXCEEDED ERR_TIMEOUT."""
+    import threading
+    import time
+
+    import grpc
+
+    install_model(tmp_path / "models", "mlp", "1", MODEL)
+    g = GatewayThread(tmp_path, GatewayConfig())
+    runtime = g.backend._get("mlp", None).runtime
+    real_run, blocker, runs = runtime.run, threading.Event(), []
+
+    def held_run(*args):  # every run waits for the test
+        runs.append(args)
+        blocker.wait(30)
+        return real_run(*args)
+
+    runtime.run = held_run
+    gw = g.gateway
+    assert gw is not None
+
+    def until(what, timeout: float = 30.0) -> None:  # polls the gateway's state, bounded
+        end = time.monotonic() + timeout
+        while not g.call(_read(what)):
+            assert time.monotonic() < end, "the gateway never got there"
+            time.sleep(0.01)
+
+    try:
+        port = g.call(gw.start_grpc("127.0.0.1", 0))
+        req = pb.ModelInferRequest(model_name="mlp", raw_input_contents=[X.tobytes()], id="t")
+        req.inputs.add(name="x", datatype="FP32", shape=list(X.shape))
+        md = (("x-api-key", g.key("infer")),)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            infer = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                   request_serializer=lambda m: m.SerializeToString(),
+                                   response_deserializer=pb.ModelInferResponse.FromString)
+            a, b = (infer.future(req, metadata=md) for _ in range(2))  # no timeout: no grpc-timeout header
+            until(lambda: len(runs) == 2)  # both run slots held
+            calls = [c for conn in gw.grpc.conns for c in conn.calls.values()]
+            assert calls and all(c.task is not None and not isinstance(c.task, asyncio.Task) for c in calls)
+            c = infer.future(req, metadata=md)
+            until(lambda: gw._in_flight == 3)
+            c.cancel()  # RST_STREAM while it waits for a slot
+            until(lambda: gw._in_flight == 2)
+            blocker.set()
+            for f in (a, b):
+                assert f.result(timeout=30).id == "t"
+            assert infer.future(req, metadata=md).result(timeout=30).model_version == "1"
+            assert len(runs) == 3  # a, b and the last one: the cancelled call never ran
+            until(lambda: gw._in_flight == 0)
+            blocker.clear()
+            gw._deadlines = Deadlines(0.3)  # gateway.infer_timeout from here on; the held run outlasts it
+            late = infer.future(req, metadata=md)
+            with pytest.raises(grpc.RpcError) as e:
+                late.result(timeout=30)
+            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert e.value.details().startswith("ERR_TIMEOUT: inference took longer than 0.3s")
+            until(lambda: gw._in_flight == 0)
+    finally:
+        blocker.set()
+        runtime.run = real_run
+        g.close()
+
+
+async def _read(what):
+    return what()

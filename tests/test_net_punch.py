@@ -1,5 +1,5 @@
 """Punching pieces that need no NAT: our STUN servers only, the probe and offer codecs
-with hostile input, a UDP punch + QUIC on loopback (plain and birthday), and the pool's
+with hostile input, a UDP punch + UDX on loopback (plain and birthday), and the pool's
 preference for a punched path over a relayed one. The NAT lab runs the real thing."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from swarmd.dht.node import DhtNode
 from swarmd.errors import ERR_UNAVAILABLE, SwarmdError
-from swarmd.net import udppunch
+from swarmd.net import udppunch, udx
 from swarmd.net.punch import PathAttempt, PathInfo
 from swarmd.net.udppunch import ACK, PROBE, UdpPuncher, encode_probe, parse_probe
 from swarmd.node.identity import Identity
@@ -34,7 +34,7 @@ def test_probe_round_trip() -> None:
     for kind in (PROBE, ACK):
         raw = encode_probe(kind, pid)
         assert parse_probe(raw) == (kind, pid)
-        assert not udppunch.is_quic(raw)  # a probe can never pass for a QUIC packet
+        assert not udx.is_udx(raw) and not udx.is_udx_syn(raw)  # a probe never passes for UDX
     with pytest.raises(ValueError, match="16-byte"):
         encode_probe(PROBE, b"short")
 
@@ -98,16 +98,15 @@ async def test_loopback_punch_carries_a_stream_both_ways_with_backpressure_and_e
         ta.attach(sa)
         tb.attach(sb)
         payload = hashlib.shake_256(b"punch").digest(6 << 20)
-        for i in range(0, len(payload), 1 << 20):
-            await asyncio.wait_for(sa.writable.wait(), 60)
-            ta.write(payload[i : i + (1 << 20)])
+        ta.writelines(payload[i : i + (1 << 20)] for i in range(0, len(payload), 1 << 20))
+        assert sa.paused == 1  # 6 MiB at once is over the high-water mark: the writer is paused
+        await asyncio.wait_for(sa.writable.wait(), 60)  # and resumed as the peer acknowledges
         ta.write_eof()
         tb.write(b"pong")
         tb.write_eof()
         await asyncio.wait_for(sb.eof.wait(), 120)
         await asyncio.wait_for(sa.eof.wait(), 60)
         assert bytes(sb.data) == payload and bytes(sa.data) == b"pong"
-        assert sa.paused >= 1  # 6 MiB at once is over the high-water mark: the writer was paused
         ta.close()
         await ta.wait_closed()
         await asyncio.wait_for(sb.lost.wait(), 60)  # the peer learns of the close
@@ -123,17 +122,17 @@ async def test_birthday_side_opens_bounded_sockets_and_keeps_only_the_winner() -
         before = len(os.listdir("/proc/self/fd"))
         a, b, ta, tb = await _punch_pair(node, "symmetric", "cone", sockets=16)
         assert a.result.birthday and a.result.sockets == 16 and b.result.birthday
-        assert len(os.listdir("/proc/self/fd")) - before <= 4  # 15 losers closed; 2 QUIC sockets remain
+        assert len(os.listdir("/proc/self/fd")) - before <= 4  # 15 losers closed; 2 UDX sockets remain
         sa, sb = _Sink(), _Sink()
         ta.attach(sa)
         tb.attach(sb)
         tb.write(b"hello")
-        async with asyncio.timeout(60):  # the callee (QUIC server) may speak first
+        async with asyncio.timeout(60):  # the callee (UDX responder) may speak first
             while bytes(sa.data) != b"hello":
                 await asyncio.sleep(0.01)
-        # a stray datagram at the QUIC socket from anyone else is ignored, not a crash
+        # a stray datagram at the UDX socket from anyone else is ignored, not a crash
         stray, _ = await udppunch.udp_socket("127.0.0.1")
-        stray.sendto(b"\xc0" + os.urandom(1300), ta.get_extra_info("sockname"))
+        stray.sendto(b"\x55" + os.urandom(1300), ta.get_extra_info("sockname"))
         stray.close()
         ta.write(b"still")
         async with asyncio.timeout(60):

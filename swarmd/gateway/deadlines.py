@@ -10,6 +10,10 @@ turns its own into TimeoutError: an outside cancellation arriving at the same ti
 propagates. Entries of finished inferences leave from the front as it finishes, and the
 queue is compacted when finished ones pile up behind a slow one, so it holds at most
 about twice the inferences in flight.
+
+An entry may also guard a plain future instead of a task (the lean gRPC lane serves a
+ModelInfer as the backend's future and a done callback, no Task: Gateway.infer_soon):
+the deadline cancels the future, and `expired` tells its callback why.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import asyncio
 from collections import deque
 from typing import Any
 
-# an entry: [deadline (loop.time()), the task (None once finished), expired, task.cancelling() at entry]
+# an entry: [deadline (loop.time()), the task or future (None once finished), expired,
+#            task.cancelling() at entry (-1: a plain future, which keeps no cancel count)]
 Entry = list[Any]
 DEADLINE, TASK, EXPIRED, CANCELLING = range(4)
 
@@ -33,15 +38,21 @@ class Deadlines:
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def enter(self) -> Entry:
-        """Start the clock for the current task; the caller must leave() in a finally."""
-        task = asyncio.current_task()
-        if task is None:
-            raise RuntimeError("Deadlines.enter() needs a running task")
-        loop = task.get_loop()
+    def enter(self, future: asyncio.Future[Any] | None = None) -> Entry:
+        """Start the clock for the current task, or for `future` (cancelled when it expires); the
+        caller must leave() in a finally, or in the future's done callback."""
+        if future is None:
+            task = asyncio.current_task()
+            if task is None:
+                raise RuntimeError("Deadlines.enter() needs a running task or a future")
+            target: asyncio.Future[Any] = task
+            cancelling = task.cancelling()
+        else:
+            target, cancelling = future, -1
+        loop = target.get_loop()
         if loop is not self._loop:  # first use, or a new loop (tests): nothing of the old one carries over
             self._loop, self._queue, self._live, self._timer = loop, deque(), 0, None
-        entry = [loop.time() + self.timeout, task, False, task.cancelling()]
+        entry = [loop.time() + self.timeout, target, False, cancelling]
         self._queue.append(entry)
         self._live += 1
         if self._timer is None:
@@ -54,7 +65,8 @@ class Deadlines:
             return
         if entry[EXPIRED]:  # cancelled by its deadline but finished anyway: take that cancel back
             entry[EXPIRED] = False
-            task.uncancel()
+            if entry[CANCELLING] >= 0:
+                task.uncancel()
         entry[TASK] = None
         self._live -= 1
         q = self._queue
@@ -69,6 +81,8 @@ class Deadlines:
         if not entry[EXPIRED] or entry[TASK] is None:
             return False
         entry[EXPIRED] = False  # the cancel is taken back here, not again in leave()
+        if entry[CANCELLING] < 0:  # a future: its one cancel was the deadline's
+            return True
         return entry[TASK].uncancel() <= entry[CANCELLING]
 
     def _fire(self) -> None:

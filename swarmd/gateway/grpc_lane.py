@@ -3,10 +3,14 @@ grpc_service.OipService (gateway.grpc_engine = "lean", the default).
 
 Measured here (issue 20): grpcio's asyncio server spends ~310 µs of CPU per call before
 any work of ours; this lane's whole HTTP/2 + gRPC framing is a few tens of µs (figures in
-docs/gateway.md). Each connection is one protocol object around the sans-IO core; each
-call whose request is complete runs in a Task of its own (the inference is bounded by
-asyncio.timeout, which wants one), bounded by the call's grpc-timeout when it sent one.
-ModelStreamInfer streams run one Task per stream, answering in order.
+docs/gateway.md). Each connection is one protocol object around the sans-IO core. A
+ModelInfer whose request is complete is parsed, checked and queued at once and answered
+from the backend future's done callback, with no Task (OipService.infer_soon: a Task,
+its coroutine frames and its wake-up were ~8 µs of a ~75 µs call on the loop); other
+unary calls, and a ModelInfer with a grpc-timeout, while tracing is on or on a backend
+without futures (the swarm's), run in a Task of their own, bounded by the call's
+grpc-timeout when it sent one. ModelStreamInfer streams run one Task per stream,
+answering in order.
 
 Limits (gateway config): connections (max_connections, per address), open streams per
 connection (SETTINGS_MAX_CONCURRENT_STREAMS), message size (max_body_bytes), header
@@ -26,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from loguru import logger
 
 from swarmd.errors import SwarmdError
-from swarmd.gateway.grpc_service import SERVICE, GrpcAbort, OipService, unimplemented
+from swarmd.gateway.grpc_service import SERVICE, GrpcAbort, OipService, SoonInfer, unimplemented
 from swarmd.gateway.grpc_wire import (
     ENHANCE_YOUR_CALM,
     GRPC_STATUS,
@@ -61,7 +65,7 @@ class Call:
     timeout: float | None
     started: float
     message: bytes | None = None
-    task: asyncio.Task[Any] | None = None
+    task: asyncio.Future[Any] | None = None  # what serves it: its Task, or the backend's future (infer_soon)
     queue: asyncio.Queue[bytes | None] | None = None  # ModelStreamInfer: requests in order, None at the end
     held: int = 0  # bytes of its request messages the connection holds (LaneProtocol.held)
 
@@ -303,9 +307,36 @@ class LaneProtocol(asyncio.Protocol):
         if call.message is None:
             self._fail(sid, INTERNAL, f"ERR_PROTOCOL: {call.name} call ended without its request message")
             return
-        call.task = asyncio.get_running_loop().create_task(self._serve(sid, call, call.message),
-                                                           name="gateway-grpc-call")
-        call.message = b""
+        data, call.message = call.message, b""
+        if call.name == "ModelInfer" and call.timeout is None:
+            try:
+                soon = self.lane.service.infer_soon(data, call.metadata, self.address)
+            except GrpcAbort as e:
+                self.calls.pop(sid, None)
+                self._release(call, call.held)
+                self.core.respond(sid, None, e.status, e.details)
+                return
+            if soon is not None:
+                call.task = soon.future
+                soon.future.add_done_callback(lambda _, soon=soon: self._answer(sid, call, soon))
+                return
+        call.task = asyncio.get_running_loop().create_task(self._serve(sid, call, data), name="gateway-grpc-call")
+
+    def _answer(self, sid: int, call: Call, soon: SoonInfer) -> None:
+        """An infer_soon() call's backend future is done: answer it (not if it was cancelled: its
+        stream or connection is gone, or the lane is stopping)."""
+        self.calls.pop(sid, None)
+        self._release(call, call.held)
+        try:
+            out: bytes | None = self.lane.service.infer_answer(soon)
+            status, details = 0, ""
+        except GrpcAbort as e:
+            out, status, details = None, e.status, e.details
+        except asyncio.CancelledError:
+            return
+        if not self.closed:
+            self.core.respond(sid, out, status, details)
+            self._flush_later()
 
     def _fail(self, sid: int, status: int, details: str) -> None:
         call = self.calls.pop(sid, None)

@@ -141,6 +141,16 @@ def encode_response(model: str, version: str, rid: str, outputs: dict[str, np.nd
     return resp
 
 
+class SoonInfer:
+    """A ModelInfer being served without a Task (OipService.infer_soon): what its answer needs."""
+
+    __slots__ = ("entry", "future", "names", "request", "started")
+
+    def __init__(self, request: Any, names: list[str] | None, future: asyncio.Future[Any], entry: Any,
+                 started: float) -> None:
+        self.request, self.names, self.future, self.entry, self.started = request, names, future, entry, started
+
+
 class OipService:
     """The methods of inference.GRPCInferenceService over one Gateway, whatever carries them."""
 
@@ -232,6 +242,58 @@ class OipService:
         except DecodeError as e:
             raise self.abort_for(name, e) from None
         return (await self.call(name, request, metadata, remote)).SerializeToString()
+
+    def infer_soon(self, data: bytes, metadata: Mapping[str, str], remote: str) -> SoonInfer | None:
+        """A serialized ModelInfer taken as far as the backend's queue now, with no Task: what
+        call_bytes() does before its inference, in the same order (parse, in-flight bound, key,
+        inputs, validation), raising the same GrpcAbort. The caller adds a done callback to
+        `.future` that calls infer_answer(). None when the backend cannot answer through a
+        future, or tracing is on (its span wants a task): then call_bytes() in a Task."""
+        if tracing.tracer is not None:
+            return None
+        try:
+            request = pb.ModelInferRequest.FromString(data)
+        except DecodeError as e:
+            raise self.abort_for("ModelInfer", e) from None
+        gw = self.gw
+        t0 = time.perf_counter()
+        gw._in_flight += 1
+        try:
+            gw._admit()
+            self.authorize("ModelInfer", metadata, remote)
+            inputs, names = decode_request(request)
+            soon = gw.infer_soon(request.model_name, request.model_version or None, inputs, names, request.id or None)
+        except Exception as e:
+            gw._in_flight -= 1
+            abort = self.abort_for("ModelInfer", e)
+            gw.observe("grpc:ModelInfer", "GRPC", self._status_label(abort, e), time.perf_counter() - t0,
+                       request.model_name)
+            raise abort from None
+        if soon is None:
+            gw._in_flight -= 1
+            return None
+        return SoonInfer(request, names, soon[0], soon[1], t0)
+
+    def infer_answer(self, soon: SoonInfer) -> bytes:
+        """The serialized ModelInferResponse of an infer_soon() call whose future is done, its
+        metrics counted; raises GrpcAbort as call_bytes() would, CancelledError when the call
+        was cancelled from outside (its client went away)."""
+        gw = self.gw
+        request = soon.request
+        status = "200"
+        try:
+            result = gw.infer_done(soon.future, soon.entry)
+            return self._response(request, soon.names, result).SerializeToString()
+        except asyncio.CancelledError:
+            status = "499"
+            raise
+        except Exception as e:
+            abort = self.abort_for("ModelInfer", e)
+            status = self._status_label(abort, e)
+            raise abort from None
+        finally:
+            gw._in_flight -= 1
+            gw.observe("grpc:ModelInfer", "GRPC", status, time.perf_counter() - soon.started, request.model_name)
 
     async def stream_item(self, request: Any, carrier: dict[str, Any] | None) -> Any:
         """One request of a ModelStreamInfer stream, answered in band: a failed one answers with
@@ -340,10 +402,15 @@ class OipService:
         else:
             result = await self.gw.infer_traced(carrier, "grpc", request.model_name, request.model_version or None,
                                                 inputs, names, request.id or None)
+        return self._response(request, names, result)
+
+    @staticmethod
+    def _response(request: Any, names: list[str] | None, result: Any) -> Any:
+        """The ModelInferResponse of a backend's InferResult, every requested output in it."""
         missing = [n for n in names or () if n not in result.outputs]
         if missing:
             raise SwarmdError(ERR_INTERNAL, f"backend returned no output {missing[0]!r}")
         return encode_response(result.model, result.version, request.id, result.outputs, names)
 
 
-__all__ = ["SERVICE", "GrpcAbort", "OipService", "decode_request", "encode_response", "unimplemented"]
+__all__ = ["SERVICE", "GrpcAbort", "OipService", "SoonInfer", "decode_request", "encode_response", "unimplemented"]

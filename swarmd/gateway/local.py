@@ -163,30 +163,37 @@ class LocalBackend:
         outputs: list[str] | None = None,
         request_id: str | None = None,
     ) -> InferResult:
+        return await self.submit(model, version, inputs, outputs, request_id)
+
+    def submit(
+        self,
+        model: str,
+        version: str | None,
+        inputs: dict[str, np.ndarray],
+        outputs: list[str] | None = None,
+        request_id: str | None = None,
+    ) -> asyncio.Future[InferResult]:
+        """infer() without a coroutine: validate and queue now (raises SwarmdError), answer
+        through the returned future. Cancelling it drops the request if it has not run yet."""
         loaded = self._get(model, version)
         feeds, names, rows = loaded.runtime.signature.validate(loaded.info.name, inputs, outputs,
                                                                batch=loaded.batchable)
-        loop = asyncio.get_running_loop()
         now = time.monotonic()
-        p = Pending(feeds, names, rows, now, now, loop.create_future(), request_id=request_id)
+        future: asyncio.Future[InferResult] = asyncio.get_running_loop().create_future()
+        p = Pending(feeds, names, rows, now, now, future, request_id=request_id)
         if not loaded.queue:
             self._waiting.append(loaded)
         loaded.queue.append(p)
         if self._free:
             self._pump()
-        try:
-            values = await p.future
-        except asyncio.CancelledError:
-            p.state = PendingState.DONE  # still queued: take_batch drops it
-            raise
-        return InferResult(loaded.info.name, loaded.info.version, dict(zip(names, values, strict=True)))
+        return future
 
     def _pump(self) -> None:
         """Start a batch on each free run slot, models taking turns."""
         loop = asyncio.get_running_loop()
         while self._free and self._waiting:
             loaded = self._waiting.popleft()
-            batch = take_batch(loaded.queue, BATCHING)
+            batch = [p for p in take_batch(loaded.queue, BATCHING) if not p.future.done()]  # done: cancelled
             if loaded.queue:
                 self._waiting.append(loaded)
             if not batch:
@@ -209,14 +216,15 @@ class LocalBackend:
             except BaseException as e:  # a bug in execute: every request of the batch hears of it
                 results = e
             try:
-                loop.call_soon_threadsafe(self._finished, loaded.info.name, batch, results)
+                loop.call_soon_threadsafe(self._finished, loaded, batch, results)
             except RuntimeError:  # the loop is closed: nobody waits for these answers any more
                 return
 
-    def _finished(self, model: str, batch: list[Pending], results: list[Any] | BaseException) -> None:
+    def _finished(self, loaded: _Loaded, batch: list[Pending], results: list[Any] | BaseException) -> None:
         self._free += 1
+        info = loaded.info
         if isinstance(results, BaseException):
-            results = [internal_error(model, results)] * len(batch)
+            results = [internal_error(info.name, results)] * len(batch)
         for p, result in zip(batch, results, strict=True):
             p.state = PendingState.DONE
             if p.future.done():
@@ -224,7 +232,7 @@ class LocalBackend:
             if isinstance(result, SwarmdError):
                 p.future.set_exception(result)
             else:
-                p.future.set_result(result)
+                p.future.set_result(InferResult(info.name, info.version, dict(zip(p.outputs, result, strict=True))))
         self._pump()
 
     async def put_model(self, upload: UploadedModel) -> ModelMeta:

@@ -236,6 +236,31 @@ class Gateway(Middleware, OipRoutes, V1Routes):
         finally:
             self._deadlines.leave(entry)
 
+    def infer_soon(self, model: str, version: str | None, inputs: dict[str, np.ndarray], outputs: list[str] | None,
+                   request_id: str | None) -> tuple[asyncio.Future[Any], Any] | None:
+        """infer() without a Task, where the backend can queue a request and answer through a
+        future (LocalBackend.submit): (the future, its deadline entry), for a done callback that
+        calls infer_done(); None when the backend cannot (then infer() in a Task). Validation
+        and routing errors raise SwarmdError now, as infer() would. One Task, its coroutine
+        frames and a wake-up cost the loop ~8 µs a request (issue 20: the lean gRPC lane)."""
+        submit = getattr(self.backend, "submit", None)
+        if submit is None:
+            return None
+        future = submit(model, version, inputs, outputs, request_id)
+        return future, self._deadlines.enter(future)
+
+    def infer_done(self, future: asyncio.Future[Any], entry: Any) -> Any:
+        """The result of an infer_soon() future, in its done callback: the InferResult, or the
+        backend's SwarmdError, ERR_TIMEOUT when gateway.infer_timeout cancelled it, or
+        CancelledError when something else did (the call went away)."""
+        expired = self._deadlines.expired(entry)
+        self._deadlines.leave(entry)
+        if future.cancelled():
+            if expired:
+                raise SwarmdError(ERR_TIMEOUT, f"inference took longer than {self._deadlines.timeout}s")
+            raise asyncio.CancelledError
+        return future.result()
+
     async def infer_traced(self, carrier: Any, front: str, model: str, version: str | None,
                            inputs: dict[str, np.ndarray], outputs: list[str] | None, request_id: str | None) -> Any:
         """infer() inside the gateway's server span (tracing on), continuing the trace a W3C

@@ -56,7 +56,7 @@ class NatConfig:
     signal_rate: float = 2.0  # connection requests per second accepted per source
     signal_burst: int = 10  # and the burst allowed above that rate
     punch: bool = True  # try UDP hole punching (birthday punching against a symmetric NAT) before the relay
-    punch_tcp: bool = True  # also race TCP simultaneous open (false: punched paths are UDP + QUIC only)
+    punch_tcp: bool = True  # also race TCP simultaneous open (false: punched paths are UDP + UDX only)
     punch_timeout: float = 10.0  # bound on one punching attempt
     repunch_interval: float = 30.0  # a relayed connection retries punching this often
     relay_timeout: float = 15.0  # bound on pairing through a relay

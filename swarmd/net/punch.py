@@ -1,23 +1,14 @@
 """Which path carries a connection, and how we got there.
 
 The punching itself is in swarmd/net/udppunch.py (UDP hole and birthday
-punching) and swarmd/net/quic.py (QUIC on the punched socket); this module
+punching) and swarmd/net/udx.py (the stream on the punched socket); this module
 keeps the connection-info records every path fills in.
 """
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 from typing import Any
-
-
-async def warm_up() -> None:
-    """Import QUIC (aioquic) in a thread, ahead of the first punch: imported inside a
-    punch it blocks the event loop (~0.2 s quiet, > 1 s loaded) and with it every other path."""
-    import importlib
-
-    await asyncio.to_thread(importlib.import_module, "swarmd.net.quic")
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""UDP hole punching, birthday punching included, and QUIC on the punched socket.
+"""UDP hole punching, birthday punching included, and UDX on the punched socket.
 
 Each side opens a UDP socket, learns its reflexive address from one of our own
 DHT nodes (STUN on that very socket), and sends the other side an offer
@@ -6,8 +6,9 @@ DHT nodes (STUN on that very socket), and sends the other side an offer
 Then both send small probes to every address the other listed; a probe that
 arrives is answered with an ack to the address it came from (peer-reflexive:
 what lets a restricted cone meet a symmetric NAT). The caller takes the first
-(socket, address) that a probe or ack arrived on and starts QUIC there; the
-callee serves QUIC on the socket whose peer sends the first QUIC Initial.
+(socket, address) that a probe or ack arrived on and opens UDX there
+(swarmd/net/udx.py, the punch id as its token); the callee serves UDX on the
+socket whose peer sends the first UDX SYN.
 Probing stops at the first hit.
 
 Birthday punching, when exactly one side is behind a symmetric NAT (a new
@@ -20,8 +21,8 @@ Both numbers are bounds: sockets are closed as soon as one socket won, probes
 stop at the first hit or at the timeout. Two symmetric NATs are not punched.
 
 Probe wire format (UDP, 21 bytes): b"\\x00SWP" | u8 kind (1 probe, 2 ack) |
-punch id[16]. The first byte's 0x40 bit is clear, so a probe can never be
-taken for a QUIC packet (which always has it set).
+punch id[16]. The first byte is 0x00, so a probe can never be taken for a UDX
+packet (magic 0x55) nor for STUN (which parses its own magic cookie).
 """
 
 from __future__ import annotations
@@ -39,9 +40,10 @@ from loguru import logger
 
 from swarmd.dht import stun
 from swarmd.errors import ERR_BAD_REQUEST, ERR_TIMEOUT, ERR_UNAVAILABLE, SwarmdError
+from swarmd.net.udx import is_udx_syn
 
-if TYPE_CHECKING:  # aioquic is imported when a punch succeeds: DHT-only nodes never load it
-    from swarmd.net.quic import QuicTransport
+if TYPE_CHECKING:
+    from swarmd.net.udxio import UdxTransport
 
 Address = tuple[str, int]
 
@@ -58,18 +60,6 @@ BIRTHDAY_RESEND = 1.0  # the symmetric side re-opens its mappings this often
 STUN_TIMEOUT = 1.0
 NAT_TYPES = ("public", "cone", "symmetric", "unknown", "udp_blocked")
 SOCKET_BUFFER = 4 << 20  # SO_RCVBUF/SO_SNDBUF asked for (the kernel caps them)
-QUIC_MIN_INITIAL = 1200  # a QUIC client pads its first datagram to at least this (RFC 9000 14.1)
-
-
-def is_quic(datagram: bytes) -> bool:
-    """QUIC packets have the fixed bit (0x40) set; punch probes start with 0x00."""
-    return bool(datagram) and bool(datagram[0] & 0x40)
-
-
-def is_quic_initial(datagram: bytes) -> bool:
-    """Looks like a client's first QUIC datagram: long header, fixed bit, padded to 1200.
-    (QuicTransport checks the packet type itself before it creates a connection.)"""
-    return len(datagram) >= QUIC_MIN_INITIAL and datagram[0] & 0xC0 == 0xC0
 
 
 def tune_socket(sock: socket.socket | None) -> None:
@@ -177,7 +167,7 @@ class PunchResult:
     sockets: int = 0
     probes: int = 0
     punch_s: float = 0.0
-    quic_s: float = 0.0
+    open_s: float = 0.0  # the UDX handshake on the punched socket
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -188,7 +178,7 @@ class PunchResult:
             "sockets": self.sockets,
             "probes": self.probes,
             "punch_ms": round(self.punch_s * 1000, 1),
-            "quic_ms": round(self.quic_s * 1000, 1),
+            "open_ms": round(self.open_s * 1000, 1),
         }
 
 
@@ -326,8 +316,8 @@ class UdpPuncher:
         hit = self._hit
         if hit is None:
             return
-        if is_quic_initial(data):
-            # callee: the first QUIC Initial from an address that sent us a valid probe wins
+        if is_udx_syn(data):
+            # callee: the first UDX SYN from an address that sent us a valid probe wins
             if not self.initiator and addr in self._state.seen.get(index, ()) and not hit.done():
                 hit.set_result((index, addr, data))
             return
@@ -388,8 +378,8 @@ class UdpPuncher:
                 async with asyncio.timeout(interval):
                     await asyncio.shield(self._hit)
 
-    async def connect(self, peer: PunchOffer, timeout: float) -> QuicTransport:
-        """Punch (bounded) and run QUIC on the socket that got through."""
+    async def connect(self, peer: PunchOffer, timeout: float) -> UdxTransport:
+        """Punch (bounded) and open UDX on the socket that got through."""
         if self._hit is None:
             raise RuntimeError("prepare() first")
         if peer.punch_id != self.punch_id:
@@ -426,21 +416,21 @@ class UdpPuncher:
         udp = self._sockets[index][0]
         sock = udp.get_extra_info("sockname")
         self.result.local = f"{sock[0]}:{sock[1]}"
-        if self.initiator:  # acks first: the callee accepts QUIC only from an address it saw
+        if self.initiator:  # acks first: the callee accepts UDX only from an address it saw
             for _ in range(2):
                 with contextlib.suppress(OSError):
                     udp.sendto(encode_probe(ACK, self.punch_id), addr)
-        # every other socket closes now; the winner belongs to QUIC
+        # every other socket closes now; the winner belongs to UDX
         self._sockets.pop(index)
         self._closed = True
         self._close_sockets()
         t1 = time.monotonic()
         left = max(0.5, deadline - t1)
-        from swarmd.net.quic import QuicTransport
+        from swarmd.net.udxio import UdxTransport
 
-        quic = await QuicTransport.open(udp, addr, is_client=self.initiator, timeout=left, first=first)
-        self.result.quic_s = time.monotonic() - t1
-        return quic
+        udx = await UdxTransport.open(udp, addr, token=self.punch_id, is_client=self.initiator, timeout=left, first=first)
+        self.result.open_s = time.monotonic() - t1
+        return udx
 
     def _close_sockets(self) -> None:
         socks, self._sockets = self._sockets, []
@@ -448,7 +438,7 @@ class UdpPuncher:
             t.close()
 
     async def close(self) -> None:
-        """Close every socket still ours (the winner, once handed to QUIC, is not)."""
+        """Close every socket still ours (the winner, once handed to UDX, is not)."""
         self._closed = True
         self._close_sockets()
         if self._hit is not None and not self._hit.done():

@@ -9,7 +9,7 @@ keep trying behind it (the iroh / libp2p-DCUtR model):
   is symmetric: each side learns its TCP mapping from a relay's PONG, the two
   swap them through a signal peer and connect() at each other;
 - punched-udp: a UDP punch (swarmd/net/udppunch.py; birthday punching when one
-  side is symmetric) carrying QUIC on the punched socket (swarmd/net/quic.py),
+  side is symmetric) carrying UDX on the punched socket (swarmd/net/udx.py),
   unless both sides are symmetric;
 - relayed: pick a relay from the RELAYS topic by round trip, hand the target a
   token through its signal peer, meet it at the relay. It starts after a short
@@ -306,7 +306,7 @@ class Dialer:
 
     async def _punch(self, pk: bytes, signal: list[bytes] | None, via: RpcPeer | None = None) -> tuple[RpcPeer, PathInfo]:
         """UDP: a punch offer through the target's signal peer (or over a connection we
-        hold to it), then QUIC on the socket that got through. The answer's NAT type says
+        hold to it), then UDX on the socket that got through. The answer's NAT type says
         whether we open many sockets (we are symmetric) or probe many ports (they are)."""
         servers = self.traversal.stun_servers()
         if not servers:

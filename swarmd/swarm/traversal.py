@@ -37,7 +37,7 @@ from swarmd.errors import (
 )
 from swarmd.net.connection import SecureConnection
 from swarmd.net.nat import CONE, PUBLIC, SYMMETRIC, UNKNOWN, NatConfig, NatReport, detect_nat
-from swarmd.net.punch import PathInfo, warm_up
+from swarmd.net.punch import PathInfo
 from swarmd.net.relayio import relay_transport
 from swarmd.net.signal import (
     KIND_TCP,
@@ -97,7 +97,6 @@ class Traversal:
         self.metrics: PathMetrics = swarm.path_metrics
         self._relays_cache: tuple[float, list[Address]] = (0.0, [])
         self._best_relay: Address | None = None
-        self._warmed = False
         self.log = logger.bind(component="nat", node=swarm.identity.public_hex[:16])
         self.dialer = Dialer(self)
         self.probe = PathProbe(self)
@@ -219,9 +218,6 @@ class Traversal:
                 await asyncio.sleep(1.0)
                 continue
             self._detected.set()
-            if self.config.punch and self.nat_type != PUBLIC and not self._warmed:
-                self._warmed = True
-                await warm_up()  # off the loop: importing it inside a punch stalls every path for ~0.2-1 s
             await asyncio.sleep(self.config.redetect_interval)
 
     async def _signal_keepalive(self) -> None:

@@ -9,7 +9,7 @@ Run inside a lab namespace by the natlab tests and bench/nat.py:
 
 `upgrade` opens the relayed circuit first (it always works), swaps UDP punch
 offers over it (swarmd/net/udppunch.py; `--nat symmetric` on one side makes it
-a birthday punch), tries to punch (QUIC on the punched socket), and streams over the punched path when
+a birthday punch), tries to punch (UDX on the punched socket), and streams over the punched path when
 both sides got it, otherwise over the relay: the order a relayed connection
 follows when it keeps trying to punch.
 
@@ -76,8 +76,8 @@ class _PipeProtocol(asyncio.Protocol):
         self.writable.set()
 
 
-class QuicPipe:
-    """A punched QUIC transport in the byte-pipe shape StreamPipe has."""
+class PunchedPipe:
+    """A punched UDX transport in the byte-pipe shape StreamPipe has."""
 
     def __init__(self, transport: Any) -> None:
         self.transport = transport
@@ -108,7 +108,7 @@ class QuicPipe:
 
 
 class StreamPipe:
-    """asyncio reader/writer in the byte-pipe shape QuicPipe also has."""
+    """asyncio reader/writer in the byte-pipe shape PunchedPipe also has."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
@@ -217,7 +217,7 @@ async def try_punch(ctl: StreamPipe, args: argparse.Namespace) -> Any:
         puncher = UdpPuncher(stun, args.nat, initiator=False, punch_id=theirs_offer.punch_id, peer_nat=theirs_offer.nat)
         await send_control(ctl, {"answer": _wire(await puncher.prepare(theirs_offer))})
     try:
-        pipe = QuicPipe(await puncher.connect(theirs_offer, args.punch_timeout))
+        pipe = PunchedPipe(await puncher.connect(theirs_offer, args.punch_timeout))
     except SwarmdError as e:
         error = e.message
     # both sides must agree before the stream moves off the relay
