@@ -1,10 +1,14 @@
 """Gateway throughput: POST /v2/models/mlp/infer with a 784-float JSON body.
 
-Model: 784-1024-1024-10 MLP (onnx helper, seeded random weights). Load: a
-bounded asyncio keep-alive client on loopback at 1, 16 and 64 connections.
+Model: 784-1024-1024-10 MLP (onnx helper, seeded random weights). Load: lean asyncio
+protocols on loopback at 1, 16 and 64 connections (H1Load: keep-alive HTTP/1.1, one
+pre-built request; H2Load: concurrent gRPC streams on one HTTP/2 connection, pre-encoded).
 Servers, each a subprocess measured in this same run:
   fastapi   single-process FastAPI + onnxruntime under uvicorn (the baseline)
   gateway   `swarmd --role gateway` serving the model in-process (HTTP cost + local ORT)
+  gateway grpc  the same gateway process's gRPC ModelInfer (raw tensor contents, what
+            tritonclient.grpc sends), N concurrent streams; issue 20's target is its req/s
+            over the gateway row's at 64 (printed per round and as medians)
   swarm     `swarmd --role gateway` -> a separate worker process (+ orchestrator, store);
             swarm+threaded: the worker runs every request in a thread (no inline runs);
             swarm+inline: inline runs up to 5 ms; swarm+colocated: one process runs gateway
@@ -17,7 +21,8 @@ rotating between rounds, so a server and the FastAPI baseline it is compared wit
 run seconds apart and under the same load. A figure is the median over the rounds;
 `ratio` is the median of the per-round ratios to FastAPI in the same round.
 
-    python bench/gateway.py [--seconds 4] [--rounds 5] [--conns 1,16,64]
+    python bench/gateway.py [--seconds 4] [--rounds 5] [--conns 1,16,64] [--routes ...]
+                            [--standalone fastapi,gateway,grpc] [--compare DIR]
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -43,6 +49,23 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from swarmd.gateway.grpc_wire import (  # noqa: E402  (the frame and header helpers the gRPC lane itself uses)
+    DATA,
+    END_HEADERS,
+    END_STREAM,
+    GOAWAY,
+    HEADERS,
+    PING,
+    PREFACE,
+    RST_STREAM,
+    SETTINGS,
+    WINDOW_UPDATE,
+    frame,
+    hpack_int,
+    literal,
+)
+from swarmd.gateway.h2hpack import HpackDecoder  # noqa: E402
 
 FASTAPI_APP = textwrap.dedent('''
     import sys
@@ -130,30 +153,174 @@ def direct_ort(model: Path, body: dict, n: int = 3000) -> float:
     return n / (time.perf_counter() - t0)
 
 
-async def _conn(port: int, request: bytes, stop_at: float, warm_until: float, lat: list[float], errors: list[int]) -> None:
-    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 10)
-    try:
+FRAME = struct.Struct(">BHBBL")
+INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"
+
+
+class H1Load(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection sending `request` again as soon as each answer is in.
+    The load generator of every HTTP row (an asyncio protocol, one pre-built request, no
+    streams or wait_for per read: ~40 µs of client CPU per request, against ~90 for a streams
+    client, which on this 2-core box took CPU from the servers it measured)."""
+
+    def __init__(self, request: bytes, stop: float, warm: float, lat: list[float], errors: list[int],
+                 done: asyncio.Future) -> None:
+        self.request, self.stop, self.warm = request, stop, warm
+        self.lat, self.errors, self.done = lat, errors, done
+        self.buf = b""
+        self.t0 = 0.0
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.t0 = time.perf_counter()
+        transport.write(self.request)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        self.buf = self.buf + data if self.buf else data
         while True:
-            t0 = time.perf_counter()
-            if t0 >= stop_at:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
                 return
-            writer.write(request)
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
-            m = re.search(rb"(?i)content-length:\s*(\d+)", head)
-            n = int(m.group(1)) if m else 0
-            resp = await asyncio.wait_for(reader.readexactly(n), 30)
-            if head[9:12] != b"200" and not errors:
-                print(f"first error: {head[9:12].decode()} {resp[:300]!r}", file=sys.stderr)
-            t1 = time.perf_counter()
+            head = self.buf[:end].lower()
+            i = head.find(b"content-length:")
+            j = head.find(b"\r\n", i) if i >= 0 else -1
+            n = int(head[i + 15:j if j > 0 else None]) if i >= 0 else 0
+            if len(self.buf) < end + 4 + n:
+                return
+            if head[9:12] != b"200" and not self.errors:
+                print(f"first error: {head[9:12].decode()} {self.buf[end + 4:end + 4 + min(n, 300)]!r}", file=sys.stderr)
+            self.buf = self.buf[end + 4 + n:]
+            now = time.perf_counter()
             if head[9:12] != b"200":
-                errors.append(int(head[9:12]))
-            elif t0 >= warm_until:
-                lat.append(t1 - t0)
-    finally:
-        writer.close()
+                self.errors.append(int(head[9:12]))
+            elif self.t0 >= self.warm:
+                self.lat.append(now - self.t0)
+            if now < self.stop:
+                self.t0 = now
+                self.transport.write(self.request)  # type: ignore[union-attr]
+            else:
+                self.transport.close()  # type: ignore[union-attr]
+                return
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
 
 
-async def load(port: int, body: bytes, conns: int, seconds: float, headers: dict[str, str]) -> dict[str, float]:
+def request_block(path: str, key: str | None) -> bytes:
+    """A gRPC request's header block, encoded once: indexed :method POST (3) and :scheme http
+    (6), literals without indexing for the rest."""
+    block = b"\x83\x86" + b"\x04" + hpack_int(len(path), 7) + path.encode()
+    block += b"\x01" + hpack_int(9, 7) + b"127.0.0.1" + b"\x0f\x10" + hpack_int(16, 7) + b"application/grpc"
+    block += literal(b"te", b"trailers")
+    if key:
+        block += literal(b"x-api-key", key.encode())
+    return block
+
+
+class H2Load(asyncio.Protocol):
+    """`conc` gRPC calls in flight on one HTTP/2 connection, each a new stream, until `stop`: the
+    load generator of the gRPC rows, as lean as H1Load (raw asyncio, pre-encoded headers and a
+    pre-serialized request: ~14 µs of client CPU per call; grpcio's own client, what
+    tritonclient uses, costs ~160, more than the server, and would cap req/s on 2 cores)."""
+
+    def __init__(self, block: bytes, message: bytes, conc: int, stop: float, warm: float,
+                 lat: list[float], errors: list[int], done: asyncio.Future) -> None:
+        self.block, self.conc, self.stop, self.warm = block, conc, stop, warm
+        self.data = struct.pack(">BI", 0, len(message)) + message
+        self.lat, self.errors, self.done = lat, errors, done
+        self.started: dict[int, float] = {}
+        self.next_id = 1
+        self.buf = bytearray()
+        self.unacked = 0
+        self.decoder = HpackDecoder()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        out = [PREFACE, frame(SETTINGS, 0, 0, struct.pack(">HIHI", 2, 0, 4, 1 << 24)),
+               frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", (1 << 30)))]
+        out += [self._call() for _ in range(self.conc)]
+        transport.write(b"".join(out))  # type: ignore[attr-defined]
+
+    def _call(self) -> bytes:
+        sid = self.next_id
+        self.next_id += 2
+        self.started[sid] = time.perf_counter()
+        return frame(HEADERS, END_HEADERS, sid, self.block) + frame(DATA, END_STREAM, sid, self.data)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        pos, out = 0, []
+        while len(buf) - pos >= 9:
+            hi, lo, kind, flags, sid = FRAME.unpack_from(buf, pos)
+            n = (hi << 16) | lo
+            if len(buf) - pos - 9 < n:
+                break
+            payload = bytes(buf[pos + 9:pos + 9 + n])
+            pos += 9 + n
+            if kind == DATA:
+                self.unacked += n
+            elif kind == HEADERS and flags & END_STREAM:
+                fields = dict(self.decoder.decode(payload))
+                status = fields.get(b"grpc-status", b"?")
+                if status != b"0" and not self.errors:
+                    print(f"first error: grpc-status {status.decode()} {fields.get(b'grpc-message', b'')[:300]!r}",
+                          file=sys.stderr)
+                self._end(sid, None if status == b"0" else (int(status) if status.isdigit() else -1), out)
+            elif kind == HEADERS:
+                self.decoder.decode(payload)
+            elif kind == RST_STREAM:
+                self._end(sid, -2, out)
+            elif kind == SETTINGS and not flags & 1:
+                out.append(frame(SETTINGS, 1, 0))
+            elif kind == PING and not flags & 1:
+                out.append(frame(PING, 1, 0, payload))
+            elif kind == GOAWAY:
+                self.errors.append(-3)
+                self.started.clear()
+        del buf[:pos]
+        if self.unacked > 1 << 20:
+            out.append(frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", self.unacked)))
+            self.unacked = 0
+        if out:
+            self.transport.write(b"".join(out))  # type: ignore[union-attr]
+        if not self.started and not self.done.done():
+            self.done.set_result(None)
+
+    def _end(self, sid: int, error: int | None, out: list[bytes]) -> None:
+        t0 = self.started.pop(sid, None)
+        if t0 is None:
+            return
+        now = time.perf_counter()
+        if error is not None:
+            self.errors.append(error)
+        elif t0 >= self.warm:
+            self.lat.append(now - t0)
+        if now < self.stop:
+            out.append(self._call())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+def _figures(lat: list[float], errors: list[int], seconds: float) -> dict[str, Any]:
+    a = np.array(lat) if lat else np.array([0.0])
+    return {
+        "rps": round(len(lat) / seconds, 1),
+        "p50_ms": round(float(np.percentile(a, 50)) * 1000, 3),
+        "p99_ms": round(float(np.percentile(a, 99)) * 1000, 3),
+        "errors": len(errors),
+        "error_statuses": sorted(set(errors)),  # HTTP statuses; gRPC rows: grpc-status, -2 RST_STREAM, -3 GOAWAY
+    }
+
+
+async def load(port: int, body: bytes, conns: int, seconds: float, headers: dict[str, str]) -> dict[str, Any]:
+    """POST /v2/models/mlp/infer (JSON) on `conns` keep-alive connections, one request at a time on each."""
+    loop = asyncio.get_running_loop()
     extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
     request = (
         f"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -164,15 +331,48 @@ async def load(port: int, body: bytes, conns: int, seconds: float, headers: dict
     start = time.perf_counter()
     warm = start + min(1.0, seconds / 4)
     stop = warm + seconds
-    await asyncio.gather(*(_conn(port, request, stop, warm, lat, errors) for _ in range(conns)))
-    a = np.array(lat) if lat else np.array([0.0])
-    return {
-        "rps": round(len(lat) / seconds, 1),
-        "p50_ms": round(float(np.percentile(a, 50)) * 1000, 3),
-        "p99_ms": round(float(np.percentile(a, 99)) * 1000, 3),
-        "errors": len(errors),
-        "error_statuses": sorted(set(errors)),
-    }
+    dones = [loop.create_future() for _ in range(conns)]
+    transports = []
+    try:
+        for d in dones:
+            t, _ = await asyncio.wait_for(loop.create_connection(
+                lambda d=d: H1Load(request, stop, warm, lat, errors, d), "127.0.0.1", port), 10)
+            transports.append(t)
+        await asyncio.wait_for(asyncio.gather(*dones), seconds + 30)
+    finally:
+        for t in transports:
+            t.close()
+    return _figures(lat, errors, seconds)
+
+
+async def h2_load(port: int, path: str, message: bytes, conns: int, seconds: float, key: str | None) -> dict[str, Any]:
+    """gRPC calls to `path` with one serialized request `message`: `conns` concurrent streams on one
+    HTTP/2 connection (what tritonclient.grpc does with concurrent calls)."""
+    loop = asyncio.get_running_loop()
+    lat: list[float] = []
+    errors: list[int] = []
+    start = time.perf_counter()
+    warm = start + min(1.0, seconds / 4)
+    stop = warm + seconds
+    done: asyncio.Future = loop.create_future()
+    transport, _ = await asyncio.wait_for(loop.create_connection(
+        lambda: H2Load(request_block(path, key), message, conns, stop, warm, lat, errors, done), "127.0.0.1", port), 10)
+    try:
+        await asyncio.wait_for(done, seconds + 30)
+    finally:
+        transport.close()
+    return _figures(lat, errors, seconds)
+
+
+def infer_message(body_doc: dict[str, Any]) -> bytes:
+    """The gRPC ModelInferRequest of the JSON body's tensor, raw contents (what tritonclient.grpc sends)."""
+    from swarmd.gateway.proto import oip_pb2 as pb
+
+    t = body_doc["inputs"][0]
+    x = np.asarray(t["data"], dtype=np.float32).reshape(t["shape"])
+    req = pb.ModelInferRequest(model_name="mlp", raw_input_contents=[x.tobytes()])
+    req.inputs.add(name=t["name"], datatype="FP32", shape=list(x.shape))
+    return req.SerializeToString()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -182,10 +382,14 @@ def cpu_seconds(pid: int) -> float:
 
 
 def measure(port: int, body: bytes, conns: int, seconds: float, headers: dict[str, str],
-            pid: int | None) -> dict[str, float]:
-    """One load run; with pid, also the server process's CPU time per request (its own cost)."""
+            pid: int | None, grpc: bytes | None = None) -> dict[str, Any]:
+    """One load run: HTTP JSON with `body`, or with `grpc` (a serialized ModelInferRequest) gRPC
+    ModelInfer calls; with pid, also the server process's CPU time per request (its own cost)."""
     before = cpu_seconds(pid) if pid else 0.0
-    r = asyncio.run(load(port, body, conns, seconds, headers))
+    if grpc is None:
+        r = asyncio.run(load(port, body, conns, seconds, headers))
+    else:
+        r = asyncio.run(h2_load(port, INFER_PATH, grpc, conns, seconds, headers.get("x-api-key")))
     if pid:
         total = r["rps"] * (seconds + min(1.0, seconds / 4)) + r["errors"]  # warm-up requests ran too
         r["server_cpu_us_per_req"] = round((cpu_seconds(pid) - before) / max(total, 1) * 1e6, 1)
@@ -249,8 +453,10 @@ class Server:
     the processes to profile around each slice, and every process to stop at the end."""
 
     def __init__(self, name: str, port: int, headers: dict[str, str], pid: int,
-                 procs: list[subprocess.Popen], profiled: list[subprocess.Popen] | None = None) -> None:
+                 procs: list[subprocess.Popen], profiled: list[subprocess.Popen] | None = None,
+                 grpc: bytes | None = None) -> None:
         self.name, self.port, self.headers, self.pid = name, port, headers, pid
+        self.grpc = grpc  # a serialized ModelInferRequest: this row is gRPC ModelInfer calls on `port`
         self.procs = procs
         self.profiled = profiled or []
         self.worker_pid: int | None = None  # gateway -> worker in two processes: the worker's CPU is counted too
@@ -261,7 +467,7 @@ class Server:
             q.send_signal(signal.SIGUSR1)
         try:
             before = cpu_seconds(self.worker_pid) if self.worker_pid else 0.0
-            r = measure(self.port, body, conns, seconds, self.headers, self.pid)
+            r = measure(self.port, body, conns, seconds, self.headers, self.pid, self.grpc)
             if self.worker_pid:
                 total = r["rps"] * (seconds + min(1.0, seconds / 4)) + r["errors"]  # as measure() counts
                 r["worker_cpu_us_per_req"] = round((cpu_seconds(self.worker_pid) - before) / max(total, 1) * 1e6, 1)
@@ -346,6 +552,31 @@ def start_swarm(tmp: Path, models: Path, body: bytes, procs: list[subprocess.Pop
         raise
 
 
+def start_standalone(tmp: Path, models: Path, procs: list[subprocess.Popen], root: Path, suffix: str,
+                     grpc: bytes | None) -> list[Server]:
+    """A standalone gateway (onnxruntime in its process) run from the checkout `root`: the row
+    "gateway" (HTTP JSON) and, given the serialized ModelInferRequest `grpc`, the row
+    "gateway grpc" (gRPC ModelInfer on the same process), each named with `suffix`. The
+    access log is off (gateway.access_log): gRPC calls are not written to it, so with it on
+    only the HTTP row would pay for a log entry."""
+    data = tmp / f"gw{suffix}"
+    key = create_key(data)
+    port, gport = free_port(), free_port()
+    args = [sys.executable, "-m", "swarmd", "--role", "gateway", "--http", f"127.0.0.1:{port}",
+            "--data-dir", str(data), "--log-level", "WARNING"]
+    if grpc is not None:
+        args += ["--grpc", f"127.0.0.1:{gport}"]
+    p = start_proc(args, swarmd_env(SWARMD_GATEWAY_LOCAL_MODELS_DIR=str(models), SWARMD_GATEWAY_ACCESS_LOG="false",
+                                    PYTHONPATH=str(root)), tmp / f"gateway{suffix}.log")
+    procs.append(p)
+    wait_http(port, p)
+    out = [Server(f"gateway{suffix}", port, {"x-api-key": key}, p.pid, [p])]
+    if grpc is not None:
+        wait_http(gport, p)
+        out.append(Server(f"gateway grpc{suffix}", gport, {"x-api-key": key}, p.pid, [], grpc=grpc))
+    return out
+
+
 def provision_swarm(port: int, admin: str, models: Path, body: bytes) -> str:
     """Through a fresh swarm's gateway: create the bench's infer key (no rate limit to speak of), push
     the MLP as mlp:1 and retry one inference with that key until the swarm serves it. Returns the key."""
@@ -393,11 +624,12 @@ def main() -> int:
                          "lane off; +asyncio: the standard loop instead of uvloop)")
     ap.add_argument("--set", action="append", default=[], metavar="SWARMD_X=V",
                     help="environment for every swarmd process of the run (A/B a setting in one run)")
-    ap.add_argument("--standalone", default="fastapi,gateway",
-                    help="single-process servers to measure: fastapi (the baseline), gateway (local models)")
+    ap.add_argument("--standalone", default="fastapi,gateway,grpc",
+                    help="single-process servers to measure: fastapi (the baseline), gateway (local models, "
+                         "HTTP JSON), grpc (the same gateway's gRPC ModelInfer, its row 'gateway grpc')")
     ap.add_argument("--compare", metavar="DIR", type=Path,
-                    help="another swarmd checkout (e.g. main before a change): each route also runs from it, "
-                         "as ROUTE@before, in the same interleaved rounds")
+                    help="another swarmd checkout (e.g. main before a change): each route and the standalone "
+                         "gateway also run from it, as ROW@before, in the same interleaved rounds")
     args = ap.parse_args()
     for kv in args.set:
         k, _, v = kv.partition("=")
@@ -419,6 +651,7 @@ def main() -> int:
         body_doc = {"inputs": [{"name": "x", "shape": [1, 784], "datatype": "FP32",
                                 "data": rng.random(784).astype(np.float32).tolist()}]}
         body = json.dumps(body_doc).encode()
+        grpc_msg = infer_message(body_doc)
         ceiling = direct_ort(model, body_doc)
 
         if "fastapi" in standalone:  # baseline: FastAPI + onnxruntime
@@ -431,15 +664,8 @@ def main() -> int:
             servers.append(Server("fastapi", port, {}, p.pid, [p]))
 
         if "gateway" in standalone:  # gateway, standalone (onnxruntime in the gateway process)
-            data = tmp / "gw"
-            key = create_key(data)
-            port = free_port()
-            p = start_proc([sys.executable, "-m", "swarmd", "--role", "gateway", "--http", f"127.0.0.1:{port}",
-                            "--data-dir", str(data), "--log-level", "WARNING"],
-                           swarmd_env(SWARMD_GATEWAY_LOCAL_MODELS_DIR=str(models)), tmp / "gateway.log")
-            procs.append(p)
-            wait_http(port, p)
-            servers.append(Server("gateway", port, {"x-api-key": key}, p.pid, [p]))
+            for root, suffix in [(ROOT, "")] + ([(args.compare.resolve(), "@before")] if args.compare else []):
+                servers += start_standalone(tmp, models, procs, root, suffix, grpc_msg if "grpc" in standalone else None)
 
         if swarm_available():
             for route in args.routes.split(",") if args.routes else []:
@@ -450,7 +676,7 @@ def main() -> int:
                         print(f"swarm route {name}: not measured: {e}", file=sys.stderr)
 
         for s in servers:  # one short warm-up each: first requests load models, fill caches
-            measure(s.port, body, 1, 0.5, s.headers, None)
+            measure(s.port, body, 1, 0.5, s.headers, None, s.grpc)
         for r in range(args.rounds):
             loads.append(os.getloadavg()[0])
             for c in conns:
@@ -497,17 +723,48 @@ def main() -> int:
           f"ratios to FastAPI (range after); load average {min(loads, default=0):.2f}-{max(loads, default=0):.2f}")
     print("cpu/req: CPU time of the server process per request (swarm-*: the gateway process, "
           "which for +colocated includes the worker); worker: the worker process's, in two-process layouts")
-    print(f"{'server':<19} {'conns':>5} {'req/s':>9} {'ratio':>18} {'p50 ms':>8} {'p99 ms':>8} {'cpu/req us':>10} "
+    print(f"{'server':<22} {'conns':>5} {'req/s':>9} {'ratio':>18} {'p50 ms':>8} {'p99 ms':>8} {'cpu/req us':>10} "
           f"{'worker us':>9} {'errors':>6}")
     for name, by_c in results.items():
         for c, r in by_c.items():
             ratio = "" if r["ratio_to_fastapi"] is None else \
                 f"{r['ratio_to_fastapi']:.2f} ({r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f})"
             worker = f"{r['worker_cpu_us_per_req']:,.0f}" if "worker_cpu_us_per_req" in r else ""
-            print(f"{name:<19} {c:>5} {r['rps']:>9,.0f} {ratio:>18} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
+            print(f"{name:<22} {c:>5} {r['rps']:>9,.0f} {ratio:>18} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
                   f"{r['server_cpu_us_per_req']:>10,.0f} {worker:>9} {r['errors']:>6}")
+    # issue 20's target: the standalone gateway's gRPC ModelInfer over its own HTTP JSON route, per round
+    # (the two rows of a round run back to back, under the same load) and as a ratio of the medians
+    grpc_ratio: dict[str, dict[str, dict[str, Any]]] = {}
+    for name in [n for n in slices if n.startswith("gateway grpc")]:
+        http = name.replace("gateway grpc", "gateway")
+        for c, runs in slices[name].items():
+            base = slices.get(http, {}).get(c, [])
+            per = [g["rps"] / h["rps"] for g, h in zip(runs, base, strict=True) if h["rps"]]
+            cpu = [h["server_cpu_us_per_req"] / g["server_cpu_us_per_req"] for g, h in zip(runs, base, strict=True)
+                   if g.get("server_cpu_us_per_req")]
+            g, h, f = results[name][c], results.get(http, {}).get(c), results.get("fastapi", {}).get(c)
+            if h is None or not per:
+                continue
+            grpc_ratio.setdefault(http, {})[c] = {
+                "grpc_rps": g["rps"], "http_json_rps": h["rps"], "fastapi_rps": f["rps"] if f else None,
+                "ratio_of_medians": round(g["rps"] / h["rps"], 3) if h["rps"] else None,
+                "median_per_round_ratio": round(med(per), 3), "per_round_ratios": [round(x, 3) for x in per],
+                "cpu_ratio": round(med(cpu), 3) if cpu else None,
+                "grpc_cpu_us_per_req": g["server_cpu_us_per_req"], "http_json_cpu_us_per_req": h["server_cpu_us_per_req"],
+            }
+    for http, by_c in grpc_ratio.items():
+        for c, r in by_c.items():
+            fa = f", FastAPI {r['fastapi_rps']:,.0f}" if r["fastapi_rps"] else ""
+            print(f"gRPC ModelInfer vs HTTP JSON ({http}, {c} conns): {r['grpc_rps']:,.0f} vs {r['http_json_rps']:,.0f} "
+                  f"req/s{fa}; ratio of medians {r['ratio_of_medians']:.2f}x, median of per-round ratios "
+                  f"{r['median_per_round_ratio']:.2f}x (rounds: {', '.join(f'{x:.2f}' for x in r['per_round_ratios'])}); "
+                  f"gateway CPU {r['grpc_cpu_us_per_req']:,.0f} vs {r['http_json_cpu_us_per_req']:,.0f} us/req; "
+                  f"load average {min(loads, default=0):.2f}-{max(loads, default=0):.2f}")
+    if grpc_ratio:
+        print("target (issue 20): gRPC ModelInfer at 64 concurrent streams >= 1.5x the HTTP JSON route's req/s")
     print(json.dumps({"bench": "gateway", "direct_ort_per_s": round(ceiling, 1), "rounds": args.rounds,
                       "seconds": args.seconds, "loadavg": [round(x, 2) for x in loads], "results": results,
+                      "grpc_over_http_json": grpc_ratio,
                       "baseline": {"fastapi_ort": results.get("fastapi")}}))
     return 0
 

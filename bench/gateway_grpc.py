@@ -1,4 +1,7 @@
-"""The gateway's gRPC front beside its HTTP JSON route and the FastAPI baseline, same run.
+"""The gateway's gRPC front in detail: engines, clients, the per-call floor, tracing, the swarm.
+
+Issue 20's target figure (gRPC ModelInfer at 64 streams over the HTTP JSON route, beside
+FastAPI) is bench/gateway.py's "gateway grpc" row; this script adds the rows that explain it.
 
     python bench/gateway_grpc.py [--seconds 3] [--conns 64] [--rounds 3] [--engines lean,grpcio] [--swarm]
                                  [--pairs] [--no-fastapi] [--traced] [--compare DIR]
@@ -8,14 +11,13 @@ Model: the 784-1024-1024-10 MLP of bench/gateway.py, served by standalone gatewa
 engine (gateway.grpc_engine: "lean", the HTTP/2 lane of gateway/grpc_lane.py, and
 "grpcio"). Load, N concurrent calls each:
   http json   POST /v2/models/mlp/infer on N keep-alive connections from a client as lean as
-              the gRPC one (H1Load: asyncio protocol, one pre-built request) — the baseline of
-              the target;
-  http json/aio  the same from bench/gateway.py's client (asyncio streams, wait_for per
-              read: ~4x the client CPU per request of H1Load);
+              the gRPC one (bench/gateway.py's H1Load: asyncio protocol, one pre-built request)
+              — the baseline of the target;
   fastapi     the same on FastAPI + onnxruntime under uvicorn (bench/gateway.py's baseline);
   grpc raw    ModelInfer with raw tensor contents (what tritonclient.grpc sends) as N
               concurrent streams on one HTTP/2 connection, from a client as lean as the HTTP
-              one: raw asyncio, pre-encoded headers and a pre-serialized request (h2_load);
+              one: raw asyncio, pre-encoded headers and a pre-serialized request
+              (bench/gateway.py's H2Load);
   grpc/grpcio the same calls from grpcio's own asyncio channel (what tritonclient uses): its
               client costs more CPU per call than the server, so on this 2-core box it caps
               req/s for either engine — shown, not used for the target;
@@ -36,7 +38,6 @@ import asyncio
 import json
 import shutil
 import statistics
-import struct
 import sys
 import tempfile
 import time
@@ -48,13 +49,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from gateway import (  # noqa: E402  (bench/gateway.py: one load client, one model builder)
+from gateway import (  # noqa: E402  (bench/gateway.py: one load client per protocol, one model builder)
     FASTAPI_APP,
     build_mlp,
     cpu_seconds,
     create_key,
     free_port,
-    measure,
+    h2_load,
+    load,
     provision_swarm,
     start_proc,
     stop_proc,
@@ -63,201 +65,10 @@ from gateway import (  # noqa: E402  (bench/gateway.py: one load client, one mod
     wait_log,
 )
 
-from swarmd.gateway.grpc_wire import (  # noqa: E402  (the frame and header helpers the lane itself uses)
-    DATA,
-    END_HEADERS,
-    END_STREAM,
-    GOAWAY,
-    HEADERS,
-    PING,
-    PREFACE,
-    RST_STREAM,
-    SETTINGS,
-    WINDOW_UPDATE,
-    frame,
-    hpack_int,
-    literal,
-)
-from swarmd.gateway.h2hpack import HpackDecoder  # noqa: E402
-
-FRAME = struct.Struct(">BHBBL")
-
-
-def request_block(path: str, key: str | None) -> bytes:
-    """A gRPC request's header block, encoded once: indexed :method POST (3) and :scheme http
-    (6), literals without indexing for the rest."""
-    block = b"\x83\x86" + b"\x04" + hpack_int(len(path), 7) + path.encode()
-    block += b"\x01" + hpack_int(9, 7) + b"127.0.0.1" + b"\x0f\x10" + hpack_int(16, 7) + b"application/grpc"
-    block += literal(b"te", b"trailers")
-    if key:
-        block += literal(b"x-api-key", key.encode())
-    return block
-
-
-class H2Load(asyncio.Protocol):
-    """`conc` calls in flight on one HTTP/2 connection, each a new stream, until `stop`."""
-
-    def __init__(self, block: bytes, message: bytes, conc: int, stop: float, warm: float,
-                 lat: list[float], errors: list[str], done: asyncio.Future) -> None:
-        self.block, self.conc, self.stop, self.warm = block, conc, stop, warm
-        self.data = struct.pack(">BI", 0, len(message)) + message
-        self.lat, self.errors, self.done = lat, errors, done
-        self.started: dict[int, float] = {}
-        self.next_id = 1
-        self.buf = bytearray()
-        self.unacked = 0
-        self.decoder = HpackDecoder()
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        out = [PREFACE, frame(SETTINGS, 0, 0, struct.pack(">HIHI", 2, 0, 4, 1 << 24)),
-               frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", (1 << 30)))]
-        out += [self._call() for _ in range(self.conc)]
-        transport.write(b"".join(out))
-
-    def _call(self) -> bytes:
-        sid = self.next_id
-        self.next_id += 2
-        self.started[sid] = time.perf_counter()
-        return frame(HEADERS, END_HEADERS, sid, self.block) + frame(DATA, END_STREAM, sid, self.data)
-
-    def data_received(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
-        pos, out = 0, []
-        while len(buf) - pos >= 9:
-            hi, lo, kind, flags, sid = FRAME.unpack_from(buf, pos)
-            n = (hi << 16) | lo
-            if len(buf) - pos - 9 < n:
-                break
-            payload = bytes(buf[pos + 9:pos + 9 + n])
-            pos += 9 + n
-            if kind == DATA:
-                self.unacked += n
-            elif kind == HEADERS and flags & END_STREAM:
-                fields = dict(self.decoder.decode(payload))
-                status = fields.get(b"grpc-status", b"?")
-                self._end(sid, None if status == b"0" else f"grpc-status {status.decode()}", out)
-            elif kind == HEADERS:
-                self.decoder.decode(payload)
-            elif kind == RST_STREAM:
-                self._end(sid, "RST_STREAM", out)
-            elif kind == SETTINGS and not flags & 1:
-                out.append(frame(SETTINGS, 1, 0))
-            elif kind == PING and not flags & 1:
-                out.append(frame(PING, 1, 0, payload))
-            elif kind == GOAWAY:
-                self.errors.append("GOAWAY")
-                self.started.clear()
-        del buf[:pos]
-        if self.unacked > 1 << 20:
-            out.append(frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", self.unacked)))
-            self.unacked = 0
-        if out:
-            self.transport.write(b"".join(out))  # type: ignore[union-attr]
-        if not self.started and not self.done.done():
-            self.done.set_result(None)
-
-    def _end(self, sid: int, error: str | None, out: list[bytes]) -> None:
-        t0 = self.started.pop(sid, None)
-        if t0 is None:
-            return
-        now = time.perf_counter()
-        if error is not None:
-            self.errors.append(error)
-        elif t0 >= self.warm:
-            self.lat.append(now - t0)
-        if now < self.stop:
-            out.append(self._call())
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.done.done():
-            self.done.set_result(None)
-
-
-class H1Load(asyncio.Protocol):
-    """One keep-alive HTTP/1.1 connection sending `request` again as soon as each answer is in:
-    the HTTP side's load generator as lean as H2Load (no streams, no wait_for per read)."""
-
-    def __init__(self, request: bytes, stop: float, warm: float, lat: list[float], errors: list[str],
-                 done: asyncio.Future) -> None:
-        self.request, self.stop, self.warm = request, stop, warm
-        self.lat, self.errors, self.done = lat, errors, done
-        self.buf = b""
-        self.t0 = 0.0
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.t0 = time.perf_counter()
-        transport.write(self.request)  # type: ignore[attr-defined]
-
-    def data_received(self, data: bytes) -> None:
-        self.buf = self.buf + data if self.buf else data
-        end = self.buf.find(b"\r\n\r\n")
-        if end < 0:
-            return
-        head = self.buf[:end].lower()
-        i = head.find(b"content-length:")
-        n = int(head[i + 15:head.find(b"\r\n", i) if head.find(b"\r\n", i) > 0 else None]) if i >= 0 else 0
-        if len(self.buf) < end + 4 + n:
-            return
-        self.buf = self.buf[end + 4 + n:]
-        now = time.perf_counter()
-        if head[9:12] != b"200":
-            self.errors.append(head[9:12].decode())
-        elif self.t0 >= self.warm:
-            self.lat.append(now - self.t0)
-        if now < self.stop:
-            self.t0 = now
-            self.transport.write(self.request)  # type: ignore[union-attr]
-        else:
-            self.transport.close()  # type: ignore[union-attr]
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.done.done():
-            self.done.set_result(None)
-
 
 async def h1_load(port: int, body: bytes, conns: int, seconds: float, key: str) -> dict[str, float]:
-    """HTTP JSON infer on `conns` keep-alive connections, one request at a time on each."""
-    loop = asyncio.get_running_loop()
-    request = (f"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-               f"x-api-key: {key}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
-    lat: list[float] = []
-    errors: list[str] = []
-    start = time.perf_counter()
-    warm = start + min(1.0, seconds / 4)
-    stop = warm + seconds
-    dones = [loop.create_future() for _ in range(conns)]
-    for d in dones:
-        await loop.create_connection(lambda d=d: H1Load(request, stop, warm, lat, errors, d), "127.0.0.1", port)
-    await asyncio.wait_for(asyncio.gather(*dones), seconds + 30)
-    a = np.array(lat) if lat else np.array([0.0])
-    return {"rps": round(len(lat) / seconds, 1), "p50_ms": round(float(np.percentile(a, 50)) * 1000, 3),
-            "p99_ms": round(float(np.percentile(a, 99)) * 1000, 3), "errors": len(errors)}
-
-
-async def h2_load(port: int, path: str, message: bytes, conns: int, seconds: float, key: str | None
-                  ) -> dict[str, float]:
-    """The raw client: `conns` concurrent streams on one connection for `seconds` after a warm-up."""
-    loop = asyncio.get_running_loop()
-    lat: list[float] = []
-    errors: list[str] = []
-    start = time.perf_counter()
-    warm = start + min(1.0, seconds / 4)
-    stop = warm + seconds
-    done: asyncio.Future = loop.create_future()
-    transport, _ = await loop.create_connection(
-        lambda: H2Load(request_block(path, key), message, conns, stop, warm, lat, errors, done), "127.0.0.1", port)
-    try:
-        await asyncio.wait_for(done, seconds + 30)
-    finally:
-        transport.close()
-    a = np.array(lat) if lat else np.array([0.0])
-    return {"rps": round(len(lat) / seconds, 1), "p50_ms": round(float(np.percentile(a, 50)) * 1000, 3),
-            "p99_ms": round(float(np.percentile(a, 99)) * 1000, 3), "errors": len(errors)}
+    """HTTP JSON infer on `conns` keep-alive connections (bench/gateway.py's client)."""
+    return await load(port, body, conns, seconds, {"x-api-key": key})
 
 
 async def grpc_load(port: int, x: np.ndarray, conns: int, seconds: float, key: str) -> dict[str, float]:
@@ -442,10 +253,8 @@ def main() -> int:
             for c in conns:
                 proc, http, _, key = first
                 add("http json", c, timed(proc.pid, s, arun, h1_load, http, body, c, s, key))
-                if not args.pairs:
-                    add("http json/aio", c, timed(proc.pid, s, measure, http, body, c, s, {"x-api-key": key}, None))
                 if fastapi is not None:
-                    add("fastapi", c, timed(fastapi.pid, s, measure, fport, body, c, s, {}, None))
+                    add("fastapi", c, timed(fastapi.pid, s, arun, load, fport, body, c, s, {}))
                 for e in engines:
                     proc, _, gport, key = gws[e]
                     add(f"grpc raw {e}", c, timed(proc.pid, s, arun, h2_load, gport, infer_path, infer_msg, c, s, key))

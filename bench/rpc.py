@@ -1,6 +1,6 @@
 """RPC benchmark: swarmd RPC (Noise + mux + msgpack over TCP) beside plain asyncio TCP.
 
-    python bench/rpc.py [--quick] [--uvloop]
+    python bench/rpc.py [--quick] [--uvloop] [--net KEY=V ...]
 
 The server side of each measurement runs in its own process (as a remote peer
 would), the client here. Figures:
@@ -34,6 +34,24 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PAYLOAD = b"x" * 64
 LOOP = "uvloop" if "--uvloop" in sys.argv else "asyncio"
+NET_SETTINGS: list[str] = []  # --net KEY=V, for the RPC client and server alike (A/B a NetConfig field)
+
+
+def rpc_config() -> Any:
+    """RpcConfig with the --net settings applied to its NetConfig."""
+    import dataclasses
+
+    from swarmd.net.config import NetConfig
+    from swarmd.rpc.config import RpcConfig
+
+    kinds = {f.name: f.type for f in dataclasses.fields(NetConfig)}
+    values: dict[str, Any] = {}
+    for kv in NET_SETTINGS:
+        key, _, text = kv.partition("=")
+        if key not in kinds:
+            sys.exit(f"--net {kv}: no NetConfig field {key!r}; known: {', '.join(kinds)}")
+        values[key] = float(text) if kinds[key] in ("float", float) else int(text)
+    return RpcConfig(net=NetConfig(**values))
 
 
 def run(coro: Any) -> Any:
@@ -112,7 +130,7 @@ async def serve(kind: str) -> None:
         methods.register("echo", echo)  # answered in the read callback: no coroutine, no Task
         methods.register_stream("sink", sink, op="w")
         ident = Identity.generate()
-        server = RpcServer(ident, methods)
+        server = RpcServer(ident, methods, config=rpc_config())
         await server.start()
         print(json.dumps({"port": server.port, "key": ident.public_key.hex()}), flush=True)
     await loop.run_in_executor(None, sys.stdin.read)  # until the parent closes our stdin
@@ -168,7 +186,8 @@ class _BaselineClient(asyncio.Protocol):
 
 def start_server(kind: str) -> tuple[subprocess.Popen[str], dict[str, Any]]:
     proc = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), "--serve", kind, *(["--uvloop"] if LOOP == "uvloop" else [])],
+        [sys.executable, os.path.abspath(__file__), "--serve", kind, *(["--uvloop"] if LOOP == "uvloop" else []),
+         *(f"--net={kv}" for kv in NET_SETTINGS)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -270,7 +289,8 @@ async def bench_rpc(n_seq: int, n_par: int, in_flight: int, bulk: int) -> dict[s
     proc, info = start_server("rpc")
     try:
         peer = await connect(
-            None, "127.0.0.1", info["port"], remote_public_key=bytes.fromhex(info["key"]), timeout=10
+            None, "127.0.0.1", info["port"], remote_public_key=bytes.fromhex(info["key"]), timeout=10,
+            config=rpc_config(),
         )
         out = await measure(functools.partial(peer.call, "echo", PAYLOAD), n_seq, n_par, in_flight, proc.pid)
         chunk = b"b" * (1 << 20)
@@ -309,9 +329,11 @@ async def bench_same_process(n_seq: int) -> dict[str, float]:
 
     methods.register("echo", echo)  # answered in the read callback: no coroutine, no Task
     ident = Identity.generate()
-    server = RpcServer(ident, methods)
+    server = RpcServer(ident, methods, config=rpc_config())
     await server.start()
-    peer = await connect(None, "127.0.0.1", server.port, remote_public_key=ident.public_key, timeout=10)
+    peer = await connect(
+        None, "127.0.0.1", server.port, remote_public_key=ident.public_key, timeout=10, config=rpc_config()
+    )
 
     out = {}
     calls = (("tcp", functools.partial(client.request, PAYLOAD)), ("rpc", functools.partial(peer.call, "echo", PAYLOAD)))
@@ -342,7 +364,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smaller loops (smoke run)")
     ap.add_argument("--profile", action="store_true", help="cProfile the client side of the RPC run")
     ap.add_argument("--uvloop", action="store_true", help="run every event loop on uvloop (both processes)")
+    ap.add_argument("--net", action="append", default=[], metavar="KEY=V",
+                    help="a NetConfig field for the RPC client and server, e.g. busy_poll_us=50 or flush_frames=0")
     args = ap.parse_args()
+    NET_SETTINGS.extend(args.net)
     if args.uvloop:
         from swarmd.node.eventloop import uvloop_available
 
@@ -399,6 +424,7 @@ def main() -> None:
                 "targets": targets,
                 "anchor_hyperswarm_rpc": anchor,
                 "params": {
+                    "net": NET_SETTINGS,
                     "seq_calls": n_seq,
                     "parallel_calls": n_par,
                     "in_flight": in_flight,

@@ -403,3 +403,38 @@ def test_lean_model_infer_without_a_task_drops_cancelled_calls_and_times_out(tmp
 
 async def _read(what):
     return what()
+
+
+def test_lean_model_infer_on_a_backend_without_futures_is_checked_once(tmp_path) -> None:
+    """A backend that cannot answer through a future (the swarm's has no submit) is served in a
+    Task; the call is admitted and its key counted once, not once per path tried."""
+    install_model(tmp_path / "models", "mlp", "1", MODEL)
+    g = GatewayThread(tmp_path, GatewayConfig())
+    try:
+        g.gateway.backend = _WithoutFutures(g.backend)
+        assert not g.gateway.can_infer_soon()
+        port = g.call(g.gateway.start_grpc("127.0.0.1", 0))
+        key, token = g.keys.create("once", ["infer"])
+        c = tg.InferenceServerClient(url=f"127.0.0.1:{port}")
+        inp = tg.InferInput("x", list(X.shape), "FP32")
+        inp.set_data_from_numpy(X)
+        for _ in range(3):
+            r = c.infer("mlp", [inp], headers={"x-api-key": token})
+            np.testing.assert_allclose(r.as_numpy("y"), reference(MODEL, X)[0], rtol=1e-6)
+        c.close()
+        g.call(_read(g.keys.flush))
+        assert g.keys.get(key.id).requests == 3
+    finally:
+        g.close()
+
+
+class _WithoutFutures:
+    """A LocalBackend seen without its submit(), as the swarm backend is."""
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str):
+        if name == "submit":
+            raise AttributeError(name)
+        return getattr(self._inner, name)

@@ -249,30 +249,28 @@ class OipService:
         inputs, validation), raising the same GrpcAbort. The caller adds a done callback to
         `.future` that calls infer_answer(). None when the backend cannot answer through a
         future, or tracing is on (its span wants a task): then call_bytes() in a Task."""
-        if tracing.tracer is not None:
+        gw = self.gw
+        if tracing.tracer is not None or not gw.can_infer_soon():  # decided first: nothing is checked twice
             return None
         try:
             request = pb.ModelInferRequest.FromString(data)
         except DecodeError as e:
             raise self.abort_for("ModelInfer", e) from None
-        gw = self.gw
         t0 = time.perf_counter()
         gw._in_flight += 1
         try:
             gw._admit()
             self.authorize("ModelInfer", metadata, remote)
             inputs, names = decode_request(request)
-            soon = gw.infer_soon(request.model_name, request.model_version or None, inputs, names, request.id or None)
+            future, entry = gw.infer_soon(request.model_name, request.model_version or None, inputs, names,
+                                          request.id or None)
         except Exception as e:
             gw._in_flight -= 1
             abort = self.abort_for("ModelInfer", e)
             gw.observe("grpc:ModelInfer", "GRPC", self._status_label(abort, e), time.perf_counter() - t0,
                        request.model_name)
             raise abort from None
-        if soon is None:
-            gw._in_flight -= 1
-            return None
-        return SoonInfer(request, names, soon[0], soon[1], t0)
+        return SoonInfer(request, names, future, entry, t0)
 
     def infer_answer(self, soon: SoonInfer) -> bytes:
         """The serialized ModelInferResponse of an infer_soon() call whose future is done, its

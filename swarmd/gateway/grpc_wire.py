@@ -21,7 +21,7 @@ it buffers is bounded: one frame (`max_frame_size`), one header block
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from swarmd.gateway.h2hpack import HpackDecoder, HpackError, OversizedHeaderList
 
@@ -105,6 +105,9 @@ def grpc_message_text(text: str) -> bytes:
 # fixed header blocks of the answers: :status 200 is static table entry 8; content-type is name index 31
 RESPONSE_HEADERS = b"\x88" + b"\x0f\x10" + hpack_int(len(b"application/grpc"), 7) + b"application/grpc"
 OK_TRAILERS = literal(b"grpc-status", b"0")
+# a unary answer's HEADERS frame with its block, then the head of its DATA frame and the message prefix
+UNARY_HEAD = struct.Struct(f">BHBBL{len(RESPONSE_HEADERS)}sBHBBLBI")
+OK_TAIL = struct.Struct(f">BHBBL{len(OK_TRAILERS)}s")  # the trailers frame of a successful call
 
 
 def trailers_block(status: int, message: str) -> bytes:
@@ -142,6 +145,28 @@ def request_head(fields: list[tuple[bytes, bytes]]) -> tuple[str, dict[bytes, by
     if b":method" not in pseudo or b":path" not in pseudo or b":scheme" not in pseudo:
         return "request lacks :method, :scheme or :path", pseudo, metadata
     return "", pseudo, metadata
+
+
+def request_verdict(fields: list[tuple[bytes, bytes]]) -> tuple[str, bytes, str, dict[str, str], float | str | None, str]:
+    """What a call's header fields say, computed once per distinct head (a client repeats its
+    heads; GrpcConnection caches this with the decoded block): (problem: "" when well formed,
+    the HTTP status of a request that is not gRPC (b"405" not POST, b"415" not
+    application/grpc) or b"", the method path, the metadata, the grpc-timeout in seconds
+    (None: none sent; a str: why it is malformed), the grpc-encoding)."""
+    problem, pseudo, metadata = request_head(fields)
+    if problem:
+        return problem, b"", "", metadata, None, "identity"
+    if pseudo[b":method"] != b"POST":
+        return "", b"405", "", metadata, None, "identity"
+    if not metadata.get("content-type", "").startswith("application/grpc"):
+        return "", b"415", "", metadata, None, "identity"
+    timeout: float | str | None = None
+    if "grpc-timeout" in metadata:
+        try:
+            timeout = parse_timeout(metadata["grpc-timeout"])
+        except ValueError as e:
+            timeout = str(e)
+    return "", b"", pseudo[b":path"].decode("latin-1"), metadata, timeout, metadata.get("grpc-encoding", "identity")
 
 
 class ConnectionError_(Exception):  # noqa: N801  (kept apart from the builtin ConnectionError)
@@ -218,21 +243,25 @@ class Limits:
     max_client_resets: int = 200  # streams the client may reset before we answer them, beyond 2x the answered
 
 
-@dataclass
 class _Stream:
-    """One open stream's state: what is buffered of its messages and what waits on windows."""
+    """One open stream's state: what is buffered of its messages and what waits on windows
+    (a plain class with slots: one is made per call)."""
 
-    stream_id: int
-    encoding: str = "identity"
-    buf: bytearray = field(default_factory=bytearray)
-    need: int = 0  # bytes of the message being read (prefix included); 0: awaiting a prefix
-    recv_closed: bool = False
-    headers_sent: bool = False
-    done: bool = False  # the answer's END_STREAM is queued (maybe waiting on a window)
-    window: int = DEFAULT_WINDOW  # what we may still send on it
-    unacked: int = 0  # bytes received on it since its last WINDOW_UPDATE
-    pending: list[bytes] = field(default_factory=list)  # DATA payload waiting on a window
-    pending_trailers: bytes | None = None
+    __slots__ = ("buf", "done", "encoding", "headers_sent", "need", "pending", "pending_trailers", "recv_closed",
+                 "stream_id", "unacked", "window")
+
+    def __init__(self, stream_id: int, window: int = DEFAULT_WINDOW) -> None:
+        self.stream_id = stream_id
+        self.encoding = "identity"
+        self.buf = bytearray()
+        self.need = 0  # bytes of the message being read (prefix included); 0: awaiting a prefix
+        self.recv_closed = False
+        self.headers_sent = False
+        self.done = False  # the answer's END_STREAM is queued (maybe waiting on a window)
+        self.window = window  # what we may still send on it
+        self.unacked = 0  # bytes received on it since its last WINDOW_UPDATE
+        self.pending: list[bytes] = []  # DATA payload waiting on a window
+        self.pending_trailers: bytes | None = None
 
 
 class GrpcConnection:
@@ -303,6 +332,19 @@ class GrpcConnection:
         stream that is gone (reset) takes nothing."""
         s = self.streams.get(stream_id)
         if s is None or s.done:
+            return
+        n = len(message) + 5 if message is not None else 0
+        if (n and not status and not details and not s.headers_sent and n <= s.window and n <= self.send_window
+                and n <= self.peer_max_frame):  # the usual: headers, one DATA frame, trailers, in one piece
+            s.window -= n
+            self.send_window -= n
+            s.headers_sent = s.done = True
+            self.answered += 1
+            self.out.append(UNARY_HEAD.pack(0, len(RESPONSE_HEADERS), HEADERS, END_HEADERS, stream_id, RESPONSE_HEADERS,
+                                            n >> 16, n & 0xFFFF, DATA, 0, stream_id, 0, n - 5)
+                            + message + OK_TAIL.pack(0, len(OK_TRAILERS), HEADERS, END_HEADERS | END_STREAM, stream_id,
+                                                     OK_TRAILERS))
+            self._closed_by_us(s)
             return
         if message is None:
             if not s.headers_sent:  # trailers-only answer: one HEADERS frame
@@ -610,6 +652,13 @@ class GrpcConnection:
         elif s.recv_closed or not flags & END_STREAM:
             raise ConnectionError_(PROTOCOL_ERROR, f"second HEADERS on stream {sid} without END_STREAM")
         self.header_stream, self.header_flags = sid, flags
+        if flags & END_HEADERS:  # the usual: the whole block in this frame, no CONTINUATION to collect
+            if len(block) > self.limits.max_header_block:
+                raise ConnectionError_(ENHANCE_YOUR_CALM, f"header block of stream {sid} over "
+                                                          f"{self.limits.max_header_block} bytes")
+            self.header_stream = 0
+            self._header_block(sid, flags, block, events)
+            return
         self.header_parts, self.header_size = [], 0
         self._header_part(block, flags, events)
 
@@ -646,37 +695,32 @@ class GrpcConnection:
             # RFC 9113 §5.1.2: REFUSED_STREAM; the client may retry it once other calls end
             self.out.append(frame(RST_STREAM, 0, sid, struct.pack(">I", REFUSED_STREAM)))
             return
-        s = self.streams[sid] = _Stream(sid, window=self.peer_initial_window)
+        s = self.streams[sid] = _Stream(sid, self.peer_initial_window)
         seen = self.parsed.get(block)
         if seen is not None and seen[0] is fields:  # the decoder's cached list: the same request head as before
-            problem, pseudo, metadata = seen[1]
+            head = seen[1]
         else:
-            problem, pseudo, metadata = request_head(fields)
+            head = request_verdict(fields)
             if block in self.decoder.cache:  # bounded with it: at most a copy of what it holds
                 if len(self.parsed) >= len(self.decoder.cache):
                     self.parsed.clear()
-                self.parsed[block] = (fields, (problem, pseudo, metadata))
+                self.parsed[block] = (fields, head)
+        problem, http_status, path, metadata, timeout, encoding = head
         if problem:  # a malformed request: a stream error (RFC 9113 §8.1.1)
             del self.streams[sid]
             self.out.append(frame(RST_STREAM, 0, sid, struct.pack(">I", PROTOCOL_ERROR)))
             return
-        ctype = metadata.get("content-type", "")
-        if pseudo[b":method"] != b"POST" or not ctype.startswith("application/grpc"):
+        if http_status:
             # not gRPC: an HTTP answer, as gRPC servers give (405 / 415), then the stream ends
-            status = b"405" if pseudo[b":method"] != b"POST" else b"415"
             s.done = True
-            self.out.append(frame(HEADERS, END_HEADERS | END_STREAM, sid, b"\x08\x03" + status))
+            self.out.append(frame(HEADERS, END_HEADERS | END_STREAM, sid, b"\x08\x03" + http_status))
             self._closed_by_us(s)
             return
-        timeout = None
-        if "grpc-timeout" in metadata:
-            try:
-                timeout = parse_timeout(metadata["grpc-timeout"])
-            except ValueError as e:
-                self._refuse_call(s, GRPC_STATUS["INVALID_ARGUMENT"], f"ERR_BAD_REQUEST: {e}", events)
-                return
-        s.encoding = metadata.get("grpc-encoding", "identity")
-        events.append(Request(sid, pseudo[b":path"].decode("latin-1"), metadata, timeout))
+        if isinstance(timeout, str):  # a malformed grpc-timeout: the sentence saying so
+            self._refuse_call(s, GRPC_STATUS["INVALID_ARGUMENT"], f"ERR_BAD_REQUEST: {timeout}", events)
+            return
+        s.encoding = encoding
+        events.append(Request(sid, path, metadata, timeout))
         if flags & END_STREAM:
             self._end_of_input(s, events)
 
@@ -720,7 +764,10 @@ class GrpcConnection:
             s.unacked = 0
         if s.done:  # answered already (a refusal): what it still sends is dropped
             return
-        if data:
+        if (not s.need and not s.buf and len(data) >= 5 and data[0] == 0
+                and int.from_bytes(data[1:5], "big") == len(data) - 5 <= self.limits.max_message):
+            events.append(Message(sid, data[5:]))  # the usual unary request: one frame, one message
+        elif data:
             s.buf += data
             self.buffered += len(data)
             if not self._messages(s, events):

@@ -236,17 +236,18 @@ class Gateway(Middleware, OipRoutes, V1Routes):
         finally:
             self._deadlines.leave(entry)
 
+    def can_infer_soon(self) -> bool:
+        """Whether infer_soon() serves here: the backend queues requests and answers through a
+        future (LocalBackend.submit); a backend without (the swarm's) is served by infer() in a Task."""
+        return callable(getattr(self.backend, "submit", None))
+
     def infer_soon(self, model: str, version: str | None, inputs: dict[str, np.ndarray], outputs: list[str] | None,
-                   request_id: str | None) -> tuple[asyncio.Future[Any], Any] | None:
-        """infer() without a Task, where the backend can queue a request and answer through a
-        future (LocalBackend.submit): (the future, its deadline entry), for a done callback that
-        calls infer_done(); None when the backend cannot (then infer() in a Task). Validation
-        and routing errors raise SwarmdError now, as infer() would. One Task, its coroutine
-        frames and a wake-up cost the loop ~8 µs a request (issue 20: the lean gRPC lane)."""
-        submit = getattr(self.backend, "submit", None)
-        if submit is None:
-            return None
-        future = submit(model, version, inputs, outputs, request_id)
+                   request_id: str | None) -> tuple[asyncio.Future[Any], Any]:
+        """infer() without a Task, where can_infer_soon(): (the backend's future, its deadline entry),
+        for a done callback that calls infer_done(). Validation and routing errors raise SwarmdError
+        now, as infer() would. One Task, its coroutine frames and a wake-up cost the loop ~8 µs a
+        request (issue 20: the lean gRPC lane)."""
+        future = self.backend.submit(model, version, inputs, outputs, request_id)  # type: ignore[attr-defined]
         return future, self._deadlines.enter(future)
 
     def infer_done(self, future: asyncio.Future[Any], entry: Any) -> Any:

@@ -26,6 +26,7 @@ from loguru import logger
 
 from swarmd.errors import ERR_CLOSED, ERR_HANDSHAKE, ERR_OVERLOADED, ERR_PROTOCOL, SwarmdError
 from swarmd.net import mux
+from swarmd.net.busypoll import BusyPoll
 from swarmd.net.channel import Channel
 from swarmd.net.config import NetConfig
 from swarmd.net.noise import HandshakeError, NoiseSession, reject_frame
@@ -105,6 +106,8 @@ class SecureConnection(WriteBatcher, PeerLimits, asyncio.Protocol, asyncio.Buffe
         self._urgent: list[bytes] = []
         self._bulk: list[bytes] = []
         self._flush_handle: asyncio.Handle | None = None
+        self._flush_at = 2 * self.config.flush_frames if self.config.flush_frames > 0 else 1 << 62
+        self._busy = BusyPoll(self._loop, self.config.busy_poll_us) if self.config.busy_poll_us > 0 else None
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._channels: dict[int, Channel] = {}
@@ -219,6 +222,8 @@ class SecureConnection(WriteBatcher, PeerLimits, asyncio.Protocol, asyncio.Buffe
     def data_received(self, data: bytes) -> None:
         if self.error is not None:
             return
+        if self._busy is not None:
+            self._busy.received()
         self._last_recv = self._loop.time()
         self._ping_outstanding = False
         session = self.session

@@ -1,5 +1,9 @@
 """Write batching for a secure connection: frames queued in one loop iteration share one write.
 
+Up to `NetConfig.flush_frames` calls or answers share a write; past that they go at once, so
+that with many calls in flight the peer works on the first ones while this side prepares the
+rest (both processes busy at once instead of taking turns).
+
 Calls, answers and credits go on the urgent queue, stream data on the bulk
 queue; one flush per loop iteration seals all queued frames (one AEAD operation
 per 64 KiB; bulk frames packed whole into messages, `NoiseSession.seal_frames`)
@@ -18,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from swarmd.errors import SwarmdError
 from swarmd.net import mux
+from swarmd.net.busypoll import BusyPoll
 from swarmd.net.noise import NoiseSession
 from swarmd.node.memory import tune_for_bulk
 
@@ -50,6 +55,8 @@ class WriteBatcher:
     _held_much: bool
     _drain_waiters: list[asyncio.Future[None]]
     _in_receive: bool
+    _busy: BusyPoll | None  # polling for the peer's answer after a write (NetConfig.busy_poll_us)
+    _flush_at: int  # entries of _urgent (a header and a payload per message) that start a write at once
 
     if TYPE_CHECKING:  # provided by PeerLimits
 
@@ -75,12 +82,16 @@ class WriteBatcher:
         if self._in_receive:  # an answer from a handler run inline: the flush ending the read sends it
             urgent.append(header)
             urgent.append(payload)
+            if len(urgent) >= self._flush_at:  # ...or these go now, while we answer the rest
+                self._flush()
             return
         if now:
             if not urgent and not self._bulk:
                 pipe = self._pipe
                 if pipe is not None and self.session.established:
                     pipe.write(self.session.encrypt(header + payload))
+                    if self._busy is not None:
+                        self._busy.wrote()
                     return
             urgent.append(header)
             urgent.append(payload)
@@ -88,7 +99,9 @@ class WriteBatcher:
             return
         urgent.append(header)
         urgent.append(payload)
-        if self._flush_handle is None:
+        if len(urgent) >= self._flush_at:  # the peer starts on these while we queue the rest
+            self._flush()
+        elif self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(self._flush)
 
     async def drain(self) -> None:
@@ -164,10 +177,14 @@ class WriteBatcher:
                     writelines(pieces[at : at + _WRITE_GROUP])
             if self._write_paused:
                 self._check_write_buffer(pipe)
+            if self._busy is not None:
+                self._busy.wrote()
             return
         if not urgent:
             return
         self._urgent = []
         pipe.write(self.session.encrypt(b"".join(urgent)))
+        if self._busy is not None:
+            self._busy.wrote()
         if self._write_paused:
             self._check_write_buffer(pipe)

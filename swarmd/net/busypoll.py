@@ -1,0 +1,107 @@
+"""Busy-polling before the event loop sleeps, when a connection's peer usually answers at once.
+
+On a virtual machine whose idle vCPU halts (no guest halt-polling), every sleep of the
+event loop is a halt and every wake-up costs tens of microseconds of latency and CPU and
+comes back with cold caches: a sequential 64-byte echo between two processes spends
+~100 us of its ~150 us in these wake-ups, for swarmd and for plain TCP alike. An "idle
+strategy" (as in Aeron or DPDK) keeps the loop polling its sockets for a bounded time after
+a write instead: the loop runs a no-op step through `call_soon`, so each iteration polls
+with a zero timeout and the answer is read as soon as it lands. Each step yields the CPU
+(`sched_yield`), so another runnable process on this CPU (the peer, a model run, a load
+generator) is never held back by the polling.
+
+It costs CPU while it waits and gains nothing on a machine whose cores are busy anyway, so
+it is off by default (`NetConfig.busy_poll_us = 0`; figures in docs/benchmarks.md, issue 19)
+and adaptive when on: a connection polls after a write only while its recent write-to-read
+gaps fit in the budget, so a peer that takes milliseconds (a model run, a WAN path) is
+not waited for by spinning; while off it probes with one poll every `_PROBE_EVERY` writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+
+_perf = time.perf_counter
+_yield = getattr(os, "sched_yield", lambda: None)
+_CREDIT_MAX = 4  # gaps within the budget remembered; this many misses in a row stop the polling
+_PROBE_EVERY = 16  # while stopped, every this many writes poll once to see whether gaps shrank
+_spinners = threading.local()
+
+
+class _Spinner:
+    """Keeps one event loop polling without sleeping until a deadline (shared by its connections)."""
+
+    __slots__ = ("loop", "until", "handle")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.until = 0.0
+        self.handle: asyncio.Handle | None = None
+
+    def extend(self, until: float) -> None:
+        if until > self.until:
+            self.until = until
+        if self.handle is None:
+            self.handle = self.loop.call_soon(self._step)
+
+    def _step(self) -> None:
+        # a ready callback makes the loop poll with a zero timeout instead of sleeping
+        if _perf() < self.until and not self.loop.is_closed():
+            _yield()  # a process waiting for this CPU runs first: polling never delays it
+            self.handle = self.loop.call_soon(self._step)
+        else:
+            self.handle = None
+
+
+def _spinner(loop: asyncio.AbstractEventLoop) -> _Spinner:
+    spin: _Spinner | None = getattr(_spinners, "spin", None)
+    if spin is None or spin.loop is not loop:
+        spin = _spinners.spin = _Spinner(loop)
+    return spin
+
+
+class BusyPoll:
+    """One connection's policy: poll after a write while the peer's answers come within budget."""
+
+    __slots__ = ("_spin", "budget", "_wrote_at", "_credit", "_skipped")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, budget_us: int) -> None:
+        if budget_us <= 0:
+            raise ValueError(f"busy-poll budget must be positive microseconds, got {budget_us}")
+        self._spin = _spinner(loop)
+        self.budget = budget_us / 1e6
+        self._wrote_at = 0.0
+        self._credit = 1  # poll after the first write, to learn the peer's pace
+        self._skipped = 0
+
+    @property
+    def polling(self) -> bool:
+        """Whether the next write is followed by polling (gaps have been within budget lately)."""
+        return self._credit > 0
+
+    def wrote(self) -> None:
+        """After a write to the pipe: poll for the answer if the peer has been quick."""
+        now = _perf()
+        self._wrote_at = now
+        if self._credit > 0:
+            self._spin.extend(now + self.budget)
+            return
+        self._skipped += 1
+        if self._skipped >= _PROBE_EVERY:
+            self._skipped = 0
+            self._spin.extend(now + self.budget)
+
+    def received(self) -> None:
+        """On a read: how long after our last write it came decides whether we poll next time."""
+        wrote_at = self._wrote_at
+        if not wrote_at:
+            return
+        self._wrote_at = 0.0
+        if _perf() - wrote_at <= self.budget:
+            if self._credit < _CREDIT_MAX:
+                self._credit += 1
+        elif self._credit > 0:
+            self._credit -= 1

@@ -1,0 +1,174 @@
+"""When a connection writes: early flushes with many calls in flight, and busy-polling after a write.
+
+With more than `NetConfig.flush_frames` calls or answers queued in one loop iteration, the
+first ones are written at once (the peer starts on them while the rest are prepared);
+`NetConfig.busy_poll_us` keeps the loop polling for the answer after a write. Neither may
+change what arrives: every call answered whole, in order of its own caller, errors reported,
+streams intact, and nothing left spinning or hanging afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from typing import Any
+
+import pytest
+
+from swarmd.errors import ERR_BAD_REQUEST, SwarmdError
+from swarmd.net import busypoll
+from swarmd.net.config import NetConfig
+from swarmd.node.eventloop import run, uvloop_available
+from swarmd.node.identity import Identity
+from swarmd.rpc import CallContext, Methods, RpcServer, Stream, connect
+from swarmd.rpc.config import RpcConfig
+
+T = 30.0
+LOOPS = ["asyncio", pytest.param("uvloop", marks=pytest.mark.skipif(not uvloop_available(), reason="no uvloop"))]
+
+
+def _methods() -> Methods:
+    methods = Methods()
+
+    def echo(ctx: CallContext, params: Any) -> Any:  # plain: answered inside the read
+        return params
+
+    async def slow_echo(ctx: CallContext, params: Any) -> Any:  # in a Task: answered later
+        await asyncio.sleep(0)
+        return params
+
+    def fail(ctx: CallContext, params: Any) -> Any:
+        raise SwarmdError(ERR_BAD_REQUEST, f"refused {params}")
+
+    async def digest(ctx: CallContext, params: Any, stream: Stream) -> str:
+        h = hashlib.sha256()
+        while (chunk := await stream.recv()) is not None:
+            h.update(chunk)
+        return h.hexdigest()
+
+    methods.register("echo", echo)
+    methods.register("slow_echo", slow_echo)
+    methods.register("fail", fail)
+    methods.register_stream("digest", digest)
+    return methods
+
+
+async def _traffic(net: NetConfig) -> None:
+    cfg = RpcConfig(net=net)
+    ident = Identity.generate()
+    srv = RpcServer(ident, _methods(), config=cfg)
+    await srv.start()
+    try:
+        peer = await connect(None, "127.0.0.1", srv.port, remote_public_key=ident.public_key, timeout=T, config=cfg)
+        try:
+            async with asyncio.timeout(T):
+                # 300 calls at once, plain and Task handlers and errors interleaved: each caller
+                # gets its own answer, whole
+                async def one(i: int) -> Any:
+                    kind = ("echo", "slow_echo", "fail")[i % 3]
+                    try:
+                        return await peer.call(kind, [i, b"p" * (i % 97)], timeout=T)
+                    except SwarmdError as e:
+                        return (e.code, e.message)
+
+                got = await asyncio.gather(*(one(i) for i in range(300)))
+                for i, g in enumerate(got):
+                    if i % 3 == 2:
+                        assert g == ("ERR_BAD_REQUEST", f"refused {[i, b'p' * (i % 97)]}")
+                    else:
+                        assert g == [i, b"p" * (i % 97)]
+
+                # one caller asking in turn among 100 concurrent calls: its answers come in its order
+                order: list[int] = []
+
+                async def caller() -> None:
+                    for i in range(200):
+                        order.append(await peer.call("echo", i, timeout=T))
+
+                await asyncio.gather(caller(), *(peer.call("echo", b"x" * 64, timeout=T) for _ in range(100)))
+                assert order == list(range(200))
+
+                # a stream beside a burst of calls
+                data = bytes(range(256)) * 4099
+                s = await peer.open_stream("digest", timeout=T)
+                burst = asyncio.gather(*(peer.call("echo", i, timeout=T) for i in range(100)))
+                for off in range(0, len(data), 50_001):
+                    await s.send(data[off : off + 50_001])
+                await s.close()
+                assert await s.result() == hashlib.sha256(data).hexdigest()
+                assert await burst == list(range(100))
+
+                # sequential calls (the lone-call write path)
+                for i in range(50):
+                    assert await peer.call("echo", i, timeout=T) == i
+        finally:
+            await peer.close()
+    finally:
+        await srv.stop()
+    spin = getattr(busypoll._spinners, "spin", None)
+    if net.busy_poll_us and spin is not None:
+        # nothing keeps polling once the traffic stopped: the spinner runs out its budget
+        async with asyncio.timeout(T):
+            while spin.handle is not None:
+                await asyncio.sleep(0.001)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize(
+    "net",
+    [
+        NetConfig(),  # the default early flush
+        NetConfig(flush_frames=1),  # every call and answer written at once
+        NetConfig(flush_frames=0),  # one write per loop iteration
+        NetConfig(busy_poll_us=200),
+        NetConfig(busy_poll_us=1, flush_frames=3),
+    ],
+    ids=["default", "flush1", "flush-off", "busy-poll", "busy-poll-tiny"],
+)
+def test_calls_arrive_whole_and_in_order(loop: str, net: NetConfig) -> None:
+    run(_traffic(net), loop)
+
+
+def test_busy_poll_policy_stops_for_a_slow_peer_and_probes() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        bp = busypoll.BusyPoll(loop, 1_000_000)  # a 1 s budget: "quick" below cannot depend on timing
+        spin = busypoll._spinner(loop)
+        assert bp.polling  # the first write polls, to learn the peer's pace
+        bp.wrote()
+        assert spin.handle is not None
+        # a peer that answers long after the budget: after a few misses no more polling
+        for _ in range(busypoll._CREDIT_MAX + 1):
+            bp.wrote()
+            bp._wrote_at = time.perf_counter() - 10.0  # as if the answer came 10 s later
+            bp.received()
+        assert not bp.polling
+        spin.until = 0.0  # end the polling those writes started
+        async with asyncio.timeout(T):
+            while spin.handle is not None:
+                await asyncio.sleep(0.001)
+        # while stopped, writes do not poll, except one probe every _PROBE_EVERY writes
+        probes = 0
+        for _ in range(busypoll._PROBE_EVERY * 3):
+            bp.wrote()
+            if spin.handle is not None:
+                probes += 1
+                spin.handle.cancel()
+                spin.handle = None
+                spin.until = 0.0
+        assert probes == 3
+        # a quick answer again: polling resumes
+        bp.wrote()
+        bp.received()
+        assert bp.polling
+
+    run(main(), "asyncio")
+
+
+def test_busy_poll_budget_must_be_positive() -> None:
+    async def main() -> None:
+        with pytest.raises(ValueError, match="positive microseconds"):
+            busypoll.BusyPoll(asyncio.get_running_loop(), 0)
+
+    run(main(), "asyncio")
