@@ -177,7 +177,9 @@ class UdxTransport(asyncio.Transport):
         if proto is not None and (self._reading or core.state == CLOSED):
             chunks = core.take_data()
             if chunks:
-                proto.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))  # type: ignore[attr-defined]
+                # one bytes object per batch (a lone chunk may be a view into a GRO read)
+                one = chunks[0] if len(chunks) == 1 and type(chunks[0]) is bytes else b"".join(chunks)
+                proto.data_received(one)  # type: ignore[attr-defined]
             if core.eof_received and not self._eof_delivered and not self._lost:
                 self._eof_delivered = True
                 eof_received = getattr(proto, "eof_received", None)
