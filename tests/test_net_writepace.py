@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
+import os
 import time
 from typing import Any
 
@@ -135,6 +137,7 @@ def test_busy_poll_policy_stops_for_a_slow_peer_and_probes() -> None:
         loop = asyncio.get_running_loop()
         bp = busypoll.BusyPoll(loop, 1_000_000)  # a 1 s budget: "quick" below cannot depend on timing
         spin = busypoll._spinner(loop)
+        spin._checked_at = math.inf  # no CPU-contention check in this test: it depends on the machine
         assert bp.polling  # the first write polls, to learn the peer's pace
         bp.wrote()
         assert spin.handle is not None
@@ -162,6 +165,26 @@ def test_busy_poll_policy_stops_for_a_slow_peer_and_probes() -> None:
         bp.wrote()
         bp.received()
         assert bp.polling
+
+    run(main(), "asyncio")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/thread-self/schedstat"), reason="no per-thread schedstat")
+def test_busy_poll_does_not_poll_while_the_thread_waits_for_a_cpu() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        spin = busypoll._Spinner(loop)
+        now = time.perf_counter()
+        spin._checked_at = now - 1.0
+        spin._waited = spin._run_delay() - 10**9  # as if it waited for a CPU all of the last second
+        spin.extend(now, now + 1.0)
+        assert spin.contended and spin.handle is None
+        spin._checked_at = now - 1.0
+        spin._waited = spin._run_delay() + 10**9  # (counter moved back: not contended) -> polls
+        spin.extend(now, now + 0.001)
+        assert not spin.contended and spin.handle is not None
+        spin.handle.cancel()
+        spin.handle = None
 
     run(main(), "asyncio")
 

@@ -15,6 +15,8 @@ it is off by default (`NetConfig.busy_poll_us = 0`; figures in docs/benchmarks.m
 and adaptive when on: a connection polls after a write only while its recent write-to-read
 gaps fit in the budget, so a peer that takes milliseconds (a model run, a WAN path) is
 not waited for by spinning; while off it probes with one poll every `_PROBE_EVERY` writes.
+No polling either while the cores are busy with other work (`_Spinner`): a polling task
+loses the scheduler's preference for tasks waking from sleep, and takes a core others need.
 """
 
 from __future__ import annotations
@@ -28,20 +30,74 @@ _perf = time.perf_counter
 _yield = getattr(os, "sched_yield", lambda: None)
 _CREDIT_MAX = 4  # gaps within the budget remembered; this many misses in a row stop the polling
 _PROBE_EVERY = 16  # while stopped, every this many writes poll once to see whether gaps shrank
+_CHECK_EVERY = 0.02  # seconds between checks of how long this thread waited for a CPU
+_CONTENDED = 0.05  # waiting this share of the time means the cores are busy: no polling then
 _spinners = threading.local()
 
 
 class _Spinner:
-    """Keeps one event loop polling without sleeping until a deadline (shared by its connections)."""
+    """Keeps one event loop polling without sleeping until a deadline (shared by its connections).
 
-    __slots__ = ("loop", "until", "handle")
+    It does not poll while the cores are busy with other work, where polling only takes a
+    core someone else needs and sleeping is the better wait: checked every _CHECK_EVERY
+    seconds, more tasks runnable machine-wide than this process may use CPUs (/proc/loadavg),
+    or this thread waited for a CPU more than _CONTENDED of the time since the last check
+    (its run delay, /proc/thread-self/schedstat).
+    """
+
+    __slots__ = ("loop", "until", "handle", "_fd", "_load_fd", "_cpus", "_checked_at", "_waited", "contended")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.until = 0.0
         self.handle: asyncio.Handle | None = None
+        try:
+            self._fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+        except OSError:  # not Linux, or no schedstats: no contention check
+            self._fd = -1
+        try:
+            self._load_fd = os.open("/proc/loadavg", os.O_RDONLY)
+        except OSError:
+            self._load_fd = -1
+        self._cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self._checked_at = _perf()
+        self._waited = self._run_delay()
+        self.contended = False
 
-    def extend(self, until: float) -> None:
+    def __del__(self) -> None:
+        for fd in (self._fd, self._load_fd):
+            if fd >= 0:
+                os.close(fd)
+
+    def _runnable(self) -> int:
+        """Tasks runnable machine-wide now, this one included (0 when unknown)."""
+        if self._load_fd < 0:
+            return 0
+        try:
+            return int(os.pread(self._load_fd, 128, 0).split()[3].split(b"/")[0])
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    def _run_delay(self) -> int:
+        """Nanoseconds this thread has spent runnable, waiting for a CPU."""
+        if self._fd < 0:
+            return 0
+        try:
+            return int(os.pread(self._fd, 128, 0).split()[1])
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    def extend(self, now: float, until: float) -> None:
+        if now - self._checked_at >= _CHECK_EVERY and self._fd >= 0:
+            waited = self._run_delay()
+            self.contended = (
+                (waited - self._waited) / 1e9 > _CONTENDED * (now - self._checked_at)
+                or self._runnable() > self._cpus
+            )
+            self._waited = waited
+            self._checked_at = now
+        if self.contended:
+            return
         if until > self.until:
             self.until = until
         if self.handle is None:
@@ -50,7 +106,7 @@ class _Spinner:
     def _step(self) -> None:
         # a ready callback makes the loop poll with a zero timeout instead of sleeping
         if _perf() < self.until and not self.loop.is_closed():
-            _yield()  # a process waiting for this CPU runs first: polling never delays it
+            _yield()  # a process waiting for this CPU runs first
             self.handle = self.loop.call_soon(self._step)
         else:
             self.handle = None
@@ -87,12 +143,12 @@ class BusyPoll:
         now = _perf()
         self._wrote_at = now
         if self._credit > 0:
-            self._spin.extend(now + self.budget)
+            self._spin.extend(now, now + self.budget)
             return
         self._skipped += 1
         if self._skipped >= _PROBE_EVERY:
             self._skipped = 0
-            self._spin.extend(now + self.budget)
+            self._spin.extend(now, now + self.budget)
 
     def received(self) -> None:
         """On a read: how long after our last write it came decides whether we poll next time."""
