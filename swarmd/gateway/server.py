@@ -231,10 +231,14 @@ class Gateway(Middleware, OipRoutes, V1Routes):
             return await self.backend.infer(model, version, inputs, outputs, request_id)
         except asyncio.CancelledError:
             if self._deadlines.expired(entry):
-                raise SwarmdError(ERR_TIMEOUT, f"inference took longer than {self._deadlines.timeout}s") from None
+                raise self._timed_out() from None
             raise
         finally:
             self._deadlines.leave(entry)
+
+    def _timed_out(self) -> SwarmdError:
+        """The error of an inference gateway.infer_timeout cancelled (both infer paths)."""
+        return SwarmdError(ERR_TIMEOUT, f"inference took longer than {self._deadlines.timeout}s")
 
     def can_infer_soon(self) -> bool:
         """Whether infer_soon() serves here: the backend queues requests and answers through a
@@ -258,7 +262,7 @@ class Gateway(Middleware, OipRoutes, V1Routes):
         self._deadlines.leave(entry)
         if future.cancelled():
             if expired:
-                raise SwarmdError(ERR_TIMEOUT, f"inference took longer than {self._deadlines.timeout}s")
+                raise self._timed_out()
             raise asyncio.CancelledError
         return future.result()
 
