@@ -363,9 +363,10 @@ class RpcPeer(Callee):
                     if type(rid) is int:
                         entry = self._pending.pop(rid, None)
                         if entry is not None:  # (an id we issued: no range check needed)
-                            fut = entry[0]
-                            if not fut.done():
-                                fut.set_result(msg[2])
+                            try:
+                                entry[0].set_result(msg[2])
+                            except asyncio.InvalidStateError:  # the caller gave up (cancelled) meanwhile
+                                pass
                             return
             elif n == 6 and msg[0] is REQUEST and self._held is None:
                 # the checks of envelope.decode for a request, inline
