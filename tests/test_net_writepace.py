@@ -120,13 +120,13 @@ async def _traffic(net: NetConfig) -> None:
 @pytest.mark.parametrize(
     "net",
     [
-        NetConfig(),  # the default early flush
+        NetConfig(),  # the defaults: early flush, busy-poll after a write
         NetConfig(flush_frames=1),  # every call and answer written at once
         NetConfig(flush_frames=0),  # one write per loop iteration
-        NetConfig(busy_poll_us=200),
+        NetConfig(busy_poll_us=0),  # never polls: sleeps until the answer wakes the loop
         NetConfig(busy_poll_us=1, flush_frames=3),
     ],
-    ids=["default", "flush1", "flush-off", "busy-poll", "busy-poll-tiny"],
+    ids=["default", "flush1", "flush-off", "poll-off", "busy-poll-tiny"],
 )
 def test_calls_arrive_whole_and_in_order(loop: str, net: NetConfig) -> None:
     run(_traffic(net), loop)

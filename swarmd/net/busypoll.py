@@ -11,8 +11,8 @@ with a zero timeout and the answer is read as soon as it lands. Each step yields
 generator) is never held back by the polling.
 
 It costs CPU while it waits and gains nothing on a machine whose cores are busy anyway, so
-it is off by default (`NetConfig.busy_poll_us = 0`; figures in docs/benchmarks.md, issue 19)
-and adaptive when on: a connection polls after a write only while its recent write-to-read
+it is adaptive (`NetConfig.busy_poll_us`, 100 us by default, 0 turns it off; figures in
+docs/benchmarks.md, issue 19): a connection polls after a write only while its recent write-to-read
 gaps fit in the budget, so a peer that takes milliseconds (a model run, a WAN path) is
 not waited for by spinning; while off it probes with one poll every `_PROBE_EVERY` writes.
 No polling either while the cores are busy with other work (`_Spinner`): a polling task

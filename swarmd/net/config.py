@@ -45,5 +45,7 @@ class NetConfig:
     # after a write, keep the event loop polling (not sleeping) for up to this many microseconds
     # while this connection's peer has been answering within that time (net/busypoll.py): saves
     # the wake-up from idle, which on a VM that halts idle vCPUs is most of a quick call's round
-    # trip, at the cost of CPU spent polling; 0 (default) never polls
-    busy_poll_us: int = 0
+    # trip, at the cost of CPU spent polling (only while the cores are not busy with other work);
+    # 0 never polls. 100 us fits a quick call's round trip on both loops (uvloop and asyncio);
+    # 50 is too short for the asyncio loop (docs/benchmarks.md, issue 19)
+    busy_poll_us: int = 100
