@@ -32,6 +32,10 @@ _KNOWN_IPS: set[str] = set()  # addresses valid_ip accepted: contacts repeat the
 _MAX_KNOWN_IPS = 4096
 
 
+_KNOWN_CONTACTS: dict[tuple[bytes, str, int], Node] = {}  # (id, ip, port) parse_contacts accepted
+_MAX_KNOWN_CONTACTS = 8192
+
+
 def valid_ip(host: Any) -> bool:
     """An IPv4 or IPv6 address literal (no names, no scope ids)."""
     if not isinstance(host, str):
@@ -64,18 +68,36 @@ def valid_id(node_id: Any) -> bool:
 
 def parse_contacts(raw: Any, limit: int) -> list[Node] | None:
     """Contacts from a find reply: a list of [id, ip, port]. None when the reply
-    is not a list at all; malformed entries are dropped, the rest capped."""
+    is not a list at all; malformed entries are dropped, the rest capped.
+
+    Replies name the same contacts again and again, so each valid one is built
+    (and its id turned into an int) once and shared: nothing changes a Node."""
     if not isinstance(raw, list):
         return None
     out: list[Node] = []
     seen: set[bytes] = set()
+    known = _KNOWN_CONTACTS
     for item in raw[: limit * 4]:
         if not isinstance(item, (list, tuple)) or len(item) != 3:
             continue
         nid, ip, port = item
+        if type(nid) is bytes and type(ip) is str and type(port) is int:
+            # exact types first: True == 1 and 1.0 == 1 must not find a known contact
+            node = known.get((nid, ip, port))
+            if node is not None:
+                if nid not in seen:
+                    seen.add(nid)
+                    out.append(node)
+                    if len(out) >= limit:
+                        break
+                continue
         if valid_id(nid) and valid_port(port) and nid not in seen and valid_ip(ip):
             seen.add(nid)
-            out.append(Node(nid, ip, port))
+            node = Node(nid, ip, port)
+            if len(known) >= _MAX_KNOWN_CONTACTS:
+                known.clear()  # bounded: a peer naming many contacts only costs building them again
+            known[(nid, ip, port)] = node
+            out.append(node)
             if len(out) >= limit:
                 break
     return out
