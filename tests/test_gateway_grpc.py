@@ -156,6 +156,11 @@ def test_calls_swarmd_does_not_build_say_which_feature(gw, client) -> None:
         assert _status(e.value) == "StatusCode.UNIMPLEMENTED" and feature in str(e.value), str(e.value)
     # and the gateway still serves afterwards
     assert client.is_server_live()
+    with gw.access_entries() as log:  # a call of a method it does not serve is still one access-log entry
+        with pytest.raises(InferenceServerException):
+            client.get_trace_settings(headers=h)
+    assert [(x["path"], x["status"], x["grpc_status"]) for x in log] == [
+        ("/inference.GRPCInferenceService/TraceSetting", 501, 12)]
 
 
 def test_decode_refuses_malformed_requests_with_a_sentence() -> None:
@@ -334,10 +339,14 @@ def test_lean_lane_refuses_hostile_clients_and_keeps_serving(lean) -> None:
     with socket.create_connection(("127.0.0.1", lean.grpc_port), timeout=10) as s:
         s.sendall(w.PREFACE + w.frame(w.SETTINGS, 0, 0) + w.frame(w.HEADERS, w.END_HEADERS, 1, head)
                   + w.frame(w.DATA, 0, 1, b"\0\0\0\0\x10abc"))
-        got = b""
-        while b"did not arrive within" not in got:
-            got += s.recv(65536)  # a TimeoutError here: the lane never timed the message out
+        with lean.access_entries() as log:
+            got = b""
+            while b"did not arrive within" not in got:
+                got += s.recv(65536)  # a TimeoutError here: the lane never timed the message out
         assert b"grpc-status" in got and b"gateway.body_timeout" in got
+    assert [(x["path"], x["status"], x["grpc_status"]) for x in log] == [  # ended by the lane, logged all the same
+        ("/inference.GRPCInferenceService/ServerLive", 504, 4)]
+    assert log[0]["ms"] >= 500  # from its headers on (body_timeout = 0.5 s)
     c = tg.InferenceServerClient(url=f"127.0.0.1:{lean.grpc_port}")
     try:
         assert c.is_server_live()
