@@ -37,7 +37,12 @@ def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
 
 
 def _remote(context: grpc.aio.ServicerContext) -> str:
+    """The client's address as the other fronts name it ("ipv4:127.0.0.1:5000" -> "127.0.0.1",
+    "ipv6:[::1]:5000" -> "::1"): the rate limit's bucket with auth off, the access log's peer."""
     peer = context.peer() or "?"
+    kind, _, address = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        return address.rsplit(":", 1)[0].strip("[]")
     return peer.rsplit(":", 1)[0] if ":" in peer else peer
 
 
@@ -91,11 +96,11 @@ class GrpcFront:
     async def model_stream_infer(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
                                  ) -> AsyncIterator[Any]:
         try:
-            carrier = self.service.open_stream(_metadata(context), _remote(context))
-        except GrpcAbort as e:
+            stream = self.service.open_stream(_metadata(context), _remote(context))
+            async for request in requests:
+                yield await self.service.stream_item(stream, request)
+        except GrpcAbort as e:  # refused, or a bug in a request (logged): the stream ends with its status
             await context.abort(CODES[e.status], e.details)
-        async for request in requests:
-            yield await self.service.stream_item(request, carrier)
 
 
 class _Unimplemented(grpc.GenericRpcHandler):

@@ -253,17 +253,19 @@ class SecureConnection(WriteBatcher, PeerLimits, asyncio.Protocol, asyncio.Buffe
                             # fast path: a message that is exactly one call or answer
                             on_message(plain[_MUX_HEADER_SIZE:])
                             continue
-                        if not decoder._buf and on_message is not None:
+                        if not decoder._buf and on_message is not None and size <= largest:
                             # calls and answers batched in one message: the whole channel-0 MSG
                             # frames at its start go straight up; the mux decoder takes the rest
-                            # (other frames, a frame continued in the next message, bad lengths)
+                            # (other frames, a frame continued in the next message; a frame
+                            # ending within this message is no larger than the largest allowed)
                             pos = 0
                             while size - pos > _MUX_HEADER_SIZE:
                                 ftype, cid, n = _HEADER_UNPACK(plain, pos)
-                                stop = pos + _MUX_HEADER_SIZE + n
-                                if ftype or cid or stop > size or stop - pos > largest:
+                                body = pos + _MUX_HEADER_SIZE
+                                stop = body + n
+                                if ftype or cid or stop > size:
                                     break
-                                on_message(plain[pos + _MUX_HEADER_SIZE : stop])
+                                on_message(plain[body:stop])
                                 pos = stop
                             if pos == size:
                                 continue

@@ -275,6 +275,15 @@ class Callee:
                 # a plain function (Methods.register): it has answered already, no coroutine
                 # and no Task; with tracing on, its value still passes through a server span
                 if self._traced is None:
+                    if stream is None and conn.error is None:
+                        # _answer's common case, inline: once per request
+                        try:
+                            msg = self._pack([RESPONSE, rid, coro])
+                        except (TypeError, ValueError, OverflowError):
+                            msg = None
+                        if msg is not None and len(msg) <= self.max_message:
+                            conn.send_message(msg)
+                            return
                     self._answer(rid, method, stream, coro)
                     return
                 coro = _ready(coro)

@@ -125,8 +125,8 @@ def decode(data: bytes) -> list[Any]:
 
     Raises EnvelopeError; its request_id is set when the message was a request
     with a readable id, so the caller can answer that request with an error.
-    The checks of the two messages on every call's path (a well-formed request
-    or response) come first and are inlined: this runs twice per round trip.
+    RpcPeer._on_message checks a plain request and a response inline (the same
+    checks) and calls this for everything else.
     """
     try:
         msg = _unpackb(data, raw=False, ext_hook=ext_hook, strict_map_key=False, use_list=True)
@@ -146,19 +146,6 @@ def decode(data: bytes) -> list[Any]:
             _check_id(rid)
         return msg
     if kind == REQUEST:
-        if n == 6:
-            # fast path: every field as expected
-            _, rid, method, _, t, ch = msg
-            if (
-                type(rid) is int
-                and 0 <= rid <= MAX_ID
-                and type(method) is str
-                and 0 < len(method) <= MAX_METHOD_LEN
-                and (t is None or (type(t) is int and -(1 << 62) <= t <= 1 << 62))
-                and type(ch) is int
-                and 0 <= ch < 1 << 32
-            ):
-                return msg
         if n < 6:
             raise EnvelopeError(
                 f"request must have at least 6 elements, got {n}", msg[1] if n > 1 and type(msg[1]) is int else None

@@ -18,6 +18,7 @@ import uuid
 from collections import deque
 from typing import Any
 
+import msgpack
 from loguru import logger
 
 from swarmd.errors import (
@@ -36,11 +37,13 @@ from swarmd.node.trust import HELLO_EVENT, MAX_GRANTS
 from swarmd.rpc import codec, envelope
 from swarmd.rpc.builtins import BUILTINS
 from swarmd.rpc.callee import Callee
+from swarmd.rpc.codec import ext_hook
 from swarmd.rpc.config import RpcConfig
-from swarmd.rpc.envelope import CANCEL, ERROR, EVENT, REQUEST, RESPONSE, EnvelopeError
+from swarmd.rpc.envelope import CANCEL, ERROR, EVENT, MAX_ID, MAX_METHOD_LEN, REQUEST, RESPONSE, EnvelopeError
 from swarmd.rpc.methods import Firewall, Methods
 from swarmd.rpc.stream import Stream
 
+_unpackb = msgpack.unpackb  # one C call per message, its options spelt out where it is called
 _SWEEP_SLACK = 0.001  # a sweep also expires calls due within this many seconds
 _SWEEP_MIN_GAP = 0.01  # and the next sweep is at least this far away
 
@@ -64,10 +67,9 @@ class RpcPeer(Callee):
         self.instance_id = instance_id or uuid.uuid4().hex
         self._loop = conn._loop
         self._next_id = 1
-        self._pending: dict[int, asyncio.Future[Any]] = {}
-        # rid -> (deadline, method, timeout) of every call in _pending; one sweep timer
-        # fires at the earliest deadline instead of a timer per call
-        self._deadlines: dict[int, tuple[float, str, float]] = {}
+        # rid -> (future, deadline, method, timeout) of every call awaiting its answer; one
+        # sweep timer fires at the earliest deadline instead of a timer per call
+        self._pending: dict[int, tuple[asyncio.Future[Any], float, str, float]] = {}
         self._sweep: asyncio.TimerHandle | None = None
         self._sweep_at = math.inf
         self._pack = codec.new_packer().pack  # one per peer: a peer lives on one thread
@@ -164,9 +166,8 @@ class RpcPeer(Callee):
             raise self._too_large(f"a request for {method!r}", len(msg))
         fut = self._loop.create_future()
         pending = self._pending
-        pending[rid] = fut
         deadline = self._loop.time() + timeout
-        self._deadlines[rid] = (deadline, method, timeout)
+        pending[rid] = (fut, deadline, method, timeout)
         if deadline < self._sweep_at:
             self._arm_sweep(deadline)
         # a lone call goes out at once; calls made together coalesce into one flush
@@ -175,10 +176,8 @@ class RpcPeer(Callee):
 
     def _forget(self, rid: int) -> asyncio.Future[Any] | None:
         """Drop a call from the pending set (answered, expired or given up); its future, if it was there."""
-        fut = self._pending.pop(rid, None)
-        if fut is not None:
-            self._deadlines.pop(rid, None)
-        return fut
+        entry = self._pending.pop(rid, None)
+        return entry[0] if entry is not None else None
 
     def _arm_sweep(self, when: float) -> None:
         if self._sweep is not None:
@@ -196,22 +195,22 @@ class RpcPeer(Callee):
         """
         self._sweep = None
         self._sweep_at = math.inf
-        if not self._deadlines:
+        pending = self._pending
+        if not pending:
             return
         now = self._loop.time()
         horizon = now + _SWEEP_SLACK
         expired = []
         nxt = math.inf
-        for rid, entry in self._deadlines.items():
-            d = entry[0]
+        for rid, entry in pending.items():
+            d = entry[1]
             if d <= horizon:
                 expired.append(rid)
             elif d < nxt:
                 nxt = d
         for rid in expired:
-            _, method, timeout = self._deadlines.pop(rid)
-            fut = self._pending.pop(rid, None)
-            if fut is not None and not fut.done():
+            fut, _, method, timeout = pending.pop(rid)
+            if not fut.done():
                 fut.set_exception(SwarmdError(ERR_TIMEOUT, f"{method!r} got no answer within {timeout:g} s"))
                 self._send_cancel(rid)
         if nxt < math.inf and self.conn.error is None:
@@ -243,12 +242,10 @@ class RpcPeer(Callee):
         loop = self._loop
         fut = loop.create_future()
         pending = self._pending
-        pending[rid] = fut
+        deadline = loop.time() + timeout
+        pending[rid] = (fut, deadline, method, timeout)
         # a lone call goes out at once; calls made together coalesce into one flush
         conn.send_message(msg, now=len(pending) == 1)
-        # bookkeeping after the write: it overlaps with the peer's work on the call
-        deadline = loop.time() + timeout
-        self._deadlines[rid] = (deadline, method, timeout)
         if deadline < self._sweep_at:
             self._arm_sweep(deadline)
         try:
@@ -345,6 +342,51 @@ class RpcPeer(Callee):
     # -- incoming ----------------------------------------------------------
 
     def _on_message(self, data: bytes) -> None:
+        """One RPC message from the peer.
+
+        The two messages on every call's path, a plain call's request and its answer,
+        are recognised and dispatched here straight from the decoded list; anything
+        else, and anything one of these checks does not pass, goes through
+        envelope.decode (the one full validator, which says what is wrong) and
+        _on_checked. Kinds compare by identity: CPython keeps one object per small int,
+        and a kind that is not that object (True for 1, say) takes the full path.
+        """
+        try:
+            msg = _unpackb(data, raw=False, ext_hook=ext_hook, strict_map_key=False, use_list=True)
+        except Exception:  # malformed: envelope.decode says how
+            msg = None
+        if type(msg) is list:
+            n = len(msg)
+            if n == 3:
+                if msg[0] is RESPONSE:
+                    rid = msg[1]
+                    if type(rid) is int:
+                        entry = self._pending.pop(rid, None)
+                        if entry is not None:  # (an id we issued: no range check needed)
+                            try:
+                                entry[0].set_result(msg[2])
+                            except asyncio.InvalidStateError:  # the caller gave up (cancelled) meanwhile
+                                pass
+                            return
+            elif n == 6 and msg[0] is REQUEST and self._held is None:
+                # the checks of envelope.decode for a request, inline
+                _, rid, method, params, t, ch = msg
+                if (
+                    type(rid) is int
+                    and 0 <= rid <= MAX_ID
+                    and type(method) is str
+                    and 0 < len(method) <= MAX_METHOD_LEN
+                    and (t is None or (type(t) is int and -(1 << 62) <= t <= 1 << 62))
+                    and type(ch) is int
+                    and 0 <= ch < 1 << 32
+                ):
+                    self._msg_size = len(data)
+                    self._on_request(rid, method, params, t, ch)
+                    return
+        self._on_checked(data)
+
+    def _on_checked(self, data: bytes) -> None:
+        """Any message, fully validated by envelope.decode, then dispatched by kind."""
         try:
             msg = envelope.decode(data)
         except EnvelopeError as e:
@@ -364,14 +406,10 @@ class RpcPeer(Callee):
             raise
         kind = msg[0]
         if kind == RESPONSE:
-            rid = msg[1]
-            fut = self._pending.pop(rid, None)
-            if fut is not None:
-                self._deadlines.pop(rid, None)
-                if not fut.done():
-                    fut.set_result(msg[2])
-            return
-        if kind == REQUEST:
+            fut = self._forget(msg[1])
+            if fut is not None and not fut.done():
+                fut.set_result(msg[2])
+        elif kind == REQUEST:
             if self._held is not None:
                 self._hold_message(msg, len(data))
                 return
@@ -390,16 +428,19 @@ class RpcPeer(Callee):
                 return
             self._on_event(msg[1], msg[2])
         elif kind == CANCEL:
-            if self._held is not None:
-                kept = [h for h in self._held if not (h[0][0] == REQUEST and h[0][1] == msg[1])]
-                for h in self._held:
-                    if h[0][0] == REQUEST and h[0][1] == msg[1] and h[0][5]:
-                        self._held_channels.pop(h[0][5], None)
-                        self.conn._drop_channel(h[0][5])
-                self._held = kept
-            task = self._running.get(msg[1])
-            if task is not None:
-                self._cancel_soon(task, "cancelled by the caller")
+            self._on_cancel(msg[1])
+
+    def _on_cancel(self, rid: int) -> None:
+        if self._held is not None:
+            kept = [h for h in self._held if not (h[0][0] == REQUEST and h[0][1] == rid)]
+            for h in self._held:
+                if h[0][0] == REQUEST and h[0][1] == rid and h[0][5]:
+                    self._held_channels.pop(h[0][5], None)
+                    self.conn._drop_channel(h[0][5])
+            self._held = kept
+        task = self._running.get(rid)
+        if task is not None:
+            self._cancel_soon(task, "cancelled by the caller")
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -416,12 +457,11 @@ class RpcPeer(Callee):
             self._held_bytes = 0
         self._held_channels.clear()
         pending, self._pending = self._pending, {}
-        self._deadlines = {}
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None
         self._sweep_at = math.inf
-        for fut in pending.values():
+        for fut, *_ in pending.values():
             if not fut.done():
                 fut.set_exception(closed)
         for task in list(self._running.values()) + list(self._events):
