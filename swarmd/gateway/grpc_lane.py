@@ -374,8 +374,9 @@ class LaneProtocol(asyncio.Protocol):
                 self._release(call, len(data))
                 try:
                     answer = await service.stream_item(stream, pb.ModelInferRequest.FromString(data))
-                except Exception as e:  # not a protobuf message; a bug (GrpcAbort, logged): the stream ends
-                    abort = e if isinstance(e, GrpcAbort) else service.abort_for("ModelStreamInfer", e)
+                except Exception as e:  # not a protobuf message (ended here); a bug (GrpcAbort, ended): the stream ends
+                    abort = e if isinstance(e, GrpcAbort) else service.refuse(
+                        "ModelStreamInfer", self.address, service.abort_for("ModelStreamInfer", e))
                     self.core.send_trailers(sid, abort.status, abort.details)
                     self._flush_later()
                     return
