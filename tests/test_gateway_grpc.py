@@ -156,6 +156,11 @@ def test_calls_swarmd_does_not_build_say_which_feature(gw, client) -> None:
         assert _status(e.value) == "StatusCode.UNIMPLEMENTED" and feature in str(e.value), str(e.value)
     # and the gateway still serves afterwards
     assert client.is_server_live()
+    with gw.access_entries() as log:  # a call of a method it does not serve is still one access-log entry
+        with pytest.raises(InferenceServerException):
+            client.get_trace_settings(headers=h)
+    assert [(x["path"], x["status"], x["grpc_status"]) for x in log] == [
+        ("/inference.GRPCInferenceService/TraceSetting", 501, 12)]
 
 
 def test_decode_refuses_malformed_requests_with_a_sentence() -> None:
@@ -334,10 +339,20 @@ def test_lean_lane_refuses_hostile_clients_and_keeps_serving(lean) -> None:
     with socket.create_connection(("127.0.0.1", lean.grpc_port), timeout=10) as s:
         s.sendall(w.PREFACE + w.frame(w.SETTINGS, 0, 0) + w.frame(w.HEADERS, w.END_HEADERS, 1, head)
                   + w.frame(w.DATA, 0, 1, b"\0\0\0\0\x10abc"))
-        got = b""
-        while b"did not arrive within" not in got:
-            got += s.recv(65536)  # a TimeoutError here: the lane never timed the message out
+        with lean.access_entries() as log:
+            got = b""
+            while b"did not arrive within" not in got:
+                got += s.recv(65536)  # a TimeoutError here: the lane never timed the message out
         assert b"grpc-status" in got and b"gateway.body_timeout" in got
+    assert [(x["path"], x["status"], x["grpc_status"]) for x in log] == [  # ended by the lane, logged all the same
+        ("/inference.GRPCInferenceService/ServerLive", 504, 4)]
+    assert log[0]["ms"] >= 500  # from its headers on (body_timeout = 0.5 s)
+    # a stream request that is not a protobuf message ends its stream, and is an entry of its own
+    with lean.access_entries() as log:
+        _raw_call(lean.grpc_port, b"\xff\xff", [("x-api-key", lean.key("infer"))],
+                  b"not a valid protobuf", method="ModelStreamInfer")
+    assert [(x["path"], x["status"], x["grpc_status"]) for x in log] == [
+        ("/inference.GRPCInferenceService/ModelStreamInfer", 400, 3)]
     c = tg.InferenceServerClient(url=f"127.0.0.1:{lean.grpc_port}")
     try:
         assert c.is_server_live()
@@ -373,9 +388,11 @@ def _infer_stub(ch):
     return infer, req
 
 
-def _raw_call(port: int, req, token: str, grpc_timeout: str, until: bytes) -> bytes:
-    """One ModelInfer sent in raw HTTP/2 frames with a grpc-timeout header that, unlike a stock
-    client, this one does not enforce itself: what the lane answers, up to `until`."""
+def _raw_call(port: int, msg: bytes, headers: list[tuple[str, str]], until: bytes, method: str = "ModelInfer"
+              ) -> bytes:
+    """One call sent in raw HTTP/2 frames, its request message `msg` as it is (a grpc-timeout
+    header in `headers` is one that, unlike a stock client, this one does not enforce itself):
+    what the lane answers, up to `until`."""
     import socket
     import struct
 
@@ -383,10 +400,9 @@ def _raw_call(port: int, req, token: str, grpc_timeout: str, until: bytes) -> by
 
     from swarmd.gateway import grpc_wire as w
 
-    head = hpack.Encoder().encode([(":method", "POST"), (":scheme", "http"), (":path", "/inference.GRPCInferenceService/"
-                                   "ModelInfer"), ("content-type", "application/grpc"), ("te", "trailers"),
-                                   ("x-api-key", token), ("grpc-timeout", grpc_timeout)])
-    msg = req.SerializeToString()
+    head = hpack.Encoder().encode([(":method", "POST"), (":scheme", "http"),
+                                   (":path", f"/inference.GRPCInferenceService/{method}"),
+                                   ("content-type", "application/grpc"), ("te", "trailers"), *headers])
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(w.PREFACE + w.frame(w.SETTINGS, 0, 0) + w.frame(w.HEADERS, w.END_HEADERS, 1, head)
                   + w.frame(w.DATA, w.END_STREAM, 1, struct.pack(">BI", 0, len(msg)) + msg))
@@ -468,7 +484,8 @@ def test_model_infer_in_a_task_leaves_in_flight_when_cancelled_or_timed_out(engi
             assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             g.until(lambda: gw._in_flight == 0)
             if engine == "lean":  # the lane's own grpc-timeout (a stock client cancels at its deadline first)
-                _raw_call(port, req, token, "300m", b"ERR_TIMEOUT: the call's grpc-timeout (0.3s) passed")
+                _raw_call(port, req.SerializeToString(), [("x-api-key", token), ("grpc-timeout", "300m")],
+                          b"ERR_TIMEOUT: the call's grpc-timeout (0.3s) passed")
                 g.until(lambda: gw._in_flight == 0)
             gw._deadlines = Deadlines(0.3)  # gateway.infer_timeout, shorter than the call's grpc-timeout
             slow = infer.future(req, metadata=md, timeout=60)

@@ -264,7 +264,7 @@ class LaneProtocol(asyncio.Protocol):
         path = ev.path
         name = path[len(PREFIX):] if path.startswith(PREFIX) else ""
         if name not in self.lane.service.unary and name != "ModelStreamInfer":
-            abort = unimplemented(path)
+            abort = self.lane.service.refuse("", self.address, unimplemented(path), path=path)
             self.core.respond(ev.stream_id, None, abort.status, abort.details)
             return
         call = self.calls[ev.stream_id] = Call(name, ev.metadata, ev.timeout, time.monotonic())
@@ -340,10 +340,13 @@ class LaneProtocol(asyncio.Protocol):
 
     def _fail(self, sid: int, status: int, details: str) -> None:
         call = self.calls.pop(sid, None)
-        if call is not None and call.task is None:
-            self._release(call, call.held)  # a running task releases its own on the way out
+        if call is not None and call.task is None:  # never handed to the service: it is counted here
+            self._release(call, call.held)
+            http = self.lane.gw.http_status(details.partition(":")[0])  # details read "ERR_CODE: ..."
+            self.lane.service.refuse(call.name, self.address, GrpcAbort(status, details, http),
+                                     time.monotonic() - call.started)
         if call is not None and call.task is not None:
-            call.task.cancel()
+            call.task.cancel()  # a running task releases what it holds and ends its call on the way out
         self.core.respond(sid, None, status, details)
 
     async def _serve(self, sid: int, call: Call, data: bytes) -> None:
@@ -371,8 +374,9 @@ class LaneProtocol(asyncio.Protocol):
                 self._release(call, len(data))
                 try:
                     answer = await service.stream_item(stream, pb.ModelInferRequest.FromString(data))
-                except Exception as e:  # not a protobuf message; a bug (GrpcAbort, logged): the stream ends
-                    abort = e if isinstance(e, GrpcAbort) else service.abort_for("ModelStreamInfer", e)
+                except Exception as e:  # not a protobuf message (ended here); a bug (GrpcAbort, ended): the stream ends
+                    abort = e if isinstance(e, GrpcAbort) else service.refuse(
+                        "ModelStreamInfer", self.address, service.abort_for("ModelStreamInfer", e))
                     self.core.send_trailers(sid, abort.status, abort.details)
                     self._flush_later()
                     return

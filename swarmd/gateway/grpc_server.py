@@ -70,7 +70,7 @@ class GrpcFront:
             self.model_stream_infer, request_deserializer=pb.ModelInferRequest.FromString,
             response_serializer=lambda m: m.SerializeToString())
         self.server.add_generic_rpc_handlers((
-            grpc.method_handlers_generic_handler(SERVICE, handlers), _Unimplemented()))
+            grpc.method_handlers_generic_handler(SERVICE, handlers), _Unimplemented(self.service)))
         bound = self.server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
         if bound == 0:
             self.server = None
@@ -106,10 +106,14 @@ class GrpcFront:
 class _Unimplemented(grpc.GenericRpcHandler):
     """Any other method of the service (or of another service): UNIMPLEMENTED with a reason."""
 
+    def __init__(self, oip: OipService) -> None:
+        self.oip = oip
+
     def service(self, handler_call_details: Any) -> grpc.RpcMethodHandler | None:
-        abort = unimplemented(handler_call_details.method)
+        path = handler_call_details.method
 
         async def refuse(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            abort = self.oip.refuse("", _remote(context), unimplemented(path), path=path)
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, abort.details)
             return b""
 

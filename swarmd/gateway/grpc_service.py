@@ -80,7 +80,7 @@ def unimplemented(path: str) -> GrpcAbort:
                                     "(system and CUDA shared memory: tensors travel in the request)")
     else:
         why = f"unknown service method {path}"
-    return GrpcAbort(UNIMPLEMENTED, f"swarmd gateway does not implement {method}: {why}")
+    return GrpcAbort(UNIMPLEMENTED, f"swarmd gateway does not implement {method}: {why}", 501)
 
 
 def decode_request(req: Any) -> tuple[dict[str, np.ndarray], list[str] | None]:
@@ -151,10 +151,11 @@ class Served:
     """One call from begin() to end(): what it is counted and logged with (OipService.end), and
     for a ModelInfer served without a Task (infer_soon) what its answer needs."""
 
-    __slots__ = ("counted", "entry", "future", "key", "name", "names", "remote", "request", "started")
+    __slots__ = ("counted", "entry", "future", "key", "name", "names", "path", "remote", "request", "started")
 
     def __init__(self, name: str, remote: str) -> None:
         self.name, self.remote, self.started = name, remote, time.perf_counter()
+        self.path: str | None = None  # a method the service does not serve: its path (name is then "")
         self.counted = False  # in flight (admit): end() releases it
         self.request: Any = None
         self.key: ApiKey | None = None
@@ -184,6 +185,7 @@ class OipService:
         "ModelInfer": "infer", "ModelStreamInfer": "infer",
     }
     ROUTES: dict[str, str] = {name: f"grpc:{name}" for name in PERMISSIONS}  # the metrics' route label
+    UNSERVED = "grpc:unimplemented"  # the route label of any other path (a bounded label set)
     PATHS: dict[str, str] = {name: f"/{SERVICE}/{name}" for name in PERMISSIONS}  # the access log's path
 
     def __init__(self, gateway: Gateway) -> None:
@@ -248,12 +250,26 @@ class OipService:
             gw._in_flight -= 1
         elapsed = time.perf_counter() - served.started
         request = served.request
-        gw.observe(self.ROUTES[served.name], "GRPC", str(http), elapsed, getattr(request, "model_name", ""))
+        unserved = served.path
+        gw.observe(self.ROUTES[served.name] if unserved is None else self.UNSERVED, "GRPC", str(http), elapsed,
+                   getattr(request, "model_name", ""))
         if gw.access_log is not None:
             key = served.key
-            gw.access_log.note(getattr(request, "id", None) or None, "GRPC", self.PATHS[served.name], http,
-                               round(elapsed * 1000, 3), key.id if key else None, served.remote, status)
+            path = self.PATHS[served.name] if unserved is None else unserved
+            gw.access_log.note(getattr(request, "id", None) or None, "GRPC", path, http, round(elapsed * 1000, 3),
+                               key.id if key else None, served.remote, status)
         return error
+
+    def refuse(self, name: str, remote: str, abort: GrpcAbort, since: float = 0.0, path: str | None = None
+               ) -> GrpcAbort:
+        """A call answered `abort` before the service saw its request (a method it does not serve:
+        name "" and its `path`; a request message that never completed, started `since` seconds
+        ago): counted and logged as a call all the same. Returns `abort`."""
+        served = self.begin(name, remote)
+        served.started -= since
+        served.path = path
+        self.end(served, abort)
+        return abort
 
     def abort_for(self, name: str, e: BaseException) -> GrpcAbort:
         """What a failed call answers; 5xx-class ones go to the dashboard's error list, bugs to the log."""
