@@ -557,8 +557,8 @@ def start_standalone(tmp: Path, models: Path, procs: list[subprocess.Popen], roo
     """A standalone gateway (onnxruntime in its process) run from the checkout `root`: the row
     "gateway" (HTTP JSON) and, given the serialized ModelInferRequest `grpc`, the row
     "gateway grpc" (gRPC ModelInfer on the same process), each named with `suffix`. The
-    access log is off (gateway.access_log): gRPC calls are not written to it, so with it on
-    only the HTTP row would pay for a log entry."""
+    access log is off (gateway.access_log), for both rows: the rows measure serving, and
+    the `main` the run compares with may not log gRPC calls."""
     data = tmp / f"gw{suffix}"
     key = create_key(data)
     port, gport = free_port(), free_port()

@@ -8,10 +8,13 @@ from the test body exactly as they would to a remote server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import socket
 import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +106,60 @@ class GatewayThread:
     def key(self, *permissions: str, **limits: float) -> str:
         _, token = self.keys.create("test", list(permissions), **limits)
         return token
+
+    def until(self, what: Callable[[], Any], timeout: float = 30.0) -> None:
+        """Poll `what` on the gateway's loop (its state is read there) until it is true, bounded."""
+        async def read() -> Any:
+            return what()
+
+        end = time.monotonic() + timeout
+        while not self.call(read()):
+            assert time.monotonic() < end, "the gateway never got there"
+            time.sleep(0.01)
+
+    @contextlib.contextmanager
+    def access_entries(self) -> Iterator[list[dict[str, Any]]]:
+        """The access-log entries (both fronts) written while the block runs; what earlier requests
+        left waiting is written first, what the block's requests left is written when it ends."""
+        from loguru import logger
+
+        async def flush() -> None:
+            assert self.gateway is not None and self.gateway.access_log is not None
+            self.gateway.access_log.flush()
+
+        logger.enable("swarmd")  # conftest's enable may have run before swarmd/__init__ disabled it
+        assert self.gateway is not None and self.gateway.access_log is not None
+        access_log, mark = self.gateway.access_log, f"access-entries-{id(self)}"  # this gateway's lines only
+        entries: list[dict[str, Any]] = []
+        self.call(flush())
+        plain, access_log.log = access_log.log, access_log.log.bind(test_mark=mark)
+        sink = logger.add(lambda m: entries.extend(m.record["extra"]["requests"]), level="INFO",
+                          filter=lambda r: r["extra"].get("test_mark") == mark)
+        try:
+            yield entries
+            self.call(flush())
+        finally:
+            logger.remove(sink)
+            access_log.log = plain
+
+    @contextlib.contextmanager
+    def held_runs(self, model: str) -> Iterator[tuple[list[Any], threading.Event]]:
+        """Every run of `model` waits until the Event is set (at the latest when the block ends);
+        the list holds the runs started so far."""
+        runtime = self.backend._get(model, None).runtime
+        real_run, blocker, runs = runtime.run, threading.Event(), []
+
+        def held_run(*args: Any) -> Any:
+            runs.append(args)
+            blocker.wait(30)
+            return real_run(*args)
+
+        runtime.run = held_run
+        try:
+            yield runs, blocker
+        finally:
+            blocker.set()
+            runtime.run = real_run
 
     @property
     def url(self) -> str:

@@ -87,18 +87,24 @@ def test_infer_raw_and_typed_contents_match_onnxruntime(gw, client) -> None:
 
 
 def test_stream_infer_answers_each_request_and_reports_errors_in_band(gw, client) -> None:
+    """Each request of a stream is answered, a failed one in band; each is an access-log entry."""
     results: queue.Queue = queue.Queue()
-    client.start_stream(callback=lambda result, error: results.put((result, error)),
-                        headers={"x-api-key": gw.key("infer")})
+    key, token = gw.keys.create("streamer", ["infer"])
     inp = tg.InferInput("x", list(X.shape), "FP32")
     inp.set_data_from_numpy(X)
     bad = tg.InferInput("x", [1, 5], "FP32")
     bad.set_data_from_numpy(np.zeros((1, 5), np.float32))
-    client.async_stream_infer("mlp", [inp], request_id="a")
-    client.async_stream_infer("mlp", [bad], request_id="b")
-    client.async_stream_infer("mlp", [inp], request_id="c")
-    got = [results.get(timeout=30) for _ in range(3)]
-    client.stop_stream()
+    with gw.access_entries() as log:
+        client.start_stream(callback=lambda result, error: results.put((result, error)),
+                            headers={"x-api-key": token})
+        client.async_stream_infer("mlp", [inp], request_id="a")
+        client.async_stream_infer("mlp", [bad], request_id="b")
+        client.async_stream_infer("mlp", [inp], request_id="c")
+        got = [results.get(timeout=30) for _ in range(3)]
+        client.stop_stream()
+    assert [(x["path"].rsplit("/", 1)[1], x["request_id"], x["status"], x["grpc_status"], x["key"]) for x in log] == [
+        ("ModelStreamInfer", rid, status, grpc_status, key.id) for rid, status, grpc_status in
+        (("a", 200, 0), ("b", 400, 3), ("c", 200, 0))]
     ok = [r for r, e in got if e is None]
     errs = [e for r, e in got if e is not None]
     assert sorted(r.get_response().id for r in ok) == ["a", "c"]
@@ -150,6 +156,11 @@ def test_calls_swarmd_does_not_build_say_which_feature(gw, client) -> None:
         assert _status(e.value) == "StatusCode.UNIMPLEMENTED" and feature in str(e.value), str(e.value)
     # and the gateway still serves afterwards
     assert client.is_server_live()
+    with gw.access_entries() as log:  # a call of a method it does not serve is still one access-log entry
+        with pytest.raises(InferenceServerException):
+            client.get_trace_settings(headers=h)
+    assert [(x["path"], x["status"], x["grpc_status"]) for x in log] == [
+        ("/inference.GRPCInferenceService/TraceSetting", 501, 12)]
 
 
 def test_decode_refuses_malformed_requests_with_a_sentence() -> None:
@@ -232,6 +243,28 @@ def test_async_infer_calls_back_with_each_result(gw, client) -> None:
         np.testing.assert_allclose(r.as_numpy("y"), reference(MODEL, x)[0], rtol=1e-6)
 
 
+def test_each_call_is_an_access_log_entry(gw, client) -> None:
+    """Every gRPC call is an entry of the HTTP front's access log (gateway.access_log): its method
+    path, the HTTP status the metrics count it as, the gRPC status it was answered with, its
+    request id, key id and peer."""
+    key, token = gw.keys.create("logged", ["infer"])
+    inp = tg.InferInput("x", list(X.shape), "FP32")
+    inp.set_data_from_numpy(X)
+    with gw.access_entries() as log:
+        client.infer("mlp", [inp], headers={"x-api-key": token}, request_id="ok-1")
+        with pytest.raises(InferenceServerException) as e:
+            client.infer("nope", [inp], headers={"x-api-key": token}, request_id="missing-1")
+        assert _status(e.value) == "StatusCode.NOT_FOUND"
+        with pytest.raises(InferenceServerException) as e:
+            client.infer("mlp", [inp], headers={"x-api-key": "swd_000000000000_" + "A" * 43}, request_id="bad-key")
+        assert _status(e.value) == "StatusCode.UNAUTHENTICATED"
+    assert [(x["request_id"], x["status"], x["grpc_status"], x["key"]) for x in log] == [
+        ("ok-1", 200, 0, key.id), ("missing-1", 404, 5, key.id), ("bad-key", 401, 16, None)]
+    for x in log:
+        assert x["method"] == "GRPC" and x["path"] == "/inference.GRPCInferenceService/ModelInfer"
+        assert x["peer"] == "127.0.0.1" and x["ms"] >= 0
+
+
 # -- the lean lane (gateway.grpc_engine = "lean") with other clients and hostile ones ---------
 
 
@@ -306,10 +339,20 @@ def test_lean_lane_refuses_hostile_clients_and_keeps_serving(lean) -> None:
     with socket.create_connection(("127.0.0.1", lean.grpc_port), timeout=10) as s:
         s.sendall(w.PREFACE + w.frame(w.SETTINGS, 0, 0) + w.frame(w.HEADERS, w.END_HEADERS, 1, head)
                   + w.frame(w.DATA, 0, 1, b"\0\0\0\0\x10abc"))
-        got = b""
-        while b"did not arrive within" not in got:
-            got += s.recv(65536)  # a TimeoutError here: the lane never timed the message out
+        with lean.access_entries() as log:
+            got = b""
+            while b"did not arrive within" not in got:
+                got += s.recv(65536)  # a TimeoutError here: the lane never timed the message out
         assert b"grpc-status" in got and b"gateway.body_timeout" in got
+    assert [(x["path"], x["status"], x["grpc_status"]) for x in log] == [  # ended by the lane, logged all the same
+        ("/inference.GRPCInferenceService/ServerLive", 504, 4)]
+    assert log[0]["ms"] >= 500  # from its headers on (body_timeout = 0.5 s)
+    # a stream request that is not a protobuf message ends its stream, and is an entry of its own
+    with lean.access_entries() as log:
+        _raw_call(lean.grpc_port, b"\xff\xff", [("x-api-key", lean.key("infer"))],
+                  b"not a valid protobuf", method="ModelStreamInfer")
+    assert [(x["path"], x["status"], x["grpc_status"]) for x in log] == [
+        ("/inference.GRPCInferenceService/ModelStreamInfer", 400, 3)]
     c = tg.InferenceServerClient(url=f"127.0.0.1:{lean.grpc_port}")
     try:
         assert c.is_server_live()
@@ -335,58 +378,71 @@ def test_overload_admission_answers_unavailable(engine, tmp_path) -> None:
         g.close()
 
 
+def _infer_stub(ch):
+    """A raw ModelInfer callable on the grpc channel `ch`, with a request of the test's MLP."""
+    req = pb.ModelInferRequest(model_name="mlp", raw_input_contents=[X.tobytes()], id="t")
+    req.inputs.add(name="x", datatype="FP32", shape=list(X.shape))
+    infer = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                           request_serializer=lambda m: m.SerializeToString(),
+                           response_deserializer=pb.ModelInferResponse.FromString)
+    return infer, req
+
+
+def _raw_call(port: int, msg: bytes, headers: list[tuple[str, str]], until: bytes, method: str = "ModelInfer"
+              ) -> bytes:
+    """One call sent in raw HTTP/2 frames, its request message `msg` as it is (a grpc-timeout
+    header in `headers` is one that, unlike a stock client, this one does not enforce itself):
+    what the lane answers, up to `until`."""
+    import socket
+    import struct
+
+    import hpack
+
+    from swarmd.gateway import grpc_wire as w
+
+    head = hpack.Encoder().encode([(":method", "POST"), (":scheme", "http"),
+                                   (":path", f"/inference.GRPCInferenceService/{method}"),
+                                   ("content-type", "application/grpc"), ("te", "trailers"), *headers])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(w.PREFACE + w.frame(w.SETTINGS, 0, 0) + w.frame(w.HEADERS, w.END_HEADERS, 1, head)
+                  + w.frame(w.DATA, w.END_STREAM, 1, struct.pack(">BI", 0, len(msg)) + msg))
+        got = b""
+        while until not in got:
+            got += s.recv(65536)  # a TimeoutError here: the lane never answered that
+        return got
+
+
 def test_lean_model_infer_without_a_task_drops_cancelled_calls_and_times_out(tmp_path) -> None:
     """The lean lane serves a ModelInfer without grpc-timeout from the backend's future (no Task):
     a call its client cancels while it waits for a run slot is never run and leaves the in-flight
-    count; past gateway.infer_timeout a call answers DEADLINE_EXCEEDED ERR_TIMEOUT."""
-    import threading
-    import time
-
+    count; past gateway.infer_timeout a call answers DEADLINE_EXCEEDED ERR_TIMEOUT. Each call is
+    one access-log entry with the status it ended with."""
     import grpc
 
     install_model(tmp_path / "models", "mlp", "1", MODEL)
     g = GatewayThread(tmp_path, GatewayConfig())
-    runtime = g.backend._get("mlp", None).runtime
-    real_run, blocker, runs = runtime.run, threading.Event(), []
-
-    def held_run(*args):  # every run waits for the test
-        runs.append(args)
-        blocker.wait(30)
-        return real_run(*args)
-
-    runtime.run = held_run
     gw = g.gateway
     assert gw is not None
-
-    def until(what, timeout: float = 30.0) -> None:  # polls the gateway's state, bounded
-        end = time.monotonic() + timeout
-        while not g.call(_read(what)):
-            assert time.monotonic() < end, "the gateway never got there"
-            time.sleep(0.01)
-
     try:
         port = g.call(gw.start_grpc("127.0.0.1", 0))
-        req = pb.ModelInferRequest(model_name="mlp", raw_input_contents=[X.tobytes()], id="t")
-        req.inputs.add(name="x", datatype="FP32", shape=list(X.shape))
         md = (("x-api-key", g.key("infer")),)
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            infer = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer",
-                                   request_serializer=lambda m: m.SerializeToString(),
-                                   response_deserializer=pb.ModelInferResponse.FromString)
+        with g.held_runs("mlp") as (runs, blocker), g.access_entries() as log, \
+                grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            infer, req = _infer_stub(ch)
             a, b = (infer.future(req, metadata=md) for _ in range(2))  # no timeout: no grpc-timeout header
-            until(lambda: len(runs) == 2)  # both run slots held
+            g.until(lambda: len(runs) == 2)  # both run slots held
             calls = [c for conn in gw.grpc.conns for c in conn.calls.values()]
             assert calls and all(c.task is not None and not isinstance(c.task, asyncio.Task) for c in calls)
             c = infer.future(req, metadata=md)
-            until(lambda: gw._in_flight == 3)
+            g.until(lambda: gw._in_flight == 3)
             c.cancel()  # RST_STREAM while it waits for a slot
-            until(lambda: gw._in_flight == 2)
+            g.until(lambda: gw._in_flight == 2)
             blocker.set()
             for f in (a, b):
                 assert f.result(timeout=30).id == "t"
             assert infer.future(req, metadata=md).result(timeout=30).model_version == "1"
             assert len(runs) == 3  # a, b and the last one: the cancelled call never ran
-            until(lambda: gw._in_flight == 0)
+            g.until(lambda: gw._in_flight == 0)
             blocker.clear()
             gw._deadlines = Deadlines(0.3)  # gateway.infer_timeout from here on; the held run outlasts it
             late = infer.future(req, metadata=md)
@@ -394,15 +450,59 @@ def test_lean_model_infer_without_a_task_drops_cancelled_calls_and_times_out(tmp
                 late.result(timeout=30)
             assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             assert e.value.details().startswith("ERR_TIMEOUT: inference took longer than 0.3s")
-            until(lambda: gw._in_flight == 0)
+            g.until(lambda: gw._in_flight == 0)
+        assert sorted((x["grpc_status"], x["status"]) for x in log) == [(0, 200)] * 3 + [(1, 499), (4, 504)]
     finally:
-        blocker.set()
-        runtime.run = real_run
         g.close()
 
 
-async def _read(what):
-    return what()
+@pytest.mark.parametrize("engine", ["lean", "grpcio"])
+def test_model_infer_in_a_task_leaves_in_flight_when_cancelled_or_timed_out(engine, tmp_path) -> None:
+    """A ModelInfer served in a Task (OipService.call: every call on grpcio, one with a grpc-timeout
+    on the lean lane) gives its in-flight count back when its client cancels it, when its
+    grpc-timeout passes and when gateway.infer_timeout does."""
+    import grpc
+
+    install_model(tmp_path / "models", "mlp", "1", MODEL)
+    g = GatewayThread(tmp_path, GatewayConfig(grpc_engine=engine))
+    gw = g.gateway
+    assert gw is not None
+    try:
+        port = g.call(gw.start_grpc("127.0.0.1", 0))
+        token = g.key("infer")
+        md = (("x-api-key", token),)
+        with g.held_runs("mlp") as (runs, blocker), g.access_entries() as log, \
+                grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            infer, req = _infer_stub(ch)
+            c = infer.future(req, metadata=md, timeout=60)  # a grpc-timeout: the Task path on either engine
+            g.until(lambda: len(runs) == 1 and gw._in_flight == 1)
+            c.cancel()
+            g.until(lambda: gw._in_flight == 0)
+            late = infer.future(req, metadata=md, timeout=0.5)  # its run is held past its grpc-timeout
+            with pytest.raises(grpc.RpcError) as e:
+                late.result(timeout=30)
+            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            g.until(lambda: gw._in_flight == 0)
+            if engine == "lean":  # the lane's own grpc-timeout (a stock client cancels at its deadline first)
+                _raw_call(port, req.SerializeToString(), [("x-api-key", token), ("grpc-timeout", "300m")],
+                          b"ERR_TIMEOUT: the call's grpc-timeout (0.3s) passed")
+                g.until(lambda: gw._in_flight == 0)
+            gw._deadlines = Deadlines(0.3)  # gateway.infer_timeout, shorter than the call's grpc-timeout
+            slow = infer.future(req, metadata=md, timeout=60)
+            with pytest.raises(grpc.RpcError) as e:
+                slow.result(timeout=30)
+            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert e.value.details().startswith("ERR_TIMEOUT: inference took longer than 0.3s")
+            g.until(lambda: gw._in_flight == 0)
+            blocker.set()
+            assert infer(req, metadata=md, timeout=30).id == "t"
+            g.until(lambda: gw._in_flight == 0)
+        statuses = [(x["grpc_status"], x["status"]) for x in log]
+        # the 0.5 s call: the server's timer (lean) or the client's cancel at its deadline, whichever came first
+        assert statuses[1] in ((1, 499), (4, 504))
+        assert [statuses[0], *statuses[2:]] == [(1, 499)] + [(4, 504)] * (engine == "lean") + [(4, 504), (0, 200)]
+    finally:
+        g.close()
 
 
 def test_lean_model_infer_on_a_backend_without_futures_is_checked_once(tmp_path) -> None:
@@ -422,7 +522,7 @@ def test_lean_model_infer_on_a_backend_without_futures_is_checked_once(tmp_path)
             r = c.infer("mlp", [inp], headers={"x-api-key": token})
             np.testing.assert_allclose(r.as_numpy("y"), reference(MODEL, X)[0], rtol=1e-6)
         c.close()
-        g.call(_read(g.keys.flush))
+        g.until(lambda: g.keys.flush() or True)
         assert g.keys.get(key.id).requests == 3
     finally:
         g.close()

@@ -84,7 +84,9 @@ async def test_calls_interleave_with_bulk_stream(server: RpcServer) -> None:
         await peer.close()
 
 
-async def test_stream_handler_error_reaches_both_result_and_recv() -> None:
+@pytest.fixture
+async def bad_server():
+    """A server whose stream method "bad" sends a chunk, then fails with ERR_OVERLOADED."""
     methods = make_methods()
 
     async def bad(ctx: CallContext, params: Any, stream: Stream) -> Any:
@@ -94,7 +96,12 @@ async def test_stream_handler_error_reaches_both_result_and_recv() -> None:
     methods.register_stream("bad", bad)
     srv = RpcServer(Identity.generate(), methods)
     await srv.start()
-    peer = await connect(None, "127.0.0.1", srv.port, timeout=T)
+    yield srv
+    await srv.stop()
+
+
+async def test_stream_handler_error_reaches_both_result_and_recv(bad_server: RpcServer) -> None:
+    peer = await connect(None, "127.0.0.1", bad_server.port, timeout=T)
     try:
         s = await peer.open_stream("bad", timeout=T)
         with pytest.raises(SwarmdError) as ei:
@@ -110,7 +117,25 @@ async def test_stream_handler_error_reaches_both_result_and_recv() -> None:
         assert await peer.call("ping", timeout=T) == "pong"
     finally:
         await peer.close()
-        await srv.stop()
+
+
+async def test_aborting_a_stream_whose_call_failed_leaves_no_unretrieved_error(bad_server: RpcServer) -> None:
+    """A caller that gives a stream up (abort, e.g. `async with` on an error) after the
+    handler's error arrived never awaits result(): that error must not be reported as
+    "Future exception was never retrieved" when the stream is collected."""
+    peer = await connect(None, "127.0.0.1", bad_server.port, timeout=T)
+    try:
+        s = await peer.open_stream("bad", timeout=T)
+        result = s._result
+        assert result is not None
+        done, _ = await asyncio.wait([result], timeout=T)  # failed, awaited by no one
+        assert done and not result.cancelled()
+        assert result._log_traceback  # an error no one retrieved: reported when collected
+        s.abort()
+        assert not result._log_traceback  # retrieved by the abort: nothing reported at collection
+        assert await peer.call("ping", timeout=T) == "pong"
+    finally:
+        await peer.close()
 
 
 async def test_abort_cancels_the_remote_handler() -> None:

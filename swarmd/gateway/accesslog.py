@@ -1,4 +1,4 @@
-"""The gateway's access log, written off the request path.
+"""The gateway's access log, written off the request path, for both fronts.
 
 A log line through loguru (bind, format, JSON, a write and a flush of the
 stream) cost ~19% of the gateway's CPU per request on the MLP JSON path
@@ -7,7 +7,10 @@ written as one `event: http` line holding every request of the batch
 (`count`, `requests`: [{ts, request_id, method, path, status, ms, key, peer}]), at most
 `interval` seconds after its first entry, when `max_batch` entries are
 waiting, and on stop. Every request is still logged, with the same fields; the
-exact counts live in the Prometheus counters as before.
+exact counts live in the Prometheus counters as before. A gRPC call
+(grpc_service.OipService.end) is an entry of the same batches with method
+`GRPC`, its method's path, `status` the HTTP status it counts as in the
+metrics, and `grpc_status`, the status it was answered with.
 """
 
 from __future__ import annotations
@@ -33,11 +36,14 @@ class AccessLog:
         self._timer: asyncio.TimerHandle | None = None
         self.log = logger.bind(role="gateway", event="http")
 
-    def note(self, request_id: str, method: str, path: str, status: int, ms: float, key: str | None,
-             peer: str | None) -> None:
+    def note(self, request_id: str | None, method: str, path: str, status: int, ms: float, key: str | None,
+             peer: str | None, grpc_status: int | None = None) -> None:
         batch = self._batch
-        batch.append({"ts": round(time.time(), 3), "request_id": request_id, "method": method, "path": path,
-                      "status": status, "ms": ms, "key": key, "peer": peer})
+        entry = {"ts": round(time.time(), 3), "request_id": request_id, "method": method, "path": path,
+                 "status": status, "ms": ms, "key": key, "peer": peer}
+        if grpc_status is not None:
+            entry["grpc_status"] = grpc_status
+        batch.append(entry)
         if len(batch) >= self.max_batch:
             self.flush()
         elif self._timer is None:

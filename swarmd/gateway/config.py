@@ -34,7 +34,7 @@ class GatewayConfig:
     # serve POST /v2/models/{model}[/versions/{v}]/infer in the lean HTTP/1.1 lane (gateway/fastlane.py):
     # the same answers for a third of the CPU; anything it does not fully understand goes to aiohttp
     fast_lane: bool = True
-    access_log: bool = True  # every request in the access log, written in batches (at most 1 s late)
+    access_log: bool = True  # every request (HTTP and gRPC) in the access log, written in batches (at most 1 s late)
     print_admin_key: bool = True  # print the first admin key to stdout when it is created
     local_models_dir: str | None = None  # standalone mode: serve ONNX models from this dir in-process
     discovery_interval: float = 5.0  # seconds between lookups of the stores (workers: orchestrator.dht_refresh)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from loguru import logger
 
 from swarmd.errors import SwarmdError
-from swarmd.gateway.grpc_service import SERVICE, GrpcAbort, OipService, SoonInfer, unimplemented
+from swarmd.gateway.grpc_service import SERVICE, GrpcAbort, OipService, Served, Stream, unimplemented
 from swarmd.gateway.grpc_wire import (
     ENHANCE_YOUR_CALM,
     GRPC_STATUS,
@@ -264,19 +264,19 @@ class LaneProtocol(asyncio.Protocol):
         path = ev.path
         name = path[len(PREFIX):] if path.startswith(PREFIX) else ""
         if name not in self.lane.service.unary and name != "ModelStreamInfer":
-            abort = unimplemented(path)
+            abort = self.lane.service.refuse("", self.address, unimplemented(path), path=path)
             self.core.respond(ev.stream_id, None, abort.status, abort.details)
             return
         call = self.calls[ev.stream_id] = Call(name, ev.metadata, ev.timeout, time.monotonic())
         if name == "ModelStreamInfer":
             try:
-                carrier = self.lane.service.open_stream(ev.metadata, self.address)
+                stream = self.lane.service.open_stream(ev.metadata, self.address)
             except GrpcAbort as e:
                 del self.calls[ev.stream_id]
                 self.core.respond(ev.stream_id, None, e.status, e.details)
                 return
             call.queue = asyncio.Queue()
-            call.task = asyncio.get_running_loop().create_task(self._stream(ev.stream_id, call, carrier),
+            call.task = asyncio.get_running_loop().create_task(self._stream(ev.stream_id, call, stream),
                                                                name="gateway-grpc-stream")
 
     def _message(self, ev: Message) -> None:
@@ -322,7 +322,7 @@ class LaneProtocol(asyncio.Protocol):
                 return
         call.task = asyncio.get_running_loop().create_task(self._serve(sid, call, data), name="gateway-grpc-call")
 
-    def _answer(self, sid: int, call: Call, soon: SoonInfer) -> None:
+    def _answer(self, sid: int, call: Call, soon: Served) -> None:
         """An infer_soon() call's backend future is done: answer it (not if it was cancelled: its
         stream or connection is gone, or the lane is stopping)."""
         self.calls.pop(sid, None)
@@ -340,25 +340,22 @@ class LaneProtocol(asyncio.Protocol):
 
     def _fail(self, sid: int, status: int, details: str) -> None:
         call = self.calls.pop(sid, None)
-        if call is not None and call.task is None:
-            self._release(call, call.held)  # a running task releases its own on the way out
+        if call is not None and call.task is None:  # never handed to the service: it is counted here
+            self._release(call, call.held)
+            http = self.lane.gw.http_status(details.partition(":")[0])  # details read "ERR_CODE: ..."
+            self.lane.service.refuse(call.name, self.address, GrpcAbort(status, details, http),
+                                     time.monotonic() - call.started)
         if call is not None and call.task is not None:
-            call.task.cancel()
+            call.task.cancel()  # a running task releases what it holds and ends its call on the way out
         self.core.respond(sid, None, status, details)
 
     async def _serve(self, sid: int, call: Call, data: bytes) -> None:
         out: bytes | None = None
         status, details = 0, ""
         try:
-            if call.timeout is None:
-                out = await self.lane.service.call_bytes(call.name, data, call.metadata, self.address)
-            else:
-                async with asyncio.timeout(call.timeout):
-                    out = await self.lane.service.call_bytes(call.name, data, call.metadata, self.address)
+            out = await self.lane.service.call_bytes(call.name, data, call.metadata, self.address, call.timeout)
         except GrpcAbort as e:
             status, details = e.status, e.details
-        except TimeoutError:
-            status, details = DEADLINE, f"ERR_TIMEOUT: the call's grpc-timeout ({call.timeout:g}s) passed"
         finally:
             self.calls.pop(sid, None)
             self._release(call, call.held)
@@ -366,7 +363,7 @@ class LaneProtocol(asyncio.Protocol):
             self.core.respond(sid, out, status, details)
             self._flush_later()
 
-    async def _stream(self, sid: int, call: Call, carrier: dict[str, Any] | None) -> None:
+    async def _stream(self, sid: int, call: Call, stream: Stream) -> None:
         assert call.queue is not None
         service = self.lane.service
         try:
@@ -376,13 +373,13 @@ class LaneProtocol(asyncio.Protocol):
                     break
                 self._release(call, len(data))
                 try:
-                    request = pb.ModelInferRequest.FromString(data)
-                except Exception as e:
-                    abort = service.abort_for("ModelStreamInfer", e)
+                    answer = await service.stream_item(stream, pb.ModelInferRequest.FromString(data))
+                except Exception as e:  # not a protobuf message (ended here); a bug (GrpcAbort, ended): the stream ends
+                    abort = e if isinstance(e, GrpcAbort) else service.refuse(
+                        "ModelStreamInfer", self.address, service.abort_for("ModelStreamInfer", e))
                     self.core.send_trailers(sid, abort.status, abort.details)
                     self._flush_later()
                     return
-                answer = await service.stream_item(request, carrier)
                 if self.closed:
                     return
                 self.core.send_message(sid, answer.SerializeToString())

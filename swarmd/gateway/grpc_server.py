@@ -37,7 +37,12 @@ def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
 
 
 def _remote(context: grpc.aio.ServicerContext) -> str:
+    """The client's address as the other fronts name it ("ipv4:127.0.0.1:5000" -> "127.0.0.1",
+    "ipv6:[::1]:5000" -> "::1"): the rate limit's bucket with auth off, the access log's peer."""
     peer = context.peer() or "?"
+    kind, _, address = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        return address.rsplit(":", 1)[0].strip("[]")
     return peer.rsplit(":", 1)[0] if ":" in peer else peer
 
 
@@ -65,7 +70,7 @@ class GrpcFront:
             self.model_stream_infer, request_deserializer=pb.ModelInferRequest.FromString,
             response_serializer=lambda m: m.SerializeToString())
         self.server.add_generic_rpc_handlers((
-            grpc.method_handlers_generic_handler(SERVICE, handlers), _Unimplemented()))
+            grpc.method_handlers_generic_handler(SERVICE, handlers), _Unimplemented(self.service)))
         bound = self.server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
         if bound == 0:
             self.server = None
@@ -91,20 +96,24 @@ class GrpcFront:
     async def model_stream_infer(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
                                  ) -> AsyncIterator[Any]:
         try:
-            carrier = self.service.open_stream(_metadata(context), _remote(context))
-        except GrpcAbort as e:
+            stream = self.service.open_stream(_metadata(context), _remote(context))
+            async for request in requests:
+                yield await self.service.stream_item(stream, request)
+        except GrpcAbort as e:  # refused, or a bug in a request (logged): the stream ends with its status
             await context.abort(CODES[e.status], e.details)
-        async for request in requests:
-            yield await self.service.stream_item(request, carrier)
 
 
 class _Unimplemented(grpc.GenericRpcHandler):
     """Any other method of the service (or of another service): UNIMPLEMENTED with a reason."""
 
+    def __init__(self, oip: OipService) -> None:
+        self.oip = oip
+
     def service(self, handler_call_details: Any) -> grpc.RpcMethodHandler | None:
-        abort = unimplemented(handler_call_details.method)
+        path = handler_call_details.method
 
         async def refuse(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            abort = self.oip.refuse("", _remote(context), unimplemented(path), path=path)
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, abort.details)
             return b""
 

@@ -28,7 +28,7 @@ from loguru import logger
 
 from swarmd import __version__
 from swarmd.dtypes import CONTENTS_FIELD, TRITON_TYPES
-from swarmd.errors import ERR_BAD_REQUEST, ERR_INTERNAL, GATEWAY_STATUS, SwarmdError
+from swarmd.errors import ERR_BAD_REQUEST, ERR_INTERNAL, ERR_TIMEOUT, GATEWAY_STATUS, SwarmdError
 from swarmd.gateway.grpc_wire import GRPC_STATUS
 from swarmd.gateway.oip import OipError, decode_raw_tensor, encode_raw_tensor, numpy_dtype
 from swarmd.gateway.proto import oip_pb2 as pb
@@ -36,6 +36,7 @@ from swarmd.gateway.server import tensor_meta
 from swarmd.node import tracing
 
 if TYPE_CHECKING:
+    from swarmd.gateway.keys import ApiKey
     from swarmd.gateway.server import Gateway
 
 SERVICE = "inference.GRPCInferenceService"
@@ -46,6 +47,8 @@ STATUS: dict[str, int] = {code: GRPC_STATUS[name] for code, (_, name) in GATEWAY
 INVALID_ARGUMENT = GRPC_STATUS["INVALID_ARGUMENT"]
 INTERNAL = GRPC_STATUS["INTERNAL"]
 UNIMPLEMENTED = GRPC_STATUS["UNIMPLEMENTED"]
+CANCELLED = GRPC_STATUS["CANCELLED"]
+DEADLINE = GRPC_STATUS["DEADLINE_EXCEEDED"]
 
 # Triton's model configuration data types (the gRPC DataType enum), by OIP datatype name.
 CONFIG_TYPES: dict[str, int] = {oip: getattr(pb, name) for oip, name in TRITON_TYPES.items()}
@@ -58,12 +61,15 @@ NOT_BUILT = {
 
 
 class GrpcAbort(Exception):
-    """A call's failure as gRPC answers it: a status number and its details (`ERR_CODE: message`)."""
+    """A call's failure as gRPC answers it: a status number and its details (`ERR_CODE: message`),
+    and the HTTP status the gateway's metrics and access log count it as (one label set for
+    both fronts)."""
 
-    def __init__(self, status: int, details: str) -> None:
+    def __init__(self, status: int, details: str, http: int = 500) -> None:
         super().__init__(details)
         self.status = status
         self.details = details
+        self.http = http
 
 
 def unimplemented(path: str) -> GrpcAbort:
@@ -74,7 +80,7 @@ def unimplemented(path: str) -> GrpcAbort:
                                     "(system and CUDA shared memory: tensors travel in the request)")
     else:
         why = f"unknown service method {path}"
-    return GrpcAbort(UNIMPLEMENTED, f"swarmd gateway does not implement {method}: {why}")
+    return GrpcAbort(UNIMPLEMENTED, f"swarmd gateway does not implement {method}: {why}", 501)
 
 
 def decode_request(req: Any) -> tuple[dict[str, np.ndarray], list[str] | None]:
@@ -141,14 +147,32 @@ def encode_response(model: str, version: str, rid: str, outputs: dict[str, np.nd
     return resp
 
 
-class SoonInfer:
-    """A ModelInfer being served without a Task (OipService.infer_soon): what its answer needs."""
+class Served:
+    """One call from begin() to end(): what it is counted and logged with (OipService.end), and
+    for a ModelInfer served without a Task (infer_soon) what its answer needs."""
 
-    __slots__ = ("entry", "future", "names", "request", "started")
+    __slots__ = ("counted", "entry", "future", "key", "name", "names", "path", "remote", "request", "started")
 
-    def __init__(self, request: Any, names: list[str] | None, future: asyncio.Future[Any], entry: Any,
-                 started: float) -> None:
-        self.request, self.names, self.future, self.entry, self.started = request, names, future, entry, started
+    def __init__(self, name: str, remote: str) -> None:
+        self.name, self.remote, self.started = name, remote, time.perf_counter()
+        self.path: str | None = None  # a method the service does not serve: its path (name is then "")
+        self.counted = False  # in flight (admit): end() releases it
+        self.request: Any = None
+        self.key: ApiKey | None = None
+        self.future: asyncio.Future[Any] | None = None
+        self.entry: Any = None
+        self.names: list[str] | None = None
+
+
+class Stream:
+    """A ModelStreamInfer stream that open_stream() let in: what each of its requests is served with
+    (its client, its key, its trace carrier while tracing is on: a stream has one set of
+    metadata, each request is a gateway.infer span in it)."""
+
+    __slots__ = ("carrier", "key", "remote")
+
+    def __init__(self, remote: str, key: ApiKey | None, carrier: dict[str, Any] | None) -> None:
+        self.remote, self.key, self.carrier = remote, key, carrier
 
 
 class OipService:
@@ -160,6 +184,9 @@ class OipService:
         "ModelStatistics": "models:read", "RepositoryModelLoad": "models:write", "RepositoryModelUnload": "models:write",
         "ModelInfer": "infer", "ModelStreamInfer": "infer",
     }
+    ROUTES: dict[str, str] = {name: f"grpc:{name}" for name in PERMISSIONS}  # the metrics' route label
+    UNSERVED = "grpc:unimplemented"  # the route label of any other path (a bounded label set)
+    PATHS: dict[str, str] = {name: f"/{SERVICE}/{name}" for name in PERMISSIONS}  # the access log's path
 
     def __init__(self, gateway: Gateway) -> None:
         self.gw = gateway
@@ -180,70 +207,135 @@ class OipService:
         }
 
     # -- the glue every call goes through ------------------------------------------
+    #
+    # Every call, whichever engine carries it and whether or not it runs in a Task, goes
+    # begin() -> admit() -> ... -> end(): in flight, bound, key, then one end that releases
+    # the in-flight count, counts the call in the metrics and writes its access-log entry,
+    # exactly once whatever the outcome (answer, error, timeout, cancel).
 
-    def authorize(self, name: str, metadata: Mapping[str, str], remote: str) -> None:
-        """The key check and rate limit of `name` (lower-case metadata names); raises SwarmdError."""
+    def begin(self, name: str, remote: str) -> Served:
+        """A call of `name` from `remote` starts now (its duration counts from here)."""
+        return Served(name, remote)
+
+    def admit(self, served: Served, metadata: Mapping[str, str] | None) -> None:
+        """Count the call in flight, then the in-flight bound, then the key check and rate limit of
+        its method (lower-case metadata names; None: a stream's request, its key checked when the
+        stream opened). Raises SwarmdError."""
+        gw = self.gw
+        gw._in_flight += 1  # the HTTP front's in-flight bound (middleware._admit) covers gRPC calls too
+        served.counted = True
+        gw._admit()
+        if metadata is not None:
+            served.key = self.authorize(served.name, metadata, served.remote)
+
+    def authorize(self, name: str, metadata: Mapping[str, str], remote: str) -> ApiKey | None:
+        """The key check and rate limit of `name`; raises SwarmdError."""
         permission = self.PERMISSIONS[name]
-        if permission != PUBLIC:
-            self.gw.authorize(metadata.get("x-api-key"), metadata.get("authorization"), remote, permission)
+        if permission == PUBLIC:
+            return None
+        return self.gw.authorize(metadata.get("x-api-key"), metadata.get("authorization"), remote, permission)
+
+    def end(self, served: Served, error: BaseException | None = None) -> BaseException | None:
+        """The call is over: answered (error None), failed (returns the GrpcAbort to answer) or
+        cancelled (client reset, connection lost, stop: returns the CancelledError to re-raise)."""
+        if error is None:
+            status, http = 0, 200
+        elif isinstance(error, Exception):
+            error = error if isinstance(error, GrpcAbort) else self.abort_for(served.name, error)
+            status, http = error.status, error.http
+        else:
+            status, http = CANCELLED, 499
+        gw = self.gw
+        if served.counted:
+            gw._in_flight -= 1
+        elapsed = time.perf_counter() - served.started
+        request = served.request
+        unserved = served.path
+        gw.observe(self.ROUTES[served.name] if unserved is None else self.UNSERVED, "GRPC", str(http), elapsed,
+                   getattr(request, "model_name", ""))
+        if gw.access_log is not None:
+            key = served.key
+            path = self.PATHS[served.name] if unserved is None else unserved
+            gw.access_log.note(getattr(request, "id", None) or None, "GRPC", path, http, round(elapsed * 1000, 3),
+                               key.id if key else None, served.remote, status)
+        return error
+
+    def refuse(self, name: str, remote: str, abort: GrpcAbort, since: float = 0.0, path: str | None = None
+               ) -> GrpcAbort:
+        """A call answered `abort` before the service saw its request (a method it does not serve:
+        name "" and its `path`; a request message that never completed, started `since` seconds
+        ago): counted and logged as a call all the same. Returns `abort`."""
+        served = self.begin(name, remote)
+        served.started -= since
+        served.path = path
+        self.end(served, abort)
+        return abort
 
     def abort_for(self, name: str, e: BaseException) -> GrpcAbort:
         """What a failed call answers; 5xx-class ones go to the dashboard's error list, bugs to the log."""
-        route = f"grpc:{name}"
+        route = self.ROUTES[name]
         if isinstance(e, SwarmdError):
             http = self.gw.http_status(e.code)
             if http >= 500:
                 self.gw.dashboard.note_error(route, http, e.code, e.message)
-            return GrpcAbort(STATUS.get(e.code, GRPC_STATUS["UNKNOWN"]), f"{e.code}: {e.message}")
+            return GrpcAbort(STATUS.get(e.code, GRPC_STATUS["UNKNOWN"]), f"{e.code}: {e.message}", http)
         if isinstance(e, OipError):
-            return GrpcAbort(INVALID_ARGUMENT, f"{ERR_BAD_REQUEST}: {e}")
+            return GrpcAbort(INVALID_ARGUMENT, f"{ERR_BAD_REQUEST}: {e}", 400)
         if isinstance(e, DecodeError):
             return GrpcAbort(INVALID_ARGUMENT, f"{ERR_BAD_REQUEST}: the {name} request is not a valid protobuf "
-                                               f"message: {e}")
+                                               f"message: {e}", 400)
         self.log.opt(exception=e).bind(event="grpc_bug", method=name).error("unhandled error in {}", name)
         self.gw.dashboard.note_error(route, 500, ERR_INTERNAL, f"internal error in {name}")
         return GrpcAbort(INTERNAL, f"{ERR_INTERNAL}: internal error in {name}")
 
-    @staticmethod
-    def _status_label(abort: GrpcAbort | None, e: BaseException | None) -> str:
-        if abort is None:
-            return "200"
-        if isinstance(e, SwarmdError):
-            return str(GATEWAY_STATUS.get(e.code, (502, ""))[0])
-        return "400" if abort.status == INVALID_ARGUMENT else "500"
+    async def call(self, name: str, request: Any, metadata: Mapping[str, str], remote: str,
+                   timeout: float | None = None) -> Any:
+        """One unary call (`name` in self.unary) in a Task: admission, keys, the method within the
+        call's grpc-timeout (`timeout`, seconds) if it sent one; raises GrpcAbort."""
+        served = self.begin(name, remote)
+        served.request = request
+        return await self._serve(served, metadata, timeout)
 
-    async def call(self, name: str, request: Any, metadata: Mapping[str, str], remote: str) -> Any:
-        """One unary call (`name` in self.unary): admission, keys, the method, metrics; raises GrpcAbort."""
-        gw = self.gw
-        t0 = time.perf_counter()
-        abort: GrpcAbort | None = None
-        failure: BaseException | None = None
-        gw._in_flight += 1  # the HTTP front's in-flight bound (middleware._admit) covers gRPC calls too
-        try:
-            gw._admit()
-            self.authorize(name, metadata, remote)
-            if name == "ModelInfer":
-                return await self.model_infer(request, dict(metadata) if tracing.tracer is not None else None)
-            return await self.unary[name][0](request)
-        except (asyncio.CancelledError, GrpcAbort):
-            raise
-        except Exception as e:
-            failure, abort = e, self.abort_for(name, e)
-            raise abort from None
-        finally:
-            gw._in_flight -= 1
-            gw.observe(f"grpc:{name}", "GRPC", self._status_label(abort, failure), time.perf_counter() - t0,
-                       getattr(request, "model_name", ""))
-
-    async def call_bytes(self, name: str, data: bytes, metadata: Mapping[str, str], remote: str) -> bytes:
+    async def call_bytes(self, name: str, data: bytes, metadata: Mapping[str, str], remote: str,
+                         timeout: float | None = None) -> bytes:
         """call() on a serialized request, answering a serialized response (the lean lane's way)."""
+        served = self.begin(name, remote)
         try:
-            request = self.unary[name][1].FromString(data)
+            served.request = self.unary[name][1].FromString(data)
         except DecodeError as e:
-            raise self.abort_for(name, e) from None
-        return (await self.call(name, request, metadata, remote)).SerializeToString()
+            raise self.end(served, e) from None
+        return (await self._serve(served, metadata, timeout)).SerializeToString()
 
-    def infer_soon(self, data: bytes, metadata: Mapping[str, str], remote: str) -> SoonInfer | None:
+    async def _serve(self, served: Served, metadata: Mapping[str, str], timeout: float | None) -> Any:
+        """call()'s work once its request is parsed; a passed grpc-timeout answers DEADLINE_EXCEEDED."""
+        name, request = served.name, served.request
+        try:
+            self.admit(served, metadata)
+            carrier = dict(metadata) if name == "ModelInfer" and tracing.tracer is not None else None
+            if timeout is None:
+                result = await self._method(name, request, carrier)
+            else:
+                deadline = asyncio.timeout(timeout)
+                try:
+                    async with deadline:
+                        result = await self._method(name, request, carrier)
+                except TimeoutError:
+                    if not deadline.expired():
+                        raise
+                    raise GrpcAbort(DEADLINE, f"{ERR_TIMEOUT}: the call's grpc-timeout ({timeout:g}s) passed",
+                                    504) from None
+        except BaseException as e:
+            raise self.end(served, e) from None
+        self.end(served)
+        return result
+
+    def _method(self, name: str, request: Any, carrier: dict[str, Any] | None) -> Any:
+        """The coroutine of one unary method (ModelInfer with its trace carrier)."""
+        if name == "ModelInfer":
+            return self.model_infer(request, carrier)
+        return self.unary[name][0](request)
+
+    def infer_soon(self, data: bytes, metadata: Mapping[str, str], remote: str) -> Served | None:
         """A serialized ModelInfer taken as far as the backend's queue now, with no Task: what
         call_bytes() does before its inference, in the same order (parse, in-flight bound, key,
         inputs, validation), raising the same GrpcAbort. The caller adds a done callback to
@@ -252,75 +344,56 @@ class OipService:
         gw = self.gw
         if tracing.tracer is not None or not gw.can_infer_soon():  # decided first: nothing is checked twice
             return None
+        served = self.begin("ModelInfer", remote)
         try:
-            request = pb.ModelInferRequest.FromString(data)
-        except DecodeError as e:
-            raise self.abort_for("ModelInfer", e) from None
-        t0 = time.perf_counter()
-        gw._in_flight += 1
-        try:
-            gw._admit()
-            self.authorize("ModelInfer", metadata, remote)
-            inputs, names = decode_request(request)
-            future, entry = gw.infer_soon(request.model_name, request.model_version or None, inputs, names,
-                                          request.id or None)
-        except Exception as e:
-            gw._in_flight -= 1
-            abort = self.abort_for("ModelInfer", e)
-            gw.observe("grpc:ModelInfer", "GRPC", self._status_label(abort, e), time.perf_counter() - t0,
-                       request.model_name)
-            raise abort from None
-        return SoonInfer(request, names, future, entry, t0)
+            served.request = request = pb.ModelInferRequest.FromString(data)
+            self.admit(served, metadata)
+            inputs, served.names = decode_request(request)
+            served.future, served.entry = gw.infer_soon(request.model_name, request.model_version or None, inputs,
+                                                        served.names, request.id or None)
+        except BaseException as e:
+            raise self.end(served, e) from None
+        return served
 
-    def infer_answer(self, soon: SoonInfer) -> bytes:
-        """The serialized ModelInferResponse of an infer_soon() call whose future is done, its
-        metrics counted; raises GrpcAbort as call_bytes() would, CancelledError when the call
+    def infer_answer(self, served: Served) -> bytes:
+        """The serialized ModelInferResponse of an infer_soon() call whose future is done, the
+        call ended (end()); raises GrpcAbort as call_bytes() would, CancelledError when the call
         was cancelled from outside (its client went away)."""
-        gw = self.gw
-        request = soon.request
-        status = "200"
         try:
-            result = gw.infer_done(soon.future, soon.entry)
-            return self._response(request, soon.names, result).SerializeToString()
-        except asyncio.CancelledError:
-            status = "499"
-            raise
-        except Exception as e:
-            abort = self.abort_for("ModelInfer", e)
-            status = self._status_label(abort, e)
-            raise abort from None
-        finally:
-            gw._in_flight -= 1
-            gw.observe("grpc:ModelInfer", "GRPC", status, time.perf_counter() - soon.started, request.model_name)
+            result = self.gw.infer_done(served.future, served.entry)  # type: ignore[arg-type]
+            out = self._response(served.request, served.names, result).SerializeToString()
+        except BaseException as e:
+            raise self.end(served, e) from None
+        self.end(served)
+        return out
 
-    async def stream_item(self, request: Any, carrier: dict[str, Any] | None) -> Any:
-        """One request of a ModelStreamInfer stream, answered in band: a failed one answers with
-        its error_message and the stream goes on."""
-        t0, status = time.perf_counter(), "200"
-        self.gw._in_flight += 1
+    def open_stream(self, metadata: Mapping[str, str], remote: str) -> Stream:
+        """Check a ModelStreamInfer stream's credentials (raises GrpcAbort, the refusal ended as a
+        call); what its requests are served with (stream_item)."""
+        served = self.begin("ModelStreamInfer", remote)
         try:
-            self.gw._admit()
-            return pb.ModelStreamInferResponse(infer_response=await self.model_infer(request, carrier))
+            key = self.authorize("ModelStreamInfer", metadata, remote)
         except SwarmdError as e:
-            status = str(self.gw.http_status(e.code))
-            return pb.ModelStreamInferResponse(error_message=f"{e.code}: {e.message}",
-                                               infer_response=pb.ModelInferResponse(id=request.id))
-        except OipError as e:
-            status = "400"
-            return pb.ModelStreamInferResponse(error_message=f"{ERR_BAD_REQUEST}: {e}",
-                                               infer_response=pb.ModelInferResponse(id=request.id))
-        finally:
-            self.gw._in_flight -= 1
-            self.gw.observe("grpc:ModelStreamInfer", "GRPC", status, time.perf_counter() - t0, request.model_name)
+            raise self.end(served, e) from None
+        return Stream(remote, key, dict(metadata) if tracing.tracer is not None else None)
 
-    def open_stream(self, metadata: Mapping[str, str], remote: str) -> dict[str, Any] | None:
-        """Check a ModelStreamInfer stream's credentials (raises GrpcAbort); its trace carrier while
-        tracing is on (a stream has one set of metadata: each request is a gateway.infer span in it)."""
+    async def stream_item(self, stream: Stream, request: Any) -> Any:
+        """One request of a ModelStreamInfer stream, counted and logged as a call of its own, answered
+        in band: a failed one answers with its error_message and the stream goes on."""
+        served = self.begin("ModelStreamInfer", stream.remote)
+        served.request, served.key = request, stream.key
         try:
-            self.authorize("ModelStreamInfer", metadata, remote)
-        except SwarmdError as e:
-            raise self.abort_for("ModelStreamInfer", e) from None
-        return dict(metadata) if tracing.tracer is not None else None
+            self.admit(served, None)
+            answer = pb.ModelStreamInferResponse(infer_response=await self.model_infer(request, stream.carrier))
+        except (SwarmdError, OipError) as e:
+            abort = self.end(served, e)
+            assert isinstance(abort, GrpcAbort)
+            return pb.ModelStreamInferResponse(error_message=abort.details,
+                                               infer_response=pb.ModelInferResponse(id=request.id))
+        except BaseException as e:
+            raise self.end(served, e) from None
+        self.end(served)
+        return answer
 
     # -- health and metadata -----------------------------------------------------------
 
@@ -411,4 +484,4 @@ class OipService:
         return encode_response(result.model, result.version, request.id, result.outputs, names)
 
 
-__all__ = ["SERVICE", "GrpcAbort", "OipService", "SoonInfer", "decode_request", "encode_response", "unimplemented"]
+__all__ = ["SERVICE", "GrpcAbort", "OipService", "Served", "Stream", "decode_request", "encode_response", "unimplemented"]

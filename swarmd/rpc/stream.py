@@ -35,7 +35,11 @@ class CallStream:
     def _fail_result(self, err: SwarmdError) -> bool:
         """Fail the caller's result with err; False when there is none or it is settled."""
         res = self._result
-        if res is None or res.done():
+        if res is None:
+            return False
+        if res.done():
+            if not res.cancelled():
+                res.exception()  # the caller gave the call up: an error it never awaits is not unhandled
             return False
         res.set_exception(err)
         res.exception()  # retrieved: aborting is not an unhandled error
