@@ -156,3 +156,10 @@ def test_mux_frame_in_tiny_pieces_holds_few_objects() -> None:
     assert len(dec._parts) == 2 and type(dec._parts[1]) is memoryview
     assert dec.feed(rest[big:]) == [(mux.MSG, 3, payload)]
     assert dec.buffered == 0 and dec._parts == []
+
+
+@given(st.integers(min_value=0, max_value=(1 << 32) - 1))
+def test_msg0_header_is_the_mux_header_of_a_channel0_msg(n: int) -> None:
+    """writebatch packs RPC message headers from the length alone: the same 9 bytes as mux.encode's."""
+    assert mux.MSG0_HEADER.pack(n) == mux.HEADER.pack(mux.MSG, 0, n)
+    assert mux.MSG0_HEADER.size == mux.HEADER_SIZE

@@ -53,7 +53,7 @@ from swarmd.dht.records import (
     decode_record,
     topic_target,
 )
-from swarmd.dht.routing import ID_SIZE, SwarmdRoutingTable, parse_contacts, valid_id
+from swarmd.dht.routing import SwarmdRoutingTable, parse_contacts, valid_id
 from swarmd.dht.wire import DatagramRpc, Notify, Reply
 from swarmd.node.ratelimit import RateLimiter
 from swarmd.node.supervisor import Supervisor
@@ -238,11 +238,13 @@ class SwarmdProtocol(DatagramRpc, KademliaProtocol):
         if stale <= 0:
             return
         now = time.monotonic()
+        checking = self._checking
+        seen = self.last_seen.get
         for node in contacts:
-            if len(self._checking) >= MAX_CONTACT_CHECKS:
+            if now - seen(node.id, 0.0) < stale or node.id in checking:
+                continue  # the usual case: answered or asked us lately
+            if len(checking) >= MAX_CONTACT_CHECKS:
                 return
-            if node.id in self._checking or now - self.last_seen.get(node.id, 0.0) < stale:
-                continue
             if not self._check_budget.allow("checks", now):
                 return  # bounded cost: a busy node hands out many silent-but-alive contacts
             self._checking.add(node.id)
@@ -271,10 +273,9 @@ class SwarmdProtocol(DatagramRpc, KademliaProtocol):
         return self.source_node.id
 
     def _closest(self, key: bytes, sender: tuple[str, int]) -> list[list[Any]]:
-        exclude = Node(b"\x00" * ID_SIZE, sender[0], sender[1])
-        nodes = self.router.find_neighbors(Node(key), exclude=exclude)
+        nodes, wires = self.router.closest(key, sender)
         self._check_stale(nodes)
-        return [[n.id, n.ip, n.port] for n in nodes]
+        return wires
 
     def rpc_find_node(self, sender: tuple[str, int], nodeid: Any, key: Any, *_: Any) -> list[list[Any]]:
         if not valid_id(key):

@@ -26,8 +26,14 @@ def _first(item: tuple[int, Node]) -> int:
     return item[0]
 
 
+_MAX_NEAR_KEYS = 256  # keys whose k closest contacts a table keeps ranked
+
 _KNOWN_IPS: set[str] = set()  # addresses valid_ip accepted: contacts repeat the same few
 _MAX_KNOWN_IPS = 4096
+
+
+_KNOWN_CONTACTS: dict[tuple[bytes, str, int], Node] = {}  # (id, ip, port) parse_contacts accepted
+_MAX_KNOWN_CONTACTS = 8192
 
 
 def valid_ip(host: Any) -> bool:
@@ -62,18 +68,36 @@ def valid_id(node_id: Any) -> bool:
 
 def parse_contacts(raw: Any, limit: int) -> list[Node] | None:
     """Contacts from a find reply: a list of [id, ip, port]. None when the reply
-    is not a list at all; malformed entries are dropped, the rest capped."""
+    is not a list at all; malformed entries are dropped, the rest capped.
+
+    Replies name the same contacts again and again, so each valid one is built
+    (and its id turned into an int) once and shared: nothing changes a Node."""
     if not isinstance(raw, list):
         return None
     out: list[Node] = []
     seen: set[bytes] = set()
+    known = _KNOWN_CONTACTS
     for item in raw[: limit * 4]:
         if not isinstance(item, (list, tuple)) or len(item) != 3:
             continue
         nid, ip, port = item
+        if type(nid) is bytes and type(ip) is str and type(port) is int:
+            # exact types first: True == 1 and 1.0 == 1 must not find a known contact
+            node = known.get((nid, ip, port))
+            if node is not None:
+                if nid not in seen:
+                    seen.add(nid)
+                    out.append(node)
+                    if len(out) >= limit:
+                        break
+                continue
         if valid_id(nid) and valid_port(port) and nid not in seen and valid_ip(ip):
             seen.add(nid)
-            out.append(Node(nid, ip, port))
+            node = Node(nid, ip, port)
+            if len(known) >= _MAX_KNOWN_CONTACTS:
+                known.clear()  # bounded: a peer naming many contacts only costs building them again
+            known[(nid, ip, port)] = node
+            out.append(node)
             if len(out) >= limit:
                 break
     return out
@@ -89,9 +113,11 @@ class SwarmdRoutingTable(RoutingTable):
         super().flush()
         self._flat: list[tuple[int, Node]] | None = None
         self._keys: list[int] = []
+        self._near: dict[bytes, tuple[int | None, list[Node], list[list[Any]], bool]] = {}
 
     def _changed(self) -> None:
         self._flat = None
+        self._near.clear()
 
     def _contacts_flat(self) -> list[tuple[int, Node]]:
         """(long id, node) of every contact by id; rebuilt only after the table changed."""
@@ -122,32 +148,67 @@ class SwarmdRoutingTable(RoutingTable):
                 longest = m - 1
         return flat[lo:hi]
 
+    def _nearest(self, key: bytes, target: int) -> tuple[int | None, list[Node], list[list[Any]], bool]:
+        """The k + 2 contacts closest to key (the key's own id left out), their [id, ip, port]
+        wire form, its bucket's index, and whether the table held more than those. Kept per key
+        until the table changes: a node answers the same few keys (the topics it serves, the ids
+        newcomers look up) over and over, and each answer would rank the table again."""
+        entry = self._near.get(key)
+        if entry is None:
+            want = self.ksize + 2
+            index = None
+            for i, bucket in enumerate(self.buckets):  # get_bucket_for, without a Node for the key
+                if target <= bucket.range[1]:
+                    index = i
+                    break
+            # distances of distinct ids differ, so the tuples never compare their nodes
+            ranked = heapq.nsmallest(want, [(lid ^ target, n) for lid, n in self._around(target, want)])
+            nodes = [n for dist, n in ranked if dist != 0]
+            entry = (index, nodes, [[n.id, n.ip, n.port] for n in nodes], len(ranked) == want)
+            if len(self._near) >= _MAX_NEAR_KEYS:
+                self._near.clear()  # bounded: many distinct keys only cost the ranking again
+            self._near[key] = entry
+        return entry
+
+    def closest(
+        self, key: bytes, exclude: tuple[str, int] | None = None, k: int | None = None
+    ) -> tuple[list[Node], list[list[Any]]]:
+        """The k contacts closest to key (by XOR), none of them at address `exclude` nor
+        with the key as id, and their [id, ip, port] wire form (shared lists: read only)."""
+        k = k or self.ksize
+        target = int.from_bytes(key, "big")
+        if k <= self.ksize:
+            index, nodes, wires, more = self._nearest(key, target)
+        else:  # wider than the cache holds (not asked by the protocol): rank now
+            ranked = heapq.nsmallest(k + 2, [(lid ^ target, n) for lid, n in self._around(target, k + 2)])
+            index = self.get_bucket_for(Node(key))
+            nodes = [n for dist, n in ranked if dist != 0]
+            wires = [[n.id, n.ip, n.port] for n in nodes]
+            more = len(ranked) == k + 2
+        if index is not None:
+            self.buckets[index].touch_last_updated()
+        if exclude is None:
+            return nodes[:k], wires[:k]
+        ip, port = exclude
+        keep = [i for i, n in enumerate(nodes) if n.port != port or n.ip != ip]
+        if len(keep) == len(nodes):
+            return nodes[:k], wires[:k]
+        if len(keep) >= k or not more:
+            keep = keep[:k]
+            return [nodes[i] for i in keep], [wires[i] for i in keep]
+        # more than two were excluded (one address holding several ids): the slow, exact way
+        out = heapq.nsmallest(
+            k,
+            (n for _, n in self._contacts_flat()
+             if n.id != key and (n.ip != ip or n.port != port)),
+            key=lambda n: n.long_id ^ target,
+        )  # fmt: skip
+        return out, [[n.id, n.ip, n.port] for n in out]
+
     def find_neighbors(self, node: Node, k: int | None = None, exclude: Node | None = None) -> list[Node]:
         """The k contacts closest to node (by XOR), over all buckets: kademlia walks the
         buckets outwards and stops early, so at a few hundred contacts it returns too few."""
-        k = k or self.ksize
-        index = self.get_bucket_for(node)
-        if index is not None:
-            self.buckets[index].touch_last_updated()
-        target = node.long_id
-        # distances of distinct ids differ, so the tuples never compare their nodes
-        ranked = heapq.nsmallest(k + 2, [(lid ^ target, n) for lid, n in self._around(target, k + 2)])
-        out = []
-        for dist, n in ranked:
-            if dist == 0 or (exclude is not None and n.ip == exclude.ip and n.port == exclude.port):
-                continue
-            out.append(n)
-            if len(out) == k:
-                return out
-        if len(ranked) < k + 2:
-            return out
-        # more than two were excluded (one address holding several ids): the slow, exact way
-        return heapq.nsmallest(
-            k,
-            (n for _, n in self._contacts_flat()
-             if n.id != node.id and (exclude is None or not n.same_home_as(exclude))),
-            key=node.distance_to,
-        )  # fmt: skip
+        return self.closest(node.id, None if exclude is None else (exclude.ip, exclude.port), k)[0]
 
     def get_bucket_for(self, node: Node) -> int | None:
         # ranges are inclusive on both ends after a split; kademlia tests `<` the upper bound

@@ -35,6 +35,8 @@ TYPE_NAMES = {
 
 HEADER = struct.Struct(">BII")
 HEADER_SIZE = HEADER.size  # 9
+# HEADER of a MSG frame on channel 0 (an RPC message), packed from its length alone
+MSG0_HEADER = struct.Struct(">5xI")
 INITIAL_WINDOW = 1 << 20  # protocol constant: credit of each direction of a new channel
 MAX_PING_PAYLOAD = 64
 STREAM_CHUNK = 65519 - HEADER_SIZE  # header + this much fill one Noise message exactly

@@ -26,8 +26,7 @@ from swarmd.net.busypoll import BusyPoll
 from swarmd.net.noise import NoiseSession
 from swarmd.node.memory import tune_for_bulk
 
-_HEADER_PACK = mux.HEADER.pack
-_MSG = mux.MSG
+_MSG0_HEADER = mux.MSG0_HEADER.pack
 _BULK_FLUSH_PIECES = 32  # a flush of this many bulk pieces (16 stream frames, ~1 MiB) is a bulk transfer
 # wire pieces (length prefix, ciphertext) per writelines call: ~1 MiB. asyncio's selector transport
 # (Python 3.11) joins them into one buffer; a join of a whole flush (up to 8 MiB) would be mmapped,
@@ -77,11 +76,10 @@ class WriteBatcher:
         """
         if self.error is not None:
             raise self.error
-        header = _HEADER_PACK(_MSG, 0, len(payload))
+        header = _MSG0_HEADER(len(payload))
         urgent = self._urgent
         if self._in_receive:  # an answer from a handler run inline: the flush ending the read sends it
-            urgent.append(header)
-            urgent.append(payload)
+            urgent += (header, payload)
             if len(urgent) >= self._flush_at:  # ...or these go now, while we answer the rest
                 self._flush()
             return
@@ -93,12 +91,10 @@ class WriteBatcher:
                     if self._busy is not None:
                         self._busy.wrote()
                     return
-            urgent.append(header)
-            urgent.append(payload)
+            urgent += (header, payload)
             self._flush()
             return
-        urgent.append(header)
-        urgent.append(payload)
+        urgent += (header, payload)
         if len(urgent) >= self._flush_at:  # the peer starts on these while we queue the rest
             self._flush()
         elif self._flush_handle is None:

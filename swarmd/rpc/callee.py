@@ -270,8 +270,9 @@ class Callee:
         except BaseException as e:  # noqa: BLE001 - a handler may raise anything; it becomes an error reply
             self._finish(rid, method, stream, None, e)
             return
-        if type(coro) is not _COROUTINE:
-            if type(coro) in _ANSWER_TYPES or not inspect.isawaitable(coro):
+        kind = type(coro)
+        if kind is not _COROUTINE:
+            if kind in _ANSWER_TYPES or not inspect.isawaitable(coro):
                 # a plain function (Methods.register): it has answered already, no coroutine
                 # and no Task; with tracing on, its value still passes through a server span
                 if self._traced is None:
