@@ -179,12 +179,20 @@ def test_busy_poll_does_not_poll_while_the_thread_waits_for_a_cpu() -> None:
         spin._waited = spin._run_delay() - 10**9  # as if it waited for a CPU all of the last second
         spin.extend(now, now + 1.0)
         assert spin.contended and spin.handle is None
+        cpus = spin._cpus
+        spin._cpus = 1 << 30  # whatever else runs on this machine now: never more runnable tasks than CPUs
         spin._checked_at = now - 1.0
         spin._waited = spin._run_delay() + 10**9  # (counter moved back: not contended) -> polls
         spin.extend(now, now + 0.001)
         assert not spin.contended and spin.handle is not None
         spin.handle.cancel()
         spin.handle = None
+        spin._cpus = 0  # more runnable tasks than CPUs (this one at least): no polling, however short the wait
+        spin._checked_at = now - 1.0
+        spin._waited = spin._run_delay() + 10**9
+        spin.extend(now, now + 0.001)
+        assert spin.contended and spin.handle is None
+        spin._cpus = cpus
 
     run(main(), "asyncio")
 
