@@ -83,6 +83,20 @@ def cancel(req_id: int) -> bytes:
     return packb([CANCEL, req_id])
 
 
+def request_fields_ok(rid: Any, method: Any, timeout_ms: Any, channel: Any) -> bool:
+    """Whether a request's id, method, timeout and channel are all valid: the one rule,
+    used by decode and by RpcPeer._on_message's inline path for a plain request."""
+    return (
+        type(rid) is int
+        and 0 <= rid <= MAX_ID
+        and type(method) is str
+        and 0 < len(method) <= MAX_METHOD_LEN
+        and (timeout_ms is None or (type(timeout_ms) is int and -(1 << 62) <= timeout_ms <= 1 << 62))
+        and type(channel) is int
+        and 0 <= channel < 1 << 32
+    )
+
+
 def _check_id(v: Any) -> int:
     if type(v) is not int or not 0 <= v <= MAX_ID:
         raise EnvelopeError(f"message id must be an integer 0..2^63-1, got {type(v).__name__}")
@@ -125,8 +139,8 @@ def decode(data: bytes) -> list[Any]:
 
     Raises EnvelopeError; its request_id is set when the message was a request
     with a readable id, so the caller can answer that request with an error.
-    RpcPeer._on_message checks a plain request and a response inline (the same
-    checks) and calls this for everything else.
+    RpcPeer._on_message dispatches a plain request (request_fields_ok, the same rule)
+    and an answer to a call it made inline, and calls this for everything else.
     """
     try:
         msg = _unpackb(data, raw=False, ext_hook=ext_hook, strict_map_key=False, use_list=True)
@@ -150,6 +164,9 @@ def decode(data: bytes) -> list[Any]:
             raise EnvelopeError(
                 f"request must have at least 6 elements, got {n}", msg[1] if n > 1 and type(msg[1]) is int else None
             )
+        if request_fields_ok(msg[1], msg[2], msg[4], msg[5]):
+            return msg
+        # which field is wrong, in order (the message says it)
         req_id = _check_id(msg[1])
         _check_method(msg[2], req_id)
         t = msg[4]

@@ -39,7 +39,7 @@ from swarmd.rpc.builtins import BUILTINS
 from swarmd.rpc.callee import Callee
 from swarmd.rpc.codec import ext_hook
 from swarmd.rpc.config import RpcConfig
-from swarmd.rpc.envelope import CANCEL, ERROR, EVENT, MAX_ID, MAX_METHOD_LEN, REQUEST, RESPONSE, EnvelopeError
+from swarmd.rpc.envelope import CANCEL, ERROR, EVENT, REQUEST, RESPONSE, EnvelopeError, request_fields_ok
 from swarmd.rpc.methods import Firewall, Methods
 from swarmd.rpc.stream import Stream
 
@@ -369,17 +369,8 @@ class RpcPeer(Callee):
                                 pass
                             return
             elif n == 6 and msg[0] is REQUEST and self._held is None:
-                # the checks of envelope.decode for a request, inline
                 _, rid, method, params, t, ch = msg
-                if (
-                    type(rid) is int
-                    and 0 <= rid <= MAX_ID
-                    and type(method) is str
-                    and 0 < len(method) <= MAX_METHOD_LEN
-                    and (t is None or (type(t) is int and -(1 << 62) <= t <= 1 << 62))
-                    and type(ch) is int
-                    and 0 <= ch < 1 << 32
-                ):
+                if request_fields_ok(rid, method, t, ch):  # envelope.decode's rule for these fields
                     self._msg_size = len(data)
                     self._on_request(rid, method, params, t, ch)
                     return
