@@ -174,7 +174,9 @@ class PathProbe:
             "remote_nat": remote.get("nat") if isinstance(remote, dict) else None,
         }
         if watch:
-            out["watch"] = await self._watch(target, float(watch), t0)
+            # the history starts with the path the first call took: a punch can win while
+            # that call is under way, before the watch's own first call
+            out["watch"] = await self._watch(target, float(watch), t0, {"path": out["first_path"], "ms": out["connect_ms"]})
             peer = self.swarm._registry.get(target) or await self.swarm.connect(target)
             out["connection"] = self.traversal.paths[target].to_dict() if target in self.traversal.paths else {"path": path_of(peer)}
         if size:
@@ -214,14 +216,15 @@ class PathProbe:
             "mib_s": round(size / took / (1 << 20), 2) if took > 0 else None,
         }
 
-    async def _watch(self, target: bytes, seconds: float, t0: float) -> dict[str, Any]:
+    async def _watch(self, target: bytes, seconds: float, t0: float, first: dict[str, Any]) -> dict[str, Any]:
         """Calls (one after another) and small streams (one after another) through the
         swarm while the path may change under them; stops WATCH_AFTER after the path is
-        final, or at `seconds`. Every failure is counted with its code."""
+        final, or at `seconds`. Every failure is counted with its code. `paths` lists each
+        change of path from `first` (the first call's)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
         final_at: list[float] = []
-        changes: list[dict[str, Any]] = []
+        changes: list[dict[str, Any]] = [first]
         tally = {"calls_ok": 0, "calls_failed": 0, "streams_ok": 0, "streams_failed": 0}
         errors: list[str] = []
 
