@@ -26,6 +26,7 @@ from loguru import logger
 
 from swarmd import __version__
 from swarmd.errors import ConfigError, SwarmdError
+from swarmd.node.address import parse_hostport
 from swarmd.node.datadir import DataDirLock
 from swarmd.node.identity import Identity
 from swarmd.node.statusfile import FILE_NAME, write_status_file
@@ -215,8 +216,6 @@ class Node:
         for name, role in ctx._roles.items():
             ctx.metrics.add(f"role:{name}", role.metrics)
         if self.settings.node.metrics:
-            from swarmd.settings import parse_hostport
-
             host, port = parse_hostport(self.settings.node.metrics, what="node.metrics", listen=True)
             ctx.ports["metrics"] = await ctx.metrics.start(host, port)
             self._started.append(("metrics", ctx.metrics.stop))

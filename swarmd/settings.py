@@ -17,6 +17,7 @@ from swarmd.errors import ConfigError
 from swarmd.gateway.config import GatewayConfig
 from swarmd.net.nat import NatConfig
 from swarmd.net.relay import RelayConfig
+from swarmd.node.address import parse_hostport
 from swarmd.node.tracing import TracingConfig
 from swarmd.node.trust import TrustConfig
 from swarmd.orchestrator.config import OrchestratorConfig
@@ -100,20 +101,6 @@ class Settings:
                 bytes.fromhex(self.node.swarm_secret)
             except ValueError:
                 raise ConfigError("node.swarm_secret must be hex") from None
-
-
-def parse_hostport(text: str, *, what: str, listen: bool = False) -> tuple[str, int]:
-    """'HOST:PORT' or '[v6]:PORT' -> (host, port), with a precise error.
-
-    A listen address may say port 0 (any free port, reported in the ready event's ports),
-    as node.port does: tests and side-by-side runs then never race for a port picked in advance.
-    """
-    host, sep, port_s = text.rpartition(":")
-    host = host.strip("[]")
-    low = 0 if listen else 1
-    if not sep or not host or not port_s.isdigit() or not low <= int(port_s) <= 65535:
-        raise ConfigError(f"{what} {text!r} must look like HOST:PORT with a port from {low} to 65535")
-    return host, int(port_s)
 
 
 def parse_peer(text: str, *, what: str) -> tuple[bytes, str, int]:

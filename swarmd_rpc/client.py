@@ -27,8 +27,10 @@ from swarmd.errors import (
     ERR_NOT_FOUND,
     ERR_UNAVAILABLE,
     ERR_UNKNOWN_METHOD,
+    ConfigError,
     SwarmdError,
 )
+from swarmd.node.address import parse_address, parse_hostport
 from swarmd.node.deadline import within
 from swarmd.node.identity import Identity, parse_public_key
 from swarmd.orchestrator.config import OrchestratorConfig
@@ -40,11 +42,9 @@ from swarmd_rpc.models import Models
 
 
 def _hostport(value: str | tuple[str, int]) -> tuple[str, int]:
-    if isinstance(value, tuple):
-        return value[0], int(value[1])
-    from swarmd.settings import parse_hostport
-
-    return parse_hostport(value, what="bootstrap entry")
+    if isinstance(value, str):
+        return parse_hostport(value, what="bootstrap entry")
+    return parse_address(value, "bootstrap entry", error=ConfigError)
 
 
 @dataclass

@@ -107,3 +107,18 @@ def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError) as ei:
         load_settings(Settings, config_file=tmp_path / "nope.toml")
     assert "cannot read config file" in ei.value.message
+
+
+def test_address_settings_read_by_the_one_address_reader():
+    """tuple[str, int] settings from text (env, flags) go through node.address.parse_hostport:
+    an IPv6 host loses its brackets, a bad port names the variable."""
+    from swarmd.dht.part import dht_config_from
+
+    s = load_settings(
+        Settings,
+        environ={"SWARMD_SWARM_ANNOUNCE_ADDRESSES": "[::1]:7000,198.18.0.1:7001", "SWARMD_NODE_BOOTSTRAP": "[::1]:49737"},
+    )
+    assert s.swarm.announce_addresses == [("::1", 7000), ("198.18.0.1", 7001)]
+    assert dht_config_from(s).bootstrap == [("::1", 49737)]
+    with pytest.raises(ConfigError, match="SWARMD_SWARM_ANNOUNCE_ADDRESSES.*port 'x' is not a number"):
+        load_settings(Settings, environ={"SWARMD_SWARM_ANNOUNCE_ADDRESSES": "h:x"})

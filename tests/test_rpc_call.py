@@ -230,3 +230,41 @@ async def test_tcp_nodelay_on_both_ends(server: RpcServer) -> None:
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     finally:
         await peer.close()
+
+
+async def test_a_plain_handler_gets_every_context_field_and_each_call_its_own_timeout() -> None:
+    """The inline path builds CallContext field by field (no __init__): a field added to the
+    dataclass and not set there fails here. The caller keeps the last timeout's milliseconds:
+    calls alternating timeouts still each carry their own."""
+    import dataclasses
+
+    from swarmd.rpc.methods import CallContext
+
+    seen: list[Any] = []
+
+    def context(ctx: Any, params: Any) -> Any:  # a plain function: dispatched inline
+        seen.append(ctx)
+        return {f.name: getattr(ctx, f.name) is not None for f in dataclasses.fields(CallContext)}
+
+    methods = Methods()
+    methods.register("context", context)
+    ident = Identity.generate()
+    srv = RpcServer(ident, methods)
+    await srv.start()
+    me = Identity.generate()
+    peer = await connect(me, "127.0.0.1", srv.port, remote_public_key=ident.public_key, timeout=T)
+    try:
+        for timeout in (7.0, None, 3.0, 3.0, None, 0.5):
+            set_fields = await peer.call("context", None, timeout=timeout)
+            assert set(set_fields) == {f.name for f in dataclasses.fields(CallContext)}
+            assert all(set_fields.values())
+            ctx = seen[-1]
+            assert ctx.peer == me.public_key and ctx.method == "context" and ctx.peer_conn in srv.peers
+            left = ctx.time_left()
+            assert left is not None and 0 < left <= (peer.config.default_timeout if timeout is None else timeout)
+            if timeout is None or timeout > 3.0:
+                assert left > 3.0  # not a shorter timeout left over from the call before
+        assert [c.request_id for c in seen] == sorted({c.request_id for c in seen})
+    finally:
+        await peer.close()
+        await srv.stop()

@@ -21,7 +21,7 @@ from typing import Any
 
 from swarmd.commands.reach import local_node, operator_identity, swarm_client
 from swarmd.errors import ERR_BAD_REQUEST, ERR_UNAVAILABLE, SwarmdError
-from swarmd.settings import parse_hostport
+from swarmd.node.address import parse_hostport
 from swarmd.store.transfer import parse_ref
 
 NAME = "model"

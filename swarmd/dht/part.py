@@ -12,14 +12,7 @@ from typing import Any
 
 from swarmd.dht.config import DhtConfig
 from swarmd.errors import ConfigError
-
-
-def _hostport(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
-        raise ConfigError(f"bootstrap entry {text!r} must look like HOST:PORT")
-    return host, int(port)
+from swarmd.node.address import parse_address, parse_hostport
 
 
 def dht_config_from(settings: Any) -> DhtConfig:
@@ -29,6 +22,11 @@ def dht_config_from(settings: Any) -> DhtConfig:
     node = settings.node
     cfg.host = node.host
     cfg.port = node.dht_port
-    cfg.bootstrap = [_hostport(b) if isinstance(b, str) else tuple(b) for b in node.bootstrap]
+    cfg.bootstrap = [
+        parse_hostport(b, what="node.bootstrap entry")
+        if isinstance(b, str)
+        else parse_address(b, "node.bootstrap entry", error=ConfigError)
+        for b in node.bootstrap
+    ]
     cfg.bootstrap_wait = getattr(node, "bootstrap_wait", cfg.bootstrap_wait)
     return cfg

@@ -25,6 +25,7 @@ from swarmd.gateway.grpc_service import (
     unimplemented,
 )
 from swarmd.gateway.proto import oip_pb2 as pb
+from swarmd.node.address import format_hostport, parse_hostport
 
 if TYPE_CHECKING:
     from swarmd.gateway.server import Gateway
@@ -42,8 +43,11 @@ def _remote(context: grpc.aio.ServicerContext) -> str:
     peer = context.peer() or "?"
     kind, _, address = peer.partition(":")
     if kind in ("ipv4", "ipv6"):
-        return address.rsplit(":", 1)[0].strip("[]")
-    return peer.rsplit(":", 1)[0] if ":" in peer else peer
+        try:
+            return parse_hostport(address, what="grpc peer")[0]
+        except SwarmdError:
+            pass
+    return peer
 
 
 class GrpcFront:
@@ -71,7 +75,7 @@ class GrpcFront:
             response_serializer=lambda m: m.SerializeToString())
         self.server.add_generic_rpc_handlers((
             grpc.method_handlers_generic_handler(SERVICE, handlers), _Unimplemented(self.service)))
-        bound = self.server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        bound = self.server.add_insecure_port(format_hostport(host, port))
         if bound == 0:
             self.server = None
             raise SwarmdError("ERR_CONFIG", f"gateway cannot listen for gRPC on {host}:{port}")

@@ -17,7 +17,7 @@ Wire format (docs/nat.md):
 A circuit client receives WAITING when its token is registered, then PAIRED
 when the other side arrives; the byte after PAIRED's reason is the first byte
 from the peer. A ping gets PONG and the connection closes (clients pick the
-relay with the lowest round trip); PONG's reason ends with `observed=IP:PORT`,
+relay with the lowest round trip); PONG's reason ends with `observed=IP:PORT` (`[IPV6]:PORT`),
 the client's address as the relay saw it (its TCP mapping: what a TCP
 simultaneous open through the client's NAT needs, swarmd/net/tcppunch.py). Refusals carry a code >= 16 and close.
 

@@ -34,6 +34,7 @@ from swarmd.net.relay import (
     encode_status,
 )
 from swarmd.net.relayio import READ_CHUNK
+from swarmd.node.address import format_hostport
 from swarmd.node.deadline import within
 
 LOG_PER_SECOND = 10  # WAITING then PAIRED, with room to spare
@@ -119,7 +120,7 @@ class RelayServer:
             writer.close()
             return
         peer = writer.get_extra_info("peername") or ("?", 0)
-        conn = _Conn(self._next_conn, str(peer[0]), reader, writer, observed=f"{peer[0]}:{peer[1]}" if len(peer) > 1 else "")
+        conn = _Conn(self._next_conn, str(peer[0]), reader, writer, observed=format_hostport(str(peer[0]), peer[1]) if len(peer) > 1 else "")
         self._next_conn += 1
         if len(self._conns) >= self.config.max_connections:  # a connection flood must not eat every fd
             self.connections_refused += 1

@@ -22,6 +22,7 @@ from typing import Any
 from swarmd.errors import ERR_BAD_REQUEST, ERR_RATE_LIMITED, SwarmdError
 from swarmd.net.nat import NAT_TYPES
 from swarmd.net.udppunch import PunchOffer, parse_offer
+from swarmd.node.address import parse_address
 from swarmd.node.ratelimit import RateLimiter, TokenBucket
 
 KIND_UDP = "udp"
@@ -71,21 +72,6 @@ def _key(obj: dict[str, Any], name: str) -> bytes:
     return v
 
 
-def parse_address(value: Any, name: str) -> tuple[str, int]:
-    """[host, port] from a peer: host 1..253 chars, port 1..65535."""
-    if (
-        not isinstance(value, (list, tuple))
-        or len(value) != 2
-        or not isinstance(value[0], str)
-        or not 0 < len(value[0]) <= 253
-        or not isinstance(value[1], int)
-        or isinstance(value[1], bool)
-        or not 0 < value[1] <= 65535
-    ):
-        raise _bad(f"signal '{name}' must be [host, port] with a port from 1 to 65535")
-    return value[0], value[1]
-
-
 def parse_request(obj: Any) -> SignalRequest:
     """Validate a request read from a peer; SwarmdError(ERR_BAD_REQUEST) says what is wrong."""
     if not isinstance(obj, dict):
@@ -98,9 +84,9 @@ def parse_request(obj: Any) -> SignalRequest:
         nat = obj.get("nat", "")
         if nat != "" and nat not in NAT_TYPES:
             raise _bad(f"signal 'nat' must be one of {', '.join(NAT_TYPES)}, got {nat!r:.40}")
-        return SignalRequest(source, target, kind, addr=parse_address(obj.get("addr"), "addr"), nat=nat)
+        return SignalRequest(source, target, kind, addr=parse_address(obj.get("addr"), "signal 'addr'"), nat=nat)
     if kind == KIND_RELAY:
-        relay = parse_address(obj.get("relay"), "relay")
+        relay = parse_address(obj.get("relay"), "signal 'relay'")
         token = obj.get("token")
         if not isinstance(token, bytes) or len(token) != 32:
             raise _bad("signal 'token' must be 32 bytes")

@@ -33,6 +33,7 @@ from typing import Any
 from swarmd.errors import ERR_PROTOCOL, ERR_TIMEOUT, ERR_UNAVAILABLE, SwarmdError
 from swarmd.net.nat import CONE, SYMMETRIC
 from swarmd.net.relay import KIND_PING, ST_PONG, StatusDecoder, encode_hello
+from swarmd.node.address import parse_hostport
 
 Address = tuple[str, int]
 
@@ -61,9 +62,10 @@ def parse_observed(reason: str) -> Address | None:
     """The `observed=IP:PORT` field of a relay's PONG reason, or None (an older relay)."""
     for part in reason.split():
         if part.startswith("observed="):
-            host, _, port = part[len("observed=") :].rpartition(":")
-            if host and port.isdigit() and 0 < int(port) <= 65535 and len(host) <= 253:
-                return host, int(port)
+            try:
+                return parse_hostport(part[len("observed=") :], what="relay PONG observed=", bare_ipv6=True)
+            except SwarmdError:
+                return None
     return None
 
 

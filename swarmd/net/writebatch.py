@@ -27,6 +27,10 @@ from swarmd.net.noise import NoiseSession
 from swarmd.node.memory import tune_for_bulk
 
 _MSG0_HEADER = mux.MSG0_HEADER.pack
+# headers of the messages shorter than this, packed once (~45 KiB per process): a list index
+# instead of a struct call per message; calls and answers are mostly this small
+_SMALL = 1024
+_MSG0_SMALL = [_MSG0_HEADER(n) for n in range(_SMALL)]
 _BULK_FLUSH_PIECES = 32  # a flush of this many bulk pieces (16 stream frames, ~1 MiB) is a bulk transfer
 # wire pieces (length prefix, ciphertext) per writelines call: ~1 MiB. asyncio's selector transport
 # (Python 3.11) joins them into one buffer; a join of a whole flush (up to 8 MiB) would be mmapped,
@@ -76,7 +80,8 @@ class WriteBatcher:
         """
         if self.error is not None:
             raise self.error
-        header = _MSG0_HEADER(len(payload))
+        n = len(payload)
+        header = _MSG0_SMALL[n] if n < _SMALL else _MSG0_HEADER(n)
         urgent = self._urgent
         if self._in_receive:  # an answer from a handler run inline: the flush ending the read sends it
             urgent += (header, payload)

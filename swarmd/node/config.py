@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from swarmd.errors import ConfigError
+from swarmd.node.address import parse_hostport
 
 ENV_PREFIX = "SWARMD_"
 # Environment variables that select files or layers rather than set keys.
@@ -121,6 +122,8 @@ def coerce(value: Any, tp: Any, *, key: str, source: str, from_text: bool) -> An
             kwargs[k] = coerce(v, hints[k], key=f"{key}.{k}", source=source, from_text=from_text)
         return tp(**kwargs)
     if origin is tuple and args and args[-1] is not Ellipsis:
+        if args == (str, int) and from_text and isinstance(value, str):  # an address: HOST:PORT, [IPV6]:PORT
+            return parse_hostport(value, what=f"{key} from {source}")
         if from_text and isinstance(value, str):
             value = [v.strip() for v in value.rsplit(":", len(args) - 1)] if len(args) > 1 else [value]
         if not isinstance(value, (list, tuple)) or len(value) != len(args):

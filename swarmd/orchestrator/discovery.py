@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from swarmd.node.address import parse_address
 from swarmd.node.identity import parse_public_key
 from swarmd.orchestrator.registry import ONLINE, STATES
 from swarmd.rpc.params import as_params, bad_request
@@ -52,20 +53,6 @@ def parse_names(value: Any, what: str) -> list[str]:
             )
         out.append(name)
     return out
-
-
-def parse_address(value: Any, what: str) -> tuple[str, int]:
-    if isinstance(value, (list, tuple)) and len(value) == 2:
-        host, port = value
-        if (
-            isinstance(host, str)
-            and 0 < len(host) <= 255
-            and isinstance(port, int)
-            and not isinstance(port, bool)
-            and 0 < port <= 65535
-        ):
-            return host, port
-    raise bad_request(f"{what} must be [host, port] with a port from 1 to 65535, got {value!r:.80}")
 
 
 def parse_load(value: Any) -> dict[str, float] | None:

@@ -19,8 +19,8 @@ from swarmd.gateway.backend import InferenceBackend
 from swarmd.gateway.dashboard import Collect, collect_swarm
 from swarmd.gateway.keys import KeyStore
 from swarmd.gateway.server import Gateway
+from swarmd.node.address import parse_hostport
 from swarmd.roles.base import NodeContext, Role, check_can_listen
-from swarmd.settings import parse_hostport
 
 DEFAULT_HTTP = "127.0.0.1:8080"
 

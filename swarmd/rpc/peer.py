@@ -73,6 +73,8 @@ class RpcPeer(Callee):
         self._sweep: asyncio.TimerHandle | None = None
         self._sweep_at = math.inf
         self._pack = codec.new_packer().pack  # one per peer: a peer lives on one thread
+        self._timeout: Any = None  # the timeout of the last call() and its milliseconds, for the next
+        self._timeout_ms = 0
         self._pending_streams: dict[int, Stream] = {}
         self._running: dict[int, asyncio.Task[Any]] = {}
         self._events: set[asyncio.Task[Any]] = set()
@@ -234,7 +236,10 @@ class RpcPeer(Callee):
         rid = self._next_id
         self._next_id = rid + 1
         try:
-            msg = self._pack([REQUEST, rid, method, params, int(timeout * 1000), 0])
+            if timeout is not self._timeout:  # else the same object as the last call's (the default)
+                self._timeout_ms = int(timeout * 1000)
+                self._timeout = timeout
+            msg = self._pack([REQUEST, rid, method, params, self._timeout_ms, 0])
         except (TypeError, ValueError, OverflowError) as e:
             raise SwarmdError(ERR_BAD_REQUEST, f"params of {method!r} cannot be encoded: {e}") from None
         if len(msg) > self.max_message:
@@ -352,7 +357,8 @@ class RpcPeer(Callee):
         and a kind that is not that object (True for 1, say) takes the full path.
         """
         try:
-            msg = _unpackb(data, raw=False, ext_hook=ext_hook, strict_map_key=False, use_list=True)
+            # (raw=False and use_list=True are msgpack 1.x's defaults: each keyword spelt out costs)
+            msg = _unpackb(data, ext_hook=ext_hook, strict_map_key=False)
         except Exception:  # malformed: envelope.decode says how
             msg = None
         if type(msg) is list:

@@ -11,7 +11,6 @@ rack is reached (`SwarmRackCaller`, `RpcRackCaller`): docs/things.md, "ork".
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from swarmd.errors import (
     ERR_UNAVAILABLE,
     SwarmdError,
 )
+from swarmd.node.address import format_hostport, parse_hostport
 from swarmd.node.deadline import within
 from swarmd.node.identity import parse_public_key
 from swarmd.node.supervisor import LOG, Supervisor
@@ -37,7 +37,6 @@ from swarmd.rpc.params import as_params, bad_request, check_id, check_keys, str_
 from swarmd.services.query import apply_sort, compile_sort
 from swarmd.services.things import THING_METHODS, Handlers, Thing, ThingsConfig, ThingService
 
-ADDR_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 MAX_ADDRESSES = 8
 
 # The ork's own methods (op as for THING_METHODS); the thing methods are proxied on top.
@@ -99,17 +98,15 @@ class RackCaller(Protocol):
 def check_addresses(v: Any, what: str) -> list[str]:
     if not isinstance(v, list) or len(v) > MAX_ADDRESSES:
         raise bad_request(f"{what} must be a list of at most {MAX_ADDRESSES} HOST:PORT strings")
-    for a in v:
-        m = ADDR_RE.match(a) if isinstance(a, str) else None
-        if m is None or not 0 < int(m.group(2)) <= 65535:
-            raise bad_request(f"{what}: each address must look like HOST:PORT with a port from 1 to 65535, got {a!r:.80}")
+    for i, a in enumerate(v):
+        parse_hostport(a, what=f"{what}[{i}]", error=bad_request)
     return list(v)
 
 
 def _addr_text(a: Any) -> Any:
     """("host", port) as DHT records carry it -> "host:port"; text passes through."""
     if isinstance(a, (tuple, list)) and len(a) == 2 and isinstance(a[0], str) and isinstance(a[1], int):
-        return f"[{a[0]}]:{a[1]}" if ":" in a[0] else f"{a[0]}:{a[1]}"
+        return format_hostport(a[0], a[1])
     return a
 
 
@@ -400,7 +397,6 @@ class RpcRackCaller:
         self.pool = pool
 
     async def __call__(self, rack: Rack, method: str, params: Any, timeout: float) -> Any:  # noqa: ASYNC109
-        from swarmd.settings import parse_hostport  # settings imports this module
         from swarmd_rpc.pool import Target  # the client library sits beside the layers, not below them
 
         if not rack.addresses:

@@ -35,9 +35,10 @@ from swarmd.errors import ERR_BAD_REQUEST, ERR_UNAVAILABLE, SwarmdError
 from swarmd.net.nat import SYMMETRIC, UDP_BLOCKED, UNKNOWN
 from swarmd.net.punch import PathAttempt, PathInfo
 from swarmd.net.relayio import new_token, pick_relay, relay_transport
-from swarmd.net.signal import KIND_RELAY, KIND_TCP, KIND_UDP, SignalRequest, parse_address
+from swarmd.net.signal import KIND_RELAY, KIND_TCP, KIND_UDP, SignalRequest
 from swarmd.net.tcppunch import BIRTHDAY_TIMEOUT, is_birthday, punch_open, rendezvous
 from swarmd.net.udppunch import UdpPuncher, parse_offer
+from swarmd.node.address import parse_address
 from swarmd.rpc import RpcPeer
 from swarmd.swarm.paths import MAPPED, PATH_RANK, PUNCHED_TCP, PUNCHED_UDP, RELAYED, path_of, path_rank
 from swarmd.topics import peer_topic
@@ -290,7 +291,7 @@ class Dialer:
             answer = await self._ask(signal, via, req)
             if not isinstance(answer, dict):
                 raise SwarmdError(ERR_BAD_REQUEST, "nat.connect answered a TCP punch without an address")
-            addr = parse_address(answer.get("addr"), "addr")
+            addr = parse_address(answer.get("addr"), "nat.connect answer 'addr'")
             t2 = time.monotonic()
             bound = BIRTHDAY_TIMEOUT if birthday else TCP_PUNCH_TIMEOUT
             sock = await punch_open(rv, addr, mine, theirs, min(self.config.punch_timeout, bound))

@@ -17,6 +17,7 @@ import sys
 
 from swarmd.dht import stun
 from swarmd.net.nat import NatConfig, detect_nat
+from swarmd.node.address import parse_hostport
 
 
 class Client(asyncio.DatagramProtocol):
@@ -73,8 +74,5 @@ async def main(servers: list[tuple[str, int]]) -> None:
 
 
 if __name__ == "__main__":
-    addrs = []
-    for a in sys.argv[1:]:
-        h, _, p = a.rpartition(":")
-        addrs.append((h, int(p)))
+    addrs = [parse_hostport(a, what="STUN server") for a in sys.argv[1:]]
     asyncio.run(main(addrs))

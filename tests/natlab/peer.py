@@ -32,6 +32,7 @@ from typing import Any
 from swarmd.errors import SwarmdError
 from swarmd.net.relayio import open_circuit
 from swarmd.net.udppunch import UdpPuncher, parse_offer
+from swarmd.node.address import parse_hostport
 
 CHUNK = 256 * 1024
 MAX_CONTROL = 64 * 1024
@@ -174,8 +175,7 @@ def report(path: str, got: bytes, data: bytes, took: float, setup_s: float) -> i
 
 
 def hostport(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    return host, int(port)
+    return parse_hostport(text, what="address")
 
 
 async def run_relay(args: argparse.Namespace, *, upgrade: bool) -> int:
