@@ -50,7 +50,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from swarmd.gateway.grpc_wire import (  # noqa: E402  (the frame and header helpers the gRPC lane itself uses)
+from swarmd.gateway.h2frames import (  # noqa: E402  (the frame and header helpers the gRPC lane itself uses)
     DATA,
     END_HEADERS,
     END_STREAM,
@@ -62,10 +62,8 @@ from swarmd.gateway.grpc_wire import (  # noqa: E402  (the frame and header help
     SETTINGS,
     WINDOW_UPDATE,
     frame,
-    hpack_int,
-    literal,
 )
-from swarmd.gateway.h2hpack import HpackDecoder  # noqa: E402
+from swarmd.gateway.h2hpack import HpackDecoder, hpack_int, literal  # noqa: E402
 
 FASTAPI_APP = textwrap.dedent('''
     import sys

@@ -9,7 +9,7 @@ vocabulary as the HTTP front (swarmd/gateway/server.py); only the framing differ
 that also imports tritonclient's copy of the same package does not clash).
 
 API keys travel in the `x-api-key` metadata (or `authorization: Bearer <key>`). Errors are
-gRPC statuses (numbers, grpc_wire.GRPC_STATUS) whose details read `ERR_CODE: message`.
+gRPC statuses (numbers, grpc_http2.GRPC_STATUS) whose details read `ERR_CODE: message`.
 Methods of Triton's service that swarmd has no equivalent for (shared memory, trace and
 log settings) answer UNIMPLEMENTED naming the feature.
 """
@@ -29,7 +29,7 @@ from loguru import logger
 from swarmd import __version__
 from swarmd.dtypes import CONTENTS_FIELD, TRITON_TYPES
 from swarmd.errors import ERR_BAD_REQUEST, ERR_INTERNAL, ERR_TIMEOUT, GATEWAY_STATUS, SwarmdError
-from swarmd.gateway.grpc_wire import GRPC_STATUS
+from swarmd.gateway.grpc_http2 import GRPC_STATUS
 from swarmd.gateway.oip import OipError, decode_raw_tensor, encode_raw_tensor, numpy_dtype
 from swarmd.gateway.proto import oip_pb2 as pb
 from swarmd.gateway.server import tensor_meta
