@@ -515,8 +515,8 @@ def test_grpcio_counts_a_call_past_its_deadline_as_deadline_exceeded_not_a_cance
     """grpcio enforces a call's grpc-timeout by cancelling its handler, as it does when the client
     goes away; the front tells the two apart by the time the call has left, so a call that ran
     past its deadline is counted DEADLINE_EXCEEDED / 504 (as on the lean lane) and a client's
-    cancel 499. The timed-out call comes from a raw client that does not enforce its deadline
-    itself, so grpcio's own timer is what ends it."""
+    cancel 499; a stream's request likewise. The timed-out calls come from a raw client that does
+    not enforce its deadline itself, so grpcio's own timer is what ends them."""
     import grpc
 
     install_model(tmp_path / "models", "mlp", "1", MODEL)
@@ -536,10 +536,16 @@ def test_grpcio_counts_a_call_past_its_deadline_as_deadline_exceeded_not_a_cance
             g.until(lambda: len(runs) == 2 and gw._in_flight == 1)
             c.cancel()
             g.until(lambda: gw._in_flight == 0)
+            # a ModelStreamInfer request whose stream's deadline passes while it is served: the same
+            with _raw_send(port, req.SerializeToString(), [("x-api-key", token), ("grpc-timeout", "300m")],
+                           method="ModelStreamInfer"):
+                g.until(lambda: gw._in_flight == 1)  # waiting for a run slot: the held runs fill them
+                g.until(lambda: gw._in_flight == 0)
             blocker.set()
-        assert [(x["grpc_status"], x["status"]) for x in log] == [(4, 504), (1, 499)]
+        assert [(x["grpc_status"], x["status"]) for x in log] == [(4, 504), (1, 499), (4, 504)]
         metrics = g.request("GET", "/metrics", key=g.admin_key).body.decode()  # counted the same way there
         assert 'swarmd_gateway_requests_total{route="grpc:ModelInfer",method="GRPC",status="504"} 1' in metrics
+        assert 'swarmd_gateway_requests_total{route="grpc:ModelStreamInfer",method="GRPC",status="504"} 1' in metrics
         assert 'swarmd_gateway_requests_total{route="grpc:ModelInfer",method="GRPC",status="499"} 1' in metrics
     finally:
         g.close()
