@@ -50,7 +50,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from swarmd.gateway.grpc_wire import (  # noqa: E402  (the frame and header helpers the gRPC lane itself uses)
+from swarmd.gateway.h2frames import (  # noqa: E402  (the frame and header helpers the gRPC lane itself uses)
     DATA,
     END_HEADERS,
     END_STREAM,
@@ -62,10 +62,8 @@ from swarmd.gateway.grpc_wire import (  # noqa: E402  (the frame and header help
     SETTINGS,
     WINDOW_UPDATE,
     frame,
-    hpack_int,
-    literal,
 )
-from swarmd.gateway.h2hpack import HpackDecoder  # noqa: E402
+from swarmd.gateway.h2hpack import HpackDecoder, hpack_int, literal  # noqa: E402
 
 FASTAPI_APP = textwrap.dedent('''
     import sys
@@ -503,6 +501,15 @@ def start_swarm(tmp: Path, models: Path, body: bytes, procs: list[subprocess.Pop
         env["SWARMD_GATEWAY_FAST_LANE"] = "false"
     if "asyncio" in extras:  # the standard event loop instead of uvloop (node.event_loop)
         env["SWARMD_EVENT_LOOP"] = "asyncio"
+    role_env: dict[str, dict[str, str]] = {}
+    for extra in extras:  # "+set:SWARMD_X=V": this route's daemons; "+gateway-set:..."/"+worker-set:...": one of them
+        who, sep, kv = extra.partition("set:")
+        if sep and who in ("", "gateway-", "worker-"):
+            k, _, v = kv.partition("=")
+            if who:
+                role_env.setdefault(who[:-1], {})[k] = v
+            else:
+                env[k] = v
     colocated = "colocated" in extras  # gateway and worker in one process: no RPC hop on the data path
     gw_roles = "gateway,worker" if colocated else "gateway"
     cmd = [sys.executable, "-m", "swarmd", "--log-format", "json", "--log-level", "INFO"]
@@ -523,7 +530,7 @@ def start_swarm(tmp: Path, models: Path, body: bytes, procs: list[subprocess.Pop
                       "signal.signal(signal.SIGUSR2, lambda *a: (p.disable(), p.dump_stats(sys.argv[1]))); "
                       "sys.exit(main(sys.argv[2:]))")
             argv = [sys.executable, "-c", runner, f"{prof}.{server}.{name}", *cmd[3:]]
-        p = start_proc([*argv, "--data-dir", str(base / name), *args], env, log)
+        p = start_proc([*argv, "--data-dir", str(base / name), *args], {**env, **role_env.get(name, {})}, log)
         procs.append(p)
         local.append(p)
         return p, log
@@ -621,7 +628,9 @@ def main() -> int:
                     help="swarm layouts to measure (+inline: worker.inline_run_us = 5000 instead of "
                          "the default 2000; +threaded: = 0, every run in a thread; "
                          "+colocated: gateway and worker share one process; +aiohttp: the gateway's lean "
-                         "lane off; +asyncio: the standard loop instead of uvloop)")
+                         "lane off; +asyncio: the standard loop instead of uvloop; +set:SWARMD_X=V: that "
+                         "environment for this route's daemons (+gateway-set:, +worker-set: for one of them), "
+                         "e.g. swarm,swarm+gateway-set:SWARMD_CONFIG=poll.toml)")
     ap.add_argument("--set", action="append", default=[], metavar="SWARMD_X=V",
                     help="environment for every swarmd process of the run (A/B a setting in one run)")
     ap.add_argument("--standalone", default="fastapi,gateway,grpc",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import queue
+import socket
 
 import numpy as np
 import pytest
@@ -388,24 +389,29 @@ def _infer_stub(ch):
     return infer, req
 
 
-def _raw_call(port: int, msg: bytes, headers: list[tuple[str, str]], until: bytes, method: str = "ModelInfer"
-              ) -> bytes:
-    """One call sent in raw HTTP/2 frames, its request message `msg` as it is (a grpc-timeout
-    header in `headers` is one that, unlike a stock client, this one does not enforce itself):
-    what the lane answers, up to `until`."""
-    import socket
+def _raw_send(port: int, msg: bytes, headers: list[tuple[str, str]], method: str = "ModelInfer") -> socket.socket:
+    """A connection with one call sent on it in raw HTTP/2 frames, its request message `msg` as it
+    is (a grpc-timeout header in `headers` is one that, unlike a stock client, this one does not
+    enforce itself); the caller reads and closes it."""
     import struct
 
     import hpack
 
     from swarmd.gateway import grpc_wire as w
 
-    head = hpack.Encoder().encode([(":method", "POST"), (":scheme", "http"),
+    head = hpack.Encoder().encode([(":method", "POST"), (":scheme", "http"), (":authority", "127.0.0.1"),
                                    (":path", f"/inference.GRPCInferenceService/{method}"),
                                    ("content-type", "application/grpc"), ("te", "trailers"), *headers])
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(w.PREFACE + w.frame(w.SETTINGS, 0, 0) + w.frame(w.HEADERS, w.END_HEADERS, 1, head)
-                  + w.frame(w.DATA, w.END_STREAM, 1, struct.pack(">BI", 0, len(msg)) + msg))
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(w.PREFACE + w.frame(w.SETTINGS, 0, 0) + w.frame(w.HEADERS, w.END_HEADERS, 1, head)
+              + w.frame(w.DATA, w.END_STREAM, 1, struct.pack(">BI", 0, len(msg)) + msg))
+    return s
+
+
+def _raw_call(port: int, msg: bytes, headers: list[tuple[str, str]], until: bytes, method: str = "ModelInfer"
+              ) -> bytes:
+    """_raw_send's call: what the lane answers, up to `until`."""
+    with _raw_send(port, msg, headers, method) as s:
         got = b""
         while until not in got:
             got += s.recv(65536)  # a TimeoutError here: the lane never answered that
@@ -501,6 +507,40 @@ def test_model_infer_in_a_task_leaves_in_flight_when_cancelled_or_timed_out(engi
         # the 0.5 s call: the server's timer (lean) or the client's cancel at its deadline, whichever came first
         assert statuses[1] in ((1, 499), (4, 504))
         assert [statuses[0], *statuses[2:]] == [(1, 499)] + [(4, 504)] * (engine == "lean") + [(4, 504), (0, 200)]
+    finally:
+        g.close()
+
+
+def test_grpcio_counts_a_call_past_its_deadline_as_deadline_exceeded_not_a_cancel(tmp_path) -> None:
+    """grpcio enforces a call's grpc-timeout by cancelling its handler, as it does when the client
+    goes away; the front tells the two apart by the time the call has left, so a call that ran
+    past its deadline is counted DEADLINE_EXCEEDED / 504 (as on the lean lane) and a client's
+    cancel 499. The timed-out call comes from a raw client that does not enforce its deadline
+    itself, so grpcio's own timer is what ends it."""
+    import grpc
+
+    install_model(tmp_path / "models", "mlp", "1", MODEL)
+    g = GatewayThread(tmp_path, GatewayConfig(grpc_engine="grpcio"))
+    gw = g.gateway
+    assert gw is not None
+    try:
+        port = g.call(gw.start_grpc("127.0.0.1", 0))
+        token = g.key("infer")
+        with g.held_runs("mlp") as (runs, blocker), g.access_entries() as log, \
+                grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            infer, req = _infer_stub(ch)
+            with _raw_send(port, req.SerializeToString(), [("x-api-key", token), ("grpc-timeout", "300m")]):
+                g.until(lambda: len(runs) == 1 and gw._in_flight == 1)
+                g.until(lambda: gw._in_flight == 0)  # grpcio's deadline, not the client (still connected)
+            c = infer.future(req, metadata=(("x-api-key", token),), timeout=60)
+            g.until(lambda: len(runs) == 2 and gw._in_flight == 1)
+            c.cancel()
+            g.until(lambda: gw._in_flight == 0)
+            blocker.set()
+        assert [(x["grpc_status"], x["status"]) for x in log] == [(4, 504), (1, 499)]
+        metrics = g.request("GET", "/metrics", key=g.admin_key).body.decode()  # counted the same way there
+        assert 'swarmd_gateway_requests_total{route="grpc:ModelInfer",method="GRPC",status="504"} 1' in metrics
+        assert 'swarmd_gateway_requests_total{route="grpc:ModelInfer",method="GRPC",status="499"} 1' in metrics
     finally:
         g.close()
 

@@ -197,6 +197,57 @@ def test_busy_poll_does_not_poll_while_the_thread_waits_for_a_cpu() -> None:
     run(main(), "asyncio")
 
 
+def test_busy_poll_waits_longer_while_calls_of_ours_await_answers() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        bp = busypoll.BusyPoll(loop, 100, 2000)  # 100 us after any write, 2 ms while answers are due
+        spin = busypoll._spinner(loop)
+        spin._checked_at = math.inf  # no CPU-contention check in this test: it depends on the machine
+        pending: dict[int, object] = {}
+        bp.awaiting = pending
+        spin.until = 0.0
+        t0 = time.perf_counter()
+        bp.wrote()  # an answer we sent, no call of ours out: the short budget
+        assert t0 < spin.until <= time.perf_counter() + 100e-6
+        # the peer's answer 1 ms later: late for the short budget, so it counts as a miss
+        bp._wrote_at = time.perf_counter() - 0.001
+        bp.received()
+        assert not bp.polling
+        bp._credit = 2  # as if the last answers had come quickly
+        pending[1] = object()  # a call of ours goes out and awaits its answer: the long budget
+        spin.until = 0.0
+        t0 = time.perf_counter()
+        bp.wrote()
+        assert t0 + 2000e-6 <= spin.until <= time.perf_counter() + 2000e-6
+        credit = bp._credit
+        bp._wrote_at = time.perf_counter() - 0.001  # its answer 1 ms later: within 2 ms, a hit
+        bp.received()
+        assert bp._credit == min(credit + 1, busypoll._CREDIT_MAX)
+        spin.until = 0.0
+        # the answer budget is never shorter than the plain one
+        assert busypoll.BusyPoll(loop, 500, 100).answer_budget == 500e-6
+
+    run(main(), "asyncio")
+
+
+def test_an_rpc_peer_tells_its_connection_which_calls_await_answers() -> None:
+    async def main() -> None:
+        srv = RpcServer(Identity.generate(), _methods(), "127.0.0.1", 0)
+        await srv.start()
+        try:
+            peer = await connect(Identity.generate(), "127.0.0.1", srv.port, remote_public_key=srv.identity.public_key)
+            try:
+                assert peer.conn._busy.awaiting is peer._pending  # NetConfig() polls: the defaults
+                assert await peer.call("echo", 1, timeout=T) == 1
+            finally:
+                await peer.close()
+            assert peer.conn._busy.awaiting is peer._pending  # re-pointed when the peer closed
+        finally:
+            await srv.stop()
+
+    run(main(), "asyncio")
+
+
 def test_busy_poll_budget_must_be_positive() -> None:
     async def main() -> None:
         with pytest.raises(ValueError, match="positive microseconds"):

@@ -10,8 +10,10 @@ from typing import Any
 import pytest
 
 from swarmd.errors import ERR_TIMEOUT, ERR_UNKNOWN_METHOD, SwarmdError
+from swarmd.net.config import NetConfig
 from swarmd.node.identity import Identity
 from swarmd.rpc import CallContext, Methods, RpcServer
+from swarmd.rpc.config import RpcConfig
 from swarmd.swarm import ConnectionEvent, Swarm, SwarmConfig
 from tests.dht_testnet import DhtTestnet
 
@@ -39,8 +41,9 @@ async def _swarm(net: DhtTestnet, tag: str, *, server: bool = False, **kw: Any) 
     ident = Identity.generate()
     dht = await net.add(ident)
     rpc: Any = _methods(tag)
+    rpc_config = kw.pop("rpc_config", None)
     if server:
-        rpc = RpcServer(ident, rpc, "127.0.0.1", 0)
+        rpc = RpcServer(ident, rpc, "127.0.0.1", 0, config=rpc_config)
         await rpc.start()
     firewall = kw.pop("firewall", None)
     sw = Swarm(ident, dht, rpc, _cfg(**kw), firewall=firewall)
@@ -105,6 +108,20 @@ async def test_connect_by_key_alone_and_local_dispatch(net: DhtTestnet) -> None:
         assert e.value.code == ERR_TIMEOUT
         p1, p2 = await asyncio.gather(a.connect(b.public_key), a.connect(b.public_key))
         assert p1 is p2  # dialled once, pooled
+    finally:
+        await _stop(a, b)
+
+
+async def test_connections_a_node_dials_use_its_rpc_settings(net: DhtTestnet) -> None:
+    # [rpc] / [rpc.net] hold for outbound connections too, not only for the ones the server accepts
+    cfg = RpcConfig(net=NetConfig(busy_poll_us=0, flush_frames=7))
+    a = await _swarm(net, "a", server=True, rpc_config=cfg)
+    b = await _swarm(net, "b")
+    try:
+        await b.flush(10)
+        peer = await a.connect(b.public_key)
+        assert peer.conn.config is cfg.net and peer.config is cfg
+        assert peer.conn._busy is None  # busy_poll_us = 0: this connection never polls
     finally:
         await _stop(a, b)
 

@@ -30,11 +30,9 @@ from typing import TYPE_CHECKING, Any
 from loguru import logger
 
 from swarmd.errors import SwarmdError
+from swarmd.gateway.grpc_http2 import GRPC_STATUS
 from swarmd.gateway.grpc_service import SERVICE, GrpcAbort, OipService, Served, Stream, unimplemented
 from swarmd.gateway.grpc_wire import (
-    ENHANCE_YOUR_CALM,
-    GRPC_STATUS,
-    NO_ERROR,
     Cancelled,
     GrpcConnection,
     HalfClosed,
@@ -43,6 +41,7 @@ from swarmd.gateway.grpc_wire import (
     Request,
     Terminated,
 )
+from swarmd.gateway.h2frames import ENHANCE_YOUR_CALM, NO_ERROR
 from swarmd.gateway.proto import oip_pb2 as pb
 from swarmd.node.supervisor import finish_within
 

@@ -18,6 +18,7 @@ import grpc
 from swarmd.errors import SwarmdError
 from swarmd.gateway.grpc_service import (
     SERVICE,
+    Expired,
     GrpcAbort,
     OipService,
     decode_request,
@@ -48,6 +49,19 @@ def _remote(context: grpc.aio.ServicerContext) -> str:
         except SwarmdError:
             pass
     return peer
+
+
+def _expired(context: grpc.aio.ServicerContext) -> Expired:
+    """Whether grpcio cancelled the call because its deadline passed rather than because the client
+    went away: it cancels the handler's Task for both, and only the time left tells them apart
+    (grpcio reports 0 once the deadline is reached, None for a call without one). A client that
+    cancels at its own deadline a moment before grpcio's timer fires still reads as a cancel."""
+
+    def expired() -> bool:
+        left = context.time_remaining()
+        return left is not None and left <= 0
+
+    return expired
 
 
 class GrpcFront:
@@ -91,7 +105,8 @@ class GrpcFront:
     def _unary(self, name: str) -> Any:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
-                return await self.service.call(name, request, _metadata(context), _remote(context))
+                return await self.service.call(name, request, _metadata(context), _remote(context),
+                                               expired=_expired(context))
             except GrpcAbort as e:
                 await context.abort(CODES[e.status], e.details)
 
@@ -100,7 +115,7 @@ class GrpcFront:
     async def model_stream_infer(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
                                  ) -> AsyncIterator[Any]:
         try:
-            stream = self.service.open_stream(_metadata(context), _remote(context))
+            stream = self.service.open_stream(_metadata(context), _remote(context), _expired(context))
             async for request in requests:
                 yield await self.service.stream_item(stream, request)
         except GrpcAbort as e:  # refused, or a bug in a request (logged): the stream ends with its status

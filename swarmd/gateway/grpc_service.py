@@ -9,7 +9,7 @@ vocabulary as the HTTP front (swarmd/gateway/server.py); only the framing differ
 that also imports tritonclient's copy of the same package does not clash).
 
 API keys travel in the `x-api-key` metadata (or `authorization: Bearer <key>`). Errors are
-gRPC statuses (numbers, grpc_wire.GRPC_STATUS) whose details read `ERR_CODE: message`.
+gRPC statuses (numbers, grpc_http2.GRPC_STATUS) whose details read `ERR_CODE: message`.
 Methods of Triton's service that swarmd has no equivalent for (shared memory, trace and
 log settings) answer UNIMPLEMENTED naming the feature.
 """
@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,7 +29,7 @@ from loguru import logger
 from swarmd import __version__
 from swarmd.dtypes import CONTENTS_FIELD, TRITON_TYPES
 from swarmd.errors import ERR_BAD_REQUEST, ERR_INTERNAL, ERR_TIMEOUT, GATEWAY_STATUS, SwarmdError
-from swarmd.gateway.grpc_wire import GRPC_STATUS
+from swarmd.gateway.grpc_http2 import GRPC_STATUS
 from swarmd.gateway.oip import OipError, decode_raw_tensor, encode_raw_tensor, numpy_dtype
 from swarmd.gateway.proto import oip_pb2 as pb
 from swarmd.gateway.server import tensor_meta
@@ -49,6 +49,9 @@ INTERNAL = GRPC_STATUS["INTERNAL"]
 UNIMPLEMENTED = GRPC_STATUS["UNIMPLEMENTED"]
 CANCELLED = GRPC_STATUS["CANCELLED"]
 DEADLINE = GRPC_STATUS["DEADLINE_EXCEEDED"]
+# Whether a cancelled call's deadline had passed: given by an engine that enforces deadlines by
+# cancelling the call's Task (grpcio), so end() counts it as DEADLINE_EXCEEDED / 504, not 499.
+Expired = Callable[[], bool]
 
 # Triton's model configuration data types (the gRPC DataType enum), by OIP datatype name.
 CONFIG_TYPES: dict[str, int] = {oip: getattr(pb, name) for oip, name in TRITON_TYPES.items()}
@@ -169,10 +172,11 @@ class Stream:
     (its client, its key, its trace carrier while tracing is on: a stream has one set of
     metadata, each request is a gateway.infer span in it)."""
 
-    __slots__ = ("carrier", "key", "remote")
+    __slots__ = ("carrier", "expired", "key", "remote")
 
-    def __init__(self, remote: str, key: ApiKey | None, carrier: dict[str, Any] | None) -> None:
-        self.remote, self.key, self.carrier = remote, key, carrier
+    def __init__(self, remote: str, key: ApiKey | None, carrier: dict[str, Any] | None,
+                 expired: Expired | None = None) -> None:
+        self.remote, self.key, self.carrier, self.expired = remote, key, carrier, expired
 
 
 class OipService:
@@ -235,14 +239,19 @@ class OipService:
             return None
         return self.gw.authorize(metadata.get("x-api-key"), metadata.get("authorization"), remote, permission)
 
-    def end(self, served: Served, error: BaseException | None = None) -> BaseException | None:
+    def end(self, served: Served, error: BaseException | None = None, expired: Expired | None = None
+            ) -> BaseException | None:
         """The call is over: answered (error None), failed (returns the GrpcAbort to answer) or
-        cancelled (client reset, connection lost, stop: returns the CancelledError to re-raise)."""
+        cancelled (client reset, connection lost, stop: returns the CancelledError to re-raise).
+        A cancel is counted as the call's deadline passing (DEADLINE_EXCEEDED, 504) when the
+        engine that cancelled it says so (`expired()`, grpcio's: it cancels for both reasons)."""
         if error is None:
             status, http = 0, 200
         elif isinstance(error, Exception):
             error = error if isinstance(error, GrpcAbort) else self.abort_for(served.name, error)
             status, http = error.status, error.http
+        elif expired is not None and expired():
+            status, http = DEADLINE, 504
         else:
             status, http = CANCELLED, 499
         gw = self.gw
@@ -289,12 +298,13 @@ class OipService:
         return GrpcAbort(INTERNAL, f"{ERR_INTERNAL}: internal error in {name}")
 
     async def call(self, name: str, request: Any, metadata: Mapping[str, str], remote: str,
-                   timeout: float | None = None) -> Any:
+                   timeout: float | None = None, expired: Expired | None = None) -> Any:
         """One unary call (`name` in self.unary) in a Task: admission, keys, the method within the
-        call's grpc-timeout (`timeout`, seconds) if it sent one; raises GrpcAbort."""
+        call's grpc-timeout (`timeout`, seconds) if it sent one; raises GrpcAbort. `expired`: an
+        engine that enforces the deadline itself by cancelling the Task says whether it has passed."""
         served = self.begin(name, remote)
         served.request = request
-        return await self._serve(served, metadata, timeout)
+        return await self._serve(served, metadata, timeout, expired)
 
     async def call_bytes(self, name: str, data: bytes, metadata: Mapping[str, str], remote: str,
                          timeout: float | None = None) -> bytes:
@@ -306,7 +316,8 @@ class OipService:
             raise self.end(served, e) from None
         return (await self._serve(served, metadata, timeout)).SerializeToString()
 
-    async def _serve(self, served: Served, metadata: Mapping[str, str], timeout: float | None) -> Any:
+    async def _serve(self, served: Served, metadata: Mapping[str, str], timeout: float | None,
+                     expired: Expired | None = None) -> Any:
         """call()'s work once its request is parsed; a passed grpc-timeout answers DEADLINE_EXCEEDED."""
         name, request = served.name, served.request
         try:
@@ -325,7 +336,7 @@ class OipService:
                     raise GrpcAbort(DEADLINE, f"{ERR_TIMEOUT}: the call's grpc-timeout ({timeout:g}s) passed",
                                     504) from None
         except BaseException as e:
-            raise self.end(served, e) from None
+            raise self.end(served, e, expired) from None
         self.end(served)
         return result
 
@@ -367,15 +378,15 @@ class OipService:
         self.end(served)
         return out
 
-    def open_stream(self, metadata: Mapping[str, str], remote: str) -> Stream:
+    def open_stream(self, metadata: Mapping[str, str], remote: str, expired: Expired | None = None) -> Stream:
         """Check a ModelStreamInfer stream's credentials (raises GrpcAbort, the refusal ended as a
-        call); what its requests are served with (stream_item)."""
+        call); what its requests are served with (stream_item). `expired` as for call()."""
         served = self.begin("ModelStreamInfer", remote)
         try:
             key = self.authorize("ModelStreamInfer", metadata, remote)
         except SwarmdError as e:
             raise self.end(served, e) from None
-        return Stream(remote, key, dict(metadata) if tracing.tracer is not None else None)
+        return Stream(remote, key, dict(metadata) if tracing.tracer is not None else None, expired)
 
     async def stream_item(self, stream: Stream, request: Any) -> Any:
         """One request of a ModelStreamInfer stream, counted and logged as a call of its own, answered
@@ -391,7 +402,7 @@ class OipService:
             return pb.ModelStreamInferResponse(error_message=abort.details,
                                                infer_response=pb.ModelInferResponse(id=request.id))
         except BaseException as e:
-            raise self.end(served, e) from None
+            raise self.end(served, e, stream.expired) from None
         self.end(served)
         return answer
 

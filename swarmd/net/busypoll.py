@@ -13,8 +13,12 @@ generator) is never held back by the polling.
 It costs CPU while it waits and gains nothing on a machine whose cores are busy anyway, so
 it is adaptive (`NetConfig.busy_poll_us`, 100 us by default, 0 turns it off; figures in
 docs/benchmarks.md, issue 19): a connection polls after a write only while its recent write-to-read
-gaps fit in the budget, so a peer that takes milliseconds (a model run, a WAN path) is
-not waited for by spinning; while off it probes with one poll every `_PROBE_EVERY` writes.
+gaps fit in the budget, so a peer that takes longer (a WAN path, a slow model) is not waited
+for by spinning; while off it probes with one poll every `_PROBE_EVERY` writes. A write that
+leaves our own calls awaiting answers gets the longer `NetConfig.busy_poll_answer_us` (2 ms):
+a gateway waiting for a worker's model run polls through it, while the worker, whose next
+request may be far off, sleeps after answering (two pollers and a third process on two cores
+would take turns on a core instead).
 No polling either while the cores are busy with other work (`_Spinner`): a polling task
 loses the scheduler's preference for tasks waking from sleep, and takes a core others need.
 """
@@ -25,6 +29,7 @@ import asyncio
 import os
 import threading
 import time
+from collections.abc import Sized
 
 _perf = time.perf_counter
 _yield = getattr(os, "sched_yield", lambda: None)
@@ -120,16 +125,27 @@ def _spinner(loop: asyncio.AbstractEventLoop) -> _Spinner:
 
 
 class BusyPoll:
-    """One connection's policy: poll after a write while the peer's answers come within budget."""
+    """One connection's policy: poll after a write while the peer's answers come within budget.
 
-    __slots__ = ("_spin", "budget", "_wrote_at", "_credit", "_skipped")
+    Two budgets: `budget` after any write (an answer we sent: the peer's next request may come
+    at once, as in a sequential echo), `answer_budget` (at least `budget`) after a write that
+    leaves calls of ours awaiting their answers on this connection, which will come: the
+    caller's loop keeps polling through the peer's work (a model run of a few hundred
+    microseconds) instead of halting and waking with cold caches. `awaiting` is the RPC
+    layer's calls in flight on this connection (`SecureConnection.awaits_answers`).
+    """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, budget_us: int) -> None:
+    __slots__ = ("_spin", "budget", "answer_budget", "awaiting", "_wrote_at", "_used", "_credit", "_skipped")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, budget_us: int, answer_budget_us: int = 0) -> None:
         if budget_us <= 0:
             raise ValueError(f"busy-poll budget must be positive microseconds, got {budget_us}")
         self._spin = _spinner(loop)
         self.budget = budget_us / 1e6
+        self.answer_budget = max(answer_budget_us, budget_us) / 1e6
+        self.awaiting: Sized = ()
         self._wrote_at = 0.0
+        self._used = self.budget  # the budget of the last write, that its answer's gap is held to
         self._credit = 1  # poll after the first write, to learn the peer's pace
         self._skipped = 0
 
@@ -142,13 +158,14 @@ class BusyPoll:
         """After a write to the pipe: poll for the answer if the peer has been quick."""
         now = _perf()
         self._wrote_at = now
+        budget = self._used = self.answer_budget if self.awaiting else self.budget
         if self._credit > 0:
-            self._spin.extend(now, now + self.budget)
+            self._spin.extend(now, now + budget)
             return
         self._skipped += 1
         if self._skipped >= _PROBE_EVERY:
             self._skipped = 0
-            self._spin.extend(now, now + self.budget)
+            self._spin.extend(now, now + budget)
 
     def received(self) -> None:
         """On a read: how long after our last write it came decides whether we poll next time."""
@@ -156,7 +173,7 @@ class BusyPoll:
         if not wrote_at:
             return
         self._wrote_at = 0.0
-        if _perf() - wrote_at <= self.budget:
+        if _perf() - wrote_at <= self._used:
             if self._credit < _CREDIT_MAX:
                 self._credit += 1
         elif self._credit > 0:

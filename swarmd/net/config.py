@@ -50,3 +50,10 @@ class NetConfig:
     # 0 never polls. 100 us fits a quick call's round trip on both loops (uvloop and asyncio);
     # 50 is too short for the asyncio loop (docs/benchmarks.md, issue 19)
     busy_poll_us: int = 100
+    # after a write that leaves calls of ours awaiting their answers on this connection, poll for
+    # up to this many microseconds instead (at least busy_poll_us; same adaptive rule): a gateway
+    # waiting for a worker's model run polls through it, while the worker, whose next request
+    # may be far off, sleeps after answering. Gateway -> worker at 1 connection, same run: 957 vs
+    # 846 req/s with 1 ms, 956 with 2 ms, the gateway spending its wait polling
+    # (docs/benchmarks.md, issue 19)
+    busy_poll_answer_us: int = 2000

@@ -107,7 +107,8 @@ class SecureConnection(WriteBatcher, PeerLimits, asyncio.Protocol, asyncio.Buffe
         self._bulk: list[bytes] = []
         self._flush_handle: asyncio.Handle | None = None
         self._flush_at = 2 * self.config.flush_frames if self.config.flush_frames > 0 else 1 << 62
-        self._busy = BusyPoll(self._loop, self.config.busy_poll_us) if self.config.busy_poll_us > 0 else None
+        cfg = self.config
+        self._busy = BusyPoll(self._loop, cfg.busy_poll_us, cfg.busy_poll_answer_us) if cfg.busy_poll_us > 0 else None
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._channels: dict[int, Channel] = {}

@@ -17,7 +17,7 @@ and makes one pipe write (a vectored one, `writelines`, when there is bulk). The
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from typing import TYPE_CHECKING, Any
 
 from swarmd.errors import SwarmdError
@@ -69,6 +69,13 @@ class WriteBatcher:
     def write_paused(self) -> bool:
         """True while the pipe's buffer is above high water (the peer reads slower than we write)."""
         return self._write_paused
+
+    def awaits_answers(self, pending: Sized) -> None:
+        """The caller's calls in flight on this connection (the RPC layer's, by reference):
+        while not empty, a write is followed by polling for up to NetConfig.busy_poll_answer_us
+        instead of busy_poll_us (net/busypoll.py)."""
+        if self._busy is not None:
+            self._busy.awaiting = pending
 
     def send_message(self, payload: bytes, *, now: bool = False) -> None:
         """Queue one channel-0 message; written by the next flush.

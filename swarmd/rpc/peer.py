@@ -70,6 +70,7 @@ class RpcPeer(Callee):
         # rid -> (future, deadline, method, timeout) of every call awaiting its answer; one
         # sweep timer fires at the earliest deadline instead of a timer per call
         self._pending: dict[int, tuple[asyncio.Future[Any], float, str, float]] = {}
+        conn.awaits_answers(self._pending)  # the connection polls longer while calls await answers
         self._sweep: asyncio.TimerHandle | None = None
         self._sweep_at = math.inf
         self._pack = codec.new_packer().pack  # one per peer: a peer lives on one thread
@@ -455,6 +456,7 @@ class RpcPeer(Callee):
             self._held_bytes = 0
         self._held_channels.clear()
         pending, self._pending = self._pending, {}
+        self.conn.awaits_answers(self._pending)
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None

@@ -245,6 +245,7 @@ class Pool:
                     methods=self.methods,
                     firewall=self.server.firewall,
                     timeout=timeout,
+                    config=self.server.config,  # the node's [rpc] settings hold for the connections it dials
                 )
             except SwarmdError as e:
                 last = e
