@@ -225,7 +225,7 @@ class SecureConnection(WriteBatcher, PeerLimits, asyncio.Protocol, asyncio.Buffe
             return
         if self._busy is not None:
             self._busy.received()
-        self._last_recv = self._loop.time()
+        self._last_recv = self._loop.time()  # also when the requests in this read arrived (rpc deadlines)
         self._ping_outstanding = False
         session = self.session
         try:

@@ -243,7 +243,9 @@ class Callee:
             if timeout_ms is not None:
                 if timeout_ms <= 0:
                     raise SwarmdError(ERR_TIMEOUT, f"request for {method!r} arrived after its deadline")
-                deadline = self._loop.time() + timeout_ms / 1000.0
+                # from the time the read holding the request arrived (data_received's clock
+                # reading, one per read), or from now for one dispatched later (held, backlog)
+                deadline = (conn._last_recv if arrived is None else self._loop.time()) + timeout_ms / 1000.0
             if ch or m.stream:
                 if not ch or not m.stream:
                     raise SwarmdError(
@@ -287,7 +289,8 @@ class Callee:
                     if stream is None and conn.error is None:
                         # _answer's common case, inline: once per request
                         try:
-                            msg = self._pack([RESPONSE, rid, coro])
+                            pack = self._pack  # (an attribute called as a method is looked up the slow way)
+                            msg = pack([RESPONSE, rid, coro])
                         except (TypeError, ValueError, OverflowError):
                             msg = None
                         if msg is not None and len(msg) <= self.max_message:

@@ -240,7 +240,8 @@ class RpcPeer(Callee):
             if timeout is not self._timeout:  # else the same object as the last call's (the default)
                 self._timeout_ms = int(timeout * 1000)
                 self._timeout = timeout
-            msg = self._pack([REQUEST, rid, method, params, self._timeout_ms, 0])
+            pack = self._pack  # (an attribute called as a method is looked up the slow way)
+            msg = pack([REQUEST, rid, method, params, self._timeout_ms, 0])
         except (TypeError, ValueError, OverflowError) as e:
             raise SwarmdError(ERR_BAD_REQUEST, f"params of {method!r} cannot be encoded: {e}") from None
         if len(msg) > self.max_message:
