@@ -43,6 +43,22 @@ async def test_upload_and_download(server: RpcServer) -> None:
         await peer.close()
 
 
+async def test_a_wait_for_the_result_given_up_leaves_the_result_to_a_later_wait(server: RpcServer) -> None:
+    """A timeout around result() ends that wait only: the upload goes on and its result still comes."""
+    peer = await connect(None, "127.0.0.1", server.port, timeout=T)
+    try:
+        s = await peer.open_stream("upload", timeout=T)
+        await s.send(b"u" * 1000)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):  # the upload is not closed: no result can come yet
+                await s.result()
+        await s.send(b"u" * 500)
+        await s.close()
+        assert await s.result() == 1500
+    finally:
+        await peer.close()
+
+
 async def test_receiver_that_stops_reading_bounds_the_sender(server: RpcServer) -> None:
     """A download nobody reads stops at the window; the connection stays usable."""
     peer = await connect(None, "127.0.0.1", server.port, timeout=T)
@@ -245,6 +261,7 @@ async def _settled(streams: list[Stream], n: int) -> list[Stream]:
         while len(done) < n:
             finished, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for f in finished:
+                f.exception()  # the caller awaits the stream's result itself
                 done.append(pending.pop(f))
     for f in pending:
         f.cancel()
@@ -309,11 +326,12 @@ async def test_stream_buffers_are_capped_per_connection_and_per_process() -> Non
         await extra.send(b"x" * 1000)
         await extra.close()
         assert await extra.result() == 1000
-        go.set()
+        go.set()  # the parked handlers read now: the kept uploads finish, and each handler counts them
+        async with asyncio.timeout(T):
+            await asyncio.gather(*(t for s, t in zip(parks, sends, strict=True) if s in kept))
         for s in kept:
             await s.close()
-        for t in sends:
-            t.cancel()
+            assert await s.result() == 2 * w
         assert not a.is_closed and not b.is_closed
     finally:
         for t in sends:

@@ -46,10 +46,11 @@ class CallStream:
         return True
 
     async def result(self) -> Any:
-        """Caller side: the handler's return value (raises its SwarmdError)."""
+        """Caller side: the handler's return value (raises its SwarmdError). A wait given up
+        (a timeout around it, a cancelled task) leaves the stream's result to a later call."""
         if self._result is None:
             raise RuntimeError("result() is for the side that opened the stream")
-        return await self._result
+        return await asyncio.shield(self._result)
 
     async def __aenter__(self) -> Self:
         return self
