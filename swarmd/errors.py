@@ -100,6 +100,11 @@ class ConfigError(SwarmdError):
                 raise cls(f"{name}.{key} must {must}, got {value!r}")
 
 
+def bad_request(message: str, data: Any = None) -> SwarmdError:
+    """The caller's input is malformed: ERR_BAD_REQUEST with a message that says what and why."""
+    return SwarmdError(ERR_BAD_REQUEST, message, data)
+
+
 # -- which failures another peer may not share: the one definition of "retryable" --
 # The router, the gateway, the swarm's topic requests and the client library all ask
 # classify() (or retryable()).

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from swarmd.errors import ERR_BAD_REQUEST, ERR_RATE_LIMITED, SwarmdError
+from swarmd.errors import ERR_RATE_LIMITED, SwarmdError, bad_request
 from swarmd.net.nat import NAT_TYPES
 from swarmd.net.udppunch import PunchOffer, parse_offer
 from swarmd.node.address import parse_address
@@ -61,21 +61,17 @@ class SignalRequest:
         return out
 
 
-def _bad(message: str) -> SwarmdError:
-    return SwarmdError(ERR_BAD_REQUEST, message)
-
-
 def _key(obj: dict[str, Any], name: str) -> bytes:
     v = obj.get(name)
     if not isinstance(v, bytes) or len(v) != 32:
-        raise _bad(f"signal '{name}' must be a 32-byte public key")
+        raise bad_request(f"signal '{name}' must be a 32-byte public key")
     return v
 
 
 def parse_request(obj: Any) -> SignalRequest:
     """Validate a request read from a peer; SwarmdError(ERR_BAD_REQUEST) says what is wrong."""
     if not isinstance(obj, dict):
-        raise _bad(f"signal request must be a map, got {type(obj).__name__}")
+        raise bad_request(f"signal request must be a map, got {type(obj).__name__}")
     source, target = _key(obj, "source"), _key(obj, "target")
     kind = obj.get("kind")
     if kind == KIND_UDP:
@@ -83,15 +79,15 @@ def parse_request(obj: Any) -> SignalRequest:
     if kind == KIND_TCP:
         nat = obj.get("nat", "")
         if nat != "" and nat not in NAT_TYPES:
-            raise _bad(f"signal 'nat' must be one of {', '.join(NAT_TYPES)}, got {nat!r:.40}")
+            raise bad_request(f"signal 'nat' must be one of {', '.join(NAT_TYPES)}, got {nat!r:.40}")
         return SignalRequest(source, target, kind, addr=parse_address(obj.get("addr"), "signal 'addr'"), nat=nat)
     if kind == KIND_RELAY:
         relay = parse_address(obj.get("relay"), "signal 'relay'")
         token = obj.get("token")
         if not isinstance(token, bytes) or len(token) != 32:
-            raise _bad("signal 'token' must be 32 bytes")
+            raise bad_request("signal 'token' must be 32 bytes")
         return SignalRequest(source, target, kind, relay=relay, token=token)
-    raise _bad(f"signal 'kind' must be '{KIND_UDP}', '{KIND_TCP}' or '{KIND_RELAY}', got {kind!r:.40}")
+    raise bad_request(f"signal 'kind' must be '{KIND_UDP}', '{KIND_TCP}' or '{KIND_RELAY}', got {kind!r:.40}")
 
 
 @dataclass

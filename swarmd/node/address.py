@@ -22,7 +22,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from swarmd.errors import ERR_BAD_REQUEST, ConfigError, SwarmdError
+from swarmd.errors import ConfigError, SwarmdError, bad_request
 
 Address = tuple[str, int]
 MAX_HOST = 253  # a DNS name's limit; an IPv6 address with a zone fits too
@@ -30,11 +30,6 @@ MAX_TEXT = MAX_HOST + len("[]:65535")
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 ErrorFactory = Callable[[str], SwarmdError]
-
-
-def bad_request(message: str) -> SwarmdError:
-    """A peer sent a bad address: ERR_BAD_REQUEST."""
-    return SwarmdError(ERR_BAD_REQUEST, message)
 
 
 def host_problem(host: str) -> str | None:

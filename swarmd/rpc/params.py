@@ -12,15 +12,11 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from swarmd.errors import ERR_BAD_REQUEST, SwarmdError
+from swarmd.errors import bad_request
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 TAG_RE = re.compile(r"^[^\s]{1,64}$")
 MAX_TAGS = 64
-
-
-def bad_request(message: str, data: Any = None) -> SwarmdError:
-    return SwarmdError(ERR_BAD_REQUEST, message, data)
 
 
 def check_keys(params: Mapping[str, Any], method: str, allowed: tuple[str, ...]) -> None:
