@@ -11,14 +11,14 @@ with a zero timeout and the answer is read as soon as it lands. Each step yields
 generator) is never held back by the polling.
 
 It costs CPU while it waits and gains nothing on a machine whose cores are busy anyway, so
-it is adaptive (`NetConfig.busy_poll_us`, 100 us by default, 0 turns it off; figures in
+it is adaptive (`NetConfig.busy_poll_us`, 1 ms by default, 0 turns it off; figures in
 docs/benchmarks.md, issue 19): a connection polls after a write only while its recent write-to-read
-gaps fit in the budget, so a peer that takes longer (a WAN path, a slow model) is not waited
-for by spinning; while off it probes with one poll every `_PROBE_EVERY` writes. A write that
-leaves our own calls awaiting answers gets the longer `NetConfig.busy_poll_answer_us` (2 ms):
-a gateway waiting for a worker's model run polls through it, while the worker, whose next
-request may be far off, sleeps after answering (two pollers and a third process on two cores
-would take turns on a core instead).
+gaps fit in the budget, so a peer that takes longer (a WAN path, a slow model, a client that
+calls now and then) is not waited for by spinning; while off it probes with one poll every
+`_PROBE_EVERY` writes. A write that leaves our own calls awaiting answers gets the longer
+`NetConfig.busy_poll_answer_us` (2 ms): a gateway waiting for a worker's model run polls through
+it, and the worker, whose gateway's next request at one connection comes ~0.5 ms after its answer
+(the client's and the gateway's turn), polls for that one after answering.
 No polling either while the cores are busy with other work (`_Spinner`): a polling task
 loses the scheduler's preference for tasks waking from sleep, and takes a core others need.
 """

@@ -47,13 +47,14 @@ class NetConfig:
     # while this connection's peer has been answering within that time (net/busypoll.py): saves
     # the wake-up from idle, which on a VM that halts idle vCPUs is most of a quick call's round
     # trip, at the cost of CPU spent polling (only while the cores are not busy with other work);
-    # 0 never polls. 100 us fits a quick call's round trip on both loops (uvloop and asyncio);
-    # 50 is too short for the asyncio loop (docs/benchmarks.md, issue 19)
-    busy_poll_us: int = 100
+    # 0 never polls. 1000 us also covers a worker's wait for a gateway's next request at one
+    # connection (the client's and the gateway's turn, ~0.5 ms): gateway -> worker at 1
+    # connection, same run, 1,070 vs 821 req/s (64 connections even); 100 us fits only a quick
+    # call's round trip, 50 not even that on the asyncio loop (docs/benchmarks.md, issue 19)
+    busy_poll_us: int = 1000
     # after a write that leaves calls of ours awaiting their answers on this connection, poll for
     # up to this many microseconds instead (at least busy_poll_us; same adaptive rule): a gateway
-    # waiting for a worker's model run polls through it, while the worker, whose next request
-    # may be far off, sleeps after answering. Gateway -> worker at 1 connection, same run: 957 vs
-    # 846 req/s with 1 ms, 956 with 2 ms, the gateway spending its wait polling
+    # waiting for a worker's model run polls through it. Gateway -> worker at 1 connection, same
+    # run: 957 vs 846 req/s with 1 ms, 956 with 2 ms, the gateway spending its wait polling
     # (docs/benchmarks.md, issue 19)
     busy_poll_answer_us: int = 2000
