@@ -36,7 +36,11 @@ _yield = getattr(os, "sched_yield", lambda: None)
 _CREDIT_MAX = 4  # gaps within the budget remembered; this many misses in a row stop the polling
 _PROBE_EVERY = 16  # while stopped, every this many writes poll once to see whether gaps shrank
 _CHECK_EVERY = 0.02  # seconds between checks of how long this thread waited for a CPU
-_CONTENDED = 0.05  # waiting this share of the time means the cores are busy: no polling then
+# waiting for a CPU this share of the time means the cores are busy: no polling then. A polling
+# loop yields its core to any task that wakes, so its wait counts the turns it gave away: at one
+# connection gateway -> worker, the load client's turns alone put the gateway above 5% in about
+# half of the 20 ms checks (the worker in a quarter), never above 25% (docs/benchmarks.md, issue 19)
+_CONTENDED = 0.25
 _spinners = threading.local()
 
 
