@@ -49,8 +49,9 @@ class NetConfig:
     # trip, at the cost of CPU spent polling (only while the cores are not busy with other work);
     # 0 never polls. 1000 us also covers a worker's wait for a gateway's next request at one
     # connection (the client's and the gateway's turn, ~0.5 ms): gateway -> worker at 1
-    # connection, same run, 1,070 vs 821 req/s (64 connections even); 100 us fits only a quick
-    # call's round trip, 50 not even that on the asyncio loop (docs/benchmarks.md, issue 19)
+    # connection, five same-run A/Bs against 100 us, -5% to +30% req/s (median +7%; 64
+    # connections even); 100 us fits only a quick call's round trip, 50 not even that on the
+    # asyncio loop (docs/benchmarks.md, issue 19)
     busy_poll_us: int = 1000
     # after a write that leaves calls of ours awaiting their answers on this connection, poll for
     # up to this many microseconds instead (at least busy_poll_us; same adaptive rule): a gateway
